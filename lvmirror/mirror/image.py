@@ -1,0 +1,400 @@
+"""StorageImage: one image of a mirror set, a regular file or a block device.
+
+I/O goes straight from and into the caller's buffers with ``preadv``/``pwritev`` (no copy),
+by byte offset. The class holds no thread and no per-call state beyond counters, so several
+threads may call it at once (positional I/O shares no file offset).
+
+Semantics a mirror needs and the class guarantees:
+
+* a read past the end of a regular file but inside ``size`` returns zeroes (a file that was
+  truncated under us reads like a sparse file); anything beyond ``size`` is a ValueError;
+* every OSError from the kernel becomes ``ImageIOError(image, errno, message)`` so the volume
+  can fail this image and carry on with the others;
+* ``discard`` leaves the range reading back as zeroes (punch hole, write-zeroes or zero
+  writes), never "undefined" as a bare BLKDISCARD would;
+* ``direct=True`` (O_DIRECT) bypasses the page cache; offsets and total lengths must be
+  multiples of ``logical_block_size``; buffers that are not aligned go through a page-aligned
+  bounce buffer (counted in ``stats["bounced"]``) instead of failing with EINVAL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as _errno
+import fcntl
+import mmap
+import os
+import stat
+import struct
+import threading
+
+from lvmirror.errors import ConfigError, ImageIOError
+
+__all__ = ["StorageImage"]
+
+# <linux/fs.h>
+BLKSSZGET = 0x1268           # _IO(0x12, 104): logical block size, int
+BLKGETSIZE64 = 0x80081272    # _IOR(0x12, 114, size_t): size in bytes, u64
+BLKDISCARD = 0x1277          # _IO(0x12, 119): uint64[2] {start, len}
+BLKZEROOUT = 0x127F          # _IO(0x12, 127): uint64[2] {start, len}
+# <linux/falloc.h>
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+_ZERO_CHUNK = 1 << 20
+_NOT_SUPPORTED = {_errno.EOPNOTSUPP, _errno.ENOTTY, _errno.ENOSYS, _errno.EINVAL}
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def _as_bytes_view(buf) -> memoryview:
+    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+def _address(mv: memoryview) -> int | None:
+    """Address of a writable buffer, None for a read-only one (cannot be taken portably)."""
+    if mv.readonly:
+        return None
+    return ctypes.addressof(ctypes.c_char.from_buffer(mv))
+
+
+def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """Drop the first ``n`` bytes of the iovec list (after a short transfer)."""
+    i = 0
+    while n and i < len(bufs):
+        if n >= len(bufs[i]):
+            n -= len(bufs[i])
+            i += 1
+        else:
+            bufs = [bufs[i][n:]] + bufs[i + 1:]
+            return bufs
+    return bufs[i:]
+
+
+def _backing_logical_block_size(st: os.stat_result) -> int:
+    """Logical block size of the device under a file's filesystem (for O_DIRECT), min 512."""
+    base = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    for p in (f"{base}/queue/logical_block_size", f"{base}/../queue/logical_block_size"):
+        try:
+            with open(p) as f:
+                return max(512, int(f.read()))
+        except (OSError, ValueError):
+            continue
+    return 512
+
+
+class StorageImage:
+    """A regular file or block device used as one image of a mirror set."""
+
+    def __init__(self, path, fd, *, size, logical_block_size, read_only, direct, is_block_device):
+        """Use ``StorageImage.open``; this only wires up an already-open descriptor."""
+        self.path = path
+        self.fd = fd
+        self.size = size
+        self.logical_block_size = logical_block_size
+        self.read_only = read_only
+        self.direct = direct
+        self.is_block_device = is_block_device
+        self.stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
+                          discards=0, errors=0, bounced=0)
+        self._stats_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._dsync_ok = hasattr(os, "RWF_DSYNC")
+
+    # -- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path, *, read_only: bool = False, direct: bool = False) -> StorageImage:
+        """Open a regular file or block device as an image; ConfigError if it cannot be one."""
+        path = os.fspath(path)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ConfigError(f"image {path}: no such file or block device") from None
+        except PermissionError:
+            raise ConfigError(f"image {path}: permission denied") from None
+        except OSError as e:
+            raise ConfigError(f"image {path}: {e.strerror}") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise ConfigError(f"image {path}: not a regular file or block device")
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if direct:
+            flags |= os.O_DIRECT
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise ConfigError(f"image {path}: no such file or block device") from None
+        except PermissionError:
+            mode = "read-only" if read_only else "read-write"
+            raise ConfigError(f"image {path}: permission denied opening {mode}") from None
+        except OSError as e:
+            if direct and e.errno == _errno.EINVAL:
+                raise ConfigError(f"image {path}: the filesystem does not support O_DIRECT "
+                                  f"(open without direct I/O)") from None
+            raise ConfigError(f"image {path}: cannot open: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISBLK(st.st_mode):
+                buf = bytearray(8)
+                fcntl.ioctl(fd, BLKGETSIZE64, buf)
+                size = struct.unpack("<Q", buf)[0]
+                buf = bytearray(4)
+                fcntl.ioctl(fd, BLKSSZGET, buf)
+                lbs = struct.unpack("<i", buf)[0]
+                is_blk = True
+            elif stat.S_ISREG(st.st_mode):
+                size = st.st_size
+                lbs = _backing_logical_block_size(st) if direct else 512
+                is_blk = False
+            else:
+                raise ConfigError(f"image {path}: not a regular file or block device")
+        except ConfigError:
+            os.close(fd)
+            raise
+        except OSError as e:
+            os.close(fd)
+            raise ConfigError(f"image {path}: cannot size the device: {e.strerror}") from None
+        return cls(path, fd, size=size, logical_block_size=lbs, read_only=read_only,
+                   direct=direct, is_block_device=is_blk)
+
+    @staticmethod
+    def create_file(path, size: int) -> None:
+        """Create a new sparse regular file of ``size`` bytes; ConfigError if it exists."""
+        path = os.fspath(path)
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"image size must be a positive number of bytes, got {size!r}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise ConfigError(f"image {path}: already exists (refusing to overwrite)") from None
+        except OSError as e:
+            raise ConfigError(f"image {path}: cannot create: {e.strerror}") from None
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            raise ConfigError(f"image {path}: cannot size to {size} bytes: {e.strerror}") from None
+        os.close(fd)
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    @staticmethod
+    def aligned_buffer(nbytes: int) -> memoryview:
+        """A zero-filled, page-aligned, writable buffer of ``nbytes`` (anonymous mmap)."""
+        if nbytes < 0:
+            raise ValueError(f"buffer size must be >= 0, got {nbytes}")
+        m = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return memoryview(m)[:nbytes]
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _count(self, **inc) -> None:
+        with self._stats_lock:
+            for k, v in inc.items():
+                self.stats[k] += v
+
+    def _ioerror(self, op: str, offset: int, length: int, e: OSError) -> ImageIOError:
+        self._count(errors=1)
+        return ImageIOError(self, e.errno,
+                            f"image {self.path}: {op} of {length} bytes at offset {offset} "
+                            f"failed: {e.strerror or e}")
+
+    def _check_range(self, op: str, offset: int, length: int) -> None:
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"image {self.path}: {op} [{offset}, +{length}) beyond the image "
+                             f"size {self.size}")
+        if self.direct:
+            lbs = self.logical_block_size
+            if offset % lbs or length % lbs:
+                raise ValueError(f"image {self.path}: direct I/O {op} [{offset}, +{length}) not "
+                                 f"aligned to the logical block size {lbs}")
+
+    def _needs_bounce(self, bufs: list[memoryview]) -> bool:
+        if not self.direct:
+            return False
+        lbs = self.logical_block_size
+        for b in bufs:
+            addr = _address(b)
+            if addr is None or addr % lbs or len(b) % lbs:
+                return True
+        return False
+
+    # -- I/O --------------------------------------------------------------------------------
+
+    def readv(self, offset: int, buffers) -> None:
+        """Fill ``buffers`` with the bytes at ``offset`` (zero copy; loops on short reads)."""
+        bufs = [b for b in map(_as_bytes_view, buffers) if len(b)]
+        total = sum(len(b) for b in bufs)
+        self._check_range("read", offset, total)
+        if self._needs_bounce(bufs):
+            bounce = self.aligned_buffer(total)
+            self._readv(offset, [bounce], total)
+            pos = 0
+            for b in bufs:
+                b[:] = bounce[pos:pos + len(b)]
+                pos += len(b)
+            self._count(bounced=1)
+            return
+        self._readv(offset, bufs, total)
+
+    def _readv(self, offset, bufs, total) -> None:
+        pos = offset
+        try:
+            while bufs:
+                n = os.preadv(self.fd, bufs[:_IOV_MAX], pos)
+                if n == 0:
+                    if self.is_block_device:
+                        raise OSError(_errno.EIO, "unexpected end of device")
+                    for b in bufs:  # the file shrank: read the rest as a hole
+                        b[:] = bytes(len(b))
+                    break
+                pos += n
+                bufs = _advance(bufs, n)
+        except OSError as e:
+            raise self._ioerror("read", offset, total, e) from e
+        self._count(reads=1, bytes_read=total)
+
+    def writev(self, offset: int, buffers, *, fua: bool = False) -> None:
+        """Write ``buffers`` at ``offset``; with ``fua`` the data is durable on return."""
+        bufs = [b for b in map(_as_bytes_view, buffers) if len(b)]
+        total = sum(len(b) for b in bufs)
+        if self.read_only:
+            self._count(errors=1)
+            raise ImageIOError(self, _errno.EROFS, f"image {self.path}: write refused, "
+                               f"opened read-only")
+        self._check_range("write", offset, total)
+        if self._needs_bounce(bufs):
+            bounce = self.aligned_buffer(total)
+            pos = 0
+            for b in bufs:
+                bounce[pos:pos + len(b)] = b
+                pos += len(b)
+            bufs = [bounce]
+            self._count(bounced=1)
+        self._writev(offset, bufs, total, fua)
+
+    def _writev(self, offset, bufs, total, fua) -> None:
+        pos = offset
+        dsync = fua and self._dsync_ok
+        try:
+            while bufs:
+                chunk = bufs[:_IOV_MAX]
+                if dsync:
+                    try:
+                        n = os.pwritev(self.fd, chunk, pos, os.RWF_DSYNC)
+                    except OSError as e:
+                        if e.errno not in (_errno.EOPNOTSUPP, _errno.EINVAL):
+                            raise
+                        self._dsync_ok = dsync = False  # old kernel: fdatasync after instead
+                        continue
+                else:
+                    n = os.pwritev(self.fd, chunk, pos)
+                if n == 0:
+                    raise OSError(_errno.ENOSPC, "write made no progress")
+                pos += n
+                bufs = _advance(bufs, n)
+            if fua and not dsync:
+                os.fdatasync(self.fd)
+        except OSError as e:
+            raise self._ioerror("write", offset, total, e) from e
+        self._count(writes=1, bytes_written=total)
+
+    def flush(self) -> None:
+        """Make every completed write durable (fdatasync)."""
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise self._ioerror("flush", 0, 0, e) from e
+        self._count(flushes=1)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate ``[offset, offset+length)`` where possible; it reads back as zeroes after."""
+        if self.read_only:
+            self._count(errors=1)
+            raise ImageIOError(self, _errno.EROFS, f"image {self.path}: discard refused, "
+                               f"opened read-only")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"image {self.path}: discard [{offset}, +{length}) beyond the image "
+                             f"size {self.size}")
+        if self.is_block_device or self.direct:
+            lbs = self.logical_block_size
+            if offset % lbs or length % lbs:
+                raise ValueError(f"image {self.path}: discard [{offset}, +{length}) not aligned "
+                                 f"to the logical block size {lbs}")
+        if length == 0:
+            return
+        try:
+            if not self._punch(offset, length):
+                if not (self.is_block_device and self._zeroout(offset, length)):
+                    self._write_zeroes(offset, length)
+        except OSError as e:
+            raise self._ioerror("discard", offset, length, e) from e
+        self._count(discards=1)
+
+    def _punch(self, offset, length) -> bool:
+        """fallocate(PUNCH_HOLE|KEEP_SIZE): a hole in a file; on a block device the kernel
+        issues a write-zeroes that may unmap. Either way the range reads as zeroes.
+        False if unsupported here."""
+        rc = _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        if rc == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in _NOT_SUPPORTED:
+            return False
+        raise OSError(err, os.strerror(err))
+
+    def _zeroout(self, offset, length) -> bool:
+        """BLKZEROOUT on a block device; False if unsupported."""
+        try:
+            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("<QQ", offset, length))
+            return True
+        except OSError as e:
+            if e.errno in _NOT_SUPPORTED:
+                return False
+            raise
+
+    def _write_zeroes(self, offset, length) -> None:
+        zeroes = self.aligned_buffer(min(length, _ZERO_CHUNK))
+        pos, end = offset, offset + length
+        while pos < end:
+            n = os.pwrite(self.fd, zeroes[:min(len(zeroes), end - pos)], pos)
+            if n == 0:
+                raise OSError(_errno.ENOSPC, "write made no progress")
+            pos += n
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent). I/O after close raises ImageIOError(EBADF)."""
+        with self._close_lock:
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def __enter__(self) -> StorageImage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        kind = "blockdev" if self.is_block_device else "file"
+        flags = ",".join(f for f, on in (("ro", self.read_only), ("direct", self.direct)) if on)
+        return f"<StorageImage {self.path} {kind} {self.size} bytes lbs={self.logical_block_size} {flags}>"

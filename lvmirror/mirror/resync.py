@@ -1,0 +1,300 @@
+"""ResyncJob / RestoreJob: bitmap-driven region copies that run while the volume serves I/O.
+
+Both copy one region at a time under an exclusive range lock on the region's LBAs from
+``vol.locks`` (so no write to the region can interleave with the copy), with an optional rate
+limit (token bucket in MB/s, changeable while running), progress (bytes done / total, rate,
+ETA), ``cancel()`` and ``wait()``.
+
+ResyncJob (target: a syncing image, source: an in-sync image). The target already receives
+every new write, so a copied region stays current; bits are only cleared by the job, so the
+bitmap saved at each checkpoint (every 64 regions or second) is a superset of what is left:
+after a restart ``MirrorVolume.open`` resumes from it. When the bitmap is empty the image turns
+in-sync in the same step as the epoch swap that lets reads use it. ``cancel()`` leaves the
+image 'syncing' (receiving writes, serving no reads) with its bitmap: ``vol.resync(i)``
+resumes it; ``stop()`` (used by ``vol.close``) is the same but the next open resumes by itself.
+
+RestoreJob (source: a split image, targets: every live image). See ``MirrorVolume.restore``
+for the semantics. The restore bitmap is saved after every region, before the region lock is
+released, so after a crash a resumed restore never re-copies a region a newer write changed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from lvmirror.errors import ImageIOError, LvmirrorError, StateError
+from lvmirror.mirror.image import StorageImage
+from lvmirror.mirror.metadata import VolumeMetadata
+
+__all__ = ["ResyncJob", "RestoreJob"]
+
+CHECKPOINT_REGIONS = 64
+CHECKPOINT_SECONDS = 1.0
+MB = 1_000_000
+
+
+class _Job:
+    kind = "job"
+
+    def __init__(self, vol, img, rate_limit):
+        self.vol = vol
+        self.img = img
+        self.image_id = img.rec.id
+        self._rate = None
+        self._tokens = 0.0
+        self._t_tokens = time.monotonic()
+        self.set_rate_limit(rate_limit)
+        self._cancel = threading.Event()
+        self._stopping = False
+        self._done = threading.Event()
+        self._thread = None
+        self.state = "running"
+        self.error: str | None = None
+        self.bytes_done = 0
+        self.bytes_total = 0
+        self._t0 = None
+        self._t_end = None
+
+    # -- control ----------------------------------------------------------------------------------
+
+    def set_rate_limit(self, mb_per_s):
+        """Limit the copy to ``mb_per_s`` MB/s (None or 0: unlimited); takes effect at once."""
+        if mb_per_s is not None and (not isinstance(mb_per_s, (int, float)) or mb_per_s < 0):
+            raise ValueError(f"rate limit must be a non-negative number of MB/s, got {mb_per_s!r}")
+        self._rate = float(mb_per_s) * MB if mb_per_s else None
+        self._t_tokens = time.monotonic()
+        self._tokens = 0.0
+
+    @property
+    def rate_limit(self):
+        return self._rate / MB if self._rate else None
+
+    def cancel(self):
+        """Stop after the region being copied; the image keeps its bitmap."""
+        self._cancel.set()
+
+    def stop(self):
+        """Like cancel, but the job resumes on the next open (volume close)."""
+        self._stopping = True
+        self._cancel.set()
+
+    def wait(self, timeout=None) -> bool:
+        """Wait for the job to end; True if it ended."""
+        return self._done.wait(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and not self._done.is_set()
+
+    def progress(self) -> dict:
+        """bytes_done, bytes_total, rate (MB/s), eta_seconds (None when unknown), state."""
+        now = self._t_end or time.monotonic()
+        elapsed = (now - self._t0) if self._t0 else 0.0
+        rate = self.bytes_done / elapsed / MB if elapsed > 0 else 0.0
+        left = max(self.bytes_total - self.bytes_done, 0)
+        eta = 0.0 if self.state != "running" else (left / (rate * MB) if rate > 0 else None)
+        return dict(kind=self.kind, image_id=self.image_id, state=self.state,
+                    bytes_done=self.bytes_done, bytes_total=self.bytes_total, rate=rate,
+                    eta_seconds=eta, error=self.error, rate_limit=self.rate_limit)
+
+    def _throttle(self, nbytes):
+        while self._rate and not self._cancel.is_set():
+            now = time.monotonic()
+            self._tokens = min(self._tokens + (now - self._t_tokens) * self._rate,
+                               max(self._rate * 0.1, nbytes))
+            self._t_tokens = now
+            if self._tokens >= nbytes:
+                self._tokens -= nbytes
+                return
+            self._cancel.wait((nbytes - self._tokens) / self._rate)
+
+    def _finish(self, state, error=None):
+        self.state = state
+        self.error = error
+        self._t_end = time.monotonic()
+        self._done.set()
+
+
+class ResyncJob(_Job):
+    """Copy the regions marked in a syncing image's bitmap from an in-sync image."""
+
+    kind = "resync"
+
+    def __init__(self, vol, img, *, full, rate_limit=None):
+        super().__init__(vol, img, rate_limit)
+        self.full = full
+        self.bitmap = img.bitmap
+        self.bytes_total = self.bitmap.dirty_bytes()
+
+    def start(self, epoch):
+        self._thread = threading.Thread(target=self._run, args=(epoch,), daemon=True,
+                                        name=f"{self.vol.name}-resync{self.image_id}")
+        self._thread.start()
+
+    def _run(self, epoch):
+        self._t0 = time.monotonic()
+        vol, img, bm = self.vol, self.img, self.bitmap
+        try:
+            # Writes of older epochs may still mark this image's bitmap: let them finish.
+            vol._drain(epoch)
+            buf = StorageImage.aligned_buffer(vol.region_size)
+            last_ck, since_ck = time.monotonic(), 0
+            while True:
+                for r in bm.dirty_regions():
+                    if self._cancel.is_set():
+                        break
+                    if img.state.value != "syncing":
+                        raise _TargetFailed(img.rec.error or "target image failed")
+                    self._copy(r, buf)
+                    since_ck += 1
+                    if since_ck >= CHECKPOINT_REGIONS or \
+                            time.monotonic() - last_ck >= CHECKPOINT_SECONDS:
+                        vol._checkpoint_resync(img, r + 1)
+                        last_ck, since_ck = time.monotonic(), 0
+                if self._cancel.is_set():
+                    vol._pause_resync(img, keep_resume=self._stopping)
+                    self._finish("cancelled")
+                    return
+                if img.state.value != "syncing":
+                    raise _TargetFailed(img.rec.error or "target image failed")
+                if bm.count() == 0 and vol._finish_resync(img, self):
+                    self._finish("done")
+                    return
+        except _TargetFailed as e:
+            self._finish("failed", f"target image failed: {e}")
+        except Exception as e:  # report, never kill the daemon
+            try:
+                vol._pause_resync(img, keep_resume=False)
+            except Exception:
+                pass
+            self._finish("failed", f"{type(e).__name__}: {e}")
+
+    def _copy(self, r, buf):
+        vol, img, bm = self.vol, self.img, self.bitmap
+        off, ln = bm.region_range(r)
+        self._throttle(ln)
+        bs = vol.block_size
+        lk = vol.locks.lock(off // bs, ln // bs, owner=self)
+        try:
+            if not bm.test_region(r):
+                return
+            view = buf[:ln]
+            ep = vol._enter()
+            try:
+                _read_from_in_sync(vol, ep, off, ln, view)
+                try:
+                    img.storage.writev(off, [view])
+                except ImageIOError as e:
+                    vol._image_error(img, e, off, ln)
+                    raise _TargetFailed(str(e)) from e
+                bm.clear_region(r)
+            finally:
+                vol._leave(ep)
+        finally:
+            lk.release()
+        self.bytes_done += ln
+
+
+class _TargetFailed(LvmirrorError):
+    pass
+
+
+def _read_from_in_sync(vol, ep, off, ln, view):
+    """Read a region from an in-sync image of ``ep``, failing images that error."""
+    reads = [im for im in ep.reads if im.state.value == "in-sync"]
+    errors = []
+    for src in reads:
+        try:
+            src.storage.readv(off, [view])
+            return src
+        except ImageIOError as e:
+            errors.append(str(e))
+            vol._image_error(src, e, off, ln)
+    raise StateError(f"volume {vol.name}: no in-sync image to copy from"
+                     + (": " + "; ".join(errors) if errors else ""))
+
+
+class RestoreJob(_Job):
+    """Copy the regions a split image's change bitmap marks from it to every live image."""
+
+    kind = "restore"
+
+    def __init__(self, vol, img, restore_bitmap, *, rate_limit=None):
+        super().__init__(vol, img, rate_limit)
+        self.bitmap = restore_bitmap
+        self.bytes_total = restore_bitmap.dirty_bytes()
+        self._path = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"{self.vol.name}-restore{self.image_id}")
+        self._thread.start()
+
+    def before_io(self, offset, length):
+        """Called by the I/O path before it locks its range: restore any region it touches
+        that the job has not copied yet, so the I/O sees (and overwrites) restored data."""
+        bm = self.bitmap
+        if not bm.is_dirty(offset, length):
+            return
+        first = offset >> bm.region_shift
+        last = (offset + length - 1) >> bm.region_shift
+        for r in range(first, last + 1):
+            if bm.test_region(r):
+                self._restore_region(r, bytearray(bm.region_range(r)[1]))
+
+    def _run(self):
+        self._t0 = time.monotonic()
+        vol = self.vol
+        try:
+            buf = StorageImage.aligned_buffer(vol.region_size)
+            while self.bitmap.count():
+                for r in self.bitmap.dirty_regions():
+                    if self._cancel.is_set():
+                        break
+                    self._throttle(self.bitmap.region_range(r)[1])
+                    self._restore_region(r, buf)
+                if self._cancel.is_set():
+                    break
+            if self._cancel.is_set() and self.bitmap.count():
+                # A restore cannot be abandoned half way without leaving a mixed volume; it
+                # stays registered (I/O keeps restoring on demand) and resumes on next open.
+                self._finish("cancelled")
+                return
+            vol._finish_restore(self.img, self)
+            self._finish("done")
+        except Exception as e:
+            self._finish("failed", f"{type(e).__name__}: {e}")
+
+    def _restore_region(self, r, buf):
+        vol, img, rb = self.vol, self.img, self.bitmap
+        off, ln = rb.region_range(r)
+        bs = vol.block_size
+        lk = vol.locks.lock(off // bs, ln // bs, owner=None)
+        try:
+            if not rb.test_region(r):
+                return
+            view = memoryview(buf)[:ln]
+            try:
+                img.storage.readv(off, [view])
+            except ImageIOError as e:
+                img.rec.error = str(e)
+                raise
+            ep = vol._enter()
+            try:
+                tok = vol._wil.begin(off, ln)
+                try:
+                    for bm in ep.tracking:
+                        if bm is not img.bitmap:
+                            bm.mark(off, ln)
+                    vol._fanout(ep, lambda st: st.writev(off, [view]), off, ln,
+                                parallel=vol._parallel(ln))
+                finally:
+                    vol._wil.end(tok)
+                img.bitmap.clear_region(r)
+                rb.clear_region(r)
+                rb.save(self._path)
+            finally:
+                vol._leave(ep)
+        finally:
+            lk.release()
+        self.bytes_done += ln

@@ -1,0 +1,1159 @@
+"""MirrorVolume: one LUN on a mirror set of 1-4 storage images.
+
+Data path
+---------
+* Every I/O takes a range lock on its LBAs from ``vol.locks`` (writes exclusive, reads shared),
+  so overlapping writes land in the same order on every image and a resync/restore copy of a
+  region (exclusive) never races a write.
+* Then it *enters the current I/O epoch*: a frozen description of which images a write goes to
+  (in-sync + syncing), which images a read may use (in-sync) and which change bitmaps a write
+  must mark first (split / failed images). Entering is one counter increment under a tiny lock;
+  leaving decrements it. State changes (split, fail, resync start/finish, attach, detach) build
+  a new epoch and swap it in; the swap is the instant T of the change.
+* A write marks the write-intent log (durable before any image sees the write), marks the
+  epoch's change bitmaps, then goes to every target image in parallel (one inline, the others on
+  per-image worker threads) and is acknowledged only when all of them finished.
+* An ImageIOError fails that image (persisted before the I/O completes), gives it a change
+  bitmap holding the failed range, and the I/O succeeds if an in-sync image has the data. The
+  last in-sync image is never failed: its error goes to the initiator as VolumeIOError.
+
+Split at T
+----------
+``split(i)`` persists the image as split, swaps in an epoch without image i (T), then waits only
+for the *older* epochs to drain: I/O begun before T completes to image i as well (point 1), I/O
+begun after T never targets image i and never waits for the split (point 2), and when split
+returns image i holds exactly the writes begun before T (point 3). Every write of the new epoch
+marks image i's change bitmap before it reaches any image (point 5).
+
+Crash safety
+------------
+``volume.json`` says ``clean_shutdown: false`` while open. On the next open after a crash every
+region marked in the write-intent log is (a) merged into each split / failed / syncing image's
+change bitmap and (b) copied from the primary in-sync image (highest generation, then lowest
+index) to the other in-sync images before the volume serves I/O, so no image that may have
+missed a write is read from. Change bitmaps of split and failed images are saved lazily
+(``checkpoint``, run by a flusher thread and on close): ``checkpoint`` takes a ticket from the
+log, fdatasyncs the live images, saves the bitmaps and only then clears log bits whose last
+write ended before the ticket. A write whose mark is missing from a saved bitmap therefore
+still has its log bit set, and recovery's merge restores the mark.
+
+Interrupted resyncs and restores resume automatically in ``open`` (see ``vol.jobs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import os
+import queue
+import threading
+import time
+
+from lvmirror.errors import ConfigError, ImageIOError, StateError, VolumeIOError
+from lvmirror.mirror.bitmap import RegionBitmap
+from lvmirror.mirror.image import StorageImage
+from lvmirror.mirror.metadata import VolumeMetadata, valid_volume_name
+from lvmirror.mirror.regionlock import RegionLockManager
+from lvmirror.mirror.wil import WriteIntentLog
+
+__all__ = ["ImageInfo", "ImageState", "MirrorVolume", "SplitInfo", "MAX_IMAGES"]
+
+MAX_IMAGES = 4
+WORKER_THREADS = 4
+FANOUT_MODES = ("auto", "parallel", "serial")
+# Below this size a buffered (page cache) write is a memcpy shorter than a thread hand-off,
+# so "auto" issues it on the calling thread to each image in turn.
+PARALLEL_MIN_BYTES = 128 << 10
+
+
+class ImageState(enum.Enum):
+    IN_SYNC = "in-sync"
+    SYNCING = "syncing"
+    SPLIT = "split"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    index: int
+    id: int
+    path: str
+    state: ImageState
+    generation: int
+    split_time: float | None
+    bitmap_fill: float | None      # dirty fraction of the change bitmap (None for in-sync)
+    dirty_bytes: int | None
+    error: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+    index: int
+    path: str
+    split_time: float             # wall clock of T
+    generation: int
+    drained: int                  # I/Os begun before T that split waited for
+
+
+class _Completion:
+    __slots__ = ("_gate", "exc")
+
+    def __init__(self):
+        self._gate = threading.Lock()
+        self._gate.acquire()
+        self.exc = None
+
+    def done(self, exc):
+        self.exc = exc
+        self._gate.release()
+
+    def wait(self):
+        self._gate.acquire()
+        return self.exc
+
+
+class _Worker:
+    """A few persistent threads issuing one image's share of fanned-out I/O."""
+
+    def __init__(self, name, nthreads=WORKER_THREADS):
+        self._q = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{k}", daemon=True)
+                         for k in range(nthreads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self):
+        get = self._q.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            fn, arg, comp = item
+            try:
+                fn(arg)
+            except BaseException as e:  # handed to the issuing thread
+                comp.done(e)
+            else:
+                comp.done(None)
+
+    def submit(self, fn, arg) -> _Completion:
+        comp = _Completion()
+        self._q.put((fn, arg, comp))
+        return comp
+
+    def stop(self):
+        for _ in self._threads:
+            self._q.put(None)
+
+
+class _Image:
+    """Runtime state of one image (metadata record + open storage + change bitmap)."""
+
+    def __init__(self, rec, storage, bitmap):
+        self.rec = rec
+        self.storage = storage
+        self.bitmap: RegionBitmap | None = bitmap
+        self.state = ImageState(rec.state)
+        self.worker: _Worker | None = None
+
+    def sync_rec(self):
+        self.rec.state = self.state.value
+
+
+class _Epoch:
+    __slots__ = ("seq", "writes", "reads", "tracking", "inflight", "retired")
+
+    def __init__(self, seq, writes, reads, tracking):
+        self.seq = seq
+        self.writes = writes
+        self.reads = reads
+        self.tracking = tracking
+        self.inflight = 0
+        self.retired = False
+
+
+class MirrorVolume:
+    """A mirrored volume; see the module docstring. Use ``create`` or ``open``."""
+
+    def __init__(self, md: VolumeMetadata, meta_dir, images: list[_Image], wil: WriteIntentLog,
+                 *, direct, opener, flush_interval, fanout="auto"):
+        self._md = md
+        self._meta_dir = os.fspath(meta_dir)
+        self._vdir = VolumeMetadata.volume_dir(meta_dir, md.name)
+        self._images = images
+        self._wil = wil
+        self._direct = direct
+        self._opener = opener
+        if fanout not in FANOUT_MODES:
+            raise ConfigError(f"volume {md.name}: fanout must be one of {FANOUT_MODES}, "
+                              f"got {fanout!r}")
+        self._fanout_mode = fanout
+        self.name = md.name
+        self.block_size = md.block_size
+        self.size = md.size
+        self.num_blocks = md.size // md.block_size
+        self.region_size = md.region_size
+        self.locks = RegionLockManager(md.name)
+        self._mgmt = threading.RLock()      # serialises management operations
+        self._meta = threading.RLock()      # image states, epoch construction, metadata saves
+        self._elock = threading.Lock()
+        self._econd = threading.Condition(self._elock)
+        self._retired: list[_Epoch] = []
+        self._epoch_seq = itertools.count(1)
+        self._rr = itertools.count()
+        self._closed = False
+        self._restore = None
+        self.jobs: dict[int, object] = {}   # image id -> running ResyncJob / RestoreJob
+        self._stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
+                           unmaps=0, read_errors=0, write_errors=0, image_failures=0,
+                           compare_miscompares=0)
+        for img in images:
+            self._start_worker(img)
+        with self._meta:
+            self._epoch = self._build_epoch()
+        self._stop_flusher = threading.Event()
+        self._flusher = None
+        if flush_interval:
+            self._flusher = threading.Thread(target=self._flush_loop, args=(flush_interval,),
+                                             name=f"{md.name}-flusher", daemon=True)
+            self._flusher.start()
+
+    # ==== construction ============================================================================
+
+    @classmethod
+    def create(cls, name, image_paths, *, meta_dir, block_size=512, region_size=1 << 20,
+               size=None, direct=False, opener=None, flush_interval=2.0,
+               rate_limit=None, fanout="auto") -> MirrorVolume:
+        """Create a volume. The first image is the source (in-sync); the others start a full
+        resync from it (``vol.jobs``). Missing image files are created when ``size`` is given.
+
+        ``opener(path, direct=...)`` opens an image (default StorageImage.open; tests pass
+        wrappers). ``flush_interval``: seconds between background checkpoints (None: only on
+        ``checkpoint()``/close). ``fanout``: how a write reaches the images: "parallel" (one
+        inline, the others on per-image worker threads, always), "serial" (each in turn on the
+        calling thread), "auto" (parallel for O_DIRECT images, FUA writes, flushes and writes
+        of at least PARALLEL_MIN_BYTES; serial for small buffered writes, where the hand-off
+        costs more than the copy into the page cache)."""
+        opener = opener or _default_opener
+        if not valid_volume_name(name):
+            raise ConfigError(f"invalid volume name {name!r}: use letters, digits, _ . : -")
+        if block_size not in (512, 4096):
+            raise ConfigError(f"volume {name}: block size must be 512 or 4096, got {block_size}")
+        if (not isinstance(region_size, int) or region_size < block_size
+                or region_size & (region_size - 1)):
+            raise ConfigError(f"volume {name}: region size must be a power of two >= the block "
+                              f"size {block_size}, got {region_size}")
+        paths = [os.fspath(p) for p in image_paths]
+        if not 1 <= len(paths) <= MAX_IMAGES:
+            raise ConfigError(f"volume {name}: 1 to {MAX_IMAGES} images, got {len(paths)}")
+        if len({os.path.abspath(p) for p in paths}) != len(paths):
+            raise ConfigError(f"volume {name}: an image path is listed twice")
+        if VolumeMetadata.exists(meta_dir, name):
+            raise ConfigError(f"volume {name}: already exists in {meta_dir}")
+        if size is not None and (not isinstance(size, int) or size <= 0 or size % block_size):
+            raise ConfigError(f"volume {name}: size must be a positive multiple of the block "
+                              f"size {block_size}, got {size!r}")
+        storages = []
+        try:
+            for p in paths:
+                if not os.path.exists(p) and size is not None:
+                    StorageImage.create_file(p, size)
+                storages.append(opener(p, direct=direct))
+            if size is None:
+                size = storages[0].size - storages[0].size % block_size
+                if size <= 0:
+                    raise ConfigError(f"image {paths[0]}: smaller than one block")
+            for st in storages:
+                _check_image_fits(st, size, block_size)
+        except BaseException:
+            for st in storages:
+                st.close()
+            raise
+        md = VolumeMetadata.new(name, block_size=block_size, size=size, region_size=region_size)
+        md.generation = 1
+        vdir = VolumeMetadata.volume_dir(meta_dir, name)
+        os.makedirs(vdir, exist_ok=True)
+        images = []
+        for k, (p, st) in enumerate(zip(paths, storages)):
+            if k == 0:
+                rec = md.add_image(p, ImageState.IN_SYNC.value, generation=1)
+                bm = None
+            else:
+                rec = md.add_image(p, ImageState.SYNCING.value, generation=0)
+                rec.resync_next, rec.resync_full, rec.resync_rate = 0, True, rate_limit
+                bm = RegionBitmap(size, region_size)
+                bm.set_all()
+                bm.save(VolumeMetadata.bitmap_path(vdir, rec.id))
+            images.append(_Image(rec, st, bm))
+        wil = WriteIntentLog(VolumeMetadata.wil_path(vdir), size, region_size)
+        wil.save()
+        md.clean_shutdown = False
+        md.save(meta_dir)
+        vol = cls(md, meta_dir, images, wil, direct=direct, opener=opener,
+                  flush_interval=flush_interval, fanout=fanout)
+        vol._resume_jobs()
+        return vol
+
+    @classmethod
+    def open(cls, name, *, meta_dir, direct=False, opener=None, flush_interval=2.0,
+             fanout="auto") -> MirrorVolume:
+        """Open an existing volume; crash recovery happens here (module docstring)."""
+        opener = opener or _default_opener
+        md = VolumeMetadata.load(meta_dir, name)
+        vdir = VolumeMetadata.volume_dir(meta_dir, name)
+        images: list[_Image] = []
+        try:
+            for rec in md.images:
+                storage = None
+                try:
+                    storage = opener(rec.path, direct=direct)
+                except ConfigError as e:
+                    if rec.state in (ImageState.IN_SYNC.value, ImageState.SYNCING.value):
+                        rec.state = ImageState.FAILED.value
+                        rec.resync_next = None
+                    rec.error = f"cannot open at volume open: {e}"
+                if storage is not None:
+                    try:
+                        _check_image_fits(storage, md.size, md.block_size)
+                    except ConfigError:
+                        storage.close()
+                        raise
+                bm = None
+                if rec.state != ImageState.IN_SYNC.value:
+                    bpath = VolumeMetadata.bitmap_path(vdir, rec.id)
+                    try:
+                        bm = RegionBitmap.load(bpath, md.size, md.region_size)
+                    except (OSError, ValueError) as e:
+                        bm = RegionBitmap(md.size, md.region_size)
+                        bm.set_all()
+                        rec.error = ((rec.error + "; ") if rec.error else "") + \
+                            f"change bitmap unusable ({e}); full resync needed"
+                images.append(_Image(rec, storage, bm))
+            in_sync = [im for im in images if im.state is ImageState.IN_SYNC]
+            if not in_sync:
+                raise ConfigError(f"volume {name}: no in-sync image can be opened: " + "; ".join(
+                    f"{im.rec.path}: {im.state.value}{' (' + im.rec.error + ')' if im.rec.error else ''}"
+                    for im in images))
+            for im in images:
+                if im.storage is None and im.rec.error and im.state is ImageState.FAILED \
+                        and im.bitmap is not None and "cannot open" in im.rec.error:
+                    im.bitmap.set_all()   # it vanished: we cannot know what it missed
+            wil, problem = WriteIntentLog.load_or_create(VolumeMetadata.wil_path(vdir), md.size,
+                                                        md.region_size)
+            if problem == "missing" and not md.clean_shutdown:
+                wil.bitmap.set_all()   # unclean and no log: every region is suspect
+            if not md.clean_shutdown or (problem and problem != "missing"):
+                _recover(md, vdir, images, wil)
+            md.clean_shutdown = False
+            md.generation += 1
+            md.save(meta_dir)
+        except BaseException:
+            for im in images:
+                if im.storage is not None:
+                    im.storage.close()
+            raise
+        vol = cls(md, meta_dir, images, wil, direct=direct, opener=opener,
+                  flush_interval=flush_interval, fanout=fanout)
+        vol._resume_jobs()
+        return vol
+
+    def _resume_jobs(self):
+        from lvmirror.mirror.resync import ResyncJob, RestoreJob
+        for img in list(self._images):
+            if img.state is ImageState.SYNCING and img.rec.resync_next is not None:
+                job = ResyncJob(self, img, full=img.rec.resync_full,
+                                rate_limit=img.rec.resync_rate)
+                self.jobs[img.rec.id] = job
+                job.start(self._epoch)
+            elif img.state is ImageState.SPLIT and img.rec.restore_running:
+                rpath = VolumeMetadata.restore_path(self._vdir, img.rec.id)
+                try:
+                    rb = RegionBitmap.load(rpath, self.size, self.region_size)
+                except (OSError, ValueError):
+                    rb = img.bitmap.copy()
+                job = RestoreJob(self, img, rb, rate_limit=None)
+                self._restore = job
+                self.jobs[img.rec.id] = job
+                job.start()
+
+    def _start_worker(self, img):
+        if img.worker is None and img.storage is not None:
+            img.worker = _Worker(f"{self.name}-img{img.rec.id}")
+
+    # ==== epochs ==================================================================================
+
+    def _build_epoch(self) -> _Epoch:
+        writes = tuple(im for im in self._images
+                       if im.state in (ImageState.IN_SYNC, ImageState.SYNCING)
+                       and im.storage is not None)
+        reads = tuple(im for im in writes if im.state is ImageState.IN_SYNC)
+        tracking = tuple(im.bitmap for im in self._images
+                         if im.state in (ImageState.SPLIT, ImageState.FAILED)
+                         and im.bitmap is not None)
+        return _Epoch(next(self._epoch_seq), writes, reads, tracking)
+
+    def _switch_epoch(self) -> _Epoch:
+        """Swap in an epoch built from the current image states (caller holds _meta)."""
+        new = self._build_epoch()
+        with self._elock:
+            old = self._epoch
+            old.retired = True
+            if old.inflight:
+                self._retired.append(old)
+            self._epoch = new
+        return new
+
+    def _enter(self) -> _Epoch:
+        with self._elock:
+            ep = self._epoch
+            ep.inflight += 1
+        return ep
+
+    def _leave(self, ep, kind=None, nbytes=0):
+        with self._elock:
+            ep.inflight -= 1
+            if kind is not None:
+                st = self._stats
+                st[kind] += 1
+                st["bytes_" + ("read" if kind == "reads" else "written")] += nbytes
+            if ep.retired and ep.inflight == 0:
+                self._econd.notify_all()
+
+    def _drain(self, upto: _Epoch) -> int:
+        """Wait until every epoch older than ``upto`` has no I/O in flight; returns how many
+        I/Os were in flight in them when the wait began."""
+        with self._econd:
+            waited = sum(e.inflight for e in self._retired if e.seq < upto.seq)
+            self._econd.wait_for(
+                lambda: all(e.inflight == 0 for e in self._retired if e.seq < upto.seq))
+            self._retired = [e for e in self._retired if e.inflight]
+        return waited
+
+    # ==== helpers =================================================================================
+
+    def _check_open(self):
+        if self._closed:
+            raise StateError(f"volume {self.name} is closed")
+
+    def _check_io(self, lba, nblocks):
+        if not isinstance(lba, int) or lba < 0 or nblocks < 0 or lba + nblocks > self.num_blocks:
+            raise ValueError(f"volume {self.name}: LBA range [{lba}, +{nblocks}) outside "
+                             f"0..{self.num_blocks}")
+
+    def _buffers_len(self, buffers) -> int:
+        total = 0
+        for b in buffers:
+            total += b.nbytes if isinstance(b, memoryview) else len(b)
+        if total % self.block_size:
+            raise ValueError(f"volume {self.name}: buffer length {total} is not a multiple of "
+                             f"the block size {self.block_size}")
+        return total
+
+    def _img(self, index) -> _Image:
+        if not isinstance(index, int) or not 0 <= index < len(self._images):
+            raise StateError(f"volume {self.name}: no image {index!r} "
+                             f"(have 0..{len(self._images) - 1})")
+        return self._images[index]
+
+    def _save_md(self):
+        for im in self._images:
+            im.sync_rec()
+        self._md.save(self._meta_dir)
+
+    def _bump(self) -> int:
+        self._md.generation += 1
+        return self._md.generation
+
+    def _bitmap_path(self, img) -> str:
+        return VolumeMetadata.bitmap_path(self._vdir, img.rec.id)
+
+    def _image_error(self, img, exc, offset, length, *, all_regions=False) -> bool:
+        """Handle an I/O error on ``img``: fail it (persisted) unless it is the last in-sync
+        image. Marks the affected range in its change bitmap. Returns True if it is failed."""
+        with self._meta:
+            if img.state is ImageState.FAILED:
+                if img.bitmap is not None:
+                    if all_regions:
+                        img.bitmap.set_all()
+                    elif length:
+                        img.bitmap.mark(offset, length)
+                return True
+            if img.state is ImageState.SPLIT:
+                # A write begun before T failed on the image being split: the copy lacks it,
+                # so the region must be copied again by a resync (or skipped by a restore).
+                img.rec.error = str(exc)
+                if img.bitmap is not None:
+                    if all_regions:
+                        img.bitmap.set_all()
+                    elif length:
+                        img.bitmap.mark(offset, length)
+                return False
+            if img.state is ImageState.IN_SYNC and not any(
+                    o is not img and o.state is ImageState.IN_SYNC for o in self._images):
+                return False
+            bm = img.bitmap if img.bitmap is not None else RegionBitmap(self.size, self.region_size)
+            if all_regions:
+                bm.set_all()
+            elif length:
+                bm.mark(offset, length)
+            img.bitmap = bm
+            img.state = ImageState.FAILED
+            img.rec.error = str(exc)
+            img.rec.resync_next = None
+            self._stats["image_failures"] += 1
+            self._bump()
+            try:
+                bm.save(self._bitmap_path(img))
+                self._save_md()
+            except OSError:
+                pass  # metadata disk trouble: the WIL still protects the data; keep serving
+            self._switch_epoch()
+            return True
+
+    def _parallel(self, length, fua=False) -> bool:
+        """Fan-out policy: see ``fanout`` in ``create``."""
+        mode = self._fanout_mode
+        if mode == "parallel":
+            return True
+        if mode == "serial":
+            return False
+        return self._direct or fua or length >= PARALLEL_MIN_BYTES
+
+    def _fanout(self, ep, fn, offset, length, is_read=False, parallel=True):
+        """Run ``fn(storage)`` on every write target of ``ep`` (in parallel: one inline, the
+        others on the images' worker threads; or one after the other); handle failures."""
+        targets = ep.writes
+        if not targets:
+            raise VolumeIOError(f"volume {self.name}: no live image", is_read=is_read)
+        errors = []
+        other = None
+        if parallel and len(targets) > 1:
+            comps = []
+            for img in targets[1:]:
+                comps.append(img.worker.submit(fn, img.storage))
+            try:
+                fn(targets[0].storage)
+            except ImageIOError as e:
+                errors.append((targets[0], e))
+            except BaseException as e:
+                other = e
+            for img, comp in zip(targets[1:], comps):
+                exc = comp.wait()
+                if exc is None:
+                    continue
+                if isinstance(exc, ImageIOError):
+                    errors.append((img, exc))
+                elif other is None:
+                    other = exc
+        else:
+            for img in targets:
+                try:
+                    fn(img.storage)
+                except ImageIOError as e:
+                    errors.append((img, e))
+        if other is not None:
+            raise other
+        if errors:
+            self._stats["write_errors"] += len(errors)
+            bad = set()
+            for img, e in errors:
+                self._image_error(img, e, offset, length, all_regions=(length == 0))
+                bad.add(img)
+            if not any(im not in bad and im.state is ImageState.IN_SYNC for im in targets):
+                raise VolumeIOError(f"volume {self.name}: write failed on every in-sync image: "
+                                    + "; ".join(str(e) for _, e in errors), is_read=is_read)
+
+    def _write_locked(self, offset, length, fn, kind="writes", fua=False):
+        """The write path after the range lock is held: epoch, WIL, bitmaps, fan-out."""
+        ep = self._enter()
+        try:
+            try:
+                tok = self._wil.begin(offset, length)
+            except OSError as e:
+                raise VolumeIOError(f"volume {self.name}: cannot persist the write-intent log: "
+                                    f"{e}", is_read=False) from e
+            try:
+                for bm in ep.tracking:
+                    bm.mark(offset, length)
+                self._fanout(ep, fn, offset, length, parallel=self._parallel(length, fua))
+            finally:
+                self._wil.end(tok)
+        except BaseException:
+            self._leave(ep)
+            raise
+        self._leave(ep, kind, length)
+
+    def _read_locked(self, offset, buffers, length):
+        ep = self._enter()
+        try:
+            reads = ep.reads
+            n = len(reads)
+            start = next(self._rr) % n if n else 0
+            errors = []
+            for k in range(n):
+                img = reads[(start + k) % n]
+                if img.state is not ImageState.IN_SYNC:
+                    continue
+                try:
+                    img.storage.readv(offset, buffers)
+                except ImageIOError as e:
+                    self._stats["read_errors"] += 1
+                    errors.append(str(e))
+                    self._image_error(img, e, offset, length)
+                    continue
+                break
+            else:
+                raise VolumeIOError(f"volume {self.name}: no in-sync image could serve the read"
+                                    + (": " + "; ".join(errors) if errors else ""), is_read=True)
+        except BaseException:
+            self._leave(ep)
+            raise
+        self._leave(ep, "reads", length)
+
+    # ==== I/O API (LBAs) ==========================================================================
+
+    def read(self, lba, buffers):
+        """Fill ``buffers`` (list of memoryview) with the blocks from ``lba``."""
+        self._check_open()
+        length = self._buffers_len(buffers)
+        nblocks = length // self.block_size
+        self._check_io(lba, nblocks)
+        if not nblocks:
+            return
+        offset = lba * self.block_size
+        rj = self._restore
+        if rj is not None:
+            rj.before_io(offset, length)
+        lk = self.locks.lock(lba, nblocks, shared=True)
+        try:
+            self._read_locked(offset, buffers, length)
+        finally:
+            lk.release()
+
+    def write(self, lba, buffers, fua=False):
+        """Write ``buffers`` to every live image; returns when all have it."""
+        self._check_open()
+        length = self._buffers_len(buffers)
+        nblocks = length // self.block_size
+        self._check_io(lba, nblocks)
+        if not nblocks:
+            return
+        offset = lba * self.block_size
+        rj = self._restore
+        if rj is not None:
+            rj.before_io(offset, length)
+        lk = self.locks.lock(lba, nblocks)
+        try:
+            self._write_locked(offset, length, lambda st: st.writev(offset, buffers, fua=fua),
+                               fua=fua)
+        finally:
+            lk.release()
+
+    def flush(self):
+        """Make every acknowledged write durable on every live image."""
+        self._check_open()
+        ep = self._enter()
+        try:
+            self._fanout(ep, lambda st: st.flush(), 0, 0, parallel=True)
+        except BaseException:
+            self._leave(ep)
+            raise
+        self._leave(ep)
+        with self._elock:
+            self._stats["flushes"] += 1
+
+    def unmap(self, lba, nblocks):
+        """Discard blocks on every live image; they read back as zeroes."""
+        self._check_open()
+        self._check_io(lba, nblocks)
+        if not nblocks:
+            return
+        offset, length = lba * self.block_size, nblocks * self.block_size
+        rj = self._restore
+        if rj is not None:
+            rj.before_io(offset, length)
+        lk = self.locks.lock(lba, nblocks)
+        try:
+            self._write_locked(offset, length, lambda st: st.discard(offset, length), "unmaps")
+        finally:
+            lk.release()
+
+    def write_same(self, lba, nblocks, block):
+        """Write ``block`` (one logical block) to ``nblocks`` blocks from ``lba``."""
+        block = memoryview(block).cast("B")
+        if len(block) != self.block_size:
+            raise ValueError(f"write_same block is {len(block)} bytes, block size is "
+                             f"{self.block_size}")
+        self._check_open()
+        self._check_io(lba, nblocks)
+        chunk = 256
+        done = 0
+        while done < nblocks:
+            n = min(chunk, nblocks - done)
+            self.write(lba + done, [block] * n)
+            done += n
+
+    def compare_and_write(self, lba, verify, data):
+        """Atomically (under one exclusive range lock) compare ``verify`` with the blocks at
+        ``lba`` and, if equal, write ``data``. Returns None on success, else the byte offset
+        of the first miscompare (nothing written)."""
+        self._check_open()
+        verify = memoryview(verify).cast("B")
+        data = memoryview(data).cast("B")
+        if len(verify) != len(data) or len(verify) % self.block_size:
+            raise ValueError("compare_and_write: verify and data must be the same whole number "
+                             "of blocks")
+        nblocks = len(verify) // self.block_size
+        self._check_io(lba, nblocks)
+        if not nblocks:
+            return None
+        offset, length = lba * self.block_size, len(verify)
+        rj = self._restore
+        if rj is not None:
+            rj.before_io(offset, length)
+        lk = self.locks.lock(lba, nblocks)
+        try:
+            cur = bytearray(length)
+            self._read_locked(offset, [memoryview(cur)], length)
+            if cur != verify:
+                with self._elock:
+                    self._stats["compare_miscompares"] += 1
+                v = verify.tobytes()
+                for i in range(length):
+                    if cur[i] != v[i]:
+                        return i
+            self._write_locked(offset, length, lambda st: st.writev(offset, [data]))
+            return None
+        finally:
+            lk.release()
+
+    # ==== status ==================================================================================
+
+    @property
+    def images(self) -> list[ImageInfo]:
+        with self._meta:
+            out = []
+            for k, im in enumerate(self._images):
+                bm = im.bitmap if im.state is not ImageState.IN_SYNC else None
+                out.append(ImageInfo(index=k, id=im.rec.id, path=im.rec.path, state=im.state,
+                                     generation=im.rec.generation, split_time=im.rec.split_time,
+                                     bitmap_fill=bm.fill() if bm is not None else None,
+                                     dirty_bytes=bm.dirty_bytes() if bm is not None else None,
+                                     error=im.rec.error))
+            return out
+
+    @property
+    def stats(self) -> dict:
+        with self._elock:
+            d = dict(self._stats)
+            d["inflight"] = self._epoch.inflight + sum(e.inflight for e in self._retired)
+        d["generation"] = self._md.generation
+        d["wil_dirty_regions"] = self._wil.bitmap.count()
+        d["wil_saves"] = self._wil.saves
+        d["images"] = [dict(im.storage.stats) if im.storage is not None else None
+                       for im in self._images]
+        return d
+
+    @property
+    def uuid(self) -> str:
+        return self._md.uuid
+
+    def image_storage(self, index) -> StorageImage | None:
+        """The open StorageImage of image ``index`` (for tests and tools; do not write to it)."""
+        return self._img(index).storage
+
+    def change_bitmap(self, index) -> RegionBitmap | None:
+        """The live change bitmap of a split / failed / syncing image (None when in-sync)."""
+        return self._img(index).bitmap
+
+    # ==== management ==============================================================================
+
+    def split(self, image_index) -> SplitInfo:
+        """Split image ``image_index`` off at T (now); returns once the I/O begun before T drained."""
+        self._check_open()
+        with self._mgmt:
+            img = self._img(image_index)
+            if img.state is not ImageState.IN_SYNC:
+                raise StateError(f"volume {self.name}: image {image_index} is {img.state.value}, "
+                                 f"only an in-sync image can be split")
+            if not any(o is not img and o.state is ImageState.IN_SYNC and o.storage is not None
+                       for o in self._images):
+                raise StateError(f"volume {self.name}: image {image_index} is the last in-sync "
+                                 f"image; splitting it would leave no live copy")
+            if self._restore is not None:
+                raise StateError(f"volume {self.name}: a restore is running; split after it ends")
+            with self._meta:
+                bm = RegionBitmap(self.size, self.region_size)
+                img.bitmap = bm
+                img.state = ImageState.SPLIT
+                img.rec.error = None
+                img.rec.split_time = time.time()
+                gen = self._bump()
+                img.rec.generation = gen
+                bm.save(self._bitmap_path(img))
+                self._save_md()
+                # ---- T ----
+                t = time.time()
+                new = self._switch_epoch()
+                img.rec.split_time = t
+            drained = self._drain(new)
+            try:
+                img.storage.flush()
+            except ImageIOError as e:
+                img.rec.error = f"flush at split failed: {e}"
+            with self._meta:
+                self._save_md()
+            return SplitInfo(index=image_index, path=img.rec.path, split_time=t,
+                             generation=gen, drained=drained)
+
+    def resync(self, image_index, *, rate_limit=None):
+        """Bring a split or failed image back in sync by copying the regions its change bitmap
+        marks (a paused 'syncing' image resumes). Returns the running ResyncJob."""
+        self._check_open()
+        with self._mgmt:
+            img = self._img(image_index)
+            running = self.jobs.get(img.rec.id)
+            if running is not None and running.is_alive():
+                raise StateError(f"volume {self.name}: image {image_index} already has a "
+                                 f"{type(running).__name__} running")
+            if img.state is ImageState.IN_SYNC:
+                raise StateError(f"volume {self.name}: image {image_index} is already in sync")
+            if self._restore is not None:
+                raise StateError(f"volume {self.name}: a restore is running; resync after it ends")
+            if not any(o.state is ImageState.IN_SYNC for o in self._images):
+                raise StateError(f"volume {self.name}: no in-sync image to resync from")
+            self._reopen_if_needed(img)
+            full = img.bitmap is None
+            if full:
+                img.bitmap = RegionBitmap(self.size, self.region_size)
+                img.bitmap.set_all()
+            return self._start_resync(img, full=full, rate_limit=rate_limit)
+
+    def _reopen_if_needed(self, img):
+        if img.storage is None:
+            st = self._opener(img.rec.path, direct=self._direct)
+            try:
+                _check_image_fits(st, self.size, self.block_size)
+            except ConfigError:
+                st.close()
+                raise
+            img.storage = st
+            self._start_worker(img)
+
+    def _start_resync(self, img, *, full, rate_limit):
+        from lvmirror.mirror.resync import ResyncJob
+        with self._meta:
+            img.state = ImageState.SYNCING
+            img.rec.error = None
+            img.rec.resync_next = 0
+            img.rec.resync_full = full
+            img.rec.resync_rate = rate_limit
+            self._bump()
+            img.bitmap.save(self._bitmap_path(img))
+            self._save_md()
+            new = self._switch_epoch()
+        job = ResyncJob(self, img, full=full, rate_limit=rate_limit)
+        self.jobs[img.rec.id] = job
+        job.start(new)
+        return job
+
+    def _finish_resync(self, img, job) -> bool:
+        """Called by the job when its bitmap looks empty: img -> in-sync with the epoch swap."""
+        try:
+            img.storage.flush()
+        except ImageIOError as e:
+            self._image_error(img, e, 0, 0, all_regions=True)
+            return False
+        with self._meta:
+            if img.state is not ImageState.SYNCING or img.bitmap.count():
+                return False
+            img.state = ImageState.IN_SYNC
+            img.bitmap = None
+            img.rec.resync_next = None
+            img.rec.resync_full = False
+            img.rec.split_time = None
+            img.rec.error = None
+            img.rec.generation = self._bump()
+            self._save_md()
+            try:
+                os.unlink(self._bitmap_path(img))
+            except FileNotFoundError:
+                pass
+            self._switch_epoch()
+            return True
+
+    def _checkpoint_resync(self, img, next_region):
+        with self._meta:
+            if img.state is not ImageState.SYNCING:
+                return
+            img.bitmap.save(self._bitmap_path(img))
+            img.rec.resync_next = next_region
+            self._save_md()
+
+    def _pause_resync(self, img, *, keep_resume):
+        """A resync stopped (cancel / close): keep 'syncing' with its bitmap saved."""
+        with self._meta:
+            if img.state is not ImageState.SYNCING:
+                return
+            img.bitmap.save(self._bitmap_path(img))
+            if not keep_resume:
+                img.rec.resync_next = None
+            self._save_md()
+
+    def restore(self, image_index, *, rate_limit=None):
+        """Roll the live volume back to split image ``image_index``. Returns the RestoreJob.
+
+        Semantics: when the call returns, the volume *reads as* the split image (a read or
+        write that touches a region not yet copied first restores that region). Writes made
+        after the call are kept. When the job is done the image stays split and its change
+        bitmap holds exactly the regions written since they were restored (empty if none)."""
+        from lvmirror.mirror.resync import RestoreJob
+        self._check_open()
+        with self._mgmt:
+            img = self._img(image_index)
+            if img.state is not ImageState.SPLIT:
+                raise StateError(f"volume {self.name}: image {image_index} is {img.state.value}; "
+                                 f"only a split image can be restored from")
+            if self._restore is not None:
+                old = self._restore
+                if old.img is not img or old.is_alive():
+                    raise StateError(f"volume {self.name}: a restore is already running")
+                # Resume a cancelled restore of this image from where it stopped.
+                job = RestoreJob(self, img, old.bitmap, rate_limit=rate_limit)
+                self._restore = job
+                self.jobs[img.rec.id] = job
+                job.start()
+                return job
+            if img.storage is None:
+                raise StateError(f"volume {self.name}: split image {image_index} is not available")
+            if not any(o.state is ImageState.IN_SYNC for o in self._images):
+                raise StateError(f"volume {self.name}: no in-sync image to restore to")
+            with self._meta:
+                rb = img.bitmap.copy()
+                rb.save(VolumeMetadata.restore_path(self._vdir, img.rec.id))
+                img.rec.restore_running = True
+                self._bump()
+                self._save_md()
+                job = RestoreJob(self, img, rb, rate_limit=rate_limit)
+                self._restore = job
+                self.jobs[img.rec.id] = job
+            job.start()
+            return job
+
+    def _finish_restore(self, img, job):
+        with self._meta:
+            img.rec.restore_running = False
+            self._bump()
+            img.bitmap.save(self._bitmap_path(img))
+            self._save_md()
+            try:
+                os.unlink(VolumeMetadata.restore_path(self._vdir, img.rec.id))
+            except FileNotFoundError:
+                pass
+            if self._restore is job:
+                self._restore = None
+
+    def attach(self, path, *, rate_limit=None) -> int:
+        """Add a new image and start its full resync; returns its index."""
+        self._check_open()
+        path = os.fspath(path)
+        with self._mgmt:
+            if len(self._images) >= MAX_IMAGES:
+                raise StateError(f"volume {self.name}: already has {MAX_IMAGES} images")
+            if any(os.path.abspath(im.rec.path) == os.path.abspath(path) for im in self._images):
+                raise ConfigError(f"volume {self.name}: {path} is already one of its images")
+            if not any(o.state is ImageState.IN_SYNC for o in self._images):
+                raise StateError(f"volume {self.name}: no in-sync image to copy from")
+            if not os.path.exists(path):
+                StorageImage.create_file(path, self.size)
+            st = self._opener(path, direct=self._direct)
+            try:
+                _check_image_fits(st, self.size, self.block_size)
+            except ConfigError:
+                st.close()
+                raise
+            bm = RegionBitmap(self.size, self.region_size)
+            bm.set_all()
+            with self._meta:
+                rec = self._md.add_image(path, ImageState.SYNCING.value, generation=0)
+                img = _Image(rec, st, bm)
+                self._images.append(img)
+                self._start_worker(img)
+            self._start_resync(img, full=True, rate_limit=rate_limit)
+            return len(self._images) - 1
+
+    def detach(self, image_index):
+        """Remove an image from the volume (not the last in-sync one). Its file is kept."""
+        self._check_open()
+        with self._mgmt:
+            img = self._img(image_index)
+            if img.state is ImageState.IN_SYNC and not any(
+                    o is not img and o.state is ImageState.IN_SYNC for o in self._images):
+                raise StateError(f"volume {self.name}: image {image_index} is the last in-sync "
+                                 f"image")
+            if self._restore is not None and self._restore.img is img:
+                raise StateError(f"volume {self.name}: a restore from image {image_index} is "
+                                 f"unfinished; resume it with restore({image_index}) first")
+            job = self.jobs.get(img.rec.id)
+            if job is not None and job.is_alive():
+                if type(job).__name__ == "RestoreJob":
+                    raise StateError(f"volume {self.name}: a restore from image {image_index} "
+                                     f"is running")
+                job.cancel()
+                job.wait()
+            with self._meta:
+                self._images.remove(img)
+                self._md.images.remove(img.rec)
+                self._bump()
+                self._save_md()
+                new = self._switch_epoch()
+            self._drain(new)
+            self.jobs.pop(img.rec.id, None)
+            if img.worker is not None:
+                img.worker.stop()
+            if img.storage is not None:
+                img.storage.close()
+            for p in (self._bitmap_path(img), VolumeMetadata.restore_path(self._vdir, img.rec.id)):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+
+    # ==== persistence =============================================================================
+
+    def checkpoint(self):
+        """Persist lazily kept state and clear idle write-intent bits (see module docstring)."""
+        cutoff = self._wil.ticket()
+        for im in list(self._images):
+            if im.storage is not None and im.state in (ImageState.IN_SYNC, ImageState.SYNCING):
+                try:
+                    im.storage.flush()
+                except ImageIOError as e:
+                    self._image_error(im, e, 0, 0, all_regions=True)
+        with self._meta:
+            for im in self._images:
+                if im.bitmap is not None and im.state in (ImageState.SPLIT, ImageState.FAILED):
+                    im.bitmap.save(self._bitmap_path(im))
+        return self._wil.clean(cutoff)
+
+    def _flush_loop(self, interval):
+        while not self._stop_flusher.wait(interval):
+            try:
+                self.checkpoint()
+            except Exception:  # keep serving; the next round retries
+                pass
+
+    def close(self):
+        """Clean shutdown: stop jobs (they resume on the next open), drain I/O, persist
+        bitmaps, clear the write-intent log, mark the metadata clean."""
+        if self._closed:
+            return
+        with self._mgmt:
+            for job in list(self.jobs.values()):
+                if job.is_alive():
+                    job.stop()
+            for job in list(self.jobs.values()):
+                job.wait()
+            self._closed = True
+            self._stop_flusher.set()
+            if self._flusher is not None:
+                self._flusher.join()
+            with self._econd:
+                self._econd.wait_for(lambda: self._epoch.inflight == 0 and all(
+                    e.inflight == 0 for e in self._retired))
+            for im in self._images:
+                if im.storage is not None and im.state in (ImageState.IN_SYNC, ImageState.SYNCING):
+                    try:
+                        im.storage.flush()
+                    except ImageIOError as e:
+                        self._image_error(im, e, 0, 0, all_regions=True)
+            with self._meta:
+                for im in self._images:
+                    if im.bitmap is not None:
+                        im.bitmap.save(self._bitmap_path(im))
+                self._wil.clear_all()
+                self._md.clean_shutdown = True
+                self._save_md()
+            for im in self._images:
+                if im.worker is not None:
+                    im.worker.stop()
+                if im.storage is not None:
+                    im.storage.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"<MirrorVolume {self.name} {self.size} bytes bs={self.block_size} "
+                f"images={[im.state.value for im in self._images]}>")
+
+
+def _default_opener(path, *, direct=False):
+    return StorageImage.open(path, direct=direct)
+
+
+def _check_image_fits(st, size, block_size):
+    if st.size < size:
+        raise ConfigError(f"image {st.path}: {st.size} bytes, smaller than the volume's {size}")
+    if st.logical_block_size > block_size:
+        raise ConfigError(f"image {st.path}: logical block size {st.logical_block_size} is "
+                          f"larger than the volume block size {block_size}")
+
+
+def _recover(md, vdir, images, wil):
+    """Crash recovery (before any I/O is served): merge the write-intent log into every
+    non-in-sync image's change bitmap and copy its regions from the primary in-sync image to
+    the other in-sync images. Errors fail images as the I/O path would."""
+    dirty = wil.bitmap
+    for im in images:
+        if im.state is not ImageState.IN_SYNC and im.bitmap is not None:
+            im.bitmap.union_update(dirty)
+            im.bitmap.save(VolumeMetadata.bitmap_path(vdir, im.rec.id))
+    in_sync = [im for im in images if im.state is ImageState.IN_SYNC]
+    order = sorted(range(len(in_sync)), key=lambda k: (-in_sync[k].rec.generation, k))
+    in_sync = [in_sync[k] for k in order]
+    buf = StorageImage.aligned_buffer(md.region_size)
+    regions = list(dirty.dirty_regions())
+    for r in regions:
+        off, ln = dirty.region_range(r)
+        view = buf[:ln]
+        while True:
+            primary = in_sync[0]
+            try:
+                primary.storage.readv(off, [view])
+                break
+            except ImageIOError as e:
+                if len(in_sync) == 1:
+                    raise ConfigError(f"volume {md.name}: crash recovery cannot read region {r} "
+                                      f"from the last in-sync image: {e}") from e
+                _fail_at_open(primary, md, e, all_regions=True)
+                in_sync.pop(0)
+        for im in list(in_sync[1:]):
+            try:
+                im.storage.writev(off, [view])
+            except ImageIOError as e:
+                _fail_at_open(im, md, e, all_regions=True)
+                in_sync.remove(im)
+    for im in in_sync[1:]:
+        try:
+            im.storage.flush()
+        except ImageIOError as e:
+            _fail_at_open(im, md, e, all_regions=True)
+    for im in images:
+        im.sync_rec()
+        if im.bitmap is not None:
+            im.bitmap.save(VolumeMetadata.bitmap_path(vdir, im.rec.id))
+    md.save(os.path.dirname(vdir))
+    wil.clear_all()
+
+
+def _fail_at_open(im, md, exc, *, all_regions):
+    im.state = ImageState.FAILED
+    im.rec.error = f"crash recovery: {exc}"
+    im.bitmap = RegionBitmap(md.size, md.region_size)
+    if all_regions:
+        im.bitmap.set_all()

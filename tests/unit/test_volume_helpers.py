@@ -1,0 +1,143 @@
+"""Shared helpers for the test_volume_* tests (no tests here).
+
+``GatedImage`` is a real StorageImage (real files) whose writes/reads can be held at a gate,
+so a test can keep an I/O in flight across a split instant, deterministically, and whose I/O
+can be made to fail with EIO (fault injection).
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+
+from lvmirror.errors import ImageIOError
+from lvmirror.mirror.image import StorageImage
+from lvmirror.mirror.volume import MirrorVolume
+
+BS = 512
+
+
+class Gate:
+    """Holds the next matching I/O: ``reached`` is set when it arrives, it proceeds on ``open``."""
+
+    def __init__(self, match=None, count=1):
+        self.match = match or (lambda op, off, ln: True)
+        self.count = count
+        self.reached = threading.Event()
+        self._open = threading.Event()
+
+    def open(self):
+        self._open.set()
+
+    def wait_reached(self, timeout=10):
+        assert self.reached.wait(timeout), "gated I/O never arrived"
+
+
+class GatedImage(StorageImage):
+    gates: list  # per instance
+    fail_writes = False
+    fail_reads = False
+
+    def _gate(self, op, off, ln):
+        for g in list(getattr(self, "gates", [])):
+            if g.count and g.match(op, off, ln):
+                g.count -= 1
+                g.reached.set()
+                assert g._open.wait(20), "gate never opened"
+
+    def writev(self, offset, buffers, *, fua=False):
+        bufs = list(buffers)
+        ln = sum(len(memoryview(b).cast("B")) for b in bufs)
+        self._gate("write", offset, ln)
+        if self.fail_writes:
+            raise ImageIOError(self, errno.EIO, f"image {self.path}: injected write error")
+        return super().writev(offset, bufs, fua=fua)
+
+    def readv(self, offset, buffers):
+        bufs = list(buffers)
+        ln = sum(len(memoryview(b).cast("B")) for b in bufs)
+        self._gate("read", offset, ln)
+        if self.fail_reads:
+            raise ImageIOError(self, errno.EIO, f"image {self.path}: injected read error")
+        return super().readv(offset, bufs)
+
+    def flush(self):
+        if self.fail_writes:
+            raise ImageIOError(self, errno.EIO, f"image {self.path}: injected flush error")
+        return super().flush()
+
+
+class Opener:
+    """Opens every image as a GatedImage and remembers them by path."""
+
+    def __init__(self):
+        self.by_path = {}
+
+    def __call__(self, path, *, direct=False):
+        img = GatedImage.open(path, direct=direct)
+        img.gates = []
+        self.by_path[str(path)] = img
+        return img
+
+
+def make_volume(tmp_path, nimages=2, *, size=1 << 20, region_size=64 << 10, name="vol",
+                opener=None, wait=True, **kw):
+    opener = opener or Opener()
+    paths = [str(tmp_path / f"img{k}") for k in range(nimages)]
+    vol = MirrorVolume.create(name, paths, meta_dir=str(tmp_path / "meta"), size=size,
+                              region_size=region_size, opener=opener, flush_interval=None, **kw)
+    if wait:
+        for job in list(vol.jobs.values()):
+            assert job.wait(30)
+            assert job.state == "done", job.progress()
+    return vol, opener, paths
+
+
+def pattern(nblocks, seed):
+    """Deterministic, block-distinct content."""
+    out = bytearray(nblocks * BS)
+    for b in range(nblocks):
+        out[b * BS:(b + 1) * BS] = (f"{seed:08x}:{b:06x}|".encode() * (BS // 16 + 1))[:BS]
+    return out
+
+
+def write(vol, lba, data, **kw):
+    vol.write(lba, [memoryview(bytearray(data))], **kw)
+
+
+def read(vol, lba, nblocks):
+    out = bytearray(nblocks * vol.block_size)
+    vol.read(lba, [memoryview(out)])
+    return bytes(out)
+
+
+def image_bytes(path, offset=0, length=None):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length if length is not None else -1)
+    if length is not None and len(data) < length:
+        data += bytes(length - len(data))
+    return data
+
+
+def wait_until(pred, timeout=10):
+    """Wait for a condition another thread makes true (polling, bounded)."""
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition never became true"
+        time.sleep(0.001)
+
+
+def run_thread(fn, *args):
+    box = {}
+
+    def body():
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # re-raised by the test
+            box["error"] = e
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    return t, box

@@ -1,0 +1,124 @@
+"""Mirrored I/O: writes reach every image, reads, unmap, write_same, compare_and_write."""
+
+import pytest
+
+from lvmirror.errors import ConfigError, StateError
+from lvmirror.mirror.volume import MirrorVolume
+
+from tests.unit.test_volume_helpers import (BS, Gate, image_bytes, make_volume, pattern, read,
+                                            run_thread, write)
+
+
+@pytest.mark.parametrize("fanout", ["parallel", "serial", "auto"])
+def test_write_reaches_every_image_and_reads_back(tmp_path, fanout):
+    vol, _, paths = make_volume(tmp_path, 3, fanout=fanout)
+    data = pattern(24, 7)
+    bufs = [memoryview(bytearray(data[:1000 + 24])), memoryview(bytearray(data[1024:]))]
+    vol.write(40, bufs)
+    for p in paths:
+        assert image_bytes(p, 40 * BS, 24 * BS) == data
+    a, b = bytearray(5 * BS), bytearray(19 * BS)
+    vol.read(40, [memoryview(a), memoryview(b)])
+    assert bytes(a + b) == data
+    assert vol.stats["writes"] == 1 and vol.stats["bytes_written"] == 24 * BS
+    vol.close()
+
+
+@pytest.mark.parametrize("fanout", ["parallel", "serial"])
+def test_write_is_acked_only_when_every_image_has_it(tmp_path, fanout):
+    vol, opener, paths = make_volume(tmp_path, 2, fanout=fanout)
+    gate = Gate(lambda op, off, ln: op == "write")
+    opener.by_path[paths[1]].gates.append(gate)
+    t, box = run_thread(write, vol, 0, pattern(2, 1))
+    gate.wait_reached()
+    assert t.is_alive() and not box        # image 0 may be done, image 1 is held: no ack
+    gate.open()
+    t.join(10)
+    assert "error" not in box
+    assert image_bytes(paths[1], 0, 2 * BS) == pattern(2, 1)
+    vol.close()
+
+
+def test_overlapping_writes_serialised(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2)
+    gate = Gate(lambda op, off, ln: op == "write")
+    opener.by_path[paths[0]].gates.append(gate)
+    t1, _ = run_thread(write, vol, 0, pattern(4, 1))
+    gate.wait_reached()
+    t2, _ = run_thread(write, vol, 2, pattern(4, 2))      # overlaps: waits for the lock
+    # The second write waits on the range lock, in FIFO order.
+    from tests.unit.test_volume_helpers import wait_until
+    wait_until(lambda: len(vol.locks.waiters()) == 1)
+    gate.open()
+    t1.join(10)
+    t2.join(10)
+    expect = pattern(4, 1)[:2 * BS] + pattern(4, 2)
+    for p in paths:
+        assert image_bytes(p, 0, 6 * BS) == expect
+    vol.close()
+
+
+def test_unmap_write_same_compare_and_write(tmp_path):
+    vol, _, paths = make_volume(tmp_path, 2)
+    write(vol, 0, pattern(16, 3))
+    vol.unmap(4, 4)
+    assert read(vol, 4, 4) == bytes(4 * BS)
+    for p in paths:
+        assert image_bytes(p, 4 * BS, 4 * BS) == bytes(4 * BS)
+    block = bytes(range(256)) * 2
+    vol.write_same(100, 300, memoryview(block))
+    assert read(vol, 100, 300) == block * 300
+    cur = read(vol, 0, 2)
+    new = pattern(2, 9)
+    assert vol.compare_and_write(0, memoryview(cur), memoryview(new)) is None
+    assert read(vol, 0, 2) == new
+    wrong = bytearray(new)
+    wrong[700] ^= 1
+    assert vol.compare_and_write(0, memoryview(wrong), memoryview(pattern(2, 10))) == 700
+    assert read(vol, 0, 2) == new
+    vol.flush()
+    vol.close()
+
+
+def test_single_image_volume(tmp_path):
+    vol, _, paths = make_volume(tmp_path, 1)
+    write(vol, 5, pattern(3, 1))
+    assert read(vol, 5, 3) == pattern(3, 1)
+    with pytest.raises(StateError):
+        vol.split(0)
+    vol.close()
+
+
+def test_bad_requests_refused(tmp_path):
+    vol, _, _ = make_volume(tmp_path, 2, size=64 * BS)
+    with pytest.raises(ValueError):
+        write(vol, 63, pattern(2, 1))
+    with pytest.raises(ValueError):
+        vol.write(0, [memoryview(bytearray(100))])
+    with pytest.raises(ValueError):
+        read(vol, -1, 1)
+    vol.close()
+    with pytest.raises(StateError, match="closed"):
+        read(vol, 0, 1)
+
+
+def test_create_refusals(tmp_path):
+    meta = str(tmp_path / "meta")
+    with pytest.raises(ConfigError, match="1 to 4"):
+        MirrorVolume.create("v", [str(tmp_path / f"x{k}") for k in range(5)], meta_dir=meta,
+                            size=1 << 20)
+    with pytest.raises(ConfigError, match="twice"):
+        MirrorVolume.create("v", [str(tmp_path / "a"), str(tmp_path / "a")], meta_dir=meta,
+                            size=1 << 20)
+    with pytest.raises(ConfigError, match="invalid volume name"):
+        MirrorVolume.create("../x", [str(tmp_path / "a")], meta_dir=meta, size=1 << 20)
+    small = tmp_path / "small"
+    small.write_bytes(bytes(4096))
+    with pytest.raises(ConfigError, match="small.*smaller than"):
+        MirrorVolume.create("v", [str(tmp_path / "big"), str(small)], meta_dir=meta,
+                            size=1 << 20)
+    with pytest.raises(ConfigError, match="no such file"):
+        MirrorVolume.create("v", [str(tmp_path / "nope")], meta_dir=meta)
+    with pytest.raises(ConfigError, match="fanout"):
+        MirrorVolume.create("v", [str(tmp_path / "f")], meta_dir=meta, size=1 << 20,
+                            fanout="sideways")

@@ -1,0 +1,154 @@
+"""Persistent state: metadata, write-intent log ordering, lazy bitmaps covered by the log."""
+
+import json
+
+import pytest
+
+from lvmirror.errors import ConfigError
+from lvmirror.mirror.bitmap import RegionBitmap
+from lvmirror.mirror.metadata import VolumeMetadata
+from lvmirror.mirror.volume import ImageState, MirrorVolume
+
+from tests.unit.test_volume_helpers import (BS, Gate, Opener, image_bytes, make_volume, pattern,
+                                            run_thread, write)
+
+REGION = 4096
+SIZE = 1 << 20
+
+
+def _wil_on_disk(tmp_path):
+    return RegionBitmap.load(str(tmp_path / "meta" / "vol" / "wil.bitmap"))
+
+
+def _bitmap_on_disk(tmp_path, image_id):
+    return RegionBitmap.load(str(tmp_path / "meta" / "vol" / f"image-{image_id}.bitmap"))
+
+
+def test_wil_durable_before_write_reaches_any_image(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    gate = Gate(lambda op, off, ln: op == "write")
+    for p in paths:
+        opener.by_path[p].gates.append(gate)
+    t, box = run_thread(write, vol, 24, pattern(2, 1))
+    gate.wait_reached()
+    assert list(_wil_on_disk(tmp_path).dirty_regions()) == [(24 * BS) // REGION]
+    gate.open()
+    t.join(10)
+    vol.close()
+    assert _wil_on_disk(tmp_path).count() == 0
+    md = json.loads((tmp_path / "meta" / "vol" / "volume.json").read_text())
+    assert md["clean_shutdown"] is True
+
+
+def test_checkpoint_persists_bitmaps_then_clears_wil(tmp_path):
+    vol, _, _ = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    write(vol, 100, pattern(1, 1))
+    region = (100 * BS) // REGION
+    assert _bitmap_on_disk(tmp_path, 1).count() == 0          # lazily persisted
+    assert list(_wil_on_disk(tmp_path).dirty_regions()) == [region]
+    assert vol.checkpoint() == 1
+    assert list(_bitmap_on_disk(tmp_path, 1).dirty_regions()) == [region]
+    assert _wil_on_disk(tmp_path).count() == 0
+    vol.close()
+
+
+def test_crash_recovery_repairs_mirrors_and_split_bitmap(tmp_path):
+    """In-process crash: the first instance is abandoned mid-write, a second opens the files."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
+    write(vol, 0, pattern(64, 1))
+    vol.split(2)
+    write(vol, 300, pattern(1, 2))        # mark in memory only: split bitmap not yet persisted
+    gate = Gate(lambda op, off, ln: op == "write")
+    held = opener.by_path[paths[1]]
+    held.gates.append(gate)
+    t, box = run_thread(write, vol, 40, pattern(4, 3))
+    gate.wait_reached()                   # reached image 0 (or is about to), held on image 1
+    # "crash": the held write never completes on image 1.
+    held.fail_writes = True
+    assert image_bytes(paths[1], 40 * BS, 4 * BS) != pattern(4, 3)
+    vol2 = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=Opener(),
+                             flush_interval=None)
+    # Live images agree again (the region was copied from the primary).
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    # The split image's bitmap covers the post-split write the lazy copy missed, and the
+    # region of the write in flight.
+    dirty = set(vol2.change_bitmap(2).dirty_regions())
+    assert (300 * BS) // REGION in dirty and (40 * BS) // REGION in dirty
+    assert vol2.images[2].state is ImageState.SPLIT
+    job = vol2.resync(2)
+    assert job.wait(10) and job.state == "done"
+    assert image_bytes(paths[2]) == image_bytes(paths[0])
+    gate.open()
+    t.join(10)
+    vol2.close()
+
+
+def test_metadata_validation(tmp_path):
+    vol, _, _ = make_volume(tmp_path, 2)
+    vol.close()
+    path = tmp_path / "meta" / "vol" / "volume.json"
+    good = json.loads(path.read_text())
+    meta = str(tmp_path / "meta")
+
+    def reopen_with(mutate, match):
+        d = json.loads(json.dumps(good))
+        mutate(d)
+        path.write_text(json.dumps(d))
+        with pytest.raises(ConfigError, match=match):
+            MirrorVolume.open("vol", meta_dir=meta, flush_interval=None)
+
+    reopen_with(lambda d: d["images"][0].update(state="bogus"), "unknown state")
+    reopen_with(lambda d: d.pop("size"), "missing field 'size'")
+    reopen_with(lambda d: d.update(block_size=1000), "block_size")
+    reopen_with(lambda d: d.update(version=99), "format version")
+    reopen_with(lambda d: d["images"][1].update(id=0), "duplicate")
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        MirrorVolume.open("vol", meta_dir=meta, flush_interval=None)
+    with pytest.raises(ConfigError, match="no metadata"):
+        MirrorVolume.open("other", meta_dir=meta, flush_interval=None)
+    path.write_text(json.dumps(good))
+    MirrorVolume.open("vol", meta_dir=meta, flush_interval=None).close()
+
+
+def test_corrupt_change_bitmap_means_full_resync(tmp_path):
+    vol, _, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    vol.close()
+    bpath = tmp_path / "meta" / "vol" / "image-1.bitmap"
+    data = bytearray(bpath.read_bytes())
+    data[-1] ^= 0x01
+    bpath.write_bytes(bytes(data))
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
+    im = vol.images[1]
+    assert im.dirty_bytes == SIZE and "full resync" in im.error
+    vol.close()
+
+
+def test_metadata_roundtrip(tmp_path):
+    md = VolumeMetadata.new("v", block_size=4096, size=1 << 20, region_size=1 << 16)
+    md.add_image("/x/a", "in-sync", 3)
+    rec = md.add_image("/x/b", "split", 2)
+    rec.split_time = 123.5
+    md.save(tmp_path)
+    back = VolumeMetadata.load(tmp_path, "v")
+    assert back == md
+    assert [p.name for p in (tmp_path / "v").iterdir()] == ["volume.json"]   # no temp left
+
+
+def test_unclean_without_log_resyncs_everything(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.close()
+    # Make the images differ and pretend the volume was not closed cleanly, log lost.
+    with open(paths[1], "r+b") as f:
+        f.seek(5 * REGION)
+        f.write(b"\xee" * 512)
+    md_path = tmp_path / "meta" / "vol" / "volume.json"
+    md = json.loads(md_path.read_text())
+    md["clean_shutdown"] = False
+    md_path.write_text(json.dumps(md))
+    (tmp_path / "meta" / "vol" / "wil.bitmap").unlink()
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()

@@ -1,0 +1,102 @@
+"""Restore: roll the live volume back to a split image's contents."""
+
+import pytest
+
+from lvmirror.errors import StateError
+from lvmirror.mirror.volume import ImageState, MirrorVolume
+
+from tests.unit.test_volume_helpers import (BS, Gate, image_bytes, make_volume, pattern, read,
+                                            write)
+
+REGION = 4096
+
+
+def test_restore_rolls_back_changed_regions(tmp_path):
+    vol, _, paths = make_volume(tmp_path, 3, region_size=REGION)
+    write(vol, 0, pattern(64, 1))
+    vol.split(2)
+    snap = image_bytes(paths[2])
+    write(vol, 8, pattern(4, 2))
+    write(vol, 50, pattern(4, 3))
+    assert read(vol, 8, 4) != snap[8 * BS:12 * BS]
+    job = vol.restore(2)
+    assert job.wait(10) and job.state == "done"
+    assert job.progress()["bytes_done"] == job.progress()["bytes_total"] == 2 * REGION
+    for p in paths[:2]:
+        assert image_bytes(p) == snap
+    im = vol.images[2]
+    assert im.state is ImageState.SPLIT and im.dirty_bytes == 0    # identical as of now
+    write(vol, 100, pattern(1, 4))
+    assert list(vol.change_bitmap(2).dirty_regions()) == [(100 * BS) // REGION]
+    vol.close()
+
+
+def test_io_during_restore_sees_restored_content(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    snap = image_bytes(paths[1])
+    for lba in (0, 40, 80):
+        write(vol, lba, pattern(8, lba + 1))
+    # Hold the job on its first region's read from the split image.
+    gate = Gate(lambda op, off, ln: op == "read" and off == 0)
+    opener.by_path[paths[1]].gates.append(gate)
+    job = vol.restore(1)
+    gate.wait_reached()
+    # Regions 5 and 10 are not restored yet: a read sees the split image's content,
+    # a write lands on top of restored content.
+    assert read(vol, 40, 8) == snap[40 * BS:48 * BS]
+    write(vol, 82, pattern(1, 9))
+    gate.open()
+    assert job.wait(10) and job.state == "done"
+    expect = bytearray(snap)
+    expect[82 * BS:83 * BS] = pattern(1, 9)
+    assert image_bytes(paths[0]) == bytes(expect)
+    assert list(vol.change_bitmap(1).dirty_regions()) == [(82 * BS) // REGION]
+    with pytest.raises(StateError):
+        vol.restore(0)
+    vol.close()
+
+
+def test_restore_resumes_after_restart(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    snap = image_bytes(paths[1])
+    for lba in range(0, 80, 8):
+        write(vol, lba, pattern(1, lba + 5))
+    gate = Gate(lambda op, off, ln: op == "read" and off == 4 * REGION)
+    opener.by_path[paths[1]].gates.append(gate)
+    job = vol.restore(1)
+    gate.wait_reached()
+    job.stop()
+    gate.open()
+    job.wait(10)
+    vol.close()
+    vol2 = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
+    (job2,) = vol2.jobs.values()
+    assert job2.wait(10) and job2.state == "done"
+    assert image_bytes(paths[0]) == snap
+    vol2.close()
+
+
+def test_cancelled_restore_resumes_and_blocks_detach(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
+    vol.split(2)
+    snap = image_bytes(paths[2])
+    for lba in range(0, 80, 8):
+        write(vol, lba, pattern(1, lba + 7))
+    gate = Gate(lambda op, off, ln: op == "read" and off == 2 * REGION)
+    opener.by_path[paths[2]].gates.append(gate)
+    job = vol.restore(2)
+    gate.wait_reached()
+    job.cancel()
+    gate.open()
+    assert job.wait(10) and job.state == "cancelled"
+    assert read(vol, 60, 1) == snap[60 * BS:61 * BS]      # still reads as restored
+    with pytest.raises(StateError, match="unfinished"):
+        vol.detach(2)
+    job2 = vol.restore(2)
+    assert job2.wait(10) and job2.state == "done"
+    assert job2.progress()["bytes_total"] < 10 * REGION
+    assert image_bytes(paths[0]) == image_bytes(paths[1]) == snap
+    vol.detach(2)
+    vol.close()

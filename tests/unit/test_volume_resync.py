@@ -1,0 +1,148 @@
+"""Resync: bitmap-driven copy under region locks, while the volume serves I/O; cancel, resume."""
+
+import pytest
+
+from lvmirror.errors import StateError
+from lvmirror.mirror.volume import ImageState, MirrorVolume
+
+from tests.unit.test_volume_helpers import (BS, Gate, image_bytes, make_volume, pattern, read,
+                                            run_thread, wait_until, write)
+
+REGION = 4096
+
+
+def _copy_gate(nth=1):
+    """Hold the nth region-sized write (a resync copy), not the tests' small writes."""
+    state = {"n": 0}
+
+    def match(op, off, ln):
+        if op == "write" and ln == REGION:
+            state["n"] += 1
+            return state["n"] == nth
+        return False
+    return Gate(match)
+
+
+def test_delta_resync_copies_only_marked_regions_while_serving_io(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    write(vol, 0, pattern(64, 1))
+    vol.split(1)
+    for lba in (0, 40, 80):                       # regions 0, 5, 10
+        write(vol, lba, pattern(2, lba))
+    assert vol.images[1].dirty_bytes == 3 * REGION
+    gate = _copy_gate(1)
+    opener.by_path[paths[1]].gates.append(gate)
+    job = vol.resync(1)
+    gate.wait_reached()
+    assert vol.images[1].state is ImageState.SYNCING
+    # While the copy is held: a write elsewhere goes to the syncing image too...
+    write(vol, 200, pattern(2, 99))
+    assert image_bytes(paths[1], 200 * BS, 2 * BS) == pattern(2, 99)
+    # ...and reads are served by the in-sync image only.
+    before = opener.by_path[paths[1]].stats["reads"]
+    for _ in range(4):
+        assert read(vol, 200, 2) == pattern(2, 99)
+    assert opener.by_path[paths[1]].stats["reads"] == before
+    # A write to the region being copied waits for the copy (region lock).
+    t, box = run_thread(write, vol, 1, pattern(1, 77))
+    wait_until(lambda: len(vol.locks.waiters()) >= 1)
+    gate.open()
+    t.join(10)
+    assert job.wait(10) and job.state == "done"
+    p = job.progress()
+    assert p["bytes_done"] == p["bytes_total"] == 3 * REGION and p["eta_seconds"] == 0.0
+    assert vol.images[1].state is ImageState.IN_SYNC
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    assert read(vol, 1, 1) == pattern(1, 77)
+    vol.close()
+
+
+def test_cancel_then_resume(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    for lba in range(0, 80, 8):                   # 10 regions
+        write(vol, lba, pattern(1, lba))
+    gate = _copy_gate(3)
+    opener.by_path[paths[1]].gates.append(gate)
+    job = vol.resync(1)
+    gate.wait_reached()
+    job.cancel()
+    gate.open()
+    assert job.wait(10) and job.state == "cancelled"
+    assert 0 < job.progress()["bytes_done"] < 10 * REGION
+    im = vol.images[1]
+    assert im.state is ImageState.SYNCING and 0 < im.dirty_bytes < 10 * REGION
+    with pytest.raises(StateError):
+        vol.split(1)
+    job2 = vol.resync(1)
+    assert job2.wait(10) and job2.state == "done"
+    assert job2.progress()["bytes_done"] == im.dirty_bytes
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
+
+
+def test_resume_after_restart(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    for lba in range(0, 160, 8):                  # 20 regions
+        write(vol, lba, pattern(1, lba))
+    gate = _copy_gate(5)
+    opener.by_path[paths[1]].gates.append(gate)
+    job = vol.resync(1, rate_limit=50)
+    gate.wait_reached()
+    t, box = run_thread(vol.close)                # close stops the job; it resumes on open
+    wait_until(lambda: job._cancel.is_set())
+    gate.open()
+    t.join(10)
+    assert "error" not in box and job.state == "cancelled"
+    vol2 = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
+    (job2,) = vol2.jobs.values()
+    assert job2.rate_limit == 50
+    assert job2.wait(10) and job2.state == "done"
+    assert job2.progress()["bytes_total"] < 20 * REGION        # resumed, not restarted
+    assert vol2.images[1].state is ImageState.IN_SYNC
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol2.close()
+
+
+def test_attach_full_resync_with_concurrent_writes(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 1, size=256 * 1024, region_size=REGION)
+    write(vol, 0, pattern(512, 1))
+    newpath = str(tmp_path / "new")
+    gate = _copy_gate(10)
+
+    real = vol._opener
+
+    def gated(path, *, direct=False):
+        img = real(path, direct=direct)
+        if path == newpath:
+            img.gates.append(gate)
+        return img
+    vol._opener = gated
+    idx = vol.attach(newpath)
+    assert vol.images[idx].state is ImageState.SYNCING
+    gate.wait_reached()
+    write(vol, 3, pattern(3, 2))                  # region 0: already copied
+    write(vol, 400, pattern(3, 3))                # not yet copied
+    gate.open()
+    job = vol.jobs[vol.images[idx].id]
+    assert job.wait(10) and job.state == "done" and job.full
+    assert job.progress()["bytes_done"] == 256 * 1024
+    assert image_bytes(paths[0]) == image_bytes(newpath)
+    assert vol.images[idx].state is ImageState.IN_SYNC
+    vol.detach(0)
+    assert read(vol, 400, 3) == pattern(3, 3)
+    vol.close()
+
+
+def test_resync_refusals_and_rate_validation(tmp_path):
+    vol, _, _ = make_volume(tmp_path, 2)
+    with pytest.raises(StateError, match="already in sync"):
+        vol.resync(0)
+    vol.split(1)
+    job = vol.resync(1)
+    with pytest.raises(ValueError):
+        job.set_rate_limit(-1)
+    job.wait(10)
+    assert job.progress()["state"] == "done"
+    vol.close()

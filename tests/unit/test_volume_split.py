@@ -1,0 +1,137 @@
+"""Online split at T: each numbered point of the issue, with a write held in flight across T."""
+
+import pytest
+
+from lvmirror.errors import StateError
+from lvmirror.mirror.volume import ImageState
+
+from tests.unit.test_volume_helpers import (BS, Gate, image_bytes, make_volume, pattern, read,
+                                            run_thread, wait_until, write)
+
+
+def _split_in_background(vol, index):
+    """Start split(index) in a thread and return once T (the epoch swap) has happened."""
+    t, box = run_thread(vol.split, index)
+    wait_until(lambda: vol.images[index].state is ImageState.SPLIT or "error" in box)
+    with vol._meta:   # the swap happens inside this critical section: once we get it, T is past
+        pass
+    return t, box
+
+
+@pytest.mark.parametrize("fanout", ["parallel", "serial"])
+def test_split_points_1_2_3_5_with_write_in_flight(tmp_path, fanout):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096, fanout=fanout)
+    acked_before = pattern(8, 1)
+    write(vol, 0, acked_before)                                # acknowledged before T
+    gate = Gate(lambda op, off, ln: op == "write" and off == 64 * BS)
+    opener.by_path[paths[1]].gates.append(gate)
+    held_data = pattern(8, 2)
+    w1, w1box = run_thread(write, vol, 64, held_data)          # begins before T ...
+    gate.wait_reached()                                        # ... and is held on image 1
+    sp, spbox = _split_in_background(vol, 1)
+
+    # Point 2: a write begun after T completes while the pre-T write is still held, and the
+    # split has not returned (it waits for the pre-T write).
+    after = pattern(8, 3)
+    write(vol, 128, after)
+    assert read(vol, 128, 8) == after
+    assert sp.is_alive() and not w1box and "result" not in spbox
+    assert image_bytes(paths[1], 128 * BS, 8 * BS) == bytes(8 * BS)      # never reached image 1
+    assert image_bytes(paths[0], 128 * BS, 8 * BS) == after
+
+    gate.open()
+    w1.join(10)
+    sp.join(10)
+    assert "error" not in w1box and "error" not in spbox
+    info = spbox["result"]
+    assert info.index == 1 and info.drained >= 1
+    # Point 1: the write in flight at T reached the split image too.
+    assert image_bytes(paths[1], 64 * BS, 8 * BS) == held_data
+    # Point 3: frozen as of T: pre-T acked write in, post-T write out.
+    assert image_bytes(paths[1], 0, 8 * BS) == acked_before
+    write(vol, 0, pattern(8, 4))
+    assert image_bytes(paths[1], 0, 8 * BS) == acked_before
+    # Point 5: the bitmap marks exactly the regions written on the live images since T.
+    bm = vol.change_bitmap(1)
+    dirty = list(bm.dirty_regions())
+    assert dirty == [0, (128 * BS) // 4096]
+    vol.close()
+
+
+def test_split_waits_for_pre_T_read_but_new_read_proceeds(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2)
+    write(vol, 0, pattern(4, 9))
+    gate = Gate(lambda op, off, ln: op == "read")
+    for p in paths:
+        opener.by_path[p].gates.append(gate)
+    r1, r1box = run_thread(read, vol, 0, 4)
+    gate.wait_reached()
+    sp, spbox = _split_in_background(vol, 1)
+    assert read(vol, 0, 4) == pattern(4, 9)                   # new read, not blocked
+    assert sp.is_alive()
+    gate.open()
+    r1.join(10)
+    sp.join(10)
+    assert r1box["result"] == pattern(4, 9)
+    assert vol.images[1].state is ImageState.SPLIT
+    vol.close()
+
+
+@pytest.mark.parametrize("fanout", ["parallel", "auto"])
+def test_point_4_three_way_split_stays_mirrored(tmp_path, fanout):
+    vol, opener, paths = make_volume(tmp_path, 3, fanout=fanout)
+    vol.split(2)
+    data = pattern(16, 5)
+    write(vol, 32, data)
+    for p in paths[:2]:
+        assert image_bytes(p, 32 * BS, 16 * BS) == data
+    assert image_bytes(paths[2], 32 * BS, 16 * BS) == bytes(16 * BS)
+    before = [opener.by_path[p].stats["reads"] for p in paths]
+    for _ in range(20):
+        assert read(vol, 32, 16) == data
+    after = [opener.by_path[p].stats["reads"] for p in paths]
+    assert after[0] - before[0] == 10 and after[1] - before[1] == 10    # round robin
+    assert after[2] == before[2]                                        # split image: no reads
+    assert [i.state for i in vol.images] == [ImageState.IN_SYNC, ImageState.IN_SYNC,
+                                             ImageState.SPLIT]
+    vol.close()
+
+
+@pytest.mark.parametrize("region_size", [4096, 65536])
+def test_point_5_region_size_configurable(tmp_path, region_size):
+    vol, _, _ = make_volume(tmp_path, 2, region_size=region_size)
+    vol.split(1)
+    write(vol, 0, pattern(1, 1))                 # byte 0
+    write(vol, 300, pattern(2, 1))               # byte 153600
+    bm = vol.change_bitmap(1)
+    assert bm.region_size == region_size
+    expected = sorted({0, (300 * BS) // region_size, (301 * BS) // region_size})
+    assert list(bm.dirty_regions()) == expected
+    assert vol.images[1].dirty_bytes == len(expected) * region_size
+    vol.close()
+
+
+def test_split_refusals(tmp_path):
+    vol, _, _ = make_volume(tmp_path, 2)
+    vol.split(1)
+    with pytest.raises(StateError, match="only an in-sync image"):
+        vol.split(1)
+    with pytest.raises(StateError, match="last in-sync"):
+        vol.split(0)
+    with pytest.raises(StateError, match="no image"):
+        vol.split(7)
+    vol.close()
+
+
+def test_split_state_persisted_with_time(tmp_path):
+    vol, _, paths = make_volume(tmp_path, 2)
+    info = vol.split(1)
+    write(vol, 10, pattern(1, 1))
+    vol.close()
+    from lvmirror.mirror.volume import MirrorVolume
+    vol2 = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
+    im = vol2.images[1]
+    assert im.state is ImageState.SPLIT
+    assert im.split_time == pytest.approx(info.split_time)
+    assert list(vol2.change_bitmap(1).dirty_regions()) == [0]
+    vol2.close()
