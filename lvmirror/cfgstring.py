@@ -1,0 +1,202 @@
+"""The ``user:lvmirror`` cfgstring: which mirror volume a LUN serves, and how.
+
+Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 bytes, no ':')::
+
+    NAME[;images=/path/a,/path/b[,...]][;region_size=1M][;block_size=512|4096][;direct=0|1]
+    NAME;image=N
+
+* ``NAME`` names the volume; its metadata, change bitmaps and write-intent log live in
+  ``<state_dir>/NAME/`` (default /var/lib/lvmirror).
+* ``images=`` (1 to 4 absolute paths, files or block devices) creates the volume on first use
+  (the first image is the source, the others are fully resynced from it; missing files are
+  created sparse at the LUN size). Once the volume exists the list must match its images:
+  attach / detach change them, not the cfgstring.
+* ``region_size`` (a power of two, 4K..1G, default 1M) is the granularity of the change
+  bitmaps and the write-intent log; ``block_size`` the logical block size; ``direct=1`` opens
+  the images with O_DIRECT.
+* ``image=N`` exports split image N of volume NAME as its own LUN (the point-in-time copy, for a
+  backup host). Writes to it are allowed (a journal replay needs them) and are recorded in its
+  change bitmap, so a later resync or restore still copies exactly what differs.
+
+Example: ``targetcli /backstores/user:lvmirror create name=lun0 size=10G
+cfgstring=vol0;images=/srv/lun0-a.img,/srv/lun0-b.img``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import stat
+
+from lvmirror.errors import ConfigError
+
+__all__ = ["CONFIG_DESC", "SUBTYPE", "VolumeSpec", "check", "format", "parse"]
+
+SUBTYPE = "lvmirror"
+MAX_DEV_CONFIG = 255          # TCMU_CONFIG_LEN 256 with the NUL
+MAX_IMAGES = 4
+KEYS = ("images", "region_size", "block_size", "direct", "image")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+CONFIG_DESC = (
+    "VOLUME[;images=/path/a,/path/b][;region_size=1M][;block_size=512|4096][;direct=0|1] "
+    "or VOLUME;image=N. A mirrored volume (metadata in /var/lib/lvmirror/VOLUME); images= creates it "
+    "on first use from 1-4 image files or block devices (the first is the source). image=N serves "
+    "split image N of VOLUME as its own LUN. Example: vol0;images=/srv/lun0-a.img,/srv/lun0-b.img")
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeSpec:
+    name: str
+    images: tuple[str, ...] | None = None
+    region_size: int = 1 << 20
+    block_size: int = 512
+    direct: bool = False
+    image: int | None = None
+
+
+def _size(cfg, key, value):
+    m = _SIZE.fullmatch(value)
+    if not m:
+        raise ConfigError(f"cfgstring {cfg!r}: {key}={value!r} is not a size (e.g. 64K, 1M)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def parse(cfg: str) -> VolumeSpec:
+    """Parse a cfgstring (with or without the ``lvmirror/`` prefix); ConfigError says what is wrong."""
+    if not isinstance(cfg, str):
+        raise ConfigError(f"cfgstring must be text, got {type(cfg).__name__}")
+    orig = cfg
+    if "/" in cfg.split(";", 1)[0]:
+        sub, _, cfg = cfg.partition("/")
+        if sub != SUBTYPE:
+            raise ConfigError(f"cfgstring {orig!r}: handler {sub!r} is not {SUBTYPE!r}")
+    if len(SUBTYPE) + 1 + len(cfg.encode()) > MAX_DEV_CONFIG:
+        raise ConfigError(f"cfgstring {cfg!r}: {len(cfg.encode())} bytes; LIO allows "
+                          f"{MAX_DEV_CONFIG - len(SUBTYPE) - 1}")
+    if ":" in cfg:
+        raise ConfigError(f"cfgstring {cfg!r}: ':' is not allowed in a LIO dev_config")
+    if any(c.isspace() for c in cfg) or not cfg.isprintable():
+        raise ConfigError(f"cfgstring {cfg!r}: whitespace or control characters are not allowed")
+    parts = cfg.split(";")
+    name = parts[0]
+    if not name:
+        raise ConfigError(f"cfgstring {cfg!r}: starts with no volume name "
+                          f"(expected e.g. 'vol0;images=/srv/a.img,/srv/b.img')")
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"cfgstring {cfg!r}: volume name {name!r} must be 1-64 letters, digits, "
+                          f"'_', '.', '-', starting with a letter or digit")
+    opts: dict[str, str] = {}
+    for p in parts[1:]:
+        key, eq, value = p.partition("=")
+        if not eq:
+            raise ConfigError(f"cfgstring {cfg!r}: option {p!r} needs a value (key=value)")
+        if key not in KEYS:
+            raise ConfigError(f"cfgstring {cfg!r}: unknown option {key!r} (known: "
+                              f"{', '.join(KEYS)})")
+        if key in opts:
+            raise ConfigError(f"cfgstring {cfg!r}: option {key!r} given twice")
+        if not value:
+            raise ConfigError(f"cfgstring {cfg!r}: option {key!r} has an empty value")
+        opts[key] = value
+    kw: dict = {}
+    if "images" in opts:
+        if "image" in opts:
+            raise ConfigError(f"cfgstring {cfg!r}: images= (serve the volume) and image= (serve "
+                              f"one split image) exclude each other")
+        images = tuple(opts["images"].split(","))
+        if not 1 <= len(images) <= MAX_IMAGES:
+            raise ConfigError(f"cfgstring {cfg!r}: {len(images)} images; a volume has 1 to "
+                              f"{MAX_IMAGES}")
+        for p in images:
+            if not p or not os.path.isabs(p):
+                raise ConfigError(f"cfgstring {cfg!r}: image path {p!r} must be absolute")
+            if os.path.normpath(p) != p:
+                raise ConfigError(f"cfgstring {cfg!r}: image path {p!r} is not normalised "
+                                  f"(write {os.path.normpath(p)!r})")
+        if len(set(images)) != len(images):
+            raise ConfigError(f"cfgstring {cfg!r}: an image path is listed twice")
+        kw["images"] = images
+    if "region_size" in opts:
+        rs = _size(cfg, "region_size", opts["region_size"])
+        if rs < 4096 or rs > 1 << 30 or rs & (rs - 1):
+            raise ConfigError(f"cfgstring {cfg!r}: region_size must be a power of two from 4K "
+                              f"to 1G, got {opts['region_size']}")
+        kw["region_size"] = rs
+    if "block_size" in opts:
+        if opts["block_size"] not in ("512", "4096"):
+            raise ConfigError(f"cfgstring {cfg!r}: block_size must be 512 or 4096, got "
+                              f"{opts['block_size']!r}")
+        kw["block_size"] = int(opts["block_size"])
+    if "direct" in opts:
+        if opts["direct"] not in ("0", "1"):
+            raise ConfigError(f"cfgstring {cfg!r}: direct must be 0 or 1, got {opts['direct']!r}")
+        kw["direct"] = opts["direct"] == "1"
+    if "image" in opts:
+        if not opts["image"].isdigit() or int(opts["image"]) >= MAX_IMAGES:
+            raise ConfigError(f"cfgstring {cfg!r}: image must be an image index 0-"
+                              f"{MAX_IMAGES - 1}, got {opts['image']!r}")
+        for k in ("region_size", "block_size"):
+            if k in opts:
+                raise ConfigError(f"cfgstring {cfg!r}: {k} belongs to the volume, not to an "
+                                  f"exported split image")
+        kw["image"] = int(opts["image"])
+    return VolumeSpec(name=name, **kw)
+
+
+def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
+    parts = [spec.name]
+    if spec.images is not None:
+        parts.append("images=" + ",".join(spec.images))
+    if spec.image is not None:
+        parts.append(f"image={spec.image}")
+    if spec.region_size != 1 << 20:
+        rs = spec.region_size
+        unit = next(u for u in ("G", "M", "K", "") if rs % _UNITS[u] == 0)
+        parts.append(f"region_size={rs // _UNITS[unit]}{unit}")
+    if spec.block_size != 512:
+        parts.append(f"block_size={spec.block_size}")
+    if spec.direct:
+        parts.append("direct=1")
+    return ";".join(parts)
+
+
+def check(cfg: str, *, state_dir: str = "/var/lib/lvmirror") -> VolumeSpec:
+    """``parse`` plus what the host can tell before the LUN is enabled (targetcli CheckConfig)."""
+    spec = parse(cfg)
+    meta = os.path.join(state_dir, spec.name, "volume.json")
+    recorded = None
+    if os.path.exists(meta):
+        try:
+            with open(meta) as f:
+                recorded = [im["path"] for im in json.load(f)["images"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"volume {spec.name!r}: metadata {meta} unreadable: {e}") from e
+    if spec.images is None:
+        if recorded is None:
+            raise ConfigError(f"volume {spec.name!r} does not exist in {state_dir}; create it "
+                              f"with images= (e.g. '{spec.name};images=/srv/a.img,/srv/b.img')")
+        if spec.image is not None and spec.image >= len(recorded):
+            raise ConfigError(f"volume {spec.name!r} has {len(recorded)} images; there is no "
+                              f"image {spec.image}")
+        return spec
+    if recorded is not None and list(spec.images) != recorded:
+        raise ConfigError(f"volume {spec.name!r} already exists with images "
+                          f"{','.join(recorded)}; use attach/detach to change them, or name the "
+                          f"volume alone ('{spec.name}')")
+    for p in spec.images:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            if not os.path.isdir(os.path.dirname(p)):
+                raise ConfigError(f"image {p}: directory {os.path.dirname(p)} does not exist")
+            continue
+        except OSError as e:
+            raise ConfigError(f"image {p}: {e.strerror}") from e
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise ConfigError(f"image {p}: not a regular file or block device")
+    return spec

@@ -1,0 +1,204 @@
+"""The TCMU kernel ABI (Linux 6.1 ``include/uapi/linux/target_core_user.h``), declared once as data.
+
+Every layout the daemon, the ring emulator and the netlink code touch is a ``Layout``: a table of
+(field, offset, struct format) rows checked at import against the sizes the real header gives
+(a compile test against Debian's 6.1 header printed them; see docs/architecture.rst). Offsets are
+from the start of the structure; all integers are native little-endian (x86-64, arm64).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+# -- constants --------------------------------------------------------------------------------
+
+TCMU_VERSION = "2.0"
+MAILBOX_VERSION = 2
+ALIGN_SIZE = 64
+
+CAP_OOOC = 1 << 0         # out-of-order completion
+CAP_READ_LEN = 1 << 1     # rsp.read_len honoured
+CAP_TMR = 1 << 2          # TMR entries queued when attrib/tmr_notification = 1
+CAP_KEEP_BUF = 1 << 3
+
+OP_PAD = 0
+OP_CMD = 1
+OP_TMR = 2
+OP_MASK = 0x7
+
+UFLAG_UNKNOWN_OP = 0x1
+UFLAG_READ_LEN = 0x2
+UFLAG_KEEP_BUF = 0x4
+
+SENSE_BUFFERSIZE = 96
+OP_ALIGN_SIZE = 8
+CONFIG_LEN = 256          # TCMU_CONFIG_LEN: dev_config, "<subtype>/<cfgstring>"
+
+
+class TmrType(enum.IntEnum):
+    UNKNOWN = 0
+    ABORT_TASK = 1
+    ABORT_TASK_SET = 2
+    CLEAR_ACA = 3
+    CLEAR_TASK_SET = 4
+    LUN_RESET = 5
+    TARGET_WARM_RESET = 6
+    TARGET_COLD_RESET = 7
+    LUN_RESET_PRO = 128
+
+
+# -- generic netlink family "TCM-USER" ---------------------------------------------------------
+
+GENL_FAMILY = "TCM-USER"
+GENL_MCGRP_CONFIG = "config"
+GENL_VERSION = 2
+
+
+class GenlCommand(enum.IntEnum):
+    UNSPEC = 0
+    ADDED_DEVICE = 1
+    REMOVED_DEVICE = 2
+    RECONFIG_DEVICE = 3
+    ADDED_DEVICE_DONE = 4
+    REMOVED_DEVICE_DONE = 5
+    RECONFIG_DEVICE_DONE = 6
+    SET_FEATURES = 7
+
+
+class GenlAttr(enum.IntEnum):
+    UNSPEC = 0
+    DEVICE = 1              # string, "tcm-user/<hba>/<name>/<dev_config>"
+    MINOR = 2               # u32, the uio minor
+    PAD = 3
+    DEV_CFG = 4             # string, new dev_config (reconfig)
+    DEV_SIZE = 5            # u64, new size (reconfig)
+    WRITECACHE = 6          # u8, new emulate_write_cache (reconfig)
+    CMD_STATUS = 7          # s32, our answer in *_DONE
+    DEVICE_ID = 8           # u32, the kernel's device id
+    SUPP_KERN_CMD_REPLY = 9  # u8, SET_FEATURES
+
+
+# -- layouts ----------------------------------------------------------------------------------
+
+class Field:
+    """One field: ``name`` at ``offset`` with struct format ``fmt`` (little-endian)."""
+
+    __slots__ = ("name", "offset", "fmt", "size", "_st")
+
+    def __init__(self, name: str, offset: int, fmt: str):
+        self.name = name
+        self.offset = offset
+        self.fmt = fmt
+        self._st = struct.Struct("<" + fmt)
+        self.size = self._st.size
+
+    def get(self, buf, base: int = 0):
+        return self._st.unpack_from(buf, base + self.offset)[0]
+
+    def put(self, buf, base: int, value) -> None:
+        self._st.pack_into(buf, base + self.offset, value)
+
+
+class Layout:
+    """A C struct as a table of fields, with its ``sizeof``."""
+
+    def __init__(self, name: str, size: int, fields: list[tuple[str, int, str]]):
+        self.name = name
+        self.size = size
+        self.fields = {n: Field(n, off, fmt) for n, off, fmt in fields}
+        for f in self.fields.values():
+            if f.offset + f.size > size:
+                raise AssertionError(f"{name}.{f.name} runs past sizeof {size}")
+
+    def __getattr__(self, item) -> Field:
+        try:
+            return self.__dict__["fields"][item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+
+# struct tcmu_mailbox: cmd_tail is __aligned__(ALIGN_SIZE) so it sits in its own cache line.
+MAILBOX = Layout("tcmu_mailbox", 128, [
+    ("version", 0, "H"),
+    ("flags", 2, "H"),
+    ("cmdr_off", 4, "I"),
+    ("cmdr_size", 8, "I"),
+    ("cmd_head", 12, "I"),
+    ("cmd_tail", 64, "I"),
+])
+
+# struct tcmu_cmd_entry_hdr
+ENTRY_HDR = Layout("tcmu_cmd_entry_hdr", 8, [
+    ("len_op", 0, "I"),
+    ("cmd_id", 4, "H"),
+    ("kflags", 6, "B"),
+    ("uflags", 7, "B"),
+])
+
+# struct tcmu_cmd_entry: hdr, then the union of req (kernel -> user) and rsp (user -> kernel).
+ENTRY = Layout("tcmu_cmd_entry", 112, [
+    ("len_op", 0, "I"),
+    ("cmd_id", 4, "H"),
+    ("kflags", 6, "B"),
+    ("uflags", 7, "B"),
+    # req
+    ("iov_cnt", 8, "I"),
+    ("iov_bidi_cnt", 12, "I"),
+    ("iov_dif_cnt", 16, "I"),
+    ("cdb_off", 24, "Q"),
+    ("req_pad1", 32, "Q"),
+    ("req_pad2", 40, "Q"),
+    # rsp (overlays req)
+    ("scsi_status", 8, "B"),
+    ("read_len", 12, "I"),
+    ("sense_buffer", 16, f"{SENSE_BUFFERSIZE}s"),
+])
+ENTRY_IOV_OFFSET = 48          # offsetof(struct tcmu_cmd_entry, req.iov)
+
+# struct iovec as the kernel writes it into the entry: iov_base is an OFFSET from the map start.
+IOVEC = Layout("iovec", 16, [
+    ("iov_base", 0, "Q"),
+    ("iov_len", 8, "Q"),
+])
+
+# struct tcmu_tmr_entry
+TMR_ENTRY = Layout("tcmu_tmr_entry", 32, [
+    ("len_op", 0, "I"),
+    ("cmd_id", 4, "H"),
+    ("kflags", 6, "B"),
+    ("uflags", 7, "B"),
+    ("tmr_type", 8, "B"),
+    ("cmd_cnt", 12, "I"),
+])
+TMR_CMD_IDS_OFFSET = 32        # offsetof(struct tcmu_tmr_entry, cmd_ids): u16[cmd_cnt]
+
+# The offsets the 6.1 header has (compile test); a typo above fails the import, not a LUN.
+_EXPECTED = {
+    ("tcmu_mailbox", "cmd_head"): 12, ("tcmu_mailbox", "cmd_tail"): 64,
+    ("tcmu_cmd_entry", "cdb_off"): 24, ("tcmu_cmd_entry", "scsi_status"): 8,
+    ("tcmu_cmd_entry", "read_len"): 12, ("tcmu_cmd_entry", "sense_buffer"): 16,
+    ("tcmu_tmr_entry", "cmd_cnt"): 12,
+}
+for (_s, _f), _off in _EXPECTED.items():
+    _lay = {"tcmu_mailbox": MAILBOX, "tcmu_cmd_entry": ENTRY, "tcmu_tmr_entry": TMR_ENTRY}[_s]
+    assert _lay.fields[_f].offset == _off, (_s, _f)
+assert ENTRY.sense_buffer.offset + SENSE_BUFFERSIZE == ENTRY.size
+assert MAILBOX.size == 128 and ENTRY_HDR.size == 8 and IOVEC.size == 16
+
+
+def entry_op(len_op: int) -> int:
+    return len_op & OP_MASK
+
+
+def entry_len(len_op: int) -> int:
+    return len_op & ~OP_MASK
+
+
+def cmd_entry_base_size(iov_cnt: int) -> int:
+    """max(offsetof(struct tcmu_cmd_entry, req.iov[iov_cnt]), sizeof(struct tcmu_cmd_entry))."""
+    return max(ENTRY_IOV_OFFSET + IOVEC.size * iov_cnt, ENTRY.size)
+
+
+def round_up(n: int, align: int) -> int:
+    return (n + align - 1) // align * align

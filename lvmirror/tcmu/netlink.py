@@ -1,0 +1,177 @@
+"""The TCM-USER generic netlink family: device added / removed / reconfigured, and our replies.
+
+The kernel multicasts ADDED_DEVICE, REMOVED_DEVICE and RECONFIG_DEVICE on the ``config`` group of
+family ``TCM-USER``. When it runs in reply mode for a device (module-wide ``SET_FEATURES`` by
+some handler, and the device's ``nl_reply_supported`` not -1) the configfs write that caused the
+event blocks, uninterruptibly, until some handler answers with the matching ``*_DONE`` carrying
+``CMD_STATUS`` (0 or -errno) and ``DEVICE_ID``. lvmirrord therefore answers every event for its
+own subtype, and never sends SET_FEATURES itself: the LUNs it creates or validates carry
+``nl_reply_supported=-1`` so an ``enable`` can never hang on a missing replier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import select
+import threading
+
+from pyroute2.netlink import NLM_F_REQUEST, genlmsg
+from pyroute2.netlink.generic import GenericNetlinkSocket
+
+from lvmirror.tcmu import abi
+from lvmirror.tcmu.uio import parse_uio_name
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DeviceAdded", "DeviceReconfig", "DeviceRemoved", "TcmuNetlink", "tcmu_msg",
+           "decode_event"]
+
+
+class tcmu_msg(genlmsg):
+    """A TCM-USER message; attribute names follow ``enum tcmu_genl_attr``."""
+
+    prefix = "TCMU_ATTR_"
+    nla_map = (
+        ("TCMU_ATTR_UNSPEC", "none"),
+        ("TCMU_ATTR_DEVICE", "asciiz"),
+        ("TCMU_ATTR_MINOR", "uint32"),
+        ("TCMU_ATTR_PAD", "none"),
+        ("TCMU_ATTR_DEV_CFG", "asciiz"),
+        ("TCMU_ATTR_DEV_SIZE", "uint64"),
+        ("TCMU_ATTR_WRITECACHE", "uint8"),
+        ("TCMU_ATTR_CMD_STATUS", "int32"),
+        ("TCMU_ATTR_DEVICE_ID", "uint32"),
+        ("TCMU_ATTR_SUPP_KERN_CMD_REPLY", "uint8"),
+    )
+
+
+assert [n for n, _ in tcmu_msg.nla_map] == ["TCMU_ATTR_" + a.name for a in abi.GenlAttr]
+
+
+@dataclasses.dataclass
+class _Event:
+    minor: int
+    device: str            # the uio name, "tcm-user/<hba>/<name>/<subtype>/<cfg>"
+    device_id: int | None
+
+    @property
+    def subtype(self) -> str | None:
+        parsed = parse_uio_name(self.device or "")
+        return parsed[2] if parsed else None
+
+    reply_command = abi.GenlCommand.UNSPEC
+
+
+@dataclasses.dataclass
+class DeviceAdded(_Event):
+    reply_command = abi.GenlCommand.ADDED_DEVICE_DONE
+
+
+@dataclasses.dataclass
+class DeviceRemoved(_Event):
+    reply_command = abi.GenlCommand.REMOVED_DEVICE_DONE
+
+
+@dataclasses.dataclass
+class DeviceReconfig(_Event):
+    dev_cfg: str | None = None
+    dev_size: int | None = None
+    write_cache: bool | None = None
+    reply_command = abi.GenlCommand.RECONFIG_DEVICE_DONE
+
+
+def decode_event(msg) -> _Event | None:
+    """A parsed ``tcmu_msg`` -> event dataclass (None for commands we do not handle)."""
+    cmd = msg["cmd"]
+    minor = msg.get_attr("TCMU_ATTR_MINOR")
+    device = msg.get_attr("TCMU_ATTR_DEVICE")
+    dev_id = msg.get_attr("TCMU_ATTR_DEVICE_ID")
+    if minor is None:
+        return None
+    if cmd == abi.GenlCommand.ADDED_DEVICE:
+        return DeviceAdded(minor, device, dev_id)
+    if cmd == abi.GenlCommand.REMOVED_DEVICE:
+        return DeviceRemoved(minor, device, dev_id)
+    if cmd == abi.GenlCommand.RECONFIG_DEVICE:
+        wc = msg.get_attr("TCMU_ATTR_WRITECACHE")
+        return DeviceReconfig(minor, device, dev_id, dev_cfg=msg.get_attr("TCMU_ATTR_DEV_CFG"),
+                              dev_size=msg.get_attr("TCMU_ATTR_DEV_SIZE"),
+                              write_cache=None if wc is None else bool(wc))
+    return None
+
+
+def encode_reply(family_id: int, event: _Event, status: int, pid: int = 0) -> bytes:
+    msg = tcmu_msg()
+    msg["cmd"] = int(event.reply_command)
+    msg["version"] = abi.GENL_VERSION
+    msg["attrs"] = [["TCMU_ATTR_CMD_STATUS", int(status)]]
+    if event.device_id is not None:
+        msg["attrs"].append(["TCMU_ATTR_DEVICE_ID", event.device_id])
+    msg["header"]["type"] = family_id
+    msg["header"]["flags"] = NLM_F_REQUEST
+    msg["header"]["pid"] = pid
+    msg.encode()
+    return msg.data
+
+
+class TcmuNetlink:
+    """Listens to the ``config`` group in a thread; ``callback(event)`` must call ``reply``."""
+
+    def __init__(self):
+        self._sock = None
+        self._thread = None
+        self._stop = threading.Event()
+        self._send_lock = threading.Lock()
+
+    def start(self, callback) -> None:
+        sock = GenericNetlinkSocket()
+        try:
+            sock.bind(abi.GENL_FAMILY, tcmu_msg)
+            sock.add_membership(abi.GENL_MCGRP_CONFIG)
+        except Exception:
+            sock.close()
+            raise
+        self._sock = sock
+        self._thread = threading.Thread(target=self._loop, args=(callback,), name="tcmu-netlink",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self, callback):
+        sock = self._sock
+        while not self._stop.is_set():
+            r, _, _ = select.select([sock], [], [], 0.5)
+            if not r:
+                continue
+            try:
+                msgs = sock.get()
+            except Exception as e:    # a malformed message must not kill the listener
+                log.error("netlink: cannot parse a TCM-USER message: %s", e)
+                continue
+            for msg in msgs:
+                event = decode_event(msg)
+                if event is None:
+                    continue
+                try:
+                    callback(event)
+                except Exception:
+                    log.exception("netlink: handling %s failed", event)
+
+    def reply(self, event: _Event, status: int) -> None:
+        """Send the ``*_DONE`` answer for ``event`` (harmless when the kernel does not wait)."""
+        if self._sock is None:
+            return
+        data = encode_reply(self._sock.prid, event, status, self._sock.pid)
+        with self._send_lock:
+            try:
+                self._sock.sendto(data, (0, 0))
+            except OSError as e:
+                log.error("netlink: cannot reply to %s: %s", type(event).__name__, e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

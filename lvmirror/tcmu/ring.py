@@ -1,0 +1,321 @@
+"""CommandRing: user space's side of the TCMU command ring (mailbox + ring + data area in one map).
+
+Two cursors, as libtcmu keeps them:
+
+* the *fetch cursor* (private) walks from where we last looked to the kernel's ``cmd_head``:
+  PAD entries are skipped, TMR entries record the command ids they abort, CMD entries become
+  ``Command`` objects whose CDB and iovecs are **copied** at once (a later out-of-order
+  completion overwrites the entry), any other opcode gets ``UFLAG_UNKNOWN_OP``;
+* the *completion cursor* is the mailbox's ``cmd_tail``. Completions may come in any order
+  (the kernel offers CAP_OOOC): ``complete`` skips non-CMD entries at the tail, writes the
+  finished command's id and response into the CMD entry it finds there ("steals" it, as
+  libtcmu's ``tcmulib_command_complete`` does) and advances ``cmd_tail`` with one aligned
+  32-bit store after the response bytes. The kernel looks commands up by the id it reads.
+
+The caller tells the kernel with one 4-byte write to the uio fd per batch of completions
+(``pending_notify`` says one is due for entries the ring retired by itself).
+
+Safety: every offset read from the ring is checked before use. An entry whose length, CDB
+offset or iovecs point outside the ring or the data area is completed at once with CHECK
+CONDITION, HARDWARE ERROR / INTERNAL TARGET FAILURE and never handed out, so no view ever
+reaches outside the data area (touching an unmapped data page is a SIGBUS, not an exception).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+
+from lvmirror.tcmu import abi
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Batch", "Command", "CommandRing", "RingError"]
+
+CHECK_CONDITION = 0x02
+# Fixed-format sense: HARDWARE ERROR, INTERNAL TARGET FAILURE (44h/00h).
+SENSE_INTERNAL_TARGET_FAILURE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00,
+                                       0, 0, 0, 0])
+MAX_CDB_LEN = 260      # SCSI variable-length CDBs are at most 260 bytes
+
+
+class RingError(Exception):
+    """The map is not a usable TCMU ring (wrong mailbox version, inconsistent geometry)."""
+
+
+class Command:
+    """A fetched SCSI command: copies of its CDB and iovecs, views onto its data buffers."""
+
+    __slots__ = ("cmd_id", "cdb", "iovecs", "iov_views", "bidi_views", "data_len")
+
+    def __init__(self, cmd_id, cdb, iovecs, iov_views, bidi_views):
+        self.cmd_id = cmd_id
+        self.cdb = cdb
+        self.iovecs = iovecs              # [(offset in map, length)], Data-Out or Data-In
+        self.iov_views = iov_views        # memoryviews onto those bytes of the map
+        self.bidi_views = bidi_views      # Data-In views of a bidirectional command
+        self.data_len = sum(ln for _, ln in iovecs)
+
+    def release(self):
+        """Drop the views onto the map (after completion)."""
+        for v in self.iov_views:
+            v.release()
+        for v in self.bidi_views:
+            v.release()
+        self.iov_views = []
+        self.bidi_views = []
+
+    def __repr__(self):
+        return f"<Command id={self.cmd_id} cdb={self.cdb.hex()} data={self.data_len}>"
+
+
+class Batch:
+    """What one ``fetch`` found: new commands, and the id lists TMR entries abort."""
+
+    __slots__ = ("commands", "aborts", "tmrs")
+
+    def __init__(self):
+        self.commands: list[Command] = []
+        self.aborts: list[list[int]] = []
+        self.tmrs: list[tuple[int, list[int]]] = []
+
+    def __bool__(self):
+        return bool(self.commands or self.aborts)
+
+
+class CommandRing:
+    """The ring inside ``mapping`` (an mmap or any writable buffer of ``map_size`` bytes)."""
+
+    def __init__(self, mapping, *, map_size: int | None = None):
+        self._mv = memoryview(mapping).cast("B")
+        self.map_size = map_size if map_size is not None else len(self._mv)
+        if self.map_size > len(self._mv) or self.map_size < abi.MAILBOX.size:
+            raise RingError(f"map of {len(self._mv)} bytes cannot hold a {self.map_size}-byte ring")
+        mb = abi.MAILBOX
+        version = mb.version.get(self._mv)
+        if version != abi.MAILBOX_VERSION:
+            raise RingError(f"TCMU mailbox version {version}, this handler speaks version "
+                            f"{abi.MAILBOX_VERSION} (Linux 4.x-6.x); refusing the device")
+        self.flags = mb.flags.get(self._mv)
+        self.cmdr_off = mb.cmdr_off.get(self._mv)
+        self.cmdr_size = mb.cmdr_size.get(self._mv)
+        if (self.cmdr_off < abi.MAILBOX.size or self.cmdr_size < abi.ENTRY.size
+                or self.cmdr_off + self.cmdr_size > self.map_size or self.cmdr_off % 8):
+            raise RingError(f"TCMU ring geometry off={self.cmdr_off} size={self.cmdr_size} does "
+                            f"not fit a {self.map_size}-byte map")
+        if not self.flags & abi.CAP_OOOC:
+            raise RingError("the kernel does not offer out-of-order completion (CAP_OOOC)")
+        self.data_off = self.cmdr_off + self.cmdr_size
+        self.read_len_supported = bool(self.flags & abi.CAP_READ_LEN)
+        self._tail_word = ctypes.c_uint32.from_buffer(self._mv, abi.MAILBOX.cmd_tail.offset)
+        self._fetch = self._tail_word.value % self.cmdr_size  # pick up where the kernel reaps
+        self._outstanding = 0
+        self._lock = threading.Lock()
+        self.pending_notify = False
+        self.stats = dict(fetched=0, completed=0, pads=0, tmrs=0, unknown_ops=0, malformed=0)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @property
+    def head(self) -> int:
+        return abi.MAILBOX.cmd_head.get(self._mv)
+
+    @property
+    def tail(self) -> int:
+        return self._tail_word.value
+
+    def _set_tail(self, value: int) -> None:
+        self._tail_word.value = value % self.cmdr_size   # one aligned 32-bit store
+
+    def _entry_len(self, pos: int) -> int:
+        return abi.entry_len(abi.ENTRY_HDR.len_op.get(self._mv, self.cmdr_off + pos))
+
+    # -- fetching ----------------------------------------------------------------------------
+
+    def fetch(self) -> Batch:
+        """Walk from the fetch cursor to ``cmd_head``; return the new commands and aborts."""
+        batch = Batch()
+        with self._lock:
+            head = self.head
+            if head >= self.cmdr_size or head % 8:
+                log.error("TCMU ring: cmd_head %d outside the %d-byte ring; ignoring it", head,
+                          self.cmdr_size)
+                return batch
+            mv, base = self._mv, self.cmdr_off
+            hdr = abi.ENTRY_HDR
+            while self._fetch != head:
+                pos = self._fetch
+                ent = base + pos
+                len_op = hdr.len_op.get(mv, ent)
+                op, length = abi.entry_op(len_op), abi.entry_len(len_op)
+                if length < abi.ENTRY_HDR.size or pos + length > self.cmdr_size:
+                    # Nothing sane to skip by: stop here; the kernel will see the ring stall
+                    # and time the commands out rather than us reading garbage forever.
+                    log.error("TCMU ring: entry at %d has length %d (ring %d); ring is corrupt",
+                              pos, length, self.cmdr_size)
+                    self.stats["malformed"] += 1
+                    break
+                if op == abi.OP_PAD:
+                    self.stats["pads"] += 1
+                elif op == abi.OP_TMR:
+                    self.stats["tmrs"] += 1
+                    tmr = self._parse_tmr(ent, length)
+                    if tmr is not None:
+                        batch.tmrs.append(tmr)
+                        if tmr[1]:
+                            batch.aborts.append(tmr[1])
+                elif op == abi.OP_CMD:
+                    self._outstanding += 1
+                    cmd_id = hdr.cmd_id.get(mv, ent)
+                    cmd = self._parse_cmd(pos, length, cmd_id)
+                    if cmd is None:
+                        self.stats["malformed"] += 1
+                        self._fetch = (pos + length) % self.cmdr_size
+                        self._complete_locked(cmd_id, CHECK_CONDITION,
+                                              SENSE_INTERNAL_TARGET_FAILURE, None)
+                        self.pending_notify = True
+                        continue
+                    self.stats["fetched"] += 1
+                    batch.commands.append(cmd)
+                else:
+                    self.stats["unknown_ops"] += 1
+                    uf = hdr.uflags.get(mv, ent)
+                    hdr.uflags.put(mv, ent, uf | abi.UFLAG_UNKNOWN_OP)
+                self._fetch = (pos + length) % self.cmdr_size
+            if self._outstanding == 0:
+                self._retire_idle_locked()
+        return batch
+
+    def _parse_tmr(self, ent: int, length: int):
+        mv, t = self._mv, abi.TMR_ENTRY
+        if length < t.size:
+            return None
+        cnt = t.cmd_cnt.get(mv, ent)
+        if abi.TMR_CMD_IDS_OFFSET + 2 * cnt > length:
+            log.error("TCMU ring: TMR entry lists %d ids in %d bytes; ignoring its ids", cnt, length)
+            return (t.tmr_type.get(mv, ent), [])
+        ids = [int.from_bytes(mv[ent + abi.TMR_CMD_IDS_OFFSET + 2 * k:
+                                 ent + abi.TMR_CMD_IDS_OFFSET + 2 * k + 2], "little")
+               for k in range(cnt)]
+        return (t.tmr_type.get(mv, ent), ids)
+
+    def _parse_cmd(self, pos: int, length: int, cmd_id: int) -> Command | None:
+        mv, e = self._mv, abi.ENTRY
+        ent = self.cmdr_off + pos
+        if length < e.size:
+            log.error("TCMU ring: command %d entry is %d bytes (< %d)", cmd_id, length, e.size)
+            return None
+        iov_cnt = e.iov_cnt.get(mv, ent)
+        bidi_cnt = e.iov_bidi_cnt.get(mv, ent)
+        if e.iov_dif_cnt.get(mv, ent):
+            log.error("TCMU ring: command %d carries DIF iovecs (not supported)", cmd_id)
+            return None
+        total = iov_cnt + bidi_cnt
+        iov_end = abi.ENTRY_IOV_OFFSET + abi.IOVEC.size * total
+        if iov_end > length:
+            log.error("TCMU ring: command %d lists %d iovecs in a %d-byte entry", cmd_id, total,
+                      length)
+            return None
+        # The CDB lies inside this entry, after the iovecs (offset is from the map start).
+        cdb_off = e.cdb_off.get(mv, ent)
+        entry_end = ent + length
+        if not ent + iov_end <= cdb_off < entry_end:
+            log.error("TCMU ring: command %d CDB offset %d outside its entry [%d, %d)", cmd_id,
+                      cdb_off, ent + iov_end, entry_end)
+            return None
+        cdb_len = _cdb_length(mv[cdb_off], mv, cdb_off, entry_end)
+        if cdb_len is None:
+            log.error("TCMU ring: command %d CDB (opcode %02x) does not fit its entry", cmd_id,
+                      mv[cdb_off])
+            return None
+        cdb = bytes(mv[cdb_off:cdb_off + cdb_len])
+        iovecs = []
+        for k in range(total):
+            off = ent + abi.ENTRY_IOV_OFFSET + abi.IOVEC.size * k
+            base = abi.IOVEC.iov_base.get(mv, off)
+            ln = abi.IOVEC.iov_len.get(mv, off)
+            if ln and not (self.data_off <= base and base + ln <= self.map_size):
+                log.error("TCMU ring: command %d iovec %d [%d, +%d) outside the data area "
+                          "[%d, %d)", cmd_id, k, base, ln, self.data_off, self.map_size)
+                return None
+            iovecs.append((base, ln))
+        views = [mv[b:b + ln] for b, ln in iovecs[:iov_cnt] if ln]
+        bidi = [mv[b:b + ln] for b, ln in iovecs[iov_cnt:] if ln]
+        return Command(cmd_id, cdb, iovecs[:iov_cnt], views, bidi)
+
+    # -- completing --------------------------------------------------------------------------
+
+    def complete(self, cmd_id: int, status: int, sense: bytes = b"",
+                 read_len: int | None = None) -> None:
+        """Complete command ``cmd_id`` (any order). ``read_len``: bytes of Data-In actually
+        returned, when fewer than the transfer length. Thread-safe; the caller notifies."""
+        with self._lock:
+            self._complete_locked(cmd_id, status, sense, read_len)
+            if self._outstanding == 0:
+                self._retire_idle_locked()
+
+    def _complete_locked(self, cmd_id, status, sense, read_len):
+        if self._outstanding <= 0:
+            raise RingError(f"completion of command {cmd_id} with none outstanding")
+        mv, e, size = self._mv, abi.ENTRY, self.cmdr_size
+        tail = self._tail_word.value % size
+        while True:       # skip PAD / TMR / unknown-op entries at the tail
+            ent = self.cmdr_off + tail
+            len_op = e.len_op.get(mv, ent)
+            if abi.entry_op(len_op) == abi.OP_CMD:
+                break
+            tail = (tail + abi.entry_len(len_op)) % size
+        e.cmd_id.put(mv, ent, cmd_id)
+        uflags = e.uflags.get(mv, ent) & ~(abi.UFLAG_UNKNOWN_OP | abi.UFLAG_READ_LEN
+                                           | abi.UFLAG_KEEP_BUF)
+        e.scsi_status.put(mv, ent, status & 0xFF)
+        if sense:
+            sense = bytes(sense[:abi.SENSE_BUFFERSIZE])
+            mv[ent + e.sense_buffer.offset:ent + e.sense_buffer.offset + len(sense)] = sense
+        if read_len is not None and self.read_len_supported:
+            e.read_len.put(mv, ent, read_len)
+            uflags |= abi.UFLAG_READ_LEN
+        e.uflags.put(mv, ent, uflags)
+        self._outstanding -= 1
+        self.stats["completed"] += 1
+        self._set_tail(tail + abi.entry_len(e.len_op.get(mv, ent)))
+
+    def _retire_idle_locked(self):
+        """Nothing outstanding: move cmd_tail up to the fetch cursor (over pads, TMRs,
+        unknown-op entries) so the kernel can reuse that ring space."""
+        if self._tail_word.value % self.cmdr_size != self._fetch:
+            self._set_tail(self._fetch)
+            self.pending_notify = True
+
+    def take_notify(self) -> bool:
+        """True (once) if the ring retired entries by itself since the last call."""
+        with self._lock:
+            due, self.pending_notify = self.pending_notify, False
+            return due
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    def close(self):
+        """Drop every reference into the map so that it can be unmapped."""
+        self._tail_word = None
+        self._mv.release()
+
+
+def _cdb_length(opcode: int, mv, cdb_off: int, limit: int) -> int | None:
+    """Length of the CDB as the kernel's scsi_command_size() computes it; None if it would run
+    past ``limit``."""
+    if opcode == 0x7F:         # VARIABLE LENGTH: 8 + additional CDB length (byte 7)
+        if cdb_off + 8 > limit:
+            return None
+        n = 8 + mv[cdb_off + 7]
+    else:
+        n = _COMMAND_SIZE[opcode >> 5]
+    if n > MAX_CDB_LEN or cdb_off + n > limit:
+        return None
+    return n
+
+
+_COMMAND_SIZE = (6, 10, 10, 12, 16, 12, 10, 10)   # scsi_command_size_tbl, by group code

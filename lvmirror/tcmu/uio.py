@@ -1,0 +1,202 @@
+"""TCMU devices as user space finds them: /sys/class/uio, /dev/uioN and the configfs device dir.
+
+``find_devices`` lists the uio devices whose name is ``tcm-user/<hba>/<name>/<subtype>/<cfg>``
+(the cfgstring may itself contain '/'); ``open_device`` opens and maps one. Only one process
+may open a TCMU uio device (the kernel answers EBUSY), which ``open_device`` turns into a clear
+error. With ``pickup=True`` (a device that already existed when lvmirrord started) it does what
+libtcmu does on start-up: block the device, reset the ring (commands left in it by the previous
+handler are failed back to the initiator as retryable BUSY), open and map, unblock.
+
+Roots are parameters so the host tests run against a fake tree; the kernel proves the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import mmap
+import os
+import re
+
+from lvmirror.errors import ConfigError
+
+__all__ = ["UioDevice", "UioHandle", "device_by_minor", "find_devices", "open_device",
+           "parse_uio_name"]
+
+_UIO_PREFIX = "tcm-user/"
+
+
+def parse_uio_name(name: str):
+    """``tcm-user/<hba>/<dev>/<subtype>/<cfg>`` -> (hba, dev, subtype, cfg); None if not TCMU."""
+    name = name.strip()
+    if not name.startswith(_UIO_PREFIX):
+        return None
+    parts = name[len(_UIO_PREFIX):].split("/", 3)
+    if len(parts) < 2:
+        return None
+    hba, dev = parts[0], parts[1]
+    subtype = parts[2] if len(parts) > 2 else ""
+    cfg = parts[3] if len(parts) > 3 else ""
+    return hba, dev, subtype, cfg
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+@dataclasses.dataclass
+class UioDevice:
+    """One TCMU device: where it is in sysfs, /dev and configfs, and what it is configured as."""
+
+    uio_name: str          # "uio0"
+    minor: int
+    hba: str
+    dev_name: str          # the backstore name in targetcli
+    subtype: str
+    cfgstring: str
+    sysfs_root: str = "/sys"
+    configfs_root: str = "/sys/kernel/config"
+    dev_root: str = "/dev"
+
+    @property
+    def dev_path(self) -> str:
+        return os.path.join(self.dev_root, self.uio_name)
+
+    @property
+    def sysfs_dir(self) -> str:
+        return os.path.join(self.sysfs_root, "class", "uio", self.uio_name)
+
+    @property
+    def configfs_dir(self) -> str:
+        return os.path.join(self.configfs_root, "target", "core", f"user_{self.hba}",
+                            self.dev_name)
+
+    def map_size(self) -> int:
+        return int(_read(os.path.join(self.sysfs_dir, "maps", "map0", "size")).strip(), 0)
+
+    def _cfg(self, *parts) -> str:
+        return _read(os.path.join(self.configfs_dir, *parts))
+
+    def lun_size(self) -> int:
+        """The LUN size in bytes (``info`` "Size: N")."""
+        m = re.search(r"(?<![A-Za-z])Size: (\d+)", self._cfg("info"))   # not "SectorSize"
+        if not m:
+            raise ConfigError(f"{self.dev_name}: no size in {self.configfs_dir}/info")
+        return int(m.group(1))
+
+    def hw_block_size(self) -> int:
+        return int(self._cfg("attrib", "hw_block_size").strip())
+
+    def write_cache(self) -> bool:
+        try:
+            return self._cfg("attrib", "emulate_write_cache").strip() == "1"
+        except OSError:
+            return False
+
+    def wwn(self) -> str | None:
+        """The unit serial LIO assigned (``wwn/vpd_unit_serial``), the source of the VPD ids."""
+        try:
+            text = self._cfg("wwn", "vpd_unit_serial")
+        except OSError:
+            return None
+        m = re.search(r"T10 VPD Unit Serial Number:\s*(\S+)", text)
+        return m.group(1) if m else (text.strip() or None)
+
+    def action(self, name: str, value: int) -> None:
+        with open(os.path.join(self.configfs_dir, "action", name), "w") as f:
+            f.write(f"{value}\n")
+
+
+def find_devices(subtype: str | None = None, *, sysfs_root="/sys",
+                 configfs_root="/sys/kernel/config", dev_root="/dev") -> list[UioDevice]:
+    """Every TCMU uio device (of ``subtype`` if given), sorted by minor."""
+    base = os.path.join(sysfs_root, "class", "uio")
+    out = []
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return []
+    for uio in names:
+        m = re.fullmatch(r"uio(\d+)", uio)
+        if not m:
+            continue
+        try:
+            parsed = parse_uio_name(_read(os.path.join(base, uio, "name")))
+        except OSError:
+            continue
+        if parsed is None:
+            continue
+        hba, dev, sub, cfg = parsed
+        if subtype is not None and sub != subtype:
+            continue
+        out.append(UioDevice(uio, int(m.group(1)), hba, dev, sub, cfg, sysfs_root,
+                             configfs_root, dev_root))
+    return sorted(out, key=lambda d: d.minor)
+
+
+def device_by_minor(minor: int, **roots) -> UioDevice | None:
+    for d in find_devices(None, **roots):
+        if d.minor == minor:
+            return d
+    return None
+
+
+class UioHandle:
+    """An open, mapped TCMU uio device."""
+
+    def __init__(self, device: UioDevice, fd: int, mapping: mmap.mmap, map_size: int):
+        self.device = device
+        self.fd = fd
+        self.map = mapping
+        self.map_size = map_size
+        self.uio_name = device.uio_name
+
+    def clear_event(self) -> None:
+        """Consume the event counter (a 4-byte read; EAGAIN when nothing new)."""
+        try:
+            os.read(self.fd, 4)
+        except BlockingIOError:
+            pass
+
+    def notify(self) -> None:
+        """Tell the kernel to reap completions (one 4-byte write per batch)."""
+        os.write(self.fd, b"\x01\x00\x00\x00")
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:
+            pass     # views still exported; unmapped when the last one goes
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_device(device: UioDevice, *, pickup: bool = False) -> UioHandle:
+    """Open and map ``device``; see the module docstring for ``pickup``."""
+    size = device.map_size()
+    if pickup:
+        device.action("block_dev", 1)
+        try:
+            device.action("reset_ring", 1)
+        except OSError:
+            device.action("block_dev", 0)
+            raise
+    try:
+        try:
+            fd = os.open(device.dev_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise ConfigError(f"{device.uio_name} ({device.dev_name}) is already open by "
+                                  f"another process (tcmu-runner or another lvmirrord?)") from e
+            raise
+        try:
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(fd)
+            raise
+    finally:
+        if pickup:
+            device.action("block_dev", 0)
+    return UioHandle(device, fd, mapping, size)

@@ -1,0 +1,75 @@
+"""The user:lvmirror cfgstring: parsing, round trip, and the checks targetcli's CheckConfig runs."""
+
+import pytest
+
+from lvmirror import cfgstring
+from lvmirror.cfgstring import VolumeSpec
+from lvmirror.errors import ConfigError
+from lvmirror.mirror.volume import MirrorVolume
+
+
+@pytest.mark.parametrize("text,spec", [
+    ("vol0", VolumeSpec("vol0")),
+    ("lvmirror/vol0", VolumeSpec("vol0")),
+    ("vol0;images=/srv/a.img,/srv/b.img", VolumeSpec("vol0", images=("/srv/a.img", "/srv/b.img"))),
+    ("db.1;images=/dev/sdb,/dev/sdc,/dev/sdd;region_size=64K;block_size=4096;direct=1",
+     VolumeSpec("db.1", images=("/dev/sdb", "/dev/sdc", "/dev/sdd"), region_size=65536,
+                block_size=4096, direct=True)),
+    ("vol0;image=2", VolumeSpec("vol0", image=2)),
+    ("v;region_size=1G", VolumeSpec("v", region_size=1 << 30)),
+])
+def test_parse_and_round_trip(text, spec):
+    assert cfgstring.parse(text) == spec
+    assert cfgstring.parse(cfgstring.format(spec)) == spec
+
+
+@pytest.mark.parametrize("text,fact", [
+    ("", "no volume name"),
+    (";images=/a", "no volume name"),
+    ("-vol", "volume name"),
+    ("vol0;foo=1", "unknown option 'foo' (known: images, region_size"),
+    ("vol0;images=/a;images=/b", "given twice"),
+    ("vol0;direct=", "empty value"),
+    ("vol0;direct", "needs a value"),
+    ("vol0;images=rel/a.img", "must be absolute"),
+    ("vol0;images=/srv/../a", "not normalised"),
+    ("vol0;images=/a,/a", "listed twice"),
+    ("vol0;images=/a,/b,/c,/d,/e", "5 images"),
+    ("vol0;images=/a;image=1", "exclude each other"),
+    ("vol0;region_size=3M", "power of two"),
+    ("vol0;region_size=1K", "from 4K"),
+    ("vol0;region_size=lots", "not a size"),
+    ("vol0;block_size=1024", "512 or 4096"),
+    ("vol0;direct=yes", "0 or 1"),
+    ("vol0;image=x", "image index"),
+    ("vol0;image=1;block_size=4096", "belongs to the volume"),
+    ("qcow/vol0", "handler 'qcow'"),
+    ("vol0;images=/srv/a:b", "':'"),
+    ("vol0;images=/a b", "whitespace"),
+    ("vol0;images=/" + "x" * 260, "LIO allows"),
+])
+def test_bad_cfgstrings_are_refused_with_the_reason(text, fact):
+    with pytest.raises(ConfigError) as e:
+        cfgstring.parse(text)
+    assert fact in str(e.value)
+
+
+def test_check_against_the_state_dir(tmp_path):
+    state = tmp_path / "state"
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    with pytest.raises(ConfigError, match="does not exist in"):
+        cfgstring.check("vol0", state_dir=str(state))
+    with pytest.raises(ConfigError, match="directory .* does not exist"):
+        cfgstring.check(f"vol0;images={tmp_path}/nodir/a.img", state_dir=str(state))
+    with pytest.raises(ConfigError, match="not a regular file or block device"):
+        cfgstring.check(f"vol0;images={tmp_path}", state_dir=str(state))
+    # new images in an existing directory are fine (created sparse at first use)
+    assert cfgstring.check(f"vol0;images={a},{b}", state_dir=str(state)).images == (str(a), str(b))
+    MirrorVolume.create("vol0", [a, b], meta_dir=str(state), size=1 << 20,
+                        flush_interval=None).close()
+    assert cfgstring.check("vol0", state_dir=str(state)).name == "vol0"
+    assert cfgstring.check("vol0;image=1", state_dir=str(state)).image == 1
+    with pytest.raises(ConfigError, match="no image 2"):
+        cfgstring.check("vol0;image=2", state_dir=str(state))
+    with pytest.raises(ConfigError, match="already exists with images"):
+        cfgstring.check(f"vol0;images={b},{a}", state_dir=str(state))

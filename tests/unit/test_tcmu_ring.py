@@ -1,0 +1,207 @@
+"""CommandRing against the RingEmulator (the kernel's side, byte for byte)."""
+
+import random
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lvmirror.tcmu import abi
+from lvmirror.tcmu.emulator import RingEmulator, RingFull
+from lvmirror.tcmu.ring import CommandRing, RingError
+
+READ10 = bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0])
+WRITE10 = bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 8, 0])
+TUR = bytes(6)
+
+
+def make(cmdr_size=1000, data_size=1 << 20):
+    emu = RingEmulator(cmdr_size=cmdr_size, data_size=data_size)
+    return emu, CommandRing(emu.map, map_size=emu.map_size), emu.handle()
+
+
+def test_layouts_match_the_kernel_header():
+    assert abi.MAILBOX.size == 128
+    assert abi.MAILBOX.cmd_tail.offset == 64 and abi.MAILBOX.cmd_head.offset == 12
+    assert abi.ENTRY.size == 112 and abi.ENTRY.cdb_off.offset == 24
+    assert abi.ENTRY.sense_buffer.offset == 16 and abi.ENTRY.read_len.offset == 12
+    assert abi.cmd_entry_base_size(1) == 112 and abi.cmd_entry_base_size(5) == 128
+
+
+def test_write_data_and_cdb_are_copied_and_data_out_visible():
+    emu, ring, h = make()
+    payload = bytes(range(256)) * 16
+    cid = emu.submit(WRITE10, data_out=payload)
+    (cmd,) = ring.fetch().commands
+    assert cmd.cmd_id == cid and cmd.cdb == WRITE10
+    assert b"".join(bytes(v) for v in cmd.iov_views) == payload
+    ring.complete(cid, 0)
+    h.notify()
+    assert emu.reap()[cid].status == 0
+
+
+def test_scattered_blocks_become_several_iovecs():
+    emu, ring, _ = make()
+    payload = bytes(random.Random(1).randbytes(5 * 4096))
+    emu.submit(WRITE10, data_out=payload, scatter=True)
+    (cmd,) = ring.fetch().commands
+    assert len(cmd.iov_views) > 1
+    assert b"".join(bytes(v) for v in cmd.iov_views) == payload
+
+
+def test_out_of_order_completion_across_many_wraps_with_pads():
+    emu, ring, h = make(cmdr_size=1000)      # not a multiple of the entry size: PADs
+    rnd = random.Random(7)
+    for _ in range(200):
+        ids = []
+        for _ in range(rnd.randint(1, 5)):
+            try:
+                ids.append(emu.submit(READ10, data_in_len=4096))
+            except RingFull:
+                break
+        cmds = ring.fetch().commands
+        assert [c.cmd_id for c in cmds] == ids
+        rnd.shuffle(cmds)
+        for c in cmds:
+            c.iov_views[0][:] = struct.pack("<H", c.cmd_id) * 2048
+            ring.complete(c.cmd_id, 0)
+        h.notify()
+        done = emu.reap()
+        assert sorted(done) == sorted(ids)
+        for cid in ids:
+            assert done[cid].data_in == struct.pack("<H", cid) * 2048
+    assert ring.stats["pads"] > 0
+    assert emu.inflight == 0
+
+
+def test_check_condition_sense_and_read_len():
+    emu, ring, h = make()
+    a = emu.submit(READ10, data_in_len=4096)
+    b = emu.submit(TUR)
+    ca, cb = ring.fetch().commands
+    ca.iov_views[0][:100] = b"y" * 100
+    sense = bytes([0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0])
+    ring.complete(cb.cmd_id, 2, sense)
+    ring.complete(ca.cmd_id, 0, read_len=100)
+    h.notify()
+    done = emu.reap()
+    assert done[b].status == 2 and done[b].sense[:18] == sense
+    assert done[a].read_len == 100 and done[a].data_in == b"y" * 100
+
+
+def test_tmr_entries_report_aborts_and_are_skipped():
+    emu, ring, h = make()
+    a = emu.submit(READ10, data_in_len=4096)
+    emu.submit_tmr(abi.TmrType.ABORT_TASK, [a])
+    b = emu.submit(TUR)
+    batch = ring.fetch()
+    assert [c.cmd_id for c in batch.commands] == [a, b]
+    assert batch.aborts == [[a]]
+    ring.complete(b, 0)
+    ring.complete(a, 0x40)     # TASK ABORTED
+    h.notify()
+    assert set(emu.reap()) == {a, b}
+
+
+def test_unknown_opcode_is_flagged_and_ring_moves_on():
+    emu, ring, h = make()
+    emu.write_raw(bytes(16), op_len=16 | 5)      # opcode 5 does not exist
+    cid = emu.submit(TUR)
+    batch = ring.fetch()
+    assert [c.cmd_id for c in batch.commands] == [cid]
+    assert ring.stats["unknown_ops"] == 1
+    ring.complete(cid, 0)
+    h.notify()
+    assert set(emu.reap()) == {cid}
+    assert emu.warnings and "uflags 0x1" in emu.warnings[0]
+
+
+def test_malformed_iovec_is_completed_with_hardware_error_not_handed_out():
+    emu, ring, h = make()
+    cid = emu.submit(READ10, data_in_len=4096)
+    ent = emu.cmdr_off + 0
+    abi.IOVEC.iov_base.put(emu.map, ent + abi.ENTRY_IOV_OFFSET, 64)   # into the mailbox
+    assert ring.fetch().commands == []
+    assert ring.take_notify()
+    h.notify()
+    done = emu.reap()[cid]
+    assert done.status == 2 and done.sense[2] == 0x04 and done.sense[12] == 0x44
+
+
+def test_idle_ring_retires_pads_and_tmrs():
+    emu, ring, h = make()
+    emu.submit_tmr(abi.TmrType.LUN_RESET, [])
+    assert ring.fetch().commands == []
+    assert ring.take_notify() and ring.tail == emu._head
+
+
+def test_wrong_mailbox_version_refused():
+    emu = RingEmulator(cmdr_size=1000)
+    abi.MAILBOX.version.put(emu.map, 0, 1)
+    with pytest.raises(RingError, match="version 1"):
+        CommandRing(emu.map, map_size=emu.map_size)
+
+
+def test_completion_without_outstanding_command_is_refused():
+    emu, ring, _ = make()
+    with pytest.raises(RingError):
+        ring.complete(1, 0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), st.binary(min_size=0,
+                                                                              max_size=200)),
+                    min_size=1, max_size=40),
+       seed=st.integers(0, 1 << 30))
+def test_random_submits_and_completions_never_break_the_ring(ops, seed):
+    emu, ring, h = make(cmdr_size=1024 - 8 * 7)
+    rnd = random.Random(seed)
+    pending = []
+    expected = {}
+    for kind, n, blob in ops:
+        try:
+            if kind == 0:
+                cid = emu.submit(READ10, data_in_len=4096 * (n + 1))
+            elif kind == 1:
+                cid = emu.submit(WRITE10, data_out=blob or b"z")
+            else:
+                cid = None
+                emu.submit_tmr(abi.TmrType.ABORT_TASK, [c.cmd_id for c in pending[:n]])
+        except RingFull:
+            cid = None
+        pending.extend(ring.fetch().commands)
+        rnd.shuffle(pending)
+        for c in pending[:rnd.randint(0, len(pending))]:
+            status = rnd.choice([0, 2, 8])
+            ring.complete(c.cmd_id, status, b"\x70" + bytes(17) if status == 2 else b"")
+            expected[c.cmd_id] = status
+            pending.remove(c)
+        h.notify()
+        for cid2, comp in emu.reap().items():
+            assert comp.status == expected.pop(cid2)
+    for c in pending:
+        ring.complete(c.cmd_id, 0)
+        expected[c.cmd_id] = 0
+    h.notify()
+    for cid2, comp in emu.reap().items():
+        assert comp.status == expected.pop(cid2)
+    assert not expected and emu.inflight == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(entry=st.binary(min_size=8, max_size=300), op=st.integers(0, 7), length=st.integers(0, 400))
+def test_garbage_entries_never_raise_or_leak_views(entry, op, length):
+    emu, ring, h = make(cmdr_size=2048)
+    try:
+        emu.write_raw(entry, op_len=(length & ~7) | op)
+    except RingFull:
+        return
+    batch = ring.fetch()
+    for c in batch.commands:
+        for v in c.iov_views + c.bidi_views:
+            # a view is always inside the data area
+            assert v.obj is not None
+        for off, ln in c.iovecs:
+            assert ring.data_off <= off and off + ln <= ring.map_size
+        ring.complete(c.cmd_id, 0)
