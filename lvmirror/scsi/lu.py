@@ -1,0 +1,765 @@
+"""LogicalUnit: the sans-I/O SCSI block device (SPC-4 / SBC-3 subset a disk needs).
+
+``LogicalUnit.execute(cdb, data_out, data_in)`` takes a CDB and the command's buffers (lists of
+memoryviews onto the TCMU data area) and returns ``Response(status, sense, read_len)``. It never
+opens a file or touches the ring; medium access goes through a small ``Backend`` (``read``,
+``write``, ``flush``, ``unmap``, ``compare_and_write``; ``MirrorVolume`` is one). READs land
+straight in the data-in buffers and WRITEs hand the data-out buffers straight to the backend.
+
+Transfer length against buffers: TCMU sizes the iovecs from the initiator's expected transfer
+length after LIO's core checked it against the CDB (``target_cmd_size_check``): for reads the
+buffers are then at most the CDB length (we transfer what fits and report ``read_len``); a
+write whose buffers differ from the CDB length is refused with ILLEGAL REQUEST / INVALID FIELD IN
+COMMAND INFORMATION UNIT, as the core does for data CDBs.
+
+Every error is a CHECK CONDITION with the sense key and ASC/ASCQ SPC/SBC specify; nothing
+raises out of ``execute``. Backend errors: ``VolumeIOError`` is MEDIUM ERROR (UNRECOVERED READ
+ERROR / WRITE ERROR), anything else HARDWARE ERROR / INTERNAL TARGET FAILURE.
+
+REPORT LUNS and PERSISTENT RESERVE / RESERVE / RELEASE are answered by LIO's core before a
+command reaches TCMU, so they are not here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from typing import NamedTuple, Protocol, Sequence
+
+from lvmirror.errors import VolumeIOError
+from lvmirror.scsi import constants as c
+from lvmirror.scsi.sense import build_sense
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Backend", "LogicalUnit", "Response"]
+
+IEEE_OUI_LIO = 0x001405      # the OUI LIO uses in NAA designators
+
+
+class Response(NamedTuple):
+    status: int
+    sense: bytes
+    read_len: int
+
+
+class Backend(Protocol):
+    block_size: int
+    num_blocks: int
+
+    def read(self, lba: int, buffers: list) -> None: ...
+    def write(self, lba: int, buffers: list, fua: bool = False) -> None: ...
+    def flush(self) -> None: ...
+    def unmap(self, lba: int, nblocks: int) -> None: ...
+    def compare_and_write(self, lba: int, verify, data) -> int | None: ...
+
+
+GOOD_RESPONSE = Response(c.GOOD, b"", 0)
+
+
+class _Check(Exception):
+    """Raised inside handlers: becomes CHECK CONDITION with this sense."""
+
+    def __init__(self, key, ascq_pair, *, information=None, field=None, bit=None, cdb_field=True):
+        super().__init__(key, ascq_pair)
+        self.sense = build_sense(key, ascq_pair[0], ascq_pair[1], information=information,
+                                 field_pointer=field, bit_pointer=bit, cdb_field=cdb_field)
+
+
+def _invalid_cdb(field, bit=None):
+    return _Check(c.ILLEGAL_REQUEST, c.ASC_INVALID_FIELD_IN_CDB, field=field, bit=bit)
+
+
+def _invalid_param(field, bit=None):
+    return _Check(c.ILLEGAL_REQUEST, c.ASC_INVALID_FIELD_IN_PARAMETER_LIST, field=field, bit=bit,
+                  cdb_field=False)
+
+
+_LBA_OUT_OF_RANGE = (c.ILLEGAL_REQUEST, c.ASC_LBA_OUT_OF_RANGE)
+
+
+# -- buffer helpers ---------------------------------------------------------------------------
+
+def _total(views) -> int:
+    return sum(len(v) for v in views)
+
+
+def _take(views, nbytes: int) -> list:
+    """Views covering exactly the first ``nbytes`` bytes of ``views``."""
+    out = []
+    for v in views:
+        if nbytes <= 0:
+            break
+        if len(v) <= nbytes:
+            out.append(v)
+            nbytes -= len(v)
+        else:
+            out.append(v[:nbytes])
+            nbytes = 0
+    return out
+
+
+def _scatter(views, data: bytes) -> int:
+    """Copy ``data`` into ``views``; returns the bytes placed."""
+    pos = 0
+    n = len(data)
+    for v in views:
+        if pos >= n:
+            break
+        k = min(len(v), n - pos)
+        v[:k] = data[pos:pos + k]
+        pos += k
+    return pos
+
+
+def _gather(views, nbytes: int | None = None) -> bytes:
+    data = b"".join(bytes(v) for v in views)
+    return data if nbytes is None else data[:nbytes]
+
+
+def _be(b, start, n) -> int:
+    return int.from_bytes(b[start:start + n], "big")
+
+
+class _Op:
+    """One supported operation: handler, CDB length, usage mask (for REPORT SUPPORTED OPCODES)."""
+
+    __slots__ = ("opcode", "sa", "name", "handler", "cdb_len", "usage")
+
+    def __init__(self, opcode, sa, name, handler, usage):
+        self.opcode = opcode
+        self.sa = sa
+        self.name = name
+        self.handler = handler
+        self.usage = bytes(usage)
+        self.cdb_len = len(self.usage)
+
+
+def _usage(opcode, *masks):
+    return (opcode,) + masks
+
+
+class LogicalUnit:
+    """Per-LUN SCSI state and command dispatch (see the module docstring)."""
+
+    def __init__(self, backend, *, wwn: str | None = None, vendor: str = "LIO-ORG",
+                 product: str = "lvmirror", revision: str = "0001", write_cache: bool = True,
+                 read_only: bool = False, max_transfer_blocks: int | None = None,
+                 max_unmap_blocks: int = 0x10000 * 8, max_unmap_descriptors: int = 256,
+                 max_write_same_blocks: int = 0x10000 * 8, max_compare_write_blocks: int = 1,
+                 optimal_transfer_blocks: int | None = None):
+        self.backend = backend
+        self.wwn = wwn or "00000000-0000-0000-0000-000000000000"
+        self.vendor = vendor
+        self.product = product
+        self.revision = revision
+        self.write_cache = write_cache
+        self.read_only = read_only
+        bs = backend.block_size
+        self.max_transfer_blocks = max_transfer_blocks or (8 << 20) // bs
+        self.optimal_transfer_blocks = optimal_transfer_blocks or (1 << 20) // bs
+        self.max_unmap_blocks = max_unmap_blocks
+        self.max_unmap_descriptors = max_unmap_descriptors
+        self.max_write_same_blocks = max_write_same_blocks
+        self.max_compare_write_blocks = max_compare_write_blocks
+        self._ua_lock = threading.Lock()
+        self._unit_attentions: list[tuple[int, int]] = []
+        self._ops: dict[tuple[int, int | None], _Op] = {}
+        self._register()
+
+    # -- state changes from outside ------------------------------------------------------------
+
+    def capacity_changed(self):
+        """The LUN was resized: the next command gets UNIT ATTENTION, CAPACITY DATA HAS CHANGED."""
+        with self._ua_lock:
+            if c.ASC_CAPACITY_DATA_HAS_CHANGED not in self._unit_attentions:
+                self._unit_attentions.append(c.ASC_CAPACITY_DATA_HAS_CHANGED)
+
+    def mode_parameters_changed(self):
+        with self._ua_lock:
+            if c.ASC_MODE_PARAMETERS_CHANGED not in self._unit_attentions:
+                self._unit_attentions.append(c.ASC_MODE_PARAMETERS_CHANGED)
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def execute(self, cdb: bytes, data_out: Sequence = (), data_in: Sequence = ()) -> Response:
+        """Run one command. Never raises."""
+        try:
+            if not cdb:
+                return self._check(c.ILLEGAL_REQUEST, c.ASC_INVALID_OPCODE)
+            opcode = cdb[0]
+            op = self._ops.get((opcode, None))
+            if op is None:
+                sa = cdb[1] & 0x1F if len(cdb) > 1 else None
+                op = self._ops.get((opcode, sa))
+                if op is None:
+                    if any(k[0] == opcode for k in self._ops):
+                        return Response(c.CHECK_CONDITION, build_sense(
+                            c.ILLEGAL_REQUEST, *c.ASC_INVALID_FIELD_IN_CDB, field_pointer=1,
+                            bit_pointer=4), 0)
+                    return self._check(c.ILLEGAL_REQUEST, c.ASC_INVALID_OPCODE)
+            if len(cdb) < op.cdb_len:
+                return self._check(c.ILLEGAL_REQUEST, c.ASC_INVALID_OPCODE)
+            if cdb[op.cdb_len - 1] & 0x04:        # NACA in the CONTROL byte: no ACA support
+                return Response(c.CHECK_CONDITION, build_sense(
+                    c.ILLEGAL_REQUEST, *c.ASC_INVALID_FIELD_IN_CDB, field_pointer=op.cdb_len - 1,
+                    bit_pointer=2), 0)
+            if self._unit_attentions and opcode not in (c.INQUIRY, c.REPORT_LUNS,
+                                                        c.REQUEST_SENSE):
+                with self._ua_lock:
+                    if self._unit_attentions:
+                        asc = self._unit_attentions.pop(0)
+                        return self._check(c.UNIT_ATTENTION, asc)
+            return op.handler(cdb, data_out, data_in)
+        except _Check as e:
+            return Response(c.CHECK_CONDITION, e.sense, 0)
+        except VolumeIOError as e:
+            log.error("I/O error: %s", e)
+            return self._check(c.MEDIUM_ERROR, c.ASC_UNRECOVERED_READ_ERROR if e.is_read
+                               else c.ASC_WRITE_ERROR)
+        except Exception:
+            log.exception("SCSI command %s failed", bytes(cdb[:16]).hex())
+            return self._check(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE)
+
+    @staticmethod
+    def _check(key, pair) -> Response:
+        return Response(c.CHECK_CONDITION, build_sense(key, pair[0], pair[1]), 0)
+
+    # -- common checks -------------------------------------------------------------------------
+
+    def _check_range(self, lba, nblocks):
+        if lba + nblocks > self.backend.num_blocks or lba > self.backend.num_blocks:
+            raise _Check(*_LBA_OUT_OF_RANGE)
+
+    def _check_writable(self):
+        if self.read_only:
+            raise _Check(c.DATA_PROTECT, c.ASC_WRITE_PROTECTED)
+
+    def _respond(self, data_in, payload: bytes, alloc_len: int) -> Response:
+        payload = payload[:alloc_len]
+        n = _scatter(data_in, payload)
+        return Response(c.GOOD, b"", n)
+
+    def _data_out(self, data_out, expected: int) -> list:
+        if _total(data_out) != expected:
+            raise _Check(c.ILLEGAL_REQUEST, c.ASC_INVALID_FIELD_IN_COMMAND_IU)
+        return list(data_out)
+
+    # -- READ / WRITE --------------------------------------------------------------------------
+
+    @staticmethod
+    def _rw_fields(cdb):
+        op = cdb[0]
+        if op in (c.READ_10, c.WRITE_10, c.VERIFY_10, c.WRITE_AND_VERIFY_10):
+            return _be(cdb, 2, 4), _be(cdb, 7, 2)
+        if op in (c.READ_16, c.WRITE_16, c.VERIFY_16, c.WRITE_AND_VERIFY_16):
+            return _be(cdb, 2, 8), _be(cdb, 10, 4)
+        if op in (c.READ_12, c.WRITE_12, c.VERIFY_12, c.WRITE_AND_VERIFY_12):
+            return _be(cdb, 2, 4), _be(cdb, 6, 4)
+        # READ(6) / WRITE(6): 21-bit LBA, length 0 means 256 blocks
+        return ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3], cdb[4] or 256
+
+    def _read(self, cdb, data_out, data_in):
+        lba, n = self._rw_fields(cdb)
+        if cdb[0] != c.READ_6 and cdb[1] & 0xE0:
+            raise _invalid_cdb(1, 7)                 # RDPROTECT: no protection information
+        self._check_range(lba, n)
+        if n > self.max_transfer_blocks:
+            raise _invalid_cdb(7 if cdb[0] == c.READ_10 else 10)
+        if n == 0:
+            return GOOD_RESPONSE
+        bs = self.backend.block_size
+        want = min(n * bs, _total(data_in))
+        full = want // bs
+        if full:
+            self.backend.read(lba, _take(data_in, full * bs))
+        rest = want - full * bs
+        if rest:                                     # a partial last block: bounce it
+            tmp = bytearray(bs)
+            self.backend.read(lba + full, [memoryview(tmp)])
+            views = _take(data_in, want)
+            skip = full * bs
+            pos = 0
+            for v in views:
+                if skip >= len(v):
+                    skip -= len(v)
+                    continue
+                k = len(v) - skip
+                v[skip:] = tmp[pos:pos + k]
+                pos += k
+                skip = 0
+        return Response(c.GOOD, b"", want)
+
+    def _write(self, cdb, data_out, data_in):
+        lba, n = self._rw_fields(cdb)
+        if cdb[0] != c.WRITE_6 and cdb[1] & 0xE0:
+            raise _invalid_cdb(1, 7)                 # WRPROTECT
+        self._check_writable()
+        self._check_range(lba, n)
+        if n > self.max_transfer_blocks:
+            raise _invalid_cdb(7 if cdb[0] == c.WRITE_10 else 10)
+        if n == 0:
+            return GOOD_RESPONSE
+        bufs = self._data_out(data_out, n * self.backend.block_size)
+        fua = cdb[0] != c.WRITE_6 and bool(cdb[1] & 0x08)
+        self.backend.write(lba, bufs, fua=fua or not self.write_cache)
+        return GOOD_RESPONSE
+
+    def _verify(self, cdb, data_out, data_in):
+        lba, n = self._rw_fields(cdb)
+        if cdb[1] & 0xE0:
+            raise _invalid_cdb(1, 7)                 # VRPROTECT
+        bytchk = (cdb[1] >> 1) & 0x03
+        if bytchk == 2:
+            raise _invalid_cdb(1, 2)
+        self._check_range(lba, n)
+        if n > self.max_transfer_blocks:
+            raise _invalid_cdb(7)
+        if n == 0:
+            return GOOD_RESPONSE
+        bs = self.backend.block_size
+        medium = bytearray(n * bs)
+        self.backend.read(lba, [memoryview(medium)])
+        if bytchk == 0:
+            return GOOD_RESPONSE
+        expect = _gather(self._data_out(data_out, bs if bytchk == 3 else n * bs))
+        if bytchk == 3:
+            expect = expect * n
+        return self._compare(medium, expect)
+
+    def _compare(self, medium, expect) -> Response:
+        if medium == expect:
+            return GOOD_RESPONSE
+        off = next(i for i in range(len(expect)) if medium[i] != expect[i])
+        raise _Check(c.MISCOMPARE, c.ASC_MISCOMPARE_DURING_VERIFY, information=off)
+
+    def _write_and_verify(self, cdb, data_out, data_in):
+        lba, n = self._rw_fields(cdb)
+        if cdb[1] & 0xE0:
+            raise _invalid_cdb(1, 7)
+        self._check_writable()
+        self._check_range(lba, n)
+        if n > self.max_transfer_blocks:
+            raise _invalid_cdb(7)
+        if n == 0:
+            return GOOD_RESPONSE
+        bs = self.backend.block_size
+        bufs = self._data_out(data_out, n * bs)
+        self.backend.write(lba, bufs, fua=True)
+        medium = bytearray(n * bs)
+        self.backend.read(lba, [memoryview(medium)])
+        return self._compare(medium, _gather(bufs))
+
+    def _sync_cache(self, cdb, data_out, data_in):
+        if cdb[0] == c.SYNCHRONIZE_CACHE_10:
+            lba, n = _be(cdb, 2, 4), _be(cdb, 7, 2)
+        else:
+            lba, n = _be(cdb, 2, 8), _be(cdb, 10, 4)
+        self._check_range(lba, n)
+        self.backend.flush()
+        return GOOD_RESPONSE
+
+    def _write_same(self, cdb, data_out, data_in):
+        if cdb[0] == c.WRITE_SAME_10:
+            lba, n = _be(cdb, 2, 4), _be(cdb, 7, 2)
+            ndob = False
+        else:
+            lba, n = _be(cdb, 2, 8), _be(cdb, 10, 4)
+            ndob = bool(cdb[1] & 0x01)
+        if cdb[1] & 0xE0:
+            raise _invalid_cdb(1, 7)                 # WRPROTECT
+        if cdb[1] & 0x10:
+            raise _invalid_cdb(1, 4)                 # ANCHOR: no anchored state
+        unmap = bool(cdb[1] & 0x08)
+        self._check_writable()
+        if n == 0:
+            raise _invalid_cdb(7 if cdb[0] == c.WRITE_SAME_10 else 10)   # WSNZ = 1
+        if n > self.max_write_same_blocks:
+            raise _invalid_cdb(7 if cdb[0] == c.WRITE_SAME_10 else 10)
+        self._check_range(lba, n)
+        bs = self.backend.block_size
+        if ndob:
+            block = bytes(bs)
+        else:
+            block = _gather(self._data_out(data_out, bs))
+        if unmap and not any(block):
+            self.backend.unmap(lba, n)               # LBPRZ: unmapped blocks read as zeroes
+            return GOOD_RESPONSE
+        ws = getattr(self.backend, "write_same", None)
+        if ws is not None:
+            ws(lba, n, memoryview(block))
+            return GOOD_RESPONSE
+        chunk = max(1, min(n, (1 << 20) // bs))
+        buf = memoryview(block * chunk)
+        done = 0
+        while done < n:
+            k = min(chunk, n - done)
+            self.backend.write(lba + done, [buf[:k * bs]])
+            done += k
+        return GOOD_RESPONSE
+
+    def _unmap(self, cdb, data_out, data_in):
+        if cdb[1] & 0x01:
+            raise _invalid_cdb(1, 0)                 # ANCHOR
+        self._check_writable()
+        plen = _be(cdb, 7, 2)
+        if plen == 0:
+            return GOOD_RESPONSE
+        if plen < 8:
+            raise _Check(c.ILLEGAL_REQUEST, c.ASC_PARAMETER_LIST_LENGTH_ERROR)
+        buf = _gather(data_out, plen)
+        if len(buf) < 8:
+            raise _Check(c.ILLEGAL_REQUEST, c.ASC_PARAMETER_LIST_LENGTH_ERROR)
+        bd_len = _be(buf, 2, 2)
+        size = min(bd_len, len(buf) - 8)
+        ndesc = size // 16
+        if ndesc > self.max_unmap_descriptors:
+            raise _invalid_param(2)
+        ranges = []
+        for k in range(ndesc):
+            off = 8 + 16 * k
+            lba, n = _be(buf, off, 8), _be(buf, off + 8, 4)
+            if n > self.max_unmap_blocks:
+                raise _invalid_param(off + 8)
+            self._check_range(lba, n)
+            ranges.append((lba, n))
+        for lba, n in ranges:
+            if n:
+                self.backend.unmap(lba, n)
+        return GOOD_RESPONSE
+
+    def _compare_and_write(self, cdb, data_out, data_in):
+        if cdb[1] & 0xE0:
+            raise _invalid_cdb(1, 7)
+        lba, n = _be(cdb, 2, 8), cdb[13]
+        self._check_writable()
+        if n > self.max_compare_write_blocks:
+            raise _invalid_cdb(13)
+        self._check_range(lba, n)
+        if n == 0:
+            return GOOD_RESPONSE
+        bs = self.backend.block_size
+        data = _gather(self._data_out(data_out, 2 * n * bs))
+        mv = memoryview(data)
+        off = self.backend.compare_and_write(lba, mv[:n * bs], mv[n * bs:])
+        if off is not None:
+            raise _Check(c.MISCOMPARE, c.ASC_MISCOMPARE_DURING_VERIFY, information=off)
+        return GOOD_RESPONSE
+
+    # -- SPC: INQUIRY and friends --------------------------------------------------------------
+
+    def _tur(self, cdb, data_out, data_in):
+        return GOOD_RESPONSE
+
+    def _start_stop(self, cdb, data_out, data_in):
+        if cdb[4] & 0xF0 not in (0x00,):             # power conditions other than START_VALID
+            raise _invalid_cdb(4, 7)
+        return GOOD_RESPONSE
+
+    def _request_sense(self, cdb, data_out, data_in):
+        desc = bool(cdb[1] & 0x01)
+        with self._ua_lock:
+            asc = self._unit_attentions.pop(0) if self._unit_attentions else None
+        key = c.UNIT_ATTENTION if asc else c.NO_SENSE
+        asc = asc or c.ASC_NO_ADDITIONAL_SENSE
+        if desc:
+            payload = bytes([0x72, key, asc[0], asc[1], 0, 0, 0, 0])
+        else:
+            payload = build_sense(key, *asc)
+        return self._respond(data_in, payload, cdb[4])
+
+    def _naa(self) -> bytes:
+        """NAA 6 (IEEE Registered Extended) from LIO's OUI and the unit serial (stable)."""
+        digits = "".join(ch for ch in self.wwn.lower() if ch in "0123456789abcdef")
+        if len(digits) < 25:
+            digits = (digits + hashlib.sha256(self.wwn.encode()).hexdigest())[:25]
+        value = (0x6 << 124) | (IEEE_OUI_LIO << 100) | int(digits[:25], 16)
+        return value.to_bytes(16, "big")
+
+    def _inquiry(self, cdb, data_out, data_in):
+        alloc = _be(cdb, 3, 2)
+        evpd = cdb[1] & 0x01
+        page = cdb[2]
+        if cdb[1] & 0x02:                            # CMDDT (obsolete)
+            raise _invalid_cdb(1, 1)
+        if not evpd:
+            if page:
+                raise _invalid_cdb(2)
+            data = bytearray(36)
+            data[0] = 0x00                           # connected direct-access block device
+            data[2] = 0x06                           # SPC-4
+            data[3] = 0x12                           # HiSup, response data format 2
+            data[4] = len(data) - 5
+            data[7] = 0x02                           # CmdQue
+            data[8:16] = self.vendor.encode()[:8].ljust(8)
+            data[16:32] = self.product.encode()[:16].ljust(16)
+            data[32:36] = self.revision.encode()[:4].ljust(4)
+            return self._respond(data_in, bytes(data), alloc)
+        builder = self._vpd_pages().get(page)
+        if builder is None:
+            raise _invalid_cdb(2)
+        body = builder()
+        payload = bytes([0x00, page]) + len(body).to_bytes(2, "big") + body
+        return self._respond(data_in, payload, alloc)
+
+    def _vpd_pages(self):
+        return {0x00: self._vpd_supported, 0x80: self._vpd_serial, 0x83: self._vpd_devid,
+                0xB0: self._vpd_block_limits, 0xB1: self._vpd_block_characteristics,
+                0xB2: self._vpd_provisioning}
+
+    def _vpd_supported(self):
+        return bytes(sorted(self._vpd_pages()))
+
+    def _vpd_serial(self):
+        return self.wwn.encode()[:252]
+
+    def _vpd_devid(self):
+        naa = self._naa()
+        out = bytes([0x01, 0x03, 0x00, len(naa)]) + naa                 # binary, LUN, NAA
+        t10 = (self.vendor.encode()[:8].ljust(8) + self.wwn.encode())[:64]
+        out += bytes([0x02, 0x01, 0x00, len(t10)]) + t10                # ASCII, LUN, T10 vendor
+        return out
+
+    def _vpd_block_limits(self):
+        b = bytearray(0x3C)
+        b[0] = 0x01                                                      # WSNZ
+        b[1] = self.max_compare_write_blocks & 0xFF
+        b[2:4] = (1).to_bytes(2, "big")                                  # optimal granularity
+        b[4:8] = self.max_transfer_blocks.to_bytes(4, "big")
+        b[8:12] = self.optimal_transfer_blocks.to_bytes(4, "big")
+        b[16:20] = self.max_unmap_blocks.to_bytes(4, "big")
+        b[20:24] = self.max_unmap_descriptors.to_bytes(4, "big")
+        b[24:28] = (1).to_bytes(4, "big")                                # unmap granularity
+        b[32:40] = self.max_write_same_blocks.to_bytes(8, "big")
+        return bytes(b)
+
+    def _vpd_block_characteristics(self):
+        b = bytearray(0x3C)
+        b[0:2] = (1).to_bytes(2, "big")                                  # non-rotating medium
+        return bytes(b)
+
+    def _vpd_provisioning(self):
+        # threshold exponent 0; LBPU, LBPWS, LBPWS10, LBPRZ=1; provisioning type 2 (thin)
+        return bytes([0, 0x80 | 0x40 | 0x20 | 0x04, 0x02, 0])
+
+    def _read_capacity_10(self, cdb, data_out, data_in):
+        if not cdb[8] & 0x01 and _be(cdb, 2, 4):
+            raise _invalid_cdb(2)                    # LBA without PMI
+        last = self.backend.num_blocks - 1
+        payload = min(last, 0xFFFFFFFF).to_bytes(4, "big") + \
+            self.backend.block_size.to_bytes(4, "big")
+        return self._respond(data_in, payload, 8)
+
+    def _read_capacity_16(self, cdb, data_out, data_in):
+        alloc = _be(cdb, 10, 4)
+        b = bytearray(32)
+        b[0:8] = (self.backend.num_blocks - 1).to_bytes(8, "big")
+        b[8:12] = self.backend.block_size.to_bytes(4, "big")
+        b[14] = 0x80 | 0x40                          # LBPME, LBPRZ
+        return self._respond(data_in, bytes(b), alloc)
+
+    # -- mode pages ----------------------------------------------------------------------------
+
+    def _mode_page(self, page, pc) -> bytes:
+        """Page ``page`` for page control ``pc`` (0 current, 1 changeable, 2 default)."""
+        if page == c.MP_RW_ERROR_RECOVERY:
+            b = bytearray(12)
+            b[0], b[1] = page, 10
+            return bytes(b)
+        if page == c.MP_CACHING:
+            b = bytearray(20)
+            b[0], b[1] = page, 18
+            if pc == 1:
+                b[2] = 0x04                          # only WCE is changeable
+            elif pc == 2:
+                b[2] = 0x04
+            elif self.write_cache:
+                b[2] = 0x04
+            return bytes(b)
+        if page == c.MP_CONTROL:
+            b = bytearray(12)
+            b[0], b[1] = page, 10
+            if pc != 1:
+                b[3] = 0x10                          # unrestricted reordering allowed
+                b[5] = 0x40                          # TAS
+                b[8:10] = b"\xff\xff"                # busy timeout: unlimited
+            return bytes(b)
+        raise KeyError(page)
+
+    _PAGES = (c.MP_RW_ERROR_RECOVERY, c.MP_CACHING, c.MP_CONTROL)
+
+    def _mode_sense(self, cdb, data_out, data_in):
+        six = cdb[0] == c.MODE_SENSE_6
+        dbd = bool(cdb[1] & 0x08)
+        llbaa = not six and bool(cdb[1] & 0x10)
+        pc, page, subpage = cdb[2] >> 6, cdb[2] & 0x3F, cdb[3]
+        alloc = cdb[4] if six else _be(cdb, 7, 2)
+        if pc == 3:
+            raise _Check(c.ILLEGAL_REQUEST, c.ASC_SAVING_PARAMETERS_NOT_SUPPORTED)
+        if page == c.MP_ALL:
+            if subpage not in (0x00, 0xFF):
+                raise _invalid_cdb(3)
+            pages = b"".join(self._mode_page(p, pc) for p in self._PAGES)
+        else:
+            if subpage or page not in self._PAGES:
+                raise _invalid_cdb(2 if not subpage else 3)
+            pages = self._mode_page(page, pc)
+        bdesc = b""
+        if not dbd:
+            bs, nb = self.backend.block_size, self.backend.num_blocks
+            if llbaa:
+                bdesc = nb.to_bytes(8, "big") + bytes(4) + bs.to_bytes(4, "big")
+            else:
+                bdesc = min(nb, 0xFFFFFFFF).to_bytes(4, "big") + b"\0" + bs.to_bytes(3, "big")
+        dsp = 0x10 | (0x80 if self.read_only else 0)  # DPOFUA, WP
+        if six:
+            body = bytes([0, dsp, len(bdesc)]) + bdesc + pages
+            payload = bytes([len(body)]) + body
+        else:
+            body = bytes([0, dsp, 0x01 if llbaa and bdesc else 0, 0]) + \
+                len(bdesc).to_bytes(2, "big") + bdesc + pages
+            payload = len(body).to_bytes(2, "big") + body
+        return self._respond(data_in, payload, alloc)
+
+    def _mode_select(self, cdb, data_out, data_in):
+        six = cdb[0] == c.MODE_SELECT_6
+        plen = cdb[4] if six else _be(cdb, 7, 2)
+        if cdb[1] & 0x01:
+            raise _invalid_cdb(1, 0)                 # SP: cannot save parameters
+        if not cdb[1] & 0x10:
+            raise _invalid_cdb(1, 4)                 # PF must be set (SPC page format)
+        if plen == 0:
+            return GOOD_RESPONSE
+        buf = _gather(data_out, plen)
+        hdr = 4 if six else 8
+        if len(buf) < hdr:
+            raise _Check(c.ILLEGAL_REQUEST, c.ASC_PARAMETER_LIST_LENGTH_ERROR)
+        bdl = buf[3] if six else _be(buf, 6, 2)
+        if bdl not in (0, 8, 16):
+            raise _invalid_param(3 if six else 6)
+        pos = hdr + bdl
+        if pos > len(buf):
+            raise _Check(c.ILLEGAL_REQUEST, c.ASC_PARAMETER_LIST_LENGTH_ERROR)
+        new_wce = None
+        while pos < len(buf):
+            if pos + 2 > len(buf):
+                raise _Check(c.ILLEGAL_REQUEST, c.ASC_PARAMETER_LIST_LENGTH_ERROR)
+            page, plen2 = buf[pos] & 0x3F, buf[pos + 1]
+            if buf[pos] & 0x40 or page not in self._PAGES:
+                raise _invalid_param(pos)
+            given = buf[pos:pos + 2 + plen2]
+            current = self._mode_page(page, 0)
+            mask = self._mode_page(page, 1)
+            if len(given) != len(current):
+                raise _invalid_param(pos + 1)
+            for i in range(2, len(current)):
+                if (given[i] ^ current[i]) & ~mask[i] & 0xFF:
+                    raise _invalid_param(pos + i)
+            if page == c.MP_CACHING:
+                new_wce = bool(given[2] & 0x04)
+            pos += 2 + plen2
+        if new_wce is not None and new_wce != self.write_cache:
+            self.write_cache = new_wce
+        return GOOD_RESPONSE
+
+    # -- REPORT SUPPORTED OPERATION CODES ------------------------------------------------------
+
+    def _report_opcodes(self, cdb, data_out, data_in):
+        rctd = bool(cdb[2] & 0x80)
+        options = cdb[2] & 0x07
+        req_op, req_sa = cdb[3], _be(cdb, 4, 2)
+        alloc = _be(cdb, 6, 4)
+        timeouts = bytes([0, 10, 0, 0]) + (0).to_bytes(4, "big") + (30).to_bytes(4, "big")
+        if options == 0:
+            out = b""
+            for op in sorted(self._ops.values(), key=lambda o: (o.opcode, o.sa or 0)):
+                flags = (0x01 if op.sa is not None else 0) | (0x02 if rctd else 0)
+                out += bytes([op.opcode, 0]) + (op.sa or 0).to_bytes(2, "big") + \
+                    bytes([0, flags]) + op.cdb_len.to_bytes(2, "big")
+                if rctd:
+                    out += timeouts
+            payload = len(out).to_bytes(4, "big") + out
+            return self._respond(data_in, payload, alloc)
+        if options not in (1, 2, 3):
+            raise _invalid_cdb(2, 2)
+        has_sa = any(k[0] == req_op and k[1] is not None for k in self._ops)
+        if options == 1:
+            if has_sa:
+                raise _invalid_cdb(3)
+            op = self._ops.get((req_op, None))
+        elif options == 2:
+            if not has_sa and (req_op, None) in self._ops:
+                raise _invalid_cdb(3)
+            op = self._ops.get((req_op, req_sa))
+        else:
+            op = self._ops.get((req_op, req_sa if has_sa else None))
+        if op is None:
+            payload = bytes([0, 0x01, 0, 0])         # not supported
+        else:
+            payload = bytes([0, (0x80 if rctd else 0) | 0x03]) + \
+                op.cdb_len.to_bytes(2, "big") + op.usage
+            if rctd:
+                payload += timeouts
+        return self._respond(data_in, payload, alloc)
+
+    # -- the table -----------------------------------------------------------------------------
+
+    def _register(self):
+        def add(opcode, name, handler, usage, sa=None):
+            self._ops[(opcode, sa)] = _Op(opcode, sa, name, handler, usage)
+
+        rw10 = lambda op, b1: (op, b1, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x07)  # noqa
+        rw16 = lambda op, b1: (op, b1) + (0xFF,) * 12 + (0x1F, 0x07)  # noqa: E731
+        rw12 = lambda op, b1: (op, b1) + (0xFF,) * 8 + (0x1F, 0x07)  # noqa: E731
+        add(c.TEST_UNIT_READY, "TEST UNIT READY", self._tur, (0x00, 0, 0, 0, 0, 0x07))
+        add(c.REQUEST_SENSE, "REQUEST SENSE", self._request_sense, (0x03, 0x01, 0, 0, 0xFF, 0x07))
+        add(c.INQUIRY, "INQUIRY", self._inquiry, (0x12, 0x01, 0xFF, 0xFF, 0xFF, 0x07))
+        add(c.MODE_SELECT_6, "MODE SELECT(6)", self._mode_select,
+            (0x15, 0x11, 0, 0, 0xFF, 0x07))
+        add(c.MODE_SENSE_6, "MODE SENSE(6)", self._mode_sense, (0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0x07))
+        add(c.MODE_SELECT_10, "MODE SELECT(10)", self._mode_select,
+            (0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07))
+        add(c.MODE_SENSE_10, "MODE SENSE(10)", self._mode_sense,
+            (0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0x07))
+        add(c.START_STOP_UNIT, "START STOP UNIT", self._start_stop,
+            (0x1B, 0x01, 0, 0x0F, 0xF7, 0x07))
+        add(c.READ_CAPACITY_10, "READ CAPACITY(10)", self._read_capacity_10,
+            (0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, 0x07))
+        add(c.SERVICE_ACTION_IN_16, "READ CAPACITY(16)", self._read_capacity_16,
+            (0x9E, 0x10) + (0xFF,) * 12 + (0, 0x07), sa=c.SAI_READ_CAPACITY_16)
+        add(c.READ_6, "READ(6)", self._read, (0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0x07))
+        add(c.WRITE_6, "WRITE(6)", self._write, (0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0x07))
+        add(c.READ_10, "READ(10)", self._read, rw10(0x28, 0x18))
+        add(c.WRITE_10, "WRITE(10)", self._write, rw10(0x2A, 0x18))
+        add(c.READ_12, "READ(12)", self._read, rw12(0xA8, 0x18))
+        add(c.WRITE_12, "WRITE(12)", self._write, rw12(0xAA, 0x18))
+        add(c.READ_16, "READ(16)", self._read, rw16(0x88, 0x18))
+        add(c.WRITE_16, "WRITE(16)", self._write, rw16(0x8A, 0x18))
+        add(c.VERIFY_10, "VERIFY(10)", self._verify, rw10(0x2F, 0x06))
+        add(c.VERIFY_12, "VERIFY(12)", self._verify, rw12(0xAF, 0x06))
+        add(c.VERIFY_16, "VERIFY(16)", self._verify, rw16(0x8F, 0x06))
+        add(c.WRITE_AND_VERIFY_10, "WRITE AND VERIFY(10)", self._write_and_verify,
+            rw10(0x2E, 0x02))
+        add(c.WRITE_AND_VERIFY_12, "WRITE AND VERIFY(12)", self._write_and_verify,
+            rw12(0xAE, 0x02))
+        add(c.WRITE_AND_VERIFY_16, "WRITE AND VERIFY(16)", self._write_and_verify,
+            rw16(0x8E, 0x02))
+        add(c.SYNCHRONIZE_CACHE_10, "SYNCHRONIZE CACHE(10)", self._sync_cache,
+            (0x35, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x07))
+        add(c.SYNCHRONIZE_CACHE_16, "SYNCHRONIZE CACHE(16)", self._sync_cache,
+            (0x91, 0x02) + (0xFF,) * 12 + (0x1F, 0x07))
+        add(c.WRITE_SAME_10, "WRITE SAME(10)", self._write_same,
+            (0x41, 0x08, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x07))
+        add(c.WRITE_SAME_16, "WRITE SAME(16)", self._write_same,
+            (0x93, 0x09) + (0xFF,) * 12 + (0x1F, 0x07))
+        add(c.UNMAP, "UNMAP", self._unmap, (0x42, 0, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0x07))
+        add(c.COMPARE_AND_WRITE, "COMPARE AND WRITE", self._compare_and_write,
+            (0x89, 0x18) + (0xFF,) * 8 + (0, 0, 0, 0xFF, 0x1F, 0x07))
+        add(c.MAINTENANCE_IN, "REPORT SUPPORTED OPERATION CODES", self._report_opcodes,
+            (0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07),
+            sa=c.MI_REPORT_SUPPORTED_OPERATION_CODES)
+
+    def supported_opcodes(self) -> list[tuple[int, int | None, str]]:
+        return sorted((o.opcode, o.sa, o.name) for o in self._ops.values())
+

@@ -1,0 +1,413 @@
+"""The sans-I/O SCSI core against an in-memory backend: every command, its error paths, and a
+fuzz test requiring a well-formed response for any CDB."""
+
+import struct
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lvmirror.errors import VolumeIOError
+from lvmirror.scsi import CHECK_CONDITION, GOOD, LogicalUnit, parse_sense
+from lvmirror.scsi import constants as c
+
+BS = 512
+NBLOCKS = 4096
+
+
+class RamBackend:
+    def __init__(self, nblocks=NBLOCKS, bs=BS):
+        self.block_size = bs
+        self.num_blocks = nblocks
+        self.data = bytearray(nblocks * bs)
+        self.calls = []
+        self.flushes = 0
+        self.fail_reads = False
+        self.lock = threading.Lock()
+
+    def _range(self, lba, n):
+        assert 0 <= lba and lba + n <= self.num_blocks, ("backend call out of range", lba, n)
+
+    def read(self, lba, buffers):
+        if self.fail_reads:
+            raise VolumeIOError("injected", is_read=True)
+        n = sum(len(b) for b in buffers)
+        assert n % self.block_size == 0
+        self._range(lba, n // self.block_size)
+        self.calls.append(("read", lba, n // self.block_size))
+        p = lba * self.block_size
+        for b in buffers:
+            b[:] = self.data[p:p + len(b)]
+            p += len(b)
+
+    def write(self, lba, buffers, fua=False):
+        n = sum(len(b) for b in buffers)
+        assert n % self.block_size == 0
+        self._range(lba, n // self.block_size)
+        self.calls.append(("write", lba, n // self.block_size, fua))
+        p = lba * self.block_size
+        for b in buffers:
+            self.data[p:p + len(b)] = b
+            p += len(b)
+
+    def flush(self):
+        self.flushes += 1
+
+    def unmap(self, lba, n):
+        self._range(lba, n)
+        self.calls.append(("unmap", lba, n))
+        self.data[lba * self.block_size:(lba + n) * self.block_size] = bytes(n * self.block_size)
+
+    def compare_and_write(self, lba, verify, data):
+        with self.lock:
+            self._range(lba, len(verify) // self.block_size)
+            p = lba * self.block_size
+            cur = self.data[p:p + len(verify)]
+            if cur != verify:
+                return next(i for i in range(len(cur)) if cur[i] != verify[i])
+            self.data[p:p + len(data)] = data
+            return None
+
+
+@pytest.fixture
+def lu():
+    return LogicalUnit(RamBackend(), wwn="5f0c1b2a-7d3e-4f60-9a8b-0c1d2e3f4a5b")
+
+
+def run(lu, cdb, out=b"", in_len=0):
+    out_b = [memoryview(bytearray(out))] if out else []
+    in_buf = bytearray(in_len)
+    r = lu.execute(bytes(cdb), out_b, [memoryview(in_buf)] if in_len else [])
+    return r, bytes(in_buf[:r.read_len])
+
+
+def sense_of(r):
+    assert r.status == CHECK_CONDITION
+    return parse_sense(r.sense)
+
+
+def cdb10(op, lba, n, b1=0):
+    return bytes([op, b1]) + lba.to_bytes(4, "big") + b"\0" + n.to_bytes(2, "big") + b"\0"
+
+
+def cdb16(op, lba, n, b1=0):
+    return bytes([op, b1]) + lba.to_bytes(8, "big") + n.to_bytes(4, "big") + b"\0\0"
+
+
+# -- INQUIRY ----------------------------------------------------------------------------------
+
+def test_standard_inquiry(lu):
+    r, d = run(lu, [0x12, 0, 0, 0, 255, 0], in_len=255)
+    assert r.status == GOOD and len(d) == 36
+    assert d[0] == 0 and d[2] == 6 and d[3] & 0x0F == 2 and d[7] & 0x02
+    assert d[8:16] == b"LIO-ORG " and d[16:32].rstrip() == b"lvmirror"
+
+
+def test_inquiry_allocation_length_truncates(lu):
+    r, d = run(lu, [0x12, 0, 0, 0, 5, 0], in_len=255)
+    assert r.read_len == 5 and d[4] == 31
+
+
+def test_inquiry_page_code_without_evpd_is_invalid(lu):
+    assert sense_of(run(lu, [0x12, 0, 0x80, 0, 255, 0], in_len=255)[0]) == (5, 0x24, 0)
+
+
+def test_vpd_pages(lu):
+    r, d = run(lu, [0x12, 1, 0x00, 0, 255, 0], in_len=255)
+    pages = list(d[4:4 + d[3]])
+    assert pages == [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2]
+    _, serial = run(lu, [0x12, 1, 0x80, 0, 255, 0], in_len=255)
+    assert serial[4:] == b"5f0c1b2a-7d3e-4f60-9a8b-0c1d2e3f4a5b"
+    _, devid = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
+    assert devid[5] & 0x0F == 3 and devid[7] == 16 and devid[8] >> 4 == 6   # NAA 6
+    naa = devid[8:24]
+    assert (int.from_bytes(naa, "big") >> 100) & 0xFFFFFF == 0x001405
+    other = LogicalUnit(RamBackend(), wwn="5f0c1b2a-7d3e-4f60-9a8b-0c1d2e3f4a5b")
+    assert run(other, [0x12, 1, 0x83, 0, 255, 0], in_len=255)[1] == devid     # stable
+    _, bl = run(lu, [0x12, 1, 0xB0, 0, 255, 0], in_len=255)
+    assert struct.unpack(">H", bl[2:4])[0] == 0x3C and bl[4] & 1 and bl[5] == 1
+    _, lbp = run(lu, [0x12, 1, 0xB2, 0, 255, 0], in_len=255)
+    assert lbp[5] & 0xE0 == 0xE0 and lbp[6] & 0x07 == 2
+    _, bc = run(lu, [0x12, 1, 0xB1, 0, 255, 0], in_len=255)
+    assert bc[4:6] == b"\0\x01"
+    assert sense_of(run(lu, [0x12, 1, 0x99, 0, 255, 0], in_len=255)[0]) == (5, 0x24, 0)
+
+
+# -- capacity, TUR, REQUEST SENSE, unit attention ---------------------------------------------
+
+def test_read_capacity_10_and_16(lu):
+    r, d = run(lu, [0x25] + [0] * 9, in_len=8)
+    assert struct.unpack(">II", d) == (NBLOCKS - 1, BS)
+    r, d = run(lu, [0x9E, 0x10] + [0] * 8 + [0, 0, 0, 32, 0, 0], in_len=32)
+    assert struct.unpack(">QI", d[:12]) == (NBLOCKS - 1, BS) and d[14] & 0xC0 == 0xC0
+    assert sense_of(run(lu, [0x25, 0, 0, 0, 0, 1, 0, 0, 0, 0], in_len=8)[0]) == (5, 0x24, 0)
+
+
+def test_capacity_change_gives_one_unit_attention_but_not_to_inquiry(lu):
+    lu.backend.num_blocks = 2048
+    lu.capacity_changed()
+    assert run(lu, [0x12, 0, 0, 0, 36, 0], in_len=36)[0].status == GOOD
+    assert sense_of(run(lu, [0] * 6)[0]) == (6, 0x2A, 0x09)
+    assert run(lu, [0] * 6)[0].status == GOOD
+    r, d = run(lu, [0x25] + [0] * 9, in_len=8)
+    assert struct.unpack(">I", d[:4])[0] == 2047
+
+
+def test_request_sense_returns_pending_unit_attention_then_no_sense(lu):
+    lu.capacity_changed()
+    r, d = run(lu, [0x03, 0, 0, 0, 18, 0], in_len=18)
+    assert r.status == GOOD and parse_sense(d) == (6, 0x2A, 0x09)
+    r, d = run(lu, [0x03, 1, 0, 0, 18, 0], in_len=18)
+    assert d[0] == 0x72 and parse_sense(d) == (0, 0, 0)
+
+
+def test_unknown_opcode_and_naca(lu):
+    assert sense_of(run(lu, [0xC0] + [0] * 9)[0]) == (5, 0x20, 0)
+    assert sense_of(run(lu, [0x00, 0, 0, 0, 0, 0x04])[0]) == (5, 0x24, 0)
+    assert sense_of(run(lu, [0x9E, 0x11] + [0] * 14)[0]) == (5, 0x24, 0)     # unknown SA
+    assert sense_of(run(lu, b"")[0]) == (5, 0x20, 0)
+
+
+# -- READ / WRITE -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda op, lba, n: cdb10(0x28 if op == "r" else 0x2A, lba, n),
+    lambda op, lba, n: bytes([0xA8 if op == "r" else 0xAA, 0]) + lba.to_bytes(4, "big")
+    + n.to_bytes(4, "big") + b"\0\0",
+    lambda op, lba, n: cdb16(0x88 if op == "r" else 0x8A, lba, n),
+    lambda op, lba, n: bytes([0x08 if op == "r" else 0x0A, lba >> 16, (lba >> 8) & 0xFF,
+                              lba & 0xFF, n, 0]),
+])
+def test_write_then_read_every_size(lu, make):
+    data = bytes(range(256)) * 8          # 4 blocks
+    assert run(lu, make("w", 100, 4), out=data)[0].status == GOOD
+    r, d = run(lu, make("r", 100, 4), in_len=len(data))
+    assert r.status == GOOD and d == data
+    assert lu.backend.data[100 * BS:104 * BS] == data
+
+
+def test_read6_length_zero_means_256_blocks(lu):
+    r, d = run(lu, [0x08, 0, 0, 0, 0, 0], in_len=256 * BS)
+    assert r.read_len == 256 * BS and lu.backend.calls[-1] == ("read", 0, 256)
+
+
+def test_read10_length_zero_transfers_nothing(lu):
+    r, _ = run(lu, cdb10(0x28, 0, 0))
+    assert r == (GOOD, b"", 0) and not lu.backend.calls
+
+
+def test_lba_out_of_range(lu):
+    assert sense_of(run(lu, cdb10(0x28, NBLOCKS - 1, 2), in_len=2 * BS)[0]) == (5, 0x21, 0)
+    assert sense_of(run(lu, cdb16(0x8A, 2 ** 63, 1), out=bytes(BS))[0]) == (5, 0x21, 0)
+    assert run(lu, cdb10(0x28, NBLOCKS, 0))[0].status == GOOD      # zero blocks at the end
+    assert sense_of(run(lu, cdb10(0x28, NBLOCKS + 1, 0))[0]) == (5, 0x21, 0)
+    assert not lu.backend.calls
+
+
+def test_fua_and_write_cache_off_reach_the_backend(lu):
+    run(lu, cdb10(0x2A, 0, 1, b1=0x08), out=bytes(BS))
+    assert lu.backend.calls[-1] == ("write", 0, 1, True)
+    run(lu, cdb10(0x2A, 0, 1), out=bytes(BS))
+    assert lu.backend.calls[-1] == ("write", 0, 1, False)
+    lu.write_cache = False
+    run(lu, cdb10(0x2A, 0, 1), out=bytes(BS))
+    assert lu.backend.calls[-1] == ("write", 0, 1, True)
+
+
+def test_write_buffer_mismatch_is_refused(lu):
+    assert sense_of(run(lu, cdb10(0x2A, 0, 2), out=bytes(BS))[0]) == (5, 0x0E, 0x03)
+
+
+def test_short_read_buffer_gets_partial_data_and_read_len(lu):
+    lu.backend.data[0:2 * BS] = b"a" * BS + b"b" * BS
+    r, d = run(lu, cdb10(0x28, 0, 2), in_len=BS + 100)
+    assert r.read_len == BS + 100 and d == b"a" * BS + b"b" * 100
+
+
+def test_protect_fields_refused_and_read_only(lu):
+    assert sense_of(run(lu, cdb10(0x28, 0, 1, b1=0x20), in_len=BS)[0]) == (5, 0x24, 0)
+    lu.read_only = True
+    assert sense_of(run(lu, cdb10(0x2A, 0, 1), out=bytes(BS))[0]) == (7, 0x27, 0)
+    r, d = run(lu, [0x1A, 0, 0x3F, 0, 255, 0], in_len=255)
+    assert d[2] & 0x80                                  # WP in MODE SENSE
+
+
+def test_backend_errors_become_medium_and_hardware_errors(lu):
+    lu.backend.fail_reads = True
+    assert sense_of(run(lu, cdb10(0x28, 0, 1), in_len=BS)[0]) == (3, 0x11, 0)
+
+    def boom(*a, **k):
+        raise RuntimeError("bug")
+    lu.backend.write = boom
+    assert sense_of(run(lu, cdb10(0x2A, 0, 1), out=bytes(BS))[0]) == (4, 0x44, 0)
+
+
+# -- VERIFY, WRITE AND VERIFY, SYNC CACHE -----------------------------------------------------
+
+def test_verify_bytchk(lu):
+    lu.backend.data[0:BS] = b"v" * BS
+    assert run(lu, cdb10(0x2F, 0, 1))[0].status == GOOD
+    assert run(lu, cdb10(0x2F, 0, 1, b1=0x02), out=b"v" * BS)[0].status == GOOD
+    r, _ = run(lu, cdb10(0x2F, 0, 1, b1=0x02), out=b"v" * 10 + b"x" * (BS - 10))
+    assert sense_of(r) == (0x0E, 0x1D, 0) and r.sense[0] & 0x80
+    assert struct.unpack(">I", r.sense[3:7])[0] == 10
+    assert sense_of(run(lu, cdb10(0x2F, 0, 1, b1=0x04))[0]) == (5, 0x24, 0)
+    assert run(lu, cdb16(0x8F, 0, 1, b1=0x06), out=b"v" * BS)[0].status == GOOD
+
+
+def test_write_and_verify(lu):
+    assert run(lu, cdb10(0x2E, 7, 1), out=b"w" * BS)[0].status == GOOD
+    assert lu.backend.data[7 * BS:8 * BS] == b"w" * BS
+    assert run(lu, cdb16(0x8E, 8, 1), out=b"q" * BS)[0].status == GOOD
+
+
+def test_synchronize_cache(lu):
+    assert run(lu, cdb10(0x35, 0, 0))[0].status == GOOD and lu.backend.flushes == 1
+    assert run(lu, cdb16(0x91, 0, 10))[0].status == GOOD and lu.backend.flushes == 2
+    assert sense_of(run(lu, cdb10(0x35, NBLOCKS, 1))[0]) == (5, 0x21, 0)
+
+
+# -- WRITE SAME, UNMAP, COMPARE AND WRITE -----------------------------------------------------
+
+def test_write_same(lu):
+    assert run(lu, cdb10(0x41, 10, 20), out=b"s" * BS)[0].status == GOOD
+    assert lu.backend.data[10 * BS:30 * BS] == b"s" * (20 * BS)
+    # UNMAP bit with zero data unmaps
+    assert run(lu, cdb16(0x93, 10, 5, b1=0x08), out=bytes(BS))[0].status == GOOD
+    assert ("unmap", 10, 5) in lu.backend.calls
+    # NDOB: no data-out buffer, zeroes
+    assert run(lu, cdb16(0x93, 20, 2, b1=0x09))[0].status == GOOD
+    assert lu.backend.data[20 * BS:22 * BS] == bytes(2 * BS)
+    assert sense_of(run(lu, cdb10(0x41, 0, 0), out=bytes(BS))[0]) == (5, 0x24, 0)   # WSNZ
+    assert sense_of(run(lu, cdb10(0x41, 0, 1, b1=0x10), out=bytes(BS))[0]) == (5, 0x24, 0)
+    assert sense_of(run(lu, cdb10(0x41, NBLOCKS - 1, 2), out=bytes(BS))[0]) == (5, 0x21, 0)
+
+
+def unmap_list(*ranges):
+    desc = b"".join(lba.to_bytes(8, "big") + n.to_bytes(4, "big") + bytes(4) for lba, n in ranges)
+    return (6 + len(desc)).to_bytes(2, "big") + len(desc).to_bytes(2, "big") + bytes(4) + desc
+
+
+def test_unmap(lu):
+    lu.backend.data[:] = b"x" * len(lu.backend.data)
+    plist = unmap_list((0, 8), (100, 4))
+    cdb = bytes([0x42, 0, 0, 0, 0, 0, 0]) + len(plist).to_bytes(2, "big") + b"\0"
+    assert run(lu, cdb, out=plist)[0].status == GOOD
+    assert lu.backend.data[:8 * BS] == bytes(8 * BS) and lu.backend.data[8 * BS] == ord("x")
+    bad = unmap_list((NBLOCKS - 2, 4))
+    cdb = bytes([0x42, 0, 0, 0, 0, 0, 0]) + len(bad).to_bytes(2, "big") + b"\0"
+    assert sense_of(run(lu, cdb, out=bad)[0]) == (5, 0x21, 0)
+    cdb = bytes([0x42, 0, 0, 0, 0, 0, 0, 0, 4, 0])
+    assert sense_of(run(lu, cdb, out=bytes(4))[0]) == (5, 0x1A, 0)
+    assert run(lu, bytes([0x42] + [0] * 9))[0].status == GOOD
+
+
+def test_compare_and_write(lu):
+    lu.backend.data[0:BS] = b"o" * BS
+    cdb = bytes([0x89, 0]) + (0).to_bytes(8, "big") + bytes(3) + bytes([1, 0, 0])
+    assert run(lu, cdb, out=b"o" * BS + b"n" * BS)[0].status == GOOD
+    assert lu.backend.data[0:BS] == b"n" * BS
+    r, _ = run(lu, cdb, out=b"n" * 3 + b"z" * (BS - 3) + b"m" * BS)
+    assert sense_of(r) == (0x0E, 0x1D, 0) and struct.unpack(">I", r.sense[3:7])[0] == 3
+    assert lu.backend.data[0:BS] == b"n" * BS
+    cdb2 = bytes([0x89, 0]) + (0).to_bytes(8, "big") + bytes(3) + bytes([2, 0, 0])
+    assert sense_of(run(lu, cdb2, out=bytes(4 * BS))[0]) == (5, 0x24, 0)
+
+
+# -- MODE SENSE / SELECT ----------------------------------------------------------------------
+
+def test_mode_sense_pages_and_page_control(lu):
+    r, d = run(lu, [0x1A, 0, 0x3F, 0, 255, 0], in_len=255)
+    assert r.status == GOOD and d[0] == len(d) - 1 and d[3] == 8
+    pages = d[4 + 8:]
+    codes = []
+    i = 0
+    while i < len(pages):
+        codes.append(pages[i] & 0x3F)
+        i += 2 + pages[i + 1]
+    assert codes == [0x01, 0x08, 0x0A]
+    r, d = run(lu, [0x1A, 0x08, 0x08, 0, 255, 0], in_len=255)        # DBD, caching
+    assert d[3] == 0 and d[4] == 0x08 and d[6] & 0x04                # WCE on
+    r, d = run(lu, [0x1A, 0x08, 0x48, 0, 255, 0], in_len=255)        # changeable
+    assert d[6] == 0x04
+    assert sense_of(run(lu, [0x1A, 0, 0xC8, 0, 255, 0], in_len=255)[0]) == (5, 0x39, 0)
+    assert sense_of(run(lu, [0x1A, 0, 0x1C, 0, 255, 0], in_len=255)[0]) == (5, 0x24, 0)
+    r, d = run(lu, [0x5A, 0x10, 0x3F, 0, 0, 0, 0, 1, 0, 0], in_len=256)   # LLBAA
+    assert d[4] & 1 and struct.unpack(">H", d[6:8])[0] == 16
+
+
+def test_mode_select_changes_only_wce(lu):
+    _, d = run(lu, [0x1A, 0x08, 0x08, 0, 255, 0], in_len=255)
+    page = bytearray(d[4:])
+    page[2] &= ~0x04
+    plist = bytes(4) + bytes(page)
+    cdb = [0x15, 0x10, 0, 0, len(plist), 0]
+    assert run(lu, cdb, out=plist)[0].status == GOOD and lu.write_cache is False
+    page[3] = 0x55                                             # not changeable
+    plist = bytes(4) + bytes(page)
+    assert sense_of(run(lu, [0x15, 0x10, 0, 0, len(plist), 0], out=plist)[0]) == (5, 0x26, 0)
+    assert sense_of(run(lu, [0x15, 0x11, 0, 0, len(plist), 0], out=plist)[0]) == (5, 0x24, 0)
+
+
+# -- REPORT SUPPORTED OPERATION CODES ---------------------------------------------------------
+
+def test_report_supported_opcodes(lu):
+    r, d = run(lu, [0xA3, 0x0C, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0], in_len=4096)
+    n = struct.unpack(">I", d[:4])[0]
+    descs = [d[4 + 8 * k:12 + 8 * k] for k in range(n // 8)]
+    ops = {(x[0], struct.unpack(">H", x[2:4])[0] if x[5] & 1 else None) for x in descs}
+    assert (0x28, None) in ops and (0x9E, 0x10) in ops and (0x89, None) in ops
+    assert ops == {(o, s) for o, s, _ in lu.supported_opcodes()}
+    r, d = run(lu, [0xA3, 0x0C, 1, 0x28, 0, 0, 0, 0, 1, 0, 0, 0], in_len=256)
+    assert d[1] & 0x07 == 3 and struct.unpack(">H", d[2:4])[0] == 10 and d[4] == 0x28
+    r, d = run(lu, [0xA3, 0x0C, 1, 0xC5, 0, 0, 0, 0, 1, 0, 0, 0], in_len=256)
+    assert d[1] & 0x07 == 1
+    r, d = run(lu, [0xA3, 0x0C, 2, 0x9E, 0, 0x10, 0, 0, 1, 0, 0, 0], in_len=256)
+    assert d[1] & 0x07 == 3 and d[4] == 0x9E
+    assert sense_of(run(lu, [0xA3, 0x0C, 1, 0x9E, 0, 0, 0, 0, 1, 0, 0, 0], in_len=256)[0]) \
+        == (5, 0x24, 0)
+    r, d = run(lu, [0xA3, 0x0C, 0x81, 0x28, 0, 0, 0, 0, 1, 0, 0, 0], in_len=256)
+    assert d[1] & 0x80 and len(d) == 4 + 10 + 12                       # RCTD timeouts
+
+
+def test_start_stop_unit(lu):
+    assert run(lu, [0x1B, 0, 0, 0, 1, 0])[0].status == GOOD
+
+
+# -- fuzz -------------------------------------------------------------------------------------
+
+VALID = [cdb10(0x28, 5, 2), cdb10(0x2A, 5, 2), cdb16(0x88, 1, 1), bytes([0x12, 1, 0x83, 0, 255, 0]),
+         bytes([0x1A, 0, 0x3F, 0, 255, 0]), bytes([0xA3, 0x0C, 2, 0x9E, 0, 0x10, 0, 0, 1, 0, 0, 0]),
+         bytes([0x89, 0]) + bytes(11) + bytes([1, 0, 0]), cdb16(0x93, 0, 4, 0x08),
+         bytes([0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0]), bytes([0x55, 0x10, 0, 0, 0, 0, 0, 0, 28, 0])]
+
+
+@settings(max_examples=400, deadline=None)
+@given(cdb=st.one_of(st.binary(min_size=0, max_size=32),
+                     st.tuples(st.sampled_from(VALID), st.lists(st.tuples(st.integers(0, 15),
+                                                                          st.integers(0, 255)),
+                                                                max_size=4))
+                     .map(lambda t: bytes(_mutate(t[0], t[1])))),
+       out_len=st.integers(0, 5000), in_len=st.integers(0, 5000), fill=st.integers(0, 255))
+def test_any_cdb_gets_a_well_formed_response(cdb, out_len, in_len, fill):
+    lu = LogicalUnit(RamBackend(nblocks=64), wwn="fuzz")
+    out = [memoryview(bytearray([fill]) * out_len)] if out_len else []
+    inb = [memoryview(bytearray(in_len))] if in_len else []
+    r = lu.execute(cdb, out, inb)
+    assert r.status in (GOOD, CHECK_CONDITION)
+    assert 0 <= r.read_len <= in_len
+    if r.status == CHECK_CONDITION:
+        assert len(r.sense) == 18 and r.sense[0] & 0x7F == 0x70 and r.sense[7] == 10
+        key = r.sense[2] & 0x0F
+        assert key in (c.ILLEGAL_REQUEST, c.DATA_PROTECT, c.MISCOMPARE, c.UNIT_ATTENTION)
+    else:
+        assert r.sense == b""
+
+
+def _mutate(cdb, edits):
+    b = bytearray(cdb)
+    for pos, val in edits:
+        if pos < len(b):
+            b[pos] = val
+    return b
