@@ -57,7 +57,7 @@ from lvmirror.mirror.metadata import VolumeMetadata, valid_volume_name
 from lvmirror.mirror.regionlock import RegionLockManager
 from lvmirror.mirror.wil import WriteIntentLog
 
-__all__ = ["ImageInfo", "ImageState", "MirrorVolume", "SplitInfo", "MAX_IMAGES"]
+__all__ = ["ImageInfo", "ImageState", "MirrorVolume", "SplitImageVolume", "SplitInfo", "MAX_IMAGES"]
 
 MAX_IMAGES = 4
 WORKER_THREADS = 4
@@ -156,6 +156,7 @@ class _Image:
         self.bitmap: RegionBitmap | None = bitmap
         self.state = ImageState(rec.state)
         self.worker: _Worker | None = None
+        self.exported = 0          # SplitImageVolume objects serving this split image
 
     def sync_rec(self):
         self.rec.state = self.state.value
@@ -767,6 +768,27 @@ class MirrorVolume:
         """The live change bitmap of a split / failed / syncing image (None when in-sync)."""
         return self._img(index).bitmap
 
+    def split_image(self, image_index) -> "SplitImageVolume":
+        """A block device view of split image ``image_index`` (to export the point-in-time copy
+        as its own LUN). Writes to it are allowed (a file system journal replay needs them) and
+        are marked in the image's change bitmap first, so resync / restore still copy every
+        region where it differs from the live volume. Resync and restore of the image are
+        refused while it is exported; ``close()`` the view to end the export."""
+        self._check_open()
+        with self._mgmt:
+            img = self._img(image_index)
+            if img.state is not ImageState.SPLIT or img.storage is None:
+                raise StateError(f"volume {self.name}: image {image_index} is {img.state.value}; "
+                                 f"only a split image can be exported")
+            if img.exported:
+                raise StateError(f"volume {self.name}: split image {image_index} is already "
+                                 f"exported")
+            if self._restore is not None and self._restore.img is img:
+                raise StateError(f"volume {self.name}: a restore from image {image_index} is "
+                                 f"unfinished")
+            img.exported += 1
+            return SplitImageVolume(self, img, image_index)
+
     # ==== management ==============================================================================
 
     def split(self, image_index) -> SplitInfo:
@@ -819,6 +841,9 @@ class MirrorVolume:
                                  f"{type(running).__name__} running")
             if img.state is ImageState.IN_SYNC:
                 raise StateError(f"volume {self.name}: image {image_index} is already in sync")
+            if img.exported:
+                raise StateError(f"volume {self.name}: split image {image_index} is exported as "
+                                 f"a LUN; remove that LUN before resyncing it")
             if self._restore is not None:
                 raise StateError(f"volume {self.name}: a restore is running; resync after it ends")
             if not any(o.state is ImageState.IN_SYNC for o in self._images):
@@ -912,6 +937,9 @@ class MirrorVolume:
         self._check_open()
         with self._mgmt:
             img = self._img(image_index)
+            if img.exported:
+                raise StateError(f"volume {self.name}: split image {image_index} is exported as "
+                                 f"a LUN; remove that LUN before restoring from it")
             if img.state is not ImageState.SPLIT:
                 raise StateError(f"volume {self.name}: image {image_index} is {img.state.value}; "
                                  f"only a split image can be restored from")
@@ -1157,3 +1185,109 @@ def _fail_at_open(im, md, exc, *, all_regions):
     im.bitmap = RegionBitmap(md.size, md.region_size)
     if all_regions:
         im.bitmap.set_all()
+
+
+class SplitImageVolume:
+    """Serves one split image as a volume (see ``MirrorVolume.split_image``)."""
+
+    def __init__(self, vol: MirrorVolume, img: _Image, index: int):
+        self._vol = vol
+        self._img = img
+        self.index = index
+        self.name = f"{vol.name}/image{index}"
+        self.block_size = vol.block_size
+        self.size = vol.size
+        self.num_blocks = vol.num_blocks
+        self.locks = RegionLockManager(self.name)
+        self._bitmap_lock = threading.Lock()
+        self._closed = False
+
+    def _check(self, lba, nblocks):
+        if self._closed:
+            raise StateError(f"{self.name}: export closed")
+        if self._img.state is not ImageState.SPLIT:
+            raise StateError(f"{self.name}: image is {self._img.state.value}, no longer split")
+        if lba < 0 or nblocks < 0 or lba + nblocks > self.num_blocks:
+            raise ValueError(f"{self.name}: LBA range [{lba}, +{nblocks}) outside the image")
+
+    def _mark(self, offset, length):
+        """Mark the change bitmap; a newly dirty region is persisted before the write."""
+        bm = self._img.bitmap
+        with self._bitmap_lock:
+            if bm.mark(offset, length):
+                try:
+                    bm.save(self._vol._bitmap_path(self._img))
+                except OSError as e:
+                    raise VolumeIOError(f"{self.name}: cannot persist the change bitmap: {e}",
+                                        is_read=False) from e
+
+    def read(self, lba, buffers):
+        n = sum(len(b) for b in buffers) // self.block_size
+        self._check(lba, n)
+        with self.locks.lock(lba, n, shared=True) if n else _nolock():
+            try:
+                self._img.storage.readv(lba * self.block_size, buffers)
+            except ImageIOError as e:
+                raise VolumeIOError(str(e), is_read=True) from e
+
+    def write(self, lba, buffers, fua=False):
+        n = sum(len(b) for b in buffers) // self.block_size
+        self._check(lba, n)
+        if not n:
+            return
+        off = lba * self.block_size
+        with self.locks.lock(lba, n):
+            self._mark(off, n * self.block_size)
+            try:
+                self._img.storage.writev(off, buffers, fua=fua)
+            except ImageIOError as e:
+                raise VolumeIOError(str(e), is_read=False) from e
+
+    def flush(self):
+        self._check(0, 0)
+        try:
+            self._img.storage.flush()
+        except ImageIOError as e:
+            raise VolumeIOError(str(e), is_read=False) from e
+
+    def unmap(self, lba, nblocks):
+        self._check(lba, nblocks)
+        if not nblocks:
+            return
+        off, ln = lba * self.block_size, nblocks * self.block_size
+        with self.locks.lock(lba, nblocks):
+            self._mark(off, ln)
+            try:
+                self._img.storage.discard(off, ln)
+            except ImageIOError as e:
+                raise VolumeIOError(str(e), is_read=False) from e
+
+    def compare_and_write(self, lba, verify, data):
+        n = len(verify) // self.block_size
+        self._check(lba, n)
+        if not n:
+            return None
+        off = lba * self.block_size
+        with self.locks.lock(lba, n):
+            cur = bytearray(len(verify))
+            self._img.storage.readv(off, [memoryview(cur)])
+            if cur != verify:
+                v = bytes(verify)
+                return next(i for i in range(len(cur)) if cur[i] != v[i])
+            self._mark(off, len(data))
+            self._img.storage.writev(off, [data])
+            return None
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            with self._vol._mgmt:
+                self._img.exported -= 1
+
+
+class _nolock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -14,7 +14,8 @@ COMMAND INFORMATION UNIT, as the core does for data CDBs.
 
 Every error is a CHECK CONDITION with the sense key and ASC/ASCQ SPC/SBC specify; nothing
 raises out of ``execute``. Backend errors: ``VolumeIOError`` is MEDIUM ERROR (UNRECOVERED READ
-ERROR / WRITE ERROR), anything else HARDWARE ERROR / INTERNAL TARGET FAILURE.
+ERROR / WRITE ERROR), ``StateError`` (volume closed, exported split image resynced) NOT READY /
+MANUAL INTERVENTION REQUIRED, anything else HARDWARE ERROR / INTERNAL TARGET FAILURE.
 
 REPORT LUNS and PERSISTENT RESERVE / RESERVE / RELEASE are answered by LIO's core before a
 command reaches TCMU, so they are not here.
@@ -27,7 +28,7 @@ import logging
 import threading
 from typing import NamedTuple, Protocol, Sequence
 
-from lvmirror.errors import VolumeIOError
+from lvmirror.errors import StateError, VolumeIOError
 from lvmirror.scsi import constants as c
 from lvmirror.scsi.sense import build_sense
 
@@ -218,6 +219,10 @@ class LogicalUnit:
             log.error("I/O error: %s", e)
             return self._check(c.MEDIUM_ERROR, c.ASC_UNRECOVERED_READ_ERROR if e.is_read
                                else c.ASC_WRITE_ERROR)
+        except StateError as e:
+            # the volume is closed, or an exported split image is no longer split
+            log.warning("LUN not ready: %s", e)
+            return self._check(c.NOT_READY, c.ASC_LUN_NOT_READY_MANUAL_INTERVENTION)
         except Exception:
             log.exception("SCSI command %s failed", bytes(cdb[:16]).hex())
             return self._check(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE)

@@ -3,7 +3,7 @@
 import pytest
 
 from lvmirror.errors import StateError
-from lvmirror.mirror.volume import ImageState
+from lvmirror.mirror.volume import ImageState, MirrorVolume
 
 from tests.unit.test_volume_helpers import (BS, Gate, image_bytes, make_volume, pattern, read,
                                             run_thread, wait_until, write)
@@ -135,3 +135,35 @@ def test_split_state_persisted_with_time(tmp_path):
     assert im.split_time == pytest.approx(info.split_time)
     assert list(vol2.change_bitmap(1).dirty_regions()) == [0]
     vol2.close()
+
+
+def test_split_image_exported_as_a_volume_tracks_its_own_writes(tmp_path):
+    from lvmirror.errors import StateError
+    paths = [str(tmp_path / f"img{k}") for k in range(3)]
+    vol = MirrorVolume.create("vol", paths, meta_dir=str(tmp_path / "meta"), size=1 << 20,
+                              region_size=4096, flush_interval=None)
+    for job in vol.jobs.values():
+        assert job.wait(10)
+    vol.write(0, [memoryview(b"a" * 512)])
+    vol.split(2)
+    vol.write(8, [memoryview(b"b" * 512)])            # live write after T: region 1
+    exp = vol.split_image(2)
+    got = bytearray(1024)
+    exp.read(0, [memoryview(got)])
+    assert got[:512] == b"a" * 512 and got[512:] == bytes(512)
+    exp.write(100, [memoryview(b"j" * 512)])          # journal replay on the copy: region 12
+    assert set(vol.change_bitmap(2).dirty_regions()) == {1, 12}
+    with pytest.raises(StateError, match="exported"):
+        vol.resync(2)
+    with pytest.raises(StateError, match="exported"):
+        vol.restore(2)
+    with pytest.raises(StateError, match="already exported"):
+        vol.split_image(2)
+    exp.close()
+    job = vol.resync(2)
+    assert job.wait(10) and job.state == "done"
+    with pytest.raises(StateError):
+        exp.read(0, [memoryview(got)])
+    whole = [open(p, "rb").read() for p in paths]
+    assert whole[0] == whole[1] == whole[2]
+    vol.close()
