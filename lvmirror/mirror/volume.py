@@ -359,6 +359,11 @@ class MirrorVolume:
         vol._resume_jobs()
         return vol
 
+    @staticmethod
+    def exists(name, *, meta_dir) -> bool:
+        """True if volume ``name`` has metadata in ``meta_dir``."""
+        return VolumeMetadata.exists(meta_dir, name)
+
     def _resume_jobs(self):
         from lvmirror.mirror.resync import ResyncJob, RestoreJob
         for img in list(self._images):

@@ -85,8 +85,19 @@ class UioDevice:
             raise ConfigError(f"{self.dev_name}: no size in {self.configfs_dir}/info")
         return int(m.group(1))
 
-    def hw_block_size(self) -> int:
-        return int(self._cfg("attrib", "hw_block_size").strip())
+    def hw_block_size(self) -> int | None:
+        try:
+            return int(self._cfg("attrib", "hw_block_size").strip())
+        except (OSError, ValueError):
+            return None
+
+    def max_transfer_blocks(self) -> int | None:
+        """``attrib/hw_max_sectors`` (in hw_block_size units): the largest transfer to offer in
+        the Block Limits VPD page, as tcmu-runner does."""
+        try:
+            return int(self._cfg("attrib", "hw_max_sectors").strip()) or None
+        except (OSError, ValueError):
+            return None
 
     def write_cache(self) -> bool:
         try:

@@ -1,0 +1,510 @@
+"""lvmirrord: the LIO TCMU user-space handler for the ``lvmirror`` subtype.
+
+One process serves every ``user:lvmirror`` backstore on the host:
+
+* a netlink thread listens to the kernel's TCM-USER ``config`` multicast group and adds, removes and
+  reconfigures LUNs (answering with the ``*_DONE`` replies, harmless when the kernel is not waiting);
+* at start-up it picks up the devices that already exist, so a restart under a live LUN loses nothing;
+* each LUN has a ring thread that fetches every available command from the TCMU ring, hands it to the
+  LUN's own worker pool (a slow image or a long resync never stalls another LUN), collects completions
+  and tells the kernel once per batch;
+* the D-Bus service (targetcli compatibility, lvmirror's own API) runs in its own thread; the data path
+  never waits on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import select
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from lvmirror import __version__, cfgstring, sdnotify
+from lvmirror.errors import ConfigError, LvmirrorError, StateError
+from lvmirror.mirror.volume import MirrorVolume
+from lvmirror.scsi import LogicalUnit, Response
+from lvmirror.scsi import constants as scsi
+from lvmirror.scsi.sense import build_sense
+from lvmirror.tcmu import netlink, uio
+from lvmirror.tcmu.ring import CommandRing, RingError
+
+log = logging.getLogger("lvmirrord")
+
+SUBTYPE = "lvmirror"
+DEFAULT_STATE_DIR = "/var/lib/lvmirror"
+
+
+class VolumeRegistry:
+    """The volumes this daemon has open, by name, shared by the LUNs that serve them.
+
+    A volume is served by at most one LUN; each of its split images may be exported by one more
+    LUN (cfgstring ``NAME;image=N``). The volume stays open while any of them uses it.
+    """
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        self._lock = threading.Lock()
+        self._volumes: dict[str, MirrorVolume] = {}
+        self._refs: dict[str, int] = {}
+        self._users: dict[str, str] = {}      # "vol" or "vol;image=N" -> LUN name
+
+    def acquire(self, spec: cfgstring.VolumeSpec, *, lun: str, size: int):
+        """Open (or create) what ``spec`` names for LUN ``lun``; returns (volume, backend)."""
+        key = spec.name if spec.image is None else f"{spec.name};image={spec.image}"
+        with self._lock:
+            if key in self._users:
+                raise ConfigError(f"{key!r} is already served by LUN {self._users[key]!r}")
+            volume = self._volumes.get(spec.name)
+            opened = volume is None
+            if opened:
+                volume = self._open_or_create(spec, size)
+            try:
+                if spec.images is not None and not opened:
+                    self._check_images(volume, spec)
+                if spec.image is None:
+                    backend = volume
+                else:
+                    backend = volume.split_image(spec.image)
+            except BaseException:
+                if opened:
+                    volume.close()
+                raise
+            self._volumes[spec.name] = volume
+            self._refs[spec.name] = self._refs.get(spec.name, 0) + 1
+            self._users[key] = lun
+            return volume, backend
+
+    @staticmethod
+    def _check_images(volume, spec):
+        recorded = tuple(info.path for info in volume.images)
+        if tuple(spec.images) != recorded:
+            raise ConfigError(
+                f"volume {spec.name!r} has images {','.join(recorded)}; the cfgstring names "
+                f"{','.join(spec.images)} (change images with attach/detach, not the cfgstring)")
+
+    def _open_or_create(self, spec, size):
+        if MirrorVolume.exists(spec.name, meta_dir=self.state_dir):
+            volume = MirrorVolume.open(spec.name, meta_dir=self.state_dir, direct=spec.direct)
+            if spec.images is not None:
+                try:
+                    self._check_images(volume, spec)
+                except ConfigError:
+                    volume.close()
+                    raise
+            return volume
+        if spec.images is None:
+            raise ConfigError(
+                f"volume {spec.name!r} does not exist under {self.state_dir}; name its images to "
+                f"create it (cfgstring '{spec.name};images=/path/a,/path/b')")
+        return MirrorVolume.create(spec.name, list(spec.images), meta_dir=self.state_dir,
+                                   block_size=spec.block_size, region_size=spec.region_size,
+                                   size=size, direct=spec.direct)
+
+    def get(self, name):
+        with self._lock:
+            return self._volumes.get(name)
+
+    def names(self):
+        with self._lock:
+            return sorted(self._volumes)
+
+    def release(self, spec: cfgstring.VolumeSpec, backend=None):
+        key = spec.name if spec.image is None else f"{spec.name};image={spec.image}"
+        with self._lock:
+            if self._users.pop(key, None) is None:
+                return
+            if backend is not None and spec.image is not None:
+                backend.close()
+            self._refs[spec.name] -= 1
+            volume = None
+            if self._refs[spec.name] == 0:
+                del self._refs[spec.name]
+                volume = self._volumes.pop(spec.name)
+        if volume is not None:
+            volume.close()
+
+
+class LunBackend:
+    """The SCSI core's view of a volume or exported split image, at the LUN's size."""
+
+    def __init__(self, target, lun_size: int):
+        if lun_size > target.size:
+            raise ConfigError(f"the LUN is {lun_size} bytes but {target.name} holds only "
+                              f"{target.size} bytes")
+        self.target = target
+        self.block_size = target.block_size
+        self.num_blocks = lun_size // target.block_size
+        self.read = target.read
+        self.write = target.write
+        self.flush = target.flush
+        self.unmap = target.unmap
+        self.compare_and_write = target.compare_and_write
+        if hasattr(target, "write_same"):
+            self.write_same = target.write_same
+
+
+class NotReadyBackend:
+    """Stands behind a LUN whose volume could not be opened: medium access gets NOT READY."""
+
+    def __init__(self, lun_size: int, block_size: int = 512):
+        self.block_size = block_size
+        self.num_blocks = max(lun_size // block_size, 1)
+        self.reason = "volume not open"
+
+    def _refuse(self, *args, **kwargs):
+        raise StateError(self.reason)
+
+    read = write = flush = unmap = compare_and_write = _refuse
+
+
+# Commands a LUN answers even when its volume is not open (so initiators can see why).
+_ALWAYS_ANSWERED = {scsi.INQUIRY, scsi.REQUEST_SENSE, scsi.MAINTENANCE_IN}
+
+
+class LunServer:
+    """Serves one user:lvmirror device: its TCMU ring, its worker pool, its volume."""
+
+    def __init__(self, device, registry: VolumeRegistry, *, workers: int = 4):
+        self.device = device
+        self.registry = registry
+        self.name = device.dev_name
+        self.workers = workers
+        self.spec = None
+        self.volume = None
+        self.backend = None
+        self.error = None            # why the LUN answers NOT READY, for status displays
+        self.lu = None
+        self.commands = 0
+        self._completions: queue.SimpleQueue = queue.SimpleQueue()
+        self._aborted: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = None
+        self._pool = None
+        self._handle = None
+        self._ring = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def open(self, *, pickup: bool = False, handle=None):
+        """Open the uio device (or use ``handle``, e.g. the ring emulator's) and the volume.
+
+        Device errors (busy, wrong ring) raise; volume errors leave the LUN answering NOT READY
+        with the reason logged and kept in ``error``."""
+        self._handle = handle if handle is not None else uio.open_device(self.device,
+                                                                         pickup=pickup)
+        try:
+            self._ring = CommandRing(self._handle.map, map_size=self._handle.map_size)
+        except RingError:
+            self._handle.close()
+            raise
+        size = self.device.lun_size()
+        wwn = self.device.wwn()
+        max_blocks = self.device.max_transfer_blocks()
+        try:
+            spec = cfgstring.parse(self.device.cfgstring)
+            volume, target = self.registry.acquire(spec, lun=self.name, size=size)
+            try:
+                self._check_block_size(volume)
+                backend = LunBackend(target, size)
+            except BaseException:
+                self.registry.release(spec, target)
+                raise
+            self.spec, self.volume, self.backend = spec, volume, target
+            self.lu = LogicalUnit(backend, wwn=wwn, write_cache=self.device.write_cache(),
+                                  max_transfer_blocks=max_blocks)
+            log.info("LUN %s: serving %s (%d images, %d bytes) on %s", self.name,
+                     target.name, len(volume.images), backend.num_blocks * backend.block_size,
+                     self.device.uio_name)
+        except LvmirrorError as exc:
+            self.error = str(exc)
+            self.lu = LogicalUnit(NotReadyBackend(size), wwn=wwn)
+            log.error("LUN %s: %s; medium access gets NOT READY until it is fixed", self.name, exc)
+
+    def _check_block_size(self, volume):
+        hw = self.device.hw_block_size()
+        if hw is not None and hw != volume.block_size:
+            raise ConfigError(f"LUN {self.name}: hw_block_size is {hw} but volume {volume.name} "
+                              f"has {volume.block_size}-byte blocks (set control "
+                              f"hw_block_size={volume.block_size} before enabling)")
+
+    def start(self):
+        self._pool = ThreadPoolExecutor(max_workers=self.workers,
+                                        thread_name_prefix=f"lun-{self.name}")
+        self._thread = threading.Thread(target=self._serve, name=f"ring-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Drain in-flight commands, complete them, release the volume and the device.
+        Idempotent."""
+        if self._wake_w < 0:
+            return
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join()
+        if self.spec is not None:
+            self.registry.release(self.spec, self.backend)
+            self.spec = None
+        if self._ring is not None:
+            self._ring.close()
+        if self._handle is not None:
+            self._handle.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def reconfigure(self, event):
+        if event.write_cache is not None:
+            self.lu.write_cache = bool(event.write_cache)
+            log.info("LUN %s: write cache %s", self.name, "on" if event.write_cache else "off")
+        if event.dev_size is not None and self.volume is not None:
+            target = self.backend
+            if event.dev_size > target.size:
+                raise ConfigError(f"LUN {self.name}: {event.dev_size} bytes is more than "
+                                  f"{target.name} holds ({target.size} bytes)")
+            self.lu.backend.num_blocks = event.dev_size // target.block_size
+            self.lu.capacity_changed()
+            log.info("LUN %s: size now %d bytes", self.name, event.dev_size)
+        if event.dev_cfg is not None and event.dev_cfg != f"{SUBTYPE}/{self.device.cfgstring}":
+            raise ConfigError(f"LUN {self.name}: changing the cfgstring of a live LUN is not "
+                              f"supported (remove and re-create the backstore)")
+
+    # -- the ring thread -----------------------------------------------------------------------
+    def _wake(self):
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass        # the pipe is full of wake-ups already
+
+    def _serve(self):
+        uio_fd = self._handle.fd
+        poller = select.poll()
+        poller.register(uio_fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        ring = self._ring
+        inflight = 0
+        while True:
+            stopping = self._stop.is_set()
+            for fd, _ in poller.poll(1000 if not stopping else 200):
+                if fd == uio_fd:
+                    self._handle.clear_event()
+                else:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+            if not stopping:
+                batch = ring.fetch()
+                for ids in batch.aborts:
+                    self._aborted.update(ids)
+                for command in batch.commands:
+                    inflight += 1
+                    self.commands += 1
+                    self._pool.submit(self._execute, command)
+            completed = 0
+            while True:
+                try:
+                    command, response = self._completions.get_nowait()
+                except queue.Empty:
+                    break
+                read_len = response.read_len if 0 < response.read_len < command.data_len \
+                    else None
+                command.release()
+                ring.complete(command.cmd_id, response.status, response.sense, read_len)
+                self._aborted.discard(command.cmd_id)
+                completed += 1
+            inflight -= completed
+            if ring.take_notify() or completed:
+                self._handle.notify()
+            if stopping and inflight == 0:
+                break
+        self._pool.shutdown(wait=True)
+
+    def _execute(self, command):
+        try:
+            if command.cmd_id in self._aborted:
+                response = Response(scsi.TASK_ABORTED, b"", 0)
+            elif self.error and command.cdb[:1] and command.cdb[0] not in _ALWAYS_ANSWERED:
+                response = Response(scsi.CHECK_CONDITION, build_sense(
+                    scsi.NOT_READY, *scsi.ASC_LUN_NOT_READY_MANUAL_INTERVENTION), 0)
+            else:
+                response = self.lu.execute(command.cdb, command.iov_views, command.iov_views)
+        except Exception:  # never lose a command: a bug here must still complete it
+            log.exception("LUN %s: command %s failed", self.name, command.cdb[:1].hex())
+            response = Response(scsi.CHECK_CONDITION, build_sense(
+                scsi.HARDWARE_ERROR, *scsi.ASC_INTERNAL_TARGET_FAILURE), 0)
+        self._completions.put((command, response))
+        self._wake()
+
+
+class Lvmirrord:
+    """The daemon: the LUNs it serves, the netlink listener, the D-Bus service."""
+
+    def __init__(self, *, state_dir=DEFAULT_STATE_DIR, workers=4, sysfs_root="/sys",
+                 configfs_root="/sys/kernel/config", with_bus=True):
+        self.state_dir = state_dir
+        self.workers = workers
+        self.sysfs_root = sysfs_root
+        self.configfs_root = configfs_root
+        self.with_bus = with_bus
+        self.registry = VolumeRegistry(state_dir)
+        self.luns: dict[str, LunServer] = {}     # by uio name
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._netlink = None
+        self._bus = None
+
+    # -- LUN bookkeeping -----------------------------------------------------------------------
+    def add_lun(self, device, *, pickup=False) -> LunServer:
+        with self._lock:
+            if device.uio_name in self.luns:
+                return self.luns[device.uio_name]
+            lun = LunServer(device, self.registry, workers=self.workers)
+            lun.open(pickup=pickup)
+            lun.start()
+            self.luns[device.uio_name] = lun
+            return lun
+
+    def remove_lun(self, uio_name):
+        with self._lock:
+            lun = self.luns.pop(uio_name, None)
+        if lun is not None:
+            lun.stop()
+            log.info("LUN %s removed", lun.name)
+
+    def check_config(self, config: str):
+        """CheckConfig for targetcli: (ok, message)."""
+        try:
+            cfgstring.check(config, state_dir=self.state_dir)
+        except ConfigError as exc:
+            return False, str(exc)
+        return True, "success"
+
+    # -- netlink events ------------------------------------------------------------------------
+    def _on_event(self, event):
+        if event.subtype is not None and event.subtype != SUBTYPE:
+            return                      # another handler's device: tcmu-runner answers for it
+        uio_name = f"uio{event.minor}"
+        status = 0
+        if isinstance(event, netlink.DeviceRemoved):
+            # The uio device may already be gone from sysfs: find the LUN by its minor.
+            if uio_name in self.luns:
+                self.remove_lun(uio_name)
+                self._netlink.reply(event, 0)
+            return
+        device = uio.device_by_minor(event.minor, sysfs_root=self.sysfs_root,
+                                     configfs_root=self.configfs_root)
+        if device is None or device.subtype != SUBTYPE:
+            return
+        try:
+            if isinstance(event, netlink.DeviceAdded):
+                lun = self.add_lun(device)
+                if lun.error:
+                    status = -22
+            elif isinstance(event, netlink.DeviceReconfig):
+                lun = self.luns.get(device.uio_name)
+                if lun is None:
+                    status = -19
+                else:
+                    lun.reconfigure(event)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            status = -22
+        except OSError as exc:
+            log.error("%s: %s", device.uio_name, exc)
+            status = -(exc.errno or 5)
+        self._netlink.reply(event, status)
+
+    # -- run -----------------------------------------------------------------------------------
+    def start(self):
+        os.makedirs(self.state_dir, exist_ok=True)
+        self._netlink = netlink.TcmuNetlink()
+        self._netlink.start(self._on_event)
+        for device in uio.find_devices(SUBTYPE, sysfs_root=self.sysfs_root,
+                                       configfs_root=self.configfs_root):
+            try:
+                self.add_lun(device, pickup=True)
+                log.info("picked up existing LUN %s (%s)", device.dev_name, device.uio_name)
+            except OSError as exc:
+                log.error("cannot pick up %s (%s): %s", device.dev_name, device.uio_name, exc)
+        if self.with_bus:
+            try:
+                from lvmirror.bus import BusService
+            except ImportError as exc:
+                log.warning("D-Bus service unavailable (%s); targetcli will not list "
+                            "user:%s", exc, SUBTYPE)
+            else:
+                self._bus = BusService(self)
+                self._bus.start()
+
+    def stop(self):
+        sdnotify.notify("STOPPING=1")
+        if self._bus is not None:
+            self._bus.stop()
+        if self._netlink is not None:
+            self._netlink.stop()
+        for uio_name in list(self.luns):
+            self.remove_lun(uio_name)
+
+    def run(self):
+        self.start()
+        sdnotify.notify("READY=1", f"STATUS=serving {len(self.luns)} LUN(s)")
+        log.info("lvmirrord %s ready: %d LUN(s), state in %s", __version__, len(self.luns),
+                 self.state_dir)
+        self._stop.wait()
+        log.info("shutting down: draining in-flight commands")
+        self.stop()
+
+    def request_stop(self, *_):
+        self._stop.set()
+
+
+def setup_logging(level: str):
+    """Plain lines with syslog priority prefixes under journald, timestamps on a terminal."""
+    if os.environ.get("JOURNAL_STREAM"):
+        prefixes = {logging.DEBUG: "<7>", logging.INFO: "<6>", logging.WARNING: "<4>",
+                    logging.ERROR: "<3>", logging.CRITICAL: "<2>"}
+
+        class JournalFormatter(logging.Formatter):
+            def format(self, record):
+                return prefixes.get(record.levelno, "<6>") + super().format(record)
+
+        formatter = JournalFormatter("%(name)s: %(message)s")
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="lvmirrord", description=__doc__.splitlines()[0])
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                        help="where volume metadata, bitmaps and logs live (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=4, help="I/O worker threads per LUN")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--no-dbus", action="store_true", help="do not start the D-Bus service")
+    parser.add_argument("--version", action="version", version=f"lvmirrord {__version__}")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    daemon = Lvmirrord(state_dir=args.state_dir, workers=args.workers, with_bus=not args.no_dbus)
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    try:
+        daemon.run()
+    except (LvmirrorError, OSError) as exc:
+        log.critical("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
