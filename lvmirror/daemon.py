@@ -385,6 +385,77 @@ class Lvmirrord:
             return False, str(exc)
         return True, "success"
 
+    # -- management (called from the D-Bus service's worker threads) ---------------------------
+    def _volume(self, name):
+        volume = self.registry.get(name)
+        if volume is None:
+            raise ConfigError(f"no volume {name!r} is open (served by no LUN); open volumes: "
+                              f"{', '.join(self.registry.names()) or 'none'}")
+        return volume
+
+    def status(self) -> dict:
+        volumes = {}
+        for name in self.registry.names():
+            volume = self.registry.get(name)
+            if volume is None:
+                continue
+            stats = volume.stats
+            volumes[name] = {
+                "size": volume.size, "block_size": volume.block_size,
+                "region_size": volume.region_size,
+                "images": [dict(index=i.index, path=i.path, state=i.state.value,
+                                generation=i.generation, split_time=i.split_time,
+                                bitmap_fill=i.bitmap_fill, dirty_bytes=i.dirty_bytes,
+                                error=i.error) for i in volume.images],
+                "jobs": [job.progress() for job in list(volume.jobs.values())],
+                "io": {k: stats[k] for k in ("reads", "writes", "bytes_read", "bytes_written",
+                                             "flushes", "unmaps", "read_errors", "write_errors",
+                                             "image_failures", "inflight")},
+            }
+        luns = [{"name": lun.name, "uio": lun.device.uio_name, "cfgstring": lun.device.cfgstring,
+                 "error": lun.error, "commands": lun.commands}
+                for lun in list(self.luns.values())]
+        return {"version": __version__, "state_dir": self.state_dir, "volumes": volumes,
+                "luns": luns}
+
+    def split(self, name, image):
+        info = self._volume(name).split(image)
+        log.info("volume %s: image %d split at %.6f (%d I/Os drained)", name, image,
+                 info.split_time, info.drained)
+        return dict(index=info.index, path=info.path, split_time=info.split_time,
+                    generation=info.generation, drained=info.drained)
+
+    def resync(self, name, image, rate_mbps=0.0):
+        job = self._volume(name).resync(image, rate_limit=rate_mbps or None)
+        log.info("volume %s: resync of image %d started", name, image)
+        return job.progress()
+
+    def restore(self, name, image, rate_mbps=0.0):
+        job = self._volume(name).restore(image, rate_limit=rate_mbps or None)
+        log.info("volume %s: restore from image %d started", name, image)
+        return job.progress()
+
+    def attach(self, name, path):
+        index = self._volume(name).attach(path)
+        log.info("volume %s: image %s attached as %d, full resync started", name, path, index)
+        return index
+
+    def detach(self, name, image):
+        self._volume(name).detach(image)
+        log.info("volume %s: image %d detached", name, image)
+
+    def cancel(self, name, image):
+        volume = self._volume(name)
+        for info in volume.images:
+            if info.index == image:
+                job = volume.jobs.get(info.id)
+                if job is None or not job.is_alive():
+                    raise ConfigError(f"volume {name}: no job running on image {image}")
+                job.cancel()
+                job.wait()
+                return
+        raise ConfigError(f"volume {name}: no image {image}")
+
     # -- netlink events ------------------------------------------------------------------------
     def _on_event(self, event):
         if event.subtype is not None and event.subtype != SUBTYPE:

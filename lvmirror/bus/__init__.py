@@ -1,0 +1,22 @@
+"""lvmirrord's D-Bus service (system bus; dbus-python on a GLib main loop in its own thread).
+
+Two faces:
+
+* **targetcli compatibility** (``org.kernel.TCMUService1``, as tcmu-runner provides it): an
+  ObjectManager at ``/org/kernel/TCMUService1`` whose ``GetManagedObjects`` lists
+  ``/org/kernel/TCMUService1/lvmirror`` with the ``ConfigDesc`` property and
+  ``CheckConfig(s) -> (b, s)``, so stock targetcli shows ``/backstores/user:lvmirror`` and
+  refuses a bad cfgstring with our message before it creates anything. When tcmu-runner already
+  owns that name, lvmirrord registers with its ``HandlerManager1.RegisterHandler`` instead.
+* **lvmirror's own API** (``org.lvmirror1`` at ``/org/lvmirror1``, interface
+  ``org.lvmirror1.Manager``): status of every volume and LUN, Split, Resync, Restore, Attach,
+  Detach, Cancel. State-changing methods are root only: the policy file
+  (systemd/dbus/org.lvmirror1.conf) says so, and the service checks the caller's uid again.
+
+The data path never waits on the bus: methods act on the engine directly and long operations
+(split waits for pre-T I/O to drain) run on a worker thread, answered asynchronously.
+"""
+
+from lvmirror.bus.service import BUS_NAME, BusService, MANAGER_PATH, TCMU_NAME
+
+__all__ = ["BUS_NAME", "BusService", "MANAGER_PATH", "TCMU_NAME"]

@@ -1,0 +1,261 @@
+"""The D-Bus objects (see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import dbus
+import dbus.mainloop.glib
+import dbus.service
+from gi.repository import GLib
+
+from lvmirror import cfgstring
+from lvmirror.errors import LvmirrorError
+
+log = logging.getLogger(__name__)
+
+TCMU_NAME = "org.kernel.TCMUService1"
+TCMU_PATH = "/org/kernel/TCMUService1"
+TCMU_HANDLER_MANAGER = "org.kernel.TCMUService1.HandlerManager1"
+BUS_NAME = "org.lvmirror1"
+MANAGER_PATH = "/org/lvmirror1"
+MANAGER_IFACE = "org.lvmirror1.Manager"
+ERROR_PREFIX = "org.lvmirror1.Error"
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+OM_IFACE = "org.freedesktop.DBus.ObjectManager"
+PROPS_IFACE = "org.freedesktop.DBus.Properties"
+
+
+class LvmirrorDBusError(dbus.DBusException):
+    _dbus_error_name = ERROR_PREFIX + ".Failed"
+
+
+class AccessDenied(dbus.DBusException):
+    _dbus_error_name = ACCESS_DENIED
+
+
+def _props(handler_desc):
+    return {TCMU_NAME: {"ConfigDesc": dbus.String(handler_desc)}}
+
+
+class TcmuHandler(dbus.service.Object):
+    """``/org/kernel/TCMUService1/lvmirror``: what targetcli asks before ``create``."""
+
+    def __init__(self, conn, path, daemon):
+        super().__init__(conn, path)
+        self._daemon = daemon
+
+    @dbus.service.method(TCMU_NAME, in_signature="s", out_signature="bs")
+    def CheckConfig(self, config):
+        ok, msg = self._daemon.check_config(str(config))
+        return dbus.Boolean(ok), dbus.String(msg)
+
+    @dbus.service.method(PROPS_IFACE, in_signature="ss", out_signature="v")
+    def Get(self, interface, prop):
+        return self.GetAll(interface)[prop]
+
+    @dbus.service.method(PROPS_IFACE, in_signature="s", out_signature="a{sv}")
+    def GetAll(self, interface):
+        if interface != TCMU_NAME:
+            raise dbus.exceptions.DBusException(f"no interface {interface}",
+                                                name="org.freedesktop.DBus.Error.UnknownInterface")
+        return _props(cfgstring.CONFIG_DESC)[TCMU_NAME]
+
+
+class TcmuRoot(dbus.service.Object):
+    """``/org/kernel/TCMUService1``: the ObjectManager targetcli enumerates."""
+
+    def __init__(self, conn, path, handler_path):
+        super().__init__(conn, path)
+        self._handler_path = handler_path
+
+    @dbus.service.method(OM_IFACE, out_signature="a{oa{sa{sv}}}")
+    def GetManagedObjects(self):
+        return {dbus.ObjectPath(self._handler_path): _props(cfgstring.CONFIG_DESC)}
+
+
+class Manager(dbus.service.Object):
+    """``/org/lvmirror1``: lvmirror's own management API."""
+
+    def __init__(self, conn, daemon, service):
+        super().__init__(conn, MANAGER_PATH)
+        self._daemon = daemon
+        self._service = service
+
+    # -- access control ------------------------------------------------------------------------
+
+    def _require_root(self, sender):
+        uid = self._service.caller_uid(sender)
+        if uid != 0:
+            raise AccessDenied(f"uid {uid} may read lvmirror status but not change it; "
+                               f"run as root")
+
+    def _run(self, sender, fn, ok, err):
+        """Run ``fn`` on a worker thread (it may wait for I/O to drain); reply when done."""
+        try:
+            self._require_root(sender)
+        except dbus.DBusException as e:
+            err(e)
+            return
+
+        def work():
+            try:
+                result = fn()
+            except LvmirrorError as e:
+                GLib.idle_add(lambda: err(LvmirrorDBusError(str(e))) and False)
+            except (ValueError, KeyError) as e:
+                GLib.idle_add(lambda: err(LvmirrorDBusError(str(e))) and False)
+            except Exception as e:   # report, never kill the service
+                log.exception("bus method failed")
+                GLib.idle_add(lambda: err(LvmirrorDBusError(f"{type(e).__name__}: {e}"))
+                              and False)
+            else:
+                GLib.idle_add(lambda: ok(result) and False)
+
+        threading.Thread(target=work, name="bus-call", daemon=True).start()
+
+    # -- read ----------------------------------------------------------------------------------
+
+    @dbus.service.method(MANAGER_IFACE, out_signature="s")
+    def Status(self):
+        """Everything an operator looks at, as JSON: volumes (images, states, split time, bitmap
+        fill, jobs, I/O counters) and LUNs."""
+        return json.dumps(self._daemon.status())
+
+    @dbus.service.method(MANAGER_IFACE, out_signature="as")
+    def ListVolumes(self):
+        return self._daemon.registry.names()
+
+    # -- change --------------------------------------------------------------------------------
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="su", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def Split(self, volume, image, sender=None, ok=None, err=None):
+        """Split image ``image`` off ``volume`` now; returns (JSON) when pre-T I/O drained."""
+        self._run(sender, lambda: json.dumps(self._daemon.split(str(volume), int(image))), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="sud", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def Resync(self, volume, image, rate_mbps, sender=None, ok=None, err=None):
+        """Start resyncing ``image`` (rate limit in MB/s, 0 = unlimited)."""
+        self._run(sender, lambda: json.dumps(self._daemon.resync(str(volume), int(image),
+                                                                 float(rate_mbps))), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="sud", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def Restore(self, volume, image, rate_mbps, sender=None, ok=None, err=None):
+        """Roll ``volume`` back to split image ``image``."""
+        self._run(sender, lambda: json.dumps(self._daemon.restore(str(volume), int(image),
+                                                                  float(rate_mbps))), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="ss", out_signature="u",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def AttachImage(self, volume, path, sender=None, ok=None, err=None):
+        self._run(sender, lambda: self._daemon.attach(str(volume), str(path)), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="su", out_signature="",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def DetachImage(self, volume, image, sender=None, ok=None, err=None):
+        self._run(sender, lambda: self._daemon.detach(str(volume), int(image)),
+                  lambda _r: ok(), err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="su", out_signature="",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def Cancel(self, volume, image, sender=None, ok=None, err=None):
+        """Cancel the resync running on ``image`` (it keeps its bitmap; Resync resumes)."""
+        self._run(sender, lambda: self._daemon.cancel(str(volume), int(image)),
+                  lambda _r: ok(), err)
+
+
+class BusService:
+    """Owns the names and runs the GLib main loop in a thread. ``daemon`` provides
+    ``check_config(cfg) -> (ok, msg)``, ``status()``, ``registry`` and the management calls."""
+
+    def __init__(self, daemon, *, bus_address: str | None = None):
+        self._daemon = daemon
+        self._address = bus_address
+        self._loop = None
+        self._thread = None
+        self._ready = threading.Event()
+        self._error = None
+        self._objects = []
+        self._names = []
+        self.conn = None
+        self.tcmu_mode = None      # "owner" or "registered" (tcmu-runner owns the name)
+
+    def start(self, timeout=10.0):
+        dbus.mainloop.glib.DBusGMainLoop(set_as_default=True)
+        self._thread = threading.Thread(target=self._run, name="dbus", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("D-Bus service did not start")
+        if self._error is not None:
+            raise self._error
+
+    def _connect(self):
+        if self._address:
+            conn = dbus.bus.BusConnection(self._address)
+        else:
+            conn = dbus.SystemBus(private=True)
+        return conn
+
+    def _run(self):
+        # dbus-python attaches connections to GLib's default main context; this thread is
+        # the only one that runs it.
+        self._loop = GLib.MainLoop()
+        try:
+            self.conn = self._connect()
+            self._export()
+        except Exception as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run()
+
+    def _export(self):
+        conn = self.conn
+        self._objects.append(Manager(conn, self._daemon, self))
+        self._names = [dbus.service.BusName(BUS_NAME, conn, do_not_queue=True)]
+        handler_path = f"{TCMU_PATH}/{cfgstring.SUBTYPE}"
+        try:
+            self._names.append(dbus.service.BusName(TCMU_NAME, conn, do_not_queue=True))
+        except dbus.exceptions.NameExistsException:
+            # tcmu-runner is there: register our handler with its HandlerManager1.
+            own = f"{TCMU_HANDLER_MANAGER}.{cfgstring.SUBTYPE}"
+            self._names.append(dbus.service.BusName(own, conn, do_not_queue=True))
+            path = f"{TCMU_PATH}/HandlerManager1/{cfgstring.SUBTYPE}"
+            self._objects.append(TcmuHandler(conn, path, self._daemon))
+            mgr = conn.get_object(TCMU_NAME, f"{TCMU_PATH}/HandlerManager1")
+            ok, msg = mgr.RegisterHandler(cfgstring.SUBTYPE, cfgstring.CONFIG_DESC,
+                                          dbus_interface=TCMU_HANDLER_MANAGER)
+            if not ok:
+                raise RuntimeError(f"tcmu-runner refused to register handler "
+                                   f"{cfgstring.SUBTYPE}: {msg}")
+            self.tcmu_mode = "registered"
+            log.info("D-Bus: registered handler %s with tcmu-runner", cfgstring.SUBTYPE)
+        else:
+            self._objects.append(TcmuRoot(conn, TCMU_PATH, handler_path))
+            self._objects.append(TcmuHandler(conn, handler_path, self._daemon))
+            self.tcmu_mode = "owner"
+            log.info("D-Bus: serving %s and %s", TCMU_NAME, BUS_NAME)
+
+    def caller_uid(self, sender) -> int:
+        dbus_obj = self.conn.get_object("org.freedesktop.DBus", "/org/freedesktop/DBus")
+        return int(dbus_obj.GetConnectionUnixUser(sender, dbus_interface="org.freedesktop.DBus"))
+
+    def stop(self):
+        if self._loop is not None:
+            self._loop.quit()
+        if self._thread is not None:
+            self._thread.join(5)
+        for obj in self._objects:
+            try:
+                obj.remove_from_connection()
+            except Exception:
+                pass
+        self._names = []          # BusName.__del__ releases the names while still connected
+        if self.conn is not None:
+            self.conn.close()

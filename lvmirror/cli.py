@@ -1,0 +1,174 @@
+"""``lvmirror``: the command line for scripts and cron (talks to lvmirrord over the system bus).
+
+    lvmirror status [--json]
+    lvmirror split VOLUME IMAGE
+    lvmirror resync VOLUME IMAGE [--rate MB/s] [--wait]
+    lvmirror restore VOLUME IMAGE [--rate MB/s] [--wait]
+    lvmirror attach VOLUME PATH [--wait]
+    lvmirror detach VOLUME IMAGE
+    lvmirror cancel VOLUME IMAGE
+    lvmirror wait VOLUME [--timeout S]      # until no resync/restore runs on VOLUME
+
+Exit status 0 on success, 1 on an error reported by lvmirrord, 2 on bad usage, 3 when lvmirrord
+is not reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+
+
+def _manager():
+    import dbus
+    from lvmirror.bus.service import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+    bus = dbus.SystemBus()
+    return dbus.Interface(bus.get_object(BUS_NAME, MANAGER_PATH), MANAGER_IFACE)
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def format_status(st: dict) -> str:
+    lines = []
+    if not st["volumes"]:
+        lines.append("no volumes open")
+    for name, v in sorted(st["volumes"].items()):
+        lines.append(f"volume {name}: {_human(v['size'])}, {v['block_size']}-byte blocks, "
+                     f"region {_human(v['region_size'])}")
+        for im in v["images"]:
+            extra = ""
+            if im["split_time"]:
+                extra += " split at " + time.strftime("%Y-%m-%d %H:%M:%S",
+                                                      time.localtime(im["split_time"]))
+            if im["dirty_bytes"] is not None:
+                extra += f", {_human(im['dirty_bytes'])} changed ({im['bitmap_fill']:.2%})"
+            if im["error"]:
+                extra += f", error: {im['error']}"
+            lines.append(f"  image {im['index']}: {im['state']:<8} {im['path']}{extra}")
+        for job in v["jobs"]:
+            eta = job["eta_seconds"]
+            lines.append(f"  {job['kind']} of image id {job['image_id']}: {job['state']}, "
+                         f"{_human(job['bytes_done'])} / {_human(job['bytes_total'])}, "
+                         f"{job['rate']:.1f} MB/s" + (f", ETA {eta:.0f} s" if eta else ""))
+        io = v["io"]
+        lines.append(f"  I/O: {io['reads']} reads, {io['writes']} writes, "
+                     f"{io['read_errors'] + io['write_errors']} errors, {io['inflight']} in flight")
+    for lun in st["luns"]:
+        lines.append(f"LUN {lun['name']} ({lun['uio']}): {lun['cfgstring']}"
+                     + (f" NOT READY: {lun['error']}" if lun["error"] else ""))
+    return "\n".join(lines)
+
+
+def _running(st, volume):
+    v = st["volumes"].get(volume)
+    return [j for j in (v["jobs"] if v else []) if j["state"] == "running"]
+
+
+def wait_jobs(mgr, volume, timeout=None, out=sys.stderr):
+    t0 = time.monotonic()
+    while True:
+        st = json.loads(mgr.Status())
+        running = _running(st, volume)
+        if not running:
+            failed = [j for j in st["volumes"].get(volume, {}).get("jobs", [])
+                      if j["state"] == "failed"]
+            return failed
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"jobs on {volume} still running after {timeout} s")
+        j = running[0]
+        if out is not None and out.isatty():
+            pct = j["bytes_done"] / j["bytes_total"] if j["bytes_total"] else 1.0
+            out.write(f"\r{j['kind']}: {pct:6.1%} {j['rate']:.1f} MB/s   ")
+            out.flush()
+        time.sleep(0.5)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="lvmirror", description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("status", help="volumes, images, jobs, LUNs")
+    for name in ("split", "detach", "cancel"):
+        s = sub.add_parser(name)
+        s.add_argument("volume")
+        s.add_argument("image", type=int)
+    for name in ("resync", "restore"):
+        s = sub.add_parser(name)
+        s.add_argument("volume")
+        s.add_argument("image", type=int)
+        s.add_argument("--rate", type=float, default=0.0, help="MB/s, 0 = unlimited")
+        s.add_argument("--wait", action="store_true", help="return when it finished")
+    s = sub.add_parser("attach")
+    s.add_argument("volume")
+    s.add_argument("path")
+    s.add_argument("--wait", action="store_true")
+    s = sub.add_parser("wait")
+    s.add_argument("volume")
+    s.add_argument("--timeout", type=float)
+    args = p.parse_args(argv)
+    try:
+        import dbus
+        mgr = _manager()
+        if args.cmd == "status":
+            st = json.loads(mgr.Status())
+            print(json.dumps(st, indent=2) if args.json else format_status(st))
+            return 0
+        if args.cmd == "split":
+            res = json.loads(mgr.Split(args.volume, args.image, timeout=3600))
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(res["split_time"]))
+            usec = int(res["split_time"] % 1 * 1e6)
+            print(json.dumps(res) if args.json else
+                  f"image {res['index']} ({res['path']}) split at {when}.{usec:06d}; "
+                  f"{res['drained']} I/Os begun before the split drained")
+            return 0
+        if args.cmd in ("resync", "restore"):
+            fn = mgr.Resync if args.cmd == "resync" else mgr.Restore
+            res = json.loads(fn(args.volume, args.image, args.rate))
+            if not args.json:
+                print(f"{args.cmd} of image {args.image} started: {res['bytes_total']} bytes")
+            else:
+                print(json.dumps(res))
+        elif args.cmd == "attach":
+            idx = mgr.AttachImage(args.volume, args.path)
+            print(json.dumps({"index": int(idx)}) if args.json else
+                  f"{args.path} attached as image {int(idx)}; full resync started")
+        elif args.cmd == "detach":
+            mgr.DetachImage(args.volume, args.image)
+        elif args.cmd == "cancel":
+            mgr.Cancel(args.volume, args.image)
+        if args.cmd == "wait" or getattr(args, "wait", False):
+            failed = wait_jobs(mgr, args.volume, getattr(args, "timeout", None))
+            if failed:
+                print(f"failed: {failed[0]['error']}", file=sys.stderr)
+                return EXIT_ERROR
+        return 0
+    except ImportError as e:
+        print(f"lvmirror: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except TimeoutError as e:
+        print(f"lvmirror: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:      # dbus.DBusException and friends
+        name = getattr(e, "get_dbus_name", lambda: "")() or ""
+        msg = getattr(e, "get_dbus_message", lambda: str(e))() or str(e)
+        if name in ("org.freedesktop.DBus.Error.ServiceUnknown",
+                    "org.freedesktop.DBus.Error.NoServer", "org.freedesktop.DBus.Error.FileNotFound",
+                    "org.freedesktop.DBus.Error.NoReply"):
+            print(f"lvmirror: lvmirrord is not reachable on the system bus ({msg})",
+                  file=sys.stderr)
+            return EXIT_UNREACHABLE
+        print(f"lvmirror: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
