@@ -40,6 +40,12 @@ def _props(handler_desc):
     return {TCMU_NAME: {"ConfigDesc": dbus.String(handler_desc)}}
 
 
+def _once(fn, arg):
+    """A GLib idle callback that runs ``fn(arg)`` once (on the bus thread)."""
+    fn(arg)
+    return False
+
+
 class TcmuHandler(dbus.service.Object):
     """``/org/kernel/TCMUService1/lvmirror``: what targetcli asks before ``create``."""
 
@@ -103,16 +109,15 @@ class Manager(dbus.service.Object):
         def work():
             try:
                 result = fn()
-            except LvmirrorError as e:
-                GLib.idle_add(lambda: err(LvmirrorDBusError(str(e))) and False)
-            except (ValueError, KeyError) as e:
-                GLib.idle_add(lambda: err(LvmirrorDBusError(str(e))) and False)
+            except (LvmirrorError, ValueError, KeyError) as e:
+                error = LvmirrorDBusError(str(e))
             except Exception as e:   # report, never kill the service
                 log.exception("bus method failed")
-                GLib.idle_add(lambda: err(LvmirrorDBusError(f"{type(e).__name__}: {e}"))
-                              and False)
+                error = LvmirrorDBusError(f"{type(e).__name__}: {e}")
             else:
-                GLib.idle_add(lambda: ok(result) and False)
+                GLib.idle_add(_once, ok, result)
+                return
+            GLib.idle_add(_once, err, error)
 
         threading.Thread(target=work, name="bus-call", daemon=True).start()
 
@@ -186,6 +191,7 @@ class BusService:
         self.tcmu_mode = None      # "owner" or "registered" (tcmu-runner owns the name)
 
     def start(self, timeout=10.0):
+        dbus.mainloop.glib.threads_init()      # the daemon is multi-threaded: lock libdbus
         dbus.mainloop.glib.DBusGMainLoop(set_as_default=True)
         self._thread = threading.Thread(target=self._run, name="dbus", daemon=True)
         self._thread.start()

@@ -83,7 +83,7 @@ def cli(address, *args, user=None):
     cmd = [sys.executable, "-m", "lvmirror.cli", *args]
     if user is not None:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=20)
 
 
 def test_targetcli_discovery_and_checkconfig(daemon):
