@@ -2,12 +2,13 @@
 
 Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 bytes, no ':')::
 
-    NAME[;images=/path/a,/path/b[,...]][;region_size=1M][;block_size=512|4096][;direct=0|1]
+    NAME[;images=/path/a+/path/b[+...]][;region_size=1M][;block_size=512|4096][;direct=0|1]
     NAME;image=N
 
 * ``NAME`` names the volume; its metadata, change bitmaps and write-intent log live in
   ``<state_dir>/NAME/`` (default /var/lib/lvmirror).
-* ``images=`` (1 to 4 absolute paths, files or block devices) creates the volume on first use
+* ``images=`` (1 to 4 absolute paths, files or block devices, joined by '+': LIO splits its
+  control string at ',', so a comma cannot appear in a cfgstring) creates the volume on first use
   (the first image is the source, the others are fully resynced from it; missing files are
   created sparse at the LUN size). Once the volume exists the list must match its images:
   attach / detach change them, not the cfgstring.
@@ -19,7 +20,7 @@ Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 b
   change bitmap, so a later resync or restore still copies exactly what differs.
 
 Example: ``targetcli /backstores/user:lvmirror create name=lun0 size=10G
-cfgstring=vol0;images=/srv/lun0-a.img,/srv/lun0-b.img``
+cfgstring=vol0;images=/srv/lun0-a.img+/srv/lun0-b.img``
 """
 
 from __future__ import annotations
@@ -37,16 +38,17 @@ __all__ = ["CONFIG_DESC", "SUBTYPE", "VolumeSpec", "check", "format", "parse"]
 SUBTYPE = "lvmirror"
 MAX_DEV_CONFIG = 255          # TCMU_CONFIG_LEN 256 with the NUL
 MAX_IMAGES = 4
+IMAGE_SEPARATOR = "+"
 KEYS = ("images", "region_size", "block_size", "direct", "image")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 CONFIG_DESC = (
-    "VOLUME[;images=/path/a,/path/b][;region_size=1M][;block_size=512|4096][;direct=0|1] "
+    "VOLUME[;images=/path/a+/path/b][;region_size=1M][;block_size=512|4096][;direct=0|1] "
     "or VOLUME;image=N. A mirrored volume (metadata in /var/lib/lvmirror/VOLUME); images= creates it "
     "on first use from 1-4 image files or block devices (the first is the source). image=N serves "
-    "split image N of VOLUME as its own LUN. Example: vol0;images=/srv/lun0-a.img,/srv/lun0-b.img")
+    "split image N of VOLUME as its own LUN. Example: vol0;images=/srv/lun0-a.img+/srv/lun0-b.img")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +82,16 @@ def parse(cfg: str) -> VolumeSpec:
                           f"{MAX_DEV_CONFIG - len(SUBTYPE) - 1}")
     if ":" in cfg:
         raise ConfigError(f"cfgstring {cfg!r}: ':' is not allowed in a LIO dev_config")
+    if "," in cfg:
+        raise ConfigError(f"cfgstring {cfg!r}: ',' is not allowed (LIO splits its control string "
+                          f"at commas); join image paths with '+'")
     if any(c.isspace() for c in cfg) or not cfg.isprintable():
         raise ConfigError(f"cfgstring {cfg!r}: whitespace or control characters are not allowed")
     parts = cfg.split(";")
     name = parts[0]
     if not name:
         raise ConfigError(f"cfgstring {cfg!r}: starts with no volume name "
-                          f"(expected e.g. 'vol0;images=/srv/a.img,/srv/b.img')")
+                          f"(expected e.g. 'vol0;images=/srv/a.img+/srv/b.img')")
     if not _NAME.fullmatch(name):
         raise ConfigError(f"cfgstring {cfg!r}: volume name {name!r} must be 1-64 letters, digits, "
                           f"'_', '.', '-', starting with a letter or digit")
@@ -108,7 +113,7 @@ def parse(cfg: str) -> VolumeSpec:
         if "image" in opts:
             raise ConfigError(f"cfgstring {cfg!r}: images= (serve the volume) and image= (serve "
                               f"one split image) exclude each other")
-        images = tuple(opts["images"].split(","))
+        images = tuple(opts["images"].split(IMAGE_SEPARATOR))
         if not 1 <= len(images) <= MAX_IMAGES:
             raise ConfigError(f"cfgstring {cfg!r}: {len(images)} images; a volume has 1 to "
                               f"{MAX_IMAGES}")
@@ -151,7 +156,7 @@ def parse(cfg: str) -> VolumeSpec:
 def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
     parts = [spec.name]
     if spec.images is not None:
-        parts.append("images=" + ",".join(spec.images))
+        parts.append("images=" + IMAGE_SEPARATOR.join(spec.images))
     if spec.image is not None:
         parts.append(f"image={spec.image}")
     if spec.region_size != 1 << 20:
@@ -179,14 +184,14 @@ def check(cfg: str, *, state_dir: str = "/var/lib/lvmirror") -> VolumeSpec:
     if spec.images is None:
         if recorded is None:
             raise ConfigError(f"volume {spec.name!r} does not exist in {state_dir}; create it "
-                              f"with images= (e.g. '{spec.name};images=/srv/a.img,/srv/b.img')")
+                              f"with images= (e.g. '{spec.name};images=/srv/a.img+/srv/b.img')")
         if spec.image is not None and spec.image >= len(recorded):
             raise ConfigError(f"volume {spec.name!r} has {len(recorded)} images; there is no "
                               f"image {spec.image}")
         return spec
     if recorded is not None and list(spec.images) != recorded:
         raise ConfigError(f"volume {spec.name!r} already exists with images "
-                          f"{','.join(recorded)}; use attach/detach to change them, or name the "
+                          f"{IMAGE_SEPARATOR.join(recorded)}; use attach/detach to change them, or name the "
                           f"volume alone ('{spec.name}')")
     for p in spec.images:
         try:

@@ -84,8 +84,8 @@ class VolumeRegistry:
         recorded = tuple(info.path for info in volume.images)
         if tuple(spec.images) != recorded:
             raise ConfigError(
-                f"volume {spec.name!r} has images {','.join(recorded)}; the cfgstring names "
-                f"{','.join(spec.images)} (change images with attach/detach, not the cfgstring)")
+                f"volume {spec.name!r} has images {'+'.join(recorded)}; the cfgstring names "
+                f"{'+'.join(spec.images)} (change images with attach/detach, not the cfgstring)")
 
     def _open_or_create(self, spec, size):
         if MirrorVolume.exists(spec.name, meta_dir=self.state_dir):
@@ -100,7 +100,7 @@ class VolumeRegistry:
         if spec.images is None:
             raise ConfigError(
                 f"volume {spec.name!r} does not exist under {self.state_dir}; name its images to "
-                f"create it (cfgstring '{spec.name};images=/path/a,/path/b')")
+                f"create it (cfgstring '{spec.name};images=/path/a+/path/b')")
         return MirrorVolume.create(spec.name, list(spec.images), meta_dir=self.state_dir,
                                    block_size=spec.block_size, region_size=spec.region_size,
                                    size=size, direct=spec.direct)

@@ -83,6 +83,8 @@ class DeviceReconfig(_Event):
 
 def decode_event(msg) -> _Event | None:
     """A parsed ``tcmu_msg`` -> event dataclass (None for commands we do not handle)."""
+    if not isinstance(msg, tcmu_msg) or msg.get("cmd") is None:
+        return None                 # an ACK / error for one of our replies, not an event
     cmd = msg["cmd"]
     minor = msg.get_attr("TCMU_ATTR_MINOR")
     device = msg.get_attr("TCMU_ATTR_DEVICE")
@@ -149,13 +151,14 @@ class TcmuNetlink:
                 log.error("netlink: cannot parse a TCM-USER message: %s", e)
                 continue
             for msg in msgs:
-                event = decode_event(msg)
-                if event is None:
-                    continue
                 try:
+                    event = decode_event(msg)
+                    if event is None:
+                        continue
                     callback(event)
-                except Exception:
-                    log.exception("netlink: handling %s failed", event)
+                except Exception:    # one bad message must not stop the listener
+                    log.exception("netlink: handling %r failed", msg.get("cmd") if
+                                  hasattr(msg, "get") else msg)
 
     def reply(self, event: _Event, status: int) -> None:
         """Send the ``*_DONE`` answer for ``event`` (harmless when the kernel does not wait)."""

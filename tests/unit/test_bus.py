@@ -66,7 +66,7 @@ def system_bus(tmp_path):
 def daemon(tmp_path, system_bus):
     d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False)
     imgs = [str(tmp_path / f"img{k}") for k in range(3)]
-    spec = cfgstring.parse(f"vol0;images={','.join(imgs)};region_size=64K")
+    spec = cfgstring.parse(f"vol0;images={'+'.join(imgs)};region_size=64K")
     vol, _ = d.registry.acquire(spec, lun="lun0", size=4 << 20)
     for job in vol.jobs.values():
         assert job.wait(20)

@@ -11,8 +11,8 @@ from lvmirror.mirror.volume import MirrorVolume
 @pytest.mark.parametrize("text,spec", [
     ("vol0", VolumeSpec("vol0")),
     ("lvmirror/vol0", VolumeSpec("vol0")),
-    ("vol0;images=/srv/a.img,/srv/b.img", VolumeSpec("vol0", images=("/srv/a.img", "/srv/b.img"))),
-    ("db.1;images=/dev/sdb,/dev/sdc,/dev/sdd;region_size=64K;block_size=4096;direct=1",
+    ("vol0;images=/srv/a.img+/srv/b.img", VolumeSpec("vol0", images=("/srv/a.img", "/srv/b.img"))),
+    ("db.1;images=/dev/sdb+/dev/sdc+/dev/sdd;region_size=64K;block_size=4096;direct=1",
      VolumeSpec("db.1", images=("/dev/sdb", "/dev/sdc", "/dev/sdd"), region_size=65536,
                 block_size=4096, direct=True)),
     ("vol0;image=2", VolumeSpec("vol0", image=2)),
@@ -33,8 +33,8 @@ def test_parse_and_round_trip(text, spec):
     ("vol0;direct", "needs a value"),
     ("vol0;images=rel/a.img", "must be absolute"),
     ("vol0;images=/srv/../a", "not normalised"),
-    ("vol0;images=/a,/a", "listed twice"),
-    ("vol0;images=/a,/b,/c,/d,/e", "5 images"),
+    ("vol0;images=/a+/a", "listed twice"),
+    ("vol0;images=/a+/b+/c+/d+/e", "5 images"),
     ("vol0;images=/a;image=1", "exclude each other"),
     ("vol0;region_size=3M", "power of two"),
     ("vol0;region_size=1K", "from 4K"),
@@ -45,6 +45,7 @@ def test_parse_and_round_trip(text, spec):
     ("vol0;image=1;block_size=4096", "belongs to the volume"),
     ("qcow/vol0", "handler 'qcow'"),
     ("vol0;images=/srv/a:b", "':'"),
+    ("vol0;images=/srv/a.img,/srv/b.img", "join image paths with '+'"),
     ("vol0;images=/a b", "whitespace"),
     ("vol0;images=/" + "x" * 260, "LIO allows"),
 ])
@@ -64,7 +65,7 @@ def test_check_against_the_state_dir(tmp_path):
     with pytest.raises(ConfigError, match="not a regular file or block device"):
         cfgstring.check(f"vol0;images={tmp_path}", state_dir=str(state))
     # new images in an existing directory are fine (created sparse at first use)
-    assert cfgstring.check(f"vol0;images={a},{b}", state_dir=str(state)).images == (str(a), str(b))
+    assert cfgstring.check(f"vol0;images={a}+{b}", state_dir=str(state)).images == (str(a), str(b))
     MirrorVolume.create("vol0", [a, b], meta_dir=str(state), size=1 << 20,
                         flush_interval=None).close()
     assert cfgstring.check("vol0", state_dir=str(state)).name == "vol0"
@@ -72,4 +73,4 @@ def test_check_against_the_state_dir(tmp_path):
     with pytest.raises(ConfigError, match="no image 2"):
         cfgstring.check("vol0;image=2", state_dir=str(state))
     with pytest.raises(ConfigError, match="already exists with images"):
-        cfgstring.check(f"vol0;images={b},{a}", state_dir=str(state))
+        cfgstring.check(f"vol0;images={b}+{a}", state_dir=str(state))

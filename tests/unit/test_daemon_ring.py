@@ -56,7 +56,7 @@ def images(tmp_path, n=2):
 
 def test_writes_reach_every_image_and_read_back(lab, tmp_path):
     paths = images(tmp_path)
-    emu, lun, _ = lab(f"vol0;images={','.join(paths)}")
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
     assert lun.error is None
     for job in lun.volume.jobs.values():
         assert job.wait(20)
@@ -84,7 +84,7 @@ def test_writes_reach_every_image_and_read_back(lab, tmp_path):
 
 
 def test_inquiry_read_len_and_check_condition(lab, tmp_path):
-    emu, lun, _ = lab(f"vol0;images={','.join(images(tmp_path))}")
+    emu, lun, _ = lab(f"vol0;images={'+'.join(images(tmp_path))}")
     cid = emu.submit(bytes([0x12, 0, 0, 0, 255, 0]), data_in_len=255)
     bad = emu.submit(cdb10(0x28, SIZE // BS, 1), data_in_len=BS)
     unknown = emu.submit(bytes([0xC5] + [0] * 11))
@@ -109,7 +109,7 @@ def test_missing_volume_answers_not_ready_but_inquiry(lab):
 
 
 def test_aborted_command_not_started_gets_task_aborted(lab, tmp_path):
-    emu, lun, _ = lab(f"vol0;images={','.join(images(tmp_path))}")
+    emu, lun, _ = lab(f"vol0;images={'+'.join(images(tmp_path))}")
     # Queue a command and a TMR naming it in the same batch, before the ring thread looks.
     with emu._lock:
         cid = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
@@ -120,7 +120,7 @@ def test_aborted_command_not_started_gets_task_aborted(lab, tmp_path):
 
 def test_split_under_load_through_the_ring(lab, tmp_path):
     paths = images(tmp_path, 3)
-    emu, lun, registry = lab(f"vol0;images={','.join(paths)};region_size=64K")
+    emu, lun, registry = lab(f"vol0;images={'+'.join(paths)};region_size=64K")
     for job in lun.volume.jobs.values():
         assert job.wait(20)
     before = [emu.submit(cdb10(0x2A, k * 16, 16), data_out=bytes([1]) * 16 * BS)
@@ -146,15 +146,15 @@ def test_split_under_load_through_the_ring(lab, tmp_path):
 
 def test_second_lun_for_the_same_volume_is_refused(lab, tmp_path):
     paths = images(tmp_path)
-    emu, lun, registry = lab(f"vol0;images={','.join(paths)}")
+    emu, lun, registry = lab(f"vol0;images={'+'.join(paths)}")
     emu2, lun2, _ = lab("vol0", state=registry)
     assert "already served" in lun2.error
 
 
 def test_cfgstring_images_must_match_an_existing_volume(lab, tmp_path):
     paths = images(tmp_path)
-    emu, lun, registry = lab(f"vol0;images={','.join(paths)}")
+    emu, lun, registry = lab(f"vol0;images={'+'.join(paths)}")
     lun.stop()
-    emu2, lun2, _ = lab(f"vol0;images={paths[1]},{paths[0]}", state=registry)
+    emu2, lun2, _ = lab(f"vol0;images={paths[1]}+{paths[0]}", state=registry)
     assert "has images" in lun2.error
     assert cfgstring.parse("vol0").name == "vol0"

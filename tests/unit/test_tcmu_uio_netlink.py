@@ -32,20 +32,20 @@ def fake_device(root, minor, name, *, size=1082130432, info_size=268435456, seri
 
 
 def test_parse_uio_name_keeps_slashes_in_cfgstring():
-    assert uio.parse_uio_name("tcm-user/1/lun0/lvmirror/vol0;images=/srv/a.img,/srv/b.img") == (
-        "1", "lun0", "lvmirror", "vol0;images=/srv/a.img,/srv/b.img")
+    assert uio.parse_uio_name("tcm-user/1/lun0/lvmirror/vol0;images=/srv/a.img+/srv/b.img") == (
+        "1", "lun0", "lvmirror", "vol0;images=/srv/a.img+/srv/b.img")
     assert uio.parse_uio_name("tcm-user/2/d/qcow") == ("2", "d", "qcow", "")
     assert uio.parse_uio_name("uio_pci_generic") is None
 
 
 def test_find_devices_filters_subtype_and_reads_configfs(tmp_path):
     roots = fake_device(tmp_path, 0, "tcm-user/1/q0/qcow//img.qcow2")
-    fake_device(tmp_path, 3, "tcm-user/1/lun0/lvmirror/vol0;images=/a,/b", serial="5f0c")
+    fake_device(tmp_path, 3, "tcm-user/1/lun0/lvmirror/vol0;images=/a+/b", serial="5f0c")
     fake_device(tmp_path, 7, "some-other-uio")
     devs = uio.find_devices("lvmirror", **roots)
     assert [d.uio_name for d in devs] == ["uio3"]
     d = devs[0]
-    assert (d.dev_name, d.cfgstring, d.minor) == ("lun0", "vol0;images=/a,/b", 3)
+    assert (d.dev_name, d.cfgstring, d.minor) == ("lun0", "vol0;images=/a+/b", 3)
     assert d.map_size() == 1082130432
     assert d.lun_size() == 268435456
     assert d.write_cache() is True

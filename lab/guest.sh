@@ -1,0 +1,236 @@
+#!/bin/bash
+# Runs INSIDE the kernel-lab guest (Debian's kernel with LIO, booted by lab/boot with the host's
+# root file system shared read-only; /etc, /var, /tmp are throw-away overlays, $OUT is shared
+# read-write with the host). Brings up the real stack - configfs, a system bus with lvmirror's
+# policy, lvmirrord, targetcli, the iSCSI target, open-iscsi, libiscsi - and runs the checks the
+# host-side pytest suite (tests/lab) asserts on. Every check writes one JSON line to
+# $OUT/results.jsonl: {"check": name, "ok": bool, ...details}.
+#
+# Usage (by lab/boot): guest.sh OUT [SECTION ...]   sections: basic fs split crash compliance demo
+set -u
+OUT=$1; shift
+SECTIONS=${*:-basic fs split crash compliance}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=$REPO/.venv/bin/python
+IQN=iqn.2026-11.org.lvmirror:lab
+STATE=/run/scratch/state
+export HOME=/tmp/home PATH=$REPO/.venv/bin:$PATH
+mkdir -p "$HOME"
+t() { echo "[guest T+$(awk '{print $1}' /proc/uptime)s] $*"; }
+result() {  # result NAME ok|fail [key=value ...]
+  local name=$1 ok=$2; shift 2
+  $PY - "$name" "$ok" "$@" >> "$OUT/results.jsonl" <<'PY'
+import json, sys
+name, ok, *kv = sys.argv[1:]
+d = {"check": name, "ok": ok == "ok"}
+for item in kv:
+    k, _, v = item.partition("=")
+    d[k] = v
+print(json.dumps(d))
+PY
+  echo "RESULT $name $ok $*"
+}
+
+# ---------------------------------------------------------------- the stack
+setup() {
+  for m in target_core_mod target_core_user target_core_file target_core_iblock iscsi_target_mod \
+           uio iscsi_tcp sd_mod virtio_net loop ext4; do modprobe $m; done
+  mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config
+  mkdir -p /etc/target
+  ip link set lo up
+  IF=$(ls /sys/class/net | grep -v '^lo$' | head -1)
+  if [ -n "$IF" ]; then
+    ip link set "$IF" up && ip addr add 10.0.2.15/24 dev "$IF" && ip route add default via 10.0.2.2
+  fi
+  # image files need a real file system (punch hole, O_DIRECT): ext4 on a loop device
+  truncate -s 1500M /run/scratch.img && mkfs.ext4 -q -F /run/scratch.img
+  mkdir -p /run/scratch && mount -o loop /run/scratch.img /run/scratch
+  mkdir -p $STATE
+  # a real system bus with lvmirror's policy; no D-Bus activation of a competing tcmu-runner
+  rm -f /usr/share/dbus-1/system-services/org.kernel.TCMUService1.service
+  mkdir -p /etc/dbus-1/system.d /run/dbus /var/lib/dbus
+  cp "$REPO/systemd/dbus/org.lvmirror1.conf" /etc/dbus-1/system.d/
+  dbus-uuidgen --ensure; dbus-daemon --system --fork
+  t "stack: modules, configfs, network, scratch ext4, system bus"
+}
+
+start_daemon() {
+  lvmirrord --state-dir $STATE --log-level ${LOGLEVEL:-info} >> "$OUT/lvmirrord.log" 2>&1 &
+  DAEMON=$!
+  for i in $(seq 150); do
+    dbus-send --system --print-reply --dest=org.freedesktop.DBus /org/freedesktop/DBus \
+      org.freedesktop.DBus.NameHasOwner string:org.lvmirror1 2>/dev/null | grep -q 'boolean true' && return 0
+    kill -0 $DAEMON 2>/dev/null || return 1
+    sleep 0.2
+  done
+  return 1
+}
+
+tcli() { targetcli >> "$OUT/targetcli.log" 2>&1; }
+
+lun_dev() {  # lun_dev LUN -> /dev/sdX of the open-iscsi session
+  readlink -f /dev/disk/by-path/ip-127.0.0.1:3260-iscsi-$IQN-lun-$1
+}
+
+login() {
+  pidof iscsid >/dev/null || { iscsid; sleep 1; }
+  iscsiadm -m discovery -t sendtargets -p 127.0.0.1 >/dev/null &&
+  iscsiadm -m node -T $IQN -p 127.0.0.1 --login >/dev/null
+  udevadm settle 2>/dev/null; sleep 1
+}
+logout() { iscsiadm -m node -T $IQN -p 127.0.0.1 --logout >/dev/null 2>&1; udevadm settle 2>/dev/null; }
+rescan() { iscsiadm -m session --rescan >/dev/null 2>&1; udevadm settle 2>/dev/null; sleep 1; }
+
+# ---------------------------------------------------------------- sections
+basic() {
+  if start_daemon; then result daemon_started ok; else result daemon_started fail log="$(tail -5 $OUT/lvmirrord.log)"; return; fi
+  # Stock targetcli: the backstore type is listed from our D-Bus service, a bad cfgstring is
+  # refused with our message, good ones create mirrored LUNs (2 and 3 images) next to a fileio.
+  out=$(printf '%s\n' "set global auto_save_on_exit=false" "ls /backstores" \
+        "/backstores/user:lvmirror create name=bad size=64M cfgstring=vol9;colour=blue" | targetcli 2>&1)
+  echo "$out" >> "$OUT/targetcli.log"
+  echo "$out" | grep -q "user:lvmirror" && result targetcli_lists_user_lvmirror ok || result targetcli_lists_user_lvmirror fail
+  echo "$out" | grep -q "unknown option 'colour'" && result targetcli_refuses_bad_cfgstring ok || result targetcli_refuses_bad_cfgstring fail out="$(echo "$out" | tail -2)"
+  tcli <<TC
+set global auto_save_on_exit=false
+/backstores/user:lvmirror create name=m2 size=256M cfgstring=vol2;images=/run/scratch/v2a.img+/run/scratch/v2b.img control=nl_reply_supported=-1
+/backstores/user:lvmirror create name=m3 size=256M cfgstring=vol3;images=/run/scratch/v3a.img+/run/scratch/v3b.img+/run/scratch/v3c.img;region_size=256K control=nl_reply_supported=-1
+/backstores/fileio create name=f0 file_or_dev=/run/scratch/f0.img size=256M write_back=false
+/iscsi create $IQN
+/iscsi/$IQN/tpg1/luns create /backstores/user:lvmirror/m2
+/iscsi/$IQN/tpg1/luns create /backstores/user:lvmirror/m3
+/iscsi/$IQN/tpg1/luns create /backstores/fileio/f0
+/iscsi/$IQN/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1
+TC
+  sleep 1
+  lvmirror status > "$OUT/status-basic.txt" 2>&1
+  grep -q "volume vol2" "$OUT/status-basic.txt" && grep -q "volume vol3" "$OUT/status-basic.txt" \
+    && result luns_created ok || result luns_created fail status="$(cat $OUT/status-basic.txt | head -5)"
+  inq=$(iscsi-inq iscsi://127.0.0.1/$IQN/0 2>&1)
+  echo "$inq" | grep -q "lvmirror" && result libiscsi_inquiry ok || result libiscsi_inquiry fail out="$(echo "$inq" | head -3)"
+  cap=$(iscsi-readcapacity16 iscsi://127.0.0.1/$IQN/1 2>&1 | grep 'Total size')
+  echo "$cap" | grep -q 268435456 && result libiscsi_readcapacity ok out="$cap" || result libiscsi_readcapacity fail out="$cap"
+  # wait for the initial full resyncs so the mirrors are complete
+  lvmirror wait vol2 --timeout 300; lvmirror wait vol3 --timeout 300
+  login || result open_iscsi_login fail
+  d0=$(lun_dev 0); d1=$(lun_dev 1)
+  [ -b "$d0" ] && [ -b "$d1" ] && result open_iscsi_login ok dev0=$d0 dev1=$d1 || result open_iscsi_login fail
+  dd if=/dev/urandom of=/run/pat bs=1M count=8 status=none
+  if dd if=/run/pat of=$d0 bs=1M oflag=direct status=none && cmp -n 8388608 /run/pat $d0; then
+    result dd_write_readback ok; else result dd_write_readback fail; fi
+  touch "$OUT/target-ready"          # the host may now use the portal through hostfwd
+}
+
+fs() {   # a file system on each mirrored LUN: images identical afterwards
+  for lun in 0 1; do
+    d=$(lun_dev $lun); vol=$([ $lun = 0 ] && echo vol2 || echo vol3)
+    mkfs.ext4 -q -F $d && mkdir -p /mnt/l$lun && mount $d /mnt/l$lun &&
+    cp -r $REPO/lvmirror /mnt/l$lun/ && dd if=/dev/urandom of=/mnt/l$lun/blob bs=1M count=20 status=none &&
+    (cd /mnt/l$lun && find . -type f -exec md5sum {} + | sort -k2 > /run/sums-$lun) && umount /mnt/l$lun
+    fsck.ext4 -f -n $d > "$OUT/fsck-l$lun.txt" 2>&1 && result fs_lun${lun}_fsck_clean ok || result fs_lun${lun}_fsck_clean fail out="$(tail -3 $OUT/fsck-l$lun.txt)"
+    mount -o ro $d /mnt/l$lun && (cd /mnt/l$lun && md5sum -c --quiet /run/sums-$lun) && result fs_lun${lun}_files_intact ok || result fs_lun${lun}_files_intact fail
+    umount /mnt/l$lun 2>/dev/null
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    imgs=$(ls /run/scratch/v${vol#vol}?.img)
+    first=$(echo $imgs | cut -d' ' -f1); same=ok
+    for i in $imgs; do cmp -s $first $i || same=fail; done
+    result fs_lun${lun}_images_identical $same images="$imgs"
+  done
+}
+
+split() {   # split under load, the point-in-time copy, export it, resync under load
+  d=$(lun_dev 1)
+  # 1. writes acknowledged before the split are in the split image; writes after are not
+  $PY - $d before <<'PY'
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)
+import mmap
+buf = mmap.mmap(-1, 1 << 20); buf.write(b"BEFORE-SPLIT".ljust(4096, b".") * 256)
+os.pwrite(fd, buf, 64 << 20); os.close(fd)
+PY
+  lvmirror split vol3 2 > "$OUT/split.txt" 2>&1 && result split_command ok out="$(cat $OUT/split.txt)" || result split_command fail out="$(cat $OUT/split.txt)"
+  $PY - $d after <<'PY'
+import os, sys, mmap
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 1 << 20); buf.write(b"AFTER-SPLIT!".ljust(4096, b".") * 256)
+os.pwrite(fd, buf, 64 << 20); os.close(fd)
+PY
+  pit=$(dd if=/run/scratch/v3c.img bs=1M skip=64 count=1 status=none | head -c 12)
+  live=$(dd if=/run/scratch/v3a.img bs=1M skip=64 count=1 status=none | head -c 12)
+  [ "$pit" = "BEFORE-SPLIT" ] && [ "$live" = "AFTER-SPLIT!" ] && result split_point_in_time ok pit="$pit" live="$live" || result split_point_in_time fail pit="$pit" live="$live"
+  lvmirror status > "$OUT/status-split.txt"
+  grep -q "image 2: split" "$OUT/status-split.txt" && grep -q "image 1: in-sync" "$OUT/status-split.txt" \
+    && result three_way_split_stays_mirrored ok || result three_way_split_stays_mirrored fail
+  # 2. the split image as its own LUN: the file system on it mounts and fscks clean
+  tcli <<TC
+set global auto_save_on_exit=false
+/backstores/user:lvmirror create name=snap size=256M cfgstring=vol3;image=2 control=nl_reply_supported=-1
+/iscsi/$IQN/tpg1/luns create /backstores/user:lvmirror/snap
+TC
+  rescan; ds=$(lun_dev 3)
+  if [ -b "$ds" ]; then
+    fsck.ext4 -f -p $ds > "$OUT/fsck-snap.txt" 2>&1; rc=$?
+    [ $rc -le 1 ] && mkdir -p /mnt/snap && mount -o ro $ds /mnt/snap && (cd /mnt/snap && md5sum -c --quiet /run/sums-1) \
+      && result split_image_lun_mounts_fsck_clean ok || result split_image_lun_mounts_fsck_clean fail rc=$rc
+    umount /mnt/snap 2>/dev/null
+  else result split_image_lun_mounts_fsck_clean fail reason="no device for LUN 3"; fi
+  lvmirror resync vol3 2 > "$OUT/resync-refused.txt" 2>&1 && result resync_refused_while_exported fail \
+    || (grep -q exported "$OUT/resync-refused.txt" && result resync_refused_while_exported ok || result resync_refused_while_exported fail out="$(cat $OUT/resync-refused.txt)")
+  iscsiadm -m node -T $IQN -p 127.0.0.1 --logout >/dev/null 2>&1
+  tcli <<TC
+/iscsi/$IQN/tpg1/luns delete lun3
+/backstores/user:lvmirror delete snap
+TC
+  login; d=$(lun_dev 1)
+  # 3. fio with verification while the image is resynced back, then split again under load
+  fio --name=verify --filename=$d --rw=randwrite --bs=4k --direct=1 --ioengine=libaio --iodepth=8 \
+      --size=48M --offset=128M --verify=crc32c --do_verify=1 --verify_fatal=1 --runtime=25 --time_based=0 \
+      --output-format=json > "$OUT/fio-resync.json" 2> "$OUT/fio-resync.err" &
+  FIO=$!
+  sleep 3
+  lvmirror resync vol3 2 --wait > "$OUT/resync.txt" 2>&1; rrc=$?
+  sleep 2
+  lvmirror split vol3 1 > "$OUT/split2.txt" 2>&1; src=$?
+  wait $FIO; frc=$?
+  [ $rrc = 0 ] && [ $src = 0 ] && [ $frc = 0 ] && result fio_verify_through_resync_and_split ok \
+    || result fio_verify_through_resync_and_split fail resync=$rrc split=$src fio=$frc err="$(tail -3 $OUT/fio-resync.err)"
+  lvmirror resync vol3 1 --wait >> "$OUT/resync.txt" 2>&1
+  lvmirror status > "$OUT/status-after-resync.txt"
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  same=ok; for i in b c; do cmp -s /run/scratch/v3a.img /run/scratch/v3$i.img || same=fail; done
+  result resync_images_identical $same
+}
+
+crash() {   # SIGKILL lvmirrord under load, restart it: the initiator recovers, nothing acked lost
+  d=$(lun_dev 0)
+  fio --name=crash --filename=$d --rw=randwrite --bs=4k --direct=1 --ioengine=libaio --iodepth=8 \
+      --size=32M --offset=64M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+      --output-format=json > "$OUT/fio-crash.json" 2> "$OUT/fio-crash.err" &
+  FIO=$!
+  sleep 4
+  kill -9 $DAEMON; wait $DAEMON 2>/dev/null
+  sleep 2
+  start_daemon && result daemon_restarted ok || result daemon_restarted fail
+  wait $FIO; frc=$?
+  [ $frc = 0 ] && result sigkill_fio_verify_ok ok || result sigkill_fio_verify_ok fail fio=$frc err="$(tail -3 $OUT/fio-crash.err)"
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  cmp -s /run/scratch/v2a.img /run/scratch/v2b.img && result sigkill_images_agree ok || result sigkill_images_agree fail
+}
+
+compliance() {   # libiscsi's SCSI compliance suite: lvmirror 2-image LUN vs LIO fileio
+  for lun in 0 2; do
+    name=$([ $lun = 0 ] && echo lvmirror || echo fileio)
+    timeout 900 iscsi-test-cu -d -t SCSI -x "$OUT/compliance-$name.xml" iscsi://127.0.0.1/$IQN/$lun \
+      > "$OUT/compliance-$name.txt" 2>&1
+    result compliance_ran_$name ok
+  done
+}
+
+t "guest script start: sections $SECTIONS"
+: > "$OUT/results.jsonl"
+setup
+for s in $SECTIONS; do t "section $s"; $s; done
+logout
+kill $DAEMON 2>/dev/null; wait $DAEMON 2>/dev/null
+t "guest script end"
+touch "$OUT/guest-done"

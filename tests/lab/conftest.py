@@ -1,0 +1,82 @@
+"""The kernel lab session: boot Debian's kernel with LIO once (lab/boot), run lab/guest.sh inside,
+and hand its results to the tests; host-side initiators (libiscsi) talk to the guest's portal
+through the 127.0.0.1 forward while it runs.
+
+Plain ``pytest`` on a host without the lab (no virtme-ng or no linux-image-amd64) skips these
+tests with the reason; ``tools/test`` sets LVMIRROR_LAB_REQUIRED=1, which turns that into an
+error so CI cannot pass without the kernel proving the product."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OUT = os.environ.get("LAB_OUT", os.path.join(ROOT, "lab-out"))
+PORT = int(os.environ.get("LAB_PORT", "13260"))
+IQN = "iqn.2026-11.org.lvmirror:lab"
+
+
+def _lab_missing():
+    if not os.path.exists(os.path.join(ROOT, ".venv", "bin", "vng")):
+        return "virtme-ng is not installed (tools/bootstrap installs it)"
+    if not any(n.startswith("vmlinuz-") and n.endswith("-amd64") for n in os.listdir("/boot")):
+        return "Debian's linux-image-amd64 is not installed"
+    if shutil.which("iscsi-inq") is None:
+        return "libiscsi-bin is not installed"
+    return None
+
+
+def _host_side(results):
+    """Initiator on the host (a remote host for the target): libiscsi through the forward."""
+    url = f"iscsi://127.0.0.1:{PORT}/{IQN}"
+    r = subprocess.run(["iscsi-inq", f"{url}/0"], capture_output=True, text=True, timeout=60)
+    results["host_iscsi_inq"] = {"ok": r.returncode == 0 and "lvmirror" in r.stdout,
+                                 "out": r.stdout[-500:] + r.stderr[-500:]}
+    r = subprocess.run(["iscsi-readcapacity16", f"{url}/1"], capture_output=True, text=True,
+                       timeout=60)
+    results["host_readcapacity16"] = {"ok": r.returncode == 0 and "268435456" in r.stdout,
+                                      "out": r.stdout[-500:] + r.stderr[-500:]}
+    r = subprocess.run(["iscsi-test-cu", "-s", "-t", "SCSI.Read10", f"{url}/0"],
+                       capture_output=True, text=True, timeout=300)
+    results["host_compliance_read10"] = {"ok": r.returncode == 0,
+                                         "out": r.stdout[-800:] + r.stderr[-300:]}
+
+
+@pytest.fixture(scope="session")
+def lab():
+    missing = _lab_missing()
+    if missing:
+        if os.environ.get("LVMIRROR_LAB_REQUIRED") == "1":
+            pytest.fail(f"kernel lab required but unavailable: {missing}")
+        pytest.skip(f"kernel lab unavailable: {missing}")
+    sections = os.environ.get("LVMIRROR_LAB_SECTIONS", "basic fs split crash compliance").split()
+    env = dict(os.environ, LAB_OUT=OUT, LAB_PORT=str(PORT))
+    t0 = time.monotonic()
+    proc = subprocess.Popen([os.path.join(ROOT, "lab", "boot"), *sections], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    host = {}
+    ready = os.path.join(OUT, "target-ready")
+    while proc.poll() is None:
+        if os.path.exists(ready) and not host:
+            try:
+                _host_side(host)
+            except subprocess.TimeoutExpired as e:
+                host["host_side"] = {"ok": False, "out": f"timeout: {e}"}
+        time.sleep(1)
+    out = proc.stdout.read()
+    elapsed = time.monotonic() - t0
+    print(f"\nkernel lab: {elapsed:.0f} s wall, sections {sections}\n{out}")
+    results = {}
+    path = os.path.join(OUT, "results.jsonl")
+    if os.path.exists(path):
+        for line in open(path):
+            d = json.loads(line)
+            results[d["check"]] = d
+    results.update({k: dict(v, check=k) for k, v in host.items()})
+    if proc.returncode != 0 or not results:
+        pytest.fail(f"the kernel lab did not run (rc={proc.returncode}):\n{out[-3000:]}")
+    return {"results": results, "out": OUT, "sections": sections, "elapsed": elapsed}
