@@ -124,7 +124,8 @@ class RingEmulator:
         mb.cmd_tail.put(self.map, 0, 0)
         self._head = 0
         self._last_cleaned = 0
-        self._free = list(range(data_size // BLOCK))
+        nb = data_size // BLOCK
+        self._free = list(range(1, nb, 2))[::-1] + list(range(0, nb, 2))[::-1]
         self._inflight: dict[int, _Pending] = {}
         self._next_id = 1
         self._events = 0
@@ -189,22 +190,17 @@ class RingEmulator:
         raise RingFull("all 65535 command ids in flight")
 
     def submit(self, cdb: bytes, data_out: bytes | None = None, data_in_len: int = 0, *,
-               scatter: bool = True, cmd_id: int | None = None) -> int:
-        """Queue a CMD entry; returns its cmd_id. ``scatter`` hands out data blocks in a
-        non-contiguous order so that one buffer becomes several iovecs."""
+               cmd_id: int | None = None) -> int:
+        """Queue a CMD entry; returns its cmd_id."""
         with self._lock:
             cdb = bytes(cdb)
             length = len(data_out) if data_out is not None else data_in_len
             nblocks = -(-length // BLOCK)
             if nblocks > len(self._free):
                 raise RingFull(f"data area full: {nblocks} blocks needed, {len(self._free)} free")
-            if scatter and nblocks > 1:
-                blocks = self._free[:nblocks:2] + self._free[1:nblocks:2]
-                blocks = blocks[:nblocks]
-                taken = set(blocks)
-            else:
-                blocks = self._free[:nblocks]
-                taken = set(blocks)
+            # The free list hands out blocks interleaved (see __init__), so a buffer of
+            # several blocks is scattered over non-adjacent ones, as the kernel's may be.
+            blocks = [self._free.pop() for _ in range(nblocks)]
             # iovecs: merge runs of adjacent blocks
             iovecs = []
             left = length
@@ -220,9 +216,12 @@ class RingEmulator:
             size = base + abi.round_up(len(cdb), abi.OP_ALIGN_SIZE)
             if size > self.cmdr_size // 2:
                 raise RingFull(f"command of {size} bytes exceeds half the ring")
-            self._reserve(size)
+            try:
+                self._reserve(size)
+            except RingFull:
+                self._free.extend(reversed(blocks))
+                raise
             cid = cmd_id if cmd_id is not None else self._alloc_id()
-            self._free = [b for b in self._free if b not in taken]
             ent = self.cmdr_off + self._head
             m, e = self.map, abi.ENTRY
             m[ent:ent + size] = bytes(size)
@@ -353,6 +352,14 @@ class RingEmulator:
                 missing = [c for c in ids if c not in self.completions]
                 raise TimeoutError(f"commands {missing[:10]} not completed in {timeout} s")
             return {c: self.completions[c] for c in ids}
+
+    def wait_any(self, cmd_ids, timeout: float = 10.0) -> set[int]:
+        """Wait until at least one id of ``cmd_ids`` is completed; returns the completed ones."""
+        ids = set(cmd_ids)
+        with self._done:
+            if not self._done.wait_for(lambda: not ids.isdisjoint(self.completions), timeout):
+                raise TimeoutError(f"none of {len(ids)} commands completed in {timeout} s")
+            return {c for c in ids if c in self.completions}
 
     def close(self):
         self._stop.set()

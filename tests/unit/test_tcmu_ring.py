@@ -44,7 +44,7 @@ def test_write_data_and_cdb_are_copied_and_data_out_visible():
 def test_scattered_blocks_become_several_iovecs():
     emu, ring, _ = make()
     payload = bytes(random.Random(1).randbytes(5 * 4096))
-    emu.submit(WRITE10, data_out=payload, scatter=True)
+    emu.submit(WRITE10, data_out=payload)
     (cmd,) = ring.fetch().commands
     assert len(cmd.iov_views) > 1
     assert b"".join(bytes(v) for v in cmd.iov_views) == payload

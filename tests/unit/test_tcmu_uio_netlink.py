@@ -119,3 +119,16 @@ def test_reply_carries_status_and_device_id(cls, cmd):
     assert m.get_attr("TCMU_ATTR_CMD_STATUS") == -22
     assert m.get_attr("TCMU_ATTR_DEVICE_ID") == 77
     assert m["header"]["type"] == 30
+
+
+def test_acks_and_foreign_messages_are_not_events():
+    from pyroute2.netlink import nlmsgerr
+    ack = nlmsgerr()
+    ack["header"]["type"] = 2
+    ack["error"] = 0
+    ack.encode()
+    parsed = nlmsgerr(ack.data)
+    parsed.decode()
+    assert netlink.decode_event(parsed) is None
+    # a TCM-USER message without a minor (malformed) is not an event either
+    assert netlink.decode_event(kernel_event(abi.GenlCommand.ADDED_DEVICE, device="x")) is None

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Data-path benchmark (prints figures; not a test): lvmirrord's LunServer on the ring emulator.
+
+The emulator plays the kernel's side of the TCMU ring byte for byte; the LUN is a real mirrored
+volume (2 images on tmpfs) behind the real SCSI core, worker pool and ring thread. For each job
+it keeps QD commands in flight and reports commands per second and process CPU microseconds per
+command (both sides of the ring run in this process, so the CPU figure is an upper bound for
+lvmirrord's share).
+
+Usage: .venv/bin/python bench/bench_datapath.py [--seconds 3] [--qd 32] [--dir /dev/shm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lvmirror.daemon import LunServer, VolumeRegistry  # noqa: E402
+from lvmirror.tcmu import uio  # noqa: E402
+from lvmirror.tcmu.emulator import RingEmulator, RingFull  # noqa: E402
+
+BS = 512
+SIZE = 512 << 20
+
+
+def fake_device(root, cfg, size):
+    """A sysfs/configfs tree describing one user:lvmirror device (as the unit tests use)."""
+    uio_dir = os.path.join(root, "sys", "class", "uio", "uio0")
+    os.makedirs(os.path.join(uio_dir, "maps", "map0"))
+    with open(os.path.join(uio_dir, "name"), "w") as f:
+        f.write(f"tcm-user/1/bench/lvmirror/{cfg}\n")
+    with open(os.path.join(uio_dir, "maps", "map0", "size"), "w") as f:
+        f.write("0x1000\n")
+    cfs = os.path.join(root, "cfg", "target", "core", "user_1", "bench")
+    for sub in ("attrib", "action", "wwn"):
+        os.makedirs(os.path.join(cfs, sub))
+    with open(os.path.join(cfs, "info"), "w") as f:
+        f.write(f"Status: ACTIVATED SectorSize: 512\nConfig: lvmirror/{cfg} Size: {size}\n")
+    for name, val in (("hw_block_size", "512"), ("hw_max_sectors", "2048"),
+                      ("emulate_write_cache", "1")):
+        with open(os.path.join(cfs, "attrib", name), "w") as f:
+            f.write(val + "\n")
+    (dev,) = uio.find_devices("lvmirror", sysfs_root=os.path.join(root, "sys"),
+                              configfs_root=os.path.join(root, "cfg"))
+    return dev
+
+
+def cdb(op, lba, n):
+    if op in (0x28, 0x2A):
+        return bytes([op, 0]) + lba.to_bytes(4, "big") + b"\0" + n.to_bytes(2, "big") + b"\0"
+    raise ValueError(op)
+
+
+def run_job(emu, name, make, seconds, qd):
+    inflight = set()
+    done = 0
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    deadline = t0 + seconds
+    while True:
+        now = time.perf_counter()
+        while len(inflight) < qd and now < deadline:
+            op, args = make()
+            try:
+                inflight.add(emu.submit(op, **args))
+            except RingFull:
+                break
+        if not inflight:
+            break
+        got = emu.wait_any(inflight, timeout=10)
+        done += len(got)
+        inflight -= got
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    bad = [c for c in list(emu.completions.values())[-100:] if c.status != 0]
+    assert not bad, f"{name}: commands failed: {bad[:3]}"
+    emu.completions.clear()
+    print(f"{name:<42} {done / wall:10.0f} cmd/s  {cpu / done * 1e6:8.1f} CPU us/cmd "
+          f"({done} commands, QD {qd})")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--qd", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--dir", default="/dev/shm")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="lvm-bench-", dir=args.dir)
+    try:
+        imgs = [os.path.join(work, f"img{k}") for k in range(2)]
+        cfg = f"bench;images={'+'.join(imgs)}"
+        dev = fake_device(os.path.join(work, "tree"), cfg, SIZE)
+        emu = RingEmulator(cmdr_size=(1 << 20) - 128, data_size=64 << 20, directory=args.dir)
+        emu.run_reaper()
+        lun = LunServer(dev, VolumeRegistry(os.path.join(work, "state")), workers=args.workers)
+        lun.open(handle=emu.handle())
+        lun.start()
+        for job in lun.volume.jobs.values():
+            job.wait(60)
+        print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, 2-image volume on "
+              f"{args.dir}, {args.workers} workers per LUN")
+        rnd = random.Random(1)
+        nblk = SIZE // BS
+        payload = os.urandom(4096)
+        # pre-fill so reads are of written data
+        for k in range(0, 64 << 20, 1 << 20):
+            cid = emu.submit(cdb(0x2A, k // BS, 2048), data_out=os.urandom(1 << 20))
+            emu.wait([cid])
+        emu.completions.clear()
+        run_job(emu, "4 KiB random mirrored writes", lambda: (
+            cdb(0x2A, rnd.randrange(nblk // 8) * 8, 8), {"data_out": payload}),
+            args.seconds, args.qd)
+        run_job(emu, "4 KiB random reads", lambda: (
+            cdb(0x28, rnd.randrange((64 << 20) // 4096) * 8, 8), {"data_in_len": 4096}),
+            args.seconds, args.qd)
+        seq = iter(range(0, 10 ** 9))
+        run_job(emu, "1 MiB sequential reads", lambda: (
+            cdb(0x28, (next(seq) % 64) * 2048, 2048), {"data_in_len": 1 << 20}),
+            args.seconds, min(args.qd, 16))
+        print(f"ring: {lun._ring.stats}")
+        lun.stop()
+        emu.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""What only the kernel can prove, asserted on the results of one kernel-lab session (conftest):
+the real TCMU ring, netlink, targetcli, the iSCSI target, open-iscsi and libiscsi initiators."""
+
+import os
+import re
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+SECTION_CHECKS = {
+    "basic": ["daemon_started", "targetcli_lists_user_lvmirror", "targetcli_refuses_bad_cfgstring",
+              "luns_created", "libiscsi_inquiry", "libiscsi_readcapacity", "open_iscsi_login",
+              "dd_write_readback", "host_iscsi_inq", "host_readcapacity16",
+              "host_compliance_read10"],
+    "fs": ["fs_lun0_written", "fs_lun1_written", "fs_lun0_fsck_clean", "fs_lun0_files_intact", "fs_lun0_images_identical",
+           "fs_lun1_fsck_clean", "fs_lun1_files_intact", "fs_lun1_images_identical"],
+    "split": ["split_command", "split_point_in_time", "three_way_split_stays_mirrored",
+              "split_image_lun_mounts_fsck_clean", "resync_refused_while_exported",
+              "fio_verify_through_resync_and_split", "resync_images_identical"],
+    "crash": ["daemon_restarted", "sigkill_fio_verify_ok", "sigkill_images_agree"],
+}
+ALL = [(s, c) for s, checks in SECTION_CHECKS.items() for c in checks]
+
+
+@pytest.mark.parametrize("section,check", ALL, ids=[c for _, c in ALL])
+def test_lab_check(lab, section, check):
+    if section not in lab["sections"]:
+        pytest.skip(f"section {section} not run (LVMIRROR_LAB_SECTIONS)")
+    res = lab["results"].get(check)
+    assert res is not None, f"{check}: the guest never reported it (see {lab['out']}/guest.log)"
+    assert res["ok"], f"{check} failed: {res}"
+
+
+# libiscsi tests fileio passes that lvmirror may fail, each with the reason.
+COMPLIANCE_ALLOW = {
+}
+
+
+def _parse_cu(path):
+    """iscsi-test-cu output -> {test: 'passed'|'failed'|'skipped'}."""
+    out = {}
+    suite = None
+    for line in open(path, errors="replace"):
+        m = re.match(r"Suite: (\S+)", line.strip())
+        if m:
+            suite = m.group(1)
+            continue
+        m = re.match(r"Test: (\S+) \.\.\.(.*)", line.strip())
+        if m and suite:
+            status = m.group(2).strip().lower()
+            out[f"{suite}.{m.group(1)}"] = ("passed" if "passed" in status else
+                                           "skipped" if "skip" in status else "failed"
+                                           if status else "failed")
+    return out
+
+
+def test_compliance_lvmirror_passes_what_fileio_passes(lab):
+    if "compliance" not in lab["sections"]:
+        pytest.skip("section compliance not run")
+    lv = _parse_cu(os.path.join(lab["out"], "compliance-lvmirror.txt"))
+    fi = _parse_cu(os.path.join(lab["out"], "compliance-fileio.txt"))
+    assert fi, "no fileio compliance results"
+    table = ["| test | fileio | lvmirror |", "|---|---|---|"]
+    for t in sorted(set(lv) | set(fi)):
+        table.append(f"| {t} | {fi.get(t, '-')} | {lv.get(t, '-')} |")
+    summary = (f"fileio {sum(v == 'passed' for v in fi.values())}/{len(fi)} passed, "
+               f"lvmirror {sum(v == 'passed' for v in lv.values())}/{len(lv)} passed")
+    with open(os.path.join(lab["out"], "compliance-table.md"), "w") as f:
+        f.write(summary + "\n\n" + "\n".join(table) + "\n")
+    print("\n" + summary)
+    regressions = [t for t, v in fi.items() if v == "passed" and lv.get(t) != "passed"
+                   and t not in COMPLIANCE_ALLOW]
+    assert not regressions, f"{summary}; passing on fileio but not on lvmirror: {regressions}"
