@@ -10,7 +10,7 @@
 set -u
 OUT=$1; shift
 SECTIONS=${*:-basic fs split crash compliance}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=${REPO:-$(cd "$(dirname "$0")/.." && pwd)}
 PY=$REPO/.venv/bin/python
 IQN=iqn.2026-11.org.lvmirror:lab
 STATE=/run/scratch/state
@@ -124,16 +124,21 @@ TC
 fs() {   # a file system on each mirrored LUN: images identical afterwards
   for lun in 0 1; do
     d=$(lun_dev $lun); vol=$([ $lun = 0 ] && echo vol2 || echo vol3)
-    mkfs.ext4 -q -F $d && mkdir -p /mnt/l$lun && mount $d /mnt/l$lun &&
-    cp -r $REPO/lvmirror /mnt/l$lun/ && dd if=/dev/urandom of=/mnt/l$lun/blob bs=1M count=20 status=none &&
-    (cd /mnt/l$lun && find . -type f -exec md5sum {} + | sort -k2 > /run/sums-$lun) && umount /mnt/l$lun
+    if mkfs.ext4 -q -F $d && mkdir -p /run/mnt/l$lun && mount $d /run/mnt/l$lun &&
+       cp -r $REPO/lvmirror /run/mnt/l$lun/ && dd if=/dev/urandom of=/run/mnt/l$lun/blob bs=1M count=20 status=none &&
+       (cd /run/mnt/l$lun && find . -type f -exec md5sum {} + | sort -k2 > /run/sums-$lun) && umount /run/mnt/l$lun; then
+      result fs_lun${lun}_written ok files=$(wc -l < /run/sums-$lun)
+    else
+      result fs_lun${lun}_written fail
+    fi
     fsck.ext4 -f -n $d > "$OUT/fsck-l$lun.txt" 2>&1 && result fs_lun${lun}_fsck_clean ok || result fs_lun${lun}_fsck_clean fail out="$(tail -3 $OUT/fsck-l$lun.txt)"
-    mount -o ro $d /mnt/l$lun && (cd /mnt/l$lun && md5sum -c --quiet /run/sums-$lun) && result fs_lun${lun}_files_intact ok || result fs_lun${lun}_files_intact fail
-    umount /mnt/l$lun 2>/dev/null
+    mount -o ro $d /run/mnt/l$lun && (cd /run/mnt/l$lun && md5sum -c --quiet /run/sums-$lun) && result fs_lun${lun}_files_intact ok || result fs_lun${lun}_files_intact fail
+    umount /run/mnt/l$lun 2>/dev/null
     sync; echo 3 > /proc/sys/vm/drop_caches
-    imgs=$(ls /run/scratch/v${vol#vol}?.img)
-    first=$(echo $imgs | cut -d' ' -f1); same=ok
-    for i in $imgs; do cmp -s $first $i || same=fail; done
+    imgs=$(ls /run/scratch/v${vol#vol}?.img | tr '\n' ' ')
+    first=$(echo $imgs | cut -d' ' -f1); same=ok; n=0
+    for i in $imgs; do n=$((n+1)); cmp -s $first $i || same=fail; done
+    [ $n -ge 2 ] || same=fail
     result fs_lun${lun}_images_identical $same images="$imgs"
   done
 }
@@ -170,9 +175,9 @@ TC
   rescan; ds=$(lun_dev 3)
   if [ -b "$ds" ]; then
     fsck.ext4 -f -p $ds > "$OUT/fsck-snap.txt" 2>&1; rc=$?
-    [ $rc -le 1 ] && mkdir -p /mnt/snap && mount -o ro $ds /mnt/snap && (cd /mnt/snap && md5sum -c --quiet /run/sums-1) \
+    [ $rc -le 1 ] && mkdir -p /run/mnt/snap && mount -o ro $ds /run/mnt/snap && (cd /run/mnt/snap && md5sum -c --quiet /run/sums-1) \
       && result split_image_lun_mounts_fsck_clean ok || result split_image_lun_mounts_fsck_clean fail rc=$rc
-    umount /mnt/snap 2>/dev/null
+    umount /run/mnt/snap 2>/dev/null
   else result split_image_lun_mounts_fsck_clean fail reason="no device for LUN 3"; fi
   lvmirror resync vol3 2 > "$OUT/resync-refused.txt" 2>&1 && result resync_refused_while_exported fail \
     || (grep -q exported "$OUT/resync-refused.txt" && result resync_refused_while_exported ok || result resync_refused_while_exported fail out="$(cat $OUT/resync-refused.txt)")
@@ -220,10 +225,35 @@ crash() {   # SIGKILL lvmirrord under load, restart it: the initiator recovers, 
 compliance() {   # libiscsi's SCSI compliance suite: lvmirror 2-image LUN vs LIO fileio
   for lun in 0 2; do
     name=$([ $lun = 0 ] && echo lvmirror || echo fileio)
-    timeout 900 iscsi-test-cu -d -t SCSI -x "$OUT/compliance-$name.xml" iscsi://127.0.0.1/$IQN/$lun \
-      > "$OUT/compliance-$name.txt" 2>&1
-    result compliance_ran_$name ok
+    timeout 900 iscsi-test-cu -d -t SCSI iscsi://127.0.0.1/$IQN/$lun > "$OUT/compliance-$name.txt" 2>&1
+    summary=$(grep -E '^ +tests' "$OUT/compliance-$name.txt" | head -1 | tr -s ' ')
+    [ -n "$summary" ] && result compliance_ran_$name ok tests="$summary" || result compliance_ran_$name fail
   done
+}
+
+say() { echo "| $*"; }
+demo() {   # the product's main job, narrated (tools/demo)
+  d=$(lun_dev 1)
+  say "LUN 1 is user:lvmirror backstore m3: volume vol3 on three images, seen by open-iscsi as $d"
+  lvmirror status | sed 's/^/|   /'
+  say "writing 'generation 1' through iSCSI, then starting a random-write load (fio)"
+  echo "generation 1 $(date -u +%T)" | dd of=$d bs=512 seek=200000 conv=sync oflag=direct status=none
+  fio --name=load --filename=$d --rw=randwrite --bs=4k --direct=1 --ioengine=libaio --iodepth=8 \
+      --size=32M --offset=160M --runtime=20 --time_based --output-format=terse > "$OUT/demo-fio.txt" 2>&1 &
+  FIO=$!; sleep 4
+  say "split image 2 off under load (new I/O is never paused):"
+  lvmirror split vol3 2 | sed 's/^/|   /'
+  echo "generation 2 $(date -u +%T)" | dd of=$d bs=512 seek=200000 conv=sync oflag=direct status=none
+  say "the live LUN now reads:           $(dd if=$d bs=512 skip=200000 count=1 iflag=direct status=none | head -c 30)"
+  say "the point-in-time copy (image 2): $(dd if=/run/scratch/v3c.img bs=512 skip=200000 count=1 status=none | head -c 30)"
+  lvmirror status | sed 's/^/|   /'
+  wait $FIO
+  say "load done ($(cut -d';' -f49 $OUT/demo-fio.txt 2>/dev/null) write IOPS under TCG emulation); resync image 2 (only changed regions):"
+  lvmirror resync vol3 2 --wait | sed 's/^/|   /'
+  lvmirror status | sed 's/^/|   /'
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  cmp -s /run/scratch/v3a.img /run/scratch/v3c.img && say "images 0 and 2 are identical again" || say "IMAGES DIFFER"
+  result demo_completed ok
 }
 
 t "guest script start: sections $SECTIONS"

@@ -159,6 +159,9 @@ class LogicalUnit:
         self.read_only = read_only
         bs = backend.block_size
         self.max_transfer_blocks = max_transfer_blocks or (8 << 20) // bs
+        # Advertised in the Block Limits page; larger transfers are still served up to what
+        # a TCMU data area comfortably holds (LIO's own backstores accept them too).
+        self.max_accept_blocks = max(self.max_transfer_blocks, (32 << 20) // bs)
         self.optimal_transfer_blocks = optimal_transfer_blocks or (1 << 20) // bs
         self.max_unmap_blocks = max_unmap_blocks
         self.max_unmap_descriptors = max_unmap_descriptors
@@ -270,7 +273,7 @@ class LogicalUnit:
         if cdb[0] != c.READ_6 and cdb[1] & 0xE0:
             raise _invalid_cdb(1, 7)                 # RDPROTECT: no protection information
         self._check_range(lba, n)
-        if n > self.max_transfer_blocks:
+        if n > self.max_accept_blocks:
             raise _invalid_cdb(7 if cdb[0] == c.READ_10 else 10)
         if n == 0:
             return GOOD_RESPONSE
@@ -302,7 +305,7 @@ class LogicalUnit:
             raise _invalid_cdb(1, 7)                 # WRPROTECT
         self._check_writable()
         self._check_range(lba, n)
-        if n > self.max_transfer_blocks:
+        if n > self.max_accept_blocks:
             raise _invalid_cdb(7 if cdb[0] == c.WRITE_10 else 10)
         if n == 0:
             return GOOD_RESPONSE
@@ -319,7 +322,7 @@ class LogicalUnit:
         if bytchk == 2:
             raise _invalid_cdb(1, 2)
         self._check_range(lba, n)
-        if n > self.max_transfer_blocks:
+        if n > self.max_accept_blocks:
             raise _invalid_cdb(7)
         if n == 0:
             return GOOD_RESPONSE
@@ -345,7 +348,7 @@ class LogicalUnit:
             raise _invalid_cdb(1, 7)
         self._check_writable()
         self._check_range(lba, n)
-        if n > self.max_transfer_blocks:
+        if n > self.max_accept_blocks:
             raise _invalid_cdb(7)
         if n == 0:
             return GOOD_RESPONSE
