@@ -619,18 +619,23 @@ class MirrorVolume:
 
     # ==== I/O API (LBAs) ==========================================================================
 
+    def _prologue(self, lba, nblocks):
+        """Checks every I/O shares; restores a not-yet-restored range first (see restore).
+        Returns the byte offset and length."""
+        self._check_open()
+        self._check_io(lba, nblocks)
+        offset, length = lba * self.block_size, nblocks * self.block_size
+        rj = self._restore
+        if rj is not None and nblocks:
+            rj.before_io(offset, length)
+        return offset, length
+
     def read(self, lba, buffers):
         """Fill ``buffers`` (list of memoryview) with the blocks from ``lba``."""
-        self._check_open()
-        length = self._buffers_len(buffers)
-        nblocks = length // self.block_size
-        self._check_io(lba, nblocks)
+        nblocks = self._buffers_len(buffers) // self.block_size
+        offset, length = self._prologue(lba, nblocks)
         if not nblocks:
             return
-        offset = lba * self.block_size
-        rj = self._restore
-        if rj is not None:
-            rj.before_io(offset, length)
         lk = self.locks.lock(lba, nblocks, shared=True)
         try:
             self._read_locked(offset, buffers, length)
@@ -639,16 +644,10 @@ class MirrorVolume:
 
     def write(self, lba, buffers, fua=False):
         """Write ``buffers`` to every live image; returns when all have it."""
-        self._check_open()
-        length = self._buffers_len(buffers)
-        nblocks = length // self.block_size
-        self._check_io(lba, nblocks)
+        nblocks = self._buffers_len(buffers) // self.block_size
+        offset, length = self._prologue(lba, nblocks)
         if not nblocks:
             return
-        offset = lba * self.block_size
-        rj = self._restore
-        if rj is not None:
-            rj.before_io(offset, length)
         lk = self.locks.lock(lba, nblocks)
         try:
             self._write_locked(offset, length, lambda st: st.writev(offset, buffers, fua=fua),
@@ -671,14 +670,9 @@ class MirrorVolume:
 
     def unmap(self, lba, nblocks):
         """Discard blocks on every live image; they read back as zeroes."""
-        self._check_open()
-        self._check_io(lba, nblocks)
+        offset, length = self._prologue(lba, nblocks)
         if not nblocks:
             return
-        offset, length = lba * self.block_size, nblocks * self.block_size
-        rj = self._restore
-        if rj is not None:
-            rj.before_io(offset, length)
         lk = self.locks.lock(lba, nblocks)
         try:
             self._write_locked(offset, length, lambda st: st.discard(offset, length), "unmaps")
@@ -711,13 +705,9 @@ class MirrorVolume:
             raise ValueError("compare_and_write: verify and data must be the same whole number "
                              "of blocks")
         nblocks = len(verify) // self.block_size
-        self._check_io(lba, nblocks)
+        offset, length = self._prologue(lba, nblocks)
         if not nblocks:
             return None
-        offset, length = lba * self.block_size, len(verify)
-        rj = self._restore
-        if rj is not None:
-            rj.before_io(offset, length)
         lk = self.locks.lock(lba, nblocks)
         try:
             cur = bytearray(length)

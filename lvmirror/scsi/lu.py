@@ -268,13 +268,20 @@ class LogicalUnit:
         # READ(6) / WRITE(6): 21-bit LBA, length 0 means 256 blocks
         return ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3], cdb[4] or 256
 
-    def _read(self, cdb, data_out, data_in):
+    def _transfer(self, cdb, *, writes: bool):
+        """(lba, nblocks) of a READ/WRITE/VERIFY-type CDB after the checks they share."""
         lba, n = self._rw_fields(cdb)
-        if cdb[0] != c.READ_6 and cdb[1] & 0xE0:
-            raise _invalid_cdb(1, 7)                 # RDPROTECT: no protection information
+        if cdb[0] not in (c.READ_6, c.WRITE_6) and cdb[1] & 0xE0:
+            raise _invalid_cdb(1, 7)                 # RD/WR/VRPROTECT: no protection info
+        if writes:
+            self._check_writable()
         self._check_range(lba, n)
         if n > self.max_accept_blocks:
-            raise _invalid_cdb(7 if cdb[0] == c.READ_10 else 10)
+            raise _invalid_cdb(4 if cdb[0] in (c.READ_6, c.WRITE_6) else 7)
+        return lba, n
+
+    def _read(self, cdb, data_out, data_in):
+        lba, n = self._transfer(cdb, writes=False)
         if n == 0:
             return GOOD_RESPONSE
         bs = self.backend.block_size
@@ -300,13 +307,7 @@ class LogicalUnit:
         return Response(c.GOOD, b"", want)
 
     def _write(self, cdb, data_out, data_in):
-        lba, n = self._rw_fields(cdb)
-        if cdb[0] != c.WRITE_6 and cdb[1] & 0xE0:
-            raise _invalid_cdb(1, 7)                 # WRPROTECT
-        self._check_writable()
-        self._check_range(lba, n)
-        if n > self.max_accept_blocks:
-            raise _invalid_cdb(7 if cdb[0] == c.WRITE_10 else 10)
+        lba, n = self._transfer(cdb, writes=True)
         if n == 0:
             return GOOD_RESPONSE
         bufs = self._data_out(data_out, n * self.backend.block_size)
@@ -315,15 +316,10 @@ class LogicalUnit:
         return GOOD_RESPONSE
 
     def _verify(self, cdb, data_out, data_in):
-        lba, n = self._rw_fields(cdb)
-        if cdb[1] & 0xE0:
-            raise _invalid_cdb(1, 7)                 # VRPROTECT
         bytchk = (cdb[1] >> 1) & 0x03
         if bytchk == 2:
             raise _invalid_cdb(1, 2)
-        self._check_range(lba, n)
-        if n > self.max_accept_blocks:
-            raise _invalid_cdb(7)
+        lba, n = self._transfer(cdb, writes=False)
         if n == 0:
             return GOOD_RESPONSE
         bs = self.backend.block_size
@@ -343,13 +339,7 @@ class LogicalUnit:
         raise _Check(c.MISCOMPARE, c.ASC_MISCOMPARE_DURING_VERIFY, information=off)
 
     def _write_and_verify(self, cdb, data_out, data_in):
-        lba, n = self._rw_fields(cdb)
-        if cdb[1] & 0xE0:
-            raise _invalid_cdb(1, 7)
-        self._check_writable()
-        self._check_range(lba, n)
-        if n > self.max_accept_blocks:
-            raise _invalid_cdb(7)
+        lba, n = self._transfer(cdb, writes=True)
         if n == 0:
             return GOOD_RESPONSE
         bs = self.backend.block_size
