@@ -484,7 +484,7 @@ class LogicalUnit:
         if not evpd:
             if page:
                 raise _invalid_cdb(2)
-            data = bytearray(36)
+            data = bytearray(66)
             data[0] = 0x00                           # connected direct-access block device
             data[2] = 0x06                           # SPC-4
             data[3] = 0x12                           # HiSup, response data format 2
@@ -493,6 +493,9 @@ class LogicalUnit:
             data[8:16] = self.vendor.encode()[:8].ljust(8)
             data[16:32] = self.product.encode()[:16].ljust(16)
             data[32:36] = self.revision.encode()[:4].ljust(4)
+            # version descriptors (bytes 58..): SAM-5, SPC-4, SBC-3, iSCSI (no version claimed)
+            for k, desc in enumerate((0x00A0, 0x0460, 0x04C0, 0x0960)):
+                data[58 + 2 * k:60 + 2 * k] = desc.to_bytes(2, "big")
             return self._respond(data_in, bytes(data), alloc)
         builder = self._vpd_pages().get(page)
         if builder is None:
@@ -734,15 +737,16 @@ class LogicalUnit:
         add(c.WRITE_12, "WRITE(12)", self._write, rw12(0xAA, 0x18))
         add(c.READ_16, "READ(16)", self._read, rw16(0x88, 0x18))
         add(c.WRITE_16, "WRITE(16)", self._write, rw16(0x8A, 0x18))
-        add(c.VERIFY_10, "VERIFY(10)", self._verify, rw10(0x2F, 0x06))
-        add(c.VERIFY_12, "VERIFY(12)", self._verify, rw12(0xAF, 0x06))
-        add(c.VERIFY_16, "VERIFY(16)", self._verify, rw16(0x8F, 0x06))
+        # byte 1 usage: DPO (0x10) and BYTCHK (0x06 / 0x02); FUA for reads/writes (0x08)
+        add(c.VERIFY_10, "VERIFY(10)", self._verify, rw10(0x2F, 0x16))
+        add(c.VERIFY_12, "VERIFY(12)", self._verify, rw12(0xAF, 0x16))
+        add(c.VERIFY_16, "VERIFY(16)", self._verify, rw16(0x8F, 0x16))
         add(c.WRITE_AND_VERIFY_10, "WRITE AND VERIFY(10)", self._write_and_verify,
-            rw10(0x2E, 0x02))
+            rw10(0x2E, 0x12))
         add(c.WRITE_AND_VERIFY_12, "WRITE AND VERIFY(12)", self._write_and_verify,
-            rw12(0xAE, 0x02))
+            rw12(0xAE, 0x12))
         add(c.WRITE_AND_VERIFY_16, "WRITE AND VERIFY(16)", self._write_and_verify,
-            rw16(0x8E, 0x02))
+            rw16(0x8E, 0x12))
         add(c.SYNCHRONIZE_CACHE_10, "SYNCHRONIZE CACHE(10)", self._sync_cache,
             (0x35, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x07))
         add(c.SYNCHRONIZE_CACHE_16, "SYNCHRONIZE CACHE(16)", self._sync_cache,

@@ -38,20 +38,31 @@ COMPLIANCE_ALLOW = {
 
 
 def _parse_cu(path):
-    """iscsi-test-cu output -> {test: 'passed'|'failed'|'skipped'}."""
+    """iscsi-test-cu (CUnit basic mode) output -> {Suite.Test: 'passed'|'failed'|'skipped'}.
+
+    A test starts at "Test: NAME ..." and ends with "passed" or "FAILED" at the end of a line;
+    a passed test that printed [SKIPPED] was skipped."""
     out = {}
-    suite = None
-    for line in open(path, errors="replace"):
-        m = re.match(r"Suite: (\S+)", line.strip())
+    suite = test = None
+    skipped = False
+    for raw in open(path, errors="replace"):
+        line = raw.strip()
+        m = re.match(r"Suite: (\S+)", line)
         if m:
-            suite = m.group(1)
+            suite, test = m.group(1), None
             continue
-        m = re.match(r"Test: (\S+) \.\.\.(.*)", line.strip())
-        if m and suite:
-            status = m.group(2).strip().lower()
-            out[f"{suite}.{m.group(1)}"] = ("passed" if "passed" in status else
-                                           "skipped" if "skip" in status else "failed"
-                                           if status else "failed")
+        m = re.match(r"Test: (\S+) \.\.\.(.*)", line)
+        if m:
+            test, skipped = f"{suite}.{m.group(1)}", False
+            line = m.group(2).strip()
+        if test is None:
+            continue
+        if "[SKIPPED]" in line:
+            skipped = True
+        if line.endswith("passed") or line.endswith("FAILED"):
+            out[test] = ("failed" if line.endswith("FAILED") else
+                         "skipped" if skipped else "passed")
+            test = None
     return out
 
 

@@ -89,7 +89,7 @@ def test_inquiry_read_len_and_check_condition(lab, tmp_path):
     bad = emu.submit(cdb10(0x28, SIZE // BS, 1), data_in_len=BS)
     unknown = emu.submit(bytes([0xC5] + [0] * 11))
     done = emu.wait([cid, bad, unknown])
-    assert done[cid].status == 0 and done[cid].read_len == 36
+    assert done[cid].status == 0 and done[cid].read_len == 66
     assert done[cid].data_in[8:16] == b"LIO-ORG "
     assert parse_sense(done[bad].sense) == (5, 0x21, 0)
     assert parse_sense(done[unknown].sense) == (5, 0x20, 0)

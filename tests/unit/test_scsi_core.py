@@ -99,14 +99,16 @@ def cdb16(op, lba, n, b1=0):
 
 def test_standard_inquiry(lu):
     r, d = run(lu, [0x12, 0, 0, 0, 255, 0], in_len=255)
-    assert r.status == GOOD and len(d) == 36
+    assert r.status == GOOD and len(d) == 66 and d[4] == 61
     assert d[0] == 0 and d[2] == 6 and d[3] & 0x0F == 2 and d[7] & 0x02
+    descs = {int.from_bytes(d[k:k + 2], "big") for k in range(58, 66, 2)}
+    assert {0x0460, 0x04C0} <= descs                  # claims SPC-4 and SBC-3
     assert d[8:16] == b"LIO-ORG " and d[16:32].rstrip() == b"lvmirror"
 
 
 def test_inquiry_allocation_length_truncates(lu):
     r, d = run(lu, [0x12, 0, 0, 0, 5, 0], in_len=255)
-    assert r.read_len == 5 and d[4] == 31
+    assert r.read_len == 5 and d[4] == 61
 
 
 def test_inquiry_page_code_without_evpd_is_invalid(lu):
@@ -361,6 +363,9 @@ def test_report_supported_opcodes(lu):
     assert ops == {(o, s) for o, s, _ in lu.supported_opcodes()}
     r, d = run(lu, [0xA3, 0x0C, 1, 0x28, 0, 0, 0, 0, 1, 0, 0, 0], in_len=256)
     assert d[1] & 0x07 == 3 and struct.unpack(">H", d[2:4])[0] == 10 and d[4] == 0x28
+    assert d[5] & 0x18 == 0x18                                     # DPO and FUA usable
+    r, d = run(lu, [0xA3, 0x0C, 1, 0x2F, 0, 0, 0, 0, 1, 0, 0, 0], in_len=256)
+    assert d[5] == 0x16                                            # VERIFY(10): DPO, BYTCHK
     r, d = run(lu, [0xA3, 0x0C, 1, 0xC5, 0, 0, 0, 0, 1, 0, 0, 0], in_len=256)
     assert d[1] & 0x07 == 1
     r, d = run(lu, [0xA3, 0x0C, 2, 0x9E, 0, 0x10, 0, 0, 1, 0, 0, 0], in_len=256)
