@@ -34,6 +34,11 @@ def test_lab_check(lab, section, check):
 
 # libiscsi tests fileio passes that lvmirror may fail, each with the reason.
 COMPLIANCE_ALLOW = {
+    **{f"ExtendedCopy.{t}": "EXTENDED COPY (XCOPY, VMware VAAI full copy) is emulated by LIO's "
+       "core for fileio but passed up for TCMU; lvmirror does not implement it yet, so "
+       "initiators fall back to READ/WRITE (tracked in the closing note)"
+       for t in ("Simple", "ParamHdr", "DescrLimits", "DescrType", "ValidTgtDescr",
+                 "ValidSegDescr")},
 }
 
 
