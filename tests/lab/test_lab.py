@@ -39,6 +39,8 @@ COMPLIANCE_ALLOW = {
        "initiators fall back to READ/WRITE (tracked in the closing note)"
        for t in ("Simple", "ParamHdr", "DescrLimits", "DescrType", "ValidTgtDescr",
                  "ValidSegDescr")},
+    **{f"ReceiveCopyResults.{t}": "RECEIVE COPY RESULTS belongs to EXTENDED COPY (see above)"
+       for t in ("CopyStatus", "OpParams")},
 }
 
 
