@@ -262,6 +262,8 @@ class StorageImage:
                         b[:] = bytes(len(b))
                     break
                 pos += n
+                if pos - offset == total:      # the usual case: everything in one call
+                    break
                 bufs = _advance(bufs, n)
         except OSError as e:
             raise self._ioerror("read", offset, total, e) from e
@@ -305,6 +307,8 @@ class StorageImage:
                 if n == 0:
                     raise OSError(_errno.ENOSPC, "write made no progress")
                 pos += n
+                if pos - offset == total:
+                    break
                 bufs = _advance(bufs, n)
             if fua and not dsync:
                 os.fdatasync(self.fd)

@@ -110,12 +110,26 @@ class Layout:
         for f in self.fields.values():
             if f.offset + f.size > size:
                 raise AssertionError(f"{name}.{f.name} runs past sizeof {size}")
+            setattr(self, f.name, f)          # MAILBOX.cmd_head, ENTRY.cdb_off, ...
+        if all(f.offset == sum(g.size for g in list(self.fields.values())[:i])
+               for i, f in enumerate(self.fields.values())):
+            self._packed = struct.Struct("<" + "".join(f.fmt for f in self.fields.values()))
+        else:
+            self._packed = None
 
-    def __getattr__(self, item) -> Field:
-        try:
-            return self.__dict__["fields"][item]
-        except KeyError:
-            raise AttributeError(item) from None
+    @property
+    def struct(self) -> struct.Struct:
+        """One instance as a Struct (``iter_unpack`` reads an array of them)."""
+        if self._packed is None or self._packed.size != self.size:
+            raise TypeError(f"{self.name} has padding; it cannot be read as one Struct")
+        return self._packed
+
+    def array(self, count: int) -> struct.Struct:
+        """A Struct for ``count`` consecutive instances (use ``iter_unpack`` / ``pack_into``);
+        only for layouts whose fields are contiguous, as ``struct iovec``."""
+        if self._packed is None or self._packed.size != self.size:
+            raise TypeError(f"{self.name} has padding; it cannot be read as an array")
+        return struct.Struct("<" + self._packed.format[1:] * count)
 
 
 # struct tcmu_mailbox: cmd_tail is __aligned__(ALIGN_SIZE) so it sits in its own cache line.

@@ -229,10 +229,9 @@ class RingEmulator:
             e.cmd_id.put(m, ent, cid)
             e.iov_cnt.put(m, ent, len(iovecs))
             e.cdb_off.put(m, ent, ent + base)
-            for k, (off, ln) in enumerate(iovecs):
-                io = ent + abi.ENTRY_IOV_OFFSET + abi.IOVEC.size * k
-                abi.IOVEC.iov_base.put(m, io, off)
-                abi.IOVEC.iov_len.put(m, io, ln)
+            if iovecs:
+                abi.IOVEC.array(len(iovecs)).pack_into(m, ent + abi.ENTRY_IOV_OFFSET,
+                                                       *[x for iov in iovecs for x in iov])
             m[ent + base:ent + base + len(cdb)] = cdb
             if data_out is not None:
                 pos = 0

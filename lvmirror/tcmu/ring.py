@@ -230,16 +230,14 @@ class CommandRing:
                       mv[cdb_off])
             return None
         cdb = bytes(mv[cdb_off:cdb_off + cdb_len])
-        iovecs = []
-        for k in range(total):
-            off = ent + abi.ENTRY_IOV_OFFSET + abi.IOVEC.size * k
-            base = abi.IOVEC.iov_base.get(mv, off)
-            ln = abi.IOVEC.iov_len.get(mv, off)
-            if ln and not (self.data_off <= base and base + ln <= self.map_size):
+        iovecs = list(abi.IOVEC.struct.iter_unpack(
+            mv[ent + abi.ENTRY_IOV_OFFSET:ent + iov_end])) if total else []
+        lo, hi = self.data_off, self.map_size
+        for k, (base, ln) in enumerate(iovecs):
+            if ln and not (lo <= base and base + ln <= hi):
                 log.error("TCMU ring: command %d iovec %d [%d, +%d) outside the data area "
-                          "[%d, %d)", cmd_id, k, base, ln, self.data_off, self.map_size)
+                          "[%d, %d)", cmd_id, k, base, ln, lo, hi)
                 return None
-            iovecs.append((base, ln))
         views = [mv[b:b + ln] for b, ln in iovecs[:iov_cnt] if ln]
         bidi = [mv[b:b + ln] for b, ln in iovecs[iov_cnt:] if ln]
         return Command(cmd_id, cdb, iovecs[:iov_cnt], views, bidi)
