@@ -22,6 +22,7 @@ import select
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from lvmirror import __version__, cfgstring, sdnotify
@@ -358,6 +359,7 @@ class Lvmirrord:
         self._stop = threading.Event()
         self._netlink = None
         self._bus = None
+        self._external_locks: dict = {}     # lock id -> (volume name, RegionLock)
 
     # -- LUN bookkeeping -----------------------------------------------------------------------
     def add_lun(self, device, *, pickup=False) -> LunServer:
@@ -455,6 +457,60 @@ class Lvmirrord:
                 job.wait()
                 return
         raise ConfigError(f"volume {name}: no image {image}")
+
+    # -- region locks for external holders (the lock manager's coordination interface) ---------
+    def lock_region(self, name, lba, count, *, shared=False, timeout=None, owner):
+        """Take a range lock on volume ``name`` for ``owner`` (e.g. a backup agent on the bus);
+        waits FIFO behind conflicting I/O and holders. Returns a lock id."""
+        volume = self._volume(name)
+        if not 0 <= lba < volume.num_blocks or count < 1 or lba + count > volume.num_blocks:
+            raise ConfigError(f"volume {name}: LBA range [{lba}, +{count}) outside 0.."
+                              f"{volume.num_blocks}")
+        lock = volume.locks.lock(lba, count, owner=owner, shared=shared, timeout=timeout)
+        with self._lock:
+            self._lock_seq = getattr(self, "_lock_seq", 0) + 1
+            lock_id = self._lock_seq
+            self._external_locks[lock_id] = (name, lock)
+        log.info("volume %s: LBAs [%d, +%d) locked %s by %s (lock %d)", name, lba, count,
+                 "shared" if shared else "exclusive", owner, lock_id)
+        return lock_id
+
+    def unlock_region(self, lock_id, *, owner):
+        with self._lock:
+            entry = self._external_locks.get(lock_id)
+            if entry is None or entry[1].owner != owner:
+                raise ConfigError(f"no lock {lock_id} held by {owner}")
+            del self._external_locks[lock_id]
+        entry[1].release()
+
+    def list_locks(self, name):
+        volume = self._volume(name)
+
+        def info(x):
+            return dict(lba=x.start, count=x.count, shared=x.shared,
+                        owner=None if x.owner is None else str(x.owner),
+                        seconds=round(time.monotonic() - x.since, 3))
+
+        with self._lock:
+            external = sorted(lid for lid, (vol, _) in self._external_locks.items()
+                              if vol == name)
+        return {"holders": [info(x) for x in volume.locks.holders()],
+                "waiters": [info(x) for x in volume.locks.waiters()],
+                "external_lock_ids": external}
+
+    def release_owner(self, owner) -> int:
+        """``owner`` went away (left the bus): drop its locks and waiting requests."""
+        n = 0
+        for name in self.registry.names():
+            volume = self.registry.get(name)
+            if volume is not None:
+                n += volume.locks.release_owner(owner)
+        with self._lock:
+            for lid in [lid for lid, (_, lk) in self._external_locks.items() if lk.owner == owner]:
+                del self._external_locks[lid]
+        if n:
+            log.warning("released %d region lock(s) of %s, which left the bus", n, owner)
+        return n
 
     # -- netlink events ------------------------------------------------------------------------
     def _on_event(self, event):

@@ -166,12 +166,60 @@ class Manager(dbus.service.Object):
         self._run(sender, lambda: self._daemon.detach(str(volume), int(image)),
                   lambda _r: ok(), err)
 
+    @dbus.service.method(MANAGER_IFACE, in_signature="sttbd", out_signature="t",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def LockRegion(self, volume, lba, count, shared, timeout, sender=None, ok=None, err=None):
+        """Lock LBAs [lba, lba+count) of ``volume`` (waits FIFO; ``timeout`` seconds, 0 = wait
+        forever). The lock is the caller's until UnlockRegion or until it leaves the bus; while
+        held exclusively, initiator I/O to the range waits."""
+        owner = self._service.locks.owner(sender)
+        self._run(sender, lambda: self._daemon.lock_region(
+            str(volume), int(lba), int(count), shared=bool(shared),
+            timeout=float(timeout) or None, owner=owner), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="t", out_signature="",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def UnlockRegion(self, lock_id, sender=None, ok=None, err=None):
+        owner = ("bus", str(sender))
+        self._run(sender, lambda: self._daemon.unlock_region(int(lock_id), owner=owner),
+                  lambda _r: ok(), err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="s", out_signature="s")
+    def ListLocks(self, volume):
+        """Held locks and waiting requests of ``volume`` (JSON), I/O and external ones."""
+        try:
+            return json.dumps(self._daemon.list_locks(str(volume)))
+        except LvmirrorError as e:
+            raise LvmirrorDBusError(str(e))
+
     @dbus.service.method(MANAGER_IFACE, in_signature="su", out_signature="",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def Cancel(self, volume, image, sender=None, ok=None, err=None):
         """Cancel the resync running on ``image`` (it keeps its bitmap; Resync resumes)."""
         self._run(sender, lambda: self._daemon.cancel(str(volume), int(image)),
                   lambda _r: ok(), err)
+
+
+class LockCoordinator:
+    """Region locks for processes on the bus; a holder that leaves the bus loses its locks."""
+
+    def __init__(self, manager, daemon):
+        self._daemon = daemon
+        self._owners = set()
+        manager.connection.add_signal_receiver(
+            self._name_owner_changed, signal_name="NameOwnerChanged",
+            dbus_interface="org.freedesktop.DBus", bus_name="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus")
+
+    def owner(self, sender):
+        self._owners.add(str(sender))
+        return ("bus", str(sender))
+
+    def _name_owner_changed(self, name, old, new):
+        if not new and name in self._owners:
+            self._owners.discard(name)
+            threading.Thread(target=self._daemon.release_owner, args=(("bus", str(name)),),
+                             daemon=True).start()
 
 
 class BusService:
@@ -223,7 +271,9 @@ class BusService:
 
     def _export(self):
         conn = self.conn
-        self._objects.append(Manager(conn, self._daemon, self))
+        manager = Manager(conn, self._daemon, self)
+        self._objects.append(manager)
+        self.locks = LockCoordinator(manager, self._daemon)
         self._names = [dbus.service.BusName(BUS_NAME, conn, do_not_queue=True)]
         handler_path = f"{TCMU_PATH}/{cfgstring.SUBTYPE}"
         try:

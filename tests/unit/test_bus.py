@@ -142,3 +142,52 @@ def test_unprivileged_caller_reads_but_cannot_change(daemon):
 def test_cli_without_daemon_says_unreachable(system_bus):
     r = cli(system_bus, "status")
     assert r.returncode == 3 and "not reachable" in r.stderr
+
+
+LOCK_CLIENT = """
+import sys, dbus
+bus = dbus.SystemBus()
+mgr = dbus.Interface(bus.get_object('org.lvmirror1', '/org/lvmirror1'), 'org.lvmirror1.Manager')
+print(int(mgr.LockRegion('vol0', 0, 16, False, 10.0)), flush=True)
+sys.stdin.readline()          # hold the lock until the test closes stdin... or kills us
+"""
+
+
+def test_external_lock_holder_blocks_io_and_loses_locks_when_it_leaves(daemon):
+    import threading
+    d, vol, address, _ = daemon
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_CLIENT], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    lock_id = int(holder.stdout.readline())
+    assert lock_id >= 1
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (vol.write(8, [memoryview(b"w" * 512)]), done.set()))
+    t.start()
+    # the initiator's write to the locked range waits for the external holder
+    r = None
+    for _ in range(100):
+        r = json.loads(cli_call(address, "ListLocks", "vol0"))
+        if r["waiters"]:
+            break
+    assert r["holders"][0]["lba"] == 0 and r["holders"][0]["count"] == 16
+    assert r["waiters"] and r["waiters"][0]["lba"] == 8 and not done.is_set()
+    assert r["external_lock_ids"] == [lock_id]
+    holder.kill()                 # leaves the bus without unlocking
+    holder.wait()
+    assert done.wait(10), "the write stayed blocked after the holder left the bus"
+    t.join()
+    assert json.loads(cli_call(address, "ListLocks", "vol0"))["external_lock_ids"] == []
+
+
+def cli_call(address, method, *args):
+    code = ("import sys, dbus\n"
+            "bus = dbus.SystemBus()\n"
+            "mgr = dbus.Interface(bus.get_object('org.lvmirror1', '/org/lvmirror1'),"
+            " 'org.lvmirror1.Manager')\n"
+            f"print(getattr(mgr, {method!r})(*{args!r}))\n")
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=20)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
