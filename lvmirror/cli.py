@@ -8,6 +8,7 @@
     lvmirror detach VOLUME IMAGE
     lvmirror cancel VOLUME IMAGE
     lvmirror wait VOLUME [--timeout S]      # until no resync/restore runs on VOLUME
+    lvmirror backup VOLUME IMAGE DEST [--format raw|qcow2]   # copy a split image
 
 Exit status 0 on success, 1 on an error reported by lvmirrord, 2 on bad usage, 3 when lvmirrord
 is not reachable.
@@ -111,6 +112,11 @@ def main(argv=None):
     s.add_argument("volume")
     s.add_argument("path")
     s.add_argument("--wait", action="store_true")
+    s = sub.add_parser("backup", help="copy a split image (the point-in-time copy) to a file")
+    s.add_argument("volume")
+    s.add_argument("image", type=int)
+    s.add_argument("dest")
+    s.add_argument("--format", choices=("raw", "qcow2"), default="raw")
     s = sub.add_parser("wait")
     s.add_argument("volume")
     s.add_argument("--timeout", type=float)
@@ -129,6 +135,24 @@ def main(argv=None):
             print(json.dumps(res) if args.json else
                   f"image {res['index']} ({res['path']}) split at {when}.{usec:06d}; "
                   f"{res['drained']} I/Os begun before the split drained")
+            return 0
+        if args.cmd == "backup":
+            from lvmirror.backup import backup_image
+            st = json.loads(mgr.Status())
+            vol = st["volumes"].get(args.volume)
+            if vol is None:
+                print(f"lvmirror: no volume {args.volume!r} is open", file=sys.stderr)
+                return EXIT_ERROR
+            im = next((i for i in vol["images"] if i["index"] == args.image), None)
+            if im is None:
+                print(f"lvmirror: volume {args.volume} has no image {args.image}",
+                      file=sys.stderr)
+                return EXIT_ERROR
+            tty = sys.stderr.isatty()
+            n = backup_image(im, args.dest, fmt=args.format, progress=(
+                lambda d, t: sys.stderr.write(f"\rbackup: {d / t:6.1%}")) if tty else None)
+            print(json.dumps({"dest": args.dest, "bytes": n, "format": args.format})
+                  if args.json else f"image {args.image} copied to {args.dest} ({args.format})")
             return 0
         if args.cmd in ("resync", "restore"):
             fn = mgr.Resync if args.cmd == "resync" else mgr.Restore
@@ -154,7 +178,7 @@ def main(argv=None):
     except ImportError as e:
         print(f"lvmirror: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except TimeoutError as e:
+    except (TimeoutError, ValueError, OSError) as e:
         print(f"lvmirror: {e}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:      # dbus.DBusException and friends

@@ -1,0 +1,221 @@
+"""``targetcli-lvmirror``: the stock targetcli shell with lvmirror's commands on user:lvmirror objects.
+
+targetcli has no plugin mechanism, so this entry point patches two places of Debian's targetcli
+(``targetcli.ui_backstore``) and then runs the unmodified ``/usr/bin/targetcli`` script:
+
+* storage objects whose config is ``lvmirror/...`` become ``LvmirrorStorageObject`` nodes with
+  ``status``, ``images``, ``split``, ``resync``, ``restore``, ``attach``, ``detach``, ``cancel``
+  and ``backup`` (help text from the docstrings, tab completion for image indices, a progress
+  display for ``resync``/``restore``/``backup`` with ``wait=true``);
+* ``/backstores/user:lvmirror create`` adds ``control=nl_reply_supported=-1`` when no control
+  string is given, so an ``enable`` can never wait for a netlink reply (see
+  lvmirror/tcmu/netlink.py).
+
+Every command goes to lvmirrord over the system bus (``org.lvmirror1``); nothing here touches
+the data path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+import time
+
+TARGETCLI = os.environ.get("LVMIRROR_TARGETCLI", "/usr/bin/targetcli")
+DEFAULT_CONTROL = "nl_reply_supported=-1"
+
+
+def _manager():
+    import dbus
+    from lvmirror.bus.service import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+    return dbus.Interface(dbus.SystemBus().get_object(BUS_NAME, MANAGER_PATH), MANAGER_IFACE)
+
+
+def install():
+    """Patch targetcli's backstore UI (call before targetcli builds its tree)."""
+    from configshell_fb import ExecutionError
+    from targetcli import ui_backstore
+
+    from lvmirror import cfgstring
+    from lvmirror.backup import backup_image
+    from lvmirror.cli import format_status
+
+    original = ui_backstore.UIUserBackedStorageObject
+    if getattr(original, "_lvmirror_factory", False):
+        return
+
+    def call(fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:        # dbus.DBusException: show lvmirrord's message
+            msg = getattr(e, "get_dbus_message", lambda: str(e))() or str(e)
+            raise ExecutionError(msg) from None
+
+    class LvmirrorStorageObject(original):
+        """A user:lvmirror backstore: a mirrored volume, or an exported split image."""
+
+        def _spec(self):
+            return cfgstring.parse(self.rtsnode.config)
+
+        def _volume_status(self):
+            spec = self._spec()
+            st = json.loads(call(_manager().Status))
+            vol = st["volumes"].get(spec.name)
+            if vol is None:
+                raise ExecutionError(f"volume {spec.name} is not open in lvmirrord "
+                                     f"(is the backstore enabled and lvmirrord running?)")
+            return spec, st, vol
+
+        def _image(self, image):
+            try:
+                return int(image)
+            except (TypeError, ValueError):
+                raise ExecutionError(f"image must be an image index, got {image!r}") from None
+
+        def _wait(self, kind):
+            spec = self._spec()
+            while True:
+                _, _, vol = self._volume_status()
+                running = [j for j in vol["jobs"] if j["state"] == "running"]
+                if not running:
+                    failed = [j for j in vol["jobs"] if j["state"] == "failed"]
+                    if failed:
+                        raise ExecutionError(f"{kind} failed: {failed[-1]['error']}")
+                    self.shell.con.display(f"{kind} of {spec.name} finished")
+                    return
+                j = running[0]
+                pct = j["bytes_done"] / j["bytes_total"] if j["bytes_total"] else 1.0
+                sys.stdout.write(f"\r{kind}: {pct:6.1%}  {j['rate']:.1f} MB/s   ")
+                sys.stdout.flush()
+                time.sleep(1)
+
+        def summary(self):
+            text, ok = super().summary()
+            try:
+                _, _, vol = self._volume_status()
+                states = "/".join(im["state"] for im in vol["images"])
+                return f"{text} [{states}]", ok
+            except Exception:
+                return text, ok
+
+        def ui_command_status(self):
+            """Show the volume behind this backstore: images and their states, split time,
+            changed bytes, running resync/restore with progress, I/O counters."""
+            spec, st, vol = self._volume_status()
+            self.shell.con.display(format_status({"volumes": {spec.name: vol}, "luns": []}))
+
+        def ui_command_images(self):
+            """List the images of the volume, one line each: index, state, path."""
+            _, _, vol = self._volume_status()
+            for im in vol["images"]:
+                self.shell.con.display(f"{im['index']}  {im['state']:<8} {im['path']}")
+
+        def ui_command_split(self, image):
+            """Split image IMAGE off now as a point-in-time copy; returns when the I/O begun
+            before the split has drained. New I/O is never paused."""
+            res = json.loads(call(_manager().Split, self._spec().name,
+                                  self._image(image)))
+            self.shell.con.display(
+                f"image {res['index']} ({res['path']}) split at "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(res['split_time']))}; "
+                f"{res['drained']} I/Os drained")
+
+        def ui_command_resync(self, image, rate=None, wait="false"):
+            """Bring image IMAGE back in sync, copying only the regions changed since the split.
+            RATE limits the copy in MB/s; wait=true shows progress until it is done."""
+            res = json.loads(call(_manager().Resync, self._spec().name, self._image(image),
+                                  float(rate or 0)))
+            self.shell.con.display(f"resync of image {image} started: "
+                                   f"{res['bytes_total']} bytes to copy")
+            if str(wait).lower() in ("true", "yes", "1"):
+                self._wait("resync")
+
+        def ui_command_restore(self, image, rate=None, wait="false"):
+            """Roll the volume back to split image IMAGE (only changed regions are copied; the
+            volume reads as the copy from the moment the command returns)."""
+            json.loads(call(_manager().Restore, self._spec().name, self._image(image),
+                            float(rate or 0)))
+            self.shell.con.display(f"restore from image {image} started")
+            if str(wait).lower() in ("true", "yes", "1"):
+                self._wait("restore")
+
+        def ui_command_attach(self, path):
+            """Add a new image at PATH (file or block device) and start its full resync."""
+            idx = call(_manager().AttachImage, self._spec().name, str(path))
+            self.shell.con.display(f"{path} attached as image {int(idx)}; full resync started")
+
+        def ui_command_detach(self, image):
+            """Remove image IMAGE from the volume (its file is kept)."""
+            call(_manager().DetachImage, self._spec().name, self._image(image))
+            self.shell.con.display(f"image {image} detached")
+
+        def ui_command_cancel(self, image):
+            """Cancel the resync running on image IMAGE (resync resumes it later)."""
+            call(_manager().Cancel, self._spec().name, self._image(image))
+
+        def ui_command_backup(self, image, file, format="raw"):
+            """Copy split image IMAGE to FILE (format raw or qcow2) with progress. The image
+            must be split (a frozen point-in-time copy)."""
+            _, _, vol = self._volume_status()
+            idx = self._image(image)
+            im = next((i for i in vol["images"] if i["index"] == idx), None)
+            if im is None:
+                raise ExecutionError(f"no image {idx}")
+            try:
+                backup_image(im, file, fmt=format, progress=self._progress)
+            except (OSError, ValueError) as e:
+                raise ExecutionError(str(e)) from None
+            self.shell.con.display(f"\nimage {idx} copied to {file} ({format})")
+
+        def _progress(self, done, total):
+            sys.stdout.write(f"\rbackup: {done / total:6.1%} of {total >> 20} MiB   ")
+            sys.stdout.flush()
+
+        def _complete_image(self, parameters, text, current_param):
+            if current_param != "image":
+                return []
+            try:
+                _, _, vol = self._volume_status()
+            except Exception:
+                return []
+            return [f"{im['index']} " for im in vol["images"] if str(im["index"]).startswith(text)]
+
+        ui_complete_split = ui_complete_resync = ui_complete_restore = _complete_image
+        ui_complete_detach = ui_complete_cancel = _complete_image
+
+        def ui_complete_backup(self, parameters, text, current_param):
+            if current_param == "format":
+                return [f for f in ("raw ", "qcow2 ") if f.startswith(text)]
+            return self._complete_image(parameters, text, current_param)
+
+    def factory(storage_object, parent):
+        config = storage_object.config or ""
+        cls = LvmirrorStorageObject if config.startswith(cfgstring.SUBTYPE + "/") else original
+        return cls(storage_object, parent)
+
+    factory._lvmirror_factory = True
+    ui_backstore.UIUserBackedStorageObject = factory
+
+    create = ui_backstore.UIUserBackedBackstore.ui_command_create
+
+    def ui_command_create(self, name, size, cfgstring, wwn=None, hw_max_sectors=None,
+                          control=None):
+        if self.handler == "lvmirror" and not control:
+            control = DEFAULT_CONTROL
+        return create(self, name, size, cfgstring, wwn=wwn, hw_max_sectors=hw_max_sectors,
+                      control=control)
+
+    ui_command_create.__doc__ = create.__doc__
+    ui_backstore.UIUserBackedBackstore.ui_command_create = ui_command_create
+
+
+def main():
+    install()
+    sys.argv[0] = "targetcli-lvmirror"
+    runpy.run_path(TARGETCLI, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

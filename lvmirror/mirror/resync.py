@@ -138,6 +138,8 @@ class ResyncJob(_Job):
             # Writes of older epochs may still mark this image's bitmap: let them finish.
             vol._drain(epoch)
             buf = StorageImage.aligned_buffer(vol.region_size)
+            # an anonymous mapping never written: zero pages, no memory for large regions
+            self._zero = StorageImage.aligned_buffer(vol.region_size)
             last_ck, since_ck = time.monotonic(), 0
             while True:
                 for r in bm.dirty_regions():
@@ -183,7 +185,12 @@ class ResyncJob(_Job):
             try:
                 _read_from_in_sync(vol, ep, off, ln, view)
                 try:
-                    img.storage.writev(off, [view])
+                    if view == self._zero[:ln]:
+                        # an all-zero region: deallocate it (reads back as zeroes), so a
+                        # thin image stays thin and the copy costs no writes
+                        img.storage.discard(off, ln)
+                    else:
+                        img.storage.writev(off, [view])
                 except ImageIOError as e:
                     vol._image_error(img, e, off, ln)
                     raise _TargetFailed(str(e)) from e

@@ -1,0 +1,40 @@
+"""Backup from a split image: a sparse raw copy (holes kept) and the refusals."""
+
+import os
+
+import pytest
+
+from lvmirror.backup import backup_image
+from lvmirror.mirror.volume import MirrorVolume
+
+
+def test_backup_copies_the_point_in_time_copy_and_keeps_holes(tmp_path):
+    paths = [str(tmp_path / f"img{k}") for k in range(3)]
+    vol = MirrorVolume.create("vol", paths, meta_dir=str(tmp_path / "meta"), size=64 << 20,
+                              flush_interval=None)
+    for job in vol.jobs.values():
+        assert job.wait(20)
+    vol.write(0, [memoryview(b"A" * 4096)])
+    vol.write(100000, [memoryview(b"B" * 4096)])
+    vol.split(2)
+    vol.write(0, [memoryview(b"C" * 4096)])           # after T: not in the copy
+    im = next(i for i in vol.images if i.index == 2)
+    seen = []
+    dest = str(tmp_path / "backup.img")
+    n = backup_image(dict(index=2, path=im.path, state=im.state.value), dest,
+                     progress=lambda d, t: seen.append((d, t)))
+    with open(dest, "rb") as f:
+        data = f.read()
+    assert len(data) == 64 << 20 and data[:4096] == b"A" * 4096
+    assert data[100000 * 512:100000 * 512 + 4096] == b"B" * 4096
+    assert n < 64 << 20                                  # holes were not copied
+    assert os.stat(dest).st_blocks * 512 < 16 << 20      # and the copy is still sparse
+    assert seen[-1] == (64 << 20, 64 << 20)
+    live = next(i for i in vol.images if i.index == 0)
+    with pytest.raises(ValueError, match="only a split image"):
+        backup_image(dict(index=0, path=live.path, state=live.state.value), dest)
+    with pytest.raises(ValueError, match="raw or qcow2"):
+        backup_image(dict(index=2, path=im.path, state="split"), dest, fmt="vmdk")
+    with pytest.raises(ValueError, match="the image itself"):
+        backup_image(dict(index=2, path=im.path, state="split"), im.path)
+    vol.close()
