@@ -50,8 +50,20 @@ setup() {
   rm -f /usr/share/dbus-1/system-services/org.kernel.TCMUService1.service
   mkdir -p /etc/dbus-1/system.d /run/dbus /var/lib/dbus
   cp "$REPO/systemd/dbus/org.lvmirror1.conf" /etc/dbus-1/system.d/
+  # the Debian package, when tools/build-deb made one: install it and run the product from it
+  DEB=$(ls "$REPO"/lab-out/deb/lvmirror_*_all.deb 2>/dev/null | head -1)
+  if [ -n "$DEB" ]; then
+    if dpkg -i "$DEB" > "$OUT/dpkg.log" 2>&1 && [ -x /usr/bin/lvmirrord ] \
+       && [ -f /usr/share/dbus-1/system.d/org.lvmirror1.conf ]; then
+      export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+      rm -f /etc/dbus-1/system.d/org.lvmirror1.conf      # the package's policy is used
+      result package_installed ok deb="$(basename $DEB)"
+    else
+      result package_installed fail log="$(tail -3 $OUT/dpkg.log)"
+    fi
+  fi
   dbus-uuidgen --ensure; dbus-daemon --system --fork
-  t "stack: modules, configfs, network, scratch ext4, system bus"
+  t "stack: modules, configfs, network, scratch ext4, system bus; lvmirrord is $(command -v lvmirrord)"
 }
 
 start_daemon() {
@@ -195,11 +207,17 @@ TC
   sleep 3
   lvmirror resync vol3 2 --wait > "$OUT/resync.txt" 2>&1; rrc=$?
   sleep 2
-  lvmirror split vol3 1 > "$OUT/split2.txt" 2>&1; src=$?
+  targetcli-lvmirror /backstores/user:lvmirror/m3 split image=1 > "$OUT/split2.txt" 2>&1; src=$?
   wait $FIO; frc=$?
   [ $rrc = 0 ] && [ $src = 0 ] && [ $frc = 0 ] && result fio_verify_through_resync_and_split ok \
     || result fio_verify_through_resync_and_split fail resync=$rrc split=$src fio=$frc err="$(tail -3 $OUT/fio-resync.err)"
-  lvmirror resync vol3 1 --wait >> "$OUT/resync.txt" 2>&1
+  grep -q "split at" "$OUT/split2.txt" && result targetcli_ext_split ok || result targetcli_ext_split fail out="$(tail -2 $OUT/split2.txt)"
+  targetcli-lvmirror /backstores/user:lvmirror/m3 status > "$OUT/targetcli-status.txt" 2>&1
+  grep -q "image 1: split" "$OUT/targetcli-status.txt" && result targetcli_ext_status ok || result targetcli_ext_status fail out="$(tail -3 $OUT/targetcli-status.txt)"
+  # backup of the split image (the frozen copy) while the LUN runs: identical to the image
+  lvmirror backup vol3 1 /run/scratch/backup.img > "$OUT/backup.txt" 2>&1 && cmp -s /run/scratch/backup.img /run/scratch/v3b.img \
+    && result backup_of_split_image ok || result backup_of_split_image fail out="$(tail -2 $OUT/backup.txt)"
+  targetcli-lvmirror /backstores/user:lvmirror/m3 resync image=1 wait=true >> "$OUT/resync.txt" 2>&1
   lvmirror status > "$OUT/status-after-resync.txt"
   sync; echo 3 > /proc/sys/vm/drop_caches
   same=ok; for i in b c; do cmp -s /run/scratch/v3a.img /run/scratch/v3$i.img || same=fail; done

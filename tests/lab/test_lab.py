@@ -17,10 +17,20 @@ SECTION_CHECKS = {
            "fs_lun1_fsck_clean", "fs_lun1_files_intact", "fs_lun1_images_identical"],
     "split": ["split_command", "split_point_in_time", "three_way_split_stays_mirrored",
               "split_image_lun_mounts_fsck_clean", "resync_refused_while_exported",
-              "fio_verify_through_resync_and_split", "resync_images_identical"],
+              "fio_verify_through_resync_and_split", "targetcli_ext_split",
+              "targetcli_ext_status", "backup_of_split_image", "resync_images_identical"],
     "crash": ["daemon_restarted", "sigkill_fio_verify_ok", "sigkill_images_agree"],
 }
 ALL = [(s, c) for s, checks in SECTION_CHECKS.items() for c in checks]
+
+
+def test_debian_package_installed_and_used(lab):
+    """tools/test builds the .deb before the lab; the guest installs it and runs lvmirrord,
+    lvmirror and targetcli-lvmirror from it, with its D-Bus policy."""
+    res = lab["results"].get("package_installed")
+    if res is None:
+        pytest.skip("no Debian package was built before the lab (tools/build-deb)")
+    assert res["ok"], res
 
 
 @pytest.mark.parametrize("section,check", ALL, ids=[c for _, c in ALL])
