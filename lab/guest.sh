@@ -51,7 +51,7 @@ setup() {
   mkdir -p /etc/dbus-1/system.d /run/dbus /var/lib/dbus
   cp "$REPO/systemd/dbus/org.lvmirror1.conf" /etc/dbus-1/system.d/
   # the Debian package, when tools/build-deb made one: install it and run the product from it
-  DEB=$(ls "$REPO"/lab-out/deb/lvmirror_*_all.deb 2>/dev/null | head -1)
+  DEB=$(ls "$REPO"/build/deb/lvmirror_*_all.deb 2>/dev/null | head -1)
   if [ -n "$DEB" ]; then
     if dpkg -i "$DEB" > "$OUT/dpkg.log" 2>&1 && [ -x /usr/bin/lvmirrord ] \
        && [ -f /usr/share/dbus-1/system.d/org.lvmirror1.conf ]; then
