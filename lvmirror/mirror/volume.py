@@ -1045,15 +1045,19 @@ class MirrorVolume:
 
     # ==== persistence =============================================================================
 
-    def checkpoint(self):
-        """Persist lazily kept state and clear idle write-intent bits (see module docstring)."""
-        cutoff = self._wil.ticket()
+    def _flush_live_images(self):
+        """fdatasync every image that receives writes; one that fails is failed (whole bitmap)."""
         for im in list(self._images):
             if im.storage is not None and im.state in (ImageState.IN_SYNC, ImageState.SYNCING):
                 try:
                     im.storage.flush()
                 except ImageIOError as e:
                     self._image_error(im, e, 0, 0, all_regions=True)
+
+    def checkpoint(self):
+        """Persist lazily kept state and clear idle write-intent bits (see module docstring)."""
+        cutoff = self._wil.ticket()
+        self._flush_live_images()
         with self._meta:
             for im in self._images:
                 if im.bitmap is not None and im.state in (ImageState.SPLIT, ImageState.FAILED):
@@ -1085,12 +1089,7 @@ class MirrorVolume:
             with self._econd:
                 self._econd.wait_for(lambda: self._epoch.inflight == 0 and all(
                     e.inflight == 0 for e in self._retired))
-            for im in self._images:
-                if im.storage is not None and im.state in (ImageState.IN_SYNC, ImageState.SYNCING):
-                    try:
-                        im.storage.flush()
-                    except ImageIOError as e:
-                        self._image_error(im, e, 0, 0, all_regions=True)
+            self._flush_live_images()
             with self._meta:
                 for im in self._images:
                     if im.bitmap is not None:
