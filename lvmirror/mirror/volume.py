@@ -35,7 +35,10 @@ missed a write is read from. Change bitmaps of split and failed images are saved
 (``checkpoint``, run by a flusher thread and on close): ``checkpoint`` takes a ticket from the
 log, fdatasyncs the live images, saves the bitmaps and only then clears log bits whose last
 write ended before the ticket. A write whose mark is missing from a saved bitmap therefore
-still has its log bit set, and recovery's merge restores the mark.
+still has its log bit set, and recovery's merge restores the mark. The flusher clears only
+regions idle since its previous round (the ticket of the round before), as md's bitmap daemon
+waits before clearing a bit: a region under steady writes stays marked instead of being
+cleared and re-marked (a durable log write each time) every round.
 
 Interrupted resyncs and restores resume automatically in ``open`` (see ``vol.jobs``).
 """
@@ -215,6 +218,7 @@ class MirrorVolume:
             self._epoch = self._build_epoch()
         self._stop_flusher = threading.Event()
         self._flusher = None
+        self._prev_ticket = 0          # the write-intent log ticket of the previous checkpoint
         if flush_interval:
             self._flusher = threading.Thread(target=self._flush_loop, args=(flush_interval,),
                                              name=f"{md.name}-flusher", daemon=True)
@@ -1054,9 +1058,13 @@ class MirrorVolume:
                 except ImageIOError as e:
                     self._image_error(im, e, 0, 0, all_regions=True)
 
-    def checkpoint(self):
-        """Persist lazily kept state and clear idle write-intent bits (see module docstring)."""
-        cutoff = self._wil.ticket()
+    def checkpoint(self, *, hold=False):
+        """Persist lazily kept state and clear idle write-intent bits (see module docstring).
+        ``hold``: clear only regions whose last write ended before the previous checkpoint
+        (what the flusher does); otherwise every region idle now. Returns the number cleared."""
+        ticket = self._wil.ticket()
+        cutoff = min(self._prev_ticket, ticket) if hold else ticket
+        self._prev_ticket = ticket
         self._flush_live_images()
         with self._meta:
             for im in self._images:
@@ -1067,7 +1075,7 @@ class MirrorVolume:
     def _flush_loop(self, interval):
         while not self._stop_flusher.wait(interval):
             try:
-                self.checkpoint()
+                self.checkpoint(hold=True)
             except Exception:  # keep serving; the next round retries
                 pass
 

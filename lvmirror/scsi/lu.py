@@ -162,7 +162,10 @@ class LogicalUnit:
         # Advertised in the Block Limits page; larger transfers are still served up to what
         # a TCMU data area comfortably holds (LIO's own backstores accept them too).
         self.max_accept_blocks = max(self.max_transfer_blocks, (32 << 20) // bs)
-        self.optimal_transfer_blocks = optimal_transfer_blocks or (1 << 20) // bs
+        # never above the maximum: an initiator ignores an optimal length larger than it (and
+        # with TCMU's default hw_max_sectors of 128 the maximum is only 64 KiB)
+        self.optimal_transfer_blocks = min(optimal_transfer_blocks or (1 << 20) // bs,
+                                           self.max_transfer_blocks)
         self.max_unmap_blocks = max_unmap_blocks
         self.max_unmap_descriptors = max_unmap_descriptors
         self.max_write_same_blocks = max_write_same_blocks

@@ -136,6 +136,20 @@ def test_vpd_pages(lu):
     assert sense_of(run(lu, [0x12, 1, 0x99, 0, 255, 0], in_len=255)[0]) == (5, 0x24, 0)
 
 
+@pytest.mark.parametrize("hw_max, want_max, want_opt", [
+    (128, 128, 128),          # TCMU's default hw_max_sectors: optimal clamped to the maximum
+    (16384, 16384, 2048),     # targetcli-lvmirror's default: 8 MiB maximum, 1 MiB optimal
+    (None, 16384, 2048),
+])
+def test_block_limits_transfer_lengths(hw_max, want_max, want_opt):
+    lu = LogicalUnit(RamBackend(), max_transfer_blocks=hw_max)
+    _, bl = run(lu, [0x12, 1, 0xB0, 0, 255, 0], in_len=255)
+    assert struct.unpack(">II", bl[8:16]) == (want_max, want_opt)   # MAXIMUM, OPTIMAL
+    # a transfer above the advertised maximum is still served (as LIO's own backstores do)
+    r, d = run(lu, [0x28, 0, 0, 0, 0, 0, 0, 0x01, 0x00, 0], in_len=256 * BS)
+    assert r.status == GOOD and len(d) == 256 * BS
+
+
 # -- capacity, TUR, REQUEST SENSE, unit attention ---------------------------------------------
 
 def test_read_capacity_10_and_16(lu):

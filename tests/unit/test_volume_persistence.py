@@ -53,6 +53,27 @@ def test_checkpoint_persists_bitmaps_then_clears_wil(tmp_path):
     vol.close()
 
 
+def test_flusher_checkpoint_holds_busy_regions(tmp_path):
+    """checkpoint(hold=True), as the flusher runs it, clears only regions idle since the previous
+    round: a region under steady writes is not cleared and re-marked (a durable log write)
+    every round, and an idle one is cleared one round later."""
+    vol, _, _ = make_volume(tmp_path, 2, region_size=REGION)
+    busy, idle = 0, 5 * REGION // BS
+    write(vol, idle, pattern(1, 2))
+    write(vol, busy, pattern(1, 1))
+    saves = vol._wil.saves
+    assert vol.checkpoint(hold=True) == 0          # both written since the last round
+    for i in range(3):
+        write(vol, busy, pattern(1, i))
+        cleared = vol.checkpoint(hold=True)
+        assert cleared == (1 if i == 0 else 0)     # the idle region goes one round later
+    assert list(_wil_on_disk(tmp_path).dirty_regions()) == [0]
+    assert vol._wil.saves == saves + 1             # one save: the idle region's clearing
+    assert vol.checkpoint(hold=True) == 1 and vol.checkpoint(hold=True) == 0   # busy now idle
+    assert _wil_on_disk(tmp_path).count() == 0
+    vol.close()
+
+
 def test_crash_recovery_repairs_mirrors_and_split_bitmap(tmp_path):
     """In-process crash: the first instance is abandoned mid-write, a second opens the files."""
     vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)

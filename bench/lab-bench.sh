@@ -1,0 +1,236 @@
+# Sourced by lab/guest.sh (section "bench") INSIDE the kernel-lab guest; uses its helpers
+# (result, t, start_daemon, tcli). The side-by-side benchmark of issue 6:
+#
+#   targets  lvmirror1 / lvmirror2 / lvmirror3  user:lvmirror on 1, 2, 3 image files
+#            md-raid1                          LIO iblock on an md RAID1 (internal write-intent
+#                                              bitmap) of loop devices on the same image files
+#            fileio                            LIO fileio on image file 0
+#   jobs     bench/jobs/*.fio through open-iscsi on the guest's /dev/sdX, the same files for all
+#   extra    lvmirror3: I/O latency around a split under a random-write load; resync of 1% changed
+#            vs full; md-raid1: md's own resync of the same size.
+#
+# Every target runs on the same image files (img0..img2, recreated sparse for each target and
+# filled by an unmeasured sequential write first), with the same cache mode: write-back
+# (fileio write_back=true, lvmirror emulate_write_cache=1, loop devices buffered), and the
+# initiator's view of it is recorded. Output: $OUT/bench/<target>/<job>.json (fio JSON),
+# $OUT/bench/meta.json, $OUT/bench/targets.jsonl, $OUT/bench/split/, $OUT/bench/resync.jsonl;
+# bench/report.py turns them into the table.
+#
+# Settings (environment, passed by bench/run through lab/boot): BENCH_TARGETS, BENCH_JOBS,
+# BENCH_RUNTIME (s per job), BENCH_RAMP (s), BENCH_SIZE_MB (LUN size), BENCH_PROFILE=1 (py-spy
+# records lvmirrord during each job; figures are then perturbed and only the profile counts).
+
+BIQN=iqn.2026-11.org.lvmirror:bench
+BDIR=/run/scratch/bench
+BOUT=$OUT/bench
+
+bj() {  # bj FILE key=value ... : append one JSON object (values that parse as numbers stay numbers)
+  local f=$1; shift
+  $PY - "$@" >> "$f" <<'PY'
+import json, sys
+d = {}
+for item in sys.argv[1:]:
+    k, _, v = item.partition("=")
+    try:
+        d[k] = json.loads(v)
+    except ValueError:
+        d[k] = v
+print(json.dumps(d))
+PY
+}
+
+now() { date +%s.%N; }
+
+b_login() {
+  pidof iscsid >/dev/null || { iscsid; sleep 1; }
+  iscsiadm -m discovery -t sendtargets -p 127.0.0.1 >/dev/null &&
+  iscsiadm -m node -T $BIQN -p 127.0.0.1 --login >/dev/null || return 1
+  udevadm settle 2>/dev/null; sleep 1
+  BDEV=$(readlink -f /dev/disk/by-path/ip-127.0.0.1:3260-iscsi-$BIQN-lun-0)
+  [ -b "$BDEV" ]
+}
+b_logout() {
+  iscsiadm -m node -T $BIQN -p 127.0.0.1 --logout >/dev/null 2>&1
+  iscsiadm -m node -T $BIQN -p 127.0.0.1 -o delete >/dev/null 2>&1
+  udevadm settle 2>/dev/null
+}
+
+fresh_images() {
+  mkdir -p $BDIR
+  for i in 0 1 2; do rm -f $BDIR/img$i; truncate -s ${SIZE_MB}M $BDIR/img$i; done
+}
+
+fill_file() {  # fill_file PATH: sequential 1 MiB writes of fio's random buffers over the whole file
+  fio --name=fill --filename=$1 --rw=write --bs=1M --size=${SIZE_MB}M --ioengine=psync \
+      --end_fsync=1 --output=/dev/null
+}
+
+# ------------------------------------------------------------ targets up / down
+target_up() {  # target_up NAME -> BSTORE (targetcli path); sets up the backstore + iSCSI target
+  local name=$1 vol
+  fresh_images
+  case $name in
+    fileio)
+      BSTORE=/backstores/fileio/bt
+      echo "/backstores/fileio create name=bt file_or_dev=$BDIR/img0 size=${SIZE_MB}M write_back=true" ;;
+    lvmirror[123])
+      local n=${name#lvmirror} imgs
+      imgs=$(for i in $(seq 0 $((n - 1))); do printf '%s' "$BDIR/img$i+"; done); imgs=${imgs%+}
+      BSTORE=/backstores/user:lvmirror/bt; vol=bench$n
+      echo "/backstores/user:lvmirror create name=bt size=${SIZE_MB}M cfgstring=$vol;images=$imgs hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} control=nl_reply_supported=-1"
+      echo "$BSTORE set attribute emulate_write_cache=1" ;;
+    md-raid1)
+      modprobe raid1
+      echo 10000000 > /proc/sys/dev/raid/speed_limit_max
+      echo 10000000 > /proc/sys/dev/raid/speed_limit_min
+      fill_file $BDIR/img0; fill_file $BDIR/img1
+      sync; echo 3 > /proc/sys/vm/drop_caches
+      L0=$(losetup -f --show $BDIR/img0); L1=$(losetup -f --show $BDIR/img1)
+      # md's initial resync of the two image files is the resync figure md is compared on
+      local t0 t1
+      t0=$(now)
+      mdadm --create /dev/md0 --run --level=1 --raid-devices=2 --metadata=1.2 \
+            --bitmap=internal $L0 $L1 > $BOUT/mdadm.log 2>&1 || { echo "mdadm --create failed" >&2; return 1; }
+      for _ in $(seq 40); do   # the resync thread starts right after the array does
+        [ "$(cat /sys/block/md0/md/sync_action 2>/dev/null)" != idle ] && break; sleep 0.05
+      done
+      mdadm --wait /dev/md0 >/dev/null 2>&1
+      t1=$(now)
+      bj $BOUT/resync.jsonl target=md-raid1 kind=md_resync_full \
+         bytes=$(( $(cat /sys/block/md0/md/component_size) * 1024 )) \
+         seconds=$($PY -c "print(round($t1 - $t0, 3))") bitmap=internal
+      BSTORE=/backstores/block/bt
+      echo "/backstores/block create name=bt dev=/dev/md0" ;;
+    *) echo "unknown target $name" >&2; return 1 ;;
+  esac > $BOUT/$name/targetcli.in || return 1
+  {
+    echo "set global auto_save_on_exit=false"
+    cat $BOUT/$name/targetcli.in
+    echo "/iscsi create $BIQN"
+    echo "/iscsi/$BIQN/tpg1/luns create $BSTORE"
+    echo "/iscsi/$BIQN/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1"
+  } | targetcli > $BOUT/$name/targetcli.log 2>&1
+  [ -n "${vol:-}" ] && lvmirror wait $vol --timeout 600 >/dev/null 2>&1
+  b_login || return 1
+  local sd=${BDEV#/dev/}
+  bj $BOUT/targets.jsonl target=$name dev=$BDEV backstore=$BSTORE \
+     "initiator_write_cache=$(cat /sys/block/$sd/queue/write_cache)" \
+     max_sectors_kb=$(cat /sys/block/$sd/queue/max_sectors_kb) \
+     size_bytes=$(blockdev --getsize64 $BDEV)
+  # unmeasured: fill the LUN so every job reads and overwrites allocated data
+  fio --name=prefill --filename=$BDEV --rw=write --bs=1M --iodepth=8 --ioengine=libaio --direct=1 \
+      --size=${SIZE_MB}M --output=/dev/null
+}
+
+target_down() {
+  b_logout
+  printf '%s\n' "set global auto_save_on_exit=false" "/iscsi delete $BIQN" \
+    "$(dirname $BSTORE) delete $(basename $BSTORE)" | targetcli >> $BOUT/$1/targetcli.log 2>&1
+  if [ $1 = md-raid1 ]; then
+    mdadm --stop /dev/md0 >/dev/null 2>&1; losetup -d $L0 $L1
+  fi
+}
+
+# ------------------------------------------------------------ the jobs
+run_jobs() {  # run_jobs TARGET
+  local target=$1 job spy
+  for job in $JOBS; do
+    t "bench $target $job"
+    spy=
+    if [ "${BENCH_PROFILE:-0}" = 1 ] && [ -n "${DAEMON:-}" ] && [[ $target == lvmirror* ]]; then
+      mkdir -p $BOUT/profile
+      $REPO/.venv/bin/py-spy record --pid $DAEMON --rate 97 --nonblocking --format raw \
+        --output $BOUT/profile/$target-$job.txt --duration $((RUNTIME + RAMP)) \
+        > $BOUT/profile/$target-$job.log 2>&1 &
+      spy=$!
+    fi
+    DEV=$BDEV RUNTIME=$RUNTIME RAMP=$RAMP SIZE=${SIZE_MB}M \
+      fio --output-format=json $REPO/bench/jobs/$job.fio > $BOUT/$target/$job.json 2> $BOUT/$target/$job.err \
+      || result bench_${target}_$job fail err="$(tail -2 $BOUT/$target/$job.err)"
+    [ -n "$spy" ] && wait $spy
+  done
+}
+
+# ------------------------------------------------------------ lvmirror only: split, resync
+job_figures() {  # job_figures VOLUME IMAGE KIND: the finished job's bytes and seconds -> resync.jsonl
+  lvmirror --json status > $BOUT/status.json 2>&1
+  $PY - "$1" "$2" "$3" $BOUT/status.json >> $BOUT/resync.jsonl <<'PY'
+import json, sys
+vol, index, kind, path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+v = json.load(open(path))["volumes"][vol]
+image_id = next(i["id"] for i in v["images"] if i["index"] == index)
+j = next(j for j in v["jobs"] if j["image_id"] == image_id and j["kind"] == "resync")
+print(json.dumps(dict(target=vol, kind=kind, bytes=j["bytes_done"], bytes_total=j["bytes_total"],
+                      seconds=round(j["elapsed"], 3), state=j["state"],
+                      region_size=v["region_size"], size=v["size"])))
+PY
+}
+
+split_latency() {  # 4 KiB random writes at QD 8 for SPLIT_RUN s; split image 2 of VOLUME at 40%
+  local vol=$1 run=$(( RUNTIME * 2 > 12 ? RUNTIME * 2 : 12 ))
+  mkdir -p $BOUT/split
+  t "bench split latency ($run s load)"
+  fio --name=splitload --filename=$BDEV --rw=randwrite --bs=4k --iodepth=8 --ioengine=libaio \
+      --direct=1 --time_based --runtime=$run --size=${SIZE_MB}M --norandommap --randrepeat=0 \
+      --write_lat_log=$BOUT/split/io --log_unix_epoch=1 --output-format=json \
+      > $BOUT/split/fio.json 2> $BOUT/split/fio.err &
+  local fio=$!
+  sleep $(( run * 2 / 5 ))
+  lvmirror --json split $vol 2 > $BOUT/split/split.json 2>&1 || result bench_split fail out="$(cat $BOUT/split/split.json)"
+  wait $fio
+  rm -f $BOUT/split/io_slat.1.log $BOUT/split/io_clat.1.log
+}
+
+resync_figures() {  # VOLUME: resync after the split load, 1% of regions changed, full (re-attach)
+  local vol=$1 region regions n i idx
+  lvmirror resync $vol 2 --wait >/dev/null 2>&1 && job_figures $vol 2 after_split_load
+  # 1% of the regions changed while split (whole regions, spread over the LUN)
+  lvmirror split $vol 2 >/dev/null 2>&1
+  region=$(lvmirror --json status | $PY -c "import json,sys; print(json.load(sys.stdin)['volumes']['$vol']['region_size'])")
+  regions=$(( SIZE_MB * 1048576 / region )); n=$(( (regions + 99) / 100 ))
+  for i in $(seq 0 $((n - 1))); do
+    fio --name=dirty --filename=$BDEV --rw=write --bs=$region --size=$region \
+        --offset=$(( i * regions / n * region )) --direct=1 --ioengine=psync --output=/dev/null
+  done
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  lvmirror resync $vol 2 --wait >/dev/null 2>&1 && job_figures $vol 2 resync_1pct
+  # full: detach image 2 and attach the same file again (every region is copied)
+  lvmirror detach $vol 2 >/dev/null 2>&1
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  if idx=$(lvmirror --json attach $vol $BDIR/img2 --wait 2> $BOUT/attach.err | $PY -c "import json,sys; print(json.load(sys.stdin)['index'])"); then
+    job_figures $vol $idx resync_full
+  else
+    result bench_resync_full fail out="$(tail -2 $BOUT/attach.err)"
+  fi
+}
+
+bench_main() {
+  TARGETS=${BENCH_TARGETS:-lvmirror2 lvmirror3 md-raid1 lvmirror1 fileio}
+  JOBS=${BENCH_JOBS:-seqwrite-1m randwrite-4k-qd1 randwrite-4k-qd32 randread-4k-qd1 randread-4k-qd32 mixed-64k-70r seqread-1m}
+  RUNTIME=${BENCH_RUNTIME:-10}; RAMP=${BENCH_RAMP:-2}; SIZE_MB=${BENCH_SIZE_MB:-256}
+  mkdir -p $BOUT; : > $BOUT/targets.jsonl; : > $BOUT/resync.jsonl
+  bj $BOUT/meta.json kernel="$(uname -r)" accel="$(cat $OUT/accel 2>/dev/null || echo unknown)" \
+     date="$(date -u +%Y-%m-%dT%H:%MZ)" cpus=$(nproc) mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 )) \
+     "fio=$(fio --version)" "python=$($PY -V 2>&1)" "lvmirrord=$(command -v lvmirrord)" \
+     runtime_s=$RUNTIME ramp_s=$RAMP size_mb=$SIZE_MB "targets=$TARGETS" "jobs=$JOBS" \
+     profile=${BENCH_PROFILE:-0} cache_mode=write-back lvmirror_hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} label="${BENCH_LABEL:-}"
+  if [ -z "${DAEMON:-}" ]; then
+    start_daemon || { result bench_daemon fail; return; }
+  fi
+  for target in $TARGETS; do
+    mkdir -p $BOUT/$target
+    t "bench target $target"
+    if ! target_up $target; then
+      result bench_target_$target fail log="$(tail -3 $BOUT/$target/targetcli.log 2>/dev/null)"
+      target_down $target; continue
+    fi
+    run_jobs $target
+    if [ $target = lvmirror3 ] && [ "${BENCH_PROFILE:-0}" != 1 ]; then
+      split_latency bench3
+      resync_figures bench3
+    fi
+    target_down $target
+    result bench_target_$target ok
+  done
+  t "bench done"
+}

@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Turn one run of the side-by-side benchmark (``bench/run``; raw output in ``lab-out/bench``)
+into the results table: ``results.md`` and ``results.json`` (with the kernel, QEMU accelerator
+and date) and ``ratios.svg``, a plot of lvmirror's IOPS against its peers.
+
+    bench/report.py RUN_DIR [--results DIR]      # default DIR: bench/results
+    bench/report.py RUN_DIR --profile            # summarise the py-spy profiles of a --profile run
+
+RUN_DIR/bench holds what lab-bench.sh wrote in the guest: meta.json, targets.jsonl,
+<target>/<job>.json (fio JSON), split/{split.json,io_lat.1.log,fio.json}, resync.jsonl,
+profile/*.txt (py-spy raw, collapsed stacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+from xml.sax.saxutils import escape
+
+TARGETS = ("lvmirror2", "lvmirror3", "md-raid1", "lvmirror1", "fileio")
+TARGET_TITLES = {
+    "lvmirror2": "lvmirror 2 images", "lvmirror3": "lvmirror 3 images",
+    "md-raid1": "iblock on md RAID1", "lvmirror1": "lvmirror 1 image", "fileio": "fileio",
+}
+JOBS = ("randwrite-4k-qd1", "randwrite-4k-qd32", "randread-4k-qd1", "randread-4k-qd32",
+        "mixed-64k-70r", "seqwrite-1m", "seqread-1m")
+# (numerator, denominator): what each lvmirror LUN is compared with
+RATIOS = (("lvmirror2", "md-raid1"), ("lvmirror3", "md-raid1"), ("lvmirror1", "fileio"))
+WINDOW_S = 0.5          # the second around the split: [T - 0.5 s, T + 0.5 s]
+
+
+# ------------------------------------------------------------------ parsing
+def fio_figures(fio_json: dict) -> dict:
+    """IOPS, MB/s and completion-latency p50/p99 (ms) of a one-job fio JSON result. A mixed job
+    reported with unified_rw_reporting=both counts as one stream ('mixed')."""
+    job = fio_json["jobs"][0]
+    if "mixed" in job and job["mixed"].get("total_ios"):
+        parts = [job["mixed"]]
+    else:
+        parts = [job[d] for d in ("read", "write") if job.get(d, {}).get("total_ios")]
+    if not parts:
+        raise ValueError(f"fio job {job.get('jobname')!r} did no I/O")
+    iops = sum(p["iops"] for p in parts)
+    bw = sum(p["bw_bytes"] for p in parts)
+    # the busiest direction's percentiles (a single direction for every job but the mix)
+    main = max(parts, key=lambda p: p["total_ios"])
+    pct = main["clat_ns"].get("percentile", {})
+
+    def pick(q):
+        for k, v in pct.items():
+            if abs(float(k) - q) < 1e-6:
+                return v / 1e6
+        raise ValueError(f"fio result has no p{q:g} (percentile_list=50:99 expected)")
+    return {"iops": round(iops, 1), "mbps": round(bw / 1e6, 2), "p50_ms": round(pick(50), 3),
+            "p99_ms": round(pick(99), 3), "ios": sum(p["total_ios"] for p in parts),
+            "errors": job.get("error", 0)}
+
+
+def percentile(sorted_values, q):
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return None
+    rank = max(1, -(-len(sorted_values) * q // 100))
+    return sorted_values[int(rank) - 1]
+
+
+def split_latency(split_dir: str) -> dict | None:
+    """Latency of I/O around the split from fio's per-I/O log (completion time in ms since the
+    epoch, latency in ns) and the split's time T (wall clock, from ``lvmirror --json split``)."""
+    try:
+        with open(os.path.join(split_dir, "split.json")) as f:
+            split = json.loads(f.read().strip().splitlines()[-1])
+        log = os.path.join(split_dir, "io_lat.1.log")
+        samples = []
+        with open(log) as f:
+            for line in f:
+                fields = line.split(",")
+                if len(fields) >= 2:
+                    samples.append((int(fields[0]) / 1000.0, int(fields[1]) / 1e6))
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    if not samples:
+        return None
+    t_split = float(split["split_time"])
+    samples.sort()
+    start, end = samples[0][0], samples[-1][0]
+    # steady state: everything at least 1 s away from T, without the first and last second
+    steady = sorted(lat for t, lat in samples
+                    if abs(t - t_split) > 1.0 and start + 1 <= t <= end - 1)
+    window = [(t, lat) for t, lat in samples if abs(t - t_split) <= WINDOW_S]
+    wl = sorted(lat for _, lat in window)
+    times = [t for t, _ in samples]
+
+    def max_gap(lo, hi):   # the longest time with no completion at all (a pause would show here)
+        ts = [t for t in times if lo <= t <= hi]
+        return max((b - a for a, b in zip(ts, ts[1:])), default=None)
+    steady_s = max(end - start - 2 - 2, 1e-9)
+    return {
+        "split_time": t_split, "drained": split.get("drained"),
+        "steady_p50_ms": percentile(steady, 50), "steady_p99_ms": percentile(steady, 99),
+        "window_p50_ms": percentile(wl, 50), "window_p99_ms": percentile(wl, 99),
+        "window_max_ms": wl[-1] if wl else None,
+        "window_iops": round(len(window) / (2 * WINDOW_S), 1),
+        "steady_iops": round(len(steady) / steady_s, 1),
+        "window_max_gap_ms": round(max_gap(t_split - WINDOW_S, t_split + WINDOW_S) * 1000, 1)
+        if len(window) > 1 else None,
+        "steady_max_gap_ms": round(max_gap(start + 1, t_split - 1.0) * 1000, 1)
+        if t_split - 1.0 > start + 1 else None,
+        "ios": len(samples),
+    }
+
+
+def read_jsonl(path):
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        return []
+
+
+def collect(run_dir: str) -> dict:
+    bench = os.path.join(run_dir, "bench")
+    meta = (read_jsonl(os.path.join(bench, "meta.json")) or [{}])[0]
+    targets = {d["target"]: d for d in read_jsonl(os.path.join(bench, "targets.jsonl"))}
+    results: dict = {}
+    problems = []
+    for path in sorted(glob.glob(os.path.join(bench, "*", "*.json"))):
+        target, job = os.path.basename(os.path.dirname(path)), os.path.basename(path)[:-5]
+        if target not in TARGET_TITLES:
+            continue
+        try:
+            with open(path) as f:
+                results.setdefault(job, {})[target] = fio_figures(json.load(f))
+        except (ValueError, KeyError, IndexError) as exc:
+            problems.append(f"{target}/{job}: {exc}")
+    resync = read_jsonl(os.path.join(bench, "resync.jsonl"))
+    for r in resync:
+        if r.get("seconds"):
+            r["mbps"] = round(r["bytes"] / r["seconds"] / 1e6, 1)
+    ratios = {}
+    for job, by_target in results.items():
+        for num, den in RATIOS:
+            if num in by_target and den in by_target and by_target[den]["iops"]:
+                a, b = by_target[num], by_target[den]
+                ratios.setdefault(job, {})[f"{num}/{den}"] = {
+                    "iops": round(a["iops"] / b["iops"], 3),
+                    "p99": round(a["p99_ms"] / b["p99_ms"], 3) if b["p99_ms"] else None}
+    return {"meta": meta, "targets": targets, "results": results, "ratios": ratios,
+            "split": split_latency(os.path.join(bench, "split")), "resync": resync,
+            "problems": problems}
+
+
+# ------------------------------------------------------------------ output
+def _fmt(v, nd=0):
+    if v is None:
+        return "–"
+    return f"{v:,.{nd}f}"
+
+
+def markdown(data: dict) -> str:
+    m = data["meta"]
+    res, ratios = data["results"], data["ratios"]
+    jobs = [j for j in JOBS if j in res] + sorted(set(res) - set(JOBS))
+    targets = [t for t in TARGETS if any(t in res[j] for j in jobs)]
+    out = [f"### lvmirror side by side: {m.get('date', '?')}", "",
+           f"Kernel {m.get('kernel', '?')}, QEMU accelerator **{m.get('accel', '?')}**, "
+           f"{m.get('cpus', '?')} vCPU, {m.get('mem_mb', '?')} MiB, {m.get('fio', 'fio')}; "
+           f"{m.get('size_mb', '?')} MiB LUNs on image files in the guest, "
+           f"{m.get('runtime_s', '?')} s per job after {m.get('ramp_s', '?')} s ramp; "
+           f"open-iscsi over the guest's loopback; every target write-back "
+           f"({m.get('cache_mode', '?')}).", ""]
+    if m.get("accel") == "tcg":
+        out += ["> The lab runs under software emulation (QEMU TCG), so absolute figures are low; "
+                "only the ratios carry over to a real server.", ""]
+    if ratios:
+        cols = [f"{n}/{d}" for n, d in RATIOS]
+        out += ["IOPS ratio (above 1: lvmirror faster) and p99 latency ratio (below 1: lvmirror "
+                "faster):", "",
+                "| job | " + " | ".join(f"{TARGET_TITLES[n]} / {TARGET_TITLES[d]}"
+                                        for n, d in RATIOS) + " |",
+                "|---|" + "---:|" * len(cols)]
+        for j in jobs:
+            cells = []
+            for c in cols:
+                r = ratios.get(j, {}).get(c)
+                cells.append(f"{r['iops']:.2f} (p99 {r['p99']:.2f})" if r else "–")
+            out.append(f"| {j} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["IOPS · MB/s · completion latency p50 / p99 (ms):", "",
+            "| job | " + " | ".join(TARGET_TITLES[t] for t in targets) + " |",
+            "|---|" + "---:|" * len(targets)]
+    for j in jobs:
+        cells = []
+        for t in targets:
+            r = res[j].get(t)
+            cells.append(f"{_fmt(r['iops'])} · {_fmt(r['mbps'], 1)} · {r['p50_ms']:.2f} / "
+                         f"{r['p99_ms']:.2f}" if r else "–")
+        out.append(f"| {j} | " + " | ".join(cells) + " |")
+    out.append("")
+    s = data.get("split")
+    if s:
+        out += ["Around a split (lvmirror 3 images, image 2 split off under 4 KiB random writes at "
+                "QD 8; the window is the second centred on T):", "",
+                "| | steady state | second around the split |", "|---|---:|---:|",
+                f"| p50 latency (ms) | {_fmt(s['steady_p50_ms'], 2)} | {_fmt(s['window_p50_ms'], 2)} |",
+                f"| p99 latency (ms) | {_fmt(s['steady_p99_ms'], 2)} | {_fmt(s['window_p99_ms'], 2)} |",
+                f"| IOPS | {_fmt(s['steady_iops'])} | {_fmt(s['window_iops'])} |",
+                f"| longest time without a completion (ms) | {_fmt(s['steady_max_gap_ms'], 1)} | "
+                f"{_fmt(s['window_max_gap_ms'], 1)} |",
+                f"| max latency (ms) | | {_fmt(s['window_max_ms'], 2)} |", "",
+                f"{s['drained']} I/Os begun before T drained to all three images.", ""]
+    rs = data.get("resync") or []
+    if rs:
+        titles = {"resync_full": "lvmirror full resync (image re-attached)",
+                  "resync_1pct": "lvmirror resync, 1% of regions changed",
+                  "after_split_load": "lvmirror resync after the split-latency load",
+                  "md_resync_full": "md RAID1 initial resync (internal bitmap)"}
+        out += ["Resync (no other I/O; page cache dropped first):", "",
+                "| what | bytes copied | seconds | MB/s |", "|---|---:|---:|---:|"]
+        for r in rs:
+            out.append(f"| {titles.get(r['kind'], r['kind'])} | {_fmt(r['bytes'])} | "
+                       f"{r['seconds']:.2f} | {_fmt(r.get('mbps'), 1)} |")
+        by = {r["kind"]: r for r in rs}
+        notes = []
+        if "resync_full" in by and "md_resync_full" in by and by["md_resync_full"].get("mbps"):
+            notes.append(f"lvmirror full resync / md resync throughput: "
+                         f"{by['resync_full']['mbps'] / by['md_resync_full']['mbps']:.2f}")
+        if "resync_full" in by and "resync_1pct" in by and by["resync_full"]["seconds"]:
+            notes.append(f"1% changed / full resync time: "
+                         f"{by['resync_1pct']['seconds'] / by['resync_full']['seconds']:.3f}")
+        out += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+    if data.get("problems"):
+        out += ["Problems in this run: " + "; ".join(data["problems"]), ""]
+    return "\n".join(out)
+
+
+def svg(data: dict) -> str:
+    """Grouped horizontal bars: for every job, lvmirror's IOPS ratio against each peer."""
+    ratios = data["ratios"]
+    jobs = [j for j in JOBS if j in ratios]
+    series = [f"{n}/{d}" for n, d in RATIOS]
+    colours = ("#2b6cb0", "#805ad5", "#dd6b20")
+    bar, gap, left, width = 14, 12, 150, 460
+    vmax = max([1.2] + [ratios[j][s]["iops"] for j in jobs for s in series if s in ratios[j]])
+    scale = width / vmax
+    height = 60 + len(jobs) * (len(series) * bar + gap) + 20 * len(series)
+    m = data["meta"]
+    el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 70}" height="{height}" '
+          f'font-family="sans-serif" font-size="11">',
+          f'<text x="10" y="18" font-size="13">lvmirror IOPS relative to its peer (1.0 = equal), '
+          f'{escape(str(m.get("date", "")))}, {escape(str(m.get("accel", "")))}</text>']
+    y = 34
+    x1 = left + 1.0 * scale
+    for j in jobs:
+        el.append(f'<text x="{left - 6}" y="{y + len(series) * bar / 2 + 4}" '
+                  f'text-anchor="end">{escape(j)}</text>')
+        for s, c in zip(series, colours):
+            r = ratios[j].get(s)
+            if r:
+                w = r["iops"] * scale
+                el.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar - 2}" fill="{c}"/>')
+                el.append(f'<text x="{left + w + 4:.1f}" y="{y + bar - 4}">{r["iops"]:.2f}</text>')
+            y += bar
+        y += gap
+    el.append(f'<line x1="{x1:.1f}" y1="30" x2="{x1:.1f}" y2="{y - gap + 2}" stroke="#000" '
+              f'stroke-dasharray="4,3"/>')
+    for s, c in zip(series, colours):
+        n, d = s.split("/")
+        el.append(f'<rect x="{left}" y="{y + 2}" width="10" height="10" fill="{c}"/>')
+        el.append(f'<text x="{left + 16}" y="{y + 11}">{escape(TARGET_TITLES[n])} / '
+                  f'{escape(TARGET_TITLES[d])}</text>')
+        y += 20
+    el.append("</svg>")
+    return "\n".join(el) + "\n"
+
+
+def profile_summary(run_dir: str, top: int = 15) -> str:
+    """py-spy raw profiles (collapsed stacks 'f1;f2;... count') -> top functions by samples
+    spent in them (self) and under them (inclusive), per job and in all."""
+    out = []
+    total_self, total_incl, total_n = collections.Counter(), collections.Counter(), 0
+    files = sorted(glob.glob(os.path.join(run_dir, "bench", "profile", "*.txt")))
+    for path in files:
+        self_c, incl_c, n = collections.Counter(), collections.Counter(), 0
+        with open(path) as f:
+            for line in f:
+                stack, _, count = line.rstrip("\n").rpartition(" ")
+                if not stack or not count.isdigit():
+                    continue
+                c = int(count)
+                frames = stack.split(";")
+                n += c
+                self_c[frames[-1]] += c
+                for fr in set(frames):
+                    incl_c[fr] += c
+        total_self.update(self_c)
+        total_incl.update(incl_c)
+        total_n += n
+        out += [f"## {os.path.basename(path)[:-4]}: {n} samples", ""]
+        out += [f"{100 * c / n:5.1f}%  {fr}" for fr, c in self_c.most_common(top)] if n else []
+        out.append("")
+    if total_n:
+        out += [f"## all jobs: {total_n} samples, self", ""]
+        out += [f"{100 * c / total_n:5.1f}%  {fr}" for fr, c in total_self.most_common(top * 2)]
+        out += ["", "## all jobs, inclusive", ""]
+        out += [f"{100 * c / total_n:5.1f}%  {fr}" for fr, c in total_incl.most_common(top * 2)]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      "results"))
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args(argv)
+    if args.profile:
+        text = profile_summary(args.run_dir)
+        with open(os.path.join(args.run_dir, "profile.md"), "w") as f:
+            f.write(text)
+        print(text)
+        return 0
+    data = collect(args.run_dir)
+    if not data["results"]:
+        print(f"bench: no results in {args.run_dir}/bench", file=sys.stderr)
+        return 1
+    os.makedirs(args.results, exist_ok=True)
+    md = markdown(data)
+    with open(os.path.join(args.results, "results.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(args.results, "results.json"), "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    with open(os.path.join(args.results, "ratios.svg"), "w") as f:
+        f.write(svg(data))
+    print(md)
+    return 1 if data["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""bench/report.py: the side-by-side benchmark's table from real fio output (bench/jobs run on
+a host file for a second), the split-latency window from a per-I/O log, ratios, and the plot."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+spec = importlib.util.spec_from_file_location("bench_report", os.path.join(ROOT, "bench", "report.py"))
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+needs_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed "
+                               "(tools/bootstrap installs it with the lab packages)")
+
+
+def run_job(tmp_path, job, target_dir):
+    dev = tmp_path / "dev.img"
+    if not dev.exists():
+        with open(dev, "wb") as f:
+            f.truncate(32 << 20)
+    env = dict(os.environ, DEV=str(dev), RUNTIME="1", RAMP="0", SIZE="32M")
+    out = subprocess.run(["fio", "--output-format=json", os.path.join(ROOT, "bench", "jobs",
+                                                                      job + ".fio")],
+                         env=env, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    os.makedirs(target_dir, exist_ok=True)
+    with open(os.path.join(target_dir, job + ".json"), "w") as f:
+        f.write(out)
+    return json.loads(out)
+
+
+@needs_fio
+def test_job_files_parse_and_figures(tmp_path):
+    bench = tmp_path / "run" / "bench"
+    raw = run_job(tmp_path, "randwrite-4k-qd1", bench / "lvmirror2")
+    fig = report.fio_figures(raw)
+    w = raw["jobs"][0]["write"]
+    assert fig["iops"] == round(w["iops"], 1) > 0
+    assert fig["mbps"] == pytest.approx(w["bw_bytes"] / 1e6, rel=0.01)
+    assert 0 < fig["p50_ms"] <= fig["p99_ms"]
+    mixed = report.fio_figures(run_job(tmp_path, "mixed-64k-70r", bench / "lvmirror2"))
+    assert mixed["ios"] > 0 and mixed["p50_ms"] <= mixed["p99_ms"]
+
+
+@needs_fio
+def test_collect_ratios_markdown_svg(tmp_path):
+    run = tmp_path / "run"
+    bench = run / "bench"
+    for t in ("lvmirror2", "md-raid1"):
+        run_job(tmp_path, "randread-4k-qd32", bench / t)
+    (bench / "meta.json").write_text(json.dumps({"kernel": "6.1.0-56-amd64", "accel": "tcg",
+                                                 "date": "2026-11-24T10:00Z"}) + "\n")
+    (bench / "resync.jsonl").write_text(
+        json.dumps({"kind": "resync_full", "bytes": 100_000_000, "seconds": 2.0}) + "\n" +
+        json.dumps({"kind": "md_resync_full", "bytes": 100_000_000, "seconds": 1.0}) + "\n" +
+        json.dumps({"kind": "resync_1pct", "bytes": 1_000_000, "seconds": 0.1}) + "\n")
+    data = report.collect(str(run))
+    a = data["results"]["randread-4k-qd32"]["lvmirror2"]["iops"]
+    b = data["results"]["randread-4k-qd32"]["md-raid1"]["iops"]
+    assert data["ratios"]["randread-4k-qd32"]["lvmirror2/md-raid1"]["iops"] == round(a / b, 3)
+    assert "lvmirror1/fileio" not in data["ratios"]["randread-4k-qd32"]     # no fileio run
+    md = report.markdown(data)
+    assert "software emulation" in md and "6.1.0-56-amd64" in md
+    assert "| randread-4k-qd32 |" in md
+    assert "lvmirror full resync / md resync throughput: 0.50" in md
+    assert "1% changed / full resync time: 0.050" in md
+    root = ET.fromstring(report.svg(data))
+    assert root.tag.endswith("svg") and len(root.findall("{http://www.w3.org/2000/svg}rect")) >= 2
+    assert report.main([str(run), "--results", str(tmp_path / "results")]) == 0
+    saved = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert saved["meta"]["accel"] == "tcg"
+
+
+def test_split_window(tmp_path):
+    d = tmp_path / "split"
+    d.mkdir()
+    t0 = 1_795_000_000_000          # ms since the epoch
+    lines = []
+    for ms in range(0, 10_000, 5):  # one completion every 5 ms for 10 s, 1 ms each
+        lat = 1_000_000
+        if 5_000 <= ms < 5_100:     # right after the split: 20 completions at 30 ms
+            lat = 30_000_000
+        if 5_200 <= ms < 5_300:     # and a 100 ms pause with no completion at all
+            continue
+        lines.append(f"{t0 + ms}, {lat}, 1, 4096, 0")
+    (d / "io_lat.1.log").write_text("\n".join(lines) + "\n")
+    (d / "split.json").write_text(json.dumps({"split_time": (t0 + 5_000) / 1000, "drained": 7}))
+    s = report.split_latency(str(d))
+    assert s["steady_p99_ms"] == 1.0 and s["window_max_ms"] == 30.0
+    assert s["window_p99_ms"] == 30.0 and s["window_p50_ms"] == 1.0
+    assert s["window_max_gap_ms"] == pytest.approx(105.0)
+    assert s["steady_max_gap_ms"] == pytest.approx(5.0)
+    assert s["drained"] == 7
+    assert report.split_latency(str(tmp_path / "missing")) is None
+
+
+def test_profile_summary(tmp_path):
+    p = tmp_path / "bench" / "profile"
+    p.mkdir(parents=True)
+    (p / "lvmirror2-randwrite.txt").write_text(
+        "run (daemon.py:1);handle (lu.py:2);pwritev (image.py:3) 30\n"
+        "run (daemon.py:1);fetch (ring.py:4) 10\n")
+    text = report.profile_summary(str(tmp_path))
+    assert "40 samples" in text
+    assert " 75.0%  pwritev (image.py:3)" in text
+    assert "100.0%  run (daemon.py:1)" in text          # inclusive
