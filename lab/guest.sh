@@ -6,10 +6,13 @@
 # host-side pytest suite (tests/lab) asserts on. Every check writes one JSON line to
 # $OUT/results.jsonl: {"check": name, "ok": bool, ...details}.
 #
-# Usage (by lab/boot): guest.sh OUT [SECTION ...]   sections: basic fs split crash compliance demo
+# Usage (by lab/boot): guest.sh OUT [SECTION ...]
+#   sections: basic fs split crash dbus compliance saveconfig demo, and bench (bench/lab-bench.sh,
+#   run alone)
 set -u
 OUT=$1; shift
-SECTIONS=${*:-basic fs split crash compliance}
+[ -f "$OUT/lab.env" ] && . "$OUT/lab.env"
+SECTIONS=${*:-basic fs split crash dbus compliance saveconfig}
 REPO=${REPO:-$(cd "$(dirname "$0")/.." && pwd)}
 PY=$REPO/.venv/bin/python
 IQN=iqn.2026-11.org.lvmirror:lab
@@ -53,6 +56,7 @@ setup() {
   # the Debian package, when tools/build-deb made one: install it and run the product from it
   DEB=$(ls "$REPO"/build/deb/lvmirror_*_all.deb 2>/dev/null | head -1)
   if [ -n "$DEB" ]; then
+    rm -f /var/lib/man-db/auto-update   # no man-db index rebuild (minutes under TCG) in a throw-away /var
     if dpkg -i "$DEB" > "$OUT/dpkg.log" 2>&1 && [ -x /usr/bin/lvmirrord ] \
        && [ -f /usr/share/dbus-1/system.d/org.lvmirror1.conf ]; then
       export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -247,6 +251,84 @@ compliance() {   # libiscsi's SCSI compliance suite: lvmirror 2-image LUN vs LIO
     summary=$(grep -E '^ +tests' "$OUT/compliance-$name.txt" | head -1 | tr -s ' ')
     [ -n "$summary" ] && result compliance_ran_$name ok tests="$summary" || result compliance_ran_$name fail
   done
+}
+
+bench() {   # the side-by-side benchmark (bench/run): lvmirror vs md RAID1 + iblock vs fileio
+  . "$REPO/bench/lab-bench.sh"
+  bench_main
+}
+
+saveconfig() {   # targetcli-lvmirror saveconfig / clearconfig / restoreconfig round trip
+  local saved=/run/scratch/saveconfig.json d sum0 sum1 nl
+  d=$(lun_dev 1); sum0=$(dd if=$d bs=1M count=32 iflag=direct status=none | md5sum)
+  targetcli-lvmirror saveconfig $saved > "$OUT/saveconfig.txt" 2>&1
+  $PY - $saved > "$OUT/saveconfig-control.txt" 2>&1 <<'PY'
+import json, sys
+for so in json.load(open(sys.argv[1]))["storage_objects"]:
+    if so.get("plugin") == "user":
+        print(so["name"], so.get("config"), so.get("hw_max_sectors"), so.get("control"))
+PY
+  grep -q "^m2 lvmirror/vol2.*nl_reply_supported=-1" "$OUT/saveconfig-control.txt" \
+    && result saveconfig_keeps_nl_reply_supported ok out="$(head -1 $OUT/saveconfig-control.txt)" \
+    || result saveconfig_keeps_nl_reply_supported fail out="$(cat $OUT/saveconfig-control.txt)"
+  logout
+  printf '%s\n' "set global auto_save_on_exit=false" "clearconfig confirm=true" | targetcli >> "$OUT/targetcli.log" 2>&1
+  sleep 1
+  lvmirror status > "$OUT/status-cleared.txt" 2>&1
+  printf '%s\n' "set global auto_save_on_exit=false" "restoreconfig $saved" | targetcli-lvmirror >> "$OUT/targetcli.log" 2>&1
+  sleep 1
+  nl=$(cat /sys/kernel/config/target/core/user_*/m2/attrib/nl_reply_supported 2>/dev/null | head -1)
+  lvmirror status > "$OUT/status-restored.txt" 2>&1
+  login; d=$(lun_dev 1)
+  sum1=$( [ -b "$d" ] && dd if=$d bs=1M count=32 iflag=direct status=none | md5sum)
+  ! grep -q "volume vol2" "$OUT/status-cleared.txt" && grep -q "volume vol2" "$OUT/status-restored.txt" \
+    && grep -q "volume vol3" "$OUT/status-restored.txt" && [ "$nl" = -1 ] && [ "$sum0" = "$sum1" ] \
+    && result restoreconfig_brings_luns_back ok nl_reply_supported=$nl \
+    || result restoreconfig_brings_luns_back fail nl_reply_supported="$nl" same_data=$([ "$sum0" = "$sum1" ] && echo yes || echo no) status="$(head -3 $OUT/status-restored.txt)"
+}
+
+dbus() {   # lvmirror's D-Bus API on the real system bus: busctl, the policy, external region locks
+  local vp=/org/lvmirror1/volume/vol2 out nobody="setpriv --reuid=65534 --regid=65534 --clear-groups"
+  busctl --system tree org.lvmirror1 > "$OUT/busctl-tree.txt" 2>&1
+  busctl --system introspect org.lvmirror1 /org/lvmirror1/volume/vol3 > "$OUT/busctl-introspect.txt" 2>&1
+  grep -q "$vp" "$OUT/busctl-tree.txt" && grep -q "^\.Split *method" "$OUT/busctl-introspect.txt" \
+    && grep -q "^\.Images *property *a(usstddts)" "$OUT/busctl-introspect.txt" \
+    && result busctl_shows_volume_objects ok || result busctl_shows_volume_objects fail out="$(head -5 $OUT/busctl-tree.txt)"
+  # not root: may read the volume's properties, may not change anything
+  out=$($nobody busctl --system get-property org.lvmirror1 $vp org.lvmirror1.Volume Images 2>&1)
+  echo "nobody get-property Images: $out" >> "$OUT/busctl-nobody.txt"
+  echo "$out" | grep -q '^a(usstddts) 2 ' && result unprivileged_reads_status ok || result unprivileged_reads_status fail out="$out"
+  out=$($nobody busctl --system call org.lvmirror1 $vp org.lvmirror1.Volume DetachImage u 9 2>&1)
+  echo "nobody DetachImage: $out" >> "$OUT/busctl-nobody.txt"
+  out2=$($nobody busctl --system call org.lvmirror1 /org/lvmirror1 org.lvmirror1.Manager LockRegion sttbd vol2 0 8 false 1 2>&1)
+  echo "nobody LockRegion: $out2" >> "$OUT/busctl-nobody.txt"
+  echo "$out" | grep -qi "access denied\|rejected" && echo "$out2" | grep -qi "access denied\|rejected" \
+    && result unprivileged_change_refused ok out="$out" || result unprivileged_change_refused fail out="$out" lock="$out2"
+  # an external holder (a backup agent) locks LBAs 2048..2055 of vol2: an initiator write there
+  # waits; the holder dies without unlocking and the write goes through
+  /usr/bin/python3 - > "$OUT/lock-holder.txt" 2>&1 <<'PY' &
+import dbus, sys, time
+bus = dbus.SystemBus()
+mgr = dbus.Interface(bus.get_object("org.lvmirror1", "/org/lvmirror1"), "org.lvmirror1.Manager")
+print("lock", int(mgr.LockRegion("vol2", 2048, 8, False, 10.0)), flush=True)
+time.sleep(600)
+PY
+  local holder=$! d=$(lun_dev 0) w listed
+  for i in $(seq 50); do grep -q "^lock" "$OUT/lock-holder.txt" && break; sleep 0.2; done
+  listed=$(busctl --system call org.lvmirror1 /org/lvmirror1 org.lvmirror1.Manager ListLocks s vol2 2>&1)
+  echo "ListLocks: $listed" >> "$OUT/lock-holder.txt"
+  head -c 4096 /dev/urandom > /run/lockpat
+  timeout 60 dd if=/run/lockpat of=$d bs=4096 seek=256 count=1 oflag=direct status=none & w=$!
+  sleep 3
+  if kill -0 $w 2>/dev/null; then waited=yes; else waited=no; fi
+  listed2=$(busctl --system call org.lvmirror1 /org/lvmirror1 org.lvmirror1.Manager ListLocks s vol2 2>&1)
+  echo "ListLocks with a waiter: $listed2" >> "$OUT/lock-holder.txt"
+  kill $holder; wait $holder 2>/dev/null
+  wait $w; wrc=$?
+  [ "$waited" = yes ] && echo "$listed" | grep -q "bus" && echo "$listed2" | grep -q "waiters[^]]*lba" && result external_lock_blocks_initiator_io ok \
+    || result external_lock_blocks_initiator_io fail waited=$waited listed="$listed"
+  [ $wrc = 0 ] && cmp -s /run/lockpat <(dd if=$d bs=4096 skip=256 count=1 iflag=direct status=none) \
+    && result lock_released_when_holder_leaves ok || result lock_released_when_holder_leaves fail dd=$wrc
 }
 
 say() { echo "| $*"; }

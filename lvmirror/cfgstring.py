@@ -3,7 +3,7 @@
 Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 bytes, no ':')::
 
     NAME[;images=/path/a+/path/b[+...]][;region_size=1M][;block_size=512|4096][;direct=0|1]
-    NAME;image=N
+    NAME;image=N[;readonly=1]
 
 * ``NAME`` names the volume; its metadata, change bitmaps and write-intent log live in
   ``<state_dir>/NAME/`` (default /var/lib/lvmirror).
@@ -18,6 +18,8 @@ Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 b
 * ``image=N`` exports split image N of volume NAME as its own LUN (the point-in-time copy, for a
   backup host). Writes to it are allowed (a journal replay needs them) and are recorded in its
   change bitmap, so a later resync or restore still copies exactly what differs.
+  ``readonly=1`` exports it write-protected instead (WRITE answers DATA PROTECT, MODE SENSE
+  shows WP): what a backup host that only reads should get.
 
 Example: ``targetcli /backstores/user:lvmirror create name=lun0 size=10G
 cfgstring=vol0;images=/srv/lun0-a.img+/srv/lun0-b.img``
@@ -39,16 +41,16 @@ SUBTYPE = "lvmirror"
 MAX_DEV_CONFIG = 255          # TCMU_CONFIG_LEN 256 with the NUL
 MAX_IMAGES = 4
 IMAGE_SEPARATOR = "+"
-KEYS = ("images", "region_size", "block_size", "direct", "image")
+KEYS = ("images", "region_size", "block_size", "direct", "image", "readonly")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 CONFIG_DESC = (
     "VOLUME[;images=/path/a+/path/b][;region_size=1M][;block_size=512|4096][;direct=0|1] "
-    "or VOLUME;image=N. A mirrored volume (metadata in /var/lib/lvmirror/VOLUME); images= creates it "
+    "or VOLUME;image=N[;readonly=1]. A mirrored volume (metadata in /var/lib/lvmirror/VOLUME); images= creates it "
     "on first use from 1-4 image files or block devices (the first is the source). image=N serves "
-    "split image N of VOLUME as its own LUN. Example: vol0;images=/srv/lun0-a.img+/srv/lun0-b.img")
+    "split image N of VOLUME as its own LUN (readonly=1: write-protected). Example: vol0;images=/srv/lun0-a.img+/srv/lun0-b.img")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,7 @@ class VolumeSpec:
     block_size: int = 512
     direct: bool = False
     image: int | None = None
+    readonly: bool = False
 
 
 def _size(cfg, key, value):
@@ -150,6 +153,14 @@ def parse(cfg: str) -> VolumeSpec:
                 raise ConfigError(f"cfgstring {cfg!r}: {k} belongs to the volume, not to an "
                                   f"exported split image")
         kw["image"] = int(opts["image"])
+    if "readonly" in opts:
+        if opts["readonly"] not in ("0", "1"):
+            raise ConfigError(f"cfgstring {cfg!r}: readonly must be 0 or 1, got "
+                              f"{opts['readonly']!r}")
+        if "image" not in opts:
+            raise ConfigError(f"cfgstring {cfg!r}: readonly= applies to an exported split image "
+                              f"('{name};image=N;readonly=1'), not to the live volume")
+        kw["readonly"] = opts["readonly"] == "1"
     return VolumeSpec(name=name, **kw)
 
 
@@ -167,6 +178,8 @@ def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
         parts.append(f"block_size={spec.block_size}")
     if spec.direct:
         parts.append("direct=1")
+    if spec.readonly:
+        parts.append("readonly=1")
     return ";".join(parts)
 
 

@@ -15,6 +15,7 @@ One process serves every ``user:lvmirror`` backstore on the host:
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import queue
@@ -38,6 +39,8 @@ log = logging.getLogger("lvmirrord")
 
 SUBTYPE = "lvmirror"
 DEFAULT_STATE_DIR = "/var/lib/lvmirror"
+# what uio read/write/poll give once the kernel has unregistered the device under an open fd
+DEVICE_GONE_ERRNOS = (errno.EIO, errno.ENODEV, errno.ENXIO)
 
 
 class VolumeRegistry:
@@ -114,6 +117,12 @@ class VolumeRegistry:
         with self._lock:
             return sorted(self._volumes)
 
+    def exports(self, name) -> list[int]:
+        """Indices of ``name``'s split images that a LUN exports (``NAME;image=N``)."""
+        prefix = f"{name};image="
+        with self._lock:
+            return sorted(int(k[len(prefix):]) for k in self._users if k.startswith(prefix))
+
     def release(self, spec: cfgstring.VolumeSpec, backend=None):
         key = spec.name if spec.image is None else f"{spec.name};image={spec.image}"
         with self._lock:
@@ -167,6 +176,17 @@ class NotReadyBackend:
 _ALWAYS_ANSWERED = {scsi.INQUIRY, scsi.REQUEST_SENSE, scsi.MAINTENANCE_IN}
 
 
+def _owner_label(owner) -> str:
+    """Who holds or waits for a region lock, for status displays: the bus name of an external
+    holder, "initiator I/O" for a SCSI command, "resync"/"restore" for a copy job."""
+    if owner is None:
+        return "initiator I/O"
+    if isinstance(owner, tuple) and len(owner) == 2 and owner[0] == "bus":
+        return f"D-Bus {owner[1]}"
+    kind = getattr(owner, "kind", None)
+    return kind if isinstance(kind, str) else str(owner)
+
+
 class LunServer:
     """Serves one user:lvmirror device: its TCMU ring, its worker pool, its volume."""
 
@@ -181,6 +201,7 @@ class LunServer:
         self.error = None            # why the LUN answers NOT READY, for status displays
         self.lu = None
         self.commands = 0
+        self.gone = False            # the kernel removed the uio device under the ring
         self._completions: queue.SimpleQueue = queue.SimpleQueue()
         self._aborted: set[int] = set()
         self._stop = threading.Event()
@@ -189,6 +210,7 @@ class LunServer:
         self._handle = None
         self._ring = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_pending = False
 
     # -- life cycle -----------------------------------------------------------------------------
     def open(self, *, pickup: bool = False, handle=None):
@@ -217,7 +239,7 @@ class LunServer:
                 raise
             self.spec, self.volume, self.backend = spec, volume, target
             self.lu = LogicalUnit(backend, wwn=wwn, write_cache=self.device.write_cache(),
-                                  max_transfer_blocks=max_blocks)
+                                  max_transfer_blocks=max_blocks, read_only=spec.readonly)
             log.info("LUN %s: serving %s (%d images, %d bytes) on %s", self.name,
                      target.name, len(volume.images), backend.num_blocks * backend.block_size,
                      self.device.uio_name)
@@ -245,6 +267,7 @@ class LunServer:
         if self._wake_w < 0:
             return
         self._stop.set()
+        self._wake_pending = False
         self._wake()
         if self._thread is not None:
             self._thread.join()
@@ -277,12 +300,31 @@ class LunServer:
 
     # -- the ring thread -----------------------------------------------------------------------
     def _wake(self):
+        # One wake-up per batch: the ring thread clears the flag before it drains the
+        # completion queue, so a completion queued while the flag is set is drained anyway.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
             pass        # the pipe is full of wake-ups already
 
     def _serve(self):
+        try:
+            self._serve_ring()
+        except OSError as exc:
+            if exc.errno not in DEVICE_GONE_ERRNOS:
+                raise
+            # The kernel removed the device (backstore deleted, or the LUN disabled) before
+            # its netlink REMOVE_DEVICE event was handled: nothing can be completed on this
+            # ring any more; let the workers finish and leave.
+            log.info("LUN %s: %s went away (%s); ring closed", self.name,
+                     self.device.uio_name, os.strerror(exc.errno))
+            self.gone = True
+            self._pool.shutdown(wait=True)
+
+    def _serve_ring(self):
         uio_fd = self._handle.fd
         poller = select.poll()
         poller.register(uio_fd, select.POLLIN)
@@ -299,6 +341,7 @@ class LunServer:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
+            self._wake_pending = False
             if not stopping:
                 batch = ring.fetch()
                 for ids in batch.aborts:
@@ -343,6 +386,38 @@ class LunServer:
         self._wake()
 
 
+class BackupProgress:
+    """A running or finished backup of a split image, shown with the volume's jobs."""
+
+    kind = "backup"
+
+    def __init__(self, image_id, dest):
+        self.image_id = image_id
+        self.dest = dest
+        self.state = "running"
+        self.error = None
+        self.bytes_done = 0
+        self.bytes_total = 0
+        self._t0 = time.monotonic()
+        self._t_end = None
+
+    def update(self, done, total):
+        self.bytes_done, self.bytes_total = done, total
+
+    def finish(self, state, error=None):
+        self.state, self.error, self._t_end = state, error, time.monotonic()
+
+    def progress(self) -> dict:
+        elapsed = (self._t_end or time.monotonic()) - self._t0
+        rate = self.bytes_done / elapsed / 1e6 if elapsed > 0 else 0.0
+        left = max(self.bytes_total - self.bytes_done, 0)
+        eta = 0.0 if self.state != "running" else (left / (rate * 1e6) if rate > 0 else None)
+        return dict(kind=self.kind, image_id=self.image_id, state=self.state,
+                    bytes_done=self.bytes_done, bytes_total=self.bytes_total, rate=rate,
+                    elapsed=elapsed, eta_seconds=eta, error=self.error, rate_limit=None,
+                    dest=self.dest)
+
+
 class Lvmirrord:
     """The daemon: the LUNs it serves, the netlink listener, the D-Bus service."""
 
@@ -360,6 +435,8 @@ class Lvmirrord:
         self._netlink = None
         self._bus = None
         self._external_locks: dict = {}     # lock id -> (volume name, RegionLock)
+        self._backups: dict = {}            # (volume, image id) -> BackupProgress
+        self._backup_lock = threading.RLock()  # a backup starts, or a change to its image does
 
     # -- LUN bookkeeping -----------------------------------------------------------------------
     def add_lun(self, device, *, pickup=False) -> LunServer:
@@ -405,11 +482,13 @@ class Lvmirrord:
             volumes[name] = {
                 "size": volume.size, "block_size": volume.block_size,
                 "region_size": volume.region_size,
-                "images": [dict(index=i.index, path=i.path, state=i.state.value,
+                "images": [dict(index=i.index, id=i.id, path=i.path, state=i.state.value,
                                 generation=i.generation, split_time=i.split_time,
                                 bitmap_fill=i.bitmap_fill, dirty_bytes=i.dirty_bytes,
                                 error=i.error) for i in volume.images],
-                "jobs": [job.progress() for job in list(volume.jobs.values())],
+                "jobs": [job.progress() for job in list(volume.jobs.values())] +
+                        [b.progress() for (v, _), b in list(self._backups.items()) if v == name],
+                "exported": self.registry.exports(name),
                 "io": {k: stats[k] for k in ("reads", "writes", "bytes_read", "bytes_written",
                                              "flushes", "unmaps", "read_errors", "write_errors",
                                              "image_failures", "inflight")},
@@ -427,13 +506,57 @@ class Lvmirrord:
         return dict(index=info.index, path=info.path, split_time=info.split_time,
                     generation=info.generation, drained=info.drained)
 
+    def _image_info(self, name, image):
+        volume = self._volume(name)
+        info = next((i for i in volume.images if i.index == image), None)
+        if info is None:
+            raise ConfigError(f"volume {name}: no image {image}")
+        return volume, info
+
+    def _no_backup(self, name, image):
+        volume, info = self._image_info(name, image)
+        b = self._backups.get((name, info.id))
+        if b is not None and b.state == "running":
+            raise StateError(f"volume {name}: image {image} is being backed up to {b.dest}; "
+                             f"wait for the backup to finish")
+
+    def backup(self, name, image, dest, fmt="raw") -> int:
+        """Copy split image ``image`` to ``dest`` (raw sparse or qcow2). Resync, restore and
+        detach of the image are refused while it runs; progress shows in status()."""
+        from lvmirror.backup import backup_image
+        if not os.path.isabs(dest):
+            raise ConfigError(f"backup destination {dest!r} must be an absolute path")
+        volume, info = self._image_info(name, image)
+        with self._backup_lock:
+            key = (name, info.id)
+            if key in self._backups and self._backups[key].state == "running":
+                raise StateError(f"volume {name}: image {image} is already being backed up")
+            if info.state.value != "split":
+                raise StateError(f"volume {name}: image {image} is {info.state.value}; only a "
+                                 f"split image is a point-in-time copy (split it first)")
+            progress = self._backups[key] = BackupProgress(info.id, dest)
+        entry = dict(index=info.index, path=info.path, state=info.state.value)
+        log.info("volume %s: backup of image %d to %s (%s) started", name, image, dest, fmt)
+        try:
+            n = backup_image(entry, dest, fmt=fmt, progress=progress.update)
+        except BaseException as exc:
+            progress.finish("failed", str(exc))
+            raise
+        progress.finish("done")
+        log.info("volume %s: image %d backed up to %s (%d bytes)", name, image, dest, n)
+        return n
+
     def resync(self, name, image, rate_mbps=0.0):
-        job = self._volume(name).resync(image, rate_limit=rate_mbps or None)
+        with self._backup_lock:
+            self._no_backup(name, image)
+            job = self._volume(name).resync(image, rate_limit=rate_mbps or None)
         log.info("volume %s: resync of image %d started", name, image)
         return job.progress()
 
     def restore(self, name, image, rate_mbps=0.0):
-        job = self._volume(name).restore(image, rate_limit=rate_mbps or None)
+        with self._backup_lock:
+            self._no_backup(name, image)
+            job = self._volume(name).restore(image, rate_limit=rate_mbps or None)
         log.info("volume %s: restore from image %d started", name, image)
         return job.progress()
 
@@ -443,7 +566,9 @@ class Lvmirrord:
         return index
 
     def detach(self, name, image):
-        self._volume(name).detach(image)
+        with self._backup_lock:
+            self._no_backup(name, image)
+            self._volume(name).detach(image)
         log.info("volume %s: image %d detached", name, image)
 
     def cancel(self, name, image):
@@ -488,7 +613,7 @@ class Lvmirrord:
 
         def info(x):
             return dict(lba=x.start, count=x.count, shared=x.shared,
-                        owner=None if x.owner is None else str(x.owner),
+                        owner=_owner_label(x.owner),
                         seconds=round(time.monotonic() - x.since, 3))
 
         with self._lock:

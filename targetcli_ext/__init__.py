@@ -9,7 +9,13 @@ targetcli has no plugin mechanism, so this entry point patches two places of Deb
   display for ``resync``/``restore``/``backup`` with ``wait=true``);
 * ``/backstores/user:lvmirror create`` adds ``control=nl_reply_supported=-1`` when no control
   string is given, so an ``enable`` can never wait for a netlink reply (see
-  lvmirror/tcmu/netlink.py).
+  lvmirror/tcmu/netlink.py), and ``hw_max_sectors=16384`` when none is given: TCMU's default
+  of 128 sectors makes initiators cut every I/O into 64 KiB commands (the maximum transfer
+  length lvmirrord advertises is the device's ``hw_max_sectors``, as tcmu-runner does; 16384
+  sectors of 512 bytes is the 8 MiB LIO's fileio advertises);
+* ``saveconfig`` keeps ``nl_reply_supported`` in the control string it saves for
+  user:lvmirror objects (rtslib's dump leaves it out), so ``restoreconfig`` and
+  ``targetctl restore`` re-create them exactly.
 
 Every command goes to lvmirrord over the system bus (``org.lvmirror1``); nothing here touches
 the data path.
@@ -25,12 +31,44 @@ import time
 
 TARGETCLI = os.environ.get("LVMIRROR_TARGETCLI", "/usr/bin/targetcli")
 DEFAULT_CONTROL = "nl_reply_supported=-1"
+DEFAULT_HW_MAX_SECTORS = 16384
 
 
 def _manager():
     import dbus
     from lvmirror.bus.service import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
     return dbus.Interface(dbus.SystemBus().get_object(BUS_NAME, MANAGER_PATH), MANAGER_IFACE)
+
+
+def saved_control(control: str, nl_reply_supported: str | None) -> str:
+    """rtslib's control string for a user backstore plus ``nl_reply_supported`` when it is not
+    the kernel's default (0)."""
+    val = (nl_reply_supported or "").strip()
+    if not val or val in ("0", "NULL") or "nl_reply_supported=" in control:
+        return control
+    return f"{control},nl_reply_supported={val}" if control else f"nl_reply_supported={val}"
+
+
+def keep_control_in_saveconfig():
+    """rtslib's UserBackedStorageObject.dump (what saveconfig writes) rebuilds ``control`` from
+    max_data_area_mb, hw_block_size and data_pages_per_blk only; add nl_reply_supported
+    (configfs ``attrib/nl_reply_supported``) for user:lvmirror objects."""
+    from rtslib_fb.tcm import UserBackedStorageObject
+    prop = UserBackedStorageObject.control_tuples
+    if getattr(prop.fget, "_lvmirror", False):
+        return
+
+    def control_tuples(self):
+        control = prop.fget(self)
+        try:
+            if not (self.config or "").startswith("lvmirror/"):
+                return control
+            return saved_control(control, self.get_attribute("nl_reply_supported"))
+        except Exception:             # an older kernel without the attribute
+            return control
+
+    control_tuples._lvmirror = True
+    UserBackedStorageObject.control_tuples = property(control_tuples, doc=prop.__doc__)
 
 
 def install():
@@ -45,6 +83,7 @@ def install():
     original = ui_backstore.UIUserBackedStorageObject
     if getattr(original, "_lvmirror_factory", False):
         return
+    keep_control_in_saveconfig()
 
     def call(fn, *args):
         try:
@@ -202,8 +241,9 @@ def install():
 
     def ui_command_create(self, name, size, cfgstring, wwn=None, hw_max_sectors=None,
                           control=None):
-        if self.handler == "lvmirror" and not control:
-            control = DEFAULT_CONTROL
+        if self.handler == "lvmirror":
+            control = control or DEFAULT_CONTROL
+            hw_max_sectors = hw_max_sectors or DEFAULT_HW_MAX_SECTORS
         return create(self, name, size, cfgstring, wwn=wwn, hw_max_sectors=hw_max_sectors,
                       control=control)
 

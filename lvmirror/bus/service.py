@@ -12,6 +12,7 @@ import dbus.service
 from gi.repository import GLib
 
 from lvmirror import cfgstring
+from lvmirror.bus.volume import VOLUME_IFACE, VolumeObject, managed_objects, properties
 from lvmirror.errors import LvmirrorError
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ ERROR_PREFIX = "org.lvmirror1.Error"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 OM_IFACE = "org.freedesktop.DBus.ObjectManager"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
+SYNC_INTERVAL_MS = 1000       # how often volume objects look for changes and send Progress
 
 
 class LvmirrorDBusError(dbus.DBusException):
@@ -98,8 +100,9 @@ class Manager(dbus.service.Object):
             raise AccessDenied(f"uid {uid} may read lvmirror status but not change it; "
                                f"run as root")
 
-    def _run(self, sender, fn, ok, err):
-        """Run ``fn`` on a worker thread (it may wait for I/O to drain); reply when done."""
+    def run(self, sender, fn, ok, err):
+        """Run ``fn`` on a worker thread (it may wait for I/O to drain); reply when done, then
+        let the volume objects announce what changed."""
         try:
             self._require_root(sender)
         except dbus.DBusException as e:
@@ -116,10 +119,25 @@ class Manager(dbus.service.Object):
                 error = LvmirrorDBusError(f"{type(e).__name__}: {e}")
             else:
                 GLib.idle_add(_once, ok, result)
+                GLib.idle_add(_once, lambda _: self._service.sync(), None)
                 return
             GLib.idle_add(_once, err, error)
 
         threading.Thread(target=work, name="bus-call", daemon=True).start()
+
+    # -- org.freedesktop.DBus.ObjectManager: one object per open volume ------------------------
+
+    @dbus.service.method(OM_IFACE, out_signature="a{oa{sa{sv}}}")
+    def GetManagedObjects(self):
+        return managed_objects(self._daemon.status())
+
+    @dbus.service.signal(OM_IFACE, signature="oa{sa{sv}}")
+    def InterfacesAdded(self, path, interfaces):
+        pass
+
+    @dbus.service.signal(OM_IFACE, signature="oas")
+    def InterfacesRemoved(self, path, interfaces):
+        pass
 
     # -- read ----------------------------------------------------------------------------------
 
@@ -139,31 +157,31 @@ class Manager(dbus.service.Object):
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def Split(self, volume, image, sender=None, ok=None, err=None):
         """Split image ``image`` off ``volume`` now; returns (JSON) when pre-T I/O drained."""
-        self._run(sender, lambda: json.dumps(self._daemon.split(str(volume), int(image))), ok, err)
+        self.run(sender, lambda: json.dumps(self._daemon.split(str(volume), int(image))), ok, err)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="sud", out_signature="s",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def Resync(self, volume, image, rate_mbps, sender=None, ok=None, err=None):
         """Start resyncing ``image`` (rate limit in MB/s, 0 = unlimited)."""
-        self._run(sender, lambda: json.dumps(self._daemon.resync(str(volume), int(image),
+        self.run(sender, lambda: json.dumps(self._daemon.resync(str(volume), int(image),
                                                                  float(rate_mbps))), ok, err)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="sud", out_signature="s",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def Restore(self, volume, image, rate_mbps, sender=None, ok=None, err=None):
         """Roll ``volume`` back to split image ``image``."""
-        self._run(sender, lambda: json.dumps(self._daemon.restore(str(volume), int(image),
+        self.run(sender, lambda: json.dumps(self._daemon.restore(str(volume), int(image),
                                                                   float(rate_mbps))), ok, err)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="ss", out_signature="u",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def AttachImage(self, volume, path, sender=None, ok=None, err=None):
-        self._run(sender, lambda: self._daemon.attach(str(volume), str(path)), ok, err)
+        self.run(sender, lambda: self._daemon.attach(str(volume), str(path)), ok, err)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="su", out_signature="",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def DetachImage(self, volume, image, sender=None, ok=None, err=None):
-        self._run(sender, lambda: self._daemon.detach(str(volume), int(image)),
+        self.run(sender, lambda: self._daemon.detach(str(volume), int(image)),
                   lambda _r: ok(), err)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="sttbd", out_signature="t",
@@ -173,7 +191,7 @@ class Manager(dbus.service.Object):
         forever). The lock is the caller's until UnlockRegion or until it leaves the bus; while
         held exclusively, initiator I/O to the range waits."""
         owner = self._service.locks.owner(sender)
-        self._run(sender, lambda: self._daemon.lock_region(
+        self.run(sender, lambda: self._daemon.lock_region(
             str(volume), int(lba), int(count), shared=bool(shared),
             timeout=float(timeout) or None, owner=owner), ok, err)
 
@@ -181,7 +199,7 @@ class Manager(dbus.service.Object):
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def UnlockRegion(self, lock_id, sender=None, ok=None, err=None):
         owner = ("bus", str(sender))
-        self._run(sender, lambda: self._daemon.unlock_region(int(lock_id), owner=owner),
+        self.run(sender, lambda: self._daemon.unlock_region(int(lock_id), owner=owner),
                   lambda _r: ok(), err)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="s", out_signature="s")
@@ -196,7 +214,7 @@ class Manager(dbus.service.Object):
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def Cancel(self, volume, image, sender=None, ok=None, err=None):
         """Cancel the resync running on ``image`` (it keeps its bitmap; Resync resumes)."""
-        self._run(sender, lambda: self._daemon.cancel(str(volume), int(image)),
+        self.run(sender, lambda: self._daemon.cancel(str(volume), int(image)),
                   lambda _r: ok(), err)
 
 
@@ -235,6 +253,8 @@ class BusService:
         self._error = None
         self._objects = []
         self._names = []
+        self._volumes: dict[str, VolumeObject] = {}
+        self.manager = None
         self.conn = None
         self.tcmu_mode = None      # "owner" or "registered" (tcmu-runner owns the name)
 
@@ -271,8 +291,10 @@ class BusService:
 
     def _export(self):
         conn = self.conn
-        manager = Manager(conn, self._daemon, self)
+        manager = self.manager = Manager(conn, self._daemon, self)
         self._objects.append(manager)
+        self.sync()
+        GLib.timeout_add(SYNC_INTERVAL_MS, self._tick)
         self.locks = LockCoordinator(manager, self._daemon)
         self._names = [dbus.service.BusName(BUS_NAME, conn, do_not_queue=True)]
         handler_path = f"{TCMU_PATH}/{cfgstring.SUBTYPE}"
@@ -298,6 +320,36 @@ class BusService:
             self.tcmu_mode = "owner"
             log.info("D-Bus: serving %s and %s", TCMU_NAME, BUS_NAME)
 
+    def _tick(self):
+        try:
+            self.sync()
+        except Exception:          # never let the look stop the loop
+            log.exception("D-Bus: volume objects not updated")
+        return True
+
+    def sync(self):
+        """(bus thread) Export an object per open volume, drop those of closed ones, and let
+        each announce its changes (PropertiesChanged, ImageStateChanged, Progress)."""
+        status = self._daemon.status()
+        vols = status["volumes"]
+        for name in list(self._volumes):
+            if name not in vols:
+                obj = self._volumes.pop(name)
+                obj.remove_from_connection()
+                self.manager.InterfacesRemoved(dbus.ObjectPath(obj.path),
+                                               dbus.Array([VOLUME_IFACE], signature="s"))
+        for name, vol in vols.items():
+            obj = self._volumes.get(name)
+            if obj is None:
+                obj = self._volumes[name] = VolumeObject(self.conn, name, self._daemon,
+                                                         self.manager)
+                obj.refresh(vol)
+                self.manager.InterfacesAdded(dbus.ObjectPath(obj.path), dbus.Dictionary(
+                    {VOLUME_IFACE: dbus.Dictionary(properties(vol, name), signature="sv")},
+                    signature="sa{sv}"))
+            else:
+                obj.refresh(vol)
+
     def caller_uid(self, sender) -> int:
         dbus_obj = self.conn.get_object("org.freedesktop.DBus", "/org/freedesktop/DBus")
         return int(dbus_obj.GetConnectionUnixUser(sender, dbus_interface="org.freedesktop.DBus"))
@@ -307,7 +359,7 @@ class BusService:
             self._loop.quit()
         if self._thread is not None:
             self._thread.join(5)
-        for obj in self._objects:
+        for obj in self._objects + list(self._volumes.values()):
             try:
                 obj.remove_from_connection()
             except Exception:

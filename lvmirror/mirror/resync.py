@@ -87,7 +87,8 @@ class _Job:
         return self._thread is not None and not self._done.is_set()
 
     def progress(self) -> dict:
-        """bytes_done, bytes_total, rate (MB/s), eta_seconds (None when unknown), state."""
+        """bytes_done, bytes_total, rate (MB/s), elapsed (s, the copy's run time so far or in
+        all once it ended), eta_seconds (None when unknown), state."""
         now = self._t_end or time.monotonic()
         elapsed = (now - self._t0) if self._t0 else 0.0
         rate = self.bytes_done / elapsed / MB if elapsed > 0 else 0.0
@@ -95,7 +96,7 @@ class _Job:
         eta = 0.0 if self.state != "running" else (left / (rate * MB) if rate > 0 else None)
         return dict(kind=self.kind, image_id=self.image_id, state=self.state,
                     bytes_done=self.bytes_done, bytes_total=self.bytes_total, rate=rate,
-                    eta_seconds=eta, error=self.error, rate_limit=self.rate_limit)
+                    elapsed=elapsed, eta_seconds=eta, error=self.error, rate_limit=self.rate_limit)
 
     def _throttle(self, nbytes):
         while self._rate and not self._cancel.is_set():

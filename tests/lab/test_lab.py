@@ -20,6 +20,9 @@ SECTION_CHECKS = {
               "fio_verify_through_resync_and_split", "targetcli_ext_split",
               "targetcli_ext_status", "backup_of_split_image", "resync_images_identical"],
     "crash": ["daemon_restarted", "sigkill_fio_verify_ok", "sigkill_images_agree"],
+    "dbus": ["busctl_shows_volume_objects", "unprivileged_reads_status", "unprivileged_change_refused",
+             "external_lock_blocks_initiator_io", "lock_released_when_holder_leaves"],
+    "saveconfig": ["saveconfig_keeps_nl_reply_supported", "restoreconfig_brings_luns_back"],
 }
 ALL = [(s, c) for s, checks in SECTION_CHECKS.items() for c in checks]
 

@@ -172,6 +172,8 @@ def test_external_lock_holder_blocks_io_and_loses_locks_when_it_leaves(daemon):
             break
     assert r["holders"][0]["lba"] == 0 and r["holders"][0]["count"] == 16
     assert r["waiters"] and r["waiters"][0]["lba"] == 8 and not done.is_set()
+    assert r["holders"][0]["owner"].startswith("D-Bus :")          # the holder's bus name
+    assert r["waiters"][0]["owner"] == "initiator I/O"
     assert r["external_lock_ids"] == [lock_id]
     holder.kill()                 # leaves the bus without unlocking
     holder.wait()

@@ -16,6 +16,7 @@ from lvmirror.mirror.volume import MirrorVolume
      VolumeSpec("db.1", images=("/dev/sdb", "/dev/sdc", "/dev/sdd"), region_size=65536,
                 block_size=4096, direct=True)),
     ("vol0;image=2", VolumeSpec("vol0", image=2)),
+    ("vol0;image=1;readonly=1", VolumeSpec("vol0", image=1, readonly=True)),
     ("v;region_size=1G", VolumeSpec("v", region_size=1 << 30)),
 ])
 def test_parse_and_round_trip(text, spec):
@@ -43,6 +44,8 @@ def test_parse_and_round_trip(text, spec):
     ("vol0;direct=yes", "0 or 1"),
     ("vol0;image=x", "image index"),
     ("vol0;image=1;block_size=4096", "belongs to the volume"),
+    ("vol0;readonly=1", "applies to an exported split image"),
+    ("vol0;image=1;readonly=yes", "readonly must be 0 or 1"),
     ("qcow/vol0", "handler 'qcow'"),
     ("vol0;images=/srv/a:b", "':'"),
     ("vol0;images=/srv/a.img,/srv/b.img", "join image paths with '+'"),

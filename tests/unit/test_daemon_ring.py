@@ -144,6 +144,26 @@ def test_split_under_load_through_the_ring(lab, tmp_path):
         lun.volume.resync(2)
 
 
+def test_split_image_exported_read_only(lab, tmp_path):
+    paths = images(tmp_path, 2)
+    emu, lun, registry = lab(f"vol0;images={'+'.join(paths)};region_size=64K")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    emu.wait([emu.submit(cdb10(0x2A, 0, 8), data_out=bytes([7]) * 8 * BS)])
+    lun.volume.split(1)
+    emu2, lun2, _ = lab("vol0;image=1;readonly=1", state=registry)
+    assert lun2.error is None
+    rid = emu2.submit(cdb10(0x28, 0, 8), data_in_len=8 * BS)
+    assert emu2.wait([rid])[rid].data_in == bytes([7]) * (8 * BS)
+    wid = emu2.submit(cdb10(0x2A, 0, 8), data_out=bytes([9]) * 8 * BS)
+    r = emu2.wait([wid])[wid]
+    assert r.status == 2 and parse_sense(r.sense)[:2] == (0x07, 0x27)   # DATA PROTECT, WP
+    ms = emu2.submit(bytes([0x1A, 0, 0x3F, 0, 255, 0]), data_in_len=255)   # MODE SENSE(6)
+    assert emu2.wait([ms])[ms].data_in[2] & 0x80                              # WP bit
+    assert open(paths[1], "rb").read(8 * BS) == bytes([7]) * (8 * BS)
+    assert lun.volume.change_bitmap(1).count() == 0        # nothing written to the copy
+
+
 def test_second_lun_for_the_same_volume_is_refused(lab, tmp_path):
     paths = images(tmp_path)
     emu, lun, registry = lab(f"vol0;images={'+'.join(paths)}")
@@ -158,3 +178,35 @@ def test_cfgstring_images_must_match_an_existing_volume(lab, tmp_path):
     emu2, lun2, _ = lab(f"vol0;images={paths[1]}+{paths[0]}", state=registry)
     assert "has images" in lun2.error
     assert cfgstring.parse("vol0").name == "vol0"
+
+
+def test_ring_thread_ends_quietly_when_the_kernel_removes_the_device(lab, tmp_path, caplog):
+    """The kernel unregisters the uio device (backstore deleted) before lvmirrord handles the
+    netlink REMOVE_DEVICE event: reads of the uio fd then fail with EIO. The ring thread ends
+    with a log line, no traceback, and the LUN still stops cleanly."""
+    import errno
+    import logging
+    import threading
+
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    done = emu.wait([emu.submit(cdb10(0x2A, 0, 8), data_out=b"\1" * 8 * BS)])
+    assert all(c.status == 0 for c in done.values())
+    crashed = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: crashed.append(args.exc_value)
+    try:
+        def gone():
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        lun._handle.clear_event = gone
+        with caplog.at_level(logging.INFO, logger="lvmirrord"):
+            emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)   # the kernel's doorbell -> EIO
+            lun._thread.join(10)
+        assert not lun._thread.is_alive()
+        assert lun.gone and crashed == []
+        assert any("went away" in r.getMessage() for r in caplog.records)
+        lun.stop()
+    finally:
+        threading.excepthook = old_hook

@@ -1,0 +1,253 @@
+"""One D-Bus object per open volume: ``/org/lvmirror1/volume/<name>``, interface
+``org.lvmirror1.Volume``, with the standard Properties interface and listed by the
+ObjectManager at ``/org/lvmirror1``.
+
+Properties (read-only): Name, Size, BlockSize, RegionSize, Images ``a(usstddts)`` (index, path,
+state, generation, split time or 0, bitmap fill or -1, changed bytes, error), Jobs
+``a(susttdds)`` (kind, image index, state, bytes done, bytes total, MB/s, elapsed s, error),
+SyncProgress (fraction of the running jobs' bytes done; 1 when none runs), Exported (split
+images served as their own LUN), IoStatistics ``a{st}`` (counters; not announced in
+PropertiesChanged, read them when needed).
+
+Methods: Split, Resync, Restore, AttachImage, DetachImage, Cancel, Backup. Signals:
+PropertiesChanged (standard) when an image, job or export changes; ImageStateChanged(index,
+old, new); Progress(kind, image, done, total, rate) every second while a resync, restore or
+backup runs. The service looks at the volumes once a second and right after each call it
+served (the data path never calls into the bus).
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import dbus
+import dbus.service
+
+VOLUME_IFACE = "org.lvmirror1.Volume"
+VOLUME_ROOT = "/org/lvmirror1/volume"
+PROPS_IFACE = "org.freedesktop.DBus.Properties"
+INTROSPECT_IFACE = "org.freedesktop.DBus.Introspectable"
+
+# name -> (D-Bus signature, announced in PropertiesChanged)
+PROPERTIES = {
+    "Name": ("s", True),
+    "Size": ("t", True),
+    "BlockSize": ("u", True),
+    "RegionSize": ("u", True),
+    "Images": ("a(usstddts)", True),
+    "Jobs": ("a(susttdds)", True),
+    "SyncProgress": ("d", True),
+    "Exported": ("au", True),
+    "IoStatistics": ("a{st}", False),
+}
+
+
+def object_path(name: str) -> str:
+    """Volume name -> object path element, escaped as systemd does (``_xx`` hex for every byte
+    that is not [A-Za-z0-9])."""
+    label = "".join(ch if ch.isascii() and ch.isalnum() else
+                    "".join(f"_{b:02x}" for b in ch.encode()) for ch in name)
+    return f"{VOLUME_ROOT}/{label or '_'}"
+
+
+def properties(vol: dict, name: str) -> dict:
+    """A volume's status entry (``Lvmirrord.status()['volumes'][name]``) as typed D-Bus values."""
+    by_id = {im["id"]: im["index"] for im in vol["images"]}
+    images = dbus.Array([dbus.Struct((
+        dbus.UInt32(im["index"]), dbus.String(im["path"]), dbus.String(im["state"]),
+        dbus.UInt64(im["generation"]), dbus.Double(im["split_time"] or 0.0),
+        dbus.Double(-1.0 if im["bitmap_fill"] is None else im["bitmap_fill"]),
+        dbus.UInt64(im["dirty_bytes"] or 0), dbus.String(im["error"] or "")),
+        signature="usstddts") for im in vol["images"]], signature="(usstddts)")
+    jobs = dbus.Array([dbus.Struct((
+        dbus.String(j["kind"]), dbus.UInt32(by_id.get(j["image_id"], 0xFFFFFFFF)),
+        dbus.String(j["state"]), dbus.UInt64(j["bytes_done"]), dbus.UInt64(j["bytes_total"]),
+        dbus.Double(j["rate"]), dbus.Double(j.get("elapsed") or 0.0),
+        dbus.String(j["error"] or "")), signature="susttdds") for j in vol["jobs"]],
+        signature="(susttdds)")
+    running = [j for j in vol["jobs"] if j["state"] == "running"]
+    total = sum(j["bytes_total"] for j in running)
+    progress = (sum(j["bytes_done"] for j in running) / total) if total else 1.0
+    return {
+        "Name": dbus.String(name),
+        "Size": dbus.UInt64(vol["size"]),
+        "BlockSize": dbus.UInt32(vol["block_size"]),
+        "RegionSize": dbus.UInt32(vol["region_size"]),
+        "Images": images,
+        "Jobs": jobs,
+        "SyncProgress": dbus.Double(progress),
+        "Exported": dbus.Array([dbus.UInt32(i) for i in vol.get("exported", [])], signature="u"),
+        "IoStatistics": dbus.Dictionary({k: dbus.UInt64(v) for k, v in vol["io"].items()},
+                                        signature="st"),
+    }
+
+
+class VolumeObject(dbus.service.Object):
+    """``/org/lvmirror1/volume/<name>``. ``calls`` is the Manager (root check, worker threads)."""
+
+    def __init__(self, conn, name, daemon, calls):
+        self.name = name
+        self.path = object_path(name)
+        super().__init__(conn, self.path)
+        self._daemon = daemon
+        self._calls = calls
+        self.props: dict = {}
+
+    # -- the service's once-a-second look ------------------------------------------------------
+
+    def refresh(self, vol: dict):
+        """New status entry: emit PropertiesChanged / ImageStateChanged / Progress as needed."""
+        new = properties(vol, self.name)
+        old, self.props = self.props, new
+        if not old:
+            return
+        changed = {k: v for k, v in new.items() if PROPERTIES[k][1] and v != old.get(k)}
+        if changed:
+            self.PropertiesChanged(VOLUME_IFACE, changed, dbus.Array([], signature="s"))
+        before = {int(im[0]): str(im[2]) for im in old["Images"]}
+        for im in new["Images"]:
+            i, state = int(im[0]), str(im[2])
+            if i in before and before[i] != state:
+                self.ImageStateChanged(dbus.UInt32(i), before[i], state)
+        for j in new["Jobs"]:
+            if str(j[2]) == "running":
+                self.Progress(j[0], j[1], j[3], j[4], j[5])
+
+    # -- org.freedesktop.DBus.Properties -------------------------------------------------------
+
+    @dbus.service.method(PROPS_IFACE, in_signature="ss", out_signature="v")
+    def Get(self, interface, prop):
+        props = self.GetAll(interface)
+        if prop not in props:
+            raise dbus.exceptions.DBusException(
+                f"{VOLUME_IFACE} has no property {prop}",
+                name="org.freedesktop.DBus.Error.UnknownProperty")
+        return props[prop]
+
+    @dbus.service.method(PROPS_IFACE, in_signature="s", out_signature="a{sv}")
+    def GetAll(self, interface):
+        if interface not in (VOLUME_IFACE, ""):
+            raise dbus.exceptions.DBusException(
+                f"no interface {interface}", name="org.freedesktop.DBus.Error.UnknownInterface")
+        vol = self._daemon.status()["volumes"].get(self.name)
+        if vol is None:
+            raise dbus.exceptions.DBusException(
+                f"volume {self.name} is no longer open", name="org.freedesktop.DBus.Error.UnknownObject")
+        return dbus.Dictionary(properties(vol, self.name), signature="sv")
+
+    @dbus.service.method(PROPS_IFACE, in_signature="ssv", out_signature="")
+    def Set(self, interface, prop, value):
+        raise dbus.exceptions.DBusException(
+            f"{prop} is read-only; use the methods of {VOLUME_IFACE}",
+            name="org.freedesktop.DBus.Error.PropertyReadOnly")
+
+    @dbus.service.signal(PROPS_IFACE, signature="sa{sv}as")
+    def PropertiesChanged(self, interface, changed, invalidated):
+        pass
+
+    # -- introspection with the properties (dbus-python only generates methods and signals) ---
+
+    @dbus.service.method(INTROSPECT_IFACE, in_signature="", out_signature="s",
+                         path_keyword="object_path", connection_keyword="connection")
+    def Introspect(self, object_path, connection):
+        xml = dbus.service.Object.Introspect(self, object_path, connection)
+        return add_properties(xml, VOLUME_IFACE, PROPERTIES)
+
+    # -- signals -------------------------------------------------------------------------------
+
+    @dbus.service.signal(VOLUME_IFACE, signature="uss")
+    def ImageStateChanged(self, index, old_state, new_state):
+        """An image changed state (in-sync, syncing, split, failed, missing...)."""
+
+    @dbus.service.signal(VOLUME_IFACE, signature="suttd")
+    def Progress(self, kind, image, bytes_done, bytes_total, rate_mbps):
+        """Once a second while a resync, restore or backup runs."""
+
+    # -- methods (root only; run on a worker thread, answered when done) -----------------------
+
+    @dbus.service.method(VOLUME_IFACE, in_signature="u", out_signature="du",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def Split(self, image, sender=None, ok=None, err=None):
+        """Split image ``image`` off now; returns (split time, I/Os drained) once every I/O
+        begun before the split reached all images."""
+        def done(r):
+            ok(dbus.Double(r["split_time"]), dbus.UInt32(r["drained"]))
+        self._calls.run(sender, lambda: self._daemon.split(self.name, int(image)), done, err)
+
+    @dbus.service.method(VOLUME_IFACE, in_signature="ud", out_signature="t",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def Resync(self, image, rate_mbps, sender=None, ok=None, err=None):
+        """Start copying the regions changed since the split back into ``image`` (rate limit
+        in MB/s, 0 = unlimited); returns the bytes to copy. Progress signals follow."""
+        self._calls.run(sender, lambda: self._daemon.resync(self.name, int(image),
+                                                            float(rate_mbps)),
+                        lambda r: ok(dbus.UInt64(r["bytes_total"])), err)
+
+    @dbus.service.method(VOLUME_IFACE, in_signature="ud", out_signature="t",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def Restore(self, image, rate_mbps, sender=None, ok=None, err=None):
+        """Roll the volume back to split image ``image``; returns the bytes to copy."""
+        self._calls.run(sender, lambda: self._daemon.restore(self.name, int(image),
+                                                             float(rate_mbps)),
+                        lambda r: ok(dbus.UInt64(r["bytes_total"])), err)
+
+    @dbus.service.method(VOLUME_IFACE, in_signature="s", out_signature="u",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def AttachImage(self, path, sender=None, ok=None, err=None):
+        """Add an image (file or block device); a full resync starts. Returns its index."""
+        self._calls.run(sender, lambda: self._daemon.attach(self.name, str(path)),
+                        lambda r: ok(dbus.UInt32(r)), err)
+
+    @dbus.service.method(VOLUME_IFACE, in_signature="u", out_signature="",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def DetachImage(self, image, sender=None, ok=None, err=None):
+        """Remove an image from the mirror set (never the last in-sync one)."""
+        self._calls.run(sender, lambda: self._daemon.detach(self.name, int(image)),
+                        lambda _r: ok(), err)
+
+    @dbus.service.method(VOLUME_IFACE, in_signature="u", out_signature="",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def Cancel(self, image, sender=None, ok=None, err=None):
+        """Stop the resync or restore on ``image`` (its bitmap is kept; Resync resumes)."""
+        self._calls.run(sender, lambda: self._daemon.cancel(self.name, int(image)),
+                        lambda _r: ok(), err)
+
+    @dbus.service.method(VOLUME_IFACE, in_signature="uss", out_signature="t",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def Backup(self, image, destination, format, sender=None, ok=None, err=None):
+        """Copy split image ``image`` (the point-in-time copy) to the file ``destination``,
+        ``raw`` (holes kept) or ``qcow2``; returns the bytes copied. Resync and restore of the
+        image are refused while it runs; Progress signals follow."""
+        self._calls.run(sender, lambda: self._daemon.backup(self.name, int(image),
+                                                            str(destination), str(format)),
+                        lambda r: ok(dbus.UInt64(r)), err)
+
+
+def add_properties(xml: str, interface: str, props: dict) -> str:
+    """Insert <property> elements (read-only, with the changed-signal annotation) into
+    ``interface``'s node of an introspection document."""
+    head, sep, body = xml.partition("<node")
+    root = ET.fromstring(sep + body)
+    for iface in root.findall("interface"):
+        if iface.get("name") != interface:
+            continue
+        for name, (sig, emits) in props.items():
+            p = ET.SubElement(iface, "property", name=name, type=sig, access="read")
+            if not emits:
+                ET.SubElement(p, "annotation",
+                              name="org.freedesktop.DBus.Property.EmitsChangedSignal",
+                              value="false")
+    return head + ET.tostring(root, encoding="unicode")
+
+
+def managed_objects(status: dict) -> dict:
+    """ObjectManager.GetManagedObjects for ``/org/lvmirror1``."""
+    return dbus.Dictionary({
+        dbus.ObjectPath(object_path(name)): dbus.Dictionary(
+            {VOLUME_IFACE: dbus.Dictionary(properties(vol, name), signature="sv")},
+            signature="sa{sv}")
+        for name, vol in status["volumes"].items()}, signature="oa{sa{sv}}")
+
+
+__all__ = ["VOLUME_IFACE", "VOLUME_ROOT", "VolumeObject", "add_properties", "managed_objects",
+           "object_path", "properties"]

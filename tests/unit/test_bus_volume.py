@@ -1,0 +1,200 @@
+"""One D-Bus object per volume on a private dbus-daemon configured like the system bus:
+ObjectManager listing, typed properties, busctl introspection, methods, the signals a monitor
+sees (InterfacesAdded/Removed, PropertiesChanged, ImageStateChanged, Progress), Backup, and the
+policy for an unprivileged caller."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lvmirror import cfgstring
+from lvmirror.bus.volume import object_path
+from lvmirror.errors import StateError
+from tests.unit.test_bus import daemon, system_bus  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")
+
+VOL = "/org/lvmirror1/volume/vol0"
+
+
+def call(address, path, iface, method, *args, user=None, timeout=30):
+    """Call a method with dbus-python in a separate process (as a client would)."""
+    code = ("import sys, json, dbus\n"
+            "bus = dbus.SystemBus()\n"
+            f"obj = bus.get_object('org.lvmirror1', {path!r})\n"
+            f"r = obj.get_dbus_method({method!r}, {iface!r})(*{args!r}, timeout=60)\n"
+            "print(json.dumps(r))\n")
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address)
+    cmd = [sys.executable, "-c", code]
+    if user is not None:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(r):
+    assert r.returncode == 0, r.stderr
+    import json
+    return json.loads(r.stdout)
+
+
+class Monitor:
+    """dbus-monitor on the bus, for signals from lvmirrord."""
+
+    def __init__(self, address):
+        self.proc = subprocess.Popen(
+            ["dbus-monitor", "--address", address, "type='signal',sender='org.lvmirror1'"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.text = ""
+        time.sleep(0.3)
+
+    def read(self):
+        try:
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 20)
+        except BlockingIOError:
+            chunk = b""
+        self.text += chunk.decode(errors="replace")
+        return self.text
+
+    def wait_for(self, pattern, timeout=10):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.read(), re.S)
+            if m:
+                return m
+            time.sleep(0.1)
+        raise AssertionError(f"no signal matching {pattern!r}; saw:\n{self.text[-3000:]}")
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_object_path_escaping():
+    assert object_path("vol0") == VOL
+    assert object_path("db-1.data_x") == "/org/lvmirror1/volume/db_2d1_2edata_5fx"
+
+
+def test_managed_objects_properties_and_introspection(daemon):  # noqa: F811
+    d, vol, address, bus = daemon
+    objs = ok(call(address, "/org/lvmirror1", "org.freedesktop.DBus.ObjectManager",
+                   "GetManagedObjects"))
+    props = objs[VOL]["org.lvmirror1.Volume"]
+    assert props["Name"] == "vol0" and props["Size"] == 4 << 20 and props["RegionSize"] == 65536
+    assert [(im[0], im[2]) for im in props["Images"]] == [(0, "in-sync"), (1, "in-sync"),
+                                                          (2, "in-sync")]
+    assert props["SyncProgress"] == 1.0 and props["Exported"] == []
+    vol.write(0, [memoryview(b"x" * 4096)])
+    stats = ok(call(address, VOL, "org.freedesktop.DBus.Properties", "Get",
+                    "org.lvmirror1.Volume", "IoStatistics"))
+    assert stats["writes"] >= 1 and stats["bytes_written"] >= 4096
+    r = call(address, VOL, "org.freedesktop.DBus.Properties", "Get", "org.lvmirror1.Volume",
+             "Colour")
+    assert r.returncode != 0 and "UnknownProperty" in r.stderr
+    r = call(address, VOL, "org.freedesktop.DBus.Properties", "Set", "org.lvmirror1.Volume",
+             "Name", "x")
+    assert r.returncode != 0 and "read-only" in r.stderr
+    # busctl shows the properties with their types, the methods and the signals
+    if shutil.which("busctl"):
+        out = subprocess.run(["busctl", f"--address={address}", "introspect", "org.lvmirror1",
+                              VOL, "org.lvmirror1.Volume"], capture_output=True, text=True,
+                             timeout=20)
+        assert out.returncode == 0, out.stderr
+        assert re.search(r"\.Images\s+property\s+a\(usstddts\)", out.stdout)
+        assert re.search(r"\.Split\s+method\s+u\s+du", out.stdout)
+        assert re.search(r"\.Progress\s+signal\s+suttd", out.stdout)
+        assert re.search(r"\.IoStatistics\s+property\s+a\{st\}", out.stdout)
+        tree = subprocess.run(["busctl", f"--address={address}", "tree", "org.lvmirror1"],
+                              capture_output=True, text=True, timeout=20)
+        assert VOL in tree.stdout
+
+
+def test_split_resync_signals(daemon, tmp_path):  # noqa: F811
+    d, vol, address, bus = daemon
+    mon = Monitor(address)
+    try:
+        t_split, drained = ok(call(address, VOL, "org.lvmirror1.Volume", "Split", 2))
+        assert abs(t_split - time.time()) < 30 and drained >= 0
+        mon.wait_for(r"member=ImageStateChanged\s+uint32 2\s+string \"in-sync\"\s+"
+                     r"string \"split\"")
+        mon.wait_for(r"member=PropertiesChanged\s+string \"org.lvmirror1.Volume\".*"
+                     r"string \"Images\"")
+        for k in range(0, 4 << 20, 64 << 10):       # change every region
+            vol.write(k // 512, [memoryview(b"c" * 512)])
+        total = ok(call(address, VOL, "org.lvmirror1.Volume", "Resync", 2, 1.0))
+        assert total == 4 << 20
+        m = mon.wait_for(r"member=Progress\s+string \"resync\"\s+uint32 2\s+uint64 (\d+)\s+"
+                         r"uint64 (\d+)")
+        assert int(m.group(2)) == 4 << 20 and int(m.group(1)) < 4 << 20
+        progress = ok(call(address, VOL, "org.freedesktop.DBus.Properties", "Get",
+                           "org.lvmirror1.Volume", "SyncProgress"))
+        assert 0.0 <= progress < 1.0
+        ok(call(address, VOL, "org.lvmirror1.Volume", "Cancel", 2))
+        assert vol.images[2].state.value == "syncing"
+        r = call(address, VOL, "org.lvmirror1.Volume", "Split", 9)
+        assert r.returncode != 0 and "no image 9" in r.stderr
+    finally:
+        mon.close()
+
+
+def test_backup_method_and_guard(daemon, tmp_path):  # noqa: F811
+    d, vol, address, bus = daemon
+    vol.write(0, [memoryview(b"p" * 4096)])
+    ok(call(address, VOL, "org.lvmirror1.Volume", "Split", 1))
+    vol.write(0, [memoryview(b"q" * 4096)])                    # after T: not in the copy
+    dest = tmp_path / "backup.img"
+    n = ok(call(address, VOL, "org.lvmirror1.Volume", "Backup", 1, str(dest), "raw"))
+    assert n == 4096                  # the data; holes stay holes
+    with open(vol.images[1].path, "rb") as a:
+        assert dest.read_bytes() == a.read()
+    assert dest.read_bytes()[:4096] == b"p" * 4096
+    jobs = ok(call(address, VOL, "org.freedesktop.DBus.Properties", "Get",
+                   "org.lvmirror1.Volume", "Jobs"))
+    assert ["backup", 1, "done"] == jobs[-1][:3] and jobs[-1][4] == 4 << 20
+    r = call(address, VOL, "org.lvmirror1.Volume", "Backup", 0, str(tmp_path / "x"), "raw")
+    assert r.returncode != 0 and "only a split image" in r.stderr
+    r = call(address, VOL, "org.lvmirror1.Volume", "Backup", 1, "relative.img", "raw")
+    assert r.returncode != 0 and "absolute" in r.stderr
+    # while a backup of the image runs, nothing may change the image under it
+    from lvmirror.daemon import BackupProgress
+    d._backups[("vol0", vol.images[1].id)] = BackupProgress(vol.images[1].id, "/tmp/running")
+    for fn in (lambda: d.resync("vol0", 1), lambda: d.restore("vol0", 1),
+               lambda: d.detach("vol0", 1)):
+        with pytest.raises(StateError, match="being backed up"):
+            fn()
+
+
+def test_unprivileged_caller_reads_volume_but_cannot_change_it(daemon):  # noqa: F811
+    d, vol, address, bus = daemon
+    props = ok(call(address, VOL, "org.freedesktop.DBus.Properties", "GetAll",
+                    "org.lvmirror1.Volume", user=65534))
+    assert props["Name"] == "vol0"
+    assert ok(call(address, "/org/lvmirror1", "org.freedesktop.DBus.ObjectManager",
+                   "GetManagedObjects", user=65534))
+    for method, args in (("Split", (1,)), ("Resync", (1, 0.0)), ("DetachImage", (1,)),
+                         ("Backup", (1, "/tmp/x.img", "raw"))):
+        r = call(address, VOL, "org.lvmirror1.Volume", method, *args, user=65534)
+        assert r.returncode != 0, method
+        assert "AccessDenied" in r.stderr or "rejected" in r.stderr.lower(), r.stderr
+    assert vol.images[1].state.value == "in-sync"
+
+
+def test_volume_object_follows_open_and_close(daemon, tmp_path):  # noqa: F811
+    d, vol, address, bus = daemon
+    mon = Monitor(address)
+    try:
+        spec = cfgstring.parse(f"vol9;images={tmp_path}/n0+{tmp_path}/n1")
+        v9, _ = d.registry.acquire(spec, lun="lun9", size=1 << 20)
+        mon.wait_for(r"member=InterfacesAdded\s+object path \"/org/lvmirror1/volume/vol9\"")
+        d.registry.release(spec)
+        mon.wait_for(r"member=InterfacesRemoved\s+object path \"/org/lvmirror1/volume/vol9\"")
+        objs = ok(call(address, "/org/lvmirror1", "org.freedesktop.DBus.ObjectManager",
+                       "GetManagedObjects"))
+        assert list(objs) == [VOL]
+    finally:
+        mon.close()

@@ -1,0 +1,55 @@
+"""targetcli_ext: what saveconfig writes for a user:lvmirror backstore keeps nl_reply_supported
+(Debian's rtslib-fb, patched as targetcli-lvmirror patches it; configfs itself is the lab's)."""
+
+import pytest
+
+rtslib_tcm = pytest.importorskip("rtslib_fb.tcm", reason="Debian's python3-rtslib-fb")
+
+import targetcli_ext  # noqa: E402
+
+
+class FakeUserObject(rtslib_tcm.UserBackedStorageObject):
+    """rtslib's class with configfs replaced by a dict (info lines and attributes)."""
+
+    def __init__(self, config, attrs):
+        self._info = {"MaxDataAreaMB": "1024", "DataPagesPerBlk": "1", "Config": config}
+        self._attrs = attrs
+
+    def _check_self(self):
+        pass
+
+    def _parse_info(self, key):
+        return self._info[key]
+
+    def get_attribute(self, name):
+        if name not in self._attrs:
+            raise rtslib_tcm.RTSLibError(f"no attribute {name}")
+        return self._attrs[name]
+
+
+@pytest.mark.parametrize("control,value,want", [
+    ("max_data_area_mb=1024", "-1", "max_data_area_mb=1024,nl_reply_supported=-1"),
+    ("", "-1", "nl_reply_supported=-1"),
+    ("a=1", "0", "a=1"),                                  # the kernel's default: nothing to add
+    ("a=1", None, "a=1"),
+    ("a=1,nl_reply_supported=-1", "-1", "a=1,nl_reply_supported=-1"),
+])
+def test_saved_control(control, value, want):
+    assert targetcli_ext.saved_control(control, value) == want
+
+
+def test_rtslib_dump_keeps_nl_reply_supported():
+    lv = FakeUserObject("lvmirror/vol0", {"hw_block_size": "512", "nl_reply_supported": "-1"})
+    other = FakeUserObject("qcow/x.qcow2", {"hw_block_size": "512", "nl_reply_supported": "-1"})
+    old = rtslib_tcm.UserBackedStorageObject.control_tuples
+    assert "nl_reply_supported" not in lv.control_tuples          # what stock rtslib saves
+    try:
+        targetcli_ext.keep_control_in_saveconfig()
+        targetcli_ext.keep_control_in_saveconfig()                 # idempotent
+        assert lv.control_tuples == ("max_data_area_mb=1024,hw_block_size=512,"
+                                     "data_pages_per_blk=1,nl_reply_supported=-1")
+        assert "nl_reply_supported" not in other.control_tuples     # other handlers untouched
+        no_attr = FakeUserObject("lvmirror/vol1", {"hw_block_size": "512"})
+        assert no_attr.control_tuples.endswith("data_pages_per_blk=1")   # older kernel
+    finally:
+        rtslib_tcm.UserBackedStorageObject.control_tuples = old
