@@ -325,7 +325,7 @@ PY
   echo "ListLocks with a waiter: $listed2" >> "$OUT/lock-holder.txt"
   kill $holder; wait $holder 2>/dev/null
   wait $w; wrc=$?
-  [ "$waited" = yes ] && echo "$listed" | grep -q "bus" && echo "$listed2" | grep -q "waiters[^]]*lba" && result external_lock_blocks_initiator_io ok \
+  [ "$waited" = yes ] && echo "$listed" | grep -q "D-Bus :" && echo "$listed2" | grep -q "waiters[^]]*initiator I/O" && result external_lock_blocks_initiator_io ok \
     || result external_lock_blocks_initiator_io fail waited=$waited listed="$listed"
   [ $wrc = 0 ] && cmp -s /run/lockpat <(dd if=$d bs=4096 skip=256 count=1 iflag=direct status=none) \
     && result lock_released_when_holder_leaves ok || result lock_released_when_holder_leaves fail dd=$wrc
