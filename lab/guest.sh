@@ -7,12 +7,12 @@
 # $OUT/results.jsonl: {"check": name, "ok": bool, ...details}.
 #
 # Usage (by lab/boot): guest.sh OUT [SECTION ...]
-#   sections: basic fs split crash dbus compliance saveconfig demo, and bench (bench/lab-bench.sh,
+#   sections: basic fs split crash dbus compliance saveconfig tcmurunner demo, and bench (bench/lab-bench.sh,
 #   run alone)
 set -u
 OUT=$1; shift
 [ -f "$OUT/lab.env" ] && . "$OUT/lab.env"
-SECTIONS=${*:-basic fs split crash dbus compliance saveconfig}
+SECTIONS=${*:-basic fs split crash dbus compliance saveconfig tcmurunner}
 REPO=${REPO:-$(cd "$(dirname "$0")/.." && pwd)}
 PY=$REPO/.venv/bin/python
 IQN=iqn.2026-11.org.lvmirror:lab
@@ -329,6 +329,45 @@ PY
     || result external_lock_blocks_initiator_io fail waited=$waited listed="$listed"
   [ $wrc = 0 ] && cmp -s /run/lockpat <(dd if=$d bs=4096 skip=256 count=1 iflag=direct status=none) \
     && result lock_released_when_holder_leaves ok || result lock_released_when_holder_leaves fail dd=$wrc
+}
+
+tcmurunner() {   # tcmu-runner owns org.kernel.TCMUService1: lvmirrord registers with its HandlerManager1
+  local runner out st
+  command -v tcmu-runner >/dev/null || { result lvmirrord_registers_with_tcmu_runner fail reason="tcmu-runner not installed"; return; }
+  logout
+  kill $DAEMON; wait $DAEMON 2>/dev/null
+  tcmu-runner --debug > "$OUT/tcmu-runner.log" 2>&1 & runner=$!
+  for i in $(seq 100); do
+    dbus-send --system --print-reply --dest=org.freedesktop.DBus /org/freedesktop/DBus \
+      org.freedesktop.DBus.NameHasOwner string:org.kernel.TCMUService1 2>/dev/null | grep -q 'boolean true' && break
+    sleep 0.2
+  done
+  start_daemon && grep -q "registered handler lvmirror with tcmu-runner" "$OUT/lvmirrord.log" \
+    && result lvmirrord_registers_with_tcmu_runner ok \
+    || result lvmirrord_registers_with_tcmu_runner fail log="$(tail -3 $OUT/lvmirrord.log)"
+  # the stock targetcli, through tcmu-runner: lists user:lvmirror, tcmu-runner forwards CheckConfig
+  # to lvmirrord (our message for a bad cfgstring), a new LUN is served by lvmirrord
+  out=$(printf '%s\n' "set global auto_save_on_exit=false" "ls /backstores" \
+        "/backstores/user:lvmirror create name=bad size=64M cfgstring=volr;colour=blue" \
+        "/backstores/user:lvmirror create name=rr size=64M cfgstring=volr;images=/run/scratch/ra.img+/run/scratch/rb.img control=nl_reply_supported=-1" \
+        "/iscsi/$IQN/tpg1/luns create /backstores/user:lvmirror/rr" | targetcli 2>&1)
+  echo "$out" >> "$OUT/targetcli.log"
+  sleep 2
+  lvmirror wait volr --timeout 120 > /dev/null 2>&1
+  login
+  d=$(lun_dev 3)
+  head -c 1048576 /dev/urandom > /run/rrpat
+  st=fail
+  [ -b "$d" ] && dd if=/run/rrpat of=$d bs=1M oflag=direct status=none && cmp -n 1048576 /run/rrpat $d && st=ok
+  echo "$out" | grep -q "user:lvmirror" && echo "$out" | grep -q "unknown option 'colour'" && [ $st = ok ] \
+    && lvmirror status | grep -q "volume volr" \
+    && result targetcli_through_tcmu_runner ok dev=$d \
+    || result targetcli_through_tcmu_runner fail dev="$d" io=$st out="$(echo "$out" | tail -3)" runner="$(tail -2 $OUT/tcmu-runner.log)"
+  logout
+  printf '%s\n' "set global auto_save_on_exit=false" "/iscsi/$IQN/tpg1/luns delete lun3" \
+    "/backstores/user:lvmirror delete rr" | targetcli >> "$OUT/targetcli.log" 2>&1
+  kill $runner; wait $runner 2>/dev/null
+  login
 }
 
 say() { echo "| $*"; }

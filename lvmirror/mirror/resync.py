@@ -20,6 +20,7 @@ released, so after a crash a resumed restore never re-copies a region a newer wr
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -32,6 +33,8 @@ __all__ = ["ResyncJob", "RestoreJob"]
 CHECKPOINT_REGIONS = 64
 CHECKPOINT_SECONDS = 1.0
 MB = 1_000_000
+
+log = logging.getLogger(__name__)
 
 
 class _Job:
@@ -55,6 +58,7 @@ class _Job:
         self.bytes_total = 0
         self._t0 = None
         self._t_end = None
+        self.phase_seconds: dict[str, float] = {}   # where a finished job spent its time
 
     # -- control ----------------------------------------------------------------------------------
 
@@ -138,6 +142,8 @@ class ResyncJob(_Job):
         try:
             # Writes of older epochs may still mark this image's bitmap: let them finish.
             vol._drain(epoch)
+            t_copy = time.monotonic()
+            self.phase_seconds["drain"] = t_copy - self._t0
             buf = StorageImage.aligned_buffer(vol.region_size)
             # an anonymous mapping never written: zero pages, no memory for large regions
             self._zero = StorageImage.aligned_buffer(vol.region_size)
@@ -160,9 +166,18 @@ class ResyncJob(_Job):
                     return
                 if img.state.value != "syncing":
                     raise _TargetFailed(img.rec.error or "target image failed")
-                if bm.count() == 0 and vol._finish_resync(img, self):
-                    self._finish("done")
-                    return
+                if bm.count() == 0:
+                    t_commit = time.monotonic()
+                    if vol._finish_resync(img, self):
+                        self.phase_seconds["copy"] = t_commit - t_copy
+                        self.phase_seconds["commit"] = time.monotonic() - t_commit
+                        self._finish("done")
+                        log.info("volume %s: resync of image %d done: %d bytes in %.2f s "
+                                 "(drain %.2f s, copy %.2f s, commit %.2f s)", vol.name,
+                                 vol._images.index(img), self.bytes_done, self._t_end - self._t0,
+                                 self.phase_seconds["drain"], self.phase_seconds["copy"],
+                                 self.phase_seconds["commit"])
+                        return
         except _TargetFailed as e:
             self._finish("failed", f"target image failed: {e}")
         except Exception as e:  # report, never kill the daemon

@@ -2,10 +2,12 @@
 
 ``find_devices`` lists the uio devices whose name is ``tcm-user/<hba>/<name>/<subtype>/<cfg>``
 (the cfgstring may itself contain '/'); ``open_device`` opens and maps one. Only one process
-may open a TCMU uio device (the kernel answers EBUSY), which ``open_device`` turns into a clear
-error. With ``pickup=True`` (a device that already existed when lvmirrord started) it does what
-libtcmu does on start-up: block the device, reset the ring (commands left in it by the previous
-handler are failed back to the initiator as retryable BUSY), open and map, unblock.
+may open a TCMU uio device (the kernel answers EBUSY); ``open_device`` retries for a few
+seconds (tcmu-runner opens every new device briefly, even one of a handler registered with it
+over D-Bus) and then raises a clear error. With ``pickup=True`` (a device that already existed
+when lvmirrord started) it does what libtcmu does on start-up: block the device, reset the ring
+(commands left in it by the previous handler are failed back to the initiator as retryable
+BUSY), open and map, unblock.
 
 Roots are parameters so the host tests run against a fake tree; the kernel proves the rest.
 """
@@ -17,11 +19,12 @@ import errno
 import mmap
 import os
 import re
+import time
 
 from lvmirror.errors import ConfigError
 
-__all__ = ["UioDevice", "UioHandle", "device_by_minor", "find_devices", "open_device",
-           "parse_uio_name"]
+__all__ = ["DeviceBusyError", "UioDevice", "UioHandle", "device_by_minor", "find_devices",
+           "open_device", "parse_uio_name"]
 
 _UIO_PREFIX = "tcm-user/"
 
@@ -184,8 +187,30 @@ class UioHandle:
             self.fd = -1
 
 
-def open_device(device: UioDevice, *, pickup: bool = False) -> UioHandle:
-    """Open and map ``device``; see the module docstring for ``pickup``."""
+class DeviceBusyError(ConfigError):
+    """Another process has the TCMU uio device open."""
+
+
+# tcmu-runner opens every new TCMU device, even one of a handler registered through its
+# HandlerManager1 (lvmirror), and closes it again when that handler's open fails: a short EBUSY.
+BUSY_WAIT_SECONDS = 5.0
+
+
+def _open_uio(path: str, busy_wait: float) -> int:
+    deadline = time.monotonic() + busy_wait
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.05)
+
+
+def open_device(device: UioDevice, *, pickup: bool = False,
+                busy_wait: float = BUSY_WAIT_SECONDS) -> UioHandle:
+    """Open and map ``device``; see the module docstring for ``pickup``. While another process
+    has it open (EBUSY), retry for up to ``busy_wait`` seconds."""
     size = device.map_size()
     if pickup:
         device.action("block_dev", 1)
@@ -196,11 +221,13 @@ def open_device(device: UioDevice, *, pickup: bool = False) -> UioHandle:
             raise
     try:
         try:
-            fd = os.open(device.dev_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = _open_uio(device.dev_path, busy_wait)
         except OSError as e:
             if e.errno == errno.EBUSY:
-                raise ConfigError(f"{device.uio_name} ({device.dev_name}) is already open by "
-                                  f"another process (tcmu-runner or another lvmirrord?)") from e
+                raise DeviceBusyError(
+                    f"{device.uio_name} ({device.dev_name}) is held open by another process "
+                    f"(tcmu-runner with its own handler for 'lvmirror', or another "
+                    f"lvmirrord?)") from e
             raise
         try:
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

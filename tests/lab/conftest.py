@@ -53,7 +53,7 @@ def lab():
         if os.environ.get("LVMIRROR_LAB_REQUIRED") == "1":
             pytest.fail(f"kernel lab required but unavailable: {missing}")
         pytest.skip(f"kernel lab unavailable: {missing}")
-    sections = os.environ.get("LVMIRROR_LAB_SECTIONS", "basic fs split crash dbus compliance saveconfig").split()
+    sections = os.environ.get("LVMIRROR_LAB_SECTIONS", "basic fs split crash dbus compliance saveconfig tcmurunner").split()
     env = dict(os.environ, LAB_OUT=OUT, LAB_PORT=str(PORT))
     t0 = time.monotonic()
     proc = subprocess.Popen([os.path.join(ROOT, "lab", "boot"), *sections], env=env,

@@ -61,6 +61,41 @@ def test_open_missing_device_node_is_an_error(tmp_path):
         uio.open_device(d)
 
 
+def _busy_device(tmp_path, monkeypatch, busy_opens):
+    """A device node the kernel answers EBUSY for the first ``busy_opens`` opens (another
+    process holds it); the lab shows the real case with tcmu-runner."""
+    import errno
+    roots = fake_device(tmp_path, 3, "tcm-user/1/lun0/lvmirror/vol0")
+    (dev_root := tmp_path / "dev").mkdir()
+    with open(dev_root / "uio3", "wb") as f:
+        f.truncate(1082130432)
+    (d,) = uio.find_devices("lvmirror", dev_root=str(dev_root), **roots)
+    real_open, calls = os.open, []
+
+    def kernel_open(path, flags, *a):
+        if path == d.dev_path:
+            calls.append(path)
+            if len(calls) <= busy_opens:
+                raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), path)
+        return real_open(path, flags, *a)
+    monkeypatch.setattr(uio.os, "open", kernel_open)
+    return d, calls
+
+
+def test_open_waits_while_another_process_briefly_holds_the_device(tmp_path, monkeypatch):
+    d, calls = _busy_device(tmp_path, monkeypatch, busy_opens=3)
+    h = uio.open_device(d, busy_wait=5)
+    assert len(calls) == 4
+    h.close()
+
+
+def test_open_of_a_device_held_by_another_handler_is_a_clear_error(tmp_path, monkeypatch):
+    d, calls = _busy_device(tmp_path, monkeypatch, busy_opens=10 ** 6)
+    with pytest.raises(uio.DeviceBusyError, match="held open by another process.*tcmu-runner"):
+        uio.open_device(d, busy_wait=0.3)
+    assert len(calls) > 1
+
+
 def test_pickup_blocks_resets_and_unblocks_even_on_failure(tmp_path):
     roots = fake_device(tmp_path, 3, "tcm-user/1/lun0/lvmirror/vol0")
     (d,) = uio.find_devices("lvmirror", dev_root=str(tmp_path / "dev"), **roots)

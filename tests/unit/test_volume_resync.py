@@ -146,3 +146,20 @@ def test_resync_refusals_and_rate_validation(tmp_path):
     job.wait(10)
     assert job.progress()["state"] == "done"
     vol.close()
+
+
+def test_finished_resync_reports_where_its_time_went(tmp_path, caplog):
+    import logging
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    for lba in (0, 40):
+        write(vol, lba, pattern(2, lba))
+    with caplog.at_level(logging.INFO, logger="lvmirror.mirror.resync"):
+        job = vol.resync(1)
+        assert job.wait(10) and job.state == "done"
+    assert set(job.phase_seconds) == {"drain", "copy", "commit"}
+    assert all(v >= 0 for v in job.phase_seconds.values())
+    assert sum(job.phase_seconds.values()) <= job.progress()["elapsed"] + 1e-6
+    (line,) = [r.getMessage() for r in caplog.records if "resync of image 1 done" in r.getMessage()]
+    assert f"{2 * REGION} bytes" in line
+    vol.close()
