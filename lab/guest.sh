@@ -363,6 +363,15 @@ tcmurunner() {   # tcmu-runner owns org.kernel.TCMUService1: lvmirrord registers
     && lvmirror status | grep -q "volume volr" \
     && result targetcli_through_tcmu_runner ok dev=$d \
     || result targetcli_through_tcmu_runner fail dev="$d" io=$st out="$(echo "$out" | tail -3)" runner="$(tail -2 $OUT/tcmu-runner.log)"
+  # tcmu-runner restarts (as systemd would restart it): lvmirrord registers again by itself
+  kill $runner; wait $runner 2>/dev/null
+  tcmu-runner --debug >> "$OUT/tcmu-runner.log" 2>&1 & runner=$!
+  for i in $(seq 100); do grep -q "with the restarted tcmu-runner" "$OUT/lvmirrord.log" && break; sleep 0.2; done
+  out=$(printf '%s\n' "set global auto_save_on_exit=false" "ls /backstores" | targetcli 2>&1)
+  echo "$out" >> "$OUT/targetcli.log"
+  grep -q "with the restarted tcmu-runner" "$OUT/lvmirrord.log" && echo "$out" | grep -q "user:lvmirror" \
+    && result reregisters_when_tcmu_runner_restarts ok \
+    || result reregisters_when_tcmu_runner_restarts fail log="$(tail -2 $OUT/lvmirrord.log)"
   logout
   printf '%s\n' "set global auto_save_on_exit=false" "/iscsi/$IQN/tpg1/luns delete lun3" \
     "/backstores/user:lvmirror delete rr" | targetcli >> "$OUT/targetcli.log" 2>&1

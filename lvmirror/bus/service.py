@@ -257,6 +257,8 @@ class BusService:
         self.manager = None
         self.conn = None
         self.tcmu_mode = None      # "owner" or "registered" (tcmu-runner owns the name)
+        self._runner = None        # tcmu-runner's unique name while registered with it
+        self._registrations = 0
 
     def start(self, timeout=10.0):
         dbus.mainloop.glib.threads_init()      # the daemon is multi-threaded: lock libdbus
@@ -306,19 +308,52 @@ class BusService:
             self._names.append(dbus.service.BusName(own, conn, do_not_queue=True))
             path = f"{TCMU_PATH}/HandlerManager1/{cfgstring.SUBTYPE}"
             self._objects.append(TcmuHandler(conn, path, self._daemon))
-            mgr = conn.get_object(TCMU_NAME, f"{TCMU_PATH}/HandlerManager1")
-            ok, msg = mgr.RegisterHandler(cfgstring.SUBTYPE, cfgstring.CONFIG_DESC,
-                                          dbus_interface=TCMU_HANDLER_MANAGER)
+            ok, msg = self._runner_manager().RegisterHandler(
+                cfgstring.SUBTYPE, cfgstring.CONFIG_DESC, dbus_interface=TCMU_HANDLER_MANAGER)
             if not ok:
                 raise RuntimeError(f"tcmu-runner refused to register handler "
                                    f"{cfgstring.SUBTYPE}: {msg}")
             self.tcmu_mode = "registered"
+            self._runner = conn.get_name_owner(TCMU_NAME)
+            self._registrations = 1
             log.info("D-Bus: registered handler %s with tcmu-runner", cfgstring.SUBTYPE)
+            # tcmu-runner forgets its registered handlers when it restarts: register again
+            # whenever a new tcmu-runner takes the name.
+            conn.watch_name_owner(TCMU_NAME, self._runner_changed)
         else:
             self._objects.append(TcmuRoot(conn, TCMU_PATH, handler_path))
             self._objects.append(TcmuHandler(conn, handler_path, self._daemon))
             self.tcmu_mode = "owner"
             log.info("D-Bus: serving %s and %s", TCMU_NAME, BUS_NAME)
+
+    def _runner_manager(self):
+        return self.conn.get_object(TCMU_NAME, f"{TCMU_PATH}/HandlerManager1")
+
+    def _runner_changed(self, owner):
+        """(bus thread) org.kernel.TCMUService1 changed hands."""
+        if owner == self._runner:
+            return                  # the first call reports the owner we registered with
+        self._runner = owner
+        if not owner:
+            log.warning("D-Bus: tcmu-runner left the bus; targetcli lists user:%s again once "
+                        "it is back (LUNs keep being served)", cfgstring.SUBTYPE)
+            return
+
+        def registered(ok, msg):
+            if ok:
+                self._registrations += 1
+                log.info("D-Bus: registered handler %s with the restarted tcmu-runner",
+                         cfgstring.SUBTYPE)
+            else:
+                log.error("D-Bus: tcmu-runner refused handler %s: %s", cfgstring.SUBTYPE, msg)
+
+        def failed(exc):
+            log.error("D-Bus: registering handler %s with tcmu-runner failed: %s",
+                      cfgstring.SUBTYPE, exc)
+
+        self._runner_manager().RegisterHandler(
+            cfgstring.SUBTYPE, cfgstring.CONFIG_DESC, dbus_interface=TCMU_HANDLER_MANAGER,
+            reply_handler=registered, error_handler=failed)
 
     def _tick(self):
         try:

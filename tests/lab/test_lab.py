@@ -23,7 +23,8 @@ SECTION_CHECKS = {
     "dbus": ["busctl_shows_volume_objects", "unprivileged_reads_status", "unprivileged_change_refused",
              "external_lock_blocks_initiator_io", "lock_released_when_holder_leaves"],
     "saveconfig": ["saveconfig_keeps_nl_reply_supported", "restoreconfig_brings_luns_back"],
-    "tcmurunner": ["lvmirrord_registers_with_tcmu_runner", "targetcli_through_tcmu_runner"],
+    "tcmurunner": ["lvmirrord_registers_with_tcmu_runner", "targetcli_through_tcmu_runner",
+                   "reregisters_when_tcmu_runner_restarts"],
 }
 ALL = [(s, c) for s, checks in SECTION_CHECKS.items() for c in checks]
 
