@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from lvmirror import __version__, cfgstring, sdnotify
 from lvmirror.errors import ConfigError, LvmirrorError, StateError
+from lvmirror.mirror.resync import job_progress
 from lvmirror.mirror.volume import MirrorVolume
 from lvmirror.scsi import LogicalUnit, Response
 from lvmirror.scsi import constants as scsi
@@ -408,14 +409,7 @@ class BackupProgress:
         self.state, self.error, self._t_end = state, error, time.monotonic()
 
     def progress(self) -> dict:
-        elapsed = (self._t_end or time.monotonic()) - self._t0
-        rate = self.bytes_done / elapsed / 1e6 if elapsed > 0 else 0.0
-        left = max(self.bytes_total - self.bytes_done, 0)
-        eta = 0.0 if self.state != "running" else (left / (rate * 1e6) if rate > 0 else None)
-        return dict(kind=self.kind, image_id=self.image_id, state=self.state,
-                    bytes_done=self.bytes_done, bytes_total=self.bytes_total, rate=rate,
-                    elapsed=elapsed, eta_seconds=eta, error=self.error, rate_limit=None,
-                    dest=self.dest)
+        return job_progress(self, rate_limit=None, dest=self.dest)
 
 
 class Lvmirrord:

@@ -28,13 +28,28 @@ from lvmirror.errors import ImageIOError, LvmirrorError, StateError
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.metadata import VolumeMetadata
 
-__all__ = ["ResyncJob", "RestoreJob"]
+__all__ = ["ResyncJob", "RestoreJob", "job_progress"]
 
 CHECKPOINT_REGIONS = 64
 CHECKPOINT_SECONDS = 1.0
 MB = 1_000_000
 
 log = logging.getLogger(__name__)
+
+
+def job_progress(job, **extra) -> dict:
+    """A copy job's figures for status displays: kind, image_id, state, bytes_done,
+    bytes_total, rate (MB/s), elapsed (s, the run time so far or in all once it ended),
+    eta_seconds (None when unknown), error, and ``extra``. ``job`` has those attributes and
+    ``_t0`` / ``_t_end`` (monotonic start and end, None until set)."""
+    now = job._t_end or time.monotonic()
+    elapsed = (now - job._t0) if job._t0 else 0.0
+    rate = job.bytes_done / elapsed / MB if elapsed > 0 else 0.0
+    left = max(job.bytes_total - job.bytes_done, 0)
+    eta = 0.0 if job.state != "running" else (left / (rate * MB) if rate > 0 else None)
+    return dict(kind=job.kind, image_id=job.image_id, state=job.state,
+                bytes_done=job.bytes_done, bytes_total=job.bytes_total, rate=rate,
+                elapsed=elapsed, eta_seconds=eta, error=job.error, **extra)
 
 
 class _Job:
@@ -91,16 +106,8 @@ class _Job:
         return self._thread is not None and not self._done.is_set()
 
     def progress(self) -> dict:
-        """bytes_done, bytes_total, rate (MB/s), elapsed (s, the copy's run time so far or in
-        all once it ended), eta_seconds (None when unknown), state."""
-        now = self._t_end or time.monotonic()
-        elapsed = (now - self._t0) if self._t0 else 0.0
-        rate = self.bytes_done / elapsed / MB if elapsed > 0 else 0.0
-        left = max(self.bytes_total - self.bytes_done, 0)
-        eta = 0.0 if self.state != "running" else (left / (rate * MB) if rate > 0 else None)
-        return dict(kind=self.kind, image_id=self.image_id, state=self.state,
-                    bytes_done=self.bytes_done, bytes_total=self.bytes_total, rate=rate,
-                    elapsed=elapsed, eta_seconds=eta, error=self.error, rate_limit=self.rate_limit)
+        """See ``job_progress``; plus rate_limit (MB/s or None)."""
+        return job_progress(self, rate_limit=self.rate_limit)
 
     def _throttle(self, nbytes):
         while self._rate and not self._cancel.is_set():
