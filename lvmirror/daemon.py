@@ -500,19 +500,17 @@ class Lvmirrord:
         return dict(index=info.index, path=info.path, split_time=info.split_time,
                     generation=info.generation, drained=info.drained)
 
-    def _image_info(self, name, image):
-        volume = self._volume(name)
-        info = next((i for i in volume.images if i.index == image), None)
+    def _no_backup(self, name, image):
+        """Image ``image``'s ImageInfo, or StateError while a backup of it runs (the caller holds
+        ``_backup_lock`` across this check and its change to the image)."""
+        info = next((i for i in self._volume(name).images if i.index == image), None)
         if info is None:
             raise ConfigError(f"volume {name}: no image {image}")
-        return volume, info
-
-    def _no_backup(self, name, image):
-        volume, info = self._image_info(name, image)
         b = self._backups.get((name, info.id))
         if b is not None and b.state == "running":
             raise StateError(f"volume {name}: image {image} is being backed up to {b.dest}; "
                              f"wait for the backup to finish")
+        return info
 
     def backup(self, name, image, dest, fmt="raw") -> int:
         """Copy split image ``image`` to ``dest`` (raw sparse or qcow2). Resync, restore and
@@ -520,15 +518,12 @@ class Lvmirrord:
         from lvmirror.backup import backup_image
         if not os.path.isabs(dest):
             raise ConfigError(f"backup destination {dest!r} must be an absolute path")
-        volume, info = self._image_info(name, image)
-        with self._backup_lock:
-            key = (name, info.id)
-            if key in self._backups and self._backups[key].state == "running":
-                raise StateError(f"volume {name}: image {image} is already being backed up")
+        with self._backup_lock:     # the image's state is read under the lock resync takes
+            info = self._no_backup(name, image)
             if info.state.value != "split":
                 raise StateError(f"volume {name}: image {image} is {info.state.value}; only a "
                                  f"split image is a point-in-time copy (split it first)")
-            progress = self._backups[key] = BackupProgress(info.id, dest)
+            progress = self._backups[(name, info.id)] = BackupProgress(info.id, dest)
         entry = dict(index=info.index, path=info.path, state=info.state.value)
         log.info("volume %s: backup of image %d to %s (%s) started", name, image, dest, fmt)
         try:
