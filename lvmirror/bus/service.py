@@ -12,7 +12,7 @@ import dbus.service
 from gi.repository import GLib
 
 from lvmirror import cfgstring
-from lvmirror.bus.volume import VOLUME_IFACE, VolumeObject, managed_objects, properties
+from lvmirror.bus.volume import VOLUME_IFACE, VolumeObject, interfaces, managed_objects
 from lvmirror.errors import LvmirrorError
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,6 @@ class BusService:
         self.conn = None
         self.tcmu_mode = None      # "owner" or "registered" (tcmu-runner owns the name)
         self._runner = None        # tcmu-runner's unique name while registered with it
-        self._registrations = 0
 
     def start(self, timeout=10.0):
         dbus.mainloop.glib.threads_init()      # the daemon is multi-threaded: lock libdbus
@@ -315,7 +314,6 @@ class BusService:
                                    f"{cfgstring.SUBTYPE}: {msg}")
             self.tcmu_mode = "registered"
             self._runner = conn.get_name_owner(TCMU_NAME)
-            self._registrations = 1
             log.info("D-Bus: registered handler %s with tcmu-runner", cfgstring.SUBTYPE)
             # tcmu-runner forgets its registered handlers when it restarts: register again
             # whenever a new tcmu-runner takes the name.
@@ -341,7 +339,6 @@ class BusService:
 
         def registered(ok, msg):
             if ok:
-                self._registrations += 1
                 log.info("D-Bus: registered handler %s with the restarted tcmu-runner",
                          cfgstring.SUBTYPE)
             else:
@@ -379,9 +376,7 @@ class BusService:
                 obj = self._volumes[name] = VolumeObject(self.conn, name, self._daemon,
                                                          self.manager)
                 obj.refresh(vol)
-                self.manager.InterfacesAdded(dbus.ObjectPath(obj.path), dbus.Dictionary(
-                    {VOLUME_IFACE: dbus.Dictionary(properties(vol, name), signature="sv")},
-                    signature="sa{sv}"))
+                self.manager.InterfacesAdded(dbus.ObjectPath(obj.path), interfaces(vol, name))
             else:
                 obj.refresh(vol)
 

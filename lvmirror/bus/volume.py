@@ -240,14 +240,17 @@ def add_properties(xml: str, interface: str, props: dict) -> str:
     return head + ET.tostring(root, encoding="unicode")
 
 
+def interfaces(vol: dict, name: str) -> dict:
+    """A volume object's interfaces and properties, as ObjectManager sends them."""
+    return dbus.Dictionary({VOLUME_IFACE: dbus.Dictionary(properties(vol, name), signature="sv")},
+                           signature="sa{sv}")
+
+
 def managed_objects(status: dict) -> dict:
     """ObjectManager.GetManagedObjects for ``/org/lvmirror1``."""
-    return dbus.Dictionary({
-        dbus.ObjectPath(object_path(name)): dbus.Dictionary(
-            {VOLUME_IFACE: dbus.Dictionary(properties(vol, name), signature="sv")},
-            signature="sa{sv}")
-        for name, vol in status["volumes"].items()}, signature="oa{sa{sv}}")
+    return dbus.Dictionary({dbus.ObjectPath(object_path(name)): interfaces(vol, name)
+                            for name, vol in status["volumes"].items()}, signature="oa{sa{sv}}")
 
 
-__all__ = ["VOLUME_IFACE", "VOLUME_ROOT", "VolumeObject", "add_properties", "managed_objects",
-           "object_path", "properties"]
+__all__ = ["VOLUME_IFACE", "VOLUME_ROOT", "VolumeObject", "add_properties", "interfaces",
+           "managed_objects", "object_path", "properties"]
