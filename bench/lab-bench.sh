@@ -41,18 +41,14 @@ PY
 
 now() { date +%s.%N; }
 
-b_login() {
-  pidof iscsid >/dev/null || { iscsid; sleep 1; }
-  iscsiadm -m discovery -t sendtargets -p 127.0.0.1 >/dev/null &&
-  iscsiadm -m node -T $BIQN -p 127.0.0.1 --login >/dev/null || return 1
-  udevadm settle 2>/dev/null; sleep 1
-  BDEV=$(readlink -f /dev/disk/by-path/ip-127.0.0.1:3260-iscsi-$BIQN-lun-0)
+b_login() {   # guest.sh's login and lun_dev, on the bench's target
+  login $BIQN || return 1
+  BDEV=$(lun_dev 0 $BIQN)
   [ -b "$BDEV" ]
 }
 b_logout() {
-  iscsiadm -m node -T $BIQN -p 127.0.0.1 --logout >/dev/null 2>&1
+  logout $BIQN
   iscsiadm -m node -T $BIQN -p 127.0.0.1 -o delete >/dev/null 2>&1
-  udevadm settle 2>/dev/null
 }
 
 fresh_images() {

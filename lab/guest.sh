@@ -70,31 +70,36 @@ setup() {
   t "stack: modules, configfs, network, scratch ext4, system bus; lvmirrord is $(command -v lvmirrord)"
 }
 
-start_daemon() {
-  lvmirrord --state-dir $STATE --log-level ${LOGLEVEL:-info} >> "$OUT/lvmirrord.log" 2>&1 &
-  DAEMON=$!
+wait_bus_name() {  # wait_bus_name NAME PID: until NAME has an owner on the system bus (30 s), or PID dies
   for i in $(seq 150); do
     dbus-send --system --print-reply --dest=org.freedesktop.DBus /org/freedesktop/DBus \
-      org.freedesktop.DBus.NameHasOwner string:org.lvmirror1 2>/dev/null | grep -q 'boolean true' && return 0
-    kill -0 $DAEMON 2>/dev/null || return 1
+      org.freedesktop.DBus.NameHasOwner string:$1 2>/dev/null | grep -q 'boolean true' && return 0
+    kill -0 $2 2>/dev/null || return 1
     sleep 0.2
   done
   return 1
 }
 
+start_daemon() {
+  lvmirrord --state-dir $STATE --log-level ${LOGLEVEL:-info} >> "$OUT/lvmirrord.log" 2>&1 &
+  DAEMON=$!
+  wait_bus_name org.lvmirror1 $DAEMON
+}
+
 tcli() { targetcli >> "$OUT/targetcli.log" 2>&1; }
 
-lun_dev() {  # lun_dev LUN -> /dev/sdX of the open-iscsi session
-  readlink -f /dev/disk/by-path/ip-127.0.0.1:3260-iscsi-$IQN-lun-$1
+# The open-iscsi side; TARGET defaults to the lab's $IQN (bench/lab-bench.sh uses its own).
+lun_dev() {  # lun_dev LUN [TARGET] -> /dev/sdX of the open-iscsi session
+  readlink -f /dev/disk/by-path/ip-127.0.0.1:3260-iscsi-${2:-$IQN}-lun-$1
 }
 
-login() {
+login() {  # login [TARGET]
   pidof iscsid >/dev/null || { iscsid; sleep 1; }
   iscsiadm -m discovery -t sendtargets -p 127.0.0.1 >/dev/null &&
-  iscsiadm -m node -T $IQN -p 127.0.0.1 --login >/dev/null
+  iscsiadm -m node -T ${1:-$IQN} -p 127.0.0.1 --login >/dev/null
   udevadm settle 2>/dev/null; sleep 1
 }
-logout() { iscsiadm -m node -T $IQN -p 127.0.0.1 --logout >/dev/null 2>&1; udevadm settle 2>/dev/null; }
+logout() { iscsiadm -m node -T ${1:-$IQN} -p 127.0.0.1 --logout >/dev/null 2>&1; udevadm settle 2>/dev/null; }
 rescan() { iscsiadm -m session --rescan >/dev/null 2>&1; udevadm settle 2>/dev/null; sleep 1; }
 
 # ---------------------------------------------------------------- sections
@@ -337,11 +342,7 @@ tcmurunner() {   # tcmu-runner owns org.kernel.TCMUService1: lvmirrord registers
   logout
   kill $DAEMON; wait $DAEMON 2>/dev/null
   tcmu-runner --debug > "$OUT/tcmu-runner.log" 2>&1 & runner=$!
-  for i in $(seq 100); do
-    dbus-send --system --print-reply --dest=org.freedesktop.DBus /org/freedesktop/DBus \
-      org.freedesktop.DBus.NameHasOwner string:org.kernel.TCMUService1 2>/dev/null | grep -q 'boolean true' && break
-    sleep 0.2
-  done
+  wait_bus_name org.kernel.TCMUService1 $runner
   start_daemon && grep -q "registered handler lvmirror with tcmu-runner" "$OUT/lvmirrord.log" \
     && result lvmirrord_registers_with_tcmu_runner ok \
     || result lvmirrord_registers_with_tcmu_runner fail log="$(tail -3 $OUT/lvmirrord.log)"
