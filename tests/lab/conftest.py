@@ -6,6 +6,7 @@ Plain ``pytest`` on a host without the lab (no virtme-ng or no linux-image-amd64
 tests with the reason; ``tools/test`` sets LVMIRROR_LAB_REQUIRED=1, which turns that into an
 error so CI cannot pass without the kernel proving the product."""
 
+import glob
 import json
 import os
 import shutil
@@ -18,6 +19,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 OUT = os.environ.get("LAB_OUT", os.path.join(ROOT, "lab-out"))
 PORT = int(os.environ.get("LAB_PORT", "13260"))
 IQN = "iqn.2026-11.org.lvmirror:lab"
+# the systemd section boots on its own (lab/boot --systemd: systemd as PID 1) into its own output
+SYSTEMD_OUT = os.environ.get("LAB_OUT_SYSTEMD", os.path.join(ROOT, "lab-out-systemd"))
+DEFAULT_SECTIONS = "basic fs split crash dbus compliance saveconfig tcmurunner systemd"
+
+
+def _sections():
+    return os.environ.get("LVMIRROR_LAB_SECTIONS", DEFAULT_SECTIONS).split()
+
+
+def _results(out):
+    results = {}
+    path = os.path.join(out, "results.jsonl")
+    if os.path.exists(path):
+        for line in open(path):
+            d = json.loads(line)
+            results[d["check"]] = d
+    return results
 
 
 def _lab_missing():
@@ -46,14 +64,20 @@ def _host_side(results):
                                          "out": r.stdout[-800:] + r.stderr[-300:]}
 
 
-@pytest.fixture(scope="session")
-def lab():
+def _require_lab():
     missing = _lab_missing()
     if missing:
         if os.environ.get("LVMIRROR_LAB_REQUIRED") == "1":
             pytest.fail(f"kernel lab required but unavailable: {missing}")
         pytest.skip(f"kernel lab unavailable: {missing}")
-    sections = os.environ.get("LVMIRROR_LAB_SECTIONS", "basic fs split crash dbus compliance saveconfig tcmurunner").split()
+
+
+@pytest.fixture(scope="session")
+def lab():
+    _require_lab()
+    sections = [s for s in _sections() if s != "systemd"]
+    if not sections:
+        pytest.skip("no section of the plain lab boot selected (LVMIRROR_LAB_SECTIONS)")
     env = dict(os.environ, LAB_OUT=OUT, LAB_PORT=str(PORT))
     t0 = time.monotonic()
     proc = subprocess.Popen([os.path.join(ROOT, "lab", "boot"), *sections], env=env,
@@ -70,13 +94,31 @@ def lab():
     out = proc.stdout.read()
     elapsed = time.monotonic() - t0
     print(f"\nkernel lab: {elapsed:.0f} s wall, sections {sections}\n{out}")
-    results = {}
-    path = os.path.join(OUT, "results.jsonl")
-    if os.path.exists(path):
-        for line in open(path):
-            d = json.loads(line)
-            results[d["check"]] = d
+    results = _results(OUT)
     results.update({k: dict(v, check=k) for k, v in host.items()})
     if proc.returncode != 0 or not results:
         pytest.fail(f"the kernel lab did not run (rc={proc.returncode}):\n{out[-3000:]}")
     return {"results": results, "out": OUT, "sections": sections, "elapsed": elapsed}
+
+
+@pytest.fixture(scope="session")
+def systemd_lab():
+    """The packaged lvmirrord.service in a guest whose PID 1 is systemd (lab/boot --systemd):
+    installed and started by dpkg, restarted after SIGKILL, stopped, D-Bus-activated."""
+    _require_lab()
+    if "systemd" not in _sections():
+        pytest.skip("section systemd not run (LVMIRROR_LAB_SECTIONS)")
+    if not glob.glob(os.path.join(ROOT, "build", "deb", "lvmirror_*_all.deb")):
+        if os.environ.get("LVMIRROR_EXPECT_PACKAGE") == "1":
+            pytest.fail("tools/build-deb ran but build/deb holds no package")
+        pytest.skip("the systemd section installs the Debian package: run tools/build-deb first")
+    env = dict(os.environ, LAB_OUT=SYSTEMD_OUT, LAB_PORT=str(PORT))
+    t0 = time.monotonic()
+    proc = subprocess.run([os.path.join(ROOT, "lab", "boot"), "--systemd", "systemd"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    elapsed = time.monotonic() - t0
+    print(f"\nkernel lab (systemd as PID 1): {elapsed:.0f} s wall\n{proc.stdout}")
+    results = _results(SYSTEMD_OUT)
+    if proc.returncode != 0 or not results:
+        pytest.fail(f"the systemd lab did not run (rc={proc.returncode}):\n{proc.stdout[-3000:]}")
+    return {"results": results, "out": SYSTEMD_OUT, "elapsed": elapsed}

@@ -27,6 +27,9 @@ SECTION_CHECKS = {
                    "reregisters_when_tcmu_runner_restarts"],
 }
 ALL = [(s, c) for s, checks in SECTION_CHECKS.items() for c in checks]
+# lab/boot --systemd: the packaged unit with systemd as PID 1 (conftest's systemd_lab)
+SYSTEMD_CHECKS = ["systemd_is_pid1", "service_started_by_package", "service_serves_lun_under_hardening",
+                  "service_restarted_after_sigkill", "service_stops_cleanly", "service_dbus_activated"]
 
 
 def test_debian_package_installed_and_used(lab):
@@ -46,6 +49,14 @@ def test_lab_check(lab, section, check):
         pytest.skip(f"section {section} not run (LVMIRROR_LAB_SECTIONS)")
     res = lab["results"].get(check)
     assert res is not None, f"{check}: the guest never reported it (see {lab['out']}/guest.log)"
+    assert res["ok"], f"{check} failed: {res}"
+
+
+@pytest.mark.parametrize("check", SYSTEMD_CHECKS)
+def test_systemd_service(systemd_lab, check):
+    res = systemd_lab["results"].get(check)
+    assert res is not None, (f"{check}: the guest never reported it "
+                             f"(see {systemd_lab['out']}/guest-console.log)")
     assert res["ok"], f"{check} failed: {res}"
 
 
