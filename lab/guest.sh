@@ -71,6 +71,8 @@ setup() {
     else
       result package_installed fail log="$(tail -3 $OUT/dpkg.log)"
     fi
+  else
+    systemd-tmpfiles --create "$REPO/systemd/lvmirror.tmpfiles"   # what the package's entry does
   fi
   [ -n "$UNDER_SYSTEMD" ] || { dbus-uuidgen --ensure; dbus-daemon --system --fork; }
   t "stack: modules, configfs, network, scratch ext4, system bus; lvmirrord is $(command -v lvmirrord)"
@@ -145,6 +147,20 @@ TC
   dd if=/dev/urandom of=/run/pat bs=1M count=8 status=none
   if dd if=/run/pat of=$d0 bs=1M oflag=direct status=none && cmp -n 8388608 /run/pat $d0; then
     result dd_write_readback ok; else result dd_write_readback fail; fi
+  # SCSI-3 persistent reservations (the fencing of Windows failover clusters, VMware, pacemaker):
+  # LIO's core serves them for TCMU LUNs and keeps their state in <dbroot>/pr, which the package's
+  # tmpfiles entry provides. Register a key, reserve Write Exclusive - Registrants Only, read both
+  # back, release and unregister.
+  if sg_persist -n -o -G -S 0xabc123 $d0 > "$OUT/pr.txt" 2>&1 \
+     && sg_persist -n -o -R -K 0xabc123 -T 5 $d0 >> "$OUT/pr.txt" 2>&1 \
+     && sg_persist -n -i -k $d0 >> "$OUT/pr.txt" 2>&1 && grep -q 0xabc123 "$OUT/pr.txt" \
+     && sg_persist -n -i -r $d0 >> "$OUT/pr.txt" 2>&1 && grep -qi "registrants only" "$OUT/pr.txt" \
+     && sg_persist -n -o -L -K 0xabc123 -T 5 $d0 >> "$OUT/pr.txt" 2>&1 \
+     && sg_persist -n -o -G -K 0xabc123 -S 0 $d0 >> "$OUT/pr.txt" 2>&1; then
+    result persistent_reservation ok dbroot="$(cat /sys/kernel/config/target/dbroot 2>/dev/null)"
+  else
+    result persistent_reservation fail out="$(tail -2 $OUT/pr.txt)" dbroot="$(cat /sys/kernel/config/target/dbroot 2>/dev/null)"
+  fi
   touch "$OUT/target-ready"          # the host may now use the portal through hostfwd
 }
 
