@@ -466,7 +466,8 @@ systemd() {  # the packaged lvmirrord.service with systemd as PID 1: installed a
               journal="$(journal -u lvmirrord.service | grep -m3 -iE 'error|denied|failed')"
   systemd-analyze security lvmirrord.service --no-pager > "$OUT/systemd-security.txt" 2>&1
 
-  # 2. under the unit's hardening: configfs, uio, netlink, images, state in /var/lib/lvmirror
+  # 2. under the unit's hardening: configfs, uio, netlink, images, state in /var/lib/lvmirror, a
+  #    qcow2 backup of the split image (qemu-img) that only its owner can read
   tcli <<TC
 set global auto_save_on_exit=false
 /backstores/user:lvmirror create name=s3 size=128M cfgstring=svc;images=/run/scratch/s3a.img+/run/scratch/s3b.img+/run/scratch/s3c.img control=nl_reply_supported=-1
@@ -480,8 +481,12 @@ TC
   exposure=$(tail -1 "$OUT/systemd-security.txt" | sed 's/.*: //')
   if [ -b "$d" ] && dd if=/run/pat-svc of=$d bs=1M oflag=direct status=none && cmp -n 8388608 /run/pat-svc $d \
      && lvmirror split svc 2 > "$OUT/svc-split.txt" 2>&1 && ls /var/lib/lvmirror/ | grep -q . \
+     && lvmirror backup svc 2 /run/scratch/svc-backup.qcow2 --format qcow2 >> "$OUT/svc-split.txt" 2>&1 \
+     && qemu-img compare -f raw -F qcow2 /run/scratch/s3c.img /run/scratch/svc-backup.qcow2 >> "$OUT/svc-split.txt" 2>&1 \
+     && stat -c 'backup mode %a' /run/scratch/svc-backup.qcow2 | tee -a "$OUT/svc-split.txt" | grep -q ' 600$' \
      && lvmirror resync svc 2 --wait >> "$OUT/svc-split.txt" 2>&1; then
-    result service_serves_lun_under_hardening ok dev=$d exposure="$exposure" state_dir="$(ls /var/lib/lvmirror | tr '\n' ' ')"
+    result service_serves_lun_under_hardening ok dev=$d exposure="$exposure" state_dir="$(ls /var/lib/lvmirror | tr '\n' ' ')" \
+           backup="$(stat -c '%a %s' /run/scratch/svc-backup.qcow2)"
   else
     result service_serves_lun_under_hardening fail dev=$d out="$(tail -3 $OUT/svc-split.txt 2>/dev/null)" \
            journal="$(journal -u lvmirrord.service -n 5)"

@@ -2,8 +2,9 @@
 
 A split image receives no I/O from the volume, so it can be read directly while the LUN keeps
 running. Raw copies keep holes (SEEK_DATA/SEEK_HOLE) so a thin image stays thin; qcow2 goes
-through ``qemu-img convert``. Refused unless the image is split: copying a live image would not
-be a point-in-time copy.
+through ``qemu-img convert``. A new copy is created readable by its owner only (0600) in either
+format: it holds the LUN's data. Refused unless the image is split: copying a live image would
+not be a point-in-time copy.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def backup_image(image: dict, dest: str, *, fmt: str = "raw", progress=None) -> 
     if fmt == "qcow2":
         if shutil.which("qemu-img") is None:
             raise ValueError("qcow2 needs qemu-img (Debian package qemu-utils)")
+        # a new copy is its owner's alone in either format, whatever the caller's umask
         r = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, dest],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, umask=0o077)
         if r.returncode:
             raise OSError(f"qemu-img convert failed: {r.stderr.strip()}")
         size = os.path.getsize(src)

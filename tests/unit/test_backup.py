@@ -1,6 +1,8 @@
-"""Backup from a split image: a sparse raw copy (holes kept) and the refusals."""
+"""Backup from a split image: a sparse raw copy (holes kept), a qcow2 copy, and the refusals."""
 
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -37,4 +39,36 @@ def test_backup_copies_the_point_in_time_copy_and_keeps_holes(tmp_path):
         backup_image(dict(index=2, path=im.path, state="split"), dest, fmt="vmdk")
     with pytest.raises(ValueError, match="the image itself"):
         backup_image(dict(index=2, path=im.path, state="split"), im.path)
+    vol.close()
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img (qemu-utils) not installed")
+def test_qcow2_backup_is_the_split_image_and_owner_only(tmp_path):
+    """qcow2 goes through qemu-img; the copy holds the LUN's data, so a new one is 0600 even when
+    the caller's umask would make it world-readable (raw copies are created 0600 too)."""
+    paths = [str(tmp_path / f"img{k}") for k in range(2)]
+    vol = MirrorVolume.create("vol", paths, meta_dir=str(tmp_path / "meta"), size=16 << 20,
+                              flush_interval=None)
+    for job in vol.jobs.values():
+        assert job.wait(20)
+    vol.write(8, [memoryview(b"A" * 4096)])
+    vol.split(1)
+    vol.write(8, [memoryview(b"C" * 4096)])            # after T: not in the copy
+    im = next(i for i in vol.images if i.index == 1)
+    old = os.umask(0o022)
+    try:
+        for fmt in ("qcow2", "raw"):
+            dest = str(tmp_path / f"backup.{fmt}")
+            backup_image(dict(index=1, path=im.path, state=im.state.value), dest, fmt=fmt)
+            assert os.stat(dest).st_mode & 0o777 == 0o600, fmt
+    finally:
+        os.umask(old)
+    r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", im.path,
+                        str(tmp_path / "backup.qcow2")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw",
+                        str(tmp_path / "backup.qcow2"), str(tmp_path / "back.raw")])
+    with open(tmp_path / "back.raw", "rb") as f:
+        f.seek(8 * 512)
+        assert f.read(4096) == b"A" * 4096
     vol.close()
