@@ -10,12 +10,18 @@ from lvmirror.backup import backup_image
 from lvmirror.mirror.volume import MirrorVolume
 
 
-def test_backup_copies_the_point_in_time_copy_and_keeps_holes(tmp_path):
-    paths = [str(tmp_path / f"img{k}") for k in range(3)]
-    vol = MirrorVolume.create("vol", paths, meta_dir=str(tmp_path / "meta"), size=64 << 20,
+def _mirror(tmp_path, n, size):
+    """A volume of n images, its initial resync done."""
+    paths = [str(tmp_path / f"img{k}") for k in range(n)]
+    vol = MirrorVolume.create("vol", paths, meta_dir=str(tmp_path / "meta"), size=size,
                               flush_interval=None)
     for job in vol.jobs.values():
         assert job.wait(20)
+    return vol
+
+
+def test_backup_copies_the_point_in_time_copy_and_keeps_holes(tmp_path):
+    vol = _mirror(tmp_path, 3, 64 << 20)
     vol.write(0, [memoryview(b"A" * 4096)])
     vol.write(100000, [memoryview(b"B" * 4096)])
     vol.split(2)
@@ -46,11 +52,7 @@ def test_backup_copies_the_point_in_time_copy_and_keeps_holes(tmp_path):
 def test_qcow2_backup_is_the_split_image_and_owner_only(tmp_path):
     """qcow2 goes through qemu-img; the copy holds the LUN's data, so a new one is 0600 even when
     the caller's umask would make it world-readable (raw copies are created 0600 too)."""
-    paths = [str(tmp_path / f"img{k}") for k in range(2)]
-    vol = MirrorVolume.create("vol", paths, meta_dir=str(tmp_path / "meta"), size=16 << 20,
-                              flush_interval=None)
-    for job in vol.jobs.values():
-        assert job.wait(20)
+    vol = _mirror(tmp_path, 2, 16 << 20)
     vol.write(8, [memoryview(b"A" * 4096)])
     vol.split(1)
     vol.write(8, [memoryview(b"C" * 4096)])            # after T: not in the copy
