@@ -109,6 +109,13 @@ login() {  # login [TARGET]
 }
 logout() { iscsiadm -m node -T ${1:-$IQN} -p 127.0.0.1 --logout >/dev/null 2>&1; udevadm settle 2>/dev/null; }
 rescan() { iscsiadm -m session --rescan >/dev/null 2>&1; udevadm settle 2>/dev/null; sleep 1; }
+fio_verify_load() {  # fio_verify_load NAME DEV SIZE OFFSET [FIO-OPTION ...]: in the background (FIO),
+  local name=$1 dev=$2 size=$3 offset=$4; shift 4   # 4 KiB random writes, CRC-checked when they end
+  fio --name=$name --filename=$dev --rw=randwrite --bs=4k --direct=1 --ioengine=libaio --iodepth=8 \
+      --size=$size --offset=$offset --verify=crc32c --do_verify=1 --verify_fatal=1 "$@" \
+      --output-format=json > "$OUT/fio-$name.json" 2> "$OUT/fio-$name.err" &
+  FIO=$!
+}
 
 # ---------------------------------------------------------------- sections
 basic() {
@@ -231,10 +238,7 @@ TC
 TC
   login; d=$(lun_dev 1)
   # 3. fio with verification while the image is resynced back, then split again under load
-  fio --name=verify --filename=$d --rw=randwrite --bs=4k --direct=1 --ioengine=libaio --iodepth=8 \
-      --size=48M --offset=128M --verify=crc32c --do_verify=1 --verify_fatal=1 --runtime=25 --time_based=0 \
-      --output-format=json > "$OUT/fio-resync.json" 2> "$OUT/fio-resync.err" &
-  FIO=$!
+  fio_verify_load resync $d 48M 128M --runtime=25 --time_based=0
   sleep 3
   lvmirror resync vol3 2 --wait > "$OUT/resync.txt" 2>&1; rrc=$?
   sleep 2
@@ -257,10 +261,7 @@ TC
 
 crash() {   # SIGKILL lvmirrord under load, restart it: the initiator recovers, nothing acked lost
   d=$(lun_dev 0)
-  fio --name=crash --filename=$d --rw=randwrite --bs=4k --direct=1 --ioengine=libaio --iodepth=8 \
-      --size=32M --offset=64M --verify=crc32c --do_verify=1 --verify_fatal=1 \
-      --output-format=json > "$OUT/fio-crash.json" 2> "$OUT/fio-crash.err" &
-  FIO=$!
+  fio_verify_load crash $d 32M 64M
   sleep 4
   kill -9 $DAEMON; wait $DAEMON 2>/dev/null
   sleep 2
@@ -494,10 +495,7 @@ TC
 
   # 3. SIGKILL under a verifying write load: systemd restarts it (Restart=on-failure), the
   #    initiator's I/O resumes and every acknowledged write reads back
-  fio --name=svc-kill --filename=$d --rw=randwrite --bs=4k --direct=1 --ioengine=libaio --iodepth=8 \
-      --size=16M --offset=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
-      --output-format=json > "$OUT/fio-svc-kill.json" 2> "$OUT/fio-svc-kill.err" &
-  FIO=$!
+  fio_verify_load svc-kill $d 16M 32M
   sleep 3
   pid=$(unit_prop MainPID); kill -9 $pid
   pid2=$(wait_active $pid 60)
