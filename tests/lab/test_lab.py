@@ -32,6 +32,13 @@ SYSTEMD_CHECKS = ["systemd_is_pid1", "service_started_by_package", "service_serv
                   "service_restarted_after_sigkill", "service_stops_cleanly", "service_dbus_activated"]
 
 
+def _assert_check(run, check, log):
+    """The guest reported CHECK in this lab run (lab or systemd_lab), and it passed."""
+    res = run["results"].get(check)
+    assert res is not None, f"{check}: the guest never reported it (see {run['out']}/{log})"
+    assert res["ok"], f"{check} failed: {res}"
+
+
 def test_debian_package_installed_and_used(lab):
     """tools/test builds the .deb before the lab; the guest installs it and runs lvmirrord,
     lvmirror and targetcli-lvmirror from it, with its D-Bus policy."""
@@ -47,17 +54,12 @@ def test_debian_package_installed_and_used(lab):
 def test_lab_check(lab, section, check):
     if section not in lab["sections"]:
         pytest.skip(f"section {section} not run (LVMIRROR_LAB_SECTIONS)")
-    res = lab["results"].get(check)
-    assert res is not None, f"{check}: the guest never reported it (see {lab['out']}/guest.log)"
-    assert res["ok"], f"{check} failed: {res}"
+    _assert_check(lab, check, "guest.log")
 
 
 @pytest.mark.parametrize("check", SYSTEMD_CHECKS)
 def test_systemd_service(systemd_lab, check):
-    res = systemd_lab["results"].get(check)
-    assert res is not None, (f"{check}: the guest never reported it "
-                             f"(see {systemd_lab['out']}/guest-console.log)")
-    assert res["ok"], f"{check} failed: {res}"
+    _assert_check(systemd_lab, check, "guest-console.log")
 
 
 # libiscsi tests fileio passes that lvmirror may fail, each with the reason.
