@@ -71,6 +71,11 @@ COMPLIANCE_ALLOW = {
                  "ValidSegDescr")},
     **{f"ReceiveCopyResults.{t}": "RECEIVE COPY RESULTS belongs to EXTENDED COPY (see above)"
        for t in ("CopyStatus", "OpParams")},
+    **{f"Reserve6.{t}": "SCSI-2 RESERVE/RELEASE is served by LIO's core for TCMU and fileio "
+       "alike (never passed up to lvmirrord); these tests race the kernel's teardown of the "
+       "previous test's session, whose reservation may still be held: they fail on both "
+       "backends in most runs and on either one alone in some"
+       for t in ("Logout", "ITNexusLoss")},
 }
 
 
