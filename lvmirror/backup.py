@@ -4,7 +4,10 @@ A split image receives no I/O from the volume, so it can be read directly while 
 running. Raw copies keep holes (SEEK_DATA/SEEK_HOLE) so a thin image stays thin; qcow2 goes
 through ``qemu-img convert``. A new copy is created readable by its owner only (0600) in either
 format: it holds the LUN's data. Refused unless the image is split: copying a live image would
-not be a point-in-time copy.
+not be a point-in-time copy. A backup is reported done only once the copy and its directory
+entry are durable (fsync of both; ``qemu-img convert`` writes through its default cache, so
+the qcow2 file is fsynced after it), as the durability rule of ``lvmirror.mirror.durability``
+asks of every state that vouches for data.
 """
 
 from __future__ import annotations
@@ -35,11 +38,30 @@ def backup_image(image: dict, dest: str, *, fmt: str = "raw", progress=None) -> 
                            capture_output=True, text=True, umask=0o077)
         if r.returncode:
             raise OSError(f"qemu-img convert failed: {r.stderr.strip()}")
+        make_durable(dest)
         size = os.path.getsize(src)
         if progress:
             progress(size, size)
         return size
     return _copy_sparse(src, dest, progress)
+
+
+def make_durable(path: str) -> None:
+    """fsync the file at ``path`` and its directory (raises OSError)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: str) -> None:
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _copy_sparse(src, dest, progress):
@@ -69,6 +91,7 @@ def _copy_sparse(src, dest, progress):
             os.fsync(fout)
         finally:
             os.close(fout)
+        _fsync_dir(dest)
     finally:
         os.close(fin)
     if progress:

@@ -14,8 +14,18 @@ image 'syncing' (receiving writes, serving no reads) with its bitmap: ``vol.resy
 resumes it; ``stop()`` (used by ``vol.close``) is the same but the next open resumes by itself.
 
 RestoreJob (source: a split image, targets: every live image). See ``MirrorVolume.restore``
-for the semantics. The restore bitmap is saved after every region, before the region lock is
-released, so after a crash a resumed restore never re-copies a region a newer write changed.
+for the semantics. A region is recorded as restored (its bit cleared in the restore bitmap on
+disk) only after the restored data is durable on every live image (``MirrorVolume
+._commit_restored``, the durability barrier): the background copy commits in batches (every
+CHECKPOINT_REGIONS regions or CHECKPOINT_SECONDS) and keeps a copied region's bit set until its
+batch commits, so an I/O arriving meanwhile restores it again (the same data) and commits it
+itself; a region restored on demand for an I/O is committed before that I/O goes on. So after a
+crash a resumed restore re-copies only regions no newer write has touched, and never skips a
+region whose restored data did not survive.
+
+Resync progress is committed the same way: the bitmap and cursor saved at each checkpoint
+(every CHECKPOINT_REGIONS regions or CHECKPOINT_SECONDS) say "copied" only for regions already
+durable on the target.
 """
 
 from __future__ import annotations
@@ -178,12 +188,13 @@ class ResyncJob(_Job):
                     if vol._finish_resync(img, self):
                         self.phase_seconds["copy"] = t_commit - t_copy
                         self.phase_seconds["commit"] = time.monotonic() - t_commit
-                        self._finish("done")
+                        # logged before the job reports done: a waiter finds the line
                         log.info("volume %s: resync of image %d done: %d bytes in %.2f s "
                                  "(drain %.2f s, copy %.2f s, commit %.2f s)", vol.name,
-                                 vol._images.index(img), self.bytes_done, self._t_end - self._t0,
-                                 self.phase_seconds["drain"], self.phase_seconds["copy"],
-                                 self.phase_seconds["commit"])
+                                 vol._images.index(img), self.bytes_done,
+                                 time.monotonic() - self._t0, self.phase_seconds["drain"],
+                                 self.phase_seconds["copy"], self.phase_seconds["commit"])
+                        self._finish("done")
                         return
         except _TargetFailed as e:
             self._finish("failed", f"target image failed: {e}")
@@ -253,7 +264,9 @@ class RestoreJob(_Job):
         super().__init__(vol, img, rate_limit)
         self.bitmap = restore_bitmap
         self.bytes_total = restore_bitmap.dirty_bytes()
-        self._path = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
+        self.path = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
+        # serialises saves of the restore bitmap with the clearing of its in-memory bits
+        self.commit_lock = threading.Lock()
 
     def start(self):
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -270,7 +283,7 @@ class RestoreJob(_Job):
         last = (offset + length - 1) >> bm.region_shift
         for r in range(first, last + 1):
             if bm.test_region(r):
-                self._restore_region(r, bytearray(bm.region_range(r)[1]))
+                self._restore_region(r, bytearray(bm.region_range(r)[1]), commit=True)
 
     def _run(self):
         self._t0 = time.monotonic()
@@ -278,11 +291,20 @@ class RestoreJob(_Job):
         try:
             buf = StorageImage.aligned_buffer(vol.region_size)
             while self.bitmap.count():
+                pending = []
+                last_ck = time.monotonic()
                 for r in self.bitmap.dirty_regions():
                     if self._cancel.is_set():
                         break
                     self._throttle(self.bitmap.region_range(r)[1])
-                    self._restore_region(r, buf)
+                    if self._restore_region(r, buf, commit=False):
+                        pending.append(r)
+                    if len(pending) >= CHECKPOINT_REGIONS or \
+                            time.monotonic() - last_ck >= CHECKPOINT_SECONDS:
+                        vol._commit_restored(self, pending)
+                        pending, last_ck = [], time.monotonic()
+                if pending:
+                    vol._commit_restored(self, pending)
                 if self._cancel.is_set():
                     break
             if self._cancel.is_set() and self.bitmap.count():
@@ -295,14 +317,17 @@ class RestoreJob(_Job):
         except Exception as e:
             self._finish("failed", f"{type(e).__name__}: {e}")
 
-    def _restore_region(self, r, buf):
+    def _restore_region(self, r, buf, *, commit) -> bool:
+        """Copy region ``r`` from the split image to every live image under the region lock;
+        ``commit``: also record it as restored (durably) before the lock is released. Returns
+        False if the region needed no copy."""
         vol, img, rb = self.vol, self.img, self.bitmap
         off, ln = rb.region_range(r)
         bs = vol.block_size
         lk = vol.locks.lock(off // bs, ln // bs, owner=None)
         try:
             if not rb.test_region(r):
-                return
+                return False
             view = memoryview(buf)[:ln]
             try:
                 img.storage.readv(off, [view])
@@ -321,10 +346,11 @@ class RestoreJob(_Job):
                 finally:
                     vol._wil.end(tok)
                 img.bitmap.clear_region(r)
-                rb.clear_region(r)
-                rb.save(self._path)
             finally:
                 vol._leave(ep)
+            if commit:
+                vol._commit_restored(self, [r])
         finally:
             lk.release()
         self.bytes_done += ln
+        return True

@@ -55,6 +55,7 @@ import time
 
 from lvmirror.errors import ConfigError, ImageIOError, StateError, VolumeIOError
 from lvmirror.mirror.bitmap import RegionBitmap
+from lvmirror.mirror.durability import DurabilityBarrier
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.metadata import VolumeMetadata, valid_volume_name
 from lvmirror.mirror.regionlock import RegionLockManager
@@ -214,6 +215,8 @@ class MirrorVolume:
                            compare_miscompares=0)
         for img in images:
             self._start_worker(img)
+        # every save of state that vouches for image data goes through this (durability.py)
+        self._barrier = DurabilityBarrier(md.name, self._flush_failed)
         with self._meta:
             self._epoch = self._build_epoch()
         self._stop_flusher = threading.Event()
@@ -819,12 +822,9 @@ class MirrorVolume:
                 new = self._switch_epoch()
                 img.rec.split_time = t
             drained = self._drain(new)
-            try:
-                img.storage.flush()
-            except ImageIOError as e:
-                img.rec.error = f"flush at split failed: {e}"
-            with self._meta:
-                self._save_md()
+            # the split is done once what I/O before T wrote to the image is durable on it
+            self._barrier.commit([img], lambda durable: self._locked_save_md(),
+                                 what="split done")
             return SplitInfo(index=image_index, path=img.rec.path, split_time=t,
                              generation=gen, drained=drained)
 
@@ -883,14 +883,14 @@ class MirrorVolume:
         return job
 
     def _finish_resync(self, img, job) -> bool:
-        """Called by the job when its bitmap looks empty: img -> in-sync with the epoch swap."""
-        try:
-            img.storage.flush()
-        except ImageIOError as e:
-            self._image_error(img, e, 0, 0, all_regions=True)
-            return False
+        """Called by the job when its bitmap looks empty: img -> in-sync with the epoch swap,
+        written only once every region copied to it is durable (durability barrier)."""
+        return self._barrier.commit([img], lambda durable: self._mark_in_sync(img, durable),
+                                    what="image in sync")
+
+    def _mark_in_sync(self, img, durable) -> bool:
         with self._meta:
-            if img.state is not ImageState.SYNCING or img.bitmap.count():
+            if img not in durable or img.state is not ImageState.SYNCING or img.bitmap.count():
                 return False
             img.state = ImageState.IN_SYNC
             img.bitmap = None
@@ -908,22 +908,28 @@ class MirrorVolume:
             return True
 
     def _checkpoint_resync(self, img, next_region):
-        with self._meta:
-            if img.state is not ImageState.SYNCING:
-                return
-            img.bitmap.save(self._bitmap_path(img))
-            img.rec.resync_next = next_region
-            self._save_md()
+        """Persist a resync's progress: its bitmap (cleared bits = regions copied) and cursor,
+        only after the copies are durable on the target (durability barrier)."""
+        self._commit_resync_state(img, next_region, "resync checkpoint")
 
     def _pause_resync(self, img, *, keep_resume):
         """A resync stopped (cancel / close): keep 'syncing' with its bitmap saved."""
-        with self._meta:
-            if img.state is not ImageState.SYNCING:
-                return
-            img.bitmap.save(self._bitmap_path(img))
-            if not keep_resume:
-                img.rec.resync_next = None
-            self._save_md()
+        self._commit_resync_state(img, None if not keep_resume else _KEEP, "resync paused")
+
+    def _commit_resync_state(self, img, next_region, what):
+        if img.state is not ImageState.SYNCING:
+            return
+        snap = img.bitmap.copy()       # before the flush: a later clear is never saved early
+
+        def persist(durable):
+            with self._meta:
+                if img not in durable or img.state is not ImageState.SYNCING:
+                    return       # failed meanwhile: its bitmap is whole and already saved
+                snap.save(self._bitmap_path(img))
+                if next_region is not _KEEP:
+                    img.rec.resync_next = next_region
+                self._save_md()
+        self._barrier.commit([img], persist, what=what)
 
     def restore(self, image_index, *, rate_limit=None):
         """Roll the live volume back to split image ``image_index``. Returns the RestoreJob.
@@ -968,18 +974,41 @@ class MirrorVolume:
             job.start()
             return job
 
+    def _commit_restored(self, job, regions):
+        """Record ``regions`` as restored in the job's restore bitmap on disk, only once the
+        restored data is durable on every live image (durability barrier); the in-memory bits
+        are cleared after the save, so an I/O that finds a region clear may rely on it."""
+        snap_lock = job.commit_lock
+
+        def persist(durable):
+            with snap_lock:
+                snap = job.bitmap.copy()
+                for r in regions:
+                    snap.clear_region(r)
+                snap.save(job.path)
+                for r in regions:
+                    job.bitmap.clear_region(r)
+        self._barrier.commit(self._storage_images(), persist, what="restore progress")
+
     def _finish_restore(self, img, job):
+        """The restore is done: persisted after the restored data is durable on every image."""
         with self._meta:
-            img.rec.restore_running = False
-            self._bump()
-            img.bitmap.save(self._bitmap_path(img))
-            self._save_md()
-            try:
-                os.unlink(VolumeMetadata.restore_path(self._vdir, img.rec.id))
-            except FileNotFoundError:
-                pass
-            if self._restore is job:
-                self._restore = None
+            snap = img.bitmap.copy()
+
+        def persist(durable):
+            with self._meta:
+                img.rec.restore_running = False
+                self._bump()
+                snap.union_update(img.bitmap)      # writes since the snapshot stay marked
+                snap.save(self._bitmap_path(img))
+                self._save_md()
+                try:
+                    os.unlink(VolumeMetadata.restore_path(self._vdir, img.rec.id))
+                except FileNotFoundError:
+                    pass
+                if self._restore is job:
+                    self._restore = None
+        self._barrier.commit(self._storage_images(), persist, what="restore done")
 
     def attach(self, path, *, rate_limit=None) -> int:
         """Add a new image and start its full resync; returns its index."""
@@ -1049,28 +1078,45 @@ class MirrorVolume:
 
     # ==== persistence =============================================================================
 
-    def _flush_live_images(self):
-        """fdatasync every image that receives writes; one that fails is failed (whole bitmap)."""
-        for im in list(self._images):
-            if im.storage is not None and im.state in (ImageState.IN_SYNC, ImageState.SYNCING):
-                try:
-                    im.storage.flush()
-                except ImageIOError as e:
-                    self._image_error(im, e, 0, 0, all_regions=True)
+    def _storage_images(self) -> list:
+        """Every image with open storage: live, syncing and split (a split image may still
+        hold writes begun before its T in the page cache until its split commits)."""
+        with self._meta:
+            return [im for im in self._images if im.storage is not None]
+
+    def _flush_failed(self, img, exc):
+        """The durability barrier's error path: an image whose flush failed holds nothing
+        durable we can vouch for; fail it with every region marked."""
+        self._image_error(img, exc, 0, 0, all_regions=True)
+
+    def _locked_save_md(self):
+        with self._meta:
+            self._save_md()
 
     def checkpoint(self, *, hold=False):
         """Persist lazily kept state and clear idle write-intent bits (see module docstring).
         ``hold``: clear only regions whose last write ended before the previous checkpoint
-        (what the flusher does); otherwise every region idle now. Returns the number cleared."""
+        (what the flusher does); otherwise every region idle now. Returns the number cleared.
+
+        Order (durability barrier): ticket, snapshot of the split / failed change bitmaps, flush
+        of every image with storage, save of the snapshots, then the write-intent bits of writes
+        ended before the ticket are cleared."""
         ticket = self._wil.ticket()
         cutoff = min(self._prev_ticket, ticket) if hold else ticket
         self._prev_ticket = ticket
-        self._flush_live_images()
         with self._meta:
-            for im in self._images:
-                if im.bitmap is not None and im.state in (ImageState.SPLIT, ImageState.FAILED):
-                    im.bitmap.save(self._bitmap_path(im))
-        return self._wil.clean(cutoff)
+            snaps = [(im, im.bitmap.copy()) for im in self._images
+                     if im.bitmap is not None and im.state in (ImageState.SPLIT,
+                                                               ImageState.FAILED)]
+
+        def persist(durable):
+            with self._meta:
+                for im, snap in snaps:
+                    if im.bitmap is not None:
+                        snap.union_update(im.bitmap)   # never save fewer marks than now
+                        snap.save(self._bitmap_path(im))
+            return self._wil.clean(cutoff)
+        return self._barrier.commit(self._storage_images(), persist, what="checkpoint")
 
     def _flush_loop(self, interval):
         while not self._stop_flusher.wait(interval):
@@ -1097,14 +1143,18 @@ class MirrorVolume:
             with self._econd:
                 self._econd.wait_for(lambda: self._epoch.inflight == 0 and all(
                     e.inflight == 0 for e in self._retired))
-            self._flush_live_images()
-            with self._meta:
-                for im in self._images:
-                    if im.bitmap is not None:
-                        im.bitmap.save(self._bitmap_path(im))
-                self._wil.clear_all()
-                self._md.clean_shutdown = True
-                self._save_md()
+
+            def persist(durable):
+                with self._meta:
+                    for im in self._images:
+                        if im.bitmap is not None:
+                            im.bitmap.save(self._bitmap_path(im))
+                    self._wil.clear_all()
+                    self._md.clean_shutdown = True
+                    self._save_md()
+            # no I/O in flight: the bitmaps need no snapshot; clean only after every image is
+            # durable (a failed flush fails that image, saved whole, before the clean mark)
+            self._barrier.commit(self._storage_images(), persist, what="clean shutdown")
             for im in self._images:
                 if im.worker is not None:
                     im.worker.stop()
@@ -1120,6 +1170,9 @@ class MirrorVolume:
     def __repr__(self):
         return (f"<MirrorVolume {self.name} {self.size} bytes bs={self.block_size} "
                 f"images={[im.state.value for im in self._images]}>")
+
+
+_KEEP = object()   # _commit_resync_state: leave the resync cursor as it is
 
 
 def _default_opener(path, *, direct=False):
@@ -1168,17 +1221,22 @@ def _recover(md, vdir, images, wil):
             except ImageIOError as e:
                 _fail_at_open(im, md, e, all_regions=True)
                 in_sync.remove(im)
-    for im in in_sync[1:]:
-        try:
-            im.storage.flush()
-        except ImageIOError as e:
-            _fail_at_open(im, md, e, all_regions=True)
-    for im in images:
-        im.sync_rec()
-        if im.bitmap is not None:
-            im.bitmap.save(VolumeMetadata.bitmap_path(vdir, im.rec.id))
-    md.save(os.path.dirname(vdir))
-    wil.clear_all()
+    # The write-intent log is cleared only once the regions it marks are durable on every
+    # in-sync image - the primary included: after a process kill its page cache may still hold
+    # the newest data, and a power cut after the clear must not leave the copies differing.
+    def persist(durable):
+        if not any(im.state is ImageState.IN_SYNC for im in images):
+            raise ConfigError(f"volume {md.name}: crash recovery could not make any in-sync "
+                              f"image durable: " + "; ".join(
+                                  f"{im.rec.path}: {im.rec.error}" for im in in_sync))
+        for im in images:
+            im.sync_rec()
+            if im.bitmap is not None:
+                im.bitmap.save(VolumeMetadata.bitmap_path(vdir, im.rec.id))
+        md.save(os.path.dirname(vdir))
+        wil.clear_all()
+    barrier = DurabilityBarrier(md.name, lambda im, e: _fail_at_open(im, md, e, all_regions=True))
+    barrier.commit(in_sync, persist, what="crash recovery")
 
 
 def _fail_at_open(im, md, exc, *, all_regions):

@@ -1,0 +1,128 @@
+"""The durability barrier: the one place where lvmirror orders data before the state vouching for it.
+
+The rule (md learned it the hard way; DRBD's activity log and dm-raid's dirty log keep the same
+order): **a piece of persistent state that says data is safe - a cleared change-bitmap or
+write-intent bit, a resync or restore cursor, an image marked in sync, a split marked done - is
+written only after the data it vouches for is durable on every image it concerns.**
+
+Data written to an image with ``pwritev`` sits in the page cache (or a disk's volatile write
+cache) until ``fdatasync``; a power cut drops it while every metadata file lvmirror saves is
+already durable (``bitmap.atomic_write``: temp file, fsync, rename, fsync dir). Saving the state
+first would leave, after the cut, state that says "copied" over data that is not there: a resync
+that ends "done" over stale regions, a restore that skipped a region, a write-intent bit cleared
+over images that differ.
+
+Every such save in the mirror engine goes through ``DurabilityBarrier.commit``:
+
+1. the caller takes a *snapshot* of the state to persist (a copy of a bitmap, a cursor) before
+   the barrier, so a bit cleared by a copy that finishes during the flush is never saved ahead
+   of its data;
+2. ``commit`` flushes (``fdatasync``) every image the state concerns, in parallel on the images'
+   worker threads;
+3. an image whose flush fails is handed to ``on_error`` (the volume fails it and marks every
+   region in its change bitmap, so nothing it holds is vouched for);
+4. then ``persist(durable)`` runs with the images whose flush succeeded, and writes the snapshot.
+
+Who commits what (``MirrorVolume`` and its jobs):
+
+=========================  =============================  ====================================
+state written              images made durable first      site
+=========================  =============================  ====================================
+resync cursor + bitmap     the syncing target             resync checkpoint, pause
+image marked in sync       the syncing target             resync finish
+restore bitmap (cleared)   every live image               restore batch, on-demand restore
+restore done, split bitmap every live image               restore finish
+split marked done          the split image                split
+write-intent bits cleared  every image with storage       checkpoint (flusher), close
+change bitmaps (lazy)      every image with storage       checkpoint (flusher), close
+crash-recovery done        every in-sync image            open after a crash (``recovery``)
+=========================  =============================  ====================================
+
+Backups (``lvmirror.backup``) fsync the copy and its directory before they report done.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from lvmirror.errors import ImageIOError
+
+__all__ = ["DurabilityBarrier"]
+
+log = logging.getLogger(__name__)
+
+
+class DurabilityBarrier:
+    """Flush images, then persist the state that vouches for their data (module docstring).
+
+    ``on_error(img, exc)`` is called (from the committing thread) for every image whose flush
+    raised ImageIOError; it is expected to fail the image so nothing vouches for it. Images are
+    the volume's runtime image objects: ``.storage`` (a StorageImage or None) and ``.worker``
+    (an object with ``submit(fn, arg)`` returning a completion with ``wait()`` -> exception or
+    None, or None to flush on the calling thread).
+    """
+
+    def __init__(self, name: str, on_error):
+        self.name = name
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self.commits = 0          # state writes ordered behind a flush
+        self.flushes = 0          # image flushes issued for them
+
+    def flush(self, images) -> list:
+        """fdatasync every image of ``images`` that has storage, in parallel; returns the ones
+        whose data is now durable (the others went to ``on_error``)."""
+        targets = [im for im in images if im.storage is not None]
+        pending = []
+        errors = []
+        inline = []
+        for im in targets:
+            if im.worker is not None and len(targets) > 1:
+                pending.append((im, im.worker.submit(_flush, im.storage)))
+            else:
+                inline.append(im)
+        for im in inline:
+            try:
+                im.storage.flush()
+            except ImageIOError as e:
+                errors.append((im, e))
+        for im, comp in pending:
+            exc = comp.wait()
+            if exc is None:
+                continue
+            if isinstance(exc, ImageIOError):
+                errors.append((im, exc))
+            else:
+                raise exc
+        with self._lock:
+            self.flushes += len(targets)
+        bad = set()
+        for im, e in errors:
+            log.error("volume %s: flush of image %s failed: %s; nothing on it is vouched for",
+                      self.name, getattr(getattr(im, "rec", None), "path", im), e)
+            self._on_error(im, e)
+            bad.add(im)
+        return [im for im in targets if im not in bad]
+
+    def commit(self, images, persist, *, what: str = "state"):
+        """Make ``images`` durable, then call ``persist(durable_images)`` and return its result.
+
+        ``persist`` writes state already snapshotted by the caller. ``what`` names the state for
+        the log. Exceptions from ``persist`` (OSError of a metadata save) propagate: the state
+        was not written, which is always safe (the older state claims less)."""
+        durable = self.flush(images)
+        result = persist(durable)
+        with self._lock:
+            self.commits += 1
+        return result
+
+    @property
+    def stats(self) -> dict:
+        """{"commits": int, "flushes": int} since the volume opened."""
+        with self._lock:
+            return {"commits": self.commits, "flushes": self.flushes}
+
+
+def _flush(storage):
+    storage.flush()
