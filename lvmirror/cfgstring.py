@@ -10,8 +10,11 @@ Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 b
 * ``images=`` (1 to 4 absolute paths, files or block devices, joined by '+': LIO splits its
   control string at ',', so a comma cannot appear in a cfgstring) creates the volume on first use
   (the first image is the source, the others are fully resynced from it; missing files are
-  created sparse at the LUN size). Once the volume exists the list must match its images:
-  attach / detach change them, not the cfgstring.
+  created sparse at the LUN size). Once the volume exists the list only identifies it: it is
+  accepted iff every path it names is, or was, an image of the volume (attach / detach change
+  the images, and a live LUN's cfgstring cannot follow them, so after a restart the LUN serves
+  the volume's current images); a path that never was one of them means the cfgstring was
+  written for another volume, and is refused (``VolumeMetadata.check_named_images``).
 * ``region_size`` (a power of two, 4K..1G, default 1M) is the granularity of the change
   bitmaps and the write-intent log; ``block_size`` the logical block size; ``direct=1`` opens
   the images with O_DIRECT.
@@ -28,12 +31,12 @@ cfgstring=vol0;images=/srv/lun0-a.img+/srv/lun0-b.img``
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import stat
 
 from lvmirror.errors import ConfigError
+from lvmirror.mirror.metadata import VolumeMetadata
 
 __all__ = ["CONFIG_DESC", "SUBTYPE", "VolumeSpec", "check", "format", "parse"]
 
@@ -49,7 +52,8 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 CONFIG_DESC = (
     "VOLUME[;images=/path/a+/path/b][;region_size=1M][;block_size=512|4096][;direct=0|1] "
     "or VOLUME;image=N[;readonly=1]. A mirrored volume (metadata in /var/lib/lvmirror/VOLUME); images= creates it "
-    "on first use from 1-4 image files or block devices (the first is the source). image=N serves "
+    "on first use from 1-4 image files or block devices (the first is the source); later it may name "
+    "any current or former image of the volume (attach/detach change them). image=N serves "
     "split image N of VOLUME as its own LUN (readonly=1: write-protected). Example: vol0;images=/srv/lun0-a.img+/srv/lun0-b.img")
 
 
@@ -184,28 +188,35 @@ def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
 
 
 def check(cfg: str, *, state_dir: str = "/var/lib/lvmirror") -> VolumeSpec:
-    """``parse`` plus what the host can tell before the LUN is enabled (targetcli CheckConfig)."""
+    """``parse`` plus what the host can tell before the LUN is enabled (targetcli CheckConfig).
+
+    ``cfg``: the cfgstring (with or without the ``lvmirror/`` prefix); ``state_dir``: where
+    volume metadata lives. Returns the VolumeSpec. Raises ConfigError when the cfgstring is
+    malformed, names a volume that does not exist without ``images=``, names a split image the
+    volume lacks, or (for an existing volume) names in ``images=`` a path that never was an
+    image of it (``VolumeMetadata.check_named_images``: an out-of-date list, left behind by
+    attach/detach, is accepted, because a LUN's cfgstring cannot change and saved
+    configurations must keep restoring), or (for a new volume) an image path that cannot be
+    created or is not a regular file or block device.
+    """
     spec = parse(cfg)
-    meta = os.path.join(state_dir, spec.name, "volume.json")
-    recorded = None
-    if os.path.exists(meta):
-        try:
-            with open(meta) as f:
-                recorded = [im["path"] for im in json.load(f)["images"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"volume {spec.name!r}: metadata {meta} unreadable: {e}") from e
+    md = None
+    if VolumeMetadata.exists(state_dir, spec.name):
+        md = VolumeMetadata.load(state_dir, spec.name)    # ConfigError names file and field
     if spec.images is None:
-        if recorded is None:
+        if md is None:
             raise ConfigError(f"volume {spec.name!r} does not exist in {state_dir}; create it "
                               f"with images= (e.g. '{spec.name};images=/srv/a.img+/srv/b.img')")
-        if spec.image is not None and spec.image >= len(recorded):
-            raise ConfigError(f"volume {spec.name!r} has {len(recorded)} images; there is no "
+        if spec.image is not None and spec.image >= len(md.images):
+            raise ConfigError(f"volume {spec.name!r} has {len(md.images)} images; there is no "
                               f"image {spec.image}")
         return spec
-    if recorded is not None and list(spec.images) != recorded:
-        raise ConfigError(f"volume {spec.name!r} already exists with images "
-                          f"{IMAGE_SEPARATOR.join(recorded)}; use attach/detach to change them, or name the "
-                          f"volume alone ('{spec.name}')")
+    if md is not None:
+        # The volume exists: images= only identifies it (lvmirrord opens the images its
+        # metadata lists), so the paths are not opened or checked on disk here; a former
+        # image may be gone.
+        md.check_named_images(spec.images)
+        return spec
     for p in spec.images:
         try:
             st = os.stat(p)

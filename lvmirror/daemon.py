@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from lvmirror import __version__, cfgstring, sdnotify
 from lvmirror.errors import ConfigError, LvmirrorError, StateError
+from lvmirror.mirror.metadata import VolumeMetadata
 from lvmirror.mirror.resync import job_progress
 from lvmirror.mirror.volume import MirrorVolume
 from lvmirror.scsi import LogicalUnit, Response
@@ -59,7 +60,14 @@ class VolumeRegistry:
         self._users: dict[str, str] = {}      # "vol" or "vol;image=N" -> LUN name
 
     def acquire(self, spec: cfgstring.VolumeSpec, *, lun: str, size: int):
-        """Open (or create) what ``spec`` names for LUN ``lun``; returns (volume, backend)."""
+        """Open (or create) what ``spec`` names for LUN ``lun``; returns (volume, backend).
+
+        ``size``: the LUN size in bytes (the size of a volume created here). ``backend`` is the
+        MirrorVolume itself, or a split image's view for ``NAME;image=N``. For an existing
+        volume, ``spec.images`` only has to pass ``VolumeMetadata.check_named_images`` (every
+        path is, or was, an image of the volume: a LUN's cfgstring cannot follow attach/detach),
+        checked before the volume is opened and on every further acquire. Raises ConfigError
+        (already served, foreign images= list, missing volume...) or StateError."""
         key = spec.name if spec.image is None else f"{spec.name};image={spec.image}"
         with self._lock:
             if key in self._users:
@@ -67,10 +75,10 @@ class VolumeRegistry:
             volume = self._volumes.get(spec.name)
             opened = volume is None
             if opened:
-                volume = self._open_or_create(spec, size)
+                volume = self._open_or_create(spec, size, lun)
             try:
                 if spec.images is not None and not opened:
-                    self._check_images(volume, spec)
+                    self._check_images(spec, lun, volume)
                 if spec.image is None:
                     backend = volume
                 else:
@@ -84,24 +92,24 @@ class VolumeRegistry:
             self._users[key] = lun
             return volume, backend
 
-    @staticmethod
-    def _check_images(volume, spec):
-        recorded = tuple(info.path for info in volume.images)
-        if tuple(spec.images) != recorded:
-            raise ConfigError(
-                f"volume {spec.name!r} has images {'+'.join(recorded)}; the cfgstring names "
-                f"{'+'.join(spec.images)} (change images with attach/detach, not the cfgstring)")
+    def _check_images(self, spec, lun, volume=None):
+        """Refuse (ConfigError) a cfgstring ``images=`` list naming a path that never was an
+        image of the existing volume ``spec.name``; log at info level when it is accepted but
+        out of date. The rule is VolumeMetadata.check_named_images; the metadata is read from
+        volume.json, which create, attach and detach save before they return."""
+        md = VolumeMetadata.load(self.state_dir, spec.name)
+        if not md.check_named_images(spec.images):
+            current = [info.path for info in volume.images] if volume is not None else \
+                [im.path for im in md.images]
+            log.info("LUN %s: volume %s: its images changed (attach/detach) since the cfgstring "
+                     "was written: the cfgstring names %s, the volume has %s and that is what "
+                     "the LUN serves", lun, spec.name, "+".join(spec.images), "+".join(current))
 
-    def _open_or_create(self, spec, size):
+    def _open_or_create(self, spec, size, lun):
         if MirrorVolume.exists(spec.name, meta_dir=self.state_dir):
-            volume = MirrorVolume.open(spec.name, meta_dir=self.state_dir, direct=spec.direct)
             if spec.images is not None:
-                try:
-                    self._check_images(volume, spec)
-                except ConfigError:
-                    volume.close()
-                    raise
-            return volume
+                self._check_images(spec, lun)     # before opening: a foreign LUN touches nothing
+            return MirrorVolume.open(spec.name, meta_dir=self.state_dir, direct=spec.direct)
         if spec.images is None:
             raise ConfigError(
                 f"volume {spec.name!r} does not exist under {self.state_dir}; name its images to "
@@ -555,8 +563,26 @@ class Lvmirrord:
         return index
 
     def detach(self, name, image):
+        """Remove image ``image`` (an index) from volume ``name``; its file is kept.
+
+        Refused (StateError) while the image is backed up, while it is exported as a LUN, or
+        while a split image with a higher index is exported: a detach renumbers the images
+        after it, and the export's cfgstring (``NAME;image=N``, which LIO and the saved
+        targetcli configuration keep) would name another image after the next restart.
+        ConfigError if the volume is not open or has no such image."""
         with self._backup_lock:
             self._no_backup(name, image)
+            exported = self.registry.exports(name)
+            if image in exported:
+                raise StateError(f"volume {name}: image {image} is exported as a LUN "
+                                 f"(cfgstring '{name};image={image}'); remove that LUN first")
+            later = [k for k in exported if k > image]
+            if later:
+                raise StateError(
+                    f"volume {name}: detaching image {image} would renumber the exported split "
+                    f"image(s) {', '.join(map(str, later))}, and after a restart the LUN whose "
+                    f"cfgstring says '{name};image={later[0]}' would serve another image; "
+                    f"remove the export first")
             self._volume(name).detach(image)
         log.info("volume %s: image %d detached", name, image)
 

@@ -9,8 +9,12 @@ Lives in ``<meta_dir>/<volume name>/``::
 
 ``volume.json`` carries a format version, the volume's name, uuid and geometry, the images
 (path, state, generation, split time, error text, resync checkpoint), a volume generation
-(an event counter bumped on every state change) and ``clean_shutdown``: False from open until
-a clean close, so the next open knows whether crash recovery is needed.
+(an event counter bumped on every state change), ``clean_shutdown``: False from open until
+a clean close, so the next open knows whether crash recovery is needed, and ``image_history``:
+every image path the volume has had (added by create or attach, kept after a detach), which
+``check_named_images`` uses to accept a LUN's cfgstring written before an attach or detach.
+A file written before ``image_history`` existed loads with the current image paths as its
+history; the field is an optional addition to format version 1, which older code ignores.
 
 Image ids are stable (bitmap files are named by id); an image's *index* is its position in
 the list, which is what the API and the administrator see.
@@ -73,6 +77,9 @@ class VolumeMetadata:
     clean_shutdown: bool = True
     next_image_id: int = 0
     version: int = FORMAT_VERSION
+    # every image path the volume has had, in the order first added (create / attach); a
+    # detach keeps the path here. See check_named_images.
+    image_history: list[str] = dataclasses.field(default_factory=list)
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -104,11 +111,60 @@ class VolumeMetadata:
                    region_size=region_size, images=[])
 
     def add_image(self, path, state, generation=0) -> ImageRecord:
+        """Append a new image record (path: str or PathLike; state: one of STATES) with the
+        next free id and record its path in ``image_history``; returns the record. The caller
+        saves the metadata."""
         rec = ImageRecord(id=self.next_image_id, path=os.fspath(path), state=state,
                           generation=generation)
         self.next_image_id += 1
         self.images.append(rec)
+        self._remember(rec.path)
         return rec
+
+    def _remember(self, path) -> None:
+        known = {os.path.abspath(p) for p in self.image_history}
+        if os.path.abspath(path) not in known:
+            self.image_history.append(path)
+
+    # -- the cfgstring's images= list ------------------------------------------------------------
+
+    def check_named_images(self, paths) -> bool:
+        """Decide whether a LUN cfgstring's ``images=`` list may serve this existing volume.
+
+        The rule (the one place it lives; lvmirrord's VolumeRegistry and targetcli's CheckConfig
+        both call it): the list is accepted iff every path it names is, or was, an image of this
+        volume (``image_history`` plus the current images; absolute paths compared). Order and
+        count do not matter.
+
+        Why: a live LUN's cfgstring cannot change, and LIO and every saved targetcli
+        configuration keep the list the LUN was created with, while attach and detach change the
+        volume's images. Requiring the current list would turn every attach or detach into an
+        outage at the next restart; accepting any list would let a cfgstring written for another
+        volume (a reused name, a copied configuration) serve this one. A path that was never an
+        image of this volume is that second case and is refused.
+
+        ``paths``: sequence of str (absolute paths, as ``cfgstring.parse`` gives them).
+        Returns True if ``paths`` is exactly the current image list (same order), False if it is
+        accepted but out of date (the images changed through attach/detach since the cfgstring
+        was written; the volume's current images are what gets served).
+        Raises ConfigError naming the volume's images and the path that never was one of them.
+        """
+        paths = [os.fspath(p) for p in paths]
+        current = [im.path for im in self.images]
+        known = {os.path.abspath(p) for p in self.image_history + current}
+        foreign = [p for p in paths if os.path.abspath(p) not in known]
+        if foreign:
+            former = [p for p in self.image_history
+                      if os.path.abspath(p) not in {os.path.abspath(c) for c in current}]
+            raise ConfigError(
+                f"volume {self.name!r} has images {'+'.join(current)}"
+                + (f" (former images: {'+'.join(former)})" if former else "")
+                + f"; the cfgstring names {'+'.join(paths)}, and "
+                + ", ".join(foreign) + (" was" if len(foreign) == 1 else " were")
+                + " never an image of this volume: the cfgstring was written for another "
+                f"volume. Name the volume alone ('{self.name}') to serve it as it is, or give "
+                f"the LUN another volume name")
+        return [os.path.abspath(p) for p in paths] == [os.path.abspath(p) for p in current]
 
     # -- persistence ----------------------------------------------------------------------------
 
@@ -214,6 +270,17 @@ class VolumeMetadata:
         nid = field(d, "next_image_id", int)
         if nid <= max(ids):
             raise bad(f"next_image_id {nid} not above every image id")
-        return cls(name=name, uuid=field(d, "uuid", str), block_size=bs, size=size,
-                   region_size=rs, images=images, generation=field(d, "generation", int),
-                   clean_shutdown=field(d, "clean_shutdown", bool), next_image_id=nid)
+        # Written before image_history existed: start it from the current images.
+        history = field(d, "image_history", list, optional=True)
+        if history is None:
+            history = []
+        for n, p in enumerate(history):
+            if not isinstance(p, str) or not p:
+                raise bad(f"image_history entry {n} must be a path, got {p!r}")
+        md = cls(name=name, uuid=field(d, "uuid", str), block_size=bs, size=size,
+                 region_size=rs, images=images, generation=field(d, "generation", int),
+                 clean_shutdown=field(d, "clean_shutdown", bool), next_image_id=nid,
+                 image_history=list(history))
+        for rec in images:
+            md._remember(rec.path)
+        return md

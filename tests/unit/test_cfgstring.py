@@ -75,5 +75,36 @@ def test_check_against_the_state_dir(tmp_path):
     assert cfgstring.check("vol0;image=1", state_dir=str(state)).image == 1
     with pytest.raises(ConfigError, match="no image 2"):
         cfgstring.check("vol0;image=2", state_dir=str(state))
-    with pytest.raises(ConfigError, match="already exists with images"):
-        cfgstring.check(f"vol0;images={b}+{a}", state_dir=str(state))
+    # an existing volume: images= must name its current or former images, in any order
+    assert cfgstring.check(f"vol0;images={b}+{a}", state_dir=str(state)).name == "vol0"
+    assert cfgstring.check(f"vol0;images={a}", state_dir=str(state)).name == "vol0"
+    with pytest.raises(ConfigError, match=f"has images {a}\\+{b}; the cfgstring names "
+                                          f"{a}\\+{tmp_path}/c.img, and {tmp_path}/c.img was "
+                                          f"never an image of this volume"):
+        cfgstring.check(f"vol0;images={a}+{tmp_path}/c.img", state_dir=str(state))
+    (state / "vol0" / "volume.json").write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        cfgstring.check(f"vol0;images={a}", state_dir=str(state))
+
+
+def test_check_accepts_the_cfgstring_written_before_attach_and_detach(tmp_path):
+    """A LUN's cfgstring cannot change: after attach / detach (issue 13) the saved targetcli
+    configuration must still pass CheckConfig; a path never part of the volume must not."""
+    state = str(tmp_path / "state")
+    a, b, c, d = (str(tmp_path / f"{n}.img") for n in "abcd")
+    vol = MirrorVolume.create("vol0", [a, b], meta_dir=state, size=1 << 20, flush_interval=None)
+    try:
+        vol.attach(c)
+        for job in list(vol.jobs.values()):
+            assert job.wait(20)
+        assert cfgstring.check(f"vol0;images={a}+{b}", state_dir=state).name == "vol0"
+        vol.detach(0)
+        vol.detach(0)
+        for cfg in (f"vol0;images={a}+{b}", f"vol0;images={a}+{b}+{c}", f"vol0;images={c}"):
+            assert cfgstring.check(cfg, state_dir=state).name == "vol0"
+        with pytest.raises(ConfigError) as e:
+            cfgstring.check(f"vol0;images={a}+{d}", state_dir=state)
+        assert f"volume 'vol0' has images {c} (former images: {a}+{b})" in str(e.value)
+        assert f"{d} was never an image of this volume" in str(e.value)
+    finally:
+        vol.close()

@@ -171,13 +171,50 @@ def test_second_lun_for_the_same_volume_is_refused(lab, tmp_path):
     assert "already served" in lun2.error
 
 
-def test_cfgstring_images_must_match_an_existing_volume(lab, tmp_path):
+def test_cfgstring_naming_a_foreign_image_answers_not_ready(lab, tmp_path):
     paths = images(tmp_path)
     emu, lun, registry = lab(f"vol0;images={'+'.join(paths)}")
     lun.stop()
-    emu2, lun2, _ = lab(f"vol0;images={paths[1]}+{paths[0]}", state=registry)
-    assert "has images" in lun2.error
+    other = str(tmp_path / "other.img")
+    emu2, lun2, _ = lab(f"vol0;images={paths[0]}+{other}", state=registry)
+    assert f"has images {'+'.join(paths)}" in lun2.error
+    assert f"{other} was never an image of this volume" in lun2.error
+    tur = emu2.submit(bytes(6))
+    assert parse_sense(emu2.wait([tur])[tur].sense) == (2, 0x04, 0x03)
     assert cfgstring.parse("vol0").name == "vol0"
+
+
+@pytest.mark.parametrize("change", ["attach", "detach"])
+def test_lun_serves_after_attach_or_detach_and_a_restart(lab, tmp_path, change):
+    """Issue 13: the LUN's cfgstring still names the images it was created with; after
+    ``lvmirror attach``/``detach`` and a restart of lvmirrord, the LUN serves the volume's
+    current images instead of answering NOT READY."""
+    paths = images(tmp_path, 3)
+    cfg = f"vol0;images={paths[0]}+{paths[1]}"
+    emu, lun, registry = lab(cfg)
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    emu.wait([emu.submit(cdb10(0x2A, 0, 8), data_out=bytes([5]) * 8 * BS)])
+    lun.volume.attach(paths[2])
+    for job in list(lun.volume.jobs.values()):
+        assert job.wait(20)
+    if change == "detach":
+        lun.volume.detach(0)
+    served = [i.path for i in lun.volume.images]
+    lun.stop()                                          # lvmirrord stops
+    assert registry.names() == []
+    emu2, lun2, _ = lab(cfg, state=VolumeRegistry(str(tmp_path / "state")))   # and restarts
+    assert lun2.error is None
+    assert [i.path for i in lun2.volume.images] == served
+    rid = emu2.submit(cdb10(0x28, 0, 8), data_in_len=8 * BS)
+    assert emu2.wait([rid])[rid].data_in == bytes([5]) * (8 * BS)
+    wid = emu2.submit(cdb10(0x2A, 64, 8), data_out=bytes([6]) * 8 * BS)
+    assert emu2.wait([wid])[wid].status == 0
+    lun2.volume.flush()
+    for p in served:
+        with open(p, "rb") as f:
+            f.seek(64 * BS)
+            assert f.read(8 * BS) == bytes([6]) * (8 * BS)
 
 
 def test_ring_thread_ends_quietly_when_the_kernel_removes_the_device(lab, tmp_path, caplog):

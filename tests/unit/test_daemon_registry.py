@@ -1,0 +1,237 @@
+"""VolumeRegistry and a LUN's cfgstring after attach/detach (issue 13).
+
+A live LUN's cfgstring cannot change, and LIO and every saved targetcli configuration keep the
+images= list the LUN was created with. After ``lvmirror attach``/``detach`` and a restart of
+lvmirrord (or a reboot), the same cfgstring must open the volume again, with its current images;
+a cfgstring naming a path that never was an image of the volume is still refused."""
+
+import json
+import logging
+import os
+
+import pytest
+
+from lvmirror import cfgstring
+from lvmirror.daemon import Lvmirrord, VolumeRegistry
+from lvmirror.errors import ConfigError, StateError
+from lvmirror.mirror.metadata import VolumeMetadata
+from lvmirror.mirror.volume import ImageState
+
+SIZE = 4 << 20
+
+
+def settle(volume):
+    for job in list(volume.jobs.values()):
+        assert job.wait(20)
+    assert all(i.state is ImageState.IN_SYNC for i in volume.images)
+
+
+def wr(volume, lba, data):
+    volume.write(lba, [memoryview(bytearray(data))])
+
+
+def rd(volume, lba, n):
+    buf = bytearray(n)
+    volume.read(lba, [memoryview(buf)])
+    return bytes(buf)
+
+
+class Env:
+    """Volume ``vpc`` created through the daemon's registry from ``vpc;images=A+B``."""
+
+    def __init__(self, tmp_path):
+        self.d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False)
+        self.paths = [str(tmp_path / n) for n in ("a.img", "b.img", "c.img")]
+        self.spec = cfgstring.parse(f"vpc;images={self.paths[0]}+{self.paths[1]}")
+        volume, backend = self.d.registry.acquire(self.spec, lun="lun0", size=SIZE)
+        assert backend is volume
+        settle(volume)
+
+    def restart(self):
+        """lvmirrord stops (every LUN releases the volume) and a new one starts."""
+        for name in self.d.registry.names():
+            self.d.registry.release(cfgstring.VolumeSpec(name))
+        self.d = Lvmirrord(state_dir=self.d.state_dir, with_bus=False)
+        return self.d
+
+
+@pytest.fixture
+def vpc(tmp_path):
+    env = Env(tmp_path)
+    yield env
+    for name in env.d.registry.names():
+        env.d.registry.release(cfgstring.VolumeSpec(name))
+
+
+def test_attach_then_restart_with_the_original_cfgstring_serves_three_images(vpc, caplog):
+    a, b, c = vpc.paths
+    volume = vpc.d.registry.get("vpc")
+    wr(volume, 0, b"x" * 4096)
+    assert vpc.d.attach("vpc", c) == 2
+    settle(volume)
+    d = vpc.restart()
+    with caplog.at_level(logging.INFO, logger="lvmirrord"):
+        volume, _ = d.registry.acquire(vpc.spec, lun="lun0", size=SIZE)
+    assert [i.path for i in volume.images] == [a, b, c]
+    assert all(i.state is ImageState.IN_SYNC for i in volume.images)
+    assert rd(volume, 0, 4096) == b"x" * 4096
+    wr(volume, 16, b"y" * 4096)
+    volume.flush()
+    for p in (a, b, c):
+        with open(p, "rb") as f:
+            f.seek(16 * 512)
+            assert f.read(4096) == b"y" * 4096
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("images changed" in m and f"names {a}+{b}," in m and f"has {a}+{b}+{c}" in m
+               for m in msgs), msgs
+    # cfgstring.check (targetcli CheckConfig, e.g. restoring a saved configuration) agrees
+    assert cfgstring.check(f"vpc;images={a}+{b}", state_dir=d.state_dir).images == (a, b)
+
+
+def test_detach_then_restart_with_the_original_cfgstring(vpc):
+    a, b, c = vpc.paths
+    vpc.d.attach("vpc", c)
+    settle(vpc.d.registry.get("vpc"))
+    spec3 = cfgstring.parse(f"vpc;images={a}+{b}+{c}")   # a LUN created after the attach
+    vpc.d.detach("vpc", 1)
+    vpc.d.detach("vpc", 1)
+    assert [i.path for i in vpc.d.registry.get("vpc").images] == [a]
+    wr(vpc.d.registry.get("vpc"), 0, b"z" * 512)
+    for spec in (vpc.spec, spec3):
+        d = vpc.restart()
+        volume, _ = d.registry.acquire(spec, lun="lun0", size=SIZE)
+        assert [i.path for i in volume.images] == [a]
+        assert rd(volume, 0, 512) == b"z" * 512
+        wr(volume, 1, b"w" * 512)
+        assert rd(volume, 1, 512) == b"w" * 512
+        assert cfgstring.check(cfgstring.format(spec), state_dir=d.state_dir).name == "vpc"
+    # a former image's file may be gone: CheckConfig does not look at it
+    os.unlink(c)
+    assert cfgstring.check(f"vpc;images={a}+{b}+{c}", state_dir=d.state_dir).name == "vpc"
+
+
+def test_second_acquire_checks_the_history_too(vpc, tmp_path):
+    """An exported split image opens the volume first; the volume's own LUN comes second."""
+    a, b, c = vpc.paths
+    vpc.d.attach("vpc", c)
+    settle(vpc.d.registry.get("vpc"))
+    vpc.d.registry.get("vpc").split(2)
+    d = vpc.restart()
+    export = cfgstring.parse("vpc;image=2;readonly=1")
+    volume, view = d.registry.acquire(export, lun="backup0", size=SIZE)
+    assert view is not volume
+    assert d.registry.acquire(vpc.spec, lun="lun0", size=SIZE)[0] is volume
+    d.registry.release(vpc.spec)
+    foreign = cfgstring.parse(f"vpc;images={a}+{tmp_path}/other.img")
+    with pytest.raises(ConfigError, match="other.img was never an image of this volume"):
+        d.registry.acquire(foreign, lun="lun0", size=SIZE)
+    assert d.registry.get("vpc") is volume               # the export keeps serving
+    d.registry.release(export, view)
+
+
+def test_a_cfgstring_naming_another_volumes_image_is_refused(vpc, tmp_path):
+    a, b, c = vpc.paths
+    vpc.d.attach("vpc", c)
+    settle(vpc.d.registry.get("vpc"))
+    vpc.d.detach("vpc", 2)
+    d = vpc.restart()
+    vdir = os.path.join(d.state_dir, "vpc")
+    before = {n: open(os.path.join(vdir, n), "rb").read() for n in os.listdir(vdir)}
+    x = f"{tmp_path}/x.img"
+    for cfg in (f"vpc;images={a}+{x}", f"vpc;images={x}"):
+        s = cfgstring.parse(cfg)
+        for check in (lambda: d.registry.acquire(s, lun="lun0", size=SIZE),
+                      lambda: cfgstring.check(cfg, state_dir=d.state_dir)):
+            with pytest.raises(ConfigError) as e:
+                check()
+            msg = str(e.value)
+            assert f"volume 'vpc' has images {a}+{b} (former images: {c})" in msg
+            assert f"{x} was never an image of this volume" in msg
+            assert "Name the volume alone ('vpc')" in msg
+    assert d.registry.names() == []          # refused before the volume was opened
+    assert {n: open(os.path.join(vdir, n), "rb").read() for n in os.listdir(vdir)} == before
+    assert not os.path.exists(x)
+    # the order of a known list does not matter
+    volume, _ = d.registry.acquire(cfgstring.parse(f"vpc;images={c}+{b}+{a}"), lun="lun0",
+                                   size=SIZE)
+    assert [i.path for i in volume.images] == [a, b]
+
+
+def test_old_volume_json_without_history_still_opens(vpc):
+    """A volume attached to by a version that kept no history: its current images are the
+    history, so the original two-image cfgstring opens the three-image volume."""
+    a, b, c = vpc.paths
+    vpc.d.attach("vpc", c)
+    settle(vpc.d.registry.get("vpc"))
+    d = vpc.restart()
+    path = VolumeMetadata.json_path(d.state_dir, "vpc")
+    with open(path) as f:
+        raw = json.load(f)
+    assert raw["image_history"] == [a, b, c]
+    del raw["image_history"]
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    assert VolumeMetadata.load(d.state_dir, "vpc").image_history == [a, b, c]
+    assert cfgstring.check(f"vpc;images={a}+{b}", state_dir=d.state_dir).name == "vpc"
+    volume, _ = d.registry.acquire(vpc.spec, lun="lun0", size=SIZE)
+    assert [i.path for i in volume.images] == [a, b, c]
+    wr(volume, 0, b"q" * 512)
+    assert rd(volume, 0, 512) == b"q" * 512
+    d.registry.release(vpc.spec)
+    with open(path) as f:
+        assert json.load(f)["image_history"] == [a, b, c]     # written back with the history
+
+
+def test_history_survives_a_reload_and_ignores_path_spelling(tmp_path):
+    md = VolumeMetadata.new("v", block_size=512, size=1 << 20, region_size=1 << 16)
+    md.add_image("/x/a", "in-sync", 1)
+    md.add_image("/x/b", "syncing")
+    md.images.pop()                                   # what a detach does
+    md.add_image("/x/./b", "syncing")                 # the same file again: not listed twice
+    assert md.image_history == ["/x/a", "/x/b"]
+    md.save(tmp_path)
+    back = VolumeMetadata.load(tmp_path, "v")
+    assert back == md
+    assert back.check_named_images(["/x/a", "/x/./b"]) is True
+    assert back.check_named_images(["/x/a"]) is False
+    with pytest.raises(ConfigError, match="/y/c was never"):
+        back.check_named_images(["/x/a", "/y/c"])
+    d = back.to_json()
+    d["image_history"] = ["/x/a", 7]
+    with pytest.raises(ConfigError, match="image_history entry 1"):
+        VolumeMetadata.from_json(d)
+
+
+def test_detach_that_would_renumber_an_exported_image_is_refused(vpc):
+    """An export's cfgstring names its image by index; a detach of a lower index would make it
+    name another image after the next restart."""
+    d, (a, b, c) = vpc.d, vpc.paths
+    d.attach("vpc", c)
+    volume = d.registry.get("vpc")
+    settle(volume)
+    volume.split(2)
+    export = cfgstring.parse("vpc;image=2")
+    _, view = d.registry.acquire(export, lun="backup0", size=SIZE)
+    with pytest.raises(StateError, match="renumber the exported split image"):
+        d.detach("vpc", 1)
+    with pytest.raises(StateError, match="image 2 is exported as a LUN"):
+        d.detach("vpc", 2)
+    assert len(volume.images) == 3
+    d.registry.release(export, view)
+    d.detach("vpc", 1)
+    assert [i.path for i in volume.images] == [a, c]
+
+
+def test_registry_alone(tmp_path):
+    """VolumeRegistry without a daemon: create, attach on the volume, release, re-acquire."""
+    reg = VolumeRegistry(str(tmp_path / "state"))
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    spec = cfgstring.parse(f"v;images={a}+{b}")
+    volume, _ = reg.acquire(spec, lun="l0", size=SIZE)
+    volume.attach(c)
+    settle(volume)
+    wr(volume, 3, b"r" * 512)
+    reg.release(spec)
+    volume, _ = reg.acquire(spec, lun="l0", size=SIZE)
+    assert len(volume.images) == 3 and rd(volume, 3, 512) == b"r" * 512
+    reg.release(spec)
