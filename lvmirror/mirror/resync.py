@@ -15,8 +15,8 @@ resumes it; ``stop()`` (used by ``vol.close``) is the same but the next open res
 
 RestoreJob (source: a split image, targets: every live image). See ``MirrorVolume.restore``
 for the semantics. A region is recorded as restored (its bit cleared in the restore bitmap on
-disk) only after the restored data is durable on every live image (``MirrorVolume
-._commit_restored``, the durability barrier): the background copy commits in batches (every
+disk) only after the restored data is durable on every live image (``JobControl
+.commit_restored``, the durability barrier): the background copy commits in batches (every
 CHECKPOINT_REGIONS regions or CHECKPOINT_SECONDS) and keeps a copied region's bit set until its
 batch commits, so an I/O arriving meanwhile restores it again (the same data) and commits it
 itself; a region restored on demand for an I/O is committed before that I/O goes on. So after a
@@ -175,17 +175,17 @@ class ResyncJob(_Job):
                     since_ck += 1
                     if since_ck >= CHECKPOINT_REGIONS or \
                             time.monotonic() - last_ck >= CHECKPOINT_SECONDS:
-                        vol._checkpoint_resync(img, r + 1)
+                        vol.control.checkpoint_resync(img, r + 1)
                         last_ck, since_ck = time.monotonic(), 0
                 if self._cancel.is_set():
-                    vol._pause_resync(img, keep_resume=self._stopping)
+                    vol.control.pause_resync(img, keep_resume=self._stopping)
                     self._finish("cancelled")
                     return
                 if img.state.value != "syncing":
                     raise _TargetFailed(img.rec.error or "target image failed")
                 if bm.count() == 0:
                     t_commit = time.monotonic()
-                    if vol._finish_resync(img, self):
+                    if vol.control.finish_resync(img, self):
                         self.phase_seconds["copy"] = t_commit - t_copy
                         self.phase_seconds["commit"] = time.monotonic() - t_commit
                         # logged before the job reports done: a waiter finds the line
@@ -200,7 +200,7 @@ class ResyncJob(_Job):
             self._finish("failed", f"target image failed: {e}")
         except Exception as e:  # report, never kill the daemon
             try:
-                vol._pause_resync(img, keep_resume=False)
+                vol.control.pause_resync(img, keep_resume=False)
             except Exception:
                 pass
             self._finish("failed", f"{type(e).__name__}: {e}")
@@ -301,10 +301,10 @@ class RestoreJob(_Job):
                         pending.append(r)
                     if len(pending) >= CHECKPOINT_REGIONS or \
                             time.monotonic() - last_ck >= CHECKPOINT_SECONDS:
-                        vol._commit_restored(self, pending)
+                        vol.control.commit_restored(self, pending)
                         pending, last_ck = [], time.monotonic()
                 if pending:
-                    vol._commit_restored(self, pending)
+                    vol.control.commit_restored(self, pending)
                 if self._cancel.is_set():
                     break
             if self._cancel.is_set() and self.bitmap.count():
@@ -312,7 +312,7 @@ class RestoreJob(_Job):
                 # stays registered (I/O keeps restoring on demand) and resumes on next open.
                 self._finish("cancelled")
                 return
-            vol._finish_restore(self.img, self)
+            vol.control.finish_restore(self.img, self)
             self._finish("done")
         except Exception as e:
             self._finish("failed", f"{type(e).__name__}: {e}")
@@ -349,7 +349,7 @@ class RestoreJob(_Job):
             finally:
                 vol._leave(ep)
             if commit:
-                vol._commit_restored(self, [r])
+                vol.control.commit_restored(self, [r])
         finally:
             lk.release()
         self.bytes_done += ln

@@ -29,27 +29,33 @@ Crash safety
 ------------
 ``volume.json`` says ``clean_shutdown: false`` while open. On the next open after a crash every
 region marked in the write-intent log is (a) merged into each split / failed / syncing image's
-change bitmap and (b) copied from the primary in-sync image (highest generation, then lowest
-index) to the other in-sync images before the volume serves I/O, so no image that may have
-missed a write is read from. Change bitmaps of split and failed images are saved lazily
-(``checkpoint``, run by a flusher thread and on close): ``checkpoint`` takes a ticket from the
-log, fdatasyncs the live images, saves the bitmaps and only then clears log bits whose last
-write ended before the ticket. A write whose mark is missing from a saved bitmap therefore
+change bitmap and (b) copied from the primary in-sync image to the other in-sync images before
+the volume serves I/O (``recovery.py``), so no image that may have missed a write is read from.
+Change bitmaps of split and failed images are saved lazily (``checkpoint``, run by a flusher
+thread and on close): ``checkpoint`` takes a ticket from the log, snapshots the bitmaps,
+fdatasyncs every image, saves the snapshots and only then clears log bits whose last write
+ended before the ticket. Every save of state that vouches for data goes through the
+durability barrier (``durability.py``): the data first, then the state. A write whose mark is missing from a saved bitmap therefore
 still has its log bit set, and recovery's merge restores the mark. The flusher clears only
 regions idle since its previous round (the ticket of the round before), as md's bitmap daemon
 waits before clearing a bit: a region under steady writes stays marked instead of being
 cleared and re-marked (a durable log write each time) every round.
 
 Interrupted resyncs and restores resume automatically in ``open`` (see ``vol.jobs``).
+
+Where the rest lives
+--------------------
+``legs.py`` (image states, the runtime record of each image, its I/O workers),
+``jobcontrol.py`` (resync, restore, attach, detach and their progress on disk; ``vol.control``),
+``resync.py`` (the copy loops), ``recovery.py`` (crash recovery), ``splitexport.py`` (a split
+image served as its own LUN), ``durability.py`` (the ordering of data before state),
+``wil.py``, ``bitmap.py``, ``regionlock.py``, ``metadata.py``, ``image.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import itertools
 import os
-import queue
 import threading
 import time
 
@@ -57,113 +63,21 @@ from lvmirror.errors import ConfigError, ImageIOError, StateError, VolumeIOError
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.durability import DurabilityBarrier
 from lvmirror.mirror.image import StorageImage
+from lvmirror.mirror.jobcontrol import JobControl
+from lvmirror.mirror.legs import (MAX_IMAGES, ImageInfo, ImageState, Leg, SplitInfo, Worker,
+                                  check_image_fits)
 from lvmirror.mirror.metadata import VolumeMetadata, valid_volume_name
+from lvmirror.mirror.recovery import recover
 from lvmirror.mirror.regionlock import RegionLockManager
+from lvmirror.mirror.splitexport import SplitImageVolume
 from lvmirror.mirror.wil import WriteIntentLog
 
 __all__ = ["ImageInfo", "ImageState", "MirrorVolume", "SplitImageVolume", "SplitInfo", "MAX_IMAGES"]
 
-MAX_IMAGES = 4
-WORKER_THREADS = 4
 FANOUT_MODES = ("auto", "parallel", "serial")
 # Below this size a buffered (page cache) write is a memcpy shorter than a thread hand-off,
 # so "auto" issues it on the calling thread to each image in turn.
 PARALLEL_MIN_BYTES = 128 << 10
-
-
-class ImageState(enum.Enum):
-    IN_SYNC = "in-sync"
-    SYNCING = "syncing"
-    SPLIT = "split"
-    FAILED = "failed"
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageInfo:
-    index: int
-    id: int
-    path: str
-    state: ImageState
-    generation: int
-    split_time: float | None
-    bitmap_fill: float | None      # dirty fraction of the change bitmap (None for in-sync)
-    dirty_bytes: int | None
-    error: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitInfo:
-    index: int
-    path: str
-    split_time: float             # wall clock of T
-    generation: int
-    drained: int                  # I/Os begun before T that split waited for
-
-
-class _Completion:
-    __slots__ = ("_gate", "exc")
-
-    def __init__(self):
-        self._gate = threading.Lock()
-        self._gate.acquire()
-        self.exc = None
-
-    def done(self, exc):
-        self.exc = exc
-        self._gate.release()
-
-    def wait(self):
-        self._gate.acquire()
-        return self.exc
-
-
-class _Worker:
-    """A few persistent threads issuing one image's share of fanned-out I/O."""
-
-    def __init__(self, name, nthreads=WORKER_THREADS):
-        self._q = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-{k}", daemon=True)
-                         for k in range(nthreads)]
-        for t in self._threads:
-            t.start()
-
-    def _run(self):
-        get = self._q.get
-        while True:
-            item = get()
-            if item is None:
-                return
-            fn, arg, comp = item
-            try:
-                fn(arg)
-            except BaseException as e:  # handed to the issuing thread
-                comp.done(e)
-            else:
-                comp.done(None)
-
-    def submit(self, fn, arg) -> _Completion:
-        comp = _Completion()
-        self._q.put((fn, arg, comp))
-        return comp
-
-    def stop(self):
-        for _ in self._threads:
-            self._q.put(None)
-
-
-class _Image:
-    """Runtime state of one image (metadata record + open storage + change bitmap)."""
-
-    def __init__(self, rec, storage, bitmap):
-        self.rec = rec
-        self.storage = storage
-        self.bitmap: RegionBitmap | None = bitmap
-        self.state = ImageState(rec.state)
-        self.worker: _Worker | None = None
-        self.exported = 0          # SplitImageVolume objects serving this split image
-
-    def sync_rec(self):
-        self.rec.state = self.state.value
 
 
 class _Epoch:
@@ -181,7 +95,7 @@ class _Epoch:
 class MirrorVolume:
     """A mirrored volume; see the module docstring. Use ``create`` or ``open``."""
 
-    def __init__(self, md: VolumeMetadata, meta_dir, images: list[_Image], wil: WriteIntentLog,
+    def __init__(self, md: VolumeMetadata, meta_dir, images: list[Leg], wil: WriteIntentLog,
                  *, direct, opener, flush_interval, fanout="auto"):
         self._md = md
         self._meta_dir = os.fspath(meta_dir)
@@ -208,7 +122,7 @@ class MirrorVolume:
         self._epoch_seq = itertools.count(1)
         self._rr = itertools.count()
         self._closed = False
-        self._restore = None
+        self.control = JobControl(self)   # resync, restore, attach, detach (jobcontrol.py)
         self.jobs: dict[int, object] = {}   # image id -> running ResyncJob / RestoreJob
         self._stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
                            unmaps=0, read_errors=0, write_errors=0, image_failures=0,
@@ -273,7 +187,7 @@ class MirrorVolume:
                 if size <= 0:
                     raise ConfigError(f"image {paths[0]}: smaller than one block")
             for st in storages:
-                _check_image_fits(st, size, block_size)
+                check_image_fits(st, size, block_size)
         except BaseException:
             for st in storages:
                 st.close()
@@ -293,14 +207,14 @@ class MirrorVolume:
                 bm = RegionBitmap(size, region_size)
                 bm.set_all()
                 bm.save(VolumeMetadata.bitmap_path(vdir, rec.id))
-            images.append(_Image(rec, st, bm))
+            images.append(Leg(rec, st, bm))
         wil = WriteIntentLog(VolumeMetadata.wil_path(vdir), size, region_size)
         wil.save()
         md.clean_shutdown = False
         md.save(meta_dir)
         vol = cls(md, meta_dir, images, wil, direct=direct, opener=opener,
                   flush_interval=flush_interval, fanout=fanout)
-        vol._resume_jobs()
+        vol.control.resume()
         return vol
 
     @classmethod
@@ -310,7 +224,7 @@ class MirrorVolume:
         opener = opener or _default_opener
         md = VolumeMetadata.load(meta_dir, name)
         vdir = VolumeMetadata.volume_dir(meta_dir, name)
-        images: list[_Image] = []
+        images: list[Leg] = []
         try:
             for rec in md.images:
                 storage = None
@@ -323,7 +237,7 @@ class MirrorVolume:
                     rec.error = f"cannot open at volume open: {e}"
                 if storage is not None:
                     try:
-                        _check_image_fits(storage, md.size, md.block_size)
+                        check_image_fits(storage, md.size, md.block_size)
                     except ConfigError:
                         storage.close()
                         raise
@@ -337,7 +251,7 @@ class MirrorVolume:
                         bm.set_all()
                         rec.error = ((rec.error + "; ") if rec.error else "") + \
                             f"change bitmap unusable ({e}); full resync needed"
-                images.append(_Image(rec, storage, bm))
+                images.append(Leg(rec, storage, bm))
             in_sync = [im for im in images if im.state is ImageState.IN_SYNC]
             if not in_sync:
                 raise ConfigError(f"volume {name}: no in-sync image can be opened: " + "; ".join(
@@ -352,7 +266,7 @@ class MirrorVolume:
             if problem == "missing" and not md.clean_shutdown:
                 wil.bitmap.set_all()   # unclean and no log: every region is suspect
             if not md.clean_shutdown or (problem and problem != "missing"):
-                _recover(md, vdir, images, wil)
+                recover(md, vdir, images, wil)
             md.clean_shutdown = False
             md.generation += 1
             md.save(meta_dir)
@@ -363,7 +277,7 @@ class MirrorVolume:
             raise
         vol = cls(md, meta_dir, images, wil, direct=direct, opener=opener,
                   flush_interval=flush_interval, fanout=fanout)
-        vol._resume_jobs()
+        vol.control.resume()
         return vol
 
     @staticmethod
@@ -371,28 +285,9 @@ class MirrorVolume:
         """True if volume ``name`` has metadata in ``meta_dir``."""
         return VolumeMetadata.exists(meta_dir, name)
 
-    def _resume_jobs(self):
-        from lvmirror.mirror.resync import ResyncJob, RestoreJob
-        for img in list(self._images):
-            if img.state is ImageState.SYNCING and img.rec.resync_next is not None:
-                job = ResyncJob(self, img, full=img.rec.resync_full,
-                                rate_limit=img.rec.resync_rate)
-                self.jobs[img.rec.id] = job
-                job.start(self._epoch)
-            elif img.state is ImageState.SPLIT and img.rec.restore_running:
-                rpath = VolumeMetadata.restore_path(self._vdir, img.rec.id)
-                try:
-                    rb = RegionBitmap.load(rpath, self.size, self.region_size)
-                except (OSError, ValueError):
-                    rb = img.bitmap.copy()
-                job = RestoreJob(self, img, rb, rate_limit=None)
-                self._restore = job
-                self.jobs[img.rec.id] = job
-                job.start()
-
     def _start_worker(self, img):
         if img.worker is None and img.storage is not None:
-            img.worker = _Worker(f"{self.name}-img{img.rec.id}")
+            img.worker = Worker(f"{self.name}-img{img.rec.id}")
 
     # ==== epochs ==================================================================================
 
@@ -463,7 +358,7 @@ class MirrorVolume:
                              f"the block size {self.block_size}")
         return total
 
-    def _img(self, index) -> _Image:
+    def _img(self, index) -> Leg:
         if not isinstance(index, int) or not 0 <= index < len(self._images):
             raise StateError(f"volume {self.name}: no image {index!r} "
                              f"(have 0..{len(self._images) - 1})")
@@ -632,7 +527,7 @@ class MirrorVolume:
         self._check_open()
         self._check_io(lba, nblocks)
         offset, length = lba * self.block_size, nblocks * self.block_size
-        rj = self._restore
+        rj = self.control.restore_job
         if rj is not None and nblocks:
             rj.before_io(offset, length)
         return offset, length
@@ -785,7 +680,7 @@ class MirrorVolume:
             if img.exported:
                 raise StateError(f"volume {self.name}: split image {image_index} is already "
                                  f"exported")
-            if self._restore is not None and self._restore.img is img:
+            if self.control.restore_job is not None and self.control.restore_job.img is img:
                 raise StateError(f"volume {self.name}: a restore from image {image_index} is "
                                  f"unfinished")
             img.exported += 1
@@ -805,7 +700,7 @@ class MirrorVolume:
                        for o in self._images):
                 raise StateError(f"volume {self.name}: image {image_index} is the last in-sync "
                                  f"image; splitting it would leave no live copy")
-            if self._restore is not None:
+            if self.control.restore_job is not None:
                 raise StateError(f"volume {self.name}: a restore is running; split after it ends")
             with self._meta:
                 bm = RegionBitmap(self.size, self.region_size)
@@ -830,251 +725,29 @@ class MirrorVolume:
 
     def resync(self, image_index, *, rate_limit=None):
         """Bring a split or failed image back in sync by copying the regions its change bitmap
-        marks (a paused 'syncing' image resumes). Returns the running ResyncJob."""
-        self._check_open()
-        with self._mgmt:
-            img = self._img(image_index)
-            running = self.jobs.get(img.rec.id)
-            if running is not None and running.is_alive():
-                raise StateError(f"volume {self.name}: image {image_index} already has a "
-                                 f"{type(running).__name__} running")
-            if img.state is ImageState.IN_SYNC:
-                raise StateError(f"volume {self.name}: image {image_index} is already in sync")
-            if img.exported:
-                raise StateError(f"volume {self.name}: split image {image_index} is exported as "
-                                 f"a LUN; remove that LUN before resyncing it")
-            if self._restore is not None:
-                raise StateError(f"volume {self.name}: a restore is running; resync after it ends")
-            if not any(o.state is ImageState.IN_SYNC for o in self._images):
-                raise StateError(f"volume {self.name}: no in-sync image to resync from")
-            self._reopen_if_needed(img)
-            full = img.bitmap is None
-            if full:
-                img.bitmap = RegionBitmap(self.size, self.region_size)
-                img.bitmap.set_all()
-            return self._start_resync(img, full=full, rate_limit=rate_limit)
-
-    def _reopen_if_needed(self, img):
-        if img.storage is None:
-            st = self._opener(img.rec.path, direct=self._direct)
-            try:
-                _check_image_fits(st, self.size, self.block_size)
-            except ConfigError:
-                st.close()
-                raise
-            img.storage = st
-            self._start_worker(img)
-
-    def _start_resync(self, img, *, full, rate_limit):
-        from lvmirror.mirror.resync import ResyncJob
-        with self._meta:
-            img.state = ImageState.SYNCING
-            img.rec.error = None
-            img.rec.resync_next = 0
-            img.rec.resync_full = full
-            img.rec.resync_rate = rate_limit
-            self._bump()
-            img.bitmap.save(self._bitmap_path(img))
-            self._save_md()
-            new = self._switch_epoch()
-        job = ResyncJob(self, img, full=full, rate_limit=rate_limit)
-        self.jobs[img.rec.id] = job
-        job.start(new)
-        return job
-
-    def _finish_resync(self, img, job) -> bool:
-        """Called by the job when its bitmap looks empty: img -> in-sync with the epoch swap,
-        written only once every region copied to it is durable (durability barrier)."""
-        return self._barrier.commit([img], lambda durable: self._mark_in_sync(img, durable),
-                                    what="image in sync")
-
-    def _mark_in_sync(self, img, durable) -> bool:
-        with self._meta:
-            if img not in durable or img.state is not ImageState.SYNCING or img.bitmap.count():
-                return False
-            img.state = ImageState.IN_SYNC
-            img.bitmap = None
-            img.rec.resync_next = None
-            img.rec.resync_full = False
-            img.rec.split_time = None
-            img.rec.error = None
-            img.rec.generation = self._bump()
-            self._save_md()
-            try:
-                os.unlink(self._bitmap_path(img))
-            except FileNotFoundError:
-                pass
-            self._switch_epoch()
-            return True
-
-    def _checkpoint_resync(self, img, next_region):
-        """Persist a resync's progress: its bitmap (cleared bits = regions copied) and cursor,
-        only after the copies are durable on the target (durability barrier)."""
-        self._commit_resync_state(img, next_region, "resync checkpoint")
-
-    def _pause_resync(self, img, *, keep_resume):
-        """A resync stopped (cancel / close): keep 'syncing' with its bitmap saved."""
-        self._commit_resync_state(img, None if not keep_resume else _KEEP, "resync paused")
-
-    def _commit_resync_state(self, img, next_region, what):
-        if img.state is not ImageState.SYNCING:
-            return
-        snap = img.bitmap.copy()       # before the flush: a later clear is never saved early
-
-        def persist(durable):
-            with self._meta:
-                if img not in durable or img.state is not ImageState.SYNCING:
-                    return       # failed meanwhile: its bitmap is whole and already saved
-                snap.save(self._bitmap_path(img))
-                if next_region is not _KEEP:
-                    img.rec.resync_next = next_region
-                self._save_md()
-        self._barrier.commit([img], persist, what=what)
+        marks (a paused 'syncing' image resumes); ``rate_limit`` in MB/s (None: unlimited).
+        Returns the running ResyncJob. StateError when the image is in sync, exported, already
+        has a job, or a restore runs (``jobcontrol.JobControl.resync``)."""
+        return self.control.resync(image_index, rate_limit=rate_limit)
 
     def restore(self, image_index, *, rate_limit=None):
-        """Roll the live volume back to split image ``image_index``. Returns the RestoreJob.
+        """Roll the live volume back to split image ``image_index``; returns the RestoreJob.
 
-        Semantics: when the call returns, the volume *reads as* the split image (a read or
-        write that touches a region not yet copied first restores that region). Writes made
-        after the call are kept. When the job is done the image stays split and its change
-        bitmap holds exactly the regions written since they were restored (empty if none)."""
-        from lvmirror.mirror.resync import RestoreJob
-        self._check_open()
-        with self._mgmt:
-            img = self._img(image_index)
-            if img.exported:
-                raise StateError(f"volume {self.name}: split image {image_index} is exported as "
-                                 f"a LUN; remove that LUN before restoring from it")
-            if img.state is not ImageState.SPLIT:
-                raise StateError(f"volume {self.name}: image {image_index} is {img.state.value}; "
-                                 f"only a split image can be restored from")
-            if self._restore is not None:
-                old = self._restore
-                if old.img is not img or old.is_alive():
-                    raise StateError(f"volume {self.name}: a restore is already running")
-                # Resume a cancelled restore of this image from where it stopped.
-                job = RestoreJob(self, img, old.bitmap, rate_limit=rate_limit)
-                self._restore = job
-                self.jobs[img.rec.id] = job
-                job.start()
-                return job
-            if img.storage is None:
-                raise StateError(f"volume {self.name}: split image {image_index} is not available")
-            if not any(o.state is ImageState.IN_SYNC for o in self._images):
-                raise StateError(f"volume {self.name}: no in-sync image to restore to")
-            with self._meta:
-                rb = img.bitmap.copy()
-                rb.save(VolumeMetadata.restore_path(self._vdir, img.rec.id))
-                img.rec.restore_running = True
-                self._bump()
-                self._save_md()
-                job = RestoreJob(self, img, rb, rate_limit=rate_limit)
-                self._restore = job
-                self.jobs[img.rec.id] = job
-            job.start()
-            return job
-
-    def _commit_restored(self, job, regions):
-        """Record ``regions`` as restored in the job's restore bitmap on disk, only once the
-        restored data is durable on every live image (durability barrier); the in-memory bits
-        are cleared after the save, so an I/O that finds a region clear may rely on it."""
-        snap_lock = job.commit_lock
-
-        def persist(durable):
-            with snap_lock:
-                snap = job.bitmap.copy()
-                for r in regions:
-                    snap.clear_region(r)
-                snap.save(job.path)
-                for r in regions:
-                    job.bitmap.clear_region(r)
-        self._barrier.commit(self._storage_images(), persist, what="restore progress")
-
-    def _finish_restore(self, img, job):
-        """The restore is done: persisted after the restored data is durable on every image."""
-        with self._meta:
-            snap = img.bitmap.copy()
-
-        def persist(durable):
-            with self._meta:
-                img.rec.restore_running = False
-                self._bump()
-                snap.union_update(img.bitmap)      # writes since the snapshot stay marked
-                snap.save(self._bitmap_path(img))
-                self._save_md()
-                try:
-                    os.unlink(VolumeMetadata.restore_path(self._vdir, img.rec.id))
-                except FileNotFoundError:
-                    pass
-                if self._restore is job:
-                    self._restore = None
-        self._barrier.commit(self._storage_images(), persist, what="restore done")
+        When the call returns, the volume *reads as* the split image (a read or write that
+        touches a region not yet copied first restores that region). Writes made after the
+        call are kept. When the job is done the image stays split and its change bitmap holds
+        exactly the regions written since they were restored (``jobcontrol``)."""
+        return self.control.restore(image_index, rate_limit=rate_limit)
 
     def attach(self, path, *, rate_limit=None) -> int:
-        """Add a new image and start its full resync; returns its index."""
-        self._check_open()
-        path = os.fspath(path)
-        with self._mgmt:
-            if len(self._images) >= MAX_IMAGES:
-                raise StateError(f"volume {self.name}: already has {MAX_IMAGES} images")
-            if any(os.path.abspath(im.rec.path) == os.path.abspath(path) for im in self._images):
-                raise ConfigError(f"volume {self.name}: {path} is already one of its images")
-            if not any(o.state is ImageState.IN_SYNC for o in self._images):
-                raise StateError(f"volume {self.name}: no in-sync image to copy from")
-            if not os.path.exists(path):
-                StorageImage.create_file(path, self.size)
-            st = self._opener(path, direct=self._direct)
-            try:
-                _check_image_fits(st, self.size, self.block_size)
-            except ConfigError:
-                st.close()
-                raise
-            bm = RegionBitmap(self.size, self.region_size)
-            bm.set_all()
-            with self._meta:
-                rec = self._md.add_image(path, ImageState.SYNCING.value, generation=0)
-                img = _Image(rec, st, bm)
-                self._images.append(img)
-                self._start_worker(img)
-            self._start_resync(img, full=True, rate_limit=rate_limit)
-            return len(self._images) - 1
+        """Add image ``path`` (created sparse at the volume size if missing) and start its full
+        resync (``rate_limit`` MB/s); returns its index (``jobcontrol``)."""
+        return self.control.attach(path, rate_limit=rate_limit)
 
     def detach(self, image_index):
-        """Remove an image from the volume (not the last in-sync one). Its file is kept."""
-        self._check_open()
-        with self._mgmt:
-            img = self._img(image_index)
-            if img.state is ImageState.IN_SYNC and not any(
-                    o is not img and o.state is ImageState.IN_SYNC for o in self._images):
-                raise StateError(f"volume {self.name}: image {image_index} is the last in-sync "
-                                 f"image")
-            if self._restore is not None and self._restore.img is img:
-                raise StateError(f"volume {self.name}: a restore from image {image_index} is "
-                                 f"unfinished; resume it with restore({image_index}) first")
-            job = self.jobs.get(img.rec.id)
-            if job is not None and job.is_alive():
-                if type(job).__name__ == "RestoreJob":
-                    raise StateError(f"volume {self.name}: a restore from image {image_index} "
-                                     f"is running")
-                job.cancel()
-                job.wait()
-            with self._meta:
-                self._images.remove(img)
-                self._md.images.remove(img.rec)
-                self._bump()
-                self._save_md()
-                new = self._switch_epoch()
-            self._drain(new)
-            self.jobs.pop(img.rec.id, None)
-            if img.worker is not None:
-                img.worker.stop()
-            if img.storage is not None:
-                img.storage.close()
-            for p in (self._bitmap_path(img), VolumeMetadata.restore_path(self._vdir, img.rec.id)):
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
+        """Remove an image from the volume (not the last in-sync one, not an exported or
+        restoring split image). Its file is kept (``jobcontrol``)."""
+        return self.control.detach(image_index)
 
     # ==== persistence =============================================================================
 
@@ -1172,182 +845,5 @@ class MirrorVolume:
                 f"images={[im.state.value for im in self._images]}>")
 
 
-_KEEP = object()   # _commit_resync_state: leave the resync cursor as it is
-
-
 def _default_opener(path, *, direct=False):
     return StorageImage.open(path, direct=direct)
-
-
-def _check_image_fits(st, size, block_size):
-    if st.size < size:
-        raise ConfigError(f"image {st.path}: {st.size} bytes, smaller than the volume's {size}")
-    if st.logical_block_size > block_size:
-        raise ConfigError(f"image {st.path}: logical block size {st.logical_block_size} is "
-                          f"larger than the volume block size {block_size}")
-
-
-def _recover(md, vdir, images, wil):
-    """Crash recovery (before any I/O is served): merge the write-intent log into every
-    non-in-sync image's change bitmap and copy its regions from the primary in-sync image to
-    the other in-sync images. Errors fail images as the I/O path would."""
-    dirty = wil.bitmap
-    for im in images:
-        if im.state is not ImageState.IN_SYNC and im.bitmap is not None:
-            im.bitmap.union_update(dirty)
-            im.bitmap.save(VolumeMetadata.bitmap_path(vdir, im.rec.id))
-    in_sync = [im for im in images if im.state is ImageState.IN_SYNC]
-    order = sorted(range(len(in_sync)), key=lambda k: (-in_sync[k].rec.generation, k))
-    in_sync = [in_sync[k] for k in order]
-    buf = StorageImage.aligned_buffer(md.region_size)
-    regions = list(dirty.dirty_regions())
-    for r in regions:
-        off, ln = dirty.region_range(r)
-        view = buf[:ln]
-        while True:
-            primary = in_sync[0]
-            try:
-                primary.storage.readv(off, [view])
-                break
-            except ImageIOError as e:
-                if len(in_sync) == 1:
-                    raise ConfigError(f"volume {md.name}: crash recovery cannot read region {r} "
-                                      f"from the last in-sync image: {e}") from e
-                _fail_at_open(primary, md, e, all_regions=True)
-                in_sync.pop(0)
-        for im in list(in_sync[1:]):
-            try:
-                im.storage.writev(off, [view])
-            except ImageIOError as e:
-                _fail_at_open(im, md, e, all_regions=True)
-                in_sync.remove(im)
-    # The write-intent log is cleared only once the regions it marks are durable on every
-    # in-sync image - the primary included: after a process kill its page cache may still hold
-    # the newest data, and a power cut after the clear must not leave the copies differing.
-    def persist(durable):
-        if not any(im.state is ImageState.IN_SYNC for im in images):
-            raise ConfigError(f"volume {md.name}: crash recovery could not make any in-sync "
-                              f"image durable: " + "; ".join(
-                                  f"{im.rec.path}: {im.rec.error}" for im in in_sync))
-        for im in images:
-            im.sync_rec()
-            if im.bitmap is not None:
-                im.bitmap.save(VolumeMetadata.bitmap_path(vdir, im.rec.id))
-        md.save(os.path.dirname(vdir))
-        wil.clear_all()
-    barrier = DurabilityBarrier(md.name, lambda im, e: _fail_at_open(im, md, e, all_regions=True))
-    barrier.commit(in_sync, persist, what="crash recovery")
-
-
-def _fail_at_open(im, md, exc, *, all_regions):
-    im.state = ImageState.FAILED
-    im.rec.error = f"crash recovery: {exc}"
-    im.bitmap = RegionBitmap(md.size, md.region_size)
-    if all_regions:
-        im.bitmap.set_all()
-
-
-class SplitImageVolume:
-    """Serves one split image as a volume (see ``MirrorVolume.split_image``)."""
-
-    def __init__(self, vol: MirrorVolume, img: _Image, index: int):
-        self._vol = vol
-        self._img = img
-        self.index = index
-        self.name = f"{vol.name}/image{index}"
-        self.block_size = vol.block_size
-        self.size = vol.size
-        self.num_blocks = vol.num_blocks
-        self.locks = RegionLockManager(self.name)
-        self._bitmap_lock = threading.Lock()
-        self._closed = False
-
-    def _check(self, lba, nblocks):
-        if self._closed:
-            raise StateError(f"{self.name}: export closed")
-        if self._img.state is not ImageState.SPLIT:
-            raise StateError(f"{self.name}: image is {self._img.state.value}, no longer split")
-        if lba < 0 or nblocks < 0 or lba + nblocks > self.num_blocks:
-            raise ValueError(f"{self.name}: LBA range [{lba}, +{nblocks}) outside the image")
-
-    def _mark(self, offset, length):
-        """Mark the change bitmap; a newly dirty region is persisted before the write."""
-        bm = self._img.bitmap
-        with self._bitmap_lock:
-            if bm.mark(offset, length):
-                try:
-                    bm.save(self._vol._bitmap_path(self._img))
-                except OSError as e:
-                    raise VolumeIOError(f"{self.name}: cannot persist the change bitmap: {e}",
-                                        is_read=False) from e
-
-    def read(self, lba, buffers):
-        n = sum(len(b) for b in buffers) // self.block_size
-        self._check(lba, n)
-        with self.locks.lock(lba, n, shared=True) if n else _nolock():
-            try:
-                self._img.storage.readv(lba * self.block_size, buffers)
-            except ImageIOError as e:
-                raise VolumeIOError(str(e), is_read=True) from e
-
-    def write(self, lba, buffers, fua=False):
-        n = sum(len(b) for b in buffers) // self.block_size
-        self._check(lba, n)
-        if not n:
-            return
-        off = lba * self.block_size
-        with self.locks.lock(lba, n):
-            self._mark(off, n * self.block_size)
-            try:
-                self._img.storage.writev(off, buffers, fua=fua)
-            except ImageIOError as e:
-                raise VolumeIOError(str(e), is_read=False) from e
-
-    def flush(self):
-        self._check(0, 0)
-        try:
-            self._img.storage.flush()
-        except ImageIOError as e:
-            raise VolumeIOError(str(e), is_read=False) from e
-
-    def unmap(self, lba, nblocks):
-        self._check(lba, nblocks)
-        if not nblocks:
-            return
-        off, ln = lba * self.block_size, nblocks * self.block_size
-        with self.locks.lock(lba, nblocks):
-            self._mark(off, ln)
-            try:
-                self._img.storage.discard(off, ln)
-            except ImageIOError as e:
-                raise VolumeIOError(str(e), is_read=False) from e
-
-    def compare_and_write(self, lba, verify, data):
-        n = len(verify) // self.block_size
-        self._check(lba, n)
-        if not n:
-            return None
-        off = lba * self.block_size
-        with self.locks.lock(lba, n):
-            cur = bytearray(len(verify))
-            self._img.storage.readv(off, [memoryview(cur)])
-            if cur != verify:
-                v = bytes(verify)
-                return next(i for i in range(len(cur)) if cur[i] != v[i])
-            self._mark(off, len(data))
-            self._img.storage.writev(off, [data])
-            return None
-
-    def close(self):
-        if not self._closed:
-            self._closed = True
-            with self._vol._mgmt:
-                self._img.exported -= 1
-
-
-class _nolock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

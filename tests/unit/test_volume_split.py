@@ -159,6 +159,9 @@ def test_split_image_exported_as_a_volume_tracks_its_own_writes(tmp_path):
         vol.restore(2)
     with pytest.raises(StateError, match="already exported"):
         vol.split_image(2)
+    with pytest.raises(StateError, match="exported as a LUN"):
+        vol.detach(2)
+    assert len(vol.images) == 3
     exp.close()
     job = vol.resync(2)
     assert job.wait(10) and job.state == "done"

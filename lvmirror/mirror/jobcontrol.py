@@ -1,0 +1,318 @@
+"""Job control: resync, restore, attach and detach of a MirrorVolume's images, and their
+progress on disk.
+
+The copy loops themselves are ``resync.ResyncJob`` / ``resync.RestoreJob``; this module starts
+them, resumes them after a restart, and persists what they did - always behind the durability
+barrier (``durability.DurabilityBarrier``): a resync checkpoint (bitmap + cursor) only once the
+copied regions are durable on the target, an image marked in sync only once all of it is, a
+region recorded as restored only once the restored data is durable on every live image.
+``MirrorVolume`` keeps the epochs and the I/O path and calls in here for these operations; the
+state changes go through its epoch swap (``_switch_epoch``) like every other.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lvmirror.errors import ConfigError, StateError
+from lvmirror.mirror.bitmap import RegionBitmap
+from lvmirror.mirror.image import StorageImage
+from lvmirror.mirror.legs import MAX_IMAGES, ImageState, Leg, check_image_fits
+from lvmirror.mirror.metadata import VolumeMetadata
+from lvmirror.mirror.resync import RestoreJob, ResyncJob
+
+__all__ = ["JobControl"]
+
+_KEEP = object()   # _commit_resync_state: leave the resync cursor as it is
+
+
+class JobControl:
+    """The jobs of one MirrorVolume (``vol.control``). ``restore_job`` is the RestoreJob whose
+    roll-back is unfinished (None otherwise): the I/O path asks it to restore a region before an
+    I/O touches it. Running jobs are in ``vol.jobs`` (image id -> job)."""
+
+    def __init__(self, vol):
+        self.vol = vol
+        self.restore_job: RestoreJob | None = None
+
+    def resync(self, image_index, *, rate_limit=None):
+        """Bring a split or failed image back in sync by copying the regions its change bitmap
+        marks (a paused 'syncing' image resumes). Returns the running ResyncJob."""
+        vol = self.vol
+        vol._check_open()
+        with vol._mgmt:
+            img = vol._img(image_index)
+            running = vol.jobs.get(img.rec.id)
+            if running is not None and running.is_alive():
+                raise StateError(f"volume {vol.name}: image {image_index} already has a "
+                                 f"{type(running).__name__} running")
+            if img.state is ImageState.IN_SYNC:
+                raise StateError(f"volume {vol.name}: image {image_index} is already in sync")
+            if img.exported:
+                raise StateError(f"volume {vol.name}: split image {image_index} is exported as "
+                                 f"a LUN; remove that LUN before resyncing it")
+            if self.restore_job is not None:
+                raise StateError(f"volume {vol.name}: a restore is running; resync after it ends")
+            if not any(o.state is ImageState.IN_SYNC for o in vol._images):
+                raise StateError(f"volume {vol.name}: no in-sync image to resync from")
+            self._reopen_if_needed(img)
+            full = img.bitmap is None
+            if full:
+                img.bitmap = RegionBitmap(vol.size, vol.region_size)
+                img.bitmap.set_all()
+            return self.start_resync(img, full=full, rate_limit=rate_limit)
+
+    def _reopen_if_needed(self, img):
+        vol = self.vol
+        if img.storage is None:
+            st = vol._opener(img.rec.path, direct=vol._direct)
+            try:
+                check_image_fits(st, vol.size, vol.block_size)
+            except ConfigError:
+                st.close()
+                raise
+            img.storage = st
+            vol._start_worker(img)
+
+    def start_resync(self, img, *, full, rate_limit):
+        vol = self.vol
+        with vol._meta:
+            img.state = ImageState.SYNCING
+            img.rec.error = None
+            img.rec.resync_next = 0
+            img.rec.resync_full = full
+            img.rec.resync_rate = rate_limit
+            vol._bump()
+            img.bitmap.save(vol._bitmap_path(img))
+            vol._save_md()
+            new = vol._switch_epoch()
+        job = ResyncJob(vol, img, full=full, rate_limit=rate_limit)
+        vol.jobs[img.rec.id] = job
+        job.start(new)
+        return job
+
+    def finish_resync(self, img, job) -> bool:
+        """Called by the job when its bitmap looks empty: img -> in-sync with the epoch swap,
+        written only once every region copied to it is durable (durability barrier)."""
+        vol = self.vol
+        return vol._barrier.commit([img], lambda durable: self._mark_in_sync(img, durable),
+                                    what="image in sync")
+
+    def _mark_in_sync(self, img, durable) -> bool:
+        vol = self.vol
+        with vol._meta:
+            if img not in durable or img.state is not ImageState.SYNCING or img.bitmap.count():
+                return False
+            img.state = ImageState.IN_SYNC
+            img.bitmap = None
+            img.rec.resync_next = None
+            img.rec.resync_full = False
+            img.rec.split_time = None
+            img.rec.error = None
+            img.rec.generation = vol._bump()
+            vol._save_md()
+            try:
+                os.unlink(vol._bitmap_path(img))
+            except FileNotFoundError:
+                pass
+            vol._switch_epoch()
+            return True
+
+    def checkpoint_resync(self, img, next_region):
+        """Persist a resync's progress: its bitmap (cleared bits = regions copied) and cursor,
+        only after the copies are durable on the target (durability barrier)."""
+        self._commit_resync_state(img, next_region, "resync checkpoint")
+
+    def pause_resync(self, img, *, keep_resume):
+        """A resync stopped (cancel / close): keep 'syncing' with its bitmap saved."""
+        self._commit_resync_state(img, None if not keep_resume else _KEEP, "resync paused")
+
+    def _commit_resync_state(self, img, next_region, what):
+        vol = self.vol
+        if img.state is not ImageState.SYNCING:
+            return
+        snap = img.bitmap.copy()       # before the flush: a later clear is never saved early
+
+        def persist(durable):
+            with vol._meta:
+                if img not in durable or img.state is not ImageState.SYNCING:
+                    return       # failed meanwhile: its bitmap is whole and already saved
+                snap.save(vol._bitmap_path(img))
+                if next_region is not _KEEP:
+                    img.rec.resync_next = next_region
+                vol._save_md()
+        vol._barrier.commit([img], persist, what=what)
+
+    def restore(self, image_index, *, rate_limit=None):
+        """Roll the live volume back to split image ``image_index``. Returns the RestoreJob.
+
+        Semantics: when the call returns, the volume *reads as* the split image (a read or
+        write that touches a region not yet copied first restores that region). Writes made
+        after the call are kept. When the job is done the image stays split and its change
+        bitmap holds exactly the regions written since they were restored (empty if none)."""
+        vol = self.vol
+        vol._check_open()
+        with vol._mgmt:
+            img = vol._img(image_index)
+            if img.exported:
+                raise StateError(f"volume {vol.name}: split image {image_index} is exported as "
+                                 f"a LUN; remove that LUN before restoring from it")
+            if img.state is not ImageState.SPLIT:
+                raise StateError(f"volume {vol.name}: image {image_index} is {img.state.value}; "
+                                 f"only a split image can be restored from")
+            if self.restore_job is not None:
+                old = self.restore_job
+                if old.img is not img or old.is_alive():
+                    raise StateError(f"volume {vol.name}: a restore is already running")
+                # Resume a cancelled restore of this image from where it stopped.
+                job = RestoreJob(vol, img, old.bitmap, rate_limit=rate_limit)
+                self.restore_job = job
+                vol.jobs[img.rec.id] = job
+                job.start()
+                return job
+            if img.storage is None:
+                raise StateError(f"volume {vol.name}: split image {image_index} is not available")
+            if not any(o.state is ImageState.IN_SYNC for o in vol._images):
+                raise StateError(f"volume {vol.name}: no in-sync image to restore to")
+            with vol._meta:
+                rb = img.bitmap.copy()
+                rb.save(VolumeMetadata.restore_path(vol._vdir, img.rec.id))
+                img.rec.restore_running = True
+                vol._bump()
+                vol._save_md()
+                job = RestoreJob(vol, img, rb, rate_limit=rate_limit)
+                self.restore_job = job
+                vol.jobs[img.rec.id] = job
+            job.start()
+            return job
+
+    def commit_restored(self, job, regions):
+        """Record ``regions`` as restored in the job's restore bitmap on disk, only once the
+        restored data is durable on every live image (durability barrier); the in-memory bits
+        are cleared after the save, so an I/O that finds a region clear may rely on it."""
+        vol = self.vol
+        snap_lock = job.commit_lock
+
+        def persist(durable):
+            with snap_lock:
+                snap = job.bitmap.copy()
+                for r in regions:
+                    snap.clear_region(r)
+                snap.save(job.path)
+                for r in regions:
+                    job.bitmap.clear_region(r)
+        vol._barrier.commit(vol._storage_images(), persist, what="restore progress")
+
+    def finish_restore(self, img, job):
+        """The restore is done: persisted after the restored data is durable on every image."""
+        vol = self.vol
+        with vol._meta:
+            snap = img.bitmap.copy()
+
+        def persist(durable):
+            with vol._meta:
+                img.rec.restore_running = False
+                vol._bump()
+                snap.union_update(img.bitmap)      # writes since the snapshot stay marked
+                snap.save(vol._bitmap_path(img))
+                vol._save_md()
+                try:
+                    os.unlink(VolumeMetadata.restore_path(vol._vdir, img.rec.id))
+                except FileNotFoundError:
+                    pass
+                if self.restore_job is job:
+                    self.restore_job = None
+        vol._barrier.commit(vol._storage_images(), persist, what="restore done")
+
+    def attach(self, path, *, rate_limit=None) -> int:
+        """Add a new image and start its full resync; returns its index."""
+        vol = self.vol
+        vol._check_open()
+        path = os.fspath(path)
+        with vol._mgmt:
+            if len(vol._images) >= MAX_IMAGES:
+                raise StateError(f"volume {vol.name}: already has {MAX_IMAGES} images")
+            if any(os.path.abspath(im.rec.path) == os.path.abspath(path) for im in vol._images):
+                raise ConfigError(f"volume {vol.name}: {path} is already one of its images")
+            if not any(o.state is ImageState.IN_SYNC for o in vol._images):
+                raise StateError(f"volume {vol.name}: no in-sync image to copy from")
+            if not os.path.exists(path):
+                StorageImage.create_file(path, vol.size)
+            st = vol._opener(path, direct=vol._direct)
+            try:
+                check_image_fits(st, vol.size, vol.block_size)
+            except ConfigError:
+                st.close()
+                raise
+            bm = RegionBitmap(vol.size, vol.region_size)
+            bm.set_all()
+            with vol._meta:
+                rec = vol._md.add_image(path, ImageState.SYNCING.value, generation=0)
+                img = Leg(rec, st, bm)
+                vol._images.append(img)
+                vol._start_worker(img)
+            self.start_resync(img, full=True, rate_limit=rate_limit)
+            return len(vol._images) - 1
+
+    def detach(self, image_index):
+        """Remove an image from the volume (not the last in-sync one). Its file is kept.
+        StateError for the last in-sync image, an image exported as a LUN (its
+        SplitImageVolume still serves it) or the source of an unfinished restore."""
+        vol = self.vol
+        vol._check_open()
+        with vol._mgmt:
+            img = vol._img(image_index)
+            if img.exported:
+                raise StateError(f"volume {vol.name}: split image {image_index} is exported as "
+                                 f"a LUN; remove that LUN before detaching it")
+            if img.state is ImageState.IN_SYNC and not any(
+                    o is not img and o.state is ImageState.IN_SYNC for o in vol._images):
+                raise StateError(f"volume {vol.name}: image {image_index} is the last in-sync "
+                                 f"image")
+            if self.restore_job is not None and self.restore_job.img is img:
+                raise StateError(f"volume {vol.name}: a restore from image {image_index} is "
+                                 f"unfinished; resume it with restore({image_index}) first")
+            job = vol.jobs.get(img.rec.id)
+            if job is not None and job.is_alive():
+                if type(job).__name__ == "RestoreJob":
+                    raise StateError(f"volume {vol.name}: a restore from image {image_index} "
+                                     f"is running")
+                job.cancel()
+                job.wait()
+            with vol._meta:
+                vol._images.remove(img)
+                vol._md.images.remove(img.rec)
+                vol._bump()
+                vol._save_md()
+                new = vol._switch_epoch()
+            vol._drain(new)
+            vol.jobs.pop(img.rec.id, None)
+            if img.worker is not None:
+                img.worker.stop()
+            if img.storage is not None:
+                img.storage.close()
+            for p in (vol._bitmap_path(img), VolumeMetadata.restore_path(vol._vdir, img.rec.id)):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+
+
+    def resume(self):
+        vol = self.vol
+        for img in list(vol._images):
+            if img.state is ImageState.SYNCING and img.rec.resync_next is not None:
+                job = ResyncJob(vol, img, full=img.rec.resync_full,
+                                rate_limit=img.rec.resync_rate)
+                vol.jobs[img.rec.id] = job
+                job.start(vol._epoch)
+            elif img.state is ImageState.SPLIT and img.rec.restore_running:
+                rpath = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
+                try:
+                    rb = RegionBitmap.load(rpath, vol.size, vol.region_size)
+                except (OSError, ValueError):
+                    rb = img.bitmap.copy()
+                job = RestoreJob(vol, img, rb, rate_limit=None)
+                self.restore_job = job
+                vol.jobs[img.rec.id] = job
+                job.start()

@@ -1,0 +1,133 @@
+"""The legs of a mirror set: image states, the runtime record of each image, its I/O workers.
+
+An image (a *leg*) is in one of four states (``ImageState``): in-sync (written and read),
+syncing (written, never read, a resync copies what it lacks), split (a frozen point-in-time
+copy: not written by the volume, its change bitmap records what the volume changed since) and
+failed (an I/O error took it out; its change bitmap records what it missed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import queue
+import threading
+
+from lvmirror.errors import ConfigError
+from lvmirror.mirror.bitmap import RegionBitmap
+
+__all__ = ["ImageInfo", "ImageState", "Leg", "MAX_IMAGES", "SplitInfo", "Worker",
+           "check_image_fits"]
+
+MAX_IMAGES = 4
+WORKER_THREADS = 4
+
+
+class ImageState(enum.Enum):
+    IN_SYNC = "in-sync"
+    SYNCING = "syncing"
+    SPLIT = "split"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    index: int
+    id: int
+    path: str
+    state: ImageState
+    generation: int
+    split_time: float | None
+    bitmap_fill: float | None      # dirty fraction of the change bitmap (None for in-sync)
+    dirty_bytes: int | None
+    error: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+    index: int
+    path: str
+    split_time: float             # wall clock of T
+    generation: int
+    drained: int                  # I/Os begun before T that split waited for
+
+
+class Completion:
+    __slots__ = ("_gate", "exc")
+
+    def __init__(self):
+        self._gate = threading.Lock()
+        self._gate.acquire()
+        self.exc = None
+
+    def done(self, exc):
+        self.exc = exc
+        self._gate.release()
+
+    def wait(self):
+        self._gate.acquire()
+        return self.exc
+
+
+class Worker:
+    """A few persistent threads issuing one image's share of fanned-out I/O: ``submit(fn, arg)``
+    runs ``fn(arg)`` on one of them and returns a Completion whose ``wait()`` gives the exception
+    it raised (None on success)."""
+
+    def __init__(self, name, nthreads=WORKER_THREADS):
+        self._q = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{k}", daemon=True)
+                         for k in range(nthreads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self):
+        get = self._q.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            fn, arg, comp = item
+            try:
+                fn(arg)
+            except BaseException as e:  # handed to the issuing thread
+                comp.done(e)
+            else:
+                comp.done(None)
+
+    def submit(self, fn, arg) -> Completion:
+        comp = Completion()
+        self._q.put((fn, arg, comp))
+        return comp
+
+    def stop(self):
+        for _ in self._threads:
+            self._q.put(None)
+
+
+class Leg:
+    """Runtime state of one image of the mirror set, a *leg* in dm-mirror's words: its metadata
+    record (``rec``: path, state, generation, resync cursor...), its open storage (a StorageImage,
+    or None when it could not be opened), its change bitmap (None while in sync), its state and
+    the worker threads that issue its share of fanned-out I/O."""
+
+    def __init__(self, rec, storage, bitmap):
+        self.rec = rec
+        self.storage = storage
+        self.bitmap: RegionBitmap | None = bitmap
+        self.state = ImageState(rec.state)
+        self.worker: Worker | None = None
+        self.exported = 0          # SplitImageVolume objects serving this split image
+
+    def sync_rec(self):
+        self.rec.state = self.state.value
+
+
+def check_image_fits(st, size, block_size):
+    """Raise ConfigError unless StorageImage ``st`` holds ``size`` bytes and its logical block
+    size is at most the volume's ``block_size`` (bytes)."""
+    if st.size < size:
+        raise ConfigError(f"image {st.path}: {st.size} bytes, smaller than the volume's {size}")
+    if st.logical_block_size > block_size:
+        raise ConfigError(f"image {st.path}: logical block size {st.logical_block_size} is "
+                          f"larger than the volume block size {block_size}")

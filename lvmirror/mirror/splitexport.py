@@ -1,0 +1,129 @@
+"""SplitImageVolume: a split image served as its own LUN (cfgstring ``NAME;image=N``).
+
+The point-in-time copy is read and written directly (the volume no longer writes it). Writes
+are allowed - a file system's journal replay on the copy needs them - and each first marks the
+image's change bitmap *durably* (a newly dirty region is saved before the write goes on), so a
+later resync or restore still copies every region where the copy and the live volume differ.
+It has its own region lock manager; ``MirrorVolume.split_image`` creates it and refuses resync,
+restore and detach of the image while it is exported.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from lvmirror.errors import ImageIOError, StateError, VolumeIOError
+from lvmirror.mirror.legs import ImageState
+from lvmirror.mirror.regionlock import RegionLockManager
+
+__all__ = ["SplitImageVolume"]
+
+
+class SplitImageVolume:
+    """Serves split leg ``img`` (index ``index``) of MirrorVolume ``vol`` as a volume: the
+    same block I/O API (``read``, ``write``, ``flush``, ``unmap``, ``compare_and_write``; LBAs
+    in blocks of ``block_size`` bytes). Errors: StateError once closed or no longer split,
+    ValueError for an LBA range outside the image, VolumeIOError for an image I/O error or a
+    change bitmap that cannot be persisted."""
+
+    def __init__(self, vol, img, index: int):
+        self._vol = vol
+        self._img = img
+        self.index = index
+        self.name = f"{vol.name}/image{index}"
+        self.block_size = vol.block_size
+        self.size = vol.size
+        self.num_blocks = vol.num_blocks
+        self.locks = RegionLockManager(self.name)
+        self._bitmap_lock = threading.Lock()
+        self._closed = False
+
+    def _check(self, lba, nblocks):
+        if self._closed:
+            raise StateError(f"{self.name}: export closed")
+        if self._img.state is not ImageState.SPLIT:
+            raise StateError(f"{self.name}: image is {self._img.state.value}, no longer split")
+        if lba < 0 or nblocks < 0 or lba + nblocks > self.num_blocks:
+            raise ValueError(f"{self.name}: LBA range [{lba}, +{nblocks}) outside the image")
+
+    def _mark(self, offset, length):
+        """Mark the change bitmap; a newly dirty region is persisted before the write."""
+        bm = self._img.bitmap
+        with self._bitmap_lock:
+            if bm.mark(offset, length):
+                try:
+                    bm.save(self._vol._bitmap_path(self._img))
+                except OSError as e:
+                    raise VolumeIOError(f"{self.name}: cannot persist the change bitmap: {e}",
+                                        is_read=False) from e
+
+    def read(self, lba, buffers):
+        n = sum(len(b) for b in buffers) // self.block_size
+        self._check(lba, n)
+        with self.locks.lock(lba, n, shared=True) if n else _nolock():
+            try:
+                self._img.storage.readv(lba * self.block_size, buffers)
+            except ImageIOError as e:
+                raise VolumeIOError(str(e), is_read=True) from e
+
+    def write(self, lba, buffers, fua=False):
+        n = sum(len(b) for b in buffers) // self.block_size
+        self._check(lba, n)
+        if not n:
+            return
+        off = lba * self.block_size
+        with self.locks.lock(lba, n):
+            self._mark(off, n * self.block_size)
+            try:
+                self._img.storage.writev(off, buffers, fua=fua)
+            except ImageIOError as e:
+                raise VolumeIOError(str(e), is_read=False) from e
+
+    def flush(self):
+        self._check(0, 0)
+        try:
+            self._img.storage.flush()
+        except ImageIOError as e:
+            raise VolumeIOError(str(e), is_read=False) from e
+
+    def unmap(self, lba, nblocks):
+        self._check(lba, nblocks)
+        if not nblocks:
+            return
+        off, ln = lba * self.block_size, nblocks * self.block_size
+        with self.locks.lock(lba, nblocks):
+            self._mark(off, ln)
+            try:
+                self._img.storage.discard(off, ln)
+            except ImageIOError as e:
+                raise VolumeIOError(str(e), is_read=False) from e
+
+    def compare_and_write(self, lba, verify, data):
+        n = len(verify) // self.block_size
+        self._check(lba, n)
+        if not n:
+            return None
+        off = lba * self.block_size
+        with self.locks.lock(lba, n):
+            cur = bytearray(len(verify))
+            self._img.storage.readv(off, [memoryview(cur)])
+            if cur != verify:
+                v = bytes(verify)
+                return next(i for i in range(len(cur)) if cur[i] != v[i])
+            self._mark(off, len(data))
+            self._img.storage.writev(off, [data])
+            return None
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            with self._vol._mgmt:
+                self._img.exported -= 1
+
+
+class _nolock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
