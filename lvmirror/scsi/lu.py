@@ -640,11 +640,16 @@ class LogicalUnit:
         if len(buf) < hdr:
             raise _Check(c.ILLEGAL_REQUEST, c.ASC_PARAMETER_LIST_LENGTH_ERROR)
         bdl = buf[3] if six else _be(buf, 6, 2)
-        if bdl not in (0, 8, 16):
+        longlba = not six and bool(buf[4] & 0x01)
+        if bdl not in ((0, 16) if longlba else (0, 8)):
             raise _invalid_param(3 if six else 6)
+        if buf[1 if six else 2]:
+            raise _invalid_param(1 if six else 2)    # MEDIUM TYPE: 00h for SBC devices
         pos = hdr + bdl
         if pos > len(buf):
             raise _Check(c.ILLEGAL_REQUEST, c.ASC_PARAMETER_LIST_LENGTH_ERROR)
+        if bdl:
+            self._check_block_descriptor(buf[hdr:pos], hdr, longlba)
         new_wce = None
         while pos < len(buf):
             if pos + 2 > len(buf):
@@ -666,6 +671,26 @@ class LogicalUnit:
         if new_wce is not None and new_wce != self.write_cache:
             self.write_cache = new_wce
         return GOOD_RESPONSE
+
+    def _check_block_descriptor(self, bd, at, longlba):
+        """A MODE SELECT block descriptor (SBC-3 6.4.2: short, 8 bytes, or long LBA, 16 bytes)
+        may only restate what the LUN is: the device cannot change its logical block length or
+        its capacity, so a descriptor asking for either is a parameter the device server cannot
+        honour, ILLEGAL REQUEST / INVALID FIELD IN PARAMETER LIST (SPC-4 6.11) with the field
+        pointer on it. NUMBER OF LOGICAL BLOCKS 0 means "keep the capacity" (SBC-3), and the
+        short form's FFFFFFFFh stands for a capacity it cannot express. ``at``: the offset of
+        the descriptor in the parameter list."""
+        nb = self.backend.num_blocks
+        if longlba:
+            blocks, length, len_at = _be(bd, 0, 8), _be(bd, 12, 4), 12
+            ok_blocks = (0, nb)
+        else:
+            blocks, length, len_at = _be(bd, 0, 4), _be(bd, 5, 3), 5
+            ok_blocks = (0, nb) if nb <= 0xFFFFFFFF else (0, 0xFFFFFFFF)
+        if blocks not in ok_blocks:
+            raise _invalid_param(at)
+        if length != self.backend.block_size:
+            raise _invalid_param(at + len_at)
 
     # -- REPORT SUPPORTED OPERATION CODES ------------------------------------------------------
 

@@ -366,6 +366,50 @@ def test_mode_select_changes_only_wce(lu):
     assert sense_of(run(lu, [0x15, 0x11, 0, 0, len(plist), 0], out=plist)[0]) == (5, 0x24, 0)
 
 
+
+def _caching_page(lu):
+    _, d = run(lu, [0x1A, 0x08, 0x08, 0, 255, 0], in_len=255)
+    return bytes(d[4:])
+
+
+def test_mode_select_block_descriptor_must_restate_the_lun(lu):
+    """The issue's case: MODE SELECT(6) 15 10 00 00 20 00 with a block descriptor asking for
+    4096-byte blocks on a 512-byte LUN is a parameter the LUN cannot honour: 05/26/00 with the
+    field pointer on LOGICAL BLOCK LENGTH (parameter list byte 4 + 5), and nothing changes."""
+    page = _caching_page(lu)
+    short = lambda blocks, length: blocks.to_bytes(4, "big") + b"\0" + length.to_bytes(3, "big")
+    plist = bytes([0, 0, 0, 8]) + short(0, 4096) + page
+    assert len(plist) == 0x20                      # the parameter list length of the CDB
+    r = run(lu, [0x15, 0x10, 0, 0, len(plist), 0], out=plist)[0]
+    assert sense_of(r) == (5, 0x26, 0)
+    assert r.sense[15] & 0xC0 == 0x80 and int.from_bytes(r.sense[16:18], "big") == 4 + 5
+    assert lu.write_cache is True
+    # the capacity cannot change either (field pointer on NUMBER OF LOGICAL BLOCKS)
+    r = run(lu, [0x15, 0x10, 0, 0, 12 + len(page), 0],
+            out=bytes([0, 0, 0, 8]) + short(NBLOCKS * 2, BS) + page)[0]
+    assert sense_of(r) == (5, 0x26, 0) and int.from_bytes(r.sense[16:18], "big") == 4
+    # restating the LUN (or 0 blocks: keep the capacity) is accepted, the page applies
+    off = bytearray(page)
+    off[2] &= ~0x04
+    for blocks in (0, NBLOCKS):
+        plist = bytes([0, 0, 0, 8]) + short(blocks, BS) + bytes(off)
+        assert run(lu, [0x15, 0x10, 0, 0, len(plist), 0], out=plist)[0].status == GOOD
+    assert lu.write_cache is False
+    # MODE SELECT(10), long LBA descriptor: the same rules; LONGLBA must match the length
+    long_bd = lambda blocks, length: blocks.to_bytes(8, "big") + bytes(4) + length.to_bytes(4, "big")
+    hdr = lambda longlba, bdl: bytes([0, 0, 0, 0, longlba, 0]) + bdl.to_bytes(2, "big")
+    plist = hdr(1, 16) + long_bd(NBLOCKS, 4096)
+    r = run(lu, [0x55, 0x10, 0, 0, 0, 0, 0, 0, len(plist), 0], out=plist)[0]
+    assert sense_of(r) == (5, 0x26, 0) and int.from_bytes(r.sense[16:18], "big") == 8 + 12
+    plist = hdr(1, 16) + long_bd(NBLOCKS, BS)
+    assert run(lu, [0x55, 0x10, 0, 0, 0, 0, 0, 0, len(plist), 0], out=plist)[0].status == GOOD
+    plist = hdr(0, 16) + long_bd(NBLOCKS, BS)
+    assert sense_of(run(lu, [0x55, 0x10, 0, 0, 0, 0, 0, 0, len(plist), 0], out=plist)[0]) \
+        == (5, 0x26, 0)
+    # a MEDIUM TYPE other than 00h (SBC) is refused as well
+    plist = bytes([0, 0x01, 0, 0]) + page
+    assert sense_of(run(lu, [0x15, 0x10, 0, 0, len(plist), 0], out=plist)[0]) == (5, 0x26, 0)
+
 # -- REPORT SUPPORTED OPERATION CODES ---------------------------------------------------------
 
 def test_report_supported_opcodes(lu):
