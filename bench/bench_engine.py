@@ -151,7 +151,7 @@ def bench_resync(d, size_mib):
     # Full resync of the same image: detach it and attach it again (every region copied).
     vol.detach(1)
     t0 = time.perf_counter()
-    idx = vol.attach(paths[1])
+    idx = vol.attach(paths[1], force=True)   # it holds the old copy: forced over data
     job = vol.jobs[vol.images[idx].id]
     job.wait()
     full = time.perf_counter() - t0

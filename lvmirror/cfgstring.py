@@ -3,6 +3,7 @@
 Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 bytes, no ':')::
 
     NAME[;images=/path/a+/path/b[+...]][;region_size=1M][;block_size=512|4096][;direct=0|1]
+        [;force=1]
     NAME;image=N[;readonly=1]
 
 * ``NAME`` names the volume; its metadata, change bitmaps and write-intent log live in
@@ -18,6 +19,16 @@ Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 b
 * ``region_size`` (a power of two, 4K..1G, default 1M) is the granularity of the change
   bitmaps and the write-intent log; ``block_size`` the logical block size; ``direct=1`` opens
   the images with O_DIRECT.
+* ``force=1`` lets the creation of the volume overwrite secondary images (every one but the
+  first) that already hold data. Without it such an image is refused, saying what was found
+  (a non-zero byte, a file system, LVM2 or md signature, a partition table...), as
+  ``mdadm --create`` and ``pvcreate`` refuse a device that carries data: the initial full
+  resync overwrites it (``mirror.imagecheck``). A new or sparse file, or one that reads as
+  zeroes, needs no ``force``. It only matters when the volume is created; once it exists the
+  option is ignored (but a LUN's cfgstring cannot change, so the saved targetcli
+  configuration keeps it: if the state directory were lost, a restore would create the volume
+  again and overwrite the secondaries without asking). An image that another volume uses
+  and a block device held by another user are refused whatever ``force`` says.
 * ``image=N`` exports split image N of volume NAME as its own LUN (the point-in-time copy, for a
   backup host). Writes to it are allowed (a journal replay needs them) and are recorded in its
   change bitmap, so a later resync or restore still copies exactly what differs.
@@ -36,6 +47,7 @@ import re
 import stat
 
 from lvmirror.errors import ConfigError
+from lvmirror.mirror import imagecheck
 from lvmirror.mirror.metadata import VolumeMetadata
 
 __all__ = ["CONFIG_DESC", "SUBTYPE", "VolumeSpec", "check", "format", "parse"]
@@ -44,15 +56,17 @@ SUBTYPE = "lvmirror"
 MAX_DEV_CONFIG = 255          # TCMU_CONFIG_LEN 256 with the NUL
 MAX_IMAGES = 4
 IMAGE_SEPARATOR = "+"
-KEYS = ("images", "region_size", "block_size", "direct", "image", "readonly")
+KEYS = ("images", "region_size", "block_size", "direct", "force", "image", "readonly")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 CONFIG_DESC = (
-    "VOLUME[;images=/path/a+/path/b][;region_size=1M][;block_size=512|4096][;direct=0|1] "
-    "or VOLUME;image=N[;readonly=1]. A mirrored volume (metadata in /var/lib/lvmirror/VOLUME); images= creates it "
-    "on first use from 1-4 image files or block devices (the first is the source); later it may name "
+    "VOLUME[;images=/path/a+/path/b][;region_size=1M][;block_size=512|4096][;direct=0|1]"
+    "[;force=1] or VOLUME;image=N[;readonly=1]. A mirrored volume (metadata in "
+    "/var/lib/lvmirror/VOLUME); images= creates it on first use from 1-4 image files or block "
+    "devices (the first is the source; the others are overwritten by a full copy, so one that "
+    "already holds data is refused unless force=1); later it may name "
     "any current or former image of the volume (attach/detach change them). image=N serves "
     "split image N of VOLUME as its own LUN (readonly=1: write-protected). Example: vol0;images=/srv/lun0-a.img+/srv/lun0-b.img")
 
@@ -64,6 +78,7 @@ class VolumeSpec:
     region_size: int = 1 << 20
     block_size: int = 512
     direct: bool = False
+    force: bool = False
     image: int | None = None
     readonly: bool = False
 
@@ -148,6 +163,14 @@ def parse(cfg: str) -> VolumeSpec:
         if opts["direct"] not in ("0", "1"):
             raise ConfigError(f"cfgstring {cfg!r}: direct must be 0 or 1, got {opts['direct']!r}")
         kw["direct"] = opts["direct"] == "1"
+    if "force" in opts:
+        if opts["force"] not in ("0", "1"):
+            raise ConfigError(f"cfgstring {cfg!r}: force must be 0 or 1, got {opts['force']!r}")
+        if "images" not in opts:
+            what = "an exported split image" if "image" in opts else "a volume named alone"
+            raise ConfigError(f"cfgstring {cfg!r}: force= applies to the creation of a volume "
+                              f"from images= ('{name};images=/a+/b;force=1'), not to {what}")
+        kw["force"] = opts["force"] == "1"
     if "image" in opts:
         if not opts["image"].isdigit() or int(opts["image"]) >= MAX_IMAGES:
             raise ConfigError(f"cfgstring {cfg!r}: image must be an image index 0-"
@@ -182,6 +205,8 @@ def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
         parts.append(f"block_size={spec.block_size}")
     if spec.direct:
         parts.append("direct=1")
+    if spec.force:
+        parts.append("force=1")
     if spec.readonly:
         parts.append("readonly=1")
     return ";".join(parts)
@@ -197,7 +222,12 @@ def check(cfg: str, *, state_dir: str = "/var/lib/lvmirror") -> VolumeSpec:
     image of it (``VolumeMetadata.check_named_images``: an out-of-date list, left behind by
     attach/detach, is accepted, because a LUN's cfgstring cannot change and saved
     configurations must keep restoring), or (for a new volume) an image path that cannot be
-    created or is not a regular file or block device.
+    created or is not a regular file or block device, names one file twice (a symlink, another
+    spelling), is a current image of another volume in ``state_dir``, is a block device another
+    user holds (a brief O_EXCL open, as LIO's iblock does; the holder is named), or is a
+    secondary image that holds data without ``force=1`` (mdadm --create / pvcreate behaviour);
+    the messages are MirrorVolume.create's (``mirror.imagecheck``). Cost: see
+    ``imagecheck.probe`` (at most 68 MiB read per existing file, 8 MiB per block device).
     """
     spec = parse(cfg)
     md = None
@@ -228,4 +258,15 @@ def check(cfg: str, *, state_dir: str = "/var/lib/lvmirror") -> VolumeSpec:
             raise ConfigError(f"image {p}: {e.strerror}") from e
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise ConfigError(f"image {p}: not a regular file or block device")
+    # What MirrorVolume.create will refuse, with its messages (mirror.imagecheck): the same
+    # file twice, an image of another volume, a block device another user holds, a secondary
+    # image that holds data without force=1.
+    imagecheck.check_distinct(spec.images, name=spec.name)
+    imagecheck.check_not_in_other_volume(spec.images, state_dir, name=spec.name)
+    for k, p in enumerate(spec.images):
+        if not os.path.exists(p):
+            continue
+        imagecheck.check_exclusive(p)
+        if k:
+            imagecheck.check_create_secondary(spec.name, spec.images, k, force=spec.force)
     return spec

@@ -4,7 +4,7 @@
     lvmirror split VOLUME IMAGE
     lvmirror resync VOLUME IMAGE [--rate MB/s] [--wait]
     lvmirror restore VOLUME IMAGE [--rate MB/s] [--wait]
-    lvmirror attach VOLUME PATH [--wait]
+    lvmirror attach VOLUME PATH [--force] [--wait]  # --force: PATH may hold data
     lvmirror detach VOLUME IMAGE
     lvmirror cancel VOLUME IMAGE
     lvmirror wait VOLUME [--timeout S]      # until no resync/restore runs on VOLUME
@@ -44,7 +44,9 @@ def format_status(st: dict) -> str:
         lines.append("no volumes open")
     for name, v in sorted(st["volumes"].items()):
         lines.append(f"volume {name}: {_human(v['size'])}, {v['block_size']}-byte blocks, "
-                     f"region {_human(v['region_size'])}")
+                     f"region {_human(v['region_size'])}, {v.get('health', 'optimal')}")
+        if v.get("offline"):
+            lines.append(f"  OFFLINE (NOT READY): {v['offline']}")
         for im in v["images"]:
             extra = ""
             if im["split_time"]:
@@ -108,9 +110,12 @@ def main(argv=None):
         s.add_argument("image", type=int)
         s.add_argument("--rate", type=float, default=0.0, help="MB/s, 0 = unlimited")
         s.add_argument("--wait", action="store_true", help="return when it finished")
-    s = sub.add_parser("attach")
+    s = sub.add_parser("attach", help="add an image (full resync from the volume)")
     s.add_argument("volume")
     s.add_argument("path")
+    s.add_argument("--force", action="store_true",
+                   help="overwrite PATH even though it holds data (refused otherwise, as "
+                        "mdadm and pvcreate refuse a device that carries data)")
     s.add_argument("--wait", action="store_true")
     s = sub.add_parser("backup", help="copy a split image (the point-in-time copy) to a file")
     s.add_argument("volume")
@@ -162,7 +167,12 @@ def main(argv=None):
             else:
                 print(json.dumps(res))
         elif args.cmd == "attach":
-            idx = mgr.AttachImage(args.volume, args.path)
+            if args.force:
+                idx = mgr.AttachImageWithOptions(args.volume, args.path,
+                                                 dbus.Dictionary({"force": dbus.Boolean(True)},
+                                                                 signature="sv"))
+            else:       # the plain call, as before --force existed
+                idx = mgr.AttachImage(args.volume, args.path)
             print(json.dumps({"index": int(idx)}) if args.json else
                   f"{args.path} attached as image {int(idx)}; full resync started")
         elif args.cmd == "detach":

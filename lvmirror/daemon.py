@@ -116,7 +116,7 @@ class VolumeRegistry:
                 f"create it (cfgstring '{spec.name};images=/path/a+/path/b')")
         return MirrorVolume.create(spec.name, list(spec.images), meta_dir=self.state_dir,
                                    block_size=spec.block_size, region_size=spec.region_size,
-                                   size=size, direct=spec.direct)
+                                   size=size, direct=spec.direct, force=spec.force)
 
     def get(self, name):
         with self._lock:
@@ -165,6 +165,8 @@ class LunBackend:
         self.compare_and_write = target.compare_and_write
         if hasattr(target, "write_same"):
             self.write_same = target.write_same
+        # TEST UNIT READY asks the volume whether it can serve (offline: every image failed)
+        self.check_ready = target.check_ready
 
 
 class NotReadyBackend:
@@ -237,6 +239,10 @@ class LunServer:
         size = self.device.lun_size()
         wwn = self.device.wwn()
         max_blocks = self.device.max_transfer_blocks()
+        if not self.device.enable_tmr_notification():
+            log.info("LUN %s: the kernel does not report task management (attrib/"
+                     "tmr_notification): aborted commands are only seen when they complete",
+                     self.name)
         try:
             spec = cfgstring.parse(self.device.cfgstring)
             volume, target = self.registry.acquire(spec, lun=self.name, size=size)
@@ -491,9 +497,12 @@ class Lvmirrord:
                 "jobs": [job.progress() for job in list(volume.jobs.values())] +
                         [b.progress() for (v, _), b in list(self._backups.items()) if v == name],
                 "exported": self.registry.exports(name),
+                "health": volume.health, "offline": volume.offline,
                 "io": {k: stats[k] for k in ("reads", "writes", "bytes_read", "bytes_written",
                                              "flushes", "unmaps", "read_errors", "write_errors",
-                                             "image_failures", "inflight")},
+                                             "image_failures", "inflight", "space_errors",
+                                             "metadata_errors", "slow_legs",
+                                             "offline_events")},
             }
         luns = [{"name": lun.name, "uio": lun.device.uio_name, "cfgstring": lun.device.cfgstring,
                  "error": lun.error, "commands": lun.commands}
@@ -557,9 +566,12 @@ class Lvmirrord:
         log.info("volume %s: restore from image %d started", name, image)
         return job.progress()
 
-    def attach(self, name, path):
-        index = self._volume(name).attach(path)
-        log.info("volume %s: image %s attached as %d, full resync started", name, path, index)
+    def attach(self, name, path, *, force=False):
+        """Attach ``path`` to volume ``name`` (full resync); returns its index. ``force``: an
+        existing path that holds data may be overwritten (``JobControl.attach``)."""
+        index = self._volume(name).attach(path, force=force)
+        log.info("volume %s: image %s attached as %d, full resync started%s", name, path, index,
+                 " (forced over existing data)" if force else "")
         return index
 
     def detach(self, name, image):

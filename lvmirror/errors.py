@@ -1,5 +1,7 @@
 """Exceptions shared by every layer of lvmirror."""
 
+import errno as _errno
+
 
 class LvmirrorError(Exception):
     """Base of every lvmirror error."""
@@ -11,18 +13,29 @@ class ImageIOError(LvmirrorError):
     The mirror volume catches it, marks the image failed and carries on with the others.
     """
 
-    def __init__(self, image, errno, message):
+    def __init__(self, image, errno, message, *, op=None, offset=None, length=None):
         super().__init__(message)
         self.image = image
         self.errno = errno
+        self.op = op                # "read", "write", "flush", "discard" (None: unknown)
+        self.offset = offset        # bytes from the start of the image
+        self.length = length        # bytes
+
+    @property
+    def out_of_space(self) -> bool:
+        """The file system under the image is full (ENOSPC, EDQUOT): not a broken disk."""
+        return self.errno in (_errno.ENOSPC, _errno.EDQUOT)
 
 
 class VolumeIOError(LvmirrorError):
-    """No in-sync image could serve the request (SCSI: MEDIUM ERROR)."""
+    """No in-sync image could serve the request (SCSI: MEDIUM ERROR), or, with
+    ``out_of_space``, no image had room for a write (SCSI, thin provisioning: DATA PROTECT /
+    SPACE ALLOCATION FAILED WRITE PROTECT, SBC-3 4.7.3.6)."""
 
-    def __init__(self, message, *, is_read):
+    def __init__(self, message, *, is_read, out_of_space=False):
         super().__init__(message)
         self.is_read = is_read
+        self.out_of_space = out_of_space
 
 
 class ConfigError(LvmirrorError):

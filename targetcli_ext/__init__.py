@@ -40,6 +40,17 @@ def _manager():
     return dbus.Interface(dbus.SystemBus().get_object(BUS_NAME, MANAGER_PATH), MANAGER_IFACE)
 
 
+def attach_image(manager, volume: str, path: str, force: bool = False) -> int:
+    """Attach ``path`` to ``volume`` through lvmirrord's Manager (a dbus.Interface): the plain
+    AttachImage, or AttachImageWithOptions with ``force`` (overwrite a path that holds data).
+    Returns the new image's index; D-Bus errors propagate."""
+    if force:
+        import dbus
+        return int(manager.AttachImageWithOptions(
+            volume, path, dbus.Dictionary({"force": dbus.Boolean(True)}, signature="sv")))
+    return int(manager.AttachImage(volume, path))
+
+
 def saved_control(control: str, nl_reply_supported: str | None) -> str:
     """rtslib's control string for a user backstore plus ``nl_reply_supported`` when it is not
     the kernel's default (0)."""
@@ -180,9 +191,12 @@ def install():
             if str(wait).lower() in ("true", "yes", "1"):
                 self._wait("restore")
 
-        def ui_command_attach(self, path):
-            """Add a new image at PATH (file or block device) and start its full resync."""
-            idx = call(_manager().AttachImage, self._spec().name, str(path))
+        def ui_command_attach(self, path, force="false"):
+            """Add a new image at PATH (file or block device) and start its full resync. The
+            resync overwrites PATH, so an existing PATH that holds data is refused (the error
+            says what was found) unless force=true."""
+            idx = call(attach_image, _manager(), self._spec().name, str(path),
+                       str(force).lower() in ("true", "yes", "1"))
             self.shell.con.display(f"{path} attached as image {int(idx)}; full resync started")
 
         def ui_command_detach(self, image):
@@ -223,6 +237,11 @@ def install():
 
         ui_complete_split = ui_complete_resync = ui_complete_restore = _complete_image
         ui_complete_detach = ui_complete_cancel = _complete_image
+
+        def ui_complete_attach(self, parameters, text, current_param):
+            if current_param == "force":
+                return [f"{v} " for v in ("true", "false") if v.startswith(text)]
+            return []
 
         def ui_complete_backup(self, parameters, text, current_param):
             if current_param == "format":

@@ -12,7 +12,8 @@ import dbus.service
 from gi.repository import GLib
 
 from lvmirror import cfgstring
-from lvmirror.bus.volume import VOLUME_IFACE, VolumeObject, interfaces, managed_objects
+from lvmirror.bus.volume import (VOLUME_IFACE, VolumeObject, attach_options, interfaces,
+                                 managed_objects)
 from lvmirror.errors import LvmirrorError
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,19 @@ class Manager(dbus.service.Object):
     @dbus.service.method(MANAGER_IFACE, in_signature="ss", out_signature="u",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def AttachImage(self, volume, path, sender=None, ok=None, err=None):
+        """Attach ``path`` to ``volume`` (full resync); returns its index. An existing path
+        that holds data is refused (see AttachImageWithOptions)."""
         self.run(sender, lambda: self._daemon.attach(str(volume), str(path)), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="ssa{sv}", out_signature="u",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def AttachImageWithOptions(self, volume, path, options, sender=None, ok=None, err=None):
+        """AttachImage with options (``a{sv}``): ``force`` (b) lets the full resync overwrite
+        an existing image that holds data, which is refused otherwise, saying what was found
+        (as mdadm and pvcreate refuse a device that carries data). Unknown options are an
+        error. Returns the new image's index."""
+        self.run(sender, lambda: self._daemon.attach(str(volume), str(path),
+                                                     **attach_options(options)), ok, err)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="su", out_signature="",
                          sender_keyword="sender", async_callbacks=("ok", "err"))

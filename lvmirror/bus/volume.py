@@ -6,10 +6,13 @@ Properties (read-only): Name, Size, BlockSize, RegionSize, Images ``a(usstddts)`
 state, generation, split time or 0, bitmap fill or -1, changed bytes, error), Jobs
 ``a(susttdds)`` (kind, image index, state, bytes done, bytes total, MB/s, elapsed s, error),
 SyncProgress (fraction of the running jobs' bytes done; 1 when none runs), Exported (split
-images served as their own LUN), IoStatistics ``a{st}`` (counters; not announced in
-PropertiesChanged, read them when needed).
+images served as their own LUN), Health (``optimal``, ``degraded``: an image failed or
+syncing, ``offline``: no image can serve and the LUN answers NOT READY), IoStatistics ``a{st}``
+(counters, image failures, slow legs, out-of-space and metadata errors included; not announced
+in PropertiesChanged, read them when needed).
 
-Methods: Split, Resync, Restore, AttachImage, DetachImage, Cancel, Backup. Signals:
+Methods: Split, Resync, Restore, AttachImage, AttachImageWithOptions (``force``: overwrite an
+image that holds data), DetachImage, Cancel, Backup. Signals:
 PropertiesChanged (standard) when an image, job or export changes; ImageStateChanged(index,
 old, new); Progress(kind, image, done, total, rate) every second while a resync, restore or
 backup runs. The service looks at the volumes once a second and right after each call it
@@ -38,6 +41,7 @@ PROPERTIES = {
     "Jobs": ("a(susttdds)", True),
     "SyncProgress": ("d", True),
     "Exported": ("au", True),
+    "Health": ("s", True),          # optimal | degraded | offline (no image can serve)
     "IoStatistics": ("a{st}", False),
 }
 
@@ -77,6 +81,7 @@ def properties(vol: dict, name: str) -> dict:
         "Jobs": jobs,
         "SyncProgress": dbus.Double(progress),
         "Exported": dbus.Array([dbus.UInt32(i) for i in vol.get("exported", [])], signature="u"),
+        "Health": dbus.String(vol.get("health", "optimal")),
         "IoStatistics": dbus.Dictionary({k: dbus.UInt64(v) for k, v in vol["io"].items()},
                                         signature="st"),
     }
@@ -198,6 +203,16 @@ class VolumeObject(dbus.service.Object):
         self._calls.run(sender, lambda: self._daemon.attach(self.name, str(path)),
                         lambda r: ok(dbus.UInt32(r)), err)
 
+    @dbus.service.method(VOLUME_IFACE, in_signature="sa{sv}", out_signature="u",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def AttachImageWithOptions(self, path, options, sender=None, ok=None, err=None):
+        """AttachImage with options (``a{sv}``): ``force`` (b) lets the full resync overwrite
+        an existing image that holds data (refused otherwise, as mdadm and pvcreate refuse).
+        Unknown options are an error. Returns the new image's index."""
+        self._calls.run(sender, lambda: self._daemon.attach(self.name, str(path),
+                                                            **attach_options(options)),
+                        lambda r: ok(dbus.UInt32(r)), err)
+
     @dbus.service.method(VOLUME_IFACE, in_signature="u", out_signature="",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def DetachImage(self, image, sender=None, ok=None, err=None):
@@ -221,6 +236,26 @@ class VolumeObject(dbus.service.Object):
         self._calls.run(sender, lambda: self._daemon.backup(self.name, int(image),
                                                             str(destination), str(format)),
                         lambda r: ok(dbus.UInt64(r)), err)
+
+
+ATTACH_OPTIONS = {"force": bool}
+
+
+def attach_options(options) -> dict:
+    """The ``a{sv}`` options of AttachImageWithOptions as keyword arguments of
+    ``Lvmirrord.attach``: ``force`` (boolean). ValueError (the caller gets an
+    org.lvmirror1.Error.Failed) for an unknown option or a value of the wrong type."""
+    out = {}
+    for key, value in dict(options or {}).items():
+        key = str(key)
+        if key not in ATTACH_OPTIONS:
+            raise ValueError(f"AttachImageWithOptions: unknown option {key!r} (known: "
+                             f"{', '.join(sorted(ATTACH_OPTIONS))})")
+        if not isinstance(value, (bool, int)) or isinstance(value, str):
+            raise ValueError(f"AttachImageWithOptions: option {key!r} must be a boolean, "
+                             f"got {value!r}")
+        out[key] = bool(value)
+    return out
 
 
 def add_properties(xml: str, interface: str, props: dict) -> str:
@@ -252,5 +287,5 @@ def managed_objects(status: dict) -> dict:
                             for name, vol in status["volumes"].items()}, signature="oa{sa{sv}}")
 
 
-__all__ = ["VOLUME_IFACE", "VOLUME_ROOT", "VolumeObject", "add_properties", "interfaces",
-           "managed_objects", "object_path", "properties"]
+__all__ = ["ATTACH_OPTIONS", "VOLUME_IFACE", "VOLUME_ROOT", "VolumeObject", "add_properties",
+           "attach_options", "interfaces", "managed_objects", "object_path", "properties"]

@@ -30,6 +30,7 @@ import struct
 import threading
 
 from lvmirror.errors import ConfigError, ImageIOError
+from lvmirror.mirror.imagecheck import busy_message
 
 __all__ = ["StorageImage"]
 
@@ -112,8 +113,17 @@ class StorageImage:
     # -- construction ----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path, *, read_only: bool = False, direct: bool = False) -> StorageImage:
-        """Open a regular file or block device as an image; ConfigError if it cannot be one."""
+    def open(cls, path, *, read_only: bool = False, direct: bool = False,
+             exclusive: bool = True) -> StorageImage:
+        """Open a regular file or block device as an image; ConfigError if it cannot be one.
+
+        A block device is opened with O_EXCL (``exclusive``, the default), as LIO's iblock
+        backstore opens its devices: the open fails while the device is mounted, is a member
+        of an md array or a device-mapper device (an LVM PV in use), or is held exclusively by
+        another program, so none of them can become an image under its user. The ConfigError
+        then names the holder (``imagecheck.busy_message``). O_EXCL means nothing for a
+        regular file (without O_CREAT); ``MirrorVolume.create`` and ``attach`` refuse a file
+        that another volume uses instead (``imagecheck.check_not_in_other_volume``)."""
         path = os.fspath(path)
         try:
             st = os.stat(path)
@@ -128,6 +138,8 @@ class StorageImage:
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         if direct:
             flags |= os.O_DIRECT
+        if exclusive and stat.S_ISBLK(st.st_mode):
+            flags |= os.O_EXCL
         try:
             fd = os.open(path, flags)
         except FileNotFoundError:
@@ -136,6 +148,8 @@ class StorageImage:
             mode = "read-only" if read_only else "read-write"
             raise ConfigError(f"image {path}: permission denied opening {mode}") from None
         except OSError as e:
+            if e.errno == _errno.EBUSY and flags & os.O_EXCL:
+                raise ConfigError(busy_message(path, st.st_rdev)) from None
             if direct and e.errno == _errno.EINVAL:
                 raise ConfigError(f"image {path}: the filesystem does not support O_DIRECT "
                                   f"(open without direct I/O)") from None
@@ -210,9 +224,19 @@ class StorageImage:
         self._count(errors=1)
         return ImageIOError(self, e.errno,
                             f"image {self.path}: {op} of {length} bytes at offset {offset} "
-                            f"failed: {e.strerror or e}")
+                            f"failed: {e.strerror or e}", op=op, offset=offset, length=length)
+
+    def _check_open(self, op: str, offset: int, length: int) -> None:
+        """I/O on a closed image (a vanished device, a volume closing under a job) is an
+        ImageIOError(EBADF) like any other I/O error, never a ValueError from ``os``."""
+        if self.fd < 0:
+            self._count(errors=1)
+            raise ImageIOError(self, _errno.EBADF, f"image {self.path}: {op} of {length} bytes "
+                               f"at offset {offset} failed: image closed", op=op,
+                               offset=offset, length=length)
 
     def _check_range(self, op: str, offset: int, length: int) -> None:
+        self._check_open(op, offset, length)
         if offset < 0 or offset + length > self.size:
             raise ValueError(f"image {self.path}: {op} [{offset}, +{length}) beyond the image "
                              f"size {self.size}")
@@ -318,6 +342,7 @@ class StorageImage:
 
     def flush(self) -> None:
         """Make every completed write durable (fdatasync)."""
+        self._check_open("flush", 0, 0)
         try:
             os.fdatasync(self.fd)
         except OSError as e:
@@ -333,6 +358,7 @@ class StorageImage:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"image {self.path}: discard [{offset}, +{length}) beyond the image "
                              f"size {self.size}")
+        self._check_open("discard", offset, length)
         if self.is_block_device or self.direct:
             lbs = self.logical_block_size
             if offset % lbs or length % lbs:

@@ -12,9 +12,11 @@ state changes go through its epoch swap (``_switch_epoch``) like every other.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from lvmirror.errors import ConfigError, StateError
+from lvmirror.mirror import imagecheck
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.legs import MAX_IMAGES, ImageState, Leg, check_image_fits
@@ -22,6 +24,8 @@ from lvmirror.mirror.metadata import VolumeMetadata
 from lvmirror.mirror.resync import RestoreJob, ResyncJob
 
 __all__ = ["JobControl"]
+
+log = logging.getLogger(__name__)
 
 _KEEP = object()   # _commit_resync_state: leave the resync cursor as it is
 
@@ -224,34 +228,67 @@ class JobControl:
                     self.restore_job = None
         vol._barrier.commit(vol._storage_images(), persist, what="restore done")
 
-    def attach(self, path, *, rate_limit=None) -> int:
-        """Add a new image and start its full resync; returns its index."""
+    def attach(self, path, *, rate_limit=None, force=False) -> int:
+        """Add a new image at ``path`` (file or block device; a missing file is created sparse
+        at the volume size) and start its full resync (``rate_limit`` MB/s); returns its index.
+
+        The full resync overwrites the image, so, as ``mdadm`` and ``pvcreate`` refuse a
+        device that carries data, an existing path that holds data is refused with a
+        ConfigError saying what was found unless ``force`` (``lvmirror attach --force``;
+        ``imagecheck.refuse_if_holds_data``). Always refused (ConfigError): a path that is
+        already an image of this volume or a current image of another volume of the state
+        directory (by real path, device and inode), a block device another user holds (opened
+        with O_EXCL as LIO's iblock does; the holder is named). StateError: 4 images already,
+        no in-sync image to copy from."""
         vol = self.vol
         vol._check_open()
         path = os.fspath(path)
         with vol._mgmt:
             if len(vol._images) >= MAX_IMAGES:
                 raise StateError(f"volume {vol.name}: already has {MAX_IMAGES} images")
-            if any(os.path.abspath(im.rec.path) == os.path.abspath(path) for im in vol._images):
-                raise ConfigError(f"volume {vol.name}: {path} is already one of its images")
+            for im in vol._images:
+                try:
+                    imagecheck.check_distinct([im.rec.path, path], name=vol.name)
+                except ConfigError:
+                    also = "" if os.path.abspath(im.rec.path) == os.path.abspath(path) else \
+                        f" (as {im.rec.path})"
+                    raise ConfigError(f"volume {vol.name}: {path} is already one of its "
+                                      f"images{also}") from None
             if not any(o.state is ImageState.IN_SYNC for o in vol._images):
                 raise StateError(f"volume {vol.name}: no in-sync image to copy from")
-            if not os.path.exists(path):
-                StorageImage.create_file(path, vol.size)
-            st = vol._opener(path, direct=vol._direct)
-            try:
-                check_image_fits(st, vol.size, vol.block_size)
-            except ConfigError:
-                st.close()
-                raise
-            bm = RegionBitmap(vol.size, vol.region_size)
-            bm.set_all()
-            with vol._meta:
-                rec = vol._md.add_image(path, ImageState.SYNCING.value, generation=0)
-                img = Leg(rec, st, bm)
-                vol._images.append(img)
-                vol._start_worker(img)
-            self.start_resync(img, full=True, rate_limit=rate_limit)
+            # from the checks until volume.json names the image (start_resync saves it)
+            with imagecheck.claim_lock:
+                imagecheck.check_not_in_other_volume([path], vol._meta_dir, name=vol.name)
+                existed = os.path.exists(path)
+                if not existed:
+                    StorageImage.create_file(path, vol.size)
+                st = vol._opener(path, direct=vol._direct)
+                try:
+                    check_image_fits(st, vol.size, vol.block_size)
+                    found = None
+                    if existed:
+                        src = next(o.rec.path for o in vol._images
+                                   if o.state is ImageState.IN_SYNC)
+                        found = imagecheck.refuse_if_holds_data(
+                            path, force=force,
+                            what=f"attaching it to volume {vol.name} would overwrite it with a "
+                                 f"full copy of the volume (from {src})",
+                            hint="To overwrite it, say so explicitly: lvmirror attach --force "
+                                 "(targetcli-lvmirror: attach force=true)")
+                except ConfigError:
+                    st.close()
+                    raise
+                if found is not None:
+                    log.warning("volume %s: attached image %s held data (%s); overwritten by "
+                                "the full resync as forced", vol.name, path, found.describe())
+                bm = RegionBitmap(vol.size, vol.region_size)
+                bm.set_all()
+                with vol._meta:
+                    rec = vol._md.add_image(path, ImageState.SYNCING.value, generation=0)
+                    img = Leg(rec, st, bm)
+                    vol._images.append(img)
+                    vol._start_worker(img)
+                self.start_resync(img, full=True, rate_limit=rate_limit)
             return len(vol._images) - 1
 
     def detach(self, image_index):

@@ -100,6 +100,10 @@ class Worker:
         self._q.put((fn, arg, comp))
         return comp
 
+    def submit_to(self, fn, arg, comp) -> None:
+        """Run ``fn(arg)`` on a worker and call ``comp.done(exc)`` (exc None on success)."""
+        self._q.put((fn, arg, comp))
+
     def stop(self):
         for _ in self._threads:
             self._q.put(None)

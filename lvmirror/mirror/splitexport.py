@@ -57,6 +57,11 @@ class SplitImageVolume:
                     raise VolumeIOError(f"{self.name}: cannot persist the change bitmap: {e}",
                                         is_read=False) from e
 
+    def check_ready(self):
+        """StateError once the export is closed or the image is no longer split (TEST UNIT
+        READY answers NOT READY then)."""
+        self._check(0, 0)
+
     def read(self, lba, buffers):
         n = sum(len(b) for b in buffers) // self.block_size
         self._check(lba, n)

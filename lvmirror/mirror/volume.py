@@ -54,7 +54,9 @@ image served as its own LUN), ``durability.py`` (the ordering of data before sta
 
 from __future__ import annotations
 
+import errno
 import itertools
+import logging
 import os
 import threading
 import time
@@ -62,6 +64,7 @@ import time
 from lvmirror.errors import ConfigError, ImageIOError, StateError, VolumeIOError
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.durability import DurabilityBarrier
+from lvmirror.mirror import imagecheck
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.jobcontrol import JobControl
 from lvmirror.mirror.legs import (MAX_IMAGES, ImageInfo, ImageState, Leg, SplitInfo, Worker,
@@ -78,6 +81,15 @@ FANOUT_MODES = ("auto", "parallel", "serial")
 # Below this size a buffered (page cache) write is a memcpy shorter than a thread hand-off,
 # so "auto" issues it on the calling thread to each image in turn.
 PARALLEL_MIN_BYTES = 128 << 10
+# How long one leg may hold an I/O behind an in-sync leg that finished it (seconds): md fails a
+# failfast leg at its first error, DRBD detaches a disk after disk-timeout; a dying disk is often
+# slow before it is dead. 4 s keeps a write answered within a 5 s initiator SCSI timeout (Linux sd
+# defaults to 30 s) while a healthy leg under a burst of flushes lags its peer by far less.
+LEG_TIMEOUT = 4.0
+# a full file system fails every write: its warning is logged at most this often (seconds)
+SPACE_LOG_INTERVAL = 10.0
+
+log = logging.getLogger(__name__)
 
 
 class _Epoch:
@@ -92,11 +104,41 @@ class _Epoch:
         self.retired = False
 
 
+class _LegGroup:
+    """The legs of one bounded fan-out: results by leg, when the first in-sync leg finished."""
+
+    __slots__ = ("cond", "results", "first_ok", "fastest")
+
+    def __init__(self):
+        self.cond = threading.Condition(threading.Lock())
+        self.results = {}
+        self.first_ok = None
+        self.fastest = None
+
+
+class _LegDone:
+    """A worker's completion for one leg of a _LegGroup (``done(exc)``, as Completion)."""
+
+    __slots__ = ("group", "img", "in_sync")
+
+    def __init__(self, group, img, in_sync):
+        self.group, self.img, self.in_sync = group, img, in_sync
+
+    def done(self, exc):
+        g = self.group
+        with g.cond:
+            g.results[self.img] = exc
+            if exc is None and self.in_sync and g.first_ok is None:
+                g.first_ok = time.monotonic()
+                g.fastest = self.img
+            g.cond.notify()
+
+
 class MirrorVolume:
     """A mirrored volume; see the module docstring. Use ``create`` or ``open``."""
 
     def __init__(self, md: VolumeMetadata, meta_dir, images: list[Leg], wil: WriteIntentLog,
-                 *, direct, opener, flush_interval, fanout="auto"):
+                 *, direct, opener, flush_interval, fanout="auto", leg_timeout=None):
         self._md = md
         self._meta_dir = os.fspath(meta_dir)
         self._vdir = VolumeMetadata.volume_dir(meta_dir, md.name)
@@ -108,6 +150,13 @@ class MirrorVolume:
             raise ConfigError(f"volume {md.name}: fanout must be one of {FANOUT_MODES}, "
                               f"got {fanout!r}")
         self._fanout_mode = fanout
+        if leg_timeout is not None and (not isinstance(leg_timeout, (int, float))
+                                        or leg_timeout < 0):
+            raise ConfigError(f"volume {md.name}: leg_timeout must be a number of seconds >= 0 "
+                              f"(0: off), got {leg_timeout!r}")
+        # seconds a leg may lag behind an in-sync leg on the same I/O before it is failed as
+        # slow (0 / None: never); see _fanout
+        self.leg_timeout = leg_timeout or None
         self.name = md.name
         self.block_size = md.block_size
         self.size = md.size
@@ -126,7 +175,10 @@ class MirrorVolume:
         self.jobs: dict[int, object] = {}   # image id -> running ResyncJob / RestoreJob
         self._stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
                            unmaps=0, read_errors=0, write_errors=0, image_failures=0,
-                           compare_miscompares=0)
+                           compare_miscompares=0, space_errors=0, metadata_errors=0,
+                           offline_events=0, slow_legs=0)
+        self._offline: str | None = None    # why no image can serve (see check_ready)
+        self._space_logged = -SPACE_LOG_INTERVAL
         for img in images:
             self._start_worker(img)
         # every save of state that vouches for image data goes through this (durability.py)
@@ -146,9 +198,18 @@ class MirrorVolume:
     @classmethod
     def create(cls, name, image_paths, *, meta_dir, block_size=512, region_size=1 << 20,
                size=None, direct=False, opener=None, flush_interval=2.0,
-               rate_limit=None, fanout="auto") -> MirrorVolume:
+               rate_limit=None, fanout="auto", leg_timeout=LEG_TIMEOUT,
+               force=False) -> MirrorVolume:
         """Create a volume. The first image is the source (in-sync); the others start a full
         resync from it (``vol.jobs``). Missing image files are created when ``size`` is given.
+
+        Before anything is written (``imagecheck``): a path named twice (another spelling, a
+        symlink, another node of the same device) and a path that is a current image of
+        another volume in ``meta_dir`` are refused; block devices are opened exclusively
+        (O_EXCL, as LIO's iblock does; the ConfigError names the holder); a secondary image
+        that already holds data is refused, saying what was found, unless ``force`` (cfgstring
+        ``force=1``): as ``mdadm --create`` and ``pvcreate`` refuse a device that carries data,
+        since the full resync overwrites it. The first image (the source) may hold data.
 
         ``opener(path, direct=...)`` opens an image (default StorageImage.open; tests pass
         wrappers). ``flush_interval``: seconds between background checkpoints (None: only on
@@ -156,7 +217,10 @@ class MirrorVolume:
         inline, the others on per-image worker threads, always), "serial" (each in turn on the
         calling thread), "auto" (parallel for O_DIRECT images, FUA writes, flushes and writes
         of at least PARALLEL_MIN_BYTES; serial for small buffered writes, where the hand-off
-        costs more than the copy into the page cache)."""
+        costs more than the copy into the page cache). ``leg_timeout``: seconds one image may
+        lag behind an in-sync image on the same write or flush (or take on a read) before it
+        is failed as slow and the I/O completes without it (0 or None: never; default
+        LEG_TIMEOUT)."""
         opener = opener or _default_opener
         if not valid_volume_name(name):
             raise ConfigError(f"invalid volume name {name!r}: use letters, digits, _ . : -")
@@ -169,58 +233,77 @@ class MirrorVolume:
         paths = [os.fspath(p) for p in image_paths]
         if not 1 <= len(paths) <= MAX_IMAGES:
             raise ConfigError(f"volume {name}: 1 to {MAX_IMAGES} images, got {len(paths)}")
-        if len({os.path.abspath(p) for p in paths}) != len(paths):
-            raise ConfigError(f"volume {name}: an image path is listed twice")
-        if VolumeMetadata.exists(meta_dir, name):
-            raise ConfigError(f"volume {name}: already exists in {meta_dir}")
+        imagecheck.check_distinct(paths, name=name)
         if size is not None and (not isinstance(size, int) or size <= 0 or size % block_size):
             raise ConfigError(f"volume {name}: size must be a positive multiple of the block "
                               f"size {block_size}, got {size!r}")
-        storages = []
-        try:
-            for p in paths:
-                if not os.path.exists(p) and size is not None:
-                    StorageImage.create_file(p, size)
-                storages.append(opener(p, direct=direct))
-            if size is None:
-                size = storages[0].size - storages[0].size % block_size
-                if size <= 0:
-                    raise ConfigError(f"image {paths[0]}: smaller than one block")
-            for st in storages:
-                check_image_fits(st, size, block_size)
-        except BaseException:
-            for st in storages:
-                st.close()
-            raise
-        md = VolumeMetadata.new(name, block_size=block_size, size=size, region_size=region_size)
-        md.generation = 1
-        vdir = VolumeMetadata.volume_dir(meta_dir, name)
-        os.makedirs(vdir, exist_ok=True)
-        images = []
-        for k, (p, st) in enumerate(zip(paths, storages)):
-            if k == 0:
-                rec = md.add_image(p, ImageState.IN_SYNC.value, generation=1)
-                bm = None
-            else:
-                rec = md.add_image(p, ImageState.SYNCING.value, generation=0)
-                rec.resync_next, rec.resync_full, rec.resync_rate = 0, True, rate_limit
-                bm = RegionBitmap(size, region_size)
-                bm.set_all()
-                bm.save(VolumeMetadata.bitmap_path(vdir, rec.id))
-            images.append(Leg(rec, st, bm))
-        wil = WriteIntentLog(VolumeMetadata.wil_path(vdir), size, region_size)
-        wil.save()
-        md.clean_shutdown = False
-        md.save(meta_dir)
+        # from the checks until volume.json names the images: no other create or attach in
+        # this process can claim the same paths in between
+        with imagecheck.claim_lock:
+            if VolumeMetadata.exists(meta_dir, name):
+                raise ConfigError(f"volume {name}: already exists in {meta_dir}")
+            imagecheck.check_not_in_other_volume(paths, meta_dir, name=name)
+            storages = []
+            created = []        # files made here: sparse, nothing to lose; removed if refused
+            try:
+                for p in paths:
+                    if not os.path.exists(p) and size is not None:
+                        StorageImage.create_file(p, size)
+                        created.append(p)
+                    storages.append(opener(p, direct=direct))
+                if size is None:
+                    size = storages[0].size - storages[0].size % block_size
+                    if size <= 0:
+                        raise ConfigError(f"image {paths[0]}: smaller than one block")
+                for st in storages:
+                    check_image_fits(st, size, block_size)
+                for k in range(1, len(paths)):
+                    if paths[k] in created:
+                        continue
+                    found = imagecheck.check_create_secondary(name, paths, k, force=force)
+                    if found is not None:
+                        log.warning("volume %s: image %s held data (%s); overwritten by the "
+                                    "full resync as forced", name, paths[k], found.describe())
+            except BaseException:
+                for st in storages:
+                    st.close()
+                for p in created:       # a refused create leaves no file it made behind
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+                raise
+            md = VolumeMetadata.new(name, block_size=block_size, size=size,
+                                    region_size=region_size)
+            md.generation = 1
+            vdir = VolumeMetadata.volume_dir(meta_dir, name)
+            os.makedirs(vdir, exist_ok=True)
+            images = []
+            for k, (p, st) in enumerate(zip(paths, storages)):
+                if k == 0:
+                    rec = md.add_image(p, ImageState.IN_SYNC.value, generation=1)
+                    bm = None
+                else:
+                    rec = md.add_image(p, ImageState.SYNCING.value, generation=0)
+                    rec.resync_next, rec.resync_full, rec.resync_rate = 0, True, rate_limit
+                    bm = RegionBitmap(size, region_size)
+                    bm.set_all()
+                    bm.save(VolumeMetadata.bitmap_path(vdir, rec.id))
+                images.append(Leg(rec, st, bm))
+            wil = WriteIntentLog(VolumeMetadata.wil_path(vdir), size, region_size)
+            wil.save()
+            md.clean_shutdown = False
+            md.save(meta_dir)
         vol = cls(md, meta_dir, images, wil, direct=direct, opener=opener,
-                  flush_interval=flush_interval, fanout=fanout)
+                  flush_interval=flush_interval, fanout=fanout, leg_timeout=leg_timeout)
         vol.control.resume()
         return vol
 
     @classmethod
     def open(cls, name, *, meta_dir, direct=False, opener=None, flush_interval=2.0,
-             fanout="auto") -> MirrorVolume:
-        """Open an existing volume; crash recovery happens here (module docstring)."""
+             fanout="auto", leg_timeout=LEG_TIMEOUT) -> MirrorVolume:
+        """Open an existing volume; crash recovery happens here (module docstring). The
+        keyword arguments are ``create``'s."""
         opener = opener or _default_opener
         md = VolumeMetadata.load(meta_dir, name)
         vdir = VolumeMetadata.volume_dir(meta_dir, name)
@@ -276,7 +359,7 @@ class MirrorVolume:
                     im.storage.close()
             raise
         vol = cls(md, meta_dir, images, wil, direct=direct, opener=opener,
-                  flush_interval=flush_interval, fanout=fanout)
+                  flush_interval=flush_interval, fanout=fanout, leg_timeout=leg_timeout)
         vol.control.resume()
         return vol
 
@@ -376,48 +459,168 @@ class MirrorVolume:
     def _bitmap_path(self, img) -> str:
         return VolumeMetadata.bitmap_path(self._vdir, img.rec.id)
 
-    def _image_error(self, img, exc, offset, length, *, all_regions=False) -> bool:
-        """Handle an I/O error on ``img``: fail it (persisted) unless it is the last in-sync
-        image. Marks the affected range in its change bitmap. Returns True if it is failed."""
+    def _image_error(self, img, exc, offset, length, *, all_regions=False,
+                     is_read=False) -> bool:
+        """Handle an I/O error on ``img`` (``exc``: an ImageIOError; ``offset``/``length`` in
+        bytes, the range the failed I/O covered): fail the image (persisted, logged at error
+        priority with volume, image, path, operation, offset and errno) and mark the range in
+        its change bitmap - unless it is the last in-sync image, which is never failed: a write,
+        flush or discard error there takes the volume *offline* (NOT READY until ``probe``
+        finds the image answering again; a read error is for the caller to probe). A full file
+        system under the image (``exc.out_of_space``) fails it only while another in-sync image
+        took the write. Returns True if the image is failed.
+
+        ``all_regions`` (a failed or slow flush: which writes it lost is unknown) marks every
+        region whose data may not be durable on the image yet - the write-intent log's regions
+        (a bit is cleared only once every image flushed after the region's last write), plus,
+        for a syncing image, every region (its resync copies are not in the log)."""
+        op = getattr(exc, "op", None) or ("read" if is_read else "write")
+        where = (f"{op} at offset {offset}" if length else op)
+        errno_ = getattr(exc, "errno", None)
         with self._meta:
+            index = self._images.index(img) if img in self._images else -1
             if img.state is ImageState.FAILED:
                 if img.bitmap is not None:
-                    if all_regions:
-                        img.bitmap.set_all()
-                    elif length:
-                        img.bitmap.mark(offset, length)
+                    self._mark_lost(img, img.bitmap, offset, length, all_regions)
                 return True
             if img.state is ImageState.SPLIT:
                 # A write begun before T failed on the image being split: the copy lacks it,
                 # so the region must be copied again by a resync (or skipped by a restore).
                 img.rec.error = str(exc)
                 if img.bitmap is not None:
-                    if all_regions:
-                        img.bitmap.set_all()
-                    elif length:
-                        img.bitmap.mark(offset, length)
+                    self._mark_lost(img, img.bitmap, offset, length, all_regions)
+                log.error("volume %s: split image %d (%s): %s failed (errno %s): %s; the regions "
+                          "it covers will be copied again by a resync", self.name, index,
+                          img.rec.path, where, errno_, exc)
                 return False
             if img.state is ImageState.IN_SYNC and not any(
                     o is not img and o.state is ImageState.IN_SYNC for o in self._images):
+                if getattr(exc, "out_of_space", False):
+                    self._log_space(img, index, where, exc)
+                elif not is_read:
+                    img.rec.error = str(exc)
+                    self._go_offline(f"image {index} ({img.rec.path}), the last in-sync image: "
+                                     f"{where} failed (errno {errno_}): {exc}")
                 return False
             bm = img.bitmap if img.bitmap is not None else RegionBitmap(self.size, self.region_size)
-            if all_regions:
-                bm.set_all()
-            elif length:
-                bm.mark(offset, length)
+            self._mark_lost(img, bm, offset, length, all_regions)
             img.bitmap = bm
+            was = img.state.value
             img.state = ImageState.FAILED
             img.rec.error = str(exc)
             img.rec.resync_next = None
             self._stats["image_failures"] += 1
             self._bump()
-            try:
-                bm.save(self._bitmap_path(img))
-                self._save_md()
-            except OSError:
-                pass  # metadata disk trouble: the WIL still protects the data; keep serving
+            log.error("volume %s: image %d (%s) failed (was %s): %s failed (errno %s): %s; "
+                      "%s; the volume goes on with the others", self.name, index, img.rec.path,
+                      was, where, errno_, exc,
+                      "every region must be resynced" if bm.fill() == 1.0
+                      else f"{bm.dirty_bytes()} bytes to resync")
+            self._persist_failure(img, bm)
             self._switch_epoch()
             return True
+
+    def _mark_lost(self, img, bm, offset, length, all_regions):
+        """Mark in ``bm`` what a failed I/O on ``img`` may have lost (see ``_image_error``)."""
+        if all_regions:
+            if img.state is ImageState.SYNCING:
+                bm.set_all()
+            else:
+                bm.union_update(self._wil.bitmap)
+        elif length:
+            bm.mark(offset, length)
+
+    def _persist_failure(self, img, bm):
+        """Save a failed image's bitmap and the metadata; a failure to do so is logged at
+        error priority and counted (``metadata_errors``), never silent. Serving goes on: the
+        write-intent log still marks every region the failed image may lack."""
+        try:
+            bm.save(self._bitmap_path(img))
+            self._save_md()
+        except OSError as e:
+            self._stats["metadata_errors"] += 1
+            log.error("volume %s: cannot save the metadata after image %s failed: %s; the "
+                      "failure is kept in memory and the write-intent log still covers the "
+                      "regions, but a restart before the metadata disk recovers loses the "
+                      "failed state", self.name, img.rec.path, e)
+
+    def _log_space(self, img, index, where, exc):
+        """An out-of-space error where no image had room: logged at warning, at most once per
+        SPACE_LOG_INTERVAL seconds (a full file system fails every write until space is freed)."""
+        self._stats["space_errors"] += 1
+        now = time.monotonic()
+        if now - self._space_logged >= SPACE_LOG_INTERVAL:
+            self._space_logged = now
+            log.warning("volume %s: image %d (%s): %s: the file system under it is full (%s); "
+                        "writes get DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT until "
+                        "space is freed (%d such errors so far)", self.name, index,
+                        img.rec.path, where, exc, self._stats["space_errors"])
+
+    # ==== health ==================================================================================
+
+    def _go_offline(self, reason):
+        if self._offline is None:
+            self._offline = reason
+            self._stats["offline_events"] += 1
+            log.error("volume %s: OFFLINE, no image can serve: %s; medium access and TEST UNIT "
+                      "READY answer NOT READY until the image answers again (checked every "
+                      "flusher round, or 'probe')", self.name, reason)
+
+    @property
+    def offline(self) -> str | None:
+        """Why no image can serve (None while the volume serves)."""
+        return self._offline
+
+    def check_ready(self):
+        """Raise StateError while the volume cannot serve medium access (closed, or offline:
+        the last in-sync image failed a write); the SCSI core's TEST UNIT READY calls it."""
+        self._check_open()
+        if self._offline is not None:
+            raise StateError(f"volume {self.name} is offline: {self._offline}")
+
+    @property
+    def health(self) -> str:
+        """"offline" (no image can serve), "degraded" (an image is failed or syncing: fewer
+        copies than the volume has images, split ones aside) or "optimal"."""
+        if self._offline is not None:
+            return "offline"
+        with self._meta:
+            if any(im.state in (ImageState.FAILED, ImageState.SYNCING) for im in self._images):
+                return "degraded"
+        return "optimal"
+
+    def probe(self) -> bool:
+        """Check an offline volume's in-sync image again: read the first block, write it back
+        with FUA and flush. On success the volume serves again (logged) and True is returned;
+        a volume that is not offline returns True at once."""
+        if self._offline is None:
+            return True
+        with self._meta:
+            legs = [im for im in self._images
+                    if im.state is ImageState.IN_SYNC and im.storage is not None]
+        if not legs:
+            return False
+        bs = self.block_size
+        lk = self.locks.lock(0, 1)
+        try:
+            buf = StorageImage.aligned_buffer(bs)
+            for im in legs:
+                try:
+                    im.storage.readv(0, [buf])
+                    im.storage.writev(0, [buf], fua=True)
+                    im.storage.flush()
+                except ImageIOError as e:
+                    log.debug("volume %s: probe of %s failed: %s", self.name, im.rec.path, e)
+                    return False
+        finally:
+            lk.release()
+        with self._meta:
+            reason, self._offline = self._offline, None
+            for im in legs:
+                im.rec.error = None
+        log.warning("volume %s: back ONLINE: the in-sync image answers again (was offline: %s)",
+                    self.name, reason)
+        return True
 
     def _parallel(self, length, fua=False) -> bool:
         """Fan-out policy: see ``fanout`` in ``create``."""
@@ -430,13 +633,21 @@ class MirrorVolume:
 
     def _fanout(self, ep, fn, offset, length, is_read=False, parallel=True):
         """Run ``fn(storage)`` on every write target of ``ep`` (in parallel: one inline, the
-        others on the images' worker threads; or one after the other); handle failures."""
+        others on the images' worker threads - all of them on workers while a leg timeout is
+        set, so a slow leg can be left behind; or one after the other); handle failures:
+        an image that errors is failed (``_image_error``); with ``leg_timeout`` a leg still busy
+        that many seconds after an in-sync leg finished the same I/O is failed as slow
+        (ETIMEDOUT) and the I/O completes without it (md's failfast, DRBD's disk-timeout).
+        Raises VolumeIOError when no in-sync image took it (``out_of_space`` when every
+        error was a full file system: then no image is failed)."""
         targets = ep.writes
         if not targets:
             raise VolumeIOError(f"volume {self.name}: no live image", is_read=is_read)
         errors = []
         other = None
-        if parallel and len(targets) > 1:
+        if parallel and len(targets) > 1 and self.leg_timeout:
+            errors, other = self._fanout_bounded(targets, fn, length)
+        elif parallel and len(targets) > 1:
             comps = []
             for img in targets[1:]:
                 comps.append(img.worker.submit(fn, img.storage))
@@ -464,13 +675,62 @@ class MirrorVolume:
             raise other
         if errors:
             self._stats["write_errors"] += len(errors)
-            bad = set()
+            bad = {img for img, _ in errors}
+            took = any(im not in bad and im.state is ImageState.IN_SYNC for im in targets)
+            space = [e for _, e in errors if e.out_of_space]
+            if not took and len(space) == len(errors):
+                # a full file system is not a broken disk: nothing is failed (SBC thin
+                # provisioning: the initiator hears DATA PROTECT / SPACE ALLOCATION FAILED)
+                for img, e in errors:
+                    self._log_space(img, self._images.index(img) if img in self._images else -1,
+                                    e.op or "write", e)
+                raise VolumeIOError(f"volume {self.name}: out of space: " + "; ".join(
+                    str(e) for _, e in errors), is_read=is_read, out_of_space=True)
             for img, e in errors:
                 self._image_error(img, e, offset, length, all_regions=(length == 0))
-                bad.add(img)
-            if not any(im not in bad and im.state is ImageState.IN_SYNC for im in targets):
+            if not took:
                 raise VolumeIOError(f"volume {self.name}: write failed on every in-sync image: "
                                     + "; ".join(str(e) for _, e in errors), is_read=is_read)
+
+    def _fanout_bounded(self, targets, fn, length):
+        """Every leg on its worker; wait until all are done or ``leg_timeout`` seconds passed
+        since the first in-sync leg finished. Returns (errors, other exception)."""
+        group = _LegGroup()
+        for img in targets:
+            img.worker.submit_to(fn, img.storage, _LegDone(group, img,
+                                                           img.state is ImageState.IN_SYNC))
+        timeout = self.leg_timeout
+        n = len(targets)
+        with group.cond:
+            while len(group.results) < n:
+                if group.first_ok is None:
+                    group.cond.wait()
+                    continue
+                left = group.first_ok + timeout - time.monotonic()
+                if left <= 0:
+                    break
+                group.cond.wait(left)
+            results = dict(group.results)
+            fastest = group.fastest
+        errors, other = [], None
+        for img in targets:
+            if img not in results:
+                self._stats["slow_legs"] += 1
+                errors.append((img, ImageIOError(
+                    img.storage, errno.ETIMEDOUT,
+                    f"image {img.rec.path}: still busy {timeout:g} s after image "
+                    f"{fastest.rec.path} finished the same I/O ({length} bytes): failed as slow "
+                    f"(leg_timeout)", op="write" if length else "flush", offset=None,
+                    length=length)))
+                continue
+            exc = results[img]
+            if exc is None:
+                continue
+            if isinstance(exc, ImageIOError):
+                errors.append((img, exc))
+            elif other is None:
+                other = exc
+        return errors, other
 
     def _write_locked(self, offset, length, fn, kind="writes", fua=False):
         """The write path after the range lock is held: epoch, WIL, bitmaps, fan-out."""
@@ -499,17 +759,22 @@ class MirrorVolume:
             n = len(reads)
             start = next(self._rr) % n if n else 0
             errors = []
+            timeout = self.leg_timeout
             for k in range(n):
                 img = reads[(start + k) % n]
                 if img.state is not ImageState.IN_SYNC:
                     continue
+                t0 = time.monotonic()
                 try:
                     img.storage.readv(offset, buffers)
                 except ImageIOError as e:
                     self._stats["read_errors"] += 1
                     errors.append(str(e))
-                    self._image_error(img, e, offset, length)
+                    if not self._image_error(img, e, offset, length, is_read=True):
+                        self._probe_after_read_error(img, e)
                     continue
+                if timeout and n > 1 and time.monotonic() - t0 > timeout:
+                    self._slow_read(img, time.monotonic() - t0, length)
                 break
             else:
                 raise VolumeIOError(f"volume {self.name}: no in-sync image could serve the read"
@@ -519,6 +784,34 @@ class MirrorVolume:
             raise
         self._leave(ep, "reads", length)
 
+    def _probe_after_read_error(self, img, exc):
+        """The last in-sync image failed a read: one bad sector, or a dead disk? Read its first
+        block; if that fails too, no image can serve and the volume goes offline."""
+        if img.state is not ImageState.IN_SYNC or img.storage is None or self._offline:
+            return
+        buf = StorageImage.aligned_buffer(self.block_size)
+        try:
+            img.storage.readv(0, [buf])
+        except ImageIOError as e2:
+            img.rec.error = str(exc)
+            self._go_offline(f"image {self._images.index(img)} ({img.rec.path}), the last "
+                             f"in-sync image, fails reads: {exc}; and the probe of its first "
+                             f"block: {e2}")
+        else:
+            log.error("volume %s: image %s, the last in-sync image: %s (errno %s); the rest "
+                      "of it reads: the initiator gets MEDIUM ERROR for this range only",
+                      self.name, img.rec.path, exc, exc.errno)
+
+    def _slow_read(self, img, seconds, length):
+        """A read took longer than ``leg_timeout`` on an image while another in-sync image
+        could have served it: set the slow image aside (failed, nothing to resync but what
+        is written meanwhile) so the next reads go to the others."""
+        self._stats["slow_legs"] += 1
+        self._image_error(img, ImageIOError(
+            img.storage, errno.ETIMEDOUT, f"image {img.rec.path}: a read of {length} bytes took "
+            f"{seconds:.1f} s, longer than leg_timeout {self.leg_timeout:g} s: failed as slow",
+            op="read", offset=None, length=length), 0, 0, is_read=True)
+
     # ==== I/O API (LBAs) ==========================================================================
 
     def _prologue(self, lba, nblocks):
@@ -526,6 +819,8 @@ class MirrorVolume:
         Returns the byte offset and length."""
         self._check_open()
         self._check_io(lba, nblocks)
+        if self._offline is not None:
+            raise StateError(f"volume {self.name} is offline: {self._offline}")
         offset, length = lba * self.block_size, nblocks * self.block_size
         rj = self.control.restore_job
         if rj is not None and nblocks:
@@ -559,7 +854,7 @@ class MirrorVolume:
 
     def flush(self):
         """Make every acknowledged write durable on every live image."""
-        self._check_open()
+        self.check_ready()
         ep = self._enter()
         try:
             self._fanout(ep, lambda st: st.flush(), 0, 0, parallel=True)
@@ -739,10 +1034,12 @@ class MirrorVolume:
         exactly the regions written since they were restored (``jobcontrol``)."""
         return self.control.restore(image_index, rate_limit=rate_limit)
 
-    def attach(self, path, *, rate_limit=None) -> int:
+    def attach(self, path, *, rate_limit=None, force=False) -> int:
         """Add image ``path`` (created sparse at the volume size if missing) and start its full
-        resync (``rate_limit`` MB/s); returns its index (``jobcontrol``)."""
-        return self.control.attach(path, rate_limit=rate_limit)
+        resync (``rate_limit`` MB/s); returns its index. An existing image that holds data is
+        refused (ConfigError saying what was found) unless ``force``; one that another volume
+        uses always is (``jobcontrol.JobControl.attach``)."""
+        return self.control.attach(path, rate_limit=rate_limit, force=force)
 
     def detach(self, image_index):
         """Remove an image from the volume (not the last in-sync one, not an exported or
@@ -794,9 +1091,11 @@ class MirrorVolume:
     def _flush_loop(self, interval):
         while not self._stop_flusher.wait(interval):
             try:
+                if self._offline is not None and not self.probe():
+                    continue
                 self.checkpoint(hold=True)
-            except Exception:  # keep serving; the next round retries
-                pass
+            except Exception as e:  # keep serving; the next round retries
+                log.error("volume %s: background checkpoint failed: %s", self.name, e)
 
     def close(self):
         """Clean shutdown: stop jobs (they resume on the next open), drain I/O, persist

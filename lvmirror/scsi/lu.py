@@ -14,8 +14,12 @@ COMMAND INFORMATION UNIT, as the core does for data CDBs.
 
 Every error is a CHECK CONDITION with the sense key and ASC/ASCQ SPC/SBC specify; nothing
 raises out of ``execute``. Backend errors: ``VolumeIOError`` is MEDIUM ERROR (UNRECOVERED READ
-ERROR / WRITE ERROR), ``StateError`` (volume closed, exported split image resynced) NOT READY /
-MANUAL INTERVENTION REQUIRED, anything else HARDWARE ERROR / INTERNAL TARGET FAILURE.
+ERROR / WRITE ERROR), or, when no image had room for a write (``out_of_space``: the file system
+under sparse images is full), DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT (07/27/07, as
+SBC-3 asks of a thin-provisioned LUN, so Linux and VMware report an out-of-space condition);
+``StateError`` (volume closed or offline because no image can serve, exported split image
+resynced) NOT READY / MANUAL INTERVENTION REQUIRED, also for TEST UNIT READY (``check_ready``),
+anything else HARDWARE ERROR / INTERNAL TARGET FAILURE.
 
 REPORT LUNS and PERSISTENT RESERVE / RESERVE / RELEASE are answered by LIO's core before a
 command reaches TCMU, so they are not here.
@@ -222,6 +226,9 @@ class LogicalUnit:
         except _Check as e:
             return Response(c.CHECK_CONDITION, e.sense, 0)
         except VolumeIOError as e:
+            if e.out_of_space:
+                log.warning("out of space: %s", e)
+                return self._check(c.DATA_PROTECT, c.ASC_SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
             log.error("I/O error: %s", e)
             return self._check(c.MEDIUM_ERROR, c.ASC_UNRECOVERED_READ_ERROR if e.is_read
                                else c.ASC_WRITE_ERROR)
@@ -451,6 +458,13 @@ class LogicalUnit:
     # -- SPC: INQUIRY and friends --------------------------------------------------------------
 
     def _tur(self, cdb, data_out, data_in):
+        """TEST UNIT READY (SPC-4 6.47): GOOD only while the backend can serve medium access;
+        a backend with ``check_ready()`` raises StateError when it cannot (every image failed),
+        which ``execute`` answers NOT READY / MANUAL INTERVENTION REQUIRED (02/04/03), so a
+        multipath ``tur`` path checker fails the path over."""
+        check = getattr(self.backend, "check_ready", None)
+        if check is not None:
+            check()
         return GOOD_RESPONSE
 
     def _start_stop(self, cdb, data_out, data_in):

@@ -117,6 +117,22 @@ class UioDevice:
         m = re.search(r"T10 VPD Unit Serial Number:\s*(\S+)", text)
         return m.group(1) if m else (text.strip() or None)
 
+    def enable_tmr_notification(self) -> bool:
+        """Ask the kernel to queue TMR entries (ABORT TASK, LUN RESET...) on the ring
+        (``attrib/tmr_notification`` = 1, kernel 5.9+, target_core_user.c), so lvmirrord sees
+        the aborts of commands it holds - a slow image, an initiator timing out - instead of
+        learning of them only from the initiator's retries. False where the kernel lacks the
+        attribute or refuses it."""
+        path = os.path.join(self.configfs_dir, "attrib", "tmr_notification")
+        if not os.path.exists(path):
+            return False
+        try:
+            with open(path, "w") as f:
+                f.write("1\n")
+        except OSError:
+            return False
+        return True
+
     def action(self, name: str, value: int) -> None:
         with open(os.path.join(self.configfs_dir, "action", name), "w") as f:
             f.write(f"{value}\n")

@@ -182,7 +182,7 @@ def test_external_lock_holder_blocks_io_and_loses_locks_when_it_leaves(daemon):
     assert json.loads(cli_call(address, "ListLocks", "vol0"))["external_lock_ids"] == []
 
 
-def cli_call(address, method, *args):
+def cli_call(address, method, *args, check=True):
     code = ("import sys, dbus\n"
             "bus = dbus.SystemBus()\n"
             "mgr = dbus.Interface(bus.get_object('org.lvmirror1', '/org/lvmirror1'),"
@@ -191,5 +191,69 @@ def cli_call(address, method, *args):
     env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=20)
+    if not check:
+        return r.stdout + r.stderr
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+def test_cli_attach_refuses_an_image_that_holds_data_unless_forced(daemon, tmp_path):
+    """Issue 14, item 5: `lvmirror attach` over data is refused saying what was found;
+    --force (AttachImageWithOptions {"force": true}) overwrites it; the plain AttachImage
+    keeps its signature."""
+    d, vol, address, _ = daemon
+    precious = tmp_path / "precious.img"
+    precious.write_bytes(b"\x5a" * (4 << 20))
+    r = cli(address, "attach", "vol0", str(precious))
+    assert r.returncode == 1
+    assert (f"image {precious} holds data (first non-zero byte at offset 0; 4 MiB allocated): "
+            f"attaching it to volume vol0 would overwrite it") in r.stderr
+    assert "lvmirror attach --force" in r.stderr
+    assert len(vol.images) == 3 and precious.read_bytes() == b"\x5a" * (4 << 20)
+    out = cli_call(address, "AttachImageWithOptions", "vol0", str(precious), {"forse": True},
+                   check=False)
+    assert "unknown option 'forse' (known: force)" in out
+    r = cli(address, "attach", "vol0", str(precious), "--force", "--wait")
+    assert r.returncode == 0, r.stderr
+    assert f"{precious} attached as image 3" in r.stdout
+    assert vol.images[3].state.value == "in-sync"
+    assert precious.read_bytes() == open(vol.images[0].path, "rb").read()
+
+
+def test_volume_object_attach_image_with_options(daemon, tmp_path):
+    """org.lvmirror1.Volume.AttachImageWithOptions(path, {"force": <b>}); AttachImage(path)
+    unchanged (refuses data)."""
+    d, vol, address, _ = daemon
+    precious = tmp_path / "p.img"
+    precious.write_bytes(b"\x01" * (4 << 20))
+    code = ("import sys, dbus\n"
+            "bus = dbus.SystemBus()\n"
+            "obj = bus.get_object('org.lvmirror1', '/org/lvmirror1/volume/vol0')\n"
+            "v = dbus.Interface(obj, 'org.lvmirror1.Volume')\n"
+            "try:\n"
+            f"    v.AttachImage({str(precious)!r})\n"
+            "except dbus.DBusException as e:\n"
+            "    print('refused:', e.get_dbus_message())\n"
+            f"print('index', int(v.AttachImageWithOptions({str(precious)!r},"
+            " dbus.Dictionary({'force': True}, signature='sv'))))\n")
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"refused: image {precious} holds data (first non-zero byte at "
+                               f"offset 0; 4 MiB allocated)")
+    assert lines[1] == "index 3"
+    for job in list(vol.jobs.values()):
+        assert job.wait(20)
+    assert vol.images[3].state.value == "in-sync"
+
+
+def test_attach_options_are_checked():
+    from lvmirror.bus.volume import attach_options
+    assert attach_options({}) == {} and attach_options(None) == {}
+    assert attach_options({"force": True}) == {"force": True}
+    with pytest.raises(ValueError, match="unknown option 'x' \\(known: force\\)"):
+        attach_options({"x": True})
+    with pytest.raises(ValueError, match="option 'force' must be a boolean"):
+        attach_options({"force": "yes"})

@@ -89,6 +89,7 @@ def test_managed_objects_properties_and_introspection(daemon):  # noqa: F811
     assert [(im[0], im[2]) for im in props["Images"]] == [(0, "in-sync"), (1, "in-sync"),
                                                           (2, "in-sync")]
     assert props["SyncProgress"] == 1.0 and props["Exported"] == []
+    assert props["Health"] == "optimal"
     vol.write(0, [memoryview(b"x" * 4096)])
     stats = ok(call(address, VOL, "org.freedesktop.DBus.Properties", "Get",
                     "org.lvmirror1.Volume", "IoStatistics"))
@@ -141,6 +142,28 @@ def test_split_resync_signals(daemon, tmp_path):  # noqa: F811
     finally:
         mon.close()
 
+
+
+def test_image_failure_is_announced(daemon):  # noqa: F811
+    """An image that vanishes under the volume (its descriptor closed: EBADF on every I/O) is
+    failed at the next write; D-Bus announces it (ImageStateChanged, Health "degraded" in
+    PropertiesChanged) and ``lvmirror status`` shows the health and the error."""
+    from tests.unit.test_bus import cli
+    d, vol, address, bus = daemon
+    mon = Monitor(address)
+    try:
+        vol.image_storage(1).close()
+        vol.write(0, [memoryview(b"v" * 4096)])                    # served by images 0 and 2
+        mon.wait_for(r"member=ImageStateChanged\s+uint32 1\s+string \"in-sync\"\s+"
+                     r"string \"failed\"")
+        mon.wait_for(r"member=PropertiesChanged\s+string \"org.lvmirror1.Volume\".*"
+                     r"string \"Health\"\s+variant\s+string \"degraded\"")
+        out = cli(address, "status")
+        assert out.returncode == 0, out.stderr
+        assert "degraded" in out.stdout and "image 1: failed" in out.stdout
+        assert "error: image " in out.stdout and "image closed" in out.stdout
+    finally:
+        mon.close()
 
 def test_backup_method_and_guard(daemon, tmp_path):  # noqa: F811
     d, vol, address, bus = daemon

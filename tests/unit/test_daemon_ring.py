@@ -108,6 +108,26 @@ def test_missing_volume_answers_not_ready_but_inquiry(lab):
     assert done[inq].status == 0
 
 
+
+def test_test_unit_ready_tells_the_truth_when_every_image_fails(lab, tmp_path):
+    """Every image vanishes (I/O gets EBADF): the failing write gets MEDIUM ERROR, then TEST
+    UNIT READY answers NOT READY / MANUAL INTERVENTION REQUIRED through the ring, so a
+    multipath tur checker fails the path over; the device reports aborts (tmr_notification)."""
+    emu, lun, _ = lab(f"vol0;images={'+'.join(images(tmp_path))}")
+    attr = os.path.join(lun.device.configfs_dir, "attrib", "tmr_notification")
+    assert open(attr).read().strip() == "1"
+    tur = emu.submit(bytes(6))
+    assert emu.wait([tur])[tur].status == 0
+    for k in range(2):
+        lun.volume.image_storage(k).close()
+    wid = emu.submit(cdb10(0x2A, 0, 8), data_out=bytes([3]) * 8 * BS)
+    assert parse_sense(emu.wait([wid])[wid].sense) == (3, 0x0C, 0x00)
+    tur, rid = emu.submit(bytes(6)), emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
+    done = emu.wait([tur, rid])
+    assert parse_sense(done[tur].sense) == (2, 0x04, 0x03)
+    assert parse_sense(done[rid].sense) == (2, 0x04, 0x03)
+    assert lun.volume.health == "offline"
+
 def test_aborted_command_not_started_gets_task_aborted(lab, tmp_path):
     emu, lun, _ = lab(f"vol0;images={'+'.join(images(tmp_path))}")
     # Queue a command and a TMR naming it in the same batch, before the ring thread looks.

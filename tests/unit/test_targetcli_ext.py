@@ -53,3 +53,28 @@ def test_rtslib_dump_keeps_nl_reply_supported():
         assert no_attr.control_tuples.endswith("data_pages_per_blk=1")   # older kernel
     finally:
         rtslib_tcm.UserBackedStorageObject.control_tuples = old
+
+
+class FakeManager:
+    def __init__(self):
+        self.calls = []
+
+    def AttachImage(self, volume, path):
+        self.calls.append(("AttachImage", volume, path))
+        return 2
+
+    def AttachImageWithOptions(self, volume, path, options):
+        self.calls.append(("AttachImageWithOptions", volume, path, dict(options),
+                           options.signature))
+        return 3
+
+
+def test_attach_passes_force_only_when_asked():
+    """targetcli-lvmirror's `attach PATH force=true` (issue 14, item 5): the plain AttachImage
+    otherwise, so an older lvmirrord keeps working."""
+    pytest.importorskip("dbus")
+    mgr = FakeManager()
+    assert targetcli_ext.attach_image(mgr, "vol0", "/srv/c.img") == 2
+    assert targetcli_ext.attach_image(mgr, "vol0", "/srv/d.img", True) == 3
+    assert mgr.calls == [("AttachImage", "vol0", "/srv/c.img"),
+                         ("AttachImageWithOptions", "vol0", "/srv/d.img", {"force": True}, "sv")]

@@ -27,6 +27,7 @@ def fake_device(root, minor, name, *, size=1082130432, info_size=268435456, seri
             f"CmdRingSizeMB: 8\n")
         (cfs / "attrib" / "emulate_write_cache").write_text(wce + "\n")
         (cfs / "attrib" / "hw_block_size").write_text("512\n")
+        (cfs / "attrib" / "tmr_notification").write_text("0\n")   # as the kernel (5.9+) has it
         (cfs / "wwn" / "vpd_unit_serial").write_text(f"T10 VPD Unit Serial Number: {serial}\n")
     return dict(sysfs_root=str(sysfs), configfs_root=str(root / "cfg"))
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from lvmirror.errors import ConfigError, VolumeIOError
+from lvmirror.errors import ConfigError, StateError, VolumeIOError
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
 from tests.unit.test_volume_helpers import (BS, Opener, image_bytes, make_volume, pattern, read,
@@ -58,13 +58,13 @@ def test_last_in_sync_image_error_goes_to_initiator(tmp_path):
     assert ei.value.is_read is False
     states = [i.state for i in vol.images]
     assert states.count(ImageState.IN_SYNC) == 1             # the last one is never failed
-    for p in paths:
-        opener.by_path[p].fail_reads = True
-    with pytest.raises(VolumeIOError) as ei:
+    # ... but it cannot hold data: the volume is offline (NOT READY), not silently serving
+    assert vol.health == "offline"
+    with pytest.raises(StateError, match="offline"):
         read(vol, 0, 1)
-    assert ei.value.is_read is True
     for p in paths:
         opener.by_path[p].fail_writes = opener.by_path[p].fail_reads = False
+    assert vol.probe()                                      # the flusher does it every round
     write(vol, 0, pattern(1, 2))
     assert read(vol, 0, 1) == pattern(1, 2)
     vol.close()

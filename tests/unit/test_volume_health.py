@@ -1,0 +1,261 @@
+"""Failing, slow and full disks under the images: the volume keeps serving when it can, says so
+when it cannot (offline: NOT READY), logs every image failure, and never fails an image for a
+full file system."""
+
+import errno
+import logging
+import threading
+import time
+
+import pytest
+
+from lvmirror.errors import ImageIOError, StateError, VolumeIOError
+from lvmirror.mirror import bitmap as bitmap_mod
+from lvmirror.mirror.volume import ImageState
+from lvmirror.scsi import CHECK_CONDITION, GOOD, LogicalUnit, parse_sense
+
+from tests.unit.test_volume_helpers import (BS, Gate, GatedImage, Opener, image_bytes,
+                                            make_volume, pattern, read, write)
+
+TUR = bytes(6)
+
+
+def _scsi(lu, cdb, out=b"", in_len=0):
+    buf = bytearray(in_len)
+    r = lu.execute(bytes(cdb), [memoryview(bytearray(out))] if out else [],
+                   [memoryview(buf)] if in_len else [])
+    return r, bytes(buf)
+
+
+def _sense(r):
+    assert r.status == CHECK_CONDITION, r
+    return parse_sense(r.sense)
+
+
+def _write10(lba, n):
+    return bytes([0x2A, 0]) + lba.to_bytes(4, "big") + bytes([0]) + n.to_bytes(2, "big") + b"\0"
+
+
+def _read10(lba, n):
+    return bytes([0x28, 0]) + lba.to_bytes(4, "big") + bytes([0]) + n.to_bytes(2, "big") + b"\0"
+
+
+def test_every_image_failing_takes_the_volume_offline_and_back(tmp_path, caplog):
+    """The issue's case 1: both images return EIO on everything. The first write gets MEDIUM
+    ERROR / WRITE ERROR; from then on medium access and TEST UNIT READY get NOT READY /
+    MANUAL INTERVENTION REQUIRED (02/04/03), status says offline and why, the journal has
+    one error line per image. Once the disk answers again, the probe brings the volume back
+    (TUR GOOD), and a resync of the failed image makes it optimal."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096)
+    lu = LogicalUnit(vol)
+    write(vol, 0, pattern(8, 1))
+    for p in paths:
+        opener.by_path[p].fail_writes = opener.by_path[p].fail_reads = True
+    with caplog.at_level(logging.WARNING, logger="lvmirror.mirror.volume"):
+        r, _ = _scsi(lu, _write10(8, 1), out=bytes(pattern(1, 2)))
+        assert _sense(r) == (0x3, 0x0C, 0x00)                       # the failing write itself
+        assert _sense(_scsi(lu, TUR)[0]) == (0x2, 0x04, 0x03)
+        assert _sense(_scsi(lu, _read10(0, 1), in_len=BS)[0]) == (0x2, 0x04, 0x03)
+        assert _sense(_scsi(lu, bytes([0x35] + [0] * 9))[0]) == (0x2, 0x04, 0x03)  # SYNC CACHE
+    assert vol.health == "offline" and "last in-sync image" in vol.offline
+    states = [i.state for i in vol.images]
+    assert states == [ImageState.FAILED, ImageState.IN_SYNC]
+    assert vol.images[1].error and "injected write error" in vol.images[1].error
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(f"image 0 ({paths[0]}) failed" in m and "errno" in m for m in lines), lines
+    assert any("OFFLINE" in m and paths[1] in m for m in lines), lines
+    assert vol.probe() is False                                      # still broken
+    for p in paths:
+        opener.by_path[p].fail_writes = opener.by_path[p].fail_reads = False
+    with caplog.at_level(logging.WARNING, logger="lvmirror.mirror.volume"):
+        assert vol.probe() is True
+    assert any("back ONLINE" in r.getMessage() for r in caplog.records)
+    assert _scsi(lu, TUR)[0].status == GOOD
+    assert vol.health == "degraded"
+    assert read(vol, 0, 8) == pattern(8, 1)
+    job = vol.resync(0)
+    assert job.wait(10) and job.state == "done"
+    assert vol.health == "optimal"
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
+
+
+def test_a_bad_sector_on_the_last_image_is_a_medium_error_not_an_outage(tmp_path):
+    """A read error on the last in-sync image whose first block still reads is one bad range:
+    MEDIUM ERROR for that read, the volume stays online."""
+
+    class BadSector(GatedImage):
+        def readv(self, offset, buffers):
+            if offset == 64 * BS:
+                raise ImageIOError(self, errno.EIO, "bad sector", op="read", offset=offset)
+            return super().readv(offset, buffers)
+
+    class BadOpener(Opener):
+        def __call__(self, path, *, direct=False):
+            img = BadSector.open(path, direct=direct)
+            img.gates = []
+            self.by_path[str(path)] = img
+            return img
+
+    vol, opener, paths = make_volume(tmp_path, 1, opener=BadOpener())
+    with pytest.raises(VolumeIOError):
+        read(vol, 64, 1)
+    assert vol.health == "optimal" and vol.offline is None
+    assert read(vol, 0, 1) == bytes(BS)
+    vol.close()
+
+
+def test_metadata_save_failure_is_logged_not_swallowed(tmp_path, caplog, monkeypatch):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096)
+    real = bitmap_mod.atomic_write
+
+    def refuse(path, data, **kw):
+        if str(path).endswith(".bitmap") and "image-" in str(path):
+            raise OSError(errno.EIO, "metadata disk failed")
+        return real(path, data, **kw)
+    monkeypatch.setattr(bitmap_mod, "atomic_write", refuse)
+    opener.by_path[paths[1]].fail_writes = True
+    with caplog.at_level(logging.ERROR, logger="lvmirror.mirror.volume"):
+        write(vol, 0, pattern(1, 5))                                 # served by image 0
+    assert vol.images[1].state is ImageState.FAILED
+    assert vol.stats["metadata_errors"] == 1
+    assert any("cannot save the metadata" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(bitmap_mod, "atomic_write", real)
+    vol.close()
+
+
+class _Full(GatedImage):
+    full = False
+
+    def writev(self, offset, buffers, *, fua=False):
+        if self.full:
+            raise ImageIOError(self, errno.ENOSPC, f"image {self.path}: write failed: No space "
+                               f"left on device", op="write", offset=offset)
+        return super().writev(offset, buffers, fua=fua)
+
+
+class _FullOpener(Opener):
+    def __call__(self, path, *, direct=False):
+        img = _Full.open(path, direct=direct)
+        img.gates = []
+        self.by_path[str(path)] = img
+        return img
+
+
+def test_a_full_file_system_is_not_a_broken_disk(tmp_path, caplog):
+    """Both sparse images on one full file system: the write gets DATA PROTECT / SPACE
+    ALLOCATION FAILED WRITE PROTECT (07/27/07, SBC thin provisioning), no image is failed,
+    and the LUN writes again once space is freed."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096, opener=_FullOpener())
+    lu = LogicalUnit(vol)
+    for p in paths:
+        opener.by_path[p].full = True
+    with caplog.at_level(logging.WARNING, logger="lvmirror.mirror.volume"):
+        for _ in range(3):
+            r, _ = _scsi(lu, _write10(16, 1), out=bytes(pattern(1, 6)))
+            assert _sense(r) == (0x7, 0x27, 0x07)
+    assert [i.state for i in vol.images] == [ImageState.IN_SYNC, ImageState.IN_SYNC]
+    assert vol.health == "optimal" and _scsi(lu, TUR)[0].status == GOOD
+    assert vol.stats["space_errors"] >= 3
+    warnings = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
+    assert 1 <= len(warnings) <= 2                                   # rate-limited
+    for p in paths:
+        opener.by_path[p].full = False
+    assert _scsi(lu, _write10(16, 1), out=bytes(pattern(1, 7)))[0].status == GOOD
+    assert read(vol, 16, 1) == pattern(1, 7)
+    vol.close()
+
+
+def test_one_full_image_is_failed_for_the_range_only(tmp_path):
+    """Only one image's file system is full: the other took the write, so the full one is set
+    aside with just that range to resync (not a full resync)."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096, opener=_FullOpener())
+    opener.by_path[paths[1]].full = True
+    write(vol, 16, pattern(1, 8))
+    assert vol.images[1].state is ImageState.FAILED
+    assert vol.images[1].dirty_bytes == 4096
+    opener.by_path[paths[1]].full = False
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done" and job.progress()["bytes_done"] == 4096
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
+
+
+@pytest.mark.parametrize("fanout", ["auto", "parallel"])
+def test_a_slow_leg_is_failed_after_leg_timeout_and_the_write_completes(tmp_path, fanout):
+    """The issue's case 3, scaled down: image 1 holds every write (dm-delay); with leg_timeout
+    0.3 s a FUA write completes in about that time without it, image 1 is failed as slow with
+    just the written range to resync, and once it answers again a resync makes the images
+    identical. Image 0 is never failed: it is the one that finished."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096, leg_timeout=0.3,
+                                     fanout=fanout)
+    gate = Gate(match=lambda op, off, ln: op == "write", count=100)
+    opener.by_path[paths[1]].gates = [gate]
+    t0 = time.monotonic()
+    write(vol, 16, pattern(2, 9), fua=True)
+    took = time.monotonic() - t0
+    assert took < 3, f"the write waited {took:.1f} s for the slow leg"
+    assert vol.images[0].state is ImageState.IN_SYNC
+    assert vol.images[1].state is ImageState.FAILED
+    assert "slow" in vol.images[1].error and vol.stats["slow_legs"] == 1
+    gate.open()                                  # the disk answers again
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    assert job.progress()["bytes_done"] == 4096
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
+
+
+def test_legs_slow_together_are_not_failed(tmp_path):
+    """Both legs equally slow (a burst of flushes): nobody lags behind the other, so nothing is
+    failed however long the I/O takes."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096, leg_timeout=0.2,
+                                     fanout="parallel")
+    gates = [Gate(match=lambda op, off, ln: op == "write") for _ in paths]
+    for p, g in zip(paths, gates):
+        opener.by_path[p].gates = [g]
+    t = threading.Thread(target=write, args=(vol, 0, pattern(1, 10)), daemon=True)
+    t.start()
+    for g in gates:
+        g.wait_reached()
+    time.sleep(0.5)                                # longer than leg_timeout, both held
+    for g in gates:
+        g.open()
+    t.join(10)
+    assert [i.state for i in vol.images] == [ImageState.IN_SYNC, ImageState.IN_SYNC]
+    vol.close()
+
+
+def test_offline_volume_refuses_io_with_a_state_error(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 1)
+    opener.by_path[paths[0]].fail_writes = True
+    opener.by_path[paths[0]].fail_reads = True
+    with pytest.raises(VolumeIOError):
+        write(vol, 0, pattern(1, 11))
+    with pytest.raises(StateError, match="offline"):
+        read(vol, 0, 1)
+    with pytest.raises(StateError, match="offline"):
+        vol.check_ready()
+    opener.by_path[paths[0]].fail_writes = opener.by_path[paths[0]].fail_reads = False
+    assert vol.probe()
+    vol.check_ready()
+    vol.close()
+
+
+def test_a_failed_flush_marks_only_what_may_not_be_durable(tmp_path):
+    """SYNCHRONIZE CACHE fails on one image: which writes it lost is unknown, but only regions
+    the write-intent log still marks can hold data not yet durable there; those (not the
+    whole image) are marked for its resync."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096)
+    write(vol, 0, pattern(8, 12))
+    vol.checkpoint()                                  # flushed everywhere; the log is clean
+    write(vol, 64, pattern(8, 13))                    # region 8, not flushed yet
+    opener.by_path[paths[1]].fail_writes = True       # its flush fails (fsync error)
+    vol.flush()                                       # served: image 0 flushed it
+    assert vol.images[1].state is ImageState.FAILED
+    assert list(vol.change_bitmap(1).dirty_regions()) == [64 * BS // 4096]
+    opener.by_path[paths[1]].fail_writes = False
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done" and job.progress()["bytes_done"] == 4096
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
