@@ -3,7 +3,7 @@
 Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 bytes, no ':')::
 
     NAME[;images=/path/a+/path/b[+...]][;region_size=1M][;block_size=512|4096][;direct=0|1]
-        [;force=1]
+        [;force=1][;leg_timeout=SECONDS]
     NAME;image=N[;readonly=1]
 
 * ``NAME`` names the volume; its metadata, change bitmaps and write-intent log live in
@@ -29,6 +29,11 @@ Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 b
   configuration keeps it: if the state directory were lost, a restore would create the volume
   again and overwrite the secondaries without asking). An image that another volume uses
   and a block device held by another user are refused whatever ``force`` says.
+* ``leg_timeout`` (seconds, 0 to 600, fractions allowed, 0 = never; default 4): how long one
+  image may lag behind an in-sync image on the same write or flush, or take on a read, before
+  it is failed as slow and the I/O completes without it (md's failfast, DRBD's disk-timeout);
+  keep it below the initiators' SCSI command timeout. Read at every open, so a LUN created
+  with it keeps it (``MirrorVolume.create``'s ``leg_timeout``).
 * ``image=N`` exports split image N of volume NAME as its own LUN (the point-in-time copy, for a
   backup host). Writes to it are allowed (a journal replay needs them) and are recorded in its
   change bitmap, so a later resync or restore still copies exactly what differs.
@@ -56,14 +61,15 @@ SUBTYPE = "lvmirror"
 MAX_DEV_CONFIG = 255          # TCMU_CONFIG_LEN 256 with the NUL
 MAX_IMAGES = 4
 IMAGE_SEPARATOR = "+"
-KEYS = ("images", "region_size", "block_size", "direct", "force", "image", "readonly")
+KEYS = ("images", "region_size", "block_size", "direct", "force", "leg_timeout", "image",
+        "readonly")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 CONFIG_DESC = (
     "VOLUME[;images=/path/a+/path/b][;region_size=1M][;block_size=512|4096][;direct=0|1]"
-    "[;force=1] or VOLUME;image=N[;readonly=1]. A mirrored volume (metadata in "
+    "[;force=1][;leg_timeout=4] or VOLUME;image=N[;readonly=1]. A mirrored volume (metadata in "
     "/var/lib/lvmirror/VOLUME); images= creates it on first use from 1-4 image files or block "
     "devices (the first is the source; the others are overwritten by a full copy, so one that "
     "already holds data is refused unless force=1); later it may name "
@@ -79,6 +85,7 @@ class VolumeSpec:
     block_size: int = 512
     direct: bool = False
     force: bool = False
+    leg_timeout: float | None = None     # seconds (None: the engine's default, 0: never)
     image: int | None = None
     readonly: bool = False
 
@@ -171,6 +178,18 @@ def parse(cfg: str) -> VolumeSpec:
             raise ConfigError(f"cfgstring {cfg!r}: force= applies to the creation of a volume "
                               f"from images= ('{name};images=/a+/b;force=1'), not to {what}")
         kw["force"] = opts["force"] == "1"
+    if "leg_timeout" in opts:
+        try:
+            lt = float(opts["leg_timeout"])
+        except ValueError:
+            lt = -1.0
+        if not 0 <= lt <= 600:
+            raise ConfigError(f"cfgstring {cfg!r}: leg_timeout must be a number of seconds from "
+                              f"0 (never) to 600, got {opts['leg_timeout']!r}")
+        if "image" in opts:
+            raise ConfigError(f"cfgstring {cfg!r}: leg_timeout= applies to a mirrored volume, "
+                              f"not to an exported split image")
+        kw["leg_timeout"] = lt
     if "image" in opts:
         if not opts["image"].isdigit() or int(opts["image"]) >= MAX_IMAGES:
             raise ConfigError(f"cfgstring {cfg!r}: image must be an image index 0-"
@@ -207,6 +226,8 @@ def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
         parts.append("direct=1")
     if spec.force:
         parts.append("force=1")
+    if spec.leg_timeout is not None:
+        parts.append(f"leg_timeout={spec.leg_timeout:g}")
     if spec.readonly:
         parts.append("readonly=1")
     return ";".join(parts)

@@ -109,14 +109,16 @@ class VolumeRegistry:
         if MirrorVolume.exists(spec.name, meta_dir=self.state_dir):
             if spec.images is not None:
                 self._check_images(spec, lun)     # before opening: a foreign LUN touches nothing
-            return MirrorVolume.open(spec.name, meta_dir=self.state_dir, direct=spec.direct)
+            return MirrorVolume.open(spec.name, meta_dir=self.state_dir, direct=spec.direct,
+                                     **_tuning(spec))
         if spec.images is None:
             raise ConfigError(
                 f"volume {spec.name!r} does not exist under {self.state_dir}; name its images to "
                 f"create it (cfgstring '{spec.name};images=/path/a+/path/b')")
         return MirrorVolume.create(spec.name, list(spec.images), meta_dir=self.state_dir,
                                    block_size=spec.block_size, region_size=spec.region_size,
-                                   size=size, direct=spec.direct, force=spec.force)
+                                   size=size, direct=spec.direct, force=spec.force,
+                                   **_tuning(spec))
 
     def get(self, name):
         with self._lock:
@@ -146,6 +148,11 @@ class VolumeRegistry:
                 volume = self._volumes.pop(spec.name)
         if volume is not None:
             volume.close()
+
+
+def _tuning(spec) -> dict:
+    """The cfgstring's engine settings that apply at every open (``leg_timeout``)."""
+    return {} if spec.leg_timeout is None else {"leg_timeout": spec.leg_timeout}
 
 
 class LunBackend:

@@ -108,3 +108,16 @@ def test_check_accepts_the_cfgstring_written_before_attach_and_detach(tmp_path):
         assert f"{d} was never an image of this volume" in str(e.value)
     finally:
         vol.close()
+
+
+def test_leg_timeout_option():
+    spec = cfgstring.parse("vol0;images=/a+/b;leg_timeout=2.5")
+    assert spec.leg_timeout == 2.5
+    assert cfgstring.parse(cfgstring.format(spec)) == spec
+    assert cfgstring.parse("vol0;leg_timeout=0").leg_timeout == 0.0
+    assert cfgstring.parse("vol0").leg_timeout is None
+    for bad in ("-1", "601", "soon", "nan"):
+        with pytest.raises(ConfigError, match="leg_timeout must be"):
+            cfgstring.parse(f"vol0;images=/a+/b;leg_timeout={bad}")
+    with pytest.raises(ConfigError, match="split image"):
+        cfgstring.parse("vol0;image=1;leg_timeout=3")

@@ -267,3 +267,11 @@ def test_ring_thread_ends_quietly_when_the_kernel_removes_the_device(lab, tmp_pa
         lun.stop()
     finally:
         threading.excepthook = old_hook
+
+
+def test_cfgstring_leg_timeout_reaches_the_volume(lab, tmp_path):
+    emu, lun, _ = lab(f"vol0;images={'+'.join(images(tmp_path))};leg_timeout=1.5")
+    assert lun.volume.leg_timeout == 1.5
+    other = "+".join(str(tmp_path / n) for n in ("c.img", "d.img"))
+    emu2, lun2, _ = lab(f"vol1;images={other};leg_timeout=0")
+    assert lun2.volume.leg_timeout is None                       # 0: never
