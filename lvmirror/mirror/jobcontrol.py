@@ -39,6 +39,13 @@ class JobControl:
         self.vol = vol
         self.restore_job: RestoreJob | None = None
 
+    def _refuse_if_exported(self, img, image_index, doing):
+        """StateError while a SplitImageVolume serves ``img`` as its own LUN: resyncing,
+        restoring from or detaching it would change what that LUN's initiators read."""
+        if img.exported:
+            raise StateError(f"volume {self.vol.name}: split image {image_index} is exported as "
+                             f"a LUN; remove that LUN before {doing} it")
+
     def resync(self, image_index, *, rate_limit=None):
         """Bring a split or failed image back in sync by copying the regions its change bitmap
         marks (a paused 'syncing' image resumes). Returns the running ResyncJob."""
@@ -52,9 +59,7 @@ class JobControl:
                                  f"{type(running).__name__} running")
             if img.state is ImageState.IN_SYNC:
                 raise StateError(f"volume {vol.name}: image {image_index} is already in sync")
-            if img.exported:
-                raise StateError(f"volume {vol.name}: split image {image_index} is exported as "
-                                 f"a LUN; remove that LUN before resyncing it")
+            self._refuse_if_exported(img, image_index, "resyncing")
             if self.restore_job is not None:
                 raise StateError(f"volume {vol.name}: a restore is running; resync after it ends")
             if not any(o.state is ImageState.IN_SYNC for o in vol._images):
@@ -299,9 +304,7 @@ class JobControl:
         vol._check_open()
         with vol._mgmt:
             img = vol._img(image_index)
-            if img.exported:
-                raise StateError(f"volume {vol.name}: split image {image_index} is exported as "
-                                 f"a LUN; remove that LUN before detaching it")
+            self._refuse_if_exported(img, image_index, "detaching")
             if img.state is ImageState.IN_SYNC and not any(
                     o is not img and o.state is ImageState.IN_SYNC for o in vol._images):
                 raise StateError(f"volume {vol.name}: image {image_index} is the last in-sync "

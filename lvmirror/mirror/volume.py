@@ -658,13 +658,7 @@ class MirrorVolume:
             except BaseException as e:
                 other = e
             for img, comp in zip(targets[1:], comps):
-                exc = comp.wait()
-                if exc is None:
-                    continue
-                if isinstance(exc, ImageIOError):
-                    errors.append((img, exc))
-                elif other is None:
-                    other = exc
+                other = _sort_leg_error(errors, img, comp.wait(), other)
         else:
             for img in targets:
                 try:
@@ -723,13 +717,7 @@ class MirrorVolume:
                     f"(leg_timeout)", op="write" if length else "flush", offset=None,
                     length=length)))
                 continue
-            exc = results[img]
-            if exc is None:
-                continue
-            if isinstance(exc, ImageIOError):
-                errors.append((img, exc))
-            elif other is None:
-                other = exc
+            other = _sort_leg_error(errors, img, results[img], other)
         return errors, other
 
     def _write_locked(self, offset, length, fn, kind="writes", fua=False):
@@ -1142,6 +1130,17 @@ class MirrorVolume:
     def __repr__(self):
         return (f"<MirrorVolume {self.name} {self.size} bytes bs={self.block_size} "
                 f"images={[im.state.value for im in self._images]}>")
+
+
+def _sort_leg_error(errors, img, exc, other):
+    """One leg's outcome: an ImageIOError joins ``errors`` as (img, exc); the first other
+    exception (a bug) is returned to be raised once every leg is accounted for."""
+    if exc is None:
+        return other
+    if isinstance(exc, ImageIOError):
+        errors.append((img, exc))
+        return other
+    return other if other is not None else exc
 
 
 def _default_opener(path, *, direct=False):
