@@ -190,10 +190,11 @@ resync_figures() {  # VOLUME: resync after the split load, 1% of regions changed
   done
   sync; echo 3 > /proc/sys/vm/drop_caches
   lvmirror resync $vol 2 --wait >/dev/null 2>&1 && job_figures $vol 2 resync_1pct
-  # full: detach image 2 and attach the same file again (every region is copied)
+  # full: detach image 2 and attach the same file again (every region is copied; it holds the
+  # old copy, so the attach is forced over its data)
   lvmirror detach $vol 2 >/dev/null 2>&1
   sync; echo 3 > /proc/sys/vm/drop_caches
-  if idx=$(lvmirror --json attach $vol $BDIR/img2 --wait 2> $BOUT/attach.err | $PY -c "import json,sys; print(json.load(sys.stdin)['index'])"); then
+  if idx=$(lvmirror --json attach $vol $BDIR/img2 --force --wait 2> $BOUT/attach.err | $PY -c "import json,sys; print(json.load(sys.stdin)['index'])"); then
     job_figures $vol $idx resync_full
   else
     result bench_resync_full fail out="$(tail -2 $BOUT/attach.err)"
