@@ -178,6 +178,9 @@ class MirrorVolume:
                            compare_miscompares=0, space_errors=0, metadata_errors=0,
                            offline_events=0, slow_legs=0)
         self._offline: str | None = None    # why no image can serve (see check_ready)
+        # regions a write failed on for lack of space on every image: the images may differ
+        # there (one wrote part of it), so reads use one image until _settle_torn repairs them
+        self._torn: set[int] = set()
         self._space_logged = -SPACE_LOG_INTERVAL
         for img in images:
             self._start_worker(img)
@@ -678,6 +681,10 @@ class MirrorVolume:
                 for img, e in errors:
                     self._log_space(img, self._images.index(img) if img in self._images else -1,
                                     e.op or "write", e)
+                if length:
+                    rs = self._wil.region_shift
+                    with self._elock:
+                        self._torn.update(range(offset >> rs, ((offset + length - 1) >> rs) + 1))
                 raise VolumeIOError(f"volume {self.name}: out of space: " + "; ".join(
                     str(e) for _, e in errors), is_read=is_read, out_of_space=True)
             for img, e in errors:
@@ -748,6 +755,8 @@ class MirrorVolume:
             start = next(self._rr) % n if n else 0
             errors = []
             timeout = self.leg_timeout
+            if self._torn and self._touches_torn(offset, length):
+                start = 0            # images may differ here: always the same one answers
             for k in range(n):
                 img = reads[(start + k) % n]
                 if img.state is not ImageState.IN_SYNC:
@@ -771,6 +780,55 @@ class MirrorVolume:
             self._leave(ep)
             raise
         self._leave(ep, "reads", length)
+
+    def _touches_torn(self, offset, length) -> bool:
+        rs = self._wil.region_shift
+        torn = self._torn
+        return any(r in torn for r in range(offset >> rs, ((offset + length - 1) >> rs) + 1))
+
+    def _settle_torn(self) -> int:
+        """Copy every torn region (a write that failed for lack of space on every image, which
+        some may hold in part) from the first in-sync image to the other live images, under the
+        region lock and the write-intent log; a region stays torn while a copy still finds no
+        space. Run before each checkpoint. Returns how many regions are still torn."""
+        with self._elock:
+            pending = sorted(self._torn)
+        bs = self.block_size
+        for r in pending:
+            off, ln = self._wil.bitmap.region_range(r)
+            lk = self.locks.lock(off // bs, ln // bs)
+            try:
+                ep = self._enter()
+                try:
+                    if not ep.reads:
+                        continue
+                    src = ep.reads[0]
+                    buf = StorageImage.aligned_buffer(ln)
+                    tok = self._wil.begin(off, ln)
+                    try:
+                        src.storage.readv(off, [buf])
+                        others = [im for im in ep.writes if im is not src]
+                        ok = True
+                        for im in others:
+                            try:
+                                im.storage.writev(off, [buf])
+                            except ImageIOError as e:
+                                ok = False
+                                if not e.out_of_space:
+                                    self._image_error(im, e, off, ln)
+                        if ok:
+                            with self._elock:
+                                self._torn.discard(r)
+                    except ImageIOError as e:
+                        self._image_error(src, e, off, ln, is_read=True)
+                    finally:
+                        self._wil.end(tok)
+                finally:
+                    self._leave(ep)
+            finally:
+                lk.release()
+        with self._elock:
+            return len(self._torn)
 
     def _probe_after_read_error(self, img, exc):
         """The last in-sync image failed a read: one bad sector, or a dead disk? Read its first
@@ -1059,6 +1117,8 @@ class MirrorVolume:
         Order (durability barrier): ticket, snapshot of the split / failed change bitmaps, flush
         of every image with storage, save of the snapshots, then the write-intent bits of writes
         ended before the ticket are cleared."""
+        if self._torn:
+            self._settle_torn()
         ticket = self._wil.ticket()
         cutoff = min(self._prev_ticket, ticket) if hold else ticket
         self._prev_ticket = ticket
@@ -1073,7 +1133,9 @@ class MirrorVolume:
                     if im.bitmap is not None:
                         snap.union_update(im.bitmap)   # never save fewer marks than now
                         snap.save(self._bitmap_path(im))
-            return self._wil.clean(cutoff)
+            with self._elock:
+                keep = set(self._torn)
+            return self._wil.clean(cutoff, keep)
         return self._barrier.commit(self._storage_images(), persist, what="checkpoint")
 
     def _flush_loop(self, interval):
@@ -1103,14 +1165,22 @@ class MirrorVolume:
             with self._econd:
                 self._econd.wait_for(lambda: self._epoch.inflight == 0 and all(
                     e.inflight == 0 for e in self._retired))
+            torn = self._settle_torn() if self._torn else 0
+            if torn:
+                log.warning("volume %s: closing with %d region(s) where a write found no space "
+                            "on any image and the images may differ; the write-intent log keeps "
+                            "them and the next open repairs them", self.name, torn)
 
             def persist(durable):
                 with self._meta:
                     for im in self._images:
                         if im.bitmap is not None:
                             im.bitmap.save(self._bitmap_path(im))
-                    self._wil.clear_all()
-                    self._md.clean_shutdown = True
+                    if torn:     # not clean: the next open's recovery repairs the torn regions
+                        self._wil.clean(self._wil.ticket(), self._torn)
+                    else:
+                        self._wil.clear_all()
+                    self._md.clean_shutdown = not torn
                     self._save_md()
             # no I/O in flight: the bitmaps need no snapshot; clean only after every image is
             # durable (a failed flush fails that image, saved whole, before the clean mark)

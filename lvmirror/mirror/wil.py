@@ -104,13 +104,14 @@ class WriteIntentLog:
         with self._mutex:
             return self._seq
 
-    def clean(self, cutoff: int) -> int:
+    def clean(self, cutoff: int, keep=()) -> int:
         """Clear every marked region with no write in flight whose last write ended at or
-        before ``cutoff``; persist if anything changed. Returns the number cleared."""
+        before ``cutoff``, except the regions in ``keep`` (images known to differ there);
+        persist if anything changed. Returns the number cleared."""
         with self._mutex:
             cleared = 0
             for r in list(self.bitmap.dirty_regions()):
-                if r in self._inflight:
+                if r in self._inflight or r in keep:
                     continue
                 if self._last_end.get(r, 0) > cutoff:
                     continue

@@ -259,3 +259,63 @@ def test_a_failed_flush_marks_only_what_may_not_be_durable(tmp_path):
     assert job.wait(10) and job.state == "done" and job.progress()["bytes_done"] == 4096
     assert image_bytes(paths[0]) == image_bytes(paths[1])
     vol.close()
+
+
+class _PartlyFull(_Full):
+    """Out of space after writing what it could: the data lands, then ENOSPC (a write that
+    filled the file system half way)."""
+
+    def writev(self, offset, buffers, *, fua=False):
+        if self.full:
+            GatedImage.writev(self, offset, buffers, fua=fua)
+            raise ImageIOError(self, errno.ENOSPC, f"image {self.path}: write failed part way: "
+                               f"No space left on device", op="write", offset=offset)
+        return GatedImage.writev(self, offset, buffers, fua=fua)
+
+
+class _MixedOpener(Opener):
+    def __call__(self, path, *, direct=False):
+        cls = _PartlyFull if str(path).endswith("img0") else _Full
+        img = cls.open(path, direct=direct)
+        img.gates = []
+        self.by_path[str(path)] = img
+        return img
+
+
+def test_a_write_torn_by_a_full_file_system_reads_the_same_and_is_repaired(tmp_path):
+    """Image 0 wrote the data before its file system filled, image 1 wrote none of it: the
+    images differ in that range, the write failed (07/27/07). Every read of the range gives the
+    same answer (one image serves it), the write-intent log keeps the region, and once space is
+    freed the next checkpoint copies it so the images agree."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096, opener=_MixedOpener())
+    write(vol, 16, pattern(4, 20))
+    vol.checkpoint()
+    for p in paths:
+        opener.by_path[p].full = True
+    with pytest.raises(VolumeIOError) as ei:
+        write(vol, 16, pattern(4, 21))
+    assert ei.value.out_of_space
+    assert image_bytes(paths[0], 16 * BS, 4 * BS) != image_bytes(paths[1], 16 * BS, 4 * BS)
+    answers = {read(vol, 16, 4) for _ in range(6)}
+    assert len(answers) == 1                                        # never alternates
+    vol.checkpoint()                                                 # still full: kept
+    assert (16 * BS) // 4096 in set(vol._wil.bitmap.dirty_regions())
+    for p in paths:
+        opener.by_path[p].full = False
+    vol.checkpoint()                                                 # repaired, then cleaned
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    assert not list(vol._wil.bitmap.dirty_regions())
+    vol.close()
+
+
+def test_torn_regions_left_at_close_are_repaired_at_the_next_open(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096, opener=_MixedOpener())
+    for p in paths:
+        opener.by_path[p].full = True
+    with pytest.raises(VolumeIOError):
+        write(vol, 40, pattern(2, 22))
+    vol.close()                                                      # still full at close
+    from lvmirror.mirror.volume import MirrorVolume
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
+    vol.close()
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
