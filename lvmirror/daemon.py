@@ -190,6 +190,10 @@ class NotReadyBackend:
     read = write = flush = unmap = compare_and_write = _refuse
 
 
+# How long stopping a LUN waits for images failed as slow to let go of completed commands' data
+# views before it leaves the ring mapped (seconds).
+HELD_VIEWS_WAIT = 30.0
+
 # Commands a LUN answers even when its volume is not open (so initiators can see why).
 _ALWAYS_ANSWERED = {scsi.INQUIRY, scsi.REQUEST_SENSE, scsi.MAINTENANCE_IN}
 
@@ -222,6 +226,7 @@ class LunServer:
         self.gone = False            # the kernel removed the uio device under the ring
         self._completions: queue.SimpleQueue = queue.SimpleQueue()
         self._aborted: set[int] = set()
+        self._held: list = []      # completed commands whose views a slow leg still uses
         self._stop = threading.Event()
         self._thread = None
         self._pool = None
@@ -296,8 +301,15 @@ class LunServer:
         if self.spec is not None:
             self.registry.release(self.spec, self.backend)
             self.spec = None
+        if self._held and not self._release_held(wait=HELD_VIEWS_WAIT):
+            log.error("LUN %s: %d completed command(s) still have their data in use by an image "
+                      "failed as slow after %.0f s; the ring stays mapped until they return",
+                      self.name, len(self._held), HELD_VIEWS_WAIT)
         if self._ring is not None:
-            self._ring.close()
+            try:
+                self._ring.close()
+            except BufferError:
+                pass        # views still exported: unmapped when the last one goes
         if self._handle is not None:
             self._handle.close()
         for fd in (self._wake_r, self._wake_w):
@@ -337,6 +349,7 @@ class LunServer:
             self._serve_ring()
         except OSError as exc:
             if exc.errno not in DEVICE_GONE_ERRNOS:
+                self._ring_died(exc)
                 raise
             # The kernel removed the device (backstore deleted, or the LUN disabled) before
             # its netlink REMOVE_DEVICE event was handled: nothing can be completed on this
@@ -345,6 +358,26 @@ class LunServer:
                      self.device.uio_name, os.strerror(exc.errno))
             self.gone = True
             self._pool.shutdown(wait=True)
+        except BaseException as exc:
+            self._ring_died(exc)
+            raise
+
+    def _ring_died(self, exc):
+        """The ring thread is ending on an unexpected error: say so loudly; the LUN answers
+        nothing from now on, and the status shows why."""
+        self.error = f"ring thread stopped: {type(exc).__name__}: {exc}"
+        log.critical("LUN %s: the ring thread stopped on an unexpected error; the LUN no longer "
+                     "answers (restart lvmirrord)", self.name, exc_info=exc)
+
+    def _release_held(self, wait=0.0):
+        """Release the data-area views that a mirror leg left behind as slow still used when
+        its command completed (``Command.release``); with ``wait`` (s), keep trying that long."""
+        deadline = time.monotonic() + wait
+        while True:
+            self._held = [c for c in self._held if not c.release()]
+            if not self._held or time.monotonic() >= deadline:
+                return not self._held
+            time.sleep(0.05)
 
     def _serve_ring(self):
         uio_fd = self._handle.fd
@@ -380,11 +413,17 @@ class LunServer:
                     break
                 read_len = response.read_len if 0 < response.read_len < command.data_len \
                     else None
-                command.release()
+                if not command.release():
+                    # a leg failed as slow still writes from these views: the command completes
+                    # (the leg is failed, its range marked for resync) and the views are let go
+                    # once the leg returns
+                    self._held.append(command)
                 ring.complete(command.cmd_id, response.status, response.sense, read_len)
                 self._aborted.discard(command.cmd_id)
                 completed += 1
             inflight -= completed
+            if self._held:
+                self._release_held()
             if ring.take_notify() or completed:
                 self._handle.notify()
             if stopping and inflight == 0:

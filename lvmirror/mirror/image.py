@@ -105,7 +105,7 @@ class StorageImage:
         self.direct = direct
         self.is_block_device = is_block_device
         self.stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
-                          discards=0, errors=0, bounced=0)
+                          discards=0, errors=0, bounced=0, cache_drops=0)
         self._stats_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._dsync_ok = hasattr(os, "RWF_DSYNC")
@@ -348,6 +348,21 @@ class StorageImage:
         except OSError as e:
             raise self._ioerror("flush", 0, 0, e) from e
         self._count(flushes=1)
+
+    def drop_cache(self, offset: int = 0, length: int = 0) -> bool:
+        """Drop the page cache of ``[offset, offset+length)`` (length 0: to the end), so the
+        next read comes from the device (POSIX_FADV_DONTNEED). After a failed write or flush the
+        cache may still hold data the device never took (the kernel keeps a page whose writeback
+        failed): reading it would serve a write the initiator was told failed, and a resync
+        would copy it. Returns False where the kernel refused (nothing cached with O_DIRECT)."""
+        if self.direct or self.fd < 0:
+            return True
+        try:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            return False
+        self._count(cache_drops=1)
+        return True
 
     def discard(self, offset: int, length: int) -> None:
         """Deallocate ``[offset, offset+length)`` where possible; it reads back as zeroes after."""

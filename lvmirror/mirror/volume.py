@@ -480,6 +480,11 @@ class MirrorVolume:
         op = getattr(exc, "op", None) or ("read" if is_read else "write")
         where = (f"{op} at offset {offset}" if length else op)
         errno_ = getattr(exc, "errno", None)
+        if not is_read and errno_ not in (errno.ETIMEDOUT, errno.ENOSPC, errno.EDQUOT) \
+                and img.storage is not None:
+            # the page cache may hold what the device refused: never serve or copy it
+            img.storage.drop_cache(offset if length and not all_regions else 0,
+                                   length if not all_regions else 0)
         with self._meta:
             index = self._images.index(img) if img in self._images else -1
             if img.state is ImageState.FAILED:
@@ -518,7 +523,8 @@ class MirrorVolume:
                       "%s; the volume goes on with the others", self.name, index, img.rec.path,
                       was, where, errno_, exc,
                       "every region must be resynced" if bm.fill() == 1.0
-                      else f"{bm.dirty_bytes()} bytes to resync")
+                      else f"{bm.dirty_bytes()} bytes to resync so far (writes from now on "
+                      f"are added)")
             self._persist_failure(img, bm)
             self._switch_epoch()
             return True
@@ -617,6 +623,8 @@ class MirrorVolume:
                     return False
         finally:
             lk.release()
+        for im in legs:
+            im.storage.drop_cache()          # nothing the failed writes left in the cache
         with self._meta:
             reason, self._offline = self._offline, None
             for im in legs:
@@ -1095,10 +1103,13 @@ class MirrorVolume:
     # ==== persistence =============================================================================
 
     def _storage_images(self) -> list:
-        """Every image with open storage: live, syncing and split (a split image may still
-        hold writes begun before its T in the page cache until its split commits)."""
+        """Every image with open storage that is not failed: live, syncing and split (a split
+        image may still hold writes begun before its T in the page cache until its split
+        commits). A failed image takes no writes and nothing vouches for it: flushing it every
+        round would only repeat its error."""
         with self._meta:
-            return [im for im in self._images if im.storage is not None]
+            return [im for im in self._images
+                    if im.storage is not None and im.state is not ImageState.FAILED]
 
     def _flush_failed(self, img, exc):
         """The durability barrier's error path: an image whose flush failed holds nothing

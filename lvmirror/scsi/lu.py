@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from typing import NamedTuple, Protocol, Sequence
 
 from lvmirror.errors import StateError, VolumeIOError
@@ -37,6 +38,8 @@ from lvmirror.scsi import constants as c
 from lvmirror.scsi.sense import build_sense
 
 log = logging.getLogger(__name__)
+
+LOG_INTERVAL = 10.0     # seconds between two log lines of the same per-command failure kind
 
 __all__ = ["Backend", "LogicalUnit", "Response"]
 
@@ -175,6 +178,7 @@ class LogicalUnit:
         self.max_write_same_blocks = max_write_same_blocks
         self.max_compare_write_blocks = max_compare_write_blocks
         self._ua_lock = threading.Lock()
+        self._logged: dict[str, tuple[float, int]] = {}   # _log_limited: kind -> (when, skipped)
         self._unit_attentions: list[tuple[int, int]] = []
         self._ops: dict[tuple[int, int | None], _Op] = {}
         self._register()
@@ -227,18 +231,32 @@ class LogicalUnit:
             return Response(c.CHECK_CONDITION, e.sense, 0)
         except VolumeIOError as e:
             if e.out_of_space:
-                log.warning("out of space: %s", e)
+                self._log_limited("space", logging.WARNING, "out of space: %s", e)
                 return self._check(c.DATA_PROTECT, c.ASC_SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
-            log.error("I/O error: %s", e)
+            self._log_limited("io", logging.ERROR, "I/O error: %s", e)
             return self._check(c.MEDIUM_ERROR, c.ASC_UNRECOVERED_READ_ERROR if e.is_read
                                else c.ASC_WRITE_ERROR)
         except StateError as e:
             # the volume is closed, or an exported split image is no longer split
-            log.warning("LUN not ready: %s", e)
+            self._log_limited("not-ready", logging.WARNING, "LUN not ready: %s", e)
             return self._check(c.NOT_READY, c.ASC_LUN_NOT_READY_MANUAL_INTERVENTION)
         except Exception:
             log.exception("SCSI command %s failed", bytes(cdb[:16]).hex())
             return self._check(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE)
+
+    def _log_limited(self, kind, level, msg, *args):
+        """Log a per-command failure at most once per LOG_INTERVAL seconds per kind: an offline
+        volume or a full file system fails every command, and the volume logs the cause once;
+        the count of those not logged goes with the next line."""
+        now = time.monotonic()
+        last, skipped = self._logged.get(kind, (-LOG_INTERVAL, 0))
+        if now - last < LOG_INTERVAL:
+            self._logged[kind] = (last, skipped + 1)
+            return
+        self._logged[kind] = (now, 0)
+        if skipped:
+            msg += f" ({skipped} more since the last such line)"
+        log.log(level, msg, *args)
 
     @staticmethod
     def _check(key, pair) -> Response:

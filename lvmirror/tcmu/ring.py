@@ -57,14 +57,19 @@ class Command:
         self.bidi_views = bidi_views      # Data-In views of a bidirectional command
         self.data_len = sum(ln for _, ln in iovecs)
 
-    def release(self):
-        """Drop the views onto the map (after completion)."""
-        for v in self.iov_views:
-            v.release()
-        for v in self.bidi_views:
-            v.release()
-        self.iov_views = []
+    def release(self) -> bool:
+        """Drop the views onto the map (after completion). Returns False while a view is still
+        in use - a mirror leg left behind as slow may still be writing from it - and keeps that
+        view for a later call; True once every view is released."""
+        held = []
+        for v in (*self.iov_views, *self.bidi_views):
+            try:
+                v.release()
+            except BufferError:
+                held.append(v)
+        self.iov_views = held
         self.bidi_views = []
+        return not held
 
     def __repr__(self):
         return f"<Command id={self.cmd_id} cdb={self.cdb.hex()} data={self.data_len}>"

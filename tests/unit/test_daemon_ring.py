@@ -275,3 +275,41 @@ def test_cfgstring_leg_timeout_reaches_the_volume(lab, tmp_path):
     other = "+".join(str(tmp_path / n) for n in ("c.img", "d.img"))
     emu2, lun2, _ = lab(f"vol1;images={other};leg_timeout=0")
     assert lun2.volume.leg_timeout is None                       # 0: never
+
+
+def test_a_slow_leg_left_behind_does_not_stop_the_ring(lab, tmp_path, monkeypatch):
+    """A FUA write whose second image stalls (a worker blocked in pwritev on a view of the data
+    area) is completed after leg_timeout without it; releasing the command's views must wait for
+    that worker instead of killing the ring thread (it used to die on BufferError and the LUN
+    never answered again)."""
+    import threading
+    import time
+    from lvmirror.mirror.image import StorageImage
+    paths = images(tmp_path)
+    stall = threading.Event()
+    real = StorageImage.writev
+
+    def writev(self, offset, buffers, *, fua=False):
+        if self.path == paths[1] and stall.is_set():
+            held = [memoryview(b) for b in buffers]     # the worker's own views, as pwritev has
+            time.sleep(1.5)
+            return real(self, offset, held, fua=fua)
+        return real(self, offset, buffers, fua=fua)
+    monkeypatch.setattr(StorageImage, "writev", writev)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)};leg_timeout=0.3")
+    stall.set()
+    t0 = time.monotonic()
+    wid = emu.submit(cdb10(0x2A, 0, 8, b1=0x08), data_out=bytes([4]) * 8 * BS)   # FUA
+    assert emu.wait([wid])[wid].status == 0
+    assert time.monotonic() - t0 < 1.3
+    assert lun.volume.images[1].state is ImageState.FAILED
+    stall.clear()
+    rid = emu.submit(cdb10(0x28, 0, 8), data_in_len=8 * BS)          # the ring still serves
+    done = emu.wait([rid])
+    assert done[rid].status == 0 and done[rid].data_in == bytes([4]) * 8 * BS
+    t1 = time.monotonic()
+    while lun._held and time.monotonic() - t1 < 10:
+        tur = emu.submit(bytes(6))
+        emu.wait([tur])
+        time.sleep(0.1)
+    assert lun._held == [] and lun.error is None

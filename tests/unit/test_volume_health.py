@@ -150,7 +150,7 @@ def test_a_full_file_system_is_not_a_broken_disk(tmp_path, caplog):
     lu = LogicalUnit(vol)
     for p in paths:
         opener.by_path[p].full = True
-    with caplog.at_level(logging.WARNING, logger="lvmirror.mirror.volume"):
+    with caplog.at_level(logging.WARNING):
         for _ in range(3):
             r, _ = _scsi(lu, _write10(16, 1), out=bytes(pattern(1, 6)))
             assert _sense(r) == (0x7, 0x27, 0x07)
@@ -159,6 +159,8 @@ def test_a_full_file_system_is_not_a_broken_disk(tmp_path, caplog):
     assert vol.stats["space_errors"] >= 3
     warnings = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
     assert 1 <= len(warnings) <= 2                                   # rate-limited
+    per_command = [r for r in caplog.records if r.name == "lvmirror.scsi.lu"]
+    assert len(per_command) == 1                                     # one line, not one a write
     for p in paths:
         opener.by_path[p].full = False
     assert _scsi(lu, _write10(16, 1), out=bytes(pattern(1, 7)))[0].status == GOOD
@@ -319,3 +321,22 @@ def test_torn_regions_left_at_close_are_repaired_at_the_next_open(tmp_path):
     vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
     vol.close()
     assert image_bytes(paths[0]) == image_bytes(paths[1])
+
+
+def test_a_refused_write_is_never_served_from_the_page_cache(tmp_path):
+    """A failed write or flush may leave the refused data in the page cache (the kernel keeps a
+    page whose writeback failed): the image's cache is dropped for the range, and the whole
+    of it when the volume comes back online, so neither a read nor a resync serves it."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096)
+    opener.by_path[paths[1]].fail_writes = True
+    write(vol, 16, pattern(2, 30))
+    assert vol.images[1].state is ImageState.FAILED
+    assert vol.image_storage(1).stats["cache_drops"] == 1
+    opener.by_path[paths[0]].fail_writes = True
+    with pytest.raises(VolumeIOError):
+        write(vol, 32, pattern(2, 31))                  # the last in-sync image: offline
+    assert vol.image_storage(0).stats["cache_drops"] == 1
+    opener.by_path[paths[0]].fail_writes = False
+    assert vol.probe()
+    assert vol.image_storage(0).stats["cache_drops"] == 2
+    vol.close()
