@@ -1,6 +1,8 @@
 """The kernel lab session: boot Debian's kernel with LIO once (lab/boot), run lab/guest.sh inside,
 and hand its results to the tests; host-side initiators (libiscsi) talk to the guest's portal
-through the 127.0.0.1 forward while it runs.
+through the 127.0.0.1 forward while it runs. The systemd section boots a guest of its own
+(lab/boot --systemd), the powercut section a chain of guests cut by SIGKILL of QEMU
+(lab/powercut): one fixture per boot run.
 
 Plain ``pytest`` on a host without the lab (no virtme-ng or no linux-image-amd64) skips these
 tests with the reason; ``tools/test`` sets LVMIRROR_LAB_REQUIRED=1, which turns that into an
@@ -21,7 +23,11 @@ PORT = int(os.environ.get("LAB_PORT", "13260"))
 IQN = "iqn.2026-11.org.lvmirror:lab"
 # the systemd section boots on its own (lab/boot --systemd: systemd as PID 1) into its own output
 SYSTEMD_OUT = os.environ.get("LAB_OUT_SYSTEMD", os.path.join(ROOT, "lab-out-systemd"))
-DEFAULT_SECTIONS = "basic fs split crash dbus compliance saveconfig tcmurunner systemd"
+# the power-cut chain boots on its own too (lab/powercut: one boot per moment, QEMU killed)
+POWERCUT_OUT = os.environ.get("LAB_OUT_POWERCUT", os.path.join(ROOT, "lab-out-powercut"))
+DEFAULT_SECTIONS = "basic fs split crash dbus compliance saveconfig tcmurunner systemd powercut"
+# sections that are not part of the plain lab boot
+OWN_BOOT = ("systemd", "powercut")
 
 
 def _sections():
@@ -75,7 +81,7 @@ def _require_lab():
 @pytest.fixture(scope="session")
 def lab():
     _require_lab()
-    sections = [s for s in _sections() if s != "systemd"]
+    sections = [s for s in _sections() if s not in OWN_BOOT]
     if not sections:
         pytest.skip("no section of the plain lab boot selected (LVMIRROR_LAB_SECTIONS)")
     env = dict(os.environ, LAB_OUT=OUT, LAB_PORT=str(PORT))
@@ -122,3 +128,28 @@ def systemd_lab():
     if proc.returncode != 0 or not results:
         pytest.fail(f"the systemd lab did not run (rc={proc.returncode}):\n{proc.stdout[-3000:]}")
     return {"results": results, "out": SYSTEMD_OUT, "elapsed": elapsed}
+
+
+@pytest.fixture(scope="session")
+def powercut_lab():
+    """The power-cut chain (lab/powercut): the guest's power cut by SIGKILL of QEMU at each
+    moment once (steady writes, split, resync, restore, write-intent checkpoint, attach), each
+    following boot recovering unattended from the disk and checking what was kept."""
+    _require_lab()
+    if "powercut" not in _sections():
+        pytest.skip("section powercut not run (LVMIRROR_LAB_SECTIONS)")
+    env = dict(os.environ, LAB_OUT=POWERCUT_OUT, LAB_PORT=str(PORT))
+    t0 = time.monotonic()
+    proc = subprocess.run([os.path.join(ROOT, "lab", "powercut")], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    elapsed = time.monotonic() - t0
+    print(f"\nkernel lab (power cuts): {elapsed:.0f} s wall\n{proc.stdout}")
+    results = _results(POWERCUT_OUT)
+    if proc.returncode != 0 or not results:
+        pytest.fail(f"the power-cut lab did not run (rc={proc.returncode}):\n{proc.stdout[-3000:]}")
+    summary = {}
+    path = os.path.join(POWERCUT_OUT, "summary.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+    return {"results": results, "out": POWERCUT_OUT, "elapsed": elapsed, "summary": summary}

@@ -1,0 +1,55 @@
+# lab/scenarios/basic.sh: section "basic" (daemon, targetcli, LUNs, libiscsi, open-iscsi, persistent reservations).
+# Sourced by lab/guest.sh; runs inside the kernel-lab guest over lab/lib.
+basic() {
+  if start_daemon; then result daemon_started ok; else result daemon_started fail log="$(tail -5 $OUT/lvmirrord.log)"; return; fi
+  # Stock targetcli: the backstore type is listed from our D-Bus service, a bad cfgstring is
+  # refused with our message, good ones create mirrored LUNs (2 and 3 images) next to a fileio.
+  out=$(printf '%s\n' "set global auto_save_on_exit=false" "ls /backstores" \
+        "/backstores/user:lvmirror create name=bad size=64M cfgstring=vol9;colour=blue" | targetcli 2>&1)
+  echo "$out" >> "$OUT/targetcli.log"
+  echo "$out" | grep -q "user:lvmirror" && result targetcli_lists_user_lvmirror ok || result targetcli_lists_user_lvmirror fail
+  echo "$out" | grep -q "unknown option 'colour'" && result targetcli_refuses_bad_cfgstring ok || result targetcli_refuses_bad_cfgstring fail out="$(echo "$out" | tail -2)"
+  tcli <<TC
+set global auto_save_on_exit=false
+/backstores/user:lvmirror create name=m2 size=256M cfgstring=vol2;images=/run/scratch/v2a.img+/run/scratch/v2b.img control=nl_reply_supported=-1
+/backstores/user:lvmirror create name=m3 size=256M cfgstring=vol3;images=/run/scratch/v3a.img+/run/scratch/v3b.img+/run/scratch/v3c.img;region_size=256K control=nl_reply_supported=-1
+/backstores/fileio create name=f0 file_or_dev=/run/scratch/f0.img size=256M write_back=false
+/iscsi create $IQN
+/iscsi/$IQN/tpg1/luns create /backstores/user:lvmirror/m2
+/iscsi/$IQN/tpg1/luns create /backstores/user:lvmirror/m3
+/iscsi/$IQN/tpg1/luns create /backstores/fileio/f0
+/iscsi/$IQN/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1
+TC
+  sleep 1
+  lvmirror status > "$OUT/status-basic.txt" 2>&1
+  grep -q "volume vol2" "$OUT/status-basic.txt" && grep -q "volume vol3" "$OUT/status-basic.txt" \
+    && result luns_created ok || result luns_created fail status="$(cat $OUT/status-basic.txt | head -5)"
+  inq=$(iscsi-inq iscsi://127.0.0.1/$IQN/0 2>&1)
+  echo "$inq" | grep -q "lvmirror" && result libiscsi_inquiry ok || result libiscsi_inquiry fail out="$(echo "$inq" | head -3)"
+  cap=$(iscsi-readcapacity16 iscsi://127.0.0.1/$IQN/1 2>&1 | grep 'Total size')
+  echo "$cap" | grep -q 268435456 && result libiscsi_readcapacity ok out="$cap" || result libiscsi_readcapacity fail out="$cap"
+  # wait for the initial full resyncs so the mirrors are complete
+  lvmirror wait vol2 --timeout 300; lvmirror wait vol3 --timeout 300
+  login || result open_iscsi_login fail
+  d0=$(lun_dev 0); d1=$(lun_dev 1)
+  [ -b "$d0" ] && [ -b "$d1" ] && result open_iscsi_login ok dev0=$d0 dev1=$d1 || result open_iscsi_login fail
+  dd if=/dev/urandom of=/run/pat bs=1M count=8 status=none
+  if dd if=/run/pat of=$d0 bs=1M oflag=direct status=none && cmp -n 8388608 /run/pat $d0; then
+    result dd_write_readback ok; else result dd_write_readback fail; fi
+  # SCSI-3 persistent reservations (the fencing of Windows failover clusters, VMware, pacemaker):
+  # LIO's core serves them for TCMU LUNs and keeps their state in <dbroot>/pr, which the package's
+  # tmpfiles entry provides. Register a key, reserve Write Exclusive - Registrants Only, read both
+  # back, release and unregister.
+  if sg_persist -n -o -G -S 0xabc123 $d0 > "$OUT/pr.txt" 2>&1 \
+     && sg_persist -n -o -R -K 0xabc123 -T 5 $d0 >> "$OUT/pr.txt" 2>&1 \
+     && sg_persist -n -i -k $d0 >> "$OUT/pr.txt" 2>&1 && grep -q 0xabc123 "$OUT/pr.txt" \
+     && sg_persist -n -i -r $d0 >> "$OUT/pr.txt" 2>&1 && grep -qi "registrants only" "$OUT/pr.txt" \
+     && sg_persist -n -o -L -K 0xabc123 -T 5 $d0 >> "$OUT/pr.txt" 2>&1 \
+     && sg_persist -n -o -G -K 0xabc123 -S 0 $d0 >> "$OUT/pr.txt" 2>&1; then
+    result persistent_reservation ok dbroot="$(cat /sys/kernel/config/target/dbroot 2>/dev/null)"
+  else
+    result persistent_reservation fail out="$(tail -2 $OUT/pr.txt)" dbroot="$(cat /sys/kernel/config/target/dbroot 2>/dev/null)"
+  fi
+  touch "$OUT/target-ready"          # the host may now use the portal through hostfwd
+}
+

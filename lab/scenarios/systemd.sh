@@ -1,0 +1,88 @@
+# lab/scenarios/systemd.sh: section "systemd" (the packaged lvmirrord.service with systemd as PID 1; lab/boot --systemd).
+# Sourced by lab/guest.sh; runs inside the kernel-lab guest over lab/lib.
+systemd() {  # the packaged lvmirrord.service with systemd as PID 1: installed and started by dpkg,
+             # serving under its hardening, restarted after SIGKILL, stopped cleanly, D-Bus-activated
+  local virt container pid pid2 pid3 en owner tcmu d sum0 sum1 n n0 frc rc exposure
+  virt=$(systemd-detect-virt); container=$(systemd-detect-virt --container)
+  systemctl --failed --no-legend --plain > "$OUT/systemd-failed.txt" 2>&1
+  [ -n "$UNDER_SYSTEMD" ] && [ "$container" = none ] && [ "$virt" != none ] \
+    && result systemd_is_pid1 ok virt=$virt state="$(systemctl is-system-running)" \
+    || result systemd_is_pid1 fail comm="$(cat /proc/1/comm)" virt=$virt container=$container
+  [ -n "${DEB:-}" ] || { result service_started_by_package fail reason="no package in build/deb"; return; }
+
+  # 1. dpkg -i (setup) enabled and started the unit: Type=notify, so active means READY=1 was sent
+  #    the first time: no failed start before it (NRestarts=0; the postinst makes the bus read
+  #    the package's policy before it starts the unit)
+  pid=$(wait_active 0 30); en=$(systemctl is-enabled lvmirrord.service 2>&1)
+  owner=$(bus_owner_pid org.lvmirror1); tcmu=$(bus_owner_pid org.kernel.TCMUService1)
+  n0=$(unit_prop NRestarts)
+  [ -n "$pid" ] && [ "$en" = enabled ] && [ "$owner" = "$pid" ] && [ "$tcmu" = "$pid" ] && [ "$n0" = 0 ] \
+    && result service_started_by_package ok pid=$pid enabled=$en \
+    || result service_started_by_package fail pid=$pid enabled=$en owner=$owner tcmu=$tcmu restarts=$n0 \
+              journal="$(journal -u lvmirrord.service | grep -m3 -iE 'error|denied|failed')"
+  systemd-analyze security lvmirrord.service --no-pager > "$OUT/systemd-security.txt" 2>&1
+
+  # 2. under the unit's hardening: configfs, uio, netlink, images, state in /var/lib/lvmirror, a
+  #    qcow2 backup of the split image (qemu-img) that only its owner can read
+  tcli <<TC
+set global auto_save_on_exit=false
+/backstores/user:lvmirror create name=s3 size=128M cfgstring=svc;images=/run/scratch/s3a.img+/run/scratch/s3b.img+/run/scratch/s3c.img control=nl_reply_supported=-1
+/iscsi create $IQN
+/iscsi/$IQN/tpg1/luns create /backstores/user:lvmirror/s3
+/iscsi/$IQN/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1
+TC
+  lvmirror wait svc --timeout 300 > /dev/null 2>&1
+  login; d=$(lun_dev 0)
+  dd if=/dev/urandom of=/run/pat-svc bs=1M count=8 status=none
+  exposure=$(tail -1 "$OUT/systemd-security.txt" | sed 's/.*: //')
+  if [ -b "$d" ] && dd if=/run/pat-svc of=$d bs=1M oflag=direct status=none && cmp -n 8388608 /run/pat-svc $d \
+     && lvmirror split svc 2 > "$OUT/svc-split.txt" 2>&1 && ls /var/lib/lvmirror/ | grep -q . \
+     && lvmirror backup svc 2 /run/scratch/svc-backup.qcow2 --format qcow2 >> "$OUT/svc-split.txt" 2>&1 \
+     && qemu-img compare -f raw -F qcow2 /run/scratch/s3c.img /run/scratch/svc-backup.qcow2 >> "$OUT/svc-split.txt" 2>&1 \
+     && stat -c 'backup mode %a' /run/scratch/svc-backup.qcow2 | tee -a "$OUT/svc-split.txt" | grep -q ' 600$' \
+     && lvmirror resync svc 2 --wait >> "$OUT/svc-split.txt" 2>&1; then
+    result service_serves_lun_under_hardening ok dev=$d exposure="$exposure" state_dir="$(ls /var/lib/lvmirror | tr '\n' ' ')" \
+           backup="$(stat -c '%a %s' /run/scratch/svc-backup.qcow2)"
+  else
+    result service_serves_lun_under_hardening fail dev=$d out="$(tail -3 $OUT/svc-split.txt 2>/dev/null)" \
+           journal="$(journal -u lvmirrord.service -n 5)"
+  fi
+
+  # 3. SIGKILL under a verifying write load: systemd restarts it (Restart=on-failure), the
+  #    initiator's I/O resumes and every acknowledged write reads back
+  fio_verify_load svc-kill $d 16M 32M
+  sleep 3
+  pid=$(unit_prop MainPID); kill -9 $pid
+  pid2=$(wait_active $pid 60)
+  wait $FIO; frc=$?
+  n=$(unit_prop NRestarts)
+  [ -n "$pid2" ] && [ "$n" = $(( ${n0:-0} + 1 )) ] && [ $frc = 0 ] \
+    && result service_restarted_after_sigkill ok killed=$pid new=$pid2 restarts=$n \
+    || result service_restarted_after_sigkill fail killed=$pid new=$pid2 restarts=$n fio=$frc \
+              err="$(tail -2 $OUT/fio-svc-kill.err)"
+
+  # 4. systemctl stop: SIGTERM drains and closes the volumes; the unit ends with Result=success
+  sum0=$(dd if=$d bs=1M count=48 iflag=direct status=none | md5sum)
+  logout
+  systemctl stop lvmirrord.service; rc=$?
+  [ $rc = 0 ] && [ "$(unit_prop ActiveState)" = inactive ] && [ "$(unit_prop Result)" = success ] \
+    && journal -u lvmirrord.service | grep -q "shutting down" \
+    && result service_stops_cleanly ok \
+    || result service_stops_cleanly fail rc=$rc state="$(unit_prop ActiveState)" result="$(unit_prop Result)"
+
+  # 5. D-Bus activation: the first call to org.lvmirror1 starts the unit through systemd, and the
+  #    LUN it picks up again serves the same data
+  lvmirror status > "$OUT/svc-activated.txt" 2>&1; rc=$?
+  pid3=$(wait_active 0 30)
+  login; d=$(lun_dev 0)
+  sum1=$(dd if=$d bs=1M count=48 iflag=direct status=none | md5sum)
+  [ $rc = 0 ] && [ -n "$pid3" ] && grep -q "volume svc" "$OUT/svc-activated.txt" \
+    && journal -u dbus.service | grep -q "Activating via systemd: service name='org.lvmirror1'" \
+    && [ "$sum0" = "$sum1" ] \
+    && result service_dbus_activated ok pid=$pid3 \
+    || result service_dbus_activated fail rc=$rc pid=$pid3 out="$(head -3 $OUT/svc-activated.txt)" same_data=$([ "$sum0" = "$sum1" ] && echo yes || echo no)
+  logout
+  journal -u lvmirrord.service > "$OUT/lvmirrord-journal.log"
+  journal -u dbus.service > "$OUT/dbus-journal.log"
+}
+
