@@ -64,7 +64,9 @@ IMAGE_SEPARATOR = "+"
 KEYS = ("images", "region_size", "block_size", "direct", "force", "leg_timeout", "image",
         "readonly")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
+_SIZE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)     # ASCII digits only (\d takes any)
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
+LEG_TIMEOUT_MIN = 0.1      # seconds; below it a leg lagging by a context switch would be failed
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 CONFIG_DESC = (
@@ -106,6 +108,10 @@ def parse(cfg: str) -> VolumeSpec:
         sub, _, cfg = cfg.partition("/")
         if sub != SUBTYPE:
             raise ConfigError(f"cfgstring {orig!r}: handler {sub!r} is not {SUBTYPE!r}")
+    try:
+        cfg.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"cfgstring {cfg!r}: not valid text (a lone surrogate)") from None
     if len(SUBTYPE) + 1 + len(cfg.encode()) > MAX_DEV_CONFIG:
         raise ConfigError(f"cfgstring {cfg!r}: {len(cfg.encode())} bytes; LIO allows "
                           f"{MAX_DEV_CONFIG - len(SUBTYPE) - 1}")
@@ -179,19 +185,18 @@ def parse(cfg: str) -> VolumeSpec:
                               f"from images= ('{name};images=/a+/b;force=1'), not to {what}")
         kw["force"] = opts["force"] == "1"
     if "leg_timeout" in opts:
-        try:
-            lt = float(opts["leg_timeout"])
-        except ValueError:
-            lt = -1.0
-        if not 0 <= lt <= 600:
-            raise ConfigError(f"cfgstring {cfg!r}: leg_timeout must be a number of seconds from "
-                              f"0 (never) to 600, got {opts['leg_timeout']!r}")
+        v = opts["leg_timeout"]
+        lt = float(v) if _SECONDS.fullmatch(v) else -1.0
+        if not (lt == 0 or LEG_TIMEOUT_MIN <= lt <= 600):
+            raise ConfigError(f"cfgstring {cfg!r}: leg_timeout must be 0 (never) or a number of "
+                              f"seconds from {LEG_TIMEOUT_MIN:g} to 600 (e.g. 4 or 2.5), got "
+                              f"{v!r}")
         if "image" in opts:
             raise ConfigError(f"cfgstring {cfg!r}: leg_timeout= applies to a mirrored volume, "
                               f"not to an exported split image")
         kw["leg_timeout"] = lt
     if "image" in opts:
-        if not opts["image"].isdigit() or int(opts["image"]) >= MAX_IMAGES:
+        if not re.fullmatch(r"[0-9]+", opts["image"]) or int(opts["image"]) >= MAX_IMAGES:
             raise ConfigError(f"cfgstring {cfg!r}: image must be an image index 0-"
                               f"{MAX_IMAGES - 1}, got {opts['image']!r}")
         for k in ("region_size", "block_size"):

@@ -511,11 +511,15 @@ class Lvmirrord:
             log.info("LUN %s removed", lun.name)
 
     def check_config(self, config: str):
-        """CheckConfig for targetcli: (ok, message)."""
+        """CheckConfig for targetcli: (ok, message). Never raises: a cfgstring the checks did
+        not foresee is refused with the error, logged as a bug."""
         try:
             cfgstring.check(config, state_dir=self.state_dir)
         except ConfigError as exc:
             return False, str(exc)
+        except Exception as exc:  # a parser bug must not reach targetcli as a D-Bus error
+            log.exception("CheckConfig %r", config)
+            return False, f"cfgstring {config!r} cannot be checked: {type(exc).__name__}: {exc}"
         return True, "success"
 
     # -- management (called from the D-Bus service's worker threads) ---------------------------

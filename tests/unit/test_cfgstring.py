@@ -116,8 +116,18 @@ def test_leg_timeout_option():
     assert cfgstring.parse(cfgstring.format(spec)) == spec
     assert cfgstring.parse("vol0;leg_timeout=0").leg_timeout == 0.0
     assert cfgstring.parse("vol0").leg_timeout is None
-    for bad in ("-1", "601", "soon", "nan"):
+    for bad in ("-1", "601", "soon", "nan", "inf", "1e-300", "0.01", "1_0", "-0", "\u0663"):
         with pytest.raises(ConfigError, match="leg_timeout must be"):
             cfgstring.parse(f"vol0;images=/a+/b;leg_timeout={bad}")
+
+
+def test_only_ascii_digits_and_valid_text():
+    """Found by trying to break the parser: a superscript or Arabic-Indic digit passed
+    str.isdigit() and then int() raised ValueError (or silently meant a digit), and a lone
+    surrogate raised UnicodeEncodeError - every bad cfgstring must be a ConfigError."""
+    for bad in ("vol;image=\u00b2", "vol;image=\u0661", "vol;images=/a+/b;region_size=\u0661M",
+                "vol\udc80", "vol;images=/a\udc80"):
+        with pytest.raises(ConfigError):
+            cfgstring.parse(bad)
     with pytest.raises(ConfigError, match="split image"):
         cfgstring.parse("vol0;image=1;leg_timeout=3")
