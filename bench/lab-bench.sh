@@ -24,21 +24,6 @@ BIQN=iqn.2026-11.org.lvmirror:bench
 BDIR=/run/scratch/bench
 BOUT=$OUT/bench
 
-bj() {  # bj FILE key=value ... : append one JSON object (values that parse as numbers stay numbers)
-  local f=$1; shift
-  $PY - "$@" >> "$f" <<'PY'
-import json, sys
-d = {}
-for item in sys.argv[1:]:
-    k, _, v = item.partition("=")
-    try:
-        d[k] = json.loads(v)
-    except ValueError:
-        d[k] = v
-print(json.dumps(d))
-PY
-}
-
 now() { date +%s.%N; }
 
 b_login() {   # guest.sh's login and lun_dev, on the bench's target
@@ -92,7 +77,7 @@ target_up() {  # target_up NAME -> BSTORE (targetcli path); sets up the backstor
       done
       mdadm --wait /dev/md0 >/dev/null 2>&1
       t1=$(now)
-      bj $BOUT/resync.jsonl target=md-raid1 kind=md_resync_full \
+      jsonl $BOUT/resync.jsonl target=md-raid1 kind=md_resync_full \
          bytes=$(( $(cat /sys/block/md0/md/component_size) * 1024 )) \
          seconds=$($PY -c "print(round($t1 - $t0, 3))") bitmap=internal
       BSTORE=/backstores/block/bt
@@ -109,7 +94,7 @@ target_up() {  # target_up NAME -> BSTORE (targetcli path); sets up the backstor
   [ -n "${vol:-}" ] && lvmirror wait $vol --timeout 600 >/dev/null 2>&1
   b_login || return 1
   local sd=${BDEV#/dev/}
-  bj $BOUT/targets.jsonl target=$name dev=$BDEV backstore=$BSTORE \
+  jsonl $BOUT/targets.jsonl target=$name dev=$BDEV backstore=$BSTORE \
      "initiator_write_cache=$(cat /sys/block/$sd/queue/write_cache)" \
      max_sectors_kb=$(cat /sys/block/$sd/queue/max_sectors_kb) \
      size_bytes=$(blockdev --getsize64 $BDEV)
@@ -206,7 +191,7 @@ bench_main() {
   JOBS=${BENCH_JOBS:-seqwrite-1m randwrite-4k-qd1 randwrite-4k-qd32 randread-4k-qd1 randread-4k-qd32 mixed-64k-70r seqread-1m}
   RUNTIME=${BENCH_RUNTIME:-10}; RAMP=${BENCH_RAMP:-2}; SIZE_MB=${BENCH_SIZE_MB:-256}
   mkdir -p $BOUT; : > $BOUT/targets.jsonl; : > $BOUT/resync.jsonl
-  bj $BOUT/meta.json kernel="$(uname -r)" accel="$(cat $OUT/accel 2>/dev/null || echo unknown)" \
+  jsonl $BOUT/meta.json kernel="$(uname -r)" accel="$(cat $OUT/accel 2>/dev/null || echo unknown)" \
      date="$(date -u +%Y-%m-%dT%H:%MZ)" cpus=$(nproc) mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 )) \
      "fio=$(fio --version)" "python=$($PY -V 2>&1)" "lvmirrord=$(command -v lvmirrord)" \
      runtime_s=$RUNTIME ramp_s=$RAMP size_mb=$SIZE_MB "targets=$TARGETS" "jobs=$JOBS" \

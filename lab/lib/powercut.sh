@@ -79,17 +79,7 @@ pc_ready() {  # pc_ready STEP MOMENT: tell the host the moment is reached; it cu
 }
 
 pc_figures() {  # pc_figures key=value ...: one line of the chain's figures ($PC_DIR/figures.jsonl)
-  $PY - "$@" >> "$PC_DIR/figures.jsonl" <<'PY'
-import json, sys
-d = {}
-for item in sys.argv[1:]:
-    k, _, v = item.partition("=")
-    try:
-        d[k] = json.loads(v)
-    except ValueError:
-        d[k] = v
-print(json.dumps(d))
-PY
+  jsonl "$PC_DIR/figures.jsonl" "$@"
 }
 
 pc_images_identical() {  # pc_images_identical: cmp every in-sync image with the first; echo yes|no N

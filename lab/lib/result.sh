@@ -14,3 +14,17 @@ print(json.dumps(d))
 PY
   echo "RESULT $name $ok $*"
 }
+jsonl() {  # jsonl FILE key=value ...: append one JSON object (values that parse as JSON, numbers say, stay typed)
+  local f=$1; shift
+  $PY - "$@" >> "$f" <<'PY'
+import json, sys
+d = {}
+for item in sys.argv[1:]:
+    k, _, v = item.partition("=")
+    try:
+        d[k] = json.loads(v)
+    except ValueError:
+        d[k] = v
+print(json.dumps(d))
+PY
+}
