@@ -108,6 +108,22 @@ def lab():
     return {"results": results, "out": OUT, "sections": sections, "elapsed": elapsed}
 
 
+def _run_boot(argv, out, port, label):
+    """Run one lab boot command (``argv`` under ROOT, e.g. ["lab/boot", "faults"]) with its own
+    output directory ``out`` and portal ``port``; print its wall time and output; fail the test
+    session when it did not run. Returns {"results", "out", "elapsed" (s)}."""
+    env = dict(os.environ, LAB_OUT=out, LAB_PORT=str(port))
+    t0 = time.monotonic()
+    proc = subprocess.run([os.path.join(ROOT, argv[0]), *argv[1:]], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    elapsed = time.monotonic() - t0
+    print(f"\nkernel lab ({label}): {elapsed:.0f} s wall\n{proc.stdout}")
+    results = _results(out)
+    if proc.returncode != 0 or not results:
+        pytest.fail(f"the {label} lab did not run (rc={proc.returncode}):\n{proc.stdout[-3000:]}")
+    return {"results": results, "out": out, "elapsed": elapsed}
+
+
 @pytest.fixture(scope="session")
 def systemd_lab():
     """The packaged lvmirrord.service in a guest whose PID 1 is systemd (lab/boot --systemd):
@@ -119,16 +135,8 @@ def systemd_lab():
         if os.environ.get("LVMIRROR_EXPECT_PACKAGE") == "1":
             pytest.fail("tools/build-deb ran but build/deb holds no package")
         pytest.skip("the systemd section installs the Debian package: run tools/build-deb first")
-    env = dict(os.environ, LAB_OUT=SYSTEMD_OUT, LAB_PORT=str(PORT))
-    t0 = time.monotonic()
-    proc = subprocess.run([os.path.join(ROOT, "lab", "boot"), "--systemd", "systemd"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    elapsed = time.monotonic() - t0
-    print(f"\nkernel lab (systemd as PID 1): {elapsed:.0f} s wall\n{proc.stdout}")
-    results = _results(SYSTEMD_OUT)
-    if proc.returncode != 0 or not results:
-        pytest.fail(f"the systemd lab did not run (rc={proc.returncode}):\n{proc.stdout[-3000:]}")
-    return {"results": results, "out": SYSTEMD_OUT, "elapsed": elapsed}
+    return _run_boot(["lab/boot", "--systemd", "systemd"], SYSTEMD_OUT, PORT,
+                     "systemd as PID 1")
 
 
 @pytest.fixture(scope="session")
@@ -139,18 +147,10 @@ def powercut_lab():
     _require_lab()
     if "powercut" not in _sections():
         pytest.skip("section powercut not run (LVMIRROR_LAB_SECTIONS)")
-    env = dict(os.environ, LAB_OUT=POWERCUT_OUT, LAB_PORT=str(PORT))
-    t0 = time.monotonic()
-    proc = subprocess.run([os.path.join(ROOT, "lab", "powercut")], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    elapsed = time.monotonic() - t0
-    print(f"\nkernel lab (power cuts): {elapsed:.0f} s wall\n{proc.stdout}")
-    results = _results(POWERCUT_OUT)
-    if proc.returncode != 0 or not results:
-        pytest.fail(f"the power-cut lab did not run (rc={proc.returncode}):\n{proc.stdout[-3000:]}")
+    run = _run_boot(["lab/powercut"], POWERCUT_OUT, PORT, "power cuts")
     summary = {}
     path = os.path.join(POWERCUT_OUT, "summary.json")
     if os.path.exists(path):
         with open(path) as f:
             summary = json.load(f)
-    return {"results": results, "out": POWERCUT_OUT, "elapsed": elapsed, "summary": summary}
+    return dict(run, summary=summary)

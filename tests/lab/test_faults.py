@@ -12,12 +12,10 @@ Silently dropped writes cannot be detected by a mirror without checksums or a sc
 reports figures only (``test_dropped_writes_figures``)."""
 
 import os
-import subprocess
-import time
 
 import pytest
 
-from .conftest import ROOT, _require_lab, _results, _sections
+from .conftest import ROOT, _require_lab, _run_boot, _sections
 
 pytestmark = pytest.mark.lab
 
@@ -53,21 +51,14 @@ def faults_lab():
     _require_lab()
     if not _selected():
         pytest.skip("section faults not run (LVMIRROR_LAB_SECTIONS)")
-    env = dict(os.environ, LAB_OUT=FAULTS_OUT, LAB_PORT=str(FAULTS_PORT))
-    t0 = time.monotonic()
-    proc = subprocess.run([os.path.join(ROOT, "lab", "boot"), "faults"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    elapsed = time.monotonic() - t0
-    print(f"\nkernel lab (faults): {elapsed:.0f} s wall\n{proc.stdout}")
-    results = _results(FAULTS_OUT)
-    if proc.returncode != 0 or not results:
-        pytest.fail(f"the faults lab did not run (rc={proc.returncode}):\n{proc.stdout[-3000:]}")
+    run = _run_boot(["lab/boot", "faults"], FAULTS_OUT, FAULTS_PORT, "faults")
+    results = run["results"]
     # the figures per fault (time to fail, per-write times, TUR back, ENOSPC), for the record
     prose = ("check", "ok", "line", "error", "log", "out", "kernel", "daemon", "table", "dd",
              "resync_out", "ll", "status")
     print("\n".join(f"{name}: " + " ".join(f"{k}={v}" for k, v in d.items() if k not in prose)
                     for name, d in sorted(results.items()) if set(d) - set(prose)))
-    return {"results": results, "out": FAULTS_OUT, "elapsed": elapsed}
+    return run
 
 
 def _result(run, check):
