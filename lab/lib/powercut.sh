@@ -16,7 +16,7 @@ PC_SAVED=$PC_MNT/saveconfig.json
 PCPY() { $PY "$LAB/lib/powercut.py" "$@"; }   # PCPY COMMAND ...: the writer and checker
 
 pc_disk() {  # pc_disk FORMAT(0|1): mount the lab disk's ext4 on $PC_MNT (mkfs first when FORMAT=1)
-  local dev= i
+  local dev= i b
   modprobe virtio_blk 2>/dev/null
   for i in $(seq 50); do
     dev=$(readlink -f /dev/disk/by-id/virtio-lvmlab 2>/dev/null)

@@ -2,7 +2,7 @@
 # Sourced by lab/guest.sh; uses $OUT and $PY.
 t() { echo "[guest T+$(awk '{print $1}' /proc/uptime)s] $*"; }
 result() {  # result NAME ok|fail [key=value ...]
-  local name=$1 ok=$2; shift 2
+  local name=$1 ok=$2 item; shift 2
   $PY - "$name" "$ok" "$@" >> "$OUT/results.jsonl" <<'PY'
 import json, sys
 name, ok, *kv = sys.argv[1:]
@@ -15,7 +15,7 @@ PY
   echo "RESULT $name $ok $*"
 }
 jsonl() {  # jsonl FILE key=value ...: append one JSON object (values that parse as JSON, numbers say, stay typed)
-  local f=$1; shift
+  local f=$1 item; shift
   $PY - "$@" >> "$f" <<'PY'
 import json, sys
 d = {}

@@ -1,6 +1,7 @@
 # lab/lib/stack.sh: the stack in the guest: modules, configfs, scratch ext4, system bus, package,
 # lvmirrord, targetcli. Sourced by lab/guest.sh; uses $OUT $REPO $STATE $UNDER_SYSTEMD $LOGLEVEL.
 setup() {
+  local m
   for m in target_core_mod target_core_user target_core_file target_core_iblock iscsi_target_mod \
            uio iscsi_tcp sd_mod virtio_net loop ext4; do modprobe $m; done
   mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config
@@ -43,6 +44,7 @@ setup() {
 }
 
 wait_bus_name() {  # wait_bus_name NAME PID: until NAME has an owner on the system bus (30 s), or PID dies
+  local i
   for i in $(seq 150); do
     dbus-send --system --print-reply --dest=org.freedesktop.DBus /org/freedesktop/DBus \
       org.freedesktop.DBus.NameHasOwner string:$1 2>/dev/null | grep -q 'boolean true' && return 0

@@ -1,6 +1,7 @@
 # lab/scenarios/compliance.sh: section "compliance" (libiscsi's iscsi-test-cu against lvmirror and LIO fileio).
 # Sourced by lab/guest.sh; runs inside the kernel-lab guest over lab/lib.
 compliance() {   # libiscsi's SCSI compliance suite: lvmirror 2-image LUN vs LIO fileio
+  local lun
   for lun in 0 2; do
     name=$([ $lun = 0 ] && echo lvmirror || echo fileio)
     timeout 900 iscsi-test-cu -d -t SCSI iscsi://127.0.0.1/$IQN/$lun > "$OUT/compliance-$name.txt" 2>&1

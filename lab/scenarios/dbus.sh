@@ -1,7 +1,7 @@
 # lab/scenarios/dbus.sh: section "dbus" (the D-Bus API on the real system bus).
 # Sourced by lab/guest.sh; runs inside the kernel-lab guest over lab/lib.
 dbus() {   # lvmirror's D-Bus API on the real system bus: busctl, the policy, external region locks
-  local vp=/org/lvmirror1/volume/vol2 out nobody="setpriv --reuid=65534 --regid=65534 --clear-groups"
+  local vp=/org/lvmirror1/volume/vol2 out nobody="setpriv --reuid=65534 --regid=65534 --clear-groups" i
   busctl --system tree org.lvmirror1 > "$OUT/busctl-tree.txt" 2>&1
   busctl --system introspect org.lvmirror1 /org/lvmirror1/volume/vol3 > "$OUT/busctl-introspect.txt" 2>&1
   grep -q "$vp" "$OUT/busctl-tree.txt" && grep -q "^\.Split *method" "$OUT/busctl-introspect.txt" \

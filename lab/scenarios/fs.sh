@@ -1,6 +1,7 @@
 # lab/scenarios/fs.sh: section "fs" (ext4 on each mirrored LUN, images identical).
 # Sourced by lab/guest.sh; runs inside the kernel-lab guest over lab/lib.
 fs() {   # a file system on each mirrored LUN: images identical afterwards
+  local lun i
   for lun in 0 1; do
     d=$(lun_dev $lun); vol=$([ $lun = 0 ] && echo vol2 || echo vol3)
     if mkfs.ext4 -q -F $d && mkdir -p /run/mnt/l$lun && mount $d /run/mnt/l$lun &&

@@ -1,7 +1,7 @@
 # lab/scenarios/saveconfig.sh: section "saveconfig" (targetcli-lvmirror saveconfig, clearconfig, restoreconfig).
 # Sourced by lab/guest.sh; runs inside the kernel-lab guest over lab/lib.
 saveconfig() {   # targetcli-lvmirror saveconfig / clearconfig / restoreconfig round trip
-  local saved=/run/scratch/saveconfig.json d sum0 sum1 nl
+  local saved=/run/scratch/saveconfig.json d sum0 sum1 nl so
   d=$(lun_dev 1); sum0=$(dd if=$d bs=1M count=32 iflag=direct status=none | md5sum)
   targetcli-lvmirror saveconfig $saved > "$OUT/saveconfig.txt" 2>&1
   $PY - $saved > "$OUT/saveconfig-control.txt" 2>&1 <<'PY'

@@ -1,6 +1,7 @@
 # lab/scenarios/split.sh: section "split" (point-in-time semantics, split image as a LUN, resync under load).
 # Sourced by lab/guest.sh; runs inside the kernel-lab guest over lab/lib.
 split() {   # split under load, the point-in-time copy, export it, resync under load
+  local i
   d=$(lun_dev 1)
   # 1. writes acknowledged before the split are in the split image; writes after are not
   $PY - $d before <<'PY'

@@ -1,7 +1,7 @@
 # lab/scenarios/tcmurunner.sh: section "tcmurunner" (lvmirrord registers with tcmu-runner).
 # Sourced by lab/guest.sh; runs inside the kernel-lab guest over lab/lib.
 tcmurunner() {   # tcmu-runner owns org.kernel.TCMUService1: lvmirrord registers with its HandlerManager1
-  local runner out st
+  local runner out st i
   command -v tcmu-runner >/dev/null || { result lvmirrord_registers_with_tcmu_runner fail reason="tcmu-runner not installed"; return; }
   logout
   kill $DAEMON; wait $DAEMON 2>/dev/null
