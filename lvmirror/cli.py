@@ -2,7 +2,7 @@
 
     lvmirror status [--json]
     lvmirror split VOLUME IMAGE
-    lvmirror resync VOLUME IMAGE [--rate MB/s] [--wait]
+    lvmirror resync VOLUME IMAGE [--rate MB/s] [--full] [--wait]
     lvmirror restore VOLUME IMAGE [--rate MB/s] [--wait]
     lvmirror attach VOLUME PATH [--force] [--wait]  # --force: PATH may hold data
     lvmirror detach VOLUME IMAGE
@@ -110,6 +110,10 @@ def main(argv=None):
         s.add_argument("image", type=int)
         s.add_argument("--rate", type=float, default=0.0, help="MB/s, 0 = unlimited")
         s.add_argument("--wait", action="store_true", help="return when it finished")
+        if name == "resync":
+            s.add_argument("--full", action="store_true",
+                           help="copy every region, also into an image marked in sync (a disk "
+                                "suspected of dropped writes); it serves no reads until done")
     s = sub.add_parser("attach", help="add an image (full resync from the volume)")
     s.add_argument("volume")
     s.add_argument("path")
@@ -160,8 +164,13 @@ def main(argv=None):
                   if args.json else f"image {args.image} copied to {args.dest} ({args.format})")
             return 0
         if args.cmd in ("resync", "restore"):
-            fn = mgr.Resync if args.cmd == "resync" else mgr.Restore
-            res = json.loads(fn(args.volume, args.image, args.rate))
+            if getattr(args, "full", False):
+                res = json.loads(mgr.ResyncWithOptions(
+                    args.volume, args.image, args.rate,
+                    dbus.Dictionary({"full": dbus.Boolean(True)}, signature="sv")))
+            else:       # the plain call, as before --full existed
+                fn = mgr.Resync if args.cmd == "resync" else mgr.Restore
+                res = json.loads(fn(args.volume, args.image, args.rate))
             if not args.json:
                 print(f"{args.cmd} of image {args.image} started: {res['bytes_total']} bytes")
             else:

@@ -602,11 +602,19 @@ class Lvmirrord:
         log.info("volume %s: image %d backed up to %s (%d bytes)", name, image, dest, n)
         return n
 
-    def resync(self, name, image, rate_mbps=0.0):
+    def resync(self, name, image, rate_mbps=0.0, *, full=False):
+        """Start (or resume) the resync of image ``image`` of volume ``name`` at ``rate_mbps``
+        MB/s (0: unlimited); ``full``: every region, also into an image marked in sync
+        (``MirrorVolume.resync``). Returns the job's progress dict. StateError / IndexError
+        as ``JobControl.resync`` raises them; refused while the image is backed up."""
         with self._backup_lock:
             self._no_backup(name, image)
-            job = self._volume(name).resync(image, rate_limit=rate_mbps or None)
-        log.info("volume %s: resync of image %d started", name, image)
+            job = self._volume(name).resync(image, rate_limit=rate_mbps or None, full=full)
+        if full:
+            log.warning("volume %s: full resync of image %d started: it serves no reads until "
+                        "every region is copied from the other images", name, image)
+        else:
+            log.info("volume %s: resync of image %d started", name, image)
         return job.progress()
 
     def restore(self, name, image, rate_mbps=0.0):

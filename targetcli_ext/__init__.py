@@ -51,6 +51,18 @@ def attach_image(manager, volume: str, path: str, force: bool = False) -> int:
     return int(manager.AttachImage(volume, path))
 
 
+def resync_image(manager, volume: str, image: int, rate: float, full: bool = False) -> dict:
+    """Start the resync of ``image`` of ``volume`` at ``rate`` MB/s (0: unlimited) through
+    lvmirrord's Manager (a dbus.Interface): the plain Resync, or ResyncWithOptions with
+    ``full`` (every region, also into an image marked in sync). Returns the job's progress
+    (bytes_total, ...); D-Bus errors propagate."""
+    if full:
+        import dbus
+        return json.loads(manager.ResyncWithOptions(
+            volume, image, rate, dbus.Dictionary({"full": dbus.Boolean(True)}, signature="sv")))
+    return json.loads(manager.Resync(volume, image, rate))
+
+
 def saved_control(control: str, nl_reply_supported: str | None) -> str:
     """rtslib's control string for a user backstore plus ``nl_reply_supported`` when it is not
     the kernel's default (0)."""
@@ -172,11 +184,13 @@ def install():
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(res['split_time']))}; "
                 f"{res['drained']} I/Os drained")
 
-        def ui_command_resync(self, image, rate=None, wait="false"):
+        def ui_command_resync(self, image, rate=None, wait="false", full="false"):
             """Bring image IMAGE back in sync, copying only the regions changed since the split.
-            RATE limits the copy in MB/s; wait=true shows progress until it is done."""
-            res = json.loads(call(_manager().Resync, self._spec().name, self._image(image),
-                                  float(rate or 0)))
+            RATE limits the copy in MB/s; wait=true shows progress until it is done; full=true
+            copies every region, also into an image marked in sync (a disk suspected of
+            dropped writes), which serves no reads until the copy ends."""
+            res = call(resync_image, _manager(), self._spec().name, self._image(image),
+                       float(rate or 0), str(full).lower() in ("true", "yes", "1"))
             self.shell.con.display(f"resync of image {image} started: "
                                    f"{res['bytes_total']} bytes to copy")
             if str(wait).lower() in ("true", "yes", "1"):

@@ -200,7 +200,7 @@ mp_path_state() {  # mp_path_state: the state letter (A active, F failed) of the
 }
 
 faults() {
-  local D S i t0 rc out
+  local D S i t0 rc out x
   # two 64 MiB disks under device-mapper for vf; for vs two 96 MiB ext4s, each filled up by a
   # ballast file (both full before the first write: every write fails on both images alike).
   # Made while lvmirrord starts (a Python start: seconds under TCG)
@@ -265,8 +265,10 @@ TC
   dm_linear fa
   f_heal read_error 0
 
-  # 3. dropped writes on image 1 (dm-flakey drop_writes), 16..24 MiB; heal; what is read back,
-  # what lvmirror knows and how far the images differ: figures only (no checksums, no scrub)
+  # 3. dropped writes on image 1 (dm-flakey drop_writes), 16..24 MiB; heal; what is read back
+  # and how far the images differ (figures: no checksums, so lvmirror cannot see it); then the
+  # repair lvmirror guarantees: a plain resync refuses the image in sync, `resync --full`
+  # rebuilds it from image 0, after which every acknowledged write reads back
   f_begin dropped_writes
   dm_flakey fb drop_writes
   fio_verify_load fd $D 8M 16M --do_verify=0
@@ -276,20 +278,29 @@ TC
   f_flushbufs
   fio_verify_load fdv $D 8M 16M --verify_only --verify_fatal=0 --continue_on_error=verify
   wait $FIO; FIO_RC=$?; f_fio fdv
-  local dst=$(fst "[.volumes.$F_VOL.health, (.volumes.$F_VOL.images | map(.state) | join(\"+\"))] | join(\" \")")
-  # a resync of the image lvmirror believes in sync (the D-Bus call `lvmirror resync` makes)
-  busctl --system call org.lvmirror1 /org/lvmirror1/volume/$F_VOL org.lvmirror1.Volume Resync ud 1 0 > "$OUT/faults-dropped_writes-resync.txt" 2>&1; local rrc=$?
-  f_flushbufs
+  local verr=$FIO_VERR dst=$(fst "[.volumes.$F_VOL.health, (.volumes.$F_VOL.images | map(.state) | join(\"+\"))] | join(\" \")")
   local ndiff=$(f_diff_blocks 16 8)
-  # repair by rewriting the range through the LUN: both images take it, the check itself is sound
-  dd if=/dev/zero of=$D bs=1M seek=16 count=8 oflag=direct conv=fsync status=none
-  sleep 3   # a flusher round
-  local after=$(f_same)
-  result faults_dropped_writes_measured $([ "$wrc" = 0 ] && [ "$after" = yes ] && echo ok || echo fail) \
-    write_rc=$wrc reads_after_heal_crc_errors=$FIO_VERR verify_rc=$FIO_RC lvmirror_state="$dst" \
-    resync_rc=$rrc resync_out="$(tail -1 "$OUT/faults-dropped_writes-resync.txt" | cut -c1-160)" \
-    differing_4k_blocks=$ndiff of_written=2048 identical_after_rewrite=$after \
+  lvmirror resync $F_VOL 1 > "$OUT/faults-dropped_writes-resync.txt" 2>&1; local rrc=$?
+  result faults_dropped_writes_measured $([ "$wrc" = 0 ] && [ "$rrc" != 0 ] && echo ok || echo fail) \
+    write_rc=$wrc reads_after_heal_crc_errors=$verr verify_rc=$FIO_RC lvmirror_state="$dst" \
+    differing_4k_blocks=$ndiff of_written=2048 plain_resync_rc=$rrc \
+    plain_resync="$(tail -1 "$OUT/faults-dropped_writes-resync.txt" | cut -c1-160)" \
     journal_errors=$(f_journal | grep -c ERROR)
+  local t0=$(now) frc
+  lvmirror resync $F_VOL 1 --full --wait >> "$OUT/faults-dropped_writes-resync.txt" 2>&1; frc=$?
+  local tfull=$(since $t0)
+  f_flushbufs
+  ndiff=$(f_diff_blocks 16 8)
+  fio_verify_load fdr $D 8M 16M --verify_only --verify_fatal=0 --continue_on_error=verify
+  wait $FIO; FIO_RC=$?; f_fio fdr
+  local after=$(f_same) state1=$(fst ".volumes.$F_VOL.images[1].state")
+  [ "$frc" = 0 ] && [ "$ndiff" = 0 ] && [ "$FIO_RC" = 0 ] && [ "$FIO_VERR" = 0 ] && [ "$after" = yes ] \
+    && [ "$state1" = in-sync ] \
+    && result faults_dropped_writes_repaired ok full_resync_seconds=$tfull differing_4k_blocks=$ndiff \
+         crc_verify_errors=$FIO_VERR images_identical=$after \
+    || result faults_dropped_writes_repaired fail full_resync_rc=$frc differing_4k_blocks=$ndiff \
+         fio_rc=$FIO_RC crc_verify_errors=$FIO_VERR images_identical="$after" state="$state1" \
+         out="$(tail -2 "$OUT/faults-dropped_writes-resync.txt")"
 
   # 4. image 1's device removed (dmsetup remove --force: open, it keeps its node with an error table)
   f_begin removed

@@ -9,9 +9,9 @@ Two faces:
   refuses a bad cfgstring with our message before it creates anything. When tcmu-runner already
   owns that name, lvmirrord registers with its ``HandlerManager1.RegisterHandler`` instead.
 * **lvmirror's own API** (``org.lvmirror1``): ``/org/lvmirror1`` (interface
-  ``org.lvmirror1.Manager``: status of every volume and LUN as JSON, Split, Resync, Restore,
-  Attach, Detach, Cancel, and the region-lock coordination calls) is an ObjectManager of one
-  object per open volume, ``/org/lvmirror1/volume/<name>`` (``org.lvmirror1.Volume``, see
+  ``org.lvmirror1.Manager``: status of every volume and LUN as JSON, Split, Resync
+  (ResyncWithOptions: ``full``), Restore, Attach, Detach, Cancel, and the region-lock
+  coordination calls) is an ObjectManager of one object per open volume, ``/org/lvmirror1/volume/<name>`` (``org.lvmirror1.Volume``, see
   volume.py: typed properties, the same methods plus Backup, PropertiesChanged /
   ImageStateChanged / Progress signals). State-changing methods are root only: the policy file
   (systemd/dbus/org.lvmirror1.conf) says so, and the service checks the caller's uid again.

@@ -13,7 +13,7 @@ from gi.repository import GLib
 
 from lvmirror import cfgstring
 from lvmirror.bus.volume import (VOLUME_IFACE, VolumeObject, attach_options, interfaces,
-                                 managed_objects)
+                                 managed_objects, resync_options)
 from lvmirror.errors import LvmirrorError
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,16 @@ class Manager(dbus.service.Object):
         """Start resyncing ``image`` (rate limit in MB/s, 0 = unlimited)."""
         self.run(sender, lambda: json.dumps(self._daemon.resync(str(volume), int(image),
                                                                  float(rate_mbps))), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="suda{sv}", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def ResyncWithOptions(self, volume, image, rate_mbps, options, sender=None, ok=None,
+                          err=None):
+        """Resync with options (``a{sv}``): ``full`` (b) copies every region, also into an
+        image marked in sync (it serves no reads until the copy ends). Unknown options are an
+        error. Returns the job's progress (JSON), as Resync does."""
+        self.run(sender, lambda: json.dumps(self._daemon.resync(
+            str(volume), int(image), float(rate_mbps), **resync_options(options))), ok, err)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="sud", out_signature="s",
                          sender_keyword="sender", async_callbacks=("ok", "err"))

@@ -11,7 +11,8 @@ syncing, ``offline``: no image can serve and the LUN answers NOT READY), IoStati
 (counters, image failures, slow legs, out-of-space and metadata errors included; not announced
 in PropertiesChanged, read them when needed).
 
-Methods: Split, Resync, Restore, AttachImage, AttachImageWithOptions (``force``: overwrite an
+Methods: Split, Resync, ResyncWithOptions (``full``: every region, also into an image in sync),
+Restore, AttachImage, AttachImageWithOptions (``force``: overwrite an
 image that holds data), DetachImage, Cancel, Backup. Signals:
 PropertiesChanged (standard) when an image, job or export changes; ImageStateChanged(index,
 old, new); Progress(kind, image, done, total, rate) every second while a resync, restore or
@@ -188,6 +189,17 @@ class VolumeObject(dbus.service.Object):
                                                             float(rate_mbps)),
                         lambda r: ok(dbus.UInt64(r["bytes_total"])), err)
 
+    @dbus.service.method(VOLUME_IFACE, in_signature="uda{sv}", out_signature="t",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def ResyncWithOptions(self, image, rate_mbps, options, sender=None, ok=None, err=None):
+        """Resync with options (``a{sv}``): ``full`` (b) copies every region, also into an
+        image marked in sync, which stops serving reads until the copy ends (a disk suspected
+        of dropped writes). Unknown options are an error. Returns the bytes to copy."""
+        self._calls.run(sender, lambda: self._daemon.resync(self.name, int(image),
+                                                            float(rate_mbps),
+                                                            **resync_options(options)),
+                        lambda r: ok(dbus.UInt64(r["bytes_total"])), err)
+
     @dbus.service.method(VOLUME_IFACE, in_signature="ud", out_signature="t",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def Restore(self, image, rate_mbps, sender=None, ok=None, err=None):
@@ -239,23 +251,34 @@ class VolumeObject(dbus.service.Object):
 
 
 ATTACH_OPTIONS = {"force": bool}
+RESYNC_OPTIONS = {"full": bool}
 
 
-def attach_options(options) -> dict:
-    """The ``a{sv}`` options of AttachImageWithOptions as keyword arguments of
-    ``Lvmirrord.attach``: ``force`` (boolean). ValueError (the caller gets an
-    org.lvmirror1.Error.Failed) for an unknown option or a value of the wrong type."""
+def bool_options(method, options, known) -> dict:
+    """The ``a{sv}`` options of ``method`` (AttachImageWithOptions, ResyncWithOptions) as
+    keyword arguments: every option is a boolean named in ``known``. ValueError (the caller
+    gets an org.lvmirror1.Error.Failed) for an unknown option or a value of another type."""
     out = {}
     for key, value in dict(options or {}).items():
         key = str(key)
-        if key not in ATTACH_OPTIONS:
-            raise ValueError(f"AttachImageWithOptions: unknown option {key!r} (known: "
-                             f"{', '.join(sorted(ATTACH_OPTIONS))})")
+        if key not in known:
+            raise ValueError(f"{method}: unknown option {key!r} (known: "
+                             f"{', '.join(sorted(known))})")
         if not isinstance(value, (bool, int)) or isinstance(value, str):
-            raise ValueError(f"AttachImageWithOptions: option {key!r} must be a boolean, "
-                             f"got {value!r}")
+            raise ValueError(f"{method}: option {key!r} must be a boolean, got {value!r}")
         out[key] = bool(value)
     return out
+
+
+def attach_options(options) -> dict:
+    """AttachImageWithOptions' options: ``force`` (b) (``bool_options``)."""
+    return bool_options("AttachImageWithOptions", options, ATTACH_OPTIONS)
+
+
+def resync_options(options) -> dict:
+    """ResyncWithOptions' options: ``full`` (b): copy every region, also into an image marked
+    in sync (``bool_options``)."""
+    return bool_options("ResyncWithOptions", options, RESYNC_OPTIONS)
 
 
 def add_properties(xml: str, interface: str, props: dict) -> str:
@@ -287,5 +310,5 @@ def managed_objects(status: dict) -> dict:
                             for name, vol in status["volumes"].items()}, signature="oa{sa{sv}}")
 
 
-__all__ = ["ATTACH_OPTIONS", "VOLUME_IFACE", "VOLUME_ROOT", "VolumeObject", "add_properties",
+__all__ = ["ATTACH_OPTIONS", "RESYNC_OPTIONS", "resync_options", "bool_options", "VOLUME_IFACE", "VOLUME_ROOT", "VolumeObject", "add_properties",
            "attach_options", "interfaces", "managed_objects", "object_path", "properties"]

@@ -46,9 +46,21 @@ class JobControl:
             raise StateError(f"volume {self.vol.name}: split image {image_index} is exported as "
                              f"a LUN; remove that LUN before {doing} it")
 
-    def resync(self, image_index, *, rate_limit=None):
+    def resync(self, image_index, *, rate_limit=None, full=False):
         """Bring a split or failed image back in sync by copying the regions its change bitmap
-        marks (a paused 'syncing' image resumes). Returns the running ResyncJob."""
+        marks (a paused 'syncing' image resumes). Returns the running ResyncJob.
+
+        ``full``: copy every region, whatever the bitmap says - also into an image marked in
+        sync, which first leaves the set of images reads may use (LVM's ``lvchange --resync``,
+        md's recovery of a re-added disk without a bitmap). That is the repair when a disk may
+        have lost acknowledged writes without an error (dropped writes, a controller cache
+        lost behind the mirror's back): nothing a mirror without checksums sees. Another image
+        must be in sync to copy from. The demotion is saved (bitmap, then state) before any
+        copy; a power cut leaves the image either still in sync or syncing with every region
+        marked, never in sync with part of a copy.
+
+        Raises StateError: the image is in sync (without ``full``), exported as a LUN, already
+        has a job, a restore runs, or no other image is in sync. IndexError: no such image."""
         vol = self.vol
         vol._check_open()
         with vol._mgmt:
@@ -57,15 +69,17 @@ class JobControl:
             if running is not None and running.is_alive():
                 raise StateError(f"volume {vol.name}: image {image_index} already has a "
                                  f"{type(running).__name__} running")
-            if img.state is ImageState.IN_SYNC:
-                raise StateError(f"volume {vol.name}: image {image_index} is already in sync")
+            if img.state is ImageState.IN_SYNC and not full:
+                raise StateError(f"volume {vol.name}: image {image_index} is already in sync "
+                                 f"(a full resync rebuilds it anyway: --full)")
             self._refuse_if_exported(img, image_index, "resyncing")
             if self.restore_job is not None:
                 raise StateError(f"volume {vol.name}: a restore is running; resync after it ends")
-            if not any(o.state is ImageState.IN_SYNC for o in vol._images):
-                raise StateError(f"volume {vol.name}: no in-sync image to resync from")
+            if not any(o.state is ImageState.IN_SYNC for o in vol._images if o is not img):
+                raise StateError(f"volume {vol.name}: no other in-sync image to resync "
+                                 f"image {image_index} from")
             self._reopen_if_needed(img)
-            full = img.bitmap is None
+            full = full or img.bitmap is None
             if full:
                 img.bitmap = RegionBitmap(vol.size, vol.region_size)
                 img.bitmap.set_all()
@@ -174,6 +188,9 @@ class JobControl:
                 if old.img is not img or old.is_alive():
                     raise StateError(f"volume {vol.name}: a restore is already running")
                 # Resume a cancelled restore of this image from where it stopped.
+                with vol._meta:
+                    img.rec.restore_rate = rate_limit
+                    vol._save_md()
                 job = RestoreJob(vol, img, old.bitmap, rate_limit=rate_limit)
                 self.restore_job = job
                 vol.jobs[img.rec.id] = job
@@ -187,6 +204,7 @@ class JobControl:
                 rb = img.bitmap.copy()
                 rb.save(VolumeMetadata.restore_path(vol._vdir, img.rec.id))
                 img.rec.restore_running = True
+                img.rec.restore_rate = rate_limit
                 vol._bump()
                 vol._save_md()
                 job = RestoreJob(vol, img, rb, rate_limit=rate_limit)
@@ -221,6 +239,7 @@ class JobControl:
         def persist(durable):
             with vol._meta:
                 img.rec.restore_running = False
+                img.rec.restore_rate = None
                 vol._bump()
                 snap.union_update(img.bitmap)      # writes since the snapshot stay marked
                 snap.save(vol._bitmap_path(img))
@@ -352,7 +371,7 @@ class JobControl:
                     rb = RegionBitmap.load(rpath, vol.size, vol.region_size)
                 except (OSError, ValueError):
                     rb = img.bitmap.copy()
-                job = RestoreJob(vol, img, rb, rate_limit=None)
+                job = RestoreJob(vol, img, rb, rate_limit=img.rec.restore_rate)
                 self.restore_job = job
                 vol.jobs[img.rec.id] = job
                 job.start()

@@ -60,6 +60,7 @@ class ImageRecord:
     resync_full: bool = False           # the running resync copies every region (attach/create)
     resync_rate: float | None = None    # MB/s limit of the interrupted resync
     restore_running: bool = False       # a restore from this (split) image was in progress
+    restore_rate: float | None = None   # MB/s limit of that restore (kept across a restart)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -258,6 +259,7 @@ class VolumeMetadata:
                 resync_full=bool(field(im, "resync_full", bool, optional=True, ctx=ctx)),
                 resync_rate=field(im, "resync_rate", float, optional=True, ctx=ctx),
                 restore_running=bool(field(im, "restore_running", bool, optional=True, ctx=ctx)),
+                restore_rate=field(im, "restore_rate", float, optional=True, ctx=ctx),
             )
             if rec.state not in STATES:
                 raise bad(f"{ctx}unknown state {rec.state!r} (one of {', '.join(STATES)})")

@@ -1072,12 +1072,14 @@ class MirrorVolume:
             return SplitInfo(index=image_index, path=img.rec.path, split_time=t,
                              generation=gen, drained=drained)
 
-    def resync(self, image_index, *, rate_limit=None):
+    def resync(self, image_index, *, rate_limit=None, full=False):
         """Bring a split or failed image back in sync by copying the regions its change bitmap
-        marks (a paused 'syncing' image resumes); ``rate_limit`` in MB/s (None: unlimited).
-        Returns the running ResyncJob. StateError when the image is in sync, exported, already
-        has a job, or a restore runs (``jobcontrol.JobControl.resync``)."""
-        return self.control.resync(image_index, rate_limit=rate_limit)
+        marks (a paused 'syncing' image resumes); ``rate_limit`` in MB/s (None: unlimited);
+        ``full``: every region, also into an image marked in sync (a disk suspected of dropped
+        writes). Returns the running ResyncJob. StateError when the image is in sync (without
+        ``full``), exported, already has a job, or a restore runs
+        (``jobcontrol.JobControl.resync``)."""
+        return self.control.resync(image_index, rate_limit=rate_limit, full=full)
 
     def restore(self, image_index, *, rate_limit=None):
         """Roll the live volume back to split image ``image_index``; returns the RestoreJob.

@@ -249,6 +249,24 @@ def test_volume_object_attach_image_with_options(daemon, tmp_path):
     assert vol.images[3].state.value == "in-sync"
 
 
+def test_cli_full_resync_rebuilds_an_image_in_sync(daemon):
+    """Issue 14 (dropped writes): `lvmirror resync VOL 1` of an image in sync is refused and
+    points at --full; `--full` (ResyncWithOptions {"full": true}) copies every region; an
+    unknown option is an error that names the known ones."""
+    d, vol, address, _ = daemon
+    with open(vol.images[1].path, "r+b") as f:     # writes image 1's disk dropped
+        f.write(b"\xee" * (1 << 20))
+    r = cli(address, "resync", "vol0", "1")
+    assert r.returncode == 1 and "image 1 is already in sync" in r.stderr and "--full" in r.stderr
+    out = cli_call(address, "ResyncWithOptions", "vol0", 1, 0.0, {"ful": True}, check=False)
+    assert "unknown option 'ful' (known: full)" in out
+    r = cli(address, "resync", "vol0", "1", "--full", "--wait")
+    assert r.returncode == 0, r.stderr
+    assert f"resync of image 1 started: {4 << 20} bytes" in r.stdout
+    assert vol.images[1].state.value == "in-sync"
+    assert open(vol.images[1].path, "rb").read() == open(vol.images[0].path, "rb").read()
+
+
 def test_attach_options_are_checked():
     from lvmirror.bus.volume import attach_options
     assert attach_options({}) == {} and attach_options(None) == {}
@@ -257,3 +275,7 @@ def test_attach_options_are_checked():
         attach_options({"x": True})
     with pytest.raises(ValueError, match="option 'force' must be a boolean"):
         attach_options({"force": "yes"})
+    from lvmirror.bus.volume import resync_options
+    assert resync_options({"full": 1}) == {"full": True}
+    with pytest.raises(ValueError, match="ResyncWithOptions: unknown option 'force'"):
+        resync_options({"force": True})

@@ -63,6 +63,15 @@ class FakeManager:
         self.calls.append(("AttachImage", volume, path))
         return 2
 
+    def Resync(self, volume, image, rate):
+        self.calls.append(("Resync", volume, image, rate))
+        return '{"bytes_total": 8}'
+
+    def ResyncWithOptions(self, volume, image, rate, options):
+        self.calls.append(("ResyncWithOptions", volume, image, rate, dict(options),
+                           options.signature))
+        return '{"bytes_total": 16}'
+
     def AttachImageWithOptions(self, volume, path, options):
         self.calls.append(("AttachImageWithOptions", volume, path, dict(options),
                            options.signature))
@@ -78,3 +87,14 @@ def test_attach_passes_force_only_when_asked():
     assert targetcli_ext.attach_image(mgr, "vol0", "/srv/d.img", True) == 3
     assert mgr.calls == [("AttachImage", "vol0", "/srv/c.img"),
                          ("AttachImageWithOptions", "vol0", "/srv/d.img", {"force": True}, "sv")]
+
+
+def test_resync_passes_full_only_when_asked():
+    """targetcli-lvmirror's `resync IMAGE full=true` (a disk suspected of dropped writes):
+    the plain Resync otherwise, so an older lvmirrord keeps working."""
+    pytest.importorskip("dbus")
+    mgr = FakeManager()
+    assert targetcli_ext.resync_image(mgr, "vol0", 1, 20.0)["bytes_total"] == 8
+    assert targetcli_ext.resync_image(mgr, "vol0", 1, 0.0, True)["bytes_total"] == 16
+    assert mgr.calls == [("Resync", "vol0", 1, 20.0),
+                         ("ResyncWithOptions", "vol0", 1, 0.0, {"full": True}, "sv")]

@@ -304,6 +304,10 @@ def _sweep_case(tmp_path, kind, k):
     _write(vol, 0, P3)
     vol.flush()
     vol.checkpoint()        # the flusher's round: the write-intent log no longer marks them
+    if kind == "full":      # image 1's disk dropped these writes; it is still marked in sync
+        with open(m.real(b), "r+b") as f:
+            f.write(b"\xee" * (SIZE // 2))
+            os.fsync(f.fileno())
     saves = [0]
 
     def nth(path, data):
@@ -315,6 +319,8 @@ def _sweep_case(tmp_path, kind, k):
     m.on_cut.append(lambda: returned.append(writer.started))
     if kind == "resync":
         vol.resync(1)
+    elif kind == "full":
+        vol.resync(1, full=True)
     elif kind == "attach":
         vol.attach(b)
     else:
@@ -337,6 +343,8 @@ def _sweep_case(tmp_path, kind, k):
             vol.restore(1)
         elif kind == "resync" and vol.images[1].state is ImageState.SPLIT:
             vol.resync(1)
+        elif kind == "full" and vol.images[1].state is ImageState.IN_SYNC:
+            vol.resync(1, full=True)
         elif kind == "attach" and len(vol.images) == 1:
             # the unrecorded attach may have copied part of the volume into b already: b
             # holds data, and an attach over data must be forced (issue 14, item 5)
@@ -360,11 +368,12 @@ def _sweep_case(tmp_path, kind, k):
     return cut
 
 
-@pytest.mark.parametrize("kind", ["resync", "attach", "restore"])
+@pytest.mark.parametrize("kind", ["resync", "attach", "restore", "full"])
 def test_cut_at_every_metadata_save(tmp_path, monkeypatch, kind):
     """Cut the power right after each metadata save in turn (the persistence points, as
     xfstests replays every FUA of a dm-log-writes log), with a FUA writer running: after the
-    boot no acknowledged write is lost and the images end identical."""
+    boot no acknowledged write is lost and the images end identical. ``full``: a full resync
+    of an image marked in sync whose disk dropped writes (half the volume differs)."""
     monkeypatch.setattr(resync_mod, "CHECKPOINT_REGIONS", 4)
     k = 1
     while _sweep_case(tmp_path, kind, k):

@@ -163,3 +163,49 @@ def test_finished_resync_reports_where_its_time_went(tmp_path, caplog):
     (line,) = [r.getMessage() for r in caplog.records if "resync of image 1 done" in r.getMessage()]
     assert f"{2 * REGION} bytes" in line
     vol.close()
+
+
+def test_full_resync_rebuilds_an_image_marked_in_sync(tmp_path):
+    """Issue 14 (dropped writes): a disk that acknowledged writes and lost them leaves an image
+    marked in sync holding stale data, and a plain resync refuses it ("already in sync").
+    resync(full=True) takes it out of the set reads use at once (a stale image is never read),
+    copies every region from the other image, and marks it in sync only when done."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    good = pattern(256, 7)                        # 128 KiB: regions 0-31 of the 1 MiB volume
+    write(vol, 0, good)
+    vol.flush()
+    with open(paths[1], "r+b") as f:              # the writes image 1's disk dropped
+        f.seek(0)
+        f.write(b"\xee" * (64 * REGION))
+    with pytest.raises(StateError, match="already in sync .*--full"):
+        vol.resync(1)
+    gate = _copy_gate(3)
+    opener.by_path[paths[1]].gates.append(gate)
+    job = vol.resync(1, full=True)
+    gate.wait_reached()
+    assert vol.images[1].state is ImageState.SYNCING and job.full
+    before = opener.by_path[paths[1]].stats["reads"]
+    for _ in range(3):                            # (regions 0-2 wait for the held copy)
+        assert read(vol, 32, 224) == good[32 * BS:]   # never the stale image
+    assert opener.by_path[paths[1]].stats["reads"] == before
+    write(vol, 200, pattern(4, 9))                # writes keep reaching it
+    gate.open()
+    assert job.wait(10) and job.state == "done"
+    assert job.progress()["bytes_total"] == 1 << 20
+    assert vol.images[1].state is ImageState.IN_SYNC
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    assert read(vol, 200, 4) == pattern(4, 9)
+    vol.close()
+
+
+def test_full_resync_needs_another_image_in_sync(tmp_path):
+    """The image being rebuilt cannot be its own source: with no other in-sync image a full
+    resync is refused and the image keeps serving."""
+    vol, _, _ = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    with pytest.raises(StateError, match="no other in-sync image to resync image 0 from"):
+        vol.resync(0, full=True)
+    assert vol.images[0].state is ImageState.IN_SYNC
+    job = vol.resync(1, full=True)                # a split image: every region, not the bitmap
+    assert job.wait(10) and job.state == "done" and job.progress()["bytes_total"] == 1 << 20
+    vol.close()
