@@ -105,15 +105,25 @@ class _Epoch:
 
 
 class _LegGroup:
-    """The legs of one bounded fan-out: results by leg, when the first in-sync leg finished."""
+    """The legs of one bounded fan-out: results by leg, when the first in-sync leg finished.
 
-    __slots__ = ("cond", "results", "first_ok", "fastest")
+    Two locks serve as one-shot events (C-level acquire/release: a Condition costs a lock
+    allocation and a Python-level wait per write): ``any_ok`` is released when the first
+    in-sync leg succeeded (or, failing that, when the last leg ended), ``all_done`` when the
+    last leg ended. ``mu`` guards the fields."""
 
-    def __init__(self):
-        self.cond = threading.Condition(threading.Lock())
+    __slots__ = ("mu", "results", "left", "first_ok", "fastest", "any_ok", "all_done")
+
+    def __init__(self, nlegs):
+        self.mu = threading.Lock()
         self.results = {}
+        self.left = nlegs
         self.first_ok = None
         self.fastest = None
+        self.any_ok = threading.Lock()
+        self.any_ok.acquire()
+        self.all_done = threading.Lock()
+        self.all_done.acquire()
 
 
 class _LegDone:
@@ -126,12 +136,19 @@ class _LegDone:
 
     def done(self, exc):
         g = self.group
-        with g.cond:
+        with g.mu:
             g.results[self.img] = exc
-            if exc is None and self.in_sync and g.first_ok is None:
+            g.left -= 1
+            last = g.left == 0
+            first = exc is None and self.in_sync and g.first_ok is None
+            if first:
                 g.first_ok = time.monotonic()
                 g.fastest = self.img
-            g.cond.notify()
+            wake_any = first or (last and g.first_ok is None)
+        if wake_any:
+            g.any_ok.release()
+        if last:
+            g.all_done.release()
 
 
 class MirrorVolume:
@@ -704,21 +721,17 @@ class MirrorVolume:
     def _fanout_bounded(self, targets, fn, length):
         """Every leg on its worker; wait until all are done or ``leg_timeout`` seconds passed
         since the first in-sync leg finished. Returns (errors, other exception)."""
-        group = _LegGroup()
+        group = _LegGroup(len(targets))
         for img in targets:
             img.worker.submit_to(fn, img.storage, _LegDone(group, img,
                                                            img.state is ImageState.IN_SYNC))
         timeout = self.leg_timeout
-        n = len(targets)
-        with group.cond:
-            while len(group.results) < n:
-                if group.first_ok is None:
-                    group.cond.wait()
-                    continue
-                left = group.first_ok + timeout - time.monotonic()
-                if left <= 0:
-                    break
-                group.cond.wait(left)
+        group.any_ok.acquire()
+        if group.first_ok is not None:
+            left = group.first_ok + timeout - time.monotonic()
+            if left > 0:
+                group.all_done.acquire(timeout=left)
+        with group.mu:
             results = dict(group.results)
             fastest = group.fastest
         errors, other = [], None
