@@ -8,6 +8,7 @@ command (both sides of the ring run in this process, so the CPU figure is an upp
 lvmirrord's share).
 
 Usage: .venv/bin/python bench/bench_datapath.py [--seconds 3] [--qd 32] [--dir /dev/shm]
+       [--jobs write,read,read1m]
 """
 
 from __future__ import annotations
@@ -92,7 +93,12 @@ def main():
     ap.add_argument("--qd", type=int, default=32)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--jobs", default="write,read,read1m",
+                    help="comma-separated: write (4 KiB random mirrored writes), read (4 KiB "
+                         "random reads), read1m (1 MiB sequential reads)")
     args = ap.parse_args()
+    if set(args.jobs.split(",")) - {"write", "read", "read1m"}:
+        ap.error(f"--jobs: unknown job in {args.jobs!r}")
     work = tempfile.mkdtemp(prefix="lvm-bench-", dir=args.dir)
     try:
         imgs = [os.path.join(work, f"img{k}") for k in range(2)]
@@ -115,16 +121,20 @@ def main():
             cid = emu.submit(cdb(0x2A, k // BS, 2048), data_out=os.urandom(1 << 20))
             emu.wait([cid])
         emu.completions.clear()
-        run_job(emu, "4 KiB random mirrored writes", lambda: (
-            cdb(0x2A, rnd.randrange(nblk // 8) * 8, 8), {"data_out": payload}),
-            args.seconds, args.qd)
-        run_job(emu, "4 KiB random reads", lambda: (
-            cdb(0x28, rnd.randrange((64 << 20) // 4096) * 8, 8), {"data_in_len": 4096}),
-            args.seconds, args.qd)
         seq = iter(range(0, 10 ** 9))
-        run_job(emu, "1 MiB sequential reads", lambda: (
-            cdb(0x28, (next(seq) % 64) * 2048, 2048), {"data_in_len": 1 << 20}),
-            args.seconds, min(args.qd, 16))
+        jobs = {
+            "write": ("4 KiB random mirrored writes", lambda: (
+                cdb(0x2A, rnd.randrange(nblk // 8) * 8, 8), {"data_out": payload}), args.qd),
+            "read": ("4 KiB random reads", lambda: (
+                cdb(0x28, rnd.randrange((64 << 20) // 4096) * 8, 8), {"data_in_len": 4096}),
+                args.qd),
+            "read1m": ("1 MiB sequential reads", lambda: (
+                cdb(0x28, (next(seq) % 64) * 2048, 2048), {"data_in_len": 1 << 20}),
+                min(args.qd, 16)),
+        }
+        for key in args.jobs.split(","):
+            name, make, qd = jobs[key]
+            run_job(emu, name, make, args.seconds, qd)
         print(f"ring: {lun._ring.stats}")
         lun.stop()
         emu.close()

@@ -162,8 +162,9 @@ class ResyncJob(_Job):
             t_copy = time.monotonic()
             self.phase_seconds["drain"] = t_copy - self._t0
             buf = StorageImage.aligned_buffer(vol.region_size)
-            # an anonymous mapping never written: zero pages, no memory for large regions
-            self._zero = StorageImage.aligned_buffer(vol.region_size)
+            # compared as bytes: == of two memoryviews unpacks every byte (about 1.5 ms per
+            # MiB, 30 times a memcmp of bytes), which made the zero check the copy's main cost
+            self._zero = bytes(vol.region_size)
             last_ck, since_ck = time.monotonic(), 0
             while True:
                 for r in bm.dirty_regions():
@@ -219,7 +220,7 @@ class ResyncJob(_Job):
             try:
                 _read_from_in_sync(vol, ep, off, ln, view)
                 try:
-                    if view == self._zero[:ln]:
+                    if view.tobytes() == (self._zero if ln == len(self._zero) else bytes(ln)):
                         # an all-zero region: deallocate it (reads back as zeroes), so a
                         # thin image stays thin and the copy costs no writes
                         img.storage.discard(off, ln)
