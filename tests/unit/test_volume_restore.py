@@ -1,5 +1,7 @@
 """Restore: roll the live volume back to a split image's contents."""
 
+import json
+
 import pytest
 
 from lvmirror.errors import StateError
@@ -58,6 +60,8 @@ def test_io_during_restore_sees_restored_content(tmp_path):
 
 
 def test_restore_resumes_after_restart(tmp_path):
+    """A restore stopped by close resumes on open, at the rate limit it was started with
+    (issue 15: it resumed unlimited); a finished restore leaves no rate behind."""
     vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
     vol.split(1)
     snap = image_bytes(paths[1])
@@ -65,7 +69,7 @@ def test_restore_resumes_after_restart(tmp_path):
         write(vol, lba, pattern(1, lba + 5))
     gate = Gate(lambda op, off, ln: op == "read" and off == 4 * REGION)
     opener.by_path[paths[1]].gates.append(gate)
-    job = vol.restore(1)
+    job = vol.restore(1, rate_limit=50)
     gate.wait_reached()
     job.stop()
     gate.open()
@@ -73,9 +77,12 @@ def test_restore_resumes_after_restart(tmp_path):
     vol.close()
     vol2 = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
     (job2,) = vol2.jobs.values()
+    assert job2.rate_limit == 50
     assert job2.wait(10) and job2.state == "done"
     assert image_bytes(paths[0]) == snap
     vol2.close()
+    md = json.load(open(tmp_path / "meta" / "vol" / "volume.json"))
+    assert md["images"][1]["restore_running"] is False and md["images"][1]["restore_rate"] is None
 
 
 def test_cancelled_restore_resumes_and_blocks_detach(tmp_path):
@@ -100,29 +107,3 @@ def test_cancelled_restore_resumes_and_blocks_detach(tmp_path):
     assert image_bytes(paths[0]) == image_bytes(paths[1]) == snap
     vol.detach(2)
     vol.close()
-
-
-def test_restore_rate_limit_survives_a_restart(tmp_path):
-    """Issue 15 (an operator's rate limit survives a restart of lvmirrord): a restore started
-    at 50 MB/s resumes at 50 MB/s after the volume is closed and opened again (it resumed
-    unlimited), and a finished restore leaves no rate behind."""
-    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
-    vol.split(1)
-    for lba in range(0, 80, 8):
-        write(vol, lba, pattern(1, lba + 5))
-    gate = Gate(lambda op, off, ln: op == "read" and off == 4 * REGION)
-    opener.by_path[paths[1]].gates.append(gate)
-    job = vol.restore(1, rate_limit=50)
-    gate.wait_reached()
-    job.stop()
-    gate.open()
-    job.wait(10)
-    vol.close()
-    vol2 = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
-    (job2,) = vol2.jobs.values()
-    assert job2.rate_limit == 50
-    assert job2.wait(10) and job2.state == "done"
-    vol2.close()
-    import json
-    md = json.load(open(tmp_path / "meta" / "vol" / "volume.json"))
-    assert md["images"][1]["restore_running"] is False and md["images"][1]["restore_rate"] is None
