@@ -93,6 +93,9 @@ def main():
     ap.add_argument("--qd", type=int, default=32)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--no-inline-reads", action="store_true",
+                    help="every command through the worker pool (the ring thread answers "
+                         "cached READs itself by default)")
     ap.add_argument("--jobs", default="write,read,read1m",
                     help="comma-separated: write (4 KiB random mirrored writes), read (4 KiB "
                          "random reads), read1m (1 MiB sequential reads)")
@@ -106,13 +109,15 @@ def main():
         dev = fake_device(os.path.join(work, "tree"), cfg, SIZE)
         emu = RingEmulator(cmdr_size=(1 << 20) - 128, data_size=64 << 20, directory=args.dir)
         emu.run_reaper()
-        lun = LunServer(dev, VolumeRegistry(os.path.join(work, "state")), workers=args.workers)
+        lun = LunServer(dev, VolumeRegistry(os.path.join(work, "state")), workers=args.workers,
+                        inline_reads=not args.no_inline_reads)
         lun.open(handle=emu.handle())
         lun.start()
         for job in lun.volume.jobs.values():
             job.wait(60)
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, 2-image volume on "
-              f"{args.dir}, {args.workers} workers per LUN")
+              f"{args.dir}, {args.workers} workers per LUN, "
+              f"cached reads {'through the pool' if args.no_inline_reads else 'on the ring thread'}")
         rnd = random.Random(1)
         nblk = SIZE // BS
         payload = os.urandom(4096)
@@ -135,7 +140,7 @@ def main():
         for key in args.jobs.split(","):
             name, make, qd = jobs[key]
             run_job(emu, name, make, args.seconds, qd)
-        print(f"ring: {lun._ring.stats}")
+        print(f"ring: {lun._ring.stats}; answered by the ring thread: {lun.inline}")
         lun.stop()
         emu.close()
     finally:

@@ -27,11 +27,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from lvmirror import __version__, cfgstring, sdnotify
-from lvmirror.errors import ConfigError, LvmirrorError, StateError
+from lvmirror.errors import ConfigError, LvmirrorError, StateError, WouldBlock
 from lvmirror.mirror.metadata import VolumeMetadata
 from lvmirror.mirror.resync import job_progress
 from lvmirror.mirror.volume import MirrorVolume
 from lvmirror.scsi import LogicalUnit, Response
+from lvmirror.scsi.lu import READ_OPCODES
 from lvmirror.scsi import constants as scsi
 from lvmirror.scsi.sense import build_sense
 from lvmirror.tcmu import netlink, uio
@@ -194,6 +195,10 @@ class NotReadyBackend:
 # views before it leaves the ring mapped (seconds).
 HELD_VIEWS_WAIT = 30.0
 
+# The largest READ (bytes) the ring thread answers itself from the page cache: a larger copy
+# is better spread over the pool's threads (preadv drops the GIL: copies run in parallel).
+INLINE_READ_MAX = 64 << 10
+
 # Commands a LUN answers even when its volume is not open (so initiators can see why).
 _ALWAYS_ANSWERED = {scsi.INQUIRY, scsi.REQUEST_SENSE, scsi.MAINTENANCE_IN}
 
@@ -212,8 +217,15 @@ def _owner_label(owner) -> str:
 class LunServer:
     """Serves one user:lvmirror device: its TCMU ring, its worker pool, its volume."""
 
-    def __init__(self, device, registry: VolumeRegistry, *, workers: int = 4):
+    def __init__(self, device, registry: VolumeRegistry, *, workers: int = 4,
+                 inline_reads: bool = True):
+        """``workers``: threads of the LUN's pool, which runs every command that may block.
+        ``inline_reads``: the ring thread answers a READ itself when the data is in the page
+        cache (``LogicalUnit.execute(nowait=True)``), saving the hand-off to a worker and back;
+        any other command, or a read that would wait, goes to the pool."""
         self.device = device
+        self.inline_reads = inline_reads
+        self.inline = 0              # commands the ring thread answered itself
         self.registry = registry
         self.name = device.dev_name
         self.workers = workers
@@ -401,9 +413,21 @@ class LunServer:
                 batch = ring.fetch()
                 for ids in batch.aborts:
                     self._aborted.update(ids)
+                nowait = self._nowait_ok()
                 for command in batch.commands:
                     inflight += 1
                     self.commands += 1
+                    if nowait and command.data_len <= INLINE_READ_MAX and command.cdb[:1] \
+                            and command.cdb[0] in READ_OPCODES:
+                        try:
+                            response = self.lu.execute(command.cdb, (), command.iov_views,
+                                                       nowait=True)
+                        except WouldBlock:
+                            pass
+                        else:
+                            self.inline += 1
+                            self._completions.put((command, response))
+                            continue
                     self._pool.submit(self._execute, command)
             completed = 0
             while True:
@@ -429,6 +453,12 @@ class LunServer:
             if stopping and inflight == 0:
                 break
         self._pool.shutdown(wait=True)
+
+    def _nowait_ok(self) -> bool:
+        """The ring thread may try READs itself: enabled, the volume open and answering, its
+        backend able to read without blocking, and no abort pending (the pool answers those)."""
+        return (self.inline_reads and self.error is None and self.lu is not None
+                and not self._aborted and getattr(self.backend, "supports_nowait", False))
 
     def _execute(self, command):
         try:

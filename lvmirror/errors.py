@@ -44,3 +44,10 @@ class ConfigError(LvmirrorError):
 
 class StateError(LvmirrorError):
     """An operation the volume's current state does not allow."""
+
+
+class WouldBlock(LvmirrorError):
+    """A read asked not to block (``nowait``) could not complete from memory at once: the data
+    is not in the page cache (``preadv`` with RWF_NOWAIT answered EAGAIN or read short), a
+    region lock is held by a conflicting I/O, a restore must copy the region first, or an image
+    errored. Nothing was changed: the caller runs the same read again where it may block."""

@@ -29,7 +29,7 @@ import stat
 import struct
 import threading
 
-from lvmirror.errors import ConfigError, ImageIOError
+from lvmirror.errors import ConfigError, ImageIOError, WouldBlock
 from lvmirror.mirror.imagecheck import busy_message
 
 __all__ = ["StorageImage"]
@@ -44,6 +44,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)     # linux/fs.h
 _ZERO_CHUNK = 1 << 20
 _NOT_SUPPORTED = {_errno.EOPNOTSUPP, _errno.ENOTTY, _errno.ENOSYS, _errno.EINVAL}
 
@@ -103,6 +104,7 @@ class StorageImage:
         self.logical_block_size = logical_block_size
         self.read_only = read_only
         self.direct = direct
+        self._nowait_ok = True      # preadv RWF_NOWAIT works here (cleared on EOPNOTSUPP)
         self.is_block_device = is_block_device
         self.stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
                           discards=0, errors=0, bounced=0, cache_drops=0)
@@ -258,11 +260,20 @@ class StorageImage:
 
     # -- I/O --------------------------------------------------------------------------------
 
-    def readv(self, offset: int, buffers) -> None:
-        """Fill ``buffers`` with the bytes at ``offset`` (zero copy; loops on short reads)."""
+    def readv(self, offset: int, buffers, *, nowait: bool = False) -> None:
+        """Fill ``buffers`` with the bytes at ``offset`` (zero copy; loops on short reads).
+
+        ``nowait``: from the page cache only (``preadv2`` with RWF_NOWAIT, Linux 4.14): raises
+        WouldBlock when the kernel would have to wait for the device (EAGAIN, or a short read:
+        part of the range is not cached), the file system does not support it (EOPNOTSUPP),
+        the image is opened O_DIRECT, or the read errored (the blocking read reports it).
+        Nothing is counted then. ImageIOError (op "read") for an I/O error otherwise."""
         bufs = [b for b in map(_as_bytes_view, buffers) if len(b)]
         total = sum(len(b) for b in bufs)
         self._check_range("read", offset, total)
+        if nowait:
+            self._readv_nowait(offset, bufs, total)
+            return
         if self._needs_bounce(bufs):
             bounce = self.aligned_buffer(total)
             self._readv(offset, [bounce], total)
@@ -273,6 +284,21 @@ class StorageImage:
             self._count(bounced=1)
             return
         self._readv(offset, bufs, total)
+
+    def _readv_nowait(self, offset, bufs, total) -> None:
+        if self.direct or not self._nowait_ok or len(bufs) > _IOV_MAX:
+            raise WouldBlock(f"image {self.path}: no page-cache read")
+        try:
+            n = os.preadv(self.fd, bufs, offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            raise WouldBlock(f"image {self.path}: not in the page cache") from None
+        except OSError as e:
+            if e.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
+                self._nowait_ok = False         # never again on this file
+            raise WouldBlock(f"image {self.path}: {os.strerror(e.errno)}") from None
+        if n != total:
+            raise WouldBlock(f"image {self.path}: {n} of {total} bytes in the page cache")
+        self._count(reads=1, bytes_read=total)
 
     def _readv(self, offset, bufs, total) -> None:
         pos = offset

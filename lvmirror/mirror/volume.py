@@ -61,7 +61,7 @@ import os
 import threading
 import time
 
-from lvmirror.errors import ConfigError, ImageIOError, StateError, VolumeIOError
+from lvmirror.errors import ConfigError, ImageIOError, StateError, VolumeIOError, WouldBlock
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.durability import DurabilityBarrier
 from lvmirror.mirror import imagecheck
@@ -894,17 +894,64 @@ class MirrorVolume:
             rj.before_io(offset, length)
         return offset, length
 
-    def read(self, lba, buffers):
-        """Fill ``buffers`` (list of memoryview) with the blocks from ``lba``."""
+    @property
+    def supports_nowait(self) -> bool:
+        """``read(..., nowait=True)`` can answer from the page cache: the images are opened
+        buffered (with O_DIRECT every read waits for the device)."""
+        return not self._direct
+
+    def read(self, lba, buffers, nowait=False):
+        """Fill ``buffers`` (list of memoryview) with the blocks from ``lba``.
+
+        ``nowait``: only from memory, without waiting for anything - the data in an in-sync
+        image's page cache (``StorageImage.readv(nowait=True)``), the range's region lock free
+        of writers, no restore running; otherwise WouldBlock, with nothing changed (no image
+        failed, no statistics counted). The ring thread answers cached reads this way without
+        a hand-off to a worker."""
         nblocks = self._buffers_len(buffers) // self.block_size
+        if nowait and (self._direct or self.control.restore_job is not None):
+            raise WouldBlock("the read may wait for a device or a restore")
         offset, length = self._prologue(lba, nblocks)
         if not nblocks:
             return
-        lk = self.locks.lock(lba, nblocks, shared=True)
+        if nowait:
+            lk = self.locks.try_lock(lba, nblocks, shared=True)
+            if lk is None:
+                raise WouldBlock("a write holds the range")
+        else:
+            lk = self.locks.lock(lba, nblocks, shared=True)
         try:
-            self._read_locked(offset, buffers, length)
+            if nowait:
+                self._read_nowait(offset, buffers, length)
+            else:
+                self._read_locked(offset, buffers, length)
         finally:
             lk.release()
+
+    def _read_nowait(self, offset, buffers, length):
+        """``_read_locked`` for ``read(nowait=True)``: one in-sync image, from its page cache;
+        WouldBlock (nothing counted, no image failed) when that is not possible."""
+        ep = self._enter()
+        try:
+            reads = ep.reads
+            n = len(reads)
+            if not n:
+                raise WouldBlock("no image to read from")
+            if self._torn and self._touches_torn(offset, length):
+                img = reads[0]      # images may differ here: always the same one answers
+            else:
+                img = reads[next(self._rr) % n]
+            if img.state is not ImageState.IN_SYNC:
+                raise WouldBlock("the image chosen is leaving the mirror")
+            try:
+                img.storage.readv(offset, buffers, nowait=True)
+            except ImageIOError as e:
+                # the worker's read handles it (fails the image, tries the others)
+                raise WouldBlock(str(e)) from e
+        except BaseException:
+            self._leave(ep)
+            raise
+        self._leave(ep, "reads", length)
 
     def write(self, lba, buffers, fua=False):
         """Write ``buffers`` to every live image; returns when all have it."""

@@ -23,17 +23,23 @@ anything else HARDWARE ERROR / INTERNAL TARGET FAILURE.
 
 REPORT LUNS and PERSISTENT RESERVE / RESERVE / RELEASE are answered by LIO's core before a
 command reaches TCMU, so they are not here.
+
+``execute(..., nowait=True)`` answers a READ only if it completes without blocking (the
+backend's ``read(..., nowait=True)``: data in the page cache, no conflicting region lock), and
+raises ``WouldBlock`` otherwise, having changed nothing; any other command raises it at once.
+The caller (the ring thread) then hands the command to a worker, which runs it normally.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
 import time
 from typing import NamedTuple, Protocol, Sequence
 
-from lvmirror.errors import StateError, VolumeIOError
+from lvmirror.errors import StateError, VolumeIOError, WouldBlock
 from lvmirror.scsi import constants as c
 from lvmirror.scsi.sense import build_sense
 
@@ -41,7 +47,7 @@ log = logging.getLogger(__name__)
 
 LOG_INTERVAL = 10.0     # seconds between two log lines of the same per-command failure kind
 
-__all__ = ["Backend", "LogicalUnit", "Response"]
+__all__ = ["Backend", "LogicalUnit", "READ_OPCODES", "Response"]
 
 IEEE_OUI_LIO = 0x001405      # the OUI LIO uses in NAA designators
 
@@ -57,6 +63,7 @@ class Backend(Protocol):
     num_blocks: int
 
     def read(self, lba: int, buffers: list) -> None: ...
+    # optional: supports_nowait (bool) and read(lba, buffers, nowait=True) raising WouldBlock
     def write(self, lba: int, buffers: list, fua: bool = False) -> None: ...
     def flush(self) -> None: ...
     def unmap(self, lba: int, nblocks: int) -> None: ...
@@ -85,6 +92,7 @@ def _invalid_param(field, bit=None):
 
 
 _LBA_OUT_OF_RANGE = (c.ILLEGAL_REQUEST, c.ASC_LBA_OUT_OF_RANGE)
+READ_OPCODES = frozenset((c.READ_6, c.READ_10, c.READ_12, c.READ_16))
 
 
 # -- buffer helpers ---------------------------------------------------------------------------
@@ -198,8 +206,12 @@ class LogicalUnit:
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    def execute(self, cdb: bytes, data_out: Sequence = (), data_in: Sequence = ()) -> Response:
-        """Run one command. Never raises."""
+    def execute(self, cdb: bytes, data_out: Sequence = (), data_in: Sequence = (), *,
+                nowait: bool = False) -> Response:
+        """Run one command. Never raises, except ``WouldBlock`` with ``nowait`` (only a READ
+        whose data the backend has in memory is answered then; see the module docstring)."""
+        if nowait and (not cdb or cdb[0] not in READ_OPCODES):
+            raise WouldBlock("only READ commands run without blocking")
         try:
             if not cdb:
                 return self._check(c.ILLEGAL_REQUEST, c.ASC_INVALID_OPCODE)
@@ -226,7 +238,11 @@ class LogicalUnit:
                     if self._unit_attentions:
                         asc = self._unit_attentions.pop(0)
                         return self._check(c.UNIT_ATTENTION, asc)
+            if nowait:
+                return self._read(cdb, data_out, data_in, nowait=True)
             return op.handler(cdb, data_out, data_in)
+        except WouldBlock:
+            raise
         except _Check as e:
             return Response(c.CHECK_CONDITION, e.sense, 0)
         except VolumeIOError as e:
@@ -308,19 +324,22 @@ class LogicalUnit:
             raise _invalid_cdb(4 if cdb[0] in (c.READ_6, c.WRITE_6) else 7)
         return lba, n
 
-    def _read(self, cdb, data_out, data_in):
+    def _read(self, cdb, data_out, data_in, nowait=False):
         lba, n = self._transfer(cdb, writes=False)
         if n == 0:
             return GOOD_RESPONSE
         bs = self.backend.block_size
         want = min(n * bs, _total(data_in))
         full = want // bs
+        read = self.backend.read
+        if nowait:
+            read = functools.partial(read, nowait=True)
         if full:
-            self.backend.read(lba, _take(data_in, full * bs))
+            read(lba, _take(data_in, full * bs))
         rest = want - full * bs
         if rest:                                     # a partial last block: bounce it
             tmp = bytearray(bs)
-            self.backend.read(lba + full, [memoryview(tmp)])
+            read(lba + full, [memoryview(tmp)])
             views = _take(data_in, want)
             skip = full * bs
             pos = 0

@@ -313,3 +313,29 @@ def test_a_slow_leg_left_behind_does_not_stop_the_ring(lab, tmp_path, monkeypatc
         emu.wait([tur])
         time.sleep(0.1)
     assert lun._held == [] and lun.error is None
+
+
+def test_cached_reads_are_answered_by_the_ring_thread(lab, tmp_path):
+    """READs whose data is in the page cache are answered by the ring thread itself (no hand-off
+    to a worker and back); a READ of a range a write holds goes to a worker and waits for it."""
+    import time
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    data = random.Random(5).randbytes(64 * BS)
+    wid = emu.submit(cdb10(0x2A, 0, 64), data_out=data)
+    assert emu.wait([wid])[wid].status == 0
+    before = lun.inline
+    rids = [emu.submit(cdb10(0x28, 8 * k, 8), data_in_len=8 * BS) for k in range(8)]
+    done = emu.wait(rids)
+    assert [done[r].data_in for r in rids] == [data[8 * k * BS:8 * (k + 1) * BS]
+                                               for k in range(8)]
+    if lun.inline == before:
+        pytest.skip(f"{tmp_path}: no RWF_NOWAIT reads on this file system")
+    hold = lun.volume.locks.lock(0, 8)             # as a write in flight holds it
+    rid = emu.submit(cdb10(0x28, 0, 8), data_in_len=8 * BS)
+    time.sleep(0.3)
+    assert rid not in emu.completions
+    hold.release()
+    assert emu.wait([rid])[rid].data_in == data[:8 * BS]

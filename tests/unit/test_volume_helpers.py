@@ -11,7 +11,7 @@ import errno
 import threading
 import time
 
-from lvmirror.errors import ImageIOError
+from lvmirror.errors import ImageIOError, WouldBlock
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.volume import MirrorVolume
 
@@ -54,13 +54,16 @@ class GatedImage(StorageImage):
             raise ImageIOError(self, errno.EIO, f"image {self.path}: injected write error")
         return super().writev(offset, bufs, fua=fua)
 
-    def readv(self, offset, buffers):
+    def readv(self, offset, buffers, *, nowait=False):
         bufs = list(buffers)
         ln = sum(len(memoryview(b).cast("B")) for b in bufs)
+        if nowait and any(g.count and g.match("read", offset, ln)
+                          for g in list(getattr(self, "gates", []))):
+            raise WouldBlock(f"image {self.path}: a gate waits")
         self._gate("read", offset, ln)
         if self.fail_reads:
             raise ImageIOError(self, errno.EIO, f"image {self.path}: injected read error")
-        return super().readv(offset, bufs)
+        return super().readv(offset, bufs, nowait=nowait)
 
     def flush(self):
         if self.fail_writes:

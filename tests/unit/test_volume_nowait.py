@@ -1,0 +1,131 @@
+"""Reads without blocking (``read(nowait=True)``): what the ring thread answers itself.
+
+A nowait read is answered only from an in-sync image's page cache (preadv RWF_NOWAIT) with the
+range's region lock free; otherwise it raises WouldBlock having changed nothing (no image failed,
+nothing counted), and the same read run normally gives the answer. The images live in tmp_path
+(ext4 here: tmpfs does not support RWF_NOWAIT and the read always goes to a worker)."""
+
+import os
+
+import pytest
+
+from lvmirror.errors import WouldBlock
+from lvmirror.mirror.volume import ImageState
+from lvmirror.scsi import LogicalUnit
+
+from tests.unit.test_volume_helpers import BS, make_volume, pattern, read, write
+
+
+def _nowait_supported(tmp_path):
+    p = tmp_path / "probe"
+    p.write_bytes(b"x" * 4096)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def vol(tmp_path):
+    if not _nowait_supported(tmp_path):
+        pytest.skip(f"{tmp_path}: the file system does not support RWF_NOWAIT reads")
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096)
+    write(vol, 0, pattern(64, 3))
+    yield vol, opener, paths
+    vol.close()
+
+
+def _read_nowait(vol, lba, n):
+    buf = bytearray(n * BS)
+    vol.read(lba, [memoryview(buf)], nowait=True)
+    return bytes(buf)
+
+
+def test_cached_data_is_read_without_blocking(vol):
+    v, _, _ = vol
+    assert v.supports_nowait
+    before = v.stats["reads"]
+    assert _read_nowait(v, 0, 64) == pattern(64, 3)
+    assert v.stats["reads"] == before + 1
+
+
+def test_a_write_holding_the_range_makes_it_wait(vol):
+    v, _, _ = vol
+    before = v.stats["reads"]
+    lk = v.locks.lock(8, 8)                      # what an in-flight write holds
+    with pytest.raises(WouldBlock, match="a write holds the range"):
+        _read_nowait(v, 0, 16)
+    assert _read_nowait(v, 16, 8) == pattern(64, 3)[16 * BS:24 * BS]   # elsewhere: fine
+    lk.release()
+    assert _read_nowait(v, 0, 16) == pattern(64, 3)[:16 * BS]
+    assert v.stats["reads"] == before + 2
+
+
+def test_data_not_in_the_page_cache_makes_it_wait(vol):
+    v, _, paths = vol
+    v.flush()
+    for p in paths:                               # the pages leave the cache
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    before = v.stats["reads"]
+    with pytest.raises(WouldBlock):
+        _read_nowait(v, 0, 64)
+    assert v.stats["reads"] == before
+    assert read(v, 0, 64) == pattern(64, 3)      # the blocking read brings them back
+    assert _read_nowait(v, 0, 64) == pattern(64, 3)
+
+
+def test_an_image_error_is_left_to_the_blocking_read(vol):
+    """A nowait read never fails an image: the worker's read does, and serves from the other."""
+    v, opener, paths = vol
+    for p in paths:
+        opener.by_path[p].fail_reads = True
+    opener.by_path[paths[1]].fail_reads = False
+    for _ in range(4):                            # whichever image the round robin picks
+        try:
+            _read_nowait(v, 0, 8)
+        except WouldBlock:
+            pass
+    assert all(i.state is ImageState.IN_SYNC for i in v.images)
+    assert read(v, 0, 8) == pattern(64, 3)[:8 * BS]
+    assert v.images[0].state is ImageState.FAILED
+
+
+def test_restore_or_direct_io_always_waits(vol, tmp_path):
+    v, _, _ = vol
+    v.split(1)
+    write(v, 0, pattern(8, 9))
+    job = v.restore(1, rate_limit=0.001)
+    try:
+        with pytest.raises(WouldBlock, match="restore"):
+            _read_nowait(v, 32, 8)
+    finally:
+        job.stop()
+        job.wait(10)
+    v._direct = True
+    assert not v.supports_nowait
+    with pytest.raises(WouldBlock):
+        _read_nowait(v, 32, 8)
+    v._direct = False
+
+
+def test_the_scsi_core_answers_only_reads_without_blocking(vol):
+    v, _, _ = vol
+    lu = LogicalUnit(v)
+    buf = bytearray(8 * BS)
+    resp = lu.execute(bytes([0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0]), (), [memoryview(buf)],
+                      nowait=True)
+    assert resp.status == 0 and bytes(buf) == pattern(64, 3)[8 * BS:16 * BS]
+    bad = lu.execute(bytes([0x28, 0, 0xFF, 0xFF, 0xFF, 0, 0, 0, 8, 0]), (), [memoryview(buf)],
+                     nowait=True)
+    assert bad.status == 2                        # LBA out of range: answered, not deferred
+    with pytest.raises(WouldBlock):               # anything but a READ goes to a worker
+        lu.execute(bytes(6), nowait=True)
+    with pytest.raises(WouldBlock):
+        lu.execute(bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0]), [memoryview(bytes(BS))], (),
+                   nowait=True)
