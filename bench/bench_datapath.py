@@ -5,7 +5,11 @@ The emulator plays the kernel's side of the TCMU ring byte for byte; the LUN is 
 volume (2 images on tmpfs) behind the real SCSI core, worker pool and ring thread. For each job
 it keeps QD commands in flight and reports commands per second and process CPU microseconds per
 command (both sides of the ring run in this process, so the CPU figure is an upper bound for
-lvmirrord's share).
+lvmirrord's share), and the same figure for a bare loop issuing the job's preadv/pwritev calls
+(to both images for writes) with the ratio between the two. The emulator's threads (this one,
+which submits, and its reaper, which copies the data out as the kernel would) are measured apart
+(/proc/self/task/*/stat, in clock ticks): "lvmirrord's threads" is the rest, the ring thread,
+the worker pool and the image workers.
 
 Usage: .venv/bin/python bench/bench_datapath.py [--seconds 3] [--qd 32] [--dir /dev/shm]
        [--jobs write,read,read1m]
@@ -19,6 +23,7 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,11 +64,59 @@ def cdb(op, lba, n):
     raise ValueError(op)
 
 
+def bare_loop(imgs, key, seconds):
+    """The same preadv/pwritev calls as job ``key`` in a plain loop, no ring, no engine: CPU
+    microseconds per command (the floor the per-command figure is compared with)."""
+    fds = [os.open(p, os.O_RDWR) for p in imgs]
+    rnd = random.Random(2)
+    buf4 = bytearray(4096)
+    buf1m = bytearray(1 << 20)
+    n = 0
+    c0 = time.process_time()
+    deadline = time.perf_counter() + seconds
+    try:
+        while time.perf_counter() < deadline:
+            for _ in range(200):
+                if key == "write":
+                    off = rnd.randrange(SIZE // 4096) * 4096
+                    for fd in fds:
+                        os.pwritev(fd, [buf4], off)
+                elif key == "read":
+                    os.preadv(fds[n & 1], [buf4], rnd.randrange((64 << 20) // 4096) * 4096)
+                else:
+                    os.preadv(fds[n & 1], [buf1m], (n % 64) << 20)
+                n += 1
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return (time.process_time() - c0) / n * 1e6
+
+
+def _thread_cpu(native_ids) -> float:
+    """CPU seconds (user + system) of this process's threads ``native_ids`` (/proc task stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for tid in native_ids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])     # utime, stime (fields 14, 15)
+    return total / tick
+
+
+def _emulator_ids(emu):
+    """The threads playing the kernel: this one (submit/wait) and the emulator's reaper."""
+    return [threading.get_native_id(), emu._reaper.native_id]
+
+
 def run_job(emu, name, make, seconds, qd):
     inflight = set()
     done = 0
     t0 = time.perf_counter()
     c0 = time.process_time()
+    e0 = _thread_cpu(_emulator_ids(emu))
     deadline = t0 + seconds
     while True:
         now = time.perf_counter()
@@ -80,11 +133,14 @@ def run_job(emu, name, make, seconds, qd):
         inflight -= got
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
+    emu_cpu = _thread_cpu(_emulator_ids(emu)) - e0
     bad = [c for c in list(emu.completions.values())[-100:] if c.status != 0]
     assert not bad, f"{name}: commands failed: {bad[:3]}"
     emu.completions.clear()
+    own = max(cpu - emu_cpu, 0.0)
     print(f"{name:<42} {done / wall:10.0f} cmd/s  {cpu / done * 1e6:8.1f} CPU us/cmd "
-          f"({done} commands, QD {qd})")
+          f"({done} commands, QD {qd}); lvmirrord's threads {own / done * 1e6:.1f} us/cmd")
+    return own / done * 1e6
 
 
 def main():
@@ -139,7 +195,10 @@ def main():
         }
         for key in args.jobs.split(","):
             name, make, qd = jobs[key]
-            run_job(emu, name, make, args.seconds, qd)
+            us = run_job(emu, name, make, args.seconds, qd)
+            floor = bare_loop(imgs, key, min(args.seconds, 2.0))
+            print(f"{'  bare loop of the same syscalls':<42} {'':>10}        {floor:8.1f} CPU "
+                  f"us/cmd (lvmirrord's threads: {us / floor:.1f}x)")
         print(f"ring: {lun._ring.stats}; answered by the ring thread: {lun.inline}")
         lun.stop()
         emu.close()
