@@ -122,10 +122,12 @@ class VolumeRegistry:
                                    **_tuning(spec))
 
     def get(self, name):
+        """The open MirrorVolume called ``name``, or None."""
         with self._lock:
             return self._volumes.get(name)
 
     def names(self):
+        """Names of the open volumes, sorted."""
         with self._lock:
             return sorted(self._volumes)
 
@@ -136,6 +138,10 @@ class VolumeRegistry:
             return sorted(int(k[len(prefix):]) for k in self._users if k.startswith(prefix))
 
     def release(self, spec: cfgstring.VolumeSpec, backend=None):
+        """A LUN stops using ``spec``'s volume (or its exported split image, whose ``backend`` is
+        closed); the volume is closed when no LUN uses it any more. Releasing what is not held does
+        nothing.
+        """
         key = spec.name if spec.image is None else f"{spec.name};image={spec.image}"
         with self._lock:
             if self._users.pop(key, None) is None:
@@ -295,6 +301,7 @@ class LunServer:
                               f"hw_block_size={volume.block_size} before enabling)")
 
     def start(self):
+        """Start the worker pool (``workers`` threads) and the ring thread; call after open."""
         self._pool = ThreadPoolExecutor(max_workers=self.workers,
                                         thread_name_prefix=f"lun-{self.name}")
         self._thread = threading.Thread(target=self._serve, name=f"ring-{self.name}", daemon=True)
@@ -329,6 +336,9 @@ class LunServer:
         self._wake_r = self._wake_w = -1
 
     def reconfigure(self, event):
+        """Apply a netlink RECONFIG_DEVICE ``event``: write cache on/off, a new size in bytes
+        (at most what the volume holds: ConfigError otherwise; the LUN reports CAPACITY DATA HAS
+        CHANGED), a new cfgstring (ConfigError: a live LUN's cfgstring cannot change)."""
         if event.write_cache is not None:
             self.lu.write_cache = bool(event.write_cache)
             log.info("LUN %s: write cache %s", self.name, "on" if event.write_cache else "off")
@@ -493,12 +503,15 @@ class BackupProgress:
         self._t_end = None
 
     def update(self, done, total):
+        """Progress callback of backup_image: ``done`` of ``total`` bytes copied."""
         self.bytes_done, self.bytes_total = done, total
 
     def finish(self, state, error=None):
+        """The backup ended: ``state`` "done" or "failed" (with ``error``)."""
         self.state, self.error, self._t_end = state, error, time.monotonic()
 
     def progress(self) -> dict:
+        """The job dict status() shows (kind, image, state, bytes, MB/s, elapsed s, dest)."""
         return job_progress(self, rate_limit=None, dest=self.dest)
 
 
@@ -524,6 +537,10 @@ class Lvmirrord:
 
     # -- LUN bookkeeping -----------------------------------------------------------------------
     def add_lun(self, device, *, pickup=False) -> LunServer:
+        """Serve ``device`` (a uio.Device of a user:lvmirror backstore): open its ring and its
+        volume, start its threads. ``pickup``: the device existed before lvmirrord started
+        (its ring may hold commands of a previous lvmirrord). Returns the LunServer (the same
+        one if it is already served). OSError when the device cannot be opened."""
         with self._lock:
             if device.uio_name in self.luns:
                 return self.luns[device.uio_name]
@@ -534,6 +551,8 @@ class Lvmirrord:
             return lun
 
     def remove_lun(self, uio_name):
+        """Stop serving the device ``uio_name`` (e.g. "uio0"): drain and complete its
+        in-flight commands, release its volume. Unknown names are ignored."""
         with self._lock:
             lun = self.luns.pop(uio_name, None)
         if lun is not None:
@@ -561,6 +580,11 @@ class Lvmirrord:
         return volume
 
     def status(self) -> dict:
+        """Everything ``lvmirror status`` shows, as a JSON-able dict: per open volume its size
+        (bytes), block and region size, images (index, path, state, split time, changed bytes,
+        error), jobs (resync, restore, backup progress), exported split images, health
+        (optimal, degraded, offline) and I/O counters; per LUN its uio device, cfgstring,
+        error and commands served."""
         volumes = {}
         for name in self.registry.names():
             volume = self.registry.get(name)
@@ -591,6 +615,11 @@ class Lvmirrord:
                 "luns": luns}
 
     def split(self, name, image):
+        """Split image ``image`` (an index) off volume ``name`` now (``MirrorVolume.split``:
+        I/O begun before the split time T completes to every image, later I/O goes to the
+        others and is not paused). Returns index, path, split_time (seconds since the epoch),
+        generation and the number of I/Os drained. ConfigError: no such volume; StateError /
+        IndexError as MirrorVolume.split raises them."""
         info = self._volume(name).split(image)
         log.info("volume %s: image %d split at %.6f (%d I/Os drained)", name, image,
                  info.split_time, info.drained)
@@ -648,6 +677,10 @@ class Lvmirrord:
         return job.progress()
 
     def restore(self, name, image, rate_mbps=0.0):
+        """Roll volume ``name`` back to its split image ``image`` at ``rate_mbps`` MB/s (0:
+        unlimited; kept across a restart). The volume reads as the split image once this
+        returns (``MirrorVolume.restore``). Returns the job's progress dict. StateError: the
+        image is not split, is exported or backed up, or a restore runs."""
         with self._backup_lock:
             self._no_backup(name, image)
             job = self._volume(name).restore(image, rate_limit=rate_mbps or None)
@@ -687,6 +720,9 @@ class Lvmirrord:
         log.info("volume %s: image %d detached", name, image)
 
     def cancel(self, name, image):
+        """Stop the resync or restore running on image ``image`` of volume ``name`` and wait
+        for it; its bitmap is kept (resync / restore resume it). ConfigError: no such volume
+        or image, or no job runs on it."""
         volume = self._volume(name)
         for info in volume.images:
             if info.index == image:
@@ -716,6 +752,8 @@ class Lvmirrord:
         return lock_id
 
     def unlock_region(self, lock_id, *, owner):
+        """Release external lock ``lock_id`` (from lock_region). ConfigError unless ``owner``
+        holds it."""
         with self._lock:
             entry = self._external_locks.get(lock_id)
             if entry is None or entry[1].owner != owner:
@@ -724,6 +762,8 @@ class Lvmirrord:
         entry[1].release()
 
     def list_locks(self, name):
+        """Volume ``name``'s region locks: holders and waiters (LBA, count, shared, owner,
+        seconds held or waited) and the ids of the external locks taken through lock_region."""
         volume = self._volume(name)
 
         def info(x):
@@ -789,6 +829,8 @@ class Lvmirrord:
 
     # -- run -----------------------------------------------------------------------------------
     def start(self):
+        """Listen to TCMU netlink events, pick up the user:lvmirror devices that already exist,
+        and start the D-Bus service (unless ``with_bus`` is False)."""
         os.makedirs(self.state_dir, exist_ok=True)
         self._netlink = netlink.TcmuNetlink()
         self._netlink.start(self._on_event)
@@ -810,6 +852,8 @@ class Lvmirrord:
                 self._bus.start()
 
     def stop(self):
+        """Stop the D-Bus service and the netlink listener, then every LUN (each drains and
+        completes its in-flight commands and closes its volume cleanly)."""
         sdnotify.notify("STOPPING=1")
         if self._bus is not None:
             self._bus.stop()
@@ -819,6 +863,7 @@ class Lvmirrord:
             self.remove_lun(uio_name)
 
     def run(self):
+        """start(), tell systemd READY=1, serve until request_stop(), then stop()."""
         self.start()
         sdnotify.notify("READY=1", f"STATUS=serving {len(self.luns)} LUN(s)")
         log.info("lvmirrord %s ready: %d LUN(s), state in %s", __version__, len(self.luns),
@@ -828,6 +873,7 @@ class Lvmirrord:
         self.stop()
 
     def request_stop(self, *_):
+        """Ask run() to stop (the SIGTERM / SIGINT handler)."""
         self._stop.set()
 
 
@@ -852,6 +898,7 @@ def setup_logging(level: str):
 
 
 def main(argv=None):
+    """The lvmirrord command (``lvmirrord --help``); returns the exit status."""
     parser = argparse.ArgumentParser(prog="lvmirrord", description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
                         help="where volume metadata, bitmaps and logs live (default %(default)s)")
