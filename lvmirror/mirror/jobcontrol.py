@@ -98,6 +98,10 @@ class JobControl:
             vol._start_worker(img)
 
     def start_resync(self, img, *, full, rate_limit):
+        """Make ``img`` syncing with its bitmap (every region if ``full``) and start its
+        ResyncJob at ``rate_limit`` MB/s (None: unlimited). The bitmap, then the state and
+        cursor, are saved before the epoch swap that lets writes reach the image and stops
+        reads from it. Returns the job."""
         vol = self.vol
         with vol._meta:
             img.state = ImageState.SYNCING
@@ -358,6 +362,9 @@ class JobControl:
 
 
     def resume(self):
+        """After open: restart the resyncs (at their saved rate, from their saved cursor and
+        bitmap) and the restore that were running when the volume closed or the machine
+        stopped."""
         vol = self.vol
         for img in list(vol._images):
             if img.state is ImageState.SYNCING and img.rec.resync_next is not None:

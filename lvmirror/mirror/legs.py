@@ -24,6 +24,11 @@ WORKER_THREADS = 4
 
 
 class ImageState(enum.Enum):
+    """An image's role (persisted as its value). in-sync: holds the volume's data, serves reads
+    and takes every write. syncing: takes writes, a resync copies the regions its bitmap marks,
+    serves no reads (a stale image is never read). split: a point-in-time copy, out of the
+    write set, its bitmap marks what changed on the volume since T. failed: out of the write
+    set after an I/O error, its bitmap marks what it missed."""
     IN_SYNC = "in-sync"
     SYNCING = "syncing"
     SPLIT = "split"
@@ -32,6 +37,9 @@ class ImageState(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class ImageInfo:
+    """One image as ``MirrorVolume.images`` reports it (a snapshot): ``dirty_bytes`` (bytes the
+    change bitmap marks) and ``bitmap_fill`` (fraction of regions marked) are None in sync;
+    ``split_time`` is seconds since the epoch; ``error`` says why the image failed."""
     index: int
     id: int
     path: str
@@ -45,6 +53,7 @@ class ImageInfo:
 
 @dataclasses.dataclass(frozen=True)
 class SplitInfo:
+    """What ``MirrorVolume.split`` returns."""
     index: int
     path: str
     split_time: float             # wall clock of T
@@ -53,6 +62,8 @@ class SplitInfo:
 
 
 class Completion:
+    """One leg's outcome, handed from a Worker to the issuing thread: ``done(exc)`` once (exc
+    None on success), ``wait()`` blocks until then and returns exc."""
     __slots__ = ("_gate", "exc")
 
     def __init__(self):
@@ -96,6 +107,7 @@ class Worker:
                 comp.done(None)
 
     def submit(self, fn, arg) -> Completion:
+        """Run ``fn(arg)`` on a worker; returns the Completion to wait on."""
         comp = Completion()
         self._q.put((fn, arg, comp))
         return comp
@@ -105,6 +117,7 @@ class Worker:
         self._q.put((fn, arg, comp))
 
     def stop(self):
+        """Let every thread end once the work queued before this call is done."""
         for _ in self._threads:
             self._q.put(None)
 
@@ -124,6 +137,7 @@ class Leg:
         self.exported = 0          # SplitImageVolume objects serving this split image
 
     def sync_rec(self):
+        """Copy the in-memory state into the metadata record (before a save)."""
         self.rec.state = self.state.value
 
 

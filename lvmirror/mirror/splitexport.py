@@ -63,6 +63,7 @@ class SplitImageVolume:
         self._check(0, 0)
 
     def read(self, lba, buffers):
+        """Fill ``buffers`` with the split image's blocks from ``lba`` (shared region lock)."""
         n = sum(len(b) for b in buffers) // self.block_size
         self._check(lba, n)
         with self.locks.lock(lba, n, shared=True) if n else _nolock():
@@ -72,6 +73,8 @@ class SplitImageVolume:
                 raise VolumeIOError(str(e), is_read=True) from e
 
     def write(self, lba, buffers, fua=False):
+        """Write to the split image; the change bitmap marks the range (durably) first, so a
+        later resync copies it back."""
         n = sum(len(b) for b in buffers) // self.block_size
         self._check(lba, n)
         if not n:
@@ -85,6 +88,7 @@ class SplitImageVolume:
                 raise VolumeIOError(str(e), is_read=False) from e
 
     def flush(self):
+        """Make the split image's writes durable (fdatasync)."""
         self._check(0, 0)
         try:
             self._img.storage.flush()
@@ -92,6 +96,7 @@ class SplitImageVolume:
             raise VolumeIOError(str(e), is_read=False) from e
 
     def unmap(self, lba, nblocks):
+        """Deallocate ``nblocks`` blocks from ``lba`` (marked in the change bitmap first)."""
         self._check(lba, nblocks)
         if not nblocks:
             return
@@ -104,6 +109,8 @@ class SplitImageVolume:
                 raise VolumeIOError(str(e), is_read=False) from e
 
     def compare_and_write(self, lba, verify, data):
+        """SBC COMPARE AND WRITE under the range lock: None once ``data`` is written, or the
+        byte offset of the first miscompare (nothing written)."""
         n = len(verify) // self.block_size
         self._check(lba, n)
         if not n:
@@ -120,6 +127,7 @@ class SplitImageVolume:
             return None
 
     def close(self):
+        """The LUN stops exporting the image (idempotent)."""
         if not self._closed:
             self._closed = True
             with self._vol._mgmt:

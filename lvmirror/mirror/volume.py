@@ -1039,6 +1039,7 @@ class MirrorVolume:
 
     @property
     def images(self) -> list[ImageInfo]:
+        """Every image in index order (ImageInfo snapshots, taken under the metadata lock)."""
         with self._meta:
             out = []
             for k, im in enumerate(self._images):
@@ -1052,6 +1053,9 @@ class MirrorVolume:
 
     @property
     def stats(self) -> dict:
+        """I/O counters since open (reads, writes, bytes, flushes, errors, image failures,
+        slow legs, out-of-space and metadata errors...), I/Os in flight, the metadata
+        generation, write-intent log regions marked and saves, and each image's own counters."""
         with self._elock:
             d = dict(self._stats)
             d["inflight"] = self._epoch.inflight + sum(e.inflight for e in self._retired)
@@ -1064,6 +1068,7 @@ class MirrorVolume:
 
     @property
     def uuid(self) -> str:
+        """The volume's UUID (volume.json), also the LUN's identity in VPD 0x80/0x83."""
         return self._md.uuid
 
     def image_storage(self, index) -> StorageImage | None:
