@@ -24,6 +24,29 @@ import time
 EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 
+def image_index(text: str) -> int:
+    """argparse type: an image index, a whole number 0..3."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an image index is a whole number, got {text!r}")
+    if not 0 <= value <= 3:
+        raise argparse.ArgumentTypeError(f"an image index is 0 to 3, got {value}")
+    return value
+
+
+def rate(text: str) -> float:
+    """argparse type: a rate limit in MB/s, a finite number >= 0 (0: unlimited)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rate is a number of MB/s, got {text!r}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a rate is a number of MB/s >= 0 (0: unlimited), "
+                                         f"got {text}")
+    return value
+
+
 def _manager():
     import dbus
     from lvmirror.bus.service import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
@@ -103,12 +126,12 @@ def main(argv=None):
     for name in ("split", "detach", "cancel"):
         s = sub.add_parser(name)
         s.add_argument("volume")
-        s.add_argument("image", type=int)
+        s.add_argument("image", type=image_index)
     for name in ("resync", "restore"):
         s = sub.add_parser(name)
         s.add_argument("volume")
-        s.add_argument("image", type=int)
-        s.add_argument("--rate", type=float, default=0.0, help="MB/s, 0 = unlimited")
+        s.add_argument("image", type=image_index)
+        s.add_argument("--rate", type=rate, default=0.0, help="MB/s, 0 = unlimited")
         s.add_argument("--wait", action="store_true", help="return when it finished")
         if name == "resync":
             s.add_argument("--full", action="store_true",
@@ -123,7 +146,7 @@ def main(argv=None):
     s.add_argument("--wait", action="store_true")
     s = sub.add_parser("backup", help="copy a split image (the point-in-time copy) to a file")
     s.add_argument("volume")
-    s.add_argument("image", type=int)
+    s.add_argument("image", type=image_index)
     s.add_argument("dest")
     s.add_argument("--format", choices=("raw", "qcow2"), default="raw")
     s = sub.add_parser("wait")
@@ -172,7 +195,10 @@ def main(argv=None):
                 fn = mgr.Resync if args.cmd == "resync" else mgr.Restore
                 res = json.loads(fn(args.volume, args.image, args.rate))
             if not args.json:
-                print(f"{args.cmd} of image {args.image} started: {res['bytes_total']} bytes")
+                print(f"{'full ' if getattr(args, 'full', False) else ''}{args.cmd} of image "
+                      f"{args.image} started: {res['bytes_total']} bytes"
+                      + ("; the image serves no reads until it ends"
+                         if getattr(args, "full", False) else ""))
             else:
                 print(json.dumps(res))
         elif args.cmd == "attach":

@@ -298,8 +298,9 @@ class LunServer:
     def open(self, *, pickup: bool = False, handle=None):
         """Open the uio device (or use ``handle``, e.g. the ring emulator's) and the volume.
 
-        Device errors (busy, wrong ring) raise; volume errors leave the LUN answering NOT READY
-        with the reason logged and kept in ``error``."""
+        Device errors (busy, wrong ring) raise; volume errors - any, not only the foreseen
+        LvmirrorError ones - leave the LUN answering NOT READY with the reason logged and kept
+        in ``error``."""
         self._handle = handle if handle is not None else uio.open_device(self.device,
                                                                          pickup=pickup)
         try:
@@ -333,6 +334,13 @@ class LunServer:
             self.error = str(exc)
             self.lu = LogicalUnit(NotReadyBackend(size), wwn=wwn)
             log.error("LUN %s: %s; medium access gets NOT READY until it is fixed", self.name, exc)
+        except Exception as exc:
+            # a volume whose state lvmirror cannot read (a bug, or state no version should
+            # have written) must not take lvmirrord and every other LUN down with it
+            self.error = f"cannot open the volume: {type(exc).__name__}: {exc}"
+            self.lu = LogicalUnit(NotReadyBackend(size), wwn=wwn)
+            log.exception("LUN %s: %s; medium access gets NOT READY until it is fixed",
+                          self.name, self.error)
 
     def _check_block_size(self, volume):
         hw = self.device.hw_block_size()

@@ -21,7 +21,7 @@ from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.legs import MAX_IMAGES, ImageState, Leg, check_image_fits
 from lvmirror.mirror.metadata import VolumeMetadata
-from lvmirror.mirror.resync import RestoreJob, ResyncJob
+from lvmirror.mirror.resync import RestoreJob, ResyncJob, check_rate
 
 __all__ = ["JobControl"]
 
@@ -62,6 +62,7 @@ class JobControl:
         Raises StateError: the image is in sync (without ``full``), exported as a LUN, already
         has a job, a restore runs, or no other image is in sync. IndexError: no such image."""
         vol = self.vol
+        rate_limit = check_rate(rate_limit)
         vol._check_open()
         with vol._mgmt:
             img = vol._img(image_index)
@@ -176,8 +177,11 @@ class JobControl:
         Semantics: when the call returns, the volume *reads as* the split image (a read or
         write that touches a region not yet copied first restores that region). Writes made
         after the call are kept. When the job is done the image stays split and its change
-        bitmap holds exactly the regions written since they were restored (empty if none)."""
+        bitmap holds exactly the regions written since they were restored (empty if none).
+        ``rate_limit`` MB/s (None: unlimited; ValueError as ``resync.check_rate``, before
+        anything is saved) is kept across a restart."""
         vol = self.vol
+        rate_limit = check_rate(rate_limit)
         vol._check_open()
         with vol._mgmt:
             img = vol._img(image_index)
@@ -267,8 +271,9 @@ class JobControl:
         already an image of this volume or a current image of another volume of the state
         directory (by real path, device and inode), a block device another user holds (opened
         with O_EXCL as LIO's iblock does; the holder is named). StateError: 4 images already,
-        no in-sync image to copy from."""
+        no in-sync image to copy from. ValueError: a bad ``rate_limit`` (checked first)."""
         vol = self.vol
+        rate_limit = check_rate(rate_limit)
         vol._check_open()
         path = os.fspath(path)
         with vol._mgmt:
@@ -361,6 +366,18 @@ class JobControl:
                     pass
 
 
+    def _saved_rate(self, img, field):
+        """The rate limit saved with an interrupted job; one no version of lvmirror should have
+        written (negative, NaN) resumes the job unlimited, with a warning, rather than keep the
+        volume from opening."""
+        rate = getattr(img.rec, field)
+        try:
+            return check_rate(rate)
+        except ValueError:
+            log.warning("volume %s: image %s: saved %s %r is not a rate; the job resumes "
+                        "unlimited", self.vol.name, img.rec.path, field, rate)
+            return None
+
     def resume(self):
         """After open: restart the resyncs (at their saved rate, from their saved cursor and
         bitmap) and the restore that were running when the volume closed or the machine
@@ -369,7 +386,7 @@ class JobControl:
         for img in list(vol._images):
             if img.state is ImageState.SYNCING and img.rec.resync_next is not None:
                 job = ResyncJob(vol, img, full=img.rec.resync_full,
-                                rate_limit=img.rec.resync_rate)
+                                rate_limit=self._saved_rate(img, "resync_rate"))
                 vol.jobs[img.rec.id] = job
                 job.start(vol._epoch)
             elif img.state is ImageState.SPLIT and img.rec.restore_running:
@@ -378,7 +395,7 @@ class JobControl:
                     rb = RegionBitmap.load(rpath, vol.size, vol.region_size)
                 except (OSError, ValueError):
                     rb = img.bitmap.copy()
-                job = RestoreJob(vol, img, rb, rate_limit=img.rec.restore_rate)
+                job = RestoreJob(vol, img, rb, rate_limit=self._saved_rate(img, "restore_rate"))
                 self.restore_job = job
                 vol.jobs[img.rec.id] = job
                 job.start()

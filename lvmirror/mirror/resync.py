@@ -31,6 +31,7 @@ durable on the target.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
@@ -38,7 +39,7 @@ from lvmirror.errors import ImageIOError, LvmirrorError, StateError
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.metadata import VolumeMetadata
 
-__all__ = ["ResyncJob", "RestoreJob", "job_progress"]
+__all__ = ["ResyncJob", "RestoreJob", "check_rate", "job_progress"]
 
 CHECKPOINT_REGIONS = 64
 CHECKPOINT_SECONDS = 1.0
@@ -88,9 +89,9 @@ class _Job:
     # -- control ----------------------------------------------------------------------------------
 
     def set_rate_limit(self, mb_per_s):
-        """Limit the copy to ``mb_per_s`` MB/s (None or 0: unlimited); takes effect at once."""
-        if mb_per_s is not None and (not isinstance(mb_per_s, (int, float)) or mb_per_s < 0):
-            raise ValueError(f"rate limit must be a non-negative number of MB/s, got {mb_per_s!r}")
+        """Limit the copy to ``mb_per_s`` MB/s (None or 0: unlimited); takes effect at once.
+        ValueError as ``check_rate``."""
+        mb_per_s = check_rate(mb_per_s)
         self._rate = float(mb_per_s) * MB if mb_per_s else None
         self._t_tokens = time.monotonic()
         self._tokens = 0.0
@@ -135,6 +136,20 @@ class _Job:
         self.error = error
         self._t_end = time.monotonic()
         self._done.set()
+
+
+def check_rate(mb_per_s):
+    """A copy's rate limit in MB/s as stored and used: None (unlimited) for None, 0 or infinity,
+    else the number. ValueError for anything else - a negative number, NaN, a bool or a
+    non-number - before a caller saves it: a rate is checked before any state that names it is
+    written (a bad rate saved with a job would stop the volume from opening)."""
+    if mb_per_s is None:
+        return None
+    if isinstance(mb_per_s, bool) or not isinstance(mb_per_s, (int, float)) \
+            or math.isnan(mb_per_s) or mb_per_s < 0:
+        raise ValueError(f"rate limit must be a non-negative number of MB/s (0: unlimited), "
+                         f"got {mb_per_s!r}")
+    return None if mb_per_s == 0 or math.isinf(mb_per_s) else mb_per_s
 
 
 class ResyncJob(_Job):

@@ -122,8 +122,10 @@ def test_cli_status_split_resync(daemon, tmp_path):
     r = cli(address, "resync", "vol0", "2", "--wait")
     assert r.returncode == 0, r.stderr
     assert vol.images[2].state.value == "in-sync"
-    r = cli(address, "split", "vol0", "9")
-    assert r.returncode == 1 and "no image 9" in r.stderr
+    r = cli(address, "split", "vol0", "3")          # a 3-image volume: lvmirrord refuses
+    assert r.returncode == 1 and "no image 3" in r.stderr, r.stderr
+    r = cli(address, "split", "vol0", "9")          # never an image index: a usage error
+    assert r.returncode == 2 and "an image index is 0 to 3, got 9" in r.stderr
     r = cli(address, "split", "nosuch", "1")
     assert r.returncode == 1 and "no volume 'nosuch'" in r.stderr
 
@@ -260,9 +262,20 @@ def test_cli_full_resync_rebuilds_an_image_in_sync(daemon):
     assert r.returncode == 1 and "image 1 is already in sync" in r.stderr and "--full" in r.stderr
     out = cli_call(address, "ResyncWithOptions", "vol0", 1, 0.0, {"ful": True}, check=False)
     assert "unknown option 'ful' (known: full)" in out
+    for bad in (["--rate", "-1"], ["--rate", "nan"], ["--rate", "inf"]):
+        r = cli(address, "resync", "vol0", "1", "--full", *bad)
+        assert r.returncode == 2 and "a rate is a number of MB/s" in r.stderr, r.stderr
+    r = cli(address, "resync", "vol0", "-1", "--full")
+    assert r.returncode == 2 and "an image index is 0 to 3, got -1" in r.stderr
+    assert vol.images[1].state.value == "in-sync"      # nothing was changed by the refusals
+    out = cli_call(address, "ResyncWithOptions", "vol0", 1, -5.0, {"full": True}, check=False)
+    assert "rate limit must be a non-negative number of MB/s" in out
+    assert vol.images[1].state.value == "in-sync"
+    assert not any(j.is_alive() for j in vol.jobs.values())
     r = cli(address, "resync", "vol0", "1", "--full", "--wait")
     assert r.returncode == 0, r.stderr
-    assert f"resync of image 1 started: {4 << 20} bytes" in r.stdout
+    assert (f"full resync of image 1 started: {4 << 20} bytes; the image serves no reads "
+            f"until it ends") in r.stdout
     assert vol.images[1].state.value == "in-sync"
     assert open(vol.images[1].path, "rb").read() == open(vol.images[0].path, "rb").read()
 
@@ -276,6 +289,8 @@ def test_attach_options_are_checked():
     with pytest.raises(ValueError, match="option 'force' must be a boolean"):
         attach_options({"force": "yes"})
     from lvmirror.bus.volume import resync_options
-    assert resync_options({"full": 1}) == {"full": True}
+    assert resync_options({"full": True}) == {"full": True}
+    with pytest.raises(ValueError, match="option 'full' must be a boolean"):
+        resync_options({"full": 7})          # an integer is not a boolean (b)
     with pytest.raises(ValueError, match="ResyncWithOptions: unknown option 'force'"):
         resync_options({"force": True})

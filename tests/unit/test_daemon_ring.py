@@ -339,3 +339,19 @@ def test_cached_reads_are_answered_by_the_ring_thread(lab, tmp_path):
     assert rid not in emu.completions
     hold.release()
     assert emu.wait([rid])[rid].data_in == data[:8 * BS]
+
+
+def test_a_volume_that_cannot_be_opened_for_an_unforeseen_reason_answers_not_ready(
+        lab, tmp_path, monkeypatch, caplog):
+    """Any error opening the volume (not only the foreseen LvmirrorError) leaves that LUN
+    answering NOT READY with the reason, instead of ending lvmirrord and every other LUN."""
+    from lvmirror.mirror.volume import MirrorVolume
+
+    def broken(*a, **kw):
+        raise ValueError("state no version writes")
+    monkeypatch.setattr(MirrorVolume, "create", broken)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(images(tmp_path))}")
+    assert lun.error == "cannot open the volume: ValueError: state no version writes"
+    tur = emu.submit(bytes(6))
+    assert parse_sense(emu.wait([tur])[tur].sense) == (2, 0x04, 0x03)
+    assert "state no version writes" in caplog.text

@@ -209,3 +209,56 @@ def test_full_resync_needs_another_image_in_sync(tmp_path):
     job = vol.resync(1, full=True)                # a split image: every region, not the bitmap
     assert job.wait(10) and job.state == "done" and job.progress()["bytes_total"] == 1 << 20
     vol.close()
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), True, "5"])
+def test_a_bad_rate_is_refused_before_anything_is_saved(tmp_path, bad):
+    """A rate limit is checked before the job's state is written: `--rate -1` used to leave the
+    image syncing with no job, and the saved -1 kept the volume (and lvmirrord) from opening."""
+    vol, _, _ = make_volume(tmp_path, 2, region_size=REGION)
+    with pytest.raises(ValueError, match="rate limit must be a non-negative number of MB/s"):
+        vol.resync(1, full=True, rate_limit=bad)
+    vol.split(1)
+    with pytest.raises(ValueError):
+        vol.resync(1, rate_limit=bad)
+    with pytest.raises(ValueError):
+        vol.restore(1, rate_limit=bad)
+    with pytest.raises(ValueError):
+        vol.attach(str(tmp_path / "new.img"), rate_limit=bad)
+    assert [i.state for i in vol.images] == [ImageState.IN_SYNC, ImageState.SPLIT]
+    assert not any(j.is_alive() for j in vol.jobs.values())
+    vol.close()
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
+    assert [i.state for i in vol.images] == [ImageState.IN_SYNC, ImageState.SPLIT]
+    job = vol.resync(1, rate_limit=float("inf"))      # infinity: unlimited
+    assert job.rate_limit is None and job.wait(10)
+    vol.close()
+
+
+def test_a_bad_saved_rate_resumes_unlimited(tmp_path, caplog):
+    """State no version should write (a negative saved rate) must not keep the volume from
+    opening: the job resumes unlimited, with a warning."""
+    import json
+    import logging
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    for lba in range(0, 80, 8):
+        write(vol, lba, pattern(1, lba))
+    gate = _copy_gate(2)
+    opener.by_path[paths[1]].gates.append(gate)
+    job = vol.resync(1, rate_limit=5)
+    gate.wait_reached()
+    t, box = run_thread(vol.close)                # close stops the job; it resumes on open
+    wait_until(lambda: job._cancel.is_set())
+    gate.open()
+    t.join(10)
+    mdp = tmp_path / "meta" / "vol" / "volume.json"
+    md = json.loads(mdp.read_text())
+    md["images"][1]["resync_rate"] = -1.0
+    mdp.write_text(json.dumps(md))
+    with caplog.at_level(logging.WARNING):
+        vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
+    (job,) = vol.jobs.values()
+    assert job.rate_limit is None and job.wait(10) and job.state == "done"
+    assert "saved resync_rate -1.0 is not a rate; the job resumes unlimited" in caplog.text
+    vol.close()
