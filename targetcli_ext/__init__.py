@@ -63,6 +63,18 @@ def resync_image(manager, volume: str, image: int, rate: float, full: bool = Fal
     return json.loads(manager.Resync(volume, image, rate))
 
 
+def flag(name: str, value) -> bool:
+    """A true/false parameter of a targetcli-lvmirror command (``full=true``): true, yes, 1,
+    false, no, 0 (any case). ValueError naming the parameter for anything else: a misspelt
+    ``full=ture`` must not silently mean false."""
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def saved_control(control: str, nl_reply_supported: str | None) -> str:
     """rtslib's control string for a user backstore plus ``nl_reply_supported`` when it is not
     the kernel's default (0)."""
@@ -130,6 +142,12 @@ def install():
                                      f"(is the backstore enabled and lvmirrord running?)")
             return spec, st, vol
 
+        def _flag(self, name, value):
+            try:
+                return flag(name, value)
+            except ValueError as e:
+                raise ExecutionError(str(e)) from None
+
         def _image(self, image):
             try:
                 return int(image)
@@ -190,10 +208,10 @@ def install():
             copies every region, also into an image marked in sync (a disk suspected of
             dropped writes), which serves no reads until the copy ends."""
             res = call(resync_image, _manager(), self._spec().name, self._image(image),
-                       float(rate or 0), str(full).lower() in ("true", "yes", "1"))
+                       float(rate or 0), self._flag("full", full))
             self.shell.con.display(f"resync of image {image} started: "
                                    f"{res['bytes_total']} bytes to copy")
-            if str(wait).lower() in ("true", "yes", "1"):
+            if self._flag("wait", wait):
                 self._wait("resync")
 
         def ui_command_restore(self, image, rate=None, wait="false"):
@@ -202,7 +220,7 @@ def install():
             json.loads(call(_manager().Restore, self._spec().name, self._image(image),
                             float(rate or 0)))
             self.shell.con.display(f"restore from image {image} started")
-            if str(wait).lower() in ("true", "yes", "1"):
+            if self._flag("wait", wait):
                 self._wait("restore")
 
         def ui_command_attach(self, path, force="false"):
@@ -210,7 +228,7 @@ def install():
             resync overwrites PATH, so an existing PATH that holds data is refused (the error
             says what was found) unless force=true."""
             idx = call(attach_image, _manager(), self._spec().name, str(path),
-                       str(force).lower() in ("true", "yes", "1"))
+                       self._flag("force", force))
             self.shell.con.display(f"{path} attached as image {int(idx)}; full resync started")
 
         def ui_command_detach(self, image):

@@ -264,8 +264,8 @@ def bool_options(method, options, known) -> dict:
         if key not in known:
             raise ValueError(f"{method}: unknown option {key!r} (known: "
                              f"{', '.join(sorted(known))})")
-        if not isinstance(value, (bool, int)) or isinstance(value, str):
-            raise ValueError(f"{method}: option {key!r} must be a boolean, got {value!r}")
+        if not isinstance(value, (bool, dbus.Boolean)):
+            raise ValueError(f"{method}: option {key!r} must be a boolean (b), got {value!r}")
         out[key] = bool(value)
     return out
 

@@ -98,3 +98,12 @@ def test_resync_passes_full_only_when_asked():
     assert targetcli_ext.resync_image(mgr, "vol0", 1, 0.0, True)["bytes_total"] == 16
     assert mgr.calls == [("Resync", "vol0", 1, 20.0),
                          ("ResyncWithOptions", "vol0", 1, 0.0, {"full": True}, "sv")]
+
+
+def test_flags_are_true_or_false_never_a_silent_false():
+    """`resync 1 full=ture` used to mean full=false: a parameter that is neither true nor
+    false is refused, naming it."""
+    assert [targetcli_ext.flag("full", v) for v in ("true", "YES", "1", "false", "no", "0")] \
+        == [True, True, True, False, False, False]
+    with pytest.raises(ValueError, match="full must be true or false, got 'ture'"):
+        targetcli_ext.flag("full", "ture")
