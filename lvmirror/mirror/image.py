@@ -270,10 +270,13 @@ class StorageImage:
         Nothing is counted then. ImageIOError (op "read") for an I/O error otherwise."""
         bufs = [b for b in map(_as_bytes_view, buffers) if len(b)]
         total = sum(len(b) for b in bufs)
-        self._check_range("read", offset, total)
         if nowait:
+            if self.fd < 0:     # closed: the blocking read reports (and counts) the error
+                raise WouldBlock(f"image {self.path}: closed")
+            self._check_range("read", offset, total)
             self._readv_nowait(offset, bufs, total)
             return
+        self._check_range("read", offset, total)
         if self._needs_bounce(bufs):
             bounce = self.aligned_buffer(total)
             self._readv(offset, [bounce], total)

@@ -331,12 +331,14 @@ class LogicalUnit:
         bs = self.backend.block_size
         want = min(n * bs, _total(data_in))
         full = want // bs
+        rest = want - full * bs
         read = self.backend.read
         if nowait:
+            if rest:    # two backend reads: the first would be counted twice if the second waits
+                raise WouldBlock("a partial last block is read by a worker")
             read = functools.partial(read, nowait=True)
         if full:
             read(lba, _take(data_in, full * bs))
-        rest = want - full * bs
         if rest:                                     # a partial last block: bounce it
             tmp = bytearray(bs)
             read(lba + full, [memoryview(tmp)])

@@ -129,3 +129,24 @@ def test_the_scsi_core_answers_only_reads_without_blocking(vol):
     with pytest.raises(WouldBlock):
         lu.execute(bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0]), [memoryview(bytes(BS))], (),
                    nowait=True)
+
+
+def test_nothing_is_counted_twice_when_the_pool_reads_again(vol):
+    """A READ whose buffer ends in a partial block needs two backend reads: the ring thread
+    leaves it to a worker before the first; a closed image defers without counting an error."""
+    v, _, _ = vol
+    lu = LogicalUnit(v)
+    before = v.stats["reads"]
+    with pytest.raises(WouldBlock, match="partial last block"):
+        lu.execute(bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0]), (),
+                   [memoryview(bytearray(BS + 100))], nowait=True)
+    assert v.stats["reads"] == before
+    st = v.image_storage(0)
+    errors = st.stats["errors"]
+    fd, st.fd = st.fd, -1
+    try:
+        with pytest.raises(WouldBlock, match="closed"):
+            st.readv(0, [memoryview(bytearray(BS))], nowait=True)
+    finally:
+        st.fd = fd
+    assert st.stats["errors"] == errors
