@@ -148,7 +148,10 @@ def main():
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--qd", type=int, default=32)
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--dir", default="/dev/shm",
+                    help="where the images live (default %(default)s; tmpfs has no RWF_NOWAIT "
+                         "reads: use a directory on ext4 or XFS to see cached reads answered "
+                         "by the ring thread)")
     ap.add_argument("--no-inline-reads", action="store_true",
                     help="every command through the worker pool (the ring thread answers "
                          "cached READs itself by default)")
@@ -158,6 +161,12 @@ def main():
     args = ap.parse_args()
     if set(args.jobs.split(",")) - {"write", "read", "read1m"}:
         ap.error(f"--jobs: unknown job in {args.jobs!r}")
+    if not args.seconds > 0 or args.seconds == float("inf"):
+        ap.error(f"--seconds must be a positive number, got {args.seconds}")
+    if args.qd < 1 or args.workers < 1:
+        ap.error("--qd and --workers must be at least 1")
+    if not os.path.isdir(args.dir):
+        ap.error(f"--dir {args.dir}: no such directory")
     work = tempfile.mkdtemp(prefix="lvm-bench-", dir=args.dir)
     try:
         imgs = [os.path.join(work, f"img{k}") for k in range(2)]
