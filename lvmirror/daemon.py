@@ -27,6 +27,7 @@ import time
 
 from lvmirror import __version__, cfgstring, sdnotify
 from lvmirror.errors import ConfigError, LvmirrorError, StateError, WouldBlock
+from lvmirror.mirror.legs import Worker
 from lvmirror.mirror.metadata import VolumeMetadata
 from lvmirror.mirror.resync import job_progress
 from lvmirror.mirror.volume import MirrorVolume
@@ -219,48 +220,6 @@ def _owner_label(owner) -> str:
     return kind if isinstance(kind, str) else str(owner)
 
 
-class CommandPool:
-    """The threads that run a LUN's commands that may block: ``submit(fn, arg)`` queues
-    ``fn(arg)``; ``shutdown()`` lets the threads finish what is queued and joins them.
-
-    A SimpleQueue and ``nthreads`` threads: no Future per command (ThreadPoolExecutor's costs
-    about 6 CPU us per submit - a lock, a condition and a work item - and nobody waits on it:
-    a command reports back through the LUN's completion queue). ``fn`` must not raise (the
-    LUN's ``_execute`` completes every command itself); if it does, the error is logged and
-    the thread goes on."""
-
-    def __init__(self, name: str, nthreads: int):
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-{k}", daemon=True)
-                         for k in range(nthreads)]
-        for t in self._threads:
-            t.start()
-
-    def _run(self):
-        get = self._q.get
-        while True:
-            item = get()
-            if item is None:
-                return
-            try:
-                item[0](item[1])
-            except BaseException:       # never lose the thread
-                log.exception("command thread: unexpected error")
-
-    def submit(self, fn, arg) -> None:
-        """Run ``fn(arg)`` on one of the threads."""
-        self._q.put((fn, arg))
-
-    def shutdown(self, wait: bool = True) -> None:
-        """Finish the queued work and end the threads (joined when ``wait``). Idempotent."""
-        threads, self._threads = self._threads, []
-        for _ in threads:
-            self._q.put(None)
-        if wait:
-            for t in threads:
-                t.join()
-
-
 class LunServer:
     """Serves one user:lvmirror device: its TCMU ring, its worker pool, its volume."""
 
@@ -351,7 +310,7 @@ class LunServer:
 
     def start(self):
         """Start the worker pool (``workers`` threads) and the ring thread; call after open."""
-        self._pool = CommandPool(f"lun-{self.name}", self.workers)
+        self._pool = Worker(f"lun-{self.name}", self.workers)
         self._thread = threading.Thread(target=self._serve, name=f"ring-{self.name}", daemon=True)
         self._thread.start()
 
@@ -427,7 +386,7 @@ class LunServer:
             log.info("LUN %s: %s went away (%s); ring closed", self.name,
                      self.device.uio_name, os.strerror(exc.errno))
             self.gone = True
-            self._pool.shutdown(wait=True)
+            self._pool.stop(wait=True)
         except BaseException as exc:
             self._ring_died(exc)
             raise
@@ -486,7 +445,7 @@ class LunServer:
                             self.inline += 1
                             self._completions.put((command, response))
                             continue
-                    self._pool.submit(self._execute, command)
+                    self._pool.post(self._execute, command)
             completed = 0
             while True:
                 try:
@@ -510,7 +469,7 @@ class LunServer:
                 self._handle.notify()
             if stopping and inflight == 0:
                 break
-        self._pool.shutdown(wait=True)
+        self._pool.stop(wait=True)
 
     def _nowait_ok(self) -> bool:
         """The ring thread may try READs itself: enabled, the volume open and answering, its

@@ -23,6 +23,24 @@ def _copy_gate(nth=1):
     return Gate(match)
 
 
+def _close_during_resync(vol, opener, paths, *, regions, nth, rate):
+    """Split image 1, change ``regions`` regions, resync at ``rate`` MB/s and close the volume
+    while the ``nth`` copy is held (close stops the job; open resumes it). Returns the job and
+    what close returned or raised (run_thread's box)."""
+    vol.split(1)
+    for lba in range(0, 8 * regions, 8):
+        write(vol, lba, pattern(1, lba))
+    gate = _copy_gate(nth)
+    opener.by_path[paths[1]].gates.append(gate)
+    job = vol.resync(1, rate_limit=rate)
+    gate.wait_reached()
+    t, box = run_thread(vol.close)
+    wait_until(lambda: job._cancel.is_set())
+    gate.open()
+    t.join(10)
+    return job, box
+
+
 def test_delta_resync_copies_only_marked_regions_while_serving_io(tmp_path):
     vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
     write(vol, 0, pattern(64, 1))
@@ -83,17 +101,7 @@ def test_cancel_then_resume(tmp_path):
 
 def test_resume_after_restart(tmp_path):
     vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
-    vol.split(1)
-    for lba in range(0, 160, 8):                  # 20 regions
-        write(vol, lba, pattern(1, lba))
-    gate = _copy_gate(5)
-    opener.by_path[paths[1]].gates.append(gate)
-    job = vol.resync(1, rate_limit=50)
-    gate.wait_reached()
-    t, box = run_thread(vol.close)                # close stops the job; it resumes on open
-    wait_until(lambda: job._cancel.is_set())
-    gate.open()
-    t.join(10)
+    job, box = _close_during_resync(vol, opener, paths, regions=20, nth=5, rate=50)
     assert "error" not in box and job.state == "cancelled"
     vol2 = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
     (job2,) = vol2.jobs.values()
@@ -241,17 +249,7 @@ def test_a_bad_saved_rate_resumes_unlimited(tmp_path, caplog):
     import json
     import logging
     vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
-    vol.split(1)
-    for lba in range(0, 80, 8):
-        write(vol, lba, pattern(1, lba))
-    gate = _copy_gate(2)
-    opener.by_path[paths[1]].gates.append(gate)
-    job = vol.resync(1, rate_limit=5)
-    gate.wait_reached()
-    t, box = run_thread(vol.close)                # close stops the job; it resumes on open
-    wait_until(lambda: job._cancel.is_set())
-    gate.open()
-    t.join(10)
+    _close_during_resync(vol, opener, paths, regions=10, nth=2, rate=5)
     mdp = tmp_path / "meta" / "vol" / "volume.json"
     md = json.loads(mdp.read_text())
     md["images"][1]["resync_rate"] = -1.0
