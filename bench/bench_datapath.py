@@ -172,7 +172,9 @@ def main():
         imgs = [os.path.join(work, f"img{k}") for k in range(2)]
         cfg = f"bench;images={'+'.join(imgs)}"
         dev = fake_device(os.path.join(work, "tree"), cfg, SIZE)
-        emu = RingEmulator(cmdr_size=(1 << 20) - 128, data_size=64 << 20, directory=args.dir)
+        # the ring lives in memory, as the kernel's does (a file on ext4 would pay page faults
+        # and writeback the kernel never does), whatever file system holds the images
+        emu = RingEmulator(cmdr_size=(1 << 20) - 128, data_size=64 << 20, directory="/dev/shm")
         emu.run_reaper()
         lun = LunServer(dev, VolumeRegistry(os.path.join(work, "state")), workers=args.workers,
                         inline_reads=not args.no_inline_reads)
