@@ -122,3 +122,22 @@ def test_create_refusals(tmp_path):
     with pytest.raises(ConfigError, match="fanout"):
         MirrorVolume.create("v", [str(tmp_path / "f")], meta_dir=meta, size=1 << 20,
                             fanout="sideways")
+
+
+def test_worker_runs_posted_calls_and_survives_their_errors(caplog):
+    """legs.Worker: submit() hands an exception to the waiter; post() (a LUN's commands, nobody
+    waits) logs it and the thread goes on; stop(wait=True) runs what was queued, then joins."""
+    import logging
+    import threading
+    from lvmirror.mirror.legs import Worker
+    w = Worker("t", nthreads=1)
+    assert isinstance(w.submit(lambda x: 1 / x, 0).wait(), ZeroDivisionError)
+    done = []
+    with caplog.at_level(logging.ERROR):
+        w.post(lambda x: 1 / x, 0)
+        w.post(done.append, 1)
+        w.stop(wait=True)
+    assert done == [1]
+    assert "t-0: unexpected error" in caplog.text and "ZeroDivisionError" in caplog.text
+    assert not any(t.name == "t-0" for t in threading.enumerate())
+    w.stop(wait=True)                     # idempotent
