@@ -32,10 +32,12 @@ SYNC_INTERVAL_MS = 1000       # how often volume objects look for changes and se
 
 
 class LvmirrorDBusError(dbus.DBusException):
+    """org.lvmirror1.Error.Failed: a management call refused or failed; the message says why."""
     _dbus_error_name = ERROR_PREFIX + ".Failed"
 
 
 class AccessDenied(dbus.DBusException):
+    """org.freedesktop.DBus.Error.AccessDenied: a state-changing call from a caller not root."""
     _dbus_error_name = ACCESS_DENIED
 
 
@@ -58,15 +60,20 @@ class TcmuHandler(dbus.service.Object):
 
     @dbus.service.method(TCMU_NAME, in_signature="s", out_signature="bs")
     def CheckConfig(self, config):
+        """tcmu-runner's CheckConfig: (ok, message) for cfgstring ``config`` ("lvmirror/...");
+        targetcli refuses the backstore with the message when ok is false."""
         ok, msg = self._daemon.check_config(str(config))
         return dbus.Boolean(ok), dbus.String(msg)
 
     @dbus.service.method(PROPS_IFACE, in_signature="ss", out_signature="v")
     def Get(self, interface, prop):
+        """org.freedesktop.DBus.Properties.Get (ConfigDesc, the cfgstring's help text)."""
         return self.GetAll(interface)[prop]
 
     @dbus.service.method(PROPS_IFACE, in_signature="s", out_signature="a{sv}")
     def GetAll(self, interface):
+        """org.freedesktop.DBus.Properties.GetAll of org.kernel.TCMUService1 (UnknownInterface
+        for another interface)."""
         if interface != TCMU_NAME:
             raise dbus.exceptions.DBusException(f"no interface {interface}",
                                                 name="org.freedesktop.DBus.Error.UnknownInterface")
@@ -82,6 +89,7 @@ class TcmuRoot(dbus.service.Object):
 
     @dbus.service.method(OM_IFACE, out_signature="a{oa{sa{sv}}}")
     def GetManagedObjects(self):
+        """The handler object and its ConfigDesc, as tcmu-runner lists its handlers."""
         return {dbus.ObjectPath(self._handler_path): _props(cfgstring.CONFIG_DESC)}
 
 
@@ -130,14 +138,17 @@ class Manager(dbus.service.Object):
 
     @dbus.service.method(OM_IFACE, out_signature="a{oa{sa{sv}}}")
     def GetManagedObjects(self):
+        """One object per open volume, with its org.lvmirror1.Volume properties."""
         return managed_objects(self._daemon.status())
 
     @dbus.service.signal(OM_IFACE, signature="oa{sa{sv}}")
     def InterfacesAdded(self, path, interfaces):
+        """Signal: a volume was opened (its object appeared)."""
         pass
 
     @dbus.service.signal(OM_IFACE, signature="oas")
     def InterfacesRemoved(self, path, interfaces):
+        """Signal: a volume was closed (its object went away)."""
         pass
 
     # -- read ----------------------------------------------------------------------------------
@@ -150,6 +161,7 @@ class Manager(dbus.service.Object):
 
     @dbus.service.method(MANAGER_IFACE, out_signature="as")
     def ListVolumes(self):
+        """Names of the open volumes, sorted."""
         return self._daemon.registry.names()
 
     # -- change --------------------------------------------------------------------------------
@@ -204,6 +216,8 @@ class Manager(dbus.service.Object):
     @dbus.service.method(MANAGER_IFACE, in_signature="su", out_signature="",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def DetachImage(self, volume, image, sender=None, ok=None, err=None):
+        """Remove image ``image`` (an index) from ``volume``; its file is kept
+        (``Lvmirrord.detach``: refused while backed up or exported)."""
         self.run(sender, lambda: self._daemon.detach(str(volume), int(image)),
                   lambda _r: ok(), err)
 
@@ -221,6 +235,7 @@ class Manager(dbus.service.Object):
     @dbus.service.method(MANAGER_IFACE, in_signature="t", out_signature="",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def UnlockRegion(self, lock_id, sender=None, ok=None, err=None):
+        """Release lock ``lock_id`` from LockRegion (only its holder may)."""
         owner = ("bus", str(sender))
         self.run(sender, lambda: self._daemon.unlock_region(int(lock_id), owner=owner),
                   lambda _r: ok(), err)
@@ -253,6 +268,7 @@ class LockCoordinator:
             path="/org/freedesktop/DBus")
 
     def owner(self, sender):
+        """The lock owner for bus name ``sender``; its locks go when it leaves the bus."""
         self._owners.add(str(sender))
         return ("bus", str(sender))
 
@@ -283,6 +299,9 @@ class BusService:
         self._runner = None        # tcmu-runner's unique name while registered with it
 
     def start(self, timeout=10.0):
+        """Connect, own the names (or register with tcmu-runner when it owns
+        org.kernel.TCMUService1) and run the main loop in a thread; RuntimeError if that takes
+        more than ``timeout`` seconds, the connection's error if it fails."""
         dbus.mainloop.glib.threads_init()      # the daemon is multi-threaded: lock libdbus
         dbus.mainloop.glib.DBusGMainLoop(set_as_default=True)
         self._thread = threading.Thread(target=self._run, name="dbus", daemon=True)
@@ -404,10 +423,12 @@ class BusService:
                 obj.refresh(vol)
 
     def caller_uid(self, sender) -> int:
+        """The Unix uid of bus name ``sender`` (the bus daemon's GetConnectionUnixUser)."""
         dbus_obj = self.conn.get_object("org.freedesktop.DBus", "/org/freedesktop/DBus")
         return int(dbus_obj.GetConnectionUnixUser(sender, dbus_interface="org.freedesktop.DBus"))
 
     def stop(self):
+        """Quit the main loop, remove the objects and release the names."""
         if self._loop is not None:
             self._loop.quit()
         if self._thread is not None:
