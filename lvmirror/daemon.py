@@ -426,6 +426,7 @@ class LunServer:
                     except BlockingIOError:
                         pass
             self._wake_pending = False
+            completed = 0
             if not stopping:
                 batch = ring.fetch()
                 for ids in batch.aborts:
@@ -434,7 +435,7 @@ class LunServer:
                 for command in batch.commands:
                     inflight += 1
                     self.commands += 1
-                    if nowait and command.data_len <= INLINE_READ_MAX and command.cdb[:1] \
+                    if nowait and command.data_len <= INLINE_READ_MAX and command.cdb \
                             and command.cdb[0] in READ_OPCODES:
                         try:
                             response = self.lu.execute(command.cdb, (), command.iov_views,
@@ -443,24 +444,16 @@ class LunServer:
                             pass
                         else:
                             self.inline += 1
-                            self._completions.put((command, response))
+                            self._finish(command, response)
+                            completed += 1
                             continue
                     self._pool.post(self._execute, command)
-            completed = 0
             while True:
                 try:
                     command, response = self._completions.get_nowait()
                 except queue.Empty:
                     break
-                read_len = response.read_len if 0 < response.read_len < command.data_len \
-                    else None
-                if not command.release():
-                    # a leg failed as slow still writes from these views: the command completes
-                    # (the leg is failed, its range marked for resync) and the views are let go
-                    # once the leg returns
-                    self._held.append(command)
-                ring.complete(command.cmd_id, response.status, response.sense, read_len)
-                self._aborted.discard(command.cmd_id)
+                self._finish(command, response)
                 completed += 1
             inflight -= completed
             if self._held:
@@ -470,6 +463,17 @@ class LunServer:
             if stopping and inflight == 0:
                 break
         self._pool.stop(wait=True)
+
+    def _finish(self, command, response):
+        """Complete ``command`` on the ring with ``response`` (ring thread only)."""
+        read_len = response.read_len if 0 < response.read_len < command.data_len else None
+        if not command.release():
+            # a leg failed as slow still writes from these views: the command completes (the
+            # leg is failed, its range marked for resync) and the views are let go once the
+            # leg returns
+            self._held.append(command)
+        self._ring.complete(command.cmd_id, response.status, response.sense, read_len)
+        self._aborted.discard(command.cmd_id)
 
     def _nowait_ok(self) -> bool:
         """The ring thread may try READs itself: enabled, the volume open and answering, its
