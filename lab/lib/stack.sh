@@ -61,3 +61,16 @@ start_daemon() {
 }
 
 tcli() { targetcli >> "$OUT/targetcli.log" 2>&1; }
+
+export_luns() {  # export_luns IQN NAME:SIZE:CFGSTRING ...: user:lvmirror backstores as LUNs 0.. of
+  local iqn=$1 spec; shift            # target IQN (open, no authentication), through tcli
+  {
+    echo "set global auto_save_on_exit=false"
+    for spec in "$@"; do
+      echo "/backstores/user:lvmirror create name=${spec%%:*} size=$(echo "$spec" | cut -d: -f2) cfgstring=${spec#*:*:} control=nl_reply_supported=-1"
+    done
+    echo "/iscsi create $iqn"
+    for spec in "$@"; do echo "/iscsi/$iqn/tpg1/luns create /backstores/user:lvmirror/${spec%%:*}"; done
+    echo "/iscsi/$iqn/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1"
+  } | tcli
+}

@@ -219,15 +219,8 @@ faults() {
   : > "$OUT/faults-signals.txt"
   dbus-monitor --system "type='signal',interface='org.lvmirror1.Volume',member='ImageStateChanged'" >> "$OUT/faults-signals.txt" 2>&1 &
   local DMON=$!
-  tcli <<TC
-set global auto_save_on_exit=false
-/backstores/user:lvmirror create name=fmir size=64M cfgstring=$F_VOL;images=/dev/mapper/fa+/dev/mapper/fb control=nl_reply_supported=-1
-/backstores/user:lvmirror create name=fspace size=256M cfgstring=vs;images=/run/enospc-a/vs.img+/run/enospc-b/vs.img control=nl_reply_supported=-1
-/iscsi create $F_IQN
-/iscsi/$F_IQN/tpg1/luns create /backstores/user:lvmirror/fmir
-/iscsi/$F_IQN/tpg1/luns create /backstores/user:lvmirror/fspace
-/iscsi/$F_IQN/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1
-TC
+  export_luns $F_IQN "fmir:64M:$F_VOL;images=/dev/mapper/fa+/dev/mapper/fb" \
+    "fspace:256M:vs;images=/run/enospc-a/vs.img+/run/enospc-b/vs.img"
   f_wait $(now) 300 ".volumes.$F_VOL.health == \"optimal\" and .volumes.vs.health == \"optimal\"" >/dev/null   # the initial resyncs
   login $F_IQN
   D=$(lun_dev 0 $F_IQN); S=$(lun_dev 1 $F_IQN)

@@ -35,13 +35,7 @@ pc_setup() {  # pc_setup: first boot: disk, lvmirrord, the LUN (3 images), saved
   if ! pc_disk 1 > "$OUT/pc-disk.txt" 2>&1; then result pc_setup fail reason="$(tail -2 $OUT/pc-disk.txt)"; return 1; fi
   pc_t0
   if ! start_daemon; then result pc_setup fail log="$(tail -5 $OUT/lvmirrord.log)"; return 1; fi
-  tcli <<TC
-set global auto_save_on_exit=false
-/backstores/user:lvmirror create name=pc size=${PC_SIZE_MB}M cfgstring=$PC_VOL;images=$PC_MNT/img/pc-a.img+$PC_MNT/img/pc-b.img+$PC_MNT/img/pc-c.img control=nl_reply_supported=-1
-/iscsi create $IQN
-/iscsi/$IQN/tpg1/luns create /backstores/user:lvmirror/pc
-/iscsi/$IQN/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1
-TC
+  export_luns $IQN "pc:${PC_SIZE_MB}M:$PC_VOL;images=$PC_MNT/img/pc-a.img+$PC_MNT/img/pc-b.img+$PC_MNT/img/pc-c.img"
   # what an administrator does: save the configuration where the boot-time restore finds it
   printf '%s\n' "set global auto_save_on_exit=false" "saveconfig $PC_SAVED" | targetcli-lvmirror >> "$OUT/targetcli.log" 2>&1
   sync

@@ -10,13 +10,7 @@
 soak_lun() {  # soak_lun: lvmirrord and a 3-image LUN (volume sk) for the soak sections, logged in
   [ -n "${SOAK_DEV:-}" ] && return 0
   [ -n "${DAEMON:-}" ] || start_daemon || return 1
-  tcli <<TC
-set global auto_save_on_exit=false
-/backstores/user:lvmirror create name=sk size=256M cfgstring=sk;images=/run/scratch/ska.img+/run/scratch/skb.img+/run/scratch/skc.img control=nl_reply_supported=-1
-/iscsi create $IQN
-/iscsi/$IQN/tpg1/luns create /backstores/user:lvmirror/sk
-/iscsi/$IQN/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1
-TC
+  export_luns $IQN "sk:256M:sk;images=/run/scratch/ska.img+/run/scratch/skb.img+/run/scratch/skc.img"
   lvmirror wait sk --timeout 300 > /dev/null 2>&1
   login; SOAK_DEV=$(lun_dev 0)
   [ -b "$SOAK_DEV" ]
@@ -47,7 +41,7 @@ soak_sigkill() {  # SOAK_KILLS x: SIGKILL lvmirrord under a verified fio load, r
     [ "$(soak_same)" = yes ] && agree=$((agree+1)) || fails="$fails $i:images"
     t "soak: SIGKILL $i of $n: fio verified $ok, images agreed $agree"
   done
-  echo "{\"soak\": \"sigkill\", \"kills\": $n, \"fio_verified\": $ok, \"images_agree\": $agree, \"seconds\": $(( $(date +%s) - t0 ))}" >> "$OUT/soak.jsonl"
+  jsonl "$OUT/soak.jsonl" soak=sigkill kills=$n fio_verified=$ok images_agree=$agree seconds=$(( $(date +%s) - t0 ))
   [ $ok = $n ] && [ $agree = $n ] && result soak_sigkill ok kills=$n fio_verified=$ok images_agree=$agree \
     || result soak_sigkill fail kills=$n fio_verified=$ok images_agree=$agree fails="$fails"
 }
@@ -66,7 +60,7 @@ soak_split() {  # SOAK_CYCLES x: split and resync image 2 under a verified fio l
     [ "$(soak_same)" = yes ] && same=$((same+1)) || fails="$fails $i:images"
     t "soak: split/resync $i of $n: fio verified $ok, images identical $same"
   done
-  echo "{\"soak\": \"split\", \"cycles\": $n, \"fio_verified\": $ok, \"images_identical\": $same, \"seconds\": $(( $(date +%s) - t0 ))}" >> "$OUT/soak.jsonl"
+  jsonl "$OUT/soak.jsonl" soak=split cycles=$n fio_verified=$ok images_identical=$same seconds=$(( $(date +%s) - t0 ))
   [ $ok = $n ] && [ $same = $n ] && result soak_split ok cycles=$n fio_verified=$ok images_identical=$same \
     || result soak_split fail cycles=$n fio_verified=$ok images_identical=$same fails="$fails"
 }

@@ -24,13 +24,7 @@ systemd() {  # the packaged lvmirrord.service with systemd as PID 1: installed a
 
   # 2. under the unit's hardening: configfs, uio, netlink, images, state in /var/lib/lvmirror, a
   #    qcow2 backup of the split image (qemu-img) that only its owner can read
-  tcli <<TC
-set global auto_save_on_exit=false
-/backstores/user:lvmirror create name=s3 size=128M cfgstring=svc;images=/run/scratch/s3a.img+/run/scratch/s3b.img+/run/scratch/s3c.img control=nl_reply_supported=-1
-/iscsi create $IQN
-/iscsi/$IQN/tpg1/luns create /backstores/user:lvmirror/s3
-/iscsi/$IQN/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1
-TC
+  export_luns $IQN "s3:128M:svc;images=/run/scratch/s3a.img+/run/scratch/s3b.img+/run/scratch/s3c.img"
   lvmirror wait svc --timeout 300 > /dev/null 2>&1
   login; d=$(lun_dev 0)
   dd if=/dev/urandom of=/run/pat-svc bs=1M count=8 status=none
