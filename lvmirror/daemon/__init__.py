@@ -1,0 +1,30 @@
+"""lvmirrord: the LIO TCMU user-space handler for the ``lvmirror`` subtype.
+
+One process serves every ``user:lvmirror`` backstore on the host:
+
+* a netlink thread listens to the kernel's TCM-USER ``config`` multicast group and adds, removes and
+  reconfigures LUNs (answering with the ``*_DONE`` replies, harmless when the kernel is not waiting);
+* at start-up it picks up the devices that already exist, so a restart under a live LUN loses nothing;
+* each LUN has a ring thread that fetches every available command from the TCMU ring, hands it to the
+  LUN's own worker pool (a slow image or a long resync never stalls another LUN), collects completions
+  and tells the kernel once per batch;
+* the D-Bus service (targetcli compatibility, lvmirror's own API) runs in its own thread; the data path
+  never waits on it.
+
+Modules: ``registry`` (the open volumes), ``lunserver`` (one LUN's ring and worker pool),
+``manager`` (the daemon object and its management API), ``main`` (the command line).
+"""
+
+from lvmirror.daemon.lunserver import SUBTYPE, LunBackend, LunServer, NotReadyBackend
+from lvmirror.daemon.manager import DEFAULT_STATE_DIR, BackupProgress, Lvmirrord
+from lvmirror.daemon.registry import VolumeRegistry
+
+
+def main(argv=None):
+    """The lvmirrord command (``lvmirrord --help``); returns the exit status."""
+    from lvmirror.daemon.main import main as _main
+    return _main(argv)
+
+
+__all__ = ["BackupProgress", "DEFAULT_STATE_DIR", "LunBackend", "LunServer", "Lvmirrord",
+           "NotReadyBackend", "SUBTYPE", "VolumeRegistry", "main"]

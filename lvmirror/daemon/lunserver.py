@@ -1,0 +1,361 @@
+"""One LUN: its TCMU ring, the ring thread, its worker pool and the SCSI core in front of the volume.
+
+The ring thread fetches every available command, answers cached READs itself when it can
+(RWF_NOWAIT), hands the rest to the LUN's own worker pool (a slow image or a long resync never
+stalls another LUN), collects completions and tells the kernel once per batch.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import select
+import threading
+import time
+
+from lvmirror import cfgstring
+from lvmirror.errors import ConfigError, LvmirrorError, StateError, WouldBlock
+from lvmirror.mirror.legs import Worker
+from lvmirror.scsi import LogicalUnit, Response
+from lvmirror.scsi.lu import READ_OPCODES
+from lvmirror.scsi import constants as scsi
+from lvmirror.scsi.sense import build_sense
+from lvmirror.tcmu import uio
+from lvmirror.tcmu.ring import CommandRing, RingError
+
+log = logging.getLogger("lvmirrord")
+
+__all__ = ["LunServer", "LunBackend", "NotReadyBackend", "SUBTYPE", "INLINE_READ_MAX"]
+
+SUBTYPE = "lvmirror"
+# what uio read/write/poll give once the kernel has unregistered the device under an open fd
+DEVICE_GONE_ERRNOS = (errno.EIO, errno.ENODEV, errno.ENXIO)
+
+
+class LunBackend:
+    """The SCSI core's view of a volume or exported split image, at the LUN's size."""
+
+    def __init__(self, target, lun_size: int):
+        if lun_size > target.size:
+            raise ConfigError(f"the LUN is {lun_size} bytes but {target.name} holds only "
+                              f"{target.size} bytes")
+        self.target = target
+        self.block_size = target.block_size
+        self.num_blocks = lun_size // target.block_size
+        self.read = target.read
+        self.write = target.write
+        self.flush = target.flush
+        self.unmap = target.unmap
+        self.compare_and_write = target.compare_and_write
+        if hasattr(target, "write_same"):
+            self.write_same = target.write_same
+        # TEST UNIT READY asks the volume whether it can serve (offline: every image failed)
+        self.check_ready = target.check_ready
+
+
+class NotReadyBackend:
+    """Stands behind a LUN whose volume could not be opened: medium access gets NOT READY."""
+
+    def __init__(self, lun_size: int, block_size: int = 512):
+        self.block_size = block_size
+        self.num_blocks = max(lun_size // block_size, 1)
+        self.reason = "volume not open"
+
+    def _refuse(self, *args, **kwargs):
+        raise StateError(self.reason)
+
+    read = write = flush = unmap = compare_and_write = _refuse
+
+
+# How long stopping a LUN waits for images failed as slow to let go of completed commands' data
+# views before it leaves the ring mapped (seconds).
+HELD_VIEWS_WAIT = 30.0
+
+# The largest READ (bytes) the ring thread answers itself from the page cache: a larger copy
+# is better spread over the pool's threads (preadv drops the GIL: copies run in parallel).
+INLINE_READ_MAX = 64 << 10
+
+# Commands a LUN answers even when its volume is not open (so initiators can see why).
+_ALWAYS_ANSWERED = {scsi.INQUIRY, scsi.REQUEST_SENSE, scsi.MAINTENANCE_IN}
+
+
+
+class LunServer:
+    """Serves one user:lvmirror device: its TCMU ring, its worker pool, its volume."""
+
+    def __init__(self, device, registry, *, workers: int = 4,
+                 inline_reads: bool = True):
+        """``device``: a ``uio.UioDevice``; ``registry``: the ``VolumeRegistry`` the LUN acquires
+        its volume from. ``workers``: threads of the LUN's pool, which runs every command that may block.
+        ``inline_reads``: the ring thread answers a READ itself when the data is in the page
+        cache (``LogicalUnit.execute(nowait=True)``), saving the hand-off to a worker and back;
+        any other command, or a read that would wait, goes to the pool."""
+        self.device = device
+        self.inline_reads = inline_reads
+        self.inline = 0              # commands the ring thread answered itself
+        self.registry = registry
+        self.name = device.dev_name
+        self.workers = workers
+        self.spec = None
+        self.volume = None
+        self.backend = None
+        self.error = None            # why the LUN answers NOT READY, for status displays
+        self.lu = None
+        self.commands = 0
+        self.gone = False            # the kernel removed the uio device under the ring
+        self._completions: queue.SimpleQueue = queue.SimpleQueue()
+        self._aborted: set[int] = set()
+        self._held: list = []      # completed commands whose views a slow leg still uses
+        self._stop = threading.Event()
+        self._thread = None
+        self._pool = None
+        self._handle = None
+        self._ring = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_pending = False
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def open(self, *, pickup: bool = False, handle=None):
+        """Open the uio device (or use ``handle``, e.g. the ring emulator's) and the volume.
+
+        Device errors (busy, wrong ring) raise; volume errors - any, not only the foreseen
+        LvmirrorError ones - leave the LUN answering NOT READY with the reason logged and kept
+        in ``error``."""
+        self._handle = handle if handle is not None else uio.open_device(self.device,
+                                                                         pickup=pickup)
+        try:
+            self._ring = CommandRing(self._handle.map, map_size=self._handle.map_size)
+        except RingError:
+            self._handle.close()
+            raise
+        size = self.device.lun_size()
+        wwn = self.device.wwn()
+        max_blocks = self.device.max_transfer_blocks()
+        if not self.device.enable_tmr_notification():
+            log.info("LUN %s: the kernel does not report task management (attrib/"
+                     "tmr_notification): aborted commands are only seen when they complete",
+                     self.name)
+        try:
+            spec = cfgstring.parse(self.device.cfgstring)
+            volume, target = self.registry.acquire(spec, lun=self.name, size=size)
+            try:
+                self._check_block_size(volume)
+                backend = LunBackend(target, size)
+            except BaseException:
+                self.registry.release(spec, target)
+                raise
+            self.spec, self.volume, self.backend = spec, volume, target
+            self.lu = LogicalUnit(backend, wwn=wwn, write_cache=self.device.write_cache(),
+                                  max_transfer_blocks=max_blocks, read_only=spec.readonly)
+            log.info("LUN %s: serving %s (%d images, %d bytes) on %s", self.name,
+                     target.name, len(volume.images), backend.num_blocks * backend.block_size,
+                     self.device.uio_name)
+        except LvmirrorError as exc:
+            self.error = str(exc)
+            self.lu = LogicalUnit(NotReadyBackend(size), wwn=wwn)
+            log.error("LUN %s: %s; medium access gets NOT READY until it is fixed", self.name, exc)
+        except Exception as exc:
+            # a volume whose state lvmirror cannot read (a bug, or state no version should
+            # have written) must not take lvmirrord and every other LUN down with it
+            self.error = f"cannot open the volume: {type(exc).__name__}: {exc}"
+            self.lu = LogicalUnit(NotReadyBackend(size), wwn=wwn)
+            log.exception("LUN %s: %s; medium access gets NOT READY until it is fixed",
+                          self.name, self.error)
+
+    def _check_block_size(self, volume):
+        hw = self.device.hw_block_size()
+        if hw is not None and hw != volume.block_size:
+            raise ConfigError(f"LUN {self.name}: hw_block_size is {hw} but volume {volume.name} "
+                              f"has {volume.block_size}-byte blocks (set control "
+                              f"hw_block_size={volume.block_size} before enabling)")
+
+    def start(self):
+        """Start the worker pool (``workers`` threads) and the ring thread; call after open."""
+        self._pool = Worker(f"lun-{self.name}", self.workers)
+        self._thread = threading.Thread(target=self._serve, name=f"ring-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Drain in-flight commands, complete them, release the volume and the device.
+        Idempotent."""
+        if self._wake_w < 0:
+            return
+        self._stop.set()
+        self._wake_pending = False
+        self._wake()
+        if self._thread is not None:
+            self._thread.join()
+        if self.spec is not None:
+            self.registry.release(self.spec, self.backend)
+            self.spec = None
+        if self._held and not self._release_held(wait=HELD_VIEWS_WAIT):
+            log.error("LUN %s: %d completed command(s) still have their data in use by an image "
+                      "failed as slow after %.0f s; the ring stays mapped until they return",
+                      self.name, len(self._held), HELD_VIEWS_WAIT)
+        if self._ring is not None:
+            try:
+                self._ring.close()
+            except BufferError:
+                pass        # views still exported: unmapped when the last one goes
+        if self._handle is not None:
+            self._handle.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def reconfigure(self, event):
+        """Apply a netlink RECONFIG_DEVICE ``event``: write cache on/off, a new size in bytes
+        (at most what the volume holds: ConfigError otherwise; the LUN reports CAPACITY DATA HAS
+        CHANGED), a new cfgstring (ConfigError: a live LUN's cfgstring cannot change)."""
+        if event.write_cache is not None:
+            self.lu.write_cache = bool(event.write_cache)
+            log.info("LUN %s: write cache %s", self.name, "on" if event.write_cache else "off")
+        if event.dev_size is not None and self.volume is not None:
+            target = self.backend
+            if event.dev_size > target.size:
+                raise ConfigError(f"LUN {self.name}: {event.dev_size} bytes is more than "
+                                  f"{target.name} holds ({target.size} bytes)")
+            self.lu.backend.num_blocks = event.dev_size // target.block_size
+            self.lu.capacity_changed()
+            log.info("LUN %s: size now %d bytes", self.name, event.dev_size)
+        if event.dev_cfg is not None and event.dev_cfg != f"{SUBTYPE}/{self.device.cfgstring}":
+            raise ConfigError(f"LUN {self.name}: changing the cfgstring of a live LUN is not "
+                              f"supported (remove and re-create the backstore)")
+
+    # -- the ring thread -----------------------------------------------------------------------
+    def _wake(self):
+        # One wake-up per batch: the ring thread clears the flag before it drains the
+        # completion queue, so a completion queued while the flag is set is drained anyway.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass        # the pipe is full of wake-ups already
+
+    def _serve(self):
+        try:
+            self._serve_ring()
+        except OSError as exc:
+            if exc.errno not in DEVICE_GONE_ERRNOS:
+                self._ring_died(exc)
+                raise
+            # The kernel removed the device (backstore deleted, or the LUN disabled) before
+            # its netlink REMOVE_DEVICE event was handled: nothing can be completed on this
+            # ring any more; let the workers finish and leave.
+            log.info("LUN %s: %s went away (%s); ring closed", self.name,
+                     self.device.uio_name, os.strerror(exc.errno))
+            self.gone = True
+            self._pool.stop(wait=True)
+        except BaseException as exc:
+            self._ring_died(exc)
+            raise
+
+    def _ring_died(self, exc):
+        """The ring thread is ending on an unexpected error: say so loudly; the LUN answers
+        nothing from now on, and the status shows why."""
+        self.error = f"ring thread stopped: {type(exc).__name__}: {exc}"
+        log.critical("LUN %s: the ring thread stopped on an unexpected error; the LUN no longer "
+                     "answers (restart lvmirrord)", self.name, exc_info=exc)
+
+    def _release_held(self, wait=0.0):
+        """Release the data-area views that a mirror leg left behind as slow still used when
+        its command completed (``Command.release``); with ``wait`` (s), keep trying that long."""
+        deadline = time.monotonic() + wait
+        while True:
+            self._held = [c for c in self._held if not c.release()]
+            if not self._held or time.monotonic() >= deadline:
+                return not self._held
+            time.sleep(0.05)
+
+    def _serve_ring(self):
+        uio_fd = self._handle.fd
+        poller = select.poll()
+        poller.register(uio_fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        ring = self._ring
+        inflight = 0
+        while True:
+            stopping = self._stop.is_set()
+            for fd, _ in poller.poll(1000 if not stopping else 200):
+                if fd == uio_fd:
+                    self._handle.clear_event()
+                else:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+            self._wake_pending = False
+            completed = 0
+            if not stopping:
+                batch = ring.fetch()
+                for ids in batch.aborts:
+                    self._aborted.update(ids)
+                nowait = self._nowait_ok()
+                for command in batch.commands:
+                    inflight += 1
+                    self.commands += 1
+                    if nowait and command.data_len <= INLINE_READ_MAX and command.cdb \
+                            and command.cdb[0] in READ_OPCODES:
+                        try:
+                            response = self.lu.execute(command.cdb, (), command.iov_views,
+                                                       nowait=True)
+                        except WouldBlock:
+                            pass
+                        else:
+                            self.inline += 1
+                            self._finish(command, response)
+                            completed += 1
+                            continue
+                    self._pool.post(self._execute, command)
+            while True:
+                try:
+                    command, response = self._completions.get_nowait()
+                except queue.Empty:
+                    break
+                self._finish(command, response)
+                completed += 1
+            inflight -= completed
+            if self._held:
+                self._release_held()
+            if ring.take_notify() or completed:
+                self._handle.notify()
+            if stopping and inflight == 0:
+                break
+        self._pool.stop(wait=True)
+
+    def _finish(self, command, response):
+        """Complete ``command`` on the ring with ``response`` (ring thread only)."""
+        read_len = response.read_len if 0 < response.read_len < command.data_len else None
+        if not command.release():
+            # a leg failed as slow still writes from these views: the command completes (the
+            # leg is failed, its range marked for resync) and the views are let go once the
+            # leg returns
+            self._held.append(command)
+        self._ring.complete(command.cmd_id, response.status, response.sense, read_len)
+        self._aborted.discard(command.cmd_id)
+
+    def _nowait_ok(self) -> bool:
+        """The ring thread may try READs itself: enabled, the volume open and answering, its
+        backend able to read without blocking, and no abort pending (the pool answers those)."""
+        return (self.inline_reads and self.error is None and self.lu is not None
+                and not self._aborted and getattr(self.backend, "supports_nowait", False))
+
+    def _execute(self, command):
+        try:
+            if command.cmd_id in self._aborted:
+                response = Response(scsi.TASK_ABORTED, b"", 0)
+            elif self.error and command.cdb[:1] and command.cdb[0] not in _ALWAYS_ANSWERED:
+                response = Response(scsi.CHECK_CONDITION, build_sense(
+                    scsi.NOT_READY, *scsi.ASC_LUN_NOT_READY_MANUAL_INTERVENTION), 0)
+            else:
+                response = self.lu.execute(command.cdb, command.iov_views, command.iov_views)
+        except Exception:  # never lose a command: a bug here must still complete it
+            log.exception("LUN %s: command %s failed", self.name, command.cdb[:1].hex())
+            response = Response(scsi.CHECK_CONDITION, build_sense(
+                scsi.HARDWARE_ERROR, *scsi.ASC_INTERNAL_TARGET_FAILURE), 0)
+        self._completions.put((command, response))
+        self._wake()

@@ -1,0 +1,63 @@
+"""lvmirrord's command line: arguments, logging, signals, exit status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from lvmirror import __version__
+from lvmirror.errors import LvmirrorError
+from lvmirror.daemon.manager import DEFAULT_STATE_DIR, Lvmirrord
+from lvmirror.daemon import __doc__ as _doc
+
+log = logging.getLogger("lvmirrord")
+
+
+def setup_logging(level: str):
+    """Plain lines with syslog priority prefixes under journald, timestamps on a terminal."""
+    if os.environ.get("JOURNAL_STREAM"):
+        prefixes = {logging.DEBUG: "<7>", logging.INFO: "<6>", logging.WARNING: "<4>",
+                    logging.ERROR: "<3>", logging.CRITICAL: "<2>"}
+
+        class JournalFormatter(logging.Formatter):
+            def format(self, record):
+                return prefixes.get(record.levelno, "<6>") + super().format(record)
+
+        formatter = JournalFormatter("%(name)s: %(message)s")
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv=None):
+    """The lvmirrord command (``lvmirrord --help``); returns the exit status."""
+    parser = argparse.ArgumentParser(prog="lvmirrord", description=_doc.splitlines()[0])
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                        help="where volume metadata, bitmaps and logs live (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=4, help="I/O worker threads per LUN")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--no-dbus", action="store_true", help="do not start the D-Bus service")
+    parser.add_argument("--version", action="version", version=f"lvmirrord {__version__}")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    daemon = Lvmirrord(state_dir=args.state_dir, workers=args.workers, with_bus=not args.no_dbus)
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    try:
+        daemon.run()
+    except (LvmirrorError, OSError) as exc:
+        log.critical("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

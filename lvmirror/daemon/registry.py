@@ -1,0 +1,131 @@
+"""The volumes one lvmirrord process has open, by name, shared by the LUNs that serve them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from lvmirror import cfgstring
+from lvmirror.errors import ConfigError
+from lvmirror.mirror.metadata import VolumeMetadata
+from lvmirror.mirror.volume import MirrorVolume
+
+log = logging.getLogger("lvmirrord")
+
+__all__ = ["VolumeRegistry"]
+
+
+class VolumeRegistry:
+    """The volumes this daemon has open, by name, shared by the LUNs that serve them.
+
+    A volume is served by at most one LUN; each of its split images may be exported by one more
+    LUN (cfgstring ``NAME;image=N``). The volume stays open while any of them uses it.
+    """
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        self._lock = threading.Lock()
+        self._volumes: dict[str, MirrorVolume] = {}
+        self._refs: dict[str, int] = {}
+        self._users: dict[str, str] = {}      # "vol" or "vol;image=N" -> LUN name
+
+    def acquire(self, spec: cfgstring.VolumeSpec, *, lun: str, size: int):
+        """Open (or create) what ``spec`` names for LUN ``lun``; returns (volume, backend).
+
+        ``size``: the LUN size in bytes (the size of a volume created here). ``backend`` is the
+        MirrorVolume itself, or a split image's view for ``NAME;image=N``. For an existing
+        volume, ``spec.images`` only has to pass ``VolumeMetadata.check_named_images`` (every
+        path is, or was, an image of the volume: a LUN's cfgstring cannot follow attach/detach),
+        checked before the volume is opened and on every further acquire. Raises ConfigError
+        (already served, foreign images= list, missing volume...) or StateError."""
+        key = spec.name if spec.image is None else f"{spec.name};image={spec.image}"
+        with self._lock:
+            if key in self._users:
+                raise ConfigError(f"{key!r} is already served by LUN {self._users[key]!r}")
+            volume = self._volumes.get(spec.name)
+            opened = volume is None
+            if opened:
+                volume = self._open_or_create(spec, size, lun)
+            try:
+                if spec.images is not None and not opened:
+                    self._check_images(spec, lun, volume)
+                if spec.image is None:
+                    backend = volume
+                else:
+                    backend = volume.split_image(spec.image)
+            except BaseException:
+                if opened:
+                    volume.close()
+                raise
+            self._volumes[spec.name] = volume
+            self._refs[spec.name] = self._refs.get(spec.name, 0) + 1
+            self._users[key] = lun
+            return volume, backend
+
+    def _check_images(self, spec, lun, volume=None):
+        """Refuse (ConfigError) a cfgstring ``images=`` list naming a path that never was an
+        image of the existing volume ``spec.name``; log at info level when it is accepted but
+        out of date. The rule is VolumeMetadata.check_named_images; the metadata is read from
+        volume.json, which create, attach and detach save before they return."""
+        md = VolumeMetadata.load(self.state_dir, spec.name)
+        if not md.check_named_images(spec.images):
+            current = [info.path for info in volume.images] if volume is not None else \
+                [im.path for im in md.images]
+            log.info("LUN %s: volume %s: its images changed (attach/detach) since the cfgstring "
+                     "was written: the cfgstring names %s, the volume has %s and that is what "
+                     "the LUN serves", lun, spec.name, "+".join(spec.images), "+".join(current))
+
+    def _open_or_create(self, spec, size, lun):
+        if MirrorVolume.exists(spec.name, meta_dir=self.state_dir):
+            if spec.images is not None:
+                self._check_images(spec, lun)     # before opening: a foreign LUN touches nothing
+            return MirrorVolume.open(spec.name, meta_dir=self.state_dir, direct=spec.direct,
+                                     **_tuning(spec))
+        if spec.images is None:
+            raise ConfigError(
+                f"volume {spec.name!r} does not exist under {self.state_dir}; name its images to "
+                f"create it (cfgstring '{spec.name};images=/path/a+/path/b')")
+        return MirrorVolume.create(spec.name, list(spec.images), meta_dir=self.state_dir,
+                                   block_size=spec.block_size, region_size=spec.region_size,
+                                   size=size, direct=spec.direct, force=spec.force,
+                                   **_tuning(spec))
+
+    def get(self, name):
+        """The open MirrorVolume called ``name``, or None."""
+        with self._lock:
+            return self._volumes.get(name)
+
+    def names(self):
+        """Names of the open volumes, sorted."""
+        with self._lock:
+            return sorted(self._volumes)
+
+    def exports(self, name) -> list[int]:
+        """Indices of ``name``'s split images that a LUN exports (``NAME;image=N``)."""
+        prefix = f"{name};image="
+        with self._lock:
+            return sorted(int(k[len(prefix):]) for k in self._users if k.startswith(prefix))
+
+    def release(self, spec: cfgstring.VolumeSpec, backend=None):
+        """A LUN stops using ``spec``'s volume (or its exported split image, whose ``backend`` is
+        closed); the volume is closed when no LUN uses it any more. Releasing what is not held does
+        nothing.
+        """
+        key = spec.name if spec.image is None else f"{spec.name};image={spec.image}"
+        with self._lock:
+            if self._users.pop(key, None) is None:
+                return
+            if backend is not None and spec.image is not None:
+                backend.close()
+            self._refs[spec.name] -= 1
+            volume = None
+            if self._refs[spec.name] == 0:
+                del self._refs[spec.name]
+                volume = self._volumes.pop(spec.name)
+        if volume is not None:
+            volume.close()
+
+
+def _tuning(spec) -> dict:
+    """The cfgstring's engine settings that apply at every open (``leg_timeout``)."""
+    return {} if spec.leg_timeout is None else {"leg_timeout": spec.leg_timeout}
