@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import mmap
 import os
@@ -97,6 +98,51 @@ class _Handle:
     def close(self):
         pass
 
+    def transfer(self):
+        """What another process needs to serve this ring (as lvmirrord's volume processes do):
+        ``(fds, meta)``, the handler's socket and the ring memory's descriptors, and a dict
+        with ``map_size`` (bytes) and ``uio_name``; ``AttachedHandle(fds, meta)`` there."""
+        return [self.fd, self._emu._map_fd], {"map_size": self.map_size,
+                                              "uio_name": self.uio_name}
+
+
+class AttachedHandle:
+    """The emulated device seen from another process: built from ``_Handle.transfer()``'s
+    descriptors (received over a Unix socket, so they are this process's own), with the same
+    ``fd``, ``map``, ``map_size``, ``clear_event``, ``notify``, ``close`` as a uio handle."""
+
+    def __init__(self, fds, meta: dict):
+        sock_fd, map_fd = fds[:2]
+        self.fd = sock_fd
+        self.map_size = int(meta["map_size"])
+        self.uio_name = meta.get("uio_name", "uio-emulated")
+        self._map_fd = map_fd
+        self.map = mmap.mmap(map_fd, self.map_size)
+        os.set_blocking(sock_fd, False)
+
+    def transfer(self):
+        """The same descriptors again, for yet another process (``_Handle.transfer``)."""
+        return [self.fd, self._map_fd], {"map_size": self.map_size, "uio_name": self.uio_name}
+
+    def clear_event(self):
+        """Drain the wake-ups the emulator sent (its 4-byte 'interrupts')."""
+        try:
+            while len(os.read(self.fd, 4096)) == 4096:
+                pass
+        except BlockingIOError:
+            pass
+
+    def notify(self):
+        """Tell the emulator completions are on the ring (the uio write)."""
+        os.write(self.fd, struct.pack("<I", 1))
+
+    def close(self):
+        """Close the descriptors; the mapping goes with the ring that uses it."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            os.close(self._map_fd)
+            self.fd = self._map_fd = -1
+
 
 class RingEmulator:
     """The kernel side of one TCMU device (see the module docstring)."""
@@ -112,9 +158,12 @@ class RingEmulator:
         try:
             os.ftruncate(fd, self.map_size)
             self.map = mmap.mmap(fd, self.map_size)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        finally:
             os.unlink(self.path)
+        self._map_fd = fd       # kept: another process maps the ring through it (transfer)
         mb = abi.MAILBOX
         mb.version.put(self.map, 0, abi.MAILBOX_VERSION)
         mb.flags.put(self.map, 0, flags)
@@ -122,6 +171,10 @@ class RingEmulator:
         mb.cmdr_size.put(self.map, 0, cmdr_size)
         mb.cmd_head.put(self.map, 0, 0)
         mb.cmd_tail.put(self.map, 0, 0)
+        # cmd_head is published with one aligned 32-bit store, as the kernel's UPDATE_HEAD does:
+        # struct.pack_into zeroes the field before it writes it, and a handler in another
+        # process (on another core) could read that 0 and walk a whole ring of stale entries
+        self._head_word = ctypes.c_uint32.from_buffer(self.map, mb.cmd_head.offset)
         self._head = 0
         self._last_cleaned = 0
         nb = data_size // BLOCK
@@ -174,7 +227,7 @@ class RingEmulator:
 
     def _publish(self, size: int) -> None:
         self._head = (self._head + size) % self.cmdr_size
-        abi.MAILBOX.cmd_head.put(self.map, 0, self._head)   # x86 TSO: stores stay ordered
+        self._head_word.value = self._head     # one store; x86 TSO: stores stay ordered
         self._events += 1
         try:
             self._kern_sock.send(struct.pack("<I", self._events & 0xFFFFFFFF))
@@ -369,6 +422,10 @@ class RingEmulator:
             self._reaper.join()
         self._user_sock.close()
         self._kern_sock.close()
+        if self._map_fd >= 0:
+            os.close(self._map_fd)
+            self._map_fd = -1
+        self._head_word = None      # drop the exported pointer so the map can close
         try:
             self.map.close()
         except BufferError:
