@@ -11,8 +11,13 @@ which submits, and its reaper, which copies the data out as the kernel would) ar
 (/proc/self/task/*/stat, in clock ticks): "lvmirrord's threads" is the rest, the ring thread,
 the worker pool and the image workers.
 
+With ``--scaling N`` it measures N LUNs against one instead: aggregate commands per second of
+N 2-image volumes under 4 KiB random writes, each LUN fed by a forked process of its own playing
+the kernel (so the load is not capped by this one), with lvmirrord as one process and as a
+process per volume (its default), and the ratio aggregate / (N x one LUN).
+
 Usage: .venv/bin/python bench/bench_datapath.py [--seconds 3] [--qd 32] [--dir /dev/shm]
-       [--jobs write,read,read1m]
+       [--jobs write,read,read1m] [--scaling N]
 """
 
 from __future__ import annotations
@@ -36,15 +41,15 @@ BS = 512
 SIZE = 512 << 20
 
 
-def fake_device(root, cfg, size):
+def fake_device(root, cfg, size, minor=0):
     """A sysfs/configfs tree describing one user:lvmirror device (as the unit tests use)."""
-    uio_dir = os.path.join(root, "sys", "class", "uio", "uio0")
+    uio_dir = os.path.join(root, "sys", "class", "uio", f"uio{minor}")
     os.makedirs(os.path.join(uio_dir, "maps", "map0"))
     with open(os.path.join(uio_dir, "name"), "w") as f:
-        f.write(f"tcm-user/1/bench/lvmirror/{cfg}\n")
+        f.write(f"tcm-user/{minor + 1}/bench/lvmirror/{cfg}\n")
     with open(os.path.join(uio_dir, "maps", "map0", "size"), "w") as f:
         f.write("0x1000\n")
-    cfs = os.path.join(root, "cfg", "target", "core", "user_1", "bench")
+    cfs = os.path.join(root, "cfg", "target", "core", f"user_{minor + 1}", "bench")
     for sub in ("attrib", "action", "wwn"):
         os.makedirs(os.path.join(cfs, sub))
     with open(os.path.join(cfs, "info"), "w") as f:
@@ -143,6 +148,136 @@ def run_job(emu, name, make, seconds, qd):
     return own / done * 1e6
 
 
+# -- several LUNs: one process against a process per volume -----------------------------------
+def _proc_cpu(pid) -> float:
+    """CPU seconds (user + system) of process ``pid`` and its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _driver(sock, qd):
+    """A forked process playing the kernel for one LUN: its ring emulator, handed to lvmirrord
+    by descriptor, and a closed loop of QD 4 KiB random writes when told to run."""
+    from lvmirror.daemon.volumeproc import recv_msg, send_msg
+    emu = RingEmulator(cmdr_size=(1 << 20) - 128, data_size=64 << 20, directory="/dev/shm")
+    emu.run_reaper()
+    fds, meta = emu.handle().transfer()
+    send_msg(sock, meta, fds)
+    rnd = random.Random(os.getpid())
+    payload = os.urandom(4096)
+    nblk = SCALE_SIZE // BS
+    while True:
+        (cmd, seconds), _ = recv_msg(sock)
+        if cmd != "run":
+            break
+        inflight, done = set(), 0
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        while True:
+            now = time.perf_counter()
+            while len(inflight) < qd and now < deadline:
+                try:
+                    inflight.add(emu.submit(cdb(0x2A, rnd.randrange(nblk // 8) * 8, 8),
+                                            data_out=payload))
+                except RingFull:
+                    break
+            if not inflight:
+                break
+            got = emu.wait_any(inflight, timeout=30)
+            done += len(got)
+            inflight -= got
+        bad = sum(1 for c in emu.completions.values() if c.status != 0)
+        emu.completions.clear()
+        send_msg(sock, (done, time.perf_counter() - t0, bad))
+    emu.close()
+    os._exit(0)
+
+
+SCALE_SIZE = 64 << 20
+
+
+def scaling(args, work):
+    """Aggregate commands per second of N LUNs (each a 2-image volume under QD 4 KiB random
+    writes, each fed by its own process playing the kernel) against one LUN, with lvmirrord
+    as one process (``--single-process``) and with a process per volume (the default).
+    Prints cmd/s, lvmirrord's CPU us per command and the ratio aggregate / (N x one)."""
+    import socket
+    from lvmirror.daemon import Lvmirrord
+    from lvmirror.daemon.volumeproc import recv_msg, send_msg
+    from lvmirror.tcmu.emulator import AttachedHandle
+    n_max = args.scaling
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; {n_max} LUNs against 1, "
+          f"each a 2-image {SCALE_SIZE >> 20} MiB volume on {args.dir}, 4 KiB random writes "
+          f"at QD {args.qd}, {args.seconds:g} s; every LUN's load from a process of its own")
+    results = {}
+    for processes in (False, True):
+        label = "a process per volume" if processes else "one process (--single-process)"
+        for n in (1, n_max):
+            drivers = []
+            for k in range(n):
+                a, b = socket.socketpair()
+                pid = os.fork()
+                if pid == 0:
+                    a.close()
+                    try:
+                        _driver(b, args.qd)
+                    finally:
+                        os._exit(1)
+                b.close()
+                drivers.append((pid, a))
+            run_dir = tempfile.mkdtemp(prefix=f"s{int(processes)}{n}-", dir=work)
+            d = Lvmirrord(state_dir=os.path.join(run_dir, "state"), with_bus=False,
+                          processes=processes, workers=args.workers, log_level="warning")
+            try:
+                for k, (_, sock) in enumerate(drivers):
+                    meta, fds = recv_msg(sock)
+                    imgs = [os.path.join(run_dir, f"v{k}-img{j}") for j in range(2)]
+                    dev = fake_device(os.path.join(run_dir, f"tree{k}"),
+                                      f"v{k};images={'+'.join(imgs)}", SCALE_SIZE, minor=k)
+                    handle = AttachedHandle(fds, meta)
+                    info = d.add_lun(dev, handle=handle)
+                    assert info["error"] is None, info
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    vols = d.status()["volumes"]
+                    if len(vols) == n and all(i["state"] == "in-sync" for v in vols.values()
+                                              for i in v["images"]):
+                        break
+                    time.sleep(0.1)
+                pids = [h.pid for h in d._hosts.values()] if processes else [os.getpid()]
+                for _, sock in drivers:                 # warm-up
+                    send_msg(sock, ("run", 0.5))
+                for _, sock in drivers:
+                    recv_msg(sock)
+                cpu0 = sum(_proc_cpu(p) for p in pids)
+                for _, sock in drivers:
+                    send_msg(sock, ("run", args.seconds))
+                outs = [recv_msg(sock)[0] for _, sock in drivers]
+                cpu = sum(_proc_cpu(p) for p in pids) - cpu0
+            finally:
+                for _, sock in drivers:
+                    try:
+                        send_msg(sock, ("quit", 0))
+                    except OSError:
+                        pass
+                d.stop()
+                for pid, sock in drivers:
+                    os.waitpid(pid, 0)
+                    sock.close()
+                shutil.rmtree(run_dir, ignore_errors=True)
+            done = sum(o[0] for o in outs)
+            bad = sum(o[2] for o in outs)
+            assert not bad, f"{bad} commands failed"
+            rate = sum(o[0] / o[1] for o in outs)
+            results[(processes, n)] = rate
+            print(f"  {label:<32} {n} LUN{'s' if n > 1 else ' '} {rate:10.0f} cmd/s in all "
+                  f"({rate / n:8.0f} per LUN); lvmirrord {cpu / done * 1e6:6.1f} CPU us/cmd")
+        ratio = results[(processes, n_max)] / (n_max * results[(processes, 1)])
+        print(f"  {label:<32} scaling: {n_max} LUNs = {ratio:.2f} x {n_max} x one LUN")
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -158,7 +293,12 @@ def main():
     ap.add_argument("--jobs", default="write,read,read1m",
                     help="comma-separated: write (4 KiB random mirrored writes), read (4 KiB "
                          "random reads), read1m (1 MiB sequential reads)")
+    ap.add_argument("--scaling", type=int, default=0, metavar="N",
+                    help="instead of the jobs: N LUNs against one, lvmirrord as one process "
+                         "and as a process per volume (aggregate cmd/s, CPU us/cmd, ratio)")
     args = ap.parse_args()
+    if args.scaling < 0 or args.scaling == 1:
+        ap.error("--scaling N needs N >= 2")
     if set(args.jobs.split(",")) - {"write", "read", "read1m"}:
         ap.error(f"--jobs: unknown job in {args.jobs!r}")
     if not args.seconds > 0 or args.seconds == float("inf"):
@@ -168,6 +308,12 @@ def main():
     if not os.path.isdir(args.dir):
         ap.error(f"--dir {args.dir}: no such directory")
     work = tempfile.mkdtemp(prefix="lvm-bench-", dir=args.dir)
+    if args.scaling:
+        try:
+            scaling(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         imgs = [os.path.join(work, f"img{k}") for k in range(2)]
         cfg = f"bench;images={'+'.join(imgs)}"

@@ -120,7 +120,7 @@ run_jobs() {  # run_jobs TARGET
     spy=
     if [ "${BENCH_PROFILE:-0}" = 1 ] && [ -n "${DAEMON:-}" ] && [[ $target == lvmirror* ]]; then
       mkdir -p $BOUT/profile
-      $REPO/.venv/bin/py-spy record --pid $DAEMON --rate 97 --nonblocking --format raw \
+      $REPO/.venv/bin/py-spy record --pid $DAEMON --subprocesses --rate 97 --nonblocking --format raw \
         --output $BOUT/profile/$target-$job.txt --duration $((RUNTIME + RAMP)) \
         > $BOUT/profile/$target-$job.log 2>&1 &
       spy=$!

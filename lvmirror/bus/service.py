@@ -162,7 +162,7 @@ class Manager(dbus.service.Object):
     @dbus.service.method(MANAGER_IFACE, out_signature="as")
     def ListVolumes(self):
         """Names of the open volumes, sorted."""
-        return self._daemon.registry.names()
+        return self._daemon.volume_names()
 
     # -- change --------------------------------------------------------------------------------
 
@@ -281,7 +281,8 @@ class LockCoordinator:
 
 class BusService:
     """Owns the names and runs the GLib main loop in a thread. ``daemon`` provides
-    ``check_config(cfg) -> (ok, msg)``, ``status()``, ``registry`` and the management calls."""
+    ``check_config(cfg) -> (ok, msg)``, ``status()``, ``volume_names()`` and the management
+    calls."""
 
     def __init__(self, daemon, *, bus_address: str | None = None):
         self._daemon = daemon

@@ -1,4 +1,4 @@
-"""One LUN: its TCMU ring, the ring thread, its worker pool and the SCSI core in front of the volume.
+"""One LUN: its TCMU ring, the ring thread, its worker pool, the SCSI core before the volume.
 
 The ring thread fetches every available command, answers cached READs itself when it can
 (RWF_NOWAIT), hands the rest to the LUN's own worker pool (a slow image or a long resync never
@@ -87,8 +87,9 @@ class LunServer:
 
     def __init__(self, device, registry, *, workers: int = 4,
                  inline_reads: bool = True):
-        """``device``: a ``uio.UioDevice``; ``registry``: the ``VolumeRegistry`` the LUN acquires
-        its volume from. ``workers``: threads of the LUN's pool, which runs every command that may block.
+        """``device``: a ``uio.UioDevice``; ``registry``: the ``VolumeRegistry`` the LUN
+        acquires its volume from. ``workers``: threads of the LUN's pool, which runs every
+        command that may block.
         ``inline_reads``: the ring thread answers a READ itself when the data is in the page
         cache (``LogicalUnit.execute(nowait=True)``), saving the hand-off to a worker and back;
         any other command, or a read that would wait, goes to the pool."""

@@ -1,106 +1,134 @@
-"""The daemon object: the LUNs it serves, the netlink listener, the D-Bus service, management."""
+"""The daemon object: the netlink listener, the D-Bus service, and the routing of LUNs and
+management calls to the host of each volume (its own process by default, see ``volumeproc``)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
-import time
 
 from lvmirror import __version__, cfgstring, sdnotify
-from lvmirror.errors import ConfigError, StateError
-from lvmirror.mirror.resync import job_progress
+from lvmirror.errors import ConfigError, LvmirrorError
 from lvmirror.tcmu import netlink, uio
-from lvmirror.daemon.lunserver import SUBTYPE, LunServer
-from lvmirror.daemon.registry import VolumeRegistry
+from lvmirror.daemon.host import BackupProgress, VolumeHost
+from lvmirror.daemon.lunserver import SUBTYPE
 
 log = logging.getLogger("lvmirrord")
+
+__all__ = ["BackupProgress", "DEFAULT_STATE_DIR", "Lvmirrord"]
 
 DEFAULT_STATE_DIR = "/var/lib/lvmirror"
 
 
-def _owner_label(owner) -> str:
-    """Who holds or waits for a region lock, for status displays: the bus name of an external
-    holder, "initiator I/O" for a SCSI command, "resync"/"restore" for a copy job."""
-    if owner is None:
-        return "initiator I/O"
-    if isinstance(owner, tuple) and len(owner) == 2 and owner[0] == "bus":
-        return f"D-Bus {owner[1]}"
-    kind = getattr(owner, "kind", None)
-    return kind if isinstance(kind, str) else str(owner)
-
-
-class BackupProgress:
-    """A running or finished backup of a split image, shown with the volume's jobs."""
-
-    kind = "backup"
-
-    def __init__(self, image_id, dest):
-        self.image_id = image_id
-        self.dest = dest
-        self.state = "running"
-        self.error = None
-        self.bytes_done = 0
-        self.bytes_total = 0
-        self._t0 = time.monotonic()
-        self._t_end = None
-
-    def update(self, done, total):
-        """Progress callback of backup_image: ``done`` of ``total`` bytes copied."""
-        self.bytes_done, self.bytes_total = done, total
-
-    def finish(self, state, error=None):
-        """The backup ended: ``state`` "done" or "failed" (with ``error``)."""
-        self.state, self.error, self._t_end = state, error, time.monotonic()
-
-    def progress(self) -> dict:
-        """The job dict status() shows (kind, image, state, bytes, MB/s, elapsed s, dest)."""
-        return job_progress(self, rate_limit=None, dest=self.dest)
-
-
 class Lvmirrord:
-    """The daemon: the LUNs it serves, the netlink listener, the D-Bus service."""
+    """The daemon: the netlink listener, the D-Bus service, and the hosts of the volumes.
+
+    With ``processes`` (lvmirrord's default) every volume is served by a process of its own
+    (``volumeproc.VolumeProcess``): N busy volumes use N cores, a crashed volume process is
+    restarted without touching the others. Without it (``--single-process``, and the unit
+    tests) one in-process ``VolumeHost`` serves every volume. The management API is the same
+    either way: each call goes to the host of its volume."""
 
     def __init__(self, *, state_dir=DEFAULT_STATE_DIR, workers=4, sysfs_root="/sys",
-                 configfs_root="/sys/kernel/config", with_bus=True):
+                 configfs_root="/sys/kernel/config", with_bus=True, processes=False,
+                 inline_reads=True, log_level="info"):
+        """``state_dir``: volume metadata; ``workers``: threads per LUN; ``processes``: a
+        process per volume; ``inline_reads``: cached READs answered by the ring thread;
+        ``log_level``: the volume processes' logging level."""
         self.state_dir = state_dir
         self.workers = workers
         self.sysfs_root = sysfs_root
         self.configfs_root = configfs_root
         self.with_bus = with_bus
-        self.registry = VolumeRegistry(state_dir)
-        self.luns: dict[str, LunServer] = {}     # by uio name
-        self._lock = threading.Lock()
+        self.processes = processes
+        self.inline_reads = inline_reads
+        self.log_level = log_level
+        self._local = None if processes else VolumeHost(state_dir, workers=workers,
+                                                        inline_reads=inline_reads)
+        self._hosts: dict = {}          # volume name -> VolumeProcess (processes only)
+        self._lun_hosts: dict = {}      # uio name -> host serving it
+        self._lock = threading.RLock()
+        self._lock_ids: dict = {}       # lock id -> (host, the host's own lock id)
+        self._lock_seq = 0
         self._stop = threading.Event()
         self._netlink = None
         self._bus = None
-        self._external_locks: dict = {}     # lock id -> (volume name, RegionLock)
-        self._backups: dict = {}            # (volume, image id) -> BackupProgress
-        self._backup_lock = threading.RLock()  # a backup starts, or a change to its image does
+
+    @property
+    def registry(self):
+        """The in-process host's VolumeRegistry (single-process mode only: with a process
+        per volume the volumes are open in those processes; AttributeError then)."""
+        if self._local is None:
+            raise AttributeError("volumes are open in their own processes (processes=True)")
+        return self._local.registry
+
+    @property
+    def luns(self) -> dict:
+        """The in-process host's LunServers by uio name (single-process mode; {} otherwise)."""
+        return self._local.luns if self._local is not None else {}
 
     # -- LUN bookkeeping -----------------------------------------------------------------------
-    def add_lun(self, device, *, pickup=False) -> LunServer:
-        """Serve ``device`` (a uio.Device of a user:lvmirror backstore): open its ring and its
-        volume, start its threads. ``pickup``: the device existed before lvmirrord started
-        (its ring may hold commands of a previous lvmirrord). Returns the LunServer (the same
-        one if it is already served). OSError when the device cannot be opened."""
+    def _hosts_now(self) -> list:
         with self._lock:
-            if device.uio_name in self.luns:
-                return self.luns[device.uio_name]
-            lun = LunServer(device, self.registry, workers=self.workers)
-            lun.open(pickup=pickup)
-            lun.start()
-            self.luns[device.uio_name] = lun
-            return lun
+            return [self._local] if self._local is not None else list(self._hosts.values())
+
+    def _host_key(self, device) -> str:
+        """The process a device goes to: its volume's (an exported split image goes with its
+        volume); a cfgstring that does not parse gets a process of its own, whose LUN answers
+        NOT READY with the parser's message."""
+        try:
+            return cfgstring.parse(device.cfgstring).name
+        except Exception:
+            return f"{device.uio_name} (unusable cfgstring)"
+
+    def add_lun(self, device, *, pickup=False, handle=None) -> dict:
+        """Serve ``device`` (a ``uio.UioDevice`` of a user:lvmirror backstore) on its volume's
+        host (``VolumeHost.add_lun``; ``handle``: an open ring, e.g. the emulator's). Returns
+        ``{"name", "uio", "error"}`` (``error``: why the LUN answers NOT READY, or None).
+        OSError when the device cannot be opened; StateError when its volume's process
+        cannot be started."""
+        with self._lock:
+            host = self._local
+            if host is None:
+                key = self._host_key(device)
+                host = self._hosts.get(key)
+                if host is None:
+                    from lvmirror.daemon.volumeproc import VolumeProcess
+                    host = VolumeProcess(key, state_dir=self.state_dir, workers=self.workers,
+                                         inline_reads=self.inline_reads,
+                                         log_level=self.log_level)
+                    host.start()
+                    self._hosts[key] = host
+            try:
+                info = host.add_lun(device, pickup=pickup, handle=handle)
+            except BaseException:
+                self._drop_if_idle(host)
+                raise
+            self._lun_hosts[device.uio_name] = host
+            return info
+
+    def _drop_if_idle(self, host):
+        """Stop a volume process that serves no LUN any more (call with ``_lock`` held)."""
+        if host is self._local or host.serves():
+            return
+        self._hosts.pop(host.key, None)
+        host.stop()
 
     def remove_lun(self, uio_name):
         """Stop serving the device ``uio_name`` (e.g. "uio0"): drain and complete its
-        in-flight commands, release its volume. Unknown names are ignored."""
+        in-flight commands, release its volume (and end the volume's process when it was its
+        last LUN). Unknown names are ignored."""
         with self._lock:
-            lun = self.luns.pop(uio_name, None)
-        if lun is not None:
-            lun.stop()
-            log.info("LUN %s removed", lun.name)
+            host = self._lun_hosts.pop(uio_name, None)
+            if host is None:
+                return
+            host.remove_lun(uio_name)
+            self._drop_if_idle(host)
+
+    def serves(self, uio_name) -> bool:
+        """Whether the device ``uio_name`` is served."""
+        with self._lock:
+            return uio_name in self._lun_hosts
 
     def check_config(self, config: str):
         """CheckConfig for targetcli: (ok, message). Never raises: a cfgstring the checks did
@@ -115,224 +143,131 @@ class Lvmirrord:
         return True, "success"
 
     # -- management (called from the D-Bus service's worker threads) ---------------------------
-    def _volume(self, name):
-        volume = self.registry.get(name)
-        if volume is None:
-            raise ConfigError(f"no volume {name!r} is open (served by no LUN); open volumes: "
-                              f"{', '.join(self.registry.names()) or 'none'}")
-        return volume
+    def volume_names(self) -> list[str]:
+        """The names of the open volumes, sorted."""
+        names = set()
+        for host in self._hosts_now():
+            try:
+                names.update(host.volume_names())
+            except LvmirrorError:
+                pass            # a volume process being restarted
+        return sorted(names)
+
+    def _host(self, name):
+        """The host of open volume ``name``; ConfigError when no LUN has it open."""
+        if self._local is not None:
+            if name in self._local.volume_names():
+                return self._local
+        else:
+            with self._lock:
+                host = self._hosts.get(name)
+            if host is not None:
+                return host
+        raise ConfigError(f"no volume {name!r} is open (served by no LUN); open volumes: "
+                          f"{', '.join(self.volume_names()) or 'none'}")
 
     def status(self) -> dict:
-        """Everything ``lvmirror status`` shows, as a JSON-able dict: per open volume its size
-        (bytes), block and region size, images (index, path, state, split time, changed bytes,
-        error), jobs (resync, restore, backup progress), exported split images, health
-        (optimal, degraded, offline) and I/O counters; per LUN its uio device, cfgstring,
-        error and commands served."""
-        volumes = {}
-        for name in self.registry.names():
-            volume = self.registry.get(name)
-            if volume is None:
+        """Everything ``lvmirror status`` shows, as a JSON-able dict: ``version``,
+        ``state_dir``, ``volumes`` (per open volume its size in bytes, block and region size,
+        images with index, path, state, split time, changed bytes and error, jobs, exported
+        split images, health and I/O counters: ``VolumeHost.status``) and ``luns`` (uio
+        device, cfgstring, error, commands served). A volume whose process is being restarted
+        is left out until it answers again."""
+        volumes, luns = {}, []
+        for host in self._hosts_now():
+            try:
+                part = host.status()
+            except LvmirrorError as exc:
+                log.warning("status: %s", exc)
                 continue
-            stats = volume.stats
-            volumes[name] = {
-                "size": volume.size, "block_size": volume.block_size,
-                "region_size": volume.region_size,
-                "images": [dict(index=i.index, id=i.id, path=i.path, state=i.state.value,
-                                generation=i.generation, split_time=i.split_time,
-                                bitmap_fill=i.bitmap_fill, dirty_bytes=i.dirty_bytes,
-                                error=i.error) for i in volume.images],
-                "jobs": [job.progress() for job in list(volume.jobs.values())] +
-                        [b.progress() for (v, _), b in list(self._backups.items()) if v == name],
-                "exported": self.registry.exports(name),
-                "health": volume.health, "offline": volume.offline,
-                "io": {k: stats[k] for k in ("reads", "writes", "bytes_read", "bytes_written",
-                                             "flushes", "unmaps", "read_errors", "write_errors",
-                                             "image_failures", "inflight", "space_errors",
-                                             "metadata_errors", "slow_legs",
-                                             "offline_events")},
-            }
-        luns = [{"name": lun.name, "uio": lun.device.uio_name, "cfgstring": lun.device.cfgstring,
-                 "error": lun.error, "commands": lun.commands}
-                for lun in list(self.luns.values())]
+            volumes.update(part["volumes"])
+            luns.extend(part["luns"])
+        luns.sort(key=lambda lun: lun["name"])
         return {"version": __version__, "state_dir": self.state_dir, "volumes": volumes,
                 "luns": luns}
 
     def split(self, name, image):
-        """Split image ``image`` (an index) off volume ``name`` now (``MirrorVolume.split``:
-        I/O begun before the split time T completes to every image, later I/O goes to the
+        """Split image ``image`` (an index) off volume ``name`` now: ``VolumeHost.split``
+        (I/O begun before the split time T completes to every image, later I/O goes to the
         others and is not paused). Returns index, path, split_time (seconds since the epoch),
-        generation and the number of I/Os drained. ConfigError: no such volume; StateError /
-        IndexError as MirrorVolume.split raises them."""
-        info = self._volume(name).split(image)
-        log.info("volume %s: image %d split at %.6f (%d I/Os drained)", name, image,
-                 info.split_time, info.drained)
-        return dict(index=info.index, path=info.path, split_time=info.split_time,
-                    generation=info.generation, drained=info.drained)
-
-    def _no_backup(self, name, image):
-        """Image ``image``'s ImageInfo, or StateError while a backup of it runs (the caller holds
-        ``_backup_lock`` across this check and its change to the image)."""
-        info = next((i for i in self._volume(name).images if i.index == image), None)
-        if info is None:
-            raise ConfigError(f"volume {name}: no image {image}")
-        b = self._backups.get((name, info.id))
-        if b is not None and b.state == "running":
-            raise StateError(f"volume {name}: image {image} is being backed up to {b.dest}; "
-                             f"wait for the backup to finish")
-        return info
+        generation and drained (I/Os waited for). ConfigError: no such volume."""
+        return self._host(name).split(name, image)
 
     def backup(self, name, image, dest, fmt="raw") -> int:
-        """Copy split image ``image`` to ``dest`` (raw sparse or qcow2). Resync, restore and
-        detach of the image are refused while it runs; progress shows in status()."""
-        from lvmirror.backup import backup_image
-        if not os.path.isabs(dest):
-            raise ConfigError(f"backup destination {dest!r} must be an absolute path")
-        with self._backup_lock:     # the image's state is read under the lock resync takes
-            info = self._no_backup(name, image)
-            if info.state.value != "split":
-                raise StateError(f"volume {name}: image {image} is {info.state.value}; only a "
-                                 f"split image is a point-in-time copy (split it first)")
-            progress = self._backups[(name, info.id)] = BackupProgress(info.id, dest)
-        entry = dict(index=info.index, path=info.path, state=info.state.value)
-        log.info("volume %s: backup of image %d to %s (%s) started", name, image, dest, fmt)
-        try:
-            n = backup_image(entry, dest, fmt=fmt, progress=progress.update)
-        except BaseException as exc:
-            progress.finish("failed", str(exc))
-            raise
-        progress.finish("done")
-        log.info("volume %s: image %d backed up to %s (%d bytes)", name, image, dest, n)
-        return n
+        """Copy split image ``image`` of volume ``name`` to ``dest`` (an absolute path; ``fmt``
+        "raw" sparse or "qcow2"); returns the bytes copied. ``VolumeHost.backup``."""
+        return self._host(name).backup(name, image, dest, fmt)
 
     def resync(self, name, image, rate_mbps=0.0, *, full=False):
-        """Start (or resume) the resync of image ``image`` of volume ``name`` at ``rate_mbps``
-        MB/s (0: unlimited); ``full``: every region, also into an image marked in sync
-        (``MirrorVolume.resync``). Returns the job's progress dict. StateError / IndexError
-        as ``JobControl.resync`` raises them; refused while the image is backed up."""
-        with self._backup_lock:
-            self._no_backup(name, image)
-            job = self._volume(name).resync(image, rate_limit=rate_mbps or None, full=full)
-        if full:
-            log.warning("volume %s: full resync of image %d started: it serves no reads until "
-                        "every region is copied from the other images", name, image)
-        else:
-            log.info("volume %s: resync of image %d started", name, image)
-        return job.progress()
+        """Start (or resume) the resync of image ``image`` at ``rate_mbps`` MB/s (0:
+        unlimited); ``full``: every region. Returns the job's progress dict.
+        ``VolumeHost.resync``."""
+        return self._host(name).resync(name, image, rate_mbps, full=full)
 
     def restore(self, name, image, rate_mbps=0.0):
         """Roll volume ``name`` back to its split image ``image`` at ``rate_mbps`` MB/s (0:
-        unlimited; kept across a restart). The volume reads as the split image once this
-        returns (``MirrorVolume.restore``). Returns the job's progress dict. StateError: the
-        image is not split, is exported or backed up, or a restore runs."""
-        with self._backup_lock:
-            self._no_backup(name, image)
-            job = self._volume(name).restore(image, rate_limit=rate_mbps or None)
-        log.info("volume %s: restore from image %d started", name, image)
-        return job.progress()
+        unlimited). Returns the job's progress dict. ``VolumeHost.restore``."""
+        return self._host(name).restore(name, image, rate_mbps)
 
     def attach(self, name, path, *, force=False):
-        """Attach ``path`` to volume ``name`` (full resync); returns its index. ``force``: an
-        existing path that holds data may be overwritten (``JobControl.attach``)."""
-        index = self._volume(name).attach(path, force=force)
-        log.info("volume %s: image %s attached as %d, full resync started%s", name, path, index,
-                 " (forced over existing data)" if force else "")
-        return index
+        """Attach ``path`` to volume ``name`` (full resync); returns its index.
+        ``VolumeHost.attach``."""
+        return self._host(name).attach(name, path, force=force)
 
     def detach(self, name, image):
-        """Remove image ``image`` (an index) from volume ``name``; its file is kept.
-
-        Refused (StateError) while the image is backed up, while it is exported as a LUN, or
-        while a split image with a higher index is exported: a detach renumbers the images
-        after it, and the export's cfgstring (``NAME;image=N``, which LIO and the saved
-        targetcli configuration keep) would name another image after the next restart.
-        ConfigError if the volume is not open or has no such image."""
-        with self._backup_lock:
-            self._no_backup(name, image)
-            exported = self.registry.exports(name)
-            if image in exported:
-                raise StateError(f"volume {name}: image {image} is exported as a LUN "
-                                 f"(cfgstring '{name};image={image}'); remove that LUN first")
-            later = [k for k in exported if k > image]
-            if later:
-                raise StateError(
-                    f"volume {name}: detaching image {image} would renumber the exported split "
-                    f"image(s) {', '.join(map(str, later))}, and after a restart the LUN whose "
-                    f"cfgstring says '{name};image={later[0]}' would serve another image; "
-                    f"remove the export first")
-            self._volume(name).detach(image)
-        log.info("volume %s: image %d detached", name, image)
+        """Remove image ``image`` from volume ``name`` (its file is kept).
+        ``VolumeHost.detach``."""
+        return self._host(name).detach(name, image)
 
     def cancel(self, name, image):
-        """Stop the resync or restore running on image ``image`` of volume ``name`` and wait
-        for it; its bitmap is kept (resync / restore resume it). ConfigError: no such volume
-        or image, or no job runs on it."""
-        volume = self._volume(name)
-        for info in volume.images:
-            if info.index == image:
-                job = volume.jobs.get(info.id)
-                if job is None or not job.is_alive():
-                    raise ConfigError(f"volume {name}: no job running on image {image}")
-                job.cancel()
-                job.wait()
-                return
-        raise ConfigError(f"volume {name}: no image {image}")
+        """Stop the resync or restore on image ``image`` and wait for it.
+        ``VolumeHost.cancel``."""
+        return self._host(name).cancel(name, image)
 
-    # -- region locks for external holders (the lock manager's coordination interface) ---------
     def lock_region(self, name, lba, count, *, shared=False, timeout=None, owner):
-        """Take a range lock on volume ``name`` for ``owner`` (e.g. a backup agent on the bus);
-        waits FIFO behind conflicting I/O and holders. Returns a lock id."""
-        volume = self._volume(name)
-        if not 0 <= lba < volume.num_blocks or count < 1 or lba + count > volume.num_blocks:
-            raise ConfigError(f"volume {name}: LBA range [{lba}, +{count}) outside 0.."
-                              f"{volume.num_blocks}")
-        lock = volume.locks.lock(lba, count, owner=owner, shared=shared, timeout=timeout)
+        """Take a range lock (``count`` blocks at ``lba``) on volume ``name`` for ``owner``
+        (e.g. ("bus", ":1.42")); waits FIFO behind conflicting I/O and holders, at most
+        ``timeout`` seconds. Returns a lock id for unlock_region. ``VolumeHost.lock_region``."""
+        host = self._host(name)
+        local_id = host.lock_region(name, lba, count, shared=shared, timeout=timeout,
+                                    owner=owner)
         with self._lock:
-            self._lock_seq = getattr(self, "_lock_seq", 0) + 1
-            lock_id = self._lock_seq
-            self._external_locks[lock_id] = (name, lock)
-        log.info("volume %s: LBAs [%d, +%d) locked %s by %s (lock %d)", name, lba, count,
-                 "shared" if shared else "exclusive", owner, lock_id)
-        return lock_id
+            self._lock_seq += 1
+            self._lock_ids[self._lock_seq] = (host, local_id, owner)
+            return self._lock_seq
 
     def unlock_region(self, lock_id, *, owner):
-        """Release external lock ``lock_id`` (from lock_region). ConfigError unless ``owner``
-        holds it."""
+        """Release lock ``lock_id`` (from lock_region). ConfigError unless ``owner`` holds it."""
         with self._lock:
-            entry = self._external_locks.get(lock_id)
-            if entry is None or entry[1].owner != owner:
+            entry = self._lock_ids.get(lock_id)
+            if entry is None or entry[2] != owner:
                 raise ConfigError(f"no lock {lock_id} held by {owner}")
-            del self._external_locks[lock_id]
-        entry[1].release()
+            del self._lock_ids[lock_id]
+        entry[0].unlock_region(entry[1], owner=owner)
 
     def list_locks(self, name):
         """Volume ``name``'s region locks: holders and waiters (LBA, count, shared, owner,
-        seconds held or waited) and the ids of the external locks taken through lock_region."""
-        volume = self._volume(name)
-
-        def info(x):
-            return dict(lba=x.start, count=x.count, shared=x.shared,
-                        owner=_owner_label(x.owner),
-                        seconds=round(time.monotonic() - x.since, 3))
-
+        seconds) and the ids of the external locks taken through lock_region."""
+        host = self._host(name)
+        info = host.list_locks(name)
         with self._lock:
-            external = sorted(lid for lid, (vol, _) in self._external_locks.items()
-                              if vol == name)
-        return {"holders": [info(x) for x in volume.locks.holders()],
-                "waiters": [info(x) for x in volume.locks.waiters()],
-                "external_lock_ids": external}
+            mine = {(h, lid): gid for gid, (h, lid, _) in self._lock_ids.items()}
+        info["external_lock_ids"] = sorted(mine[(host, lid)] for lid in
+                                           info["external_lock_ids"] if (host, lid) in mine)
+        return info
 
     def release_owner(self, owner) -> int:
-        """``owner`` went away (left the bus): drop its locks and waiting requests."""
-        n = 0
-        for name in self.registry.names():
-            volume = self.registry.get(name)
-            if volume is not None:
-                n += volume.locks.release_owner(owner)
+        """``owner`` went away (left the bus): drop its locks and waiting requests on every
+        volume; returns how many."""
         with self._lock:
-            for lid in [lid for lid, (_, lk) in self._external_locks.items() if lk.owner == owner]:
-                del self._external_locks[lid]
-        if n:
-            log.warning("released %d region lock(s) of %s, which left the bus", n, owner)
+            for gid in [g for g, (_, _, o) in self._lock_ids.items() if o == owner]:
+                del self._lock_ids[gid]
+        n = 0
+        for host in self._hosts_now():
+            try:
+                n += host.release_owner(owner)
+            except LvmirrorError as exc:
+                log.warning("releasing the locks of %s: %s", owner, exc)
         return n
 
     # -- netlink events ------------------------------------------------------------------------
@@ -343,7 +278,7 @@ class Lvmirrord:
         status = 0
         if isinstance(event, netlink.DeviceRemoved):
             # The uio device may already be gone from sysfs: find the LUN by its minor.
-            if uio_name in self.luns:
+            if self.serves(uio_name):
                 self.remove_lun(uio_name)
                 self._netlink.reply(event, 0)
             return
@@ -353,15 +288,13 @@ class Lvmirrord:
             return
         try:
             if isinstance(event, netlink.DeviceAdded):
-                lun = self.add_lun(device)
-                if lun.error:
+                if self.add_lun(device)["error"]:
                     status = -22
             elif isinstance(event, netlink.DeviceReconfig):
-                lun = self.luns.get(device.uio_name)
-                if lun is None:
+                with self._lock:
+                    host = self._lun_hosts.get(device.uio_name)
+                if host is None or not host.reconfigure_lun(device.uio_name, event):
                     status = -19
-                else:
-                    lun.reconfigure(event)
         except ConfigError as exc:
             log.error("%s", exc)
             status = -22
@@ -382,7 +315,7 @@ class Lvmirrord:
             try:
                 self.add_lun(device, pickup=True)
                 log.info("picked up existing LUN %s (%s)", device.dev_name, device.uio_name)
-            except OSError as exc:
+            except (OSError, LvmirrorError) as exc:
                 log.error("cannot pick up %s (%s): %s", device.dev_name, device.uio_name, exc)
         if self.with_bus:
             try:
@@ -402,15 +335,18 @@ class Lvmirrord:
             self._bus.stop()
         if self._netlink is not None:
             self._netlink.stop()
-        for uio_name in list(self.luns):
+        with self._lock:
+            uio_names = list(self._lun_hosts)
+        for uio_name in uio_names:
             self.remove_lun(uio_name)
 
     def run(self):
         """start(), tell systemd READY=1, serve until request_stop(), then stop()."""
         self.start()
-        sdnotify.notify("READY=1", f"STATUS=serving {len(self.luns)} LUN(s)")
-        log.info("lvmirrord %s ready: %d LUN(s), state in %s", __version__, len(self.luns),
-                 self.state_dir)
+        n = len(self._lun_hosts)
+        sdnotify.notify("READY=1", f"STATUS=serving {n} LUN(s)")
+        log.info("lvmirrord %s ready: %d LUN(s) (%s), state in %s", __version__, n,
+                 "a process per volume" if self.processes else "one process", self.state_dir)
         self._stop.wait()
         log.info("shutting down: draining in-flight commands")
         self.stop()

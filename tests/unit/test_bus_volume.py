@@ -185,7 +185,7 @@ def test_backup_method_and_guard(daemon, tmp_path):  # noqa: F811
     assert r.returncode != 0 and "absolute" in r.stderr
     # while a backup of the image runs, nothing may change the image under it
     from lvmirror.daemon import BackupProgress
-    d._backups[("vol0", vol.images[1].id)] = BackupProgress(vol.images[1].id, "/tmp/running")
+    d._local._backups[("vol0", vol.images[1].id)] = BackupProgress(vol.images[1].id, "/tmp/running")
     for fn in (lambda: d.resync("vol0", 1), lambda: d.restore("vol0", 1),
                lambda: d.detach("vol0", 1)):
         with pytest.raises(StateError, match="being backed up"):

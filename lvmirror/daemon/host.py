@@ -1,0 +1,357 @@
+"""One process's share of lvmirrord: the LUNs it serves, the volumes they open, and the
+management calls on those volumes (split, resync, restore, attach, detach, backup, region locks).
+
+In the default layout each volume has a process of its own (``lvmirror.daemon.volumeproc``) running
+one ``VolumeHost``; with ``lvmirrord --single-process`` one ``VolumeHost`` in lvmirrord serves
+every volume. Either way ``Lvmirrord`` routes a management call to the host of its volume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from lvmirror.errors import ConfigError, StateError
+from lvmirror.mirror.resync import job_progress
+from lvmirror.daemon.lunserver import LunServer
+from lvmirror.daemon.registry import VolumeRegistry
+
+log = logging.getLogger("lvmirrord")
+
+__all__ = ["BackupProgress", "VolumeHost"]
+
+
+def _owner_label(owner) -> str:
+    """Who holds or waits for a region lock, for status displays: the bus name of an external
+    holder, "initiator I/O" for a SCSI command, "resync"/"restore" for a copy job."""
+    if owner is None:
+        return "initiator I/O"
+    if isinstance(owner, tuple) and len(owner) == 2 and owner[0] == "bus":
+        return f"D-Bus {owner[1]}"
+    kind = getattr(owner, "kind", None)
+    return kind if isinstance(kind, str) else str(owner)
+
+
+class BackupProgress:
+    """A running or finished backup of a split image, shown with the volume's jobs."""
+
+    kind = "backup"
+
+    def __init__(self, image_id, dest):
+        self.image_id = image_id
+        self.dest = dest
+        self.state = "running"
+        self.error = None
+        self.bytes_done = 0
+        self.bytes_total = 0
+        self._t0 = time.monotonic()
+        self._t_end = None
+
+    def update(self, done, total):
+        """Progress callback of backup_image: ``done`` of ``total`` bytes copied."""
+        self.bytes_done, self.bytes_total = done, total
+
+    def finish(self, state, error=None):
+        """The backup ended: ``state`` "done" or "failed" (with ``error``)."""
+        self.state, self.error, self._t_end = state, error, time.monotonic()
+
+    def progress(self) -> dict:
+        """The job dict status() shows (kind, image, state, bytes, MB/s, elapsed s, dest)."""
+        return job_progress(self, rate_limit=None, dest=self.dest)
+
+
+
+class VolumeHost:
+    """The LUNs one process serves and the volumes they open (``VolumeRegistry``), with the
+    management API on those volumes. Methods are called from the netlink thread (LUNs) and from
+    the D-Bus service's worker threads (management), concurrently."""
+
+    def __init__(self, state_dir: str, *, workers: int = 4, inline_reads: bool = True):
+        """``state_dir``: where volume metadata lives; ``workers``: threads per LUN's pool;
+        ``inline_reads``: the ring thread answers cached READs itself (``LunServer``)."""
+        self.state_dir = state_dir
+        self.workers = workers
+        self.inline_reads = inline_reads
+        self.registry = VolumeRegistry(state_dir)
+        self.luns: dict[str, LunServer] = {}     # by uio name
+        self._lock = threading.Lock()
+        self._lock_seq = 0
+        self._external_locks: dict = {}     # lock id -> (volume name, RegionLock)
+        self._backups: dict = {}            # (volume, image id) -> BackupProgress
+        self._backup_lock = threading.RLock()  # a backup starts, or a change to its image does
+
+    # -- LUNs ----------------------------------------------------------------------------------
+    def add_lun(self, device, *, pickup: bool = False, handle=None) -> dict:
+        """Serve ``device`` (a ``uio.UioDevice`` of a user:lvmirror backstore): open its ring
+        (``handle``: an already open one, e.g. the ring emulator's) and its volume, start its
+        threads. ``pickup``: the device existed before this process started (its ring may hold
+        commands of a previous one). Returns ``{"name", "uio", "error"}``: ``error`` is why the
+        LUN answers NOT READY (None when it serves). A device already served is not opened twice.
+        OSError when the device cannot be opened."""
+        with self._lock:
+            lun = self.luns.get(device.uio_name)
+            if lun is None:
+                lun = LunServer(device, self.registry, workers=self.workers,
+                                inline_reads=self.inline_reads)
+                lun.open(pickup=pickup, handle=handle)
+                lun.start()
+                self.luns[device.uio_name] = lun
+        return {"name": lun.name, "uio": device.uio_name, "error": lun.error}
+
+    def remove_lun(self, uio_name: str) -> bool:
+        """Stop serving the device ``uio_name`` (e.g. "uio0"): drain and complete its in-flight
+        commands, release its volume. False if it was not served here."""
+        with self._lock:
+            lun = self.luns.pop(uio_name, None)
+        if lun is None:
+            return False
+        lun.stop()
+        log.info("LUN %s removed", lun.name)
+        return True
+
+    def reconfigure_lun(self, uio_name: str, event) -> bool:
+        """Apply a netlink RECONFIG_DEVICE ``event`` to the LUN on ``uio_name``
+        (``LunServer.reconfigure``: ConfigError when it cannot). False if it is not served here."""
+        lun = self.luns.get(uio_name)
+        if lun is None:
+            return False
+        lun.reconfigure(event)
+        return True
+
+    def lun_names(self) -> list[str]:
+        """The uio names of the devices served here."""
+        with self._lock:
+            return sorted(self.luns)
+
+    def volume_names(self) -> list[str]:
+        """The names of the volumes open here, sorted."""
+        return self.registry.names()
+
+    def stop(self):
+        """Stop every LUN (each drains and completes its in-flight commands and closes its
+        volume cleanly)."""
+        for uio_name in self.lun_names():
+            self.remove_lun(uio_name)
+
+    # -- management (called from the D-Bus service's worker threads) ---------------------------
+    def _volume(self, name):
+        volume = self.registry.get(name)
+        if volume is None:
+            raise ConfigError(f"no volume {name!r} is open (served by no LUN); open volumes: "
+                              f"{', '.join(self.registry.names()) or 'none'}")
+        return volume
+
+    def status(self) -> dict:
+        """Everything ``lvmirror status`` shows, as a JSON-able dict: per open volume its size
+        (bytes), block and region size, images (index, path, state, split time, changed bytes,
+        error), jobs (resync, restore, backup progress), exported split images, health
+        (optimal, degraded, offline) and I/O counters; per LUN its uio device, cfgstring,
+        error and commands served."""
+        volumes = {}
+        for name in self.registry.names():
+            volume = self.registry.get(name)
+            if volume is None:
+                continue
+            stats = volume.stats
+            volumes[name] = {
+                "size": volume.size, "block_size": volume.block_size,
+                "region_size": volume.region_size,
+                "images": [dict(index=i.index, id=i.id, path=i.path, state=i.state.value,
+                                generation=i.generation, split_time=i.split_time,
+                                bitmap_fill=i.bitmap_fill, dirty_bytes=i.dirty_bytes,
+                                error=i.error) for i in volume.images],
+                "jobs": [job.progress() for job in list(volume.jobs.values())] +
+                        [b.progress() for (v, _), b in list(self._backups.items()) if v == name],
+                "exported": self.registry.exports(name),
+                "health": volume.health, "offline": volume.offline,
+                "io": {k: stats[k] for k in ("reads", "writes", "bytes_read", "bytes_written",
+                                             "flushes", "unmaps", "read_errors", "write_errors",
+                                             "image_failures", "inflight", "space_errors",
+                                             "metadata_errors", "slow_legs",
+                                             "offline_events")},
+            }
+        luns = [{"name": lun.name, "uio": lun.device.uio_name, "cfgstring": lun.device.cfgstring,
+                 "error": lun.error, "commands": lun.commands}
+                for lun in list(self.luns.values())]
+        return {"volumes": volumes, "luns": luns}
+
+    def split(self, name, image):
+        """Split image ``image`` (an index) off volume ``name`` now (``MirrorVolume.split``:
+        I/O begun before the split time T completes to every image, later I/O goes to the
+        others and is not paused). Returns index, path, split_time (seconds since the epoch),
+        generation and the number of I/Os drained. ConfigError: no such volume; StateError /
+        IndexError as MirrorVolume.split raises them."""
+        info = self._volume(name).split(image)
+        log.info("volume %s: image %d split at %.6f (%d I/Os drained)", name, image,
+                 info.split_time, info.drained)
+        return dict(index=info.index, path=info.path, split_time=info.split_time,
+                    generation=info.generation, drained=info.drained)
+
+    def _no_backup(self, name, image):
+        """Image ``image``'s ImageInfo, or StateError while a backup of it runs (the caller holds
+        ``_backup_lock`` across this check and its change to the image)."""
+        info = next((i for i in self._volume(name).images if i.index == image), None)
+        if info is None:
+            raise ConfigError(f"volume {name}: no image {image}")
+        b = self._backups.get((name, info.id))
+        if b is not None and b.state == "running":
+            raise StateError(f"volume {name}: image {image} is being backed up to {b.dest}; "
+                             f"wait for the backup to finish")
+        return info
+
+    def backup(self, name, image, dest, fmt="raw") -> int:
+        """Copy split image ``image`` to ``dest`` (raw sparse or qcow2). Resync, restore and
+        detach of the image are refused while it runs; progress shows in status()."""
+        from lvmirror.backup import backup_image
+        if not os.path.isabs(dest):
+            raise ConfigError(f"backup destination {dest!r} must be an absolute path")
+        with self._backup_lock:     # the image's state is read under the lock resync takes
+            info = self._no_backup(name, image)
+            if info.state.value != "split":
+                raise StateError(f"volume {name}: image {image} is {info.state.value}; only a "
+                                 f"split image is a point-in-time copy (split it first)")
+            progress = self._backups[(name, info.id)] = BackupProgress(info.id, dest)
+        entry = dict(index=info.index, path=info.path, state=info.state.value)
+        log.info("volume %s: backup of image %d to %s (%s) started", name, image, dest, fmt)
+        try:
+            n = backup_image(entry, dest, fmt=fmt, progress=progress.update)
+        except BaseException as exc:
+            progress.finish("failed", str(exc))
+            raise
+        progress.finish("done")
+        log.info("volume %s: image %d backed up to %s (%d bytes)", name, image, dest, n)
+        return n
+
+    def resync(self, name, image, rate_mbps=0.0, *, full=False):
+        """Start (or resume) the resync of image ``image`` of volume ``name`` at ``rate_mbps``
+        MB/s (0: unlimited); ``full``: every region, also into an image marked in sync
+        (``MirrorVolume.resync``). Returns the job's progress dict. StateError / IndexError
+        as ``JobControl.resync`` raises them; refused while the image is backed up."""
+        with self._backup_lock:
+            self._no_backup(name, image)
+            job = self._volume(name).resync(image, rate_limit=rate_mbps or None, full=full)
+        if full:
+            log.warning("volume %s: full resync of image %d started: it serves no reads until "
+                        "every region is copied from the other images", name, image)
+        else:
+            log.info("volume %s: resync of image %d started", name, image)
+        return job.progress()
+
+    def restore(self, name, image, rate_mbps=0.0):
+        """Roll volume ``name`` back to its split image ``image`` at ``rate_mbps`` MB/s (0:
+        unlimited; kept across a restart). The volume reads as the split image once this
+        returns (``MirrorVolume.restore``). Returns the job's progress dict. StateError: the
+        image is not split, is exported or backed up, or a restore runs."""
+        with self._backup_lock:
+            self._no_backup(name, image)
+            job = self._volume(name).restore(image, rate_limit=rate_mbps or None)
+        log.info("volume %s: restore from image %d started", name, image)
+        return job.progress()
+
+    def attach(self, name, path, *, force=False):
+        """Attach ``path`` to volume ``name`` (full resync); returns its index. ``force``: an
+        existing path that holds data may be overwritten (``JobControl.attach``)."""
+        index = self._volume(name).attach(path, force=force)
+        log.info("volume %s: image %s attached as %d, full resync started%s", name, path, index,
+                 " (forced over existing data)" if force else "")
+        return index
+
+    def detach(self, name, image):
+        """Remove image ``image`` (an index) from volume ``name``; its file is kept.
+
+        Refused (StateError) while the image is backed up, while it is exported as a LUN, or
+        while a split image with a higher index is exported: a detach renumbers the images
+        after it, and the export's cfgstring (``NAME;image=N``, which LIO and the saved
+        targetcli configuration keep) would name another image after the next restart.
+        ConfigError if the volume is not open or has no such image."""
+        with self._backup_lock:
+            self._no_backup(name, image)
+            exported = self.registry.exports(name)
+            if image in exported:
+                raise StateError(f"volume {name}: image {image} is exported as a LUN "
+                                 f"(cfgstring '{name};image={image}'); remove that LUN first")
+            later = [k for k in exported if k > image]
+            if later:
+                raise StateError(
+                    f"volume {name}: detaching image {image} would renumber the exported split "
+                    f"image(s) {', '.join(map(str, later))}, and after a restart the LUN whose "
+                    f"cfgstring says '{name};image={later[0]}' would serve another image; "
+                    f"remove the export first")
+            self._volume(name).detach(image)
+        log.info("volume %s: image %d detached", name, image)
+
+    def cancel(self, name, image):
+        """Stop the resync or restore running on image ``image`` of volume ``name`` and wait
+        for it; its bitmap is kept (resync / restore resume it). ConfigError: no such volume
+        or image, or no job runs on it."""
+        volume = self._volume(name)
+        for info in volume.images:
+            if info.index == image:
+                job = volume.jobs.get(info.id)
+                if job is None or not job.is_alive():
+                    raise ConfigError(f"volume {name}: no job running on image {image}")
+                job.cancel()
+                job.wait()
+                return
+        raise ConfigError(f"volume {name}: no image {image}")
+
+    # -- region locks for external holders (the lock manager's coordination interface) ---------
+    def lock_region(self, name, lba, count, *, shared=False, timeout=None, owner):
+        """Take a range lock on volume ``name`` for ``owner`` (e.g. a backup agent on the bus);
+        waits FIFO behind conflicting I/O and holders. Returns a lock id."""
+        volume = self._volume(name)
+        if not 0 <= lba < volume.num_blocks or count < 1 or lba + count > volume.num_blocks:
+            raise ConfigError(f"volume {name}: LBA range [{lba}, +{count}) outside 0.."
+                              f"{volume.num_blocks}")
+        lock = volume.locks.lock(lba, count, owner=owner, shared=shared, timeout=timeout)
+        with self._lock:
+            self._lock_seq += 1
+            lock_id = self._lock_seq
+            self._external_locks[lock_id] = (name, lock)
+        log.info("volume %s: LBAs [%d, +%d) locked %s by %s (lock %d)", name, lba, count,
+                 "shared" if shared else "exclusive", owner, lock_id)
+        return lock_id
+
+    def unlock_region(self, lock_id, *, owner):
+        """Release external lock ``lock_id`` (from lock_region). ConfigError unless ``owner``
+        holds it."""
+        with self._lock:
+            entry = self._external_locks.get(lock_id)
+            if entry is None or entry[1].owner != owner:
+                raise ConfigError(f"no lock {lock_id} held by {owner}")
+            del self._external_locks[lock_id]
+        entry[1].release()
+
+    def list_locks(self, name):
+        """Volume ``name``'s region locks: holders and waiters (LBA, count, shared, owner,
+        seconds held or waited) and the ids of the external locks taken through lock_region."""
+        volume = self._volume(name)
+
+        def info(x):
+            return dict(lba=x.start, count=x.count, shared=x.shared,
+                        owner=_owner_label(x.owner),
+                        seconds=round(time.monotonic() - x.since, 3))
+
+        with self._lock:
+            external = sorted(lid for lid, (vol, _) in self._external_locks.items()
+                              if vol == name)
+        return {"holders": [info(x) for x in volume.locks.holders()],
+                "waiters": [info(x) for x in volume.locks.waiters()],
+                "external_lock_ids": external}
+
+    def release_owner(self, owner) -> int:
+        """``owner`` went away (left the bus): drop its locks and waiting requests."""
+        n = 0
+        for name in self.registry.names():
+            volume = self.registry.get(name)
+            if volume is not None:
+                n += volume.locks.release_owner(owner)
+        with self._lock:
+            for lid in [lid for lid, (_, lk) in self._external_locks.items() if lk.owner == owner]:
+                del self._external_locks[lid]
+        if n:
+            log.warning("released %d region lock(s) of %s, which left the bus", n, owner)
+        return n
+

@@ -1,0 +1,474 @@
+"""A process per volume: each volume's LUNs are served by a process of their own, so N busy
+volumes use N cores (a Python process runs its bytecode on one core at a time).
+
+lvmirrord (the netlink listener, the D-Bus service, the routing) starts one child per volume
+when the first LUN of that volume appears, and ends it when its last LUN goes. The child runs a
+``VolumeHost``: it opens the LUNs' uio devices and rings itself, so commands go from the
+kernel's ring to the child and back with no hop through lvmirrord; lvmirrord only forwards
+LUN events (add, remove, reconfigure) and management calls (split, resync, status, region
+locks...) over a Unix socket. The data path makes no call to lvmirrord, let alone over D-Bus.
+
+Failure handling, as tcmu-runner's handlers and md's ``mdmon`` are restarted:
+
+* the child ends (a crash, a SIGKILL): lvmirrord logs it, fails the calls in flight with
+  StateError, starts a new child and gives it the same devices with ``pickup`` (the ring may
+  hold commands the dead child fetched and never completed: the new child answers them, as a
+  restarted lvmirrord does). Restarts back off from 1 to 30 seconds;
+* lvmirrord is killed: the kernel kills its volume processes with it (``PR_SET_PDEATHSIG``),
+  so a SIGKILL of lvmirrord is a crash of the whole data path, as it was with one process,
+  and the next lvmirrord picks the devices up (a child still draining would hold the uio
+  device while the new one resets the ring). A stop (SIGTERM) drains every volume process
+  first; under systemd ``KillMode=mixed`` lets lvmirrord do that itself. A child whose
+  socket closes while lvmirrord lives drains, closes its volume and exits.
+
+The wire format is one message per frame: an 8-byte header (payload length, number of file
+descriptors), then a pickle; descriptors (an emulated ring's socket and memory, for tests and
+benchmarks) travel as SCM_RIGHTS with the header. Only lvmirrord and its own children hold
+the socket pair, so nothing else can speak on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import itertools
+import logging
+import os
+import pickle
+import queue
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+from lvmirror import errors
+from lvmirror.errors import LvmirrorError, StateError
+
+log = logging.getLogger("lvmirrord")
+
+__all__ = ["VolumeProcess", "MANAGEMENT_CALLS", "main"]
+
+_HEADER = struct.Struct("<II")
+MAX_FDS = 8
+# the calls Lvmirrord forwards to the host of a volume (VolumeHost's methods of the same names)
+MANAGEMENT_CALLS = ("status", "split", "backup", "resync", "restore", "attach", "detach",
+                    "cancel", "lock_region", "unlock_region", "list_locks", "release_owner",
+                    "volume_names", "lun_names", "remove_lun", "reconfigure_lun")
+RESTART_BACKOFF = (1.0, 30.0)     # seconds: first delay, largest delay
+STOP_TIMEOUT = 120.0              # seconds a child may take to drain its LUNs at stop
+
+
+# -- framing ----------------------------------------------------------------------------------
+def send_msg(sock: socket.socket, obj, fds=()) -> None:
+    """Send ``obj`` (pickled) and ``fds`` as one frame. OSError when the peer is gone."""
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    data = _HEADER.pack(len(payload), len(fds)) + payload
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sent = sock.sendmsg([data], anc)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("peer closed the socket")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_msg(sock: socket.socket):
+    """Receive one frame: (obj, fds). EOFError when the peer closed the socket."""
+    fds = array.array("i")
+    data, anc, _, _ = sock.recvmsg(_HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+    if not data:
+        raise EOFError("peer closed the socket")
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[:len(cdata) - (len(cdata) % fds.itemsize)])
+    if len(data) < _HEADER.size:
+        data += _recv_exact(sock, _HEADER.size - len(data))
+    size, _nfds = _HEADER.unpack(data)
+    return pickle.loads(_recv_exact(sock, size)), list(fds)
+
+
+def _encode_error(exc: BaseException):
+    """An exception as (module, class name, args) for the other side to raise again."""
+    cls = type(exc)
+    if isinstance(exc, OSError):
+        return ("builtins", "OSError", (exc.errno, exc.strerror or str(exc)))
+    return (cls.__module__, cls.__qualname__, (str(exc),))
+
+
+def _decode_error(module, name, args) -> Exception:
+    """The exception ``_encode_error`` described: lvmirror's own errors and the builtin ones
+    keep their class (ConfigError stays ConfigError for the D-Bus error name); anything else
+    becomes an LvmirrorError naming the original class."""
+    if module == "builtins":
+        cls = getattr(sys.modules["builtins"], name, None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            try:
+                return cls(*args)
+            except Exception:
+                pass
+    if module == errors.__name__:
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, LvmirrorError):
+            try:
+                return cls(*args)
+            except TypeError:     # a constructor with more arguments (ImageIOError...)
+                pass
+    return LvmirrorError(f"{name}: {args[0] if args else ''}")
+
+
+# -- lvmirrord's side -------------------------------------------------------------------------
+class _Spawner:
+    """Starts the volume processes from one thread that lives as long as lvmirrord:
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked a child ends, so a child started
+    from a passing thread (a netlink event, a restart) would be killed with that thread."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = None
+        self._lock = threading.Lock()
+
+    def _loop(self):
+        while True:
+            argv, kwargs, slot = self._jobs.get()
+            try:
+                slot[1] = subprocess.Popen(argv, **kwargs)
+            except BaseException as exc:
+                slot[2] = exc
+            slot[0].set()
+
+    def popen(self, argv, **kwargs) -> subprocess.Popen:
+        """``subprocess.Popen(argv, **kwargs)`` run on the spawner thread."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="volproc-spawner",
+                                                daemon=True)
+                self._thread.start()
+        slot = [threading.Event(), None, None]
+        self._jobs.put((argv, kwargs, slot))
+        slot[0].wait()
+        if slot[2] is not None:
+            raise slot[2]
+        return slot[1]
+
+
+_spawner = _Spawner()
+
+
+class VolumeProcess:
+    """lvmirrord's handle on the child process serving one volume's LUNs.
+
+    It has the ``VolumeHost`` API (``add_lun``, ``remove_lun``, ``reconfigure_lun``,
+    ``status``, the management calls, ``stop``); each call is sent to the child and waits for
+    its answer, several at a time (a D-Bus caller waiting for a region lock does not hold up
+    ``status``). Errors raised in the child are raised here with their class
+    (``_decode_error``). StateError when the child is gone (it is being restarted)."""
+
+    def __init__(self, key: str, *, state_dir: str, workers: int = 4, inline_reads: bool = True,
+                 log_level: str = "info"):
+        """``key``: the volume's name (what the child serves; its processes' title shows it)."""
+        self.key = key
+        self.state_dir = state_dir
+        self.workers = workers
+        self.inline_reads = inline_reads
+        self.log_level = log_level
+        self.restarts = 0
+        self._started = 0.0
+        self._delay = 0.0
+        self._devices: dict = {}        # uio name -> (device, handle) to give a new child
+        self._proc = None
+        self._sock = None
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, list] = {}    # call id -> [event, ok, value]
+        self._ids = itertools.count(1)
+        self._state_lock = threading.Lock()
+        self._stopping = False
+        self._ready = threading.Event()        # a child is running and answers
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (None before start)."""
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self):
+        """Start the child process (``python -m lvmirror.daemon.volumeproc``). OSError when it
+        cannot be started."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",
+                                                                  "WATCHDOG_USEC")}
+        # the child imports the same lvmirror as this process: from the same site directory
+        # (the package, a venv), or else from the source tree this one came from
+        import lvmirror
+        import site
+        top = os.path.dirname(os.path.dirname(os.path.abspath(lvmirror.__file__)))
+        sites = {os.path.abspath(d) for d in site.getsitepackages() + [site.getusersitepackages()]}
+        if top not in sites:
+            env["PYTHONPATH"] = os.pathsep.join([top] + [p for p in env.get("PYTHONPATH", "")
+                                                         .split(os.pathsep) if p and p != top])
+        argv = [sys.executable, "-m", "lvmirror.daemon.volumeproc", "--fd", str(child.fileno()),
+                "--parent", str(os.getpid()), "--volume", self.key, "--state-dir", self.state_dir,
+                "--workers", str(self.workers), "--log-level", self.log_level]
+        if not self.inline_reads:
+            argv.append("--no-inline-reads")
+        try:
+            proc = _spawner.popen(argv, pass_fds=(child.fileno(),), env=env,
+                                  stdin=subprocess.DEVNULL)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self._proc, self._sock = proc, parent
+        self._started = time.monotonic()
+        self._ready.set()
+        threading.Thread(target=self._reader, args=(proc, parent),
+                         name=f"volproc-{self.key}", daemon=True).start()
+        log.info("volume %s: served by process %d", self.key, proc.pid)
+
+    def call(self, method: str, *args, fds=(), **kwargs):
+        """Run ``VolumeHost.<method>(*args, **kwargs)`` in the child and return its result
+        (raising what it raised). StateError when the child is not running."""
+        if not self._ready.is_set():
+            raise StateError(f"the process serving volume {self.key} is restarting; try again")
+        call_id = next(self._ids)
+        slot = [threading.Event(), False, None]
+        sock = self._sock
+        with self._state_lock:
+            self._pending[call_id] = slot
+        try:
+            with self._send_lock:
+                send_msg(sock, ("call", call_id, method, args, kwargs), fds)
+        except OSError:
+            with self._state_lock:
+                self._pending.pop(call_id, None)
+            raise StateError(f"the process serving volume {self.key} is gone") from None
+        slot[0].wait()
+        if slot[1]:
+            return slot[2]
+        raise slot[2]
+
+    def _reader(self, proc, sock):
+        while True:
+            try:
+                msg, _ = recv_msg(sock)
+            except (EOFError, OSError):
+                break
+            _, call_id, ok, value = msg
+            with self._state_lock:
+                slot = self._pending.pop(call_id, None)
+            if slot is not None:
+                slot[1], slot[2] = ok, value if ok else _decode_error(*value)
+                slot[0].set()
+        self._ready.clear()
+        sock.close()
+        rc = proc.wait()
+        with self._state_lock:
+            pending, self._pending = self._pending, {}
+            stopping = self._stopping
+        for slot in pending.values():
+            slot[1], slot[2] = False, StateError(
+                f"the process serving volume {self.key} ended (exit status {rc})")
+            slot[0].set()
+        if stopping:
+            return
+        how = f"signal {-rc}" if rc < 0 else f"exit status {rc}"
+        log.error("volume %s: its process %d ended (%s); starting a new one, which picks up "
+                  "its %d LUN(s)", self.key, proc.pid, how, len(self._devices))
+        self._restart()
+
+    def _restart(self):
+        """Start a new child and give it the devices (pickup). The first restart is at once;
+        a child that ends within ``RESTART_BACKOFF[1]`` seconds of its start doubles the delay
+        before the next one (from ``RESTART_BACKOFF[0]`` up to ``RESTART_BACKOFF[1]``)."""
+        lived = time.monotonic() - self._started
+        if self.restarts == 0 or lived > RESTART_BACKOFF[1]:
+            self._delay = 0.0
+        else:
+            self._delay = min(max(self._delay * 2, RESTART_BACKOFF[0]), RESTART_BACKOFF[1])
+        while True:
+            with self._state_lock:
+                if self._stopping:
+                    return
+            time.sleep(self._delay)
+            self.restarts += 1
+            try:
+                self.start()
+                break
+            except OSError as exc:
+                log.error("volume %s: restarting its process failed: %s", self.key, exc)
+                self._delay = min(max(self._delay * 2, RESTART_BACKOFF[0]), RESTART_BACKOFF[1])
+        # a device the new child cannot open is logged and left, as at lvmirrord's start; if
+        # the child itself dies meanwhile, its reader thread restarts it again
+        for device, handle in list(self._devices.values()):
+            try:
+                self._add(device, pickup=True, handle=handle)
+            except (OSError, LvmirrorError) as exc:
+                log.error("volume %s: cannot pick up %s (%s) again: %s", self.key,
+                          device.dev_name, device.uio_name, exc)
+
+    def _add(self, device, *, pickup, handle):
+        fds, meta = handle.transfer() if handle is not None else ((), None)
+        return self.call("add_lun", device, pickup=pickup, fds=fds, handle_meta=meta)
+
+    def add_lun(self, device, *, pickup: bool = False, handle=None) -> dict:
+        """``VolumeHost.add_lun`` in the child; ``handle`` must offer ``transfer()`` (the ring
+        emulator's does). The device is remembered for a restarted child."""
+        info = self._add(device, pickup=pickup, handle=handle)
+        self._devices[device.uio_name] = (device, handle)
+        return info
+
+    def remove_lun(self, uio_name: str) -> bool:
+        """``VolumeHost.remove_lun`` in the child."""
+        self._devices.pop(uio_name, None)
+        return self.call("remove_lun", uio_name)
+
+    def serves(self) -> bool:
+        """Whether any LUN is still given to this process."""
+        return bool(self._devices)
+
+    def stop(self, timeout: float = STOP_TIMEOUT):
+        """Stop every LUN of the child (each drains and completes its in-flight commands), then
+        the child; SIGKILL if it has not ended after ``timeout`` seconds."""
+        with self._state_lock:
+            self._stopping = True
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            self.call("stop")
+        except LvmirrorError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("volume %s: its process %d did not stop in %.0f s; killed", self.key,
+                      proc.pid, timeout)
+            proc.kill()
+            proc.wait()
+
+
+def _forward(name):
+    def method(self, *args, **kwargs):
+        return self.call(name, *args, **kwargs)
+    method.__name__ = name
+    method.__doc__ = f"``VolumeHost.{name}`` run in the volume's process."
+    return method
+
+
+for _name in MANAGEMENT_CALLS:
+    if not hasattr(VolumeProcess, _name):
+        setattr(VolumeProcess, _name, _forward(_name))
+
+
+# -- the child's side -------------------------------------------------------------------------
+class _ChildServer:
+    """Answers lvmirrord's calls on ``sock`` with ``host``'s methods, each in a thread."""
+
+    def __init__(self, sock, host):
+        self.sock = sock
+        self.host = host
+        self._send_lock = threading.Lock()
+        self._stop_id = None
+
+    def _reply(self, call_id, ok, value):
+        try:
+            with self._send_lock:
+                send_msg(self.sock, ("reply", call_id, ok, value))
+        except OSError:
+            pass            # lvmirrord is gone: the main loop sees EOF and stops
+
+    def _run(self, call_id, method, args, kwargs, fds):
+        try:
+            if method == "add_lun":
+                meta = kwargs.pop("handle_meta", None)
+                if fds:
+                    from lvmirror.tcmu.emulator import AttachedHandle
+                    kwargs["handle"] = AttachedHandle(fds, meta)
+            elif method not in MANAGEMENT_CALLS:
+                raise LvmirrorError(f"unknown call {method!r}")
+            result = getattr(self.host, method)(*args, **kwargs)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                raise
+            if not isinstance(exc, LvmirrorError):
+                log.debug("volume process: %s failed", method, exc_info=True)
+            self._reply(call_id, False, _encode_error(exc))
+        else:
+            self._reply(call_id, True, result)
+
+    def serve(self):
+        """Serve until lvmirrord says stop or goes away; then stop every LUN."""
+        try:
+            while True:
+                try:
+                    (_, call_id, method, args, kwargs), fds = recv_msg(self.sock)
+                except (EOFError, OSError):
+                    log.warning("volume process %d: lvmirrord went away; draining and stopping "
+                                "its LUNs", os.getpid())
+                    break
+                if method == "stop":
+                    self._stop_id = call_id
+                    break
+                threading.Thread(target=self._run, args=(call_id, method, args, kwargs, fds),
+                                 daemon=True).start()
+        finally:
+            self.host.stop()
+            if self._stop_id is not None:
+                self._reply(self._stop_id, True, None)
+
+
+def _die_with_parent(parent: int):
+    """Ask the kernel to SIGKILL this process when lvmirrord (pid ``parent``) dies
+    (prctl(2) PR_SET_PDEATHSIG); exit at once if it died already."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("volume process: PR_SET_PDEATHSIG: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def main(argv=None):
+    """The child process's entry point (started by ``VolumeProcess.start``)."""
+    from lvmirror.daemon.host import VolumeHost
+    from lvmirror.daemon.main import setup_logging
+    ap = argparse.ArgumentParser(prog="lvmirrord-volume")
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--parent", type=int, default=0,
+                    help="lvmirrord's pid: this process dies with it (PR_SET_PDEATHSIG)")
+    ap.add_argument("--volume", required=True)
+    ap.add_argument("--state-dir", required=True)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--log-level", default="info")
+    ap.add_argument("--no-inline-reads", action="store_true")
+    args = ap.parse_args(argv)
+    setup_logging(args.log_level)
+    if args.parent:
+        _die_with_parent(args.parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # a terminal's ^C is lvmirrord's to handle
+
+    def on_term(*_):
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    sock = socket.socket(fileno=args.fd)
+    host = VolumeHost(args.state_dir, workers=args.workers,
+                      inline_reads=not args.no_inline_reads)
+    try:
+        _ChildServer(sock, host).serve()
+    except SystemExit:
+        host.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""lvmirrord with a process per volume (its default): the real child processes
+(``python -m lvmirror.daemon.volumeproc``) serve rings played by the ring emulator, whose
+descriptors travel to them over the control socket, as a uio device's would be opened there."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lvmirror.daemon import Lvmirrord
+from lvmirror.errors import ConfigError, StateError
+from lvmirror.scsi import parse_sense
+from lvmirror.tcmu import uio
+from lvmirror.tcmu.emulator import RingEmulator
+
+from tests.unit.test_tcmu_uio_netlink import fake_device
+
+BS = 512
+SIZE = 8 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def cdb10(op, lba, n):
+    return bytes([op, 0]) + lba.to_bytes(4, "big") + b"\0" + n.to_bytes(2, "big") + b"\0"
+
+
+def wait_for(pred, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def in_sync(d, name):
+    vol = d.status()["volumes"].get(name)
+    return vol is not None and all(i["state"] == "in-sync" for i in vol["images"]) \
+        and not any(j["state"] == "running" for j in vol["jobs"])
+
+
+@pytest.fixture
+def gw(tmp_path, monkeypatch):
+    """An Lvmirrord with a process per volume; ``add(cfg)`` serves a new emulated device."""
+    monkeypatch.setenv("PYTHONPATH", ROOT)
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, processes=True,
+                  log_level="warning")
+    emus = []
+
+    def add(cfg, size=SIZE, cmdr_size=(64 << 10) - 128):
+        k = len(emus)
+        roots = fake_device(tmp_path / f"dev{k}", k, f"tcm-user/1/lun{k}/lvmirror/{cfg}",
+                            info_size=size, serial=f"serial-{k}")
+        (dev,) = uio.find_devices("lvmirror", **roots)
+        emu = RingEmulator(cmdr_size=cmdr_size, data_size=4 << 20)
+        emu.run_reaper()
+        emus.append(emu)
+        return emu, dev, d.add_lun(dev, handle=emu.handle())
+
+    d.add = add
+    yield d
+    d.stop()
+    for emu in emus:
+        emu.close()
+
+
+def write(emu, lba, data):
+    (c,) = emu.wait([emu.submit(cdb10(0x2A, lba, len(data) // BS), data_out=data)]).values()
+    assert c.status == 0, parse_sense(c.sense)
+    return c
+
+
+def read(emu, lba, n):
+    (c,) = emu.wait([emu.submit(cdb10(0x28, lba, n), data_in_len=n * BS)]).values()
+    assert c.status == 0, parse_sense(c.sense)
+    return c.data_in
+
+
+def test_each_volume_has_its_own_process_and_management_reaches_it(gw, tmp_path):
+    a = [str(tmp_path / f"a{k}") for k in range(3)]
+    b = [str(tmp_path / f"b{k}") for k in range(2)]
+    emu_a, _, info_a = gw.add(f"va;images={'+'.join(a)}")
+    emu_b, _, info_b = gw.add(f"vb;images={'+'.join(b)}")
+    assert info_a["error"] is None and info_b["error"] is None
+    wait_for(lambda: in_sync(gw, "va") and in_sync(gw, "vb"), what="initial sync")
+    pids = {name: host.pid for name, host in gw._hosts.items()}
+    assert set(pids) == {"va", "vb"} and len(set(pids.values())) == 2
+    assert os.getpid() not in pids.values()
+    assert gw.volume_names() == ["va", "vb"]
+    st = gw.status()
+    assert sorted(st["volumes"]) == ["va", "vb"] and len(st["luns"]) == 2
+
+    write(emu_a, 0, b"1" * 4096)
+    info = gw.split("va", 2)                       # through the control socket
+    assert info["index"] == 2 and info["split_time"] > 0
+    write(emu_a, 0, b"2" * 4096)
+    gw._hosts["va"].call("status")                 # the child answers while serving
+    with open(a[2], "rb") as f:
+        assert f.read(4096) == b"1" * 4096         # the split image is frozen at T
+    assert read(emu_a, 0, 8) == b"2" * 4096
+    assert [i["state"] for i in gw.status()["volumes"]["va"]["images"]] == \
+        ["in-sync", "in-sync", "split"]
+    # errors keep their class across the process boundary (the D-Bus error name depends on it)
+    with pytest.raises(StateError):
+        gw.split("va", 2)
+    with pytest.raises(ConfigError, match="no volume 'nope' is open"):
+        gw.split("nope", 0)
+    # an exported split image goes to its volume's process
+    emu_x, _, info_x = gw.add("va;image=2;readonly=1")
+    assert info_x["error"] is None and gw._hosts["va"].pid == pids["va"]
+    assert read(emu_x, 0, 8) == b"1" * 4096
+    assert gw.status()["volumes"]["va"]["exported"] == [2]
+    job = gw.resync("vb", 1, full=True)
+    assert job["kind"] == "resync"
+
+
+def test_region_locks_through_the_volume_process(gw, tmp_path):
+    imgs = [str(tmp_path / f"i{k}") for k in range(2)]
+    emu, _, _ = gw.add(f"vl;images={'+'.join(imgs)}")
+    wait_for(lambda: in_sync(gw, "vl"), what="initial sync")
+    owner = ("bus", ":1.7")
+    lid = gw.lock_region("vl", 0, 8, owner=owner)
+    locks = gw.list_locks("vl")
+    assert locks["external_lock_ids"] == [lid]
+    assert [(h["lba"], h["count"], h["owner"]) for h in locks["holders"]] == \
+        [(0, 8, "D-Bus :1.7")]
+    # a write to the locked range waits for the holder; one elsewhere does not
+    blocked = emu.submit(cdb10(0x2A, 0, 8), data_out=b"w" * 4096)
+    write(emu, 64, b"v" * 4096)
+    time.sleep(0.3)
+    assert blocked not in emu.completions
+    with pytest.raises(ConfigError):
+        gw.unlock_region(lid, owner=("bus", ":1.8"))
+    gw.unlock_region(lid, owner=owner)
+    (c,) = emu.wait([blocked]).values()
+    assert c.status == 0
+    gw.lock_region("vl", 8, 8, owner=owner)
+    assert gw.release_owner(owner) == 1
+    assert gw.list_locks("vl")["holders"] == []
+
+
+def test_a_killed_volume_process_is_restarted_and_loses_nothing(gw, tmp_path):
+    imgs = [str(tmp_path / f"k{k}") for k in range(2)]
+    emu, _, _ = gw.add(f"vk;images={'+'.join(imgs)}")
+    wait_for(lambda: in_sync(gw, "vk"), what="initial sync")
+    host = gw._hosts["vk"]
+    old = host.pid
+    acked = {}
+    for k in range(32):
+        data = bytes([k]) * 4096
+        write(emu, k * 8, data)
+        acked[k * 8] = data
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: host.pid != old and host._ready.is_set(), what="a new volume process")
+    assert host.restarts == 1
+    wait_for(lambda: "vk" in gw.status()["volumes"], what="the volume served again")
+    for lba, data in acked.items():                 # every acknowledged write is there
+        assert read(emu, lba, 8) == data
+    write(emu, 512, b"n" * 4096)                     # and the LUN serves new I/O
+    assert read(emu, 512, 8) == b"n" * 4096
+
+
+def test_the_last_lun_ends_its_process(gw, tmp_path):
+    imgs = [str(tmp_path / f"e{k}") for k in range(2)]
+    emu, dev, _ = gw.add(f"ve;images={'+'.join(imgs)}")
+    proc = gw._hosts["ve"]._proc
+    write(emu, 0, b"x" * 4096)
+    gw.remove_lun(dev.uio_name)
+    assert proc.wait(30) == 0
+    assert "ve" not in gw._hosts and gw.volume_names() == []
+    with open(imgs[0], "rb") as f0, open(imgs[1], "rb") as f1:
+        assert f0.read(4096) == f1.read(4096) == b"x" * 4096
+
+
+def test_a_cfgstring_that_does_not_parse_gets_a_not_ready_lun(gw):
+    emu, dev, info = gw.add("bad;bogus=1")
+    assert "bogus" in info["error"]
+    (c,) = emu.wait([emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)]).values()
+    assert c.status == 2 and parse_sense(c.sense)[0] == 0x2      # NOT READY
+
+
+def test_the_child_drains_and_exits_when_lvmirrord_goes_away(tmp_path):
+    parent, child = socket.socketpair()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "lvmirror.daemon.volumeproc", "--fd",
+                             str(child.fileno()), "--volume", "v", "--state-dir",
+                             str(tmp_path)], pass_fds=(child.fileno(),), env=env)
+    child.close()
+    parent.close()          # as if lvmirrord were SIGKILLed
+    assert proc.wait(30) == 0
+
+
+def test_a_sigkill_of_lvmirrord_kills_its_volume_processes(tmp_path):
+    """The whole data path crashes with lvmirrord (no child left draining a ring that the next
+    lvmirrord resets), even when the child was started from a thread that has ended since:
+    the child dies of SIGKILL, not of its own accord once its socket closes."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_CHILD_SUBREAPER = 36
+    code = ("import sys, threading\n"
+            "from lvmirror.daemon.volumeproc import VolumeProcess\n"
+            f"vp = VolumeProcess('v', state_dir={str(tmp_path)!r})\n"
+            "t = threading.Thread(target=vp.start); t.start(); t.join()\n"
+            "vp.call('volume_names')\n"      # the child answers: its death signal is set
+            "print(vp.pid, flush=True)\n"
+            "threading.Event().wait()\n")
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0   # orphans come to us
+    try:
+        parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                  text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+        child = int(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        _, status = os.waitpid(child, 0)
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_many_laps_of_a_small_ring_at_queue_depth_16(gw, tmp_path):
+    """The ring's two sides in two processes on two cores, as with the kernel: each side's
+    index must be published with one store (a struct.pack_into zeroes the field first, and the
+    other side once read that 0 and walked a lap of stale entries)."""
+    imgs = [str(tmp_path / f"q{k}") for k in range(2)]
+    emu, _, _ = gw.add(f"vq;images={'+'.join(imgs)}", cmdr_size=(8 << 10) - 128)
+    wait_for(lambda: in_sync(gw, "vq"), what="initial sync")
+    inflight, done, sent = set(), 0, 0
+    total = 4000                                 # about 60 laps of the ring
+    while done < total:
+        while len(inflight) < 16 and sent < total:
+            inflight.add(emu.submit(cdb10(0x2A, (sent % 1000) * 8, 8),
+                                    data_out=bytes([sent % 251]) * 4096))
+            sent += 1
+        got = emu.wait_any(inflight, timeout=30)
+        done += len(got)
+        inflight -= got
+    assert not emu.warnings
+    assert len(emu.completions) == total
+    assert all(c.status == 0 for c in emu.completions.values())
+    lun = gw.status()["luns"][0]
+    assert lun["commands"] == total and lun["error"] is None
