@@ -39,7 +39,7 @@ from lvmirror.errors import ImageIOError, LvmirrorError, StateError
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.metadata import VolumeMetadata
 
-__all__ = ["ResyncJob", "RestoreJob", "check_rate", "job_progress"]
+__all__ = ["ResyncJob", "RestoreJob", "all_zero", "check_rate", "job_progress"]
 
 CHECKPOINT_REGIONS = 64
 CHECKPOINT_SECONDS = 1.0
@@ -177,9 +177,6 @@ class ResyncJob(_Job):
             t_copy = time.monotonic()
             self.phase_seconds["drain"] = t_copy - self._t0
             buf = StorageImage.aligned_buffer(vol.region_size)
-            # compared as bytes: == of two memoryviews unpacks every byte (about 1.5 ms per
-            # MiB, 30 times a memcmp of bytes), which made the zero check the copy's main cost
-            self._zero = bytes(vol.region_size)
             last_ck, since_ck = time.monotonic(), 0
             while True:
                 for r in bm.dirty_regions():
@@ -235,7 +232,7 @@ class ResyncJob(_Job):
             try:
                 _read_from_in_sync(vol, ep, off, ln, view)
                 try:
-                    if view.tobytes() == (self._zero if ln == len(self._zero) else bytes(ln)):
+                    if all_zero(view):
                         # an all-zero region: deallocate it (reads back as zeroes), so a
                         # thin image stays thin and the copy costs no writes
                         img.storage.discard(off, ln)
@@ -250,6 +247,28 @@ class ResyncJob(_Job):
         finally:
             lk.release()
         self.bytes_done += ln
+
+
+_ZERO_STEP = 64 << 10
+_ZEROES = bytes(_ZERO_STEP)
+
+
+def all_zero(view) -> bool:
+    """True if every byte of ``view`` (a memoryview of bytes, any length) is zero.
+
+    Looked at in pieces, the first 4 KiB alone: a region that holds data nearly always shows it
+    there, and is then told apart without copying the rest out (copying a whole 1 MiB region
+    to compare it cost about a third of the copy's CPU). Each piece is compared as bytes: ==
+    of two memoryviews unpacks every byte (about 1.5 ms per MiB, 30 times a memcmp)."""
+    n = len(view)
+    pos, step = 0, 4096
+    while pos < n:
+        end = min(pos + step, n)
+        k = end - pos
+        if view[pos:end].tobytes() != (_ZEROES if k == _ZERO_STEP else _ZEROES[:k]):
+            return False
+        pos, step = end, _ZERO_STEP
+    return True
 
 
 class _TargetFailed(LvmirrorError):

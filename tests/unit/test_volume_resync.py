@@ -3,6 +3,7 @@
 import pytest
 
 from lvmirror.errors import StateError
+from lvmirror.mirror.resync import all_zero
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
 from tests.unit.test_volume_helpers import (BS, Gate, image_bytes, make_volume, pattern, read,
@@ -259,4 +260,37 @@ def test_a_bad_saved_rate_resumes_unlimited(tmp_path, caplog):
     (job,) = vol.jobs.values()
     assert job.rate_limit is None and job.wait(10) and job.state == "done"
     assert "saved resync_rate -1.0 is not a rate; the job resumes unlimited" in caplog.text
+    vol.close()
+
+
+@pytest.mark.parametrize("n", [0, 1, 512, 4095, 4096, 4097, 65536, 69632, 1 << 20, (1 << 20) + 512])
+def test_all_zero_finds_a_single_set_byte_anywhere(n):
+    buf = bytearray(n)
+    assert all_zero(memoryview(buf))
+    for pos in sorted({0, 4095, 4096, 4097, 65535, 65536 + 4096, n // 2, n - 1}):
+        if 0 <= pos < n:
+            buf[pos] = 1
+            assert not all_zero(memoryview(buf)), (n, pos)
+            buf[pos] = 0
+
+
+def test_a_zero_region_is_discarded_and_one_with_data_past_its_head_is_copied(tmp_path):
+    """The zero check looks at a region's first 4 KiB first: a region whose data starts later
+    must still be copied (not deallocated), an all-zero one deallocated."""
+    region = 64 << 10
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=region)
+    write(vol, 0, pattern(2 * region // BS, 5))            # regions 0 and 1 hold data
+    vol.split(1)
+    write(vol, 0, bytes(region))                           # region 0: all zeroes now
+    tail = pattern(1, 6)
+    write(vol, region // BS, bytes(region - BS) + tail)    # region 1: data at its end only
+    target = opener.by_path[paths[1]]
+    discards, writes = target.stats["discards"], target.stats["writes"]
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    assert target.stats["discards"] == discards + 1
+    assert target.stats["writes"] == writes + 1
+    assert image_bytes(paths[1], 0, region) == bytes(region)
+    assert image_bytes(paths[1], 2 * region - BS, BS) == tail
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
     vol.close()
