@@ -25,7 +25,12 @@ region whose restored data did not survive.
 
 Resync progress is committed the same way: the bitmap and cursor saved at each checkpoint
 (every CHECKPOINT_REGIONS regions or CHECKPOINT_SECONDS) say "copied" only for regions already
-durable on the target.
+durable on the target. A resync checkpoint runs on a thread of its own while the copy goes on
+(``_Checkpointer``, one at a time; one falling due while another runs waits for the next
+region): it snapshots the bitmap first, so the snapshot clears only regions whose copies were
+written before it, then flushes the target, then saves the snapshot - the copies made meanwhile
+stay marked until a later checkpoint. Before the job pauses, fails or marks the image in sync it
+waits for that thread, so no checkpoint is saved after the job's last word.
 """
 
 from __future__ import annotations
@@ -171,6 +176,7 @@ class ResyncJob(_Job):
     def _run(self, epoch):
         self._t0 = time.monotonic()
         vol, img, bm = self.vol, self.img, self.bitmap
+        commits = _Checkpointer(f"{vol.name}-resync{self.image_id}-commit")
         try:
             # Writes of older epochs may still mark this image's bitmap: let them finish.
             vol._drain(epoch)
@@ -185,11 +191,15 @@ class ResyncJob(_Job):
                     if img.state.value != "syncing":
                         raise _TargetFailed(img.rec.error or "target image failed")
                     self._copy(r, buf)
+                    commits.check()
                     since_ck += 1
-                    if since_ck >= CHECKPOINT_REGIONS or \
-                            time.monotonic() - last_ck >= CHECKPOINT_SECONDS:
-                        vol.control.checkpoint_resync(img, r + 1)
+                    if (since_ck >= CHECKPOINT_REGIONS or
+                            time.monotonic() - last_ck >= CHECKPOINT_SECONDS) \
+                            and not commits.busy():
+                        # flushed and saved while the copy goes on; at most one at a time
+                        commits.start(vol.control.checkpoint_resync, img, r + 1)
                         last_ck, since_ck = time.monotonic(), 0
+                commits.wait()
                 if self._cancel.is_set():
                     vol.control.pause_resync(img, keep_resume=self._stopping)
                     self._finish("cancelled")
@@ -210,8 +220,10 @@ class ResyncJob(_Job):
                         self._finish("done")
                         return
         except _TargetFailed as e:
+            commits.join()
             self._finish("failed", f"target image failed: {e}")
         except Exception as e:  # report, never kill the daemon
+            commits.join()      # its save must not land after the one below
             try:
                 vol.control.pause_resync(img, keep_resume=False)
             except Exception:
@@ -242,9 +254,10 @@ class ResyncJob(_Job):
                     vol._image_error(img, e, off, ln)
                     raise _TargetFailed(str(e)) from e
                 with vol._meta:
-                    # A flush of the target that failed meanwhile (the flusher's round, an
-                    # initiator's SYNCHRONIZE CACHE) failed the image and marked every
-                    # region: this copy is not vouched for either, its bit stays set.
+                    # A flush of the target that failed meanwhile (this job's checkpoint, the
+                    # flusher's round, an initiator's SYNCHRONIZE CACHE) failed the image and
+                    # marked every region: this copy is not vouched for either, its bit
+                    # stays set.
                     if img.state.value == "syncing":
                         bm.clear_region(r)
             finally:
@@ -274,6 +287,54 @@ def all_zero(view) -> bool:
             return False
         pos, step = end, _ZERO_STEP
     return True
+
+
+class _Checkpointer:
+    """Runs a job's progress commits on a thread of their own, one at a time, so the copy goes
+    on while the target is flushed and the state saved (``start``). An exception the commit
+    raised is raised again by the next ``check`` or ``wait``; ``join`` waits and drops it."""
+
+    def __init__(self, name):
+        self.name = name
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def busy(self) -> bool:
+        """True while a commit runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, fn, *args):
+        """Run ``fn(*args)`` on a new thread after the previous commit ended (``wait``)."""
+        self.wait()
+
+        def run():
+            try:
+                fn(*args)
+            except BaseException as e:   # handed to the job's thread
+                self._error = e
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def check(self):
+        """Raise the exception of a commit that ended with one (then forget it)."""
+        if self._error is not None and not self.busy():
+            self.wait()
+
+    def wait(self):
+        """Wait for the running commit; raise its exception, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        err, self._error = self._error, None
+        if err is not None:
+            raise err
+
+    def join(self):
+        """Wait for the running commit, dropping its exception (the job is failing anyway)."""
+        try:
+            self.wait()
+        except BaseException:
+            pass
 
 
 class _TargetFailed(LvmirrorError):

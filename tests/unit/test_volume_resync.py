@@ -1,8 +1,13 @@
 """Resync: bitmap-driven copy under region locks, while the volume serves I/O; cancel, resume."""
 
+import json
+import threading
+
 import pytest
 
 from lvmirror.errors import StateError
+from lvmirror.mirror import resync as resync_mod
+from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.resync import all_zero
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
@@ -318,4 +323,75 @@ def test_a_copy_ending_after_a_failed_flush_failed_the_image_leaves_its_bit_set(
     vol.close()
     vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
     assert vol.images[1].state is ImageState.FAILED and vol.images[1].dirty_bytes == 1 << 20
+
+def _commit_threads():
+    return [t for t in threading.enumerate() if t.name.endswith("-commit") and t.is_alive()]
+
+
+def _split_and_change(vol, regions):
+    vol.split(1)
+    for lba in range(0, 8 * regions, 8):
+        write(vol, lba, pattern(1, lba))
+
+
+def test_a_checkpoint_flushes_and_saves_while_the_copy_goes_on(tmp_path, monkeypatch):
+    """The copy does not wait for a checkpoint's flush of the target; the checkpoint still says
+    nothing until that flush ended, and a second one never runs beside it."""
+    monkeypatch.setattr(resync_mod, "CHECKPOINT_REGIONS", 4)
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    _split_and_change(vol, 40)
+    target = opener.by_path[paths[1]]
+    flushes = target.stats["flushes"]
+    gate = Gate(lambda op, off, ln: op == "flush")
+    target.gates.append(gate)
+    job = vol.resync(1)
+    gate.wait_reached()                     # the first checkpoint's flush, held
+    wait_until(lambda: job.bytes_done == 40 * REGION)
+    saved = RegionBitmap.load(str(tmp_path / "meta" / "vol" / "image-1.bitmap"), 1 << 20, REGION)
+    assert saved.count() == 40              # nothing vouched for before the flush ends
+    md = json.loads((tmp_path / "meta" / "vol" / "volume.json").read_text())
+    assert md["images"][1]["resync_next"] == 0
+    assert target.stats["flushes"] == flushes    # no other flush beside the held one
+    assert job.is_alive() and vol.images[1].state is ImageState.SYNCING
+    gate.open()
+    assert job.wait(10) and job.state == "done"
+    assert not _commit_threads()
+    assert vol.images[1].state is ImageState.IN_SYNC
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
+
+
+def test_a_checkpoint_that_cannot_be_saved_fails_the_job_and_a_resync_resumes(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setattr(resync_mod, "CHECKPOINT_REGIONS", 4)
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    _split_and_change(vol, 20)
+    real = vol.control.checkpoint_resync
+
+    def full_disk(img, next_region):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(vol.control, "checkpoint_resync", full_disk)
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "failed"
+    assert "OSError" in job.error and "No space left" in job.error
+    assert not _commit_threads()
+    assert vol.images[1].state is ImageState.SYNCING
+    monkeypatch.setattr(vol.control, "checkpoint_resync", real)
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
+
+
+def test_a_target_flush_failing_in_a_checkpoint_fails_the_image(tmp_path, monkeypatch):
+    monkeypatch.setattr(resync_mod, "CHECKPOINT_REGIONS", 4)
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    _split_and_change(vol, 20)
+    opener.by_path[paths[1]].fail_flushes = True
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "failed"
+    assert "target image failed" in job.error
+    assert not _commit_threads()
+    assert vol.images[1].state is ImageState.FAILED
+    assert vol.images[1].dirty_bytes == 1 << 20      # a failed flush vouches for nothing
     vol.close()
