@@ -5,6 +5,10 @@ Both copy one region at a time under an exclusive range lock on the region's LBA
 limit (token bucket in MB/s, changeable while running), progress (bytes done / total, rate,
 ETA), ``cancel()`` and ``wait()``.
 
+A resync has the kernel read its source ahead where the copy jumps to the next run of changed
+regions (``_Readahead``): scattered regions are then read several at a time instead of one
+device wait each.
+
 ResyncJob (target: a syncing image, source: an in-sync image). The target already receives
 every new write, so a copied region stays current; bits are only cleared by the job, so the
 bitmap saved at each checkpoint (every 64 regions or second) is a superset of what is left:
@@ -35,6 +39,7 @@ waits for that thread, so no checkpoint is saved after the job's last word.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -48,6 +53,11 @@ __all__ = ["ResyncJob", "RestoreJob", "all_zero", "check_rate", "job_progress"]
 
 CHECKPOINT_REGIONS = 64
 CHECKPOINT_SECONDS = 1.0
+# how far ahead of the copy a resync looks for regions to have read ahead (bytes of dirty
+# regions; ``_Readahead``)
+READAHEAD_BYTES = 32 << 20
+# with a rate limit: no further ahead than this many seconds of copying at that rate
+READAHEAD_SECONDS = 0.5
 MB = 1_000_000
 
 log = logging.getLogger(__name__)
@@ -183,6 +193,7 @@ class ResyncJob(_Job):
             t_copy = time.monotonic()
             self.phase_seconds["drain"] = t_copy - self._t0
             buf = StorageImage.aligned_buffer(vol.region_size)
+            ahead = _Readahead(bm)
             last_ck, since_ck = time.monotonic(), 0
             while True:
                 for r in bm.dirty_regions():
@@ -190,6 +201,7 @@ class ResyncJob(_Job):
                         break
                     if img.state.value != "syncing":
                         raise _TargetFailed(img.rec.error or "target image failed")
+                    ahead.advance(r, _source(vol), self._readahead_window())
                     self._copy(r, buf)
                     commits.check()
                     since_ck += 1
@@ -229,6 +241,15 @@ class ResyncJob(_Job):
             except Exception:
                 pass
             self._finish("failed", f"{type(e).__name__}: {e}")
+
+    def _readahead_window(self) -> int:
+        """Bytes of dirty regions to read ahead of the copy: READAHEAD_BYTES, or with a rate
+        limit READAHEAD_SECONDS of copying at that rate (at least one region), so the source
+        is not read faster than the limit allows."""
+        if self._rate:
+            return max(self.vol.region_size, min(READAHEAD_BYTES,
+                                                 int(self._rate * READAHEAD_SECONDS)))
+        return READAHEAD_BYTES
 
     def _copy(self, r, buf):
         vol, img, bm = self.vol, self.img, self.bitmap
@@ -287,6 +308,64 @@ def all_zero(view) -> bool:
             return False
         pos, step = end, _ZERO_STEP
     return True
+
+
+def _source(vol):
+    """The storage a copy will read from now (the first in-sync image of the current epoch,
+    as ``_read_from_in_sync`` picks it), or None."""
+    for im in vol._epoch.reads:
+        if im.state.value == "in-sync" and im.storage is not None:
+            return im.storage
+    return None
+
+
+class _Readahead:
+    """Has the kernel read a copy's source where the copy jumps to next.
+
+    The copy reads one region at a time under its region lock; a read of a region not in the
+    page cache waits for the device, and meanwhile nothing is written. Along a run of
+    contiguous dirty regions the kernel's own readahead reads ahead of those sequential reads
+    (asking for them again only costs CPU); what it cannot guess is the jump to the next run,
+    such as every region of a resync after a few scattered changes. ``advance`` looks at the
+    dirty regions ahead of the copy, up to a window of bytes, and asks the source
+    (``StorageImage.prefetch``, a WILLNEED hint) for the first region of each run in it, so
+    those reads are under way, several at once, while the copy works on what comes before.
+    A hint only: the copy still reads every region under its lock, so what the prefetch read,
+    or when, never decides what is copied."""
+
+    def __init__(self, bm):
+        self.bm = bm
+        self._queue: collections.deque = collections.deque()   # (region, bytes) looked at
+        self._bytes = 0             # bytes in _queue
+        self._next = 0              # the first region not looked at yet
+        self._last = -2             # the last dirty region looked at
+
+    def advance(self, r, source, window):
+        """The copy is about to copy region ``r``: forget the regions behind it and, once less
+        than half of ``window`` bytes lies ahead, look at the dirty regions from ``r`` on up
+        to ``window`` bytes, asking ``source`` (a StorageImage; None: nothing to ask) for the
+        first region of each run of contiguous ones, ``r`` itself included (the kernel's
+        readahead follows the rest of a run)."""
+        q = self._queue
+        while q and q[0][0] < r:
+            self._bytes -= q.popleft()[1]
+        if self._next <= r:              # a jump past what was looked at (or the start)
+            self._next, self._bytes, self._last = r, 0, -2
+            q.clear()
+        if self._bytes >= window // 2:
+            return
+        bm = self.bm
+        for j in bm.dirty_regions(self._next):
+            off, ln = bm.region_range(j)
+            if j != self._last + 1 and source is not None:
+                source.prefetch(off, ln)
+            q.append((j, ln))
+            self._bytes += ln
+            self._next, self._last = j + 1, j
+            if self._bytes >= window:
+                break
+        else:
+            self._next = bm.nregions
 
 
 class _Checkpointer:

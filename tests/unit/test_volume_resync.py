@@ -5,9 +5,10 @@ import threading
 
 import pytest
 
-from lvmirror.errors import StateError
+from lvmirror.errors import ConfigError, StateError
 from lvmirror.mirror import resync as resync_mod
 from lvmirror.mirror.bitmap import RegionBitmap
+from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.resync import all_zero
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
@@ -394,4 +395,76 @@ def test_a_target_flush_failing_in_a_checkpoint_fails_the_image(tmp_path, monkey
     assert not _commit_threads()
     assert vol.images[1].state is ImageState.FAILED
     assert vol.images[1].dirty_bytes == 1 << 20      # a failed flush vouches for nothing
+    vol.close()
+
+
+def test_prefetch_is_a_hint_that_never_fails(tmp_path):
+    path = str(tmp_path / "img")
+    StorageImage.create_file(path, 1 << 20)
+    st = StorageImage.open(path)
+    assert st.prefetch(0, 64 << 10) and st.prefetch((1 << 20) - 512, 1 << 20)
+    assert st.stats["prefetches"] == 2
+    assert not st.prefetch(0, 0) and not st.prefetch(1 << 20, 4096) and not st.prefetch(-1, 4096)
+    st.close()
+    assert not st.prefetch(0, 4096)             # closed: no error either
+    assert st.stats["prefetches"] == 2
+    try:
+        direct = StorageImage.open(path, direct=True)
+    except ConfigError:                         # a file system without O_DIRECT
+        return
+    assert not direct.prefetch(0, 4096)         # O_DIRECT reads never use the page cache
+    direct.close()
+
+
+class _Asked:
+    """A source that records what it is asked to read ahead."""
+
+    def __init__(self):
+        self.calls = []
+
+    def prefetch(self, offset, length):
+        self.calls.append((offset // REGION, length // REGION))
+        return True
+
+
+def test_readahead_asks_for_the_first_region_of_each_run_within_its_window():
+    bm = RegionBitmap(64 * REGION, REGION)
+    for r in (0, 1, 2, 10, 11, 20, 30):
+        bm.mark_region(r)
+    src = _Asked()
+    ahead = resync_mod._Readahead(bm)
+    ahead.advance(0, src, 64 * REGION)          # everything fits the window
+    assert src.calls == [(0, 1), (10, 1), (20, 1), (30, 1)]
+    for r in (1, 2, 10, 11, 20, 30):
+        ahead.advance(r, src, 64 * REGION)
+    assert len(src.calls) == 4                  # asked once each
+
+    src = _Asked()
+    ahead = resync_mod._Readahead(bm)
+    window = 3 * REGION                         # looks again below half of it ahead
+    for r, asked in ((0, [0]), (1, []), (2, [10]), (10, []), (11, [20, 30]), (20, []),
+                     (30, [])):
+        before = len(src.calls)
+        ahead.advance(r, src, window)
+        assert [c[0] for c in src.calls[before:]] == asked, r
+    ahead.advance(40, None, window)             # no source: nothing asked, nothing breaks
+
+
+def test_a_resync_of_scattered_regions_has_each_read_ahead(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    scattered = (3, 40, 90, 91, 92, 200)         # four runs
+    for r in scattered:
+        write(vol, r * REGION // BS, pattern(1, r))
+    source = opener.by_path[paths[0]]
+    before = source.stats["prefetches"]
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    assert source.stats["prefetches"] - before == 4
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    assert job._readahead_window() == resync_mod.READAHEAD_BYTES
+    job.set_rate_limit(1)                       # 1 MB/s: half a second of it
+    assert job._readahead_window() == int(resync_mod.READAHEAD_SECONDS * 1e6)
+    job.set_rate_limit(0.001)                   # never less than a region
+    assert job._readahead_window() == REGION
     vol.close()
