@@ -5,7 +5,7 @@ Both copy one region at a time under an exclusive range lock on the region's LBA
 limit (token bucket in MB/s, changeable while running), progress (bytes done / total, rate,
 ETA), ``cancel()`` and ``wait()``.
 
-A resync has the kernel read its source ahead where the copy jumps to the next run of changed
+Both have the kernel read their source ahead where the copy jumps to the next run of marked
 regions (``_Readahead``): scattered regions are then read several at a time instead of one
 device wait each.
 
@@ -146,6 +146,15 @@ class _Job:
                 return
             self._cancel.wait((nbytes - self._tokens) / self._rate)
 
+    def _readahead_window(self) -> int:
+        """Bytes of dirty regions to read ahead of the copy: READAHEAD_BYTES, or with a rate
+        limit READAHEAD_SECONDS of copying at that rate (at least one region), so the source
+        is not read faster than the limit allows."""
+        if self._rate:
+            return max(self.vol.region_size, min(READAHEAD_BYTES,
+                                                 int(self._rate * READAHEAD_SECONDS)))
+        return READAHEAD_BYTES
+
     def _finish(self, state, error=None):
         self.state = state
         self.error = error
@@ -241,15 +250,6 @@ class ResyncJob(_Job):
             except Exception:
                 pass
             self._finish("failed", f"{type(e).__name__}: {e}")
-
-    def _readahead_window(self) -> int:
-        """Bytes of dirty regions to read ahead of the copy: READAHEAD_BYTES, or with a rate
-        limit READAHEAD_SECONDS of copying at that rate (at least one region), so the source
-        is not read faster than the limit allows."""
-        if self._rate:
-            return max(self.vol.region_size, min(READAHEAD_BYTES,
-                                                 int(self._rate * READAHEAD_SECONDS)))
-        return READAHEAD_BYTES
 
     def _copy(self, r, buf):
         vol, img, bm = self.vol, self.img, self.bitmap
@@ -473,9 +473,11 @@ class RestoreJob(_Job):
             while self.bitmap.count():
                 pending = []
                 last_ck = time.monotonic()
+                ahead = _Readahead(self.bitmap)
                 for r in self.bitmap.dirty_regions():
                     if self._cancel.is_set():
                         break
+                    ahead.advance(r, self.img.storage, self._readahead_window())
                     self._throttle(self.bitmap.region_range(r)[1])
                     if self._restore_region(r, buf, commit=False):
                         pending.append(r)

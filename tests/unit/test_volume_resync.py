@@ -468,3 +468,18 @@ def test_a_resync_of_scattered_regions_has_each_read_ahead(tmp_path):
     job.set_rate_limit(0.001)                   # never less than a region
     assert job._readahead_window() == REGION
     vol.close()
+
+
+def test_a_restore_of_scattered_regions_has_each_read_ahead(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    before_split = image_bytes(paths[0])
+    vol.split(1)
+    for r in (7, 60, 61, 150):                   # three runs
+        write(vol, r * REGION // BS, pattern(1, r))
+    split_image = opener.by_path[paths[1]]
+    before = split_image.stats["prefetches"]
+    job = vol.restore(1)
+    assert job.wait(10) and job.state == "done"
+    assert split_image.stats["prefetches"] - before == 3
+    assert image_bytes(paths[0]) == before_split
+    vol.close()
