@@ -17,7 +17,8 @@ it):
     whole volume.
 
 The job's figures are its own record (``job.progress()``: bytes done and elapsed seconds),
-the numbers the kernel lab's ``lvmirror status`` reads. Each run is repeated ``--repeat``
+the numbers the kernel lab's ``lvmirror status`` reads, with where that time went (the job's
+drain, copy and commit phases, as lvmirrord logs them). Each run is repeated ``--repeat``
 times; the median is printed.
 
 Usage: .venv/bin/python bench/bench_resync.py [--dir /var/tmp] [--size-mib 256]
@@ -56,7 +57,8 @@ def fs_type(path) -> str:
             for line in f:
                 left, right = line.split(" - ", 1)
                 mnt = left.split()[4]
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                under = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+                if under and len(mnt) >= len(best):
                     best, kind = mnt, right.split()[0]
     except OSError:
         pass
@@ -125,7 +127,8 @@ def cpu_seconds() -> float:
 
 def run_job(vol, paths, warm, **kw):
     """Start a resync of image 1 (``kw``: resync's arguments) and wait for it; returns (bytes
-    done, elapsed seconds as the job records them, wall seconds, process CPU seconds)."""
+    done, elapsed seconds as the job records them, wall seconds, process CPU seconds, the
+    job's seconds by phase: drain, copy, commit)."""
     if not warm:
         for p in paths:
             drop_cache(p)
@@ -136,7 +139,7 @@ def run_job(vol, paths, warm, **kw):
         raise SystemExit(f"resync ended {job.state}: {job.error}")
     wall = time.perf_counter() - t0
     p = job.progress()
-    return p["bytes_done"], p["elapsed"], wall, cpu_seconds() - c0
+    return p["bytes_done"], p["elapsed"], wall, cpu_seconds() - c0, dict(job.phase_seconds)
 
 
 def one_round(d, args, rnd):
@@ -257,6 +260,10 @@ def main():
         vs = f"  {bare / secs:.2f}x" if bare is not None else ""
         print(f"{name:<40} {nbytes:>13,} {secs:8.3f} {nbytes / secs / MB:8.1f} {wall:8.3f} "
               f"{cpu:7.3f}{vs}")
+    for key, name in (("delta", "(a)"), ("full", "(b)")):
+        phases = ", ".join(f"{ph} {med(lambda r: r[key][4][ph]) * 1e3:.1f}"
+                           for ph in ("drain", "copy", "commit"))
+        print(f"{name} the job's time by phase (ms): {phases}")
     print(f"(a) / (b) time: {d_s / f_s:.3f}")
 
 if __name__ == "__main__":
