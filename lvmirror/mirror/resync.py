@@ -186,6 +186,7 @@ class ResyncJob(_Job):
         self.full = full
         self.bitmap = img.bitmap
         self.bytes_total = self.bitmap.dirty_bytes()
+        self._copied: list[int] = []     # regions copied, bits not cleared yet (_clear_copied)
 
     def start(self, epoch):
         self._thread = threading.Thread(target=self._run, args=(epoch,), daemon=True,
@@ -218,9 +219,11 @@ class ResyncJob(_Job):
                             time.monotonic() - last_ck >= CHECKPOINT_SECONDS) \
                             and not commits.busy():
                         # flushed and saved while the copy goes on; at most one at a time
+                        self._clear_copied()
                         commits.start(vol.control.checkpoint_resync, img, r + 1)
                         last_ck, since_ck = time.monotonic(), 0
                 commits.wait()
+                self._clear_copied()
                 if self._cancel.is_set():
                     vol.control.pause_resync(img, keep_resume=self._stopping)
                     self._finish("cancelled")
@@ -251,6 +254,21 @@ class ResyncJob(_Job):
                 pass
             self._finish("failed", f"{type(e).__name__}: {e}")
 
+    def _clear_copied(self):
+        """Clear the bits of the regions copied since the last call, in one step under the
+        volume's metadata lock and only while the target is still syncing. A flush of the
+        target that failed meanwhile (this job's checkpoint, the flusher's round, an
+        initiator's SYNCHRONIZE CACHE) failed the image and marked every region: those copies
+        are not vouched for either, their bits stay set. Called when no checkpoint of this
+        job runs (its save holds that lock through its fsyncs), so the copy never waits for
+        one; until then the copied regions simply still look dirty."""
+        copied, self._copied = self._copied, []
+        if copied:
+            with self.vol._meta:
+                if self.img.state.value == "syncing":
+                    for r in copied:
+                        self.bitmap.clear_region(r)
+
     def _copy(self, r, buf):
         vol, img, bm = self.vol, self.img, self.bitmap
         off, ln = bm.region_range(r)
@@ -274,13 +292,7 @@ class ResyncJob(_Job):
                 except ImageIOError as e:
                     vol._image_error(img, e, off, ln)
                     raise _TargetFailed(str(e)) from e
-                with vol._meta:
-                    # A flush of the target that failed meanwhile (this job's checkpoint, the
-                    # flusher's round, an initiator's SYNCHRONIZE CACHE) failed the image and
-                    # marked every region: this copy is not vouched for either, its bit
-                    # stays set.
-                    if img.state.value == "syncing":
-                        bm.clear_region(r)
+                self._copied.append(r)
             finally:
                 vol._leave(ep)
         finally:

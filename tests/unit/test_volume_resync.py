@@ -362,6 +362,30 @@ def test_a_checkpoint_flushes_and_saves_while_the_copy_goes_on(tmp_path, monkeyp
     vol.close()
 
 
+def test_the_copy_does_not_wait_for_a_checkpoint_save_either(tmp_path, monkeypatch):
+    """A checkpoint's save holds the volume's metadata lock through its fsyncs; the copy goes
+    on meanwhile (it clears its copied regions' bits when no checkpoint runs)."""
+    monkeypatch.setattr(resync_mod, "CHECKPOINT_REGIONS", 4)
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    _split_and_change(vol, 40)
+    saving, release = threading.Event(), threading.Event()
+    real = vol.control.checkpoint_resync
+
+    def slow_save(img, next_region):
+        with vol._meta:
+            saving.set()
+            assert release.wait(20)
+        real(img, next_region)
+    monkeypatch.setattr(vol.control, "checkpoint_resync", slow_save)
+    job = vol.resync(1)
+    assert saving.wait(10)
+    wait_until(lambda: job.bytes_done == 40 * REGION)
+    release.set()
+    assert job.wait(10) and job.state == "done"
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
+
+
 def test_a_checkpoint_that_cannot_be_saved_fails_the_job_and_a_resync_resumes(tmp_path,
                                                                              monkeypatch):
     monkeypatch.setattr(resync_mod, "CHECKPOINT_REGIONS", 4)
