@@ -1,8 +1,15 @@
 """Resync: bitmap-driven copy under region locks, while the volume serves I/O; cancel, resume."""
 
+import json
+import threading
+
 import pytest
 
-from lvmirror.errors import StateError
+from lvmirror.errors import ConfigError, StateError
+from lvmirror.mirror import resync as resync_mod
+from lvmirror.mirror.bitmap import RegionBitmap
+from lvmirror.mirror.image import StorageImage
+from lvmirror.mirror.resync import all_zero
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
 from tests.unit.test_volume_helpers import (BS, Gate, image_bytes, make_volume, pattern, read,
@@ -259,4 +266,244 @@ def test_a_bad_saved_rate_resumes_unlimited(tmp_path, caplog):
     (job,) = vol.jobs.values()
     assert job.rate_limit is None and job.wait(10) and job.state == "done"
     assert "saved resync_rate -1.0 is not a rate; the job resumes unlimited" in caplog.text
+    vol.close()
+
+
+@pytest.mark.parametrize("n", [0, 1, 512, 4095, 4096, 4097, 65536, 69632, 1 << 20, (1 << 20) + 512])
+def test_all_zero_finds_a_single_set_byte_anywhere(n):
+    buf = bytearray(n)
+    assert all_zero(memoryview(buf))
+    for pos in sorted({0, 4095, 4096, 4097, 65535, 65536 + 4096, n // 2, n - 1}):
+        if 0 <= pos < n:
+            buf[pos] = 1
+            assert not all_zero(memoryview(buf)), (n, pos)
+            buf[pos] = 0
+
+
+def test_a_zero_region_is_discarded_and_one_with_data_past_its_head_is_copied(tmp_path):
+    """The zero check looks at a region's first 4 KiB first: a region whose data starts later
+    must still be copied (not deallocated), an all-zero one deallocated."""
+    region = 64 << 10
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=region)
+    write(vol, 0, pattern(2 * region // BS, 5))            # regions 0 and 1 hold data
+    vol.split(1)
+    write(vol, 0, bytes(region))                           # region 0: all zeroes now
+    tail = pattern(1, 6)
+    write(vol, region // BS, bytes(region - BS) + tail)    # region 1: data at its end only
+    target = opener.by_path[paths[1]]
+    discards, writes = target.stats["discards"], target.stats["writes"]
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    assert target.stats["discards"] == discards + 1
+    assert target.stats["writes"] == writes + 1
+    assert image_bytes(paths[1], 0, region) == bytes(region)
+    assert image_bytes(paths[1], 2 * region - BS, BS) == tail
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
+
+
+def test_a_copy_ending_after_a_failed_flush_failed_the_image_leaves_its_bit_set(tmp_path):
+    """A flush of the syncing image fails (here an initiator's SYNCHRONIZE CACHE) while a
+    region's copy is being written: the image is failed with every region marked, and the copy
+    that ends afterwards must not clear its region's bit (nothing flushed vouches for it)."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    for lba in range(0, 80, 8):                   # 10 regions
+        write(vol, lba, pattern(1, lba))
+    gate = _copy_gate(3)
+    target = opener.by_path[paths[1]]
+    target.gates.append(gate)
+    job = vol.resync(1)
+    gate.wait_reached()
+    target.fail_flushes = True
+    vol.flush()                                   # image 0 took it: the volume's flush succeeds
+    assert vol.images[1].state is ImageState.FAILED
+    gate.open()
+    assert job.wait(10) and job.state == "failed"
+    assert vol.images[1].dirty_bytes == 1 << 20
+    vol.close()
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
+    assert vol.images[1].state is ImageState.FAILED and vol.images[1].dirty_bytes == 1 << 20
+
+def _commit_threads():
+    return [t for t in threading.enumerate() if t.name.endswith("-commit") and t.is_alive()]
+
+
+def _split_and_change(vol, regions):
+    vol.split(1)
+    for lba in range(0, 8 * regions, 8):
+        write(vol, lba, pattern(1, lba))
+
+
+def test_a_checkpoint_flushes_and_saves_while_the_copy_goes_on(tmp_path, monkeypatch):
+    """The copy does not wait for a checkpoint's flush of the target; the checkpoint still says
+    nothing until that flush ended, and a second one never runs beside it."""
+    monkeypatch.setattr(resync_mod, "CHECKPOINT_REGIONS", 4)
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    _split_and_change(vol, 40)
+    target = opener.by_path[paths[1]]
+    flushes = target.stats["flushes"]
+    gate = Gate(lambda op, off, ln: op == "flush")
+    target.gates.append(gate)
+    job = vol.resync(1)
+    gate.wait_reached()                     # the first checkpoint's flush, held
+    wait_until(lambda: job.bytes_done == 40 * REGION)
+    saved = RegionBitmap.load(str(tmp_path / "meta" / "vol" / "image-1.bitmap"), 1 << 20, REGION)
+    assert saved.count() == 40              # nothing vouched for before the flush ends
+    md = json.loads((tmp_path / "meta" / "vol" / "volume.json").read_text())
+    assert md["images"][1]["resync_next"] == 0
+    assert target.stats["flushes"] == flushes    # no other flush beside the held one
+    assert job.is_alive() and vol.images[1].state is ImageState.SYNCING
+    gate.open()
+    assert job.wait(10) and job.state == "done"
+    assert not _commit_threads()
+    assert vol.images[1].state is ImageState.IN_SYNC
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
+
+
+def test_the_copy_does_not_wait_for_a_checkpoint_save_either(tmp_path, monkeypatch):
+    """A checkpoint's save holds the volume's metadata lock through its fsyncs; the copy goes
+    on meanwhile (it clears its copied regions' bits when no checkpoint runs)."""
+    monkeypatch.setattr(resync_mod, "CHECKPOINT_REGIONS", 4)
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    _split_and_change(vol, 40)
+    saving, release = threading.Event(), threading.Event()
+    real = vol.control.checkpoint_resync
+
+    def slow_save(img, next_region):
+        with vol._meta:
+            saving.set()
+            assert release.wait(20)
+        real(img, next_region)
+    monkeypatch.setattr(vol.control, "checkpoint_resync", slow_save)
+    job = vol.resync(1)
+    assert saving.wait(10)
+    wait_until(lambda: job.bytes_done == 40 * REGION)
+    release.set()
+    assert job.wait(10) and job.state == "done"
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
+
+
+def test_a_checkpoint_that_cannot_be_saved_fails_the_job_and_a_resync_resumes(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setattr(resync_mod, "CHECKPOINT_REGIONS", 4)
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    _split_and_change(vol, 20)
+    real = vol.control.checkpoint_resync
+
+    def full_disk(img, next_region):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(vol.control, "checkpoint_resync", full_disk)
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "failed"
+    assert "OSError" in job.error and "No space left" in job.error
+    assert not _commit_threads()
+    assert vol.images[1].state is ImageState.SYNCING
+    monkeypatch.setattr(vol.control, "checkpoint_resync", real)
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
+
+
+def test_a_target_flush_failing_in_a_checkpoint_fails_the_image(tmp_path, monkeypatch):
+    monkeypatch.setattr(resync_mod, "CHECKPOINT_REGIONS", 4)
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    _split_and_change(vol, 20)
+    opener.by_path[paths[1]].fail_flushes = True
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "failed"
+    assert "target image failed" in job.error
+    assert not _commit_threads()
+    assert vol.images[1].state is ImageState.FAILED
+    assert vol.images[1].dirty_bytes == 1 << 20      # a failed flush vouches for nothing
+    vol.close()
+
+
+def test_prefetch_is_a_hint_that_never_fails(tmp_path):
+    path = str(tmp_path / "img")
+    StorageImage.create_file(path, 1 << 20)
+    st = StorageImage.open(path)
+    assert st.prefetch(0, 64 << 10) and st.prefetch((1 << 20) - 512, 1 << 20)
+    assert st.stats["prefetches"] == 2
+    assert not st.prefetch(0, 0) and not st.prefetch(1 << 20, 4096) and not st.prefetch(-1, 4096)
+    st.close()
+    assert not st.prefetch(0, 4096)             # closed: no error either
+    assert st.stats["prefetches"] == 2
+    try:
+        direct = StorageImage.open(path, direct=True)
+    except ConfigError:                         # a file system without O_DIRECT
+        return
+    assert not direct.prefetch(0, 4096)         # O_DIRECT reads never use the page cache
+    direct.close()
+
+
+class _Asked:
+    """A source that records what it is asked to read ahead."""
+
+    def __init__(self):
+        self.calls = []
+
+    def prefetch(self, offset, length):
+        self.calls.append((offset // REGION, length // REGION))
+        return True
+
+
+def test_readahead_asks_for_the_first_region_of_each_run_within_its_window():
+    bm = RegionBitmap(64 * REGION, REGION)
+    for r in (0, 1, 2, 10, 11, 20, 30):
+        bm.mark_region(r)
+    src = _Asked()
+    ahead = resync_mod._Readahead(bm)
+    ahead.advance(0, src, 64 * REGION)          # everything fits the window
+    assert src.calls == [(0, 1), (10, 1), (20, 1), (30, 1)]
+    for r in (1, 2, 10, 11, 20, 30):
+        ahead.advance(r, src, 64 * REGION)
+    assert len(src.calls) == 4                  # asked once each
+
+    src = _Asked()
+    ahead = resync_mod._Readahead(bm)
+    window = 3 * REGION                         # looks again below half of it ahead
+    for r, asked in ((0, [0]), (1, []), (2, [10]), (10, []), (11, [20, 30]), (20, []),
+                     (30, [])):
+        before = len(src.calls)
+        ahead.advance(r, src, window)
+        assert [c[0] for c in src.calls[before:]] == asked, r
+    ahead.advance(40, None, window)             # no source: nothing asked, nothing breaks
+
+
+def test_a_resync_of_scattered_regions_has_each_read_ahead(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    scattered = (3, 40, 90, 91, 92, 200)         # four runs
+    for r in scattered:
+        write(vol, r * REGION // BS, pattern(1, r))
+    source = opener.by_path[paths[0]]
+    before = source.stats["prefetches"]
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    assert source.stats["prefetches"] - before == 4
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    assert job._readahead_window() == resync_mod.READAHEAD_BYTES
+    job.set_rate_limit(1)                       # 1 MB/s: half a second of it
+    assert job._readahead_window() == int(resync_mod.READAHEAD_SECONDS * 1e6)
+    job.set_rate_limit(0.001)                   # never less than a region
+    assert job._readahead_window() == REGION
+    vol.close()
+
+
+def test_a_restore_of_scattered_regions_has_each_read_ahead(tmp_path):
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    before_split = image_bytes(paths[0])
+    vol.split(1)
+    for r in (7, 60, 61, 150):                   # three runs
+        write(vol, r * REGION // BS, pattern(1, r))
+    split_image = opener.by_path[paths[1]]
+    before = split_image.stats["prefetches"]
+    job = vol.restore(1)
+    assert job.wait(10) and job.state == "done"
+    assert split_image.stats["prefetches"] - before == 3
+    assert image_bytes(paths[0]) == before_split
     vol.close()
