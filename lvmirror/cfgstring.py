@@ -81,6 +81,11 @@ CONFIG_DESC = (
 
 @dataclasses.dataclass(frozen=True)
 class VolumeSpec:
+    """A parsed cfgstring (``parse``; ``format`` is the inverse). ``region_size`` and
+    ``block_size`` in bytes, ``leg_timeout`` in seconds (None: the engine's default, 0: never).
+    ``images`` creates or identifies the volume; ``image`` (index 0-3) exports that split image
+    instead, ``readonly`` write-protecting it; ``direct``: O_DIRECT; ``force``: see the module
+    docstring."""
     name: str
     images: tuple[str, ...] | None = None
     region_size: int = 1 << 20
@@ -216,6 +221,9 @@ def parse(cfg: str) -> VolumeSpec:
 
 
 def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
+    """``spec`` as a cfgstring without the ``lvmirror/`` prefix: the inverse of ``parse``,
+    options at their defaults (region_size 1M, block_size 512, flags 0, leg_timeout None)
+    left out. No validation: ``spec`` is expected to come from ``parse`` or to satisfy it."""
     parts = [spec.name]
     if spec.images is not None:
         parts.append("images=" + IMAGE_SEPARATOR.join(spec.images))

@@ -62,6 +62,9 @@ def _human(n):
 
 
 def format_status(st: dict) -> str:
+    """The text ``lvmirror status`` prints for ``st`` (the parsed JSON of Manager.Status): per
+    volume its size, block and region size and health, a line per image and per job, the I/O
+    counts; then a line per LUN."""
     lines = []
     if not st["volumes"]:
         lines.append("no volumes open")
@@ -100,6 +103,9 @@ def _running(st, volume):
 
 
 def wait_jobs(mgr, volume, timeout=None, out=sys.stderr):
+    """Poll ``mgr.Status()`` every 0.5 s until no job runs on ``volume``; returns the volume's
+    jobs in state ``failed`` (empty: none). Progress goes to ``out`` when it is a tty.
+    TimeoutError once ``timeout`` seconds passed (None: wait for ever)."""
     t0 = time.monotonic()
     while True:
         st = json.loads(mgr.Status())
@@ -119,6 +125,9 @@ def wait_jobs(mgr, volume, timeout=None, out=sys.stderr):
 
 
 def main(argv=None):
+    """The ``lvmirror`` command: parse ``argv`` (None: sys.argv[1:]), call lvmirrord's Manager on
+    the system bus, print the result. Returns the exit status: 0, EXIT_ERROR or
+    EXIT_UNREACHABLE; bad usage exits (SystemExit) with EXIT_USAGE, as argparse does."""
     p = argparse.ArgumentParser(prog="lvmirror", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="cmd", required=True)

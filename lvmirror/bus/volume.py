@@ -123,6 +123,8 @@ class VolumeObject(dbus.service.Object):
 
     @dbus.service.method(PROPS_IFACE, in_signature="ss", out_signature="v")
     def Get(self, interface, prop):
+        """org.freedesktop.DBus.Properties.Get: one property of ``GetAll`` (its errors), or
+        UnknownProperty for a name not in PROPERTIES."""
         props = self.GetAll(interface)
         if prop not in props:
             raise dbus.exceptions.DBusException(
@@ -132,6 +134,9 @@ class VolumeObject(dbus.service.Object):
 
     @dbus.service.method(PROPS_IFACE, in_signature="s", out_signature="a{sv}")
     def GetAll(self, interface):
+        """org.freedesktop.DBus.Properties.GetAll of org.lvmirror1.Volume ("" means it): the
+        volume's status now, as typed values (``properties``). UnknownInterface for another
+        interface, UnknownObject once the volume is no longer open."""
         if interface not in (VOLUME_IFACE, ""):
             raise dbus.exceptions.DBusException(
                 f"no interface {interface}", name="org.freedesktop.DBus.Error.UnknownInterface")
@@ -143,12 +148,16 @@ class VolumeObject(dbus.service.Object):
 
     @dbus.service.method(PROPS_IFACE, in_signature="ssv", out_signature="")
     def Set(self, interface, prop, value):
+        """org.freedesktop.DBus.Properties.Set: every property is read-only, so always
+        PropertyReadOnly; state changes go through the methods."""
         raise dbus.exceptions.DBusException(
             f"{prop} is read-only; use the methods of {VOLUME_IFACE}",
             name="org.freedesktop.DBus.Error.PropertyReadOnly")
 
     @dbus.service.signal(PROPS_IFACE, signature="sa{sv}as")
     def PropertiesChanged(self, interface, changed, invalidated):
+        """org.freedesktop.DBus.Properties.PropertiesChanged (interface, changed values,
+        invalidated names); ``refresh`` sends it for the properties PROPERTIES announces."""
         pass
 
     # -- introspection with the properties (dbus-python only generates methods and signals) ---
@@ -156,6 +165,8 @@ class VolumeObject(dbus.service.Object):
     @dbus.service.method(INTROSPECT_IFACE, in_signature="", out_signature="s",
                          path_keyword="object_path", connection_keyword="connection")
     def Introspect(self, object_path, connection):
+        """org.freedesktop.DBus.Introspectable.Introspect: dbus-python's document plus the
+        read-only <property> elements of PROPERTIES (``add_properties``)."""
         xml = dbus.service.Object.Introspect(self, object_path, connection)
         return add_properties(xml, VOLUME_IFACE, PROPERTIES)
 

@@ -203,6 +203,7 @@ class RegionBitmap:
             return bool(byte & m)
 
     def test_region(self, i: int) -> bool:
+        """True if region ``i`` is dirty; IndexError outside ``0 .. nregions - 1``."""
         self._check_region(i)
         return bool(self._bits[i >> 3] & (1 << (i & 7)))
 
@@ -277,6 +278,7 @@ class RegionBitmap:
             self._bits[:] = (mine | theirs).to_bytes(len(self._bits), "little")
 
     def set_all(self) -> None:
+        """Mark every region dirty (e.g. a log that cannot be trusted: everything is suspect)."""
         with self._mutex:
             n = self.nregions
             self._bits[:] = b"\xff" * (n >> 3)
@@ -284,10 +286,13 @@ class RegionBitmap:
                 self._bits.append((1 << (n & 7)) - 1)
 
     def clear_all(self) -> None:
+        """Mark every region clean."""
         with self._mutex:
             self._bits[:] = bytes(len(self._bits))
 
     def copy(self) -> RegionBitmap:
+        """A new bitmap of the same geometry holding these bits (taken under the mutex); later
+        changes to either do not show in the other."""
         new = RegionBitmap(self.size_bytes, self.region_size)
         with self._mutex:
             new._bits[:] = self._bits
@@ -308,6 +313,8 @@ class RegionBitmap:
     # -- persistence ----------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
+        """The on-disk form (see the module docstring): the 36-byte header with the CRC32 of the
+        bits, then ceil(nregions / 8) bytes of bits, copied under the mutex."""
         with self._mutex:
             bits = bytes(self._bits)
         header = _HEADER.pack(MAGIC, self.size_bytes, self.region_size, self.nregions,

@@ -477,6 +477,7 @@ class StorageImage:
 
     @property
     def closed(self) -> bool:
+        """True once ``close`` ran (the descriptor is gone; I/O raises ImageIOError(EBADF))."""
         return self.fd < 0
 
     def __enter__(self) -> StorageImage:

@@ -79,6 +79,9 @@ class Contents:
 
     @property
     def holds_data(self) -> bool:
+        """True if a non-zero byte was read (``first_nonzero`` is set): what
+        ``refuse_if_holds_data`` refuses without ``force``. A new, sparse or all-zero image holds
+        none."""
         return self.first_nonzero is not None
 
     def describe(self) -> str:

@@ -75,10 +75,14 @@ class Completion:
         self.exc = None
 
     def done(self, exc):
+        """Record the outcome ``exc`` (None: success) and wake ``wait``. Once only: a second
+        call raises RuntimeError (the gate is already open)."""
         self.exc = exc
         self._gate.release()
 
     def wait(self):
+        """Block until ``done`` ran; returns its ``exc`` (None: success). For one waiter, once:
+        the call consumes the gate."""
         self._gate.acquire()
         return self.exc
 

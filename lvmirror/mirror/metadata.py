@@ -63,11 +63,16 @@ class ImageRecord:
     restore_rate: float | None = None   # MB/s limit of that restore (kept across a restart)
 
     def to_json(self) -> dict:
+        """The record as a JSON-ready dict, every field (``dataclasses.asdict``)."""
         return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
 class VolumeMetadata:
+    """The contents of ``volume.json`` (see the module docstring). Bytes: ``block_size`` (512 or
+    4096), ``size`` (a multiple of it), ``region_size`` (a power of two >= block_size). ``images``
+    in index order, ``next_image_id`` above every id; ``load`` / ``from_json`` validate all of it,
+    ``save`` writes it."""
     name: str
     uuid: str
     block_size: int
@@ -86,28 +91,37 @@ class VolumeMetadata:
 
     @staticmethod
     def volume_dir(meta_dir, name) -> str:
+        """``<meta_dir>/<name>``: the volume's state directory (not created here)."""
         return os.path.join(os.fspath(meta_dir), name)
 
     @staticmethod
     def json_path(meta_dir, name) -> str:
+        """``<meta_dir>/<name>/volume.json``: where ``save`` writes and ``load`` reads."""
         return os.path.join(os.fspath(meta_dir), name, "volume.json")
 
     @staticmethod
     def bitmap_path(vdir, image_id) -> str:
+        """``<vdir>/image-<id>.bitmap``: the change bitmap of image ``image_id`` (``vdir`` from
+        ``volume_dir``)."""
         return os.path.join(vdir, f"image-{image_id}.bitmap")
 
     @staticmethod
     def restore_path(vdir, image_id) -> str:
+        """``<vdir>/image-<id>.restore``: the restore bitmap while a restore from image ``image_id``
+        runs."""
         return os.path.join(vdir, f"image-{image_id}.restore")
 
     @staticmethod
     def wil_path(vdir) -> str:
+        """``<vdir>/wil.bitmap``: the write-intent log."""
         return os.path.join(vdir, "wil.bitmap")
 
     # -- construction ---------------------------------------------------------------------------
 
     @classmethod
     def new(cls, name, *, block_size, size, region_size) -> VolumeMetadata:
+        """A record for a new volume: a random uuid, no images yet (``add_image``), generation 0,
+        clean_shutdown True. Sizes in bytes, not validated here; not saved."""
         return cls(name=name, uuid=str(_uuid.uuid4()), block_size=block_size, size=size,
                    region_size=region_size, images=[])
 
@@ -170,6 +184,7 @@ class VolumeMetadata:
     # -- persistence ----------------------------------------------------------------------------
 
     def to_json(self) -> dict:
+        """The record as a JSON-ready dict, as ``save`` writes it (``from_json`` reads it back)."""
         d = dataclasses.asdict(self)
         d["images"] = [im.to_json() for im in self.images]
         return d
@@ -183,6 +198,7 @@ class VolumeMetadata:
 
     @classmethod
     def exists(cls, meta_dir, name) -> bool:
+        """True if ``<meta_dir>/<name>/volume.json`` exists (not read: ``load`` validates)."""
         return os.path.exists(cls.json_path(meta_dir, name))
 
     @classmethod
@@ -206,6 +222,9 @@ class VolumeMetadata:
 
     @classmethod
     def from_json(cls, d, *, where="metadata") -> VolumeMetadata:
+        """Build from a decoded volume.json ``d``, validating every field: ConfigError
+        ``"<where>: ..."`` naming it (version, type, geometry, state, duplicate id, no images...).
+        ``image_history`` (optional) is completed with the current image paths."""
         def bad(msg):
             return ConfigError(f"{where}: {msg}")
 

@@ -135,6 +135,9 @@ class _LegDone:
         self.group, self.img, self.in_sync = group, img, in_sync
 
     def done(self, exc):
+        """Record leg ``img``'s outcome ``exc`` (None: success) in the group; release ``any_ok`` at
+        the first in-sync success (or at the last leg if none succeeded), ``all_done`` at the last
+        leg. Called once per leg, by its worker."""
         g = self.group
         with g.mu:
             g.results[self.img] = exc

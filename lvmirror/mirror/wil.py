@@ -55,6 +55,8 @@ class WriteIntentLog:
         return cls(path, size_bytes, region_size, bm), problem
 
     def save(self) -> None:
+        """Write the log to ``path`` now, under the mutex (atomic replace + fsync,
+        ``RegionBitmap.save``); OSError propagates."""
         with self._mutex:
             self.bitmap.save(self.path)
             self.saves += 1
@@ -134,8 +136,10 @@ class WriteIntentLog:
             self.saves += 1
 
     def inflight_regions(self) -> dict[int, int]:
+        """{region index: writes in flight there}, a copy taken under the mutex."""
         with self._mutex:
             return dict(self._inflight)
 
     def dirty_regions(self) -> list[int]:
+        """The region indices the log marks, ascending (a snapshot list)."""
         return list(self.bitmap.dirty_regions())

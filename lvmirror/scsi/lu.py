@@ -52,21 +52,34 @@ IEEE_OUI_LIO = 0x001405      # the OUI LIO uses in NAA designators
 
 
 class Response(NamedTuple):
+    """What ``execute`` answers: ``status`` (SAM status byte: GOOD 00h, CHECK CONDITION 02h),
+    ``sense`` (fixed-format sense data, SPC-4 4.5.3; empty unless CHECK CONDITION) and
+    ``read_len`` (bytes placed in the data-in buffers)."""
     status: int
     sense: bytes
     read_len: int
 
 
 class Backend(Protocol):
+    """The medium behind a LogicalUnit (``MirrorVolume`` and ``SplitImageVolume`` are two): LBAs and
+    counts in blocks of ``block_size`` bytes, ``num_blocks`` of them. Errors: VolumeIOError (MEDIUM
+    ERROR, or DATA PROTECT when out of space), StateError (NOT READY); see the module docstring."""
     block_size: int
     num_blocks: int
 
-    def read(self, lba: int, buffers: list) -> None: ...
+    def read(self, lba: int, buffers: list) -> None:
+        """Fill ``buffers`` (memoryviews, whole blocks in all) with the blocks from ``lba``."""
     # optional: supports_nowait (bool) and read(lba, buffers, nowait=True) raising WouldBlock
-    def write(self, lba: int, buffers: list, fua: bool = False) -> None: ...
-    def flush(self) -> None: ...
-    def unmap(self, lba: int, nblocks: int) -> None: ...
-    def compare_and_write(self, lba: int, verify, data) -> int | None: ...
+    def write(self, lba: int, buffers: list, fua: bool = False) -> None:
+        """Write ``buffers`` (whole blocks in all) from ``lba``; ``fua``: durable on return (the
+        CDB's FUA bit, or the write cache off, SBC-3)."""
+    def flush(self) -> None:
+        """Make every completed write durable (SYNCHRONIZE CACHE, SBC-3)."""
+    def unmap(self, lba: int, nblocks: int) -> None:
+        """Deallocate ``nblocks`` blocks from ``lba``; they read back as zeroes (LBPRZ, SBC-3)."""
+    def compare_and_write(self, lba: int, verify, data) -> int | None:
+        """SBC-3 COMPARE AND WRITE, atomically: if the blocks at ``lba`` equal ``verify``, write
+        ``data`` (as long); None, or the byte offset of the first miscompare (nothing written)."""
 
 
 GOOD_RESPONSE = Response(c.GOOD, b"", 0)
@@ -199,6 +212,9 @@ class LogicalUnit:
                 self._unit_attentions.append(c.ASC_CAPACITY_DATA_HAS_CHANGED)
 
     def mode_parameters_changed(self):
+        """Queue UNIT ATTENTION, MODE PARAMETERS CHANGED (2Ah/01h, SPC-4) for the next command other
+        than INQUIRY, REPORT LUNS, REQUEST SENSE (once however often called): mode parameters
+        changed other than by MODE SELECT through this LUN."""
         with self._ua_lock:
             if c.ASC_MODE_PARAMETERS_CHANGED not in self._unit_attentions:
                 self._unit_attentions.append(c.ASC_MODE_PARAMETERS_CHANGED)
@@ -844,5 +860,7 @@ class LogicalUnit:
             sa=c.MI_REPORT_SUPPORTED_OPERATION_CODES)
 
     def supported_opcodes(self) -> list[tuple[int, int | None, str]]:
+        """Every supported command as (opcode, service action or None, name), sorted: what REPORT
+        SUPPORTED OPERATION CODES (SPC-4) lists."""
         return sorted((o.opcode, o.sa, o.name) for o in self._ops.values())
 

@@ -37,6 +37,8 @@ CONFIG_LEN = 256          # TCMU_CONFIG_LEN: dev_config, "<subtype>/<cfgstring>"
 
 
 class TmrType(enum.IntEnum):
+    """``enum tcmu_tmr_type`` (target_core_user.h): the task management function in a TMR
+    entry's ``tmr_type``."""
     UNKNOWN = 0
     ABORT_TASK = 1
     ABORT_TASK_SET = 2
@@ -56,6 +58,8 @@ GENL_VERSION = 2
 
 
 class GenlCommand(enum.IntEnum):
+    """``enum tcmu_genl_cmd`` (target_core_user.h): the kernel's device events, the ``*_DONE``
+    replies to them, and SET_FEATURES (a handler asks for reply mode)."""
     UNSPEC = 0
     ADDED_DEVICE = 1
     REMOVED_DEVICE = 2
@@ -67,6 +71,8 @@ class GenlCommand(enum.IntEnum):
 
 
 class GenlAttr(enum.IntEnum):
+    """``enum tcmu_genl_attr`` (target_core_user.h): the attribute types of TCM-USER messages
+    (payload types in the comments)."""
     UNSPEC = 0
     DEVICE = 1              # string, "tcm-user/<hba>/<name>/<dev_config>"
     MINOR = 2               # u32, the uio minor
@@ -94,9 +100,14 @@ class Field:
         self.size = self._st.size
 
     def get(self, buf, base: int = 0):
+        """The field's value in the struct at byte offset ``base`` of ``buf`` (int, or bytes for an
+        ``Ns`` field); struct.error if ``buf`` is too short."""
         return self._st.unpack_from(buf, base + self.offset)[0]
 
     def put(self, buf, base: int, value) -> None:
+        """Store ``value`` in the struct at byte offset ``base`` of ``buf``; struct.error if it does
+        not fit or is out of range. Not one atomic store: ring cursors another process reads are
+        published through a ctypes word instead."""
         self._st.pack_into(buf, base + self.offset, value)
 
 
@@ -202,10 +213,13 @@ assert MAILBOX.size == 128 and ENTRY_HDR.size == 8 and IOVEC.size == 16
 
 
 def entry_op(len_op: int) -> int:
+    """``tcmu_hdr_get_op``: the opcode (OP_PAD, OP_CMD, OP_TMR) in an entry header's ``len_op``."""
     return len_op & OP_MASK
 
 
 def entry_len(len_op: int) -> int:
+    """``tcmu_hdr_get_len``: the entry's length in bytes (a multiple of OP_ALIGN_SIZE) in
+    ``len_op``."""
     return len_op & ~OP_MASK
 
 
@@ -215,4 +229,6 @@ def cmd_entry_base_size(iov_cnt: int) -> int:
 
 
 def round_up(n: int, align: int) -> int:
+    """``n`` rounded up to a multiple of ``align`` (the kernel's ``round_up``; entry lengths are
+    rounded to OP_ALIGN_SIZE)."""
     return (n + align - 1) // align * align

@@ -56,6 +56,10 @@ class RingBroken(Exception):
 
 @dataclasses.dataclass
 class Completion:
+    """One command as ``reap`` found it completed: ``status`` (SCSI status byte), ``sense`` (the
+    entry's 96 sense bytes if status is CHECK CONDITION, else empty), ``read_len`` (rsp.read_len
+    if UFLAG_READ_LEN was set, else None), ``data_in`` (the data-in bytes, cut to read_len;
+    empty for none or an unknown op), ``unknown_op`` (the handler set UFLAG_UNKNOWN_OP)."""
     cmd_id: int
     status: int
     sense: bytes
@@ -83,6 +87,7 @@ class _Handle:
         self.uio_name = "uio-emulated"
 
     def clear_event(self):
+        """Drain the wake-ups the emulator sent (its 4-byte 'interrupts'); never blocks."""
         try:
             while True:
                 data = os.read(self.fd, 4096)
@@ -92,10 +97,13 @@ class _Handle:
             return
 
     def notify(self):
+        """Tell the emulator completions are on the ring (the uio write); counted in
+        ``notifies``."""
         os.write(self.fd, struct.pack("<I", 1))
         self._emu.notifies += 1
 
     def close(self):
+        """Nothing to do: the socket and the map belong to the emulator (``RingEmulator.close``)."""
         pass
 
     def transfer(self):
@@ -196,12 +204,15 @@ class RingEmulator:
     # -- the handler's view ------------------------------------------------------------------
 
     def handle(self) -> _Handle:
+        """The handler's side as a uio handle (``fd``, ``map``, ``map_size``...), for ``LunServer``;
+        each call gives a new one on the same socket and map."""
         return _Handle(self)
 
     # -- queueing (kernel side) --------------------------------------------------------------
 
     @property
     def inflight(self) -> int:
+        """Commands queued and not yet reaped."""
         return len(self._inflight)
 
     def _used(self) -> int:
@@ -417,6 +428,8 @@ class RingEmulator:
             return {c for c in ids if c in self.completions}
 
     def close(self):
+        """Stop the reaper thread, close both socket ends and the map's descriptor, unmap (left to
+        the last view while views are exported); the handles' socket goes with them."""
         self._stop.set()
         if self._reaper is not None:
             self._reaper.join()

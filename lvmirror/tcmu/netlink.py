@@ -57,6 +57,8 @@ class _Event:
 
     @property
     def subtype(self) -> str | None:
+        """The handler subtype named in ``device`` (``lvmirror`` for ours); None if ``device``
+        is not a TCMU uio name."""
         parsed = parse_uio_name(self.device or "")
         return parsed[2] if parsed else None
 
@@ -65,16 +67,23 @@ class _Event:
 
 @dataclasses.dataclass
 class DeviceAdded(_Event):
+    """TCMU_CMD_ADDED_DEVICE: a TCMU device was enabled (configfs ``enable``; its uio device
+    exists); answered with ADDED_DEVICE_DONE."""
     reply_command = abi.GenlCommand.ADDED_DEVICE_DONE
 
 
 @dataclasses.dataclass
 class DeviceRemoved(_Event):
+    """TCMU_CMD_REMOVED_DEVICE: a TCMU device is being destroyed (backstore deleted); answered
+    with REMOVED_DEVICE_DONE."""
     reply_command = abi.GenlCommand.REMOVED_DEVICE_DONE
 
 
 @dataclasses.dataclass
 class DeviceReconfig(_Event):
+    """TCMU_CMD_RECONFIG_DEVICE: a configfs write to a configured device; one of ``dev_cfg`` (new
+    dev_config), ``dev_size`` (bytes) or ``write_cache`` is set. Answered with
+    RECONFIG_DEVICE_DONE."""
     dev_cfg: str | None = None
     dev_size: int | None = None
     write_cache: bool | None = None
@@ -104,6 +113,9 @@ def decode_event(msg) -> _Event | None:
 
 
 def encode_reply(family_id: int, event: _Event, status: int, pid: int = 0) -> bytes:
+    """The netlink message (bytes) answering ``event``: its ``*_DONE`` command with
+    CMD_STATUS ``status`` (0 or -errno) and the event's DEVICE_ID, to family ``family_id``, from
+    port ``pid``."""
     msg = tcmu_msg()
     msg["cmd"] = int(event.reply_command)
     msg["version"] = abi.GENL_VERSION
@@ -127,6 +139,9 @@ class TcmuNetlink:
         self._send_lock = threading.Lock()
 
     def start(self, callback) -> None:
+        """Bind to family TCM-USER, join its ``config`` group and start the listener thread, which
+        calls ``callback(event)`` for every event ``decode_event`` returns. Raises pyroute2's
+        error, the socket closed, when the family is missing (target_core_user not loaded)."""
         sock = GenericNetlinkSocket()
         try:
             sock.bind(abi.GENL_FAMILY, tcmu_msg)
@@ -172,6 +187,8 @@ class TcmuNetlink:
                 log.error("netlink: cannot reply to %s: %s", type(event).__name__, e)
 
     def stop(self) -> None:
+        """Stop the listener (it polls every 0.5 s), join it and close the socket; ``reply`` does
+        nothing after."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

@@ -124,10 +124,14 @@ class CommandRing:
 
     @property
     def head(self) -> int:
+        """The mailbox's ``cmd_head``: ring offset, in bytes, where the kernel puts its next
+        entry."""
         return abi.MAILBOX.cmd_head.get(self._mv)
 
     @property
     def tail(self) -> int:
+        """The mailbox's ``cmd_tail``: ring offset, in bytes, up to which entries are completed (the
+        kernel reaps up to it)."""
         return self._tail_word.value
 
     def _set_tail(self, value: int) -> None:
@@ -299,6 +303,7 @@ class CommandRing:
 
     @property
     def outstanding(self) -> int:
+        """Commands ``fetch`` handed out and ``complete`` has not answered yet."""
         return self._outstanding
 
     def close(self):

@@ -64,18 +64,24 @@ class UioDevice:
 
     @property
     def dev_path(self) -> str:
+        """``<dev_root>/uioN``: what ``open_device`` opens."""
         return os.path.join(self.dev_root, self.uio_name)
 
     @property
     def sysfs_dir(self) -> str:
+        """``<sysfs_root>/class/uio/uioN``."""
         return os.path.join(self.sysfs_root, "class", "uio", self.uio_name)
 
     @property
     def configfs_dir(self) -> str:
+        """The backstore's configfs directory,
+        ``<configfs_root>/target/core/user_<hba>/<dev_name>``."""
         return os.path.join(self.configfs_root, "target", "core", f"user_{self.hba}",
                             self.dev_name)
 
     def map_size(self) -> int:
+        """Bytes of the uio map (sysfs ``maps/map0/size``): mailbox, command ring and data area.
+        OSError or ValueError when it cannot be read."""
         return int(_read(os.path.join(self.sysfs_dir, "maps", "map0", "size")).strip(), 0)
 
     def _cfg(self, *parts) -> str:
@@ -89,6 +95,7 @@ class UioDevice:
         return int(m.group(1))
 
     def hw_block_size(self) -> int | None:
+        """``attrib/hw_block_size``: the LUN's logical block size in bytes; None when unreadable."""
         try:
             return int(self._cfg("attrib", "hw_block_size").strip())
         except (OSError, ValueError):
@@ -103,6 +110,8 @@ class UioDevice:
             return None
 
     def write_cache(self) -> bool:
+        """``attrib/emulate_write_cache`` is 1 (the LUN reports a write-back cache, WCE); False when
+        unreadable."""
         try:
             return self._cfg("attrib", "emulate_write_cache").strip() == "1"
         except OSError:
@@ -134,6 +143,8 @@ class UioDevice:
         return True
 
     def action(self, name: str, value: int) -> None:
+        """Write ``value`` to the backstore's configfs ``action/<name>`` (``block_dev``,
+        ``reset_ring``: target_core_user.c); OSError when the kernel refuses."""
         with open(os.path.join(self.configfs_dir, "action", name), "w") as f:
             f.write(f"{value}\n")
 
@@ -166,6 +177,8 @@ def find_devices(subtype: str | None = None, *, sysfs_root="/sys",
 
 
 def device_by_minor(minor: int, **roots) -> UioDevice | None:
+    """The TCMU device ``uio<minor>`` (the netlink event's MINOR), or None; ``roots`` as for
+    ``find_devices``."""
     for d in find_devices(None, **roots):
         if d.minor == minor:
             return d
@@ -194,6 +207,8 @@ class UioHandle:
         os.write(self.fd, b"\x01\x00\x00\x00")
 
     def close(self) -> None:
+        """Unmap (left to the last view while views are exported) and close the descriptor;
+        idempotent."""
         try:
             self.map.close()
         except BufferError:
