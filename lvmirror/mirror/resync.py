@@ -113,6 +113,7 @@ class _Job:
 
     @property
     def rate_limit(self):
+        """The copy's rate limit in MB/s (10^6 bytes a second), None when unlimited."""
         return self._rate / MB if self._rate else None
 
     def cancel(self):
@@ -129,6 +130,7 @@ class _Job:
         return self._done.wait(timeout)
 
     def is_alive(self) -> bool:
+        """True from ``start`` until the job is done, failed or cancelled."""
         return self._thread is not None and not self._done.is_set()
 
     def progress(self) -> dict:
@@ -189,6 +191,8 @@ class ResyncJob(_Job):
         self._copied: list[int] = []     # regions copied, bits not cleared yet (_clear_copied)
 
     def start(self, epoch):
+        """Start the copy on a thread of its own; it first waits for the writes of epochs
+        before ``epoch`` (the volume's epoch when the job was created) to finish."""
         self._thread = threading.Thread(target=self._run, args=(epoch,), daemon=True,
                                         name=f"{self.vol.name}-resync{self.image_id}")
         self._thread.start()
@@ -461,6 +465,7 @@ class RestoreJob(_Job):
         self.commit_lock = threading.Lock()
 
     def start(self):
+        """Start the copy back from the split image on a thread of its own."""
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"{self.vol.name}-restore{self.image_id}")
         self._thread.start()
