@@ -53,6 +53,7 @@ class Lvmirrord:
         self._stop = threading.Event()
         self._netlink = None
         self._bus = None
+        self._zygote = None             # forks the volume processes (start())
 
     @property
     def registry(self):
@@ -96,7 +97,7 @@ class Lvmirrord:
                     from lvmirror.daemon.volumeproc import VolumeProcess
                     host = VolumeProcess(key, state_dir=self.state_dir, workers=self.workers,
                                          inline_reads=self.inline_reads,
-                                         log_level=self.log_level)
+                                         log_level=self.log_level, zygote=self._zygote)
                     host.start()
                     self._hosts[key] = host
             try:
@@ -308,6 +309,10 @@ class Lvmirrord:
         """Listen to TCMU netlink events, pick up the user:lvmirror devices that already exist,
         and start the D-Bus service (unless ``with_bus`` is False)."""
         os.makedirs(self.state_dir, exist_ok=True)
+        if self.processes and self._zygote is None:
+            # before any thread of ours runs: the zygote is forked from a one-thread process
+            from lvmirror.daemon.volumeproc import Zygote
+            self._zygote = Zygote()
         self._netlink = netlink.TcmuNetlink()
         self._netlink.start(self._on_event)
         for device in uio.find_devices(SUBTYPE, sysfs_root=self.sysfs_root,
@@ -339,6 +344,8 @@ class Lvmirrord:
             uio_names = list(self._lun_hosts)
         for uio_name in uio_names:
             self.remove_lun(uio_name)
+        if self._zygote is not None:
+            self._zygote.close()
 
     def run(self):
         """start(), tell systemd READY=1, serve until request_stop(), then stop()."""

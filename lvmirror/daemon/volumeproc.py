@@ -19,7 +19,7 @@ Failure handling, as tcmu-runner's handlers and md's ``mdmon`` are restarted:
   and the next lvmirrord picks the devices up (a child still draining would hold the uio
   device while the new one resets the ring). A stop (SIGTERM) drains every volume process
   first; under systemd ``KillMode=mixed`` lets lvmirrord do that itself. A child whose
-  socket closes while lvmirrord lives drains, closes its volume and exits.
+  socket closes kills itself the same way (the socket closes before the death signal comes).
 
 The wire format is one message per frame: an 8-byte header (payload length, number of file
 descriptors), then a pickle; descriptors (an emulated ring's socket and memory, for tests and
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import errno
 import itertools
 import logging
 import os
@@ -174,9 +175,12 @@ class VolumeProcess:
     (``_decode_error``). StateError when the child is gone (it is being restarted)."""
 
     def __init__(self, key: str, *, state_dir: str, workers: int = 4, inline_reads: bool = True,
-                 log_level: str = "info"):
-        """``key``: the volume's name (what the child serves; its processes' title shows it)."""
+                 log_level: str = "info", zygote: Zygote | None = None):
+        """``key``: the volume's name (what the child serves). ``zygote``: fork the child from
+        it (lvmirrord's way: milliseconds); without one the child is a new Python process
+        (``python -m lvmirror.daemon.volumeproc``: a second or more to import)."""
         self.key = key
+        self.zygote = zygote
         self.state_dir = state_dir
         self.workers = workers
         self.inline_reads = inline_reads
@@ -200,9 +204,21 @@ class VolumeProcess:
         return self._proc.pid if self._proc is not None else None
 
     def start(self):
-        """Start the child process (``python -m lvmirror.daemon.volumeproc``). OSError when it
-        cannot be started."""
+        """Start the child process (forked by the zygote, or ``python -m
+        lvmirror.daemon.volumeproc``). OSError when it cannot be started."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.zygote is not None:
+            try:
+                proc = _ForkedChild(self.zygote.spawn(child.fileno(), self.state_dir,
+                                                      workers=self.workers,
+                                                      inline_reads=self.inline_reads))
+            except BaseException:
+                parent.close()
+                raise
+            finally:
+                child.close()
+            self._run(proc, parent)
+            return
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",
                                                                   "WATCHDOG_USEC")}
         # the child imports the same lvmirror as this process: from the same site directory
@@ -227,6 +243,9 @@ class VolumeProcess:
             raise
         finally:
             child.close()
+        self._run(proc, parent)
+
+    def _run(self, proc, parent):
         self._proc, self._sock = proc, parent
         self._started = time.monotonic()
         self._ready.set()
@@ -276,11 +295,12 @@ class VolumeProcess:
             stopping = self._stopping
         for slot in pending.values():
             slot[1], slot[2] = False, StateError(
-                f"the process serving volume {self.key} ended (exit status {rc})")
+                f"the process serving volume {self.key} ended")
             slot[0].set()
         if stopping:
             return
-        how = f"signal {-rc}" if rc < 0 else f"exit status {rc}"
+        how = "status unknown" if rc is None else \
+            f"signal {-rc}" if rc < 0 else f"exit status {rc}"
         log.error("volume %s: its process %d ended (%s); starting a new one, which picks up "
                   "its %d LUN(s)", self.key, proc.pid, how, len(self._devices))
         self._restart()
@@ -356,6 +376,39 @@ class VolumeProcess:
             proc.wait()
 
 
+class _ForkedChild:
+    """A volume process forked by the zygote (not lvmirrord's child: the zygote reaps it), with
+    the part of ``subprocess.Popen`` VolumeProcess uses."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def _gone(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+
+    def wait(self, timeout: float | None = None):
+        """Wait until the process has ended (its descriptors, the uio device's among them,
+        closed); returns None (its status went to the zygote). TimeoutExpired after
+        ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._gone():
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"volume process {self.pid}", timeout)
+            time.sleep(0.02)
+        return None
+
+    def kill(self):
+        """SIGKILL it."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _forward(name):
     def method(self, *args, **kwargs):
         return self.call(name, *args, **kwargs)
@@ -406,15 +459,17 @@ class _ChildServer:
             self._reply(call_id, True, result)
 
     def serve(self):
-        """Serve until lvmirrord says stop or goes away; then stop every LUN."""
+        """Serve until lvmirrord says stop (then stop every LUN: each drains and completes its
+        in-flight commands) or goes away (then die at once, SIGKILL)."""
         try:
             while True:
                 try:
                     (_, call_id, method, args, kwargs), fds = recv_msg(self.sock)
                 except (EOFError, OSError):
-                    log.warning("volume process %d: lvmirrord went away; draining and stopping "
-                                "its LUNs", os.getpid())
-                    break
+                    # lvmirrord is gone (killed: the kernel's death signal is on its way): go
+                    # as a crash goes, at once, leaving the ring to the next lvmirrord's
+                    # pickup; draining here would race that pickup's ring reset
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if method == "stop":
                     self._stop_id = call_id
                     break
@@ -440,7 +495,6 @@ def _die_with_parent(parent: int):
 
 def main(argv=None):
     """The child process's entry point (started by ``VolumeProcess.start``)."""
-    from lvmirror.daemon.host import VolumeHost
     from lvmirror.daemon.main import setup_logging
     ap = argparse.ArgumentParser(prog="lvmirrord-volume")
     ap.add_argument("--fd", type=int, required=True)
@@ -455,19 +509,104 @@ def main(argv=None):
     setup_logging(args.log_level)
     if args.parent:
         _die_with_parent(args.parent)
+    return _serve_child(socket.socket(fileno=args.fd), args.state_dir, workers=args.workers,
+                        inline_reads=not args.no_inline_reads)
+
+
+def _serve_child(sock, state_dir, *, workers, inline_reads) -> int:
+    """A volume process's life: a VolumeHost answering lvmirrord on ``sock`` until stopped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # a terminal's ^C is lvmirrord's to handle
 
     def on_term(*_):
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, on_term)
-    sock = socket.socket(fileno=args.fd)
-    host = VolumeHost(args.state_dir, workers=args.workers,
-                      inline_reads=not args.no_inline_reads)
+    from lvmirror.daemon.host import VolumeHost
+    host = VolumeHost(state_dir, workers=workers, inline_reads=inline_reads)
     try:
         _ChildServer(sock, host).serve()
     except SystemExit:
         host.stop()
     return 0
+
+
+# -- the zygote: volume processes forked, not started from scratch -----------------------------
+class Zygote:
+    """A process forked from lvmirrord before it starts any thread, with everything imported,
+    that forks the volume processes on request (as Android's zygote and multiprocessing's
+    forkserver do). A new volume process is then ready in milliseconds instead of a Python
+    start and its imports (seconds under emulation): what lets a restarted lvmirrord answer its
+    LUNs' queued commands before the initiators' 30-second command timeout.
+
+    Forking lvmirrord itself once its netlink and D-Bus threads run would copy locks those
+    threads may hold; the zygote has one thread. It dies with lvmirrord, its children die with
+    it (PR_SET_PDEATHSIG both), and it reaps them itself (SIGCHLD ignored)."""
+
+    def __init__(self):
+        """Fork the zygote now (call with one thread running). OSError if fork fails."""
+        parent_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        lvmirrord = os.getpid()
+        pid = os.fork()
+        if pid == 0:                      # the zygote
+            code = 1
+            try:
+                parent_end.close()
+                _die_with_parent(lvmirrord)
+                code = _zygote_loop(zygote_end)
+            finally:
+                os._exit(code)
+        zygote_end.close()
+        self.pid = pid
+        self._sock = parent_end
+        self._lock = threading.Lock()
+
+    def spawn(self, sock_fd: int, state_dir: str, *, workers: int, inline_reads: bool) -> int:
+        """Fork a volume process serving the socket ``sock_fd`` (passed by SCM_RIGHTS); returns
+        its pid. OSError (ECHILD) when the zygote is gone or could not fork."""
+        with self._lock:
+            try:
+                send_msg(self._sock, (state_dir, workers, inline_reads), [sock_fd])
+                (ok, value), _ = recv_msg(self._sock)
+            except EOFError:
+                raise OSError(errno.ECHILD, "the zygote process is gone") from None
+        if not ok:
+            raise OSError(errno.ECHILD, f"the zygote could not fork: {value}")
+        return value
+
+    def close(self):
+        """End the zygote (its children are not affected until they are told to stop)."""
+        self._sock.close()
+
+
+def _zygote_loop(sock) -> int:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)     # children are reaped by the kernel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    zygote = os.getpid()
+    while True:
+        try:
+            (state_dir, workers, inline_reads), fds = recv_msg(sock)
+        except (EOFError, OSError):
+            return 0                                  # lvmirrord closed it or is gone
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            send_msg(sock, (False, str(exc)))
+            continue
+        if pid == 0:                                  # the volume process
+            code = 1
+            try:
+                sock.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _die_with_parent(zygote)
+                code = _serve_child(socket.socket(fileno=fds[0]), state_dir, workers=workers,
+                                    inline_reads=inline_reads)
+            finally:
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        send_msg(sock, (True, pid))
 
 
 if __name__ == "__main__":

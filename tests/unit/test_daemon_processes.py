@@ -12,6 +12,7 @@ import time
 import pytest
 
 from lvmirror.daemon import Lvmirrord
+from lvmirror.daemon.volumeproc import Zygote
 from lvmirror.errors import ConfigError, StateError
 from lvmirror.scsi import parse_sense
 from lvmirror.tcmu import uio
@@ -44,12 +45,15 @@ def in_sync(d, name):
         and not any(j["state"] == "running" for j in vol["jobs"])
 
 
-@pytest.fixture
-def gw(tmp_path, monkeypatch):
-    """An Lvmirrord with a process per volume; ``add(cfg)`` serves a new emulated device."""
+@pytest.fixture(params=["zygote", "exec"])
+def gw(request, tmp_path, monkeypatch):
+    """An Lvmirrord with a process per volume, forked by a zygote as lvmirrord's start() makes
+    one, or started as new Python processes; ``add(cfg)`` serves a new emulated device."""
     monkeypatch.setenv("PYTHONPATH", ROOT)
     d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, processes=True,
                   log_level="warning")
+    if request.param == "zygote":
+        d._zygote = Zygote()
     emus = []
 
     def add(cfg, size=SIZE, cmdr_size=(64 << 10) - 128):
@@ -67,6 +71,10 @@ def gw(tmp_path, monkeypatch):
     d.stop()
     for emu in emus:
         emu.close()
+    if d._zygote is not None:
+        pid = d._zygote.pid
+        d._zygote.close()
+        os.waitpid(pid, 0)
 
 
 def write(emu, lba, data):
@@ -171,7 +179,7 @@ def test_the_last_lun_ends_its_process(gw, tmp_path):
     proc = gw._hosts["ve"]._proc
     write(emu, 0, b"x" * 4096)
     gw.remove_lun(dev.uio_name)
-    assert proc.wait(30) == 0
+    assert proc.wait(30) == (None if gw._zygote else 0)     # a zygote's child: it reaps it
     assert "ve" not in gw._hosts and gw.volume_names() == []
     with open(imgs[0], "rb") as f0, open(imgs[1], "rb") as f1:
         assert f0.read(4096) == f1.read(4096) == b"x" * 4096
@@ -184,18 +192,19 @@ def test_a_cfgstring_that_does_not_parse_gets_a_not_ready_lun(gw):
     assert c.status == 2 and parse_sense(c.sense)[0] == 0x2      # NOT READY
 
 
-def test_the_child_drains_and_exits_when_lvmirrord_goes_away(tmp_path):
+def test_the_child_dies_at_once_when_lvmirrord_goes_away(tmp_path):
     parent, child = socket.socketpair()
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "lvmirror.daemon.volumeproc", "--fd",
                              str(child.fileno()), "--volume", "v", "--state-dir",
                              str(tmp_path)], pass_fds=(child.fileno(),), env=env)
     child.close()
-    parent.close()          # as if lvmirrord were SIGKILLed
-    assert proc.wait(30) == 0
+    parent.close()          # as if lvmirrord were SIGKILLed (no death signal: not set here)
+    assert proc.wait(30) == -signal.SIGKILL
 
 
-def test_a_sigkill_of_lvmirrord_kills_its_volume_processes(tmp_path):
+@pytest.mark.parametrize("how", ["exec", "zygote"])
+def test_a_sigkill_of_lvmirrord_kills_its_volume_processes(tmp_path, how):
     """The whole data path crashes with lvmirrord (no child left draining a ring that the next
     lvmirrord resets), even when the child was started from a thread that has ended since:
     the child dies of SIGKILL, not of its own accord once its socket closes."""
@@ -203,8 +212,9 @@ def test_a_sigkill_of_lvmirrord_kills_its_volume_processes(tmp_path):
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_CHILD_SUBREAPER = 36
     code = ("import sys, threading\n"
-            "from lvmirror.daemon.volumeproc import VolumeProcess\n"
-            f"vp = VolumeProcess('v', state_dir={str(tmp_path)!r})\n"
+            "from lvmirror.daemon.volumeproc import VolumeProcess, Zygote\n"
+            f"z = Zygote() if {how == 'zygote'} else None\n"
+            f"vp = VolumeProcess('v', state_dir={str(tmp_path)!r}, zygote=z)\n"
             "t = threading.Thread(target=vp.start); t.start(); t.join()\n"
             "vp.call('volume_names')\n"      # the child answers: its death signal is set
             "print(vp.pid, flush=True)\n"
@@ -216,10 +226,26 @@ def test_a_sigkill_of_lvmirrord_kills_its_volume_processes(tmp_path):
         child = int(parent.stdout.readline())
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
-        _, status = os.waitpid(child, 0)
+        # the orphans come to us as they are reparented; a zygote's child that died before
+        # the zygote was reaped by it: then it is simply gone
+        statuses, deadline = {}, time.monotonic() + 30
+        while child not in statuses and time.monotonic() < deadline:
+            try:
+                pid, st = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if pid:
+                statuses[pid] = st
+            elif how == "zygote" and not os.path.exists(f"/proc/{child}"):
+                break
+            else:
+                time.sleep(0.02)
+        assert child in statuses or not os.path.exists(f"/proc/{child}")
+        status = statuses.get(child)
     finally:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    if status is not None:
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
 def test_many_laps_of_a_small_ring_at_queue_depth_16(gw, tmp_path):
