@@ -256,12 +256,12 @@ def scaling(args, work):
                 outs = [recv_msg(sock)[0] for _, sock in drivers]
                 cpu = sum(_proc_cpu(p) for p in pids) - cpu0
             finally:
+                d.stop()            # the LUNs go first, as LIO removes a device's handler
                 for _, sock in drivers:
                     try:
                         send_msg(sock, ("quit", 0))
                     except OSError:
                         pass
-                d.stop()
                 for pid, sock in drivers:
                     os.waitpid(pid, 0)
                     sock.close()

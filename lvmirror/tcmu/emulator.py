@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import mmap
 import os
 import select
@@ -133,16 +134,27 @@ class AttachedHandle:
         return [self.fd, self._map_fd], {"map_size": self.map_size, "uio_name": self.uio_name}
 
     def clear_event(self):
-        """Drain the wake-ups the emulator sent (its 4-byte 'interrupts')."""
+        """Drain the wake-ups the emulator sent (its 4-byte 'interrupts'). OSError ENODEV once
+        the emulator is gone, as a uio read fails once the kernel removed the device."""
         try:
-            while len(os.read(self.fd, 4096)) == 4096:
-                pass
+            while True:
+                data = os.read(self.fd, 4096)
+                if not data:
+                    raise OSError(errno.ENODEV, "the emulated device is gone")
+                if len(data) < 4096:
+                    return
         except BlockingIOError:
             pass
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise OSError(errno.ENODEV, "the emulated device is gone") from exc
 
     def notify(self):
-        """Tell the emulator completions are on the ring (the uio write)."""
-        os.write(self.fd, struct.pack("<I", 1))
+        """Tell the emulator completions are on the ring (the uio write); OSError ENODEV once
+        it is gone."""
+        try:
+            os.write(self.fd, struct.pack("<I", 1))
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise OSError(errno.ENODEV, "the emulated device is gone") from exc
 
     def close(self):
         """Close the descriptors; the mapping goes with the ring that uses it."""
