@@ -103,6 +103,16 @@ target_up() {  # target_up NAME -> BSTORE (targetcli path); sets up the backstor
       --size=${SIZE_MB}M --output=/dev/null
 }
 
+forget_volume() {  # forget_volume VOLUME: once lvmirrord has closed it (its LUN is gone), remove
+  local i                # its state: the next target recreates the image files, and lvmirrord
+  for i in $(seq 60); do # refuses a new volume on paths an existing volume names as its images
+    lvmirror --json status 2>/dev/null \
+      | $PY -c "import json,sys; sys.exit('$1' in json.load(sys.stdin)['volumes'])" && break
+    sleep 0.5
+  done
+  rm -rf "${STATE:?}/$1"
+}
+
 target_down() {
   b_logout
   printf '%s\n' "set global auto_save_on_exit=false" "/iscsi delete $BIQN" \
@@ -110,6 +120,8 @@ target_down() {
   if [ $1 = md-raid1 ]; then
     mdadm --stop /dev/md0 >/dev/null 2>&1; losetup -d $L0 $L1
   fi
+  [[ $1 == lvmirror[123] ]] && forget_volume bench${1#lvmirror}
+  return 0
 }
 
 # ------------------------------------------------------------ the jobs
