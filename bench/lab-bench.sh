@@ -5,14 +5,19 @@
 #            md-raid1                          LIO iblock on an md RAID1 (internal write-intent
 #                                              bitmap) of loop devices on the same image files
 #            fileio                            LIO fileio on image file 0
+#            tcmu-runner                       Debian's tcmu-runner, user:qcow on image file 0
+#                                              (raw: the file is exactly the LUN's size), over
+#                                              the same TCMU ring as lvmirror; lvmirrord is
+#                                              stopped meanwhile (see runner_up)
 #   jobs     bench/jobs/*.fio through open-iscsi on the guest's /dev/sdX, the same files for all
 #   extra    lvmirror3: I/O latency around a split under a random-write load; resync of 1% changed
 #            vs full; md-raid1: md's own resync of the same size.
 #
 # Every target runs on the same image files (img0..img2, recreated sparse for each target and
 # filled by an unmeasured sequential write first), with the same cache mode: write-back
-# (fileio write_back=true, lvmirror emulate_write_cache=1, loop devices buffered), and the
-# initiator's view of it is recorded. Output: $OUT/bench/<target>/<job>.json (fio JSON),
+# (fileio write_back=true, lvmirror emulate_write_cache=1, tcmu-runner's qcow handler WCE=1 of
+# its own, loop devices buffered), and the initiator's view of it is recorded. The TCMU LUNs
+# (user:lvmirror, user:qcow) advertise the same largest transfer (hw_max_sectors). Output: $OUT/bench/<target>/<job>.json (fio JSON),
 # $OUT/bench/meta.json, $OUT/bench/targets.jsonl, $OUT/bench/split/, $OUT/bench/resync.jsonl;
 # bench/report.py turns them into the table.
 #
@@ -55,6 +60,23 @@ fill_file() {  # fill_file PATH: sequential 1 MiB writes of fio's random buffers
       --end_fsync=1 --output=/dev/null
 }
 
+# ------------------------------------------------------------ tcmu-runner
+# tcmu-runner owns org.kernel.TCMUService1 (targetcli lists user:qcow from it) and answers the
+# netlink events of its subtypes. It cannot take that name while lvmirrord serves it, and it
+# resets the kernel's pending netlink commands when it starts: lvmirrord (no LUN of its own is
+# exported at that point) stops for the tcmu-runner target and starts again after it, as the
+# lab's tcmurunner section does.
+runner_up() {
+  if [ -n "${DAEMON:-}" ]; then kill $DAEMON; wait $DAEMON 2>/dev/null; DAEMON=; fi
+  mkdir -p $BOUT/tcmu-runner/log
+  tcmu-runner --tcmu-log-dir $BOUT/tcmu-runner/log > $BOUT/tcmu-runner/stdout.log 2>&1 & RUNNER=$!
+  wait_bus_name org.kernel.TCMUService1 $RUNNER
+}
+runner_down() {
+  [ -n "${RUNNER:-}" ] && { kill $RUNNER; wait $RUNNER 2>/dev/null; RUNNER=; }
+  start_daemon || result bench_daemon fail when=after_tcmu_runner
+}
+
 # ------------------------------------------------------------ targets up / down
 target_up() {  # target_up NAME -> BSTORE (targetcli path); sets up the backstore + iSCSI target
   local name=$1 vol
@@ -69,6 +91,12 @@ target_up() {  # target_up NAME -> BSTORE (targetcli path); sets up the backstor
       BSTORE=/backstores/user:lvmirror/bt; vol=bench$n
       echo "/backstores/user:lvmirror create name=bt size=${SIZE_MB}M cfgstring=$vol;images=$imgs hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} control=nl_reply_supported=-1"
       echo "$BSTORE set attribute emulate_write_cache=1" ;;
+    tcmu-runner)
+      runner_up >&2 || { echo "tcmu-runner did not take org.kernel.TCMUService1" >&2; return 1; }
+      BSTORE=/backstores/user:qcow/bt
+      # no emulate_write_cache=1: the qcow handler reports WCE=1 by itself and refuses the
+      # attribute's reconfig event (EOPNOTSUPP)
+      echo "/backstores/user:qcow create name=bt size=${SIZE_MB}M cfgstring=$BDIR/img0 hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384}" ;;
     md-raid1)
       modprobe raid1
       echo 10000000 > /proc/sys/dev/raid/speed_limit_max
@@ -112,6 +140,16 @@ target_up() {  # target_up NAME -> BSTORE (targetcli path); sets up the backstor
       --size=${SIZE_MB}M --output=/dev/null
 }
 
+forget_volume() {  # forget_volume VOLUME: once lvmirrord has closed it (its LUN is gone), remove
+  local i                # its state: the next target recreates the image files, and lvmirrord
+  for i in $(seq 60); do # refuses a new volume on paths an existing volume names as its images
+    lvmirror --json status 2>/dev/null \
+      | $PY -c "import json,sys; sys.exit('$1' in json.load(sys.stdin)['volumes'])" && break
+    sleep 0.5
+  done
+  rm -rf "${STATE:?}/$1"
+}
+
 target_down() {
   b_logout
   printf '%s\n' "set global auto_save_on_exit=false" "/iscsi delete $BIQN" \
@@ -119,6 +157,9 @@ target_down() {
   if [ $1 = md-raid1 ]; then
     mdadm --stop /dev/md0 >/dev/null 2>&1; losetup -d $L0 $L1
   fi
+  [[ $1 == lvmirror[123] ]] && forget_volume bench${1#lvmirror}
+  [ $1 = tcmu-runner ] && runner_down
+  return 0
 }
 
 # ------------------------------------------------------------ the jobs
@@ -196,13 +237,14 @@ resync_figures() {  # VOLUME: resync after the split load, 1% of regions changed
 }
 
 bench_main() {
-  TARGETS=${BENCH_TARGETS:-lvmirror2 lvmirror3 md-raid1 lvmirror1 fileio}
+  TARGETS=${BENCH_TARGETS:-lvmirror2 lvmirror3 md-raid1 lvmirror1 fileio tcmu-runner}
   JOBS=${BENCH_JOBS:-seqwrite-1m randwrite-4k-qd1 randwrite-4k-qd32 randread-4k-qd1 randread-4k-qd32 mixed-64k-70r seqread-1m}
   RUNTIME=${BENCH_RUNTIME:-10}; RAMP=${BENCH_RAMP:-2}; SIZE_MB=${BENCH_SIZE_MB:-256}
   mkdir -p $BOUT; : > $BOUT/targets.jsonl; : > $BOUT/resync.jsonl
   jsonl $BOUT/meta.json kernel="$(uname -r)" accel="$(cat $OUT/accel 2>/dev/null || echo unknown)" \
      date="$(date -u +%Y-%m-%dT%H:%MZ)" cpus=$(nproc) mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 )) \
      "fio=$(fio --version)" "python=$($PY -V 2>&1)" "lvmirrord=$(command -v lvmirrord)" \
+     "tcmu_runner=$(tcmu-runner -V 2>&1 | head -1)" \
      runtime_s=$RUNTIME ramp_s=$RAMP size_mb=$SIZE_MB "targets=$TARGETS" "jobs=$JOBS" \
      profile=${BENCH_PROFILE:-0} cache_mode=write-back lvmirror_hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} label="${BENCH_LABEL:-}"
   if [ -z "${DAEMON:-}" ]; then

@@ -21,15 +21,20 @@ import os
 import sys
 from xml.sax.saxutils import escape
 
-TARGETS = ("lvmirror2", "lvmirror3", "md-raid1", "lvmirror1", "fileio")
+TARGETS = ("lvmirror2", "lvmirror3", "md-raid1", "lvmirror1", "fileio", "tcmu-runner")
 TARGET_TITLES = {
     "lvmirror2": "lvmirror 2 images", "lvmirror3": "lvmirror 3 images",
     "md-raid1": "iblock on md RAID1", "lvmirror1": "lvmirror 1 image", "fileio": "fileio",
+    "tcmu-runner": "tcmu-runner (user:qcow)",
 }
+# the ratio columns' and the plot legend's shorter names
+RATIO_TITLES = dict(TARGET_TITLES, **{"tcmu-runner": "tcmu-runner"})
 JOBS = ("randwrite-4k-qd1", "randwrite-4k-qd32", "randread-4k-qd1", "randread-4k-qd32",
         "mixed-64k-70r", "seqwrite-1m", "seqread-1m")
-# (numerator, denominator): what each lvmirror LUN is compared with
-RATIOS = (("lvmirror2", "md-raid1"), ("lvmirror3", "md-raid1"), ("lvmirror1", "fileio"))
+# (numerator, denominator): what each lvmirror LUN is compared with; lvmirror 1 image also with
+# Debian's tcmu-runner, the C handler on the same TCMU ring
+RATIOS = (("lvmirror2", "md-raid1"), ("lvmirror3", "md-raid1"), ("lvmirror1", "fileio"),
+          ("lvmirror1", "tcmu-runner"))
 WINDOW_S = 0.5          # the second around the split: [T - 0.5 s, T + 0.5 s]
 
 
@@ -168,7 +173,8 @@ def markdown(data: dict) -> str:
     targets = [t for t in TARGETS if any(t in res[j] for j in jobs)]
     out = [f"### lvmirror side by side: {m.get('date', '?')}", "",
            f"Kernel {m.get('kernel', '?')}, QEMU accelerator **{m.get('accel', '?')}**, "
-           f"{m.get('cpus', '?')} vCPU, {m.get('mem_mb', '?')} MiB, {m.get('fio', 'fio')}; "
+           f"{m.get('cpus', '?')} vCPU, {m.get('mem_mb', '?')} MiB, {m.get('fio', 'fio')}"
+           + (f", {m['tcmu_runner']}" if m.get("tcmu_runner") else "") + "; "
            f"{m.get('size_mb', '?')} MiB LUNs on image files in the guest, "
            f"{m.get('runtime_s', '?')} s per job after {m.get('ramp_s', '?')} s ramp; "
            f"open-iscsi over the guest's loopback; every target write-back "
@@ -180,7 +186,7 @@ def markdown(data: dict) -> str:
         cols = [f"{n}/{d}" for n, d in RATIOS]
         out += ["IOPS ratio (above 1: lvmirror faster) and p99 latency ratio (below 1: lvmirror "
                 "faster):", "",
-                "| job | " + " | ".join(f"{TARGET_TITLES[n]} / {TARGET_TITLES[d]}"
+                "| job | " + " | ".join(f"{RATIO_TITLES[n]} / {RATIO_TITLES[d]}"
                                         for n, d in RATIOS) + " |",
                 "|---|" + "---:|" * len(cols)]
         for j in jobs:
@@ -243,7 +249,7 @@ def svg(data: dict) -> str:
     ratios = data["ratios"]
     jobs = [j for j in JOBS if j in ratios]
     series = [f"{n}/{d}" for n, d in RATIOS]
-    colours = ("#2b6cb0", "#805ad5", "#dd6b20")
+    colours = ("#2b6cb0", "#805ad5", "#dd6b20", "#2f855a")
     bar, gap, left, width = 14, 12, 150, 460
     vmax = max([1.2] + [ratios[j][s]["iops"] for j in jobs for s in series if s in ratios[j]])
     scale = width / vmax
@@ -271,8 +277,8 @@ def svg(data: dict) -> str:
     for s, c in zip(series, colours):
         n, d = s.split("/")
         el.append(f'<rect x="{left}" y="{y + 2}" width="10" height="10" fill="{c}"/>')
-        el.append(f'<text x="{left + 16}" y="{y + 11}">{escape(TARGET_TITLES[n])} / '
-                  f'{escape(TARGET_TITLES[d])}</text>')
+        el.append(f'<text x="{left + 16}" y="{y + 11}">{escape(RATIO_TITLES[n])} / '
+                  f'{escape(RATIO_TITLES[d])}</text>')
         y += 20
     el.append("</svg>")
     return "\n".join(el) + "\n"

@@ -76,6 +76,55 @@ def test_collect_ratios_markdown_svg(tmp_path):
     assert saved["meta"]["accel"] == "tcg"
 
 
+@needs_fio
+def test_tcmu_runner_column_and_ratio(tmp_path):
+    """tcmu-runner's user:qcow LUN is a figures column, lvmirror 1 image / tcmu-runner a ratio
+    column, in results.md, results.json and the plot."""
+    run = tmp_path / "run"
+    bench = run / "bench"
+    jobs = ("randwrite-4k-qd1", "seqread-1m")
+    for job in jobs:
+        for t in ("lvmirror1", "tcmu-runner"):
+            run_job(tmp_path, job, bench / t)
+    (bench / "meta.json").write_text(json.dumps({"accel": "tcg", "date": "2026-11-24T10:00Z",
+                                                 "tcmu_runner": "tcmu-runner 1.5.4"}) + "\n")
+    data = report.collect(str(run))
+    for job in jobs:
+        a = data["results"][job]["lvmirror1"]
+        b = data["results"][job]["tcmu-runner"]
+        assert a["iops"] > 0 and b["iops"] > 0
+        r = data["ratios"][job]["lvmirror1/tcmu-runner"]
+        assert r["iops"] == round(a["iops"] / b["iops"], 3)
+        assert r["p99"] == round(a["p99_ms"] / b["p99_ms"], 3)
+        assert "lvmirror1/fileio" not in data["ratios"][job]          # no fileio run
+    md = report.markdown(data)
+    assert "tcmu-runner 1.5.4" in md
+    ratio_header = next(line for line in md.splitlines() if line.startswith("| job | lvmirror 2"))
+    assert ratio_header.endswith("| lvmirror 1 image / fileio | lvmirror 1 image / tcmu-runner |")
+    figures_header = next(line for line in md.splitlines()
+                          if line.startswith("| job |") and line != ratio_header)
+    assert figures_header == "| job | lvmirror 1 image | tcmu-runner (user:qcow) |"
+    r = data["ratios"]["seqread-1m"]["lvmirror1/tcmu-runner"]
+    row = next(line for line in md.splitlines() if line.startswith("| seqread-1m | –"))
+    assert row.endswith(f"| – | {r['iops']:.2f} (p99 {r['p99']:.2f}) |")
+    f = data["results"]["seqread-1m"]["tcmu-runner"]
+    row = next(line for line in md.splitlines()
+               if line.startswith("| seqread-1m |") and "(p99" not in line)
+    assert row.endswith(f"| {f['iops']:,.0f} · {f['mbps']:,.1f} · {f['p50_ms']:.2f} / "
+                        f"{f['p99_ms']:.2f} |")
+    root = ET.fromstring(report.svg(data))
+    ns = "{http://www.w3.org/2000/svg}"
+    texts = [t.text for t in root.iter(ns + "text")]
+    assert "lvmirror 1 image / tcmu-runner" in texts
+    assert f"{data['ratios']['randwrite-4k-qd1']['lvmirror1/tcmu-runner']['iops']:.2f}" in texts
+    # two jobs with one ratio each, and the four legend swatches
+    assert len(root.findall(ns + "rect")) == 2 + 4
+    assert report.main([str(run), "--results", str(tmp_path / "results")]) == 0
+    saved = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert saved["ratios"]["seqread-1m"]["lvmirror1/tcmu-runner"] == r
+    assert saved["results"]["seqread-1m"]["tcmu-runner"] == f
+
+
 def test_split_window(tmp_path):
     d = tmp_path / "split"
     d.mkdir()
