@@ -752,11 +752,17 @@ class MirrorVolume:
         return errors, other
 
     def _write_locked(self, offset, length, fn, kind="writes", fua=False):
-        """The write path after the range lock is held: epoch, WIL, bitmaps, fan-out."""
+        """The write path after the range lock is held: epoch, WIL, bitmaps, fan-out.
+
+        The write-intent log records what a crash may leave different between the images and
+        missing from a change bitmap; with one image to write and no bitmap to keep (a
+        one-image volume: nothing to differ, nothing to track) there is nothing to record and
+        the write skips it, as a RAID1 of one disk would need no bitmap."""
         ep = self._enter()
         try:
+            logged = len(ep.writes) > 1 or bool(ep.tracking)
             try:
-                tok = self._wil.begin(offset, length)
+                tok = self._wil.begin(offset, length) if logged else None
             except OSError as e:
                 raise VolumeIOError(f"volume {self.name}: cannot persist the write-intent log: "
                                     f"{e}", is_read=False) from e
@@ -765,7 +771,8 @@ class MirrorVolume:
                     bm.mark(offset, length)
                 self._fanout(ep, fn, offset, length, parallel=self._parallel(length, fua))
             finally:
-                self._wil.end(tok)
+                if tok is not None:
+                    self._wil.end(tok)
         except BaseException:
             self._leave(ep)
             raise

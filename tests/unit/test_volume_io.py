@@ -141,3 +141,27 @@ def test_worker_runs_posted_calls_and_survives_their_errors(caplog):
     assert "t-0: unexpected error" in caplog.text and "ZeroDivisionError" in caplog.text
     assert not any(t.name == "t-0" for t in threading.enumerate())
     w.stop(wait=True)                     # idempotent
+
+
+def test_the_write_intent_log_is_kept_only_when_something_can_differ(tmp_path):
+    """One image and no change bitmap: nothing a crash could leave different or untracked, so
+    writes skip the log (and its fsync). Two images, or one image with a split image's change
+    bitmap to keep, log every write before it is issued."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one, _, _ = make_volume(tmp_path / "one", 1)
+    saves = one.stats["wil_saves"]
+    for k in range(8):
+        write(one, k * 256, pattern(8, k))          # 8 regions of 64 KiB
+    assert read(one, 256, 8) == pattern(8, 1)
+    assert one.stats["wil_saves"] == saves and one.stats["wil_dirty_regions"] == 0
+    one.close()
+    two, _, _ = make_volume(tmp_path / "two", 2)
+    saves = two.stats["wil_saves"]
+    write(two, 0, pattern(8, 1))
+    assert two.stats["wil_saves"] > saves and two.stats["wil_dirty_regions"] >= 1
+    two.split(1)                                   # one image left, the split one tracked
+    saves = two.stats["wil_saves"]
+    write(two, 512, pattern(8, 2))
+    assert two.stats["wil_saves"] > saves
+    two.close()
