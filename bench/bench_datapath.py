@@ -116,13 +116,12 @@ def _emulator_ids(emu):
     return [threading.get_native_id(), emu._reaper.native_id]
 
 
-def run_job(emu, name, make, seconds, qd):
+def closed_loop(emu, make, seconds, qd, timeout=10.0) -> int:
+    """Keep ``qd`` commands from ``make()`` (a (cdb, submit kwargs) pair) in flight on the
+    emulator for ``seconds``, then wait for the last ones; returns how many completed."""
     inflight = set()
     done = 0
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    e0 = _thread_cpu(_emulator_ids(emu))
-    deadline = t0 + seconds
+    deadline = time.perf_counter() + seconds
     while True:
         now = time.perf_counter()
         while len(inflight) < qd and now < deadline:
@@ -132,10 +131,17 @@ def run_job(emu, name, make, seconds, qd):
             except RingFull:
                 break
         if not inflight:
-            break
-        got = emu.wait_any(inflight, timeout=10)
+            return done
+        got = emu.wait_any(inflight, timeout=timeout)
         done += len(got)
         inflight -= got
+
+
+def run_job(emu, name, make, seconds, qd):
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    e0 = _thread_cpu(_emulator_ids(emu))
+    done = closed_loop(emu, make, seconds, qd)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
     emu_cpu = _thread_cpu(_emulator_ids(emu)) - e0
@@ -171,22 +177,9 @@ def _driver(sock, qd):
         (cmd, seconds), _ = recv_msg(sock)
         if cmd != "run":
             break
-        inflight, done = set(), 0
         t0 = time.perf_counter()
-        deadline = t0 + seconds
-        while True:
-            now = time.perf_counter()
-            while len(inflight) < qd and now < deadline:
-                try:
-                    inflight.add(emu.submit(cdb(0x2A, rnd.randrange(nblk // 8) * 8, 8),
-                                            data_out=payload))
-                except RingFull:
-                    break
-            if not inflight:
-                break
-            got = emu.wait_any(inflight, timeout=30)
-            done += len(got)
-            inflight -= got
+        done = closed_loop(emu, lambda: (cdb(0x2A, rnd.randrange(nblk // 8) * 8, 8),
+                                         {"data_out": payload}), seconds, qd, timeout=30)
         bad = sum(1 for c in emu.completions.values() if c.status != 0)
         emu.completions.clear()
         send_msg(sock, (done, time.perf_counter() - t0, bad))

@@ -207,22 +207,27 @@ class VolumeProcess:
         """Start the child process (forked by the zygote, or ``python -m
         lvmirror.daemon.volumeproc``). OSError when it cannot be started."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        if self.zygote is not None:
-            try:
+        try:
+            if self.zygote is not None:
                 proc = _ForkedChild(self.zygote.spawn(child.fileno(), self.state_dir,
                                                       workers=self.workers,
                                                       inline_reads=self.inline_reads))
-            except BaseException:
-                parent.close()
-                raise
-            finally:
-                child.close()
-            self._run(proc, parent)
-            return
+            else:
+                proc = _spawner.popen(self._argv(child.fileno()), pass_fds=(child.fileno(),),
+                                      env=self._env(), stdin=subprocess.DEVNULL)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self._run(proc, parent)
+
+    def _env(self) -> dict:
+        """A new Python child's environment: not systemd's notify socket, and a PYTHONPATH
+        that imports the same lvmirror as this process (from the same site directory, the
+        package's or a venv's, or else from the source tree this one came from)."""
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",
                                                                   "WATCHDOG_USEC")}
-        # the child imports the same lvmirror as this process: from the same site directory
-        # (the package, a venv), or else from the source tree this one came from
         import lvmirror
         import site
         top = os.path.dirname(os.path.dirname(os.path.abspath(lvmirror.__file__)))
@@ -230,20 +235,16 @@ class VolumeProcess:
         if top not in sites:
             env["PYTHONPATH"] = os.pathsep.join([top] + [p for p in env.get("PYTHONPATH", "")
                                                          .split(os.pathsep) if p and p != top])
-        argv = [sys.executable, "-m", "lvmirror.daemon.volumeproc", "--fd", str(child.fileno()),
+        return env
+
+    def _argv(self, fd: int) -> list[str]:
+        """A new Python child's command line, serving the socket ``fd``."""
+        argv = [sys.executable, "-m", "lvmirror.daemon.volumeproc", "--fd", str(fd),
                 "--parent", str(os.getpid()), "--volume", self.key, "--state-dir", self.state_dir,
                 "--workers", str(self.workers), "--log-level", self.log_level]
         if not self.inline_reads:
             argv.append("--no-inline-reads")
-        try:
-            proc = _spawner.popen(argv, pass_fds=(child.fileno(),), env=env,
-                                  stdin=subprocess.DEVNULL)
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        self._run(proc, parent)
+        return argv
 
     def _run(self, proc, parent):
         self._proc, self._sock = proc, parent
