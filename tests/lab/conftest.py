@@ -85,7 +85,12 @@ def lab():
     sections = [s for s in _sections() if s not in OWN_BOOT]
     if not sections:
         pytest.skip("no section of the plain lab boot selected (LVMIRROR_LAB_SECTIONS)")
-    env = dict(os.environ, LAB_OUT=OUT, LAB_PORT=str(PORT))
+    env = dict(os.environ, LAB_OUT=OUT, LAB_PORT=str(PORT), LAB_HOST_SIDE="1")
+    for stale in ("target-ready", "host-done"):    # a previous run's, before lab/boot clears it
+        try:
+            os.unlink(os.path.join(OUT, stale))
+        except FileNotFoundError:
+            pass
     t0 = time.monotonic()
     proc = subprocess.Popen([os.path.join(ROOT, "lab", "boot"), *sections], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -97,6 +102,8 @@ def lab():
                 _host_side(host)
             except subprocess.TimeoutExpired as e:
                 host["host_side"] = {"ok": False, "out": f"timeout: {e}"}
+            finally:    # the guest waits for this before its next sections (basic.sh)
+                open(os.path.join(OUT, "host-done"), "w").close()
         time.sleep(1)
     out = proc.stdout.read()
     elapsed = time.monotonic() - t0
