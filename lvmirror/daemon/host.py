@@ -1,9 +1,9 @@
 """One process's share of lvmirrord: the LUNs it serves, the volumes they open, and the
 management calls on those volumes (split, resync, restore, attach, detach, backup, region locks).
 
-In the default layout each volume has a process of its own (``lvmirror.daemon.volumeproc``) running
-one ``VolumeHost``; with ``lvmirrord --single-process`` one ``VolumeHost`` in lvmirrord serves
-every volume. Either way ``Lvmirrord`` routes a management call to the host of its volume.
+With ``lvmirrord --processes`` each volume has a process of its own
+(``lvmirror.daemon.volumeproc``) running one ``VolumeHost``; by default one ``VolumeHost`` in
+lvmirrord serves every volume. Either way ``Lvmirrord`` routes a management call to the host of its volume.
 """
 
 from __future__ import annotations

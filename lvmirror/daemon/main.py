@@ -45,16 +45,16 @@ def main(argv=None):
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.add_argument("--no-dbus", action="store_true", help="do not start the D-Bus service")
-    parser.add_argument("--single-process", action="store_true",
-                        help="serve every volume in this process (default: a process per "
-                             "volume, so busy volumes use several cores)")
+    parser.add_argument("--processes", action="store_true",
+                        help="serve every volume from a process of its own, so busy volumes "
+                             "use several cores (default: every volume in this process)")
     parser.add_argument("--version", action="version", version=f"lvmirrord {__version__}")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     daemon = Lvmirrord(state_dir=args.state_dir, workers=args.workers, with_bus=not args.no_dbus,
-                       processes=not args.single_process, log_level=args.log_level)
+                       processes=args.processes, log_level=args.log_level)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     try:

@@ -23,9 +23,9 @@ DEFAULT_STATE_DIR = "/var/lib/lvmirror"
 class Lvmirrord:
     """The daemon: the netlink listener, the D-Bus service, and the hosts of the volumes.
 
-    With ``processes`` (lvmirrord's default) every volume is served by a process of its own
+    With ``processes`` (``lvmirrord --processes``) every volume is served by a process of its own
     (``volumeproc.VolumeProcess``): N busy volumes use N cores, a crashed volume process is
-    restarted without touching the others. Without it (``--single-process``, and the unit
+    restarted without touching the others. Without it (lvmirrord's default, and the unit
     tests) one in-process ``VolumeHost`` serves every volume. The management API is the same
     either way: each call goes to the host of its volume."""
 
