@@ -107,7 +107,7 @@ class StorageImage:
         self._nowait_ok = True      # preadv RWF_NOWAIT works here (cleared on EOPNOTSUPP)
         self.is_block_device = is_block_device
         self.stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
-                          discards=0, errors=0, bounced=0, cache_drops=0, prefetches=0)
+                          discards=0, errors=0, bounced=0, cache_drops=0)
         self._stats_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._dsync_ok = hasattr(os, "RWF_DSYNC")
@@ -391,23 +391,6 @@ class StorageImage:
         except OSError:
             return False
         self._count(cache_drops=1)
-        return True
-
-    def prefetch(self, offset: int, length: int) -> bool:
-        """Ask the kernel to start reading ``[offset, offset+length)`` (bytes) into the page
-        cache without waiting for it (POSIX_FADV_WILLNEED), so a later ``readv`` of the range
-        finds it there: a copy reads ahead while it writes. A hint only: it never raises and
-        changes no data. Returns False where it cannot help (O_DIRECT reads bypass the cache,
-        a closed image, a zero length, the kernel refused); counted in ``stats["prefetches"]``
-        when issued."""
-        if self.direct or self.fd < 0 or length <= 0 or not 0 <= offset < self.size:
-            return False
-        try:
-            os.posix_fadvise(self.fd, offset, min(length, self.size - offset),
-                             os.POSIX_FADV_WILLNEED)
-        except (OSError, ValueError):
-            return False
-        self._count(prefetches=1)
         return True
 
     def discard(self, offset: int, length: int) -> None:

@@ -148,10 +148,7 @@ class JobControl:
 
     def checkpoint_resync(self, img, next_region):
         """Persist a resync's progress: its bitmap (cleared bits = regions copied) and cursor,
-        only after the copies are durable on the target (durability barrier). The bitmap is
-        snapshotted before the flush, so the job may go on copying (and clearing bits) on
-        another thread meanwhile: what it clears after the snapshot is saved by a later call.
-        OSError of the save propagates (nothing was saved; the older state claims less)."""
+        only after the copies are durable on the target (durability barrier)."""
         self._commit_resync_state(img, next_region, "resync checkpoint")
 
     def pause_resync(self, img, *, keep_resume):

@@ -5,10 +5,6 @@ Both copy one region at a time under an exclusive range lock on the region's LBA
 limit (token bucket in MB/s, changeable while running), progress (bytes done / total, rate,
 ETA), ``cancel()`` and ``wait()``.
 
-Both have the kernel read their source ahead where the copy jumps to the next run of marked
-regions (``_Readahead``): scattered regions are then read several at a time instead of one
-device wait each.
-
 ResyncJob (target: a syncing image, source: an in-sync image). The target already receives
 every new write, so a copied region stays current; bits are only cleared by the job, so the
 bitmap saved at each checkpoint (every 64 regions or second) is a superset of what is left:
@@ -29,17 +25,11 @@ region whose restored data did not survive.
 
 Resync progress is committed the same way: the bitmap and cursor saved at each checkpoint
 (every CHECKPOINT_REGIONS regions or CHECKPOINT_SECONDS) say "copied" only for regions already
-durable on the target. A resync checkpoint runs on a thread of its own while the copy goes on
-(``_Checkpointer``, one at a time; one falling due while another runs waits for the next
-region): it snapshots the bitmap first, so the snapshot clears only regions whose copies were
-written before it, then flushes the target, then saves the snapshot - the copies made meanwhile
-stay marked until a later checkpoint. Before the job pauses, fails or marks the image in sync it
-waits for that thread, so no checkpoint is saved after the job's last word.
+durable on the target.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import threading
@@ -49,15 +39,10 @@ from lvmirror.errors import ImageIOError, LvmirrorError, StateError
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.metadata import VolumeMetadata
 
-__all__ = ["ResyncJob", "RestoreJob", "all_zero", "check_rate", "job_progress"]
+__all__ = ["ResyncJob", "RestoreJob", "check_rate", "job_progress"]
 
 CHECKPOINT_REGIONS = 64
 CHECKPOINT_SECONDS = 1.0
-# how far ahead of the copy a resync looks for regions to have read ahead (bytes of dirty
-# regions; ``_Readahead``)
-READAHEAD_BYTES = 32 << 20
-# with a rate limit: no further ahead than this many seconds of copying at that rate
-READAHEAD_SECONDS = 0.5
 MB = 1_000_000
 
 log = logging.getLogger(__name__)
@@ -148,15 +133,6 @@ class _Job:
                 return
             self._cancel.wait((nbytes - self._tokens) / self._rate)
 
-    def _readahead_window(self) -> int:
-        """Bytes of dirty regions to read ahead of the copy: READAHEAD_BYTES, or with a rate
-        limit READAHEAD_SECONDS of copying at that rate (at least one region), so the source
-        is not read faster than the limit allows."""
-        if self._rate:
-            return max(self.vol.region_size, min(READAHEAD_BYTES,
-                                                 int(self._rate * READAHEAD_SECONDS)))
-        return READAHEAD_BYTES
-
     def _finish(self, state, error=None):
         self.state = state
         self.error = error
@@ -188,7 +164,6 @@ class ResyncJob(_Job):
         self.full = full
         self.bitmap = img.bitmap
         self.bytes_total = self.bitmap.dirty_bytes()
-        self._copied: list[int] = []     # regions copied, bits not cleared yet (_clear_copied)
 
     def start(self, epoch):
         """Start the copy on a thread of its own; it first waits for the writes of epochs
@@ -200,14 +175,15 @@ class ResyncJob(_Job):
     def _run(self, epoch):
         self._t0 = time.monotonic()
         vol, img, bm = self.vol, self.img, self.bitmap
-        commits = _Checkpointer(f"{vol.name}-resync{self.image_id}-commit")
         try:
             # Writes of older epochs may still mark this image's bitmap: let them finish.
             vol._drain(epoch)
             t_copy = time.monotonic()
             self.phase_seconds["drain"] = t_copy - self._t0
             buf = StorageImage.aligned_buffer(vol.region_size)
-            ahead = _Readahead(bm)
+            # compared as bytes: == of two memoryviews unpacks every byte (about 1.5 ms per
+            # MiB, 30 times a memcmp of bytes), which made the zero check the copy's main cost
+            self._zero = bytes(vol.region_size)
             last_ck, since_ck = time.monotonic(), 0
             while True:
                 for r in bm.dirty_regions():
@@ -215,19 +191,12 @@ class ResyncJob(_Job):
                         break
                     if img.state.value != "syncing":
                         raise _TargetFailed(img.rec.error or "target image failed")
-                    ahead.advance(r, _source(vol), self._readahead_window())
                     self._copy(r, buf)
-                    commits.check()
                     since_ck += 1
-                    if (since_ck >= CHECKPOINT_REGIONS or
-                            time.monotonic() - last_ck >= CHECKPOINT_SECONDS) \
-                            and not commits.busy():
-                        # flushed and saved while the copy goes on; at most one at a time
-                        self._clear_copied()
-                        commits.start(vol.control.checkpoint_resync, img, r + 1)
+                    if since_ck >= CHECKPOINT_REGIONS or \
+                            time.monotonic() - last_ck >= CHECKPOINT_SECONDS:
+                        vol.control.checkpoint_resync(img, r + 1)
                         last_ck, since_ck = time.monotonic(), 0
-                commits.wait()
-                self._clear_copied()
                 if self._cancel.is_set():
                     vol.control.pause_resync(img, keep_resume=self._stopping)
                     self._finish("cancelled")
@@ -248,30 +217,13 @@ class ResyncJob(_Job):
                         self._finish("done")
                         return
         except _TargetFailed as e:
-            commits.join()
             self._finish("failed", f"target image failed: {e}")
         except Exception as e:  # report, never kill the daemon
-            commits.join()      # its save must not land after the one below
             try:
                 vol.control.pause_resync(img, keep_resume=False)
             except Exception:
                 pass
             self._finish("failed", f"{type(e).__name__}: {e}")
-
-    def _clear_copied(self):
-        """Clear the bits of the regions copied since the last call, in one step under the
-        volume's metadata lock and only while the target is still syncing. A flush of the
-        target that failed meanwhile (this job's checkpoint, the flusher's round, an
-        initiator's SYNCHRONIZE CACHE) failed the image and marked every region: those copies
-        are not vouched for either, their bits stay set. Called when no checkpoint of this
-        job runs (its save holds that lock through its fsyncs), so the copy never waits for
-        one; until then the copied regions simply still look dirty."""
-        copied, self._copied = self._copied, []
-        if copied:
-            with self.vol._meta:
-                if self.img.state.value == "syncing":
-                    for r in copied:
-                        self.bitmap.clear_region(r)
 
     def _copy(self, r, buf):
         vol, img, bm = self.vol, self.img, self.bitmap
@@ -287,7 +239,7 @@ class ResyncJob(_Job):
             try:
                 _read_from_in_sync(vol, ep, off, ln, view)
                 try:
-                    if all_zero(view):
+                    if view.tobytes() == (self._zero if ln == len(self._zero) else bytes(ln)):
                         # an all-zero region: deallocate it (reads back as zeroes), so a
                         # thin image stays thin and the copy costs no writes
                         img.storage.discard(off, ln)
@@ -296,140 +248,12 @@ class ResyncJob(_Job):
                 except ImageIOError as e:
                     vol._image_error(img, e, off, ln)
                     raise _TargetFailed(str(e)) from e
-                self._copied.append(r)
+                bm.clear_region(r)
             finally:
                 vol._leave(ep)
         finally:
             lk.release()
         self.bytes_done += ln
-
-
-_ZERO_STEP = 64 << 10
-_ZEROES = bytes(_ZERO_STEP)
-
-
-def all_zero(view) -> bool:
-    """True if every byte of ``view`` (a memoryview of bytes, any length) is zero.
-
-    Looked at in pieces, the first 4 KiB alone: a region that holds data nearly always shows it
-    there, and is then told apart without copying the rest out (copying a whole 1 MiB region
-    to compare it cost about a third of the copy's CPU). Each piece is compared as bytes: ==
-    of two memoryviews unpacks every byte (about 1.5 ms per MiB, 30 times a memcmp)."""
-    n = len(view)
-    pos, step = 0, 4096
-    while pos < n:
-        end = min(pos + step, n)
-        k = end - pos
-        if view[pos:end].tobytes() != (_ZEROES if k == _ZERO_STEP else _ZEROES[:k]):
-            return False
-        pos, step = end, _ZERO_STEP
-    return True
-
-
-def _source(vol):
-    """The storage a copy will read from now (the first in-sync image of the current epoch,
-    as ``_read_from_in_sync`` picks it), or None."""
-    for im in vol._epoch.reads:
-        if im.state.value == "in-sync" and im.storage is not None:
-            return im.storage
-    return None
-
-
-class _Readahead:
-    """Has the kernel read a copy's source where the copy jumps to next.
-
-    The copy reads one region at a time under its region lock; a read of a region not in the
-    page cache waits for the device, and meanwhile nothing is written. Along a run of
-    contiguous dirty regions the kernel's own readahead reads ahead of those sequential reads
-    (asking for them again only costs CPU); what it cannot guess is the jump to the next run,
-    such as every region of a resync after a few scattered changes. ``advance`` looks at the
-    dirty regions ahead of the copy, up to a window of bytes, and asks the source
-    (``StorageImage.prefetch``, a WILLNEED hint) for the first region of each run in it, so
-    those reads are under way, several at once, while the copy works on what comes before.
-    A hint only: the copy still reads every region under its lock, so what the prefetch read,
-    or when, never decides what is copied."""
-
-    def __init__(self, bm):
-        self.bm = bm
-        self._queue: collections.deque = collections.deque()   # (region, bytes) looked at
-        self._bytes = 0             # bytes in _queue
-        self._next = 0              # the first region not looked at yet
-        self._last = -2             # the last dirty region looked at
-
-    def advance(self, r, source, window):
-        """The copy is about to copy region ``r``: forget the regions behind it and, once less
-        than half of ``window`` bytes lies ahead, look at the dirty regions from ``r`` on up
-        to ``window`` bytes, asking ``source`` (a StorageImage; None: nothing to ask) for the
-        first region of each run of contiguous ones, ``r`` itself included (the kernel's
-        readahead follows the rest of a run)."""
-        q = self._queue
-        while q and q[0][0] < r:
-            self._bytes -= q.popleft()[1]
-        if self._next <= r:              # a jump past what was looked at (or the start)
-            self._next, self._bytes, self._last = r, 0, -2
-            q.clear()
-        if self._bytes >= window // 2:
-            return
-        bm = self.bm
-        for j in bm.dirty_regions(self._next):
-            off, ln = bm.region_range(j)
-            if j != self._last + 1 and source is not None:
-                source.prefetch(off, ln)
-            q.append((j, ln))
-            self._bytes += ln
-            self._next, self._last = j + 1, j
-            if self._bytes >= window:
-                break
-        else:
-            self._next = bm.nregions
-
-
-class _Checkpointer:
-    """Runs a job's progress commits on a thread of their own, one at a time, so the copy goes
-    on while the target is flushed and the state saved (``start``). An exception the commit
-    raised is raised again by the next ``check`` or ``wait``; ``join`` waits and drops it."""
-
-    def __init__(self, name):
-        self.name = name
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def busy(self) -> bool:
-        """True while a commit runs."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self, fn, *args):
-        """Run ``fn(*args)`` on a new thread after the previous commit ended (``wait``)."""
-        self.wait()
-
-        def run():
-            try:
-                fn(*args)
-            except BaseException as e:   # handed to the job's thread
-                self._error = e
-        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
-        self._thread.start()
-
-    def check(self):
-        """Raise the exception of a commit that ended with one (then forget it)."""
-        if self._error is not None and not self.busy():
-            self.wait()
-
-    def wait(self):
-        """Wait for the running commit; raise its exception, if any."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        err, self._error = self._error, None
-        if err is not None:
-            raise err
-
-    def join(self):
-        """Wait for the running commit, dropping its exception (the job is failing anyway)."""
-        try:
-            self.wait()
-        except BaseException:
-            pass
 
 
 class _TargetFailed(LvmirrorError):
@@ -490,11 +314,9 @@ class RestoreJob(_Job):
             while self.bitmap.count():
                 pending = []
                 last_ck = time.monotonic()
-                ahead = _Readahead(self.bitmap)
                 for r in self.bitmap.dirty_regions():
                     if self._cancel.is_set():
                         break
-                    ahead.advance(r, self.img.storage, self._readahead_window())
                     self._throttle(self.bitmap.region_range(r)[1])
                     if self._restore_region(r, buf, commit=False):
                         pending.append(r)

@@ -2,8 +2,7 @@
 
 ``GatedImage`` is a real StorageImage (real files) whose writes/reads can be held at a gate,
 so a test can keep an I/O in flight across a split instant, deterministically, and whose I/O
-can be made to fail with EIO (fault injection). Flushes pass the same gates (op "flush", offset
-and length 0) and can fail alone (``fail_flushes``).
+can be made to fail with EIO (fault injection).
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ class GatedImage(StorageImage):
     gates: list  # per instance
     fail_writes = False
     fail_reads = False
-    fail_flushes = False
 
     def _gate(self, op, off, ln):
         for g in list(getattr(self, "gates", [])):
@@ -68,8 +66,7 @@ class GatedImage(StorageImage):
         return super().readv(offset, bufs, nowait=nowait)
 
     def flush(self):
-        self._gate("flush", 0, 0)
-        if self.fail_writes or self.fail_flushes:
+        if self.fail_writes:
             raise ImageIOError(self, errno.EIO, f"image {self.path}: injected flush error")
         return super().flush()
 
