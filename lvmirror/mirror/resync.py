@@ -248,7 +248,12 @@ class ResyncJob(_Job):
                 except ImageIOError as e:
                     vol._image_error(img, e, off, ln)
                     raise _TargetFailed(str(e)) from e
-                bm.clear_region(r)
+                with vol._meta:
+                    # A flush of the target that failed meanwhile (the flusher's round, an
+                    # initiator's SYNCHRONIZE CACHE) failed the image and marked every
+                    # region: this copy is not vouched for either, its bit stays set.
+                    if img.state.value == "syncing":
+                        bm.clear_region(r)
             finally:
                 vol._leave(ep)
         finally:

@@ -2,7 +2,8 @@
 
 ``GatedImage`` is a real StorageImage (real files) whose writes/reads can be held at a gate,
 so a test can keep an I/O in flight across a split instant, deterministically, and whose I/O
-can be made to fail with EIO (fault injection).
+can be made to fail with EIO (fault injection). Flushes pass the same gates (op "flush", offset
+and length 0) and can fail alone (``fail_flushes``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class GatedImage(StorageImage):
     gates: list  # per instance
     fail_writes = False
     fail_reads = False
+    fail_flushes = False
 
     def _gate(self, op, off, ln):
         for g in list(getattr(self, "gates", [])):
@@ -66,7 +68,8 @@ class GatedImage(StorageImage):
         return super().readv(offset, bufs, nowait=nowait)
 
     def flush(self):
-        if self.fail_writes:
+        self._gate("flush", 0, 0)
+        if self.fail_writes or self.fail_flushes:
             raise ImageIOError(self, errno.EIO, f"image {self.path}: injected flush error")
         return super().flush()
 

@@ -260,3 +260,28 @@ def test_a_bad_saved_rate_resumes_unlimited(tmp_path, caplog):
     assert job.rate_limit is None and job.wait(10) and job.state == "done"
     assert "saved resync_rate -1.0 is not a rate; the job resumes unlimited" in caplog.text
     vol.close()
+
+
+def test_a_copy_ending_after_a_failed_flush_failed_the_image_leaves_its_bit_set(tmp_path):
+    """A flush of the syncing image fails (here an initiator's SYNCHRONIZE CACHE) while a
+    region's copy is being written: the image is failed with every region marked, and the copy
+    that ends afterwards must not clear its region's bit (nothing flushed vouches for it)."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    for lba in range(0, 80, 8):                   # 10 regions
+        write(vol, lba, pattern(1, lba))
+    gate = _copy_gate(3)
+    target = opener.by_path[paths[1]]
+    target.gates.append(gate)
+    job = vol.resync(1)
+    gate.wait_reached()
+    target.fail_flushes = True
+    vol.flush()                                   # image 0 took it: the volume's flush succeeds
+    assert vol.images[1].state is ImageState.FAILED
+    gate.open()
+    assert job.wait(10) and job.state == "failed"
+    assert vol.images[1].dirty_bytes == 1 << 20
+    vol.close()
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
+    assert vol.images[1].state is ImageState.FAILED and vol.images[1].dirty_bytes == 1 << 20
+    vol.close()
