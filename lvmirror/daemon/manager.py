@@ -1,5 +1,6 @@
 """The daemon object: the netlink listener, the D-Bus service, and the routing of LUNs and
-management calls to the host of each volume (its own process by default, see ``volumeproc``)."""
+management calls to the host of each volume (its own process with ``--processes``, see
+``volumeproc``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""lvmirrord with a process per volume (its default): the real child processes
+"""lvmirrord with a process per volume (``--processes``): the real child processes
 (``python -m lvmirror.daemon.volumeproc``) serve rings played by the ring emulator, whose
 descriptors travel to them over the control socket, as a uio device's would be opened there."""
 
