@@ -2,7 +2,7 @@
 # Sourced by lab/guest.sh; runs inside the kernel-lab guest over lab/lib.
 systemd() {  # the packaged lvmirrord.service with systemd as PID 1: installed and started by dpkg,
              # serving under its hardening, restarted after SIGKILL, stopped cleanly, D-Bus-activated
-  local virt container pid pid2 pid3 en owner tcmu d sum0 sum1 n n0 frc rc exposure
+  local virt container pid pid2 pid3 t0 t1 pickup pickup_s ready_s en owner tcmu d sum0 sum1 n n0 frc rc exposure
   virt=$(systemd-detect-virt); container=$(systemd-detect-virt --container)
   systemctl --failed --no-legend --plain > "$OUT/systemd-failed.txt" 2>&1
   [ -n "$UNDER_SYSTEMD" ] && [ "$container" = none ] && [ "$virt" != none ] \
@@ -46,14 +46,21 @@ systemd() {  # the packaged lvmirrord.service with systemd as PID 1: installed a
   #    initiator's I/O resumes and every acknowledged write reads back
   fio_verify_load svc-kill $d 16M 32M
   sleep 3
-  pid=$(unit_prop MainPID); kill -9 $pid
-  pid2=$(wait_active $pid 60)
+  #    (the figures: seconds from the kill to the ring's pickup and to READY=1; the kernel fails
+  #    a command left in the ring after its cmd_time_out)
+  pid=$(unit_prop MainPID); t0=$(date +%s.%N); kill -9 $pid
+  pid2=$(wait_active $pid 60); t1=$(date +%s.%N)
   wait $FIO; frc=$?
   n=$(unit_prop NRestarts)
+  pickup=$(journalctl --no-pager -o short-unix -u lvmirrord.service --since "@${t0%.*}" 2>/dev/null \
+           | awk '/picked up existing LUN/ {print $1; exit}')
+  pickup_s=$([ -n "$pickup" ] && echo "$pickup - $t0" | bc -l | xargs printf '%.1f')
+  ready_s=$(echo "$t1 - $t0" | bc -l | xargs printf '%.1f')
   [ -n "$pid2" ] && [ "$n" = $(( ${n0:-0} + 1 )) ] && [ $frc = 0 ] \
-    && result service_restarted_after_sigkill ok killed=$pid new=$pid2 restarts=$n \
+    && result service_restarted_after_sigkill ok killed=$pid new=$pid2 restarts=$n pickup_s=$pickup_s ready_s=$ready_s \
     || result service_restarted_after_sigkill fail killed=$pid new=$pid2 restarts=$n fio=$frc \
-              err="$(tail -2 $OUT/fio-svc-kill.err)"
+              pickup_s=$pickup_s ready_s=$ready_s err="$(tail -2 $OUT/fio-svc-kill.err)"
+  python3 -X importtime -c "import lvmirror.daemon.main" 2> "$OUT/importtime.txt"
 
   # 4. systemctl stop: SIGTERM drains and closes the volumes; the unit ends with Result=success
   sum0=$(dd if=$d bs=1M count=48 iflag=direct status=none | md5sum)
@@ -76,7 +83,7 @@ systemd() {  # the packaged lvmirrord.service with systemd as PID 1: installed a
     && result service_dbus_activated ok pid=$pid3 \
     || result service_dbus_activated fail rc=$rc pid=$pid3 out="$(head -3 $OUT/svc-activated.txt)" same_data=$([ "$sum0" = "$sum1" ] && echo yes || echo no)
   logout
-  journal -u lvmirrord.service > "$OUT/lvmirrord-journal.log"
+  journalctl --no-pager -o short-monotonic -u lvmirrord.service > "$OUT/lvmirrord-journal.log" 2>&1
   journal -u dbus.service > "$OUT/dbus-journal.log"
 }
 
