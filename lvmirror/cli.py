@@ -85,7 +85,9 @@ def format_status(st: dict) -> str:
             lines.append(f"  image {im['index']}: {im['state']:<8} {im['path']}{extra}")
         for job in v["jobs"]:
             eta = job["eta_seconds"]
-            lines.append(f"  {job['kind']} of image id {job['image_id']}: {job['state']}, "
+            what = job["kind"] if job["image_id"] is None else \
+                f"{job['kind']} of image id {job['image_id']}"
+            lines.append(f"  {what}: {job['state']}, "
                          f"{_human(job['bytes_done'])} / {_human(job['bytes_total'])}, "
                          f"{job['rate']:.1f} MB/s" + (f", ETA {eta:.0f} s" if eta else ""))
         io = v["io"]

@@ -9,7 +9,12 @@ crash() {   # SIGKILL lvmirrord under load, restart it: the initiator recovers, 
   start_daemon && result daemon_restarted ok || result daemon_restarted fail
   wait $FIO; frc=$?
   [ $frc = 0 ] && result sigkill_fio_verify_ok ok || result sigkill_fio_verify_ok fail fio=$frc err="$(tail -3 $OUT/fio-crash.err)"
+  # crash recovery copies the regions the write-intent log marks while the LUN serves; it is
+  # listed with the jobs, so lvmirror wait waits for it
+  lvmirror status > "$OUT/crash-status.txt" 2>&1
+  lvmirror wait vol2 --timeout 300 >> "$OUT/crash-status.txt" 2>&1
   sync; echo 3 > /proc/sys/vm/drop_caches
-  cmp -s /run/scratch/v2a.img /run/scratch/v2b.img && result sigkill_images_agree ok || result sigkill_images_agree fail
+  cmp -s /run/scratch/v2a.img /run/scratch/v2b.img && result sigkill_images_agree ok \
+    || result sigkill_images_agree fail status="$(lvmirror status 2>&1 | grep -A4 'volume vol2')"
 }
 

@@ -146,7 +146,7 @@ class VolumeHost:
     def status(self) -> dict:
         """Everything ``lvmirror status`` shows, as a JSON-able dict: per open volume its size
         (bytes), block and region size, images (index, path, state, split time, changed bytes,
-        error), jobs (resync, restore, backup progress), exported split images, health
+        error), jobs (resync, restore, backup progress, crash recovery's copy), exported split images, health
         (optimal, degraded, offline) and I/O counters; per LUN its uio device, cfgstring,
         error and commands served."""
         volumes = {}
@@ -163,7 +163,9 @@ class VolumeHost:
                                 bitmap_fill=i.bitmap_fill, dirty_bytes=i.dirty_bytes,
                                 error=i.error) for i in volume.images],
                 "jobs": [job.progress() for job in list(volume.jobs.values())] +
-                        [b.progress() for (v, _), b in list(self._backups.items()) if v == name],
+                        [b.progress() for (v, _), b in list(self._backups.items()) if v == name] +
+                        ([volume.recovery.progress()] if volume.recovery is not None
+                         and volume.recovery.state != "done" else []),
                 "exported": self.registry.exports(name),
                 "health": volume.health, "offline": volume.offline,
                 "io": {k: stats[k] for k in ("reads", "writes", "bytes_read", "bytes_written",

@@ -1,85 +1,86 @@
-"""Crash recovery: what ``MirrorVolume.open`` does before serving I/O after an unclean stop.
+"""Crash recovery: what ``MirrorVolume.open`` does after an unclean stop, and what it leaves to
+the volume while it serves.
 
 ``volume.json`` says ``clean_shutdown: false`` while a volume is open. After a crash (a process
 kill, a power cut) only the regions the write-intent log marks may differ between the in-sync
-images: a write may have reached some and not others. ``recover``:
+images: a write may have reached some and not others. Before the volume serves, ``recover``
+merges those regions into the change bitmap of every split / failed / syncing image (their
+bitmaps are saved lazily; the log covers what the lazy copy may have missed) and saves them.
+That is quick: it touches metadata only.
 
-1. merges those regions into the change bitmap of every split / failed / syncing image (their
-   bitmaps are saved lazily; the log covers what the lazy copy may have missed) and saves them;
-2. copies each marked region from the *primary* in-sync image (highest generation, then lowest
-   index) to the other in-sync images, failing an image whose I/O errors as the I/O path would;
-3. behind the durability barrier: flushes every in-sync image - the primary too, whose page
-   cache may hold the newest data after a process kill - and only then saves the bitmaps and
-   the metadata and clears the log.
-
-So no image that may have missed a write is read from, and a power cut during or right after
-recovery finds either the log still set or the images identical.
+The copy is done online, as md resyncs a RAID1 after an unclean shutdown while the array
+serves: the volume marks the log's regions torn (``MirrorVolume._settle_torn``). Until a
+region is copied, every read of it is answered by the same image, the first in-sync one, so
+an initiator never sees two versions of a block; a background thread copies each region from
+that image to the other live images under the region lock and the write-intent log, and a
+checkpoint (which flushes every image, the source too, whose page cache may hold the newest
+data after a process kill) clears the log bits only after the copies are durable. A power cut
+during or after the copy therefore finds either the log still set or the images identical.
+Serving at once matters: the kernel fails a command left in the TCMU ring after its
+``cmd_time_out`` (30 s), and a restarted lvmirrord must answer them before that, however many
+regions a crash left to copy.
 """
 
 from __future__ import annotations
 
-import os
+import time
 
-from lvmirror.errors import ConfigError, ImageIOError
 from lvmirror.mirror.bitmap import RegionBitmap
-from lvmirror.mirror.durability import DurabilityBarrier
-from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.legs import ImageState
 from lvmirror.mirror.metadata import VolumeMetadata
 
-__all__ = ["fail_at_open", "recover"]
+__all__ = ["RecoveryProgress", "fail_at_open", "recover"]
 
 
-def recover(md, vdir, images, wil):
-    """Crash recovery (before any I/O is served): merge the write-intent log into every
-    non-in-sync image's change bitmap and copy its regions from the primary in-sync image to
-    the other in-sync images. Errors fail images as the I/O path would."""
+def recover(md, vdir, images, wil) -> set[int]:
+    """Crash recovery's part before any I/O is served: merge the write-intent log's regions
+    into the change bitmap of every split / failed / syncing image and save those bitmaps (a
+    resync then copies them). Returns the log's regions (indexes of ``md.region_size`` bytes):
+    the ones the in-sync images may disagree on, which the volume copies while it serves
+    (``MirrorVolume`` treats them as torn regions: reads there use one image, the first in
+    sync, until each region is copied from it to the others under its region lock; the log
+    keeps them until a checkpoint has made the copies durable). OSError when a bitmap cannot
+    be saved."""
     dirty = wil.bitmap
     for im in images:
         if im.state is not ImageState.IN_SYNC and im.bitmap is not None:
             im.bitmap.union_update(dirty)
             im.bitmap.save(VolumeMetadata.bitmap_path(vdir, im.rec.id))
-    in_sync = [im for im in images if im.state is ImageState.IN_SYNC]
-    order = sorted(range(len(in_sync)), key=lambda k: (-in_sync[k].rec.generation, k))
-    in_sync = [in_sync[k] for k in order]
-    buf = StorageImage.aligned_buffer(md.region_size)
-    regions = list(dirty.dirty_regions())
-    for r in regions:
-        off, ln = dirty.region_range(r)
-        view = buf[:ln]
-        while True:
-            primary = in_sync[0]
-            try:
-                primary.storage.readv(off, [view])
-                break
-            except ImageIOError as e:
-                if len(in_sync) == 1:
-                    raise ConfigError(f"volume {md.name}: crash recovery cannot read region {r} "
-                                      f"from the last in-sync image: {e}") from e
-                fail_at_open(primary, md, e, all_regions=True)
-                in_sync.pop(0)
-        for im in list(in_sync[1:]):
-            try:
-                im.storage.writev(off, [view])
-            except ImageIOError as e:
-                fail_at_open(im, md, e, all_regions=True)
-                in_sync.remove(im)
-    # The write-intent log is cleared only once the regions it marks are durable on every
-    # in-sync image - the primary included: after a process kill its page cache may still hold
-    # the newest data, and a power cut after the clear must not leave the copies differing.
-    def persist(durable):
-        if not any(im.state is ImageState.IN_SYNC for im in images):
-            raise ConfigError(f"volume {md.name}: crash recovery could not make any in-sync "
-                              f"image durable: " + "; ".join(
-                                  f"{im.rec.path}: {im.rec.error}" for im in in_sync))
-        for im in images:
-            im.sync_rec()
-            if im.bitmap is not None:
-                im.bitmap.save(VolumeMetadata.bitmap_path(vdir, im.rec.id))
-        md.save(os.path.dirname(vdir))
-        wil.clear_all()
-    barrier = DurabilityBarrier(md.name, lambda im, e: fail_at_open(im, md, e, all_regions=True))
-    barrier.commit(in_sync, persist, what="crash recovery")
+    return set(dirty.dirty_regions())
+
+
+class RecoveryProgress:
+    """The online copy's progress, listed with the volume's jobs while it runs (kind
+    ``recovery``, no image: it copies to every live image), so ``lvmirror status`` shows it and
+    ``lvmirror wait`` waits for it. ``regions``: how many the log marked at open;
+    ``region_size``: bytes each; ``left()``: how many are still to copy. ``state``: running,
+    done, stopped (the volume closed first; the log keeps what is left) or failed."""
+
+    kind = "recovery"
+    image_id = None
+
+    def __init__(self, regions: int, region_size: int, left):
+        self.bytes_total = regions * region_size
+        self.region_size = region_size
+        self._left = left
+        self.state = "running"
+        self.error = None
+        self._t0 = time.monotonic()
+        self._t_end = None
+
+    @property
+    def bytes_done(self) -> int:
+        """Bytes of the marked regions copied so far."""
+        return max(self.bytes_total - self._left() * self.region_size, 0)
+
+    def finish(self, state: str, error: str | None = None):
+        """The copy ended: ``state`` done, stopped or failed (``error`` says why)."""
+        self.state, self.error, self._t_end = state, error, time.monotonic()
+
+    def progress(self) -> dict:
+        """``resync.job_progress``'s figures (bytes, MB/s, seconds)."""
+        from lvmirror.mirror.resync import job_progress
+        return job_progress(self)
 
 
 def fail_at_open(im, md, exc, *, all_regions):

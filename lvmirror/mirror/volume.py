@@ -29,8 +29,10 @@ Crash safety
 ------------
 ``volume.json`` says ``clean_shutdown: false`` while open. On the next open after a crash every
 region marked in the write-intent log is (a) merged into each split / failed / syncing image's
-change bitmap and (b) copied from the primary in-sync image to the other in-sync images before
-the volume serves I/O (``recovery.py``), so no image that may have missed a write is read from.
+change bitmap before the volume serves I/O and (b) copied from the first in-sync image to the
+other live images while it serves, as md resyncs after an unclean shutdown: until a region is
+copied every read of it uses that one image (``recovery.py``, ``_settle_torn``), so no image
+that may have missed a write is read from, and a restart answers the ring's commands at once.
 Change bitmaps of split and failed images are saved lazily (``checkpoint``, run by a flusher
 thread and on close): ``checkpoint`` takes a ticket from the log, snapshots the bitmaps,
 fdatasyncs every image, saves the snapshots and only then clears log bits whose last write
@@ -70,7 +72,7 @@ from lvmirror.mirror.jobcontrol import JobControl
 from lvmirror.mirror.legs import (MAX_IMAGES, ImageInfo, ImageState, Leg, SplitInfo, Worker,
                                   check_image_fits)
 from lvmirror.mirror.metadata import VolumeMetadata, valid_volume_name
-from lvmirror.mirror.recovery import recover
+from lvmirror.mirror.recovery import RecoveryProgress, recover
 from lvmirror.mirror.regionlock import RegionLockManager
 from lvmirror.mirror.splitexport import SplitImageVolume
 from lvmirror.mirror.wil import WriteIntentLog
@@ -158,7 +160,10 @@ class MirrorVolume:
     """A mirrored volume; see the module docstring. Use ``create`` or ``open``."""
 
     def __init__(self, md: VolumeMetadata, meta_dir, images: list[Leg], wil: WriteIntentLog,
-                 *, direct, opener, flush_interval, fanout="auto", leg_timeout=None):
+                 *, direct, opener, flush_interval, fanout="auto", leg_timeout=None, torn=()):
+        """Use ``create`` or ``open``. ``torn``: regions (indexes) the in-sync images may
+        disagree on (crash recovery's, ``recovery.recover``): read from one image and copied
+        to the others by a background thread."""
         self._md = md
         self._meta_dir = os.fspath(meta_dir)
         self._vdir = VolumeMetadata.volume_dir(meta_dir, md.name)
@@ -198,9 +203,10 @@ class MirrorVolume:
                            compare_miscompares=0, space_errors=0, metadata_errors=0,
                            offline_events=0, slow_legs=0)
         self._offline: str | None = None    # why no image can serve (see check_ready)
-        # regions a write failed on for lack of space on every image: the images may differ
-        # there (one wrote part of it), so reads use one image until _settle_torn repairs them
-        self._torn: set[int] = set()
+        # regions the images may differ on: a write failed there for lack of space on every
+        # image (one wrote part of it), or a crash left them in the write-intent log; reads use
+        # one image until _settle_torn repairs them
+        self._torn: set[int] = set(torn)
         self._space_logged = -SPACE_LOG_INTERVAL
         for img in images:
             self._start_worker(img)
@@ -215,6 +221,14 @@ class MirrorVolume:
             self._flusher = threading.Thread(target=self._flush_loop, args=(flush_interval,),
                                              name=f"{md.name}-flusher", daemon=True)
             self._flusher.start()
+        self._recovery = None
+        self.recovery: RecoveryProgress | None = None   # crash recovery's online copy
+        if self._torn:
+            self.recovery = RecoveryProgress(len(self._torn), self.region_size,
+                                             lambda: len(self._torn))
+            self._recovery = threading.Thread(target=self._recover_online,
+                                              name=f"{md.name}-recovery", daemon=True)
+            self._recovery.start()
 
     # ==== construction ============================================================================
 
@@ -371,8 +385,9 @@ class MirrorVolume:
                                                         md.region_size)
             if problem == "missing" and not md.clean_shutdown:
                 wil.bitmap.set_all()   # unclean and no log: every region is suspect
+            torn = set()
             if not md.clean_shutdown or (problem and problem != "missing"):
-                recover(md, vdir, images, wil)
+                torn = recover(md, vdir, images, wil)
             md.clean_shutdown = False
             md.generation += 1
             md.save(meta_dir)
@@ -382,7 +397,8 @@ class MirrorVolume:
                     im.storage.close()
             raise
         vol = cls(md, meta_dir, images, wil, direct=direct, opener=opener,
-                  flush_interval=flush_interval, fanout=fanout, leg_timeout=leg_timeout)
+                  flush_interval=flush_interval, fanout=fanout, leg_timeout=leg_timeout,
+                  torn=torn)
         vol.control.resume()
         return vol
 
@@ -817,15 +833,19 @@ class MirrorVolume:
         torn = self._torn
         return any(r in torn for r in range(offset >> rs, ((offset + length - 1) >> rs) + 1))
 
-    def _settle_torn(self) -> int:
+    def _settle_torn(self, stop: threading.Event | None = None) -> int:
         """Copy every torn region (a write that failed for lack of space on every image, which
-        some may hold in part) from the first in-sync image to the other live images, under the
-        region lock and the write-intent log; a region stays torn while a copy still finds no
-        space. Run before each checkpoint. Returns how many regions are still torn."""
+        some may hold in part; a region a crash left in the write-intent log) from the first
+        in-sync image to the other live images, under the region lock and the write-intent
+        log; a region stays torn while a copy still finds no space. Run by the recovery thread
+        after a crash, before each checkpoint, before a split and at close; ``stop``: return
+        early once it is set. Returns how many regions are still torn."""
         with self._elock:
             pending = sorted(self._torn)
         bs = self.block_size
         for r in pending:
+            if stop is not None and stop.is_set():
+                break
             off, ln = self._wil.bitmap.region_range(r)
             lk = self.locks.lock(off // bs, ln // bs)
             try:
@@ -1071,6 +1091,8 @@ class MirrorVolume:
             d["inflight"] = self._epoch.inflight + sum(e.inflight for e in self._retired)
         d["generation"] = self._md.generation
         d["wil_dirty_regions"] = self._wil.bitmap.count()
+        with self._elock:
+            d["torn_regions"] = len(self._torn)
         d["wil_saves"] = self._wil.saves
         d["images"] = [dict(im.storage.stats) if im.storage is not None else None
                        for im in self._images]
@@ -1126,8 +1148,15 @@ class MirrorVolume:
                                  f"image; splitting it would leave no live copy")
             if self.control.restore_job is not None:
                 raise StateError(f"volume {self.name}: a restore is running; split after it ends")
+            # regions the images may differ on (crash recovery still copying, a write that
+            # found no space): copy them first, so the split image holds what reads returned
+            torn = self._settle_torn() if self._torn else 0
             with self._meta:
                 bm = RegionBitmap(self.size, self.region_size)
+                if torn:        # still differing (no space): a resync copies them back
+                    with self._elock:
+                        for r in self._torn:
+                            bm.mark_region(r)
                 img.bitmap = bm
                 img.state = ImageState.SPLIT
                 img.rec.error = None
@@ -1193,6 +1222,31 @@ class MirrorVolume:
         durable we can vouch for; fail it with every region marked."""
         self._image_error(img, exc, 0, 0, all_regions=True)
 
+    def _recover_online(self):
+        """The recovery thread: copy the regions a crash left in the write-intent log while
+        the volume serves (``recovery.py``); the next checkpoint clears their log bits."""
+        n = len(self._torn)
+        t0 = time.monotonic()
+        log.info("volume %s: crash recovery: copying %d region(s) the write-intent log marks "
+                 "while serving; reads there use image %s until then", self.name, n,
+                 next((k for k, im in enumerate(self._images) if im.state is ImageState.IN_SYNC
+                       and im.storage is not None), "-"))
+        try:
+            left = self._settle_torn(self._stop_flusher)
+        except Exception as e:   # keep serving; checkpoints and close retry
+            log.error("volume %s: crash recovery: %s; the regions left are copied at the next "
+                      "checkpoint", self.name, e)
+            self.recovery.finish("failed", str(e))
+            return
+        if self._stop_flusher.is_set():
+            self.recovery.finish("stopped")
+        else:
+            self.recovery.finish("done" if not left else "failed",
+                                 f"{left} region(s) still differ (no space)" if left else None)
+            log.info("volume %s: crash recovery: %d region(s) copied in %.2f s%s", self.name,
+                     n - left, time.monotonic() - t0,
+                     f"; {left} still differ (no space)" if left else "")
+
     def _locked_save_md(self):
         with self._meta:
             self._save_md()
@@ -1250,13 +1304,15 @@ class MirrorVolume:
             self._stop_flusher.set()
             if self._flusher is not None:
                 self._flusher.join()
+            if self._recovery is not None:
+                self._recovery.join()
             with self._econd:
                 self._econd.wait_for(lambda: self._epoch.inflight == 0 and all(
                     e.inflight == 0 for e in self._retired))
             torn = self._settle_torn() if self._torn else 0
             if torn:
-                log.warning("volume %s: closing with %d region(s) where a write found no space "
-                            "on any image and the images may differ; the write-intent log keeps "
+                log.warning("volume %s: closing with %d region(s) the images may differ on "
+                            "(a write found no space on any image); the write-intent log keeps "
                             "them and the next open repairs them", self.name, torn)
 
             def persist(durable):

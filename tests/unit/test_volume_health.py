@@ -310,6 +310,27 @@ def test_a_write_torn_by_a_full_file_system_reads_the_same_and_is_repaired(tmp_p
     vol.close()
 
 
+def test_a_split_copies_torn_regions_first(tmp_path):
+    """A split while the images differ in a region (a torn write; crash recovery still copying
+    is the same case) copies the region first: the split image holds what the volume's reads
+    returned before T, not its own version."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=4096, opener=_MixedOpener())
+    write(vol, 16, pattern(4, 20))
+    vol.checkpoint()
+    for p in paths:
+        opener.by_path[p].full = True
+    with pytest.raises(VolumeIOError):
+        write(vol, 16, pattern(4, 21))         # lands on image 0 only
+    served = read(vol, 16, 4)
+    assert image_bytes(paths[2], 16 * BS, 4 * BS) != served
+    for p in paths:
+        opener.by_path[p].full = False
+    vol.split(2)
+    assert image_bytes(paths[2], 16 * BS, 4 * BS) == served
+    assert vol.stats["torn_regions"] == 0
+    vol.close()
+
+
 def test_torn_regions_left_at_close_are_repaired_at_the_next_open(tmp_path):
     vol, opener, paths = make_volume(tmp_path, 2, region_size=4096, opener=_MixedOpener())
     for p in paths:

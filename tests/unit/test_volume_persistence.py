@@ -10,7 +10,7 @@ from lvmirror.mirror.metadata import VolumeMetadata
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
 from tests.unit.test_volume_helpers import (BS, Gate, Opener, image_bytes, make_volume, pattern,
-                                            run_thread, write)
+                                            read, run_thread, write)
 
 REGION = 4096
 SIZE = 1 << 20
@@ -90,6 +90,7 @@ def test_crash_recovery_repairs_mirrors_and_split_bitmap(tmp_path):
     assert image_bytes(paths[1], 40 * BS, 4 * BS) != pattern(4, 3)
     vol2 = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=Opener(),
                              flush_interval=None)
+    vol2.checkpoint()                     # the recovery copy is done (or done here), durable
     # Live images agree again (the region was copied from the primary).
     assert image_bytes(paths[0]) == image_bytes(paths[1])
     # The split image's bitmap covers the post-split write the lazy copy missed, and the
@@ -102,6 +103,61 @@ def test_crash_recovery_repairs_mirrors_and_split_bitmap(tmp_path):
     assert image_bytes(paths[2]) == image_bytes(paths[0])
     gate.open()
     t.join(10)
+    vol2.close()
+
+
+class _GatingOpener(Opener):
+    """An Opener whose images carry their gates from the moment they are opened."""
+
+    def __init__(self, gates):
+        super().__init__()
+        self.gates = gates                # path -> [Gate]
+
+    def __call__(self, path, *, direct=False):
+        img = super().__call__(path, direct=direct)
+        img.gates = list(self.gates.get(str(path), []))
+        return img
+
+
+def test_crash_recovery_serves_while_it_copies(tmp_path):
+    """After a crash the volume serves before the regions the write-intent log marks are
+    copied (a restarted lvmirrord must answer the ring within the kernel's cmd_time_out): reads
+    of a region still to copy always come from the first in-sync image, other regions are read
+    and written as usual, and the log keeps the regions until a checkpoint after the copy."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    write(vol, 0, pattern(256, 1))
+    vol.checkpoint()
+    write(vol, 40, pattern(4, 2))         # regions 5 and 12: marked in the log, no checkpoint
+    write(vol, 100, pattern(4, 3))
+    # "crash": the instance is abandoned; image 1 lacks both writes (as if neither reached it)
+    with open(paths[1], "r+b") as f:
+        for lba, seed in ((40, 1), (100, 1)):
+            f.seek(lba * BS)
+            f.write(bytes(pattern(256, seed))[lba * BS:(lba + 4) * BS])
+    assert image_bytes(paths[0], 100 * BS, 4 * BS) != image_bytes(paths[1], 100 * BS, 4 * BS)
+    first, second = (40 * BS) // REGION, (100 * BS) // REGION
+    held = Gate(lambda op, off, ln: op == "write" and off == first * REGION)
+    vol2 = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"),
+                             opener=_GatingOpener({paths[1]: [held]}), flush_interval=None)
+    held.wait_reached()                   # the copy of the first region is under way, held
+    assert vol2.stats["torn_regions"] == 2
+    job = vol2.recovery.progress()        # listed with the jobs: lvmirror wait waits for it
+    assert (job["kind"], job["state"], job["bytes_total"]) == ("recovery", "running", 2 * REGION)
+    for _ in range(4):                    # the second region is still to copy: image 0 answers
+        assert read(vol2, 100, 4) == bytes(pattern(4, 3))
+    write(vol2, 200, pattern(2, 9))       # an untouched region: served as usual
+    assert read(vol2, 200, 2) == bytes(pattern(2, 9))
+    assert {first, second} <= set(_wil_on_disk(tmp_path).dirty_regions())
+    held.open()
+    vol2.checkpoint()                     # the copies are done and durable, then the log clears
+    assert vol2.stats["torn_regions"] == 0
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol2.checkpoint()
+    assert not {first, second} & set(_wil_on_disk(tmp_path).dirty_regions())
+    vol2._recovery.join(10)
+    job = vol2.recovery.progress()
+    assert (job["state"], job["bytes_done"]) == ("done", 2 * REGION)
+    assert read(vol2, 40, 4) == bytes(pattern(4, 2))
     vol2.close()
 
 
