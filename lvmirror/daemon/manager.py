@@ -10,7 +10,7 @@ import threading
 
 from lvmirror import __version__, cfgstring, sdnotify
 from lvmirror.errors import ConfigError, LvmirrorError
-from lvmirror.tcmu import netlink, uio
+from lvmirror.tcmu import uio
 from lvmirror.daemon.host import BackupProgress, VolumeHost
 from lvmirror.daemon.lunserver import SUBTYPE
 
@@ -108,6 +108,26 @@ class Lvmirrord:
                 raise
             self._lun_hosts[device.uio_name] = host
             return info
+
+    def _pick_up(self):
+        """Serve every user:lvmirror device the kernel has that is not served yet (``pickup``:
+        block, reset the ring, open, unblock); stop serving the ones that are gone."""
+        found = uio.find_devices(SUBTYPE, sysfs_root=self.sysfs_root,
+                                 configfs_root=self.configfs_root)
+        with self._lock:
+            for device in found:
+                if device.uio_name in self._lun_hosts:
+                    continue
+                try:
+                    self.add_lun(device, pickup=True)
+                    log.info("picked up existing LUN %s (%s)", device.dev_name, device.uio_name)
+                except (OSError, LvmirrorError) as exc:
+                    log.error("cannot pick up %s (%s): %s", device.dev_name, device.uio_name,
+                              exc)
+            names = {device.uio_name for device in found}
+            for uio_name in [n for n in self._lun_hosts if n not in names]:
+                log.info("LUN on %s is gone", uio_name)
+                self.remove_lun(uio_name)
 
     def _drop_if_idle(self, host):
         """Stop a volume process that serves no LUN any more (call with ``_lock`` held)."""
@@ -274,6 +294,7 @@ class Lvmirrord:
 
     # -- netlink events ------------------------------------------------------------------------
     def _on_event(self, event):
+        from lvmirror.tcmu import netlink
         if event.subtype is not None and event.subtype != SUBTYPE:
             return                      # another handler's device: tcmu-runner answers for it
         uio_name = f"uio{event.minor}"
@@ -307,22 +328,25 @@ class Lvmirrord:
 
     # -- run -----------------------------------------------------------------------------------
     def start(self):
-        """Listen to TCMU netlink events, pick up the user:lvmirror devices that already exist,
-        and start the D-Bus service (unless ``with_bus`` is False)."""
+        """Pick up the user:lvmirror devices that already exist, listen to TCMU netlink events,
+        look again for devices that came or went meanwhile, and start the D-Bus service
+        (unless ``with_bus`` is False).
+
+        The rings come first: after a crash the kernel holds the commands the last handler
+        left in them and fails each one ``cmd_time_out`` (30 s) after it was queued, so a
+        restarted lvmirrord answers them before it imports pyroute2 (its package imports every
+        plugin it has: about 11 s of a 17 s start under the lab's software emulation) and
+        dbus-python. A volume's crash recovery runs while it serves (``mirror/recovery.py``)."""
         os.makedirs(self.state_dir, exist_ok=True)
         if self.processes and self._zygote is None:
             # before any thread of ours runs: the zygote is forked from a one-thread process
             from lvmirror.daemon.volumeproc import Zygote
             self._zygote = Zygote()
+        self._pick_up()
+        from lvmirror.tcmu import netlink
         self._netlink = netlink.TcmuNetlink()
         self._netlink.start(self._on_event)
-        for device in uio.find_devices(SUBTYPE, sysfs_root=self.sysfs_root,
-                                       configfs_root=self.configfs_root):
-            try:
-                self.add_lun(device, pickup=True)
-                log.info("picked up existing LUN %s (%s)", device.dev_name, device.uio_name)
-            except (OSError, LvmirrorError) as exc:
-                log.error("cannot pick up %s (%s): %s", device.dev_name, device.uio_name, exc)
+        self._pick_up()
         if self.with_bus:
             try:
                 from lvmirror.bus import BusService
