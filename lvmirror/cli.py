@@ -47,10 +47,34 @@ def rate(text: str) -> float:
     return value
 
 
-def _manager():
+# seconds the CLI waits for a lvmirrord that D-Bus activation is starting (the bus itself
+# gives up after its service_start_timeout, 25 s on the system bus, while systemd goes on
+# starting the unit: a start picks up every LUN first, which under load takes longer)
+ACTIVATION_WAIT = 120.0
+_STARTING = ("org.freedesktop.DBus.Error.TimedOut", "org.freedesktop.DBus.Error.NoReply")
+
+
+def _manager(wait: float = ACTIVATION_WAIT):
+    """lvmirrord's Manager interface on the system bus. When lvmirrord is not running, start it
+    (D-Bus activation) and wait up to ``wait`` seconds for it to own its name, however long the
+    bus's own activation timeout is. dbus.DBusException when it cannot be started
+    (ServiceUnknown: not installed) or has not come up in time."""
     import dbus
     from lvmirror.bus.service import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
     bus = dbus.SystemBus()
+    if not bus.name_has_owner(BUS_NAME):
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                bus.start_service_by_name(BUS_NAME)
+                break
+            except dbus.DBusException as exc:
+                if exc.get_dbus_name() not in _STARTING or time.monotonic() >= deadline:
+                    raise
+            while not bus.name_has_owner(BUS_NAME) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if bus.name_has_owner(BUS_NAME):
+                break
     return dbus.Interface(bus.get_object(BUS_NAME, MANAGER_PATH), MANAGER_IFACE)
 
 

@@ -22,6 +22,10 @@ pytestmark = pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="nee
 
 @pytest.fixture
 def system_bus(tmp_path):
+    yield from _private_bus(tmp_path)
+
+
+def _private_bus(tmp_path, extra=""):
     # the socket lives where an unprivileged test client can reach it (tmp_path is 0700)
     sockdir = tempfile.mkdtemp(prefix="lvmirror-bus-", dir="/tmp")
     os.chmod(sockdir, 0o755)
@@ -49,6 +53,7 @@ def system_bus(tmp_path):
            send_interface="org.freedesktop.DBus.Introspectable"/>
   </policy>
   <include>{POLICY}</include>
+  {extra}
 </busconfig>
 """)
     proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork",
@@ -139,6 +144,43 @@ def test_unprivileged_caller_reads_but_cannot_change(daemon):
     assert r.returncode == 1
     assert "denied" in r.stderr.lower() or "rejected" in r.stderr.lower()
     assert vol.images[1].state.value == "in-sync"
+
+
+ACTIVATED = """
+import sys, time
+from lvmirror.daemon import Lvmirrord
+from lvmirror.bus import BusService
+time.sleep(float(sys.argv[3]))          # a slow start (imports under emulation, a recovery)
+BusService(Lvmirrord(state_dir=sys.argv[2], with_bus=False), bus_address=sys.argv[1]).start()
+time.sleep(60)
+"""
+
+
+def test_cli_waits_for_a_start_slower_than_the_bus_activation_timeout(tmp_path):
+    """D-Bus activation of a lvmirrord that takes longer to own its name than the bus waits
+    (service_start_timeout, 25 s on the system bus; 1 s here): the CLI waits for the start
+    instead of calling lvmirrord unreachable."""
+    services = tmp_path / "services"
+    services.mkdir()
+    gen = _private_bus(tmp_path, f"<servicedir>{services}</servicedir>"
+                                 '<limit name="service_start_timeout">1000</limit>')
+    address = next(gen)
+    script = tmp_path / "activated.py"
+    script.write_text(ACTIVATED)
+    (services / "org.lvmirror1.service").write_text(
+        "[D-BUS Service]\nName=org.lvmirror1\n"
+        # as under systemd, the start goes on when the bus gives up (dbus-daemon kills a
+        # process it spawned itself; systemd's start is not its to kill)
+        f"Exec=/bin/sh -c 'PYTHONPATH={ROOT} setsid {sys.executable} {script} {address} "
+        f"{tmp_path / 'state'} 3 & sleep 30'\n")
+    try:
+        r = cli(address, "--json", "status")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["volumes"] == {}
+    finally:
+        subprocess.run(["pkill", "-f", str(script)])
+        for _ in gen:
+            pass
 
 
 def test_cli_without_daemon_says_unreachable(system_bus):
