@@ -45,7 +45,6 @@ import sys
 import threading
 import time
 
-from lvmirror import errors
 from lvmirror.errors import LvmirrorError, StateError
 
 log = logging.getLogger("lvmirrord")
@@ -99,17 +98,33 @@ def recv_msg(sock: socket.socket):
 
 
 def _encode_error(exc: BaseException):
-    """An exception as (module, class name, args) for the other side to raise again."""
+    """An exception as (module, class name, args) for the other side to raise again
+    (``_decode_error``); every part pickles. ``args`` is (message,), except for an OSError:
+    (errno, strerror[, filename]) when it has an errno, else (message,). An OSError keeps its
+    builtin subclass (TimeoutError, FileNotFoundError...); one of another module's subclass
+    (ssl.SSLError...) becomes a plain OSError with its errno and message."""
     cls = type(exc)
     if isinstance(exc, OSError):
-        return ("builtins", "OSError", (exc.errno, exc.strerror or str(exc)))
+        name = cls.__name__ if cls.__module__ == "builtins" else "OSError"
+        if exc.errno is None:          # TimeoutError("...") of a region lock: no "[Errno None]"
+            return ("builtins", name, (str(exc),))
+        args = (exc.errno, exc.strerror or str(exc))
+        if isinstance(exc.filename, (str, bytes)):
+            args += (exc.filename,)
+        return ("builtins", name, args)
     return (cls.__module__, cls.__qualname__, (str(exc),))
 
 
 def _decode_error(module, name, args) -> Exception:
-    """The exception ``_encode_error`` described: lvmirror's own errors and the builtin ones
-    keep their class (ConfigError stays ConfigError for the D-Bus error name); anything else
-    becomes an LvmirrorError naming the original class."""
+    """The exception ``_encode_error`` described, to raise in lvmirrord as the child raised
+    it: the builtin exceptions and lvmirror's own (any LvmirrorError subclass of an
+    ``lvmirror`` module this process has imported: ``lvmirror.errors``'s, ``LockCancelled`` of
+    ``lvmirror.mirror.regionlock``...) keep their class, so what handles them does not depend on
+    the process that raised them (``except ConfigError`` and an OSError's errno choosing a
+    netlink reply's status, a D-Bus reply's message: an LvmirrorError's alone, another error's
+    after its class name). Anything else (another module's class, or an LvmirrorError whose
+    constructor takes other arguments, such as ImageIOError) becomes an LvmirrorError whose
+    message starts with the original class's name."""
     if module == "builtins":
         cls = getattr(sys.modules["builtins"], name, None)
         if isinstance(cls, type) and issubclass(cls, Exception):
@@ -117,8 +132,8 @@ def _decode_error(module, name, args) -> Exception:
                 return cls(*args)
             except Exception:
                 pass
-    if module == errors.__name__:
-        cls = getattr(errors, name, None)
+    elif module == "lvmirror" or module.startswith("lvmirror."):
+        cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and issubclass(cls, LvmirrorError):
             try:
                 return cls(*args)

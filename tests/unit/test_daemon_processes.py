@@ -2,18 +2,23 @@
 (``python -m lvmirror.daemon.volumeproc``) serve rings played by the ring emulator, whose
 descriptors travel to them over the control socket, as a uio device's would be opened there."""
 
+import errno
+import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from lvmirror.daemon import Lvmirrord
-from lvmirror.daemon.volumeproc import Zygote
-from lvmirror.errors import ConfigError, StateError
+from lvmirror.daemon.volumeproc import Zygote, _decode_error, _encode_error
+from lvmirror.errors import ConfigError, ImageIOError, LvmirrorError, StateError
+from lvmirror.mirror.regionlock import LockCancelled
 from lvmirror.scsi import parse_sense
 from lvmirror.tcmu import uio
 from lvmirror.tcmu.emulator import RingEmulator
@@ -270,3 +275,56 @@ def test_many_laps_of_a_small_ring_at_queue_depth_16(gw, tmp_path):
     assert all(c.status == 0 for c in emu.completions.values())
     lun = gw.status()["luns"][0]
     assert lun["commands"] == total and lun["error"] is None
+
+
+@pytest.mark.parametrize("exc", [
+    TimeoutError("region lock 'v': exclusive [0, +8) not granted within 0.2 s"),
+    TimeoutError(errno.ETIMEDOUT, "Connection timed out"),
+    FileNotFoundError(errno.ENOENT, "No such file or directory", "/no/such/image"),
+    ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+    OSError(errno.EIO, "Input/output error"),
+    ValueError("lock range count must be >= 1, got 0"),
+    LockCancelled("region lock 'v' [0, +8) for owner ('bus', ':1.9') cancelled: owner released"),
+    ConfigError("no volume 'x' is open"),
+    StateError("image 2 is split"),
+], ids=lambda e: type(e).__name__)
+def test_an_error_keeps_its_class_and_message_across_the_process_boundary(exc):
+    got = _decode_error(*pickle.loads(pickle.dumps(_encode_error(exc))))
+    assert type(got) is type(exc)
+    assert str(got) == str(exc)
+    if isinstance(exc, OSError):
+        assert (got.errno, got.strerror, got.filename) == (exc.errno, exc.strerror, exc.filename)
+
+
+@pytest.mark.parametrize("exc", [json.JSONDecodeError("Expecting value", "x", 0),
+                                 ImageIOError(1, errno.EIO, "image 1: read failed")],
+                         ids=lambda e: type(e).__name__)
+def test_an_error_that_cannot_keep_its_class_becomes_an_lvmirror_error_naming_it(exc):
+    got = _decode_error(*pickle.loads(pickle.dumps(_encode_error(exc))))
+    assert type(got) is LvmirrorError
+    assert str(got) == f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_region_lock_timeouts_and_cancels_keep_their_class(gw, tmp_path):
+    """A lock_region that times out raises TimeoutError, one whose owner leaves the bus while
+    it waits LockCancelled, in lvmirrord as in the volume's process."""
+    imgs = [str(tmp_path / f"t{k}") for k in range(2)]
+    gw.add(f"vt;images={'+'.join(imgs)}")
+    gw.lock_region("vt", 0, 8, owner=("bus", ":1.1"))
+    with pytest.raises(TimeoutError, match=r"not granted within 0.2 s"):
+        gw.lock_region("vt", 0, 8, timeout=0.2, owner=("bus", ":1.2"))
+    got = []
+
+    def wait_for_lock():
+        try:
+            gw.lock_region("vt", 4, 8, owner=("bus", ":1.3"))
+        except Exception as exc:
+            got.append(exc)
+    t = threading.Thread(target=wait_for_lock)
+    t.start()
+    wait_for(lambda: gw.list_locks("vt")["waiters"], what="the request waiting")
+    gw.release_owner(("bus", ":1.3"))
+    t.join(30)
+    assert not t.is_alive()
+    assert len(got) == 1 and type(got[0]) is LockCancelled, got
