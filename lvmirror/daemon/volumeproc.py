@@ -219,15 +219,22 @@ class VolumeProcess:
         return self._proc.pid if self._proc is not None else None
 
     def start(self):
-        """Start the child process (forked by the zygote, or ``python -m
-        lvmirror.daemon.volumeproc``). OSError when it cannot be started."""
+        """Start the child process: forked by the zygote, or, without one or once it is gone
+        (the zygote logs that once), ``python -m lvmirror.daemon.volumeproc``. OSError when it
+        cannot be started (the zygote alive but unable to fork: ECHILD)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if self.zygote is not None:
-                proc = _ForkedChild(self.zygote.spawn(child.fileno(), self.state_dir,
-                                                      workers=self.workers,
-                                                      inline_reads=self.inline_reads))
-            else:
+            proc = None
+            zygote = self.zygote
+            if zygote is not None and zygote.alive:
+                try:
+                    proc = _ForkedChild(zygote.spawn(child.fileno(), self.state_dir,
+                                                     workers=self.workers,
+                                                     inline_reads=self.inline_reads))
+                except OSError:
+                    if zygote.alive:
+                        raise
+            if proc is None:
                 proc = _spawner.popen(self._argv(child.fileno()), pass_fds=(child.fileno(),),
                                       env=self._env(), stdin=subprocess.DEVNULL)
         except BaseException:
@@ -392,6 +399,15 @@ class VolumeProcess:
             proc.wait()
 
 
+def _pid_gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (it is a zombie, or not there at all)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 class _ForkedChild:
     """A volume process forked by the zygote (not lvmirrord's child: the zygote reaps it), with
     the part of ``subprocess.Popen`` VolumeProcess uses."""
@@ -400,11 +416,7 @@ class _ForkedChild:
         self.pid = pid
 
     def _gone(self) -> bool:
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-        except (FileNotFoundError, ProcessLookupError):
-            return True
+        return _pid_gone(self.pid)
 
     def wait(self, timeout: float | None = None):
         """Wait until the process has ended (its descriptors, the uio device's among them,
@@ -555,7 +567,9 @@ class Zygote:
 
     Forking lvmirrord itself once its netlink and D-Bus threads run would copy locks those
     threads may hold; the zygote has one thread. It dies with lvmirrord, its children die with
-    it (PR_SET_PDEATHSIG both), and it reaps them itself (SIGCHLD ignored)."""
+    it (PR_SET_PDEATHSIG both), and it reaps them itself (SIGCHLD ignored). Should it die
+    anyway (killed, out of memory), ``alive`` turns False, ``spawn`` raises OSError (ECHILD),
+    and ``VolumeProcess.start`` starts new Python processes instead."""
 
     def __init__(self):
         """Fork the zygote now (call with one thread running). OSError if fork fails."""
@@ -573,23 +587,52 @@ class Zygote:
         zygote_end.close()
         self.pid = pid
         self._sock = parent_end
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()           # one spawn at a time on the socket
+        self._dead_lock = threading.Lock()
+        self._dead = False                      # gone (found dead, or closed)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the zygote can still fork volume processes: False once it was found dead
+        (a spawn failed on its socket, or its process has ended) or closed."""
+        if not self._dead and _pid_gone(self.pid):
+            self._mark_dead("its process has ended")
+        return not self._dead
+
+    def _mark_dead(self, why: str):
+        """The zygote is gone: say so once (volume processes start the slow way from now)."""
+        with self._dead_lock:
+            if self._dead:
+                return
+            self._dead = True
+        log.error("the zygote process %d is gone (%s): volume processes are started as new "
+                  "Python processes from now on, which takes seconds instead of milliseconds",
+                  self.pid, why)
 
     def spawn(self, sock_fd: int, state_dir: str, *, workers: int, inline_reads: bool) -> int:
         """Fork a volume process serving the socket ``sock_fd`` (passed by SCM_RIGHTS); returns
-        its pid. OSError (ECHILD) when the zygote is gone or could not fork."""
+        its pid. OSError (ECHILD) when the zygote is gone (``alive`` is False from then on) or
+        could not fork."""
         with self._lock:
+            if self._dead:
+                raise OSError(errno.ECHILD, "the zygote process is gone")
             try:
                 send_msg(self._sock, (state_dir, workers, inline_reads), [sock_fd])
                 (ok, value), _ = recv_msg(self._sock)
-            except EOFError:
+            except (EOFError, OSError) as exc:
+                self._mark_dead(f"its socket: {exc}")
                 raise OSError(errno.ECHILD, "the zygote process is gone") from None
         if not ok:
             raise OSError(errno.ECHILD, f"the zygote could not fork: {value}")
         return value
 
     def close(self):
-        """End the zygote (its children are not affected until they are told to stop)."""
+        """End the zygote: it sees its socket close and exits, and the kernel then SIGKILLs
+        every volume process it forked that still runs (their ``PR_SET_PDEATHSIG`` names the
+        zygote), so stop those first. The zygote is this process's child: reap it
+        (``os.waitpid(zygote.pid, 0)``). ``alive`` is False after."""
+        with self._dead_lock:
+            self._dead = True
         self._sock.close()
 
 

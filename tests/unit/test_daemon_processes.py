@@ -16,7 +16,7 @@ import time
 import pytest
 
 from lvmirror.daemon import Lvmirrord
-from lvmirror.daemon.volumeproc import Zygote, _decode_error, _encode_error
+from lvmirror.daemon.volumeproc import VolumeProcess, Zygote, _decode_error, _encode_error
 from lvmirror.errors import ConfigError, ImageIOError, LvmirrorError, StateError
 from lvmirror.mirror.regionlock import LockCancelled
 from lvmirror.scsi import parse_sense
@@ -328,3 +328,38 @@ def test_region_lock_timeouts_and_cancels_keep_their_class(gw, tmp_path):
     t.join(30)
     assert not t.is_alive()
     assert len(got) == 1 and type(got[0]) is LockCancelled, got
+
+
+def test_a_dead_zygote_leaves_volume_processes_to_start_as_new_pythons(tmp_path, monkeypatch,
+                                                                        caplog):
+    """A zygote that died (its children die with it) fails its spawns with ECHILD; the volume
+    processes are started the slow way from then on, and that is logged once."""
+    monkeypatch.setenv("PYTHONPATH", ROOT)
+    z = Zygote()
+    os.kill(z.pid, signal.SIGKILL)
+    os.waitpid(z.pid, 0)
+    a, b = socket.socketpair()
+    with caplog.at_level("ERROR", logger="lvmirrord"):
+        try:
+            for _ in range(2):
+                with pytest.raises(OSError) as ei:
+                    z.spawn(b.fileno(), str(tmp_path), workers=1, inline_reads=True)
+                assert ei.value.errno == errno.ECHILD
+            assert not z.alive
+        finally:
+            a.close()
+            b.close()
+        vps = []
+        try:
+            for k in range(2):
+                vp = VolumeProcess(f"v{k}", state_dir=str(tmp_path / "state"), zygote=z)
+                vp.start()
+                vps.append(vp)
+                assert isinstance(vp._proc, subprocess.Popen)     # python -m ...volumeproc
+                assert vp.call("volume_names") == []
+        finally:
+            for vp in vps:
+                vp.stop()
+            z.close()
+    gone = [r for r in caplog.records if "zygote" in r.getMessage()]
+    assert len(gone) == 1 and "gone" in gone[0].getMessage()
