@@ -335,7 +335,9 @@ class Lvmirrord:
 
     def stop(self):
         """Stop the D-Bus service and the netlink listener, then every LUN (each drains and
-        completes its in-flight commands and closes its volume cleanly)."""
+        completes its in-flight commands and closes its volume cleanly) and every volume
+        process. A LUN or volume process that fails to stop (e.g. its process is being
+        restarted) is logged and the others are still stopped; raises nothing of theirs."""
         sdnotify.notify("STOPPING=1")
         if self._bus is not None:
             self._bus.stop()
@@ -344,7 +346,19 @@ class Lvmirrord:
         with self._lock:
             uio_names = list(self._lun_hosts)
         for uio_name in uio_names:
-            self.remove_lun(uio_name)
+            try:
+                self.remove_lun(uio_name)
+            except Exception as exc:
+                log.error("stopping LUN %s: %s", uio_name, exc,
+                          exc_info=not isinstance(exc, (LvmirrorError, OSError)))
+        with self._lock:
+            hosts, self._hosts = list(self._hosts.values()), {}
+        for host in hosts:              # processes left serving nothing, or whose LUN failed
+            try:
+                host.stop()
+            except Exception as exc:
+                log.error("stopping the process of volume %s: %s", host.key, exc,
+                          exc_info=not isinstance(exc, (LvmirrorError, OSError)))
         if self._zygote is not None:
             self._zygote.close()
 

@@ -180,6 +180,11 @@ class _Spawner:
 _spawner = _Spawner()
 
 
+class _ChildGone(StateError):
+    """No child answers the call: none runs (a restart is pending, or the process was stopped),
+    or it ended before answering. Raised in lvmirrord only, never sent over the socket."""
+
+
 class VolumeProcess:
     """lvmirrord's handle on the child process serving one volume's LUNs.
 
@@ -187,7 +192,12 @@ class VolumeProcess:
     ``status``, the management calls, ``stop``); each call is sent to the child and waits for
     its answer, several at a time (a D-Bus caller waiting for a region lock does not hold up
     ``status``). Errors raised in the child are raised here with their class
-    (``_decode_error``). StateError when the child is gone (it is being restarted)."""
+    (``_decode_error``). StateError when the child is gone (it is being restarted, or was
+    stopped).
+
+    A child that ends unasked is restarted (``_restart``, from its reader thread); ``stop``
+    ends that too: it interrupts the restart's backoff, and a child started meanwhile is
+    stopped."""
 
     def __init__(self, key: str, *, state_dir: str, workers: int = 4, inline_reads: bool = True,
                  log_level: str = "info", zygote: Zygote | None = None):
@@ -212,6 +222,8 @@ class VolumeProcess:
         self._state_lock = threading.Lock()
         self._stopping = False
         self._ready = threading.Event()        # a child is running and answers
+        self._restarter = None                 # the thread running _restart, if one does
+        self._wake = threading.Event()         # set by stop(): ends a restart's backoff
 
     @property
     def pid(self) -> int | None:
@@ -269,31 +281,44 @@ class VolumeProcess:
         return argv
 
     def _run(self, proc, parent):
-        self._proc, self._sock = proc, parent
-        self._started = time.monotonic()
-        self._ready.set()
+        with self._state_lock:
+            self._proc, self._sock = proc, parent
+            self._started = time.monotonic()
+            self._ready.set()
         threading.Thread(target=self._reader, args=(proc, parent),
                          name=f"volproc-{self.key}", daemon=True).start()
         log.info("volume %s: served by process %d", self.key, proc.pid)
 
     def call(self, method: str, *args, fds=(), **kwargs):
         """Run ``VolumeHost.<method>(*args, **kwargs)`` in the child and return its result
-        (raising what it raised). StateError when the child is not running."""
-        if not self._ready.is_set():
-            raise StateError(f"the process serving volume {self.key} is restarting; try again")
-        call_id = next(self._ids)
+        (raising what it raised). StateError when no child is running (it is being restarted,
+        or was stopped) or it ends before answering."""
+        return self._call(method, args, kwargs, fds)
+
+    def _call(self, method, args=(), kwargs=None, fds=(), *, wait=None):
+        """``call``, waiting at most ``wait`` seconds (None: as long as it takes) for the
+        answer: StateError after that."""
         slot = [threading.Event(), False, None]
-        sock = self._sock
-        with self._state_lock:
+        call_id = next(self._ids)
+        with self._state_lock:       # the child the slot is failed for if it ends is this one
+            if not self._ready.is_set():
+                raise _ChildGone(f"the process serving volume {self.key} " + (
+                    "was stopped" if self._stopping else "is restarting; try again"))
+            sock = self._sock
             self._pending[call_id] = slot
         try:
             with self._send_lock:
-                send_msg(sock, ("call", call_id, method, args, kwargs), fds)
+                send_msg(sock, ("call", call_id, method, args, kwargs or {}), fds)
         except OSError:
             with self._state_lock:
                 self._pending.pop(call_id, None)
-            raise StateError(f"the process serving volume {self.key} is gone") from None
-        slot[0].wait()
+            raise _ChildGone(f"the process serving volume {self.key} is gone") from None
+        if not slot[0].wait(wait):
+            with self._state_lock:
+                mine = self._pending.pop(call_id, None)
+            if mine is not None:      # else the answer came meanwhile: it is being set
+                raise StateError(f"the process serving volume {self.key} does not answer")
+            slot[0].wait()
         if slot[1]:
             return slot[2]
         raise slot[2]
@@ -310,38 +335,49 @@ class VolumeProcess:
             if slot is not None:
                 slot[1], slot[2] = ok, value if ok else _decode_error(*value)
                 slot[0].set()
-        self._ready.clear()
-        sock.close()
-        rc = proc.wait()
+        me = threading.current_thread()
         with self._state_lock:
+            self._ready.clear()
             pending, self._pending = self._pending, {}
-            stopping = self._stopping
+            restart = not self._stopping
+            if restart:
+                self._restarter = me
         for slot in pending.values():
-            slot[1], slot[2] = False, StateError(
+            slot[1], slot[2] = False, _ChildGone(
                 f"the process serving volume {self.key} ended")
             slot[0].set()
-        if stopping:
+        sock.close()
+        rc = proc.wait()
+        if not restart:
             return
         how = "status unknown" if rc is None else \
             f"signal {-rc}" if rc < 0 else f"exit status {rc}"
         log.error("volume %s: its process %d ended (%s); starting a new one, which picks up "
                   "its %d LUN(s)", self.key, proc.pid, how, len(self._devices))
-        self._restart()
+        try:
+            self._restart()
+        finally:
+            with self._state_lock:
+                if self._restarter is me:
+                    self._restarter = None
 
     def _restart(self):
         """Start a new child and give it the devices (pickup). The first restart is at once;
         a child that ends within ``RESTART_BACKOFF[1]`` seconds of its start doubles the delay
-        before the next one (from ``RESTART_BACKOFF[0]`` up to ``RESTART_BACKOFF[1]``)."""
+        before the next one (from ``RESTART_BACKOFF[0]`` up to ``RESTART_BACKOFF[1]``). A
+        ``stop`` ends the wait at once and no child is started; a child started while ``stop``
+        came is stopped."""
         lived = time.monotonic() - self._started
         if self.restarts == 0 or lived > RESTART_BACKOFF[1]:
             self._delay = 0.0
         else:
             self._delay = min(max(self._delay * 2, RESTART_BACKOFF[0]), RESTART_BACKOFF[1])
         while True:
+            if self._wake.wait(self._delay):
+                return                          # stop() came during the backoff
             with self._state_lock:
                 if self._stopping:
                     return
-            time.sleep(self._delay)
             self.restarts += 1
             try:
                 self.start()
@@ -349,9 +385,16 @@ class VolumeProcess:
             except OSError as exc:
                 log.error("volume %s: restarting its process failed: %s", self.key, exc)
                 self._delay = min(max(self._delay * 2, RESTART_BACKOFF[0]), RESTART_BACKOFF[1])
+        with self._state_lock:
+            stopping = self._stopping
+        if stopping:                            # stop() came while the child started
+            self._stop_child(STOP_TIMEOUT)
+            return
         # a device the new child cannot open is logged and left, as at lvmirrord's start; if
         # the child itself dies meanwhile, its reader thread restarts it again
         for device, handle in list(self._devices.values()):
+            if self._stopping:
+                break
             try:
                 self._add(device, pickup=True, handle=handle)
             except (OSError, LvmirrorError) as exc:
@@ -379,17 +422,31 @@ class VolumeProcess:
         return bool(self._devices)
 
     def stop(self, timeout: float = STOP_TIMEOUT):
-        """Stop every LUN of the child (each drains and completes its in-flight commands), then
-        the child; SIGKILL if it has not ended after ``timeout`` seconds."""
+        """Stop for good, whatever the state: a pending restart starts no child (its backoff
+        ends at once); a running child stops every LUN (each drains and completes its in-flight
+        commands) and ends, SIGKILLed if it has not ended ``timeout`` seconds after it answered
+        (the drain itself has no time limit). A restart starting a child as ``stop`` comes is
+        waited for up to ``timeout`` seconds; the child it started is stopped the same way.
+        Returns at once when no child runs; raises nothing but what a failing ``kill`` would."""
         with self._state_lock:
             self._stopping = True
-        proc = self._proc
+            restarter = self._restarter
+        self._wake.set()
+        if restarter is not None and restarter is not threading.current_thread():
+            restarter.join(timeout)     # it starts no child now, or stops the one it started
+        self._stop_child(timeout)
+
+    def _stop_child(self, timeout: float):
+        """Ask the running child, if any, to stop (it answers once its LUNs are drained) and
+        wait for it to end; SIGKILL it if it has not ``timeout`` seconds after answering."""
+        with self._state_lock:
+            proc = self._proc if self._ready.is_set() else None
         if proc is None:
             return
         try:
-            self.call("stop")
+            self._call("stop")
         except LvmirrorError:
-            pass
+            pass                        # it ended already
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from lvmirror.daemon import Lvmirrord
+from lvmirror.daemon import volumeproc
 from lvmirror.daemon.volumeproc import VolumeProcess, Zygote, _decode_error, _encode_error
 from lvmirror.errors import ConfigError, ImageIOError, LvmirrorError, StateError
 from lvmirror.mirror.regionlock import LockCancelled
@@ -363,3 +364,81 @@ def test_a_dead_zygote_leaves_volume_processes_to_start_as_new_pythons(tmp_path,
             z.close()
     gone = [r for r in caplog.records if "zygote" in r.getMessage()]
     assert len(gone) == 1 and "gone" in gone[0].getMessage()
+
+
+def restart_threads(host):
+    """The threads of ``host`` (a VolumeProcess) still alive: its readers, which restart it."""
+    return [t for t in threading.enumerate() if t.name == f"volproc-{host.key}" and t.is_alive()]
+
+
+def kill_into_backoff(host, monkeypatch):
+    """SIGKILL ``host``'s child with a 60-second restart backoff ahead (a restart that is not
+    its first); returns the dead child's pid once lvmirrord has seen it end."""
+    monkeypatch.setattr(volumeproc, "RESTART_BACKOFF", (60.0, 60.0))
+    host.restarts = 1
+    old = host.pid
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not host._ready.is_set(), what="the child seen dead")
+    return old
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_a_stop_during_a_restart_backoff_ends_it_and_starts_nothing(gw, tmp_path, monkeypatch):
+    imgs = [str(tmp_path / f"s{k}") for k in range(2)]
+    gw.add(f"vs;images={'+'.join(imgs)}")
+    host = gw._hosts["vs"]
+    old = kill_into_backoff(host, monkeypatch)
+    host.stop()                                  # no error, and the backoff ends with it
+    deadline = time.monotonic() + 10
+    for t in restart_threads(host):
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not restart_threads(host), "the restart still waits after stop()"
+    assert host.pid == old and host.restarts == 1          # no child was started
+    with pytest.raises(StateError, match="was stopped"):
+        host.call("status")
+
+
+@pytest.mark.parametrize("gw", ["zygote", "exec"], indirect=True)
+def test_a_child_started_as_stop_comes_is_stopped(gw, tmp_path, monkeypatch):
+    imgs = [str(tmp_path / f"r{k}") for k in range(2)]
+    gw.add(f"vr;images={'+'.join(imgs)}")
+    host = gw._hosts["vr"]
+    entered, release = threading.Event(), threading.Event()
+    real_start = host.start
+
+    def held_start():
+        entered.set()
+        release.wait(30)
+        real_start()
+    monkeypatch.setattr(host, "start", held_start)
+    old = host.pid
+    os.kill(old, signal.SIGKILL)
+    assert entered.wait(30), "no restart"
+    stopper = threading.Thread(target=host.stop)
+    stopper.start()
+    wait_for(lambda: host._stopping, what="stop() begun")
+    release.set()                                # the restart's child starts now
+    stopper.join(60)
+    assert not stopper.is_alive()
+    wait_for(lambda: not restart_threads(host), what="the restart over")
+    assert host.pid != old and host.restarts == 1          # a child was started...
+    wait_for(lambda: volumeproc._pid_gone(host.pid), what="that child ended")     # ...and stopped
+
+
+def test_lvmirrord_stops_every_volume_while_one_waits_to_restart(gw, tmp_path, monkeypatch):
+    """A volume process waiting to restart (its LUN cannot be removed through it) does not keep
+    lvmirrord's stop from stopping the other volumes cleanly, nor is it restarted after."""
+    a = [str(tmp_path / f"a{k}") for k in range(2)]
+    b = [str(tmp_path / f"b{k}") for k in range(2)]
+    gw.add(f"va;images={'+'.join(a)}")
+    gw.add(f"vb;images={'+'.join(b)}")
+    wait_for(lambda: in_sync(gw, "va") and in_sync(gw, "vb"), what="initial sync")
+    host_a, host_b = gw._hosts["va"], gw._hosts["vb"]
+    proc_b = host_b._proc
+    old = kill_into_backoff(host_a, monkeypatch)
+    gw.stop()
+    proc_b.wait(30)
+    with open(os.path.join(gw.state_dir, "vb", "volume.json")) as f:
+        assert json.load(f)["clean_shutdown"] is True
+    wait_for(lambda: not restart_threads(host_a), timeout=10, what="va's restart given up")
+    assert host_a.pid == old and gw._hosts == {}
