@@ -58,7 +58,13 @@ MANAGEMENT_CALLS = ("status", "split", "backup", "resync", "restore", "attach", 
                     "cancel", "lock_region", "unlock_region", "list_locks", "release_owner",
                     "volume_names", "lun_names", "remove_lun", "reconfigure_lun")
 RESTART_BACKOFF = (1.0, 30.0)     # seconds: first delay, largest delay
-STOP_TIMEOUT = 120.0              # seconds a child may take to drain its LUNs at stop
+STOP_TIMEOUT = 120.0              # seconds a child may take to end once its LUNs are drained
+# the calls that only read: a child that has not answered one in CALL_TIMEOUT seconds (stopped,
+# hung) is reported as not answering (StateError) rather than holding up status() for ever.
+# The others (a resync that waits, a lock_region with its own timeout, a drain) take as long
+# as they take.
+READ_ONLY_CALLS = frozenset({"status", "volume_names", "lun_names", "list_locks"})
+CALL_TIMEOUT = 10.0               # seconds
 
 
 # -- framing ----------------------------------------------------------------------------------
@@ -292,12 +298,15 @@ class VolumeProcess:
     def call(self, method: str, *args, fds=(), **kwargs):
         """Run ``VolumeHost.<method>(*args, **kwargs)`` in the child and return its result
         (raising what it raised). StateError when no child is running (it is being restarted,
-        or was stopped) or it ends before answering."""
-        return self._call(method, args, kwargs, fds)
+        or was stopped) or it ends before answering, and, for a call in ``READ_ONLY_CALLS``,
+        when it has not answered in ``CALL_TIMEOUT`` seconds (the child is stopped or hung;
+        a late answer is dropped)."""
+        return self._call(method, args, kwargs, fds,
+                          wait=CALL_TIMEOUT if method in READ_ONLY_CALLS else None)
 
     def _call(self, method, args=(), kwargs=None, fds=(), *, wait=None):
         """``call``, waiting at most ``wait`` seconds (None: as long as it takes) for the
-        answer: StateError after that."""
+        answer: StateError after that, the call forgotten."""
         slot = [threading.Event(), False, None]
         call_id = next(self._ids)
         with self._state_lock:       # the child the slot is failed for if it ends is this one

@@ -442,3 +442,30 @@ def test_lvmirrord_stops_every_volume_while_one_waits_to_restart(gw, tmp_path, m
         assert json.load(f)["clean_shutdown"] is True
     wait_for(lambda: not restart_threads(host_a), timeout=10, what="va's restart given up")
     assert host_a.pid == old and gw._hosts == {}
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_a_hung_volume_process_does_not_hold_up_status(gw, tmp_path, monkeypatch):
+    """A child that does not answer (SIGSTOP: hung) is left out of status() after the read-only
+    calls' bounded wait, instead of blocking it for ever; once it answers again, it is back."""
+    monkeypatch.setattr(volumeproc, "CALL_TIMEOUT", 0.5)
+    a = [str(tmp_path / f"a{k}") for k in range(2)]
+    b = [str(tmp_path / f"b{k}") for k in range(2)]
+    gw.add(f"va;images={'+'.join(a)}")
+    gw.add(f"vb;images={'+'.join(b)}")
+    host = gw._hosts["va"]
+    got = []
+    os.kill(host.pid, signal.SIGSTOP)
+    try:
+        t = threading.Thread(target=lambda: got.append(gw.status()))
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "status() waits for a hung volume process"
+        assert sorted(got[0]["volumes"]) == ["vb"]
+        with pytest.raises(StateError, match="volume va does not answer"):
+            host.list_locks("va")
+        assert host._pending == {}               # the calls that timed out are forgotten
+    finally:
+        os.kill(host.pid, signal.SIGCONT)
+        t.join(30)
+    wait_for(lambda: sorted(gw.status()["volumes"]) == ["va", "vb"], what="va answering again")
