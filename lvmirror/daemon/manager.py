@@ -4,6 +4,7 @@ management calls to the host of each volume (its own process with ``--processes`
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -110,7 +111,8 @@ class Lvmirrord:
             return info
 
     def _drop_if_idle(self, host):
-        """Stop a volume process that serves no LUN any more (call with ``_lock`` held)."""
+        """Stop a volume process that serves no LUN any more, whatever its state (call with
+        ``_lock`` held)."""
         if host is self._local or host.serves():
             return
         self._hosts.pop(host.key, None)
@@ -119,13 +121,17 @@ class Lvmirrord:
     def remove_lun(self, uio_name):
         """Stop serving the device ``uio_name`` (e.g. "uio0"): drain and complete its
         in-flight commands, release its volume (and end the volume's process when it was its
-        last LUN). Unknown names are ignored."""
+        last LUN, also when that process is being restarted: the restart then starts none).
+        Unknown names are ignored. The device is forgotten even when the volume's process
+        raises (the error is raised after)."""
         with self._lock:
             host = self._lun_hosts.pop(uio_name, None)
             if host is None:
                 return
-            host.remove_lun(uio_name)
-            self._drop_if_idle(host)
+            try:
+                host.remove_lun(uio_name)
+            finally:
+                self._drop_if_idle(host)    # its process ends even if it did not answer
 
     def serves(self, uio_name) -> bool:
         """Whether the device ``uio_name`` is served."""
@@ -281,8 +287,11 @@ class Lvmirrord:
         if isinstance(event, netlink.DeviceRemoved):
             # The uio device may already be gone from sysfs: find the LUN by its minor.
             if self.serves(uio_name):
-                self.remove_lun(uio_name)
-                self._netlink.reply(event, 0)
+                try:
+                    self.remove_lun(uio_name)
+                except Exception as exc:
+                    status = self._event_error(uio_name, exc)
+                self._netlink.reply(event, status)
             return
         device = uio.device_by_minor(event.minor, sysfs_root=self.sysfs_root,
                                      configfs_root=self.configfs_root)
@@ -297,13 +306,24 @@ class Lvmirrord:
                     host = self._lun_hosts.get(device.uio_name)
                 if host is None or not host.reconfigure_lun(device.uio_name, event):
                     status = -19
-        except ConfigError as exc:
-            log.error("%s", exc)
-            status = -22
-        except OSError as exc:
-            log.error("%s: %s", device.uio_name, exc)
-            status = -(exc.errno or 5)
+        except Exception as exc:
+            status = self._event_error(device.uio_name, exc)
         self._netlink.reply(event, status)
+
+    @staticmethod
+    def _event_error(uio_name, exc) -> int:
+        """Log why a LUN event failed; the status to answer it with (-errno): -EINVAL for a
+        ConfigError, an OSError's own errno (-EIO without one), -EIO for any other error (a
+        StateError of a volume process that cannot be started, or a bug, logged with its
+        traceback). Whatever it was, the kernel gets an answer: a configfs write may wait."""
+        if isinstance(exc, ConfigError):
+            log.error("%s", exc)
+            return -errno.EINVAL
+        if isinstance(exc, OSError):
+            log.error("%s: %s", uio_name, exc)
+            return -(exc.errno or errno.EIO)
+        log.error("%s: %s", uio_name, exc, exc_info=not isinstance(exc, LvmirrorError))
+        return -errno.EIO
 
     # -- run -----------------------------------------------------------------------------------
     def start(self):

@@ -201,9 +201,10 @@ class VolumeProcess:
     (``_decode_error``). StateError when the child is gone (it is being restarted, or was
     stopped).
 
-    A child that ends unasked is restarted (``_restart``, from its reader thread); ``stop``
-    ends that too: it interrupts the restart's backoff, and a child started meanwhile is
-    stopped."""
+    A child that ends unasked is restarted (``_restart``, from its reader thread) and given
+    the devices again. While it restarts, ``add_lun`` records a new device for the new child to
+    pick up with the others and ``remove_lun`` forgets one. ``stop`` ends a restart too: it
+    interrupts the restart's backoff, and a child started meanwhile is stopped."""
 
     def __init__(self, key: str, *, state_dir: str, workers: int = 4, inline_reads: bool = True,
                  log_level: str = "info", zygote: Zygote | None = None):
@@ -220,6 +221,8 @@ class VolumeProcess:
         self._started = 0.0
         self._delay = 0.0
         self._devices: dict = {}        # uio name -> (device, handle) to give a new child
+        self._lun_lock = threading.Lock()      # one add, remove or pickup of a device at a time
+        self._restarting = False               # a child ended; the next has not picked up all
         self._proc = None
         self._sock = None
         self._send_lock = threading.Lock()
@@ -235,6 +238,13 @@ class VolumeProcess:
     def pid(self) -> int | None:
         """The child's process id (None before start)."""
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def restarting(self) -> bool:
+        """Whether a child ended and its successor has not yet been given every device
+        (and no stop came)."""
+        with self._state_lock:
+            return self._restarting and not self._stopping
 
     def start(self):
         """Start the child process: forked by the zygote, or, without one or once it is gone
@@ -351,6 +361,7 @@ class VolumeProcess:
             restart = not self._stopping
             if restart:
                 self._restarter = me
+                self._restarting = True
         for slot in pending.values():
             slot[1], slot[2] = False, _ChildGone(
                 f"the process serving volume {self.key} ended")
@@ -399,35 +410,85 @@ class VolumeProcess:
         if stopping:                            # stop() came while the child started
             self._stop_child(STOP_TIMEOUT)
             return
-        # a device the new child cannot open is logged and left, as at lvmirrord's start; if
-        # the child itself dies meanwhile, its reader thread restarts it again
-        for device, handle in list(self._devices.values()):
-            if self._stopping:
-                break
-            try:
-                self._add(device, pickup=True, handle=handle)
-            except (OSError, LvmirrorError) as exc:
-                log.error("volume %s: cannot pick up %s (%s) again: %s", self.key,
-                          device.dev_name, device.uio_name, exc)
+        self._pickup()
+
+    def _pickup(self):
+        """Give the new child every device, one at a time, until none is left that it has not
+        been given: those added while this runs too (``add_lun`` records them under the same
+        lock). A device the child cannot open is logged and left, as at lvmirrord's start.
+        Ends early on ``stop``, or when this child ends too (its own restart picks up)."""
+        me = threading.current_thread()
+        given = set()
+        while True:
+            with self._lun_lock:
+                with self._state_lock:
+                    if self._stopping or self._restarter is not me:
+                        return
+                    todo = next(((u, dev, h) for u, (dev, h) in self._devices.items()
+                                 if u not in given), None)
+                    if todo is None:
+                        self._restarting = False    # add_lun goes to the child from now
+                        return
+                uio_name, device, handle = todo
+                given.add(uio_name)
+                try:
+                    self._add(device, pickup=True, handle=handle)
+                except _ChildGone:
+                    pass                            # this child ended too: it is restarted
+                except Exception as exc:
+                    log.error("volume %s: cannot pick up %s (%s) again: %s", self.key,
+                              device.dev_name, device.uio_name, exc,
+                              exc_info=not isinstance(exc, (OSError, LvmirrorError)))
 
     def _add(self, device, *, pickup, handle):
         fds, meta = handle.transfer() if handle is not None else ((), None)
         return self.call("add_lun", device, pickup=pickup, fds=fds, handle_meta=meta)
 
     def add_lun(self, device, *, pickup: bool = False, handle=None) -> dict:
-        """``VolumeHost.add_lun`` in the child; ``handle`` must offer ``transfer()`` (the ring
-        emulator's does). The device is remembered for a restarted child."""
-        info = self._add(device, pickup=pickup, handle=handle)
-        self._devices[device.uio_name] = (device, handle)
+        """``VolumeHost.add_lun`` in the child: serve ``device`` (a ``uio.UioDevice``);
+        ``handle``: an open ring offering ``transfer()`` (the ring emulator's), or None for the
+        child to open the uio device. Returns ``{"name", "uio", "error"}`` (``error``: why the
+        LUN answers NOT READY, or None). The device is remembered for a restarted child.
+
+        While the child restarts (or when it ends during this call) the device is only
+        recorded: the restart gives it to the new child with the others (with ``pickup``),
+        and this returns ``error`` None at once (a failure to open it then is logged). OSError
+        when the child cannot open the device; StateError after ``stop``."""
+        with self._lun_lock:
+            with self._state_lock:
+                if self._stopping:
+                    raise _ChildGone(f"the process serving volume {self.key} was stopped")
+                deferred = self._restarting
+            info = None
+            if not deferred:
+                try:
+                    info = self._add(device, pickup=pickup, handle=handle)
+                except _ChildGone:          # it ended: unless stopped, it is being restarted
+                    with self._state_lock:
+                        if self._stopping:
+                            raise
+            self._devices[device.uio_name] = (device, handle)
+        if info is None:
+            log.info("volume %s: LUN %s (%s) is served once its process has restarted",
+                     self.key, device.dev_name, device.uio_name)
+            info = {"name": device.dev_name, "uio": device.uio_name, "error": None}
         return info
 
     def remove_lun(self, uio_name: str) -> bool:
-        """``VolumeHost.remove_lun`` in the child."""
-        self._devices.pop(uio_name, None)
-        return self.call("remove_lun", uio_name)
+        """Stop serving the device ``uio_name``: forget it (a restart no longer picks it up)
+        and have the child, if one runs, drain and release it (``VolumeHost.remove_lun``).
+        Returns whether it was given to this process. Forgotten even when no child runs or the
+        child ends meanwhile; errors of the child's ``remove_lun`` are raised."""
+        with self._lun_lock:
+            known = self._devices.pop(uio_name, None) is not None
+            try:
+                self.call("remove_lun", uio_name)
+            except _ChildGone:
+                pass                    # no child holds it; none will be given it
+        return known
 
     def serves(self) -> bool:
-        """Whether any LUN is still given to this process."""
+        """Whether any LUN is still given to this process (its restart included)."""
         return bool(self._devices)
 
     def stop(self, timeout: float = STOP_TIMEOUT):

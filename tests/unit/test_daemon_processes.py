@@ -469,3 +469,107 @@ def test_a_hung_volume_process_does_not_hold_up_status(gw, tmp_path, monkeypatch
         os.kill(host.pid, signal.SIGCONT)
         t.join(30)
     wait_for(lambda: sorted(gw.status()["volumes"]) == ["va", "vb"], what="va answering again")
+
+
+def hold_restart(host, monkeypatch):
+    """Make ``host``'s next start wait: returns (entered, release) events."""
+    entered, release = threading.Event(), threading.Event()
+    real_start = host.start
+
+    def held_start():
+        entered.set()
+        release.wait(30)
+        real_start()
+    monkeypatch.setattr(host, "start", held_start)
+    return entered, release
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_a_lun_added_while_its_volume_process_restarts_is_served_by_the_new_one(
+        gw, tmp_path, monkeypatch):
+    imgs = [str(tmp_path / f"n{k}") for k in range(2)]
+    emu, _, _ = gw.add(f"vn;images={'+'.join(imgs)}")
+    wait_for(lambda: in_sync(gw, "vn"), what="initial sync")
+    write(emu, 0, b"1" * 4096)
+    gw.split("vn", 1)
+    write(emu, 0, b"2" * 4096)
+    host = gw._hosts["vn"]
+    entered, release = hold_restart(host, monkeypatch)
+    old = host.pid
+    os.kill(old, signal.SIGKILL)
+    assert entered.wait(30), "no restart"
+    emu_x, dev_x, info_x = gw.add("vn;image=1;readonly=1")     # no child runs now
+    assert info_x == {"name": dev_x.dev_name, "uio": dev_x.uio_name, "error": None}
+    assert gw.serves(dev_x.uio_name) and host.restarting
+    release.set()
+    wait_for(lambda: not host.restarting, what="the restart's pickup")
+    assert host.pid != old
+    assert sorted(lun["uio"] for lun in gw.status()["luns"]) == ["uio0", "uio1"]
+    assert read(emu_x, 0, 8) == b"1" * 4096          # the split image, served by the new child
+    assert read(emu, 0, 8) == b"2" * 4096
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_a_lun_added_while_the_restart_picks_up_is_served_too(gw, tmp_path, monkeypatch):
+    imgs = [str(tmp_path / f"p{k}") for k in range(2)]
+    emu, _, _ = gw.add(f"vp;images={'+'.join(imgs)}")
+    wait_for(lambda: in_sync(gw, "vp"), what="initial sync")
+    write(emu, 0, b"1" * 4096)
+    gw.split("vp", 1)
+    host = gw._hosts["vp"]
+    entered, release = threading.Event(), threading.Event()
+    real_add = host._add
+
+    def held_add(device, *, pickup, handle):
+        if pickup and not entered.is_set():          # the restart's first pickup waits
+            entered.set()
+            release.wait(30)
+        return real_add(device, pickup=pickup, handle=handle)
+    monkeypatch.setattr(host, "_add", held_add)
+    os.kill(host.pid, signal.SIGKILL)
+    assert entered.wait(30), "no pickup"
+    added = []
+    t = threading.Thread(target=lambda: added.append(gw.add("vp;image=1;readonly=1")))
+    t.start()
+    release.set()
+    t.join(30)
+    assert not t.is_alive() and added[0][2]["error"] is None
+    wait_for(lambda: not host.restarting, what="the restart's pickup")
+    assert len(gw.status()["luns"]) == 2
+    assert read(added[0][0], 0, 8) == b"1" * 4096
+
+
+def test_a_lun_event_failing_with_any_lvmirror_error_is_answered(tmp_path, monkeypatch, caplog):
+    """An error of the volume's host (a StateError...) is logged and answered with an error
+    status, not left to escape the netlink thread with the kernel's configfs write waiting."""
+    from lvmirror.tcmu import netlink
+    roots = fake_device(tmp_path / "dev", 3, "tcm-user/1/lun3/lvmirror/v")
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, **roots)
+    replies = []
+
+    class Netlink:
+        def reply(self, event, status):
+            replies.append((event, status))
+    d._netlink = Netlink()
+
+    def add_lun(device, **_):
+        raise StateError("the process serving volume v cannot be started")
+    monkeypatch.setattr(d, "add_lun", add_lun)
+    event = netlink.DeviceAdded(3, "tcm-user/1/lun3/lvmirror/v", 7)
+    with caplog.at_level("ERROR", logger="lvmirrord"):
+        d._on_event(event)
+    assert replies == [(event, -errno.EIO)]
+    assert "cannot be started" in caplog.text
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_removing_the_last_lun_during_a_restart_backoff_ends_the_volume_process(
+        gw, tmp_path, monkeypatch):
+    imgs = [str(tmp_path / f"z{k}") for k in range(2)]
+    _, dev, _ = gw.add(f"vz;images={'+'.join(imgs)}")
+    host = gw._hosts["vz"]
+    old = kill_into_backoff(host, monkeypatch)
+    gw.remove_lun(dev.uio_name)
+    assert not gw.serves(dev.uio_name) and "vz" not in gw._hosts
+    wait_for(lambda: not restart_threads(host), timeout=10, what="the restart given up")
+    assert host.pid == old and host.restarts == 1 and not host.serves()
