@@ -50,7 +50,7 @@ class Lvmirrord:
         self._hosts: dict = {}          # volume name -> VolumeProcess (processes only)
         self._lun_hosts: dict = {}      # uio name -> host serving it
         self._lock = threading.RLock()
-        self._lock_ids: dict = {}       # lock id -> (host, the host's own lock id)
+        self._lock_ids: dict = {}       # lock id -> (host, the host's own lock id, owner)
         self._lock_seq = 0
         self._stop = threading.Event()
         self._netlink = None
@@ -116,6 +116,8 @@ class Lvmirrord:
         if host is self._local or host.serves():
             return
         self._hosts.pop(host.key, None)
+        for gid in [g for g, (h, _, _) in self._lock_ids.items() if h is host]:
+            del self._lock_ids[gid]     # its locks end with its process
         host.stop()
 
     def remove_lun(self, uio_name):
@@ -235,7 +237,9 @@ class Lvmirrord:
     def lock_region(self, name, lba, count, *, shared=False, timeout=None, owner):
         """Take a range lock (``count`` blocks at ``lba``) on volume ``name`` for ``owner``
         (e.g. ("bus", ":1.42")); waits FIFO behind conflicting I/O and holders, at most
-        ``timeout`` seconds. Returns a lock id for unlock_region. ``VolumeHost.lock_region``."""
+        ``timeout`` seconds (TimeoutError after). Returns a lock id (an int, lvmirrord's own:
+        it stands for the host's id, with a process per volume (incarnation, the child's id))
+        for unlock_region. ``VolumeHost.lock_region``."""
         host = self._host(name)
         local_id = host.lock_region(name, lba, count, shared=shared, timeout=timeout,
                                     owner=owner)
@@ -245,7 +249,9 @@ class Lvmirrord:
             return self._lock_seq
 
     def unlock_region(self, lock_id, *, owner):
-        """Release lock ``lock_id`` (from lock_region). ConfigError unless ``owner`` holds it."""
+        """Release lock ``lock_id`` (from lock_region). ConfigError unless ``owner`` holds it,
+        or when the volume's process that granted it has restarted since (the lock ended with
+        that process; the id is forgotten)."""
         with self._lock:
             entry = self._lock_ids.get(lock_id)
             if entry is None or entry[2] != owner:

@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 
-from lvmirror.errors import LvmirrorError, StateError
+from lvmirror.errors import ConfigError, LvmirrorError, StateError
 
 log = logging.getLogger("lvmirrord")
 
@@ -204,7 +204,13 @@ class VolumeProcess:
     A child that ends unasked is restarted (``_restart``, from its reader thread) and given
     the devices again. While it restarts, ``add_lun`` records a new device for the new child to
     pick up with the others and ``remove_lun`` forgets one. ``stop`` ends a restart too: it
-    interrupts the restart's backoff, and a child started meanwhile is stopped."""
+    interrupts the restart's backoff, and a child started meanwhile is stopped.
+
+    Each child started is an incarnation (``incarnation`` counts them). A region lock belongs
+    to the child that granted it and ends with it, and a new child numbers its locks from 1
+    again: ``lock_region`` therefore returns (incarnation, the child's lock id), and
+    ``unlock_region`` of another incarnation's lock raises ConfigError (the lock was lost when
+    the process restarted) instead of releasing a lock the new child gave someone else."""
 
     def __init__(self, key: str, *, state_dir: str, workers: int = 4, inline_reads: bool = True,
                  log_level: str = "info", zygote: Zygote | None = None):
@@ -218,6 +224,7 @@ class VolumeProcess:
         self.inline_reads = inline_reads
         self.log_level = log_level
         self.restarts = 0
+        self.incarnation = 0            # children started so far: the running one's number
         self._started = 0.0
         self._delay = 0.0
         self._devices: dict = {}        # uio name -> (device, handle) to give a new child
@@ -299,6 +306,7 @@ class VolumeProcess:
     def _run(self, proc, parent):
         with self._state_lock:
             self._proc, self._sock = proc, parent
+            self.incarnation += 1
             self._started = time.monotonic()
             self._ready.set()
         threading.Thread(target=self._reader, args=(proc, parent),
@@ -312,18 +320,24 @@ class VolumeProcess:
         when it has not answered in ``CALL_TIMEOUT`` seconds (the child is stopped or hung;
         a late answer is dropped)."""
         return self._call(method, args, kwargs, fds,
-                          wait=CALL_TIMEOUT if method in READ_ONLY_CALLS else None)
+                          wait=CALL_TIMEOUT if method in READ_ONLY_CALLS else None)[1]
 
-    def _call(self, method, args=(), kwargs=None, fds=(), *, wait=None):
+    def _call(self, method, args=(), kwargs=None, fds=(), *, wait=None, incarnation=None):
         """``call``, waiting at most ``wait`` seconds (None: as long as it takes) for the
-        answer: StateError after that, the call forgotten."""
+        answer: StateError after that, the call forgotten. Returns (the incarnation of the
+        child that answered, its result). ``incarnation``: only that child may run the call;
+        ConfigError if it is not the one running (it ended: what it held is gone)."""
         slot = [threading.Event(), False, None]
         call_id = next(self._ids)
         with self._state_lock:       # the child the slot is failed for if it ends is this one
-            if not self._ready.is_set():
+            ready = self._ready.is_set()
+            if incarnation is not None and (incarnation != self.incarnation or not ready):
+                raise ConfigError(f"volume {self.key}: the lock was lost when the volume's "
+                                  f"process {'stopped' if self._stopping else 'restarted'}")
+            if not ready:
                 raise _ChildGone(f"the process serving volume {self.key} " + (
                     "was stopped" if self._stopping else "is restarting; try again"))
-            sock = self._sock
+            sock, current = self._sock, self.incarnation
             self._pending[call_id] = slot
         try:
             with self._send_lock:
@@ -339,7 +353,7 @@ class VolumeProcess:
                 raise StateError(f"the process serving volume {self.key} does not answer")
             slot[0].wait()
         if slot[1]:
-            return slot[2]
+            return current, slot[2]
         raise slot[2]
 
     def _reader(self, proc, sock):
@@ -486,6 +500,34 @@ class VolumeProcess:
             except _ChildGone:
                 pass                    # no child holds it; none will be given it
         return known
+
+    def lock_region(self, name, lba, count, *, shared=False, timeout=None, owner):
+        """``VolumeHost.lock_region`` in the child: lock ``count`` blocks at ``lba`` of volume
+        ``name`` for ``owner``, waiting at most ``timeout`` seconds (None: as long as it takes;
+        TimeoutError after). Returns the lock's id, (incarnation, the child's lock id), for
+        ``unlock_region``. ConfigError as VolumeHost raises it; StateError when no child runs
+        or it ends meanwhile (the lock, if granted, ended with it)."""
+        return self._call("lock_region", (name, lba, count),
+                          dict(shared=shared, timeout=timeout, owner=owner))
+
+    def unlock_region(self, lock_id, *, owner):
+        """Release the lock ``lock_id`` (from ``lock_region``: (incarnation, the child's lock
+        id)) held by ``owner``. ConfigError when ``owner`` does not hold it, or when it was
+        granted by a child that has ended since (the lock was lost when the volume's process
+        restarted or stopped)."""
+        try:
+            incarnation, local_id = lock_id
+        except (TypeError, ValueError):
+            raise ConfigError(f"no lock {lock_id!r} held by {owner}") from None
+        self._call("unlock_region", (local_id,), dict(owner=owner), incarnation=incarnation)
+
+    def list_locks(self, name) -> dict:
+        """``VolumeHost.list_locks`` in the child (a read-only call: StateError after
+        ``CALL_TIMEOUT`` seconds without an answer), its ``external_lock_ids`` given as
+        ``lock_region`` returns them: (incarnation, the child's lock id)."""
+        incarnation, info = self._call("list_locks", (name,), wait=CALL_TIMEOUT)
+        info["external_lock_ids"] = [(incarnation, lid) for lid in info["external_lock_ids"]]
+        return info
 
     def serves(self) -> bool:
         """Whether any LUN is still given to this process (its restart included)."""

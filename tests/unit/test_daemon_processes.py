@@ -573,3 +573,58 @@ def test_removing_the_last_lun_during_a_restart_backoff_ends_the_volume_process(
     assert not gw.serves(dev.uio_name) and "vz" not in gw._hosts
     wait_for(lambda: not restart_threads(host), timeout=10, what="the restart given up")
     assert host.pid == old and host.restarts == 1 and not host.serves()
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_a_lock_id_from_before_a_restart_does_not_release_a_lock_taken_after(
+        gw, tmp_path, monkeypatch):
+    """The restarted child numbers its locks from 1 again: unlocking a lock the dead child
+    granted says it was lost, and leaves the lock the new child granted (same owner) held."""
+    imgs = [str(tmp_path / f"l{k}") for k in range(2)]
+    gw.add(f"vl;images={'+'.join(imgs)}")
+    wait_for(lambda: in_sync(gw, "vl"), what="initial sync")
+    owner = ("bus", ":1.7")
+    before = gw.lock_region("vl", 0, 8, owner=owner)
+    host = gw._hosts["vl"]
+    old = host.pid
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: host.pid != old and not host.restarting, what="the restart")
+    wait_for(lambda: "vl" in gw.status()["volumes"], what="the volume served again")
+    after = gw.lock_region("vl", 64, 8, owner=owner)
+    assert after != before
+    locks = gw.list_locks("vl")
+    assert locks["external_lock_ids"] == [after]
+    with pytest.raises(ConfigError, match="lost when the volume's process restarted"):
+        gw.unlock_region(before, owner=owner)
+    locks = gw.list_locks("vl")
+    assert [(h["lba"], h["count"], h["owner"]) for h in locks["holders"]] == \
+        [(64, 8, "D-Bus :1.7")]
+    assert locks["external_lock_ids"] == [after]
+    with pytest.raises(ConfigError, match=f"no lock {before} held"):
+        gw.unlock_region(before, owner=owner)    # forgotten
+    gw.unlock_region(after, owner=owner)
+    assert gw.list_locks("vl")["holders"] == []
+
+
+def test_region_locks_of_one_process_lvmirrord(tmp_path):
+    """Without --processes the ids are the VolumeHost's own and work the same way."""
+    imgs = [str(tmp_path / f"o{k}") for k in range(2)]
+    roots = fake_device(tmp_path / "dev", 0,
+                        f"tcm-user/1/lun0/lvmirror/vo;images={'+'.join(imgs)}", info_size=SIZE)
+    (dev,) = uio.find_devices("lvmirror", **roots)
+    emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=4 << 20)
+    emu.run_reaper()
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, **roots)
+    try:
+        assert d.add_lun(dev, handle=emu.handle())["error"] is None
+        wait_for(lambda: in_sync(d, "vo"), what="initial sync")
+        owner = ("bus", ":1.5")
+        lid = d.lock_region("vo", 0, 8, owner=owner)
+        assert d.list_locks("vo")["external_lock_ids"] == [lid]
+        with pytest.raises(ConfigError):
+            d.unlock_region(lid, owner=("bus", ":1.6"))
+        d.unlock_region(lid, owner=owner)
+        assert d.list_locks("vo") == {"holders": [], "waiters": [], "external_lock_ids": []}
+    finally:
+        d.stop()
+        emu.close()
