@@ -389,8 +389,14 @@ class Lvmirrord:
             self._zygote.close()
 
     def run(self):
-        """start(), tell systemd READY=1, serve until request_stop(), then stop()."""
-        self.start()
+        """start(), tell systemd READY=1, serve until request_stop(), then stop(). What start()
+        raises (ConfigError: target_core_user not loaded...) is raised after stopping what it
+        had started (the zygote, the netlink listener)."""
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         n = len(self._lun_hosts)
         sdnotify.notify("READY=1", f"STATUS=serving {n} LUN(s)")
         log.info("lvmirrord %s ready: %d LUN(s) (%s), state in %s", __version__, n,
