@@ -87,9 +87,9 @@ class Lvmirrord:
     def add_lun(self, device, *, pickup=False, handle=None) -> dict:
         """Serve ``device`` (a ``uio.UioDevice`` of a user:lvmirror backstore) on its volume's
         host (``VolumeHost.add_lun``; ``handle``: an open ring, e.g. the emulator's). Returns
-        ``{"name", "uio", "error"}`` (``error``: why the LUN answers NOT READY, or None).
-        OSError when the device cannot be opened; StateError when its volume's process
-        cannot be started."""
+        ``{"name", "uio", "error"}`` (``error``: why the LUN answers NOT READY, or None; a
+        device added while its volume's process restarts is served once it has, error None).
+        OSError when the device cannot be opened or its volume's process cannot be started."""
         with self._lock:
             host = self._local
             if host is None:

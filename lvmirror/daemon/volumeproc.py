@@ -13,7 +13,14 @@ Failure handling, as tcmu-runner's handlers and md's ``mdmon`` are restarted:
 * the child ends (a crash, a SIGKILL): lvmirrord logs it, fails the calls in flight with
   StateError, starts a new child and gives it the same devices with ``pickup`` (the ring may
   hold commands the dead child fetched and never completed: the new child answers them, as a
-  restarted lvmirrord does). Restarts back off from 1 to 30 seconds;
+  restarted lvmirrord does). Restarts back off from 1 to 30 seconds. A LUN added meanwhile
+  is given to the new child with the others, a LUN removed meanwhile is forgotten (the last
+  one ends the volume process, and its restart starts none), and a region lock the dead
+  child granted is reported lost rather than confused with the new child's locks;
+* the child hangs (SIGSTOP, a deadlock): the read-only calls (status...) give up after
+  ``CALL_TIMEOUT`` seconds with StateError, so status() leaves that volume out instead of
+  waiting for ever;
+* the zygote dies: volume processes are started as new Python processes from then on;
 * lvmirrord is killed: the kernel kills its volume processes with it (``PR_SET_PDEATHSIG``),
   so a SIGKILL of lvmirrord is a crash of the whole data path, as it was with one process,
   and the next lvmirrord picks the devices up (a child still draining would hold the uio
