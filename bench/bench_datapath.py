@@ -286,12 +286,12 @@ def main():
     ap.add_argument("--jobs", default="write,read,read1m",
                     help="comma-separated: write (4 KiB random mirrored writes), read (4 KiB "
                          "random reads), read1m (1 MiB sequential reads)")
-    ap.add_argument("--scaling", type=int, default=0, metavar="N",
+    ap.add_argument("--scaling", type=int, default=None, metavar="N",
                     help="instead of the jobs: N LUNs against one, lvmirrord as one process "
                          "and as a process per volume (aggregate cmd/s, CPU us/cmd, ratio)")
     args = ap.parse_args()
-    if args.scaling < 0 or args.scaling == 1:
-        ap.error("--scaling N needs N >= 2")
+    if args.scaling is not None and args.scaling < 2:
+        ap.error(f"--scaling N needs N >= 2, got {args.scaling}")
     if set(args.jobs.split(",")) - {"write", "read", "read1m"}:
         ap.error(f"--jobs: unknown job in {args.jobs!r}")
     if not args.seconds > 0 or args.seconds == float("inf"):
@@ -301,7 +301,7 @@ def main():
     if not os.path.isdir(args.dir):
         ap.error(f"--dir {args.dir}: no such directory")
     work = tempfile.mkdtemp(prefix="lvm-bench-", dir=args.dir)
-    if args.scaling:
+    if args.scaling is not None:
         try:
             scaling(args, work)
         finally:

@@ -4,6 +4,7 @@ management calls to the host of each volume (its own process with ``--processes`
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -49,7 +50,7 @@ class Lvmirrord:
         self._hosts: dict = {}          # volume name -> VolumeProcess (processes only)
         self._lun_hosts: dict = {}      # uio name -> host serving it
         self._lock = threading.RLock()
-        self._lock_ids: dict = {}       # lock id -> (host, the host's own lock id)
+        self._lock_ids: dict = {}       # lock id -> (host, the host's own lock id, owner)
         self._lock_seq = 0
         self._stop = threading.Event()
         self._netlink = None
@@ -86,9 +87,9 @@ class Lvmirrord:
     def add_lun(self, device, *, pickup=False, handle=None) -> dict:
         """Serve ``device`` (a ``uio.UioDevice`` of a user:lvmirror backstore) on its volume's
         host (``VolumeHost.add_lun``; ``handle``: an open ring, e.g. the emulator's). Returns
-        ``{"name", "uio", "error"}`` (``error``: why the LUN answers NOT READY, or None).
-        OSError when the device cannot be opened; StateError when its volume's process
-        cannot be started."""
+        ``{"name", "uio", "error"}`` (``error``: why the LUN answers NOT READY, or None; a
+        device added while its volume's process restarts is served once it has, error None).
+        OSError when the device cannot be opened or its volume's process cannot be started."""
         with self._lock:
             host = self._local
             if host is None:
@@ -130,22 +131,29 @@ class Lvmirrord:
                 self.remove_lun(uio_name)
 
     def _drop_if_idle(self, host):
-        """Stop a volume process that serves no LUN any more (call with ``_lock`` held)."""
+        """Stop a volume process that serves no LUN any more, whatever its state (call with
+        ``_lock`` held)."""
         if host is self._local or host.serves():
             return
         self._hosts.pop(host.key, None)
+        for gid in [g for g, (h, _, _) in self._lock_ids.items() if h is host]:
+            del self._lock_ids[gid]     # its locks end with its process
         host.stop()
 
     def remove_lun(self, uio_name):
         """Stop serving the device ``uio_name`` (e.g. "uio0"): drain and complete its
         in-flight commands, release its volume (and end the volume's process when it was its
-        last LUN). Unknown names are ignored."""
+        last LUN, also when that process is being restarted: the restart then starts none).
+        Unknown names are ignored. The device is forgotten even when the volume's process
+        raises (the error is raised after)."""
         with self._lock:
             host = self._lun_hosts.pop(uio_name, None)
             if host is None:
                 return
-            host.remove_lun(uio_name)
-            self._drop_if_idle(host)
+            try:
+                host.remove_lun(uio_name)
+            finally:
+                self._drop_if_idle(host)    # its process ends even if it did not answer
 
     def serves(self, uio_name) -> bool:
         """Whether the device ``uio_name`` is served."""
@@ -249,7 +257,9 @@ class Lvmirrord:
     def lock_region(self, name, lba, count, *, shared=False, timeout=None, owner):
         """Take a range lock (``count`` blocks at ``lba``) on volume ``name`` for ``owner``
         (e.g. ("bus", ":1.42")); waits FIFO behind conflicting I/O and holders, at most
-        ``timeout`` seconds. Returns a lock id for unlock_region. ``VolumeHost.lock_region``."""
+        ``timeout`` seconds (TimeoutError after). Returns a lock id (an int, lvmirrord's own:
+        it stands for the host's id, with a process per volume (incarnation, the child's id))
+        for unlock_region. ``VolumeHost.lock_region``."""
         host = self._host(name)
         local_id = host.lock_region(name, lba, count, shared=shared, timeout=timeout,
                                     owner=owner)
@@ -259,7 +269,9 @@ class Lvmirrord:
             return self._lock_seq
 
     def unlock_region(self, lock_id, *, owner):
-        """Release lock ``lock_id`` (from lock_region). ConfigError unless ``owner`` holds it."""
+        """Release lock ``lock_id`` (from lock_region). ConfigError unless ``owner`` holds it,
+        or when the volume's process that granted it has restarted since (the lock ended with
+        that process; the id is forgotten)."""
         with self._lock:
             entry = self._lock_ids.get(lock_id)
             if entry is None or entry[2] != owner:
@@ -302,8 +314,11 @@ class Lvmirrord:
         if isinstance(event, netlink.DeviceRemoved):
             # The uio device may already be gone from sysfs: find the LUN by its minor.
             if self.serves(uio_name):
-                self.remove_lun(uio_name)
-                self._netlink.reply(event, 0)
+                try:
+                    self.remove_lun(uio_name)
+                except Exception as exc:
+                    status = self._event_error(uio_name, exc)
+                self._netlink.reply(event, status)
             return
         device = uio.device_by_minor(event.minor, sysfs_root=self.sysfs_root,
                                      configfs_root=self.configfs_root)
@@ -318,13 +333,24 @@ class Lvmirrord:
                     host = self._lun_hosts.get(device.uio_name)
                 if host is None or not host.reconfigure_lun(device.uio_name, event):
                     status = -19
-        except ConfigError as exc:
-            log.error("%s", exc)
-            status = -22
-        except OSError as exc:
-            log.error("%s: %s", device.uio_name, exc)
-            status = -(exc.errno or 5)
+        except Exception as exc:
+            status = self._event_error(device.uio_name, exc)
         self._netlink.reply(event, status)
+
+    @staticmethod
+    def _event_error(uio_name, exc) -> int:
+        """Log why a LUN event failed; the status to answer it with (-errno): -EINVAL for a
+        ConfigError, an OSError's own errno (-EIO without one), -EIO for any other error (a
+        StateError of a volume process that cannot be started, or a bug, logged with its
+        traceback). Whatever it was, the kernel gets an answer: a configfs write may wait."""
+        if isinstance(exc, ConfigError):
+            log.error("%s", exc)
+            return -errno.EINVAL
+        if isinstance(exc, OSError):
+            log.error("%s: %s", uio_name, exc)
+            return -(exc.errno or errno.EIO)
+        log.error("%s: %s", uio_name, exc, exc_info=not isinstance(exc, LvmirrorError))
+        return -errno.EIO
 
     # -- run -----------------------------------------------------------------------------------
     def start(self):
@@ -359,7 +385,9 @@ class Lvmirrord:
 
     def stop(self):
         """Stop the D-Bus service and the netlink listener, then every LUN (each drains and
-        completes its in-flight commands and closes its volume cleanly)."""
+        completes its in-flight commands and closes its volume cleanly) and every volume
+        process. A LUN or volume process that fails to stop (e.g. its process is being
+        restarted) is logged and the others are still stopped; raises nothing of theirs."""
         sdnotify.notify("STOPPING=1")
         if self._bus is not None:
             self._bus.stop()
@@ -368,13 +396,31 @@ class Lvmirrord:
         with self._lock:
             uio_names = list(self._lun_hosts)
         for uio_name in uio_names:
-            self.remove_lun(uio_name)
+            try:
+                self.remove_lun(uio_name)
+            except Exception as exc:
+                log.error("stopping LUN %s: %s", uio_name, exc,
+                          exc_info=not isinstance(exc, (LvmirrorError, OSError)))
+        with self._lock:
+            hosts, self._hosts = list(self._hosts.values()), {}
+        for host in hosts:              # processes left serving nothing, or whose LUN failed
+            try:
+                host.stop()
+            except Exception as exc:
+                log.error("stopping the process of volume %s: %s", host.key, exc,
+                          exc_info=not isinstance(exc, (LvmirrorError, OSError)))
         if self._zygote is not None:
             self._zygote.close()
 
     def run(self):
-        """start(), tell systemd READY=1, serve until request_stop(), then stop()."""
-        self.start()
+        """start(), tell systemd READY=1, serve until request_stop(), then stop(). What start()
+        raises (ConfigError: target_core_user not loaded...) is raised after stopping what it
+        had started (the zygote, the netlink listener)."""
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         n = len(self._lun_hosts)
         sdnotify.notify("READY=1", f"STATUS=serving {n} LUN(s)")
         log.info("lvmirrord %s ready: %d LUN(s) (%s), state in %s", __version__, n,

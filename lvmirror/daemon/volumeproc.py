@@ -13,7 +13,14 @@ Failure handling, as tcmu-runner's handlers and md's ``mdmon`` are restarted:
 * the child ends (a crash, a SIGKILL): lvmirrord logs it, fails the calls in flight with
   StateError, starts a new child and gives it the same devices with ``pickup`` (the ring may
   hold commands the dead child fetched and never completed: the new child answers them, as a
-  restarted lvmirrord does). Restarts back off from 1 to 30 seconds;
+  restarted lvmirrord does). Restarts back off from 1 to 30 seconds. A LUN added meanwhile
+  is given to the new child with the others, a LUN removed meanwhile is forgotten (the last
+  one ends the volume process, and its restart starts none), and a region lock the dead
+  child granted is reported lost rather than confused with the new child's locks;
+* the child hangs (SIGSTOP, a deadlock): the read-only calls (status...) give up after
+  ``CALL_TIMEOUT`` seconds with StateError, so status() leaves that volume out instead of
+  waiting for ever;
+* the zygote dies: volume processes are started as new Python processes from then on;
 * lvmirrord is killed: the kernel kills its volume processes with it (``PR_SET_PDEATHSIG``),
   so a SIGKILL of lvmirrord is a crash of the whole data path, as it was with one process,
   and the next lvmirrord picks the devices up (a child still draining would hold the uio
@@ -45,8 +52,7 @@ import sys
 import threading
 import time
 
-from lvmirror import errors
-from lvmirror.errors import LvmirrorError, StateError
+from lvmirror.errors import ConfigError, LvmirrorError, StateError
 
 log = logging.getLogger("lvmirrord")
 
@@ -59,7 +65,13 @@ MANAGEMENT_CALLS = ("status", "split", "backup", "resync", "restore", "attach", 
                     "cancel", "lock_region", "unlock_region", "list_locks", "release_owner",
                     "volume_names", "lun_names", "remove_lun", "reconfigure_lun")
 RESTART_BACKOFF = (1.0, 30.0)     # seconds: first delay, largest delay
-STOP_TIMEOUT = 120.0              # seconds a child may take to drain its LUNs at stop
+STOP_TIMEOUT = 120.0              # seconds a child may take to end once its LUNs are drained
+# the calls that only read: a child that has not answered one in CALL_TIMEOUT seconds (stopped,
+# hung) is reported as not answering (StateError) rather than holding up status() for ever.
+# The others (a resync that waits, a lock_region with its own timeout, a drain) take as long
+# as they take.
+READ_ONLY_CALLS = frozenset({"status", "volume_names", "lun_names", "list_locks"})
+CALL_TIMEOUT = 10.0               # seconds
 
 
 # -- framing ----------------------------------------------------------------------------------
@@ -99,17 +111,33 @@ def recv_msg(sock: socket.socket):
 
 
 def _encode_error(exc: BaseException):
-    """An exception as (module, class name, args) for the other side to raise again."""
+    """An exception as (module, class name, args) for the other side to raise again
+    (``_decode_error``); every part pickles. ``args`` is (message,), except for an OSError:
+    (errno, strerror[, filename]) when it has an errno, else (message,). An OSError keeps its
+    builtin subclass (TimeoutError, FileNotFoundError...); one of another module's subclass
+    (ssl.SSLError...) becomes a plain OSError with its errno and message."""
     cls = type(exc)
     if isinstance(exc, OSError):
-        return ("builtins", "OSError", (exc.errno, exc.strerror or str(exc)))
+        name = cls.__name__ if cls.__module__ == "builtins" else "OSError"
+        if exc.errno is None:          # TimeoutError("...") of a region lock: no "[Errno None]"
+            return ("builtins", name, (str(exc),))
+        args = (exc.errno, exc.strerror or str(exc))
+        if isinstance(exc.filename, (str, bytes)):
+            args += (exc.filename,)
+        return ("builtins", name, args)
     return (cls.__module__, cls.__qualname__, (str(exc),))
 
 
 def _decode_error(module, name, args) -> Exception:
-    """The exception ``_encode_error`` described: lvmirror's own errors and the builtin ones
-    keep their class (ConfigError stays ConfigError for the D-Bus error name); anything else
-    becomes an LvmirrorError naming the original class."""
+    """The exception ``_encode_error`` described, to raise in lvmirrord as the child raised
+    it: the builtin exceptions and lvmirror's own (any LvmirrorError subclass of an
+    ``lvmirror`` module this process has imported: ``lvmirror.errors``'s, ``LockCancelled`` of
+    ``lvmirror.mirror.regionlock``...) keep their class, so what handles them does not depend on
+    the process that raised them (``except ConfigError`` and an OSError's errno choosing a
+    netlink reply's status, a D-Bus reply's message: an LvmirrorError's alone, another error's
+    after its class name). Anything else (another module's class, or an LvmirrorError whose
+    constructor takes other arguments, such as ImageIOError) becomes an LvmirrorError whose
+    message starts with the original class's name."""
     if module == "builtins":
         cls = getattr(sys.modules["builtins"], name, None)
         if isinstance(cls, type) and issubclass(cls, Exception):
@@ -117,8 +145,8 @@ def _decode_error(module, name, args) -> Exception:
                 return cls(*args)
             except Exception:
                 pass
-    if module == errors.__name__:
-        cls = getattr(errors, name, None)
+    elif module == "lvmirror" or module.startswith("lvmirror."):
+        cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and issubclass(cls, LvmirrorError):
             try:
                 return cls(*args)
@@ -165,6 +193,11 @@ class _Spawner:
 _spawner = _Spawner()
 
 
+class _ChildGone(StateError):
+    """No child answers the call: none runs (a restart is pending, or the process was stopped),
+    or it ended before answering. Raised in lvmirrord only, never sent over the socket."""
+
+
 class VolumeProcess:
     """lvmirrord's handle on the child process serving one volume's LUNs.
 
@@ -172,7 +205,19 @@ class VolumeProcess:
     ``status``, the management calls, ``stop``); each call is sent to the child and waits for
     its answer, several at a time (a D-Bus caller waiting for a region lock does not hold up
     ``status``). Errors raised in the child are raised here with their class
-    (``_decode_error``). StateError when the child is gone (it is being restarted)."""
+    (``_decode_error``). StateError when the child is gone (it is being restarted, or was
+    stopped).
+
+    A child that ends unasked is restarted (``_restart``, from its reader thread) and given
+    the devices again. While it restarts, ``add_lun`` records a new device for the new child to
+    pick up with the others and ``remove_lun`` forgets one. ``stop`` ends a restart too: it
+    interrupts the restart's backoff, and a child started meanwhile is stopped.
+
+    Each child started is an incarnation (``incarnation`` counts them). A region lock belongs
+    to the child that granted it and ends with it, and a new child numbers its locks from 1
+    again: ``lock_region`` therefore returns (incarnation, the child's lock id), and
+    ``unlock_region`` of another incarnation's lock raises ConfigError (the lock was lost when
+    the process restarted) instead of releasing a lock the new child gave someone else."""
 
     def __init__(self, key: str, *, state_dir: str, workers: int = 4, inline_reads: bool = True,
                  log_level: str = "info", zygote: Zygote | None = None):
@@ -186,9 +231,12 @@ class VolumeProcess:
         self.inline_reads = inline_reads
         self.log_level = log_level
         self.restarts = 0
+        self.incarnation = 0            # children started so far: the running one's number
         self._started = 0.0
         self._delay = 0.0
         self._devices: dict = {}        # uio name -> (device, handle) to give a new child
+        self._lun_lock = threading.Lock()      # one add, remove or pickup of a device at a time
+        self._restarting = False               # a child ended; the next has not picked up all
         self._proc = None
         self._sock = None
         self._send_lock = threading.Lock()
@@ -197,22 +245,38 @@ class VolumeProcess:
         self._state_lock = threading.Lock()
         self._stopping = False
         self._ready = threading.Event()        # a child is running and answers
+        self._restarter = None                 # the thread running _restart, if one does
+        self._wake = threading.Event()         # set by stop(): ends a restart's backoff
 
     @property
     def pid(self) -> int | None:
         """The child's process id (None before start)."""
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def restarting(self) -> bool:
+        """Whether a child ended and its successor has not yet been given every device
+        (and no stop came)."""
+        with self._state_lock:
+            return self._restarting and not self._stopping
+
     def start(self):
-        """Start the child process (forked by the zygote, or ``python -m
-        lvmirror.daemon.volumeproc``). OSError when it cannot be started."""
+        """Start the child process: forked by the zygote, or, without one or once it is gone
+        (the zygote logs that once), ``python -m lvmirror.daemon.volumeproc``. OSError when it
+        cannot be started (the zygote alive but unable to fork: ECHILD)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if self.zygote is not None:
-                proc = _ForkedChild(self.zygote.spawn(child.fileno(), self.state_dir,
-                                                      workers=self.workers,
-                                                      inline_reads=self.inline_reads))
-            else:
+            proc = None
+            zygote = self.zygote
+            if zygote is not None and zygote.alive:
+                try:
+                    proc = _ForkedChild(zygote.spawn(child.fileno(), self.state_dir,
+                                                     workers=self.workers,
+                                                     inline_reads=self.inline_reads))
+                except OSError:
+                    if zygote.alive:
+                        raise
+            if proc is None:
                 proc = _spawner.popen(self._argv(child.fileno()), pass_fds=(child.fileno(),),
                                       env=self._env(), stdin=subprocess.DEVNULL)
         except BaseException:
@@ -247,33 +311,56 @@ class VolumeProcess:
         return argv
 
     def _run(self, proc, parent):
-        self._proc, self._sock = proc, parent
-        self._started = time.monotonic()
-        self._ready.set()
+        with self._state_lock:
+            self._proc, self._sock = proc, parent
+            self.incarnation += 1
+            self._started = time.monotonic()
+            self._ready.set()
         threading.Thread(target=self._reader, args=(proc, parent),
                          name=f"volproc-{self.key}", daemon=True).start()
         log.info("volume %s: served by process %d", self.key, proc.pid)
 
     def call(self, method: str, *args, fds=(), **kwargs):
         """Run ``VolumeHost.<method>(*args, **kwargs)`` in the child and return its result
-        (raising what it raised). StateError when the child is not running."""
-        if not self._ready.is_set():
-            raise StateError(f"the process serving volume {self.key} is restarting; try again")
-        call_id = next(self._ids)
+        (raising what it raised). StateError when no child is running (it is being restarted,
+        or was stopped) or it ends before answering, and, for a call in ``READ_ONLY_CALLS``,
+        when it has not answered in ``CALL_TIMEOUT`` seconds (the child is stopped or hung;
+        a late answer is dropped)."""
+        return self._call(method, args, kwargs, fds,
+                          wait=CALL_TIMEOUT if method in READ_ONLY_CALLS else None)[1]
+
+    def _call(self, method, args=(), kwargs=None, fds=(), *, wait=None, incarnation=None):
+        """``call``, waiting at most ``wait`` seconds (None: as long as it takes) for the
+        answer: StateError after that, the call forgotten. Returns (the incarnation of the
+        child that answered, its result). ``incarnation``: only that child may run the call;
+        ConfigError if it is not the one running (it ended: what it held is gone)."""
         slot = [threading.Event(), False, None]
-        sock = self._sock
-        with self._state_lock:
+        call_id = next(self._ids)
+        with self._state_lock:       # the child the slot is failed for if it ends is this one
+            ready = self._ready.is_set()
+            if incarnation is not None and (incarnation != self.incarnation or not ready):
+                raise ConfigError(f"volume {self.key}: the lock was lost when the volume's "
+                                  f"process {'stopped' if self._stopping else 'restarted'}")
+            if not ready:
+                raise _ChildGone(f"the process serving volume {self.key} " + (
+                    "was stopped" if self._stopping else "is restarting; try again"))
+            sock, current = self._sock, self.incarnation
             self._pending[call_id] = slot
         try:
             with self._send_lock:
-                send_msg(sock, ("call", call_id, method, args, kwargs), fds)
+                send_msg(sock, ("call", call_id, method, args, kwargs or {}), fds)
         except OSError:
             with self._state_lock:
                 self._pending.pop(call_id, None)
-            raise StateError(f"the process serving volume {self.key} is gone") from None
-        slot[0].wait()
+            raise _ChildGone(f"the process serving volume {self.key} is gone") from None
+        if not slot[0].wait(wait):
+            with self._state_lock:
+                mine = self._pending.pop(call_id, None)
+            if mine is not None:      # else the answer came meanwhile: it is being set
+                raise StateError(f"the process serving volume {self.key} does not answer")
+            slot[0].wait()
         if slot[1]:
-            return slot[2]
+            return current, slot[2]
         raise slot[2]
 
     def _reader(self, proc, sock):
@@ -288,38 +375,50 @@ class VolumeProcess:
             if slot is not None:
                 slot[1], slot[2] = ok, value if ok else _decode_error(*value)
                 slot[0].set()
-        self._ready.clear()
-        sock.close()
-        rc = proc.wait()
+        me = threading.current_thread()
         with self._state_lock:
+            self._ready.clear()
             pending, self._pending = self._pending, {}
-            stopping = self._stopping
+            restart = not self._stopping
+            if restart:
+                self._restarter = me
+                self._restarting = True
         for slot in pending.values():
-            slot[1], slot[2] = False, StateError(
+            slot[1], slot[2] = False, _ChildGone(
                 f"the process serving volume {self.key} ended")
             slot[0].set()
-        if stopping:
+        sock.close()
+        rc = proc.wait()
+        if not restart:
             return
         how = "status unknown" if rc is None else \
             f"signal {-rc}" if rc < 0 else f"exit status {rc}"
         log.error("volume %s: its process %d ended (%s); starting a new one, which picks up "
                   "its %d LUN(s)", self.key, proc.pid, how, len(self._devices))
-        self._restart()
+        try:
+            self._restart()
+        finally:
+            with self._state_lock:
+                if self._restarter is me:
+                    self._restarter = None
 
     def _restart(self):
         """Start a new child and give it the devices (pickup). The first restart is at once;
         a child that ends within ``RESTART_BACKOFF[1]`` seconds of its start doubles the delay
-        before the next one (from ``RESTART_BACKOFF[0]`` up to ``RESTART_BACKOFF[1]``)."""
+        before the next one (from ``RESTART_BACKOFF[0]`` up to ``RESTART_BACKOFF[1]``). A
+        ``stop`` ends the wait at once and no child is started; a child started while ``stop``
+        came is stopped."""
         lived = time.monotonic() - self._started
         if self.restarts == 0 or lived > RESTART_BACKOFF[1]:
             self._delay = 0.0
         else:
             self._delay = min(max(self._delay * 2, RESTART_BACKOFF[0]), RESTART_BACKOFF[1])
         while True:
+            if self._wake.wait(self._delay):
+                return                          # stop() came during the backoff
             with self._state_lock:
                 if self._stopping:
                     return
-            time.sleep(self._delay)
             self.restarts += 1
             try:
                 self.start()
@@ -327,47 +426,146 @@ class VolumeProcess:
             except OSError as exc:
                 log.error("volume %s: restarting its process failed: %s", self.key, exc)
                 self._delay = min(max(self._delay * 2, RESTART_BACKOFF[0]), RESTART_BACKOFF[1])
-        # a device the new child cannot open is logged and left, as at lvmirrord's start; if
-        # the child itself dies meanwhile, its reader thread restarts it again
-        for device, handle in list(self._devices.values()):
-            try:
-                self._add(device, pickup=True, handle=handle)
-            except (OSError, LvmirrorError) as exc:
-                log.error("volume %s: cannot pick up %s (%s) again: %s", self.key,
-                          device.dev_name, device.uio_name, exc)
+        with self._state_lock:
+            stopping = self._stopping
+        if stopping:                            # stop() came while the child started
+            self._stop_child(STOP_TIMEOUT)
+            return
+        self._pickup()
+
+    def _pickup(self):
+        """Give the new child every device, one at a time, until none is left that it has not
+        been given: those added while this runs too (``add_lun`` records them under the same
+        lock). A device the child cannot open is logged and left, as at lvmirrord's start.
+        Ends early on ``stop``, or when this child ends too (its own restart picks up)."""
+        me = threading.current_thread()
+        given = set()
+        while True:
+            with self._lun_lock:
+                with self._state_lock:
+                    if self._stopping or self._restarter is not me:
+                        return
+                    todo = next(((u, dev, h) for u, (dev, h) in self._devices.items()
+                                 if u not in given), None)
+                    if todo is None:
+                        self._restarting = False    # add_lun goes to the child from now
+                        return
+                uio_name, device, handle = todo
+                given.add(uio_name)
+                try:
+                    self._add(device, pickup=True, handle=handle)
+                except _ChildGone:
+                    pass                            # this child ended too: it is restarted
+                except Exception as exc:
+                    log.error("volume %s: cannot pick up %s (%s) again: %s", self.key,
+                              device.dev_name, device.uio_name, exc,
+                              exc_info=not isinstance(exc, (OSError, LvmirrorError)))
 
     def _add(self, device, *, pickup, handle):
         fds, meta = handle.transfer() if handle is not None else ((), None)
         return self.call("add_lun", device, pickup=pickup, fds=fds, handle_meta=meta)
 
     def add_lun(self, device, *, pickup: bool = False, handle=None) -> dict:
-        """``VolumeHost.add_lun`` in the child; ``handle`` must offer ``transfer()`` (the ring
-        emulator's does). The device is remembered for a restarted child."""
-        info = self._add(device, pickup=pickup, handle=handle)
-        self._devices[device.uio_name] = (device, handle)
+        """``VolumeHost.add_lun`` in the child: serve ``device`` (a ``uio.UioDevice``);
+        ``handle``: an open ring offering ``transfer()`` (the ring emulator's), or None for the
+        child to open the uio device. Returns ``{"name", "uio", "error"}`` (``error``: why the
+        LUN answers NOT READY, or None). The device is remembered for a restarted child.
+
+        While the child restarts (or when it ends during this call) the device is only
+        recorded: the restart gives it to the new child with the others (with ``pickup``),
+        and this returns ``error`` None at once (a failure to open it then is logged). OSError
+        when the child cannot open the device; StateError after ``stop``."""
+        with self._lun_lock:
+            with self._state_lock:
+                if self._stopping:
+                    raise _ChildGone(f"the process serving volume {self.key} was stopped")
+                deferred = self._restarting
+            info = None
+            if not deferred:
+                try:
+                    info = self._add(device, pickup=pickup, handle=handle)
+                except _ChildGone:          # it ended: unless stopped, it is being restarted
+                    with self._state_lock:
+                        if self._stopping:
+                            raise
+            self._devices[device.uio_name] = (device, handle)
+        if info is None:
+            log.info("volume %s: LUN %s (%s) is served once its process has restarted",
+                     self.key, device.dev_name, device.uio_name)
+            info = {"name": device.dev_name, "uio": device.uio_name, "error": None}
         return info
 
     def remove_lun(self, uio_name: str) -> bool:
-        """``VolumeHost.remove_lun`` in the child."""
-        self._devices.pop(uio_name, None)
-        return self.call("remove_lun", uio_name)
+        """Stop serving the device ``uio_name``: forget it (a restart no longer picks it up)
+        and have the child, if one runs, drain and release it (``VolumeHost.remove_lun``).
+        Returns whether it was given to this process. Forgotten even when no child runs or the
+        child ends meanwhile; errors of the child's ``remove_lun`` are raised."""
+        with self._lun_lock:
+            known = self._devices.pop(uio_name, None) is not None
+            try:
+                self.call("remove_lun", uio_name)
+            except _ChildGone:
+                pass                    # no child holds it; none will be given it
+        return known
+
+    def lock_region(self, name, lba, count, *, shared=False, timeout=None, owner):
+        """``VolumeHost.lock_region`` in the child: lock ``count`` blocks at ``lba`` of volume
+        ``name`` for ``owner``, waiting at most ``timeout`` seconds (None: as long as it takes;
+        TimeoutError after). Returns the lock's id, (incarnation, the child's lock id), for
+        ``unlock_region``. ConfigError as VolumeHost raises it; StateError when no child runs
+        or it ends meanwhile (the lock, if granted, ended with it)."""
+        return self._call("lock_region", (name, lba, count),
+                          dict(shared=shared, timeout=timeout, owner=owner))
+
+    def unlock_region(self, lock_id, *, owner):
+        """Release the lock ``lock_id`` (from ``lock_region``: (incarnation, the child's lock
+        id)) held by ``owner``. ConfigError when ``owner`` does not hold it, or when it was
+        granted by a child that has ended since (the lock was lost when the volume's process
+        restarted or stopped)."""
+        try:
+            incarnation, local_id = lock_id
+        except (TypeError, ValueError):
+            raise ConfigError(f"no lock {lock_id!r} held by {owner}") from None
+        self._call("unlock_region", (local_id,), dict(owner=owner), incarnation=incarnation)
+
+    def list_locks(self, name) -> dict:
+        """``VolumeHost.list_locks`` in the child (a read-only call: StateError after
+        ``CALL_TIMEOUT`` seconds without an answer), its ``external_lock_ids`` given as
+        ``lock_region`` returns them: (incarnation, the child's lock id)."""
+        incarnation, info = self._call("list_locks", (name,), wait=CALL_TIMEOUT)
+        info["external_lock_ids"] = [(incarnation, lid) for lid in info["external_lock_ids"]]
+        return info
 
     def serves(self) -> bool:
-        """Whether any LUN is still given to this process."""
+        """Whether any LUN is still given to this process (its restart included)."""
         return bool(self._devices)
 
     def stop(self, timeout: float = STOP_TIMEOUT):
-        """Stop every LUN of the child (each drains and completes its in-flight commands), then
-        the child; SIGKILL if it has not ended after ``timeout`` seconds."""
+        """Stop for good, whatever the state: a pending restart starts no child (its backoff
+        ends at once); a running child stops every LUN (each drains and completes its in-flight
+        commands) and ends, SIGKILLed if it has not ended ``timeout`` seconds after it answered
+        (the drain itself has no time limit). A restart starting a child as ``stop`` comes is
+        waited for up to ``timeout`` seconds; the child it started is stopped the same way.
+        Returns at once when no child runs; raises nothing but what a failing ``kill`` would."""
         with self._state_lock:
             self._stopping = True
-        proc = self._proc
+            restarter = self._restarter
+        self._wake.set()
+        if restarter is not None and restarter is not threading.current_thread():
+            restarter.join(timeout)     # it starts no child now, or stops the one it started
+        self._stop_child(timeout)
+
+    def _stop_child(self, timeout: float):
+        """Ask the running child, if any, to stop (it answers once its LUNs are drained) and
+        wait for it to end; SIGKILL it if it has not ``timeout`` seconds after answering."""
+        with self._state_lock:
+            proc = self._proc if self._ready.is_set() else None
         if proc is None:
             return
         try:
-            self.call("stop")
+            self._call("stop")
         except LvmirrorError:
-            pass
+            pass                        # it ended already
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -375,6 +573,15 @@ class VolumeProcess:
                       proc.pid, timeout)
             proc.kill()
             proc.wait()
+
+
+def _pid_gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (it is a zombie, or not there at all)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 class _ForkedChild:
@@ -385,11 +592,7 @@ class _ForkedChild:
         self.pid = pid
 
     def _gone(self) -> bool:
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-        except (FileNotFoundError, ProcessLookupError):
-            return True
+        return _pid_gone(self.pid)
 
     def wait(self, timeout: float | None = None):
         """Wait until the process has ended (its descriptors, the uio device's among them,
@@ -540,7 +743,9 @@ class Zygote:
 
     Forking lvmirrord itself once its netlink and D-Bus threads run would copy locks those
     threads may hold; the zygote has one thread. It dies with lvmirrord, its children die with
-    it (PR_SET_PDEATHSIG both), and it reaps them itself (SIGCHLD ignored)."""
+    it (PR_SET_PDEATHSIG both), and it reaps them itself (SIGCHLD ignored). Should it die
+    anyway (killed, out of memory), ``alive`` turns False, ``spawn`` raises OSError (ECHILD),
+    and ``VolumeProcess.start`` starts new Python processes instead."""
 
     def __init__(self):
         """Fork the zygote now (call with one thread running). OSError if fork fails."""
@@ -558,23 +763,52 @@ class Zygote:
         zygote_end.close()
         self.pid = pid
         self._sock = parent_end
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()           # one spawn at a time on the socket
+        self._dead_lock = threading.Lock()
+        self._dead = False                      # gone (found dead, or closed)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the zygote can still fork volume processes: False once it was found dead
+        (a spawn failed on its socket, or its process has ended) or closed."""
+        if not self._dead and _pid_gone(self.pid):
+            self._mark_dead("its process has ended")
+        return not self._dead
+
+    def _mark_dead(self, why: str):
+        """The zygote is gone: say so once (volume processes start the slow way from now)."""
+        with self._dead_lock:
+            if self._dead:
+                return
+            self._dead = True
+        log.error("the zygote process %d is gone (%s): volume processes are started as new "
+                  "Python processes from now on, which takes seconds instead of milliseconds",
+                  self.pid, why)
 
     def spawn(self, sock_fd: int, state_dir: str, *, workers: int, inline_reads: bool) -> int:
         """Fork a volume process serving the socket ``sock_fd`` (passed by SCM_RIGHTS); returns
-        its pid. OSError (ECHILD) when the zygote is gone or could not fork."""
+        its pid. OSError (ECHILD) when the zygote is gone (``alive`` is False from then on) or
+        could not fork."""
         with self._lock:
+            if self._dead:
+                raise OSError(errno.ECHILD, "the zygote process is gone")
             try:
                 send_msg(self._sock, (state_dir, workers, inline_reads), [sock_fd])
                 (ok, value), _ = recv_msg(self._sock)
-            except EOFError:
+            except (EOFError, OSError) as exc:
+                self._mark_dead(f"its socket: {exc}")
                 raise OSError(errno.ECHILD, "the zygote process is gone") from None
         if not ok:
             raise OSError(errno.ECHILD, f"the zygote could not fork: {value}")
         return value
 
     def close(self):
-        """End the zygote (its children are not affected until they are told to stop)."""
+        """End the zygote: it sees its socket close and exits, and the kernel then SIGKILLs
+        every volume process it forked that still runs (their ``PR_SET_PDEATHSIG`` names the
+        zygote), so stop those first. The zygote is this process's child: reap it
+        (``os.waitpid(zygote.pid, 0)``). ``alive`` is False after."""
+        with self._dead_lock:
+            self._dead = True
         self._sock.close()
 
 

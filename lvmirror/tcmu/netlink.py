@@ -12,13 +12,17 @@ own subtype, and never sends SET_FEATURES itself: the LUNs it creates or validat
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 import select
 import threading
 
 from pyroute2.netlink import NLM_F_REQUEST, genlmsg
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 
+from lvmirror.errors import ConfigError
 from lvmirror.tcmu import abi
 from lvmirror.tcmu.uio import parse_uio_name
 
@@ -140,11 +144,22 @@ class TcmuNetlink:
 
     def start(self, callback) -> None:
         """Bind to family TCM-USER, join its ``config`` group and start the listener thread, which
-        calls ``callback(event)`` for every event ``decode_event`` returns. Raises pyroute2's
-        error, the socket closed, when the family is missing (target_core_user not loaded)."""
+        calls ``callback(event)`` for every event ``decode_event`` returns. ConfigError when the
+        family is not there (target_core_user not loaded: the message says to load it);
+        OSError with the kernel's errno when the lookup fails otherwise (EPERM...). The socket
+        is closed when it raises."""
         sock = GenericNetlinkSocket()
+        sock.module_err_level = "debug"     # pyroute2's own log lines: our error says it all
         try:
-            sock.bind(abi.GENL_FAMILY, tcmu_msg)
+            try:
+                sock.bind(abi.GENL_FAMILY, tcmu_msg)
+            except NetlinkError as exc:
+                if exc.code == errno.ENOENT:
+                    raise ConfigError(
+                        f"the {abi.GENL_FAMILY} netlink family is not there: load "
+                        f"target_core_user (modprobe target_core_user)") from None
+                raise OSError(exc.code, f"cannot look up the {abi.GENL_FAMILY} netlink family: "
+                              f"{os.strerror(exc.code)}") from None
             sock.add_membership(abi.GENL_MCGRP_CONFIG)
         except Exception:
             sock.close()

@@ -2,18 +2,24 @@
 (``python -m lvmirror.daemon.volumeproc``) serve rings played by the ring emulator, whose
 descriptors travel to them over the control socket, as a uio device's would be opened there."""
 
+import errno
+import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from lvmirror.daemon import Lvmirrord
-from lvmirror.daemon.volumeproc import Zygote
-from lvmirror.errors import ConfigError, StateError
+from lvmirror.daemon import volumeproc
+from lvmirror.daemon.volumeproc import VolumeProcess, Zygote, _decode_error, _encode_error
+from lvmirror.errors import ConfigError, ImageIOError, LvmirrorError, StateError
+from lvmirror.mirror.regionlock import LockCancelled
 from lvmirror.scsi import parse_sense
 from lvmirror.tcmu import uio
 from lvmirror.tcmu.emulator import RingEmulator
@@ -270,3 +276,355 @@ def test_many_laps_of_a_small_ring_at_queue_depth_16(gw, tmp_path):
     assert all(c.status == 0 for c in emu.completions.values())
     lun = gw.status()["luns"][0]
     assert lun["commands"] == total and lun["error"] is None
+
+
+@pytest.mark.parametrize("exc", [
+    TimeoutError("region lock 'v': exclusive [0, +8) not granted within 0.2 s"),
+    TimeoutError(errno.ETIMEDOUT, "Connection timed out"),
+    FileNotFoundError(errno.ENOENT, "No such file or directory", "/no/such/image"),
+    ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+    OSError(errno.EIO, "Input/output error"),
+    ValueError("lock range count must be >= 1, got 0"),
+    LockCancelled("region lock 'v' [0, +8) for owner ('bus', ':1.9') cancelled: owner released"),
+    ConfigError("no volume 'x' is open"),
+    StateError("image 2 is split"),
+], ids=lambda e: type(e).__name__)
+def test_an_error_keeps_its_class_and_message_across_the_process_boundary(exc):
+    got = _decode_error(*pickle.loads(pickle.dumps(_encode_error(exc))))
+    assert type(got) is type(exc)
+    assert str(got) == str(exc)
+    if isinstance(exc, OSError):
+        assert (got.errno, got.strerror, got.filename) == (exc.errno, exc.strerror, exc.filename)
+
+
+@pytest.mark.parametrize("exc", [json.JSONDecodeError("Expecting value", "x", 0),
+                                 ImageIOError(1, errno.EIO, "image 1: read failed")],
+                         ids=lambda e: type(e).__name__)
+def test_an_error_that_cannot_keep_its_class_becomes_an_lvmirror_error_naming_it(exc):
+    got = _decode_error(*pickle.loads(pickle.dumps(_encode_error(exc))))
+    assert type(got) is LvmirrorError
+    assert str(got) == f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_region_lock_timeouts_and_cancels_keep_their_class(gw, tmp_path):
+    """A lock_region that times out raises TimeoutError, one whose owner leaves the bus while
+    it waits LockCancelled, in lvmirrord as in the volume's process."""
+    imgs = [str(tmp_path / f"t{k}") for k in range(2)]
+    gw.add(f"vt;images={'+'.join(imgs)}")
+    gw.lock_region("vt", 0, 8, owner=("bus", ":1.1"))
+    with pytest.raises(TimeoutError, match=r"not granted within 0.2 s"):
+        gw.lock_region("vt", 0, 8, timeout=0.2, owner=("bus", ":1.2"))
+    got = []
+
+    def wait_for_lock():
+        try:
+            gw.lock_region("vt", 4, 8, owner=("bus", ":1.3"))
+        except Exception as exc:
+            got.append(exc)
+    t = threading.Thread(target=wait_for_lock)
+    t.start()
+    wait_for(lambda: gw.list_locks("vt")["waiters"], what="the request waiting")
+    gw.release_owner(("bus", ":1.3"))
+    t.join(30)
+    assert not t.is_alive()
+    assert len(got) == 1 and type(got[0]) is LockCancelled, got
+
+
+def test_a_dead_zygote_leaves_volume_processes_to_start_as_new_pythons(tmp_path, monkeypatch,
+                                                                        caplog):
+    """A zygote that died (its children die with it) fails its spawns with ECHILD; the volume
+    processes are started the slow way from then on, and that is logged once."""
+    monkeypatch.setenv("PYTHONPATH", ROOT)
+    z = Zygote()
+    os.kill(z.pid, signal.SIGKILL)
+    os.waitpid(z.pid, 0)
+    a, b = socket.socketpair()
+    with caplog.at_level("ERROR", logger="lvmirrord"):
+        try:
+            for _ in range(2):
+                with pytest.raises(OSError) as ei:
+                    z.spawn(b.fileno(), str(tmp_path), workers=1, inline_reads=True)
+                assert ei.value.errno == errno.ECHILD
+            assert not z.alive
+        finally:
+            a.close()
+            b.close()
+        vps = []
+        try:
+            for k in range(2):
+                vp = VolumeProcess(f"v{k}", state_dir=str(tmp_path / "state"), zygote=z)
+                vp.start()
+                vps.append(vp)
+                assert isinstance(vp._proc, subprocess.Popen)     # python -m ...volumeproc
+                assert vp.call("volume_names") == []
+        finally:
+            for vp in vps:
+                vp.stop()
+            z.close()
+    gone = [r for r in caplog.records if "zygote" in r.getMessage()]
+    assert len(gone) == 1 and "gone" in gone[0].getMessage()
+
+
+def restart_threads(host):
+    """The threads of ``host`` (a VolumeProcess) still alive: its readers, which restart it."""
+    return [t for t in threading.enumerate() if t.name == f"volproc-{host.key}" and t.is_alive()]
+
+
+def kill_into_backoff(host, monkeypatch):
+    """SIGKILL ``host``'s child with a 60-second restart backoff ahead (a restart that is not
+    its first); returns the dead child's pid once lvmirrord has seen it end."""
+    monkeypatch.setattr(volumeproc, "RESTART_BACKOFF", (60.0, 60.0))
+    host.restarts = 1
+    old = host.pid
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not host._ready.is_set(), what="the child seen dead")
+    return old
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_a_stop_during_a_restart_backoff_ends_it_and_starts_nothing(gw, tmp_path, monkeypatch):
+    imgs = [str(tmp_path / f"s{k}") for k in range(2)]
+    gw.add(f"vs;images={'+'.join(imgs)}")
+    host = gw._hosts["vs"]
+    old = kill_into_backoff(host, monkeypatch)
+    host.stop()                                  # no error, and the backoff ends with it
+    deadline = time.monotonic() + 10
+    for t in restart_threads(host):
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not restart_threads(host), "the restart still waits after stop()"
+    assert host.pid == old and host.restarts == 1          # no child was started
+    with pytest.raises(StateError, match="was stopped"):
+        host.call("status")
+
+
+@pytest.mark.parametrize("gw", ["zygote", "exec"], indirect=True)
+def test_a_child_started_as_stop_comes_is_stopped(gw, tmp_path, monkeypatch):
+    imgs = [str(tmp_path / f"r{k}") for k in range(2)]
+    gw.add(f"vr;images={'+'.join(imgs)}")
+    host = gw._hosts["vr"]
+    entered, release = threading.Event(), threading.Event()
+    real_start = host.start
+
+    def held_start():
+        entered.set()
+        release.wait(30)
+        real_start()
+    monkeypatch.setattr(host, "start", held_start)
+    old = host.pid
+    os.kill(old, signal.SIGKILL)
+    assert entered.wait(30), "no restart"
+    stopper = threading.Thread(target=host.stop)
+    stopper.start()
+    wait_for(lambda: host._stopping, what="stop() begun")
+    release.set()                                # the restart's child starts now
+    stopper.join(60)
+    assert not stopper.is_alive()
+    wait_for(lambda: not restart_threads(host), what="the restart over")
+    assert host.pid != old and host.restarts == 1          # a child was started...
+    wait_for(lambda: volumeproc._pid_gone(host.pid), what="that child ended")     # ...and stopped
+
+
+def test_lvmirrord_stops_every_volume_while_one_waits_to_restart(gw, tmp_path, monkeypatch):
+    """A volume process waiting to restart (its LUN cannot be removed through it) does not keep
+    lvmirrord's stop from stopping the other volumes cleanly, nor is it restarted after."""
+    a = [str(tmp_path / f"a{k}") for k in range(2)]
+    b = [str(tmp_path / f"b{k}") for k in range(2)]
+    gw.add(f"va;images={'+'.join(a)}")
+    gw.add(f"vb;images={'+'.join(b)}")
+    wait_for(lambda: in_sync(gw, "va") and in_sync(gw, "vb"), what="initial sync")
+    host_a, host_b = gw._hosts["va"], gw._hosts["vb"]
+    proc_b = host_b._proc
+    old = kill_into_backoff(host_a, monkeypatch)
+    gw.stop()
+    proc_b.wait(30)
+    with open(os.path.join(gw.state_dir, "vb", "volume.json")) as f:
+        assert json.load(f)["clean_shutdown"] is True
+    wait_for(lambda: not restart_threads(host_a), timeout=10, what="va's restart given up")
+    assert host_a.pid == old and gw._hosts == {}
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_a_hung_volume_process_does_not_hold_up_status(gw, tmp_path, monkeypatch):
+    """A child that does not answer (SIGSTOP: hung) is left out of status() after the read-only
+    calls' bounded wait, instead of blocking it for ever; once it answers again, it is back."""
+    monkeypatch.setattr(volumeproc, "CALL_TIMEOUT", 0.5)
+    a = [str(tmp_path / f"a{k}") for k in range(2)]
+    b = [str(tmp_path / f"b{k}") for k in range(2)]
+    gw.add(f"va;images={'+'.join(a)}")
+    gw.add(f"vb;images={'+'.join(b)}")
+    host = gw._hosts["va"]
+    got = []
+    os.kill(host.pid, signal.SIGSTOP)
+    try:
+        t = threading.Thread(target=lambda: got.append(gw.status()))
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "status() waits for a hung volume process"
+        assert sorted(got[0]["volumes"]) == ["vb"]
+        with pytest.raises(StateError, match="volume va does not answer"):
+            host.list_locks("va")
+        assert host._pending == {}               # the calls that timed out are forgotten
+    finally:
+        os.kill(host.pid, signal.SIGCONT)
+        t.join(30)
+    wait_for(lambda: sorted(gw.status()["volumes"]) == ["va", "vb"], what="va answering again")
+
+
+def hold_restart(host, monkeypatch):
+    """Make ``host``'s next start wait: returns (entered, release) events."""
+    entered, release = threading.Event(), threading.Event()
+    real_start = host.start
+
+    def held_start():
+        entered.set()
+        release.wait(30)
+        real_start()
+    monkeypatch.setattr(host, "start", held_start)
+    return entered, release
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_a_lun_added_while_its_volume_process_restarts_is_served_by_the_new_one(
+        gw, tmp_path, monkeypatch):
+    imgs = [str(tmp_path / f"n{k}") for k in range(2)]
+    emu, _, _ = gw.add(f"vn;images={'+'.join(imgs)}")
+    wait_for(lambda: in_sync(gw, "vn"), what="initial sync")
+    write(emu, 0, b"1" * 4096)
+    gw.split("vn", 1)
+    write(emu, 0, b"2" * 4096)
+    host = gw._hosts["vn"]
+    entered, release = hold_restart(host, monkeypatch)
+    old = host.pid
+    os.kill(old, signal.SIGKILL)
+    assert entered.wait(30), "no restart"
+    emu_x, dev_x, info_x = gw.add("vn;image=1;readonly=1")     # no child runs now
+    assert info_x == {"name": dev_x.dev_name, "uio": dev_x.uio_name, "error": None}
+    assert gw.serves(dev_x.uio_name) and host.restarting
+    release.set()
+    wait_for(lambda: not host.restarting, what="the restart's pickup")
+    assert host.pid != old
+    assert sorted(lun["uio"] for lun in gw.status()["luns"]) == ["uio0", "uio1"]
+    assert read(emu_x, 0, 8) == b"1" * 4096          # the split image, served by the new child
+    assert read(emu, 0, 8) == b"2" * 4096
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_a_lun_added_while_the_restart_picks_up_is_served_too(gw, tmp_path, monkeypatch):
+    imgs = [str(tmp_path / f"p{k}") for k in range(2)]
+    emu, _, _ = gw.add(f"vp;images={'+'.join(imgs)}")
+    wait_for(lambda: in_sync(gw, "vp"), what="initial sync")
+    write(emu, 0, b"1" * 4096)
+    gw.split("vp", 1)
+    host = gw._hosts["vp"]
+    entered, release = threading.Event(), threading.Event()
+    real_add = host._add
+
+    def held_add(device, *, pickup, handle):
+        if pickup and not entered.is_set():          # the restart's first pickup waits
+            entered.set()
+            release.wait(30)
+        return real_add(device, pickup=pickup, handle=handle)
+    monkeypatch.setattr(host, "_add", held_add)
+    os.kill(host.pid, signal.SIGKILL)
+    assert entered.wait(30), "no pickup"
+    added = []
+    t = threading.Thread(target=lambda: added.append(gw.add("vp;image=1;readonly=1")))
+    t.start()
+    release.set()
+    t.join(30)
+    assert not t.is_alive() and added[0][2]["error"] is None
+    wait_for(lambda: not host.restarting, what="the restart's pickup")
+    assert len(gw.status()["luns"]) == 2
+    assert read(added[0][0], 0, 8) == b"1" * 4096
+
+
+def test_a_lun_event_failing_with_any_lvmirror_error_is_answered(tmp_path, monkeypatch, caplog):
+    """An error of the volume's host (a StateError...) is logged and answered with an error
+    status, not left to escape the netlink thread with the kernel's configfs write waiting."""
+    from lvmirror.tcmu import netlink
+    roots = fake_device(tmp_path / "dev", 3, "tcm-user/1/lun3/lvmirror/v")
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, **roots)
+    replies = []
+
+    class Netlink:
+        def reply(self, event, status):
+            replies.append((event, status))
+    d._netlink = Netlink()
+
+    def add_lun(device, **_):
+        raise StateError("the process serving volume v cannot be started")
+    monkeypatch.setattr(d, "add_lun", add_lun)
+    event = netlink.DeviceAdded(3, "tcm-user/1/lun3/lvmirror/v", 7)
+    with caplog.at_level("ERROR", logger="lvmirrord"):
+        d._on_event(event)
+    assert replies == [(event, -errno.EIO)]
+    assert "cannot be started" in caplog.text
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_removing_the_last_lun_during_a_restart_backoff_ends_the_volume_process(
+        gw, tmp_path, monkeypatch):
+    imgs = [str(tmp_path / f"z{k}") for k in range(2)]
+    _, dev, _ = gw.add(f"vz;images={'+'.join(imgs)}")
+    host = gw._hosts["vz"]
+    old = kill_into_backoff(host, monkeypatch)
+    gw.remove_lun(dev.uio_name)
+    assert not gw.serves(dev.uio_name) and "vz" not in gw._hosts
+    wait_for(lambda: not restart_threads(host), timeout=10, what="the restart given up")
+    assert host.pid == old and host.restarts == 1 and not host.serves()
+
+
+@pytest.mark.parametrize("gw", ["zygote"], indirect=True)
+def test_a_lock_id_from_before_a_restart_does_not_release_a_lock_taken_after(
+        gw, tmp_path, monkeypatch):
+    """The restarted child numbers its locks from 1 again: unlocking a lock the dead child
+    granted says it was lost, and leaves the lock the new child granted (same owner) held."""
+    imgs = [str(tmp_path / f"l{k}") for k in range(2)]
+    gw.add(f"vl;images={'+'.join(imgs)}")
+    wait_for(lambda: in_sync(gw, "vl"), what="initial sync")
+    owner = ("bus", ":1.7")
+    before = gw.lock_region("vl", 0, 8, owner=owner)
+    host = gw._hosts["vl"]
+    old = host.pid
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: host.pid != old and not host.restarting, what="the restart")
+    wait_for(lambda: "vl" in gw.status()["volumes"], what="the volume served again")
+    after = gw.lock_region("vl", 64, 8, owner=owner)
+    assert after != before
+    locks = gw.list_locks("vl")
+    assert locks["external_lock_ids"] == [after]
+    with pytest.raises(ConfigError, match="lost when the volume's process restarted"):
+        gw.unlock_region(before, owner=owner)
+    locks = gw.list_locks("vl")
+    assert [(h["lba"], h["count"], h["owner"]) for h in locks["holders"]] == \
+        [(64, 8, "D-Bus :1.7")]
+    assert locks["external_lock_ids"] == [after]
+    with pytest.raises(ConfigError, match=f"no lock {before} held"):
+        gw.unlock_region(before, owner=owner)    # forgotten
+    gw.unlock_region(after, owner=owner)
+    assert gw.list_locks("vl")["holders"] == []
+
+
+def test_region_locks_of_one_process_lvmirrord(tmp_path):
+    """Without --processes the ids are the VolumeHost's own and work the same way."""
+    imgs = [str(tmp_path / f"o{k}") for k in range(2)]
+    roots = fake_device(tmp_path / "dev", 0,
+                        f"tcm-user/1/lun0/lvmirror/vo;images={'+'.join(imgs)}", info_size=SIZE)
+    (dev,) = uio.find_devices("lvmirror", **roots)
+    emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=4 << 20)
+    emu.run_reaper()
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, **roots)
+    try:
+        assert d.add_lun(dev, handle=emu.handle())["error"] is None
+        wait_for(lambda: in_sync(d, "vo"), what="initial sync")
+        owner = ("bus", ":1.5")
+        lid = d.lock_region("vo", 0, 8, owner=owner)
+        assert d.list_locks("vo")["external_lock_ids"] == [lid]
+        with pytest.raises(ConfigError):
+            d.unlock_region(lid, owner=("bus", ":1.6"))
+        d.unlock_region(lid, owner=owner)
+        assert d.list_locks("vo") == {"holders": [], "waiters": [], "external_lock_ids": []}
+    finally:
+        d.stop()
+        emu.close()

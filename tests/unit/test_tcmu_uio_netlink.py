@@ -1,7 +1,10 @@
 """uio discovery against a fake sysfs/configfs tree; TCM-USER message encoding with pyroute2's
 own encoder. The live device and socket are proven in the kernel lab."""
 
+import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -168,3 +171,57 @@ def test_acks_and_foreign_messages_are_not_events():
     assert netlink.decode_event(parsed) is None
     # a TCM-USER message without a minor (malformed) is not an event either
     assert netlink.decode_event(kernel_event(abi.GenlCommand.ADDED_DEVICE, device="x")) is None
+
+
+def _lookup_fails(monkeypatch, code):
+    from pyroute2.netlink.exceptions import NetlinkError
+    closed = []
+
+    def bind(self, proto, msg_class, *args, **kwargs):
+        raise NetlinkError(code, os.strerror(code))
+    real_close = netlink.GenericNetlinkSocket.close
+
+    def close(self, *args, **kwargs):
+        closed.append(self)
+        return real_close(self, *args, **kwargs)
+    monkeypatch.setattr(netlink.GenericNetlinkSocket, "bind", bind)
+    monkeypatch.setattr(netlink.GenericNetlinkSocket, "close", close)
+    return closed
+
+
+def test_a_missing_tcm_user_family_says_to_load_target_core_user(monkeypatch):
+    closed = _lookup_fails(monkeypatch, errno.ENOENT)
+    listener = netlink.TcmuNetlink()
+    with pytest.raises(ConfigError) as ei:
+        listener.start(lambda event: None)
+    assert str(ei.value) == ("the TCM-USER netlink family is not there: load target_core_user "
+                             "(modprobe target_core_user)")
+    assert len(closed) == 1
+
+
+def test_another_family_lookup_failure_is_an_oserror_with_its_errno(monkeypatch):
+    closed = _lookup_fails(monkeypatch, errno.EPERM)
+    with pytest.raises(OSError) as ei:
+        netlink.TcmuNetlink().start(lambda event: None)
+    assert ei.value.errno == errno.EPERM and "TCM-USER" in str(ei.value)
+    assert len(closed) == 1
+
+
+def test_lvmirrord_without_target_core_user_exits_with_the_message_not_a_traceback(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import errno, sys\n"
+            "from pyroute2.netlink.exceptions import NetlinkError\n"
+            "from pyroute2.netlink.generic import GenericNetlinkSocket\n"
+            "def bind(self, *args, **kwargs):\n"
+            "    raise NetlinkError(errno.ENOENT, 'No such file or directory')\n"
+            "GenericNetlinkSocket.bind = bind\n"
+            "from lvmirror.daemon.main import main\n"
+            f"sys.exit(main(['--no-dbus', '--processes', '--state-dir', {str(tmp_path)!r}]))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
+    env["PYTHONPATH"] = root
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert "the TCM-USER netlink family is not there: load target_core_user " \
+           "(modprobe target_core_user)" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
