@@ -128,7 +128,10 @@ class Lvmirrord:
             names = {device.uio_name for device in found}
             for uio_name in [n for n in self._lun_hosts if n not in names]:
                 log.info("LUN on %s is gone", uio_name)
-                self.remove_lun(uio_name)
+                try:
+                    self.remove_lun(uio_name)
+                except (OSError, LvmirrorError) as exc:
+                    log.error("stopping the LUN on %s: %s", uio_name, exc)
 
     def _drop_if_idle(self, host):
         """Stop a volume process that serves no LUN any more, whatever its state (call with
