@@ -14,7 +14,7 @@ the worker pool and the image workers.
 With ``--scaling N`` it measures N LUNs against one instead: aggregate commands per second of
 N 2-image volumes under 4 KiB random writes, each LUN fed by a forked process of its own playing
 the kernel (so the load is not capped by this one), with lvmirrord as one process and as a
-process per volume (``--processes``), and the ratio aggregate / (N x one LUN).
+process per volume (the default), and the ratio aggregate / (N x one LUN).
 
 Usage: .venv/bin/python bench/bench_datapath.py [--seconds 3] [--qd 32] [--dir /dev/shm]
        [--jobs write,read,read1m] [--scaling N]
@@ -193,7 +193,7 @@ SCALE_SIZE = 64 << 20
 def scaling(args, work):
     """Aggregate commands per second of N LUNs (each a 2-image volume under QD 4 KiB random
     writes, each fed by its own process playing the kernel) against one LUN, with lvmirrord
-    as one process (its default) and with a process per volume (``--processes``).
+    as one process (``--no-processes``) and with a process per volume (the default).
     Prints cmd/s, lvmirrord's CPU us per command and the ratio aggregate / (N x one)."""
     import socket
     from lvmirror.daemon import Lvmirrord
@@ -205,7 +205,7 @@ def scaling(args, work):
           f"at QD {args.qd}, {args.seconds:g} s; every LUN's load from a process of its own")
     results = {}
     for processes in (False, True):
-        label = "a process per volume (--processes)" if processes else "one process (default)"
+        label = "a process per volume (default)" if processes else "one process (--no-processes)"
         for n in (1, n_max):
             drivers = []
             for k in range(n):

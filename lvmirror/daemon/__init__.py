@@ -7,8 +7,8 @@ lvmirrord serves every ``user:lvmirror`` backstore on the host:
   kernel is not waiting);
 * at start-up it picks up the devices that already exist, so a restart under a live LUN loses
   nothing;
-* with ``--processes`` every volume is served by a process of its own (``volumeproc``), so busy
-  volumes use several cores; by default lvmirrord serves them all itself;
+* every volume is served by a process of its own (``volumeproc``), so busy volumes use several
+  cores (``--no-processes``: lvmirrord serves them all itself);
 * each LUN has a ring thread that fetches every available command from the TCMU ring, hands it
   to the LUN's own worker pool (a slow image or a long resync never stalls another LUN),
   collects completions and tells the kernel once per batch;

@@ -1,9 +1,8 @@
 """One process's share of lvmirrord: the LUNs it serves, the volumes they open, and the
 management calls on those volumes (split, resync, restore, attach, detach, backup, region locks).
 
-With ``lvmirrord --processes`` each volume has a process of its own
-(``lvmirror.daemon.volumeproc``) running one ``VolumeHost``; by default one ``VolumeHost`` in
-lvmirrord serves every volume. Either way ``Lvmirrord`` routes a management call to the host of its volume.
+lvmirrord gives each volume a process of its own (``lvmirror.daemon.volumeproc``) running one
+``VolumeHost``; with ``--no-processes`` one ``VolumeHost`` in lvmirrord serves every volume. Either way ``Lvmirrord`` routes a management call to the host of its volume.
 """
 
 from __future__ import annotations

@@ -45,9 +45,10 @@ def main(argv=None):
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.add_argument("--no-dbus", action="store_true", help="do not start the D-Bus service")
-    parser.add_argument("--processes", action="store_true",
+    parser.add_argument("--processes", action=argparse.BooleanOptionalAction, default=True,
                         help="serve every volume from a process of its own, so busy volumes "
-                             "use several cores (default: every volume in this process)")
+                             "use several cores (the default); --no-processes: every volume "
+                             "in lvmirrord itself")
     parser.add_argument("--version", action="version", version=f"lvmirrord {__version__}")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)

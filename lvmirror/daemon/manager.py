@@ -1,5 +1,5 @@
 """The daemon object: the netlink listener, the D-Bus service, and the routing of LUNs and
-management calls to the host of each volume (its own process with ``--processes``, see
+management calls to the host of each volume (its own process by default, see
 ``volumeproc``)."""
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ DEFAULT_STATE_DIR = "/var/lib/lvmirror"
 class Lvmirrord:
     """The daemon: the netlink listener, the D-Bus service, and the hosts of the volumes.
 
-    With ``processes`` (``lvmirrord --processes``) every volume is served by a process of its own
-    (``volumeproc.VolumeProcess``): N busy volumes use N cores, a crashed volume process is
-    restarted without touching the others. Without it (lvmirrord's default, and the unit
-    tests) one in-process ``VolumeHost`` serves every volume. The management API is the same
+    With ``processes`` (the lvmirrord command's default) every volume is served by a process of
+    its own (``volumeproc.VolumeProcess``): N busy volumes use N cores, a crashed volume process
+    is restarted without touching the others. Without it (``lvmirrord --no-processes``, this
+    class's default, which most unit tests use) one in-process ``VolumeHost`` serves every
+    volume. The management API is the same
     either way: each call goes to the host of its volume."""
 
     def __init__(self, *, state_dir=DEFAULT_STATE_DIR, workers=4, sysfs_root="/sys",

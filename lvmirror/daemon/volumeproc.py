@@ -1,5 +1,6 @@
-"""A process per volume (``lvmirrord --processes``): each volume's LUNs are served by a process
-of their own, so N busy volumes use N cores (a Python process runs its bytecode on one core at a time).
+"""A process per volume (lvmirrord's default; ``--no-processes`` turns it off): each volume's
+LUNs are served by a process of their own, so N busy volumes use N cores (a Python process runs
+its bytecode on one core at a time).
 
 lvmirrord (the netlink listener, the D-Bus service, the routing) starts one child per volume
 when the first LUN of that volume appears, and ends it when its last LUN goes. The child runs a

@@ -607,7 +607,7 @@ def test_a_lock_id_from_before_a_restart_does_not_release_a_lock_taken_after(
 
 
 def test_region_locks_of_one_process_lvmirrord(tmp_path):
-    """Without --processes the ids are the VolumeHost's own and work the same way."""
+    """With --no-processes the ids are the VolumeHost's own and work the same way."""
     imgs = [str(tmp_path / f"o{k}") for k in range(2)]
     roots = fake_device(tmp_path / "dev", 0,
                         f"tcm-user/1/lun0/lvmirror/vo;images={'+'.join(imgs)}", info_size=SIZE)
