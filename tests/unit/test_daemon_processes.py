@@ -403,14 +403,7 @@ def test_a_child_started_as_stop_comes_is_stopped(gw, tmp_path, monkeypatch):
     imgs = [str(tmp_path / f"r{k}") for k in range(2)]
     gw.add(f"vr;images={'+'.join(imgs)}")
     host = gw._hosts["vr"]
-    entered, release = threading.Event(), threading.Event()
-    real_start = host.start
-
-    def held_start():
-        entered.set()
-        release.wait(30)
-        real_start()
-    monkeypatch.setattr(host, "start", held_start)
+    entered, release = hold_restart(host, monkeypatch)
     old = host.pid
     os.kill(old, signal.SIGKILL)
     assert entered.wait(30), "no restart"
