@@ -10,7 +10,7 @@ import os
 import threading
 
 from lvmirror import __version__, cfgstring, sdnotify
-from lvmirror.errors import ConfigError, LvmirrorError
+from lvmirror.errors import ConfigError, LvmirrorError, StateError
 from lvmirror.tcmu import uio
 from lvmirror.daemon.host import BackupProgress, VolumeHost
 from lvmirror.daemon.lunserver import SUBTYPE
@@ -324,8 +324,14 @@ class Lvmirrord:
                     status = self._event_error(uio_name, exc)
                 self._netlink.reply(event, status)
             return
-        device = uio.device_by_minor(event.minor, sysfs_root=self.sysfs_root,
-                                     configfs_root=self.configfs_root)
+        try:
+            device = uio.device_by_minor(event.minor, sysfs_root=self.sysfs_root,
+                                         configfs_root=self.configfs_root)
+        except OSError as exc:
+            status = self._event_error(uio_name, exc)
+            if event.subtype == SUBTYPE:    # ours: the kernel may be waiting for the answer
+                self._netlink.reply(event, status)
+            return
         if device is None or device.subtype != SUBTYPE:
             return
         try:
@@ -385,7 +391,11 @@ class Lvmirrord:
                             "user:%s", exc, SUBTYPE)
             else:
                 self._bus = BusService(self)
-                self._bus.start()
+                try:
+                    self._bus.start()
+                except Exception as exc:   # no system bus, a name held by a policy...
+                    raise StateError(f"the D-Bus service cannot start: {exc} (lvmirrord "
+                                     f"--no-dbus serves the LUNs without it)") from exc
 
     def stop(self):
         """Stop the D-Bus service and the netlink listener, then every LUN (each drains and

@@ -183,6 +183,27 @@ def test_cli_waits_for_a_start_slower_than_the_bus_activation_timeout(tmp_path):
             pass
 
 
+def test_lvmirrord_without_a_system_bus_exits_with_one_clear_line(tmp_path):
+    """No system bus to own org.lvmirror1 on: lvmirrord says so in one line (and how to run
+    without D-Bus) and exits 1, no traceback. (The netlink listener is a stand-in: this host's
+    kernel has no target_core_user.)"""
+    code = ("import sys\n"
+            "from lvmirror.tcmu import netlink\n"
+            "class Listener:\n"
+            "    def start(self, callback): pass\n"
+            "    def stop(self): pass\n"
+            "netlink.TcmuNetlink = Listener\n"
+            "from lvmirror.daemon.main import main\n"
+            f"sys.exit(main(['--no-processes', '--state-dir', {str(tmp_path / 'state')!r}]))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
+    env.update(PYTHONPATH=ROOT, DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={tmp_path}/no-bus")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "the D-Bus service cannot start" in proc.stderr and "--no-dbus" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_cli_without_daemon_says_unreachable(system_bus):
     r = cli(system_bus, "status")
     assert r.returncode == 3 and "not reachable" in r.stderr

@@ -555,6 +555,27 @@ def test_a_lun_event_failing_with_any_lvmirror_error_is_answered(tmp_path, monke
     assert "cannot be started" in caplog.text
 
 
+def test_a_lun_event_whose_device_cannot_be_read_is_answered(tmp_path, monkeypatch):
+    """sysfs cannot be read for the event's device (EIO): a device of ours gets an error
+    answer (the kernel may wait for one), another handler's device none."""
+    from lvmirror.tcmu import netlink, uio
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False)
+    replies = []
+
+    class Netlink:
+        def reply(self, event, status):
+            replies.append((event, status))
+    d._netlink = Netlink()
+
+    def unreadable(minor, **_):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(uio, "device_by_minor", unreadable)
+    ours = netlink.DeviceAdded(3, "tcm-user/1/lun3/lvmirror/v", 7)
+    d._on_event(ours)
+    d._on_event(netlink.DeviceAdded(4, None, 8))        # no subtype named: maybe not ours
+    assert replies == [(ours, -errno.EIO)]
+
+
 @pytest.mark.parametrize("gw", ["zygote"], indirect=True)
 def test_removing_the_last_lun_during_a_restart_backoff_ends_the_volume_process(
         gw, tmp_path, monkeypatch):
