@@ -1,13 +1,13 @@
 """``lvmirror``: the command line for scripts and cron (talks to lvmirrord over the system bus).
 
-    lvmirror status [--json]
+    lvmirror [--json] status
     lvmirror split VOLUME IMAGE
     lvmirror resync VOLUME IMAGE [--rate MB/s] [--full] [--wait]
     lvmirror restore VOLUME IMAGE [--rate MB/s] [--wait]
     lvmirror attach VOLUME PATH [--force] [--wait]  # --force: PATH may hold data
     lvmirror detach VOLUME IMAGE
     lvmirror cancel VOLUME IMAGE
-    lvmirror wait VOLUME [--timeout S]      # until no resync/restore runs on VOLUME
+    lvmirror wait VOLUME [--timeout S]      # until no job (resync, restore, attach, crash recovery) runs
     lvmirror backup VOLUME IMAGE DEST [--format raw|qcow2]   # copy a split image
 
 Exit status 0 on success, 1 on an error reported by lvmirrord, 2 on bad usage, 3 when lvmirrord
