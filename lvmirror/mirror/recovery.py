@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import time
 
-from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.legs import ImageState
 from lvmirror.mirror.metadata import VolumeMetadata
 
-__all__ = ["RecoveryProgress", "fail_at_open", "recover"]
+__all__ = ["RecoveryProgress", "recover"]
 
 
 def recover(md, vdir, images, wil) -> set[int]:
@@ -81,13 +80,3 @@ class RecoveryProgress:
         """``resync.job_progress``'s figures (bytes, MB/s, seconds)."""
         from lvmirror.mirror.resync import job_progress
         return job_progress(self)
-
-
-def fail_at_open(im, md, exc, *, all_regions):
-    """Fail leg ``im`` during recovery (before the volume serves I/O): state failed, the error
-    kept, a fresh change bitmap (every region marked if ``all_regions``)."""
-    im.state = ImageState.FAILED
-    im.rec.error = f"crash recovery: {exc}"
-    im.bitmap = RegionBitmap(md.size, md.region_size)
-    if all_regions:
-        im.bitmap.set_all()
