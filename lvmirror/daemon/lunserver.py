@@ -1,8 +1,11 @@
 """One LUN: its TCMU ring, the ring thread, its worker pool, the SCSI core before the volume.
 
-The ring thread fetches every available command, answers cached READs itself when it can
-(RWF_NOWAIT), hands the rest to the LUN's own worker pool (a slow image or a long resync never
-stalls another LUN), collects completions and tells the kernel once per batch.
+The ring thread fetches every available command. It answers some itself, with no hand-off:
+cached READs (RWF_NOWAIT), and, when the command is the only one outstanding (queue depth 1),
+a buffered WRITE whose range no other I/O holds. It hands the rest to the LUN's own worker
+pool (a slow image or a long resync never stalls another LUN); a worker completes its command
+on the ring and tells the kernel itself, as tcmu-runner's handler threads do, so a command
+costs at most one hand-off between threads.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import select
 import threading
 import time
@@ -19,7 +21,7 @@ from lvmirror import cfgstring
 from lvmirror.errors import ConfigError, LvmirrorError, StateError, WouldBlock
 from lvmirror.mirror.legs import Worker
 from lvmirror.scsi import LogicalUnit, Response
-from lvmirror.scsi.lu import READ_OPCODES
+from lvmirror.scsi.lu import READ_OPCODES, WRITE_OPCODES
 from lvmirror.scsi import constants as scsi
 from lvmirror.scsi.sense import build_sense
 from lvmirror.tcmu import uio
@@ -27,7 +29,8 @@ from lvmirror.tcmu.ring import CommandRing, RingError
 
 log = logging.getLogger("lvmirrord")
 
-__all__ = ["LunServer", "LunBackend", "NotReadyBackend", "SUBTYPE", "INLINE_READ_MAX"]
+__all__ = ["LunServer", "LunBackend", "NotReadyBackend", "SUBTYPE", "INLINE_READ_MAX",
+           "INLINE_IDLE_MAX"]
 
 SUBTYPE = "lvmirror"
 # what uio read/write/poll give once the kernel has unregistered the device under an open fd
@@ -77,6 +80,18 @@ HELD_VIEWS_WAIT = 30.0
 # is better spread over the pool's threads (preadv drops the GIL: copies run in parallel).
 INLINE_READ_MAX = 64 << 10
 
+# The largest WRITE (bytes) the ring thread runs itself when it is the only command outstanding:
+# at queue depth 1 nothing else waits for the ring thread, and the hand-off to a worker and back
+# (two thread wake-ups) costs more than a buffered 4 KiB write.
+INLINE_IDLE_MAX = 1 << 20
+
+# A command the ring thread ran itself that took longer than INLINE_SLOW seconds means the
+# images are slow right now (a device behind the page cache, dirty-page throttling, an image
+# failing as slow): the ring thread then hands every WRITE to the pool for INLINE_BACKOFF
+# seconds, so that it keeps fetching aborts and other commands while the images catch up.
+INLINE_SLOW = 0.25
+INLINE_BACKOFF = 5.0
+
 # Commands a LUN answers even when its volume is not open (so initiators can see why).
 _ALWAYS_ANSWERED = {scsi.INQUIRY, scsi.REQUEST_SENSE, scsi.MAINTENANCE_IN}
 
@@ -91,11 +106,15 @@ class LunServer:
         acquires its volume from. ``workers``: threads of the LUN's pool, which runs every
         command that may block.
         ``inline_reads``: the ring thread answers a READ itself when the data is in the page
-        cache (``LogicalUnit.execute(nowait=True)``), saving the hand-off to a worker and back;
-        any other command, or a read that would wait, goes to the pool."""
+        cache, and a buffered WRITE of at most INLINE_IDLE_MAX bytes that is the only command
+        outstanding when no other I/O holds its range (``LogicalUnit.execute(nowait=True)``),
+        saving the hand-off to a worker and back; any other command, or one that would wait for
+        a lock, a restore or a device, goes to the pool."""
         self.device = device
         self.inline_reads = inline_reads
         self.inline = 0              # commands the ring thread answered itself
+        self.inline_slow = 0         # ... of which took longer than INLINE_SLOW
+        self._inline_after = 0.0     # monotonic time before which WRITEs all go to the pool
         self.registry = registry
         self.name = device.dev_name
         self.workers = workers
@@ -106,9 +125,12 @@ class LunServer:
         self.lu = None
         self.commands = 0
         self.gone = False            # the kernel removed the uio device under the ring
-        self._completions: queue.SimpleQueue = queue.SimpleQueue()
         self._aborted: set[int] = set()
         self._held: list = []      # completed commands whose views a slow leg still uses
+        self._held_lock = threading.Lock()
+        self._notify_mu = threading.Lock()   # the workers' kernel notifications: _notify
+        self._notify_due = 0
+        self._notifying = False
         self._stop = threading.Event()
         self._thread = None
         self._pool = None
@@ -267,9 +289,11 @@ class LunServer:
         its command completed (``Command.release``); with ``wait`` (s), keep trying that long."""
         deadline = time.monotonic() + wait
         while True:
-            self._held = [c for c in self._held if not c.release()]
-            if not self._held or time.monotonic() >= deadline:
-                return not self._held
+            with self._held_lock:
+                self._held = [c for c in self._held if not c.release()]
+                left = bool(self._held)
+            if not left or time.monotonic() >= deadline:
+                return not left
             time.sleep(0.05)
 
     def _serve_ring(self):
@@ -278,7 +302,6 @@ class LunServer:
         poller.register(uio_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         ring = self._ring
-        inflight = 0
         while True:
             stopping = self._stop.is_set()
             for fd, _ in poller.poll(1000 if not stopping else 200):
@@ -295,49 +318,95 @@ class LunServer:
                 batch = ring.fetch()
                 for ids in batch.aborts:
                     self._aborted.update(ids)
-                nowait = self._nowait_ok()
-                for command in batch.commands:
-                    inflight += 1
-                    self.commands += 1
-                    if nowait and command.data_len <= INLINE_READ_MAX and command.cdb \
-                            and command.cdb[0] in READ_OPCODES:
-                        try:
-                            response = self.lu.execute(command.cdb, (), command.iov_views,
-                                                       nowait=True)
-                        except WouldBlock:
-                            pass
-                        else:
-                            self.inline += 1
-                            self._finish(command, response)
+                commands = batch.commands
+                self.commands += len(commands)
+                if self._nowait_ok():
+                    # queue depth 1: the only command outstanding may be a WRITE the ring
+                    # thread runs itself
+                    idle = (len(commands) == 1 and ring.outstanding == 1
+                            and self._inline_after <= time.monotonic()
+                            and getattr(self.backend, "supports_nowait_write", False))
+                    for command in commands:
+                        if self._try_inline(command, idle):
                             completed += 1
-                            continue
-                    self._pool.post(self._execute, command)
-            while True:
-                try:
-                    command, response = self._completions.get_nowait()
-                except queue.Empty:
-                    break
-                self._finish(command, response)
-                completed += 1
-            inflight -= completed
+                        else:
+                            self._pool.post(self._execute, command)
+                else:
+                    for command in commands:
+                        self._pool.post(self._execute, command)
             if self._held:
                 self._release_held()
             if ring.take_notify() or completed:
                 self._handle.notify()
-            if stopping and inflight == 0:
+            if stopping and ring.outstanding == 0:
                 break
         self._pool.stop(wait=True)
 
+    def _try_inline(self, command, idle: bool) -> bool:
+        """Run ``command`` on the ring thread if it cannot wait for anything but the images'
+        page cache: a READ of at most INLINE_READ_MAX bytes from the cache, or (``idle``: it is
+        the only command outstanding) a WRITE of at most INLINE_IDLE_MAX bytes whose range no
+        other I/O holds. Completes it and returns True, or returns False with nothing done (the
+        pool runs it). A command that took longer than INLINE_SLOW s sends every WRITE to the
+        pool for INLINE_BACKOFF s."""
+        cdb = command.cdb
+        if not cdb:
+            return False
+        op = cdb[0]
+        if op in READ_OPCODES:
+            if command.data_len > INLINE_READ_MAX:
+                return False
+        elif not (idle and op in WRITE_OPCODES and command.data_len <= INLINE_IDLE_MAX):
+            return False
+        t0 = time.monotonic()
+        try:
+            response = self.lu.execute(cdb, command.iov_views, command.iov_views, nowait=True)
+        except WouldBlock:
+            return False
+        took = time.monotonic() - t0
+        if took > INLINE_SLOW:
+            self.inline_slow += 1
+            self._inline_after = t0 + took + INLINE_BACKOFF
+            log.debug("LUN %s: a command on the ring thread took %.3f s; WRITEs go to the pool "
+                      "for %g s", self.name, took, INLINE_BACKOFF)
+        self.inline += 1
+        self._finish(command, response)
+        return True
+
     def _finish(self, command, response):
-        """Complete ``command`` on the ring with ``response`` (ring thread only)."""
+        """Complete ``command`` on the ring with ``response`` (the ring thread, or the worker
+        that ran it: ``CommandRing.complete`` is thread-safe); the caller notifies the kernel."""
         read_len = response.read_len if 0 < response.read_len < command.data_len else None
         if not command.release():
             # a leg failed as slow still writes from these views: the command completes (the
             # leg is failed, its range marked for resync) and the views are let go once the
             # leg returns
-            self._held.append(command)
+            with self._held_lock:
+                self._held.append(command)
         self._ring.complete(command.cmd_id, response.status, response.sense, read_len)
         self._aborted.discard(command.cmd_id)
+
+    def _notify(self):
+        """Tell the kernel about completions on the ring (a worker, after ``_finish``): one
+        uio write per burst - a worker that finds another already notifying leaves its
+        completion to that one, which writes again until no completion came in meanwhile."""
+        with self._notify_mu:
+            self._notify_due += 1
+            if self._notifying:
+                return
+            self._notifying = True
+        while True:
+            with self._notify_mu:
+                if not self._notify_due:
+                    self._notifying = False     # in the same hold as the check: none is lost
+                    return
+                self._notify_due = 0
+            try:
+                self._handle.notify()
+            except BaseException:
+                with self._notify_mu:
+                    self._notifying = False
+                raise
 
     def _nowait_ok(self) -> bool:
         """The ring thread may try READs itself: enabled, the volume open and answering, its
@@ -358,5 +427,12 @@ class LunServer:
             log.exception("LUN %s: command %s failed", self.name, command.cdb[:1].hex())
             response = Response(scsi.CHECK_CONDITION, build_sense(
                 scsi.HARDWARE_ERROR, *scsi.ASC_INTERNAL_TARGET_FAILURE), 0)
-        self._completions.put((command, response))
-        self._wake()
+        try:
+            self._finish(command, response)
+            self._notify()
+        except OSError as exc:
+            # the device went away under the ring (or the ring thread closed it): the ring
+            # thread sees it on its own descriptor and handles it
+            log.debug("LUN %s: completing command %d: %s", self.name, command.cmd_id, exc)
+        if self._stop.is_set():
+            self._wake()        # the ring thread waits for the last completion to stop

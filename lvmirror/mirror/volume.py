@@ -983,13 +983,34 @@ class MirrorVolume:
             raise
         self._leave(ep, "reads", length)
 
-    def write(self, lba, buffers, fua=False):
-        """Write ``buffers`` to every live image; returns when all have it."""
+    @property
+    def supports_nowait_write(self) -> bool:
+        """``write(..., nowait=True)`` is possible: the images are opened buffered (with
+        O_DIRECT every write waits for the device)."""
+        return not self._direct
+
+    def write(self, lba, buffers, fua=False, nowait=False):
+        """Write ``buffers`` (list of memoryview, whole blocks) from ``lba`` to every live image;
+        returns when all have it (durably with ``fua``).
+
+        ``nowait``: without waiting for other I/O - the range's region lock free, no restore
+        running, the images buffered, no FUA; otherwise WouldBlock with nothing changed. The
+        write itself still waits for what the images' page cache and the write-intent log
+        need. The ring thread runs a write this way when it is the only command outstanding.
+        Raises VolumeIOError when no in-sync image took it, StateError when the volume is closed
+        or offline."""
         nblocks = self._buffers_len(buffers) // self.block_size
+        if nowait and (fua or self._direct or self.control.restore_job is not None):
+            raise WouldBlock("the write may wait for a device or a restore")
         offset, length = self._prologue(lba, nblocks)
         if not nblocks:
             return
-        lk = self.locks.lock(lba, nblocks)
+        if nowait:
+            lk = self.locks.try_lock(lba, nblocks)
+            if lk is None:
+                raise WouldBlock("other I/O holds the range")
+        else:
+            lk = self.locks.lock(lba, nblocks)
         try:
             self._write_locked(offset, length, lambda st: st.writev(offset, buffers, fua=fua),
                                fua=fua)

@@ -26,8 +26,12 @@ command reaches TCMU, so they are not here.
 
 ``execute(..., nowait=True)`` answers a READ only if it completes without blocking (the
 backend's ``read(..., nowait=True)``: data in the page cache, no conflicting region lock), and
-raises ``WouldBlock`` otherwise, having changed nothing; any other command raises it at once.
-The caller (the ring thread) then hands the command to a worker, which runs it normally.
+a WRITE without FUA (write cache on) only if it need not wait for another I/O (the backend's
+``write(..., nowait=True)``: no conflicting region lock, no restore; it may still wait for the
+images' page cache and the write-intent log); otherwise it raises ``WouldBlock``, having
+changed nothing. Any other command raises it at once. The caller (the ring thread) then hands
+the command to a worker, which runs it normally. Only call it for a WRITE when the backend
+says ``supports_nowait_write``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ log = logging.getLogger(__name__)
 
 LOG_INTERVAL = 10.0     # seconds between two log lines of the same per-command failure kind
 
-__all__ = ["Backend", "LogicalUnit", "READ_OPCODES", "Response"]
+__all__ = ["Backend", "LogicalUnit", "READ_OPCODES", "WRITE_OPCODES", "Response"]
 
 IEEE_OUI_LIO = 0x001405      # the OUI LIO uses in NAA designators
 
@@ -105,6 +109,7 @@ def _invalid_param(field, bit=None):
 
 _LBA_OUT_OF_RANGE = (c.ILLEGAL_REQUEST, c.ASC_LBA_OUT_OF_RANGE)
 READ_OPCODES = frozenset((c.READ_6, c.READ_10, c.READ_12, c.READ_16))
+WRITE_OPCODES = frozenset((c.WRITE_6, c.WRITE_10, c.WRITE_12, c.WRITE_16))
 
 
 # -- buffer helpers ---------------------------------------------------------------------------
@@ -224,9 +229,10 @@ class LogicalUnit:
     def execute(self, cdb: bytes, data_out: Sequence = (), data_in: Sequence = (), *,
                 nowait: bool = False) -> Response:
         """Run one command. Never raises, except ``WouldBlock`` with ``nowait`` (only a READ
-        whose data the backend has in memory is answered then; see the module docstring)."""
-        if nowait and (not cdb or cdb[0] not in READ_OPCODES):
-            raise WouldBlock("only READ commands run without blocking")
+        whose data the backend has in memory, or a WRITE without FUA that waits for no other
+        I/O, is answered then; see the module docstring)."""
+        if nowait and (not cdb or (cdb[0] not in READ_OPCODES and cdb[0] not in WRITE_OPCODES)):
+            raise WouldBlock("only READ and WRITE commands run without blocking")
         try:
             if not cdb:
                 return self._check(c.ILLEGAL_REQUEST, c.ASC_INVALID_OPCODE)
@@ -254,7 +260,9 @@ class LogicalUnit:
                         asc = self._unit_attentions.pop(0)
                         return self._check(c.UNIT_ATTENTION, asc)
             if nowait:
-                return self._read(cdb, data_out, data_in, nowait=True)
+                if opcode in READ_OPCODES:
+                    return self._read(cdb, data_out, data_in, nowait=True)
+                return self._write(cdb, data_out, data_in, nowait=True)
             return op.handler(cdb, data_out, data_in)
         except WouldBlock:
             raise
@@ -371,13 +379,18 @@ class LogicalUnit:
                 skip = 0
         return Response(c.GOOD, b"", want)
 
-    def _write(self, cdb, data_out, data_in):
+    def _write(self, cdb, data_out, data_in, nowait=False):
         lba, n = self._transfer(cdb, writes=True)
         if n == 0:
             return GOOD_RESPONSE
         bufs = self._data_out(data_out, n * self.backend.block_size)
-        fua = cdb[0] != c.WRITE_6 and bool(cdb[1] & 0x08)
-        self.backend.write(lba, bufs, fua=fua or not self.write_cache)
+        fua = cdb[0] != c.WRITE_6 and bool(cdb[1] & 0x08) or not self.write_cache
+        if nowait:
+            if fua:
+                raise WouldBlock("a FUA write waits for the device")
+            self.backend.write(lba, bufs, fua=False, nowait=True)
+        else:
+            self.backend.write(lba, bufs, fua=fua)
         return GOOD_RESPONSE
 
     def _verify(self, cdb, data_out, data_in):

@@ -341,6 +341,78 @@ def test_cached_reads_are_answered_by_the_ring_thread(lab, tmp_path):
     assert emu.wait([rid])[rid].data_in == data[:8 * BS]
 
 
+def test_a_lone_write_is_run_by_the_ring_thread_and_a_held_range_goes_to_the_pool(
+        lab, tmp_path):
+    """At queue depth 1 the ring thread runs a WRITE itself (no hand-off to a worker and back);
+    a WRITE whose range other I/O holds (here a region lock, as the D-Bus interface grants)
+    goes to a worker and waits there, and the ring thread goes on answering other commands."""
+    import time
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    rnd = random.Random(8)
+    before = lun.inline
+    expect = {}
+    for k in range(20):                           # one at a time: QD 1
+        lba = rnd.randrange(SIZE // BS // 8) * 8
+        data = rnd.randbytes(8 * BS)
+        wid = emu.submit(cdb10(0x2A, lba, 8), data_out=data)
+        assert emu.wait([wid])[wid].status == 0
+        expect[lba] = data
+    assert lun.inline - before == 20              # every one on the ring thread
+    for path in paths:                            # and on every image
+        with open(path, "rb") as f:
+            for lba, data in expect.items():
+                f.seek(lba * BS)
+                assert f.read(8 * BS) == data
+    hold = lun.volume.locks.lock(0, 8, shared=True)
+    try:
+        wid = emu.submit(cdb10(0x2A, 0, 8), data_out=bytes([7]) * 8 * BS)
+        time.sleep(0.3)
+        assert wid not in emu.completions         # waits for the range, on a worker
+        tur = emu.submit(bytes(6))
+        rid = emu.submit(cdb10(0x28, 64, 8), data_in_len=8 * BS)
+        done = emu.wait([tur, rid], timeout=5)    # the ring thread is free meanwhile
+        assert done[tur].status == 0 and done[rid].status == 0
+        assert wid not in emu.completions
+    finally:
+        hold.release()
+    assert emu.wait([wid])[wid].status == 0
+    with open(paths[1], "rb") as f:
+        assert f.read(8 * BS) == bytes([7]) * 8 * BS
+
+
+def test_a_slow_write_on_the_ring_thread_sends_writes_to_the_pool_for_a_while(
+        lab, tmp_path, monkeypatch):
+    """A WRITE the ring thread ran that took longer than INLINE_SLOW means the images are slow:
+    the next WRITEs go to the pool for INLINE_BACKOFF seconds, then the ring thread takes them
+    again."""
+    from lvmirror.daemon import lunserver
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    monkeypatch.setattr(lunserver, "INLINE_SLOW", 0.0)      # every command is "slow"
+    monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.5)
+
+    def one_write(lba):
+        wid = emu.submit(cdb10(0x2A, lba, 8), data_out=bytes([lba & 0xFF]) * 8 * BS)
+        assert emu.wait([wid])[wid].status == 0
+
+    import time
+    time.sleep(0.05)
+    inline, slow = lun.inline, lun.inline_slow
+    one_write(8)
+    assert (lun.inline, lun.inline_slow) == (inline + 1, slow + 1)
+    one_write(16)                                 # within the back-off: a worker ran it
+    one_write(24)
+    assert lun.inline == inline + 1
+    time.sleep(0.6)
+    one_write(32)
+    assert lun.inline == inline + 2
+
+
 def test_a_volume_that_cannot_be_opened_for_an_unforeseen_reason_answers_not_ready(
         lab, tmp_path, monkeypatch, caplog):
     """Any error opening the volume (not only the foreseen LvmirrorError) leaves that LUN

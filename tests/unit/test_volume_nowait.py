@@ -114,7 +114,7 @@ def test_restore_or_direct_io_always_waits(vol, tmp_path):
     v._direct = False
 
 
-def test_the_scsi_core_answers_only_reads_without_blocking(vol):
+def test_the_scsi_core_answers_only_reads_and_writes_without_blocking(vol):
     v, _, _ = vol
     lu = LogicalUnit(v)
     buf = bytearray(8 * BS)
@@ -124,11 +124,53 @@ def test_the_scsi_core_answers_only_reads_without_blocking(vol):
     bad = lu.execute(bytes([0x28, 0, 0xFF, 0xFF, 0xFF, 0, 0, 0, 8, 0]), (), [memoryview(buf)],
                      nowait=True)
     assert bad.status == 2                        # LBA out of range: answered, not deferred
-    with pytest.raises(WouldBlock):               # anything but a READ goes to a worker
+    with pytest.raises(WouldBlock):               # not a READ or WRITE: to a worker
         lu.execute(bytes(6), nowait=True)
-    with pytest.raises(WouldBlock):
-        lu.execute(bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0]), [memoryview(bytes(BS))], (),
-                   nowait=True)
+    with pytest.raises(WouldBlock):               # SYNCHRONIZE CACHE waits for the devices
+        lu.execute(bytes([0x35] + [0] * 9), nowait=True)
+    assert v.supports_nowait_write
+    data = pattern(1, 9)
+    resp = lu.execute(bytes([0x2A, 0, 0, 0, 0, 3, 0, 0, 1, 0]), [memoryview(data)], (),
+                      nowait=True)
+    assert resp.status == 0 and read(v, 3, 1) == data
+    for path in vol[2]:                           # on every image
+        with open(path, "rb") as f:
+            f.seek(3 * BS)
+            assert f.read(BS) == data
+
+
+def test_a_write_that_would_wait_is_left_to_a_worker_unchanged(vol):
+    """WRITE with nowait: FUA (or the write cache off) waits for the device, a held range for
+    the other I/O, a restore for its copy: WouldBlock, nothing written, nothing counted; the
+    same command run normally then writes."""
+    v, _, _ = vol
+    lu = LogicalUnit(v)
+    data = pattern(1, 11)
+    old = read(v, 5, 1)
+    w10 = bytes([0x2A, 0, 0, 0, 0, 5, 0, 0, 1, 0])
+    fua = bytes([0x2A, 0x08, 0, 0, 0, 5, 0, 0, 1, 0])
+    before = v.stats["writes"]
+    with pytest.raises(WouldBlock, match="FUA"):
+        lu.execute(fua, [memoryview(data)], (), nowait=True)
+    lu.write_cache = False
+    with pytest.raises(WouldBlock, match="FUA"):
+        lu.execute(w10, [memoryview(data)], (), nowait=True)
+    lu.write_cache = True
+    lk = v.locks.lock(4, 4, shared=True)          # a READ in flight, or a D-Bus region lock
+    try:
+        with pytest.raises(WouldBlock, match="holds the range"):
+            lu.execute(w10, [memoryview(data)], (), nowait=True)
+    finally:
+        lk.release()
+    v.control.restore_job = object()              # a restore running
+    try:
+        with pytest.raises(WouldBlock, match="restore"):
+            v.write(5, [memoryview(data)], nowait=True)
+    finally:
+        v.control.restore_job = None
+    assert read(v, 5, 1) == old and v.stats["writes"] == before
+    assert lu.execute(w10, [memoryview(data)], ()).status == 0
+    assert read(v, 5, 1) == data
 
 
 def test_nothing_is_counted_twice_when_the_pool_reads_again(vol):
