@@ -65,6 +65,7 @@ class JobControl:
         rate_limit = check_rate(rate_limit)
         vol._check_open()
         with vol._mgmt:
+            vol.splits.check_idle("resync")
             img = vol._img(image_index)
             running = vol.jobs.get(img.rec.id)
             if running is not None and running.is_alive():
@@ -184,6 +185,7 @@ class JobControl:
         rate_limit = check_rate(rate_limit)
         vol._check_open()
         with vol._mgmt:
+            vol.splits.check_idle("restore")
             img = vol._img(image_index)
             if img.exported:
                 raise StateError(f"volume {vol.name}: split image {image_index} is exported as "
@@ -277,6 +279,7 @@ class JobControl:
         vol._check_open()
         path = os.fspath(path)
         with vol._mgmt:
+            vol.splits.check_idle("attach an image")
             if len(vol._images) >= MAX_IMAGES:
                 raise StateError(f"volume {vol.name}: already has {MAX_IMAGES} images")
             for im in vol._images:
@@ -331,6 +334,7 @@ class JobControl:
         vol = self.vol
         vol._check_open()
         with vol._mgmt:
+            vol.splits.check_idle("detach")
             img = vol._img(image_index)
             self._refuse_if_exported(img, image_index, "detaching")
             if img.state is ImageState.IN_SYNC and not any(

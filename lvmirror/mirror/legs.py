@@ -158,10 +158,18 @@ class Leg:
         self.state = ImageState(rec.state)
         self.worker: Worker | None = None
         self.exported = 0          # SplitImageVolume objects serving this split image
+        # the split.PendingSplit of a split between prepare and finish (None otherwise)
+        self.split_busy = None
 
     def sync_rec(self):
-        """Copy the in-memory state into the metadata record (before a save)."""
-        self.rec.state = self.state.value
+        """Copy the in-memory state into the metadata record (before a save). An image whose
+        split is prepared but has not reached T is saved as split already: a crash before T
+        leaves a point-in-time copy as of the crash, never an image taken for in sync that
+        missed the writes after T (``split.py``)."""
+        if self.split_busy is not None and self.state is ImageState.IN_SYNC:
+            self.rec.state = ImageState.SPLIT.value
+        else:
+            self.rec.state = self.state.value
 
 
 def check_image_fits(st, size, block_size):

@@ -49,6 +49,7 @@ Where the rest lives
 --------------------
 ``legs.py`` (image states, the runtime record of each image, its I/O workers),
 ``jobcontrol.py`` (resync, restore, attach, detach and their progress on disk; ``vol.control``),
+``split.py`` (a split in its three steps, prepare / switch at T / finish; ``vol.splits``),
 ``resync.py`` (the copy loops), ``recovery.py`` (crash recovery), ``splitexport.py`` (a split
 image served as its own LUN), ``durability.py`` (the ordering of data before state),
 ``wil.py``, ``bitmap.py``, ``regionlock.py``, ``metadata.py``, ``image.py``.
@@ -74,6 +75,7 @@ from lvmirror.mirror.legs import (MAX_IMAGES, ImageInfo, ImageState, Leg, SplitI
 from lvmirror.mirror.metadata import VolumeMetadata, valid_volume_name
 from lvmirror.mirror.recovery import RecoveryProgress, recover
 from lvmirror.mirror.regionlock import RegionLockManager
+from lvmirror.mirror.split import SplitControl
 from lvmirror.mirror.splitexport import SplitImageVolume
 from lvmirror.mirror.wil import WriteIntentLog
 
@@ -197,6 +199,7 @@ class MirrorVolume:
         self._rr = itertools.count()
         self._closed = False
         self.control = JobControl(self)   # resync, restore, attach, detach (jobcontrol.py)
+        self.splits = SplitControl(self)  # split at T, split images as LUNs (split.py)
         self.jobs: dict[int, object] = {}   # image id -> running ResyncJob / RestoreJob
         self._stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
                            unmaps=0, read_errors=0, write_errors=0, image_failures=0,
@@ -1133,69 +1136,17 @@ class MirrorVolume:
         return self._img(index).bitmap
 
     def split_image(self, image_index) -> "SplitImageVolume":
-        """A block device view of split image ``image_index`` (to export the point-in-time copy
-        as its own LUN). Writes to it are allowed (a file system journal replay needs them) and
-        are marked in the image's change bitmap first, so resync / restore still copy every
-        region where it differs from the live volume. Resync and restore of the image are
-        refused while it is exported; ``close()`` the view to end the export."""
-        self._check_open()
-        with self._mgmt:
-            img = self._img(image_index)
-            if img.state is not ImageState.SPLIT or img.storage is None:
-                raise StateError(f"volume {self.name}: image {image_index} is {img.state.value}; "
-                                 f"only a split image can be exported")
-            if img.exported:
-                raise StateError(f"volume {self.name}: split image {image_index} is already "
-                                 f"exported")
-            if self.control.restore_job is not None and self.control.restore_job.img is img:
-                raise StateError(f"volume {self.name}: a restore from image {image_index} is "
-                                 f"unfinished")
-            img.exported += 1
-            return SplitImageVolume(self, img, image_index)
+        """A block device view of split image ``image_index``, to export it as its own LUN
+        (``split.SplitControl.export``)."""
+        return self.splits.export(image_index)
 
     # ==== management ==============================================================================
 
     def split(self, image_index) -> SplitInfo:
-        """Split image ``image_index`` off at T (now); returns once the I/O begun before T drained."""
-        self._check_open()
-        with self._mgmt:
-            img = self._img(image_index)
-            if img.state is not ImageState.IN_SYNC:
-                raise StateError(f"volume {self.name}: image {image_index} is {img.state.value}, "
-                                 f"only an in-sync image can be split")
-            if not any(o is not img and o.state is ImageState.IN_SYNC and o.storage is not None
-                       for o in self._images):
-                raise StateError(f"volume {self.name}: image {image_index} is the last in-sync "
-                                 f"image; splitting it would leave no live copy")
-            if self.control.restore_job is not None:
-                raise StateError(f"volume {self.name}: a restore is running; split after it ends")
-            # regions the images may differ on (crash recovery still copying, a write that
-            # found no space): copy them first, so the split image holds what reads returned
-            torn = self._settle_torn() if self._torn else 0
-            with self._meta:
-                bm = RegionBitmap(self.size, self.region_size)
-                if torn:        # still differing (no space): a resync copies them back
-                    with self._elock:
-                        for r in self._torn:
-                            bm.mark_region(r)
-                img.bitmap = bm
-                img.state = ImageState.SPLIT
-                img.rec.error = None
-                img.rec.split_time = time.time()
-                gen = self._bump()
-                img.rec.generation = gen
-                bm.save(self._bitmap_path(img))
-                self._save_md()
-                # ---- T ----
-                t = time.time()
-                new = self._switch_epoch()
-                img.rec.split_time = t
-            drained = self._drain(new)
-            # the split is done once what I/O before T wrote to the image is durable on it
-            self._barrier.commit([img], lambda durable: self._locked_save_md(),
-                                 what="split done")
-            return SplitInfo(index=image_index, path=img.rec.path, split_time=t,
-                             generation=gen, drained=drained)
+        """Split image ``image_index`` off at T (now); returns once the I/O begun before T
+        drained and the split is durable (``split.SplitControl``: prepare, switch at T,
+        finish; ``vol.splits`` runs the steps apart for a consistency group)."""
+        return self.splits.split(image_index)
 
     def resync(self, image_index, *, rate_limit=None, full=False):
         """Bring a split or failed image back in sync by copying the regions its change bitmap

@@ -1,0 +1,201 @@
+"""Splitting an image off a MirrorVolume at an instant T (``vol.splits``), and serving a split
+image as a LUN of its own.
+
+A split runs in three steps, so that several volumes can share one T (a consistency group,
+``lvmirror.daemon.splitgroup``):
+
+``prepare(i)``
+    checks (the image in sync, another in-sync image left, no restore, no other split under
+    way), copies any torn region first (the split image must hold what reads returned), gives
+    the image an empty change bitmap and saves the image as *split* in the volume's metadata,
+    while it still takes every write and serves reads as an in-sync image. A crash from here
+    on leaves the image split as of the crash: a point-in-time copy all the same, never an
+    image taken for in sync that missed writes (the data-safety rule on state that vouches
+    for data).
+``switch(p)``
+    the instant T: under the volume's metadata lock the image becomes split and an I/O epoch
+    without it is swapped in (microseconds; no I/O waits for it). I/O begun before T
+    completes to the image as well, I/O begun after T never reaches it and marks its change
+    bitmap first.
+``finish(p)``
+    waits for the I/O begun before T to drain (epochs older than T), then, through the
+    durability barrier, flushes the image and saves the split as done.
+``abort(p)`` undoes a prepared split that did not reach T (the image stays in sync: it took
+every write).
+
+``split(i)`` runs the three at once. Between ``prepare`` and ``finish`` every other management
+operation on the volume is refused with StateError (``check_idle``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from lvmirror.errors import StateError
+from lvmirror.mirror.bitmap import RegionBitmap
+from lvmirror.mirror.legs import ImageState, SplitInfo
+from lvmirror.mirror.splitexport import SplitImageVolume
+
+__all__ = ["PendingSplit", "SplitControl"]
+
+
+@dataclasses.dataclass
+class PendingSplit:
+    """A split between ``prepare`` and ``finish``: the image (index and Leg), its new change
+    bitmap, the generation it got, T (seconds since the epoch, set by ``switch``) and the
+    first epoch without it."""
+    index: int
+    img: object
+    bitmap: RegionBitmap
+    generation: int
+    split_time: float | None = None
+    epoch: object = None
+    done: bool = False
+
+
+class SplitControl:
+    """The splits of one MirrorVolume (``vol.splits``); see the module docstring."""
+
+    def __init__(self, vol):
+        self.vol = vol
+
+    def check_idle(self, doing: str) -> None:
+        """StateError when a split of this volume is between ``prepare`` and ``finish``
+        (``doing``: what the caller was about to do, for the message)."""
+        for k, im in enumerate(self.vol._images):
+            if im.split_busy:
+                raise StateError(f"volume {self.vol.name}: a split of image {k} is under way; "
+                                 f"{doing} after it")
+
+    def split(self, image_index) -> SplitInfo:
+        """Split image ``image_index`` off at T (now); returns once the I/O begun before T
+        drained and the split is durable. StateError/IndexError as ``prepare``."""
+        p = self.prepare(image_index)
+        try:
+            self.switch(p)
+        except BaseException:
+            self.abort(p)
+            raise
+        return self.finish(p)
+
+    def prepare(self, image_index) -> PendingSplit:
+        """Step 1 (see the module docstring). Raises IndexError for a bad index, StateError
+        when the volume is closed, the image is not in sync or is the last in-sync image, a
+        restore runs or another split is under way; OSError when the metadata cannot be
+        saved (nothing changed then but the new bitmap file)."""
+        vol = self.vol
+        vol._check_open()
+        with vol._mgmt:
+            img = vol._img(image_index)
+            self.check_idle("split")
+            if img.state is not ImageState.IN_SYNC:
+                raise StateError(f"volume {vol.name}: image {image_index} is {img.state.value}, "
+                                 f"only an in-sync image can be split")
+            self._check_not_last(img, image_index)
+            if vol.control.restore_job is not None:
+                raise StateError(f"volume {vol.name}: a restore is running; split after it ends")
+            # regions the images may differ on (crash recovery still copying, a write that
+            # found no space): copy them first, so the split image holds what reads returned
+            torn = vol._settle_torn() if vol._torn else 0
+            with vol._meta:
+                bm = RegionBitmap(vol.size, vol.region_size)
+                if torn:        # still differing (no space): a resync copies them back
+                    with vol._elock:
+                        for r in vol._torn:
+                            bm.mark_region(r)
+                gen = vol._bump()
+                p = PendingSplit(image_index, img, bm, gen)
+                bm.save(vol._bitmap_path(img))
+                img.split_busy = p
+                img.rec.error = None
+                img.rec.split_time = time.time()
+                img.rec.generation = gen
+                try:
+                    vol._save_md()      # the image is saved as split (Leg.sync_rec)
+                except BaseException:
+                    img.split_busy = None
+                    raise
+            return p
+
+    def _check_not_last(self, img, image_index):
+        vol = self.vol
+        if not any(o is not img and o.state is ImageState.IN_SYNC and o.storage is not None
+                   and o.split_busy is None for o in vol._images):
+            raise StateError(f"volume {vol.name}: image {image_index} is the last in-sync "
+                             f"image; splitting it would leave no live copy")
+
+    def switch(self, p: PendingSplit) -> float:
+        """Step 2, the instant T; returns T (seconds since the epoch). StateError when the
+        image is no longer in sync or no other in-sync image is left (an image failed since
+        ``prepare``): then ``abort``."""
+        vol, img = self.vol, p.img
+        with vol._meta:
+            if img.split_busy is not p or p.split_time is not None:
+                raise StateError(f"volume {vol.name}: image {p.index} has no prepared split")
+            if img.state is not ImageState.IN_SYNC:
+                raise StateError(f"volume {vol.name}: image {p.index} became {img.state.value} "
+                                 f"before the split")
+            self._check_not_last(img, p.index)
+            img.bitmap = p.bitmap
+            img.state = ImageState.SPLIT
+            # ---- T ----
+            t = time.time()
+            p.epoch = vol._switch_epoch()
+            p.split_time = img.rec.split_time = t
+        return t
+
+    def abort(self, p: PendingSplit) -> None:
+        """Undo a prepared split that did not reach T: the image stays in sync (it took every
+        write) and is saved so. Idempotent; a split past T is left alone (``finish`` it)."""
+        vol, img = self.vol, p.img
+        with vol._meta:
+            if img.split_busy is not p or p.split_time is not None:
+                return
+            img.split_busy = None
+            if img.bitmap is p.bitmap:
+                img.bitmap = None
+            vol._save_md()
+
+    def finish(self, p: PendingSplit) -> SplitInfo:
+        """Step 3: wait for the I/O begun before T (it completes to the split image too), then
+        save the split as done once that data is durable on the image (the durability
+        barrier). Returns the SplitInfo (index, path, T, generation, I/Os drained)."""
+        vol, img = self.vol, p.img
+        if p.split_time is None:
+            raise StateError(f"volume {vol.name}: the split of image {p.index} did not reach T")
+        try:
+            drained = vol._drain(p.epoch)
+            vol._barrier.commit([img], lambda durable: vol._locked_save_md(),
+                                what="split done")
+        finally:
+            with vol._meta:
+                if img.split_busy is p:
+                    img.split_busy = None
+        p.done = True
+        return SplitInfo(index=p.index, path=img.rec.path, split_time=p.split_time,
+                         generation=p.generation, drained=drained)
+
+    def export(self, image_index) -> SplitImageVolume:
+        """A block device view of split image ``image_index`` (to export the point-in-time copy
+        as its own LUN). Writes to it are allowed (a file system journal replay needs them) and
+        are marked in the image's change bitmap first, so resync / restore still copy every
+        region where it differs from the live volume. Resync and restore of the image are
+        refused while it is exported; ``close()`` the view to end the export. StateError when
+        the image is not split, already exported or a restore from it is unfinished."""
+        vol = self.vol
+        vol._check_open()
+        with vol._mgmt:
+            img = vol._img(image_index)
+            if img.state is not ImageState.SPLIT or img.storage is None \
+                    or img.split_busy is not None:
+                raise StateError(f"volume {vol.name}: image {image_index} is {img.state.value}; "
+                                 f"only a split image can be exported")
+            if img.exported:
+                raise StateError(f"volume {vol.name}: split image {image_index} is already "
+                                 f"exported")
+            if vol.control.restore_job is not None and vol.control.restore_job.img is img:
+                raise StateError(f"volume {vol.name}: a restore from image {image_index} is "
+                                 f"unfinished")
+            img.exported += 1
+            return SplitImageVolume(vol, img, image_index)
