@@ -80,6 +80,7 @@ class VolumeHost:
         self._external_locks: dict = {}     # lock id -> (volume name, RegionLock)
         self._backups: dict = {}            # (volume, image id) -> BackupProgress
         self._backup_lock = threading.RLock()  # a backup starts, or a change to its image does
+        self._pending_splits: dict = {}     # (volume, image) -> split.PendingSplit (a group's)
 
     # -- LUNs ----------------------------------------------------------------------------------
     def add_lun(self, device, *, pickup: bool = False, handle=None) -> dict:
@@ -189,6 +190,87 @@ class VolumeHost:
                  info.split_time, info.drained)
         return dict(index=info.index, path=info.path, split_time=info.split_time,
                     generation=info.generation, drained=info.drained)
+
+    # -- the steps of a consistency group's split (daemon.splitgroup runs them) ---------------
+    def split_prepare(self, name, image) -> None:
+        """Step 1 of splitting image ``image`` of volume ``name`` with others at one instant:
+        ``SplitControl.prepare`` (the image is saved as split, still takes every write).
+        StateError/IndexError/ConfigError as ``split`` raises them."""
+        vol = self._volume(name)
+        with self._backup_lock:
+            if (name, image) in self._pending_splits:
+                raise StateError(f"volume {name}: a split of image {image} is under way")
+            self._pending_splits[(name, image)] = (vol, vol.splits.prepare(image))
+
+    def _pending(self, name, image):
+        try:
+            return self._pending_splits[(name, image)]
+        except KeyError:
+            raise StateError(f"volume {name}: no split of image {image} is prepared") from None
+
+    def split_switch(self, name, image) -> float:
+        """Step 2: the instant T of the prepared split (``SplitControl.switch``); returns T
+        (seconds since the epoch). StateError when it can no longer be split (then
+        ``split_abort``)."""
+        vol, p = self._pending(name, image)
+        return vol.splits.switch(p)
+
+    def split_abort(self, name, image) -> bool:
+        """Undo a prepared split that did not reach T (the image stays in sync). False when
+        none was prepared; a split past T is finished instead (``split_finish``)."""
+        with self._backup_lock:
+            entry = self._pending_splits.get((name, image))
+            if entry is None or entry[1].split_time is not None:
+                return False
+            del self._pending_splits[(name, image)]
+        entry[0].splits.abort(entry[1])
+        return True
+
+    def split_finish(self, name, image) -> dict:
+        """Step 3: drain the I/O begun before T and make the split durable
+        (``SplitControl.finish``); returns what ``split`` returns."""
+        vol, p = self._pending(name, image)
+        try:
+            info = vol.splits.finish(p)
+        finally:
+            with self._backup_lock:
+                self._pending_splits.pop((name, image), None)
+        log.info("volume %s: image %d split at %.6f with its consistency group (%d I/Os "
+                 "drained)", name, image, info.split_time, info.drained)
+        return dict(index=info.index, path=info.path, split_time=info.split_time,
+                    generation=info.generation, drained=info.drained)
+
+    def hold_completions(self, names, max_seconds: float = 10.0) -> int:
+        """Hold the completions of every LUN of the volumes ``names`` (``LunServer.hold``);
+        returns how many LUNs. A LUN already holding raises StateError after releasing those
+        this call held."""
+        names = set(names)
+        held = []
+        try:
+            for lun in list(self.luns.values()):
+                if lun.volume is not None and lun.volume.name in names:
+                    lun.hold(max_seconds)
+                    held.append(lun)
+        except BaseException:
+            for lun in held:
+                lun.release()
+            raise
+        return len(held)
+
+    def release_completions(self, names) -> dict:
+        """End ``hold_completions`` for the volumes ``names``: ``{"luns", "commands",
+        "seconds"}`` (LUNs released, completions that were held, the longest hold in
+        seconds)."""
+        names = set(names)
+        out = dict(luns=0, commands=0, seconds=0.0)
+        for lun in list(self.luns.values()):
+            if lun.volume is not None and lun.volume.name in names:
+                n, seconds = lun.release()
+                if seconds is not None:
+                    out["luns"] += 1
+                    out["commands"] += n
+                    out["seconds"] = max(out["seconds"], seconds)
+        return out
 
     def _no_backup(self, name, image):
         """Image ``image``'s ImageInfo, or StateError while a backup of it runs (the caller holds

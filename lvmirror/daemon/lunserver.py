@@ -3,9 +3,11 @@
 The ring thread fetches every available command. It answers some itself, with no hand-off:
 cached READs (RWF_NOWAIT), and, when the command is the only one outstanding (queue depth 1),
 a buffered WRITE whose range no other I/O holds. It hands the rest to the LUN's own worker
-pool (a slow image or a long resync never stalls another LUN); a worker completes its command
-on the ring and tells the kernel itself, as tcmu-runner's handler threads do, so a command
-costs at most one hand-off between threads.
+pool (a slow image or a long resync never stalls another LUN), collects their completions and
+tells the kernel once per batch. (Workers completing on the ring and notifying the kernel
+themselves, as tcmu-runner's handler threads do, was measured: 4 KiB random writes at queue
+depth 32 fell from 1,532 to 924 IOPS in the kernel lab, one uio write and one kernel completion
+pass per command instead of per batch.)
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import select
 import threading
 import time
@@ -125,12 +128,13 @@ class LunServer:
         self.lu = None
         self.commands = 0
         self.gone = False            # the kernel removed the uio device under the ring
+        self._completions: queue.SimpleQueue = queue.SimpleQueue()
         self._aborted: set[int] = set()
         self._held: list = []      # completed commands whose views a slow leg still uses
-        self._held_lock = threading.Lock()
-        self._notify_mu = threading.Lock()   # the workers' kernel notifications: _notify
-        self._notify_due = 0
-        self._notifying = False
+        self._hold_mu = threading.Lock()     # completions held for a group split: hold()
+        self._holding: list | None = None
+        self._hold_since = 0.0
+        self._hold_timer = None
         self._stop = threading.Event()
         self._thread = None
         self._pool = None
@@ -205,6 +209,7 @@ class LunServer:
         Idempotent."""
         if self._wake_w < 0:
             return
+        self.release()          # completions held for a group split go out before the drain
         self._stop.set()
         self._wake_pending = False
         self._wake()
@@ -289,11 +294,9 @@ class LunServer:
         its command completed (``Command.release``); with ``wait`` (s), keep trying that long."""
         deadline = time.monotonic() + wait
         while True:
-            with self._held_lock:
-                self._held = [c for c in self._held if not c.release()]
-                left = bool(self._held)
-            if not left or time.monotonic() >= deadline:
-                return not left
+            self._held = [c for c in self._held if not c.release()]
+            if not self._held or time.monotonic() >= deadline:
+                return not self._held
             time.sleep(0.05)
 
     def _serve_ring(self):
@@ -334,6 +337,13 @@ class LunServer:
                 else:
                     for command in commands:
                         self._pool.post(self._execute, command)
+            while True:
+                try:
+                    command, response = self._completions.get_nowait()
+                except queue.Empty:
+                    break
+                self._finish(command, response)
+                completed += 1
             if self._held:
                 self._release_held()
             if ring.take_notify() or completed:
@@ -374,39 +384,69 @@ class LunServer:
         return True
 
     def _finish(self, command, response):
-        """Complete ``command`` on the ring with ``response`` (the ring thread, or the worker
-        that ran it: ``CommandRing.complete`` is thread-safe); the caller notifies the kernel."""
+        """Complete ``command`` on the ring with ``response`` (ring thread only; the caller
+        notifies the kernel), or keep it while completions are held (``hold``)."""
         read_len = response.read_len if 0 < response.read_len < command.data_len else None
         if not command.release():
             # a leg failed as slow still writes from these views: the command completes (the
             # leg is failed, its range marked for resync) and the views are let go once the
             # leg returns
-            with self._held_lock:
-                self._held.append(command)
+            self._held.append(command)
+        if self._holding is not None:
+            with self._hold_mu:
+                if self._holding is not None:       # told to the kernel by release()
+                    self._holding.append((command.cmd_id, response.status, response.sense,
+                                          read_len))
+                    self._aborted.discard(command.cmd_id)
+                    return
         self._ring.complete(command.cmd_id, response.status, response.sense, read_len)
         self._aborted.discard(command.cmd_id)
 
-    def _notify(self):
-        """Tell the kernel about completions on the ring (a worker, after ``_finish``): one
-        uio write per burst - a worker that finds another already notifying leaves its
-        completion to that one, which writes again until no completion came in meanwhile."""
-        with self._notify_mu:
-            self._notify_due += 1
-            if self._notifying:
-                return
-            self._notifying = True
-        while True:
-            with self._notify_mu:
-                if not self._notify_due:
-                    self._notifying = False     # in the same hold as the check: none is lost
-                    return
-                self._notify_due = 0
+    # -- holding completions (the instant of a group split) -------------------------------------
+    def hold(self, max_seconds: float = 10.0) -> None:
+        """From now on keep every completed command's status instead of putting it on the ring:
+        the command is done, the initiator is not told yet. New commands are still fetched and
+        run. A consistency group's split holds the completions of every LUN of its volumes
+        while it switches their epochs one after the other (``daemon.splitgroup``), so that no
+        write can be acknowledged on one volume after its split and be followed, before a later
+        volume's split, by a write that depends on it. ``release`` ends it; so does a timer
+        after ``max_seconds`` (logged as an error: the kernel times commands out after 30 s).
+        StateError when completions are already held."""
+        with self._hold_mu:
+            if self._holding is not None:
+                raise StateError(f"LUN {self.name}: completions are already held")
+            self._holding = []
+            self._hold_since = time.monotonic()
+            timer = self._hold_timer = threading.Timer(max_seconds, self._hold_expired)
+        timer.daemon = True
+        timer.start()
+
+    def _hold_expired(self):
+        n, held = self.release()
+        if held is not None:
+            log.error("LUN %s: completions held for a group split were released after %.1f s "
+                      "by the safety timer (%d commands); the group split did not end in time",
+                      self.name, held, n)
+
+    def release(self) -> tuple[int, float | None]:
+        """End ``hold``: put the held completions on the ring and tell the kernel. Returns how
+        many commands were held and for how long (seconds; None when nothing was held)."""
+        with self._hold_mu:
+            held, self._holding = self._holding, None
+            timer, self._hold_timer = self._hold_timer, None
+            seconds = time.monotonic() - self._hold_since if held is not None else None
+        if timer is not None:
+            timer.cancel()
+        if held:
             try:
+                for cmd_id, status, sense, read_len in held:
+                    self._ring.complete(cmd_id, status, sense, read_len)
                 self._handle.notify()
-            except BaseException:
-                with self._notify_mu:
-                    self._notifying = False
-                raise
+            except OSError as exc:
+                log.debug("LUN %s: releasing held completions: %s", self.name, exc)
+            if self._stop.is_set():
+                self._wake()
+        return (len(held) if held is not None else 0), seconds
 
     def _nowait_ok(self) -> bool:
         """The ring thread may try READs itself: enabled, the volume open and answering, its
@@ -427,12 +467,5 @@ class LunServer:
             log.exception("LUN %s: command %s failed", self.name, command.cdb[:1].hex())
             response = Response(scsi.CHECK_CONDITION, build_sense(
                 scsi.HARDWARE_ERROR, *scsi.ASC_INTERNAL_TARGET_FAILURE), 0)
-        try:
-            self._finish(command, response)
-            self._notify()
-        except OSError as exc:
-            # the device went away under the ring (or the ring thread closed it): the ring
-            # thread sees it on its own descriptor and handles it
-            log.debug("LUN %s: completing command %d: %s", self.name, command.cmd_id, exc)
-        if self._stop.is_set():
-            self._wake()        # the ring thread waits for the last completion to stop
+        self._completions.put((command, response))
+        self._wake()

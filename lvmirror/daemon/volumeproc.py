@@ -64,7 +64,9 @@ MAX_FDS = 8
 # the calls Lvmirrord forwards to the host of a volume (VolumeHost's methods of the same names)
 MANAGEMENT_CALLS = ("status", "split", "backup", "resync", "restore", "attach", "detach",
                     "cancel", "lock_region", "unlock_region", "list_locks", "release_owner",
-                    "volume_names", "lun_names", "remove_lun", "reconfigure_lun")
+                    "volume_names", "lun_names", "remove_lun", "reconfigure_lun",
+                    "split_prepare", "split_switch", "split_abort", "split_finish",
+                    "hold_completions", "release_completions")
 RESTART_BACKOFF = (1.0, 30.0)     # seconds: first delay, largest delay
 STOP_TIMEOUT = 120.0              # seconds a child may take to end once its LUNs are drained
 # the calls that only read: a child that has not answered one in CALL_TIMEOUT seconds (stopped,

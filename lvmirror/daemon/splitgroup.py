@@ -1,0 +1,236 @@
+"""Consistency groups: split one image of each of several volumes at one instant, or roll them
+back together.
+
+A database that keeps its data on one LUN and its write-ahead log on another needs copies that
+belong together: every write acknowledged before T on any of the volumes is in the copies, no
+write begun after T on any of them is. Splitting the volumes one after the other does not give
+that: a log write acknowledged after the log volume's split (so missing from its copy) can be
+followed, before the data volume's split, by a data write that depends on it (so present in the
+data copy).
+
+How lvmirror does it: **it holds completions across the group for the instant.**
+
+1. ``prepare`` every member (``SplitControl.prepare``: checks, the image saved as split while
+   it still takes every write; slow steps such as metadata saves happen here, before the
+   instant).
+2. Hold the completions of every LUN of the member volumes (``LunServer.hold``): commands are
+   still fetched and run, only their status is kept from the initiator.
+3. ``switch`` each member at its own T_i (an epoch swap, microseconds each, plus a call into
+   the volume's process).
+4. Release the completions (``LunServer.release``), then ``finish`` every member (drain the
+   I/O begun before its T_i, make the split durable).
+
+Why this is exact: a write W1 that entered a volume's epoch after that volume's T_i cannot be
+acknowledged before step 4, when every member has switched; so a write W2 that depends on W1
+(begun after W1's acknowledgement) begins after every T and is in no copy. A write acknowledged
+before step 2 completed to every image and is in every copy. Why not a single barrier for all
+epochs: with a process per volume the epochs live in different processes; one barrier would
+block the start of new I/O on every volume for the same inter-process round trips, and
+holding completions never stops I/O from starting (rule 2: I/O after T is never paused).
+What the initiators see is acknowledgements delayed by the hold, which ``split_group``
+returns in ``hold_seconds`` (and lvmirror prints).
+
+Roll back together (``restore_group``): the restores start under the same hold, so from the
+initiators' side every volume reads as its split copy from the same instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from lvmirror.errors import ConfigError, StateError
+
+log = logging.getLogger("lvmirrord")
+
+__all__ = ["split_group", "restore_group", "parse_members", "HOLD_MAX"]
+
+# seconds a LUN holds completions at most (a safety timer releases them; the kernel fails a
+# command left in the ring for cmd_time_out, 30 s)
+HOLD_MAX = 10.0
+
+
+def parse_members(members) -> list[tuple[str, int]]:
+    """Check a group's members: a list of (volume name, image index) pairs, or of
+    "VOLUME:IMAGE" strings; at least one, each volume at most once. Returns the pairs.
+    ConfigError otherwise."""
+    out = []
+    for m in members:
+        if isinstance(m, str):
+            name, sep, index = m.rpartition(":")
+            if not sep or not name or not index.isdigit():
+                raise ConfigError(f"group member {m!r}: expected VOLUME:IMAGE (an image index)")
+            m = (name, int(index))
+        try:
+            name, image = m
+            name, image = str(name), int(image)
+        except (TypeError, ValueError):
+            raise ConfigError(f"group member {m!r}: expected (volume, image index)") from None
+        if image < 0:
+            raise ConfigError(f"group member {name}:{image}: the image index is negative")
+        out.append((name, image))
+    if not out:
+        raise ConfigError("a consistency group needs at least one VOLUME:IMAGE")
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"a consistency group splits one image per volume; named twice: "
+                          f"{', '.join(dup)}")
+    return out
+
+
+def _hosts(host_of, members):
+    """[(host, [volume names])] for the members, hosts in first-member order."""
+    order, names = [], {}
+    for name, _ in members:
+        host = host_of(name)
+        key = id(host)
+        if key not in names:
+            order.append(host)
+            names[key] = []
+        names[key].append(name)
+    return [(h, names[id(h)]) for h in order]
+
+
+def _hold(groups, hold_max):
+    held = []
+    try:
+        for host, names in groups:
+            host.hold_completions(names, hold_max)
+            held.append((host, names))
+    except BaseException:
+        _release(held)
+        raise
+    return held
+
+
+def _release(held) -> dict:
+    out = dict(luns=0, commands=0, seconds=0.0)
+    for host, names in held:
+        try:
+            r = host.release_completions(names)
+        except Exception as exc:        # its LUNs' safety timers release them
+            log.error("consistency group: releasing completions of %s: %s", ", ".join(names),
+                      exc)
+            continue
+        out["luns"] += r["luns"]
+        out["commands"] += r["commands"]
+        out["seconds"] = max(out["seconds"], r["seconds"])
+    return out
+
+
+def split_group(host_of, members, *, hold_max: float = HOLD_MAX) -> dict:
+    """Split image ``image`` of each member volume at one instant (see the module docstring).
+
+    ``host_of(name)``: the VolumeHost (or VolumeProcess) serving volume ``name``;
+    ``members``: as ``parse_members`` takes them. Returns ``{"members": [split results as
+    VolumeHost.split returns them, with "volume"], "split_time": the first T (s since the
+    epoch), "switch_span": seconds from the first T to the last, "hold_seconds": the longest
+    time a LUN held completions, "held_commands": completions held, "luns": LUNs held}``.
+
+    Raises ConfigError (bad members, a volume not open) or StateError (a member cannot be
+    split) with nothing split; StateError naming what was split when a member fails at its
+    instant after others were split (those are split, consistent with each other).
+    """
+    members = parse_members(members)
+    groups = _hosts(host_of, members)
+    hosts = {name: host_of(name) for name, _ in members}
+    prepared = []
+    try:
+        for name, image in members:
+            hosts[name].split_prepare(name, image)
+            prepared.append((name, image))
+    except BaseException:
+        for name, image in prepared:
+            _abort(hosts[name], name, image)
+        raise
+    switched, failed = [], None
+    held = _hold(groups, hold_max)
+    try:
+        for name, image in members:
+            try:
+                t = hosts[name].split_switch(name, image)
+            except Exception as exc:
+                failed = (name, image, exc)
+                break
+            switched.append((name, image, t))
+    finally:
+        hold = _release(held)
+    if failed is not None:
+        for name, image in members:
+            if not any(s[0] == name for s in switched):
+                _abort(hosts[name], name, image)
+    results = []
+    for name, image, _ in switched:
+        res = hosts[name].split_finish(name, image)
+        res["volume"] = name
+        results.append(res)
+    if failed is not None:
+        name, image, exc = failed
+        done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
+        raise StateError(f"consistency group: {name}:{image} could not be split ({exc}); split "
+                         f"(consistent with each other): {done}; resync those and split the "
+                         f"group again")
+    times = [t for _, _, t in switched]
+    out = dict(members=results, split_time=min(times), switch_span=max(times) - min(times),
+               hold_seconds=hold["seconds"], held_commands=hold["commands"], luns=hold["luns"])
+    log.info("consistency group %s split at %.6f: switches within %.6f s, completions held "
+             "%.6f s (%d commands on %d LUNs)",
+             " ".join(f"{n}:{i}" for n, i in members), out["split_time"], out["switch_span"],
+             out["hold_seconds"], out["held_commands"], out["luns"])
+    return out
+
+
+def _abort(host, name, image):
+    try:
+        host.split_abort(name, image)
+    except Exception as exc:
+        log.error("consistency group: undoing the prepared split of %s:%d: %s", name, image, exc)
+
+
+def restore_group(host_of, members, rate_mbps: float = 0.0, *,
+                  hold_max: float = HOLD_MAX) -> dict:
+    """Roll every member volume back to its split image at one instant: the restores start
+    while the completions of all their LUNs are held, so each volume reads as its split copy
+    from the same moment on (``VolumeHost.restore``; the copies then run in the background at
+    ``rate_mbps`` MB/s each, 0: unlimited). Every member is checked first (its image split, not
+    exported, no restore running): StateError with nothing started when one is not. Returns
+    ``{"members": [job progress with "volume"], "hold_seconds", "held_commands", "luns"}``.
+    StateError naming the restores already started when one fails to start."""
+    members = parse_members(members)
+    hosts = {name: host_of(name) for name, _ in members}
+    for name, image in members:
+        st = hosts[name].status()["volumes"].get(name)
+        if st is None:
+            raise ConfigError(f"no volume {name!r} is open")
+        images = st["images"]
+        if image >= len(images):
+            raise StateError(f"volume {name} has no image {image}")
+        if images[image]["state"] != "split":
+            raise StateError(f"volume {name}: image {image} is {images[image]['state']}; only "
+                             f"a split image can be restored from")
+    groups = _hosts(host_of, members)
+    results, failed = [], None
+    t0 = time.monotonic()
+    held = _hold(groups, hold_max)
+    try:
+        for name, image in members:
+            try:
+                res = hosts[name].restore(name, image, rate_mbps)
+            except Exception as exc:
+                failed = (name, image, exc)
+                break
+            res["volume"] = name
+            results.append(res)
+    finally:
+        hold = _release(held)
+    if failed is not None:
+        name, image, exc = failed
+        done = ", ".join(f"{r['volume']}" for r in results) or "none"
+        raise StateError(f"consistency group: the restore of {name}:{image} did not start "
+                         f"({exc}); restores started: {done}")
+    log.info("consistency group %s: restores started together (%.3f s, completions held "
+             "%.6f s)", " ".join(f"{n}:{i}" for n, i in members), time.monotonic() - t0,
+             hold["seconds"])
+    return dict(members=results, hold_seconds=hold["seconds"], held_commands=hold["commands"],
+                luns=hold["luns"])

@@ -1,0 +1,225 @@
+"""Consistency groups (``lvmirror split-group``): one image of each of several volumes split at
+one instant, through lvmirrord's management API, with one process for every volume and with a
+process per volume, each LUN's ring played by the ring emulator.
+
+The load is a causal chain over two volumes: write n to volume A, wait for its
+acknowledgement, write n to volume B, wait, write n + 1 to A... A split is consistent when the
+two copies hold a prefix of that chain: B's copy holds the same n as A's or one less."""
+
+import json
+import os
+import struct
+import threading
+import time
+
+import pytest
+
+from lvmirror.daemon import Lvmirrord
+from lvmirror.daemon.volumeproc import Zygote
+from lvmirror.errors import ConfigError, StateError
+from lvmirror.mirror.metadata import VolumeMetadata
+from lvmirror.scsi import parse_sense
+from lvmirror.tcmu import uio
+from lvmirror.tcmu.emulator import RingEmulator
+
+from tests.unit.test_daemon_processes import ROOT, cdb10, in_sync, read, wait_for
+from tests.unit.test_tcmu_uio_netlink import fake_device
+
+BS = 512
+SIZE = 8 << 20
+
+
+@pytest.fixture(params=["one process", "process per volume"])
+def gw(request, tmp_path, monkeypatch):
+    """lvmirrord (no bus) with volumes va and vb, 2 images each; yields (daemon, {name: emu},
+    {name: image paths})."""
+    processes = request.param == "process per volume"
+    monkeypatch.setenv("PYTHONPATH", ROOT)
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, processes=processes,
+                  log_level="warning")
+    if processes:
+        d._zygote = Zygote()
+    emus, paths = {}, {}
+    for k, name in enumerate(("va", "vb")):
+        paths[name] = [str(tmp_path / f"{name}{j}") for j in range(2)]
+        roots = fake_device(tmp_path / f"dev{k}", k,
+                            f"tcm-user/1/lun{k}/lvmirror/{name};images={'+'.join(paths[name])}",
+                            info_size=SIZE, serial=f"serial-{k}")
+        (dev,) = uio.find_devices("lvmirror", **roots)
+        emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=4 << 20)
+        emu.run_reaper()
+        emus[name] = emu
+        info = d.add_lun(dev, handle=emu.handle())
+        assert info["error"] is None, info
+    wait_for(lambda: in_sync(d, "va") and in_sync(d, "vb"), what="initial sync")
+    yield d, emus, paths
+    d.stop()
+    for emu in emus.values():
+        emu.close()
+    if d._zygote is not None:
+        pid = d._zygote.pid
+        d._zygote.close()
+        os.waitpid(pid, 0)
+
+
+def _block(n):
+    return struct.pack("<Q", n) * (BS // 8)
+
+
+def _seq_in(path):
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+class Chain(threading.Thread):
+    """Writes 1, 2, 3... to LBA 0 of A then of B, each after the previous one's
+    acknowledgement, until stopped."""
+
+    def __init__(self, emus, a="va", b="vb"):
+        super().__init__(daemon=True)
+        self.emus, self.a, self.b = emus, a, b
+        self.n = 0
+        self.stop = threading.Event()
+        self.error = None
+
+    def _write(self, name, n):
+        emu = self.emus[name]
+        (c,) = emu.wait([emu.submit(cdb10(0x2A, 0, 1), data_out=_block(n))]).values()
+        if c.status != 0:
+            raise AssertionError(f"{name}: write {n}: {parse_sense(c.sense)}")
+
+    def run(self):
+        try:
+            while not self.stop.is_set():
+                self.n += 1
+                self._write(self.a, self.n)
+                self._write(self.b, self.n)
+        except BaseException as e:
+            self.error = e
+
+
+def _chain_running(emus):
+    chain = Chain(emus)
+    chain.start()
+    wait_for(lambda: chain.n > 20, what="the chain under way")
+    return chain
+
+
+def test_a_group_split_gives_copies_that_belong_together(gw):
+    d, emus, paths = gw
+    for _ in range(5):
+        chain = _chain_running(emus)
+        res = d.split_group(["va:1", "vb:1"])
+        time.sleep(0.05)
+        chain.stop.set()
+        chain.join()
+        assert chain.error is None
+        a, b = _seq_in(paths["va"][1]), _seq_in(paths["vb"][1])
+        assert 20 < a <= chain.n and b in (a, a - 1), (a, b, chain.n)
+        assert [(m["volume"], m["index"]) for m in res["members"]] == [("va", 1), ("vb", 1)]
+        assert res["luns"] == 2 and res["hold_seconds"] > 0 and res["switch_span"] >= 0
+        st = d.status()["volumes"]
+        assert st["va"]["images"][1]["state"] == st["vb"]["images"][1]["state"] == "split"
+        # the live volumes went on: each holds the chain's last write
+        assert read(emus["va"], 0, 1) == _block(chain.n)
+        for name in ("va", "vb"):
+            d.resync(name, 1)
+        wait_for(lambda: in_sync(d, "va") and in_sync(d, "vb"), what="resync")
+
+
+def test_splitting_one_volume_after_the_other_breaks_the_chain(gw):
+    """What the group split is for: two plain splits under the same load give copies that do
+    not belong together (B's copy holds writes that came after A's copy was taken)."""
+    d, emus, paths = gw
+    chain = _chain_running(emus)
+    d.split("va", 1)
+    wait_for(lambda: chain.n > _seq_in(paths["va"][1]) + 5, what="more writes")
+    d.split("vb", 1)
+    chain.stop.set()
+    chain.join()
+    a, b = _seq_in(paths["va"][1]), _seq_in(paths["vb"][1])
+    assert b > a, (a, b)        # B's copy has writes that depend on ones A's copy lacks
+
+
+def test_completions_are_held_not_lost_and_new_commands_still_run(gw):
+    d, emus, _ = gw
+    host = d._host("va")
+    assert host.hold_completions(["va"]) == 1
+    try:
+        emu = emus["va"]
+        wid = emu.submit(cdb10(0x2A, 64, 1), data_out=_block(7))
+        time.sleep(0.3)
+        assert wid not in emu.completions          # done, but the initiator is not told
+        other = emus["vb"]                          # another volume is not held
+        read(other, 0, 1)
+    finally:
+        res = host.release_completions(["va"])
+    assert res["luns"] == 1 and res["commands"] == 1 and res["seconds"] >= 0.3
+    assert emu.wait([wid])[wid].status == 0
+    assert read(emus["va"], 64, 1) == _block(7)
+
+
+def test_a_member_that_cannot_be_split_leaves_every_volume_as_it_was(gw, tmp_path):
+    d, emus, paths = gw
+    d.split("vb", 1)                               # vb:0 is now its last in-sync image
+    with pytest.raises(StateError, match="last in-sync"):
+        d.split_group(["va:1", "vb:0"])
+    st = d.status()["volumes"]
+    assert [i["state"] for i in st["va"]["images"]] == ["in-sync", "in-sync"]
+    md = VolumeMetadata.load(str(tmp_path / "state"), "va")
+    assert [im.state for im in md.images] == ["in-sync", "in-sync"]   # saved so, too
+    for bad, msg in ((["va:1", "va:0"], "named twice"), (["va"], "VOLUME:IMAGE"),
+                     ([], "at least one"), (["nope:1"], "no volume 'nope'")):
+        with pytest.raises(ConfigError, match=msg):
+            d.split_group(bad)
+
+
+def test_a_group_restore_rolls_every_volume_back(gw):
+    d, emus, paths = gw
+    for name in ("va", "vb"):
+        (c,) = emus[name].wait([emus[name].submit(cdb10(0x2A, 8, 1), data_out=_block(1))]
+                               ).values()
+        assert c.status == 0
+    d.split_group(["va:1", "vb:1"])
+    for name in ("va", "vb"):
+        emus[name].wait([emus[name].submit(cdb10(0x2A, 8, 1), data_out=_block(2))])
+    with pytest.raises(StateError, match="only a split image"):
+        d.restore_group(["va:0", "vb:1"])          # checked first: nothing started
+    assert not any(j["kind"] == "restore" for j in d.status()["volumes"]["vb"]["jobs"])
+    res = d.restore_group(["va:1", "vb:1"])
+    assert [m["volume"] for m in res["members"]] == ["va", "vb"]
+    for name in ("va", "vb"):
+        assert read(emus[name], 8, 1) == _block(1)  # each reads as its copy at once
+    wait_for(lambda: all(j["state"] != "running" for v in ("va", "vb")
+                         for j in d.status()["volumes"][v]["jobs"]), what="restores")
+    assert json.dumps(d.status())                  # still answers
+
+
+class _SlowSwitch:
+    """A member's host whose switch takes 0.2 s longer, as a busy volume process would."""
+
+    def __init__(self, host):
+        self._host = host
+
+    def __getattr__(self, name):
+        return getattr(self._host, name)
+
+    def split_switch(self, name, image):
+        t = self._host.split_switch(name, image)
+        time.sleep(0.2)
+        return t
+
+
+def test_the_group_stays_consistent_however_long_the_switches_take(gw):
+    """The chain goes on between two members' switches (0.2 s apart): the held completions
+    keep every write to B that follows one to A after A's switch out of B's copy."""
+    from lvmirror.daemon import splitgroup
+    d, emus, paths = gw
+    chain = _chain_running(emus)
+    res = splitgroup.split_group(lambda name: _SlowSwitch(d._host(name)), ["va:1", "vb:1"])
+    chain.stop.set()
+    chain.join()
+    assert chain.error is None
+    a, b = _seq_in(paths["va"][1]), _seq_in(paths["vb"][1])
+    assert b in (a, a - 1), (a, b)
+    assert res["switch_span"] >= 0.2 and res["hold_seconds"] >= 0.2
