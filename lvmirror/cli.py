@@ -1,7 +1,9 @@
 """``lvmirror``: the command line for scripts and cron (talks to lvmirrord over the system bus).
 
     lvmirror [--json] status
-    lvmirror split VOLUME IMAGE
+    lvmirror split VOLUME IMAGE [--no-hooks] [--hook-timeout S] [--on-hook-error abort|continue]
+    lvmirror split-group VOLUME:IMAGE VOLUME:IMAGE ... [hook options]   # one instant for all
+    lvmirror restore-group VOLUME:IMAGE ... [--rate MB/s] [--wait]
     lvmirror resync VOLUME IMAGE [--rate MB/s] [--full] [--wait]
     lvmirror restore VOLUME IMAGE [--rate MB/s] [--wait]
     lvmirror attach VOLUME PATH [--force] [--wait]  # --force: PATH may hold data
@@ -9,6 +11,8 @@
     lvmirror cancel VOLUME IMAGE
     lvmirror wait VOLUME [--timeout S]      # until no job (resync, restore, attach, crash recovery) runs
     lvmirror backup VOLUME IMAGE DEST [--format raw|qcow2]   # copy a split image
+    lvmirror backup-cycle [--config FILE] [VOLUME:IMAGE ...] [--dest DIR] [--format F]
+                          [--keep K] [--rate MB/s] [--no-hooks]   # split, back up, resync
 
 Exit status 0 on success, 1 on an error reported by lvmirrord, 2 on bad usage, 3 when lvmirrord
 is not reachable.
@@ -150,6 +154,81 @@ def wait_jobs(mgr, volume, timeout=None, out=sys.stderr):
         time.sleep(0.5)
 
 
+def _hook_args(s):
+    s.add_argument("--no-hooks", action="store_true",
+                   help="do not run the split hooks (/etc/lvmirror/hooks.d)")
+    s.add_argument("--hook-timeout", type=float, metavar="SECONDS",
+                   help="kill a hook that runs longer (default 30)")
+    s.add_argument("--on-hook-error", choices=("abort", "continue"),
+                   help="when a pre-split hook fails: abort the split (default) or go on")
+
+
+def _hook_options(dbus, args):
+    opts = {}
+    if args.no_hooks:
+        opts["hooks"] = dbus.Boolean(False)
+    if args.hook_timeout is not None:
+        opts["hook_timeout"] = dbus.Double(args.hook_timeout)
+    if args.on_hook_error is not None:
+        opts["on_hook_error"] = dbus.String(args.on_hook_error)
+    return dbus.Dictionary(opts, signature="sv") if opts else None
+
+
+def _print_hooks(res):
+    import os.path
+    for h in res.get("hooks", []):
+        print(f"hook {os.path.basename(h['hook'])} {h['phase']}: "
+              + ("ok" if h["error"] is None else f"FAILED ({h['error']})")
+              + f" in {h['seconds']:.2f} s")
+
+
+def _backup_cycle(args, mgr) -> int:
+    import dbus
+    from lvmirror import backupcycle
+    from lvmirror.bus.service import BUS_NAME
+    from lvmirror.bus.volume import VOLUME_IFACE, object_path
+    try:
+        if args.config:
+            plan = backupcycle.load_plan(args.config)
+        else:
+            plan = backupcycle.BackupPlan(members=[], dest="")
+        if args.members:
+            plan.members = list(args.members)
+        for key, attr in (("dest", "dest"), ("format", "fmt"), ("keep", "keep"),
+                          ("rate", "rate")):
+            if getattr(args, key) is not None:
+                setattr(plan, attr, getattr(args, key))
+        if args.no_hooks:
+            plan.hooks = False
+        plan.check()
+    except ValueError as exc:
+        print(f"lvmirror: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    bus = dbus.SystemBus()
+
+    def volume_iface(name):
+        return dbus.Interface(bus.get_object(BUS_NAME, object_path(name)), VOLUME_IFACE)
+
+    def log(line):
+        print(line, flush=True)
+
+    return backupcycle.run_cycle(plan, mgr, volume_iface,
+                                 lambda m, name: wait_jobs(m, name, None, out=None), log=log)
+
+
+def group_member(text: str) -> tuple[str, int]:
+    """argparse type: "VOLUME:IMAGE" (an image index) as (volume, image)."""
+    name, sep, index = text.rpartition(":")
+    if not sep or not name or not index.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected VOLUME:IMAGE, e.g. db:2")
+    return name, int(index)
+
+
+def _group_arg(dbus, members):
+    return dbus.Array([dbus.Struct((n, dbus.UInt32(i)), signature="su") for n, i in members],
+                      signature="(su)")
+
+
 def main(argv=None):
     """The ``lvmirror`` command: parse ``argv`` (None: sys.argv[1:]), call lvmirrord's Manager on
     the system bus, print the result. Returns the exit status: 0, EXIT_ERROR or
@@ -162,6 +241,8 @@ def main(argv=None):
         s = sub.add_parser(name)
         s.add_argument("volume")
         s.add_argument("image", type=image_index)
+        if name == "split":
+            _hook_args(s)
     for name in ("resync", "restore"):
         s = sub.add_parser(name)
         s.add_argument("volume")
@@ -172,6 +253,15 @@ def main(argv=None):
             s.add_argument("--full", action="store_true",
                            help="copy every region, also into an image marked in sync (a disk "
                                 "suspected of dropped writes); it serves no reads until done")
+    s = sub.add_parser("split-group", help="split one image of each volume at one instant "
+                       "(a consistency group)")
+    s.add_argument("members", nargs="+", type=group_member, metavar="VOLUME:IMAGE")
+    _hook_args(s)
+    s = sub.add_parser("restore-group", help="roll several volumes back to their split images "
+                       "at one instant")
+    s.add_argument("members", nargs="+", type=group_member, metavar="VOLUME:IMAGE")
+    s.add_argument("--rate", type=rate, default=0.0, help="MB/s per volume, 0 = unlimited")
+    s.add_argument("--wait", action="store_true", help="return when every restore finished")
     s = sub.add_parser("attach", help="add an image (full resync from the volume)")
     s.add_argument("volume")
     s.add_argument("path")
@@ -184,6 +274,18 @@ def main(argv=None):
     s.add_argument("image", type=image_index)
     s.add_argument("dest")
     s.add_argument("--format", choices=("raw", "qcow2"), default="raw")
+    s = sub.add_parser("backup-cycle", help="split, back up, resync, keep the newest K "
+                       "(what lvmirror-backup@VOLUME.timer runs)")
+    s.add_argument("members", nargs="*", type=group_member, metavar="VOLUME:IMAGE",
+                   help="two or more: split as a consistency group")
+    s.add_argument("--config", metavar="FILE",
+                   help="an INI file with a [backup] section (members, dest, format, keep, "
+                        "rate, hooks); the options below override it")
+    s.add_argument("--dest", help="backup directory (one subdirectory per volume)")
+    s.add_argument("--format", choices=("raw", "qcow2"))
+    s.add_argument("--keep", type=int, help="backups kept per volume (default 7)")
+    s.add_argument("--rate", type=rate, help="resync rate limit, MB/s (0: unlimited)")
+    s.add_argument("--no-hooks", action="store_true", help="do not run the split hooks")
     s = sub.add_parser("wait")
     s.add_argument("volume")
     s.add_argument("--timeout", type=float)
@@ -196,13 +298,56 @@ def main(argv=None):
             print(json.dumps(st, indent=2) if args.json else format_status(st))
             return 0
         if args.cmd == "split":
-            res = json.loads(mgr.Split(args.volume, args.image, timeout=3600))
+            opts = _hook_options(dbus, args)
+            res = json.loads(mgr.SplitWithOptions(args.volume, args.image, opts, timeout=3600)
+                             if opts else mgr.Split(args.volume, args.image, timeout=3600))
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(res["split_time"]))
             usec = int(res["split_time"] % 1 * 1e6)
-            print(json.dumps(res) if args.json else
-                  f"image {res['index']} ({res['path']}) split at {when}.{usec:06d}; "
+            if args.json:
+                print(json.dumps(res))
+                return 0
+            _print_hooks(res)
+            print(f"image {res['index']} ({res['path']}) split at {when}.{usec:06d}; "
                   f"{res['drained']} I/Os begun before the split drained")
             return 0
+        if args.cmd == "split-group":
+            opts = _hook_options(dbus, args)
+            group = _group_arg(dbus, args.members)
+            res = json.loads(mgr.SplitGroupWithOptions(group, opts, timeout=3600) if opts
+                             else mgr.SplitGroup(group, timeout=3600))
+            if args.json:
+                print(json.dumps(res))
+                return 0
+            _print_hooks(res)
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(res["split_time"]))
+            usec = int(res["split_time"] % 1 * 1e6)
+            for m in res["members"]:
+                print(f"{m['volume']}: image {m['index']} ({m['path']}) split; "
+                      f"{m['drained']} I/Os begun before the split drained")
+            print(f"consistency group split at {when}.{usec:06d}: switches within "
+                  f"{res['switch_span'] * 1e6:.0f} us, completions held "
+                  f"{res['hold_seconds'] * 1e6:.0f} us ({res['held_commands']} commands "
+                  f"on {res['luns']} LUNs); no I/O was paused")
+            return 0
+        if args.cmd == "restore-group":
+            res = json.loads(mgr.RestoreGroup(_group_arg(dbus, args.members), args.rate,
+                                              timeout=3600))
+            if args.json:
+                print(json.dumps(res))
+            else:
+                for m in res["members"]:
+                    print(f"{m['volume']}: restore started: {m['bytes_total']} bytes")
+                print(f"the volumes read as their split images from one instant (completions "
+                      f"held {res['hold_seconds'] * 1e6:.0f} us)")
+            if args.wait:
+                for name, _ in args.members:
+                    failed = wait_jobs(mgr, name, None)
+                    if failed:
+                        print(f"failed: {name}: {failed[0]['error']}", file=sys.stderr)
+                        return EXIT_ERROR
+            return 0
+        if args.cmd == "backup-cycle":
+            return _backup_cycle(args, mgr)
         if args.cmd == "backup":
             from lvmirror.backup import backup_image
             st = json.loads(mgr.Status())

@@ -202,6 +202,44 @@ def install():
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(res['split_time']))}; "
                 f"{res['drained']} I/Os drained")
 
+        def _group(self, image, others):
+            members = [(self._spec().name, self._image(image))]
+            for m in (others or "").replace(" ", ",").split(","):
+                if not m:
+                    continue
+                name, sep, index = m.rpartition(":")
+                if not sep or not name or not index.isdigit():
+                    raise ExecutionError(f"others: {m!r} is not VOLUME:IMAGE (e.g. wal:1)")
+                members.append((name, int(index)))
+            if len(members) < 2:
+                raise ExecutionError("others=VOLUME:IMAGE[,VOLUME:IMAGE...] names the other "
+                                     "volumes of the group")
+            import dbus
+            return dbus.Array([dbus.Struct((n, dbus.UInt32(i)), signature="su")
+                               for n, i in members], signature="(su)")
+
+        def ui_command_split_group(self, image, others=None):
+            """Split image IMAGE of this volume and one image of each volume in OTHERS
+            (VOLUME:IMAGE,VOLUME:IMAGE...) at one instant: a consistency group, for an
+            application that spreads its data over several LUNs (a database's data and its
+            write-ahead log). Every write acknowledged before that instant on any of them is
+            in the copies, none begun after it is. New I/O is never paused; acknowledgements
+            are held for the instant (the time is shown)."""
+            res = json.loads(call(_manager().SplitGroup, self._group(image, others)))
+            for m in res["members"]:
+                self.shell.con.display(f"{m['volume']}: image {m['index']} ({m['path']}) split")
+            self.shell.con.display(
+                f"group split at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(res['split_time']))}; "
+                f"completions held {res['hold_seconds'] * 1e6:.0f} us")
+
+        def ui_command_restore_group(self, image, others=None, rate=None):
+            """Roll this volume back to split image IMAGE and each volume in OTHERS
+            (VOLUME:IMAGE,...) to its split image, all at one instant (rate in MB/s per
+            volume)."""
+            json.loads(call(_manager().RestoreGroup, self._group(image, others),
+                            float(rate or 0)))
+            self.shell.con.display("restores started: the volumes read as their split images")
+
         def ui_command_resync(self, image, rate=None, wait="false", full="false"):
             """Bring image IMAGE back in sync, copying only the regions changed since the split.
             RATE limits the copy in MB/s; wait=true shows progress until it is done; full=true
@@ -268,6 +306,7 @@ def install():
             return [f"{im['index']} " for im in vol["images"] if str(im["index"]).startswith(text)]
 
         ui_complete_split = ui_complete_resync = ui_complete_restore = _complete_image
+        ui_complete_split_group = ui_complete_restore_group = _complete_image
         ui_complete_detach = ui_complete_cancel = _complete_image
 
         def ui_complete_attach(self, parameters, text, current_param):

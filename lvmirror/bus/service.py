@@ -13,7 +13,7 @@ from gi.repository import GLib
 
 from lvmirror import cfgstring
 from lvmirror.bus.volume import (VOLUME_IFACE, VolumeObject, attach_options, interfaces,
-                                 managed_objects, resync_options)
+                                 managed_objects, resync_options, split_options)
 from lvmirror.errors import LvmirrorError
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,41 @@ class Manager(dbus.service.Object):
     def Split(self, volume, image, sender=None, ok=None, err=None):
         """Split image ``image`` off ``volume`` now; returns (JSON) when pre-T I/O drained."""
         self.run(sender, lambda: json.dumps(self._daemon.split(str(volume), int(image))), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="a(su)", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def SplitGroup(self, members, sender=None, ok=None, err=None):
+        """Split one image of each volume at one instant (a consistency group): ``members`` is
+        an array of (volume, image index). Returns (JSON) each member's split, the first T, the
+        span of the switches and how long completions were held (seconds)."""
+        self.run(sender, lambda: json.dumps(self._daemon.split_group(
+            [(str(v), int(i)) for v, i in members])), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="sua{sv}", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def SplitWithOptions(self, volume, image, options, sender=None, ok=None, err=None):
+        """Split with options (``a{sv}``): ``hooks`` (b, run the split hooks: default true),
+        ``hook_timeout`` (d, seconds per hook, default 30), ``on_hook_error`` (s, "abort" the
+        split when a pre-split hook fails, the default, or "continue"). Unknown options are an
+        error. Returns (JSON) what Split returns, with what each hook did."""
+        self.run(sender, lambda: json.dumps(self._daemon.split(
+            str(volume), int(image), split_options(options))), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="a(su)a{sv}", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def SplitGroupWithOptions(self, members, options, sender=None, ok=None, err=None):
+        """SplitGroup with the options of SplitWithOptions (the hooks run once around the
+        group)."""
+        self.run(sender, lambda: json.dumps(self._daemon.split_group(
+            [(str(v), int(i)) for v, i in members], split_options(options))), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="a(su)d", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def RestoreGroup(self, members, rate_mbps, sender=None, ok=None, err=None):
+        """Roll every member volume back to its split image at one instant (rate limit in MB/s
+        per volume, 0 = unlimited); returns (JSON) the restores' progress."""
+        self.run(sender, lambda: json.dumps(self._daemon.restore_group(
+            [(str(v), int(i)) for v, i in members], float(rate_mbps))), ok, err)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="sud", out_signature="s",
                          sender_keyword="sender", async_callbacks=("ok", "err"))

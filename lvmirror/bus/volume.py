@@ -292,6 +292,28 @@ def resync_options(options) -> dict:
     return bool_options("ResyncWithOptions", options, RESYNC_OPTIONS)
 
 
+def split_options(options) -> dict:
+    """SplitWithOptions' / SplitGroupWithOptions' options as plain values: ``hooks`` (b),
+    ``hook_timeout`` (d, seconds), ``on_hook_error`` (s); the values are checked by
+    ``daemon.hooks.hook_options``. ValueError for an unknown option or a value of another
+    type."""
+    types = {"hooks": (bool, dbus.Boolean), "hook_timeout": (float, int, dbus.Double),
+             "on_hook_error": (str, dbus.String)}
+    out = {}
+    for key, value in dict(options or {}).items():
+        key = str(key)
+        if key not in types:
+            raise ValueError(f"SplitWithOptions: unknown option {key!r} (known: "
+                             f"{', '.join(sorted(types))})")
+        if not isinstance(value, types[key]) or (key == "hook_timeout"
+                                                 and isinstance(value, (bool, dbus.Boolean))):
+            raise ValueError(f"SplitWithOptions: option {key!r} has the wrong type "
+                             f"({type(value).__name__})")
+        out[key] = (bool(value) if key == "hooks" else float(value) if key == "hook_timeout"
+                    else str(value))
+    return out
+
+
 def add_properties(xml: str, interface: str, props: dict) -> str:
     """Insert <property> elements (read-only, with the changed-signal annotation) into
     ``interface``'s node of an introspection document."""

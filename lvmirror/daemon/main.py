@@ -10,6 +10,7 @@ import sys
 
 from lvmirror import __version__
 from lvmirror.errors import LvmirrorError
+from lvmirror.daemon.hooks import DEFAULT_HOOKS_DIR
 from lvmirror.daemon.manager import DEFAULT_STATE_DIR, Lvmirrord
 from lvmirror.daemon import __doc__ as _doc
 
@@ -49,13 +50,17 @@ def main(argv=None):
                         help="serve every volume from a process of its own, so busy volumes "
                              "use several cores (the default); --no-processes: every volume "
                              "in lvmirrord itself")
+    parser.add_argument("--hooks-dir", default=DEFAULT_HOOKS_DIR,
+                        help="split hooks: executables run before and after every split "
+                             "(default %(default)s; see lvmirrord(8))")
     parser.add_argument("--version", action="version", version=f"lvmirrord {__version__}")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     daemon = Lvmirrord(state_dir=args.state_dir, workers=args.workers, with_bus=not args.no_dbus,
-                       processes=args.processes, log_level=args.log_level)
+                       processes=args.processes, log_level=args.log_level,
+                       hooks_dir=args.hooks_dir)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     try:

@@ -14,6 +14,7 @@ from lvmirror.errors import ConfigError, LvmirrorError, StateError
 from lvmirror.tcmu import uio
 from lvmirror.daemon.host import BackupProgress, VolumeHost
 from lvmirror.daemon.lunserver import SUBTYPE
+from lvmirror.daemon import hooks, splitgroup
 
 log = logging.getLogger("lvmirrord")
 
@@ -34,10 +35,12 @@ class Lvmirrord:
 
     def __init__(self, *, state_dir=DEFAULT_STATE_DIR, workers=4, sysfs_root="/sys",
                  configfs_root="/sys/kernel/config", with_bus=True, processes=False,
-                 inline_reads=True, log_level="info"):
+                 inline_reads=True, log_level="info", hooks_dir=hooks.DEFAULT_HOOKS_DIR):
         """``state_dir``: volume metadata; ``workers``: threads per LUN; ``processes``: a
         process per volume; ``inline_reads``: cached READs answered by the ring thread;
-        ``log_level``: the volume processes' logging level."""
+        ``log_level``: the volume processes' logging level; ``hooks_dir``: the split hooks
+        (``hooks.SplitHooks``)."""
+        self.hooks = hooks.SplitHooks(hooks_dir)
         self.state_dir = state_dir
         self.workers = workers
         self.sysfs_root = sysfs_root
@@ -220,12 +223,45 @@ class Lvmirrord:
         return {"version": __version__, "state_dir": self.state_dir, "volumes": volumes,
                 "luns": luns}
 
-    def split(self, name, image):
+    def split(self, name, image, options=None):
         """Split image ``image`` (an index) off volume ``name`` now: ``VolumeHost.split``
         (I/O begun before the split time T completes to every image, later I/O goes to the
-        others and is not paused). Returns index, path, split_time (seconds since the epoch),
-        generation and drained (I/Os waited for). ConfigError: no such volume."""
-        return self._host(name).split(name, image)
+        others and is not paused), between the split hooks (``hooks``; ``options``: hooks,
+        hook_timeout, on_hook_error, see ``hooks.hook_options``). Returns index, path,
+        split_time (seconds since the epoch), generation, drained (I/Os waited for) and hooks
+        (what each hook did). ConfigError: no such volume or a bad option; HookError: a
+        pre-split hook failed (nothing split)."""
+        opts = hooks.hook_options(options)
+        host = self._host(name)
+        return self._with_hooks([(name, image)], lambda: host.split(name, image), opts)
+
+    def split_group(self, members, options=None) -> dict:
+        """Split one image of each volume in ``members`` ((volume, image) pairs or
+        "VOLUME:IMAGE" strings) at one instant: ``splitgroup.split_group`` (completions held
+        across the group while the epochs switch), between the split hooks, run once for the
+        group (``options`` as ``split``). Returns the members' split results, the first T,
+        the span of the switches, how long completions were held (seconds) and hooks."""
+        opts = hooks.hook_options(options)
+        members = splitgroup.parse_members(members)
+        for name, _ in members:
+            self._host(name)            # every volume open, before any hook runs
+        return self._with_hooks(members, lambda: splitgroup.split_group(self._host, members),
+                                opts)
+
+    def _with_hooks(self, members, split, opts):
+        if not opts["hooks"]:
+            res = split()
+            res["hooks"] = []
+            return res
+        res, records = self.hooks.around(members, split, timeout=opts["hook_timeout"],
+                                         on_error=opts["on_hook_error"])
+        res["hooks"] = records
+        return res
+
+    def restore_group(self, members, rate_mbps=0.0) -> dict:
+        """Roll every member volume back to its split image at one instant
+        (``splitgroup.restore_group``); ``rate_mbps`` MB/s per volume, 0: unlimited."""
+        return splitgroup.restore_group(self._host, members, rate_mbps)
 
     def backup(self, name, image, dest, fmt="raw") -> int:
         """Copy split image ``image`` of volume ``name`` to ``dest`` (an absolute path; ``fmt``

@@ -1,0 +1,121 @@
+"""The backup cycle (``lvmirror backup-cycle``, what ``lvmirror-backup@VOLUME.timer`` runs):
+split (a consistency group for several volumes), copy, resync, keep the newest K; through the
+real CLI and D-Bus on a private dbus-daemon."""
+
+import os
+import re
+
+import pytest
+
+from lvmirror import cfgstring
+from lvmirror.backupcycle import BackupPlan, load_plan, prune
+from lvmirror.daemon import Lvmirrord
+
+from tests.unit.test_bus import cli, system_bus  # noqa: F401  (a fixture)
+
+BS = 512
+
+
+@pytest.fixture
+def gw(tmp_path, system_bus):  # noqa: F811
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False,
+                  hooks_dir=str(tmp_path / "hooks.d"))
+    specs, vols = [], {}
+    for name in ("db", "wal"):
+        imgs = "+".join(str(tmp_path / f"{name}{k}") for k in range(2))
+        spec = cfgstring.parse(f"{name};images={imgs};region_size=64K")
+        vol, _ = d.registry.acquire(spec, lun=f"lun-{name}", size=4 << 20)
+        for job in vol.jobs.values():
+            assert job.wait(20)
+        specs.append(spec)
+        vols[name] = vol
+    from lvmirror.bus import BusService
+    bus = BusService(d, bus_address=system_bus)
+    bus.start()
+    yield d, vols, system_bus
+    bus.stop()
+    for spec in specs:
+        d.registry.release(spec)
+
+
+def _states(d, name):
+    return [im["state"] for im in d.status()["volumes"][name]["images"]]
+
+
+def test_cycles_back_up_a_group_resync_and_keep_the_newest(gw, tmp_path):
+    d, vols, address = gw
+    dest = tmp_path / "backups"
+    conf = tmp_path / "db.conf"
+    conf.write_text(f"[backup]\nmembers = db:1 wal:1\ndest = {dest}\nkeep = 2  # two\n")
+    seen = []
+    for k in range(3):
+        for name, vol in vols.items():
+            vol.write(8, [memoryview(bytes([65 + k]) * BS)])
+        r = cli(address, "backup-cycle", "--config", str(conf))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "backup cycle of db:1 wal:1 done" in r.stdout, r.stdout
+        assert _states(d, "db") == _states(d, "wal") == ["in-sync", "in-sync"]
+        files = sorted(os.listdir(dest / "db"))
+        seen.append(files[-1])
+        for name in ("db", "wal"):
+            (newest,) = [f for f in os.listdir(dest / name) if f.endswith(seen[-1][-21:])]
+            with open(dest / name / newest, "rb") as f:
+                f.seek(8 * BS)
+                assert f.read(BS) == bytes([65 + k]) * BS
+            assert oct(os.stat(dest / name / newest).st_mode & 0o777) == "0o600"
+        if k < 2:
+            import time
+            time.sleep(1.1)          # the next cycle gets another timestamp
+    for name in ("db", "wal"):
+        files = sorted(os.listdir(dest / name))
+        assert len(files) == 2 and all(re.match(rf"{name}-\d{{8}}T\d{{6}}Z\.raw$", f)
+                                       for f in files), files
+    assert seen[0] not in os.listdir(dest / "db")         # the oldest went
+
+
+def test_a_failed_copy_fails_the_cycle_but_the_mirror_is_made_whole(gw, tmp_path):
+    d, vols, address = gw
+    dest = tmp_path / "ro"
+    dest.mkdir()
+    (dest / "db").write_text("a file where the volume's directory should be")
+    r = cli(address, "backup-cycle", "db:1", "--dest", str(dest))
+    assert r.returncode == 1
+    assert "FAILED: backup of db image 1" in r.stdout and "resync of db image 1 done" in \
+        r.stdout and "backup cycle of db:1 FAILED" in r.stdout, r.stdout
+    assert _states(d, "db") == ["in-sync", "in-sync"]
+    d.split("db", 1)                                      # not in sync: refused at once
+    r = cli(address, "backup-cycle", "db:1", "--dest", str(tmp_path / "b"))
+    assert r.returncode == 1 and "image 1 of db is split" in r.stdout, r.stdout
+
+
+def test_plans_are_checked(tmp_path):
+    conf = tmp_path / "x.conf"
+    for text, msg in (("[backup]\nmembers = db:1\n", "dest must be an absolute"),
+                      ("[backup]\nmembers = db\ndest = /b\n", "not VOLUME:IMAGE"),
+                      ("[backup]\nmembers = db:1\ndest = /b\nkeep = 0\n", "keep"),
+                      ("[backup]\nmembers = db:1\ndest = /b\nformat = zip\n", "format"),
+                      ("[backup]\nmembers = db:1 db:2\ndest = /b\n", "named twice"),
+                      ("[backup]\nmembers = db:1\ndest = /b\ncolour = red\n", "unknown key"),
+                      ("[other]\n", "no \\[backup\\] section")):
+        conf.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            load_plan(str(conf))
+    with pytest.raises(ValueError, match="No such file"):
+        load_plan(str(tmp_path / "missing.conf"))
+    conf.write_text("[backup]\nmembers = db:1 wal:1\ndest = /b\nformat = qcow2\nrate = 20\n"
+                    "hooks = no\n")
+    assert load_plan(str(conf)) == BackupPlan([("db", 1), ("wal", 1)], "/b", "qcow2", 7, 20.0,
+                                              False)
+
+
+def test_prune_keeps_the_newest_and_touches_nothing_else(tmp_path):
+    names = ["db-20261101T000000Z.raw", "db-20261102T000000Z.raw", "db-20261103T000000Z.qcow2",
+             "db-20261104T000000Z.raw.partial", "dbx-20261101T000000Z.raw", "notes.txt",
+             "db-latest.raw"]
+    for n in names:
+        (tmp_path / n).write_text("x")
+    gone = prune(str(tmp_path), "db", 2, log=lambda _: None)
+    assert sorted(os.path.basename(p) for p in gone) == ["db-20261101T000000Z.raw",
+                                                        "db-20261104T000000Z.raw.partial"]
+    assert sorted(os.listdir(tmp_path)) == sorted(set(names) - {
+        "db-20261101T000000Z.raw", "db-20261104T000000Z.raw.partial"})
