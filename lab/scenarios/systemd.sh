@@ -83,6 +83,34 @@ systemd() {  # the packaged lvmirrord.service with systemd as PID 1: installed a
     && result service_dbus_activated ok pid=$pid3 \
     || result service_dbus_activated fail rc=$rc pid=$pid3 out="$(head -3 $OUT/svc-activated.txt)" same_data=$([ "$sum0" = "$sum1" ] && echo yes || echo no)
   logout
+
+  # 6. the scheduled backup cycle: lvmirror-backup@svc.timer enabled (systemd lists its next
+  #    run), its service run now (split, qcow2 copy, resync, keep 2, logged in the journal); a
+  #    cycle that cannot work fails its unit, which systemd shows
+  mkdir -p /etc/lvmirror/backup
+  printf '[backup]\nmembers = svc:2\ndest = /run/scratch/bk\nformat = qcow2\nkeep = 2\nrate = 50\n' \
+    > /etc/lvmirror/backup/svc.conf
+  systemctl enable --now lvmirror-backup@svc.timer > "$OUT/backup-timer.txt" 2>&1
+  local next brc bres bfiles bstate
+  next=$(systemctl show -P NextElapseUSecRealtime lvmirror-backup@svc.timer)
+  for _ in 1 2; do systemctl start lvmirror-backup@svc.service; brc=$?; sleep 1; done
+  bres=$(systemctl show -P Result lvmirror-backup@svc.service)
+  bfiles=$(ls /run/scratch/bk/svc 2>/dev/null | grep -c '^svc-.*Z\.qcow2$')
+  bstate=$(lvmirror --json status | python3 -c "import json,sys; print(json.load(sys.stdin)['volumes']['svc']['images'][2]['state'])")
+  [ $brc = 0 ] && [ "$bres" = success ] && [ -n "$next" ] && [ "$bfiles" = 2 ] && [ "$bstate" = in-sync ] \
+    && journal -u lvmirror-backup@svc.service | grep -q "backup cycle of svc:2 done" \
+    && result backup_timer_service ok next="$next" files=$bfiles \
+    || result backup_timer_service fail rc=$brc result=$bres next="$next" files=$bfiles image=$bstate \
+              journal="$(journal -u lvmirror-backup@svc.service | tail -3)"
+  : > /run/scratch/not-a-dir
+  printf '[backup]\nmembers = svc:2\ndest = /run/scratch/not-a-dir\n' > /etc/lvmirror/backup/bad.conf
+  systemctl start lvmirror-backup@bad.service; brc=$?
+  [ $brc != 0 ] && [ "$(systemctl is-failed lvmirror-backup@bad.service)" = failed ] \
+    && journal -u lvmirror-backup@bad.service | grep -q "FAILED: backup of svc image 2" \
+    && result backup_timer_failure_shown ok \
+    || result backup_timer_failure_shown fail rc=$brc state="$(systemctl is-failed lvmirror-backup@bad.service)" \
+              journal="$(journal -u lvmirror-backup@bad.service | tail -3)"
+  journalctl --no-pager -o short-monotonic -u 'lvmirror-backup@*' > "$OUT/backup-journal.log" 2>&1
   journalctl --no-pager -o short-monotonic -u lvmirrord.service > "$OUT/lvmirrord-journal.log" 2>&1
   journal -u dbus.service > "$OUT/dbus-journal.log"
 }

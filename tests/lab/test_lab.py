@@ -19,6 +19,11 @@ SECTION_CHECKS = {
               "split_image_lun_mounts_fsck_clean", "resync_refused_while_exported",
               "fio_verify_through_resync_and_split", "targetcli_ext_split",
               "targetcli_ext_status", "backup_of_split_image", "resync_images_identical"],
+    "group": ["group_postgres_on_two_luns", "group_split", "group_copies_recover",
+              "group_copies_pg_amcheck_clean", "group_copies_pgbench_invariant",
+              "group_restore_rolls_back_both", "hooks_ran_around_split",
+              "hooks_frozen_copy_clean_without_replay", "hooks_failing_pre_hook_aborts_split",
+              "backup_cycle_group"],
     "crash": ["daemon_restarted", "sigkill_fio_verify_ok", "sigkill_images_agree"],
     "dbus": ["busctl_shows_volume_objects", "unprivileged_reads_status", "unprivileged_change_refused",
              "external_lock_blocks_initiator_io", "lock_released_when_holder_leaves"],
@@ -29,7 +34,8 @@ SECTION_CHECKS = {
 ALL = [(s, c) for s, checks in SECTION_CHECKS.items() for c in checks]
 # lab/boot --systemd: the packaged unit with systemd as PID 1 (conftest's systemd_lab)
 SYSTEMD_CHECKS = ["systemd_is_pid1", "service_started_by_package", "service_serves_lun_under_hardening",
-                  "service_restarted_after_sigkill", "service_stops_cleanly", "service_dbus_activated"]
+                  "service_restarted_after_sigkill", "service_stops_cleanly", "service_dbus_activated",
+                  "backup_timer_service", "backup_timer_failure_shown"]
 
 # lab/powercut: the guest's power cut (SIGKILL of QEMU) at each moment, then the next boot on the
 # same disk recovers unattended and checks (conftest's powercut_lab). pc_cut_M: the host cut the
