@@ -38,6 +38,8 @@ import os
 import re
 import time
 
+from lvmirror.cli import members_arg, parse_member
+
 __all__ = ["BackupPlan", "load_plan", "run_cycle", "prune", "backup_name"]
 
 FORMATS = ("raw", "qcow2")
@@ -72,14 +74,6 @@ class BackupPlan:
         if not self.rate >= 0:
             raise ValueError(f"backup: rate must be MB/s >= 0, got {self.rate!r}")
         return self
-
-
-def parse_member(text: str) -> tuple[str, int]:
-    """"VOLUME:IMAGE" as (volume, image); ValueError otherwise."""
-    name, sep, index = text.rpartition(":")
-    if not sep or not name or not index.isdigit():
-        raise ValueError(f"backup: {text!r} is not VOLUME:IMAGE (e.g. db:2)")
-    return name, int(index)
 
 
 def load_plan(path: str) -> BackupPlan:
@@ -168,9 +162,8 @@ def run_cycle(plan: BackupPlan, mgr, volume_iface, wait_jobs, log=print) -> int:
             res = json.loads(mgr.SplitWithOptions(name, dbus.UInt32(image), opts, timeout=3600))
             split_time = res["split_time"]
         else:
-            group = dbus.Array([dbus.Struct((n, dbus.UInt32(i)), signature="su")
-                                for n, i in plan.members], signature="(su)")
-            res = json.loads(mgr.SplitGroupWithOptions(group, opts, timeout=3600))
+            res = json.loads(mgr.SplitGroupWithOptions(members_arg(plan.members), opts,
+                                                       timeout=3600))
             split_time = res["split_time"]
     except dbus.DBusException as exc:
         log(f"FAILED: split of {members}: {exc.get_dbus_message()}")

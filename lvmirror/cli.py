@@ -216,15 +216,26 @@ def _backup_cycle(args, mgr) -> int:
                                  lambda m, name: wait_jobs(m, name, None, out=None), log=log)
 
 
-def group_member(text: str) -> tuple[str, int]:
-    """argparse type: "VOLUME:IMAGE" (an image index) as (volume, image)."""
+def parse_member(text: str) -> tuple[str, int]:
+    """A consistency group's member "VOLUME:IMAGE" (an image index) as (volume, image);
+    ValueError otherwise."""
     name, sep, index = text.rpartition(":")
     if not sep or not name or not index.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected VOLUME:IMAGE, e.g. db:2")
+        raise ValueError(f"{text!r} is not VOLUME:IMAGE (e.g. db:2)")
     return name, int(index)
 
 
-def _group_arg(dbus, members):
+def group_member(text: str) -> tuple[str, int]:
+    """argparse type: ``parse_member``."""
+    try:
+        return parse_member(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def members_arg(members):
+    """(volume, image) pairs as the ``a(su)`` of SplitGroup / RestoreGroup."""
+    import dbus
     return dbus.Array([dbus.Struct((n, dbus.UInt32(i)), signature="su") for n, i in members],
                       signature="(su)")
 
@@ -312,7 +323,7 @@ def main(argv=None):
             return 0
         if args.cmd == "split-group":
             opts = _hook_options(dbus, args)
-            group = _group_arg(dbus, args.members)
+            group = members_arg(args.members)
             res = json.loads(mgr.SplitGroupWithOptions(group, opts, timeout=3600) if opts
                              else mgr.SplitGroup(group, timeout=3600))
             if args.json:
@@ -330,7 +341,7 @@ def main(argv=None):
                   f"on {res['luns']} LUNs); no I/O was paused")
             return 0
         if args.cmd == "restore-group":
-            res = json.loads(mgr.RestoreGroup(_group_arg(dbus, args.members), args.rate,
+            res = json.loads(mgr.RestoreGroup(members_arg(args.members), args.rate,
                                               timeout=3600))
             if args.json:
                 print(json.dumps(res))

@@ -113,7 +113,7 @@ def install():
 
     from lvmirror import cfgstring
     from lvmirror.backup import backup_image
-    from lvmirror.cli import format_status
+    from lvmirror.cli import format_status, members_arg, parse_member
 
     original = ui_backstore.UIUserBackedStorageObject
     if getattr(original, "_lvmirror_factory", False):
@@ -204,19 +204,15 @@ def install():
 
         def _group(self, image, others):
             members = [(self._spec().name, self._image(image))]
-            for m in (others or "").replace(" ", ",").split(","):
-                if not m:
-                    continue
-                name, sep, index = m.rpartition(":")
-                if not sep or not name or not index.isdigit():
-                    raise ExecutionError(f"others: {m!r} is not VOLUME:IMAGE (e.g. wal:1)")
-                members.append((name, int(index)))
+            try:
+                members += [parse_member(m) for m in (others or "").replace(" ", ",").split(",")
+                            if m]
+            except ValueError as e:
+                raise ExecutionError(f"others: {e}") from None
             if len(members) < 2:
                 raise ExecutionError("others=VOLUME:IMAGE[,VOLUME:IMAGE...] names the other "
                                      "volumes of the group")
-            import dbus
-            return dbus.Array([dbus.Struct((n, dbus.UInt32(i)), signature="su")
-                               for n, i in members], signature="(su)")
+            return members_arg(members)
 
         def ui_command_split_group(self, image, others=None):
             """Split image IMAGE of this volume and one image of each volume in OTHERS
