@@ -153,8 +153,6 @@ class SplitControl:
             if img.split_busy is not p or p.split_time is not None:
                 return
             img.split_busy = None
-            if img.bitmap is p.bitmap:
-                img.bitmap = None
             vol._save_md()
 
     def finish(self, p: PendingSplit) -> SplitInfo:
