@@ -449,8 +449,8 @@ class LunServer:
         return (len(held) if held is not None else 0), seconds
 
     def _nowait_ok(self) -> bool:
-        """The ring thread may try READs itself: enabled, the volume open and answering, its
-        backend able to read without blocking, and no abort pending (the pool answers those)."""
+        """The ring thread may try READs (and a lone WRITE) itself: enabled, the volume open
+        and answering, its backend buffered, and no abort pending (the pool answers those)."""
         return (self.inline_reads and self.error is None and self.lu is not None
                 and not self._aborted and getattr(self.backend, "supports_nowait", False))
 

@@ -140,7 +140,9 @@ def split_group(host_of, members, *, hold_max: float = HOLD_MAX) -> dict:
         for name, image in members:
             hosts[name].split_prepare(name, image)
             prepared.append((name, image))
-    except BaseException:
+    except BaseException as exc:
+        log.error("consistency group %s: not split: %s",
+                  " ".join(f"{n}:{i}" for n, i in members), exc)
         for name, image in prepared:
             _abort(hosts[name], name, image)
         raise
@@ -168,6 +170,8 @@ def split_group(host_of, members, *, hold_max: float = HOLD_MAX) -> dict:
     if failed is not None:
         name, image, exc = failed
         done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
+        log.error("consistency group: %s:%d could not be split at its instant (%s); split: %s",
+                  name, image, exc, done)
         raise StateError(f"consistency group: {name}:{image} could not be split ({exc}); split "
                          f"(consistent with each other): {done}; resync those and split the "
                          f"group again")
@@ -227,6 +231,8 @@ def restore_group(host_of, members, rate_mbps: float = 0.0, *,
     if failed is not None:
         name, image, exc = failed
         done = ", ".join(f"{r['volume']}" for r in results) or "none"
+        log.error("consistency group: the restore of %s:%d did not start (%s); started: %s",
+                  name, image, exc, done)
         raise StateError(f"consistency group: the restore of {name}:{image} did not start "
                          f"({exc}); restores started: {done}")
     log.info("consistency group %s: restores started together (%.3f s, completions held "
