@@ -7,11 +7,11 @@ import re
 
 import pytest
 
-from lvmirror import cfgstring
 from lvmirror.backupcycle import BackupPlan, load_plan, prune
 from lvmirror.daemon import Lvmirrord
 
 from tests.unit.test_bus import cli, system_bus  # noqa: F401  (a fixture)
+from tests.unit.test_split_hooks import open_volumes
 
 BS = 512
 
@@ -20,21 +20,13 @@ BS = 512
 def gw(tmp_path, system_bus):  # noqa: F811
     d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False,
                   hooks_dir=str(tmp_path / "hooks.d"))
-    specs, vols = [], {}
-    for name in ("db", "wal"):
-        imgs = "+".join(str(tmp_path / f"{name}{k}") for k in range(2))
-        spec = cfgstring.parse(f"{name};images={imgs};region_size=64K")
-        vol, _ = d.registry.acquire(spec, lun=f"lun-{name}", size=4 << 20)
-        for job in vol.jobs.values():
-            assert job.wait(20)
-        specs.append(spec)
-        vols[name] = vol
+    opened = open_volumes(d, tmp_path, ("db", "wal"))
     from lvmirror.bus import BusService
     bus = BusService(d, bus_address=system_bus)
     bus.start()
-    yield d, vols, system_bus
+    yield d, {name: vol for name, (_, vol) in opened.items()}, system_bus
     bus.stop()
-    for spec in specs:
+    for spec, _ in opened.values():
         d.registry.release(spec)
 
 

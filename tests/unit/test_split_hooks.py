@@ -23,6 +23,20 @@ def _hook(directory, name, body):
     return str(path)
 
 
+def open_volumes(d, tmp_path, names):
+    """Open a 2-image volume of each name in lvmirrord ``d`` (as a LUN would), in sync;
+    returns {name: (spec, volume)}; release each spec with ``d.registry.release``."""
+    out = {}
+    for name in names:
+        imgs = "+".join(str(tmp_path / f"{name}{k}") for k in range(2))
+        spec = cfgstring.parse(f"{name};images={imgs};region_size=64K")
+        vol, _ = d.registry.acquire(spec, lun=f"lun-{name}", size=4 << 20)
+        for job in vol.jobs.values():
+            assert job.wait(20)
+        out[name] = (spec, vol)
+    return out
+
+
 @pytest.fixture
 def gw(tmp_path):
     """lvmirrord (no bus, one process) with volumes va and vb (2 images each) and an empty
@@ -30,16 +44,9 @@ def gw(tmp_path):
     hooks = tmp_path / "hooks.d"
     hooks.mkdir()
     d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, hooks_dir=str(hooks))
-    specs = []
-    for name in ("va", "vb"):
-        imgs = "+".join(str(tmp_path / f"{name}{k}") for k in range(2))
-        spec = cfgstring.parse(f"{name};images={imgs};region_size=64K")
-        vol, _ = d.registry.acquire(spec, lun=f"lun-{name}", size=4 << 20)
-        for job in vol.jobs.values():
-            assert job.wait(20)
-        specs.append(spec)
+    vols = open_volumes(d, tmp_path, ("va", "vb"))
     yield d, hooks, tmp_path / "hooks.log"
-    for spec in specs:
+    for spec, _ in vols.values():
         d.registry.release(spec)
 
 
@@ -138,14 +145,7 @@ def test_cli_and_dbus_split_with_hooks_and_group(tmp_path, system_bus):  # noqa:
           '\n[ "$1" = pre-split ] && [ -e ' + str(tmp_path / "fail") + ' ] && '
           '{ echo "cannot freeze"; exit 1; }\nexit 0')
     d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, hooks_dir=str(hooks))
-    specs = []
-    for name in ("va", "vb"):
-        imgs = "+".join(str(tmp_path / f"{name}{k}") for k in range(2))
-        spec = cfgstring.parse(f"{name};images={imgs};region_size=64K")
-        vol, _ = d.registry.acquire(spec, lun=f"lun-{name}", size=4 << 20)
-        for job in vol.jobs.values():
-            assert job.wait(20)
-        specs.append(spec)
+    vols = open_volumes(d, tmp_path, ("va", "vb"))
     from lvmirror.bus import BusService
     bus = BusService(d, bus_address=system_bus)
     bus.start()
@@ -173,5 +173,5 @@ def test_cli_and_dbus_split_with_hooks_and_group(tmp_path, system_bus):  # noqa:
         assert r.returncode == 2 and "VOLUME:IMAGE" in r.stderr
     finally:
         bus.stop()
-        for spec in specs:
+        for spec, _ in vols.values():
             d.registry.release(spec)
