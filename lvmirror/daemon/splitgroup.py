@@ -119,6 +119,24 @@ def _release(held) -> dict:
     return out
 
 
+def _each_under_hold(groups, hold_max, members, step):
+    """Hold the completions of ``groups``, run ``step(name, image)`` for each member in order
+    until one raises, release. Returns (``[(name, image, value)]`` of the members done, the
+    ``(name, image, exception)`` that stopped it or None, what ``_release`` reports)."""
+    done, failed = [], None
+    held = _hold(groups, hold_max)
+    try:
+        for name, image in members:
+            try:
+                done.append((name, image, step(name, image)))
+            except Exception as exc:
+                failed = (name, image, exc)
+                break
+    finally:
+        hold = _release(held)
+    return done, failed, hold
+
+
 def split_group(host_of, members, *, hold_max: float = HOLD_MAX) -> dict:
     """Split image ``image`` of each member volume at one instant (see the module docstring).
 
@@ -146,18 +164,8 @@ def split_group(host_of, members, *, hold_max: float = HOLD_MAX) -> dict:
         for name, image in prepared:
             _abort(hosts[name], name, image)
         raise
-    switched, failed = [], None
-    held = _hold(groups, hold_max)
-    try:
-        for name, image in members:
-            try:
-                t = hosts[name].split_switch(name, image)
-            except Exception as exc:
-                failed = (name, image, exc)
-                break
-            switched.append((name, image, t))
-    finally:
-        hold = _release(held)
+    switched, failed, hold = _each_under_hold(
+        groups, hold_max, members, lambda name, image: hosts[name].split_switch(name, image))
     if failed is not None:
         for name, image in members:
             if not any(s[0] == name for s in switched):
@@ -214,20 +222,11 @@ def restore_group(host_of, members, rate_mbps: float = 0.0, *,
             raise StateError(f"volume {name}: image {image} is {images[image]['state']}; only "
                              f"a split image can be restored from")
     groups = _hosts(host_of, members)
-    results, failed = [], None
     t0 = time.monotonic()
-    held = _hold(groups, hold_max)
-    try:
-        for name, image in members:
-            try:
-                res = hosts[name].restore(name, image, rate_mbps)
-            except Exception as exc:
-                failed = (name, image, exc)
-                break
-            res["volume"] = name
-            results.append(res)
-    finally:
-        hold = _release(held)
+    started, failed, hold = _each_under_hold(
+        groups, hold_max, members,
+        lambda name, image: dict(hosts[name].restore(name, image, rate_mbps), volume=name))
+    results = [res for _, _, res in started]
     if failed is not None:
         name, image, exc = failed
         done = ", ".join(f"{r['volume']}" for r in results) or "none"
