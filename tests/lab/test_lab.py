@@ -21,6 +21,7 @@ SECTION_CHECKS = {
               "targetcli_ext_status", "backup_of_split_image", "resync_images_identical"],
     "group": ["group_postgres_on_two_luns", "group_split", "group_copies_recover",
               "group_copies_pg_amcheck_clean", "group_copies_pgbench_invariant",
+              "group_sequential_splits_break_postgres",
               "group_restore_rolls_back_both", "hooks_ran_around_split",
               "hooks_frozen_copy_clean_without_replay", "hooks_failing_pre_hook_aborts_split",
               "backup_cycle_group"],
