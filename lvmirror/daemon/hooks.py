@@ -22,7 +22,8 @@ with the environment of lvmirrord plus:
 ==========================  ==================================================================
 
 A hook that runs longer than its timeout (seconds, 30 by default, per split call) is killed
-(SIGKILL to its process group) and counts as failed. When a pre-split hook fails, the split is
+(SIGKILL to its process group) and counts as failed. A hook is done when it exits: a process it
+left running in the background (``ssh -f``) does not hold the split up. When a pre-split hook fails, the split is
 aborted (the default, ``on_error="abort"``: HookError with the hook's name, exit status and the
 last line it wrote) or goes on (``on_error="continue"``: the failure is logged and reported).
 A post-split hook's failure never undoes the split; it is logged and reported. Each hook's
@@ -36,6 +37,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 
 from lvmirror.errors import ConfigError, LvmirrorError
@@ -126,23 +128,28 @@ class SplitHooks:
     def _run_one(path, phase, env, timeout) -> dict:
         t0 = time.monotonic()
         rec = dict(hook=path, phase=phase, status=None, seconds=0.0, output="", error=None)
-        try:
-            proc = subprocess.Popen([path, phase], env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    start_new_session=True, close_fds=True)
-        except OSError as exc:
-            rec["error"] = f"cannot run: {exc.strerror}"
-            log.error("split hook %s (%s): %s", path, phase, rec["error"])
-            return rec
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        # output to an unlinked temporary file, not a pipe: the hook is done when it exits,
+        # even if it left a process behind that holds its output open (ssh -f, a daemon)
+        with tempfile.TemporaryFile() as out_file:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            out, _ = proc.communicate()
-            rec["error"] = f"still running after {timeout:g} s: killed"
+                proc = subprocess.Popen([path, phase], env=env, stdin=subprocess.DEVNULL,
+                                        stdout=out_file, stderr=subprocess.STDOUT,
+                                        start_new_session=True, close_fds=True)
+            except OSError as exc:
+                rec["error"] = f"cannot run: {exc.strerror}"
+                log.error("split hook %s (%s): %s", path, phase, rec["error"])
+                return rec
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+                rec["error"] = f"still running after {timeout:g} s: killed"
+            out_file.seek(0)
+            out = out_file.read()
         rec["status"] = proc.returncode
         rec["seconds"] = round(time.monotonic() - t0, 6)
         text = out.decode("utf-8", "replace")

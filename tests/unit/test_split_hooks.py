@@ -175,3 +175,16 @@ def test_cli_and_dbus_split_with_hooks_and_group(tmp_path, system_bus):  # noqa:
         bus.stop()
         for spec, _ in vols.values():
             d.registry.release(spec)
+
+
+def test_a_hook_that_leaves_a_process_behind_is_done_when_it_exits(gw, tmp_path):
+    """ssh -f, or a daemon a hook starts, keeps the hook's output open: the split must not
+    wait for it, nor take the hook for hung."""
+    d, hooks, logf = gw
+    _hook(hooks, "10-detach", "echo started; sleep 15 & setsid sleep 15 & exit 0")
+    t0 = time.monotonic()
+    res = d.split("va", 1, {"hook_timeout": 3})
+    assert time.monotonic() - t0 < 3
+    assert [h["error"] for h in res["hooks"]] == [None, None]
+    assert res["hooks"][0]["output"] == "started\n"
+    assert _states(d, "va") == ["in-sync", "split"]
