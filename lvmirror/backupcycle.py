@@ -34,6 +34,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -71,7 +72,8 @@ class BackupPlan:
             raise ValueError(f"backup: format must be raw or qcow2, got {self.fmt!r}")
         if not isinstance(self.keep, int) or self.keep < 1:
             raise ValueError(f"backup: keep must be a whole number >= 1, got {self.keep!r}")
-        if not self.rate >= 0:
+        if not (isinstance(self.rate, (int, float)) and math.isfinite(self.rate)
+                and self.rate >= 0):
             raise ValueError(f"backup: rate must be MB/s >= 0, got {self.rate!r}")
         return self
 
@@ -130,91 +132,184 @@ def prune(directory: str, volume: str, keep: int, log=print) -> list[str]:
     return out
 
 
-def run_cycle(plan: BackupPlan, mgr, volume_iface, wait_jobs, log=print) -> int:
-    """Run one cycle of ``plan`` against lvmirrord (``mgr``: the Manager interface;
-    ``volume_iface(name)``: a volume's Volume interface; ``wait_jobs(mgr, name)``: as
-    ``cli.wait_jobs``). Returns the exit status (0: every step done; 1: a step failed, the
-    failures logged). See the module docstring for the steps."""
+MARKER = ".lvmirror-cycle"     # DEST/VOLUME/MARKER: the split a cycle made and has not resynced
+
+
+def _marker(plan, name) -> str:
+    return os.path.join(plan.dest, name, MARKER)
+
+
+def _left_by_a_cycle(plan, name, image, im) -> bool:
+    """True when image ``im`` (a status entry) of volume ``name`` is split or syncing because a
+    cycle of this plan split it and did not end (its marker names the image and, for a split
+    image, its split time)."""
+    try:
+        with open(_marker(plan, name)) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if m.get("image") != image:
+        return False
+    if im["state"] == "syncing":
+        return True
+    return im["state"] == "split" and abs((im["split_time"] or 0) - m.get("split_time", -1)) < 1e-3
+
+
+def _resync(plan, mgr, wait_jobs, name, image, log) -> bool:
     import dbus
-    plan.check()
-    status = 0
-    names = [n for n, _ in plan.members]
-    members = " ".join(f"{n}:{i}" for n, i in plan.members)
+    t1 = time.monotonic()
+    try:
+        mgr.Resync(name, dbus.UInt32(image), float(plan.rate))
+        # a failed backup of this cycle is listed with the volume's jobs too: only the resync
+        failed = [j for j in wait_jobs(mgr, name) if j.get("kind") == "resync"]
+    except dbus.DBusException as exc:
+        log(f"FAILED: resync of {name} image {image}: {exc.get_dbus_message()}")
+        return False
+    if failed:
+        log(f"FAILED: resync of {name} image {image}: {failed[0]['error']}")
+        return False
+    log(f"resync of {name} image {image} done in {time.monotonic() - t1:.1f} s")
+    try:
+        os.unlink(_marker(plan, name))
+    except OSError:
+        pass
+    return True
+
+
+def _check_members(plan, mgr, wait_jobs, log) -> bool:
+    """Every member open and its image in sync; an image an interrupted cycle of this plan left
+    split (or syncing) is made whole first. False (logged) otherwise."""
     st = json.loads(mgr.Status())
     for name, image in plan.members:
         vol = st["volumes"].get(name)
         if vol is None:
             log(f"FAILED: volume {name} is not open in lvmirrord")
-            return 1
+            return False
         if image >= len(vol["images"]):
             log(f"FAILED: volume {name} has no image {image}")
-            return 1
-        state = vol["images"][image]["state"]
-        if state != "in-sync":
-            log(f"FAILED: image {image} of {name} is {state}; a cycle splits an in-sync image "
-                f"(resync it, or check whether another backup left it split)")
-            return 1
-    opts = dbus.Dictionary({"hooks": dbus.Boolean(plan.hooks)}, signature="sv")
-    t0 = time.monotonic()
+            return False
+        im = vol["images"][image]
+        if im["state"] != "in-sync" and _left_by_a_cycle(plan, name, image, im):
+            log(f"image {image} of {name} is {im['state']}: a cycle was interrupted after its "
+                f"split; resyncing it first")
+            if im["state"] == "split":
+                if not _resync(plan, mgr, wait_jobs, name, image, log):
+                    return False
+            elif wait_jobs(mgr, name):
+                log(f"FAILED: the resync of {name} image {image} failed")
+                return False
+            im = json.loads(mgr.Status())["volumes"][name]["images"][image]
+        if im["state"] != "in-sync":
+            log(f"FAILED: image {image} of {name} is {im['state']}; a cycle splits an in-sync "
+                f"image (resync it, or check whether another backup left it split)")
+            return False
+    return True
+
+
+def _copy(plan, volume_iface, name, image, stamp, log) -> bool:
+    import dbus
+    d = os.path.join(plan.dest, name)
+    final = os.path.join(d, backup_name(name, stamp, plan.fmt))
+    partial = final + ".partial"
+    t1 = time.monotonic()
+    if os.path.lexists(final):
+        log(f"FAILED: backup of {name} image {image}: {final} already exists (another cycle in "
+            f"the same second?)")
+        return False
     try:
-        if len(plan.members) == 1:
-            name, image = plan.members[0]
-            res = json.loads(mgr.SplitWithOptions(name, dbus.UInt32(image), opts, timeout=3600))
-            split_time = res["split_time"]
-        else:
-            res = json.loads(mgr.SplitGroupWithOptions(members_arg(plan.members), opts,
-                                                       timeout=3600))
-            split_time = res["split_time"]
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        n = int(volume_iface(name).Backup(dbus.UInt32(image), partial, plan.fmt,
+                                          timeout=24 * 3600))
+        os.rename(partial, final)
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except (dbus.DBusException, OSError) as exc:
+        msg = exc.get_dbus_message() if isinstance(exc, dbus.DBusException) else str(exc)
+        log(f"FAILED: backup of {name} image {image} to {final}: {msg}")
+        try:
+            os.unlink(partial)
+        except OSError:
+            pass
+        return False
+    secs = time.monotonic() - t1
+    what = (f"{n} bytes of data copied" if plan.fmt == "raw"
+            else f"a {n}-byte image converted")
+    log(f"backup of {name} image {image}: {final} ({what} in {secs:.1f} s, "
+        f"{n / 1e6 / max(secs, 1e-6):.1f} MB/s)")
+    return True
+
+
+def _interrupted(plan, mgr, members, started, log):
+    """Ctrl-C / SIGTERM during a cycle: start the resync of every member image this cycle split
+    (split at or after ``started``, seconds since the epoch), so the mirror becomes whole."""
+    import dbus
+    log(f"interrupted: starting the resync of {members} so that the mirror is whole again")
+    try:
+        st = json.loads(mgr.Status())["volumes"]
+        for name, image in plan.members:
+            im = st.get(name, {}).get("images", [])[image:image + 1]
+            if im and im[0]["state"] == "split" and (im[0]["split_time"] or 0) >= started - 1:
+                mgr.Resync(name, dbus.UInt32(image), float(plan.rate))
     except dbus.DBusException as exc:
-        log(f"FAILED: split of {members}: {exc.get_dbus_message()}")
+        log(f"FAILED: starting the resyncs: {exc.get_dbus_message()}")
+    log("backup cycle of " + members + " INTERRUPTED")
+
+
+def run_cycle(plan: BackupPlan, mgr, volume_iface, wait_jobs, log=print) -> int:
+    """Run one cycle of ``plan`` against lvmirrord (``mgr``: the Manager interface;
+    ``volume_iface(name)``: a volume's Volume interface; ``wait_jobs(mgr, name)``: as
+    ``cli.wait_jobs``). Returns the exit status (0: every step done; 1: a step failed, the
+    failures logged; 130: interrupted, KeyboardInterrupt, after the resyncs were started). See
+    the module docstring for the steps. A marker file (DEST/VOLUME/.lvmirror-cycle) names the
+    split until its resync is done, so that the next cycle makes an image an interrupted one
+    left split whole again instead of failing on it."""
+    import dbus
+    plan.check()
+    members = " ".join(f"{n}:{i}" for n, i in plan.members)
+    if not _check_members(plan, mgr, wait_jobs, log):
         return 1
-    for h in res.get("hooks", []):
-        log(f"hook {os.path.basename(h['hook'])} {h['phase']}: "
-            + ("ok" if h["error"] is None else f"FAILED ({h['error']})"))
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(split_time))
-    log(f"split {members} at {stamp} ({time.monotonic() - t0:.1f} s)")
-    for name, image in plan.members:
-        d = os.path.join(plan.dest, name)
-        final = os.path.join(d, backup_name(name, stamp, plan.fmt))
-        partial = final + ".partial"
-        t1 = time.monotonic()
+    opts = dbus.Dictionary({"hooks": dbus.Boolean(plan.hooks)}, signature="sv")
+    t0, started = time.monotonic(), time.time()
+    status = 0
+    try:
         try:
-            os.makedirs(d, mode=0o700, exist_ok=True)
-            n = int(volume_iface(name).Backup(dbus.UInt32(image), partial, plan.fmt,
-                                              timeout=24 * 3600))
-            os.rename(partial, final)
-            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            secs = time.monotonic() - t1
-            log(f"backup of {name} image {image}: {final} ({n} bytes of data in {secs:.1f} s, "
-                f"{n / 1e6 / max(secs, 1e-6):.1f} MB/s)")
-        except (dbus.DBusException, OSError) as exc:
-            msg = exc.get_dbus_message() if isinstance(exc, dbus.DBusException) else str(exc)
-            log(f"FAILED: backup of {name} image {image} to {final}: {msg}")
-            status = 1
-            try:
-                os.unlink(partial)
-            except OSError:
-                pass
-    for name, image in plan.members:
-        t1 = time.monotonic()
-        try:
-            mgr.Resync(name, dbus.UInt32(image), float(plan.rate))
-            failed = wait_jobs(mgr, name)
+            if len(plan.members) == 1:
+                name, image = plan.members[0]
+                res = json.loads(mgr.SplitWithOptions(name, dbus.UInt32(image), opts,
+                                                      timeout=3600))
+            else:
+                res = json.loads(mgr.SplitGroupWithOptions(members_arg(plan.members), opts,
+                                                           timeout=3600))
         except dbus.DBusException as exc:
-            log(f"FAILED: resync of {name} image {image}: {exc.get_dbus_message()}")
-            status = 1
-            continue
-        if failed:
-            log(f"FAILED: resync of {name} image {image}: {failed[0]['error']}")
-            status = 1
-        else:
-            log(f"resync of {name} image {image} done in {time.monotonic() - t1:.1f} s")
+            log(f"FAILED: split of {members}: {exc.get_dbus_message()}")
+            return 1
+        split_time = res["split_time"]
+        for h in res.get("hooks", []):
+            log(f"hook {os.path.basename(h['hook'])} {h['phase']}: "
+                + ("ok" if h["error"] is None else f"FAILED ({h['error']})"))
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(split_time))
+        log(f"split {members} at {stamp} ({time.monotonic() - t0:.1f} s)")
+        for name, image in plan.members:
+            try:
+                os.makedirs(os.path.join(plan.dest, name), mode=0o700, exist_ok=True)
+                with open(_marker(plan, name), "w") as f:
+                    json.dump({"image": image, "split_time": split_time}, f)
+            except OSError as exc:
+                log(f"cannot keep the cycle's marker for {name}: {exc}")
+        for name, image in plan.members:
+            if not _copy(plan, volume_iface, name, image, stamp, log):
+                status = 1
+        for name, image in plan.members:
+            if not _resync(plan, mgr, wait_jobs, name, image, log):
+                status = 1
+    except KeyboardInterrupt:
+        _interrupted(plan, mgr, members, started, log)
+        return 130
     if status == 0:
-        for name in names:
+        for name, _ in plan.members:
             prune(os.path.join(plan.dest, name), name, plan.keep, log=log)
     log(("backup cycle of " + members + (" done" if status == 0 else " FAILED")
          + f" in {time.monotonic() - t0:.1f} s"))

@@ -111,3 +111,46 @@ def test_prune_keeps_the_newest_and_touches_nothing_else(tmp_path):
                                                         "db-20261104T000000Z.raw.partial"]
     assert sorted(os.listdir(tmp_path)) == sorted(set(names) - {
         "db-20261101T000000Z.raw", "db-20261104T000000Z.raw.partial"})
+
+
+def test_a_stopped_cycle_starts_the_resync_and_the_next_one_heals_what_a_kill_left(gw, tmp_path):
+    """systemctl stop (SIGTERM) during a cycle: the resyncs are started before it goes (exit
+    130). A cycle killed outright after its split leaves its marker: the next cycle resyncs
+    that image first instead of failing on it; an image split by hand is still refused."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from tests.unit.test_bus import ROOT
+    from tests.unit.test_daemon_processes import wait_for
+    d, vols, address = gw
+    hooks = tmp_path / "hooks.d"
+    hooks.mkdir()
+    slow = hooks / "10-slow"
+    slow.write_text("#!/bin/sh\n[ \"$1\" = pre-split ] && sleep 2\nexit 0\n")
+    slow.chmod(0o755)
+    dest = tmp_path / "b"
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address, PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, "-m", "lvmirror.cli", "backup-cycle", "db:1", "wal:1",
+                          "--dest", str(dest)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.5)                      # the split call waits in the pre-split hook
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 130, out
+    assert "interrupted: starting the resync of db:1 wal:1" in out and "Traceback" not in out
+    wait_for(lambda: _states(d, "db") == _states(d, "wal") == ["in-sync", "in-sync"],
+             what="the resyncs the stopped cycle started")
+    # a cycle killed after its split: the image is split and the marker names that split
+    slow.unlink()
+    info = d.split("db", 1)
+    (dest / "db").mkdir(parents=True, exist_ok=True)
+    (dest / "db" / ".lvmirror-cycle").write_text(
+        '{"image": 1, "split_time": %r}' % info["split_time"])
+    r = cli(address, "backup-cycle", "db:1", "--dest", str(dest))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "a cycle was interrupted after its split; resyncing it first" in r.stdout
+    assert not (dest / "db" / ".lvmirror-cycle").exists()
+    d.split("db", 1)                     # by hand: no marker for this split
+    r = cli(address, "backup-cycle", "db:1", "--dest", str(dest))
+    assert r.returncode == 1 and "image 1 of db is split" in r.stdout, r.stdout
