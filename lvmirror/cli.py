@@ -15,7 +15,7 @@
                           [--keep K] [--rate MB/s] [--no-hooks]   # split, back up, resync
 
 Exit status 0 on success, 1 on an error reported by lvmirrord, 2 on bad usage, 3 when lvmirrord
-is not reachable.
+is not reachable, 130 when interrupted (Ctrl-C; SIGTERM for backup-cycle).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import sys
 import time
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+EXIT_INTERRUPTED = 130          # Ctrl-C or SIGTERM (backup-cycle), as a shell reports SIGINT
 
 
 def image_index(text: str) -> int:
@@ -154,10 +155,21 @@ def wait_jobs(mgr, volume, timeout=None, out=sys.stderr):
         time.sleep(0.5)
 
 
+def hook_timeout(text: str) -> float:
+    """argparse type: seconds in (0, 3600], as lvmirrord accepts them."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"seconds in (0, 3600], got {text!r}")
+    return value
+
+
 def _hook_args(s):
     s.add_argument("--no-hooks", action="store_true",
                    help="do not run the split hooks (/etc/lvmirror/hooks.d)")
-    s.add_argument("--hook-timeout", type=float, metavar="SECONDS",
+    s.add_argument("--hook-timeout", type=hook_timeout, metavar="SECONDS",
                    help="kill a hook that runs longer (default 30)")
     s.add_argument("--on-hook-error", choices=("abort", "continue"),
                    help="when a pre-split hook fails: abort the split (default) or go on")
@@ -182,28 +194,36 @@ def _print_hooks(res):
               + f" in {h['seconds']:.2f} s")
 
 
-def _backup_cycle(args, mgr) -> int:
+def _backup_plan(args):
+    """The backup-cycle's plan from --config and the options; ValueError when wrong."""
+    from lvmirror import backupcycle
+    if args.config:
+        plan = backupcycle.load_plan(args.config)
+    else:
+        plan = backupcycle.BackupPlan(members=[], dest="")
+    if args.members:
+        plan.members = list(args.members)
+    for key, attr in (("dest", "dest"), ("format", "fmt"), ("keep", "keep"),
+                      ("rate", "rate")):
+        if getattr(args, key) is not None:
+            setattr(plan, attr, getattr(args, key))
+    if args.no_hooks:
+        plan.hooks = False
+    return plan.check()
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def _backup_cycle(args, mgr, plan) -> int:
     import dbus
+    import signal
     from lvmirror import backupcycle
     from lvmirror.bus.service import BUS_NAME
     from lvmirror.bus.volume import VOLUME_IFACE, object_path
-    try:
-        if args.config:
-            plan = backupcycle.load_plan(args.config)
-        else:
-            plan = backupcycle.BackupPlan(members=[], dest="")
-        if args.members:
-            plan.members = list(args.members)
-        for key, attr in (("dest", "dest"), ("format", "fmt"), ("keep", "keep"),
-                          ("rate", "rate")):
-            if getattr(args, key) is not None:
-                setattr(plan, attr, getattr(args, key))
-        if args.no_hooks:
-            plan.hooks = False
-        plan.check()
-    except ValueError as exc:
-        print(f"lvmirror: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    # systemctl stop (SIGTERM) as Ctrl-C: the cycle starts the resyncs before it goes
+    signal.signal(signal.SIGTERM, _interrupt)
     bus = dbus.SystemBus()
 
     def volume_iface(name):
@@ -212,8 +232,11 @@ def _backup_cycle(args, mgr) -> int:
     def log(line):
         print(line, flush=True)
 
-    return backupcycle.run_cycle(plan, mgr, volume_iface,
-                                 lambda m, name: wait_jobs(m, name, None, out=None), log=log)
+    try:
+        return backupcycle.run_cycle(plan, mgr, volume_iface,
+                                     lambda m, name: wait_jobs(m, name, None, out=None), log=log)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def parse_member(text: str) -> tuple[str, int]:
@@ -222,7 +245,10 @@ def parse_member(text: str) -> tuple[str, int]:
     name, sep, index = text.rpartition(":")
     if not sep or not name or not index.isdigit():
         raise ValueError(f"{text!r} is not VOLUME:IMAGE (e.g. db:2)")
-    return name, int(index)
+    try:
+        return name, image_index(index)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
 
 
 def group_member(text: str) -> tuple[str, int]:
@@ -303,6 +329,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         import dbus
+        plan = None
+        if args.cmd == "backup-cycle":
+            try:
+                plan = _backup_plan(args)
+            except ValueError as exc:
+                print(f"lvmirror: {exc}", file=sys.stderr)
+                return EXIT_USAGE
         mgr = _manager()
         if args.cmd == "status":
             st = json.loads(mgr.Status())
@@ -358,7 +391,7 @@ def main(argv=None):
                         return EXIT_ERROR
             return 0
         if args.cmd == "backup-cycle":
-            return _backup_cycle(args, mgr)
+            return _backup_cycle(args, mgr, plan)
         if args.cmd == "backup":
             from lvmirror.backup import backup_image
             st = json.loads(mgr.Status())
@@ -411,6 +444,9 @@ def main(argv=None):
                 print(f"failed: {failed[0]['error']}", file=sys.stderr)
                 return EXIT_ERROR
         return 0
+    except KeyboardInterrupt:
+        print("\nlvmirror: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ImportError as e:
         print(f"lvmirror: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
