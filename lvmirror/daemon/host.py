@@ -94,7 +94,8 @@ class VolumeHost:
             lun = self.luns.get(device.uio_name)
             if lun is None:
                 lun = LunServer(device, self.registry, workers=self.workers,
-                                inline_reads=self.inline_reads)
+                                inline_reads=self.inline_reads,
+                                peers=lambda: list(self.luns.values()))
                 lun.open(pickup=pickup, handle=handle)
                 lun.start()
                 self.luns[device.uio_name] = lun

@@ -104,7 +104,7 @@ class LunServer:
     """Serves one user:lvmirror device: its TCMU ring, its worker pool, its volume."""
 
     def __init__(self, device, registry, *, workers: int = 4,
-                 inline_reads: bool = True):
+                 inline_reads: bool = True, peers=None):
         """``device``: a ``uio.UioDevice``; ``registry``: the ``VolumeRegistry`` the LUN
         acquires its volume from. ``workers``: threads of the LUN's pool, which runs every
         command that may block.
@@ -112,8 +112,11 @@ class LunServer:
         cache, and a buffered WRITE of at most INLINE_IDLE_MAX bytes that is the only command
         outstanding when no other I/O holds its range (``LogicalUnit.execute(nowait=True)``),
         saving the hand-off to a worker and back; any other command, or one that would wait for
-        a lock, a restore or a device, goes to the pool."""
+        a lock, a restore or a device, goes to the pool.
+        ``peers``: a callable returning the LunServers of this process, among which EXTENDED
+        COPY finds the other LUN a copy names (``scsi.xcopy``; None: this LUN only)."""
         self.device = device
+        self._peers = peers
         self.inline_reads = inline_reads
         self.inline = 0              # commands the ring thread answered itself
         self.inline_slow = 0         # ... of which took longer than INLINE_SLOW
@@ -175,7 +178,8 @@ class LunServer:
                 raise
             self.spec, self.volume, self.backend = spec, volume, target
             self.lu = LogicalUnit(backend, wwn=wwn, write_cache=self.device.write_cache(),
-                                  max_transfer_blocks=max_blocks, read_only=spec.readonly)
+                                  max_transfer_blocks=max_blocks, read_only=spec.readonly,
+                                  copy_resolver=self._copy_peer)
             log.info("LUN %s: serving %s (%d images, %d bytes) on %s", self.name,
                      target.name, len(volume.images), backend.num_blocks * backend.block_size,
                      self.device.uio_name)
@@ -190,6 +194,15 @@ class LunServer:
             self.lu = LogicalUnit(NotReadyBackend(size), wwn=wwn)
             log.exception("LUN %s: %s; medium access gets NOT READY until it is fixed",
                           self.name, self.error)
+
+    def _copy_peer(self, naa: bytes):
+        """The LogicalUnit of another LUN of this process whose NAA designator is ``naa`` and
+        which serves its volume, or None (EXTENDED COPY's CSCD descriptors name LUNs so)."""
+        for peer in (self._peers() if self._peers is not None else ()):
+            lu = peer.lu
+            if peer is not self and peer.error is None and lu is not None and lu.naa == naa:
+                return lu
+        return None
 
     def _check_block_size(self, volume):
         hw = self.device.hw_block_size()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 
 from lvmirror.errors import ImageIOError, StateError, VolumeIOError
+from lvmirror.mirror import provisioning
 from lvmirror.mirror.legs import ImageState
 from lvmirror.mirror.regionlock import RegionLockManager
 
@@ -107,6 +108,17 @@ class SplitImageVolume:
                 self._img.storage.discard(off, ln)
             except ImageIOError as e:
                 raise VolumeIOError(str(e), is_read=False) from e
+
+    def lba_status(self, lba, max_descriptors):
+        """GET LBA STATUS of the split image (``provisioning.lba_status``)."""
+        self._check(lba, 0)
+        return provisioning.lba_status(self._img.storage, lba, self.num_blocks,
+                                       self.block_size, max_descriptors)
+
+    def prefetch(self, lba, nblocks):
+        """PRE-FETCH: read the blocks into the image's page cache in the background."""
+        self._check(lba, nblocks)
+        self._img.storage.prefetch(lba * self.block_size, nblocks * self.block_size)
 
     def compare_and_write(self, lba, verify, data):
         """SBC COMPARE AND WRITE under the range lock: None once ``data`` is written, or the

@@ -73,6 +73,7 @@ from lvmirror.mirror.jobcontrol import JobControl
 from lvmirror.mirror.legs import (MAX_IMAGES, ImageInfo, ImageState, Leg, SplitInfo, Worker,
                                   check_image_fits)
 from lvmirror.mirror.metadata import VolumeMetadata, valid_volume_name
+from lvmirror.mirror import provisioning
 from lvmirror.mirror.recovery import RecoveryProgress, recover
 from lvmirror.mirror.regionlock import RegionLockManager
 from lvmirror.mirror.split import SplitControl
@@ -1043,6 +1044,39 @@ class MirrorVolume:
             self._write_locked(offset, length, lambda st: st.discard(offset, length), "unmaps")
         finally:
             lk.release()
+
+    def lba_status(self, lba, max_descriptors):
+        """GET LBA STATUS (SBC-3): ``provisioning.lba_status`` of an image that serves reads;
+        while a restore runs every block is reported mapped (the images still hold the data a
+        region not yet restored is about to get). StateError when no image can serve."""
+        self.check_ready()
+        if self.control.restore_job is not None:
+            return [(lba, min(self.num_blocks - lba, provisioning.MAX_DESCRIPTOR_BLOCKS), False)]
+        ep = self._enter()
+        try:
+            img = next((im for im in ep.reads if im.storage is not None), None)
+            if img is None:
+                raise StateError(f"volume {self.name}: no image serves reads")
+            return provisioning.lba_status(img.storage, lba, self.num_blocks, self.block_size,
+                                           max_descriptors)
+        finally:
+            self._leave(ep)
+
+    def prefetch(self, lba, nblocks):
+        """PRE-FETCH (SBC-3): start reading the blocks into the page cache of every image
+        reads may use (a hint: returns at once; a restore's regions are not restored for it)."""
+        self._check_open()
+        self._check_io(lba, nblocks)
+        if self._offline is not None:
+            raise StateError(f"volume {self.name} is offline: {self._offline}")
+        offset, length = lba * self.block_size, nblocks * self.block_size
+        ep = self._enter()
+        try:
+            for im in ep.reads:
+                if im.storage is not None:
+                    im.storage.prefetch(offset, length)
+        finally:
+            self._leave(ep)
 
     def write_same(self, lba, nblocks, block):
         """Write ``block`` (one logical block) to ``nblocks`` blocks from ``lba``."""

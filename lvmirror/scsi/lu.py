@@ -45,6 +45,7 @@ from typing import NamedTuple, Protocol, Sequence
 from lvmirror.errors import StateError, VolumeIOError, WouldBlock
 from lvmirror.scsi import constants as c
 from lvmirror.scsi.sense import build_sense
+from lvmirror.scsi.xcopy import CopyCheck, CopyManager
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class Backend(Protocol):
     def compare_and_write(self, lba: int, verify, data) -> int | None:
         """SBC-3 COMPARE AND WRITE, atomically: if the blocks at ``lba`` equal ``verify``, write
         ``data`` (as long); None, or the byte offset of the first miscompare (nothing written)."""
+    # optional: lba_status(lba, max_descriptors) -> [(lba, blocks, deallocated)] (GET LBA
+    # STATUS; without it every block is mapped) and prefetch(lba, nblocks) (PRE-FETCH; without
+    # it nothing is read ahead)
 
 
 GOOD_RESPONSE = Response(c.GOOD, b"", 0)
@@ -181,7 +185,7 @@ class LogicalUnit:
                  read_only: bool = False, max_transfer_blocks: int | None = None,
                  max_unmap_blocks: int = 0x10000 * 8, max_unmap_descriptors: int = 256,
                  max_write_same_blocks: int = 0x10000 * 8, max_compare_write_blocks: int = 1,
-                 optimal_transfer_blocks: int | None = None):
+                 optimal_transfer_blocks: int | None = None, copy_resolver=None):
         self.backend = backend
         self.wwn = wwn or "00000000-0000-0000-0000-000000000000"
         self.vendor = vendor
@@ -206,6 +210,10 @@ class LogicalUnit:
         self._logged: dict[str, tuple[float, int]] = {}   # _log_limited: kind -> (when, skipped)
         self._unit_attentions: list[tuple[int, int]] = []
         self._ops: dict[tuple[int, int | None], _Op] = {}
+        self.naa = self._naa()
+        # EXTENDED COPY's copy manager; ``copy_resolver(naa) -> LogicalUnit | None`` finds the
+        # other LUNs a copy may name (xcopy.py)
+        self.copier = CopyManager(self, copy_resolver)
         self._register()
 
     # -- state changes from outside ------------------------------------------------------------
@@ -268,6 +276,9 @@ class LogicalUnit:
             raise
         except _Check as e:
             return Response(c.CHECK_CONDITION, e.sense, 0)
+        except CopyCheck as e:
+            return Response(c.CHECK_CONDITION, build_sense(
+                e.key, *e.asc, field_pointer=e.field, cdb_field=e.cdb_field), 0)
         except VolumeIOError as e:
             if e.out_of_space:
                 self._log_limited("space", logging.WARNING, "out of space: %s", e)
@@ -574,6 +585,7 @@ class LogicalUnit:
             data[2] = 0x06                           # SPC-4
             data[3] = 0x12                           # HiSup, response data format 2
             data[4] = len(data) - 5
+            data[5] = 0x08                           # 3PC: EXTENDED COPY (xcopy.py)
             data[7] = 0x02                           # CmdQue
             data[8:16] = self.vendor.encode()[:8].ljust(8)
             data[16:32] = self.product.encode()[:16].ljust(16)
@@ -592,7 +604,10 @@ class LogicalUnit:
     def _vpd_pages(self):
         return {0x00: self._vpd_supported, 0x80: self._vpd_serial, 0x83: self._vpd_devid,
                 0xB0: self._vpd_block_limits, 0xB1: self._vpd_block_characteristics,
-                0xB2: self._vpd_provisioning}
+                0xB2: self._vpd_provisioning, 0x8F: self._vpd_third_party_copy}
+
+    def _vpd_third_party_copy(self):
+        return self.copier.vpd_third_party_copy()
 
     def _vpd_supported(self):
         return bytes(sorted(self._vpd_pages()))
@@ -644,6 +659,58 @@ class LogicalUnit:
         b[8:12] = self.backend.block_size.to_bytes(4, "big")
         b[14] = 0x80 | 0x40                          # LBPME, LBPRZ
         return self._respond(data_in, bytes(b), alloc)
+
+    def _get_lba_status(self, cdb, data_out, data_in):
+        """GET LBA STATUS (SBC-3 5.7, SERVICE ACTION IN(16) 12h): LBA status descriptors from the
+        STARTING LOGICAL BLOCK ADDRESS on, as many as the ALLOCATION LENGTH holds (16 bytes
+        each after an 8-byte header), provisioning status 0 mapped, 1 deallocated. The first
+        descriptor starts at the requested LBA (SBC-3); an LBA past the last is LBA OUT OF
+        RANGE."""
+        lba = _be(cdb, 2, 8)
+        alloc = _be(cdb, 10, 4)
+        nblocks = self.backend.num_blocks
+        if lba >= nblocks:
+            raise _Check(*_LBA_OUT_OF_RANGE)
+        if alloc < 8:
+            return self._respond(data_in, b"", alloc)
+        want = max(1, min((alloc - 8) // 16, 64))
+        fn = getattr(self.backend, "lba_status", None)
+        descs = fn(lba, want) if fn is not None else \
+            [(lba, min(nblocks - lba, 0xFFFFFFFF), False)]
+        body = b"".join(d_lba.to_bytes(8, "big") + count.to_bytes(4, "big") +
+                        bytes([1 if dealloc else 0, 0, 0, 0])
+                        for d_lba, count, dealloc in descs)
+        payload = (len(body) + 4).to_bytes(4, "big") + bytes(4) + body
+        return self._respond(data_in, payload, alloc)
+
+    def _extended_copy(self, cdb, data_out, data_in):
+        """EXTENDED COPY(LID1) (SPC-4 6.4): the copy manager runs the parameter list's
+        segments (``xcopy.CopyManager.extended_copy``)."""
+        plen = _be(cdb, 10, 4)
+        self.copier.extended_copy(cdb, _gather(data_out, plen))
+        return GOOD_RESPONSE
+
+    def _receive_copy_results(self, cdb, data_out, data_in):
+        """RECEIVE COPY RESULTS (SPC-4 6.18): OPERATING PARAMETERS, COPY STATUS."""
+        return self._respond(data_in, self.copier.receive_copy_results(cdb), _be(cdb, 10, 4))
+
+    def _pre_fetch(self, cdb, data_out, data_in):
+        """PRE-FETCH(10)/(16) (SBC-3 5.10/5.11): the blocks are read into the page cache in the
+        background (a hint). GOOD, not CONDITION MET: when the command completes they are on
+        their way into the cache, not known to be there, which is the GOOD case of SBC-3 for
+        IMMED=1 and the one a device that cannot say otherwise gives. PREFETCH LENGTH 0 means
+        up to the last block."""
+        if cdb[0] == c.PRE_FETCH_10:
+            lba, n = _be(cdb, 2, 4), _be(cdb, 7, 2)
+        else:
+            lba, n = _be(cdb, 2, 8), _be(cdb, 10, 4)
+        nblocks = self.backend.num_blocks
+        if lba > nblocks or (n and lba + n > nblocks) or (not n and lba >= nblocks):
+            raise _Check(*_LBA_OUT_OF_RANGE)
+        fn = getattr(self.backend, "prefetch", None)
+        if fn is not None:
+            fn(lba, n or nblocks - lba)
+        return GOOD_RESPONSE
 
     # -- mode pages ----------------------------------------------------------------------------
 
@@ -839,6 +906,20 @@ class LogicalUnit:
             (0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, 0x07))
         add(c.SERVICE_ACTION_IN_16, "READ CAPACITY(16)", self._read_capacity_16,
             (0x9E, 0x10) + (0xFF,) * 12 + (0, 0x07), sa=c.SAI_READ_CAPACITY_16)
+        add(c.SERVICE_ACTION_IN_16, "GET LBA STATUS", self._get_lba_status,
+            (0x9E, 0x12) + (0xFF,) * 12 + (0, 0x07), sa=c.SAI_GET_LBA_STATUS)
+        add(c.EXTENDED_COPY, "EXTENDED COPY(LID1)", self._extended_copy,
+            (0x83, 0x00) + (0,) * 8 + (0xFF,) * 4 + (0, 0x07), sa=0x00)
+        add(c.RECEIVE_COPY_RESULTS, "RECEIVE COPY RESULTS(COPY STATUS)",
+            self._receive_copy_results, (0x84, 0x00, 0xFF) + (0,) * 7 + (0xFF,) * 4 + (0, 0x07),
+            sa=0x00)
+        add(c.RECEIVE_COPY_RESULTS, "RECEIVE COPY RESULTS(OPERATING PARAMETERS)",
+            self._receive_copy_results, (0x84, 0x03, 0xFF) + (0,) * 7 + (0xFF,) * 4 + (0, 0x07),
+            sa=0x03)
+        add(c.PRE_FETCH_10, "PRE-FETCH(10)", self._pre_fetch,
+            (0x34, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x07))
+        add(c.PRE_FETCH_16, "PRE-FETCH(16)", self._pre_fetch,
+            (0x90, 0x02) + (0xFF,) * 12 + (0x1F, 0x07))
         add(c.READ_6, "READ(6)", self._read, (0x08, 0x1F, 0xFF, 0xFF, 0xFF, 0x07))
         add(c.WRITE_6, "WRITE(6)", self._write, (0x0A, 0x1F, 0xFF, 0xFF, 0xFF, 0x07))
         add(c.READ_10, "READ(10)", self._read, rw10(0x28, 0x18))

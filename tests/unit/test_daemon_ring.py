@@ -427,3 +427,45 @@ def test_a_volume_that_cannot_be_opened_for_an_unforeseen_reason_answers_not_rea
     tur = emu.submit(bytes(6))
     assert parse_sense(emu.wait([tur])[tur].sense) == (2, 0x04, 0x03)
     assert "state no version writes" in caplog.text
+
+
+def _xcopy_param(src_naa, dst_naa, nblocks, src_lba, dst_lba):
+    def cscd(naa):
+        return bytes([0xE4, 0, 0, 0, 0x01, 0x03, 0, 16]) + naa + bytes(4) + \
+            BS.to_bytes(4, "big")
+    seg = bytes([0x02, 0, 0, 0x18, 0, 0, 0, 1, 0, 0]) + nblocks.to_bytes(2, "big") + \
+        src_lba.to_bytes(8, "big") + dst_lba.to_bytes(8, "big")
+    tdl = cscd(src_naa) + cscd(dst_naa)
+    return bytes([1, 0]) + len(tdl).to_bytes(2, "big") + bytes(4) + \
+        len(seg).to_bytes(4, "big") + bytes(4) + tdl + seg
+
+
+def test_extended_copy_from_the_split_image_lun_into_the_live_lun(lab, tmp_path):
+    """Issue 17 (EXTENDED COPY): a copy the initiator never carries: 64 blocks of the split
+    image, exported read-only as its own LUN, copied back into the live volume by lvmirrord,
+    through the ring; a copy into the read-only export is DATA PROTECT."""
+    paths = images(tmp_path, 2)
+    emu, lun, registry = lab(f"vol0;images={'+'.join(paths)};region_size=64K")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    old, new = os.urandom(64 * BS), os.urandom(64 * BS)
+    emu.wait([emu.submit(cdb10(0x2A, 0, 64), data_out=old)])
+    lun.volume.split(1)
+    emu.wait([emu.submit(cdb10(0x2A, 0, 64), data_out=new)])
+    emu2, lun2, _ = lab("vol0;image=1;readonly=1", state=registry)
+    peers = [lun, lun2]
+    lun._peers = lun2._peers = lambda: peers
+    param = _xcopy_param(lun2.lu.naa, lun.lu.naa, 64, 0, 0)
+    xid = emu.submit(bytes([0x83, 0]) + bytes(8) + len(param).to_bytes(4, "big") + bytes(2),
+                     data_out=param)
+    assert emu.wait([xid])[xid].status == 0
+    rid = emu.submit(cdb10(0x28, 0, 64), data_in_len=64 * BS)
+    assert emu.wait([rid])[rid].data_in == old
+    lun.volume.flush()
+    assert open(paths[0], "rb").read(64 * BS) == old          # every live image has it
+    param = _xcopy_param(lun.lu.naa, lun2.lu.naa, 8, 0, 0)
+    xid = emu2.submit(bytes([0x83, 0]) + bytes(8) + len(param).to_bytes(4, "big") + bytes(2),
+                      data_out=param)
+    r = emu2.wait([xid])[xid]
+    assert r.status == 2 and parse_sense(r.sense) == (0x07, 0x27, 0)
+    assert lun.lu.copier.copied_bytes == 64 * BS

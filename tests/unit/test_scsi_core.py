@@ -104,6 +104,7 @@ def test_standard_inquiry(lu):
     descs = {int.from_bytes(d[k:k + 2], "big") for k in range(58, 66, 2)}
     assert {0x0460, 0x04C0} <= descs                  # claims SPC-4 and SBC-3
     assert d[8:16] == b"LIO-ORG " and d[16:32].rstrip() == b"lvmirror"
+    assert d[5] & 0x08                                # 3PC: EXTENDED COPY
 
 
 def test_inquiry_allocation_length_truncates(lu):
@@ -118,7 +119,7 @@ def test_inquiry_page_code_without_evpd_is_invalid(lu):
 def test_vpd_pages(lu):
     r, d = run(lu, [0x12, 1, 0x00, 0, 255, 0], in_len=255)
     pages = list(d[4:4 + d[3]])
-    assert pages == [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2]
+    assert pages == [0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2]
     _, serial = run(lu, [0x12, 1, 0x80, 0, 255, 0], in_len=255)
     assert serial[4:] == b"5f0c1b2a-7d3e-4f60-9a8b-0c1d2e3f4a5b"
     _, devid = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
@@ -474,3 +475,210 @@ def _mutate(cdb, edits):
         if pos < len(b):
             b[pos] = val
     return b
+
+
+# -- GET LBA STATUS, PRE-FETCH (issue 17: skips turned into passes) ----------------------------
+
+def _lba_status(lu, lba, alloc=4096):
+    cdb = bytes([0x9E, 0x12]) + lba.to_bytes(8, "big") + alloc.to_bytes(4, "big") + b"\0\0"
+    return run(lu, cdb, in_len=alloc)
+
+
+def _descriptors(d):
+    n = (struct.unpack(">I", d[:4])[0] - 4) // 16
+    return [(struct.unpack(">Q", d[8 + 16 * k:16 + 16 * k])[0],
+             struct.unpack(">I", d[16 + 16 * k:20 + 16 * k])[0], d[20 + 16 * k] & 0x0F)
+            for k in range(n)]
+
+
+def test_get_lba_status_without_provisioning_information_is_all_mapped(lu):
+    r, d = _lba_status(lu, 100)
+    assert r.status == GOOD and _descriptors(d) == [(100, NBLOCKS - 100, 0)]
+    r, d = _lba_status(lu, NBLOCKS - 1)
+    assert _descriptors(d) == [(NBLOCKS - 1, 1, 0)]
+    assert sense_of(_lba_status(lu, NBLOCKS)[0]) == (5, 0x21, 0)        # LBA OUT OF RANGE
+    r, d = _lba_status(lu, 0, alloc=8)                                   # header only
+    assert r.status == GOOD and len(d) == 8 and struct.unpack(">I", d[:4])[0] == 20
+    r, d = _lba_status(lu, 0, alloc=0)
+    assert r.status == GOOD and d == b""
+
+
+@pytest.mark.parametrize("ten", [True, False])
+def test_pre_fetch_is_good_and_checks_its_range(lu, ten):
+    def pf(lba, n, immed=0):
+        if ten:
+            return run(lu, bytes([0x34, immed << 1]) + lba.to_bytes(4, "big") + b"\0" +
+                       n.to_bytes(2, "big") + b"\0")[0]
+        return run(lu, bytes([0x90, immed << 1]) + lba.to_bytes(8, "big") +
+                   n.to_bytes(4, "big") + b"\0\0")[0]
+    assert pf(0, 8).status == GOOD and pf(10, 0, immed=1).status == GOOD
+    assert pf(NBLOCKS - 1, 1).status == GOOD and pf(NBLOCKS - 1, 0).status == GOOD
+    for lba, n in ((NBLOCKS - 1, 2), (NBLOCKS, 0), (NBLOCKS + 5, 1)):
+        assert sense_of(pf(lba, n)) == (5, 0x21, 0), (lba, n)
+    assert not [c_ for c_ in lu.backend.calls if c_[0] in ("read", "write")]
+
+
+def test_get_lba_status_and_pre_fetch_on_a_thin_mirror(tmp_path):
+    """A real volume on sparse files: the extents GET LBA STATUS reports are the image's holes
+    and data (a 512-byte write maps its 4 KiB page), UNMAP deallocates again; PRE-FETCH of a
+    range reads nothing through the volume."""
+    from tests.unit.test_volume_helpers import make_volume
+    vol, _, paths = make_volume(tmp_path, 2, size=1 << 20, region_size=64 << 10)
+    ulu = LogicalUnit(vol, wwn="5f0c1b2a-7d3e-4f60-9a8b-0c1d2e3f4a5b")
+    nb = (1 << 20) // BS
+    r, d = _lba_status(ulu, 0)
+    assert _descriptors(d) == [(0, nb, 1)]                   # never written: deallocated
+    assert run(ulu, cdb10(0x2A, 100, 1), out=b"\x55" * BS)[0].status == GOOD
+    assert run(ulu, cdb10(0x2A, 1000, 16), out=b"\x66" * (16 * BS))[0].status == GOOD
+    r, d = _lba_status(ulu, 0)
+    assert _descriptors(d) == [(0, 96, 1), (96, 8, 0), (104, 896, 1), (1000, 16, 0),
+                               (1016, nb - 1016, 1)]
+    r, d = _lba_status(ulu, 99)                              # starts at the LBA asked for
+    assert _descriptors(d)[0] == (99, 5, 0)
+    r, d = _lba_status(ulu, 0, alloc=8 + 2 * 16)             # as many as the allocation holds
+    assert _descriptors(d)[:2] == [(0, 96, 1), (96, 8, 0)] and len(d) == 40
+    unmap = struct.pack(">HH4x", 22, 16) + struct.pack(">QI4x", 1000, 16)
+    assert run(ulu, [0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], out=unmap)[0].status == GOOD
+    r, d = _lba_status(ulu, 900)
+    assert _descriptors(d) == [(900, nb - 900, 1)]
+    reads = vol.stats["reads"]
+    assert run(ulu, bytes([0x34, 0]) + (0).to_bytes(4, "big") + b"\0" +
+               (64).to_bytes(2, "big") + b"\0")[0].status == GOOD
+    assert vol.stats["reads"] == reads
+    vol.close()
+
+
+# -- EXTENDED COPY / RECEIVE COPY RESULTS (issue 17) -------------------------------------------
+
+def _naa_of(lu):
+    _, devid = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
+    assert devid[5] & 0x0F == 3 and devid[7] == 16
+    return devid[8:24]
+
+
+def _cscd(naa, *, type_code=0xE4, code_set=1, assoc=0, dtype=3, dlen=16):
+    d = bytearray(32)
+    d[0], d[1] = type_code, 0x00
+    d[4], d[5], d[7] = code_set, (assoc << 4) | dtype, dlen
+    d[8:8 + len(naa)] = naa
+    d[29:32] = BS.to_bytes(3, "big")
+    return bytes(d)
+
+
+def _b2b(src_i, dst_i, n, src_lba, dst_lba, type_code=0x02):
+    return bytes([type_code, 0]) + (0x18).to_bytes(2, "big") + src_i.to_bytes(2, "big") + \
+        dst_i.to_bytes(2, "big") + b"\0\0" + n.to_bytes(2, "big") + \
+        src_lba.to_bytes(8, "big") + dst_lba.to_bytes(8, "big")
+
+
+def _xcopy(lu, cscds, segs, *, list_id=1, flags=0x00, length=None):
+    tdl, sdl = b"".join(cscds), b"".join(segs)
+    param = bytes([list_id, flags]) + len(tdl).to_bytes(2, "big") + bytes(4) + \
+        len(sdl).to_bytes(4, "big") + bytes(4) + tdl + sdl
+    if length is not None:
+        param = param[:length]
+    cdb = bytes([0x83, 0x00]) + bytes(8) + len(param).to_bytes(4, "big") + b"\0\0"
+    return run(lu, cdb, out=param)[0]
+
+
+def _rcr(lu, sa, list_id=0, alloc=1024):
+    return run(lu, bytes([0x84, sa, list_id]) + bytes(7) + alloc.to_bytes(4, "big") + b"\0\0",
+               in_len=alloc)
+
+
+def test_extended_copy_copies_within_the_lun_and_holds_its_status(lu):
+    naa = _naa_of(lu)
+    lu.backend.data[0:64 * BS] = bytes(range(256)) * (64 * BS // 256)
+    r = _xcopy(lu, [_cscd(naa)], [_b2b(0, 0, 64, 0, 1000)], list_id=7)
+    assert r.status == GOOD
+    assert lu.backend.data[1000 * BS:1064 * BS] == lu.backend.data[0:64 * BS]
+    r, d = _rcr(lu, 0x00, list_id=7)                          # COPY STATUS, held (usage 00b)
+    assert r.status == GOOD and struct.unpack(">I", d[:4])[0] == 8
+    assert d[4] & 0x7F == 0x01 and struct.unpack(">H", d[5:7])[0] == 1
+    assert struct.unpack(">I", d[8:12])[0] == 64 * BS
+    assert sense_of(_rcr(lu, 0x00, list_id=8)[0]) == (5, 0x24, 0)     # never sent
+    assert _xcopy(lu, [_cscd(naa)], [_b2b(0, 0, 1, 0, 2)], list_id=9, flags=0x10).status == GOOD
+    assert sense_of(_rcr(lu, 0x00, list_id=9)[0]) == (5, 0x24, 0)     # usage 10b: not held
+
+
+def test_extended_copy_overlapping_ranges_copy_as_memmove(lu):
+    naa = _naa_of(lu)
+    pat = b"".join(b.to_bytes(4, "big") * (BS // 4) for b in range(3000))   # block-distinct
+    lu.backend.data[0:3000 * BS] = pat
+    from lvmirror.scsi import xcopy
+    old, xcopy.CHUNK_BYTES = xcopy.CHUNK_BYTES, 8 * BS     # several chunks per segment
+    try:
+        assert _xcopy(lu, [_cscd(naa)], [_b2b(0, 0, 2000, 0, 500)]).status == GOOD
+        assert lu.backend.data[500 * BS:2500 * BS] == pat[:2000 * BS]
+        lu.backend.data[0:3000 * BS] = pat
+        assert _xcopy(lu, [_cscd(naa)], [_b2b(0, 0, 2000, 500, 0)]).status == GOOD
+        assert lu.backend.data[0:2000 * BS] == pat[500 * BS:2500 * BS]
+    finally:
+        xcopy.CHUNK_BYTES = old
+
+
+def test_extended_copy_parameter_list_checks_in_lio_order(lu):
+    naa = _naa_of(lu)
+    good_t, good_s = _cscd(naa), _b2b(0, 0, 8, 0, 100)
+    assert _xcopy(lu, [good_t], [good_s], length=0).status == GOOD          # empty list
+    assert sense_of(_xcopy(lu, [good_t], [good_s], length=47)) == (5, 0x1A, 0)
+    assert sense_of(_xcopy(lu, [good_t], [good_s], length=75)) == (5, 0x1A, 0)
+    # too many CSCDs and segments and over the list length: the length wins
+    assert sense_of(_xcopy(lu, [good_t] * 3, [good_s] * 34)) == (5, 0x1A, 0)
+    assert sense_of(_xcopy(lu, [good_t] * 3, [good_s])) == (5, 0x26, 0x06)
+    assert sense_of(_xcopy(lu, [good_t], [good_s] * 9)) == (5, 0x26, 0x08)
+    assert sense_of(_xcopy(lu, [_cscd(naa, type_code=0xE0)], [good_s])) == (5, 0x26, 0x07)
+    seg3 = bytes([0x03, 0]) + (0x10).to_bytes(2, "big") + bytes(16)
+    assert sense_of(_xcopy(lu, [good_t], [seg3])) == (5, 0x26, 0x09)
+    assert sense_of(_xcopy(lu, [good_t], [_b2b(0, 0, 8, 0, 9, type_code=0x0A)])) == \
+        (5, 0x26, 0x09)
+    for bad in (_cscd(naa, code_set=2), _cscd(naa, assoc=1), _cscd(naa, dtype=2),
+                _cscd(naa[:8], dlen=8)):
+        assert sense_of(_xcopy(lu, [bad], [good_s])) == (5, 0x26, 0)
+    assert not any(k[0] == "write" for k in lu.backend.calls)
+
+
+def test_extended_copy_aborts_what_it_cannot_reach(lu):
+    naa = _naa_of(lu)
+    other = bytes([0x60]) + bytes(15)
+    aborted = (0x0A, 0x0D, 0x02)
+    assert sense_of(_xcopy(lu, [_cscd(naa)], [_b2b(0, 1, 8, 0, 100)])) == aborted  # no CSCD 1
+    assert sense_of(_xcopy(lu, [_cscd(naa)], [_b2b(0, 0, 2048, 0, NBLOCKS - 1)])) == aborted
+    assert sense_of(_xcopy(lu, [_cscd(naa), _cscd(other)], [_b2b(0, 1, 8, 0, 0)])) == aborted
+    assert not any(k[0] == "write" for k in lu.backend.calls)
+    lu.backend.fail_reads = True
+    assert sense_of(_xcopy(lu, [_cscd(naa)], [_b2b(0, 0, 8, 0, 100)])) == aborted
+
+
+def test_extended_copy_between_luns_of_one_process_and_write_protection():
+    """The resolver finds another LUN (an exported split image, say) by its NAA; a copy into a
+    read-only LUN is refused as DATA PROTECT; a copy naming two other LUNs is not ours."""
+    units = {}
+    a = LogicalUnit(RamBackend(), wwn="aaaaaaaa-0000-0000-0000-000000000001",
+                    copy_resolver=lambda naa: units.get(naa))
+    b = LogicalUnit(RamBackend(), wwn="bbbbbbbb-0000-0000-0000-000000000002", read_only=True,
+                    copy_resolver=lambda naa: units.get(naa))
+    cc = LogicalUnit(RamBackend(), wwn="cccccccc-0000-0000-0000-000000000003")
+    for u in (a, b, cc):
+        units[_naa_of(u)] = u
+    b.backend.data[0:16 * BS] = b"\x42" * (16 * BS)
+    assert _xcopy(a, [_cscd(_naa_of(b)), _cscd(_naa_of(a))], [_b2b(0, 1, 16, 0, 50)]).status \
+        == GOOD
+    assert a.backend.data[50 * BS:66 * BS] == b"\x42" * (16 * BS)
+    assert sense_of(_xcopy(a, [_cscd(_naa_of(a)), _cscd(_naa_of(b))],
+                           [_b2b(0, 1, 16, 0, 50)])) == (7, 0x27, 0)
+    assert sense_of(_xcopy(a, [_cscd(_naa_of(b)), _cscd(_naa_of(cc))],
+                           [_b2b(0, 1, 16, 0, 50)])) == (0x0A, 0x0D, 0x02)
+
+
+def test_receive_copy_results_operating_parameters_and_vpd_8f(lu):
+    r, d = _rcr(lu, 0x03)
+    assert r.status == GOOD and struct.unpack(">I", d[:4])[0] == len(d) - 4 >= 40
+    assert struct.unpack(">H", d[8:10])[0] == 2 and struct.unpack(">H", d[10:12])[0] == 8
+    assert struct.unpack(">I", d[12:16])[0] == 1024 and d[43] == 2 and d[44:46] == b"\x02\xe4"
+    assert d[37] == d[38] == d[39] == 9
+    assert sense_of(_rcr(lu, 0x01)[0]) == (5, 0x24, 0)
+    _, page = run(lu, [0x12, 1, 0x8F, 0, 255, 0], in_len=255)
+    assert page[1] == 0x8F and struct.unpack(">H", page[4:6])[0] == 0x0001
+    cmds = page[9:9 + page[8]]
+    assert cmds[:3] == b"\x83\x01\x00" and cmds[3:7] == b"\x84\x02\x00\x03"
