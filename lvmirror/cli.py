@@ -9,13 +9,17 @@
     lvmirror attach VOLUME PATH [--force] [--wait]  # --force: PATH may hold data
     lvmirror detach VOLUME IMAGE
     lvmirror cancel VOLUME IMAGE
+    lvmirror scrub VOLUME [--repair [--source IMAGE]] [--rate MB/s] [--wait]   # compare images
+    lvmirror scrub --all [same options]     # every open volume (lvmirror-scrub.service)
+    lvmirror scrub --cancel VOLUME
     lvmirror wait VOLUME [--timeout S]      # until no job (resync, restore, attach, crash recovery) runs
     lvmirror backup VOLUME IMAGE DEST [--format raw|qcow2]   # copy a split image
     lvmirror backup-cycle [--config FILE] [VOLUME:IMAGE ...] [--dest DIR] [--format F]
                           [--keep K] [--rate MB/s] [--no-hooks]   # split, back up, resync
 
 Exit status 0 on success, 1 on an error reported by lvmirrord, 2 on bad usage, 3 when lvmirrord
-is not reachable, 130 when interrupted (Ctrl-C; SIGTERM for backup-cycle).
+is not reachable, 130 when interrupted (Ctrl-C; SIGTERM for backup-cycle). ``scrub --wait``
+exits 1 when it leaves a region the images disagree on (found and not repaired) or fails.
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ def format_status(st: dict) -> str:
             lines.append(f"  {what}: {job['state']}, "
                          f"{_human(job['bytes_done'])} / {_human(job['bytes_total'])}, "
                          f"{job['rate']:.1f} MB/s" + (f", ETA {eta:.0f} s" if eta else ""))
+        if v.get("scrub"):
+            lines.append("  " + scrub_line(v["scrub"]))
         io = v["io"]
         lines.append(f"  I/O: {io['reads']} reads, {io['writes']} writes, "
                      f"{io['read_errors'] + io['write_errors']} errors, {io['inflight']} in flight")
@@ -126,6 +132,98 @@ def format_status(st: dict) -> str:
         lines.append(f"LUN {lun['name']} ({lun['uio']}): {lun['cfgstring']}"
                      + (f" NOT READY: {lun['error']}" if lun["error"] else ""))
     return "\n".join(lines)
+
+
+def scrub_line(sc: dict) -> str:
+    """One line on a scrub record (``ScrubRecord.summary``): state, when, counts."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sc["finished"] or sc["started"]))
+    line = (f"scrub {sc['state']} ({'ended' if sc['finished'] else 'started'} {when}): "
+            f"{sc['regions_checked']} of {sc['regions']} regions checked, "
+            f"{sc['mismatches']} mismatch(es), {sc['repaired']} repaired, "
+            f"{sc['unrepaired']} left as found")
+    return line + (f"; {sc['error']}" if sc.get("error") else "")
+
+
+def mismatch_lines(sc: dict) -> list[str]:
+    """A line per mismatching region of a scrub record: where, which images read alike, which
+    content won, what was rewritten."""
+    out = []
+    for m in sc["report"]:
+        groups = " | ".join("+".join(map(str, g)) for g in m["groups"])
+        if m["repaired"]:
+            verdict = (f"image(s) {'+'.join(map(str, m['repaired']))} rewritten from image "
+                       f"{m['right'][0]}")
+        elif m["right"]:
+            verdict = f"image(s) {'+'.join(map(str, m['right']))} hold the majority"
+        else:
+            verdict = ("no majority: candidates " + ", ".join(
+                f"image {g[0]}" if len(g) == 1 else "images " + "+".join(map(str, g))
+                for g in m["groups"]) + " (repair with --repair --source IMAGE)")
+        out.append(f"region {m['region']} (LBA {m['first_lba']}-{m['last_lba']}): images "
+                   f"read as {groups}; {verdict}")
+    if sc["mismatches"] > len(sc["report"]):
+        out.append(f"... and {sc['mismatches'] - len(sc['report'])} more region(s)")
+    return out
+
+
+def _scrub(args, mgr, dbus) -> int:
+    st = json.loads(mgr.Status())
+    if args.all:
+        names = sorted(st["volumes"])
+        if not names:
+            print("no volumes open")
+            return 0
+    else:
+        names = [args.volume]
+    if args.cancel:
+        mgr.CancelScrub(args.volume)
+        return 0
+    opts = {"repair": dbus.Boolean(args.repair), "rate": dbus.Double(args.rate)}
+    if args.source is not None:
+        opts["source"] = dbus.UInt32(args.source)
+    started, status = [], 0
+    for name in names:
+        try:
+            res = json.loads(mgr.Scrub(name, dbus.Dictionary(opts, signature="sv")))
+        except dbus.DBusException as exc:
+            if not args.all:
+                raise
+            # md's checkarray skips what it cannot check; so does --all (a one-image or
+            # degraded volume, one with a restore or a scrub of its own running)
+            print(f"{name}: not scrubbed: {exc.get_dbus_message()}", file=sys.stderr)
+            continue
+        started.append(name)
+        if not args.json:
+            print(f"{name}: scrub started: {res['bytes_total']} bytes"
+                  + (" (repair)" if args.repair else " (check only)"))
+    if not args.wait:
+        return status
+    results = {}
+    for name in started:
+        while True:
+            v = json.loads(mgr.Status())["volumes"].get(name)
+            sc = v and v.get("scrub")
+            if sc is None:
+                print(f"{name}: the volume closed before its scrub ended", file=sys.stderr)
+                status = EXIT_ERROR
+                break
+            if sc["state"] != "running":
+                results[name] = sc
+                if sc["state"] != "done" or sc["unrepaired"]:
+                    status = EXIT_ERROR
+                break
+            if sys.stderr.isatty():
+                sys.stderr.write(f"\r{name}: scrub {sc['regions_checked'] / sc['regions']:6.1%}")
+                sys.stderr.flush()
+            time.sleep(0.5)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for name, sc in results.items():
+            print(f"{name}: {scrub_line(sc)}")
+            for line in mismatch_lines(sc):
+                print(f"  {line}")
+    return status
 
 
 def _running(st, volume):
@@ -323,10 +421,33 @@ def main(argv=None):
     s.add_argument("--keep", type=int, help="backups kept per volume (default 7)")
     s.add_argument("--rate", type=rate, help="resync rate limit, MB/s (0: unlimited)")
     s.add_argument("--no-hooks", action="store_true", help="do not run the split hooks")
+    s = sub.add_parser("scrub", help="compare the in-sync images region by region; repair by "
+                       "majority vote or from a named image")
+    s.add_argument("volume", nargs="?")
+    s.add_argument("--all", action="store_true", help="every open volume (those that cannot be "
+                   "scrubbed are skipped with a message)")
+    s.add_argument("--repair", action="store_true",
+                   help="rewrite the odd image(s) of a region from the majority (3 or more "
+                        "images), or from --source")
+    s.add_argument("--source", type=image_index, metavar="IMAGE",
+                   help="with --repair: the image whose content is right (what 2 images need)")
+    s.add_argument("--rate", type=rate, default=0.0,
+                   help="MB/s of the volume checked (each image is read at it); 0 = unlimited")
+    s.add_argument("--wait", action="store_true",
+                   help="return when it ended, with the mismatches found (exit 1 if any is "
+                        "left as found)")
+    s.add_argument("--cancel", action="store_true", help="stop the running scrub")
     s = sub.add_parser("wait")
     s.add_argument("volume")
     s.add_argument("--timeout", type=float)
     args = p.parse_args(argv)
+    if args.cmd == "scrub":
+        if bool(args.volume) == bool(args.all):
+            p.error("scrub: name a VOLUME or give --all")
+        if args.source is not None and not args.repair:
+            p.error("scrub: --source says which image to repair from; give --repair too")
+        if args.cancel and (args.all or args.repair or args.wait):
+            p.error("scrub: --cancel takes a VOLUME alone")
     try:
         import dbus
         plan = None
@@ -392,6 +513,8 @@ def main(argv=None):
             return 0
         if args.cmd == "backup-cycle":
             return _backup_cycle(args, mgr, plan)
+        if args.cmd == "scrub":
+            return _scrub(args, mgr, dbus)
         if args.cmd == "backup":
             from lvmirror.backup import backup_image
             st = json.loads(mgr.Status())

@@ -63,6 +63,21 @@ def resync_image(manager, volume: str, image: int, rate: float, full: bool = Fal
     return json.loads(manager.Resync(volume, image, rate))
 
 
+def scrub_volume(manager, volume: str, repair: bool = False, source: int | None = None,
+                 rate: float = 0.0) -> dict:
+    """Start the scrub of ``volume`` through lvmirrord's Manager (a dbus.Interface):
+    Scrub(volume, {"repair": b, "rate": d[, "source": u]}), ``rate`` in MB/s (0: unlimited),
+    ``source`` an image index (only with ``repair``: ValueError otherwise, before any call).
+    Returns the job's progress (bytes_total, ...); D-Bus errors propagate."""
+    import dbus
+    if source is not None and not repair:
+        raise ValueError("source=IMAGE says which image to repair from; give repair=true too")
+    opts = {"repair": dbus.Boolean(repair), "rate": dbus.Double(float(rate))}
+    if source is not None:
+        opts["source"] = dbus.UInt32(source)
+    return json.loads(manager.Scrub(volume, dbus.Dictionary(opts, signature="sv")))
+
+
 def flag(name: str, value) -> bool:
     """A true/false parameter of a targetcli-lvmirror command (``full=true``): true, yes, 1,
     false, no, 0 (any case). ValueError naming the parameter for anything else: a misspelt
@@ -113,7 +128,7 @@ def install():
 
     from lvmirror import cfgstring
     from lvmirror.backup import backup_image
-    from lvmirror.cli import format_status, members_arg, parse_member
+    from lvmirror.cli import format_status, members_arg, mismatch_lines, parse_member, scrub_line
 
     original = ui_backstore.UIUserBackedStorageObject
     if getattr(original, "_lvmirror_factory", False):
@@ -264,6 +279,56 @@ def install():
             idx = call(attach_image, _manager(), self._spec().name, str(path),
                        self._flag("force", force))
             self.shell.con.display(f"{path} attached as image {int(idx)}; full resync started")
+
+        def ui_command_scrub(self, repair="false", source=None, rate=None, wait="false",
+                             cancel="false"):
+            """Compare the volume's in-sync images region by region while it serves I/O and
+            report the regions they disagree on. repair=true rewrites the odd image(s) of a
+            region from the majority (three or more images); with two images (or no majority)
+            name the image that is right with source=IMAGE. RATE limits the check in MB/s;
+            wait=true shows progress and the mismatches; cancel=true stops a running scrub."""
+            name = self._spec().name
+            if self._flag("cancel", cancel):
+                call(_manager().CancelScrub, name)
+                self.shell.con.display(f"scrub of {name} cancelled")
+                return
+            repair = self._flag("repair", repair)
+            try:
+                rate = float(rate or 0)
+            except ValueError:
+                raise ExecutionError(f"rate is a number of MB/s, got {rate!r}") from None
+            try:
+                res = call(scrub_volume, _manager(), name, repair,
+                           None if source is None else self._image(source), rate)
+            except ValueError as e:
+                raise ExecutionError(str(e)) from None
+            self.shell.con.display(f"scrub of {name} started: {res['bytes_total']} bytes to "
+                                   f"check" + (" (repair)" if repair else ""))
+            if not self._flag("wait", wait):
+                return
+            while True:
+                _, _, vol = self._volume_status()
+                sc = vol.get("scrub")
+                if sc is None or sc["state"] != "running":
+                    break
+                sys.stdout.write(f"\rscrub: {sc['regions_checked'] / sc['regions']:6.1%}   ")
+                sys.stdout.flush()
+                time.sleep(1)
+            if sc is None:
+                raise ExecutionError(f"volume {name} closed before its scrub ended")
+            self.shell.con.display("\n" + scrub_line(sc))
+            for line in mismatch_lines(sc):
+                self.shell.con.display("  " + line)
+            if sc["state"] != "done" or sc["unrepaired"]:
+                raise ExecutionError(f"scrub of {name} {sc['state']}: {sc['unrepaired']} "
+                                     f"region(s) left different")
+
+        def ui_complete_scrub(self, parameters, text, current_param):
+            if current_param in ("repair", "wait", "cancel"):
+                return [f"{v} " for v in ("true", "false") if v.startswith(text)]
+            if current_param == "source":
+                return self._complete_image(parameters, text, "image")
+            return []
 
         def ui_command_detach(self, image):
             """Remove image IMAGE from the volume (its file is kept)."""

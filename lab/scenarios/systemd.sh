@@ -110,6 +110,30 @@ systemd() {  # the packaged lvmirrord.service with systemd as PID 1: installed a
     && result backup_timer_failure_shown ok \
     || result backup_timer_failure_shown fail rc=$brc state="$(systemctl is-failed lvmirror-backup@bad.service)" \
               journal="$(journal -u lvmirror-backup@bad.service | tail -3)"
+  # 7. the monthly scrub: the package enables lvmirror-scrub.timer; its service scrubs every
+  #    volume at the rate it is given and fails, visibly, when a region is left different
+  local senabled snext src sres
+  senabled=$(systemctl is-enabled lvmirror-scrub.timer 2>&1)
+  snext=$(systemctl show -P NextElapseUSecRealtime lvmirror-scrub.timer)
+  systemctl start lvmirror-scrub.service; src=$?
+  sres=$(systemctl show -P Result lvmirror-scrub.service)
+  [ "$senabled" = enabled ] && [ -n "$snext" ] && [ $src = 0 ] && [ "$sres" = success ] \
+    && journal -u lvmirror-scrub.service | grep -q "svc: scrub done .* 0 mismatch(es)" \
+    && result scrub_timer_service ok next="$snext" \
+    || result scrub_timer_service fail enabled="$senabled" next="$snext" rc=$src result="$sres" \
+              journal="$(journal -u lvmirror-scrub.service | tail -3)"
+  local rs
+  rs=$(lvmirror --json status | python3 -c "import json,sys; print(json.load(sys.stdin)['volumes']['svc']['region_size'])")
+  dd if=/dev/urandom of=/run/scratch/s3b.img bs=4096 count=1 seek=$((2 * rs / 4096)) conv=notrunc oflag=direct status=none
+  systemctl start lvmirror-scrub.service; src=$?
+  [ $src != 0 ] && [ "$(systemctl is-failed lvmirror-scrub.service)" = failed ] \
+    && journal -u lvmirror-scrub.service | grep -q "region 2 (LBA .*): images read as 0+2 | 1; image(s) 0+2 hold the majority" \
+    && lvmirror scrub svc --repair --wait > "$OUT/scrub-repair.txt" 2>&1 \
+    && cmp -s /run/scratch/s3a.img /run/scratch/s3b.img \
+    && result scrub_timer_mismatch_shown ok \
+    || result scrub_timer_mismatch_shown fail rc=$src state="$(systemctl is-failed lvmirror-scrub.service)" \
+              journal="$(journal -u lvmirror-scrub.service | tail -3)"
+  journalctl --no-pager -o short-monotonic -u lvmirror-scrub.service > "$OUT/scrub-journal.log" 2>&1
   journalctl --no-pager -o short-monotonic -u 'lvmirror-backup@*' > "$OUT/backup-journal.log" 2>&1
   journalctl --no-pager -o short-monotonic -u lvmirrord.service > "$OUT/lvmirrord-journal.log" 2>&1
   journal -u dbus.service > "$OUT/dbus-journal.log"

@@ -13,7 +13,8 @@ from gi.repository import GLib
 
 from lvmirror import cfgstring
 from lvmirror.bus.volume import (VOLUME_IFACE, VolumeObject, attach_options, interfaces,
-                                 managed_objects, resync_options, split_options)
+                                 managed_objects, resync_options, scrub_options,
+                                 split_options)
 from lvmirror.errors import LvmirrorError
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class Manager(dbus.service.Object):
         def work():
             try:
                 result = fn()
-            except (LvmirrorError, ValueError, KeyError) as e:
+            except (LvmirrorError, ValueError, KeyError, IndexError) as e:
                 error = LvmirrorDBusError(str(e))
             except Exception as e:   # report, never kill the service
                 log.exception("bus method failed")
@@ -289,6 +290,22 @@ class Manager(dbus.service.Object):
         """Cancel the resync running on ``image`` (it keeps its bitmap; Resync resumes)."""
         self.run(sender, lambda: self._daemon.cancel(str(volume), int(image)),
                   lambda _r: ok(), err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="sa{sv}", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def Scrub(self, volume, options, sender=None, ok=None, err=None):
+        """Start a scrub of ``volume``: every region read from every in-sync image and
+        compared (options ``a{sv}``: ``repair`` b, ``source`` u, ``rate`` d MB/s; see
+        ``bus.volume.scrub_options``). Returns the job's progress (JSON); the result is in
+        Status (``scrub``) and the volume's LastScrub property."""
+        self.run(sender, lambda: json.dumps(self._daemon.scrub(
+            str(volume), **scrub_options(options))), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="s", out_signature="",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def CancelScrub(self, volume, sender=None, ok=None, err=None):
+        """Stop the scrub of ``volume`` after the region in hand (kept as cancelled)."""
+        self.run(sender, lambda: self._daemon.cancel_scrub(str(volume)), lambda _r: ok(), err)
 
 
 class LockCoordinator:

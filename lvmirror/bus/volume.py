@@ -11,12 +11,17 @@ syncing, ``offline``: no image can serve and the LUN answers NOT READY), IoStati
 (counters, image failures, slow legs, out-of-space and metadata errors included; not announced
 in PropertiesChanged, read them when needed).
 
+LastScrub ``(sddtttt)`` (state, started, finished or 0, regions checked, mismatches, repaired,
+left as found; the whole report is in the Manager's Status).
+
 Methods: Split, Resync, ResyncWithOptions (``full``: every region, also into an image in sync),
 Restore, AttachImage, AttachImageWithOptions (``force``: overwrite an
-image that holds data), DetachImage, Cancel, Backup. Signals:
+image that holds data), DetachImage, Cancel, Backup, Scrub (options ``repair`` b, ``source`` u,
+``rate`` d), CancelScrub. Signals:
 PropertiesChanged (standard) when an image, job or export changes; ImageStateChanged(index,
-old, new); Progress(kind, image, done, total, rate) every second while a resync, restore or
-backup runs. The service looks at the volumes once a second and right after each call it
+old, new); Progress(kind, image, done, total, rate) every second while a resync, restore,
+scrub (image 0xFFFFFFFF) or backup runs; ScrubFinished(state, regions checked, mismatches,
+repaired, left as found) when a scrub ends. The service looks at the volumes once a second and right after each call it
 served (the data path never calls into the bus).
 """
 
@@ -44,6 +49,9 @@ PROPERTIES = {
     "Exported": ("au", True),
     "Health": ("s", True),          # optimal | degraded | offline (no image can serve)
     "IoStatistics": ("a{st}", False),
+    # state, started, finished (0 while running), regions checked, mismatches, repaired,
+    # left as found; state "" when the volume was never scrubbed
+    "LastScrub": ("(sddtttt)", True),
 }
 
 
@@ -85,7 +93,17 @@ def properties(vol: dict, name: str) -> dict:
         "Health": dbus.String(vol.get("health", "optimal")),
         "IoStatistics": dbus.Dictionary({k: dbus.UInt64(v) for k, v in vol["io"].items()},
                                         signature="st"),
+        "LastScrub": _scrub_struct(vol.get("scrub")),
     }
+
+
+def _scrub_struct(sc):
+    if not sc:
+        return dbus.Struct(("", 0.0, 0.0, 0, 0, 0, 0), signature="sddtttt")
+    return dbus.Struct((dbus.String(sc["state"]), dbus.Double(sc["started"]),
+                        dbus.Double(sc["finished"] or 0.0), dbus.UInt64(sc["regions_checked"]),
+                        dbus.UInt64(sc["mismatches"]), dbus.UInt64(sc["repaired"]),
+                        dbus.UInt64(sc["unrepaired"])), signature="sddtttt")
 
 
 class VolumeObject(dbus.service.Object):
@@ -118,6 +136,9 @@ class VolumeObject(dbus.service.Object):
         for j in new["Jobs"]:
             if str(j[2]) == "running":
                 self.Progress(j[0], j[1], j[3], j[4], j[5])
+        sc, was = new["LastScrub"], old["LastScrub"]
+        if str(sc[0]) not in ("", "running") and (str(was[0]) == "running" or sc[1] != was[1]):
+            self.ScrubFinished(sc[0], sc[3], sc[4], sc[5], sc[6])
 
     # -- org.freedesktop.DBus.Properties -------------------------------------------------------
 
@@ -179,6 +200,11 @@ class VolumeObject(dbus.service.Object):
     @dbus.service.signal(VOLUME_IFACE, signature="suttd")
     def Progress(self, kind, image, bytes_done, bytes_total, rate_mbps):
         """Once a second while a resync, restore or backup runs."""
+
+    @dbus.service.signal(VOLUME_IFACE, signature="stttt")
+    def ScrubFinished(self, state, regions_checked, mismatches, repaired, unrepaired):
+        """A scrub ended: state (done, cancelled, failed), regions checked, regions found
+        different, repaired, left as found (the report: the Manager's Status)."""
 
     # -- methods (root only; run on a worker thread, answered when done) -----------------------
 
@@ -261,6 +287,22 @@ class VolumeObject(dbus.service.Object):
                         lambda r: ok(dbus.UInt64(r)), err)
 
 
+    @dbus.service.method(VOLUME_IFACE, in_signature="a{sv}", out_signature="t",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def Scrub(self, options, sender=None, ok=None, err=None):
+        """Start a scrub (``scrub_options``: ``repair`` b, ``source`` u, ``rate`` d MB/s);
+        returns the bytes to check. Progress signals follow, ScrubFinished at the end."""
+        self._calls.run(sender, lambda: self._daemon.scrub(self.name, **scrub_options(options)),
+                        lambda r: ok(dbus.UInt64(r["bytes_total"])), err)
+
+    @dbus.service.method(VOLUME_IFACE, in_signature="", out_signature="",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def CancelScrub(self, sender=None, ok=None, err=None):
+        """Stop the running scrub (kept as the last result, state cancelled)."""
+        self._calls.run(sender, lambda: self._daemon.cancel_scrub(self.name),
+                        lambda _r: ok(), err)
+
+
 ATTACH_OPTIONS = {"force": bool}
 RESYNC_OPTIONS = {"full": bool}
 
@@ -292,26 +334,52 @@ def resync_options(options) -> dict:
     return bool_options("ResyncWithOptions", options, RESYNC_OPTIONS)
 
 
-def split_options(options) -> dict:
-    """SplitWithOptions' / SplitGroupWithOptions' options as plain values: ``hooks`` (b),
-    ``hook_timeout`` (d, seconds), ``on_hook_error`` (s); the values are checked by
-    ``daemon.hooks.hook_options``. ValueError for an unknown option or a value of another
-    type."""
-    types = {"hooks": (bool, dbus.Boolean), "hook_timeout": (float, int, dbus.Double),
-             "on_hook_error": (str, dbus.String)}
+_BOOL, _NUMBER, _INT, _STR = "b", "d", "u", "s"
+
+
+def typed_options(method, options, spec) -> dict:
+    """The ``a{sv}`` options of ``method`` as keyword arguments. ``spec``: option name ->
+    (kind, keyword): kind "b" a boolean, "d" a number (an integer is taken too), "u" an
+    integer, "s" a string; a boolean is never taken for a number. ValueError (the caller gets
+    an org.lvmirror1.Error.Failed) for an unknown option or a value of another type; the
+    values themselves are checked where they are used."""
     out = {}
     for key, value in dict(options or {}).items():
         key = str(key)
-        if key not in types:
-            raise ValueError(f"SplitWithOptions: unknown option {key!r} (known: "
-                             f"{', '.join(sorted(types))})")
-        if not isinstance(value, types[key]) or (key == "hook_timeout"
-                                                 and isinstance(value, (bool, dbus.Boolean))):
-            raise ValueError(f"SplitWithOptions: option {key!r} has the wrong type "
+        if key not in spec:
+            raise ValueError(f"{method}: unknown option {key!r} (known: "
+                             f"{', '.join(sorted(spec))})")
+        kind, kwarg = spec[key]
+        is_bool = isinstance(value, (bool, dbus.Boolean))
+        ok = {_BOOL: is_bool,
+              _NUMBER: isinstance(value, (int, float)) and not is_bool,
+              _INT: isinstance(value, int) and not is_bool,
+              _STR: isinstance(value, str)}[kind]
+        if not ok:
+            raise ValueError(f"{method}: option {key!r} has the wrong type "
                              f"({type(value).__name__})")
-        out[key] = (bool(value) if key == "hooks" else float(value) if key == "hook_timeout"
-                    else str(value))
+        out[kwarg] = {_BOOL: bool, _NUMBER: float, _INT: int, _STR: str}[kind](value)
     return out
+
+
+SCRUB_OPTIONS = {"repair": (_BOOL, "repair"), "source": (_INT, "source"),
+                 "rate": (_NUMBER, "rate_mbps")}
+SPLIT_OPTIONS = {"hooks": (_BOOL, "hooks"), "hook_timeout": (_NUMBER, "hook_timeout"),
+                 "on_hook_error": (_STR, "on_hook_error")}
+
+
+def scrub_options(options) -> dict:
+    """Scrub's ``a{sv}`` options as ``VolumeHost.scrub``'s keywords: ``repair`` (b), ``source``
+    (u, an image index: the image that is right), ``rate`` (d, MB/s, 0: unlimited); checked
+    by ``ScrubControl.start`` (``typed_options``)."""
+    return typed_options("Scrub", options, SCRUB_OPTIONS)
+
+
+def split_options(options) -> dict:
+    """SplitWithOptions' / SplitGroupWithOptions' options as plain values: ``hooks`` (b),
+    ``hook_timeout`` (d, seconds), ``on_hook_error`` (s); the values are checked by
+    ``daemon.hooks.hook_options`` (``typed_options``)."""
+    return typed_options("SplitWithOptions", options, SPLIT_OPTIONS)
 
 
 def add_properties(xml: str, interface: str, props: dict) -> str:
@@ -343,5 +411,5 @@ def managed_objects(status: dict) -> dict:
                             for name, vol in status["volumes"].items()}, signature="oa{sa{sv}}")
 
 
-__all__ = ["ATTACH_OPTIONS", "RESYNC_OPTIONS", "resync_options", "bool_options", "VOLUME_IFACE", "VOLUME_ROOT", "VolumeObject", "add_properties",
+__all__ = ["ATTACH_OPTIONS", "RESYNC_OPTIONS", "resync_options", "scrub_options", "typed_options", "bool_options", "VOLUME_IFACE", "VOLUME_ROOT", "VolumeObject", "add_properties",
            "attach_options", "interfaces", "managed_objects", "object_path", "properties"]

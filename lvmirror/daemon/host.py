@@ -147,7 +147,8 @@ class VolumeHost:
     def status(self) -> dict:
         """Everything ``lvmirror status`` shows, as a JSON-able dict: per open volume its size
         (bytes), block and region size, images (index, path, state, split time, changed bytes,
-        error), jobs (resync, restore, backup progress, crash recovery's copy), exported split images, health
+        error), jobs (resync, restore, scrub, backup progress, crash recovery's copy), the running or
+        last scrub (``ScrubRecord.summary``: counts and the mismatching regions), exported split images, health
         (optimal, degraded, offline) and I/O counters; per LUN its uio device, cfgstring,
         error and commands served."""
         volumes = {}
@@ -168,6 +169,7 @@ class VolumeHost:
                         ([volume.recovery.progress()] if volume.recovery is not None
                          and volume.recovery.state != "done" else []),
                 "exported": self.registry.exports(name),
+                "scrub": volume.scrubs.last(),
                 "health": volume.health, "offline": volume.offline,
                 "io": {k: stats[k] for k in ("reads", "writes", "bytes_read", "bytes_written",
                                              "flushes", "unmaps", "read_errors", "write_errors",
@@ -333,6 +335,27 @@ class VolumeHost:
             job = self._volume(name).restore(image, rate_limit=rate_mbps or None)
         log.info("volume %s: restore from image %d started", name, image)
         return job.progress()
+
+    def scrub(self, name, *, repair=False, source=None, rate_mbps=0.0):
+        """Start a scrub of volume ``name`` (``ScrubControl.start``): every region read from
+        every in-sync image and compared; ``repair``: odd images rewritten from the majority
+        or from image ``source`` (an index); ``rate_mbps`` MB/s of the volume checked (0:
+        unlimited). Returns the job's progress dict. ConfigError: no such volume; ValueError,
+        StateError as ``ScrubControl.start`` raises them."""
+        job = self._volume(name).scrubs.start(repair=repair, source=source,
+                                              rate_limit=rate_mbps or None)
+        log.info("volume %s: scrub started (%s%s%s)", name,
+                 "repair" if repair else "check only",
+                 f" from image {source}" if source is not None else "",
+                 f", {rate_mbps:g} MB/s" if rate_mbps else "")
+        return job.progress()
+
+    def cancel_scrub(self, name):
+        """Stop the scrub of volume ``name`` after the region in hand and wait for it; it is
+        kept as the last result, state "cancelled" (``ScrubControl.cancel``). ConfigError: no
+        such volume; StateError: no scrub runs."""
+        self._volume(name).scrubs.cancel()
+        log.info("volume %s: scrub cancelled", name)
 
     def attach(self, name, path, *, force=False):
         """Attach ``path`` to volume ``name`` (full resync); returns its index. ``force``: an

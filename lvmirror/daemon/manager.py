@@ -279,6 +279,14 @@ class Lvmirrord:
         unlimited). Returns the job's progress dict. ``VolumeHost.restore``."""
         return self._host(name).restore(name, image, rate_mbps)
 
+    def scrub(self, name, *, repair=False, source=None, rate_mbps=0.0):
+        """Start a scrub of volume ``name`` (``VolumeHost.scrub``); returns its progress."""
+        return self._host(name).scrub(name, repair=repair, source=source, rate_mbps=rate_mbps)
+
+    def cancel_scrub(self, name):
+        """Stop the scrub of volume ``name`` (``VolumeHost.cancel_scrub``)."""
+        return self._host(name).cancel_scrub(name)
+
     def attach(self, name, path, *, force=False):
         """Attach ``path`` to volume ``name`` (full resync); returns its index.
         ``VolumeHost.attach``."""

@@ -66,7 +66,7 @@ MANAGEMENT_CALLS = ("status", "split", "backup", "resync", "restore", "attach", 
                     "cancel", "lock_region", "unlock_region", "list_locks", "release_owner",
                     "volume_names", "lun_names", "remove_lun", "reconfigure_lun",
                     "split_prepare", "split_switch", "split_abort", "split_finish",
-                    "hold_completions", "release_completions")
+                    "hold_completions", "release_completions", "scrub", "cancel_scrub")
 RESTART_BACKOFF = (1.0, 30.0)     # seconds: first delay, largest delay
 STOP_TIMEOUT = 120.0              # seconds a child may take to end once its LUNs are drained
 # the calls that only read: a child that has not answered one in CALL_TIMEOUT seconds (stopped,

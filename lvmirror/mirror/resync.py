@@ -68,8 +68,8 @@ class _Job:
 
     def __init__(self, vol, img, rate_limit):
         self.vol = vol
-        self.img = img
-        self.image_id = img.rec.id
+        self.img = img                  # None for a job over the whole volume (a scrub)
+        self.image_id = img.rec.id if img is not None else None
         self._rate = None
         self._tokens = 0.0
         self._t_tokens = time.monotonic()

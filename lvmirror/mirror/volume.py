@@ -43,14 +43,15 @@ regions idle since its previous round (the ticket of the round before), as md's 
 waits before clearing a bit: a region under steady writes stays marked instead of being
 cleared and re-marked (a durable log write each time) every round.
 
-Interrupted resyncs and restores resume automatically in ``open`` (see ``vol.jobs``).
+Interrupted resyncs, restores and scrubs resume automatically in ``open`` (see ``vol.jobs``).
 
 Where the rest lives
 --------------------
 ``legs.py`` (image states, the runtime record of each image, its I/O workers),
 ``jobcontrol.py`` (resync, restore, attach, detach and their progress on disk; ``vol.control``),
 ``split.py`` (a split in its three steps, prepare / switch at T / finish; ``vol.splits``),
-``resync.py`` (the copy loops), ``recovery.py`` (crash recovery), ``splitexport.py`` (a split
+``resync.py`` (the copy loops), ``scrub.py`` (the images checked against each other,
+repaired by majority vote; ``vol.scrubs``), ``recovery.py`` (crash recovery), ``splitexport.py`` (a split
 image served as its own LUN), ``durability.py`` (the ordering of data before state),
 ``wil.py``, ``bitmap.py``, ``regionlock.py``, ``metadata.py``, ``image.py``.
 """
@@ -76,6 +77,7 @@ from lvmirror.mirror.metadata import VolumeMetadata, valid_volume_name
 from lvmirror.mirror import provisioning
 from lvmirror.mirror.recovery import RecoveryProgress, recover
 from lvmirror.mirror.regionlock import RegionLockManager
+from lvmirror.mirror.scrub import ScrubControl
 from lvmirror.mirror.split import SplitControl
 from lvmirror.mirror.splitexport import SplitImageVolume
 from lvmirror.mirror.wil import WriteIntentLog
@@ -201,7 +203,9 @@ class MirrorVolume:
         self._closed = False
         self.control = JobControl(self)   # resync, restore, attach, detach (jobcontrol.py)
         self.splits = SplitControl(self)  # split at T, split images as LUNs (split.py)
-        self.jobs: dict[int, object] = {}   # image id -> running ResyncJob / RestoreJob
+        self.scrubs = ScrubControl(self)  # check the images against each other (scrub.py)
+        # image id -> running ResyncJob / RestoreJob; scrub.SCRUB_KEY -> the ScrubJob
+        self.jobs: dict[int | str, object] = {}
         self._stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
                            unmaps=0, read_errors=0, write_errors=0, image_failures=0,
                            compare_miscompares=0, space_errors=0, metadata_errors=0,
@@ -404,6 +408,7 @@ class MirrorVolume:
                   flush_interval=flush_interval, fanout=fanout, leg_timeout=leg_timeout,
                   torn=torn)
         vol.control.resume()
+        vol.scrubs.resume()
         return vol
 
     @staticmethod

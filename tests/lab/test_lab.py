@@ -25,6 +25,11 @@ SECTION_CHECKS = {
               "group_restore_rolls_back_both", "hooks_ran_around_split",
               "hooks_frozen_copy_clean_without_replay", "hooks_failing_pre_hook_aborts_split",
               "backup_cycle_group"],
+    "scrub": ["scrub_finds_exact_region", "scrub_under_load_fio_verify_ok",
+              "scrub_check_changes_nothing", "scrub_majority_repairs_odd_image",
+              "scrub_images_identical_after_repair", "scrub_two_images_names_both_candidates",
+              "scrub_two_images_repair_from_source", "scrub_dbus_signals_and_property",
+              "scrub_resumes_after_sigkill"],
     "crash": ["daemon_restarted", "sigkill_fio_verify_ok", "sigkill_images_agree"],
     "dbus": ["busctl_shows_volume_objects", "unprivileged_reads_status", "unprivileged_change_refused",
              "external_lock_blocks_initiator_io", "lock_released_when_holder_leaves"],
@@ -36,7 +41,8 @@ ALL = [(s, c) for s, checks in SECTION_CHECKS.items() for c in checks]
 # lab/boot --systemd: the packaged unit with systemd as PID 1 (conftest's systemd_lab)
 SYSTEMD_CHECKS = ["systemd_is_pid1", "service_started_by_package", "service_serves_lun_under_hardening",
                   "service_restarted_after_sigkill", "service_stops_cleanly", "service_dbus_activated",
-                  "backup_timer_service", "backup_timer_failure_shown"]
+                  "backup_timer_service", "backup_timer_failure_shown",
+                  "scrub_timer_service", "scrub_timer_mismatch_shown"]
 
 # lab/powercut: the guest's power cut (SIGKILL of QEMU) at each moment, then the next boot on the
 # same disk recovers unattended and checks (conftest's powercut_lab). pc_cut_M: the host cut the

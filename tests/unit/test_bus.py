@@ -357,3 +357,81 @@ def test_attach_options_are_checked():
         resync_options({"full": 7})          # an integer is not a boolean (b)
     with pytest.raises(ValueError, match="ResyncWithOptions: unknown option 'force'"):
         resync_options({"force": True})
+
+
+def test_cli_scrub_reports_repairs_and_keeps_the_result(daemon):
+    """Issue 17 (scrub): `lvmirror scrub` finds the region one image changed behind the
+    volume's back (exit 1 with --wait, the images grouped by content), --repair rewrites it
+    from the majority, the result stays in status and in the volume's LastScrub property; bad
+    requests are refused with the reason."""
+    d, vol, address, _ = daemon
+    vol.write(0, [memoryview(b"\x11" * (1 << 20))])
+    vol.flush()
+    with open(vol.images[2].path, "r+b") as f:      # region 3 (64 KiB regions), block 2
+        f.seek(3 * (64 << 10) + 1024)
+        f.write(b"\xee" * 512)
+    r = cli(address, "scrub", "vol0", "--wait")
+    assert r.returncode == 1, r.stderr
+    assert ("region 3 (LBA 386-386): images read as 0+1 | 2; image(s) 0+1 hold the majority"
+            in r.stdout), r.stdout
+    assert "64 of 64 regions checked, 1 mismatch(es), 0 repaired, 1 left as found" in r.stdout
+    r = cli(address, "scrub", "vol0", "--repair", "--wait")
+    assert r.returncode == 0, r.stderr
+    assert "image(s) 2 rewritten from image 0" in r.stdout
+    assert open(vol.images[2].path, "rb").read() == open(vol.images[0].path, "rb").read()
+    r = cli(address, "status")
+    assert "scrub done (ended " in r.stdout and "1 mismatch(es), 1 repaired" in r.stdout
+    code = ("import dbus\n"
+            "obj = dbus.SystemBus().get_object('org.lvmirror1', '/org/lvmirror1/volume/vol0')\n"
+            "v = obj.Get('org.lvmirror1.Volume', 'LastScrub',"
+            " dbus_interface='org.freedesktop.DBus.Properties')\n"
+            "print(str(v[0]), *[float(x) for x in v[1:]])\n")
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=20)
+    assert out.returncode == 0, out.stderr
+    state, _, finished, *counts = out.stdout.split()
+    assert state == "done" and float(finished) > 0
+    assert [float(x) for x in counts] == [64, 1, 1, 0]
+    # refusals: usage errors before anything is asked, lvmirrord's reasons after
+    for args, msg in ((["scrub"], "name a VOLUME or give --all"),
+                      (["scrub", "vol0", "--source", "1"], "give --repair too"),
+                      (["scrub", "vol0", "--all"], "name a VOLUME or give --all"),
+                      (["scrub", "vol0", "--repair", "--source", "7"], "0 to 3, got 7")):
+        r = cli(address, *args)
+        assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+    r = cli(address, "scrub", "--cancel", "vol0")
+    assert r.returncode == 1 and "no scrub is running" in r.stderr
+    out = cli_call(address, "Scrub", "vol0", {"repare": True}, check=False)
+    assert "unknown option 'repare' (known: rate, repair, source)" in out
+    out = cli_call(address, "Scrub", "vol0", {"source": 1}, check=False)
+    assert "only used to repair" in out
+    vol.split(1)
+    r = cli(address, "scrub", "vol0", "--repair", "--source", "1")
+    assert r.returncode == 1 and "image 1 is split; only an in-sync image can be named right" \
+        in r.stderr, r.stderr
+    r = cli(address, "scrub", "--all", "--wait")      # 0 and 2 still compared
+    assert r.returncode == 0, r.stderr
+    assert "vol0: scrub done" in r.stdout and "0 mismatch(es)" in r.stdout
+
+
+def test_volume_object_scrub_and_cancel(daemon):
+    """org.lvmirror1.Volume.Scrub(a{sv}) returns the bytes to check; CancelScrub ends a running
+    scrub, which is kept as cancelled; Progress names the job "scrub"."""
+    d, vol, address, _ = daemon
+    code = ("import dbus, time, json\n"
+            "bus = dbus.SystemBus()\n"
+            "v = dbus.Interface(bus.get_object('org.lvmirror1', '/org/lvmirror1/volume/vol0'),"
+            " 'org.lvmirror1.Volume')\n"
+            "print(int(v.Scrub(dbus.Dictionary({'rate': 0.5}, signature='sv'))))\n"
+            "time.sleep(1.5)\n"
+            "v.CancelScrub()\n"
+            "mgr = dbus.Interface(bus.get_object('org.lvmirror1', '/org/lvmirror1'),"
+            " 'org.lvmirror1.Manager')\n"
+            "sc = json.loads(mgr.Status())['volumes']['vol0']['scrub']\n"
+            "print(sc['state'], sc['rate'], sc['regions_checked'] < sc['regions'])\n")
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(4 << 20), "cancelled", "0.5", "True"]

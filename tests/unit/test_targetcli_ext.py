@@ -72,6 +72,11 @@ class FakeManager:
                            options.signature))
         return '{"bytes_total": 16}'
 
+    def Scrub(self, volume, options):
+        self.calls.append(("Scrub", volume, {k: type(v).__name__ for k, v in options.items()},
+                           dict(options), options.signature))
+        return '{"bytes_total": 32}'
+
     def AttachImageWithOptions(self, volume, path, options):
         self.calls.append(("AttachImageWithOptions", volume, path, dict(options),
                            options.signature))
@@ -107,3 +112,19 @@ def test_flags_are_true_or_false_never_a_silent_false():
         == [True, True, True, False, False, False]
     with pytest.raises(ValueError, match="full must be true or false, got 'ture'"):
         targetcli_ext.flag("full", "ture")
+
+
+def test_scrub_passes_typed_options_and_source_only_with_repair():
+    """targetcli-lvmirror's `scrub repair=true source=1 rate=20`: Scrub(volume, a{sv}) with
+    repair as b, rate as d, source as u; a source without repair is refused before any call."""
+    pytest.importorskip("dbus")
+    mgr = FakeManager()
+    assert targetcli_ext.scrub_volume(mgr, "vol0")["bytes_total"] == 32
+    targetcli_ext.scrub_volume(mgr, "vol0", True, 1, 20)
+    with pytest.raises(ValueError, match="give repair=true too"):
+        targetcli_ext.scrub_volume(mgr, "vol0", False, 1)
+    assert mgr.calls == [
+        ("Scrub", "vol0", {"repair": "Boolean", "rate": "Double"},
+         {"repair": False, "rate": 0.0}, "sv"),
+        ("Scrub", "vol0", {"repair": "Boolean", "rate": "Double", "source": "UInt32"},
+         {"repair": True, "rate": 20.0, "source": 1}, "sv")]
