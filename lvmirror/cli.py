@@ -12,6 +12,7 @@
     lvmirror scrub VOLUME [--repair [--source IMAGE]] [--rate MB/s] [--wait]   # compare images
     lvmirror scrub --all [same options]     # every open volume (lvmirror-scrub.service)
     lvmirror scrub --cancel VOLUME
+    lvmirror metrics                        # Prometheus text (what lvmirrord writes for node_exporter)
     lvmirror wait VOLUME [--timeout S]      # until no job (resync, restore, attach, crash recovery) runs
     lvmirror backup VOLUME IMAGE DEST [--format raw|qcow2]   # copy a split image
     lvmirror backup-cycle [--config FILE] [VOLUME:IMAGE ...] [--dest DIR] [--format F]
@@ -437,6 +438,8 @@ def main(argv=None):
                    help="return when it ended, with the mismatches found (exit 1 if any is "
                         "left as found)")
     s.add_argument("--cancel", action="store_true", help="stop the running scrub")
+    sub.add_parser("metrics", help="lvmirrord's metrics in Prometheus text format (the file it "
+                   "writes for the node exporter's textfile collector)")
     s = sub.add_parser("wait")
     s.add_argument("volume")
     s.add_argument("--timeout", type=float)
@@ -458,6 +461,10 @@ def main(argv=None):
                 print(f"lvmirror: {exc}", file=sys.stderr)
                 return EXIT_USAGE
         mgr = _manager()
+        if args.cmd == "metrics":
+            from lvmirror.daemon.metrics import render
+            sys.stdout.write(render(json.loads(mgr.Status())))
+            return 0
         if args.cmd == "status":
             st = json.loads(mgr.Status())
             print(json.dumps(st, indent=2) if args.json else format_status(st))

@@ -201,6 +201,18 @@ def install():
             spec, st, vol = self._volume_status()
             self.shell.con.display(format_status({"volumes": {spec.name: vol}, "luns": []}))
 
+        def ui_command_metrics(self):
+            """Show this volume's metrics as lvmirrord writes them for Prometheus' node
+            exporter (health, image states, split age, job and scrub progress, I/O counters,
+            this LUN's command latency histogram)."""
+            from lvmirror.daemon.metrics import render
+            spec, st, vol = self._volume_status()
+            luns = [lun for lun in st["luns"] if lun.get("volume") == spec.name
+                    or lun.get("name") == self.rtsnode.name]
+            for line in render({"volumes": {spec.name: vol}, "luns": luns,
+                                "version": st.get("version", "")}).splitlines():
+                self.shell.con.display(line)
+
         def ui_command_images(self):
             """List the images of the volume, one line each: index, state, path."""
             _, _, vol = self._volume_status()

@@ -54,8 +54,10 @@ wait_bus_name() {  # wait_bus_name NAME PID: until NAME has an owner on the syst
   return 1
 }
 
-start_daemon() {
-  lvmirrord --state-dir $STATE --log-level ${LOGLEVEL:-info} >> "$OUT/lvmirrord.log" 2>&1 &
+start_daemon() {  # the metrics go where the metrics section's node exporter reads them, every 2 s
+  mkdir -p /run/textfile
+  lvmirrord --state-dir $STATE --log-level ${LOGLEVEL:-info} --metrics-file /run/textfile/lvmirror.prom \
+    --metrics-interval 2 >> "$OUT/lvmirrord.log" 2>&1 &
   DAEMON=$!
   wait_bus_name org.lvmirror1 $DAEMON
 }

@@ -134,6 +134,19 @@ systemd() {  # the packaged lvmirrord.service with systemd as PID 1: installed a
     || result scrub_timer_mismatch_shown fail rc=$src state="$(systemctl is-failed lvmirror-scrub.service)" \
               journal="$(journal -u lvmirror-scrub.service | tail -3)"
   journalctl --no-pager -o short-monotonic -u lvmirror-scrub.service > "$OUT/scrub-journal.log" 2>&1
+  # 8. the packaged unit writes its metrics where Debian's node exporter reads them, and the
+  #    node exporter (its own unit, on 127.0.0.1 here) serves them
+  local mtext
+  systemctl is-active -q prometheus-node-exporter || systemctl start prometheus-node-exporter
+  sleep 6
+  mtext=$(python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9100/metrics', timeout=20).read().decode())" 2>&1)
+  echo "$mtext" > "$OUT/node-exporter-metrics.txt"
+  [ -f /var/lib/prometheus/node-exporter/lvmirror.prom ] \
+    && echo "$mtext" | grep -q '^lvmirror_volume_health{state="optimal",volume="svc"} 1$' \
+    && echo "$mtext" | grep -q '^node_textfile_scrape_error 0$' \
+    && result metrics_unit_served_by_node_exporter ok \
+    || result metrics_unit_served_by_node_exporter fail file="$(ls -l /var/lib/prometheus/node-exporter/ 2>&1 | tail -2)" \
+              ne="$(systemctl is-active prometheus-node-exporter)" got="$(echo "$mtext" | grep -E 'lvmirror_up|textfile' | head -3)"
   journalctl --no-pager -o short-monotonic -u 'lvmirror-backup@*' > "$OUT/backup-journal.log" 2>&1
   journalctl --no-pager -o short-monotonic -u lvmirrord.service > "$OUT/lvmirrord-journal.log" 2>&1
   journal -u dbus.service > "$OUT/dbus-journal.log"

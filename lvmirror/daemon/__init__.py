@@ -13,12 +13,15 @@ lvmirrord serves every ``user:lvmirror`` backstore on the host:
   to the LUN's own worker pool (a slow image or a long resync never stalls another LUN),
   collects completions and tells the kernel once per batch;
 * the D-Bus service (targetcli compatibility, lvmirror's own API) runs in its own thread; the
-  data path never waits on it.
+  data path never waits on it;
+* a metrics thread writes the status as Prometheus text for the node exporter every few seconds.
 
 Modules: ``lunserver`` (one LUN's ring and worker pool), ``registry`` (the open volumes),
 ``host`` (one process's LUNs and volumes, and the management calls on them), ``volumeproc``
 (a process per volume), ``manager`` (the daemon object: netlink, D-Bus, routing to the
-hosts), ``main`` (the command line).
+hosts), ``splitgroup`` (consistency groups), ``hooks`` (split hooks), ``iostats`` (command
+latency histograms), ``metrics`` (Prometheus text, the textfile writer), ``main`` (the command
+line).
 """
 
 from lvmirror.daemon.lunserver import SUBTYPE, LunBackend, LunServer, NotReadyBackend

@@ -150,7 +150,8 @@ class VolumeHost:
         error), jobs (resync, restore, scrub, backup progress, crash recovery's copy), the running or
         last scrub (``ScrubRecord.summary``: counts and the mismatching regions), exported split images, health
         (optimal, degraded, offline) and I/O counters; per LUN its uio device, cfgstring,
-        error and commands served."""
+        error, commands served, its volume and its command latency histogram
+        (``iostats.LatencyHistogram.snapshot``)."""
         volumes = {}
         for name in self.registry.names():
             volume = self.registry.get(name)
@@ -178,7 +179,9 @@ class VolumeHost:
                                              "offline_events")},
             }
         luns = [{"name": lun.name, "uio": lun.device.uio_name, "cfgstring": lun.device.cfgstring,
-                 "error": lun.error, "commands": lun.commands}
+                 "error": lun.error, "commands": lun.commands,
+                 "volume": lun.volume.name if lun.volume is not None else None,
+                 "latency": lun.latency.snapshot()}
                 for lun in list(self.luns.values())]
         return {"volumes": volumes, "luns": luns}
 

@@ -24,6 +24,7 @@ from lvmirror import cfgstring
 from lvmirror.errors import ConfigError, LvmirrorError, StateError, WouldBlock
 from lvmirror.mirror.legs import Worker
 from lvmirror.scsi import LogicalUnit, Response
+from lvmirror.daemon.iostats import LatencyHistogram
 from lvmirror.scsi.lu import READ_OPCODES, WRITE_OPCODES
 from lvmirror.scsi import constants as scsi
 from lvmirror.scsi.sense import build_sense
@@ -130,6 +131,7 @@ class LunServer:
         self.error = None            # why the LUN answers NOT READY, for status displays
         self.lu = None
         self.commands = 0
+        self.latency = LatencyHistogram()      # fetch to completion, by kind (iostats.py)
         self.gone = False            # the kernel removed the uio device under the ring
         self._completions: queue.SimpleQueue = queue.SimpleQueue()
         self._aborted: set[int] = set()
@@ -400,6 +402,7 @@ class LunServer:
         """Complete ``command`` on the ring with ``response`` (ring thread only; the caller
         notifies the kernel), or keep it while completions are held (``hold``)."""
         read_len = response.read_len if 0 < response.read_len < command.data_len else None
+        self.latency.observe(command.cdb, time.monotonic() - command.fetched)
         if not command.release():
             # a leg failed as slow still writes from these views: the command completes (the
             # leg is failed, its range marked for resync) and the views are let go once the

@@ -11,6 +11,7 @@ import sys
 from lvmirror import __version__
 from lvmirror.errors import LvmirrorError
 from lvmirror.daemon.hooks import DEFAULT_HOOKS_DIR
+from lvmirror.daemon.metrics import DEFAULT_METRICS_FILE
 from lvmirror.daemon.manager import DEFAULT_STATE_DIR, Lvmirrord
 from lvmirror.daemon import __doc__ as _doc
 
@@ -53,14 +54,23 @@ def main(argv=None):
     parser.add_argument("--hooks-dir", default=DEFAULT_HOOKS_DIR,
                         help="split hooks: executables run before and after every split "
                              "(default %(default)s; see lvmirrord(8))")
+    parser.add_argument("--metrics-file", default=DEFAULT_METRICS_FILE,
+                        help="Prometheus metrics for the node exporter's textfile collector, "
+                             "written while its directory exists (default %(default)s; '' "
+                             "turns them off)")
+    parser.add_argument("--metrics-interval", type=float, default=5.0,
+                        help="seconds between two writes of the metrics (default %(default)s)")
     parser.add_argument("--version", action="version", version=f"lvmirrord {__version__}")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if not 0 < args.metrics_interval < float("inf"):
+        parser.error("--metrics-interval must be a number of seconds > 0")
     daemon = Lvmirrord(state_dir=args.state_dir, workers=args.workers, with_bus=not args.no_dbus,
                        processes=args.processes, log_level=args.log_level,
-                       hooks_dir=args.hooks_dir)
+                       hooks_dir=args.hooks_dir, metrics_file=args.metrics_file or None,
+                       metrics_interval=args.metrics_interval)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     try:

@@ -14,7 +14,7 @@ from lvmirror.errors import ConfigError, LvmirrorError, StateError
 from lvmirror.tcmu import uio
 from lvmirror.daemon.host import BackupProgress, VolumeHost
 from lvmirror.daemon.lunserver import SUBTYPE
-from lvmirror.daemon import hooks, splitgroup
+from lvmirror.daemon import hooks, metrics, splitgroup
 
 log = logging.getLogger("lvmirrord")
 
@@ -35,11 +35,14 @@ class Lvmirrord:
 
     def __init__(self, *, state_dir=DEFAULT_STATE_DIR, workers=4, sysfs_root="/sys",
                  configfs_root="/sys/kernel/config", with_bus=True, processes=False,
-                 inline_reads=True, log_level="info", hooks_dir=hooks.DEFAULT_HOOKS_DIR):
+                 inline_reads=True, log_level="info", hooks_dir=hooks.DEFAULT_HOOKS_DIR,
+                 metrics_file=None, metrics_interval=5.0):
         """``state_dir``: volume metadata; ``workers``: threads per LUN; ``processes``: a
         process per volume; ``inline_reads``: cached READs answered by the ring thread;
         ``log_level``: the volume processes' logging level; ``hooks_dir``: the split hooks
-        (``hooks.SplitHooks``)."""
+        (``hooks.SplitHooks``); ``metrics_file``: where the Prometheus metrics are written
+        every ``metrics_interval`` seconds (``metrics.MetricsWriter``; None: not written).
+        ValueError: a ``metrics_interval`` that is not > 0."""
         self.hooks = hooks.SplitHooks(hooks_dir)
         self.state_dir = state_dir
         self.workers = workers
@@ -60,6 +63,8 @@ class Lvmirrord:
         self._netlink = None
         self._bus = None
         self._zygote = None             # forks the volume processes (start())
+        self._metrics = (metrics.MetricsWriter(self.status, metrics_file, metrics_interval)
+                         if metrics_file else None)
 
     @property
     def registry(self):
@@ -440,6 +445,8 @@ class Lvmirrord:
                 except Exception as exc:   # no system bus, a name held by a policy...
                     raise StateError(f"the D-Bus service cannot start: {exc} (lvmirrord "
                                      f"--no-dbus serves the LUNs without it)") from exc
+        if self._metrics is not None:
+            self._metrics.start()
 
     def stop(self):
         """Stop the D-Bus service and the netlink listener, then every LUN (each drains and
@@ -469,6 +476,8 @@ class Lvmirrord:
                           exc_info=not isinstance(exc, (LvmirrorError, OSError)))
         if self._zygote is not None:
             self._zygote.close()
+        if self._metrics is not None:
+            self._metrics.stop()
 
     def run(self):
         """start(), tell systemd READY=1, serve until request_stop(), then stop(). What start()

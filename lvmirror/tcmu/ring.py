@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 
 from lvmirror.tcmu import abi
 
@@ -47,15 +48,16 @@ class RingError(Exception):
 class Command:
     """A fetched SCSI command: copies of its CDB and iovecs, views onto its data buffers."""
 
-    __slots__ = ("cmd_id", "cdb", "iovecs", "iov_views", "bidi_views", "data_len")
+    __slots__ = ("cmd_id", "cdb", "iovecs", "iov_views", "bidi_views", "data_len", "fetched")
 
-    def __init__(self, cmd_id, cdb, iovecs, iov_views, bidi_views):
+    def __init__(self, cmd_id, cdb, iovecs, iov_views, bidi_views, fetched=0.0):
         self.cmd_id = cmd_id
         self.cdb = cdb
         self.iovecs = iovecs              # [(offset in map, length)], Data-Out or Data-In
         self.iov_views = iov_views        # memoryviews onto those bytes of the map
         self.bidi_views = bidi_views      # Data-In views of a bidirectional command
         self.data_len = sum(ln for _, ln in iovecs)
+        self.fetched = fetched            # time.monotonic() of the fetch that found it
 
     def release(self) -> bool:
         """Drop the views onto the map (after completion). Returns False while a view is still
@@ -145,6 +147,7 @@ class CommandRing:
     def fetch(self) -> Batch:
         """Walk from the fetch cursor to ``cmd_head``; return the new commands and aborts."""
         batch = Batch()
+        now = time.monotonic()
         with self._lock:
             head = self.head
             if head >= self.cmdr_size or head % 8:
@@ -177,7 +180,7 @@ class CommandRing:
                 elif op == abi.OP_CMD:
                     self._outstanding += 1
                     cmd_id = hdr.cmd_id.get(mv, ent)
-                    cmd = self._parse_cmd(pos, length, cmd_id)
+                    cmd = self._parse_cmd(pos, length, cmd_id, now)
                     if cmd is None:
                         self.stats["malformed"] += 1
                         self._fetch = (pos + length) % self.cmdr_size
@@ -209,7 +212,8 @@ class CommandRing:
                for k in range(cnt)]
         return (t.tmr_type.get(mv, ent), ids)
 
-    def _parse_cmd(self, pos: int, length: int, cmd_id: int) -> Command | None:
+    def _parse_cmd(self, pos: int, length: int, cmd_id: int,
+                   fetched: float = 0.0) -> Command | None:
         mv, e = self._mv, abi.ENTRY
         ent = self.cmdr_off + pos
         if length < e.size:
@@ -249,7 +253,7 @@ class CommandRing:
                 return None
         views = [mv[b:b + ln] for b, ln in iovecs[:iov_cnt] if ln]
         bidi = [mv[b:b + ln] for b, ln in iovecs[iov_cnt:] if ln]
-        return Command(cmd_id, cdb, iovecs[:iov_cnt], views, bidi)
+        return Command(cmd_id, cdb, iovecs[:iov_cnt], views, bidi, fetched)
 
     # -- completing --------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ SECTION_CHECKS = {
               "scrub_images_identical_after_repair", "scrub_two_images_names_both_candidates",
               "scrub_two_images_repair_from_source", "scrub_dbus_signals_and_property",
               "scrub_resumes_after_sigkill"],
+    "metrics": ["metrics_node_exporter_serves_lvmirror", "metrics_failed_image_shown",
+                "metrics_recovery_shown", "metrics_cli_prints_them"],
     "crash": ["daemon_restarted", "sigkill_fio_verify_ok", "sigkill_images_agree"],
     "dbus": ["busctl_shows_volume_objects", "unprivileged_reads_status", "unprivileged_change_refused",
              "external_lock_blocks_initiator_io", "lock_released_when_holder_leaves"],
@@ -42,7 +44,8 @@ ALL = [(s, c) for s, checks in SECTION_CHECKS.items() for c in checks]
 SYSTEMD_CHECKS = ["systemd_is_pid1", "service_started_by_package", "service_serves_lun_under_hardening",
                   "service_restarted_after_sigkill", "service_stops_cleanly", "service_dbus_activated",
                   "backup_timer_service", "backup_timer_failure_shown",
-                  "scrub_timer_service", "scrub_timer_mismatch_shown"]
+                  "scrub_timer_service", "scrub_timer_mismatch_shown",
+                  "metrics_unit_served_by_node_exporter"]
 
 # lab/powercut: the guest's power cut (SIGKILL of QEMU) at each moment, then the next boot on the
 # same disk recovers unattended and checks (conftest's powercut_lab). pc_cut_M: the host cut the

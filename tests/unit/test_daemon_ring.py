@@ -429,6 +429,30 @@ def test_a_volume_that_cannot_be_opened_for_an_unforeseen_reason_answers_not_rea
     assert "state no version writes" in caplog.text
 
 
+def test_every_completed_command_is_in_the_latency_histogram(lab, tmp_path):
+    """Issue 17 (monitoring): the ring thread counts each command it completes, whether it ran
+    it itself (a cached READ, a lone WRITE) or a worker did, by kind, fetch to completion."""
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    before = lun.latency.snapshot()
+    data = os.urandom(8 * BS)
+    writes = [emu.submit(cdb10(0x2A, 8 * k, 8), data_out=data) for k in range(20)]
+    assert all(c.status == 0 for c in emu.wait(writes).values())
+    reads = [emu.submit(cdb10(0x28, 8 * k, 8), data_in_len=8 * BS) for k in range(12)]
+    assert all(c.status == 0 for c in emu.wait(reads).values())
+    tur = emu.submit(bytes(6))
+    emu.wait([tur])
+    snap = lun.latency.snapshot()
+    assert snap["write"]["count"] - before["write"]["count"] == 20
+    assert snap["read"]["count"] - before["read"]["count"] == 12
+    assert snap["other"]["count"] - before["other"]["count"] == 1
+    w = snap["write"]
+    assert w["le"] == sorted(w["le"]) and w["le"][-1] <= w["count"]
+    assert 0 < w["sum"] < 20 * 30 and snap["read"]["sum"] > 0
+
+
 def _xcopy_param(src_naa, dst_naa, nblocks, src_lba, dst_lba):
     def cscd(naa):
         return bytes([0xE4, 0, 0, 0, 0x01, 0x03, 0, 16]) + naa + bytes(4) + \
