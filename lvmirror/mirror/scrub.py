@@ -359,7 +359,7 @@ class ScrubJob(_Job):
         vol._barrier.commit(imgs, persist, what="scrub checkpoint")
 
     def _check_region(self, r, bufs):
-        vol, rec = self.vol, self.rec
+        vol = self.vol
         rs = vol.region_size
         off = r * rs
         ln = min(rs, vol.size - off)

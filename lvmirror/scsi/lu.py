@@ -691,7 +691,7 @@ class LogicalUnit:
         return GOOD_RESPONSE
 
     def _receive_copy_results(self, cdb, data_out, data_in):
-        """RECEIVE COPY RESULTS (SPC-4 6.18): OPERATING PARAMETERS, COPY STATUS."""
+        """RECEIVE COPY RESULTS (SPC-4 6.18): OPERATING PARAMETERS (COPY STATUS: xcopy.py)."""
         return self._respond(data_in, self.copier.receive_copy_results(cdb), _be(cdb, 10, 4))
 
     def _pre_fetch(self, cdb, data_out, data_in):
@@ -910,9 +910,6 @@ class LogicalUnit:
             (0x9E, 0x12) + (0xFF,) * 12 + (0, 0x07), sa=c.SAI_GET_LBA_STATUS)
         add(c.EXTENDED_COPY, "EXTENDED COPY(LID1)", self._extended_copy,
             (0x83, 0x00) + (0,) * 8 + (0xFF,) * 4 + (0, 0x07), sa=0x00)
-        add(c.RECEIVE_COPY_RESULTS, "RECEIVE COPY RESULTS(COPY STATUS)",
-            self._receive_copy_results, (0x84, 0x00, 0xFF) + (0,) * 7 + (0xFF,) * 4 + (0, 0x07),
-            sa=0x00)
         add(c.RECEIVE_COPY_RESULTS, "RECEIVE COPY RESULTS(OPERATING PARAMETERS)",
             self._receive_copy_results, (0x84, 0x03, 0xFF) + (0,) * 7 + (0xFF,) * 4 + (0, 0x07),
             sa=0x03)

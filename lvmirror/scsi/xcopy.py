@@ -26,17 +26,14 @@ tested against), with the checks in its order:
   whose I/O fails: COPY ABORTED (COPY TARGET DEVICE NOT REACHABLE, as LIO answers every
   failed segment), nothing after it copied.
 
-RECEIVE COPY RESULTS answers OPERATING PARAMETERS (the limits above) and COPY STATUS for a
-list identifier whose EXTENDED COPY said to hold its results (LIST ID USAGE 00b or 01b): the
-last HELD_RESULTS of them per LUN. TCMU does not tell a handler which I_T nexus sent a
-command, so list identifiers are per LUN, not per initiator as SPC-4 has them. Copies run to
-the end before the command completes, so a held status always says "completed".
+RECEIVE COPY RESULTS answers OPERATING PARAMETERS (the limits above), as LIO does. COPY
+STATUS is not offered: SPC-4 holds a copy's status per I_T nexus and list identifier, and
+TCMU does not tell a handler which I_T nexus sent a command, so a held status could be read by
+another initiator that reused the list identifier - worse than none. A copy runs to its end
+before EXTENDED COPY completes, so its status is the command's own.
 """
 
 from __future__ import annotations
-
-import collections
-import threading
 
 from lvmirror.scsi import constants as c
 
@@ -47,14 +44,12 @@ MAX_CSCD = 2                  # CSCD descriptors per list (LIO: 2)
 MAX_SEGMENTS = 8              # segment descriptors per list
 MAX_LIST_LENGTH = 1024        # bytes of CSCD + segment descriptors (LIO: 1024)
 MAX_SEGMENT_BYTES = 32 << 20  # what one segment may copy (its block count is 16 bits anyway)
-HELD_RESULTS = 64             # COPY STATUS results kept per LUN
 SEGMENT_B2B = 0x02            # block device to block device segment descriptor
 CSCD_IDENTIFICATION = 0xE4    # identification descriptor CSCD descriptor
 CHUNK_BYTES = 1 << 20         # a segment is copied in reads and writes of at most this
 
 
-# RECEIVE COPY RESULTS service actions (SPC-4 6.18)
-RCR_COPY_STATUS = 0x00
+# RECEIVE COPY RESULTS service action (SPC-4 6.18)
 RCR_OPERATING_PARAMETERS = 0x03
 
 
@@ -88,10 +83,7 @@ class CopyManager:
     def __init__(self, lu, resolve=None):
         self.lu = lu
         self.resolve = resolve
-        self._held: collections.OrderedDict[int, tuple[int, int, int]] = \
-            collections.OrderedDict()
-        self._held_lock = threading.Lock()
-        self.copied_bytes = 0
+        self.copied_bytes = 0         # bytes copied by EXTENDED COPY since the LUN opened
 
     # -- EXTENDED COPY -------------------------------------------------------------------------
 
@@ -103,7 +95,6 @@ class CopyManager:
             return                                    # SPC-4: a zero-length list is no error
         if len(param) < 16:
             raise _param(c.ASC_PARAMETER_LIST_LENGTH_ERROR)
-        list_id, flags = param[0], param[1]
         tdll, sdll, inline = _be(param, 2, 2), _be(param, 8, 4), _be(param, 12, 4)
         if tdll + sdll > MAX_LIST_LENGTH:
             raise _param(c.ASC_PARAMETER_LIST_LENGTH_ERROR)
@@ -113,25 +104,16 @@ class CopyManager:
             raise _param(c.ASC_PARAMETER_LIST_LENGTH_ERROR)
         segments = self._segments(param, 16 + tdll, sdll)
         cscds = self._cscds(param, 16, tdll)
-        done = 0
-        moved = 0
-        try:
-            for src_i, dst_i, nblocks, src_lba, dst_lba in segments:
-                if src_i >= len(cscds) or dst_i >= len(cscds):
-                    raise _aborted()
-                src, dst = self._unit(cscds[src_i]), self._unit(cscds[dst_i])
-                if src is not self.lu and dst is not self.lu:
-                    raise _aborted()                  # LIO: this LUN is one of the two
-                if dst.read_only:
-                    raise CopyCheck(c.DATA_PROTECT, c.ASC_WRITE_PROTECTED)
-                self._copy(src.backend, src_lba, dst.backend, dst_lba, nblocks)
-                done += 1
-                moved += nblocks * src.backend.block_size
-        finally:
-            usage = (flags >> 3) & 0x03
-            if usage in (0, 1):                       # hold the results for COPY STATUS
-                self._hold(list_id, done, moved, ok=done == len(segments))
-            self.copied_bytes += moved
+        for src_i, dst_i, nblocks, src_lba, dst_lba in segments:
+            if src_i >= len(cscds) or dst_i >= len(cscds):
+                raise _aborted()
+            src, dst = self._unit(cscds[src_i]), self._unit(cscds[dst_i])
+            if src is not self.lu and dst is not self.lu:
+                raise _aborted()                      # LIO: this LUN is one of the two
+            if dst.read_only:
+                raise CopyCheck(c.DATA_PROTECT, c.ASC_WRITE_PROTECTED)
+            self._copy(src.backend, src_lba, dst.backend, dst_lba, nblocks)
+            self.copied_bytes += nblocks * src.backend.block_size
 
     def _segments(self, p, at, sdll):
         if sdll == 0:
@@ -187,33 +169,14 @@ class CopyManager:
         except Exception as e:   # an I/O error or a LUN gone NOT READY: the copy stops here
             raise _aborted() from e
 
-    def _hold(self, list_id, segments, moved, *, ok):
-        with self._held_lock:
-            self._held.pop(list_id, None)
-            self._held[list_id] = (0x01 if ok else 0x02, segments, moved)
-            while len(self._held) > HELD_RESULTS:
-                self._held.popitem(last=False)
-
     # -- RECEIVE COPY RESULTS ------------------------------------------------------------------
 
     def receive_copy_results(self, cdb) -> bytes:
         """The RECEIVE COPY RESULTS parameter data for ``cdb`` (the caller truncates it to the
-        ALLOCATION LENGTH). CopyCheck: another service action, or COPY STATUS of a list
-        identifier with no held result (INVALID FIELD IN CDB)."""
-        sa = cdb[1] & 0x1F
-        if sa == RCR_OPERATING_PARAMETERS:
+        ALLOCATION LENGTH): OPERATING PARAMETERS; CopyCheck (INVALID FIELD IN CDB) for any other
+        service action."""
+        if cdb[1] & 0x1F == RCR_OPERATING_PARAMETERS:
             return self.operating_parameters()
-        if sa == RCR_COPY_STATUS:
-            with self._held_lock:
-                held = self._held.get(cdb[2])
-            if held is None:
-                raise CopyCheck(c.ILLEGAL_REQUEST, c.ASC_INVALID_FIELD_IN_CDB, field=2,
-                                cdb_field=True)
-            status, segments, moved = held
-            # completed (01h) or completed with errors (02h), HDD 0; transfer count in KiB
-            units, count = (0x00, moved) if moved <= 0xFFFFFFFF else (0x01, moved >> 10)
-            return (8).to_bytes(4, "big") + bytes([status]) + segments.to_bytes(2, "big") + \
-                bytes([units]) + count.to_bytes(4, "big")
         raise CopyCheck(c.ILLEGAL_REQUEST, c.ASC_INVALID_FIELD_IN_CDB, field=1, cdb_field=True)
 
     def operating_parameters(self) -> bytes:
@@ -237,9 +200,9 @@ class CopyManager:
 
     def vpd_third_party_copy(self) -> bytes:
         """The body of VPD page 8Fh (Third-party Copy, SPC-4 7.8.17) with the Supported
-        Commands descriptor (0001h): EXTENDED COPY(LID1), RECEIVE COPY RESULTS COPY STATUS and
-        OPERATING PARAMETERS."""
-        cmds = bytes([0x83, 1, 0x00, 0x84, 2, RCR_COPY_STATUS, RCR_OPERATING_PARAMETERS])
+        Commands descriptor (0001h): EXTENDED COPY(LID1), RECEIVE COPY RESULTS OPERATING
+        PARAMETERS."""
+        cmds = bytes([0x83, 1, 0x00, 0x84, 1, RCR_OPERATING_PARAMETERS])
         body = bytes([len(cmds)]) + cmds
         body += bytes(-len(body) % 4)                      # descriptors end on 4 bytes
         return (0x0001).to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
