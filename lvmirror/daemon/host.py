@@ -147,8 +147,9 @@ class VolumeHost:
     def status(self) -> dict:
         """Everything ``lvmirror status`` shows, as a JSON-able dict: per open volume its size
         (bytes), block and region size, images (index, path, state, split time, changed bytes,
-        error), jobs (resync, restore, scrub, backup progress, crash recovery's copy), the running or
-        last scrub (``ScrubRecord.summary``: counts and the mismatching regions), exported split images, health
+        error), jobs (resync, restore, scrub, backup progress, crash recovery's copy), the
+        running or last scrub (``ScrubRecord.summary``: counts and the mismatching regions),
+        exported split images, health
         (optimal, degraded, offline) and I/O counters; per LUN its uio device, cfgstring,
         error, commands served, its volume and its command latency histogram
         (``iostats.LatencyHistogram.snapshot``)."""

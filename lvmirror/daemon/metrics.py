@@ -284,10 +284,13 @@ class MetricsWriter:
         return True
 
     def stop(self):
-        """End the thread and leave ``lvmirror_up 0`` in the file (if its directory exists)."""
+        """End the thread and leave ``lvmirror_up 0`` in the file (if its directory exists).
+        A writer never started (lvmirrord failed before it served) writes nothing: it never
+        said it was up."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        if self._thread is None:
+            return
+        self._thread.join(10)
         if os.path.isdir(os.path.dirname(self.path) or "."):
             try:
                 write_atomically(self.path, render_down())

@@ -194,7 +194,8 @@ def test_lvmirrord_without_a_system_bus_exits_with_one_clear_line(tmp_path):
             "    def stop(self): pass\n"
             "netlink.TcmuNetlink = Listener\n"
             "from lvmirror.daemon.main import main\n"
-            f"sys.exit(main(['--no-processes', '--state-dir', {str(tmp_path / 'state')!r}]))\n")
+            f"sys.exit(main(['--metrics-file', '', '--no-processes', '--state-dir',\n"
+            f"               {str(tmp_path / 'state')!r}]))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
     env.update(PYTHONPATH=ROOT, DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={tmp_path}/no-bus")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,

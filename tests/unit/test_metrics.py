@@ -121,6 +121,9 @@ def test_latency_histogram_buckets_are_cumulative_and_rendered_per_lun():
 
 def test_writer_is_atomic_off_without_its_directory_and_says_down_on_stop(tmp_path):
     status = {"version": "x", "volumes": {}, "luns": []}
+    never = tmp_path / "never.prom"
+    MetricsWriter(lambda: status, str(never), interval=0.05).stop()    # never started
+    assert not never.exists()
     missing = tmp_path / "no-such-dir" / "lvmirror.prom"
     w = MetricsWriter(lambda: status, str(missing), interval=0.05)
     assert w.write_once() is False and not missing.parent.exists()

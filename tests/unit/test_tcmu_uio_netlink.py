@@ -216,7 +216,8 @@ def test_lvmirrord_without_target_core_user_exits_with_the_message_not_a_traceba
             "    raise NetlinkError(errno.ENOENT, 'No such file or directory')\n"
             "GenericNetlinkSocket.bind = bind\n"
             "from lvmirror.daemon.main import main\n"
-            f"sys.exit(main(['--no-dbus', '--processes', '--state-dir', {str(tmp_path)!r}]))\n")
+            f"sys.exit(main(['--metrics-file', '', '--no-dbus', '--processes',\n"
+            f"               '--state-dir', {str(tmp_path)!r}]))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
     env["PYTHONPATH"] = root
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
