@@ -165,6 +165,9 @@ def _resync(plan, mgr, wait_jobs, name, image, log) -> bool:
     except dbus.DBusException as exc:
         log(f"FAILED: resync of {name} image {image}: {exc.get_dbus_message()}")
         return False
+    except ValueError as exc:       # the volume closed while its resync was waited for
+        log(f"FAILED: resync of {name} image {image}: {exc}")
+        return False
     if failed:
         log(f"FAILED: resync of {name} image {image}: {failed[0]['error']}")
         return False
@@ -195,9 +198,14 @@ def _check_members(plan, mgr, wait_jobs, log) -> bool:
             if im["state"] == "split":
                 if not _resync(plan, mgr, wait_jobs, name, image, log):
                     return False
-            elif wait_jobs(mgr, name):
-                log(f"FAILED: the resync of {name} image {image} failed")
-                return False
+            else:
+                try:
+                    failed = wait_jobs(mgr, name)
+                except ValueError as exc:
+                    failed = [{"error": str(exc)}]
+                if failed:
+                    log(f"FAILED: the resync of {name} image {image} failed")
+                    return False
             im = json.loads(mgr.Status())["volumes"][name]["images"][image]
         if im["state"] != "in-sync":
             log(f"FAILED: image {image} of {name} is {im['state']}; a cycle splits an in-sync "

@@ -235,10 +235,14 @@ def _running(st, volume):
 def wait_jobs(mgr, volume, timeout=None, out=sys.stderr):
     """Poll ``mgr.Status()`` every 0.5 s until no job runs on ``volume``; returns the volume's
     jobs in state ``failed`` (empty: none). Progress goes to ``out`` when it is a tty.
-    TimeoutError once ``timeout`` seconds passed (None: wait for ever)."""
+    TimeoutError once ``timeout`` seconds passed (None: wait for ever); ValueError when no
+    volume of that name is open (a mistyped name, or it closed while waited for)."""
     t0 = time.monotonic()
     while True:
         st = json.loads(mgr.Status())
+        if volume not in st["volumes"]:
+            raise ValueError(f"no volume {volume!r} is open (open volumes: "
+                             f"{', '.join(sorted(st['volumes'])) or 'none'})")
         running = _running(st, volume)
         if not running:
             failed = [j for j in st["volumes"].get(volume, {}).get("jobs", [])

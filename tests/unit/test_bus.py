@@ -133,6 +133,8 @@ def test_cli_status_split_resync(daemon, tmp_path):
     assert r.returncode == 2 and "an image index is 0 to 3, got 9" in r.stderr
     r = cli(address, "split", "nosuch", "1")
     assert r.returncode == 1 and "no volume 'nosuch'" in r.stderr
+    r = cli(address, "wait", "nosuch")               # was: exit 0, as if it had waited
+    assert r.returncode == 1 and "no volume 'nosuch' is open (open volumes: vol0)" in r.stderr
 
 
 def test_unprivileged_caller_reads_but_cannot_change(daemon):
