@@ -82,8 +82,12 @@ print('%s %d %s %s %s %s' % (sc['state'], sc['mismatches'], [x['region'] for x i
   sleep 6; lvmirror status > /dev/null 2>&1
   out="$(scrub_json sc3 state) $(scrub_json sc3 rate) $(scrub_json sc3 started) $(scrub_json sc3 next_region)"
   lvmirror scrub --cancel sc3 > /dev/null 2>&1
+  # the same scrub (its start time), with its rate, gone on past where it was when killed:
+  # still running, or done already (under TCG the restart takes as long as the rest of it);
+  # a record left behind by a scrub that did not resume would still say the old cursor
   set -- $m; local before_start=$1 before_next=$2; set -- $out
-  [ "$1 $2 $3" = "\"running\" 2.0 $before_start" ] && [ "$before_next" -ge 1 ] && [ "$4" -ge 1 ] \
+  { [ "$1" = '"running"' ] || [ "$1" = '"done"' ]; } && [ "$2 $3" = "2.0 $before_start" ] \
+    && [ "$before_next" -ge 1 ] && [ "$4" -gt "$before_next" ] \
     && result scrub_resumes_after_sigkill ok || result scrub_resumes_after_sigkill fail before="$m" after="$out"
   tcli <<TC
 /iscsi/$IQN/tpg1/luns delete lun20
