@@ -604,10 +604,7 @@ class LogicalUnit:
     def _vpd_pages(self):
         return {0x00: self._vpd_supported, 0x80: self._vpd_serial, 0x83: self._vpd_devid,
                 0xB0: self._vpd_block_limits, 0xB1: self._vpd_block_characteristics,
-                0xB2: self._vpd_provisioning, 0x8F: self._vpd_third_party_copy}
-
-    def _vpd_third_party_copy(self):
-        return self.copier.vpd_third_party_copy()
+                0xB2: self._vpd_provisioning}
 
     def _vpd_supported(self):
         return bytes(sorted(self._vpd_pages()))

@@ -26,8 +26,8 @@ tested against), with the checks in its order:
   whose I/O fails: COPY ABORTED (COPY TARGET DEVICE NOT REACHABLE, as LIO answers every
   failed segment), nothing after it copied.
 
-RECEIVE COPY RESULTS answers OPERATING PARAMETERS (the limits above), as LIO does. COPY
-STATUS is not offered: SPC-4 holds a copy's status per I_T nexus and list identifier, and
+RECEIVE COPY RESULTS answers OPERATING PARAMETERS (the limits above), and INQUIRY sets 3PC, as
+LIO does; like LIO there is no Third-party Copy VPD page (8Fh). COPY STATUS is not offered: SPC-4 holds a copy's status per I_T nexus and list identifier, and
 TCMU does not tell a handler which I_T nexus sent a command, so a held status could be read by
 another initiator that reused the list identifier - worse than none. A copy runs to its end
 before EXTENDED COPY completes, so its status is the command's own.
@@ -197,15 +197,6 @@ class CopyManager:
         b[43] = len(codes)
         data = bytes(b) + codes
         return (len(data) - 4).to_bytes(4, "big") + data[4:]
-
-    def vpd_third_party_copy(self) -> bytes:
-        """The body of VPD page 8Fh (Third-party Copy, SPC-4 7.8.17) with the Supported
-        Commands descriptor (0001h): EXTENDED COPY(LID1), RECEIVE COPY RESULTS OPERATING
-        PARAMETERS."""
-        cmds = bytes([0x83, 1, 0x00, 0x84, 1, RCR_OPERATING_PARAMETERS])
-        body = bytes([len(cmds)]) + cmds
-        body += bytes(-len(body) % 4)                      # descriptors end on 4 bytes
-        return (0x0001).to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
 
 
 def copy_blocks(src, src_lba: int, dst, dst_lba: int, nblocks: int,

@@ -158,10 +158,10 @@ SKIP_REASONS = {
                               "refused, as LIO's own backstores say",
     "WriteSame16.ZeroBlocks": "WSNZ=1: the Block Limits page says a zero block count is "
                               "refused, as LIO's own backstores say",
-    "ReceiveCopyResults.CopyStatus": "COPY STATUS is not offered: SPC-4 holds a copy's status "
-                                     "per I_T nexus, which TCMU does not tell a handler, so "
-                                     "another initiator could read it (the copy's status is "
-                                     "the EXTENDED COPY command's own)",
+    "ReceiveCopyResults.CopyStatus": "COPY STATUS is not offered (nor VPD 8Fh, as in LIO): "
+                                     "SPC-4 holds a copy's status per I_T nexus, which TCMU "
+                                     "does not tell a handler, so another initiator could "
+                                     "read it; the copy's status is EXTENDED COPY's own",
     "ExtendedCopy.Large": "runs only when OPERATING PARAMETERS lists segment descriptor type "
                           "0Ah; lvmirror's copy manager offers 02h (block to block) as LIO does",
 }
