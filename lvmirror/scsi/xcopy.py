@@ -27,10 +27,11 @@ tested against), with the checks in its order:
   failed segment), nothing after it copied.
 
 RECEIVE COPY RESULTS answers OPERATING PARAMETERS (the limits above), and INQUIRY sets 3PC, as
-LIO does; like LIO there is no Third-party Copy VPD page (8Fh). COPY STATUS is not offered: SPC-4 holds a copy's status per I_T nexus and list identifier, and
-TCMU does not tell a handler which I_T nexus sent a command, so a held status could be read by
-another initiator that reused the list identifier - worse than none. A copy runs to its end
-before EXTENDED COPY completes, so its status is the command's own.
+LIO does; like LIO there is no Third-party Copy VPD page (8Fh). COPY STATUS is not offered:
+SPC-4 holds a copy's status per I_T nexus and list identifier, and TCMU does not tell a
+handler which I_T nexus sent a command, so a held status could be read by another initiator
+that reused the list identifier - worse than none. A copy runs to its end before EXTENDED
+COPY completes, so its status is the command's own.
 """
 
 from __future__ import annotations
