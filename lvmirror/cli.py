@@ -228,8 +228,11 @@ def _scrub(args, mgr, dbus) -> int:
 
 
 def _running(st, volume):
+    """The volume's running jobs a ``--wait`` waits for: a scrub (hours at its rate, started
+    by someone else or the timer) is not one of them (``scrub --wait`` waits for it)."""
     v = st["volumes"].get(volume)
-    return [j for j in (v["jobs"] if v else []) if j["state"] == "running"]
+    return [j for j in (v["jobs"] if v else []) if j["state"] == "running"
+            and j["kind"] != "scrub"]
 
 
 def wait_jobs(mgr, volume, timeout=None, out=sys.stderr):

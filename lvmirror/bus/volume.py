@@ -78,7 +78,8 @@ def properties(vol: dict, name: str) -> dict:
         dbus.Double(j["rate"]), dbus.Double(j.get("elapsed") or 0.0),
         dbus.String(j["error"] or "")), signature="susttdds") for j in vol["jobs"]],
         signature="(susttdds)")
-    running = [j for j in vol["jobs"] if j["state"] == "running"]
+    # a scrub copies nothing: SyncProgress is about the images coming back in sync
+    running = [j for j in vol["jobs"] if j["state"] == "running" and j["kind"] != "scrub"]
     total = sum(j["bytes_total"] for j in running)
     progress = (sum(j["bytes_done"] for j in running) / total) if total else 1.0
     return {

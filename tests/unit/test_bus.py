@@ -438,3 +438,18 @@ def test_volume_object_scrub_and_cancel(daemon):
                        timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(4 << 20), "cancelled", "0.5", "True"]
+
+
+def test_resync_wait_does_not_wait_for_a_running_scrub(daemon):
+    """A fresh-clone trial: `resync --wait` (and the backup cycle) waited for an unrelated
+    scrub at 0.4 MB/s; it waits for its own kind of job only."""
+    d, vol, address, _ = daemon
+    vol.split(1)
+    vol.write(0, [memoryview(b"z" * 512)])
+    job = vol.scrubs.start(rate_limit=0.05)          # 4 MiB at 0.05 MB/s: 80 s
+    try:
+        r = cli(address, "resync", "vol0", "1", "--wait")
+        assert r.returncode == 0, r.stderr
+        assert vol.images[1].state.value == "in-sync" and job.is_alive()
+    finally:
+        vol.scrubs.cancel()
