@@ -36,10 +36,14 @@ COPY completes, so its status is the command's own.
 
 from __future__ import annotations
 
+import logging
+
 from lvmirror.scsi import constants as c
 
 __all__ = ["CopyManager", "CopyCheck", "MAX_CSCD", "MAX_SEGMENTS", "MAX_LIST_LENGTH",
            "SEGMENT_B2B", "CSCD_IDENTIFICATION"]
+
+log = logging.getLogger(__name__)
 
 MAX_CSCD = 2                  # CSCD descriptors per list (LIO: 2)
 MAX_SEGMENTS = 8              # segment descriptors per list
@@ -168,6 +172,8 @@ class CopyManager:
         try:
             copy_blocks(src, src_lba, dst, dst_lba, nblocks)
         except Exception as e:   # an I/O error or a LUN gone NOT READY: the copy stops here
+            log.warning("EXTENDED COPY of %d blocks (LBA %d to %d) aborted: %s: %s", nblocks,
+                        src_lba, dst_lba, type(e).__name__, e)
             raise _aborted() from e
 
     # -- RECEIVE COPY RESULTS ------------------------------------------------------------------
