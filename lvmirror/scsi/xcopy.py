@@ -1,7 +1,8 @@
 """The copy manager of a LUN: EXTENDED COPY (LID1) and RECEIVE COPY RESULTS (SPC-4 6.4, 6.18).
 
-VMware's VAAI "full copy" (clone, Storage vMotion within a datastore) and Windows' ODX-less
-copy offload send EXTENDED COPY: a parameter list of CSCD (copy source / copy destination)
+VMware's VAAI "full copy" (clone, Storage vMotion within a datastore) sends EXTENDED COPY(LID1)
+(Windows' ODX uses the token-based LID4 commands, POPULATE TOKEN / WRITE USING TOKEN, which
+are not offered): a parameter list of CSCD (copy source / copy destination)
 descriptors naming logical units, and segment descriptors saying "copy N blocks from LBA s of
 CSCD a to LBA d of CSCD b". The data never crosses the network: lvmirrord copies it itself,
 through the volumes' own read and write paths (region locks, write-intent log, every image).
@@ -26,6 +27,10 @@ tested against), with the checks in its order:
   whose I/O fails: COPY ABORTED (COPY TARGET DEVICE NOT REACHABLE, as LIO answers every
   failed segment), nothing after it copied.
 
+A segment may copy as many blocks as its 16-bit count allows (65,535: 256 MiB of 4096-byte
+blocks), in reads and writes of at most CHUNK_BYTES; the MAXIMUM SEGMENT LENGTH reported is
+that, so no segment is refused for its length.
+
 RECEIVE COPY RESULTS answers OPERATING PARAMETERS (the limits above), and INQUIRY sets 3PC, as
 LIO does; like LIO there is no Third-party Copy VPD page (8Fh). COPY STATUS is not offered:
 SPC-4 holds a copy's status per I_T nexus and list identifier, and TCMU does not tell a
@@ -48,7 +53,8 @@ log = logging.getLogger(__name__)
 MAX_CSCD = 2                  # CSCD descriptors per list (LIO: 2)
 MAX_SEGMENTS = 8              # segment descriptors per list
 MAX_LIST_LENGTH = 1024        # bytes of CSCD + segment descriptors (LIO: 1024)
-MAX_SEGMENT_BYTES = 32 << 20  # what one segment may copy (its block count is 16 bits anyway)
+MAX_SEGMENT_BLOCKS = 0xFFFF   # a block-to-block segment's 16-bit NUMBER OF BLOCKS: any segment
+                              # is accepted (copied CHUNK_BYTES at a time), whatever the block size
 SEGMENT_B2B = 0x02            # block device to block device segment descriptor
 CSCD_IDENTIFICATION = 0xE4    # identification descriptor CSCD descriptor
 CHUNK_BYTES = 1 << 20         # a segment is copied in reads and writes of at most this
@@ -163,7 +169,9 @@ class CopyManager:
 
     def _copy(self, src, src_lba, dst, dst_lba, nblocks):
         bs = src.block_size
-        if dst.block_size != bs or nblocks * bs > MAX_SEGMENT_BYTES:
+        if dst.block_size != bs:
+            log.warning("EXTENDED COPY between block sizes %d and %d refused", bs,
+                        dst.block_size)
             raise _aborted()
         if src_lba + nblocks > src.num_blocks or dst_lba + nblocks > dst.num_blocks:
             raise _aborted()
@@ -196,7 +204,7 @@ class CopyManager:
         b[8:10] = MAX_CSCD.to_bytes(2, "big")
         b[10:12] = MAX_SEGMENTS.to_bytes(2, "big")
         b[12:16] = MAX_LIST_LENGTH.to_bytes(4, "big")
-        b[16:20] = MAX_SEGMENT_BYTES.to_bytes(4, "big")
+        b[16:20] = (MAX_SEGMENT_BLOCKS * bs).to_bytes(4, "big")  # MAXIMUM SEGMENT LENGTH
         # 20..31: no inline data, no held data, no stream devices
         b[34:36] = (1).to_bytes(2, "big")                  # total concurrent copies
         b[36] = 1                                          # maximum concurrent copies

@@ -674,5 +674,20 @@ def test_receive_copy_results_operating_parameters(lu):
     assert struct.unpack(">H", d[8:10])[0] == 2 and struct.unpack(">H", d[10:12])[0] == 8
     assert struct.unpack(">I", d[12:16])[0] == 1024 and d[43] == 2 and d[44:46] == b"\x02\xe4"
     assert d[37] == d[38] == d[39] == 9
+    assert struct.unpack(">I", d[16:20])[0] == 0xFFFF * BS    # MAXIMUM SEGMENT LENGTH
     assert sense_of(_rcr(lu, 0x01)[0]) == (5, 0x24, 0)
     assert sense_of(run(lu, [0x12, 1, 0x8F, 0, 255, 0], in_len=255)[0]) == (5, 0x24, 0)
+
+
+def test_extended_copy_takes_any_segment_length_on_4096_byte_blocks():
+    """A segment of 9,000 4096-byte blocks (35 MiB, more than a 32 MiB cap this once had, which
+    answered COPY TARGET DEVICE NOT REACHABLE) is copied; the reported MAXIMUM SEGMENT LENGTH
+    is what the 16-bit block count can name (65,535 blocks)."""
+    lu4 = LogicalUnit(RamBackend(nblocks=20000, bs=4096),
+                      wwn="5f0c1b2a-7d3e-4f60-9a8b-0c1d2e3f4a5c")
+    pat = b"".join(k.to_bytes(4, "big") * 1024 for k in range(9000))
+    lu4.backend.data[0:len(pat)] = pat
+    assert _xcopy(lu4, [_cscd(_naa_of(lu4))], [_b2b(0, 0, 9000, 0, 10000)]).status == GOOD
+    assert lu4.backend.data[10000 * 4096:19000 * 4096] == pat
+    r, d = _rcr(lu4, 0x03)
+    assert struct.unpack(">I", d[16:20])[0] == 0xFFFF * 4096 and d[37] == 12
