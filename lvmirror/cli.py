@@ -11,7 +11,7 @@
     lvmirror cancel VOLUME IMAGE
     lvmirror scrub VOLUME [--repair [--source IMAGE]] [--rate MB/s] [--wait]   # compare images
     lvmirror scrub --all [same options]     # every open volume (lvmirror-scrub.service)
-    lvmirror scrub --cancel VOLUME
+    lvmirror scrub --cancel VOLUME|--all
     lvmirror metrics                        # Prometheus text (what lvmirrord writes for node_exporter)
     lvmirror wait VOLUME [--timeout S]      # until no job (resync, restore, attach, crash recovery) runs
     lvmirror backup VOLUME IMAGE DEST [--format raw|qcow2]   # copy a split image
@@ -118,6 +118,8 @@ def format_status(st: dict) -> str:
                 extra += f", error: {im['error']}"
             lines.append(f"  image {im['index']}: {im['state']:<8} {im['path']}{extra}")
         for job in v["jobs"]:
+            if job["kind"] == "scrub" and v.get("scrub"):
+                continue                     # the scrub line below says it, with its rate
             eta = job["eta_seconds"]
             what = job["kind"] if job["image_id"] is None else \
                 f"{job['kind']} of image id {job['image_id']}"
@@ -125,7 +127,11 @@ def format_status(st: dict) -> str:
                          f"{_human(job['bytes_done'])} / {_human(job['bytes_total'])}, "
                          f"{job['rate']:.1f} MB/s" + (f", ETA {eta:.0f} s" if eta else ""))
         if v.get("scrub"):
-            lines.append("  " + scrub_line(v["scrub"]))
+            job = next((j for j in v["jobs"] if j["kind"] == "scrub"
+                        and j["state"] == "running"), None)
+            lines.append("  " + scrub_line(v["scrub"]) + (
+                f", {job['rate']:.1f} MB/s" + (f", ETA {job['eta_seconds']:.0f} s"
+                                              if job["eta_seconds"] else "") if job else ""))
         io = v["io"]
         lines.append(f"  I/O: {io['reads']} reads, {io['writes']} writes, "
                      f"{io['read_errors'] + io['write_errors']} errors, {io['inflight']} in flight")
@@ -168,21 +174,29 @@ def mismatch_lines(sc: dict) -> list[str]:
 
 
 def _scrub(args, mgr, dbus) -> int:
+    """``lvmirror scrub``. ``--all --wait`` scrubs one volume after another, so the images'
+    disks are read at ``--rate`` in all (md defers a check of arrays that share disks the
+    same way); ``--all`` without ``--wait`` starts every volume's scrub at once."""
     st = json.loads(mgr.Status())
-    if args.all:
-        names = sorted(st["volumes"])
-        if not names:
-            print("no volumes open")
-            return 0
-    else:
-        names = [args.volume]
+    names = sorted(st["volumes"]) if args.all else [args.volume]
     if args.cancel:
-        mgr.CancelScrub(args.volume)
+        if args.all:     # every running scrub (the monthly one, say); nothing running is fine
+            names = [n for n in names if (st["volumes"][n].get("scrub") or {}).get("state")
+                     == "running"]
+        for name in names:
+            mgr.CancelScrub(name)
+            if not args.json:
+                print(f"{name}: scrub cancelled")
+        if args.json:
+            print(json.dumps({"cancelled": names}))
+        return 0
+    if not names:
+        print(json.dumps({}) if args.json else "no volumes open")
         return 0
     opts = {"repair": dbus.Boolean(args.repair), "rate": dbus.Double(args.rate)}
     if args.source is not None:
         opts["source"] = dbus.UInt32(args.source)
-    started, status = [], 0
+    results, status = {}, 0
     for name in names:
         try:
             res = json.loads(mgr.Scrub(name, dbus.Dictionary(opts, signature="sv")))
@@ -192,39 +206,46 @@ def _scrub(args, mgr, dbus) -> int:
             # md's checkarray skips what it cannot check; so does --all (a one-image or
             # degraded volume, one with a restore or a scrub of its own running)
             print(f"{name}: not scrubbed: {exc.get_dbus_message()}", file=sys.stderr)
+            results[name] = {"state": "not started", "error": exc.get_dbus_message()}
             continue
-        started.append(name)
         if not args.json:
             print(f"{name}: scrub started: {res['bytes_total']} bytes"
-                  + (" (repair)" if args.repair else " (check only)"))
-    if not args.wait:
-        return status
-    results = {}
-    for name in started:
-        while True:
-            v = json.loads(mgr.Status())["volumes"].get(name)
-            sc = v and v.get("scrub")
-            if sc is None:
-                print(f"{name}: the volume closed before its scrub ended", file=sys.stderr)
-                status = EXIT_ERROR
-                break
-            if sc["state"] != "running":
-                results[name] = sc
-                if sc["state"] != "done" or sc["unrepaired"]:
-                    status = EXIT_ERROR
-                break
-            if sys.stderr.isatty():
-                sys.stderr.write(f"\r{name}: scrub {sc['regions_checked'] / sc['regions']:6.1%}")
-                sys.stderr.flush()
-            time.sleep(0.5)
-    if args.json:
-        print(json.dumps(results))
-    else:
-        for name, sc in results.items():
+                  + (" (repair)" if args.repair else " (check only)"), flush=True)
+        if not args.wait:
+            results[name] = {"state": "running", "bytes_total": res["bytes_total"]}
+            continue
+        sc, failed = _wait_scrub(mgr, name)
+        if failed:
+            status = EXIT_ERROR
+        if sc is None:
+            continue
+        results[name] = sc
+        if not args.json:
             print(f"{name}: {scrub_line(sc)}")
             for line in mismatch_lines(sc):
                 print(f"  {line}")
+    if args.json:
+        print(json.dumps(results))
     return status
+
+
+def _wait_scrub(mgr, name):
+    """Poll the volume's scrub every 0.5 s until it ends: ``(record, failed)``, failed when it
+    did not end "done" or left a region different; record None when the volume closed."""
+    while True:
+        v = json.loads(mgr.Status())["volumes"].get(name)
+        sc = v and v.get("scrub")
+        if sc is None:
+            print(f"{name}: the volume closed before its scrub ended", file=sys.stderr)
+            return None, True
+        if sc["state"] != "running":
+            if sys.stderr.isatty():
+                sys.stderr.write("\r" + " " * 60 + "\r")
+            return sc, sc["state"] != "done" or bool(sc["unrepaired"])
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\r{name}: scrub {sc['regions_checked'] / sc['regions']:6.1%}")
+            sys.stderr.flush()
+        time.sleep(0.5)
 
 
 def _running(st, volume):
@@ -432,8 +453,8 @@ def main(argv=None):
     s = sub.add_parser("scrub", help="compare the in-sync images region by region; repair by "
                        "majority vote or from a named image")
     s.add_argument("volume", nargs="?")
-    s.add_argument("--all", action="store_true", help="every open volume (those that cannot be "
-                   "scrubbed are skipped with a message)")
+    s.add_argument("--all", action="store_true", help="every open volume, one after another with "
+                   "--wait (those that cannot be scrubbed are skipped with a message)")
     s.add_argument("--repair", action="store_true",
                    help="rewrite the odd image(s) of a region from the majority (3 or more "
                         "images), or from --source")
@@ -444,7 +465,8 @@ def main(argv=None):
     s.add_argument("--wait", action="store_true",
                    help="return when it ended, with the mismatches found (exit 1 if any is "
                         "left as found)")
-    s.add_argument("--cancel", action="store_true", help="stop the running scrub")
+    s.add_argument("--cancel", action="store_true",
+                   help="end the running scrub for good (with --all: every running scrub)")
     sub.add_parser("metrics", help="lvmirrord's metrics in Prometheus text format (the file it "
                    "writes for the node exporter's textfile collector)")
     s = sub.add_parser("wait")
@@ -453,11 +475,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.cmd == "scrub":
         if bool(args.volume) == bool(args.all):
-            p.error("scrub: name a VOLUME or give --all")
+            p.error("scrub: name a VOLUME or give --all, not both"
+                    if args.all else "scrub: name a VOLUME or give --all")
+        if args.cancel and (args.repair or args.wait or args.source is not None or args.rate):
+            p.error("scrub --cancel: give only the VOLUME (or --all); --repair, --source, "
+                    "--rate and --wait are for starting a scrub")
         if args.source is not None and not args.repair:
             p.error("scrub: --source says which image to repair from; give --repair too")
-        if args.cancel and (args.all or args.repair or args.wait):
-            p.error("scrub: --cancel takes a VOLUME alone")
+        if args.source is not None and args.all:
+            p.error("scrub: --source names an image of one volume; not with --all")
     try:
         import dbus
         plan = None

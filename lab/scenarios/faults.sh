@@ -7,7 +7,7 @@
 # showed the image failed, what lvmirrord's log, `lvmirror status` and D-Bus said, heal the
 # disk, resync and cmp the two images. Result lines: faults_<fault>_<what>. Faults, in order:
 # write_error (dm-flakey error_writes), read_error (dm-error on a range), dropped_writes
-# (dm-flakey drop_writes: figures only), removed (dmsetup remove --force), all_failed (both
+# (dm-flakey drop_writes: found by a scrub, figures), removed (dmsetup remove --force), all_failed (both
 # images dm-error: MEDIUM ERROR, then NOT READY; a dm-multipath map over the LUN; heal, back
 # online), enospc (the file systems under vs full), slow (dm-delay 8 s writes, 5 s initiator
 # timeout; last, as a failure there may leave LUN 0 unusable).
@@ -258,14 +258,25 @@ faults() {
   dm_linear fa
   f_heal read_error 0
 
-  # 3. dropped writes on image 1 (dm-flakey drop_writes), 16..24 MiB; heal; what is read back
-  # and how far the images differ (figures: no checksums, so lvmirror cannot see it); then the
-  # repair lvmirror guarantees: a plain resync refuses the image in sync, `resync --full`
+  # 3. dropped writes on image 1 (dm-flakey drop_writes), 16..24 MiB; the scrub finds the regions
+  # (no checksums: nothing sees it while it happens); heal; what is read back and how far the
+  # images differ (figures); then the repair lvmirror guarantees: a plain resync refuses the image in sync, `resync --full`
   # rebuilds it from image 0, after which every acknowledged write reads back
   f_begin dropped_writes
   dm_flakey fb drop_writes
   fio_verify_load fd $D 8M 16M --do_verify=0
   wait $FIO; local wrc=$?
+  # the scrub sees what the disk dropped although lvmirrord's page cache of fb still holds the
+  # writes (it reads the devices with O_DIRECT): regions of 16..24 MiB only, two candidates
+  local t0=$(now) src
+  lvmirror scrub $F_VOL --wait > "$OUT/faults-dropped_writes-scrub.txt" 2>&1; src=$?
+  local tsc=$(since $t0) sm=$(fst "[.volumes.$F_VOL.scrub.mismatches, ([.volumes.$F_VOL.scrub.report[] | select(.offset < 16777216 or .offset >= 25165824)] | length)] | map(tostring) | join(\" \")")
+  set -- $sm
+  [ "$src" = 1 ] && [ "${1:-0}" -ge 1 ] && [ "$2" = 0 ] \
+    && grep -q "no majority: candidates image 0, image 1" "$OUT/faults-dropped_writes-scrub.txt" \
+    && result faults_dropped_writes_found_by_scrub ok mismatching_regions=$1 scrub_seconds=$tsc \
+    || result faults_dropped_writes_found_by_scrub fail rc=$src mismatches_outside_elsewhere="$sm" \
+         out="$(tail -2 "$OUT/faults-dropped_writes-scrub.txt")"
   f_flushbufs   # the writes that never reached fb leave its cache (memory pressure, a restart)
   dm_linear fb
   f_flushbufs

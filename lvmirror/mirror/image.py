@@ -107,10 +107,13 @@ class StorageImage:
         self._nowait_ok = True      # preadv RWF_NOWAIT works here (cleared on EOPNOTSUPP)
         self.is_block_device = is_block_device
         self.stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
-                          discards=0, errors=0, bounced=0, cache_drops=0)
+                          discards=0, errors=0, bounced=0, cache_drops=0,
+                          verify_reads=0)
         self._stats_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._dsync_ok = hasattr(os, "RWF_DSYNC")
+        self._verify_fd: int | None = None   # O_DIRECT read-only descriptor (verify_readv)
+        self._verify_lbs = 0                 # its alignment (logical block size); 0: none
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -322,6 +325,64 @@ class StorageImage:
             raise self._ioerror("read", offset, total, e) from e
         self._count(reads=1, bytes_read=total)
 
+    def verify_readv(self, offset: int, buffer) -> bool:
+        """Read ``len(buffer)`` bytes at ``offset`` from the device itself, not from the page
+        cache, into ``buffer`` (one page-aligned buffer: ``aligned_buffer``), as md's
+        ``check`` and a disk's verify read do. A scrub that compared cached pages would vouch
+        for data the device no longer holds (a block that rotted, a write the disk dropped).
+
+        A buffered image opens a second, read-only O_DIRECT descriptor on the same inode
+        (``/proc/self/fd``) the first time; an O_DIRECT read writes back and waits for any
+        dirty cached pages of the range first (the kernel's ``kiocb_write_and_wait``), so it
+        also sees the last acknowledged writes. Returns True when the read bypassed the cache;
+        False when it could not (a file system without O_DIRECT, such as tmpfs, where the page
+        cache is the storage; a range not aligned to the device's logical block size) and the
+        bytes came from an ordinary read. ImageIOError (op "read") for an I/O error."""
+        view = _as_bytes_view(buffer)
+        total = len(view)
+        self._check_range("read", offset, total)
+        if self.direct:
+            self.readv(offset, [view])
+            return True
+        fd, lbs = self._verify_descriptor()
+        addr = _address(view)
+        if fd is None or offset % lbs or total % lbs or addr is None or addr % lbs:
+            self._readv(offset, [view], total)
+            return False
+        pos, bufs = offset, [view]
+        try:
+            while bufs:
+                n = os.preadv(fd, bufs, pos)
+                if n == 0:
+                    if self.is_block_device:
+                        raise OSError(_errno.EIO, "unexpected end of device")
+                    bufs[0][:] = bytes(len(bufs[0]))     # the file shrank: a hole
+                    break
+                pos += n
+                bufs = _advance(bufs, n)
+        except OSError as e:
+            raise self._ioerror("read", offset, total, e) from e
+        self._count(reads=1, bytes_read=total, verify_reads=1)
+        return True
+
+    def _verify_descriptor(self) -> tuple[int | None, int]:
+        with self._close_lock:
+            if self._verify_fd is None and self.fd >= 0:
+                try:
+                    self._verify_fd = os.open(f"/proc/self/fd/{self.fd}",
+                                              os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+                    st = os.fstat(self._verify_fd)
+                    if stat.S_ISBLK(st.st_mode):
+                        buf = bytearray(4)
+                        fcntl.ioctl(self._verify_fd, BLKSSZGET, buf)
+                        self._verify_lbs = struct.unpack("<i", buf)[0]
+                    else:
+                        self._verify_lbs = _backing_logical_block_size(st)
+                except OSError:       # EINVAL: no O_DIRECT on this file system
+                    self._verify_fd = -1
+            fd = self._verify_fd
+        return (fd, self._verify_lbs) if fd is not None and fd >= 0 else (None, 0)
+
     def writev(self, offset: int, buffers, *, fua: bool = False) -> None:
         """Write ``buffers`` at ``offset``; with ``fua`` the data is durable on return."""
         bufs = [b for b in map(_as_bytes_view, buffers) if len(b)]
@@ -500,8 +561,11 @@ class StorageImage:
         """Close the descriptor (idempotent). I/O after close raises ImageIOError(EBADF)."""
         with self._close_lock:
             fd, self.fd = self.fd, -1
+            vfd, self._verify_fd = self._verify_fd, None
         if fd >= 0:
             os.close(fd)
+        if vfd is not None and vfd >= 0:
+            os.close(vfd)
 
     @property
     def closed(self) -> bool:

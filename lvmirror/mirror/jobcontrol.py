@@ -22,6 +22,7 @@ from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.legs import MAX_IMAGES, ImageState, Leg, check_image_fits
 from lvmirror.mirror.metadata import VolumeMetadata
 from lvmirror.mirror.resync import RestoreJob, ResyncJob, check_rate
+from lvmirror.mirror.scrub import SCRUB_KEY
 
 __all__ = ["JobControl"]
 
@@ -210,6 +211,11 @@ class JobControl:
                 raise StateError(f"volume {vol.name}: split image {image_index} is not available")
             if not any(o.state is ImageState.IN_SYNC for o in vol._images):
                 raise StateError(f"volume {vol.name}: no in-sync image to restore to")
+            scrub = vol.jobs.get(SCRUB_KEY)
+            if scrub is not None and scrub.is_alive():
+                # every region is about to be rewritten on every image: comparing them is
+                # wasted reading, and a scrub refuses to start while a restore is unfinished
+                scrub.preempt(f"a restore from image {image_index} began")
             with vol._meta:
                 rb = img.bitmap.copy()
                 rb.save(VolumeMetadata.restore_path(vol._vdir, img.rec.id))

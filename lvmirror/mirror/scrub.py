@@ -9,7 +9,9 @@ scrub does what md does not:
   ``vol.locks`` (a write to the region waits for the few milliseconds the check takes; the LUN
   keeps serving every other region), inside the volume's current I/O epoch (a split waits for
   the check of the region in hand, as for any I/O begun before its T), and the copies are
-  compared;
+  compared. The copies are read from the devices, not the page cache
+  (``StorageImage.verify_readv``, O_DIRECT): a region whose cached pages are right while the
+  disk under them holds something else is a mismatch, as md's check finds it;
 * a region the images disagree on is reported with the images grouped by content; with three
   or more in-sync images a strict majority decides which content is right, and ``repair``
   writes it over the odd image(s) (a 2-2 tie on four images, or three images all different, has
@@ -269,6 +271,17 @@ class ScrubJob(_Job):
         self.bytes_done = min(rec.next_region * vol.region_size, vol.size)
         self._unsaved_repairs: list = []     # images rewritten since the last checkpoint
 
+    cancel_reason = None     # why it was cancelled when not by the operator (kept in the record)
+
+    def preempt(self, reason: str) -> None:
+        """End the scrub after the region in hand because ``reason`` (a restore began: md's
+        recovery interrupts a check the same way); recorded as cancelled with the reason.
+        Does not wait (the caller may hold the volume's management lock)."""
+        self.cancel_reason = reason
+        log.warning("volume %s: scrub cancelled at region %d of %d: %s", self.vol.name,
+                    self.rec.next_region, self.rec.regions, reason)
+        self.cancel()
+
     def set_rate_limit(self, mb_per_s):
         """As ``_Job.set_rate_limit``; the new rate is also saved with the scrub."""
         super().set_rate_limit(mb_per_s)
@@ -317,6 +330,8 @@ class ScrubJob(_Job):
                 self._end("cancelled", keep_running=True)
                 return
             rec.state = "cancelled" if rec.next_region < rec.regions else "done"
+            if rec.state == "cancelled" and self.cancel_reason:
+                rec.error = self.cancel_reason
             rec.finished = time.time()
             self._checkpoint()
             log.log(logging.WARNING if rec.unrepaired else logging.INFO,
@@ -382,7 +397,7 @@ class ScrubJob(_Job):
                         bufs[k] = StorageImage.aligned_buffer(rs)
                     view = memoryview(bufs[k])[:ln]
                     try:
-                        im.storage.readv(off, [view])
+                        im.storage.verify_readv(off, view)
                     except ImageIOError as e:
                         vol._image_error(im, e, off, ln, is_read=True)
                         continue

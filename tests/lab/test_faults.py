@@ -8,8 +8,9 @@ CRC-verified fio load through open-iscsi; the guest reports what the initiator s
 lvmirror took to fail the image, what its log, ``lvmirror status`` and D-Bus said, and whether
 the images were identical after healing and resync.
 
-Silently dropped writes cannot be detected by a mirror without checksums or a scrub: that case
-reports figures only (``test_dropped_writes_figures``)."""
+Silently dropped writes are not seen as they happen by a mirror without checksums: a scrub
+finds the regions afterwards, reading the devices past lvmirrord's page cache (which still holds
+the writes), and the rest of that case reports figures (``test_dropped_writes_figures``)."""
 
 import os
 
@@ -28,7 +29,8 @@ FAULT_CHECKS = (
     ["faults_setup"]
     + [f"faults_write_error_{c}" for c in _PER_IMAGE]      # dm-flakey error_writes on image 1
     + [f"faults_read_error_{c}" for c in _PER_IMAGE]       # dm-error on 4 MiB of image 0, reads
-    + ["faults_dropped_writes_repaired"]                   # dm-flakey drop_writes, resync --full
+    + ["faults_dropped_writes_found_by_scrub",             # dm-flakey drop_writes: scrub,
+       "faults_dropped_writes_repaired"]                   # then resync --full
     + [f"faults_removed_{c}" for c in _PER_IMAGE]          # dmsetup remove --force of image 1
     + ["faults_all_failed_write_refused", "faults_all_failed_offline",   # both images dm-error
        "faults_all_failed_tur_not_ready", "faults_all_failed_journal", "faults_all_failed_dbus",
@@ -83,7 +85,8 @@ def test_multipath(faults_lab, check):
 
 
 def test_dropped_writes_figures(faults_lab):
-    """Figures for the closing note, not a promise: lvmirror cannot see a write a disk drops.
+    """Figures for the closing note, not a promise: lvmirror cannot see a write a disk drops
+    as it happens (the scrub finds it later: faults_dropped_writes_found_by_scrub).
     Asserted is that the measurement ran (writes accepted, the counts reported) and that a
     plain resync refused the image lvmirror believes in sync (the repair, `resync --full`, is
     faults_dropped_writes_repaired)."""

@@ -400,7 +400,10 @@ def test_cli_scrub_reports_repairs_and_keeps_the_result(daemon):
     for args, msg in ((["scrub"], "name a VOLUME or give --all"),
                       (["scrub", "vol0", "--source", "1"], "give --repair too"),
                       (["scrub", "vol0", "--all"], "name a VOLUME or give --all"),
-                      (["scrub", "vol0", "--repair", "--source", "7"], "0 to 3, got 7")):
+                      (["scrub", "vol0", "--repair", "--source", "7"], "0 to 3, got 7"),
+                      (["scrub", "--cancel", "vol0", "--rate", "5"], "give only the VOLUME"),
+                      (["scrub", "--cancel", "vol0", "--wait"], "give only the VOLUME"),
+                      (["scrub", "--all", "--repair", "--source", "1"], "not with --all")):
         r = cli(address, *args)
         assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
     r = cli(address, "scrub", "--cancel", "vol0")
@@ -416,6 +419,17 @@ def test_cli_scrub_reports_repairs_and_keeps_the_result(daemon):
     r = cli(address, "scrub", "--all", "--wait")      # 0 and 2 still compared
     assert r.returncode == 0, r.stderr
     assert "vol0: scrub done" in r.stdout and "0 mismatch(es)" in r.stdout
+    # --json says what it started, without --wait too; --cancel --all with nothing running
+    r = cli(address, "--json", "scrub", "vol0", "--rate", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"vol0": {"state": "running", "bytes_total": 4 << 20}}
+    r = cli(address, "status")     # the running scrub is one line, with its rate
+    assert r.stdout.count("\n  scrub") == 1 and "scrub running (started " in r.stdout \
+        and " MB/s" in r.stdout.split("scrub running")[1], r.stdout
+    r = cli(address, "--json", "scrub", "--cancel", "--all")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"cancelled": ["vol0"]}, r.stderr
+    r = cli(address, "scrub", "--cancel", "--all")
+    assert r.returncode == 0 and r.stdout == "", (r.stdout, r.stderr)
 
 
 def test_volume_object_scrub_and_cancel(daemon):

@@ -67,6 +67,13 @@ class GatedImage(StorageImage):
             raise ImageIOError(self, errno.EIO, f"image {self.path}: injected read error")
         return super().readv(offset, bufs, nowait=nowait)
 
+    def verify_readv(self, offset, buffer):
+        ln = len(memoryview(buffer).cast("B"))
+        self._gate("read", offset, ln)
+        if self.fail_reads:
+            raise ImageIOError(self, errno.EIO, f"image {self.path}: injected read error")
+        return super().verify_readv(offset, buffer)
+
     def flush(self):
         self._gate("flush", 0, 0)
         if self.fail_writes or self.fail_flushes:
