@@ -121,7 +121,9 @@ def format_status(st: dict) -> str:
             if job["kind"] == "scrub" and v.get("scrub"):
                 continue                     # the scrub line below says it, with its rate
             eta = job["eta_seconds"]
+            index = {im["id"]: im["index"] for im in v["images"]}.get(job["image_id"])
             what = job["kind"] if job["image_id"] is None else \
+                f"{job['kind']} of image {index}" if index is not None else \
                 f"{job['kind']} of image id {job['image_id']}"
             lines.append(f"  {what}: {job['state']}, "
                          f"{_human(job['bytes_done'])} / {_human(job['bytes_total'])}, "
@@ -397,20 +399,38 @@ def main(argv=None):
     """The ``lvmirror`` command: parse ``argv`` (None: sys.argv[1:]), call lvmirrord's Manager on
     the system bus, print the result. Returns the exit status: 0, EXIT_ERROR or
     EXIT_UNREACHABLE; bad usage exits (SystemExit) with EXIT_USAGE, as argparse does."""
-    p = argparse.ArgumentParser(prog="lvmirror", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="lvmirror", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Manage lvmirror's mirrored volumes: split an image off as a point-in-time "
+                    "copy, resync or restore it, back up, scrub, watch (talks to lvmirrord "
+                    "over the system bus).",
+        epilog="IMAGE is an image's index as `lvmirror status` lists it (0 to 3).\n"
+               "Exit status: 0 success, 1 an error reported by lvmirrord (or a scrub that "
+               "left a region\ndifferent), 2 bad usage, 3 lvmirrord not reachable, 130 "
+               "interrupted.\nSee lvmirror(1).")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("status", help="volumes, images, jobs, LUNs")
+    helps = {
+        "split": "split IMAGE off as a frozen copy as of now (the LUN keeps serving); runs "
+                 "the split hooks",
+        "detach": "remove IMAGE from the volume (its file or device is left as it is)",
+        "cancel": "stop the resync or restore running on IMAGE (resync resumes it later)",
+        "resync": "bring split or failed IMAGE back in sync, copying only the regions that "
+                  "changed",
+        "restore": "roll the volume back to split IMAGE (reads see it at once; copies in the "
+                   "background)",
+    }
     for name in ("split", "detach", "cancel"):
-        s = sub.add_parser(name)
-        s.add_argument("volume")
-        s.add_argument("image", type=image_index)
+        s = sub.add_parser(name, help=helps[name], description=helps[name])
+        s.add_argument("volume", help="the volume's name")
+        s.add_argument("image", type=image_index, help="the image's index")
         if name == "split":
             _hook_args(s)
     for name in ("resync", "restore"):
-        s = sub.add_parser(name)
-        s.add_argument("volume")
-        s.add_argument("image", type=image_index)
+        s = sub.add_parser(name, help=helps[name], description=helps[name])
+        s.add_argument("volume", help="the volume's name")
+        s.add_argument("image", type=image_index, help="the image's index")
         s.add_argument("--rate", type=rate, default=0.0, help="MB/s, 0 = unlimited")
         s.add_argument("--wait", action="store_true", help="return when it finished")
         if name == "resync":
@@ -432,7 +452,7 @@ def main(argv=None):
     s.add_argument("--force", action="store_true",
                    help="overwrite PATH even though it holds data (refused otherwise, as "
                         "mdadm and pvcreate refuse a device that carries data)")
-    s.add_argument("--wait", action="store_true")
+    s.add_argument("--wait", action="store_true", help="return when its resync finished")
     s = sub.add_parser("backup", help="copy a split image (the point-in-time copy) to a file")
     s.add_argument("volume")
     s.add_argument("image", type=image_index)
@@ -469,9 +489,11 @@ def main(argv=None):
                    help="end the running scrub for good (with --all: every running scrub)")
     sub.add_parser("metrics", help="lvmirrord's metrics in Prometheus text format (the file it "
                    "writes for the node exporter's textfile collector)")
-    s = sub.add_parser("wait")
+    s = sub.add_parser("wait", help="return when no resync, restore, attach or crash "
+                       "recovery runs on the volume")
     s.add_argument("volume")
-    s.add_argument("--timeout", type=float)
+    s.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="give up after this long (exit 1)")
     args = p.parse_args(argv)
     if args.cmd == "scrub":
         if bool(args.volume) == bool(args.all):

@@ -110,6 +110,13 @@ systemd() {  # the packaged lvmirrord.service with systemd as PID 1: installed a
     && result backup_timer_failure_shown ok \
     || result backup_timer_failure_shown fail rc=$brc state="$(systemctl is-failed lvmirror-backup@bad.service)" \
               journal="$(journal -u lvmirror-backup@bad.service | tail -3)"
+  # a mistyped instance (no such configuration file) fails too, saying so; it is not skipped
+  systemctl start lvmirror-backup@nosuch.service; brc=$?
+  [ $brc != 0 ] && [ "$(systemctl is-failed lvmirror-backup@nosuch.service)" = failed ] \
+    && journal -u lvmirror-backup@nosuch.service | grep -q "/etc/lvmirror/backup/nosuch.conf: No such file" \
+    && result backup_timer_missing_config_fails ok \
+    || result backup_timer_missing_config_fails fail rc=$brc state="$(systemctl is-failed lvmirror-backup@nosuch.service)" \
+              journal="$(journal -u lvmirror-backup@nosuch.service | tail -3)"
   # 7. the monthly scrub: the package enables lvmirror-scrub.timer; its service scrubs every
   #    volume at the rate it is given and fails, visibly, when a region is left different
   local senabled snext src sres

@@ -44,6 +44,7 @@ ALL = [(s, c) for s, checks in SECTION_CHECKS.items() for c in checks]
 SYSTEMD_CHECKS = ["systemd_is_pid1", "service_started_by_package", "service_serves_lun_under_hardening",
                   "service_restarted_after_sigkill", "service_stops_cleanly", "service_dbus_activated",
                   "backup_timer_service", "backup_timer_failure_shown",
+                  "backup_timer_missing_config_fails",
                   "scrub_timer_service", "scrub_timer_mismatch_shown",
                   "metrics_unit_served_by_node_exporter"]
 

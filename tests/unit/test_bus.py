@@ -4,6 +4,7 @@ unprivileged caller. (The real system bus with tcmu-runner is proven in the kern
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -467,3 +468,42 @@ def test_resync_wait_does_not_wait_for_a_running_scrub(daemon):
         assert vol.images[1].state.value == "in-sync" and job.is_alive()
     finally:
         vol.scrubs.cancel()
+
+
+def test_status_names_a_job_by_the_image_index_not_its_internal_id():
+    """``lvmirror status`` says "resync of image 1" (the index every command takes), not the
+    image's internal id, which differs once an image was detached and another attached."""
+    from lvmirror.cli import format_status
+    img = dict(split_time=None, dirty_bytes=None, bitmap_fill=0, error=None, path="/x")
+    st = {"volumes": {"v": {
+        "size": 1 << 20, "block_size": 512, "region_size": 65536, "health": "degraded",
+        "images": [dict(img, index=0, id=0, state="in-sync"),
+                   dict(img, index=1, id=3, state="syncing")],
+        "jobs": [dict(kind="resync", image_id=3, state="running", bytes_done=0,
+                      bytes_total=1 << 20, rate=1.0, eta_seconds=None)],
+        "io": dict(reads=0, writes=0, read_errors=0, write_errors=0, inflight=0)}},
+        "luns": []}
+    text = format_status(st)
+    assert "  resync of image 1: running" in text and "image id" not in text, text
+
+
+def test_every_cli_command_says_what_it_does_in_help():
+    """`lvmirror --help` gives every command a line of help, and each command's own --help
+    explains its arguments; the exit statuses are in the epilog."""
+    r = subprocess.run([sys.executable, "-m", "lvmirror.cli", "--help"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0
+    listed = re.findall(r"^    (\S+)(?:\s+(\S.*))?$", r.stdout, re.M)
+    names = [n for n, _ in listed]
+    assert {"status", "split", "detach", "cancel", "resync", "restore", "scrub", "wait",
+            "backup-cycle", "metrics"} <= set(names), r.stdout
+    lines = r.stdout.splitlines()
+    for name, text in listed:       # the help is on the same line or the next one
+        nxt = lines[lines.index(next(x for x in lines if x.startswith(f"    {name}"))) + 1]
+        assert text or nxt.startswith(" " * 10), f"no help for {name}"
+    assert "3 lvmirrord not reachable" in r.stdout
+    for name, want in (("split", "the image's index"), ("resync", "copying only the regions"),
+                       ("wait", "--timeout SECONDS")):
+        r = subprocess.run([sys.executable, "-m", "lvmirror.cli", name, "--help"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and want in r.stdout, r.stdout
