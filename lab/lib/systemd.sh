@@ -15,3 +15,11 @@ bus_owner_pid() {  # bus_owner_pid NAME: the process that owns NAME on the syste
 }
 journal() { journalctl --no-pager -o cat "$@" 2>/dev/null; }
 
+unit_fails_saying() {  # unit_fails_saying UNIT JOURNAL-TEXT CHECK: start UNIT; CHECK ok when it fails,
+                      # systemd shows it failed and its journal has JOURNAL-TEXT
+  local rc
+  systemctl start $1; rc=$?
+  [ $rc != 0 ] && [ "$(systemctl is-failed $1)" = failed ] && journal -u $1 | grep -q "$2" \
+    && result $3 ok \
+    || result $3 fail rc=$rc state="$(systemctl is-failed $1)" journal="$(journal -u $1 | tail -3)"
+}
