@@ -7,8 +7,9 @@ compliance() {   # libiscsi's SCSI compliance suite: lvmirror 2-image LUN vs LIO
     timeout 900 iscsi-test-cu -d -t SCSI iscsi://127.0.0.1/$IQN/$lun > "$OUT/compliance-$name.txt" 2>&1
     summary=$(grep -E '^ +tests' "$OUT/compliance-$name.txt" | head -1 | tr -s ' ')
     [ -n "$summary" ] && result compliance_ran_$name ok tests="$summary" || result compliance_ran_$name fail
-    # each failed test again, verbose (-V: the commands sent and the sense received), so the
-    # output says why it failed
+    # each test lvmirror failed again, verbose (-V: the commands sent and the sense received),
+    # so the output says why (not fileio's: a dozen more runs for the CI's time budget)
+    [ $name = lvmirror ] || continue
     : > "$OUT/compliance-$name-failed-verbose.txt"
     awk '/^Suite: /{s=$2} /^ *Test: /{t=$2} /FAILED$/{if (t) print s"."t; t=""}' \
         "$OUT/compliance-$name.txt" | sort -u | while read -r f; do
