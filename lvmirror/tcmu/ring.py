@@ -156,6 +156,7 @@ class CommandRing:
                 return batch
             mv, base = self._mv, self.cmdr_off
             hdr = abi.ENTRY_HDR
+            entry_size = abi.ENTRY.size
             while self._fetch != head:
                 pos = self._fetch
                 ent = base + pos
@@ -180,7 +181,8 @@ class CommandRing:
                 elif op == abi.OP_CMD:
                     self._outstanding += 1
                     cmd_id = hdr.cmd_id.get(mv, ent)
-                    cmd = self._parse_cmd(pos, length, cmd_id, now)
+                    cmd = self._parse_cmd(pos, length, cmd_id, now) \
+                        if length >= entry_size else self._short_entry(cmd_id, length)
                     if cmd is None:
                         self.stats["malformed"] += 1
                         self._fetch = (pos + length) % self.cmdr_size
@@ -212,16 +214,21 @@ class CommandRing:
                for k in range(cnt)]
         return (t.tmr_type.get(mv, ent), ids)
 
+    @staticmethod
+    def _short_entry(cmd_id: int, length: int) -> None:
+        log.error("TCMU ring: command %d entry is %d bytes (< %d)", cmd_id, length,
+                  abi.ENTRY.size)
+        return None
+
     def _parse_cmd(self, pos: int, length: int, cmd_id: int,
                    fetched: float = 0.0) -> Command | None:
-        mv, e = self._mv, abi.ENTRY
+        """The command in the ``length``-byte entry at ring offset ``pos`` (at least
+        ``abi.ENTRY.size`` bytes), None (logged) when its iovecs or CDB lie outside it or the
+        data area. Its header is read in one ``unpack_from`` (``abi.ENTRY_REQ``)."""
+        mv = self._mv
         ent = self.cmdr_off + pos
-        if length < e.size:
-            log.error("TCMU ring: command %d entry is %d bytes (< %d)", cmd_id, length, e.size)
-            return None
-        iov_cnt = e.iov_cnt.get(mv, ent)
-        bidi_cnt = e.iov_bidi_cnt.get(mv, ent)
-        if e.iov_dif_cnt.get(mv, ent):
+        _, _, iov_cnt, bidi_cnt, dif_cnt, cdb_off = abi.ENTRY_REQ.unpack_from(mv, ent)
+        if dif_cnt:
             log.error("TCMU ring: command %d carries DIF iovecs (not supported)", cmd_id)
             return None
         total = iov_cnt + bidi_cnt
@@ -231,7 +238,6 @@ class CommandRing:
                       length)
             return None
         # The CDB lies inside this entry, after the iovecs (offset is from the map start).
-        cdb_off = e.cdb_off.get(mv, ent)
         entry_end = ent + length
         if not ent + iov_end <= cdb_off < entry_end:
             log.error("TCMU ring: command %d CDB offset %d outside its entry [%d, %d)", cmd_id,

@@ -205,3 +205,30 @@ def test_garbage_entries_never_raise_or_leak_views(entry, op, length):
         for off, ln in c.iovecs:
             assert ring.data_off <= off and off + ln <= ring.map_size
         ring.complete(c.cmd_id, 0)
+
+
+def test_entry_header_reader_matches_the_declared_fields():
+    """abi.ENTRY_REQ (Layout.reader) reads the same values as the fields one by one, from the
+    declaration (padding between them skipped); fields out of order are refused."""
+    emu, ring, _ = make()
+    emu.submit(READ10, data_in_len=4096)
+    ent, e = emu.cmdr_off, abi.ENTRY
+    names = ("len_op", "cmd_id", "iov_cnt", "iov_bidi_cnt", "iov_dif_cnt", "cdb_off")
+    assert abi.ENTRY_REQ.unpack_from(emu.map, ent) == tuple(
+        getattr(e, n).get(emu.map, ent) for n in names)
+    assert abi.ENTRY_REQ.size == 32
+    with pytest.raises(ValueError, match="precedes"):
+        e.reader("cdb_off", "iov_cnt")
+
+
+def test_a_command_entry_shorter_than_its_header_is_failed_not_read():
+    emu, ring, _ = make()
+    emu.submit(TUR)
+    ent = emu.cmdr_off
+    len_op = abi.ENTRY.len_op.get(emu.map, ent)
+    abi.ENTRY.len_op.put(emu.map, ent, (len_op & 0x7) | 40)     # 40 bytes < sizeof 112
+    # the short entry is completed with a HARDWARE ERROR; the ring then stops at the bytes
+    # after it (no valid entry there: the kernel times out what follows, nothing is guessed)
+    assert ring.fetch().commands == [] and ring.stats["malformed"] == 2
+    assert abi.ENTRY.scsi_status.get(emu.map, ent) == 2
+    assert abi.ENTRY.sense_buffer.get(emu.map, ent)[2] == 0x04
