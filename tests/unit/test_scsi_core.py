@@ -330,6 +330,11 @@ def test_compare_and_write(lu):
     assert lu.backend.data[0:BS] == b"n" * BS
     cdb2 = bytes([0x89, 0]) + (0).to_bytes(8, "big") + bytes(3) + bytes([2, 0, 0])
     assert sense_of(run(lu, cdb2, out=bytes(4 * BS))[0]) == (5, 0x24, 0)
+    # NUMBER OF LOGICAL BLOCKS 0 (libiscsi's "256" in the 8-bit field): no compare, no
+    # write, no error (SBC-4 5.3), whatever Data-Out the initiator sent
+    cdb0 = bytes([0x89, 0]) + (0).to_bytes(8, "big") + bytes(3) + bytes([0, 0, 0])
+    assert run(lu, cdb0, out=b"q" * (512 * BS))[0].status == GOOD
+    assert lu.backend.data[0:BS] == b"n" * BS
 
 
 # -- MODE SENSE / SELECT ----------------------------------------------------------------------
