@@ -38,14 +38,6 @@ class LatencyHistogram:
                            **{code: self._ops["write"] for code in WRITE_OPCODES}}
         self._other = self._ops["other"]
 
-    @staticmethod
-    def op_of(cdb) -> str:
-        """The kind of the command whose CDB is ``cdb`` (bytes; empty: "other")."""
-        if not cdb:
-            return "other"
-        op = cdb[0]
-        return "read" if op in READ_OPCODES else "write" if op in WRITE_OPCODES else "other"
-
     def observe(self, cdb, seconds: float) -> None:
         """Count one command (its CDB, bytes) that took ``seconds``; the ring thread's cost is
         a dict lookup, a bisect and two additions."""

@@ -103,9 +103,11 @@ def test_latency_histogram_buckets_are_cumulative_and_rendered_per_lun():
     assert w["le"][-1] == 4                       # 20 s is above the last bound: +Inf only
     assert snap["read"]["le"][BUCKETS.index(0.001)] == 1      # le is inclusive
     assert snap["other"]["count"] == 0
-    assert LatencyHistogram.op_of(bytes([0x28])) == "read"
-    assert LatencyHistogram.op_of(bytes([0x8A])) == "write"
-    assert LatencyHistogram.op_of(bytes([0x35])) == "other"
+    kinds = LatencyHistogram()      # READ(10), WRITE(16), SYNCHRONIZE CACHE(10), no CDB
+    for cdb in (bytes([0x28]), bytes([0x8A]), bytes([0x35]), b""):
+        kinds.observe(cdb, 0.001)
+    assert {op: v["count"] for op, v in kinds.snapshot().items()} == \
+        {"read": 1, "write": 1, "other": 2}
     status = {"volumes": {}, "luns": [{"name": "lun0", "uio": "uio0", "cfgstring": "v",
                                        "error": None, "commands": 6, "volume": "v",
                                        "latency": snap}]}
