@@ -185,10 +185,18 @@ def _scrub(args, mgr, dbus) -> int:
         if args.all:     # every running scrub (the monthly one, say); nothing running is fine
             names = [n for n in names if (st["volumes"][n].get("scrub") or {}).get("state")
                      == "running"]
+        done = []
         for name in names:
-            mgr.CancelScrub(name)
+            try:
+                mgr.CancelScrub(name)
+            except dbus.DBusException:
+                if not args.all:
+                    raise
+                continue         # it ended between the status and the cancel
+            done.append(name)
             if not args.json:
                 print(f"{name}: scrub cancelled")
+        names = done
         if args.json:
             print(json.dumps({"cancelled": names}))
         return 0
@@ -226,6 +234,11 @@ def _scrub(args, mgr, dbus) -> int:
             print(f"{name}: {scrub_line(sc)}")
             for line in mismatch_lines(sc):
                 print(f"  {line}")
+        if sc["state"] == "cancelled" and not sc.get("error") and name != names[-1]:
+            # an operator's --cancel (a restore's leaves its reason): the rest is not started
+            print(f"scrub --all: cancelled at {name}; not scrubbed: "
+                  f"{', '.join(names[names.index(name) + 1:])}", file=sys.stderr)
+            break
     if args.json:
         print(json.dumps(results))
     return status

@@ -507,3 +507,39 @@ def test_every_cli_command_says_what_it_does_in_help():
         r = subprocess.run([sys.executable, "-m", "lvmirror.cli", name, "--help"],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and want in r.stdout, r.stdout
+
+
+def test_scrub_all_stops_after_an_operators_cancel_but_not_after_a_restores(capsys):
+    """`scrub --all --wait` scrubs one volume after another; when an operator cancels the one
+    running (`scrub --cancel --all` from another shell, say) the volumes after it are not
+    started, while a scrub a restore cancelled (its record gives the reason) lets it go on."""
+    import argparse
+    import dbus
+    from lvmirror.cli import _scrub
+
+    def record(state, error=None):
+        return dict(state=state, error=error, started=1.0, finished=2.0, regions=4,
+                    regions_checked=2, mismatches=0, repaired=0, unrepaired=0, report=[],
+                    rate=0.0)
+
+    class Mgr:
+        def __init__(self, outcome):
+            self.outcome, self.started = outcome, []
+
+        def Status(self):
+            vols = {n: {"scrub": self.outcome[n] if n in self.started else None, "jobs": []}
+                    for n in ("a", "b", "c")}
+            return json.dumps({"volumes": vols, "luns": []})
+
+        def Scrub(self, name, opts):
+            self.started.append(name)
+            return json.dumps({"bytes_total": 4096})
+
+    args = argparse.Namespace(all=True, volume=None, cancel=False, repair=False, source=None,
+                              rate=0.0, wait=True, json=False)
+    mgr = Mgr({"a": record("done"), "b": record("cancelled"), "c": record("done")})
+    assert _scrub(args, mgr, dbus) == 1 and mgr.started == ["a", "b"]
+    assert "scrub --all: cancelled at b; not scrubbed: c" in capsys.readouterr().err
+    mgr = Mgr({"a": record("cancelled", "a restore from image 1 began"), "b": record("done"),
+               "c": record("done")})
+    assert _scrub(args, mgr, dbus) == 1 and mgr.started == ["a", "b", "c"]
