@@ -199,6 +199,8 @@ def _scrub(args, mgr, dbus) -> int:
         names = done
         if args.json:
             print(json.dumps({"cancelled": names}))
+        elif not names:
+            print("no scrub running")
         return 0
     if not names:
         print(json.dumps({}) if args.json else "no volumes open")
@@ -208,19 +210,36 @@ def _scrub(args, mgr, dbus) -> int:
         opts["source"] = dbus.UInt32(args.source)
     results, status = {}, 0
     for name in names:
+        images = st["volumes"].get(name, {}).get("images", [])
+        if args.all and len(images) == 1:
+            # not mirrored by design: nothing to compare, nothing to report
+            print(f"{name}: not scrubbed: one image, nothing to compare", file=sys.stderr)
+            continue
         try:
             res = json.loads(mgr.Scrub(name, dbus.Dictionary(opts, signature="sv")))
         except dbus.DBusException as exc:
+            msg = exc.get_dbus_message() or ""
             if not args.all:
                 raise
-            # md's checkarray skips what it cannot check; so does --all (a one-image or
-            # degraded volume, one with a restore or a scrub of its own running)
-            print(f"{name}: not scrubbed: {exc.get_dbus_message()}", file=sys.stderr)
-            results[name] = {"state": "not started", "error": exc.get_dbus_message()}
-            continue
-        if not args.json:
-            print(f"{name}: scrub started: {res['bytes_total']} bytes"
-                  + (" (repair)" if args.repair else " (check only)"), flush=True)
+            if "a scrub is already running" in msg and args.wait:
+                print(f"{name}: a scrub is already running; waiting for it", flush=True)
+            else:
+                # a mirrored volume that cannot be compared now (an image split or failed, a
+                # restore or crash recovery unfinished, offline) was not checked: say so and
+                # fail (exit 1), so the monthly service shows it
+                print(f"{name}: not scrubbed: {msg}", file=sys.stderr)
+                results[name] = {"state": "not started", "error": msg}
+                status = EXIT_ERROR
+                continue
+        else:
+            if not args.json:
+                in_sync = sum(im["state"] == "in-sync" for im in images)
+                mode = "check only"
+                if args.repair:
+                    mode = ("repair" if args.source is not None or in_sync >= 3 else
+                            "check only: two in-sync images have no majority; --source IMAGE "
+                            "says which one is right")
+                print(f"{name}: scrub started: {res['bytes_total']} bytes ({mode})", flush=True)
         if not args.wait:
             results[name] = {"state": "running", "bytes_total": res["bytes_total"]}
             continue
@@ -422,8 +441,16 @@ def main(argv=None):
                "left a region\ndifferent), 2 bad usage, 3 lvmirrord not reachable, 130 "
                "interrupted.\nSee lvmirror(1).")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    # --json after the command too (``lvmirror scrub vol0 --json``); SUPPRESS keeps the
+    # top-level value when it is not given there
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    sub.add_parser("status", help="volumes, images, jobs, LUNs")
+
+    def command(name, **kw):
+        return sub.add_parser(name, parents=[common], **kw)
+    command("status", help="volumes, images, jobs, LUNs")
     helps = {
         "split": "split IMAGE off as a frozen copy as of now (the LUN keeps serving); runs "
                  "the split hooks",
@@ -435,13 +462,13 @@ def main(argv=None):
                    "background)",
     }
     for name in ("split", "detach", "cancel"):
-        s = sub.add_parser(name, help=helps[name], description=helps[name])
+        s = command(name, help=helps[name], description=helps[name])
         s.add_argument("volume", help="the volume's name")
         s.add_argument("image", type=image_index, help="the image's index")
         if name == "split":
             _hook_args(s)
     for name in ("resync", "restore"):
-        s = sub.add_parser(name, help=helps[name], description=helps[name])
+        s = command(name, help=helps[name], description=helps[name])
         s.add_argument("volume", help="the volume's name")
         s.add_argument("image", type=image_index, help="the image's index")
         s.add_argument("--rate", type=rate, default=0.0, help="MB/s, 0 = unlimited")
@@ -450,28 +477,28 @@ def main(argv=None):
             s.add_argument("--full", action="store_true",
                            help="copy every region, also into an image marked in sync (a disk "
                                 "suspected of dropped writes); it serves no reads until done")
-    s = sub.add_parser("split-group", help="split one image of each volume at one instant "
+    s = command("split-group", help="split one image of each volume at one instant "
                        "(a consistency group)")
     s.add_argument("members", nargs="+", type=group_member, metavar="VOLUME:IMAGE")
     _hook_args(s)
-    s = sub.add_parser("restore-group", help="roll several volumes back to their split images "
+    s = command("restore-group", help="roll several volumes back to their split images "
                        "at one instant")
     s.add_argument("members", nargs="+", type=group_member, metavar="VOLUME:IMAGE")
     s.add_argument("--rate", type=rate, default=0.0, help="MB/s per volume, 0 = unlimited")
     s.add_argument("--wait", action="store_true", help="return when every restore finished")
-    s = sub.add_parser("attach", help="add an image (full resync from the volume)")
+    s = command("attach", help="add an image (full resync from the volume)")
     s.add_argument("volume")
     s.add_argument("path")
     s.add_argument("--force", action="store_true",
                    help="overwrite PATH even though it holds data (refused otherwise, as "
                         "mdadm and pvcreate refuse a device that carries data)")
     s.add_argument("--wait", action="store_true", help="return when its resync finished")
-    s = sub.add_parser("backup", help="copy a split image (the point-in-time copy) to a file")
+    s = command("backup", help="copy a split image (the point-in-time copy) to a file")
     s.add_argument("volume")
     s.add_argument("image", type=image_index)
     s.add_argument("dest")
     s.add_argument("--format", choices=("raw", "qcow2"), default="raw")
-    s = sub.add_parser("backup-cycle", help="split, back up, resync, keep the newest K "
+    s = command("backup-cycle", help="split, back up, resync, keep the newest K "
                        "(what lvmirror-backup@VOLUME.timer runs)")
     s.add_argument("members", nargs="*", type=group_member, metavar="VOLUME:IMAGE",
                    help="two or more: split as a consistency group")
@@ -483,11 +510,13 @@ def main(argv=None):
     s.add_argument("--keep", type=int, help="backups kept per volume (default 7)")
     s.add_argument("--rate", type=rate, help="resync rate limit, MB/s (0: unlimited)")
     s.add_argument("--no-hooks", action="store_true", help="do not run the split hooks")
-    s = sub.add_parser("scrub", help="compare the in-sync images region by region; repair by "
+    s = command("scrub", help="compare the in-sync images region by region; repair by "
                        "majority vote or from a named image")
     s.add_argument("volume", nargs="?")
-    s.add_argument("--all", action="store_true", help="every open volume, one after another with "
-                   "--wait (those that cannot be scrubbed are skipped with a message)")
+    s.add_argument("--all", action="store_true",
+                   help="every open volume, one after another with --wait; a one-image volume "
+                        "is skipped, a mirrored one that cannot be compared now is named and "
+                        "fails the run (exit 1)")
     s.add_argument("--repair", action="store_true",
                    help="rewrite the odd image(s) of a region from the majority (3 or more "
                         "images), or from --source")
@@ -500,9 +529,9 @@ def main(argv=None):
                         "left as found)")
     s.add_argument("--cancel", action="store_true",
                    help="end the running scrub for good (with --all: every running scrub)")
-    sub.add_parser("metrics", help="lvmirrord's metrics in Prometheus text format (the file it "
+    command("metrics", help="lvmirrord's metrics in Prometheus text format (the file it "
                    "writes for the node exporter's textfile collector)")
-    s = sub.add_parser("wait", help="return when no resync, restore, attach or crash "
+    s = command("wait", help="return when no resync, restore, attach or crash "
                        "recovery runs on the volume")
     s.add_argument("volume")
     s.add_argument("--timeout", type=float, metavar="SECONDS",

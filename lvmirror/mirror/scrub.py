@@ -21,7 +21,10 @@ scrub does what md does not:
 
 Images that are split, syncing or failed are not compared (they are not supposed to agree).
 An image that fails a read during the scrub is handled as the read path would
-(``MirrorVolume._image_error``) and the region is compared across the others.
+(``MirrorVolume._image_error``) and the region is compared across the others. When fewer than
+two in-sync images are left (a split during the scrub of a two-image volume: a split is never
+refused for a scrub), the scrub ends as "cancelled" with the reason and the region it stopped
+at; it never counts a region nobody compared.
 
 Progress is kept in ``<volume dir>/scrub.json`` (``ScrubRecord``): the next region, the counts
 (regions checked, mismatches found, repaired) and the first ``REPORT_LIMIT`` mismatches. It is
@@ -130,6 +133,10 @@ class ScrubRecord:
         d.pop("source_id")
         d["source"] = _index_of(vol, self.source_id)
         return d
+
+
+class _TooFewImages(Exception):
+    """Fewer than two in-sync images could be read for a region: nothing left to compare."""
 
 
 def _index_of(vol, image_id):
@@ -339,6 +346,11 @@ class ScrubJob(_Job):
                     "repaired, %d left as found", vol.name, rec.state, rec.regions_checked,
                     rec.regions, rec.mismatches, rec.repaired, rec.unrepaired)
             self._end(rec.state)
+        except _TooFewImages as e:
+            rec.state, rec.error, rec.finished = "cancelled", str(e), time.time()
+            log.warning("volume %s: scrub cancelled: %s", vol.name, e)
+            self._checkpoint()
+            self._end("cancelled")
         except Exception as e:  # report, never kill the daemon
             rec.state, rec.error, rec.finished = "failed", f"{type(e).__name__}: {e}", time.time()
             log.error("volume %s: scrub failed at region %d: %s", vol.name, rec.next_region,
@@ -403,7 +415,12 @@ class ScrubJob(_Job):
                         continue
                     content[k] = view.tobytes()
                 if len(content) < 2:
-                    return
+                    # a split or a failed image left one copy: the scrub ends here rather than
+                    # count regions nobody compared (a split is never refused for a scrub)
+                    raise _TooFewImages(
+                        f"{len(content)} in-sync image(s) left to compare at region {r} (an "
+                        f"image was split, failed or detached); regions from {r} on are not "
+                        f"checked")
                 groups: dict[bytes, list[int]] = {}
                 for k, data in content.items():
                     groups.setdefault(data, []).append(k)

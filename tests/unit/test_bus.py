@@ -430,7 +430,9 @@ def test_cli_scrub_reports_repairs_and_keeps_the_result(daemon):
     r = cli(address, "--json", "scrub", "--cancel", "--all")
     assert r.returncode == 0 and json.loads(r.stdout) == {"cancelled": ["vol0"]}, r.stderr
     r = cli(address, "scrub", "--cancel", "--all")
-    assert r.returncode == 0 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.returncode == 0 and r.stdout == "no scrub running\n", (r.stdout, r.stderr)
+    r = cli(address, "scrub", "vol0", "--json", "--cancel")     # --json after the command
+    assert r.returncode == 1 and "no scrub is running" in r.stderr, r.stderr
 
 
 def test_volume_object_scrub_and_cancel(daemon):
@@ -543,3 +545,48 @@ def test_scrub_all_stops_after_an_operators_cancel_but_not_after_a_restores(caps
     mgr = Mgr({"a": record("cancelled", "a restore from image 1 began"), "b": record("done"),
                "c": record("done")})
     assert _scrub(args, mgr, dbus) == 1 and mgr.started == ["a", "b", "c"]
+
+
+def test_scrub_all_fails_for_a_mirrored_volume_it_could_not_check(capsys):
+    """`scrub --all --wait` (the monthly service): a one-image volume is skipped (nothing to
+    compare, no failure); a mirrored volume lvmirrord refuses to scrub (an image split, a
+    restore unfinished) is named and fails the run (exit 1); one whose scrub already runs is
+    waited for; and --repair on two in-sync images says it only checks."""
+    import argparse
+    import dbus
+    from lvmirror.cli import _scrub
+
+    done = dict(state="done", error=None, started=1.0, finished=2.0, regions=4,
+                regions_checked=4, mismatches=0, repaired=0, unrepaired=0, report=[], rate=0.0)
+    two = [{"state": "in-sync"}, {"state": "in-sync"}]
+
+    class Mgr:
+        started = []
+
+        def Status(self):
+            return json.dumps({"luns": [], "volumes": {
+                "one": {"images": [{"state": "in-sync"}], "scrub": None},
+                "split": {"images": [{"state": "in-sync"}, {"state": "split"}], "scrub": None},
+                "busy": {"images": two, "scrub": done},
+                "ok": {"images": two, "scrub": done if "ok" in self.started else None}}})
+
+        def Scrub(self, name, opts):
+            if name == "split":
+                raise dbus.DBusException("volume split: 1 in-sync image(s); a scrub compares "
+                                         "two or more")
+            if name == "busy":
+                raise dbus.DBusException("volume busy: a scrub is already running (1 of 4 "
+                                         "regions checked)")
+            self.started.append(name)
+            return json.dumps({"bytes_total": 4096})
+
+    args = argparse.Namespace(all=True, volume=None, cancel=False, repair=True, source=None,
+                              rate=0.0, wait=True, json=False)
+    assert _scrub(args, Mgr(), dbus) == 1
+    out = capsys.readouterr()
+    assert "one: not scrubbed: one image, nothing to compare" in out.err
+    assert "split: not scrubbed: volume split: 1 in-sync image(s)" in out.err
+    assert "busy: a scrub is already running; waiting for it" in out.out
+    assert "busy: scrub done" in out.out and "ok: scrub done" in out.out
+    assert "ok: scrub started: 4096 bytes (check only: two in-sync images have no majority" \
+        in out.out

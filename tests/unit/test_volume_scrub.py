@@ -5,6 +5,7 @@ resumed after a close, ended by cancel."""
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -343,4 +344,30 @@ def test_a_restore_cancels_a_running_scrub_with_the_reason(tmp_path):
         vol.scrubs.start()
     rj.cancel()
     rj.wait(10)
+    vol.close()
+
+
+def test_a_split_that_leaves_one_image_ends_the_scrub_with_the_reason(tmp_path):
+    """A split is never refused for a scrub; on a two-image volume it leaves nothing to
+    compare, and the scrub ends as cancelled at that region, not "done" over regions nobody
+    compared."""
+    vol, opener, paths = make_volume(tmp_path, 2, size=SIZE, region_size=REGION)
+    _fill(vol)
+    gate = _read_gate(5)
+    opener.by_path[paths[0]].gates.append(gate)
+    job = vol.scrubs.start()
+    gate.wait_reached()
+    # the split waits for the region in hand (I/O begun before its T), then the next region
+    # finds one in-sync image
+    t = threading.Thread(target=vol.split, args=(1,), daemon=True)
+    t.start()
+    time.sleep(0.2)
+    gate.open()
+    t.join(10)
+    assert not t.is_alive() and vol.images[1].state is ImageState.SPLIT
+    assert job.wait(10)
+    res = vol.scrubs.last()
+    assert res["state"] == "cancelled" and res["regions_checked"] < SIZE // REGION
+    assert "1 in-sync image(s) left to compare at region" in res["error"]
+    assert res["regions_checked"] in (5, 6)       # region 5 compared if the split came after
     vol.close()
