@@ -1,10 +1,13 @@
 # lab/scenarios/demo.sh: section "demo" (tools/demo, narrated).
 # Sourced by lab/guest.sh; runs inside the kernel-lab guest over lab/lib.
 say() { echo "| $*"; }
+vstatus() {  # vstatus: `lvmirror status` of the demo's volume only (vol3), indented
+  lvmirror status | awk '/^volume /{show = ($2 == "vol3:")} /^LUN /{show = 0} show' | sed 's/^/|   /'
+}
 demo() {   # the product's main job, narrated (tools/demo)
   d=$(lun_dev 1)
   say "LUN 1 is user:lvmirror backstore m3: volume vol3 on three images, seen by open-iscsi as $d"
-  lvmirror status | sed 's/^/|   /'
+  vstatus
   say "writing 'generation 1' through iSCSI, then starting a random-write load (fio)"
   echo "generation 1 $(date -u +%T)" | dd of=$d bs=512 seek=200000 conv=sync oflag=direct status=none
   fio --name=load --filename=$d --rw=randwrite --bs=4k --direct=1 --ioengine=libaio --iodepth=8 \
@@ -15,11 +18,13 @@ demo() {   # the product's main job, narrated (tools/demo)
   echo "generation 2 $(date -u +%T)" | dd of=$d bs=512 seek=200000 conv=sync oflag=direct status=none
   say "the live LUN now reads:           $(dd if=$d bs=512 skip=200000 count=1 iflag=direct status=none | head -c 30)"
   say "the point-in-time copy (image 2): $(dd if=/run/scratch/v3c.img bs=512 skip=200000 count=1 status=none | head -c 30)"
-  lvmirror status | sed 's/^/|   /'
+  vstatus
   wait $FIO
-  say "load done ($(cut -d';' -f49 $OUT/demo-fio.txt 2>/dev/null) write IOPS under TCG emulation); resync image 2 (only changed regions):"
+  local accel=$(cat "$OUT/accel" 2>/dev/null)
+  [ "$accel" = tcg ] && accel="TCG software emulation" || accel="${accel:-this accelerator}"
+  say "load done ($(cut -d';' -f49 $OUT/demo-fio.txt 2>/dev/null) write IOPS under $accel); resync image 2 (only changed regions):"
   lvmirror resync vol3 2 --wait | sed 's/^/|   /'
-  lvmirror status | sed 's/^/|   /'
+  vstatus
   sync; echo 3 > /proc/sys/vm/drop_caches
   cmp -s /run/scratch/v3a.img /run/scratch/v3c.img && say "images 0 and 2 are identical again" || say "IMAGES DIFFER"
   result demo_completed ok
