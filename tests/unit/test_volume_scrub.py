@@ -5,7 +5,6 @@ resumed after a close, ended by cancel."""
 import json
 import os
 import threading
-import time
 
 import pytest
 
@@ -361,7 +360,7 @@ def test_a_split_that_leaves_one_image_ends_the_scrub_with_the_reason(tmp_path):
     # finds one in-sync image
     t = threading.Thread(target=vol.split, args=(1,), daemon=True)
     t.start()
-    time.sleep(0.2)
+    wait_until(lambda: vol._images[1].state is ImageState.SPLIT)   # switched, draining
     gate.open()
     t.join(10)
     assert not t.is_alive() and vol.images[1].state is ImageState.SPLIT
