@@ -306,11 +306,14 @@ class StorageImage:
             raise WouldBlock(f"image {self.path}: {n} of {total} bytes in the page cache")
         self._count(reads=1, bytes_read=total)
 
-    def _readv(self, offset, bufs, total) -> None:
+    def _readv(self, offset, bufs, total, fd=None) -> None:
+        """The read loop (short reads, a shrunk file read as a hole) on ``fd`` (default: the
+        image's descriptor; ``verify_readv`` passes its O_DIRECT one)."""
+        fd = self.fd if fd is None else fd
         pos = offset
         try:
             while bufs:
-                n = os.preadv(self.fd, bufs[:_IOV_MAX], pos)
+                n = os.preadv(fd, bufs[:_IOV_MAX], pos)
                 if n == 0:
                     if self.is_block_device:
                         raise OSError(_errno.EIO, "unexpected end of device")
@@ -349,20 +352,8 @@ class StorageImage:
         if fd is None or offset % lbs or total % lbs or addr is None or addr % lbs:
             self._readv(offset, [view], total)
             return False
-        pos, bufs = offset, [view]
-        try:
-            while bufs:
-                n = os.preadv(fd, bufs, pos)
-                if n == 0:
-                    if self.is_block_device:
-                        raise OSError(_errno.EIO, "unexpected end of device")
-                    bufs[0][:] = bytes(len(bufs[0]))     # the file shrank: a hole
-                    break
-                pos += n
-                bufs = _advance(bufs, n)
-        except OSError as e:
-            raise self._ioerror("read", offset, total, e) from e
-        self._count(reads=1, bytes_read=total, verify_reads=1)
+        self._readv(offset, [view], total, fd=fd)
+        self._count(verify_reads=1)
         return True
 
     def _verify_descriptor(self) -> tuple[int | None, int]:
@@ -371,13 +362,9 @@ class StorageImage:
                 try:
                     self._verify_fd = os.open(f"/proc/self/fd/{self.fd}",
                                               os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-                    st = os.fstat(self._verify_fd)
-                    if stat.S_ISBLK(st.st_mode):
-                        buf = bytearray(4)
-                        fcntl.ioctl(self._verify_fd, BLKSSZGET, buf)
-                        self._verify_lbs = struct.unpack("<i", buf)[0]
-                    else:
-                        self._verify_lbs = _backing_logical_block_size(st)
+                    # a block device's own size was read at open; a file's is its device's
+                    self._verify_lbs = self.logical_block_size if self.is_block_device \
+                        else _backing_logical_block_size(os.fstat(self._verify_fd))
                 except OSError:       # EINVAL: no O_DIRECT on this file system
                     self._verify_fd = -1
             fd = self._verify_fd
