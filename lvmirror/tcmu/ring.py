@@ -156,7 +156,6 @@ class CommandRing:
                 return batch
             mv, base = self._mv, self.cmdr_off
             hdr = abi.ENTRY_HDR
-            entry_size = abi.ENTRY.size
             while self._fetch != head:
                 pos = self._fetch
                 ent = base + pos
@@ -181,8 +180,7 @@ class CommandRing:
                 elif op == abi.OP_CMD:
                     self._outstanding += 1
                     cmd_id = hdr.cmd_id.get(mv, ent)
-                    cmd = self._parse_cmd(pos, length, cmd_id, now) \
-                        if length >= entry_size else self._short_entry(cmd_id, length)
+                    cmd = self._parse_cmd(pos, length, cmd_id, now)
                     if cmd is None:
                         self.stats["malformed"] += 1
                         self._fetch = (pos + length) % self.cmdr_size
@@ -214,19 +212,17 @@ class CommandRing:
                for k in range(cnt)]
         return (t.tmr_type.get(mv, ent), ids)
 
-    @staticmethod
-    def _short_entry(cmd_id: int, length: int) -> None:
-        log.error("TCMU ring: command %d entry is %d bytes (< %d)", cmd_id, length,
-                  abi.ENTRY.size)
-        return None
-
     def _parse_cmd(self, pos: int, length: int, cmd_id: int,
                    fetched: float = 0.0) -> Command | None:
-        """The command in the ``length``-byte entry at ring offset ``pos`` (at least
-        ``abi.ENTRY.size`` bytes), None (logged) when its iovecs or CDB lie outside it or the
-        data area. Its header is read in one ``unpack_from`` (``abi.ENTRY_REQ``)."""
+        """The command in the ``length``-byte entry at ring offset ``pos``, None (logged) when
+        the entry is shorter than its header or its iovecs or CDB lie outside it or the data
+        area. Its header is read in one ``unpack_from`` (``abi.ENTRY_REQ``)."""
         mv = self._mv
         ent = self.cmdr_off + pos
+        if length < abi.ENTRY.size:
+            log.error("TCMU ring: command %d entry is %d bytes (< %d)", cmd_id, length,
+                      abi.ENTRY.size)
+            return None
         _, _, iov_cnt, bidi_cnt, dif_cnt, cdb_off = abi.ENTRY_REQ.unpack_from(mv, ent)
         if dif_cnt:
             log.error("TCMU ring: command %d carries DIF iovecs (not supported)", cmd_id)
