@@ -129,11 +129,13 @@ def format_status(st: dict) -> str:
                          f"{_human(job['bytes_done'])} / {_human(job['bytes_total'])}, "
                          f"{job['rate']:.1f} MB/s" + (f", ETA {eta:.0f} s" if eta else ""))
         if v.get("scrub"):
-            job = next((j for j in v["jobs"] if j["kind"] == "scrub"
-                        and j["state"] == "running"), None)
-            lines.append("  " + scrub_line(v["scrub"]) + (
-                f", {job['rate']:.1f} MB/s" + (f", ETA {job['eta_seconds']:.0f} s"
-                                              if job["eta_seconds"] else "") if job else ""))
+            line = "  " + scrub_line(v["scrub"])
+            for job in v["jobs"]:          # a running scrub: its rate and ETA on the same line
+                if job["kind"] == "scrub" and job["state"] == "running":
+                    line += f", {job['rate']:.1f} MB/s"
+                    if job["eta_seconds"]:
+                        line += f", ETA {job['eta_seconds']:.0f} s"
+            lines.append(line)
         io = v["io"]
         lines.append(f"  I/O: {io['reads']} reads, {io['writes']} writes, "
                      f"{io['read_errors'] + io['write_errors']} errors, {io['inflight']} in flight")
@@ -215,23 +217,23 @@ def _scrub(args, mgr, dbus) -> int:
             # not mirrored by design: nothing to compare, nothing to report
             print(f"{name}: not scrubbed: one image, nothing to compare", file=sys.stderr)
             continue
-        try:
-            res = json.loads(mgr.Scrub(name, dbus.Dictionary(opts, signature="sv")))
-        except dbus.DBusException as exc:
-            msg = exc.get_dbus_message() or ""
-            if not args.all:
-                raise
-            if "a scrub is already running" in msg and args.wait:
-                print(f"{name}: a scrub is already running; waiting for it", flush=True)
-            else:
+        running = (st["volumes"].get(name, {}).get("scrub") or {}).get("state") == "running"
+        if args.all and args.wait and running:
+            print(f"{name}: a scrub is already running; waiting for it", flush=True)
+        else:
+            try:
+                res = json.loads(mgr.Scrub(name, dbus.Dictionary(opts, signature="sv")))
+            except dbus.DBusException as exc:
+                if not args.all:
+                    raise
                 # a mirrored volume that cannot be compared now (an image split or failed, a
-                # restore or crash recovery unfinished, offline) was not checked: say so and
-                # fail (exit 1), so the monthly service shows it
+                # restore or crash recovery unfinished, offline, a scrub of its own running)
+                # was not checked: say so and fail (exit 1), so the monthly service shows it
+                msg = exc.get_dbus_message()
                 print(f"{name}: not scrubbed: {msg}", file=sys.stderr)
                 results[name] = {"state": "not started", "error": msg}
                 status = EXIT_ERROR
                 continue
-        else:
             if not args.json:
                 in_sync = sum(im["state"] == "in-sync" for im in images)
                 mode = "check only"

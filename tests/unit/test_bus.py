@@ -562,12 +562,15 @@ def test_scrub_all_fails_for_a_mirrored_volume_it_could_not_check(capsys):
 
     class Mgr:
         started = []
+        calls = 0
 
         def Status(self):
+            self.calls += 1      # busy's scrub (someone else's) runs at first, then ends
             return json.dumps({"luns": [], "volumes": {
                 "one": {"images": [{"state": "in-sync"}], "scrub": None},
                 "split": {"images": [{"state": "in-sync"}, {"state": "split"}], "scrub": None},
-                "busy": {"images": two, "scrub": done},
+                "busy": {"images": two,
+                         "scrub": dict(done, state="running") if self.calls == 1 else done},
                 "ok": {"images": two, "scrub": done if "ok" in self.started else None}}})
 
         def Scrub(self, name, opts):
