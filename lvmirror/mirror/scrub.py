@@ -277,6 +277,7 @@ class ScrubJob(_Job):
         self.bytes_total = vol.size
         self.bytes_done = min(rec.next_region * vol.region_size, vol.size)
         self._unsaved_repairs: list = []     # images rewritten since the last checkpoint
+        self._cached_images: set = set()     # indexes read without O_DIRECT (logged once)
 
     cancel_reason = None     # why it was cancelled when not by the operator (kept in the record)
 
@@ -409,7 +410,13 @@ class ScrubJob(_Job):
                         bufs[k] = StorageImage.aligned_buffer(rs)
                     view = memoryview(bufs[k])[:ln]
                     try:
-                        im.storage.verify_readv(off, view)
+                        if not im.storage.verify_readv(off, view) and ln == rs \
+                                and k not in self._cached_images:
+                            self._cached_images.add(k)
+                            log.warning("volume %s: scrub reads image %d (%s) through the page "
+                                        "cache: its file system has no O_DIRECT, so a write "
+                                        "the disk dropped may go unseen", vol.name, k,
+                                        im.storage.path)
                     except ImageIOError as e:
                         vol._image_error(im, e, off, ln, is_read=True)
                         continue

@@ -370,3 +370,19 @@ def test_a_split_that_leaves_one_image_ends_the_scrub_with_the_reason(tmp_path):
     assert "1 in-sync image(s) left to compare at region" in res["error"]
     assert res["regions_checked"] in (5, 6)       # region 5 compared if the split came after
     vol.close()
+
+
+def test_an_image_the_scrub_cannot_read_past_the_cache_is_named_in_the_log(tmp_path, caplog,
+                                                                           monkeypatch):
+    """Where O_DIRECT is refused (tmpfs), the scrub still compares, from the page cache, and
+    says so once per image in the journal."""
+    from lvmirror.mirror.image import StorageImage
+    vol, opener, paths = make_volume(tmp_path, 2, size=SIZE, region_size=REGION)
+    _fill(vol)
+    monkeypatch.setattr(StorageImage, "_verify_descriptor", lambda self: (None, 0))
+    with caplog.at_level("WARNING", logger="lvmirror.mirror.scrub"):
+        res = _scrub(vol)
+    assert res["state"] == "done" and res["regions_checked"] == SIZE // REGION
+    said = [r.getMessage() for r in caplog.records if "through the page cache" in r.getMessage()]
+    assert len(said) == 2 and "image 0" in said[0] and "image 1" in said[1]
+    vol.close()
