@@ -20,3 +20,10 @@ fio_verify_load() {  # fio_verify_load NAME DEV SIZE OFFSET [FIO-OPTION ...]: in
   FIO=$!
 }
 
+rtpg_summary() {  # rtpg_summary FILE: sg_rtpg -d output as "ID:STATE:PORT,PORT ..." (hex, as printed)
+  awk '/target port group id :/ {if (g != "") printf "%s:%s:%s ", g, s, p; g=$6; s=""; p=""; inports=0}
+       /asymmetric access state :/ {s=$(NF-1)}
+       /Relative target port ids:/ {inports=1; next}
+       inports && /^ *0x/ {p = p (p == "" ? "" : ",") $1}
+       END {if (g != "") printf "%s:%s:%s", g, s, p}' "$1"
+}

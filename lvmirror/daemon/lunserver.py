@@ -181,19 +181,22 @@ class LunServer:
             self.spec, self.volume, self.backend = spec, volume, target
             self.lu = LogicalUnit(backend, wwn=wwn, write_cache=self.device.write_cache(),
                                   max_transfer_blocks=max_blocks, read_only=spec.readonly,
-                                  copy_resolver=self._copy_peer)
+                                  copy_resolver=self._copy_peer,
+                                  port_groups=self.device.port_groups)
             log.info("LUN %s: serving %s (%d images, %d bytes) on %s", self.name,
                      target.name, len(volume.images), backend.num_blocks * backend.block_size,
                      self.device.uio_name)
         except LvmirrorError as exc:
             self.error = str(exc)
-            self.lu = LogicalUnit(NotReadyBackend(size), wwn=wwn)
+            self.lu = LogicalUnit(NotReadyBackend(size), wwn=wwn,
+                                  port_groups=self.device.port_groups)
             log.error("LUN %s: %s; medium access gets NOT READY until it is fixed", self.name, exc)
         except Exception as exc:
             # a volume whose state lvmirror cannot read (a bug, or state no version should
             # have written) must not take lvmirrord and every other LUN down with it
             self.error = f"cannot open the volume: {type(exc).__name__}: {exc}"
-            self.lu = LogicalUnit(NotReadyBackend(size), wwn=wwn)
+            self.lu = LogicalUnit(NotReadyBackend(size), wwn=wwn,
+                                  port_groups=self.device.port_groups)
             log.exception("LUN %s: %s; medium access gets NOT READY until it is fixed",
                           self.name, self.error)
 

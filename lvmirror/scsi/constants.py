@@ -90,6 +90,7 @@ VERIFY_12 = 0xAF
 SAI_READ_CAPACITY_16 = 0x10
 SAI_GET_LBA_STATUS = 0x12
 MI_REPORT_SUPPORTED_OPERATION_CODES = 0x0C
+MI_REPORT_TARGET_PORT_GROUPS = 0x0A
 
 # -- mode pages -------------------------------------------------------------------------------
 MP_RW_ERROR_RECOVERY = 0x01

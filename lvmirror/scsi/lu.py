@@ -43,6 +43,7 @@ import time
 from typing import NamedTuple, Protocol, Sequence
 
 from lvmirror.errors import StateError, VolumeIOError, WouldBlock
+from lvmirror.scsi import alua
 from lvmirror.scsi import constants as c
 from lvmirror.scsi.sense import build_sense
 from lvmirror.scsi.xcopy import CopyCheck, CopyManager
@@ -185,8 +186,12 @@ class LogicalUnit:
                  read_only: bool = False, max_transfer_blocks: int | None = None,
                  max_unmap_blocks: int = 0x10000 * 8, max_unmap_descriptors: int = 256,
                  max_write_same_blocks: int = 0x10000 * 8, max_compare_write_blocks: int = 1,
-                 optimal_transfer_blocks: int | None = None, copy_resolver=None):
+                 optimal_transfer_blocks: int | None = None, copy_resolver=None,
+                 port_groups=None):
         self.backend = backend
+        # ``port_groups() -> list[alua.PortGroup]``: the LUN's target port groups as the kernel
+        # has them now (lvmirror.tcmu.alua reads configfs); None: no ALUA reported (alua.py)
+        self.port_groups = port_groups
         self.wwn = wwn or "00000000-0000-0000-0000-000000000000"
         self.vendor = vendor
         self.product = product
@@ -585,7 +590,7 @@ class LogicalUnit:
             data[2] = 0x06                           # SPC-4
             data[3] = 0x12                           # HiSup, response data format 2
             data[4] = len(data) - 5
-            data[5] = 0x08                           # 3PC: EXTENDED COPY (xcopy.py)
+            data[5] = 0x08 | alua.tpgs(self._groups())   # 3PC (xcopy.py), TPGS (alua.py)
             data[7] = 0x02                           # CmdQue
             data[8:16] = self.vendor.encode()[:8].ljust(8)
             data[16:32] = self.product.encode()[:16].ljust(16)
@@ -617,7 +622,36 @@ class LogicalUnit:
         out = bytes([0x01, 0x03, 0x00, len(naa)]) + naa                 # binary, LUN, NAA
         t10 = (self.vendor.encode()[:8].ljust(8) + self.wwn.encode())[:64]
         out += bytes([0x02, 0x01, 0x00, len(t10)]) + t10                # ASCII, LUN, T10 vendor
-        return out
+        return out + alua.port_designators(self._groups())             # target port (alua.py)
+
+    def _groups(self) -> list:
+        """The target port groups from ``port_groups``, or [] (none given, or it failed: the
+        failure is logged and the LUN reports no ALUA rather than failing INQUIRY)."""
+        if self.port_groups is None:
+            return []
+        try:
+            return list(self.port_groups())
+        except Exception as exc:
+            self._log_limited("alua", logging.WARNING, "cannot read the target port groups: %s",
+                              exc)
+            return []
+
+    def _report_target_port_groups(self, cdb, data_out, data_in):
+        """REPORT TARGET PORT GROUPS (MAINTENANCE IN / 0Ah, SPC-4 6.36): PARAMETER DATA FORMAT
+        000b (length-only header) or 001b (extended header), other values INVALID FIELD IN CDB;
+        an ALLOCATION LENGTH below 4 is INVALID FIELD IN CDB, as in LIO. Without an enabled
+        port in any group (TPGS 00b) the command is not supported: INVALID COMMAND OPERATION
+        CODE (SPC-4 6.36.1)."""
+        fmt = cdb[1] >> 5
+        if fmt not in (0, 1):
+            raise _invalid_cdb(1, 7)
+        alloc = _be(cdb, 6, 4)
+        if alloc < 4:
+            raise _invalid_cdb(6)
+        groups = self._groups()
+        if not alua.tpgs(groups):
+            raise _Check(c.ILLEGAL_REQUEST, c.ASC_INVALID_OPCODE)
+        return self._respond(data_in, alua.report_target_port_groups(groups, fmt == 1), alloc)
 
     def _vpd_block_limits(self):
         b = bytearray(0x3C)
@@ -946,6 +980,9 @@ class LogicalUnit:
         add(c.MAINTENANCE_IN, "REPORT SUPPORTED OPERATION CODES", self._report_opcodes,
             (0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07),
             sa=c.MI_REPORT_SUPPORTED_OPERATION_CODES)
+        add(c.MAINTENANCE_IN, "REPORT TARGET PORT GROUPS", self._report_target_port_groups,
+            (0xA3, 0xEA, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07),
+            sa=c.MI_REPORT_TARGET_PORT_GROUPS)
 
     def supported_opcodes(self) -> list[tuple[int, int | None, str]]:
         """Every supported command as (opcode, service action or None, name), sorted: what REPORT

@@ -22,6 +22,7 @@ import re
 import time
 
 from lvmirror.errors import ConfigError
+from lvmirror.tcmu import alua
 
 __all__ = ["DeviceBusyError", "UioDevice", "UioHandle", "device_by_minor", "find_devices",
            "open_device", "parse_uio_name"]
@@ -125,6 +126,13 @@ class UioDevice:
             return None
         m = re.search(r"T10 VPD Unit Serial Number:\s*(\S+)", text)
         return m.group(1) if m else (text.strip() or None)
+
+    def port_groups(self) -> list:
+        """The backstore's ALUA target port groups as the kernel has them now
+        (``lvmirror.tcmu.alua.read_port_groups``: a list of ``scsi.alua.PortGroup``). Raises
+        OSError or ValueError when a group cannot be read."""
+        return alua.read_port_groups(self.configfs_dir,
+                                     os.path.join(self.configfs_root, "target"))
 
     def enable_tmr_notification(self) -> bool:
         """Ask the kernel to queue TMR entries (ABORT TASK, LUN RESET...) on the ring

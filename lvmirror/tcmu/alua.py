@@ -1,0 +1,102 @@
+"""Read a TCMU device's ALUA target port groups from configfs (the I/O half of scsi/alua.py).
+
+Layout (Linux 6.1 ``target_core_configfs.c``, ``target_core_fabric_configfs.c``), under
+``<configfs>/target``:
+
+- ``core/user_<hba>/<dev>/alua/<group>/``: ``tg_pt_gp_id``, ``alua_access_state`` (a number),
+  ``alua_access_status`` (text), ``preferred``, ``implicit_trans_secs``, the seven
+  ``alua_support_*`` flags and ``members``, one line per port:
+  ``<fabric name>/<target wwn>/tpgt_<N>/lun_<M>`` (the iSCSI fabric calls itself ``iSCSI``
+  there and ``iscsi`` in configfs);
+- ``<fabric>/<wwn>/tpgt_<N>/lun/lun_<M>/statistics/scsi_port/indx``: the port's RELATIVE TARGET
+  PORT IDENTIFIER; ``.../statistics/scsi_transport/proto_id``: its PROTOCOL IDENTIFIER;
+- ``<fabric>/<wwn>/tpgt_<N>/enable``: whether this node serves the TPG (a fabric without the
+  attribute, such as loopback, is always enabled).
+
+``default_tg_pt_gp`` is read like any other group: a LUN mapped without a group of its own is
+a member of it, and LIO's own backstores report it (group 0, Active/Optimized) the same way.
+tcmu-runner skips it; lvmirror reports what LIO's fileio and iblock report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from lvmirror.scsi.alua import STATUS_CODES, SUPPORT_BITS, PortGroup, TargetPort
+
+log = logging.getLogger(__name__)
+
+_MEMBER = re.compile(r"^([^/]+)/([^/]+)/tpgt_(\d+)/lun_(\d+)$")
+
+
+def _text(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _int(path: str) -> int:
+    return int(_text(path), 0)
+
+
+def read_port(target_root: str, member: str) -> TargetPort:
+    """The ``TargetPort`` for one ``members`` line of an ALUA group.
+
+    ``target_root``: ``<configfs>/target``. Raises ``ValueError`` for a line not of the form
+    ``<fabric>/<wwn>/tpgt_<N>/lun_<M>`` and ``OSError`` when the port's files cannot be read
+    (the LUN was unmapped meanwhile)."""
+    m = _MEMBER.match(member.strip())
+    if not m:
+        raise ValueError(f"not an ALUA member line: {member!r}")
+    fabric, wwn, tpgt, lun = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
+    fabric_dir = "iscsi" if fabric == "iSCSI" else fabric
+    tpg_dir = os.path.join(target_root, fabric_dir, wwn, f"tpgt_{tpgt}")
+    stats = os.path.join(tpg_dir, "lun", f"lun_{lun}", "statistics")
+    rel = _int(os.path.join(stats, "scsi_port", "indx"))
+    proto = _int(os.path.join(stats, "scsi_transport", "proto_id"))
+    enable = os.path.join(tpg_dir, "enable")
+    enabled = _int(enable) != 0 if os.path.exists(enable) else True
+    return TargetPort(rel_port_id=rel, proto_id=proto, enabled=enabled, wwn=wwn, tpgt=tpgt)
+
+
+def read_group(target_root: str, group_dir: str) -> PortGroup:
+    """One ``PortGroup`` from its ``alua/<name>`` directory. Raises ``OSError`` or
+    ``ValueError`` when a file is missing or malformed; a member port that cannot be read is
+    left out (logged)."""
+    def get(name):
+        return _text(os.path.join(group_dir, name))
+    supported = 0
+    for fname, bit in SUPPORT_BITS.items():
+        if int(get(fname)):
+            supported |= bit
+    ports = []
+    for line in get("members").splitlines():
+        if not line.strip():
+            continue
+        try:
+            ports.append(read_port(target_root, line))
+        except (OSError, ValueError) as exc:
+            log.warning("ALUA group %s: member %s left out: %s",
+                        os.path.basename(group_dir), line, exc)
+    return PortGroup(name=os.path.basename(group_dir), group_id=int(get("tg_pt_gp_id")),
+                     state=int(get("alua_access_state")), supported=supported,
+                     status=STATUS_CODES.get(get("alua_access_status"), 0),
+                     preferred=bool(int(get("preferred"))),
+                     implicit_trans_secs=int(get("implicit_trans_secs")), ports=tuple(ports))
+
+
+def read_port_groups(device_dir: str, target_root: str) -> list[PortGroup]:
+    """Every ALUA group of a TCMU device, sorted by name.
+
+    ``device_dir``: ``<configfs>/target/core/user_<hba>/<dev>`` (``UioDevice.configfs_dir``);
+    ``target_root``: ``<configfs>/target``. A device without an ``alua`` directory (ALUA off:
+    ``alua_support`` 0) has no groups. Raises ``OSError``/``ValueError`` when a group cannot be
+    read (``LogicalUnit`` then reports no ALUA and logs why)."""
+    alua_dir = os.path.join(device_dir, "alua")
+    try:
+        names = sorted(os.listdir(alua_dir))
+    except FileNotFoundError:
+        return []
+    return [read_group(target_root, os.path.join(alua_dir, n)) for n in names
+            if os.path.isdir(os.path.join(alua_dir, n))]
