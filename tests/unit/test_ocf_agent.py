@@ -1,0 +1,84 @@
+"""ocf:lvmirror:LogicalUnit, run as Pacemaker runs it (a process with OCF_RESKEY_* in its
+environment), for what needs no kernel target: its meta-data against resource-agents' OCF DTD,
+validate-all's exit codes and reasons, and the probe of a stopped resource. The kernel lab runs
+ocf-tester and the start/stop/monitor cycle against LIO (section ocf)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+AGENT = os.path.join(ROOT, "ha", "LogicalUnit")
+OCF_ROOT = "/usr/lib/ocf"
+DTD_DIR = "/usr/share/resource-agents"
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(os.path.join(OCF_ROOT, "lib", "heartbeat", "ocf.py")),
+    reason="resource-agents is not installed (tools/bootstrap installs it with the lab packages)")
+
+GOOD = dict(name="vol1", cfgstring="vol1;images=/srv/a.img+/srv/b.img", size="1G",
+            target_iqn="iqn.2026-11.org.lvmirror:ha", lun="0")
+
+
+def agent(action, **params):
+    env = {"PATH": os.path.dirname(sys.executable) + ":/usr/sbin:/usr/bin:/sbin:/bin",
+           "PYTHONPATH": ROOT, "OCF_ROOT": OCF_ROOT, "OCF_RESOURCE_INSTANCE": "lun-test",
+           "__OCF_ACTION": action}
+    env.update({f"OCF_RESKEY_{k}": v for k, v in params.items()})
+    return subprocess.run([AGENT, action], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_meta_data_conforms_to_the_ocf_dtd():
+    r = agent("meta-data")
+    assert r.returncode == 0 and "<resource-agent name=\"LogicalUnit\"" in r.stdout
+    for name in ("name", "cfgstring", "size", "target_iqn", "lun", "alua_group", "peer_tpg"):
+        assert f'<parameter name="{name}"' in r.stdout
+    if shutil.which("xmllint") and os.path.exists(os.path.join(DTD_DIR, "ra-api-1.dtd")):
+        lint = subprocess.run(["xmllint", "--noout", "--valid", "-"], input=r.stdout, text=True,
+                              cwd=DTD_DIR, capture_output=True)
+        assert lint.returncode == 0, lint.stderr
+
+
+def test_validate_all_accepts_a_good_configuration():
+    r = agent("validate-all", **GOOD)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(cfgstring="vol1;images=/a.img;region_size=3"), "region_size must be a power of two"),
+    (dict(cfgstring="vol1;image=1"), "split image"),
+    (dict(size="12X"), "size '12X': a positive number of bytes"),
+    (dict(size="0"), "size '0': a positive number"),
+    (dict(target_iqn="target1"), "not an iSCSI name"),
+    (dict(alua_group="gwa"), "alua_group and alua_group_id go together"),
+    (dict(alua_group="gwa", alua_group_id="70000"), "1 to 65535"),
+    (dict(peer_tpg="2", peer_alua_group="gwb", peer_alua_group_id="2"),
+     "peer_alua_group needs alua_group"),
+    (dict(alua_group="gwa", alua_group_id="1", peer_tpg="1", peer_alua_group="gwb",
+          peer_alua_group_id="2"), "peer_tpg must differ from tpg"),
+])
+def test_validate_all_refuses_with_the_reason(change, reason):
+    r = agent("validate-all", **{**GOOD, **change})
+    assert r.returncode == 6, (r.returncode, r.stderr)          # OCF_ERR_CONFIGURED
+    assert "ocf-exit-reason:" in r.stderr and reason in r.stderr, r.stderr
+
+
+def test_a_missing_required_parameter_is_not_configured():
+    params = dict(GOOD)
+    del params["cfgstring"]
+    r = agent("validate-all", **params)
+    assert r.returncode == 6 and "cfgstring: Required parameter not set" in r.stderr
+
+
+def test_probe_of_a_stopped_resource_is_not_running():
+    """The first probe (monitor, interval 0) on a node without the backstore says 7, even where
+    LIO is not loaded (this host: no configfs target), as ocf-tester requires."""
+    r = agent("monitor", **GOOD)
+    assert r.returncode == 7, r.stderr
+
+
+def test_unknown_action_is_unimplemented():
+    assert agent("migrate_to", **GOOD).returncode == 3
