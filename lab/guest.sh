@@ -12,7 +12,7 @@
 # keeps test/shell/*.sh over test/lib. lab/boot runs a private copy of the lab/ tree from $OUT.
 #
 # Usage (by lab/boot): guest.sh OUT [SECTION ...]
-#   sections: basic fs split group scrub metrics crash dbus alua ocf compliance saveconfig tcmurunner demo, bench (bench/lab-bench.sh,
+#   sections: basic fs split group scrub metrics crash dbus alua ocf compliance saveconfig tcmurunner lease demo, bench (bench/lab-bench.sh,
 #   run alone), systemd (run alone, in the guest lab/boot --systemd boots with systemd as PID 1),
 #   powercut (one boot of the power-cut chain; run by lab/powercut, which boots with a disk and
 #   kills QEMU) and soak_sigkill, soak_split (lab/soak)
@@ -23,7 +23,7 @@ LAB=$(cd "$(dirname "$0")" && pwd)
 # lab/boot --systemd: systemd is PID 1 and owns the serial console; this script logs to a file
 UNDER_SYSTEMD=; [ "$(cat /proc/1/comm)" = systemd ] && UNDER_SYSTEMD=1
 [ -n "$UNDER_SYSTEMD" ] && exec >> "$OUT/guest-console.log" 2>&1
-SECTIONS=${*:-basic fs split group scrub metrics crash dbus alua ocf compliance saveconfig tcmurunner}
+SECTIONS=${*:-basic fs split group scrub metrics crash dbus alua ocf compliance saveconfig tcmurunner lease}
 REPO=${REPO:-$(cd "$LAB/.." && pwd)}
 PY=$REPO/.venv/bin/python
 IQN=iqn.2026-11.org.lvmirror:lab

@@ -107,6 +107,9 @@ def format_status(st: dict) -> str:
                      f"region {_human(v['region_size'])}, {v.get('health', 'optimal')}")
         if v.get("offline"):
             lines.append(f"  OFFLINE (NOT READY): {v['offline']}")
+        if v.get("lease"):
+            lines.append(f"  lease held: sanlock host id {v['lease']['host_id']}, "
+                         f"slot {v['lease']['slot']}")
         for im in v["images"]:
             extra = ""
             if im["split_time"]:
@@ -429,6 +432,23 @@ def members_arg(members):
                       signature="(su)")
 
 
+def _lease_init(args) -> int:
+    """``lvmirror lease-init AREA``: ``lease.init_area`` here, not through lvmirrord (the
+    area is written before any lvmirrord uses it). EXIT_ERROR with the reason on failure."""
+    from lvmirror.daemon.lease import LeaseError, init_area
+    try:
+        slots = init_area(args.area, io_timeout=args.io_timeout, force=args.force)
+    except (LeaseError, OSError) as exc:
+        print(f"lvmirror: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps({"area": args.area, "slots": slots, "io_timeout": args.io_timeout}))
+    else:
+        print(f"{args.area}: lease area initialised: lockspace lvmirror, {slots} volume "
+              f"slots, io_timeout {args.io_timeout} s")
+    return 0
+
+
 def main(argv=None):
     """The ``lvmirror`` command: parse ``argv`` (None: sys.argv[1:]), call lvmirrord's Manager on
     the system bus, print the result. Returns the exit status: 0, EXIT_ERROR or
@@ -538,7 +558,17 @@ def main(argv=None):
     s.add_argument("volume")
     s.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="give up after this long (exit 1)")
+    s = command("lease-init", help="initialise a lease area for gateways sharing storage "
+                             "(run once, before any lvmirrord uses it; needs the sanlock daemon)")
+    s.add_argument("area", help="the shared file or block device (lvmirrord --lease-area)")
+    s.add_argument("--io-timeout", type=int, default=10, metavar="SECONDS",
+                   help="sanlock's I/O timeout for the lockspace (default %(default)s)")
+    s.add_argument("--force", action="store_true",
+                   help="overwrite an area that holds a lockspace (every lvmirrord using it "
+                        "must be stopped: its leases are destroyed)")
     args = p.parse_args(argv)
+    if args.cmd == "lease-init":
+        return _lease_init(args)
     if args.cmd == "scrub":
         if bool(args.volume) == bool(args.all):
             p.error("scrub: name a VOLUME or give --all, not both"

@@ -57,7 +57,7 @@ wait_bus_name() {  # wait_bus_name NAME PID: until NAME has an owner on the syst
 start_daemon() {  # the metrics go where the metrics section's node exporter reads them, every 2 s
   mkdir -p /run/textfile
   lvmirrord --state-dir $STATE --log-level ${LOGLEVEL:-info} --metrics-file /run/textfile/lvmirror.prom \
-    --metrics-interval 2 >> "$OUT/lvmirrord.log" 2>&1 &
+    --metrics-interval 2 ${LVMIRRORD_EXTRA:-} >> "$OUT/lvmirrord.log" 2>&1 &
   DAEMON=$!
   wait_bus_name org.lvmirror1 $DAEMON
 }

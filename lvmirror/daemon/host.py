@@ -15,6 +15,7 @@ import time
 from lvmirror.errors import ConfigError, StateError
 from lvmirror.mirror.resync import job_progress
 from lvmirror.daemon.lunserver import LunServer
+from lvmirror.daemon.lease import Leases
 from lvmirror.daemon.registry import VolumeRegistry
 
 log = logging.getLogger("lvmirrord")
@@ -67,13 +68,16 @@ class VolumeHost:
     management API on those volumes. Methods are called from the netlink thread (LUNs) and from
     the D-Bus service's worker threads (management), concurrently."""
 
-    def __init__(self, state_dir: str, *, workers: int = 4, inline_reads: bool = True):
+    def __init__(self, state_dir: str, *, workers: int = 4, inline_reads: bool = True,
+                 leases=None):
         """``state_dir``: where volume metadata lives; ``workers``: threads per LUN's pool;
-        ``inline_reads``: the ring thread answers cached READs itself (``LunServer``)."""
+        ``inline_reads``: the ring thread answers cached READs itself (``LunServer``);
+        ``leases``: a ``lease.LeaseConfig`` (every volume is opened under its sanlock lease,
+        held by this process) or None."""
         self.state_dir = state_dir
         self.workers = workers
         self.inline_reads = inline_reads
-        self.registry = VolumeRegistry(state_dir)
+        self.registry = VolumeRegistry(state_dir, leases=Leases(leases) if leases else None)
         self.luns: dict[str, LunServer] = {}     # by uio name
         self._lock = threading.Lock()
         self._lock_seq = 0
@@ -173,6 +177,7 @@ class VolumeHost:
                 "exported": self.registry.exports(name),
                 "scrub": volume.scrubs.last(),
                 "health": volume.health, "offline": volume.offline,
+                "lease": self.registry.lease_of(name),
                 "io": {k: stats[k] for k in ("reads", "writes", "bytes_read", "bytes_written",
                                              "flushes", "unmaps", "read_errors", "write_errors",
                                              "image_failures", "inflight", "space_errors",

@@ -9,8 +9,9 @@ import signal
 import sys
 
 from lvmirror import __version__
-from lvmirror.errors import LvmirrorError
+from lvmirror.errors import ConfigError, LvmirrorError
 from lvmirror.daemon.hooks import DEFAULT_HOOKS_DIR
+from lvmirror.daemon.lease import LeaseConfig
 from lvmirror.daemon.metrics import DEFAULT_METRICS_FILE
 from lvmirror.daemon.manager import DEFAULT_STATE_DIR, Lvmirrord
 from lvmirror.daemon import __doc__ as _doc
@@ -60,6 +61,17 @@ def main(argv=None):
                              "turns them off)")
     parser.add_argument("--metrics-interval", type=float, default=5.0,
                         help="seconds between two writes of the metrics (default %(default)s)")
+    parser.add_argument("--lease-area", default=None,
+                        help="shared storage: take each volume's sanlock lease in this lease "
+                             "area (a shared file or block device, lvmirror lease-init) before "
+                             "opening it, so a volume is open on one gateway at most")
+    parser.add_argument("--host-id", type=int, default=None,
+                        help="this gateway's sanlock host id (1-2000, unique per gateway; "
+                             "with --lease-area)")
+    parser.add_argument("--lease-io-timeout", type=int, default=10,
+                        help="sanlock's I/O timeout for the lockspace, seconds (default "
+                             "%(default)s: leases of a host that cannot renew for 8 x it are "
+                             "lost)")
     parser.add_argument("--version", action="version", version=f"lvmirrord {__version__}")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
@@ -67,10 +79,20 @@ def main(argv=None):
         parser.error("--workers must be at least 1")
     if not 0 < args.metrics_interval < float("inf"):
         parser.error("--metrics-interval must be a number of seconds > 0")
+    leases = None
+    if args.lease_area or args.host_id is not None:
+        if not (args.lease_area and args.host_id is not None):
+            parser.error("--lease-area and --host-id go together")
+        if args.lease_io_timeout < 1:
+            parser.error("--lease-io-timeout must be at least 1 second")
+        try:
+            leases = LeaseConfig(args.lease_area, args.host_id, args.lease_io_timeout)
+        except ConfigError as exc:
+            parser.error(str(exc))
     daemon = Lvmirrord(state_dir=args.state_dir, workers=args.workers, with_bus=not args.no_dbus,
                        processes=args.processes, log_level=args.log_level,
                        hooks_dir=args.hooks_dir, metrics_file=args.metrics_file or None,
-                       metrics_interval=args.metrics_interval)
+                       metrics_interval=args.metrics_interval, leases=leases)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     try:

@@ -36,13 +36,16 @@ class Lvmirrord:
     def __init__(self, *, state_dir=DEFAULT_STATE_DIR, workers=4, sysfs_root="/sys",
                  configfs_root="/sys/kernel/config", with_bus=True, processes=False,
                  inline_reads=True, log_level="info", hooks_dir=hooks.DEFAULT_HOOKS_DIR,
-                 metrics_file=None, metrics_interval=5.0):
+                 metrics_file=None, metrics_interval=5.0, leases=None):
         """``state_dir``: volume metadata; ``workers``: threads per LUN; ``processes``: a
         process per volume; ``inline_reads``: cached READs answered by the ring thread;
         ``log_level``: the volume processes' logging level; ``hooks_dir``: the split hooks
         (``hooks.SplitHooks``); ``metrics_file``: where the Prometheus metrics are written
-        every ``metrics_interval`` seconds (``metrics.MetricsWriter``; None: not written).
+        every ``metrics_interval`` seconds (``metrics.MetricsWriter``; None: not written);
+        ``leases``: a ``lease.LeaseConfig`` (every volume opened under its sanlock lease, held
+        by the process that serves it; the lockspace is joined at start) or None.
         ValueError: a ``metrics_interval`` that is not > 0."""
+        self.leases = leases
         self.hooks = hooks.SplitHooks(hooks_dir)
         self.state_dir = state_dir
         self.workers = workers
@@ -53,7 +56,8 @@ class Lvmirrord:
         self.inline_reads = inline_reads
         self.log_level = log_level
         self._local = None if processes else VolumeHost(state_dir, workers=workers,
-                                                        inline_reads=inline_reads)
+                                                        inline_reads=inline_reads,
+                                                        leases=leases)
         self._hosts: dict = {}          # volume name -> VolumeProcess (processes only)
         self._lun_hosts: dict = {}      # uio name -> host serving it
         self._lock = threading.RLock()
@@ -108,7 +112,8 @@ class Lvmirrord:
                     from lvmirror.daemon.volumeproc import VolumeProcess
                     host = VolumeProcess(key, state_dir=self.state_dir, workers=self.workers,
                                          inline_reads=self.inline_reads,
-                                         log_level=self.log_level, zygote=self._zygote)
+                                         log_level=self.log_level, zygote=self._zygote,
+                                         leases=self.leases)
                     host.start()
                     self._hosts[key] = host
             try:
@@ -427,6 +432,8 @@ class Lvmirrord:
             # before any thread of ours runs: the zygote is forked from a one-thread process
             from lvmirror.daemon.volumeproc import Zygote
             self._zygote = Zygote()
+        if self.leases is not None:
+            self._join_lockspace()
         self._pick_up()
         from lvmirror.tcmu import netlink
         self._netlink = netlink.TcmuNetlink()
@@ -447,6 +454,21 @@ class Lvmirrord:
                                      f"--no-dbus serves the LUNs without it)") from exc
         if self._metrics is not None:
             self._metrics.start()
+
+    def _join_lockspace(self):
+        """Join the sanlock lockspace in the background (the first join waits about twice
+        sanlock's io_timeout; a restarted lvmirrord finds it joined): a volume's open waits for
+        it (``Leases.join``). A failure is logged; each open then says why it is refused."""
+        from lvmirror.daemon.lease import LeaseError, Leases
+
+        def join():
+            try:
+                Leases(self.leases).join()
+                log.info("sanlock lockspace joined: host id %d on %s", self.leases.host_id,
+                         self.leases.area)
+            except LeaseError as exc:
+                log.error("%s", exc)
+        threading.Thread(target=join, name="lease-join", daemon=True).start()
 
     def stop(self):
         """Stop the D-Bus service and the netlink listener, then every LUN (each drains and

@@ -22,8 +22,11 @@ class VolumeRegistry:
     LUN (cfgstring ``NAME;image=N``). The volume stays open while any of them uses it.
     """
 
-    def __init__(self, state_dir: str):
+    def __init__(self, state_dir: str, *, leases=None):
+        """``leases``: a ``lease.Leases``: every volume is opened under its lease (taken
+        before anything of the volume is read, released after its close); None: no leases."""
         self.state_dir = state_dir
+        self.leases = leases
         self._lock = threading.Lock()
         self._volumes: dict[str, MirrorVolume] = {}
         self._refs: dict[str, int] = {}
@@ -45,7 +48,7 @@ class VolumeRegistry:
             volume = self._volumes.get(spec.name)
             opened = volume is None
             if opened:
-                volume = self._open_or_create(spec, size, lun)
+                volume = self._open_leased(spec, size, lun)
             try:
                 if spec.images is not None and not opened:
                     self._check_images(spec, lun, volume)
@@ -56,6 +59,7 @@ class VolumeRegistry:
             except BaseException:
                 if opened:
                     volume.close()
+                    self._release_lease(spec.name)
                 raise
             self._volumes[spec.name] = volume
             self._refs[spec.name] = self._refs.get(spec.name, 0) + 1
@@ -124,6 +128,37 @@ class VolumeRegistry:
                 volume = self._volumes.pop(spec.name)
         if volume is not None:
             volume.close()
+            self._release_lease(spec.name)
+
+    def lease_of(self, name) -> dict | None:
+        """``{"host_id": N, "slot": k}`` while this process holds ``name``'s lease, else
+        None."""
+        if self.leases is None:
+            return None
+        slot = self.leases.held().get(name)
+        return None if slot is None else {"host_id": self.leases.config.host_id, "slot": slot}
+
+    def _open_leased(self, spec, size, lun):
+        """``_open_or_create`` under the volume's lease (with leases): taken first, released
+        again when the open fails. A cfgstring without ``direct=1`` is refused (ConfigError):
+        on shared storage a page cache this host writes back after another gateway took over
+        would overwrite that gateway's writes."""
+        if self.leases is None:
+            return self._open_or_create(spec, size, lun)
+        if not spec.direct:
+            raise ConfigError(
+                f"volume {spec.name!r}: with leases (shared storage) its images must be opened "
+                f"with O_DIRECT: add ;direct=1 to the cfgstring")
+        self.leases.acquire(spec.name)
+        try:
+            return self._open_or_create(spec, size, lun)
+        except BaseException:
+            self._release_lease(spec.name)
+            raise
+
+    def _release_lease(self, name):
+        if self.leases is not None:
+            self.leases.release(name)
 
 
 def _tuning(spec) -> dict:

@@ -223,11 +223,13 @@ class VolumeProcess:
     the process restarted) instead of releasing a lock the new child gave someone else."""
 
     def __init__(self, key: str, *, state_dir: str, workers: int = 4, inline_reads: bool = True,
-                 log_level: str = "info", zygote: Zygote | None = None):
+                 log_level: str = "info", zygote: Zygote | None = None, leases=None):
         """``key``: the volume's name (what the child serves). ``zygote``: fork the child from
         it (lvmirrord's way: milliseconds); without one the child is a new Python process
-        (``python -m lvmirror.daemon.volumeproc``: a second or more to import)."""
+        (``python -m lvmirror.daemon.volumeproc``: a second or more to import). ``leases``: a
+        ``lease.LeaseConfig``; the child then holds its volume's sanlock lease."""
         self.key = key
+        self.leases = leases
         self.zygote = zygote
         self.state_dir = state_dir
         self.workers = workers
@@ -275,7 +277,8 @@ class VolumeProcess:
                 try:
                     proc = _ForkedChild(zygote.spawn(child.fileno(), self.state_dir,
                                                      workers=self.workers,
-                                                     inline_reads=self.inline_reads))
+                                                     inline_reads=self.inline_reads,
+                                                     leases=self.leases))
                 except OSError:
                     if zygote.alive:
                         raise
@@ -311,6 +314,9 @@ class VolumeProcess:
                 "--workers", str(self.workers), "--log-level", self.log_level]
         if not self.inline_reads:
             argv.append("--no-inline-reads")
+        if self.leases is not None:
+            argv += ["--lease-area", self.leases.area, "--host-id", str(self.leases.host_id),
+                     "--lease-io-timeout", str(self.leases.io_timeout)]
         return argv
 
     def _run(self, proc, parent):
@@ -712,15 +718,22 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--no-inline-reads", action="store_true")
+    ap.add_argument("--lease-area")
+    ap.add_argument("--host-id", type=int)
+    ap.add_argument("--lease-io-timeout", type=int, default=10)
     args = ap.parse_args(argv)
     setup_logging(args.log_level)
     if args.parent:
         _die_with_parent(args.parent)
+    leases = None
+    if args.lease_area:
+        from lvmirror.daemon.lease import LeaseConfig
+        leases = LeaseConfig(args.lease_area, args.host_id, args.lease_io_timeout)
     return _serve_child(socket.socket(fileno=args.fd), args.state_dir, workers=args.workers,
-                        inline_reads=not args.no_inline_reads)
+                        inline_reads=not args.no_inline_reads, leases=leases)
 
 
-def _serve_child(sock, state_dir, *, workers, inline_reads) -> int:
+def _serve_child(sock, state_dir, *, workers, inline_reads, leases=None) -> int:
     """A volume process's life: a VolumeHost answering lvmirrord on ``sock`` until stopped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # a terminal's ^C is lvmirrord's to handle
 
@@ -728,7 +741,7 @@ def _serve_child(sock, state_dir, *, workers, inline_reads) -> int:
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, on_term)
     from lvmirror.daemon.host import VolumeHost
-    host = VolumeHost(state_dir, workers=workers, inline_reads=inline_reads)
+    host = VolumeHost(state_dir, workers=workers, inline_reads=inline_reads, leases=leases)
     try:
         _ChildServer(sock, host).serve()
     except SystemExit:
@@ -788,7 +801,8 @@ class Zygote:
                   "Python processes from now on, which takes seconds instead of milliseconds",
                   self.pid, why)
 
-    def spawn(self, sock_fd: int, state_dir: str, *, workers: int, inline_reads: bool) -> int:
+    def spawn(self, sock_fd: int, state_dir: str, *, workers: int, inline_reads: bool,
+              leases=None) -> int:
         """Fork a volume process serving the socket ``sock_fd`` (passed by SCM_RIGHTS); returns
         its pid. OSError (ECHILD) when the zygote is gone (``alive`` is False from then on) or
         could not fork."""
@@ -796,7 +810,7 @@ class Zygote:
             if self._dead:
                 raise OSError(errno.ECHILD, "the zygote process is gone")
             try:
-                send_msg(self._sock, (state_dir, workers, inline_reads), [sock_fd])
+                send_msg(self._sock, (state_dir, workers, inline_reads, leases), [sock_fd])
                 (ok, value), _ = recv_msg(self._sock)
             except (EOFError, OSError) as exc:
                 self._mark_dead(f"its socket: {exc}")
@@ -822,7 +836,7 @@ def _zygote_loop(sock) -> int:
     zygote = os.getpid()
     while True:
         try:
-            (state_dir, workers, inline_reads), fds = recv_msg(sock)
+            (state_dir, workers, inline_reads, leases), fds = recv_msg(sock)
         except (EOFError, OSError):
             return 0                                  # lvmirrord closed it or is gone
         try:
@@ -839,7 +853,7 @@ def _zygote_loop(sock) -> int:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 _die_with_parent(zygote)
                 code = _serve_child(socket.socket(fileno=fds[0]), state_dir, workers=workers,
-                                    inline_reads=inline_reads)
+                                    inline_reads=inline_reads, leases=leases)
             finally:
                 os._exit(code)
         for fd in fds:

@@ -42,6 +42,9 @@ SECTION_CHECKS = {
     "ocf": ["ocf_tester_clean", "ocf_start_serves_with_alua_groups",
             "ocf_stop_leaves_nothing_served", "ocf_bad_parameters_refused"],
     "saveconfig": ["saveconfig_keeps_nl_reply_supported", "restoreconfig_brings_luns_back"],
+    "lease": ["lease_area_initialised", "lease_volume_served_under_lease",
+              "lease_held_elsewhere_refused", "lease_taken_once_released",
+              "lease_lost_stops_serving"],
     "tcmurunner": ["lvmirrord_registers_with_tcmu_runner", "targetcli_through_tcmu_runner",
                    "reregisters_when_tcmu_runner_restarts"],
 }

@@ -1,0 +1,298 @@
+"""Volume leases on shared storage (sanlock): a volume is open on at most one gateway.
+
+When two gateways reach the same images, each lvmirrord takes a volume's **lease** before it
+reads or writes anything of the volume, holds it while the volume is open and releases it
+after the close made every acknowledged write durable. A second lvmirrord asking for a lease
+held elsewhere is refused (``LeaseHeldError``, naming the sanlock host id that holds it). This
+is the volume-level half of the lock manager, as lvmlockd's sanlock mode is for LVs
+(``lvchange -aey``); the D-Bus region locks stay for processes on one gateway.
+
+sanlock (Debian's ``sanlock`` daemon and ``python3-sanlock``) keeps the leases in a **lease
+area**, one shared file or block device that every gateway names the same (``lvmirrord
+--lease-area PATH --host-id N``), laid out in sanlock's 1 MiB units (512-byte sectors, up to
+2000 hosts; sanlock(8)):
+
+- offset 0: the lockspace ``lvmirror`` (one delta lease per host id, renewed every
+  2 x io_timeout by the sanlock daemon);
+- offset 1 MiB: the directory lease, held while a gateway assigns a volume its slot;
+- offset 2 MiB + k MiB: slot k, the paxos lease of one volume (its resource name is the
+  volume name, or a hash of it beyond sanlock's 48 bytes). A slot is assigned the first time a
+  volume is opened with leases, and kept.
+
+``init_area`` (``lvmirror lease-init PATH``) writes the lockspace and the directory lease once,
+before any gateway uses the area; it refuses an area that holds a lockspace already.
+
+A lease belongs to the process that acquired it (``sanlock.register``): with a process per
+volume (lvmirrord's default) the volume's process. When this host loses the lockspace (the
+lease area cannot be written for 8 x io_timeout), sanlock stops the holders, SIGTERM then
+SIGKILL, before another host may take their leases (after the host's delta lease expired), or
+the watchdog resets the host; the LUN then answers NOT READY until the lease is back. A
+holder that exits releases its leases. Images on shared storage must be opened with
+``direct=1`` (no page cache that a dead process's host could write back after another gateway
+took over), so a volume's open with leases refuses a cfgstring without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import threading
+import time
+
+from lvmirror.errors import ConfigError
+
+log = logging.getLogger("lvmirrord")
+
+__all__ = ["LeaseConfig", "LeaseError", "LeaseHeldError", "Leases", "init_area"]
+
+LOCKSPACE = b"lvmirror"
+ALIGN = 1 << 20                # sanlock's alignment for 512-byte sectors, bytes
+LOCKSPACE_OFFSET = 0
+DIRECTORY_OFFSET = ALIGN
+FIRST_SLOT_OFFSET = 2 * ALIGN
+DIRECTORY = b"lvmirror-directory"
+NAME_MAX = 48                  # SANLK_NAME_LEN
+DIRECTORY_TRIES = 20           # the directory lease held by another gateway: tries, ...
+DIRECTORY_RETRY = 0.5          # ... seconds apart
+MAX_HOST_ID = 2000
+
+
+class LeaseError(ConfigError):
+    """A lease could not be taken or the lease area is unusable (the message says why)."""
+
+
+class LeaseHeldError(LeaseError):
+    """The volume's lease is held by another host (``owners``: their sanlock host ids)."""
+
+    def __init__(self, message: str, owners: list[int]):
+        super().__init__(message)
+        self.owners = owners
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseConfig:
+    """Where the leases are and who this host is.
+
+    ``area``: the lease area, a shared file or block device (at least 3 MiB: lockspace,
+    directory, one slot); ``host_id``: this gateway's sanlock host id, 1-2000, unique among the
+    gateways; ``io_timeout``: seconds, sanlock's I/O timeout for the lockspace (its default is
+    10: a host that cannot renew for 80 s loses its leases; another takes them after 140 s)."""
+    area: str
+    host_id: int
+    io_timeout: int = 10
+
+    def __post_init__(self):
+        if not 1 <= self.host_id <= MAX_HOST_ID:
+            raise ConfigError(f"the sanlock host id must be 1 to {MAX_HOST_ID}, not "
+                              f"{self.host_id}")
+        if not os.path.isabs(self.area):
+            raise ConfigError(f"the lease area must be an absolute path: {self.area!r}")
+
+
+def _sanlock():
+    try:
+        import sanlock
+    except ImportError:
+        raise LeaseError("leases need python3-sanlock (and the sanlock daemon): "
+                         "apt install sanlock python3-sanlock") from None
+    return sanlock
+
+
+def resource_name(volume: str) -> bytes:
+    """The sanlock resource name of ``volume``'s lease: the name itself, or, beyond 48 bytes,
+    ``h:`` and 46 hex digits of its SHA-256."""
+    raw = volume.encode()
+    if len(raw) <= NAME_MAX:
+        return raw
+    return b"h:" + hashlib.sha256(raw).hexdigest()[:NAME_MAX - 2].encode()
+
+
+def area_slots(path: str) -> int:
+    """How many volume slots the lease area holds (its size in MiB minus 2)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    return max(size // ALIGN - 2, 0)
+
+
+def init_area(path: str, *, io_timeout: int = 10, force: bool = False) -> int:
+    """Write the lockspace and the directory lease to ``path`` (the sanlock daemon must run);
+    returns the number of volume slots. Refuses (LeaseError) an area smaller than 3 MiB, and
+    one that already holds lvmirror's lockspace unless ``force`` (re-initialising an area in
+    use destroys every lease in it: stop lvmirrord on every gateway first)."""
+    sanlock = _sanlock()
+    slots = area_slots(path)
+    if slots < 1:
+        raise LeaseError(f"{path}: a lease area needs at least 3 MiB (lockspace, directory, "
+                         "one volume)")
+    if not force:
+        try:
+            sanlock.read_lockspace(path, offset=LOCKSPACE_OFFSET)
+        except sanlock.SanlockException:
+            pass
+        else:
+            raise LeaseError(f"{path} already holds a lockspace; re-initialising it while a "
+                             "gateway uses it destroys its leases (force only when every "
+                             "lvmirrord using it is stopped)")
+    try:
+        sanlock.write_lockspace(LOCKSPACE, path, offset=LOCKSPACE_OFFSET, iotimeout=io_timeout)
+        sanlock.write_resource(LOCKSPACE, DIRECTORY, [(path, DIRECTORY_OFFSET)])
+        for k in range(slots):                       # every slot reads as free
+            sanlock.write_resource(LOCKSPACE, b"", [(path, FIRST_SLOT_OFFSET + k * ALIGN)],
+                                   clear=True)
+    except sanlock.SanlockException as exc:
+        raise LeaseError(f"{path}: cannot initialise the lease area: {exc}") from None
+    return slots
+
+
+class Leases:
+    """This process's volume leases (one per open volume), in the area ``config`` names.
+
+    ``acquire(volume)`` before a volume is opened, ``release(volume)`` after it was closed.
+    Thread-safe. Raises LeaseError (area unusable, lockspace cannot be joined, no free slot)
+    and LeaseHeldError (another host holds it)."""
+
+    def __init__(self, config: LeaseConfig):
+        self.config = config
+        self._lock = threading.Lock()
+        self._fd = None                     # sanlock.register()'s descriptor
+        self._held: dict[str, int] = {}     # volume -> offset of its slot
+
+    # -- the lockspace ---------------------------------------------------------------------------
+    def join(self) -> None:
+        """Join the lockspace with this host id (``add_lockspace``; returns at once when the
+        daemon holds it already; otherwise sanlock waits until the host id is known free,
+        about 2 x io_timeout plus a renewal). LeaseError when it cannot."""
+        sanlock = _sanlock()
+        c = self.config
+        try:
+            if sanlock.inq_lockspace(LOCKSPACE, c.host_id, c.area, wait=True):
+                return
+            sanlock.add_lockspace(LOCKSPACE, c.host_id, c.area, offset=LOCKSPACE_OFFSET,
+                                  iotimeout=c.io_timeout)
+        except sanlock.SanlockException as exc:
+            if exc.errno == 17:             # EEXIST: joined meanwhile
+                return
+            raise LeaseError(f"cannot join lockspace {LOCKSPACE.decode()} on {c.area} as host "
+                             f"{c.host_id}: {exc} (is the sanlock daemon running, the area "
+                             "initialised with lvmirror lease-init?)") from None
+
+    # -- volume leases ---------------------------------------------------------------------------
+    def acquire(self, volume: str) -> None:
+        """Take ``volume``'s lease for this process (idempotent while held)."""
+        sanlock = _sanlock()
+        with self._lock:
+            if volume in self._held:
+                return
+            self.join()
+            if self._fd is None:
+                self._fd = sanlock.register()
+            offset = self._slot(sanlock, volume)
+            disks = [(self.config.area, offset)]
+            try:
+                sanlock.acquire(LOCKSPACE, resource_name(volume), disks, slkfd=self._fd)
+            except sanlock.SanlockException as exc:
+                raise self._refusal(sanlock, exc, resource_name(volume), disks,
+                                    f"volume {volume!r}") from None
+            self._held[volume] = offset
+            log.info("volume %s: lease taken (sanlock host %d, %s slot %d)", volume,
+                     self.config.host_id, self.config.area,
+                     (offset - FIRST_SLOT_OFFSET) // ALIGN)
+
+    def release(self, volume: str) -> None:
+        """Give ``volume``'s lease back (after its close made its writes durable). A failure
+        is logged: the lease is released anyway when this process exits."""
+        with self._lock:
+            offset = self._held.pop(volume, None)
+            if offset is None:
+                return
+            sanlock = _sanlock()
+            try:
+                sanlock.release(LOCKSPACE, resource_name(volume), [(self.config.area, offset)],
+                                slkfd=self._fd)
+                log.info("volume %s: lease released", volume)
+            except sanlock.SanlockException as exc:
+                log.error("volume %s: cannot release its lease (%s); it is released when this "
+                          "process exits", volume, exc)
+
+    def held(self) -> dict[str, int]:
+        """Volume -> slot number of the leases this process holds."""
+        with self._lock:
+            return {v: (o - FIRST_SLOT_OFFSET) // ALIGN for v, o in self._held.items()}
+
+    def _refusal(self, sanlock, exc, resource: bytes, disks, what: str) -> LeaseError:
+        """The error for a failed acquire of ``resource``, saying why: held by another host
+        (LeaseHeldError with its host ids), held by another process of this host, this host
+        no longer holding the lockspace (the area failed, or the daemon stopped), or sanlock's
+        own words."""
+        c = self.config
+        try:
+            owners = sorted({o["host_id"] for o in sanlock.read_resource_owners(
+                LOCKSPACE, resource, disks) if o.get("host_id")})
+        except sanlock.SanlockException:
+            owners = []
+        others = [h for h in owners if h != c.host_id]
+        if others:
+            return LeaseHeldError(
+                f"{what} is open on another gateway (its lease in {c.area} is held by sanlock "
+                f"host id {', '.join(map(str, others))}; this is host {c.host_id}): refusing to "
+                "open it", others)
+        if owners:
+            return LeaseError(f"{what}: its lease is held by another process of this host "
+                              f"(sanlock host id {c.host_id})")
+        try:
+            joined = sanlock.inq_lockspace(LOCKSPACE, c.host_id, c.area)
+        except sanlock.SanlockException:
+            joined = False
+        if not joined:
+            return LeaseError(f"{what}: this host (sanlock host id {c.host_id}) does not hold "
+                              f"the lockspace on {c.area}: the lease area cannot be read or "
+                              f"written, or the sanlock daemon stopped ({exc})")
+        return LeaseError(f"{what}: cannot take its lease in {c.area}: {exc}")
+
+    def _slot(self, sanlock, volume) -> int:
+        """The offset of ``volume``'s slot, assigning a free one under the directory lease."""
+        name = resource_name(volume)
+        area = self.config.area
+        directory = [(area, DIRECTORY_OFFSET)]
+        for attempt in range(DIRECTORY_TRIES):
+            try:
+                sanlock.acquire(LOCKSPACE, DIRECTORY, directory, slkfd=self._fd)
+                break
+            except sanlock.SanlockException as exc:
+                error = self._refusal(sanlock, exc, DIRECTORY, directory,
+                                      f"the lease directory of {area} (for volume {volume!r})")
+                # held by another gateway assigning a slot this instant: a moment's work
+                if not isinstance(error, LeaseHeldError) or attempt == DIRECTORY_TRIES - 1:
+                    raise error from None
+                time.sleep(DIRECTORY_RETRY)
+        try:
+            free = None
+            for k in range(area_slots(area)):
+                offset = FIRST_SLOT_OFFSET + k * ALIGN
+                try:
+                    found = sanlock.read_resource(area, offset=offset)
+                except sanlock.SanlockException:
+                    found = None
+                resource = found.get("resource") if found else b""
+                if resource == name:
+                    return offset
+                if not resource and free is None:
+                    free = offset
+            if free is None:
+                raise LeaseError(f"the lease area {area} has no free slot for volume "
+                                 f"{volume!r} ({area_slots(area)} slots, one MiB each, all "
+                                 "assigned)")
+            sanlock.write_resource(LOCKSPACE, name, [(area, free)])
+            log.info("volume %s: lease slot %d assigned in %s", volume,
+                     (free - FIRST_SLOT_OFFSET) // ALIGN, area)
+            return free
+        finally:
+            try:
+                sanlock.release(LOCKSPACE, DIRECTORY, directory, slkfd=self._fd)
+            except sanlock.SanlockException as exc:
+                log.error("cannot release the lease directory of %s: %s", area, exc)

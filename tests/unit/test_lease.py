@@ -1,0 +1,94 @@
+"""Volume leases (daemon/lease.py): what needs no sanlock daemon (this host cannot run one: its
+memlock limit is fixed), i.e. the configuration, the lease area's geometry and names, the
+refusals before sanlock is asked, and lvmirrord's and lvmirror's command lines. The kernel lab
+runs the real thing with two sanlock daemons (section lease)."""
+
+import importlib
+import os
+
+import pytest
+
+from lvmirror import cfgstring, cli
+from lvmirror.daemon import lease
+from lvmirror.daemon.registry import VolumeRegistry
+from lvmirror.errors import ConfigError
+
+# the module (lvmirror.daemon exports its main() function under the same name)
+daemon_main = importlib.import_module("lvmirror.daemon.main")
+
+
+def test_lease_config_checks_host_id_and_path():
+    assert lease.LeaseConfig("/dev/shared", 1).io_timeout == 10
+    with pytest.raises(ConfigError, match="1 to 2000"):
+        lease.LeaseConfig("/dev/shared", 0)
+    with pytest.raises(ConfigError, match="1 to 2000"):
+        lease.LeaseConfig("/dev/shared", 2001)
+    with pytest.raises(ConfigError, match="absolute"):
+        lease.LeaseConfig("shared.area", 1)
+
+
+def test_resource_names_fit_sanlock():
+    assert lease.resource_name("vol0") == b"vol0"
+    assert lease.resource_name("v" * 48) == b"v" * 48
+    long_a, long_b = lease.resource_name("a" * 64), lease.resource_name("a" * 63 + "b")
+    assert len(long_a) == 48 and long_a.startswith(b"h:") and long_a != long_b
+    assert lease.resource_name("a" * 64) == long_a                   # stable
+
+
+def test_area_slots_from_its_size(tmp_path):
+    area = tmp_path / "area"
+    for mib, slots in ((1, 0), (2, 0), (3, 1), (8, 6), (64, 62)):
+        with open(area, "wb") as f:
+            f.truncate(mib << 20)
+        assert lease.area_slots(str(area)) == slots
+
+
+def test_layout_offsets_are_sanlock_aligned():
+    assert lease.LOCKSPACE_OFFSET == 0
+    assert lease.DIRECTORY_OFFSET == lease.ALIGN == 1 << 20
+    assert lease.FIRST_SLOT_OFFSET == 2 << 20
+
+
+def test_registry_with_leases_refuses_a_volume_without_direct(tmp_path):
+    """With leases every volume must be opened O_DIRECT; the refusal comes before the lease is
+    asked for and before anything of the volume is read or created."""
+    leases = lease.Leases(lease.LeaseConfig(str(tmp_path / "area"), 1))
+    reg = VolumeRegistry(str(tmp_path / "state"), leases=leases)
+    spec = cfgstring.parse(f"v1;images={tmp_path}/a.img+{tmp_path}/b.img")
+    with pytest.raises(ConfigError, match="add ;direct=1"):
+        reg.acquire(spec, lun="lun0", size=1 << 20)
+    assert not os.path.exists(tmp_path / "a.img") and reg.names() == []
+    assert reg.lease_of("v1") is None and leases.held() == {}
+
+
+def test_registry_without_leases_reports_none(tmp_path):
+    reg = VolumeRegistry(str(tmp_path / "state"))
+    spec = cfgstring.parse(f"v1;images={tmp_path}/a.img+{tmp_path}/b.img")
+    vol, _ = reg.acquire(spec, lun="lun0", size=1 << 20)
+    try:
+        assert reg.lease_of("v1") is None
+    finally:
+        reg.release(spec)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lease-area", "/dev/shared"], "--lease-area and --host-id go together"),
+    (["--host-id", "1"], "--lease-area and --host-id go together"),
+    (["--lease-area", "/dev/shared", "--host-id", "0"], "1 to 2000"),
+    (["--lease-area", "rel/area", "--host-id", "1"], "absolute"),
+    (["--lease-area", "/dev/shared", "--host-id", "1", "--lease-io-timeout", "0"],
+     "at least 1 second"),
+])
+def test_lvmirrord_lease_options_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        daemon_main.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_lease_init_refuses_a_small_or_missing_area(tmp_path, capsys):
+    small = tmp_path / "small"
+    small.write_bytes(b"\0" * (2 << 20))
+    assert cli.main(["lease-init", str(small)]) == cli.EXIT_ERROR
+    assert "at least 3 MiB" in capsys.readouterr().err
+    assert cli.main(["lease-init", str(tmp_path / "missing")]) == cli.EXIT_ERROR
+    assert "No such file" in capsys.readouterr().err
