@@ -74,7 +74,7 @@ def main(argv=None):
                              "lost)")
     parser.add_argument("--version", action="version", version=f"lvmirrord {__version__}")
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    # every usage error before any side effect (the logging set up, the daemon built)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if not 0 < args.metrics_interval < float("inf"):
@@ -89,6 +89,7 @@ def main(argv=None):
             leases = LeaseConfig(args.lease_area, args.host_id, args.lease_io_timeout)
         except ConfigError as exc:
             parser.error(str(exc))
+    setup_logging(args.log_level)
     daemon = Lvmirrord(state_dir=args.state_dir, workers=args.workers, with_bus=not args.no_dbus,
                        processes=args.processes, log_level=args.log_level,
                        hooks_dir=args.hooks_dir, metrics_file=args.metrics_file or None,

@@ -80,9 +80,15 @@ def test_registry_without_leases_reports_none(tmp_path):
      "at least 1 second"),
 ])
 def test_lvmirrord_lease_options_are_checked(argv, message, capsys):
+    """A usage error, before any side effect: the root logger is left as it was (a handler
+    left on pytest's captured stderr made a later test's caplog see other tests' records)."""
+    import logging
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
     with pytest.raises(SystemExit) as e:
         daemon_main.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+    assert (root.level, list(root.handlers)) == before
 
 
 def test_lease_init_refuses_a_small_or_missing_area(tmp_path, capsys):
