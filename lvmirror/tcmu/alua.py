@@ -32,8 +32,19 @@ _MEMBER = re.compile(r"^([^/]+)/([^/]+)/tpgt_(\d+)/lun_(\d+)$")
 
 
 def _text(path: str) -> str:
+    """A configfs attribute's text, without the NUL bytes some attributes end with (an empty
+    group's ``members`` reads as one NUL byte in Linux 6.1) and surrounding white space."""
     with open(path) as f:
-        return f.read().strip()
+        return f.read().replace("\0", "").strip()
+
+
+_reported: set[str] = set()        # problems already logged (INQUIRY reads the groups each time)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _reported:
+        _reported.add(message)
+        log.warning("%s", message)
 
 
 def _int(path: str) -> int:
@@ -63,7 +74,7 @@ def read_port(target_root: str, member: str) -> TargetPort:
 def read_group(target_root: str, group_dir: str) -> PortGroup:
     """One ``PortGroup`` from its ``alua/<name>`` directory. Raises ``OSError`` or
     ``ValueError`` when a file is missing or malformed; a member port that cannot be read is
-    left out (logged)."""
+    left out (logged once per distinct problem: INQUIRY reads the groups every time)."""
     def get(name):
         return _text(os.path.join(group_dir, name))
     supported = 0
@@ -77,8 +88,8 @@ def read_group(target_root: str, group_dir: str) -> PortGroup:
         try:
             ports.append(read_port(target_root, line))
         except (OSError, ValueError) as exc:
-            log.warning("ALUA group %s: member %s left out: %s",
-                        os.path.basename(group_dir), line, exc)
+            _warn_once(f"ALUA group {os.path.basename(group_dir)}: member {line!r} left out "
+                       f"({exc})")
     return PortGroup(name=os.path.basename(group_dir), group_id=int(get("tg_pt_gp_id")),
                      state=int(get("alua_access_state")), supported=supported,
                      status=STATUS_CODES.get(get("alua_access_status"), 0),

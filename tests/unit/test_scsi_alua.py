@@ -196,6 +196,30 @@ def test_read_port_groups_from_configfs(configfs):
     assert sb.state == alua.STANDBY and sb.ports == (alua.TargetPort(2, 5, False, IQN, 2),)
 
 
+def test_empty_members_read_as_a_nul_byte_are_no_members(configfs, caplog):
+    """Linux 6.1 reads an empty group's ``members`` as one NUL byte: no member, nothing logged
+    (the lab found every INQUIRY logging a warning with a raw NUL in it, which made
+    lvmirrord's log a binary file to grep)."""
+    dev, target = configfs
+    make_group(dev.configfs_dir, "default_tg_pt_gp", 0, 0, [])
+    with open(os.path.join(dev.configfs_dir, "alua", "default_tg_pt_gp", "members"), "w") as f:
+        f.write("\0")
+    with caplog.at_level("WARNING"):
+        (group,) = dev.port_groups()
+        dev.port_groups()
+    assert group.ports == () and caplog.records == []
+
+
+def test_a_bad_member_is_logged_once_without_control_bytes(configfs, caplog):
+    dev, target = configfs
+    make_group(dev.configfs_dir, "ao", 1, 0, ["bad\x01line"])
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            assert dev.port_groups()[0].ports == ()
+    (record,) = caplog.records
+    assert "\\x01" in record.getMessage() and "\x01" not in record.getMessage()
+
+
 def test_read_port_groups_without_alua_dir(configfs):
     dev, target = configfs
     assert read_port_groups(dev.configfs_dir, target) == []
