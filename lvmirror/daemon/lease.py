@@ -16,8 +16,10 @@ area**, one shared file or block device that every gateway names the same (``lvm
   2 x io_timeout by the sanlock daemon);
 - offset 1 MiB: the directory lease, held while a gateway assigns a volume its slot;
 - offset 2 MiB + k MiB: slot k, the paxos lease of one volume (its resource name is the
-  volume name, or a hash of it beyond sanlock's 48 bytes). A slot is assigned the first time a
-  volume is opened with leases, and kept.
+  volume name, or a hash of it beyond sanlock's 48 bytes; a free slot's is ``-free-``). A
+  volume's slot is found by reading the slots; only when it has none yet is the directory
+  lease taken to assign one, and kept. A slot that cannot be read refuses the open: it might
+  be the volume's, held by another gateway.
 
 ``init_area`` (``lvmirror lease-init PATH``) writes the lockspace and the directory lease once,
 before any gateway uses the area; it refuses an area that holds a lockspace already.
@@ -38,6 +40,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 
@@ -53,6 +56,7 @@ LOCKSPACE_OFFSET = 0
 DIRECTORY_OFFSET = ALIGN
 FIRST_SLOT_OFFSET = 2 * ALIGN
 DIRECTORY = b"lvmirror-directory"
+FREE = b"-free-"               # a free slot's resource name (no volume name starts with '-')
 NAME_MAX = 48                  # SANLK_NAME_LEN
 DIRECTORY_TRIES = 20           # the directory lease held by another gateway: tries, ...
 DIRECTORY_RETRY = 0.5          # ... seconds apart
@@ -89,6 +93,9 @@ class LeaseConfig:
                               f"{self.host_id}")
         if not os.path.isabs(self.area):
             raise ConfigError(f"the lease area must be an absolute path: {self.area!r}")
+        if not 1 <= self.io_timeout <= 60:
+            raise ConfigError(f"the lease I/O timeout must be 1 to 60 seconds, not "
+                              f"{self.io_timeout}")
 
 
 def _sanlock():
@@ -110,8 +117,14 @@ def resource_name(volume: str) -> bytes:
 
 
 def area_slots(path: str) -> int:
-    """How many volume slots the lease area holds (its size in MiB minus 2)."""
-    fd = os.open(path, os.O_RDONLY)
+    """How many volume slots the lease area holds (its size in MiB minus 2). LeaseError for
+    a path that is not an absolute path to a regular file or a block device."""
+    if not os.path.isabs(path):
+        raise LeaseError(f"the lease area must be an absolute path: {path!r}")
+    st = os.stat(path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise LeaseError(f"{path}: a lease area is a regular file or a block device")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
     finally:
@@ -120,32 +133,38 @@ def area_slots(path: str) -> int:
 
 
 def init_area(path: str, *, io_timeout: int = 10, force: bool = False) -> int:
-    """Write the lockspace and the directory lease to ``path`` (the sanlock daemon must run);
-    returns the number of volume slots. Refuses (LeaseError) an area smaller than 3 MiB, and
-    one that already holds lvmirror's lockspace unless ``force`` (re-initialising an area in
-    use destroys every lease in it: stop lvmirrord on every gateway first)."""
-    sanlock = _sanlock()
+    """Write the lockspace, the directory lease and every slot as free to ``path`` (the
+    sanlock daemon must run); returns the number of volume slots. ``io_timeout``: seconds,
+    1 to 60. Refuses (LeaseError) an area smaller than 3 MiB, and, unless ``force``, one whose
+    first MiB does not read as zeroes (a lockspace in use, or data: re-initialising an area in
+    use destroys every lease in it, so force only when every lvmirrord using it is stopped),
+    or cannot be read."""
+    if not 1 <= io_timeout <= 60:
+        raise LeaseError(f"the I/O timeout must be 1 to 60 seconds, not {io_timeout}")
     slots = area_slots(path)
     if slots < 1:
         raise LeaseError(f"{path}: a lease area needs at least 3 MiB (lockspace, directory, "
                          "one volume)")
     if not force:
+        fd = os.open(path, os.O_RDONLY)
         try:
-            sanlock.read_lockspace(path, offset=LOCKSPACE_OFFSET)
-        except sanlock.SanlockException:
-            pass
-        else:
-            raise LeaseError(f"{path} already holds a lockspace; re-initialising it while a "
-                             "gateway uses it destroys its leases (force only when every "
-                             "lvmirrord using it is stopped)")
+            head = os.pread(fd, ALIGN, 0)
+        finally:
+            os.close(fd)
+        if head.count(0) != len(head):
+            raise LeaseError(f"{path} is not empty (its first MiB holds a lockspace or other "
+                             "data); re-initialising a lease area while a gateway uses it "
+                             "destroys its leases: --force only when every lvmirrord using it "
+                             "is stopped")
+    sanlock = _sanlock()
     try:
         sanlock.write_lockspace(LOCKSPACE, path, offset=LOCKSPACE_OFFSET, iotimeout=io_timeout)
         sanlock.write_resource(LOCKSPACE, DIRECTORY, [(path, DIRECTORY_OFFSET)])
-        for k in range(slots):                       # every slot reads as free
-            sanlock.write_resource(LOCKSPACE, b"", [(path, FIRST_SLOT_OFFSET + k * ALIGN)],
-                                   clear=True)
+        for k in range(slots):
+            sanlock.write_resource(LOCKSPACE, FREE, [(path, FIRST_SLOT_OFFSET + k * ALIGN)])
     except sanlock.SanlockException as exc:
-        raise LeaseError(f"{path}: cannot initialise the lease area: {exc}") from None
+        raise LeaseError(f"{path}: cannot initialise the lease area: {exc} (is the sanlock "
+                         "daemon running? systemctl start sanlock)") from None
     return slots
 
 
@@ -177,6 +196,9 @@ class Leases:
         except sanlock.SanlockException as exc:
             if exc.errno == 17:             # EEXIST: joined meanwhile
                 return
+            if exc.errno in (115, 11):      # EINPROGRESS (being added), EAGAIN (being removed)
+                if sanlock.inq_lockspace(LOCKSPACE, c.host_id, c.area, wait=True):
+                    return
             raise LeaseError(f"cannot join lockspace {LOCKSPACE.decode()} on {c.area} as host "
                              f"{c.host_id}: {exc} (is the sanlock daemon running, the area "
                              "initialised with lvmirror lease-init?)") from None
@@ -254,9 +276,34 @@ class Leases:
                               f"written, or the sanlock daemon stopped ({exc})")
         return LeaseError(f"{what}: cannot take its lease in {c.area}: {exc}")
 
+    def _find(self, sanlock, name) -> tuple[int | None, int | None]:
+        """(offset of the slot named ``name`` or None, offset of the first free slot or None),
+        read from the area. LeaseError when a slot cannot be read: it might be this volume's,
+        held elsewhere, so nothing may be assigned."""
+        area = self.config.area
+        mine = free = None
+        for k in range(area_slots(area)):
+            offset = FIRST_SLOT_OFFSET + k * ALIGN
+            try:
+                resource = sanlock.read_resource(area, offset=offset).get("resource")
+            except sanlock.SanlockException as exc:
+                raise LeaseError(f"cannot read slot {k} of the lease area {area}: {exc}; "
+                                 "refusing to open a volume whose lease might be in it") from None
+            if resource == name:
+                mine = offset
+                break
+            if resource == FREE and free is None:
+                free = offset
+        return mine, free
+
     def _slot(self, sanlock, volume) -> int:
-        """The offset of ``volume``'s slot, assigning a free one under the directory lease."""
+        """The offset of ``volume``'s slot: found by reading the slots, or a free one assigned
+        under the directory lease (taken again and again for up to DIRECTORY_TRIES x
+        DIRECTORY_RETRY s while another process or gateway assigns one)."""
         name = resource_name(volume)
+        mine, _ = self._find(sanlock, name)
+        if mine is not None:
+            return mine
         area = self.config.area
         directory = [(area, DIRECTORY_OFFSET)]
         for attempt in range(DIRECTORY_TRIES):
@@ -266,23 +313,14 @@ class Leases:
             except sanlock.SanlockException as exc:
                 error = self._refusal(sanlock, exc, DIRECTORY, directory,
                                       f"the lease directory of {area} (for volume {volume!r})")
-                # held by another gateway assigning a slot this instant: a moment's work
-                if not isinstance(error, LeaseHeldError) or attempt == DIRECTORY_TRIES - 1:
+                if "does not hold the lockspace" in str(error) or \
+                        attempt == DIRECTORY_TRIES - 1:
                     raise error from None
                 time.sleep(DIRECTORY_RETRY)
         try:
-            free = None
-            for k in range(area_slots(area)):
-                offset = FIRST_SLOT_OFFSET + k * ALIGN
-                try:
-                    found = sanlock.read_resource(area, offset=offset)
-                except sanlock.SanlockException:
-                    found = None
-                resource = found.get("resource") if found else b""
-                if resource == name:
-                    return offset
-                if not resource and free is None:
-                    free = offset
+            mine, free = self._find(sanlock, name)      # again, under the directory lease
+            if mine is not None:
+                return mine
             if free is None:
                 raise LeaseError(f"the lease area {area} has no free slot for volume "
                                  f"{volume!r} ({area_slots(area)} slots, one MiB each, all "

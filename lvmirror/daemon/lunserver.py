@@ -233,13 +233,17 @@ class LunServer:
         self._wake()
         if self._thread is not None:
             self._thread.join()
-        if self.spec is not None:
-            self.registry.release(self.spec, self.backend)
-            self.spec = None
-        if self._held and not self._release_held(wait=HELD_VIEWS_WAIT):
+        # an image failed as slow may still be writing a completed command's data: wait for
+        # it before the volume is closed and its lease (shared storage) released
+        held_ok = not self._held or self._release_held(wait=HELD_VIEWS_WAIT)
+        if not held_ok:
             log.error("LUN %s: %d completed command(s) still have their data in use by an image "
-                      "failed as slow after %.0f s; the ring stays mapped until they return",
-                      self.name, len(self._held), HELD_VIEWS_WAIT)
+                      "failed as slow after %.0f s; the ring stays mapped and the volume's "
+                      "lease held until they return", self.name, len(self._held),
+                      HELD_VIEWS_WAIT)
+        if self.spec is not None:
+            self.registry.release(self.spec, self.backend, keep_lease=not held_ok)
+            self.spec = None
         if self._ring is not None:
             try:
                 self._ring.close()

@@ -110,10 +110,11 @@ class VolumeRegistry:
         with self._lock:
             return sorted(int(k[len(prefix):]) for k in self._users if k.startswith(prefix))
 
-    def release(self, spec: cfgstring.VolumeSpec, backend=None):
+    def release(self, spec: cfgstring.VolumeSpec, backend=None, *, keep_lease=False):
         """A LUN stops using ``spec``'s volume (or its exported split image, whose ``backend`` is
-        closed); the volume is closed when no LUN uses it any more. Releasing what is not held does
-        nothing.
+        closed); the volume is closed when no LUN uses it any more, and then its lease released
+        (``keep_lease``: not, because a write may still be in flight: the lease goes when this
+        process exits). Releasing what is not held does nothing.
         """
         key = spec.name if spec.image is None else f"{spec.name};image={spec.image}"
         with self._lock:
@@ -128,7 +129,8 @@ class VolumeRegistry:
                 volume = self._volumes.pop(spec.name)
         if volume is not None:
             volume.close()
-            self._release_lease(spec.name)
+            if not keep_lease:
+                self._release_lease(spec.name)
 
     def lease_of(self, name) -> dict | None:
         """``{"host_id": N, "slot": k}`` while this process holds ``name``'s lease, else

@@ -20,12 +20,12 @@ PORT GROUPS, which is therefore not supported (INVALID COMMAND OPERATION CODE, a
 when TPGS does not include explicit). LIO's groups default to "Implicit and Explicit"; lvmirror
 still reports implicit, as tcmu-runner reports "None" as implicit.
 
-TCMU does not tell the handler through which target port a command came (the entry has no I_T
-nexus), so "the local port" is the enabled port of the groups (a TPG whose ``enable`` is 1: in
-a two-gateway cluster each gateway enables its own TPG and keeps the other's disabled, as
-ceph-iscsi does). Where the enabled ports are in more than one group the answer could be wrong
-for some path, so VPD 83h then leaves out the group designator (and the relative port
-designator where more than one port is enabled) rather than guess; tcmu-runner takes the first.
+TCMU does not tell the handler through which target port a command came (the entry has no
+I_T nexus), so "the local port" is the one enabled member port of the groups (a TPG whose
+``enable`` is 1: in a two-gateway cluster each gateway enables its own TPG and keeps the
+other's disabled, as ceph-iscsi does). With more than one enabled port the answer could be
+wrong for some path, and a LUN that reports TPGS must name its port and group in VPD 83h, so
+ALUA is then not reported at all (TPGS 00b) rather than guessed; tcmu-runner takes the first.
 """
 
 from __future__ import annotations
@@ -98,33 +98,29 @@ def enabled_ports(groups) -> list[tuple[PortGroup, TargetPort]]:
 
 
 def tpgs(groups) -> int:
-    """The standard INQUIRY byte 5 TPGS bits: implicit (0x10) when some group has an enabled
-    member port, else 0 (no ALUA reported; SPC-4 6.6.2)."""
-    return TPGS_IMPLICIT if enabled_ports(groups) else 0
+    """The standard INQUIRY byte 5 TPGS bits: implicit (0x10) when exactly one member port is
+    enabled, else 0 (no ALUA reported; SPC-4 6.6.2). A LUN reporting TPGS must give the
+    relative port and group designators in VPD 83h, which only one enabled port makes
+    certain (the module docstring: TCMU does not say through which port a command came)."""
+    return TPGS_IMPLICIT if len(enabled_ports(groups)) == 1 else 0
 
 
 def port_designators(groups) -> bytes:
     """The target-port designation descriptors of VPD page 83h (SPC-4 7.8.6), possibly empty.
 
-    With exactly one enabled port: RELATIVE TARGET PORT (type 4), TARGET PORT GROUP (type 5) and
-    the port's SCSI name string (type 8, ``<wwn>,t,0x<tpgt>``), each with PIV set and ASSOCIATION
-    01b (the target port), then the target device's SCSI name string (``<wwn>``, ASSOCIATION
-    10b), as LIO's ``spc_emulate_evpd_83`` and tcmu-runner's ``scsi.c`` give them. With
-    several enabled ports all in one group only the group designator (the port is unknown, see
-    the module docstring); with enabled ports in several groups, nothing."""
+    With exactly one enabled port (``tpgs`` nonzero): RELATIVE TARGET PORT (type 4), TARGET
+    PORT GROUP (type 5) and the port's SCSI name string (type 8, ``<wwn>,t,0x<tpgt>``), each
+    with PIV set and ASSOCIATION 01b (the target port), then the target device's SCSI name
+    string (``<wwn>``, ASSOCIATION 10b), as LIO's ``spc_emulate_evpd_83`` and tcmu-runner's
+    ``scsi.c`` give them. Otherwise nothing (see the module docstring)."""
     local = enabled_ports(groups)
-    if not local:
+    if len(local) != 1:
         return b""
-    group_ids = {g.group_id for g, _ in local}
-    proto = local[0][1].proto_id
-    out = b""
-    if len(local) == 1:
-        port = local[0][1]
-        out += _designator(proto, 0x1, 0x4, port.rel_port_id.to_bytes(4, "big"))
-    if len(group_ids) == 1:
-        out += _designator(proto, 0x1, 0x5, (local[0][0].group_id & 0xFFFF).to_bytes(4, "big"))
-    if len(local) == 1 and local[0][1].wwn:
-        port = local[0][1]
+    group, port = local[0]
+    proto = port.proto_id
+    out = _designator(proto, 0x1, 0x4, port.rel_port_id.to_bytes(4, "big"))
+    out += _designator(proto, 0x1, 0x5, (group.group_id & 0xFFFF).to_bytes(4, "big"))
+    if port.wwn:
         name = f"{port.wwn},t,0x{port.tpgt:04x}".encode()
         out += _designator(proto, 0x3, 0x8, _name_string(name))
         out += _designator(proto, 0x3, 0x8, _name_string(port.wwn.encode()), assoc=2)

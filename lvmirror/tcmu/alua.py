@@ -109,5 +109,13 @@ def read_port_groups(device_dir: str, target_root: str) -> list[PortGroup]:
         names = sorted(os.listdir(alua_dir))
     except FileNotFoundError:
         return []
-    return [read_group(target_root, os.path.join(alua_dir, n)) for n in names
-            if os.path.isdir(os.path.join(alua_dir, n))]
+    groups = []
+    for n in names:
+        group_dir = os.path.join(alua_dir, n)
+        if not os.path.isdir(group_dir):
+            continue
+        if not _text(os.path.join(group_dir, "tg_pt_gp_id")):
+            # no id yet (made, its id not yet written: LIO's own RTPG skips it too)
+            continue
+        groups.append(read_group(target_root, group_dir))
+    return groups

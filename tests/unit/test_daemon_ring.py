@@ -118,6 +118,8 @@ def test_test_unit_ready_tells_the_truth_when_every_image_fails(lab, tmp_path):
     assert open(attr).read().strip() == "1"
     tur = emu.submit(bytes(6))
     assert emu.wait([tur])[tur].status == 0
+    for job in list(lun.volume.jobs.values()):     # the initial resync, not part of the test
+        assert job.wait(20)
     for k in range(2):
         lun.volume.image_storage(k).close()
     wid = emu.submit(cdb10(0x2A, 0, 8), data_out=bytes([3]) * 8 * BS)

@@ -59,6 +59,13 @@ def test_validate_all_accepts_a_good_configuration():
      "peer_alua_group needs alua_group"),
     (dict(alua_group="gwa", alua_group_id="1", peer_tpg="1", peer_alua_group="gwb",
           peer_alua_group_id="2"), "peer_tpg must differ from tpg"),
+    (dict(alua_group="ao", alua_group_id="1", peer_tpg="2", peer_alua_group="ao",
+          peer_alua_group_id="1"), "must differ from alua_group's"),
+    (dict(alua_group="gwa", alua_group_id="2", peer_tpg="2", peer_alua_group="gwb",
+          peer_alua_group_id="2"), "must differ from alua_group's"),
+    (dict(serve_timeout="40s"), "serve_timeout must be a number of seconds"),
+    (dict(serve_timeout="-5"), "serve_timeout must be a number of seconds"),
+    (dict(cfgstring="lvmirror/vol1;images=/a.img+/b.img"), "without the lvmirror/ prefix"),
 ])
 def test_validate_all_refuses_with_the_reason(change, reason):
     r = agent("validate-all", **{**GOOD, **change})
@@ -78,6 +85,12 @@ def test_probe_of_a_stopped_resource_is_not_running():
     LIO is not loaded (this host: no configfs target), as ocf-tester requires."""
     r = agent("monitor", **GOOD)
     assert r.returncode == 7, r.stderr
+
+
+def test_start_without_lio_is_not_installed():
+    """This host has no LIO: start says so (5) with the reason, instead of an rtslib error."""
+    r = agent("start", **GOOD)
+    assert r.returncode == 5 and "LIO is not available" in r.stderr, r.stderr
 
 
 def test_unknown_action_is_unimplemented():

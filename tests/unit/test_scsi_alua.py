@@ -76,18 +76,18 @@ def test_vpd83_names_the_local_port_and_its_group():
     assert [d[5] for d in ds] == [0, 0, 5, 5, 5, 5]     # the port's designators: iSCSI (PIV 1)
 
 
-def test_vpd83_leaves_out_what_it_cannot_know():
-    # both gateways' TPGs enabled on this node, in different groups: the port a command came
-    # through is unknown (TCMU does not say), so neither a port nor a group is named
-    _, page = run(lu_with(two_gateways(remote_enabled=True)), [0x12, 1, 0x83, 0, 255, 0],
-                  in_len=255)
-    assert [d[3] for d in designators(page)] == [3, 1]
-    # two enabled ports in one group: the group is known, the port is not
+def test_no_alua_when_the_port_cannot_be_known():
+    """Two enabled ports (in two groups, or in one): the port a command came through is unknown
+    (TCMU does not say), and a LUN reporting TPGS must name it in VPD 83h (SPC-4), so no ALUA is
+    reported: TPGS 00b, no port designators, RTPG unsupported."""
     one = [alua.PortGroup("ao", 7, alua.ACTIVE_OPTIMIZED, ports=(
         alua.TargetPort(1, 5, True, IQN, 1), alua.TargetPort(3, 5, True, IQN, 3)))]
-    _, page = run(lu_with(one), [0x12, 1, 0x83, 0, 255, 0], in_len=255)
-    ds = designators(page)
-    assert [d[3] for d in ds] == [3, 1, 5] and int.from_bytes(ds[2][4], "big") == 7
+    for groups in (two_gateways(remote_enabled=True), one):
+        lu = lu_with(groups)
+        _, std = run(lu, [0x12, 0, 0, 0, 255, 0], in_len=255)
+        _, page = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
+        assert std[5] & 0x30 == 0 and [d[3] for d in designators(page)] == [3, 1]
+        assert sense_of(rtpg(lu)[0]) == (5, 0x20, 0)
 
 
 def test_report_target_port_groups():
@@ -218,6 +218,20 @@ def test_a_bad_member_is_logged_once_without_control_bytes(configfs, caplog):
             assert dev.port_groups()[0].ports == ()
     (record,) = caplog.records
     assert "\\x01" in record.getMessage() and "\x01" not in record.getMessage()
+
+
+def test_a_group_without_an_id_yet_is_skipped(configfs):
+    """LIO shows an empty ``tg_pt_gp_id`` until one is written (rtslib makes the directory
+    first): that group is left out, as LIO's RTPG leaves it out, not ALUA for the whole LUN."""
+    dev, target = configfs
+    make_port(target, "iscsi", IQN, 1, 0, 1, enable=1)
+    make_group(dev.configfs_dir, "ao", 1, 0, [f"iSCSI/{IQN}/tpgt_1/lun_0"])
+    make_group(dev.configfs_dir, "new", 0, 0, [])
+    with open(os.path.join(dev.configfs_dir, "alua", "new", "tg_pt_gp_id"), "w") as f:
+        f.write("")
+    assert [g.name for g in dev.port_groups()] == ["ao"]
+    lu = LogicalUnit(RamBackend(), wwn=WWN, port_groups=dev.port_groups)
+    assert run(lu, [0x12, 0, 0, 0, 255, 0], in_len=255)[1][5] & 0x30 == 0x10
 
 
 def test_read_port_groups_without_alua_dir(configfs):
