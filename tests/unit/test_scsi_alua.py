@@ -210,6 +210,21 @@ def test_empty_members_read_as_a_nul_byte_are_no_members(configfs, caplog):
     assert group.ports == () and caplog.records == []
 
 
+def test_members_each_ending_with_a_nul_are_all_read(configfs, caplog):
+    """6.1 ends each ``members`` line with a NUL byte: every member is read, not the first."""
+    dev, target = configfs
+    make_port(target, "iscsi", IQN, 1, 0, 1, enable=0)
+    make_port(target, "iscsi", IQN, 2, 0, 2, enable=1)
+    make_group(dev.configfs_dir, "ao", 1, 0, [])
+    with open(os.path.join(dev.configfs_dir, "alua", "ao", "members"), "w") as f:
+        f.write(f"iSCSI/{IQN}/tpgt_1/lun_0\0\niSCSI/{IQN}/tpgt_2/lun_0\0\n")
+    with caplog.at_level("WARNING"):
+        (group,) = dev.port_groups()
+    assert [p.rel_port_id for p in group.ports] == [1, 2] and caplog.records == []
+    lu = LogicalUnit(RamBackend(), wwn=WWN, port_groups=dev.port_groups)
+    assert run(lu, [0x12, 0, 0, 0, 255, 0], in_len=255)[1][5] & 0x30 == 0x10
+
+
 def test_a_bad_member_is_logged_once_without_control_bytes(configfs, caplog):
     dev, target = configfs
     make_group(dev.configfs_dir, "ao", 1, 0, ["bad\x01line"])
