@@ -67,6 +67,11 @@ class LeaseError(ConfigError):
     """A lease could not be taken or the lease area is unusable (the message says why)."""
 
 
+class LockspaceLostError(LeaseError):
+    """This host does not hold the lockspace (the area failed, or the sanlock daemon stopped):
+    no lease can be taken until it is joined again."""
+
+
 class LeaseHeldError(LeaseError):
     """The volume's lease is held by another host (``owners``: their sanlock host ids)."""
 
@@ -271,9 +276,10 @@ class Leases:
         except sanlock.SanlockException:
             joined = False
         if not joined:
-            return LeaseError(f"{what}: this host (sanlock host id {c.host_id}) does not hold "
-                              f"the lockspace on {c.area}: the lease area cannot be read or "
-                              f"written, or the sanlock daemon stopped ({exc})")
+            return LockspaceLostError(
+                f"{what}: this host (sanlock host id {c.host_id}) does not hold the lockspace "
+                f"on {c.area}: the lease area cannot be read or written, or the sanlock daemon "
+                f"stopped ({exc})")
         return LeaseError(f"{what}: cannot take its lease in {c.area}: {exc}")
 
     def _find(self, sanlock, name) -> tuple[int | None, int | None]:
@@ -313,8 +319,7 @@ class Leases:
             except sanlock.SanlockException as exc:
                 error = self._refusal(sanlock, exc, DIRECTORY, directory,
                                       f"the lease directory of {area} (for volume {volume!r})")
-                if "does not hold the lockspace" in str(error) or \
-                        attempt == DIRECTORY_TRIES - 1:
+                if isinstance(error, LockspaceLostError) or attempt == DIRECTORY_TRIES - 1:
                     raise error from None
                 time.sleep(DIRECTORY_RETRY)
         try:
