@@ -3,11 +3,18 @@
 Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 bytes, no ':')::
 
     NAME[;images=/path/a+/path/b[+...]][;region_size=1M][;block_size=512|4096][;direct=0|1]
-        [;force=1][;leg_timeout=SECONDS]
-    NAME;image=N[;readonly=1]
+        [;force=1][;leg_timeout=SECONDS][;state_dir=/path]
+    NAME;image=N[;readonly=1][;state_dir=/path]
 
 * ``NAME`` names the volume; its metadata, change bitmaps and write-intent log live in
-  ``<state_dir>/NAME/`` (default /var/lib/lvmirror).
+  ``<state_dir>/NAME/`` (default: lvmirrord's ``--state-dir``, /var/lib/lvmirror).
+* ``state_dir`` (an absolute path to an existing directory) puts this volume's state there
+  instead: on shared storage, so that the gateway that takes the volume over (high availability,
+  ``ha/LogicalUnit``) finds its write-intent log, change bitmaps and split state, as dm-raid1
+  keeps its log on a log device next to the legs. lvmirrord never creates it: a directory that
+  is missing (its file system not mounted) refuses the LUN rather than create a new volume on
+  the wrong disk. Volumes in other state directories are not seen by the check that an image
+  belongs to one volume only.
 * ``images=`` (1 to 4 absolute paths, files or block devices, joined by '+': LIO splits its
   control string at ',', so a comma cannot appear in a cfgstring) creates the volume on first use
   (the first image is the source, the others are fully resynced from it; missing files are
@@ -55,14 +62,14 @@ from lvmirror.errors import ConfigError
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.metadata import VolumeMetadata
 
-__all__ = ["CONFIG_DESC", "SUBTYPE", "VolumeSpec", "check", "format", "parse"]
+__all__ = ["CONFIG_DESC", "SUBTYPE", "VolumeSpec", "check", "format", "parse", "state_dir_of"]
 
 SUBTYPE = "lvmirror"
 MAX_DEV_CONFIG = 255          # TCMU_CONFIG_LEN 256 with the NUL
 MAX_IMAGES = 4
 IMAGE_SEPARATOR = "+"
 KEYS = ("images", "region_size", "block_size", "direct", "force", "leg_timeout", "image",
-        "readonly")
+        "readonly", "state_dir")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SIZE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)     # ASCII digits only (\d takes any)
 _SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
@@ -71,8 +78,9 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 CONFIG_DESC = (
     "VOLUME[;images=/path/a+/path/b][;region_size=1M][;block_size=512|4096][;direct=0|1]"
-    "[;force=1][;leg_timeout=4] or VOLUME;image=N[;readonly=1]. A mirrored volume (metadata in "
-    "/var/lib/lvmirror/VOLUME); images= creates it on first use from 1-4 image files or block "
+    "[;force=1][;leg_timeout=4][;state_dir=/path] or VOLUME;image=N[;readonly=1]. A mirrored "
+    "volume (metadata in /var/lib/lvmirror/VOLUME, or STATE_DIR/VOLUME with state_dir=, an "
+    "existing directory: shared storage for two gateways); images= creates it on first use from 1-4 image files or block "
     "devices (the first is the source; the others are overwritten by a full copy, so one that "
     "already holds data is refused unless force=1); later it may name "
     "any current or former image of the volume (attach/detach change them). image=N serves "
@@ -85,7 +93,7 @@ class VolumeSpec:
     ``block_size`` in bytes, ``leg_timeout`` in seconds (None: the engine's default, 0: never).
     ``images`` creates or identifies the volume; ``image`` (index 0-3) exports that split image
     instead, ``readonly`` write-protecting it; ``direct``: O_DIRECT; ``force``: see the module
-    docstring."""
+    docstring; ``state_dir``: the directory holding ``NAME/`` (None: lvmirrord's own)."""
     name: str
     images: tuple[str, ...] | None = None
     region_size: int = 1 << 20
@@ -95,6 +103,7 @@ class VolumeSpec:
     leg_timeout: float | None = None     # seconds (None: the engine's default, 0: never)
     image: int | None = None
     readonly: bool = False
+    state_dir: str | None = None
 
 
 def _size(cfg, key, value):
@@ -217,7 +226,26 @@ def parse(cfg: str) -> VolumeSpec:
             raise ConfigError(f"cfgstring {cfg!r}: readonly= applies to an exported split image "
                               f"('{name};image=N;readonly=1'), not to the live volume")
         kw["readonly"] = opts["readonly"] == "1"
+    if "state_dir" in opts:
+        sd = opts["state_dir"]
+        if not os.path.isabs(sd) or os.path.normpath(sd) != sd:
+            raise ConfigError(f"cfgstring {cfg!r}: state_dir {sd!r} must be an absolute, "
+                              f"normalised path")
+        kw["state_dir"] = sd
     return VolumeSpec(name=name, **kw)
+
+
+def state_dir_of(spec: VolumeSpec, default: str) -> str:
+    """The directory holding ``spec``'s volume state (``<it>/NAME/``): the cfgstring's
+    ``state_dir``, else ``default`` (lvmirrord's ``--state-dir``). A ``state_dir`` the
+    cfgstring names must exist (it is never created: a shared file system not mounted there
+    must not make lvmirrord create the volume anew on the local disk): ConfigError says so."""
+    if spec.state_dir is None:
+        return default
+    if not os.path.isdir(spec.state_dir):
+        raise ConfigError(f"volume {spec.name!r}: state_dir {spec.state_dir} does not exist or is "
+                          f"not a directory (is its shared file system mounted?)")
+    return spec.state_dir
 
 
 def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
@@ -243,6 +271,8 @@ def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
         parts.append(f"leg_timeout={spec.leg_timeout:g}")
     if spec.readonly:
         parts.append("readonly=1")
+    if spec.state_dir is not None:
+        parts.append(f"state_dir={spec.state_dir}")
     return ";".join(parts)
 
 
@@ -260,10 +290,12 @@ def check(cfg: str, *, state_dir: str = "/var/lib/lvmirror") -> VolumeSpec:
     spelling), is a current image of another volume in ``state_dir``, is a block device another
     user holds (a brief O_EXCL open, as LIO's iblock does; the holder is named), or is a
     secondary image that holds data without ``force=1`` (mdadm --create / pvcreate behaviour);
-    the messages are MirrorVolume.create's (``mirror.imagecheck``). Cost: see
+    the messages are MirrorVolume.create's (``mirror.imagecheck``). A cfgstring's own
+    ``state_dir`` replaces ``state_dir`` and must exist (``state_dir_of``). Cost: see
     ``imagecheck.probe`` (at most 68 MiB read per existing file, 8 MiB per block device).
     """
     spec = parse(cfg)
+    state_dir = state_dir_of(spec, state_dir)
     md = None
     if VolumeMetadata.exists(state_dir, spec.name):
         md = VolumeMetadata.load(state_dir, spec.name)    # ConfigError names file and field

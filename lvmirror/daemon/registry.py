@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from lvmirror import cfgstring
@@ -46,6 +47,10 @@ class VolumeRegistry:
             if key in self._users:
                 raise ConfigError(f"{key!r} is already served by LUN {self._users[key]!r}")
             volume = self._volumes.get(spec.name)
+            if volume is not None and spec.state_dir is not None and \
+                    os.path.realpath(spec.state_dir) != os.path.realpath(volume.meta_dir):
+                raise ConfigError(f"volume {spec.name!r} is open with its state in "
+                                  f"{volume.meta_dir}, not in state_dir {spec.state_dir}")
             opened = volume is None
             if opened:
                 volume = self._open_leased(spec, size, lun)
@@ -71,7 +76,7 @@ class VolumeRegistry:
         image of the existing volume ``spec.name``; log at info level when it is accepted but
         out of date. The rule is VolumeMetadata.check_named_images; the metadata is read from
         volume.json, which create, attach and detach save before they return."""
-        md = VolumeMetadata.load(self.state_dir, spec.name)
+        md = VolumeMetadata.load(cfgstring.state_dir_of(spec, self.state_dir), spec.name)
         if not md.check_named_images(spec.images):
             current = [info.path for info in volume.images] if volume is not None else \
                 [im.path for im in md.images]
@@ -80,16 +85,17 @@ class VolumeRegistry:
                      "the LUN serves", lun, spec.name, "+".join(spec.images), "+".join(current))
 
     def _open_or_create(self, spec, size, lun):
-        if MirrorVolume.exists(spec.name, meta_dir=self.state_dir):
+        meta_dir = cfgstring.state_dir_of(spec, self.state_dir)
+        if MirrorVolume.exists(spec.name, meta_dir=meta_dir):
             if spec.images is not None:
                 self._check_images(spec, lun)     # before opening: a foreign LUN touches nothing
-            return MirrorVolume.open(spec.name, meta_dir=self.state_dir, direct=spec.direct,
+            return MirrorVolume.open(spec.name, meta_dir=meta_dir, direct=spec.direct,
                                      **_tuning(spec))
         if spec.images is None:
             raise ConfigError(
-                f"volume {spec.name!r} does not exist under {self.state_dir}; name its images to "
+                f"volume {spec.name!r} does not exist under {meta_dir}; name its images to "
                 f"create it (cfgstring '{spec.name};images=/path/a+/path/b')")
-        return MirrorVolume.create(spec.name, list(spec.images), meta_dir=self.state_dir,
+        return MirrorVolume.create(spec.name, list(spec.images), meta_dir=meta_dir,
                                    block_size=spec.block_size, region_size=spec.region_size,
                                    size=size, direct=spec.direct, force=spec.force,
                                    **_tuning(spec))

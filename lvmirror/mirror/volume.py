@@ -411,6 +411,12 @@ class MirrorVolume:
         vol.scrubs.resume()
         return vol
 
+    @property
+    def meta_dir(self) -> str:
+        """The directory holding this volume's state directory ``<meta_dir>/<name>/``
+        (lvmirrord's ``--state-dir``, or the cfgstring's ``state_dir``)."""
+        return self._meta_dir
+
     @staticmethod
     def exists(name, *, meta_dir) -> bool:
         """True if volume ``name`` has metadata in ``meta_dir``."""

@@ -18,6 +18,9 @@ from lvmirror.mirror.volume import MirrorVolume
     ("vol0;image=2", VolumeSpec("vol0", image=2)),
     ("vol0;image=1;readonly=1", VolumeSpec("vol0", image=1, readonly=True)),
     ("v;region_size=1G", VolumeSpec("v", region_size=1 << 30)),
+    ("v;images=/dev/vdb+/dev/vdc;direct=1;state_dir=/srv/ha/v",
+     VolumeSpec("v", images=("/dev/vdb", "/dev/vdc"), direct=True, state_dir="/srv/ha/v")),
+    ("v;image=1;state_dir=/srv/ha", VolumeSpec("v", image=1, state_dir="/srv/ha")),
 ])
 def test_parse_and_round_trip(text, spec):
     assert cfgstring.parse(text) == spec
@@ -51,6 +54,9 @@ def test_parse_and_round_trip(text, spec):
     ("vol0;images=/srv/a.img,/srv/b.img", "join image paths with '+'"),
     ("vol0;images=/a b", "whitespace"),
     ("vol0;images=/" + "x" * 260, "LIO allows"),
+    ("vol0;state_dir=srv/ha", "state_dir 'srv/ha' must be an absolute, normalised path"),
+    ("vol0;state_dir=/srv/ha/", "must be an absolute, normalised path"),
+    ("vol0;state_dir=/srv/../ha", "must be an absolute, normalised path"),
 ])
 def test_bad_cfgstrings_are_refused_with_the_reason(text, fact):
     with pytest.raises(ConfigError) as e:
@@ -131,3 +137,25 @@ def test_only_ascii_digits_and_valid_text():
             cfgstring.parse(bad)
     with pytest.raises(ConfigError, match="split image"):
         cfgstring.parse("vol0;image=1;leg_timeout=3")
+
+
+def test_state_dir_must_exist_and_holds_the_volume(tmp_path):
+    """A cfgstring's state_dir replaces lvmirrord's --state-dir in CheckConfig; one that does
+    not exist (a shared file system not mounted) is refused, never taken for a new volume."""
+    local, shared = tmp_path / "local", tmp_path / "shared"
+    local.mkdir()
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    text = f"v;images={a}+{b};state_dir={shared}"
+    with pytest.raises(ConfigError) as e:
+        cfgstring.check(text, state_dir=str(local))
+    assert f"state_dir {shared} does not exist" in str(e.value)
+    assert "mounted" in str(e.value)
+    shared.mkdir()
+    MirrorVolume.create("v", [str(a), str(b)], meta_dir=str(shared), size=1 << 20).close()
+    assert cfgstring.check(f"v;state_dir={shared}", state_dir=str(local)).state_dir == str(shared)
+    with pytest.raises(ConfigError) as e:          # not in lvmirrord's own state directory
+        cfgstring.check("v", state_dir=str(local))
+    assert "does not exist in" in str(e.value)
+    with pytest.raises(ConfigError) as e:          # a split image it does not have
+        cfgstring.check(f"v;image=3;state_dir={shared}", state_dir=str(local))
+    assert "no image 3" in str(e.value)

@@ -235,3 +235,36 @@ def test_registry_alone(tmp_path):
     volume, _ = reg.acquire(spec, lun="l0", size=SIZE)
     assert len(volume.images) == 3 and rd(volume, 3, 512) == b"r" * 512
     reg.release(spec)
+
+
+def test_a_volume_with_its_own_state_dir(tmp_path):
+    """cfgstring state_dir (shared storage for two gateways): the volume is created, opened and
+    reopened there, not in lvmirrord's --state-dir; a missing state_dir refuses the LUN and
+    creates nothing; a split image's export naming another state_dir is refused."""
+    shared = tmp_path / "shared"
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False)
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    spec = cfgstring.parse(f"vha;images={a}+{b};state_dir={shared}")
+    with pytest.raises(ConfigError) as e:
+        d.registry.acquire(spec, lun="lun0", size=SIZE)
+    assert "is its shared file system mounted" in str(e.value)
+    assert not os.path.exists(a) and not os.path.exists(shared)
+    assert d.registry.names() == []
+    shared.mkdir()
+    volume, _ = d.registry.acquire(spec, lun="lun0", size=SIZE)
+    settle(volume)
+    assert volume.meta_dir == str(shared)
+    assert VolumeMetadata.exists(str(shared), "vha")
+    assert not VolumeMetadata.exists(d.state_dir, "vha")
+    wr(volume, 8, b"S" * 512)
+    with pytest.raises(ConfigError) as e:
+        d.registry.acquire(cfgstring.parse(f"vha;image=1;state_dir={tmp_path}"), lun="lun1",
+                           size=SIZE)
+    assert f"open with its state in {shared}" in str(e.value)
+    d.registry.release(spec)
+    d2 = Lvmirrord(state_dir=str(tmp_path / "other"), with_bus=False)   # the other gateway
+    volume, _ = d2.registry.acquire(cfgstring.parse(f"vha;state_dir={shared}"), lun="lun0",
+                                    size=SIZE)
+    assert rd(volume, 8, 512) == b"S" * 512
+    assert [i.path for i in volume.images] == [a, b]
+    d2.registry.release(cfgstring.VolumeSpec("vha"))
