@@ -80,6 +80,8 @@ class VolumeHost:
         self.registry = VolumeRegistry(state_dir, leases=Leases(leases) if leases else None)
         self.luns: dict[str, LunServer] = {}     # by uio name
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._adding: set[str] = set()      # uio names being added (their open may wait)
         self._lock_seq = 0
         self._external_locks: dict = {}     # lock id -> (volume name, RegionLock)
         self._backups: dict = {}            # (volume, image id) -> BackupProgress
@@ -94,21 +96,36 @@ class VolumeHost:
         commands of a previous one). Returns ``{"name", "uio", "error"}``: ``error`` is why the
         LUN answers NOT READY (None when it serves). A device already served is not opened twice.
         OSError when the device cannot be opened."""
-        with self._lock:
-            lun = self.luns.get(device.uio_name)
-            if lun is None:
-                lun = LunServer(device, self.registry, workers=self.workers,
-                                inline_reads=self.inline_reads,
-                                peers=lambda: list(self.luns.values()))
-                lun.open(pickup=pickup, handle=handle)
-                lun.start()
-                self.luns[device.uio_name] = lun
-        return {"name": lun.name, "uio": device.uio_name, "error": lun.error}
+        uio_name = device.uio_name
+        with self._cond:
+            while uio_name in self._adding:
+                self._cond.wait()
+            lun = self.luns.get(uio_name)
+            if lun is not None:
+                return {"name": lun.name, "uio": uio_name, "error": lun.error}
+            self._adding.add(uio_name)
+        # opened without the lock: the volume's lease may take up to sanlock's
+        # host_dead_seconds, and the region-lock calls must not wait with it
+        try:
+            lun = LunServer(device, self.registry, workers=self.workers,
+                            inline_reads=self.inline_reads,
+                            peers=lambda: list(self.luns.values()))
+            lun.open(pickup=pickup, handle=handle)
+            lun.start()
+            with self._cond:
+                self.luns[uio_name] = lun
+        finally:
+            with self._cond:
+                self._adding.discard(uio_name)
+                self._cond.notify_all()
+        return {"name": lun.name, "uio": uio_name, "error": lun.error}
 
     def remove_lun(self, uio_name: str) -> bool:
         """Stop serving the device ``uio_name`` (e.g. "uio0"): drain and complete its in-flight
         commands, release its volume. False if it was not served here."""
-        with self._lock:
+        with self._cond:
+            while uio_name in self._adding:      # being added: remove what that adds
+                self._cond.wait()
             lun = self.luns.pop(uio_name, None)
         if lun is None:
             return False

@@ -61,6 +61,8 @@ class Lvmirrord:
         self._hosts: dict = {}          # volume name -> VolumeProcess (processes only)
         self._lun_hosts: dict = {}      # uio name -> host serving it
         self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._adding: dict = {}         # uio name -> host, while add_lun serves it
         self._lock_ids: dict = {}       # lock id -> (host, the host's own lock id, owner)
         self._lock_seq = 0
         self._stop = threading.Event()
@@ -103,7 +105,10 @@ class Lvmirrord:
         ``{"name", "uio", "error"}`` (``error``: why the LUN answers NOT READY, or None; a
         device added while its volume's process restarts is served once it has, error None).
         OSError when the device cannot be opened or its volume's process cannot be started."""
+        uio_name = device.uio_name
         with self._lock:
+            while uio_name in self._adding:
+                self._cond.wait()
             host = self._local
             if host is None:
                 key = self._host_key(device)
@@ -116,29 +121,38 @@ class Lvmirrord:
                                          leases=self.leases)
                     host.start()
                     self._hosts[key] = host
-            try:
-                info = host.add_lun(device, pickup=pickup, handle=handle)
-            except BaseException:
+            self._adding[uio_name] = host
+        # served without the lock: the volume's lease may take up to sanlock's
+        # host_dead_seconds, and status and the other volumes' calls must not wait with it
+        try:
+            info = host.add_lun(device, pickup=pickup, handle=handle)
+        except BaseException:
+            with self._lock:
+                del self._adding[uio_name]
+                self._cond.notify_all()
                 self._drop_if_idle(host)
-                raise
-            self._lun_hosts[device.uio_name] = host
-            return info
+            raise
+        with self._lock:
+            del self._adding[uio_name]
+            self._cond.notify_all()
+            self._lun_hosts[uio_name] = host
+        return info
 
     def _pick_up(self):
         """Serve every user:lvmirror device the kernel has that is not served yet (``pickup``:
         block, reset the ring, open, unblock); stop serving the ones that are gone."""
         found = uio.find_devices(SUBTYPE, sysfs_root=self.sysfs_root,
                                  configfs_root=self.configfs_root)
-        with self._lock:
-            for device in found:
-                if device.uio_name in self._lun_hosts:
+        for device in found:          # add_lun without the lock (a lease may wait)
+            with self._lock:
+                if device.uio_name in self._lun_hosts or device.uio_name in self._adding:
                     continue
-                try:
-                    self.add_lun(device, pickup=True)
-                    log.info("picked up existing LUN %s (%s)", device.dev_name, device.uio_name)
-                except (OSError, LvmirrorError) as exc:
-                    log.error("cannot pick up %s (%s): %s", device.dev_name, device.uio_name,
-                              exc)
+            try:
+                self.add_lun(device, pickup=True)
+                log.info("picked up existing LUN %s (%s)", device.dev_name, device.uio_name)
+            except (OSError, LvmirrorError) as exc:
+                log.error("cannot pick up %s (%s): %s", device.dev_name, device.uio_name, exc)
+        with self._lock:
             names = {device.uio_name for device in found}
             for uio_name in [n for n in self._lun_hosts if n not in names]:
                 log.info("LUN on %s is gone", uio_name)
@@ -150,7 +164,7 @@ class Lvmirrord:
     def _drop_if_idle(self, host):
         """Stop a volume process that serves no LUN any more, whatever its state (call with
         ``_lock`` held)."""
-        if host is self._local or host.serves():
+        if host is self._local or host.serves() or host in self._adding.values():
             return
         self._hosts.pop(host.key, None)
         for gid in [g for g, (h, _, _) in self._lock_ids.items() if h is host]:
@@ -164,6 +178,8 @@ class Lvmirrord:
         Unknown names are ignored. The device is forgotten even when the volume's process
         raises (the error is raised after)."""
         with self._lock:
+            while uio_name in self._adding:      # being added: remove what that adds
+                self._cond.wait()
             host = self._lun_hosts.pop(uio_name, None)
             if host is None:
                 return

@@ -29,6 +29,9 @@ class VolumeRegistry:
         self.state_dir = state_dir
         self.leases = leases
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._opening: set[str] = set()      # volumes being opened (their lease may wait)
+        self._open_lock = threading.Lock()   # one open at a time
         self._volumes: dict[str, MirrorVolume] = {}
         self._refs: dict[str, int] = {}
         self._users: dict[str, str] = {}      # "vol" or "vol;image=N" -> LUN name
@@ -43,33 +46,56 @@ class VolumeRegistry:
         checked before the volume is opened and on every further acquire. Raises ConfigError
         (already served, foreign images= list, missing volume...) or StateError."""
         key = spec.name if spec.image is None else f"{spec.name};image={spec.image}"
-        with self._lock:
+        with self._cond:
+            while spec.name in self._opening:     # another LUN is opening it: wait for that
+                self._cond.wait()
             if key in self._users:
                 raise ConfigError(f"{key!r} is already served by LUN {self._users[key]!r}")
             volume = self._volumes.get(spec.name)
-            if volume is not None and spec.state_dir is not None and \
-                    os.path.realpath(spec.state_dir) != os.path.realpath(volume.meta_dir):
-                raise ConfigError(f"volume {spec.name!r} is open with its state in "
-                                  f"{volume.meta_dir}, not in state_dir {spec.state_dir}")
-            opened = volume is None
-            if opened:
+            if volume is not None:
+                if spec.state_dir is not None and \
+                        os.path.realpath(spec.state_dir) != os.path.realpath(volume.meta_dir):
+                    raise ConfigError(f"volume {spec.name!r} is open with its state in "
+                                      f"{volume.meta_dir}, not in state_dir {spec.state_dir}")
+                return self._attach(spec, key, lun, volume, opened=False)
+            self._opening.add(spec.name)
+        # Opened without the lock: taking the volume's lease may wait up to sanlock's
+        # host_dead_seconds (its last holder crashed), and names(), get() - the status of
+        # every other volume - must not wait with it. Opens still go one at a time (the
+        # check that an image belongs to one volume only reads the others' metadata).
+        try:
+            with self._open_lock:
                 volume = self._open_leased(spec, size, lun)
-            try:
-                if spec.images is not None and not opened:
-                    self._check_images(spec, lun, volume)
-                if spec.image is None:
-                    backend = volume
-                else:
-                    backend = volume.split_image(spec.image)
-            except BaseException:
-                if opened:
-                    volume.close()
-                    self._release_lease(spec.name)
-                raise
-            self._volumes[spec.name] = volume
-            self._refs[spec.name] = self._refs.get(spec.name, 0) + 1
-            self._users[key] = lun
-            return volume, backend
+        except BaseException:
+            with self._cond:
+                self._opening.discard(spec.name)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._opening.discard(spec.name)
+            self._cond.notify_all()
+            return self._attach(spec, key, lun, volume, opened=True)
+
+    def _attach(self, spec, key, lun, volume, *, opened):
+        """Give LUN ``lun`` the ``key`` of open ``volume`` (call with the lock held): the
+        images= check of a volume already open, the split image's view; on failure a volume
+        ``opened`` for it is closed and its lease released."""
+        try:
+            if spec.images is not None and not opened:
+                self._check_images(spec, lun, volume)
+            if spec.image is None:
+                backend = volume
+            else:
+                backend = volume.split_image(spec.image)
+        except BaseException:
+            if opened:
+                volume.close()
+                self._release_lease(spec.name)
+            raise
+        self._volumes[spec.name] = volume
+        self._refs[spec.name] = self._refs.get(spec.name, 0) + 1
+        self._users[key] = lun
+        return volume, backend
 
     def _check_images(self, spec, lun, volume=None):
         """Refuse (ConfigError) a cfgstring ``images=`` list naming a path that never was an

@@ -268,3 +268,68 @@ def test_a_volume_with_its_own_state_dir(tmp_path):
     assert rd(volume, 8, 512) == b"S" * 512
     assert [i.path for i in volume.images] == [a, b]
     d2.registry.release(cfgstring.VolumeSpec("vha"))
+
+
+class _SlowLeases:
+    """Stands in for lease.Leases where this host cannot run sanlock: ``acquire`` waits, as
+    sanlock waits for the lease of a gateway that crashed (host_dead_seconds)."""
+
+    def __init__(self):
+        import threading
+        import types
+        self.go = threading.Event()
+        self.waiting = threading.Event()
+        self.config = types.SimpleNamespace(host_id=1)
+        self._held = {}
+
+    def acquire(self, name):
+        self.waiting.set()
+        assert self.go.wait(30)
+        self._held[name] = 0
+
+    def release(self, name):
+        self._held.pop(name, None)
+
+    def held(self):
+        return dict(self._held)
+
+
+def test_status_does_not_wait_for_a_lease_being_taken(tmp_path):
+    """While one LUN's volume waits for its lease (up to sanlock's host_dead_seconds after the
+    last holder crashed), the daemon's status and the other volumes' calls answer at once: a
+    two-gateway lab run showed Pacemaker's monitor timing out on lvmirror status. A second
+    LUN of the same volume waits for the open and is then refused as a duplicate."""
+    import threading
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False)
+    other = cfgstring.parse(f"vother;images={tmp_path}/o1.img")
+    d.registry.acquire(other, lun="lun1", size=SIZE)
+    leases = d.registry.leases = _SlowLeases()
+    spec = cfgstring.parse(f"vlease;images={tmp_path}/l1.img+{tmp_path}/l2.img;direct=1")
+    got = {}
+
+    def open_it(key):
+        try:
+            got[key] = d.registry.acquire(spec, lun=key, size=SIZE)
+        except ConfigError as exc:
+            got[key] = exc
+
+    t1 = threading.Thread(target=open_it, args=("lunA",))
+    t1.start()
+    assert leases.waiting.wait(10)
+    t2 = threading.Thread(target=open_it, args=("lunB",))
+    t2.start()
+    done = threading.Event()
+    threading.Thread(target=lambda: (d.status(), done.set()), daemon=True).start()
+    assert done.wait(10), "status waited for another volume's lease"
+    assert d.registry.names() == ["vother"]
+    assert d.registry.get("vother") is not None
+    assert "lunB" not in got                     # waits for lunA's open
+    leases.go.set()
+    t1.join(30)
+    t2.join(30)
+    volume, _ = got["lunA"]
+    assert volume.name == "vlease" and d.registry.names() == ["vlease", "vother"]
+    assert isinstance(got["lunB"], ConfigError) and "already served by LUN 'lunA'" in str(got["lunB"])
+    assert leases.held() == {"vlease": 0}
+    d.registry.release(spec)
+    assert leases.held() == {}

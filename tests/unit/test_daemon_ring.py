@@ -495,3 +495,56 @@ def test_extended_copy_from_the_split_image_lun_into_the_live_lun(lab, tmp_path)
     r = emu2.wait([xid])[xid]
     assert r.status == 2 and parse_sense(r.sense) == (0x07, 0x27, 0)
     assert lun.lu.copier.copied_bytes == 64 * BS
+
+
+def test_a_lun_waiting_for_its_lease_holds_up_no_other_call(tmp_path):
+    """lvmirrord (single process) adds a LUN whose volume's lease is slow to come (sanlock
+    waits host_dead_seconds for a crashed holder): meanwhile status, region locks on another
+    volume and its LUN's commands go on; the LUN is served once the lease came. Found in the
+    two-gateway lab: Pacemaker's monitor of every LUN on the gateway timed out on status."""
+    import threading
+    from lvmirror.daemon import Lvmirrord
+    from tests.unit.test_daemon_registry import _SlowLeases
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False)
+    devs, emus = [], []
+    for k, cfg in enumerate([f"vfree;images={tmp_path}/f.img",
+                             f"vslow;images={tmp_path}/s.img;direct=1"]):
+        roots = fake_device(tmp_path / f"dev{k}", k, f"tcm-user/1/lun{k}/lvmirror/{cfg}",
+                            info_size=SIZE, serial=f"serial-{k}")
+        (dev,) = uio.find_devices("lvmirror", **roots)
+        devs.append(dev)
+        emus.append(RingEmulator(cmdr_size=(64 << 10) - 128, data_size=8 << 20))
+        emus[-1].run_reaper()
+    leases = None
+    try:
+        d.add_lun(devs[0], handle=emus[0].handle())
+        leases = d.registry.leases = _SlowLeases()
+        t = threading.Thread(target=d.add_lun, args=(devs[1],),
+                             kwargs={"handle": emus[1].handle()})
+        t.start()
+        assert leases.waiting.wait(10)
+        done = threading.Event()
+
+        def others():
+            d.status()
+            lock = d.lock_region("vfree", 0, 8, owner="test")
+            d.unlock_region(lock, owner="test")
+            done.set()
+        threading.Thread(target=others, daemon=True).start()
+        assert done.wait(10), "status or region locks waited for another volume's lease"
+        data = bytes(range(256)) * 16
+        cid = emus[0].submit(cdb10(0x2A, 0, 8), data_out=data)
+        assert emus[0].wait([cid])[cid].status == 0
+        assert not d.serves(devs[1].uio_name)
+        leases.go.set()
+        t.join(30)
+        assert d.serves(devs[1].uio_name)
+        assert [lun["error"] for lun in d.status()["luns"]] == [None, None]
+        assert d.status()["volumes"]["vslow"]["lease"] == {"host_id": 1, "slot": 0}
+    finally:
+        if leases is not None:
+            leases.go.set()
+        for dev in devs:
+            d.remove_lun(dev.uio_name)
+        for emu in emus:
+            emu.close()
