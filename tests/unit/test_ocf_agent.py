@@ -95,3 +95,25 @@ def test_start_without_lio_is_not_installed():
 
 def test_unknown_action_is_unimplemented():
     assert agent("migrate_to", **GOOD).returncode == 3
+
+
+def test_status_timeout_follows_the_operation_timeout(monkeypatch):
+    """lvmirror status may take three quarters of the action's own timeout (Pacemaker's
+    OCF_RESKEY_CRM_meta_timeout, ms): a fixed 15 s failed the monitor of a busy gateway in the
+    two-gateway lab, and Pacemaker restarted a LUN that was serving."""
+    import importlib.machinery
+    import importlib.util
+    monkeypatch.syspath_prepend(os.path.join(OCF_ROOT, "lib", "heartbeat"))
+    monkeypatch.setenv("OCF_ROOT", OCF_ROOT)
+    loader = importlib.machinery.SourceFileLoader("lvmirror_ocf_agent", AGENT)
+    spec = importlib.util.spec_from_loader("lvmirror_ocf_agent", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    monkeypatch.delenv("OCF_RESKEY_CRM_meta_timeout", raising=False)
+    assert mod.status_timeout() == 15.0
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_timeout", "120000")
+    assert mod.status_timeout() == 90.0
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_timeout", "10000")
+    assert mod.status_timeout() == 15.0
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_timeout", "soon")
+    assert mod.status_timeout() == 15.0
