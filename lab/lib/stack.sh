@@ -7,7 +7,8 @@ setup() {
   mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config
   mkdir -p /etc/target
   ip link set lo up
-  IF=$(ls /sys/class/net | grep -v '^lo$' | head -1)
+  # the NIC of QEMU's user network (lab/failover's cluster NIC has a 52:54:00:99:... address)
+  IF=$(for i in $(ls /sys/class/net | grep -v '^lo$'); do grep -q '^52:54:00:99:' /sys/class/net/$i/address || echo $i; done | head -1)
   if [ -n "$IF" ]; then
     ip link set "$IF" up && ip addr add 10.0.2.15/24 dev "$IF" && ip route add default via 10.0.2.2
   fi
