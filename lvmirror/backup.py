@@ -30,6 +30,7 @@ def backup_image(image: dict, dest: str, *, fmt: str = "raw", progress=None) -> 
     src = image["path"]
     if os.path.exists(dest) and os.path.samefile(src, dest):
         raise ValueError(f"{dest} is the image itself")
+    drop_cache(src)
     if fmt == "qcow2":
         if shutil.which("qemu-img") is None:
             raise ValueError("qcow2 needs qemu-img (Debian package qemu-utils)")
@@ -44,6 +45,22 @@ def backup_image(image: dict, dest: str, *, fmt: str = "raw", progress=None) -> 
             progress(size, size)
         return size
     return _copy_sparse(src, dest, progress)
+
+
+def drop_cache(path: str) -> None:
+    """Drop what this host's page cache holds of ``path`` (posix_fadvise POSIX_FADV_DONTNEED;
+    for a block device, its buffer cache), so that a copy reads what is on the disk. On shared
+    storage another gateway writes the images (O_DIRECT) and Linux does not invalidate this
+    host's cache for another host's writes: pages cached here before (udev's probe of the disk
+    at boot, an earlier backup, this gateway's own time as the owner) would go into the backup
+    instead (the two-gateway lab's backup differed from the volume until this). Dirty pages
+    are written back, not dropped, so a volume opened without O_DIRECT loses nothing. OSError
+    if ``path`` cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def make_durable(path: str) -> None:
