@@ -12,6 +12,7 @@ asks of every state that vouches for data.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -53,7 +54,7 @@ def drop_cache(path: str) -> None:
     storage another gateway writes the images (O_DIRECT) and Linux does not invalidate this
     host's cache for another host's writes: pages cached here before (udev's probe of the disk
     at boot, an earlier backup, this gateway's own time as the owner) would go into the backup
-    instead (the two-gateway lab's backup differed from the volume until this). Dirty pages
+    instead. Dirty pages
     are written back, not dropped, so a volume opened without O_DIRECT loses nothing. OSError
     if ``path`` cannot be opened."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -82,6 +83,11 @@ def _fsync_dir(path: str) -> None:
 
 
 def _copy_sparse(src, dest, progress):
+    """Copy ``src`` to a new ``dest`` of the same size, leaving holes where ``src`` has them
+    (SEEK_DATA/SEEK_HOLE) and where a chunk reads as zeroes; returns the bytes written. A
+    block device has no SEEK_DATA (Linux's blkdev_llseek answers EINVAL): it is read whole,
+    its zero chunks left as holes. (An EINVAL taken for "nothing left" once made every backup
+    of a block-device image a file of zeroes: the two-gateway lab found it.)"""
     fin = os.open(src, os.O_RDONLY)
     try:
         size = os.lseek(fin, 0, os.SEEK_END)
@@ -92,16 +98,24 @@ def _copy_sparse(src, dest, progress):
             while pos < size:
                 try:
                     data_start = os.lseek(fin, pos, os.SEEK_DATA)
-                except OSError:          # ENXIO: only a hole is left
-                    break
-                hole = os.lseek(fin, data_start, os.SEEK_HOLE)
+                    hole = os.lseek(fin, data_start, os.SEEK_HOLE)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:      # only a hole is left
+                        break
+                    if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    data_start, hole = pos, size      # no SEEK_DATA here: read it all
                 off = data_start
                 while off < hole:
                     n = min(CHUNK, hole - off)
                     buf = os.pread(fin, n, off)
-                    os.pwrite(fout, buf, off)
+                    if not buf:
+                        raise OSError(errno.EIO, f"{src}: read nothing at offset {off} of "
+                                                 f"{size} bytes")
+                    if buf.count(0) != len(buf):      # zeroes stay a hole
+                        os.pwrite(fout, buf, off)
+                        done += len(buf)
                     off += len(buf)
-                    done += len(buf)
                     if progress:
                         progress(off, size)
                 pos = hole

@@ -78,8 +78,8 @@ def test_qcow2_backup_is_the_split_image_and_owner_only(tmp_path):
 
 def test_backup_drops_this_hosts_cache_of_the_image_first(tmp_path, monkeypatch):
     """On shared storage another gateway writes the images past this host's page cache, so a
-    backup must not read pages this host cached before (the two-gateway lab's backup differed
-    from the volume): the source's cache is dropped (POSIX_FADV_DONTNEED) before it is read."""
+    backup must not read pages this host cached before: the source's cache is dropped
+    (POSIX_FADV_DONTNEED) before it is read."""
     vol = _mirror(tmp_path, 2, 8 << 20)
     vol.write(0, [memoryview(b"A" * 4096)])
     vol.split(1)
@@ -102,4 +102,32 @@ def test_backup_drops_this_hosts_cache_of_the_image_first(tmp_path, monkeypatch)
     assert ("pread", src) in events
     with open(tmp_path / "b.img", "rb") as f:
         assert f.read(4096) == b"A" * 4096
+    vol.close()
+
+
+def test_backup_of_an_image_without_seek_data_is_whole(tmp_path, monkeypatch):
+    """A block device has no SEEK_DATA (Linux's blkdev_llseek answers EINVAL). The copy took
+    that for "only a hole is left" and wrote a backup of zeroes for every block-device image
+    (found by the two-gateway lab); it now reads such an image whole, zero chunks kept as
+    holes."""
+    import errno
+    vol = _mirror(tmp_path, 2, 16 << 20)
+    vol.write(0, [memoryview(b"A" * 4096)])
+    vol.write(20000, [memoryview(b"B" * 4096)])          # byte 10240000, past the first chunk
+    vol.split(1)
+    im = next(i for i in vol.images if i.index == 1)
+    real_lseek = os.lseek
+
+    def lseek(fd, pos, how):
+        if how in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_lseek(fd, pos, how)
+    monkeypatch.setattr(os, "lseek", lseek)
+    dest = tmp_path / "dev-backup.img"
+    n = backup_image(dict(index=1, path=im.path, state="split"), str(dest))
+    monkeypatch.undo()
+    with open(im.path, "rb") as a, open(dest, "rb") as b:
+        assert a.read() == b.read()
+    assert 0 < n <= 2 * (4 << 20)                       # only the chunks holding data written
+    assert os.stat(dest).st_blocks * 512 <= 8 << 20     # the zero chunks stay holes
     vol.close()
