@@ -8,12 +8,12 @@ Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 b
 
 * ``NAME`` names the volume; its metadata, change bitmaps and write-intent log live in
   ``<state_dir>/NAME/`` (default: lvmirrord's ``--state-dir``, /var/lib/lvmirror).
-* ``state_dir`` (an absolute path to an existing directory) puts this volume's state there
+* ``state_dir`` (an absolute path, the mount point of a file system) puts this volume's state there
   instead: on shared storage, so that the gateway that takes the volume over (high availability,
   ``ha/LogicalUnit``) finds its write-intent log, change bitmaps and split state, as dm-raid1
-  keeps its log on a log device next to the legs. lvmirrord never creates it: a directory that
-  is missing (its file system not mounted) refuses the LUN rather than create a new volume on
-  the wrong disk. Volumes in other state directories are not seen by the check that an image
+  keeps its log on a log device next to the legs. lvmirrord never creates it, and refuses the
+  LUN when it is missing or not a mount point (its file system not mounted) rather than create
+  a new volume on the wrong disk. Volumes in other state directories are not seen by the check that an image
   belongs to one volume only.
 * ``images=`` (1 to 4 absolute paths, files or block devices, joined by '+': LIO splits its
   control string at ',', so a comma cannot appear in a cfgstring) creates the volume on first use
@@ -78,9 +78,9 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 CONFIG_DESC = (
     "VOLUME[;images=/path/a+/path/b][;region_size=1M][;block_size=512|4096][;direct=0|1]"
-    "[;force=1][;leg_timeout=4][;state_dir=/path] or VOLUME;image=N[;readonly=1]. A mirrored "
-    "volume (metadata in /var/lib/lvmirror/VOLUME, or STATE_DIR/VOLUME with state_dir=, an "
-    "existing directory: shared storage for two gateways); images= creates it on first use from 1-4 image files or block "
+    "[;force=1][;leg_timeout=4][;state_dir=/path] or VOLUME;image=N[;readonly=1][;state_dir=/path]. "
+    "A mirrored volume (metadata in /var/lib/lvmirror/VOLUME, or STATE_DIR/VOLUME with "
+    "state_dir=, the mount point of a shared file system, for two gateways); images= creates it on first use from 1-4 image files or block "
     "devices (the first is the source; the others are overwritten by a full copy, so one that "
     "already holds data is refused unless force=1); later it may name "
     "any current or former image of the volume (attach/detach change them). image=N serves "
@@ -228,9 +228,11 @@ def parse(cfg: str) -> VolumeSpec:
         kw["readonly"] = opts["readonly"] == "1"
     if "state_dir" in opts:
         sd = opts["state_dir"]
-        if not os.path.isabs(sd) or os.path.normpath(sd) != sd:
+        if not os.path.isabs(sd) or os.path.normpath(sd) != sd or sd.startswith("//") \
+                or sd == "/":
             raise ConfigError(f"cfgstring {cfg!r}: state_dir {sd!r} must be an absolute, "
-                              f"normalised path")
+                              f"normalised path other than / (e.g. "
+                              f"{os.path.normpath('/' + sd.strip('/')) if sd.strip('/') else '/srv/ha'!r})")
         kw["state_dir"] = sd
     return VolumeSpec(name=name, **kw)
 
@@ -238,13 +240,19 @@ def parse(cfg: str) -> VolumeSpec:
 def state_dir_of(spec: VolumeSpec, default: str) -> str:
     """The directory holding ``spec``'s volume state (``<it>/NAME/``): the cfgstring's
     ``state_dir``, else ``default`` (lvmirrord's ``--state-dir``). A ``state_dir`` the
-    cfgstring names must exist (it is never created: a shared file system not mounted there
-    must not make lvmirrord create the volume anew on the local disk): ConfigError says so."""
+    cfgstring names must be a mount point (``os.path.ismount``): the shared file system that
+    holds the state is mounted there (Pacemaker's Filesystem resource). It is never created,
+    and an empty mount point whose file system is not mounted is refused, not taken for a new
+    volume (which would resync over the secondary images). ConfigError says which."""
     if spec.state_dir is None:
         return default
     if not os.path.isdir(spec.state_dir):
         raise ConfigError(f"volume {spec.name!r}: state_dir {spec.state_dir} does not exist or is "
                           f"not a directory (is its shared file system mounted?)")
+    if not os.path.ismount(spec.state_dir):
+        raise ConfigError(f"volume {spec.name!r}: state_dir {spec.state_dir} is not a mount "
+                          f"point: is its shared file system mounted? (a volume's shared state "
+                          f"lives on a file system of its own, mounted there)")
     return spec.state_dir
 
 

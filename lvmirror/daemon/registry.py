@@ -53,10 +53,11 @@ class VolumeRegistry:
                 raise ConfigError(f"{key!r} is already served by LUN {self._users[key]!r}")
             volume = self._volumes.get(spec.name)
             if volume is not None:
-                if spec.state_dir is not None and \
-                        os.path.realpath(spec.state_dir) != os.path.realpath(volume.meta_dir):
-                    raise ConfigError(f"volume {spec.name!r} is open with its state in "
-                                      f"{volume.meta_dir}, not in state_dir {spec.state_dir}")
+                named = spec.state_dir or self.state_dir
+                if os.path.realpath(named) != os.path.realpath(volume.meta_dir):
+                    raise ConfigError(
+                        f"volume {spec.name!r} is open with its state in {volume.meta_dir}, "
+                        f"not in {named} (give the same state_dir= as the LUN that serves it)")
                 return self._attach(spec, key, lun, volume, opened=False)
             self._opening.add(spec.name)
         # Opened without the lock: taking the volume's lease may wait up to sanlock's
@@ -159,10 +160,16 @@ class VolumeRegistry:
             if self._refs[spec.name] == 0:
                 del self._refs[spec.name]
                 volume = self._volumes.pop(spec.name)
+                self._opening.add(spec.name)     # an acquire waits until closed and released
         if volume is not None:
-            volume.close()
-            if not keep_lease:
-                self._release_lease(spec.name)
+            try:
+                volume.close()
+                if not keep_lease:
+                    self._release_lease(spec.name)
+            finally:
+                with self._cond:
+                    self._opening.discard(spec.name)
+                    self._cond.notify_all()
 
     def lease_of(self, name) -> dict | None:
         """``{"host_id": N, "slot": k}`` while this process holds ``name``'s lease, else

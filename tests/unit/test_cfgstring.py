@@ -1,5 +1,7 @@
 """The user:lvmirror cfgstring: parsing, round trip, and the checks targetcli's CheckConfig runs."""
 
+import os
+
 import pytest
 
 from lvmirror import cfgstring
@@ -57,6 +59,8 @@ def test_parse_and_round_trip(text, spec):
     ("vol0;state_dir=srv/ha", "state_dir 'srv/ha' must be an absolute, normalised path"),
     ("vol0;state_dir=/srv/ha/", "must be an absolute, normalised path"),
     ("vol0;state_dir=/srv/../ha", "must be an absolute, normalised path"),
+    ("vol0;state_dir=/", "other than /"),
+    ("vol0;state_dir=//srv/ha", "(e.g. '/srv/ha')"),
 ])
 def test_bad_cfgstrings_are_refused_with_the_reason(text, fact):
     with pytest.raises(ConfigError) as e:
@@ -139,9 +143,10 @@ def test_only_ascii_digits_and_valid_text():
         cfgstring.parse("vol0;image=1;leg_timeout=3")
 
 
-def test_state_dir_must_exist_and_holds_the_volume(tmp_path):
+def test_state_dir_must_exist_and_holds_the_volume(tmp_path, monkeypatch):
     """A cfgstring's state_dir replaces lvmirrord's --state-dir in CheckConfig; one that does
-    not exist (a shared file system not mounted) is refused, never taken for a new volume."""
+    not exist, or is an empty mount point (a shared file system not mounted), is refused,
+    never taken for a new volume."""
     local, shared = tmp_path / "local", tmp_path / "shared"
     local.mkdir()
     a, b = tmp_path / "a.img", tmp_path / "b.img"
@@ -151,6 +156,11 @@ def test_state_dir_must_exist_and_holds_the_volume(tmp_path):
     assert f"state_dir {shared} does not exist" in str(e.value)
     assert "mounted" in str(e.value)
     shared.mkdir()
+    with pytest.raises(ConfigError) as e:          # the mount point, nothing mounted on it
+        cfgstring.check(text, state_dir=str(local))
+    assert f"state_dir {shared} is not a mount point" in str(e.value)
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: p == str(shared) or real_ismount(p))
     MirrorVolume.create("v", [str(a), str(b)], meta_dir=str(shared), size=1 << 20).close()
     assert cfgstring.check(f"v;state_dir={shared}", state_dir=str(local)).state_dir == str(shared)
     with pytest.raises(ConfigError) as e:          # not in lvmirrord's own state directory

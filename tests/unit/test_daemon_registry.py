@@ -237,10 +237,11 @@ def test_registry_alone(tmp_path):
     reg.release(spec)
 
 
-def test_a_volume_with_its_own_state_dir(tmp_path):
+def test_a_volume_with_its_own_state_dir(tmp_path, monkeypatch):
     """cfgstring state_dir (shared storage for two gateways): the volume is created, opened and
-    reopened there, not in lvmirrord's --state-dir; a missing state_dir refuses the LUN and
-    creates nothing; a split image's export naming another state_dir is refused."""
+    reopened there, not in lvmirrord's --state-dir; a missing state_dir, or one that is not a
+    mount point (its file system not mounted), refuses the LUN and creates nothing; a LUN of
+    the open volume naming another state directory (or none) is refused."""
     shared = tmp_path / "shared"
     d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False)
     a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
@@ -249,8 +250,14 @@ def test_a_volume_with_its_own_state_dir(tmp_path):
         d.registry.acquire(spec, lun="lun0", size=SIZE)
     assert "is its shared file system mounted" in str(e.value)
     assert not os.path.exists(a) and not os.path.exists(shared)
-    assert d.registry.names() == []
     shared.mkdir()
+    with pytest.raises(ConfigError) as e:          # an empty mount point: not mounted
+        d.registry.acquire(spec, lun="lun0", size=SIZE)
+    assert "is not a mount point" in str(e.value)
+    assert not os.path.exists(a) and os.listdir(shared) == []
+    assert d.registry.names() == []
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: p == str(shared) or real_ismount(p))
     volume, _ = d.registry.acquire(spec, lun="lun0", size=SIZE)
     settle(volume)
     assert volume.meta_dir == str(shared)
@@ -261,6 +268,9 @@ def test_a_volume_with_its_own_state_dir(tmp_path):
         d.registry.acquire(cfgstring.parse(f"vha;image=1;state_dir={tmp_path}"), lun="lun1",
                            size=SIZE)
     assert f"open with its state in {shared}" in str(e.value)
+    with pytest.raises(ConfigError) as e:          # no state_dir: lvmirrord's own
+        d.registry.acquire(cfgstring.parse("vha;image=1"), lun="lun1", size=SIZE)
+    assert f"not in {d.state_dir}" in str(e.value)
     d.registry.release(spec)
     d2 = Lvmirrord(state_dir=str(tmp_path / "other"), with_bus=False)   # the other gateway
     volume, _ = d2.registry.acquire(cfgstring.parse(f"vha;state_dir={shared}"), lun="lun0",
@@ -331,5 +341,42 @@ def test_status_does_not_wait_for_a_lease_being_taken(tmp_path):
     assert volume.name == "vlease" and d.registry.names() == ["vlease", "vother"]
     assert isinstance(got["lunB"], ConfigError) and "already served by LUN 'lunA'" in str(got["lunB"])
     assert leases.held() == {"vlease": 0}
+    d.registry.release(spec)
+    assert leases.held() == {}
+
+
+def test_a_reopen_waits_for_the_close_and_keeps_the_lease(tmp_path):
+    """A LUN releases the last use of a volume (close, then lease release, both outside the
+    registry's lock) while another LUN acquires it: the acquire used to open a second copy
+    while the first was closing, and the first's lease release then left the new one served
+    without its lease. It now waits for the close and takes the lease afresh."""
+    import threading
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False)
+    leases = d.registry.leases = _SlowLeases()
+    leases.go.set()
+    spec = cfgstring.parse(f"vr;images={tmp_path}/r1.img;direct=1")
+    volume, _ = d.registry.acquire(spec, lun="lun0", size=SIZE)
+    closing, go_on = threading.Event(), threading.Event()
+    real_close = volume.close
+
+    def slow_close():
+        closing.set()
+        assert go_on.wait(30)
+        real_close()
+    volume.close = slow_close
+    t = threading.Thread(target=d.registry.release, args=(spec,))
+    t.start()
+    assert closing.wait(10)
+    got = {}
+    t2 = threading.Thread(target=lambda: got.update(v=d.registry.acquire(spec, lun="lun1",
+                                                                            size=SIZE)))
+    t2.start()
+    t2.join(1)
+    assert "v" not in got                    # waits for the close
+    go_on.set()
+    t.join(30)
+    t2.join(30)
+    assert got["v"][0] is not volume
+    assert d.registry.lease_of("vr") == {"host_id": 1, "slot": 0}
     d.registry.release(spec)
     assert leases.held() == {}
