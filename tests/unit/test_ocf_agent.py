@@ -97,10 +97,8 @@ def test_unknown_action_is_unimplemented():
     assert agent("migrate_to", **GOOD).returncode == 3
 
 
-def test_status_timeout_follows_the_operation_timeout(monkeypatch):
-    """lvmirror status may take three quarters of the action's own timeout (Pacemaker's
-    OCF_RESKEY_CRM_meta_timeout, ms): a fixed 15 s failed the monitor of a busy gateway in the
-    two-gateway lab, and Pacemaker restarted a LUN that was serving."""
+def _load_agent(monkeypatch):
+    """The agent as a module (its functions, without running main)."""
     import importlib.machinery
     import importlib.util
     monkeypatch.syspath_prepend(os.path.join(OCF_ROOT, "lib", "heartbeat"))
@@ -109,6 +107,14 @@ def test_status_timeout_follows_the_operation_timeout(monkeypatch):
     spec = importlib.util.spec_from_loader("lvmirror_ocf_agent", loader)
     mod = importlib.util.module_from_spec(spec)
     loader.exec_module(mod)
+    return mod
+
+
+def test_status_timeout_follows_the_operation_timeout(monkeypatch):
+    """lvmirror status may take three quarters of the action's own timeout (Pacemaker's
+    OCF_RESKEY_CRM_meta_timeout, ms): a fixed 15 s failed the monitor of a busy gateway in the
+    two-gateway lab, and Pacemaker restarted a LUN that was serving."""
+    mod = _load_agent(monkeypatch)
     monkeypatch.delenv("OCF_RESKEY_CRM_meta_timeout", raising=False)
     assert mod.status_timeout() == 15.0
     monkeypatch.setenv("OCF_RESKEY_CRM_meta_timeout", "120000")
@@ -117,3 +123,35 @@ def test_status_timeout_follows_the_operation_timeout(monkeypatch):
     assert mod.status_timeout() == 15.0
     monkeypatch.setenv("OCF_RESKEY_CRM_meta_timeout", "soon")
     assert mod.status_timeout() == 15.0
+    for v in ("inf", "1e309", "nan", "-5000"):
+        monkeypatch.setenv("OCF_RESKEY_CRM_meta_timeout", v)
+        assert mod.status_timeout() == 15.0
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_timeout", "1e15")
+    assert mod.status_timeout() == 3600.0
+
+
+def test_stop_does_not_take_a_busy_lvmirrord_for_a_stopped_one(monkeypatch):
+    """stop waits while lvmirror status times out (lvmirrord runs, busy, and may still serve
+    the LUN): it used to return success at the first timeout, and Pacemaker would then unmount
+    the volume's state and start it elsewhere. It fails with the reason at serve_timeout, and
+    succeeds once lvmirrord answers that it no longer serves the LUN."""
+    import subprocess as sp
+    mod = _load_agent(monkeypatch)
+    monkeypatch.setattr(mod, "UserBackedStorageObject", object)
+    monkeypatch.setattr(mod.os.path, "isdir", lambda p: True)
+    monkeypatch.setattr(mod, "find_storage_object", lambda name: None)
+    monkeypatch.setattr(mod.time, "sleep", lambda s: None)
+    answers = []
+
+    def status():
+        if answers:
+            return answers.pop(0)
+        raise sp.TimeoutExpired(["lvmirror"], 15)
+    monkeypatch.setattr(mod, "lvmirror_status", status)
+    reasons = []
+    monkeypatch.setattr(mod.ocf, "ocf_exit_reason", reasons.append)
+    assert mod.stop("lun0", "iqn.x", 0, 1, "0") == mod.ocf.OCF_ERR_GENERIC
+    assert "still serves lun0" in reasons[-1]
+    answers[:] = [{"luns": [{"name": "lun0"}]}, {"luns": []}]
+    assert mod.stop("lun0", "iqn.x", 0, 1, "30") == mod.ocf.OCF_SUCCESS
+    assert answers == []
