@@ -20,9 +20,12 @@ import subprocess
 CHUNK = 4 << 20
 
 
-def backup_image(image: dict, dest: str, *, fmt: str = "raw", progress=None) -> int:
+def backup_image(image: dict, dest: str, *, fmt: str = "raw", progress=None,
+                 size: int | None = None) -> int:
     """Copy ``image`` (a status entry: index, path, state) to ``dest``; returns bytes copied.
-    ``progress(done, total)`` is called as it goes."""
+    ``progress(done, total)`` is called as it goes. ``size``: the volume's size in bytes; the
+    copy holds that much, not the rest of a larger device (whose bytes past the volume may be
+    another user's old data); None: the whole image."""
     if image["state"] != "split":
         raise ValueError(f"image {image['index']} is {image['state']}; only a split image is a "
                          f"point-in-time copy (split it first)")
@@ -40,12 +43,27 @@ def backup_image(image: dict, dest: str, *, fmt: str = "raw", progress=None) -> 
                            capture_output=True, text=True, umask=0o077)
         if r.returncode:
             raise OSError(f"qemu-img convert failed: {r.stderr.strip()}")
+        whole = _size_of(src)
+        if size is not None and size < whole:       # drop what lies past the volume
+            r = subprocess.run(["qemu-img", "resize", "-f", "qcow2", "--shrink", dest,
+                                str(size)], capture_output=True, text=True)
+            if r.returncode:
+                raise OSError(f"qemu-img resize failed: {r.stderr.strip()}")
         make_durable(dest)
-        size = os.path.getsize(src)
+        done = whole if size is None else min(size, whole)
         if progress:
-            progress(size, size)
-        return size
-    return _copy_sparse(src, dest, progress)
+            progress(done, done)
+        return done
+    return _copy_sparse(src, dest, progress, size)
+
+
+def _size_of(path: str) -> int:
+    """Bytes in the file or block device ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def drop_cache(path: str) -> None:
@@ -82,7 +100,7 @@ def _fsync_dir(path: str) -> None:
         os.close(dfd)
 
 
-def _copy_sparse(src, dest, progress):
+def _copy_sparse(src, dest, progress, limit=None):
     """Copy ``src`` to a new ``dest`` of the same size, leaving holes where ``src`` has them
     (SEEK_DATA/SEEK_HOLE) and where a chunk reads as zeroes; returns the bytes written. A
     block device has no SEEK_DATA (Linux's blkdev_llseek answers EINVAL): it is read whole,
@@ -91,6 +109,8 @@ def _copy_sparse(src, dest, progress):
     fin = os.open(src, os.O_RDONLY)
     try:
         size = os.lseek(fin, 0, os.SEEK_END)
+        if limit is not None:
+            size = min(size, limit)
         fout = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fout, size)
@@ -98,7 +118,9 @@ def _copy_sparse(src, dest, progress):
             while pos < size:
                 try:
                     data_start = os.lseek(fin, pos, os.SEEK_DATA)
-                    hole = os.lseek(fin, data_start, os.SEEK_HOLE)
+                    if data_start >= size:            # data only past the volume
+                        break
+                    hole = min(os.lseek(fin, data_start, os.SEEK_HOLE), size)
                 except OSError as exc:
                     if exc.errno == errno.ENXIO:      # only a hole is left
                         break

@@ -664,7 +664,7 @@ def main(argv=None):
                       file=sys.stderr)
                 return EXIT_ERROR
             tty = sys.stderr.isatty()
-            n = backup_image(im, args.dest, fmt=args.format, progress=(
+            n = backup_image(im, args.dest, fmt=args.format, size=vol["size"], progress=(
                 lambda d, t: sys.stderr.write(f"\rbackup: {d / t:6.1%}")) if tty else None)
             print(json.dumps({"dest": args.dest, "bytes": n, "format": args.format})
                   if args.json else f"image {args.image} copied to {args.dest} ({args.format})")

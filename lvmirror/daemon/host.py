@@ -324,11 +324,12 @@ class VolumeHost:
             if info.state.value != "split":
                 raise StateError(f"volume {name}: image {image} is {info.state.value}; only a "
                                  f"split image is a point-in-time copy (split it first)")
+            size = self._volume(name).size        # bytes: not the rest of a larger device
             progress = self._backups[(name, info.id)] = BackupProgress(info.id, dest)
         entry = dict(index=info.index, path=info.path, state=info.state.value)
         log.info("volume %s: backup of image %d to %s (%s) started", name, image, dest, fmt)
         try:
-            n = backup_image(entry, dest, fmt=fmt, progress=progress.update)
+            n = backup_image(entry, dest, fmt=fmt, progress=progress.update, size=size)
         except BaseException as exc:
             progress.finish("failed", str(exc))
             raise

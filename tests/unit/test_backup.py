@@ -131,3 +131,30 @@ def test_backup_of_an_image_without_seek_data_is_whole(tmp_path, monkeypatch):
     assert 0 < n <= 2 * (4 << 20)                       # only the chunks holding data written
     assert os.stat(dest).st_blocks * 512 <= 8 << 20     # the zero chunks stay holes
     vol.close()
+
+
+def test_backup_holds_the_volume_not_the_rest_of_a_larger_image(tmp_path):
+    """An image larger than the volume (a block device bigger than the LUN) may hold another
+    user's old data past the volume's end: the copy stops at the volume's size, raw and
+    qcow2."""
+    vol = _mirror(tmp_path, 2, 8 << 20)
+    vol.write(0, [memoryview(b"A" * 4096)])
+    vol.split(1)
+    im = next(i for i in vol.images if i.index == 1)
+    with open(im.path, "r+b") as f:                  # the device goes on past the volume
+        f.truncate(12 << 20)
+        f.seek(10 << 20)
+        f.write(b"OLD TENANT SECRET")
+    entry = dict(index=1, path=im.path, state="split")
+    dest = tmp_path / "b.raw"
+    backup_image(entry, str(dest), size=vol.size)
+    data = dest.read_bytes()
+    assert len(data) == 8 << 20 and data[:4096] == b"A" * 4096 and b"SECRET" not in data
+    if shutil.which("qemu-img"):
+        q = tmp_path / "b.qcow2"
+        backup_image(entry, str(q), fmt="qcow2", size=vol.size)
+        out = tmp_path / "q.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(q), str(out)], check=True)
+        data = out.read_bytes()
+        assert len(data) == 8 << 20 and data[:4096] == b"A" * 4096 and b"SECRET" not in data
+    vol.close()
