@@ -303,7 +303,7 @@ def check(cfg: str, *, state_dir: str = "/var/lib/lvmirror") -> VolumeSpec:
     ``imagecheck.probe`` (at most 68 MiB read per existing file, 8 MiB per block device).
     """
     spec = parse(cfg)
-    state_dir = state_dir_of(spec, state_dir)
+    default_dir, state_dir = state_dir, state_dir_of(spec, state_dir)
     md = None
     if VolumeMetadata.exists(state_dir, spec.name):
         md = VolumeMetadata.load(state_dir, spec.name)    # ConfigError names file and field
@@ -337,6 +337,8 @@ def check(cfg: str, *, state_dir: str = "/var/lib/lvmirror") -> VolumeSpec:
     # image that holds data without force=1.
     imagecheck.check_distinct(spec.images, name=spec.name)
     imagecheck.check_not_in_other_volume(spec.images, state_dir, name=spec.name)
+    if default_dir != state_dir and os.path.isdir(default_dir):
+        imagecheck.check_not_in_other_volume(spec.images, default_dir, name=spec.name)
     for k, p in enumerate(spec.images):
         if not os.path.exists(p):
             continue

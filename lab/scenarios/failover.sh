@@ -99,8 +99,8 @@ fo_image() {  # fo_image VOLUME INDEX: "state dirty_bytes" of the image, from lv
   lvmirror --json status | $PY -c "
 import json, sys
 v = json.load(sys.stdin)['volumes'].get('$1')
-im = v['images'][$2] if v else None
-print(im['state'], im['dirty_bytes'] if im else 'absent')"
+im = v['images'][$2] if v and $2 < len(v['images']) else None
+print(f\"{im['state']} {im['dirty_bytes']}\" if im else 'absent absent')"
 }
 
 fo_located() {  # fo_located RESOURCE NODE [SECONDS]: until RESOURCE runs on NODE, started

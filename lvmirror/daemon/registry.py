@@ -8,6 +8,7 @@ import threading
 
 from lvmirror import cfgstring
 from lvmirror.errors import ConfigError
+from lvmirror.mirror import imagecheck
 from lvmirror.mirror.metadata import VolumeMetadata
 from lvmirror.mirror.volume import MirrorVolume
 
@@ -122,6 +123,13 @@ class VolumeRegistry:
             raise ConfigError(
                 f"volume {spec.name!r} does not exist under {meta_dir}; name its images to "
                 f"create it (cfgstring '{spec.name};images=/path/a+/path/b')")
+        # create checks the volumes of meta_dir; those of lvmirrord's own state directory and
+        # of the volumes open here (other state_dir=) are checked too
+        with self._lock:
+            others = {self.state_dir} | {v.meta_dir for v in self._volumes.values()}
+        for d in sorted(others - {meta_dir}):
+            if os.path.isdir(d):
+                imagecheck.check_not_in_other_volume(spec.images, d, name=spec.name)
         return MirrorVolume.create(spec.name, list(spec.images), meta_dir=meta_dir,
                                    block_size=spec.block_size, region_size=spec.region_size,
                                    size=size, direct=spec.direct, force=spec.force,

@@ -380,3 +380,25 @@ def test_a_reopen_waits_for_the_close_and_keeps_the_lease(tmp_path):
     assert d.registry.lease_of("vr") == {"host_id": 1, "slot": 0}
     d.registry.release(spec)
     assert leases.held() == {}
+
+
+def test_an_image_file_of_a_volume_in_another_state_dir_is_refused(tmp_path, monkeypatch):
+    """A volume whose state is in lvmirrord's --state-dir and one with state_dir= may not share
+    an image file (both would write it): the create and CheckConfig check both directories."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: p == str(shared) or real_ismount(p))
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False)
+    a, b, c = (str(tmp_path / n) for n in ("a.img", "b.img", "c.img"))
+    loc = cfgstring.parse(f"vloc;images={a}+{b}")
+    settle(d.registry.acquire(loc, lun="lun0", size=SIZE)[0])
+    text = f"vsh;images={a}+{c};state_dir={shared}"
+    with pytest.raises(ConfigError) as e:
+        cfgstring.check(text, state_dir=d.state_dir)
+    assert "vloc" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        d.registry.acquire(cfgstring.parse(text), lun="lun1", size=SIZE)
+    assert "vloc" in str(e.value)
+    assert not os.path.exists(c) and d.registry.names() == ["vloc"]
+    d.registry.release(loc)
