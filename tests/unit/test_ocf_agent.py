@@ -155,3 +155,21 @@ def test_stop_does_not_take_a_busy_lvmirrord_for_a_stopped_one(monkeypatch):
     answers[:] = [{"luns": [{"name": "lun0"}]}, {"luns": []}]
     assert mod.stop("lun0", "iqn.x", 0, 1, "30") == mod.ocf.OCF_SUCCESS
     assert answers == []
+    # the CLI's own D-Bus timeout (25 s, exit 3) while lvmirrord runs: still not stopped
+    def no_reply():
+        raise sp.CalledProcessError(3, ["lvmirror"])
+    monkeypatch.setattr(mod, "lvmirror_status", no_reply)
+    monkeypatch.setattr(mod, "lvmirrord_running", lambda: True)
+    assert mod.stop("lun0", "iqn.x", 0, 1, "0") == mod.ocf.OCF_ERR_GENERIC
+    monkeypatch.setattr(mod, "lvmirrord_running", lambda: False)
+    assert mod.stop("lun0", "iqn.x", 0, 1, "0") == mod.ocf.OCF_SUCCESS
+
+
+def test_lvmirrord_running_reads_proc(tmp_path, monkeypatch):
+    mod = _load_agent(monkeypatch)
+    for pid, comm in (("1", "systemd"), ("42", "lvmirrord"), ("self", "x")):
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "comm").write_text(comm + "\n")
+    assert mod.lvmirrord_running(str(tmp_path))
+    (tmp_path / "42" / "comm").write_text("lvmirror\n")
+    assert not mod.lvmirrord_running(str(tmp_path))
