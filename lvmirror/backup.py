@@ -72,9 +72,8 @@ def drop_cache(path: str) -> None:
     storage another gateway writes the images (O_DIRECT) and Linux does not invalidate this
     host's cache for another host's writes: pages cached here before (udev's probe of the disk
     at boot, an earlier backup, this gateway's own time as the owner) would go into the backup
-    instead. Dirty pages
-    are written back, not dropped, so a volume opened without O_DIRECT loses nothing. OSError
-    if ``path`` cannot be opened."""
+    instead. Dirty pages are written back, not dropped, so a volume opened without O_DIRECT
+    loses nothing. OSError if ``path`` cannot be opened."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
