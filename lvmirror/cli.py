@@ -143,8 +143,11 @@ def format_status(st: dict) -> str:
         lines.append(f"  I/O: {io['reads']} reads, {io['writes']} writes, "
                      f"{io['read_errors'] + io['write_errors']} errors, {io['inflight']} in flight")
     for lun in st["luns"]:
-        lines.append(f"LUN {lun['name']} ({lun['uio']}): {lun['cfgstring']}"
-                     + (f" NOT READY: {lun['error']}" if lun["error"] else ""))
+        if lun.get("standby"):      # its ALUA port group is not Active on this gateway
+            tail = f" {lun['alua_state']}: the volume is not open on this gateway"
+        else:
+            tail = f" NOT READY: {lun['error']}" if lun["error"] else ""
+        lines.append(f"LUN {lun['name']} ({lun['uio']}): {lun['cfgstring']}{tail}")
     return "\n".join(lines)
 
 

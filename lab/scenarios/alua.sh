@@ -7,8 +7,9 @@
 #    group 1, RTPG lists both groups with their states and ports;
 # 3. "ao" switched to Standby in configfs (what the resource agent does on failover): the kernel
 #    refuses medium access with NOT READY, TARGET PORT IN STANDBY STATE, RTPG still answers and
-#    shows it; back to Active/Optimized, reads and writes work again; SET TARGET PORT GROUPS is
-#    refused (implicit only).
+#    shows it, and lvmirrord closes the volume (lvmirror status: standby, no volume open); back
+#    to Active/Optimized, lvmirrord opens it again and reads and writes work again; SET
+#    TARGET PORT GROUPS is refused (implicit only).
 # Sourced by lab/guest.sh; runs inside the kernel-lab guest over lab/lib.
 
 alua_field() {  # alua_field FILE KEY: the value after "KEY=" in sg_inq's output
@@ -82,6 +83,19 @@ TC
   # 3. failover as the agent does it: this node's group to Standby, then back
   echo "set global auto_save_on_exit=false
 /backstores/user:lvmirror/al/alua/ao set alua alua_access_state=2" | tcli
+  # lvmirrord follows: it closes the volume (and would release its lease) for the other gateway
+  t0=$(date +%s.%N)
+  for i in $(seq 60); do
+    lvmirror status --json > "$OUT/alua-standby-status.json" 2>&1
+    jq -e '(.luns[] | select(.name == "al") | .standby == true and .volume == null) and (.volumes | has("al") | not)' \
+      "$OUT/alua-standby-status.json" > /dev/null 2>&1 && break
+    sleep 1
+  done
+  a=$(awk -v t0=$t0 -v t1=$(date +%s.%N) 'BEGIN { printf "%.1f", t1 - t0 }')
+  jq -e '(.luns[] | select(.name == "al") | .standby == true and .volume == null and .alua_state == "Standby") and (.volumes | has("al") | not)' \
+    "$OUT/alua-standby-status.json" > /dev/null 2>&1 \
+    && result alua_standby_closes_volume ok seconds=$a \
+    || result alua_standby_closes_volume fail seconds=$a status="$(jq -c '.luns[] | select(.name == "al")' "$OUT/alua-standby-status.json" 2>&1 | head -c 400)"
   dd if=$d of=/dev/null bs=4096 count=1 iflag=direct 2> "$OUT/alua-standby-read.txt"; rc=$?
   sg_turs -v $d > "$OUT/alua-standby-tur.txt" 2>&1
   sg_rtpg -d $d > "$OUT/alua-rtpg-standby.txt" 2>&1; a=$?
@@ -92,6 +106,18 @@ TC
     || result alua_standby_refuses_medium_access fail dd=$rc rtpg=$a groups="$out" tur="$(tail -2 "$OUT/alua-standby-tur.txt" | tr '\n' ' ')"
   echo "set global auto_save_on_exit=false
 /backstores/user:lvmirror/al/alua/ao set alua alua_access_state=0" | tcli
+  t0=$(date +%s.%N)
+  for i in $(seq 60); do
+    lvmirror status --json > "$OUT/alua-active-status.json" 2>&1
+    jq -e '.luns[] | select(.name == "al") | .standby == false and .volume == "al" and .error == null' \
+      "$OUT/alua-active-status.json" > /dev/null 2>&1 && break
+    sleep 1
+  done
+  a=$(awk -v t0=$t0 -v t1=$(date +%s.%N) 'BEGIN { printf "%.1f", t1 - t0 }')
+  jq -e '.luns[] | select(.name == "al") | .standby == false and .volume == "al" and .error == null' \
+    "$OUT/alua-active-status.json" > /dev/null 2>&1 \
+    && result alua_active_reopens_volume ok seconds=$a \
+    || result alua_active_reopens_volume fail seconds=$a status="$(jq -c '.luns[] | select(.name == "al")' "$OUT/alua-active-status.json" 2>&1 | head -c 400)"
   sg_turs $d > /dev/null 2>&1; sg_turs $d > /dev/null 2>&1   # the unit attentions the transition left
   dd if=/dev/urandom of=/run/alua.blk bs=4096 count=4 status=none
   dd if=/run/alua.blk of=$d bs=4096 count=4 oflag=direct status=none; rc=$?

@@ -17,6 +17,7 @@ from lvmirror.mirror.resync import job_progress
 from lvmirror.daemon.lunserver import LunServer
 from lvmirror.daemon.lease import Leases
 from lvmirror.daemon.registry import VolumeRegistry
+from lvmirror.scsi import alua
 
 log = logging.getLogger("lvmirrord")
 
@@ -204,6 +205,7 @@ class VolumeHost:
         luns = [{"name": lun.name, "uio": lun.device.uio_name, "cfgstring": lun.device.cfgstring,
                  "error": lun.error, "commands": lun.commands,
                  "volume": lun.volume.name if lun.volume is not None else None,
+                 "alua_state": alua.STATE_NAMES.get(lun.alua_state), "standby": lun.standby,
                  "latency": lun.latency.snapshot()}
                 for lun in list(self.luns.values())]
         return {"volumes": volumes, "luns": luns}

@@ -26,6 +26,7 @@ from lvmirror.mirror.legs import Worker
 from lvmirror.scsi import LogicalUnit, Response
 from lvmirror.daemon.iostats import LatencyHistogram
 from lvmirror.scsi.lu import READ_OPCODES, WRITE_OPCODES
+from lvmirror.scsi import alua
 from lvmirror.scsi import constants as scsi
 from lvmirror.scsi.sense import build_sense
 from lvmirror.tcmu import uio
@@ -63,7 +64,10 @@ class LunBackend:
 
 
 class NotReadyBackend:
-    """Stands behind a LUN whose volume could not be opened: medium access gets NOT READY."""
+    """Stands behind a LUN whose volume is not open (it could not be opened, or its target port
+    group is Standby here): medium access gets NOT READY. ``lun_size`` in bytes,
+    ``block_size`` in bytes (the backstore's hw_block_size, so that READ CAPACITY through a
+    Standby port says what the Active gateway says)."""
 
     def __init__(self, lun_size: int, block_size: int = 512):
         self.block_size = block_size
@@ -98,6 +102,26 @@ INLINE_BACKOFF = 5.0
 
 # Commands a LUN answers even when its volume is not open (so initiators can see why).
 _ALWAYS_ANSWERED = {scsi.INQUIRY, scsi.REQUEST_SENSE, scsi.MAINTENANCE_IN}
+
+# ALUA (SPC-4 5.16): the access states of this gateway's target port group in which the LUN's
+# volume is not opened here, and the NOT READY additional sense its medium-access commands get:
+# LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN STANDBY STATE / UNAVAILABLE STATE, and LOGICAL
+# UNIT NOT READY, OFFLINE - what the kernel's own check answers (target_core_alua.c,
+# core_alua_state_standby/unavailable/offline), which stops most of them before they reach
+# lvmirrord. The volume - and its lease - belongs to the gateway whose group is Active.
+INACTIVE_SENSE = {alua.STANDBY: (0x04, 0x0B), alua.UNAVAILABLE: (0x04, 0x0C),
+                  alua.OFFLINE: (0x04, 0x12)}
+# LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE TRANSITION: the group became Active and
+# the volume is being opened; Linux's SCSI midlayer retries the command after a delay
+# (scsi_lib.c, ACTION_DELAYED_RETRY), dm-multipath's alua handler too.
+ASC_ALUA_TRANSITION = (0x04, 0x0A)
+# What the kernel passes to the handler through a Standby port (core_alua_state_standby), all
+# answered from the backstore's size and configfs, with no volume open.
+_INACTIVE_ANSWERED = _ALWAYS_ANSWERED | {scsi.READ_CAPACITY_10, scsi.SERVICE_ACTION_IN_16,
+                                         scsi.MODE_SENSE_6, scsi.MODE_SENSE_10, scsi.REPORT_LUNS}
+# How often (seconds) the ring thread reads this gateway's port group state from configfs
+# (the kernel does not tell the handler when ``alua_access_state`` changes).
+ALUA_FOLLOW_INTERVAL = 1.0
 
 
 
@@ -147,6 +171,15 @@ class LunServer:
         self._ring = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_pending = False
+        # ALUA: this gateway's port group state as last read (scsi.alua state, None: no single
+        # local port), whether the volume is (meant to be) open here, the NOT READY additional
+        # sense of medium access while it is not (None: not for ALUA), the transition thread
+        self.alua_state = None
+        self._alua_open = True
+        self._alua_next = 0.0
+        self.standby_sense = None
+        self._transition = None
+        self._size = self._wwn = self._max_blocks = None
 
     # -- life cycle -----------------------------------------------------------------------------
     def open(self, *, pickup: bool = False, handle=None):
@@ -154,7 +187,9 @@ class LunServer:
 
         Device errors (busy, wrong ring) raise; volume errors - any, not only the foreseen
         LvmirrorError ones - leave the LUN answering NOT READY with the reason logged and kept
-        in ``error``."""
+        in ``error``. When this gateway's ALUA port group is Standby, Unavailable or Offline
+        the volume is not opened (nor its lease taken) until the group becomes Active
+        (``_follow_alua``)."""
         self._handle = handle if handle is not None else uio.open_device(self.device,
                                                                          pickup=pickup)
         try:
@@ -162,13 +197,26 @@ class LunServer:
         except RingError:
             self._handle.close()
             raise
-        size = self.device.lun_size()
-        wwn = self.device.wwn()
-        max_blocks = self.device.max_transfer_blocks()
+        self._size = self.device.lun_size()
+        self._wwn = self.device.wwn()
+        self._max_blocks = self.device.max_transfer_blocks()
         if not self.device.enable_tmr_notification():
             log.info("LUN %s: the kernel does not report task management (attrib/"
                      "tmr_notification): aborted commands are only seen when they complete",
                      self.name)
+        state = self.alua_state = self._local_alua_state()
+        if state in INACTIVE_SENSE:
+            self._alua_open = False
+            self._set_inactive(state)
+            log.info("LUN %s: %s", self.name, self.error)
+        else:
+            self._open_volume()
+
+    def _open_volume(self):
+        """Acquire the volume the cfgstring names (from the registry: may wait for its lease)
+        and serve it; on failure - any, not only the foreseen LvmirrorError ones - keep the
+        reason in ``error`` and answer NOT READY."""
+        size, wwn = self._size, self._wwn
         try:
             spec = cfgstring.parse(self.device.cfgstring)
             volume, target = self.registry.acquire(spec, lun=self.name, size=size)
@@ -178,27 +226,128 @@ class LunServer:
             except BaseException:
                 self.registry.release(spec, target)
                 raise
-            self.spec, self.volume, self.backend = spec, volume, target
-            self.lu = LogicalUnit(backend, wwn=wwn, write_cache=self.device.write_cache(),
-                                  max_transfer_blocks=max_blocks, read_only=spec.readonly,
-                                  copy_resolver=self._copy_peer,
-                                  port_groups=self.device.port_groups)
+            lu = LogicalUnit(backend, wwn=wwn, write_cache=self.device.write_cache(),
+                             max_transfer_blocks=self._max_blocks, read_only=spec.readonly,
+                             copy_resolver=self._copy_peer, port_groups=self.device.port_groups)
+            # the LU before ``error`` clears: a command that sees no error runs on this one
+            self.spec, self.volume, self.backend, self.lu = spec, volume, target, lu
+            self.error = None
+            self.standby_sense = None
             log.info("LUN %s: serving %s (%d images, %d bytes) on %s", self.name,
                      target.name, len(volume.images), backend.num_blocks * backend.block_size,
                      self.device.uio_name)
         except LvmirrorError as exc:
-            self.error = str(exc)
-            self.lu = LogicalUnit(NotReadyBackend(size), wwn=wwn,
-                                  port_groups=self.device.port_groups)
+            self._set_unopened(str(exc))
             log.error("LUN %s: %s; medium access gets NOT READY until it is fixed", self.name, exc)
         except Exception as exc:
             # a volume whose state lvmirror cannot read (a bug, or state no version should
             # have written) must not take lvmirrord and every other LUN down with it
-            self.error = f"cannot open the volume: {type(exc).__name__}: {exc}"
-            self.lu = LogicalUnit(NotReadyBackend(size), wwn=wwn,
-                                  port_groups=self.device.port_groups)
+            self._set_unopened(f"cannot open the volume: {type(exc).__name__}: {exc}")
             log.exception("LUN %s: %s; medium access gets NOT READY until it is fixed",
                           self.name, self.error)
+
+    def _unopened_lu(self):
+        """A LogicalUnit over NotReadyBackend at the LUN's size and hw_block_size."""
+        return LogicalUnit(NotReadyBackend(self._size, self.device.hw_block_size() or 512),
+                           wwn=self._wwn, port_groups=self.device.port_groups)
+
+    def _set_unopened(self, reason: str, sense=None):
+        """Answer NOT READY for ``reason`` (kept in ``error``); ``sense``: the additional
+        sense of medium access (ALUA), None: MANUAL INTERVENTION REQUIRED."""
+        lu = self._unopened_lu()
+        self.error = reason          # before the LU: a command that sees the LU sees the error
+        self.standby_sense = sense
+        self.lu = lu
+
+    def _set_inactive(self, state: int):
+        self._set_unopened(
+            f"its target port group is {alua.STATE_NAMES.get(state, hex(state))} on this "
+            f"gateway: the volume is not open here (it is opened when the group becomes Active)",
+            INACTIVE_SENSE[state])
+
+    # -- ALUA: following this gateway's target port group -----------------------------------------
+    @property
+    def standby(self) -> bool:
+        """The volume is not open here because this gateway's port group is not Active."""
+        return not self._alua_open
+
+    def _local_alua_state(self):
+        """The access state (``scsi.alua``) of the group of this gateway's one enabled port, or
+        None: no ALUA groups, not exactly one enabled port, or configfs unreadable."""
+        try:
+            local = alua.enabled_ports(self.device.port_groups())
+        except (OSError, ValueError):
+            return None
+        return local[0][0].state if len(local) == 1 else None
+
+    def _follow_alua(self):
+        """Ring thread, every ALUA_FOLLOW_INTERVAL s: when this gateway's port group went from
+        an Active state to Standby, Unavailable or Offline, close the volume (after its commands
+        in flight) and release it; from one of those to Active, open it again. Whoever manages
+        the cluster writes ``alua_access_state`` (the resource agent); a planned move is the
+        owner's group to Standby, then the other gateway's to Active. Transitioning and no local
+        port change nothing. One transition at a time, on a thread of its own."""
+        if self._transition is not None and self._transition.is_alive():
+            return
+        state = self._local_alua_state()
+        if state is None or state == alua.TRANSITIONING:
+            return
+        self.alua_state = state
+        want_open = state not in INACTIVE_SENSE
+        if want_open == self._alua_open:
+            if not want_open and self.standby_sense != INACTIVE_SENSE[state]:
+                self._set_inactive(state)      # Standby to Unavailable, say
+            return
+        self._alua_open = want_open
+        self._transition = threading.Thread(
+            target=self._to_active if want_open else self._to_inactive, args=(state,),
+            name=f"alua-{self.name}", daemon=True)
+        self._transition.start()
+
+    def _to_active(self, state: int):
+        self.standby_sense = ASC_ALUA_TRANSITION
+        log.info("LUN %s: its target port group is %s now: opening the volume", self.name,
+                 alua.STATE_NAMES.get(state, hex(state)))
+        self._open_volume()
+
+    def _to_inactive(self, state: int):
+        spec, backend = self.spec, self.backend
+        self._set_inactive(state)
+        self.spec = self.volume = self.backend = None
+        if spec is None:
+            return
+        log.info("LUN %s: its target port group is %s now: closing volume %s after its "
+                 "commands in flight", self.name, alua.STATE_NAMES.get(state, hex(state)),
+                 spec.name)
+        # commands fetched before the switch run on the volume's LU; wait for every one
+        deadline = time.monotonic() + HELD_VIEWS_WAIT
+        while (self._ring.outstanding or self._held) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        held_ok = not self._held
+        if not held_ok:
+            log.error("LUN %s: completed commands still have their data in use by an image "
+                      "failed as slow after %.0f s; the volume's lease stays held until they "
+                      "return", self.name, HELD_VIEWS_WAIT)
+        self.registry.release(spec, backend, keep_lease=not held_ok)
+        log.info("LUN %s: volume %s closed on this gateway", self.name, spec.name)
+
+    def _unopened_sense(self, op: int):
+        """The additional sense of NOT READY for opcode ``op`` on a LUN whose volume is not
+        open, or None when the unopened LU answers it (INQUIRY, RTPG; READ CAPACITY, MODE
+        SENSE and REPORT LUNS too when the port group is not Active, as the kernel lets them
+        through). A medium access arriving while the group is Active again gets ASYMMETRIC
+        ACCESS STATE TRANSITION and starts the open now rather than at the next follow."""
+        sense = self.standby_sense
+        if sense is None:
+            return None if op in _ALWAYS_ANSWERED else scsi.ASC_LUN_NOT_READY_MANUAL_INTERVENTION
+        if op in _INACTIVE_ANSWERED:
+            return None
+        if sense != ASC_ALUA_TRANSITION:
+            state = self._local_alua_state()
+            if state is not None and state not in INACTIVE_SENSE and state != alua.TRANSITIONING:
+                self._alua_next = 0.0      # the ring thread follows when this completes
+                return ASC_ALUA_TRANSITION
+        return sense
 
     def _copy_peer(self, naa: bytes):
         """The LogicalUnit of another LUN of this process whose NAA designator is ``naa`` and
@@ -233,6 +382,8 @@ class LunServer:
         self._wake()
         if self._thread is not None:
             self._thread.join()
+        if self._transition is not None:     # an ALUA open or close under way ends first
+            self._transition.join()
         # an image failed as slow may still be writing a completed command's data: wait for
         # it before the volume is closed and its lease (shared storage) released
         held_ok = not self._held or self._release_held(wait=HELD_VIEWS_WAIT)
@@ -329,6 +480,9 @@ class LunServer:
         ring = self._ring
         while True:
             stopping = self._stop.is_set()
+            if not stopping and time.monotonic() >= self._alua_next:
+                self._alua_next = time.monotonic() + ALUA_FOLLOW_INTERVAL
+                self._follow_alua()
             for fd, _ in poller.poll(1000 if not stopping else 200):
                 if fd == uio_fd:
                     self._handle.clear_event()
@@ -481,9 +635,9 @@ class LunServer:
         try:
             if command.cmd_id in self._aborted:
                 response = Response(scsi.TASK_ABORTED, b"", 0)
-            elif self.error and command.cdb[:1] and command.cdb[0] not in _ALWAYS_ANSWERED:
-                response = Response(scsi.CHECK_CONDITION, build_sense(
-                    scsi.NOT_READY, *scsi.ASC_LUN_NOT_READY_MANUAL_INTERVENTION), 0)
+            elif (self.error and command.cdb[:1]
+                  and (asc := self._unopened_sense(command.cdb[0])) is not None):
+                response = Response(scsi.CHECK_CONDITION, build_sense(scsi.NOT_READY, *asc), 0)
             else:
                 response = self.lu.execute(command.cdb, command.iov_views, command.iov_views)
         except Exception:  # never lose a command: a bug here must still complete it

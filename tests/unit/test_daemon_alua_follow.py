@@ -1,0 +1,194 @@
+"""lvmirrord follows this gateway's ALUA target port group (issue: two gateways): a LUN whose
+group is Standby does not open its volume (nor take its lease) and answers what the kernel lets
+through a Standby port; the group switched to Active opens it; switched back to Standby, the
+volume is closed once the commands in flight are done. Driven through the ring emulator with
+the real LunServer, registry and mirror engine; the groups are what configfs would give."""
+
+import os
+import random
+import time
+
+import pytest
+
+from lvmirror.daemon import LunServer, VolumeRegistry
+from lvmirror.daemon import lunserver as lunserver_mod
+from lvmirror.scsi import alua, parse_sense
+from lvmirror.tcmu import uio
+from lvmirror.tcmu.emulator import RingEmulator
+
+from tests.unit.test_tcmu_uio_netlink import fake_device
+
+BS = 512
+SIZE = 8 << 20
+IQN = "iqn.2026-11.org.lvmirror:gw"
+STANDBY_ASC = (0x02, 0x04, 0x0B)       # NOT READY, LOGICAL UNIT NOT ACCESSIBLE, STANDBY
+TRANSITION_ASC = (0x02, 0x04, 0x0A)    # ..., ASYMMETRIC ACCESS STATE TRANSITION
+
+
+def cdb10(op, lba, n):
+    return bytes([op, 0]) + lba.to_bytes(4, "big") + b"\0" + n.to_bytes(2, "big") + b"\0"
+
+
+class Groups:
+    """The backstore's two-gateway groups as configfs has them: this node's TPG 1 in "gw",
+    the peer's (disabled here) in "peer", Standby. ``set(state)`` is the agent's write of
+    gw's ``alua_access_state``."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def set(self, state):
+        self.state = state
+
+    def __call__(self):
+        return [alua.PortGroup("gw", 1, self.state, supported=0x07,
+                               ports=(alua.TargetPort(1, alua.PROTOCOL_ISCSI, True, IQN, 1),)),
+                alua.PortGroup("peer", 2, alua.STANDBY, supported=0x07,
+                               ports=(alua.TargetPort(2, alua.PROTOCOL_ISCSI, False, IQN, 2),))]
+
+
+@pytest.fixture
+def gateway(tmp_path, monkeypatch):
+    """make(groups, follow=s) -> (emulator, LunServer, registry, image paths)."""
+    made = []
+
+    def make(groups, *, follow=0.05):
+        monkeypatch.setattr(lunserver_mod, "ALUA_FOLLOW_INTERVAL", follow)
+        paths = [str(tmp_path / f"img{k}") for k in range(2)]
+        roots = fake_device(tmp_path / "dev", 0,
+                            f"tcm-user/1/lun0/lvmirror/vol0;images={'+'.join(paths)}",
+                            info_size=SIZE, serial="serial-0")
+        (dev,) = uio.find_devices("lvmirror", **roots)
+        dev.port_groups = groups
+        emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=8 << 20)
+        emu.run_reaper()
+        registry = VolumeRegistry(str(tmp_path / "state"))
+        lun = LunServer(dev, registry, workers=4)
+        lun.open(handle=emu.handle())
+        lun.start()
+        made.append((emu, lun))
+        return emu, lun, registry, paths
+
+    yield make
+    for emu, lun in made:
+        lun.stop()
+        emu.close()
+
+
+def wait_until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def sense_of(done):
+    return parse_sense(done.sense)
+
+
+def test_standby_at_open_takes_nothing_and_answers_what_the_kernel_lets_through(gateway):
+    groups = Groups(alua.STANDBY)
+    emu, lun, registry, paths = gateway(groups)
+    assert lun.standby and lun.volume is None and registry.names() == []
+    assert "Standby" in lun.error
+    assert not any(os.path.exists(p) for p in paths)      # the volume was not even created
+    inq = emu.submit(bytes([0x12, 0, 0, 0, 255, 0]), data_in_len=255)
+    rc10 = emu.submit(bytes([0x25] + [0] * 9), data_in_len=8)
+    rc16 = emu.submit(bytes([0x9E, 0x10] + [0] * 8 + [0, 0, 0, 32, 0, 0]), data_in_len=32)
+    rtpg = emu.submit(bytes([0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), data_in_len=256)
+    read = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
+    write = emu.submit(cdb10(0x2A, 0, 1), data_out=b"x" * BS)
+    done = emu.wait([inq, rc10, rc16, rtpg, read, write])
+    assert done[inq].status == 0 and done[inq].data_in[5] & 0x30 == 0x10    # TPGS implicit
+    assert done[rc10].status == 0
+    assert int.from_bytes(done[rc10].data_in[:4], "big") == SIZE // BS - 1
+    assert int.from_bytes(done[rc10].data_in[4:8], "big") == BS
+    assert done[rc16].status == 0
+    assert int.from_bytes(done[rc16].data_in[:8], "big") == SIZE // BS - 1
+    assert done[rtpg].status == 0 and done[rtpg].data_in[4] & 0x0F == alua.STANDBY
+    for cid in (read, write):
+        assert sense_of(done[cid]) == STANDBY_ASC
+    assert registry.names() == []
+
+
+def test_active_opens_then_standby_closes_and_active_reopens(gateway):
+    groups = Groups(alua.STANDBY)
+    emu, lun, registry, paths = gateway(groups)
+    groups.set(alua.ACTIVE_OPTIMIZED)                      # promote: this gateway owns it now
+    wait_until(lambda: lun.volume is not None)
+    assert lun.error is None and not lun.standby and registry.names() == ["vol0"]
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    data = random.Random(5).randbytes(8 * BS)
+    w = emu.submit(cdb10(0x2A, 100, 8), data_out=data)
+    assert emu.wait([w])[w].status == 0
+    groups.set(alua.STANDBY)                               # demote: closed, lease released
+    wait_until(lambda: registry.names() == [])
+    assert lun.standby and lun.volume is None and "Standby" in lun.error
+    for p in paths:                                        # on every image once closed
+        with open(p, "rb") as f:
+            f.seek(100 * BS)
+            assert f.read(8 * BS) == data
+    r = emu.submit(cdb10(0x28, 100, 8), data_in_len=8 * BS)
+    assert sense_of(emu.wait([r])[r]) == STANDBY_ASC
+    groups.set(alua.ACTIVE_OPTIMIZED)
+    wait_until(lambda: lun.volume is not None)
+    r = emu.submit(cdb10(0x28, 100, 8), data_in_len=8 * BS)
+    got = emu.wait([r])[r]
+    assert got.status == 0 and got.data_in == data
+    assert emu.warnings == []
+
+
+def test_unavailable_and_offline_give_their_own_sense(gateway):
+    groups = Groups(alua.UNAVAILABLE)
+    emu, lun, registry, _ = gateway(groups)
+    r = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
+    assert sense_of(emu.wait([r])[r]) == (0x02, 0x04, 0x0C)
+    groups.set(alua.OFFLINE)
+    wait_until(lambda: lun.standby_sense == (0x04, 0x12))
+    r = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
+    assert sense_of(emu.wait([r])[r]) == (0x02, 0x04, 0x12)
+    assert registry.names() == []
+
+
+def test_medium_access_after_the_switch_gets_transition_and_starts_the_open(gateway):
+    """The kernel passes a READ as soon as the group is Active; before lvmirrord's next look
+    at configfs it answers ASYMMETRIC ACCESS STATE TRANSITION (the initiator retries), and
+    that command starts the open at once."""
+    groups = Groups(alua.STANDBY)
+    emu, lun, registry, _ = gateway(groups, follow=3600.0)
+    time.sleep(0.2)                 # the ring thread's first look is behind it
+    groups.set(alua.ACTIVE_OPTIMIZED)
+    r = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
+    assert sense_of(emu.wait([r])[r]) == TRANSITION_ASC
+    wait_until(lambda: lun.volume is not None, timeout=10)
+    r = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
+    assert emu.wait([r])[r].status == 0
+
+
+def test_writes_in_flight_at_demote_are_on_the_images_or_refused(gateway):
+    """A demote under load: every WRITE acknowledged GOOD is on both images after the close;
+    the rest were refused with NOT READY (standby or transition), none lost silently."""
+    groups = Groups(alua.ACTIVE_OPTIMIZED)
+    emu, lun, registry, paths = gateway(groups)
+    assert lun.volume is not None
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    rnd = random.Random(11)
+    writes = {}
+    for k in range(96):
+        data = rnd.randbytes(4 * BS)
+        writes[emu.submit(cdb10(0x2A, k * 8, 4), data_out=data)] = (k * 8, data)
+        if k == 40:
+            groups.set(alua.STANDBY)
+    done = emu.wait(list(writes), timeout=30)
+    wait_until(lambda: registry.names() == [])
+    good = [cid for cid in writes if done[cid].status == 0]
+    refused = [cid for cid in writes if done[cid].status != 0]
+    assert len(good) >= 41
+    assert {sense_of(done[c]) for c in refused} <= {STANDBY_ASC, TRANSITION_ASC}
+    blobs = [open(p, "rb").read() for p in paths]
+    for cid in good:
+        lba, data = writes[cid]
+        for blob in blobs:
+            assert blob[lba * BS:(lba + 4) * BS] == data
