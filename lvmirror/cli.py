@@ -438,17 +438,20 @@ def members_arg(members):
 def _lease_init(args) -> int:
     """``lvmirror lease-init AREA``: ``lease.init_area`` here, not through lvmirrord (the
     area is written before any lvmirrord uses it). EXIT_ERROR with the reason on failure."""
-    from lvmirror.daemon.lease import LeaseError, init_area
+    from lvmirror.daemon.lease import MAX_HOSTS_BY_SECTOR, LeaseError, area_sector, init_area
     try:
         slots = init_area(args.area, io_timeout=args.io_timeout, force=args.force)
+        sector = area_sector(args.area)
     except (LeaseError, OSError) as exc:
         print(f"lvmirror: {exc}", file=sys.stderr)
         return EXIT_ERROR
     if args.json:
-        print(json.dumps({"area": args.area, "slots": slots, "io_timeout": args.io_timeout}))
+        print(json.dumps({"area": args.area, "slots": slots, "io_timeout": args.io_timeout,
+                          "sector": sector, "max_host_id": MAX_HOSTS_BY_SECTOR[sector]}))
     else:
         print(f"{args.area}: lease area initialised: lockspace lvmirror, {slots} volume "
-              f"slots, io_timeout {args.io_timeout} s")
+              f"slots, io_timeout {args.io_timeout} s, {sector}-byte sectors (host ids 1 to "
+              f"{MAX_HOSTS_BY_SECTOR[sector]})")
     return 0
 
 

@@ -9,7 +9,8 @@
 # 2. a volume whose lease host 2 holds is refused: the LUN answers NOT READY and lvmirrord says
 #    which host holds it; once host 2 lets it go, the LUN created again serves;
 # 3. the lease area fails (dm-error): sanlock stops the volume's process before its lease can
-#    expire, and the LUN answers NOT READY instead of writing unprotected.
+#    expire, and the LUN answers NOT READY instead of writing unprotected;
+# 4. a 4K-native lease area: lease-init, a lease taken, refused to another process, released.
 # Runs last in its boot: it restarts lvmirrord with leases (every other section's volumes are
 # then refused, lacking direct=1) and without them at its end.
 # Sourced by lab/guest.sh; runs inside the kernel-lab guest over lab/lib.
@@ -23,6 +24,45 @@ print(next((l['error'] or '' for l in json.load(sys.stdin)['luns'] if l['name'] 
 lease_restart() {  # lease_restart [LVMIRRORD-ARGS...]: lvmirrord stopped and started with them
   kill $DAEMON; wait $DAEMON 2>/dev/null
   LVMIRRORD_EXTRA="$*" start_daemon
+}
+
+lease_4k() {  # lease_4k: step 4 of the section, on its own loop device and sanlock daemon
+  local l4 out rc a b
+  truncate -s 8M /run/lease4k.img
+  l4=$(losetup --sector-size 4096 -f --show /run/lease4k.img) \
+    || { result lease_4k_native_area fail reason="no 4K loop device"; return; }
+  mkdir -p /run/sanlock3
+  SANLOCK_RUN_DIR=/run/sanlock3 sanlock daemon -w 0 -o 2 > "$OUT/sanlock3.log" 2>&1
+  sleep 1
+  out=$(SANLOCK_RUN_DIR=/run/sanlock3 lvmirror lease-init $l4 --io-timeout 2 2>&1); rc=$?
+  echo "$out" > "$OUT/lease-4k-init.txt"
+  SANLOCK_RUN_DIR=/run/sanlock3 $PY -c "
+import time
+from lvmirror.daemon.lease import LeaseConfig, Leases
+l = Leases(LeaseConfig('$l4', 3, 2))
+l.acquire('v4k')
+print('held', l.held(), flush=True)
+time.sleep(40)
+l.release('v4k')
+print('released', l.held(), flush=True)" > "$OUT/lease-4k-holder.txt" 2>&1 &
+  a=$!
+  for i in $(seq 90); do grep -q held "$OUT/lease-4k-holder.txt" && break; sleep 1; done
+  SANLOCK_RUN_DIR=/run/sanlock3 $PY -c "
+from lvmirror.daemon.lease import LeaseConfig, LeaseError, Leases
+try:
+    Leases(LeaseConfig('$l4', 3, 2)).acquire('v4k')
+    print('taken twice')
+except LeaseError as exc:
+    print('refused:', exc)" > "$OUT/lease-4k-second.txt" 2>&1
+  wait $a; b=$?
+  sanlock direct dump $l4 > "$OUT/lease-4k-dump.txt" 2>&1
+  [ $rc = 0 ] && echo "$out" | grep -q "4096-byte sectors (host ids 1 to 250)" && [ $b = 0 ] \
+    && grep -q "held {'v4k': 0}" "$OUT/lease-4k-holder.txt" && grep -q "released {}" "$OUT/lease-4k-holder.txt" \
+    && grep -q "refused:.*held by another process of this host" "$OUT/lease-4k-second.txt" \
+    && result lease_4k_native_area ok \
+    || result lease_4k_native_area fail init="$out" holder="$(tail -2 "$OUT/lease-4k-holder.txt" | tr '\n' ' ')" second="$(tail -1 "$OUT/lease-4k-second.txt")"
+  SANLOCK_RUN_DIR=/run/sanlock3 sanlock shutdown -f 1 > /dev/null 2>&1
+  losetup -d $l4
 }
 
 lease() {
@@ -100,6 +140,10 @@ time.sleep(600)" > "$OUT/lease-host2.txt" 2>&1 &
   [ $rc = 0 ] && grep -qi "not ready" "$OUT/lease-lost-tur.txt" \
     && result lease_lost_stops_serving ok seconds=$($PY -c "print(round($t1 - $t0, 1))") error="$out" \
     || result lease_lost_stops_serving fail error="$out" tur="$(tail -1 "$OUT/lease-lost-tur.txt")"
+  # 4. a 4K-native lease area (a loop device with 4096-byte logical sectors) and a third
+  #    sanlock daemon (host id 3): lease-init lays it out in 4 KiB sectors; a process takes a
+  #    volume's lease in it, a second one is refused naming the holder, the first releases it
+  lease_4k
   # back to the other sections' setup: no leases, the LUNs of this section gone
   dm_linear lease
   echo "set global auto_save_on_exit=false

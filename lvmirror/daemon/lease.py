@@ -9,8 +9,9 @@ is the volume-level half of the lock manager, as lvmlockd's sanlock mode is for 
 
 sanlock (Debian's ``sanlock`` daemon and ``python3-sanlock``) keeps the leases in a **lease
 area**, one shared file or block device that every gateway names the same (``lvmirrord
---lease-area PATH --host-id N``), laid out in sanlock's 1 MiB units (512-byte sectors, up to
-2000 hosts; sanlock(8)):
+--lease-area PATH --host-id N``), laid out in sanlock's 1 MiB units (sanlock(8)); its sectors
+are the area's logical sectors (``area_sector``): 512 bytes, up to 2000 host ids, or 4096 on a
+4K-native device, where sanlock's 1 MiB alignment holds 250 host ids:
 
 - offset 0: the lockspace ``lvmirror`` (one delta lease per host id, renewed every
   2 x io_timeout by the sanlock daemon);
@@ -37,10 +38,12 @@ took over), so a volume's open with leases refuses a cfgstring without it.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 
@@ -48,10 +51,11 @@ from lvmirror.errors import ConfigError
 
 log = logging.getLogger("lvmirrord")
 
-__all__ = ["LeaseConfig", "LeaseError", "LeaseHeldError", "Leases", "init_area"]
+__all__ = ["LeaseConfig", "LeaseError", "LeaseHeldError", "Leases", "area_sector", "check_host_id",
+           "init_area"]
 
 LOCKSPACE = b"lvmirror"
-ALIGN = 1 << 20                # sanlock's alignment for 512-byte sectors, bytes
+ALIGN = 1 << 20                # sanlock's alignment, bytes (1 MiB, for either sector size)
 LOCKSPACE_OFFSET = 0
 DIRECTORY_OFFSET = ALIGN
 FIRST_SLOT_OFFSET = 2 * ALIGN
@@ -61,6 +65,10 @@ NAME_MAX = 48                  # SANLK_NAME_LEN
 DIRECTORY_TRIES = 20           # the directory lease held by another gateway: tries, ...
 DIRECTORY_RETRY = 0.5          # ... seconds apart
 MAX_HOST_ID = 2000
+# host ids sanlock's 1 MiB alignment holds, by sector size in bytes (sanlock(8), "-Z" and "-A":
+# align 1M with 4K sectors supports 250 hosts)
+MAX_HOSTS_BY_SECTOR = {512: 2000, 4096: 250}
+BLKSSZGET = 0x1268             # <linux/fs.h>: the logical sector size of a block device, int
 
 
 class LeaseError(ConfigError):
@@ -121,6 +129,35 @@ def resource_name(volume: str) -> bytes:
     return b"h:" + hashlib.sha256(raw).hexdigest()[:NAME_MAX - 2].encode()
 
 
+def area_sector(path: str) -> int:
+    """The sector size (bytes) sanlock must use on the lease area ``path``: a block device's
+    logical sector size (ioctl BLKSSZGET), 512 or 4096 (4K native); 512 for a regular file.
+    LeaseError for another size, or a device that cannot be asked."""
+    st = os.stat(path)
+    if not stat.S_ISBLK(st.st_mode):
+        return 512
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        size = struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
+    except OSError as exc:
+        raise LeaseError(f"{path}: cannot read its logical sector size: {exc}") from None
+    finally:
+        os.close(fd)
+    if size not in MAX_HOSTS_BY_SECTOR:
+        raise LeaseError(f"{path}: sanlock supports 512- and 4096-byte sectors, not {size}")
+    return size
+
+
+def check_host_id(path: str, host_id: int) -> int:
+    """The sector size of the lease area ``path`` (``area_sector``), after checking that it
+    holds ``host_id``: 4K-native areas hold host ids 1 to 250 (LeaseError otherwise)."""
+    sector = area_sector(path)
+    if host_id > MAX_HOSTS_BY_SECTOR[sector]:
+        raise LeaseError(f"{path} has {sector}-byte sectors: its lockspace holds sanlock host "
+                         f"ids 1 to {MAX_HOSTS_BY_SECTOR[sector]}, not {host_id}")
+    return sector
+
+
 def area_slots(path: str) -> int:
     """How many volume slots the lease area holds (its size in MiB minus 2). LeaseError for
     a path that is not an absolute path to a regular file or a block device."""
@@ -139,7 +176,8 @@ def area_slots(path: str) -> int:
 
 def init_area(path: str, *, io_timeout: int = 10, force: bool = False) -> int:
     """Write the lockspace, the directory lease and every slot as free to ``path`` (the
-    sanlock daemon must run); returns the number of volume slots. ``io_timeout``: seconds,
+    sanlock daemon must run) in 1 MiB units with the area's sector size (``area_sector``: 4096
+    on a 4K-native device); returns the number of volume slots. ``io_timeout``: seconds,
     1 to 60. Refuses (LeaseError) an area smaller than 3 MiB, and, unless ``force``, one whose
     first MiB does not read as zeroes (a lockspace in use, or data: re-initialising an area in
     use destroys every lease in it, so force only when every lvmirrord using it is stopped),
@@ -161,12 +199,16 @@ def init_area(path: str, *, io_timeout: int = 10, force: bool = False) -> int:
                              "data); re-initialising a lease area while a gateway uses it "
                              "destroys its leases: --force only when every lvmirrord using it "
                              "is stopped")
+    sector = area_sector(path)
+    geometry = dict(align=ALIGN, sector=sector)
     sanlock = _sanlock()
     try:
-        sanlock.write_lockspace(LOCKSPACE, path, offset=LOCKSPACE_OFFSET, iotimeout=io_timeout)
-        sanlock.write_resource(LOCKSPACE, DIRECTORY, [(path, DIRECTORY_OFFSET)])
+        sanlock.write_lockspace(LOCKSPACE, path, offset=LOCKSPACE_OFFSET, iotimeout=io_timeout,
+                                **geometry)
+        sanlock.write_resource(LOCKSPACE, DIRECTORY, [(path, DIRECTORY_OFFSET)], **geometry)
         for k in range(slots):
-            sanlock.write_resource(LOCKSPACE, FREE, [(path, FIRST_SLOT_OFFSET + k * ALIGN)])
+            sanlock.write_resource(LOCKSPACE, FREE, [(path, FIRST_SLOT_OFFSET + k * ALIGN)],
+                                   **geometry)
     except sanlock.SanlockException as exc:
         raise LeaseError(f"{path}: cannot initialise the lease area: {exc} (is the sanlock "
                          "daemon running? systemctl start sanlock)") from None
@@ -182,6 +224,7 @@ class Leases:
 
     def __init__(self, config: LeaseConfig):
         self.config = config
+        self._sector = None                 # the area's sector size, bytes (area_sector)
         self._lock = threading.Lock()
         self._fd = None                     # sanlock.register()'s descriptor
         self._held: dict[str, int] = {}     # volume -> offset of its slot
@@ -193,6 +236,7 @@ class Leases:
         about 2 x io_timeout plus a renewal). LeaseError when it cannot."""
         sanlock = _sanlock()
         c = self.config
+        self._sector = check_host_id(c.area, c.host_id)
         try:
             if sanlock.inq_lockspace(LOCKSPACE, c.host_id, c.area, wait=True):
                 return
@@ -251,6 +295,12 @@ class Leases:
         with self._lock:
             return {v: (o - FIRST_SLOT_OFFSET) // ALIGN for v, o in self._held.items()}
 
+    def _geometry(self) -> dict:
+        """sanlock's align and sector keywords for this area (bytes)."""
+        if self._sector is None:
+            self._sector = area_sector(self.config.area)
+        return dict(align=ALIGN, sector=self._sector)
+
     def _refusal(self, sanlock, exc, resource: bytes, disks, what: str) -> LeaseError:
         """The error for a failed acquire of ``resource``, saying why: held by another host
         (LeaseHeldError with its host ids), held by another process of this host, this host
@@ -259,7 +309,7 @@ class Leases:
         c = self.config
         try:
             owners = sorted({o["host_id"] for o in sanlock.read_resource_owners(
-                LOCKSPACE, resource, disks) if o.get("host_id")})
+                LOCKSPACE, resource, disks, **self._geometry()) if o.get("host_id")})
         except sanlock.SanlockException:
             owners = []
         others = [h for h in owners if h != c.host_id]
@@ -291,7 +341,8 @@ class Leases:
         for k in range(area_slots(area)):
             offset = FIRST_SLOT_OFFSET + k * ALIGN
             try:
-                resource = sanlock.read_resource(area, offset=offset).get("resource")
+                resource = sanlock.read_resource(area, offset=offset,
+                                                 **self._geometry()).get("resource")
             except sanlock.SanlockException as exc:
                 raise LeaseError(f"cannot read slot {k} of the lease area {area}: {exc}; "
                                  "refusing to open a volume whose lease might be in it") from None
@@ -330,7 +381,7 @@ class Leases:
                 raise LeaseError(f"the lease area {area} has no free slot for volume "
                                  f"{volume!r} ({area_slots(area)} slots, one MiB each, all "
                                  "assigned)")
-            sanlock.write_resource(LOCKSPACE, name, [(area, free)])
+            sanlock.write_resource(LOCKSPACE, name, [(area, free)], **self._geometry())
             log.info("volume %s: lease slot %d assigned in %s", volume,
                      (free - FIRST_SLOT_OFFSET) // ALIGN, area)
             return free

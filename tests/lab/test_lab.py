@@ -45,7 +45,7 @@ SECTION_CHECKS = {
     "saveconfig": ["saveconfig_keeps_nl_reply_supported", "restoreconfig_brings_luns_back"],
     "lease": ["lease_area_initialised", "lease_volume_served_under_lease",
               "lease_held_elsewhere_refused", "lease_taken_once_released",
-              "lease_lost_stops_serving"],
+              "lease_lost_stops_serving", "lease_4k_native_area"],
     "tcmurunner": ["lvmirrord_registers_with_tcmu_runner", "targetcli_through_tcmu_runner",
                    "reregisters_when_tcmu_runner_restarts"],
 }

@@ -112,3 +112,46 @@ def test_lease_init_refuses_a_small_or_missing_area(tmp_path, capsys):
     assert "at least 3 MiB" in capsys.readouterr().err
     assert cli.main(["lease-init", str(tmp_path / "missing")]) == cli.EXIT_ERROR
     assert "No such file" in capsys.readouterr().err
+
+
+def _block_device_with(sector):
+    """A block device of this host whose logical sector size is ``sector`` bytes, or None."""
+    for name in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{name}/queue/logical_block_size") as f:
+                size = int(f.read())
+        except (OSError, ValueError):
+            continue
+        path = f"/dev/{name}"
+        if size == sector and os.path.exists(path) and os.access(path, os.R_OK):
+            return path
+    return None
+
+
+def test_area_sector_of_files_and_block_devices(tmp_path):
+    """sanlock must be told the area's sector size: a file is laid out in 512-byte sectors, a
+    block device in its logical sector size (BLKSSZGET), as /sys/block says it."""
+    area = tmp_path / "area"
+    area.write_bytes(b"\0" * (3 << 20))
+    assert lease.area_sector(str(area)) == 512
+    found = 0
+    for sector in (512, 4096):
+        dev = _block_device_with(sector)
+        if dev is not None:
+            found += 1
+            assert lease.area_sector(dev) == sector
+    if not found:
+        pytest.skip("no readable block device on this host")
+
+
+def test_a_4k_native_area_holds_250_host_ids(tmp_path):
+    """sanlock's 1 MiB alignment holds 2000 host ids of 512-byte sectors, 250 of 4096."""
+    area = tmp_path / "area"
+    area.write_bytes(b"\0" * (3 << 20))
+    assert lease.check_host_id(str(area), 2000) == 512
+    dev = _block_device_with(4096)
+    if dev is None:
+        pytest.skip("no 4K-native block device on this host (zram is one)")
+    assert lease.check_host_id(dev, 250) == 4096
+    with pytest.raises(lease.LeaseError, match="4096-byte sectors.*1 to 250, not 251"):
+        lease.check_host_id(dev, 251)
