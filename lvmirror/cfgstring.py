@@ -284,7 +284,23 @@ def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
     return ";".join(parts)
 
 
-def check(cfg: str, *, state_dir: str = "/var/lib/lvmirror") -> VolumeSpec:
+def gateway_state_dirs(cfgstrings) -> set[str]:
+    """The state directories (``state_dir=``) that ``cfgstrings`` name - the cfgstrings of
+    every user:lvmirror backstore of this gateway, whichever lvmirrord process serves each - so
+    that a new volume is checked against their volumes too. A cfgstring that does not parse,
+    or names no state_dir, adds nothing."""
+    out = set()
+    for cfg in cfgstrings:
+        try:
+            spec = parse(cfg)
+        except ConfigError:
+            continue
+        if spec.state_dir is not None:
+            out.add(spec.state_dir)
+    return out
+
+
+def check(cfg: str, *, state_dir: str = "/var/lib/lvmirror", other_state_dirs=()) -> VolumeSpec:
     """``parse`` plus what the host can tell before the LUN is enabled (targetcli CheckConfig).
 
     ``cfg``: the cfgstring (with or without the ``lvmirror/`` prefix); ``state_dir``: where
@@ -299,7 +315,9 @@ def check(cfg: str, *, state_dir: str = "/var/lib/lvmirror") -> VolumeSpec:
     user holds (a brief O_EXCL open, as LIO's iblock does; the holder is named), or is a
     secondary image that holds data without ``force=1`` (mdadm --create / pvcreate behaviour);
     the messages are MirrorVolume.create's (``mirror.imagecheck``). A cfgstring's own
-    ``state_dir`` replaces ``state_dir`` and must exist (``state_dir_of``). Cost: see
+    ``state_dir`` replaces ``state_dir`` and must exist (``state_dir_of``).
+    ``other_state_dirs``: more directories whose volumes may not share an image with a new one
+    (those the gateway's other LUNs name, ``gateway_state_dirs``). Cost: see
     ``imagecheck.probe`` (at most 68 MiB read per existing file, 8 MiB per block device).
     """
     spec = parse(cfg)
@@ -337,8 +355,9 @@ def check(cfg: str, *, state_dir: str = "/var/lib/lvmirror") -> VolumeSpec:
     # image that holds data without force=1.
     imagecheck.check_distinct(spec.images, name=spec.name)
     imagecheck.check_not_in_other_volume(spec.images, state_dir, name=spec.name)
-    if default_dir != state_dir and os.path.isdir(default_dir):
-        imagecheck.check_not_in_other_volume(spec.images, default_dir, name=spec.name)
+    for d in sorted({default_dir, *other_state_dirs} - {state_dir}):
+        if os.path.isdir(d):
+            imagecheck.check_not_in_other_volume(spec.images, d, name=spec.name)
     for k, p in enumerate(spec.images):
         if not os.path.exists(p):
             continue

@@ -219,7 +219,8 @@ class LunServer:
         size, wwn = self._size, self._wwn
         try:
             spec = cfgstring.parse(self.device.cfgstring)
-            volume, target = self.registry.acquire(spec, lun=self.name, size=size)
+            volume, target = self.registry.acquire(spec, lun=self.name, size=size,
+                                                   other_state_dirs=self._gateway_state_dirs)
             try:
                 self._check_block_size(volume)
                 backend = LunBackend(target, size)
@@ -245,6 +246,14 @@ class LunServer:
             self._set_unopened(f"cannot open the volume: {type(exc).__name__}: {exc}")
             log.exception("LUN %s: %s; medium access gets NOT READY until it is fixed",
                           self.name, self.error)
+
+    def _gateway_state_dirs(self) -> set[str]:
+        """The state directories the cfgstrings of this gateway's user:lvmirror backstores
+        name (configfs, whichever process serves each): a volume created here may not share an
+        image file with theirs."""
+        devices = uio.find_devices(SUBTYPE, sysfs_root=self.device.sysfs_root,
+                                   configfs_root=self.device.configfs_root)
+        return cfgstring.gateway_state_dirs(d.cfgstring for d in devices)
 
     def _unopened_lu(self):
         """A LogicalUnit over NotReadyBackend at the LUN's size and hw_block_size."""

@@ -197,7 +197,10 @@ class Lvmirrord:
         """CheckConfig for targetcli: (ok, message). Never raises: a cfgstring the checks did
         not foresee is refused with the error, logged as a bug."""
         try:
-            cfgstring.check(config, state_dir=self.state_dir)
+            others = cfgstring.gateway_state_dirs(
+                d.cfgstring for d in uio.find_devices(SUBTYPE, sysfs_root=self.sysfs_root,
+                                                      configfs_root=self.configfs_root))
+            cfgstring.check(config, state_dir=self.state_dir, other_state_dirs=others)
         except ConfigError as exc:
             return False, str(exc)
         except Exception as exc:  # a parser bug must not reach targetcli as a D-Bus error

@@ -37,15 +37,19 @@ class VolumeRegistry:
         self._refs: dict[str, int] = {}
         self._users: dict[str, str] = {}      # "vol" or "vol;image=N" -> LUN name
 
-    def acquire(self, spec: cfgstring.VolumeSpec, *, lun: str, size: int):
+    def acquire(self, spec: cfgstring.VolumeSpec, *, lun: str, size: int,
+                other_state_dirs=None):
         """Open (or create) what ``spec`` names for LUN ``lun``; returns (volume, backend).
 
         ``size``: the LUN size in bytes (the size of a volume created here). ``backend`` is the
         MirrorVolume itself, or a split image's view for ``NAME;image=N``. For an existing
         volume, ``spec.images`` only has to pass ``VolumeMetadata.check_named_images`` (every
         path is, or was, an image of the volume: a LUN's cfgstring cannot follow attach/detach),
-        checked before the volume is opened and on every further acquire. Raises ConfigError
-        (already served, foreign images= list, missing volume...) or StateError."""
+        checked before the volume is opened and on every further acquire.
+        ``other_state_dirs``: a callable returning more state directories (those the gateway's
+        other LUNs name, which other processes may serve) whose volumes a volume created here
+        may not share an image with. Raises ConfigError (already served, foreign images= list,
+        missing volume, an image of another volume...) or StateError."""
         key = spec.name if spec.image is None else f"{spec.name};image={spec.image}"
         with self._cond:
             while spec.name in self._opening:     # another LUN is opening it: wait for that
@@ -67,7 +71,7 @@ class VolumeRegistry:
         # check that an image belongs to one volume only reads the others' metadata).
         try:
             with self._open_lock:
-                volume = self._open_leased(spec, size, lun)
+                volume = self._open_leased(spec, size, lun, other_state_dirs)
         except BaseException:
             with self._cond:
                 self._opening.discard(spec.name)
@@ -112,7 +116,7 @@ class VolumeRegistry:
                      "was written: the cfgstring names %s, the volume has %s and that is what "
                      "the LUN serves", lun, spec.name, "+".join(spec.images), "+".join(current))
 
-    def _open_or_create(self, spec, size, lun):
+    def _open_or_create(self, spec, size, lun, other_state_dirs=None):
         meta_dir = cfgstring.state_dir_of(spec, self.state_dir)
         if MirrorVolume.exists(spec.name, meta_dir=meta_dir):
             if spec.images is not None:
@@ -123,10 +127,12 @@ class VolumeRegistry:
             raise ConfigError(
                 f"volume {spec.name!r} does not exist under {meta_dir}; name its images to "
                 f"create it (cfgstring '{spec.name};images=/path/a+/path/b')")
-        # create checks the volumes of meta_dir; those of lvmirrord's own state directory and
-        # of the volumes open here (other state_dir=) are checked too
+        # create checks the volumes of meta_dir; those of lvmirrord's own state directory, of
+        # the volumes open here (other state_dir=) and of the gateway's other LUNs are too
         with self._lock:
             others = {self.state_dir} | {v.meta_dir for v in self._volumes.values()}
+        if other_state_dirs is not None:
+            others |= set(other_state_dirs())
         for d in sorted(others - {meta_dir}):
             if os.path.isdir(d):
                 imagecheck.check_not_in_other_volume(spec.images, d, name=spec.name)
@@ -187,20 +193,20 @@ class VolumeRegistry:
         slot = self.leases.held().get(name)
         return None if slot is None else {"host_id": self.leases.config.host_id, "slot": slot}
 
-    def _open_leased(self, spec, size, lun):
+    def _open_leased(self, spec, size, lun, other_state_dirs=None):
         """``_open_or_create`` under the volume's lease (with leases): taken first, released
         again when the open fails. A cfgstring without ``direct=1`` is refused (ConfigError):
         on shared storage a page cache this host writes back after another gateway took over
         would overwrite that gateway's writes."""
         if self.leases is None:
-            return self._open_or_create(spec, size, lun)
+            return self._open_or_create(spec, size, lun, other_state_dirs)
         if not spec.direct:
             raise ConfigError(
                 f"volume {spec.name!r}: with leases (shared storage) its images must be opened "
                 f"with O_DIRECT: add ;direct=1 to the cfgstring")
         self.leases.acquire(spec.name)
         try:
-            return self._open_or_create(spec, size, lun)
+            return self._open_or_create(spec, size, lun, other_state_dirs)
         except BaseException:
             self._release_lease(spec.name)
             raise

@@ -402,3 +402,45 @@ def test_an_image_file_of_a_volume_in_another_state_dir_is_refused(tmp_path, mon
     assert "vloc" in str(e.value)
     assert not os.path.exists(c) and d.registry.names() == ["vloc"]
     d.registry.release(loc)
+
+
+def test_an_image_of_a_volume_served_by_another_process_is_refused(tmp_path, monkeypatch):
+    """With a process per volume each registry sees only its own volumes: a new volume with
+    its state in one shared directory naming an image file of a volume whose state is in
+    another (served by another process of the gateway) is refused all the same - the LUN
+    reads the state directories every user:lvmirror backstore of the gateway names - and
+    so is the cfgstring in CheckConfig. Nothing is created, the other volume untouched."""
+    from lvmirror.daemon import LunServer
+    from lvmirror.tcmu import uio
+    from lvmirror.tcmu.emulator import RingEmulator
+    from tests.unit.test_tcmu_uio_netlink import fake_device
+
+    s1, s2 = tmp_path / "shared1", tmp_path / "shared2"
+    s1.mkdir()
+    s2.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: p in (str(s1), str(s2)) or real_ismount(p))
+    a, b, c = (str(tmp_path / n) for n in ("a.img", "b.img", "c.img"))
+    first = f"va;images={a}+{b};state_dir={s1}"
+    second = f"vb;images={a}+{c};state_dir={s2}"
+    roots = fake_device(tmp_path / "gw", 0, f"tcm-user/1/lun0/lvmirror/{first}", info_size=SIZE)
+    fake_device(tmp_path / "gw", 1, f"tcm-user/1/lun1/lvmirror/{second}", info_size=SIZE)
+    dev0, dev1 = uio.find_devices("lvmirror", **roots)
+    servers = []
+    try:
+        for dev in (dev0, dev1):            # two registries: two volume processes
+            emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=1 << 20)
+            lun = LunServer(dev, VolumeRegistry(str(tmp_path / "state")), workers=1)
+            lun.open(handle=emu.handle())
+            servers.append((emu, lun))
+        (_, lun0), (_, lun1) = servers
+        assert lun0.error is None and lun0.volume.name == "va"
+        assert lun1.volume is None and "va" in lun1.error and a in lun1.error
+        assert not os.path.exists(c) and not os.path.exists(s2 / "vb")
+        with pytest.raises(ConfigError, match="va"):
+            cfgstring.check(second, state_dir=str(tmp_path / "state"),
+                            other_state_dirs=cfgstring.gateway_state_dirs([first, second]))
+    finally:
+        for emu, lun in servers:
+            lun.stop()
+            emu.close()
