@@ -25,6 +25,7 @@ from lvmirror.errors import ConfigError, LvmirrorError, StateError, WouldBlock
 from lvmirror.mirror.legs import Worker
 from lvmirror.scsi import LogicalUnit, Response
 from lvmirror.daemon.iostats import LatencyHistogram
+from lvmirror.daemon.lease import LeaseHeldError
 from lvmirror.scsi.lu import READ_OPCODES, WRITE_OPCODES
 from lvmirror.scsi import alua
 from lvmirror.scsi import constants as scsi
@@ -179,6 +180,7 @@ class LunServer:
         self._alua_next = 0.0
         self.standby_sense = None
         self._transition = None
+        self._lease_held = False     # the last open was refused: another gateway holds the lease
         self._size = self._wwn = self._max_blocks = None
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -234,12 +236,23 @@ class LunServer:
             self.spec, self.volume, self.backend, self.lu = spec, volume, target, lu
             self.error = None
             self.standby_sense = None
+            self._lease_held = False
             log.info("LUN %s: serving %s (%d images, %d bytes) on %s", self.name,
                      target.name, len(volume.images), backend.num_blocks * backend.block_size,
                      self.device.uio_name)
         except LvmirrorError as exc:
-            self._set_unopened(str(exc))
-            log.error("LUN %s: %s; medium access gets NOT READY until it is fixed", self.name, exc)
+            # held by another gateway: while this gateway's group is Active, the open is tried
+            # again at every follow (_follow_alua) until that gateway lets it go, and medium
+            # access is told ASYMMETRIC ACCESS STATE TRANSITION meanwhile (initiators retry)
+            again = self._lease_held and str(exc) == self.error
+            self._lease_held = isinstance(exc, LeaseHeldError)
+            active = self.alua_state is not None and self.alua_state not in INACTIVE_SENSE
+            self._set_unopened(str(exc), ASC_ALUA_TRANSITION
+                               if self._lease_held and active else None)
+            if not again:
+                log.error("LUN %s: %s; medium access gets NOT READY until it is fixed%s",
+                          self.name, exc, " (tried again every second while this gateway's "
+                          "port group is Active)" if self._lease_held and active else "")
         except Exception as exc:
             # a volume whose state lvmirror cannot read (a bug, or state no version should
             # have written) must not take lvmirrord and every other LUN down with it
@@ -294,8 +307,10 @@ class LunServer:
         an Active state to Standby, Unavailable or Offline, close the volume (after its commands
         in flight) and release it; from one of those to Active, open it again. Whoever manages
         the cluster writes ``alua_access_state`` (the resource agent); a planned move is the
-        owner's group to Standby, then the other gateway's to Active. Transitioning and no local
-        port change nothing. One transition at a time, on a thread of its own."""
+        owner's group to Standby, then the other gateway's to Active. While the group is Active
+        and the open was refused because another gateway holds the volume's lease, it is tried
+        again at every follow. Transitioning and no local port change nothing. One transition
+        at a time, on a thread of its own."""
         if self._transition is not None and self._transition.is_alive():
             return
         state = self._local_alua_state()
@@ -306,7 +321,10 @@ class LunServer:
         if want_open == self._alua_open:
             if not want_open and self.standby_sense != INACTIVE_SENSE[state]:
                 self._set_inactive(state)      # Standby to Unavailable, say
-            return
+            if not (want_open and self._lease_held and self.spec is None):
+                return
+            # Active here, the lease still held by the gateway that had the volume: try again
+            # (a planned move's demote there releases it; a crashed holder's expires)
         self._alua_open = want_open
         self._transition = threading.Thread(
             target=self._to_active if want_open else self._to_inactive, args=(state,),
@@ -315,8 +333,9 @@ class LunServer:
 
     def _to_active(self, state: int):
         self.standby_sense = ASC_ALUA_TRANSITION
-        log.info("LUN %s: its target port group is %s now: opening the volume", self.name,
-                 alua.STATE_NAMES.get(state, hex(state)))
+        if not self._lease_held:         # a retry is not news
+            log.info("LUN %s: its target port group is %s now: opening the volume", self.name,
+                     alua.STATE_NAMES.get(state, hex(state)))
         self._open_volume()
 
     def _to_inactive(self, state: int):

@@ -12,6 +12,7 @@ import pytest
 
 from lvmirror.daemon import LunServer, VolumeRegistry
 from lvmirror.daemon import lunserver as lunserver_mod
+from lvmirror.daemon.lease import LeaseHeldError
 from lvmirror.scsi import alua, parse_sense
 from lvmirror.tcmu import uio
 from lvmirror.tcmu.emulator import RingEmulator
@@ -192,3 +193,84 @@ def test_writes_in_flight_at_demote_are_on_the_images_or_refused(gateway):
         lba, data = writes[cid]
         for blob in blobs:
             assert blob[lba * BS:(lba + 4) * BS] == data
+
+
+class HeldElsewhere:
+    """A registry whose volume's lease another gateway holds while ``held`` is set (what
+    lease.Leases raises then); otherwise the real registry. sanlock itself runs in the lab
+    (section lease), where the same retry serves a LUN once host 2 lets go."""
+
+    def __init__(self, registry):
+        self.registry = registry
+        self.held = True
+        self.refusals = 0
+
+    def acquire(self, spec, **kw):
+        if self.held:
+            self.refusals += 1
+            raise LeaseHeldError(f"volume {spec.name!r} is open on another gateway (its lease "
+                                 "is held by sanlock host id 2; this is host 1)", [2])
+        return self.registry.acquire(spec, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.registry, name)
+
+
+def test_active_with_the_lease_held_elsewhere_retries_until_it_is_free(tmp_path, monkeypatch):
+    """Promoted here while the other gateway still holds the volume's lease (it has not
+    finished its demote, or took the lease for a moment at its own start): the LUN tells
+    medium access ASYMMETRIC ACCESS STATE TRANSITION and lvmirrord tries the open again at
+    every follow, serving as soon as the lease is free - without a new LUN."""
+    monkeypatch.setattr(lunserver_mod, "ALUA_FOLLOW_INTERVAL", 0.05)
+    paths = [str(tmp_path / f"img{k}") for k in range(2)]
+    roots = fake_device(tmp_path / "dev", 0,
+                        f"tcm-user/1/lun0/lvmirror/vol0;images={'+'.join(paths)}",
+                        info_size=SIZE, serial="serial-0")
+    (dev,) = uio.find_devices("lvmirror", **roots)
+    dev.port_groups = Groups(alua.ACTIVE_OPTIMIZED)
+    emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=8 << 20)
+    emu.run_reaper()
+    registry = HeldElsewhere(VolumeRegistry(str(tmp_path / "state")))
+    lun = LunServer(dev, registry, workers=2)
+    lun.open(handle=emu.handle())
+    lun.start()
+    try:
+        assert lun.volume is None and "held by sanlock host id 2" in lun.error
+        assert not lun.standby
+        r = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
+        assert sense_of(emu.wait([r])[r]) == TRANSITION_ASC
+        wait_until(lambda: registry.refusals >= 3)            # tried again, and again
+        registry.held = False                                 # the other gateway let go
+        wait_until(lambda: lun.volume is not None)
+        assert lun.error is None
+        r = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
+        assert emu.wait([r])[r].status == 0
+    finally:
+        lun.stop()
+        emu.close()
+
+
+def test_without_alua_a_refused_lease_is_not_retried(tmp_path, monkeypatch):
+    """No port group known (the LUN not mapped yet, or several enabled ports): the LUN stays
+    NOT READY as before, until it is created again."""
+    monkeypatch.setattr(lunserver_mod, "ALUA_FOLLOW_INTERVAL", 0.05)
+    paths = [str(tmp_path / f"img{k}") for k in range(2)]
+    roots = fake_device(tmp_path / "dev", 0,
+                        f"tcm-user/1/lun0/lvmirror/vol0;images={'+'.join(paths)}",
+                        info_size=SIZE, serial="serial-0")
+    (dev,) = uio.find_devices("lvmirror", **roots)
+    dev.port_groups = lambda: []
+    emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=8 << 20)
+    emu.run_reaper()
+    registry = HeldElsewhere(VolumeRegistry(str(tmp_path / "state")))
+    lun = LunServer(dev, registry, workers=2)
+    lun.open(handle=emu.handle())
+    lun.start()
+    try:
+        time.sleep(0.5)
+        assert registry.refusals == 1 and lun.volume is None
+        r = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
+        assert sense_of(emu.wait([r])[r]) == (0x02, 0x04, 0x03)   # MANUAL INTERVENTION
+    finally:
+        lun.stop()
+        emu.close()
