@@ -27,7 +27,7 @@ def agent(action, **params):
     env = {"PATH": os.path.dirname(sys.executable) + ":/usr/sbin:/usr/bin:/sbin:/bin",
            "PYTHONPATH": ROOT, "OCF_ROOT": OCF_ROOT, "OCF_RESOURCE_INSTANCE": "lun-test",
            "__OCF_ACTION": action}
-    env.update({f"OCF_RESKEY_{k}": v for k, v in params.items()})
+    env.update({k if k.startswith("OCF_") else f"OCF_RESKEY_{k}": v for k, v in params.items()})
     return subprocess.run([AGENT, action], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -173,3 +173,26 @@ def test_lvmirrord_running_reads_proc(tmp_path, monkeypatch):
     assert mod.lvmirrord_running(str(tmp_path))
     (tmp_path / "42" / "comm").write_text("lvmirror\n")
     assert not mod.lvmirrord_running(str(tmp_path))
+
+
+def test_meta_data_offers_a_promotable_clone():
+    """promote and demote, and a monitor per role with distinct intervals (Pacemaker refuses
+    two recurring monitors with one interval)."""
+    r = agent("meta-data")
+    assert r.returncode == 0
+    for action in ('name="promote"', 'name="demote"', 'role="Promoted"', 'role="Unpromoted"'):
+        assert action in r.stdout
+    intervals = [line.split('interval="')[1].split('"')[0] for line in r.stdout.splitlines()
+                 if 'name="monitor"' in line]
+    assert len(intervals) == 3 and len(set(intervals)) == 3
+
+
+def test_promote_and_demote_without_a_backstore():
+    """Where no backstore exists (here: no LIO at all), demote says "not running" (7) and
+    promote fails (1) with the reason, as a promotable clone's actions must."""
+    if os.path.isdir("/sys/kernel/config/target"):
+        pytest.skip("this host has LIO: the lab's ocf section covers it")
+    r = agent("demote", **GOOD)
+    assert r.returncode == 7, r.stderr
+    r = agent("promote", **GOOD, OCF_RESKEY_CRM_meta_promotable="true")
+    assert r.returncode == 1 and "not started on this node" in r.stderr, r.stderr
