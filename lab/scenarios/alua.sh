@@ -16,6 +16,20 @@ alua_field() {  # alua_field FILE KEY: the value after "KEY=" in sg_inq's output
   grep -o "$2=[0-9]*" "$1" | head -1 | cut -d= -f2
 }
 
+alua_follow_check() {  # alua_follow_check CHECK FILE JQ: poll lvmirror status (60 s) until JQ
+  # holds of it; CHECK ok with the seconds it took (the last status in $OUT/FILE.json)
+  local t0 a i
+  t0=$(date +%s.%N)
+  for i in $(seq 60); do
+    lvmirror status --json > "$OUT/$2.json" 2>&1
+    jq -e "$3" "$OUT/$2.json" > /dev/null 2>&1 && break
+    sleep 1
+  done
+  a=$(awk -v t0=$t0 -v t1=$(date +%s.%N) 'BEGIN { printf "%.1f", t1 - t0 }')
+  jq -e "$3" "$OUT/$2.json" > /dev/null 2>&1 && result $1 ok seconds=$a \
+    || result $1 fail seconds=$a status="$(jq -c '.luns[] | select(.name == "al")' "$OUT/$2.json" 2>&1 | head -c 400)"
+}
+
 alua() {
   local d df a b out rc
   truncate -s 32M /run/scratch/alf.img
@@ -84,18 +98,8 @@ TC
   echo "set global auto_save_on_exit=false
 /backstores/user:lvmirror/al/alua/ao set alua alua_access_state=2" | tcli
   # lvmirrord follows: it closes the volume (and would release its lease) for the other gateway
-  t0=$(date +%s.%N)
-  for i in $(seq 60); do
-    lvmirror status --json > "$OUT/alua-standby-status.json" 2>&1
-    jq -e '(.luns[] | select(.name == "al") | .standby == true and .volume == null) and (.volumes | has("al") | not)' \
-      "$OUT/alua-standby-status.json" > /dev/null 2>&1 && break
-    sleep 1
-  done
-  a=$(awk -v t0=$t0 -v t1=$(date +%s.%N) 'BEGIN { printf "%.1f", t1 - t0 }')
-  jq -e '(.luns[] | select(.name == "al") | .standby == true and .volume == null and .alua_state == "Standby") and (.volumes | has("al") | not)' \
-    "$OUT/alua-standby-status.json" > /dev/null 2>&1 \
-    && result alua_standby_closes_volume ok seconds=$a \
-    || result alua_standby_closes_volume fail seconds=$a status="$(jq -c '.luns[] | select(.name == "al")' "$OUT/alua-standby-status.json" 2>&1 | head -c 400)"
+  alua_follow_check alua_standby_closes_volume alua-standby-status \
+    '(.luns[] | select(.name == "al") | .standby == true and .volume == null and .alua_state == "Standby") and (.volumes | has("al") | not)'
   dd if=$d of=/dev/null bs=4096 count=1 iflag=direct 2> "$OUT/alua-standby-read.txt"; rc=$?
   sg_turs -v $d > "$OUT/alua-standby-tur.txt" 2>&1
   sg_rtpg -d $d > "$OUT/alua-rtpg-standby.txt" 2>&1; a=$?
@@ -106,18 +110,8 @@ TC
     || result alua_standby_refuses_medium_access fail dd=$rc rtpg=$a groups="$out" tur="$(tail -2 "$OUT/alua-standby-tur.txt" | tr '\n' ' ')"
   echo "set global auto_save_on_exit=false
 /backstores/user:lvmirror/al/alua/ao set alua alua_access_state=0" | tcli
-  t0=$(date +%s.%N)
-  for i in $(seq 60); do
-    lvmirror status --json > "$OUT/alua-active-status.json" 2>&1
-    jq -e '.luns[] | select(.name == "al") | .standby == false and .volume == "al" and .error == null' \
-      "$OUT/alua-active-status.json" > /dev/null 2>&1 && break
-    sleep 1
-  done
-  a=$(awk -v t0=$t0 -v t1=$(date +%s.%N) 'BEGIN { printf "%.1f", t1 - t0 }')
-  jq -e '.luns[] | select(.name == "al") | .standby == false and .volume == "al" and .error == null' \
-    "$OUT/alua-active-status.json" > /dev/null 2>&1 \
-    && result alua_active_reopens_volume ok seconds=$a \
-    || result alua_active_reopens_volume fail seconds=$a status="$(jq -c '.luns[] | select(.name == "al")' "$OUT/alua-active-status.json" 2>&1 | head -c 400)"
+  alua_follow_check alua_active_reopens_volume alua-active-status \
+    '.luns[] | select(.name == "al") | .standby == false and .volume == "al" and .error == null'
   sg_turs $d > /dev/null 2>&1; sg_turs $d > /dev/null 2>&1   # the unit attentions the transition left
   dd if=/dev/urandom of=/run/alua.blk bs=4096 count=4 status=none
   dd if=/run/alua.blk of=$d bs=4096 count=4 oflag=direct status=none; rc=$?

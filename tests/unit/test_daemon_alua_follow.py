@@ -48,25 +48,32 @@ class Groups:
                                ports=(alua.TargetPort(2, alua.PROTOCOL_ISCSI, False, IQN, 2),))]
 
 
+def serve(tmp_path, monkeypatch, groups, *, follow=0.05, registry=None):
+    """A started LUN of volume vol0 (two images) whose port groups are ``groups()``, on
+    ``registry`` (default: a real one); returns (emulator, LunServer, registry, image paths)."""
+    monkeypatch.setattr(lunserver_mod, "ALUA_FOLLOW_INTERVAL", follow)
+    paths = [str(tmp_path / f"img{k}") for k in range(2)]
+    roots = fake_device(tmp_path / "dev", 0,
+                        f"tcm-user/1/lun0/lvmirror/vol0;images={'+'.join(paths)}",
+                        info_size=SIZE, serial="serial-0")
+    (dev,) = uio.find_devices("lvmirror", **roots)
+    dev.port_groups = groups
+    emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=8 << 20)
+    emu.run_reaper()
+    registry = registry or VolumeRegistry(str(tmp_path / "state"))
+    lun = LunServer(dev, registry, workers=4)
+    lun.open(handle=emu.handle())
+    lun.start()
+    return emu, lun, registry, paths
+
+
 @pytest.fixture
 def gateway(tmp_path, monkeypatch):
     """make(groups, follow=s) -> (emulator, LunServer, registry, image paths)."""
     made = []
 
     def make(groups, *, follow=0.05):
-        monkeypatch.setattr(lunserver_mod, "ALUA_FOLLOW_INTERVAL", follow)
-        paths = [str(tmp_path / f"img{k}") for k in range(2)]
-        roots = fake_device(tmp_path / "dev", 0,
-                            f"tcm-user/1/lun0/lvmirror/vol0;images={'+'.join(paths)}",
-                            info_size=SIZE, serial="serial-0")
-        (dev,) = uio.find_devices("lvmirror", **roots)
-        dev.port_groups = groups
-        emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=8 << 20)
-        emu.run_reaper()
-        registry = VolumeRegistry(str(tmp_path / "state"))
-        lun = LunServer(dev, registry, workers=4)
-        lun.open(handle=emu.handle())
-        lun.start()
+        emu, lun, registry, paths = serve(tmp_path, monkeypatch, groups, follow=follow)
         made.append((emu, lun))
         return emu, lun, registry, paths
 
@@ -216,24 +223,20 @@ class HeldElsewhere:
         return getattr(self.registry, name)
 
 
+def held_elsewhere(tmp_path, monkeypatch, groups):
+    """``serve`` over a HeldElsewhere registry; returns (emulator, LunServer, registry). The
+    caller stops both."""
+    registry = HeldElsewhere(VolumeRegistry(str(tmp_path / "state")))
+    emu, lun, registry, _ = serve(tmp_path, monkeypatch, groups, registry=registry)
+    return emu, lun, registry
+
+
 def test_active_with_the_lease_held_elsewhere_retries_until_it_is_free(tmp_path, monkeypatch):
     """Promoted here while the other gateway still holds the volume's lease (it has not
     finished its demote, or took the lease for a moment at its own start): the LUN tells
     medium access ASYMMETRIC ACCESS STATE TRANSITION and lvmirrord tries the open again at
     every follow, serving as soon as the lease is free - without a new LUN."""
-    monkeypatch.setattr(lunserver_mod, "ALUA_FOLLOW_INTERVAL", 0.05)
-    paths = [str(tmp_path / f"img{k}") for k in range(2)]
-    roots = fake_device(tmp_path / "dev", 0,
-                        f"tcm-user/1/lun0/lvmirror/vol0;images={'+'.join(paths)}",
-                        info_size=SIZE, serial="serial-0")
-    (dev,) = uio.find_devices("lvmirror", **roots)
-    dev.port_groups = Groups(alua.ACTIVE_OPTIMIZED)
-    emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=8 << 20)
-    emu.run_reaper()
-    registry = HeldElsewhere(VolumeRegistry(str(tmp_path / "state")))
-    lun = LunServer(dev, registry, workers=2)
-    lun.open(handle=emu.handle())
-    lun.start()
+    emu, lun, registry = held_elsewhere(tmp_path, monkeypatch, Groups(alua.ACTIVE_OPTIMIZED))
     try:
         assert lun.volume is None and "held by sanlock host id 2" in lun.error
         assert not lun.standby
@@ -253,19 +256,7 @@ def test_active_with_the_lease_held_elsewhere_retries_until_it_is_free(tmp_path,
 def test_without_alua_a_refused_lease_is_not_retried(tmp_path, monkeypatch):
     """No port group known (the LUN not mapped yet, or several enabled ports): the LUN stays
     NOT READY as before, until it is created again."""
-    monkeypatch.setattr(lunserver_mod, "ALUA_FOLLOW_INTERVAL", 0.05)
-    paths = [str(tmp_path / f"img{k}") for k in range(2)]
-    roots = fake_device(tmp_path / "dev", 0,
-                        f"tcm-user/1/lun0/lvmirror/vol0;images={'+'.join(paths)}",
-                        info_size=SIZE, serial="serial-0")
-    (dev,) = uio.find_devices("lvmirror", **roots)
-    dev.port_groups = lambda: []
-    emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=8 << 20)
-    emu.run_reaper()
-    registry = HeldElsewhere(VolumeRegistry(str(tmp_path / "state")))
-    lun = LunServer(dev, registry, workers=2)
-    lun.open(handle=emu.handle())
-    lun.start()
+    emu, lun, registry = held_elsewhere(tmp_path, monkeypatch, lambda: [])
     try:
         time.sleep(0.5)
         assert registry.refusals == 1 and lun.volume is None
