@@ -12,12 +12,17 @@ Silently dropped writes are not seen as they happen by a mirror without checksum
 finds the regions afterwards, reading the devices past lvmirrord's page cache (which still holds
 the writes), and the rest of that case reports figures (``test_dropped_writes_figures``)."""
 
+import os
+
 import pytest
 
-from .conftest import _require_lab, _sections, lab_boot
+from .conftest import ROOT, _require_lab, _run_boot, _sections
 
 pytestmark = pytest.mark.lab
 
+FAULTS_OUT = os.environ.get("LAB_OUT_FAULTS", os.path.join(ROOT, "lab-out-faults"))
+# a port of its own: another lab boot (the plain sections, power cuts) may run at the same time
+FAULTS_PORT = int(os.environ.get("LAB_PORT_FAULTS", "13262"))
 
 _PER_IMAGE = ["served", "image_failed", "status_tells", "journal", "dbus", "resync_identical"]
 FAULT_CHECKS = (
@@ -49,7 +54,7 @@ def faults_lab():
     _require_lab()
     if not _selected():
         pytest.skip("section faults not run (LVMIRROR_LAB_SECTIONS)")
-    run = lab_boot("faults")
+    run = _run_boot(["lab/boot", "faults"], FAULTS_OUT, FAULTS_PORT, "faults")
     results = run["results"]
     # the figures per fault (time to fail, per-write times, TUR back, ENOSPC), for the record
     prose = ("check", "ok", "line", "error", "log", "out", "kernel", "daemon", "table", "dd",
