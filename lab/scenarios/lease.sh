@@ -37,13 +37,17 @@ lease_4k() {  # lease_4k: step 4 of the section, on its own loop device and sanl
   sleep 1
   out=$(SANLOCK_RUN_DIR=/run/sanlock3 lvmirror lease-init $l4 --io-timeout 2 2>&1); rc=$?
   echo "$out" > "$OUT/lease-4k-init.txt"
+  rm -f /run/lease-4k.done
   SANLOCK_RUN_DIR=/run/sanlock3 $PY -c "
-import time
+import os, time
 from lvmirror.daemon.lease import LeaseConfig, Leases
 l = Leases(LeaseConfig('$l4', 3, 2))
 l.acquire('v4k')
 print('held', l.held(), flush=True)
-time.sleep(40)
+for _ in range(600):                 # until the second process was refused (or 60 s)
+    if os.path.exists('/run/lease-4k.done'):
+        break
+    time.sleep(0.1)
 l.release('v4k')
 print('released', l.held(), flush=True)" > "$OUT/lease-4k-holder.txt" 2>&1 &
   a=$!
@@ -55,6 +59,7 @@ try:
     print('taken twice')
 except LeaseError as exc:
     print('refused:', exc)" > "$OUT/lease-4k-second.txt" 2>&1
+  touch /run/lease-4k.done
   wait $a; b=$?
   sanlock direct dump $l4 > "$OUT/lease-4k-dump.txt" 2>&1
   [ $rc = 0 ] && echo "$out" | grep -q "4096-byte sectors (host ids 1 to 250)" && [ $b = 0 ] \

@@ -29,6 +29,10 @@ DEFAULT_SECTIONS = ("basic fs split group scrub metrics crash dbus alua ocf comp
                     "faults")
 # sections that are not part of the plain lab boot (faults: tests/lab/test_faults.py)
 OWN_BOOT = ("systemd", "powercut", "faults")
+# the power-cut moments CI cuts (lab/powercut --moments): a split, a restore (the copy cursor)
+# and a write-intent checkpoint, 4 boots; lab/powercut alone cuts all six (steady writes,
+# resync and attach too) and lab/soak runs chains of them
+PC_MOMENTS = os.environ.get("LVMIRROR_PC_MOMENTS", "split restore checkpoint").split()
 
 
 def _sections():
@@ -149,12 +153,14 @@ def systemd_lab():
 @pytest.fixture(scope="session")
 def powercut_lab():
     """The power-cut chain (lab/powercut): the guest's power cut by SIGKILL of QEMU at each
-    moment once (steady writes, split, resync, restore, write-intent checkpoint, attach), each
-    following boot recovering unattended from the disk and checking what was kept."""
+    moment of PC_MOMENTS once (LVMIRROR_PC_MOMENTS; all six: steady writes, split, resync,
+    restore, write-intent checkpoint, attach), each following boot recovering unattended from
+    the disk and checking what was kept."""
     _require_lab()
     if "powercut" not in _sections():
         pytest.skip("section powercut not run (LVMIRROR_LAB_SECTIONS)")
-    run = _run_boot(["lab/powercut"], POWERCUT_OUT, PORT, "power cuts")
+    run = _run_boot(["lab/powercut", "--moments", " ".join(PC_MOMENTS)], POWERCUT_OUT, PORT,
+                    "power cuts")
     summary = {}
     path = os.path.join(POWERCUT_OUT, "summary.json")
     if os.path.exists(path):
