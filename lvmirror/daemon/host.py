@@ -204,7 +204,7 @@ class VolumeHost:
             }
         luns = [{"name": lun.name, "uio": lun.device.uio_name, "cfgstring": lun.device.cfgstring,
                  "error": lun.error, "commands": lun.commands,
-                 "volume": lun.volume.name if lun.volume is not None else None,
+                 "volume": getattr(lun.volume, "name", None),     # read once: see _to_inactive
                  "alua_state": alua.STATE_NAMES.get(lun.alua_state), "standby": lun.standby,
                  "latency": lun.latency.snapshot()}
                 for lun in list(self.luns.values())]
@@ -279,8 +279,9 @@ class VolumeHost:
         held = []
         try:
             for lun in list(self.luns.values()):
-                if lun.volume is not None and lun.volume.name in names:
-                    lun.hold(max_seconds)
+                volume = lun.volume          # once: an ALUA switch may clear it meanwhile
+                if volume is not None and volume.name in names:
+                    lun.hold(max_seconds, held_for=volume.name)
                     held.append(lun)
         except BaseException:
             for lun in held:
@@ -295,7 +296,10 @@ class VolumeHost:
         names = set(names)
         out = dict(luns=0, commands=0, seconds=0.0)
         for lun in list(self.luns.values()):
-            if lun.volume is not None and lun.volume.name in names:
+            # also a LUN whose volume was closed meanwhile (its ALUA group went Standby): it
+            # still holds what it completed before
+            volume = lun.volume
+            if (volume is not None and volume.name in names) or lun.held_for in names:
                 n, seconds = lun.release()
                 if seconds is not None:
                     out["luns"] += 1

@@ -129,13 +129,32 @@ def resource_name(volume: str) -> bytes:
     return b"h:" + hashlib.sha256(raw).hexdigest()[:NAME_MAX - 2].encode()
 
 
+def _file_sector(st, sys_root="/sys") -> int:
+    """The logical sector size of the block device a regular file's file system is on
+    (``/sys/dev/block/MAJ:MIN/queue/logical_block_size``, or its parent's for a partition);
+    512 when the file system has no block device (tmpfs, NFS, overlay) or sysfs does not say."""
+    dev = os.path.join(sys_root, "dev", "block", f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    for queue in (os.path.join(dev, "queue"), os.path.join(dev, "..", "queue")):
+        try:
+            with open(os.path.join(queue, "logical_block_size")) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+    return 512
+
+
 def area_sector(path: str) -> int:
     """The sector size (bytes) sanlock must use on the lease area ``path``: a block device's
-    logical sector size (ioctl BLKSSZGET), 512 or 4096 (4K native); 512 for a regular file.
+    logical sector size (ioctl BLKSSZGET), 512 or 4096 (4K native); for a regular file, that
+    of the block device its file system is on (sanlock's O_DIRECT I/O must be aligned to it).
     LeaseError for another size, or a device that cannot be asked."""
     st = os.stat(path)
     if not stat.S_ISBLK(st.st_mode):
-        return 512
+        size = _file_sector(st)
+        if size not in MAX_HOSTS_BY_SECTOR:
+            raise LeaseError(f"{path}: its file system's device has {size}-byte sectors; "
+                             "sanlock supports 512 and 4096")
+        return size
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         size = struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]

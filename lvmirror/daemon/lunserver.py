@@ -163,6 +163,7 @@ class LunServer:
         self._held: list = []      # completed commands whose views a slow leg still uses
         self._hold_mu = threading.Lock()     # completions held for a group split: hold()
         self._holding: list | None = None
+        self._held_for = None
         self._hold_since = 0.0
         self._hold_timer = None
         self._stop = threading.Event()
@@ -447,8 +448,17 @@ class LunServer:
                 raise ConfigError(f"LUN {self.name}: {event.dev_size} bytes is more than "
                                   f"{target.name} holds ({target.size} bytes)")
             self.lu.backend.num_blocks = event.dev_size // target.block_size
+            self._size = event.dev_size          # what a reopen (ALUA) serves
             self.lu.capacity_changed()
             log.info("LUN %s: size now %d bytes", self.name, event.dev_size)
+        elif event.dev_size is not None:
+            # not open here (Standby, or refused): the size READ CAPACITY gives and the next
+            # open serves; that open refuses it if the volume holds less
+            self._size = event.dev_size
+            self.lu.backend.num_blocks = max(event.dev_size // self.lu.backend.block_size, 1)
+            self.lu.capacity_changed()
+            log.info("LUN %s: size now %d bytes (the volume is not open here)", self.name,
+                     event.dev_size)
         if event.dev_cfg is not None and event.dev_cfg != f"{SUBTYPE}/{self.device.cfgstring}":
             raise ConfigError(f"LUN {self.name}: changing the cfgstring of a live LUN is not "
                               f"supported (remove and re-create the backstore)")
@@ -608,7 +618,7 @@ class LunServer:
         self._aborted.discard(command.cmd_id)
 
     # -- holding completions (the instant of a group split) -------------------------------------
-    def hold(self, max_seconds: float = 10.0) -> None:
+    def hold(self, max_seconds: float = 10.0, held_for: str | None = None) -> None:
         """From now on keep every completed command's status instead of putting it on the ring:
         the command is done, the initiator is not told yet. New commands are still fetched and
         run. A consistency group's split holds the completions of every LUN of its volumes
@@ -616,15 +626,23 @@ class LunServer:
         write can be acknowledged on one volume after its split and be followed, before a later
         volume's split, by a write that depends on it. ``release`` ends it; so does a timer
         after ``max_seconds`` (logged as an error: the kernel times commands out after 30 s).
-        StateError when completions are already held."""
+        ``held_for``: the volume name the hold is for (``held_for`` property), kept for the
+        release when an ALUA switch closes the volume meanwhile. StateError when completions
+        are already held."""
         with self._hold_mu:
             if self._holding is not None:
                 raise StateError(f"LUN {self.name}: completions are already held")
             self._holding = []
+            self._held_for = held_for
             self._hold_since = time.monotonic()
             timer = self._hold_timer = threading.Timer(max_seconds, self._hold_expired)
         timer.daemon = True
         timer.start()
+
+    @property
+    def held_for(self) -> str | None:
+        """The volume name completions are held for now (``hold``), else None."""
+        return self._held_for if self._holding is not None else None
 
     def _hold_expired(self):
         n, held = self.release()

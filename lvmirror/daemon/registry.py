@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import threading
@@ -128,18 +130,21 @@ class VolumeRegistry:
                 f"volume {spec.name!r} does not exist under {meta_dir}; name its images to "
                 f"create it (cfgstring '{spec.name};images=/path/a+/path/b')")
         # create checks the volumes of meta_dir; those of lvmirrord's own state directory, of
-        # the volumes open here (other state_dir=) and of the gateway's other LUNs are too
+        # the volumes open here (other state_dir=) and of the gateway's other LUNs are too -
+        # under a lock every process of this lvmirrord shares, so that two volume processes
+        # creating at the same moment cannot both pass the check with one image file
         with self._lock:
             others = {self.state_dir} | {v.meta_dir for v in self._volumes.values()}
         if other_state_dirs is not None:
             others |= set(other_state_dirs())
-        for d in sorted(others - {meta_dir}):
-            if os.path.isdir(d):
-                imagecheck.check_not_in_other_volume(spec.images, d, name=spec.name)
-        return MirrorVolume.create(spec.name, list(spec.images), meta_dir=meta_dir,
-                                   block_size=spec.block_size, region_size=spec.region_size,
-                                   size=size, direct=spec.direct, force=spec.force,
-                                   **_tuning(spec))
+        with _create_lock(self.state_dir):
+            for d in sorted(others - {meta_dir}):
+                if os.path.isdir(d):
+                    imagecheck.check_not_in_other_volume(spec.images, d, name=spec.name)
+            return MirrorVolume.create(spec.name, list(spec.images), meta_dir=meta_dir,
+                                       block_size=spec.block_size, region_size=spec.region_size,
+                                       size=size, direct=spec.direct, force=spec.force,
+                                       **_tuning(spec))
 
     def get(self, name):
         """The open MirrorVolume called ``name``, or None."""
@@ -214,6 +219,25 @@ class VolumeRegistry:
     def _release_lease(self, name):
         if self.leases is not None:
             self.leases.release(name)
+
+
+CREATE_LOCK = ".create.lock"    # in lvmirrord's --state-dir: volume creations, one at a time
+
+
+@contextlib.contextmanager
+def _create_lock(state_dir: str):
+    """Hold ``<state_dir>/.create.lock`` exclusively (flock(2)) while a volume is checked and
+    created: lvmirrord's volume processes share the state directory, and the check that an
+    image belongs to no other volume reads the others' metadata, which a concurrent creation
+    has not written yet. The directory is created if missing."""
+    os.makedirs(state_dir, exist_ok=True)
+    fd = os.open(os.path.join(state_dir, CREATE_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _tuning(spec) -> dict:

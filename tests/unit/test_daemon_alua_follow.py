@@ -265,3 +265,58 @@ def test_without_alua_a_refused_lease_is_not_retried(tmp_path, monkeypatch):
     finally:
         lun.stop()
         emu.close()
+
+
+def test_a_demote_while_a_group_split_holds_completions(gateway, tmp_path):
+    """A consistency-group split holds the LUN's completions when the agent demotes it: the
+    group split's release still finds the LUN (its volume closing meanwhile) and the held
+    WRITE is acknowledged at once, not by the 10 s safety timer; the close then completes."""
+    from lvmirror.daemon.host import VolumeHost
+    groups = Groups(alua.ACTIVE_OPTIMIZED)
+    emu, lun, registry, paths = gateway(groups)
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    host = VolumeHost(str(tmp_path / "state"))
+    host.registry = registry
+    host.luns[lun.device.uio_name] = lun
+    try:
+        assert host.hold_completions(["vol0"], 10.0) == 1        # what split_group does
+        w = emu.submit(cdb10(0x2A, 0, 8), data_out=b"a" * 8 * BS)
+        wait_until(lambda: lun._holding)                          # done, its status held
+        groups.set(alua.STANDBY)                                  # the agent demotes
+        wait_until(lambda: lun.volume is None)
+        t0 = time.monotonic()
+        released = host.release_completions(["vol0"])
+        assert released["luns"] == 1 and released["commands"] == 1
+        assert emu.wait([w], timeout=5)[w].status == 0
+        assert time.monotonic() - t0 < 2.0
+        wait_until(lambda: registry.names() == [])
+    finally:
+        host.luns.clear()
+
+
+def test_a_resized_lun_keeps_its_size_across_standby_and_reopen(gateway):
+    """RECONFIG dev_size (targetcli's dev_size) halves the LUN: READ CAPACITY says so while
+    Active, through the Standby port, and after the next promote."""
+    from lvmirror.tcmu.netlink import DeviceReconfig
+
+    def capacity():
+        for _ in range(3):            # past CAPACITY DATA HAS CHANGED
+            c = emu.submit(bytes([0x25] + [0] * 9), data_in_len=8)
+            got = emu.wait([c])[c]
+            if got.status == 0:
+                return (int.from_bytes(got.data_in[:4], "big") + 1) * BS
+        raise AssertionError(f"READ CAPACITY: {sense_of(got)}")
+
+    groups = Groups(alua.ACTIVE_OPTIMIZED)
+    emu, lun, registry, _ = gateway(groups)
+    lun.reconfigure(DeviceReconfig(minor=0, device=lun.device.uio_name, device_id=None, dev_size=SIZE // 2))
+    assert capacity() == SIZE // 2
+    groups.set(alua.STANDBY)
+    wait_until(lambda: registry.names() == [])
+    assert capacity() == SIZE // 2
+    lun.reconfigure(DeviceReconfig(minor=0, device=lun.device.uio_name, device_id=None, dev_size=SIZE // 4))
+    assert capacity() == SIZE // 4                                # resized while Standby
+    groups.set(alua.ACTIVE_OPTIMIZED)
+    wait_until(lambda: lun.volume is not None)
+    assert capacity() == SIZE // 4

