@@ -18,9 +18,12 @@ PY
   sleep 1
   lvmirror status > "$OUT/status-cleared.txt" 2>&1
   printf '%s\n' "set global auto_save_on_exit=false" "restoreconfig $saved" | targetcli-lvmirror >> "$OUT/targetcli.log" 2>&1
-  sleep 1
   nl=$(cat /sys/kernel/config/target/core/user_*/m2/attrib/nl_reply_supported 2>/dev/null | head -1)
-  lvmirror status > "$OUT/status-restored.txt" 2>&1
+  for i in $(seq 60); do     # lvmirrord opens the restored backstores' volumes as they come
+    lvmirror status > "$OUT/status-restored.txt" 2>&1
+    grep -q "volume vol2" "$OUT/status-restored.txt" && grep -q "volume vol3" "$OUT/status-restored.txt" && break
+    sleep 1
+  done
   login; d=$(lun_dev 1)
   sum1=$( [ -b "$d" ] && dd if=$d bs=1M count=32 iflag=direct status=none | md5sum)
   ! grep -q "volume vol2" "$OUT/status-cleared.txt" && grep -q "volume vol2" "$OUT/status-restored.txt" \
