@@ -243,13 +243,14 @@ class LunServer:
                      self.device.uio_name)
         except LvmirrorError as exc:
             # held by another gateway: while this gateway's group is Active, the open is tried
-            # again at every follow (_follow_alua) until that gateway lets it go, and medium
-            # access is told ASYMMETRIC ACCESS STATE TRANSITION meanwhile (initiators retry)
+            # again at every follow (_follow_alua) until that gateway lets it go. Medium access
+            # meanwhile gets MANUAL INTERVENTION REQUIRED, not ASYMMETRIC ACCESS STATE
+            # TRANSITION: on a transition Linux's sd spins the disk up (START STOP UNIT, up to
+            # 100 s) and holds the initiator's scan, as the lab's lease section saw
             again = self._lease_held and str(exc) == self.error
             self._lease_held = isinstance(exc, LeaseHeldError)
             active = self.alua_state is not None and self.alua_state not in INACTIVE_SENSE
-            self._set_unopened(str(exc), ASC_ALUA_TRANSITION
-                               if self._lease_held and active else None)
+            self._set_unopened(str(exc))
             if not again:
                 log.error("LUN %s: %s; medium access gets NOT READY until it is fixed%s",
                           self.name, exc, " (tried again every second while this gateway's "
@@ -333,8 +334,8 @@ class LunServer:
         self._transition.start()
 
     def _to_active(self, state: int):
-        self.standby_sense = ASC_ALUA_TRANSITION
-        if not self._lease_held:         # a retry is not news
+        if not self._lease_held:         # a retry keeps its sense, and is not news
+            self.standby_sense = ASC_ALUA_TRANSITION
             log.info("LUN %s: its target port group is %s now: opening the volume", self.name,
                      alua.STATE_NAMES.get(state, hex(state)))
         self._open_volume()

@@ -233,15 +233,16 @@ def held_elsewhere(tmp_path, monkeypatch, groups):
 
 def test_active_with_the_lease_held_elsewhere_retries_until_it_is_free(tmp_path, monkeypatch):
     """Promoted here while the other gateway still holds the volume's lease (it has not
-    finished its demote, or took the lease for a moment at its own start): the LUN tells
-    medium access ASYMMETRIC ACCESS STATE TRANSITION and lvmirrord tries the open again at
-    every follow, serving as soon as the lease is free - without a new LUN."""
+    finished its demote, or took the lease for a moment at its own start): medium access
+    gets NOT READY, MANUAL INTERVENTION REQUIRED (a transition sense would make Linux's sd
+    spin the disk up for up to 100 s and hold the initiator's scan) and lvmirrord tries the
+    open again at every follow, serving as soon as the lease is free - without a new LUN."""
     emu, lun, registry = held_elsewhere(tmp_path, monkeypatch, Groups(alua.ACTIVE_OPTIMIZED))
     try:
         assert lun.volume is None and "held by sanlock host id 2" in lun.error
         assert not lun.standby
-        r = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
-        assert sense_of(emu.wait([r])[r]) == TRANSITION_ASC
+        r = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)     # not 04/0A: sd would spin up
+        assert sense_of(emu.wait([r])[r]) == (0x02, 0x04, 0x03)
         wait_until(lambda: registry.refusals >= 3)            # tried again, and again
         registry.held = False                                 # the other gateway let go
         wait_until(lambda: lun.volume is not None)
