@@ -43,6 +43,14 @@ SUBTYPE = "lvmirror"
 DEVICE_GONE_ERRNOS = (errno.EIO, errno.ENODEV, errno.ENXIO)
 
 
+def gateway_state_dirs(sysfs_root: str, configfs_root: str) -> set[str]:
+    """The state directories the cfgstrings of this gateway's user:lvmirror backstores name
+    (configfs, whichever process serves each): a volume created here may not share an image
+    file with theirs (``cfgstring.gateway_state_dirs``)."""
+    devices = uio.find_devices(SUBTYPE, sysfs_root=sysfs_root, configfs_root=configfs_root)
+    return cfgstring.gateway_state_dirs(d.cfgstring for d in devices)
+
+
 class LunBackend:
     """The SCSI core's view of a volume or exported split image, at the LUN's size."""
 
@@ -263,12 +271,7 @@ class LunServer:
                           self.name, self.error)
 
     def _gateway_state_dirs(self) -> set[str]:
-        """The state directories the cfgstrings of this gateway's user:lvmirror backstores
-        name (configfs, whichever process serves each): a volume created here may not share an
-        image file with theirs."""
-        devices = uio.find_devices(SUBTYPE, sysfs_root=self.device.sysfs_root,
-                                   configfs_root=self.device.configfs_root)
-        return cfgstring.gateway_state_dirs(d.cfgstring for d in devices)
+        return gateway_state_dirs(self.device.sysfs_root, self.device.configfs_root)
 
     def _unopened_lu(self):
         """A LogicalUnit over NotReadyBackend at the LUN's size and hw_block_size."""

@@ -13,7 +13,7 @@ from lvmirror import __version__, cfgstring, sdnotify
 from lvmirror.errors import ConfigError, LvmirrorError, StateError
 from lvmirror.tcmu import uio
 from lvmirror.daemon.host import BackupProgress, VolumeHost
-from lvmirror.daemon.lunserver import SUBTYPE
+from lvmirror.daemon.lunserver import SUBTYPE, gateway_state_dirs
 from lvmirror.daemon import hooks, metrics, splitgroup
 
 log = logging.getLogger("lvmirrord")
@@ -197,10 +197,9 @@ class Lvmirrord:
         """CheckConfig for targetcli: (ok, message). Never raises: a cfgstring the checks did
         not foresee is refused with the error, logged as a bug."""
         try:
-            others = cfgstring.gateway_state_dirs(
-                d.cfgstring for d in uio.find_devices(SUBTYPE, sysfs_root=self.sysfs_root,
-                                                      configfs_root=self.configfs_root))
-            cfgstring.check(config, state_dir=self.state_dir, other_state_dirs=others)
+            cfgstring.check(config, state_dir=self.state_dir,
+                            other_state_dirs=gateway_state_dirs(self.sysfs_root,
+                                                                self.configfs_root))
         except ConfigError as exc:
             return False, str(exc)
         except Exception as exc:  # a parser bug must not reach targetcli as a D-Bus error
