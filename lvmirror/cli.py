@@ -70,7 +70,7 @@ def _manager(wait: float = ACTIVATION_WAIT):
     bus's own activation timeout is. dbus.DBusException when it cannot be started
     (ServiceUnknown: not installed) or has not come up in time."""
     import dbus
-    from lvmirror.bus.service import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+    from lvmirror.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
     bus = dbus.SystemBus()
     if not bus.name_has_owner(BUS_NAME):
         deadline = time.monotonic() + wait
@@ -389,8 +389,7 @@ def _backup_cycle(args, mgr, plan) -> int:
     import dbus
     import signal
     from lvmirror import backupcycle
-    from lvmirror.bus.service import BUS_NAME
-    from lvmirror.bus.volume import VOLUME_IFACE, object_path
+    from lvmirror.bus.names import BUS_NAME, VOLUME_IFACE, object_path
     # systemctl stop (SIGTERM) as Ctrl-C: the cycle starts the resyncs before it goes
     signal.signal(signal.SIGTERM, _interrupt)
     bus = dbus.SystemBus()

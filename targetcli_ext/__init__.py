@@ -36,7 +36,7 @@ DEFAULT_HW_MAX_SECTORS = 16384
 
 def _manager():
     import dbus
-    from lvmirror.bus.service import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+    from lvmirror.bus.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
     return dbus.Interface(dbus.SystemBus().get_object(BUS_NAME, MANAGER_PATH), MANAGER_IFACE)
 
 

@@ -20,6 +20,15 @@ The data path never waits on the bus: methods act on the engine directly and lon
 (split waits for pre-T I/O to drain) run on a worker thread, answered asynchronously.
 """
 
-from lvmirror.bus.service import BUS_NAME, BusService, MANAGER_PATH, TCMU_NAME
+from lvmirror.bus.names import BUS_NAME, MANAGER_PATH, TCMU_NAME
 
 __all__ = ["BUS_NAME", "BusService", "MANAGER_PATH", "TCMU_NAME"]
+
+
+def __getattr__(name):
+    """``BusService`` on first use (PEP 562): importing the package, or ``lvmirror.bus.names``
+    from a client, does not load the service (dbus.service, GLib)."""
+    if name == "BusService":
+        from lvmirror.bus.service import BusService
+        return BusService
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

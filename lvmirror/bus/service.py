@@ -12,6 +12,9 @@ import dbus.service
 from gi.repository import GLib
 
 from lvmirror import cfgstring
+from lvmirror.bus.names import (ACCESS_DENIED, BUS_NAME, ERROR_PREFIX, MANAGER_IFACE,  # noqa: F401
+                                MANAGER_PATH, OM_IFACE, PROPS_IFACE, TCMU_HANDLER_MANAGER,
+                                TCMU_NAME, TCMU_PATH)
 from lvmirror.bus.volume import (VOLUME_IFACE, VolumeObject, attach_options, interfaces,
                                  managed_objects, resync_options, scrub_options,
                                  split_options)
@@ -19,16 +22,6 @@ from lvmirror.errors import LvmirrorError
 
 log = logging.getLogger(__name__)
 
-TCMU_NAME = "org.kernel.TCMUService1"
-TCMU_PATH = "/org/kernel/TCMUService1"
-TCMU_HANDLER_MANAGER = "org.kernel.TCMUService1.HandlerManager1"
-BUS_NAME = "org.lvmirror1"
-MANAGER_PATH = "/org/lvmirror1"
-MANAGER_IFACE = "org.lvmirror1.Manager"
-ERROR_PREFIX = "org.lvmirror1.Error"
-ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
-OM_IFACE = "org.freedesktop.DBus.ObjectManager"
-PROPS_IFACE = "org.freedesktop.DBus.Properties"
 SYNC_INTERVAL_MS = 1000       # how often volume objects look for changes and send Progress
 
 

@@ -32,10 +32,8 @@ import xml.etree.ElementTree as ET
 import dbus
 import dbus.service
 
-VOLUME_IFACE = "org.lvmirror1.Volume"
-VOLUME_ROOT = "/org/lvmirror1/volume"
-PROPS_IFACE = "org.freedesktop.DBus.Properties"
-INTROSPECT_IFACE = "org.freedesktop.DBus.Introspectable"
+from lvmirror.bus.names import (INTROSPECT_IFACE, PROPS_IFACE, VOLUME_IFACE,  # noqa: F401
+                                VOLUME_ROOT, object_path)
 
 # name -> (D-Bus signature, announced in PropertiesChanged)
 PROPERTIES = {
@@ -53,14 +51,6 @@ PROPERTIES = {
     # left as found; state "" when the volume was never scrubbed
     "LastScrub": ("(sddtttt)", True),
 }
-
-
-def object_path(name: str) -> str:
-    """Volume name -> object path element, escaped as systemd does (``_xx`` hex for every byte
-    that is not [A-Za-z0-9])."""
-    label = "".join(ch if ch.isascii() and ch.isalnum() else
-                    "".join(f"_{b:02x}" for b in ch.encode()) for ch in name)
-    return f"{VOLUME_ROOT}/{label or '_'}"
 
 
 def properties(vol: dict, name: str) -> dict:

@@ -221,3 +221,33 @@ def test_volume_object_follows_open_and_close(daemon, tmp_path):  # noqa: F811
         assert list(objs) == [VOL]
     finally:
         mon.close()
+
+
+def test_clients_import_no_service_modules():
+    """The CLI and targetcli-lvmirror reach lvmirrord through lvmirror.bus.names and
+    dbus-python's client side: importing them loads neither the service (dbus.service, GLib,
+    lvmirror.bus.service/volume) nor the cfgstring parser, whose imports cost a client about
+    half a second of its start under the lab's emulated CPU."""
+    import subprocess
+    import sys
+    import os
+    code = ("import sys, lvmirror.cli, lvmirror.bus.names, targetcli_ext, dbus; "
+            "from lvmirror.bus import BUS_NAME; "
+            "rc = lvmirror.cli.main(['status']); assert rc, rc; "   # no bus: fails, after imports
+            "rc = lvmirror.cli.main(['backup-cycle', 'v:1', '--dest', '/nonexistent']); "
+            "heavy = [m for m in ('dbus.service', 'gi', 'gi.repository', 'lvmirror.bus.service', "
+            "'lvmirror.bus.volume', 'lvmirror.cfgstring') if m in sys.modules]; "
+            "print(heavy)")
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS="unix:path=/nonexistent/bus")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.stdout.strip().splitlines()[-1:] == ["[]"], out.stdout + out.stderr
+
+
+def test_bus_package_gives_busservice_on_first_use():
+    import lvmirror.bus
+    from lvmirror.bus.service import BusService
+    assert lvmirror.bus.BusService is BusService
+    import pytest
+    with pytest.raises(AttributeError):
+        lvmirror.bus.NoSuchThing
