@@ -196,3 +196,45 @@ def test_promote_and_demote_without_a_backstore():
     assert r.returncode == 7, r.stderr
     r = agent("promote", **GOOD, OCF_RESKEY_CRM_meta_promotable="true")
     assert r.returncode == 1 and "not started on this node" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("env, want", [
+    # gwb promoted: on gwa, after the promote, gwb's group is Active/Optimized
+    ({"type": "post", "operation": "promote", "promote": "gwb", "promoted": ""}, 0),
+    ({"type": "post", "operation": "promote", "promote": "gwb", "master": ""}, 0),
+    # gwb demoted (a planned move's first half): Standby here
+    ({"type": "post", "operation": "demote", "demote": "gwb", "promoted": "gwb"}, 2),
+    # gwa itself promoted: the peer stays Standby
+    ({"type": "post", "operation": "promote", "promote": "gwa", "promoted": ""}, 2),
+    # a start of gwa while gwb is promoted: gwb's group Active/Optimized here
+    ({"type": "post", "operation": "start", "start": "gwa", "promoted": "gwb"}, 0),
+    # gwb stopped while promoted (Pacemaker demotes first, but the stop counts too)
+    ({"type": "post", "operation": "stop", "stop": "gwb", "promoted": "gwb"}, 2),
+])
+def test_notify_sets_the_peer_group_to_the_peer_role(monkeypatch, env, want):
+    """Post notifications set the peer's ALUA group on this node (gwa) to Active/Optimized
+    (0) while the peer holds the promoted instance and Standby (2) otherwise."""
+    mod = _load_agent(monkeypatch)
+    calls = []
+    monkeypatch.setattr(mod, "_set_state", lambda n, g, st: calls.append((n, g, st)) or 0)
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_on_node", "gwa")
+    for k, v in env.items():
+        key = "type" if k == "type" else ("operation" if k == "operation" else f"{k}_uname")
+        monkeypatch.setenv(f"OCF_RESKEY_CRM_meta_notify_{key}", v)
+    assert mod.notify("lun0", "gwb") == 0
+    assert calls == [("lun0", "gwb", want)]
+
+
+def test_notify_pre_or_without_a_peer_group_changes_nothing(monkeypatch):
+    mod = _load_agent(monkeypatch)
+    calls = []
+    monkeypatch.setattr(mod, "_set_state", lambda *a: calls.append(a) or 0)
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_notify_type", "pre")
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_notify_promote_uname", "gwb")
+    assert mod.notify("lun0", "gwb") == 0
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_notify_type", "post")
+    assert mod.notify("lun0", "") == 0
+    assert calls == []
+    # no backstore on this node (7 from _set_state): nothing to set, still success
+    monkeypatch.setattr(mod, "_set_state", lambda *a: 7)
+    assert mod.notify("lun0", "gwb") == 0
