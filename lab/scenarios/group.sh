@@ -83,8 +83,8 @@ TC
     result group_postgres_on_two_luns fail reason="no LUN 10/11 or mkfs/mount failed"; return
   fi
   # 1. the group split under pgbench
-  runuser -u postgres -- $PGBIN/pgbench -h /run/pg/sock -p 5433 -c 4 -j 2 -T 40 postgres > "$OUT/pgbench-group.log" 2>&1 & PGB=$!
-  sleep 15
+  runuser -u postgres -- $PGBIN/pgbench -h /run/pg/sock -p 5433 -c 4 -j 2 -T 30 postgres > "$OUT/pgbench-group.log" 2>&1 & PGB=$!
+  sleep 12
   lvmirror --json split-group gdb:1 gwal:1 > "$OUT/split-group.json" 2> "$OUT/split-group.err"; rc=$?
   wait $PGB; prc=$?
   if [ $rc = 0 ]; then
@@ -102,8 +102,8 @@ TC
   #    max_wal_size fills): the data copy's pg_control points at a checkpoint record that the
   #    WAL copy does not have
   lvmirror resync gdb 1 --wait > /dev/null 2>&1; lvmirror resync gwal 1 --wait > /dev/null 2>&1
-  runuser -u postgres -- $PGBIN/pgbench -h /run/pg/sock -p 5433 -c 4 -j 2 -T 40 postgres > "$OUT/pgbench-seq.log" 2>&1 & PGB=$!
-  sleep 15
+  runuser -u postgres -- $PGBIN/pgbench -h /run/pg/sock -p 5433 -c 4 -j 2 -T 30 postgres > "$OUT/pgbench-seq.log" 2>&1 & PGB=$!
+  sleep 12
   lvmirror split gwal 1 > /dev/null 2>&1; pg 5433 "checkpoint" > /dev/null; lvmirror split gdb 1 > /dev/null 2>&1
   wait $PGB
   pg_copies_check sequential
