@@ -238,3 +238,23 @@ def test_notify_pre_or_without_a_peer_group_changes_nothing(monkeypatch):
     # no backstore on this node (7 from _set_state): nothing to set, still success
     monkeypatch.setattr(mod, "_set_state", lambda *a: 7)
     assert mod.notify("lun0", "gwb") == 0
+
+
+@pytest.mark.parametrize("env, want", [
+    ({"promotable": "true"}, True),
+    ({"promoted_max": "1"}, True),      # what Pacemaker 2.1 passes to a clone instance
+    ({"master_max": "1"}, True),        # older Pacemaker
+    ({"promoted_max": "0"}, False),
+    ({"clone_max": "2"}, False),        # a plain clone
+    ({}, False),
+])
+def test_promotable_as_pacemaker_says_it(monkeypatch, env, want):
+    """As resource-agents' ocf_is_ms: promotable=true, or a promoted_max/master_max above 0
+    (Pacemaker 2.1.5 gave the lab's promotable clone no CRM_meta_promotable, and its start
+    mapped the LUN Active/Optimized on both gateways)."""
+    mod = _load_agent(monkeypatch)
+    for k in ("promotable", "promoted_max", "master_max", "clone_max"):
+        monkeypatch.delenv(f"OCF_RESKEY_CRM_meta_{k}", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(f"OCF_RESKEY_CRM_meta_{k}", v)
+    assert mod.promotable() is want
