@@ -76,10 +76,21 @@ failover() {
   sanlock daemon -w 0 -o 2 > "$OUT/sanlock.log" 2>&1
   fo_corosync
   fo_pacemaker
+  # the target: gwa serves through TPG 1, gwb through TPG 2 (the relative target ports differ,
+  # as two gateways of one ALUA layout want); each gateway's resource agent creates the other's
+  # TPG, never enabled, so REPORT TARGET PORT GROUPS lists both groups
   echo "set global auto_save_on_exit=false
-/iscsi create $FO_IQN
-/iscsi/$FO_IQN/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1" | tcli
-  t "failover: $FO_NODE (node $FO_ID) up: corosync, pacemaker, sanlock, target $FO_IQN"
+/iscsi create $FO_IQN" | tcli
+  if [ "$FO_ID" != 1 ]; then
+    echo "set global auto_save_on_exit=false
+/iscsi/$FO_IQN delete 1
+/iscsi/$FO_IQN create $FO_ID
+/iscsi/$FO_IQN/tpg$FO_ID/portals create 0.0.0.0 3260
+/iscsi/$FO_IQN/tpg$FO_ID enable" | tcli
+  fi
+  echo "set global auto_save_on_exit=false
+/iscsi/$FO_IQN/tpg$FO_ID set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1" | tcli
+  t "failover: $FO_NODE (node $FO_ID) up: corosync, pacemaker, sanlock, target $FO_IQN tpg $FO_ID"
   touch "$OUT/cmd/ready"
   local n=0 f
   while [ ! -e "$OUT/cmd/quit" ]; do
@@ -112,4 +123,61 @@ fo_located() {  # fo_located RESOURCE NODE [SECONDS]: until RESOURCE runs on NOD
   done
   crm_mon -1 2>&1 | tail -30
   return 1
+}
+
+fo_promoted() {  # fo_promoted CLONE NODE [SECONDS]: until CLONE's promoted instance runs on NODE
+  local i              # (default 600 s) and the cluster has settled
+  for i in $(seq $(( ${3:-600} / 3 ))); do
+    crm_resource --wait --timeout=3s > /dev/null 2>&1 \
+      && crm_resource --locate -r $1 2>/dev/null | grep -Eq "running on: $2 (Promoted|Master)" && return 0
+    sleep 3
+  done
+  crm_mon -1 2>&1 | tail -30
+  return 1
+}
+
+FO_MP_CONF='defaults {
+    user_friendly_names yes
+    find_multipaths no
+    polling_interval 2
+}
+blacklist {
+    devnode "^vd[a-z]"
+}
+devices {
+    device {
+        vendor "LIO-ORG"
+        product ".*"
+        path_grouping_policy group_by_prio
+        prio alua
+        hardware_handler "1 alua"
+        path_checker tur
+        failback immediate
+        no_path_retry 60
+    }
+}'
+
+fo_multipath() {  # the initiator of the planned move, on this gateway: open-iscsi sessions to
+  # both gateways' portals (this one's on loopback, the peer's over the cluster network) and
+  # dm-multipath over them, set up as for any ALUA array (the alua handler, paths grouped by
+  # ALUA priority, failback immediate, I/O queued up to 120 s while no path serves: 60 checks
+  # 2 s apart); prints `multipath -ll`
+  local peer=10.99.0.$((3 - FO_ID)) i
+  modprobe dm_multipath && modprobe scsi_dh_alua || return 1
+  printf '%s\n' "$FO_MP_CONF" > /etc/multipath.conf
+  pidof multipathd > /dev/null || multipathd
+  pidof iscsid > /dev/null || { iscsid; sleep 1; }
+  iscsiadm -m discovery -t sendtargets -p 127.0.0.1 > /dev/null && \
+    iscsiadm -m discovery -t sendtargets -p $peer > /dev/null && \
+    iscsiadm -m node -T $FO_IQN --login > /dev/null || return 1
+  for i in $(seq 30); do
+    udevadm settle 2>/dev/null
+    [ "$(multipath -ll 2>/dev/null | grep -c 'sd[a-z]')" -ge 2 ] && break
+    multipath -r > /dev/null 2>&1; sleep 2
+  done
+  multipath -ll
+}
+
+fo_mp_dev() {  # the multipath map of LUN 0 (/dev/mapper/NAME)
+  echo /dev/mapper/$(multipath -ll 2>/dev/null | awk '/dm-[0-9]/ {print $1; exit}')
 }
