@@ -114,19 +114,8 @@ im = v['images'][$2] if v and $2 < len(v['images']) else None
 print(f\"{im['state']} {im['dirty_bytes']}\" if im else 'absent absent')"
 }
 
-fo_located() {  # fo_located RESOURCE NODE [SECONDS]: until RESOURCE runs on NODE, started
-  local i              # (default 600 s): --locate counts a start in progress (record-pending),
-  for i in $(seq $(( ${3:-600} / 3 ))); do     # so wait for the cluster to settle too
-    crm_resource --wait --timeout=3s > /dev/null 2>&1 \
-      && crm_resource --locate -r $1 2>/dev/null | grep -q "running on: $2" && return 0
-    sleep 3
-  done
-  crm_mon -1 2>&1 | tail -30
-  return 1
-}
-
 fo_promoted() {  # fo_promoted CLONE NODE [SECONDS]: until CLONE's promoted instance runs on NODE
-  local i              # (default 600 s) and the cluster has settled
+  local i     # (default 600 s) and the cluster has settled (--locate counts an action in progress)
   for i in $(seq $(( ${3:-600} / 3 ))); do
     crm_resource --wait --timeout=3s > /dev/null 2>&1 \
       && crm_resource --locate -r $1 2>/dev/null | grep -Eq "running on: $2 (Promoted|Master)" && return 0
