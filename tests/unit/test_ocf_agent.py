@@ -202,14 +202,26 @@ def test_promote_and_demote_without_a_backstore():
     # gwb promoted: on gwa, after the promote, gwb's group is Active/Optimized
     ({"type": "post", "operation": "promote", "promote": "gwb", "promoted": ""}, 0),
     ({"type": "post", "operation": "promote", "promote": "gwb", "master": ""}, 0),
-    # gwb demoted (a planned move's first half): Standby here
+    # a planned move gwa -> gwb, seen on gwa: after the demote (gwb's promote still to come,
+    # though listed) the peer is Standby; after the promote, Active/Optimized
+    ({"type": "post", "operation": "demote", "demote": "gwa", "promote": "gwb",
+      "promoted": "gwa"}, 2),
+    ({"type": "post", "operation": "promote", "demote": "gwa", "promote": "gwb",
+      "promoted": "gwa"}, 0),
+    # gwb demoted: Standby here
     ({"type": "post", "operation": "demote", "demote": "gwb", "promoted": "gwb"}, 2),
     # gwa itself promoted: the peer stays Standby
     ({"type": "post", "operation": "promote", "promote": "gwa", "promoted": ""}, 2),
     # a start of gwa while gwb is promoted: gwb's group Active/Optimized here
     ({"type": "post", "operation": "start", "start": "gwa", "promoted": "gwb"}, 0),
-    # gwb stopped while promoted (Pacemaker demotes first, but the stop counts too)
-    ({"type": "post", "operation": "stop", "stop": "gwb", "promoted": "gwb"}, 2),
+    # gwb's promoted instance recovered in place (demote, stop, start, promote on gwb): Standby
+    # after its demote, stop and start, Active/Optimized again after its promote
+    ({"type": "post", "operation": "demote", "demote": "gwb", "stop": "gwb", "start": "gwb",
+      "promote": "gwb", "promoted": "gwb"}, 2),
+    ({"type": "post", "operation": "start", "demote": "gwb", "stop": "gwb", "start": "gwb",
+      "promote": "gwb", "promoted": "gwb"}, 2),
+    ({"type": "post", "operation": "promote", "demote": "gwb", "stop": "gwb", "start": "gwb",
+      "promote": "gwb", "promoted": "gwb"}, 0),
 ])
 def test_notify_sets_the_peer_group_to_the_peer_role(monkeypatch, env, want):
     """Post notifications set the peer's ALUA group on this node (gwa) to Active/Optimized
@@ -226,9 +238,17 @@ def test_notify_sets_the_peer_group_to_the_peer_role(monkeypatch, env, want):
 
 
 def test_notify_pre_or_without_a_peer_group_changes_nothing(monkeypatch):
+    """Pre notifications, no peer group, no operation or no node lists at all: nothing set."""
     mod = _load_agent(monkeypatch)
     calls = []
     monkeypatch.setattr(mod, "_set_state", lambda *a: calls.append(a) or 0)
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_notify_type", "post")
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_notify_operation", "promote")
+    assert mod.notify("lun0", "gwb") == 0           # post, but no *_uname variable at all
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_notify_operation", "monitor")
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_notify_promote_uname", "gwb")
+    assert mod.notify("lun0", "gwb") == 0           # not an operation notifications are for
+    monkeypatch.setenv("OCF_RESKEY_CRM_meta_notify_operation", "promote")
     monkeypatch.setenv("OCF_RESKEY_CRM_meta_notify_type", "pre")
     monkeypatch.setenv("OCF_RESKEY_CRM_meta_notify_promote_uname", "gwb")
     assert mod.notify("lun0", "gwb") == 0
