@@ -78,6 +78,22 @@ def scrub_volume(manager, volume: str, repair: bool = False, source: int | None 
     return json.loads(manager.Scrub(volume, dbus.Dictionary(opts, signature="sv")))
 
 
+def manager_call(fn, *args, error=RuntimeError):
+    """Call lvmirrord: ``fn`` a Manager method name (called on ``_manager()`` with ``args``)
+    or a function taking the manager first (``attach_image``, ``resync_image``...). The
+    manager is looked up inside the ``try``, so every D-Bus error - the system bus or
+    lvmirrord unreachable too - is raised as ``error`` (targetcli's configshell ExecutionError:
+    it ends the command with the message, where any other exception ends the interactive
+    shell) with lvmirrord's message."""
+    try:
+        if isinstance(fn, str):
+            return getattr(_manager(), fn)(*args)
+        return fn(_manager(), *args)
+    except Exception as e:        # dbus.DBusException: show lvmirrord's message
+        msg = getattr(e, "get_dbus_message", lambda: str(e))() or str(e)
+        raise error(msg) from None
+
+
 def flag(name: str, value) -> bool:
     """A true/false parameter of a targetcli-lvmirror command (``full=true``): true, yes, 1,
     false, no, 0 (any case). ValueError naming the parameter for anything else: a misspelt
@@ -136,11 +152,7 @@ def install():
     keep_control_in_saveconfig()
 
     def call(fn, *args):
-        try:
-            return fn(*args)
-        except Exception as e:        # dbus.DBusException: show lvmirrord's message
-            msg = getattr(e, "get_dbus_message", lambda: str(e))() or str(e)
-            raise ExecutionError(msg) from None
+        return manager_call(fn, *args, error=ExecutionError)
 
     class LvmirrorStorageObject(original):
         """A user:lvmirror backstore: a mirrored volume, or an exported split image."""
@@ -150,7 +162,7 @@ def install():
 
         def _volume_status(self):
             spec = self._spec()
-            st = json.loads(call(_manager().Status))
+            st = json.loads(call("Status"))
             vol = st["volumes"].get(spec.name)
             if vol is None:
                 raise ExecutionError(f"volume {spec.name} is not open in lvmirrord "
@@ -222,7 +234,7 @@ def install():
         def ui_command_split(self, image):
             """Split image IMAGE off now as a point-in-time copy; returns when the I/O begun
             before the split has drained. New I/O is never paused."""
-            res = json.loads(call(_manager().Split, self._spec().name,
+            res = json.loads(call("Split", self._spec().name,
                                   self._image(image)))
             self.shell.con.display(
                 f"image {res['index']} ({res['path']}) split at "
@@ -248,7 +260,7 @@ def install():
             write-ahead log). Every write acknowledged before that instant on any of them is
             in the copies, none begun after it is. New I/O is never paused; acknowledgements
             are held for the instant (the time is shown)."""
-            res = json.loads(call(_manager().SplitGroup, self._group(image, others)))
+            res = json.loads(call("SplitGroup", self._group(image, others)))
             for m in res["members"]:
                 self.shell.con.display(f"{m['volume']}: image {m['index']} ({m['path']}) split")
             self.shell.con.display(
@@ -259,7 +271,7 @@ def install():
             """Roll this volume back to split image IMAGE and each volume in OTHERS
             (VOLUME:IMAGE,...) to its split image, all at one instant (rate in MB/s per
             volume)."""
-            json.loads(call(_manager().RestoreGroup, self._group(image, others),
+            json.loads(call("RestoreGroup", self._group(image, others),
                             float(rate or 0)))
             self.shell.con.display("restores started: the volumes read as their split images")
 
@@ -268,7 +280,7 @@ def install():
             RATE limits the copy in MB/s; wait=true shows progress until it is done; full=true
             copies every region, also into an image marked in sync (a disk suspected of
             dropped writes), which serves no reads until the copy ends."""
-            res = call(resync_image, _manager(), self._spec().name, self._image(image),
+            res = call(resync_image, self._spec().name, self._image(image),
                        float(rate or 0), self._flag("full", full))
             self.shell.con.display(f"resync of image {image} started: "
                                    f"{res['bytes_total']} bytes to copy")
@@ -278,7 +290,7 @@ def install():
         def ui_command_restore(self, image, rate=None, wait="false"):
             """Roll the volume back to split image IMAGE (only changed regions are copied; the
             volume reads as the copy from the moment the command returns)."""
-            json.loads(call(_manager().Restore, self._spec().name, self._image(image),
+            json.loads(call("Restore", self._spec().name, self._image(image),
                             float(rate or 0)))
             self.shell.con.display(f"restore from image {image} started")
             if self._flag("wait", wait):
@@ -288,7 +300,7 @@ def install():
             """Add a new image at PATH (file or block device) and start its full resync. The
             resync overwrites PATH, so an existing PATH that holds data is refused (the error
             says what was found) unless force=true."""
-            idx = call(attach_image, _manager(), self._spec().name, str(path),
+            idx = call(attach_image, self._spec().name, str(path),
                        self._flag("force", force))
             self.shell.con.display(f"{path} attached as image {int(idx)}; full resync started")
 
@@ -301,7 +313,7 @@ def install():
             wait=true shows progress and the mismatches; cancel=true stops a running scrub."""
             name = self._spec().name
             if self._flag("cancel", cancel):
-                call(_manager().CancelScrub, name)
+                call("CancelScrub", name)
                 self.shell.con.display(f"scrub of {name} cancelled")
                 return
             repair = self._flag("repair", repair)
@@ -310,7 +322,7 @@ def install():
             except ValueError:
                 raise ExecutionError(f"rate is a number of MB/s, got {rate!r}") from None
             try:
-                res = call(scrub_volume, _manager(), name, repair,
+                res = call(scrub_volume, name, repair,
                            None if source is None else self._image(source), rate)
             except ValueError as e:
                 raise ExecutionError(str(e)) from None
@@ -344,12 +356,12 @@ def install():
 
         def ui_command_detach(self, image):
             """Remove image IMAGE from the volume (its file is kept)."""
-            call(_manager().DetachImage, self._spec().name, self._image(image))
+            call("DetachImage", self._spec().name, self._image(image))
             self.shell.con.display(f"image {image} detached")
 
         def ui_command_cancel(self, image):
             """Cancel the resync running on image IMAGE (resync resumes it later)."""
-            call(_manager().Cancel, self._spec().name, self._image(image))
+            call("Cancel", self._spec().name, self._image(image))
 
         def ui_command_backup(self, image, file, format="raw"):
             """Copy split image IMAGE to FILE (format raw or qcow2) with progress. The image

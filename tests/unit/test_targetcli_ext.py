@@ -128,3 +128,27 @@ def test_scrub_passes_typed_options_and_source_only_with_repair():
          {"repair": False, "rate": 0.0}, "sv"),
         ("Scrub", "vol0", {"repair": "Boolean", "rate": "Double", "source": "UInt32"},
          {"repair": True, "rate": 20.0, "source": 1}, "sv")]
+
+
+def test_unreachable_bus_is_a_command_error_not_a_crash(monkeypatch):
+    """With the system bus unreachable, a targetcli-lvmirror command raises the error class it
+    is given (configshell's ExecutionError in targetcli) with the bus's message: the manager is
+    looked up inside the handler. Before, _manager() ran first and its DBusException ended
+    targetcli's interactive shell."""
+    pytest.importorskip("dbus")
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+
+    class CommandError(Exception):
+        pass
+
+    for fn, args in (("Status", ()), ("Split", ("vol0", 1)), (targetcli_ext.resync_image, ("vol0", 1, 0.0))):
+        with pytest.raises(CommandError) as ei:
+            targetcli_ext.manager_call(fn, *args, error=CommandError)
+        assert "nonexistent" in str(ei.value) or "connect" in str(ei.value).lower(), ei.value
+
+
+def test_manager_call_passes_the_manager_first(monkeypatch):
+    mgr = FakeManager()
+    monkeypatch.setattr(targetcli_ext, "_manager", lambda: mgr)
+    assert targetcli_ext.manager_call(targetcli_ext.attach_image, "vol0", "/srv/c.img") == 2
+    assert mgr.calls == [("AttachImage", "vol0", "/srv/c.img")]
