@@ -85,7 +85,6 @@ failover() {
     echo "set global auto_save_on_exit=false
 /iscsi/$FO_IQN delete 1
 /iscsi/$FO_IQN create $FO_ID
-/iscsi/$FO_IQN/tpg$FO_ID/portals create 0.0.0.0 3260
 /iscsi/$FO_IQN/tpg$FO_ID enable" | tcli
   fi
   echo "set global auto_save_on_exit=false
