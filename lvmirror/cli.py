@@ -461,7 +461,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         prog="lvmirror", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Manage lvmirror's mirrored volumes: split an image off as a point-in-time "
-                    "copy, resync or restore it, back up, scrub, watch (talks to lvmirrord "
+                    "copy, resync or restore it, back up, scrub, wait for jobs (talks to lvmirrord "
                     "over the system bus).",
         epilog="IMAGE is an image's index as `lvmirror status` lists it (0 to 3).\n"
                "Exit status: 0 success, 1 an error reported by lvmirrord (or a scrub that "
