@@ -33,10 +33,11 @@ DEFAULT_SECTIONS = ("basic fs split group scrub metrics crash dbus alua ocf save
                     "faults")
 # sections that are not part of the plain lab boot (faults: tests/lab/test_faults.py)
 OWN_BOOT = ("systemd", "powercut", "faults")
-# the power-cut moments CI cuts (lab/powercut --moments): a split under the writer and a
-# write-intent checkpoint, 3 boots, to keep CI within its hour; lab/powercut alone cuts all six
-# (steady writes, resync, restore and attach too) and lab/soak runs chains of them
-PC_MOMENTS = os.environ.get("LVMIRROR_PC_MOMENTS", "split checkpoint").split()
+# the power-cut moments CI cuts (lab/powercut --moments): a split under the writer, 2 boots,
+# to keep CI within its hour (tests/unit/test_volume_powerloss.py cuts after every metadata
+# save on the host, the write-intent checkpoints among them); lab/powercut alone cuts all six
+# (steady writes, resync, restore, checkpoint and attach too) and lab/soak runs chains of them
+PC_MOMENTS = os.environ.get("LVMIRROR_PC_MOMENTS", "split").split()
 
 
 def _sections():
