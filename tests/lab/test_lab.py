@@ -1,6 +1,7 @@
 """What only the kernel can prove, asserted on the results of one kernel-lab session (conftest):
 the real TCMU ring, netlink, targetcli, the iSCSI target, open-iscsi and libiscsi initiators."""
 
+import glob
 import os
 import re
 
@@ -83,10 +84,22 @@ POWERCUT_CHECKS = [
 ]
 
 
+def _guest_tail(out, log, n=4):
+    """The last ``n`` timeline and result lines of the guest logs matching ``log`` under
+    ``out`` (glob): where the guest got to, which is all CI shows of a boot that broke off."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(out, log))):
+        with open(path, errors="replace") as f:
+            lines += [f"{os.path.relpath(path, out)}: {line.rstrip()[:300]}" for line in f
+                      if line.startswith(("[guest", "RESULT", "Traceback", "Kernel panic"))]
+    return "\n".join(lines[-n:]) or "(no guest log)"
+
+
 def _assert_check(run, check, log):
     """The guest reported CHECK in this lab run (lab or systemd_lab), and it passed."""
     res = run["results"].get(check)
-    assert res is not None, f"{check}: the guest never reported it (see {run['out']}/{log})"
+    assert res is not None, (f"{check}: the guest never reported it (see {run['out']}/{log}); "
+                             f"its log ends:\n{_guest_tail(run['out'], log)}")
     assert res["ok"], f"{check} failed: {res}"
 
 
