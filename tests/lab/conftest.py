@@ -164,6 +164,8 @@ def powercut_lab():
     _require_lab()
     if "powercut" not in _sections():
         pytest.skip("section powercut not run (LVMIRROR_LAB_SECTIONS)")
+    if not PC_MOMENTS:
+        pytest.fail("LVMIRROR_PC_MOMENTS names no moment (unset it for CI's: split)")
     run = _run_boot(["lab/powercut", "--moments", " ".join(PC_MOMENTS)], POWERCUT_OUT, PORT,
                     "power cuts")
     summary = {}

@@ -85,14 +85,21 @@ POWERCUT_CHECKS = [
 
 
 def _guest_tail(out, log, n=4):
-    """The last ``n`` timeline and result lines of the guest logs matching ``log`` under
-    ``out`` (glob): where the guest got to, which is all CI shows of a boot that broke off."""
+    """The last ``n`` timeline and result lines (and any kernel panic or traceback line) of the
+    guest logs matching ``log`` under ``out`` (glob; boot2 before boot10): where the guest got
+    to, which is all CI shows of a boot that broke off. A log that cannot be read is named."""
+    def natural(path):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
     lines = []
-    for path in sorted(glob.glob(os.path.join(out, log))):
-        with open(path, errors="replace") as f:
-            lines += [f"{os.path.relpath(path, out)}: {line.rstrip()[:300]}" for line in f
-                      if line.startswith(("[guest", "RESULT", "Traceback", "Kernel panic"))]
-    return "\n".join(lines[-n:]) or "(no guest log)"
+    for path in sorted(glob.glob(os.path.join(out, log)) if log else [], key=natural):
+        try:
+            with open(path, errors="replace") as f:
+                lines += [f"{os.path.relpath(path, out)}: {line.rstrip()[:300]}" for line in f
+                          if line.startswith(("[guest", "RESULT", "Traceback"))
+                          or "Kernel panic" in line]
+        except OSError as exc:
+            lines.append(f"{os.path.relpath(path, out)}: cannot be read ({exc.strerror})")
+    return "\n".join(lines[-n:]) if n > 0 and lines else "(no guest log)"
 
 
 def _assert_check(run, check, log):
