@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -335,6 +336,18 @@ def hook_timeout(text: str) -> float:
     return value
 
 
+def wait_timeout(text: str) -> float:
+    """argparse type for ``lvmirror wait --timeout``: a finite number of seconds above 0
+    (``nan`` would never compare past, so the wait would last for ever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"seconds above 0, got {text!r}")
+    return value
+
+
 def _hook_args(s):
     s.add_argument("--no-hooks", action="store_true",
                    help="do not run the split hooks (/etc/lvmirror/hooks.d)")
@@ -561,7 +574,7 @@ def main(argv=None):
     s = command("wait", help="return when no resync, restore, attach or crash "
                        "recovery runs on the volume")
     s.add_argument("volume")
-    s.add_argument("--timeout", type=float, metavar="SECONDS",
+    s.add_argument("--timeout", type=wait_timeout, metavar="SECONDS",
                    help="give up after this long (exit 1)")
     s = command("lease-init", help="initialise a lease area for gateways sharing storage "
                              "(run once, before any lvmirrord uses it; needs the sanlock daemon)")

@@ -213,6 +213,14 @@ def test_cli_without_daemon_says_unreachable(system_bus):
     assert r.returncode == 3 and "not reachable" in r.stderr
 
 
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "soon"])
+def test_cli_wait_refuses_a_timeout_that_is_not_positive_seconds(system_bus, value):
+    """``wait --timeout nan`` never timed out (no comparison with NaN is true): refused as
+    usage (exit 2) before lvmirrord is asked, as a negative, zero or infinite one is."""
+    r = cli(system_bus, "wait", "vol0", "--timeout", value)
+    assert r.returncode == 2 and f"seconds above 0, got '{value}'" in r.stderr, r.stderr
+
+
 LOCK_CLIENT = """
 import sys, dbus
 bus = dbus.SystemBus()
