@@ -735,7 +735,7 @@ def main(argv=None):
         msg = getattr(e, "get_dbus_message", lambda: str(e))() or str(e)
         if name in ("org.freedesktop.DBus.Error.ServiceUnknown",
                     "org.freedesktop.DBus.Error.NoServer", "org.freedesktop.DBus.Error.FileNotFound",
-                    "org.freedesktop.DBus.Error.NoReply"):
+                    "org.freedesktop.DBus.Error.NoReply", "org.freedesktop.DBus.Error.BadAddress"):
             print(f"lvmirror: lvmirrord is not reachable on the system bus ({msg})",
                   file=sys.stderr)
             return EXIT_UNREACHABLE

@@ -211,6 +211,9 @@ def test_lvmirrord_without_a_system_bus_exits_with_one_clear_line(tmp_path):
 def test_cli_without_daemon_says_unreachable(system_bus):
     r = cli(system_bus, "status")
     assert r.returncode == 3 and "not reachable" in r.stderr
+    # a system bus address that is not one (DBUS_SYSTEM_BUS_ADDRESS mistyped): unreachable too
+    r = cli("garbage", "status")
+    assert r.returncode == 3 and "not reachable" in r.stderr and "colon" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "soon"])
