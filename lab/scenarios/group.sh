@@ -103,8 +103,8 @@ TC
   #    fills): the data copy's pg_control points at a checkpoint record that the WAL copy does
   #    not have. Otherwise the copies the group restore below rolls back to come from a group
   #    split with PostgreSQL idle.
+  lvmirror resync gdb 1 --wait > /dev/null 2>&1; lvmirror resync gwal 1 --wait > /dev/null 2>&1
   if [ "${LVMIRROR_LAB_EXTENDED:-0}" = 1 ]; then
-    lvmirror resync gdb 1 --wait > /dev/null 2>&1; lvmirror resync gwal 1 --wait > /dev/null 2>&1
     runuser -u postgres -- $PGBIN/pgbench -h /run/pg/sock -p 5433 -c 4 -j 2 -T 30 postgres > "$OUT/pgbench-seq.log" 2>&1 & PGB=$!
     sleep 12
     lvmirror split gwal 1 > /dev/null 2>&1; pg 5433 "checkpoint" > /dev/null; lvmirror split gdb 1 > /dev/null 2>&1
@@ -115,7 +115,6 @@ TC
       && result group_sequential_splits_break_postgres ok recovered=$PG_RECOVERED amcheck=$PG_AMCHECK invariant=$PG_INVARIANT log="$(grep -m2 -E 'PANIC|FATAL|invalid|could not' $OUT/pg-copy-sequential.log | tr '\n' ' ')" \
       || result group_sequential_splits_break_postgres fail recovered=$PG_RECOVERED amcheck=$PG_AMCHECK invariant=$PG_INVARIANT
   else
-    lvmirror resync gdb 1 --wait > /dev/null 2>&1; lvmirror resync gwal 1 --wait > /dev/null 2>&1
     pg 5433 "checkpoint" > /dev/null
     lvmirror split-group gdb:1 gwal:1 > /dev/null 2>&1
     t "sequential splits: not run (LVMIRROR_LAB_EXTENDED=1 runs them)"
