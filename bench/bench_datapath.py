@@ -349,7 +349,8 @@ def main():
             floor = bare_loop(imgs, key, min(args.seconds, 2.0))
             print(f"{'  bare loop of the same syscalls':<42} {'':>10}        {floor:8.1f} CPU "
                   f"us/cmd (lvmirrord's threads: {us / floor:.1f}x)")
-        print(f"ring: {lun._ring.stats}; answered by the ring thread: {lun.inline}")
+        print(f"ring: {lun._ring.stats}; answered by the ring thread: {lun.inline} "
+              f"(handed to a new ring thread when one stalled: {lun.handovers})")
         lun.stop()
         emu.close()
     finally:

@@ -47,7 +47,8 @@ class StateError(LvmirrorError):
 
 
 class WouldBlock(LvmirrorError):
-    """A read asked not to block (``nowait``) could not complete from memory at once: the data
-    is not in the page cache (``preadv`` with RWF_NOWAIT answered EAGAIN or read short), a
-    region lock is held by a conflicting I/O, a restore must copy the region first, or an image
-    errored. Nothing was changed: the caller runs the same read again where it may block."""
+    """A read or write asked not to block (``nowait``) could not complete from memory at once:
+    the data is not in the page cache (``preadv`` with RWF_NOWAIT answered EAGAIN or read
+    short), a region lock is held by a conflicting I/O, a restore must copy the region first,
+    the write-intent log must be saved first, or an image errored. Nothing was changed: the
+    caller runs the same command again where it may block."""

@@ -1,17 +1,29 @@
 """One LUN: its TCMU ring, the ring thread, its worker pool, the SCSI core before the volume.
 
-The ring thread fetches every available command. It answers some itself, with no hand-off:
-cached READs (RWF_NOWAIT), and, when the command is the only one outstanding (queue depth 1),
-a buffered WRITE whose range no other I/O holds. It hands the rest to the LUN's own worker
+The ring thread fetches every available command. It answers the commands that cannot wait for
+a device itself, with no hand-off: READs from the page cache (RWF_NOWAIT), and buffered WRITEs
+without FUA whose range no other I/O holds and whose regions the write-intent log marks
+already (no save with fsync) - up to INLINE_WRITE_MAX bytes, or INLINE_IDLE_MAX when the
+command is the only one outstanding (queue depth 1). It hands the rest to the LUN's own worker
 pool (a slow image or a long resync never stalls another LUN), collects their completions and
 tells the kernel once per batch. (Workers completing on the ring and notifying the kernel
 themselves, as tcmu-runner's handler threads do, was measured: 4 KiB random writes at queue
 depth 32 fell from 1,532 to 924 IOPS in the kernel lab, one uio write and one kernel completion
 pass per command instead of per batch.)
+
+A buffered write can still wait - the kernel throttles a writer when dirty pages pile up on a
+slow device, and a dying device can hold it for as long as its timeouts run - so the ring
+thread is watched: when a command it runs itself takes longer than INLINE_STALL seconds, the
+watchdog hands the ring to a new ring thread (with the rest of the batch to the pool) and every
+WRITE goes to the pool until the stuck command has returned and INLINE_BACKOFF seconds have
+passed; the stuck thread, once its command returns, hands the completion over as a worker would
+and ends. The ring never waits on a device for longer than INLINE_STALL plus one watch interval,
+and at most one thread is left waiting so.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -36,7 +48,7 @@ from lvmirror.tcmu.ring import CommandRing, RingError
 log = logging.getLogger("lvmirrord")
 
 __all__ = ["LunServer", "LunBackend", "NotReadyBackend", "SUBTYPE", "INLINE_READ_MAX",
-           "INLINE_IDLE_MAX"]
+           "INLINE_WRITE_MAX", "INLINE_IDLE_MAX", "INLINE_STALL"]
 
 SUBTYPE = "lvmirror"
 # what uio read/write/poll give once the kernel has unregistered the device under an open fd
@@ -97,10 +109,21 @@ HELD_VIEWS_WAIT = 30.0
 # is better spread over the pool's threads (preadv drops the GIL: copies run in parallel).
 INLINE_READ_MAX = 64 << 10
 
+# The largest WRITE (bytes) the ring thread runs itself at any queue depth: a buffered write of
+# a few pages costs less than the hand-off to a worker and back (two thread wake-ups; on the
+# ring emulator 4 KiB mirrored writes at QD 32 took 94-121 CPU us a command through the pool,
+# 41 on the ring thread); a larger copy is better spread over the pool's threads.
+INLINE_WRITE_MAX = 64 << 10
+
 # The largest WRITE (bytes) the ring thread runs itself when it is the only command outstanding:
-# at queue depth 1 nothing else waits for the ring thread, and the hand-off to a worker and back
-# (two thread wake-ups) costs more than a buffered 4 KiB write.
+# at queue depth 1 nothing else waits for the ring thread.
 INLINE_IDLE_MAX = 1 << 20
+
+# A command the ring thread runs itself and that has not returned after INLINE_STALL seconds
+# (a writer throttled by the kernel behind a slow or dying device) makes the watchdog, which
+# looks every INLINE_WATCH seconds, hand the ring to a new ring thread.
+INLINE_STALL = 0.2
+INLINE_WATCH = 0.05
 
 # A command the ring thread ran itself that took longer than INLINE_SLOW seconds means the
 # images are slow right now (a device behind the page cache, dirty-page throttling, an image
@@ -155,6 +178,16 @@ class LunServer:
         self.inline = 0              # commands the ring thread answered itself
         self.inline_slow = 0         # ... of which took longer than INLINE_SLOW
         self._inline_after = 0.0     # monotonic time before which WRITEs all go to the pool
+        # the ring thread's role (``_serve_ring``): its generation, bumped by the watchdog when
+        # it hands the ring to a new thread; when the command the ring thread runs itself began
+        # (monotonic, 0.0: none); the rest of the batch it is running itself
+        self._gen = 0
+        self._role_mu = threading.Lock()
+        self._inline_t0 = 0.0
+        self._inline_q: collections.deque = collections.deque()
+        self.handovers = 0           # times the watchdog handed the ring to a new thread
+        self._stuck = 0              # ring threads handed over whose command has not returned
+        self._watcher = None
         self.registry = registry
         self.name = device.dev_name
         self.workers = workers
@@ -401,8 +434,12 @@ class LunServer:
     def start(self):
         """Start the worker pool (``workers`` threads) and the ring thread; call after open."""
         self._pool = Worker(f"lun-{self.name}", self.workers)
-        self._thread = threading.Thread(target=self._serve, name=f"ring-{self.name}", daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(0,), name=f"ring-{self.name}",
+                                        daemon=True)
         self._thread.start()
+        self._watcher = threading.Thread(target=self._watch, name=f"ring-watch-{self.name}",
+                                         daemon=True)
+        self._watcher.start()
 
     def stop(self):
         """Drain in-flight commands, complete them, release the volume and the device.
@@ -413,8 +450,13 @@ class LunServer:
         self._stop.set()
         self._wake_pending = False
         self._wake()
-        if self._thread is not None:
-            self._thread.join()
+        if self._watcher is not None:
+            self._watcher.join()
+        while self._thread is not None:      # the ring thread the watchdog handed it to last
+            thread = self._thread
+            thread.join()
+            if self._thread is thread:
+                break
         if self._transition is not None:     # an ALUA open or close under way ends first
             self._transition.join()
         # an image failed as slow may still be writing a completed command's data: wait for
@@ -479,9 +521,9 @@ class LunServer:
         except BlockingIOError:
             pass        # the pipe is full of wake-ups already
 
-    def _serve(self):
+    def _serve(self, gen: int):
         try:
-            self._serve_ring()
+            self._serve_ring(gen)
         except OSError as exc:
             if exc.errno not in DEVICE_GONE_ERRNOS:
                 self._ring_died(exc)
@@ -514,18 +556,24 @@ class LunServer:
                 return not self._held
             time.sleep(0.05)
 
-    def _serve_ring(self):
+    def _serve_ring(self, gen: int):
+        """The ring thread of generation ``gen``: fetch, run or hand out, complete, notify.
+        Returns when the LUN stops, or at once when the watchdog handed the ring to a newer
+        thread while this one ran a command itself (``_hand_over``)."""
         uio_fd = self._handle.fd
         poller = select.poll()
         poller.register(uio_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         ring = self._ring
+        # a thread taking over from a stuck one fetches and notifies at once: the stuck one may
+        # have cleared the device's event and completed commands it never told the kernel of
+        fresh = gen > 0
         while True:
             stopping = self._stop.is_set()
             if not stopping and time.monotonic() >= self._alua_next:
                 self._alua_next = time.monotonic() + ALUA_FOLLOW_INTERVAL
                 self._follow_alua()
-            for fd, _ in poller.poll(1000 if not stopping else 200):
+            for fd, _ in poller.poll(0 if fresh else 1000 if not stopping else 200):
                 if fd == uio_fd:
                     self._handle.clear_event()
                 else:
@@ -542,16 +590,21 @@ class LunServer:
                 commands = batch.commands
                 self.commands += len(commands)
                 if self._nowait_ok():
-                    # queue depth 1: the only command outstanding may be a WRITE the ring
-                    # thread runs itself
-                    idle = (len(commands) == 1 and ring.outstanding == 1
-                            and self._inline_after <= time.monotonic()
-                            and getattr(self.backend, "supports_nowait_write", False))
+                    writes = (self._inline_after <= time.monotonic() and not self._stuck
+                              and getattr(self.backend, "supports_nowait_write", False))
+                    # queue depth 1: a larger WRITE too
+                    idle = writes and len(commands) == 1 and ring.outstanding == 1
+                    mine = self._inline_q
                     for command in commands:
-                        if self._try_inline(command, idle):
-                            completed += 1
+                        if self._inline_candidate(command, writes, idle):
+                            mine.append(command)
                         else:
                             self._pool.post(self._execute, command)
+                    if mine:
+                        done = self._run_inline(mine, gen)
+                        if done is None:
+                            return           # handed over: a newer ring thread serves now
+                        completed += done
                 else:
                     for command in commands:
                         self._pool.post(self._execute, command)
@@ -564,42 +617,113 @@ class LunServer:
                 completed += 1
             if self._held:
                 self._release_held()
-            if ring.take_notify() or completed:
+            if ring.take_notify() or completed or fresh:
                 self._handle.notify()
+            fresh = False
             if stopping and ring.outstanding == 0:
                 break
         self._pool.stop(wait=True)
 
-    def _try_inline(self, command, idle: bool) -> bool:
-        """Run ``command`` on the ring thread if it cannot wait for anything but the images'
-        page cache: a READ of at most INLINE_READ_MAX bytes from the cache, or (``idle``: it is
-        the only command outstanding) a WRITE of at most INLINE_IDLE_MAX bytes whose range no
-        other I/O holds. Completes it and returns True, or returns False with nothing done (the
-        pool runs it). A command that took longer than INLINE_SLOW s sends every WRITE to the
-        pool for INLINE_BACKOFF s."""
+    def _inline_candidate(self, command, writes: bool, idle: bool) -> bool:
+        """Whether the ring thread tries ``command`` itself: a READ of at most INLINE_READ_MAX
+        bytes; with ``writes`` a WRITE of at most INLINE_WRITE_MAX bytes (INLINE_IDLE_MAX when
+        ``idle``: it is the only command outstanding)."""
         cdb = command.cdb
         if not cdb:
             return False
         op = cdb[0]
         if op in READ_OPCODES:
-            if command.data_len > INLINE_READ_MAX:
-                return False
-        elif not (idle and op in WRITE_OPCODES and command.data_len <= INLINE_IDLE_MAX):
-            return False
-        t0 = time.monotonic()
-        try:
-            response = self.lu.execute(cdb, command.iov_views, command.iov_views, nowait=True)
-        except WouldBlock:
-            return False
-        took = time.monotonic() - t0
-        if took > INLINE_SLOW:
-            self.inline_slow += 1
-            self._inline_after = t0 + took + INLINE_BACKOFF
-            log.debug("LUN %s: a command on the ring thread took %.3f s; WRITEs go to the pool "
-                      "for %g s", self.name, took, INLINE_BACKOFF)
-        self.inline += 1
-        self._finish(command, response)
-        return True
+            return command.data_len <= INLINE_READ_MAX
+        return writes and op in WRITE_OPCODES and command.data_len <= (
+            INLINE_IDLE_MAX if idle else INLINE_WRITE_MAX)
+
+    def _run_inline(self, mine: collections.deque, gen: int) -> int | None:
+        """Run the commands of ``mine`` on the ring thread (generation ``gen``), each only if it
+        cannot wait for anything but the images' page cache (``LogicalUnit.execute(nowait=
+        True)``); one that would (WouldBlock: nothing was done) goes to the pool. Returns how
+        many were completed here, or None when the watchdog handed the ring to a newer thread
+        while one ran: its response then goes through the completion queue, as a worker's does,
+        and this thread is a ring thread no more. A command that took longer than INLINE_SLOW
+        seconds sends every WRITE to the pool for INLINE_BACKOFF seconds."""
+        done = 0
+        lu = self.lu
+        while True:
+            try:
+                command = mine.popleft()        # atomic: the watchdog may take the rest
+            except IndexError:
+                return done
+            t0 = self._inline_t0 = time.monotonic()
+            try:
+                response = lu.execute(command.cdb, command.iov_views, command.iov_views,
+                                      nowait=True)
+            except WouldBlock:
+                response = None
+            with self._role_mu:
+                self._inline_t0 = 0.0
+                lost = self._gen != gen
+                if lost:             # WRITEs inline again INLINE_BACKOFF s from now
+                    self._stuck -= 1
+                    self._inline_after = max(self._inline_after,
+                                             time.monotonic() + INLINE_BACKOFF)
+            if lost:
+                if response is None:
+                    self._pool.post(self._execute, command)
+                else:
+                    self._completions.put((command, response))
+                    self._wake()
+                return None
+            if response is None:
+                self._pool.post(self._execute, command)
+                continue
+            took = time.monotonic() - t0
+            if took > INLINE_SLOW:
+                self.inline_slow += 1
+                self._inline_after = t0 + took + INLINE_BACKOFF
+                log.debug("LUN %s: a command on the ring thread took %.3f s; WRITEs go to the "
+                          "pool for %g s", self.name, took, INLINE_BACKOFF)
+            self.inline += 1
+            self._finish(command, response)
+            done += 1
+
+    # -- the watchdog ----------------------------------------------------------------------------
+    def _watch(self):
+        """Every INLINE_WATCH seconds until the LUN stops: a command the ring thread has been
+        running itself for longer than INLINE_STALL seconds hands the ring over."""
+        while not self._stop.wait(INLINE_WATCH):
+            t0 = self._inline_t0
+            if t0 and time.monotonic() - t0 > INLINE_STALL:
+                self._hand_over(t0)
+
+    def _hand_over(self, t0: float):
+        """The ring thread is stuck in a command it runs itself (since ``t0``, monotonic): a new
+        ring thread (the next generation) serves the ring from now on, the commands of the
+        stuck thread's batch it has not begun go to the pool, every WRITE goes to the pool until
+        INLINE_BACKOFF seconds after the stuck command returned. Nothing if that command
+        returned meanwhile or the LUN stops."""
+        with self._role_mu:
+            if self._inline_t0 != t0 or self._stop.is_set():
+                return
+            self._inline_t0 = 0.0
+            self._gen += 1
+            self.handovers += 1
+            self._stuck += 1
+            self._inline_after = time.monotonic() + INLINE_BACKOFF
+            rest, self._inline_q = self._inline_q, collections.deque()
+            thread = self._thread = threading.Thread(
+                target=self._serve, args=(self._gen,), name=f"ring-{self.name}-{self._gen}",
+                daemon=True)
+        left = []
+        while True:
+            try:
+                left.append(rest.popleft())
+            except IndexError:
+                break
+        for command in left:
+            self._pool.post(self._execute, command)
+        log.warning("LUN %s: a command the ring thread ran itself has not returned after %.2f s "
+                    "(the images are slow); a new ring thread serves the LUN, WRITEs go to the "
+                    "worker pool for %g s", self.name, time.monotonic() - t0, INLINE_BACKOFF)
+        thread.start()
 
     def _finish(self, command, response):
         """Complete ``command`` on the ring with ``response`` (ring thread only; the caller

@@ -216,6 +216,20 @@ class RegionBitmap:
             j = self._next_dirty(first)
         return j != -1 and j <= last
 
+    def all_dirty(self, offset: int, length: int) -> bool:
+        """True if every region touching bytes ``[offset, offset+length)`` is dirty (so that
+        ``mark`` of that range would change nothing); False for a zero length. ValueError
+        outside the bitmap."""
+        if length == 0:
+            return False
+        first, last = self._byte_range_to_regions(offset, length)
+        bits = self._bits
+        with self._mutex:
+            for i in range(first, last + 1):
+                if not bits[i >> 3] & (1 << (i & 7)):
+                    return False
+        return True
+
     def dirty_regions(self, start_region: int = 0):
         """Yield dirty region indices ascending from ``start_region``.
 

@@ -782,8 +782,10 @@ class MirrorVolume:
             other = _sort_leg_error(errors, img, results[img], other)
         return errors, other
 
-    def _write_locked(self, offset, length, fn, kind="writes", fua=False):
+    def _write_locked(self, offset, length, fn, kind="writes", fua=False, nowait=False):
         """The write path after the range lock is held: epoch, WIL, bitmaps, fan-out.
+        ``nowait``: WouldBlock, with nothing changed, when the write-intent log would have to
+        be saved first (``WriteIntentLog.begin(nowait=True)``).
 
         The write-intent log records what a crash may leave different between the images and
         missing from a change bitmap; with one image to write and no bitmap to keep (a
@@ -793,7 +795,7 @@ class MirrorVolume:
         try:
             logged = len(ep.writes) > 1 or bool(ep.tracking)
             try:
-                tok = self._wil.begin(offset, length) if logged else None
+                tok = self._wil.begin(offset, length, nowait) if logged else None
             except OSError as e:
                 raise VolumeIOError(f"volume {self.name}: cannot persist the write-intent log: "
                                     f"{e}", is_read=False) from e
@@ -1008,10 +1010,11 @@ class MirrorVolume:
         """Write ``buffers`` (list of memoryview, whole blocks) from ``lba`` to every live image;
         returns when all have it (durably with ``fua``).
 
-        ``nowait``: without waiting for other I/O - the range's region lock free, no restore
-        running, the images buffered, no FUA; otherwise WouldBlock with nothing changed. The
-        write itself still waits for what the images' page cache and the write-intent log
-        need. The ring thread runs a write this way when it is the only command outstanding.
+        ``nowait``: without waiting for other I/O or for a device - the range's region lock
+        free, no restore running, the images buffered, no FUA, and the write-intent log already
+        marking the range (no save with fsync); otherwise WouldBlock with nothing changed. The
+        write itself still waits for what the images' page cache needs (the ring thread that
+        runs it is watched: ``LunServer``).
         Raises VolumeIOError when no in-sync image took it, StateError when the volume is closed
         or offline."""
         nblocks = self._buffers_len(buffers) // self.block_size
@@ -1028,7 +1031,7 @@ class MirrorVolume:
             lk = self.locks.lock(lba, nblocks)
         try:
             self._write_locked(offset, length, lambda st: st.writev(offset, buffers, fua=fua),
-                               fua=fua)
+                               fua=fua, nowait=nowait)
         finally:
             lk.release()
 

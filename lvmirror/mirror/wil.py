@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 
+from lvmirror.errors import WouldBlock
 from lvmirror.mirror.bitmap import RegionBitmap
 
 __all__ = ["WriteIntentLog"]
@@ -63,12 +64,17 @@ class WriteIntentLog:
 
     # -- I/O path -------------------------------------------------------------------------------
 
-    def begin(self, offset: int, length: int) -> tuple[int, int]:
-        """Mark the regions of ``[offset, offset+length)`` and make the log durable if a bit
-        was newly set. Returns a token for ``end``."""
+    def begin(self, offset: int, length: int, nowait: bool = False) -> tuple[int, int]:
+        """Mark the regions of ``[offset, offset+length)`` (bytes) and make the log durable if
+        a bit was newly set (atomic replace + fsync: OSError propagates). Returns a token for
+        ``end``. ``nowait``: only when every region is marked already, so nothing is written;
+        otherwise WouldBlock with nothing changed (the ring thread's writes,
+        ``MirrorVolume.write(nowait=True)``, may not wait for an fsync)."""
         first = offset >> self.region_shift
         last = (offset + length - 1) >> self.region_shift
         with self._mutex:
+            if nowait and not self.bitmap.all_dirty(offset, length):
+                raise WouldBlock("the write-intent log must be saved first")
             inflight = self._inflight
             for r in range(first, last + 1):
                 inflight[r] = inflight.get(r, 0) + 1

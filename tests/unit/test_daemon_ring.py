@@ -343,26 +343,46 @@ def test_cached_reads_are_answered_by_the_ring_thread(lab, tmp_path):
     assert emu.wait([rid])[rid].data_in == data[:8 * BS]
 
 
+def _no_checkpoints(volume):
+    """Stop ``volume``'s background checkpoints (each may clear write-intent log regions)."""
+    volume._stop_flusher.set()
+    if volume._flusher is not None:
+        volume._flusher.join()
+
+
 def test_a_lone_write_is_run_by_the_ring_thread_and_a_held_range_goes_to_the_pool(
         lab, tmp_path):
-    """At queue depth 1 the ring thread runs a WRITE itself (no hand-off to a worker and back);
-    a WRITE whose range other I/O holds (here a region lock, as the D-Bus interface grants)
-    goes to a worker and waits there, and the ring thread goes on answering other commands."""
+    """At queue depth 1 the ring thread runs a WRITE itself (no hand-off to a worker and back)
+    once the write-intent log marks its region (the first write there saves the log, with an
+    fsync: a worker runs that one); a WRITE whose range other I/O holds (here a region lock, as
+    the D-Bus interface grants) goes to a worker and waits there, and the ring thread goes on
+    answering other commands."""
     import time
     paths = images(tmp_path)
     emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
     for job in lun.volume.jobs.values():
         assert job.wait(20)
+    wil = lun.volume._wil
+    _no_checkpoints(lun.volume)                   # none clears a region of the log meanwhile
+    marked = {r for r in range(wil.bitmap.nregions) if wil.bitmap.test_region(r)}
     rnd = random.Random(8)
-    before = lun.inline
+    before, saves = lun.inline, wil.saves
     expect = {}
+    first_touch = set()
     for k in range(20):                           # one at a time: QD 1
         lba = rnd.randrange(SIZE // BS // 8) * 8
         data = rnd.randbytes(8 * BS)
+        region = (lba * BS) >> wil.region_shift
+        if region not in marked:
+            first_touch.add(region)
+            marked.add(region)
         wid = emu.submit(cdb10(0x2A, lba, 8), data_out=data)
         assert emu.wait([wid])[wid].status == 0
         expect[lba] = data
-    assert lun.inline - before == 20              # every one on the ring thread
+    assert first_touch                            # the random LBAs did reach clean regions
+    assert wil.saves - saves == len(first_touch)
+    # every one on the ring thread, but the first in each clean region
+    assert lun.inline - before == 20 - len(first_touch)
     for path in paths:                            # and on every image
         with open(path, "rb") as f:
             for lba, data in expect.items():
@@ -385,6 +405,100 @@ def test_a_lone_write_is_run_by_the_ring_thread_and_a_held_range_goes_to_the_poo
         assert f.read(8 * BS) == bytes([7]) * 8 * BS
 
 
+def test_writes_at_queue_depth_32_are_run_by_the_ring_thread(lab, tmp_path, monkeypatch):
+    """Buffered WRITEs of at most INLINE_WRITE_MAX bytes to regions the write-intent log marks
+    run on the ring thread at any queue depth, and reach every image; a larger one goes to the
+    pool unless it is the only command outstanding."""
+    from lvmirror.daemon import lunserver
+    monkeypatch.setattr(lunserver, "INLINE_SLOW", 30.0)     # a loaded test host is not slow
+    monkeypatch.setattr(lunserver, "INLINE_STALL", 30.0)    # images
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    _no_checkpoints(lun.volume)
+    warm = [emu.submit(cdb10(0x2A, lba, 1), data_out=bytes(BS))       # mark every region
+            for lba in range(0, SIZE // BS, (1 << 20) // BS)]
+    assert all(c.status == 0 for c in emu.wait(warm).values())
+    rnd = random.Random(32)
+    before = lun.inline
+    expect = {}
+    ids = []
+    for k in range(32):                           # 32 distinct 4 KiB ranges, all at once
+        lba = 8 * (k * 97 % (SIZE // BS // 8))
+        data = rnd.randbytes(8 * BS)
+        ids.append(emu.submit(cdb10(0x2A, lba, 8), data_out=data))
+        expect[lba] = data
+    assert all(c.status == 0 for c in emu.wait(ids).values())
+    assert lun.inline - before == 32
+    assert lun.handovers == 0
+    for path in paths:
+        with open(path, "rb") as f:
+            for lba, data in expect.items():
+                f.seek(lba * BS)
+                assert f.read(8 * BS) == data
+    big = lunserver.INLINE_WRITE_MAX // BS * 2    # too large for the ring thread at QD > 1
+    before = lun.inline
+    ids = [emu.submit(cdb10(0x2A, 0, big), data_out=bytes([5]) * big * BS),
+           emu.submit(cdb10(0x2A, big, big), data_out=bytes([6]) * big * BS)]
+    assert all(c.status == 0 for c in emu.wait(ids).values())
+    assert lun.inline == before
+
+
+def test_a_ring_thread_stuck_in_a_write_hands_the_ring_over(lab, tmp_path, monkeypatch):
+    """A WRITE the ring thread runs itself that does not return (a writer the kernel throttles
+    behind a dying device): after INLINE_STALL seconds the watchdog hands the ring to a new
+    ring thread, which answers the other commands; WRITEs go to the pool while the stuck one
+    has not returned; once it returns its completion reaches the initiator, good, with the data
+    on every image, and the LUN stops cleanly."""
+    import threading
+    import time
+    from lvmirror.daemon import lunserver
+    monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    _no_checkpoints(lun.volume)
+    wid = emu.submit(cdb10(0x2A, 0, 8), data_out=bytes(8 * BS))      # marks region 0
+    assert emu.wait([wid])[wid].status == 0
+    storage = lun.volume.image_storage(1)
+    gate = threading.Event()
+    entered = threading.Event()
+    real = storage.writev
+
+    def stuck(offset, buffers, **kw):
+        if threading.current_thread().name.startswith("ring-") and not entered.is_set():
+            entered.set()
+            assert gate.wait(30)
+        return real(offset, buffers, **kw)
+    monkeypatch.setattr(storage, "writev", stuck)
+    data = bytes([9]) * 8 * BS
+    inline = lun.inline
+    wid = emu.submit(cdb10(0x2A, 8, 8), data_out=data)
+    assert entered.wait(10)                       # the ring thread is inside the write
+    t0 = time.monotonic()
+    tur = emu.submit(bytes(6))
+    other = emu.submit(cdb10(0x2A, 64, 8), data_out=bytes([3]) * 8 * BS)
+    done = emu.wait([tur, other], timeout=10)     # answered by the new ring thread
+    assert done[tur].status == 0 and done[other].status == 0
+    assert time.monotonic() - t0 < 5
+    assert lun.handovers == 1 and wid not in emu.completions
+    assert lun.inline == inline                   # the WRITE went to the pool meanwhile
+    gate.set()
+    assert emu.wait([wid], timeout=10)[wid].status == 0
+    for path in paths:
+        with open(path, "rb") as f:
+            f.seek(8 * BS)
+            assert f.read(8 * BS) == data
+    time.sleep(0.1)                               # the stuck thread has returned: writes inline
+    wid = emu.submit(cdb10(0x2A, 16, 8), data_out=data)
+    assert emu.wait([wid])[wid].status == 0
+    assert lun.inline == inline + 1 and lun.handovers == 1
+    lun.stop()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(f"ring-{lun.name}")]
+
+
 def test_a_slow_write_on_the_ring_thread_sends_writes_to_the_pool_for_a_while(
         lab, tmp_path, monkeypatch):
     """A WRITE the ring thread ran that took longer than INLINE_SLOW means the images are slow:
@@ -403,6 +517,8 @@ def test_a_slow_write_on_the_ring_thread_sends_writes_to_the_pool_for_a_while(
         assert emu.wait([wid])[wid].status == 0
 
     import time
+    _no_checkpoints(lun.volume)
+    one_write(0)              # marks region 0 in the write-intent log (a worker runs this one)
     time.sleep(0.05)
     inline, slow = lun.inline, lun.inline_slow
     one_write(8)

@@ -192,3 +192,32 @@ def test_nothing_is_counted_twice_when_the_pool_reads_again(vol):
     finally:
         st.fd = fd
     assert st.stats["errors"] == errors
+
+
+def test_a_write_to_a_region_the_write_intent_log_does_not_mark_waits_for_a_worker(vol):
+    """WRITE with nowait to a region the write-intent log does not mark yet: the log must be
+    saved (with an fsync) before the write: WouldBlock, nothing written, nothing counted, the
+    log unchanged; the same write run normally marks and saves it, and the next nowait write
+    there runs."""
+    v, _, paths = vol
+    wil = v._wil
+    lba = 200                                     # region 25 (4 KiB regions): never written
+    region = lba * BS >> wil.region_shift
+    assert not wil.bitmap.test_region(region)
+    data = pattern(8, 21)
+    old = read(v, lba, 8)
+    writes, saves = v.stats["writes"], wil.saves
+    with pytest.raises(WouldBlock, match="write-intent log"):
+        v.write(lba, [memoryview(data)], nowait=True)
+    assert read(v, lba, 8) == old and v.stats["writes"] == writes
+    assert not wil.bitmap.test_region(region) and wil.saves == saves
+    assert wil.inflight_regions() == {}
+    v.write(lba, [memoryview(data)])
+    assert wil.bitmap.test_region(region) and wil.saves == saves + 1
+    again = pattern(8, 22)
+    v.write(lba, [memoryview(again)], nowait=True)
+    assert read(v, lba, 8) == again and wil.saves == saves + 1
+    for p in paths:
+        with open(p, "rb") as f:
+            f.seek(lba * BS)
+            assert f.read(8 * BS) == again
