@@ -204,6 +204,7 @@ class VolumeHost:
             }
         luns = [{"name": lun.name, "uio": lun.device.uio_name, "cfgstring": lun.device.cfgstring,
                  "error": lun.error, "commands": lun.commands,
+                 "ring_thread_commands": lun.inline, "ring_stalls": lun.handovers,
                  "volume": getattr(lun.volume, "name", None),     # read once: see _to_inactive
                  "alua_state": alua.STATE_NAMES.get(lun.alua_state), "standby": lun.standby,
                  "latency": lun.latency.snapshot()}

@@ -184,6 +184,16 @@ def render(status: dict, now: float | None = None) -> str:
                  int(not lun["error"])) for lun in luns])
     out.metric("lvmirror_lun_commands_total", "counter", "SCSI commands the LUN was sent",
                [({"lun": lun["name"]}, lun["commands"]) for lun in luns])
+    out.metric("lvmirror_lun_ring_thread_commands_total", "counter",
+               "commands the LUN's ring thread answered itself (cached READs, buffered WRITEs), "
+               "with no hand-off to a worker",
+               [({"lun": lun["name"]}, lun["ring_thread_commands"]) for lun in luns
+                if "ring_thread_commands" in lun])
+    out.metric("lvmirror_lun_ring_stalls_total", "counter",
+               "times a command the ring thread ran itself stalled (slow images) and a new ring "
+               "thread took the LUN over",
+               [({"lun": lun["name"]}, lun["ring_stalls"]) for lun in luns
+                if "ring_stalls" in lun])
     samples = []
     for lun in luns:
         hist = lun.get("latency")

@@ -110,8 +110,12 @@ def test_latency_histogram_buckets_are_cumulative_and_rendered_per_lun():
         {"read": 1, "write": 1, "other": 2}
     status = {"volumes": {}, "luns": [{"name": "lun0", "uio": "uio0", "cfgstring": "v",
                                        "error": None, "commands": 6, "volume": "v",
+                                       "ring_thread_commands": 4, "ring_stalls": 1,
                                        "latency": snap}]}
     fams = _families(render(status))
+    assert _value(fams, "lvmirror_lun_ring_thread_commands", lun="lun0") == 4
+    assert _value(fams, "lvmirror_lun_ring_stalls", lun="lun0") == 1
+    assert fams["lvmirror_lun_ring_stalls"].type == "counter"
     hist = fams["lvmirror_lun_command_duration_seconds"]
     assert hist.type == "histogram"
     got = {(s.name, s.labels.get("le")): s.value for s in hist.samples
