@@ -455,6 +455,8 @@ class LunServer:
             self._watcher.join()
         while self._thread is not None:      # the ring thread the watchdog handed it to last
             thread = self._thread
+            if thread.ident is None:         # it could not be started (_hand_over)
+                break
             thread.join()
             if self._thread is thread:
                 break
@@ -724,7 +726,10 @@ class LunServer:
         log.warning("LUN %s: a command the ring thread ran itself has not returned after %.2f s "
                     "(the images are slow); a new ring thread serves the LUN, WRITEs go to the "
                     "worker pool for %g s", self.name, time.monotonic() - t0, INLINE_BACKOFF)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:          # no thread to be had: the LUN answers no more
+            self._ring_died(exc)
 
     def _finish(self, command, response):
         """Complete ``command`` on the ring with ``response`` (ring thread only; the caller
