@@ -462,7 +462,8 @@ class MirrorVolume:
                 st = self._stats
                 st[kind] += 1
                 st["bytes_" + ("read" if kind == "reads" else "written")] += nbytes
-            if ep.retired and ep.inflight == 0:
+            # a split drains retired epochs; close (``_closed``) waits for the current one too
+            if ep.inflight == 0 and (ep.retired or self._closed):
                 self._econd.notify_all()
 
     def _drain(self, upto: _Epoch) -> int:

@@ -438,11 +438,18 @@ def test_writes_at_queue_depth_32_are_run_by_the_ring_thread(lab, tmp_path, monk
                 f.seek(lba * BS)
                 assert f.read(8 * BS) == data
     big = lunserver.INLINE_WRITE_MAX // BS * 2    # too large for the ring thread at QD > 1
-    before = lun.inline
-    ids = [emu.submit(cdb10(0x2A, 0, big), data_out=bytes([5]) * big * BS),
-           emu.submit(cdb10(0x2A, big, big), data_out=bytes([6]) * big * BS)]
-    assert all(c.status == 0 for c in emu.wait(ids).values())
-    assert lun.inline == before
+    far = SIZE // BS - 8
+    hold = lun.volume.locks.lock(far, 8)          # keeps a WRITE outstanding: QD > 1 below
+    try:
+        waiting = emu.submit(cdb10(0x2A, far, 8), data_out=bytes(8 * BS))
+        before = lun.inline
+        ids = [emu.submit(cdb10(0x2A, 0, big), data_out=bytes([5]) * big * BS),
+               emu.submit(cdb10(0x2A, big, big), data_out=bytes([6]) * big * BS)]
+        assert all(c.status == 0 for c in emu.wait(ids).values())
+        assert lun.inline == before
+    finally:
+        hold.release()
+    assert emu.wait([waiting])[waiting].status == 0
 
 
 def test_a_ring_thread_stuck_in_a_write_hands_the_ring_over(lab, tmp_path, monkeypatch):
@@ -497,6 +504,48 @@ def test_a_ring_thread_stuck_in_a_write_hands_the_ring_over(lab, tmp_path, monke
     assert lun.inline == inline + 1 and lun.handovers == 1
     lun.stop()
     assert not [t.name for t in threading.enumerate() if t.name.startswith(f"ring-{lun.name}")]
+
+
+def test_a_new_ring_thread_that_cannot_start_is_reported_and_stop_still_returns(
+        lab, tmp_path, monkeypatch):
+    """The watchdog's new ring thread cannot be started (no thread to be had): the LUN says
+    why it answers no more (status ``error``, logged as critical), and stopping it returns."""
+    import threading
+    from lvmirror.daemon import lunserver
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    _no_checkpoints(lun.volume)
+    wid = emu.submit(cdb10(0x2A, 0, 8), data_out=bytes(8 * BS))      # marks region 0
+    assert emu.wait([wid])[wid].status == 0
+    storage = lun.volume.image_storage(0)
+    gate, entered = threading.Event(), threading.Event()
+    real = storage.writev
+
+    def stuck(offset, buffers, **kw):
+        if threading.current_thread().name.startswith("ring-") and not entered.is_set():
+            entered.set()
+            assert gate.wait(30)
+        return real(offset, buffers, **kw)
+    monkeypatch.setattr(storage, "writev", stuck)
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name == f"ring-{lun.name}-1":
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    emu.submit(cdb10(0x2A, 8, 8), data_out=bytes([1]) * 8 * BS)
+    assert entered.wait(10)
+    for _ in range(100):
+        if lun.error:
+            break
+        threading.Event().wait(0.05)
+    assert lun.error == "ring thread stopped: RuntimeError: can't start new thread"
+    assert lun.handovers == 1
+    gate.set()
+    lun.stop()
 
 
 def test_a_slow_write_on_the_ring_thread_sends_writes_to_the_pool_for_a_while(

@@ -165,3 +165,38 @@ def test_the_write_intent_log_is_kept_only_when_something_can_differ(tmp_path):
     write(two, 512, pattern(8, 2))
     assert two.stats["wil_saves"] > saves
     two.close()
+
+
+def test_close_waits_for_a_write_in_flight_and_returns_when_it_ends(tmp_path):
+    """Closing a volume with a write still in flight (a LUN let go after its ring thread died,
+    or an ALUA close after 30 s of a slow image) waits for that write, then closes: the end of
+    the last I/O of the current epoch wakes the close (it woke only a split's drain of retired
+    epochs, and the close waited for ever)."""
+    import threading
+    from tests.unit.test_volume_helpers import make_volume, pattern
+    v, _, paths = make_volume(tmp_path, 2)
+    storage = v.image_storage(1)
+    gate, entered = threading.Event(), threading.Event()
+    real = storage.writev
+
+    def slow(offset, buffers, **kw):
+        entered.set()
+        assert gate.wait(30)
+        return real(offset, buffers, **kw)
+    storage.writev = slow
+    data = pattern(8, 5)
+    writer = threading.Thread(target=v.write, args=(16, [memoryview(bytearray(data))]))
+    writer.start()
+    assert entered.wait(10)
+    closer = threading.Thread(target=v.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive()                     # the write is still in flight
+    gate.set()
+    writer.join(10)
+    closer.join(10)
+    assert not closer.is_alive()
+    for p in paths:
+        with open(p, "rb") as f:
+            f.seek(16 * 512)
+            assert f.read(len(data)) == data
