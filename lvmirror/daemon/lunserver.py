@@ -460,6 +460,8 @@ class LunServer:
             thread.join()
             if self._thread is thread:
                 break
+        if self._pool is not None:           # (a ring thread that ended on an error left it)
+            self._pool.stop()
         if self._transition is not None:     # an ALUA open or close under way ends first
             self._transition.join()
         # an image failed as slow may still be writing a completed command's data: wait for
@@ -662,9 +664,11 @@ class LunServer:
             except WouldBlock:
                 response = None
             with self._role_mu:
-                self._inline_t0 = 0.0
                 lost = self._gen != gen
-                if lost:             # WRITEs inline again INLINE_BACKOFF s from now
+                if not lost:
+                    self._inline_t0 = 0.0
+                else:                # the newer thread's own command is its to clear; WRITEs
+                    # inline again INLINE_BACKOFF s from now
                     self._stuck -= 1
                     self._inline_after = max(self._inline_after,
                                              time.monotonic() + INLINE_BACKOFF)

@@ -506,6 +506,72 @@ def test_a_ring_thread_stuck_in_a_write_hands_the_ring_over(lab, tmp_path, monke
     assert not [t.name for t in threading.enumerate() if t.name.startswith(f"ring-{lun.name}")]
 
 
+def test_the_stuck_thread_returning_does_not_blind_the_watchdog_to_the_new_one(
+        lab, tmp_path, monkeypatch):
+    """The stuck ring thread's command returns while the ring thread that took over is itself
+    inside a command that stalls (a READ here): the returning thread must not clear the new
+    thread's start time, or the watchdog never sees the second stall and the ring waits for
+    it (a TEST UNIT READY took 2.95 s instead of about 0.3 s)."""
+    import threading
+    import time
+    from lvmirror.daemon import lunserver
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    _no_checkpoints(lun.volume)
+    data = bytes([4]) * 8 * BS
+    wid = emu.submit(cdb10(0x2A, 64, 8), data_out=data)   # marks region 0, cached for reads
+    assert emu.wait([wid])[wid].status == 0
+    rid = emu.submit(cdb10(0x28, 64, 8), data_in_len=8 * BS)
+    inline = lun.inline
+    assert emu.wait([rid])[rid].data_in == data
+    if lun.inline == inline:
+        pytest.skip(f"{tmp_path}: no RWF_NOWAIT reads here, so no READ on the ring thread")
+    gate, entered, armed = threading.Event(), threading.Event(), threading.Event()
+    storage = lun.volume.image_storage(1)
+    real_write = storage.writev
+
+    def stuck_write(offset, buffers, **kw):
+        if threading.current_thread().name.startswith("ring-") and not entered.is_set():
+            entered.set()
+            assert gate.wait(30)
+        return real_write(offset, buffers, **kw)
+    monkeypatch.setattr(storage, "writev", stuck_write)
+    for k in range(2):
+        st = lun.volume.image_storage(k)
+
+        def slow_read(offset, buffers, *, nowait=False, _real=st.readv):
+            if threading.current_thread().name.startswith("ring-") and armed.is_set():
+                armed.clear()
+                gate.set()                        # the stuck write returns now...
+                for _ in range(200):              # ... and its thread hands its command over
+                    if not lun._stuck:
+                        break
+                    time.sleep(0.01)
+                time.sleep(2.0)                   # while this READ stalls on the new thread
+            return _real(offset, buffers, nowait=nowait)
+        monkeypatch.setattr(st, "readv", slow_read)
+    wid = emu.submit(cdb10(0x2A, 8, 8), data_out=data)
+    assert entered.wait(10)
+    for _ in range(100):
+        if lun.handovers == 1:
+            break
+        time.sleep(0.05)
+    assert lun.handovers == 1
+    armed.set()
+    rid = emu.submit(cdb10(0x28, 64, 8), data_in_len=8 * BS)
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    tur = emu.submit(bytes(6))
+    assert emu.wait([tur], timeout=10)[tur].status == 0
+    took = time.monotonic() - t0
+    assert lun.handovers == 2, took               # the second stall was seen
+    assert took < 1.5
+    done = emu.wait([wid, rid], timeout=10)
+    assert done[wid].status == 0 and done[rid].data_in == data
+
+
 def test_a_new_ring_thread_that_cannot_start_is_reported_and_stop_still_returns(
         lab, tmp_path, monkeypatch):
     """The watchdog's new ring thread cannot be started (no thread to be had): the LUN says
@@ -546,6 +612,13 @@ def test_a_new_ring_thread_that_cannot_start_is_reported_and_stop_still_returns(
     assert lun.handovers == 1
     gate.set()
     lun.stop()
+    left = [t.name for t in threading.enumerate() if t.name.startswith(f"lun-{lun.name}-")]
+    for _ in range(100):                          # the pool's threads end too
+        if not left:
+            break
+        threading.Event().wait(0.05)
+        left = [t.name for t in threading.enumerate() if t.name.startswith(f"lun-{lun.name}-")]
+    assert not left
 
 
 def test_a_slow_write_on_the_ring_thread_sends_writes_to_the_pool_for_a_while(
