@@ -452,6 +452,37 @@ def test_writes_at_queue_depth_32_are_run_by_the_ring_thread(lab, tmp_path, monk
     assert emu.wait([waiting])[waiting].status == 0
 
 
+def _region0_marked(lab, tmp_path):
+    """A 2-image LUN after its initial resync, with no background checkpoint, whose first
+    region the write-intent log marks (a WRITE there may run on the ring thread). Returns
+    (emulator, LunServer, image paths)."""
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    _no_checkpoints(lun.volume)
+    wid = emu.submit(cdb10(0x2A, 0, 8), data_out=bytes(8 * BS))
+    assert emu.wait([wid])[wid].status == 0
+    return emu, lun, paths
+
+
+def _stall_ring_writes(monkeypatch, storage):
+    """Make the first ``writev`` the ring thread runs on image ``storage`` wait until the
+    returned ``gate`` is set (``entered`` is set when it begins): a writer stuck behind a slow
+    disk. Returns (gate, entered)."""
+    import threading
+    gate, entered = threading.Event(), threading.Event()
+    real = storage.writev
+
+    def stuck(offset, buffers, **kw):
+        if threading.current_thread().name.startswith("ring-") and not entered.is_set():
+            entered.set()
+            assert gate.wait(30)
+        return real(offset, buffers, **kw)
+    monkeypatch.setattr(storage, "writev", stuck)
+    return gate, entered
+
+
 def test_a_ring_thread_stuck_in_a_write_hands_the_ring_over(lab, tmp_path, monkeypatch):
     """A WRITE the ring thread runs itself that does not return (a writer the kernel throttles
     behind a dying device): after INLINE_STALL seconds the watchdog hands the ring to a new
@@ -462,24 +493,8 @@ def test_a_ring_thread_stuck_in_a_write_hands_the_ring_over(lab, tmp_path, monke
     import time
     from lvmirror.daemon import lunserver
     monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
-    paths = images(tmp_path)
-    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
-    for job in lun.volume.jobs.values():
-        assert job.wait(20)
-    _no_checkpoints(lun.volume)
-    wid = emu.submit(cdb10(0x2A, 0, 8), data_out=bytes(8 * BS))      # marks region 0
-    assert emu.wait([wid])[wid].status == 0
-    storage = lun.volume.image_storage(1)
-    gate = threading.Event()
-    entered = threading.Event()
-    real = storage.writev
-
-    def stuck(offset, buffers, **kw):
-        if threading.current_thread().name.startswith("ring-") and not entered.is_set():
-            entered.set()
-            assert gate.wait(30)
-        return real(offset, buffers, **kw)
-    monkeypatch.setattr(storage, "writev", stuck)
+    emu, lun, paths = _region0_marked(lab, tmp_path)
+    gate, entered = _stall_ring_writes(monkeypatch, lun.volume.image_storage(1))
     data = bytes([9]) * 8 * BS
     inline = lun.inline
     wid = emu.submit(cdb10(0x2A, 8, 8), data_out=data)
@@ -528,16 +543,8 @@ def test_the_stuck_thread_returning_does_not_blind_the_watchdog_to_the_new_one(
     assert emu.wait([rid])[rid].data_in == data
     if lun.inline == inline:
         pytest.skip(f"{tmp_path}: no RWF_NOWAIT reads here, so no READ on the ring thread")
-    gate, entered, armed = threading.Event(), threading.Event(), threading.Event()
-    storage = lun.volume.image_storage(1)
-    real_write = storage.writev
-
-    def stuck_write(offset, buffers, **kw):
-        if threading.current_thread().name.startswith("ring-") and not entered.is_set():
-            entered.set()
-            assert gate.wait(30)
-        return real_write(offset, buffers, **kw)
-    monkeypatch.setattr(storage, "writev", stuck_write)
+    gate, entered = _stall_ring_writes(monkeypatch, lun.volume.image_storage(1))
+    armed = threading.Event()
     for k in range(2):
         st = lun.volume.image_storage(k)
 
@@ -578,23 +585,8 @@ def test_a_new_ring_thread_that_cannot_start_is_reported_and_stop_still_returns(
     why it answers no more (status ``error``, logged as critical), and stopping it returns."""
     import threading
     from lvmirror.daemon import lunserver
-    paths = images(tmp_path)
-    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
-    for job in lun.volume.jobs.values():
-        assert job.wait(20)
-    _no_checkpoints(lun.volume)
-    wid = emu.submit(cdb10(0x2A, 0, 8), data_out=bytes(8 * BS))      # marks region 0
-    assert emu.wait([wid])[wid].status == 0
-    storage = lun.volume.image_storage(0)
-    gate, entered = threading.Event(), threading.Event()
-    real = storage.writev
-
-    def stuck(offset, buffers, **kw):
-        if threading.current_thread().name.startswith("ring-") and not entered.is_set():
-            entered.set()
-            assert gate.wait(30)
-        return real(offset, buffers, **kw)
-    monkeypatch.setattr(storage, "writev", stuck)
+    emu, lun, paths = _region0_marked(lab, tmp_path)
+    gate, entered = _stall_ring_writes(monkeypatch, lun.volume.image_storage(0))
     real_start = threading.Thread.start
 
     def start(thread):
