@@ -529,7 +529,6 @@ def test_the_stuck_thread_returning_does_not_blind_the_watchdog_to_the_new_one(
     it (a TEST UNIT READY took 2.95 s instead of about 0.3 s)."""
     import threading
     import time
-    from lvmirror.daemon import lunserver
     paths = images(tmp_path)
     emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
     for job in lun.volume.jobs.values():
@@ -584,8 +583,7 @@ def test_a_new_ring_thread_that_cannot_start_is_reported_and_stop_still_returns(
     """The watchdog's new ring thread cannot be started (no thread to be had): the LUN says
     why it answers no more (status ``error``, logged as critical), and stopping it returns."""
     import threading
-    from lvmirror.daemon import lunserver
-    emu, lun, paths = _region0_marked(lab, tmp_path)
+    emu, lun, _ = _region0_marked(lab, tmp_path)
     gate, entered = _stall_ring_writes(monkeypatch, lun.volume.image_storage(0))
     real_start = threading.Thread.start
 
