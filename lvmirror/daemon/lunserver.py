@@ -27,7 +27,6 @@ import collections
 import errno
 import logging
 import os
-import queue
 import select
 import threading
 import time
@@ -200,7 +199,7 @@ class LunServer:
         self.commands = 0
         self.latency = LatencyHistogram()      # fetch to completion, by kind (iostats.py)
         self.gone = False            # the kernel removed the uio device under the ring
-        self._completions: queue.SimpleQueue = queue.SimpleQueue()
+        self._completions: collections.deque = collections.deque()   # (command, response)
         self._aborted: set[int] = set()
         self._held: list = []      # completed commands whose views a slow leg still uses
         self._hold_mu = threading.Lock()     # completions held for a group split: hold()
@@ -613,16 +612,15 @@ class LunServer:
                 else:
                     for command in commands:
                         self._pool.post(self._execute, command)
-            while True:
-                try:
-                    command, response = self._completions.get_nowait()
-                except queue.Empty:
-                    break
+            done_q = self._completions
+            while done_q:
+                command, response = done_q.popleft()     # only this thread takes from it
                 self._finish(command, response)
                 completed += 1
             if self._held:
                 self._release_held()
-            if ring.take_notify() or completed or fresh:
+            due = ring.pending_notify and ring.take_notify()   # entries the ring retired itself
+            if due or completed or fresh:
                 self._handle.notify()
             fresh = False
             if stopping and ring.outstanding == 0:
@@ -676,7 +674,7 @@ class LunServer:
                 if response is None:
                     self._pool.post(self._execute, command)
                 else:
-                    self._completions.put((command, response))
+                    self._completions.append((command, response))
                     self._wake()
                 return None
             if response is None:
@@ -828,5 +826,5 @@ class LunServer:
             log.exception("LUN %s: command %s failed", self.name, command.cdb[:1].hex())
             response = Response(scsi.CHECK_CONDITION, build_sense(
                 scsi.HARDWARE_ERROR, *scsi.ASC_INTERNAL_TARGET_FAILURE), 0)
-        self._completions.put((command, response))
+        self._completions.append((command, response))
         self._wake()

@@ -61,6 +61,21 @@ def _as_bytes_view(buf) -> memoryview:
     return mv
 
 
+def _views(buffers) -> tuple[list[memoryview], int]:
+    """``(views, total)``: the non-empty ``buffers`` as 1-D byte memoryviews (zero copy) and
+    their length in bytes; one pass, as every read and write starts with it."""
+    bufs = []
+    total = 0
+    for b in buffers:
+        if b.__class__ is not memoryview or b.format != "B" or b.ndim != 1:
+            b = _as_bytes_view(b)
+        n = len(b)
+        if n:
+            bufs.append(b)
+            total += n
+    return bufs, total
+
+
 def _address(mv: memoryview) -> int | None:
     """Address of a writable buffer, None for a read-only one (cannot be taken portably)."""
     if mv.readonly:
@@ -225,6 +240,14 @@ class StorageImage:
             for k, v in inc.items():
                 self.stats[k] += v
 
+    def _count_io(self, ops: str, nbytes: str, total: int) -> None:
+        """One I/O of ``total`` bytes: ``stats[ops] += 1``, ``stats[nbytes] += total`` (the
+        data path's ``_count``, without its keyword dict)."""
+        with self._stats_lock:
+            st = self.stats
+            st[ops] += 1
+            st[nbytes] += total
+
     def _ioerror(self, op: str, offset: int, length: int, e: OSError) -> ImageIOError:
         self._count(errors=1)
         return ImageIOError(self, e.errno,
@@ -271,8 +294,7 @@ class StorageImage:
         part of the range is not cached), the file system does not support it (EOPNOTSUPP),
         the image is opened O_DIRECT, or the read errored (the blocking read reports it).
         Nothing is counted then. ImageIOError (op "read") for an I/O error otherwise."""
-        bufs = [b for b in map(_as_bytes_view, buffers) if len(b)]
-        total = sum(len(b) for b in bufs)
+        bufs, total = _views(buffers)
         if nowait:
             if self.fd < 0:     # closed: the blocking read reports (and counts) the error
                 raise WouldBlock(f"image {self.path}: closed")
@@ -304,7 +326,7 @@ class StorageImage:
             raise WouldBlock(f"image {self.path}: {os.strerror(e.errno)}") from None
         if n != total:
             raise WouldBlock(f"image {self.path}: {n} of {total} bytes in the page cache")
-        self._count(reads=1, bytes_read=total)
+        self._count_io("reads", "bytes_read", total)
 
     def _readv(self, offset, bufs, total, fd=None) -> None:
         """The read loop (short reads, a shrunk file read as a hole) on ``fd`` (default: the
@@ -326,7 +348,7 @@ class StorageImage:
                 bufs = _advance(bufs, n)
         except OSError as e:
             raise self._ioerror("read", offset, total, e) from e
-        self._count(reads=1, bytes_read=total)
+        self._count_io("reads", "bytes_read", total)
 
     def verify_readv(self, offset: int, buffer) -> bool:
         """Read ``len(buffer)`` bytes at ``offset`` from the device itself, not from the page
@@ -372,8 +394,7 @@ class StorageImage:
 
     def writev(self, offset: int, buffers, *, fua: bool = False) -> None:
         """Write ``buffers`` at ``offset``; with ``fua`` the data is durable on return."""
-        bufs = [b for b in map(_as_bytes_view, buffers) if len(b)]
-        total = sum(len(b) for b in bufs)
+        bufs, total = _views(buffers)
         if self.read_only:
             self._count(errors=1)
             raise ImageIOError(self, _errno.EROFS, f"image {self.path}: write refused, "
@@ -415,7 +436,7 @@ class StorageImage:
                 os.fdatasync(self.fd)
         except OSError as e:
             raise self._ioerror("write", offset, total, e) from e
-        self._count(writes=1, bytes_written=total)
+        self._count_io("writes", "bytes_written", total)
 
     def flush(self) -> None:
         """Make every completed write durable (fdatasync)."""

@@ -461,7 +461,7 @@ class MirrorVolume:
             if kind is not None:
                 st = self._stats
                 st[kind] += 1
-                st["bytes_" + ("read" if kind == "reads" else "written")] += nbytes
+                st["bytes_read" if kind == "reads" else "bytes_written"] += nbytes
             # a split drains retired epochs; close (``_closed``) waits for the current one too
             if ep.inflight == 0 and (ep.retired or self._closed):
                 self._econd.notify_all()
@@ -932,8 +932,10 @@ class MirrorVolume:
     def _prologue(self, lba, nblocks):
         """Checks every I/O shares; restores a not-yet-restored range first (see restore).
         Returns the byte offset and length."""
-        self._check_open()
-        self._check_io(lba, nblocks)
+        if self._closed:
+            self._check_open()
+        if lba.__class__ is not int or lba < 0 or nblocks < 0 or lba + nblocks > self.num_blocks:
+            self._check_io(lba, nblocks)          # raises unless an int subclass in range
         if self._offline is not None:
             raise StateError(f"volume {self.name} is offline: {self._offline}")
         offset, length = lba * self.block_size, nblocks * self.block_size
@@ -1080,8 +1082,10 @@ class MirrorVolume:
     def prefetch(self, lba, nblocks):
         """PRE-FETCH (SBC-3): start reading the blocks into the page cache of every image
         reads may use (a hint: returns at once; a restore's regions are not restored for it)."""
-        self._check_open()
-        self._check_io(lba, nblocks)
+        if self._closed:
+            self._check_open()
+        if lba.__class__ is not int or lba < 0 or nblocks < 0 or lba + nblocks > self.num_blocks:
+            self._check_io(lba, nblocks)          # raises unless an int subclass in range
         if self._offline is not None:
             raise StateError(f"volume {self.name} is offline: {self._offline}")
         offset, length = lba * self.block_size, nblocks * self.block_size

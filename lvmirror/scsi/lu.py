@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 import threading
 import time
 from typing import NamedTuple, Protocol, Sequence
@@ -120,11 +121,14 @@ WRITE_OPCODES = frozenset((c.WRITE_6, c.WRITE_10, c.WRITE_12, c.WRITE_16))
 # -- buffer helpers ---------------------------------------------------------------------------
 
 def _total(views) -> int:
-    return sum(len(v) for v in views)
+    """Bytes in ``views`` (memoryviews of bytes, or bytes-like objects)."""
+    return sum(map(len, views))
 
 
 def _take(views, nbytes: int) -> list:
     """Views covering exactly the first ``nbytes`` bytes of ``views``."""
+    if len(views) == 1 and len(views[0]) == nbytes:    # the usual case: one buffer, all of it
+        return [views[0]]
     out = []
     for v in views:
         if nbytes <= 0:
@@ -158,6 +162,17 @@ def _gather(views, nbytes: int | None = None) -> bytes:
 
 def _be(b, start, n) -> int:
     return int.from_bytes(b[start:start + n], "big")
+
+
+# opcode -> unpack_from of its (LBA, TRANSFER LENGTH) (SBC-4: the 10, 12 and 16-byte forms)
+_RW_FIELDS = {
+    **dict.fromkeys((c.READ_10, c.WRITE_10, c.VERIFY_10, c.WRITE_AND_VERIFY_10),
+                    struct.Struct(">2xIxH").unpack_from),
+    **dict.fromkeys((c.READ_12, c.WRITE_12, c.VERIFY_12, c.WRITE_AND_VERIFY_12),
+                    struct.Struct(">2xII").unpack_from),
+    **dict.fromkeys((c.READ_16, c.WRITE_16, c.VERIFY_16, c.WRITE_AND_VERIFY_16),
+                    struct.Struct(">2xQI").unpack_from),
+}
 
 
 class _Op:
@@ -341,13 +356,12 @@ class LogicalUnit:
 
     @staticmethod
     def _rw_fields(cdb):
-        op = cdb[0]
-        if op in (c.READ_10, c.WRITE_10, c.VERIFY_10, c.WRITE_AND_VERIFY_10):
-            return _be(cdb, 2, 4), _be(cdb, 7, 2)
-        if op in (c.READ_16, c.WRITE_16, c.VERIFY_16, c.WRITE_AND_VERIFY_16):
-            return _be(cdb, 2, 8), _be(cdb, 10, 4)
-        if op in (c.READ_12, c.WRITE_12, c.VERIFY_12, c.WRITE_AND_VERIFY_12):
-            return _be(cdb, 2, 4), _be(cdb, 6, 4)
+        """(LOGICAL BLOCK ADDRESS, TRANSFER LENGTH) of a READ/WRITE/VERIFY-type CDB (SBC-4
+        5.15-5.17, 5.31-5.34: big-endian fields at bytes 2 and 7/6/10 of the 10/12/16-byte
+        forms); the caller has checked the CDB's length."""
+        unpack = _RW_FIELDS.get(cdb[0])
+        if unpack is not None:
+            return unpack(cdb)
         # READ(6) / WRITE(6): 21-bit LBA, length 0 means 256 blocks
         return ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3], cdb[4] or 256
 

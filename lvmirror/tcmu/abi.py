@@ -142,6 +142,21 @@ class Layout:
             at = f.offset + f.size
         return struct.Struct(fmt)
 
+    def span(self, *names: str) -> tuple[int, struct.Struct]:
+        """``(offset, Struct)`` for the adjacent fields ``names`` (in offset order, no byte
+        between them): one ``pack_into(buf, base + offset, ...)`` stores them all and touches
+        no other byte (a Struct with padding would write zeros there). ValueError when the
+        fields are not adjacent."""
+        first = self.fields[names[0]]
+        fmt, at = "<", first.offset
+        for n in names:
+            f = self.fields[n]
+            if f.offset != at:
+                raise ValueError(f"{self.name}.{n} does not follow the field before it")
+            fmt += f.fmt
+            at = f.offset + f.size
+        return first.offset, struct.Struct(fmt)
+
     @property
     def struct(self) -> struct.Struct:
         """One instance as a Struct (``iter_unpack`` reads an array of them)."""
@@ -198,6 +213,9 @@ ENTRY_IOV_OFFSET = 48          # offsetof(struct tcmu_cmd_entry, req.iov)
 # what the ring thread reads of every command entry, in one unpack_from (Layout.reader)
 ENTRY_REQ = ENTRY.reader("len_op", "cmd_id", "iov_cnt", "iov_bidi_cnt", "iov_dif_cnt",
                          "cdb_off")
+
+# what the ring thread stores when it completes a command: uflags and rsp.scsi_status are adjacent
+ENTRY_RSP_OFFSET, ENTRY_RSP = ENTRY.span("uflags", "scsi_status")
 
 # struct iovec as the kernel writes it into the entry: iov_base is an OFFSET from the map start.
 IOVEC = Layout("iovec", 16, [

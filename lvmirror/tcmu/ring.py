@@ -45,18 +45,35 @@ class RingError(Exception):
     """The map is not a usable TCMU ring (wrong mailbox version, inconsistent geometry)."""
 
 
+# The hot path's accessors, bound once (the layouts are declared in abi):
+_LEN_OP = abi.ENTRY_HDR.reader("len_op").unpack_from            # (len_op,)
+_LEN_OP_UFLAGS = abi.ENTRY_HDR.reader("len_op", "uflags").unpack_from
+_CMD_ID_OFF, _CMD_ID = abi.ENTRY.cmd_id.offset, abi.ENTRY.span("cmd_id")[1].pack_into
+_RSP_OFF, _RSP = abi.ENTRY_RSP_OFFSET, abi.ENTRY_RSP.pack_into    # uflags, scsi_status
+_SENSE_OFF = abi.ENTRY.sense_buffer.offset
+_UFLAGS_CLEAR = ~(abi.UFLAG_UNKNOWN_OP | abi.UFLAG_READ_LEN | abi.UFLAG_KEEP_BUF) & 0xFF
+_OP_MASK = abi.OP_MASK
+_OP_CMD = abi.OP_CMD
+_ENTRY_REQ = abi.ENTRY_REQ.unpack_from
+_IOV_OFF, _IOV_SIZE = abi.ENTRY_IOV_OFFSET, abi.IOVEC.size
+_IOV = abi.IOVEC.struct.unpack_from
+_IOV_ITER = abi.IOVEC.struct.iter_unpack
+
+
 class Command:
     """A fetched SCSI command: copies of its CDB and iovecs, views onto its data buffers."""
 
     __slots__ = ("cmd_id", "cdb", "iovecs", "iov_views", "bidi_views", "data_len", "fetched")
 
-    def __init__(self, cmd_id, cdb, iovecs, iov_views, bidi_views, fetched=0.0):
+    def __init__(self, cmd_id, cdb, iovecs, iov_views, bidi_views, fetched=0.0,
+                 data_len=None):
         self.cmd_id = cmd_id
         self.cdb = cdb
         self.iovecs = iovecs              # [(offset in map, length)], Data-Out or Data-In
         self.iov_views = iov_views        # memoryviews onto those bytes of the map
         self.bidi_views = bidi_views      # Data-In views of a bidirectional command
-        self.data_len = sum(ln for _, ln in iovecs)
+        # bytes of Data-Out or Data-In (the sum of the iovecs' lengths; the ring passes it)
+        self.data_len = sum(ln for _, ln in iovecs) if data_len is None else data_len
         self.fetched = fetched            # time.monotonic() of the fetch that found it
 
     def release(self) -> bool:
@@ -64,11 +81,12 @@ class Command:
         in use - a mirror leg left behind as slow may still be writing from it - and keeps that
         view for a later call; True once every view is released."""
         held = []
-        for v in (*self.iov_views, *self.bidi_views):
-            try:
-                v.release()
-            except BufferError:
-                held.append(v)
+        for views in (self.iov_views, self.bidi_views):
+            for v in views:
+                try:
+                    v.release()
+                except BufferError:
+                    held.append(v)
         self.iov_views = held
         self.bidi_views = []
         return not held
@@ -156,11 +174,12 @@ class CommandRing:
                 return batch
             mv, base = self._mv, self.cmdr_off
             hdr = abi.ENTRY_HDR
+            commands = batch.commands
             while self._fetch != head:
                 pos = self._fetch
                 ent = base + pos
-                len_op = hdr.len_op.get(mv, ent)
-                op, length = abi.entry_op(len_op), abi.entry_len(len_op)
+                (len_op,) = _LEN_OP(mv, ent)
+                op, length = len_op & _OP_MASK, len_op & ~_OP_MASK
                 if length < abi.ENTRY_HDR.size or pos + length > self.cmdr_size:
                     # Nothing sane to skip by: stop here; the kernel will see the ring stall
                     # and time the commands out rather than us reading garbage forever.
@@ -168,7 +187,19 @@ class CommandRing:
                               pos, length, self.cmdr_size)
                     self.stats["malformed"] += 1
                     break
-                if op == abi.OP_PAD:
+                if op == _OP_CMD:
+                    self._outstanding += 1
+                    cmd = self._parse_cmd(pos, length, now)
+                    if cmd.__class__ is not Command:        # malformed: its cmd_id
+                        self.stats["malformed"] += 1
+                        self._fetch = (pos + length) % self.cmdr_size
+                        self._complete_locked(cmd, CHECK_CONDITION,
+                                              SENSE_INTERNAL_TARGET_FAILURE, None)
+                        self.pending_notify = True
+                        continue
+                    self.stats["fetched"] += 1
+                    commands.append(cmd)
+                elif op == abi.OP_PAD:
                     self.stats["pads"] += 1
                 elif op == abi.OP_TMR:
                     self.stats["tmrs"] += 1
@@ -177,19 +208,6 @@ class CommandRing:
                         batch.tmrs.append(tmr)
                         if tmr[1]:
                             batch.aborts.append(tmr[1])
-                elif op == abi.OP_CMD:
-                    self._outstanding += 1
-                    cmd_id = hdr.cmd_id.get(mv, ent)
-                    cmd = self._parse_cmd(pos, length, cmd_id, now)
-                    if cmd is None:
-                        self.stats["malformed"] += 1
-                        self._fetch = (pos + length) % self.cmdr_size
-                        self._complete_locked(cmd_id, CHECK_CONDITION,
-                                              SENSE_INTERNAL_TARGET_FAILURE, None)
-                        self.pending_notify = True
-                        continue
-                    self.stats["fetched"] += 1
-                    batch.commands.append(cmd)
                 else:
                     self.stats["unknown_ops"] += 1
                     uf = hdr.uflags.get(mv, ent)
@@ -212,47 +230,64 @@ class CommandRing:
                for k in range(cnt)]
         return (t.tmr_type.get(mv, ent), ids)
 
-    def _parse_cmd(self, pos: int, length: int, cmd_id: int,
-                   fetched: float = 0.0) -> Command | None:
-        """The command in the ``length``-byte entry at ring offset ``pos``, None (logged) when
-        the entry is shorter than its header or its iovecs or CDB lie outside it or the data
-        area. Its header is read in one ``unpack_from`` (``abi.ENTRY_REQ``)."""
+    def _parse_cmd(self, pos: int, length: int, fetched: float = 0.0) -> Command | int:
+        """The command in the ``length``-byte CMD entry at ring offset ``pos``; when the entry
+        is shorter than its header, carries DIF iovecs, or its iovecs or CDB lie outside it or
+        the data area, its cmd_id instead (logged; the caller completes it with CHECK
+        CONDITION). Its header is read in one ``unpack_from`` (``abi.ENTRY_REQ``)."""
         mv = self._mv
         ent = self.cmdr_off + pos
         if length < abi.ENTRY.size:
+            cmd_id = abi.ENTRY_HDR.cmd_id.get(mv, ent)
             log.error("TCMU ring: command %d entry is %d bytes (< %d)", cmd_id, length,
                       abi.ENTRY.size)
-            return None
-        _, _, iov_cnt, bidi_cnt, dif_cnt, cdb_off = abi.ENTRY_REQ.unpack_from(mv, ent)
+            return cmd_id
+        _, cmd_id, iov_cnt, bidi_cnt, dif_cnt, cdb_off = _ENTRY_REQ(mv, ent)
         if dif_cnt:
             log.error("TCMU ring: command %d carries DIF iovecs (not supported)", cmd_id)
-            return None
+            return cmd_id
         total = iov_cnt + bidi_cnt
-        iov_end = abi.ENTRY_IOV_OFFSET + abi.IOVEC.size * total
+        iov_end = _IOV_OFF + _IOV_SIZE * total
         if iov_end > length:
             log.error("TCMU ring: command %d lists %d iovecs in a %d-byte entry", cmd_id, total,
                       length)
-            return None
+            return cmd_id
         # The CDB lies inside this entry, after the iovecs (offset is from the map start).
         entry_end = ent + length
         if not ent + iov_end <= cdb_off < entry_end:
             log.error("TCMU ring: command %d CDB offset %d outside its entry [%d, %d)", cmd_id,
                       cdb_off, ent + iov_end, entry_end)
-            return None
-        cdb_len = _cdb_length(mv[cdb_off], mv, cdb_off, entry_end)
-        if cdb_len is None:
-            log.error("TCMU ring: command %d CDB (opcode %02x) does not fit its entry", cmd_id,
-                      mv[cdb_off])
-            return None
+            return cmd_id
+        opcode = mv[cdb_off]
+        cdb_len = _COMMAND_SIZE[opcode >> 5] if opcode != 0x7F else None
+        if cdb_len is None or cdb_off + cdb_len > entry_end:
+            cdb_len = _cdb_length(opcode, mv, cdb_off, entry_end)
+            if cdb_len is None:
+                log.error("TCMU ring: command %d CDB (opcode %02x) does not fit its entry",
+                          cmd_id, opcode)
+                return cmd_id
         cdb = bytes(mv[cdb_off:cdb_off + cdb_len])
-        iovecs = list(abi.IOVEC.struct.iter_unpack(
-            mv[ent + abi.ENTRY_IOV_OFFSET:ent + iov_end])) if total else []
         lo, hi = self.data_off, self.map_size
+        if total == 1:       # the usual case: one Data-Out or Data-In buffer
+            base, ln = _IOV(mv, ent + _IOV_OFF)
+            iovecs = [(base, ln)]
+            if not ln:
+                views = []
+            elif lo <= base and base + ln <= hi:
+                views = [mv[base:base + ln]]
+            else:
+                log.error("TCMU ring: command %d iovec 0 [%d, +%d) outside the data area "
+                          "[%d, %d)", cmd_id, base, ln, lo, hi)
+                return cmd_id
+            if iov_cnt:
+                return Command(cmd_id, cdb, iovecs, views, [], fetched, ln)
+            return Command(cmd_id, cdb, [], [], views, fetched, 0)
+        iovecs = list(_IOV_ITER(mv[ent + _IOV_OFF:ent + iov_end])) if total else []
         for k, (base, ln) in enumerate(iovecs):
             if ln and not (lo <= base and base + ln <= hi):
                 log.error("TCMU ring: command %d iovec %d [%d, +%d) outside the data area "
                           "[%d, %d)", cmd_id, k, base, ln, lo, hi)
-                return None
+                return cmd_id
         views = [mv[b:b + ln] for b, ln in iovecs[:iov_cnt] if ln]
         bidi = [mv[b:b + ln] for b, ln in iovecs[iov_cnt:] if ln]
         return Command(cmd_id, cdb, iovecs[:iov_cnt], views, bidi, fetched)
@@ -271,28 +306,27 @@ class CommandRing:
     def _complete_locked(self, cmd_id, status, sense, read_len):
         if self._outstanding <= 0:
             raise RingError(f"completion of command {cmd_id} with none outstanding")
-        mv, e, size = self._mv, abi.ENTRY, self.cmdr_size
+        mv, size, base = self._mv, self.cmdr_size, self.cmdr_off
         tail = self._tail_word.value % size
         while True:       # skip PAD / TMR / unknown-op entries at the tail
-            ent = self.cmdr_off + tail
-            len_op = e.len_op.get(mv, ent)
-            if abi.entry_op(len_op) == abi.OP_CMD:
+            ent = base + tail
+            len_op, uflags = _LEN_OP_UFLAGS(mv, ent)
+            if len_op & _OP_MASK == _OP_CMD:
                 break
-            tail = (tail + abi.entry_len(len_op)) % size
-        e.cmd_id.put(mv, ent, cmd_id)
-        uflags = e.uflags.get(mv, ent) & ~(abi.UFLAG_UNKNOWN_OP | abi.UFLAG_READ_LEN
-                                           | abi.UFLAG_KEEP_BUF)
-        e.scsi_status.put(mv, ent, status & 0xFF)
+            tail = (tail + (len_op & ~_OP_MASK)) % size
+        _CMD_ID(mv, ent + _CMD_ID_OFF, cmd_id)
+        uflags &= _UFLAGS_CLEAR
         if sense:
             sense = bytes(sense[:abi.SENSE_BUFFERSIZE])
-            mv[ent + e.sense_buffer.offset:ent + e.sense_buffer.offset + len(sense)] = sense
+            off = ent + _SENSE_OFF
+            mv[off:off + len(sense)] = sense
         if read_len is not None and self.read_len_supported:
-            e.read_len.put(mv, ent, read_len)
+            abi.ENTRY.read_len.put(mv, ent, read_len)
             uflags |= abi.UFLAG_READ_LEN
-        e.uflags.put(mv, ent, uflags)
+        _RSP(mv, ent + _RSP_OFF, uflags, status & 0xFF)
         self._outstanding -= 1
         self.stats["completed"] += 1
-        self._set_tail(tail + abi.entry_len(e.len_op.get(mv, ent)))
+        self._set_tail(tail + (len_op & ~_OP_MASK))
 
     def _retire_idle_locked(self):
         """Nothing outstanding: move cmd_tail up to the fetch cursor (over pads, TMRs,

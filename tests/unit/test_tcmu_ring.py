@@ -232,3 +232,40 @@ def test_a_command_entry_shorter_than_its_header_is_failed_not_read():
     assert ring.fetch().commands == [] and ring.stats["malformed"] == 2
     assert abi.ENTRY.scsi_status.get(emu.map, ent) == 2
     assert abi.ENTRY.sense_buffer.get(emu.map, ent)[2] == 0x04
+
+
+def test_a_completion_stores_only_the_response_fields():
+    """The completion writes cmd_id, uflags and scsi_status (``abi.ENTRY.span``: adjacent
+    fields, one store) and leaves the kernel's kflags alone; a span over fields with a byte
+    between them is refused (a Struct with padding would write zeros there)."""
+    emu, ring, h = make()
+    a = emu.submit(READ10, data_in_len=4096)
+    ent = emu.cmdr_off
+    abi.ENTRY.kflags.put(emu.map, ent, 0x5A)
+    abi.ENTRY.uflags.put(emu.map, ent, abi.UFLAG_UNKNOWN_OP | 0x80)
+    (c,) = ring.fetch().commands
+    assert c.data_len == 4096 and c.iovecs == [(c.iovecs[0][0], 4096)]
+    ring.complete(c.cmd_id, 0x02, b"\x70\x00\x03")
+    assert abi.ENTRY.kflags.get(emu.map, ent) == 0x5A
+    assert abi.ENTRY.uflags.get(emu.map, ent) == 0x80          # UNKNOWN_OP cleared, rest kept
+    assert abi.ENTRY.scsi_status.get(emu.map, ent) == 0x02
+    assert abi.ENTRY.cmd_id.get(emu.map, ent) == c.cmd_id == a
+    h.notify()
+    assert emu.reap()[a].sense[:3] == b"\x70\x00\x03"
+    off, st = abi.ENTRY.span("uflags", "scsi_status")
+    assert (off, st.format, st.size) == (7, "<BB", 2)
+    with pytest.raises(ValueError, match="does not follow"):
+        abi.ENTRY.span("cmd_id", "uflags")                     # kflags lies between them
+
+
+def test_a_bidirectional_command_with_one_buffer_has_no_data_out():
+    """An entry whose only iovec is a bidi (Data-In) one gives no Data-Out views, a data_len
+    of 0 and the Data-In view, as the general parser does."""
+    emu, ring, _ = make()
+    emu.submit(READ10, data_in_len=4096)
+    ent = emu.cmdr_off
+    abi.ENTRY.iov_cnt.put(emu.map, ent, 0)
+    abi.ENTRY.iov_bidi_cnt.put(emu.map, ent, 1)
+    (c,) = ring.fetch().commands
+    assert c.iov_views == [] and c.iovecs == [] and c.data_len == 0
+    assert len(c.bidi_views) == 1 and len(c.bidi_views[0]) == 4096
