@@ -760,7 +760,8 @@ class LunServer:
                     self._aborted.discard(command.cmd_id)
                     return
         self._ring.complete(command.cmd_id, response.status, response.sense, read_len)
-        self._aborted.discard(command.cmd_id)
+        if self._aborted:
+            self._aborted.discard(command.cmd_id)
 
     # -- holding completions (the instant of a group split) -------------------------------------
     def hold(self, max_seconds: float = 10.0, held_for: str | None = None) -> None:

@@ -382,7 +382,7 @@ class LogicalUnit:
         if n == 0:
             return GOOD_RESPONSE
         bs = self.backend.block_size
-        want = min(n * bs, _total(data_in))
+        want = min(n * bs, len(data_in[0]) if len(data_in) == 1 else _total(data_in))
         full = want // bs
         rest = want - full * bs
         if nowait:

@@ -46,6 +46,7 @@ class RingError(Exception):
 
 
 # The hot path's accessors, bound once (the layouts are declared in abi):
+_CMD_HEAD = abi.MAILBOX.reader("cmd_head").unpack_from         # (cmd_head,)
 _LEN_OP = abi.ENTRY_HDR.reader("len_op").unpack_from            # (len_op,)
 _LEN_OP_UFLAGS = abi.ENTRY_HDR.reader("len_op", "uflags").unpack_from
 _CMD_ID_OFF, _CMD_ID = abi.ENTRY.cmd_id.offset, abi.ENTRY.span("cmd_id")[1].pack_into
@@ -167,7 +168,7 @@ class CommandRing:
         batch = Batch()
         now = time.monotonic()
         with self._lock:
-            head = self.head
+            (head,) = _CMD_HEAD(self._mv)
             if head >= self.cmdr_size or head % 8:
                 log.error("TCMU ring: cmd_head %d outside the %d-byte ring; ignoring it", head,
                           self.cmdr_size)
