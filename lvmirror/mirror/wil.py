@@ -7,7 +7,7 @@ merges them into every split / failed image's change bitmap (which is persisted 
 log covers what the lazy copy may have missed, see ``MirrorVolume.checkpoint``).
 
 Cost: a write whose regions are marked and durable takes one mutex and updates an in-flight
-counter; only a clean->dirty transition writes the file (atomic replace + fsync). That save runs
+counter; only a clean->dirty transition writes the file (see "The file" below). That save runs
 outside the mutex, under a save lock of its own, so writes to marked regions (and the ring
 thread's ``nowait`` writes) never wait behind an fsync, and the writers that set bits meanwhile
 share the next save (a group commit, as md's bitmap writes the pages its writers dirtied in one
@@ -19,16 +19,89 @@ memory holds).
 Bits are cleared lazily by ``clean(cutoff)``: a region is cleared only if no write is in flight
 in it and its last write ended at or before ``cutoff`` (a ticket from ``ticket()`` taken before
 the caller made the images and the change bitmaps durable).
+
+The file (``<state>/VOL/wil.bitmap``) holds two slots, written in turn in place, as md writes
+its bitmap pages where they lie and DRBD its activity log as a ring of transactions::
+
+    slot k at k * slot_size:  "LVMWIL02" | seq (u64) | CRC32 of seq and payload (u32) |
+                              payload length (u32) | payload (RegionBitmap.to_bytes) | zeros
+
+``slot_size`` is that header and payload rounded up to 4096 bytes. The valid slot with the
+higher seq is the log. A save overwrites the other slot and fdatasyncs the file: one flush of
+blocks already allocated, where an atomic replace costs a file fsync, a rename and a directory
+fsync (two journal commits on ext4). A crash that tears the slot being written leaves the other
+one, the state before that save, and no write waiting for the save has begun. The file is
+created - and a log in the format before this one (a bare RegionBitmap, replaced atomically)
+rewritten - whole by an atomic replace on the first save.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 import threading
+import zlib
 
 from lvmirror.errors import WouldBlock
 from lvmirror.mirror.bitmap import RegionBitmap, atomic_write
 
-__all__ = ["WriteIntentLog"]
+__all__ = ["WriteIntentLog", "read_log"]
+
+LOG_MAGIC = b"LVMWIL02"
+_SLOT = struct.Struct("<8sQII")          # magic, seq, crc32, payload length
+_SEQ = struct.Struct("<Q")
+_SLOT_ALIGN = 4096
+
+
+def _slot_size(payload_len: int) -> int:
+    """Bytes of one slot for a payload of ``payload_len`` bytes (header + payload, rounded up
+    to 4096)."""
+    return -(-(_SLOT.size + payload_len) // _SLOT_ALIGN) * _SLOT_ALIGN
+
+
+def _slot(seq: int, payload: bytes) -> bytes:
+    """One slot's bytes: the header for ``seq`` and ``payload``, the payload, zeros to the
+    slot size."""
+    crc = zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq)))
+    data = _SLOT.pack(LOG_MAGIC, seq, crc, len(payload)) + payload
+    return data + bytes(_slot_size(len(payload)) - len(data))
+
+
+def read_log(path, size_bytes: int | None = None,
+             region_size: int | None = None) -> tuple[RegionBitmap, int | None, int | None]:
+    """The write-intent log in the file ``path``: ``(bitmap, seq, slot)`` of its newest valid
+    slot, or ``(bitmap, None, None)`` for a log in the format before the slots (a bare
+    ``RegionBitmap`` file). ``size_bytes``/``region_size``, when given, must match. Raises
+    FileNotFoundError / OSError from reading, ValueError when no slot is valid (both torn or
+    foreign) or the geometry differs."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(LOG_MAGIC):
+        return RegionBitmap.from_bytes(data, size_bytes, region_size), None, None
+    size = len(data) // 2                     # two slots of one size, written whole at creation
+    if len(data) % 2 or size % _SLOT_ALIGN or size < _SLOT.size:
+        raise ValueError(f"write-intent log of {len(data)} bytes is not two slots: truncated")
+    best, problems = None, []
+    for k in range(2):
+        off = k * size
+        magic, seq, crc, plen = _SLOT.unpack_from(data, off)
+        payload = data[off + _SLOT.size:off + _SLOT.size + plen]
+        if magic != LOG_MAGIC or _SLOT.size + plen > size:
+            problems.append(f"slot {k}: not written")
+            continue
+        if zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))) != crc:
+            problems.append(f"slot {k}: checksum mismatch (torn write)")
+            continue
+        try:
+            bm = RegionBitmap.from_bytes(payload, size_bytes, region_size)
+        except ValueError as e:
+            problems.append(f"slot {k}: {e}")
+            continue
+        if best is None or seq > best[0]:
+            best = (seq, k, bm)
+    if best is None:
+        raise ValueError("no valid slot in the write-intent log (" + "; ".join(problems) + ")")
+    return best[2], best[0], best[1]
 
 
 class WriteIntentLog:
@@ -46,6 +119,8 @@ class WriteIntentLog:
         self._gen = 0           # bumped by every change of the bits that a save must carry
         self._saved_gen = 0     # the newest generation a save has made durable
         self._pending: dict[int, int] = {}   # region -> generation that set its bit, not durable yet
+        self._file_seq = 0                   # seq of the newest slot in the file
+        self._next_slot: int | None = None   # the slot the next save overwrites; None: rewrite whole
         self.saves = 0
 
     @classmethod
@@ -54,8 +129,9 @@ class WriteIntentLog:
         unreadable or corrupt one means every region is suspect (all marked), and the reason is
         returned as the second element for the caller to report."""
         problem = None
+        seq = slot = None
         try:
-            bm = RegionBitmap.load(path, size_bytes, region_size)
+            bm, seq, slot = read_log(path, size_bytes, region_size)
         except FileNotFoundError:
             bm = RegionBitmap(size_bytes, region_size)
             problem = "missing"
@@ -63,11 +139,14 @@ class WriteIntentLog:
             bm = RegionBitmap(size_bytes, region_size)
             bm.set_all()
             problem = f"write-intent log {path} unusable ({e}); treating every region as dirty"
-        return cls(path, size_bytes, region_size, bm), problem
+        wil = cls(path, size_bytes, region_size, bm)
+        if seq is not None:             # in the slot format: the next save goes in place
+            wil._file_seq, wil._next_slot = seq, slot ^ 1
+        return wil, problem
 
     def save(self) -> None:
-        """Write the log to ``path`` now (atomic replace + fsync, ``RegionBitmap.save``), under
-        the save lock; OSError propagates."""
+        """Write the log to ``path`` now (``_write``), under the save lock; OSError
+        propagates."""
         with self._save_lock:
             self._save_locked()
 
@@ -77,12 +156,38 @@ class WriteIntentLog:
         with self._mutex:
             data = self.bitmap.to_bytes()
             gen = self._gen
-        atomic_write(self.path, data)
+        self._write(data)
         with self._mutex:
             self._saved_gen = max(self._saved_gen, gen)
             self.saves += 1
             if self._pending:
                 self._pending = {r: g for r, g in self._pending.items() if g > gen}
+
+    def _write(self, payload: bytes) -> None:
+        """Make ``payload`` (``RegionBitmap.to_bytes``) the log on disk: in place into the
+        older slot + fdatasync, or, with no file in the slot format yet (a new volume, a log in
+        the earlier format, a file removed meanwhile), the whole file by an atomic replace.
+        Caller holds the save lock. OSError propagates, and the next save writes the same slot
+        again."""
+        seq = self._file_seq + 1
+        slot = _slot(seq, payload)
+        if self._next_slot is not None:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._next_slot = None
+            else:
+                try:
+                    off, pos = self._next_slot * len(slot), 0
+                    while pos < len(slot):
+                        pos += os.pwrite(fd, slot[pos:], off + pos)
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                self._file_seq, self._next_slot = seq, self._next_slot ^ 1
+                return
+        atomic_write(self.path, slot + bytes(len(slot)))       # slot 1 empty: not valid
+        self._file_seq, self._next_slot = seq, 1
 
     def _durable(self, gen: int) -> None:
         """Return once a save has made generation ``gen`` durable: this thread's save, or

@@ -6,6 +6,7 @@ import pytest
 
 from lvmirror.errors import ConfigError
 from lvmirror.mirror.bitmap import RegionBitmap
+from lvmirror.mirror.wil import read_log
 from lvmirror.mirror.metadata import VolumeMetadata
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
@@ -17,7 +18,7 @@ SIZE = 1 << 20
 
 
 def _wil_on_disk(tmp_path):
-    return RegionBitmap.load(str(tmp_path / "meta" / "vol" / "wil.bitmap"))
+    return read_log(str(tmp_path / "meta" / "vol" / "wil.bitmap"))[0]
 
 
 def _bitmap_on_disk(tmp_path, image_id):

@@ -1,10 +1,11 @@
-"""The write-intent log's nowait begin: the ring thread's writes never wait for its fsync."""
+"""The write-intent log: the nowait begin (the ring thread's writes never wait for its fsync),
+saves outside the mutex with group commit, and the two-slot file written in place."""
 
 import pytest
 
 from lvmirror.errors import WouldBlock
 from lvmirror.mirror.bitmap import RegionBitmap
-from lvmirror.mirror.wil import WriteIntentLog
+from lvmirror.mirror.wil import WriteIntentLog, read_log
 
 REGION = 64 << 10
 
@@ -17,7 +18,7 @@ def test_a_nowait_begin_on_a_clean_region_changes_nothing(tmp_path):
     assert wil.bitmap.count() == 0 and wil.saves == 0 and not path.exists()
     assert wil.inflight_regions() == {}
     tok = wil.begin(0, 512)                           # the blocking begin marks and saves
-    assert wil.saves == 1 and RegionBitmap.load(str(path), 1 << 20, REGION).test_region(0)
+    assert wil.saves == 1 and read_log(str(path), 1 << 20, REGION)[0].test_region(0)
     wil.end(tok)
     with pytest.raises(WouldBlock):                   # region 1 still clean: nothing marked
         wil.begin(REGION - 512, 1024, nowait=True)
@@ -52,19 +53,18 @@ def test_a_failed_save_leaves_the_mark_pending_and_the_next_write_saves_again(tm
     """A write whose log save failed is refused; the bit it set in memory vouches for nothing
     until a save carries it, so the next write there saves (before: it saw the bit set and
     went on with the log on disk not marking the region)."""
-    import lvmirror.mirror.wil as wil_mod
     path = tmp_path / "wil"
     wil = WriteIntentLog(str(path), 1 << 20, REGION)
-    real = wil_mod.atomic_write
+    real = WriteIntentLog._write
     calls = []
 
-    def failing_once(p, data, **kw):
-        calls.append(p)
+    def failing_once(self, payload):
+        calls.append(payload)
         if len(calls) == 1:
             raise OSError(28, "No space left on device")
-        return real(p, data, **kw)
+        return real(self, payload)
 
-    monkeypatch.setattr(wil_mod, "atomic_write", failing_once)
+    monkeypatch.setattr(WriteIntentLog, "_write", failing_once)
     with pytest.raises(OSError):
         wil.begin(0, 512)
     assert wil.inflight_regions() == {} and wil.saves == 0 and not path.exists()
@@ -73,7 +73,7 @@ def test_a_failed_save_leaves_the_mark_pending_and_the_next_write_saves_again(tm
     assert wil.clean(wil.ticket()) == 0               # a pending mark is not cleared
     tok = wil.begin(0, 512)
     assert len(calls) == 2 and wil.saves == 1
-    assert RegionBitmap.load(str(path), 1 << 20, REGION).test_region(0)
+    assert read_log(str(path), 1 << 20, REGION)[0].test_region(0)
     wil.end(tok)
     wil.end(wil.begin(0, 512, nowait=True))           # durable now: no save, no wait
 
@@ -83,18 +83,17 @@ def test_a_save_in_progress_holds_back_only_the_writes_that_need_it(tmp_path, mo
     nowait write among them - goes on at once, and a second writer to the region being saved
     waits for that same save instead of writing the file again (group commit)."""
     import threading
-    import lvmirror.mirror.wil as wil_mod
     wil = WriteIntentLog(str(tmp_path / "wil"), 1 << 20, REGION)
     wil.end(wil.begin(0, 512))                        # region 0 durable
-    real = wil_mod.atomic_write
+    real = WriteIntentLog._write
     entered, go = threading.Event(), threading.Event()
 
-    def slow(p, data, **kw):
+    def slow(self, payload):
         entered.set()
         assert go.wait(10)
-        return real(p, data, **kw)
+        return real(self, payload)
 
-    monkeypatch.setattr(wil_mod, "atomic_write", slow)
+    monkeypatch.setattr(WriteIntentLog, "_write", slow)
     done = []
     a = threading.Thread(target=lambda: done.append(("a", wil.begin(REGION, 512))))
     a.start()
@@ -111,3 +110,58 @@ def test_a_save_in_progress_holds_back_only_the_writes_that_need_it(tmp_path, mo
     assert sorted(n for n, _ in done) == ["a", "b"]
     assert wil.saves == 2                             # region 0's save and a's; b shared a's
     assert wil.inflight_regions() == {1: 2}
+
+
+def _seqs(path):
+    return read_log(str(path), 1 << 20, REGION)[1:]
+
+
+def test_saves_alternate_between_two_slots_in_place_and_a_torn_slot_falls_back(tmp_path):
+    """The first save creates the file whole (slot 0); later ones overwrite the older slot in
+    place (same inode and size); a slot torn by a crash - its checksum wrong - leaves the log as
+    the previous save wrote it; both torn: unusable, every region dirty."""
+    import os
+    path = tmp_path / "wil"
+    wil = WriteIntentLog(str(path), 1 << 20, REGION)
+    wil.end(wil.begin(0, 512))
+    ino, size = os.stat(path).st_ino, os.stat(path).st_size
+    assert _seqs(path) == (1, 0) and size == 2 * 4096
+    wil.end(wil.begin(REGION, 512))
+    assert _seqs(path) == (2, 1)
+    wil.end(wil.begin(2 * REGION, 512))
+    assert _seqs(path) == (3, 0)
+    assert (os.stat(path).st_ino, os.stat(path).st_size) == (ino, size)
+    with open(path, "r+b") as f:                       # tear slot 0 (seq 3)
+        f.seek(40)
+        f.write(b"\xff")
+    bm, seq, slot = read_log(str(path), 1 << 20, REGION)
+    assert (seq, slot) == (2, 1) and sorted(bm.dirty_regions()) == [0, 1]
+    again, problem = WriteIntentLog.load_or_create(str(path), 1 << 20, REGION)
+    assert problem is None and sorted(again.bitmap.dirty_regions()) == [0, 1]
+    again.end(again.begin(3 * REGION, 512))             # rewrites the torn slot 0, in place
+    assert _seqs(path) == (3, 0) and os.stat(path).st_ino == ino
+    assert sorted(read_log(str(path))[0].dirty_regions()) == [0, 1, 3]
+    with open(path, "r+b") as f:                       # both slots torn
+        for off in (40, 4096 + 40):
+            f.seek(off)
+            f.write(b"\xff")
+    lost, problem = WriteIntentLog.load_or_create(str(path), 1 << 20, REGION)
+    assert "unusable" in problem and "torn" in problem
+    assert lost.bitmap.count() == lost.bitmap.nregions
+
+
+def test_a_log_in_the_earlier_format_is_read_and_rewritten_as_slots(tmp_path):
+    """A volume's log saved before the slots (a bare RegionBitmap file) loads with its marks;
+    the first save rewrites it whole in the slot format, the next goes in place."""
+    path = tmp_path / "wil"
+    old = RegionBitmap(1 << 20, REGION)
+    old.mark(5 * REGION, 1)
+    old.save(str(path))
+    wil, problem = WriteIntentLog.load_or_create(str(path), 1 << 20, REGION)
+    assert problem is None and list(wil.bitmap.dirty_regions()) == [5]
+    assert read_log(str(path))[1:] == (None, None)
+    wil.end(wil.begin(0, 512))
+    assert _seqs(path) == (1, 0)
+    assert sorted(read_log(str(path))[0].dirty_regions()) == [0, 5]
+    wil.end(wil.begin(REGION, 512))
+    assert _seqs(path) == (2, 1)
