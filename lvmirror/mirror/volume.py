@@ -161,6 +161,11 @@ class _LegDone:
             g.all_done.release()
 
 
+# How many sequential read streams ``MirrorVolume._read_start`` follows at once (the table of
+# recent reads' end offsets is emptied when it holds this many).
+READ_STREAMS = 64
+
+
 class MirrorVolume:
     """A mirrored volume; see the module docstring. Use ``create`` or ``open``."""
 
@@ -200,6 +205,8 @@ class MirrorVolume:
         self._retired: list[_Epoch] = []
         self._epoch_seq = itertools.count(1)
         self._rr = itertools.count()
+        # end offset (bytes) of a recent read -> the leg it went to (``_read_start``)
+        self._streams: dict[int, Leg] = {}
         self._closed = False
         self.control = JobControl(self)   # resync, restore, attach, detach (jobcontrol.py)
         self.splits = SplitControl(self)  # split at T, split images as LUNs (split.py)
@@ -817,7 +824,7 @@ class MirrorVolume:
         try:
             reads = ep.reads
             n = len(reads)
-            start = next(self._rr) % n if n else 0
+            start = self._read_start(reads, offset, length) if n else 0
             errors = []
             timeout = self.leg_timeout
             if self._torn and self._touches_torn(offset, length):
@@ -845,6 +852,25 @@ class MirrorVolume:
             self._leave(ep)
             raise
         self._leave(ep, "reads", length)
+
+    def _read_start(self, reads, offset, length) -> int:
+        """Index in ``reads`` (a non-empty list of legs) of the image a read of ``[offset,
+        +length)`` bytes asks first: the one the read that ended at ``offset`` went to, so that
+        a sequential stream stays on one image and its page cache reads ahead (md's
+        read_balance keeps a sequential reader on one disk the same way; taking turns, each
+        image saw every other chunk and read none ahead); otherwise the next in turn. Notes
+        where this read ends for the next one (at most READ_STREAMS streams are followed)."""
+        streams = self._streams
+        leg = streams.pop(offset, None)
+        if leg is None or leg not in reads:
+            k = next(self._rr) % len(reads)
+            leg = reads[k]
+        else:
+            k = reads.index(leg)
+        if len(streams) >= READ_STREAMS:
+            streams.clear()
+        streams[offset + length] = leg
+        return k
 
     def _touches_torn(self, offset, length) -> bool:
         rs = self._wil.region_shift
@@ -990,7 +1016,7 @@ class MirrorVolume:
             if self._torn and self._touches_torn(offset, length):
                 img = reads[0]      # images may differ here: always the same one answers
             else:
-                img = reads[next(self._rr) % n]
+                img = reads[self._read_start(reads, offset, length)]
             if img.state is not ImageState.IN_SYNC:
                 raise WouldBlock("the image chosen is leaving the mirror")
             try:

@@ -170,3 +170,23 @@ def test_split_image_exported_as_a_volume_tracks_its_own_writes(tmp_path):
     whole = [open(p, "rb").read() for p in paths]
     assert whole[0] == whole[1] == whole[2]
     vol.close()
+
+
+def test_a_sequential_reader_stays_on_one_image_and_others_take_turns(tmp_path):
+    """Reads that each begin where the last one ended go to the image the last one went to,
+    so that image's page cache reads ahead (as md's read_balance keeps a sequential reader on
+    one disk); reads that do not, take the in-sync images in turn. Data the same either way."""
+    vol, opener, paths = make_volume(tmp_path, 2)
+    data = pattern(64, 3)
+    write(vol, 0, data)
+    stats = [opener.by_path[p].stats for p in paths]
+    before = [s["reads"] for s in stats]
+    for k in range(8):                                 # 8 reads of 8 blocks, back to back
+        assert read(vol, 8 * k, 8) == data[8 * k * BS:8 * (k + 1) * BS]
+    took = [s["reads"] - b for s, b in zip(stats, before)]
+    assert sorted(took) == [0, 8]
+    before = [s["reads"] for s in stats]
+    for k in range(8):                                 # the same 8 blocks, over and over
+        assert read(vol, 16, 8) == data[16 * BS:24 * BS]
+    assert [s["reads"] - b for s, b in zip(stats, before)] == [4, 4]
+    vol.close()
