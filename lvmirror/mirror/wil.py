@@ -48,9 +48,14 @@ from lvmirror.mirror.bitmap import RegionBitmap, atomic_write
 __all__ = ["WriteIntentLog", "read_log"]
 
 LOG_MAGIC = b"LVMWIL02"
+LEGACY_MAGIC = b"LVMBMAP1"               # a bare RegionBitmap file (bitmap.MAGIC)
 _SLOT = struct.Struct("<8sQII")          # magic, seq, crc32, payload length
 _SEQ = struct.Struct("<Q")
 _SLOT_ALIGN = 4096
+
+
+class _Rewrite(Exception):
+    """The log file is not two slots of the expected size: write it whole."""
 
 
 def _slot_size(payload_len: int) -> int:
@@ -76,7 +81,7 @@ def read_log(path, size_bytes: int | None = None,
     foreign) or the geometry differs."""
     with open(path, "rb") as f:
         data = f.read()
-    if not data.startswith(LOG_MAGIC):
+    if data.startswith(LEGACY_MAGIC):        # the format before the slots
         return RegionBitmap.from_bytes(data, size_bytes, region_size), None, None
     size = len(data) // 2                     # two slots of one size, written whole at creation
     if len(data) % 2 or size % _SLOT_ALIGN or size < _SLOT.size:
@@ -178,14 +183,19 @@ class WriteIntentLog:
                 self._next_slot = None
             else:
                 try:
+                    if os.fstat(fd).st_size != 2 * len(slot):   # not two slots of this size:
+                        raise _Rewrite                          # rewrite it whole
                     off, pos = self._next_slot * len(slot), 0
                     while pos < len(slot):
                         pos += os.pwrite(fd, slot[pos:], off + pos)
                     os.fdatasync(fd)
+                except _Rewrite:
+                    self._next_slot = None
                 finally:
                     os.close(fd)
-                self._file_seq, self._next_slot = seq, self._next_slot ^ 1
-                return
+                if self._next_slot is not None:
+                    self._file_seq, self._next_slot = seq, self._next_slot ^ 1
+                    return
         atomic_write(self.path, slot + bytes(len(slot)))       # slot 1 empty: not valid
         self._file_seq, self._next_slot = seq, 1
 
@@ -207,6 +217,9 @@ class WriteIntentLog:
         writes, ``MirrorVolume.write(nowait=True)``, may not wait for an fsync)."""
         first = offset >> self.region_shift
         last = (offset + length - 1) >> self.region_shift
+        if offset < 0 or length < 0 or (length and last >= self.bitmap.nregions):
+            raise ValueError(f"write-intent log {self.path}: range [{offset}, +{length}) outside "
+                             f"its {self.bitmap.size_bytes} bytes")
         need = 0
         with self._mutex:
             pending = self._pending
@@ -221,13 +234,16 @@ class WriteIntentLog:
                     self._gen = need = self._gen + 1
                     pending[first] = need
             else:
+                new = 0     # a bit set now needs a save that copies it: a new generation,
+                # newer than any save already running (whose copy may predate this mark)
                 for r in range(first, last + 1):
                     if self.bitmap.mark_region(r):
-                        if not need:
-                            self._gen = need = self._gen + 1
-                        pending[r] = need
+                        if not new:
+                            self._gen = new = self._gen + 1
+                        pending[r] = new
                     elif r in pending:
                         need = max(need, pending[r])
+                need = max(need, new)
         if need:
             try:
                 self._durable(need)

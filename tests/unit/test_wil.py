@@ -165,3 +165,62 @@ def test_a_log_in_the_earlier_format_is_read_and_rewritten_as_slots(tmp_path):
     assert sorted(read_log(str(path))[0].dirty_regions()) == [0, 5]
     wil.end(wil.begin(REGION, 512))
     assert _seqs(path) == (2, 1)
+
+
+def test_a_write_over_two_regions_during_a_save_waits_for_a_save_that_has_its_mark(
+        tmp_path, monkeypatch):
+    """A write to regions 0 and 1 begins while a save for region 0 runs (its copy taken before
+    region 1 was marked): it must wait for a later save that has region 1, not return with
+    region 1 marked only in memory (the first save's end used to clear region 1's pending
+    mark, so the write went on with the log on disk not marking it)."""
+    import threading
+    wil = WriteIntentLog(str(tmp_path / "wil"), 1 << 20, REGION)
+    path = tmp_path / "wil"
+    real = WriteIntentLog._write
+    entered, go = threading.Event(), threading.Event()
+    first = []
+
+    def slow_first(self, payload):
+        if not first:
+            first.append(1)
+            entered.set()
+            assert go.wait(10)
+        return real(self, payload)
+
+    monkeypatch.setattr(WriteIntentLog, "_write", slow_first)
+    a = threading.Thread(target=lambda: wil.begin(0, 512))     # region 0: its save is slow
+    a.start()
+    assert entered.wait(10)
+    got = []
+    b = threading.Thread(target=lambda: got.append(wil.begin(REGION - 512, 1024)))  # 0 and 1
+    b.start()
+    b.join(0.2)
+    go.set()
+    a.join(10)
+    b.join(10)
+    assert got == [(0, 1)]
+    assert sorted(read_log(str(path), 1 << 20, REGION)[0].dirty_regions()) == [0, 1]
+    wil.end(wil.begin(REGION, 512, nowait=True))       # durable: a nowait begin is accepted
+
+
+def test_a_log_file_of_another_size_or_a_torn_first_magic(tmp_path):
+    """A file grown by something else is rewritten whole by the next save (an in-place write
+    at this geometry's offsets would be read from the wrong place); slot 0's magic torn leaves
+    slot 1's state, not an unusable log."""
+    import os
+    path = tmp_path / "wil"
+    wil = WriteIntentLog(str(path), 1 << 20, REGION)
+    wil.end(wil.begin(0, 512))                          # seq 1 in slot 0
+    wil.end(wil.begin(REGION, 512))                     # seq 2 in slot 1
+    with open(path, "r+b") as f:
+        f.write(b"\0")                                  # slot 0's magic torn
+    bm, seq, slot = read_log(str(path), 1 << 20, REGION)
+    assert (seq, slot) == (2, 1) and sorted(bm.dirty_regions()) == [0, 1]
+    with open(path, "ab") as f:
+        f.write(bytes(8192))                            # grown: 16 KiB
+    wil.end(wil.begin(9 * REGION, 512))
+    assert os.path.getsize(path) == 8192
+    assert 9 in read_log(str(path), 1 << 20, REGION)[0].dirty_regions()
+    with pytest.raises(ValueError, match="outside"):
+        wil.begin((1 << 20) - 512, 1024)
+    assert wil.inflight_regions() == {}
