@@ -181,7 +181,10 @@ class CommandRing:
                 ent = base + pos
                 (len_op,) = _LEN_OP(mv, ent)
                 op, length = len_op & _OP_MASK, len_op & ~_OP_MASK
-                if length < abi.ENTRY_HDR.size or pos + length > self.cmdr_size:
+                if (length < abi.ENTRY_HDR.size or pos + length > self.cmdr_size
+                        or length > (head - pos) % self.cmdr_size):
+                    # (the kernel's entries end at cmd_head: one that runs past it, a whole
+                    # ring's length say, would have the cursor circle forever)
                     # Nothing sane to skip by: stop here; the kernel will see the ring stall
                     # and time the commands out rather than us reading garbage forever.
                     log.error("TCMU ring: entry at %d has length %d (ring %d); ring is corrupt",

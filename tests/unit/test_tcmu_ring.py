@@ -269,3 +269,17 @@ def test_a_bidirectional_command_with_one_buffer_has_no_data_out():
     (c,) = ring.fetch().commands
     assert c.iov_views == [] and c.iovecs == [] and c.data_len == 0
     assert len(c.bidi_views) == 1 and len(c.bidi_views[0]) == 4096
+
+
+def test_an_entry_running_past_cmd_head_stops_the_fetch_instead_of_circling():
+    """An entry as long as the whole ring (corrupt: the kernel's entries end at cmd_head) took
+    the fetch cursor round to where it started forever, under the ring's lock; now it is
+    malformed and the fetch returns."""
+    emu, ring, _ = make(cmdr_size=2048)
+    emu.submit(TUR)
+    ent = emu.cmdr_off
+    for op in (abi.OP_PAD, abi.OP_CMD):
+        abi.ENTRY.len_op.put(emu.map, ent, 2048 | op)
+        ring2 = CommandRing(emu.map, map_size=emu.map_size)
+        assert ring2.fetch().commands == [] and ring2.stats["malformed"] == 1
+        assert ring2.outstanding == 0
