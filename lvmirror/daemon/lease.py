@@ -255,7 +255,10 @@ class Leases:
         about 2 x io_timeout plus a renewal). LeaseError when it cannot."""
         sanlock = _sanlock()
         c = self.config
-        self._sector = check_host_id(c.area, c.host_id)
+        try:
+            self._sector = check_host_id(c.area, c.host_id)
+        except OSError as exc:          # a missing or unreadable area: the same LeaseError
+            raise LeaseError(f"lease area {c.area}: {exc.strerror or exc}") from None
         try:
             if sanlock.inq_lockspace(LOCKSPACE, c.host_id, c.area, wait=True):
                 return
