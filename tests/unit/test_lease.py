@@ -177,3 +177,12 @@ def test_a_file_area_takes_its_file_systems_sector_size(tmp_path):
     (part / "queue" / "logical_block_size").write_text("512\n")
     assert lease._file_sector(st, str(sys_root)) == 512
     assert lease._file_sector(st, str(tmp_path / "nosys")) == 512  # no block device: 512
+
+
+def test_joining_with_a_missing_lease_area_is_a_lease_error(tmp_path):
+    """The lease-join thread catches LeaseError and logs it: a missing area must be one (it was
+    a FileNotFoundError, a traceback from that thread)."""
+    pytest.importorskip("sanlock")
+    leases = lease.Leases(lease.LeaseConfig(str(tmp_path / "missing"), 1))
+    with pytest.raises(lease.LeaseError, match="missing"):
+        leases.join()
