@@ -43,19 +43,15 @@ import threading
 import zlib
 
 from lvmirror.errors import WouldBlock
+from lvmirror.mirror.bitmap import MAGIC as LEGACY_MAGIC    # a bare RegionBitmap file
 from lvmirror.mirror.bitmap import RegionBitmap, atomic_write
 
 __all__ = ["WriteIntentLog", "read_log"]
 
 LOG_MAGIC = b"LVMWIL02"
-LEGACY_MAGIC = b"LVMBMAP1"               # a bare RegionBitmap file (bitmap.MAGIC)
 _SLOT = struct.Struct("<8sQII")          # magic, seq, crc32, payload length
 _SEQ = struct.Struct("<Q")
 _SLOT_ALIGN = 4096
-
-
-class _Rewrite(Exception):
-    """The log file is not two slots of the expected size: write it whole."""
 
 
 def _slot_size(payload_len: int) -> int:
@@ -123,9 +119,11 @@ class WriteIntentLog:
         self._seq = 0
         self._gen = 0           # bumped by every change of the bits that a save must carry
         self._saved_gen = 0     # the newest generation a save has made durable
-        self._pending: dict[int, int] = {}   # region -> generation that set its bit, not durable yet
+        # region -> the generation that set its bit, while no save has made it durable
+        self._pending: dict[int, int] = {}
         self._file_seq = 0                   # seq of the newest slot in the file
-        self._next_slot: int | None = None   # the slot the next save overwrites; None: rewrite whole
+        # the slot the next save overwrites in place; None: the next save writes the file whole
+        self._next_slot: int | None = None
         self.saves = 0
 
     @classmethod
@@ -180,22 +178,19 @@ class WriteIntentLog:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                self._next_slot = None
-            else:
+                fd = -1
+            if fd >= 0:
                 try:
-                    if os.fstat(fd).st_size != 2 * len(slot):   # not two slots of this size:
-                        raise _Rewrite                          # rewrite it whole
-                    off, pos = self._next_slot * len(slot), 0
-                    while pos < len(slot):
-                        pos += os.pwrite(fd, slot[pos:], off + pos)
-                    os.fdatasync(fd)
-                except _Rewrite:
-                    self._next_slot = None
+                    # a file not two slots of this size (grown by something else) is rewritten
+                    if os.fstat(fd).st_size == 2 * len(slot):
+                        off, pos = self._next_slot * len(slot), 0
+                        while pos < len(slot):
+                            pos += os.pwrite(fd, slot[pos:], off + pos)
+                        os.fdatasync(fd)
+                        self._file_seq, self._next_slot = seq, self._next_slot ^ 1
+                        return
                 finally:
                     os.close(fd)
-                if self._next_slot is not None:
-                    self._file_seq, self._next_slot = seq, self._next_slot ^ 1
-                    return
         atomic_write(self.path, slot + bytes(len(slot)))       # slot 1 empty: not valid
         self._file_seq, self._next_slot = seq, 1
 
@@ -210,8 +205,8 @@ class WriteIntentLog:
 
     def begin(self, offset: int, length: int, nowait: bool = False) -> tuple[int, int]:
         """Mark the regions of ``[offset, offset+length)`` (bytes) and return once the log on
-        disk marks them (a save - atomic replace + fsync - when a bit was newly set or is still
-        pending; OSError propagates, with nothing counted in flight). Returns a token for
+        disk marks them (a save, ``_write``, when a bit was newly set or is still pending; OSError
+        propagates, with nothing counted in flight). Returns a token for
         ``end``. ``nowait``: only when every region is marked and durable already, so nothing
         is written or waited for; otherwise WouldBlock with nothing changed (the ring thread's
         writes, ``MirrorVolume.write(nowait=True)``, may not wait for an fsync)."""
