@@ -341,9 +341,10 @@ class LunServer:
         return local[0][0].state if len(local) == 1 else None
 
     def _follow_alua(self):
-        """Watchdog thread (``_watch``), every ALUA_FOLLOW_INTERVAL s: when this gateway's port group went from
-        an Active state to Standby, Unavailable or Offline, close the volume (after its commands
-        in flight) and release it; from one of those to Active, open it again. Whoever manages
+        """Watchdog thread (``_watch``), every ALUA_FOLLOW_INTERVAL s: when this gateway's port
+        group went from an Active state to Standby, Unavailable or Offline, close the volume
+        (after its commands in flight) and release it; from one of those to Active, open it
+        again. Whoever manages
         the cluster writes ``alua_access_state`` (the resource agent); a planned move is the
         owner's group to Standby, then the other gateway's to Active. While the group is Active
         and the open was refused because another gateway holds the volume's lease, it is tried
