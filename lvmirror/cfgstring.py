@@ -2,8 +2,8 @@
 
 Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 bytes, no ':')::
 
-    NAME[;images=/path/a+/path/b[+...]][;region_size=1M][;block_size=512|4096][;direct=0|1]
-        [;force=1][;leg_timeout=SECONDS][;state_dir=/path]
+    NAME[;images=/path/a+/path/b[+...]][;region_size=1M][;intent_chunk=64M]
+        [;block_size=512|4096][;direct=0|1][;force=1][;leg_timeout=SECONDS][;state_dir=/path]
     NAME;image=N[;readonly=1][;state_dir=/path]
 
 * ``NAME`` names the volume; its metadata, change bitmaps and write-intent log live in
@@ -24,8 +24,12 @@ Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 b
   the volume's current images); a path that never was one of them means the cfgstring was
   written for another volume, and is refused (``VolumeMetadata.check_named_images``).
 * ``region_size`` (a power of two, 4K..1G, default 1M) is the granularity of the change
-  bitmaps and the write-intent log; ``block_size`` the logical block size; ``direct=1`` opens
-  the images with O_DIRECT.
+  bitmaps (what a resync or restore copies); ``intent_chunk`` (a power of two, at least
+  region_size, up to 1G; default 64M or region_size if larger, mdadm's ``--bitmap-chunk``
+  default) the bytes one write-intent log bit covers: a write to a chunk whose bit is clear
+  waits for the log's save, and after a crash every marked chunk is copied whole. Both are
+  read when the volume is created and kept in its metadata. ``block_size`` the logical block
+  size; ``direct=1`` opens the images with O_DIRECT.
 * ``force=1`` lets the creation of the volume overwrite secondary images (every one but the
   first) that already hold data. Without it such an image is refused, saying what was found
   (a non-zero byte, a file system, LVM2 or md signature, a partition table...), as
@@ -68,7 +72,7 @@ SUBTYPE = "lvmirror"
 MAX_DEV_CONFIG = 255          # TCMU_CONFIG_LEN 256 with the NUL
 MAX_IMAGES = 4
 IMAGE_SEPARATOR = "+"
-KEYS = ("images", "region_size", "block_size", "direct", "force", "leg_timeout", "image",
+KEYS = ("images", "region_size", "intent_chunk", "block_size", "direct", "force", "leg_timeout", "image",
         "readonly", "state_dir")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SIZE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)     # ASCII digits only (\d takes any)
@@ -77,7 +81,8 @@ LEG_TIMEOUT_MIN = 0.1      # seconds; below it a leg lagging by a context switch
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 CONFIG_DESC = (
-    "VOLUME[;images=/path/a+/path/b][;region_size=1M][;block_size=512|4096][;direct=0|1]"
+    "VOLUME[;images=/path/a+/path/b][;region_size=1M][;intent_chunk=64M][;block_size=512|4096]"
+    "[;direct=0|1]"
     "[;force=1][;leg_timeout=4][;state_dir=/path] or VOLUME;image=N[;readonly=1][;state_dir=/path]. "
     "A mirrored volume (metadata in /var/lib/lvmirror/VOLUME, or STATE_DIR/VOLUME with "
     "state_dir=, the mount point of a shared file system, for two gateways); images= creates it on first use from 1-4 image files or block "
@@ -89,14 +94,15 @@ CONFIG_DESC = (
 
 @dataclasses.dataclass(frozen=True)
 class VolumeSpec:
-    """A parsed cfgstring (``parse``; ``format`` is the inverse). ``region_size`` and
-    ``block_size`` in bytes, ``leg_timeout`` in seconds (None: the engine's default, 0: never).
+    """A parsed cfgstring (``parse``; ``format`` is the inverse). ``region_size``,
+    ``intent_chunk`` (None: the engine's default) and ``block_size`` in bytes, ``leg_timeout`` in seconds (None: the engine's default, 0: never).
     ``images`` creates or identifies the volume; ``image`` (index 0-3) exports that split image
     instead, ``readonly`` write-protecting it; ``direct``: O_DIRECT; ``force``: see the module
     docstring; ``state_dir``: the directory holding ``NAME/`` (None: lvmirrord's own)."""
     name: str
     images: tuple[str, ...] | None = None
     region_size: int = 1 << 20
+    intent_chunk: int | None = None
     block_size: int = 512
     direct: bool = False
     force: bool = False
@@ -181,6 +187,16 @@ def parse(cfg: str) -> VolumeSpec:
             raise ConfigError(f"cfgstring {cfg!r}: region_size must be a power of two from 4K "
                               f"to 1G, got {opts['region_size']}")
         kw["region_size"] = rs
+    if "intent_chunk" in opts:
+        ic = _size(cfg, "intent_chunk", opts["intent_chunk"])
+        if ic < 4096 or ic > 1 << 30 or ic & (ic - 1):
+            raise ConfigError(f"cfgstring {cfg!r}: intent_chunk must be a power of two from 4K "
+                              f"to 1G, got {opts['intent_chunk']}")
+        if ic < kw.get("region_size", 1 << 20):
+            raise ConfigError(f"cfgstring {cfg!r}: intent_chunk {opts['intent_chunk']} is finer "
+                              f"than region_size {opts.get('region_size', '1M')}: one "
+                              f"write-intent bit covers one or more whole regions")
+        kw["intent_chunk"] = ic
     if "block_size" in opts:
         if opts["block_size"] not in ("512", "4096"):
             raise ConfigError(f"cfgstring {cfg!r}: block_size must be 512 or 4096, got "
@@ -213,7 +229,7 @@ def parse(cfg: str) -> VolumeSpec:
         if not re.fullmatch(r"[0-9]+", opts["image"]) or int(opts["image"]) >= MAX_IMAGES:
             raise ConfigError(f"cfgstring {cfg!r}: image must be an image index 0-"
                               f"{MAX_IMAGES - 1}, got {opts['image']!r}")
-        for k in ("region_size", "block_size"):
+        for k in ("region_size", "intent_chunk", "block_size"):
             if k in opts:
                 raise ConfigError(f"cfgstring {cfg!r}: {k} belongs to the volume, not to an "
                                   f"exported split image")
@@ -258,7 +274,8 @@ def state_dir_of(spec: VolumeSpec, default: str) -> str:
 
 def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
     """``spec`` as a cfgstring without the ``lvmirror/`` prefix: the inverse of ``parse``,
-    options at their defaults (region_size 1M, block_size 512, flags 0, leg_timeout None)
+    options at their defaults (region_size 1M, intent_chunk None, block_size 512, flags 0,
+    leg_timeout None)
     left out. No validation: ``spec`` is expected to come from ``parse`` or to satisfy it."""
     parts = [spec.name]
     if spec.images is not None:
@@ -269,6 +286,10 @@ def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
         rs = spec.region_size
         unit = next(u for u in ("G", "M", "K", "") if rs % _UNITS[u] == 0)
         parts.append(f"region_size={rs // _UNITS[unit]}{unit}")
+    if spec.intent_chunk is not None:
+        ic = spec.intent_chunk
+        unit = next(u for u in ("G", "M", "K", "") if ic % _UNITS[u] == 0)
+        parts.append(f"intent_chunk={ic // _UNITS[unit]}{unit}")
     if spec.block_size != 512:
         parts.append(f"block_size={spec.block_size}")
     if spec.direct:

@@ -98,14 +98,16 @@ def _human(n):
 
 def format_status(st: dict) -> str:
     """The text ``lvmirror status`` prints for ``st`` (the parsed JSON of Manager.Status): per
-    volume its size, block and region size and health, a line per image and per job, the I/O
+    volume its size, block and region size, write-intent chunk and health, a line per image and per job, the I/O
     counts; then a line per LUN."""
     lines = []
     if not st["volumes"]:
         lines.append("no volumes open")
     for name, v in sorted(st["volumes"].items()):
         lines.append(f"volume {name}: {_human(v['size'])}, {v['block_size']}-byte blocks, "
-                     f"region {_human(v['region_size'])}, {v.get('health', 'optimal')}")
+                     f"region {_human(v['region_size'])}"
+                     + (f", write-intent chunk {_human(v['intent_chunk'])}"
+                        if v.get("intent_chunk") else "") + f", {v.get('health', 'optimal')}")
         if v.get("offline"):
             lines.append(f"  OFFLINE (NOT READY): {v['offline']}")
         if v.get("lease"):

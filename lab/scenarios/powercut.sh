@@ -226,10 +226,14 @@ pc_moment_restore() {  # pc_moment_restore RUN: split, 112 MiB written, the cut 
 }
 
 pc_moment_checkpoint() {  # pc_moment_checkpoint RUN: the cut lands just after a write-intent checkpoint
-  local wil=$STATE/$PC_VOL/wil.bitmap
+  local wil=$STATE/$PC_VOL/wil.bitmap half=$((PC_BLOCKS / 2))
   pc_writer_start $1 || { result pc_cut_checkpoint fail reason="writer did not start"; return; }
-  # one checkpoint under the writer, then the next one: the cut follows it at once
-  if PCPY wait-change $wil --count 2 --timeout 30 > "$PC_DIR/checkpoint-$1.txt"; then
+  # The writer keeps the first write-intent chunk (64 MiB, the default) marked. A bulk pass over
+  # the second half (the LUN's other chunk) marks it; once it has been idle a flusher round the
+  # checkpoint that clears it saves the log - with the writer still writing - and the cut
+  # follows that save at once.
+  PCPY bulk $PC_LUN "$PC_DIR" $1 --start $half --count $half 2>> "$PC_DIR/writer-$1.err"
+  if PCPY wait-change $wil --count 1 --timeout 30 > "$PC_DIR/checkpoint-$1.txt"; then
     touch "$PC_DIR/cut-ready-$1"
     pc_mark $1 checkpoint mtime_ns=$(cat "$PC_DIR/checkpoint-$1.txt")
   fi

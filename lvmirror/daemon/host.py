@@ -183,7 +183,7 @@ class VolumeHost:
             stats = volume.stats
             volumes[name] = {
                 "size": volume.size, "block_size": volume.block_size,
-                "region_size": volume.region_size,
+                "region_size": volume.region_size, "intent_chunk": volume.intent_chunk,
                 "images": [dict(index=i.index, id=i.id, path=i.path, state=i.state.value,
                                 generation=i.generation, split_time=i.split_time,
                                 bitmap_fill=i.bitmap_fill, dirty_bytes=i.dirty_bytes,

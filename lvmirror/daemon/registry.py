@@ -143,6 +143,7 @@ class VolumeRegistry:
                     imagecheck.check_not_in_other_volume(spec.images, d, name=spec.name)
             return MirrorVolume.create(spec.name, list(spec.images), meta_dir=meta_dir,
                                        block_size=spec.block_size, region_size=spec.region_size,
+                                       intent_chunk=spec.intent_chunk,
                                        size=size, direct=spec.direct, force=spec.force,
                                        **_tuning(spec))
 

@@ -291,6 +291,21 @@ class RegionBitmap:
             mine = int.from_bytes(self._bits, "little")
             self._bits[:] = (mine | theirs).to_bytes(len(self._bits), "little")
 
+    def mark_bitmap(self, other: RegionBitmap) -> None:
+        """Mark dirty every byte range ``other`` marks, whatever its region size (the volume's
+        write-intent log marks chunks coarser than a change bitmap's regions): a region of this
+        bitmap is marked when any byte of it lies in a dirty region of ``other``, so the result
+        covers at least what ``other`` does. ``other`` must cover the same ``size_bytes``, else
+        ValueError. Same geometry: ``union_update``."""
+        if other.size_bytes != self.size_bytes:
+            raise ValueError(f"bitmap size mismatch: {other.size_bytes} vs {self.size_bytes} "
+                             f"bytes")
+        if other.region_size == self.region_size:
+            self.union_update(other)
+            return
+        for r in list(other.dirty_regions()):
+            self.mark(*other.region_range(r))
+
     def set_all(self) -> None:
         """Mark every region dirty (e.g. a log that cannot be trusted: everything is suspect)."""
         with self._mutex:

@@ -15,6 +15,8 @@ every image path the volume has had (added by create or attach, kept after a det
 ``check_named_images`` uses to accept a LUN's cfgstring written before an attach or detach.
 A file written before ``image_history`` existed loads with the current image paths as its
 history; the field is an optional addition to format version 1, which older code ignores.
+``intent_chunk`` (bytes one write-intent log bit covers) is another: a file without it loads
+with the default, ``INTENT_CHUNK`` (the log on disk is coarsened to it when the volume opens).
 
 Image ids are stable (bitmap files are named by id); an image's *index* is its position in
 the list, which is what the API and the administrator see.
@@ -34,9 +36,13 @@ import uuid as _uuid
 from lvmirror.errors import ConfigError
 from lvmirror.mirror.bitmap import atomic_write
 
-__all__ = ["FORMAT_VERSION", "ImageRecord", "VolumeMetadata", "valid_volume_name"]
+__all__ = ["FORMAT_VERSION", "INTENT_CHUNK", "ImageRecord", "VolumeMetadata",
+           "valid_volume_name"]
 
 FORMAT_VERSION = 1
+# bytes of the volume one write-intent bit covers by default: mdadm's internal bitmap chunk
+# ("defaults to 64Meg", mdadm(8) --bitmap-chunk); never finer than the volume's region_size
+INTENT_CHUNK = 64 << 20
 STATES = ("in-sync", "syncing", "split", "failed")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
@@ -86,6 +92,9 @@ class VolumeMetadata:
     # every image path the volume has had, in the order first added (create / attach); a
     # detach keeps the path here. See check_named_images.
     image_history: list[str] = dataclasses.field(default_factory=list)
+    # bytes one write-intent log bit covers (a power of two >= region_size; 0: not yet
+    # chosen, ``new`` / ``from_json`` set it). See MirrorVolume.create's ``intent_chunk``.
+    intent_chunk: int = 0
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -119,11 +128,13 @@ class VolumeMetadata:
     # -- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def new(cls, name, *, block_size, size, region_size) -> VolumeMetadata:
+    def new(cls, name, *, block_size, size, region_size, intent_chunk=None) -> VolumeMetadata:
         """A record for a new volume: a random uuid, no images yet (``add_image``), generation 0,
-        clean_shutdown True. Sizes in bytes, not validated here; not saved."""
+        clean_shutdown True. Sizes in bytes, not validated here; not saved. ``intent_chunk``
+        None: ``max(region_size, INTENT_CHUNK)``."""
         return cls(name=name, uuid=str(_uuid.uuid4()), block_size=block_size, size=size,
-                   region_size=region_size, images=[])
+                   region_size=region_size, images=[],
+                   intent_chunk=intent_chunk or max(region_size, INTENT_CHUNK))
 
     def add_image(self, path, state, generation=0) -> ImageRecord:
         """Append a new image record (path: str or PathLike; state: one of STATES) with the
@@ -261,6 +272,13 @@ class VolumeMetadata:
         rs = field(d, "region_size", int)
         if rs < bs or rs & (rs - 1):
             raise bad(f"region_size {rs} must be a power of two >= block_size {bs}")
+        # written before intent_chunk existed (the log's bit covered one region): the default
+        # now; MirrorVolume.open coarsens the log on disk to it (a superset of its marks)
+        ic = field(d, "intent_chunk", int, optional=True)
+        if ic is None:
+            ic = max(rs, INTENT_CHUNK)
+        if ic < rs or ic & (ic - 1):
+            raise bad(f"intent_chunk {ic} must be a power of two >= region_size {rs}")
         images = []
         ids = set()
         for n, im in enumerate(field(d, "images", list)):
@@ -301,7 +319,7 @@ class VolumeMetadata:
         md = cls(name=name, uuid=field(d, "uuid", str), block_size=bs, size=size,
                  region_size=rs, images=images, generation=field(d, "generation", int),
                  clean_shutdown=field(d, "clean_shutdown", bool), next_image_id=nid,
-                 image_history=list(history))
+                 image_history=list(history), intent_chunk=ic)
         for rec in images:
             md._remember(rec.path)
         return md

@@ -3,9 +3,11 @@ the volume while it serves.
 
 ``volume.json`` says ``clean_shutdown: false`` while a volume is open. After a crash (a process
 kill, a power cut) only the regions the write-intent log marks may differ between the in-sync
-images: a write may have reached some and not others. Before the volume serves, ``recover``
-merges those regions into the change bitmap of every split / failed / syncing image (their
-bitmaps are saved lazily; the log covers what the lazy copy may have missed) and saves them.
+images: a write may have reached some and not others (the log marks write-intent chunks, 64
+MiB by default as md's bitmap does; a marked chunk stands for each of its regions). Before the
+volume serves, ``recover`` merges those regions into the change bitmap of every split / failed
+/ syncing image (their bitmaps are saved lazily; the log covers what the lazy copy may have
+missed) and saves them.
 That is quick: it touches metadata only.
 
 The copy is done online, as md resyncs a RAID1 after an unclean shutdown while the array
@@ -38,14 +40,17 @@ def recover(md, vdir, images, wil) -> set[int]:
     the ones the in-sync images may disagree on, which the volume copies while it serves
     (``MirrorVolume`` treats them as torn regions: reads there use one image, the first in
     sync, until each region is copied from it to the others under its region lock; the log
-    keeps them until a checkpoint has made the copies durable). OSError when a bitmap cannot
-    be saved."""
+    keeps them until a checkpoint has made the copies durable). The log marks write-intent
+    chunks (``md.intent_chunk`` bytes); what is returned and merged is every region of a
+    marked chunk. OSError when a bitmap cannot be saved."""
     dirty = wil.bitmap
     for im in images:
         if im.state is not ImageState.IN_SYNC and im.bitmap is not None:
-            im.bitmap.union_update(dirty)
+            im.bitmap.mark_bitmap(dirty)
             im.bitmap.save(VolumeMetadata.bitmap_path(vdir, im.rec.id))
-    return set(dirty.dirty_regions())
+    per = dirty.region_size // md.region_size            # regions per chunk, a power of two
+    return {r for c in dirty.dirty_regions()
+            for r in range(c * per, min((c + 1) * per, -(-md.size // md.region_size)))}
 
 
 class RecoveryProgress:

@@ -197,6 +197,9 @@ class MirrorVolume:
         self.size = md.size
         self.num_blocks = md.size // md.block_size
         self.region_size = md.region_size
+        self._region_shift = md.region_size.bit_length() - 1
+        # bytes one write-intent log bit covers (a power of two >= region_size)
+        self.intent_chunk = md.intent_chunk
         self.locks = RegionLockManager(md.name)
         self._mgmt = threading.RLock()      # serialises management operations
         self._meta = threading.RLock()      # image states, epoch construction, metadata saves
@@ -251,7 +254,7 @@ class MirrorVolume:
     def create(cls, name, image_paths, *, meta_dir, block_size=512, region_size=1 << 20,
                size=None, direct=False, opener=None, flush_interval=2.0,
                rate_limit=None, fanout="auto", leg_timeout=LEG_TIMEOUT,
-               force=False) -> MirrorVolume:
+               force=False, intent_chunk=None) -> MirrorVolume:
         """Create a volume. The first image is the source (in-sync); the others start a full
         resync from it (``vol.jobs``). Missing image files are created when ``size`` is given.
 
@@ -272,7 +275,15 @@ class MirrorVolume:
         costs more than the copy into the page cache). ``leg_timeout``: seconds one image may
         lag behind an in-sync image on the same write or flush (or take on a read) before it
         is failed as slow and the I/O completes without it (0 or None: never; default
-        LEG_TIMEOUT)."""
+        LEG_TIMEOUT).
+
+        ``region_size`` (bytes, a power of two >= ``block_size``): the granularity of the
+        change bitmaps, so of what a resync or restore copies. ``intent_chunk`` (bytes, a power
+        of two >= ``region_size``; None: ``max(region_size, INTENT_CHUNK)``, 64 MiB, mdadm's
+        internal bitmap chunk): what one write-intent log bit covers. A write that finds its
+        chunk's bit clear waits for the log's save (an fdatasync); a coarser chunk means fewer
+        of those, and more to copy after a crash (every region of each marked chunk). ConfigError
+        for either out of range."""
         opener = opener or _default_opener
         if not valid_volume_name(name):
             raise ConfigError(f"invalid volume name {name!r}: use letters, digits, _ . : -")
@@ -282,6 +293,11 @@ class MirrorVolume:
                 or region_size & (region_size - 1)):
             raise ConfigError(f"volume {name}: region size must be a power of two >= the block "
                               f"size {block_size}, got {region_size}")
+        if intent_chunk is not None and (not isinstance(intent_chunk, int)
+                                         or intent_chunk < region_size
+                                         or intent_chunk & (intent_chunk - 1)):
+            raise ConfigError(f"volume {name}: write-intent chunk must be a power of two >= the "
+                              f"region size {region_size}, got {intent_chunk!r}")
         paths = [os.fspath(p) for p in image_paths]
         if not 1 <= len(paths) <= MAX_IMAGES:
             raise ConfigError(f"volume {name}: 1 to {MAX_IMAGES} images, got {len(paths)}")
@@ -326,7 +342,7 @@ class MirrorVolume:
                         pass
                 raise
             md = VolumeMetadata.new(name, block_size=block_size, size=size,
-                                    region_size=region_size)
+                                    region_size=region_size, intent_chunk=intent_chunk)
             md.generation = 1
             vdir = VolumeMetadata.volume_dir(meta_dir, name)
             os.makedirs(vdir, exist_ok=True)
@@ -342,7 +358,7 @@ class MirrorVolume:
                     bm.set_all()
                     bm.save(VolumeMetadata.bitmap_path(vdir, rec.id))
                 images.append(Leg(rec, st, bm))
-            wil = WriteIntentLog(VolumeMetadata.wil_path(vdir), size, region_size)
+            wil = WriteIntentLog(VolumeMetadata.wil_path(vdir), size, md.intent_chunk)
             wil.save()
             md.clean_shutdown = False
             md.save(meta_dir)
@@ -397,7 +413,7 @@ class MirrorVolume:
                         and im.bitmap is not None and "cannot open" in im.rec.error:
                     im.bitmap.set_all()   # it vanished: we cannot know what it missed
             wil, problem = WriteIntentLog.load_or_create(VolumeMetadata.wil_path(vdir), md.size,
-                                                        md.region_size)
+                                                        md.intent_chunk)
             if problem == "missing" and not md.clean_shutdown:
                 wil.bitmap.set_all()   # unclean and no log: every region is suspect
             torn = set()
@@ -594,7 +610,7 @@ class MirrorVolume:
             if img.state is ImageState.SYNCING:
                 bm.set_all()
             else:
-                bm.union_update(self._wil.bitmap)
+                bm.mark_bitmap(self._wil.bitmap)
         elif length:
             bm.mark(offset, length)
 
@@ -749,7 +765,7 @@ class MirrorVolume:
                     self._log_space(img, self._images.index(img) if img in self._images else -1,
                                     e.op or "write", e)
                 if length:
-                    rs = self._wil.region_shift
+                    rs = self._region_shift
                     with self._elock:
                         self._torn.update(range(offset >> rs, ((offset + length - 1) >> rs) + 1))
                 raise VolumeIOError(f"volume {self.name}: out of space: " + "; ".join(
@@ -872,8 +888,15 @@ class MirrorVolume:
         streams[offset + length] = leg
         return k
 
+    def _torn_chunks(self) -> set[int]:
+        """The write-intent chunks (log bit indexes) holding a torn region: the log keeps them
+        marked until the region is repaired."""
+        shift = self._wil.region_shift - self._region_shift
+        with self._elock:
+            return {r >> shift for r in self._torn}
+
     def _touches_torn(self, offset, length) -> bool:
-        rs = self._wil.region_shift
+        rs = self._region_shift
         torn = self._torn
         return any(r in torn for r in range(offset >> rs, ((offset + length - 1) >> rs) + 1))
 
@@ -890,7 +913,8 @@ class MirrorVolume:
         for r in pending:
             if stop is not None and stop.is_set():
                 break
-            off, ln = self._wil.bitmap.region_range(r)
+            off = r << self._region_shift
+            ln = min(self.region_size, self.size - off)
             lk = self.locks.lock(off // bs, ln // bs)
             try:
                 ep = self._enter()
@@ -1188,12 +1212,13 @@ class MirrorVolume:
     def stats(self) -> dict:
         """I/O counters since open (reads, writes, bytes, flushes, errors, image failures,
         slow legs, out-of-space and metadata errors...), I/Os in flight, the metadata
-        generation, write-intent log regions marked and saves, and each image's own counters."""
+        generation, write-intent log chunks marked (``wil_dirty_chunks``, of ``intent_chunk``
+        bytes each) and saves, and each image's own counters."""
         with self._elock:
             d = dict(self._stats)
             d["inflight"] = self._epoch.inflight + sum(e.inflight for e in self._retired)
         d["generation"] = self._md.generation
-        d["wil_dirty_regions"] = self._wil.bitmap.count()
+        d["wil_dirty_chunks"] = self._wil.bitmap.count()
         with self._elock:
             d["torn_regions"] = len(self._torn)
         d["wil_saves"] = self._wil.saves
@@ -1326,9 +1351,7 @@ class MirrorVolume:
                     if im.bitmap is not None:
                         snap.union_update(im.bitmap)   # never save fewer marks than now
                         snap.save(self._bitmap_path(im))
-            with self._elock:
-                keep = set(self._torn)
-            return self._wil.clean(cutoff, keep)
+            return self._wil.clean(cutoff, self._torn_chunks())
         return self._barrier.commit(self._storage_images(), persist, what="checkpoint")
 
     def _flush_loop(self, interval):
@@ -1372,7 +1395,7 @@ class MirrorVolume:
                         if im.bitmap is not None:
                             im.bitmap.save(self._bitmap_path(im))
                     if torn:     # not clean: the next open's recovery repairs the torn regions
-                        self._wil.clean(self._wil.ticket(), self._torn)
+                        self._wil.clean(self._wil.ticket(), self._torn_chunks())
                     else:
                         self._wil.clear_all()
                     self._md.clean_shutdown = not torn

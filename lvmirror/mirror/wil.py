@@ -106,7 +106,12 @@ def read_log(path, size_bytes: int | None = None,
 
 
 class WriteIntentLog:
-    """A persistent RegionBitmap plus per-region in-flight accounting."""
+    """A persistent RegionBitmap plus per-region in-flight accounting. Its "regions" are the
+    volume's write-intent chunks (``VolumeMetadata.intent_chunk`` bytes each, a power of two,
+    64 MiB by default as md's internal bitmap chunk): coarser than the change bitmaps' regions,
+    so a random writer sets - and waits for a save - far less often, at the price of copying
+    whole chunks after a crash (md's and DRBD's trade: their bitmap chunk and activity-log
+    extent)."""
 
     def __init__(self, path, size_bytes: int, region_size: int, bitmap: RegionBitmap | None = None):
         self.path = path
@@ -128,13 +133,21 @@ class WriteIntentLog:
 
     @classmethod
     def load_or_create(cls, path, size_bytes, region_size) -> tuple[WriteIntentLog, str | None]:
-        """Load the log at ``path``. A missing file means an empty log (a new volume); an
-        unreadable or corrupt one means every region is suspect (all marked), and the reason is
-        returned as the second element for the caller to report."""
+        """Load the log at ``path``, one bit per ``region_size`` bytes (the volume's
+        ``intent_chunk``). A missing file means an empty log (a new volume); an unreadable or
+        corrupt one means every region is suspect (all marked), and the reason is returned as
+        the second element for the caller to report. A log saved with another region size (a
+        volume from before ``intent_chunk``, whose bit covered one change-tracking region) is
+        converted: each new bit is set where any byte it covers was marked, a superset of the
+        old marks, and the first save rewrites the file whole."""
         problem = None
         seq = slot = None
         try:
-            bm, seq, slot = read_log(path, size_bytes, region_size)
+            bm, seq, slot = read_log(path, size_bytes)
+            if bm.region_size != region_size:
+                old, bm = bm, RegionBitmap(size_bytes, region_size)
+                bm.mark_bitmap(old)
+                seq = slot = None
         except FileNotFoundError:
             bm = RegionBitmap(size_bytes, region_size)
             problem = "missing"

@@ -96,6 +96,11 @@ class Opener:
 
 def make_volume(tmp_path, nimages=2, *, size=1 << 20, region_size=64 << 10, name="vol",
                 opener=None, wait=True, **kw):
+    """A volume of ``nimages`` image files under ``tmp_path``, initial resync done. Its
+    write-intent chunk is its region (``intent_chunk=region_size``) unless ``intent_chunk`` is
+    given: these tests look at the log region by region; the default chunk (64 MiB, coarser
+    than these small volumes) is tested on its own (test_intent_chunk)."""
+    kw.setdefault("intent_chunk", region_size)
     opener = opener or Opener()
     paths = [str(tmp_path / f"img{k}") for k in range(nimages)]
     vol = MirrorVolume.create(name, paths, meta_dir=str(tmp_path / "meta"), size=size,

@@ -154,12 +154,12 @@ def test_the_write_intent_log_is_kept_only_when_something_can_differ(tmp_path):
     for k in range(8):
         write(one, k * 256, pattern(8, k))          # 8 regions of 64 KiB
     assert read(one, 256, 8) == pattern(8, 1)
-    assert one.stats["wil_saves"] == saves and one.stats["wil_dirty_regions"] == 0
+    assert one.stats["wil_saves"] == saves and one.stats["wil_dirty_chunks"] == 0
     one.close()
     two, _, _ = make_volume(tmp_path / "two", 2)
     saves = two.stats["wil_saves"]
     write(two, 0, pattern(8, 1))
-    assert two.stats["wil_saves"] > saves and two.stats["wil_dirty_regions"] >= 1
+    assert two.stats["wil_saves"] > saves and two.stats["wil_dirty_chunks"] >= 1
     two.split(1)                                   # one image left, the split one tracked
     saves = two.stats["wil_saves"]
     write(two, 512, pattern(8, 2))
