@@ -350,6 +350,28 @@ def wait_timeout(text: str) -> float:
     return value
 
 
+def io_timeout(text: str) -> int:
+    """argparse type for ``lease-init --io-timeout``: whole seconds from 1 to 60 (the range
+    ``lease.init_area`` accepts; sanlock's I/O timeout for the lockspace)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"whole seconds from 1 to 60, got {text!r}")
+    return value
+
+
+def check_group(parser, members):
+    """A consistency group names one image of each volume: a volume named twice is bad usage
+    (``parser.error``, exit 2), said before lvmirrord is asked."""
+    seen = set()
+    for name, image in members:
+        if name in seen:
+            parser.error(f"{name} is named twice: a group takes one image of each volume")
+        seen.add(name)
+
+
 def _hook_args(s):
     s.add_argument("--no-hooks", action="store_true",
                    help="do not run the split hooks (/etc/lvmirror/hooks.d)")
@@ -523,11 +545,13 @@ def main(argv=None):
                        "(a consistency group)")
     s.add_argument("members", nargs="+", type=group_member, metavar="VOLUME:IMAGE")
     _hook_args(s)
+    groups = {"split-group": s}
     s = command("restore-group", help="roll several volumes back to their split images "
                        "at one instant")
     s.add_argument("members", nargs="+", type=group_member, metavar="VOLUME:IMAGE")
     s.add_argument("--rate", type=rate, default=0.0, help="MB/s per volume, 0 = unlimited")
     s.add_argument("--wait", action="store_true", help="return when every restore finished")
+    groups["restore-group"] = s
     s = command("attach", help="add an image (full resync from the volume)")
     s.add_argument("volume")
     s.add_argument("path")
@@ -552,6 +576,7 @@ def main(argv=None):
     s.add_argument("--keep", type=int, help="backups kept per volume (default 7)")
     s.add_argument("--rate", type=rate, help="resync rate limit, MB/s (0: unlimited)")
     s.add_argument("--no-hooks", action="store_true", help="do not run the split hooks")
+    groups["backup-cycle"] = s
     s = command("scrub", help="compare the in-sync images region by region; repair by "
                        "majority vote or from a named image")
     s.add_argument("volume", nargs="?")
@@ -571,6 +596,7 @@ def main(argv=None):
                         "left as found)")
     s.add_argument("--cancel", action="store_true",
                    help="end the running scrub for good (with --all: every running scrub)")
+    scrub = s
     command("metrics", help="lvmirrord's metrics in Prometheus text format (the file it "
                    "writes for the node exporter's textfile collector)")
     s = command("wait", help="return when no resync, restore, attach or crash "
@@ -581,7 +607,7 @@ def main(argv=None):
     s = command("lease-init", help="initialise a lease area for gateways sharing storage "
                              "(run once, before any lvmirrord uses it; needs the sanlock daemon)")
     s.add_argument("area", help="the shared file or block device (lvmirrord --lease-area)")
-    s.add_argument("--io-timeout", type=int, default=10, metavar="SECONDS",
+    s.add_argument("--io-timeout", type=io_timeout, default=10, metavar="SECONDS",
                    help="sanlock's I/O timeout for the lockspace (default %(default)s)")
     s.add_argument("--force", action="store_true",
                    help="overwrite an area that holds a lockspace (every lvmirrord using it "
@@ -589,7 +615,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.cmd == "lease-init":
         return _lease_init(args)
+    if args.cmd in groups:
+        check_group(groups[args.cmd], args.members)
     if args.cmd == "scrub":
+        p = scrub                # its errors print its usage, not the top one
         if bool(args.volume) == bool(args.all):
             p.error("scrub: name a VOLUME or give --all, not both"
                     if args.all else "scrub: name a VOLUME or give --all")

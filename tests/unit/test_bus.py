@@ -224,6 +224,23 @@ def test_cli_wait_refuses_a_timeout_that_is_not_positive_seconds(system_bus, val
     assert r.returncode == 2 and f"seconds above 0, got '{value}'" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("args, usage, msg", [
+    (["split-group", "db:1", "db:2"], "split-group", "db is named twice"),
+    (["restore-group", "a:1", "b:1", "a:1"], "restore-group", "a is named twice"),
+    (["backup-cycle", "a:1", "a:2", "--dest", "/srv"], "backup-cycle", "a is named twice"),
+    (["lease-init", "/srv/area", "--io-timeout", "-5"], "lease-init", "1 to 60, got '-5'"),
+    (["lease-init", "/srv/area", "--io-timeout", "61"], "lease-init", "1 to 60, got '61'"),
+    (["scrub"], "scrub", "name a VOLUME or give --all"),
+])
+def test_cli_usage_errors_say_the_commands_usage(args, usage, msg):
+    """Bad usage exits 2 before lvmirrord is asked (no bus here: it would exit 3), printing the
+    command's own usage line: a consistency group names one image of each volume, sanlock's
+    I/O timeout is 1 to 60 s, scrub needs a volume or --all."""
+    r = cli("unix:path=/nonexistent/bus", *args)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+    assert r.stderr.startswith(f"usage: lvmirror {usage} "), r.stderr
+
+
 LOCK_CLIENT = """
 import sys, dbus
 bus = dbus.SystemBus()
