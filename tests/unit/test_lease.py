@@ -93,16 +93,18 @@ def test_lvmirrord_lease_options_are_checked(argv, message, capsys):
 
 def test_lease_init_refuses_what_is_not_an_empty_area(tmp_path, capsys):
     """Checked before sanlock is asked: a directory, a relative path, an I/O timeout out of
-    range, an area whose first MiB is not zeroes (a lockspace in use, or data) without
+    range (a usage error, exit 2), an area whose first MiB is not zeroes (a lockspace in use, or data) without
     --force."""
     used = tmp_path / "used"
     used.write_bytes(b"\0" * 100 + b"\x10\x20\x21\x12" + b"\0" * ((4 << 20) - 104))
     for argv, message in (([str(tmp_path)], "regular file or a block device"),
                           (["relative-area"], "absolute path"),
-                          ([str(used), "--io-timeout", "0"], "1 to 60 seconds"),
                           ([str(used)], "is not empty")):
         assert cli.main(["lease-init"] + argv) == cli.EXIT_ERROR
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ei:          # bad usage: argparse's exit 2
+        cli.main(["lease-init", str(used), "--io-timeout", "0"])
+    assert ei.value.code == 2 and "whole seconds from 1 to 60, got '0'" in capsys.readouterr().err
 
 
 def test_lease_init_refuses_a_small_or_missing_area(tmp_path, capsys):
