@@ -4,8 +4,11 @@ The ring thread fetches every available command. It answers the commands that ca
 a device itself, with no hand-off: READs from the page cache (RWF_NOWAIT), and buffered WRITEs
 without FUA whose range no other I/O holds and whose regions the write-intent log marks
 already (no save with fsync) - up to INLINE_WRITE_MAX bytes, or INLINE_IDLE_MAX when the
-command is the only one outstanding (queue depth 1). It hands the rest to the LUN's own worker
-pool (a slow image or a long resync never stalls another LUN), collects their completions and
+command is the only one outstanding (queue depth 1). At queue depth 1 it also runs, blocking,
+a READ or WRITE that only a device stands in the way of (``WouldBlock.device``: data not in
+the page cache, a write-intent log save, FUA), since nothing else waits for the ring thread
+meanwhile; one that waits for another I/O's region lock or a restore never. It hands the rest
+to the LUN's own worker pool (a slow image or a long resync never stalls another LUN), collects their completions and
 tells the kernel once per batch. (Workers completing on the ring and notifying the kernel
 themselves, as tcmu-runner's handler threads do, was measured: 4 KiB random writes at queue
 depth 32 fell from 1,532 to 924 IOPS in the kernel lab, one uio write and one kernel completion
@@ -592,10 +595,11 @@ class LunServer:
                 commands = batch.commands
                 self.commands += len(commands)
                 if self._nowait_ok():
-                    writes = (self._inline_after <= time.monotonic() and not self._stuck
-                              and getattr(self.backend, "supports_nowait_write", False))
-                    # queue depth 1: a larger WRITE too
-                    idle = writes and len(commands) == 1 and ring.outstanding == 1
+                    calm = self._inline_after <= time.monotonic() and not self._stuck
+                    writes = calm and getattr(self.backend, "supports_nowait_write", False)
+                    # queue depth 1: a larger WRITE too, and one that waits for a device
+                    lone = calm and len(commands) == 1 and ring.outstanding == 1
+                    idle = writes and lone
                     mine = self._inline_q
                     for command in commands:
                         if self._inline_candidate(command, writes, idle):
@@ -603,7 +607,7 @@ class LunServer:
                         else:
                             self._pool.post(self._execute, command)
                     if mine:
-                        done = self._run_inline(mine, gen)
+                        done = self._run_inline(mine, gen, lone)
                         if done is None:
                             return           # handed over: a newer ring thread serves now
                         completed += done
@@ -638,10 +642,15 @@ class LunServer:
         return writes and op in WRITE_OPCODES and command.data_len <= (
             INLINE_IDLE_MAX if idle else INLINE_WRITE_MAX)
 
-    def _run_inline(self, mine: collections.deque, gen: int) -> int | None:
+    def _run_inline(self, mine: collections.deque, gen: int, lone: bool = False) -> int | None:
         """Run the commands of ``mine`` on the ring thread (generation ``gen``), each only if it
         cannot wait for anything but the images' page cache (``LogicalUnit.execute(nowait=
-        True)``); one that would (WouldBlock: nothing was done) goes to the pool. Returns how
+        True)``); one that would (WouldBlock: nothing was done) goes to the pool - except, with
+        ``lone`` (it is the only command outstanding), one that only a device stands in the way
+        of (``WouldBlock.device``): the ring thread runs it blocking (``_respond``), under the
+        watchdog, saving the hand-off to a worker and back that nothing else would use
+        (in the kernel lab, 2026-12-02, 4 KiB random reads at queue depth 1 missed the page
+        cache and made that round trip every time). Returns how
         many were completed here, or None when the watchdog handed the ring to a newer thread
         while one ran: its response then goes through the completion queue, as a worker's does,
         and this thread is a ring thread no more. A command that took longer than INLINE_SLOW
@@ -657,8 +666,8 @@ class LunServer:
             try:
                 response = lu.execute(command.cdb, command.iov_views, command.iov_views,
                                       nowait=True)
-            except WouldBlock:
-                response = None
+            except WouldBlock as e:
+                response = self._respond(command) if lone and e.device else None
             with self._role_mu:
                 lost = self._gen != gen
                 if not lost:
@@ -825,6 +834,15 @@ class LunServer:
                 and not self._aborted and getattr(self.backend, "supports_nowait", False))
 
     def _execute(self, command):
+        """A worker's job: ``_respond`` to ``command``, then hand the response to the ring
+        thread (the completion queue and a wake-up)."""
+        self._completions.append((command, self._respond(command)))
+        self._wake()
+
+    def _respond(self, command) -> Response:
+        """The response to ``command``, run where it may block: TASK ABORTED when the kernel
+        aborted it, NOT READY while the volume is not open, else the SCSI core's answer; a bug
+        becomes HARDWARE ERROR / INTERNAL TARGET FAILURE (logged), never a lost command."""
         try:
             if command.cmd_id in self._aborted:
                 response = Response(scsi.TASK_ABORTED, b"", 0)
@@ -837,5 +855,4 @@ class LunServer:
             log.exception("LUN %s: command %s failed", self.name, command.cdb[:1].hex())
             response = Response(scsi.CHECK_CONDITION, build_sense(
                 scsi.HARDWARE_ERROR, *scsi.ASC_INTERNAL_TARGET_FAILURE), 0)
-        self._completions.append((command, response))
-        self._wake()
+        return response

@@ -1009,8 +1009,10 @@ class MirrorVolume:
         failed, no statistics counted). The ring thread answers cached reads this way without
         a hand-off to a worker."""
         nblocks = self._buffers_len(buffers) // self.block_size
-        if nowait and (self._direct or self.control.restore_job is not None):
-            raise WouldBlock("the read may wait for a device or a restore")
+        if nowait and self.control.restore_job is not None:
+            raise WouldBlock("a restore may have to copy the range first")
+        if nowait and self._direct:
+            raise WouldBlock("the images are read with O_DIRECT", device=True)
         offset, length = self._prologue(lba, nblocks)
         if not nblocks:
             return
@@ -1071,8 +1073,10 @@ class MirrorVolume:
         Raises VolumeIOError when no in-sync image took it, StateError when the volume is closed
         or offline."""
         nblocks = self._buffers_len(buffers) // self.block_size
-        if nowait and (fua or self._direct or self.control.restore_job is not None):
-            raise WouldBlock("the write may wait for a device or a restore")
+        if nowait and self.control.restore_job is not None:
+            raise WouldBlock("a restore may have to copy the range first")
+        if nowait and (fua or self._direct):
+            raise WouldBlock("the write waits for the device", device=True)
         offset, length = self._prologue(lba, nblocks)
         if not nblocks:
             return

@@ -387,7 +387,7 @@ class LogicalUnit:
         rest = want - full * bs
         if nowait:
             if rest:    # two backend reads: the first would be counted twice if the second waits
-                raise WouldBlock("a partial last block is read by a worker")
+                raise WouldBlock("a partial last block is read by a worker", device=True)
             if full:
                 self.backend.read(lba, _take(data_in, full * bs), nowait=True)
             return Response(c.GOOD, b"", want)
@@ -417,7 +417,7 @@ class LogicalUnit:
         fua = cdb[0] != c.WRITE_6 and bool(cdb[1] & 0x08) or not self.write_cache
         if nowait:
             if fua:
-                raise WouldBlock("a FUA write waits for the device")
+                raise WouldBlock("a FUA write waits for the device", device=True)
             self.backend.write(lba, bufs, fua=False, nowait=True)
         else:
             self.backend.write(lba, bufs, fua=fua)

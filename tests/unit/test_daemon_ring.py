@@ -8,6 +8,7 @@ import pytest
 
 from lvmirror import cfgstring
 from lvmirror.daemon import LunServer, VolumeRegistry
+from lvmirror.errors import WouldBlock
 from lvmirror.mirror.volume import ImageState
 from lvmirror.scsi import parse_sense
 from lvmirror.tcmu import abi, uio
@@ -343,6 +344,70 @@ def test_cached_reads_are_answered_by_the_ring_thread(lab, tmp_path):
     assert emu.wait([rid])[rid].data_in == data[:8 * BS]
 
 
+def _evict(volume, paths, lba, nblocks=8):
+    """Drop ``paths``' pages from the page cache until a READ of ``nblocks`` at ``lba`` would
+    miss it (DONTNEED is advice: a page under writeback on a busy host stays). False when
+    they never left."""
+    import time
+    for _ in range(50):
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY)
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        try:
+            volume.read(lba, [memoryview(bytearray(nblocks * BS))], nowait=True)
+        except WouldBlock as e:
+            assert e.device, e
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_lone_read_the_page_cache_misses_is_run_by_the_ring_thread(lab, tmp_path,
+                                                                      monkeypatch):
+    """At queue depth 1 a READ whose data is not in the page cache is read by the ring thread
+    itself, blocking (no hand-off to a worker and back: nothing else waits); with another
+    command outstanding it goes to a worker, so the ring thread stays free for the others."""
+    import time
+    from lvmirror.daemon import lunserver
+    monkeypatch.setattr(lunserver, "INLINE_SLOW", 30.0)
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    data = random.Random(9).randbytes(64 * BS)
+    wid = emu.submit(cdb10(0x2A, 0, 64), data_out=data)
+    assert emu.wait([wid])[wid].status == 0
+    before = lun.inline
+    rid = emu.submit(cdb10(0x28, 0, 8), data_in_len=8 * BS)
+    assert emu.wait([rid])[rid].data_in == data[:8 * BS]
+    if lun.inline == before:
+        pytest.skip(f"{tmp_path}: no RWF_NOWAIT reads on this file system")
+    for lba in (8, 24, 40):                              # one at a time: queue depth 1
+        assert _evict(lun.volume, paths, lba), "the pages never left the page cache"
+        before = lun.inline
+        rid = emu.submit(cdb10(0x28, lba, 8), data_in_len=8 * BS)
+        assert emu.wait([rid])[rid].data_in == data[lba * BS:(lba + 8) * BS]
+        assert lun.inline == before + 1
+    assert lun.handovers == 0
+    # queue depth 2: a WRITE waits on a worker for a held range while a missed READ comes
+    hold = lun.volume.locks.lock(200, 8)
+    try:
+        waiting = emu.submit(cdb10(0x2A, 200, 8), data_out=bytes(8 * BS))
+        time.sleep(0.2)
+        assert waiting not in emu.completions
+        assert _evict(lun.volume, paths, 56), "the pages never left the page cache"
+        before = lun.inline
+        rid = emu.submit(cdb10(0x28, 56, 8), data_in_len=8 * BS)
+        assert emu.wait([rid])[rid].data_in == data[56 * BS:64 * BS]
+        assert lun.inline == before                      # a worker read it
+        assert waiting not in emu.completions
+    finally:
+        hold.release()
+    assert emu.wait([waiting])[waiting].status == 0
+
+
 def _no_checkpoints(volume):
     """Stop ``volume``'s background checkpoints (each may clear write-intent log regions)."""
     volume._stop_flusher.set()
@@ -351,13 +416,15 @@ def _no_checkpoints(volume):
 
 
 def test_a_lone_write_is_run_by_the_ring_thread_and_a_held_range_goes_to_the_pool(
-        lab, tmp_path):
-    """At queue depth 1 the ring thread runs a WRITE itself (no hand-off to a worker and back)
-    once the write-intent log marks its region (the first write there saves the log, with an
-    fsync: a worker runs that one); a WRITE whose range other I/O holds (here a region lock, as
-    the D-Bus interface grants) goes to a worker and waits there, and the ring thread goes on
-    answering other commands."""
+        lab, tmp_path, monkeypatch):
+    """At queue depth 1 the ring thread runs a WRITE itself (no hand-off to a worker and back),
+    the first write to a clean write-intent chunk too (the log's save, an fdatasync, is a
+    device wait: nothing else waits for the ring thread meanwhile); a WRITE whose range other
+    I/O holds (here a region lock, as the D-Bus interface grants) goes to a worker and waits
+    there, and the ring thread goes on answering other commands."""
     import time
+    from lvmirror.daemon import lunserver
+    monkeypatch.setattr(lunserver, "INLINE_SLOW", 30.0)     # a loaded test host is not slow
     paths = images(tmp_path)
     emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
     for job in lun.volume.jobs.values():
@@ -381,8 +448,8 @@ def test_a_lone_write_is_run_by_the_ring_thread_and_a_held_range_goes_to_the_poo
         expect[lba] = data
     assert first_touch                            # the random LBAs did reach clean regions
     assert wil.saves - saves == len(first_touch)
-    # every one on the ring thread, but the first in each clean region
-    assert lun.inline - before == 20 - len(first_touch)
+    assert lun.inline - before == 20              # every one on the ring thread
+    assert lun.handovers == 0
     for path in paths:                            # and on every image
         with open(path, "rb") as f:
             for lba, data in expect.items():
@@ -630,8 +697,8 @@ def test_a_slow_write_on_the_ring_thread_sends_writes_to_the_pool_for_a_while(
 
     import time
     _no_checkpoints(lun.volume)
-    one_write(0)              # marks region 0 in the write-intent log (a worker runs this one)
-    time.sleep(0.05)
+    one_write(0)              # marks region 0 in the write-intent log: "slow" too, and at
+    time.sleep(0.6)           # queue depth 1 on the ring thread; its back-off ends first
     inline, slow = lun.inline, lun.inline_slow
     one_write(8)
     assert (lun.inline, lun.inline_slow) == (inline + 1, slow + 1)

@@ -58,8 +58,9 @@ def test_a_write_holding_the_range_makes_it_wait(vol):
     v, _, _ = vol
     before = v.stats["reads"]
     lk = v.locks.lock(8, 8)                      # what an in-flight write holds
-    with pytest.raises(WouldBlock, match="a write holds the range"):
+    with pytest.raises(WouldBlock, match="a write holds the range") as ei:
         _read_nowait(v, 0, 16)
+    assert not ei.value.device        # another I/O, not a device: never waited for inline
     assert _read_nowait(v, 16, 8) == pattern(64, 3)[16 * BS:24 * BS]   # elsewhere: fine
     lk.release()
     assert _read_nowait(v, 0, 16) == pattern(64, 3)[:16 * BS]
@@ -80,7 +81,8 @@ def test_data_not_in_the_page_cache_makes_it_wait(vol):
         before = v.stats["reads"]
         try:
             _read_nowait(v, 0, 64)
-        except WouldBlock:
+        except WouldBlock as e:
+            assert e.device           # only the device: the ring thread may wait at QD 1
             break
         time.sleep(0.05)
     else:
@@ -112,15 +114,17 @@ def test_restore_or_direct_io_always_waits(vol, tmp_path):
     write(v, 0, pattern(8, 9))
     job = v.restore(1, rate_limit=0.001)
     try:
-        with pytest.raises(WouldBlock, match="restore"):
+        with pytest.raises(WouldBlock, match="restore") as ei:
             _read_nowait(v, 32, 8)
+        assert not ei.value.device
     finally:
         job.stop()
         job.wait(10)
     v._direct = True
     assert not v.supports_nowait
-    with pytest.raises(WouldBlock):
+    with pytest.raises(WouldBlock) as ei:
         _read_nowait(v, 32, 8)
+    assert ei.value.device
     v._direct = False
 
 
@@ -160,22 +164,25 @@ def test_a_write_that_would_wait_is_left_to_a_worker_unchanged(vol):
     w10 = bytes([0x2A, 0, 0, 0, 0, 5, 0, 0, 1, 0])
     fua = bytes([0x2A, 0x08, 0, 0, 0, 5, 0, 0, 1, 0])
     before = v.stats["writes"]
-    with pytest.raises(WouldBlock, match="FUA"):
+    with pytest.raises(WouldBlock, match="FUA") as ei:
         lu.execute(fua, [memoryview(data)], (), nowait=True)
+    assert ei.value.device
     lu.write_cache = False
     with pytest.raises(WouldBlock, match="FUA"):
         lu.execute(w10, [memoryview(data)], (), nowait=True)
     lu.write_cache = True
     lk = v.locks.lock(4, 4, shared=True)          # a READ in flight, or a D-Bus region lock
     try:
-        with pytest.raises(WouldBlock, match="holds the range"):
+        with pytest.raises(WouldBlock, match="holds the range") as ei:
             lu.execute(w10, [memoryview(data)], (), nowait=True)
+        assert not ei.value.device
     finally:
         lk.release()
     v.control.restore_job = object()              # a restore running
     try:
-        with pytest.raises(WouldBlock, match="restore"):
+        with pytest.raises(WouldBlock, match="restore") as ei:
             v.write(5, [memoryview(data)], nowait=True)
+        assert not ei.value.device
     finally:
         v.control.restore_job = None
     assert read(v, 5, 1) == old and v.stats["writes"] == before
@@ -189,16 +196,18 @@ def test_nothing_is_counted_twice_when_the_pool_reads_again(vol):
     v, _, _ = vol
     lu = LogicalUnit(v)
     before = v.stats["reads"]
-    with pytest.raises(WouldBlock, match="partial last block"):
+    with pytest.raises(WouldBlock, match="partial last block") as ei:
         lu.execute(bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0]), (),
                    [memoryview(bytearray(BS + 100))], nowait=True)
+    assert ei.value.device
     assert v.stats["reads"] == before
     st = v.image_storage(0)
     errors = st.stats["errors"]
     fd, st.fd = st.fd, -1
     try:
-        with pytest.raises(WouldBlock, match="closed"):
+        with pytest.raises(WouldBlock, match="closed") as ei:
             st.readv(0, [memoryview(bytearray(BS))], nowait=True)
+        assert not ei.value.device    # the worker's read reports the error
     finally:
         st.fd = fd
     assert st.stats["errors"] == errors
@@ -217,8 +226,9 @@ def test_a_write_to_a_region_the_write_intent_log_does_not_mark_waits_for_a_work
     data = pattern(8, 21)
     old = read(v, lba, 8)
     writes, saves = v.stats["writes"], wil.saves
-    with pytest.raises(WouldBlock, match="write-intent log"):
+    with pytest.raises(WouldBlock, match="write-intent log") as ei:
         v.write(lba, [memoryview(data)], nowait=True)
+    assert ei.value.device            # a save with fdatasync: the ring thread may at QD 1
     assert read(v, lba, 8) == old and v.stats["writes"] == writes
     assert not wil.bitmap.test_region(region) and wil.saves == saves
     assert wil.inflight_regions() == {}
