@@ -72,8 +72,8 @@ SUBTYPE = "lvmirror"
 MAX_DEV_CONFIG = 255          # TCMU_CONFIG_LEN 256 with the NUL
 MAX_IMAGES = 4
 IMAGE_SEPARATOR = "+"
-KEYS = ("images", "region_size", "intent_chunk", "block_size", "direct", "force", "leg_timeout", "image",
-        "readonly", "state_dir")
+KEYS = ("images", "region_size", "intent_chunk", "block_size", "direct", "force", "leg_timeout",
+        "image", "readonly", "state_dir")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SIZE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)     # ASCII digits only (\d takes any)
 _SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
@@ -95,7 +95,8 @@ CONFIG_DESC = (
 @dataclasses.dataclass(frozen=True)
 class VolumeSpec:
     """A parsed cfgstring (``parse``; ``format`` is the inverse). ``region_size``,
-    ``intent_chunk`` (None: the engine's default) and ``block_size`` in bytes, ``leg_timeout`` in seconds (None: the engine's default, 0: never).
+    ``intent_chunk`` (None: the engine's default) and ``block_size`` in bytes, ``leg_timeout``
+    in seconds (None: the engine's default, 0: never).
     ``images`` creates or identifies the volume; ``image`` (index 0-3) exports that split image
     instead, ``readonly`` write-protecting it; ``direct``: O_DIRECT; ``force``: see the module
     docstring; ``state_dir``: the directory holding ``NAME/`` (None: lvmirrord's own)."""

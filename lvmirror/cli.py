@@ -98,8 +98,8 @@ def _human(n):
 
 def format_status(st: dict) -> str:
     """The text ``lvmirror status`` prints for ``st`` (the parsed JSON of Manager.Status): per
-    volume its size, block and region size, write-intent chunk and health, a line per image and per job, the I/O
-    counts; then a line per LUN."""
+    volume its size, block and region size, write-intent chunk and health, a line per image
+    and per job, the I/O counts; then a line per LUN."""
     lines = []
     if not st["volumes"]:
         lines.append("no volumes open")

@@ -8,11 +8,11 @@ command is the only one outstanding (queue depth 1). At queue depth 1 it also ru
 a READ or WRITE that only a device stands in the way of (``WouldBlock.device``: data not in
 the page cache, a write-intent log save, FUA), since nothing else waits for the ring thread
 meanwhile; one that waits for another I/O's region lock or a restore never. It hands the rest
-to the LUN's own worker pool (a slow image or a long resync never stalls another LUN), collects their completions and
-tells the kernel once per batch. (Workers completing on the ring and notifying the kernel
-themselves, as tcmu-runner's handler threads do, was measured: 4 KiB random writes at queue
-depth 32 fell from 1,532 to 924 IOPS in the kernel lab, one uio write and one kernel completion
-pass per command instead of per batch.)
+to the LUN's own worker pool (a slow image or a long resync never stalls another LUN),
+collects their completions and tells the kernel once per batch. (Workers completing on the
+ring and notifying the kernel themselves, as tcmu-runner's handler threads do, was measured:
+4 KiB random writes at queue depth 32 fell from 1,532 to 924 IOPS in the kernel lab, one uio
+write and one kernel completion pass per command instead of per batch.)
 
 A buffered write can still wait - the kernel throttles a writer when dirty pages pile up on a
 slow device, and a dying device can hold it for as long as its timeouts run - so the ring

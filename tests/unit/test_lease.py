@@ -93,8 +93,8 @@ def test_lvmirrord_lease_options_are_checked(argv, message, capsys):
 
 def test_lease_init_refuses_what_is_not_an_empty_area(tmp_path, capsys):
     """Checked before sanlock is asked: a directory, a relative path, an I/O timeout out of
-    range (a usage error, exit 2), an area whose first MiB is not zeroes (a lockspace in use, or data) without
-    --force."""
+    range (a usage error, exit 2), an area whose first MiB is not zeroes (a lockspace in use,
+    or data) without --force."""
     used = tmp_path / "used"
     used.write_bytes(b"\0" * 100 + b"\x10\x20\x21\x12" + b"\0" * ((4 << 20) - 104))
     for argv, message in (([str(tmp_path)], "regular file or a block device"),
