@@ -15,6 +15,7 @@ from lvmirror.tcmu import abi, uio
 from lvmirror.tcmu.emulator import RingEmulator
 
 from tests.unit.test_tcmu_uio_netlink import fake_device
+from tests.unit.test_volume_helpers import drop_page_cache
 
 BS = 512
 SIZE = 8 << 20
@@ -318,17 +319,24 @@ def test_a_slow_leg_left_behind_does_not_stop_the_ring(lab, tmp_path, monkeypatc
     assert lun._held == [] and lun.error is None
 
 
-def test_cached_reads_are_answered_by_the_ring_thread(lab, tmp_path):
-    """READs whose data is in the page cache are answered by the ring thread itself (no hand-off
-    to a worker and back); a READ of a range a write holds goes to a worker and waits for it."""
-    import time
+def _lun_with_data(lab, tmp_path, seed):
+    """A 2-image LUN after its initial resync whose first 64 blocks hold random data (seeded
+    by ``seed``), written through the ring: (emulator, LunServer, image paths, the data)."""
     paths = images(tmp_path)
     emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
     for job in lun.volume.jobs.values():
         assert job.wait(20)
-    data = random.Random(5).randbytes(64 * BS)
+    data = random.Random(seed).randbytes(64 * BS)
     wid = emu.submit(cdb10(0x2A, 0, 64), data_out=data)
     assert emu.wait([wid])[wid].status == 0
+    return emu, lun, paths, data
+
+
+def test_cached_reads_are_answered_by_the_ring_thread(lab, tmp_path):
+    """READs whose data is in the page cache are answered by the ring thread itself (no hand-off
+    to a worker and back); a READ of a range a write holds goes to a worker and waits for it."""
+    import time
+    emu, lun, paths, data = _lun_with_data(lab, tmp_path, 5)
     before = lun.inline
     rids = [emu.submit(cdb10(0x28, 8 * k, 8), data_in_len=8 * BS) for k in range(8)]
     done = emu.wait(rids)
@@ -350,11 +358,7 @@ def _evict(volume, paths, lba, nblocks=8):
     they never left."""
     import time
     for _ in range(50):
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+        drop_page_cache(paths)
         try:
             volume.read(lba, [memoryview(bytearray(nblocks * BS))], nowait=True)
         except WouldBlock as e:
@@ -372,13 +376,7 @@ def test_a_lone_read_the_page_cache_misses_is_run_by_the_ring_thread(lab, tmp_pa
     import time
     from lvmirror.daemon import lunserver
     monkeypatch.setattr(lunserver, "INLINE_SLOW", 30.0)
-    paths = images(tmp_path)
-    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
-    for job in lun.volume.jobs.values():
-        assert job.wait(20)
-    data = random.Random(9).randbytes(64 * BS)
-    wid = emu.submit(cdb10(0x2A, 0, 64), data_out=data)
-    assert emu.wait([wid])[wid].status == 0
+    emu, lun, paths, data = _lun_with_data(lab, tmp_path, 9)
     before = lun.inline
     rid = emu.submit(cdb10(0x28, 0, 8), data_in_len=8 * BS)
     assert emu.wait([rid])[rid].data_in == data[:8 * BS]

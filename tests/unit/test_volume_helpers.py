@@ -9,6 +9,7 @@ and length 0) and can fail alone (``fail_flushes``).
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 
@@ -159,3 +160,16 @@ def run_thread(fn, *args):
     t = threading.Thread(target=body, daemon=True)
     t.start()
     return t, box
+
+
+def drop_page_cache(paths):
+    """Write back, then evict ``paths``' pages from the page cache. DONTNEED is advice: a page
+    the kernel still holds (under writeback on a busy host) stays, so callers check and call
+    again."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

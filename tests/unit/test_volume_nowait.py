@@ -14,7 +14,8 @@ from lvmirror.errors import WouldBlock
 from lvmirror.mirror.volume import ImageState
 from lvmirror.scsi import LogicalUnit
 
-from tests.unit.test_volume_helpers import BS, make_volume, pattern, read, write
+from tests.unit.test_volume_helpers import (BS, drop_page_cache, make_volume, pattern, read,
+                                            write)
 
 
 def _nowait_supported(tmp_path):
@@ -73,11 +74,7 @@ def test_data_not_in_the_page_cache_makes_it_wait(vol):
     # the pages leave the cache (DONTNEED is advice: a page the kernel still holds - under
     # writeback on a busy host - stays, so the test drops them again until none is left)
     for _ in range(50):
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+        drop_page_cache(paths)
         before = v.stats["reads"]
         try:
             _read_nowait(v, 0, 64)
