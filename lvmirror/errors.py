@@ -51,13 +51,4 @@ class WouldBlock(LvmirrorError):
     the data is not in the page cache (``preadv`` with RWF_NOWAIT answered EAGAIN or read
     short), a region lock is held by a conflicting I/O, a restore must copy the region first,
     the write-intent log must be saved first, or an image errored. Nothing was changed: the
-    caller runs the same command again where it may block.
-
-    ``device``: True when only a device stands in the way (the data is not in the page cache,
-    a FUA write, a write-intent log save with its fdatasync) - what a blocking retry waits for
-    is the storage, never another I/O's region lock or a restore; the ring thread may then run
-    the command itself at queue depth 1 (``LunServer``). False for everything else."""
-
-    def __init__(self, message: str = "", *, device: bool = False):
-        super().__init__(message)
-        self.device = device
+    caller runs the same command again where it may block."""

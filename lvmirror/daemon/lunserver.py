@@ -4,10 +4,11 @@ The ring thread fetches every available command. It answers the commands that ca
 a device itself, with no hand-off: READs from the page cache (RWF_NOWAIT), and buffered WRITEs
 without FUA whose range no other I/O holds and whose regions the write-intent log marks
 already (no save with fsync) - up to INLINE_WRITE_MAX bytes, or INLINE_IDLE_MAX when the
-command is the only one outstanding (queue depth 1). At queue depth 1 it also runs, blocking,
-a READ or WRITE that only a device stands in the way of (``WouldBlock.device``: data not in
-the page cache, a write-intent log save, FUA), since nothing else waits for the ring thread
-meanwhile; one that waits for another I/O's region lock or a restore never. It hands the rest
+command is the only one outstanding (queue depth 1). At queue depth 1 it also runs a READ or
+WRITE that waits for a device (data not in the page cache, a write-intent log save, FUA:
+``LogicalUnit.execute(nowait=True, device_ok=True)``), since nothing else waits for the ring
+thread meanwhile; one that would wait for another I/O's region lock or a restore never (the
+lock is only tried, under it the command runs to its end). It hands the rest
 to the LUN's own worker pool (a slow image or a long resync never stalls another LUN),
 collects their completions and tells the kernel once per batch. (Workers completing on the
 ring and notifying the kernel themselves, as tcmu-runner's handler threads do, was measured:
@@ -645,12 +646,12 @@ class LunServer:
     def _run_inline(self, mine: collections.deque, gen: int, lone: bool = False) -> int | None:
         """Run the commands of ``mine`` on the ring thread (generation ``gen``), each only if it
         cannot wait for anything but the images' page cache (``LogicalUnit.execute(nowait=
-        True)``); one that would (WouldBlock: nothing was done) goes to the pool - except, with
-        ``lone`` (it is the only command outstanding), one that only a device stands in the way
-        of (``WouldBlock.device``): the ring thread runs it blocking (``_respond``), under the
-        watchdog, saving the hand-off to a worker and back that nothing else would use
-        (in the kernel lab, 2026-12-02, 4 KiB random reads at queue depth 1 missed the page
-        cache and made that round trip every time). Returns how
+        True)``); one that would (WouldBlock: nothing was done) goes to the pool. With ``lone``
+        (it is the only command outstanding) a command may wait for the devices, never for
+        other I/O (``execute(nowait=True, device_ok=True)``): the ring thread runs it under the
+        watchdog, saving the hand-off to a worker and back that nothing else would use (in the
+        kernel lab, 2026-12-02, 4 KiB random reads at queue depth 1 missed the page cache and
+        made that round trip every time). Returns how
         many were completed here, or None when the watchdog handed the ring to a newer thread
         while one ran: its response then goes through the completion queue, as a worker's does,
         and this thread is a ring thread no more. A command that took longer than INLINE_SLOW
@@ -665,9 +666,9 @@ class LunServer:
             t0 = self._inline_t0 = time.monotonic()
             try:
                 response = lu.execute(command.cdb, command.iov_views, command.iov_views,
-                                      nowait=True)
-            except WouldBlock as e:
-                response = self._respond(command) if lone and e.device else None
+                                      nowait=True, device_ok=lone)
+            except WouldBlock:
+                response = None
             with self._role_mu:
                 lost = self._gen != gen
                 if not lost:

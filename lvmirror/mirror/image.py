@@ -315,19 +315,17 @@ class StorageImage:
 
     def _readv_nowait(self, offset, bufs, total) -> None:
         if self.direct or not self._nowait_ok or len(bufs) > _IOV_MAX:
-            raise WouldBlock(f"image {self.path}: no page-cache read", device=True)
+            raise WouldBlock(f"image {self.path}: no page-cache read")
         try:
             n = os.preadv(self.fd, bufs, offset, _RWF_NOWAIT)
         except BlockingIOError:
-            raise WouldBlock(f"image {self.path}: not in the page cache", device=True) from None
+            raise WouldBlock(f"image {self.path}: not in the page cache") from None
         except OSError as e:
             if e.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
                 self._nowait_ok = False         # never again on this file
-            raise WouldBlock(f"image {self.path}: {os.strerror(e.errno)}",
-                             device=e.errno in (_errno.EOPNOTSUPP, _errno.EINVAL)) from None
+            raise WouldBlock(f"image {self.path}: {os.strerror(e.errno)}") from None
         if n != total:
-            raise WouldBlock(f"image {self.path}: {n} of {total} bytes in the page cache",
-                             device=True)
+            raise WouldBlock(f"image {self.path}: {n} of {total} bytes in the page cache")
         self._count_io("reads", "bytes_read", total)
 
     def _readv(self, offset, bufs, total, fd=None) -> None:

@@ -979,9 +979,10 @@ class MirrorVolume:
 
     # ==== I/O API (LBAs) ==========================================================================
 
-    def _prologue(self, lba, nblocks):
-        """Checks every I/O shares; restores a not-yet-restored range first (see restore).
-        Returns the byte offset and length."""
+    def _prologue(self, lba, nblocks, nowait=False):
+        """Checks every I/O shares; restores a not-yet-restored range first (see restore) -
+        with ``nowait``, WouldBlock instead while a restore runs (its copy may wait). Returns
+        the byte offset and length."""
         if self._closed:
             self._check_open()
         if lba.__class__ is not int or lba < 0 or nblocks < 0 or lba + nblocks > self.num_blocks:
@@ -991,6 +992,8 @@ class MirrorVolume:
         offset, length = lba * self.block_size, nblocks * self.block_size
         rj = self.control.restore_job
         if rj is not None and nblocks:
+            if nowait:
+                raise WouldBlock("a restore may have to copy the range first")
             rj.before_io(offset, length)
         return offset, length
 
@@ -1000,20 +1003,21 @@ class MirrorVolume:
         buffered (with O_DIRECT every read waits for the device)."""
         return not self._direct
 
-    def read(self, lba, buffers, nowait=False):
+    def read(self, lba, buffers, nowait=False, device_ok=False):
         """Fill ``buffers`` (list of memoryview) with the blocks from ``lba``.
 
         ``nowait``: only from memory, without waiting for anything - the data in an in-sync
         image's page cache (``StorageImage.readv(nowait=True)``), the range's region lock free
         of writers, no restore running; otherwise WouldBlock, with nothing changed (no image
         failed, no statistics counted). The ring thread answers cached reads this way without
-        a hand-off to a worker."""
+        a hand-off to a worker. ``device_ok`` (with ``nowait``): never wait for other I/O (the
+        lock is only tried, a restore is WouldBlock) but read from the devices as a normal read
+        does, under the lock taken - what the ring thread runs when nothing else is
+        outstanding."""
         nblocks = self._buffers_len(buffers) // self.block_size
-        if nowait and self.control.restore_job is not None:
-            raise WouldBlock("a restore may have to copy the range first")
-        if nowait and self._direct:
-            raise WouldBlock("the images are read with O_DIRECT", device=True)
-        offset, length = self._prologue(lba, nblocks)
+        if nowait and self._direct and not device_ok:
+            raise WouldBlock("the read may wait for a device")
+        offset, length = self._prologue(lba, nblocks, nowait)
         if not nblocks:
             return
         if nowait:
@@ -1023,7 +1027,7 @@ class MirrorVolume:
         else:
             lk = self.locks.lock(lba, nblocks, shared=True)
         try:
-            if nowait:
+            if nowait and not device_ok:
                 self._read_nowait(offset, buffers, length)
             else:
                 self._read_locked(offset, buffers, length)
@@ -1061,7 +1065,7 @@ class MirrorVolume:
         O_DIRECT every write waits for the device)."""
         return not self._direct
 
-    def write(self, lba, buffers, fua=False, nowait=False):
+    def write(self, lba, buffers, fua=False, nowait=False, device_ok=False):
         """Write ``buffers`` (list of memoryview, whole blocks) from ``lba`` to every live image;
         returns when all have it (durably with ``fua``).
 
@@ -1069,15 +1073,16 @@ class MirrorVolume:
         free, no restore running, the images buffered, no FUA, and the write-intent log already
         marking the range (no save with fsync); otherwise WouldBlock with nothing changed. The
         write itself still waits for what the images' page cache needs (the ring thread that
-        runs it is watched: ``LunServer``).
+        runs it is watched: ``LunServer``). ``device_ok`` (with ``nowait``): never wait for
+        other I/O (the lock is only tried, a restore is WouldBlock), but FUA, O_DIRECT and a
+        write-intent log save are waited for, under the lock taken - what the ring thread runs
+        when nothing else is outstanding.
         Raises VolumeIOError when no in-sync image took it, StateError when the volume is closed
         or offline."""
         nblocks = self._buffers_len(buffers) // self.block_size
-        if nowait and self.control.restore_job is not None:
-            raise WouldBlock("a restore may have to copy the range first")
-        if nowait and (fua or self._direct):
-            raise WouldBlock("the write waits for the device", device=True)
-        offset, length = self._prologue(lba, nblocks)
+        if nowait and (fua or self._direct) and not device_ok:
+            raise WouldBlock("the write may wait for a device")
+        offset, length = self._prologue(lba, nblocks, nowait)
         if not nblocks:
             return
         if nowait:
@@ -1088,7 +1093,7 @@ class MirrorVolume:
             lk = self.locks.lock(lba, nblocks)
         try:
             self._write_locked(offset, length, lambda st: st.writev(offset, buffers, fua=fua),
-                               fua=fua, nowait=nowait)
+                               fua=fua, nowait=nowait and not device_ok)
         finally:
             lk.release()
 

@@ -233,7 +233,7 @@ class WriteIntentLog:
             pending = self._pending
             if nowait and (not self.bitmap.all_dirty(offset, length)
                            or (pending and any(r in pending for r in range(first, last + 1)))):
-                raise WouldBlock("the write-intent log must be saved first", device=True)
+                raise WouldBlock("the write-intent log must be saved first")
             inflight = self._inflight
             for r in range(first, last + 1):
                 inflight[r] = inflight.get(r, 0) + 1

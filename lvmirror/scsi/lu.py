@@ -31,7 +31,9 @@ a WRITE without FUA (write cache on) only if it need not wait for another I/O (t
 images' page cache and the write-intent log); otherwise it raises ``WouldBlock``, having
 changed nothing. Any other command raises it at once. The caller (the ring thread) then hands
 the command to a worker, which runs it normally. Only call it for a WRITE when the backend
-says ``supports_nowait_write``.
+says ``supports_nowait_write``. With ``device_ok`` too it still never waits for other I/O, but
+waits for the devices (a page-cache miss, FUA, a write-intent log save) as a normal command
+does: what the ring thread runs when the command is the only one outstanding.
 """
 
 from __future__ import annotations
@@ -255,10 +257,11 @@ class LogicalUnit:
     # -- dispatch ------------------------------------------------------------------------------
 
     def execute(self, cdb: bytes, data_out: Sequence = (), data_in: Sequence = (), *,
-                nowait: bool = False) -> Response:
+                nowait: bool = False, device_ok: bool = False) -> Response:
         """Run one command. Never raises, except ``WouldBlock`` with ``nowait`` (only a READ
         whose data the backend has in memory, or a WRITE without FUA that waits for no other
-        I/O, is answered then; see the module docstring)."""
+        I/O, is answered then; with ``device_ok`` also one that waits for the devices but for
+        no other I/O; see the module docstring)."""
         if nowait and (not cdb or (cdb[0] not in READ_OPCODES and cdb[0] not in WRITE_OPCODES)):
             raise WouldBlock("only READ and WRITE commands run without blocking")
         try:
@@ -289,8 +292,8 @@ class LogicalUnit:
                         return self._check(c.UNIT_ATTENTION, asc)
             if nowait:
                 if opcode in READ_OPCODES:
-                    return self._read(cdb, data_out, data_in, nowait=True)
-                return self._write(cdb, data_out, data_in, nowait=True)
+                    return self._read(cdb, data_out, data_in, nowait=True, device_ok=device_ok)
+                return self._write(cdb, data_out, data_in, nowait=True, device_ok=device_ok)
             return op.handler(cdb, data_out, data_in)
         except WouldBlock:
             raise
@@ -377,7 +380,7 @@ class LogicalUnit:
             raise _invalid_cdb(4 if cdb[0] in (c.READ_6, c.WRITE_6) else 7)
         return lba, n
 
-    def _read(self, cdb, data_out, data_in, nowait=False):
+    def _read(self, cdb, data_out, data_in, nowait=False, device_ok=False):
         lba, n = self._transfer(cdb, writes=False)
         if n == 0:
             return GOOD_RESPONSE
@@ -387,9 +390,10 @@ class LogicalUnit:
         rest = want - full * bs
         if nowait:
             if rest:    # two backend reads: the first would be counted twice if the second waits
-                raise WouldBlock("a partial last block is read by a worker", device=True)
+                raise WouldBlock("a partial last block is read by a worker")
             if full:
-                self.backend.read(lba, _take(data_in, full * bs), nowait=True)
+                self.backend.read(lba, _take(data_in, full * bs), nowait=True,
+                                  device_ok=device_ok)
             return Response(c.GOOD, b"", want)
         if full:
             self.backend.read(lba, _take(data_in, full * bs))
@@ -409,16 +413,16 @@ class LogicalUnit:
                 skip = 0
         return Response(c.GOOD, b"", want)
 
-    def _write(self, cdb, data_out, data_in, nowait=False):
+    def _write(self, cdb, data_out, data_in, nowait=False, device_ok=False):
         lba, n = self._transfer(cdb, writes=True)
         if n == 0:
             return GOOD_RESPONSE
         bufs = self._data_out(data_out, n * self.backend.block_size)
         fua = cdb[0] != c.WRITE_6 and bool(cdb[1] & 0x08) or not self.write_cache
         if nowait:
-            if fua:
-                raise WouldBlock("a FUA write waits for the device", device=True)
-            self.backend.write(lba, bufs, fua=False, nowait=True)
+            if fua and not device_ok:
+                raise WouldBlock("a FUA write waits for the device")
+            self.backend.write(lba, bufs, fua=fua, nowait=True, device_ok=device_ok)
         else:
             self.backend.write(lba, bufs, fua=fua)
         return GOOD_RESPONSE
