@@ -36,13 +36,16 @@ import uuid as _uuid
 from lvmirror.errors import ConfigError
 from lvmirror.mirror.bitmap import atomic_write
 
-__all__ = ["FORMAT_VERSION", "INTENT_CHUNK", "ImageRecord", "VolumeMetadata",
+__all__ = ["FORMAT_VERSION", "INTENT_CHUNK", "MAX_REGION", "ImageRecord", "VolumeMetadata",
            "valid_volume_name"]
 
 FORMAT_VERSION = 1
 # bytes of the volume one write-intent bit covers by default: mdadm's internal bitmap chunk
 # ("defaults to 64Meg", mdadm(8) --bitmap-chunk); never finer than the volume's region_size
 INTENT_CHUNK = 64 << 20
+# the largest region_size and intent_chunk a volume may have (bytes): the bitmaps' headers hold
+# them as u64, and a bit for more than a TiB marks nothing useful
+MAX_REGION = 1 << 40
 STATES = ("in-sync", "syncing", "split", "failed")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
@@ -270,15 +273,17 @@ class VolumeMetadata:
         if size <= 0 or size % bs:
             raise bad(f"size {size} must be a positive multiple of block_size {bs}")
         rs = field(d, "region_size", int)
-        if rs < bs or rs & (rs - 1):
-            raise bad(f"region_size {rs} must be a power of two >= block_size {bs}")
+        if rs < bs or rs > MAX_REGION or rs & (rs - 1):
+            raise bad(f"region_size {rs} must be a power of two from block_size {bs} to "
+                      f"{MAX_REGION}")
         # written before intent_chunk existed (the log's bit covered one region): the default
         # now; MirrorVolume.open coarsens the log on disk to it (a superset of its marks)
         ic = field(d, "intent_chunk", int, optional=True)
         if ic is None:
             ic = max(rs, INTENT_CHUNK)
-        if ic < rs or ic & (ic - 1):
-            raise bad(f"intent_chunk {ic} must be a power of two >= region_size {rs}")
+        if ic < rs or ic > MAX_REGION or ic & (ic - 1):
+            raise bad(f"intent_chunk {ic} must be a power of two from region_size {rs} to "
+                      f"{MAX_REGION}")
         images = []
         ids = set()
         for n, im in enumerate(field(d, "images", list)):

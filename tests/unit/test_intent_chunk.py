@@ -53,7 +53,7 @@ def test_a_region_larger_than_the_default_chunk_is_the_chunk(tmp_path):
     assert md.intent_chunk == 128 << 20
 
 
-@pytest.mark.parametrize("chunk", [REGION // 2, 3 << 20, 0, "1M"])
+@pytest.mark.parametrize("chunk", [REGION // 2, 3 << 20, 0, "1M", 1 << 41, 1 << 64, 10 ** 400])
 def test_a_chunk_that_is_not_a_power_of_two_of_whole_regions_is_refused(tmp_path, chunk):
     with pytest.raises(ConfigError, match="write-intent chunk"):
         MirrorVolume.create("vol", [str(tmp_path / "a"), str(tmp_path / "b")],
@@ -209,7 +209,7 @@ def test_metadata_validates_intent_chunk(tmp_path):
     d = md.to_json()
     assert d["intent_chunk"] == 64 << 20
     assert VolumeMetadata.from_json(d).intent_chunk == 64 << 20
-    for bad in (REGION // 2, 3 << 20, "64M"):
+    for bad in (REGION // 2, 3 << 20, "64M", 1 << 41, 1 << 64):
         d["intent_chunk"] = bad
         with pytest.raises(ConfigError, match="intent_chunk"):
             VolumeMetadata.from_json(d)
