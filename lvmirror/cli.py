@@ -512,8 +512,11 @@ def main(argv=None):
                         help="machine-readable output")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
+    parsers = {}
+
     def command(name, **kw):
-        return sub.add_parser(name, parents=[common], **kw)
+        parsers[name] = sub.add_parser(name, parents=[common], **kw)
+        return parsers[name]
     command("status", help="volumes, images, jobs, LUNs")
     helps = {
         "split": "split IMAGE off as a frozen copy as of now (the LUN keeps serving); runs "
@@ -612,7 +615,9 @@ def main(argv=None):
     s.add_argument("--force", action="store_true",
                    help="overwrite an area that holds a lockspace (every lvmirrord using it "
                         "must be stopped: its leases are destroyed)")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if extra:          # said with the command's usage, not the top one (argparse's default)
+        parsers[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd == "lease-init":
         return _lease_init(args)
     if args.cmd in groups:

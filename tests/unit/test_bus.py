@@ -231,6 +231,9 @@ def test_cli_wait_refuses_a_timeout_that_is_not_positive_seconds(system_bus, val
     (["lease-init", "/srv/area", "--io-timeout", "-5"], "lease-init", "1 to 60, got '-5'"),
     (["lease-init", "/srv/area", "--io-timeout", "61"], "lease-init", "1 to 60, got '61'"),
     (["scrub"], "scrub", "name a VOLUME or give --all"),
+    (["scrub", "vol0", "vol1"], "scrub", "unrecognized arguments: vol1"),
+    (["split", "vol0", "1", "extra"], "split", "unrecognized arguments: extra"),
+    (["lease-init", "/x", "--bogus"], "lease-init", "unrecognized arguments: --bogus"),
 ])
 def test_cli_usage_errors_say_the_commands_usage(args, usage, msg):
     """Bad usage exits 2 before lvmirrord is asked (no bus here: it would exit 3), printing the
