@@ -808,10 +808,12 @@ class MirrorVolume:
             other = _sort_leg_error(errors, img, results[img], other)
         return errors, other
 
-    def _write_locked(self, offset, length, fn, kind="writes", fua=False, nowait=False):
+    def _write_locked(self, offset, length, fn, kind="writes", fua=False, nowait=False,
+                      own_save=False):
         """The write path after the range lock is held: epoch, WIL, bitmaps, fan-out.
         ``nowait``: WouldBlock, with nothing changed, when the write-intent log would have to
-        be saved first (``WriteIntentLog.begin(nowait=True)``).
+        be saved first (``WriteIntentLog.begin(nowait=True)``); ``own_save``: when another
+        thread's save of the log runs (``begin(own_save=True)``).
 
         The write-intent log records what a crash may leave different between the images and
         missing from a change bitmap; with one image to write and no bitmap to keep (a
@@ -821,7 +823,7 @@ class MirrorVolume:
         try:
             logged = len(ep.writes) > 1 or bool(ep.tracking)
             try:
-                tok = self._wil.begin(offset, length, nowait) if logged else None
+                tok = self._wil.begin(offset, length, nowait, own_save) if logged else None
             except OSError as e:
                 raise VolumeIOError(f"volume {self.name}: cannot persist the write-intent log: "
                                     f"{e}", is_read=False) from e
@@ -837,7 +839,12 @@ class MirrorVolume:
             raise
         self._leave(ep, kind, length)
 
-    def _read_locked(self, offset, buffers, length):
+    def _read_locked(self, offset, buffers, length, defer_errors=False):
+        """The read path after the range lock is held: the first in-sync image in turn (one
+        fixed image for a torn range), the next one on an error, which fails the image.
+        ``defer_errors``: an image's error is WouldBlock instead, nothing counted or failed
+        (the ring thread at queue depth 1 leaves the error handling, which takes the metadata
+        lock, to a worker)."""
         ep = self._enter()
         try:
             reads = ep.reads
@@ -855,6 +862,8 @@ class MirrorVolume:
                 try:
                     img.storage.readv(offset, buffers)
                 except ImageIOError as e:
+                    if defer_errors:
+                        raise WouldBlock(f"a worker handles the error: {e}") from e
                     self._stats["read_errors"] += 1
                     errors.append(str(e))
                     if not self._image_error(img, e, offset, length, is_read=True):
@@ -1032,7 +1041,7 @@ class MirrorVolume:
             if nowait and not device_ok:
                 self._read_nowait(offset, buffers, length)
             else:
-                self._read_locked(offset, buffers, length)
+                self._read_locked(offset, buffers, length, defer_errors=nowait)
         finally:
             lk.release()
 
@@ -1095,7 +1104,8 @@ class MirrorVolume:
             lk = self.locks.lock(lba, nblocks)
         try:
             self._write_locked(offset, length, lambda st: st.writev(offset, buffers, fua=fua),
-                               fua=fua, nowait=nowait and not device_ok)
+                               fua=fua, nowait=nowait and not device_ok,
+                               own_save=nowait and device_ok)
         finally:
             lk.release()
 

@@ -216,18 +216,39 @@ class WriteIntentLog:
 
     # -- I/O path -------------------------------------------------------------------------------
 
-    def begin(self, offset: int, length: int, nowait: bool = False) -> tuple[int, int]:
+    def begin(self, offset: int, length: int, nowait: bool = False,
+              own_save: bool = False) -> tuple[int, int]:
         """Mark the regions of ``[offset, offset+length)`` (bytes) and return once the log on
         disk marks them (a save, ``_write``, when a bit was newly set or is still pending; OSError
         propagates, with nothing counted in flight). Returns a token for
         ``end``. ``nowait``: only when every region is marked and durable already, so nothing
         is written or waited for; otherwise WouldBlock with nothing changed (the ring thread's
-        writes, ``MirrorVolume.write(nowait=True)``, may not wait for an fsync)."""
+        writes, ``MirrorVolume.write(nowait=True)``, may not wait for an fsync). ``own_save``:
+        a save, when one is needed, is this caller's own - when another thread's save holds the
+        save lock (a checkpoint's, another writer's), WouldBlock with nothing changed instead
+        of waiting for it (the ring thread at queue depth 1, ``MirrorVolume.write(device_ok=
+        True)``, may wait for its own fdatasync, never for another thread)."""
         first = offset >> self.region_shift
         last = (offset + length - 1) >> self.region_shift
         if offset < 0 or length < 0 or (length and last >= self.bitmap.nregions):
             raise ValueError(f"write-intent log {self.path}: range [{offset}, +{length}) outside "
                              f"its {self.bitmap.size_bytes} bytes")
+        if own_save and not nowait:
+            try:
+                return self.begin(offset, length, nowait=True)    # nothing to save
+            except WouldBlock:
+                pass
+            if not self._save_lock.acquire(blocking=False):     # lock order: save lock first
+                raise WouldBlock("another save of the write-intent log is running")
+            try:
+                return self._begin(first, last, offset, length, False, True)
+            finally:
+                self._save_lock.release()
+        return self._begin(first, last, offset, length, nowait, False)
+
+    def _begin(self, first, last, offset, length, nowait, held) -> tuple[int, int]:
+        """``begin``'s marking and save; ``held``: the caller holds the save lock (its save is
+        the one that makes the marks durable)."""
         need = 0
         with self._mutex:
             pending = self._pending
@@ -254,7 +275,10 @@ class WriteIntentLog:
                 need = max(need, new)
         if need:
             try:
-                self._durable(need)
+                if not held:
+                    self._durable(need)
+                elif self._saved_gen < need:
+                    self._save_locked()
             except BaseException:
                 with self._mutex:
                     for r in range(first, last + 1):

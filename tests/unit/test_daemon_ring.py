@@ -436,6 +436,44 @@ def test_a_lone_fua_write_on_a_held_range_never_holds_the_ring_thread(lab, tmp_p
     assert emu.wait([wid])[wid].status == 0 and lun.inline == inline + 1
 
 
+def test_a_lone_write_never_waits_for_another_threads_log_save(lab, tmp_path, monkeypatch):
+    """At queue depth 1 the ring thread saves the write-intent log itself when a WRITE sets a
+    bit, but while another thread's save holds the log's save lock (a checkpoint clearing bits,
+    another writer) the WRITE goes to a worker: the ring thread answers meanwhile (a trial
+    found it waiting for the other save, 2026-12-02)."""
+    import time
+    from lvmirror.daemon import lunserver
+    monkeypatch.setattr(lunserver, "INLINE_STALL", 30.0)   # no hand-over hides a blocked ring
+    monkeypatch.setattr(lunserver, "INLINE_SLOW", 30.0)
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)};intent_chunk=1M")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    _no_checkpoints(lun.volume)
+    wil = lun.volume._wil
+    clean = [c for c in range(wil.bitmap.nregions) if not wil.bitmap.test_region(c)]
+    assert len(clean) >= 2
+    lba = clean[0] * (1 << 20) // BS
+    assert wil._save_lock.acquire(timeout=5)              # another thread's save runs
+    try:
+        inline, saves = lun.inline, wil.saves
+        wid = emu.submit(cdb10(0x2A, lba, 8), data_out=bytes([6]) * 8 * BS)
+        time.sleep(0.3)
+        assert wid not in emu.completions
+        tur = emu.submit(bytes(6))
+        assert emu.wait([tur], timeout=3)[tur].status == 0
+        assert lun.inline == inline and lun.handovers == 0
+    finally:
+        wil._save_lock.release()
+    assert emu.wait([wid])[wid].status == 0 and wil.saves == saves + 1
+    lba = clean[1] * (1 << 20) // BS                      # the lock free: the ring saves
+    inline = lun.inline
+    wid = emu.submit(cdb10(0x2A, lba, 8), data_out=bytes([7]) * 8 * BS)
+    assert emu.wait([wid])[wid].status == 0
+    assert lun.inline == inline + 1 and wil.saves == saves + 2
+    assert wil.bitmap.test_region(clean[1])
+
+
 def _no_checkpoints(volume):
     """Stop ``volume``'s background checkpoints (each may clear write-intent log regions)."""
     volume._stop_flusher.set()

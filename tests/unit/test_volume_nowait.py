@@ -281,3 +281,17 @@ def test_device_ok_waits_for_the_devices_never_for_other_io(vol):
     finally:
         v.control.restore_job = None
     assert v.stats["writes"] == before and read(v, lba, 8) == data
+
+
+def test_device_ok_leaves_an_image_error_to_a_worker(vol):
+    """A read error on the ring thread's queue-depth-1 path is WouldBlock, nothing counted or
+    failed: failing an image takes the metadata lock, which a split or a checkpoint may hold, so
+    a worker's read does it."""
+    v, opener, paths = vol
+    for p in paths:
+        opener.by_path[p].fail_reads = True
+    errors, reads = v.stats["read_errors"], v.stats["reads"]
+    with pytest.raises(WouldBlock, match="a worker handles the error"):
+        v.read(0, [memoryview(bytearray(8 * BS))], nowait=True, device_ok=True)
+    assert (v.stats["read_errors"], v.stats["reads"]) == (errors, reads)
+    assert all(i.state is ImageState.IN_SYNC for i in v.images)
