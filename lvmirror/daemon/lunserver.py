@@ -7,8 +7,9 @@ already (no save with fsync) - up to INLINE_WRITE_MAX bytes, or INLINE_IDLE_MAX 
 command is the only one outstanding (queue depth 1). At queue depth 1 it also runs a READ or
 WRITE that waits for a device (data not in the page cache, a write-intent log save, FUA:
 ``LogicalUnit.execute(nowait=True, device_ok=True)``), since nothing else waits for the ring
-thread meanwhile; one that would wait for another I/O's region lock or a restore never (the
-lock is only tried, under it the command runs to its end). It hands the rest
+thread meanwhile; one that would wait for another I/O never - a region lock another holds, a
+restore, another thread's save of the write-intent log (each is only tried; under them the
+command runs to its end), and an image's error is left to a worker. It hands the rest
 to the LUN's own worker pool (a slow image or a long resync never stalls another LUN),
 collects their completions and tells the kernel once per batch. (Workers completing on the
 ring and notifying the kernel themselves, as tcmu-runner's handler threads do, was measured:
