@@ -405,6 +405,21 @@ def test_a_lone_read_the_page_cache_misses_is_run_by_the_ring_thread(lab, tmp_pa
     assert emu.wait([waiting])[waiting].status == 0
 
 
+def _left_to_a_worker(emu, lun, cdb, data):
+    """Submit a WRITE alone (queue depth 1) that must wait for other I/O: it stays outstanding,
+    not on the ring thread, which answers a TEST UNIT READY meanwhile with no hand-over.
+    Returns the WRITE's command id."""
+    import time
+    inline = lun.inline
+    wid = emu.submit(cdb, data_out=data)
+    time.sleep(0.3)
+    assert wid not in emu.completions
+    tur = emu.submit(bytes(6))
+    assert emu.wait([tur], timeout=3)[tur].status == 0
+    assert lun.inline == inline and lun.handovers == 0
+    return wid
+
+
 def test_a_lone_fua_write_on_a_held_range_never_holds_the_ring_thread(lab, tmp_path,
                                                                        monkeypatch):
     """At queue depth 1 the ring thread may wait for a device, never for another I/O: a FUA
@@ -418,13 +433,7 @@ def test_a_lone_fua_write_on_a_held_range_never_holds_the_ring_thread(lab, tmp_p
     emu, lun, paths, data = _lun_with_data(lab, tmp_path, 11)
     hold = lun.volume.locks.lock(0, 8, shared=True)
     try:
-        inline = lun.inline
-        wid = emu.submit(cdb10(0x2A, 0, 8, b1=0x08), data_out=bytes([3]) * 8 * BS)   # FUA
-        time.sleep(0.3)
-        assert wid not in emu.completions
-        tur = emu.submit(bytes(6))
-        assert emu.wait([tur], timeout=3)[tur].status == 0
-        assert lun.inline == inline and lun.handovers == 0
+        wid = _left_to_a_worker(emu, lun, cdb10(0x2A, 0, 8, b1=0x08), bytes([3]) * 8 * BS)
     finally:
         hold.release()
     assert emu.wait([wid])[wid].status == 0
@@ -456,13 +465,8 @@ def test_a_lone_write_never_waits_for_another_threads_log_save(lab, tmp_path, mo
     lba = clean[0] * (1 << 20) // BS
     assert wil._save_lock.acquire(timeout=5)              # another thread's save runs
     try:
-        inline, saves = lun.inline, wil.saves
-        wid = emu.submit(cdb10(0x2A, lba, 8), data_out=bytes([6]) * 8 * BS)
-        time.sleep(0.3)
-        assert wid not in emu.completions
-        tur = emu.submit(bytes(6))
-        assert emu.wait([tur], timeout=3)[tur].status == 0
-        assert lun.inline == inline and lun.handovers == 0
+        saves = wil.saves
+        wid = _left_to_a_worker(emu, lun, cdb10(0x2A, lba, 8), bytes([6]) * 8 * BS)
     finally:
         wil._save_lock.release()
     assert emu.wait([wid])[wid].status == 0 and wil.saves == saves + 1

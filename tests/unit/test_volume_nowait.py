@@ -47,6 +47,18 @@ def _read_nowait(vol, lba, n):
     return bytes(buf)
 
 
+def _evict(v, paths):
+    """Drop the images' pages until a nowait read of the first 64 blocks would miss them."""
+    for _ in range(50):
+        drop_page_cache(paths)
+        try:
+            _read_nowait(v, 0, 64)
+        except WouldBlock:
+            return
+        time.sleep(0.05)
+    pytest.fail("the images' pages never left the page cache")
+
+
 def test_cached_data_is_read_without_blocking(vol):
     v, _, _ = vol
     assert v.supports_nowait
@@ -72,16 +84,8 @@ def test_data_not_in_the_page_cache_makes_it_wait(vol):
     v.flush()
     # the pages leave the cache (DONTNEED is advice: a page the kernel still holds - under
     # writeback on a busy host - stays, so the test drops them again until none is left)
-    for _ in range(50):
-        drop_page_cache(paths)
-        before = v.stats["reads"]
-        try:
-            _read_nowait(v, 0, 64)
-        except WouldBlock:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the images' pages never left the page cache")
+    before = v.stats["reads"]
+    _evict(v, paths)
     assert v.stats["reads"] == before
     assert read(v, 0, 64) == pattern(64, 3)      # the blocking read brings them back
     assert _read_nowait(v, 0, 64) == pattern(64, 3)
@@ -245,15 +249,7 @@ def test_device_ok_waits_for_the_devices_never_for_other_io(vol):
     saves = wil.saves
     assert lu.execute(fua, [memoryview(data)], (), nowait=True, device_ok=True).status == 0
     assert wil.saves == saves + 1 and read(v, lba, 8) == data      # saved, written, durable
-    for _ in range(50):                           # a page-cache miss is read from the device
-        drop_page_cache(paths)
-        try:
-            _read_nowait(v, 0, 64)
-        except WouldBlock:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the images' pages never left the page cache")
+    _evict(v, paths)                              # a page-cache miss is read from the device
     buf = bytearray(64 * BS)
     v.read(0, [memoryview(buf)], nowait=True, device_ok=True)
     assert bytes(buf) == pattern(64, 3)
