@@ -426,7 +426,6 @@ def test_a_lone_fua_write_on_a_held_range_never_holds_the_ring_thread(lab, tmp_p
     WRITE (it waits for the devices) whose range a region lock holds (a READ in flight, the
     D-Bus interface's LockRegion) goes to a worker; the ring thread answers meanwhile, with no
     hand-over (a trial found the ring thread blocked on the lock, 2026-12-02)."""
-    import time
     from lvmirror.daemon import lunserver
     monkeypatch.setattr(lunserver, "INLINE_STALL", 30.0)   # no hand-over hides a blocked ring
     monkeypatch.setattr(lunserver, "INLINE_SLOW", 30.0)
@@ -450,7 +449,6 @@ def test_a_lone_write_never_waits_for_another_threads_log_save(lab, tmp_path, mo
     bit, but while another thread's save holds the log's save lock (a checkpoint clearing bits,
     another writer) the WRITE goes to a worker: the ring thread answers meanwhile (a trial
     found it waiting for the other save, 2026-12-02)."""
-    import time
     from lvmirror.daemon import lunserver
     monkeypatch.setattr(lunserver, "INLINE_STALL", 30.0)   # no hand-over hides a blocked ring
     monkeypatch.setattr(lunserver, "INLINE_SLOW", 30.0)
