@@ -836,15 +836,10 @@ class LunServer:
                 and not self._aborted and getattr(self.backend, "supports_nowait", False))
 
     def _execute(self, command):
-        """A worker's job: ``_respond`` to ``command``, then hand the response to the ring
-        thread (the completion queue and a wake-up)."""
-        self._completions.append((command, self._respond(command)))
-        self._wake()
-
-    def _respond(self, command) -> Response:
-        """The response to ``command``, run where it may block: TASK ABORTED when the kernel
+        """A worker's job: answer ``command`` where it may block - TASK ABORTED when the kernel
         aborted it, NOT READY while the volume is not open, else the SCSI core's answer; a bug
-        becomes HARDWARE ERROR / INTERNAL TARGET FAILURE (logged), never a lost command."""
+        becomes HARDWARE ERROR / INTERNAL TARGET FAILURE (logged), never a lost command - and
+        hand the response to the ring thread (the completion queue and a wake-up)."""
         try:
             if command.cmd_id in self._aborted:
                 response = Response(scsi.TASK_ABORTED, b"", 0)
@@ -857,4 +852,5 @@ class LunServer:
             log.exception("LUN %s: command %s failed", self.name, command.cdb[:1].hex())
             response = Response(scsi.CHECK_CONDITION, build_sense(
                 scsi.HARDWARE_ERROR, *scsi.ASC_INTERNAL_TARGET_FAILURE), 0)
-        return response
+        self._completions.append((command, response))
+        self._wake()
