@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 
+from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.legs import ImageState
 from lvmirror.mirror.metadata import VolumeMetadata
 
@@ -43,14 +44,13 @@ def recover(md, vdir, images, wil) -> set[int]:
     keeps them until a checkpoint has made the copies durable). The log marks write-intent
     chunks (``md.intent_chunk`` bytes); what is returned and merged is every region of a
     marked chunk. OSError when a bitmap cannot be saved."""
-    dirty = wil.bitmap
+    dirty = RegionBitmap(md.size, md.region_size)       # the log's chunks, region by region
+    dirty.mark_bitmap(wil.bitmap)
     for im in images:
         if im.state is not ImageState.IN_SYNC and im.bitmap is not None:
-            im.bitmap.mark_bitmap(dirty)
+            im.bitmap.union_update(dirty)
             im.bitmap.save(VolumeMetadata.bitmap_path(vdir, im.rec.id))
-    per = dirty.region_size // md.region_size            # regions per chunk, a power of two
-    return {r for c in dirty.dirty_regions()
-            for r in range(c * per, min((c + 1) * per, -(-md.size // md.region_size)))}
+    return set(dirty.dirty_regions())
 
 
 class RecoveryProgress:
