@@ -37,7 +37,7 @@ from lvmirror.errors import ConfigError
 from lvmirror.mirror.bitmap import atomic_write
 
 __all__ = ["FORMAT_VERSION", "INTENT_CHUNK", "MAX_REGION", "ImageRecord", "VolumeMetadata",
-           "valid_volume_name"]
+           "geometry_problem", "valid_volume_name"]
 
 FORMAT_VERSION = 1
 # bytes of the volume one write-intent bit covers by default: mdadm's internal bitmap chunk
@@ -47,6 +47,23 @@ INTENT_CHUNK = 64 << 20
 # them as u64, and a bit for more than a TiB marks nothing useful
 MAX_REGION = 1 << 40
 STATES = ("in-sync", "syncing", "split", "failed")
+
+
+def geometry_problem(block_size: int, region_size, intent_chunk) -> str | None:
+    """What is wrong with a volume's ``region_size`` (bytes: a power of two from
+    ``block_size`` to MAX_REGION) or ``intent_chunk`` (a power of two from ``region_size`` to
+    MAX_REGION; None: not checked), or None. ``MirrorVolume.create`` and ``from_json`` say it
+    in their own errors."""
+    def bad(v, low):
+        return (not isinstance(v, int) or isinstance(v, bool) or v < low or v > MAX_REGION
+                or v & (v - 1))
+    if bad(region_size, block_size):
+        return (f"region_size {region_size!r:.40} must be a power of two from block_size "
+                f"{block_size} to {MAX_REGION}")
+    if intent_chunk is not None and bad(intent_chunk, region_size):
+        return (f"intent_chunk (the write-intent chunk) {intent_chunk!r:.40} must be a power "
+                f"of two from region_size {region_size} to {MAX_REGION}")
+    return None
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
@@ -273,17 +290,14 @@ class VolumeMetadata:
         if size <= 0 or size % bs:
             raise bad(f"size {size} must be a positive multiple of block_size {bs}")
         rs = field(d, "region_size", int)
-        if rs < bs or rs > MAX_REGION or rs & (rs - 1):
-            raise bad(f"region_size {rs} must be a power of two from block_size {bs} to "
-                      f"{MAX_REGION}")
         # written before intent_chunk existed (the log's bit covered one region): the default
         # now; MirrorVolume.open coarsens the log on disk to it (a superset of its marks)
         ic = field(d, "intent_chunk", int, optional=True)
-        if ic is None:
+        if ic is None and isinstance(rs, int):
             ic = max(rs, INTENT_CHUNK)
-        if ic < rs or ic > MAX_REGION or ic & (ic - 1):
-            raise bad(f"intent_chunk {ic} must be a power of two from region_size {rs} to "
-                      f"{MAX_REGION}")
+        problem = geometry_problem(bs, rs, ic)
+        if problem:
+            raise bad(problem)
         images = []
         ids = set()
         for n, im in enumerate(field(d, "images", list)):

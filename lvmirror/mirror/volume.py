@@ -73,7 +73,7 @@ from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.jobcontrol import JobControl
 from lvmirror.mirror.legs import (MAX_IMAGES, ImageInfo, ImageState, Leg, SplitInfo, Worker,
                                   check_image_fits)
-from lvmirror.mirror.metadata import MAX_REGION, VolumeMetadata, valid_volume_name
+from lvmirror.mirror.metadata import VolumeMetadata, geometry_problem, valid_volume_name
 from lvmirror.mirror import provisioning
 from lvmirror.mirror.recovery import RecoveryProgress, recover
 from lvmirror.mirror.regionlock import RegionLockManager
@@ -289,17 +289,9 @@ class MirrorVolume:
             raise ConfigError(f"invalid volume name {name!r}: use letters, digits, _ . : -")
         if block_size not in (512, 4096):
             raise ConfigError(f"volume {name}: block size must be 512 or 4096, got {block_size}")
-        if (not isinstance(region_size, int) or region_size < block_size
-                or region_size > MAX_REGION or region_size & (region_size - 1)):
-            raise ConfigError(f"volume {name}: region size must be a power of two from the "
-                              f"block size {block_size} to {MAX_REGION}, got {region_size!r:.40}")
-        if intent_chunk is not None and (not isinstance(intent_chunk, int)
-                                         or intent_chunk < region_size
-                                         or intent_chunk > MAX_REGION
-                                         or intent_chunk & (intent_chunk - 1)):
-            raise ConfigError(f"volume {name}: write-intent chunk must be a power of two from "
-                              f"the region size {region_size} to {MAX_REGION}, got "
-                              f"{intent_chunk!r:.40}")
+        problem = geometry_problem(block_size, region_size, intent_chunk)
+        if problem:
+            raise ConfigError(f"volume {name}: {problem}")
         paths = [os.fspath(p) for p in image_paths]
         if not 1 <= len(paths) <= MAX_IMAGES:
             raise ConfigError(f"volume {name}: 1 to {MAX_IMAGES} images, got {len(paths)}")
