@@ -66,7 +66,8 @@ from lvmirror.errors import ConfigError
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.metadata import VolumeMetadata
 
-__all__ = ["CONFIG_DESC", "SUBTYPE", "VolumeSpec", "check", "format", "parse", "state_dir_of"]
+__all__ = ["CONFIG_DESC", "SUBTYPE", "VolumeSpec", "check", "format", "parse", "size_text",
+           "state_dir_of"]
 
 SUBTYPE = "lvmirror"
 MAX_DEV_CONFIG = 255          # TCMU_CONFIG_LEN 256 with the NUL
@@ -273,6 +274,13 @@ def state_dir_of(spec: VolumeSpec, default: str) -> str:
     return spec.state_dir
 
 
+def size_text(n: int) -> str:
+    """``n`` bytes as a cfgstring size: the largest unit (G, M, K, none) that divides it -
+    ``size_text(1 << 20) == "1M"``, ``size_text(1536) == "1536"``; ``parse`` reads it back."""
+    unit = next(u for u in ("G", "M", "K", "") if n % _UNITS[u] == 0)
+    return f"{n // _UNITS[unit]}{unit}"
+
+
 def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
     """``spec`` as a cfgstring without the ``lvmirror/`` prefix: the inverse of ``parse``,
     options at their defaults (region_size 1M, intent_chunk None, block_size 512, flags 0,
@@ -284,13 +292,9 @@ def format(spec: VolumeSpec) -> str:   # noqa: A001 - the inverse of parse
     if spec.image is not None:
         parts.append(f"image={spec.image}")
     if spec.region_size != 1 << 20:
-        rs = spec.region_size
-        unit = next(u for u in ("G", "M", "K", "") if rs % _UNITS[u] == 0)
-        parts.append(f"region_size={rs // _UNITS[unit]}{unit}")
+        parts.append(f"region_size={size_text(spec.region_size)}")
     if spec.intent_chunk is not None:
-        ic = spec.intent_chunk
-        unit = next(u for u in ("G", "M", "K", "") if ic % _UNITS[u] == 0)
-        parts.append(f"intent_chunk={ic // _UNITS[unit]}{unit}")
+        parts.append(f"intent_chunk={size_text(spec.intent_chunk)}")
     if spec.block_size != 512:
         parts.append(f"block_size={spec.block_size}")
     if spec.direct:

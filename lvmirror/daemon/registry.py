@@ -123,8 +123,10 @@ class VolumeRegistry:
         if MirrorVolume.exists(spec.name, meta_dir=meta_dir):
             if spec.images is not None:
                 self._check_images(spec, lun)     # before opening: a foreign LUN touches nothing
-            return MirrorVolume.open(spec.name, meta_dir=meta_dir, direct=spec.direct,
-                                     **_tuning(spec))
+            volume = MirrorVolume.open(spec.name, meta_dir=meta_dir, direct=spec.direct,
+                                       **_tuning(spec))
+            _warn_geometry(spec, volume, lun)
+            return volume
         if spec.images is None:
             raise ConfigError(
                 f"volume {spec.name!r} does not exist under {meta_dir}; name its images to "
@@ -239,6 +241,27 @@ def _create_lock(state_dir: str):
         yield
     finally:
         os.close(fd)
+
+
+def _warn_geometry(spec, volume, lun) -> None:
+    """Log a warning when the cfgstring asks for a ``region_size`` or ``intent_chunk`` other
+    than what the existing ``volume`` was created with: both are fixed at creation (the change
+    bitmaps and the write-intent log on disk are laid out by them; md's ``--bitmap-chunk`` at
+    ``--assemble`` is ignored the same way), so the volume's own values serve and the
+    cfgstring's are ignored - said once per open, not silently. A cfgstring that names neither
+    (``region_size`` at its 1M default, ``intent_chunk`` None) says nothing."""
+    asked = []
+    if spec.region_size != cfgstring.VolumeSpec.region_size and \
+            spec.region_size != volume.region_size:
+        asked.append(f"region_size {cfgstring.size_text(spec.region_size)} (the volume has "
+                     f"{cfgstring.size_text(volume.region_size)})")
+    if spec.intent_chunk is not None and spec.intent_chunk != volume.intent_chunk:
+        asked.append(f"intent_chunk {cfgstring.size_text(spec.intent_chunk)} (the volume has "
+                     f"{cfgstring.size_text(volume.intent_chunk)})")
+    if asked:
+        log.warning("LUN %s: volume %s exists; its cfgstring asks for %s: these are fixed when "
+                    "a volume is created, the cfgstring's are ignored (create a new volume to "
+                    "change them)", lun, spec.name, " and ".join(asked))
 
 
 def _tuning(spec) -> dict:

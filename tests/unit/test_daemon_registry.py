@@ -483,3 +483,34 @@ def test_two_processes_creating_at_once_do_not_share_an_image(tmp_path):
         assert sorted(v == "created" for v in got.values()) == [False, True], got
         refused = next(v for v in got.values() if v != "created")
         assert "shared.img" in refused or "vol" in refused, refused
+
+
+@pytest.mark.parametrize("extra, said", [
+    (";intent_chunk=4M", ["intent_chunk 4M (the volume has 64M)"]),
+    (";region_size=64K", ["region_size 64K (the volume has 1M)"]),
+    (";region_size=2M;intent_chunk=8M", ["region_size 2M (the volume has 1M)",
+                                          "intent_chunk 8M (the volume has 64M)"]),
+    (";region_size=1M;intent_chunk=64M", []),      # the volume's own values: nothing to say
+    ("", []),
+])
+def test_a_cfgstring_asking_other_geometry_of_an_existing_volume_is_warned_and_ignored(
+        vpc, caplog, extra, said):
+    a, b, _ = vpc.paths
+    d = vpc.restart()
+    spec = cfgstring.parse(f"vpc;images={a}+{b}{extra}")
+    with caplog.at_level(logging.WARNING, logger="lvmirrord"):
+        volume, _ = d.registry.acquire(spec, lun="lun0", size=SIZE)
+    assert (volume.region_size, volume.intent_chunk) == (1 << 20, 64 << 20)
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and "fixed when a volume is created" in r.getMessage()]
+    if not said:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and all(s in warned[0] for s in said), warned
+
+
+def test_size_text_round_trips_through_parse():
+    for n in (4096, 64 << 10, 1 << 20, 1 << 30):
+        assert cfgstring.parse(f"v;region_size={cfgstring.size_text(n)}").region_size == n
+    assert [cfgstring.size_text(n) for n in (4096, 3 << 20, 1 << 30, 1536)] == \
+        ["4K", "3M", "1G", "1536"]
