@@ -641,7 +641,9 @@ def main(argv=None):
             try:
                 plan = _backup_plan(args)
             except ValueError as exc:
-                print(f"lvmirror: {exc}", file=sys.stderr)
+                if not args.config:     # the options alone were wrong: usage, as argparse's
+                    groups["backup-cycle"].error(str(exc))
+                print(f"lvmirror: {exc}", file=sys.stderr)    # the file's fault: no usage
                 return EXIT_USAGE
         mgr = _manager()
         if args.cmd == "metrics":

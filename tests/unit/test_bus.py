@@ -234,6 +234,10 @@ def test_cli_wait_refuses_a_timeout_that_is_not_positive_seconds(system_bus, val
     (["scrub", "vol0", "vol1"], "scrub", "unrecognized arguments: vol1"),
     (["split", "vol0", "1", "extra"], "split", "unrecognized arguments: extra"),
     (["lease-init", "/x", "--bogus"], "lease-init", "unrecognized arguments: --bogus"),
+    (["backup-cycle", "--dest", "/srv"], "backup-cycle", "no VOLUME:IMAGE to back up"),
+    (["backup-cycle", "a:1", "--dest", "srv"], "backup-cycle", "absolute directory, got 'srv'"),
+    (["backup-cycle", "a:1", "--dest", "/srv", "--keep", "0"], "backup-cycle",
+     "keep must be a whole number >= 1, got 0"),
 ])
 def test_cli_usage_errors_say_the_commands_usage(args, usage, msg):
     """Bad usage exits 2 before lvmirrord is asked (no bus here: it would exit 3), printing the
@@ -243,6 +247,19 @@ def test_cli_usage_errors_say_the_commands_usage(args, usage, msg):
     assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert r.stderr.startswith(f"usage: lvmirror {usage} "), r.stderr
 
+
+
+def test_cli_backup_cycle_config_file_errors_name_the_file_without_usage(tmp_path):
+    """A wrong --config file is not bad usage of the command line: exit 2 with the file's
+    problem, no usage line (the options' own mistakes print it, above)."""
+    conf = tmp_path / "backup.conf"
+    conf.write_text("[backup]\nmembers = db:1\ndest = relative/dir\n")
+    r = cli("unix:path=/nonexistent/bus", "backup-cycle", "--config", str(conf))
+    assert r.returncode == 2 and "dest must be an absolute directory" in r.stderr, r.stderr
+    assert r.stderr.startswith(f"lvmirror: {conf}: backup: ") and "usage:" not in r.stderr, \
+        r.stderr
+    r = cli("unix:path=/nonexistent/bus", "backup-cycle", "--config", str(tmp_path / "none"))
+    assert r.returncode == 2 and "none" in r.stderr and "usage:" not in r.stderr, r.stderr
 
 LOCK_CLIENT = """
 import sys, dbus
