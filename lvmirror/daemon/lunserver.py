@@ -227,6 +227,7 @@ class LunServer:
         self._alua_next = 0.0
         self.standby_sense = None
         self._transition = None
+        self._follow_error: str | None = None    # the last follow failure logged (_follow_failed)
         self._lease_held = False     # the last open was refused: another gateway holds the lease
         self._size = self._wwn = self._max_blocks = None
 
@@ -712,13 +713,30 @@ class LunServer:
                 self._alua_next = time.monotonic() + ALUA_FOLLOW_INTERVAL
                 try:
                     self._follow_alua()
-                except Exception:          # keep watching; the next follow tries again
-                    log.exception("LUN %s: following the ALUA state failed", self.name)
+                except Exception as exc:   # keep watching; the next follow tries again
+                    self._follow_failed(exc)
+                else:
+                    if self._follow_error is not None:
+                        log.info("LUN %s: following the ALUA state works again", self.name)
+                        self._follow_error = None
             if self._stop.wait(INLINE_WATCH):
                 return
             t0 = self._inline_t0
             if t0 and time.monotonic() - t0 > INLINE_STALL:
                 self._hand_over(t0)
+
+    def _follow_failed(self, exc: Exception) -> None:
+        """A follow of the ALUA state raised ``exc``: logged with its traceback when it is new
+        (another type or message than the last failure), at debug level while the same failure
+        repeats every ALUA_FOLLOW_INTERVAL s - one line a second with a traceback buried the
+        log of a gateway whose configfs stayed unreadable."""
+        key = f"{type(exc).__name__}: {exc}"
+        if key == self._follow_error:
+            log.debug("LUN %s: following the ALUA state still fails: %s", self.name, key)
+            return
+        self._follow_error = key
+        log.error("LUN %s: following the ALUA state failed (tried again every %g s; said again "
+                  "only when the error changes)", self.name, ALUA_FOLLOW_INTERVAL, exc_info=exc)
 
     def _hand_over(self, t0: float):
         """The ring thread is stuck in a command it runs itself (since ``t0``, monotonic): a new

@@ -321,3 +321,29 @@ def test_a_resized_lun_keeps_its_size_across_standby_and_reopen(gateway):
     groups.set(alua.ACTIVE_OPTIMIZED)
     wait_until(lambda: lun.volume is not None)
     assert capacity() == SIZE // 4
+
+
+def test_a_follow_failing_again_and_again_is_logged_once_per_error(gateway, caplog):
+    """A follow that keeps failing (every ALUA_FOLLOW_INTERVAL s) logs its traceback once, not
+    once a second; another error is logged again; the first follow that works says so."""
+    import logging
+    emu, lun, _, _ = gateway(Groups(alua.ACTIVE_OPTIMIZED), follow=0.02)
+    real = lun._follow_alua
+    errors = [RuntimeError("configfs says no")] * 3 + [OSError(5, "EIO")] * 3
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if errors:
+            raise errors.pop(0)
+        return real()
+
+    lun._follow_alua = failing
+    with caplog.at_level(logging.DEBUG, logger="lvmirrord"):
+        lun._alua_next = 0.0
+        wait_until(lambda: len(calls) >= 8)
+    mine = [r for r in caplog.records if "following the ALUA state" in r.getMessage()]
+    failed = [r for r in mine if r.levelno == logging.ERROR]
+    assert [str(r.exc_info[1]) for r in failed] == ["configfs says no", "[Errno 5] EIO"]
+    assert sum(r.levelno == logging.DEBUG and "still fails" in r.getMessage() for r in mine) == 4
+    assert [r.levelno for r in mine if "works again" in r.getMessage()] == [logging.INFO]
