@@ -163,11 +163,42 @@ target_down() {
 }
 
 # ------------------------------------------------------------ the jobs
+tree_pids() {  # tree_pids PID: PID and its descendants (lvmirrord's volume processes)
+  local c
+  echo $1
+  for c in $(pgrep -P $1); do tree_pids $c; done
+}
+
+handler_ticks() {  # handler_ticks TARGET: clock ticks of CPU (user + system) the target's
+  local root p      # user-space handler has used: lvmirrord and its volume processes, or
+  case $1 in        # tcmu-runner; nothing for the kernel's own targets
+    lvmirror*) root=${DAEMON:-} ;;
+    tcmu-runner) root=${RUNNER:-} ;;
+    *) return 0 ;;
+  esac
+  [ -n "$root" ] || return 0
+  # /proc/PID/stat after the ") " that ends comm: utime and stime are the 12th and 13th fields
+  for p in $(tree_pids $root); do sed 's/.*) //' /proc/$p/stat 2>/dev/null; done \
+    | awk '{ s += $12 + $13 } END { print s + 0 }'
+}
+
+handler_cpu() {  # handler_cpu TARGET JOB: the handler's CPU over the job's measured RUNTIME s
+  local a b         # (after its RAMP) -> $BOUT/TARGET/JOB.cpu; bench/report.py divides it by
+  sleep $RAMP       # the commands fio completed in that time
+  a=$(handler_ticks $1); [ -n "$a" ] || return 0
+  sleep $RUNTIME
+  b=$(handler_ticks $1)
+  echo "{\"ticks\": $((b - a)), \"hz\": $(getconf CLK_TCK), \"seconds\": $RUNTIME}" > $BOUT/$1/$2.cpu
+}
+
 run_jobs() {  # run_jobs TARGET
-  local target=$1 job spy
+  local target=$1 job spy cpu
   for job in $JOBS; do
     t "bench $target $job"
-    spy=
+    spy= cpu=
+    if [ "${BENCH_PROFILE:-0}" != 1 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
+      handler_cpu $target $job & cpu=$!
+    fi
     if [ "${BENCH_PROFILE:-0}" = 1 ] && [ -n "${DAEMON:-}" ] && [[ $target == lvmirror* ]]; then
       mkdir -p $BOUT/profile
       $REPO/.venv/bin/py-spy record --pid $DAEMON --subprocesses --rate 97 --nonblocking --format raw \
@@ -179,6 +210,7 @@ run_jobs() {  # run_jobs TARGET
       fio --output-format=json $REPO/bench/jobs/$job.fio > $BOUT/$target/$job.json 2> $BOUT/$target/$job.err \
       || result bench_${target}_$job fail err="$(tail -2 $BOUT/$target/$job.err)"
     [ -n "$spy" ] && wait $spy
+    if [ -n "$cpu" ]; then wait $cpu || true; fi
   done
 }
 

@@ -119,6 +119,23 @@ def split_latency(split_dir: str) -> dict | None:
     }
 
 
+def handler_cpu(path: str, iops: float) -> float | None:
+    """Milliseconds of CPU (user + system) the target's user-space handler spent per command:
+    ``path`` is lab-bench.sh's ``<job>.cpu``, ``{"ticks", "hz", "seconds"}`` - clock ticks the
+    handler (lvmirrord with its volume processes, or tcmu-runner) used in the job's measured
+    ``seconds`` - over the ``iops`` x ``seconds`` commands fio completed meanwhile. The system
+    share includes the kernel's work done in the handler's own calls (the ring's completions,
+    the data copies), the same for both handlers. None when there is no such file (a kernel
+    target, a --profile run) or it cannot be read."""
+    try:
+        with open(path) as f:
+            c = json.load(f)
+        commands = iops * c["seconds"]
+        return round(c["ticks"] / c["hz"] / commands * 1000, 3) if commands > 0 else None
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
 def read_jsonl(path):
     try:
         with open(path) as f:
@@ -139,9 +156,13 @@ def collect(run_dir: str) -> dict:
             continue
         try:
             with open(path) as f:
-                results.setdefault(job, {})[target] = fio_figures(json.load(f))
+                fig = results.setdefault(job, {})[target] = fio_figures(json.load(f))
         except (ValueError, KeyError, IndexError) as exc:
             problems.append(f"{target}/{job}: {exc}")
+            continue
+        cpu = handler_cpu(path[:-5] + ".cpu", fig["iops"])
+        if cpu is not None:
+            fig["cpu_ms"] = cpu
     resync = read_jsonl(os.path.join(bench, "resync.jsonl"))
     for r in resync:
         if r.get("seconds"):
@@ -207,6 +228,23 @@ def markdown(data: dict) -> str:
                          f"{r['p99_ms']:.2f}" if r else "–")
         out.append(f"| {j} | " + " | ".join(cells) + " |")
     out.append("")
+    cpu_targets = [t for t in targets if any("cpu_ms" in res[j].get(t, {}) for j in jobs)]
+    if cpu_targets:
+        both = "lvmirror1" in cpu_targets and "tcmu-runner" in cpu_targets
+        out += ["Handler CPU per command (ms, user + system, over each job's measured seconds: "
+                "lvmirrord with its volume processes, tcmu-runner; the system share holds the "
+                "kernel's ring work done in the handler's calls):", "",
+                "| job | " + " | ".join(TARGET_TITLES[t] for t in cpu_targets)
+                + (" | lvmirror 1 image / tcmu-runner" if both else "") + " |",
+                "|---|" + "---:|" * (len(cpu_targets) + both)]
+        for j in jobs:
+            vals = [res[j].get(t, {}).get("cpu_ms") for t in cpu_targets]
+            cells = [_fmt(v, 3) for v in vals]
+            if both:
+                a, b = (res[j].get(t, {}).get("cpu_ms") for t in ("lvmirror1", "tcmu-runner"))
+                cells.append(f"{a / b:.2f}" if a and b else "–")
+            out.append(f"| {j} | " + " | ".join(cells) + " |")
+        out.append("")
     s = data.get("split")
     if s:
         out += ["Around a split (lvmirror 3 images, image 2 split off under 4 KiB random writes at "

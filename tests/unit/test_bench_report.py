@@ -158,3 +158,36 @@ def test_profile_summary(tmp_path):
     assert "40 samples" in text
     assert " 75.0%  pwritev (image.py:3)" in text
     assert "100.0%  run (daemon.py:1)" in text          # inclusive
+
+
+@needs_fio
+def test_handler_cpu_per_command(tmp_path):
+    """lab-bench.sh's <job>.cpu (the handler's clock ticks over the measured seconds) becomes
+    CPU ms per command (ticks / hz over iops x seconds) in results.json and a table of its own,
+    with lvmirror 1 image / tcmu-runner; a kernel target or a job without the file has none."""
+    run = tmp_path / "run"
+    bench = run / "bench"
+    for t in ("lvmirror1", "tcmu-runner", "md-raid1"):
+        run_job(tmp_path, "randwrite-4k-qd1", bench / t)
+    run_job(tmp_path, "seqread-1m", bench / "lvmirror1")
+    (bench / "lvmirror1" / "randwrite-4k-qd1.cpu").write_text(
+        json.dumps({"ticks": 600, "hz": 100, "seconds": 10}))
+    (bench / "tcmu-runner" / "randwrite-4k-qd1.cpu").write_text(
+        json.dumps({"ticks": 250, "hz": 100, "seconds": 10}))
+    (bench / "lvmirror1" / "seqread-1m.cpu").write_text("{not json")
+    data = report.collect(str(run))
+    res = data["results"]["randwrite-4k-qd1"]
+    a, b = res["lvmirror1"], res["tcmu-runner"]
+    assert a["cpu_ms"] == round(6.0 / (a["iops"] * 10) * 1000, 3)
+    assert b["cpu_ms"] == round(2.5 / (b["iops"] * 10) * 1000, 3)
+    assert "cpu_ms" not in res["md-raid1"]
+    assert "cpu_ms" not in data["results"]["seqread-1m"]["lvmirror1"]
+    md = report.markdown(data).splitlines()
+    head = md.index(next(line for line in md if line.startswith("Handler CPU per command")))
+    assert md[head + 2] == ("| job | lvmirror 1 image | tcmu-runner (user:qcow) | "
+                            "lvmirror 1 image / tcmu-runner |")
+    row = next(line for line in md[head:] if line.startswith("| randwrite-4k-qd1 |"))
+    assert row == (f"| randwrite-4k-qd1 | {a['cpu_ms']:,.3f} | {b['cpu_ms']:,.3f} | "
+                   f"{a['cpu_ms'] / b['cpu_ms']:.2f} |")
+    assert report.handler_cpu(str(tmp_path / "missing.cpu"), 100.0) is None
+    assert report.handler_cpu(str(bench / "tcmu-runner" / "randwrite-4k-qd1.cpu"), 0) is None
