@@ -28,7 +28,9 @@ Format (LIO stores it as ``dev_config = "lvmirror/" + cfgstring``, at most 255 b
   region_size, up to 1G; default 64M or region_size if larger, mdadm's ``--bitmap-chunk``
   default) the bytes one write-intent log bit covers: a write to a chunk whose bit is clear
   waits for the log's save, and after a crash every marked chunk is copied whole. Both are
-  read when the volume is created and kept in its metadata. ``block_size`` the logical block
+  read when the volume is created and kept in its metadata; a cfgstring naming other values
+  for an existing volume opens it with its own, with a warning in the log that names both.
+  ``block_size`` the logical block
   size; ``direct=1`` opens the images with O_DIRECT.
 * ``force=1`` lets the creation of the volume overwrite secondary images (every one but the
   first) that already hold data. Without it such an image is refused, saying what was found
