@@ -90,10 +90,18 @@ def _manager(wait: float = ACTIVATION_WAIT):
 
 
 def _human(n):
+    """``n`` bytes in the largest binary unit below 1024 of it: ``_human(4 << 20) == "4.0 MiB"``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+
+def _to_copy(n) -> str:
+    """A job's ``bytes_total`` as the CLI prints it when the job starts: ``"4.0 MiB to copy
+    (4194304 bytes)"`` - readable, and exact for a script."""
+    n = int(n)
+    return f"{_human(n)} to copy ({n} bytes)"
 
 
 def format_status(st: dict) -> str:
@@ -250,7 +258,8 @@ def _scrub(args, mgr, dbus) -> int:
                     mode = ("repair" if args.source is not None or in_sync >= 3 else
                             "check only: two in-sync images have no majority; --source IMAGE "
                             "says which one is right")
-                print(f"{name}: scrub started: {res['bytes_total']} bytes ({mode})", flush=True)
+                print(f"{name}: scrub started: {_human(int(res['bytes_total']))} to check "
+                      f"({res['bytes_total']} bytes, {mode})", flush=True)
         if not args.wait:
             results[name] = {"state": "running", "bytes_total": res["bytes_total"]}
             continue
@@ -693,7 +702,7 @@ def main(argv=None):
                 print(json.dumps(res))
             else:
                 for m in res["members"]:
-                    print(f"{m['volume']}: restore started: {m['bytes_total']} bytes")
+                    print(f"{m['volume']}: restore started: {_to_copy(m['bytes_total'])}")
                 print(f"the volumes read as their split images from one instant (completions "
                       f"held {res['hold_seconds'] * 1e6:.0f} us)")
             if args.wait:
@@ -735,7 +744,7 @@ def main(argv=None):
                 res = json.loads(fn(args.volume, args.image, args.rate))
             if not args.json:
                 print(f"{'full ' if getattr(args, 'full', False) else ''}{args.cmd} of image "
-                      f"{args.image} started: {res['bytes_total']} bytes"
+                      f"{args.image} started: {_to_copy(res['bytes_total'])}"
                       + ("; the image serves no reads until it ends"
                          if getattr(args, "full", False) else ""))
             else:

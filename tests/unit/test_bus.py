@@ -127,6 +127,8 @@ def test_cli_status_split_resync(daemon, tmp_path):
     assert "image 2: split" in r.stdout and "changed" in r.stdout
     r = cli(address, "resync", "vol0", "2", "--wait")
     assert r.returncode == 0, r.stderr
+    assert vol.region_size == 64 << 10             # the one region the write changed
+    assert "resync of image 2 started: 64.0 KiB to copy (65536 bytes)" in r.stdout, r.stdout
     assert vol.images[2].state.value == "in-sync"
     r = cli(address, "split", "vol0", "3")          # a 3-image volume: lvmirrord refuses
     assert r.returncode == 1 and "no image 3" in r.stderr, r.stderr
@@ -389,8 +391,8 @@ def test_cli_full_resync_rebuilds_an_image_in_sync(daemon):
     assert not any(j.is_alive() for j in vol.jobs.values())
     r = cli(address, "resync", "vol0", "1", "--full", "--wait")
     assert r.returncode == 0, r.stderr
-    assert (f"full resync of image 1 started: {4 << 20} bytes; the image serves no reads "
-            f"until it ends") in r.stdout
+    assert (f"full resync of image 1 started: 4.0 MiB to copy ({4 << 20} bytes); the image "
+            f"serves no reads until it ends") in r.stdout
     assert vol.images[1].state.value == "in-sync"
     assert open(vol.images[1].path, "rb").read() == open(vol.images[0].path, "rb").read()
 
@@ -639,5 +641,19 @@ def test_scrub_all_fails_for_a_mirrored_volume_it_could_not_check(capsys):
     assert "split: not scrubbed: volume split: 1 in-sync image(s)" in out.err
     assert "busy: a scrub is already running; waiting for it" in out.out
     assert "busy: scrub done" in out.out and "ok: scrub done" in out.out
-    assert "ok: scrub started: 4096 bytes (check only: two in-sync images have no majority" \
-        in out.out
+    assert "ok: scrub started: 4.0 KiB to check (4096 bytes, check only: two in-sync images " \
+        "have no majority" in out.out
+
+
+@pytest.mark.parametrize("n, text", [
+    (0, "0 B to copy (0 bytes)"),
+    (4096, "4.0 KiB to copy (4096 bytes)"),
+    (153092096, "146.0 MiB to copy (153092096 bytes)"),
+    (3 << 40, "3.0 TiB to copy (3298534883328 bytes)"),
+])
+def test_cli_job_sizes_are_readable_and_exact(n, text):
+    """A resync, restore or scrub that starts prints its size in binary units and in bytes
+    (it printed the bytes alone)."""
+    from lvmirror.cli import _to_copy
+    assert _to_copy(n) == text
+
