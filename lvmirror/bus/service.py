@@ -339,6 +339,8 @@ class BusService:
         self._objects = []
         self._names = []
         self._volumes: dict[str, VolumeObject] = {}
+        self._tick_source = None   # the GLib source of the periodic sync
+        self._stopped = False
         self.manager = None
         self.conn = None
         self.tcmu_mode = None      # "owner" or "registered" (tcmu-runner owns the name)
@@ -383,7 +385,7 @@ class BusService:
         manager = self.manager = Manager(conn, self._daemon, self)
         self._objects.append(manager)
         self.sync()
-        GLib.timeout_add(SYNC_INTERVAL_MS, self._tick)
+        self._tick_source = GLib.timeout_add(SYNC_INTERVAL_MS, self._tick)
         self.locks = LockCoordinator(manager, self._daemon)
         self._names = [dbus.service.BusName(BUS_NAME, conn, do_not_queue=True)]
         handler_path = f"{TCMU_PATH}/{cfgstring.SUBTYPE}"
@@ -449,7 +451,12 @@ class BusService:
 
     def sync(self):
         """(bus thread) Export an object per open volume, drop those of closed ones, and let
-        each announce its changes (PropertiesChanged, ImageStateChanged, Progress)."""
+        each announce its changes (PropertiesChanged, ImageStateChanged, Progress). Nothing
+        once ``stop`` ran: the timer and a method's idle callback are on GLib's default
+        context, which outlives this service (in the unit tests, a later one's loop ran them
+        and failed to unexport objects ``stop`` had removed)."""
+        if self._stopped:
+            return
         status = self._daemon.status()
         vols = status["volumes"]
         for name in list(self._volumes):
@@ -475,6 +482,10 @@ class BusService:
 
     def stop(self):
         """Quit the main loop, remove the objects and release the names."""
+        self._stopped = True
+        if self._tick_source is not None:
+            GLib.source_remove(self._tick_source)
+            self._tick_source = None
         if self._loop is not None:
             self._loop.quit()
         if self._thread is not None:
@@ -484,6 +495,7 @@ class BusService:
                 obj.remove_from_connection()
             except Exception:
                 pass
+        self._volumes.clear()
         self._names = []          # BusName.__del__ releases the names while still connected
         if self.conn is not None:
             self.conn.close()

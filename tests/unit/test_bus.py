@@ -657,3 +657,27 @@ def test_cli_job_sizes_are_readable_and_exact(n, text):
     from lvmirror.cli import _to_copy
     assert _to_copy(n) == text
 
+
+def test_stopped_service_leaves_nothing_on_glibs_default_context(daemon, caplog):
+    """``BusService.stop`` removes its periodic sync from GLib's default main context, and a
+    sync that still comes (a method's idle callback) does nothing: before, the next service's
+    loop in the same process ran the old timer, which tried to unexport the objects ``stop``
+    had removed and logged a LookupError traceback every second."""
+    from gi.repository import GLib
+    from lvmirror.bus import BusService
+    d, vol, address, bus = daemon
+    source = bus._tick_source
+    assert GLib.main_context_default().find_source_by_id(source) is not None
+    bus.stop()
+    assert GLib.main_context_default().find_source_by_id(source) is None
+    bus.sync()                          # the volume is still open: it would export it again
+    assert bus._volumes == {}
+    second = BusService(d, bus_address=address)     # a later service, its own loop
+    second.start()
+    try:
+        d.registry.release(cfgstring.parse(f"vol0;images={'+'.join(im.path for im in vol.images)}"
+                                           f";region_size=64K"))
+        second.sync()
+    finally:
+        second.stop()
+    assert "LookupError" not in caplog.text and "not updated" not in caplog.text
