@@ -193,6 +193,10 @@ handler_cpu() {  # handler_cpu TARGET JOB: the handler's CPU over the job's meas
 
 run_jobs() {  # run_jobs TARGET
   local target=$1 job spy cpu
+  if [ "${BENCH_PROFILE:-0}" != 1 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
+    t "bench $target idle"    # the handler's CPU with the LUN logged in and no I/O: its
+    handler_cpu $target idle  # background (timers, the ALUA follow, metrics) -> idle.cpu
+  fi
   for job in $JOBS; do
     t "bench $target $job"
     spy= cpu=

@@ -136,6 +136,20 @@ def handler_cpu(path: str, iops: float) -> float | None:
         return None
 
 
+def handler_idle(path: str) -> float | None:
+    """Percent of one CPU the target's user-space handler used with its LUN logged in and no
+    I/O: ``path`` is lab-bench.sh's ``idle.cpu`` (``{"ticks", "hz", "seconds"}``, measured
+    before the target's first job). It is part of every job's CPU per command (at 200 IOPS,
+    10 % of one CPU is 0.5 ms a command). None when there is no such file or it cannot be
+    read."""
+    try:
+        with open(path) as f:
+            c = json.load(f)
+        return round(c["ticks"] / c["hz"] / c["seconds"] * 100, 1)
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
 def read_jsonl(path):
     try:
         with open(path) as f:
@@ -175,7 +189,10 @@ def collect(run_dir: str) -> dict:
                 ratios.setdefault(job, {})[f"{num}/{den}"] = {
                     "iops": round(a["iops"] / b["iops"], 3),
                     "p99": round(a["p99_ms"] / b["p99_ms"], 3) if b["p99_ms"] else None}
+    idle = {t: v for t in TARGET_TITLES
+            if (v := handler_idle(os.path.join(bench, t, "idle.cpu"))) is not None}
     return {"meta": meta, "targets": targets, "results": results, "ratios": ratios,
+            "handler_idle": idle,
             "split": split_latency(os.path.join(bench, "split")), "resync": resync,
             "problems": problems}
 
@@ -244,6 +261,11 @@ def markdown(data: dict) -> str:
                 a, b = (res[j].get(t, {}).get("cpu_ms") for t in ("lvmirror1", "tcmu-runner"))
                 cells.append(f"{a / b:.2f}" if a and b else "–")
             out.append(f"| {j} | " + " | ".join(cells) + " |")
+        idle = data.get("handler_idle") or {}
+        if any(t in idle for t in cpu_targets):
+            out.append("| no I/O (% of one CPU) | "
+                       + " | ".join(_fmt(idle.get(t), 1) for t in cpu_targets)
+                       + (" | –" if both else "") + " |")
         out.append("")
     s = data.get("split")
     if s:

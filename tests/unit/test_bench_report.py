@@ -189,5 +189,30 @@ def test_handler_cpu_per_command(tmp_path):
     row = next(line for line in md[head:] if line.startswith("| randwrite-4k-qd1 |"))
     assert row == (f"| randwrite-4k-qd1 | {a['cpu_ms']:,.3f} | {b['cpu_ms']:,.3f} | "
                    f"{a['cpu_ms'] / b['cpu_ms']:.2f} |")
+    assert not any(line.startswith("| no I/O") for line in md)     # no idle.cpu: no row
     assert report.handler_cpu(str(tmp_path / "missing.cpu"), 100.0) is None
     assert report.handler_cpu(str(bench / "tcmu-runner" / "randwrite-4k-qd1.cpu"), 0) is None
+
+
+def test_handler_idle_cpu(tmp_path):
+    """lab-bench.sh's idle.cpu (the handler's ticks with its LUN logged in and no I/O) becomes
+    a percentage of one CPU in results.json and a last row of the per-command table; a target
+    without the file shows a dash, an unreadable file counts as none."""
+    run = tmp_path / "run"
+    bench = run / "bench"
+    for t in ("lvmirror1", "tcmu-runner"):
+        run_job(tmp_path, "randread-4k-qd1", bench / t)
+        (bench / t / "randread-4k-qd1.cpu").write_text(
+            json.dumps({"ticks": 300, "hz": 100, "seconds": 10}))
+    (bench / "lvmirror1" / "idle.cpu").write_text(
+        json.dumps({"ticks": 140, "hz": 100, "seconds": 20}))
+    (bench / "tcmu-runner" / "idle.cpu").write_text("{not json")
+    data = report.collect(str(run))
+    assert data["handler_idle"] == {"lvmirror1": 7.0}
+    assert "idle" not in data["results"]
+    md = report.markdown(data).splitlines()
+    assert "| no I/O (% of one CPU) | 7.0 | – | – |" in md
+    assert report.handler_idle(str(tmp_path / "missing.cpu")) is None
+    bad = tmp_path / "zero.cpu"
+    bad.write_text(json.dumps({"ticks": 5, "hz": 100, "seconds": 0}))
+    assert report.handler_idle(str(bad)) is None
