@@ -90,18 +90,25 @@ def _manager(wait: float = ACTIVATION_WAIT):
 
 
 def _human(n):
-    """``n`` bytes in the largest binary unit below 1024 of it: ``_human(4 << 20) == "4.0 MiB"``."""
+    """``n`` bytes in the largest binary unit that keeps the figure, as printed, below 1024:
+    ``_human(4 << 20) == "4.0 MiB"``, ``_human((1 << 20) - 1) == "1.0 MiB"`` (not "1024.0
+    KiB"); whole bytes below 1 KiB, TiB at most."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+        if unit == "TiB" or (abs(n) < 1024 if unit == "B" else round(abs(n), 1) < 1024):
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
 
 
-def _to_copy(n) -> str:
-    """A job's ``bytes_total`` as the CLI prints it when the job starts: ``"4.0 MiB to copy
-    (4194304 bytes)"`` - readable, and exact for a script."""
+def size_phrase(n: int) -> str:
+    """A job's size (``bytes_total``, bytes) as ``lvmirror`` and targetcli-lvmirror print it
+    when the job starts: readable and exact for a script - ``"4.0 MiB (4194304 bytes)"``,
+    ``"512 bytes"``, ``"1 byte"``. TypeError/ValueError when ``n`` is not a whole number."""
+    if n != int(n):
+        raise ValueError(f"a size in bytes is a whole number, got {n!r}")
     n = int(n)
-    return f"{_human(n)} to copy ({n} bytes)"
+    if n < 1024:
+        return f"{n} byte" + ("" if n == 1 else "s")
+    return f"{_human(n)} ({n} bytes)"
 
 
 def format_status(st: dict) -> str:
@@ -258,8 +265,8 @@ def _scrub(args, mgr, dbus) -> int:
                     mode = ("repair" if args.source is not None or in_sync >= 3 else
                             "check only: two in-sync images have no majority; --source IMAGE "
                             "says which one is right")
-                print(f"{name}: scrub started: {_human(int(res['bytes_total']))} to check "
-                      f"({res['bytes_total']} bytes, {mode})", flush=True)
+                print(f"{name}: scrub started: {size_phrase(res['bytes_total'])} to check "
+                      f"({mode})", flush=True)
         if not args.wait:
             results[name] = {"state": "running", "bytes_total": res["bytes_total"]}
             continue
@@ -702,7 +709,7 @@ def main(argv=None):
                 print(json.dumps(res))
             else:
                 for m in res["members"]:
-                    print(f"{m['volume']}: restore started: {_to_copy(m['bytes_total'])}")
+                    print(f"{m['volume']}: restore started: {size_phrase(m['bytes_total'])} to copy")
                 print(f"the volumes read as their split images from one instant (completions "
                       f"held {res['hold_seconds'] * 1e6:.0f} us)")
             if args.wait:
@@ -744,7 +751,7 @@ def main(argv=None):
                 res = json.loads(fn(args.volume, args.image, args.rate))
             if not args.json:
                 print(f"{'full ' if getattr(args, 'full', False) else ''}{args.cmd} of image "
-                      f"{args.image} started: {_to_copy(res['bytes_total'])}"
+                      f"{args.image} started: {size_phrase(res['bytes_total'])} to copy"
                       + ("; the image serves no reads until it ends"
                          if getattr(args, "full", False) else ""))
             else:

@@ -144,7 +144,8 @@ def install():
 
     from lvmirror import cfgstring
     from lvmirror.backup import backup_image
-    from lvmirror.cli import format_status, members_arg, mismatch_lines, parse_member, scrub_line
+    from lvmirror.cli import (format_status, members_arg, mismatch_lines, parse_member, scrub_line,
+                              size_phrase)
 
     original = ui_backstore.UIUserBackedStorageObject
     if getattr(original, "_lvmirror_factory", False):
@@ -283,16 +284,17 @@ def install():
             res = call(resync_image, self._spec().name, self._image(image),
                        float(rate or 0), self._flag("full", full))
             self.shell.con.display(f"resync of image {image} started: "
-                                   f"{res['bytes_total']} bytes to copy")
+                                   f"{size_phrase(res['bytes_total'])} to copy")
             if self._flag("wait", wait):
                 self._wait("resync")
 
         def ui_command_restore(self, image, rate=None, wait="false"):
             """Roll the volume back to split image IMAGE (only changed regions are copied; the
             volume reads as the copy from the moment the command returns)."""
-            json.loads(call("Restore", self._spec().name, self._image(image),
-                            float(rate or 0)))
-            self.shell.con.display(f"restore from image {image} started")
+            res = json.loads(call("Restore", self._spec().name, self._image(image),
+                                  float(rate or 0)))
+            self.shell.con.display(f"restore from image {image} started: "
+                                   f"{size_phrase(res['bytes_total'])} to copy")
             if self._flag("wait", wait):
                 self._wait("restore")
 
@@ -326,8 +328,8 @@ def install():
                            None if source is None else self._image(source), rate)
             except ValueError as e:
                 raise ExecutionError(str(e)) from None
-            self.shell.con.display(f"scrub of {name} started: {res['bytes_total']} bytes to "
-                                   f"check" + (" (repair)" if repair else ""))
+            self.shell.con.display(f"scrub of {name} started: {size_phrase(res['bytes_total'])} "
+                                   f"to check" + (" (repair)" if repair else ""))
             if not self._flag("wait", wait):
                 return
             while True:

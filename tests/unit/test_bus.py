@@ -128,7 +128,7 @@ def test_cli_status_split_resync(daemon, tmp_path):
     r = cli(address, "resync", "vol0", "2", "--wait")
     assert r.returncode == 0, r.stderr
     assert vol.region_size == 64 << 10             # the one region the write changed
-    assert "resync of image 2 started: 64.0 KiB to copy (65536 bytes)" in r.stdout, r.stdout
+    assert "resync of image 2 started: 64.0 KiB (65536 bytes) to copy" in r.stdout, r.stdout
     assert vol.images[2].state.value == "in-sync"
     r = cli(address, "split", "vol0", "3")          # a 3-image volume: lvmirrord refuses
     assert r.returncode == 1 and "no image 3" in r.stderr, r.stderr
@@ -391,7 +391,7 @@ def test_cli_full_resync_rebuilds_an_image_in_sync(daemon):
     assert not any(j.is_alive() for j in vol.jobs.values())
     r = cli(address, "resync", "vol0", "1", "--full", "--wait")
     assert r.returncode == 0, r.stderr
-    assert (f"full resync of image 1 started: 4.0 MiB to copy ({4 << 20} bytes); the image "
+    assert (f"full resync of image 1 started: 4.0 MiB ({4 << 20} bytes) to copy; the image "
             f"serves no reads until it ends") in r.stdout
     assert vol.images[1].state.value == "in-sync"
     assert open(vol.images[1].path, "rb").read() == open(vol.images[0].path, "rb").read()
@@ -641,21 +641,32 @@ def test_scrub_all_fails_for_a_mirrored_volume_it_could_not_check(capsys):
     assert "split: not scrubbed: volume split: 1 in-sync image(s)" in out.err
     assert "busy: a scrub is already running; waiting for it" in out.out
     assert "busy: scrub done" in out.out and "ok: scrub done" in out.out
-    assert "ok: scrub started: 4.0 KiB to check (4096 bytes, check only: two in-sync images " \
+    assert "ok: scrub started: 4.0 KiB (4096 bytes) to check (check only: two in-sync images " \
         "have no majority" in out.out
 
 
 @pytest.mark.parametrize("n, text", [
-    (0, "0 B to copy (0 bytes)"),
-    (4096, "4.0 KiB to copy (4096 bytes)"),
-    (153092096, "146.0 MiB to copy (153092096 bytes)"),
-    (3 << 40, "3.0 TiB to copy (3298534883328 bytes)"),
+    (0, "0 bytes"), (1, "1 byte"), (1023, "1023 bytes"),
+    (4096, "4.0 KiB (4096 bytes)"),
+    (153092096, "146.0 MiB (153092096 bytes)"),
+    ((1 << 20) - 1, "1.0 MiB (1048575 bytes)"),             # not "1024.0 KiB"
+    ((1 << 30) - 512, "1.0 GiB (1073741312 bytes)"),
+    (3 << 40, "3.0 TiB (3298534883328 bytes)"),
+    (5000 << 40, f"5000.0 TiB ({5000 << 40} bytes)"),     # TiB at most
+    (4096.0, "4.0 KiB (4096 bytes)"),                     # a whole float from JSON
 ])
 def test_cli_job_sizes_are_readable_and_exact(n, text):
     """A resync, restore or scrub that starts prints its size in binary units and in bytes
-    (it printed the bytes alone)."""
-    from lvmirror.cli import _to_copy
-    assert _to_copy(n) == text
+    (it printed the bytes alone); the unit never shows 1024 of itself."""
+    from lvmirror.cli import size_phrase
+    assert size_phrase(n) == text
+
+
+@pytest.mark.parametrize("bad", [4194304.7, "4.0", None])
+def test_cli_job_size_refuses_what_is_not_a_whole_number(bad):
+    from lvmirror.cli import size_phrase
+    with pytest.raises((TypeError, ValueError)):
+        size_phrase(bad)
 
 
 def test_stopped_service_leaves_nothing_on_glibs_default_context(daemon, caplog):
