@@ -12,6 +12,7 @@ import dbus.service
 from gi.repository import GLib
 
 from lvmirror import cfgstring
+from lvmirror.errors import StateError
 from lvmirror.bus.names import (ACCESS_DENIED, BUS_NAME, ERROR_PREFIX, MANAGER_IFACE,  # noqa: F401
                                 MANAGER_PATH, OM_IFACE, PROPS_IFACE, TCMU_HANDLER_MANAGER,
                                 TCMU_NAME, TCMU_PATH)
@@ -349,7 +350,10 @@ class BusService:
     def start(self, timeout=10.0):
         """Connect, own the names (or register with tcmu-runner when it owns
         org.kernel.TCMUService1) and run the main loop in a thread; RuntimeError if that takes
-        more than ``timeout`` seconds, the connection's error if it fails."""
+        more than ``timeout`` seconds, the connection's error if it fails. A service starts
+        once: StateError after ``stop`` (make a new one)."""
+        if self._stopped or self._thread is not None:
+            raise StateError("a BusService starts once; make a new one after stop")
         dbus.mainloop.glib.threads_init()      # the daemon is multi-threaded: lock libdbus
         dbus.mainloop.glib.DBusGMainLoop(set_as_default=True)
         self._thread = threading.Thread(target=self._run, name="dbus", daemon=True)
@@ -374,6 +378,7 @@ class BusService:
             self.conn = self._connect()
             self._export()
         except Exception as e:
+            self._withdraw()      # the objects exported before the names failed, the timer
             self._error = e
             self._ready.set()
             return
@@ -483,18 +488,25 @@ class BusService:
     def stop(self):
         """Quit the main loop, remove the objects and release the names."""
         self._stopped = True
-        if self._tick_source is not None:
-            GLib.source_remove(self._tick_source)
-            self._tick_source = None
         if self._loop is not None:
             self._loop.quit()
         if self._thread is not None:
             self._thread.join(5)
+        self._withdraw()
+
+    def _withdraw(self):
+        """Remove the periodic sync - it is on GLib's default context, which outlives this
+        service: another service's loop would run it - and the objects, release the names and
+        close the connection (after ``stop``, or a ``start`` that failed half-way)."""
+        if self._tick_source is not None:
+            GLib.source_remove(self._tick_source)
+            self._tick_source = None
         for obj in self._objects + list(self._volumes.values()):
             try:
                 obj.remove_from_connection()
             except Exception:
                 pass
+        self._objects = []
         self._volumes.clear()
         self._names = []          # BusName.__del__ releases the names while still connected
         if self.conn is not None:

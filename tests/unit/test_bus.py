@@ -673,22 +673,27 @@ def test_stopped_service_leaves_nothing_on_glibs_default_context(daemon, caplog)
     """``BusService.stop`` removes its periodic sync from GLib's default main context, and a
     sync that still comes (a method's idle callback) does nothing: before, the next service's
     loop in the same process ran the old timer, which tried to unexport the objects ``stop``
-    had removed and logged a LookupError traceback every second."""
-    from gi.repository import GLib
+    had removed and logged a LookupError traceback every second. A stopped service does not
+    start again (StateError), and one whose start failed leaves no timer behind either."""
+    import time
     from lvmirror.bus import BusService
+    from lvmirror.errors import StateError
     d, vol, address, bus = daemon
-    source = bus._tick_source
-    assert GLib.main_context_default().find_source_by_id(source) is not None
     bus.stop()
-    assert GLib.main_context_default().find_source_by_id(source) is None
     bus.sync()                          # the volume is still open: it would export it again
     assert bus._volumes == {}
+    with pytest.raises(StateError, match="starts once"):
+        bus.start()
     second = BusService(d, bus_address=address)     # a later service, its own loop
     second.start()
     try:
+        third = BusService(d, bus_address=address)  # the names are taken: its start fails
+        with pytest.raises(Exception, match="org.lvmirror1|NameExists|exists"):
+            third.start()
         d.registry.release(cfgstring.parse(f"vol0;images={'+'.join(im.path for im in vol.images)}"
                                            f";region_size=64K"))
-        second.sync()
+        time.sleep(2.5)                 # the old timers would have run twice in second's loop
+        assert bus._volumes == {} and third._volumes == {}
     finally:
         second.stop()
     assert "LookupError" not in caplog.text and "not updated" not in caplog.text
