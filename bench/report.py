@@ -7,8 +7,10 @@ and date) and ``ratios.svg``, a plot of lvmirror's IOPS against its peers.
     bench/report.py RUN_DIR --profile            # summarise the py-spy profiles of a --profile run
 
 RUN_DIR/bench holds what lab-bench.sh wrote in the guest: meta.json, targets.jsonl,
-<target>/<job>.json (fio JSON), split/{split.json,io_lat.1.log,fio.json}, resync.jsonl,
-profile/*.txt (py-spy raw, collapsed stacks).
+<target>/<job>.json (fio JSON), <target>/<job>.cpu and <target>/idle.cpu (the user-space
+handler's clock ticks over a job's measured seconds, and with no I/O: lvmirror and tcmu-runner
+targets only), split/{split.json,io_lat.1.log,fio.json}, resync.jsonl, profile/*.txt (py-spy
+raw, collapsed stacks).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import collections
 import glob
 import json
+import math
 import os
 import sys
 from xml.sax.saxutils import escape
@@ -119,6 +122,22 @@ def split_latency(split_dir: str) -> dict | None:
     }
 
 
+def _ticks_seconds(path: str) -> float | None:
+    """CPU seconds per measured second in a ``.cpu`` file (``{"ticks", "hz", "seconds"}``);
+    None when it cannot be read or holds what a measurement cannot give: a negative or
+    non-finite figure (a handler process that ended between the two readings leaves the
+    second sum smaller), a zero rate or duration."""
+    try:
+        with open(path) as f:
+            c = json.load(f)
+        ticks, hz, seconds = float(c["ticks"]), float(c["hz"]), float(c["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not all(map(math.isfinite, (ticks, hz, seconds))) or ticks < 0 or hz <= 0 or seconds <= 0:
+        return None
+    return ticks / hz / seconds
+
+
 def handler_cpu(path: str, iops: float) -> float | None:
     """Milliseconds of CPU (user + system) the target's user-space handler spent per command:
     ``path`` is lab-bench.sh's ``<job>.cpu``, ``{"ticks", "hz", "seconds"}`` - clock ticks the
@@ -127,13 +146,10 @@ def handler_cpu(path: str, iops: float) -> float | None:
     share includes the kernel's work done in the handler's own calls (the ring's completions,
     the data copies), the same for both handlers. None when there is no such file (a kernel
     target, a --profile run) or it cannot be read."""
-    try:
-        with open(path) as f:
-            c = json.load(f)
-        commands = iops * c["seconds"]
-        return round(c["ticks"] / c["hz"] / commands * 1000, 3) if commands > 0 else None
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+    per_second = _ticks_seconds(path)
+    if per_second is None or not iops > 0:
         return None
+    return round(per_second / iops * 1000, 3)
 
 
 def handler_idle(path: str) -> float | None:
@@ -142,12 +158,8 @@ def handler_idle(path: str) -> float | None:
     before the target's first job). It is part of every job's CPU per command (at 200 IOPS,
     10 % of one CPU is 0.5 ms a command). None when there is no such file or it cannot be
     read."""
-    try:
-        with open(path) as f:
-            c = json.load(f)
-        return round(c["ticks"] / c["hz"] / c["seconds"] * 100, 1)
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-        return None
+    per_second = _ticks_seconds(path)
+    return None if per_second is None else round(per_second * 100, 1)
 
 
 def read_jsonl(path):
@@ -250,7 +262,8 @@ def markdown(data: dict) -> str:
         both = "lvmirror1" in cpu_targets and "tcmu-runner" in cpu_targets
         out += ["Handler CPU per command (ms, user + system, over each job's measured seconds: "
                 "lvmirrord with its volume processes, tcmu-runner; the system share holds the "
-                "kernel's ring work done in the handler's calls):", "",
+                "kernel's ring work done in the handler's calls, and the figure the handler's "
+                "background, the no I/O row):", "",
                 "| job | " + " | ".join(TARGET_TITLES[t] for t in cpu_targets)
                 + (" | lvmirror 1 image / tcmu-runner" if both else "") + " |",
                 "|---|" + "---:|" * (len(cpu_targets) + both)]

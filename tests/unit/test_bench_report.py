@@ -213,6 +213,13 @@ def test_handler_idle_cpu(tmp_path):
     md = report.markdown(data).splitlines()
     assert "| no I/O (% of one CPU) | 7.0 | – | – |" in md
     assert report.handler_idle(str(tmp_path / "missing.cpu")) is None
-    bad = tmp_path / "zero.cpu"
-    bad.write_text(json.dumps({"ticks": 5, "hz": 100, "seconds": 0}))
-    assert report.handler_idle(str(bad)) is None
+    bad = tmp_path / "bad.cpu"
+    for content in ({"ticks": 5, "hz": 100, "seconds": 0},      # no duration
+                    {"ticks": -40, "hz": 100, "seconds": 10},   # a handler process ended
+                    {"ticks": 5, "hz": 0, "seconds": 10},
+                    {"ticks": float("nan"), "hz": 100, "seconds": 10},
+                    {"ticks": float("inf"), "hz": 100, "seconds": 10},
+                    {"ticks": "5", "hz": [], "seconds": 10}):
+        bad.write_text(json.dumps(content))
+        assert report.handler_idle(str(bad)) is None, content
+        assert report.handler_cpu(str(bad), 100.0) is None, content
