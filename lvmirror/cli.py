@@ -596,9 +596,10 @@ def main(argv=None):
     s.add_argument("--rate", type=rate, help="resync rate limit, MB/s (0: unlimited)")
     s.add_argument("--no-hooks", action="store_true", help="do not run the split hooks")
     groups["backup-cycle"] = s
-    s = command("scrub", help="compare the in-sync images region by region; repair by "
-                       "majority vote or from a named image")
-    s.add_argument("volume", nargs="?")
+    scrub_help = ("compare the in-sync images region by region; repair by majority vote or "
+                  "from a named image")
+    s = command("scrub", help=scrub_help, description=scrub_help)
+    s.add_argument("volume", nargs="?", help="the volume's name (or --all)")
     s.add_argument("--all", action="store_true",
                    help="every open volume, one after another with --wait; a one-image volume "
                         "is skipped, a mirrored one that cannot be compared now is named and "

@@ -555,7 +555,8 @@ def test_every_cli_command_says_what_it_does_in_help():
         assert text or nxt.startswith(" " * 10), f"no help for {name}"
     assert "3 lvmirrord not reachable" in r.stdout
     for name, want in (("split", "the image's index"), ("resync", "copying only the regions"),
-                       ("wait", "--timeout SECONDS")):
+                       ("wait", "--timeout SECONDS"), ("scrub", "the volume's name (or --all)"),
+                       ("scrub", "compare the in-sync images region by region")):
         r = subprocess.run([sys.executable, "-m", "lvmirror.cli", name, "--help"],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and want in r.stdout, r.stdout
