@@ -710,7 +710,8 @@ def main(argv=None):
                 print(json.dumps(res))
             else:
                 for m in res["members"]:
-                    print(f"{m['volume']}: restore started: {size_phrase(m['bytes_total'])} to copy")
+                    print(f"{m['volume']}: restore started: "
+                          f"{size_phrase(m['bytes_total'])} to copy")
                 print(f"the volumes read as their split images from one instant (completions "
                       f"held {res['hold_seconds'] * 1e6:.0f} us)")
             if args.wait:
