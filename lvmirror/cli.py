@@ -94,7 +94,7 @@ def _human(n):
     ``_human(4 << 20) == "4.0 MiB"``, ``_human((1 << 20) - 1) == "1.0 MiB"`` (not "1024.0
     KiB"); whole bytes below 1 KiB, TiB at most."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if unit == "TiB" or (abs(n) < 1024 if unit == "B" else round(abs(n), 1) < 1024):
+        if unit == "TiB" or round(abs(n), 0 if unit == "B" else 1) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
 
