@@ -262,8 +262,8 @@ def markdown(data: dict) -> str:
         both = "lvmirror1" in cpu_targets and "tcmu-runner" in cpu_targets
         out += ["Handler CPU per command (ms, user + system, over each job's measured seconds: "
                 "lvmirrord with its volume processes, tcmu-runner; the system share holds the "
-                "kernel's ring work done in the handler's calls, and the figure the handler's "
-                "background, the no I/O row):", "",
+                "kernel's ring work done in the handler's calls; every figure includes the "
+                "handler's background, the no I/O row):", "",
                 "| job | " + " | ".join(TARGET_TITLES[t] for t in cpu_targets)
                 + (" | lvmirror 1 image / tcmu-runner" if both else "") + " |",
                 "|---|" + "---:|" * (len(cpu_targets) + both)]
