@@ -347,3 +347,44 @@ def test_a_follow_failing_again_and_again_is_logged_once_per_error(gateway, capl
     assert [str(r.exc_info[1]) for r in failed] == ["configfs says no", "[Errno 5] EIO"]
     assert sum(r.levelno == logging.DEBUG and "still fails" in r.getMessage() for r in mine) == 4
     assert [r.levelno for r in mine if "works again" in r.getMessage()] == [logging.INFO]
+
+
+def test_a_failover_written_to_configfs_is_followed_without_full_reads(tmp_path, monkeypatch):
+    """The groups in a configfs tree laid out as the kernel's: the agent's write of the local
+    group's ``alua_access_state`` opens and closes the volume while every group is read in
+    full only once every FULL_READ_INTERVAL s (the per-second full read was most of an idle
+    LUN's CPU in the lab)."""
+    from tests.unit.test_scsi_alua import make_group, make_port, write
+    monkeypatch.setattr(lunserver_mod, "ALUA_FOLLOW_INTERVAL", 0.02)
+    paths = [str(tmp_path / f"img{k}") for k in range(2)]
+    roots = fake_device(tmp_path / "dev", 0,
+                        f"tcm-user/1/lun0/lvmirror/vol0;images={'+'.join(paths)}",
+                        info_size=SIZE, serial="serial-0")
+    (dev,) = uio.find_devices("lvmirror", **roots)
+    target = os.path.join(roots["configfs_root"], "target")
+    make_port(target, "iscsi", IQN, 1, 0, 1, enable=1)
+    make_port(target, "iscsi", IQN, 2, 0, 2, enable=0)
+    make_group(dev.configfs_dir, "gw", 1, alua.STANDBY, [f"iSCSI/{IQN}/tpgt_1/lun_0"])
+    make_group(dev.configfs_dir, "peer", 2, alua.ACTIVE_OPTIMIZED, [f"iSCSI/{IQN}/tpgt_2/lun_0"])
+    emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=8 << 20)
+    emu.run_reaper()
+    registry = VolumeRegistry(str(tmp_path / "state"))
+    lun = LunServer(dev, registry, workers=2)
+    lun._alua_reader.full_interval = 3600.0      # a slow machine's test: one full read only
+    try:
+        lun.open(handle=emu.handle())
+        lun.start()
+        assert lun.standby and registry.names() == []
+        state_file = os.path.join(dev.configfs_dir, "alua", "gw", "alua_access_state")
+        write(state_file, str(alua.ACTIVE_OPTIMIZED))
+        wait_until(lambda: lun.volume is not None)
+        write(state_file, str(alua.STANDBY))
+        wait_until(lambda: registry.names() == [])
+        assert lun.standby
+        # the open, and each switch's cheap read seeing a new state: no full read since
+        assert lun._alua_reader.full_reads == 1
+        time.sleep(0.5)                             # 25 follows more
+        assert lun._alua_reader.full_reads == 1
+    finally:
+        lun.stop()
+        emu.close()
