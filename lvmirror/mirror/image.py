@@ -264,6 +264,9 @@ class StorageImage:
                                offset=offset, length=length)
 
     def _check_range(self, op: str, offset: int, length: int) -> None:
+        """ImageIOError(EBADF) on a closed image, ValueError for a range beyond the image or,
+        with O_DIRECT, not aligned to its logical block size. (``readv`` and ``writev`` call it
+        only when one of its checks can fail: a closed image, a range outside, O_DIRECT.)"""
         self._check_open(op, offset, length)
         if offset < 0 or offset + length > self.size:
             raise ValueError(f"image {self.path}: {op} [{offset}, +{length}) beyond the image "
@@ -298,11 +301,13 @@ class StorageImage:
         if nowait:
             if self.fd < 0:     # closed: the blocking read reports (and counts) the error
                 raise WouldBlock(f"image {self.path}: closed")
-            self._check_range("read", offset, total)
+            if offset < 0 or offset + total > self.size or self.direct:
+                self._check_range("read", offset, total)      # raises, or O_DIRECT's checks
             self._readv_nowait(offset, bufs, total)
             return
-        self._check_range("read", offset, total)
-        if self._needs_bounce(bufs):
+        if self.fd < 0 or offset < 0 or offset + total > self.size or self.direct:
+            self._check_range("read", offset, total)      # raises, or O_DIRECT's checks
+        if self.direct and self._needs_bounce(bufs):
             bounce = self.aligned_buffer(total)
             self._readv(offset, [bounce], total)
             pos = 0
@@ -399,8 +404,9 @@ class StorageImage:
             self._count(errors=1)
             raise ImageIOError(self, _errno.EROFS, f"image {self.path}: write refused, "
                                f"opened read-only")
-        self._check_range("write", offset, total)
-        if self._needs_bounce(bufs):
+        if self.fd < 0 or offset < 0 or offset + total > self.size or self.direct:
+            self._check_range("write", offset, total)     # raises, or O_DIRECT's checks
+        if self.direct and self._needs_bounce(bufs):
             bounce = self.aligned_buffer(total)
             pos = 0
             for b in bufs:

@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 
 from lvmirror.errors import LvmirrorError
 
+_monotonic = time.monotonic
+
 __all__ = ["LockCancelled", "LockInfo", "RegionLock", "RegionLockManager"]
 
 
@@ -66,9 +68,17 @@ class RegionLock:
         self._held = True
 
     def release(self) -> None:
-        """Release the lock and grant whichever waiters it was blocking. Idempotent."""
+        """Release the lock and grant whichever waiters it was blocking. Idempotent.
+        (Under the manager's mutex, as every change of its holders.)"""
         if self._held:
-            self._manager._release(self)
+            manager = self._manager
+            with manager._mutex:
+                if not self._held:
+                    return
+                self._held = False
+                del manager._held[self]
+                if manager._waiters:
+                    manager._wake_waiters()
 
     @property
     def held(self) -> bool:
@@ -166,16 +176,20 @@ class RegionLockManager:
     # -- public API -----------------------------------------------------------------------------
 
     def try_lock(self, start: int, count: int, *, owner=None, shared: bool = False) -> RegionLock | None:
-        """Grant the lock now if the FIFO rules allow it, else return None (never waits)."""
-        _check_range(start, count)
+        """Grant the lock now if the FIFO rules allow it, else return None (never waits).
+        TypeError or ValueError for a range ``lock`` refuses too. (Every READ and WRITE the
+        ring thread answers itself takes one: the checks and the grant are written out here.)"""
+        if start.__class__ is not int or count.__class__ is not int or start < 0 or count < 1:
+            _check_range(start, count)           # raises, unless an int subclass in range
         end = start + count
         with self._mutex:
-            if not self._held and not self._waiters:
-                return self._grant(start, count, end, owner, shared)
-            if (self._conflicts_held(start, end, shared)
+            if (self._held or self._waiters) and (
+                    self._conflicts_held(start, end, shared)
                     or self._conflicts_waiters(start, end, shared, len(self._waiters))):
                 return None
-            return self._grant(start, count, end, owner, shared)
+            lk = RegionLock(self, start, count, end, owner, shared, _monotonic())
+            self._held[lk] = None
+            return lk
 
     def lock(self, start: int, count: int, *, owner=None, shared: bool = False,
              timeout: float | None = None) -> RegionLock:
@@ -218,15 +232,6 @@ class RegionLockManager:
         kind = "shared" if shared else "exclusive"
         return (f"region lock {self.name!r}: {kind} [{start}, +{count}) not granted "
                 f"within {timeout} s")
-
-    def _release(self, lk: RegionLock) -> None:
-        with self._mutex:
-            if not lk._held:
-                return
-            lk._held = False
-            del self._held[lk]
-            if self._waiters:
-                self._wake_waiters()
 
     def release_owner(self, owner) -> int:
         """Release every lock ``owner`` holds and cancel its waiting requests.

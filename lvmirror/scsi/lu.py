@@ -369,13 +369,18 @@ class LogicalUnit:
         return ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3], cdb[4] or 256
 
     def _transfer(self, cdb, *, writes: bool):
-        """(lba, nblocks) of a READ/WRITE/VERIFY-type CDB after the checks they share."""
-        lba, n = self._rw_fields(cdb)
+        """(lba, nblocks) of a READ/WRITE/VERIFY-type CDB after the checks they share
+        (``_rw_fields`` and ``_check_range`` written out for the 10/12/16-byte forms: every
+        READ and WRITE passes here)."""
+        unpack = _RW_FIELDS.get(cdb[0])
+        lba, n = unpack(cdb) if unpack is not None else self._rw_fields(cdb)
         if cdb[0] not in (c.READ_6, c.WRITE_6) and cdb[1] & 0xE0:
             raise _invalid_cdb(1, 7)                 # RD/WR/VRPROTECT: no protection info
         if writes:
             self._check_writable()
-        self._check_range(lba, n)
+        num_blocks = self.backend.num_blocks
+        if lba + n > num_blocks or lba > num_blocks:
+            raise _Check(*_LBA_OUT_OF_RANGE)
         if n > self.max_accept_blocks:
             raise _invalid_cdb(4 if cdb[0] in (c.READ_6, c.WRITE_6) else 7)
         return lba, n

@@ -330,7 +330,8 @@ class CommandRing:
         _RSP(mv, ent + _RSP_OFF, uflags, status & 0xFF)
         self._outstanding -= 1
         self.stats["completed"] += 1
-        self._set_tail(tail + (len_op & ~_OP_MASK))
+        # _set_tail, written out (every completion): one aligned 32-bit store
+        self._tail_word.value = (tail + (len_op & ~_OP_MASK)) % size
 
     def _retire_idle_locked(self):
         """Nothing outstanding: move cmd_tail up to the fetch cursor (over pads, TMRs,

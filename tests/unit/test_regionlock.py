@@ -60,7 +60,16 @@ def test_bad_ranges_rejected():
         m.lock(-1, 4)
     with pytest.raises(ValueError):
         m.try_lock(5, -3)
+    for start, count, exc in ((-1, 4, ValueError), (0, 0, ValueError), (1.0, 4, TypeError),
+                              (0, 4.0, TypeError), (None, 1, TypeError)):
+        with pytest.raises(exc):
+            m.try_lock(start, count)
     assert m.holders() == [] and m.waiters() == []
+    lk = m.try_lock(True, 1)                # an int subclass in range is a range (as lock())
+    assert lk is not None and (lk.start, lk.count) == (1, 1)
+    lk.release()
+    lk.release()                            # idempotent
+    assert m.holders() == []
 
 
 def test_overlapping_exclusive_waits_until_release():
