@@ -200,3 +200,41 @@ def test_close_waits_for_a_write_in_flight_and_returns_when_it_ends(tmp_path):
         with open(p, "rb") as f:
             f.seek(16 * 512)
             assert f.read(len(data)) == data
+
+
+def test_an_image_refuses_a_closed_descriptor_a_range_outside_and_a_read_only_write(tmp_path):
+    """StorageImage.readv / writev (the ring thread's reads and writes take them without the
+    range checks' call when none can fail): a closed image is ImageIOError(EBADF) counted as
+    an error, a range beyond the image or starting before it ValueError, a write to a
+    read-only image ImageIOError(EROFS); within range both work."""
+    import errno
+    from lvmirror.errors import ImageIOError, WouldBlock
+    from lvmirror.mirror.image import StorageImage
+    path = tmp_path / "img"
+    path.write_bytes(bytes(64 << 10))
+    img = StorageImage.open(str(path))
+    buf = bytearray(4096)
+    img.writev(60 << 10, [memoryview(b"x" * 4096)])
+    img.readv(60 << 10, [memoryview(buf)])
+    assert bytes(buf) == b"x" * 4096
+    for offset in (62 << 10, -512, 64 << 10):
+        with pytest.raises(ValueError):
+            img.readv(offset, [memoryview(buf)])
+        with pytest.raises(ValueError):
+            img.writev(offset, [memoryview(buf)])
+        with pytest.raises(ValueError):
+            img.readv(offset, [memoryview(buf)], nowait=True)
+    ro = StorageImage.open(str(path), read_only=True)
+    with pytest.raises(ImageIOError) as e:
+        ro.writev(0, [memoryview(buf)])
+    assert e.value.errno == errno.EROFS
+    ro.close()
+    errors = img.stats["errors"]
+    img.close()
+    for io in (lambda: img.readv(0, [memoryview(buf)]), lambda: img.writev(0, [memoryview(buf)])):
+        with pytest.raises(ImageIOError) as e:
+            io()
+        assert e.value.errno == errno.EBADF
+    assert img.stats["errors"] == errors + 2
+    with pytest.raises(WouldBlock):                  # the blocking read reports it
+        img.readv(0, [memoryview(buf)], nowait=True)
