@@ -47,7 +47,6 @@ from lvmirror.scsi import alua
 from lvmirror.scsi import constants as scsi
 from lvmirror.scsi.sense import build_sense
 from lvmirror.tcmu import uio
-from lvmirror.tcmu.alua import LocalStateReader
 from lvmirror.tcmu.ring import CommandRing, RingError
 
 log = logging.getLogger("lvmirrord")
@@ -229,10 +228,6 @@ class LunServer:
         self.standby_sense = None
         self._transition = None
         self._follow_error: str | None = None    # the last follow failure logged (_follow_failed)
-        # the local group's state, cheaply between full reads of configfs (tcmu.alua)
-        self._alua_reader = LocalStateReader(
-            device.configfs_dir, os.path.join(device.configfs_root, "target"),
-            lambda: self.device.port_groups())
         self._lease_held = False     # the last open was refused: another gateway holds the lease
         self._size = self._wwn = self._max_blocks = None
 
@@ -344,13 +339,12 @@ class LunServer:
 
     def _local_alua_state(self):
         """The access state (``scsi.alua``) of the group of this gateway's one enabled port, or
-        None: no ALUA groups, not exactly one enabled port, or configfs unreadable
-        (``tcmu.alua.LocalStateReader``: every group read in full every FULL_READ_INTERVAL s,
-        the local group's state and membership in between)."""
+        None: no ALUA groups, not exactly one enabled port, or configfs unreadable."""
         try:
-            return self._alua_reader.state()
+            local = alua.enabled_ports(self.device.port_groups())
         except (OSError, ValueError):
             return None
+        return local[0][0].state if len(local) == 1 else None
 
     def _follow_alua(self):
         """Watchdog thread (``_watch``), every ALUA_FOLLOW_INTERVAL s: when this gateway's port

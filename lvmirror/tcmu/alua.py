@@ -23,10 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
-import time
 
-from lvmirror.scsi.alua import STATUS_CODES, SUPPORT_BITS, PortGroup, TargetPort, enabled_ports
+from lvmirror.scsi.alua import STATUS_CODES, SUPPORT_BITS, PortGroup, TargetPort
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +51,18 @@ def _int(path: str) -> int:
     return int(_text(path), 0)
 
 
-def _member_tpg_dir(target_root: str, member: str):
-    """(tpg directory, lun number) of one ``members`` line; ValueError for a malformed line."""
-    m = _MEMBER.match(member.strip())
-    if not m:
-        raise ValueError(f"not an ALUA member line: {member!r}")
-    fabric, wwn, tpgt, lun = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
-    fabric_dir = "iscsi" if fabric == "iSCSI" else fabric
-    return os.path.join(target_root, fabric_dir, wwn, f"tpgt_{tpgt}"), lun
-
-
 def read_port(target_root: str, member: str) -> TargetPort:
     """The ``TargetPort`` for one ``members`` line of an ALUA group.
 
     ``target_root``: ``<configfs>/target``. Raises ``ValueError`` for a line not of the form
     ``<fabric>/<wwn>/tpgt_<N>/lun_<M>`` and ``OSError`` when the port's files cannot be read
     (the LUN was unmapped meanwhile)."""
-    tpg_dir, lun = _member_tpg_dir(target_root, member)
-    wwn = os.path.basename(os.path.dirname(tpg_dir))
-    tpgt = int(os.path.basename(tpg_dir)[len("tpgt_"):])
+    m = _MEMBER.match(member.strip())
+    if not m:
+        raise ValueError(f"not an ALUA member line: {member!r}")
+    fabric, wwn, tpgt, lun = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
+    fabric_dir = "iscsi" if fabric == "iSCSI" else fabric
+    tpg_dir = os.path.join(target_root, fabric_dir, wwn, f"tpgt_{tpgt}")
     stats = os.path.join(tpg_dir, "lun", f"lun_{lun}", "statistics")
     rel = _int(os.path.join(stats, "scsi_port", "indx"))
     proto = _int(os.path.join(stats, "scsi_transport", "proto_id"))
@@ -128,98 +119,3 @@ def read_port_groups(device_dir: str, target_root: str) -> list[PortGroup]:
             continue
         groups.append(read_group(target_root, group_dir))
     return groups
-
-
-# How often (seconds) ``LocalStateReader`` reads every group in full; in between it reads only
-# the local group's state and what would tell it that the local port moved.
-FULL_READ_INTERVAL = 10.0
-
-
-class LocalStateReader:
-    """The access state of the ALUA group that holds a TCMU device's one enabled local port,
-    read often and cheaply (lvmirrord follows it every second, per LUN: ``LunServer``).
-
-    A full read (``read_groups()``, every group with every member port: about 15 configfs
-    files a group and 4 a port) finds the local port and its group, and notes the group's
-    ``members`` text and the ``enable`` of each member's TPG. Until FULL_READ_INTERVAL seconds
-    later, a read takes three files or so: the group's ``alua_access_state``, its ``members``
-    and those ``enable`` files; when the members or an enable changed, or a file cannot be read,
-    it reads in full at once. So a change of the local group's state (a failover: the resource
-    agent writes ``alua_access_state``) or of the local port's membership is seen at the next
-    read; another port of this LUN enabled or mapped elsewhere (after which no single local
-    port is known, and the state is None) is seen within FULL_READ_INTERVAL seconds. (In the
-    kernel lab under emulation, 2026-12-03, the full read every second was most of an idle
-    LUN's CPU: 45 of 139 clock ticks in 20 s.)
-
-    ``device_dir``: ``UioDevice.configfs_dir``; ``target_root``: ``<configfs>/target``;
-    ``read_groups() -> list[PortGroup]``: the full read (``UioDevice.port_groups``), raising
-    OSError or ValueError. Thread-safe (the watchdog follows, a worker asks while answering a
-    command through a Standby port)."""
-
-    def __init__(self, device_dir: str, target_root: str, read_groups, *,
-                 full_interval: float = FULL_READ_INTERVAL, clock=time.monotonic):
-        self.device_dir = device_dir
-        self.target_root = target_root
-        self.read_groups = read_groups
-        self.full_interval = full_interval
-        self.clock = clock
-        self.full_reads = 0          # how many full reads were made (for tests and figures)
-        self._mu = threading.Lock()
-        self._cached = None          # (state path, signature) or None: read in full next
-        self._next_full = 0.0
-
-    def _signature(self, group_dir: str):
-        """What the local group's membership depends on: its ``members`` text and, for each
-        member line, its TPG's (wwn, tpgt) and ``enable`` text (None where the fabric has no
-        such attribute, loopback: always enabled)."""
-        members = _text(os.path.join(group_dir, "members"))
-        tpgs = []
-        for line in members.splitlines():
-            if line.strip():
-                tpg_dir = _member_tpg_dir(self.target_root, line)[0]
-                try:
-                    enable = _text(os.path.join(tpg_dir, "enable"))
-                except FileNotFoundError:
-                    enable = None
-                tpgs.append((os.path.basename(os.path.dirname(tpg_dir)),
-                             int(os.path.basename(tpg_dir)[len("tpgt_"):]), enable))
-        return members, tuple(tpgs)
-
-    def _full(self) -> int | None:
-        """Read every group (``read_groups``); cache the local group for the cheap reads when
-        its membership, read just after, still has the local port as its one enabled member
-        (it did not change under the read)."""
-        self.full_reads += 1
-        self._cached = None
-        self._next_full = self.clock() + self.full_interval
-        local = enabled_ports(self.read_groups())
-        if len(local) != 1:
-            return None
-        group, port = local[0]
-        group_dir = os.path.join(self.device_dir, "alua", group.name)
-        try:
-            signature = self._signature(group_dir)
-        except (OSError, ValueError):
-            # no such files (groups given by a reader of no configfs) or a member changing
-            # under the read: read in full next time too
-            return group.state
-        enabled = [(wwn, tpgt) for wwn, tpgt, enable in signature[1] if enable != "0"]
-        if enabled == [(port.wwn, port.tpgt)]:
-            self._cached = (os.path.join(group_dir, "alua_access_state"), signature)
-        return group.state
-
-    def state(self) -> int | None:
-        """The access state (``scsi.alua`` number) of the local port's group, or None: no
-        ALUA groups, or not exactly one enabled port. OSError or ValueError when configfs
-        cannot be read."""
-        with self._mu:
-            cached = self._cached
-            if cached is None or self.clock() >= self._next_full:
-                return self._full()
-            path, signature = cached
-            try:
-                state = int(_text(path), 0)
-                same = self._signature(os.path.dirname(path)) == signature
-            except (OSError, ValueError):
-                same = False
-            return state if same else self._full()

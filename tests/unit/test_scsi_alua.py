@@ -3,14 +3,13 @@ PORT GROUPS, built from the groups the kernel keeps in configfs, and the configf
 on a tree laid out as Linux 6.1 lays it out. The kernel lab checks the same with sg3-utils
 against LIO."""
 
-import dataclasses
 import os
 
 import pytest
 
 from lvmirror.scsi import GOOD, LogicalUnit
 from lvmirror.scsi import alua
-from lvmirror.tcmu.alua import LocalStateReader, read_port_groups
+from lvmirror.tcmu.alua import read_port_groups
 from lvmirror.tcmu.uio import UioDevice
 from tests.unit.test_scsi_core import RamBackend, run, sense_of
 
@@ -263,107 +262,3 @@ def test_read_port_groups_malformed_group_raises(configfs):
         dev.port_groups()
     lu = LogicalUnit(RamBackend(), wwn=WWN, port_groups=dev.port_groups)
     assert run(lu, [0x12, 0, 0, 0, 255, 0], in_len=255)[0].status == GOOD
-
-
-# -- following the local group's state cheaply (tcmu.alua.LocalStateReader) --------------------
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture
-def follower(configfs):
-    """Gateway A's tree (its TPG 1 in "ao", Active/Optimized; gateway B's TPG 2, disabled
-    here, in "sb", Standby) and a LocalStateReader on it whose full reads are counted."""
-    dev, target = configfs
-    make_port(target, "iscsi", IQN, 1, 0, 1, enable=1)
-    make_port(target, "iscsi", IQN, 2, 0, 2, enable=0)
-    make_group(dev.configfs_dir, "ao", 1, alua.ACTIVE_OPTIMIZED, [f"iSCSI/{IQN}/tpgt_1/lun_0"])
-    make_group(dev.configfs_dir, "sb", 2, alua.STANDBY, [f"iSCSI/{IQN}/tpgt_2/lun_0"])
-    clock = Clock()
-    calls = []
-
-    def read_groups():
-        calls.append(clock.now)
-        return dev.port_groups()
-    reader = LocalStateReader(dev.configfs_dir, target, read_groups, full_interval=10.0,
-                              clock=clock)
-    return dev, target, reader, clock, calls
-
-
-def test_the_local_state_is_followed_without_reading_every_group(follower):
-    """Between full reads a state change of the local group (the resource agent's failover
-    write) is seen at the next read, with no read of the other groups."""
-    dev, target, reader, clock, calls = follower
-    assert reader.state() == alua.ACTIVE_OPTIMIZED
-    n = len(calls)
-    for state in (alua.STANDBY, alua.ACTIVE_OPTIMIZED, alua.UNAVAILABLE, alua.OFFLINE):
-        write(os.path.join(dev.configfs_dir, "alua", "ao", "alua_access_state"), str(state))
-        clock.now += 1
-        assert reader.state() == state
-    assert len(calls) == n and reader.full_reads == 1
-    clock.now += 10                                   # FULL_READ_INTERVAL later: in full
-    assert reader.state() == alua.OFFLINE and reader.full_reads == 2
-
-
-def test_the_local_port_moved_to_another_group_is_seen_at_the_next_read(follower):
-    dev, target, reader, clock, calls = follower
-    assert reader.state() == alua.ACTIVE_OPTIMIZED
-    write(os.path.join(dev.configfs_dir, "alua", "ao", "members"), "")
-    write(os.path.join(dev.configfs_dir, "alua", "sb", "members"),
-          f"iSCSI/{IQN}/tpgt_1/lun_0\niSCSI/{IQN}/tpgt_2/lun_0")
-    clock.now += 1
-    assert reader.state() == alua.STANDBY and reader.full_reads == 2
-    write(os.path.join(dev.configfs_dir, "alua", "sb", "alua_access_state"),
-          str(alua.ACTIVE_NON_OPTIMIZED))
-    clock.now += 1
-    assert reader.state() == alua.ACTIVE_NON_OPTIMIZED and reader.full_reads == 2
-
-
-def test_the_local_tpg_disabled_or_its_group_gone_is_seen_at_the_next_read(follower):
-    dev, target, reader, clock, calls = follower
-    assert reader.state() == alua.ACTIVE_OPTIMIZED
-    write(os.path.join(target, "iscsi", IQN, "tpgt_1", "enable"), "0")
-    assert reader.state() is None                      # no enabled local port
-    write(os.path.join(target, "iscsi", IQN, "tpgt_1", "enable"), "1")
-    assert reader.state() == alua.ACTIVE_OPTIMIZED
-    group = os.path.join(dev.configfs_dir, "alua", "ao")
-    for name in os.listdir(group):
-        os.unlink(os.path.join(group, name))
-    os.rmdir(group)
-    assert reader.state() is None and reader.full_reads == 4
-
-
-def test_another_port_enabled_is_seen_within_the_full_read_interval(follower):
-    """Gateway B's TPG enabled on this node too: two local ports, no single state (None). The
-    cheap read looks at the local group only, so this shows at the next full read."""
-    dev, target, reader, clock, calls = follower
-    assert reader.state() == alua.ACTIVE_OPTIMIZED
-    write(os.path.join(target, "iscsi", IQN, "tpgt_2", "enable"), "1")
-    clock.now += 9.9
-    assert reader.state() == alua.ACTIVE_OPTIMIZED
-    clock.now += 0.1
-    assert reader.state() is None
-
-
-def test_a_reader_of_no_configfs_reads_in_full_every_time(configfs):
-    """Groups from a callable with no files behind them (how the daemon's host tests give
-    them): every read is a full one, never a stale cache."""
-    dev, target = configfs
-    groups = two_gateways()
-    reader = LocalStateReader(dev.configfs_dir, target, lambda: groups, clock=Clock())
-    assert reader.state() == alua.ACTIVE_OPTIMIZED
-    groups = [dataclasses.replace(groups[0], state=alua.STANDBY), groups[1]]
-    assert reader.state() == alua.STANDBY and reader.full_reads == 2
-
-
-def test_an_unreadable_configfs_raises_for_the_caller(configfs):
-    dev, target = configfs
-    make_group(dev.configfs_dir, "ao", 1, 0, [])
-    os.unlink(os.path.join(dev.configfs_dir, "alua", "ao", "tg_pt_gp_id"))
-    reader = LocalStateReader(dev.configfs_dir, target, dev.port_groups, clock=Clock())
-    with pytest.raises(OSError):
-        reader.state()
