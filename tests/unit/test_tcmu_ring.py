@@ -283,3 +283,39 @@ def test_an_entry_running_past_cmd_head_stops_the_fetch_instead_of_circling():
         ring2 = CommandRing(emu.map, map_size=emu.map_size)
         assert ring2.fetch().commands == [] and ring2.stats["malformed"] == 1
         assert ring2.outstanding == 0
+
+
+def test_an_entry_ending_at_the_ring_end_completes_to_tail_zero():
+    """cmd_tail is stored modulo the ring's size: completing a command whose entry ends exactly
+    at the ring's end, another still outstanding, leaves the tail at 0, not at the size (which
+    the kernel would refuse as no offset in the ring)."""
+    read10 = bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0])
+    probe = RingEmulator(cmdr_size=4096, data_size=1 << 20)
+    probe_ring = CommandRing(probe.map, map_size=probe.map_size)
+    probe.submit(read10, data_in_len=4096)
+    entry = probe_ring.head                      # one READ entry's length
+    probe_ring.close()
+    probe.close()
+    emu = RingEmulator(cmdr_size=3 * entry, data_size=1 << 20)
+    ring = CommandRing(emu.map, map_size=emu.map_size)
+    handle = emu.handle()
+    for _ in range(2):
+        emu.submit(read10, data_in_len=4096)
+    for c in ring.fetch().commands:
+        ring.complete(c.cmd_id, 0)
+    handle.notify()
+    emu.reap()
+    assert ring.tail == 2 * entry
+    first = emu.submit(read10, data_in_len=4096)     # its entry ends at the ring's end
+    second = emu.submit(read10, data_in_len=4096)
+    cmds = ring.fetch().commands
+    assert [c.cmd_id for c in cmds] == [first, second]
+    ring.complete(first, 0)
+    assert ring.tail == 0
+    handle.notify()
+    assert first in emu.reap()                        # the emulator accepts the tail
+    ring.complete(second, 0)
+    handle.notify()
+    assert second in emu.reap()
+    ring.close()
+    emu.close()

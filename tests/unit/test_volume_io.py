@@ -238,3 +238,35 @@ def test_an_image_refuses_a_closed_descriptor_a_range_outside_and_a_read_only_wr
     assert img.stats["errors"] == errors + 2
     with pytest.raises(WouldBlock):                  # the blocking read reports it
         img.readv(0, [memoryview(buf)], nowait=True)
+
+
+def test_an_o_direct_image_bounces_a_misaligned_buffer_and_refuses_a_misaligned_offset(tmp_path):
+    """With O_DIRECT, ``readv``/``writev`` keep their checks (the buffered path skips them):
+    a buffer at an address the device's logical block size does not divide is copied through
+    an aligned bounce buffer (``bounced`` counted, no error), an offset or length not aligned
+    is ValueError, and nothing is counted as an image error."""
+    import errno
+    from lvmirror.errors import ConfigError
+    from lvmirror.mirror.image import StorageImage
+    path = tmp_path / "img"
+    path.write_bytes(bytes(64 << 10))
+    try:
+        img = StorageImage.open(str(path), direct=True)
+    except (ConfigError, OSError) as e:          # a file system without O_DIRECT (tmpfs)
+        if isinstance(e, OSError) and e.errno != errno.EINVAL:
+            raise
+        pytest.skip(f"no O_DIRECT under {tmp_path}: {e}")
+    misaligned = StorageImage.aligned_buffer(4097)[1:]      # 4096 bytes, address + 1
+    misaligned[:] = b"d" * 4096
+    img.writev(8192, [misaligned])
+    assert img.stats["bounced"] == 1
+    out = StorageImage.aligned_buffer(4097)[1:]
+    img.readv(8192, [out])
+    assert bytes(out) == b"d" * 4096 and img.stats["bounced"] == 2
+    aligned = StorageImage.aligned_buffer(4096)
+    for io in (lambda: img.readv(1, [aligned]), lambda: img.writev(512 + 1, [aligned]),
+               lambda: img.readv(0, [memoryview(aligned)[:100]])):
+        with pytest.raises(ValueError):
+            io()
+    assert img.stats["errors"] == 0
+    img.close()
