@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 from lvmirror.errors import LvmirrorError
 
-_monotonic = time.monotonic
+_monotonic = time.monotonic      # every grant and request time of this module
 
 __all__ = ["LockCancelled", "LockInfo", "RegionLock", "RegionLockManager"]
 
@@ -154,7 +154,7 @@ class RegionLockManager:
         return False
 
     def _grant(self, start, count, end, owner, shared) -> RegionLock:
-        lk = RegionLock(self, start, count, end, owner, shared, time.monotonic())
+        lk = RegionLock(self, start, count, end, owner, shared, _monotonic())
         self._held[lk] = None
         return lk
 
@@ -208,7 +208,7 @@ class RegionLockManager:
                 return self._grant(start, count, end, owner, shared)
             if timeout is not None and timeout <= 0:
                 raise TimeoutError(self._timeout_message(start, count, shared, timeout))
-            w = _Waiter(start, count, end, owner, shared, time.monotonic())
+            w = _Waiter(start, count, end, owner, shared, _monotonic())
             self._waiters.append(w)
 
         if timeout is None:
