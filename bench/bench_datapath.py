@@ -16,8 +16,13 @@ N 2-image volumes under 4 KiB random writes, each LUN fed by a forked process of
 the kernel (so the load is not capped by this one), with lvmirrord as one process and as a
 process per volume (the default), and the ratio aggregate / (N x one LUN).
 
+With ``--idle N`` it measures what N idle LUNs cost: lvmirrord (a process per volume) serving N
+2-image volumes that get no I/O while their status is read once a second, as the D-Bus
+service's sync does; it prints the CPU lvmirrord and its volume processes used (percent of one
+core) and their threads' wake-ups per second (voluntary context switches, /proc task status).
+
 Usage: .venv/bin/python bench/bench_datapath.py [--seconds 3] [--qd 32] [--dir /dev/shm]
-       [--jobs write,read,read1m] [--scaling N]
+       [--jobs write,read,read1m] [--scaling N] [--idle N]
 """
 
 from __future__ import annotations
@@ -271,6 +276,75 @@ def scaling(args, work):
     return results
 
 
+def _wakeups(pid) -> int:
+    """Voluntary context switches of every thread of process ``pid`` so far (each is a thread
+    going to sleep, so each is followed by a wake-up; /proc/PID/task/TID/status)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except FileNotFoundError:
+            continue        # a thread that ended meanwhile
+    return total
+
+
+def idle(args, work):
+    """What N idle LUNs cost: lvmirrord with a process per volume serving N 2-image volumes,
+    each on a ring emulator that submits nothing, while ``status()`` is read once a second (the
+    D-Bus service's sync, here from this process's main thread, which lvmirrord's bus thread
+    would be). Prints CPU (percent of one core: this process and the volume processes; the
+    emulators start no thread) and wake-ups per second, over ``--seconds``."""
+    from lvmirror.daemon import Lvmirrord
+    n = args.idle
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; {n} idle LUNs (2-image "
+          f"{SCALE_SIZE >> 20} MiB volumes on {args.dir}), status read once a second, "
+          f"{args.seconds:g} s")
+    emus = []
+    d = Lvmirrord(state_dir=os.path.join(work, "state"), with_bus=False, processes=True,
+                  workers=args.workers, log_level="warning")
+    try:
+        for k in range(n):
+            emu = RingEmulator(cmdr_size=(1 << 20) - 128, data_size=4 << 20,
+                               directory="/dev/shm")
+            emus.append(emu)
+            imgs = [os.path.join(work, f"v{k}-img{j}") for j in range(2)]
+            dev = fake_device(os.path.join(work, f"tree{k}"),
+                              f"v{k};images={'+'.join(imgs)}", SCALE_SIZE, minor=k)
+            info = d.add_lun(dev, handle=emu.handle())
+            assert info["error"] is None, info
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            vols = d.status()["volumes"]
+            if len(vols) == n and all(i["state"] == "in-sync" for v in vols.values()
+                                      for i in v["images"]):
+                break
+            time.sleep(0.1)
+        time.sleep(2.0)                     # the initial syncs' checkpoints settle
+        pids = [os.getpid()] + [h.pid for h in d._hosts.values()]
+        cpu0 = sum(_proc_cpu(p) for p in pids)
+        wake0 = sum(_wakeups(p) for p in pids)
+        t0 = time.monotonic()
+        end = t0 + args.seconds
+        while time.monotonic() < end:
+            d.status()
+            time.sleep(max(0.0, min(1.0, end - time.monotonic())))
+        wall = time.monotonic() - t0
+        cpu = sum(_proc_cpu(p) for p in pids) - cpu0
+        wakes = sum(_wakeups(p) for p in pids) - wake0
+    finally:
+        d.stop()
+        for emu in emus:
+            emu.close()
+    print(f"  {n} idle LUN{'s' if n > 1 else ''}: lvmirrord and its volume processes "
+          f"{cpu / wall * 100:.2f} % of one core ({cpu / wall / n * 1000:.2f} ms CPU per "
+          f"second per LUN), {wakes / wall:.0f} thread wake-ups per second "
+          f"({wakes / wall / n:.1f} per LUN)")
+    return cpu / wall, wakes / wall
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -289,9 +363,16 @@ def main():
     ap.add_argument("--scaling", type=int, default=None, metavar="N",
                     help="instead of the jobs: N LUNs against one, lvmirrord as one process "
                          "and as a process per volume (aggregate cmd/s, CPU us/cmd, ratio)")
+    ap.add_argument("--idle", type=int, default=None, metavar="N",
+                    help="instead of the jobs: what N idle LUNs cost (CPU percent of one core "
+                         "and thread wake-ups per second, status read once a second)")
     args = ap.parse_args()
     if args.scaling is not None and args.scaling < 2:
         ap.error(f"--scaling N needs N >= 2, got {args.scaling}")
+    if args.idle is not None and args.idle < 1:
+        ap.error(f"--idle N needs N >= 1, got {args.idle}")
+    if args.idle is not None and args.scaling is not None:
+        ap.error("--idle and --scaling measure different things: give one")
     if set(args.jobs.split(",")) - {"write", "read", "read1m"}:
         ap.error(f"--jobs: unknown job in {args.jobs!r}")
     if not args.seconds > 0 or args.seconds == float("inf"):
@@ -301,6 +382,12 @@ def main():
     if not os.path.isdir(args.dir):
         ap.error(f"--dir {args.dir}: no such directory")
     work = tempfile.mkdtemp(prefix="lvm-bench-", dir=args.dir)
+    if args.idle is not None:
+        try:
+            idle(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     if args.scaling is not None:
         try:
             scaling(args, work)
