@@ -126,7 +126,10 @@ INLINE_IDLE_MAX = 1 << 20
 
 # A command the ring thread runs itself and that has not returned after INLINE_STALL seconds
 # (a writer throttled by the kernel behind a slow or dying device) makes the watchdog, which
-# looks every INLINE_WATCH seconds, hand the ring to a new ring thread.
+# looks every INLINE_WATCH seconds, hand the ring to a new ring thread. The watchdog looks so
+# often only while the LUN is busy: after an INLINE_WATCH with no command fetched and none
+# running on the ring thread it sleeps until its next ALUA follow, and the ring thread wakes it
+# when it begins a command of its own (``_watch``).
 INLINE_STALL = 0.2
 INLINE_WATCH = 0.05
 
@@ -193,6 +196,10 @@ class LunServer:
         self.handovers = 0           # times the watchdog handed the ring to a new thread
         self._stuck = 0              # ring threads handed over whose command has not returned
         self._watcher = None
+        # the watchdog sleeps while the LUN is idle (``_watch_idle`` True) until the ring
+        # thread, beginning a command of its own, or ``stop`` or an ALUA nudge sets the event
+        self._watch_wake = threading.Event()
+        self._watch_idle = False
         self.registry = registry
         self.name = device.dev_name
         self.workers = workers
@@ -418,7 +425,8 @@ class LunServer:
         if sense != ASC_ALUA_TRANSITION:
             state = self._local_alua_state()
             if state is not None and state not in INACTIVE_SENSE and state != alua.TRANSITIONING:
-                self._alua_next = 0.0      # the watchdog follows within INLINE_WATCH s
+                self._alua_next = 0.0      # the watchdog follows at once
+                self._watch_wake.set()
                 return ASC_ALUA_TRANSITION
         return sense
 
@@ -455,6 +463,7 @@ class LunServer:
             return
         self.release()          # completions held for a group split go out before the drain
         self._stop.set()
+        self._watch_wake.set()
         self._wake_pending = False
         self._wake()
         if self._watcher is not None:
@@ -666,6 +675,9 @@ class LunServer:
             except IndexError:
                 return done
             t0 = self._inline_t0 = time.monotonic()
+            if self._watch_idle:             # (read after _inline_t0 is set: see _watch)
+                self._watch_idle = False
+                self._watch_wake.set()
             try:
                 response = lu.execute(command.cdb, command.iov_views, command.iov_views,
                                       nowait=True, device_ok=lone)
@@ -702,12 +714,24 @@ class LunServer:
 
     # -- the watchdog ----------------------------------------------------------------------------
     def _watch(self):
-        """The LUN's watchdog thread, until the LUN stops: every INLINE_WATCH seconds, a command
-        the ring thread has been running itself for longer than INLINE_STALL seconds hands the
-        ring over (``_hand_over``); every ALUA_FOLLOW_INTERVAL seconds (at once when
-        ``_alua_next`` is reset), ``_follow_alua``. Following runs here, not on the ring thread:
-        reading the port groups from configfs took the ring thread about 5 % of its time under
-        the lab's emulation (py-spy, 2026-12-02), time in which it answered no command."""
+        """The LUN's watchdog thread, until the LUN stops: while the LUN is busy, every
+        INLINE_WATCH seconds, a command the ring thread has been running itself for longer than
+        INLINE_STALL seconds hands the ring over (``_hand_over``); every ALUA_FOLLOW_INTERVAL
+        seconds (at once when ``_alua_next`` is reset and the event set), ``_follow_alua``.
+        Following runs here, not on the ring thread: reading the port groups from configfs took
+        the ring thread about 5 % of its time under the lab's emulation (py-spy, 2026-12-02),
+        time in which it answered no command.
+
+        Idle, it sleeps until the next follow: after an INLINE_WATCH in which no command was
+        fetched and with none running on the ring thread, it says so (``_watch_idle``) and the
+        ring thread sets ``_watch_wake`` when it begins one of its own - a command's first
+        INLINE_STALL is watched as before, and a busy LUN pays nothing more than a flag read a
+        command. (The watchdog sets the flag, then reads ``_inline_t0``; the ring thread sets
+        ``_inline_t0``, then reads the flag: under the GIL one of them sees the other's write,
+        so a command is never left unwatched.) Waking 20 times a second per idle LUN was about
+        a quarter of an idle handler's CPU in the lab (py-spy, 2026-12-03)."""
+        wake = self._watch_wake
+        seen = -1
         while True:
             if time.monotonic() >= self._alua_next:
                 self._alua_next = time.monotonic() + ALUA_FOLLOW_INTERVAL
@@ -719,7 +743,16 @@ class LunServer:
                     if self._follow_error is not None:
                         log.info("LUN %s: following the ALUA state works again", self.name)
                         self._follow_error = None
-            if self._stop.wait(INLINE_WATCH):
+            timeout = INLINE_WATCH
+            if self.commands == seen and not self._inline_t0:
+                self._watch_idle = True
+                if not self._inline_t0:          # re-read after the flag: see above
+                    timeout = max(self._alua_next - time.monotonic(), 0.0)
+            seen = self.commands
+            wake.wait(timeout)
+            wake.clear()
+            self._watch_idle = False
+            if self._stop.is_set():
                 return
             t0 = self._inline_t0
             if t0 and time.monotonic() - t0 > INLINE_STALL:

@@ -656,6 +656,68 @@ def test_a_ring_thread_stuck_in_a_write_hands_the_ring_over(lab, tmp_path, monke
     assert not [t.name for t in threading.enumerate() if t.name.startswith(f"ring-{lun.name}")]
 
 
+def _voluntary_switches(native_id: int) -> int:
+    """How many times thread ``native_id`` of this process went to sleep so far."""
+    with open(f"/proc/self/task/{native_id}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches line")
+
+
+def _wait_watchdog_idle(lun, timeout=5.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while not lun._watch_idle:
+        assert time.monotonic() < deadline, "the watchdog never went idle"
+        time.sleep(0.01)
+
+
+def test_the_watchdog_of_an_idle_lun_sleeps_until_its_next_follow(lab, tmp_path, monkeypatch):
+    """An idle LUN's watchdog does not look every INLINE_WATCH (20 wake-ups a second per LUN):
+    with nothing fetched and nothing on the ring thread it sleeps until the next ALUA follow
+    (30 s here), and a command wakes it again."""
+    import time
+    from lvmirror.daemon import lunserver
+    monkeypatch.setattr(lunserver, "ALUA_FOLLOW_INTERVAL", 30.0)
+    emu, lun, _ = lab(f"vol0;images={'+'.join(images(tmp_path))}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    _wait_watchdog_idle(lun)
+    tid = lun._watcher.native_id
+    n0 = _voluntary_switches(tid)
+    time.sleep(1.0)
+    assert _voluntary_switches(tid) - n0 <= 2            # 20 before
+    tur = emu.submit(bytes(6))
+    assert emu.wait([tur])[tur].status == 0
+    _wait_watchdog_idle(lun)                              # looked again, and slept again
+
+
+def test_a_ring_thread_stuck_after_the_lun_was_idle_is_still_handed_over(
+        lab, tmp_path, monkeypatch):
+    """The first command after a quiet spell, run by the ring thread itself, stalls while the
+    watchdog sleeps (next follow in 30 s): the ring thread woke it when it began the command,
+    so the ring is handed over after INLINE_STALL as always and a TEST UNIT READY behind the
+    stuck WRITE is answered in seconds, not after the follow interval."""
+    import time
+    from lvmirror.daemon import lunserver
+    monkeypatch.setattr(lunserver, "ALUA_FOLLOW_INTERVAL", 30.0)
+    monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
+    emu, lun, paths = _region0_marked(lab, tmp_path)
+    gate, entered = _stall_ring_writes(monkeypatch, lun.volume.image_storage(1))
+    _wait_watchdog_idle(lun)
+    inline = lun.inline
+    wid = emu.submit(cdb10(0x2A, 8, 8), data_out=bytes([5]) * 8 * BS)
+    assert entered.wait(10)                        # the ring thread is inside the write
+    t0 = time.monotonic()
+    tur = emu.submit(bytes(6))
+    done = emu.wait([tur], timeout=10)
+    assert done[tur].status == 0 and time.monotonic() - t0 < 5
+    assert lun.handovers == 1 and wid not in emu.completions and lun.inline == inline
+    gate.set()
+    assert emu.wait([wid], timeout=10)[wid].status == 0
+
+
 def test_the_stuck_thread_returning_does_not_blind_the_watchdog_to_the_new_one(
         lab, tmp_path, monkeypatch):
     """The stuck ring thread's command returns while the ring thread that took over is itself
