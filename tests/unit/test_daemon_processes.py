@@ -642,3 +642,101 @@ def test_region_locks_of_one_process_lvmirrord(tmp_path):
     finally:
         d.stop()
         emu.close()
+
+
+# -- the threads a volume process runs lvmirrord's calls on ------------------------------------
+def _until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def test_call_threads_reuse_a_waiting_thread():
+    """Calls that come one after another (status, once a second) run on one thread: no thread
+    is started per call, and each call runs exactly once."""
+    pool = volumeproc.CallThreads("t", idle_timeout=30.0)
+    names = []
+    for k in range(20):
+        done = threading.Event()
+        pool.post(lambda k=k, done=done: (names.append((k, threading.current_thread().name)),
+                                          done.set()))
+        assert done.wait(10)
+        _until(lambda: pool._waiting == 1)      # back to waiting before the next call
+    assert [k for k, _ in names] == list(range(20))
+    assert pool.started == 1 and len({n for _, n in names}) == 1
+
+
+def test_call_threads_run_blocking_calls_side_by_side():
+    """A call that blocks (a ``wait`` for a resync) holds up no other: three calls blocked at
+    once each have a thread of their own, and the one that unblocks them runs beside them."""
+    pool = volumeproc.CallThreads("t", idle_timeout=30.0)
+    gate = threading.Event()
+    inside = threading.Semaphore(0)
+    for _ in range(3):
+        pool.post(lambda: (inside.release(), gate.wait(10)))
+    for _ in range(3):
+        assert inside.acquire(timeout=10)
+    pool.post(gate.set)
+    assert gate.wait(10)
+    assert pool.started == 4
+    _until(lambda: pool._waiting == 4)
+    for _ in range(4):                           # four waiting threads take four calls
+        pool.post(inside.release)
+    for _ in range(4):
+        assert inside.acquire(timeout=10)
+    assert pool.started == 4
+
+
+def test_call_threads_end_when_idle_and_start_again(caplog):
+    """A thread with no call for idle_timeout seconds ends; a later call starts a new one. A
+    call that raises is logged and its thread goes on taking calls."""
+    pool = volumeproc.CallThreads("idle-test", idle_timeout=0.2)
+    done = threading.Event()
+
+    def boom():
+        raise RuntimeError("broken call")
+    pool.post(boom)
+    pool.post(done.set)
+    assert done.wait(10)
+    mine = lambda: [t for t in threading.enumerate() if t.name.startswith("idle-test-")]  # noqa
+    _until(lambda: not mine() and pool._waiting == 0)
+    assert any("broken call" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+    started = pool.started
+    done.clear()
+    pool.post(done.set)
+    assert done.wait(10)
+    assert pool.started == started + 1
+
+
+def test_a_call_queued_as_a_thread_times_out_is_still_run():
+    """The race the idle timeout has: a call is queued for a waiting thread just as that
+    thread's wait times out. The timed-out thread takes it (or another waiting one does):
+    every call runs, and the count of waiting threads stays true (here: one thread, which
+    takes the next call with no new thread)."""
+    import queue as queue_mod
+    pool = volumeproc.CallThreads("race", idle_timeout=30.0)
+    timed_out, go_on, armed = threading.Event(), threading.Event(), threading.Event()
+
+    class Queue(queue_mod.SimpleQueue):
+        def get(self, block=True, timeout=None):
+            if armed.is_set() and not timed_out.is_set():   # this wait times out ...
+                timed_out.set()
+                assert go_on.wait(10)     # ... and a call is queued before it takes the mutex
+                raise queue_mod.Empty
+            return super().get(block, timeout)
+    pool._q = Queue()
+    first = threading.Event()
+    pool.post(first.set)
+    assert first.wait(10)
+    _until(lambda: pool._waiting == 1)
+    armed.set()
+    woke = threading.Event()
+    pool.post(woke.set)                 # the thread runs it; its next wait is the one that fails
+    assert woke.wait(10) and timed_out.wait(10)
+    ran = threading.Event()
+    pool.post(ran.set)                  # counted against the waiting thread (no new one)
+    go_on.set()
+    assert ran.wait(10)
+    _until(lambda: pool._waiting == 1)
+    assert pool.started == 1
