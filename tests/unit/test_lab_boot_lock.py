@@ -1,0 +1,53 @@
+"""lab/boot takes its portal port's lock before anything else, so a second lab run on the same
+port (tools/demo beside tools/test) waits for the first instead of failing in QEMU's host
+forwarding. No guest is booted here: the boot is given an output directory it refuses (it exits
+2 right after the lock), so the test sees only the waiting and the going on."""
+
+import fcntl
+import os
+import subprocess
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BOOT = os.path.join(ROOT, "lab", "boot")
+
+
+def _refused(proc, err) -> bool:
+    """The boot ended right after its lock, as meant: LAB_OUT=/ refused (or, on a machine
+    without the lab's kernel or virtme-ng, that said), exit status 2."""
+    return proc.returncode == 2 and ("refusing to empty" in err or "lab: no /boot" in err
+                                     or "virtme-ng missing" in err)
+
+
+def _boot(tmp_path, **env):
+    """lab/boot with LAB_OUT=/ (refused by clear_out, exit 2: nothing is booted)."""
+    e = dict(os.environ, TMPDIR=str(tmp_path), LAB_PORT="1", LAB_OUT="/", **env)
+    e.pop("LAB_PORT_LOCKED", None)
+    return subprocess.Popen([BOOT], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_a_second_boot_on_a_port_waits_for_the_first(tmp_path):
+    lock = tmp_path / "lvmirror-lab-port-1.lock"
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)        # another boot holds port 1
+        proc = _boot(tmp_path)
+        time.sleep(1.5)
+        assert proc.poll() is None, proc.communicate()   # it waits ...
+        fcntl.flock(held, fcntl.LOCK_UN)
+        out, err = proc.communicate(timeout=60)          # ... and goes on once it is free
+    assert "another lab run uses portal port 1" in err and "waiting for it" in err
+    assert _refused(proc, err), err
+
+
+def test_a_boot_with_the_port_free_does_not_wait_and_lab_port_lock_0_skips_the_lock(tmp_path):
+    proc = _boot(tmp_path)
+    _, err = proc.communicate(timeout=60)
+    assert _refused(proc, err) and "waiting" not in err, err
+    lock = tmp_path / "lvmirror-lab-port-1.lock"
+    assert lock.exists()
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = _boot(tmp_path, LAB_PORT_LOCK="0")
+        _, err = proc.communicate(timeout=60)
+    assert _refused(proc, err) and "waiting" not in err, err
