@@ -195,6 +195,18 @@ def _driver(sock, qd):
 SCALE_SIZE = 64 << 20
 
 
+def _wait_in_sync(d, n, timeout=120.0):
+    """Wait until lvmirrord ``d`` has ``n`` volumes open, every image in sync (the initial
+    resyncs done), for at most ``timeout`` seconds (then go on: the figures say the rest)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vols = d.status()["volumes"]
+        if len(vols) == n and all(i["state"] == "in-sync" for v in vols.values()
+                                  for i in v["images"]):
+            return
+        time.sleep(0.1)
+
+
 def scaling(args, work):
     """Aggregate commands per second of N LUNs (each a 2-image volume under QD 4 KiB random
     writes, each fed by its own process playing the kernel) against one LUN, with lvmirrord
@@ -236,13 +248,7 @@ def scaling(args, work):
                     handle = AttachedHandle(fds, meta)
                     info = d.add_lun(dev, handle=handle)
                     assert info["error"] is None, info
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    vols = d.status()["volumes"]
-                    if len(vols) == n and all(i["state"] == "in-sync" for v in vols.values()
-                                              for i in v["images"]):
-                        break
-                    time.sleep(0.1)
+                _wait_in_sync(d, n)
                 pids = [h.pid for h in d._hosts.values()] if processes else [os.getpid()]
                 for _, sock in drivers:                 # warm-up
                     send_msg(sock, ("run", 0.5))
@@ -315,13 +321,7 @@ def idle(args, work):
                               f"v{k};images={'+'.join(imgs)}", SCALE_SIZE, minor=k)
             info = d.add_lun(dev, handle=emu.handle())
             assert info["error"] is None, info
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            vols = d.status()["volumes"]
-            if len(vols) == n and all(i["state"] == "in-sync" for v in vols.values()
-                                      for i in v["images"]):
-                break
-            time.sleep(0.1)
+        _wait_in_sync(d, n)
         time.sleep(2.0)                     # the initial syncs' checkpoints settle
         pids = [os.getpid()] + [h.pid for h in d._hosts.values()]
         cpu0 = sum(_proc_cpu(p) for p in pids)
@@ -382,15 +382,10 @@ def main():
     if not os.path.isdir(args.dir):
         ap.error(f"--dir {args.dir}: no such directory")
     work = tempfile.mkdtemp(prefix="lvm-bench-", dir=args.dir)
-    if args.idle is not None:
+    other = idle if args.idle is not None else scaling if args.scaling is not None else None
+    if other is not None:           # --idle N or --scaling N instead of the jobs
         try:
-            idle(args, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        return
-    if args.scaling is not None:
-        try:
-            scaling(args, work)
+            other(args, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return
