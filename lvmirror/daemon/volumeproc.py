@@ -647,27 +647,31 @@ class CallThreads:
     resync) without holding up the others, as with a thread per call, but the status the
     D-Bus service reads once a second no longer starts a thread each time (starting one was
     about a quarter of an idle volume process's CPU in the lab, py-spy 2026-12-03).
-    ``post(fn, *args)`` runs ``fn(*args)``; an Exception it raises is logged and ends nothing."""
+    ``post(fn, *args)`` runs ``fn(*args)``; an Exception it raises is logged and ends nothing.
+    (A ``queue.Queue``, not a SimpleQueue: CPython 3.11's ``SimpleQueue.get(timeout=...)``
+    can wait past its timeout until the next put when two waiters race for one item.)"""
 
     def __init__(self, name: str, idle_timeout: float = CALL_THREAD_IDLE):
         self.name = name
         self.idle_timeout = idle_timeout
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._q: queue.Queue = queue.Queue()
         self._mu = threading.Lock()
-        self._waiting = 0        # threads waiting for a call, less the calls queued for them
+        # threads waiting for a call (or started for one) less the calls queued: never < 0
+        self._waiting = 0
         self.started = 0         # threads started so far
 
     def post(self, fn, *args) -> None:
-        """Run ``fn(*args)`` on a waiting thread, else on a new one. RuntimeError when no
-        thread can be started and none waits."""
+        """Run ``fn(*args)`` on a waiting thread, else on a new one. RuntimeError (from
+        ``Thread.start``) when none waits and no thread can be started: then nothing was
+        queued and the call never runs."""
         with self._mu:
-            self._q.put((fn, args))
             if self._waiting > 0:
                 self._waiting -= 1
-                return
-            self.started += 1
-            n = self.started
-        threading.Thread(target=self._run, name=f"{self.name}-{n}", daemon=True).start()
+            else:
+                threading.Thread(target=self._run, name=f"{self.name}-{self.started + 1}",
+                                 daemon=True).start()
+                self.started += 1
+            self._q.put((fn, args))
 
     def _run(self):
         get = self._q.get

@@ -718,7 +718,7 @@ def test_a_call_queued_as_a_thread_times_out_is_still_run():
     pool = volumeproc.CallThreads("race", idle_timeout=30.0)
     timed_out, go_on, armed = threading.Event(), threading.Event(), threading.Event()
 
-    class Queue(queue_mod.SimpleQueue):
+    class Queue(queue_mod.Queue):
         def get(self, block=True, timeout=None):
             if armed.is_set() and not timed_out.is_set():   # this wait times out ...
                 timed_out.set()
@@ -740,3 +740,27 @@ def test_a_call_queued_as_a_thread_times_out_is_still_run():
     assert ran.wait(10)
     _until(lambda: pool._waiting == 1)
     assert pool.started == 1
+
+
+def test_a_call_no_thread_can_be_started_for_is_refused_and_never_runs(monkeypatch):
+    """No thread waits and none can be started: ``post`` raises RuntimeError, the call is not
+    queued (it never runs) and the count stays true - the next call, with threads to be had
+    again, runs on a new thread, alone (a queued orphan would have run there too, and a count
+    left one too high would have handed the next call to no thread at all)."""
+    pool = volumeproc.CallThreads("nostart", idle_timeout=30.0)
+    real_start = threading.Thread.start
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    ran = []
+    with pytest.raises(RuntimeError):
+        pool.post(ran.append, "refused")
+    assert pool.started == 0 and pool._waiting == 0
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    done = threading.Event()
+    pool.post(lambda: (ran.append("next"), done.set()))
+    assert done.wait(10)
+    _until(lambda: pool._waiting == 1)
+    time.sleep(0.1)
+    assert ran == ["next"] and pool.started == 1
