@@ -8,6 +8,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BOOT = os.path.join(ROOT, "lab", "boot")
 
@@ -51,3 +53,38 @@ def test_a_boot_with_the_port_free_does_not_wait_and_lab_port_lock_0_skips_the_l
         proc = _boot(tmp_path, LAB_PORT_LOCK="0")
         _, err = proc.communicate(timeout=60)
     assert _refused(proc, err) and "waiting" not in err, err
+
+
+def test_the_lock_file_serves_every_user(tmp_path):
+    """The first boot makes the lock file readable and writable by all, and a boot opens it
+    read-only (flock needs no more): a file another user's boot left behind - here root's,
+    mode 0644 as a umask of 022 made it before - never refuses a later boot (it was "Permission
+    denied", exit 1, on every boot of that port)."""
+    import shutil
+    import stat
+    import tempfile
+    proc = _boot(tmp_path)
+    _, err = proc.communicate(timeout=60)
+    assert _refused(proc, err), err
+    mode = stat.S_IMODE(os.stat(tmp_path / "lvmirror-lab-port-1.lock").st_mode)
+    assert mode == 0o666, oct(mode)
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to boot as another user")
+    shared = tempfile.mkdtemp(prefix="lablock-")            # as /tmp is: 1777
+    try:
+        os.chmod(shared, 0o1777)
+        lock = os.path.join(shared, "lvmirror-lab-port-1.lock")
+        with open(lock, "w"):
+            pass
+        os.chmod(lock, 0o644)                               # root's, another user's now
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        if subprocess.run(nobody + ["test", "-x", BOOT]).returncode != 0:
+            pytest.skip(f"{BOOT} is not reachable by uid 65534")
+        env = dict(os.environ, TMPDIR=shared, LAB_PORT="1", LAB_OUT="/")
+        env.pop("LAB_PORT_LOCKED", None)
+        proc = subprocess.run(nobody + [BOOT], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert "Permission denied" not in proc.stderr, proc.stderr
+        assert _refused(proc, proc.stderr), proc.stderr
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
