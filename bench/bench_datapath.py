@@ -338,10 +338,12 @@ def idle(args, work):
         d.stop()
         for emu in emus:
             emu.close()
+    tick = 1 / os.sysconf("SC_CLK_TCK")
     print(f"  {n} idle LUN{'s' if n > 1 else ''}: lvmirrord and its volume processes "
           f"{cpu / wall * 100:.2f} % of one core ({cpu / wall / n * 1000:.2f} ms CPU per "
-          f"second per LUN), {wakes / wall:.0f} thread wake-ups per second "
-          f"({wakes / wall / n:.1f} per LUN)")
+          f"second per LUN; {cpu:.2f} s CPU in {wall:.1f} s, counted in {tick * 1000:g} ms "
+          f"ticks), {wakes / wall:.0f} thread wake-ups per second ({wakes / wall / n:.1f} "
+          f"per LUN)")
     return cpu / wall, wakes / wall
 
 

@@ -438,9 +438,9 @@ faults() {
 
   # 7. (last: a failure here may leave LUN 0 unusable) a very slow image 1: dm-delay 8000 ms on
   # writes, the initiator's SCSI timeout 5 s. Durable 4 KiB writes (O_DIRECT + fsync), each
-  # timed, then a verified load. What must hold is that no SCSI command outlives the timeout:
-  # the SCSI device's own count of commands that timed out (iotmo_cnt, scsi_sysfs.c) stays
-  # where it was. A dd makes two commands (the WRITE and, for conv=fsync, a SYNCHRONIZE CACHE)
+  # timed, then a verified load. What must hold is that none of those writes' SCSI commands
+  # outlives the timeout: the SCSI device's own count of commands that timed out (iotmo_cnt,
+  # scsi_sysfs.c), read before and right after them, stays where it was. A dd makes two commands (the WRITE and, for conv=fsync, a SYNCHRONIZE CACHE)
   # and starts a process, so its wall time may pass 5 s with neither command near it (5.4 s
   # once, the first write - the one that waits out leg_timeout - on a host busy with other
   # work, no abort): it is bounded by twice the timeout.
