@@ -729,7 +729,7 @@ class LunServer:
         command. (The watchdog sets the flag, then reads ``_inline_t0``; the ring thread sets
         ``_inline_t0``, then reads the flag: under the GIL one of them sees the other's write,
         so a command is never left unwatched.) Waking 20 times a second per idle LUN was about
-        a quarter of an idle handler's CPU in the lab (py-spy, 2026-12-03)."""
+        a quarter of an idle handler's py-spy samples in the lab (2026-12-03)."""
         wake = self._watch_wake
         seen = -1
         while True:

@@ -645,8 +645,9 @@ class CallThreads:
     waiting for one, or to a new thread when none waits; a thread with no call for
     ``idle_timeout`` seconds ends. A call may block as long as it likes (a ``wait`` for a
     resync) without holding up the others, as with a thread per call, but the status the
-    D-Bus service reads once a second no longer starts a thread each time (starting one was
-    about a quarter of an idle volume process's CPU in the lab, py-spy 2026-12-03).
+    D-Bus service reads once a second no longer starts a thread each time (answering those
+    calls, a thread started for each, was about a quarter of an idle handler's py-spy samples
+    in the lab, 2026-12-03; on the host the change saves nothing measurable).
     ``post(fn, *args)`` runs ``fn(*args)``; an Exception it raises is logged and ends nothing.
     (A ``queue.Queue``, not a SimpleQueue: CPython 3.11's ``SimpleQueue.get(timeout=...)``
     can wait past its timeout until the next put when two waiters race for one item.)"""
