@@ -23,7 +23,8 @@ def _refused(proc, err) -> bool:
 
 def _boot(tmp_path, **env):
     """lab/boot with LAB_OUT=/ (refused by clear_out, exit 2: nothing is booted)."""
-    e = dict(os.environ, TMPDIR=str(tmp_path), LAB_PORT="1", LAB_OUT="/", **env)
+    e = dict(os.environ, TMPDIR=str(tmp_path), LAB_PORT="1", LAB_OUT="/")
+    e.update(env)
     e.pop("LAB_PORT_LOCKED", None)
     return subprocess.Popen([BOOT], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -88,3 +89,12 @@ def test_the_lock_file_serves_every_user(tmp_path):
         assert _refused(proc, proc.stderr), proc.stderr
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_lock_that_cannot_be_opened_is_said_with_the_way_around(tmp_path):
+    """TMPDIR names no directory: the boot says it cannot open its port's lock and how to boot
+    without it (exit 2), rather than a bare shell redirection error."""
+    proc = _boot(tmp_path, TMPDIR=str(tmp_path / "missing"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert "lab: cannot open the lock of portal port 1" in err and "LAB_PORT_LOCK=0" in err
