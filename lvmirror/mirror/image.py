@@ -47,6 +47,11 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 102
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)     # linux/fs.h
 _ZERO_CHUNK = 1 << 20
 _NOT_SUPPORTED = {_errno.EOPNOTSUPP, _errno.ENOTTY, _errno.ENOSYS, _errno.EINVAL}
+# File systems whose page cache is the storage itself (the type names of /proc/self/mountinfo):
+# a buffered read there waits for no device, only (rarely) for swap. tmpfs refuses RWF_NOWAIT
+# with EOPNOTSUPP (shmem sets no FMODE_NOWAIT: Linux 6.1 to 6.18 at least), so a read from a
+# tmpfs image is tried without the flag instead (``StorageImage.readv(nowait=True)``).
+MEMORY_FS = frozenset({"tmpfs", "ramfs"})
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -74,6 +79,23 @@ def _views(buffers) -> tuple[list[memoryview], int]:
             bufs.append(b)
             total += n
     return bufs, total
+
+
+def fs_type(st_dev: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The type name (``"ext4"``, ``"tmpfs"``...) of the file system mounted from device number
+    ``st_dev`` (a file's ``os.stat().st_dev``), from ``mountinfo`` (proc(5): field 3 is
+    major:minor, the type is the first field after the " - " separator); None when no mount
+    has that device or the file cannot be read."""
+    want = f"{os.major(st_dev)}:{os.minor(st_dev)}"
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == want and " - " in line:
+                    return line.split(" - ", 1)[1].split()[0]
+    except OSError:
+        return None
+    return None
 
 
 def _address(mv: memoryview) -> int | None:
@@ -120,6 +142,7 @@ class StorageImage:
         self.read_only = read_only
         self.direct = direct
         self._nowait_ok = True      # preadv RWF_NOWAIT works here (cleared on EOPNOTSUPP)
+        self._memory_backed = False  # on tmpfs/ramfs (MEMORY_FS): set when RWF_NOWAIT is refused
         self.is_block_device = is_block_device
         self.stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
                           discards=0, errors=0, bounced=0, cache_drops=0,
@@ -294,9 +317,12 @@ class StorageImage:
 
         ``nowait``: from the page cache only (``preadv2`` with RWF_NOWAIT, Linux 4.14): raises
         WouldBlock when the kernel would have to wait for the device (EAGAIN, or a short read:
-        part of the range is not cached), the file system does not support it (EOPNOTSUPP),
-        the image is opened O_DIRECT, or the read errored (the blocking read reports it).
-        Nothing is counted then. ImageIOError (op "read") for an I/O error otherwise."""
+        part of the range is not cached), the file system does not support it (EOPNOTSUPP)
+        and is not memory-backed, the image is opened O_DIRECT, or the read errored (the
+        blocking read reports it). Nothing is counted then. On a memory-backed file system
+        (``MEMORY_FS``: tmpfs refuses RWF_NOWAIT, yet its page cache is the storage) the read
+        is a plain ``preadv``: it waits for no device, only, for a page swapped out, for swap.
+        ImageIOError (op "read") for an I/O error otherwise."""
         bufs, total = _views(buffers)
         if nowait:
             if self.fd < 0:     # closed: the blocking read reports (and counts) the error
@@ -319,19 +345,32 @@ class StorageImage:
         self._readv(offset, bufs, total)
 
     def _readv_nowait(self, offset, bufs, total) -> None:
-        if self.direct or not self._nowait_ok or len(bufs) > _IOV_MAX:
+        if self.direct or len(bufs) > _IOV_MAX or not (self._nowait_ok or self._memory_backed):
             raise WouldBlock(f"image {self.path}: no page-cache read")
         try:
-            n = os.preadv(self.fd, bufs, offset, _RWF_NOWAIT)
+            n = os.preadv(self.fd, bufs, offset, 0 if self._memory_backed else _RWF_NOWAIT)
         except BlockingIOError:
             raise WouldBlock(f"image {self.path}: not in the page cache") from None
         except OSError as e:
-            if e.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
+            if e.errno in (_errno.EOPNOTSUPP, _errno.EINVAL) and self._nowait_ok:
                 self._nowait_ok = False         # never again on this file
+                if self._on_memory_fs():
+                    self._memory_backed = True
+                    self._readv_nowait(offset, bufs, total)
+                    return
             raise WouldBlock(f"image {self.path}: {os.strerror(e.errno)}") from None
         if n != total:
             raise WouldBlock(f"image {self.path}: {n} of {total} bytes in the page cache")
         self._count_io("reads", "bytes_read", total)
+
+    def _on_memory_fs(self) -> bool:
+        """The image is a file on a memory-backed file system (``MEMORY_FS``)."""
+        if self.is_block_device or self.fd < 0:
+            return False
+        try:
+            return fs_type(os.fstat(self.fd).st_dev) in MEMORY_FS
+        except OSError:
+            return False
 
     def _readv(self, offset, bufs, total, fd=None) -> None:
         """The read loop (short reads, a shrunk file read as a hole) on ``fd`` (default: the

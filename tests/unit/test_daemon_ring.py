@@ -53,7 +53,7 @@ def lab(tmp_path):
 
 
 def images(tmp_path, n=2):
-    return [str(tmp_path / f"img{k}") for k in range(n)]
+    return [os.path.join(tmp_path, f"img{k}") for k in range(n)]
 
 
 def test_writes_reach_every_image_and_read_back(lab, tmp_path):
@@ -350,6 +350,29 @@ def test_cached_reads_are_answered_by_the_ring_thread(lab, tmp_path):
     assert rid not in emu.completions
     hold.release()
     assert emu.wait([rid])[rid].data_in == data[:8 * BS]
+
+
+def test_reads_of_a_tmpfs_lun_are_answered_by_the_ring_thread(lab, tmp_path):
+    """A LUN whose images are on tmpfs (which refuses RWF_NOWAIT) has its READs at queue depth
+    8 answered by the ring thread, as an ext4 or block-device LUN's cached reads are, not each
+    handed to a worker and back; the data is the data written."""
+    import shutil
+    from tests.unit.test_volume_io import _tmpfs_dir
+    d = _tmpfs_dir()
+    if d is None:
+        pytest.skip("/dev/shm is not tmpfs here")
+    try:
+        emu, lun, paths, data = _lun_with_data(lab, d, 13)
+        assert all(p.startswith("/dev/shm/") for p in paths)
+        for _ in range(3):
+            before = lun.inline
+            rids = [emu.submit(cdb10(0x28, 8 * k, 8), data_in_len=8 * BS) for k in range(8)]
+            done = emu.wait(rids)
+            assert [done[r].data_in for r in rids] == [data[8 * k * BS:8 * (k + 1) * BS]
+                                                       for k in range(8)]
+            assert lun.inline - before == 8
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _evict(volume, paths, lba, nblocks=8):

@@ -1,5 +1,7 @@
 """Mirrored I/O: writes reach every image, reads, unmap, write_same, compare_and_write."""
 
+import os
+
 import pytest
 
 from lvmirror.errors import ConfigError, StateError
@@ -270,3 +272,79 @@ def test_an_o_direct_image_bounces_a_misaligned_buffer_and_refuses_a_misaligned_
             io()
     assert img.stats["errors"] == 0
     img.close()
+
+
+def _tmpfs_dir():
+    """A fresh directory on /dev/shm when that is tmpfs (``stat -f``), else None."""
+    import subprocess
+    import tempfile
+    try:
+        kind = subprocess.run(["stat", "-f", "-c", "%T", "/dev/shm"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return tempfile.mkdtemp(prefix="lvm-test-", dir="/dev/shm") if kind == "tmpfs" else None
+
+
+def test_fs_type_reads_the_mount_of_a_device_number(tmp_path):
+    """``image.fs_type``: the type of the mount whose major:minor (mountinfo field 3) is the
+    device number's, the field after " - "; None for a device no mount has or no file."""
+    from lvmirror.mirror.image import fs_type
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        "25 22 0:23 / /dev/shm rw,nosuid,nodev shared:3 - tmpfs tmpfs rw,size=65536k\n"
+        "26 22 0:24 / /srv rw shared:4 master:2 - xfs /dev/sdb rw\n")
+    assert fs_type(os.makedev(0, 23), str(info)) == "tmpfs"
+    assert fs_type(os.makedev(254, 1), str(info)) == "ext4"
+    assert fs_type(os.makedev(0, 24), str(info)) == "xfs"       # optional fields skipped
+    assert fs_type(os.makedev(8, 0), str(info)) is None
+    assert fs_type(os.makedev(0, 23), str(tmp_path / "missing")) is None
+    assert fs_type(os.stat("/proc").st_dev) == "proc"            # this host's own table
+
+
+def test_a_tmpfs_image_answers_nowait_reads_without_rwf_nowait(monkeypatch):
+    """tmpfs refuses RWF_NOWAIT (EOPNOTSUPP), yet its page cache is the storage: a nowait read
+    of an image there is answered (a plain preadv, counted) instead of WouldBlock for ever,
+    which sent every READ of a tmpfs-backed LUN at queue depth > 1 to a worker. The memory
+    check decides: the same image taken for an ext4 file still raises WouldBlock."""
+    import shutil
+    from lvmirror.errors import WouldBlock
+    from lvmirror.mirror import image
+    from lvmirror.mirror.image import StorageImage
+    d = _tmpfs_dir()
+    if d is None:
+        pytest.skip("/dev/shm is not tmpfs here")
+    try:
+        path = os.path.join(d, "img")
+        data = os.urandom(64 << 10)
+        with open(path, "wb") as f:
+            f.write(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.preadv(fd, [bytearray(512)], 0, os.RWF_NOWAIT)
+            pytest.skip("this kernel's tmpfs takes RWF_NOWAIT: nothing to fall back from")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        img = StorageImage.open(path)
+        for k in range(3):
+            buf = bytearray(4096)
+            img.readv(k * 8192, [memoryview(buf)], nowait=True)
+            assert bytes(buf) == data[k * 8192:k * 8192 + 4096]
+        assert img.stats["reads"] == 3 and img.stats["errors"] == 0
+        img.close()
+        with pytest.raises(WouldBlock):          # closed: the blocking read reports it
+            img.readv(0, [memoryview(bytearray(4096))], nowait=True)
+        monkeypatch.setattr(image, "fs_type", lambda st_dev, *a: "ext4")
+        other = StorageImage.open(path)
+        for _ in range(2):
+            with pytest.raises(WouldBlock):
+                other.readv(0, [memoryview(bytearray(4096))], nowait=True)
+        assert other.stats["reads"] == 0
+        other.readv(0, [memoryview(bytearray(4096))])       # the blocking read still works
+        assert other.stats["reads"] == 1
+        other.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

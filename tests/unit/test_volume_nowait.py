@@ -3,7 +3,7 @@
 A nowait read is answered only from an in-sync image's page cache (preadv RWF_NOWAIT) with the
 range's region lock free; otherwise it raises WouldBlock having changed nothing (no image failed,
 nothing counted), and the same read run normally gives the answer. The images live in tmp_path
-(ext4 here: tmpfs does not support RWF_NOWAIT and the read always goes to a worker)."""
+(ext4 here: tmpfs refuses RWF_NOWAIT; a tmpfs image reads without it, test_volume_io)."""
 
 import os
 import time
