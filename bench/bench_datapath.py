@@ -353,9 +353,9 @@ def main():
     ap.add_argument("--qd", type=int, default=32)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--dir", default="/dev/shm",
-                    help="where the images live (default %(default)s; tmpfs has no RWF_NOWAIT "
-                         "reads: use a directory on ext4 or XFS to see cached reads answered "
-                         "by the ring thread)")
+                    help="where the images live (default %(default)s; the ring thread "
+                         "answers cached reads with RWF_NOWAIT on ext4 or XFS, and with a plain "
+                         "preadv on tmpfs, which refuses the flag but is all page cache)")
     ap.add_argument("--no-inline-reads", action="store_true",
                     help="every command through the worker pool (the ring thread answers "
                          "cached READs itself by default)")
