@@ -191,8 +191,17 @@ handler_cpu() {  # handler_cpu TARGET JOB: the handler's CPU over the job's meas
   echo "{\"ticks\": $((b - a)), \"hz\": $(getconf CLK_TCK), \"seconds\": $RUNTIME}" > $BOUT/$1/$2.cpu
 }
 
+ring_counts() {  # ring_counts -> one JSON object: the bench LUN's commands so far, those its
+  # ring thread answered itself (no hand-off to a worker) and its ring stalls (lvmirror status)
+  lvmirror --json status 2>/dev/null | $PY -c '
+import json, sys
+luns = [l for l in json.load(sys.stdin).get("luns", []) if l.get("name") == "bt"]
+print(json.dumps({k: luns[0].get(k) for k in ("commands", "ring_thread_commands", "ring_stalls")}
+                 if luns else {}))' 2>/dev/null || echo '{}'
+}
+
 run_jobs() {  # run_jobs TARGET
-  local target=$1 job spy cpu
+  local target=$1 job spy cpu ring
   if [ "${BENCH_PROFILE:-0}" != 1 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
     t "bench $target idle"    # the handler's CPU with the LUN logged in and no I/O: its
     handler_cpu $target idle  # background (timers, the ALUA follow, metrics) -> idle.cpu
@@ -210,11 +219,15 @@ run_jobs() {  # run_jobs TARGET
         > $BOUT/profile/$target-$job.log 2>&1 &
       spy=$!
     fi
+    ring=
+    # the LUN's counts before and after the job (outside the measured seconds) -> <job>.ring
+    if [[ $target == lvmirror* ]]; then ring=$(ring_counts); fi
     DEV=$BDEV RUNTIME=$RUNTIME RAMP=$RAMP SIZE=${SIZE_MB}M \
       fio --output-format=json $REPO/bench/jobs/$job.fio > $BOUT/$target/$job.json 2> $BOUT/$target/$job.err \
       || result bench_${target}_$job fail err="$(tail -2 $BOUT/$target/$job.err)"
     [ -n "$spy" ] && wait $spy
     if [ -n "$cpu" ]; then wait $cpu || true; fi
+    if [ -n "$ring" ]; then echo "{\"before\": $ring, \"after\": $(ring_counts)}" > $BOUT/$target/$job.ring; fi
   done
 }
 

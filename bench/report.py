@@ -9,7 +9,8 @@ and date) and ``ratios.svg``, a plot of lvmirror's IOPS against its peers.
 RUN_DIR/bench holds what lab-bench.sh wrote in the guest: meta.json, targets.jsonl,
 <target>/<job>.json (fio JSON), <target>/<job>.cpu and <target>/idle.cpu (the user-space
 handler's clock ticks over a job's measured seconds, and with no I/O: lvmirror and tcmu-runner
-targets only), split/{split.json,io_lat.1.log,fio.json}, resync.jsonl, profile/*.txt (py-spy
+targets only), <target>/<job>.ring (lvmirror targets: the LUN's commands, those its ring thread
+answered itself and its ring stalls, before and after the job), split/{split.json,io_lat.1.log,fio.json}, resync.jsonl, profile/*.txt (py-spy
 raw, collapsed stacks).
 """
 
@@ -162,6 +163,28 @@ def handler_idle(path: str) -> float | None:
     return None if per_second is None else round(per_second * 100, 1)
 
 
+def ring_share(path: str) -> dict | None:
+    """What lvmirror's ring thread did over a job: ``path`` is lab-bench.sh's ``<job>.ring``,
+    the LUN's ``commands``, ``ring_thread_commands`` and ``ring_stalls`` (``lvmirror status``)
+    before and after the job, ramp included. Returns ``{"commands", "ring_pct", "stalls"}``:
+    the commands fetched over the job, the percentage of them the ring thread answered itself
+    (the rest went to the worker pool: a hand-off to a worker and back) and the times a stalled
+    ring thread was handed over. None when there is no such file, it cannot be read, or it
+    holds no commands or counts that went backwards (lvmirrord restarted meanwhile)."""
+    try:
+        with open(path) as f:
+            c = json.load(f)
+        a, b = c["before"], c["after"]
+        n = int(b["commands"]) - int(a["commands"])
+        ring = int(b["ring_thread_commands"]) - int(a["ring_thread_commands"])
+        stalls = int(b["ring_stalls"]) - int(a["ring_stalls"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if n <= 0 or not 0 <= ring <= n or stalls < 0:
+        return None
+    return {"commands": n, "ring_pct": round(100.0 * ring / n, 1), "stalls": stalls}
+
+
 def read_jsonl(path):
     try:
         with open(path) as f:
@@ -189,6 +212,9 @@ def collect(run_dir: str) -> dict:
         cpu = handler_cpu(path[:-5] + ".cpu", fig["iops"])
         if cpu is not None:
             fig["cpu_ms"] = cpu
+        ring = ring_share(path[:-5] + ".ring")
+        if ring is not None:
+            fig["ring"] = ring
     resync = read_jsonl(os.path.join(bench, "resync.jsonl"))
     for r in resync:
         if r.get("seconds"):
@@ -279,6 +305,21 @@ def markdown(data: dict) -> str:
             out.append("| no I/O (% of one CPU) | "
                        + " | ".join(_fmt(idle.get(t), 1) for t in cpu_targets)
                        + (" | –" if both else "") + " |")
+        out.append("")
+    ring_targets = [t for t in targets if any("ring" in res[j].get(t, {}) for j in jobs)]
+    if ring_targets:
+        out += ["Commands lvmirror's ring thread answered itself (percent of the commands over "
+                "each job, ramp included; the rest went to the worker pool, a hand-off to a "
+                "worker and back; ring stalls handed over in brackets when any):", "",
+                "| job | " + " | ".join(TARGET_TITLES[t] for t in ring_targets) + " |",
+                "|---|" + "---:|" * len(ring_targets)]
+        for j in jobs:
+            cells = []
+            for t in ring_targets:
+                r = res[j].get(t, {}).get("ring")
+                cells.append("–" if r is None else f"{r['ring_pct']:.1f} %"
+                             + (f" ({r['stalls']})" if r["stalls"] else ""))
+            out.append(f"| {j} | " + " | ".join(cells) + " |")
         out.append("")
     s = data.get("split")
     if s:

@@ -223,3 +223,38 @@ def test_handler_idle_cpu(tmp_path):
         bad.write_text(json.dumps(content))
         assert report.handler_idle(str(bad)) is None, content
         assert report.handler_cpu(str(bad), 100.0) is None, content
+
+
+@needs_fio
+def test_ring_thread_share(tmp_path):
+    """lab-bench.sh's <job>.ring (the LUN's counts from ``lvmirror status`` before and after the
+    job) becomes the percentage of the job's commands lvmirror's ring thread answered itself,
+    with its ring stalls, in results.json and a table of its own; a target without the file
+    shows a dash, and a file that cannot be a measurement (unreadable, no commands, counts
+    gone backwards after a restart) counts as none."""
+    run = tmp_path / "run"
+    bench = run / "bench"
+    for t in ("lvmirror1", "lvmirror2", "tcmu-runner"):
+        run_job(tmp_path, "randread-4k-qd32", bench / t)
+    counts = lambda c, r, s: {"commands": c, "ring_thread_commands": r, "ring_stalls": s}
+    (bench / "lvmirror1" / "randread-4k-qd32.ring").write_text(json.dumps(
+        {"before": counts(1000, 900, 0), "after": counts(5000, 2900, 0)}))
+    (bench / "lvmirror2" / "randread-4k-qd32.ring").write_text(json.dumps(
+        {"before": counts(10, 0, 1), "after": counts(4010, 3990, 3)}))
+    data = report.collect(str(run))
+    res = data["results"]["randread-4k-qd32"]
+    assert res["lvmirror1"]["ring"] == {"commands": 4000, "ring_pct": 50.0, "stalls": 0}
+    assert res["lvmirror2"]["ring"] == {"commands": 4000, "ring_pct": 99.8, "stalls": 2}
+    assert "ring" not in res["tcmu-runner"]
+    md = report.markdown(data).splitlines()
+    head = md.index(next(line for line in md if line.startswith("Commands lvmirror's ring")))
+    assert md[head + 2] == "| job | lvmirror 2 images | lvmirror 1 image |"
+    assert md[head + 4] == "| randread-4k-qd32 | 99.8 % (2) | 50.0 % |"
+    p = bench / "x.ring"
+    for bad in ("{not json", json.dumps({"before": counts(5, 0, 0), "after": counts(5, 0, 0)}),
+                json.dumps({"before": counts(500, 400, 0), "after": counts(20, 10, 0)}),
+                json.dumps({"before": counts(0, 0, 0), "after": counts(10, 11, 0)}),
+                json.dumps({"before": counts(0, 0, 0)})):
+        p.write_text(bad)
+        assert report.ring_share(str(p)) is None, bad
+    assert report.ring_share(str(tmp_path / "missing.ring")) is None
