@@ -49,7 +49,7 @@ _ZERO_CHUNK = 1 << 20
 _NOT_SUPPORTED = {_errno.EOPNOTSUPP, _errno.ENOTTY, _errno.ENOSYS, _errno.EINVAL}
 # File systems whose page cache is the storage itself (the type names of /proc/self/mountinfo):
 # a buffered read there waits for no device, only (rarely) for swap. tmpfs refuses RWF_NOWAIT
-# with EOPNOTSUPP (shmem sets no FMODE_NOWAIT: Linux 6.1 to 6.18 at least), so a read from a
+# with EOPNOTSUPP (shmem sets no FMODE_NOWAIT; so Linux 6.18 on the build host), so a read from a
 # tmpfs image is tried without the flag instead (``StorageImage.readv(nowait=True)``).
 MEMORY_FS = frozenset({"tmpfs", "ramfs"})
 
