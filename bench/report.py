@@ -10,8 +10,8 @@ RUN_DIR/bench holds what lab-bench.sh wrote in the guest: meta.json, targets.jso
 <target>/<job>.json (fio JSON), <target>/<job>.cpu and <target>/idle.cpu (the user-space
 handler's clock ticks over a job's measured seconds, and with no I/O: lvmirror and tcmu-runner
 targets only), <target>/<job>.ring (lvmirror targets: the LUN's commands, those its ring thread
-answered itself and its ring stalls, before and after the job), split/{split.json,io_lat.1.log,fio.json}, resync.jsonl, profile/*.txt (py-spy
-raw, collapsed stacks).
+answered itself and its ring stalls, before and after the job), split/{split.json,
+io_lat.1.log,fio.json}, resync.jsonl, profile/*.txt (py-spy raw, collapsed stacks).
 """
 
 from __future__ import annotations
