@@ -84,16 +84,18 @@ def _views(buffers) -> tuple[list[memoryview], int]:
 def fs_type(st_dev: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """The type name (``"ext4"``, ``"tmpfs"``...) of the file system mounted from device number
     ``st_dev`` (a file's ``os.stat().st_dev``), from ``mountinfo`` (proc(5): field 3 is
-    major:minor, the type is the first field after the " - " separator); None when no mount
-    has that device or the file cannot be read."""
+    major:minor, the type is the first field after the " - " separator; the kernel escapes
+    blanks in paths as octal, and any other byte of a path, valid UTF-8 or not, is read with
+    ``surrogateescape``); None when no mount has that device or the file cannot be read."""
     want = f"{os.major(st_dev)}:{os.minor(st_dev)}"
     try:
-        with open(mountinfo) as f:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 fields = line.split()
                 if len(fields) > 2 and fields[2] == want and " - " in line:
-                    return line.split(" - ", 1)[1].split()[0]
-    except OSError:
+                    rest = line.split(" - ", 1)[1].split()
+                    return rest[0] if rest else None
+    except (OSError, ValueError):       # ValueError: not a text file at all
         return None
     return None
 

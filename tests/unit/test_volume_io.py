@@ -300,6 +300,15 @@ def test_fs_type_reads_the_mount_of_a_device_number(tmp_path):
     assert fs_type(os.makedev(0, 24), str(info)) == "xfs"       # optional fields skipped
     assert fs_type(os.makedev(8, 0), str(info)) is None
     assert fs_type(os.makedev(0, 23), str(tmp_path / "missing")) is None
+    assert fs_type(os.makedev(0, 23), str(tmp_path)) is None                  # a directory
+    # a mount path is written raw but for blanks (escaped as octal): not always UTF-8
+    raw = tmp_path / "mountinfo-raw"
+    raw.write_bytes(b"30 22 0:30 / /mnt/caf\xe9\xff\\040x rw shared:9 - ext4 /dev/sdc rw\n"
+                    b"31 22 0:31 / /run/user rw - tmpfs tmpfs rw\n"
+                    b"32 22 0:32 / /broken rw -\n")
+    assert fs_type(os.makedev(0, 31), str(raw)) == "tmpfs"
+    assert fs_type(os.makedev(0, 30), str(raw)) == "ext4"
+    assert fs_type(os.makedev(0, 32), str(raw)) is None
     assert fs_type(os.stat("/proc").st_dev) == "proc"            # this host's own table
 
 
