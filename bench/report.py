@@ -171,18 +171,22 @@ def ring_share(path: str) -> dict | None:
     (the rest went to the worker pool: a hand-off to a worker and back) and the times a stalled
     ring thread was handed over. None when there is no such file, it cannot be read, or it
     holds no commands or counts that went backwards (lvmirrord restarted meanwhile)."""
+    keys = ("commands", "ring_thread_commands", "ring_stalls")
     try:
         with open(path) as f:
             c = json.load(f)
         a, b = c["before"], c["after"]
-        n = int(b["commands"]) - int(a["commands"])
-        ring = int(b["ring_thread_commands"]) - int(a["ring_thread_commands"])
-        stalls = int(b["ring_stalls"]) - int(a["ring_stalls"])
-    except (OSError, ValueError, KeyError, TypeError):
+        counts = [(a[k], b[k]) for k in keys]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
+    # counters are whole numbers: not a string, a float, a bool (an int to Python) or null
+    if not all(type(v) is int for pair in counts for v in pair):
+        return None
+    n, ring, stalls = (after - before for before, after in counts)
     if n <= 0 or not 0 <= ring <= n or stalls < 0:
         return None
-    return {"commands": n, "ring_pct": round(100.0 * ring / n, 1), "stalls": stalls}
+    # rounded down, so that 100.0 % means every command
+    return {"commands": n, "ring_pct": math.floor(1000 * ring / n) / 10, "stalls": stalls}
 
 
 def read_jsonl(path):
