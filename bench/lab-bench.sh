@@ -193,7 +193,7 @@ handler_cpu() {  # handler_cpu TARGET JOB: the handler's CPU over the job's meas
 
 ring_counts() {  # ring_counts -> one JSON object: the bench LUN's commands so far, those its
   # ring thread answered itself (no hand-off to a worker) and its ring stalls (lvmirror status)
-  lvmirror --json status 2>/dev/null | $PY -c '
+  timeout 60 lvmirror --json status 2>/dev/null | $PY -c '
 import json, sys
 luns = [l for l in json.load(sys.stdin).get("luns", []) if l.get("name") == "bt"]
 print(json.dumps({k: luns[0].get(k) for k in ("commands", "ring_thread_commands", "ring_stalls")}
@@ -208,7 +208,10 @@ run_jobs() {  # run_jobs TARGET
   fi
   for job in $JOBS; do
     t "bench $target $job"
-    spy= cpu=
+    spy= cpu= ring=
+    # the LUN's counts before and after the job -> <job>.ring; taken before the CPU window
+    # opens and after it closes, so the status calls are outside the measured seconds
+    if [[ $target == lvmirror* ]]; then ring=$(ring_counts); fi
     if [ "${BENCH_PROFILE:-0}" != 1 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
       handler_cpu $target $job & cpu=$!
     fi
@@ -219,9 +222,6 @@ run_jobs() {  # run_jobs TARGET
         > $BOUT/profile/$target-$job.log 2>&1 &
       spy=$!
     fi
-    ring=
-    # the LUN's counts before and after the job (outside the measured seconds) -> <job>.ring
-    if [[ $target == lvmirror* ]]; then ring=$(ring_counts); fi
     DEV=$BDEV RUNTIME=$RUNTIME RAMP=$RAMP SIZE=${SIZE_MB}M \
       fio --output-format=json $REPO/bench/jobs/$job.fio > $BOUT/$target/$job.json 2> $BOUT/$target/$job.err \
       || result bench_${target}_$job fail err="$(tail -2 $BOUT/$target/$job.err)"
