@@ -23,8 +23,8 @@ watchdog hands the ring to a new ring thread (with the rest of the batch to the 
 command goes to the pool until the stuck command has returned and INLINE_BACKOFF seconds have
 passed (READs too: a READ from a tmpfs image, read without RWF_NOWAIT, which tmpfs refuses, may
 wait for swap); the stuck thread, once its command returns, hands the completion over as a
-worker would and ends. The ring never waits on a device for longer than INLINE_STALL plus one watch interval,
-and at most one thread is left waiting so.
+worker would and ends. The ring never waits on a device for longer than INLINE_STALL plus one
+watch interval, and at most one thread is left waiting so.
 """
 
 from __future__ import annotations
