@@ -20,11 +20,10 @@ A buffered write can still wait - the kernel throttles a writer when dirty pages
 slow device, and a dying device can hold it for as long as its timeouts run - so the ring
 thread is watched: when a command it runs itself takes longer than INLINE_STALL seconds, the
 watchdog hands the ring to a new ring thread (with the rest of the batch to the pool) and every
-command goes to the pool until the stuck command has returned and INLINE_BACKOFF seconds have
-passed (READs too: a READ from a tmpfs image, read without RWF_NOWAIT, which tmpfs refuses, may
-wait for swap); the stuck thread, once its command returns, hands the completion over as a
-worker would and ends. The ring never waits on a device for longer than INLINE_STALL plus one
-watch interval, and at most one thread is left waiting so.
+WRITE goes to the pool until the stuck command has returned and INLINE_BACKOFF seconds have
+passed; the stuck thread, once its command returns, hands the completion over as a worker would
+and ends. The ring never waits on a device for longer than INLINE_STALL plus one watch interval,
+and at most one thread is left waiting so.
 """
 
 from __future__ import annotations
@@ -136,7 +135,7 @@ INLINE_WATCH = 0.05
 
 # A command the ring thread ran itself that took longer than INLINE_SLOW seconds means the
 # images are slow right now (a device behind the page cache, dirty-page throttling, an image
-# failing as slow): the ring thread then hands every command to the pool for INLINE_BACKOFF
+# failing as slow): the ring thread then hands every WRITE to the pool for INLINE_BACKOFF
 # seconds, so that it keeps fetching aborts and other commands while the images catch up.
 INLINE_SLOW = 0.25
 INLINE_BACKOFF = 5.0
@@ -615,9 +614,7 @@ class LunServer:
                     idle = writes and lone
                     mine = self._inline_q
                     for command in commands:
-                        # not calm (a command stalled or was slow on the ring thread lately):
-                        # READs go to the pool too, since one from tmpfs may wait for swap
-                        if calm and self._inline_candidate(command, writes, idle):
+                        if self._inline_candidate(command, writes, idle):
                             mine.append(command)
                         else:
                             self._pool.post(self._execute, command)
@@ -669,7 +666,7 @@ class LunServer:
         many were completed here, or None when the watchdog handed the ring to a newer thread
         while one ran: its response then goes through the completion queue, as a worker's does,
         and this thread is a ring thread no more. A command that took longer than INLINE_SLOW
-        seconds sends every command to the pool for INLINE_BACKOFF seconds."""
+        seconds sends every WRITE to the pool for INLINE_BACKOFF seconds."""
         done = 0
         lu = self.lu
         while True:
@@ -709,8 +706,8 @@ class LunServer:
             if took > INLINE_SLOW:
                 self.inline_slow += 1
                 self._inline_after = t0 + took + INLINE_BACKOFF
-                log.debug("LUN %s: a command on the ring thread took %.3f s; commands go to "
-                          "the pool for %g s", self.name, took, INLINE_BACKOFF)
+                log.debug("LUN %s: a command on the ring thread took %.3f s; WRITEs go to the "
+                          "pool for %g s", self.name, took, INLINE_BACKOFF)
             self.inline += 1
             self._finish(command, response)
             done += 1
@@ -777,8 +774,8 @@ class LunServer:
     def _hand_over(self, t0: float):
         """The ring thread is stuck in a command it runs itself (since ``t0``, monotonic): a new
         ring thread (the next generation) serves the ring from now on, the commands of the
-        stuck thread's batch it has not begun go to the pool, every command goes to the pool
-        until INLINE_BACKOFF seconds after the stuck command returned. Nothing if that command
+        stuck thread's batch it has not begun go to the pool, every WRITE goes to the pool until
+        INLINE_BACKOFF seconds after the stuck command returned. Nothing if that command
         returned meanwhile or the LUN stops."""
         with self._role_mu:
             if self._inline_t0 != t0 or self._stop.is_set():
@@ -801,9 +798,8 @@ class LunServer:
         for command in left:
             self._pool.post(self._execute, command)
         log.warning("LUN %s: a command the ring thread ran itself has not returned after %.2f s "
-                    "(the images are slow); a new ring thread serves the LUN, commands go to the "
-                    "worker pool until %g s after it returns", self.name,
-                    time.monotonic() - t0, INLINE_BACKOFF)
+                    "(the images are slow); a new ring thread serves the LUN, WRITEs go to the "
+                    "worker pool for %g s", self.name, time.monotonic() - t0, INLINE_BACKOFF)
         try:
             thread.start()
         except RuntimeError as exc:          # no thread to be had: the LUN answers no more
