@@ -28,6 +28,7 @@ import os
 import stat
 import struct
 import threading
+import time
 
 from lvmirror.errors import ConfigError, ImageIOError, WouldBlock
 from lvmirror.mirror.imagecheck import busy_message
@@ -48,9 +49,10 @@ _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)     # linux/fs.h
 _ZERO_CHUNK = 1 << 20
 _NOT_SUPPORTED = {_errno.EOPNOTSUPP, _errno.ENOTTY, _errno.ENOSYS, _errno.EINVAL}
 # File systems whose page cache is the storage itself (the type names of /proc/self/mountinfo):
-# a buffered read there waits for no device, only (rarely) for swap. tmpfs refuses RWF_NOWAIT
-# with EOPNOTSUPP (shmem sets no FMODE_NOWAIT; so Linux 6.18 on the build host), so a read from a
-# tmpfs image is tried without the flag instead (``StorageImage.readv(nowait=True)``).
+# a buffered read there waits for no device - unless the page is out on swap. tmpfs refuses
+# RWF_NOWAIT with EOPNOTSUPP (shmem sets no FMODE_NOWAIT; so Linux 6.18 on the build host), so
+# while no swap is in use (``swap_active``) a read from a tmpfs image is done without the flag
+# instead (``StorageImage.readv(nowait=True)``).
 MEMORY_FS = frozenset({"tmpfs", "ramfs"})
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -83,21 +85,44 @@ def _views(buffers) -> tuple[list[memoryview], int]:
 
 def fs_type(st_dev: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """The type name (``"ext4"``, ``"tmpfs"``...) of the file system mounted from device number
-    ``st_dev`` (a file's ``os.stat().st_dev``), from ``mountinfo`` (proc(5): field 3 is
-    major:minor, the type is the first field after the " - " separator; the kernel escapes
-    blanks in paths as octal, and any other byte of a path, valid UTF-8 or not, is read with
-    ``surrogateescape``); None when no mount has that device or the file cannot be read."""
-    want = f"{os.major(st_dev)}:{os.minor(st_dev)}"
+    ``st_dev`` (a file's ``os.stat().st_dev``), from ``mountinfo`` (proc(5): one mount a line,
+    fields separated by single spaces; field 3 is major:minor, the type is the field after the
+    lone "-" that ends the optional fields). The kernel escapes space, tab, newline and
+    backslash in paths as octal and writes every other byte raw, so the file is parsed as bytes,
+    split on b"\\n" and b" " only. None when no mount has that device or the file cannot be
+    read."""
+    want = f"{os.major(st_dev)}:{os.minor(st_dev)}".encode()
     try:
-        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 2 and fields[2] == want and " - " in line:
-                    rest = line.split(" - ", 1)[1].split()
-                    return rest[0] if rest else None
-    except (OSError, ValueError):       # ValueError: not a text file at all
+        with open(mountinfo, "rb") as f:
+            data = f.read()
+    except OSError:
         return None
+    for line in data.split(b"\n"):
+        fields = line.split(b" ")
+        if len(fields) > 2 and fields[2] == want and b"-" in fields[6:]:
+            rest = fields[fields.index(b"-", 6) + 1:]
+            return rest[0].decode("ascii", "replace") if rest and rest[0] else None
     return None
+
+
+_SWAP_CHECK_INTERVAL = 1.0       # seconds between two reads of /proc/swaps
+_swap_seen: list = [None, -1e9]  # [swap active (bool), when read (monotonic)]
+
+
+def swap_active(swaps: str = "/proc/swaps") -> bool:
+    """Whether any swap area is in use on this host (``swaps`` lists one a line below its
+    header; proc(5)), read at most once every _SWAP_CHECK_INTERVAL seconds. Unreadable counts
+    as active: a tmpfs page may then be on swap, and a read of it wait for the device."""
+    now = time.monotonic()
+    if now - _swap_seen[1] < _SWAP_CHECK_INTERVAL and _swap_seen[0] is not None:
+        return _swap_seen[0]
+    try:
+        with open(swaps, "rb") as f:
+            active = len([ln for ln in f.read().split(b"\n")[1:] if ln.strip()]) > 0
+    except OSError:
+        active = True
+    _swap_seen[0], _swap_seen[1] = active, now
+    return active
 
 
 def _address(mv: memoryview) -> int | None:
@@ -323,7 +348,9 @@ class StorageImage:
         and is not memory-backed, the image is opened O_DIRECT, or the read errored (the
         blocking read reports it). Nothing is counted then. On a memory-backed file system
         (``MEMORY_FS``: tmpfs refuses RWF_NOWAIT, yet its page cache is the storage) the read
-        is a plain ``preadv``: it waits for no device, only, for a page swapped out, for swap.
+        is a plain ``preadv`` while no swap is in use on the host (``swap_active``, read at most
+        once a second): then no page of it can be on a device, and the read waits for none;
+        with swap in use it is WouldBlock, as on any file system without RWF_NOWAIT.
         ImageIOError (op "read") for an I/O error otherwise."""
         bufs, total = _views(buffers)
         if nowait:
@@ -349,6 +376,9 @@ class StorageImage:
     def _readv_nowait(self, offset, bufs, total) -> None:
         if self.direct or len(bufs) > _IOV_MAX or not (self._nowait_ok or self._memory_backed):
             raise WouldBlock(f"image {self.path}: no page-cache read")
+        if self._memory_backed and swap_active():
+            raise WouldBlock(f"image {self.path}: on tmpfs with swap in use, the read may wait "
+                             "for swap")
         try:
             n = os.preadv(self.fd, bufs, offset, 0 if self._memory_backed else _RWF_NOWAIT)
         except BlockingIOError:
@@ -358,7 +388,7 @@ class StorageImage:
                 self._nowait_ok = False         # never again on this file
                 if self._on_memory_fs():
                     self._memory_backed = True
-                    self._readv_nowait(offset, bufs, total)
+                    self._readv_nowait(offset, bufs, total)       # (swap checked there)
                     return
             raise WouldBlock(f"image {self.path}: {os.strerror(e.errno)}") from None
         if n != total:

@@ -309,14 +309,40 @@ def test_fs_type_reads_the_mount_of_a_device_number(tmp_path):
     assert fs_type(os.makedev(0, 31), str(raw)) == "tmpfs"
     assert fs_type(os.makedev(0, 30), str(raw)) == "ext4"
     assert fs_type(os.makedev(0, 32), str(raw)) is None
+    # only b"\n" ends a line and only b" " separates fields: a carriage return or the other
+    # bytes str.split() takes for blanks, written raw in a path, cannot forge a mount (trial)
+    forged = tmp_path / "mountinfo-forged"
+    forged.write_bytes(b"40 22 0:40 / /a\rX\x1cY\x1c0:41\x1cz rw - tmpfs none rw\n"
+                       b"41 22 0:41 / /srv/over\xc2\x85lay rw shared:2 - overlay overlay rw\n")
+    assert fs_type(os.makedev(0, 41), str(forged)) == "overlay"
+    assert fs_type(os.makedev(0, 40), str(forged)) == "tmpfs"
     assert fs_type(os.stat("/proc").st_dev) == "proc"            # this host's own table
 
 
+def test_swap_active_reads_proc_swaps_at_most_once_a_second(tmp_path, monkeypatch):
+    """``image.swap_active``: any line below /proc/swaps' header is a swap area in use; an
+    unreadable file counts as swap in use; the answer is kept _SWAP_CHECK_INTERVAL seconds."""
+    from lvmirror.mirror import image
+    swaps = tmp_path / "swaps"
+    header = b"Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+    monkeypatch.setattr(image, "_swap_seen", [None, -1e9])
+    monkeypatch.setattr(image, "_SWAP_CHECK_INTERVAL", 0.0)
+    swaps.write_bytes(header)
+    assert image.swap_active(str(swaps)) is False
+    swaps.write_bytes(header + b"/dev/vdb1  partition\t2097148\t0\t-2\n")
+    assert image.swap_active(str(swaps)) is True
+    assert image.swap_active(str(tmp_path / "missing")) is True
+    monkeypatch.setattr(image, "_SWAP_CHECK_INTERVAL", 60.0)
+    swaps.write_bytes(header)
+    assert image.swap_active(str(swaps)) is True        # the answer of a moment ago is kept
+
+
 def test_a_tmpfs_image_answers_nowait_reads_without_rwf_nowait(monkeypatch):
-    """tmpfs refuses RWF_NOWAIT (EOPNOTSUPP), yet its page cache is the storage: a nowait read
-    of an image there is answered (a plain preadv, counted) instead of WouldBlock for ever,
-    which sent every READ of a tmpfs-backed LUN at queue depth > 1 to a worker. The memory
-    check decides: the same image taken for an ext4 file still raises WouldBlock."""
+    """tmpfs refuses RWF_NOWAIT (EOPNOTSUPP), yet its page cache is the storage: while no swap
+    is in use a nowait read of an image there is answered (a plain preadv, counted) instead of
+    WouldBlock for ever, which sent every READ of a tmpfs-backed LUN at queue depth > 1 to a
+    worker. With swap in use (a page may be on the device) it stays WouldBlock; the memory
+    check decides too: the same image taken for an ext4 file still raises WouldBlock."""
     import shutil
     from lvmirror.errors import WouldBlock
     from lvmirror.mirror import image
@@ -337,6 +363,7 @@ def test_a_tmpfs_image_answers_nowait_reads_without_rwf_nowait(monkeypatch):
             pass
         finally:
             os.close(fd)
+        monkeypatch.setattr(image, "swap_active", lambda *a: False)
         img = StorageImage.open(path)
         for k in range(3):
             buf = bytearray(4096)
@@ -346,6 +373,15 @@ def test_a_tmpfs_image_answers_nowait_reads_without_rwf_nowait(monkeypatch):
         img.close()
         with pytest.raises(WouldBlock):          # closed: the blocking read reports it
             img.readv(0, [memoryview(bytearray(4096))], nowait=True)
+        # with swap in use a tmpfs page may be on the device: WouldBlock, nothing counted
+        monkeypatch.setattr(image, "swap_active", lambda *a: True)
+        swapping = StorageImage.open(path)
+        for _ in range(2):
+            with pytest.raises(WouldBlock):
+                swapping.readv(0, [memoryview(bytearray(4096))], nowait=True)
+        assert swapping.stats["reads"] == 0
+        swapping.close()
+        monkeypatch.setattr(image, "swap_active", lambda *a: False)
         monkeypatch.setattr(image, "fs_type", lambda st_dev, *a: "ext4")
         other = StorageImage.open(path)
         for _ in range(2):
