@@ -273,7 +273,9 @@ def markdown(data: dict) -> str:
             cells = []
             for c in cols:
                 r = ratios.get(j, {}).get(c)
-                cells.append(f"{r['iops']:.2f} (p99 {r['p99']:.2f})" if r else "–")
+                # p99 None: the peer's p99 rounded to 0.000 ms, no ratio to give
+                p99 = "–" if r is None or r["p99"] is None else f"{r['p99']:.2f}"
+                cells.append(f"{r['iops']:.2f} (p99 {p99})" if r else "–")
             out.append(f"| {j} | " + " | ".join(cells) + " |")
         out.append("")
     out += ["IOPS · MB/s · completion latency p50 / p99 (ms):", "",

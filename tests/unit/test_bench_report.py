@@ -269,3 +269,16 @@ def test_ring_thread_share(tmp_path):
     assert report.ring_share(str(p))["ring_pct"] == 99.9          # 100.0 only when all were
     p.write_text(json.dumps({"before": counts(0, 0, 0), "after": counts(10 ** 400, 1, 0)}))
     assert report.ring_share(str(p))["ring_pct"] == 0.0           # huge, but whole numbers
+
+
+def test_a_peer_p99_of_zero_gives_no_p99_ratio_and_no_crash():
+    """A peer whose p99 rounds to 0.000 ms has no p99 ratio (None in results.json): the table
+    shows a dash for it instead of raising TypeError (a trial's hand-made fio output did)."""
+    data = {"meta": {}, "targets": {}, "handler_idle": {}, "split": None, "resync": [],
+            "problems": [],
+            "results": {"randread-4k-qd1": {
+                "lvmirror2": {"iops": 100.0, "mbps": 0.4, "p50_ms": 1.0, "p99_ms": 2.0},
+                "md-raid1": {"iops": 200.0, "mbps": 0.8, "p50_ms": 0.0, "p99_ms": 0.0}}},
+            "ratios": {"randread-4k-qd1": {"lvmirror2/md-raid1": {"iops": 0.5, "p99": None}}}}
+    md = report.markdown(data)
+    assert "| randread-4k-qd1 | 0.50 (p99 –) |" in md
