@@ -1,7 +1,8 @@
 """One LUN: its TCMU ring, the ring thread, its worker pool, the SCSI core before the volume.
 
 The ring thread fetches every available command. It answers the commands that cannot wait for
-a device itself, with no hand-off: READs from the page cache (RWF_NOWAIT), and buffered WRITEs
+a device itself, with no hand-off: READs from the page cache (RWF_NOWAIT; from tmpfs, which
+refuses it, a plain read while no swap is in use: ``StorageImage.readv``), and buffered WRITEs
 without FUA whose range no other I/O holds and whose regions the write-intent log marks
 already (no save with fsync) - up to INLINE_WRITE_MAX bytes, or INLINE_IDLE_MAX when the
 command is the only one outstanding (queue depth 1). At queue depth 1 it also runs a READ or
