@@ -106,23 +106,41 @@ def fs_type(st_dev: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
 
 
 _SWAP_CHECK_INTERVAL = 1.0       # seconds between two reads of /proc/swaps
-_swap_seen: list = [None, -1e9]  # [swap active (bool), when read (monotonic)]
+_PROC_SWAPS = "/proc/swaps"
+_swap_seen: list = [None, -1e9]  # [swap active (bool), when read (monotonic)]: /proc/swaps'
+_swap_mu = threading.Lock()
 
 
-def swap_active(swaps: str = "/proc/swaps") -> bool:
-    """Whether any swap area is in use on this host (``swaps`` lists one a line below its
-    header; proc(5)), read at most once every _SWAP_CHECK_INTERVAL seconds. Unreadable counts
-    as active: a tmpfs page may then be on swap, and a read of it wait for the device."""
+def swap_active(swaps: str = _PROC_SWAPS) -> bool:
+    """Whether any swap area is in use on this host: ``swaps`` (proc(5)) lists one a line below
+    its "Filename" header. A file that cannot be read, or does not start with that header,
+    counts as swap in use: a tmpfs page may then be on swap, and a read of it wait for the
+    device. /proc/swaps is read at most once every _SWAP_CHECK_INTERVAL seconds (one thread
+    reads it; the others meanwhile take the last answer); another ``swaps`` is read each call."""
+    if swaps != _PROC_SWAPS:
+        return _read_swaps(swaps)
     now = time.monotonic()
-    if now - _swap_seen[1] < _SWAP_CHECK_INTERVAL and _swap_seen[0] is not None:
+    if _swap_seen[0] is not None and now - _swap_seen[1] < _SWAP_CHECK_INTERVAL:
         return _swap_seen[0]
+    if not _swap_mu.acquire(blocking=_swap_seen[0] is None):
+        return _swap_seen[0]           # another thread is reading it now
     try:
-        with open(swaps, "rb") as f:
-            active = len([ln for ln in f.read().split(b"\n")[1:] if ln.strip()]) > 0
+        if _swap_seen[0] is None or time.monotonic() - _swap_seen[1] >= _SWAP_CHECK_INTERVAL:
+            _swap_seen[0], _swap_seen[1] = _read_swaps(swaps), time.monotonic()
+        return _swap_seen[0]
+    finally:
+        _swap_mu.release()
+
+
+def _read_swaps(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
     except OSError:
-        active = True
-    _swap_seen[0], _swap_seen[1] = active, now
-    return active
+        return True
+    if not lines[0].startswith(b"Filename"):
+        return True
+    return any(ln.strip() for ln in lines[1:])
 
 
 def _address(mv: memoryview) -> int | None:

@@ -320,21 +320,39 @@ def test_fs_type_reads_the_mount_of_a_device_number(tmp_path):
 
 
 def test_swap_active_reads_proc_swaps_at_most_once_a_second(tmp_path, monkeypatch):
-    """``image.swap_active``: any line below /proc/swaps' header is a swap area in use; an
-    unreadable file counts as swap in use; the answer is kept _SWAP_CHECK_INTERVAL seconds."""
+    """``image.swap_active``: any line below /proc/swaps' "Filename" header is a swap area in
+    use; a file that cannot be read, is empty or lacks the header counts as swap in use; for
+    /proc/swaps the answer is kept _SWAP_CHECK_INTERVAL seconds and read by one thread however
+    many ask (another path is read each call and leaves /proc/swaps' answer alone)."""
+    import threading
     from lvmirror.mirror import image
     swaps = tmp_path / "swaps"
     header = b"Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
-    monkeypatch.setattr(image, "_swap_seen", [None, -1e9])
-    monkeypatch.setattr(image, "_SWAP_CHECK_INTERVAL", 0.0)
-    swaps.write_bytes(header)
-    assert image.swap_active(str(swaps)) is False
-    swaps.write_bytes(header + b"/dev/vdb1  partition\t2097148\t0\t-2\n")
-    assert image.swap_active(str(swaps)) is True
+    for content, active in ((header, False), (header + b"\n  \n", False),
+                            (header + b"/dev/vdb1  partition\t2097148\t0\t-2\n", True),
+                            (b"", True), (b"/dev/vdb1  partition\t2097148\t0\t-2\n", True)):
+        swaps.write_bytes(content)
+        assert image.swap_active(str(swaps)) is active, content
     assert image.swap_active(str(tmp_path / "missing")) is True
+    calls = []
+    monkeypatch.setattr(image, "_read_swaps", lambda path: calls.append(path) or False)
+    monkeypatch.setattr(image, "_swap_seen", [None, -1e9])
     monkeypatch.setattr(image, "_SWAP_CHECK_INTERVAL", 60.0)
-    swaps.write_bytes(header)
-    assert image.swap_active(str(swaps)) is True        # the answer of a moment ago is kept
+    answers = []
+
+    def ask():
+        answers.extend(image.swap_active() for _ in range(500))
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == [False] * 4000 and calls == ["/proc/swaps"]
+    image.swap_active(str(tmp_path / "other"))                       # read, not cached
+    assert calls == ["/proc/swaps", str(tmp_path / "other")]
+    assert image.swap_active() is False and len(calls) == 2
+    monkeypatch.setattr(image, "_SWAP_CHECK_INTERVAL", 0.0)
+    assert image.swap_active() is False and calls[-1] == "/proc/swaps"   # the interval is over
 
 
 def test_a_tmpfs_image_answers_nowait_reads_without_rwf_nowait(monkeypatch):
