@@ -188,6 +188,11 @@ def test_writes_in_flight_at_demote_are_on_the_images_or_refused(gateway):
         data = rnd.randbytes(4 * BS)
         writes[emu.submit(cdb10(0x2A, k * 8, 4), data_out=data)] = (k * 8, data)
         if k == 40:
+            # the first 41 answered before the demote (on a loaded host the follow could
+            # otherwise see STANDBY before the ring thread began them: refused, rightly, and
+            # fewer than 41 GOOD); the 55 after it are the ones in flight at the demote
+            first = emu.wait(list(writes), timeout=30)
+            assert all(r.status == 0 for r in first.values())
             groups.set(alua.STANDBY)
     done = emu.wait(list(writes), timeout=30)
     wait_until(lambda: registry.names() == [])
