@@ -31,7 +31,7 @@ import threading
 import time
 
 from lvmirror.errors import ConfigError, ImageIOError, WouldBlock
-from lvmirror.mirror.imagecheck import busy_message
+from lvmirror.mirror.imagecheck import busy_message, read_mountinfo, read_swaps
 
 __all__ = ["StorageImage"]
 
@@ -85,62 +85,36 @@ def _views(buffers) -> tuple[list[memoryview], int]:
 
 def fs_type(st_dev: int, mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """The type name (``"ext4"``, ``"tmpfs"``...) of the file system mounted from device number
-    ``st_dev`` (a file's ``os.stat().st_dev``), from ``mountinfo`` (proc(5): one mount a line,
-    fields separated by single spaces; field 3 is major:minor, the type is the field after the
-    lone "-" that ends the optional fields). The kernel escapes space, tab, newline and
-    backslash in paths as octal and writes every other byte raw, so the file is parsed as bytes,
-    split on b"\\n" and b" " only. None when no mount has that device or the file cannot be
-    read."""
-    want = f"{os.major(st_dev)}:{os.minor(st_dev)}".encode()
-    try:
-        with open(mountinfo, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    for line in data.split(b"\n"):
-        fields = line.split(b" ")
-        if len(fields) > 2 and fields[2] == want and b"-" in fields[6:]:
-            rest = fields[fields.index(b"-", 6) + 1:]
-            return rest[0].decode("ascii", "replace") if rest and rest[0] else None
-    return None
+    ``st_dev`` (a file's ``os.stat().st_dev``), from ``mountinfo`` (``imagecheck.read_mountinfo``);
+    None when no mount has that device, its type is empty, or the file cannot be read."""
+    want = f"{os.major(st_dev)}:{os.minor(st_dev)}"
+    return next((t for mm, _, t, _ in read_mountinfo(mountinfo) if mm == want), None) or None
 
 
 _SWAP_CHECK_INTERVAL = 1.0       # seconds between two reads of /proc/swaps
-_PROC_SWAPS = "/proc/swaps"
-_swap_seen: list = [None, -1e9]  # [swap active (bool), when read (monotonic)]: /proc/swaps'
+_swap_seen: tuple = (None, -1e9)  # (swap in use, when /proc/swaps was read: monotonic s)
 _swap_mu = threading.Lock()
 
 
-def swap_active(swaps: str = _PROC_SWAPS) -> bool:
-    """Whether any swap area is in use on this host: ``swaps`` (proc(5)) lists one a line below
-    its "Filename" header. A file that cannot be read, or does not start with that header,
-    counts as swap in use: a tmpfs page may then be on swap, and a read of it wait for the
-    device. /proc/swaps is read at most once every _SWAP_CHECK_INTERVAL seconds (one thread
-    reads it; the others meanwhile take the last answer); another ``swaps`` is read each call."""
-    if swaps != _PROC_SWAPS:
-        return _read_swaps(swaps)
-    now = time.monotonic()
-    if _swap_seen[0] is not None and now - _swap_seen[1] < _SWAP_CHECK_INTERVAL:
-        return _swap_seen[0]
-    if not _swap_mu.acquire(blocking=_swap_seen[0] is None):
-        return _swap_seen[0]           # another thread is reading it now
+def swap_active() -> bool:
+    """Whether any swap area is in use on this host (``imagecheck.read_swaps``); /proc/swaps
+    that cannot be read or lacks its header counts as swap in use: a tmpfs page may then be on
+    swap, and a read of it wait for the device. /proc/swaps is read at most once every
+    _SWAP_CHECK_INTERVAL seconds, by one thread; the others meanwhile take the last answer."""
+    global _swap_seen
+    active, when = _swap_seen
+    if active is not None and time.monotonic() - when < _SWAP_CHECK_INTERVAL:
+        return active
+    if not _swap_mu.acquire(blocking=active is None):
+        return active                  # another thread is reading it now
     try:
-        if _swap_seen[0] is None or time.monotonic() - _swap_seen[1] >= _SWAP_CHECK_INTERVAL:
-            _swap_seen[0], _swap_seen[1] = _read_swaps(swaps), time.monotonic()
-        return _swap_seen[0]
+        active, when = _swap_seen
+        if active is None or time.monotonic() - when >= _SWAP_CHECK_INTERVAL:
+            active = read_swaps() != []
+            _swap_seen = (active, time.monotonic())
+        return active
     finally:
         _swap_mu.release()
-
-
-def _read_swaps(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
-    except OSError:
-        return True
-    if not lines[0].startswith(b"Filename"):
-        return True
-    return any(ln.strip() for ln in lines[1:])
 
 
 def _address(mv: memoryview) -> int | None:

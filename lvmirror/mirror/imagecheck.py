@@ -471,6 +471,45 @@ def _unescape(s: str) -> str:
     return "".join(out)
 
 
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[tuple[str, str, str, str]]:
+    """The mounts listed in ``path`` (proc(5) mountinfo) as ``(major:minor, mount point, type,
+    source)``. The kernel separates fields with single spaces, escapes space, tab, newline and
+    backslash in paths as octal and writes every other byte raw (not always UTF-8), so the file
+    is parsed as bytes, split on b"\\n" and b" " only; the type and source are the fields after
+    the lone "-" that ends the optional fields (index 6 on); paths are unescaped and decoded as
+    file names (``os.fsdecode``). A line without that "-" is skipped; [] when the file cannot
+    be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    out = []
+    for line in data.split(b"\n"):
+        fields = line.split(b" ")
+        if len(fields) < 7 or b"-" not in fields[6:]:
+            continue
+        post = fields[fields.index(b"-", 6) + 1:]
+        fstype, source = (post + [b"", b""])[:2]
+        out.append((fields[2].decode("ascii", "replace"), _unescape(os.fsdecode(fields[4])),
+                    fstype.decode("ascii", "replace"), _unescape(os.fsdecode(source))))
+    return out
+
+
+def read_swaps(path: str = "/proc/swaps") -> list[str] | None:
+    """The swap areas in use listed in ``path`` (proc(5) swaps: a "Filename" header, then one
+    area a line, its file name first, octal-escaped), or None when the file cannot be read or
+    does not start with that header."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError:
+        return None
+    if not lines[0].startswith(b"Filename"):
+        return None
+    return [_unescape(os.fsdecode(ln.split()[0])) for ln in lines[1:] if ln.split()]
+
+
 def block_holders(rdev: int, *, sys_root: str = "/sys", proc_root: str = "/proc") -> list[str]:
     """Who holds the block device with device number ``rdev`` (``st_rdev``) or one of its
     partitions, in words: ``dm-0 (device-mapper vg0-lv0)``, ``md0 (md RAID array)``,
@@ -510,36 +549,23 @@ def block_holders(rdev: int, *, sys_root: str = "/sys", proc_root: str = "/proc"
             on = "" if node == kname else f" on partition {node}"
             found.append(f"held by {h} ({kind}){on}")
     majmin = {mm: node for node, mm, _ in nodes if mm}
-    try:
-        with open(os.path.join(proc_root, "self", "mountinfo")) as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 5 or " - " not in line:
-                    continue
-                post = line.split(" - ", 1)[1].split()
-                fstype, source = (post + ["", ""])[:2]
-                node = majmin.get(fields[2])
-                if node is None and source.startswith("/dev/"):
-                    try:
-                        sst = os.stat(_unescape(source))
-                        if stat.S_ISBLK(sst.st_mode):
-                            node = next((n for n, mm, _ in nodes
-                                         if mm == f"{os.major(sst.st_rdev)}:"
-                                                  f"{os.minor(sst.st_rdev)}"), None)
-                    except OSError:
-                        pass
-                if node is not None:
-                    found.append(f"/dev/{node} mounted at {_unescape(fields[4])} ({fstype})")
-    except OSError:
-        pass
-    try:
-        with open(os.path.join(proc_root, "swaps")) as f:
-            for line in list(f)[1:]:
-                src = _unescape(line.split()[0]) if line.split() else ""
-                if os.path.basename(src) in majmin.values():
-                    found.append(f"swap area {src}")
-    except OSError:
-        pass
+    for mm_, mount_point, fstype, source in read_mountinfo(
+            os.path.join(proc_root, "self", "mountinfo")):
+        node = majmin.get(mm_)
+        if node is None and source.startswith("/dev/"):
+            try:
+                sst = os.stat(source)
+                if stat.S_ISBLK(sst.st_mode):
+                    node = next((n for n, mm, _ in nodes
+                                 if mm == f"{os.major(sst.st_rdev)}:{os.minor(sst.st_rdev)}"),
+                                None)
+            except OSError:
+                pass
+        if node is not None:
+            found.append(f"/dev/{node} mounted at {mount_point} ({fstype})")
+    for src in read_swaps(os.path.join(proc_root, "swaps")) or []:
+        if os.path.basename(src) in majmin.values():
+            found.append(f"swap area {src}")
     return list(dict.fromkeys(found))
 
 

@@ -529,3 +529,18 @@ def test_lvmirrord_creates_with_force_from_the_cfgstring_and_attaches_with_force
     finally:
         d.registry.release(spec)
     assert precious.read_bytes() == other.read_bytes() == bytes(4 * MiB)
+
+
+def test_block_holders_read_a_mount_path_that_is_not_utf8(tmp_path):
+    """A mount point written raw with bytes that are not UTF-8 (the kernel escapes only blanks
+    and backslash) is named, not a UnicodeDecodeError out of the busy message (the same
+    mountinfo reader as ``image.fs_type``: ``imagecheck.read_mountinfo``)."""
+    sysr, procr = _fake_tree(tmp_path, partitions=[("sdb1", "8:17")])
+    mi = os.path.join(procr, "self", "mountinfo")
+    with open(mi, "ab") as f:
+        f.write(b"43 27 8:17 / /srv/caf\xe9\\040x rw shared:4 - xfs /dev/sdb1 rw\n")
+    rdev = os.makedev(8, 16)
+    assert imagecheck.block_holders(rdev, sys_root=sysr, proc_root=procr) == [
+        "/dev/sdb1 mounted at " + os.fsdecode(b"/srv/caf\xe9") + " x (xfs)"]
+    assert "mounted at /srv/caf" in imagecheck.busy_message("/dev/sdb", rdev, sys_root=sysr,
+                                                            proc_root=procr)

@@ -321,22 +321,24 @@ def test_fs_type_reads_the_mount_of_a_device_number(tmp_path):
 
 def test_swap_active_reads_proc_swaps_at_most_once_a_second(tmp_path, monkeypatch):
     """``image.swap_active``: any line below /proc/swaps' "Filename" header is a swap area in
-    use; a file that cannot be read, is empty or lacks the header counts as swap in use; for
-    /proc/swaps the answer is kept _SWAP_CHECK_INTERVAL seconds and read by one thread however
-    many ask (another path is read each call and leaves /proc/swaps' answer alone)."""
+    use (``imagecheck.read_swaps``); a file that cannot be read, is empty or lacks the header
+    counts as swap in use; the answer is kept _SWAP_CHECK_INTERVAL seconds and /proc/swaps read
+    by one thread however many ask."""
     import threading
-    from lvmirror.mirror import image
+    from lvmirror.mirror import image, imagecheck
     swaps = tmp_path / "swaps"
     header = b"Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
     for content, active in ((header, False), (header + b"\n  \n", False),
                             (header + b"/dev/vdb1  partition\t2097148\t0\t-2\n", True),
                             (b"", True), (b"/dev/vdb1  partition\t2097148\t0\t-2\n", True)):
         swaps.write_bytes(content)
-        assert image.swap_active(str(swaps)) is active, content
-    assert image.swap_active(str(tmp_path / "missing")) is True
+        assert (imagecheck.read_swaps(str(swaps)) != []) is active, content
+    assert imagecheck.read_swaps(str(tmp_path / "missing")) is None
+    swaps.write_bytes(header + b"/srv/swap\\040file  file\t1024\t0\t-2\n")
+    assert imagecheck.read_swaps(str(swaps)) == ["/srv/swap file"]
     calls = []
-    monkeypatch.setattr(image, "_read_swaps", lambda path: calls.append(path) or False)
-    monkeypatch.setattr(image, "_swap_seen", [None, -1e9])
+    monkeypatch.setattr(image, "read_swaps", lambda: calls.append(1) or [])
+    monkeypatch.setattr(image, "_swap_seen", (None, -1e9))
     monkeypatch.setattr(image, "_SWAP_CHECK_INTERVAL", 60.0)
     answers = []
 
@@ -347,12 +349,11 @@ def test_swap_active_reads_proc_swaps_at_most_once_a_second(tmp_path, monkeypatc
         t.start()
     for t in threads:
         t.join()
-    assert answers == [False] * 4000 and calls == ["/proc/swaps"]
-    image.swap_active(str(tmp_path / "other"))                       # read, not cached
-    assert calls == ["/proc/swaps", str(tmp_path / "other")]
-    assert image.swap_active() is False and len(calls) == 2
+    assert answers == [False] * 4000 and len(calls) == 1
+    monkeypatch.setattr(image, "read_swaps", lambda: calls.append(1) or None)
+    assert image.swap_active() is False and len(calls) == 1          # still the kept answer
     monkeypatch.setattr(image, "_SWAP_CHECK_INTERVAL", 0.0)
-    assert image.swap_active() is False and calls[-1] == "/proc/swaps"   # the interval is over
+    assert image.swap_active() is True and len(calls) == 2           # read again: unreadable
 
 
 def test_a_tmpfs_image_answers_nowait_reads_without_rwf_nowait(monkeypatch):
