@@ -459,10 +459,11 @@ def _read(path) -> str | None:
 
 
 def _unescape(s: str) -> str:
-    """Octal escapes of /proc mountinfo and swaps (``\\040`` for a space)."""
+    """Octal escapes of /proc mountinfo and swaps (``\\040`` for a space); a backslash not
+    followed by three octal digits stays as it is."""
     out, i = [], 0
     while i < len(s):
-        if s[i] == "\\" and i + 4 <= len(s) and s[i + 1:i + 4].isdigit():
+        if s[i] == "\\" and i + 4 <= len(s) and all(c in "01234567" for c in s[i + 1:i + 4]):
             out.append(chr(int(s[i + 1:i + 4], 8)))
             i += 4
         else:
@@ -566,7 +567,10 @@ def block_holders(rdev: int, *, sys_root: str = "/sys", proc_root: str = "/proc"
     for src in read_swaps(os.path.join(proc_root, "swaps")) or []:
         if os.path.basename(src) in majmin.values():
             found.append(f"swap area {src}")
-    return list(dict.fromkeys(found))
+    # a path's bytes that are not UTF-8 (surrogates after os.fsdecode) as \xNN: the message
+    # goes out over D-Bus, which carries only UTF-8 strings
+    return [f.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            for f in dict.fromkeys(found)]
 
 
 def busy_message(path, rdev: int, *, sys_root: str = "/sys", proc_root: str = "/proc") -> str:
