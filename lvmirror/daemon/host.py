@@ -12,6 +12,7 @@ import os
 import threading
 import time
 
+from lvmirror import rawtext
 from lvmirror.errors import ConfigError, StateError
 from lvmirror.mirror.resync import job_progress
 from lvmirror.daemon.lunserver import LunServer
@@ -173,7 +174,8 @@ class VolumeHost:
         running or last scrub (``ScrubRecord.summary``: counts and the mismatching regions),
         exported split images, health
         (optimal, degraded, offline) and I/O counters; per LUN its uio device, cfgstring,
-        error, commands served, its volume and its command latency histogram
+        error (name, cfgstring and error with bytes that are not UTF-8 as \\xNN: ``rawtext.shown``),
+        commands served, its volume and its command latency histogram
         (``iostats.LatencyHistogram.snapshot``)."""
         volumes = {}
         for name in self.registry.names():
@@ -202,8 +204,12 @@ class VolumeHost:
                                              "metadata_errors", "slow_legs",
                                              "offline_events")},
             }
-        luns = [{"name": lun.name, "uio": lun.device.uio_name, "cfgstring": lun.device.cfgstring,
-                 "error": lun.error, "commands": lun.commands,
+        # a backstore name or cfgstring written to configfs as bytes that are not UTF-8
+        # (rawtext): shown as \xNN, for D-Bus, the CLI's terminal and the metrics text
+        luns = [{"name": rawtext.shown(lun.name), "uio": lun.device.uio_name,
+                 "cfgstring": rawtext.shown(lun.device.cfgstring),
+                 "error": None if lun.error is None else rawtext.shown(lun.error),
+                 "commands": lun.commands,
                  "ring_thread_commands": lun.inline, "ring_stalls": lun.handovers,
                  "volume": getattr(lun.volume, "name", None),     # read once: see _to_inactive
                  "alua_state": alua.STATE_NAMES.get(lun.alua_state), "standby": lun.standby,

@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 
-from lvmirror import __version__, cfgstring, sdnotify
+from lvmirror import __version__, cfgstring, rawtext, sdnotify
 from lvmirror.errors import ConfigError, LvmirrorError, StateError
 from lvmirror.tcmu import uio
 from lvmirror.daemon.host import BackupProgress, VolumeHost
@@ -399,12 +399,18 @@ class Lvmirrord:
         try:
             device = uio.device_by_minor(event.minor, sysfs_root=self.sysfs_root,
                                          configfs_root=self.configfs_root)
-        except OSError as exc:
+        except Exception as exc:        # unreadable sysfs (or a bug): ours still gets an answer
             status = self._event_error(uio_name, exc)
             if event.subtype == SUBTYPE:    # ours: the kernel may be waiting for the answer
                 self._netlink.reply(event, status)
             return
-        if device is None or device.subtype != SUBTYPE:
+        if device is None:
+            if event.subtype == SUBTYPE:    # ours, gone from sysfs before we looked
+                log.error("%s: the device of %s is not in sysfs", uio_name,
+                          rawtext.shown(event.device))
+                self._netlink.reply(event, -errno.ENODEV)
+            return
+        if device.subtype != SUBTYPE:
             return
         try:
             if isinstance(event, netlink.DeviceAdded):

@@ -43,6 +43,7 @@ import struct
 import subprocess
 import threading
 
+from lvmirror import rawtext
 from lvmirror.errors import ConfigError
 
 __all__ = ["Contents", "EDGE_BYTES", "SCAN_LIMIT", "block_holders", "busy_message",
@@ -451,9 +452,11 @@ def check_not_in_other_volume(paths, meta_dir, *, name: str) -> None:
 # -- exclusive open of block devices (LIO iblock's rule) --------------------------------------
 
 def _read(path) -> str | None:
+    """A sysfs file's text, stripped (``rawtext.decode``: a dm name that is not UTF-8 does not
+    raise); None when it cannot be read."""
     try:
-        with open(path) as f:
-            return f.read().strip()
+        with open(path, "rb") as f:
+            return rawtext.decode(f.read()).strip()
     except OSError:
         return None
 
@@ -569,8 +572,7 @@ def block_holders(rdev: int, *, sys_root: str = "/sys", proc_root: str = "/proc"
             found.append(f"swap area {src}")
     # a path's bytes that are not UTF-8 (surrogates after os.fsdecode) as \xNN: the message
     # goes out over D-Bus, which carries only UTF-8 strings
-    return [f.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            for f in dict.fromkeys(found)]
+    return [rawtext.shown(f) for f in dict.fromkeys(found)]
 
 
 def busy_message(path, rdev: int, *, sys_root: str = "/sys", proc_root: str = "/proc") -> str:

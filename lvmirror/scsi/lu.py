@@ -591,11 +591,17 @@ class LogicalUnit:
             payload = build_sense(key, *asc)
         return self._respond(data_in, payload, cdb[4])
 
+    def _wwn_bytes(self) -> bytes:
+        """The unit serial as the bytes configfs holds (``wwn/vpd_unit_serial`` is whatever
+        bytes were written to it; ``tcmu.uio`` decodes the ones that are not UTF-8 as
+        surrogates, which go back out as those bytes, as LIO's own VPD pages carry them)."""
+        return self.wwn.encode("utf-8", "surrogateescape")
+
     def _naa(self) -> bytes:
         """NAA 6 (IEEE Registered Extended) from LIO's OUI and the unit serial (stable)."""
         digits = "".join(ch for ch in self.wwn.lower() if ch in "0123456789abcdef")
         if len(digits) < 25:
-            digits = (digits + hashlib.sha256(self.wwn.encode()).hexdigest())[:25]
+            digits = (digits + hashlib.sha256(self._wwn_bytes()).hexdigest())[:25]
         value = (0x6 << 124) | (IEEE_OUI_LIO << 100) | int(digits[:25], 16)
         return value.to_bytes(16, "big")
 
@@ -638,12 +644,12 @@ class LogicalUnit:
         return bytes(sorted(self._vpd_pages()))
 
     def _vpd_serial(self):
-        return self.wwn.encode()[:252]
+        return self._wwn_bytes()[:252]
 
     def _vpd_devid(self):
         naa = self._naa()
         out = bytes([0x01, 0x03, 0x00, len(naa)]) + naa                 # binary, LUN, NAA
-        t10 = (self.vendor.encode()[:8].ljust(8) + self.wwn.encode())[:64]
+        t10 = (self.vendor.encode()[:8].ljust(8) + self._wwn_bytes())[:64]
         out += bytes([0x02, 0x01, 0x00, len(t10)]) + t10                # ASCII, LUN, T10 vendor
         return out + alua.port_designators(self._groups())             # target port (alua.py)
 

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 
+from lvmirror import rawtext
 from lvmirror.scsi.alua import STATUS_CODES, SUPPORT_BITS, PortGroup, TargetPort
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,10 @@ _MEMBER = re.compile(r"^([^/]+)/([^/]+)/tpgt_(\d+)/lun_(\d+)$")
 
 def _text(path: str) -> str:
     """A configfs attribute's text, without the NUL bytes some attributes end with (an empty
-    group's ``members`` reads as one NUL byte in Linux 6.1) and surrounding white space."""
-    with open(path) as f:
-        return f.read().replace("\0", "").strip()
+    group's ``members`` reads as one NUL byte in Linux 6.1) and surrounding white space; bytes
+    that are not UTF-8 (configfs names are any bytes) as ``rawtext.decode`` makes them."""
+    with open(path, "rb") as f:
+        return rawtext.decode(f.read()).replace("\0", "").strip()
 
 
 _reported: set[str] = set()        # problems already logged (INQUIRY reads the groups each time)
@@ -55,12 +57,15 @@ def read_port(target_root: str, member: str) -> TargetPort:
     """The ``TargetPort`` for one ``members`` line of an ALUA group.
 
     ``target_root``: ``<configfs>/target``. Raises ``ValueError`` for a line not of the form
-    ``<fabric>/<wwn>/tpgt_<N>/lun_<M>`` and ``OSError`` when the port's files cannot be read
-    (the LUN was unmapped meanwhile)."""
+    ``<fabric>/<wwn>/tpgt_<N>/lun_<M>`` or a target name that is not UTF-8, and ``OSError``
+    when the port's files cannot be read (the LUN was unmapped meanwhile)."""
     m = _MEMBER.match(member.strip())
     if not m:
         raise ValueError(f"not an ALUA member line: {member!r}")
     fabric, wwn, tpgt, lun = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
+    if not rawtext.is_utf8(wwn):
+        # the Device Identification VPD page's SCSI name string is UTF-8 (SPC-4 7.8.6.11)
+        raise ValueError(f"target name {rawtext.shown(wwn)} is not UTF-8")
     fabric_dir = "iscsi" if fabric == "iSCSI" else fabric
     tpg_dir = os.path.join(target_root, fabric_dir, wwn, f"tpgt_{tpgt}")
     stats = os.path.join(tpg_dir, "lun", f"lun_{lun}", "statistics")

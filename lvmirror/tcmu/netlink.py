@@ -22,6 +22,7 @@ from pyroute2.netlink import NLM_F_REQUEST, genlmsg
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 
+from lvmirror import rawtext
 from lvmirror.errors import ConfigError
 from lvmirror.tcmu import abi
 from lvmirror.tcmu.uio import parse_uio_name
@@ -94,13 +95,21 @@ class DeviceReconfig(_Event):
     reply_command = abi.GenlCommand.RECONFIG_DEVICE_DONE
 
 
+def _text(value) -> str | None:
+    """A string attribute as text: pyroute2 hands one that is not UTF-8 over as bytes (the
+    device name carries the cfgstring, which configfs takes as any bytes); those are decoded
+    by ``rawtext.decode`` (surrogates for the odd bytes), so the event still names its uio
+    device and subtype and gets its answer."""
+    return None if value is None else rawtext.decode(value)
+
+
 def decode_event(msg) -> _Event | None:
     """A parsed ``tcmu_msg`` -> event dataclass (None for commands we do not handle)."""
     if not isinstance(msg, tcmu_msg) or msg.get("cmd") is None:
         return None                 # an ACK / error for one of our replies, not an event
     cmd = msg["cmd"]
     minor = msg.get_attr("TCMU_ATTR_MINOR")
-    device = msg.get_attr("TCMU_ATTR_DEVICE")
+    device = _text(msg.get_attr("TCMU_ATTR_DEVICE"))
     dev_id = msg.get_attr("TCMU_ATTR_DEVICE_ID")
     if minor is None:
         return None
@@ -110,7 +119,8 @@ def decode_event(msg) -> _Event | None:
         return DeviceRemoved(minor, device, dev_id)
     if cmd == abi.GenlCommand.RECONFIG_DEVICE:
         wc = msg.get_attr("TCMU_ATTR_WRITECACHE")
-        return DeviceReconfig(minor, device, dev_id, dev_cfg=msg.get_attr("TCMU_ATTR_DEV_CFG"),
+        return DeviceReconfig(minor, device, dev_id,
+                              dev_cfg=_text(msg.get_attr("TCMU_ATTR_DEV_CFG")),
                               dev_size=msg.get_attr("TCMU_ATTR_DEV_SIZE"),
                               write_cache=None if wc is None else bool(wc))
     return None

@@ -21,6 +21,7 @@ import os
 import re
 import time
 
+from lvmirror import rawtext
 from lvmirror.errors import ConfigError
 from lvmirror.tcmu import alua
 
@@ -30,9 +31,10 @@ __all__ = ["DeviceBusyError", "UioDevice", "UioHandle", "device_by_minor", "find
 _UIO_PREFIX = "tcm-user/"
 
 
-def parse_uio_name(name: str):
-    """``tcm-user/<hba>/<dev>/<subtype>/<cfg>`` -> (hba, dev, subtype, cfg); None if not TCMU."""
-    name = name.strip()
+def parse_uio_name(name: str | bytes):
+    """``tcm-user/<hba>/<dev>/<subtype>/<cfg>`` -> (hba, dev, subtype, cfg); None if not TCMU.
+    Bytes (a netlink attribute pyroute2 could not decode) are decoded by ``rawtext.decode``."""
+    name = rawtext.decode(name).strip()
     if not name.startswith(_UIO_PREFIX):
         return None
     parts = name[len(_UIO_PREFIX):].split("/", 3)
@@ -45,8 +47,11 @@ def parse_uio_name(name: str):
 
 
 def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+    """A sysfs or configfs file as text (``rawtext.decode``: bytes that are not UTF-8, which
+    configfs takes from whoever writes a name, cfgstring or serial, never raise). OSError
+    when it cannot be read."""
+    with open(path, "rb") as f:
+        return rawtext.decode(f.read())
 
 
 @dataclasses.dataclass
@@ -159,7 +164,10 @@ class UioDevice:
 
 def find_devices(subtype: str | None = None, *, sysfs_root="/sys",
                  configfs_root="/sys/kernel/config", dev_root="/dev") -> list[UioDevice]:
-    """Every TCMU uio device (of ``subtype`` if given), sorted by minor."""
+    """Every TCMU uio device (of ``subtype`` if given), sorted by minor. A device whose name
+    holds bytes that are not UTF-8 (configfs takes any) is listed with them as surrogates
+    (``rawtext.decode``), so one such device neither hides nor breaks the others; a uio device
+    whose name cannot be read is left out."""
     base = os.path.join(sysfs_root, "class", "uio")
     out = []
     try:

@@ -555,6 +555,63 @@ def test_a_lun_event_failing_with_any_lvmirror_error_is_answered(tmp_path, monke
     assert "cannot be started" in caplog.text
 
 
+@pytest.mark.parametrize("processes", [False, True])
+def test_a_device_named_in_bytes_that_are_not_utf8_is_answered_and_shown(
+        tmp_path, monkeypatch, processes):
+    """configfs takes a backstore name and cfgstring as any bytes. Such a device's ADDED event
+    used to go unanswered (UnicodeDecodeError in the netlink thread; the kernel's configfs
+    ``enable`` write waits for the answer) and every other device's event with it. Now the
+    event is answered (the cfgstring is refused: -EINVAL, the LUN answers NOT READY with the
+    parser's message), the other device is served, and status - D-Bus, the CLI and the
+    metrics carry only UTF-8 - shows the odd bytes as \\xNN."""
+    from lvmirror.tcmu import netlink
+    monkeypatch.setenv("PYTHONPATH", ROOT)
+    img = tmp_path / "good.img"
+    roots = fake_device(tmp_path / "dev", 3, f"tcm-user/1/lun3/lvmirror/v3;images={img}",
+                        info_size=SIZE)
+    fake_device(tmp_path / "dev", 5, "tcm-user/1/lun\udcff5/lvmirror/v\udcfe;image=/x",
+                info_size=SIZE)
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, processes=processes,
+                  log_level="warning", **roots)
+    replies, emus = [], {}
+
+    class Netlink:
+        def reply(self, event, status):
+            replies.append((event.minor, status))
+
+        def stop(self):
+            pass
+    d._netlink = Netlink()
+    real_add = d.add_lun
+
+    def add_lun(device, **kw):           # the emulator plays each device's ring
+        emus[device.minor] = emu = RingEmulator(cmdr_size=(64 << 10) - 128,
+                                                data_size=4 << 20)
+        emu.run_reaper()
+        return real_add(device, handle=emu.handle(), **kw)
+    monkeypatch.setattr(d, "add_lun", add_lun)
+    try:
+        d._on_event(netlink.DeviceAdded(5, "tcm-user/1/lun\udcff5/lvmirror/v\udcfe;image=/x",
+                                        11))
+        d._on_event(netlink.DeviceAdded(3, f"tcm-user/1/lun3/lvmirror/v3;images={img}", 12))
+        assert replies == [(5, -errno.EINVAL), (3, 0)]
+        (c,) = emus[5].wait([emus[5].submit(bytes(6))]).values()      # TEST UNIT READY
+        assert parse_sense(c.sense)[0] == 2                             # NOT READY
+        write(emus[3], 0, b"3" * BS)
+        status = d.status()
+        text = json.dumps(status, ensure_ascii=False)
+        text.encode("utf-8")                                            # no lone surrogate
+        luns = {lun["uio"]: lun for lun in status["luns"]}
+        assert luns["uio5"]["name"] == "lun\\xff5"
+        assert luns["uio5"]["cfgstring"] == "v\\xfe;image=/x"
+        assert "not valid text" in luns["uio5"]["error"]
+        assert luns["uio3"]["error"] is None and luns["uio3"]["volume"] == "v3"
+    finally:
+        d.stop()
+        for emu in emus.values():
+            emu.close()
+
+
 def test_a_lun_event_whose_device_cannot_be_read_is_answered(tmp_path, monkeypatch):
     """sysfs cannot be read for the event's device (EIO): a device of ours gets an error
     answer (the kernel may wait for one), another handler's device none."""
@@ -574,6 +631,26 @@ def test_a_lun_event_whose_device_cannot_be_read_is_answered(tmp_path, monkeypat
     d._on_event(ours)
     d._on_event(netlink.DeviceAdded(4, None, 8))        # no subtype named: maybe not ours
     assert replies == [(ours, -errno.EIO)]
+
+
+def test_an_added_event_for_a_device_already_gone_from_sysfs_is_answered(tmp_path):
+    """The device of an ADDED event of ours is not in sysfs when lvmirrord looks (deleted at
+    once): the kernel may be waiting for the answer, so it gets -ENODEV (it got none); an
+    event naming no subtype gets none (it may be another handler's)."""
+    from lvmirror.tcmu import netlink
+    roots = fake_device(tmp_path / "dev", 3, "tcm-user/1/lun3/qcow//a.qcow2")
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, **roots)
+    replies = []
+
+    class Netlink:
+        def reply(self, event, status):
+            replies.append((event, status))
+    d._netlink = Netlink()
+    ours = netlink.DeviceAdded(6, "tcm-user/1/lun6/lvmirror/v", 7)
+    d._on_event(ours)
+    d._on_event(netlink.DeviceAdded(7, None, 8))
+    d._on_event(netlink.DeviceAdded(3, "tcm-user/1/lun3/qcow//a.qcow2", 9))
+    assert replies == [(ours, -errno.ENODEV)]
 
 
 @pytest.mark.parametrize("gw", ["zygote"], indirect=True)

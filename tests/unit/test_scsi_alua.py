@@ -235,6 +235,30 @@ def test_a_bad_member_is_logged_once_without_control_bytes(configfs, caplog):
     assert "\\x01" in record.getMessage() and "\x01" not in record.getMessage()
 
 
+def test_a_member_whose_target_name_is_not_utf8_is_left_out_not_the_whole_alua(
+        configfs, caplog):
+    """configfs names are any bytes. A ``members`` line naming such a target made the whole
+    file raise UnicodeDecodeError, so the LUN reported no ALUA at all; and the Device
+    Identification page cannot carry it (its SCSI name string is UTF-8). That member is left
+    out, logged once with its bytes as escapes; the others and the group stay."""
+    dev, target = configfs
+    odd = IQN + "\udcff"
+    make_port(target, "iscsi", IQN, 1, 0, 1, enable=1)
+    os.makedirs(os.fsencode(os.path.join(target, "iscsi", odd)))
+    make_group(dev.configfs_dir, "ao", 1, 0, [])
+    with open(os.path.join(dev.configfs_dir, "alua", "ao", "members"), "wb") as f:
+        f.write(os.fsencode(f"iSCSI/{IQN}/tpgt_1/lun_0\niSCSI/{odd}/tpgt_1/lun_0\n"))
+    with caplog.at_level("WARNING"):
+        (group,) = dev.port_groups()
+        dev.port_groups()
+    assert group.ports == (alua.TargetPort(1, 5, True, IQN, 1),)
+    (record,) = caplog.records
+    assert "\\xff is not UTF-8" in record.getMessage()
+    lu = LogicalUnit(RamBackend(), wwn=WWN, port_groups=dev.port_groups)
+    status, page = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
+    assert status.status == 0 and IQN.encode() in page
+
+
 def test_a_group_without_an_id_yet_is_skipped(configfs):
     """LIO shows an empty ``tg_pt_gp_id`` until one is written (rtslib makes the directory
     first): that group is left out, as LIO's RTPG leaves it out, not ALUA for the whole LUN."""

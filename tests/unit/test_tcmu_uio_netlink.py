@@ -17,7 +17,8 @@ def fake_device(root, minor, name, *, size=1082130432, info_size=268435456, seri
     sysfs = root / "sys"
     d = sysfs / "class" / "uio" / f"uio{minor}"
     (d / "maps" / "map0").mkdir(parents=True)
-    (d / "name").write_text(name + "\n")
+    # configfs takes any bytes for a backstore name or cfgstring: surrogates stand for them
+    (d / "name").write_bytes((name + "\n").encode("utf-8", "surrogateescape"))
     (d / "maps" / "map0" / "size").write_text(f"{size:#x}\n")
     parsed = uio.parse_uio_name(name)
     if parsed:
@@ -56,6 +57,41 @@ def test_find_devices_filters_subtype_and_reads_configfs(tmp_path):
     assert d.wwn() == "5f0c"
     assert uio.device_by_minor(0, **roots).subtype == "qcow"
     assert uio.device_by_minor(9, **roots) is None
+
+
+def test_a_device_named_in_bytes_that_are_not_utf8_neither_breaks_nor_hides_the_others(
+        tmp_path):
+    """configfs takes a backstore name and cfgstring as any bytes; the uio name carries them.
+    Read as strict UTF-8, one such device made every lookup raise UnicodeDecodeError (so every
+    netlink event went unanswered while it existed). It is listed with surrogates for its odd
+    bytes, which still name its configfs directory."""
+    roots = fake_device(tmp_path, 3, "tcm-user/1/lun3/lvmirror/v3;image=/a")
+    fake_device(tmp_path, 5, "tcm-user/1/lun\udcff5/lvmirror/v\udcfe;image=/b", info_size=4096)
+    odd, good = uio.find_devices("lvmirror", **roots)[::-1]
+    assert (good.minor, good.dev_name, good.cfgstring) == (3, "lun3", "v3;image=/a")
+    assert (odd.minor, odd.dev_name, odd.cfgstring) == (5, "lun\udcff5", "v\udcfe;image=/b")
+    assert odd.lun_size() == 4096          # the configfs dir named with the byte 0xff
+    assert os.fsencode(odd.configfs_dir).endswith(b"/lun\xff5")
+    assert uio.device_by_minor(3, **roots).cfgstring == "v3;image=/a"
+    assert uio.parse_uio_name(b"tcm-user/1/d\xff/lvmirror/x") == ("1", "d\udcff", "lvmirror", "x")
+
+
+def test_a_unit_serial_that_is_not_utf8_goes_out_as_its_bytes(tmp_path):
+    """``wwn/vpd_unit_serial`` holds whatever bytes were written; the Unit Serial Number VPD
+    page (SPC-4 7.8.16) carries them as they are, as LIO's own page does, not a
+    UnicodeDecodeError at LUN open."""
+    from lvmirror.scsi.lu import LogicalUnit
+    from tests.unit.test_scsi_core import RamBackend, run
+    roots = fake_device(tmp_path, 1, "tcm-user/1/lun1/lvmirror/v;image=/a")
+    (dev,) = uio.find_devices("lvmirror", **roots)
+    with open(os.path.join(dev.configfs_dir, "wwn", "vpd_unit_serial"), "wb") as f:
+        f.write(b"T10 VPD Unit Serial Number: ab\xffcd\n")
+    assert dev.wwn() == "ab\udcffcd"
+    lu = LogicalUnit(RamBackend(), wwn=dev.wwn())
+    status, serial = run(lu, [0x12, 1, 0x80, 0, 255, 0], in_len=255)    # INQUIRY, EVPD
+    assert status.status == 0 and serial[4:] == b"ab\xffcd"
+    status, devid = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
+    assert status.status == 0 and b"LIO-ORG ab\xffcd" in devid
 
 
 def test_open_missing_device_node_is_an_error(tmp_path):
@@ -144,6 +180,20 @@ def test_decode_added_removed_reconfig():
     assert isinstance(ev, netlink.DeviceReconfig)
     assert (ev.dev_size, ev.write_cache, ev.dev_cfg) == (1 << 30, False, None)
     assert netlink.decode_event(kernel_event(abi.GenlCommand.SET_FEATURES, minor=1)) is None
+
+
+def test_an_event_naming_bytes_that_are_not_utf8_still_names_its_device_and_subtype():
+    """pyroute2 hands a string attribute that is not UTF-8 over as bytes; the event's subtype
+    then raised TypeError in the netlink thread and the event went unanswered (the kernel's
+    configfs ``enable`` write waiting on it)."""
+    dev = b"tcm-user/1/lun0/lvmirror/v\xff;image=/a"
+    ev = netlink.decode_event(kernel_event(abi.GenlCommand.ADDED_DEVICE, device=dev, minor=4,
+                                           device_id=9))
+    assert ev.device == "tcm-user/1/lun0/lvmirror/v\udcff;image=/a"
+    assert ev.subtype == "lvmirror"
+    ev = netlink.decode_event(kernel_event(abi.GenlCommand.RECONFIG_DEVICE, device=dev, minor=4,
+                                           dev_cfg=b"lvmirror/v\xfe", device_id=2))
+    assert (ev.subtype, ev.dev_cfg) == ("lvmirror", "lvmirror/v\udcfe")
 
 
 @pytest.mark.parametrize("cls,cmd", [(netlink.DeviceAdded, abi.GenlCommand.ADDED_DEVICE_DONE),

@@ -1,0 +1,48 @@
+"""Bytes the kernel hands lvmirror as text, and that text made fit to show.
+
+Linux names are bytes: a sysfs uio name (``tcm-user/<hba>/<dev>/<subtype>/<cfgstring>``, where
+configfs accepts any bytes an administrator writes), a netlink string attribute, a mount path
+in /proc/self/mountinfo, a configfs attribute such as ``wwn/vpd_unit_serial``. Decoding them
+as strict UTF-8 turns one odd byte into a UnicodeDecodeError far from its cause - in the
+netlink thread, where it left the kernel's configfs write waiting for an answer that never
+came. ``decode`` never raises: bytes that are not UTF-8 become lone surrogates, as
+``os.fsdecode`` makes them on a UTF-8 system, so the text still names the same file or
+configfs directory through ``os`` functions. Such text cannot go out over D-Bus (which
+carries only UTF-8) or to a terminal; ``shown`` writes those bytes as ``\\xNN``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["decode", "is_utf8", "shown"]
+
+
+def decode(data: bytes | str) -> str:
+    """``data`` (bytes; text is returned as it is) as text: UTF-8, each byte that is not
+    UTF-8 as a lone surrogate (PEP 383 ``surrogateescape``). Never raises."""
+    if isinstance(data, str):
+        return data
+    return bytes(data).decode("utf-8", "surrogateescape")
+
+
+def is_utf8(text: str) -> bool:
+    """``text`` holds no byte ``decode`` could not decode (no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(text: str) -> str:
+    """``text`` with each byte ``decode`` kept as a surrogate written ``\\xNN`` (any other lone
+    surrogate as ``\\udNNN``): valid UTF-8 for D-Bus, JSON and logs. Text that is UTF-8
+    already is returned unchanged."""
+    if is_utf8(text):
+        return text
+    return text.encode("utf-8", "surrogateescape" if _escapable(text) else "backslashreplace") \
+        .decode("utf-8", "backslashreplace")
+
+
+def _escapable(text: str) -> bool:
+    """Every lone surrogate in ``text`` is one ``surrogateescape`` made (U+DC80-U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
