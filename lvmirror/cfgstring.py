@@ -64,6 +64,7 @@ import os
 import re
 import stat
 
+from lvmirror import rawtext
 from lvmirror.errors import ConfigError
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.metadata import VolumeMetadata
@@ -135,7 +136,10 @@ def parse(cfg: str) -> VolumeSpec:
     try:
         cfg.encode()
     except UnicodeEncodeError:
-        raise ConfigError(f"cfgstring {cfg!r}: not valid text (a lone surrogate)") from None
+        # bytes that are not UTF-8 (configfs takes any; lvmirror reads them as surrogates:
+        # rawtext), named as \xNN; text from D-Bus or the command line is always UTF-8
+        raise ConfigError(f"cfgstring '{rawtext.shown(cfg)}': holds bytes that are not UTF-8 "
+                          f"(lvmirror's image paths, options and names are UTF-8 text)") from None
     if len(SUBTYPE) + 1 + len(cfg.encode()) > MAX_DEV_CONFIG:
         raise ConfigError(f"cfgstring {cfg!r}: {len(cfg.encode())} bytes; LIO allows "
                           f"{MAX_DEV_CONFIG - len(SUBTYPE) - 1}")

@@ -9,6 +9,14 @@ basic() {
   echo "$out" >> "$OUT/targetcli.log"
   echo "$out" | grep -q "user:lvmirror" && result targetcli_lists_user_lvmirror ok || result targetcli_lists_user_lvmirror fail
   echo "$out" | grep -q "unknown option 'colour'" && result targetcli_refuses_bad_cfgstring ok || result targetcli_refuses_bad_cfgstring fail out="$(echo "$out" | tail -2)"
+  # configfs takes any bytes for a backstore name and cfgstring (targetcli cannot write such a
+  # name; a raw configfs write can): that device is served NOT READY, shown with \xNN, and the
+  # LUNs made after it are served (its name in sysfs once made every other event's lookup fail).
+  local odd_hba=/sys/kernel/config/target/core/user_97
+  local odd="$odd_hba/$(printf 'odd\377')"
+  { mkdir -p "$odd" && printf 'dev_size=67108864' > "$odd/control" \
+      && printf 'dev_config=lvmirror/vodd\376;images=/run/scratch/odd.img' > "$odd/control" \
+      && echo 1 > "$odd/enable"; } >> "$OUT/odd-device.log" 2>&1
   tcli <<TC
 set global auto_save_on_exit=false
 /backstores/user:lvmirror create name=m2 size=256M cfgstring=vol2;images=/run/scratch/v2a.img+/run/scratch/v2b.img control=nl_reply_supported=-1
@@ -24,6 +32,13 @@ TC
   lvmirror status > "$OUT/status-basic.txt" 2>&1
   grep -q "volume vol2" "$OUT/status-basic.txt" && grep -q "volume vol3" "$OUT/status-basic.txt" \
     && result luns_created ok || result luns_created fail status="$(cat $OUT/status-basic.txt | head -5)"
+  if grep -q 'odd\\xff' "$OUT/status-basic.txt" && grep -q 'vodd\\xfe;images=' "$OUT/status-basic.txt" \
+     && grep -q 'NOT READY.*not UTF-8' "$OUT/status-basic.txt"; then
+    result device_named_not_utf8_shown ok
+  else
+    result device_named_not_utf8_shown fail log="$(tail -3 $OUT/odd-device.log)"
+  fi
+  rmdir "$odd" "$odd_hba" >> "$OUT/odd-device.log" 2>&1
   inq=$(iscsi-inq iscsi://127.0.0.1/$IQN/0 2>&1)
   echo "$inq" | grep -q "lvmirror" && result libiscsi_inquiry ok || result libiscsi_inquiry fail out="$(echo "$inq" | head -3)"
   cap=$(iscsi-readcapacity16 iscsi://127.0.0.1/$IQN/1 2>&1 | grep 'Total size')

@@ -604,7 +604,8 @@ def test_a_device_named_in_bytes_that_are_not_utf8_is_answered_and_shown(
         luns = {lun["uio"]: lun for lun in status["luns"]}
         assert luns["uio5"]["name"] == "lun\\xff5"
         assert luns["uio5"]["cfgstring"] == "v\\xfe;image=/x"
-        assert "not valid text" in luns["uio5"]["error"]
+        assert luns["uio5"]["error"].startswith(
+            "cfgstring 'v\\xfe;image=/x': holds bytes that are not UTF-8")
         assert luns["uio3"]["error"] is None and luns["uio3"]["volume"] == "v3"
     finally:
         d.stop()
