@@ -121,9 +121,12 @@ def port_designators(groups) -> bytes:
     out = _designator(proto, 0x1, 0x4, port.rel_port_id.to_bytes(4, "big"))
     out += _designator(proto, 0x1, 0x5, (group.group_id & 0xFFFF).to_bytes(4, "big"))
     if port.wwn:
-        name = f"{port.wwn},t,0x{port.tpgt:04x}".encode()
+        # a target name configfs took as bytes that are not UTF-8 (surrogates: lvmirror.rawtext)
+        # goes out as those bytes, as LIO's own page carries it
+        name = f"{port.wwn},t,0x{port.tpgt:04x}".encode("utf-8", "surrogateescape")
         out += _designator(proto, 0x3, 0x8, _name_string(name))
-        out += _designator(proto, 0x3, 0x8, _name_string(port.wwn.encode()), assoc=2)
+        out += _designator(proto, 0x3, 0x8,
+                           _name_string(port.wwn.encode("utf-8", "surrogateescape")), assoc=2)
     return out
 
 

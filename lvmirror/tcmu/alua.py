@@ -57,15 +57,14 @@ def read_port(target_root: str, member: str) -> TargetPort:
     """The ``TargetPort`` for one ``members`` line of an ALUA group.
 
     ``target_root``: ``<configfs>/target``. Raises ``ValueError`` for a line not of the form
-    ``<fabric>/<wwn>/tpgt_<N>/lun_<M>`` or a target name that is not UTF-8, and ``OSError``
-    when the port's files cannot be read (the LUN was unmapped meanwhile)."""
+    ``<fabric>/<wwn>/tpgt_<N>/lun_<M>`` and ``OSError`` when the port's files cannot be read
+    (the LUN was unmapped meanwhile). A target name with bytes that are not UTF-8 is kept with
+    surrogates for them (``rawtext``): it is still a port, and counting it matters (ALUA is
+    reported only with exactly one enabled port)."""
     m = _MEMBER.match(member.strip())
     if not m:
         raise ValueError(f"not an ALUA member line: {member!r}")
     fabric, wwn, tpgt, lun = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
-    if not rawtext.is_utf8(wwn):
-        # the Device Identification VPD page's SCSI name string is UTF-8 (SPC-4 7.8.6.11)
-        raise ValueError(f"target name {rawtext.shown(wwn)} is not UTF-8")
     fabric_dir = "iscsi" if fabric == "iSCSI" else fabric
     tpg_dir = os.path.join(target_root, fabric_dir, wwn, f"tpgt_{tpgt}")
     stats = os.path.join(tpg_dir, "lun", f"lun_{lun}", "statistics")

@@ -235,28 +235,32 @@ def test_a_bad_member_is_logged_once_without_control_bytes(configfs, caplog):
     assert "\\x01" in record.getMessage() and "\x01" not in record.getMessage()
 
 
-def test_a_member_whose_target_name_is_not_utf8_is_left_out_not_the_whole_alua(
-        configfs, caplog):
+def test_a_target_name_that_is_not_utf8_is_still_a_port(configfs):
     """configfs names are any bytes. A ``members`` line naming such a target made the whole
-    file raise UnicodeDecodeError, so the LUN reported no ALUA at all; and the Device
-    Identification page cannot carry it (its SCSI name string is UTF-8). That member is left
-    out, logged once with its bytes as escapes; the others and the group stay."""
+    file raise UnicodeDecodeError (no ALUA at all); leaving that member out instead (a first
+    version) miscounted the enabled ports, and ALUA is reported only with exactly one - two
+    enabled ports then read as one, and commands through the second were told they came
+    through the first (a trial). It is a port: counted, and named with its bytes as LIO's
+    own page names it."""
     dev, target = configfs
     odd = IQN + "\udcff"
-    make_port(target, "iscsi", IQN, 1, 0, 1, enable=1)
-    os.makedirs(os.fsencode(os.path.join(target, "iscsi", odd)))
+    make_port(target, "iscsi", odd, 1, 0, 1, enable=1)
     make_group(dev.configfs_dir, "ao", 1, 0, [])
-    with open(os.path.join(dev.configfs_dir, "alua", "ao", "members"), "wb") as f:
-        f.write(os.fsencode(f"iSCSI/{IQN}/tpgt_1/lun_0\niSCSI/{odd}/tpgt_1/lun_0\n"))
-    with caplog.at_level("WARNING"):
-        (group,) = dev.port_groups()
-        dev.port_groups()
-    assert group.ports == (alua.TargetPort(1, 5, True, IQN, 1),)
-    (record,) = caplog.records
-    assert "\\xff is not UTF-8" in record.getMessage()
+    members = os.path.join(dev.configfs_dir, "alua", "ao", "members")
+    with open(members, "wb") as f:
+        f.write(os.fsencode(f"iSCSI/{odd}/tpgt_1/lun_0\n"))
+    (group,) = dev.port_groups()
+    assert group.ports == (alua.TargetPort(1, 5, True, odd, 1),)
     lu = LogicalUnit(RamBackend(), wwn=WWN, port_groups=dev.port_groups)
     status, page = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
-    assert status.status == 0 and IQN.encode() in page
+    assert status.status == 0 and os.fsencode(odd) + b",t,0x0001" in page
+    assert run(lu, [0x12, 0, 0, 0, 255, 0], in_len=255)[1][5] & 0x30 == 0x10   # TPGS implicit
+    # a second enabled port, named in UTF-8: two ports, so no ALUA (TCMU does not say which
+    # port a command came through)
+    make_port(target, "iscsi", IQN, 2, 0, 2, enable=1)
+    make_group(dev.configfs_dir, "sb", 2, 2, [f"iSCSI/{IQN}/tpgt_2/lun_0"])
+    assert sum(len(g.ports) for g in dev.port_groups()) == 2
+    assert run(lu, [0x12, 0, 0, 0, 255, 0], in_len=255)[1][5] & 0x30 == 0
 
 
 def test_a_group_without_an_id_yet_is_skipped(configfs):
