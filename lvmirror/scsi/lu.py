@@ -209,7 +209,11 @@ class LogicalUnit:
         # ``port_groups() -> list[alua.PortGroup]``: the LUN's target port groups as the kernel
         # has them now (lvmirror.tcmu.alua reads configfs); None: no ALUA reported (alua.py)
         self.port_groups = port_groups
-        self.wwn = wwn or "00000000-0000-0000-0000-000000000000"
+        # the unit serial (``wwn/vpd_unit_serial``); None: the backstore has none, and the LUN
+        # reports an empty serial and no NAA designator, as LIO's spc_emulate_evpd_80/83 do
+        # (a made-up constant would give every such LUN one identifier, which multipath
+        # would take for paths to one device)
+        self.wwn = wwn or None
         self.vendor = vendor
         self.product = product
         self.revision = revision
@@ -595,10 +599,13 @@ class LogicalUnit:
         """The unit serial as the bytes configfs holds (``wwn/vpd_unit_serial`` is whatever
         bytes were written to it; ``tcmu.uio`` decodes the ones that are not UTF-8 as
         surrogates, which go back out as those bytes, as LIO's own VPD pages carry them)."""
-        return self.wwn.encode("utf-8", "surrogateescape")
+        return b"" if self.wwn is None else self.wwn.encode("utf-8", "surrogateescape")
 
-    def _naa(self) -> bytes:
-        """NAA 6 (IEEE Registered Extended) from LIO's OUI and the unit serial (stable)."""
+    def _naa(self) -> bytes | None:
+        """NAA 6 (IEEE Registered Extended) from LIO's OUI and the unit serial (stable); None
+        without a unit serial (LIO then reports no NAA designator either)."""
+        if self.wwn is None:
+            return None
         digits = "".join(ch for ch in self.wwn.lower() if ch in "0123456789abcdef")
         if len(digits) < 25:
             digits = (digits + hashlib.sha256(self._wwn_bytes()).hexdigest())[:25]
@@ -647,8 +654,9 @@ class LogicalUnit:
         return self._wwn_bytes()[:252]
 
     def _vpd_devid(self):
-        naa = self._naa()
-        out = bytes([0x01, 0x03, 0x00, len(naa)]) + naa                 # binary, LUN, NAA
+        naa = self.naa
+        out = b"" if naa is None else \
+            bytes([0x01, 0x03, 0x00, len(naa)]) + naa                   # binary, LUN, NAA
         t10 = (self.vendor.encode()[:8].ljust(8) + self._wwn_bytes())[:64]
         out += bytes([0x02, 0x01, 0x00, len(t10)]) + t10                # ASCII, LUN, T10 vendor
         return out + alua.port_designators(self._groups())             # target port (alua.py)

@@ -124,13 +124,18 @@ class UioDevice:
             return False
 
     def wwn(self) -> str | None:
-        """The unit serial LIO assigned (``wwn/vpd_unit_serial``), the source of the VPD ids."""
+        """The unit serial LIO holds (``wwn/vpd_unit_serial``: "T10 VPD Unit Serial Number:
+        <serial>", target_core_configfs.c), the source of the VPD ids: the rest of that line,
+        spaces and all; None when unreadable or unset (LIO shows an unset one with nothing
+        after the colon: a backstore made by raw configfs writes that never set it)."""
         try:
             text = self._cfg("wwn", "vpd_unit_serial")
         except OSError:
             return None
-        m = re.search(r"T10 VPD Unit Serial Number:\s*(\S+)", text)
-        return m.group(1) if m else (text.strip() or None)
+        line = text.split("\n", 1)[0]
+        prefix = "T10 VPD Unit Serial Number:"
+        serial = line[len(prefix):] if line.startswith(prefix) else line
+        return serial.strip(" ") or None
 
     def port_groups(self) -> list:
         """The backstore's ALUA target port groups as the kernel has them now

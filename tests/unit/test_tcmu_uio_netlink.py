@@ -94,6 +94,40 @@ def test_a_unit_serial_that_is_not_utf8_goes_out_as_its_bytes(tmp_path):
     assert status.status == 0 and b"LIO-ORG ab\xffcd" in devid
 
 
+@pytest.mark.parametrize("content,serial", [
+    ("T10 VPD Unit Serial Number: 5f0c-1b2a\n", "5f0c-1b2a"),
+    ("T10 VPD Unit Serial Number: disk one\n", "disk one"),
+    ("T10 VPD Unit Serial Number: \n", None),
+    ("T10 VPD Unit Serial Number:\n", None),
+    ("", None),
+])
+def test_the_unit_serial_is_the_rest_of_its_line_or_none(tmp_path, content, serial):
+    """LIO shows an unset serial with nothing after the colon (target_core_configfs.c); it was
+    read as the header itself, and a serial with a space cut at it - two LUNs then shared one
+    serial and NAA, which multipath takes for two paths to one device (a trial)."""
+    roots = fake_device(tmp_path, 1, "tcm-user/1/lun1/lvmirror/v;image=/a")
+    (dev,) = uio.find_devices("lvmirror", **roots)
+    with open(os.path.join(dev.configfs_dir, "wwn", "vpd_unit_serial"), "w") as f:
+        f.write(content)
+    assert dev.wwn() == serial
+
+
+def test_a_lun_without_a_unit_serial_reports_none_and_no_naa():
+    """As LIO: an empty Unit Serial Number page and no NAA designator (it was an all-zero
+    UUID and one NAA for every such LUN); the T10 vendor designator names the vendor only."""
+    from lvmirror.scsi.lu import LogicalUnit
+    from tests.unit.test_scsi_core import RamBackend, run
+    lu = LogicalUnit(RamBackend(), wwn=None)
+    status, serial = run(lu, [0x12, 1, 0x80, 0, 255, 0], in_len=255)
+    assert status.status == 0 and serial[1] == 0x80 and serial[3] == 0 and len(serial) == 4
+    status, devid = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
+    assert status.status == 0 and lu.naa is None
+    assert devid[4:8] == bytes([0x02, 0x01, 0x00, 8]) and devid[8:16] == b"LIO-ORG "
+    assert len(devid) == 16
+    other = LogicalUnit(RamBackend(), wwn="disk two")
+    assert LogicalUnit(RamBackend(), wwn="disk one").naa != other.naa
+
+
 def test_open_missing_device_node_is_an_error(tmp_path):
     roots = fake_device(tmp_path, 3, "tcm-user/1/lun0/lvmirror/vol0")
     (d,) = uio.find_devices("lvmirror", dev_root=str(tmp_path / "dev"), **roots)
