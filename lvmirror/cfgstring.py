@@ -128,11 +128,6 @@ def parse(cfg: str) -> VolumeSpec:
     """Parse a cfgstring (with or without the ``lvmirror/`` prefix); ConfigError says what is wrong."""
     if not isinstance(cfg, str):
         raise ConfigError(f"cfgstring must be text, got {type(cfg).__name__}")
-    orig = cfg
-    if "/" in cfg.split(";", 1)[0]:
-        sub, _, cfg = cfg.partition("/")
-        if sub != SUBTYPE:
-            raise ConfigError(f"cfgstring {orig!r}: handler {sub!r} is not {SUBTYPE!r}")
     try:
         cfg.encode()
     except UnicodeEncodeError:
@@ -140,6 +135,11 @@ def parse(cfg: str) -> VolumeSpec:
         # rawtext), named as \xNN; text from D-Bus or the command line is always UTF-8
         raise ConfigError(f"cfgstring '{rawtext.shown(cfg)}': holds bytes that are not UTF-8 "
                           f"(lvmirror's image paths, options and names are UTF-8 text)") from None
+    orig = cfg
+    if "/" in cfg.split(";", 1)[0]:
+        sub, _, cfg = cfg.partition("/")
+        if sub != SUBTYPE:
+            raise ConfigError(f"cfgstring {orig!r}: handler {sub!r} is not {SUBTYPE!r}")
     if len(SUBTYPE) + 1 + len(cfg.encode()) > MAX_DEV_CONFIG:
         raise ConfigError(f"cfgstring {cfg!r}: {len(cfg.encode())} bytes; LIO allows "
                           f"{MAX_DEV_CONFIG - len(SUBTYPE) - 1}")

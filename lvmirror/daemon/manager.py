@@ -395,6 +395,8 @@ class Lvmirrord:
                 except Exception as exc:
                     status = self._event_error(uio_name, exc)
                 self._netlink.reply(event, status)
+            elif event.subtype == SUBTYPE:  # ours but not served (its pick-up failed): nothing
+                self._netlink.reply(event, 0)   # to stop, and the kernel may wait for the answer
             return
         try:
             device = uio.device_by_minor(event.minor, sysfs_root=self.sysfs_root,

@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 
-from lvmirror import cfgstring
+from lvmirror import cfgstring, rawtext
 from lvmirror.errors import ConfigError
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.metadata import VolumeMetadata
@@ -57,7 +57,8 @@ class VolumeRegistry:
             while spec.name in self._opening:     # another LUN is opening it: wait for that
                 self._cond.wait()
             if key in self._users:
-                raise ConfigError(f"{key!r} is already served by LUN {self._users[key]!r}")
+                raise ConfigError(f"{key!r} is already served by LUN "
+                                  f"'{rawtext.shown(self._users[key])}'")
             volume = self._volumes.get(spec.name)
             if volume is not None:
                 named = spec.state_dir or self.state_dir

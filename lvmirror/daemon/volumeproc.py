@@ -587,8 +587,8 @@ class VolumeProcess:
 def _pid_gone(pid: int) -> bool:
     """Whether process ``pid`` has ended (it is a zombie, or not there at all)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        with open(f"/proc/{pid}/stat", "rb") as f:      # bytes: the name may be any
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
     except (FileNotFoundError, ProcessLookupError):
         return True
 

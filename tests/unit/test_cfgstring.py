@@ -143,6 +143,22 @@ def test_only_ascii_digits_and_valid_text():
         cfgstring.parse("vol0;image=1;leg_timeout=3")
 
 
+@pytest.mark.parametrize("cfg,shown", [
+    ("vol\udcff;images=/a", "vol\\xff;images=/a"),
+    ("images=/srv/caf\udce9.img", "images=/srv/caf\\xe9.img"),     # also "handler images="
+    ("lvmirror/v;images=/a\udc80", "lvmirror/v;images=/a\\x80"),
+])
+def test_bytes_that_are_not_utf8_are_refused_first_and_named_as_hex(cfg, shown):
+    """configfs takes a cfgstring as any bytes (lvmirror reads the odd ones as surrogates): the
+    refusal names them \\xNN whatever else is wrong (a wrong handler was said first, with
+    Python's \\udcNN escapes - a trial), so the message is the same in the log, the LUN's
+    NOT READY status and over D-Bus."""
+    with pytest.raises(ConfigError) as exc:
+        cfgstring.parse(cfg)
+    assert str(exc.value).startswith(f"cfgstring '{shown}': holds bytes that are not UTF-8")
+    str(exc.value).encode("utf-8")
+
+
 def test_state_dir_must_exist_and_holds_the_volume(tmp_path, monkeypatch):
     """A cfgstring's state_dir replaces lvmirrord's --state-dir in CheckConfig; one that does
     not exist, or is an empty mount point (a shared file system not mounted), is refused,

@@ -571,6 +571,8 @@ def test_a_device_named_in_bytes_that_are_not_utf8_is_answered_and_shown(
                         info_size=SIZE)
     fake_device(tmp_path / "dev", 5, "tcm-user/1/lun\udcff5/lvmirror/v\udcfe;image=/x",
                 info_size=SIZE)
+    fake_device(tmp_path / "dev", 7, f"tcm-user/1/lun\udcff7/lvmirror/v3;images={img}",
+                info_size=SIZE)
     d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, processes=processes,
                   log_level="warning", **roots)
     replies, emus = [], {}
@@ -593,11 +595,15 @@ def test_a_device_named_in_bytes_that_are_not_utf8_is_answered_and_shown(
     try:
         d._on_event(netlink.DeviceAdded(5, "tcm-user/1/lun\udcff5/lvmirror/v\udcfe;image=/x",
                                         11))
+        # a LUN named in such bytes with a good cfgstring serves; another on its volume is
+        # refused naming it as \xNN
+        d._on_event(netlink.DeviceAdded(7, f"tcm-user/1/lun\udcff7/lvmirror/v3;images={img}",
+                                        13))
         d._on_event(netlink.DeviceAdded(3, f"tcm-user/1/lun3/lvmirror/v3;images={img}", 12))
-        assert replies == [(5, -errno.EINVAL), (3, 0)]
+        assert replies == [(5, -errno.EINVAL), (7, 0), (3, -errno.EINVAL)]
         (c,) = emus[5].wait([emus[5].submit(bytes(6))]).values()      # TEST UNIT READY
         assert parse_sense(c.sense)[0] == 2                             # NOT READY
-        write(emus[3], 0, b"3" * BS)
+        write(emus[7], 0, b"3" * BS)
         status = d.status()
         text = json.dumps(status, ensure_ascii=False)
         text.encode("utf-8")                                            # no lone surrogate
@@ -606,7 +612,9 @@ def test_a_device_named_in_bytes_that_are_not_utf8_is_answered_and_shown(
         assert luns["uio5"]["cfgstring"] == "v\\xfe;image=/x"
         assert luns["uio5"]["error"].startswith(
             "cfgstring 'v\\xfe;image=/x': holds bytes that are not UTF-8")
-        assert luns["uio3"]["error"] is None and luns["uio3"]["volume"] == "v3"
+        assert luns["uio7"]["error"] is None and luns["uio7"]["volume"] == "v3"
+        assert luns["uio7"]["name"] == "lun\\xff7"
+        assert "'v3' is already served by LUN 'lun\\xff7'" in luns["uio3"]["error"]
     finally:
         d.stop()
         for emu in emus.values():
@@ -634,7 +642,7 @@ def test_a_lun_event_whose_device_cannot_be_read_is_answered(tmp_path, monkeypat
     assert replies == [(ours, -errno.EIO)]
 
 
-def test_an_added_event_for_a_device_already_gone_from_sysfs_is_answered(tmp_path):
+def test_events_of_ours_for_a_device_gone_or_not_served_are_answered(tmp_path):
     """The device of an ADDED event of ours is not in sysfs when lvmirrord looks (deleted at
     once): the kernel may be waiting for the answer, so it gets -ENODEV (it got none); an
     event naming no subtype gets none (it may be another handler's)."""
@@ -651,7 +659,29 @@ def test_an_added_event_for_a_device_already_gone_from_sysfs_is_answered(tmp_pat
     d._on_event(ours)
     d._on_event(netlink.DeviceAdded(7, None, 8))
     d._on_event(netlink.DeviceAdded(3, "tcm-user/1/lun3/qcow//a.qcow2", 9))
-    assert replies == [(ours, -errno.ENODEV)]
+    # a REMOVED of ours that is not served (its pick-up failed): nothing to stop, answered 0
+    removed = netlink.DeviceRemoved(6, "tcm-user/1/lun6/lvmirror/v", 7)
+    d._on_event(removed)
+    d._on_event(netlink.DeviceRemoved(3, "tcm-user/1/lun3/qcow//a.qcow2", 9))
+    assert replies == [(ours, -errno.ENODEV), (removed, 0)]
+
+
+def test_pid_gone_reads_a_process_whose_name_is_not_utf8():
+    """/proc/PID/stat names the process as bytes (any, cut at 15): a name that is not UTF-8
+    made ``_pid_gone`` raise UnicodeDecodeError (a trial), so a volume process's stop could
+    fail when its pid was taken by such a process."""
+    code = ("import ctypes,sys,time; ctypes.CDLL(None).prctl(15, b'\\xe3\\x83\\x87\\xff', 0, 0, 0); "
+            "print(1, flush=True); time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        proc.stdout.readline()
+        with open(f"/proc/{proc.pid}/stat", "rb") as f:
+            assert b"(\xe3\x83\x87\xff)" in f.read()
+        assert volumeproc._pid_gone(proc.pid) is False
+    finally:
+        proc.kill()
+        proc.wait()
+    assert volumeproc._pid_gone(proc.pid) is True
 
 
 @pytest.mark.parametrize("gw", ["zygote"], indirect=True)

@@ -173,6 +173,13 @@ def test_lvmirrord_running_reads_proc(tmp_path, monkeypatch):
     assert mod.lvmirrord_running(str(tmp_path))
     (tmp_path / "42" / "comm").write_text("lvmirror\n")
     assert not mod.lvmirrord_running(str(tmp_path))
+    # a name cut at 15 bytes inside a character (a trial: UnicodeDecodeError out of stop,
+    # which Pacemaker answers by fencing the node)
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "comm").write_bytes("データベースx".encode()[:14] + b"\n")
+    assert not mod.lvmirrord_running(str(tmp_path))
+    (tmp_path / "42" / "comm").write_text("lvmirrord\n")
+    assert mod.lvmirrord_running(str(tmp_path))
 
 
 def test_meta_data_offers_a_promotable_clone():
