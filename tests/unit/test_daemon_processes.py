@@ -532,18 +532,28 @@ def test_a_lun_added_while_the_restart_picks_up_is_served_too(gw, tmp_path, monk
     assert read(added[0][0], 0, 8) == b"1" * 4096
 
 
+class RecordedNetlink:
+    """Stands in for lvmirrord's TCM-USER socket in the ``_on_event`` tests: ``replies`` holds
+    each answer sent, (event, status)."""
+
+    def __init__(self):
+        self.replies = []
+
+    def reply(self, event, status):
+        self.replies.append((event, status))
+
+    def stop(self):
+        pass
+
+
 def test_a_lun_event_failing_with_any_lvmirror_error_is_answered(tmp_path, monkeypatch, caplog):
     """An error of the volume's host (a StateError...) is logged and answered with an error
     status, not left to escape the netlink thread with the kernel's configfs write waiting."""
     from lvmirror.tcmu import netlink
     roots = fake_device(tmp_path / "dev", 3, "tcm-user/1/lun3/lvmirror/v")
     d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, **roots)
-    replies = []
-
-    class Netlink:
-        def reply(self, event, status):
-            replies.append((event, status))
-    d._netlink = Netlink()
+    d._netlink = RecordedNetlink()
+    replies = d._netlink.replies
 
     def add_lun(device, **_):
         raise StateError("the process serving volume v cannot be started")
@@ -575,15 +585,8 @@ def test_a_device_named_in_bytes_that_are_not_utf8_is_answered_and_shown(
                 info_size=SIZE)
     d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, processes=processes,
                   log_level="warning", **roots)
-    replies, emus = [], {}
-
-    class Netlink:
-        def reply(self, event, status):
-            replies.append((event.minor, status))
-
-        def stop(self):
-            pass
-    d._netlink = Netlink()
+    emus = {}
+    d._netlink = RecordedNetlink()
     real_add = d.add_lun
 
     def add_lun(device, **kw):           # the emulator plays each device's ring
@@ -600,7 +603,8 @@ def test_a_device_named_in_bytes_that_are_not_utf8_is_answered_and_shown(
         d._on_event(netlink.DeviceAdded(7, f"tcm-user/1/lun\udcff7/lvmirror/v3;images={img}",
                                         13))
         d._on_event(netlink.DeviceAdded(3, f"tcm-user/1/lun3/lvmirror/v3;images={img}", 12))
-        assert replies == [(5, -errno.EINVAL), (7, 0), (3, -errno.EINVAL)]
+        assert [(event.minor, status) for event, status in d._netlink.replies] == \
+            [(5, -errno.EINVAL), (7, 0), (3, -errno.EINVAL)]
         (c,) = emus[5].wait([emus[5].submit(bytes(6))]).values()      # TEST UNIT READY
         assert parse_sense(c.sense)[0] == 2                             # NOT READY
         write(emus[7], 0, b"3" * BS)
@@ -626,12 +630,8 @@ def test_a_lun_event_whose_device_cannot_be_read_is_answered(tmp_path, monkeypat
     answer (the kernel may wait for one), another handler's device none."""
     from lvmirror.tcmu import netlink, uio
     d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False)
-    replies = []
-
-    class Netlink:
-        def reply(self, event, status):
-            replies.append((event, status))
-    d._netlink = Netlink()
+    d._netlink = RecordedNetlink()
+    replies = d._netlink.replies
 
     def unreadable(minor, **_):
         raise OSError(errno.EIO, "Input/output error")
@@ -649,12 +649,8 @@ def test_events_of_ours_for_a_device_gone_or_not_served_are_answered(tmp_path):
     from lvmirror.tcmu import netlink
     roots = fake_device(tmp_path / "dev", 3, "tcm-user/1/lun3/qcow//a.qcow2")
     d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, **roots)
-    replies = []
-
-    class Netlink:
-        def reply(self, event, status):
-            replies.append((event, status))
-    d._netlink = Netlink()
+    d._netlink = RecordedNetlink()
+    replies = d._netlink.replies
     ours = netlink.DeviceAdded(6, "tcm-user/1/lun6/lvmirror/v", 7)
     d._on_event(ours)
     d._on_event(netlink.DeviceAdded(7, None, 8))
