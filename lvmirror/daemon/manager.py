@@ -389,14 +389,12 @@ class Lvmirrord:
         status = 0
         if isinstance(event, netlink.DeviceRemoved):
             # The uio device may already be gone from sysfs: find the LUN by its minor.
-            if self.serves(uio_name):
-                try:
+            if event.subtype == SUBTYPE or self.serves(uio_name):
+                try:    # waits for an add_lun in progress (pick-up); a name not served: no-op
                     self.remove_lun(uio_name)
                 except Exception as exc:
                     status = self._event_error(uio_name, exc)
                 self._netlink.reply(event, status)
-            elif event.subtype == SUBTYPE:  # ours but not served (its pick-up failed): nothing
-                self._netlink.reply(event, 0)   # to stop, and the kernel may wait for the answer
             return
         try:
             device = uio.device_by_minor(event.minor, sysfs_root=self.sysfs_root,

@@ -680,6 +680,39 @@ def test_pid_gone_reads_a_process_whose_name_is_not_utf8():
     assert volumeproc._pid_gone(proc.pid) is True
 
 
+def test_a_removed_event_while_the_pickup_adds_the_device_removes_what_it_adds(
+        tmp_path, monkeypatch):
+    """A REMOVED of ours for a device lvmirrord's start-up pick-up is still adding (a lease
+    wait, a slow open; the netlink thread already runs) waits for that add and removes the
+    LUN; answered 0 at once (a first version), the add then left it served on a device the
+    kernel had destroyed, its volume held (a trial)."""
+    from lvmirror.tcmu import netlink
+    roots = fake_device(tmp_path / "dev", 3, "tcm-user/1/lun3/lvmirror/v;images=/x")
+    d = Lvmirrord(state_dir=str(tmp_path / "state"), with_bus=False, **roots)
+    d._netlink = RecordedNetlink()
+    entered, release, removed_names = threading.Event(), threading.Event(), []
+
+    def slow_add_lun(device, **_):
+        entered.set()
+        release.wait(10)
+        return {"name": device.dev_name, "uio": device.uio_name, "error": None}
+    monkeypatch.setattr(d._local, "add_lun", slow_add_lun)
+    monkeypatch.setattr(d._local, "remove_lun", removed_names.append)
+    pickup = threading.Thread(target=d._pick_up)
+    pickup.start()
+    assert entered.wait(10)
+    removed = netlink.DeviceRemoved(3, "tcm-user/1/lun3/lvmirror/v;images=/x", 42)
+    answer = threading.Thread(target=d._on_event, args=(removed,))
+    answer.start()
+    time.sleep(0.2)
+    assert d._netlink.replies == []            # waits for the add...
+    release.set()
+    pickup.join(10)
+    answer.join(10)
+    assert d._netlink.replies == [(removed, 0)] and removed_names == ["uio3"]
+    assert not d.serves("uio3")                # ...and removes what it added
+
+
 @pytest.mark.parametrize("gw", ["zygote"], indirect=True)
 def test_removing_the_last_lun_during_a_restart_backoff_ends_the_volume_process(
         gw, tmp_path, monkeypatch):
