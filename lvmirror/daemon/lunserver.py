@@ -237,7 +237,7 @@ class LunServer:
         self._transition = None
         self._follow_error: str | None = None    # the last follow failure logged (_follow_failed)
         self._lease_held = False     # the last open was refused: another gateway holds the lease
-        self._size = self._wwn = self._max_blocks = None
+        self._size = self._max_blocks = None
 
     # -- life cycle -----------------------------------------------------------------------------
     def open(self, *, pickup: bool = False, handle=None):
@@ -256,7 +256,6 @@ class LunServer:
             self._handle.close()
             raise
         self._size = self.device.lun_size()
-        self._wwn = self.device.wwn()
         self._max_blocks = self.device.max_transfer_blocks()
         if not self.device.enable_tmr_notification():
             log.info("LUN %s: the kernel does not report task management (attrib/"
@@ -274,7 +273,7 @@ class LunServer:
         """Acquire the volume the cfgstring names (from the registry: may wait for its lease)
         and serve it; on failure - any, not only the foreseen LvmirrorError ones - keep the
         reason in ``error`` and answer NOT READY."""
-        size, wwn = self._size, self._wwn
+        size, wwn = self._size, self.device.wwn     # read when a page needs it (lu.py)
         try:
             spec = cfgstring.parse(self.device.cfgstring)
             volume, target = self.registry.acquire(spec, lun=self.name, size=size,
@@ -323,7 +322,7 @@ class LunServer:
     def _unopened_lu(self):
         """A LogicalUnit over NotReadyBackend at the LUN's size and hw_block_size."""
         return LogicalUnit(NotReadyBackend(self._size, self.device.hw_block_size() or 512),
-                           wwn=self._wwn, port_groups=self.device.port_groups)
+                           wwn=self.device.wwn, port_groups=self.device.port_groups)
 
     def _set_unopened(self, reason: str, sense=None):
         """Answer NOT READY for ``reason`` (kept in ``error``); ``sense``: the additional

@@ -198,7 +198,7 @@ def _usage(opcode, *masks):
 class LogicalUnit:
     """Per-LUN SCSI state and command dispatch (see the module docstring)."""
 
-    def __init__(self, backend, *, wwn: str | None = None, vendor: str = "LIO-ORG",
+    def __init__(self, backend, *, wwn=None, vendor: str = "LIO-ORG",
                  product: str = "lvmirror", revision: str = "0001", write_cache: bool = True,
                  read_only: bool = False, max_transfer_blocks: int | None = None,
                  max_unmap_blocks: int = 0x10000 * 8, max_unmap_descriptors: int = 256,
@@ -209,11 +209,17 @@ class LogicalUnit:
         # ``port_groups() -> list[alua.PortGroup]``: the LUN's target port groups as the kernel
         # has them now (lvmirror.tcmu.alua reads configfs); None: no ALUA reported (alua.py)
         self.port_groups = port_groups
-        # the unit serial (``wwn/vpd_unit_serial``); None: the backstore has none, and the LUN
-        # reports an empty serial and no NAA designator, as LIO's spc_emulate_evpd_80/83 do
-        # (a made-up constant would give every such LUN one identifier, which multipath
-        # would take for paths to one device)
-        self.wwn = wwn or None
+        # the unit serial (``wwn/vpd_unit_serial``): a str, None (the backstore has none), or a
+        # callable returning one or None (``UioDevice.wwn``): rtslib-fb writes the serial just
+        # after it enables the device, so lvmirrord may meet the device before its serial, and
+        # the callable is asked again whenever a page needs the serial until it gives one
+        # (LIO reads its own live; once set, LIO refuses to change it while the LUN is
+        # exported). Without one the LUN lists no VPD page, reports an empty serial and no NAA
+        # designator, as LIO's spc_emulate_evpd_00/80/83 do (a made-up constant would give
+        # every such LUN one identifier, which multipath would take for paths to one device)
+        self._wwn_source = wwn if callable(wwn) else None
+        self._wwn = None if callable(wwn) else (wwn or None)
+        self._naa_of: tuple = (None, None)        # (serial, its NAA): ``naa``
         self.vendor = vendor
         self.product = product
         self.revision = revision
@@ -236,7 +242,6 @@ class LogicalUnit:
         self._logged: dict[str, tuple[float, int]] = {}   # _log_limited: kind -> (when, skipped)
         self._unit_attentions: list[tuple[int, int]] = []
         self._ops: dict[tuple[int, int | None], _Op] = {}
-        self.naa = self._naa()
         # EXTENDED COPY's copy manager; ``copy_resolver(naa) -> LogicalUnit | None`` finds the
         # other LUNs a copy may name (xcopy.py)
         self.copier = CopyManager(self, copy_resolver)
@@ -599,16 +604,39 @@ class LogicalUnit:
         """The unit serial as the bytes configfs holds (``wwn/vpd_unit_serial`` is whatever
         bytes were written to it; ``tcmu.uio`` decodes the ones that are not UTF-8 as
         surrogates, which go back out as those bytes, as LIO's own VPD pages carry them)."""
-        return b"" if self.wwn is None else self.wwn.encode("utf-8", "surrogateescape")
+        wwn = self.wwn
+        return b"" if wwn is None else wwn.encode("utf-8", "surrogateescape")
 
-    def _naa(self) -> bytes | None:
-        """NAA 6 (IEEE Registered Extended) from LIO's OUI and the unit serial (stable); None
-        without a unit serial (LIO then reports no NAA designator either)."""
-        if self.wwn is None:
+    @property
+    def wwn(self) -> str | None:
+        """The unit serial, or None while there is none (see ``__init__``: a callable source
+        is asked again each time until it gives one, then kept)."""
+        if self._wwn is None and self._wwn_source is not None:
+            try:
+                self._wwn = self._wwn_source() or None
+            except Exception as exc:           # configfs unreadable: no serial this time
+                self._log_limited("serial", logging.WARNING, "cannot read the unit serial: %s",
+                                  exc)
+        return self._wwn
+
+    @property
+    def naa(self) -> bytes | None:
+        """The LUN's NAA 6 designator (16 bytes: VPD 83h, EXTENDED COPY's CSCD descriptors),
+        None without a unit serial (LIO then reports no NAA designator either)."""
+        wwn = self.wwn
+        if wwn is None:
             return None
-        digits = "".join(ch for ch in self.wwn.lower() if ch in "0123456789abcdef")
+        if self._naa_of[0] != wwn:
+            self._naa_of = (wwn, self._naa(wwn))
+        return self._naa_of[1]
+
+    @staticmethod
+    def _naa(wwn: str) -> bytes:
+        """NAA 6 (IEEE Registered Extended) from LIO's OUI and unit serial ``wwn`` (stable)."""
+        digits = "".join(ch for ch in wwn.lower() if ch in "0123456789abcdef")
         if len(digits) < 25:
-            digits = (digits + hashlib.sha256(self._wwn_bytes()).hexdigest())[:25]
+            raw = wwn.encode("utf-8", "surrogateescape")
+            digits = (digits + hashlib.sha256(raw).hexdigest())[:25]
         value = (0x6 << 124) | (IEEE_OUI_LIO << 100) | int(digits[:25], 16)
         return value.to_bytes(16, "big")
 
@@ -648,6 +676,10 @@ class LogicalUnit:
                 0xB2: self._vpd_provisioning}
 
     def _vpd_supported(self):
+        # none without a unit serial: LIO's spc_emulate_evpd_00 lists the pages only "after a
+        # valid NAA Registered Extended LUN WWN has been set via ConfigFS"
+        if self.wwn is None:
+            return b""
         return bytes(sorted(self._vpd_pages()))
 
     def _vpd_serial(self):

@@ -125,17 +125,19 @@ class UioDevice:
 
     def wwn(self) -> str | None:
         """The unit serial LIO holds (``wwn/vpd_unit_serial``: "T10 VPD Unit Serial Number:
-        <serial>", target_core_configfs.c), the source of the VPD ids: the rest of that line,
-        spaces and all; None when unreadable or unset (LIO shows an unset one with nothing
-        after the colon: a backstore made by raw configfs writes that never set it)."""
+        <serial>\n", target_core_configfs.c), the source of the VPD ids: everything after the
+        colon, spaces and newlines inside it too; None when unreadable or unset (LIO shows an
+        unset one with nothing after the colon: rtslib-fb writes it just after it enables the
+        device, and raw configfs writes may never set it)."""
         try:
             text = self._cfg("wwn", "vpd_unit_serial")
         except OSError:
             return None
-        line = text.split("\n", 1)[0]
         prefix = "T10 VPD Unit Serial Number:"
-        serial = line[len(prefix):] if line.startswith(prefix) else line
-        return serial.strip(" ") or None
+        serial = text[len(prefix):] if text.startswith(prefix) else text
+        # LIO strips a written serial's ends (strstrip), so the ends here are the format's;
+        # a newline inside it is the serial's own
+        return serial.strip() or None
 
     def port_groups(self) -> list:
         """The backstore's ALUA target port groups as the kernel has them now

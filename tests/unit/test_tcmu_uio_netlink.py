@@ -99,6 +99,7 @@ def test_a_unit_serial_that_is_not_utf8_goes_out_as_its_bytes(tmp_path):
     ("T10 VPD Unit Serial Number: disk one\n", "disk one"),
     ("T10 VPD Unit Serial Number: \n", None),
     ("T10 VPD Unit Serial Number:\n", None),
+    ("T10 VPD Unit Serial Number: rack7\ndisk-a\n", "rack7\ndisk-a"),
     ("", None),
 ])
 def test_the_unit_serial_is_the_rest_of_its_line_or_none(tmp_path, content, serial):
@@ -112,20 +113,46 @@ def test_the_unit_serial_is_the_rest_of_its_line_or_none(tmp_path, content, seri
     assert dev.wwn() == serial
 
 
-def test_a_lun_without_a_unit_serial_reports_none_and_no_naa():
-    """As LIO: an empty Unit Serial Number page and no NAA designator (it was an all-zero
-    UUID and one NAA for every such LUN); the T10 vendor designator names the vendor only."""
+def test_a_lun_without_a_unit_serial_lists_no_vpd_page_and_reports_no_naa():
+    """As LIO: no page in the Supported VPD Pages list (spc_emulate_evpd_00), so an initiator
+    builds no identifier from it; an empty Unit Serial Number page and no NAA designator
+    (it was one all-zero UUID, one NAA for every such LUN)."""
     from lvmirror.scsi.lu import LogicalUnit
     from tests.unit.test_scsi_core import RamBackend, run
     lu = LogicalUnit(RamBackend(), wwn=None)
+    status, pages = run(lu, [0x12, 1, 0x00, 0, 255, 0], in_len=255)
+    assert status.status == 0 and pages == bytes([0, 0, 0, 0])
     status, serial = run(lu, [0x12, 1, 0x80, 0, 255, 0], in_len=255)
-    assert status.status == 0 and serial[1] == 0x80 and serial[3] == 0 and len(serial) == 4
+    assert status.status == 0 and serial == bytes([0, 0x80, 0, 0])
     status, devid = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
     assert status.status == 0 and lu.naa is None
-    assert devid[4:8] == bytes([0x02, 0x01, 0x00, 8]) and devid[8:16] == b"LIO-ORG "
-    assert len(devid) == 16
-    other = LogicalUnit(RamBackend(), wwn="disk two")
-    assert LogicalUnit(RamBackend(), wwn="disk one").naa != other.naa
+    assert devid[4:] == bytes([0x02, 0x01, 0x00, 8]) + b"LIO-ORG "       # T10 vendor only
+
+
+def test_a_unit_serial_written_after_the_lun_opened_is_used(tmp_path):
+    """rtslib-fb (targetcli, restoreconfig, the HA agent) writes ``wwn/vpd_unit_serial`` just
+    after it enables the device - in the kernel's netlink reply mode always after lvmirrord
+    opened the LUN. Read once at open, the serial was missing (before that, the header itself)
+    for the LUN's life; now it is read when a page needs it until it is there."""
+    from lvmirror.scsi.lu import LogicalUnit
+    from tests.unit.test_scsi_core import RamBackend, run
+    roots = fake_device(tmp_path, 1, "tcm-user/1/lun1/lvmirror/v;image=/a")
+    (dev,) = uio.find_devices("lvmirror", **roots)
+    path = os.path.join(dev.configfs_dir, "wwn", "vpd_unit_serial")
+    with open(path, "w") as f:
+        f.write("T10 VPD Unit Serial Number: \n")           # enabled, no serial yet
+    lu = LogicalUnit(RamBackend(), wwn=dev.wwn)
+    assert run(lu, [0x12, 1, 0x80, 0, 255, 0], in_len=255)[1] == bytes([0, 0x80, 0, 0])
+    assert lu.naa is None
+    with open(path, "w") as f:
+        f.write("T10 VPD Unit Serial Number: 5f0c1b2a-7d3e-4f60-9a8b-0c1d2e3f4a5b\n")
+    assert run(lu, [0x12, 1, 0x80, 0, 255, 0], in_len=255)[1][4:] == \
+        b"5f0c1b2a-7d3e-4f60-9a8b-0c1d2e3f4a5b"
+    assert run(lu, [0x12, 1, 0x00, 0, 255, 0], in_len=255)[1][4:] == \
+        bytes([0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2])
+    naa = lu.naa
+    assert len(naa) == 16 and naa in run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)[1]
+    assert naa == LogicalUnit(RamBackend(), wwn="5f0c1b2a-7d3e-4f60-9a8b-0c1d2e3f4a5b").naa
 
 
 def test_open_missing_device_node_is_an_error(tmp_path):
