@@ -58,6 +58,17 @@ TC
   dd if=/dev/urandom of=/run/pat bs=1M count=8 status=none
   if dd if=/run/pat of=$d0 bs=1M oflag=direct status=none && cmp -n 8388608 /run/pat $d0; then
     result dd_write_readback ok; else result dd_write_readback fail; fi
+  # the unit serial rtslib-fb writes just after it enables the device is the one the LUN
+  # reports (Unit Serial Number VPD), and the two LUNs' identifiers (NAA) differ
+  local sn0 cfs0 wwid0 wwid1
+  sn0=$(sg_vpd -p sn -r "$d0" 2>/dev/null | tail -c +5 | tr -d '\0')
+  cfs0=$(sed -n 's/^T10 VPD Unit Serial Number: //p' /sys/kernel/config/target/core/user_*/m2/wwn/vpd_unit_serial)
+  wwid0=$(cat /sys/block/${d0#/dev/}/device/wwid 2>/dev/null); wwid1=$(cat /sys/block/${d1#/dev/}/device/wwid 2>/dev/null)
+  if [ -n "$cfs0" ] && [ "$sn0" = "$cfs0" ] && [ "${wwid0#naa.6001405}" != "$wwid0" ] && [ "$wwid0" != "$wwid1" ]; then
+    result unit_serial_as_configured ok serial="$sn0" wwid0="$wwid0" wwid1="$wwid1"
+  else
+    result unit_serial_as_configured fail serial="$sn0" configfs="$cfs0" wwid0="$wwid0" wwid1="$wwid1"
+  fi
   # SCSI-3 persistent reservations (the fencing of Windows failover clusters, VMware, pacemaker):
   # LIO's core serves them for TCMU LUNs and keeps their state in <dbroot>/pr, which the package's
   # tmpfiles entry provides. Register a key, reserve Write Exclusive - Registrants Only, read both
