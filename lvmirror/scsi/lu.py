@@ -613,22 +613,28 @@ class LogicalUnit:
         is asked again each time until it gives one, then kept)."""
         if self._wwn is None and self._wwn_source is not None:
             try:
-                self._wwn = self._wwn_source() or None
+                serial = self._wwn_source()
             except Exception as exc:           # configfs unreadable: no serial this time
                 self._log_limited("serial", logging.WARNING, "cannot read the unit serial: %s",
                                   exc)
+            else:
+                if serial:                     # (never undoes one another thread kept)
+                    self._wwn = serial
         return self._wwn
 
     @property
     def naa(self) -> bytes | None:
         """The LUN's NAA 6 designator (16 bytes: VPD 83h, EXTENDED COPY's CSCD descriptors),
         None without a unit serial (LIO then reports no NAA designator either)."""
-        wwn = self.wwn
+        return self._naa_for(self.wwn)
+
+    def _naa_for(self, wwn: str | None) -> bytes | None:
         if wwn is None:
             return None
-        if self._naa_of[0] != wwn:
-            self._naa_of = (wwn, self._naa(wwn))
-        return self._naa_of[1]
+        known = self._naa_of                   # one tuple: read and replaced whole
+        if known[0] != wwn:
+            known = self._naa_of = (wwn, self._naa(wwn))
+        return known[1]
 
     @staticmethod
     def _naa(wwn: str) -> bytes:
@@ -686,10 +692,12 @@ class LogicalUnit:
         return self._wwn_bytes()[:252]
 
     def _vpd_devid(self):
-        naa = self.naa
+        wwn = self.wwn                          # read once: the page names one serial
+        naa = self._naa_for(wwn)
         out = b"" if naa is None else \
             bytes([0x01, 0x03, 0x00, len(naa)]) + naa                   # binary, LUN, NAA
-        t10 = (self.vendor.encode()[:8].ljust(8) + self._wwn_bytes())[:64]
+        serial = b"" if wwn is None else wwn.encode("utf-8", "surrogateescape")
+        t10 = (self.vendor.encode()[:8].ljust(8) + serial)[:64]
         out += bytes([0x02, 0x01, 0x00, len(t10)]) + t10                # ASCII, LUN, T10 vendor
         return out + alua.port_designators(self._groups())             # target port (alua.py)
 

@@ -135,9 +135,10 @@ class UioDevice:
             return None
         prefix = "T10 VPD Unit Serial Number:"
         serial = text[len(prefix):] if text.startswith(prefix) else text
-        # LIO strips a written serial's ends (strstrip), so the ends here are the format's;
-        # a newline inside it is the serial's own
-        return serial.strip() or None
+        # LIO strips a written serial's ends (strstrip: the C locale's white space), so white
+        # space at the ends here is the format's; a newline inside it is the serial's own, and
+        # so are the characters only Python counts as white space (U+001C-U+001F, U+0085...)
+        return serial.strip(" \t\n\v\f\r") or None
 
     def port_groups(self) -> list:
         """The backstore's ALUA target port groups as the kernel has them now

@@ -999,3 +999,38 @@ def test_a_lun_waiting_for_its_lease_holds_up_no_other_call(tmp_path):
             d.remove_lun(dev.uio_name)
         for emu in emus:
             emu.close()
+
+
+@pytest.mark.parametrize("cfg", ["vs;images={d}/a+{d}/b", "vs;images="])
+def test_a_unit_serial_written_after_the_lun_opened_is_reported(tmp_path, cfg):
+    """rtslib-fb (targetcli, restoreconfig, the HA agent) writes ``wwn/vpd_unit_serial`` just
+    after it enables the device, so lvmirrord can open the LUN first (always, in the kernel's
+    netlink reply mode). Read once at open, the serial stayed missing for the LUN's life (the
+    header itself before that: one serial and NAA for such LUNs); now an INQUIRY reads it until
+    it is there - for a LUN that serves and one that answers NOT READY (a trial)."""
+    roots = fake_device(tmp_path / "dev", 0, f"tcm-user/1/lun0/lvmirror/{cfg.format(d=tmp_path)}",
+                        info_size=SIZE, serial="")
+    (dev,) = uio.find_devices("lvmirror", **roots)
+    emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=1 << 20)
+    emu.run_reaper()
+    lun = LunServer(dev, VolumeRegistry(str(tmp_path / "state")), workers=2)
+    lun.open(handle=emu.handle())
+    lun.start()
+
+    def page(code):
+        (c,) = emu.wait([emu.submit(bytes([0x12, 1, code, 0, 255, 0]),
+                                    data_in_len=255)]).values()
+        assert c.status == 0
+        return bytes(c.data_in[:c.read_len])
+
+    try:
+        assert (lun.error is None) == cfg.endswith("b")
+        assert page(0x00) == bytes(4) and page(0x80) == bytes([0, 0x80, 0, 0])
+        with open(os.path.join(dev.configfs_dir, "wwn", "vpd_unit_serial"), "w") as f:
+            f.write("T10 VPD Unit Serial Number: 5f0c-late\n")
+        assert page(0x80)[4:] == b"5f0c-late"
+        assert page(0x00)[4:] == bytes([0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2])
+        assert lun.lu.naa is not None and lun.lu.naa in page(0x83)
+    finally:
+        lun.stop()
+        emu.close()

@@ -100,6 +100,9 @@ def test_a_unit_serial_that_is_not_utf8_goes_out_as_its_bytes(tmp_path):
     ("T10 VPD Unit Serial Number: \n", None),
     ("T10 VPD Unit Serial Number:\n", None),
     ("T10 VPD Unit Serial Number: rack7\ndisk-a\n", "rack7\ndisk-a"),
+    # only the C locale's white space is the format's (LIO's strstrip); these are the serial's
+    ("T10 VPD Unit Serial Number: abc\x1f\n", "abc\x1f"),
+    ("T10 VPD Unit Serial Number: \x1cabc\u2028\n", "\x1cabc\u2028"),
     ("", None),
 ])
 def test_the_unit_serial_is_the_rest_of_its_line_or_none(tmp_path, content, serial):
@@ -337,3 +340,30 @@ def test_lvmirrord_without_target_core_user_exits_with_the_message_not_a_traceba
     assert "the TCM-USER netlink family is not there: load target_core_user " \
            "(modprobe target_core_user)" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_slow_read_finding_no_serial_does_not_undo_one_kept_meanwhile():
+    """Two threads ask for the serial while configfs has none, then one: the slow first read
+    (None) must not overwrite the serial the second kept (it did: the LUN then reported no
+    serial again, a trial)."""
+    import threading
+    from lvmirror.scsi.lu import LogicalUnit
+    from tests.unit.test_scsi_core import RamBackend
+    first_in, second_done = threading.Event(), threading.Event()
+    calls = []
+
+    def source():
+        calls.append(1)
+        if len(calls) == 1:             # the slow read: began before the serial was written
+            first_in.set()
+            second_done.wait(10)
+            return None
+        return "serial-x"
+    lu = LogicalUnit(RamBackend(), wwn=source)
+    slow = threading.Thread(target=lambda: lu.wwn)
+    slow.start()
+    assert first_in.wait(10)
+    assert lu.wwn == "serial-x"
+    second_done.set()
+    slow.join(10)
+    assert lu.wwn == "serial-x" and len(calls) == 2
