@@ -125,7 +125,7 @@ class UioDevice:
 
     def wwn(self) -> str | None:
         """The unit serial LIO holds (``wwn/vpd_unit_serial``: "T10 VPD Unit Serial Number:
-        <serial>\n", target_core_configfs.c), the source of the VPD ids: everything after the
+        <serial>\\n", target_core_configfs.c), the source of the VPD ids: everything after the
         colon, spaces and newlines inside it too; None when unreadable or unset (LIO shows an
         unset one with nothing after the colon: rtslib-fb writes it just after it enables the
         device, and raw configfs writes may never set it)."""

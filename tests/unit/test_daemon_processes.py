@@ -666,7 +666,8 @@ def test_pid_gone_reads_a_process_whose_name_is_not_utf8():
     """/proc/PID/stat names the process as bytes (any, cut at 15): a name that is not UTF-8
     made ``_pid_gone`` raise UnicodeDecodeError (a trial), so a volume process's stop could
     fail when its pid was taken by such a process."""
-    code = ("import ctypes,sys,time; ctypes.CDLL(None).prctl(15, b'\\xe3\\x83\\x87\\xff', 0, 0, 0); "
+    code = ("import ctypes,sys,time; "          # PR_SET_NAME (15)
+            "ctypes.CDLL(None).prctl(15, b'\\xe3\\x83\\x87\\xff', 0, 0, 0); "
             "print(1, flush=True); time.sleep(30)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
