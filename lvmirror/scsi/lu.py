@@ -219,6 +219,7 @@ class LogicalUnit:
         # every such LUN one identifier, which multipath would take for paths to one device)
         self._wwn_source = wwn if callable(wwn) else None
         self._wwn = None if callable(wwn) else (wwn or None)
+        self._wwn_mu = threading.Lock()            # the first serial found is the one kept
         self._naa_of: tuple = (None, None)        # (serial, its NAA): ``naa``
         self.vendor = vendor
         self.product = product
@@ -618,8 +619,10 @@ class LogicalUnit:
                 self._log_limited("serial", logging.WARNING, "cannot read the unit serial: %s",
                                   exc)
             else:
-                if serial:                     # (never undoes one another thread kept)
-                    self._wwn = serial
+                if serial:
+                    with self._wwn_mu:         # a slower read never replaces the one kept
+                        if self._wwn is None:
+                            self._wwn = serial
         return self._wwn
 
     @property

@@ -342,10 +342,11 @@ def test_lvmirrord_without_target_core_user_exits_with_the_message_not_a_traceba
     assert "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_a_slow_read_finding_no_serial_does_not_undo_one_kept_meanwhile():
+@pytest.mark.parametrize("slow_answer", [None, "serial-old"])
+def test_a_slow_read_never_replaces_the_serial_kept_meanwhile(slow_answer):
     """Two threads ask for the serial while configfs has none, then one: the slow first read
-    (None) must not overwrite the serial the second kept (it did: the LUN then reported no
-    serial again, a trial)."""
+    (None, or a serial written before and since replaced) must not overwrite the serial the
+    second kept - the LUN would report no serial again, or change its NAA (two trials)."""
     import threading
     from lvmirror.scsi.lu import LogicalUnit
     from tests.unit.test_scsi_core import RamBackend
@@ -354,16 +355,31 @@ def test_a_slow_read_finding_no_serial_does_not_undo_one_kept_meanwhile():
 
     def source():
         calls.append(1)
-        if len(calls) == 1:             # the slow read: began before the serial was written
+        if len(calls) == 1:             # the slow read
             first_in.set()
             second_done.wait(10)
-            return None
-        return "serial-x"
+            return slow_answer
+        return "serial-new"
     lu = LogicalUnit(RamBackend(), wwn=source)
     slow = threading.Thread(target=lambda: lu.wwn)
     slow.start()
     assert first_in.wait(10)
-    assert lu.wwn == "serial-x"
+    assert lu.wwn == "serial-new"
+    naa = lu.naa
     second_done.set()
     slow.join(10)
-    assert lu.wwn == "serial-x" and len(calls) == 2
+    assert len(calls) == 2              # kept: not asked again
+    assert lu.wwn == "serial-new" and lu.naa == naa
+
+
+def test_the_device_identification_page_names_one_serial():
+    """VPD 83h reads the serial once: a serial appearing between two reads gave a page with
+    the serial in its T10 vendor designator and no NAA designator (a trial)."""
+    from lvmirror.scsi.lu import LogicalUnit
+    from tests.unit.test_scsi_core import RamBackend, run
+    answers = iter([None, "5f0c-late"])
+    lu = LogicalUnit(RamBackend(), wwn=lambda: next(answers, "5f0c-late"))
+    status, page = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
+    assert status.status == 0 and page == bytes([0, 0x83, 0, 12, 2, 1, 0, 8]) + b"LIO-ORG "
+    status, page = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
+    assert lu.naa in page and page.endswith(b"LIO-ORG 5f0c-late")
