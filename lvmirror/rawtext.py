@@ -13,7 +13,7 @@ carries only UTF-8) or to a terminal; ``shown`` writes those bytes as ``\\xNN``.
 
 from __future__ import annotations
 
-__all__ = ["decode", "is_utf8", "shown"]
+__all__ = ["decode", "encode", "is_utf8", "shown"]
 
 
 def decode(data: bytes | str) -> str:
@@ -22,6 +22,13 @@ def decode(data: bytes | str) -> str:
     if isinstance(data, str):
         return data
     return bytes(data).decode("utf-8", "surrogateescape")
+
+
+def encode(text: str) -> bytes:
+    """``decode``'s inverse: ``text`` as the bytes it was read from (its surrogates U+DC80-U+DCFF
+    back as the bytes they stand for), e.g. a unit serial or target name going out in a VPD
+    page as configfs holds it. UnicodeEncodeError for a surrogate ``decode`` cannot make."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def is_utf8(text: str) -> bool:
@@ -39,10 +46,8 @@ def shown(text: str) -> str:
     already is returned unchanged."""
     if is_utf8(text):
         return text
-    return text.encode("utf-8", "surrogateescape" if _escapable(text) else "backslashreplace") \
-        .decode("utf-8", "backslashreplace")
-
-
-def _escapable(text: str) -> bool:
-    """Every lone surrogate in ``text`` is one ``surrogateescape`` made (U+DC80-U+DCFF)."""
-    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+    try:
+        raw = encode(text)
+    except UnicodeEncodeError:              # a surrogate no byte stands for
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lvmirror import rawtext
+
 # asymmetric access states (SPC-4 table 157, RTPG byte 0 bits 3-0; configfs alua_access_state)
 ACTIVE_OPTIMIZED = 0x0
 ACTIVE_NON_OPTIMIZED = 0x1
@@ -123,10 +125,9 @@ def port_designators(groups) -> bytes:
     if port.wwn:
         # a target name configfs took as bytes that are not UTF-8 (surrogates: lvmirror.rawtext)
         # goes out as those bytes, as LIO's own page carries it
-        name = f"{port.wwn},t,0x{port.tpgt:04x}".encode("utf-8", "surrogateescape")
+        name = rawtext.encode(f"{port.wwn},t,0x{port.tpgt:04x}")
         out += _designator(proto, 0x3, 0x8, _name_string(name))
-        out += _designator(proto, 0x3, 0x8,
-                           _name_string(port.wwn.encode("utf-8", "surrogateescape")), assoc=2)
+        out += _designator(proto, 0x3, 0x8, _name_string(rawtext.encode(port.wwn)), assoc=2)
     return out
 
 

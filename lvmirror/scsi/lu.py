@@ -45,6 +45,7 @@ import threading
 import time
 from typing import NamedTuple, Protocol, Sequence
 
+from lvmirror import rawtext
 from lvmirror.errors import StateError, VolumeIOError, WouldBlock
 from lvmirror.scsi import alua
 from lvmirror.scsi import constants as c
@@ -606,7 +607,7 @@ class LogicalUnit:
         bytes were written to it; ``tcmu.uio`` decodes the ones that are not UTF-8 as
         surrogates, which go back out as those bytes, as LIO's own VPD pages carry them)."""
         wwn = self.wwn
-        return b"" if wwn is None else wwn.encode("utf-8", "surrogateescape")
+        return b"" if wwn is None else rawtext.encode(wwn)
 
     @property
     def wwn(self) -> str | None:
@@ -644,8 +645,7 @@ class LogicalUnit:
         """NAA 6 (IEEE Registered Extended) from LIO's OUI and unit serial ``wwn`` (stable)."""
         digits = "".join(ch for ch in wwn.lower() if ch in "0123456789abcdef")
         if len(digits) < 25:
-            raw = wwn.encode("utf-8", "surrogateescape")
-            digits = (digits + hashlib.sha256(raw).hexdigest())[:25]
+            digits = (digits + hashlib.sha256(rawtext.encode(wwn)).hexdigest())[:25]
         value = (0x6 << 124) | (IEEE_OUI_LIO << 100) | int(digits[:25], 16)
         return value.to_bytes(16, "big")
 
@@ -699,7 +699,7 @@ class LogicalUnit:
         naa = self._naa_for(wwn)
         out = b"" if naa is None else \
             bytes([0x01, 0x03, 0x00, len(naa)]) + naa                   # binary, LUN, NAA
-        serial = b"" if wwn is None else wwn.encode("utf-8", "surrogateescape")
+        serial = b"" if wwn is None else rawtext.encode(wwn)
         t10 = (self.vendor.encode()[:8].ljust(8) + serial)[:64]
         out += bytes([0x02, 0x01, 0x00, len(t10)]) + t10                # ASCII, LUN, T10 vendor
         return out + alua.port_designators(self._groups())             # target port (alua.py)
