@@ -21,6 +21,9 @@ With ``--idle N`` it measures what N idle LUNs cost: lvmirrord (a process per vo
 service's sync does; it prints the CPU lvmirrord and its volume processes used (percent of one
 core) and their threads' wake-ups per second (voluntary context switches, /proc task status).
 
+The ring thread's compiled READ path (``lvmirror/tcmu/_fastread.c``) answers cached READs
+unless ``LVMIRROR_COMPILED_READS=0`` is in the environment: run both for the before and after.
+
 Usage: .venv/bin/python bench/bench_datapath.py [--seconds 3] [--qd 32] [--dir /dev/shm]
        [--jobs write,read,read1m] [--scaling N] [--idle N]
 """
@@ -39,6 +42,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lvmirror.daemon import LunServer, VolumeRegistry  # noqa: E402
+from lvmirror.daemon import lunserver  # noqa: E402
 from lvmirror.tcmu import uio  # noqa: E402
 from lvmirror.tcmu.emulator import RingEmulator, RingFull  # noqa: E402
 
@@ -405,9 +409,11 @@ def main():
         lun.start()
         for job in lun.volume.jobs.values():
             job.wait(60)
+        compiled = "on" if lunserver.COMPILED_READS else "off"
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, 2-image volume on "
               f"{args.dir}, {args.workers} workers per LUN, "
-              f"cached reads {'through the pool' if args.no_inline_reads else 'on the ring thread'}")
+              f"cached reads {'through the pool' if args.no_inline_reads else 'on the ring thread'}"
+              f"{'' if args.no_inline_reads else ', compiled READ path ' + compiled}")
         rnd = random.Random(1)
         nblk = SIZE // BS
         payload = os.urandom(4096)
@@ -433,8 +439,9 @@ def main():
             floor = bare_loop(imgs, key, min(args.seconds, 2.0))
             print(f"{'  bare loop of the same syscalls':<42} {'':>10}        {floor:8.1f} CPU "
                   f"us/cmd (lvmirrord's threads: {us / floor:.1f}x)")
-        print(f"ring: {lun._ring.stats}; answered by the ring thread: {lun.inline} "
-              f"(handed to a new ring thread when one stalled: {lun.handovers})")
+        print(f"ring: {lun._ring.stats}; answered by the ring thread: {lun.inline}, of which "
+              f"READs by its compiled path: {lun.compiled} (handed to a new ring thread when "
+              f"one stalled: {lun.handovers})")
         lun.stop()
         emu.close()
     finally:

@@ -26,7 +26,7 @@ setup() {
   # the Debian package, when tools/build-deb made one: install it and run the product from it
   # (LAB_NO_PACKAGE=1: the tree's own lvmirrord; lab/powercut's many boots skip the minutes of
   # dpkg -i under TCG)
-  DEB=; [ -n "${LAB_NO_PACKAGE:-}" ] || DEB=$(ls "$REPO"/build/deb/lvmirror_*_all.deb 2>/dev/null | head -1)
+  DEB=; [ -n "${LAB_NO_PACKAGE:-}" ] || DEB=$(ls "$REPO"/build/deb/lvmirror_*_"$(dpkg --print-architecture)".deb 2>/dev/null | head -1)
   if [ -n "$DEB" ]; then
     rm -f /var/lib/man-db/auto-update   # no man-db index rebuild (minutes under TCG) in a throw-away /var
     if dpkg -i "$DEB" > "$OUT/dpkg.log" 2>&1 && [ -x /usr/bin/lvmirrord ] \

@@ -58,6 +58,26 @@ TC
   dd if=/dev/urandom of=/run/pat bs=1M count=8 status=none
   if dd if=/run/pat of=$d0 bs=1M oflag=direct status=none && cmp -n 8388608 /run/pat $d0; then
     result dd_write_readback ok; else result dd_write_readback fail; fi
+  # READs the page cache holds are answered by the ring thread's compiled path on the kernel's
+  # own ring (lvmirror/tcmu/_fastread.c): 4 KiB and 64 KiB reads of what was just written return
+  # it, and the LUN's compiled_reads count (lvmirror status) grew
+  local c0 c1
+  compiled_reads() { timeout 60 lvmirror --json status 2>/dev/null | $PY -c '
+import json, sys
+print(sum(l.get("compiled_reads", 0) for l in json.load(sys.stdin)["luns"] if l["name"] == "m2"))'; }
+  c0=$(compiled_reads)
+  if dd if=$d0 of=/run/pat4k bs=4k count=2048 iflag=direct status=none && cmp /run/pat /run/pat4k \
+     && dd if=$d0 of=/run/pat64k bs=64k count=128 iflag=direct status=none && cmp /run/pat /run/pat64k; then
+    c1=$(compiled_reads)
+    if [ -n "$c0" ] && [ -n "$c1" ] && [ "$c1" -gt "$c0" ]; then
+      result compiled_reads_on_the_kernel_ring ok reads=$((c1 - c0)) of=2176
+    else
+      result compiled_reads_on_the_kernel_ring fail before="$c0" after="$c1"
+    fi
+  else
+    result compiled_reads_on_the_kernel_ring fail why="the data read back differs"
+  fi
+  rm -f /run/pat4k /run/pat64k
   # the unit serial rtslib-fb writes just after it enables the device is the one the LUN
   # reports (Unit Serial Number VPD), and the two LUNs' identifiers (NAA) differ
   local sn0 cfs0 wwid0 wwid1

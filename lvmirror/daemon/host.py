@@ -210,7 +210,8 @@ class VolumeHost:
                  "cfgstring": rawtext.shown(lun.device.cfgstring),
                  "error": None if lun.error is None else rawtext.shown(lun.error),
                  "commands": lun.commands,
-                 "ring_thread_commands": lun.inline, "ring_stalls": lun.handovers,
+                 "ring_thread_commands": lun.inline, "compiled_reads": lun.compiled,
+                 "ring_stalls": lun.handovers,
                  "volume": getattr(lun.volume, "name", None),     # read once: see _to_inactive
                  "alua_state": alua.STATE_NAMES.get(lun.alua_state), "standby": lun.standby,
                  "latency": lun.latency.snapshot()}

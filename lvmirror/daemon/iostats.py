@@ -45,6 +45,13 @@ class LatencyHistogram:
         h[bisect_left(BUCKETS, seconds)] += 1
         h[-1] += seconds
 
+    def observe_many(self, op: str, seconds: float, n: int) -> None:
+        """Count ``n`` commands of kind ``op`` (``OPS``) that took ``seconds`` each (the ring
+        thread's compiled READ path counts a batch so)."""
+        h = self._ops[op]
+        h[bisect_left(BUCKETS, seconds)] += n
+        h[-1] += seconds * n
+
     def snapshot(self) -> dict:
         """``{op: {"le": [cumulative count per BUCKETS bound], "count": n, "sum": seconds}}``
         (the +Inf bucket is ``count``); JSON-able."""

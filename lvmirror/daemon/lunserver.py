@@ -50,6 +50,11 @@ from lvmirror.scsi.sense import build_sense
 from lvmirror.tcmu import uio
 from lvmirror.tcmu.ring import CommandRing, RingError
 
+try:      # the compiled READ path (tcmu/_fastread.c), built with the package
+    from lvmirror.tcmu import _fastread
+except ImportError:        # a tree nobody built: the Python path answers every READ
+    _fastread = None
+
 log = logging.getLogger("lvmirrord")
 
 __all__ = ["LunServer", "LunBackend", "NotReadyBackend", "SUBTYPE", "INLINE_READ_MAX",
@@ -141,6 +146,17 @@ INLINE_WATCH = 0.05
 INLINE_SLOW = 0.25
 INLINE_BACKOFF = 5.0
 
+# The ring thread's compiled path (``tcmu._fastread.read_batch``) answers the READs the page
+# cache holds before the Python fetch sees them. LVMIRROR_COMPILED_READS=0 in lvmirrord's
+# environment turns it off (the Python path then answers them as before); so does a tree whose
+# module was not built.
+COMPILED_READS = _fastread is not None and os.environ.get("LVMIRROR_COMPILED_READS", "1") != "0"
+# How long (seconds) the ring thread waits before it asks the volume again for a source of
+# compiled READs when there was none (an O_DIRECT volume, a restore, a torn region...).
+COMPILED_READS_RETRY = 0.1
+_CHECK_KINDS = ({"is": _fastread.CHECK_IS, "falsy": _fastread.CHECK_FALSY,
+                 "eq": _fastread.CHECK_EQ} if _fastread is not None else {})
+
 # Commands a LUN answers even when its volume is not open (so initiators can see why).
 _ALWAYS_ANSWERED = {scsi.INQUIRY, scsi.REQUEST_SENSE, scsi.MAINTENANCE_IN}
 
@@ -185,6 +201,9 @@ class LunServer:
         self._peers = peers
         self.inline_reads = inline_reads
         self.inline = 0              # commands the ring thread answered itself
+        self.compiled = 0            # ... of which the compiled READ path answered
+        self._fast = None            # the compiled path's arguments (_arm_compiled), or None
+        self._fast_retry = 0.0       # monotonic time before which it is not armed again
         self.inline_slow = 0         # ... of which took longer than INLINE_SLOW
         self._inline_after = 0.0     # monotonic time before which WRITEs all go to the pool
         # the ring thread's role (``_serve_ring``): its generation, bumped by the watchdog when
@@ -601,6 +620,8 @@ class LunServer:
             self._wake_pending = False
             completed = 0
             if not stopping:
+                if COMPILED_READS and self.inline_reads and not self._aborted:
+                    completed += self._compiled_reads()
                 batch = ring.fetch()
                 for ids in batch.aborts:
                     self._aborted.update(ids)
@@ -640,6 +661,68 @@ class LunServer:
             if stopping and ring.outstanding == 0:
                 break
         self._pool.stop(wait=True)
+
+    def _arm_compiled(self):
+        """The arguments of the compiled READ path for the LU serving now, or None when it
+        cannot serve (no open volume, the volume offers no source: ``fast_read_source``).
+        The conditions it reads at each call's start add the LUN's own: this LU still serving,
+        no NOT READY reason, completions not held (``hold``), no unit attention pending, the
+        LUN's size unchanged."""
+        lu, target = self.lu, self.backend
+        if (lu is None or self.error is not None or target is None
+                or not getattr(self.backend, "supports_nowait", False)):
+            return None
+        source = getattr(target, "fast_read_source", None)
+        src = source() if source is not None else None
+        if src is None:
+            return None
+        storage, _, checks, busy = src
+        backend = lu.backend
+        kinds = _CHECK_KINDS
+        checks = tuple((o, a, kinds[k], v) for o, a, k, v in checks) + (
+            (self, "lu", kinds["is"], lu), (self, "backend", kinds["is"], target),
+            (self, "error", kinds["is"], None), (lu, "backend", kinds["is"], backend),
+            (backend, "num_blocks", kinds["eq"], backend.num_blocks),
+            (lu, "_unit_attentions", kinds["falsy"], None))
+        busy = tuple((o, a, kinds[k], v) for o, a, k, v in busy) + (
+            (self, "_holding", kinds["is"], None),)
+        return (storage, target, storage.fd, backend.num_blocks, backend.block_size,
+                min(INLINE_READ_MAX, lu.max_accept_blocks * backend.block_size),
+                lu.max_accept_blocks, checks, busy)
+
+    def _compiled_reads(self) -> int:
+        """Let the compiled path (``tcmu._fastread.read_batch`` through ``CommandRing.
+        fast_reads``) answer the READs at the head of the ring that the page cache holds, as
+        ``_run_inline`` would (``LogicalUnit.execute(nowait=True)``), without making them
+        Command objects; counts them as the ring thread's own (``inline``, ``compiled``), in
+        the latency histogram (each with the call's time) and in the volume's and image's
+        read statistics. Returns how many it completed (the caller notifies the kernel)."""
+        fast = self._fast
+        if fast is None:
+            now = time.monotonic()
+            if now < self._fast_retry:
+                return 0
+            fast = self._fast = self._arm_compiled()
+            if fast is None:
+                self._fast_retry = now + COMPILED_READS_RETRY
+                return 0
+        storage, target, fd, num_blocks, block_size, max_bytes, max_blocks, checks, busy = fast
+        rwf = storage.nowait_flags()       # (tmpfs: a plain read only while no swap is in use)
+        if rwf is None:
+            self._fast = None
+            return 0
+        t0 = time.monotonic()
+        n, nbytes, why = self._ring.fast_reads(_fastread.read_batch, fd, rwf, num_blocks,
+                                               block_size, max_bytes, max_blocks, checks, busy)
+        if why == _fastread.STOP_STALE:
+            self._fast = None               # armed again at the next turn
+        if n:
+            self.commands += n
+            self.inline += n
+            self.compiled += n
+            self.latency.observe_many("read", (time.monotonic() - t0) / n, n)
+            target.count_fast_reads(storage, n, nbytes)
+        return n
 
     def _inline_candidate(self, command, writes: bool, idle: bool) -> bool:
         """Whether the ring thread tries ``command`` itself: a READ of at most INLINE_READ_MAX

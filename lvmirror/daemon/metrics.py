@@ -189,6 +189,10 @@ def render(status: dict, now: float | None = None) -> str:
                "with no hand-off to a worker",
                [({"lun": lun["name"]}, lun["ring_thread_commands"]) for lun in luns
                 if "ring_thread_commands" in lun])
+    out.metric("lvmirror_lun_compiled_reads_total", "counter",
+               "READs of those the ring thread's compiled path answered from the page cache",
+               [({"lun": lun["name"]}, lun["compiled_reads"]) for lun in luns
+                if "compiled_reads" in lun])
     out.metric("lvmirror_lun_ring_stalls_total", "counter",
                "times a command the ring thread ran itself stalled (slow images) and a new ring "
                "thread took the LUN over",

@@ -387,6 +387,26 @@ class StorageImage:
             raise WouldBlock(f"image {self.path}: {n} of {total} bytes in the page cache")
         self._count_io("reads", "bytes_read", total)
 
+    def nowait_flags(self) -> int | None:
+        """The preadv2 flags of a read served from memory only, as ``readv(nowait=True)`` reads:
+        RWF_NOWAIT, or 0 on a memory file system while no swap is in use (``swap_active``);
+        None when no such read is possible now (closed, O_DIRECT, RWF_NOWAIT refused on a
+        file system that is not memory-backed, or swap in use under tmpfs). The ring thread's
+        compiled READ path (``tcmu._fastread``) reads with these."""
+        if self.fd < 0 or self.direct:
+            return None
+        if self._memory_backed:
+            return None if swap_active() else 0
+        return _RWF_NOWAIT if self._nowait_ok else None
+
+    def count_reads(self, n: int, nbytes: int) -> None:
+        """Count ``n`` reads of ``nbytes`` bytes in all that another path did on this image's
+        descriptor (the ring thread's compiled READ path)."""
+        with self._stats_lock:
+            st = self.stats
+            st["reads"] += n
+            st["bytes_read"] += nbytes
+
     def _on_memory_fs(self) -> bool:
         """The image is a file on a memory-backed file system (``MEMORY_FS``)."""
         if self.is_block_device or self.fd < 0:

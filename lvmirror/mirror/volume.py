@@ -1062,6 +1062,52 @@ class MirrorVolume:
             raise
         self._leave(ep, "reads", length)
 
+    def fast_read_source(self):
+        """What the ring thread's compiled READ path (``tcmu._fastread.read_batch``) may read
+        from now: ``(storage, rwf, checks, busy)`` - the StorageImage of the first in-sync image
+        of the current epoch (always the same one, as a torn range wants it; its page cache is
+        the one that stays warm), the preadv2 flags of a read from memory
+        (``StorageImage.nowait_flags``), and the conditions ``read_batch`` reads again from
+        these objects when it starts, under the GIL it holds to its end, as ``(obj, attribute,
+        kind, value)`` with kind "is" (``getattr(obj, attribute) is value``), "falsy" (false;
+        a builtin type) or "eq" (an equal int): ``checks``, the
+        state this answer was made in (volume open and online, no restore, no torn region,
+        the same epoch, the image in sync on the same open descriptor); ``busy``, no region
+        lock held or awaited (a write in flight, a resync's copy, a lock a D-Bus client holds).
+        A read under them is what ``read(nowait=True)`` returns: in-sync data from memory,
+        with no write to its range in progress. None when no such read is possible now
+        (O_DIRECT, closed, offline, a restore, a torn region, no in-sync image)."""
+        if (self._direct or self._closed or self._offline is not None or self._torn
+                or self.control.restore_job is not None):
+            return None
+        ep = self._epoch
+        for img in ep.reads:
+            if img.state is ImageState.IN_SYNC:
+                break
+        else:
+            return None
+        st = img.storage
+        rwf = st.nowait_flags() if st is not None else None
+        if rwf is None:
+            return None
+        checks = ((self, "_closed", "is", False), (self, "_offline", "is", None),
+                  (self.control, "restore_job", "is", None), (self, "_torn", "falsy", None),
+                  (self, "_epoch", "is", ep), (img, "state", "is", ImageState.IN_SYNC),
+                  (img, "storage", "is", st), (st, "fd", "eq", st.fd),
+                  (st, "direct", "is", st.direct), (st, "_nowait_ok", "is", st._nowait_ok),
+                  (st, "_memory_backed", "is", st._memory_backed))
+        busy = ((self.locks, "_held", "falsy", None), (self.locks, "_waiters", "falsy", None))
+        return st, rwf, checks, busy
+
+    def count_fast_reads(self, storage, n: int, nbytes: int) -> None:
+        """Count ``n`` reads of ``nbytes`` bytes the compiled READ path answered from
+        ``storage`` (``fast_read_source``) in the volume's and the image's statistics."""
+        with self._elock:
+            st = self._stats
+            st["reads"] += n
+            st["bytes_read"] += nbytes
+        storage.count_reads(n, nbytes)
+
     @property
     def supports_nowait_write(self) -> bool:
         """``write(..., nowait=True)`` is possible: the images are opened buffered (with

@@ -296,6 +296,31 @@ class CommandRing:
         bidi = [mv[b:b + ln] for b, ln in iovecs[iov_cnt:] if ln]
         return Command(cmd_id, cdb, iovecs[:iov_cnt], views, bidi, fetched)
 
+    def fast_reads(self, read_batch, fd: int, rwf: int, num_blocks: int, block_size: int,
+                   max_bytes: int, max_blocks: int, checks: tuple, busy: tuple):
+        """Let ``read_batch`` (``lvmirror.tcmu._fastread.read_batch``, the compiled path) answer
+        the READs from the fetch cursor on that the page cache holds, under the ring's lock;
+        then, with nothing outstanding, retire the entries it skipped. Arguments after it are
+        ``read_batch``'s (``fd``, ``rwf`` for preadv2, the LUN's ``num_blocks`` of
+        ``block_size`` bytes, ``max_bytes`` and ``max_blocks`` a command may read, the
+        ``checks``/``busy`` conditions). Returns ``(answered, nbytes, why)``: commands completed
+        GOOD (the caller notifies the kernel), their bytes, and why it stopped (``_fastread``'s
+        STOP_*). ValueError/TypeError from ``read_batch`` for malformed arguments."""
+        with self._lock:
+            fetch, answered, nbytes, pads, why = read_batch(
+                self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
+                self._fetch, fd, rwf, num_blocks, block_size, max_bytes, max_blocks, checks,
+                busy)
+            self._fetch = fetch
+            if answered or pads:
+                st = self.stats
+                st["fetched"] += answered
+                st["completed"] += answered
+                st["pads"] += pads
+                if self._outstanding == 0:
+                    self._retire_idle_locked()
+        return answered, nbytes, why
+
     # -- completing --------------------------------------------------------------------------
 
     def complete(self, cmd_id: int, status: int, sense: bytes = b"",
