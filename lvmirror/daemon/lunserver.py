@@ -1,5 +1,12 @@
 """One LUN: its TCMU ring, the ring thread, its worker pool, the SCSI core before the volume.
 
+Before each fetch the ring thread's compiled path (``tcmu._fastread.read_batch``, see
+docs/architecture.rst) answers the READs at the ring's head whose data the page cache holds,
+with no Command object, SCSI core or volume call in Python: it holds the GIL throughout and reads
+the conditions under which such a read is the one ``LogicalUnit.execute(nowait=True)`` would
+give (``_arm_compiled``) from the objects when it starts. Measured on the host's ring emulator
+(2026-12-03, tmpfs, queue depth 32) it took lvmirrord's CPU per 4 KiB read from 24 to 8 us.
+
 The ring thread fetches every available command. It answers the commands that cannot wait for
 a device itself, with no hand-off: READs from the page cache (RWF_NOWAIT; from tmpfs, which
 refuses it, a plain read while no swap is in use: ``StorageImage.readv``), and buffered WRITEs
@@ -619,9 +626,13 @@ class LunServer:
                         pass
             self._wake_pending = False
             completed = 0
-            if not stopping:
-                if COMPILED_READS and self.inline_reads and not self._aborted:
-                    completed += self._compiled_reads()
+            # the compiled path answered every command up to the ring's head: no Python fetch
+            # (a command queued since then raised a new event, and the next poll sees it)
+            emptied = False
+            if not stopping and COMPILED_READS and self.inline_reads and not self._aborted:
+                done, emptied = self._compiled_reads()
+                completed += done
+            if not stopping and not emptied:
                 batch = ring.fetch()
                 for ids in batch.aborts:
                     self._aborted.update(ids)
@@ -690,27 +701,28 @@ class LunServer:
                 min(INLINE_READ_MAX, lu.max_accept_blocks * backend.block_size),
                 lu.max_accept_blocks, checks, busy)
 
-    def _compiled_reads(self) -> int:
+    def _compiled_reads(self) -> tuple[int, bool]:
         """Let the compiled path (``tcmu._fastread.read_batch`` through ``CommandRing.
         fast_reads``) answer the READs at the head of the ring that the page cache holds, as
         ``_run_inline`` would (``LogicalUnit.execute(nowait=True)``), without making them
         Command objects; counts them as the ring thread's own (``inline``, ``compiled``), in
         the latency histogram (each with the call's time) and in the volume's and image's
-        read statistics. Returns how many it completed (the caller notifies the kernel)."""
+        read statistics. Returns how many it completed (the caller notifies the kernel) and
+        whether it answered every command up to the ring's head (nothing left to fetch)."""
         fast = self._fast
         if fast is None:
             now = time.monotonic()
             if now < self._fast_retry:
-                return 0
+                return 0, False
             fast = self._fast = self._arm_compiled()
             if fast is None:
                 self._fast_retry = now + COMPILED_READS_RETRY
-                return 0
+                return 0, False
         storage, target, fd, num_blocks, block_size, max_bytes, max_blocks, checks, busy = fast
         rwf = storage.nowait_flags()       # (tmpfs: a plain read only while no swap is in use)
         if rwf is None:
             self._fast = None
-            return 0
+            return 0, False
         t0 = time.monotonic()
         n, nbytes, why = self._ring.fast_reads(_fastread.read_batch, fd, rwf, num_blocks,
                                                block_size, max_bytes, max_blocks, checks, busy)
@@ -722,7 +734,7 @@ class LunServer:
             self.compiled += n
             self.latency.observe_many("read", (time.monotonic() - t0) / n, n)
             target.count_fast_reads(storage, n, nbytes)
-        return n
+        return n, why == _fastread.STOP_HEAD
 
     def _inline_candidate(self, command, writes: bool, idle: bool) -> bool:
         """Whether the ring thread tries ``command`` itself: a READ of at most INLINE_READ_MAX
