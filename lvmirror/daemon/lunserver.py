@@ -211,6 +211,7 @@ class LunServer:
         self.compiled = 0            # ... of which the compiled READ path answered
         self._fast = None            # the compiled path's arguments (_arm_compiled), or None
         self._fast_retry = 0.0       # monotonic time before which it is not armed again
+        self._compiled_off = False   # it raised (a bug): the Python path answers every READ
         self.inline_slow = 0         # ... of which took longer than INLINE_SLOW
         self._inline_after = 0.0     # monotonic time before which WRITEs all go to the pool
         # the ring thread's role (``_serve_ring``): its generation, bumped by the watchdog when
@@ -629,9 +630,16 @@ class LunServer:
             # the compiled path answered every command up to the ring's head: no Python fetch
             # (a command queued since then raised a new event, and the next poll sees it)
             emptied = False
-            if not stopping and COMPILED_READS and self.inline_reads and not self._aborted:
-                done, emptied = self._compiled_reads()
-                completed += done
+            if (not stopping and COMPILED_READS and self.inline_reads and not self._aborted
+                    and not self._compiled_off):
+                try:
+                    done, emptied = self._compiled_reads()
+                except Exception:           # a bug: the Python path answers every READ now
+                    self._compiled_off = True
+                    log.exception("LUN %s: the compiled READ path failed; the Python path "
+                                  "answers READs from now on", self.name)
+                else:
+                    completed += done
             if not stopping and not emptied:
                 batch = ring.fetch()
                 for ids in batch.aborts:

@@ -82,6 +82,8 @@ conditions_hold(PyObject *checks)
         }
         PyObject *obj = PyTuple_GET_ITEM(item, 0), *name = PyTuple_GET_ITEM(item, 1);
         long mode = PyLong_AsLong(PyTuple_GET_ITEM(item, 2));
+        if (mode == -1 && PyErr_Occurred())
+            return -1;
         PyObject *want = PyTuple_GET_ITEM(item, 3);
         PyObject *v = PyObject_GetAttr(obj, name);
         if (v == NULL) {
@@ -209,7 +211,7 @@ read_batch(PyObject *Py_UNUSED(self), PyObject *args)
         uint32_t len_op = e->hdr.len_op;
         uint32_t length = tcmu_hdr_get_len(len_op);
         if (length < sizeof(struct tcmu_cmd_entry_hdr) || (uint64_t)fetch + length > cmdr_size
-                || length > (head - fetch + cmdr_size) % cmdr_size) {
+                || length > ((uint64_t)head + cmdr_size - fetch) % cmdr_size) {
             why = STOP_OTHER;           /* corrupt: ring.py's fetch logs and stops there */
             break;
         }

@@ -384,3 +384,28 @@ def test_every_condition_names_a_plain_attribute(lab, tmp_path):
         static = inspect.getattr_static(type(obj), name, None)
         assert static is None or type(static).__name__ == "member_descriptor", (type(obj), name)
         assert name in getattr(obj, "__dict__", {}) or static is not None, (type(obj), name)
+
+
+def test_a_failure_of_the_compiled_path_leaves_every_read_to_the_python_path(lab, tmp_path,
+                                                                          monkeypatch, caplog):
+    """Should the compiled path ever raise (a bug), the ring thread logs it once and the Python
+    path answers every READ from then on: the LUN keeps serving."""
+    emu, lun, paths, data = _lun_with_data(lab, tmp_path, 30)
+
+    def broken(*args):
+        raise ValueError("ring geometry or fetch cursor out of range")
+
+    monkeypatch.setattr(fastread, "read_batch", broken)
+    for k in range(3):
+        assert _compiled(lun, emu, 8 * k, 8) == (data[8 * k * BS:8 * (k + 1) * BS], False)
+    assert lun._compiled_off
+    assert sum("compiled READ path failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_check_with_a_mode_that_is_not_an_int_raises_type_error(ring):
+    emu, r, fd, _ = ring
+    o = Obj()
+    o.x = None
+    with pytest.raises(TypeError):
+        batch(r, fd, checks=((o, "x", "is", None),))
+    assert r.tail == 0
