@@ -241,6 +241,7 @@ class LunServer:
         self.gone = False            # the kernel removed the uio device under the ring
         self._completions: collections.deque = collections.deque()   # (command, response)
         self._aborted: set[int] = set()
+        self._running: set[int] = set()   # ids of fetched commands not yet answered (ring thread)
         self._held: list = []      # completed commands whose views a slow leg still uses
         self._hold_mu = threading.Lock()     # completions held for a group split: hold()
         self._holding: list | None = None
@@ -642,9 +643,16 @@ class LunServer:
                     completed += done
             if not stopping and not emptied:
                 batch = ring.fetch()
-                for ids in batch.aborts:
-                    self._aborted.update(ids)
                 commands = batch.commands
+                running = self._running
+                for command in commands:
+                    running.add(command.cmd_id)
+                # an abort counts only for a command still running here: one the kernel names
+                # after it was answered (by the compiled path just before this fetch, or
+                # completed and not yet told) would stay in _aborted and get the next command
+                # that reuses its id - the kernel hands out the lowest free one - TASK ABORTED
+                for ids in batch.aborts:
+                    self._aborted.update(i for i in ids if i in running)
                 self.commands += len(commands)
                 if self._nowait_ok():
                     calm = self._inline_after <= time.monotonic() and not self._stuck
@@ -912,6 +920,7 @@ class LunServer:
         """Complete ``command`` on the ring with ``response`` (ring thread only; the caller
         notifies the kernel), or keep it while completions are held (``hold``)."""
         read_len = response.read_len if 0 < response.read_len < command.data_len else None
+        self._running.discard(command.cmd_id)
         self.latency.observe(command.cdb, time.monotonic() - command.fetched)
         if not command.release():
             # a leg failed as slow still writes from these views: the command completes (the

@@ -409,3 +409,32 @@ def test_a_check_with_a_mode_that_is_not_an_int_raises_type_error(ring):
     with pytest.raises(TypeError):
         batch(r, fd, checks=((o, "x", "is", None),))
     assert r.tail == 0
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_an_abort_of_a_command_already_answered_never_aborts_the_next_one_with_its_id(
+        lab, tmp_path, monkeypatch, compiled):
+    """The kernel queues ABORT TASK for a READ the ring thread has answered already (the
+    compiled path answers it before the Python fetch sees the TMR): nothing is left to abort,
+    and the next command the kernel gives the same id (it hands out the lowest free one) runs
+    and is answered as usual, not TASK ABORTED (found by a trial). The Python path alone: the
+    READ is aborted or answered, and again the reused id runs."""
+    from lvmirror.tcmu import abi
+    monkeypatch.setattr(lunserver, "COMPILED_READS", compiled)
+    emu, lun, paths, data = _lun_with_data(lab, tmp_path, 41)
+    if compiled:
+        _require_compiled(lun, emu, data, tmp_path)
+    with emu._lock:            # a READ and the kernel's ABORT TASK for it, queued together
+        a = emu.submit(cdb10(0x28, 0, 8), data_in_len=8 * BS)
+        emu.submit_tmr(abi.TmrType.ABORT_TASK, [a])
+    c = emu.wait([a])[a]
+    assert c.status in (0, 0x40)             # GOOD, or TASK ABORTED if it had not run
+    time.sleep(0.2)
+    assert lun._aborted == set()
+    with emu._lock:
+        emu.completions.pop(a)
+    new = bytes([0x5A]) * 8 * BS
+    w = emu.submit(cdb10(0x2A, 32, 8), data_out=new, cmd_id=a)
+    assert emu.wait([w])[w].status == 0
+    got, _ = _compiled(lun, emu, 32, 8)
+    assert got == new
