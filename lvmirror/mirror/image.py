@@ -230,6 +230,15 @@ class StorageImage:
                 size = st.st_size
                 lbs = _backing_logical_block_size(st) if direct else 512
                 is_blk = False
+                # reads do not update the file's atime: with relatime every read after a write
+                # would (an image's mtime moves with every write), a journal transaction that
+                # a page-cache read (RWF_NOWAIT, the ring thread's compiled path holding the
+                # GIL) should never wait for. Only the owner or CAP_FOWNER may set it: else the
+                # reads update atime as before.
+                try:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NOATIME)
+                except OSError:
+                    pass
             else:
                 raise ConfigError(f"image {path}: not a regular file or block device")
         except ConfigError:

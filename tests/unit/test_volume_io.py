@@ -412,3 +412,21 @@ def test_a_tmpfs_image_answers_nowait_reads_without_rwf_nowait(monkeypatch):
         other.close()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_an_image_file_is_read_without_updating_its_atime(tmp_path):
+    """Image files are opened O_NOATIME (the owner may: the test's user owns the file), so a
+    read - a page-cache read on the ring thread's compiled path among them - never starts an
+    atime update (relatime would, after every write)."""
+    import fcntl
+    from lvmirror.mirror.image import StorageImage
+    path = tmp_path / "img"
+    path.write_bytes(bytes(1 << 20))
+    img = StorageImage.open(str(path))
+    try:
+        assert fcntl.fcntl(img.fd, fcntl.F_GETFL) & os.O_NOATIME
+        os.utime(path, (1_000_000, 2_000_000))           # atime long before mtime: relatime
+        img.readv(0, [memoryview(bytearray(4096))])
+        assert os.stat(path).st_atime == 1_000_000
+    finally:
+        img.close()
