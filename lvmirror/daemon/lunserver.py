@@ -4,8 +4,9 @@ Before each fetch the ring thread's compiled path (``tcmu._fastread.read_batch``
 docs/architecture.rst) answers the READs at the ring's head whose data the page cache holds,
 with no Command object, SCSI core or volume call in Python: it holds the GIL throughout and reads
 the conditions under which such a read is the one ``LogicalUnit.execute(nowait=True)`` would
-give (``_arm_compiled``) from the objects when it starts. Measured on the host's ring emulator
-(2026-12-03, tmpfs, queue depth 32) it took lvmirrord's CPU per 4 KiB read from 24 to 8 us.
+give (``_arm_compiled``) from the objects when it starts. On the host's ring emulator
+(2026-12-03, queue depth 32) it took lvmirrord's CPU per 4 KiB read from 11.3-12.8 to 3.3-3.7 us
+(tmpfs) and from 10.0-10.7 to 2.8-3.0 us (ext4); README's Performance section has the lab's.
 
 The ring thread fetches every available command. It answers the commands that cannot wait for
 a device itself, with no hand-off: READs from the page cache (RWF_NOWAIT; from tmpfs, which

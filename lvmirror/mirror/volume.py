@@ -1070,10 +1070,10 @@ class MirrorVolume:
         (``StorageImage.nowait_flags``), and the conditions ``read_batch`` reads again from
         these objects when it starts, under the GIL it holds to its end, as ``(obj, attribute,
         kind, value)`` with kind "is" (``getattr(obj, attribute) is value``), "falsy" (false;
-        a builtin type) or "eq" (an equal int): ``checks``, the
-        state this answer was made in (volume open and online, no restore, no torn region,
-        the same epoch, the image in sync on the same open descriptor); ``busy``, no region
-        lock held or awaited (a write in flight, a resync's copy, a lock a D-Bus client holds).
+        a builtin type) or "eq" (an equal int). ``checks``: the state this answer was made in
+        (volume open and online, no restore, no torn region, the same epoch, the image in sync
+        on the same open descriptor). ``busy``: no region lock held or awaited (a write in
+        flight, a resync's copy, a lock a D-Bus client holds).
         A read under them is what ``read(nowait=True)`` returns: in-sync data from memory,
         with no write to its range in progress. None when no such read is possible now
         (O_DIRECT, closed, offline, a restore, a torn region, no in-sync image)."""
