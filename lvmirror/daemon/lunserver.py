@@ -646,14 +646,16 @@ class LunServer:
                 batch = ring.fetch()
                 commands = batch.commands
                 running = self._running
+                # an abort counts only for a command still running here or queued before its
+                # TMR entry: one the kernel names after it was answered (by the compiled path
+                # just before this fetch, or completed and not yet told) would stay in _aborted,
+                # or catch a command queued after the TMR, and the next command with its id -
+                # the kernel hands out the lowest free one - would get TASK ABORTED
+                for at, ids in zip(batch.abort_at, batch.aborts):
+                    earlier = {c.cmd_id for c in commands[:at]}
+                    self._aborted.update(i for i in ids if i in running or i in earlier)
                 for command in commands:
                     running.add(command.cmd_id)
-                # an abort counts only for a command still running here: one the kernel names
-                # after it was answered (by the compiled path just before this fetch, or
-                # completed and not yet told) would stay in _aborted and get the next command
-                # that reuses its id - the kernel hands out the lowest free one - TASK ABORTED
-                for ids in batch.aborts:
-                    self._aborted.update(i for i in ids if i in running)
                 self.commands += len(commands)
                 if self._nowait_ok():
                     calm = self._inline_after <= time.monotonic() and not self._stuck

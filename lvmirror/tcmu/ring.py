@@ -97,13 +97,17 @@ class Command:
 
 
 class Batch:
-    """What one ``fetch`` found: new commands, and the id lists TMR entries abort."""
+    """What one ``fetch`` found: new commands, and the id lists TMR entries abort, with, for
+    each list, how many of ``commands`` came before its TMR entry in the ring (``abort_at``: a
+    TMR names only commands queued before it; a command after it may carry an id the kernel
+    freed and gave again)."""
 
-    __slots__ = ("commands", "aborts", "tmrs")
+    __slots__ = ("commands", "aborts", "abort_at", "tmrs")
 
     def __init__(self):
         self.commands: list[Command] = []
         self.aborts: list[list[int]] = []
+        self.abort_at: list[int] = []
         self.tmrs: list[tuple[int, list[int]]] = []
 
     def __bool__(self):
@@ -212,6 +216,7 @@ class CommandRing:
                         batch.tmrs.append(tmr)
                         if tmr[1]:
                             batch.aborts.append(tmr[1])
+                            batch.abort_at.append(len(commands))
                 else:
                     self.stats["unknown_ops"] += 1
                     uf = hdr.uflags.get(mv, ent)

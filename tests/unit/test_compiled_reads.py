@@ -438,3 +438,32 @@ def test_an_abort_of_a_command_already_answered_never_aborts_the_next_one_with_i
     assert emu.wait([w])[w].status == 0
     got, _ = _compiled(lun, emu, 32, 8)
     assert got == new
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("op", [0x28, 0x2A])
+def test_an_abort_never_catches_a_command_queued_after_it_with_a_reused_id(
+        lab, tmp_path, monkeypatch, compiled, op):
+    """The kernel wrote ABORT TASK for command ``a`` before it saw ``a``'s completion, then
+    freed the id and gave it to the next command: the ring holds [TMR(a), CMD(a)] and one
+    fetch finds both. The TMR names only commands queued before it, so the new command runs
+    (found by a trial; before, it got TASK ABORTED)."""
+    from lvmirror.tcmu import abi
+    monkeypatch.setattr(lunserver, "COMPILED_READS", compiled)
+    emu, lun, paths, data = _lun_with_data(lab, tmp_path, 42)
+    a = emu.submit(cdb10(0x28, 0, 8), data_in_len=8 * BS)
+    assert emu.wait([a])[a].status == 0
+    new = bytes([0x5A]) * 8 * BS
+    with emu._lock:
+        emu.submit_tmr(abi.TmrType.ABORT_TASK, [a])
+        emu.completions.pop(a)
+        if op == 0x2A:
+            w = emu.submit(cdb10(0x2A, 32, 8), data_out=new, cmd_id=a)
+        else:
+            w = emu.submit(cdb10(0x28, 32, 8), data_in_len=8 * BS, cmd_id=a)
+    c = emu.wait([w])[w]
+    assert c.status == 0
+    assert c.data_in == (data[32 * BS:40 * BS] if op == 0x28 else b"")
+    assert lun._aborted == set()
+    if op == 0x2A:
+        assert _compiled(lun, emu, 32, 8)[0] == new
