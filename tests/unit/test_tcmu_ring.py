@@ -98,6 +98,7 @@ def test_tmr_entries_report_aborts_and_are_skipped():
     batch = ring.fetch()
     assert [c.cmd_id for c in batch.commands] == [a, b]
     assert batch.aborts == [[a]]
+    assert batch.abort_at == [1]       # the TMR came after one command: it can name only that one
     ring.complete(b, 0)
     ring.complete(a, 0x40)     # TASK ABORTED
     h.notify()
