@@ -147,7 +147,9 @@ def systemd_lab():
     _require_lab()
     if "systemd" not in _sections():
         pytest.skip("section systemd not run (LVMIRROR_LAB_SECTIONS)")
-    if not glob.glob(os.path.join(ROOT, "build", "deb", "lvmirror_*_all.deb")):
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    if not glob.glob(os.path.join(ROOT, "build", "deb", f"lvmirror_*_{arch}.deb")):
         if os.environ.get("LVMIRROR_EXPECT_PACKAGE") == "1":
             pytest.fail("tools/build-deb ran but build/deb holds no package")
         pytest.skip("the systemd section installs the Debian package: run tools/build-deb first")
