@@ -44,7 +44,8 @@ def ring(tmp_path):
     path = tmp_path / "img"
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
-    emu = RingEmulator(cmdr_size=(16 << 10) - 168, data_size=1 << 20)   # not a whole number of entries: PADs
+    # a ring that is not a whole number of entries long: the emulator pads at its end
+    emu = RingEmulator(cmdr_size=(16 << 10) - 168, data_size=1 << 20)
     r = CommandRing(emu.map, map_size=emu.map_size)
     yield emu, r, fd, data
     r.close()
