@@ -291,12 +291,12 @@ class StorageImage:
             for k, v in inc.items():
                 self.stats[k] += v
 
-    def _count_io(self, ops: str, nbytes: str, total: int) -> None:
-        """One I/O of ``total`` bytes: ``stats[ops] += 1``, ``stats[nbytes] += total`` (the
-        data path's ``_count``, without its keyword dict)."""
+    def _count_io(self, ops: str, nbytes: str, total: int, n: int = 1) -> None:
+        """``n`` I/Os of ``total`` bytes in all: ``stats[ops] += n``, ``stats[nbytes] +=
+        total`` (the data path's ``_count``, without its keyword dict)."""
         with self._stats_lock:
             st = self.stats
-            st[ops] += 1
+            st[ops] += n
             st[nbytes] += total
 
     def _ioerror(self, op: str, offset: int, length: int, e: OSError) -> ImageIOError:
@@ -411,10 +411,7 @@ class StorageImage:
     def count_reads(self, n: int, nbytes: int) -> None:
         """Count ``n`` reads of ``nbytes`` bytes in all that another path did on this image's
         descriptor (the ring thread's compiled READ path)."""
-        with self._stats_lock:
-            st = self.stats
-            st["reads"] += n
-            st["bytes_read"] += nbytes
+        self._count_io("reads", "bytes_read", nbytes, n)
 
     def _on_memory_fs(self) -> bool:
         """The image is a file on a memory-backed file system (``MEMORY_FS``)."""
