@@ -699,9 +699,9 @@ class LunServer:
         no NOT READY reason, completions not held (``hold``), no unit attention pending, the
         LUN's size unchanged."""
         lu, target = self.lu, self.backend
-        if (lu is None or self.error is not None or target is None
-                or not getattr(self.backend, "supports_nowait", False)):
+        if lu is None or self.error is not None or target is None:
             return None
+        # (None for an O_DIRECT volume: it does not support nowait reads)
         source = getattr(target, "fast_read_source", None)
         src = source() if source is not None else None
         if src is None:
