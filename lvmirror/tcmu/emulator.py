@@ -77,6 +77,18 @@ class _Pending:
     data_in_len: int
 
 
+def _wake(fd: int):
+    """Send the emulator one 4-byte wake-up on ``fd`` (the handler's socket end). A full socket
+    (BlockingIOError) is not an error: its queued wake-ups have not been read yet, and the reaper
+    reaps everything up to ``cmd_tail`` when it reads them. Found when the compiled READ path
+    completed commands faster than the reaper thread could drain its wake-ups: the ring
+    thread died on EAGAIN, which the kernel's uio write never returns."""
+    try:
+        os.write(fd, struct.pack("<I", 1))
+    except BlockingIOError:
+        pass
+
+
 class _Handle:
     """What the daemon's ring loop sees of a uio device (the emulated one)."""
 
@@ -99,8 +111,10 @@ class _Handle:
 
     def notify(self):
         """Tell the emulator completions are on the ring (the uio write); counted in
-        ``notifies``."""
-        os.write(self.fd, struct.pack("<I", 1))
+        ``notifies``. Never blocks and never fails for a full socket: the kernel's uio write
+        (tcmu_irqcontrol) never does either, and wake-ups already queued make the reaper look
+        at ``cmd_tail`` anyway, so one more adds nothing (``_wake``)."""
+        _wake(self.fd)
         self._emu.notifies += 1
 
     def close(self):
@@ -152,7 +166,7 @@ class AttachedHandle:
         """Tell the emulator completions are on the ring (the uio write); OSError ENODEV once
         it is gone."""
         try:
-            os.write(self.fd, struct.pack("<I", 1))
+            _wake(self.fd)
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise OSError(errno.ENODEV, "the emulated device is gone") from exc
 

@@ -1,5 +1,6 @@
 """CommandRing against the RingEmulator (the kernel's side, byte for byte)."""
 
+import os
 import random
 import struct
 
@@ -320,3 +321,28 @@ def test_an_entry_ending_at_the_ring_end_completes_to_tail_zero():
     assert second in emu.reap()
     ring.close()
     emu.close()
+
+
+def test_notify_never_fails_on_a_full_wakeup_socket():
+    """The kernel's uio write never returns EAGAIN, so the emulator's must not either: with no
+    reaper reading, thousands of wake-ups fill the socket; notify stays quiet (the queued ones
+    already wake the reaper), and one reap still finds every completion. Before, the ring thread
+    died on BlockingIOError once the compiled READ path outran the emulator's reaper."""
+    from lvmirror.tcmu.emulator import AttachedHandle
+    emu, ring, handle = make()
+    try:
+        fds, meta = handle.transfer()
+        attached = AttachedHandle([os.dup(fd) for fd in fds], meta)
+        cid = emu.submit(TUR)
+        batch = ring.fetch()
+        assert [c.cmd_id for c in batch.commands] == [cid]
+        ring.complete(cid, 0)
+        for _ in range(20000):
+            handle.notify()
+            attached.notify()
+        assert emu.notifies == 20000
+        found = emu.reap()
+        assert list(found) == [cid] and found[cid].status == 0
+        attached.close()
+    finally:
+        emu.close()
