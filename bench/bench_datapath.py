@@ -96,9 +96,10 @@ def bare_loop(imgs, key, seconds):
                     for fd in fds:
                         os.pwritev(fd, [buf4], off)
                 elif key == "read":
-                    os.preadv(fds[n & 1], [buf4], rnd.randrange((64 << 20) // 4096) * 4096)
+                    os.preadv(fds[n % len(fds)], [buf4],
+                              rnd.randrange((64 << 20) // 4096) * 4096)
                 else:
-                    os.preadv(fds[n & 1], [buf1m], (n % 64) << 20)
+                    os.preadv(fds[n % len(fds)], [buf1m], (n % 64) << 20)
                 n += 1
     finally:
         for fd in fds:
@@ -363,6 +364,10 @@ def main():
     ap.add_argument("--no-inline-reads", action="store_true",
                     help="every command through the worker pool (the ring thread answers "
                          "cached READs itself by default)")
+    ap.add_argument("--images", type=int, choices=(1, 2), default=2,
+                    help="images of the volume (default 2, a mirror: its 4 KiB writes go to "
+                         "both and to the write-intent log; with 1 the ring thread's compiled "
+                         "path makes the cached writes itself)")
     ap.add_argument("--jobs", default="write,read,read1m",
                     help="comma-separated: write (4 KiB random mirrored writes), read (4 KiB "
                          "random reads), read1m (1 MiB sequential reads)")
@@ -396,7 +401,7 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
         return
     try:
-        imgs = [os.path.join(work, f"img{k}") for k in range(2)]
+        imgs = [os.path.join(work, f"img{k}") for k in range(args.images)]
         cfg = f"bench;images={'+'.join(imgs)}"
         dev = fake_device(os.path.join(work, "tree"), cfg, SIZE)
         # the ring lives in memory, as the kernel's does (a file on ext4 would pay page faults
@@ -410,10 +415,13 @@ def main():
         for job in lun.volume.jobs.values():
             job.wait(60)
         compiled = "on" if lunserver.COMPILED_READS else "off"
-        print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, 2-image volume on "
+        wcompiled = "on" if lunserver.COMPILED_WRITES else "off"
+        print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.images}-image "
+              f"volume on "
               f"{args.dir}, {args.workers} workers per LUN, "
               f"cached reads {'through the pool' if args.no_inline_reads else 'on the ring thread'}"
-              f"{'' if args.no_inline_reads else ', compiled READ path ' + compiled}")
+              f"{'' if args.no_inline_reads else ', compiled READ path ' + compiled}"
+              f"{'' if args.no_inline_reads else ', compiled WRITE path ' + wcompiled}")
         rnd = random.Random(1)
         nblk = SIZE // BS
         payload = os.urandom(4096)
@@ -424,7 +432,7 @@ def main():
         emu.completions.clear()
         seq = iter(range(0, 10 ** 9))
         jobs = {
-            "write": ("4 KiB random mirrored writes", lambda: (
+            "write": (f"4 KiB random {'mirrored ' if args.images > 1 else ''}writes", lambda: (
                 cdb(0x2A, rnd.randrange(nblk // 8) * 8, 8), {"data_out": payload}), args.qd),
             "read": ("4 KiB random reads", lambda: (
                 cdb(0x28, rnd.randrange((64 << 20) // 4096) * 8, 8), {"data_in_len": 4096}),
@@ -440,8 +448,8 @@ def main():
             print(f"{'  bare loop of the same syscalls':<42} {'':>10}        {floor:8.1f} CPU "
                   f"us/cmd (lvmirrord's threads: {us / floor:.1f}x)")
         print(f"ring: {lun._ring.stats}; answered by the ring thread: {lun.inline}, of which "
-              f"READs by its compiled path: {lun.compiled} (handed to a new ring thread when "
-              f"one stalled: {lun.handovers})")
+              f"READs by its compiled path: {lun.compiled}, WRITEs: {lun.compiled_writes} "
+              f"(handed to a new ring thread when one stalled: {lun.handovers})")
         lun.stop()
         emu.close()
     finally:
