@@ -159,11 +159,6 @@ INLINE_BACKOFF = 5.0
 # environment turns it off (the Python path then answers them as before); so does a tree whose
 # module was not built.
 COMPILED_READS = _fastread is not None and os.environ.get("LVMIRROR_COMPILED_READS", "1") != "0"
-# The same call answers, in ring order, the WRITEs it can make without waiting, when the volume
-# writes one image and tracks no change (``MirrorVolume.fast_write_source``): a one-image volume,
-# whose write needs nothing from the write-intent log. LVMIRROR_COMPILED_WRITES=0 turns that off.
-COMPILED_WRITES = (_fastread is not None
-                   and os.environ.get("LVMIRROR_COMPILED_WRITES", "1") != "0")
 # How long (seconds) the ring thread waits before it asks the volume again for a source of
 # compiled READs when there was none (an O_DIRECT volume, a restore, a torn region...).
 COMPILED_READS_RETRY = 0.1
@@ -215,7 +210,6 @@ class LunServer:
         self.inline_reads = inline_reads
         self.inline = 0              # commands the ring thread answered itself
         self.compiled = 0            # ... of which the compiled READ path answered
-        self.compiled_writes = 0     # ... and the compiled WRITE path (``COMPILED_WRITES``)
         self._fast = None            # the compiled path's arguments (_arm_compiled), or None
         self._fast_retry = 0.0       # monotonic time before which it is not armed again
         self._compiled_off = False   # it raised (a bug): the Python path answers every READ
@@ -638,14 +632,14 @@ class LunServer:
             # the compiled path answered every command up to the ring's head: no Python fetch
             # (a command queued since then raised a new event, and the next poll sees it)
             emptied = False
-            if (not stopping and (COMPILED_READS or COMPILED_WRITES) and self.inline_reads
-                    and not self._aborted and not self._compiled_off):
+            if (not stopping and COMPILED_READS and self.inline_reads and not self._aborted
+                    and not self._compiled_off):
                 try:
                     done, emptied = self._compiled_reads()
-                except Exception:           # a bug: the Python path answers every command now
+                except Exception:           # a bug: the Python path answers every READ now
                     self._compiled_off = True
-                    log.exception("LUN %s: the compiled READ/WRITE path failed; the Python path "
-                                  "answers every command from now on", self.name)
+                    log.exception("LUN %s: the compiled READ path failed; the Python path "
+                                  "answers READs from now on", self.name)
                 else:
                     completed += done
             if not stopping and not emptied:
@@ -699,16 +693,11 @@ class LunServer:
         self._pool.stop(wait=True)
 
     def _arm_compiled(self):
-        """The arguments of the compiled path for the LU serving now, or None when it cannot
-        serve (no open volume, the volume offers no source: ``fast_read_source``). The
-        conditions it reads at each call's start add the LUN's own: this LU still serving,
+        """The arguments of the compiled READ path for the LU serving now, or None when it
+        cannot serve (no open volume, the volume offers no source: ``fast_read_source``).
+        The conditions it reads at each call's start add the LUN's own: this LU still serving,
         no NOT READY reason, completions not held (``hold``), no unit attention pending, the
-        LUN's size unchanged, and its write cache and write protection as they were (a WRITE
-        it answers is one without FUA on a write-back LU that is not read-only: SBC-4 5.40,
-        SPC-5 Caching mode page WCE). WRITEs are armed when the volume offers
-        ``fast_write_source`` (one image to write, no change to track) and the LU is
-        write-back and writable. Returns ``(read storage or None, write storage or None,
-        backend, num_blocks, block_size, max_bytes, max_blocks, checks, busy)``."""
+        LUN's size unchanged."""
         lu, target = self.lu, self.backend
         if lu is None or self.error is not None or target is None:
             return None
@@ -718,39 +707,27 @@ class LunServer:
         if src is None:
             return None
         storage, _, checks, busy = src
-        wsrc = None
-        if COMPILED_WRITES and lu.write_cache and not lu.read_only:
-            wsource = getattr(target, "fast_write_source", None)
-            wsrc = wsource() if wsource is not None else None
-        if wsrc is not None:
-            checks = wsrc[1]          # the read source's conditions and the write's own
         backend = lu.backend
         kinds = _CHECK_KINDS
         checks = tuple((o, a, kinds[k], v) for o, a, k, v in checks) + (
             (self, "lu", kinds["is"], lu), (self, "backend", kinds["is"], target),
             (self, "error", kinds["is"], None), (lu, "backend", kinds["is"], backend),
             (backend, "num_blocks", kinds["eq"], backend.num_blocks),
-            (lu, "_unit_attentions", kinds["falsy"], None),
-            (lu, "write_cache", kinds["is"], lu.write_cache),
-            (lu, "read_only", kinds["is"], lu.read_only))
+            (lu, "_unit_attentions", kinds["falsy"], None))
         busy = tuple((o, a, kinds[k], v) for o, a, k, v in busy) + (
             (self, "_holding", kinds["is"], None),)
-        return (storage if COMPILED_READS else None, wsrc[0] if wsrc is not None else None,
-                target, backend.num_blocks, backend.block_size,
-                min(INLINE_READ_MAX, INLINE_WRITE_MAX, lu.max_accept_blocks * backend.block_size),
+        return (storage, target, storage.fd, backend.num_blocks, backend.block_size,
+                min(INLINE_READ_MAX, lu.max_accept_blocks * backend.block_size),
                 lu.max_accept_blocks, checks, busy)
 
     def _compiled_reads(self) -> tuple[int, bool]:
-        """Let the compiled path (``tcmu._fastread.serve_batch`` through ``CommandRing.
-        fast_serve``) answer the commands at the head of the ring that it can answer without
-        waiting, as ``_run_inline`` would (``LogicalUnit.execute(nowait=True)``), without
-        making them Command objects: READs the page cache holds and, when armed, WRITEs
-        without FUA that a one-image volume takes without waiting (``_arm_compiled``;
-        not while INLINE_SLOW sent WRITEs to the pool). Counts them as the ring thread's own
-        (``inline``, ``compiled``, ``compiled_writes``), in the latency histogram (each with
-        the call's time shared out) and in the volume's and image's statistics. Returns how
-        many it completed (the caller notifies the kernel) and whether it answered every
-        command up to the ring's head (nothing left to fetch)."""
+        """Let the compiled path (``tcmu._fastread.read_batch`` through ``CommandRing.
+        fast_reads``) answer the READs at the head of the ring that the page cache holds, as
+        ``_run_inline`` would (``LogicalUnit.execute(nowait=True)``), without making them
+        Command objects; counts them as the ring thread's own (``inline``, ``compiled``), in
+        the latency histogram (each with the call's time) and in the volume's and image's
+        read statistics. Returns how many it completed (the caller notifies the kernel) and
+        whether it answered every command up to the ring's head (nothing left to fetch)."""
         fast = self._fast
         if fast is None:
             now = time.monotonic()
@@ -760,43 +737,23 @@ class LunServer:
             if fast is None:
                 self._fast_retry = now + COMPILED_READS_RETRY
                 return 0, False
-        (rstorage, wstorage, target, num_blocks, block_size, max_bytes, max_blocks, checks,
-         busy) = fast
-        rfd = wfd = -1
-        rwf = wrwf = None
-        if rstorage is not None:
-            rwf = rstorage.nowait_flags()   # (tmpfs: a plain read only while no swap is in use)
-            if rwf is None:
-                self._fast = None
-                return 0, False
-            rfd = rstorage.fd
-        t0 = time.monotonic()
-        if wstorage is not None and self._inline_after <= t0:
-            wrwf = wstorage.nowait_write_flags()
-            if wrwf is not None:
-                wfd = wstorage.fd
-        if rfd < 0 and wfd < 0:
+        storage, target, fd, num_blocks, block_size, max_bytes, max_blocks, checks, busy = fast
+        rwf = storage.nowait_flags()       # (tmpfs: a plain read only while no swap is in use)
+        if rwf is None:
+            self._fast = None
             return 0, False
-        n, nbytes, w, wbytes, why, err = self._ring.fast_serve(
-            _fastread.serve_batch, rfd, rwf or 0, wfd, wrwf or 0, num_blocks, block_size,
-            max_bytes, max_blocks, checks, busy)
+        t0 = time.monotonic()
+        n, nbytes, why = self._ring.fast_reads(_fastread.read_batch, fd, rwf, num_blocks,
+                                               block_size, max_bytes, max_blocks, checks, busy)
         if why == _fastread.STOP_STALE:
             self._fast = None               # armed again at the next turn
-        elif why == _fastread.STOP_MISS_WRITE and wstorage.refuse_nowait_write(err):
-            self._fast = None               # the file system refuses RWF_NOWAIT writes
-        if n or w:
-            each = (time.monotonic() - t0) / (n + w)
-            self.commands += n + w
-            self.inline += n + w
-            if n:
-                self.compiled += n
-                self.latency.observe_many("read", each, n)
-                target.count_fast_reads(rstorage, n, nbytes)
-            if w:
-                self.compiled_writes += w
-                self.latency.observe_many("write", each, w)
-                target.count_fast_writes(wstorage, w, wbytes)
-        return n + w, why == _fastread.STOP_HEAD
+        if n:
+            self.commands += n
+            self.inline += n
+            self.compiled += n
+            self.latency.observe_many("read", (time.monotonic() - t0) / n, n)
+            target.count_fast_reads(storage, n, nbytes)
+        return n, why == _fastread.STOP_HEAD
 
     def _inline_candidate(self, command, writes: bool, idle: bool) -> bool:
         """Whether the ring thread tries ``command`` itself: a READ of at most INLINE_READ_MAX

@@ -162,8 +162,6 @@ class StorageImage:
         self.direct = direct
         self._nowait_ok = True      # preadv RWF_NOWAIT works here (cleared on EOPNOTSUPP)
         self._memory_backed = False  # on tmpfs/ramfs (MEMORY_FS): set when RWF_NOWAIT is refused
-        # pwritev2 RWF_NOWAIT takes buffered writes here (cleared when refused: refuse_nowait_write)
-        self._nowait_write_ok = True
         self.is_block_device = is_block_device
         self.stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
                           discards=0, errors=0, bounced=0, cache_drops=0,
@@ -409,39 +407,6 @@ class StorageImage:
         if self._memory_backed:
             return None if swap_active() else 0
         return _RWF_NOWAIT if self._nowait_ok else None
-
-    def nowait_write_flags(self) -> int | None:
-        """The pwritev2 flags of a buffered write that cannot wait, for the ring thread's
-        compiled WRITE path (``tcmu._fastread.serve_batch``, which writes holding the GIL):
-        RWF_NOWAIT while the file system takes it for buffered writes (Linux 6.0+ on XFS:
-        the write returns EAGAIN where it would wait for dirty-page throttling, a lock, a block
-        or a timestamp update; most others refuse the flag, ``refuse_nowait_write``), or 0 on a
-        memory file system (tmpfs: no writeback to throttle on, no journal) while no swap is in
-        use (``swap_active``). None when no such write is possible (closed, read-only,
-        O_DIRECT, the flag refused on a disk file system, swap in use under tmpfs)."""
-        if self.fd < 0 or self.direct or self.read_only:
-            return None
-        if self._memory_backed:
-            return None if swap_active() else 0
-        return _RWF_NOWAIT if self._nowait_write_ok else None
-
-    def refuse_nowait_write(self, err: int) -> bool:
-        """A write with ``nowait_write_flags`` failed with errno ``err``: EOPNOTSUPP or EINVAL
-        mean the file system refuses RWF_NOWAIT for buffered writes (ext4, block devices and
-        tmpfs on Linux 6.1), so never again on this file - and a memory file system is
-        recognised (``_on_memory_fs``), where a plain write cannot wait. Returns whether this
-        changed the flags."""
-        if err not in (_errno.EOPNOTSUPP, _errno.EINVAL) or not self._nowait_write_ok:
-            return False
-        self._nowait_write_ok = False
-        if not self._memory_backed and self._on_memory_fs():
-            self._memory_backed = True
-        return True
-
-    def count_writes(self, n: int, nbytes: int) -> None:
-        """Count ``n`` writes of ``nbytes`` bytes in all that another path did on this image's
-        descriptor (the ring thread's compiled WRITE path)."""
-        self._count_io("writes", "bytes_written", nbytes, n)
 
     def count_reads(self, n: int, nbytes: int) -> None:
         """Count ``n`` reads of ``nbytes`` bytes in all that another path did on this image's

@@ -1099,39 +1099,6 @@ class MirrorVolume:
         busy = ((self.locks, "_held", "falsy", None), (self.locks, "_waiters", "falsy", None))
         return st, rwf, checks, busy
 
-    def fast_write_source(self):
-        """What the ring thread's compiled WRITE path (``tcmu._fastread.serve_batch``) may
-        write to now: ``(storage, checks)`` - the StorageImage of the one image the current
-        epoch writes, and the conditions ``serve_batch`` reads again when it starts (as
-        ``fast_read_source``'s: the same epoch, the image in sync on the same descriptor, not
-        read-only). Its ``busy`` conditions are ``fast_read_source``'s (no region lock held or
-        awaited). A WRITE under them is what ``write(nowait=True)`` does with no FUA: with one
-        image to write and no split or failed image's change bitmap to mark, nothing goes to
-        the write-intent log (``_write_locked``), so the write is one pwritev2 to that image.
-        None when the epoch writes more than one image (a mirror: the log and the other legs
-        stay Python's), tracks changes for a split or failed image, or when
-        ``fast_read_source`` gives None (the same image serves reads)."""
-        src = self.fast_read_source()
-        if src is None:
-            return None
-        st, _, checks, _ = src
-        ep = self._epoch
-        if len(ep.writes) != 1 or ep.tracking or ep.writes[0].storage is not st:
-            return None
-        if st.read_only or st.nowait_write_flags() is None:
-            return None
-        return st, checks + ((st, "read_only", "is", False),
-                             (st, "_nowait_write_ok", "is", st._nowait_write_ok))
-
-    def count_fast_writes(self, storage, n: int, nbytes: int) -> None:
-        """Count ``n`` writes of ``nbytes`` bytes the compiled WRITE path made to ``storage``
-        (``fast_write_source``) in the volume's and the image's statistics."""
-        with self._elock:
-            st = self._stats
-            st["writes"] += n
-            st["bytes_written"] += nbytes
-        storage.count_writes(n, nbytes)
-
     def count_fast_reads(self, storage, n: int, nbytes: int) -> None:
         """Count ``n`` reads of ``nbytes`` bytes the compiled READ path answered from
         ``storage`` (``fast_read_source``) in the volume's and the image's statistics."""

@@ -52,7 +52,6 @@
 #define STOP_STALE 2    /* a `checks` condition no longer holds: the caller arms again */
 #define STOP_BUSY 3     /* a `busy` condition holds (a region lock, held completions) */
 #define STOP_MISS 4     /* the data is not all in memory, or the read failed: the Python path */
-#define STOP_MISS_WRITE 5   /* the write would wait, or failed, or was short: the Python path */
 
 static int
 falsy_builtin(PyObject *v)
@@ -143,47 +142,67 @@ complete_good(uint8_t *map, uint32_t cmdr_off, uint32_t size, uint16_t cmd_id)
                      __ATOMIC_RELEASE);
 }
 
-/* What serve() found: the new fetch cursor, READs and WRITEs answered GOOD and their bytes,
- * PAD entries skipped, why it stopped, and the errno of the I/O it stopped at (STOP_MISS). */
-struct served {
-    unsigned int fetch;
-    Py_ssize_t reads, writes, pads;
-    unsigned long long rbytes, wbytes;
-    int why, err;
-};
+PyDoc_STRVAR(read_batch_doc,
+"read_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, rwf, num_blocks,\n"
+"           block_size, max_bytes, max_blocks, checks, busy)\n"
+"    -> (fetch, answered, nbytes, pads, why)\n"
+"\n"
+"Answer the READ(10)/READ(16) commands from ring offset `fetch` (bytes) on, in ring order,\n"
+"while each is served from memory: 1-16 Data-In iovecs of exactly TRANSFER LENGTH x\n"
+"`block_size` bytes in all (at most `max_bytes`), TRANSFER LENGTH 1..`max_blocks`, the range inside\n"
+"`num_blocks`, no RDPROTECT, no NACA (SBC-4 5.15/5.16; anything else is the SCSI core's to\n"
+"answer), and one preadv2(`fd`, ..., `rwf`) returning every byte. `ring`: the writable map\n"
+"(mailbox, command ring, data area), `cmdr_off`/`cmdr_size`/`data_off`/`map_size` its checked\n"
+"geometry in bytes. `checks` and `busy`: tuples of (obj, name, mode, value), mode 0\n"
+"`getattr(obj, name) is value`, 1 false (a builtin type), 2 equal (ints); read once, first.\n"
+"\n"
+"Returns the new fetch cursor, the commands answered GOOD, their bytes, the PAD entries\n"
+"skipped, and why it stopped: 0 cmd_head reached, 1 an entry it does not answer, 2 a\n"
+"`checks` condition failed, 3 a `busy` one, 4 a read not served from memory (nothing\n"
+"answered for that command). TypeError/ValueError for malformed arguments; never an I/O\n"
+"error (the Python path reads such a command again and reports it).");
 
-/* Answer READs (with `reads`, from `rfd`) and WRITEs (with `writes`, to `wfd`) from `fetch` on;
- * the other arguments are serve_batch's, already parsed. Returns -1 with an exception set, else
- * 0 with `out` filled. */
-static int
-serve(uint8_t *map, Py_ssize_t map_len, unsigned int cmdr_off, unsigned int cmdr_size,
-      unsigned long long data_off, unsigned long long map_size, unsigned int fetch,
-      int reads, int rfd, int rrwf, int writes, int wfd, int wrwf, unsigned long long num_blocks,
-      unsigned int block_size, unsigned long long max_bytes, unsigned long long max_blocks,
-      PyObject *checks, PyObject *busy, struct served *out)
+static PyObject *
+read_batch(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    memset(out, 0, sizeof(*out));
-    out->why = STOP_HEAD;
-    if ((unsigned long long)map_len < map_size || map_size < sizeof(struct tcmu_mailbox)
+    Py_buffer ring;
+    unsigned int cmdr_off, cmdr_size, fetch;
+    unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks;
+    int fd, rwf;
+    unsigned int block_size;
+    PyObject *checks, *busy;
+
+    if (!PyArg_ParseTuple(args, "w*IIKKIiiKIKKO!O!", &ring, &cmdr_off, &cmdr_size, &data_off,
+                          &map_size, &fetch, &fd, &rwf, &num_blocks, &block_size, &max_bytes,
+                          &max_blocks, &PyTuple_Type, &checks, &PyTuple_Type, &busy))
+        return NULL;
+    uint8_t *map = ring.buf;
+    Py_ssize_t answered = 0, pads = 0;
+    unsigned long long nbytes = 0;
+    int why = STOP_HEAD;
+
+    if ((unsigned long long)ring.len < map_size || map_size < sizeof(struct tcmu_mailbox)
             || cmdr_off < sizeof(struct tcmu_mailbox) || cmdr_size < sizeof(struct tcmu_cmd_entry)
             || (unsigned long long)cmdr_off + cmdr_size > data_off || data_off > map_size
             || fetch >= cmdr_size || fetch % TCMU_OP_ALIGN_SIZE || block_size == 0) {
+        PyBuffer_Release(&ring);
         PyErr_SetString(PyExc_ValueError, "ring geometry or fetch cursor out of range");
-        return -1;
+        return NULL;
     }
     int ok = conditions_hold(checks);
     if (ok == 1) {
         ok = conditions_hold(busy);
         if (ok == 0)
-            out->why = STOP_BUSY;
+            why = STOP_BUSY;
     } else if (ok == 0) {
-        out->why = STOP_STALE;
+        why = STOP_STALE;
     }
-    if (ok < 0)
-        return -1;
+    if (ok < 0) {
+        PyBuffer_Release(&ring);
+        return NULL;
+    }
     struct tcmu_mailbox *mb = (struct tcmu_mailbox *)map;
     uint32_t head = __atomic_load_n(&mb->cmd_head, __ATOMIC_ACQUIRE);
-    int why = out->why;
     if (ok == 1 && (head >= cmdr_size || head % TCMU_OP_ALIGN_SIZE))
         why = STOP_OTHER;               /* ring.py's fetch logs it */
     while (ok == 1 && why == STOP_HEAD && fetch != head) {
@@ -198,7 +217,7 @@ serve(uint8_t *map, Py_ssize_t map_len, unsigned int cmdr_off, unsigned int cmdr
         }
         int op = tcmu_hdr_get_op(len_op);
         if (op == TCMU_OP_PAD) {
-            out->pads++;
+            pads++;
             fetch = (fetch + length) % cmdr_size;
             continue;
         }
@@ -222,12 +241,11 @@ serve(uint8_t *map, Py_ssize_t map_len, unsigned int cmdr_off, unsigned int cmdr
         const uint8_t *cdb = map + cdb_off;
         uint64_t lba, nblk;
         unsigned int control;
-        int is_write;
-        if ((cdb[0] == 0x28 || cdb[0] == 0x2A) && cdb_off + 10 <= ent_end) {  /* READ/WRITE(10) */
+        if (cdb[0] == 0x28 && cdb_off + 10 <= ent_end) {            /* READ(10) */
             lba = be32(cdb + 2);
             nblk = ((unsigned)cdb[7] << 8) | cdb[8];
             control = cdb[9];
-        } else if ((cdb[0] == 0x88 || cdb[0] == 0x8A) && cdb_off + 16 <= ent_end) { /* (16) */
+        } else if (cdb[0] == 0x88 && cdb_off + 16 <= ent_end) {     /* READ(16) */
             lba = be64(cdb + 2);
             nblk = be32(cdb + 10);
             control = cdb[15];
@@ -235,17 +253,10 @@ serve(uint8_t *map, Py_ssize_t map_len, unsigned int cmdr_off, unsigned int cmdr
             why = STOP_OTHER;
             break;
         }
-        is_write = cdb[0] == 0x2A || cdb[0] == 0x8A;
-        if (!(is_write ? writes : reads)) {
-            why = STOP_OTHER;
-            break;
-        }
-        /* RD/WRPROTECT (no protection information here) and NACA (no ACA) get CHECK CONDITION
-         * from the SCSI core; TRANSFER LENGTH 0 is GOOD with no data, also its answer; a WRITE
-         * with FUA (SBC-4 5.40: durable before GOOD) waits for the device, so is the Python
-         * path's */
-        if ((cdb[1] & 0xE0) || (is_write && (cdb[1] & 0x08)) || (control & 0x04) || nblk == 0
-                || nblk > max_blocks || lba > num_blocks || nblk > num_blocks - lba
+        /* RDPROTECT (no protection information here) and NACA (no ACA) get CHECK CONDITION
+         * from the SCSI core; TRANSFER LENGTH 0 is GOOD with no data, also its answer */
+        if ((cdb[1] & 0xE0) || (control & 0x04) || nblk == 0 || nblk > max_blocks
+                || lba > num_blocks || nblk > num_blocks - lba
                 || nblk * block_size > max_bytes) {
             why = STOP_OTHER;
             break;
@@ -268,125 +279,23 @@ serve(uint8_t *map, Py_ssize_t map_len, unsigned int cmdr_off, unsigned int cmdr
             why = STOP_OTHER;
             break;
         }
-        ssize_t got = is_write
-            ? pwritev2(wfd, iov, (int)iov_cnt, (off_t)(lba * block_size), wrwf)
-            : preadv2(rfd, iov, (int)iov_cnt, (off_t)(lba * block_size), rrwf);
+        ssize_t got = preadv2(fd, iov, (int)iov_cnt, (off_t)(lba * block_size), rwf);
         if (got < 0 || (uint64_t)got != want) {
-            /* EAGAIN, short, an error: the Python path runs that command again from the start
-             * (a WRITE partly written is written whole there, or fails there) */
-            out->err = got < 0 ? errno : 0;
-            why = is_write ? STOP_MISS_WRITE : STOP_MISS;
+            why = STOP_MISS;            /* EAGAIN, short, an error: the Python path */
             break;
         }
         uint16_t cmd_id = e->hdr.cmd_id;
         fetch = (fetch + length) % cmdr_size;
         complete_good(map, cmdr_off, cmdr_size, cmd_id);
-        if (is_write) {
-            out->writes++;
-            out->wbytes += want;
-        } else {
-            out->reads++;
-            out->rbytes += want;
-        }
+        answered++;
+        nbytes += want;
     }
-    out->fetch = fetch;
-    out->why = why;
-    return 0;
-}
-
-PyDoc_STRVAR(read_batch_doc,
-"read_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, rwf, num_blocks,\n"
-"           block_size, max_bytes, max_blocks, checks, busy)\n"
-"    -> (fetch, answered, nbytes, pads, why)\n"
-"\n"
-"Answer the READ(10)/READ(16) commands from ring offset `fetch` (bytes) on, in ring order,\n"
-"while each is served from memory: 1-16 Data-In iovecs of exactly TRANSFER LENGTH x\n"
-"`block_size` bytes in all (at most `max_bytes`), TRANSFER LENGTH 1..`max_blocks`, the range inside\n"
-"`num_blocks`, no RDPROTECT, no NACA (SBC-4 5.15/5.16; anything else is the SCSI core's to\n"
-"answer), and one preadv2(`fd`, ..., `rwf`) returning every byte. `ring`: the writable map\n"
-"(mailbox, command ring, data area), `cmdr_off`/`cmdr_size`/`data_off`/`map_size` its checked\n"
-"geometry in bytes. `checks` and `busy`: tuples of (obj, name, mode, value), mode 0\n"
-"`getattr(obj, name) is value`, 1 false (a builtin type), 2 equal (ints); read once, first.\n"
-"\n"
-"Returns the new fetch cursor, the commands answered GOOD, their bytes, the PAD entries\n"
-"skipped, and why it stopped: 0 cmd_head reached, 1 an entry it does not answer, 2 a\n"
-"`checks` condition failed, 3 a `busy` one, 4 a read not served from memory (nothing\n"
-"answered for that command). TypeError/ValueError for malformed arguments; never an I/O\n"
-"error (the Python path reads such a command again and reports it). serve_batch with no\n"
-"write descriptor.");
-
-static PyObject *
-read_batch(PyObject *Py_UNUSED(self), PyObject *args)
-{
-    Py_buffer ring;
-    unsigned int cmdr_off, cmdr_size, fetch;
-    unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks;
-    int fd, rwf;
-    unsigned int block_size;
-    PyObject *checks, *busy;
-    struct served out;
-
-    if (!PyArg_ParseTuple(args, "w*IIKKIiiKIKKO!O!", &ring, &cmdr_off, &cmdr_size, &data_off,
-                          &map_size, &fetch, &fd, &rwf, &num_blocks, &block_size, &max_bytes,
-                          &max_blocks, &PyTuple_Type, &checks, &PyTuple_Type, &busy))
-        return NULL;
-    int rc = serve(ring.buf, ring.len, cmdr_off, cmdr_size, data_off, map_size, fetch,
-                   1, fd, rwf, 0, -1, 0, num_blocks, block_size, max_bytes, max_blocks,
-                   checks, busy, &out);
     PyBuffer_Release(&ring);
-    if (rc < 0)
-        return NULL;
-    return Py_BuildValue("(InKni)", out.fetch, out.reads, out.rbytes, out.pads, out.why);
-}
-
-PyDoc_STRVAR(serve_batch_doc,
-"serve_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, rfd, rrwf, wfd, wrwf,\n"
-"            num_blocks, block_size, max_bytes, max_blocks, checks, busy)\n"
-"    -> (fetch, reads, rbytes, writes, wbytes, pads, why, err)\n"
-"\n"
-"read_batch for READs (when `rfd` >= 0: preadv2(`rfd`, ..., `rrwf`)) and WRITE(10)/WRITE(16)\n"
-"(when `wfd` >= 0) in ring order: a WRITE is answered GOOD when one pwritev2(`wfd`, ...,\n"
-"`wrwf`) writes every byte of its 1-16 Data-Out iovecs, with the same field checks and no\n"
-"FUA (SBC-4 5.40, 5.41: FUA means durable before GOOD, which waits for the device).\n"
-"`wrwf` must make the write one that cannot wait (RWF_NOWAIT where the file system takes\n"
-"it for buffered writes, or 0 on a memory file system the caller vouches for): it runs\n"
-"holding the GIL. `checks` for a WRITE also hold that the volume writes one image only and\n"
-"tracks no change (nothing for the write-intent log).\n"
-"\n"
-"Returns the new fetch cursor, READs and WRITEs answered GOOD and their bytes, PAD entries\n"
-"skipped, why it stopped (read_batch's codes; 4 a READ, 5 a WRITE whose I/O did not complete\n"
-"whole: nothing answered for it), and the errno of that I/O (0 for none, or a short one).\n"
-"TypeError/ValueError for malformed arguments.");
-
-static PyObject *
-serve_batch(PyObject *Py_UNUSED(self), PyObject *args)
-{
-    Py_buffer ring;
-    unsigned int cmdr_off, cmdr_size, fetch;
-    unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks;
-    int rfd, rrwf, wfd, wrwf;
-    unsigned int block_size;
-    PyObject *checks, *busy;
-    struct served out;
-
-    if (!PyArg_ParseTuple(args, "w*IIKKIiiiiKIKKO!O!", &ring, &cmdr_off, &cmdr_size,
-                          &data_off, &map_size, &fetch, &rfd, &rrwf, &wfd, &wrwf, &num_blocks,
-                          &block_size, &max_bytes, &max_blocks, &PyTuple_Type, &checks,
-                          &PyTuple_Type, &busy))
-        return NULL;
-    int rc = serve(ring.buf, ring.len, cmdr_off, cmdr_size, data_off, map_size, fetch,
-                   rfd >= 0, rfd, rrwf, wfd >= 0, wfd, wrwf, num_blocks, block_size, max_bytes, max_blocks,
-                   checks, busy, &out);
-    PyBuffer_Release(&ring);
-    if (rc < 0)
-        return NULL;
-    return Py_BuildValue("(InKnKnii)", out.fetch, out.reads, out.rbytes, out.writes,
-                         out.wbytes, out.pads, out.why, out.err);
+    return Py_BuildValue("(InKni)", fetch, answered, nbytes, pads, why);
 }
 
 static PyMethodDef methods[] = {
     {"read_batch", read_batch, METH_VARARGS, read_batch_doc},
-    {"serve_batch", serve_batch, METH_VARARGS, serve_batch_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -408,8 +317,7 @@ PyInit__fastread(void)
             || PyModule_AddIntConstant(m, "STOP_OTHER", STOP_OTHER)
             || PyModule_AddIntConstant(m, "STOP_STALE", STOP_STALE)
             || PyModule_AddIntConstant(m, "STOP_BUSY", STOP_BUSY)
-            || PyModule_AddIntConstant(m, "STOP_MISS", STOP_MISS)
-            || PyModule_AddIntConstant(m, "STOP_MISS_WRITE", STOP_MISS_WRITE)) {
+            || PyModule_AddIntConstant(m, "STOP_MISS", STOP_MISS)) {
         Py_DECREF(m);
         return NULL;
     }

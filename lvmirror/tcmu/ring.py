@@ -326,32 +326,6 @@ class CommandRing:
                     self._retire_idle_locked()
         return answered, nbytes, why
 
-    def fast_serve(self, serve_batch, rfd: int, rrwf: int, wfd: int, wrwf: int,
-                   num_blocks: int, block_size: int, max_bytes: int, max_blocks: int,
-                   checks: tuple, busy: tuple):
-        """``fast_reads`` for ``serve_batch`` (``lvmirror.tcmu._fastread.serve_batch``): READs
-        from ``rfd`` with preadv2 flags ``rrwf`` and WRITEs to ``wfd`` with pwritev2 flags
-        ``wrwf`` (a descriptor of -1: none of that kind), under the ring's lock. Returns
-        ``(reads, rbytes, writes, wbytes, why, err)``: commands of each kind completed GOOD (the
-        caller notifies the kernel), their bytes, why it stopped (``_fastread``'s STOP_*) and
-        the errno of the I/O it stopped at (0: none). ValueError/TypeError from ``serve_batch``
-        for malformed arguments."""
-        with self._lock:
-            fetch, reads, rbytes, writes, wbytes, pads, why, err = serve_batch(
-                self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
-                self._fetch, rfd, rrwf, wfd, wrwf, num_blocks, block_size, max_bytes,
-                max_blocks, checks, busy)
-            self._fetch = fetch
-            answered = reads + writes
-            if answered or pads:
-                st = self.stats
-                st["fetched"] += answered
-                st["completed"] += answered
-                st["pads"] += pads
-                if self._outstanding == 0:
-                    self._retire_idle_locked()
-        return reads, rbytes, writes, wbytes, why, err
-
     # -- completing --------------------------------------------------------------------------
 
     def complete(self, cmd_id: int, status: int, sense: bytes = b"",
