@@ -366,11 +366,11 @@ def main():
                          "cached READs itself by default)")
     ap.add_argument("--images", type=int, choices=(1, 2), default=2,
                     help="images of the volume (default 2, a mirror: its 4 KiB writes go to "
-                         "both and to the write-intent log; with 1 the ring thread's compiled "
-                         "path makes the cached writes itself)")
+                         "both and to the write-intent log; 1: one pwritev and no log, as "
+                         "the lab's lvmirror 1 image against tcmu-runner)")
     ap.add_argument("--jobs", default="write,read,read1m",
-                    help="comma-separated: write (4 KiB random mirrored writes), read (4 KiB "
-                         "random reads), read1m (1 MiB sequential reads)")
+                    help="comma-separated: write (4 KiB random writes, mirrored with 2 "
+                         "images), read (4 KiB random reads), read1m (1 MiB sequential reads)")
     ap.add_argument("--scaling", type=int, default=None, metavar="N",
                     help="instead of the jobs: N LUNs against one, lvmirrord as one process "
                          "and as a process per volume (aggregate cmd/s, CPU us/cmd, ratio)")
@@ -415,13 +415,11 @@ def main():
         for job in lun.volume.jobs.values():
             job.wait(60)
         compiled = "on" if lunserver.COMPILED_READS else "off"
-        wcompiled = "on" if lunserver.COMPILED_WRITES else "off"
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.images}-image "
               f"volume on "
               f"{args.dir}, {args.workers} workers per LUN, "
               f"cached reads {'through the pool' if args.no_inline_reads else 'on the ring thread'}"
-              f"{'' if args.no_inline_reads else ', compiled READ path ' + compiled}"
-              f"{'' if args.no_inline_reads else ', compiled WRITE path ' + wcompiled}")
+              f"{'' if args.no_inline_reads else ', compiled READ path ' + compiled}")
         rnd = random.Random(1)
         nblk = SIZE // BS
         payload = os.urandom(4096)
@@ -448,8 +446,8 @@ def main():
             print(f"{'  bare loop of the same syscalls':<42} {'':>10}        {floor:8.1f} CPU "
                   f"us/cmd (lvmirrord's threads: {us / floor:.1f}x)")
         print(f"ring: {lun._ring.stats}; answered by the ring thread: {lun.inline}, of which "
-              f"READs by its compiled path: {lun.compiled}, WRITEs: {lun.compiled_writes} "
-              f"(handed to a new ring thread when one stalled: {lun.handovers})")
+              f"READs by its compiled path: {lun.compiled} (handed to a new ring thread when "
+              f"one stalled: {lun.handovers})")
         lun.stop()
         emu.close()
     finally:
