@@ -97,3 +97,24 @@ def test_dropped_writes_figures(faults_lab):
         assert key in res, res
     assert res["ok"], f"the dropped-writes measurement did not complete: {res}"
 
+
+
+def test_refused_write_figures(faults_lab):
+    """Figures for the closing note, not a promise: where the write refused while every image
+    had failed is afterwards (each image's cached view and disk, before and after the resync),
+    and the NOT READY warnings and flush errors logged meanwhile. Asserted is that the guest
+    measured it."""
+    res = _result(faults_lab, "faults_all_failed_refused_write_figures")
+    print("\nrefused write: " + ", ".join(f"{k}={v}" for k, v in res.items()
+                                          if k not in ("check", "ok")))
+    assert res["ok"] and "failed_image" in res, res
+
+
+def test_every_check_the_guest_reported_is_asserted(faults_lab):
+    """A RESULT line no test names would pass CI unread, even "fail": every check the faults
+    section reported is one of the lists above, a figures check, or the package's own."""
+    known = set(FAULT_CHECKS) | set(MULTIPATH_CHECKS) | {
+        "faults_dropped_writes_measured", "faults_all_failed_refused_write_figures",
+        "package_installed"}
+    unread = sorted(set(faults_lab["results"]) - known)
+    assert not unread, f"reported by the guest but asserted by no test: {unread}"
