@@ -22,10 +22,11 @@ service's sync does; it prints the CPU lvmirrord and its volume processes used (
 core) and their threads' wake-ups per second (voluntary context switches, /proc task status).
 
 The ring thread's compiled READ path (``lvmirror/tcmu/_fastread.c``) answers cached READs
-unless ``LVMIRROR_COMPILED_READS=0`` is in the environment: run both for the before and after.
+unless ``LVMIRROR_COMPILED_READS=0`` is in the environment, and with ``--images 1`` makes the
+writes unless ``LVMIRROR_COMPILED_WRITES=0``: run both for the before and after.
 
 Usage: .venv/bin/python bench/bench_datapath.py [--seconds 3] [--qd 32] [--dir /dev/shm]
-       [--jobs write,read,read1m] [--scaling N] [--idle N]
+       [--images 1|2] [--jobs write,read,read1m] [--scaling N] [--idle N]
 """
 
 from __future__ import annotations
@@ -415,11 +416,13 @@ def main():
         for job in lun.volume.jobs.values():
             job.wait(60)
         compiled = "on" if lunserver.COMPILED_READS else "off"
+        wcompiled = "on" if lunserver.COMPILED_WRITES else "off"
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {args.images}-image "
               f"volume on "
               f"{args.dir}, {args.workers} workers per LUN, "
               f"cached reads {'through the pool' if args.no_inline_reads else 'on the ring thread'}"
-              f"{'' if args.no_inline_reads else ', compiled READ path ' + compiled}")
+              f"{'' if args.no_inline_reads else ', compiled READ path ' + compiled}"
+              f"{'' if args.no_inline_reads else ', compiled WRITEs ' + wcompiled}")
         rnd = random.Random(1)
         nblk = SIZE // BS
         payload = os.urandom(4096)
@@ -446,8 +449,8 @@ def main():
             print(f"{'  bare loop of the same syscalls':<42} {'':>10}        {floor:8.1f} CPU "
                   f"us/cmd (lvmirrord's threads: {us / floor:.1f}x)")
         print(f"ring: {lun._ring.stats}; answered by the ring thread: {lun.inline}, of which "
-              f"READs by its compiled path: {lun.compiled} (handed to a new ring thread when "
-              f"one stalled: {lun.handovers})")
+              f"READs by its compiled path: {lun.compiled}, WRITEs: {lun.compiled_writes} "
+              f"(handed to a new ring thread when one stalled: {lun.handovers})")
         lun.stop()
         emu.close()
     finally:

@@ -211,6 +211,7 @@ class VolumeHost:
                  "error": None if lun.error is None else rawtext.shown(lun.error),
                  "commands": lun.commands,
                  "ring_thread_commands": lun.inline, "compiled_reads": lun.compiled,
+                 "compiled_writes": lun.compiled_writes,
                  "ring_stalls": lun.handovers,
                  "volume": getattr(lun.volume, "name", None),     # read once: see _to_inactive
                  "alua_state": alua.STATE_NAMES.get(lun.alua_state), "standby": lun.standby,

@@ -4,7 +4,9 @@ Before each fetch the ring thread's compiled path (``tcmu._fastread.read_batch``
 docs/architecture.rst) answers the READs at the ring's head whose data the page cache holds,
 with no Command object, SCSI core or volume call in Python: it holds the GIL throughout and reads
 the conditions under which such a read is the one ``LogicalUnit.execute(nowait=True)`` would
-give (``_arm_compiled``) from the objects when it starts. On the host's ring emulator
+give (``_arm_compiled``) from the objects when it starts. For a one-image volume it also makes
+the WRITEs without FUA there (``tcmu._fastread.write_batch``, ``_compiled_writes``), with the
+GIL released for the writes, inside the volume's ``begin_fast_writes``/``end_fast_writes``. On the host's ring emulator
 (2026-12-03, queue depth 32) it took lvmirrord's CPU per 4 KiB read from 11.3-12.8 to 3.3-3.7 us
 (tmpfs) and from 10.0-10.7 to 2.8-3.0 us (ext4); README's Performance section has the lab's.
 
@@ -159,9 +161,23 @@ INLINE_BACKOFF = 5.0
 # environment turns it off (the Python path then answers them as before); so does a tree whose
 # module was not built.
 COMPILED_READS = _fastread is not None and os.environ.get("LVMIRROR_COMPILED_READS", "1") != "0"
+# The same path makes the WRITEs of a volume that writes one image and tracks no change (a
+# one-image volume: ``MirrorVolume.fast_write_source``), releasing the GIL for the writes.
+# LVMIRROR_COMPILED_WRITES=0 leaves them to the Python path.
+COMPILED_WRITES = (_fastread is not None
+                   and os.environ.get("LVMIRROR_COMPILED_WRITES", "1") != "0")
+# How many times one turn of the ring thread lets READs and WRITEs take turns on the compiled
+# path (each stops at the other's kind) before the Python fetch.
+COMPILED_TURNS = 8
 # How long (seconds) the ring thread waits before it asks the volume again for a source of
 # compiled READs when there was none (an O_DIRECT volume, a restore, a torn region...).
 COMPILED_READS_RETRY = 0.1
+# What ``LunServer._arm_compiled`` found: the image READs come from (``storage``) and the one
+# WRITEs go to (``wstorage``, None when WRITEs are not armed), the backend, the LUN's geometry
+# (blocks, bytes per block), the largest READ and WRITE in bytes and in blocks, and the
+# conditions of each kind (``(obj, attribute, kind, value)`` rows: ``tcmu._fastread``).
+_Armed = collections.namedtuple("_Armed", "storage target num_blocks block_size max_read max_write "
+                                          "max_blocks checks busy wstorage wchecks wbusy")
 _CHECK_KINDS = ({"is": _fastread.CHECK_IS, "falsy": _fastread.CHECK_FALSY,
                  "eq": _fastread.CHECK_EQ} if _fastread is not None else {})
 
@@ -210,6 +226,7 @@ class LunServer:
         self.inline_reads = inline_reads
         self.inline = 0              # commands the ring thread answered itself
         self.compiled = 0            # ... of which the compiled READ path answered
+        self.compiled_writes = 0     # ... and its WRITEs (``COMPILED_WRITES``)
         self._fast = None            # the compiled path's arguments (_arm_compiled), or None
         self._fast_retry = 0.0       # monotonic time before which it is not armed again
         self._compiled_off = False   # it raised (a bug): the Python path answers every READ
@@ -632,14 +649,14 @@ class LunServer:
             # the compiled path answered every command up to the ring's head: no Python fetch
             # (a command queued since then raised a new event, and the next poll sees it)
             emptied = False
-            if (not stopping and COMPILED_READS and self.inline_reads and not self._aborted
-                    and not self._compiled_off):
+            if (not stopping and (COMPILED_READS or COMPILED_WRITES) and self.inline_reads
+                    and not self._aborted and not self._compiled_off):
                 try:
                     done, emptied = self._compiled_reads()
-                except Exception:           # a bug: the Python path answers every READ now
+                except Exception:           # a bug: the Python path answers every command now
                     self._compiled_off = True
-                    log.exception("LUN %s: the compiled READ path failed; the Python path "
-                                  "answers READs from now on", self.name)
+                    log.exception("LUN %s: the compiled READ/WRITE path failed; the Python path "
+                                  "answers every command from now on", self.name)
                 else:
                     completed += done
             if not stopping and not emptied:
@@ -693,11 +710,15 @@ class LunServer:
         self._pool.stop(wait=True)
 
     def _arm_compiled(self):
-        """The arguments of the compiled READ path for the LU serving now, or None when it
-        cannot serve (no open volume, the volume offers no source: ``fast_read_source``).
+        """The arguments of the compiled path for the LU serving now (``_Armed``), or None when
+        it cannot serve (no open volume, the volume offers no source: ``fast_read_source``).
         The conditions it reads at each call's start add the LUN's own: this LU still serving,
-        no NOT READY reason, completions not held (``hold``), no unit attention pending, the
-        LUN's size unchanged."""
+        no NOT READY reason, no unit attention pending, the LUN's size unchanged, completions
+        not held (``hold``). WRITEs are armed when the volume offers ``fast_write_source`` (one
+        image to write, no change to track) and the LU is write-back and not write-protected
+        (a WRITE it makes has no FUA and no write-through: SBC-4 5.40, the Caching mode page's
+        WCE); their conditions add those two, and their region locks are
+        ``begin_fast_writes``'s own."""
         lu, target = self.lu, self.backend
         if lu is None or self.error is not None or target is None:
             return None
@@ -709,25 +730,37 @@ class LunServer:
         storage, _, checks, busy = src
         backend = lu.backend
         kinds = _CHECK_KINDS
-        checks = tuple((o, a, kinds[k], v) for o, a, k, v in checks) + (
-            (self, "lu", kinds["is"], lu), (self, "backend", kinds["is"], target),
-            (self, "error", kinds["is"], None), (lu, "backend", kinds["is"], backend),
-            (backend, "num_blocks", kinds["eq"], backend.num_blocks),
-            (lu, "_unit_attentions", kinds["falsy"], None))
-        busy = tuple((o, a, kinds[k], v) for o, a, k, v in busy) + (
-            (self, "_holding", kinds["is"], None),)
-        return (storage, target, storage.fd, backend.num_blocks, backend.block_size,
-                min(INLINE_READ_MAX, lu.max_accept_blocks * backend.block_size),
-                lu.max_accept_blocks, checks, busy)
+        own = ((self, "lu", kinds["is"], lu), (self, "backend", kinds["is"], target),
+               (self, "error", kinds["is"], None), (lu, "backend", kinds["is"], backend),
+               (backend, "num_blocks", kinds["eq"], backend.num_blocks),
+               (lu, "_unit_attentions", kinds["falsy"], None))
+        hold = ((self, "_holding", kinds["is"], None),)
+        checks = tuple((o, a, kinds[k], v) for o, a, k, v in checks) + own
+        busy = tuple((o, a, kinds[k], v) for o, a, k, v in busy) + hold
+        wstorage = wchecks = None
+        if COMPILED_WRITES and lu.write_cache and not lu.read_only:
+            wsource = getattr(target, "fast_write_source", None)
+            wsrc = wsource() if wsource is not None else None
+            if wsrc is not None:
+                wstorage = wsrc[0]
+                wchecks = tuple((o, a, kinds[k], v) for o, a, k, v in wsrc[1]) + own + (
+                    (lu, "write_cache", kinds["is"], True), (lu, "read_only", kinds["is"], False))
+        return _Armed(storage, target, backend.num_blocks, backend.block_size,
+                      min(INLINE_READ_MAX, lu.max_accept_blocks * backend.block_size),
+                      min(INLINE_WRITE_MAX, lu.max_accept_blocks * backend.block_size),
+                      lu.max_accept_blocks, checks, busy, wstorage, wchecks, hold)
 
     def _compiled_reads(self) -> tuple[int, bool]:
-        """Let the compiled path (``tcmu._fastread.read_batch`` through ``CommandRing.
-        fast_reads``) answer the READs at the head of the ring that the page cache holds, as
+        """Let the compiled path answer the commands at the head of the ring it may answer, as
         ``_run_inline`` would (``LogicalUnit.execute(nowait=True)``), without making them
-        Command objects; counts them as the ring thread's own (``inline``, ``compiled``), in
-        the latency histogram (each with the call's time) and in the volume's and image's
-        read statistics. Returns how many it completed (the caller notifies the kernel) and
-        whether it answered every command up to the ring's head (nothing left to fetch)."""
+        Command objects: READs the page cache holds (``tcmu._fastread.read_batch`` through
+        ``CommandRing.fast_reads``, holding the GIL) and, when armed, a one-image volume's
+        WRITEs without FUA (``_compiled_writes``), in ring order, taking turns while each
+        stops at the other's kind. Counts them as the ring thread's own (``inline``,
+        ``compiled``, ``compiled_writes``), in the latency histogram (each with its call's
+        time shared out) and in the volume's and image's statistics. Returns how many it
+        completed (the caller notifies the kernel) and whether it answered every command up
+        to the ring's head (nothing left to fetch)."""
         fast = self._fast
         if fast is None:
             now = time.monotonic()
@@ -737,23 +770,73 @@ class LunServer:
             if fast is None:
                 self._fast_retry = now + COMPILED_READS_RETRY
                 return 0, False
-        storage, target, fd, num_blocks, block_size, max_bytes, max_blocks, checks, busy = fast
+        storage = fast.storage
         rwf = storage.nowait_flags()       # (tmpfs: a plain read only while no swap is in use)
         if rwf is None:
             self._fast = None
             return 0, False
+        done = 0
+        why = _fastread.STOP_WRITE
+        for _ in range(COMPILED_TURNS):
+            if COMPILED_READS:
+                t0 = time.monotonic()
+                n, nbytes, why = self._ring.fast_reads(
+                    _fastread.read_batch, storage.fd, rwf, fast.num_blocks, fast.block_size,
+                    fast.max_read, fast.max_blocks, fast.checks, fast.busy)
+                if why == _fastread.STOP_STALE:
+                    self._fast = None               # armed again at the next turn
+                if n:
+                    done += n
+                    self.commands += n
+                    self.inline += n
+                    self.compiled += n
+                    self.latency.observe_many("read", (time.monotonic() - t0) / n, n)
+                    fast.target.count_fast_reads(storage, n, nbytes)
+            if (why != _fastread.STOP_WRITE or fast.wstorage is None or self._fast is None
+                    or self._inline_after > time.monotonic()):
+                break
+            w, why = self._compiled_writes(fast)
+            done += w
+            if why not in (_fastread.STOP_READ, _fastread.STOP_WRITE) or not w:
+                break
+        return done, why == _fastread.STOP_HEAD
+
+    def _compiled_writes(self, fast) -> tuple[int, int]:
+        """The WRITEs at the ring's head, made by ``tcmu._fastread.write_batch`` (through
+        ``CommandRing.fast_writes``) with the GIL released for the writes themselves, so that
+        every other thread runs meanwhile, inside the volume's ``begin_fast_writes`` (an
+        exclusive region lock over the volume, the epoch entered: a split or image failure waits
+        for them as for any write in flight) and ``end_fast_writes``. A WRITE not written
+        whole (an error, a full file system, a short write) is left to the Python path, which
+        writes it again and reports it; a call that took longer than INLINE_SLOW sends every
+        WRITE to the pool for INLINE_BACKOFF seconds, as ``_run_inline`` does. Returns how
+        many it completed and why it stopped (``_fastread``'s STOP_*)."""
+        target, wstorage = fast.target, fast.wstorage
+        token = target.begin_fast_writes()
+        if token is None:
+            return 0, _fastread.STOP_BUSY          # another lock: the Python path waits for it
+        n = nbytes = 0
         t0 = time.monotonic()
-        n, nbytes, why = self._ring.fast_reads(_fastread.read_batch, fd, rwf, num_blocks,
-                                               block_size, max_bytes, max_blocks, checks, busy)
+        try:
+            n, nbytes, why, _ = self._ring.fast_writes(
+                _fastread.write_batch, wstorage.fd, fast.num_blocks, fast.block_size,
+                fast.max_write, fast.max_blocks, _fastread.MAX_WRITES, fast.wchecks, fast.wbusy)
+        finally:
+            target.end_fast_writes(token, wstorage, n, nbytes)
+        took = time.monotonic() - t0
         if why == _fastread.STOP_STALE:
-            self._fast = None               # armed again at the next turn
+            self._fast = None
+        if took > INLINE_SLOW:
+            self.inline_slow += 1
+            self._inline_after = t0 + took + INLINE_BACKOFF
+            log.debug("LUN %s: compiled WRITEs on the ring thread took %.3f s; WRITEs go to the "
+                      "pool for %g s", self.name, took, INLINE_BACKOFF)
         if n:
             self.commands += n
             self.inline += n
-            self.compiled += n
-            self.latency.observe_many("read", (time.monotonic() - t0) / n, n)
-            target.count_fast_reads(storage, n, nbytes)
-        return n, why == _fastread.STOP_HEAD
+            self.compiled_writes += n
+            self.latency.observe_many("write", took / n, n)
+        return n, why
 
     def _inline_candidate(self, command, writes: bool, idle: bool) -> bool:
         """Whether the ring thread tries ``command`` itself: a READ of at most INLINE_READ_MAX

@@ -193,6 +193,10 @@ def render(status: dict, now: float | None = None) -> str:
                "READs of those the ring thread's compiled path answered from the page cache",
                [({"lun": lun["name"]}, lun["compiled_reads"]) for lun in luns
                 if "compiled_reads" in lun])
+    out.metric("lvmirror_lun_compiled_writes_total", "counter",
+               "WRITEs of those the ring thread's compiled path made (a one-image volume's)",
+               [({"lun": lun["name"]}, lun["compiled_writes"]) for lun in luns
+                if "compiled_writes" in lun])
     out.metric("lvmirror_lun_ring_stalls_total", "counter",
                "times a command the ring thread ran itself stalled (slow images) and a new ring "
                "thread took the LUN over",

@@ -408,6 +408,11 @@ class StorageImage:
             return None if swap_active() else 0
         return _RWF_NOWAIT if self._nowait_ok else None
 
+    def count_writes(self, n: int, nbytes: int) -> None:
+        """Count ``n`` writes of ``nbytes`` bytes in all that another path made on this image's
+        descriptor (the ring thread's compiled WRITE path)."""
+        self._count_io("writes", "bytes_written", nbytes, n)
+
     def count_reads(self, n: int, nbytes: int) -> None:
         """Count ``n`` reads of ``nbytes`` bytes in all that another path did on this image's
         descriptor (the ring thread's compiled READ path)."""

@@ -1099,6 +1099,59 @@ class MirrorVolume:
         busy = ((self.locks, "_held", "falsy", None), (self.locks, "_waiters", "falsy", None))
         return st, rwf, checks, busy
 
+    def fast_write_source(self):
+        """What the ring thread's compiled WRITE path (``tcmu._fastread.write_batch``) may
+        write to now: ``(storage, checks)`` - the StorageImage of the one image the current
+        epoch writes, and the conditions ``write_batch`` reads again when it starts
+        (``fast_read_source``'s - volume open and online, no restore, no torn region, the same
+        epoch, the image in sync on the same descriptor - and the image not read-only). A
+        WRITE made under them, inside ``begin_fast_writes``/``end_fast_writes``, is what
+        ``write()`` does with no FUA: with one image to write and no split or failed image's
+        change bitmap to mark, nothing goes to the write-intent log (``_write_locked``), so
+        the write is one pwritev to that image. None for a mirror (its legs and the log stay
+        Python's), while a split or failed image's changes are tracked, or when
+        ``fast_read_source`` is None (the same image serves reads)."""
+        src = self.fast_read_source()
+        if src is None:
+            return None
+        st, _, checks, _ = src
+        ep = self._epoch
+        if len(ep.writes) != 1 or ep.tracking or ep.writes[0].storage is not st or st.read_only:
+            return None
+        return st, checks + ((st, "read_only", "is", False),)
+
+    def begin_fast_writes(self):
+        """Before the compiled WRITE path writes without the GIL: an exclusive region lock over
+        the whole volume, taken only if no other lock is held or awaited (the overlapping-I/O
+        rule: no other I/O runs meanwhile), and the current split epoch entered (a split, an
+        attach, a detach or an image failure that switches the epoch waits for
+        ``end_fast_writes``, as for any write in flight). Returns the token for
+        ``end_fast_writes``, or None (nothing taken) when another lock is held or awaited."""
+        lk = self.locks.try_lock(0, self.num_blocks)
+        if lk is None:
+            return None
+        try:
+            return lk, self._enter()
+        except BaseException:
+            lk.release()
+            raise
+
+    def end_fast_writes(self, token, storage, n: int, nbytes: int) -> None:
+        """After the compiled WRITE path: count its ``n`` writes of ``nbytes`` bytes to
+        ``storage`` (``fast_write_source``) in the volume's and the image's statistics, leave
+        the epoch and release the lock of ``begin_fast_writes``."""
+        lk, ep = token
+        try:
+            self._leave(ep)
+            if n:
+                with self._elock:
+                    st = self._stats
+                    st["writes"] += n
+                    st["bytes_written"] += nbytes
+                storage.count_writes(n, nbytes)
+        finally:
+            lk.release()
+
     def count_fast_reads(self, storage, n: int, nbytes: int) -> None:
         """Count ``n`` reads of ``nbytes`` bytes the compiled READ path answered from
         ``storage`` (``fast_read_source``) in the volume's and the image's statistics."""

@@ -1,5 +1,6 @@
 /*
- * lvmirror.tcmu._fastread: the ring thread's compiled path for READs the page cache holds.
+ * lvmirror.tcmu._fastread: the ring thread's compiled path for READs the page cache holds, and
+ * for the WRITEs of a one-image volume (write_batch, below).
  *
  * One function, read_batch(), walks the TCMU command ring from the caller's fetch cursor to the
  * kernel's cmd_head and answers every consecutive READ(10)/READ(16) it can serve from memory:
@@ -10,6 +11,13 @@
  * command up by the id written there, cmd_tail moves with one aligned 32-bit store after the
  * response bytes) and stops at the first entry it does not answer, which the Python fetch then
  * takes up as before. Layouts come from the kernel's own header (linux/target_core_user.h).
+ *
+ * write_batch() makes the WRITE(10)/WRITE(16) commands without FUA from the fetch cursor on,
+ * up to MAX_WRITES: it parses them holding the GIL, RELEASES it for one pwritev() of each
+ * command's Data-Out (a buffered write may wait: dirty-page throttling, the journal, stable
+ * pages), takes it back and completes those written whole. The caller holds what keeps the
+ * volume as it was meanwhile (MirrorVolume.begin_fast_writes: a region lock over every block,
+ * the split epoch entered) and the ring's lock.
  *
  * Why C: the Python path spends 20-40 us of CPU on such a READ (fetch, the SCSI core, the
  * volume, completion); in the kernel lab the ring thread answered 99-100 % of 4 KiB commands
@@ -52,6 +60,12 @@
 #define STOP_STALE 2    /* a `checks` condition no longer holds: the caller arms again */
 #define STOP_BUSY 3     /* a `busy` condition holds (a region lock, held completions) */
 #define STOP_MISS 4     /* the data is not all in memory, or the read failed: the Python path */
+#define STOP_WRITE 5    /* read_batch: the next entry is a WRITE write_batch may make */
+#define STOP_MISS_WRITE 6   /* write_batch: a write failed or was short: the Python path */
+#define STOP_READ 7     /* write_batch: the next entry is a READ read_batch may answer */
+
+/* the most WRITEs write_batch makes in one call */
+#define MAX_WRITES 64
 
 static int
 falsy_builtin(PyObject *v)
@@ -142,6 +156,121 @@ complete_good(uint8_t *map, uint32_t cmdr_off, uint32_t size, uint16_t cmd_id)
                      __ATOMIC_RELEASE);
 }
 
+/* One READ/WRITE command parsed from the ring by parse_entry. */
+struct rw_cmd {
+    uint32_t length;            /* the entry's length in the command ring (bytes) */
+    uint16_t cmd_id;
+    uint64_t lba, want;         /* first block; bytes to transfer (TRANSFER LENGTH x block) */
+    uint32_t iov_cnt;
+    struct iovec iov[MAX_IOVECS];   /* pointing into the map's data area */
+};
+
+#define ENT_PAD 0       /* a PAD entry of cmd->length bytes */
+#define ENT_READ 1      /* a READ(10)/READ(16) this module may answer, in `cmd` */
+#define ENT_WRITE 2     /* a WRITE(10)/WRITE(16) without FUA it may answer, in `cmd` */
+#define ENT_OTHER 3     /* anything else: the Python fetch takes it (and logs a corrupt one) */
+
+/* Parse the entry at ring offset `fetch` (before `head`) of a ring whose geometry the caller
+ * checked. Every offset read from the ring is checked before use, as ring.py checks it. */
+static int
+parse_entry(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
+            uint64_t map_size, uint32_t fetch, uint32_t head, uint64_t num_blocks,
+            uint32_t block_size, uint64_t max_bytes, uint64_t max_blocks, struct rw_cmd *c)
+{
+    struct tcmu_cmd_entry *e = (struct tcmu_cmd_entry *)(map + cmdr_off + fetch);
+    uint32_t len_op = e->hdr.len_op;
+    uint32_t length = tcmu_hdr_get_len(len_op);
+    if (length < sizeof(struct tcmu_cmd_entry_hdr) || (uint64_t)fetch + length > cmdr_size
+            || length > ((uint64_t)head + cmdr_size - fetch) % cmdr_size)
+        return ENT_OTHER;               /* corrupt: ring.py's fetch logs and stops there */
+    c->length = length;
+    int op = tcmu_hdr_get_op(len_op);
+    if (op == TCMU_OP_PAD)
+        return ENT_PAD;
+    if (op != TCMU_OP_CMD || length < sizeof(struct tcmu_cmd_entry))
+        return ENT_OTHER;
+    uint32_t iov_cnt = e->req.iov_cnt;
+    if (iov_cnt == 0 || iov_cnt > MAX_IOVECS || e->req.iov_bidi_cnt || e->req.iov_dif_cnt)
+        return ENT_OTHER;
+    uint64_t ent_off = (uint64_t)cmdr_off + fetch, ent_end = ent_off + length;
+    uint64_t iov_end = ent_off + offsetof(struct tcmu_cmd_entry, req.iov)
+                       + (uint64_t)iov_cnt * sizeof(struct iovec);
+    uint64_t cdb_off = e->req.cdb_off;
+    if (iov_end > ent_end || cdb_off < iov_end || cdb_off >= ent_end)
+        return ENT_OTHER;
+    const uint8_t *cdb = map + cdb_off;
+    uint64_t lba, nblk;
+    unsigned int control;
+    if ((cdb[0] == 0x28 || cdb[0] == 0x2A) && cdb_off + 10 <= ent_end) {  /* READ/WRITE(10) */
+        lba = be32(cdb + 2);
+        nblk = ((unsigned)cdb[7] << 8) | cdb[8];
+        control = cdb[9];
+    } else if ((cdb[0] == 0x88 || cdb[0] == 0x8A) && cdb_off + 16 <= ent_end) {   /* (16) */
+        lba = be64(cdb + 2);
+        nblk = be32(cdb + 10);
+        control = cdb[15];
+    } else {
+        return ENT_OTHER;
+    }
+    int is_write = cdb[0] == 0x2A || cdb[0] == 0x8A;
+    /* RD/WRPROTECT (no protection information here) and NACA (no ACA) get CHECK CONDITION
+     * from the SCSI core; TRANSFER LENGTH 0 is GOOD with no data, also its answer; a WRITE with
+     * FUA (SBC-4 5.40: durable before GOOD) is the Python path's, which makes it durable */
+    if ((cdb[1] & 0xE0) || (is_write && (cdb[1] & 0x08)) || (control & 0x04) || nblk == 0
+            || nblk > max_blocks || lba > num_blocks || nblk > num_blocks - lba
+            || nblk * block_size > max_bytes)
+        return ENT_OTHER;
+    uint64_t want = nblk * block_size, total = 0;
+    for (uint32_t k = 0; k < iov_cnt; k++) {
+        /* the kernel writes each iov_base as an offset from the map's start */
+        uint64_t base = (uint64_t)(uintptr_t)e->req.iov[k].iov_base;
+        uint64_t ilen = e->req.iov[k].iov_len;
+        if (base < data_off || base > map_size || ilen > map_size - base)
+            return ENT_OTHER;
+        c->iov[k].iov_base = map + base;
+        c->iov[k].iov_len = ilen;
+        total += ilen;
+    }
+    if (total != want)              /* outside the data area, or not the transfer length */
+        return ENT_OTHER;
+    c->cmd_id = e->hdr.cmd_id;
+    c->lba = lba;
+    c->want = want;
+    c->iov_cnt = iov_cnt;
+    return is_write ? ENT_WRITE : ENT_READ;
+}
+
+/* The ring geometry and cursor checks both entry points make: 0, or -1 with ValueError set. */
+static int
+check_geometry(Py_ssize_t len, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
+               uint64_t map_size, uint32_t fetch, uint32_t block_size)
+{
+    if ((unsigned long long)len < map_size || map_size < sizeof(struct tcmu_mailbox)
+            || cmdr_off < sizeof(struct tcmu_mailbox) || cmdr_size < sizeof(struct tcmu_cmd_entry)
+            || (unsigned long long)cmdr_off + cmdr_size > data_off || data_off > map_size
+            || fetch >= cmdr_size || fetch % TCMU_OP_ALIGN_SIZE || block_size == 0) {
+        PyErr_SetString(PyExc_ValueError, "ring geometry or fetch cursor out of range");
+        return -1;
+    }
+    return 0;
+}
+
+/* The conditions, read first: STOP_HEAD when both hold, STOP_STALE/STOP_BUSY when one does
+ * not, -1 with an exception set on a malformed tuple. */
+static int
+check_conditions(PyObject *checks, PyObject *busy)
+{
+    int ok = conditions_hold(checks);
+    if (ok < 0)
+        return -1;
+    if (ok == 0)
+        return STOP_STALE;
+    ok = conditions_hold(busy);
+    if (ok < 0)
+        return -1;
+    return ok ? STOP_HEAD : STOP_BUSY;
+}
+
 PyDoc_STRVAR(read_batch_doc,
 "read_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, rwf, num_blocks,\n"
 "           block_size, max_bytes, max_blocks, checks, busy)\n"
@@ -159,8 +288,9 @@ PyDoc_STRVAR(read_batch_doc,
 "Returns the new fetch cursor, the commands answered GOOD, their bytes, the PAD entries\n"
 "skipped, and why it stopped: 0 cmd_head reached, 1 an entry it does not answer, 2 a\n"
 "`checks` condition failed, 3 a `busy` one, 4 a read not served from memory (nothing\n"
-"answered for that command). TypeError/ValueError for malformed arguments; never an I/O\n"
-"error (the Python path reads such a command again and reports it).");
+"answered for that command), 5 a WRITE it may answer (write_batch). TypeError/ValueError for\n"
+"malformed arguments; never an I/O error (the Python path reads such a command again and\n"
+"reports it).");
 
 static PyObject *
 read_batch(PyObject *Py_UNUSED(self), PyObject *args)
@@ -179,123 +309,174 @@ read_batch(PyObject *Py_UNUSED(self), PyObject *args)
     uint8_t *map = ring.buf;
     Py_ssize_t answered = 0, pads = 0;
     unsigned long long nbytes = 0;
-    int why = STOP_HEAD;
-
-    if ((unsigned long long)ring.len < map_size || map_size < sizeof(struct tcmu_mailbox)
-            || cmdr_off < sizeof(struct tcmu_mailbox) || cmdr_size < sizeof(struct tcmu_cmd_entry)
-            || (unsigned long long)cmdr_off + cmdr_size > data_off || data_off > map_size
-            || fetch >= cmdr_size || fetch % TCMU_OP_ALIGN_SIZE || block_size == 0) {
+    if (check_geometry(ring.len, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size)) {
         PyBuffer_Release(&ring);
-        PyErr_SetString(PyExc_ValueError, "ring geometry or fetch cursor out of range");
         return NULL;
     }
-    int ok = conditions_hold(checks);
-    if (ok == 1) {
-        ok = conditions_hold(busy);
-        if (ok == 0)
-            why = STOP_BUSY;
-    } else if (ok == 0) {
-        why = STOP_STALE;
-    }
-    if (ok < 0) {
+    int why = check_conditions(checks, busy);
+    if (why < 0) {
         PyBuffer_Release(&ring);
         return NULL;
     }
     struct tcmu_mailbox *mb = (struct tcmu_mailbox *)map;
     uint32_t head = __atomic_load_n(&mb->cmd_head, __ATOMIC_ACQUIRE);
-    if (ok == 1 && (head >= cmdr_size || head % TCMU_OP_ALIGN_SIZE))
+    if (why == STOP_HEAD && (head >= cmdr_size || head % TCMU_OP_ALIGN_SIZE))
         why = STOP_OTHER;               /* ring.py's fetch logs it */
-    while (ok == 1 && why == STOP_HEAD && fetch != head) {
-        uint8_t *ent = map + cmdr_off + fetch;
-        struct tcmu_cmd_entry *e = (struct tcmu_cmd_entry *)ent;
-        uint32_t len_op = e->hdr.len_op;
-        uint32_t length = tcmu_hdr_get_len(len_op);
-        if (length < sizeof(struct tcmu_cmd_entry_hdr) || (uint64_t)fetch + length > cmdr_size
-                || length > ((uint64_t)head + cmdr_size - fetch) % cmdr_size) {
-            why = STOP_OTHER;           /* corrupt: ring.py's fetch logs and stops there */
-            break;
-        }
-        int op = tcmu_hdr_get_op(len_op);
-        if (op == TCMU_OP_PAD) {
+    struct rw_cmd c;
+    while (why == STOP_HEAD && fetch != head) {
+        int kind = parse_entry(map, cmdr_off, cmdr_size, data_off, map_size, fetch, head,
+                               num_blocks, block_size, max_bytes, max_blocks, &c);
+        if (kind == ENT_PAD) {
             pads++;
-            fetch = (fetch + length) % cmdr_size;
+            fetch = (fetch + c.length) % cmdr_size;
             continue;
         }
-        if (op != TCMU_OP_CMD || length < sizeof(struct tcmu_cmd_entry)) {
-            why = STOP_OTHER;
+        if (kind != ENT_READ) {
+            why = kind == ENT_WRITE ? STOP_WRITE : STOP_OTHER;
             break;
         }
-        uint32_t iov_cnt = e->req.iov_cnt;
-        if (iov_cnt == 0 || iov_cnt > MAX_IOVECS || e->req.iov_bidi_cnt || e->req.iov_dif_cnt) {
-            why = STOP_OTHER;
-            break;
-        }
-        uint64_t ent_off = (uint64_t)cmdr_off + fetch, ent_end = ent_off + length;
-        uint64_t iov_end = ent_off + offsetof(struct tcmu_cmd_entry, req.iov)
-                           + (uint64_t)iov_cnt * sizeof(struct iovec);
-        uint64_t cdb_off = e->req.cdb_off;
-        if (iov_end > ent_end || cdb_off < iov_end || cdb_off >= ent_end) {
-            why = STOP_OTHER;
-            break;
-        }
-        const uint8_t *cdb = map + cdb_off;
-        uint64_t lba, nblk;
-        unsigned int control;
-        if (cdb[0] == 0x28 && cdb_off + 10 <= ent_end) {            /* READ(10) */
-            lba = be32(cdb + 2);
-            nblk = ((unsigned)cdb[7] << 8) | cdb[8];
-            control = cdb[9];
-        } else if (cdb[0] == 0x88 && cdb_off + 16 <= ent_end) {     /* READ(16) */
-            lba = be64(cdb + 2);
-            nblk = be32(cdb + 10);
-            control = cdb[15];
-        } else {
-            why = STOP_OTHER;
-            break;
-        }
-        /* RDPROTECT (no protection information here) and NACA (no ACA) get CHECK CONDITION
-         * from the SCSI core; TRANSFER LENGTH 0 is GOOD with no data, also its answer */
-        if ((cdb[1] & 0xE0) || (control & 0x04) || nblk == 0 || nblk > max_blocks
-                || lba > num_blocks || nblk > num_blocks - lba
-                || nblk * block_size > max_bytes) {
-            why = STOP_OTHER;
-            break;
-        }
-        uint64_t want = nblk * block_size, total = 0;
-        struct iovec iov[MAX_IOVECS];
-        for (uint32_t k = 0; k < iov_cnt; k++) {
-            /* the kernel writes each iov_base as an offset from the map's start */
-            uint64_t base = (uint64_t)(uintptr_t)e->req.iov[k].iov_base;
-            uint64_t ilen = e->req.iov[k].iov_len;
-            if (base < data_off || base > map_size || ilen > map_size - base) {
-                total = UINT64_MAX;
-                break;
-            }
-            iov[k].iov_base = map + base;
-            iov[k].iov_len = ilen;
-            total += ilen;
-        }
-        if (total != want) {            /* outside the data area, or not the transfer length */
-            why = STOP_OTHER;
-            break;
-        }
-        ssize_t got = preadv2(fd, iov, (int)iov_cnt, (off_t)(lba * block_size), rwf);
-        if (got < 0 || (uint64_t)got != want) {
+        ssize_t got = preadv2(fd, c.iov, (int)c.iov_cnt, (off_t)(c.lba * block_size), rwf);
+        if (got < 0 || (uint64_t)got != c.want) {
             why = STOP_MISS;            /* EAGAIN, short, an error: the Python path */
             break;
         }
-        uint16_t cmd_id = e->hdr.cmd_id;
-        fetch = (fetch + length) % cmdr_size;
-        complete_good(map, cmdr_off, cmdr_size, cmd_id);
+        fetch = (fetch + c.length) % cmdr_size;
+        complete_good(map, cmdr_off, cmdr_size, c.cmd_id);
         answered++;
-        nbytes += want;
+        nbytes += c.want;
     }
     PyBuffer_Release(&ring);
     return Py_BuildValue("(InKni)", fetch, answered, nbytes, pads, why);
 }
 
+PyDoc_STRVAR(write_batch_doc,
+"write_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, num_blocks,\n"
+"            block_size, max_bytes, max_blocks, max_commands, checks, busy)\n"
+"    -> (fetch, answered, nbytes, pads, why, err)\n"
+"\n"
+"Make the WRITE(10)/WRITE(16) commands from ring offset `fetch` on, in ring order, up to\n"
+"`max_commands` of them: the field checks of read_batch, and no FUA (SBC-4 5.40: durable\n"
+"before GOOD, the Python path's). It checks `checks` and `busy` and parses the commands holding\n"
+"the GIL, then RELEASES it for one pwritev(`fd`, ...) of each command's Data-Out (a buffered\n"
+"write may wait: for dirty-page throttling, the journal, a stable page), takes it back and\n"
+"completes GOOD each command written whole. It stops at the first command whose write failed\n"
+"or was short, which it leaves unanswered for the Python path to write again and report.\n"
+"The caller must hold what keeps the volume's I/O state while the GIL is released: its split\n"
+"epoch entered and a region lock over every block, and it keeps the ring's lock.\n"
+"\n"
+"Returns the new fetch cursor, the commands answered GOOD, their bytes, the PAD entries\n"
+"skipped, why it stopped (read_batch's codes; 1 the next entry is not a READ or WRITE either\n"
+"may answer, 5 `max_commands` made (call again), 6 a write failed or was short, 7 the next\n"
+"entry is a READ read_batch may answer) and that write's errno (0: none, or short).\n"
+"TypeError/ValueError for malformed arguments.");
+
+static PyObject *
+write_batch(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer ring;
+    unsigned int cmdr_off, cmdr_size, fetch, max_commands;
+    unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks;
+    int fd;
+    unsigned int block_size;
+    PyObject *checks, *busy;
+
+    if (!PyArg_ParseTuple(args, "w*IIKKIiKIKKIO!O!", &ring, &cmdr_off, &cmdr_size, &data_off,
+                          &map_size, &fetch, &fd, &num_blocks, &block_size, &max_bytes,
+                          &max_blocks, &max_commands, &PyTuple_Type, &checks, &PyTuple_Type,
+                          &busy))
+        return NULL;
+    uint8_t *map = ring.buf;
+    if (check_geometry(ring.len, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size)) {
+        PyBuffer_Release(&ring);
+        return NULL;
+    }
+    if (max_commands > MAX_WRITES)
+        max_commands = MAX_WRITES;
+    int why = check_conditions(checks, busy);
+    if (why < 0) {
+        PyBuffer_Release(&ring);
+        return NULL;
+    }
+    struct tcmu_mailbox *mb = (struct tcmu_mailbox *)map;
+    uint32_t head = __atomic_load_n(&mb->cmd_head, __ATOMIC_ACQUIRE);
+    if (why == STOP_HEAD && (head >= cmdr_size || head % TCMU_OP_ALIGN_SIZE))
+        why = STOP_OTHER;
+    /* the commands, each with the fetch cursor after it and the PADs skipped before it */
+    struct rw_cmd *cmds = PyMem_Malloc(sizeof(struct rw_cmd) * (max_commands ? max_commands : 1));
+    uint32_t *after = PyMem_Malloc(sizeof(uint32_t) * (max_commands ? max_commands : 1));
+    Py_ssize_t *pads_before = PyMem_Malloc(sizeof(Py_ssize_t) * (max_commands ? max_commands : 1));
+    if (cmds == NULL || after == NULL || pads_before == NULL) {
+        PyMem_Free(cmds);
+        PyMem_Free(after);
+        PyMem_Free(pads_before);
+        PyBuffer_Release(&ring);
+        return PyErr_NoMemory();
+    }
+    uint32_t n = 0, cur = fetch;
+    Py_ssize_t pads = 0;
+    while (why == STOP_HEAD && cur != head) {
+        if (n == max_commands) {
+            why = STOP_WRITE;           /* the batch is full: the caller calls again */
+            break;
+        }
+        int kind = parse_entry(map, cmdr_off, cmdr_size, data_off, map_size, cur, head,
+                               num_blocks, block_size, max_bytes, max_blocks, &cmds[n]);
+        if (kind == ENT_PAD) {
+            pads++;
+            cur = (cur + cmds[n].length) % cmdr_size;
+            continue;
+        }
+        if (kind != ENT_WRITE) {
+            why = kind == ENT_READ ? STOP_READ : STOP_OTHER;
+            break;
+        }
+        cur = (cur + cmds[n].length) % cmdr_size;
+        after[n] = cur;
+        pads_before[n] = pads;
+        n++;
+    }
+    /* the writes, without the GIL: every other thread runs meanwhile; the caller's epoch and
+     * region lock keep the volume's images and I/O as they were */
+    uint32_t written = 0;
+    int err = 0, failed = 0;
+    if (n) {
+        Py_BEGIN_ALLOW_THREADS
+        for (; written < n; written++) {
+            struct rw_cmd *c = &cmds[written];
+            ssize_t got = pwritev(fd, c->iov, (int)c->iov_cnt, (off_t)(c->lba * block_size));
+            if (got < 0 || (uint64_t)got != c->want) {
+                err = got < 0 ? errno : 0;
+                failed = 1;
+                break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    unsigned long long nbytes = 0;
+    for (uint32_t k = 0; k < written; k++) {
+        complete_good(map, cmdr_off, cmdr_size, cmds[k].cmd_id);
+        nbytes += cmds[k].want;
+    }
+    if (failed) {
+        why = STOP_MISS_WRITE;
+        fetch = written ? after[written - 1] : fetch;
+        pads = written ? pads_before[written - 1] : 0;
+    } else if (n) {
+        fetch = after[n - 1];
+        pads = pads_before[n - 1];
+    } else {
+        fetch = cur;                    /* PADs only: skipped */
+    }
+    PyMem_Free(cmds);
+    PyMem_Free(after);
+    PyMem_Free(pads_before);
+    PyBuffer_Release(&ring);
+    return Py_BuildValue("(InKnii)", fetch, (Py_ssize_t)written, nbytes, pads, why, err);
+}
+
 static PyMethodDef methods[] = {
     {"read_batch", read_batch, METH_VARARGS, read_batch_doc},
+    {"write_batch", write_batch, METH_VARARGS, write_batch_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -317,7 +498,11 @@ PyInit__fastread(void)
             || PyModule_AddIntConstant(m, "STOP_OTHER", STOP_OTHER)
             || PyModule_AddIntConstant(m, "STOP_STALE", STOP_STALE)
             || PyModule_AddIntConstant(m, "STOP_BUSY", STOP_BUSY)
-            || PyModule_AddIntConstant(m, "STOP_MISS", STOP_MISS)) {
+            || PyModule_AddIntConstant(m, "STOP_MISS", STOP_MISS)
+            || PyModule_AddIntConstant(m, "STOP_WRITE", STOP_WRITE)
+            || PyModule_AddIntConstant(m, "STOP_MISS_WRITE", STOP_MISS_WRITE)
+            || PyModule_AddIntConstant(m, "STOP_READ", STOP_READ)
+            || PyModule_AddIntConstant(m, "MAX_WRITES", MAX_WRITES)) {
         Py_DECREF(m);
         return NULL;
     }

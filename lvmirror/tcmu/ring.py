@@ -326,6 +326,31 @@ class CommandRing:
                     self._retire_idle_locked()
         return answered, nbytes, why
 
+    def fast_writes(self, write_batch, fd: int, num_blocks: int, block_size: int,
+                    max_bytes: int, max_blocks: int, max_commands: int, checks: tuple,
+                    busy: tuple):
+        """``fast_reads`` for ``write_batch`` (``lvmirror.tcmu._fastread.write_batch``): make
+        the WRITEs from the fetch cursor on, at most ``max_commands``, to ``fd``, holding the
+        ring's lock throughout - also while ``write_batch`` writes without the GIL, so no other
+        thread fetches or completes on this ring meanwhile. Returns ``(answered, nbytes, why,
+        err)``: commands completed GOOD (the caller notifies the kernel), their bytes, why it
+        stopped (``_fastread``'s STOP_*) and the errno of a write that failed (0: none).
+        ValueError/TypeError from ``write_batch`` for malformed arguments."""
+        with self._lock:
+            fetch, answered, nbytes, pads, why, err = write_batch(
+                self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
+                self._fetch, fd, num_blocks, block_size, max_bytes, max_blocks, max_commands,
+                checks, busy)
+            self._fetch = fetch
+            if answered or pads:
+                st = self.stats
+                st["fetched"] += answered
+                st["completed"] += answered
+                st["pads"] += pads
+                if self._outstanding == 0:
+                    self._retire_idle_locked()
+        return answered, nbytes, why, err
+
     # -- completing --------------------------------------------------------------------------
 
     def complete(self, cmd_id: int, status: int, sense: bytes = b"",

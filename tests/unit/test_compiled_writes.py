@@ -1,0 +1,533 @@
+"""The ring thread's compiled WRITE path (``write_batch`` in ``lvmirror/tcmu/_fastread.c``): on a
+ring the emulator fills byte for byte as the kernel does, then the real LunServer with a
+one-image volume - the bytes in the image, the ring's cursors and ids, every WRITE it must leave
+to the SCSI core (FUA, WRPROTECT, NACA, out of range, a write that fails), and the volumes and LU
+states under which it must not write (a mirror, a split or failed image's change tracking,
+write-through, write protection, region locks, held completions, unit attentions), and an image
+attached while it writes (the split epoch it entered is drained before the resync copies)."""
+
+import errno
+import os
+import random
+import resource
+import signal
+import threading
+import time
+
+import pytest
+
+from lvmirror.daemon import lunserver
+from lvmirror.daemon.metrics import render
+from lvmirror.errors import ImageIOError
+from lvmirror.mirror.volume import ImageState
+from lvmirror.scsi import parse_sense
+from lvmirror.tcmu.emulator import RingEmulator
+from lvmirror.tcmu.ring import CommandRing
+
+from tests.unit.test_compiled_reads import Obj, cdb16, reap
+from tests.unit.test_daemon_ring import BS, SIZE, cdb10, images, lab  # noqa: F401
+from tests.unit.test_volume_helpers import make_volume, run_thread
+
+fastread = pytest.importorskip("lvmirror.tcmu._fastread",
+                               reason="the compiled module is not built (tools/bootstrap)")
+
+NBLK = (1 << 20) // BS
+
+
+@pytest.fixture
+def ring(tmp_path):
+    """(emulator, CommandRing, image fd opened read-write, image path): a 1 MiB image of
+    random bytes."""
+    path = tmp_path / "img"
+    path.write_bytes(random.Random(9).randbytes(1 << 20))
+    fd = os.open(path, os.O_RDWR)
+    # a ring that is not a whole number of entries long: the emulator pads at its end
+    emu = RingEmulator(cmdr_size=(16 << 10) - 168, data_size=1 << 20)
+    r = CommandRing(emu.map, map_size=emu.map_size)
+    yield emu, r, fd, path
+    r.close()
+    emu.close()
+    os.close(fd)
+
+
+def writes(r, fd, *, max_bytes=64 << 10, max_commands=64, checks=(), busy=()):
+    """``CommandRing.fast_writes``: (answered, nbytes, why, err)."""
+    return r.fast_writes(fastread.write_batch, fd, NBLK, BS, max_bytes, 2048, max_commands,
+                         checks, busy)
+
+
+def reads(r, fd):
+    return r.fast_reads(fastread.read_batch, fd, 0, NBLK, BS, 64 << 10, 2048, (), ())
+
+
+def test_writes_land_in_the_image_and_reads_and_writes_take_turns_in_ring_order(ring):
+    """WRITE(10)/WRITE(16) are written whole and answered GOOD; each function stops at the
+    other's kind, so a READ queued after a WRITE of the same blocks returns the new bytes and
+    one queued before it the old."""
+    emu, r, fd, path = ring
+    old = path.read_bytes()
+    new = [os.urandom(8 * BS), os.urandom(BS)]
+    ids = [emu.submit(cdb10(0x28, 8, 8), data_in_len=8 * BS),
+           emu.submit(cdb10(0x2A, 8, 8), data_out=new[0]),
+           emu.submit(cdb10(0x28, 8, 8), data_in_len=8 * BS),
+           emu.submit(cdb16(0x8A, 100, 1), data_out=new[1])]
+    assert reads(r, fd) == (1, 8 * BS, fastread.STOP_WRITE)
+    assert writes(r, fd) == (1, 8 * BS, fastread.STOP_READ, 0)
+    assert reads(r, fd) == (1, 8 * BS, fastread.STOP_WRITE)
+    assert writes(r, fd) == (1, BS, fastread.STOP_HEAD, 0)
+    assert r.tail == r.head and r.outstanding == 0 and not r.fetch()
+    done = reap(emu, ids)
+    assert [done[i].status for i in ids] == [0, 0, 0, 0]
+    assert done[ids[0]].data_in == old[8 * BS:16 * BS]
+    assert done[ids[2]].data_in == new[0]
+    now = path.read_bytes()
+    assert now[8 * BS:16 * BS] == new[0] and now[100 * BS:101 * BS] == new[1]
+    assert now[:8 * BS] == old[:8 * BS] and now[16 * BS:100 * BS] == old[16 * BS:100 * BS]
+    assert emu.warnings == []
+
+
+@pytest.mark.parametrize("cdb, nbytes", [
+    (cdb10(0x2A, 0, 8, b1=0x08), 8 * BS),                     # FUA: durable before GOOD
+    (cdb16(0x8A, 0, 8, b1=0x08), 8 * BS),                     # FUA (16)
+    (cdb10(0x2A, 0, 8, b1=0x20), 8 * BS),                     # WRPROTECT: CHECK CONDITION
+    (cdb10(0x2A, 0, 8)[:9] + b"\x04", 8 * BS),                 # NACA: CHECK CONDITION
+    (cdb10(0x2A, NBLK - 4, 8), 8 * BS),                        # past the end
+    (cdb10(0x2A, 0, 0), 0),                                    # no data: GOOD with none
+    (cdb10(0x2A, 0, 8), 16 * BS),                              # Data-Out longer than the transfer
+    (cdb10(0x2A, 0, 200), 200 * BS),                           # more than max_bytes
+    (bytes([0x0A, 0, 0, 0, 8, 0]), 8 * BS),                    # WRITE(6): the SCSI core's
+    (cdb10(0x2E, 0, 8), 8 * BS),                               # WRITE AND VERIFY(10)
+    (cdb10(0x41, 0, 8), BS),                                   # WRITE SAME(10)
+    (bytes([0x00] * 6), 0),                                    # TEST UNIT READY
+])
+def test_commands_it_does_not_make_are_left_intact_for_the_python_fetch(ring, cdb, nbytes):
+    emu, r, fd, path = ring
+    before = path.read_bytes()
+    cid = emu.submit(cdb, data_out=os.urandom(nbytes)) if nbytes else emu.submit(cdb)
+    after = emu.submit(cdb10(0x2A, 0, 1), data_out=os.urandom(BS))
+    assert writes(r, fd) == (0, 0, fastread.STOP_OTHER, 0)
+    assert r.tail == 0 and path.read_bytes() == before
+    assert [(c.cmd_id, c.cdb) for c in r.fetch().commands] == [(cid, cdb), (after,
+                                                                         cdb10(0x2A, 0, 1))]
+
+
+def test_a_full_batch_says_call_again_and_pads_and_wrapping_keep_the_cursors(ring):
+    emu, r, fd, path = ring
+    ids = [emu.submit(cdb10(0x2A, k, 1), data_out=bytes([k]) * BS) for k in range(3)]
+    assert writes(r, fd, max_commands=2) == (2, 2 * BS, fastread.STOP_WRITE, 0)
+    assert writes(r, fd, max_commands=2) == (1, BS, fastread.STOP_HEAD, 0)
+    assert set(reap(emu, ids)) == set(ids)
+    rnd = random.Random(4)
+    expect = bytearray(path.read_bytes())
+    seen = 3
+    for _ in range(300):
+        want = []
+        for _ in range(rnd.randrange(1, 6)):
+            lba, n = rnd.randrange(1900), rnd.randrange(1, 17)
+            data = rnd.randbytes(n * BS)
+            want.append(emu.submit(cdb10(0x2A, lba, n), data_out=data))
+            expect[lba * BS:(lba + n) * BS] = data
+        assert writes(r, fd)[0::2] == (len(want), fastread.STOP_HEAD)
+        assert set(reap(emu, want)) == set(want)
+        seen += len(want)
+    assert r.stats["pads"] > 0 and r.stats["completed"] == seen
+    assert r.tail == r.head and emu.warnings == []
+    assert path.read_bytes() == bytes(expect)
+
+
+def test_a_write_that_fails_is_left_whole_to_the_python_path_after_those_before_it(ring):
+    """EBADF for the first of two WRITEs: nothing answered. EFBIG (the process's file size
+    limit) for the second: the first is answered, the second left at the fetch cursor with
+    its errno, for the Python path to write again and report."""
+    emu, r, fd, path = ring
+    rfd = os.open(path, os.O_RDONLY)
+    first = emu.submit(cdb10(0x2A, 0, 1), data_out=b"a" * BS)
+    second = emu.submit(cdb10(0x2A, NBLK - 1, 1), data_out=b"b" * BS)
+    try:
+        assert writes(r, rfd) == (0, 0, fastread.STOP_MISS_WRITE, errno.EBADF)
+    finally:
+        os.close(rfd)
+    assert r.tail == 0
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (512 << 10, old_limit[1]))
+    try:
+        got = writes(r, fd)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert got == (1, BS, fastread.STOP_MISS_WRITE, errno.EFBIG)
+    assert list(reap(emu, [first, second])) == [first]
+    assert [c.cmd_id for c in r.fetch().commands] == [second]
+    assert path.read_bytes()[:BS] == b"a" * BS
+
+
+def test_its_conditions_are_read_when_it_starts(ring):
+    emu, r, fd, path = ring
+    o = Obj()
+    o.epoch, o.held = "e1", None
+    checks = ((o, "epoch", fastread.CHECK_IS, o.epoch),)
+    busy = ((o, "held", fastread.CHECK_IS, None),)
+    before = path.read_bytes()
+    cid = emu.submit(cdb10(0x2A, 0, 1), data_out=os.urandom(BS))
+    o.epoch = "e2"                              # a split switched the epoch
+    assert writes(r, fd, checks=checks, busy=busy)[2] == fastread.STOP_STALE
+    o.epoch = checks[0][3]
+    o.held = []                                 # completions held for a group split
+    assert writes(r, fd, checks=checks, busy=busy)[2] == fastread.STOP_BUSY
+    assert path.read_bytes() == before and r.tail == 0
+    o.held = None
+    assert writes(r, fd, checks=checks, busy=busy) == (1, BS, fastread.STOP_HEAD, 0)
+    assert reap(emu, [cid])[cid].status == 0
+
+
+def test_malformed_arguments_raise_and_write_nothing(ring):
+    emu, r, fd, path = ring
+    before = path.read_bytes()
+    emu.submit(cdb10(0x2A, 0, 1), data_out=os.urandom(BS))
+    with pytest.raises(ValueError):
+        fastread.write_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off, r.map_size + 4096, 0,
+                             fd, 100, BS, 4096, 8, 64, (), ())
+    with pytest.raises(TypeError):
+        fastread.write_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off, r.map_size, 0,
+                             fd, 100, BS, 4096, 8, 64, ((1, 2),), ())
+    assert r.tail == 0 and path.read_bytes() == before and len(r.fetch().commands) == 1
+
+
+def test_it_releases_the_gil_while_it_writes(ring):
+    """The writes run without the GIL: another Python thread runs meanwhile (with a switch
+    interval of 0.5 s, a thread holding the GIL for the call's milliseconds would not let it)."""
+    import sys
+    emu, r, fd, path = ring
+    ids = [emu.submit(cdb10(0x2A, 128 * k, 128), data_out=os.urandom(128 * BS))
+           for k in range(12)]
+    count = [0]
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            count[0] += 1
+
+    old = sys.getswitchinterval()
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        time.sleep(0.05)
+        sys.setswitchinterval(0.5)
+        before = count[0]
+        got = writes(r, fd)
+        after = count[0]
+    finally:
+        sys.setswitchinterval(old)
+        stop.set()
+        t.join()
+    assert got == (12, 12 * 128 * BS, fastread.STOP_HEAD, 0)
+    assert after > before
+    assert set(reap(emu, ids)) == set(ids)
+
+
+def test_begin_fast_writes_holds_every_block_and_the_epoch(tmp_path):
+    """What the compiled path writes inside: an exclusive region lock over every block (no
+    other I/O, nor another such lock, meanwhile) and the split epoch entered (closing the
+    volume - as a split or an image failure switching the epoch - waits for
+    ``end_fast_writes``), taken only when no other lock is held."""
+    vol, _, paths = make_volume(tmp_path, 1)
+    st = vol._images[0].storage
+    source = vol.fast_write_source()
+    assert source is not None and source[0] is st
+    token = vol.begin_fast_writes()
+    assert token is not None
+    assert vol.locks.try_lock(0, 1) is None
+    assert vol.locks.try_lock(vol.num_blocks - 1, 1) is None
+    assert vol._epoch.inflight == 1
+    assert vol.begin_fast_writes() is None
+    t, box = run_thread(vol.close)
+    time.sleep(0.3)
+    assert t.is_alive()                      # waits for the writes in flight
+    s0 = dict(vol.stats)
+    vol.end_fast_writes(token, st, 3, 3 * BS)
+    t.join(10)
+    assert not t.is_alive() and "error" not in box
+    assert vol.stats["writes"] - s0["writes"] == 3
+    assert vol.stats["bytes_written"] - s0["bytes_written"] == 3 * BS
+
+
+def test_a_mirror_offers_no_write_source(tmp_path):
+    vol, _, _ = make_volume(tmp_path, 2)
+    try:
+        assert vol.fast_read_source() is not None and vol.fast_write_source() is None
+        vol.split(0)                          # one image written, the split one tracked
+        assert vol.fast_write_source() is None
+    finally:
+        vol.close()
+
+
+# -- the LunServer -----------------------------------------------------------------------------
+
+
+def test_the_lun_writes_only_inside_begin_and_end_fast_writes(lab, tmp_path, monkeypatch):
+    """Seen from another thread while ``write_batch`` runs: every block locked, the epoch
+    entered; both left afterwards."""
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 39)
+    vol = lun.volume
+    seen = []
+    real = fastread.write_batch
+
+    def spy(*args):
+        seen.append((vol.locks.try_lock(7, 1) is None, vol._epoch.inflight))
+        return real(*args)
+
+    monkeypatch.setattr(fastread, "write_batch", spy)
+    assert _write(lun, emu, 8, os.urandom(8 * BS)) == (0, None, True)
+    assert seen and all(s == (True, 1) for s in seen)
+    assert not vol.locks._held and vol._epoch.inflight == 0
+
+def _one_image_lun(lab, tmp_path, seed):
+    """A one-image LUN whose first 64 blocks hold random data written through the ring:
+    (emulator, LunServer, image path, the data)."""
+    (path,) = images(tmp_path, 1)
+    emu, lun, _ = lab(f"vol1;images={path}")
+    assert lun.error is None
+    data = random.Random(seed).randbytes(64 * BS)
+    wid = emu.submit(cdb10(0x2A, 0, 64), data_out=data)
+    assert emu.wait([wid])[wid].status == 0
+    return emu, lun, path, data
+
+
+def _write(lun, emu, lba, data, b1=0, timeout=10.0):
+    """WRITE(10) ``data`` at ``lba`` through the ring: (status, sense, whether the compiled
+    path made it)."""
+    before = lun.compiled_writes
+    cid = emu.submit(cdb10(0x2A, lba, len(data) // BS, b1=b1), data_out=data)
+    c = emu.wait([cid], timeout)[cid]
+    return c.status, parse_sense(c.sense) if c.status else None, lun.compiled_writes > before
+
+
+def _read(emu, lba, n):
+    cid = emu.submit(cdb10(0x28, lba, n), data_in_len=n * BS)
+    c = emu.wait([cid])[cid]
+    assert c.status == 0, parse_sense(c.sense)
+    return c.data_in
+
+
+def test_a_one_image_lun_makes_its_writes_on_the_compiled_path_and_counts_them(lab, tmp_path):
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 31)
+    vol, img = lun.volume, lun.volume._images[0].storage
+    io0, st0 = dict(vol.stats), dict(img.stats)
+    hist0 = lun.latency.snapshot()["write"]["count"]
+    c0, i0 = lun.compiled_writes, lun.inline
+    new = [os.urandom(8 * BS) for _ in range(8)]
+    ids = [emu.submit(cdb10(0x2A, 8 * k, 8), data_out=new[k]) for k in range(8)]
+    assert all(c.status == 0 for c in emu.wait(ids).values())
+    assert lun.compiled_writes - c0 == 8 and lun.inline - i0 >= 8
+    assert vol.stats["writes"] - io0["writes"] == 8
+    assert vol.stats["bytes_written"] - io0["bytes_written"] == 64 * BS
+    assert img.stats["writes"] - st0["writes"] == 8
+    assert lun.latency.snapshot()["write"]["count"] - hist0 == 8
+    assert not vol.locks._held and vol._epoch.inflight == 0      # lock and epoch left
+    with open(path, "rb") as f:
+        assert f.read(64 * BS) == b"".join(new)
+    assert _read(emu, 0, 64) == b"".join(new)
+    text = render({"volumes": {}, "luns": [{"name": "m", "error": None, "commands": 1,
+                                            "compiled_writes": lun.compiled_writes}]})
+    assert f'lvmirror_lun_compiled_writes_total{{lun="m"}} {lun.compiled_writes}' in text
+
+
+def test_fua_and_write_through_writes_are_the_python_paths(lab, tmp_path):
+    """FUA (SBC-4 5.40) and a write-through LU (WCE 0: every write is durable before GOOD)
+    wait for the device: the Python path writes them, with fdatasync."""
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 32)
+    new = os.urandom(8 * BS)
+    assert _write(lun, emu, 0, new, b1=0x08) == (0, None, False)
+    lun.lu.write_cache = False
+    try:
+        assert _write(lun, emu, 8, new) == (0, None, False)
+    finally:
+        lun.lu.write_cache = True
+    assert _write(lun, emu, 16, new) == (0, None, True)
+    assert _read(emu, 0, 24) == new * 3
+
+
+def test_a_write_protected_lu_answers_data_protect(lab, tmp_path):
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 33)
+    assert _write(lun, emu, 0, os.urandom(8 * BS)) == (0, None, True)
+    lun.lu.read_only = True
+    try:
+        status, sense, compiled = _write(lun, emu, 8, os.urandom(8 * BS))
+        assert (status, sense[:2], compiled) == (2, (7, 0x27), False)    # WRITE PROTECTED
+    finally:
+        lun.lu.read_only = False
+    assert _read(emu, 8, 8) == data[8 * BS:16 * BS]
+
+
+@pytest.mark.parametrize("how", ["split", "failed"])
+def test_a_mirror_and_a_split_or_degraded_mirror_write_on_the_python_path(lab, tmp_path, how):
+    """Two images: each write goes to both and to the write-intent log. After image 0 is split
+    off (or fails), one image is written but the split (failed) image's change bitmap must mark
+    every write, so that resync copies only those (split rule 5): still the Python path, and
+    the bitmap marks it; the split image keeps T."""
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol2;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    new = os.urandom(8 * BS)
+    assert _write(lun, emu, 0, new) == (0, None, False)
+    vol = lun.volume
+    img = vol._images[0]
+    if how == "split":
+        vol.split(0)
+        assert img.state is ImageState.SPLIT
+    else:
+        vol._image_error(img, ImageIOError(img.storage, 5, "injected", op="write", offset=0,
+                                           length=BS), 0, BS)
+        assert img.state is ImageState.FAILED
+        vol._torn.clear()           # (the failed write's torn range; not what this checks)
+    assert img.bitmap is not None
+    assert vol.fast_read_source() is not None       # reads could be compiled; writes not
+    for k in range(1, 5):
+        far = k * SIZE // 5 // BS
+        assert _write(lun, emu, far, new) == (0, None, False)
+        assert img.bitmap.all_dirty(far * BS, 8 * BS)
+        for p, want in ((paths[1], new), (paths[0], bytes(8 * BS))):
+            with open(p, "rb") as f:
+                f.seek(far * BS)
+                assert f.read(8 * BS) == want
+    assert lun.compiled_writes == 0
+
+
+def test_a_held_region_lock_keeps_compiled_writes_out(lab, tmp_path):
+    """A region lock anywhere (another write, a D-Bus client's lock): a WRITE of the held
+    range waits for it (overlapping I/O is serialised), one elsewhere is the Python path's."""
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 34)
+    new = os.urandom(8 * BS)
+    hold = lun.volume.locks.lock(0, 8)
+    try:
+        assert _write(lun, emu, 32, new) == (0, None, False)
+        wid = emu.submit(cdb10(0x2A, 0, 8), data_out=new)
+        time.sleep(0.3)
+        assert wid not in emu.completions
+        with open(path, "rb") as f:
+            assert f.read(8 * BS) == data[:8 * BS]
+    finally:
+        hold.release()
+    assert emu.wait([wid])[wid].status == 0
+    assert _write(lun, emu, 40, new) == (0, None, True)
+    assert _read(emu, 0, 8) == new
+
+
+def test_held_completions_and_unit_attentions_come_first(lab, tmp_path):
+    """While a consistency group's split holds the LUN's completions, a WRITE is not answered
+    until the release; a pending unit attention is reported before any WRITE runs."""
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 35)
+    lun.hold(max_seconds=5)
+    try:
+        c0 = lun.compiled_writes
+        wid = emu.submit(cdb10(0x2A, 0, 8), data_out=os.urandom(8 * BS))
+        time.sleep(0.3)
+        assert wid not in emu.completions and lun.compiled_writes == c0
+    finally:
+        lun.release()
+    assert emu.wait([wid])[wid].status == 0
+    lun.lu.capacity_changed()
+    new = os.urandom(8 * BS)
+    status, sense, compiled = _write(lun, emu, 8, new)
+    assert (status, sense, compiled) == (2, (6, 0x2A, 0x09), False)   # CAPACITY DATA CHANGED
+    assert _read(emu, 8, 8) == data[8 * BS:16 * BS]                   # not written
+    assert _write(lun, emu, 8, new) == (0, None, True)
+
+
+def test_compiled_writes_can_be_turned_off_and_step_aside_after_a_slow_write(lab, tmp_path,
+                                                                          monkeypatch):
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 36)
+    new = os.urandom(8 * BS)
+    lun._inline_after = time.monotonic() + 60         # a write took longer than INLINE_SLOW
+    assert _write(lun, emu, 0, new) == (0, None, False)
+    lun._inline_after = 0.0
+    assert _write(lun, emu, 0, new) == (0, None, True)
+    monkeypatch.setattr(lunserver, "COMPILED_WRITES", False)
+    lun._fast = None
+    assert _write(lun, emu, 8, new) == (0, None, False)
+    assert _read(emu, 0, 16) == new * 2
+
+
+def test_a_write_the_image_refuses_is_reported_by_the_python_path(lab, tmp_path):
+    """The image refuses a write (EFBIG here, the process's file size limit): the compiled
+    path leaves it, and the Python path writes it again and answers CHECK CONDITION; the
+    writes before and after it are answered GOOD."""
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 37)
+    ok = os.urandom(8 * BS)
+    assert _write(lun, emu, 0, ok) == (0, None, True)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (SIZE // 2, old_limit[1]))
+    try:
+        c0 = lun.compiled_writes
+        status, sense, _ = _write(lun, emu, SIZE // BS - 8, os.urandom(8 * BS))
+        assert lun.compiled_writes == c0
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert (status, sense[:2]) == (2, (3, 0x0C)), sense    # MEDIUM ERROR, WRITE ERROR
+    # its last image failed: the LUN tells the initiator, NOT READY (multipath acts on it)
+    cid = emu.submit(cdb10(0x28, 0, 8), data_in_len=8 * BS)
+    c = emu.wait([cid])[cid]
+    assert (c.status, parse_sense(c.sense)[0]) == (2, 2)
+
+
+def test_an_image_attached_while_it_writes_ends_identical(lab, tmp_path):
+    """The compiled path writes without the GIL inside the split epoch it entered: an image
+    attached meanwhile (a new epoch with two images to write, a full resync) must get every
+    write - those made in the old epoch are drained before the resync copies, those after go
+    to both. A writer at queue depth 16 runs through the attach and the resync; afterwards the
+    two images are byte for byte the same and every block holds its last write."""
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 38)
+    vol = lun.volume
+    stop = threading.Event()
+    expect = {}
+    errors = []
+
+    def writer():
+        rnd = random.Random(5)
+        inflight = {}
+        while not stop.is_set() or inflight:
+            while len(inflight) < 16 and not stop.is_set():
+                lba = rnd.randrange(SIZE // BS // 8) * 8
+                if any(abs(lba - other) < 8 for other in inflight.values()):
+                    continue            # no two overlapping writes in flight: order is theirs
+                blob = rnd.randbytes(8 * BS)
+                cid = emu.submit(cdb10(0x2A, lba, 8), data_out=blob)
+                inflight[cid] = lba
+                expect[lba] = blob
+            try:
+                got = emu.wait_any(set(inflight), timeout=20)
+            except TimeoutError as exc:
+                errors.append(exc)
+                return
+            for cid in got:
+                if emu.completions[cid].status != 0:
+                    errors.append(emu.completions[cid])
+                del inflight[cid]
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(0.3)
+        c0 = lun.compiled_writes
+        second = os.path.join(tmp_path, "img-attached")
+        idx = vol.attach(second)
+        time.sleep(0.3)
+        for job in list(vol.jobs.values()):
+            assert job.wait(60)
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join(60)
+    assert not errors, errors[:3]
+    assert c0 > 0                       # compiled writes ran before the attach
+    assert vol._images[idx].state is ImageState.IN_SYNC
+    vol.flush()
+    with open(path, "rb") as f0, open(second, "rb") as f1:
+        a, b = f0.read(), f1.read()
+    assert a == b
+    for lba, blob in expect.items():
+        assert a[lba * BS:(lba + 8) * BS] == blob
