@@ -730,10 +730,14 @@ class LunServer:
         storage, _, checks, busy = src
         backend = lu.backend
         kinds = _CHECK_KINDS
+        # (the write cache and write protection as they are now: a change arms WRITEs again,
+        # on or off - MODE SELECT, the backstore's emulate_write_cache, ALUA)
         own = ((self, "lu", kinds["is"], lu), (self, "backend", kinds["is"], target),
                (self, "error", kinds["is"], None), (lu, "backend", kinds["is"], backend),
                (backend, "num_blocks", kinds["eq"], backend.num_blocks),
-               (lu, "_unit_attentions", kinds["falsy"], None))
+               (lu, "_unit_attentions", kinds["falsy"], None),
+               (lu, "write_cache", kinds["is"], lu.write_cache),
+               (lu, "read_only", kinds["is"], lu.read_only))
         hold = ((self, "_holding", kinds["is"], None),)
         checks = tuple((o, a, kinds[k], v) for o, a, k, v in checks) + own
         busy = tuple((o, a, kinds[k], v) for o, a, k, v in busy) + hold
@@ -743,8 +747,7 @@ class LunServer:
             wsrc = wsource() if wsource is not None else None
             if wsrc is not None:
                 wstorage = wsrc[0]
-                wchecks = tuple((o, a, kinds[k], v) for o, a, k, v in wsrc[1]) + own + (
-                    (lu, "write_cache", kinds["is"], True), (lu, "read_only", kinds["is"], False))
+                wchecks = tuple((o, a, kinds[k], v) for o, a, k, v in wsrc[1]) + own
         return _Armed(storage, target, backend.num_blocks, backend.block_size,
                       min(INLINE_READ_MAX, lu.max_accept_blocks * backend.block_size),
                       min(INLINE_WRITE_MAX, lu.max_accept_blocks * backend.block_size),
@@ -777,6 +780,7 @@ class LunServer:
             return 0, False
         done = 0
         why = _fastread.STOP_WRITE
+        rearmed = False
         for _ in range(COMPILED_TURNS):
             if COMPILED_READS:
                 t0 = time.monotonic()
@@ -784,7 +788,18 @@ class LunServer:
                     _fastread.read_batch, storage.fd, rwf, fast.num_blocks, fast.block_size,
                     fast.max_read, fast.max_blocks, fast.checks, fast.busy)
                 if why == _fastread.STOP_STALE:
-                    self._fast = None               # armed again at the next turn
+                    self._fast = None               # armed again: now, once, or next turn
+                    if not rearmed:
+                        rearmed = True
+                        fast = self._fast = self._arm_compiled()
+                        if fast is not None:
+                            storage = fast.storage
+                            rwf = storage.nowait_flags()
+                            if rwf is not None:
+                                continue
+                            self._fast = None
+                        self._fast_retry = time.monotonic() + COMPILED_READS_RETRY
+                    break
                 if n:
                     done += n
                     self.commands += n

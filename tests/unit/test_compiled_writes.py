@@ -341,11 +341,13 @@ def test_fua_and_write_through_writes_are_the_python_paths(lab, tmp_path):
     assert _write(lun, emu, 0, new, b1=0x08) == (0, None, False)
     lun.lu.write_cache = False
     try:
-        assert _write(lun, emu, 8, new) == (0, None, False)
+        for lba in (8, 16, 24):       # (armed again meanwhile, with the write cache off)
+            assert _write(lun, emu, lba, new) == (0, None, False)
+            time.sleep(0.05)
     finally:
-        lun.lu.write_cache = True
-    assert _write(lun, emu, 16, new) == (0, None, True)
-    assert _read(emu, 0, 24) == new * 3
+        lun.lu.write_cache = True     # as the backstore's emulate_write_cache=1 does later
+    assert _write(lun, emu, 32, new) == (0, None, True)
+    assert _read(emu, 0, 40) == new * 5
 
 
 def test_a_write_protected_lu_answers_data_protect(lab, tmp_path):
@@ -353,11 +355,14 @@ def test_a_write_protected_lu_answers_data_protect(lab, tmp_path):
     assert _write(lun, emu, 0, os.urandom(8 * BS)) == (0, None, True)
     lun.lu.read_only = True
     try:
-        status, sense, compiled = _write(lun, emu, 8, os.urandom(8 * BS))
-        assert (status, sense[:2], compiled) == (2, (7, 0x27), False)    # WRITE PROTECTED
+        for lba in (8, 16):           # (armed again meanwhile, write-protected)
+            status, sense, compiled = _write(lun, emu, lba, os.urandom(8 * BS))
+            assert (status, sense[:2], compiled) == (2, (7, 0x27), False)    # WRITE PROTECTED
+            time.sleep(0.05)
     finally:
         lun.lu.read_only = False
-    assert _read(emu, 8, 8) == data[8 * BS:16 * BS]
+    assert _read(emu, 8, 16) == data[8 * BS:24 * BS]
+    assert _write(lun, emu, 8, os.urandom(8 * BS)) == (0, None, True)
 
 
 @pytest.mark.parametrize("how", ["split", "failed"])
