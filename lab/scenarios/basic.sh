@@ -61,19 +61,18 @@ TC
   # READs the page cache holds are answered by the ring thread's compiled path on the kernel's
   # own ring (lvmirror/tcmu/_fastread.c): 4 KiB and 64 KiB reads of what was just written return
   # it, and the LUN's compiled_reads count (lvmirror status) grew
-  local c0 c1
-  compiled_reads() { timeout 60 lvmirror --json status 2>/dev/null | $PY -c '
+  local c0
+  lun_count() {  # lun_count KEY LUN: the LUN's counter KEY in lvmirror status
+    timeout 60 lvmirror --json status 2>/dev/null | $PY -c '
 import json, sys
-print(sum(l.get("compiled_reads", 0) for l in json.load(sys.stdin)["luns"] if l["name"] == "m2"))'; }
-  c0=$(compiled_reads)
+print(sum(l.get(sys.argv[1], 0) for l in json.load(sys.stdin)["luns"] if l["name"] == sys.argv[2]))' "$1" "$2"; }
+  grew() {  # grew CHECK BEFORE AFTER OF: CHECK ok when a counter grew (by how much, of OF commands)
+    if [ -n "$2" ] && [ -n "$3" ] && [ "$3" -gt "$2" ]; then result $1 ok commands=$(($3 - $2)) of=$4
+    else result $1 fail before="$2" after="$3"; fi; }
+  c0=$(lun_count compiled_reads m2)
   if dd if=$d0 of=/run/pat4k bs=4k count=2048 iflag=direct status=none && cmp /run/pat /run/pat4k \
      && dd if=$d0 of=/run/pat64k bs=64k count=128 iflag=direct status=none && cmp /run/pat /run/pat64k; then
-    c1=$(compiled_reads)
-    if [ -n "$c0" ] && [ -n "$c1" ] && [ "$c1" -gt "$c0" ]; then
-      result compiled_reads_on_the_kernel_ring ok reads=$((c1 - c0)) of=2176
-    else
-      result compiled_reads_on_the_kernel_ring fail before="$c0" after="$c1"
-    fi
+    grew compiled_reads_on_the_kernel_ring "$c0" "$(lun_count compiled_reads m2)" 2176
   else
     result compiled_reads_on_the_kernel_ring fail why="the data read back differs"
   fi
@@ -108,10 +107,7 @@ print(sum(l.get("compiled_reads", 0) for l in json.load(sys.stdin)["luns"] if l[
   # write-through LU's writes are durable before GOOD, the Python path's): 4 KiB and 64 KiB
   # O_DIRECT writes through open-iscsi land in the image (ext4) byte for byte and read back, and
   # the LUN's compiled_writes count grew. The LUN (m1, LUN 9) is removed again, initiator first.
-  local d9 w0 w1
-  compiled_writes() { timeout 60 lvmirror --json status 2>/dev/null | $PY -c '
-import json, sys
-print(sum(l.get("compiled_writes", 0) for l in json.load(sys.stdin)["luns"] if l["name"] == "m1"))'; }
+  local d9 w0
   tcli <<TC
 set global auto_save_on_exit=false
 /backstores/user:lvmirror create name=m1 size=64M cfgstring=vol1;images=/run/scratch/v1a.img control=nl_reply_supported=-1
@@ -120,18 +116,13 @@ set global auto_save_on_exit=false
 TC
   rescan
   for i in $(seq 20); do d9=$(lun_dev 9); [ -b "$d9" ] && break; sleep 0.5; rescan; done
-  w0=$(compiled_writes)
+  w0=$(lun_count compiled_writes m1)
   if [ -b "$d9" ] && dd if=/run/pat of=$d9 bs=4k oflag=direct status=none \
      && cmp -n 8388608 /run/pat /run/scratch/v1a.img \
      && dd if=/dev/zero of=$d9 bs=64k count=128 oflag=direct status=none \
      && dd if=/run/pat of=$d9 bs=64k oflag=direct status=none \
      && cmp -n 8388608 /run/pat /run/scratch/v1a.img && cmp -n 8388608 /run/pat $d9; then
-    w1=$(compiled_writes)
-    if [ -n "$w0" ] && [ -n "$w1" ] && [ "$w1" -gt "$w0" ]; then
-      result compiled_writes_on_the_kernel_ring ok writes=$((w1 - w0)) of=2304
-    else
-      result compiled_writes_on_the_kernel_ring fail before="$w0" after="$w1"
-    fi
+    grew compiled_writes_on_the_kernel_ring "$w0" "$(lun_count compiled_writes m1)" 2304
   else
     result compiled_writes_on_the_kernel_ring fail dev="$d9" why="no device, or the data in the image or read back differs"
   fi

@@ -240,35 +240,40 @@ parse_entry(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_o
     return is_write ? ENT_WRITE : ENT_READ;
 }
 
-/* The ring geometry and cursor checks both entry points make: 0, or -1 with ValueError set. */
+/* What both entry points do first: check the ring's geometry and the fetch cursor (ValueError),
+ * read the conditions (`checks` then `busy`) and the kernel's cmd_head. Returns STOP_HEAD when
+ * the batch may start, STOP_STALE/STOP_BUSY when a condition does not hold, STOP_OTHER for a
+ * cmd_head that is not a ring offset (ring.py's fetch logs it), or -1 with an exception set and
+ * `ring` released. */
 static int
-check_geometry(Py_ssize_t len, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
-               uint64_t map_size, uint32_t fetch, uint32_t block_size)
+begin_batch(Py_buffer *ring, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
+            uint64_t map_size, uint32_t fetch, uint32_t block_size, PyObject *checks,
+            PyObject *busy, uint32_t *head)
 {
-    if ((unsigned long long)len < map_size || map_size < sizeof(struct tcmu_mailbox)
+    if ((unsigned long long)ring->len < map_size || map_size < sizeof(struct tcmu_mailbox)
             || cmdr_off < sizeof(struct tcmu_mailbox) || cmdr_size < sizeof(struct tcmu_cmd_entry)
             || (unsigned long long)cmdr_off + cmdr_size > data_off || data_off > map_size
             || fetch >= cmdr_size || fetch % TCMU_OP_ALIGN_SIZE || block_size == 0) {
         PyErr_SetString(PyExc_ValueError, "ring geometry or fetch cursor out of range");
+        PyBuffer_Release(ring);
         return -1;
     }
-    return 0;
-}
-
-/* The conditions, read first: STOP_HEAD when both hold, STOP_STALE/STOP_BUSY when one does
- * not, -1 with an exception set on a malformed tuple. */
-static int
-check_conditions(PyObject *checks, PyObject *busy)
-{
     int ok = conditions_hold(checks);
-    if (ok < 0)
-        return -1;
     if (ok == 0)
         return STOP_STALE;
-    ok = conditions_hold(busy);
-    if (ok < 0)
+    if (ok > 0)
+        ok = conditions_hold(busy);
+    if (ok < 0) {
+        PyBuffer_Release(ring);
         return -1;
-    return ok ? STOP_HEAD : STOP_BUSY;
+    }
+    if (ok == 0)
+        return STOP_BUSY;
+    struct tcmu_mailbox *mb = (struct tcmu_mailbox *)ring->buf;
+    *head = __atomic_load_n(&mb->cmd_head, __ATOMIC_ACQUIRE);
+    if (*head >= cmdr_size || *head % TCMU_OP_ALIGN_SIZE)
+        return STOP_OTHER;
+    return STOP_HEAD;
 }
 
 PyDoc_STRVAR(read_batch_doc,
@@ -309,19 +314,11 @@ read_batch(PyObject *Py_UNUSED(self), PyObject *args)
     uint8_t *map = ring.buf;
     Py_ssize_t answered = 0, pads = 0;
     unsigned long long nbytes = 0;
-    if (check_geometry(ring.len, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size)) {
-        PyBuffer_Release(&ring);
+    uint32_t head = 0;
+    int why = begin_batch(&ring, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size,
+                          checks, busy, &head);
+    if (why < 0)
         return NULL;
-    }
-    int why = check_conditions(checks, busy);
-    if (why < 0) {
-        PyBuffer_Release(&ring);
-        return NULL;
-    }
-    struct tcmu_mailbox *mb = (struct tcmu_mailbox *)map;
-    uint32_t head = __atomic_load_n(&mb->cmd_head, __ATOMIC_ACQUIRE);
-    if (why == STOP_HEAD && (head >= cmdr_size || head % TCMU_OP_ALIGN_SIZE))
-        why = STOP_OTHER;               /* ring.py's fetch logs it */
     struct rw_cmd c;
     while (why == STOP_HEAD && fetch != head) {
         int kind = parse_entry(map, cmdr_off, cmdr_size, data_off, map_size, fetch, head,
@@ -386,21 +383,13 @@ write_batch(PyObject *Py_UNUSED(self), PyObject *args)
                           &busy))
         return NULL;
     uint8_t *map = ring.buf;
-    if (check_geometry(ring.len, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size)) {
-        PyBuffer_Release(&ring);
-        return NULL;
-    }
     if (max_commands > MAX_WRITES)
         max_commands = MAX_WRITES;
-    int why = check_conditions(checks, busy);
-    if (why < 0) {
-        PyBuffer_Release(&ring);
+    uint32_t head = 0;
+    int why = begin_batch(&ring, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size,
+                          checks, busy, &head);
+    if (why < 0)
         return NULL;
-    }
-    struct tcmu_mailbox *mb = (struct tcmu_mailbox *)map;
-    uint32_t head = __atomic_load_n(&mb->cmd_head, __ATOMIC_ACQUIRE);
-    if (why == STOP_HEAD && (head >= cmdr_size || head % TCMU_OP_ALIGN_SIZE))
-        why = STOP_OTHER;
     /* the commands, each with the fetch cursor after it and the PADs skipped before it */
     struct rw_cmd *cmds = PyMem_Malloc(sizeof(struct rw_cmd) * (max_commands ? max_commands : 1));
     uint32_t *after = PyMem_Malloc(sizeof(uint32_t) * (max_commands ? max_commands : 1));

@@ -301,6 +301,19 @@ class CommandRing:
         bidi = [mv[b:b + ln] for b, ln in iovecs[iov_cnt:] if ln]
         return Command(cmd_id, cdb, iovecs[:iov_cnt], views, bidi, fetched)
 
+    def _fast_done_locked(self, fetch: int, answered: int, pads: int) -> None:
+        """After a compiled batch (``fast_reads``, ``fast_writes``): the new fetch cursor, its
+        ``answered`` commands (fetched and completed at once) and ``pads`` in the statistics;
+        with nothing outstanding, retire the entries it skipped."""
+        self._fetch = fetch
+        if answered or pads:
+            st = self.stats
+            st["fetched"] += answered
+            st["completed"] += answered
+            st["pads"] += pads
+            if self._outstanding == 0:
+                self._retire_idle_locked()
+
     def fast_reads(self, read_batch, fd: int, rwf: int, num_blocks: int, block_size: int,
                    max_bytes: int, max_blocks: int, checks: tuple, busy: tuple):
         """Let ``read_batch`` (``lvmirror.tcmu._fastread.read_batch``, the compiled path) answer
@@ -316,14 +329,7 @@ class CommandRing:
                 self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
                 self._fetch, fd, rwf, num_blocks, block_size, max_bytes, max_blocks, checks,
                 busy)
-            self._fetch = fetch
-            if answered or pads:
-                st = self.stats
-                st["fetched"] += answered
-                st["completed"] += answered
-                st["pads"] += pads
-                if self._outstanding == 0:
-                    self._retire_idle_locked()
+            self._fast_done_locked(fetch, answered, pads)
         return answered, nbytes, why
 
     def fast_writes(self, write_batch, fd: int, num_blocks: int, block_size: int,
@@ -341,14 +347,7 @@ class CommandRing:
                 self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
                 self._fetch, fd, num_blocks, block_size, max_bytes, max_blocks, max_commands,
                 checks, busy)
-            self._fetch = fetch
-            if answered or pads:
-                st = self.stats
-                st["fetched"] += answered
-                st["completed"] += answered
-                st["pads"] += pads
-                if self._outstanding == 0:
-                    self._retire_idle_locked()
+            self._fast_done_locked(fetch, answered, pads)
         return answered, nbytes, why, err
 
     # -- completing --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ data, the ring's cursors and ids, every command it must leave to the SCSI core, 
 conditions (split, failed image, region locks, held completions, unit attentions) under which
 it must not answer."""
 
+import contextlib
 import inspect
 import os
 import random
@@ -36,21 +37,30 @@ class Obj:
     """A plain object to hang the conditions on."""
 
 
-@pytest.fixture
-def ring(tmp_path):
-    """(emulator, CommandRing, image fd, image bytes): a 1 MiB image file of random bytes,
-    read through the page cache."""
-    data = random.Random(7).randbytes(1 << 20)
+@contextlib.contextmanager
+def ring_on_image(tmp_path, flags, seed):
+    """(emulator, CommandRing, image fd opened with ``flags``, image path, image bytes): a
+    1 MiB image file of random bytes (``seed``), and a ring that is not a whole number of
+    entries long (the emulator pads at its end)."""
+    data = random.Random(seed).randbytes(1 << 20)
     path = tmp_path / "img"
     path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    # a ring that is not a whole number of entries long: the emulator pads at its end
+    fd = os.open(path, flags)
     emu = RingEmulator(cmdr_size=(16 << 10) - 168, data_size=1 << 20)
     r = CommandRing(emu.map, map_size=emu.map_size)
-    yield emu, r, fd, data
-    r.close()
-    emu.close()
-    os.close(fd)
+    try:
+        yield emu, r, fd, path, data
+    finally:
+        r.close()
+        emu.close()
+        os.close(fd)
+
+
+@pytest.fixture
+def ring(tmp_path):
+    """(emulator, CommandRing, image fd, image bytes): read through the page cache."""
+    with ring_on_image(tmp_path, os.O_RDONLY, 7) as (emu, r, fd, _, data):
+        yield emu, r, fd, data
 
 
 def batch(r, fd, *, rwf=0, num_blocks=(1 << 20) // BS, max_bytes=64 << 10, max_blocks=2048,

@@ -21,10 +21,7 @@ from lvmirror.daemon.metrics import render
 from lvmirror.errors import ImageIOError
 from lvmirror.mirror.volume import ImageState
 from lvmirror.scsi import parse_sense
-from lvmirror.tcmu.emulator import RingEmulator
-from lvmirror.tcmu.ring import CommandRing
-
-from tests.unit.test_compiled_reads import Obj, cdb16, reap
+from tests.unit.test_compiled_reads import Obj, cdb16, reap, ring_on_image
 from tests.unit.test_daemon_ring import BS, SIZE, cdb10, images, lab  # noqa: F401
 from tests.unit.test_volume_helpers import make_volume, run_thread
 
@@ -36,18 +33,9 @@ NBLK = (1 << 20) // BS
 
 @pytest.fixture
 def ring(tmp_path):
-    """(emulator, CommandRing, image fd opened read-write, image path): a 1 MiB image of
-    random bytes."""
-    path = tmp_path / "img"
-    path.write_bytes(random.Random(9).randbytes(1 << 20))
-    fd = os.open(path, os.O_RDWR)
-    # a ring that is not a whole number of entries long: the emulator pads at its end
-    emu = RingEmulator(cmdr_size=(16 << 10) - 168, data_size=1 << 20)
-    r = CommandRing(emu.map, map_size=emu.map_size)
-    yield emu, r, fd, path
-    r.close()
-    emu.close()
-    os.close(fd)
+    """(emulator, CommandRing, image fd opened read-write, image path)."""
+    with ring_on_image(tmp_path, os.O_RDWR, 9) as (emu, r, fd, path, _):
+        yield emu, r, fd, path
 
 
 def writes(r, fd, *, max_bytes=64 << 10, max_commands=64, checks=(), busy=()):
@@ -198,9 +186,12 @@ def test_it_releases_the_gil_while_it_writes(ring):
     """The writes run without the GIL: another Python thread runs meanwhile (with a switch
     interval of 0.5 s, a thread holding the GIL for the call's milliseconds would not let it)."""
     import sys
-    emu, r, fd, path = ring
+    emu, r, _, path = ring
     ids = [emu.submit(cdb10(0x2A, 128 * k, 128), data_out=os.urandom(128 * BS))
            for k in range(12)]
+    # O_DSYNC: each write waits for the disk, milliseconds in all, so that the other thread is
+    # scheduled within the call even on a busy host
+    fd = os.open(path, os.O_RDWR | os.O_DSYNC)
     count = [0]
     stop = threading.Event()
 
@@ -221,6 +212,7 @@ def test_it_releases_the_gil_while_it_writes(ring):
         sys.setswitchinterval(old)
         stop.set()
         t.join()
+        os.close(fd)
     assert got == (12, 12 * 128 * BS, fastread.STOP_HEAD, 0)
     assert after > before
     assert set(reap(emu, ids)) == set(ids)
