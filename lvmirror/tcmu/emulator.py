@@ -312,6 +312,9 @@ class RingEmulator:
                 self._free.extend(reversed(blocks))
                 raise
             cid = cmd_id if cmd_id is not None else self._alloc_id()
+            # an id comes round again after 65,535 commands: the completion its last command
+            # left must not answer a ``wait`` for this one
+            self.completions.pop(cid, None)
             ent = self.cmdr_off + self._head
             m, e = self.map, abi.ENTRY
             m[ent:ent + size] = bytes(size)

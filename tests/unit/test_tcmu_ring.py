@@ -346,3 +346,23 @@ def test_notify_never_fails_on_a_full_wakeup_socket():
         attached.close()
     finally:
         emu.close()
+
+
+def test_a_command_id_that_comes_round_again_never_gets_the_old_completion():
+    """The emulator hands out ids round the 16-bit space; after 65,535 commands an id comes
+    back, and ``wait`` for the new command must not return the completion the old one left
+    (a stress test read a WRITE's empty completion as a READ's data that way)."""
+    emu, ring, handle = make()
+    try:
+        old = emu.submit(TUR)
+        (cmd,) = ring.fetch().commands
+        ring.complete(cmd.cmd_id, 0)
+        handle.notify()
+        assert emu.reap()[old].status == 0 and old in emu.completions
+        emu._next_id = old                      # as after 65,535 more commands
+        new = emu.submit(READ10, data_in_len=8 * 512)
+        assert new == old and new not in emu.completions
+        with pytest.raises(TimeoutError):
+            emu.wait([new], timeout=0.2)
+    finally:
+        emu.close()
