@@ -1127,7 +1127,19 @@ class MirrorVolume:
         attach, a detach or an image failure that switches the epoch waits for
         ``end_fast_writes``, as for any write in flight). Returns the token for
         ``end_fast_writes``, or None (nothing taken) when another lock is held or awaited."""
-        lk = self.locks.try_lock(0, self.num_blocks)
+        return self._begin_fast(shared=False)
+
+    def begin_fast_reads(self):
+        """Before the compiled READ path reads without the GIL (``_fastread.read_big_batch``,
+        READs over the GIL-held path's size): ``begin_fast_writes`` with a SHARED region lock
+        over the whole volume - other reads run beside it, a write, a resync's copy or a D-Bus
+        client's exclusive lock waits for ``end_fast_reads`` (so no write lands in the range
+        it reads: the overlapping-I/O rule). Returns the token for ``end_fast_reads``, or None
+        (nothing taken) when a conflicting lock is held or awaited."""
+        return self._begin_fast(shared=True)
+
+    def _begin_fast(self, shared: bool):
+        lk = self.locks.try_lock(0, self.num_blocks, shared=shared)
         if lk is None:
             return None
         try:
@@ -1149,6 +1161,17 @@ class MirrorVolume:
                     st["writes"] += n
                     st["bytes_written"] += nbytes
                 storage.count_writes(n, nbytes)
+        finally:
+            lk.release()
+
+    def end_fast_reads(self, token, storage, n: int, nbytes: int) -> None:
+        """After ``begin_fast_reads``: count the ``n`` reads of ``nbytes`` bytes answered from
+        ``storage`` (``fast_read_source``), leave the epoch and release the lock."""
+        lk, ep = token
+        try:
+            self._leave(ep)
+            if n:
+                self.count_fast_reads(storage, n, nbytes)
         finally:
             lk.release()
 

@@ -50,9 +50,15 @@
 #define CHECK_FALSY 1   /* not getattr(obj, name): None, bool, int, str, bytes, list, tuple, dict, set */
 #define CHECK_EQ 2      /* getattr(obj, name) == value, both exact ints */
 
-/* the most Data-In iovecs of a command it answers (a 64 KiB READ in 4 KiB data blocks the
- * kernel found apart is 16); a command with more is the Python path's */
-#define MAX_IOVECS 16
+/* the most Data-In/Data-Out iovecs of a command it answers (a 1 MiB transfer in 4 KiB data
+ * blocks the kernel found apart is 256); a command with more is the Python path's */
+#define MAX_IOVECS 256
+
+/* what one call of write_batch/read_big_batch takes at most, besides its `max_commands`: the
+ * iovecs of its commands (a pool on the stack) and their bytes (a call holds the caller's
+ * region lock over the whole volume: other I/O waits for the lot) */
+#define BATCH_IOVECS 1024
+#define BATCH_BYTES (8u << 20)
 
 /* why read_batch stopped (the fifth item it returns) */
 #define STOP_HEAD 0     /* it reached cmd_head: every command there was answered */
@@ -63,6 +69,8 @@
 #define STOP_WRITE 5    /* read_batch: the next entry is a WRITE write_batch may make */
 #define STOP_MISS_WRITE 6   /* write_batch: a write failed or was short: the Python path */
 #define STOP_READ 7     /* write_batch: the next entry is a READ read_batch may answer */
+#define STOP_BIG_READ 8 /* read_batch: the next entry is a READ over `max_bytes` that
+                         * read_big_batch may answer; read_big_batch: its batch is full */
 
 /* the most WRITEs write_batch makes in one call */
 #define MAX_WRITES 64
@@ -162,20 +170,23 @@ struct rw_cmd {
     uint16_t cmd_id;
     uint64_t lba, want;         /* first block; bytes to transfer (TRANSFER LENGTH x block) */
     uint32_t iov_cnt;
-    struct iovec iov[MAX_IOVECS];   /* pointing into the map's data area */
+    struct iovec *iov;          /* iov_cnt iovecs in the caller's pool, into the data area */
 };
 
 #define ENT_PAD 0       /* a PAD entry of cmd->length bytes */
 #define ENT_READ 1      /* a READ(10)/READ(16) this module may answer, in `cmd` */
 #define ENT_WRITE 2     /* a WRITE(10)/WRITE(16) without FUA it may answer, in `cmd` */
 #define ENT_OTHER 3     /* anything else: the Python fetch takes it (and logs a corrupt one) */
+#define ENT_FULL 4      /* a READ/WRITE of more iovecs than `room` left in the caller's pool */
 
 /* Parse the entry at ring offset `fetch` (before `head`) of a ring whose geometry the caller
- * checked. Every offset read from the ring is checked before use, as ring.py checks it. */
+ * checked, its iovecs into `pool` (`room` of them free). Every offset read from the ring is
+ * checked before use, as ring.py checks it. */
 static int
 parse_entry(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
             uint64_t map_size, uint32_t fetch, uint32_t head, uint64_t num_blocks,
-            uint32_t block_size, uint64_t max_bytes, uint64_t max_blocks, struct rw_cmd *c)
+            uint32_t block_size, uint64_t max_bytes, uint64_t max_blocks, struct iovec *pool,
+            uint32_t room, struct rw_cmd *c)
 {
     struct tcmu_cmd_entry *e = (struct tcmu_cmd_entry *)(map + cmdr_off + fetch);
     uint32_t len_op = e->hdr.len_op;
@@ -221,18 +232,23 @@ parse_entry(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_o
             || nblk * block_size > max_bytes)
         return ENT_OTHER;
     uint64_t want = nblk * block_size, total = 0;
+    struct iovec scratch;
+    c->iov = pool;
     for (uint32_t k = 0; k < iov_cnt; k++) {
         /* the kernel writes each iov_base as an offset from the map's start */
         uint64_t base = (uint64_t)(uintptr_t)e->req.iov[k].iov_base;
         uint64_t ilen = e->req.iov[k].iov_len;
         if (base < data_off || base > map_size || ilen > map_size - base)
             return ENT_OTHER;
-        c->iov[k].iov_base = map + base;
-        c->iov[k].iov_len = ilen;
+        struct iovec *v = k < room ? &pool[k] : &scratch;   /* (counted, not kept) */
+        v->iov_base = map + base;
+        v->iov_len = ilen;
         total += ilen;
     }
     if (total != want)              /* outside the data area, or not the transfer length */
         return ENT_OTHER;
+    if (iov_cnt > room)             /* checked last: a full pool ends a batch, no more */
+        return ENT_FULL;
     c->cmd_id = e->hdr.cmd_id;
     c->lba = lba;
     c->want = want;
@@ -278,38 +294,41 @@ begin_batch(Py_buffer *ring, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t dat
 
 PyDoc_STRVAR(read_batch_doc,
 "read_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, rwf, num_blocks,\n"
-"           block_size, max_bytes, max_blocks, checks, busy)\n"
+"           block_size, max_bytes, max_blocks, checks, busy, big_bytes=0)\n"
 "    -> (fetch, answered, nbytes, pads, why)\n"
 "\n"
 "Answer the READ(10)/READ(16) commands from ring offset `fetch` (bytes) on, in ring order,\n"
-"while each is served from memory: 1-16 Data-In iovecs of exactly TRANSFER LENGTH x\n"
+"while each is served from memory: 1-256 Data-In iovecs of exactly TRANSFER LENGTH x\n"
 "`block_size` bytes in all (at most `max_bytes`), TRANSFER LENGTH 1..`max_blocks`, the range inside\n"
 "`num_blocks`, no RDPROTECT, no NACA (SBC-4 5.15/5.16; anything else is the SCSI core's to\n"
 "answer), and one preadv2(`fd`, ..., `rwf`) returning every byte. `ring`: the writable map\n"
 "(mailbox, command ring, data area), `cmdr_off`/`cmdr_size`/`data_off`/`map_size` its checked\n"
 "geometry in bytes. `checks` and `busy`: tuples of (obj, name, mode, value), mode 0\n"
 "`getattr(obj, name) is value`, 1 false (a builtin type), 2 equal (ints); read once, first.\n"
+"It holds the GIL throughout. A READ over `max_bytes` and at most `big_bytes` stops it with 8\n"
+"(read_big_batch's, which reads without the GIL).\n"
 "\n"
 "Returns the new fetch cursor, the commands answered GOOD, their bytes, the PAD entries\n"
 "skipped, and why it stopped: 0 cmd_head reached, 1 an entry it does not answer, 2 a\n"
 "`checks` condition failed, 3 a `busy` one, 4 a read not served from memory (nothing\n"
-"answered for that command), 5 a WRITE it may answer (write_batch). TypeError/ValueError for\n"
-"malformed arguments; never an I/O error (the Python path reads such a command again and\n"
-"reports it).");
+"answered for that command), 5 a WRITE it may answer (write_batch), 8 a READ over\n"
+"`max_bytes` for read_big_batch. TypeError/ValueError for malformed arguments; never an I/O\n"
+"error (the Python path reads such a command again and reports it).");
 
 static PyObject *
 read_batch(PyObject *Py_UNUSED(self), PyObject *args)
 {
     Py_buffer ring;
     unsigned int cmdr_off, cmdr_size, fetch;
-    unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks;
+    unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks, big_bytes = 0;
     int fd, rwf;
     unsigned int block_size;
     PyObject *checks, *busy;
 
-    if (!PyArg_ParseTuple(args, "w*IIKKIiiKIKKO!O!", &ring, &cmdr_off, &cmdr_size, &data_off,
+    if (!PyArg_ParseTuple(args, "w*IIKKIiiKIKKO!O!|K", &ring, &cmdr_off, &cmdr_size, &data_off,
                           &map_size, &fetch, &fd, &rwf, &num_blocks, &block_size, &max_bytes,
-                          &max_blocks, &PyTuple_Type, &checks, &PyTuple_Type, &busy))
+                          &max_blocks, &PyTuple_Type, &checks, &PyTuple_Type, &busy,
+                          &big_bytes))
         return NULL;
     uint8_t *map = ring.buf;
     Py_ssize_t answered = 0, pads = 0;
@@ -319,10 +338,13 @@ read_batch(PyObject *Py_UNUSED(self), PyObject *args)
                           checks, busy, &head);
     if (why < 0)
         return NULL;
+    uint64_t parse_max = big_bytes > max_bytes ? big_bytes : max_bytes;
+    struct iovec pool[MAX_IOVECS];
     struct rw_cmd c;
     while (why == STOP_HEAD && fetch != head) {
         int kind = parse_entry(map, cmdr_off, cmdr_size, data_off, map_size, fetch, head,
-                               num_blocks, block_size, max_bytes, max_blocks, &c);
+                               num_blocks, block_size, parse_max, max_blocks, pool, MAX_IOVECS,
+                               &c);
         if (kind == ENT_PAD) {
             pads++;
             fetch = (fetch + c.length) % cmdr_size;
@@ -330,6 +352,10 @@ read_batch(PyObject *Py_UNUSED(self), PyObject *args)
         }
         if (kind != ENT_READ) {
             why = kind == ENT_WRITE ? STOP_WRITE : STOP_OTHER;
+            break;
+        }
+        if (c.want > max_bytes) {
+            why = STOP_BIG_READ;        /* read_big_batch's, without the GIL */
             break;
         }
         ssize_t got = preadv2(fd, c.iov, (int)c.iov_cnt, (off_t)(c.lba * block_size), rwf);
@@ -346,24 +372,135 @@ read_batch(PyObject *Py_UNUSED(self), PyObject *args)
     return Py_BuildValue("(InKni)", fetch, answered, nbytes, pads, why);
 }
 
+/* write_batch and read_big_batch: parse the consecutive commands of one kind holding the GIL,
+ * release it for their I/O, take it back and complete those done whole. */
+static PyObject *
+unlocked_batch(Py_buffer *ring, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
+               uint64_t map_size, uint32_t fetch, int fd, int rwf, uint64_t num_blocks,
+               uint32_t block_size, uint64_t max_bytes, uint64_t max_blocks,
+               uint32_t max_commands, PyObject *checks, PyObject *busy, int writes)
+{
+    uint8_t *map = ring->buf;
+    if (max_commands > MAX_WRITES)
+        max_commands = MAX_WRITES;
+    uint32_t head = 0;
+    int why = begin_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size,
+                          checks, busy, &head);
+    if (why < 0)
+        return NULL;
+    int mine = writes ? ENT_WRITE : ENT_READ;
+    int full = writes ? STOP_WRITE : STOP_BIG_READ;     /* the caller calls again */
+    int other = writes ? STOP_READ : STOP_WRITE;        /* the other function's */
+    /* the commands, each with the fetch cursor after it and the PADs skipped before it, and
+     * their iovecs */
+    struct rw_cmd cmds[MAX_WRITES];
+    uint32_t after[MAX_WRITES];
+    Py_ssize_t pads_before[MAX_WRITES];
+    struct iovec pool[BATCH_IOVECS];
+    uint32_t n = 0, cur = fetch, used = 0;
+    uint64_t batch_bytes = 0;
+    Py_ssize_t pads = 0;
+    while (why == STOP_HEAD && cur != head) {
+        if (n == max_commands) {
+            why = full;
+            break;
+        }
+        int kind = parse_entry(map, cmdr_off, cmdr_size, data_off, map_size, cur, head,
+                               num_blocks, block_size, max_bytes, max_blocks, pool + used,
+                               BATCH_IOVECS - used, &cmds[n]);
+        if (kind == ENT_PAD) {
+            pads++;
+            cur = (cur + cmds[n].length) % cmdr_size;
+            continue;
+        }
+        if (kind == ENT_FULL || (kind == mine && n && batch_bytes + cmds[n].want > BATCH_BYTES)) {
+            why = full;
+            break;
+        }
+        if (kind != mine) {
+            why = kind == ENT_OTHER ? STOP_OTHER : other;
+            break;
+        }
+        used += cmds[n].iov_cnt;
+        batch_bytes += cmds[n].want;
+        cur = (cur + cmds[n].length) % cmdr_size;
+        after[n] = cur;
+        pads_before[n] = pads;
+        n++;
+    }
+    /* the I/O, without the GIL: every other thread runs meanwhile; the caller's epoch and
+     * region lock keep the volume's images and I/O as they were */
+    uint32_t done = 0;
+    int err = 0, failed = 0, busy_after = 0;
+    if (n) {
+        Py_BEGIN_ALLOW_THREADS
+        for (; done < n; done++) {
+            struct rw_cmd *c = &cmds[done];
+            off_t pos = (off_t)(c->lba * block_size);
+            ssize_t got = writes ? pwritev(fd, c->iov, (int)c->iov_cnt, pos)
+                                 : preadv2(fd, c->iov, (int)c->iov_cnt, pos, rwf);
+            if (got < 0 || (uint64_t)got != c->want) {
+                err = got < 0 ? errno : 0;
+                failed = 1;
+                break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        /* `busy` again, now the GIL is back: what began meanwhile (a group split's hold of
+         * the LUN's completions) holds for these too. None is completed; the Python path
+         * takes them up again (its I/O is done once more, with the same data) and holds its
+         * completions as it holds any other's. */
+        int free_now = conditions_hold(busy);
+        if (free_now < 0) {
+            PyBuffer_Release(ring);
+            return NULL;
+        }
+        if (free_now == 0) {
+            done = 0;
+            failed = 1;
+            err = 0;
+            busy_after = 1;
+        }
+    }
+    unsigned long long nbytes = 0;
+    for (uint32_t k = 0; k < done; k++) {
+        complete_good(map, cmdr_off, cmdr_size, cmds[k].cmd_id);
+        nbytes += cmds[k].want;
+    }
+    if (failed) {
+        why = busy_after ? STOP_BUSY : writes ? STOP_MISS_WRITE : STOP_MISS;
+        fetch = done ? after[done - 1] : fetch;
+        pads = done ? pads_before[done - 1] : 0;
+    } else if (n) {
+        fetch = after[n - 1];
+        pads = pads_before[n - 1];
+    } else {
+        fetch = cur;                    /* PADs only: skipped */
+    }
+    PyBuffer_Release(ring);
+    return Py_BuildValue("(InKnii)", fetch, (Py_ssize_t)done, nbytes, pads, why, err);
+}
+
 PyDoc_STRVAR(write_batch_doc,
 "write_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, num_blocks,\n"
 "            block_size, max_bytes, max_blocks, max_commands, checks, busy)\n"
 "    -> (fetch, answered, nbytes, pads, why, err)\n"
 "\n"
 "Make the WRITE(10)/WRITE(16) commands from ring offset `fetch` on, in ring order, up to\n"
-"`max_commands` of them: the field checks of read_batch, and no FUA (SBC-4 5.40: durable\n"
-"before GOOD, the Python path's). It checks `checks` and `busy` and parses the commands holding\n"
-"the GIL, then RELEASES it for one pwritev(`fd`, ...) of each command's Data-Out (a buffered\n"
-"write may wait: for dirty-page throttling, the journal, a stable page), takes it back and\n"
-"completes GOOD each command written whole. It stops at the first command whose write failed\n"
-"or was short, which it leaves unanswered for the Python path to write again and report.\n"
-"The caller must hold what keeps the volume's I/O state while the GIL is released: its split\n"
-"epoch entered and a region lock over every block, and it keeps the ring's lock.\n"
+"`max_commands` of them (and 8 MiB, 1,024 iovecs): the field checks of read_batch, and no FUA\n"
+"(SBC-4 5.40: durable before GOOD, the Python path's). It checks `checks` and `busy` and parses\n"
+"the commands holding the GIL, then RELEASES it for one pwritev(`fd`, ...) of each command's\n"
+"Data-Out (a buffered write may wait: for dirty-page throttling, the journal, a stable page),\n"
+"takes it back and completes GOOD each command written whole. It stops at the first command\n"
+"whose write failed or was short, which it leaves unanswered for the Python path to write\n"
+"again and report. `busy` is read again after the writes: should one hold now, it completes\n"
+"none (why 3) and leaves them all to the Python path. The caller must hold what keeps the volume's I/O state while the GIL is\n"
+"released: its split epoch entered and a region lock over every block, and it keeps the\n"
+"ring's lock.\n"
 "\n"
 "Returns the new fetch cursor, the commands answered GOOD, their bytes, the PAD entries\n"
 "skipped, why it stopped (read_batch's codes; 1 the next entry is not a READ or WRITE either\n"
-"may answer, 5 `max_commands` made (call again), 6 a write failed or was short, 7 the next\n"
+"may answer, 5 the batch is full (call again), 6 a write failed or was short, 7 the next\n"
 "entry is a READ read_batch may answer) and that write's errno (0: none, or short).\n"
 "TypeError/ValueError for malformed arguments.");
 
@@ -382,96 +519,62 @@ write_batch(PyObject *Py_UNUSED(self), PyObject *args)
                           &max_blocks, &max_commands, &PyTuple_Type, &checks, &PyTuple_Type,
                           &busy))
         return NULL;
-    uint8_t *map = ring.buf;
-    if (max_commands > MAX_WRITES)
-        max_commands = MAX_WRITES;
-    uint32_t head = 0;
-    int why = begin_batch(&ring, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size,
-                          checks, busy, &head);
-    if (why < 0)
+    return unlocked_batch(&ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, 0,
+                          num_blocks, block_size, max_bytes, max_blocks, max_commands, checks,
+                          busy, 1);
+}
+
+PyDoc_STRVAR(read_big_batch_doc,
+"read_big_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, rwf, num_blocks,\n"
+"               block_size, max_bytes, max_blocks, max_commands, checks, busy)\n"
+"    -> (fetch, answered, nbytes, pads, why, err)\n"
+"\n"
+"write_batch for READs: answer the READ(10)/READ(16) commands from ring offset `fetch` on, in\n"
+"ring order, up to `max_commands` of them (and 8 MiB, 1,024 iovecs), with read_batch's field\n"
+"checks, parsing them holding the GIL and RELEASING it for one preadv2(`fd`, ..., `rwf`) of\n"
+"each (a large copy: every other thread runs meanwhile). It completes GOOD each command read\n"
+"whole and stops at the first that was not (RWF_NOWAIT: not all in memory), which it leaves\n"
+"unanswered for the Python path; `busy` is read again after the reads, as write_batch does.\n"
+"The caller must hold what keeps the volume's I/O state while\n"
+"the GIL is released: its split epoch entered and a region lock (shared) over every block, and\n"
+"it keeps the ring's lock.\n"
+"\n"
+"Returns what write_batch returns; why: 0 cmd_head reached, 1 an entry neither function\n"
+"answers, 2/3 a `checks`/`busy` condition, 4 a read not served whole, 5 the next entry is a\n"
+"WRITE, 8 the batch is full (call again); err the failed read's errno (0: none, or short).\n"
+"TypeError/ValueError for malformed arguments.");
+
+static PyObject *
+read_big_batch(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer ring;
+    unsigned int cmdr_off, cmdr_size, fetch, max_commands;
+    unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks;
+    int fd, rwf;
+    unsigned int block_size;
+    PyObject *checks, *busy;
+
+    if (!PyArg_ParseTuple(args, "w*IIKKIiiKIKKIO!O!", &ring, &cmdr_off, &cmdr_size, &data_off,
+                          &map_size, &fetch, &fd, &rwf, &num_blocks, &block_size, &max_bytes,
+                          &max_blocks, &max_commands, &PyTuple_Type, &checks, &PyTuple_Type,
+                          &busy))
         return NULL;
-    /* the commands, each with the fetch cursor after it and the PADs skipped before it */
-    struct rw_cmd *cmds = PyMem_Malloc(sizeof(struct rw_cmd) * (max_commands ? max_commands : 1));
-    uint32_t *after = PyMem_Malloc(sizeof(uint32_t) * (max_commands ? max_commands : 1));
-    Py_ssize_t *pads_before = PyMem_Malloc(sizeof(Py_ssize_t) * (max_commands ? max_commands : 1));
-    if (cmds == NULL || after == NULL || pads_before == NULL) {
-        PyMem_Free(cmds);
-        PyMem_Free(after);
-        PyMem_Free(pads_before);
-        PyBuffer_Release(&ring);
-        return PyErr_NoMemory();
-    }
-    uint32_t n = 0, cur = fetch;
-    Py_ssize_t pads = 0;
-    while (why == STOP_HEAD && cur != head) {
-        if (n == max_commands) {
-            why = STOP_WRITE;           /* the batch is full: the caller calls again */
-            break;
-        }
-        int kind = parse_entry(map, cmdr_off, cmdr_size, data_off, map_size, cur, head,
-                               num_blocks, block_size, max_bytes, max_blocks, &cmds[n]);
-        if (kind == ENT_PAD) {
-            pads++;
-            cur = (cur + cmds[n].length) % cmdr_size;
-            continue;
-        }
-        if (kind != ENT_WRITE) {
-            why = kind == ENT_READ ? STOP_READ : STOP_OTHER;
-            break;
-        }
-        cur = (cur + cmds[n].length) % cmdr_size;
-        after[n] = cur;
-        pads_before[n] = pads;
-        n++;
-    }
-    /* the writes, without the GIL: every other thread runs meanwhile; the caller's epoch and
-     * region lock keep the volume's images and I/O as they were */
-    uint32_t written = 0;
-    int err = 0, failed = 0;
-    if (n) {
-        Py_BEGIN_ALLOW_THREADS
-        for (; written < n; written++) {
-            struct rw_cmd *c = &cmds[written];
-            ssize_t got = pwritev(fd, c->iov, (int)c->iov_cnt, (off_t)(c->lba * block_size));
-            if (got < 0 || (uint64_t)got != c->want) {
-                err = got < 0 ? errno : 0;
-                failed = 1;
-                break;
-            }
-        }
-        Py_END_ALLOW_THREADS
-    }
-    unsigned long long nbytes = 0;
-    for (uint32_t k = 0; k < written; k++) {
-        complete_good(map, cmdr_off, cmdr_size, cmds[k].cmd_id);
-        nbytes += cmds[k].want;
-    }
-    if (failed) {
-        why = STOP_MISS_WRITE;
-        fetch = written ? after[written - 1] : fetch;
-        pads = written ? pads_before[written - 1] : 0;
-    } else if (n) {
-        fetch = after[n - 1];
-        pads = pads_before[n - 1];
-    } else {
-        fetch = cur;                    /* PADs only: skipped */
-    }
-    PyMem_Free(cmds);
-    PyMem_Free(after);
-    PyMem_Free(pads_before);
-    PyBuffer_Release(&ring);
-    return Py_BuildValue("(InKnii)", fetch, (Py_ssize_t)written, nbytes, pads, why, err);
+    return unlocked_batch(&ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, rwf,
+                          num_blocks, block_size, max_bytes, max_blocks, max_commands, checks,
+                          busy, 0);
 }
 
 static PyMethodDef methods[] = {
     {"read_batch", read_batch, METH_VARARGS, read_batch_doc},
     {"write_batch", write_batch, METH_VARARGS, write_batch_doc},
+    {"read_big_batch", read_big_batch, METH_VARARGS, read_big_batch_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "lvmirror.tcmu._fastread",
-    "The ring thread's compiled path for READs the page cache holds (read_batch).",
+    "The ring thread's compiled path: READs the page cache holds (read_batch, read_big_batch) "
+    "and a one-image volume's WRITEs (write_batch).",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 
@@ -491,6 +594,8 @@ PyInit__fastread(void)
             || PyModule_AddIntConstant(m, "STOP_WRITE", STOP_WRITE)
             || PyModule_AddIntConstant(m, "STOP_MISS_WRITE", STOP_MISS_WRITE)
             || PyModule_AddIntConstant(m, "STOP_READ", STOP_READ)
+            || PyModule_AddIntConstant(m, "STOP_BIG_READ", STOP_BIG_READ)
+            || PyModule_AddIntConstant(m, "MAX_IOVECS", MAX_IOVECS)
             || PyModule_AddIntConstant(m, "MAX_WRITES", MAX_WRITES)) {
         Py_DECREF(m);
         return NULL;

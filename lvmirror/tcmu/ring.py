@@ -315,20 +315,23 @@ class CommandRing:
                 self._retire_idle_locked()
 
     def fast_reads(self, read_batch, fd: int, rwf: int, num_blocks: int, block_size: int,
-                   max_bytes: int, max_blocks: int, checks: tuple, busy: tuple):
+                   max_bytes: int, max_blocks: int, checks: tuple, busy: tuple,
+                   big_bytes: int = 0):
         """Let ``read_batch`` (``lvmirror.tcmu._fastread.read_batch``, the compiled path) answer
         the READs from the fetch cursor on that the page cache holds, under the ring's lock;
         then, with nothing outstanding, retire the entries it skipped. Arguments after it are
         ``read_batch``'s (``fd``, ``rwf`` for preadv2, the LUN's ``num_blocks`` of
         ``block_size`` bytes, ``max_bytes`` and ``max_blocks`` a command may read, the
-        ``checks``/``busy`` conditions). Returns ``(answered, nbytes, why)``: commands completed
-        GOOD (the caller notifies the kernel), their bytes, and why it stopped (``_fastread``'s
-        STOP_*). ValueError/TypeError from ``read_batch`` for malformed arguments."""
+        ``checks``/``busy`` conditions, ``big_bytes``: a READ over ``max_bytes`` and at most
+        this stops it with STOP_BIG_READ, for ``fast_big_reads``). Returns ``(answered,
+        nbytes, why)``: commands completed GOOD (the caller notifies the kernel), their bytes,
+        and why it stopped (``_fastread``'s STOP_*). ValueError/TypeError from ``read_batch``
+        for malformed arguments."""
         with self._lock:
             fetch, answered, nbytes, pads, why = read_batch(
                 self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
                 self._fetch, fd, rwf, num_blocks, block_size, max_bytes, max_blocks, checks,
-                busy)
+                busy, big_bytes)
             self._fast_done_locked(fetch, answered, pads)
         return answered, nbytes, why
 
@@ -347,6 +350,23 @@ class CommandRing:
                 self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
                 self._fetch, fd, num_blocks, block_size, max_bytes, max_blocks, max_commands,
                 checks, busy)
+            self._fast_done_locked(fetch, answered, pads)
+        return answered, nbytes, why, err
+
+    def fast_big_reads(self, read_big_batch, fd: int, rwf: int, num_blocks: int,
+                       block_size: int, max_bytes: int, max_blocks: int, max_commands: int,
+                       checks: tuple, busy: tuple):
+        """``fast_writes`` for ``read_big_batch`` (``lvmirror.tcmu._fastread.read_big_batch``):
+        answer the READs from the fetch cursor on, at most ``max_commands`` (``max_bytes``
+        each), reading ``fd`` with preadv2 flags ``rwf`` without the GIL, holding the ring's
+        lock throughout. Returns ``(answered, nbytes, why, err)`` as ``fast_writes`` does
+        (``err``: the errno of a read that failed, 0 for none or a short read).
+        ValueError/TypeError from ``read_big_batch`` for malformed arguments."""
+        with self._lock:
+            fetch, answered, nbytes, pads, why, err = read_big_batch(
+                self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
+                self._fetch, fd, rwf, num_blocks, block_size, max_bytes, max_blocks,
+                max_commands, checks, busy)
             self._fast_done_locked(fetch, answered, pads)
         return answered, nbytes, why, err
 

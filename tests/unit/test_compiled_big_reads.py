@@ -1,0 +1,387 @@
+"""The compiled path for large transfers (``lvmirror/tcmu/_fastread.c``): ``read_batch`` stopping
+at a READ over its size for ``read_big_batch``, which reads without the GIL; the iovec pool and
+byte cap of one unlocked batch (``read_big_batch``, ``write_batch``), on a ring the emulator fills
+byte for byte as the kernel does or on entries built by hand; then the real LunServer with it -
+1 MiB READs of a mirror and 1 MiB WRITEs of a one-image volume, the shared region lock and
+epoch the READs are made under, and the conditions (a write in flight, a split) under which it
+must not answer."""
+
+import errno
+import os
+import random
+import struct
+import time
+
+import pytest
+
+from lvmirror.mirror.volume import ImageState
+from lvmirror.tcmu import abi
+from lvmirror.tcmu.emulator import RingEmulator
+from lvmirror.tcmu.ring import CommandRing
+from tests.unit.test_compiled_reads import Obj, _compiled, _require_compiled, reap, ring_on_image
+from tests.unit.test_compiled_writes import _one_image_lun, _write
+from tests.unit.test_daemon_ring import BS, _lun_with_data, cdb10, images, lab  # noqa: F401
+from tests.unit.test_volume_helpers import make_volume, run_thread
+
+fastread = pytest.importorskip("lvmirror.tcmu._fastread",
+                               reason="the compiled module is not built (tools/bootstrap)")
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def ring(tmp_path):
+    """(emulator, CommandRing, image fd, image bytes): a 1 MiB image read through the page
+    cache."""
+    with ring_on_image(tmp_path, os.O_RDONLY, 41) as (emu, r, fd, _, data):
+        yield emu, r, fd, data
+
+
+def small_then_big(r, fd, big_bytes=MIB):
+    """``read_batch`` with the GIL-held path's 64 KiB and READs up to ``big_bytes`` for
+    ``read_big_batch``: (answered, nbytes, why)."""
+    return r.fast_reads(fastread.read_batch, fd, 0, MIB // BS, BS, 64 << 10, 2048, (), (),
+                        big_bytes)
+
+
+def big(r, fd, *, num_blocks=MIB // BS, max_bytes=MIB, max_commands=64, checks=(), busy=()):
+    """``CommandRing.fast_big_reads``: (answered, nbytes, why, err)."""
+    return r.fast_big_reads(fastread.read_big_batch, fd, 0, num_blocks, BS, max_bytes, 4 * MIB,
+                            max_commands, checks, busy)
+
+
+def iov_cnt(emu, pos):
+    """The iovec count of the entry at ring offset ``pos``."""
+    return struct.unpack_from("<I", emu.map, emu.cmdr_off + pos + 8)[0]
+
+
+def test_read_batch_stops_at_a_large_read_and_read_big_batch_answers_it_and_those_after(ring):
+    emu, r, fd, data = ring
+    ids = [emu.submit(cdb10(0x28, 0, 8), data_in_len=8 * BS),
+           emu.submit(cdb10(0x28, 16, 512), data_in_len=512 * BS),      # 256 KiB: over 64 KiB
+           emu.submit(cdb10(0x28, 1000, 8), data_in_len=8 * BS)]
+    assert small_then_big(r, fd) == (1, 8 * BS, fastread.STOP_BIG_READ)
+    # without big_bytes it is an entry the GIL-held path does not answer, as before
+    assert small_then_big(r, fd, big_bytes=0) == (0, 0, fastread.STOP_OTHER)
+    assert big(r, fd) == (2, 520 * BS, fastread.STOP_HEAD, 0)
+    assert r.tail == r.head and r.outstanding == 0 and not r.fetch()
+    done = reap(emu, ids)
+    assert [done[i].status for i in ids] == [0, 0, 0]
+    assert done[ids[1]].data_in == data[16 * BS:528 * BS]
+    assert done[ids[2]].data_in == data[1000 * BS:1008 * BS]
+
+
+def test_a_1_mib_read_of_256_iovecs_is_answered_whole(ring):
+    emu, r, fd, data = ring
+    pos = r.head
+    cid = emu.submit(cdb10(0x28, 0, MIB // BS), data_in_len=MIB)
+    assert iov_cnt(emu, pos) == fastread.MAX_IOVECS == 256     # the emulator scatters its blocks
+    assert small_then_big(r, fd) == (0, 0, fastread.STOP_BIG_READ)
+    assert big(r, fd) == (1, MIB, fastread.STOP_HEAD, 0)
+    assert reap(emu, [cid])[cid].data_in == data
+
+
+def test_read_big_batch_stops_at_a_write_and_when_its_batch_is_full(ring):
+    emu, r, fd, data = ring
+    first = emu.submit(cdb10(0x28, 0, 256), data_in_len=256 * BS)
+    second = emu.submit(cdb10(0x28, 256, 256), data_in_len=256 * BS)
+    write = emu.submit(cdb10(0x2A, 0, 1), data_out=b"w" * BS)
+    assert big(r, fd, max_commands=1) == (1, 256 * BS, fastread.STOP_BIG_READ, 0)
+    assert big(r, fd) == (1, 256 * BS, fastread.STOP_WRITE, 0)
+    assert [c.cmd_id for c in r.fetch().commands] == [write]
+    done = reap(emu, [first, second])
+    assert done[first].data_in == data[:256 * BS] and done[second].data_in == data[256 * BS:512 * BS]
+
+
+@pytest.mark.parametrize("cdb, data_in_len", [
+    (cdb10(0x28, 0, 8, b1=0x20), 8 * BS),                     # RDPROTECT: CHECK CONDITION
+    (cdb10(0x28, 0, 8)[:9] + b"\x04", 8 * BS),                 # NACA
+    (cdb10(0x28, MIB // BS - 4, 8), 8 * BS),                   # past the end
+    (cdb10(0x28, 0, 0), 0),                                    # no data
+    (cdb10(0x28, 0, 8), 16 * BS),                              # buffer longer than the transfer
+    (cdb10(0x28, 0, 1024), 1024 * BS),                         # more than its max_bytes
+])
+def test_reads_it_does_not_answer_are_left_intact(ring, cdb, data_in_len):
+    emu, r, fd, _ = ring
+    cid = emu.submit(cdb, data_in_len=data_in_len)
+    assert big(r, fd, max_bytes=256 * BS) == (0, 0, fastread.STOP_OTHER, 0)
+    assert r.tail == 0 and [(c.cmd_id, c.cdb) for c in r.fetch().commands] == [(cid, cdb)]
+
+
+def test_a_read_not_served_whole_is_left_to_the_python_path_after_those_before_it(ring):
+    emu, r, fd, data = ring
+    cid = emu.submit(cdb10(0x28, 0, 512), data_in_len=512 * BS)
+    assert big(r, -1) == (0, 0, fastread.STOP_MISS, errno.EBADF)
+    assert r.tail == 0
+    assert [c.cmd_id for c in r.fetch().commands] == [cid]
+
+
+def test_its_conditions_are_read_when_it_starts(ring):
+    emu, r, fd, _ = ring
+    o = Obj()
+    o.epoch, o.held = 3, None
+    cid = emu.submit(cdb10(0x28, 0, 512), data_in_len=512 * BS)
+    assert big(r, fd, checks=((o, "epoch", fastread.CHECK_EQ, 4),)) == (
+        0, 0, fastread.STOP_STALE, 0)
+    o.held = [1]
+    assert big(r, fd, busy=((o, "held", fastread.CHECK_FALSY, None),)) == (
+        0, 0, fastread.STOP_BUSY, 0)
+    o.held = []
+    assert big(r, fd, checks=((o, "epoch", fastread.CHECK_EQ, 3),),
+               busy=((o, "held", fastread.CHECK_FALSY, None),)) == (
+        1, 512 * BS, fastread.STOP_HEAD, 0)
+    assert reap(emu, [cid])[cid].status == 0
+
+
+def test_one_batch_takes_at_most_1024_iovecs(tmp_path):
+    """Five scattered 1 MiB READs (256 iovecs each): four fit one batch's iovec pool, the
+    fifth is the next call's."""
+    data = random.Random(43).randbytes(8 * MIB)
+    path = tmp_path / "img"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    emu = RingEmulator(cmdr_size=(64 << 10) - 168, data_size=8 * MIB)
+    r = CommandRing(emu.map, map_size=emu.map_size)
+    try:
+        ids, cnt = [], []
+        for k in range(5):
+            pos = r.head
+            ids.append(emu.submit(cdb10(0x28, k * 2048, 2048), data_in_len=MIB))
+            cnt.append(iov_cnt(emu, pos))
+        assert cnt == [256] * 5
+        nblk = 8 * MIB // BS
+        assert big(r, fd, num_blocks=nblk) == (4, 4 * MIB, fastread.STOP_BIG_READ, 0)
+        assert big(r, fd, num_blocks=nblk) == (1, MIB, fastread.STOP_HEAD, 0)
+        done = reap(emu, ids)
+        assert [done[i].data_in for i in ids] == [data[k * MIB:(k + 1) * MIB] for k in range(5)]
+    finally:
+        r.close()
+        emu.close()
+        os.close(fd)
+
+
+def _raw_read(emu, lba, nblk, iovecs, cmd_id):
+    """Place a READ(16) entry built by hand (``iovecs``: (offset in the map, length)) on the
+    ring; the emulator never reaps it (these tests do not reap)."""
+    base = abi.cmd_entry_base_size(len(iovecs))
+    cdb = bytes([0x88, 0]) + lba.to_bytes(8, "big") + nblk.to_bytes(4, "big") + bytes(2)
+    size = base + abi.round_up(len(cdb), abi.OP_ALIGN_SIZE)
+    ent = bytearray(size)
+    e = abi.ENTRY
+    e.cmd_id.put(ent, 0, cmd_id)
+    e.iov_cnt.put(ent, 0, len(iovecs))
+    if iovecs:
+        abi.IOVEC.array(len(iovecs)).pack_into(ent, abi.ENTRY_IOV_OFFSET,
+                                               *[x for iov in iovecs for x in iov])
+    ent[base:base + len(cdb)] = cdb
+    pos = emu.write_raw(bytes(ent), op_len=size | abi.OP_CMD)
+    e.cdb_off.put(emu.map, emu.cmdr_off + pos, emu.cmdr_off + pos + base)   # where it landed
+    return pos
+
+
+def test_one_batch_takes_at_most_8_mib_and_a_command_at_most_256_iovecs(tmp_path):
+    """Nine 1 MiB READs of one iovec each (all into the same data blocks: the module does not
+    look at overlaps, only at the data area's bounds): eight fit one batch's 8 MiB, the ninth is
+    the next call's. A READ of 257 iovecs is the Python path's, however small."""
+    data = random.Random(44).randbytes(16 * MIB)
+    path = tmp_path / "img"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    emu = RingEmulator(cmdr_size=(64 << 10) - 168, data_size=MIB)
+    r = CommandRing(emu.map, map_size=emu.map_size)
+    nblk = 16 * MIB // BS
+    try:
+        for k in range(9):
+            _raw_read(emu, k * 2048, 2048, [(emu.data_off, MIB)], 100 + k)
+        assert big(r, fd, num_blocks=nblk) == (8, 8 * MIB, fastread.STOP_BIG_READ, 0)
+        assert big(r, fd, num_blocks=nblk) == (1, MIB, fastread.STOP_HEAD, 0)
+        assert bytes(emu.map[emu.data_off:emu.data_off + MIB]) == data[8 * MIB:9 * MIB]
+        _raw_read(emu, 0, 257, [(emu.data_off + BS * k, BS) for k in range(257)], 200)
+        assert big(r, fd, num_blocks=nblk) == (0, 0, fastread.STOP_OTHER, 0)
+        assert small_then_big(r, fd)[2] == fastread.STOP_OTHER
+    finally:
+        r.close()
+        emu.close()
+        os.close(fd)
+
+
+def test_write_batch_makes_1_mib_writes(tmp_path):
+    with ring_on_image(tmp_path, os.O_RDWR, 45) as (emu, r, fd, path, _):
+        new = os.urandom(MIB)
+        cid = emu.submit(cdb10(0x2A, 0, MIB // BS), data_out=new)
+        assert r.fast_writes(fastread.write_batch, fd, MIB // BS, BS, MIB, 2048, 64, (), ()) == (
+            1, MIB, fastread.STOP_HEAD, 0)
+        assert reap(emu, [cid])[cid].status == 0
+        assert path.read_bytes() == new
+
+
+# -- the volume --------------------------------------------------------------------------------
+
+def test_begin_fast_reads_shares_every_block_and_holds_the_epoch(tmp_path):
+    """What read_big_batch reads inside: a SHARED region lock over every block (other reads
+    run beside it, no write), the split epoch entered (closing the volume - as a split or an
+    image failure switching the epoch - waits for ``end_fast_reads``)."""
+    vol, _, _ = make_volume(tmp_path, 2)
+    st = vol._images[0].storage
+    token = vol.begin_fast_reads()
+    assert token is not None
+    assert vol.locks.try_lock(0, 1) is None                         # a write waits
+    assert vol.locks.try_lock(vol.num_blocks - 1, 1) is None
+    other = vol.locks.try_lock(5, 1, shared=True)                   # a read does not
+    assert other is not None
+    other.release()
+    assert vol._epoch.inflight == 1
+    assert vol.begin_fast_writes() is None
+    second = vol.begin_fast_reads()                                  # nor does another batch
+    assert second is not None
+    vol.end_fast_reads(second, st, 0, 0)
+    t, box = run_thread(vol.close)
+    time.sleep(0.3)
+    assert t.is_alive()                      # waits for the reads in flight
+    s0, i0 = dict(vol.stats), dict(st.stats)
+    vol.end_fast_reads(token, st, 3, 3 * MIB)
+    t.join(10)
+    assert not t.is_alive() and "error" not in box
+    assert vol.stats["reads"] - s0["reads"] == 3
+    assert vol.stats["bytes_read"] - s0["bytes_read"] == 3 * MIB
+    assert st.stats["reads"] - i0["reads"] == 3
+
+
+def test_begin_fast_reads_is_refused_while_a_write_holds_a_range(tmp_path):
+    vol, _, _ = make_volume(tmp_path, 2)
+    try:
+        lk = vol.locks.lock(100, 8)
+        assert vol.begin_fast_reads() is None
+        lk.release()
+        token = vol.begin_fast_reads()
+        assert token is not None
+        vol.end_fast_reads(token, vol._images[0].storage, 0, 0)
+        assert not vol.locks._held and vol._epoch.inflight == 0
+    finally:
+        vol.close()
+
+
+# -- the LunServer -----------------------------------------------------------------------------
+
+def _mirror_lun_with_1_mib(lab, tmp_path, seed):
+    """A 2-image LUN whose first 1 MiB (2,048 blocks) holds random data written through the
+    ring, read once through the compiled path's check (skips where the file system serves no
+    read from memory): (emulator, LunServer, image paths, the data)."""
+    emu, lun, paths, first = _lun_with_data(lab, tmp_path, seed)
+    _require_compiled(lun, emu, first, tmp_path)
+    data = random.Random(seed).randbytes(MIB)
+    wid = emu.submit(cdb10(0x2A, 0, MIB // BS), data_out=data)
+    assert emu.wait([wid])[wid].status == 0
+    return emu, lun, paths, data
+
+
+def test_a_mirror_lun_answers_1_mib_cached_reads_on_the_compiled_path(lab, tmp_path):
+    emu, lun, paths, data = _mirror_lun_with_1_mib(lab, tmp_path, 51)
+    vol = lun.volume
+    s0, i0 = dict(vol.stats), lun.inline
+    got, compiled = _compiled(lun, emu, 0, MIB // BS)
+    assert got == data and compiled
+    assert lun.inline - i0 == 1
+    assert vol.stats["reads"] - s0["reads"] == 1
+    assert vol.stats["bytes_read"] - s0["bytes_read"] == MIB
+    assert not vol.locks._held and vol._epoch.inflight == 0      # lock and epoch left
+
+
+def test_the_lun_reads_large_commands_only_inside_begin_and_end_fast_reads(lab, tmp_path,
+                                                                         monkeypatch):
+    """Seen from inside ``read_big_batch`` (it runs with the GIL released, so any thread may
+    look then): every block shared - a write's exclusive lock refused, a read's shared one
+    granted - and the epoch entered; both left afterwards."""
+    emu, lun, paths, data = _mirror_lun_with_1_mib(lab, tmp_path, 52)
+    vol = lun.volume
+    seen = []
+    real = fastread.read_big_batch
+
+    def spy(*args):
+        shared = vol.locks.try_lock(7, 1, shared=True)
+        if shared is not None:
+            shared.release()
+        seen.append((vol.locks.try_lock(7, 1) is None, shared is not None, vol._epoch.inflight))
+        return real(*args)
+
+    monkeypatch.setattr(fastread, "read_big_batch", spy)
+    assert _compiled(lun, emu, 0, 1024) == (data[:1024 * BS], True)
+    assert seen and all(s == (True, True, 1) for s in seen)
+    assert not vol.locks._held and vol._epoch.inflight == 0
+
+
+def test_a_write_in_flight_sends_large_reads_to_the_python_path(lab, tmp_path):
+    """A region lock anywhere (a write in flight) refuses the shared lock over the volume:
+    the READ is the Python path's and still right; once it is gone, compiled again."""
+    emu, lun, paths, data = _mirror_lun_with_1_mib(lab, tmp_path, 53)
+    hold = lun.volume.locks.lock(MIB // BS + 8, 8)
+    try:
+        assert _compiled(lun, emu, 0, 1024) == (data[:1024 * BS], False)
+    finally:
+        hold.release()
+    assert _compiled(lun, emu, 0, 1024) == (data[:1024 * BS], True)
+
+
+def test_after_a_split_of_its_image_large_reads_come_from_the_survivor(lab, tmp_path):
+    emu, lun, paths, data = _mirror_lun_with_1_mib(lab, tmp_path, 54)
+    assert _compiled(lun, emu, 0, 1024)[1]
+    lun.volume.split(0)
+    assert lun.volume._images[0].state is ImageState.SPLIT
+    new = os.urandom(512 * BS)
+    wid = emu.submit(cdb10(0x2A, 256, 512), data_out=new)
+    assert emu.wait([wid])[wid].status == 0
+    want = data[:256 * BS] + new + data[768 * BS:1024 * BS]
+    for _ in range(3):
+        got, compiled = _compiled(lun, emu, 0, 1024)
+        assert got == want
+    assert compiled
+    with open(paths[0], "rb") as f:
+        assert f.read(1024 * BS) == data[:1024 * BS]             # the split image kept T
+
+
+def test_a_one_image_lun_makes_1_mib_writes_on_the_compiled_path(lab, tmp_path):
+    emu, lun, path, _ = _one_image_lun(lab, tmp_path, 55)
+    new = os.urandom(MIB)
+    assert _write(lun, emu, 0, new) == (0, None, True)
+    with open(path, "rb") as f:
+        assert f.read(MIB) == new
+    assert _compiled(lun, emu, 0, MIB // BS)[0] == new
+
+
+class _HoldBegins:
+    """A LUN whose completions become held while a batch's I/O runs: its ``_holding`` reads
+    empty when the batch starts, and held when read again after the I/O (a property counts the
+    reads; the LunServer's own attribute is a plain one)."""
+
+    def __init__(self):
+        self.reads = 0
+
+    @property
+    def held(self):
+        self.reads += 1
+        return [] if self.reads == 1 else [("cmd", 0)]
+
+
+def test_a_hold_begun_during_the_reads_leaves_them_all_to_the_python_path(ring):
+    emu, r, fd, data = ring
+    ids = [emu.submit(cdb10(0x28, 0, 512), data_in_len=512 * BS),
+           emu.submit(cdb10(0x28, 512, 512), data_in_len=512 * BS)]
+    h = _HoldBegins()
+    assert big(r, fd, busy=((h, "held", fastread.CHECK_FALSY, None),)) == (
+        0, 0, fastread.STOP_BUSY, 0)
+    assert h.reads == 2 and r.tail == 0
+    assert [c.cmd_id for c in r.fetch().commands] == ids
+
+
+def test_a_hold_begun_during_the_writes_leaves_them_all_to_the_python_path(tmp_path):
+    with ring_on_image(tmp_path, os.O_RDWR, 46) as (emu, r, fd, path, _):
+        new = os.urandom(8 * BS)
+        cid = emu.submit(cdb10(0x2A, 0, 8), data_out=new)
+        h = _HoldBegins()
+        assert r.fast_writes(fastread.write_batch, fd, MIB // BS, BS, MIB, 2048, 64, (),
+                             ((h, "held", fastread.CHECK_FALSY, None),)) == (
+            0, 0, fastread.STOP_BUSY, 0)
+        assert h.reads == 2 and r.tail == 0
+        # written once already; the Python path writes it again and completes it when released
+        assert path.read_bytes()[:8 * BS] == new
+        assert [c.cmd_id for c in r.fetch().commands] == [cid]
