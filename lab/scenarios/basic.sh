@@ -110,7 +110,7 @@ print(sum(l.get(sys.argv[1], 0) for l in json.load(sys.stdin)["luns"] if l["name
   local d9 w0
   tcli <<TC
 set global auto_save_on_exit=false
-/backstores/user:lvmirror create name=m1 size=64M cfgstring=vol1;images=/run/scratch/v1a.img control=nl_reply_supported=-1
+/backstores/user:lvmirror create name=m1 size=64M cfgstring=vol1;images=/run/scratch/v1a.img hw_max_sectors=16384 control=nl_reply_supported=-1
 /backstores/user:lvmirror/m1 set attribute emulate_write_cache=1
 /iscsi/$IQN/tpg1/luns create /backstores/user:lvmirror/m1 9
 TC
@@ -126,6 +126,39 @@ TC
   else
     result compiled_writes_on_the_kernel_ring fail dev="$d9" why="no device, or the data in the image or read back differs"
   fi
+  # and 1 MiB WRITEs and READs whole (hw_max_sectors=16384 lets them reach lvmirrord uncut, as
+  # bench/run's LUNs do): the WRITEs on the same path, the READs (over the GIL-held path's
+  # 64 KiB) read without the GIL under a shared region lock over the volume (read_big_batch).
+  # Counted per command: 16 or fewer of 16 WRITEs and 8 of 8 READs (more would mean the kernel
+  # cut them, 64 KiB ones being the smaller paths')
+  local r0 w1 r1
+  w0=$(lun_count compiled_writes m1)
+  if [ -b "$d9" ] && dd if=/dev/zero of=$d9 bs=1M count=8 oflag=direct status=none \
+     && cmp -n 8388608 /dev/zero /run/scratch/v1a.img \
+     && dd if=/run/pat of=$d9 bs=1M oflag=direct status=none \
+     && cmp -n 8388608 /run/pat /run/scratch/v1a.img; then
+    w1=$(lun_count compiled_writes m1)
+    if [ -n "$w0" ] && [ -n "$w1" ] && [ $((w1 - w0)) -ge 1 ] && [ $((w1 - w0)) -le 16 ]; then
+      result compiled_large_writes_on_the_kernel_ring ok commands=$((w1 - w0)) of=16
+    else
+      result compiled_large_writes_on_the_kernel_ring fail before="$w0" after="$w1"
+    fi
+  else
+    result compiled_large_writes_on_the_kernel_ring fail dev="$d9" why="no device, or the data in the image differs"
+  fi
+  r0=$(lun_count compiled_reads m1)
+  if [ -b "$d9" ] && dd if=$d9 of=/run/pat1m bs=1M count=8 iflag=direct status=none \
+     && cmp /run/pat /run/pat1m; then
+    r1=$(lun_count compiled_reads m1)
+    if [ -n "$r0" ] && [ -n "$r1" ] && [ $((r1 - r0)) -ge 1 ] && [ $((r1 - r0)) -le 8 ]; then
+      result compiled_large_reads_on_the_kernel_ring ok commands=$((r1 - r0)) of=8
+    else
+      result compiled_large_reads_on_the_kernel_ring fail before="$r0" after="$r1"
+    fi
+  else
+    result compiled_large_reads_on_the_kernel_ring fail dev="$d9" why="no device, or the data read back differs"
+  fi
+  rm -f /run/pat1m
   [ -b "$d9" ] && echo 1 > /sys/block/${d9#/dev/}/device/delete 2>/dev/null
   tcli <<TC
 set global auto_save_on_exit=false
