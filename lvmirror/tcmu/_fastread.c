@@ -2,7 +2,7 @@
  * lvmirror.tcmu._fastread: the ring thread's compiled path for READs the page cache holds, and
  * for the WRITEs of a one-image volume (write_batch, below).
  *
- * One function, read_batch(), walks the TCMU command ring from the caller's fetch cursor to the
+ * read_batch() walks the TCMU command ring from the caller's fetch cursor to the
  * kernel's cmd_head and answers every consecutive READ(10)/READ(16) it can serve from memory:
  * Data-In iovecs (at most MAX_IOVECS) of exactly the transfer length, in range, read with one preadv2() that
  * returns every byte without waiting (RWF_NOWAIT, or a plain read on a memory file system the
@@ -17,7 +17,12 @@
  * command's Data-Out (a buffered write may wait: dirty-page throttling, the journal, stable
  * pages), takes it back and completes those written whole. The caller holds what keeps the
  * volume as it was meanwhile (MirrorVolume.begin_fast_writes: a region lock over every block,
- * the split epoch entered) and the ring's lock.
+ * the split epoch entered) and the ring's lock. read_big_batch() does the same for READs over
+ * read_batch's size (up to 1 MiB; read_batch stops at one with STOP_BIG_READ): a copy that
+ * large is made without the GIL, so the process's other threads run meanwhile, under a SHARED
+ * region lock over every block (MirrorVolume.begin_fast_reads) and the epoch entered. Both read
+ * their `busy` conditions again once the GIL is back, so that a group split's hold of the
+ * LUN's completions that began during the I/O holds theirs too.
  *
  * Why C: the Python path spends 20-40 us of CPU on such a READ (fetch, the SCSI core, the
  * volume, completion); in the kernel lab the ring thread answered 99-100 % of 4 KiB commands
@@ -269,7 +274,8 @@ begin_batch(Py_buffer *ring, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t dat
     if ((unsigned long long)ring->len < map_size || map_size < sizeof(struct tcmu_mailbox)
             || cmdr_off < sizeof(struct tcmu_mailbox) || cmdr_size < sizeof(struct tcmu_cmd_entry)
             || (unsigned long long)cmdr_off + cmdr_size > data_off || data_off > map_size
-            || fetch >= cmdr_size || fetch % TCMU_OP_ALIGN_SIZE || block_size == 0) {
+            || cmdr_size % TCMU_OP_ALIGN_SIZE || fetch >= cmdr_size
+            || fetch % TCMU_OP_ALIGN_SIZE || block_size == 0) {
         PyErr_SetString(PyExc_ValueError, "ring geometry or fetch cursor out of range");
         PyBuffer_Release(ring);
         return -1;

@@ -131,7 +131,8 @@ class CommandRing:
         self.cmdr_off = mb.cmdr_off.get(self._mv)
         self.cmdr_size = mb.cmdr_size.get(self._mv)
         if (self.cmdr_off < abi.MAILBOX.size or self.cmdr_size < abi.ENTRY.size
-                or self.cmdr_off + self.cmdr_size > self.map_size or self.cmdr_off % 8):
+                or self.cmdr_off + self.cmdr_size > self.map_size or self.cmdr_off % 8
+                or self.cmdr_size % abi.OP_ALIGN_SIZE):
             raise RingError(f"TCMU ring geometry off={self.cmdr_off} size={self.cmdr_size} does "
                             f"not fit a {self.map_size}-byte map")
         if not self.flags & abi.CAP_OOOC:

@@ -247,6 +247,9 @@ def test_malformed_arguments_raise_and_touch_nothing(ring):
     with pytest.raises(ValueError):
         fastread.read_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off, r.map_size, 4,
                             fd, 0, 100, BS, 4096, 8, (), ())
+    with pytest.raises(ValueError):        # a ring whose size is not a whole number of 8 bytes
+        fastread.read_batch(r._mv, r.cmdr_off, r.cmdr_size - 4, r.data_off, r.map_size, 0,
+                            fd, 0, 100, BS, 4096, 8, (), ())
     with pytest.raises(TypeError):
         fastread.read_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off, r.map_size, 0,
                             fd, 0, 100, BS, 4096, 8, ((1, 2),), ())

@@ -145,6 +145,15 @@ def test_wrong_mailbox_version_refused():
         CommandRing(emu.map, map_size=emu.map_size)
 
 
+def test_a_ring_whose_size_is_not_a_whole_number_of_8_bytes_is_refused():
+    """Every entry is 8-byte aligned (TCMU_OP_ALIGN_SIZE), so is the ring's size: the kernel
+    never writes another, and a walk over such a ring would never meet its end exactly."""
+    emu = RingEmulator(cmdr_size=1000)
+    abi.MAILBOX.cmdr_size.put(emu.map, 0, 1000 - 4)
+    with pytest.raises(RingError, match="geometry"):
+        CommandRing(emu.map, map_size=emu.map_size)
+
+
 def test_completion_without_outstanding_command_is_refused():
     emu, ring, _ = make()
     with pytest.raises(RingError):
