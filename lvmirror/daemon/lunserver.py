@@ -6,7 +6,10 @@ with no Command object, SCSI core or volume call in Python: it holds the GIL thr
 the conditions under which such a read is the one ``LogicalUnit.execute(nowait=True)`` would
 give (``_arm_compiled``) from the objects when it starts. For a one-image volume it also makes
 the WRITEs without FUA there (``tcmu._fastread.write_batch``, ``_compiled_writes``), with the
-GIL released for the writes, inside the volume's ``begin_fast_writes``/``end_fast_writes``. On the host's ring emulator
+GIL released for the writes, inside the volume's ``begin_fast_writes``/``end_fast_writes``; and
+READs over INLINE_READ_MAX, up to COMPILED_READ_MAX, with the GIL released for the copies
+(``tcmu._fastread.read_big_batch``, ``_compiled_big_reads``) inside ``begin_fast_reads``/
+``end_fast_reads`` (a shared region lock). On the host's ring emulator
 (2026-12-03, queue depth 32) it took lvmirrord's CPU per 4 KiB read from 11.3-12.8 to 3.3-3.7 us
 (tmpfs) and from 10.0-10.7 to 2.8-3.0 us (ext4); README's Performance section has the lab's.
 
