@@ -192,11 +192,13 @@ handler_cpu() {  # handler_cpu TARGET JOB: the handler's CPU over the job's meas
 }
 
 ring_counts() {  # ring_counts -> one JSON object: the bench LUN's commands so far, those its
-  # ring thread answered itself (no hand-off to a worker) and its ring stalls (lvmirror status)
+  # ring thread answered itself (no hand-off to a worker), its ring stalls and the READs and
+  # WRITEs of its compiled path (lvmirror status)
   timeout 60 lvmirror --json status 2>/dev/null | $PY -c '
 import json, sys
 luns = [l for l in json.load(sys.stdin).get("luns", []) if l.get("name") == "bt"]
-print(json.dumps({k: luns[0].get(k) for k in ("commands", "ring_thread_commands", "ring_stalls")}
+print(json.dumps({k: luns[0].get(k) for k in ("commands", "ring_thread_commands", "ring_stalls",
+                                               "compiled_reads", "compiled_writes")}
                  if luns else {}))' 2>/dev/null || echo '{}'
 }
 
