@@ -132,14 +132,6 @@ HELD_VIEWS_WAIT = 30.0
 # is better spread over the pool's threads (preadv drops the GIL: copies run in parallel).
 INLINE_READ_MAX = 64 << 10
 
-# The largest READ and WRITE (bytes) the compiled path answers (``_compiled_reads``). READs over
-# INLINE_READ_MAX go to ``_fastread.read_big_batch``, which copies with the GIL released under a
-# shared region lock over the volume, so the pool's threads still run meanwhile; WRITEs are made
-# with the GIL released already. In the kernel lab (2026-12-04) 1 MiB sequential READs at queue
-# depth 8 all went to the pool before, at 0.81x tcmu-runner's IOPS (README, Performance).
-COMPILED_READ_MAX = 1 << 20
-COMPILED_WRITE_MAX = 1 << 20
-
 # The largest WRITE (bytes) the ring thread runs itself at any queue depth: a buffered write of
 # a few pages costs less than the hand-off to a worker and back (two thread wake-ups; on the
 # ring emulator, 2026-12-02, 4 KiB mirrored writes at QD 32 took 88-103 CPU us a command
@@ -150,6 +142,18 @@ INLINE_WRITE_MAX = 64 << 10
 # The largest WRITE (bytes) the ring thread runs itself when it is the only command outstanding:
 # at queue depth 1 nothing else waits for the ring thread.
 INLINE_IDLE_MAX = 1 << 20
+
+# The largest READ and WRITE (bytes) the compiled path answers (``_compiled_reads``). READs over
+# INLINE_READ_MAX go to ``_fastread.read_big_batch``, which copies with the GIL released under a
+# shared region lock over the volume, so the pool's threads still run meanwhile; with
+# RWF_NOWAIT they never wait for a device. In the kernel lab (2026-12-04) 1 MiB sequential READs
+# at queue depth 8 all went to the pool before, at 0.89-0.93x tcmu-runner's IOPS, and 0.95-1.03x
+# after (README, Performance). WRITEs stay at INLINE_WRITE_MAX: a compiled write can wait (dirty
+# page throttling, a page under writeback on a dying device) while it holds the ring's lock,
+# where the watchdog cannot hand the ring over (docs/architecture.rst), and a larger write is
+# likelier to; up to 1 MiB gained only 0.93-0.96x -> 0.95-0.96x of tcmu-runner in the same runs.
+COMPILED_READ_MAX = 1 << 20
+COMPILED_WRITE_MAX = INLINE_WRITE_MAX
 
 # A command the ring thread runs itself and that has not returned after INLINE_STALL seconds
 # (a writer throttled by the kernel behind a slow or dying device) makes the watchdog, which

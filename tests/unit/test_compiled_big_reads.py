@@ -2,7 +2,7 @@
 at a READ over its size for ``read_big_batch``, which reads without the GIL; the iovec pool and
 byte cap of one unlocked batch (``read_big_batch``, ``write_batch``), on a ring the emulator fills
 byte for byte as the kernel does or on entries built by hand; then the real LunServer with it -
-1 MiB READs of a mirror and 1 MiB WRITEs of a one-image volume, the shared region lock and
+1 MiB READs of a mirror (1 MiB WRITEs stay the Python path's), the shared region lock and
 epoch the READs are made under, and the conditions (a write in flight, a split) under which it
 must not answer."""
 
@@ -339,13 +339,19 @@ def test_after_a_split_of_its_image_large_reads_come_from_the_survivor(lab, tmp_
         assert f.read(1024 * BS) == data[:1024 * BS]             # the split image kept T
 
 
-def test_a_one_image_lun_makes_1_mib_writes_on_the_compiled_path(lab, tmp_path):
+def test_a_one_image_lun_leaves_writes_over_64_kib_to_the_python_path(lab, tmp_path):
+    """The compiled path makes WRITEs up to 64 KiB only (COMPILED_WRITE_MAX): it holds the
+    ring's lock while it writes, out of the watchdog's reach, and a larger buffered write is
+    likelier to wait. A 1 MiB WRITE is the Python path's (under the watchdog), and READ back
+    from the compiled path; a 64 KiB one is compiled."""
     emu, lun, path, _ = _one_image_lun(lab, tmp_path, 55)
     new = os.urandom(MIB)
-    assert _write(lun, emu, 0, new) == (0, None, True)
+    assert _write(lun, emu, 0, new) == (0, None, False)
     with open(path, "rb") as f:
         assert f.read(MIB) == new
-    assert _compiled(lun, emu, 0, MIB // BS)[0] == new
+    assert _compiled(lun, emu, 0, MIB // BS) == (new, True)
+    small = os.urandom(64 << 10)
+    assert _write(lun, emu, 0, small) == (0, None, True)
 
 
 class _HoldBegins:
