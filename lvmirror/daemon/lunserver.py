@@ -825,10 +825,7 @@ class LunServer:
                     break
                 if n:
                     done += n
-                    self.commands += n
-                    self.inline += n
-                    self.compiled += n
-                    self.latency.observe_many("read", (time.monotonic() - t0) / n, n)
+                    self._count_compiled_reads(n, t0)
                     fast.target.count_fast_reads(storage, n, nbytes)
             elif why == _fastread.STOP_BIG_READ:
                 n, why = self._compiled_big_reads(fast, rwf)
@@ -870,11 +867,17 @@ class LunServer:
         if why == _fastread.STOP_STALE:
             self._fast = None
         if n:
-            self.commands += n
-            self.inline += n
-            self.compiled += n
-            self.latency.observe_many("read", (time.monotonic() - t0) / n, n)
+            self._count_compiled_reads(n, t0)
         return n, why
+
+    def _count_compiled_reads(self, n: int, t0: float) -> None:
+        """Count ``n`` READs the compiled path answered in one call begun at ``t0``
+        (``time.monotonic``): as the ring thread's own and compiled, and in the latency
+        histogram with the call's time shared out."""
+        self.commands += n
+        self.inline += n
+        self.compiled += n
+        self.latency.observe_many("read", (time.monotonic() - t0) / n, n)
 
     def _compiled_writes(self, fast) -> tuple[int, int]:
         """The WRITEs at the ring's head, made by ``tcmu._fastread.write_batch`` (through

@@ -391,3 +391,13 @@ def test_a_hold_begun_during_the_writes_leaves_them_all_to_the_python_path(tmp_p
         # written once already; the Python path writes it again and completes it when released
         assert path.read_bytes()[:8 * BS] == new
         assert [c.cmd_id for c in r.fetch().commands] == [cid]
+
+
+def test_a_write_over_64_kib_stops_read_batch_for_the_python_fetch(ring):
+    """read_batch parses up to the big READ size; a WRITE that large is neither function's
+    (WRITEs stay at 64 KiB), so it says STOP_OTHER - not STOP_WRITE, which would take the
+    volume's lock and epoch for a write_batch that makes nothing."""
+    emu, r, fd, _ = ring
+    emu.submit(cdb10(0x2A, 0, 256), data_out=os.urandom(256 * BS))       # 128 KiB
+    assert small_then_big(r, fd) == (0, 0, fastread.STOP_OTHER)
+    assert r.tail == 0 and len(r.fetch().commands) == 1
