@@ -5,11 +5,13 @@ docs/architecture.rst) answers the READs at the ring's head whose data the page 
 with no Command object, SCSI core or volume call in Python: it holds the GIL throughout and reads
 the conditions under which such a read is the one ``LogicalUnit.execute(nowait=True)`` would
 give (``_arm_compiled``) from the objects when it starts. For a one-image volume it also makes
-the WRITEs without FUA there (``tcmu._fastread.write_batch``, ``_compiled_writes``), with the
-GIL released for the writes, inside the volume's ``begin_fast_writes``/``end_fast_writes``; and
-READs over INLINE_READ_MAX, up to COMPILED_READ_MAX, with the GIL released for the copies
-(``tcmu._fastread.read_big_batch``, ``_compiled_big_reads``) inside ``begin_fast_reads``/
-``end_fast_reads`` (a shared region lock). On the host's ring emulator
+the WRITEs without FUA there (``_compiled_writes``), and READs over INLINE_READ_MAX, up to
+COMPILED_READ_MAX (``_compiled_big_reads``), in three steps (``_unlocked_batch``): taken from
+the ring under its lock (``tcmu._fastread.take_batch``), their I/O made with neither the ring's
+lock nor the GIL, each command's range locked (``run_batch``, inside the volume's
+``begin_fast_writes``/``begin_fast_reads``, ``lock_fast`` and ``end_fast_*``), and completed
+under the lock again (``complete_batch``); the watchdog watches the I/O as it watches a command
+the ring thread runs itself. On the host's ring emulator
 (2026-12-03, queue depth 32) it took lvmirrord's CPU per 4 KiB read from 11.3-12.8 to 3.3-3.7 us
 (tmpfs) and from 10.0-10.7 to 2.8-3.0 us (ext4); README's Performance section has the lab's.
 
@@ -144,14 +146,13 @@ INLINE_WRITE_MAX = 64 << 10
 INLINE_IDLE_MAX = 1 << 20
 
 # The largest READ and WRITE (bytes) the compiled path answers (``_compiled_reads``). READs over
-# INLINE_READ_MAX go to ``_fastread.read_big_batch``, which copies with the GIL released under a
-# shared region lock over the volume, so the pool's threads still run meanwhile; with
+# INLINE_READ_MAX go to ``_unlocked_batch``, which copies with the GIL released under a shared
+# region lock over each command's range, so the pool's threads still run meanwhile; with
 # RWF_NOWAIT they never wait for a device. In the kernel lab (2026-12-04) 1 MiB sequential READs
 # at queue depth 8 all went to the pool before, at 0.89-0.93x tcmu-runner's IOPS, and 0.95-1.03x
-# after (README, Performance). WRITEs stay at INLINE_WRITE_MAX: a compiled write can wait (dirty
-# page throttling, a page under writeback on a dying device) while it holds the ring's lock,
-# where the watchdog cannot hand the ring over (docs/architecture.rst), and a larger write is
-# likelier to; up to 1 MiB gained only 0.93-0.96x -> 0.95-0.96x of tcmu-runner in the same runs.
+# after (README, Performance). WRITEs stay at INLINE_WRITE_MAX: up to 1 MiB gained only
+# 0.93-0.96x -> 0.95-0.96x of tcmu-runner in the same runs, and a larger buffered write is
+# likelier to wait (dirty-page throttling) and send every WRITE to the pool for INLINE_BACKOFF.
 COMPILED_READ_MAX = 1 << 20
 COMPILED_WRITE_MAX = INLINE_WRITE_MAX
 
@@ -671,12 +672,14 @@ class LunServer:
             if (not stopping and (COMPILED_READS or COMPILED_WRITES) and self.inline_reads
                     and not self._aborted and not self._compiled_off):
                 try:
-                    done, emptied = self._compiled_reads()
+                    done, emptied = self._compiled_reads(gen)
                 except Exception:           # a bug: the Python path answers every command now
                     self._compiled_off = True
                     log.exception("LUN %s: the compiled READ/WRITE path failed; the Python path "
                                   "answers every command from now on", self.name)
                 else:
+                    if done is None:
+                        return           # handed over: a newer ring thread serves now
                     completed += done
             if not stopping and not emptied:
                 batch = ring.fetch()
@@ -773,7 +776,7 @@ class LunServer:
                       min(INLINE_READ_MAX, most), min(COMPILED_WRITE_MAX, most),
                       lu.max_accept_blocks, checks, busy, wstorage, wchecks, hold, big)
 
-    def _compiled_reads(self) -> tuple[int, bool]:
+    def _compiled_reads(self, gen: int) -> tuple[int | None, bool]:
         """Let the compiled path answer the commands at the head of the ring it may answer, as
         ``_run_inline`` would (``LogicalUnit.execute(nowait=True)``), without making them
         Command objects: READs the page cache holds (``tcmu._fastread.read_batch`` through
@@ -828,13 +831,17 @@ class LunServer:
                     self._count_compiled_reads(n, t0)
                     fast.target.count_fast_reads(storage, n, nbytes)
             elif why == _fastread.STOP_BIG_READ:
-                n, why = self._compiled_big_reads(fast, rwf)
+                n, why = self._compiled_big_reads(fast, rwf, gen)
+                if n is None:
+                    return None, False           # handed over: a newer ring thread serves
                 done += n
                 if not n:
                     break
             elif (why == _fastread.STOP_WRITE and fast.wstorage is not None
                     and self._fast is not None and self._inline_after <= time.monotonic()):
-                w, why = self._compiled_writes(fast)
+                w, why = self._compiled_writes(fast, gen)
+                if w is None:
+                    return None, False           # handed over: a newer ring thread serves
                 done += w
                 if not w:
                     break
@@ -842,33 +849,19 @@ class LunServer:
                 break
         return done, why == _fastread.STOP_HEAD
 
-    def _compiled_big_reads(self, fast, rwf: int) -> tuple[int, int]:
+    def _compiled_big_reads(self, fast, rwf: int, gen: int) -> tuple[int | None, int]:
         """The READs at the ring's head over ``fast.max_read`` bytes (and up to
-        ``fast.max_big_read``; smaller ones after them too), answered by
-        ``tcmu._fastread.read_big_batch`` (through ``CommandRing.fast_big_reads``) from the
-        page cache with preadv2 flags ``rwf``, the GIL released for the copies, inside the
-        volume's ``begin_fast_reads`` (a shared region lock over the volume, the epoch
-        entered: no write, resync copy, split or image failure meanwhile) and
-        ``end_fast_reads``. A READ not read whole (not all in memory) is left to the Python
-        path. Returns how many it completed and why it stopped (``_fastread``'s STOP_*)."""
+        ``fast.max_big_read``; smaller ones after them too), read from the page cache with
+        preadv2 flags ``rwf`` (RWF_NOWAIT) by ``_unlocked_batch``, inside the volume's
+        ``begin_fast_reads`` (the epoch entered: no split or image failure meanwhile) with each
+        command's range locked shared (``lock_fast``: no write to it meanwhile) and
+        ``end_fast_reads``. A READ not read whole (not all in memory) is the Python path's.
+        Returns what ``_unlocked_batch`` returns."""
         target, storage = fast.target, fast.storage
-        token = target.begin_fast_reads()
-        if token is None:
-            return 0, _fastread.STOP_BUSY          # a write holds a range: the Python path
-        n = nbytes = 0
-        t0 = time.monotonic()
-        try:
-            n, nbytes, why, _ = self._ring.fast_big_reads(
-                _fastread.read_big_batch, storage.fd, rwf, fast.num_blocks, fast.block_size,
-                fast.max_big_read, fast.max_blocks, _fastread.MAX_WRITES, fast.checks,
-                fast.wbusy)
-        finally:
-            target.end_fast_reads(token, storage, n, nbytes)
-        if why == _fastread.STOP_STALE:
-            self._fast = None
-        if n:
-            self._count_compiled_reads(n, t0)
-        return n, why
+        return self._unlocked_batch(
+            fast, gen, False, (storage.fd,), rwf, fast.max_big_read, fast.checks,
+            target.begin_fast_reads(),
+            lambda token, n, nbytes: target.end_fast_reads(token, storage, n, nbytes))
 
     def _count_compiled_reads(self, n: int, t0: float) -> None:
         """Count ``n`` READs the compiled path answered in one call begun at ``t0``
@@ -879,42 +872,110 @@ class LunServer:
         self.compiled += n
         self.latency.observe_many("read", (time.monotonic() - t0) / n, n)
 
-    def _compiled_writes(self, fast) -> tuple[int, int]:
-        """The WRITEs at the ring's head, made by ``tcmu._fastread.write_batch`` (through
-        ``CommandRing.fast_writes``) with the GIL released for the writes themselves, so that
-        every other thread runs meanwhile, inside the volume's ``begin_fast_writes`` (an
-        exclusive region lock over the volume, the epoch entered: a split or image failure waits
-        for them as for any write in flight) and ``end_fast_writes``. A WRITE not written
-        whole (an error, a full file system, a short write) is left to the Python path, which
-        writes it again and reports it; a call that took longer than INLINE_SLOW sends every
-        WRITE to the pool for INLINE_BACKOFF seconds, as ``_run_inline`` does. Returns how
-        many it completed and why it stopped (``_fastread``'s STOP_*)."""
+    def _compiled_writes(self, fast, gen: int) -> tuple[int | None, int]:
+        """The WRITEs without FUA at the ring's head, made by ``_unlocked_batch`` inside the
+        volume's ``begin_fast_writes`` (the epoch entered: a split or image failure waits for
+        them as for any write in flight) with each command's range locked (``lock_fast``) and
+        ``end_fast_writes``. A WRITE not written whole (an error, a full file system, a short
+        write) is the Python path's, which writes it again and reports it; a batch that took
+        longer than INLINE_SLOW sends every WRITE to the pool for INLINE_BACKOFF seconds, as
+        ``_run_inline`` does. Returns what ``_unlocked_batch`` returns."""
         target, wstorage = fast.target, fast.wstorage
-        token = target.begin_fast_writes()
-        if token is None:
-            return 0, _fastread.STOP_BUSY          # another lock: the Python path waits for it
-        n = nbytes = 0
-        t0 = time.monotonic()
+        return self._unlocked_batch(
+            fast, gen, True, (wstorage.fd,), 0, fast.max_write, fast.wchecks,
+            target.begin_fast_writes(),
+            lambda token, n, nbytes: target.end_fast_writes(token, wstorage, n, nbytes))
+
+    def _unlocked_batch(self, fast, gen: int, writes: bool, fds: tuple, rwf: int,
+                        max_bytes: int, checks: tuple, token, end) -> tuple[int | None, int]:
+        """One batch of the WRITEs (``writes``) or large READs at the ring's head, with their
+        I/O made WITHOUT the GIL and WITHOUT the ring's lock, as a command the ring thread
+        (generation ``gen``) runs itself. ``token``: the volume's epoch entered for it
+        (``begin_fast_writes``/``begin_fast_reads``), before its conditions ``checks`` are read.
+        ``_fastread.take_batch`` takes the commands under the ring's lock
+        (``CommandRing.take_fast``: fetched, outstanding); the volume locks each one's range
+        (``lock_fast``, never waiting); ``run_batch`` makes the I/O of those locked on the
+        descriptors ``fds`` (preadv2 flags ``rwf`` for READs) while the watchdog watches
+        (``_inline_t0``); ``complete_batch`` answers GOOD those done whole (none when a
+        ``fast.wbusy`` condition - a group split's hold - began meanwhile); ``end(token, n,
+        nbytes)`` counts them, leaves the epoch and releases the locks. The others become
+        Commands for the worker pool, which makes their I/O again and reports what fails.
+
+        When the I/O stalls past INLINE_STALL the watchdog hands the ring to a new ring thread
+        (``_hand_over``), which fetches and answers the LUN's other commands meanwhile (I/O to
+        the stalled commands' ranges waits for their locks, as for any write in flight): this
+        thread then completes what it did when the I/O returns, as a worker would, wakes the
+        new ring thread to tell the kernel, and returns None for its count. Returns (commands
+        completed here, or None when the ring was handed over; why the batch stopped:
+        ``_fastread``'s STOP_*)."""
+        ring = self._ring
+        taken = done = nbytes = completed = 0
+        t0 = 0.0
+        lost = False
         try:
-            n, nbytes, why, _ = self._ring.fast_writes(
-                _fastread.write_batch, wstorage.fd, fast.num_blocks, fast.block_size,
-                fast.max_write, fast.max_blocks, _fastread.MAX_WRITES, fast.wchecks, fast.wbusy)
+            taken, why, packed = ring.take_fast(
+                _fastread.take_batch, fast.num_blocks, fast.block_size, max_bytes,
+                fast.max_blocks, _fastread.MAX_WRITES, checks, fast.wbusy, writes)
+            if taken:
+                locked = fast.target.lock_fast(token, ring.taken_ranges(packed,
+                                                                        fast.block_size))
+                t0 = self._inline_t0 = time.monotonic()
+                if self._watch_idle:         # (read after _inline_t0 is set: see _watch)
+                    self._watch_idle = False
+                    self._watch_wake.set()
+                if locked:
+                    done, nbytes, _ = ring.run_taken(_fastread.run_batch, packed, locked, fds,
+                                                     rwf, writes)
         finally:
-            target.end_fast_writes(token, wstorage, n, nbytes)
-        took = time.monotonic() - t0
+            try:
+                if taken:
+                    with self._role_mu:
+                        lost = self._gen != gen
+                        if not lost:
+                            self._inline_t0 = 0.0
+                        else:        # WRITEs inline again INLINE_BACKOFF s from now
+                            self._stuck -= 1
+                            self._inline_after = max(self._inline_after,
+                                                     time.monotonic() + INLINE_BACKOFF)
+                    completed, nbytes = ring.complete_taken(_fastread.complete_batch, packed,
+                                                            done, fast.wbusy, lost)
+            finally:
+                end(token, completed, nbytes if completed else 0)    # the locks, the epoch
+            if taken and completed < taken:
+                rest = ring.taken_commands(packed, completed, t0)
+                self.commands += len(rest)
+                running = self._running
+                for command in rest:
+                    running.add(command.cmd_id)
+                    self._pool.post(self._execute, command)
         if why == _fastread.STOP_STALE:
             self._fast = None
-        if took > INLINE_SLOW:
+        if not taken:
+            return 0, why
+        if done < taken:
+            why = (_fastread.STOP_BUSY if done == locked and locked < taken
+                   else _fastread.STOP_MISS_WRITE if writes else _fastread.STOP_MISS)
+        if completed < done:
+            why = _fastread.STOP_BUSY
+        took = time.monotonic() - t0
+        if completed and not writes:
+            self._count_compiled_reads(completed, t0)
+        elif completed:
+            self.commands += completed
+            self.inline += completed
+            self.compiled_writes += completed
+            self.latency.observe_many("write", took / completed, completed)
+        if writes and took > INLINE_SLOW:
             self.inline_slow += 1
-            self._inline_after = t0 + took + INLINE_BACKOFF
+            self._inline_after = max(self._inline_after, t0 + took + INLINE_BACKOFF)
             log.debug("LUN %s: compiled WRITEs on the ring thread took %.3f s; WRITEs go to the "
                       "pool for %g s", self.name, took, INLINE_BACKOFF)
-        if n:
-            self.commands += n
-            self.inline += n
-            self.compiled_writes += n
-            self.latency.observe_many("write", took / n, n)
-        return n, why
+        if lost:
+            if completed:
+                self._wake()             # the ring thread now serving tells the kernel
+                # (complete_taken left it pending_notify)
+            return None, why
+        return completed, why
 
     def _inline_candidate(self, command, writes: bool, idle: bool) -> bool:
         """Whether the ring thread tries ``command`` itself: a READ of at most INLINE_READ_MAX

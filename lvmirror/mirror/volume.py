@@ -166,6 +166,26 @@ class _LegDone:
 READ_STREAMS = 64
 
 
+
+class _FastToken:
+    """One batch of the compiled path without the GIL (``MirrorVolume.begin_fast_writes``/
+    ``begin_fast_reads``): the split epoch it entered, whether its region locks are shared,
+    and the locks ``lock_fast`` took for its commands."""
+
+    __slots__ = ("epoch", "shared", "locks")
+
+    def __init__(self, epoch, shared: bool):
+        self.epoch = epoch
+        self.shared = shared
+        self.locks = []
+
+    def release(self) -> None:
+        """Release every lock taken (the region lock manager wakes their waiters)."""
+        locks, self.locks = self.locks, []
+        for lk in locks:
+            lk.release()
+
+
 class MirrorVolume:
     """A mirrored volume; see the module docstring. Use ``create`` or ``open``."""
 
@@ -1100,9 +1120,9 @@ class MirrorVolume:
         return st, rwf, checks, busy
 
     def fast_write_source(self):
-        """What the ring thread's compiled WRITE path (``tcmu._fastread.write_batch``) may
+        """What the ring thread's compiled WRITE path (``tcmu._fastread.take_batch``/``run_batch``) may
         write to now: ``(storage, checks)`` - the StorageImage of the one image the current
-        epoch writes, and the conditions ``write_batch`` reads again when it starts
+        epoch writes, and the conditions ``take_batch`` reads again when it starts
         (``fast_read_source``'s - volume open and online, no restore, no torn region, the same
         epoch, the image in sync on the same descriptor - and the image not read-only). A
         WRITE made under them, inside ``begin_fast_writes``/``end_fast_writes``, is what
@@ -1121,40 +1141,44 @@ class MirrorVolume:
         return st, checks + ((st, "read_only", "is", False),)
 
     def begin_fast_writes(self):
-        """Before the compiled WRITE path writes without the GIL: an exclusive region lock over
-        the whole volume, taken only if no other lock is held or awaited (the overlapping-I/O
-        rule: no other I/O runs meanwhile), and the current split epoch entered (a split, an
-        attach, a detach or an image failure that switches the epoch waits for
-        ``end_fast_writes``, as for any write in flight). Returns the token for
-        ``end_fast_writes``, or None (nothing taken) when another lock is held or awaited."""
-        return self._begin_fast(shared=False)
+        """Before the compiled WRITE path takes a batch from the ring and writes it without the
+        GIL: the current split epoch entered (a split, an attach, a detach or an image failure
+        that switches the epoch waits for ``end_fast_writes``, as for any write in flight;
+        the batch's conditions, read after this, name the epoch, so a switch in between makes
+        it take nothing). Each command's range is then locked with ``lock_fast``. Returns the
+        token for ``lock_fast`` and ``end_fast_writes``."""
+        return _FastToken(self._enter(), False)
 
     def begin_fast_reads(self):
-        """Before the compiled READ path reads without the GIL (``_fastread.read_big_batch``,
-        READs over the GIL-held path's size): ``begin_fast_writes`` with a SHARED region lock
-        over the whole volume - other reads run beside it, a write, a resync's copy or a D-Bus
-        client's exclusive lock waits for ``end_fast_reads`` (so no write lands in the range
-        it reads: the overlapping-I/O rule). Returns the token for ``end_fast_reads``, or None
-        (nothing taken) when a conflicting lock is held or awaited."""
-        return self._begin_fast(shared=True)
+        """``begin_fast_writes`` for the compiled READ path that reads without the GIL
+        (``_fastread.run_batch``, READs over the GIL-held path's size): its ranges are locked
+        SHARED - other reads run beside them, a write, a resync's copy or a D-Bus client's
+        exclusive lock on them waits for ``end_fast_reads`` (no write lands in a range being
+        read: the overlapping-I/O rule)."""
+        return _FastToken(self._enter(), True)
 
-    def _begin_fast(self, shared: bool):
-        lk = self.locks.try_lock(0, self.num_blocks, shared=shared)
-        if lk is None:
-            return None
-        try:
-            return lk, self._enter()
-        except BaseException:
-            lk.release()
-            raise
+    def lock_fast(self, token, ranges) -> int:
+        """Lock each ``(first block, blocks)`` of ``ranges`` for the batch of ``token``
+        (``begin_fast_writes``: exclusive; ``begin_fast_reads``: shared), in order, each only if
+        the region lock manager grants it now (``try_lock``: no conflicting lock held, none
+        awaited before it - the overlapping-I/O rule, first come first served), stopping at the
+        first it does not grant. Returns how many it locked: the batch makes those commands, the
+        Python path the others. The locks are released by ``end_fast_writes``/
+        ``end_fast_reads``."""
+        try_lock, shared, held = self.locks.try_lock, token.shared, token.locks
+        for start, count in ranges:
+            lk = try_lock(start, count, shared=shared)
+            if lk is None:
+                break
+            held.append(lk)
+        return len(held)
 
     def end_fast_writes(self, token, storage, n: int, nbytes: int) -> None:
         """After the compiled WRITE path: count its ``n`` writes of ``nbytes`` bytes to
         ``storage`` (``fast_write_source``) in the volume's and the image's statistics, leave
-        the epoch and release the lock of ``begin_fast_writes``."""
-        lk, ep = token
+        the epoch and release the locks ``lock_fast`` took."""
         try:
-            self._leave(ep)
+            self._leave(token.epoch)
             if n:
                 with self._elock:
                     st = self._stats
@@ -1162,18 +1186,17 @@ class MirrorVolume:
                     st["bytes_written"] += nbytes
                 storage.count_writes(n, nbytes)
         finally:
-            lk.release()
+            token.release()
 
     def end_fast_reads(self, token, storage, n: int, nbytes: int) -> None:
         """After ``begin_fast_reads``: count the ``n`` reads of ``nbytes`` bytes answered from
-        ``storage`` (``fast_read_source``), leave the epoch and release the lock."""
-        lk, ep = token
+        ``storage`` (``fast_read_source``), leave the epoch and release the locks."""
         try:
-            self._leave(ep)
+            self._leave(token.epoch)
             if n:
                 self.count_fast_reads(storage, n, nbytes)
         finally:
-            lk.release()
+            token.release()
 
     def count_fast_reads(self, storage, n: int, nbytes: int) -> None:
         """Count ``n`` reads of ``nbytes`` bytes the compiled READ path answered from

@@ -1,6 +1,6 @@
 /*
  * lvmirror.tcmu._fastread: the ring thread's compiled path for READs the page cache holds, and
- * for the WRITEs of a one-image volume (write_batch, below).
+ * for the WRITEs of a one-image volume and large READs (take_batch, below).
  *
  * read_batch() walks the TCMU command ring from the caller's fetch cursor to the
  * kernel's cmd_head and answers every consecutive READ(10)/READ(16) it can serve from memory:
@@ -12,17 +12,19 @@
  * response bytes) and stops at the first entry it does not answer, which the Python fetch then
  * takes up as before. Layouts come from the kernel's own header (linux/target_core_user.h).
  *
- * write_batch() makes the WRITE(10)/WRITE(16) commands without FUA from the fetch cursor on,
- * up to MAX_WRITES: it parses them holding the GIL, RELEASES it for one pwritev() of each
- * command's Data-Out (a buffered write may wait: dirty-page throttling, the journal, stable
- * pages), takes it back and completes those written whole. The caller holds what keeps the
- * volume as it was meanwhile (MirrorVolume.begin_fast_writes: a region lock over every block,
- * the split epoch entered) and the ring's lock. read_big_batch() does the same for READs over
- * read_batch's size (up to 1 MiB; read_batch stops at one with STOP_BIG_READ): a copy that
- * large is made without the GIL, so the process's other threads run meanwhile, under a SHARED
- * region lock over every block (MirrorVolume.begin_fast_reads) and the epoch entered. Both read
- * their `busy` conditions again once the GIL is back, so that a group split's hold of the
- * LUN's completions that began during the I/O holds theirs too.
+ * take_batch(), run_batch() and complete_batch() make the WRITE(10)/WRITE(16) commands without
+ * FUA of a one-image volume, and READs over read_batch's size (up to 1 MiB; read_batch stops at
+ * one with STOP_BIG_READ), in three steps, because their I/O may wait (a buffered write: dirty-
+ * page throttling, the journal, stable pages) or is long (a 1 MiB copy): take_batch parses up to
+ * MAX_WRITES consecutive commands of one kind holding the GIL and the caller's ring lock, and
+ * returns a packed copy of what the other two need (the caller moves its fetch cursor past
+ * them); run_batch makes their I/O with the GIL RELEASED and without the ring's lock, so that a
+ * ring thread that takes over from a stuck one (lvmirror/daemon/lunserver.py, the watchdog)
+ * fetches and completes meanwhile; complete_batch answers GOOD those done whole, under the ring's
+ * lock, after reading its `busy` conditions again (a group split's hold of the LUN's completions
+ * that began during the I/O holds theirs too). The caller keeps the volume as it was meanwhile
+ * (MirrorVolume.begin_fast_writes/begin_fast_reads: the split epoch entered; lock_fast: a region
+ * lock over each command's range).
  *
  * Why C: the Python path spends 20-40 us of CPU on such a READ (fetch, the SCSI core, the
  * volume, completion); in the kernel lab the ring thread answered 99-100 % of 4 KiB commands
@@ -59,9 +61,8 @@
  * blocks the kernel found apart is 256); a command with more is the Python path's */
 #define MAX_IOVECS 256
 
-/* what one call of write_batch/read_big_batch takes at most, besides its `max_commands`: the
- * iovecs of its commands (a pool on the stack) and their bytes (a call holds the caller's
- * region lock over the whole volume: other I/O waits for the lot) */
+/* what one take_batch takes at most, besides its `max_commands`: the iovecs of its commands
+ * (run_batch's pool on the stack) and their bytes */
 #define BATCH_IOVECS 1024
 #define BATCH_BYTES (8u << 20)
 
@@ -71,13 +72,13 @@
 #define STOP_STALE 2    /* a `checks` condition no longer holds: the caller arms again */
 #define STOP_BUSY 3     /* a `busy` condition holds (a region lock, held completions) */
 #define STOP_MISS 4     /* the data is not all in memory, or the read failed: the Python path */
-#define STOP_WRITE 5    /* read_batch: the next entry is a WRITE write_batch may make */
-#define STOP_MISS_WRITE 6   /* write_batch: a write failed or was short: the Python path */
-#define STOP_READ 7     /* write_batch: the next entry is a READ read_batch may answer */
-#define STOP_BIG_READ 8 /* read_batch: the next entry is a READ over `max_bytes` that
-                         * read_big_batch may answer; read_big_batch: its batch is full */
+#define STOP_WRITE 5    /* read_batch: the next entry is a WRITE a WRITE batch may make */
+#define STOP_MISS_WRITE 6   /* a WRITE batch: a write failed or was short (the caller's code) */
+#define STOP_READ 7     /* take_batch of WRITEs: the next entry is a READ read_batch may answer */
+#define STOP_BIG_READ 8 /* read_batch: the next entry is a READ over `max_bytes` that a READ
+                         * batch may answer; take_batch of READs: its batch is full */
 
-/* the most WRITEs write_batch makes in one call */
+/* the most commands one take_batch takes */
 #define MAX_WRITES 64
 
 static int
@@ -176,6 +177,8 @@ struct rw_cmd {
     uint64_t lba, want;         /* first block; bytes to transfer (TRANSFER LENGTH x block) */
     uint32_t iov_cnt;
     struct iovec *iov;          /* iov_cnt iovecs in the caller's pool, into the data area */
+    const uint8_t *cdb;         /* in the ring entry */
+    uint8_t cdb_len;            /* 10 or 16 */
 };
 
 #define ENT_PAD 0       /* a PAD entry of cmd->length bytes */
@@ -218,10 +221,12 @@ parse_entry(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_o
     uint64_t lba, nblk;
     unsigned int control;
     if ((cdb[0] == 0x28 || cdb[0] == 0x2A) && cdb_off + 10 <= ent_end) {  /* READ/WRITE(10) */
+        c->cdb_len = 10;
         lba = be32(cdb + 2);
         nblk = ((unsigned)cdb[7] << 8) | cdb[8];
         control = cdb[9];
     } else if ((cdb[0] == 0x88 || cdb[0] == 0x8A) && cdb_off + 16 <= ent_end) {   /* (16) */
+        c->cdb_len = 16;
         lba = be64(cdb + 2);
         nblk = be32(cdb + 10);
         control = cdb[15];
@@ -255,6 +260,7 @@ parse_entry(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_o
     if (iov_cnt > room)             /* checked last: a full pool ends a batch, no more */
         return ENT_FULL;
     c->cmd_id = e->hdr.cmd_id;
+    c->cdb = cdb;
     c->lba = lba;
     c->want = want;
     c->iov_cnt = iov_cnt;
@@ -312,13 +318,13 @@ PyDoc_STRVAR(read_batch_doc,
 "geometry in bytes. `checks` and `busy`: tuples of (obj, name, mode, value), mode 0\n"
 "`getattr(obj, name) is value`, 1 false (a builtin type), 2 equal (ints); read once, first.\n"
 "It holds the GIL throughout. A READ over `max_bytes` and at most `big_bytes` stops it with 8\n"
-"(read_big_batch's, which reads without the GIL).\n"
+"(take_batch's, whose READs are copied without the GIL).\n"
 "\n"
 "Returns the new fetch cursor, the commands answered GOOD, their bytes, the PAD entries\n"
 "skipped, and why it stopped: 0 cmd_head reached, 1 an entry it does not answer, 2 a\n"
 "`checks` condition failed, 3 a `busy` one, 4 a read not served from memory (nothing\n"
-"answered for that command), 5 a WRITE it may answer (write_batch), 8 a READ over\n"
-"`max_bytes` for read_big_batch. TypeError/ValueError for malformed arguments; never an I/O\n"
+"answered for that command), 5 a WRITE a WRITE batch may make (take_batch), 8 a READ over\n"
+"`max_bytes` for a READ batch (take_batch). TypeError/ValueError for malformed arguments; never an I/O\n"
 "error (the Python path reads such a command again and reports it).");
 
 static PyObject *
@@ -357,13 +363,13 @@ read_batch(PyObject *Py_UNUSED(self), PyObject *args)
             continue;
         }
         if (kind != ENT_READ) {
-            /* (a WRITE over `max_bytes` is not write_batch's either - both take 64 KiB - so
+            /* (a WRITE over `max_bytes` is not a WRITE batch's either - both take 64 KiB - so
              * the Python fetch takes it, and no whole-volume lock is taken for nothing) */
             why = kind == ENT_WRITE && c.want <= max_bytes ? STOP_WRITE : STOP_OTHER;
             break;
         }
         if (c.want > max_bytes) {
-            why = STOP_BIG_READ;        /* read_big_batch's, without the GIL */
+            why = STOP_BIG_READ;        /* a READ batch's, copied without the GIL */
             break;
         }
         ssize_t got = preadv2(fd, c.iov, (int)c.iov_cnt, (off_t)(c.lba * block_size), rwf);
@@ -380,30 +386,78 @@ read_batch(PyObject *Py_UNUSED(self), PyObject *args)
     return Py_BuildValue("(InKni)", fetch, answered, nbytes, pads, why);
 }
 
-/* write_batch and read_big_batch: parse the consecutive commands of one kind holding the GIL,
- * release it for their I/O, take it back and complete those done whole. */
+/* One command take_batch took, as it packs it in the bytes it returns (after a struct
+ * taken_hdr, then the records, then their iovecs as struct taken_iov): what run_batch needs for
+ * its I/O, what complete_batch needs to answer it, and what ring.py needs to make it a Command
+ * for the Python path. Native byte order; ring.py unpacks it as "=QQIIHB5x16s". */
+struct taken_hdr {
+    uint32_t n;                 /* records */
+    uint32_t iovs;              /* iovecs after them */
+};
+struct taken {
+    uint64_t offset;            /* bytes: its first block x the block size */
+    uint64_t want;              /* bytes */
+    uint32_t iov_first;         /* its first iovec, an index into the iovecs */
+    uint32_t iov_cnt;
+    uint16_t cmd_id;
+    uint8_t cdb_len;            /* 10 or 16 */
+    uint8_t reserved[5];
+    uint8_t cdb[16];
+};
+struct taken_iov {
+    uint64_t off;               /* from the map's start, inside the data area */
+    uint64_t len;
+};
+
+PyDoc_STRVAR(take_batch_doc,
+"take_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, num_blocks, block_size,\n"
+"           max_bytes, max_blocks, max_commands, checks, busy, writes)\n"
+"    -> (fetch, taken, pads, why, packed)\n"
+"\n"
+"TAKE the consecutive WRITE(10)/WRITE(16) commands without FUA (`writes` true) or\n"
+"READ(10)/READ(16) commands (false) from ring offset `fetch` (bytes) on, in ring order, up to\n"
+"`max_commands` of them (at most 64), 1,024 iovecs and 8 MiB, with read_batch's field checks\n"
+"(SBC-4 5.15/5.16/5.40: no RD/WRPROTECT, no NACA, no FUA, TRANSFER LENGTH 1..`max_blocks`,\n"
+"at most `max_bytes`, inside `num_blocks`), after `checks` and `busy` hold. It does NO I/O and\n"
+"answers nothing: the caller moves its fetch cursor, counts the commands outstanding (the\n"
+"ring's lock held: ring.py's take_fast), makes their I/O with run_batch WITHOUT that lock, and\n"
+"answers them with complete_batch, or as Commands on the Python path. `packed` (bytes)\n"
+"describes them: a header (records, iovecs: 2 x uint32), the records (struct taken: offset\n"
+"and length in bytes, first iovec, iovecs, cmd_id, CDB length, CDB; 48 bytes each), their iovecs (offset\n"
+"in the map, length: 2 x uint64).\n"
+"\n"
+"Returns the new fetch cursor, the commands taken, the PAD entries skipped, why it stopped\n"
+"(0 cmd_head reached, 1 an entry neither path's batch answers, 2/3 a `checks`/`busy`\n"
+"condition, 5 a WRITE next or the WRITE batch is full (call again), 7 a READ next, 8 the READ\n"
+"batch is full) and `packed`. TypeError/ValueError for malformed arguments.");
+
 static PyObject *
-unlocked_batch(Py_buffer *ring, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
-               uint64_t map_size, uint32_t fetch, int fd, int rwf, uint64_t num_blocks,
-               uint32_t block_size, uint64_t max_bytes, uint64_t max_blocks,
-               uint32_t max_commands, PyObject *checks, PyObject *busy, int writes)
+take_batch(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    uint8_t *map = ring->buf;
+    Py_buffer ring;
+    unsigned int cmdr_off, cmdr_size, fetch, max_commands;
+    unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks;
+    unsigned int block_size;
+    PyObject *checks, *busy;
+    int writes;
+
+    if (!PyArg_ParseTuple(args, "w*IIKKIKIKKIO!O!p", &ring, &cmdr_off, &cmdr_size, &data_off,
+                          &map_size, &fetch, &num_blocks, &block_size, &max_bytes,
+                          &max_blocks, &max_commands, &PyTuple_Type, &checks, &PyTuple_Type,
+                          &busy, &writes))
+        return NULL;
+    uint8_t *map = ring.buf;
     if (max_commands > MAX_WRITES)
         max_commands = MAX_WRITES;
     uint32_t head = 0;
-    int why = begin_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size,
+    int why = begin_batch(&ring, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size,
                           checks, busy, &head);
     if (why < 0)
         return NULL;
     int mine = writes ? ENT_WRITE : ENT_READ;
     int full = writes ? STOP_WRITE : STOP_BIG_READ;     /* the caller calls again */
     int other = writes ? STOP_READ : STOP_WRITE;        /* the other function's */
-    /* the commands, each with the fetch cursor after it and the PADs skipped before it, and
-     * their iovecs */
     struct rw_cmd cmds[MAX_WRITES];
-    uint32_t after[MAX_WRITES];
-    Py_ssize_t pads_before[MAX_WRITES];
     struct iovec pool[BATCH_IOVECS];
     uint32_t n = 0, cur = fetch, used = 0;
     uint64_t batch_bytes = 0;
@@ -432,157 +486,247 @@ unlocked_batch(Py_buffer *ring, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t 
         used += cmds[n].iov_cnt;
         batch_bytes += cmds[n].want;
         cur = (cur + cmds[n].length) % cmdr_size;
-        after[n] = cur;
-        pads_before[n] = pads;
         n++;
     }
-    /* the I/O, without the GIL: every other thread runs meanwhile; the caller's epoch and
-     * region lock keep the volume's images and I/O as they were */
+    Py_ssize_t size = sizeof(struct taken_hdr) + (Py_ssize_t)n * sizeof(struct taken)
+                      + (Py_ssize_t)used * sizeof(struct taken_iov);
+    PyObject *packed = PyBytes_FromStringAndSize(NULL, size);
+    if (packed == NULL) {
+        PyBuffer_Release(&ring);
+        return NULL;
+    }
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(packed);
+    memset(out, 0, (size_t)size);
+    struct taken_hdr hdr = {n, used};
+    memcpy(out, &hdr, sizeof hdr);
+    uint8_t *recs = out + sizeof hdr;
+    uint8_t *iovs = recs + (size_t)n * sizeof(struct taken);
+    uint32_t first = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        struct rw_cmd *c = &cmds[k];
+        struct taken t;
+        memset(&t, 0, sizeof t);
+        t.offset = c->lba * block_size;
+        t.want = c->want;
+        t.iov_first = first;
+        t.iov_cnt = c->iov_cnt;
+        t.cmd_id = c->cmd_id;
+        t.cdb_len = c->cdb_len;
+        memcpy(t.cdb, c->cdb, c->cdb_len);
+        memcpy(recs + (size_t)k * sizeof t, &t, sizeof t);
+        for (uint32_t j = 0; j < c->iov_cnt; j++) {
+            struct taken_iov v = {(uint64_t)((uint8_t *)c->iov[j].iov_base - map),
+                                  c->iov[j].iov_len};
+            memcpy(iovs + (size_t)(first + j) * sizeof v, &v, sizeof v);
+        }
+        first += c->iov_cnt;
+    }
+    PyBuffer_Release(&ring);
+    return Py_BuildValue("(IIniN)", cur, n, pads, why, packed);
+}
+
+/* The header and records of `packed` (take_batch's), checked against the map's data area:
+ * 0, or -1 with ValueError set. */
+static int
+check_taken(const Py_buffer *packed, uint64_t data_off, uint64_t map_size,
+            struct taken_hdr *hdr, const uint8_t **recs, const uint8_t **iovs)
+{
+    if ((size_t)packed->len < sizeof *hdr)
+        goto bad;
+    memcpy(hdr, packed->buf, sizeof *hdr);
+    if (hdr->n > MAX_WRITES || hdr->iovs > BATCH_IOVECS
+            || (size_t)packed->len != sizeof *hdr + (size_t)hdr->n * sizeof(struct taken)
+                                      + (size_t)hdr->iovs * sizeof(struct taken_iov))
+        goto bad;
+    *recs = (const uint8_t *)packed->buf + sizeof *hdr;
+    *iovs = *recs + (size_t)hdr->n * sizeof(struct taken);
+    for (uint32_t k = 0; k < hdr->n; k++) {
+        struct taken t;
+        memcpy(&t, *recs + (size_t)k * sizeof t, sizeof t);
+        if (t.iov_cnt == 0 || t.iov_cnt > MAX_IOVECS || t.iov_first > hdr->iovs
+                || t.iov_cnt > hdr->iovs - t.iov_first)
+            goto bad;
+        uint64_t total = 0;
+        for (uint32_t j = 0; j < t.iov_cnt; j++) {
+            struct taken_iov v;
+            memcpy(&v, *iovs + (size_t)(t.iov_first + j) * sizeof v, sizeof v);
+            if (v.off < data_off || v.off > map_size || v.len > map_size - v.off)
+                goto bad;
+            total += v.len;
+        }
+        if (total != t.want)
+            goto bad;
+    }
+    return 0;
+bad:
+    PyErr_SetString(PyExc_ValueError, "not a batch take_batch packed for this map");
+    return -1;
+}
+
+#define MAX_LEGS 4      /* a mirror set's images */
+
+PyDoc_STRVAR(run_batch_doc,
+"run_batch(ring, data_off, map_size, packed, count, fds, rwf, writes) -> (done, nbytes, err)\n"
+"\n"
+"The I/O of the first `count` commands take_batch took (`packed`), in order, WITHOUT the GIL\n"
+"(the caller locked their ranges): for a WRITE\n"
+"batch (`writes` true) one pwritev() of each command's Data-Out to every descriptor of `fds`\n"
+"(a tuple of 1-4: the images to write); for a READ batch one preadv2(fds[0], ..., `rwf`) into\n"
+"its Data-In. A buffered write may wait (dirty-page throttling, the journal, a stable page), so\n"
+"the caller must hold neither the ring's lock nor anything a ring thread needs, and must hold\n"
+"what keeps the volume as it is (its split epoch entered, a region lock over the commands'\n"
+"blocks). It stops at the first command not done whole on every descriptor (an error, a\n"
+"short transfer, RWF_NOWAIT's EAGAIN).\n"
+"\n"
+"Returns how many commands were done whole (the first `done`), their bytes, and the errno of\n"
+"the one that failed (0: none, or short). ValueError for a `packed` that take_batch did not\n"
+"make for this map, TypeError for malformed arguments.");
+
+static PyObject *
+run_batch(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer ring, packed;
+    unsigned long long data_off, map_size;
+    unsigned int count;
+    PyObject *fds_obj;
+    int rwf, writes;
+
+    if (!PyArg_ParseTuple(args, "w*KKy*IO!ip", &ring, &data_off, &map_size, &packed, &count,
+                          &PyTuple_Type, &fds_obj, &rwf, &writes))
+        return NULL;
+    struct taken_hdr hdr;
+    const uint8_t *recs, *iovs;
+    int fds[MAX_LEGS];
+    Py_ssize_t legs = PyTuple_GET_SIZE(fds_obj);
+    if ((unsigned long long)ring.len < map_size
+            || check_taken(&packed, data_off, map_size, &hdr, &recs, &iovs) < 0)
+        goto fail;
+    if (legs < 1 || legs > MAX_LEGS || (!writes && legs != 1)) {
+        PyErr_SetString(PyExc_ValueError, "fds: 1-4 descriptors to write, 1 to read");
+        goto fail;
+    }
+    if (count > hdr.n) {
+        PyErr_SetString(PyExc_ValueError, "count over the commands taken");
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < legs; i++) {
+        fds[i] = PyLong_AsLong(PyTuple_GET_ITEM(fds_obj, i));
+        if (fds[i] == -1 && PyErr_Occurred())
+            goto fail;
+    }
+    uint8_t *map = ring.buf;
+    struct taken cmds[MAX_WRITES];
+    struct iovec pool[BATCH_IOVECS];
+    for (uint32_t j = 0; j < hdr.iovs; j++) {
+        struct taken_iov v;
+        memcpy(&v, iovs + (size_t)j * sizeof v, sizeof v);
+        pool[j].iov_base = map + v.off;
+        pool[j].iov_len = v.len;
+    }
+    for (uint32_t k = 0; k < hdr.n; k++)
+        memcpy(&cmds[k], recs + (size_t)k * sizeof cmds[k], sizeof cmds[k]);
     uint32_t done = 0;
-    int err = 0, failed = 0, busy_after = 0;
-    if (n) {
-        Py_BEGIN_ALLOW_THREADS
-        for (; done < n; done++) {
-            struct rw_cmd *c = &cmds[done];
-            off_t pos = (off_t)(c->lba * block_size);
-            ssize_t got = writes ? pwritev(fd, c->iov, (int)c->iov_cnt, pos)
-                                 : preadv2(fd, c->iov, (int)c->iov_cnt, pos, rwf);
+    unsigned long long nbytes = 0;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (; done < count; done++) {
+        struct taken *c = &cmds[done];
+        int ok = 1;
+        for (Py_ssize_t i = 0; i < legs && ok; i++) {
+            ssize_t got = writes
+                ? pwritev(fds[i], pool + c->iov_first, (int)c->iov_cnt, (off_t)c->offset)
+                : preadv2(fds[i], pool + c->iov_first, (int)c->iov_cnt, (off_t)c->offset, rwf);
             if (got < 0 || (uint64_t)got != c->want) {
                 err = got < 0 ? errno : 0;
-                failed = 1;
-                break;
+                ok = 0;
             }
         }
-        Py_END_ALLOW_THREADS
-        /* `busy` again, now the GIL is back: what began meanwhile (a group split's hold of
-         * the LUN's completions) holds for these too. None is completed; the Python path
-         * takes them up again (its I/O is done once more, with the same data) and holds its
-         * completions as it holds any other's. */
-        int free_now = conditions_hold(busy);
-        if (free_now < 0) {
-            PyBuffer_Release(ring);
-            return NULL;
-        }
-        if (free_now == 0) {
-            done = 0;
-            failed = 1;
-            err = 0;
-            busy_after = 1;
-        }
+        if (!ok)
+            break;
+        nbytes += c->want;
     }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&ring);
+    return Py_BuildValue("(IKi)", done, nbytes, err);
+fail:
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&ring);
+    return NULL;
+}
+PyDoc_STRVAR(complete_batch_doc,
+"complete_batch(ring, cmdr_off, cmdr_size, data_off, map_size, packed, count, busy)\n"
+"    -> (completed, nbytes)\n"
+"\n"
+"Answer GOOD the first `count` commands take_batch took (`packed`), whose I/O run_batch did\n"
+"whole, on the ring as ring.py's _complete_locked does; the caller holds the ring's lock and\n"
+"counts them no longer outstanding. `busy` (read_batch's conditions) is read first, holding\n"
+"the GIL until the last completion: should one hold now (a group split's hold of the LUN's\n"
+"completions begun during the I/O), it answers none, and the caller gives them all to the\n"
+"Python path, which does their I/O again with the same data and holds their completions as it\n"
+"holds any other's.\n"
+"\n"
+"Returns the commands answered and their bytes. ValueError for a `packed` that take_batch did\n"
+"not make for this map or a `count` over its commands, TypeError for malformed arguments.");
+
+static PyObject *
+complete_batch(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer ring, packed;
+    unsigned int cmdr_off, cmdr_size, count;
+    unsigned long long data_off, map_size;
+    PyObject *busy;
+
+    if (!PyArg_ParseTuple(args, "w*IIKKy*IO!", &ring, &cmdr_off, &cmdr_size, &data_off,
+                          &map_size, &packed, &count, &PyTuple_Type, &busy))
+        return NULL;
+    struct taken_hdr hdr;
+    const uint8_t *recs, *iovs;
+    PyObject *result = NULL;
+    if ((unsigned long long)ring.len < map_size || map_size < sizeof(struct tcmu_mailbox)
+            || cmdr_off < sizeof(struct tcmu_mailbox) || cmdr_size < sizeof(struct tcmu_cmd_entry)
+            || (unsigned long long)cmdr_off + cmdr_size > data_off || data_off > map_size
+            || cmdr_size % TCMU_OP_ALIGN_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "ring geometry out of range");
+        goto out;
+    }
+    if (check_taken(&packed, data_off, map_size, &hdr, &recs, &iovs) < 0)
+        goto out;
+    if (count > hdr.n) {
+        PyErr_SetString(PyExc_ValueError, "count over the commands taken");
+        goto out;
+    }
+    int free_now = count ? conditions_hold(busy) : 1;
+    if (free_now < 0)
+        goto out;
     unsigned long long nbytes = 0;
-    for (uint32_t k = 0; k < done; k++) {
-        complete_good(map, cmdr_off, cmdr_size, cmds[k].cmd_id);
-        nbytes += cmds[k].want;
+    if (free_now == 0)
+        count = 0;
+    for (uint32_t k = 0; k < count; k++) {
+        struct taken t;
+        memcpy(&t, recs + (size_t)k * sizeof t, sizeof t);
+        complete_good(ring.buf, cmdr_off, cmdr_size, t.cmd_id);
+        nbytes += t.want;
     }
-    if (failed) {
-        why = busy_after ? STOP_BUSY : writes ? STOP_MISS_WRITE : STOP_MISS;
-        fetch = done ? after[done - 1] : fetch;
-        pads = done ? pads_before[done - 1] : 0;
-    } else if (n) {
-        fetch = after[n - 1];
-        pads = pads_before[n - 1];
-    } else {
-        fetch = cur;                    /* PADs only: skipped */
-    }
-    PyBuffer_Release(ring);
-    return Py_BuildValue("(InKnii)", fetch, (Py_ssize_t)done, nbytes, pads, why, err);
-}
-
-PyDoc_STRVAR(write_batch_doc,
-"write_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, num_blocks,\n"
-"            block_size, max_bytes, max_blocks, max_commands, checks, busy)\n"
-"    -> (fetch, answered, nbytes, pads, why, err)\n"
-"\n"
-"Make the WRITE(10)/WRITE(16) commands from ring offset `fetch` on, in ring order, up to\n"
-"`max_commands` of them (and 8 MiB, 1,024 iovecs): the field checks of read_batch, and no FUA\n"
-"(SBC-4 5.40: durable before GOOD, the Python path's). It checks `checks` and `busy` and parses\n"
-"the commands holding the GIL, then RELEASES it for one pwritev(`fd`, ...) of each command's\n"
-"Data-Out (a buffered write may wait: for dirty-page throttling, the journal, a stable page),\n"
-"takes it back and completes GOOD each command written whole. It stops at the first command\n"
-"whose write failed or was short, which it leaves unanswered for the Python path to write\n"
-"again and report. `busy` is read again after the writes: should one hold now, it completes\n"
-"none (why 3) and leaves them all to the Python path. The caller must hold what keeps the volume's I/O state while the GIL is\n"
-"released: its split epoch entered and a region lock over every block, and it keeps the\n"
-"ring's lock.\n"
-"\n"
-"Returns the new fetch cursor, the commands answered GOOD, their bytes, the PAD entries\n"
-"skipped, why it stopped (read_batch's codes; 1 the next entry is not a READ or WRITE either\n"
-"may answer, 5 the batch is full (call again), 6 a write failed or was short, 7 the next\n"
-"entry is a READ read_batch may answer) and that write's errno (0: none, or short).\n"
-"TypeError/ValueError for malformed arguments.");
-
-static PyObject *
-write_batch(PyObject *Py_UNUSED(self), PyObject *args)
-{
-    Py_buffer ring;
-    unsigned int cmdr_off, cmdr_size, fetch, max_commands;
-    unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks;
-    int fd;
-    unsigned int block_size;
-    PyObject *checks, *busy;
-
-    if (!PyArg_ParseTuple(args, "w*IIKKIiKIKKIO!O!", &ring, &cmdr_off, &cmdr_size, &data_off,
-                          &map_size, &fetch, &fd, &num_blocks, &block_size, &max_bytes,
-                          &max_blocks, &max_commands, &PyTuple_Type, &checks, &PyTuple_Type,
-                          &busy))
-        return NULL;
-    return unlocked_batch(&ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, 0,
-                          num_blocks, block_size, max_bytes, max_blocks, max_commands, checks,
-                          busy, 1);
-}
-
-PyDoc_STRVAR(read_big_batch_doc,
-"read_big_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, rwf, num_blocks,\n"
-"               block_size, max_bytes, max_blocks, max_commands, checks, busy)\n"
-"    -> (fetch, answered, nbytes, pads, why, err)\n"
-"\n"
-"write_batch for READs: answer the READ(10)/READ(16) commands from ring offset `fetch` on, in\n"
-"ring order, up to `max_commands` of them (and 8 MiB, 1,024 iovecs), with read_batch's field\n"
-"checks, parsing them holding the GIL and RELEASING it for one preadv2(`fd`, ..., `rwf`) of\n"
-"each (a large copy: every other thread runs meanwhile). It completes GOOD each command read\n"
-"whole and stops at the first that was not (RWF_NOWAIT: not all in memory), which it leaves\n"
-"unanswered for the Python path; `busy` is read again after the reads, as write_batch does.\n"
-"The caller must hold what keeps the volume's I/O state while\n"
-"the GIL is released: its split epoch entered and a region lock (shared) over every block, and\n"
-"it keeps the ring's lock.\n"
-"\n"
-"Returns what write_batch returns; why: 0 cmd_head reached, 1 an entry neither function\n"
-"answers, 2/3 a `checks`/`busy` condition, 4 a read not served whole, 5 the next entry is a\n"
-"WRITE, 8 the batch is full (call again); err the failed read's errno (0: none, or short).\n"
-"TypeError/ValueError for malformed arguments.");
-
-static PyObject *
-read_big_batch(PyObject *Py_UNUSED(self), PyObject *args)
-{
-    Py_buffer ring;
-    unsigned int cmdr_off, cmdr_size, fetch, max_commands;
-    unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks;
-    int fd, rwf;
-    unsigned int block_size;
-    PyObject *checks, *busy;
-
-    if (!PyArg_ParseTuple(args, "w*IIKKIiiKIKKIO!O!", &ring, &cmdr_off, &cmdr_size, &data_off,
-                          &map_size, &fetch, &fd, &rwf, &num_blocks, &block_size, &max_bytes,
-                          &max_blocks, &max_commands, &PyTuple_Type, &checks, &PyTuple_Type,
-                          &busy))
-        return NULL;
-    return unlocked_batch(&ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, rwf,
-                          num_blocks, block_size, max_bytes, max_blocks, max_commands, checks,
-                          busy, 0);
+    result = Py_BuildValue("(IK)", count, nbytes);
+out:
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&ring);
+    return result;
 }
 
 static PyMethodDef methods[] = {
     {"read_batch", read_batch, METH_VARARGS, read_batch_doc},
-    {"write_batch", write_batch, METH_VARARGS, write_batch_doc},
-    {"read_big_batch", read_big_batch, METH_VARARGS, read_big_batch_doc},
+    {"take_batch", take_batch, METH_VARARGS, take_batch_doc},
+    {"run_batch", run_batch, METH_VARARGS, run_batch_doc},
+    {"complete_batch", complete_batch, METH_VARARGS, complete_batch_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "lvmirror.tcmu._fastread",
-    "The ring thread's compiled path: READs the page cache holds (read_batch, read_big_batch) "
-    "and a one-image volume's WRITEs (write_batch).",
+    "The ring thread's compiled path: READs the page cache holds (read_batch), and a one-image "
+    "volume's WRITEs and large READs in three steps (take_batch, run_batch, complete_batch).",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 
@@ -604,7 +748,9 @@ PyInit__fastread(void)
             || PyModule_AddIntConstant(m, "STOP_READ", STOP_READ)
             || PyModule_AddIntConstant(m, "STOP_BIG_READ", STOP_BIG_READ)
             || PyModule_AddIntConstant(m, "MAX_IOVECS", MAX_IOVECS)
-            || PyModule_AddIntConstant(m, "MAX_WRITES", MAX_WRITES)) {
+            || PyModule_AddIntConstant(m, "MAX_WRITES", MAX_WRITES)
+            || PyModule_AddIntConstant(m, "MAX_LEGS", MAX_LEGS)
+            || PyModule_AddIntConstant(m, "BATCH_IOVECS", BATCH_IOVECS)) {
         Py_DECREF(m);
         return NULL;
     }

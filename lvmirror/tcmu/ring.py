@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import struct
 import threading
 import time
 
@@ -58,6 +59,16 @@ _OP_CMD = abi.OP_CMD
 _ENTRY_REQ = abi.ENTRY_REQ.unpack_from
 _IOV_OFF, _IOV_SIZE = abi.ENTRY_IOV_OFFSET, abi.IOVEC.size
 _IOV = abi.IOVEC.struct.unpack_from
+# take_batch's description of the commands it took (lvmirror/tcmu/_fastread.c: struct
+# taken_hdr, struct taken, struct taken_iov), native byte order
+_TAKEN_HDR = struct.Struct("=II").unpack_from
+_TAKEN_HDR_SIZE = 8
+_TAKEN_STRUCT = struct.Struct("=QQIIHB5x16s")
+_TAKEN = _TAKEN_STRUCT.unpack_from
+_TAKEN_SIZE = _TAKEN_STRUCT.size
+_TAKEN_ITER = _TAKEN_STRUCT.iter_unpack
+_TAKEN_IOV = struct.Struct("=QQ").unpack_from
+_TAKEN_IOV_SIZE = 16
 _IOV_ITER = abi.IOVEC.struct.iter_unpack
 
 
@@ -303,7 +314,7 @@ class CommandRing:
         return Command(cmd_id, cdb, iovecs[:iov_cnt], views, bidi, fetched)
 
     def _fast_done_locked(self, fetch: int, answered: int, pads: int) -> None:
-        """After a compiled batch (``fast_reads``, ``fast_writes``): the new fetch cursor, its
+        """After a compiled batch (``fast_reads``): the new fetch cursor, its
         ``answered`` commands (fetched and completed at once) and ``pads`` in the statistics;
         with nothing outstanding, retire the entries it skipped."""
         self._fetch = fetch
@@ -336,40 +347,92 @@ class CommandRing:
             self._fast_done_locked(fetch, answered, pads)
         return answered, nbytes, why
 
-    def fast_writes(self, write_batch, fd: int, num_blocks: int, block_size: int,
-                    max_bytes: int, max_blocks: int, max_commands: int, checks: tuple,
-                    busy: tuple):
-        """``fast_reads`` for ``write_batch`` (``lvmirror.tcmu._fastread.write_batch``): make
-        the WRITEs from the fetch cursor on, at most ``max_commands``, to ``fd``, holding the
-        ring's lock throughout - also while ``write_batch`` writes without the GIL, so no other
-        thread fetches or completes on this ring meanwhile. Returns ``(answered, nbytes, why,
-        err)``: commands completed GOOD (the caller notifies the kernel), their bytes, why it
-        stopped (``_fastread``'s STOP_*) and the errno of a write that failed (0: none).
-        ValueError/TypeError from ``write_batch`` for malformed arguments."""
+    def take_fast(self, take_batch, num_blocks: int, block_size: int, max_bytes: int,
+                  max_blocks: int, max_commands: int, checks: tuple, busy: tuple,
+                  writes: bool):
+        """Let ``take_batch`` (``lvmirror.tcmu._fastread.take_batch``) take the consecutive
+        WRITEs without FUA (``writes``) or READs from the fetch cursor on, at most
+        ``max_commands`` (``max_bytes`` each, of ``block_size``-byte blocks inside
+        ``num_blocks``), under the ring's lock: the fetch cursor moves past them and they are
+        outstanding, as fetched commands are, until ``complete_taken`` answers them or the
+        caller makes the rest Commands (``taken_commands``) for the Python path. No I/O here:
+        the caller makes it with ``run_taken``, without the ring's lock, so a ring thread that
+        takes over from a stuck one fetches and completes meanwhile. Returns ``(taken, why,
+        packed)``: how many it took, why it stopped (``_fastread``'s STOP_*) and take_batch's
+        description of them (bytes). ValueError/TypeError for malformed arguments."""
         with self._lock:
-            fetch, answered, nbytes, pads, why, err = write_batch(
+            fetch, taken, pads, why, packed = take_batch(
                 self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
-                self._fetch, fd, num_blocks, block_size, max_bytes, max_blocks, max_commands,
-                checks, busy)
-            self._fast_done_locked(fetch, answered, pads)
-        return answered, nbytes, why, err
+                self._fetch, num_blocks, block_size, max_bytes, max_blocks, max_commands,
+                checks, busy, writes)
+            self._fetch = fetch
+            self._outstanding += taken
+            st = self.stats
+            st["fetched"] += taken
+            st["pads"] += pads
+            if self._outstanding == 0 and pads:
+                self._retire_idle_locked()
+        return taken, why, packed
 
-    def fast_big_reads(self, read_big_batch, fd: int, rwf: int, num_blocks: int,
-                       block_size: int, max_bytes: int, max_blocks: int, max_commands: int,
-                       checks: tuple, busy: tuple):
-        """``fast_writes`` for ``read_big_batch`` (``lvmirror.tcmu._fastread.read_big_batch``):
-        answer the READs from the fetch cursor on, at most ``max_commands`` (``max_bytes``
-        each), reading ``fd`` with preadv2 flags ``rwf`` without the GIL, holding the ring's
-        lock throughout. Returns ``(answered, nbytes, why, err)`` as ``fast_writes`` does
-        (``err``: the errno of a read that failed, 0 for none or a short read).
-        ValueError/TypeError from ``read_big_batch`` for malformed arguments."""
+    def run_taken(self, run_batch, packed: bytes, count: int, fds: tuple, rwf: int,
+                  writes: bool):
+        """The I/O of the first ``count`` commands ``take_fast`` took (``packed``), by ``run_batch``
+        (``lvmirror.tcmu._fastread.run_batch``) with the GIL released and WITHOUT the ring's
+        lock: a WRITE batch's Data-Out written to each descriptor of ``fds`` (1-4 images), a
+        READ batch's Data-In read from ``fds[0]`` with preadv2 flags ``rwf``. Returns
+        ``(done, nbytes, err)``: the first ``done`` commands were done whole, ``nbytes`` bytes,
+        and the errno of the one that failed (0: none, or a short transfer)."""
+        return run_batch(self._mv, self.data_off, self.map_size, packed, count, fds, rwf,
+                         writes)
+
+    @staticmethod
+    def taken_ranges(packed: bytes, block_size: int) -> list[tuple[int, int]]:
+        """The ranges of the commands ``take_fast`` took (``packed``), in order, as ``(first
+        block, blocks)`` of ``block_size`` bytes: what the caller locks before ``run_taken``."""
+        n, _ = _TAKEN_HDR(packed, 0)
+        return [(offset // block_size, want // block_size)
+                for offset, want, *_ in _TAKEN_ITER(packed[_TAKEN_HDR_SIZE:
+                                                           _TAKEN_HDR_SIZE + n * _TAKEN_SIZE])]
+
+    def complete_taken(self, complete_batch, packed: bytes, count: int, busy: tuple,
+                       notify: bool = False):
+        """Answer GOOD the first ``count`` commands ``take_fast`` took (``packed``) with
+        ``complete_batch`` (``lvmirror.tcmu._fastread.complete_batch``) under the ring's lock,
+        unless a ``busy`` condition holds now (then none). Returns ``(completed, nbytes)``; the
+        caller notifies the kernel - or, with ``notify`` (it is not the ring thread), leaves
+        that to the ring thread's next ``take_notify`` - and gives the others to the Python
+        path (``taken_commands``)."""
         with self._lock:
-            fetch, answered, nbytes, pads, why, err = read_big_batch(
-                self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
-                self._fetch, fd, rwf, num_blocks, block_size, max_bytes, max_blocks,
-                max_commands, checks, busy)
-            self._fast_done_locked(fetch, answered, pads)
-        return answered, nbytes, why, err
+            completed, nbytes = complete_batch(
+                self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size, packed,
+                count, busy)
+            if completed:
+                self._outstanding -= completed
+                self.stats["completed"] += completed
+                if notify:
+                    self.pending_notify = True
+                if self._outstanding == 0:
+                    self._retire_idle_locked()
+        return completed, nbytes
+
+    def taken_commands(self, packed: bytes, start: int, fetched: float = 0.0) -> list[Command]:
+        """The commands ``take_fast`` took (``packed``) from the ``start``-th on, as Commands
+        for the Python path (``fetched``: their fetch time, ``time.monotonic``): outstanding
+        already, answered by ``complete`` as any other. Their views onto the data area are made
+        here; their ring entries may be answers of other commands by now, which is why
+        ``packed`` keeps their CDBs and iovecs."""
+        n, _ = _TAKEN_HDR(packed, 0)
+        mv = self._mv
+        iov_at = _TAKEN_HDR_SIZE + n * _TAKEN_SIZE
+        out = []
+        for k in range(start, n):
+            _, want, first, cnt, cmd_id, cdb_len, cdb = _TAKEN(
+                packed, _TAKEN_HDR_SIZE + k * _TAKEN_SIZE)
+            iovecs = [_TAKEN_IOV(packed, iov_at + (first + j) * _TAKEN_IOV_SIZE)
+                      for j in range(cnt)]
+            views = [mv[b:b + ln] for b, ln in iovecs if ln]
+            out.append(Command(cmd_id, cdb[:cdb_len], iovecs, views, [], fetched, want))
+        return out
 
     # -- completing --------------------------------------------------------------------------
 
@@ -416,7 +479,8 @@ class CommandRing:
             self.pending_notify = True
 
     def take_notify(self) -> bool:
-        """True (once) if the ring retired entries by itself since the last call."""
+        """True (once) if the ring retired entries by itself, or a thread that is not the ring
+        thread completed commands (``complete_taken``), since the last call."""
         with self._lock:
             due, self.pending_notify = self.pending_notify, False
             return due

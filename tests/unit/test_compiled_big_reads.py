@@ -1,6 +1,7 @@
 """The compiled path for large transfers (``lvmirror/tcmu/_fastread.c``): ``read_batch`` stopping
-at a READ over its size for ``read_big_batch``, which reads without the GIL; the iovec pool and
-byte cap of one unlocked batch (``read_big_batch``, ``write_batch``), on a ring the emulator fills
+at a READ over its size for an unlocked READ batch (``take_batch``, ``run_batch`` without the
+GIL, ``complete_batch``); the iovec pool and
+byte cap of one unlocked batch, on a ring the emulator fills
 byte for byte as the kernel does or on entries built by hand; then the real LunServer with it -
 1 MiB READs of a mirror (1 MiB WRITEs stay the Python path's), the shared region lock and
 epoch the READs are made under, and the conditions (a write in flight, a split) under which it
@@ -18,7 +19,7 @@ from lvmirror.mirror.volume import ImageState
 from lvmirror.tcmu import abi
 from lvmirror.tcmu.emulator import RingEmulator
 from lvmirror.tcmu.ring import CommandRing
-from tests.unit.test_compiled_reads import Obj, _compiled, _require_compiled, reap, ring_on_image
+from tests.unit.test_compiled_reads import Obj, _compiled, _require_compiled, reap, ring_on_image, unlocked
 from tests.unit.test_compiled_writes import _one_image_lun, _write
 from tests.unit.test_daemon_ring import BS, _lun_with_data, cdb10, images, lab  # noqa: F401
 from tests.unit.test_volume_helpers import make_volume, run_thread
@@ -39,15 +40,15 @@ def ring(tmp_path):
 
 def small_then_big(r, fd, big_bytes=MIB):
     """``read_batch`` with the GIL-held path's 64 KiB and READs up to ``big_bytes`` for
-    ``read_big_batch``: (answered, nbytes, why)."""
+    an unlocked READ batch: (answered, nbytes, why)."""
     return r.fast_reads(fastread.read_batch, fd, 0, MIB // BS, BS, 64 << 10, 2048, (), (),
                         big_bytes)
 
 
 def big(r, fd, *, num_blocks=MIB // BS, max_bytes=MIB, max_commands=64, checks=(), busy=()):
-    """``CommandRing.fast_big_reads``: (answered, nbytes, why, err)."""
-    return r.fast_big_reads(fastread.read_big_batch, fd, 0, num_blocks, BS, max_bytes, 4 * MIB,
-                            max_commands, checks, busy)
+    """One unlocked READ batch (``unlocked``): (answered, nbytes, why, err), ``.rest``."""
+    return unlocked(r, fd, False, num_blocks=num_blocks, max_bytes=max_bytes,
+                    max_blocks=4 * MIB, max_commands=max_commands, checks=checks, busy=busy)
 
 
 def iov_cnt(emu, pos):
@@ -55,7 +56,7 @@ def iov_cnt(emu, pos):
     return struct.unpack_from("<I", emu.map, emu.cmdr_off + pos + 8)[0]
 
 
-def test_read_batch_stops_at_a_large_read_and_read_big_batch_answers_it_and_those_after(ring):
+def test_read_batch_stops_at_a_large_read_and_a_read_batch_answers_it_and_those_after(ring):
     emu, r, fd, data = ring
     ids = [emu.submit(cdb10(0x28, 0, 8), data_in_len=8 * BS),
            emu.submit(cdb10(0x28, 16, 512), data_in_len=512 * BS),      # 256 KiB: over 64 KiB
@@ -81,7 +82,7 @@ def test_a_1_mib_read_of_256_iovecs_is_answered_whole(ring):
     assert reap(emu, [cid])[cid].data_in == data
 
 
-def test_read_big_batch_stops_at_a_write_and_when_its_batch_is_full(ring):
+def test_a_read_batch_stops_at_a_write_and_when_it_is_full(ring):
     emu, r, fd, data = ring
     first = emu.submit(cdb10(0x28, 0, 256), data_in_len=256 * BS)
     second = emu.submit(cdb10(0x28, 256, 256), data_in_len=256 * BS)
@@ -111,9 +112,13 @@ def test_reads_it_does_not_answer_are_left_intact(ring, cdb, data_in_len):
 def test_a_read_not_served_whole_is_left_to_the_python_path_after_those_before_it(ring):
     emu, r, fd, data = ring
     cid = emu.submit(cdb10(0x28, 0, 512), data_in_len=512 * BS)
-    assert big(r, -1) == (0, 0, fastread.STOP_MISS, errno.EBADF)
-    assert r.tail == 0
-    assert [c.cmd_id for c in r.fetch().commands] == [cid]
+    got = big(r, -1)
+    assert got == (0, 0, fastread.STOP_MISS, errno.EBADF)
+    assert r.tail == 0 and r.outstanding == 1 and not r.fetch()
+    # taken, so it is the Python path's as a Command: its CDB and Data-In views, from the copy
+    (c,) = got.rest
+    assert (c.cmd_id, c.cdb, c.data_len) == (cid, cdb10(0x28, 0, 512), 512 * BS)
+    assert sum(len(v) for v in c.iov_views) == 512 * BS
 
 
 def test_its_conditions_are_read_when_it_starts(ring):
@@ -205,11 +210,11 @@ def test_one_batch_takes_at_most_8_mib_and_a_command_at_most_256_iovecs(tmp_path
         os.close(fd)
 
 
-def test_write_batch_makes_1_mib_writes(tmp_path):
+def test_an_unlocked_write_batch_makes_1_mib_writes(tmp_path):
     with ring_on_image(tmp_path, os.O_RDWR, 45) as (emu, r, fd, path, _):
         new = os.urandom(MIB)
         cid = emu.submit(cdb10(0x2A, 0, MIB // BS), data_out=new)
-        assert r.fast_writes(fastread.write_batch, fd, MIB // BS, BS, MIB, 2048, 64, (), ()) == (
+        assert unlocked(r, fd, True, num_blocks=MIB // BS, max_bytes=MIB) == (
             1, MIB, fastread.STOP_HEAD, 0)
         assert reap(emu, [cid])[cid].status == 0
         assert path.read_bytes() == new
@@ -217,23 +222,28 @@ def test_write_batch_makes_1_mib_writes(tmp_path):
 
 # -- the volume --------------------------------------------------------------------------------
 
-def test_begin_fast_reads_shares_every_block_and_holds_the_epoch(tmp_path):
-    """What read_big_batch reads inside: a SHARED region lock over every block (other reads
-    run beside it, no write), the split epoch entered (closing the volume - as a split or an
-    image failure switching the epoch - waits for ``end_fast_reads``)."""
+def test_begin_fast_reads_holds_the_epoch_and_shares_each_commands_range(tmp_path):
+    """What the unlocked READ batch reads inside: the split epoch entered (closing the volume
+    - as a split or an image failure switching the epoch - waits for ``end_fast_reads``) and a
+    SHARED region lock over each command's range (``lock_fast``: other reads run beside them,
+    no write to them; a range a write holds is not granted)."""
     vol, _, _ = make_volume(tmp_path, 2)
     st = vol._images[0].storage
+    write = vol.locks.lock(300, 8)                                   # a write in flight
     token = vol.begin_fast_reads()
-    assert token is not None
+    assert vol.lock_fast(token, [(0, 64), (100, 64), (296, 8), (500, 8)]) == 2
+    write.release()
     assert vol.locks.try_lock(0, 1) is None                         # a write waits
-    assert vol.locks.try_lock(vol.num_blocks - 1, 1) is None
+    assert vol.locks.try_lock(163, 1) is None
     other = vol.locks.try_lock(5, 1, shared=True)                   # a read does not
     assert other is not None
     other.release()
+    elsewhere = vol.locks.try_lock(64, 36)                          # nor a write elsewhere
+    assert elsewhere is not None
+    elsewhere.release()
     assert vol._epoch.inflight == 1
-    assert vol.begin_fast_writes() is None
-    second = vol.begin_fast_reads()                                  # nor does another batch
-    assert second is not None
+    second = vol.begin_fast_reads()                                  # nor another batch
+    assert vol.lock_fast(second, [(0, 64)]) == 1
     vol.end_fast_reads(second, st, 0, 0)
     t, box = run_thread(vol.close)
     time.sleep(0.3)
@@ -245,20 +255,7 @@ def test_begin_fast_reads_shares_every_block_and_holds_the_epoch(tmp_path):
     assert vol.stats["reads"] - s0["reads"] == 3
     assert vol.stats["bytes_read"] - s0["bytes_read"] == 3 * MIB
     assert st.stats["reads"] - i0["reads"] == 3
-
-
-def test_begin_fast_reads_is_refused_while_a_write_holds_a_range(tmp_path):
-    vol, _, _ = make_volume(tmp_path, 2)
-    try:
-        lk = vol.locks.lock(100, 8)
-        assert vol.begin_fast_reads() is None
-        lk.release()
-        token = vol.begin_fast_reads()
-        assert token is not None
-        vol.end_fast_reads(token, vol._images[0].storage, 0, 0)
-        assert not vol.locks._held and vol._epoch.inflight == 0
-    finally:
-        vol.close()
+    assert not vol.locks._held
 
 
 # -- the LunServer -----------------------------------------------------------------------------
@@ -289,13 +286,13 @@ def test_a_mirror_lun_answers_1_mib_cached_reads_on_the_compiled_path(lab, tmp_p
 
 def test_the_lun_reads_large_commands_only_inside_begin_and_end_fast_reads(lab, tmp_path,
                                                                          monkeypatch):
-    """Seen from inside ``read_big_batch`` (it runs with the GIL released, so any thread may
-    look then): every block shared - a write's exclusive lock refused, a read's shared one
+    """Seen from inside ``run_batch`` (it runs with the GIL released, so any thread may
+    look then): the command's blocks shared - a write's exclusive lock refused, a read's shared one
     granted - and the epoch entered; both left afterwards."""
     emu, lun, paths, data = _mirror_lun_with_1_mib(lab, tmp_path, 52)
     vol = lun.volume
     seen = []
-    real = fastread.read_big_batch
+    real = fastread.run_batch
 
     def spy(*args):
         shared = vol.locks.try_lock(7, 1, shared=True)
@@ -304,7 +301,7 @@ def test_the_lun_reads_large_commands_only_inside_begin_and_end_fast_reads(lab, 
         seen.append((vol.locks.try_lock(7, 1) is None, shared is not None, vol._epoch.inflight))
         return real(*args)
 
-    monkeypatch.setattr(fastread, "read_big_batch", spy)
+    monkeypatch.setattr(fastread, "run_batch", spy)
     assert _compiled(lun, emu, 0, 1024) == (data[:1024 * BS], True)
     assert seen and all(s == (True, True, 1) for s in seen)
     assert not vol.locks._held and vol._epoch.inflight == 0
@@ -373,10 +370,10 @@ def test_a_hold_begun_during_the_reads_leaves_them_all_to_the_python_path(ring):
     ids = [emu.submit(cdb10(0x28, 0, 512), data_in_len=512 * BS),
            emu.submit(cdb10(0x28, 512, 512), data_in_len=512 * BS)]
     h = _HoldBegins()
-    assert big(r, fd, busy=((h, "held", fastread.CHECK_FALSY, None),)) == (
-        0, 0, fastread.STOP_BUSY, 0)
-    assert h.reads == 2 and r.tail == 0
-    assert [c.cmd_id for c in r.fetch().commands] == ids
+    got = big(r, fd, busy=((h, "held", fastread.CHECK_FALSY, None),))
+    assert got == (0, 0, fastread.STOP_BUSY, 0)      # both read, neither answered
+    assert h.reads == 2 and r.tail == 0 and r.outstanding == 2
+    assert [c.cmd_id for c in got.rest] == ids
 
 
 def test_a_hold_begun_during_the_writes_leaves_them_all_to_the_python_path(tmp_path):
@@ -384,19 +381,19 @@ def test_a_hold_begun_during_the_writes_leaves_them_all_to_the_python_path(tmp_p
         new = os.urandom(8 * BS)
         cid = emu.submit(cdb10(0x2A, 0, 8), data_out=new)
         h = _HoldBegins()
-        assert r.fast_writes(fastread.write_batch, fd, MIB // BS, BS, MIB, 2048, 64, (),
-                             ((h, "held", fastread.CHECK_FALSY, None),)) == (
-            0, 0, fastread.STOP_BUSY, 0)
-        assert h.reads == 2 and r.tail == 0
+        got = unlocked(r, fd, True, num_blocks=MIB // BS, max_bytes=MIB,
+                       busy=((h, "held", fastread.CHECK_FALSY, None),))
+        assert got == (0, 0, fastread.STOP_BUSY, 0)
+        assert h.reads == 2 and r.tail == 0 and r.outstanding == 1
         # written once already; the Python path writes it again and completes it when released
         assert path.read_bytes()[:8 * BS] == new
-        assert [c.cmd_id for c in r.fetch().commands] == [cid]
+        assert [c.cmd_id for c in got.rest] == [cid]
 
 
 def test_a_write_over_64_kib_stops_read_batch_for_the_python_fetch(ring):
     """read_batch parses up to the big READ size; a WRITE that large is neither function's
     (WRITEs stay at 64 KiB), so it says STOP_OTHER - not STOP_WRITE, which would take the
-    volume's lock and epoch for a write_batch that makes nothing."""
+    volume's epoch for a WRITE batch that makes nothing."""
     emu, r, fd, _ = ring
     emu.submit(cdb10(0x2A, 0, 256), data_out=os.urandom(256 * BS))       # 128 KiB
     assert small_then_big(r, fd) == (0, 0, fastread.STOP_OTHER)

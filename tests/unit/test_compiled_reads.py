@@ -69,6 +69,37 @@ def batch(r, fd, *, rwf=0, num_blocks=(1 << 20) // BS, max_bytes=64 << 10, max_b
                         checks, busy)
 
 
+class Unlocked(tuple):
+    """What ``unlocked`` returns: (answered, nbytes, why, err), and in ``rest`` the commands
+    it took and did not answer, as the Commands the LUN gives its worker pool."""
+    rest: list = []
+
+
+def unlocked(r, fds, writes, *, rwf=0, num_blocks=(1 << 20) // BS, max_bytes=64 << 10,
+             max_blocks=2048, max_commands=64, checks=(), busy=()):
+    """One unlocked batch as ``LunServer._unlocked_batch`` makes it, without the LUN:
+    ``_fastread.take_batch`` (``CommandRing.take_fast``), ``run_batch`` on the descriptors
+    ``fds`` (an int: one), ``complete_batch``; ``why`` is STOP_MISS/STOP_MISS_WRITE when one
+    was not done whole and STOP_BUSY when ``busy`` held at completion."""
+    from lvmirror.tcmu import _fastread as fastread
+    fds = (fds,) if isinstance(fds, int) else tuple(fds)
+    taken, why, packed = r.take_fast(fastread.take_batch, num_blocks, BS, max_bytes,
+                                     max_blocks, max_commands, checks, busy, writes)
+    completed = nbytes = err = 0
+    rest = []
+    if taken:
+        done, nbytes, err = r.run_taken(fastread.run_batch, packed, taken, fds, rwf, writes)
+        completed, nbytes = r.complete_taken(fastread.complete_batch, packed, done, busy)
+        if done < taken:
+            why = fastread.STOP_MISS_WRITE if writes else fastread.STOP_MISS
+        if completed < done:
+            why = fastread.STOP_BUSY
+        rest = r.taken_commands(packed, completed)
+    out = Unlocked((completed, nbytes, why, err))
+    out.rest = rest
+    return out
+
+
 def reap(emu, ids):
     """What the kernel side sees once told: {cmd_id: Completion}."""
     emu.reap()
@@ -109,7 +140,7 @@ def test_commands_it_does_not_answer_are_left_intact_for_the_python_fetch(ring, 
     kw = {"data_out": bytes(8 * BS)} if data_in_len is None else {"data_in_len": data_in_len}
     cid = emu.submit(cdb, **kw)
     after = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
-    # (a WRITE it may not answer either, but write_batch may: it says so)
+    # (a WRITE it may not answer either, but a WRITE batch may: it says so)
     assert batch(r, fd) == (0, 0, fastread.STOP_WRITE if cdb[0] == 0x2A else fastread.STOP_OTHER)
     assert r.tail == 0
     got = r.fetch().commands

@@ -1,4 +1,5 @@
-"""The ring thread's compiled WRITE path (``write_batch`` in ``lvmirror/tcmu/_fastread.c``): on a
+"""The ring thread's compiled WRITE path (``take_batch``, ``run_batch``, ``complete_batch`` in
+``lvmirror/tcmu/_fastread.c``): on a
 ring the emulator fills byte for byte as the kernel does, then the real LunServer with a
 one-image volume - the bytes in the image, the ring's cursors and ids, every WRITE it must leave
 to the SCSI core (FUA, WRPROTECT, NACA, out of range, a write that fails), and the volumes and LU
@@ -21,7 +22,7 @@ from lvmirror.daemon.metrics import render
 from lvmirror.errors import ImageIOError
 from lvmirror.mirror.volume import ImageState
 from lvmirror.scsi import parse_sense
-from tests.unit.test_compiled_reads import Obj, cdb16, reap, ring_on_image
+from tests.unit.test_compiled_reads import Obj, cdb16, reap, ring_on_image, unlocked
 from tests.unit.test_daemon_ring import BS, SIZE, cdb10, images, lab  # noqa: F401
 from tests.unit.test_volume_helpers import make_volume, run_thread
 
@@ -39,9 +40,9 @@ def ring(tmp_path):
 
 
 def writes(r, fd, *, max_bytes=64 << 10, max_commands=64, checks=(), busy=()):
-    """``CommandRing.fast_writes``: (answered, nbytes, why, err)."""
-    return r.fast_writes(fastread.write_batch, fd, NBLK, BS, max_bytes, 2048, max_commands,
-                         checks, busy)
+    """One unlocked WRITE batch (``unlocked``): (answered, nbytes, why, err), ``.rest``."""
+    return unlocked(r, fd, True, num_blocks=NBLK, max_bytes=max_bytes,
+                    max_commands=max_commands, checks=checks, busy=busy)
 
 
 def reads(r, fd):
@@ -124,18 +125,28 @@ def test_a_full_batch_says_call_again_and_pads_and_wrapping_keep_the_cursors(rin
 
 
 def test_a_write_that_fails_is_left_whole_to_the_python_path_after_those_before_it(ring):
-    """EBADF for the first of two WRITEs: nothing answered. EFBIG (the process's file size
-    limit) for the second: the first is answered, the second left at the fetch cursor with
-    its errno, for the Python path to write again and report."""
+    """EBADF for the first of two WRITEs: nothing answered, both taken and given back as
+    Commands. EFBIG (the process's file size limit) for the second of two more: the first is
+    answered, the second given back with its errno, for the Python path to write again and
+    report."""
     emu, r, fd, path = ring
     rfd = os.open(path, os.O_RDONLY)
-    first = emu.submit(cdb10(0x2A, 0, 1), data_out=b"a" * BS)
-    second = emu.submit(cdb10(0x2A, NBLK - 1, 1), data_out=b"b" * BS)
+    ids = [emu.submit(cdb10(0x2A, 1, 1), data_out=b"x" * BS),
+           emu.submit(cdb10(0x2A, 2, 1), data_out=b"y" * BS)]
     try:
-        assert writes(r, rfd) == (0, 0, fastread.STOP_MISS_WRITE, errno.EBADF)
+        got = writes(r, rfd)
     finally:
         os.close(rfd)
-    assert r.tail == 0
+    assert got == (0, 0, fastread.STOP_MISS_WRITE, errno.EBADF)
+    assert r.tail == 0 and r.outstanding == 2 and not r.fetch()
+    assert [(c.cmd_id, c.cdb, b"".join(c.iov_views)) for c in got.rest] == [
+        (ids[0], cdb10(0x2A, 1, 1), b"x" * BS), (ids[1], cdb10(0x2A, 2, 1), b"y" * BS)]
+    for c in got.rest:                          # as the Python path answers them
+        r.complete(c.cmd_id, 0)
+        c.release()
+    assert set(reap(emu, ids)) == set(ids) and r.outstanding == 0
+    first = emu.submit(cdb10(0x2A, 0, 1), data_out=b"a" * BS)
+    second = emu.submit(cdb10(0x2A, NBLK - 1, 1), data_out=b"b" * BS)
     old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (512 << 10, old_limit[1]))
@@ -146,7 +157,7 @@ def test_a_write_that_fails_is_left_whole_to_the_python_path_after_those_before_
         signal.signal(signal.SIGXFSZ, old_handler)
     assert got == (1, BS, fastread.STOP_MISS_WRITE, errno.EFBIG)
     assert list(reap(emu, [first, second])) == [first]
-    assert [c.cmd_id for c in r.fetch().commands] == [second]
+    assert [c.cmd_id for c in got.rest] == [second] and r.outstanding == 1
     assert path.read_bytes()[:BS] == b"a" * BS
 
 
@@ -170,15 +181,41 @@ def test_its_conditions_are_read_when_it_starts(ring):
 
 
 def test_malformed_arguments_raise_and_write_nothing(ring):
+    """A bad geometry or check tuple for take_batch, and for run_batch and complete_batch a
+    description take_batch did not make for this map (an iovec outside the data area, a wrong
+    length, a count over the commands, too many descriptors): ValueError/TypeError, no I/O."""
+    import struct
     emu, r, fd, path = ring
     before = path.read_bytes()
     emu.submit(cdb10(0x2A, 0, 1), data_out=os.urandom(BS))
     with pytest.raises(ValueError):
-        fastread.write_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off, r.map_size + 4096, 0,
-                             fd, 100, BS, 4096, 8, 64, (), ())
+        fastread.take_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off, r.map_size + 4096, 0,
+                            100, BS, 4096, 8, 64, (), (), True)
     with pytest.raises(TypeError):
-        fastread.write_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off, r.map_size, 0,
-                             fd, 100, BS, 4096, 8, 64, ((1, 2),), ())
+        fastread.take_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off, r.map_size, 0,
+                            100, BS, 4096, 8, 64, ((1, 2),), (), True)
+    # a real description, then forged ones
+    _, _, _, _, packed = fastread.take_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off,
+                                             r.map_size, 0, 100, BS, 4096, 8, 64, (), (), True)
+    rec_at = 8 + 48                              # the first iovec, after the header and record
+    outside = packed[:rec_at] + struct.pack("=QQ", r.cmdr_off, BS)
+    too_long = packed[:rec_at] + struct.pack("=QQ", r.map_size - 8, BS)
+    for bad in (outside, too_long, packed[:-1], packed + b"\0" * 16, b""):
+        with pytest.raises(ValueError):
+            fastread.run_batch(r._mv, r.data_off, r.map_size, bad, 1, (fd,), 0, True)
+        with pytest.raises(ValueError):
+            fastread.complete_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off, r.map_size,
+                                    bad, 1, ())
+    for fds in ((), (fd,) * 5):
+        with pytest.raises(ValueError):
+            fastread.run_batch(r._mv, r.data_off, r.map_size, packed, 1, fds, 0, True)
+    with pytest.raises(ValueError):
+        fastread.run_batch(r._mv, r.data_off, r.map_size, packed, 1, (fd, fd), 0, False)
+    with pytest.raises(ValueError):
+        fastread.run_batch(r._mv, r.data_off, r.map_size, packed, 2, (fd,), 0, True)
+    with pytest.raises(ValueError):
+        fastread.complete_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off, r.map_size,
+                                packed, 2, ())
     assert r.tail == 0 and path.read_bytes() == before and len(r.fetch().commands) == 1
 
 
@@ -218,21 +255,24 @@ def test_it_releases_the_gil_while_it_writes(ring):
     assert set(reap(emu, ids)) == set(ids)
 
 
-def test_begin_fast_writes_holds_every_block_and_the_epoch(tmp_path):
-    """What the compiled path writes inside: an exclusive region lock over every block (no
-    other I/O, nor another such lock, meanwhile) and the split epoch entered (closing the
-    volume - as a split or an image failure switching the epoch - waits for
-    ``end_fast_writes``), taken only when no other lock is held."""
+def test_begin_fast_writes_holds_the_epoch_and_locks_each_commands_range(tmp_path):
+    """What the compiled path writes inside: the split epoch entered (closing the volume - as a
+    split or an image failure switching the epoch - waits for ``end_fast_writes``) and an
+    exclusive region lock over each command's range (``lock_fast``), granted in order up to
+    the first range another lock holds or awaits - I/O elsewhere goes on meanwhile."""
     vol, _, paths = make_volume(tmp_path, 1)
     st = vol._images[0].storage
     source = vol.fast_write_source()
     assert source is not None and source[0] is st
+    other = vol.locks.lock(40, 8)                       # a write in flight on the Python path
     token = vol.begin_fast_writes()
-    assert token is not None
-    assert vol.locks.try_lock(0, 1) is None
-    assert vol.locks.try_lock(vol.num_blocks - 1, 1) is None
     assert vol._epoch.inflight == 1
-    assert vol.begin_fast_writes() is None
+    assert vol.lock_fast(token, [(0, 8), (16, 8), (44, 1), (60, 4)]) == 2
+    assert vol.locks.try_lock(0, 1) is None and vol.locks.try_lock(23, 1) is None
+    free = vol.locks.try_lock(8, 8)                     # between them: free
+    assert free is not None
+    free.release()
+    other.release()
     t, box = run_thread(vol.close)
     time.sleep(0.3)
     assert t.is_alive()                      # waits for the writes in flight
@@ -242,6 +282,20 @@ def test_begin_fast_writes_holds_every_block_and_the_epoch(tmp_path):
     assert not t.is_alive() and "error" not in box
     assert vol.stats["writes"] - s0["writes"] == 3
     assert vol.stats["bytes_written"] - s0["bytes_written"] == 3 * BS
+    assert not vol.locks._held and token.locks == []
+
+
+def test_a_batchs_overlapping_commands_lock_only_the_first(tmp_path):
+    """Two commands of one batch on the same blocks: the second is not granted (it waits, on
+    the Python path, for the first's lock), nor is anything after it."""
+    vol, _, _ = make_volume(tmp_path, 1)
+    try:
+        token = vol.begin_fast_writes()
+        assert vol.lock_fast(token, [(0, 8), (100, 1), (4, 8), (200, 1)]) == 2
+        vol.end_fast_writes(token, vol._images[0].storage, 0, 0)
+        assert not vol.locks._held and vol._epoch.inflight == 0
+    finally:
+        vol.close()
 
 
 def test_a_mirror_offers_no_write_source(tmp_path):
@@ -258,20 +312,25 @@ def test_a_mirror_offers_no_write_source(tmp_path):
 
 
 def test_the_lun_writes_only_inside_begin_and_end_fast_writes(lab, tmp_path, monkeypatch):
-    """Seen from another thread while ``write_batch`` runs: every block locked, the epoch
-    entered; both left afterwards."""
+    """Seen from another thread while ``run_batch`` writes: the command's blocks locked, the
+    blocks beside them free, the epoch entered; all left afterwards."""
     emu, lun, path, data = _one_image_lun(lab, tmp_path, 39)
     vol = lun.volume
     seen = []
-    real = fastread.write_batch
+    real = fastread.run_batch
 
     def spy(*args):
-        seen.append((vol.locks.try_lock(7, 1) is None, vol._epoch.inflight))
+        beside = [vol.locks.try_lock(b, 1) for b in (7, 16)]
+        seen.append((vol.locks.try_lock(8, 1) is None, vol.locks.try_lock(15, 1) is None,
+                     None not in beside, vol._epoch.inflight))
+        for lk in beside:
+            if lk is not None:
+                lk.release()
         return real(*args)
 
-    monkeypatch.setattr(fastread, "write_batch", spy)
+    monkeypatch.setattr(fastread, "run_batch", spy)
     assert _write(lun, emu, 8, os.urandom(8 * BS)) == (0, None, True)
-    assert seen and all(s == (True, 1) for s in seen)
+    assert seen and all(s == (True, True, True, 1) for s in seen)
     assert not vol.locks._held and vol._epoch.inflight == 0
 
 def _one_image_lun(lab, tmp_path, seed):
@@ -528,3 +587,112 @@ def test_an_image_attached_while_it_writes_ends_identical(lab, tmp_path):
     assert a == b
     for lba, blob in expect.items():
         assert a[lba * BS:(lba + 8) * BS] == blob
+
+
+# -- the watchdog: an unlocked batch whose I/O stalls -------------------------------------------
+
+def _stall_run_batch(monkeypatch, writes=True, then=None):
+    """Make the first ``run_batch`` of the kind ``writes`` that a ring thread calls wait until
+    the returned ``gate`` is set (``entered`` is set when it begins), with the GIL released as
+    the real one's I/O: a write stuck behind a slow or dying disk. ``then``: what it returns
+    instead of doing the I/O (the I/O failed), or None for the real call. Returns (gate,
+    entered)."""
+    gate, entered = threading.Event(), threading.Event()
+    real = fastread.run_batch
+
+    def stuck(ring, data_off, map_size, packed, count, fds, rwf, kind):
+        if (kind == writes and threading.current_thread().name.startswith("ring-")
+                and not entered.is_set()):
+            entered.set()
+            assert gate.wait(30)
+            if then is not None:
+                return then
+        return real(ring, data_off, map_size, packed, count, fds, rwf, kind)
+    monkeypatch.setattr(fastread, "run_batch", stuck)
+    return gate, entered
+
+
+def test_a_compiled_write_that_stalls_hands_the_ring_over(lab, tmp_path, monkeypatch):
+    """A compiled WRITE batch whose write does not return holds neither the ring's lock nor
+    the GIL: after INLINE_STALL seconds the watchdog hands the ring to a new ring thread, which
+    answers TEST UNIT READY, a READ and a WRITE elsewhere at once (the stuck batch locks only
+    its commands' ranges) and sends WRITEs to the worker pool; a WRITE to the stuck one's
+    blocks waits for its lock, as for any write in flight. Once the write returns, its
+    completion reaches the initiator, GOOD, with its data in the image, the WRITE behind it
+    lands after it, and the LUN stops cleanly."""
+    monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 61)
+    gate, entered = _stall_run_batch(monkeypatch)
+    new = os.urandom(8 * BS)
+    c0 = lun.compiled_writes
+    wid = emu.submit(cdb10(0x2A, 8, 8), data_out=new)
+    assert entered.wait(10)                       # the ring thread is inside the write
+    t0 = time.monotonic()
+    tur = emu.submit(bytes(6))
+    rid = emu.submit(cdb10(0x28, 32, 8), data_in_len=8 * BS)
+    done = emu.wait([tur, rid], timeout=10)       # answered by the new ring thread
+    assert done[tur].status == 0 and done[rid].status == 0
+    assert done[rid].data_in == data[32 * BS:40 * BS]
+    assert time.monotonic() - t0 < 5
+    assert lun.handovers == 1 and wid not in emu.completions
+    elsewhere = emu.submit(cdb10(0x2A, 24, 8), data_out=bytes([4]) * 8 * BS)
+    assert emu.wait([elsewhere], timeout=10)[elsewhere].status == 0
+    behind = emu.submit(cdb10(0x2A, 12, 8), data_out=bytes([3]) * 8 * BS)
+    time.sleep(0.3)
+    assert behind not in emu.completions          # waits for the stuck batch's lock
+    gate.set()
+    done = emu.wait([wid, behind], timeout=10)
+    assert done[wid].status == 0 and done[behind].status == 0
+    assert lun.compiled_writes == c0 + 1          # counted once, by the thread that made it
+    with open(path, "rb") as f:
+        image = f.read()
+    assert image[8 * BS:12 * BS] == new[:4 * BS] and image[12 * BS:20 * BS] == bytes([3]) * 8 * BS
+    assert image[24 * BS:32 * BS] == bytes([4]) * 8 * BS
+    time.sleep(0.1)                               # the stuck thread has returned
+    assert _write(lun, emu, 40, os.urandom(8 * BS)) == (0, None, True)
+    assert lun.handovers == 1 and lun._stuck == 0
+    lun.stop()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(f"ring-{lun.name}")]
+
+
+def test_a_stalled_compiled_write_that_then_fails_is_made_by_the_python_path(lab, tmp_path,
+                                                                             monkeypatch):
+    """The stalled batch's write then fails (EIO, say, from a device that recovered): after
+    the handover the stuck thread gives every command of its batch to the worker pool as a
+    Command - the new ring thread's fetch cursor is past them - and the Python path writes them
+    again and answers GOOD."""
+    import errno as _errno
+    monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 62)
+    gate, entered = _stall_run_batch(monkeypatch, then=(0, 0, _errno.EIO))
+    new = [os.urandom(8 * BS) for _ in range(3)]
+    ids = [emu.submit(cdb10(0x2A, 8 * k, 8), data_out=new[k]) for k in range(3)]
+    assert entered.wait(10)
+    tur = emu.submit(bytes(6))
+    assert emu.wait([tur], timeout=10)[tur].status == 0
+    assert lun.handovers == 1
+    gate.set()
+    done = emu.wait(ids, timeout=10)
+    assert [done[i].status for i in ids] == [0, 0, 0]
+    with open(path, "rb") as f:
+        assert f.read(24 * BS) == b"".join(new)
+    assert _read(emu, 0, 24) == b"".join(new)
+    lun.stop()
+    assert emu.warnings == []
+
+
+def test_a_compiled_large_read_that_stalls_hands_the_ring_over(lab, tmp_path, monkeypatch):
+    """The same for a batch of 1 MiB READs: a TEST UNIT READY behind it is answered by the new
+    ring thread while the copy has not returned; the READ's data then arrives whole."""
+    from tests.unit.test_compiled_big_reads import _mirror_lun_with_1_mib
+    emu, lun, paths, data = _mirror_lun_with_1_mib(lab, tmp_path, 63)
+    gate, entered = _stall_run_batch(monkeypatch, writes=False)
+    rid = emu.submit(cdb10(0x28, 0, 1024), data_in_len=1024 * BS)
+    assert entered.wait(10)
+    tur = emu.submit(bytes(6))
+    assert emu.wait([tur], timeout=10)[tur].status == 0
+    assert lun.handovers == 1 and rid not in emu.completions
+    gate.set()
+    c = emu.wait([rid], timeout=10)[rid]
+    assert c.status == 0 and c.data_in == data[:1024 * BS]
+    lun.stop()
