@@ -103,7 +103,7 @@ print(sum(l.get(sys.argv[1], 0) for l in json.load(sys.stdin)["luns"] if l["name
     result persistent_reservation fail out="$(tail -2 $OUT/pr.txt)" dbroot="$(cat /sys/kernel/config/target/dbroot 2>/dev/null)"
   fi
   # WRITEs of a one-image volume (nothing for the write-intent log) are made by the compiled
-  # path on the kernel's ring too, without the GIL, when the LU is write-back (WCE 1; a
+  # path on the kernel's ring too, without the GIL or the ring's lock, when the LU is write-back (WCE 1; a
   # write-through LU's writes are durable before GOOD, the Python path's): 4 KiB and 64 KiB
   # O_DIRECT writes through open-iscsi land in the image (ext4) byte for byte and read back, and
   # the LUN's compiled_writes count grew. The LUN (m1, LUN 9) is removed again, initiator first.
@@ -127,10 +127,10 @@ TC
     result compiled_writes_on_the_kernel_ring fail dev="$d9" why="no device, or the data in the image or read back differs"
   fi
   # and 1 MiB WRITEs and READs whole (hw_max_sectors=16384 lets them reach lvmirrord uncut, as
-  # bench/run's LUNs do): the WRITEs are the Python path's, under the watchdog (a compiled write
-  # holds the ring's lock, so it takes 64 KiB at most), the READs (over the GIL-held path's
-  # 64 KiB) are read without the GIL under a shared region lock over the volume
-  # (read_big_batch): 8 of 8 counted (more would mean the kernel cut them into smaller ones)
+  # bench/run's LUNs do): the WRITEs are the Python path's (the compiled path takes 64 KiB at
+  # most), the READs (over the GIL-held path's 64 KiB) are read without the GIL under a shared
+  # region lock over each one's range: 8 of 8 counted (more would mean the kernel cut them
+  # into smaller ones)
   local r0 w1 r1
   w0=$(lun_count compiled_writes m1)
   if [ -b "$d9" ] && dd if=/dev/zero of=$d9 bs=1M count=8 oflag=direct status=none \
@@ -166,6 +166,41 @@ set global auto_save_on_exit=false
 /backstores/user:lvmirror delete m1
 TC
   rm -f /run/scratch/v1a.img
+  # a mirror's WRITEs on the compiled path too: a 2-image LUN (m4, LUN 10), write-back, both
+  # images in sync; the first write to the write-intent log's chunk saves the log (the Python
+  # path), then each 4 KiB O_DIRECT write is written to both images in turn without the GIL.
+  # Both images and the LUN read back byte for byte; the LUN's compiled_writes count grew.
+  local d10 insync
+  tcli <<TC
+set global auto_save_on_exit=false
+/backstores/user:lvmirror create name=m4 size=16M cfgstring=vol4;images=/run/scratch/v4a.img+/run/scratch/v4b.img control=nl_reply_supported=-1
+/backstores/user:lvmirror/m4 set attribute emulate_write_cache=1
+/iscsi/$IQN/tpg1/luns create /backstores/user:lvmirror/m4 10
+TC
+  rescan
+  for i in $(seq 20); do d10=$(lun_dev 10); [ -b "$d10" ] && break; sleep 0.5; rescan; done
+  for i in $(seq 60); do
+    insync=$(timeout 60 lvmirror --json status 2>/dev/null | $PY -c '
+import json, sys
+print("+".join(i["state"] for i in json.load(sys.stdin)["volumes"]["vol4"]["images"]))' 2>/dev/null)
+    [ "$insync" = in-sync+in-sync ] && break; sleep 1
+  done
+  w0=$(lun_count compiled_writes m4)
+  if [ -b "$d10" ] && [ "$insync" = in-sync+in-sync ] \
+     && dd if=/run/pat of=$d10 bs=4k oflag=direct status=none \
+     && cmp -n 8388608 /run/pat /run/scratch/v4a.img && cmp -n 8388608 /run/pat /run/scratch/v4b.img \
+     && cmp -n 8388608 /run/pat $d10; then
+    grew compiled_mirror_writes_on_the_kernel_ring "$w0" "$(lun_count compiled_writes m4)" 2048
+  else
+    result compiled_mirror_writes_on_the_kernel_ring fail dev="$d10" states="$insync" why="no device, not in sync, or the data in an image or read back differs"
+  fi
+  [ -b "$d10" ] && echo 1 > /sys/block/${d10#/dev/}/device/delete 2>/dev/null
+  tcli <<TC
+set global auto_save_on_exit=false
+/iscsi/$IQN/tpg1/luns delete lun10
+/backstores/user:lvmirror delete m4
+TC
+  rm -f /run/scratch/v4a.img /run/scratch/v4b.img
   touch "$OUT/target-ready"          # the host may now use the portal through hostfwd
   # and does so alone: a login from the host competing with the next sections' I/O for the
   # two emulated CPUs outran LIO's 15 s login timeout

@@ -4,8 +4,9 @@ Before each fetch the ring thread's compiled path (``tcmu._fastread.read_batch``
 docs/architecture.rst) answers the READs at the ring's head whose data the page cache holds,
 with no Command object, SCSI core or volume call in Python: it holds the GIL throughout and reads
 the conditions under which such a read is the one ``LogicalUnit.execute(nowait=True)`` would
-give (``_arm_compiled``) from the objects when it starts. For a one-image volume it also makes
-the WRITEs without FUA there (``_compiled_writes``), and READs over INLINE_READ_MAX, up to
+give (``_arm_compiled``) from the objects when it starts. It also makes the WRITEs without FUA
+there (``_compiled_writes``) to every image of a volume whose images are all in sync and whose
+changes no split or failed image tracks, and READs over INLINE_READ_MAX, up to
 COMPILED_READ_MAX (``_compiled_big_reads``), in three steps (``_unlocked_batch``): taken from
 the ring under its lock (``tcmu._fastread.take_batch``), their I/O made with neither the ring's
 lock nor the GIL, each command's range locked (``run_batch``, inside the volume's
@@ -188,8 +189,9 @@ COMPILED_TURNS = 8
 # How long (seconds) the ring thread waits before it asks the volume again for a source of
 # compiled READs when there was none (an O_DIRECT volume, a restore, a torn region...).
 COMPILED_READS_RETRY = 0.1
-# What ``LunServer._arm_compiled`` found: the image READs come from (``storage``) and the one
-# WRITEs go to (``wstorage``, None when WRITEs are not armed), the backend, the LUN's geometry
+# What ``LunServer._arm_compiled`` found: the image READs come from (``storage``) and the images
+# WRITEs go to (``wstorage``: a tuple of 1-4 StorageImages, None when WRITEs are not armed), the
+# backend, the LUN's geometry
 # (blocks, bytes per block), the largest READ and WRITE in bytes and in blocks, and the
 # conditions of each kind (``(obj, attribute, kind, value)`` rows: ``tcmu._fastread``).
 # READs over ``max_read`` and up to ``max_big_read`` are read without the GIL under the
@@ -736,8 +738,8 @@ class LunServer:
         it cannot serve (no open volume, the volume offers no source: ``fast_read_source``).
         The conditions it reads at each call's start add the LUN's own: this LU still serving,
         no NOT READY reason, no unit attention pending, the LUN's size unchanged, completions
-        not held (``hold``). WRITEs are armed when the volume offers ``fast_write_source`` (one
-        image to write, no change to track) and the LU is write-back and not write-protected
+        not held (``hold``). WRITEs are armed when the volume offers ``fast_write_source`` (the
+        images to write, every one in sync, no change to track) and the LU is write-back and not write-protected
         (a WRITE it makes has no FUA and no write-through: SBC-4 5.40, the Caching mode page's
         WCE); their conditions add those two, and their region locks are
         ``begin_fast_writes``'s own."""
@@ -780,7 +782,7 @@ class LunServer:
         """Let the compiled path answer the commands at the head of the ring it may answer, as
         ``_run_inline`` would (``LogicalUnit.execute(nowait=True)``), without making them
         Command objects: READs the page cache holds (``tcmu._fastread.read_batch`` through
-        ``CommandRing.fast_reads``, holding the GIL) and, when armed, a one-image volume's
+        ``CommandRing.fast_reads``, holding the GIL) and, when armed, a volume's
         WRITEs without FUA (``_compiled_writes``), in ring order, taking turns while each
         stops at the other's kind. Counts them as the ring thread's own (``inline``,
         ``compiled``, ``compiled_writes``), in the latency histogram (each with its call's
@@ -880,11 +882,11 @@ class LunServer:
         write) is the Python path's, which writes it again and reports it; a batch that took
         longer than INLINE_SLOW sends every WRITE to the pool for INLINE_BACKOFF seconds, as
         ``_run_inline`` does. Returns what ``_unlocked_batch`` returns."""
-        target, wstorage = fast.target, fast.wstorage
+        target, legs = fast.target, fast.wstorage
         return self._unlocked_batch(
-            fast, gen, True, (wstorage.fd,), 0, fast.max_write, fast.wchecks,
+            fast, gen, True, tuple(st.fd for st in legs), 0, fast.max_write, fast.wchecks,
             target.begin_fast_writes(),
-            lambda token, n, nbytes: target.end_fast_writes(token, wstorage, n, nbytes))
+            lambda token, n, nbytes: target.end_fast_writes(token, legs, n, nbytes))
 
     def _unlocked_batch(self, fast, gen: int, writes: bool, fds: tuple, rwf: int,
                         max_bytes: int, checks: tuple, token, end) -> tuple[int | None, int]:
@@ -915,7 +917,8 @@ class LunServer:
         try:
             taken, why, packed = ring.take_fast(
                 _fastread.take_batch, fast.num_blocks, fast.block_size, max_bytes,
-                fast.max_blocks, _fastread.MAX_WRITES, checks, fast.wbusy, writes)
+                fast.max_blocks, _fastread.MAX_WRITES, checks, fast.wbusy, writes,
+                fast.max_big_read if writes else fast.max_write)
             if taken:
                 locked = fast.target.lock_fast(token, ring.taken_ranges(packed,
                                                                         fast.block_size))

@@ -170,14 +170,17 @@ READ_STREAMS = 64
 class _FastToken:
     """One batch of the compiled path without the GIL (``MirrorVolume.begin_fast_writes``/
     ``begin_fast_reads``): the split epoch it entered, whether its region locks are shared,
-    and the locks ``lock_fast`` took for its commands."""
+    the write-intent log its WRITEs begin in (None: one leg, or READs), and what
+    ``lock_fast`` took for its commands: their locks and log tokens."""
 
-    __slots__ = ("epoch", "shared", "locks")
+    __slots__ = ("epoch", "shared", "wil", "locks", "begun")
 
-    def __init__(self, epoch, shared: bool):
+    def __init__(self, epoch, shared: bool, wil):
         self.epoch = epoch
         self.shared = shared
+        self.wil = wil
         self.locks = []
+        self.begun = []
 
     def release(self) -> None:
         """Release every lock taken (the region lock manager wakes their waiters)."""
@@ -1120,25 +1123,39 @@ class MirrorVolume:
         return st, rwf, checks, busy
 
     def fast_write_source(self):
-        """What the ring thread's compiled WRITE path (``tcmu._fastread.take_batch``/``run_batch``) may
-        write to now: ``(storage, checks)`` - the StorageImage of the one image the current
-        epoch writes, and the conditions ``take_batch`` reads again when it starts
-        (``fast_read_source``'s - volume open and online, no restore, no torn region, the same
-        epoch, the image in sync on the same descriptor - and the image not read-only). A
-        WRITE made under them, inside ``begin_fast_writes``/``end_fast_writes``, is what
-        ``write()`` does with no FUA: with one image to write and no split or failed image's
-        change bitmap to mark, nothing goes to the write-intent log (``_write_locked``), so
-        the write is one pwritev to that image. None for a mirror (its legs and the log stay
-        Python's), while a split or failed image's changes are tracked, or when
-        ``fast_read_source`` is None (the same image serves reads)."""
+        """What the ring thread's compiled WRITE path (``tcmu._fastread.take_batch``/
+        ``run_batch``) may write to now: ``(legs, checks)`` - the StorageImages of the images
+        the current epoch writes (1 to MAX_IMAGES, in order, each in sync and writable), and
+        the conditions ``take_batch`` reads again when it starts (``fast_read_source``'s -
+        volume open and online, no restore, no torn region, the same epoch - and each leg in
+        sync, on the same descriptor, not read-only). A WRITE made under them, inside
+        ``begin_fast_writes``/``lock_fast``/``end_fast_writes``, is what ``write()`` does with
+        no FUA: no split or failed image's change bitmap to mark (none is tracked), the
+        write-intent log's regions begun in flight when there are several legs
+        (``lock_fast``), and one ``pwritev`` to each leg in turn - as the "serial" fan-out
+        does, and "auto" for a buffered write under PARALLEL_MIN_BYTES (``_parallel``), where
+        ``leg_timeout`` does not apply either. None while a split or failed image's changes are
+        tracked, an image is resyncing, fan-out is "parallel", or when ``fast_read_source`` is
+        None (O_DIRECT, closed, offline, a restore, a torn region)."""
         src = self.fast_read_source()
         if src is None:
             return None
-        st, _, checks, _ = src
+        _, _, checks, _ = src
         ep = self._epoch
-        if len(ep.writes) != 1 or ep.tracking or ep.writes[0].storage is not st or st.read_only:
+        images = ep.writes
+        if (not images or len(images) > MAX_IMAGES or ep.tracking
+                or (len(images) > 1 and self._fanout_mode == "parallel")):
             return None
-        return st, checks + ((st, "read_only", "is", False),)
+        legs = []
+        more = []
+        for img in images:
+            st = img.storage
+            if img.state is not ImageState.IN_SYNC or st is None or st.read_only:
+                return None
+            legs.append(st)
+            more += [(img, "state", "is", ImageState.IN_SYNC), (img, "storage", "is", st),
+                     (st, "fd", "eq", st.fd), (st, "read_only", "is", False)]
+        return tuple(legs), checks + tuple(more)
 
     def begin_fast_writes(self):
         """Before the compiled WRITE path takes a batch from the ring and writes it without the
@@ -1147,7 +1164,9 @@ class MirrorVolume:
         the batch's conditions, read after this, name the epoch, so a switch in between makes
         it take nothing). Each command's range is then locked with ``lock_fast``. Returns the
         token for ``lock_fast`` and ``end_fast_writes``."""
-        return _FastToken(self._enter(), False)
+        ep = self._enter()
+        # (as _write_locked: several legs may differ after a crash, so the log records them)
+        return _FastToken(ep, False, self._wil if len(ep.writes) > 1 else None)
 
     def begin_fast_reads(self):
         """``begin_fast_writes`` for the compiled READ path that reads without the GIL
@@ -1155,36 +1174,57 @@ class MirrorVolume:
         SHARED - other reads run beside them, a write, a resync's copy or a D-Bus client's
         exclusive lock on them waits for ``end_fast_reads`` (no write lands in a range being
         read: the overlapping-I/O rule)."""
-        return _FastToken(self._enter(), True)
+        return _FastToken(self._enter(), True, None)
 
     def lock_fast(self, token, ranges) -> int:
         """Lock each ``(first block, blocks)`` of ``ranges`` for the batch of ``token``
         (``begin_fast_writes``: exclusive; ``begin_fast_reads``: shared), in order, each only if
         the region lock manager grants it now (``try_lock``: no conflicting lock held, none
-        awaited before it - the overlapping-I/O rule, first come first served), stopping at the
-        first it does not grant. Returns how many it locked: the batch makes those commands, the
-        Python path the others. The locks are released by ``end_fast_writes``/
-        ``end_fast_reads``."""
+        awaited before it - the overlapping-I/O rule, first come first served); for a WRITE
+        batch of several legs, also begin it in the write-intent log, only if its regions are
+        marked on disk already (``WriteIntentLog.begin(nowait=True)``: no save, no wait; the
+        regions stay in flight, so no checkpoint clears them, until ``end_fast_writes``).
+        Stops at the first range it does not grant or begin. Returns how many it took: the
+        batch makes those commands, the Python path the others (the first write to an unmarked
+        region saves the log there). ``end_fast_writes``/``end_fast_reads`` release them."""
         try_lock, shared, held = self.locks.try_lock, token.shared, token.locks
+        wil = token.wil
+        if wil is not None:
+            bs = self.block_size
+            begun = token.begun
         for start, count in ranges:
             lk = try_lock(start, count, shared=shared)
             if lk is None:
                 break
+            if wil is not None:
+                try:
+                    begun.append(wil.begin(start * bs, count * bs, nowait=True))
+                except WouldBlock:
+                    lk.release()
+                    break
             held.append(lk)
         return len(held)
 
-    def end_fast_writes(self, token, storage, n: int, nbytes: int) -> None:
-        """After the compiled WRITE path: count its ``n`` writes of ``nbytes`` bytes to
-        ``storage`` (``fast_write_source``) in the volume's and the image's statistics, leave
-        the epoch and release the locks ``lock_fast`` took."""
+    def end_fast_writes(self, token, legs, n: int, nbytes: int) -> None:
+        """After the compiled WRITE path: count its ``n`` writes of ``nbytes`` bytes to each of
+        ``legs`` (``fast_write_source``) in the volume's and the images' statistics, end its
+        writes in the write-intent log (they finished on every leg, or were left to the Python
+        path, which begins its own), leave the epoch and release the locks ``lock_fast``
+        took."""
         try:
+            if token.begun:
+                end = token.wil.end
+                begun, token.begun = token.begun, []
+                for tok in begun:
+                    end(tok)
             self._leave(token.epoch)
             if n:
                 with self._elock:
                     st = self._stats
                     st["writes"] += n
                     st["bytes_written"] += nbytes
-                storage.count_writes(n, nbytes)
+                for storage in legs:
+                    storage.count_writes(n, nbytes)
         finally:
             token.release()
 

@@ -1,6 +1,6 @@
 /*
  * lvmirror.tcmu._fastread: the ring thread's compiled path for READs the page cache holds, and
- * for the WRITEs of a one-image volume and large READs (take_batch, below).
+ * for the WRITEs of a volume (1-4 images) and large READs (take_batch, below).
  *
  * read_batch() walks the TCMU command ring from the caller's fetch cursor to the
  * kernel's cmd_head and answers every consecutive READ(10)/READ(16) it can serve from memory:
@@ -13,8 +13,8 @@
  * takes up as before. Layouts come from the kernel's own header (linux/target_core_user.h).
  *
  * take_batch(), run_batch() and complete_batch() make the WRITE(10)/WRITE(16) commands without
- * FUA of a one-image volume, and READs over read_batch's size (up to 1 MiB; read_batch stops at
- * one with STOP_BIG_READ), in three steps, because their I/O may wait (a buffered write: dirty-
+ * FUA of a volume whose 1-4 images are in sync (to each image in turn), and READs over
+ * read_batch's size (up to 1 MiB; read_batch stops at one with STOP_BIG_READ), in three steps, because their I/O may wait (a buffered write: dirty-
  * page throttling, the journal, stable pages) or is long (a 1 MiB copy): take_batch parses up to
  * MAX_WRITES consecutive commands of one kind holding the GIL and the caller's ring lock, and
  * returns a packed copy of what the other two need (the caller moves its fetch cursor past
@@ -411,7 +411,7 @@ struct taken_iov {
 
 PyDoc_STRVAR(take_batch_doc,
 "take_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, num_blocks, block_size,\n"
-"           max_bytes, max_blocks, max_commands, checks, busy, writes)\n"
+"           max_bytes, max_blocks, max_commands, checks, busy, writes, other_bytes=0)\n"
 "    -> (fetch, taken, pads, why, packed)\n"
 "\n"
 "TAKE the consecutive WRITE(10)/WRITE(16) commands without FUA (`writes` true) or\n"
@@ -427,9 +427,11 @@ PyDoc_STRVAR(take_batch_doc,
 "in the map, length: 2 x uint64).\n"
 "\n"
 "Returns the new fetch cursor, the commands taken, the PAD entries skipped, why it stopped\n"
-"(0 cmd_head reached, 1 an entry neither path's batch answers, 2/3 a `checks`/`busy`\n"
-"condition, 5 a WRITE next or the WRITE batch is full (call again), 7 a READ next, 8 the READ\n"
-"batch is full) and `packed`. TypeError/ValueError for malformed arguments.");
+"(0 cmd_head reached, 1 an entry neither path's batch answers - one of its own kind over\n"
+"`max_bytes` too - 2/3 a `checks`/`busy` condition, 5 a WRITE next or the WRITE batch is full\n"
+"(call again), 7 a READ next, 8 the READ batch is full) and `packed`. The other kind's\n"
+"commands are parsed up to `other_bytes` (bytes), so that one up to that size stops it with 5\n"
+"or 7 rather than 1. TypeError/ValueError for malformed arguments.");
 
 static PyObject *
 take_batch(PyObject *Py_UNUSED(self), PyObject *args)
@@ -441,10 +443,12 @@ take_batch(PyObject *Py_UNUSED(self), PyObject *args)
     PyObject *checks, *busy;
     int writes;
 
-    if (!PyArg_ParseTuple(args, "w*IIKKIKIKKIO!O!p", &ring, &cmdr_off, &cmdr_size, &data_off,
+    unsigned long long other_bytes = 0;
+
+    if (!PyArg_ParseTuple(args, "w*IIKKIKIKKIO!O!p|K", &ring, &cmdr_off, &cmdr_size, &data_off,
                           &map_size, &fetch, &num_blocks, &block_size, &max_bytes,
                           &max_blocks, &max_commands, &PyTuple_Type, &checks, &PyTuple_Type,
-                          &busy, &writes))
+                          &busy, &writes, &other_bytes))
         return NULL;
     uint8_t *map = ring.buf;
     if (max_commands > MAX_WRITES)
@@ -457,6 +461,7 @@ take_batch(PyObject *Py_UNUSED(self), PyObject *args)
     int mine = writes ? ENT_WRITE : ENT_READ;
     int full = writes ? STOP_WRITE : STOP_BIG_READ;     /* the caller calls again */
     int other = writes ? STOP_READ : STOP_WRITE;        /* the other function's */
+    uint64_t parse_max = other_bytes > max_bytes ? other_bytes : max_bytes;
     struct rw_cmd cmds[MAX_WRITES];
     struct iovec pool[BATCH_IOVECS];
     uint32_t n = 0, cur = fetch, used = 0;
@@ -467,13 +472,19 @@ take_batch(PyObject *Py_UNUSED(self), PyObject *args)
             why = full;
             break;
         }
+        /* parsed up to the other kind's size too, so that a READ of up to 1 MiB after a WRITE
+         * is the READ path's (read_batch passes it on), not the Python fetch's */
         int kind = parse_entry(map, cmdr_off, cmdr_size, data_off, map_size, cur, head,
-                               num_blocks, block_size, max_bytes, max_blocks, pool + used,
+                               num_blocks, block_size, parse_max, max_blocks, pool + used,
                                BATCH_IOVECS - used, &cmds[n]);
         if (kind == ENT_PAD) {
             pads++;
             cur = (cur + cmds[n].length) % cmdr_size;
             continue;
+        }
+        if (kind == mine && cmds[n].want > max_bytes) {
+            why = STOP_OTHER;           /* over this kind's size: the Python fetch's */
+            break;
         }
         if (kind == ENT_FULL || (kind == mine && n && batch_bytes + cmds[n].want > BATCH_BYTES)) {
             why = full;
@@ -725,7 +736,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "lvmirror.tcmu._fastread",
-    "The ring thread's compiled path: READs the page cache holds (read_batch), and a one-image "
+    "The ring thread's compiled path: READs the page cache holds (read_batch), and a "
     "volume's WRITEs and large READs in three steps (take_batch, run_batch, complete_batch).",
     -1, methods, NULL, NULL, NULL, NULL,
 };

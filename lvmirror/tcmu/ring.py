@@ -349,11 +349,13 @@ class CommandRing:
 
     def take_fast(self, take_batch, num_blocks: int, block_size: int, max_bytes: int,
                   max_blocks: int, max_commands: int, checks: tuple, busy: tuple,
-                  writes: bool):
+                  writes: bool, other_bytes: int = 0):
         """Let ``take_batch`` (``lvmirror.tcmu._fastread.take_batch``) take the consecutive
         WRITEs without FUA (``writes``) or READs from the fetch cursor on, at most
         ``max_commands`` (``max_bytes`` each, of ``block_size``-byte blocks inside
-        ``num_blocks``), under the ring's lock: the fetch cursor moves past them and they are
+        ``num_blocks``; a command of the other kind up to ``other_bytes`` stops it as the other
+        kind's, a larger one as the Python fetch's), under the ring's lock: the fetch cursor
+        moves past them and they are
         outstanding, as fetched commands are, until ``complete_taken`` answers them or the
         caller makes the rest Commands (``taken_commands``) for the Python path. No I/O here:
         the caller makes it with ``run_taken``, without the ring's lock, so a ring thread that
@@ -364,7 +366,7 @@ class CommandRing:
             fetch, taken, pads, why, packed = take_batch(
                 self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
                 self._fetch, num_blocks, block_size, max_bytes, max_blocks, max_commands,
-                checks, busy, writes)
+                checks, busy, writes, other_bytes)
             self._fetch = fetch
             self._outstanding += taken
             st = self.stats

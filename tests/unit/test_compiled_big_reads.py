@@ -398,3 +398,25 @@ def test_a_write_over_64_kib_stops_read_batch_for_the_python_fetch(ring):
     emu.submit(cdb10(0x2A, 0, 256), data_out=os.urandom(256 * BS))       # 128 KiB
     assert small_then_big(r, fd) == (0, 0, fastread.STOP_OTHER)
     assert r.tail == 0 and len(r.fetch().commands) == 1
+
+
+def test_a_large_read_right_after_writes_is_the_read_paths(tmp_path):
+    """A WRITE batch parses the other kind up to ``other_bytes``: a 1 MiB READ right after a
+    WRITE stops it as a READ (7), for read_batch, which passes it to a READ batch (8) - not to
+    the Python fetch (1), as it did when the WRITE batch parsed only up to its own 64 KiB. A
+    WRITE over 64 KiB is still the Python fetch's."""
+    with ring_on_image(tmp_path, os.O_RDWR, 47) as (emu, r, fd, path, _):
+        new = os.urandom(8 * BS)
+        w = emu.submit(cdb10(0x2A, 0, 8), data_out=new)
+        rd = emu.submit(cdb10(0x28, 0, 512), data_in_len=512 * BS)
+        assert unlocked(r, fd, True, num_blocks=MIB // BS, other_bytes=MIB) == (
+            1, 8 * BS, fastread.STOP_READ, 0)
+        assert small_then_big(r, fd) == (0, 0, fastread.STOP_BIG_READ)
+        assert big(r, fd) == (1, 512 * BS, fastread.STOP_HEAD, 0)
+        done = reap(emu, [w, rd])
+        assert done[rd].data_in[:8 * BS] == new
+        w2 = emu.submit(cdb10(0x2A, 8, 8), data_out=new)
+        emu.submit(cdb10(0x2A, 0, 256), data_out=os.urandom(256 * BS))
+        assert unlocked(r, fd, True, num_blocks=MIB // BS, other_bytes=MIB) == (
+            1, 8 * BS, fastread.STOP_OTHER, 0)
+        assert reap(emu, [w2])[w2].status == 0

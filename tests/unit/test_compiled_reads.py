@@ -76,7 +76,7 @@ class Unlocked(tuple):
 
 
 def unlocked(r, fds, writes, *, rwf=0, num_blocks=(1 << 20) // BS, max_bytes=64 << 10,
-             max_blocks=2048, max_commands=64, checks=(), busy=()):
+             max_blocks=2048, max_commands=64, checks=(), busy=(), other_bytes=0):
     """One unlocked batch as ``LunServer._unlocked_batch`` makes it, without the LUN:
     ``_fastread.take_batch`` (``CommandRing.take_fast``), ``run_batch`` on the descriptors
     ``fds`` (an int: one), ``complete_batch``; ``why`` is STOP_MISS/STOP_MISS_WRITE when one
@@ -84,7 +84,8 @@ def unlocked(r, fds, writes, *, rwf=0, num_blocks=(1 << 20) // BS, max_bytes=64 
     from lvmirror.tcmu import _fastread as fastread
     fds = (fds,) if isinstance(fds, int) else tuple(fds)
     taken, why, packed = r.take_fast(fastread.take_batch, num_blocks, BS, max_bytes,
-                                     max_blocks, max_commands, checks, busy, writes)
+                                     max_blocks, max_commands, checks, busy, writes,
+                                     other_bytes)
     completed = nbytes = err = 0
     rest = []
     if taken:

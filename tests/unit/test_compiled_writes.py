@@ -263,7 +263,7 @@ def test_begin_fast_writes_holds_the_epoch_and_locks_each_commands_range(tmp_pat
     vol, _, paths = make_volume(tmp_path, 1)
     st = vol._images[0].storage
     source = vol.fast_write_source()
-    assert source is not None and source[0] is st
+    assert source is not None and source[0] == (st,)
     other = vol.locks.lock(40, 8)                       # a write in flight on the Python path
     token = vol.begin_fast_writes()
     assert vol._epoch.inflight == 1
@@ -277,7 +277,7 @@ def test_begin_fast_writes_holds_the_epoch_and_locks_each_commands_range(tmp_pat
     time.sleep(0.3)
     assert t.is_alive()                      # waits for the writes in flight
     s0 = dict(vol.stats)
-    vol.end_fast_writes(token, st, 3, 3 * BS)
+    vol.end_fast_writes(token, (st,), 3, 3 * BS)
     t.join(10)
     assert not t.is_alive() and "error" not in box
     assert vol.stats["writes"] - s0["writes"] == 3
@@ -292,18 +292,56 @@ def test_a_batchs_overlapping_commands_lock_only_the_first(tmp_path):
     try:
         token = vol.begin_fast_writes()
         assert vol.lock_fast(token, [(0, 8), (100, 1), (4, 8), (200, 1)]) == 2
-        vol.end_fast_writes(token, vol._images[0].storage, 0, 0)
+        vol.end_fast_writes(token, (vol._images[0].storage,), 0, 0)
         assert not vol.locks._held and vol._epoch.inflight == 0
     finally:
         vol.close()
 
 
-def test_a_mirror_offers_no_write_source(tmp_path):
+def test_a_mirror_offers_its_legs_until_a_change_is_tracked(tmp_path):
+    """Two images in sync: both are the write source, with each one's state, storage and
+    descriptor among the conditions. Not with fan-out "parallel" (its legs run on workers under
+    leg_timeout), nor once a split image's changes are tracked (split rule 5: the bitmap must
+    mark each write), nor while an image resyncs."""
     vol, _, _ = make_volume(tmp_path, 2)
     try:
-        assert vol.fast_read_source() is not None and vol.fast_write_source() is None
+        legs, checks = vol.fast_write_source()
+        assert legs == tuple(img.storage for img in vol._images)
+        for img in vol._images:
+            assert (img, "state", "is", ImageState.IN_SYNC) in checks
+            assert (img.storage, "fd", "eq", img.storage.fd) in checks
+        vol._fanout_mode = "parallel"
+        assert vol.fast_write_source() is None
+        vol._fanout_mode = "serial"
+        assert vol.fast_write_source()[0] == legs
         vol.split(0)                          # one image written, the split one tracked
         assert vol.fast_write_source() is None
+    finally:
+        vol.close()
+
+
+def test_a_mirror_batch_begins_each_range_in_the_write_intent_log_only_when_marked(tmp_path):
+    """A WRITE batch of a mirror begins each command's regions in the write-intent log, only
+    when they are marked on disk already (no save, no wait): the first range of an unmarked
+    region stops it. Begun regions are in flight until ``end_fast_writes`` - a checkpoint's
+    clean leaves them marked - and clean afterwards."""
+    vol, _, _ = make_volume(tmp_path, 2)
+    try:
+        wil = vol._wil
+        legs = tuple(img.storage for img in vol._images)
+        rb = (1 << wil.region_shift) // BS    # the first block of region 1
+        assert rb + 8 <= vol.num_blocks
+        tok = wil.begin(0, BS)                # region 0 marked on disk (a Python write)
+        wil.end(tok)
+        token = vol.begin_fast_writes()
+        assert vol.lock_fast(token, [(0, 8), (8, 8), (rb, 8), (16, 8)]) == 2
+        assert len(token.begun) == 2
+        assert wil.clean(wil.ticket()) == 0    # in flight: not cleared
+        assert wil.bitmap.all_dirty(0, BS)
+        vol.end_fast_writes(token, legs, 2, 16 * BS)
+        assert not vol.locks._held and vol._epoch.inflight == 0
+        assert wil.clean(wil.ticket()) == 1 and not wil.bitmap.all_dirty(0, BS)
+        assert all(st.stats["writes"] >= 2 for st in legs)
     finally:
         vol.close()
 
@@ -418,7 +456,8 @@ def test_a_write_protected_lu_answers_data_protect(lab, tmp_path):
 
 @pytest.mark.parametrize("how", ["split", "failed"])
 def test_a_mirror_and_a_split_or_degraded_mirror_write_on_the_python_path(lab, tmp_path, how):
-    """Two images: each write goes to both and to the write-intent log. After image 0 is split
+    """Two images: each write goes to both and to the write-intent log; the first to a region
+    the log does not mark is the Python path's (it saves the log). After image 0 is split
     off (or fails), one image is written but the split (failed) image's change bitmap must mark
     every write, so that resync copies only those (split rule 5): still the Python path, and
     the bitmap marks it; the split image keeps T."""
@@ -696,3 +735,123 @@ def test_a_compiled_large_read_that_stalls_hands_the_ring_over(lab, tmp_path, mo
     c = emu.wait([rid], timeout=10)[rid]
     assert c.status == 0 and c.data_in == data[:1024 * BS]
     lun.stop()
+
+
+# -- a mirror's WRITEs ---------------------------------------------------------------------------
+
+def _mirror_lun(lab, tmp_path, seed):
+    """A 2-image LUN after its initial resync whose first 64 blocks hold random data written
+    through the ring (that write saved the write-intent log's mark of its first 1 MiB chunk):
+    (emulator, LunServer, image paths, the data)."""
+    paths = images(tmp_path)
+    emu, lun, _ = lab(f"vol2;images={'+'.join(paths)};intent_chunk=1M")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    data = random.Random(seed).randbytes(64 * BS)
+    wid = emu.submit(cdb10(0x2A, 0, 64), data_out=data)
+    assert emu.wait([wid])[wid].status == 0
+    return emu, lun, paths, data
+
+
+def test_a_mirror_makes_its_writes_to_every_image_on_the_compiled_path(lab, tmp_path):
+    """Once the write-intent log marks a region, a 2-image LUN's WRITEs there are compiled:
+    each lands on both images, byte for byte, and is counted once per image; a batch of 32
+    queued together too. A WRITE to a region not marked yet is the Python path's (it saves the
+    log first), and the next one there is compiled."""
+    from tests.unit.test_daemon_ring import _no_checkpoints
+    emu, lun, paths, data = _mirror_lun(lab, tmp_path, 71)
+    vol = lun.volume
+    _no_checkpoints(vol)
+    vol._wil.clean(vol._wil.ticket())               # a checkpoint: no region marked
+    s0 = [img.storage.stats["writes"] for img in vol._images]
+    new = os.urandom(8 * BS)
+    assert _write(lun, emu, 8, new) == (0, None, False)
+    assert _write(lun, emu, 8, new) == (0, None, True)
+    rnd = random.Random(72)
+    want = bytearray(data)
+    want[8 * BS:16 * BS] = new
+    c0 = lun.compiled_writes
+    ids = []
+    for _ in range(32):
+        lba, n = rnd.randrange(56), rnd.randrange(1, 9)
+        chunk = rnd.randbytes(n * BS)
+        want[lba * BS:(lba + n) * BS] = chunk
+        ids.append(emu.submit(cdb10(0x2A, lba, n), data_out=chunk))
+    done = emu.wait(ids)
+    assert all(done[i].status == 0 for i in ids)
+    assert lun.compiled_writes > c0
+    far = SIZE // BS - 8                             # the log's last chunk: not marked
+    assert _write(lun, emu, far, new) == (0, None, False)
+    assert _write(lun, emu, far, new) == (0, None, True)
+    assert [img.storage.stats["writes"] - w for img, w in zip(vol._images, s0)] == [
+        2 + 32 + 2] * 2
+    for p in paths:
+        with open(p, "rb") as f:
+            image = f.read()
+        assert image[:64 * BS] == bytes(want) and image[far * BS:] == new
+    assert _read(emu, 0, 64) == bytes(want)
+
+
+def test_a_leg_that_refuses_a_write_is_failed_by_the_python_path(lab, tmp_path):
+    """Image 1's descriptor stops taking writes (EBADF: a read-only descriptor put in its
+    place): the compiled batch stops before that command, the Python path writes it again,
+    fails image 1 (its changes tracked from then on) and answers GOOD from image 0; the LUN's
+    writes then go on, on the Python path (a change is tracked), to image 0."""
+    emu, lun, paths, data = _mirror_lun(lab, tmp_path, 73)
+    vol = lun.volume
+    new = os.urandom(8 * BS)
+    assert _write(lun, emu, 8, new) == (0, None, True)
+    st = vol._images[1].storage
+    ro = os.open(paths[1], os.O_RDONLY)
+    try:
+        os.dup2(ro, st.fd)
+    finally:
+        os.close(ro)
+    other = os.urandom(8 * BS)
+    status, sense, _ = _write(lun, emu, 16, other)
+    assert (status, sense) == (0, None)
+    assert vol._images[1].state is ImageState.FAILED
+    assert vol._images[1].bitmap.all_dirty(16 * BS, 8 * BS)
+    assert _write(lun, emu, 24, new) == (0, None, False)
+    with open(paths[0], "rb") as f:
+        image = f.read()
+    assert image[8 * BS:32 * BS] == new + other + new
+    assert _read(emu, 16, 8) == other
+
+
+def test_a_split_waits_for_a_stalled_mirror_batch_and_keeps_its_write(lab, tmp_path,
+                                                                      monkeypatch):
+    """Split rules 1-3 with a compiled batch in flight: a mirror's WRITE batch stalls inside
+    its write; a split of image 0 begun meanwhile waits for it (the batch entered the split
+    epoch before it took its commands), while the LUN goes on answering (the watchdog handed
+    the ring over). Once the write returns the split ends, and the split image holds the
+    write begun before T; a WRITE after T goes to image 1 only, on the Python path (the split
+    image's changes are tracked)."""
+    from tests.unit.test_daemon_ring import _no_checkpoints
+    monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
+    emu, lun, paths, data = _mirror_lun(lab, tmp_path, 74)
+    vol = lun.volume
+    _no_checkpoints(vol)
+    gate, entered = _stall_run_batch(monkeypatch)
+    before = os.urandom(8 * BS)
+    wid = emu.submit(cdb10(0x2A, 8, 8), data_out=before)
+    assert entered.wait(10)
+    t, box = run_thread(lambda: vol.split(0))
+    time.sleep(0.5)
+    assert t.is_alive()                           # waits for the batch begun before T
+    tur = emu.submit(bytes(6))
+    assert emu.wait([tur], timeout=10)[tur].status == 0
+    assert lun.handovers == 1
+    gate.set()
+    assert emu.wait([wid], timeout=10)[wid].status == 0
+    t.join(10)
+    assert not t.is_alive() and "error" not in box
+    assert vol._images[0].state is ImageState.SPLIT
+    after = os.urandom(8 * BS)
+    assert _write(lun, emu, 16, after) == (0, None, False)
+    with open(paths[0], "rb") as f:
+        split = f.read(24 * BS)
+    with open(paths[1], "rb") as f:
+        live = f.read(24 * BS)
+    assert split == data[:8 * BS] + before + data[16 * BS:24 * BS]
+    assert live == data[:8 * BS] + before + after

@@ -475,6 +475,7 @@ def test_a_lone_write_never_waits_for_another_threads_log_save(lab, tmp_path, mo
     bit, but while another thread's save holds the log's save lock (a checkpoint clearing bits,
     another writer) the WRITE goes to a worker: the ring thread answers meanwhile (a trial
     found it waiting for the other save, 2026-12-02)."""
+    _python_path_writes(monkeypatch)
     from lvmirror.daemon import lunserver
     monkeypatch.setattr(lunserver, "INLINE_STALL", 30.0)   # no hand-over hides a blocked ring
     monkeypatch.setattr(lunserver, "INLINE_SLOW", 30.0)
@@ -516,6 +517,7 @@ def test_a_lone_write_is_run_by_the_ring_thread_and_a_held_range_goes_to_the_poo
     device wait: nothing else waits for the ring thread meanwhile); a WRITE whose range other
     I/O holds (here a region lock, as the D-Bus interface grants) goes to a worker and waits
     there, and the ring thread goes on answering other commands."""
+    _python_path_writes(monkeypatch)
     import time
     from lvmirror.daemon import lunserver
     monkeypatch.setattr(lunserver, "INLINE_SLOW", 30.0)     # a loaded test host is not slow
@@ -613,6 +615,14 @@ def test_writes_at_queue_depth_32_are_run_by_the_ring_thread(lab, tmp_path, monk
     assert emu.wait([waiting])[waiting].status == 0
 
 
+def _python_path_writes(monkeypatch):
+    """WRITEs on the Python path (``LVMIRROR_COMPILED_WRITES=0``): what the tests of the ring
+    thread's own WRITEs check; the compiled path's batches have the same tests of their own
+    (``test_compiled_writes.py``: the stall tests)."""
+    from lvmirror.daemon import lunserver
+    monkeypatch.setattr(lunserver, "COMPILED_WRITES", False)
+
+
 def _region0_marked(lab, tmp_path):
     """A 2-image LUN after its initial resync, with no background checkpoint, whose first
     region the write-intent log marks (a WRITE there may run on the ring thread). Returns
@@ -650,6 +660,7 @@ def test_a_ring_thread_stuck_in_a_write_hands_the_ring_over(lab, tmp_path, monke
     ring thread, which answers the other commands; WRITEs go to the pool while the stuck one
     has not returned; once it returns its completion reaches the initiator, good, with the data
     on every image, and the LUN stops cleanly."""
+    _python_path_writes(monkeypatch)
     import threading
     import time
     from lvmirror.daemon import lunserver
@@ -725,6 +736,7 @@ def test_a_ring_thread_stuck_after_the_lun_was_idle_is_still_handed_over(
     watchdog sleeps (next follow in 30 s): the ring thread woke it when it began the command,
     so the ring is handed over after INLINE_STALL as always and a TEST UNIT READY behind the
     stuck WRITE is answered in seconds, not after the follow interval."""
+    _python_path_writes(monkeypatch)
     import time
     from lvmirror.daemon import lunserver
     monkeypatch.setattr(lunserver, "ALUA_FOLLOW_INTERVAL", 30.0)
@@ -750,6 +762,7 @@ def test_the_stuck_thread_returning_does_not_blind_the_watchdog_to_the_new_one(
     inside a command that stalls (a READ here): the returning thread must not clear the new
     thread's start time, or the watchdog never sees the second stall and the ring waits for
     it (a TEST UNIT READY took 2.95 s instead of about 0.3 s)."""
+    _python_path_writes(monkeypatch)
     import threading
     import time
     paths = images(tmp_path)
@@ -805,6 +818,7 @@ def test_a_new_ring_thread_that_cannot_start_is_reported_and_stop_still_returns(
         lab, tmp_path, monkeypatch):
     """The watchdog's new ring thread cannot be started (no thread to be had): the LUN says
     why it answers no more (status ``error``, logged as critical), and stopping it returns."""
+    _python_path_writes(monkeypatch)
     import threading
     emu, lun, _ = _region0_marked(lab, tmp_path)
     gate, entered = _stall_ring_writes(monkeypatch, lun.volume.image_storage(0))
