@@ -178,8 +178,9 @@ INLINE_BACKOFF = 5.0
 # environment turns it off (the Python path then answers them as before); so does a tree whose
 # module was not built.
 COMPILED_READS = _fastread is not None and os.environ.get("LVMIRROR_COMPILED_READS", "1") != "0"
-# The same path makes the WRITEs of a volume that writes one image and tracks no change (a
-# one-image volume: ``MirrorVolume.fast_write_source``), releasing the GIL for the writes.
+# The same path makes the WRITEs of a volume whose images are all in sync and whose changes no
+# split or failed image tracks (``MirrorVolume.fast_write_source``), to each image, releasing
+# the GIL and the ring's lock for the writes.
 # LVMIRROR_COMPILED_WRITES=0 leaves them to the Python path.
 COMPILED_WRITES = (_fastread is not None
                    and os.environ.get("LVMIRROR_COMPILED_WRITES", "1") != "0")
@@ -196,10 +197,10 @@ COMPILED_READS_RETRY = 0.1
 # conditions of each kind (``(obj, attribute, kind, value)`` rows: ``tcmu._fastread``).
 # READs over ``max_read`` and up to ``max_big_read`` are read without the GIL under the
 # volume's ``begin_fast_reads``; ``wbusy`` is the busy condition of both unlocked batches (the
-# region lock taken is their own).
+# region lock taken is their own); ``rfds``/``wfds`` the descriptors they read and write.
 _Armed = collections.namedtuple("_Armed", "storage target num_blocks block_size max_read max_write "
                                           "max_blocks checks busy wstorage wchecks wbusy "
-                                          "max_big_read")
+                                          "max_big_read rfds wfds")
 _CHECK_KINDS = ({"is": _fastread.CHECK_IS, "falsy": _fastread.CHECK_FALSY,
                  "eq": _fastread.CHECK_EQ} if _fastread is not None else {})
 
@@ -776,7 +777,8 @@ class LunServer:
         big = min(COMPILED_READ_MAX, most) if hasattr(target, "begin_fast_reads") else 0
         return _Armed(storage, target, backend.num_blocks, backend.block_size,
                       min(INLINE_READ_MAX, most), min(COMPILED_WRITE_MAX, most),
-                      lu.max_accept_blocks, checks, busy, wstorage, wchecks, hold, big)
+                      lu.max_accept_blocks, checks, busy, wstorage, wchecks, hold, big,
+                      (storage.fd,), tuple(st.fd for st in wstorage) if wstorage else None)
 
     def _compiled_reads(self, gen: int) -> tuple[int | None, bool]:
         """Let the compiled path answer the commands at the head of the ring it may answer, as
@@ -859,11 +861,9 @@ class LunServer:
         command's range locked shared (``lock_fast``: no write to it meanwhile) and
         ``end_fast_reads``. A READ not read whole (not all in memory) is the Python path's.
         Returns what ``_unlocked_batch`` returns."""
-        target, storage = fast.target, fast.storage
-        return self._unlocked_batch(
-            fast, gen, False, (storage.fd,), rwf, fast.max_big_read, fast.checks,
-            target.begin_fast_reads(),
-            lambda token, n, nbytes: target.end_fast_reads(token, storage, n, nbytes))
+        target = fast.target
+        return self._unlocked_batch(fast, gen, False, fast.rfds, rwf, fast.max_big_read,
+                                    fast.checks, target.begin_fast_reads())
 
     def _count_compiled_reads(self, n: int, t0: float) -> None:
         """Count ``n`` READs the compiled path answered in one call begun at ``t0``
@@ -882,26 +882,23 @@ class LunServer:
         write) is the Python path's, which writes it again and reports it; a batch that took
         longer than INLINE_SLOW sends every WRITE to the pool for INLINE_BACKOFF seconds, as
         ``_run_inline`` does. Returns what ``_unlocked_batch`` returns."""
-        target, legs = fast.target, fast.wstorage
-        return self._unlocked_batch(
-            fast, gen, True, tuple(st.fd for st in legs), 0, fast.max_write, fast.wchecks,
-            target.begin_fast_writes(),
-            lambda token, n, nbytes: target.end_fast_writes(token, legs, n, nbytes))
+        return self._unlocked_batch(fast, gen, True, fast.wfds, 0, fast.max_write,
+                                    fast.wchecks, fast.target.begin_fast_writes())
 
     def _unlocked_batch(self, fast, gen: int, writes: bool, fds: tuple, rwf: int,
-                        max_bytes: int, checks: tuple, token, end) -> tuple[int | None, int]:
+                        max_bytes: int, checks: tuple, token) -> tuple[int | None, int]:
         """One batch of the WRITEs (``writes``) or large READs at the ring's head, with their
         I/O made WITHOUT the GIL and WITHOUT the ring's lock, as a command the ring thread
         (generation ``gen``) runs itself. ``token``: the volume's epoch entered for it
         (``begin_fast_writes``/``begin_fast_reads``), before its conditions ``checks`` are read.
         ``_fastread.take_batch`` takes the commands under the ring's lock
-        (``CommandRing.take_fast``: fetched, outstanding); the volume locks each one's range
-        (``lock_fast``, never waiting); ``run_batch`` makes the I/O of those locked on the
-        descriptors ``fds`` (preadv2 flags ``rwf`` for READs) while the watchdog watches
-        (``_inline_t0``); ``complete_batch`` answers GOOD those done whole (none when a
-        ``fast.wbusy`` condition - a group split's hold - began meanwhile); ``end(token, n,
-        nbytes)`` counts them, leaves the epoch and releases the locks. The others become
-        Commands for the worker pool, which makes their I/O again and reports what fails.
+        (``CommandRing.take_fast``: fetched, outstanding); the volume locks them (``lock_fast``,
+        never waiting); ``run_batch`` makes the I/O of those locked on the descriptors ``fds``
+        (preadv2 flags ``rwf`` for READs) while the watchdog watches (``_inline_t0``);
+        ``complete_batch`` answers GOOD those done whole (none when a ``fast.wbusy`` condition -
+        a group split's hold - began meanwhile); ``end_fast_writes``/``end_fast_reads`` count
+        them, leave the epoch and release the locks. The others become Commands for the worker
+        pool, which makes their I/O again and reports what fails.
 
         When the I/O stalls past INLINE_STALL the watchdog hands the ring to a new ring thread
         (``_hand_over``), which fetches and answers the LUN's other commands meanwhile (I/O to
@@ -915,13 +912,14 @@ class LunServer:
         t0 = 0.0
         lost = False
         try:
-            taken, why, packed = ring.take_fast(
+            taken, why, packed, first, blocks = ring.take_fast(
                 _fastread.take_batch, fast.num_blocks, fast.block_size, max_bytes,
                 fast.max_blocks, _fastread.MAX_WRITES, checks, fast.wbusy, writes,
                 fast.max_big_read if writes else fast.max_write)
             if taken:
-                locked = fast.target.lock_fast(token, ring.taken_ranges(packed,
-                                                                        fast.block_size))
+                locked = fast.target.lock_fast(
+                    token, taken, first, blocks,
+                    lambda: ring.taken_ranges(packed, fast.block_size))
                 t0 = self._inline_t0 = time.monotonic()
                 if self._watch_idle:         # (read after _inline_t0 is set: see _watch)
                     self._watch_idle = False
@@ -942,8 +940,13 @@ class LunServer:
                                                      time.monotonic() + INLINE_BACKOFF)
                     completed, nbytes = ring.complete_taken(_fastread.complete_batch, packed,
                                                             done, fast.wbusy, lost)
-            finally:
-                end(token, completed, nbytes if completed else 0)    # the locks, the epoch
+            finally:                                # the locks, the epoch
+                if writes:
+                    fast.target.end_fast_writes(token, fast.wstorage, completed,
+                                                nbytes if completed else 0)
+                else:
+                    fast.target.end_fast_reads(token, fast.storage, completed,
+                                               nbytes if completed else 0)
             if taken and completed < taken:
                 rest = ring.taken_commands(packed, completed, t0)
                 self.commands += len(rest)

@@ -194,7 +194,7 @@ def render(status: dict, now: float | None = None) -> str:
                [({"lun": lun["name"]}, lun["compiled_reads"]) for lun in luns
                 if "compiled_reads" in lun])
     out.metric("lvmirror_lun_compiled_writes_total", "counter",
-               "WRITEs of those the ring thread's compiled path made (a one-image volume's)",
+               "WRITEs of those the ring thread's compiled path made",
                [({"lun": lun["name"]}, lun["compiled_writes"]) for lun in luns
                 if "compiled_writes" in lun])
     out.metric("lvmirror_lun_ring_stalls_total", "counter",

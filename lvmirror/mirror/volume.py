@@ -1162,43 +1162,64 @@ class MirrorVolume:
         GIL: the current split epoch entered (a split, an attach, a detach or an image failure
         that switches the epoch waits for ``end_fast_writes``, as for any write in flight;
         the batch's conditions, read after this, name the epoch, so a switch in between makes
-        it take nothing). Each command's range is then locked with ``lock_fast``. Returns the
-        token for ``lock_fast`` and ``end_fast_writes``."""
+        it take nothing). Its commands are then locked with ``lock_fast``. Returns the token
+        for ``lock_fast`` and ``end_fast_writes``."""
         ep = self._enter()
         # (as _write_locked: several legs may differ after a crash, so the log records them)
         return _FastToken(ep, False, self._wil if len(ep.writes) > 1 else None)
 
     def begin_fast_reads(self):
         """``begin_fast_writes`` for the compiled READ path that reads without the GIL
-        (``_fastread.run_batch``, READs over the GIL-held path's size): its ranges are locked
+        (``_fastread.run_batch``, READs over the GIL-held path's size): its commands are locked
         SHARED - other reads run beside them, a write, a resync's copy or a D-Bus client's
         exclusive lock on them waits for ``end_fast_reads`` (no write lands in a range being
         read: the overlapping-I/O rule)."""
         return _FastToken(self._enter(), True, None)
 
-    def lock_fast(self, token, ranges) -> int:
-        """Lock each ``(first block, blocks)`` of ``ranges`` for the batch of ``token``
-        (``begin_fast_writes``: exclusive; ``begin_fast_reads``: shared), in order, each only if
-        the region lock manager grants it now (``try_lock``: no conflicting lock held, none
-        awaited before it - the overlapping-I/O rule, first come first served); for a WRITE
-        batch of several legs, also begin it in the write-intent log, only if its regions are
+    def lock_fast(self, token, taken: int, first: int, blocks: int, ranges) -> int:
+        """Lock the ``taken`` commands of a batch for ``token`` (``begin_fast_writes``:
+        exclusive; ``begin_fast_reads``: shared), never waiting: the region lock manager grants
+        a lock only when no conflicting lock is held or awaited before it (``try_lock``: the
+        overlapping-I/O rule, first come first served). First one lock over the blocks
+        ``[first, first + blocks)`` the batch covers (one lock a batch: a lock is Python's cost,
+        and at queue depth 1 the lab's emulated CPU made every microsecond of it count);
+        refused, one over each command's range in turn (``ranges()``: their ``(first block,
+        blocks)``, asked for only then), up to the first refused. For a WRITE batch of several
+        legs, the same for the write-intent log: the cover, else each command, begun only when
         marked on disk already (``WriteIntentLog.begin(nowait=True)``: no save, no wait; the
         regions stay in flight, so no checkpoint clears them, until ``end_fast_writes``).
-        Stops at the first range it does not grant or begin. Returns how many it took: the
-        batch makes those commands, the Python path the others (the first write to an unmarked
-        region saves the log there). ``end_fast_writes``/``end_fast_reads`` release them."""
-        try_lock, shared, held = self.locks.try_lock, token.shared, token.locks
-        wil = token.wil
-        if wil is not None:
+        Returns how many commands, from the first, it took: the batch makes those, the Python
+        path the others (the first write to an unmarked chunk saves the log).
+        ``end_fast_writes``/``end_fast_reads`` release them."""
+        shared, held, wil = token.shared, token.locks, token.wil
+        lk = self.locks.try_lock(first, blocks, shared=shared)
+        if lk is not None:
+            held.append(lk)
+            if wil is None:
+                return taken
             bs = self.block_size
-            begun = token.begun
-        for start, count in ranges:
+            try:
+                token.begun.append(wil.begin(first * bs, blocks * bs, nowait=True))
+                return taken
+            except WouldBlock:
+                pass
+            k = 0
+            for start, count in ranges():
+                try:
+                    token.begun.append(wil.begin(start * bs, count * bs, nowait=True))
+                except WouldBlock:
+                    break
+                k += 1
+            return k
+        try_lock = self.locks.try_lock
+        bs = self.block_size
+        for start, count in ranges():
             lk = try_lock(start, count, shared=shared)
             if lk is None:
                 break
             if wil is not None:
                 try:
-                    begun.append(wil.begin(start * bs, count * bs, nowait=True))
+                    token.begun.append(wil.begin(start * bs, count * bs, nowait=True))
                 except WouldBlock:
                     lk.release()
                     break

@@ -412,7 +412,7 @@ struct taken_iov {
 PyDoc_STRVAR(take_batch_doc,
 "take_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, num_blocks, block_size,\n"
 "           max_bytes, max_blocks, max_commands, checks, busy, writes, other_bytes=0)\n"
-"    -> (fetch, taken, pads, why, packed)\n"
+"    -> (fetch, taken, pads, why, packed, first, blocks)\n"
 "\n"
 "TAKE the consecutive WRITE(10)/WRITE(16) commands without FUA (`writes` true) or\n"
 "READ(10)/READ(16) commands (false) from ring offset `fetch` (bytes) on, in ring order, up to\n"
@@ -429,7 +429,8 @@ PyDoc_STRVAR(take_batch_doc,
 "Returns the new fetch cursor, the commands taken, the PAD entries skipped, why it stopped\n"
 "(0 cmd_head reached, 1 an entry neither path's batch answers - one of its own kind over\n"
 "`max_bytes` too - 2/3 a `checks`/`busy` condition, 5 a WRITE next or the WRITE batch is full\n"
-"(call again), 7 a READ next, 8 the READ batch is full) and `packed`. The other kind's\n"
+"(call again), 7 a READ next, 8 the READ batch is full), `packed`, and the blocks the\n"
+"commands cover (`first`, `blocks`: 0, 0 for none). The other kind's\n"
 "commands are parsed up to `other_bytes` (bytes), so that one up to that size stops it with 5\n"
 "or 7 rather than 1. TypeError/ValueError for malformed arguments.");
 
@@ -465,7 +466,7 @@ take_batch(PyObject *Py_UNUSED(self), PyObject *args)
     struct rw_cmd cmds[MAX_WRITES];
     struct iovec pool[BATCH_IOVECS];
     uint32_t n = 0, cur = fetch, used = 0;
-    uint64_t batch_bytes = 0;
+    uint64_t batch_bytes = 0, lo = 0, hi = 0;   /* the blocks [lo, hi) the commands cover */
     Py_ssize_t pads = 0;
     while (why == STOP_HEAD && cur != head) {
         if (n == max_commands) {
@@ -497,6 +498,11 @@ take_batch(PyObject *Py_UNUSED(self), PyObject *args)
         used += cmds[n].iov_cnt;
         batch_bytes += cmds[n].want;
         cur = (cur + cmds[n].length) % cmdr_size;
+        uint64_t end = cmds[n].lba + cmds[n].want / block_size;
+        if (n == 0 || cmds[n].lba < lo)
+            lo = cmds[n].lba;
+        if (end > hi)
+            hi = end;
         n++;
     }
     Py_ssize_t size = sizeof(struct taken_hdr) + (Py_ssize_t)n * sizeof(struct taken)
@@ -533,7 +539,7 @@ take_batch(PyObject *Py_UNUSED(self), PyObject *args)
         first += c->iov_cnt;
     }
     PyBuffer_Release(&ring);
-    return Py_BuildValue("(IIniN)", cur, n, pads, why, packed);
+    return Py_BuildValue("(IIniNKK)", cur, n, pads, why, packed, lo, hi - lo);
 }
 
 /* The header and records of `packed` (take_batch's), checked against the map's data area:

@@ -360,10 +360,11 @@ class CommandRing:
         caller makes the rest Commands (``taken_commands``) for the Python path. No I/O here:
         the caller makes it with ``run_taken``, without the ring's lock, so a ring thread that
         takes over from a stuck one fetches and completes meanwhile. Returns ``(taken, why,
-        packed)``: how many it took, why it stopped (``_fastread``'s STOP_*) and take_batch's
-        description of them (bytes). ValueError/TypeError for malformed arguments."""
+        packed, first, blocks)``: how many it took, why it stopped (``_fastread``'s STOP_*),
+        take_batch's description of them (bytes) and the blocks ``[first, first + blocks)``
+        they cover. ValueError/TypeError for malformed arguments."""
         with self._lock:
-            fetch, taken, pads, why, packed = take_batch(
+            fetch, taken, pads, why, packed, first, blocks = take_batch(
                 self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
                 self._fetch, num_blocks, block_size, max_bytes, max_blocks, max_commands,
                 checks, busy, writes, other_bytes)
@@ -374,7 +375,7 @@ class CommandRing:
             st["pads"] += pads
             if self._outstanding == 0 and pads:
                 self._retire_idle_locked()
-        return taken, why, packed
+        return taken, why, packed, first, blocks
 
     def run_taken(self, run_batch, packed: bytes, count: int, fds: tuple, rwf: int,
                   writes: bool):

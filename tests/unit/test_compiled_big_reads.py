@@ -20,7 +20,7 @@ from lvmirror.tcmu import abi
 from lvmirror.tcmu.emulator import RingEmulator
 from lvmirror.tcmu.ring import CommandRing
 from tests.unit.test_compiled_reads import Obj, _compiled, _require_compiled, reap, ring_on_image, unlocked
-from tests.unit.test_compiled_writes import _one_image_lun, _write
+from tests.unit.test_compiled_writes import _lock, _one_image_lun, _write
 from tests.unit.test_daemon_ring import BS, _lun_with_data, cdb10, images, lab  # noqa: F401
 from tests.unit.test_volume_helpers import make_volume, run_thread
 
@@ -225,13 +225,14 @@ def test_an_unlocked_write_batch_makes_1_mib_writes(tmp_path):
 def test_begin_fast_reads_holds_the_epoch_and_shares_each_commands_range(tmp_path):
     """What the unlocked READ batch reads inside: the split epoch entered (closing the volume
     - as a split or an image failure switching the epoch - waits for ``end_fast_reads``) and a
-    SHARED region lock over each command's range (``lock_fast``: other reads run beside them,
-    no write to them; a range a write holds is not granted)."""
+    SHARED region lock over the blocks its commands cover, or, when a write holds some of
+    them, over each command's range (``lock_fast``: other reads run beside them, no write to
+    them; a range a write holds is not granted)."""
     vol, _, _ = make_volume(tmp_path, 2)
     st = vol._images[0].storage
     write = vol.locks.lock(300, 8)                                   # a write in flight
     token = vol.begin_fast_reads()
-    assert vol.lock_fast(token, [(0, 64), (100, 64), (296, 8), (500, 8)]) == 2
+    assert _lock(vol, token, [(0, 64), (100, 64), (296, 8), (500, 8)]) == 2
     write.release()
     assert vol.locks.try_lock(0, 1) is None                         # a write waits
     assert vol.locks.try_lock(163, 1) is None
@@ -243,7 +244,7 @@ def test_begin_fast_reads_holds_the_epoch_and_shares_each_commands_range(tmp_pat
     elsewhere.release()
     assert vol._epoch.inflight == 1
     second = vol.begin_fast_reads()                                  # nor another batch
-    assert vol.lock_fast(second, [(0, 64)]) == 1
+    assert _lock(vol, second, [(0, 64)]) == 1
     vol.end_fast_reads(second, st, 0, 0)
     t, box = run_thread(vol.close)
     time.sleep(0.3)

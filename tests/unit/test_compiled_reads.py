@@ -83,7 +83,7 @@ def unlocked(r, fds, writes, *, rwf=0, num_blocks=(1 << 20) // BS, max_bytes=64 
     was not done whole and STOP_BUSY when ``busy`` held at completion."""
     from lvmirror.tcmu import _fastread as fastread
     fds = (fds,) if isinstance(fds, int) else tuple(fds)
-    taken, why, packed = r.take_fast(fastread.take_batch, num_blocks, BS, max_bytes,
+    taken, why, packed, _, _ = r.take_fast(fastread.take_batch, num_blocks, BS, max_bytes,
                                      max_blocks, max_commands, checks, busy, writes,
                                      other_bytes)
     completed = nbytes = err = 0

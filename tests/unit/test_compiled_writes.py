@@ -195,8 +195,10 @@ def test_malformed_arguments_raise_and_write_nothing(ring):
         fastread.take_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off, r.map_size, 0,
                             100, BS, 4096, 8, 64, ((1, 2),), (), True)
     # a real description, then forged ones
-    _, _, _, _, packed = fastread.take_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off,
-                                             r.map_size, 0, 100, BS, 4096, 8, 64, (), (), True)
+    got = fastread.take_batch(r._mv, r.cmdr_off, r.cmdr_size, r.data_off, r.map_size, 0, 100,
+                              BS, 4096, 8, 64, (), (), True)
+    packed = got[4]
+    assert got[1] == 1 and got[5:] == (0, 1)     # one command, covering block 0
     rec_at = 8 + 48                              # the first iovec, after the header and record
     outside = packed[:rec_at] + struct.pack("=QQ", r.cmdr_off, BS)
     too_long = packed[:rec_at] + struct.pack("=QQ", r.map_size - 8, BS)
@@ -255,19 +257,37 @@ def test_it_releases_the_gil_while_it_writes(ring):
     assert set(reap(emu, ids)) == set(ids)
 
 
-def test_begin_fast_writes_holds_the_epoch_and_locks_each_commands_range(tmp_path):
+def _lock(vol, token, ranges):
+    """``lock_fast`` for the commands of ``ranges`` (``(first block, blocks)`` each), with the
+    cover ``take_batch`` gives."""
+    first = min(a for a, _ in ranges)
+    return vol.lock_fast(token, len(ranges), first, max(a + n for a, n in ranges) - first,
+                         lambda: ranges)
+
+
+def test_begin_fast_writes_holds_the_epoch_and_locks_the_batchs_blocks(tmp_path):
     """What the compiled path writes inside: the split epoch entered (closing the volume - as a
     split or an image failure switching the epoch - waits for ``end_fast_writes``) and an
-    exclusive region lock over each command's range (``lock_fast``), granted in order up to
-    the first range another lock holds or awaits - I/O elsewhere goes on meanwhile."""
+    exclusive region lock over the blocks its commands cover (``lock_fast``); when another lock
+    holds some of them, one over each command's range in turn, up to the first refused - I/O
+    elsewhere goes on meanwhile."""
     vol, _, paths = make_volume(tmp_path, 1)
     st = vol._images[0].storage
     source = vol.fast_write_source()
     assert source is not None and source[0] == (st,)
-    other = vol.locks.lock(40, 8)                       # a write in flight on the Python path
     token = vol.begin_fast_writes()
     assert vol._epoch.inflight == 1
-    assert vol.lock_fast(token, [(0, 8), (16, 8), (44, 1), (60, 4)]) == 2
+    assert _lock(vol, token, [(0, 8), (16, 8)]) == 2             # one lock: [0, 24)
+    assert len(token.locks) == 1
+    assert vol.locks.try_lock(0, 1) is None and vol.locks.try_lock(10, 1) is None
+    free = vol.locks.try_lock(24, 8)
+    assert free is not None
+    free.release()
+    vol.end_fast_writes(token, (st,), 0, 0)
+    assert not vol.locks._held
+    other = vol.locks.lock(40, 8)                       # a write in flight on the Python path
+    token = vol.begin_fast_writes()
+    assert _lock(vol, token, [(0, 8), (16, 8), (44, 1), (60, 4)]) == 2
     assert vol.locks.try_lock(0, 1) is None and vol.locks.try_lock(23, 1) is None
     free = vol.locks.try_lock(8, 8)                     # between them: free
     assert free is not None
@@ -285,13 +305,19 @@ def test_begin_fast_writes_holds_the_epoch_and_locks_each_commands_range(tmp_pat
     assert not vol.locks._held and token.locks == []
 
 
-def test_a_batchs_overlapping_commands_lock_only_the_first(tmp_path):
-    """Two commands of one batch on the same blocks: the second is not granted (it waits, on
-    the Python path, for the first's lock), nor is anything after it."""
+def test_a_batchs_overlapping_commands_lock_only_the_first_when_the_cover_is_refused(tmp_path):
+    """With the cover refused (a lock elsewhere inside it), two commands of one batch on the
+    same blocks: the second is not granted (it waits, on the Python path, for the first's lock),
+    nor is anything after it. Under a granted cover they are written in ring order."""
     vol, _, _ = make_volume(tmp_path, 1)
     try:
+        other = vol.locks.lock(150, 1)
         token = vol.begin_fast_writes()
-        assert vol.lock_fast(token, [(0, 8), (100, 1), (4, 8), (200, 1)]) == 2
+        assert _lock(vol, token, [(0, 8), (100, 1), (4, 8), (200, 1)]) == 2
+        vol.end_fast_writes(token, (vol._images[0].storage,), 0, 0)
+        other.release()
+        token = vol.begin_fast_writes()
+        assert _lock(vol, token, [(0, 8), (100, 1), (4, 8), (200, 1)]) == 4
         vol.end_fast_writes(token, (vol._images[0].storage,), 0, 0)
         assert not vol.locks._held and vol._epoch.inflight == 0
     finally:
@@ -321,9 +347,9 @@ def test_a_mirror_offers_its_legs_until_a_change_is_tracked(tmp_path):
 
 
 def test_a_mirror_batch_begins_each_range_in_the_write_intent_log_only_when_marked(tmp_path):
-    """A WRITE batch of a mirror begins each command's regions in the write-intent log, only
-    when they are marked on disk already (no save, no wait): the first range of an unmarked
-    region stops it. Begun regions are in flight until ``end_fast_writes`` - a checkpoint's
+    """A WRITE batch of a mirror begins its regions in the write-intent log (the cover, else
+    each command's), only when they are marked on disk already (no save, no wait): the first
+    range of an unmarked region stops it. Begun regions are in flight until ``end_fast_writes`` - a checkpoint's
     clean leaves them marked - and clean afterwards."""
     vol, _, _ = make_volume(tmp_path, 2)
     try:
@@ -334,8 +360,8 @@ def test_a_mirror_batch_begins_each_range_in_the_write_intent_log_only_when_mark
         tok = wil.begin(0, BS)                # region 0 marked on disk (a Python write)
         wil.end(tok)
         token = vol.begin_fast_writes()
-        assert vol.lock_fast(token, [(0, 8), (8, 8), (rb, 8), (16, 8)]) == 2
-        assert len(token.begun) == 2
+        assert _lock(vol, token, [(0, 8), (8, 8), (rb, 8), (16, 8)]) == 2
+        assert len(token.begun) == 2 and len(token.locks) == 1     # the cover, then each
         assert wil.clean(wil.ticket()) == 0    # in flight: not cleared
         assert wil.bitmap.all_dirty(0, BS)
         vol.end_fast_writes(token, legs, 2, 16 * BS)
