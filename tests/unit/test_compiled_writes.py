@@ -769,14 +769,8 @@ def _mirror_lun(lab, tmp_path, seed):
     """A 2-image LUN after its initial resync whose first 64 blocks hold random data written
     through the ring (that write saved the write-intent log's mark of its first 1 MiB chunk):
     (emulator, LunServer, image paths, the data)."""
-    paths = images(tmp_path)
-    emu, lun, _ = lab(f"vol2;images={'+'.join(paths)};intent_chunk=1M")
-    for job in lun.volume.jobs.values():
-        assert job.wait(20)
-    data = random.Random(seed).randbytes(64 * BS)
-    wid = emu.submit(cdb10(0x2A, 0, 64), data_out=data)
-    assert emu.wait([wid])[wid].status == 0
-    return emu, lun, paths, data
+    from tests.unit.test_daemon_ring import _lun_with_data
+    return _lun_with_data(lab, tmp_path, seed, ";intent_chunk=1M")
 
 
 def test_a_mirror_makes_its_writes_to_every_image_on_the_compiled_path(lab, tmp_path):

@@ -319,11 +319,12 @@ def test_a_slow_leg_left_behind_does_not_stop_the_ring(lab, tmp_path, monkeypatc
     assert lun._held == [] and lun.error is None
 
 
-def _lun_with_data(lab, tmp_path, seed):
-    """A 2-image LUN after its initial resync whose first 64 blocks hold random data (seeded
-    by ``seed``), written through the ring: (emulator, LunServer, image paths, the data)."""
+def _lun_with_data(lab, tmp_path, seed, options=""):
+    """A 2-image LUN (cfgstring ``options`` added) after its initial resync whose first 64
+    blocks hold random data (seeded by ``seed``), written through the ring: (emulator,
+    LunServer, image paths, the data)."""
     paths = images(tmp_path)
-    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}{options}")
     for job in lun.volume.jobs.values():
         assert job.wait(20)
     data = random.Random(seed).randbytes(64 * BS)
