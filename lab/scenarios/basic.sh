@@ -129,7 +129,7 @@ TC
   # and 1 MiB WRITEs and READs whole (hw_max_sectors=16384 lets them reach lvmirrord uncut, as
   # bench/run's LUNs do): the WRITEs are the Python path's (the compiled path takes 64 KiB at
   # most), the READs (over the GIL-held path's 64 KiB) are read without the GIL under a shared
-  # region lock over each one's range: 8 of 8 counted (more would mean the kernel cut them
+  # region lock over the blocks they cover: 8 of 8 counted (more would mean the kernel cut them
   # into smaller ones)
   local r0 w1 r1
   w0=$(lun_count compiled_writes m1)

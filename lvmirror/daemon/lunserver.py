@@ -9,7 +9,7 @@ there (``_compiled_writes``) to every image of a volume whose images are all in 
 changes no split or failed image tracks, and READs over INLINE_READ_MAX, up to
 COMPILED_READ_MAX (``_compiled_big_reads``), in three steps (``_unlocked_batch``): taken from
 the ring under its lock (``tcmu._fastread.take_batch``), their I/O made with neither the ring's
-lock nor the GIL, each command's range locked (``run_batch``, inside the volume's
+lock nor the GIL, the blocks they cover locked (``run_batch``, inside the volume's
 ``begin_fast_writes``/``begin_fast_reads``, ``lock_fast`` and ``end_fast_*``), and completed
 under the lock again (``complete_batch``); the watchdog watches the I/O as it watches a command
 the ring thread runs itself. On the host's ring emulator
@@ -148,7 +148,7 @@ INLINE_IDLE_MAX = 1 << 20
 
 # The largest READ and WRITE (bytes) the compiled path answers (``_compiled_reads``). READs over
 # INLINE_READ_MAX go to ``_unlocked_batch``, which copies with the GIL released under a shared
-# region lock over each command's range, so the pool's threads still run meanwhile; with
+# region lock over the blocks it covers, so the pool's threads still run meanwhile; with
 # RWF_NOWAIT they never wait for a device. In the kernel lab (2026-12-04) 1 MiB sequential READs
 # at queue depth 8 all went to the pool before, at 0.89-0.93x tcmu-runner's IOPS, and 0.95-1.03x
 # after (README, Performance). WRITEs stay at INLINE_WRITE_MAX: up to 1 MiB gained only
@@ -227,6 +227,25 @@ _INACTIVE_ANSWERED = _ALWAYS_ANSWERED | {scsi.READ_CAPACITY_10, scsi.SERVICE_ACT
 # configfs (the kernel does not tell the handler when ``alua_access_state`` changes).
 ALUA_FOLLOW_INTERVAL = 1.0
 
+
+
+class _Countdown:
+    """Calls ``fn(arg)`` once ``done`` has been called ``n`` times (from any threads)."""
+
+    __slots__ = ("_left", "_mu", "_fn", "_arg")
+
+    def __init__(self, n: int, fn, arg):
+        self._left = n
+        self._mu = threading.Lock()
+        self._fn = fn
+        self._arg = arg
+
+    def done(self) -> None:
+        with self._mu:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._fn(self._arg)
 
 
 class LunServer:
@@ -680,6 +699,8 @@ class LunServer:
                     self._compiled_off = True
                     log.exception("LUN %s: the compiled READ/WRITE path failed; the Python path "
                                   "answers every command from now on", self.name)
+                    if self._gen != gen:
+                        return       # handed over meanwhile: never a second ring thread
                 else:
                     if done is None:
                         return           # handed over: a newer ring thread serves now
@@ -731,6 +752,9 @@ class LunServer:
                 self._handle.notify()
             fresh = False
             if stopping and ring.outstanding == 0:
+                # a stuck thread's last completions may have landed after the notify above
+                if ring.pending_notify and ring.take_notify():
+                    self._handle.notify()
                 break
         self._pool.stop(wait=True)
 
@@ -842,7 +866,8 @@ class LunServer:
                 if not n:
                     break
             elif (why == _fastread.STOP_WRITE and fast.wstorage is not None
-                    and self._fast is not None and self._inline_after <= time.monotonic()):
+                    and self._fast is not None and not self._stuck
+                    and self._inline_after <= time.monotonic()):
                 w, why = self._compiled_writes(fast, gen)
                 if w is None:
                     return None, False           # handed over: a newer ring thread serves
@@ -857,8 +882,8 @@ class LunServer:
         """The READs at the ring's head over ``fast.max_read`` bytes (and up to
         ``fast.max_big_read``; smaller ones after them too), read from the page cache with
         preadv2 flags ``rwf`` (RWF_NOWAIT) by ``_unlocked_batch``, inside the volume's
-        ``begin_fast_reads`` (the epoch entered: no split or image failure meanwhile) with each
-        command's range locked shared (``lock_fast``: no write to it meanwhile) and
+        ``begin_fast_reads`` (the epoch entered: no split or image failure meanwhile) with the
+        blocks they cover locked shared (``lock_fast``: no write to them meanwhile) and
         ``end_fast_reads``. A READ not read whole (not all in memory) is the Python path's.
         Returns what ``_unlocked_batch`` returns."""
         target = fast.target
@@ -877,7 +902,7 @@ class LunServer:
     def _compiled_writes(self, fast, gen: int) -> tuple[int | None, int]:
         """The WRITEs without FUA at the ring's head, made by ``_unlocked_batch`` inside the
         volume's ``begin_fast_writes`` (the epoch entered: a split or image failure waits for
-        them as for any write in flight) with each command's range locked (``lock_fast``) and
+        them as for any write in flight) with the blocks they cover locked (``lock_fast``) and
         ``end_fast_writes``. A WRITE not written whole (an error, a full file system, a short
         write) is the Python path's, which writes it again and reports it; a batch that took
         longer than INLINE_SLOW sends every WRITE to the pool for INLINE_BACKOFF seconds, as
@@ -911,6 +936,7 @@ class LunServer:
         taken = done = nbytes = completed = 0
         t0 = 0.0
         lost = False
+        keep = None
         try:
             taken, why, packed, first, blocks = ring.take_fast(
                 _fastread.take_batch, fast.num_blocks, fast.block_size, max_bytes,
@@ -929,31 +955,44 @@ class LunServer:
                                                      rwf, writes)
         finally:
             try:
-                if taken:
-                    with self._role_mu:
-                        lost = self._gen != gen
-                        if not lost:
-                            self._inline_t0 = 0.0
-                        else:        # WRITEs inline again INLINE_BACKOFF s from now
-                            self._stuck -= 1
-                            self._inline_after = max(self._inline_after,
-                                                     time.monotonic() + INLINE_BACKOFF)
-                    completed, nbytes = ring.complete_taken(_fastread.complete_batch, packed,
-                                                            done, fast.wbusy, lost)
-            finally:                                # the locks, the epoch
-                if writes:
-                    fast.target.end_fast_writes(token, fast.wstorage, completed,
-                                                nbytes if completed else 0)
-                else:
-                    fast.target.end_fast_reads(token, fast.storage, completed,
-                                               nbytes if completed else 0)
-            if taken and completed < taken:
-                rest = ring.taken_commands(packed, completed, t0)
-                self.commands += len(rest)
-                running = self._running
-                for command in rest:
-                    running.add(command.cmd_id)
-                    self._pool.post(self._execute, command)
+                try:
+                    if taken:
+                        with self._role_mu:
+                            lost = self._gen != gen
+                            if not lost:
+                                self._inline_t0 = 0.0
+                            else:        # WRITEs inline again INLINE_BACKOFF s from now
+                                self._stuck -= 1
+                                self._inline_after = max(self._inline_after,
+                                                         time.monotonic() + INLINE_BACKOFF)
+                        completed, nbytes = ring.complete_taken(_fastread.complete_batch, packed,
+                                                                done, fast.wbusy, lost)
+                finally:                                # the locks, the epoch
+                    if writes:
+                        # a command written to some legs and not others leaves them different:
+                        # its write-intent log marks stay in flight (no checkpoint clears them)
+                        # until the pool has written the commands again (_execute_then)
+                        if token.begun and done < taken:
+                            keep, token.begun = token.begun, []
+                        fast.target.end_fast_writes(token, fast.wstorage, completed,
+                                                    nbytes if completed else 0)
+                    else:
+                        fast.target.end_fast_reads(token, fast.storage, completed,
+                                                   nbytes if completed else 0)
+            finally:      # (on an error too: never a taken command left unanswered)
+                if taken and completed < taken:
+                    rest = ring.taken_commands(packed, completed, t0)
+                    self.commands += len(rest)
+                    running = self._running
+                    after = None
+                    if keep:
+                        after = _Countdown(len(rest), fast.target.end_fast_intents, keep)
+                    for command in rest:
+                        running.add(command.cmd_id)
+                        if after is None:
+                            self._pool.post(self._execute, command)
+                        else:
+                            self._pool.post(self._execute_then, (command, after))
         if why == _fastread.STOP_STALE:
             self._fast = None
         if not taken:
@@ -1228,6 +1267,15 @@ class LunServer:
         and answering, its backend buffered, and no abort pending (the pool answers those)."""
         return (self.inline_reads and self.error is None and self.lu is not None
                 and not self._aborted and getattr(self.backend, "supports_nowait", False))
+
+    def _execute_then(self, job) -> None:
+        """``_execute`` of the command of ``job`` (command, ``_Countdown``), then count the
+        countdown down."""
+        command, after = job
+        try:
+            self._execute(command)
+        finally:
+            after.done()
 
     def _execute(self, command):
         """A worker's job: answer ``command`` where it may block - TASK ABORTED when the kernel

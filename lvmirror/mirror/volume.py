@@ -1223,6 +1223,9 @@ class MirrorVolume:
                 except WouldBlock:
                     lk.release()
                     break
+                except BaseException:
+                    lk.release()
+                    raise
             held.append(lk)
         return len(held)
 
@@ -1233,12 +1236,12 @@ class MirrorVolume:
         path, which begins its own), leave the epoch and release the locks ``lock_fast``
         took."""
         try:
-            if token.begun:
-                end = token.wil.end
-                begun, token.begun = token.begun, []
-                for tok in begun:
-                    end(tok)
-            self._leave(token.epoch)
+            try:
+                if token.begun:
+                    begun, token.begun = token.begun, []
+                    self.end_fast_intents(begun)
+            finally:
+                self._leave(token.epoch)
             if n:
                 with self._elock:
                     st = self._stats
@@ -1248,6 +1251,13 @@ class MirrorVolume:
                     storage.count_writes(n, nbytes)
         finally:
             token.release()
+
+    def end_fast_intents(self, begun) -> None:
+        """End the write-intent log tokens ``begun`` that ``lock_fast`` took (a compiled batch's
+        commands finished on every leg, or were written again by the Python path)."""
+        end = self._wil.end
+        for tok in begun:
+            end(tok)
 
     def end_fast_reads(self, token, storage, n: int, nbytes: int) -> None:
         """After ``begin_fast_reads``: count the ``n`` reads of ``nbytes`` bytes answered from

@@ -24,7 +24,7 @@
  * lock, after reading its `busy` conditions again (a group split's hold of the LUN's completions
  * that began during the I/O holds theirs too). The caller keeps the volume as it was meanwhile
  * (MirrorVolume.begin_fast_writes/begin_fast_reads: the split epoch entered; lock_fast: a region
- * lock over each command's range).
+ * lock over the blocks the commands cover).
  *
  * Why C: the Python path spends 20-40 us of CPU on such a READ (fetch, the SCSI core, the
  * volume, completion); in the kernel lab the ring thread answered 99-100 % of 4 KiB commands
@@ -431,8 +431,9 @@ PyDoc_STRVAR(take_batch_doc,
 "`max_bytes` too - 2/3 a `checks`/`busy` condition, 5 a WRITE next or the WRITE batch is full\n"
 "(call again), 7 a READ next, 8 the READ batch is full), `packed`, and the blocks the\n"
 "commands cover (`first`, `blocks`: 0, 0 for none). The other kind's\n"
-"commands are parsed up to `other_bytes` (bytes), so that one up to that size stops it with 5\n"
-"or 7 rather than 1. TypeError/ValueError for malformed arguments.");
+"commands are parsed up to the larger of `max_bytes` and `other_bytes` (bytes), so that one up\n"
+"to that size stops it with 5 or 7 rather than 1 (the other kind's batch decides).\n"
+"TypeError/ValueError for malformed arguments.");
 
 static PyObject *
 take_batch(PyObject *Py_UNUSED(self), PyObject *args)

@@ -335,7 +335,7 @@ class CommandRing:
         ``read_batch``'s (``fd``, ``rwf`` for preadv2, the LUN's ``num_blocks`` of
         ``block_size`` bytes, ``max_bytes`` and ``max_blocks`` a command may read, the
         ``checks``/``busy`` conditions, ``big_bytes``: a READ over ``max_bytes`` and at most
-        this stops it with STOP_BIG_READ, for ``fast_big_reads``). Returns ``(answered,
+        this stops it with STOP_BIG_READ, for a READ batch: ``take_fast``). Returns ``(answered,
         nbytes, why)``: commands completed GOOD (the caller notifies the kernel), their bytes,
         and why it stopped (``_fastread``'s STOP_*). ValueError/TypeError from ``read_batch``
         for malformed arguments."""
@@ -353,8 +353,9 @@ class CommandRing:
         """Let ``take_batch`` (``lvmirror.tcmu._fastread.take_batch``) take the consecutive
         WRITEs without FUA (``writes``) or READs from the fetch cursor on, at most
         ``max_commands`` (``max_bytes`` each, of ``block_size``-byte blocks inside
-        ``num_blocks``; a command of the other kind up to ``other_bytes`` stops it as the other
-        kind's, a larger one as the Python fetch's), under the ring's lock: the fetch cursor
+        ``num_blocks``; a command of the other kind stops it as the other kind's - parsed up to
+        the larger of ``max_bytes`` and ``other_bytes``, beyond which it is the Python
+        fetch's), under the ring's lock: the fetch cursor
         moves past them and they are
         outstanding, as fetched commands are, until ``complete_taken`` answers them or the
         caller makes the rest Commands (``taken_commands``) for the Python path. No I/O here:

@@ -875,3 +875,47 @@ def test_a_split_waits_for_a_stalled_mirror_batch_and_keeps_its_write(lab, tmp_p
         live = f.read(24 * BS)
     assert split == data[:8 * BS] + before + data[16 * BS:24 * BS]
     assert live == data[:8 * BS] + before + after
+
+
+def test_a_mirror_batch_that_fails_keeps_its_log_marks_in_flight_until_written_again(
+        lab, tmp_path, monkeypatch):
+    """A mirror batch's write fails part way (it may have reached one leg and not the other):
+    its commands' write-intent log marks stay in flight - no checkpoint may clear them while
+    the legs may differ - until the worker pool has written those commands again; then they
+    end, and the data is on both images."""
+    import errno as _errno
+    from tests.unit.test_daemon_ring import _no_checkpoints
+    emu, lun, paths, data = _mirror_lun(lab, tmp_path, 75)
+    vol = lun.volume
+    _no_checkpoints(vol)
+    wil = vol._wil
+    real_run = fastread.run_batch
+
+    def fails(ring, data_off, map_size, packed, count, fds, rwf, kind):
+        if kind and threading.current_thread().name.startswith("ring-"):
+            return (0, 0, _errno.EIO)
+        return real_run(ring, data_off, map_size, packed, count, fds, rwf, kind)
+    monkeypatch.setattr(fastread, "run_batch", fails)
+    gate, entered = threading.Event(), threading.Event()
+    real_execute = lun._execute
+
+    def held(command):
+        entered.set()
+        assert gate.wait(30)
+        real_execute(command)
+    monkeypatch.setattr(lun, "_execute", held)
+    new = os.urandom(8 * BS)
+    wid = emu.submit(cdb10(0x2A, 8, 8), data_out=new)
+    assert entered.wait(10)
+    assert wil._inflight.get(0, 0) >= 1            # chunk 0: the batch's mark, in flight
+    assert wil.clean(wil.ticket()) == 0 and wil.bitmap.all_dirty(8 * BS, 8 * BS)
+    gate.set()
+    assert emu.wait([wid])[wid].status == 0
+    deadline = time.monotonic() + 10
+    while wil._inflight.get(0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not wil._inflight.get(0, 0)
+    for p in paths:
+        with open(p, "rb") as f:
+            f.seek(8 * BS)
+            assert f.read(8 * BS) == new
