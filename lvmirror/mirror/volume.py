@@ -1202,32 +1202,34 @@ class MirrorVolume:
                 token.begun.append(wil.begin(first * bs, blocks * bs, nowait=True))
                 return taken
             except WouldBlock:
-                pass
-            k = 0
-            for start, count in ranges():
-                try:
-                    token.begun.append(wil.begin(start * bs, count * bs, nowait=True))
-                except WouldBlock:
-                    break
-                k += 1
-            return k
-        try_lock = self.locks.try_lock
+                return self._lock_each(token, ranges(), lock=False)
+        return self._lock_each(token, ranges(), lock=True)
+
+    def _lock_each(self, token, ranges, lock: bool) -> int:
+        """``lock_fast`` one command at a time: for each ``(first block, blocks)`` of
+        ``ranges`` in turn, its region lock (with ``lock``; without, the cover holds them) and
+        its write-intent log begin (a mirror's WRITE batch), up to the first refused. Returns
+        how many commands it took."""
+        try_lock, shared, held, wil = self.locks.try_lock, token.shared, token.locks, token.wil
         bs = self.block_size
-        for start, count in ranges():
-            lk = try_lock(start, count, shared=shared)
-            if lk is None:
+        k = 0
+        for start, count in ranges:
+            lk = try_lock(start, count, shared=shared) if lock else None
+            if lock and lk is None:
                 break
             if wil is not None:
                 try:
                     token.begun.append(wil.begin(start * bs, count * bs, nowait=True))
-                except WouldBlock:
-                    lk.release()
-                    break
-                except BaseException:
-                    lk.release()
+                except BaseException as e:
+                    if lk is not None:
+                        lk.release()
+                    if isinstance(e, WouldBlock):
+                        break
                     raise
-            held.append(lk)
-        return len(held)
+            if lk is not None:
+                held.append(lk)
+            k += 1
+        return k
 
     def end_fast_writes(self, token, legs, n: int, nbytes: int) -> None:
         """After the compiled WRITE path: count its ``n`` writes of ``nbytes`` bytes to each of
