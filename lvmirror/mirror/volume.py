@@ -14,8 +14,11 @@ Data path
   epoch's change bitmaps, then goes to every target image in parallel (one inline, the others on
   per-image worker threads) and is acknowledged only when all of them finished.
 * An ImageIOError fails that image (persisted before the I/O completes), gives it a change
-  bitmap holding the failed range, and the I/O succeeds if an in-sync image has the data. The
-  last in-sync image is never failed: its error goes to the initiator as VolumeIOError.
+  bitmap holding the failed range and every region it may hold only in a volatile cache (the
+  write-intent log's regions: a failed image is never flushed again), and the I/O succeeds if
+  an in-sync image has the data. A write of an older epoch that lands on an image failed
+  meanwhile marks its range there too (``_mark_late``). The last in-sync image is never
+  failed: its error goes to the initiator as VolumeIOError.
 
 Split at T
 ----------
@@ -171,9 +174,10 @@ class _FastToken:
     """One batch of the compiled path without the GIL (``MirrorVolume.begin_fast_writes``/
     ``begin_fast_reads``): the split epoch it entered, whether its region locks are shared,
     the write-intent log its WRITEs begin in (None: one leg, or READs), and what
-    ``lock_fast`` took for its commands: their locks and log tokens."""
+    ``lock_fast`` took for its commands: their locks, log tokens and ranges (``ranges``: the
+    callable giving each command's ``(first block, blocks)``, or None)."""
 
-    __slots__ = ("epoch", "shared", "wil", "locks", "begun")
+    __slots__ = ("epoch", "shared", "wil", "locks", "begun", "ranges")
 
     def __init__(self, epoch, shared: bool, wil):
         self.epoch = epoch
@@ -181,6 +185,7 @@ class _FastToken:
         self.wil = wil
         self.locks = []
         self.begun = []
+        self.ranges = None
 
     def release(self) -> None:
         """Release every lock taken (the region lock manager wakes their waiters)."""
@@ -559,7 +564,8 @@ class MirrorVolume:
         """Handle an I/O error on ``img`` (``exc``: an ImageIOError; ``offset``/``length`` in
         bytes, the range the failed I/O covered): fail the image (persisted, logged at error
         priority with volume, image, path, operation, offset and errno) and mark the range in
-        its change bitmap - unless it is the last in-sync image, which is never failed: a write,
+        its change bitmap, with every region the image may hold only in a volatile cache
+        (``_mark_unflushed``) - unless it is the last in-sync image, which is never failed: a write,
         flush or discard error there takes the volume *offline* (NOT READY until ``probe``
         finds the image answering again; a read error is for the caller to probe). A full file
         system under the image (``exc.out_of_space``) fails it only while another in-sync image
@@ -568,7 +574,8 @@ class MirrorVolume:
         ``all_regions`` (a failed or slow flush: which writes it lost is unknown) marks every
         region whose data may not be durable on the image yet - the write-intent log's regions
         (a bit is cleared only once every image flushed after the region's last write), plus,
-        for a syncing image, every region (its resync copies are not in the log)."""
+        for a syncing image, its bitmap as its resync last saved it (its copies are not in the
+        log), ``_mark_unflushed``."""
         op = getattr(exc, "op", None) or ("read" if is_read else "write")
         where = (f"{op} at offset {offset}" if length else op)
         errno_ = getattr(exc, "errno", None)
@@ -604,9 +611,14 @@ class MirrorVolume:
                 return False
             bm = img.bitmap if img.bitmap is not None else RegionBitmap(self.size, self.region_size)
             self._mark_lost(img, bm, offset, length, all_regions)
-            img.bitmap = bm
+            syncing = img.state is ImageState.SYNCING
             was = img.state.value
+            img.bitmap = bm
+            # FAILED first, then what it may hold only in a volatile cache: a write of an older
+            # epoch that still finds it in sync began its log mark before this merge, and one
+            # that finds it failed marks its own range (``_mark_late``)
             img.state = ImageState.FAILED
+            self._mark_unflushed(img, bm, syncing)
             img.rec.error = str(exc)
             img.rec.resync_next = None
             self._stats["image_failures"] += 1
@@ -624,12 +636,48 @@ class MirrorVolume:
     def _mark_lost(self, img, bm, offset, length, all_regions):
         """Mark in ``bm`` what a failed I/O on ``img`` may have lost (see ``_image_error``)."""
         if all_regions:
-            if img.state is ImageState.SYNCING:
-                bm.set_all()
-            else:
-                bm.mark_bitmap(self._wil.bitmap)
+            self._mark_unflushed(img, bm, img.state is ImageState.SYNCING)
         elif length:
             bm.mark(offset, length)
+
+    def _mark_unflushed(self, img, bm, syncing: bool):
+        """Mark in ``bm`` every region ``img`` may hold only in a volatile cache (the page
+        cache, the disk's write cache), which a failing disk or a power cut may drop: the
+        write-intent log's regions (a log bit is cleared only after every image not failed
+        flushed the region's writes, ``checkpoint``), and for an image failed while it
+        ``syncing``, the regions of its change bitmap as its resync last saved it (a copy is
+        vouched for only by that save, made after the target's flush; no saved bitmap: every
+        region). A failed image is never flushed again, so without these marks a re-add
+        would resync only the failed I/O's range and keep writes the disk never stored (md
+        likewise keeps its bitmap's bits while the array is degraded)."""
+        bm.mark_bitmap(self._wil.bitmap)
+        if not syncing:
+            return
+        try:
+            saved = RegionBitmap.load(self._bitmap_path(img), self.size, self.region_size)
+        except (OSError, ValueError):
+            bm.set_all()
+            return
+        bm.union_update(saved)
+
+    def _mark_late_batch(self, token):
+        """``_mark_late`` for a compiled WRITE batch (``_FastToken``): each of its commands'
+        ranges, computed only when a leg failed."""
+        if not any(im.state is ImageState.FAILED for im in token.epoch.writes):
+            return
+        bs = self.block_size
+        for start, count in token.ranges():
+            self._mark_late(token.epoch, start * bs, count * bs)
+
+    @staticmethod
+    def _mark_late(ep, offset, length):
+        """After a write of epoch ``ep`` to ``[offset, offset + length)`` bytes: mark the range in
+        the change bitmap of each of its targets failed meanwhile (by another I/O's error). The
+        write may have reached that image's volatile cache only, and it never flushes again;
+        its failure merged only the log marks begun before it (``_mark_unflushed``)."""
+        for im in ep.writes:
+            if im.state is ImageState.FAILED and im.bitmap is not None:
+                im.bitmap.mark(offset, length)
 
     def _persist_failure(self, img, bm):
         """Save a failed image's bitmap and the metadata; a failure to do so is logged at
@@ -847,6 +895,7 @@ class MirrorVolume:
                     bm.mark(offset, length)
                 self._fanout(ep, fn, offset, length, parallel=self._parallel(length, fua))
             finally:
+                self._mark_late(ep, offset, length)
                 if tok is not None:
                     self._wil.end(tok)
         except BaseException:
@@ -1192,6 +1241,7 @@ class MirrorVolume:
         path the others (the first write to an unmarked chunk saves the log).
         ``end_fast_writes``/``end_fast_reads`` release them."""
         shared, held, wil = token.shared, token.locks, token.wil
+        token.ranges = ranges
         lk = self.locks.try_lock(first, blocks, shared=shared)
         if lk is not None:
             held.append(lk)
@@ -1236,9 +1286,12 @@ class MirrorVolume:
         ``legs`` (``fast_write_source``) in the volume's and the images' statistics, end its
         writes in the write-intent log (they finished on every leg, or were left to the Python
         path, which begins its own), leave the epoch and release the locks ``lock_fast``
-        took."""
+        took. A leg failed meanwhile (by another I/O) gets each command's range marked in its
+        change bitmap (``_mark_late``) before the log's marks end."""
         try:
             try:
+                if token.wil is not None and token.ranges is not None:
+                    self._mark_late_batch(token)
                 if token.begun:
                     begun, token.begun = token.begun, []
                     self.end_fast_intents(begun)

@@ -372,6 +372,35 @@ def test_a_mirror_batch_begins_each_range_in_the_write_intent_log_only_when_mark
         vol.close()
 
 
+def test_a_mirror_batch_marks_its_ranges_in_a_leg_failed_meanwhile(tmp_path):
+    """A batch entered the epoch while image 1 was in sync; before it began its log marks,
+    image 1 failed (another I/O's error; its failure merged the log's marks of that moment)
+    and a write on the Python path marked the batch's region in the log again. The batch
+    still writes image 1 (its epoch's leg), whose cache a failing disk or a power cut may drop:
+    ``end_fast_writes`` marks each of its commands' ranges in image 1's change bitmap, before
+    its log marks end, so a re-add copies them."""
+    vol, _, _ = make_volume(tmp_path, 2, region_size=8 * BS, intent_chunk=128 * BS)
+    try:
+        wil = vol._wil
+        legs = tuple(img.storage for img in vol._images)
+        wil.clean(wil.ticket())                              # a checkpoint: nothing marked
+        assert not wil.bitmap.is_dirty(0, vol.size)
+        token = vol.begin_fast_writes()
+        far = vol.num_blocks - 8
+        vol._image_error(vol._images[1], ImageIOError(legs[1], errno.EIO, "injected"),
+                         far * BS, 8 * BS)
+        bm = vol._images[1].bitmap
+        assert vol._images[1].state is ImageState.FAILED and not bm.is_dirty(0, 32 * BS)
+        vol.write(40, [memoryview(bytes(BS))])               # the chunk's log mark, saved
+        assert bm.all_dirty(40 * BS, BS) and not bm.is_dirty(8 * BS, 8 * BS)
+        assert _lock(vol, token, [(8, 8), (24, 4)]) == 2
+        vol.end_fast_writes(token, legs, 2, 12 * BS)
+        assert bm.all_dirty(8 * BS, 8 * BS) and bm.all_dirty(24 * BS, 4 * BS)
+        assert not bm.is_dirty(0, 8 * BS) and not bm.is_dirty(16 * BS, 8 * BS)
+    finally:
+        vol.close()
+
+
 # -- the LunServer -----------------------------------------------------------------------------
 
 

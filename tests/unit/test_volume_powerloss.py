@@ -7,6 +7,7 @@ the rule of ``lvmirror.mirror.durability``: no acknowledged write lost, the imag
 byte-identical, nothing stale marked in sync or restored.
 """
 
+import errno
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import threading
 
 import pytest
 
+from lvmirror.errors import ImageIOError
 from lvmirror.mirror import resync as resync_mod
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.volume import ImageState, MirrorVolume
@@ -381,3 +383,139 @@ def test_cut_at_every_metadata_save(tmp_path, monkeypatch, kind):
         assert k < 400, "the scenario never stops saving"
     assert k > 5, f"only {k - 1} persistence points: the sweep tested too little"
 
+
+
+# ---- an image that fails while it holds unflushed writes --------------------------------------
+
+CHUNK = 256 << 10               # the write-intent log's chunk in these tests: 16 of them
+A_LBA, B_LBA, C_LBA = 0, 4096, 2048          # in chunks 0, 8 and 4
+A = bytes(pattern(16, 0xA1A1))
+B = bytes(pattern(16, 0xB2B2))
+C = bytes(pattern(16, 0xC3C3))
+
+
+def _mirror_chunked(m, paths):
+    vol = _create(m, paths, intent_chunk=CHUNK)
+    _wait_jobs(vol)
+    _write(vol, 0, P1)
+    vol.flush()
+    vol.checkpoint()                             # P1 durable everywhere: the log is clear
+    return vol
+
+
+def _expected(*writes):
+    out = bytearray(P1)
+    for lba, data in writes:
+        out[lba * BS:lba * BS + len(data)] = data
+    return bytes(out)
+
+
+def _fail_next_write(vol, index, *, lose_cache):
+    """Image ``index``'s next write fails with EIO, once (a disk reset, a cable pulled and put
+    back). ``lose_cache``: as it fails it also loses every write it had not flushed (the disk's
+    volatile write cache, or page cache writeback that failed): its file reverts to what was
+    durable in those ranges."""
+    storage = vol._images[index].storage
+    disk = storage.disk
+    real_writev = storage.writev
+    fired = []
+
+    def writev(offset, buffers, *, fua=False):
+        if fired:
+            return real_writev(offset, buffers, fua=fua)
+        fired.append(offset)
+        bufs = list(buffers)
+        if lose_cache:
+            with POWER:
+                with disk.lock:
+                    lost, disk.dirty = disk.dirty, []
+                with open(storage.path, "r+b") as f:
+                    for off, ln in lost:
+                        f.seek(off)
+                        f.write(disk.durable[off:off + ln])
+        raise ImageIOError(storage, errno.EIO, f"image {storage.path}: injected write error",
+                           op="write", offset=offset,
+                           length=sum(memoryview(b).nbytes for b in bufs))
+    storage.writev = writev
+    return fired
+
+
+def _resync_and_check(m, vol, expected):
+    assert vol.images[1].state is ImageState.FAILED
+    job = vol.resync(1)
+    assert job.wait(30) and job.state == "done", (job.state, job.error)
+    copied = job.progress()["bytes_done"]
+    _expect_identical(m, vol, expected)
+    return copied
+
+
+def test_failed_image_resyncs_what_its_cache_lost(tmp_path):
+    """Image 1 fails a write and loses its volatile cache with it. The write to LBA 0 before
+    it was acknowledged and in no image's flush yet: the re-add must copy it too, not only the
+    failed write's range (before the fix image 1 kept the old data at LBA 0, marked in sync)."""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_chunked(m, [a, b])
+    _write(vol, A_LBA, A)                        # acknowledged, in the page cache only
+    fired = _fail_next_write(vol, 1, lose_cache=True)
+    _write(vol, B_LBA, B)                        # image 1 fails; the initiator hears GOOD
+    assert fired == [B_LBA * BS]
+    bm = vol.change_bitmap(1)
+    assert bm.is_dirty(A_LBA * BS, len(A)) and bm.is_dirty(B_LBA * BS, len(B))
+    copied = _resync_and_check(m, vol, _expected((A_LBA, A), (B_LBA, B)))
+    assert copied <= 2 * CHUNK                   # the log's two chunks, not the whole image
+
+
+def test_failed_image_keeps_its_marks_through_a_checkpoint_and_a_power_cut(tmp_path):
+    """Image 1 fails a write; the flusher's checkpoint then flushes image 0 only (a failed
+    image is never flushed) and clears the log. A power cut then drops image 1's page cache:
+    the write to LBA 0 made before the failure was never durable on it, and only its change
+    bitmap can still say so."""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_chunked(m, [a, b])
+    _write(vol, A_LBA, A)
+    _fail_next_write(vol, 1, lose_cache=False)
+    _write(vol, B_LBA, B)
+    assert vol.checkpoint() >= 1                 # the log's chunks are cleared
+    m2 = m.cut(tmp_path / "cut")
+    vol.close()
+    vol2 = _open(m2)
+    _resync_and_check(m2, vol2, _expected((A_LBA, A), (B_LBA, B)))
+
+
+def test_write_of_the_epoch_before_a_failure_marks_the_failed_image(tmp_path):
+    """A write that entered the I/O epoch before image 1 failed, and began its write-intent
+    mark only after the failure merged the log into image 1's bitmap, still writes image 1 (a
+    target of its epoch), into its page cache only. It must mark its range in image 1's
+    bitmap itself: after the checkpoint clears its log mark and a power cut, that bitmap is all
+    that says image 1 lacks it."""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_chunked(m, [a, b])
+    wil = vol._wil
+    real_begin = wil.begin
+    held, go = threading.Event(), threading.Event()
+
+    def begin(offset, length, *args, **kw):
+        if offset == C_LBA * BS and not held.is_set():
+            held.set()
+            assert go.wait(20)
+        return real_begin(offset, length, *args, **kw)
+    wil.begin = begin
+    writer = threading.Thread(target=_write, args=(vol, C_LBA, C))
+    writer.start()
+    assert held.wait(20)                         # in the old epoch, no log mark yet
+    _fail_next_write(vol, 1, lose_cache=False)
+    _write(vol, B_LBA, B)
+    assert vol.images[1].state is ImageState.FAILED
+    assert not vol.change_bitmap(1).is_dirty(C_LBA * BS, len(C))
+    go.set()
+    writer.join(20)
+    assert not writer.is_alive()
+    assert vol.change_bitmap(1).is_dirty(C_LBA * BS, len(C))
+    vol.checkpoint()
+    m2 = m.cut(tmp_path / "cut")
+    vol.close()
+    vol2 = _open(m2)
+    _resync_and_check(m2, vol2, _expected((B_LBA, B), (C_LBA, C)))
