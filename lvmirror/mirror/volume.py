@@ -663,7 +663,10 @@ class MirrorVolume:
     def _mark_late_batch(self, token):
         """``_mark_late`` for a compiled WRITE batch (``_FastToken``): each of its commands'
         ranges, computed only when a leg failed."""
-        if not any(im.state is ImageState.FAILED for im in token.epoch.writes):
+        for im in token.epoch.writes:      # (a loop, not any(): no generator a batch)
+            if im.state is ImageState.FAILED:
+                break
+        else:
             return
         bs = self.block_size
         for start, count in token.ranges():
