@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import logging
 import os
 import select
@@ -70,6 +71,13 @@ try:      # the compiled READ path (tcmu/_fastread.c), built with the package
     from lvmirror.tcmu import _fastread
 except ImportError:        # a tree nobody built: the Python path answers every READ
     _fastread = None
+# why a compiled batch stopped (_fastread's STOP_*), as globals: the ring thread tests them
+# several times a batch
+(_STOP_HEAD, _STOP_READ, _STOP_WRITE, _STOP_BIG_READ, _STOP_BUSY, _STOP_STALE, _STOP_MISS,
+ _STOP_MISS_WRITE) = ((_fastread.STOP_HEAD, _fastread.STOP_READ, _fastread.STOP_WRITE,
+                       _fastread.STOP_BIG_READ, _fastread.STOP_BUSY, _fastread.STOP_STALE,
+                       _fastread.STOP_MISS, _fastread.STOP_MISS_WRITE)
+                      if _fastread is not None else (-1, -2, -3, -4, -5, -6, -7, -8))
 
 log = logging.getLogger("lvmirrord")
 
@@ -200,7 +208,8 @@ COMPILED_READS_RETRY = 0.1
 # region lock taken is their own); ``rfds``/``wfds`` the descriptors they read and write.
 _Armed = collections.namedtuple("_Armed", "storage target num_blocks block_size max_read max_write "
                                           "max_blocks checks busy wstorage wchecks wbusy "
-                                          "max_big_read rfds wfds")
+                                          "max_big_read rfds wfds take_writes take_big_reads "
+                                          "run complete")
 _CHECK_KINDS = ({"is": _fastread.CHECK_IS, "falsy": _fastread.CHECK_FALSY,
                  "eq": _fastread.CHECK_EQ} if _fastread is not None else {})
 
@@ -271,6 +280,9 @@ class LunServer:
         self.compiled_writes = 0     # ... and its WRITEs (``COMPILED_WRITES``)
         self._fast = None            # the compiled path's arguments (_arm_compiled), or None
         self._fast_retry = 0.0       # monotonic time before which it is not armed again
+        # the kind of the compiled path's last batch (_STOP_READ or _STOP_WRITE): the
+        # kind its next call asks first
+        self._lead = _STOP_READ
         self._compiled_off = False   # it raised (a bug): the Python path answers every READ
         self.inline_slow = 0         # ... of which took longer than INLINE_SLOW
         self._inline_after = 0.0     # monotonic time before which WRITEs all go to the pool
@@ -799,10 +811,21 @@ class LunServer:
                 wchecks = tuple((o, a, kinds[k], v) for o, a, k, v in wsrc[1]) + own
         most = lu.max_accept_blocks * backend.block_size
         big = min(COMPILED_READ_MAX, most) if hasattr(target, "begin_fast_reads") else 0
-        return _Armed(storage, target, backend.num_blocks, backend.block_size,
-                      min(INLINE_READ_MAX, most), min(COMPILED_WRITE_MAX, most),
-                      lu.max_accept_blocks, checks, busy, wstorage, wchecks, hold, big,
-                      (storage.fd,), tuple(st.fd for st in wstorage) if wstorage else None)
+        max_write = min(COMPILED_WRITE_MAX, most)
+        # the calls of an unlocked batch (_unlocked_batch) with their arguments bound once here:
+        # the lab's emulated CPU pays for every argument a batch passes again
+        ring, nb, bs, mb = self._ring, backend.num_blocks, backend.block_size, lu.max_accept_blocks
+        take = functools.partial(ring.take_fast, _fastread.take_batch, nb, bs)
+        take_writes = functools.partial(take, max_write, mb, _fastread.MAX_WRITES, wchecks, hold,
+                                        True, big)
+        take_big_reads = functools.partial(take, big, mb, _fastread.MAX_WRITES, checks, hold,
+                                           False, max_write)
+        return _Armed(storage, target, nb, bs, min(INLINE_READ_MAX, most), max_write,
+                      mb, checks, busy, wstorage, wchecks, hold, big,
+                      (storage.fd,), tuple(st.fd for st in wstorage) if wstorage else None,
+                      take_writes if wstorage else None, take_big_reads,
+                      ring.run_taken, functools.partial(ring.complete_taken,
+                                                        _fastread.complete_batch))
 
     def _compiled_reads(self, gen: int) -> tuple[int | None, bool]:
         """Let the compiled path answer the commands at the head of the ring it may answer, as
@@ -825,22 +848,30 @@ class LunServer:
                 self._fast_retry = now + COMPILED_READS_RETRY
                 return 0, False
         storage = fast.storage
-        rwf = storage.nowait_flags()       # (tmpfs: a plain read only while no swap is in use)
-        if rwf is None:
-            self._fast = None
-            return 0, False
+        rwf = None             # the READs' preadv2 flags, asked for when a READ batch runs
         done = 0
-        why = _fastread.STOP_READ if COMPILED_READS else _fastread.STOP_WRITE
+        # begin with the kind the last batch made: a stream of WRITEs does not first ask the
+        # READ path, which would stop at once at the WRITE at the ring's head
+        why = self._lead if COMPILED_READS else _STOP_WRITE
+        asked_reads = why != _STOP_WRITE
         rearmed = False
         for _ in range(COMPILED_TURNS):
-            if why == _fastread.STOP_READ:
+            if why == _STOP_READ or why == _STOP_BIG_READ:
                 if not COMPILED_READS:
                     break
+                if rwf is None:
+                    # (tmpfs: a plain read only while no swap is in use)
+                    rwf = storage.nowait_flags()
+                    if rwf is None:
+                        self._fast = None
+                        break
+            if why == _STOP_READ:
+                asked_reads = True
                 t0 = time.monotonic()
                 n, nbytes, why = self._ring.fast_reads(
                     _fastread.read_batch, storage.fd, rwf, fast.num_blocks, fast.block_size,
                     fast.max_read, fast.max_blocks, fast.checks, fast.busy, fast.max_big_read)
-                if why == _fastread.STOP_STALE:
+                if why == _STOP_STALE:
                     self._fast = None               # armed again: now, once, or next turn
                     if not rearmed:
                         rearmed = True
@@ -849,34 +880,42 @@ class LunServer:
                             storage = fast.storage
                             rwf = storage.nowait_flags()
                             if rwf is not None:
-                                why = _fastread.STOP_READ
+                                why = _STOP_READ
                                 continue
                             self._fast = None
                         self._fast_retry = time.monotonic() + COMPILED_READS_RETRY
                     break
                 if n:
                     done += n
+                    self._lead = _STOP_READ
                     self._count_compiled_reads(n, t0)
                     fast.target.count_fast_reads(storage, n, nbytes)
-            elif why == _fastread.STOP_BIG_READ:
+            elif why == _STOP_BIG_READ:
                 n, why = self._compiled_big_reads(fast, rwf, gen)
                 if n is None:
                     return None, False           # handed over: a newer ring thread serves
-                done += n
                 if not n:
                     break
-            elif (why == _fastread.STOP_WRITE and fast.wstorage is not None
+                done += n
+                self._lead = _STOP_READ
+            elif (why == _STOP_WRITE and fast.wstorage is not None
                     and self._fast is not None and not self._stuck
                     and self._inline_after <= time.monotonic()):
                 w, why = self._compiled_writes(fast, gen)
                 if w is None:
                     return None, False           # handed over: a newer ring thread serves
-                done += w
                 if not w:
+                    if why == _STOP_READ:
+                        continue         # a READ at the head after all: the READ path's turn
                     break
+                done += w
+                self._lead = _STOP_WRITE
+            elif why == _STOP_WRITE and not asked_reads and COMPILED_READS:
+                why = _STOP_READ    # WRITEs cannot be made now: the READs may
+                asked_reads = True
             else:
                 break
-        return done, why == _fastread.STOP_HEAD
+        return done, why == _STOP_HEAD
 
     def _compiled_big_reads(self, fast, rwf: int, gen: int) -> tuple[int | None, int]:
         """The READs at the ring's head over ``fast.max_read`` bytes (and up to
@@ -886,9 +925,8 @@ class LunServer:
         blocks they cover locked shared (``lock_fast``: no write to them meanwhile) and
         ``end_fast_reads``. A READ not read whole (not all in memory) is the Python path's.
         Returns what ``_unlocked_batch`` returns."""
-        target = fast.target
-        return self._unlocked_batch(fast, gen, False, fast.rfds, rwf, fast.max_big_read,
-                                    fast.checks, target.begin_fast_reads())
+        return self._unlocked_batch(fast, gen, False, fast.rfds, rwf, fast.take_big_reads,
+                                    fast.target.begin_fast_reads())
 
     def _count_compiled_reads(self, n: int, t0: float) -> None:
         """Count ``n`` READs the compiled path answered in one call begun at ``t0``
@@ -907,17 +945,18 @@ class LunServer:
         write) is the Python path's, which writes it again and reports it; a batch that took
         longer than INLINE_SLOW sends every WRITE to the pool for INLINE_BACKOFF seconds, as
         ``_run_inline`` does. Returns what ``_unlocked_batch`` returns."""
-        return self._unlocked_batch(fast, gen, True, fast.wfds, 0, fast.max_write,
-                                    fast.wchecks, fast.target.begin_fast_writes())
+        return self._unlocked_batch(fast, gen, True, fast.wfds, 0, fast.take_writes,
+                                    fast.target.begin_fast_writes())
 
-    def _unlocked_batch(self, fast, gen: int, writes: bool, fds: tuple, rwf: int,
-                        max_bytes: int, checks: tuple, token) -> tuple[int | None, int]:
+    def _unlocked_batch(self, fast, gen: int, writes: bool, fds: tuple, rwf: int, take,
+                        token) -> tuple[int | None, int]:
         """One batch of the WRITEs (``writes``) or large READs at the ring's head, with their
         I/O made WITHOUT the GIL and WITHOUT the ring's lock, as a command the ring thread
         (generation ``gen``) runs itself. ``token``: the volume's epoch entered for it
-        (``begin_fast_writes``/``begin_fast_reads``), before its conditions ``checks`` are read.
-        ``_fastread.take_batch`` takes the commands under the ring's lock
-        (``CommandRing.take_fast``: fetched, outstanding); the volume locks them (``lock_fast``,
+        (``begin_fast_writes``/``begin_fast_reads``), before its conditions are read.
+        ``take`` (``fast.take_writes``/``take_big_reads``: ``_fastread.take_batch`` through
+        ``CommandRing.take_fast``, its arguments bound) takes the commands under the ring's lock
+        (fetched, outstanding); the volume locks them (``lock_fast``,
         never waiting); ``run_batch`` makes the I/O of those locked on the descriptors ``fds``
         (preadv2 flags ``rwf`` for READs) while the watchdog watches (``_inline_t0``);
         ``complete_batch`` answers GOOD those done whole (none when a ``fast.wbusy`` condition -
@@ -938,10 +977,7 @@ class LunServer:
         lost = False
         keep = None
         try:
-            taken, why, packed, first, blocks = ring.take_fast(
-                _fastread.take_batch, fast.num_blocks, fast.block_size, max_bytes,
-                fast.max_blocks, _fastread.MAX_WRITES, checks, fast.wbusy, writes,
-                fast.max_big_read if writes else fast.max_write)
+            taken, why, packed, first, blocks = take()
             if taken:
                 locked = fast.target.lock_fast(
                     token, taken, first, blocks,
@@ -951,8 +987,8 @@ class LunServer:
                     self._watch_idle = False
                     self._watch_wake.set()
                 if locked:
-                    done, nbytes, _ = ring.run_taken(_fastread.run_batch, packed, locked, fds,
-                                                     rwf, writes)
+                    done, nbytes, _ = fast.run(_fastread.run_batch, packed, locked, fds, rwf,
+                                               writes)
         finally:
             try:
                 try:
@@ -965,8 +1001,7 @@ class LunServer:
                                 self._stuck -= 1
                                 self._inline_after = max(self._inline_after,
                                                          time.monotonic() + INLINE_BACKOFF)
-                        completed, nbytes = ring.complete_taken(_fastread.complete_batch, packed,
-                                                                done, fast.wbusy, lost)
+                        completed, nbytes = fast.complete(packed, done, fast.wbusy, lost)
                 finally:                                # the locks, the epoch
                     if writes:
                         # a command written to some legs and not others leaves them different:
@@ -993,15 +1028,15 @@ class LunServer:
                             self._pool.post(self._execute, command)
                         else:
                             self._pool.post(self._execute_then, (command, after))
-        if why == _fastread.STOP_STALE:
+        if why == _STOP_STALE:
             self._fast = None
         if not taken:
             return 0, why
         if done < taken:
-            why = (_fastread.STOP_BUSY if done == locked and locked < taken
-                   else _fastread.STOP_MISS_WRITE if writes else _fastread.STOP_MISS)
+            why = (_STOP_BUSY if done == locked and locked < taken
+                   else _STOP_MISS_WRITE if writes else _STOP_MISS)
         if completed < done:
-            why = _fastread.STOP_BUSY
+            why = _STOP_BUSY
         took = time.monotonic() - t0
         if completed and not writes:
             self._count_compiled_reads(completed, t0)

@@ -411,12 +411,18 @@ class StorageImage:
     def count_writes(self, n: int, nbytes: int) -> None:
         """Count ``n`` writes of ``nbytes`` bytes in all that another path made on this image's
         descriptor (the ring thread's compiled WRITE path)."""
-        self._count_io("writes", "bytes_written", nbytes, n)
+        with self._stats_lock:          # (_count_io, written out: once a batch)
+            st = self.stats
+            st["writes"] += n
+            st["bytes_written"] += nbytes
 
     def count_reads(self, n: int, nbytes: int) -> None:
         """Count ``n`` reads of ``nbytes`` bytes in all that another path did on this image's
         descriptor (the ring thread's compiled READ path)."""
-        self._count_io("reads", "bytes_read", nbytes, n)
+        with self._stats_lock:          # (_count_io, written out: once a batch)
+            st = self.stats
+            st["reads"] += n
+            st["bytes_read"] += nbytes
 
     def _on_memory_fs(self) -> bool:
         """The image is a file on a memory-backed file system (``MEMORY_FS``)."""

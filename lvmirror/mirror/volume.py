@@ -500,12 +500,14 @@ class MirrorVolume:
             ep.inflight += 1
         return ep
 
-    def _leave(self, ep, kind=None, nbytes=0):
+    def _leave(self, ep, kind=None, nbytes=0, n=1):
+        """Leave epoch ``ep``; with ``kind`` ("reads", "writes", ...), count ``n`` I/Os of
+        ``nbytes`` bytes in all in the volume's statistics under the same lock."""
         with self._elock:
             ep.inflight -= 1
             if kind is not None:
                 st = self._stats
-                st[kind] += 1
+                st[kind] += n
                 st["bytes_read" if kind == "reads" else "bytes_written"] += nbytes
             # a split drains retired epochs; close (``_closed``) waits for the current one too
             if ep.inflight == 0 and (ep.retired or self._closed):
@@ -661,12 +663,9 @@ class MirrorVolume:
         bm.union_update(saved)
 
     def _mark_late_batch(self, token):
-        """``_mark_late`` for a compiled WRITE batch (``_FastToken``): each of its commands'
-        ranges, computed only when a leg failed."""
-        for im in token.epoch.writes:      # (a loop, not any(): no generator a batch)
-            if im.state is ImageState.FAILED:
-                break
-        else:
+        """``_mark_late`` for a compiled WRITE batch (``_FastToken``) of which a leg failed:
+        each of its commands' ranges (none before ``lock_fast`` set ``token.ranges``)."""
+        if token.ranges is None:
             return
         bs = self.block_size
         for start, count in token.ranges():
@@ -1216,7 +1215,9 @@ class MirrorVolume:
         the batch's conditions, read after this, name the epoch, so a switch in between makes
         it take nothing). Its commands are then locked with ``lock_fast``. Returns the token
         for ``lock_fast`` and ``end_fast_writes``."""
-        ep = self._enter()
+        with self._elock:               # (_enter, written out: once a batch)
+            ep = self._epoch
+            ep.inflight += 1
         # (as _write_locked: several legs may differ after a crash, so the log records them)
         return _FastToken(ep, False, self._wil if len(ep.writes) > 1 else None)
 
@@ -1293,18 +1294,17 @@ class MirrorVolume:
         change bitmap (``_mark_late``) before the log's marks end."""
         try:
             try:
-                if token.wil is not None and token.ranges is not None:
-                    self._mark_late_batch(token)
-                if token.begun:
-                    begun, token.begun = token.begun, []
-                    self.end_fast_intents(begun)
+                if token.wil is not None:
+                    for im in token.epoch.writes:     # a leg failed meanwhile (rare)
+                        if im.state is ImageState.FAILED:
+                            self._mark_late_batch(token)
+                            break
+                    if token.begun:
+                        begun, token.begun = token.begun, []
+                        self.end_fast_intents(begun)
             finally:
-                self._leave(token.epoch)
+                self._leave(token.epoch, "writes" if n else None, nbytes, n)
             if n:
-                with self._elock:
-                    st = self._stats
-                    st["writes"] += n
-                    st["bytes_written"] += nbytes
                 for storage in legs:
                     storage.count_writes(n, nbytes)
         finally:
@@ -1321,9 +1321,9 @@ class MirrorVolume:
         """After ``begin_fast_reads``: count the ``n`` reads of ``nbytes`` bytes answered from
         ``storage`` (``fast_read_source``), leave the epoch and release the locks."""
         try:
-            self._leave(token.epoch)
+            self._leave(token.epoch, "reads" if n else None, nbytes, n)
             if n:
-                self.count_fast_reads(storage, n, nbytes)
+                storage.count_reads(n, nbytes)
         finally:
             token.release()
 

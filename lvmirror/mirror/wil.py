@@ -233,6 +233,14 @@ class WriteIntentLog:
         if offset < 0 or length < 0 or (length and last >= self.bitmap.nregions):
             raise ValueError(f"write-intent log {self.path}: range [{offset}, +{length}) outside "
                              f"its {self.bitmap.size_bytes} bytes")
+        if nowait and first == last and length:
+            # the ring thread's usual case, written out: one region, marked and saved already
+            with self._mutex:
+                if first in self._pending or not self.bitmap.test_region(first):
+                    raise WouldBlock("the write-intent log must be saved first")
+                inflight = self._inflight
+                inflight[first] = inflight.get(first, 0) + 1
+            return first, last
         if own_save and not nowait:
             try:
                 return self.begin(offset, length, nowait=True)    # nothing to save
@@ -299,6 +307,15 @@ class WriteIntentLog:
         with self._mutex:
             self._seq += 1
             seq = self._seq
+            if first == last:                       # (one region: _dec written out)
+                inflight = self._inflight
+                n = inflight[first] - 1
+                if n:
+                    inflight[first] = n
+                else:
+                    del inflight[first]
+                self._last_end[first] = seq
+                return
             for r in range(first, last + 1):
                 self._dec(r)
                 self._last_end[r] = seq

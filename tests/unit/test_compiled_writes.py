@@ -477,6 +477,28 @@ def test_a_one_image_lun_makes_its_writes_on_the_compiled_path_and_counts_them(l
     assert f'lvmirror_lun_compiled_writes_total{{lun="m"}} {lun.compiled_writes}' in text
 
 
+def test_after_a_write_batch_reads_are_still_compiled(lab, tmp_path):
+    """The compiled path asks first for the kind its last batch made: after WRITEs, a cached
+    READ at the ring's head is still the READ path's (the WRITE batch stops at it), also while
+    WRITEs cannot be made (after a slow write, ``_inline_after``), and WRITEs follow READs."""
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 35)
+    new = os.urandom(8 * BS)
+    assert _write(lun, emu, 8, new) == (0, None, True)
+    assert lun._lead == fastread.STOP_WRITE
+    r0 = lun.compiled
+    assert _read(emu, 8, 8) == new
+    assert lun.compiled == r0 + 1 and lun._lead == fastread.STOP_READ
+    assert _write(lun, emu, 16, new) == (0, None, True)
+    lun._inline_after = time.monotonic() + 60         # WRITEs to the pool for a while
+    assert _read(emu, 16, 8) == new
+    assert lun.compiled == r0 + 2
+    assert _write(lun, emu, 24, new) == (0, None, False)
+    lun._inline_after = 0.0
+    assert _write(lun, emu, 32, new) == (0, None, True)
+    with open(path, "rb") as f:
+        assert f.read(40 * BS)[8 * BS:] == new * 4
+
+
 def test_fua_and_write_through_writes_are_the_python_paths(lab, tmp_path):
     """FUA (SBC-4 5.40) and a write-through LU (WCE 0: every write is durable before GOOD)
     wait for the device: the Python path writes them, with fdatasync."""
@@ -547,12 +569,16 @@ def test_a_mirror_and_a_split_or_degraded_mirror_write_on_the_python_path(lab, t
 
 def test_a_held_region_lock_keeps_compiled_writes_out(lab, tmp_path):
     """A region lock anywhere (another write, a D-Bus client's lock): a WRITE of the held
-    range waits for it (overlapping I/O is serialised), one elsewhere is the Python path's."""
+    range waits for it (overlapping I/O is serialised), one elsewhere is answered at once (on
+    the compiled path under its own region lock, or on the Python path)."""
     emu, lun, path, data = _one_image_lun(lab, tmp_path, 34)
     new = os.urandom(8 * BS)
     hold = lun.volume.locks.lock(0, 8)
     try:
-        assert _write(lun, emu, 32, new) == (0, None, False)
+        assert _write(lun, emu, 32, new)[:2] == (0, None)
+        with open(path, "rb") as f:
+            f.seek(32 * BS)
+            assert f.read(8 * BS) == new
         wid = emu.submit(cdb10(0x2A, 0, 8), data_out=new)
         time.sleep(0.3)
         assert wid not in emu.completions
