@@ -39,6 +39,12 @@ crash-recovery done        every in-sync image            open after a crash (``
 =========================  =============================  ====================================
 
 Backups (``lvmirror.backup``) fsync the copy and its directory before they report done.
+
+A failed image is the other side of the rule: it is never flushed again, so nothing may vouch
+for what it holds only in a volatile cache. Its change bitmap marks, from the failure on, every
+region written since every image last flushed (the write-intent log's regions; for a syncing
+image also its bitmap as its resync last saved it) and each write of an older epoch that lands
+on it afterwards (``MirrorVolume._mark_unflushed``, ``_mark_late``): a re-add resyncs them.
 """
 
 from __future__ import annotations
