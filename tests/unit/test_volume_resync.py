@@ -1,5 +1,7 @@
 """Resync: bitmap-driven copy under region locks, while the volume serves I/O; cancel, resume."""
 
+import os
+
 import pytest
 
 from lvmirror.errors import StateError
@@ -259,6 +261,36 @@ def test_a_bad_saved_rate_resumes_unlimited(tmp_path, caplog):
     (job,) = vol.jobs.values()
     assert job.rate_limit is None and job.wait(10) and job.state == "done"
     assert "saved resync_rate -1.0 is not a rate; the job resumes unlimited" in caplog.text
+    vol.close()
+
+
+@pytest.mark.parametrize("saved", ["missing", "corrupt"])
+def test_a_syncing_image_failed_without_a_readable_saved_bitmap_marks_every_region(tmp_path,
+                                                                                  saved):
+    """A syncing image fails a write while its resync runs, and the bitmap its resync last
+    saved (what vouches for its copies) cannot be read: nothing says which copies are durable,
+    so every region is marked for the next resync."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    for lba in range(0, 80, 8):
+        write(vol, lba, pattern(1, lba))
+    gate = _copy_gate(3)
+    target = opener.by_path[paths[1]]
+    target.gates.append(gate)
+    job = vol.resync(1)
+    gate.wait_reached()
+    bpath = vol._bitmap_path(vol._images[1])
+    if saved == "missing":
+        os.unlink(bpath)
+    else:
+        with open(bpath, "wb") as f:
+            f.write(b"not a bitmap")
+    target.fail_writes = True
+    write(vol, 200, pattern(1, 9))                # image 0 took it: image 1 fails
+    assert vol.images[1].state is ImageState.FAILED
+    gate.open()
+    assert job.wait(10) and job.state == "failed"
+    assert vol.change_bitmap(1).fill() == 1.0
     vol.close()
 
 
