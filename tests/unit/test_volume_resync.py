@@ -264,21 +264,28 @@ def test_a_bad_saved_rate_resumes_unlimited(tmp_path, caplog):
     vol.close()
 
 
-@pytest.mark.parametrize("saved", ["missing", "corrupt"])
-def test_a_syncing_image_failed_without_a_readable_saved_bitmap_marks_every_region(tmp_path,
-                                                                                  saved):
-    """A syncing image fails a write while its resync runs, and the bitmap its resync last
-    saved (what vouches for its copies) cannot be read: nothing says which copies are durable,
-    so every region is marked for the next resync."""
+def _resync_held_at_third_copy(tmp_path):
+    """A 2-image volume, image 1 split and 10 regions written, its resync held at its third
+    region's copy: (volume, image 1's GatedImage, the gate, the job)."""
     vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
     vol.split(1)
-    for lba in range(0, 80, 8):
+    for lba in range(0, 80, 8):                   # 10 regions
         write(vol, lba, pattern(1, lba))
     gate = _copy_gate(3)
     target = opener.by_path[paths[1]]
     target.gates.append(gate)
     job = vol.resync(1)
     gate.wait_reached()
+    return vol, target, gate, job
+
+
+@pytest.mark.parametrize("saved", ["missing", "corrupt"])
+def test_a_syncing_image_failed_without_a_readable_saved_bitmap_marks_every_region(tmp_path,
+                                                                                  saved):
+    """A syncing image fails a write while its resync runs, and the bitmap its resync last
+    saved (what vouches for its copies) cannot be read: nothing says which copies are durable,
+    so every region is marked for the next resync."""
+    vol, target, gate, job = _resync_held_at_third_copy(tmp_path)
     bpath = vol._bitmap_path(vol._images[1])
     if saved == "missing":
         os.unlink(bpath)
@@ -301,15 +308,7 @@ def test_a_copy_ending_after_a_failed_flush_failed_the_image_leaves_its_bit_set(
     the failure among them (no resync checkpoint flushed them) - and the copy that ends
     afterwards must not clear its region's bit (nothing flushed vouches for it). Regions no
     write changed since the split stay clear: a re-add copies 10 regions, not the volume."""
-    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
-    vol.split(1)
-    for lba in range(0, 80, 8):                   # 10 regions
-        write(vol, lba, pattern(1, lba))
-    gate = _copy_gate(3)
-    target = opener.by_path[paths[1]]
-    target.gates.append(gate)
-    job = vol.resync(1)
-    gate.wait_reached()
+    vol, target, gate, job = _resync_held_at_third_copy(tmp_path)
     target.fail_flushes = True
     vol.flush()                                   # image 0 took it: the volume's flush succeeds
     assert vol.images[1].state is ImageState.FAILED
