@@ -987,8 +987,16 @@ class LunServer:
                     self._watch_idle = False
                     self._watch_wake.set()
                 if locked:
-                    done, nbytes, _ = fast.run(_fastread.run_batch, packed, locked, fds, rwf,
-                                               writes)
+                    done, nbytes, err, leg = fast.run(_fastread.run_batch, packed, locked, fds,
+                                                      rwf, writes)
+                    if err and writes and len(fds) > 1:
+                        # a leg refused the write: failed as the Python path fails an image
+                        # whose write errs (its range and unflushed regions marked), before
+                        # the pool writes the command again to the others
+                        start, count = ring.taken_ranges(packed, fast.block_size)[done]
+                        bs = fast.block_size
+                        fast.target.fast_write_failed(fast.wstorage[leg], err, start * bs,
+                                                      count * bs)
         finally:
             try:
                 try:

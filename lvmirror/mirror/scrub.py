@@ -453,19 +453,27 @@ class ScrubJob(_Job):
         rewritten = []
         if rec.repair and right is not None:
             good = memoryview(content[right[0]])
-            for k in sorted(content):
-                if k in right:
-                    continue
-                im = vol._images[k]
-                if im not in ep.writes or im.state is not ImageState.IN_SYNC:
-                    continue
-                try:
-                    im.storage.writev(off, [good])
-                except ImageIOError as e:
-                    vol._image_error(im, e, off, ln)
-                    continue
-                rewritten.append(k)
-                self._unsaved_repairs.append(im)
+            # a repair is a write like any other: marked in the write-intent log while it is in
+            # flight, and in the change bitmap of an image failed meanwhile (``_mark_late``),
+            # so a failure that drops it from that image's cache leaves the region to resync
+            tok = vol._wil.begin(off, ln)
+            try:
+                for k in sorted(content):
+                    if k in right:
+                        continue
+                    im = vol._images[k]
+                    if im not in ep.writes or im.state is not ImageState.IN_SYNC:
+                        continue
+                    try:
+                        im.storage.writev(off, [good])
+                    except ImageIOError as e:
+                        vol._image_error(im, e, off, ln)
+                        continue
+                    rewritten.append(k)
+                    self._unsaved_repairs.append(im)
+            finally:
+                vol._mark_late(ep, off, ln)
+                vol._wil.end(tok)
         rec.mismatches += 1
         fixed = rewritten and len(rewritten) == len(content) - len(right)
         if fixed:

@@ -677,6 +677,8 @@ class MirrorVolume:
         the change bitmap of each of its targets failed meanwhile (by another I/O's error). The
         write may have reached that image's volatile cache only, and it never flushes again;
         its failure merged only the log marks begun before it (``_mark_unflushed``)."""
+        if not length:
+            return                  # a flush: its failure marks what it may have lost
         for im in ep.writes:
             if im.state is ImageState.FAILED and im.bitmap is not None:
                 im.bitmap.mark(offset, length)
@@ -796,6 +798,16 @@ class MirrorVolume:
         targets = ep.writes
         if not targets:
             raise VolumeIOError(f"volume {self.name}: no live image", is_read=is_read)
+        try:
+            self._fanout_legs(ep, fn, offset, length, is_read, parallel)
+        finally:
+            # every writer of the images comes through here (writes, restores) or calls it
+            # itself (scrub repairs, torn regions): each before its write-intent mark ends
+            self._mark_late(ep, offset, length)
+
+    def _fanout_legs(self, ep, fn, offset, length, is_read, parallel):
+        """``_fanout``'s I/O and error handling (its docstring)."""
+        targets = ep.writes
         errors = []
         other = None
         if parallel and len(targets) > 1 and self.leg_timeout:
@@ -897,7 +909,6 @@ class MirrorVolume:
                     bm.mark(offset, length)
                 self._fanout(ep, fn, offset, length, parallel=self._parallel(length, fua))
             finally:
-                self._mark_late(ep, offset, length)
                 if tok is not None:
                     self._wil.end(tok)
         except BaseException:
@@ -1005,13 +1016,16 @@ class MirrorVolume:
                         src.storage.readv(off, [buf])
                         others = [im for im in ep.writes if im is not src]
                         ok = True
-                        for im in others:
-                            try:
-                                im.storage.writev(off, [buf])
-                            except ImageIOError as e:
-                                ok = False
-                                if not e.out_of_space:
-                                    self._image_error(im, e, off, ln)
+                        try:
+                            for im in others:
+                                try:
+                                    im.storage.writev(off, [buf])
+                                except ImageIOError as e:
+                                    ok = False
+                                    if not e.out_of_space:
+                                        self._image_error(im, e, off, ln)
+                        finally:
+                            self._mark_late(ep, off, ln)
                         if ok:
                             with self._elock:
                                 self._torn.discard(r)
@@ -1309,6 +1323,25 @@ class MirrorVolume:
                     storage.count_writes(n, nbytes)
         finally:
             token.release()
+
+    def fast_write_failed(self, storage, err: int, offset: int, length: int) -> bool:
+        """The compiled WRITE path's ``pwritev`` of ``[offset, offset + length)`` bytes to
+        ``storage`` (a leg of ``fast_write_source``) failed with errno ``err``: fail that image as
+        the Python path fails an image whose write errs (``_image_error``: persisted, logged,
+        its range and every region it may hold only in a volatile cache marked), though the
+        Python path then writes the command again and may find the device answering. A full
+        file system (ENOSPC, EDQUOT) fails no image: the Python path's write again reports it.
+        Returns True if the image is failed."""
+        if not err or err in (errno.ENOSPC, errno.EDQUOT):
+            return False
+        for img in self._images:
+            if img.storage is storage:
+                exc = ImageIOError(storage, err, f"image {storage.path}: write of {length} bytes "
+                                   f"at offset {offset} failed: {os.strerror(err)}", op="write",
+                                   offset=offset, length=length)
+                self._stats["write_errors"] += 1
+                return self._image_error(img, exc, offset, length)
+        return False
 
     def end_fast_intents(self, begun) -> None:
         """End the write-intent log tokens ``begun`` that ``lock_fast`` took (a compiled batch's

@@ -584,7 +584,8 @@ bad:
 #define MAX_LEGS 4      /* a mirror set's images */
 
 PyDoc_STRVAR(run_batch_doc,
-"run_batch(ring, data_off, map_size, packed, count, fds, rwf, writes) -> (done, nbytes, err)\n"
+"run_batch(ring, data_off, map_size, packed, count, fds, rwf, writes)\n"
+"    -> (done, nbytes, err, leg)\n"
 "\n"
 "The I/O of the first `count` commands take_batch took (`packed`), in order, WITHOUT the GIL\n"
 "(the caller locked their ranges): for a WRITE\n"
@@ -596,9 +597,11 @@ PyDoc_STRVAR(run_batch_doc,
 "blocks). It stops at the first command not done whole on every descriptor (an error, a\n"
 "short transfer, RWF_NOWAIT's EAGAIN).\n"
 "\n"
-"Returns how many commands were done whole (the first `done`), their bytes, and the errno of\n"
-"the one that failed (0: none, or short). ValueError for a `packed` that take_batch did not\n"
-"make for this map, TypeError for malformed arguments.");
+"Returns how many commands were done whole (the first `done`), their bytes, the errno of the\n"
+"one that failed (0: none, or short) and the index in `fds` of the descriptor it failed on\n"
+"(0 when none failed): the caller fails that image, as the Python path fails an image whose\n"
+"write errs. ValueError for a `packed` that take_batch did not make for this map, TypeError\n"
+"for malformed arguments.");
 
 static PyObject *
 run_batch(PyObject *Py_UNUSED(self), PyObject *args)
@@ -645,7 +648,7 @@ run_batch(PyObject *Py_UNUSED(self), PyObject *args)
         memcpy(&cmds[k], recs + (size_t)k * sizeof cmds[k], sizeof cmds[k]);
     uint32_t done = 0;
     unsigned long long nbytes = 0;
-    int err = 0;
+    int err = 0, bad = 0;
     Py_BEGIN_ALLOW_THREADS
     for (; done < count; done++) {
         struct taken *c = &cmds[done];
@@ -656,6 +659,7 @@ run_batch(PyObject *Py_UNUSED(self), PyObject *args)
                 : preadv2(fds[i], pool + c->iov_first, (int)c->iov_cnt, (off_t)c->offset, rwf);
             if (got < 0 || (uint64_t)got != c->want) {
                 err = got < 0 ? errno : 0;
+                bad = (int)i;
                 ok = 0;
             }
         }
@@ -666,7 +670,7 @@ run_batch(PyObject *Py_UNUSED(self), PyObject *args)
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&packed);
     PyBuffer_Release(&ring);
-    return Py_BuildValue("(IKi)", done, nbytes, err);
+    return Py_BuildValue("(IKii)", done, nbytes, err, bad);
 fail:
     PyBuffer_Release(&packed);
     PyBuffer_Release(&ring);

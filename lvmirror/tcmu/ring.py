@@ -384,8 +384,9 @@ class CommandRing:
         (``lvmirror.tcmu._fastread.run_batch``) with the GIL released and WITHOUT the ring's
         lock: a WRITE batch's Data-Out written to each descriptor of ``fds`` (1-4 images), a
         READ batch's Data-In read from ``fds[0]`` with preadv2 flags ``rwf``. Returns
-        ``(done, nbytes, err)``: the first ``done`` commands were done whole, ``nbytes`` bytes,
-        and the errno of the one that failed (0: none, or a short transfer)."""
+        ``(done, nbytes, err, leg)``: the first ``done`` commands were done whole, ``nbytes``
+        bytes, the errno of the one that failed (0: none, or a short transfer) and the index in
+        ``fds`` of the descriptor it failed on."""
         return run_batch(self._mv, self.data_off, self.map_size, packed, count, fds, rwf,
                          writes)
 

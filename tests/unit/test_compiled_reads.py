@@ -89,7 +89,8 @@ def unlocked(r, fds, writes, *, rwf=0, num_blocks=(1 << 20) // BS, max_bytes=64 
     completed = nbytes = err = 0
     rest = []
     if taken:
-        done, nbytes, err = r.run_taken(fastread.run_batch, packed, taken, fds, rwf, writes)
+        done, nbytes, err, _ = r.run_taken(fastread.run_batch, packed, taken, fds, rwf,
+                                           writes)
         completed, nbytes = r.complete_taken(fastread.complete_batch, packed, done, busy)
         if done < taken:
             why = fastread.STOP_MISS_WRITE if writes else fastread.STOP_MISS

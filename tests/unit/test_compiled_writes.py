@@ -784,7 +784,7 @@ def test_a_stalled_compiled_write_that_then_fails_is_made_by_the_python_path(lab
     import errno as _errno
     monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
     emu, lun, path, data = _one_image_lun(lab, tmp_path, 62)
-    gate, entered = _stall_run_batch(monkeypatch, then=(0, 0, _errno.EIO))
+    gate, entered = _stall_run_batch(monkeypatch, then=(0, 0, _errno.EIO, 0))
     new = [os.urandom(8 * BS) for _ in range(3)]
     ids = [emu.submit(cdb10(0x2A, 8 * k, 8), data_out=new[k]) for k in range(3)]
     assert entered.wait(10)
@@ -894,6 +894,46 @@ def test_a_leg_that_refuses_a_write_is_failed_by_the_python_path(lab, tmp_path):
     assert _read(emu, 16, 8) == other
 
 
+def test_a_leg_that_refuses_once_is_failed_though_the_write_again_succeeds(lab, tmp_path,
+                                                                         monkeypatch):
+    """Image 1 refuses one compiled write (EBADF: a read-only descriptor in its place) and takes
+    writes again before the worker pool writes the command again (a device that erred once).
+    The image is failed all the same, as the Python path fails an image whose write errs: an
+    I/O error means the image may have lost what it held (md fails the disk too). Its change
+    bitmap marks the command's range, and the command lands on image 0."""
+    emu, lun, paths, data = _mirror_lun(lab, tmp_path, 76)
+    vol = lun.volume
+    assert _write(lun, emu, 8, os.urandom(8 * BS)) == (0, None, True)
+    st = vol._images[1].storage
+    saved = os.dup(st.fd)
+    gate, entered = threading.Event(), threading.Event()
+    real_execute = lun._execute
+
+    def held(command):
+        entered.set()
+        assert gate.wait(30)
+        real_execute(command)
+    monkeypatch.setattr(lun, "_execute", held)
+    ro = os.open(paths[1], os.O_RDONLY)
+    try:
+        os.dup2(ro, st.fd)
+        other = os.urandom(8 * BS)
+        wid = emu.submit(cdb10(0x2A, 16, 8), data_out=other)
+        assert entered.wait(10)                   # refused: the pool will write it again
+    finally:
+        os.dup2(saved, st.fd)                     # the device answers again
+        os.close(saved)
+        os.close(ro)
+    gate.set()
+    assert emu.wait([wid])[wid].status == 0
+    assert vol._images[1].state is ImageState.FAILED
+    assert "Bad file descriptor" in vol._images[1].rec.error
+    assert vol._images[1].bitmap.all_dirty(16 * BS, 8 * BS)
+    with open(paths[0], "rb") as f:
+        f.seek(16 * BS)
+        assert f.read(8 * BS) == other
+
+
 def test_a_split_waits_for_a_stalled_mirror_batch_and_keeps_its_write(lab, tmp_path,
                                                                       monkeypatch):
     """Split rules 1-3 with a compiled batch in flight: a mirror's WRITE batch stalls inside
@@ -934,11 +974,10 @@ def test_a_split_waits_for_a_stalled_mirror_batch_and_keeps_its_write(lab, tmp_p
 
 def test_a_mirror_batch_that_fails_keeps_its_log_marks_in_flight_until_written_again(
         lab, tmp_path, monkeypatch):
-    """A mirror batch's write fails part way (it may have reached one leg and not the other):
-    its commands' write-intent log marks stay in flight - no checkpoint may clear them while
-    the legs may differ - until the worker pool has written those commands again; then they
-    end, and the data is on both images."""
-    import errno as _errno
+    """A mirror batch's write stops part way (a short write: it may have reached one leg and
+    not the other, and no leg reported an error): its commands' write-intent log marks stay in
+    flight - no checkpoint may clear them while the legs may differ - until the worker pool has
+    written those commands again; then they end, and the data is on both images."""
     from tests.unit.test_daemon_ring import _no_checkpoints
     emu, lun, paths, data = _mirror_lun(lab, tmp_path, 75)
     vol = lun.volume
@@ -948,7 +987,7 @@ def test_a_mirror_batch_that_fails_keeps_its_log_marks_in_flight_until_written_a
 
     def fails(ring, data_off, map_size, packed, count, fds, rwf, kind):
         if kind and threading.current_thread().name.startswith("ring-"):
-            return (0, 0, _errno.EIO)
+            return (0, 0, 0, 1)
         return real_run(ring, data_off, map_size, packed, count, fds, rwf, kind)
     monkeypatch.setattr(fastread, "run_batch", fails)
     gate, entered = threading.Event(), threading.Event()

@@ -519,3 +519,45 @@ def test_write_of_the_epoch_before_a_failure_marks_the_failed_image(tmp_path):
     vol.close()
     vol2 = _open(m2)
     _resync_and_check(m2, vol2, _expected((B_LBA, B), (C_LBA, C)))
+
+
+def test_a_restore_copy_of_the_epoch_before_a_failure_marks_the_failed_image(tmp_path):
+    """The same for a restore's copy of a region (it writes every live image, not through the
+    volume's write path): image 1 fails between the copy's epoch entry and its write-intent
+    mark; the copy still writes image 1's page cache. After a checkpoint and a power cut, the
+    re-add must leave image 1 as the restore left image 0."""
+    m = Machine(tmp_path / "meta")
+    a, b, c = (str(tmp_path / f"{n}.img") for n in "abc")
+    vol = _mirror_chunked(m, [a, b, c])
+    vol.split(2)                                  # image 2 holds P1: the restore's source
+    _write(vol, 0, P3)                            # regions 0-31 change on images 0 and 1
+    vol.flush()
+    vol.checkpoint()
+    wil = vol._wil
+    real_begin = wil.begin
+    held, go = threading.Event(), threading.Event()
+    target = 4 * REGION                           # the first region of log chunk 1
+
+    def begin(offset, length, *args, **kw):
+        if offset == target and not held.is_set():
+            held.set()
+            assert go.wait(20)
+        return real_begin(offset, length, *args, **kw)
+    wil.begin = begin
+    job = vol.restore(2)
+    assert held.wait(20)
+    _fail_next_write(vol, 1, lose_cache=False)
+    _write(vol, B_LBA, B)                         # outside the restored regions
+    assert vol.images[1].state is ImageState.FAILED
+    go.set()
+    assert job.wait(30) and job.state == "done", (job.state, job.error)
+    vol.checkpoint()
+    m2 = m.cut(tmp_path / "cut")
+    vol.close()
+    vol2 = _open(m2)
+    job = vol2.resync(1)
+    assert job.wait(30) and job.state == "done", (job.state, job.error)
+    states = [info.state for info in vol2.images]
+    vol2.close()
+    assert states[:2] == [ImageState.IN_SYNC, ImageState.IN_SYNC]
+    assert _read_image(m2, b) == _read_image(m2, a) == _expected((B_LBA, B))
