@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from lvmirror.errors import ConfigError, StateError
 from lvmirror.mirror import imagecheck
@@ -29,6 +30,9 @@ __all__ = ["JobControl"]
 log = logging.getLogger(__name__)
 
 _KEEP = object()   # _commit_resync_state: leave the resync cursor as it is
+# Seconds a resync waits for I/O left behind on its image when it was failed as slow (a dm
+# reload or a device reset returns them) before it refuses (``JobControl.resync``).
+STUCK_IO_WAIT = 5.0
 
 
 class JobControl:
@@ -61,10 +65,16 @@ class JobControl:
         marked, never in sync with part of a copy.
 
         Raises StateError: the image is in sync (without ``full``), exported as a LUN, already
-        has a job, a restore runs, or no other image is in sync. IndexError: no such image."""
+        has a job, a restore runs, no other image is in sync, or an I/O left behind when it was
+        failed as slow (``leg_timeout``) is still in flight on its device STUCK_IO_WAIT seconds
+        after the call (``Leg.stuck_io``). IndexError: no such image."""
         vol = self.vol
         rate_limit = check_rate(rate_limit)
         vol._check_open()
+        img = vol._img(image_index)
+        deadline = time.monotonic() + STUCK_IO_WAIT
+        while img.stuck_io and time.monotonic() < deadline:
+            time.sleep(0.02)          # an I/O left behind as slow, returning now (dm reload)
         with vol._mgmt:
             vol.splits.check_idle("resync")
             img = vol._img(image_index)
@@ -78,6 +88,12 @@ class JobControl:
             self._refuse_if_exported(img, image_index, "resyncing")
             if self.restore_job is not None:
                 raise StateError(f"volume {vol.name}: a restore is running; resync after it ends")
+            if img.stuck_io:
+                raise StateError(
+                    f"volume {vol.name}: image {image_index} ({img.rec.path}) still has "
+                    f"{img.stuck_io} I/O(s) in flight on its device since it was failed as slow "
+                    f"(leg_timeout); resync it once they return (one landing after the copy "
+                    f"would leave it stale)")
             if not any(o.state is ImageState.IN_SYNC for o in vol._images if o is not img):
                 raise StateError(f"volume {vol.name}: no other in-sync image to resync "
                                  f"image {image_index} from")

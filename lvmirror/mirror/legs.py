@@ -157,9 +157,31 @@ class Leg:
         self.bitmap: RegionBitmap | None = bitmap
         self.state = ImageState(rec.state)
         self.worker: Worker | None = None
+        # I/Os a bounded fan-out completed without (leg_timeout: failed as slow) and that have
+        # not returned from the device yet; a resync waits for none (``stuck_io``)
+        self._stuck = 0
+        self._stuck_mu = threading.Lock()
         self.exported = 0          # SplitImageVolume objects serving this split image
         # the split.PendingSplit of a split between prepare and finish (None otherwise)
         self.split_busy = None
+
+    def abandoned_io(self) -> None:
+        """One I/O on this leg was left behind in flight (failed as slow, ``leg_timeout``)."""
+        with self._stuck_mu:
+            self._stuck += 1
+
+    def abandoned_io_done(self) -> None:
+        """An I/O left behind by ``abandoned_io`` returned from the device."""
+        with self._stuck_mu:
+            self._stuck -= 1
+
+    @property
+    def stuck_io(self) -> int:
+        """I/Os left behind in flight on this leg that have not returned yet: while any is, a
+        resync of the image is refused, since such a write may land after the copy of its
+        region and leave the image stale though marked in sync (md likewise keeps a faulty
+        disk until its pending I/O is done)."""
+        return self._stuck
 
     def sync_rec(self):
         """Copy the in-memory state into the metadata record (before a save). An image whose

@@ -122,11 +122,13 @@ class _LegGroup:
     in-sync leg succeeded (or, failing that, when the last leg ended), ``all_done`` when the
     last leg ended. ``mu`` guards the fields."""
 
-    __slots__ = ("mu", "results", "left", "first_ok", "fastest", "any_ok", "all_done")
+    __slots__ = ("mu", "results", "left", "first_ok", "fastest", "any_ok", "all_done",
+                 "abandoned")
 
     def __init__(self, nlegs):
         self.mu = threading.Lock()
         self.results = {}
+        self.abandoned = ()     # legs the I/O completed without (still in flight on them)
         self.left = nlegs
         self.first_ok = None
         self.fastest = None
@@ -150,6 +152,8 @@ class _LegDone:
         leg. Called once per leg, by its worker."""
         g = self.group
         with g.mu:
+            if self.img in g.abandoned:      # failed as slow: its I/O has returned now
+                self.img.abandoned_io_done()
             g.results[self.img] = exc
             g.left -= 1
             last = g.left == 0
@@ -871,6 +875,13 @@ class MirrorVolume:
         with group.mu:
             results = dict(group.results)
             fastest = group.fastest
+            late = [img for img in targets if img not in results]
+            if late:
+                # still in flight on those legs: counted until it returns, so that no resync
+                # copies a region this write may still overwrite (``Leg.stuck_io``)
+                group.abandoned = late
+                for img in late:
+                    img.abandoned_io()
         errors, other = [], None
         for img in targets:
             if img not in results:
