@@ -894,6 +894,20 @@ def test_a_leg_that_refuses_a_write_is_failed_by_the_python_path(lab, tmp_path):
     assert _read(emu, 16, 8) == other
 
 
+def _hold_the_pool(lun, monkeypatch):
+    """Hold each command the worker pool makes until the returned ``gate`` is set
+    (``entered`` is set when one arrives): (gate, entered)."""
+    gate, entered = threading.Event(), threading.Event()
+    real_execute = lun._execute
+
+    def held(command):
+        entered.set()
+        assert gate.wait(30)
+        real_execute(command)
+    monkeypatch.setattr(lun, "_execute", held)
+    return gate, entered
+
+
 def test_a_leg_that_refuses_once_is_failed_though_the_write_again_succeeds(lab, tmp_path,
                                                                          monkeypatch):
     """Image 1 refuses one compiled write (EBADF: a read-only descriptor in its place) and takes
@@ -906,14 +920,7 @@ def test_a_leg_that_refuses_once_is_failed_though_the_write_again_succeeds(lab, 
     assert _write(lun, emu, 8, os.urandom(8 * BS)) == (0, None, True)
     st = vol._images[1].storage
     saved = os.dup(st.fd)
-    gate, entered = threading.Event(), threading.Event()
-    real_execute = lun._execute
-
-    def held(command):
-        entered.set()
-        assert gate.wait(30)
-        real_execute(command)
-    monkeypatch.setattr(lun, "_execute", held)
+    gate, entered = _hold_the_pool(lun, monkeypatch)
     ro = os.open(paths[1], os.O_RDONLY)
     try:
         os.dup2(ro, st.fd)
@@ -990,14 +997,7 @@ def test_a_mirror_batch_that_fails_keeps_its_log_marks_in_flight_until_written_a
             return (0, 0, 0, 1)
         return real_run(ring, data_off, map_size, packed, count, fds, rwf, kind)
     monkeypatch.setattr(fastread, "run_batch", fails)
-    gate, entered = threading.Event(), threading.Event()
-    real_execute = lun._execute
-
-    def held(command):
-        entered.set()
-        assert gate.wait(30)
-        real_execute(command)
-    monkeypatch.setattr(lun, "_execute", held)
+    gate, entered = _hold_the_pool(lun, monkeypatch)
     new = os.urandom(8 * BS)
     wid = emu.submit(cdb10(0x2A, 8, 8), data_out=new)
     assert entered.wait(10)
