@@ -989,14 +989,8 @@ class LunServer:
                 if locked:
                     done, nbytes, err, leg = fast.run(_fastread.run_batch, packed, locked, fds,
                                                       rwf, writes)
-                    if err and writes and len(fds) > 1:
-                        # a leg refused the write: failed as the Python path fails an image
-                        # whose write errs (its range and unflushed regions marked), before
-                        # the pool writes the command again to the others
-                        start, count = ring.taken_ranges(packed, fast.block_size)[done]
-                        bs = fast.block_size
-                        fast.target.fast_write_failed(fast.wstorage[leg], err, start * bs,
-                                                      count * bs)
+                    if err and writes:
+                        self._compiled_write_refused(fast, packed, done, err, leg)
         finally:
             try:
                 try:
@@ -1064,6 +1058,23 @@ class LunServer:
                 # (complete_taken left it pending_notify)
             return None, why
         return completed, why
+
+    def _compiled_write_refused(self, fast, packed: bytes, k: int, err: int, leg: int) -> None:
+        """The ``k``-th command of a compiled WRITE batch (``packed``) failed with errno ``err``
+        on leg ``leg`` of ``fast.wstorage``; the worker pool writes it again. A mirror's leg is
+        failed first, as the Python path fails an image whose write errs
+        (``fast_write_failed``: logged, its range and unflushed regions marked); otherwise
+        (one image, a full file system) the error is logged here, so that an error the write
+        again does not meet still leaves a line in the journal."""
+        bs = fast.block_size
+        start, count = self._ring.taken_ranges(packed, bs)[k]
+        storage = fast.wstorage[leg]
+        if len(fast.wstorage) > 1 and fast.target.fast_write_failed(storage, err, start * bs,
+                                                                     count * bs):
+            return
+        log.warning("LUN %s: a compiled WRITE of %d blocks at LBA %d failed on image %s (%s); "
+                    "the worker pool writes it again", self.name, count, start, storage.path,
+                    os.strerror(err))
 
     def _inline_candidate(self, command, writes: bool, idle: bool) -> bool:
         """Whether the ring thread tries ``command`` itself: a READ of at most INLINE_READ_MAX

@@ -416,6 +416,12 @@ class StorageImage:
             st["writes"] += n
             st["bytes_written"] += nbytes
 
+    def write_error(self, offset: int, length: int, err: int) -> ImageIOError:
+        """The ImageIOError of a write of ``length`` bytes at ``offset`` that another path made
+        on this image's descriptor (the ring thread's compiled WRITE path) and the device
+        refused with errno ``err``; counted in ``stats["errors"]`` as this image's own."""
+        return self._ioerror("write", offset, length, OSError(err, os.strerror(err)))
+
     def count_reads(self, n: int, nbytes: int) -> None:
         """Count ``n`` reads of ``nbytes`` bytes in all that another path did on this image's
         descriptor (the ring thread's compiled READ path)."""

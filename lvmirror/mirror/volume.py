@@ -1347,11 +1347,9 @@ class MirrorVolume:
             return False
         for img in self._images:
             if img.storage is storage:
-                exc = ImageIOError(storage, err, f"image {storage.path}: write of {length} bytes "
-                                   f"at offset {offset} failed: {os.strerror(err)}", op="write",
-                                   offset=offset, length=length)
                 self._stats["write_errors"] += 1
-                return self._image_error(img, exc, offset, length)
+                return self._image_error(img, storage.write_error(offset, length, err), offset,
+                                         length)
         return False
 
     def end_fast_intents(self, begun) -> None:

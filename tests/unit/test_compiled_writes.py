@@ -894,6 +894,33 @@ def test_a_leg_that_refuses_a_write_is_failed_by_the_python_path(lab, tmp_path):
     assert _read(emu, 16, 8) == other
 
 
+def test_a_one_image_write_refused_once_leaves_a_journal_line(lab, tmp_path, monkeypatch,
+                                                              caplog):
+    """A one-image LUN's compiled WRITE refused once (EIO) and made by the worker pool: GOOD,
+    the data lands, and the refusal is logged (the image is not failed: it is the only one)."""
+    import errno as _errno
+    import logging
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 77)
+    real = fastread.run_batch
+    fired = []
+
+    def refuses(ring, data_off, map_size, packed, count, fds, rwf, kind):
+        if kind and not fired and threading.current_thread().name.startswith("ring-"):
+            fired.append(1)
+            return (0, 0, _errno.EIO, 0)
+        return real(ring, data_off, map_size, packed, count, fds, rwf, kind)
+    monkeypatch.setattr(fastread, "run_batch", refuses)
+    new = os.urandom(8 * BS)
+    with caplog.at_level(logging.WARNING, logger="lvmirrord"):
+        assert _write(lun, emu, 8, new)[:2] == (0, None)
+    assert fired
+    assert "a compiled WRITE of 8 blocks at LBA 8 failed on image" in caplog.text
+    assert "Input/output error" in caplog.text
+    with open(path, "rb") as f:
+        f.seek(8 * BS)
+        assert f.read(8 * BS) == new
+
+
 def _hold_the_pool(lun, monkeypatch):
     """Hold each command the worker pool makes until the returned ``gate`` is set
     (``entered`` is set when one arrives): (gate, entered)."""
