@@ -189,7 +189,7 @@ class VolumeHost:
                 "images": [dict(index=i.index, id=i.id, path=i.path, state=i.state.value,
                                 generation=i.generation, split_time=i.split_time,
                                 bitmap_fill=i.bitmap_fill, dirty_bytes=i.dirty_bytes,
-                                error=i.error) for i in volume.images],
+                                error=i.error, stuck_io=i.stuck_io) for i in volume.images],
                 "jobs": [job.progress() for job in list(volume.jobs.values())] +
                         [b.progress() for (v, _), b in list(self._backups.items()) if v == name] +
                         ([volume.recovery.progress()] if volume.recovery is not None

@@ -137,6 +137,10 @@ def render(status: dict, now: float | None = None) -> str:
                "split, or missed while failed)",
                [({"volume": n, "image": im["index"]}, im["dirty_bytes"])
                 for n, im in images if im["dirty_bytes"] is not None])
+    out.metric("lvmirror_image_io_left_behind", "gauge",
+               "I/Os still in flight on the image's device since it was failed as slow "
+               "(leg_timeout); a resync or split of it waits for them",
+               [({"volume": n, "image": im["index"]}, im.get("stuck_io", 0)) for n, im in images])
     split = [(n, im) for n, im in images if im["state"] == "split" and im["split_time"]]
     out.metric("lvmirror_image_split_timestamp_seconds", "gauge",
                "when the image was split (the point in time it holds)",

@@ -148,7 +148,9 @@ def split_group(host_of, members, *, hold_max: float = HOLD_MAX) -> dict:
 
     Raises ConfigError (bad members, a volume not open) or StateError (a member cannot be
     split) with nothing split; StateError naming what was split when a member fails at its
-    instant after others were split (those are split, consistent with each other).
+    instant after others were split, or fails to finish (a write begun before T still in
+    flight on its image, ``SplitControl.finish``) while the others finish: those are split,
+    consistent with each other.
     """
     members = parse_members(members)
     groups = _hosts(host_of, members)
@@ -170,11 +172,22 @@ def split_group(host_of, members, *, hold_max: float = HOLD_MAX) -> dict:
         for name, image in members:
             if not any(s[0] == name for s in switched):
                 _abort(hosts[name], name, image)
-    results = []
+    results, unfinished = [], []
     for name, image, _ in switched:
-        res = hosts[name].split_finish(name, image)
+        try:                    # every member past its T is finished, whatever another does
+            res = hosts[name].split_finish(name, image)
+        except Exception as exc:
+            unfinished.append(f"{name}:{image} ({exc})")
+            continue
         res["volume"] = name
         results.append(res)
+    if unfinished:
+        done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
+        log.error("consistency group: not split after their instant: %s; split: %s",
+                  "; ".join(unfinished), done)
+        raise StateError(f"consistency group: not split after their instant: "
+                         f"{'; '.join(unfinished)}; split (consistent with each other): {done}; "
+                         f"resync those and split the group again")
     if failed is not None:
         name, image, exc = failed
         done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"

@@ -152,9 +152,16 @@ def _backing_logical_block_size(st: os.stat_result) -> int:
 class StorageImage:
     """A regular file or block device used as one image of a mirror set."""
 
-    def __init__(self, path, fd, *, size, logical_block_size, read_only, direct, is_block_device):
-        """Use ``StorageImage.open``; this only wires up an already-open descriptor."""
+    def __init__(self, path, fd, *, size, logical_block_size, read_only, direct, is_block_device,
+                 device=None):
+        """Use ``StorageImage.open``; this only wires up an already-open descriptor.
+
+        ``device``: the identity of the file or device behind the descriptor, ``("block",
+        st_rdev)`` or ``("file", st_dev, st_ino)`` from fstat (None: ``("path", real path)``).
+        Two opens of the same device share it, whatever path named it: I/O left behind in
+        flight is counted by it (``legs.left_behind``)."""
         self.path = path
+        self.device = device if device is not None else ("path", os.path.realpath(path))
         self.fd = fd
         self.size = size
         self.logical_block_size = logical_block_size
@@ -247,8 +254,9 @@ class StorageImage:
         except OSError as e:
             os.close(fd)
             raise ConfigError(f"image {path}: cannot size the device: {e.strerror}") from None
+        device = ("block", st.st_rdev) if is_blk else ("file", st.st_dev, st.st_ino)
         return cls(path, fd, size=size, logical_block_size=lbs, read_only=read_only,
-                   direct=direct, is_block_device=is_blk)
+                   direct=direct, is_block_device=is_blk, device=device)
 
     @staticmethod
     def create_file(path, size: int) -> None:

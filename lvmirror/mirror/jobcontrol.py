@@ -17,7 +17,7 @@ import os
 import time
 
 from lvmirror.errors import ConfigError, StateError
-from lvmirror.mirror import imagecheck
+from lvmirror.mirror import imagecheck, legs
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.legs import MAX_IMAGES, ImageState, Leg, check_image_fits
@@ -30,9 +30,6 @@ __all__ = ["JobControl"]
 log = logging.getLogger(__name__)
 
 _KEEP = object()   # _commit_resync_state: leave the resync cursor as it is
-# Seconds a resync waits for I/O left behind on its image when it was failed as slow (a dm
-# reload or a device reset returns them) before it refuses (``JobControl.resync``).
-STUCK_IO_WAIT = 5.0
 
 
 class JobControl:
@@ -66,15 +63,13 @@ class JobControl:
 
         Raises StateError: the image is in sync (without ``full``), exported as a LUN, already
         has a job, a restore runs, no other image is in sync, or an I/O left behind when it was
-        failed as slow (``leg_timeout``) is still in flight on its device STUCK_IO_WAIT seconds
-        after the call (``Leg.stuck_io``). IndexError: no such image."""
+        failed as slow (``leg_timeout``) is still in flight on its device ``legs.STUCK_IO_WAIT``
+        seconds after the call (``Leg.stuck_io``). IndexError: no such image."""
         vol = self.vol
         rate_limit = check_rate(rate_limit)
         vol._check_open()
         img = vol._img(image_index)
-        deadline = time.monotonic() + STUCK_IO_WAIT
-        while img.stuck_io and time.monotonic() < deadline:
-            time.sleep(0.02)          # an I/O left behind as slow, returning now (dm reload)
+        img.wait_stuck(legs.STUCK_IO_WAIT)   # an I/O left behind as slow, returning now
         with vol._mgmt:
             vol.splits.check_idle("resync")
             img = vol._img(image_index)
@@ -88,21 +83,28 @@ class JobControl:
             self._refuse_if_exported(img, image_index, "resyncing")
             if self.restore_job is not None:
                 raise StateError(f"volume {vol.name}: a restore is running; resync after it ends")
-            if img.stuck_io:
-                raise StateError(
-                    f"volume {vol.name}: image {image_index} ({img.rec.path}) still has "
-                    f"{img.stuck_io} I/O(s) in flight on its device since it was failed as slow "
-                    f"(leg_timeout); resync it once they return (one landing after the copy "
-                    f"would leave it stale)")
             if not any(o.state is ImageState.IN_SYNC for o in vol._images if o is not img):
                 raise StateError(f"volume {vol.name}: no other in-sync image to resync "
                                  f"image {image_index} from")
             self._reopen_if_needed(img)
+            self._refuse_if_stuck(img, f"image {image_index}", "resync it")
             full = full or img.bitmap is None
             if full:
                 img.bitmap = RegionBitmap(vol.size, vol.region_size)
                 img.bitmap.set_all()
             return self.start_resync(img, full=full, rate_limit=rate_limit)
+
+    def _refuse_if_stuck(self, img, what, doing):
+        """StateError while I/O left behind as slow (``leg_timeout``) is in flight on ``img``'s
+        device (``Leg.stuck_io``): one landing after a copy of its region would leave the image
+        stale though in sync."""
+        stuck = img.stuck_io
+        if stuck:
+            raise StateError(
+                f"volume {self.vol.name}: {what} ({img.rec.path}) still has {stuck} I/O(s) in "
+                f"flight on its device since it was failed as slow (leg_timeout, "
+                f"{legs.STUCK_IO_WAIT:g} s waited); {doing} once they return (one landing "
+                f"after the copy would leave it stale)")
 
     def _reopen_if_needed(self, img):
         vol = self.vol
@@ -295,7 +297,8 @@ class JobControl:
         already an image of this volume or a current image of another volume of the state
         directory (by real path, device and inode), a block device another user holds (opened
         with O_EXCL as LIO's iblock does; the holder is named). StateError: 4 images already,
-        no in-sync image to copy from. ValueError: a bad ``rate_limit`` (checked first)."""
+        no in-sync image to copy from, or an I/O left behind in flight on the same device when
+        it was failed as slow (detached since; ``Leg.stuck_io``). ValueError: a bad ``rate_limit`` (checked first)."""
         vol = self.vol
         rate_limit = check_rate(rate_limit)
         vol._check_open()
@@ -323,6 +326,14 @@ class JobControl:
                 st = vol._opener(path, direct=vol._direct)
                 try:
                     check_image_fits(st, vol.size, vol.block_size)
+                    stuck = legs.in_flight(st.device)
+                    if stuck:
+                        # the same file or device, detached after it was failed as slow: its
+                        # write landing after the full resync's copy would leave it stale
+                        raise StateError(
+                            f"volume {vol.name}: {path} still has {stuck} I/O(s) in flight on "
+                            f"its device since it was failed as slow (leg_timeout); attach it "
+                            f"once they return")
                     found = None
                     if existed:
                         src = next(o.rec.path for o in vol._images
@@ -333,7 +344,7 @@ class JobControl:
                                  f"full copy of the volume (from {src})",
                             hint="To overwrite it, say so explicitly: lvmirror attach --force "
                                  "(targetcli-lvmirror: attach force=true)")
-                except ConfigError:
+                except (ConfigError, StateError):
                     st.close()
                     raise
                 if found is not None:

@@ -17,8 +17,9 @@ import threading
 from lvmirror.errors import ConfigError
 from lvmirror.mirror.bitmap import RegionBitmap
 
-__all__ = ["ImageInfo", "ImageState", "Leg", "MAX_IMAGES", "SplitInfo", "Worker",
-           "check_image_fits"]
+__all__ = ["ImageInfo", "ImageState", "Leg", "MAX_IMAGES", "STUCK_IO_WAIT", "SplitInfo",
+           "Worker", "check_image_fits", "in_flight", "left_behind", "returned",
+           "wait_returned"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ class ImageState(enum.Enum):
 class ImageInfo:
     """One image as ``MirrorVolume.images`` reports it (a snapshot): ``dirty_bytes`` (bytes the
     change bitmap marks) and ``bitmap_fill`` (fraction of regions marked) are None in sync;
-    ``split_time`` is seconds since the epoch; ``error`` says why the image failed."""
+    ``split_time`` is seconds since the epoch; ``error`` says why the image failed;
+    ``stuck_io``: I/Os left behind in flight on its device when it was failed as slow
+    (``Leg.stuck_io``; a resync waits for them)."""
     index: int
     id: int
     path: str
@@ -52,6 +55,7 @@ class ImageInfo:
     bitmap_fill: float | None      # dirty fraction of the change bitmap (None for in-sync)
     dirty_bytes: int | None
     error: str | None
+    stuck_io: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +149,52 @@ class Worker:
                 t.join()
 
 
+# ---- I/O left behind on a device -------------------------------------------------------------
+#
+# A bounded fan-out (``leg_timeout``) completes a write without a leg that has not answered; the
+# leg's I/O is still in flight in the kernel and lands whenever the device answers (a dm-delay
+# or a path failover may take minutes). Such an I/O is counted here, per device and for the
+# whole process, until it returns: an object that opens the same device again (the volume
+# reopened after a LUN was removed and added, the image detached and attached again) still sees
+# it. Another process cannot: a process whose thread is blocked in the device cannot finish
+# exiting, and keeps its D-Bus name and state directory lock until the I/O returns.
+
+STUCK_IO_WAIT = 5.0     # seconds a resync or split waits for I/O left behind to return
+
+_left_cv = threading.Condition()
+_left: dict = {}
+
+
+def left_behind(device) -> None:
+    """Count one I/O left in flight on ``device`` (a ``StorageImage.device`` identity)."""
+    with _left_cv:
+        _left[device] = _left.get(device, 0) + 1
+
+
+def returned(device) -> None:
+    """One I/O counted by ``left_behind(device)`` returned; wakes ``wait_returned``."""
+    with _left_cv:
+        n = _left.get(device, 0) - 1
+        if n > 0:
+            _left[device] = n
+        else:
+            _left.pop(device, None)
+        _left_cv.notify_all()
+
+
+def in_flight(device) -> int:
+    """I/Os counted on ``device`` and not returned yet."""
+    return _left.get(device, 0)
+
+
+def wait_returned(device, timeout: float) -> int:
+    """Wait up to ``timeout`` seconds until no I/O is left in flight on ``device``; returns
+    how many still are (0: none)."""
+    with _left_cv:
+        _left_cv.wait_for(lambda: not _left.get(device), timeout)
+        return _left.get(device, 0)
+
+
 class Leg:
     """Runtime state of one image of the mirror set, a *leg* in dm-mirror's words: its metadata
     record (``rec``: path, state, generation, resync cursor...), its open storage (a StorageImage,
@@ -157,31 +207,45 @@ class Leg:
         self.bitmap: RegionBitmap | None = bitmap
         self.state = ImageState(rec.state)
         self.worker: Worker | None = None
-        # I/Os a bounded fan-out completed without (leg_timeout: failed as slow) and that have
-        # not returned from the device yet; a resync waits for none (``stuck_io``)
-        self._stuck = 0
-        self._stuck_mu = threading.Lock()
         self.exported = 0          # SplitImageVolume objects serving this split image
         # the split.PendingSplit of a split between prepare and finish (None otherwise)
         self.split_busy = None
 
-    def abandoned_io(self) -> None:
-        """One I/O on this leg was left behind in flight (failed as slow, ``leg_timeout``)."""
-        with self._stuck_mu:
-            self._stuck += 1
+    @property
+    def device(self):
+        """The identity of the image's file or block device (``StorageImage.device``), or
+        None while it is not open."""
+        return self.storage.device if self.storage is not None else None
 
-    def abandoned_io_done(self) -> None:
-        """An I/O left behind by ``abandoned_io`` returned from the device."""
-        with self._stuck_mu:
-            self._stuck -= 1
+    def abandoned_io(self):
+        """One I/O on this leg was left behind in flight (failed as slow, ``leg_timeout``);
+        counted on its device (``left_behind``). Returns the device, for
+        ``abandoned_io_done``."""
+        dev = self.storage.device
+        left_behind(dev)
+        return dev
+
+    @staticmethod
+    def abandoned_io_done(device) -> None:
+        """An I/O left behind by ``abandoned_io`` on ``device`` returned from the device."""
+        returned(device)
 
     @property
     def stuck_io(self) -> int:
-        """I/Os left behind in flight on this leg that have not returned yet: while any is, a
-        resync of the image is refused, since such a write may land after the copy of its
-        region and leave the image stale though marked in sync (md likewise keeps a faulty
+        """I/Os left behind in flight on this image's device that have not returned yet, by
+        this volume or any other object of the process that had the device open (a volume
+        closed and opened again, an image detached and attached again). While any is, a
+        resync of the image is refused and a split of it does not complete: such a write may
+        land after the copy of its region, or in the frozen copy (md likewise keeps a faulty
         disk until its pending I/O is done)."""
-        return self._stuck
+        dev = self.device
+        return in_flight(dev) if dev is not None else 0
+
+    def wait_stuck(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for ``stuck_io`` to reach 0; returns what is still
+        in flight then (0: none)."""
+        dev = self.device
+        return wait_returned(dev, timeout) if dev is not None else 0
 
     def sync_rec(self):
         """Copy the in-memory state into the metadata record (before a save). An image whose

@@ -19,7 +19,12 @@ A split runs in three steps, so that several volumes can share one T (a consiste
     bitmap first.
 ``finish(p)``
     waits for the I/O begun before T to drain (epochs older than T), then, through the
-    durability barrier, flushes the image and saves the split as done.
+    durability barrier, flushes the image and saves the split as done. A write begun before T
+    that the volume completed without the image (failed as slow, ``leg_timeout``) may still
+    be in flight on its device: the split waits ``legs.STUCK_IO_WAIT`` seconds for it, since
+    it would change the frozen copy when it lands. Past that the image is failed, not split
+    (its change bitmap, kept since T, plus what it may hold only in a volatile cache, is what
+    a resync copies once the device answers), and the split raises StateError.
 ``abort(p)`` undoes a prepared split that did not reach T (the image stays in sync: it took
 every write).
 
@@ -30,14 +35,18 @@ operation on the volume is refused with StateError (``check_idle``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 from lvmirror.errors import StateError
+from lvmirror.mirror import legs
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.legs import ImageState, SplitInfo
 from lvmirror.mirror.splitexport import SplitImageVolume
 
 __all__ = ["PendingSplit", "SplitControl"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -158,12 +167,20 @@ class SplitControl:
     def finish(self, p: PendingSplit) -> SplitInfo:
         """Step 3: wait for the I/O begun before T (it completes to the split image too), then
         save the split as done once that data is durable on the image (the durability
-        barrier). Returns the SplitInfo (index, path, T, generation, I/Os drained)."""
+        barrier). Returns the SplitInfo (index, path, T, generation, I/Os drained).
+
+        StateError: the split did not reach T, or a write begun before T is still in flight
+        on the image's device ``legs.STUCK_IO_WAIT`` seconds after the drain (left behind as
+        slow, ``leg_timeout``): the image is failed then (``_fail_unsettled``)."""
         vol, img = self.vol, p.img
         if p.split_time is None:
             raise StateError(f"volume {vol.name}: the split of image {p.index} did not reach T")
         try:
             drained = vol._drain(p.epoch)
+            if img.stuck_io:
+                stuck = img.wait_stuck(legs.STUCK_IO_WAIT)
+                if stuck:
+                    self._fail_unsettled(p, stuck)
             vol._barrier.commit([img], lambda durable: vol._locked_save_md(),
                                 what="split done")
         finally:
@@ -173,6 +190,34 @@ class SplitControl:
         p.done = True
         return SplitInfo(index=p.index, path=img.rec.path, split_time=p.split_time,
                          generation=p.generation, drained=drained)
+
+    def _fail_unsettled(self, p: PendingSplit, stuck: int) -> None:
+        """A split past T whose image still has ``stuck`` writes begun before T in flight on its
+        device: it is no frozen copy, so it is failed (persisted, logged at error priority)
+        with its change bitmap (writes since T, and the range of each write it was left behind
+        by) plus every region it may hold only in a volatile cache (``_mark_unflushed``); a
+        resync copies them once the device answers. Raises StateError saying so."""
+        vol, img = self.vol, p.img
+        why = (f"{stuck} write(s) begun before the split were still in flight on its device "
+               f"{legs.STUCK_IO_WAIT:g} s after the volume completed them without it (failed "
+               f"as slow, leg_timeout)")
+        with vol._meta:
+            if img.state is ImageState.SPLIT:
+                img.state = ImageState.FAILED
+                vol._mark_unflushed(img, img.bitmap, False)
+                img.rec.error = f"image {img.rec.path}: {why}"
+                img.rec.split_time = None
+                img.rec.resync_next = None
+                vol._stats["image_failures"] += 1
+                vol._bump()
+                log.error("volume %s: image %d (%s) failed instead of split: %s; %d bytes to "
+                          "resync once the device answers", vol.name, p.index, img.rec.path,
+                          why, img.bitmap.dirty_bytes())
+                vol._persist_failure(img, img.bitmap)
+                vol._switch_epoch()
+        raise StateError(f"volume {vol.name}: image {p.index} ({img.rec.path}) was not split: "
+                         f"{why}; it would change the point-in-time copy when it lands. The "
+                         f"image is failed; resync it once its device answers")
 
     def export(self, image_index) -> SplitImageVolume:
         """A block device view of split image ``image_index`` (to export the point-in-time copy

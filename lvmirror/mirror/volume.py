@@ -128,7 +128,7 @@ class _LegGroup:
     def __init__(self, nlegs):
         self.mu = threading.Lock()
         self.results = {}
-        self.abandoned = ()     # legs the I/O completed without (still in flight on them)
+        self.abandoned = ()     # {leg: device} the I/O completed without (still in flight)
         self.left = nlegs
         self.first_ok = None
         self.fastest = None
@@ -153,7 +153,7 @@ class _LegDone:
         g = self.group
         with g.mu:
             if self.img in g.abandoned:      # failed as slow: its I/O has returned now
-                self.img.abandoned_io_done()
+                self.img.abandoned_io_done(g.abandoned[self.img])
             g.results[self.img] = exc
             g.left -= 1
             last = g.left == 0
@@ -879,9 +879,7 @@ class MirrorVolume:
             if late:
                 # still in flight on those legs: counted until it returns, so that no resync
                 # copies a region this write may still overwrite (``Leg.stuck_io``)
-                group.abandoned = late
-                for img in late:
-                    img.abandoned_io()
+                group.abandoned = {img: img.abandoned_io() for img in late}
         errors, other = [], None
         for img in targets:
             if img not in results:
@@ -1534,7 +1532,7 @@ class MirrorVolume:
                                      generation=im.rec.generation, split_time=im.rec.split_time,
                                      bitmap_fill=bm.fill() if bm is not None else None,
                                      dirty_bytes=bm.dirty_bytes() if bm is not None else None,
-                                     error=im.rec.error))
+                                     error=im.rec.error, stuck_io=im.stuck_io))
             return out
 
     @property

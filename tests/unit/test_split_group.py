@@ -223,3 +223,33 @@ def test_the_group_stays_consistent_however_long_the_switches_take(gw):
     a, b = _seq_in(paths["va"][1]), _seq_in(paths["vb"][1])
     assert b in (a, a - 1), (a, b)
     assert res["switch_span"] >= 0.2 and res["hold_seconds"] >= 0.2
+
+
+class _FinishFails:
+    """A member's host whose finish fails after its split's own clean-up, as a split whose
+    image still has a write in flight fails (``SplitControl.finish``)."""
+
+    def __init__(self, host):
+        self._host = host
+
+    def __getattr__(self, name):
+        return getattr(self._host, name)
+
+    def split_finish(self, name, image):
+        self._host.split_finish(name, image)
+        raise StateError(f"volume {name}: image {image} was not split: injected")
+
+
+def test_a_member_that_fails_to_finish_does_not_leave_the_others_unfinished(gw):
+    """The first member's finish fails: the second is still finished (its split done, no
+    longer under way), and the error names both."""
+    from lvmirror.daemon import splitgroup
+    d, emus, paths = gw
+    hosts = {"va": _FinishFails(d._host("va")), "vb": d._host("vb")}
+    with pytest.raises(StateError, match=r"not split after their instant: va:1 .*injected.*"
+                                         r"split \(consistent with each other\): vb:1"):
+        splitgroup.split_group(hosts.__getitem__, ["va:1", "vb:1"])
+    st = d.status()["volumes"]
+    assert st["vb"]["images"][1]["state"] == "split"
+    d.resync("vb", 1)                      # refused while a split is under way
+    wait_for(lambda: in_sync(d, "vb"), what="resync of vb")

@@ -361,32 +361,3 @@ def test_a_refused_write_is_never_served_from_the_page_cache(tmp_path):
     assert vol.probe()
     assert vol.image_storage(0).stats["cache_drops"] == 2
     vol.close()
-
-
-def test_no_resync_while_a_write_left_behind_as_slow_is_in_flight(tmp_path, monkeypatch):
-    """Image 1's write is stuck in its device; after leg_timeout it is failed as slow and the
-    write completes from image 0, which then takes a newer write to the same blocks. A resync
-    of image 1 is refused while the stuck write is in flight (it would land after the copy of
-    its region and leave image 1 stale, marked in sync); once it returns, the resync makes the
-    images identical, with the newer data."""
-    from lvmirror.mirror import jobcontrol
-    monkeypatch.setattr(jobcontrol, "STUCK_IO_WAIT", 0.2)
-    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096, leg_timeout=0.3)
-    gate = Gate(match=lambda op, off, ln: op == "write" and off == 16 * BS)
-    opener.by_path[paths[1]].gates = [gate]
-    write(vol, 16, pattern(2, 1), fua=True)        # image 1's copy of it is stuck
-    assert vol.images[1].state is ImageState.FAILED
-    assert vol._images[1].stuck_io == 1
-    write(vol, 16, pattern(2, 2))                  # newer data, image 0 only
-    with pytest.raises(StateError, match="still has 1 I/O"):
-        vol.resync(1)
-    gate.open()                                    # the old write lands on image 1 now
-    deadline = time.monotonic() + 10
-    while vol._images[1].stuck_io and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert vol._images[1].stuck_io == 0
-    job = vol.resync(1)
-    assert job.wait(10) and job.state == "done"
-    assert read(vol, 16, 2) == pattern(2, 2)
-    assert image_bytes(paths[0]) == image_bytes(paths[1])
-    vol.close()

@@ -1,0 +1,264 @@
+"""I/O left behind in flight on a slow image (``leg_timeout``): a bounded fan-out completes a
+write without an image that has not answered, and that image's write lands whenever its device
+answers. Nothing may treat the image's contents as settled meanwhile: no resync copies over it,
+no split calls it a frozen copy, and a volume opened again or an image attached again on the
+same device still sees it (``legs.left_behind``, ``Leg.stuck_io``)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from lvmirror.errors import StateError
+from lvmirror.mirror import legs
+from lvmirror.mirror.volume import ImageState, MirrorVolume
+from tests.unit.test_volume_helpers import (BS, Gate, image_bytes, make_volume, pattern, read,
+                                            wait_until, write)
+
+L = 16            # LBA of the stuck write: region 0 with 64 KiB regions (blocks 0-127)
+
+
+@pytest.fixture(autouse=True)
+def _short_wait(monkeypatch):
+    monkeypatch.setattr(legs, "STUCK_IO_WAIT", 0.3)
+
+
+def _stuck_write_on(vol, opener, path, lba=L, data=None, *, background=False):
+    """Hold image ``path``'s copy of a write to ``lba`` at a gate; the volume completes it
+    without that image after leg_timeout. Returns the gate (and the writer thread when
+    ``background``: it is still waiting for leg_timeout then)."""
+    gate = Gate(match=lambda op, off, ln: op == "write" and off == lba * BS)
+    opener.by_path[path].gates.append(gate)
+    data = pattern(2, 0xD1) if data is None else data
+    if not background:
+        write(vol, lba, data, fua=True)
+        return gate
+    t = threading.Thread(target=write, args=(vol, lba, data), kwargs={"fua": True})
+    t.start()
+    gate.wait_reached()
+    return gate, t
+
+
+def _landing_later(opener, path, lba=L):
+    """Make image ``path``'s next write to ``lba`` wait for the returned event, then land
+    through a descriptor of its own: as a write blocked in the kernel holds its own reference
+    to the file and lands even after the volume closed its descriptor."""
+    st = opener.by_path[path]
+    fd = os.open(path, os.O_WRONLY)
+    real = st.writev
+    ev = threading.Event()
+    hit = []
+
+    def writev(offset, buffers, *, fua=False):
+        bufs = list(buffers)
+        if offset == lba * BS and not hit:
+            hit.append(1)
+            ev.wait(30)
+            os.pwritev(fd, bufs, offset)
+            os.close(fd)
+            return
+        return real(offset, bufs, fua=fua)
+    st.writev = writev
+    return ev
+
+
+def test_no_resync_while_a_write_left_behind_as_slow_is_in_flight(tmp_path):
+    """Image 1's write is stuck in its device; after leg_timeout it is failed as slow and the
+    write completes from image 0, which then takes a newer write to the same blocks. A resync
+    of image 1 is refused while the stuck write is in flight (it would land after the copy of
+    its region and leave image 1 stale, marked in sync); once it returns, the resync makes the
+    images identical, with the newer data."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096, leg_timeout=0.3)
+    gate = _stuck_write_on(vol, opener, paths[1], data=pattern(2, 1))
+    assert vol.images[1].state is ImageState.FAILED
+    assert vol._images[1].stuck_io == 1
+    assert vol.images[1].stuck_io == 1             # status reports it
+    write(vol, L, pattern(2, 2))                   # newer data, image 0 only
+    with pytest.raises(StateError, match="still has 1 I/O"):
+        vol.resync(1)
+    gate.open()                                    # the old write lands on image 1 now
+    wait_until(lambda: vol._images[1].stuck_io == 0)
+    assert vol.images[1].stuck_io == 0
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    assert read(vol, L, 2) == pattern(2, 2)
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()
+
+
+def test_two_writes_left_behind_on_one_image_both_count(tmp_path):
+    """Two concurrent writes stuck on image 1: after the first returns, the second still
+    counts and a resync is still refused; after both, the resync leaves the images
+    identical."""
+    vol, opener, paths = make_volume(tmp_path, 2, leg_timeout=0.3)
+    g1, t1 = _stuck_write_on(vol, opener, paths[1], L, background=True)
+    g2, t2 = _stuck_write_on(vol, opener, paths[1], 300, background=True)
+    t1.join(10)
+    t2.join(10)
+    assert vol._images[1].stuck_io == 2
+    write(vol, 300, pattern(2, 0xD2))
+    g1.open()
+    wait_until(lambda: vol._images[1].stuck_io == 1)
+    with pytest.raises(StateError, match="still has 1 I/O"):
+        vol.resync(1)
+    g2.open()
+    wait_until(lambda: vol._images[1].stuck_io == 0)
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    vol.close()
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+
+
+# ---- a split of the image the write is stuck on ----------------------------------------------
+
+def test_split_waits_for_a_write_left_behind_on_the_image(tmp_path):
+    """3 images. A write W begun before T is stuck on image 1 while image 1 is split: the
+    volume completes W without image 1 (leg_timeout) and the drain ends, but W is still in
+    flight on image 1. The split waits for it: once split() returns, the frozen copy never
+    changes again, and a write through the split image's own LUN is not overwritten by W."""
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    write(vol, 0, pattern(128, 1))
+    vol.flush()
+    gate, t = _stuck_write_on(vol, opener, paths[1], background=True)
+    threading.Timer(0.5, gate.open).start()          # the device answers after 0.5 s
+    info = vol.split(1)
+    t.join(10)
+    assert vol.images[1].state is ImageState.SPLIT
+    assert vol._images[1].stuck_io == 0
+    assert info.drained == 1
+    frozen = image_bytes(paths[1])
+    exp = vol.split_image(1)
+    x = pattern(2, 0xEE)
+    exp.write(L, [memoryview(x)], fua=True)
+    exp.flush()
+    got = bytearray(2 * BS)
+    exp.read(L, [memoryview(got)])
+    assert bytes(got) == bytes(x)
+    exp.close()
+    vol.close()
+    assert image_bytes(paths[1], 0, L * BS) == frozen[:L * BS]
+    assert image_bytes(paths[1], (L + 2) * BS) == frozen[(L + 2) * BS:]
+
+
+def test_split_fails_the_image_when_a_write_stays_stuck_on_it(tmp_path):
+    """The same, but W stays stuck past the wait: image 1 is no frozen copy, so it is failed,
+    not split, and split() says why. Its bitmap marks W's range and the writes after T; once W
+    lands, a resync makes the three images identical with the newest data."""
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    write(vol, 0, pattern(128, 1))
+    vol.flush()
+    gate, t = _stuck_write_on(vol, opener, paths[1], background=True)
+    with pytest.raises(StateError, match="was not split: 1 write.*still in flight"):
+        vol.split(1)
+    t.join(10)
+    assert vol.images[1].state is ImageState.FAILED
+    assert "still in flight" in vol.images[1].error
+    assert vol._images[1].bitmap.is_dirty(L * BS, BS)
+    assert vol.images[1].split_time is None
+    write(vol, 200, pattern(4, 0xD3))                  # after T: image 1 lacks it
+    assert vol._images[1].bitmap.is_dirty(200 * BS, BS)
+    with pytest.raises(StateError):
+        vol.split(1)                                   # not in sync
+    # the failure is persisted: a reopen sees image 1 failed with its marks
+    gate.open()
+    wait_until(lambda: vol._images[1].stuck_io == 0)
+    vol.close()
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=opener,
+                            flush_interval=None, leg_timeout=0.3)
+    assert vol.images[1].state is ImageState.FAILED
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    assert read(vol, 200, 4) == pattern(4, 0xD3)
+    vol.close()
+    assert image_bytes(paths[0]) == image_bytes(paths[1]) == image_bytes(paths[2])
+
+
+# ---- another object on the same device -------------------------------------------------------
+
+def test_a_reopened_volume_still_sees_the_write_left_behind(tmp_path):
+    """A LUN removed and added again in the same lvmirrord closes the volume and opens it
+    again; the old volume's write stuck on image 1 is still in flight and lands later. The
+    new volume's resync of image 1 waits for it, then leaves the images identical."""
+    vol, opener, paths = make_volume(tmp_path, 2, leg_timeout=0.3)
+    returned = _landing_later(opener, paths[1])
+    write(vol, L, pattern(2, 0xD1), fua=True)
+    assert vol.images[1].state is ImageState.FAILED
+    write(vol, L, pattern(2, 0xD2))
+    vol.close()
+    vol2 = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=opener,
+                             flush_interval=None, leg_timeout=0.3)
+    assert vol2._images[1].stuck_io == 1
+    with pytest.raises(StateError, match="still has 1 I/O"):
+        vol2.resync(1)
+    returned.set()                                     # the old volume's write lands now
+    wait_until(lambda: vol2._images[1].stuck_io == 0)
+    job = vol2.resync(1)
+    assert job.wait(10) and job.state == "done"
+    vol2.close()
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    assert image_bytes(paths[1], L * BS, 2 * BS) == bytes(pattern(2, 0xD2))
+
+
+def test_attach_again_refused_while_the_detached_image_has_a_write_in_flight(tmp_path):
+    """Image 1, failed as slow with a write stuck, is detached and its file attached again:
+    refused while the write is in flight (it would land after the full resync's copy), and
+    the refusal opens nothing; once it lands, the attach and its full resync leave the images
+    identical."""
+    vol, opener, paths = make_volume(tmp_path, 2, leg_timeout=0.3)
+    returned = _landing_later(opener, paths[1])
+    write(vol, L, pattern(2, 0xD1), fua=True)
+    write(vol, L, pattern(2, 0xD2))
+    vol.detach(1)
+    with pytest.raises(StateError, match="still has 1 I/O.*attach it once they return"):
+        vol.attach(paths[1], force=True)
+    assert len(vol.images) == 1
+    returned.set()
+    wait_until(lambda: legs.in_flight(opener.by_path[paths[1]].device) == 0)
+    k = vol.attach(paths[1], force=True)
+    assert k == 1
+    for job in list(vol.jobs.values()):
+        assert job.wait(10) and job.state == "done"
+    vol.close()
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    assert image_bytes(paths[1], L * BS, 2 * BS) == bytes(pattern(2, 0xD2))
+
+
+def test_the_device_identity_is_the_file_not_the_path(tmp_path):
+    """Two paths to one file (a symbolic link) share the count; another file does not."""
+    from lvmirror.mirror.image import StorageImage
+    f = tmp_path / "a"
+    StorageImage.create_file(f, 1 << 20)
+    StorageImage.create_file(tmp_path / "b", 1 << 20)
+    os.symlink(f, tmp_path / "link")
+    with StorageImage.open(f) as a, StorageImage.open(tmp_path / "link") as b, \
+            StorageImage.open(tmp_path / "b") as c:
+        assert a.device == b.device != c.device
+        legs.left_behind(a.device)
+        try:
+            assert legs.in_flight(b.device) == 1 and legs.in_flight(c.device) == 0
+            assert legs.wait_returned(b.device, 0.05) == 1
+        finally:
+            legs.returned(a.device)
+        assert legs.wait_returned(b.device, 0.05) == 0
+
+
+def test_status_and_metrics_tell_the_operator_of_io_left_behind():
+    """``lvmirror status`` and the metrics name the I/Os still in flight on a failed image."""
+    from lvmirror.cli import format_status
+    from lvmirror.daemon.metrics import render
+    img = dict(split_time=None, dirty_bytes=4096, bitmap_fill=0.01, path="/x", generation=1)
+    st = {"volumes": {"v": {
+        "size": 1 << 20, "block_size": 512, "region_size": 65536, "health": "degraded",
+        "images": [dict(img, index=0, id=0, state="in-sync", dirty_bytes=None, error=None,
+                        stuck_io=0),
+                   dict(img, index=1, id=1, state="failed", error="slow", stuck_io=2)],
+        "jobs": [], "io": dict(reads=0, writes=0, read_errors=0, write_errors=0, inflight=0)}},
+        "luns": []}
+    text = format_status(st)
+    assert "2 I/O(s) still in flight on its device" in text, text
+    assert text.count("still in flight") == 1
+    prom = render(st, now=0.0)
+    assert 'lvmirror_image_io_left_behind{volume="v",image="1"} 2' in prom, prom
+    assert 'lvmirror_image_io_left_behind{volume="v",image="0"} 0' in prom
