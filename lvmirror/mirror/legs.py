@@ -156,8 +156,10 @@ class Worker:
 # or a path failover may take minutes). Such an I/O is counted here, per device and for the
 # whole process, until it returns: an object that opens the same device again (the volume
 # reopened after a LUN was removed and added, the image detached and attached again) still sees
-# it. Another process cannot: a process whose thread is blocked in the device cannot finish
-# exiting, and keeps its D-Bus name and state directory lock until the I/O returns.
+# it. A process of its own per volume cannot see another's count; none needs to: a process
+# whose thread is blocked in the device does not end until the I/O returns (SIGKILL included),
+# and lvmirrord starts no process for a volume until the previous one ended
+# (``VolumeProcess.stop`` waits for it).
 
 STUCK_IO_WAIT = 5.0     # seconds a resync or split waits for I/O left behind to return
 
