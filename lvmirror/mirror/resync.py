@@ -30,12 +30,14 @@ durable on the target.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import threading
 import time
 
 from lvmirror.errors import ImageIOError, LvmirrorError, StateError
+from lvmirror.mirror import legs
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.metadata import VolumeMetadata
 
@@ -237,11 +239,16 @@ class ResyncJob(_Job):
             view = buf[:ln]
             ep = vol._enter()
             try:
+                t_read = time.monotonic()
                 _read_from_in_sync(vol, ep, off, ln, view)
+                t_read = time.monotonic() - t_read
                 try:
-                    if view.tobytes() == (self._zero if ln == len(self._zero) else bytes(ln)):
-                        # an all-zero region: deallocate it (reads back as zeroes), so a
-                        # thin image stays thin and the copy costs no writes
+                    # an all-zero region: deallocated (reads back as zeroes), so a thin image
+                    # stays thin and the copy costs no writes
+                    zero = view.tobytes() == (self._zero if ln == len(self._zero) else bytes(ln))
+                    if vol.leg_timeout and img.worker is not None:
+                        _bounded_copy_write(vol, img, off, view, zero, t_read)
+                    elif zero:
                         img.storage.discard(off, ln)
                     else:
                         img.storage.writev(off, [view])
@@ -263,6 +270,64 @@ class ResyncJob(_Job):
 
 class _TargetFailed(LvmirrorError):
     pass
+
+
+class _CopyWrite:
+    """A copy's write on the target's worker, which the copy may stop waiting for
+    (``_bounded_copy_write``): ``done(exc)`` from the worker; ``give_up(device)`` from the copy.
+    Whichever comes second of the two knows: an I/O given up on is counted on its device
+    (``legs.left_behind``) until it returns."""
+
+    __slots__ = ("mu", "gate", "exc", "ended", "left_on")
+
+    def __init__(self):
+        self.mu = threading.Lock()
+        self.gate = threading.Lock()
+        self.gate.acquire()
+        self.exc = None
+        self.ended = False
+        self.left_on = None
+
+    def done(self, exc):
+        with self.mu:
+            self.exc, self.ended = exc, True
+            if self.left_on is not None:
+                legs.returned(self.left_on)
+        self.gate.release()
+
+    def give_up(self, device) -> bool:
+        """Stop waiting: True if the write is still in flight (now counted on ``device``)."""
+        with self.mu:
+            if self.ended:
+                return False
+            self.left_on = device
+            legs.left_behind(device)
+            return True
+
+
+def _bounded_copy_write(vol, img, off, view, zero, t_read):
+    """Write (or, ``zero``, discard) one region of a copy into target ``img`` on its worker and
+    wait at most ``leg_timeout`` seconds longer than the source took to read it (``t_read``,
+    seconds), as a write to the volume waits for a slow leg no longer than ``leg_timeout``
+    after the fastest in-sync leg. A target still busy then is given up on: its write is left
+    in flight and counted on its device (``Leg.stuck_io``: no resync copies into the image
+    until it returns), and ImageIOError(ETIMEDOUT) is raised for the copy to fail the image.
+    Without it a device that stopped answering held the job, and the volume's ``close`` that
+    waits for the job, without limit. Raises the write's own ImageIOError too."""
+    ln = view.nbytes
+    st = img.storage
+    cw = _CopyWrite()
+    img.worker.submit_to((lambda s: s.discard(off, ln)) if zero
+                         else (lambda s: s.writev(off, [view])), st, cw)
+    limit = vol.leg_timeout + t_read
+    if not cw.gate.acquire(timeout=limit) and cw.give_up(st.device):
+        raise ImageIOError(
+            st, errno.ETIMEDOUT,
+            f"image {img.rec.path}: a resync copy of {ln} bytes still busy {limit:.1f} s "
+            f"(leg_timeout {vol.leg_timeout:g} s longer than the source's read): failed as "
+            f"slow", op="write", offset=off, length=ln)
+    if cw.exc is not None:
+        raise cw.exc
 
 
 def _read_from_in_sync(vol, ep, off, ln, view):

@@ -262,3 +262,40 @@ def test_status_and_metrics_tell_the_operator_of_io_left_behind():
     prom = render(st, now=0.0)
     assert 'lvmirror_image_io_left_behind{volume="v",image="1"} 2' in prom, prom
     assert 'lvmirror_image_io_left_behind{volume="v",image="0"} 0' in prom
+
+
+# ---- a resync's own copy stuck on its target --------------------------------------------------
+
+def test_a_resync_copy_stuck_on_its_target_fails_the_image_and_close_does_not_hang(tmp_path):
+    """A resync's copy into image 1 stops answering: after leg_timeout (plus the source's read
+    time) the copy is given up on, image 1 is failed with its bitmap kept, and the job ends
+    failed, so ``close`` (a LUN removal, a daemon stop) returns instead of waiting for the
+    device without limit. The copy's write is counted as left behind: a resync waits for it,
+    and after it lands the resync leaves the images identical with the newest data."""
+    vol, opener, paths = make_volume(tmp_path, 2, leg_timeout=0.3)
+    write(vol, 0, pattern(128, 1))
+    vol.split(1)
+    write(vol, 0, pattern(128, 2))                     # region 0 changed since the split
+    write(vol, 200, pattern(4, 3))                     # region 1 too
+    returned = _landing_later(opener, paths[1], 0)
+    job = vol.resync(1)
+    assert job.wait(10)
+    assert job.state == "failed" and "still busy" in job.error, (job.state, job.error)
+    assert vol.images[1].state is ImageState.FAILED
+    assert vol._images[1].stuck_io == 1
+    assert vol._images[1].bitmap.is_dirty(0, BS) and vol._images[1].bitmap.is_dirty(200 * BS, BS)
+    write(vol, 0, pattern(2, 4))                       # newer than what the stuck copy carries
+    done = threading.Event()
+    threading.Thread(target=lambda: (vol.close(), done.set()), daemon=True).start()
+    assert done.wait(10), "close() waits for a device that does not answer"
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=opener,
+                            flush_interval=None, leg_timeout=0.3)
+    with pytest.raises(StateError, match="still has 1 I/O"):
+        vol.resync(1)
+    returned.set()                                     # the old copy lands now
+    wait_until(lambda: vol._images[1].stuck_io == 0)
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done", (job.state, job.error)
+    vol.close()
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
+    assert image_bytes(paths[1], 0, 2 * BS) == bytes(pattern(2, 4))
