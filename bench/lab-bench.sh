@@ -23,7 +23,9 @@
 #
 # Settings (environment, passed by bench/run through lab/boot): BENCH_TARGETS, BENCH_JOBS,
 # BENCH_RUNTIME (s per job), BENCH_RAMP (s), BENCH_SIZE_MB (LUN size), BENCH_PROFILE=1 (py-spy
-# records lvmirrord during each job; figures are then perturbed and only the profile counts).
+# records lvmirrord during each job; figures are then perturbed and only the profile counts),
+# BENCH_STRACE=1 (strace -c counts the handler's system calls during each job of lvmirror and
+# tcmu-runner -> <target>/<job>.strace; figures are perturbed, the calls per command count).
 
 BIQN=iqn.2026-11.org.lvmirror:bench
 BDIR=/run/scratch/bench
@@ -191,6 +193,19 @@ handler_cpu() {  # handler_cpu TARGET JOB: the handler's CPU over the job's meas
   echo "{\"ticks\": $((b - a)), \"hz\": $(getconf CLK_TCK), \"seconds\": $RUNTIME}" > $BOUT/$1/$2.cpu
 }
 
+handler_strace() {  # handler_strace TARGET JOB: the system calls of the target's handler (every
+  local root p args=  # thread of lvmirrord and its volume processes, or tcmu-runner) over the
+  case $1 in          # job's RUNTIME after its RAMP, counted by strace -c -> $BOUT/TARGET/JOB.strace
+    lvmirror*) root=${DAEMON:-} ;;
+    tcmu-runner) root=${RUNNER:-} ;;
+    *) return 0 ;;
+  esac
+  [ -n "$root" ] || return 0
+  sleep $RAMP
+  for p in $(tree_pids $root); do args="$args -p $p"; done
+  timeout -s INT $RUNTIME strace -c -f -q -o $BOUT/$1/$2.strace $args 2>/dev/null || true
+}
+
 ring_counts() {  # ring_counts -> one JSON object: the bench LUN's commands so far, those its
   # ring thread answered itself (no hand-off to a worker), its ring stalls and the READs and
   # WRITEs of its compiled path (lvmirror status)
@@ -203,14 +218,14 @@ print(json.dumps({k: luns[0].get(k) for k in ("commands", "ring_thread_commands"
 }
 
 run_jobs() {  # run_jobs TARGET
-  local target=$1 job spy cpu ring
+  local target=$1 job spy cpu ring trace
   if [ "${BENCH_PROFILE:-0}" != 1 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
     t "bench $target idle"    # the handler's CPU with the LUN logged in and no I/O: its
     handler_cpu $target idle  # background (timers, the ALUA follow, metrics) -> idle.cpu
   fi
   for job in $JOBS; do
     t "bench $target $job"
-    spy= cpu= ring=
+    spy= cpu= ring= trace=
     # the LUN's counts before and after the job -> <job>.ring; taken before the CPU window
     # opens and after it closes, so the status calls are outside the measured seconds
     if [[ $target == lvmirror* ]]; then ring=$(ring_counts); fi
@@ -224,10 +239,14 @@ run_jobs() {  # run_jobs TARGET
         > $BOUT/profile/$target-$job.log 2>&1 &
       spy=$!
     fi
+    if [ "${BENCH_STRACE:-0}" = 1 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
+      handler_strace $target $job & trace=$!
+    fi
     DEV=$BDEV RUNTIME=$RUNTIME RAMP=$RAMP SIZE=${SIZE_MB}M \
       fio --output-format=json $REPO/bench/jobs/$job.fio > $BOUT/$target/$job.json 2> $BOUT/$target/$job.err \
       || result bench_${target}_$job fail err="$(tail -2 $BOUT/$target/$job.err)"
     [ -n "$spy" ] && wait $spy
+    [ -n "$trace" ] && { wait $trace || true; }
     if [ -n "$cpu" ]; then wait $cpu || true; fi
     if [ -n "$ring" ]; then echo "{\"before\": $ring, \"after\": $(ring_counts)}" > $BOUT/$target/$job.ring; fi
   done
