@@ -123,11 +123,12 @@ class _LegGroup:
     last leg ended. ``mu`` guards the fields."""
 
     __slots__ = ("mu", "results", "left", "first_ok", "fastest", "any_ok", "all_done",
-                 "abandoned")
+                 "abandoned", "oks")
 
     def __init__(self, nlegs):
         self.mu = threading.Lock()
         self.results = {}
+        self.oks = []           # (monotonic time, leg) of each in-sync leg that succeeded
         self.abandoned = ()     # {leg: device} the I/O completed without (still in flight)
         self.left = nlegs
         self.first_ok = None
@@ -157,10 +158,14 @@ class _LegDone:
             g.results[self.img] = exc
             g.left -= 1
             last = g.left == 0
-            first = exc is None and self.in_sync and g.first_ok is None
-            if first:
-                g.first_ok = time.monotonic()
-                g.fastest = self.img
+            first = False
+            if exc is None and self.in_sync:
+                now = time.monotonic()
+                g.oks.append((now, self.img))
+                if g.first_ok is None:
+                    first = True
+                    g.first_ok = now
+                    g.fastest = self.img
             wake_any = first or (last and g.first_ok is None)
         if wake_any:
             g.any_ok.release()
@@ -870,8 +875,8 @@ class MirrorVolume:
         group.any_ok.acquire()
         if group.first_ok is not None:
             left = group.first_ok + timeout - time.monotonic()
-            if left > 0:
-                group.all_done.acquire(timeout=left)
+            if left <= 0 or not group.all_done.acquire(timeout=left):
+                self._judge_late_legs(group, timeout)
         with group.mu:
             results = dict(group.results)
             fastest = group.fastest
@@ -893,6 +898,31 @@ class MirrorVolume:
                 continue
             other = _sort_leg_error(errors, img, results[img], other)
         return errors, other
+
+    @staticmethod
+    def _judge_late_legs(group, timeout):
+        """``leg_timeout`` passed since the first in-sync leg of ``group`` succeeded and legs
+        are still busy. They are slow only against a leg that is still in sync now: a leg split
+        off at T meanwhile (or failed) holds no live copy of the I/O, and timing the others
+        against it failed the last in-sync image of the volume (taking the volume offline, the
+        write answered with an error though every image took it). So wait, while legs are
+        busy, until ``timeout`` seconds after the first success of a leg still in sync, or for
+        the next leg to end when none is (``all_done`` checked every 50 ms: a split during a
+        slow write is rare)."""
+        while True:
+            with group.mu:
+                if group.left == 0:
+                    return
+                ref = min((t for t, im in group.oks if im.state is ImageState.IN_SYNC),
+                          default=None)
+                if ref is not None and ref != group.first_ok:
+                    group.first_ok = ref
+                    group.fastest = next(im for t, im in group.oks if t == ref)
+            left = (ref + timeout - time.monotonic()) if ref is not None else 0.05
+            if left <= 0:
+                return
+            if group.all_done.acquire(timeout=left):
+                return
 
     def _write_locked(self, offset, length, fn, kind="writes", fua=False, nowait=False,
                       own_save=False):

@@ -299,3 +299,76 @@ def test_a_resync_copy_stuck_on_its_target_fails_the_image_and_close_does_not_ha
     vol.close()
     assert image_bytes(paths[0]) == image_bytes(paths[1])
     assert image_bytes(paths[1], 0, 2 * BS) == bytes(pattern(2, 4))
+
+
+# ---- a slow leg timed against the leg being split --------------------------------------------
+
+def _write_in_thread(vol, lba, data):
+    box = {}
+
+    def body():
+        try:
+            write(vol, lba, data, fua=True)
+            box["ok"] = True
+        except BaseException as e:   # noqa: BLE001 - handed to the test
+            box["err"] = e
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    return t, box
+
+
+@pytest.mark.parametrize("nimages", [2, 3])
+def test_a_slow_leg_is_not_timed_against_the_image_split_off_meanwhile(tmp_path, nimages):
+    """A write W begun before T: its leg on the image being split (the last) ends at once,
+    its legs on the images that stay live take 1.5 s (leg_timeout 1 s). Once split, the fast
+    image holds no live copy of W, so the live ones are not slow against it: W is answered
+    GOOD, no image is failed and the volume stays online (it went offline: its last in-sync
+    image failed as slow, W answered with an error though every image took it)."""
+    vol, opener, paths = make_volume(tmp_path, nimages, leg_timeout=1.0)
+    live = paths[:-1]
+    gates = []
+    for p in live:
+        g = Gate(match=lambda op, off, ln: op == "write" and off == L * BS)
+        opener.by_path[p].gates.append(g)
+        gates.append(g)
+    t, box = _write_in_thread(vol, L, pattern(2, 0xAB))
+    for g in gates:
+        g.wait_reached()
+    threading.Timer(1.5, lambda: [g.open() for g in gates]).start()
+    vol.split(nimages - 1)
+    t.join(10)
+    assert box == {"ok": True}, box
+    assert vol.offline is None
+    assert [i.state for i in vol.images[:-1]] == [ImageState.IN_SYNC] * (nimages - 1)
+    assert read(vol, L, 2) == pattern(2, 0xAB)
+    vol.close()
+    for p in paths:
+        assert image_bytes(p, L * BS, 2 * BS) == bytes(pattern(2, 0xAB))
+
+
+def test_a_slow_leg_is_still_timed_against_a_live_leg_after_a_split(tmp_path):
+    """3 images, image 2 split while W is in flight: image 0 ends W at once, image 1 takes
+    longer than leg_timeout after it, image 2 (being split) too, though it lands within the
+    split's wait. Image 1 is failed as slow against image 0, which stays live; W is answered
+    GOOD and image 2 is split."""
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    gates = []
+    for p in paths[1:]:
+        g = Gate(match=lambda op, off, ln: op == "write" and off == L * BS)
+        opener.by_path[p].gates.append(g)
+        gates.append(g)
+    t, box = _write_in_thread(vol, L, pattern(2, 0xAC))
+    for g in gates:
+        g.wait_reached()
+    threading.Timer(1.5, gates[0].open).start()
+    threading.Timer(0.45, gates[1].open).start()      # within the split's wait for it
+    vol.split(2)
+    t.join(10)
+    assert box == {"ok": True}, box
+    assert vol.images[1].state is ImageState.FAILED and "slow" in vol.images[1].error
+    assert vol.images[2].state is ImageState.SPLIT
+    wait_until(lambda: vol._images[1].stuck_io == 0)
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    vol.close()
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
