@@ -25,7 +25,8 @@
 # BENCH_RUNTIME (s per job), BENCH_RAMP (s), BENCH_SIZE_MB (LUN size), BENCH_PROFILE=1 (py-spy
 # records lvmirrord during each job; figures are then perturbed and only the profile counts),
 # BENCH_STRACE=1 (strace -c counts the handler's system calls during each job of lvmirror and
-# tcmu-runner -> <target>/<job>.strace; figures are perturbed, the calls per command count).
+# tcmu-runner -> <target>/<job>.strace; figures are perturbed, the calls per command count;
+# BENCH_STRACE=calls: every call with its thread for 2 s of each job -> <job>.strace-calls).
 
 BIQN=iqn.2026-11.org.lvmirror:bench
 BDIR=/run/scratch/bench
@@ -203,7 +204,11 @@ handler_strace() {  # handler_strace TARGET JOB: the system calls of the target'
   [ -n "$root" ] || return 0
   sleep $RAMP
   for p in $(tree_pids $root); do args="$args -p $p"; done
-  timeout -s INT $RUNTIME strace -c -f -q -o $BOUT/$1/$2.strace $args 2>/dev/null || true
+  if [ "${BENCH_STRACE:-0}" = calls ]; then   # every call, by thread, for 2 s: JOB.strace-calls
+    timeout -s INT 2 strace -f -q -tt -o $BOUT/$1/$2.strace-calls $args 2>/dev/null || true
+  else
+    timeout -s INT $RUNTIME strace -c -f -q -o $BOUT/$1/$2.strace $args 2>/dev/null || true
+  fi
 }
 
 ring_counts() {  # ring_counts -> one JSON object: the bench LUN's commands so far, those its
@@ -239,7 +244,7 @@ run_jobs() {  # run_jobs TARGET
         > $BOUT/profile/$target-$job.log 2>&1 &
       spy=$!
     fi
-    if [ "${BENCH_STRACE:-0}" = 1 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
+    if [ "${BENCH_STRACE:-0}" != 0 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
       handler_strace $target $job & trace=$!
     fi
     DEV=$BDEV RUNTIME=$RUNTIME RAMP=$RAMP SIZE=${SIZE_MB}M \
