@@ -585,10 +585,19 @@ class VolumeProcess:
 
 
 def _pid_gone(pid: int) -> bool:
-    """Whether process ``pid`` has ended (it is a zombie, or not there at all)."""
+    """Whether process ``pid`` has ended: not there at all, or a zombie with no thread left.
+
+    A zombie thread-group leader alone is not an end: the leader exits first, and another
+    thread of the process still runs until it leaves the kernel - a worker blocked in a write
+    to a device that stopped answering does so only once the write returns, SIGKILL or not.
+    Until then the write may still land, so the next process for the volume must not start
+    (``legs.left_behind`` counts such writes only within one process): the process has ended
+    once ``/proc/PID/task`` holds the leader alone (or nothing)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:      # bytes: the name may be any
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+            if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
+                return False
+        return len(os.listdir(f"/proc/{pid}/task")) <= 1
     except (FileNotFoundError, ProcessLookupError):
         return True
 

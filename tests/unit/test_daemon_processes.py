@@ -681,6 +681,38 @@ def test_pid_gone_reads_a_process_whose_name_is_not_utf8():
     assert volumeproc._pid_gone(proc.pid) is True
 
 
+def test_a_process_whose_leader_exited_has_not_ended_while_another_thread_runs():
+    """The leader thread exits (SYS_exit) while another thread runs on, as a worker blocked in
+    a write to a device that stopped answering outlives a SIGKILL of its process: the leader
+    is a zombie, but the process has not ended, so lvmirrord must not start the next process
+    for the volume yet (a trial found ``_pid_gone`` reading the leader's state alone). Once
+    that thread ends, the process has."""
+    code = ("import ctypes, os, threading, time\n"
+            "def worker():\n"
+            "    os.read(0, 1)\n"               # held until the test writes a byte
+            "    os._exit(0)\n"
+            "threading.Thread(target=worker).start()\n"
+            "print(1, flush=True)\n"
+            "ctypes.CDLL(None).syscall(60, 0)\n")   # SYS_exit: the leader thread alone
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        proc.stdout.readline()
+
+        def leader_state():
+            with open(f"/proc/{proc.pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0]
+        wait_for(lambda: leader_state() == b"Z", what="the leader thread's exit")
+        assert len(os.listdir(f"/proc/{proc.pid}/task")) == 2
+        assert volumeproc._pid_gone(proc.pid) is False
+        proc.stdin.write(b"x")
+        proc.stdin.flush()
+        wait_for(lambda: volumeproc._pid_gone(proc.pid), what="the process's end")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_removed_event_while_the_pickup_adds_the_device_removes_what_it_adds(
         tmp_path, monkeypatch):
     """A REMOVED of ours for a device lvmirrord's start-up pick-up is still adding (a lease
