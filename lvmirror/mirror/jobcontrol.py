@@ -69,7 +69,9 @@ class JobControl:
         rate_limit = check_rate(rate_limit)
         vol._check_open()
         img = vol._img(image_index)
+        t0 = time.monotonic()
         img.wait_stuck(legs.STUCK_IO_WAIT)   # an I/O left behind as slow, returning now
+        waited = time.monotonic() - t0
         with vol._mgmt:
             vol.splits.check_idle("resync")
             img = vol._img(image_index)
@@ -86,25 +88,26 @@ class JobControl:
             if not any(o.state is ImageState.IN_SYNC for o in vol._images if o is not img):
                 raise StateError(f"volume {vol.name}: no other in-sync image to resync "
                                  f"image {image_index} from")
+            self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
             self._reopen_if_needed(img)
-            self._refuse_if_stuck(img, f"image {image_index}", "resync it")
+            self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
             full = full or img.bitmap is None
             if full:
                 img.bitmap = RegionBitmap(vol.size, vol.region_size)
                 img.bitmap.set_all()
             return self.start_resync(img, full=full, rate_limit=rate_limit)
 
-    def _refuse_if_stuck(self, img, what, doing):
+    def _refuse_if_stuck(self, img, what, doing, waited):
         """StateError while I/O left behind as slow (``leg_timeout``) is in flight on ``img``'s
-        device (``Leg.stuck_io``): one landing after a copy of its region would leave the image
-        stale though in sync."""
+        device (``Leg.stuck_io``): a write landing after a copy of its region would leave the
+        image stale though in sync. ``waited``: seconds the caller waited for it already."""
         stuck = img.stuck_io
         if stuck:
             raise StateError(
                 f"volume {self.vol.name}: {what} ({img.rec.path}) still has {stuck} I/O(s) in "
-                f"flight on its device since it was failed as slow (leg_timeout, "
-                f"{legs.STUCK_IO_WAIT:g} s waited); {doing} once they return (one landing "
-                f"after the copy would leave it stale)")
+                f"flight on its device since it was failed as slow (leg_timeout; waited "
+                f"{waited:.1f} s); {doing} once they return (a write landing after the copy "
+                f"would leave it stale)")
 
     def _reopen_if_needed(self, img):
         vol = self.vol

@@ -11,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import os
 import queue
+import stat
 import threading
 
 from lvmirror.errors import ConfigError
 from lvmirror.mirror.bitmap import RegionBitmap
 
 __all__ = ["ImageInfo", "ImageState", "Leg", "MAX_IMAGES", "STUCK_IO_WAIT", "SplitInfo",
-           "Worker", "check_image_fits", "in_flight", "left_behind", "returned",
+           "Worker", "check_image_fits", "device_of", "in_flight", "left_behind", "returned",
            "wait_returned"]
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,16 @@ _left_cv = threading.Condition()
 _left: dict = {}
 
 
+def device_of(path):
+    """The identity ``StorageImage.device`` gives the file or block device at ``path``
+    (``("block", st_rdev)`` or ``("file", st_dev, st_ino)``), None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return ("block", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("file", st.st_dev, st.st_ino)
+
+
 def left_behind(device) -> None:
     """Count one I/O left in flight on ``device`` (a ``StorageImage.device`` identity)."""
     with _left_cv:
@@ -215,9 +227,12 @@ class Leg:
 
     @property
     def device(self):
-        """The identity of the image's file or block device (``StorageImage.device``), or
-        None while it is not open."""
-        return self.storage.device if self.storage is not None else None
+        """The identity of the image's file or block device (``StorageImage.device``); while
+        it is not open (it could not be, at the volume's open), that of what its path names
+        now (``device_of``), None when nothing is there."""
+        if self.storage is not None:
+            return self.storage.device
+        return device_of(self.rec.path)
 
     def abandoned_io(self):
         """One I/O on this leg was left behind in flight (failed as slow, ``leg_timeout``);

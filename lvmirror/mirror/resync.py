@@ -46,6 +46,9 @@ __all__ = ["ResyncJob", "RestoreJob", "check_rate", "job_progress"]
 CHECKPOINT_REGIONS = 64
 CHECKPOINT_SECONDS = 1.0
 MB = 1_000_000
+# A resync's copy write is given up on as slow past leg_timeout plus the source's read plus its
+# size at this rate (bytes a second; ``_bounded_copy_write``): 4 MB/s, far below any disk.
+COPY_MIN_RATE = 4 * MB
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +311,10 @@ class _CopyWrite:
 def _bounded_copy_write(vol, img, off, view, zero, t_read):
     """Write (or, ``zero``, discard) one region of a copy into target ``img`` on its worker and
     wait at most ``leg_timeout`` seconds longer than the source took to read it (``t_read``,
-    seconds), as a write to the volume waits for a slow leg no longer than ``leg_timeout``
-    after the fastest in-sync leg. A target still busy then is given up on: its write is left
+    seconds) and than the write would take at COPY_MIN_RATE, as a write to the volume waits
+    for a slow leg no longer than ``leg_timeout`` after the fastest in-sync leg (a copy has no
+    other leg to compare with; the rate keeps a small ``leg_timeout`` from failing a large
+    region's healthy direct write). A target still busy then is given up on: its write is left
     in flight and counted on its device (``Leg.stuck_io``: no resync copies into the image
     until it returns), and ImageIOError(ETIMEDOUT) is raised for the copy to fail the image.
     Without it a device that stopped answering held the job, and the volume's ``close`` that
@@ -319,13 +324,15 @@ def _bounded_copy_write(vol, img, off, view, zero, t_read):
     cw = _CopyWrite()
     img.worker.submit_to((lambda s: s.discard(off, ln)) if zero
                          else (lambda s: s.writev(off, [view])), st, cw)
-    limit = vol.leg_timeout + t_read
+    allowance = ln / COPY_MIN_RATE
+    limit = vol.leg_timeout + t_read + allowance
     if not cw.gate.acquire(timeout=limit) and cw.give_up(st.device):
         raise ImageIOError(
             st, errno.ETIMEDOUT,
-            f"image {img.rec.path}: a resync copy of {ln} bytes still busy {limit:.1f} s "
-            f"(leg_timeout {vol.leg_timeout:g} s longer than the source's read): failed as "
-            f"slow", op="write", offset=off, length=ln)
+            f"image {img.rec.path}: a resync copy of {ln} bytes still busy after {limit:.2f} s "
+            f"(leg_timeout {vol.leg_timeout:g} s + the source's read {t_read:.2f} s + "
+            f"{allowance:.2f} s at {COPY_MIN_RATE / MB:g} MB/s): failed as slow",
+            op="write", offset=off, length=ln)
     if cw.exc is not None:
         raise cw.exc
 

@@ -198,9 +198,9 @@ class SplitControl:
         by) plus every region it may hold only in a volatile cache (``_mark_unflushed``); a
         resync copies them once the device answers. Raises StateError saying so."""
         vol, img = self.vol, p.img
-        why = (f"{stuck} write(s) begun before the split were still in flight on its device "
-               f"{legs.STUCK_IO_WAIT:g} s after the volume completed them without it (failed "
-               f"as slow, leg_timeout)")
+        why = (f"{stuck} I/O(s) (writes or flushes) begun before the split were still in "
+               f"flight on its device {legs.STUCK_IO_WAIT:g} s after the volume completed them "
+               f"without it (failed as slow, leg_timeout)")
         with vol._meta:
             if img.state is ImageState.SPLIT:
                 img.state = ImageState.FAILED

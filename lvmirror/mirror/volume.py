@@ -892,7 +892,8 @@ class MirrorVolume:
                 errors.append((img, ImageIOError(
                     img.storage, errno.ETIMEDOUT,
                     f"image {img.rec.path}: still busy {timeout:g} s after image "
-                    f"{fastest.rec.path} finished the same I/O ({length} bytes): failed as slow "
+                    f"{fastest.rec.path} finished the same "
+                    f"{f'write ({length} bytes)' if length else 'flush'}: failed as slow "
                     f"(leg_timeout)", op="write" if length else "flush", offset=None,
                     length=length)))
                 continue

@@ -150,7 +150,7 @@ def test_split_fails_the_image_when_a_write_stays_stuck_on_it(tmp_path):
     write(vol, 0, pattern(128, 1))
     vol.flush()
     gate, t = _stuck_write_on(vol, opener, paths[1], background=True)
-    with pytest.raises(StateError, match="was not split: 1 write.*still in flight"):
+    with pytest.raises(StateError, match="was not split: 1 I/O.*still in flight"):
         vol.split(1)
     t.join(10)
     assert vol.images[1].state is ImageState.FAILED
@@ -372,3 +372,31 @@ def test_a_slow_leg_is_still_timed_against_a_live_leg_after_a_split(tmp_path):
     assert job.wait(10) and job.state == "done"
     vol.close()
     assert image_bytes(paths[0]) == image_bytes(paths[1])
+
+
+def test_an_image_that_could_not_be_opened_still_shows_and_waits_for_its_write(tmp_path):
+    """The volume reopened while image 1's device refuses the open (a block device's O_EXCL
+    claim is still held by the write in flight): status still counts the write (by what the
+    path names), and a resync waits for it before refusing, saying how long it waited."""
+    import time
+    from lvmirror.errors import ConfigError
+    vol, opener, paths = make_volume(tmp_path, 2, leg_timeout=0.3)
+    returned = _landing_later(opener, paths[1])
+    write(vol, L, pattern(2, 0xD1), fua=True)
+    vol.close()
+
+    def refusing(path, **kw):
+        if str(path) == paths[1]:
+            raise ConfigError(f"image {path}: busy")
+        return opener(path, **kw)
+    vol2 = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=refusing,
+                             flush_interval=None, leg_timeout=0.3)
+    assert vol2._images[1].storage is None
+    assert vol2.images[1].stuck_io == 1
+    t0 = time.monotonic()
+    with pytest.raises(StateError, match=r"still has 1 I/O.*waited 0\.[3-9] s"):
+        vol2.resync(1)
+    assert time.monotonic() - t0 >= 0.3
+    returned.set()
+    wait_until(lambda: vol2.images[1].stuck_io == 0)
+    vol2.close()
