@@ -26,7 +26,9 @@
 # records lvmirrord during each job; figures are then perturbed and only the profile counts),
 # BENCH_STRACE=1 (strace -c counts the handler's system calls during each job of lvmirror and
 # tcmu-runner -> <target>/<job>.strace; figures are perturbed, the calls per command count;
-# BENCH_STRACE=calls: every call with its thread for 2 s of each job -> <job>.strace-calls).
+# BENCH_STRACE=calls: every call with its thread for 2 s of each job -> <job>.strace-calls;
+# BENCH_STRACE=perf: perf trace's summary by thread, then perf stat's context switches, each
+# over half of RUNTIME -> <job>.perf-trace).
 
 BIQN=iqn.2026-11.org.lvmirror:bench
 BDIR=/run/scratch/bench
@@ -204,7 +206,16 @@ handler_strace() {  # handler_strace TARGET JOB: the system calls of the target'
   [ -n "$root" ] || return 0
   sleep $RAMP
   for p in $(tree_pids $root); do args="$args -p $p"; done
-  if [ "${BENCH_STRACE:-0}" = calls ]; then   # every call, by thread, for 2 s: JOB.strace-calls
+  if [ "${BENCH_STRACE:-0}" = perf ]; then    # perf trace's summary by thread (tracepoints,
+    # far less perturbing than ptrace) and the threads' names -> JOB.perf-trace
+    for p in $(tree_pids $root); do
+      for t in /proc/$p/task/*; do echo "thread ${t##*/} $(cat $t/comm 2>/dev/null)"; done
+    done > $BOUT/$1/$2.perf-trace
+    timeout -s INT $((RUNTIME / 2)) perf trace -s -q -p $(tree_pids $root | paste -sd,) \
+      2>> $BOUT/$1/$2.perf-trace >/dev/null || true
+    timeout -s INT $((RUNTIME / 2)) perf stat -e context-switches,task-clock -p $(tree_pids $root | paste -sd,) \
+      2>> $BOUT/$1/$2.perf-trace >/dev/null || true
+  elif [ "${BENCH_STRACE:-0}" = calls ]; then   # every call, by thread, for 2 s: JOB.strace-calls
     timeout -s INT 2 strace -f -q -tt -o $BOUT/$1/$2.strace-calls $args 2>/dev/null || true
   else
     timeout -s INT $RUNTIME strace -c -f -q -o $BOUT/$1/$2.strace $args 2>/dev/null || true
