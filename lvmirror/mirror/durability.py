@@ -49,10 +49,13 @@ on it afterwards (``MirrorVolume._mark_unflushed``, ``_mark_late``): a re-add re
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
+import time
 
 from lvmirror.errors import ImageIOError
+from lvmirror.mirror.legs import BoundedIO
 
 __all__ = ["DurabilityBarrier"]
 
@@ -76,15 +79,27 @@ class DurabilityBarrier:
         self.commits = 0          # state writes ordered behind a flush
         self.flushes = 0          # image flushes issued for them
 
-    def flush(self, images) -> list:
+    def flush(self, images, limit=None) -> list:
         """fdatasync every image of ``images`` that has storage, in parallel; returns the ones
-        whose data is now durable (the others went to ``on_error``)."""
+        whose data is now durable (the others went to ``on_error``).
+
+        ``limit(image)``: seconds to wait for that image's flush, or None (no limit). An image
+        with a limit is flushed on its worker; still busy past it, its flush is given up on,
+        counted as left behind on its device (``legs.BoundedIO``: a resync of the image waits
+        for it) and handed to ``on_error`` as ImageIOError(ETIMEDOUT): a device that stopped
+        answering then fails the image instead of holding the caller without limit."""
         targets = [im for im in images if im.storage is not None]
         pending = []
         errors = []
         inline = []
+        bounded = []
         for im in targets:
-            if im.worker is not None and len(targets) > 1:
+            seconds = limit(im) if limit is not None and im.worker is not None else None
+            if seconds is not None:
+                bio = BoundedIO()
+                im.worker.submit_to(_flush, im.storage, bio)
+                bounded.append((im, bio, seconds))
+            elif im.worker is not None and len(targets) > 1:
                 pending.append((im, im.worker.submit(_flush, im.storage)))
             else:
                 inline.append(im)
@@ -101,6 +116,18 @@ class DurabilityBarrier:
                 errors.append((im, exc))
             else:
                 raise exc
+        t0 = time.monotonic()
+        for im, bio, seconds in bounded:
+            if not bio.wait(max(seconds - (time.monotonic() - t0), 0.0)) \
+                    and bio.give_up(im.storage.device):
+                errors.append((im, ImageIOError(
+                    im.storage, errno.ETIMEDOUT,
+                    f"image {im.storage.path}: flush still busy after {seconds:.2f} s: failed "
+                    f"as slow", op="flush", offset=None, length=0)))
+            elif bio.exc is not None:
+                if not isinstance(bio.exc, ImageIOError):
+                    raise bio.exc
+                errors.append((im, bio.exc))
         with self._lock:
             self.flushes += len(targets)
         bad = set()
@@ -111,13 +138,14 @@ class DurabilityBarrier:
             bad.add(im)
         return [im for im in targets if im not in bad]
 
-    def commit(self, images, persist, *, what: str = "state"):
+    def commit(self, images, persist, *, what: str = "state", limit=None):
         """Make ``images`` durable, then call ``persist(durable_images)`` and return its result.
 
         ``persist`` writes state already snapshotted by the caller. ``what`` names the state for
-        the log. Exceptions from ``persist`` (OSError of a metadata save) propagate: the state
-        was not written, which is always safe (the older state claims less)."""
-        durable = self.flush(images)
+        the log; ``limit`` as in ``flush``. Exceptions from ``persist`` (OSError of a metadata
+        save) propagate: the state was not written, which is always safe (the older state
+        claims less)."""
+        durable = self.flush(images, limit)
         result = persist(durable)
         with self._lock:
             self.commits += 1

@@ -174,6 +174,7 @@ class StorageImage:
                           discards=0, errors=0, bounced=0, cache_drops=0,
                           verify_reads=0)
         self._stats_lock = threading.Lock()
+        self._flushed_bytes = 0       # stats["bytes_written"] when the last good flush began
         self._close_lock = threading.Lock()
         self._dsync_ok = hasattr(os, "RWF_DSYNC")
         self._verify_fd: int | None = None   # O_DIRECT read-only descriptor (verify_readv)
@@ -561,11 +562,18 @@ class StorageImage:
     def flush(self) -> None:
         """Make every completed write durable (fdatasync)."""
         self._check_open("flush", 0, 0)
+        mark = self.stats["bytes_written"]
         try:
             os.fdatasync(self.fd)
         except OSError as e:
             raise self._ioerror("flush", 0, 0, e) from e
         self._count(flushes=1)
+        self._flushed_bytes = mark
+
+    def unflushed_bytes(self) -> int:
+        """Bytes written through this object since the start of its last successful flush
+        (an upper bound of what a flush now has to write back)."""
+        return self.stats["bytes_written"] - self._flushed_bytes
 
     def drop_cache(self, offset: int = 0, length: int = 0) -> bool:
         """Drop the page cache of ``[offset, offset+length)`` (length 0: to the end), so the

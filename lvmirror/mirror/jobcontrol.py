@@ -147,7 +147,7 @@ class JobControl:
         written only once every region copied to it is durable (durability barrier)."""
         vol = self.vol
         return vol._barrier.commit([img], lambda durable: self._mark_in_sync(img, durable),
-                                    what="image in sync")
+                                    what="image in sync", limit=vol._flush_limit)
 
     def _mark_in_sync(self, img, durable) -> bool:
         vol = self.vol
@@ -192,7 +192,7 @@ class JobControl:
                 if next_region is not _KEEP:
                     img.rec.resync_next = next_region
                 vol._save_md()
-        vol._barrier.commit([img], persist, what=what)
+        vol._barrier.commit([img], persist, what=what, limit=vol._flush_limit)
 
     def restore(self, image_index, *, rate_limit=None):
         """Roll the live volume back to split image ``image_index``. Returns the RestoreJob.

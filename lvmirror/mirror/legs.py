@@ -19,7 +19,7 @@ import threading
 from lvmirror.errors import ConfigError
 from lvmirror.mirror.bitmap import RegionBitmap
 
-__all__ = ["ImageInfo", "ImageState", "Leg", "MAX_IMAGES", "STUCK_IO_WAIT", "SplitInfo",
+__all__ = ["BoundedIO", "ImageInfo", "ImageState", "Leg", "MAX_IMAGES", "MIN_DEVICE_RATE", "STUCK_IO_WAIT", "SplitInfo",
            "Worker", "check_image_fits", "device_of", "in_flight", "left_behind", "returned",
            "wait_returned"]
 
@@ -164,6 +164,9 @@ class Worker:
 # (``VolumeProcess.stop`` waits for it).
 
 STUCK_IO_WAIT = 5.0     # seconds a resync or split waits for I/O left behind to return
+# bytes a second, far below any disk: an I/O lvmirror bounds on its own (a resync's copy, its
+# flush of an image that serves no reads) may take leg_timeout plus its bytes at this rate
+MIN_DEVICE_RATE = 4_000_000
 
 _left_cv = threading.Condition()
 _left: dict = {}
@@ -207,6 +210,46 @@ def wait_returned(device, timeout: float) -> int:
     with _left_cv:
         _left_cv.wait_for(lambda: not _left.get(device), timeout)
         return _left.get(device, 0)
+
+
+class BoundedIO:
+    """One I/O on a leg's worker that its issuer may stop waiting for: the worker calls
+    ``done(exc)`` (exc None on success); the issuer waits with ``wait(timeout)`` and, when
+    that times out, calls ``give_up(device)``. Whichever of ``done`` and ``give_up`` comes
+    second knows which came first: an I/O given up on is counted on its device
+    (``left_behind``) until it returns."""
+
+    __slots__ = ("mu", "gate", "exc", "ended", "left_on")
+
+    def __init__(self):
+        self.mu = threading.Lock()
+        self.gate = threading.Lock()
+        self.gate.acquire()
+        self.exc = None
+        self.ended = False
+        self.left_on = None
+
+    def done(self, exc) -> None:
+        """The I/O ended with ``exc`` (None: success); called once, by the worker."""
+        with self.mu:
+            self.exc, self.ended = exc, True
+            if self.left_on is not None:
+                returned(self.left_on)
+        self.gate.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``done``; True if it ran."""
+        return self.gate.acquire(timeout=timeout)
+
+    def give_up(self, device) -> bool:
+        """Stop waiting: True if the I/O is still in flight (now counted on ``device``), False
+        if it ended meanwhile (``exc`` holds its outcome)."""
+        with self.mu:
+            if self.ended:
+                return False
+            self.left_on = device
+            left_behind(device)
+            return True
 
 
 class Leg:

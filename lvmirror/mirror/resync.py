@@ -46,9 +46,6 @@ __all__ = ["ResyncJob", "RestoreJob", "check_rate", "job_progress"]
 CHECKPOINT_REGIONS = 64
 CHECKPOINT_SECONDS = 1.0
 MB = 1_000_000
-# A resync's copy write is given up on as slow past leg_timeout plus the source's read plus its
-# size at this rate (bytes a second; ``_bounded_copy_write``): 4 MB/s, far below any disk.
-COPY_MIN_RATE = 4 * MB
 
 log = logging.getLogger(__name__)
 
@@ -275,43 +272,10 @@ class _TargetFailed(LvmirrorError):
     pass
 
 
-class _CopyWrite:
-    """A copy's write on the target's worker, which the copy may stop waiting for
-    (``_bounded_copy_write``): ``done(exc)`` from the worker; ``give_up(device)`` from the copy.
-    Whichever comes second of the two knows: an I/O given up on is counted on its device
-    (``legs.left_behind``) until it returns."""
-
-    __slots__ = ("mu", "gate", "exc", "ended", "left_on")
-
-    def __init__(self):
-        self.mu = threading.Lock()
-        self.gate = threading.Lock()
-        self.gate.acquire()
-        self.exc = None
-        self.ended = False
-        self.left_on = None
-
-    def done(self, exc):
-        with self.mu:
-            self.exc, self.ended = exc, True
-            if self.left_on is not None:
-                legs.returned(self.left_on)
-        self.gate.release()
-
-    def give_up(self, device) -> bool:
-        """Stop waiting: True if the write is still in flight (now counted on ``device``)."""
-        with self.mu:
-            if self.ended:
-                return False
-            self.left_on = device
-            legs.left_behind(device)
-            return True
-
-
 def _bounded_copy_write(vol, img, off, view, zero, t_read):
     """Write (or, ``zero``, discard) one region of a copy into target ``img`` on its worker and
     wait at most ``leg_timeout`` seconds longer than the source took to read it (``t_read``,
-    seconds) and than the write would take at COPY_MIN_RATE, as a write to the volume waits
+    seconds) and than the write would take at legs.MIN_DEVICE_RATE, as a write to the volume waits
     for a slow leg no longer than ``leg_timeout`` after the fastest in-sync leg (a copy has no
     other leg to compare with; the rate keeps a small ``leg_timeout`` from failing a large
     region's healthy direct write). A target still busy then is given up on: its write is left
@@ -321,17 +285,17 @@ def _bounded_copy_write(vol, img, off, view, zero, t_read):
     waits for the job, without limit. Raises the write's own ImageIOError too."""
     ln = view.nbytes
     st = img.storage
-    cw = _CopyWrite()
+    cw = legs.BoundedIO()
     img.worker.submit_to((lambda s: s.discard(off, ln)) if zero
                          else (lambda s: s.writev(off, [view])), st, cw)
-    allowance = ln / COPY_MIN_RATE
+    allowance = ln / legs.MIN_DEVICE_RATE
     limit = vol.leg_timeout + t_read + allowance
-    if not cw.gate.acquire(timeout=limit) and cw.give_up(st.device):
+    if not cw.wait(limit) and cw.give_up(st.device):
         raise ImageIOError(
             st, errno.ETIMEDOUT,
             f"image {img.rec.path}: a resync copy of {ln} bytes still busy after {limit:.2f} s "
             f"(leg_timeout {vol.leg_timeout:g} s + the source's read {t_read:.2f} s + "
-            f"{allowance:.2f} s at {COPY_MIN_RATE / MB:g} MB/s): failed as slow",
+            f"{allowance:.2f} s at {legs.MIN_DEVICE_RATE / MB:g} MB/s): failed as slow",
             op="write", offset=off, length=ln)
     if cw.exc is not None:
         raise cw.exc

@@ -22,9 +22,10 @@ A split runs in three steps, so that several volumes can share one T (a consiste
     durability barrier, flushes the image and saves the split as done. A write begun before T
     that the volume completed without the image (failed as slow, ``leg_timeout``) may still
     be in flight on its device: the split waits ``legs.STUCK_IO_WAIT`` seconds for it, since
-    it would change the frozen copy when it lands. Past that the image is failed, not split
-    (its change bitmap, kept since T, plus what it may hold only in a volatile cache, is what
-    a resync copies once the device answers), and the split raises StateError.
+    it would change the frozen copy when it lands. Past that, or when the image's flush fails
+    or outlasts its bound (``MirrorVolume._flush_limit``), the image is failed, not split (its
+    change bitmap, kept since T, plus what it may hold only in a volatile cache, is what a
+    resync copies once the device answers), and the split raises StateError.
 ``abort(p)`` undoes a prepared split that did not reach T (the image stays in sync: it took
 every write).
 
@@ -169,9 +170,10 @@ class SplitControl:
         save the split as done once that data is durable on the image (the durability
         barrier). Returns the SplitInfo (index, path, T, generation, I/Os drained).
 
-        StateError: the split did not reach T, or a write begun before T is still in flight
-        on the image's device ``legs.STUCK_IO_WAIT`` seconds after the drain (left behind as
-        slow, ``leg_timeout``): the image is failed then (``_fail_unsettled``)."""
+        StateError: the split did not reach T, a write begun before T is still in flight on the
+        image's device ``legs.STUCK_IO_WAIT`` seconds after the drain (left behind as slow,
+        ``leg_timeout``), or the image's flush failed or outlasted ``_flush_limit``: the image
+        is failed then (``_fail_unsettled``)."""
         vol, img = self.vol, p.img
         if p.split_time is None:
             raise StateError(f"volume {vol.name}: the split of image {p.index} did not reach T")
@@ -180,9 +182,15 @@ class SplitControl:
             if img.stuck_io:
                 stuck = img.wait_stuck(legs.STUCK_IO_WAIT)
                 if stuck:
-                    self._fail_unsettled(p, stuck)
-            vol._barrier.commit([img], lambda durable: vol._locked_save_md(),
-                                what="split done")
+                    self._fail_unsettled(p, (
+                        f"{stuck} I/O(s) (writes or flushes) begun before the split were still "
+                        f"in flight on its device {legs.STUCK_IO_WAIT:g} s after the volume "
+                        f"completed them without it (failed as slow, leg_timeout); it would "
+                        f"change the point-in-time copy when it lands"))
+            if not vol._barrier.commit([img], lambda durable: self._done(img, durable),
+                                       what="split done", limit=vol._flush_limit):
+                self._fail_unsettled(p, f"its flush failed ({img.rec.error}); what it holds "
+                                        f"is not durable")
         finally:
             with vol._meta:
                 if img.split_busy is p:
@@ -191,16 +199,22 @@ class SplitControl:
         return SplitInfo(index=p.index, path=img.rec.path, split_time=p.split_time,
                          generation=p.generation, drained=drained)
 
-    def _fail_unsettled(self, p: PendingSplit, stuck: int) -> None:
-        """A split past T whose image still has ``stuck`` writes begun before T in flight on its
-        device: it is no frozen copy, so it is failed (persisted, logged at error priority)
-        with its change bitmap (writes since T, and the range of each write it was left behind
-        by) plus every region it may hold only in a volatile cache (``_mark_unflushed``); a
-        resync copies them once the device answers. Raises StateError saying so."""
+    def _done(self, img, durable) -> bool:
+        """The barrier's persist step of ``finish``: save the split as done if the image's
+        flush succeeded; returns whether it did."""
+        if img not in durable:
+            return False
+        self.vol._locked_save_md()
+        return True
+
+    def _fail_unsettled(self, p: PendingSplit, why: str) -> None:
+        """A split past T whose image is no frozen copy (``why``: a write begun before T still
+        in flight on its device, or its flush failed or did not end): it is failed (persisted,
+        logged at error priority) with its change bitmap (writes since T, and the range of
+        each write it was left behind by) plus every region it may hold only in a volatile
+        cache (``_mark_unflushed``); a resync copies them once the device answers. Raises
+        StateError saying so."""
         vol, img = self.vol, p.img
-        why = (f"{stuck} I/O(s) (writes or flushes) begun before the split were still in "
-               f"flight on its device {legs.STUCK_IO_WAIT:g} s after the volume completed them "
-               f"without it (failed as slow, leg_timeout)")
         with vol._meta:
             if img.state is ImageState.SPLIT:
                 img.state = ImageState.FAILED
@@ -216,8 +230,7 @@ class SplitControl:
                 vol._persist_failure(img, img.bitmap)
                 vol._switch_epoch()
         raise StateError(f"volume {vol.name}: image {p.index} ({img.rec.path}) was not split: "
-                         f"{why}; it would change the point-in-time copy when it lands. The "
-                         f"image is failed; resync it once its device answers")
+                         f"{why}. The image is failed; resync it once its device answers")
 
     def export(self, image_index) -> SplitImageVolume:
         """A block device view of split image ``image_index`` (to export the point-in-time copy

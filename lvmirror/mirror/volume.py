@@ -74,8 +74,8 @@ from lvmirror.mirror.durability import DurabilityBarrier
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.jobcontrol import JobControl
-from lvmirror.mirror.legs import (MAX_IMAGES, ImageInfo, ImageState, Leg, SplitInfo, Worker,
-                                  check_image_fits)
+from lvmirror.mirror.legs import (MAX_IMAGES, MIN_DEVICE_RATE, ImageInfo, ImageState, Leg,
+                                  SplitInfo, Worker, check_image_fits)
 from lvmirror.mirror.metadata import VolumeMetadata, geometry_problem, valid_volume_name
 from lvmirror.mirror import provisioning
 from lvmirror.mirror.recovery import RecoveryProgress, recover
@@ -1651,6 +1651,17 @@ class MirrorVolume:
             return [im for im in self._images
                     if im.storage is not None and im.state is not ImageState.FAILED]
 
+    def _flush_limit(self, img):
+        """How long lvmirror's own flush of ``img`` (a durability barrier's) may take before it
+        fails the image as slow, in seconds; None: no limit. Only an image that serves no reads
+        is bounded - a split image at its split's end, a syncing image at a resync's
+        checkpoint - by ``leg_timeout`` plus its unflushed bytes at ``MIN_DEVICE_RATE``
+        (a flush writes back what the page cache holds). An in-sync image is not: failing it
+        for slowness could leave no live copy, and its flush's length tells nothing alone."""
+        if not self.leg_timeout or img.state is ImageState.IN_SYNC or img.storage is None:
+            return None
+        return self.leg_timeout + img.storage.unflushed_bytes() / MIN_DEVICE_RATE
+
     def _flush_failed(self, img, exc):
         """The durability barrier's error path: an image whose flush failed holds nothing
         durable we can vouch for; fail it with every region marked."""
@@ -1710,7 +1721,8 @@ class MirrorVolume:
                         snap.union_update(im.bitmap)   # never save fewer marks than now
                         snap.save(self._bitmap_path(im))
             return self._wil.clean(cutoff, self._torn_chunks())
-        return self._barrier.commit(self._storage_images(), persist, what="checkpoint")
+        return self._barrier.commit(self._storage_images(), persist, what="checkpoint",
+                                    limit=self._flush_limit)
 
     def _flush_loop(self, interval):
         while not self._stop_flusher.wait(interval):
@@ -1760,7 +1772,8 @@ class MirrorVolume:
                     self._save_md()
             # no I/O in flight: the bitmaps need no snapshot; clean only after every image is
             # durable (a failed flush fails that image, saved whole, before the clean mark)
-            self._barrier.commit(self._storage_images(), persist, what="clean shutdown")
+            self._barrier.commit(self._storage_images(), persist, what="clean shutdown",
+                                 limit=self._flush_limit)
             for im in self._images:
                 if im.worker is not None:
                     im.worker.stop()

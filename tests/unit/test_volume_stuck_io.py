@@ -400,3 +400,90 @@ def test_an_image_that_could_not_be_opened_still_shows_and_waits_for_its_write(t
     returned.set()
     wait_until(lambda: vol2.images[1].stuck_io == 0)
     vol2.close()
+
+
+# ---- lvmirror's own flush of an image that serves no reads ------------------------------------
+
+def _flush_gate(opener, path):
+    gate = Gate(match=lambda op, off, ln: op == "flush")
+    opener.by_path[path].gates.append(gate)
+    return gate
+
+
+def test_a_split_whose_image_flush_does_not_end_fails_the_image(tmp_path):
+    """The split image's device stops answering its flush at the split's end: past
+    leg_timeout (plus its unflushed bytes at MIN_DEVICE_RATE) the image is failed, not split,
+    and split() says why instead of waiting without limit; the flush is counted as left behind
+    and a resync after it returns leaves the images identical."""
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    write(vol, 0, pattern(128, 1))
+    gate = _flush_gate(opener, paths[2])
+    with pytest.raises(StateError, match="was not split: its flush failed.*still busy"):
+        vol.split(2)
+    assert vol.images[2].state is ImageState.FAILED
+    assert vol._images[2].stuck_io == 1
+    assert [i.state for i in vol.images[:2]] == [ImageState.IN_SYNC] * 2
+    write(vol, 0, pattern(4, 2))
+    gate.open()
+    wait_until(lambda: vol._images[2].stuck_io == 0)
+    job = vol.resync(2)
+    assert job.wait(10) and job.state == "done"
+    vol.close()
+    assert image_bytes(paths[0]) == image_bytes(paths[2])
+
+
+def test_a_split_whose_image_flush_fails_is_not_called_done(tmp_path):
+    """The split image's flush at the split's end fails (EIO): what it holds is not durable,
+    so the split is not saved as done; the image is failed with its regions marked, and a
+    reopen finds it failed."""
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    write(vol, 0, pattern(128, 1))
+    opener.by_path[paths[2]].fail_flushes = True
+    with pytest.raises(StateError, match="was not split: its flush failed.*injected flush"):
+        vol.split(2)
+    assert vol.images[2].state is ImageState.FAILED
+    assert vol._images[2].bitmap.is_dirty(0, BS)
+    opener.by_path[paths[2]].fail_flushes = False
+    vol.close()
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=opener,
+                            flush_interval=None)
+    assert vol.images[2].state is ImageState.FAILED
+    vol.close()
+
+
+def test_close_during_a_resync_whose_target_flush_does_not_end(tmp_path):
+    """A resync's checkpoint flushes its target, whose device stops answering: the flush is
+    given up on past its bound, the target failed and the job ended, so ``close`` returns; the
+    volume reopened refuses a resync until the flush returns, then resyncs it."""
+    import time
+    from lvmirror.mirror import resync as resync_mod
+    vol, opener, paths = make_volume(tmp_path, 2, leg_timeout=0.3, size=4 << 20)
+    write(vol, 0, pattern(8192, 1))
+    vol.split(1)
+    write(vol, 0, pattern(8192, 2))                    # every region changed
+    gate = _flush_gate(opener, paths[1])
+    orig = resync_mod.CHECKPOINT_REGIONS
+    resync_mod.CHECKPOINT_REGIONS = 4                  # a checkpoint soon
+    try:
+        job = vol.resync(1)
+        gate.wait_reached()
+        assert job.wait(10), "the resync waits for its target's flush without limit"
+    finally:
+        resync_mod.CHECKPOINT_REGIONS = orig
+    assert job.state == "failed" and "flush still busy" in (job.error or ""), job.error
+    assert vol.images[1].state is ImageState.FAILED
+    done = threading.Event()
+    threading.Thread(target=lambda: (vol.close(), done.set()), daemon=True).start()
+    assert done.wait(10), "close() waits for a device that does not answer"
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=opener,
+                            flush_interval=None, leg_timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(StateError, match="still has 1 I/O"):
+        vol.resync(1)
+    assert time.monotonic() - t0 >= 0.3
+    gate.open()
+    wait_until(lambda: vol._images[1].stuck_io == 0)
+    job = vol.resync(1)
+    assert job.wait(20) and job.state == "done", (job.state, job.error)
+    vol.close()
+    assert image_bytes(paths[0]) == image_bytes(paths[1])
