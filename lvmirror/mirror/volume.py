@@ -1646,10 +1646,12 @@ class MirrorVolume:
         """Every image with open storage that is not failed: live, syncing and split (a split
         image may still hold writes begun before its T in the page cache until its split
         commits). A failed image takes no writes and nothing vouches for it: flushing it every
-        round would only repeat its error."""
+        round would only repeat its error. Nor a split image with a flush of its own left
+        behind (``_flush_limit``): it stays split, and every round would leave one more."""
         with self._meta:
             return [im for im in self._images
-                    if im.storage is not None and im.state is not ImageState.FAILED]
+                    if im.storage is not None and im.state is not ImageState.FAILED
+                    and not (im.state is ImageState.SPLIT and im.stuck_io)]
 
     def _flush_limit(self, img):
         """How long lvmirror's own flush of ``img`` (a durability barrier's) may take before it

@@ -487,3 +487,30 @@ def test_close_during_a_resync_whose_target_flush_does_not_end(tmp_path):
     assert job.wait(20) and job.state == "done", (job.state, job.error)
     vol.close()
     assert image_bytes(paths[0]) == image_bytes(paths[1])
+
+
+def test_a_split_image_whose_flush_does_not_end_holds_no_checkpoint(tmp_path):
+    """An exported split image's device stops answering the flusher's flush: the checkpoint
+    goes on past the flush's bound (the image stays split, its error says so), and the next
+    checkpoints leave no further flush behind on it; once the flush returns, they flush it
+    again."""
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    vol.split(2)
+    exp = vol.split_image(2)
+    exp.write(0, [memoryview(pattern(2, 5))])
+    gate = Gate(match=lambda op, off, ln: op == "flush", count=10)
+    opener.by_path[paths[2]].gates.append(gate)
+    done = threading.Event()
+    threading.Thread(target=lambda: (vol.checkpoint(), done.set()), daemon=True).start()
+    assert done.wait(10), "a checkpoint waits for a split image's flush without limit"
+    assert vol.images[2].state is ImageState.SPLIT and "flush still busy" in vol.images[2].error
+    assert vol._images[2].stuck_io == 1
+    vol.checkpoint()
+    vol.checkpoint()
+    assert vol._images[2].stuck_io == 1 and gate.count == 9    # no second flush submitted
+    gate.open()
+    wait_until(lambda: vol._images[2].stuck_io == 0)
+    vol.checkpoint()
+    assert gate.count == 8                                     # flushed again
+    exp.close()
+    vol.close()
