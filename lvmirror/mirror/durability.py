@@ -98,8 +98,8 @@ class DurabilityBarrier:
         for im in targets:
             seconds = limit(im) if limit is not None and im.worker is not None else None
             if seconds is not None:
-                bio = BoundedIO()
-                im.worker.submit_to(_flush, im.storage, bio)
+                bio = BoundedIO(getattr(im, "late_error", None))
+                im.worker.submit_to(_bounded_flush, (im.storage, bio), bio)
                 bounded.append((im, bio, seconds))
             elif im.worker is not None and len(targets) > 1:
                 pending.append((im, im.worker.submit(_flush, im.storage)))
@@ -119,14 +119,29 @@ class DurabilityBarrier:
             else:
                 raise exc
         t0 = time.monotonic()
+        gone = []
         for im, bio, seconds in bounded:
-            if not bio.wait(max(seconds - (time.monotonic() - t0), 0.0)) \
-                    and bio.give_up(im.storage.device):
+            if bio.wait(max(seconds - (time.monotonic() - t0), 0.0)):
+                pass
+            elif bio.cancel():
+                # never begun: its worker's threads are busy with I/O left behind on the
+                # device (that is counted already), or stopped (the image was detached)
+                if im.worker is None or not im.worker.running:
+                    gone.append(im)
+                    continue
+                errors.append((im, ImageIOError(
+                    im.storage, errno.ETIMEDOUT,
+                    f"image {im.storage.path}: flush not begun after {seconds:.2f} s (its "
+                    f"device still has I/O in flight): failed as slow", op="flush",
+                    offset=None, length=0)))
+                continue
+            elif bio.give_up(im.storage.device):
                 errors.append((im, ImageIOError(
                     im.storage, errno.ETIMEDOUT,
                     f"image {im.storage.path}: flush still busy after {seconds:.2f} s: failed "
                     f"as slow", op="flush", offset=None, length=0)))
-            elif bio.exc is not None:
+                continue
+            if bio.exc is not None:
                 if not isinstance(bio.exc, ImageIOError):
                     raise bio.exc
                 errors.append((im, bio.exc))
@@ -138,7 +153,7 @@ class DurabilityBarrier:
                       self.name, getattr(getattr(im, "rec", None), "path", im), e)
             self._on_error(im, e)
             bad.add(im)
-        return [im for im in targets if im not in bad]
+        return [im for im in targets if im not in bad and im not in gone]
 
     def commit(self, images, persist, *, what: str = "state", limit=None):
         """Make ``images`` durable, then call ``persist(durable_images)`` and return its result.
@@ -162,3 +177,9 @@ class DurabilityBarrier:
 
 def _flush(storage):
     storage.flush()
+
+
+def _bounded_flush(arg):
+    storage, bio = arg
+    if bio.start():
+        storage.flush()

@@ -174,7 +174,9 @@ class StorageImage:
                           discards=0, errors=0, bounced=0, cache_drops=0,
                           verify_reads=0)
         self._stats_lock = threading.Lock()
-        self._flushed_bytes = 0       # stats["bytes_written"] when the last good flush began
+        # (bytes, writes) written when the last good flush began; None before the first
+        self._flushed_mark: tuple[int, int] | None = None
+        self._zeroed = 0              # bytes written as zeroes by ``discard``'s fallback
         self._close_lock = threading.Lock()
         self._dsync_ok = hasattr(os, "RWF_DSYNC")
         self._verify_fd: int | None = None   # O_DIRECT read-only descriptor (verify_readv)
@@ -562,18 +564,23 @@ class StorageImage:
     def flush(self) -> None:
         """Make every completed write durable (fdatasync)."""
         self._check_open("flush", 0, 0)
-        mark = self.stats["bytes_written"]
+        mark = (self.stats["bytes_written"] + self._zeroed, self.stats["writes"])
         try:
             os.fdatasync(self.fd)
         except OSError as e:
             raise self._ioerror("flush", 0, 0, e) from e
         self._count(flushes=1)
-        self._flushed_bytes = mark
+        self._flushed_mark = mark
 
-    def unflushed_bytes(self) -> int:
-        """Bytes written through this object since the start of its last successful flush
-        (an upper bound of what a flush now has to write back)."""
-        return self.stats["bytes_written"] - self._flushed_bytes
+    def unflushed(self) -> tuple[int, int] | None:
+        """(bytes, writes) written through this object since the start of its last successful
+        flush - what a flush now may have to write back, zeroes a discard wrote included; None
+        before this object's first flush (what an earlier object or process left in the page
+        cache is unknown)."""
+        if self._flushed_mark is None:
+            return None
+        return (self.stats["bytes_written"] + self._zeroed - self._flushed_mark[0],
+                self.stats["writes"] - self._flushed_mark[1])
 
     def drop_cache(self, offset: int = 0, length: int = 0) -> bool:
         """Drop the page cache of ``[offset, offset+length)`` (length 0: to the end), so the
@@ -683,6 +690,7 @@ class StorageImage:
             raise
 
     def _write_zeroes(self, offset, length) -> None:
+        self._zeroed += length           # for ``unflushed``: buffered like any write
         zeroes = self.aligned_buffer(min(length, _ZERO_CHUNK))
         pos, end = offset, offset + length
         while pos < end:

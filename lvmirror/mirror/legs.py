@@ -19,7 +19,7 @@ import threading
 from lvmirror.errors import ConfigError
 from lvmirror.mirror.bitmap import RegionBitmap
 
-__all__ = ["BoundedIO", "ImageInfo", "ImageState", "Leg", "MAX_IMAGES", "MIN_DEVICE_RATE", "STUCK_IO_WAIT", "SplitInfo",
+__all__ = ["BoundedIO", "ImageInfo", "ImageState", "Leg", "MAX_IMAGES", "MIN_DEVICE_IOPS", "MIN_DEVICE_RATE", "STUCK_IO_WAIT", "SplitInfo",
            "Worker", "check_image_fits", "device_of", "in_flight", "left_behind", "returned",
            "wait_returned"]
 
@@ -140,9 +140,14 @@ class Worker:
         """Run ``fn(arg)`` on a worker; nobody waits for it."""
         self._q.put((fn, arg, None))
 
+    @property
+    def running(self) -> bool:
+        """False once ``stop`` was called."""
+        return bool(self._threads)
+
     def stop(self, wait: bool = False):
         """Let every thread end once the work queued before this call is done; with ``wait``,
-        join them. Idempotent."""
+        join them. Idempotent. Work queued after it never runs (``BoundedIO.cancel``)."""
         threads, self._threads = self._threads, []
         for _ in threads:
             self._q.put(None)
@@ -167,6 +172,7 @@ STUCK_IO_WAIT = 5.0     # seconds a resync or split waits for I/O left behind to
 # bytes a second, far below any disk: an I/O lvmirror bounds on its own (a resync's copy, its
 # flush of an image that serves no reads) may take leg_timeout plus its bytes at this rate
 MIN_DEVICE_RATE = 4_000_000
+MIN_DEVICE_IOPS = 100   # and each of its writes at this rate (a disk's random writes)
 
 _left_cv = threading.Condition()
 _left: dict = {}
@@ -219,21 +225,46 @@ class BoundedIO:
     second knows which came first: an I/O given up on is counted on its device
     (``left_behind``) until it returns."""
 
-    __slots__ = ("mu", "gate", "exc", "ended", "left_on")
+    __slots__ = ("mu", "gate", "exc", "ended", "left_on", "started", "cancelled", "on_late")
 
-    def __init__(self):
+    def __init__(self, on_late=None):
+        """``on_late(exc)``: called when an I/O given up on returns an error (before it stops
+        counting as left behind), e.g. ``Leg.late_error``."""
+        self.on_late = on_late
         self.mu = threading.Lock()
         self.gate = threading.Lock()
         self.gate.acquire()
         self.exc = None
         self.ended = False
         self.left_on = None
+        self.started = False
+        self.cancelled = False
+
+    def start(self) -> bool:
+        """Called by the worker before it makes the I/O: False if ``cancel`` came first (the
+        I/O is not made then, and ``done`` not called)."""
+        with self.mu:
+            if self.cancelled:
+                return False
+            self.started = True
+            return True
+
+    def cancel(self) -> bool:
+        """Stop waiting for an I/O its worker has not begun (its threads busy with other I/O on
+        the device, or stopped): True if it never will be made; False once it has begun."""
+        with self.mu:
+            if self.started or self.ended:
+                return False
+            self.cancelled = True
+            return True
 
     def done(self, exc) -> None:
         """The I/O ended with ``exc`` (None: success); called once, by the worker."""
         with self.mu:
             self.exc, self.ended = exc, True
             if self.left_on is not None:
+                if exc is not None and self.on_late is not None:
+                    self.on_late(exc)
                 returned(self.left_on)
         self.gate.release()
 
@@ -284,6 +315,14 @@ class Leg:
         dev = self.storage.device
         left_behind(dev)
         return dev
+
+    def late_error(self, exc) -> None:
+        """An I/O left behind on this leg returned the error ``exc``: a split of the image
+        under way must not be saved as done (``PendingSplit.lost``; the image already has the
+        I/O's range marked)."""
+        p = self.split_busy
+        if p is not None and p.lost is None:
+            p.lost = f"an I/O left behind on it as slow returned: {exc}"
 
     @staticmethod
     def abandoned_io_done(device) -> None:

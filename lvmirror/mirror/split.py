@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 class PendingSplit:
     """A split between ``prepare`` and ``finish``: the image (index and Leg), its new change
     bitmap, the generation it got, T (seconds since the epoch, set by ``switch``) and the
-    first epoch without it."""
+    first epoch without it; ``lost``: set when an I/O on the image failed meanwhile."""
     index: int
     img: object
     bitmap: RegionBitmap
@@ -62,6 +62,9 @@ class PendingSplit:
     split_time: float | None = None
     epoch: object = None
     done: bool = False
+    # what failed on the image between T and the split's end (a write begun before T, a
+    # flush): the copy may lack it, so the split is not saved as done (``finish``)
+    lost: str | None = None
 
 
 class SplitControl:
@@ -187,10 +190,10 @@ class SplitControl:
                         f"in flight on its device {legs.STUCK_IO_WAIT:g} s after the volume "
                         f"completed them without it (failed as slow, leg_timeout); it would "
                         f"change the point-in-time copy when it lands"))
-            if not vol._barrier.commit([img], lambda durable: self._done(img, durable),
-                                       what="split done", limit=vol._flush_limit):
-                self._fail_unsettled(p, f"its flush failed ({img.rec.error}); what it holds "
-                                        f"is not durable")
+            why = vol._barrier.commit([img], lambda durable: self._done(p, durable),
+                                      what="split done", limit=vol._flush_limit)
+            if why is not None:
+                self._fail_unsettled(p, why)
         finally:
             with vol._meta:
                 if img.split_busy is p:
@@ -199,13 +202,19 @@ class SplitControl:
         return SplitInfo(index=p.index, path=img.rec.path, split_time=p.split_time,
                          generation=p.generation, drained=drained)
 
-    def _done(self, img, durable) -> bool:
+    def _done(self, p: PendingSplit, durable) -> str | None:
         """The barrier's persist step of ``finish``: save the split as done if the image's
-        flush succeeded; returns whether it did."""
-        if img not in durable:
-            return False
-        self.vol._locked_save_md()
-        return True
+        flush succeeded and no I/O failed on it since T (``p.lost``, set under the volume's
+        metadata lock); returns None if it did, else why not."""
+        vol = self.vol
+        with vol._meta:
+            if p.img not in durable:
+                return f"its flush failed ({p.img.rec.error}); what it holds is not durable"
+            if p.lost:
+                return (f"an I/O begun before the split failed on it ({p.lost}); the copy "
+                        f"may lack it")
+            vol._save_md()
+        return None
 
     def _fail_unsettled(self, p: PendingSplit, why: str) -> None:
         """A split past T whose image is no frozen copy (``why``: a write begun before T still

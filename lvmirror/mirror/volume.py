@@ -74,8 +74,8 @@ from lvmirror.mirror.durability import DurabilityBarrier
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.jobcontrol import JobControl
-from lvmirror.mirror.legs import (MAX_IMAGES, MIN_DEVICE_RATE, ImageInfo, ImageState, Leg,
-                                  SplitInfo, Worker, check_image_fits)
+from lvmirror.mirror.legs import (MAX_IMAGES, MIN_DEVICE_IOPS, MIN_DEVICE_RATE, ImageInfo,
+                                  ImageState, Leg, SplitInfo, Worker, check_image_fits)
 from lvmirror.mirror.metadata import VolumeMetadata, geometry_problem, valid_volume_name
 from lvmirror.mirror import provisioning
 from lvmirror.mirror.recovery import RecoveryProgress, recover
@@ -154,6 +154,8 @@ class _LegDone:
         g = self.group
         with g.mu:
             if self.img in g.abandoned:      # failed as slow: its I/O has returned now
+                if exc is not None:          # (before the count drops: a split waits for it)
+                    self.img.late_error(exc)
                 self.img.abandoned_io_done(g.abandoned[self.img])
             g.results[self.img] = exc
             g.left -= 1
@@ -603,8 +605,13 @@ class MirrorVolume:
                 return True
             if img.state is ImageState.SPLIT:
                 # A write begun before T failed on the image being split: the copy lacks it,
-                # so the region must be copied again by a resync (or skipped by a restore).
+                # so the region must be copied again by a resync (or skipped by a restore);
+                # while the split is under way it is not saved as done (``SplitControl``)
                 img.rec.error = str(exc)
+                # (one left behind as slow is waited for; if it then fails: ``late_error``)
+                if img.split_busy is not None and img.split_busy.lost is None \
+                        and errno_ != errno.ETIMEDOUT:
+                    img.split_busy.lost = f"{where}: {exc}"
                 if img.bitmap is not None:
                     self._mark_lost(img, img.bitmap, offset, length, all_regions)
                 log.error("volume %s: split image %d (%s): %s failed (errno %s): %s; the regions "
@@ -1655,14 +1662,19 @@ class MirrorVolume:
 
     def _flush_limit(self, img):
         """How long lvmirror's own flush of ``img`` (a durability barrier's) may take before it
-        fails the image as slow, in seconds; None: no limit. Only an image that serves no reads
-        is bounded - a split image at its split's end, a syncing image at a resync's
-        checkpoint - by ``leg_timeout`` plus its unflushed bytes at ``MIN_DEVICE_RATE``
-        (a flush writes back what the page cache holds). An in-sync image is not: failing it
-        for slowness could leave no live copy, and its flush's length tells nothing alone."""
+        fails the image as slow, in seconds; None: no limit. Only an image the volume's reads
+        do not use is bounded - a split image (at its split's end, in the flusher's round), a
+        syncing image (at a resync's checkpoint or end) - by ``leg_timeout`` plus what it has
+        to write back (``StorageImage.unflushed``) at ``MIN_DEVICE_RATE`` bytes and
+        ``MIN_DEVICE_IOPS`` writes a second; not before this process first flushed it (the
+        page cache may hold an earlier process's writes). An in-sync image is not bounded:
+        failing it for slowness could leave no live copy."""
         if not self.leg_timeout or img.state is ImageState.IN_SYNC or img.storage is None:
             return None
-        return self.leg_timeout + img.storage.unflushed_bytes() / MIN_DEVICE_RATE
+        left = img.storage.unflushed()
+        if left is None:
+            return None
+        return self.leg_timeout + left[0] / MIN_DEVICE_RATE + left[1] / MIN_DEVICE_IOPS
 
     def _flush_failed(self, img, exc):
         """The durability barrier's error path: an image whose flush failed holds nothing

@@ -514,3 +514,109 @@ def test_a_split_image_whose_flush_does_not_end_holds_no_checkpoint(tmp_path):
     assert gate.count == 8                                     # flushed again
     exp.close()
     vol.close()
+
+
+# ---- nothing failed on the image between T and the split's end --------------------------------
+
+def test_a_write_begun_before_t_that_fails_on_the_split_image_fails_the_split(tmp_path):
+    """A write begun before T fails (EIO) on the image being split after T: it is answered GOOD
+    from the others, but the copy lacks it, so the split is not saved as done: the image is
+    failed with the write's range marked."""
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    write(vol, 0, pattern(128, 1))
+    gate = Gate(match=lambda op, off, ln: op == "write" and off == L * BS)
+    opener.by_path[paths[2]].gates.append(gate)
+    t, box = _write_in_thread(vol, L, pattern(2, 0xE1))
+    gate.wait_reached()
+    p = vol.splits.prepare(2)
+    vol.splits.switch(p)                                   # T, with the write in flight
+    opener.by_path[paths[2]].fail_writes = True
+    gate.open()                                            # the write fails on image 2
+    t.join(10)
+    assert box == {"ok": True}, box
+    opener.by_path[paths[2]].fail_writes = False
+    with pytest.raises(StateError, match="was not split: an I/O begun before the split failed"):
+        vol.splits.finish(p)
+    assert vol.images[2].state is ImageState.FAILED
+    assert vol._images[2].bitmap.is_dirty(L * BS, BS)
+    vol.close()
+
+
+def test_a_write_left_behind_that_returns_an_error_fails_the_split(tmp_path):
+    """The write the split waits for (left behind as slow on the image being split) returns
+    EIO within the wait: the copy lacks it, so the image is failed, not split."""
+    import errno
+    from lvmirror.errors import ImageIOError
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    write(vol, 0, pattern(128, 1))
+    st = opener.by_path[paths[2]]
+    real, held, hit = st.writev, threading.Event(), []
+
+    def writev(offset, buffers, *, fua=False):
+        if offset == L * BS and not hit:
+            hit.append(1)
+            held.wait(30)
+            raise ImageIOError(st, errno.EIO, f"image {st.path}: injected late write error")
+        return real(offset, buffers, fua=fua)
+    st.writev = writev
+    t, box = _write_in_thread(vol, L, pattern(2, 0xD1))
+    wait_until(lambda: hit)
+    threading.Timer(0.45, held.set).start()               # within the split's wait
+    with pytest.raises(StateError, match="was not split: an I/O begun before the split failed"
+                                         ".*injected late write error"):
+        vol.split(2)
+    t.join(10)
+    assert box == {"ok": True}, box
+    assert vol.images[2].state is ImageState.FAILED
+    vol.close()
+
+
+def test_a_flusher_flush_given_up_between_t_and_the_end_then_failing_fails_the_split(tmp_path):
+    """Between T and the split's end a flusher round's flush of the split image is given up
+    on as slow, then returns EIO (a writeback error the kernel reports once): a later flush
+    succeeds, but the split is not saved as done."""
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    write(vol, 0, pattern(128, 1))
+    st = opener.by_path[paths[2]]
+    p = vol.splits.prepare(2)
+    vol.splits.switch(p)
+    gate = _flush_gate(opener, paths[2])
+    vol.checkpoint()                                       # its flush of image 2 is left behind
+    assert vol._images[2].stuck_io == 1
+    st.fail_flushes = True
+    gate.open()
+    wait_until(lambda: vol._images[2].stuck_io == 0)       # ...and returned EIO
+    st.fail_flushes = False
+    with pytest.raises(StateError, match="was not split: an I/O begun before the split failed"):
+        vol.splits.finish(p)
+    assert vol.images[2].state is ImageState.FAILED
+    vol.close()
+
+
+def test_a_flush_queued_on_a_stopped_worker_is_not_counted_as_left_behind(tmp_path):
+    """A flusher round racing a detach queues the flush of the split image on a worker that
+    was just stopped: it never runs, so it is dropped, not counted on the device for good
+    (which refused an attach of the same file for the life of the process)."""
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    vol.split(2)
+    vol._images[2].worker.stop()
+    vol.checkpoint()
+    assert vol._images[2].stuck_io == 0
+    assert vol.images[2].state is ImageState.SPLIT and vol.images[2].error is None
+    vol.close()
+
+
+def test_unflushed_counts_zeroes_and_is_unknown_before_the_first_flush(tmp_path):
+    """What a flush may have to write back: nothing known before this object's first flush;
+    after it the bytes and writes made since, zeroes a discard wrote included."""
+    from lvmirror.mirror.image import StorageImage
+    StorageImage.create_file(tmp_path / "a", 4 << 20)
+    with StorageImage.open(tmp_path / "a") as st:
+        assert st.unflushed() is None
+        st.flush()
+        assert st.unflushed() == (0, 0)
+        st.writev(0, [memoryview(bytearray(8192))])
+        st._write_zeroes(1 << 20, 1 << 20)
+        assert st.unflushed() == (8192 + (1 << 20), 1)
+        st.flush()
+        assert st.unflushed() == (0, 0)
