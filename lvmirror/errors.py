@@ -13,13 +13,18 @@ class ImageIOError(LvmirrorError):
     The mirror volume catches it, marks the image failed and carries on with the others.
     """
 
-    def __init__(self, image, errno, message, *, op=None, offset=None, length=None):
+    def __init__(self, image, errno, message, *, op=None, offset=None, length=None,
+                 slow=False):
         super().__init__(message)
         self.image = image
         self.errno = errno
         self.op = op                # "read", "write", "flush", "discard" (None: unknown)
         self.offset = offset        # bytes from the start of the image
         self.length = length        # bytes
+        # lvmirror gave up waiting for the I/O (failed as slow, ETIMEDOUT of its own): its
+        # outcome is unknown yet - left behind in flight, or never begun - not an error the
+        # device returned
+        self.slow = slow
 
     @property
     def out_of_space(self) -> bool:

@@ -132,14 +132,14 @@ class DurabilityBarrier:
                 errors.append((im, ImageIOError(
                     im.storage, errno.ETIMEDOUT,
                     f"image {im.storage.path}: flush not begun after {seconds:.2f} s (its "
-                    f"device still has I/O in flight): failed as slow", op="flush",
-                    offset=None, length=0)))
+                    f"worker threads busy with earlier I/O): failed as slow", op="flush",
+                    offset=None, length=0, slow=True)))
                 continue
             elif bio.give_up(im.storage.device):
                 errors.append((im, ImageIOError(
                     im.storage, errno.ETIMEDOUT,
                     f"image {im.storage.path}: flush still busy after {seconds:.2f} s: failed "
-                    f"as slow", op="flush", offset=None, length=0)))
+                    f"as slow", op="flush", offset=None, length=0, slow=True)))
                 continue
             if bio.exc is not None:
                 if not isinstance(bio.exc, ImageIOError):

@@ -19,8 +19,9 @@ import threading
 from lvmirror.errors import ConfigError
 from lvmirror.mirror.bitmap import RegionBitmap
 
-__all__ = ["BoundedIO", "ImageInfo", "ImageState", "Leg", "MAX_IMAGES", "MIN_DEVICE_IOPS", "MIN_DEVICE_RATE", "STUCK_IO_WAIT", "SplitInfo",
-           "Worker", "check_image_fits", "device_of", "in_flight", "left_behind", "returned",
+__all__ = ["BoundedIO", "ImageInfo", "ImageState", "Leg", "MAX_IMAGES", "MIN_DEVICE_IOPS",
+           "MIN_DEVICE_RATE", "STUCK_IO_WAIT", "SplitInfo", "UNKNOWN_DIRTY_WAIT", "Worker",
+           "check_image_fits", "device_of", "in_flight", "left_behind", "returned",
            "wait_returned"]
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,10 @@ STUCK_IO_WAIT = 5.0     # seconds a resync or split waits for I/O left behind to
 # flush of an image that serves no reads) may take leg_timeout plus its bytes at this rate
 MIN_DEVICE_RATE = 4_000_000
 MIN_DEVICE_IOPS = 100   # and each of its writes at this rate (a disk's random writes)
+# seconds allowed for a flush when what it must write back is unknown (this process has not
+# flushed the image yet): the kernel's default dirty_expire, after which the page cache writes
+# back on its own whatever an earlier process left
+UNKNOWN_DIRTY_WAIT = 30.0
 
 _left_cv = threading.Condition()
 _left: dict = {}
@@ -242,7 +247,8 @@ class BoundedIO:
 
     def start(self) -> bool:
         """Called by the worker before it makes the I/O: False if ``cancel`` came first (the
-        I/O is not made then, and ``done`` not called)."""
+        I/O is not made then; the worker still calls ``done(None)``, which changes nothing
+        the canceller relies on)."""
         with self.mu:
             if self.cancelled:
                 return False

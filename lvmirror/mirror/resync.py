@@ -296,7 +296,7 @@ def _bounded_copy_write(vol, img, off, view, zero, t_read):
             f"image {img.rec.path}: a resync copy of {ln} bytes still busy after {limit:.2f} s "
             f"(leg_timeout {vol.leg_timeout:g} s + the source's read {t_read:.2f} s + "
             f"{allowance:.2f} s at {legs.MIN_DEVICE_RATE / MB:g} MB/s): failed as slow",
-            op="write", offset=off, length=ln)
+            op="write", offset=off, length=ln, slow=True)
     if cw.exc is not None:
         raise cw.exc
 

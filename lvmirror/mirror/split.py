@@ -239,7 +239,8 @@ class SplitControl:
                 vol._persist_failure(img, img.bitmap)
                 vol._switch_epoch()
         raise StateError(f"volume {vol.name}: image {p.index} ({img.rec.path}) was not split: "
-                         f"{why}. The image is failed; resync it once its device answers")
+                         f"{why}. The image is failed; resync it once its device works again "
+                         f"(answers, has space)")
 
     def export(self, image_index) -> SplitImageVolume:
         """A block device view of split image ``image_index`` (to export the point-in-time copy

@@ -74,8 +74,9 @@ from lvmirror.mirror.durability import DurabilityBarrier
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.jobcontrol import JobControl
-from lvmirror.mirror.legs import (MAX_IMAGES, MIN_DEVICE_IOPS, MIN_DEVICE_RATE, ImageInfo,
-                                  ImageState, Leg, SplitInfo, Worker, check_image_fits)
+from lvmirror.mirror.legs import (MAX_IMAGES, MIN_DEVICE_IOPS, MIN_DEVICE_RATE,
+                                  UNKNOWN_DIRTY_WAIT, ImageInfo, ImageState, Leg, SplitInfo,
+                                  Worker, check_image_fits)
 from lvmirror.mirror.metadata import VolumeMetadata, geometry_problem, valid_volume_name
 from lvmirror.mirror import provisioning
 from lvmirror.mirror.recovery import RecoveryProgress, recover
@@ -592,7 +593,8 @@ class MirrorVolume:
         op = getattr(exc, "op", None) or ("read" if is_read else "write")
         where = (f"{op} at offset {offset}" if length else op)
         errno_ = getattr(exc, "errno", None)
-        if not is_read and errno_ not in (errno.ETIMEDOUT, errno.ENOSPC, errno.EDQUOT) \
+        slow = getattr(exc, "slow", False)       # given up on by lvmirror, outcome unknown
+        if not is_read and not slow and errno_ not in (errno.ENOSPC, errno.EDQUOT) \
                 and img.storage is not None:
             # the page cache may hold what the device refused: never serve or copy it
             img.storage.drop_cache(offset if length and not all_regions else 0,
@@ -608,9 +610,10 @@ class MirrorVolume:
                 # so the region must be copied again by a resync (or skipped by a restore);
                 # while the split is under way it is not saved as done (``SplitControl``)
                 img.rec.error = str(exc)
-                # (one left behind as slow is waited for; if it then fails: ``late_error``)
+                # (one left behind as slow is waited for; if it then fails: ``late_error``; a
+                # read leaves the copy as it was)
                 if img.split_busy is not None and img.split_busy.lost is None \
-                        and errno_ != errno.ETIMEDOUT:
+                        and not slow and not is_read:
                     img.split_busy.lost = f"{where}: {exc}"
                 if img.bitmap is not None:
                     self._mark_lost(img, img.bitmap, offset, length, all_regions)
@@ -901,7 +904,7 @@ class MirrorVolume:
                     f"image {img.rec.path}: still busy {timeout:g} s after image "
                     f"{fastest.rec.path} finished the same "
                     f"{f'write ({length} bytes)' if length else 'flush'}: failed as slow "
-                    f"(leg_timeout)", op="write" if length else "flush", offset=None,
+                    f"(leg_timeout)", op="write" if length else "flush", offset=None, slow=True,
                     length=length)))
                 continue
             other = _sort_leg_error(errors, img, results[img], other)
@@ -1666,14 +1669,15 @@ class MirrorVolume:
         do not use is bounded - a split image (at its split's end, in the flusher's round), a
         syncing image (at a resync's checkpoint or end) - by ``leg_timeout`` plus what it has
         to write back (``StorageImage.unflushed``) at ``MIN_DEVICE_RATE`` bytes and
-        ``MIN_DEVICE_IOPS`` writes a second; not before this process first flushed it (the
-        page cache may hold an earlier process's writes). An in-sync image is not bounded:
-        failing it for slowness could leave no live copy."""
+        ``MIN_DEVICE_IOPS`` writes a second; before this process first flushed it (the page
+        cache may hold an earlier process's writes), ``leg_timeout`` plus
+        ``UNKNOWN_DIRTY_WAIT``. An in-sync image is not bounded: failing it for slowness could
+        leave no live copy."""
         if not self.leg_timeout or img.state is ImageState.IN_SYNC or img.storage is None:
             return None
         left = img.storage.unflushed()
         if left is None:
-            return None
+            return self.leg_timeout + UNKNOWN_DIRTY_WAIT
         return self.leg_timeout + left[0] / MIN_DEVICE_RATE + left[1] / MIN_DEVICE_IOPS
 
     def _flush_failed(self, img, exc):

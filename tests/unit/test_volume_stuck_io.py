@@ -620,3 +620,55 @@ def test_unflushed_counts_zeroes_and_is_unknown_before_the_first_flush(tmp_path)
         assert st.unflushed() == (8192 + (1 << 20), 1)
         st.flush()
         assert st.unflushed() == (0, 0)
+
+
+def test_a_device_timeout_on_a_write_begun_before_t_fails_the_split(tmp_path):
+    """ETIMEDOUT the device returns (a block layer timeout, an NFS soft mount) is an error like
+    EIO, not lvmirror's own "failed as slow": a write begun before T that gets it on the image
+    being split fails the split. A read error there leaves the copy as it was."""
+    import errno
+    from lvmirror.errors import ImageIOError
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    write(vol, 0, pattern(128, 1))
+    st = opener.by_path[paths[2]]
+    real = st.writev
+    gate = Gate(match=lambda op, off, ln: op == "write" and off == L * BS)
+    st.gates.append(gate)
+
+    def writev(offset, buffers, *, fua=False):
+        if offset == L * BS:
+            st._gate("write", offset, 0)
+            raise ImageIOError(st, errno.ETIMEDOUT, f"image {st.path}: device timeout")
+        return real(offset, buffers, fua=fua)
+    st.writev = writev
+    t, box = _write_in_thread(vol, L, pattern(2, 0xE2))
+    gate.wait_reached()
+    p = vol.splits.prepare(2)
+    vol.splits.switch(p)
+    vol._image_error(vol._images[2], ImageIOError(st, errno.EIO, "read error", op="read"),
+                     0, BS, is_read=True)              # a read: nothing lost from the copy
+    assert p.lost is None
+    gate.open()
+    t.join(10)
+    assert box == {"ok": True}, box
+    with pytest.raises(StateError, match="was not split: an I/O begun before the split failed"
+                                         ".*device timeout"):
+        vol.splits.finish(p)
+    assert vol.images[2].state is ImageState.FAILED
+    vol.close()
+
+
+def test_a_flush_bound_applies_before_the_first_flush_too(tmp_path):
+    """Before this process flushed an image, what its flush must write back is unknown: the
+    bound is leg_timeout plus UNKNOWN_DIRTY_WAIT, not none (a reopened volume's split image on
+    a device that stopped answering held the flusher's round, and close, without limit)."""
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    vol.split(2)
+    vol.close()
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=opener,
+                            flush_interval=None, leg_timeout=0.3)
+    img = vol._images[2]
+    assert img.storage.unflushed() is None
+    assert vol._flush_limit(img) == pytest.approx(0.3 + legs.UNKNOWN_DIRTY_WAIT)
+    assert vol._flush_limit(vol._images[0]) is None          # in sync: not bounded
+    vol.close()
