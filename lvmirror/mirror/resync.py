@@ -311,7 +311,7 @@ def _read_from_in_sync(vol, ep, off, ln, view):
             return src
         except ImageIOError as e:
             errors.append(str(e))
-            vol._image_error(src, e, off, ln)
+            vol._image_error(src, e, off, ln, is_read=True)
     raise StateError(f"volume {vol.name}: no in-sync image to copy from"
                      + (": " + "; ".join(errors) if errors else ""))
 

@@ -672,3 +672,34 @@ def test_a_flush_bound_applies_before_the_first_flush_too(tmp_path):
     assert vol._flush_limit(img) == pytest.approx(0.3 + legs.UNKNOWN_DIRTY_WAIT)
     assert vol._flush_limit(vol._images[0]) is None          # in sync: not bounded
     vol.close()
+
+
+def test_a_resync_source_read_error_is_a_read_error(tmp_path):
+    """A resync's read from its source fails (EIO): that is a read error like any other - it
+    neither counts as lost from a split of the source under way (the copy is as it was), nor
+    takes the volume offline when the source is its last in-sync image (the resync fails,
+    saying so; reads there are the initiators' to retry and probe)."""
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    write(vol, 0, pattern(128, 1))
+    vol.split(2)
+    write(vol, 0, pattern(4, 2))
+    src = opener.by_path[paths[0]]
+    gate = Gate(match=lambda op, off, ln: op == "read" and off == 0)
+    src.gates.append(gate)
+    job = vol.resync(2)
+    gate.wait_reached()
+    p = vol.splits.prepare(0)
+    vol.splits.switch(p)                                   # image 0 split while it is read
+    src.fail_reads = True
+    gate.open()
+    assert job.wait(10) and job.state == "done", (job.state, job.error)   # read from image 1
+    src.fail_reads = False
+    info = vol.splits.finish(p)                            # not refused: nothing lost
+    assert info.index == 0 and vol.images[0].state is ImageState.SPLIT
+    # image 1 is now the last in-sync image; its read error fails the resync, not the volume
+    opener.by_path[paths[1]].fail_reads = True
+    job = vol.resync(2, full=True)
+    assert job.wait(10) and job.state == "failed"
+    assert vol.offline is None and vol.images[1].state is ImageState.IN_SYNC
+    opener.by_path[paths[1]].fail_reads = False
+    vol.close()
