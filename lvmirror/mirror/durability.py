@@ -129,17 +129,11 @@ class DurabilityBarrier:
                 if im.worker is None or not im.worker.running:
                     gone.append(im)
                     continue
-                errors.append((im, ImageIOError(
-                    im.storage, errno.ETIMEDOUT,
-                    f"image {im.storage.path}: flush not begun after {seconds:.2f} s (its "
-                    f"worker threads busy with earlier I/O): failed as slow", op="flush",
-                    offset=None, length=0, slow=True)))
+                errors.append((im, _given_up(im, f"flush not begun after {seconds:.2f} s (its "
+                                                  f"worker threads busy with earlier I/O)")))
                 continue
             elif bio.give_up(im.storage.device):
-                errors.append((im, ImageIOError(
-                    im.storage, errno.ETIMEDOUT,
-                    f"image {im.storage.path}: flush still busy after {seconds:.2f} s: failed "
-                    f"as slow", op="flush", offset=None, length=0, slow=True)))
+                errors.append((im, _given_up(im, f"flush still busy after {seconds:.2f} s")))
                 continue
             if bio.exc is not None:
                 if not isinstance(bio.exc, ImageIOError):
@@ -177,6 +171,13 @@ class DurabilityBarrier:
 
 def _flush(storage):
     storage.flush()
+
+
+def _given_up(im, what):
+    """The ImageIOError of a flush of ``im`` given up on as slow (``what`` says how)."""
+    return ImageIOError(im.storage, errno.ETIMEDOUT,
+                        f"image {im.storage.path}: {what}: failed as slow", op="flush",
+                        offset=None, length=0, slow=True)
 
 
 def _bounded_flush(arg):

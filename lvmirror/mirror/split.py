@@ -226,18 +226,12 @@ class SplitControl:
         vol, img = self.vol, p.img
         with vol._meta:
             if img.state is ImageState.SPLIT:
-                img.state = ImageState.FAILED
-                vol._mark_unflushed(img, img.bitmap, False)
-                img.rec.error = f"image {img.rec.path}: {why}"
                 img.rec.split_time = None
-                img.rec.resync_next = None
-                vol._stats["image_failures"] += 1
-                vol._bump()
-                log.error("volume %s: image %d (%s) failed instead of split: %s; %d bytes to "
-                          "resync once the device answers", vol.name, p.index, img.rec.path,
-                          why, img.bitmap.dirty_bytes())
-                vol._persist_failure(img, img.bitmap)
-                vol._switch_epoch()
+                vol._fail_leg(img, img.bitmap, False, f"image {img.rec.path}: {why}",
+                              lambda: log.error(
+                                  "volume %s: image %d (%s) failed instead of split: %s; %d "
+                                  "bytes to resync once the device answers", vol.name, p.index,
+                                  img.rec.path, why, img.bitmap.dirty_bytes()))
         raise StateError(f"volume {vol.name}: image {p.index} ({img.rec.path}) was not split: "
                          f"{why}. The image is failed; resync it once its device works again "
                          f"(answers, has space)")

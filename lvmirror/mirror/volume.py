@@ -632,27 +632,32 @@ class MirrorVolume:
                 return False
             bm = img.bitmap if img.bitmap is not None else RegionBitmap(self.size, self.region_size)
             self._mark_lost(img, bm, offset, length, all_regions)
-            syncing = img.state is ImageState.SYNCING
             was = img.state.value
-            img.bitmap = bm
-            # FAILED first, then what it may hold only in a volatile cache: a write of an older
-            # epoch that still finds it in sync began its log mark before this merge, and one
-            # that finds it failed marks its own range (``_mark_late``)
-            img.state = ImageState.FAILED
-            self._mark_unflushed(img, bm, syncing)
-            img.rec.error = str(exc)
-            img.rec.resync_next = None
-            self._stats["image_failures"] += 1
-            self._bump()
-            log.error("volume %s: image %d (%s) failed (was %s): %s failed (errno %s): %s; "
-                      "%s; the volume goes on with the others", self.name, index, img.rec.path,
-                      was, where, errno_, exc,
-                      "every region must be resynced" if bm.fill() == 1.0
-                      else f"{bm.dirty_bytes()} bytes to resync so far (writes from now on "
-                      f"are added)")
-            self._persist_failure(img, bm)
-            self._switch_epoch()
+            self._fail_leg(img, bm, img.state is ImageState.SYNCING, str(exc), lambda: log.error(
+                "volume %s: image %d (%s) failed (was %s): %s failed (errno %s): %s; %s; the "
+                "volume goes on with the others", self.name, index, img.rec.path, was, where,
+                errno_, exc, "every region must be resynced" if bm.fill() == 1.0
+                else f"{bm.dirty_bytes()} bytes to resync so far (writes from now on are "
+                f"added)"))
             return True
+
+    def _fail_leg(self, img, bm, syncing: bool, error: str, report) -> None:
+        """Fail ``img`` with change bitmap ``bm`` (``syncing``: it was syncing), under
+        ``_meta``: FAILED first, then what it may hold only in a volatile cache - a write of an
+        older epoch that still finds it in sync began its log mark before this merge, and one
+        that finds it failed marks its own range (``_mark_late``); ``error`` is kept in its
+        record; ``report()`` logs it (after the marks, whose count it may give); then the
+        bitmap and metadata are saved and an epoch without it swapped in."""
+        img.bitmap = bm
+        img.state = ImageState.FAILED
+        self._mark_unflushed(img, bm, syncing)
+        img.rec.error = error
+        img.rec.resync_next = None
+        self._stats["image_failures"] += 1
+        self._bump()
+        report()
+        self._persist_failure(img, bm)
+        self._switch_epoch()
 
     def _mark_lost(self, img, bm, offset, length, all_regions):
         """Mark in ``bm`` what a failed I/O on ``img`` may have lost (see ``_image_error``)."""
