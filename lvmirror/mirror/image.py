@@ -169,6 +169,7 @@ class StorageImage:
         self.direct = direct
         self._nowait_ok = True      # preadv RWF_NOWAIT works here (cleared on EOPNOTSUPP)
         self._memory_backed = False  # on tmpfs/ramfs (MEMORY_FS): set when RWF_NOWAIT is refused
+        self._nowait_probed = False  # nowait_flags asked the file system once (_probe_nowait)
         self.is_block_device = is_block_device
         self.stats = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, flushes=0,
                           discards=0, errors=0, bounced=0, cache_drops=0,
@@ -415,9 +416,30 @@ class StorageImage:
         compiled READ path (``tcmu._fastread``) reads with these."""
         if self.fd < 0 or self.direct:
             return None
+        if not self._nowait_probed:
+            self._probe_nowait()
         if self._memory_backed:
             return None if swap_active() else 0
         return _RWF_NOWAIT if self._nowait_ok else None
+
+    def _probe_nowait(self) -> None:
+        """Ask the file system once whether it takes RWF_NOWAIT: a 1-byte ``preadv2`` with it
+        at offset 0. EOPNOTSUPP or EINVAL (tmpfs, and file systems whose files lack the
+        kernel's FMODE_NOWAIT: fs/read_write.c, ``kiocb_set_rw_flags``) clears ``_nowait_ok``
+        and sets ``_memory_backed`` when the file is on a MEMORY_FS, as ``_readv_nowait`` does
+        at its first refusal. Before, only that Python read learnt it: the compiled READ path
+        (``tcmu._fastread``), given RWF_NOWAIT by ``nowait_flags``, was refused on every READ,
+        which the Python path then read again with a second system call. EAGAIN (not cached)
+        and any other error leave the flags as they are (the reads report them)."""
+        self._nowait_probed = True
+        if not self._nowait_ok or self._memory_backed:
+            return
+        try:
+            os.preadv(self.fd, [bytearray(1)], 0, _RWF_NOWAIT)
+        except OSError as e:
+            if e.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
+                self._nowait_ok = False
+                self._memory_backed = self._on_memory_fs()
 
     def count_writes(self, n: int, nbytes: int) -> None:
         """Count ``n`` writes of ``nbytes`` bytes in all that another path made on this image's
