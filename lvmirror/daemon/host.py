@@ -213,6 +213,7 @@ class VolumeHost:
                  "ring_thread_commands": lun.inline, "compiled_reads": lun.compiled,
                  "compiled_writes": lun.compiled_writes,
                  "ring_stalls": lun.handovers,
+                 "ring_leases": lun.leases, "ring_leases_revoked": lun.leases_revoked,
                  "volume": getattr(lun.volume, "name", None),     # read once: see _to_inactive
                  "alua_state": alua.STATE_NAMES.get(lun.alua_state), "standby": lun.standby,
                  "latency": lun.latency.snapshot()}

@@ -12,7 +12,10 @@ the ring under its lock (``tcmu._fastread.take_batch``), their I/O made with nei
 lock nor the GIL, the blocks they cover locked (``run_batch``, inside the volume's
 ``begin_fast_writes``/``begin_fast_reads``, ``lock_fast`` and ``end_fast_*``), and completed
 under the lock again (``complete_batch``); the watchdog watches the I/O as it watches a command
-the ring thread runs itself. On the host's ring emulator
+the ring thread runs itself. On a volume whose epoch writes one image the ring thread keeps
+the epoch and a whole-LUN region lock across its batches instead, as a lease any other request
+revokes (``_leased_batch``, ``mirror/ringlease.py``): at queue depth 1 a batch is one command,
+and the per-batch lock and epoch were most of its Python. On the host's ring emulator
 (2026-12-03, queue depth 32) it took lvmirrord's CPU per 4 KiB read from 11.3-12.8 to 3.3-3.7 us
 (tmpfs) and from 10.0-10.7 to 2.8-3.0 us (ext4); README's Performance section has the lab's.
 
@@ -57,6 +60,7 @@ import time
 from lvmirror import cfgstring
 from lvmirror.errors import ConfigError, LvmirrorError, StateError, WouldBlock
 from lvmirror.mirror.legs import Worker
+from lvmirror.mirror import ringlease
 from lvmirror.scsi import LogicalUnit, Response
 from lvmirror.daemon.iostats import LatencyHistogram
 from lvmirror.daemon.lease import LeaseHeldError
@@ -192,6 +196,10 @@ COMPILED_READS = _fastread is not None and os.environ.get("LVMIRROR_COMPILED_REA
 # LVMIRROR_COMPILED_WRITES=0 leaves them to the Python path.
 COMPILED_WRITES = (_fastread is not None
                    and os.environ.get("LVMIRROR_COMPILED_WRITES", "1") != "0")
+# The ring thread keeps a lease on a one-image volume (``mirror/ringlease.py``): the region
+# lock and the split epoch held across its compiled batches, given back to whatever asks.
+# LVMIRROR_RING_LEASE=0 takes them for each batch instead (``_unlocked_batch``).
+RING_LEASE = os.environ.get("LVMIRROR_RING_LEASE", "1") != "0"
 # How many times one turn of the ring thread lets READs and WRITEs take turns on the compiled
 # path (each stops at the other's kind) before the Python fetch.
 COMPILED_TURNS = 8
@@ -209,7 +217,7 @@ COMPILED_READS_RETRY = 0.1
 _Armed = collections.namedtuple("_Armed", "storage target num_blocks block_size max_read max_write "
                                           "max_blocks checks busy wstorage wchecks wbusy "
                                           "max_big_read rfds wfds take_writes take_big_reads "
-                                          "run complete")
+                                          "run complete leasable lease_busy")
 _CHECK_KINDS = ({"is": _fastread.CHECK_IS, "falsy": _fastread.CHECK_FALSY,
                  "eq": _fastread.CHECK_EQ} if _fastread is not None else {})
 
@@ -284,6 +292,12 @@ class LunServer:
         # kind its next call asks first
         self._lead = _STOP_READ
         self._compiled_off = False   # it raised (a bug): the Python path answers every READ
+        # the ring thread's lease on its volume (``_begin_lease``, ``mirror/ringlease.py``), and
+        # the monotonic time before which it takes none (after a revocation)
+        self._lease = None
+        self._lease_after = 0.0
+        self.leases = 0              # leases taken
+        self.leases_revoked = 0      # ... of which given back because something asked
         self.inline_slow = 0         # ... of which took longer than INLINE_SLOW
         self._inline_after = 0.0     # monotonic time before which WRITEs all go to the pool
         # the ring thread's role (``_serve_ring``): its generation, bumped by the watchdog when
@@ -643,7 +657,10 @@ class LunServer:
 
     def _serve(self, gen: int):
         try:
-            self._serve_ring(gen)
+            try:
+                self._serve_ring(gen)
+            finally:
+                self._end_lease(gen)       # (the ring thread's own, whichever way it ends)
         except OSError as exc:
             if exc.errno not in DEVICE_GONE_ERRNOS:
                 self._ring_died(exc)
@@ -700,6 +717,10 @@ class LunServer:
                         pass
             self._wake_pending = False
             completed = 0
+            lease = self._lease
+            if lease is not None and (stopping or lease.revoked) and lease.gen == gen:
+                # (stopping: the workers' commands still running may want their locks)
+                self._end_lease(gen)
             # the compiled path answered every command up to the ring's head: no Python fetch
             # (a command queued since then raised a new event, and the next poll sees it)
             emptied = False
@@ -718,6 +739,8 @@ class LunServer:
                         return           # handed over: a newer ring thread serves now
                     completed += done
             if not stopping and not emptied:
+                if self._lease is not None:
+                    self._end_lease(gen)   # the Python path locks for itself
                 batch = ring.fetch()
                 commands = batch.commands
                 running = self._running
@@ -764,6 +787,7 @@ class LunServer:
                 self._handle.notify()
             fresh = False
             if stopping and ring.outstanding == 0:
+                self._end_lease(gen)
                 # a stuck thread's last completions may have landed after the notify above
                 if ring.pending_notify and ring.take_notify():
                     self._handle.notify()
@@ -820,12 +844,19 @@ class LunServer:
                                         True, big)
         take_big_reads = functools.partial(take, big, mb, _fastread.MAX_WRITES, checks, hold,
                                            False, max_write)
+        # a lease (``_begin_lease``) on a volume writing one image; under it a READ batch is
+        # busy only while a region lock is awaited (the lease's own is the one held)
+        leasable = (RING_LEASE and wstorage is not None and len(wstorage) == 1
+                    and hasattr(target, "begin_ring_lease"))
+        lease_busy = (((target.locks, "_waiters", kinds["falsy"], None),) + hold
+                      if leasable else None)
         return _Armed(storage, target, nb, bs, min(INLINE_READ_MAX, most), max_write,
                       mb, checks, busy, wstorage, wchecks, hold, big,
                       (storage.fd,), tuple(st.fd for st in wstorage) if wstorage else None,
                       take_writes if wstorage else None, take_big_reads,
                       ring.run_taken, functools.partial(ring.complete_taken,
-                                                        _fastread.complete_batch))
+                                                        _fastread.complete_batch),
+                      leasable, lease_busy)
 
     def _compiled_reads(self, gen: int) -> tuple[int | None, bool]:
         """Let the compiled path answer the commands at the head of the ring it may answer, as
@@ -833,13 +864,16 @@ class LunServer:
         Command objects: READs the page cache holds (``tcmu._fastread.read_batch`` through
         ``CommandRing.fast_reads``, holding the GIL) and, when armed, a volume's
         WRITEs without FUA (``_compiled_writes``), in ring order, taking turns while each
-        stops at the other's kind. Counts them as the ring thread's own (``inline``,
+        stops at the other's kind. On a volume writing one image it first takes the ring
+        thread's lease (``_begin_lease``) if it has none, and makes its batches under it; a
+        revoked lease is ended first. Counts them as the ring thread's own (``inline``,
         ``compiled``, ``compiled_writes``), in the latency histogram (each with its call's
         time shared out) and in the volume's and image's statistics. Returns how many it
         completed (the caller notifies the kernel) and whether it answered every command up
         to the ring's head (nothing left to fetch)."""
         fast = self._fast
         if fast is None:
+            self._end_lease(gen)                   # (armed for another state)
             now = time.monotonic()
             if now < self._fast_retry:
                 return 0, False
@@ -847,6 +881,16 @@ class LunServer:
             if fast is None:
                 self._fast_retry = now + COMPILED_READS_RETRY
                 return 0, False
+        lease = self._lease
+        if lease is not None:
+            if lease.gen != gen:
+                lease = None      # a stuck ring thread's: it ends it when its I/O returns
+            elif lease.revoked or self._inline_after > lease.since:
+                # (WRITEs to the pool for a while, set since it was taken: no lease meanwhile)
+                self._end_lease(gen)
+                lease = None
+        elif fast.leasable and not self._stuck:
+            lease = self._begin_lease(fast, gen)
         storage = fast.storage
         rwf = None             # the READs' preadv2 flags, asked for when a READ batch runs
         done = 0
@@ -856,6 +900,9 @@ class LunServer:
         asked_reads = why != _STOP_WRITE
         rearmed = False
         for _ in range(COMPILED_TURNS):
+            if lease is not None and (lease.revoked or self._inline_after > lease.since):
+                self._end_lease(gen)
+                lease = None
             if why == _STOP_READ or why == _STOP_BIG_READ:
                 if not COMPILED_READS:
                     break
@@ -870,9 +917,13 @@ class LunServer:
                 t0 = time.monotonic()
                 n, nbytes, why = self._ring.fast_reads(
                     _fastread.read_batch, storage.fd, rwf, fast.num_blocks, fast.block_size,
-                    fast.max_read, fast.max_blocks, fast.checks, fast.busy, fast.max_big_read)
+                    fast.max_read, fast.max_blocks, fast.checks,
+                    fast.busy if lease is None else fast.lease_busy, fast.max_big_read)
                 if why == _STOP_STALE:
                     self._fast = None               # armed again: now, once, or next turn
+                    if lease is not None:
+                        self._end_lease(gen)        # (taken for the state armed before)
+                        lease = None
                     if not rearmed:
                         rearmed = True
                         fast = self._fast = self._arm_compiled()
@@ -889,9 +940,13 @@ class LunServer:
                     done += n
                     self._lead = _STOP_READ
                     self._count_compiled_reads(n, t0)
-                    fast.target.count_fast_reads(storage, n, nbytes)
+                    if lease is None:
+                        fast.target.count_fast_reads(storage, n, nbytes)
+                    else:
+                        lease.reads += n
+                        lease.read_bytes += nbytes
             elif why == _STOP_BIG_READ:
-                n, why = self._compiled_big_reads(fast, rwf, gen)
+                n, why = self._compiled_big_reads(fast, rwf, gen, lease)
                 if n is None:
                     return None, False           # handed over: a newer ring thread serves
                 if not n:
@@ -899,9 +954,12 @@ class LunServer:
                 done += n
                 self._lead = _STOP_READ
             elif (why == _STOP_WRITE and fast.wstorage is not None
-                    and self._fast is not None and not self._stuck
-                    and self._inline_after <= time.monotonic()):
-                w, why = self._compiled_writes(fast, gen)
+                    and self._fast is not None
+                    and (lease is not None
+                         or (not self._stuck and self._inline_after <= time.monotonic()))):
+                w, why = (self._compiled_writes(fast, gen) if lease is None else
+                          self._leased_batch(fast, gen, True, fast.wfds, 0, fast.take_writes,
+                                             lease))
                 if w is None:
                     return None, False           # handed over: a newer ring thread serves
                 if not w:
@@ -915,16 +973,53 @@ class LunServer:
                 asked_reads = True
             else:
                 break
+            lease = self._lease if self._lease is not None and self._lease.gen == gen else None
         return done, why == _STOP_HEAD
 
-    def _compiled_big_reads(self, fast, rwf: int, gen: int) -> tuple[int | None, int]:
+    def _begin_lease(self, fast, gen: int):
+        """Take the ring thread's lease (``MirrorVolume.begin_ring_lease``,
+        ``mirror/ringlease.py``) on the armed volume (``fast``: it writes one image) for this
+        ring thread (generation ``gen``), unless WRITEs go to the pool now (``_inline_after``)
+        or a lease was revoked less than ``ringlease.BACKOFF`` seconds ago. Returns it, or
+        None."""
+        now = time.monotonic()
+        if now < self._lease_after or now < self._inline_after:
+            return None
+        lease = fast.target.begin_ring_lease(self._wake, gen, now, fast.storage, fast.wstorage)
+        if lease is not None:
+            self._lease = lease
+            self.leases += 1
+        else:           # (a lock held for long, say a client's: not asked again each batch)
+            self._lease_after = now + ringlease.BACKOFF
+        return lease
+
+    def _end_lease(self, gen: int) -> None:
+        """End the lease ring thread ``gen`` holds, if any (``MirrorVolume.end_ring_lease``:
+        the I/O made under it counted, the epoch left, the region lock released), before this
+        thread's next command takes the Python path, or when it was revoked: then none is
+        taken for ``ringlease.BACKOFF`` seconds."""
+        lease = self._lease
+        if lease is None or lease.gen != gen:
+            return
+        self._lease = None
+        if lease.revoked:
+            self.leases_revoked += 1
+            self._lease_after = time.monotonic() + ringlease.BACKOFF
+        lease.volume.end_ring_lease(lease)
+
+    def _compiled_big_reads(self, fast, rwf: int, gen: int,
+                            lease=None) -> tuple[int | None, int]:
         """The READs at the ring's head over ``fast.max_read`` bytes (and up to
         ``fast.max_big_read``; smaller ones after them too), read from the page cache with
         preadv2 flags ``rwf`` (RWF_NOWAIT) by ``_unlocked_batch``, inside the volume's
         ``begin_fast_reads`` (the epoch entered: no split or image failure meanwhile) with the
         blocks they cover locked shared (``lock_fast``: no write to them meanwhile) and
         ``end_fast_reads``. A READ not read whole (not all in memory) is the Python path's.
-        Returns what ``_unlocked_batch`` returns."""
+        Under the ring thread's ``lease`` (``_leased_batch``) the lease stands for the epoch
+        and the locks. Returns what ``_unlocked_batch`` returns."""
+        if lease is not None:
+            return self._leased_batch(fast, gen, False, fast.rfds, rwf, fast.take_big_reads,
+                                      lease)
         return self._unlocked_batch(fast, gen, False, fast.rfds, rwf, fast.take_big_reads,
                                     fast.target.begin_fast_reads())
 
@@ -937,16 +1032,104 @@ class LunServer:
         self.compiled += n
         self.latency.observe_many("read", (time.monotonic() - t0) / n, n)
 
-    def _compiled_writes(self, fast, gen: int) -> tuple[int | None, int]:
+    def _compiled_writes(self, fast, gen: int, lease=None) -> tuple[int | None, int]:
         """The WRITEs without FUA at the ring's head, made by ``_unlocked_batch`` inside the
         volume's ``begin_fast_writes`` (the epoch entered: a split or image failure waits for
         them as for any write in flight) with the blocks they cover locked (``lock_fast``) and
         ``end_fast_writes``. A WRITE not written whole (an error, a full file system, a short
         write) is the Python path's, which writes it again and reports it; a batch that took
         longer than INLINE_SLOW sends every WRITE to the pool for INLINE_BACKOFF seconds, as
-        ``_run_inline`` does. Returns what ``_unlocked_batch`` returns."""
+        ``_run_inline`` does. Under the ring thread's ``lease`` (``_leased_batch``) the lease
+        stands for the epoch and the locks. Returns what ``_unlocked_batch`` returns."""
+        if lease is not None:
+            return self._leased_batch(fast, gen, True, fast.wfds, 0, fast.take_writes, lease)
         return self._unlocked_batch(fast, gen, True, fast.wfds, 0, fast.take_writes,
                                     fast.target.begin_fast_writes())
+
+    def _leased_batch(self, fast, gen: int, writes: bool, fds: tuple, rwf: int, take,
+                      lease) -> tuple[int | None, int]:
+        """``_unlocked_batch`` under the ring thread's ``lease`` (``mirror/ringlease.py``): the
+        whole volume is locked for this thread and the split epoch entered, so the batch takes
+        no lock and enters no epoch of its own; the commands it completes are counted in the
+        lease (``MirrorVolume.end_ring_lease`` counts them in the statistics). The lease is
+        ended before any of its commands goes to the worker pool (which locks for itself),
+        before a failed WRITE is reported (which may fail the image and switch the epoch),
+        when a batch took longer than INLINE_SLOW, and when this thread lost the ring to a
+        newer one meanwhile (``_hand_over``). Returns what ``_unlocked_batch`` returns."""
+        ring = self._ring
+        taken, why, packed, first, blocks = take()
+        if not taken:
+            if why == _STOP_STALE:
+                self._fast = None
+                self._end_lease(gen)
+            return 0, why
+        done = nbytes = completed = 0
+        err = leg = 0
+        lost = False
+        lease.batch = (first, blocks, not writes)      # (for _hand_over: narrow_ring_lease)
+        t0 = self._inline_t0 = time.monotonic()
+        try:
+            if self._watch_idle:         # (read after _inline_t0 is set: see _watch)
+                self._watch_idle = False
+                self._watch_wake.set()
+            done, nbytes, err, leg = fast.run(_fastread.run_batch, packed, taken, fds, rwf,
+                                              writes)
+        finally:
+            try:
+                try:
+                    with self._role_mu:
+                        lost = self._gen != gen
+                        lease.batch = None
+                        if not lost:
+                            self._inline_t0 = 0.0
+                        else:        # WRITEs inline again INLINE_BACKOFF s from now
+                            self._stuck -= 1
+                            self._inline_after = max(self._inline_after,
+                                                     time.monotonic() + INLINE_BACKOFF)
+                    completed, nbytes = fast.complete(packed, done, fast.wbusy, lost)
+                    if writes:
+                        lease.writes += completed
+                        lease.write_bytes += nbytes if completed else 0
+                    else:
+                        lease.reads += completed
+                        lease.read_bytes += nbytes if completed else 0
+                finally:
+                    if completed < taken or lost:
+                        self._end_lease(gen)
+                if err and writes:
+                    self._compiled_write_refused(fast, packed, done, err, leg)
+            finally:      # (on an error too: never a taken command left unanswered)
+                if completed < taken:
+                    self._end_lease(gen)
+                    rest = ring.taken_commands(packed, completed, t0)
+                    self.commands += len(rest)
+                    running = self._running
+                    for command in rest:
+                        running.add(command.cmd_id)
+                        self._pool.post(self._execute, command)
+        if done < taken:
+            why = _STOP_MISS_WRITE if writes else _STOP_MISS
+        if completed < done:
+            why = _STOP_BUSY
+        took = time.monotonic() - t0
+        if completed and not writes:
+            self._count_compiled_reads(completed, t0)
+        elif completed:
+            self.commands += completed
+            self.inline += completed
+            self.compiled_writes += completed
+            self.latency.observe_many("write", took / completed, completed)
+        if writes and took > INLINE_SLOW:
+            self.inline_slow += 1
+            self._inline_after = max(self._inline_after, t0 + took + INLINE_BACKOFF)
+            self._end_lease(gen)
+            log.debug("LUN %s: compiled WRITEs on the ring thread took %.3f s; WRITEs go to the "
+                      "pool for %g s", self.name, took, INLINE_BACKOFF)
+        if lost:
+            if completed:
+                self._wake()             # the ring thread now serving tells the kernel
+            return None, why
+        return completed, why
 
     def _unlocked_batch(self, fast, gen: int, writes: bool, fds: tuple, rwf: int, take,
                         token) -> tuple[int | None, int]:
@@ -1216,6 +1399,10 @@ class LunServer:
             if self._inline_t0 != t0 or self._stop.is_set():
                 return
             self._inline_t0 = 0.0
+            lease = self._lease
+            if lease is not None and lease.gen == self._gen:
+                # the stuck thread's lease: the new one serves the LUN beside its batch
+                lease.volume.narrow_ring_lease(lease)
             self._gen += 1
             self.handovers += 1
             self._stuck += 1

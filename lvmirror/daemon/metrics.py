@@ -201,6 +201,16 @@ def render(status: dict, now: float | None = None) -> str:
                "WRITEs of those the ring thread's compiled path made",
                [({"lun": lun["name"]}, lun["compiled_writes"]) for lun in luns
                 if "compiled_writes" in lun])
+    out.metric("lvmirror_lun_ring_leases_total", "counter",
+               "leases the ring thread took on its one-image volume (the region lock and the "
+               "split epoch kept across its batches)",
+               [({"lun": lun["name"]}, lun["ring_leases"]) for lun in luns
+                if "ring_leases" in lun])
+    out.metric("lvmirror_lun_ring_leases_revoked_total", "counter",
+               "of those, given back because something asked (a region lock request, a split, "
+               "an attach, close)",
+               [({"lun": lun["name"]}, lun["ring_leases_revoked"]) for lun in luns
+                if "ring_leases_revoked" in lun])
     out.metric("lvmirror_lun_ring_stalls_total", "counter",
                "times a command the ring thread ran itself stalled (slow images) and a new ring "
                "thread took the LUN over",

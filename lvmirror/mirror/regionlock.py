@@ -77,6 +77,8 @@ class RegionLock:
                     return
                 self._held = False
                 del manager._held[self]
+                if manager._lease is self:
+                    manager._lease = manager._revoke = None
                 if manager._waiters:
                     manager._wake_waiters()
 
@@ -98,6 +100,21 @@ class RegionLock:
 
 
 _WAITING, _GRANTED, _CANCELLED = 0, 1, 2
+
+# The owner of the lease's lock (``RegionLockManager.lease``), and how long a request that
+# would not wait (``lock(timeout=0)``) waits for the lease alone to be given back: the holder
+# ends it before its next batch, so only a batch in flight on a slow device takes long.
+class _LeaseOwner:
+    """The owner of a lease's lock: no other owner equals it (``release_owner`` never frees it)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<lease>"
+
+
+LEASE_OWNER = _LeaseOwner()
+LEASE_REVOKE_WAIT = 5.0
 
 
 class _Waiter:
@@ -136,12 +153,16 @@ class RegionLockManager:
         # Held locks in grant order; a dict gives O(1) removal and keeps the order for holders().
         self._held: dict[RegionLock, None] = {}
         self._waiters: list[_Waiter] = []
+        # the lease (``lease``): the whole-range lock the ring thread keeps across batches, and
+        # the callable that asks it back
+        self._lease: RegionLock | None = None
+        self._revoke = None
 
     # -- conflict tests (caller holds _mutex) ---------------------------------------------------
 
-    def _conflicts_held(self, start, end, shared) -> bool:
+    def _conflicts_held(self, start, end, shared, skip=None) -> bool:
         for h in self._held:
-            if h.start < end and start < h.end and not (shared and h.shared):
+            if h.start < end and start < h.end and not (shared and h.shared) and h is not skip:
                 return True
         return False
 
@@ -186,6 +207,8 @@ class RegionLockManager:
             if (self._held or self._waiters) and (
                     self._conflicts_held(start, end, shared)
                     or self._conflicts_waiters(start, end, shared, len(self._waiters))):
+                if self._lease is not None:
+                    self._revoke()
                 return None
             lk = RegionLock(self, start, count, end, owner, shared, _monotonic())
             self._held[lk] = None
@@ -206,15 +229,25 @@ class RegionLockManager:
             if (not self._conflicts_held(start, end, shared)
                     and not self._conflicts_waiters(start, end, shared, len(self._waiters))):
                 return self._grant(start, count, end, owner, shared)
-            if timeout is not None and timeout <= 0:
+            wait = timeout
+            if self._lease is not None:
+                self._revoke()
+                if (timeout is not None and timeout <= 0
+                        and not self._conflicts_held(start, end, shared, self._lease)
+                        and not self._conflicts_waiters(start, end, shared,
+                                                        len(self._waiters))):
+                    # only the lease is in the way, and it is given back at once: a request
+                    # that does not wait waits for that, as it would not have met it
+                    wait = LEASE_REVOKE_WAIT
+            if wait is not None and wait <= 0:
                 raise TimeoutError(self._timeout_message(start, count, shared, timeout))
             w = _Waiter(start, count, end, owner, shared, _monotonic())
             self._waiters.append(w)
 
-        if timeout is None:
+        if wait is None:
             w.gate.acquire()
         else:
-            w.gate.acquire(timeout=timeout)
+            w.gate.acquire(timeout=wait)
 
         with self._mutex:
             if w.state == _GRANTED:
@@ -232,6 +265,42 @@ class RegionLockManager:
         kind = "shared" if shared else "exclusive"
         return (f"region lock {self.name!r}: {kind} [{start}, +{count}) not granted "
                 f"within {timeout} s")
+
+    def lease(self, count: int, revoke) -> RegionLock | None:
+        """Grant the lease: an exclusive lock over ``[0, count)`` (the whole LUN, in blocks)
+        that every request meeting it asks back by calling ``revoke()`` (the holder ends it and
+        releases the lock; ``revoke`` must not block nor take this manager's mutex). Granted
+        only when nothing is held and nothing waits; None otherwise, or while a lease is held.
+        A request meeting it waits in FIFO order as behind any lock; one that would not wait
+        (``lock(timeout=0)``) waits up to LEASE_REVOKE_WAIT seconds when only the lease is in
+        its way. ``holders()`` does not list it (``mirror/ringlease.py``)."""
+        _check_range(0, count)
+        with self._mutex:
+            if self._held or self._waiters or self._lease is not None:
+                return None
+            lk = self._grant(0, count, count, LEASE_OWNER, False)
+            self._lease, self._revoke = lk, revoke
+            return lk
+
+    def narrow_lease(self, lease: RegionLock, start: int, count: int,
+                     shared: bool = False) -> RegionLock:
+        """Turn the lease ``lease`` (``lease``) into an ordinary lock over ``[start, start +
+        count)`` (``shared`` or exclusive, owned as the lease was) in one step, with no moment
+        in which that range is free: its holder's batch is stuck in a slow device and a new
+        ring thread serves the LUN meanwhile (``LunServer._hand_over``); the rest of the LUN is
+        granted to those waiting for it. Returns the new lock (its holder releases it instead);
+        ValueError if ``lease`` is not this manager's lease."""
+        _check_range(start, count)
+        with self._mutex:
+            if self._lease is not lease or not lease._held:
+                raise ValueError(f"region lock {self.name!r}: {lease!r} is not the lease")
+            lease._held = False
+            del self._held[lease]
+            self._lease = self._revoke = None
+            lk = self._grant(start, count, start + count, LEASE_OWNER, shared)
+            if self._waiters:
+                self._wake_waiters()
+            return lk
 
     def release_owner(self, owner) -> int:
         """Release every lock ``owner`` holds and cancel its waiting requests.
@@ -261,9 +330,11 @@ class RegionLockManager:
         return n
 
     def holders(self) -> list[LockInfo]:
-        """Held locks, in grant order."""
+        """Held locks, in grant order; not the ring thread's lease (``lease``), which is
+        given back to any request that meets it."""
         with self._mutex:
-            return [LockInfo(h.start, h.count, h.owner, h.shared, h.granted_at) for h in self._held]
+            return [LockInfo(h.start, h.count, h.owner, h.shared, h.granted_at)
+                    for h in self._held if h is not self._lease]
 
     def waiters(self) -> list[LockInfo]:
         """Waiting requests, in arrival order."""

@@ -74,6 +74,7 @@ from lvmirror.mirror.durability import DurabilityBarrier
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.jobcontrol import JobControl
+from lvmirror.mirror.ringlease import RingLease
 from lvmirror.mirror.legs import (MAX_IMAGES, MIN_DEVICE_IOPS, MIN_DEVICE_RATE,
                                   UNKNOWN_DIRTY_WAIT, ImageInfo, ImageState, Leg, SplitInfo,
                                   Worker, check_image_fits)
@@ -206,6 +207,27 @@ class _FastToken:
             lk.release()
 
 
+def _add_lease_counts(d: dict, lease, storages: list) -> None:
+    """Add the READs and WRITEs the ring thread made under ``lease`` and has not counted yet
+    (``MirrorVolume.end_ring_lease`` counts them) to the statistics ``d`` (``MirrorVolume.stats``:
+    the volume's, and in ``d["images"]`` each of ``storages``' own)."""
+    reads, rbytes, writes, wbytes = (lease.reads, lease.read_bytes, lease.writes,
+                                     lease.write_bytes)
+    d["reads"] = d.get("reads", 0) + reads
+    d["bytes_read"] = d.get("bytes_read", 0) + rbytes
+    d["writes"] = d.get("writes", 0) + writes
+    d["bytes_written"] = d.get("bytes_written", 0) + wbytes
+    for st, one in zip(storages, d["images"]):
+        if one is None or st is None:
+            continue
+        if st is lease.read_storage:
+            one["reads"] += reads
+            one["bytes_read"] += rbytes
+        if st in (lease.write_storage or ()):
+            one["writes"] += writes
+            one["bytes_written"] += wbytes
+
+
 class MirrorVolume:
     """A mirrored volume; see the module docstring. Use ``create`` or ``open``."""
 
@@ -245,6 +267,7 @@ class MirrorVolume:
         self._meta = threading.RLock()      # image states, epoch construction, metadata saves
         self._elock = threading.Lock()
         self._econd = threading.Condition(self._elock)
+        self._lease: RingLease | None = None     # the ring thread's (begin_ring_lease), under _elock
         self._retired: list[_Epoch] = []
         self._epoch_seq = itertools.count(1)
         self._rr = itertools.count()
@@ -504,6 +527,9 @@ class MirrorVolume:
             if old.inflight:
                 self._retired.append(old)
             self._epoch = new
+            lease = self._lease
+        if lease is not None and lease.epoch is old:
+            lease.revoke()                  # its holder ends it: then the old epoch drains
         return new
 
     def _enter(self) -> _Epoch:
@@ -1290,6 +1316,75 @@ class MirrorVolume:
         # (as _write_locked: several legs may differ after a crash, so the log records them)
         return _FastToken(ep, False, self._wil if len(ep.writes) > 1 else None)
 
+    def begin_ring_lease(self, wake, gen: int, now: float, read_storage, write_storage):
+        """The ring thread's lease (``mirror/ringlease.py``): the whole volume locked exclusively
+        for it (``RegionLockManager.lease``) and the current split epoch entered once, kept
+        across its compiled batches until ``end_ring_lease``. ``wake``: what wakes the ring thread
+        (generation ``gen``) when the lease is revoked; ``now``: ``time.monotonic()``;
+        ``read_storage``/``write_storage``: the StorageImages its READs and WRITEs go to
+        (``fast_read_source``, ``fast_write_source``), for the statistics. Returns the
+        RingLease, or None when it cannot be had now: the volume closed or offline, its epoch
+        writing other than one image (a mirror: see the module), a region lock held or
+        awaited, a lease held. The caller's batch conditions (``fast_write_source``'s checks,
+        which name the epoch) are read after this, so a switch in between makes its batches
+        take nothing."""
+        if self._closed or self._offline is not None or len(self._epoch.writes) != 1:
+            return None
+        lease = RingLease(wake, gen, now, read_storage, write_storage)
+        lease.volume = self
+        lk = self.locks.lease(self.num_blocks, lease.revoke)
+        if lk is None:
+            return None
+        lease.lock = lk
+        with self._elock:
+            ep = lease.epoch = self._epoch
+            ep.inflight += 1
+            self._lease = lease
+        return lease
+
+    def narrow_ring_lease(self, lease) -> None:
+        """The holder of ``lease`` is stuck in its batch (``lease.batch``: first block,
+        blocks, shared) and a new ring thread serves the LUN: the lease's whole-volume lock
+        becomes a lock over that batch's blocks only (``RegionLockManager.narrow_lease``), as
+        the batch would hold without a lease; its epoch stays entered until ``end_ring_lease``.
+        Nothing without a batch in flight, or once ended."""
+        if lease.ended or lease.batch is None or lease.lock is not self.locks._lease:
+            return
+        first, blocks, shared = lease.batch
+        lease.lock = self.locks.narrow_lease(lease.lock, first, blocks, shared)
+
+    def end_ring_lease(self, lease) -> None:
+        """End ``lease`` (``begin_ring_lease``; once, by its holder): count the READs and WRITEs made
+        under it in the volume's and the images' statistics, leave its epoch (a split or
+        ``close`` waiting for it goes on) and release its lock (the requests that revoked it
+        are granted)."""
+        if lease.ended:
+            return
+        lease.ended = True
+        try:
+            with self._elock:
+                if self._lease is lease:
+                    self._lease = None
+                ep = lease.epoch
+                ep.inflight -= 1
+                st = self._stats
+                if lease.reads:
+                    st["reads"] += lease.reads
+                    st["bytes_read"] += lease.read_bytes
+                if lease.writes:
+                    st["writes"] += lease.writes
+                    st["bytes_written"] += lease.write_bytes
+                # (the images' too, under the same lock: ``stats`` adds a held lease's counts)
+                if lease.reads and lease.read_storage is not None:
+                    lease.read_storage.count_reads(lease.reads, lease.read_bytes)
+                if lease.writes:
+                    for storage in lease.write_storage or ():
+                        storage.count_writes(lease.writes, lease.write_bytes)
+                if ep.inflight == 0 and (ep.retired or self._closed):
+                    self._econd.notify_all()
+        finally:
+            lease.lock.release()
+
     def begin_fast_reads(self):
         """``begin_fast_writes`` for the compiled READ path that reads without the GIL
         (``_fastread.run_batch``, READs over the GIL-held path's size): its commands are locked
@@ -1589,7 +1684,9 @@ class MirrorVolume:
         bytes each) and saves, and each image's own counters."""
         with self._elock:
             d = dict(self._stats)
-            d["inflight"] = self._epoch.inflight + sum(e.inflight for e in self._retired)
+            lease = self._lease
+            d["inflight"] = (self._epoch.inflight + sum(e.inflight for e in self._retired)
+                             - (lease is not None))     # (the lease is no I/O)
         d["generation"] = self._md.generation
         d["wil_dirty_chunks"] = self._wil.bitmap.count()
         with self._elock:
@@ -1597,6 +1694,8 @@ class MirrorVolume:
         d["wil_saves"] = self._wil.saves
         d["images"] = [dict(im.storage.stats) if im.storage is not None else None
                        for im in self._images]
+        if lease is not None:           # what the ring thread made under it, counted so far
+            _add_lease_counts(d, lease, [im.storage for im in self._images])
         return d
 
     @property
@@ -1768,6 +1867,10 @@ class MirrorVolume:
             for job in list(self.jobs.values()):
                 job.wait()
             self._closed = True
+            with self._elock:
+                lease = self._lease
+            if lease is not None:
+                lease.revoke()          # its holder ends it; the wait below needs its epoch
             self._stop_flusher.set()
             if self._flusher is not None:
                 self._flusher.join()

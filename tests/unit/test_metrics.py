@@ -111,10 +111,14 @@ def test_latency_histogram_buckets_are_cumulative_and_rendered_per_lun():
     status = {"volumes": {}, "luns": [{"name": "lun0", "uio": "uio0", "cfgstring": "v",
                                        "error": None, "commands": 6, "volume": "v",
                                        "ring_thread_commands": 4, "ring_stalls": 1,
+                                       "ring_leases": 3, "ring_leases_revoked": 2,
                                        "latency": snap}]}
     fams = _families(render(status))
     assert _value(fams, "lvmirror_lun_ring_thread_commands", lun="lun0") == 4
     assert _value(fams, "lvmirror_lun_ring_stalls", lun="lun0") == 1
+    assert _value(fams, "lvmirror_lun_ring_leases", lun="lun0") == 3
+    assert _value(fams, "lvmirror_lun_ring_leases_revoked", lun="lun0") == 2
+    assert fams["lvmirror_lun_ring_leases_revoked"].type == "counter"
     assert fams["lvmirror_lun_ring_stalls"].type == "counter"
     hist = fams["lvmirror_lun_command_duration_seconds"]
     assert hist.type == "histogram"

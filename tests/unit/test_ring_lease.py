@@ -1,0 +1,302 @@
+"""The ring thread's lease on a one-image volume (``lvmirror/mirror/ringlease.py``): the region
+lock and the split epoch kept across the compiled path's batches, given back to whatever asks -
+a region lock request (a worker's, a resync's, a D-Bus client's), an epoch switch, ``close``."""
+
+import os
+import random
+import threading
+
+import pytest
+
+from lvmirror.daemon import lunserver
+from lvmirror.mirror import regionlock
+from lvmirror.mirror.regionlock import LEASE_OWNER, RegionLockManager
+from tests.unit.test_daemon_ring import BS, SIZE, cdb10, images, lab  # noqa: F401
+from tests.unit.test_volume_helpers import make_volume
+
+fastread = pytest.importorskip("lvmirror.tcmu._fastread",
+                               reason="the compiled path is not built here")
+
+
+# -- the region lock manager -------------------------------------------------------------------
+
+
+def test_a_lease_is_granted_only_on_an_idle_manager_and_once():
+    m = RegionLockManager("t")
+    lk = m.try_lock(0, 8)
+    assert m.lease(100, lambda: None) is None                 # a lock held
+    lk.release()
+    lease = m.lease(100, lambda: None)
+    assert lease is not None and lease.owner is LEASE_OWNER
+    assert (lease.start, lease.count, lease.shared) == (0, 100, False)
+    assert m.lease(100, lambda: None) is None                 # one at a time
+    assert m.holders() == []                                  # not listed as a holder
+    assert m.release_owner("lease") == 0 and lease.held       # no owner frees it
+    lease.release()
+    assert m._lease is None and m._revoke is None
+    assert m.lease(100, lambda: None) is not None
+
+
+def test_a_request_meeting_the_lease_revokes_it_and_is_granted_once_it_ends():
+    m = RegionLockManager("t")
+    revoked = []
+    lease = m.lease(100, lambda: revoked.append(1))
+    assert m.try_lock(50, 1) is None and revoked == [1]       # refused, and asked back
+    got = []
+    t = threading.Thread(target=lambda: got.append(m.lock(10, 5, timeout=10)))
+    t.start()
+    while not m._waiters:
+        t.join(0.01)
+    assert len(revoked) == 2 and not got                      # waits behind it, FIFO
+    lease.release()
+    t.join(10)
+    assert got and got[0].held and (got[0].start, got[0].count) == (10, 5)
+    got[0].release()
+
+
+def test_a_request_that_would_not_wait_waits_for_the_lease_alone():
+    """``lock(timeout=0)`` (a D-Bus client's try) meeting only the lease waits for it to be given
+    back, as it would not have met it a moment before; meeting a real lock it fails at once."""
+    m = RegionLockManager("t")
+    holder = {}
+
+    def give_back():               # the holder ends the lease when asked, from its own thread
+        threading.Thread(target=holder["lease"].release).start()
+    holder["lease"] = m.lease(100, give_back)
+    lk = m.lock(20, 4, timeout=0)
+    assert lk.held and m._lease is None
+    with pytest.raises(TimeoutError):
+        m.lock(21, 1, timeout=0)                              # a real lock in the way
+    lk.release()
+    # a lease whose holder does not answer: the request gives up after LEASE_REVOKE_WAIT
+    m2 = RegionLockManager("t2")
+    stuck = m2.lease(10, lambda: None)
+    old = regionlock.LEASE_REVOKE_WAIT
+    regionlock.LEASE_REVOKE_WAIT = 0.2
+    try:
+        with pytest.raises(TimeoutError):
+            m2.lock(0, 1, timeout=0)
+    finally:
+        regionlock.LEASE_REVOKE_WAIT = old
+    assert m2._waiters == [] and stuck.held
+    stuck.release()
+
+
+# -- the volume ----------------------------------------------------------------------------------
+
+
+def test_the_volume_leases_only_a_one_image_epoch_and_counts_what_was_made_under_it(tmp_path):
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    vol2, _, _ = make_volume(tmp_path / "two", 2)
+    try:
+        assert vol2.begin_ring_lease(lambda: None, 0, 0.0, None, None) is None
+    finally:
+        vol2.close()
+    vol, _, _ = make_volume(tmp_path / "one", 1)
+    try:
+        st = vol.image_storage(0)
+        lease = vol.begin_ring_lease(lambda: None, 0, 0.0, st, (st,))
+        assert lease is not None and vol._epoch.inflight == 1
+        assert vol.begin_ring_lease(lambda: None, 0, 0.0, st, (st,)) is None
+        s0 = vol.stats
+        assert s0["inflight"] == 0                            # the lease is no I/O
+        lease.writes, lease.write_bytes, lease.reads, lease.read_bytes = 3, 3 * BS, 2, 2 * BS
+        s1 = vol.stats                                        # counted so far, while held
+        assert (s1["writes"] - s0["writes"], s1["bytes_written"] - s0["bytes_written"]) == (
+            3, 3 * BS)
+        assert s1["images"][0]["reads"] - s0["images"][0]["reads"] == 2
+        vol.end_ring_lease(lease)
+        s2 = vol.stats
+        assert (s2["writes"], s2["reads"], s2["images"][0]["writes"]) == (
+            s1["writes"], s1["reads"], s1["images"][0]["writes"])
+        assert vol._epoch.inflight == 0 and vol.locks._lease is None
+        vol.end_ring_lease(lease)                             # once only
+        assert vol.stats["writes"] == s2["writes"]
+    finally:
+        vol.close()
+
+
+def test_an_epoch_switch_and_close_revoke_the_lease(tmp_path):
+    """Attaching a second image switches the epoch: the lease is revoked, and the attach's
+    resync goes on once its holder ended it. ``close`` revokes it too and waits for its end."""
+    vol, _, paths = make_volume(tmp_path, 1)
+    st = vol.image_storage(0)
+    ended = threading.Event()
+
+    def holder_ends(lease_box):
+        def wake():
+            def end():
+                vol.end_ring_lease(lease_box[0])
+                ended.set()
+            threading.Thread(target=end).start()
+        return wake
+    box = []
+    box.append(vol.begin_ring_lease(holder_ends(box), 0, 0.0, st, (st,)))
+    assert box[0] is not None
+    other = str(tmp_path / "img-new")
+    with open(other, "wb") as f:
+        f.truncate(1 << 20)
+    vol.attach(other)
+    assert ended.wait(10) and box[0].revoked
+    for job in list(vol.jobs.values()):
+        assert job.wait(30) and job.state == "done", job.progress()
+    vol.detach(1)
+    ended.clear()
+    box[:] = [vol.begin_ring_lease(holder_ends(box), 0, 0.0, st, (st,))]
+    assert box[0] is not None
+    vol.close()                                      # would wait for ever without the revoke
+    assert ended.is_set() and box[0].revoked
+
+
+# -- the ring thread -----------------------------------------------------------------------------
+
+
+def _one_image_lun(lab, tmp_path, seed):
+    (path,) = images(tmp_path, 1)
+    emu, lun, _ = lab(f"vol1;images={path}")
+    assert lun.error is None
+    data = random.Random(seed).randbytes(64 * BS)
+    wid = emu.submit(cdb10(0x2A, 0, 64), data_out=data)
+    assert emu.wait([wid])[wid].status == 0
+    return emu, lun, path, data
+
+
+def _write(emu, lba, data):
+    cid = emu.submit(cdb10(0x2A, lba, len(data) // BS), data_out=data)
+    return emu.wait([cid])[cid].status
+
+
+def _read(emu, lba, n):
+    cid = emu.submit(cdb10(0x28, lba, n), data_in_len=n * BS)
+    c = emu.wait([cid])[cid]
+    assert c.status == 0
+    return c.data_in
+
+
+@pytest.mark.skipif(not lunserver.RING_LEASE, reason="LVMIRROR_RING_LEASE=0")
+def test_writes_at_queue_depth_1_are_made_under_the_lease(lab, tmp_path, monkeypatch):
+    """Seen from another thread while ``run_batch`` writes: the whole LUN locked for the ring
+    thread (any other request is refused, and revokes the lease), the epoch entered once. The
+    writes land, and the volume's and the image's statistics count them."""
+    emu, lun, path, _ = _one_image_lun(lab, tmp_path, 3)
+    vol = lun.volume
+    seen = []
+    real = fastread.run_batch
+
+    def spy(*args):
+        lease = vol._lease
+        seen.append((lease is not None and not lease.revoked,
+                     vol.locks._lease is not None, vol._epoch.inflight))
+        return real(*args)
+    monkeypatch.setattr(fastread, "run_batch", spy)
+    s0 = vol.stats
+    new = [os.urandom(8 * BS) for _ in range(6)]
+    for k in range(6):                               # one at a time: queue depth 1
+        assert _write(emu, 8 * k, new[k]) == 0
+    assert seen[-5:] == [(True, True, 1)] * 5        # (the first may take the lease)
+    assert lun.leases >= 1 and lun.compiled_writes >= 6
+    s1 = vol.stats
+    assert s1["writes"] - s0["writes"] == 6 and s1["inflight"] == 0
+    assert s1["images"][0]["bytes_written"] - s0["images"][0]["bytes_written"] == 48 * BS
+    with open(path, "rb") as f:
+        assert f.read(48 * BS) == b"".join(new)
+    assert _read(emu, 0, 48) == b"".join(new)
+
+
+@pytest.mark.skipif(not lunserver.RING_LEASE, reason="LVMIRROR_RING_LEASE=0")
+def test_a_region_lock_taken_beside_the_ring_thread_keeps_the_overlapping_io_rule(lab, tmp_path):
+    """A D-Bus client's lock (``lock``, and a try: ``timeout=0``) on an idle LUN under the lease
+    is granted: the ring thread gives the lease back. While the client holds it a WRITE to its
+    blocks waits, one beside them completes; released, the waiting WRITE lands."""
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 5)
+    vol = lun.volume
+    assert _write(emu, 40, os.urandom(BS)) == 0       # the lease is taken
+    assert vol._lease is not None
+    revoked0 = lun.leases_revoked
+    lk = vol.locks.lock(8, 8, owner=":1.42", timeout=0)
+    assert lk.held and lun.leases_revoked > revoked0
+    inside, beside = os.urandom(8 * BS), os.urandom(8 * BS)
+    wid = emu.submit(cdb10(0x2A, 8, 8), data_out=inside)
+    assert _write(emu, 24, beside) == 0
+    assert wid not in emu.completions
+    lk.release()
+    assert emu.wait([wid])[wid].status == 0
+    assert _read(emu, 8, 8) == inside and _read(emu, 24, 8) == beside
+    lk2 = vol.locks.lock(0, 1, owner=":1.42", timeout=10)
+    assert lk2.held
+    lk2.release()
+
+
+@pytest.mark.skipif(not lunserver.RING_LEASE, reason="LVMIRROR_RING_LEASE=0")
+def test_attaching_an_image_under_load_resyncs_it_whole(lab, tmp_path):
+    """Writes at queue depth 1 under the lease while a second image is attached (its epoch
+    switch revokes the lease, its resync locks region by region): the new image ends in sync
+    and holds every write."""
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 7)
+    vol = lun.volume
+    other = str(tmp_path / "img-new")
+    with open(other, "wb") as f:
+        f.truncate(SIZE)
+    rnd = random.Random(9)
+    stop = threading.Event()
+    errors = []
+
+    def load():
+        while not stop.is_set():
+            lba = rnd.randrange(SIZE // BS - 8)
+            if _write(emu, lba, rnd.randbytes(8 * BS)) != 0:
+                errors.append(lba)
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        vol.attach(other)
+        for job in list(vol.jobs.values()):
+            assert job.wait(60) and job.state == "done", job.progress()
+    finally:
+        stop.set()
+        t.join(30)
+    assert not errors
+    vol.flush()
+    with open(path, "rb") as a, open(other, "rb") as b:
+        assert a.read() == b.read()
+
+
+@pytest.mark.skipif(not lunserver.RING_LEASE, reason="LVMIRROR_RING_LEASE=0")
+def test_a_batch_stuck_under_the_lease_narrows_it_to_its_blocks(lab, tmp_path, monkeypatch):
+    """A WRITE batch stuck in a slow device under the lease: when the watchdog hands the ring
+    over, the lease's whole-LUN lock becomes a lock over that batch's blocks only, so the new
+    ring thread answers a WRITE elsewhere while one to those blocks waits; once the stuck write
+    returns, everything lands and a new lease is taken."""
+    from tests.unit.test_compiled_writes import _stall_run_batch
+    monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 11)
+    vol = lun.volume
+    assert _write(emu, 48, os.urandom(8 * BS)) == 0
+    leases = lun.leases
+    assert vol._lease is not None and leases >= 1
+    gate, entered = _stall_run_batch(monkeypatch)
+    new = os.urandom(8 * BS)
+    wid = emu.submit(cdb10(0x2A, 8, 8), data_out=new)
+    assert entered.wait(10)
+    elsewhere = emu.submit(cdb10(0x2A, 32, 8), data_out=bytes([5]) * 8 * BS)
+    assert emu.wait([elsewhere], timeout=10)[elsewhere].status == 0
+    assert lun.handovers == 1 and vol.locks._lease is None
+    assert [(h.start, h.count) for h in vol.locks.holders()] == [(8, 8)]
+    behind = emu.submit(cdb10(0x2A, 12, 4), data_out=bytes([6]) * 4 * BS)
+    import time
+    time.sleep(0.3)
+    assert behind not in emu.completions and wid not in emu.completions
+    gate.set()
+    done = emu.wait([wid, behind], timeout=10)
+    assert done[wid].status == 0 and done[behind].status == 0
+    with open(path, "rb") as f:
+        image = f.read()
+    assert image[8 * BS:12 * BS] == new[:4 * BS] and image[12 * BS:16 * BS] == bytes([6]) * 4 * BS
+    assert image[32 * BS:40 * BS] == bytes([5]) * 8 * BS
+    for _ in range(50):             # the stuck thread returned and ended its lease
+        if lun._stuck == 0 and vol._lease is None or lun.leases > leases:
+            break
+        time.sleep(0.05)
+    assert _write(emu, 40, os.urandom(8 * BS)) == 0
+    assert lun.leases > leases and vol.stats["inflight"] == 0
