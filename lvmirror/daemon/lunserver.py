@@ -217,7 +217,8 @@ COMPILED_READS_RETRY = 0.1
 _Armed = collections.namedtuple("_Armed", "storage target num_blocks block_size max_read max_write "
                                           "max_blocks checks busy wstorage wchecks wbusy "
                                           "max_big_read rfds wfds take_writes take_big_reads "
-                                          "run complete leasable lease_busy")
+                                          "run complete leasable lease_busy lease_writes "
+                                          "lease_big_reads")
 _CHECK_KINDS = ({"is": _fastread.CHECK_IS, "falsy": _fastread.CHECK_FALSY,
                  "eq": _fastread.CHECK_EQ} if _fastread is not None else {})
 
@@ -850,13 +851,23 @@ class LunServer:
                     and hasattr(target, "begin_ring_lease"))
         lease_busy = (((target.locks, "_waiters", kinds["falsy"], None),) + hold
                       if leasable else None)
+        # a batch under the lease in one call (``_leased_batch``): take, I/O, complete
+        lease_run = ring.lease_runner(_fastread.lease_batch, nb, bs) if leasable else None
+        lease_writes = (functools.partial(lease_run, max_write, mb, _fastread.MAX_WRITES,
+                                          wchecks, hold, hold, True, big,
+                                          tuple(st.fd for st in wstorage), self, self._role_mu, 0)
+                        if leasable else None)
+        lease_big_reads = (functools.partial(lease_run, big, mb, _fastread.MAX_WRITES, checks,
+                                             hold, hold, False, max_write, (storage.fd,), self,
+                                             self._role_mu)
+                           if leasable else None)
         return _Armed(storage, target, nb, bs, min(INLINE_READ_MAX, most), max_write,
                       mb, checks, busy, wstorage, wchecks, hold, big,
                       (storage.fd,), tuple(st.fd for st in wstorage) if wstorage else None,
                       take_writes if wstorage else None, take_big_reads,
                       ring.run_taken, functools.partial(ring.complete_taken,
                                                         _fastread.complete_batch),
-                      leasable, lease_busy)
+                      leasable, lease_busy, lease_writes, lease_big_reads)
 
     def _compiled_reads(self, gen: int) -> tuple[int | None, bool]:
         """Let the compiled path answer the commands at the head of the ring it may answer, as
@@ -958,8 +969,7 @@ class LunServer:
                     and (lease is not None
                          or (not self._stuck and self._inline_after <= time.monotonic()))):
                 w, why = (self._compiled_writes(fast, gen) if lease is None else
-                          self._leased_batch(fast, gen, True, fast.wfds, 0, fast.take_writes,
-                                             lease))
+                          self._leased_batch(fast, gen, True, 0, lease))
                 if w is None:
                     return None, False           # handed over: a newer ring thread serves
                 if not w:
@@ -1018,8 +1028,7 @@ class LunServer:
         Under the ring thread's ``lease`` (``_leased_batch``) the lease stands for the epoch
         and the locks. Returns what ``_unlocked_batch`` returns."""
         if lease is not None:
-            return self._leased_batch(fast, gen, False, fast.rfds, rwf, fast.take_big_reads,
-                                      lease)
+            return self._leased_batch(fast, gen, False, rwf, lease)
         return self._unlocked_batch(fast, gen, False, fast.rfds, rwf, fast.take_big_reads,
                                     fast.target.begin_fast_reads())
 
@@ -1042,51 +1051,42 @@ class LunServer:
         ``_run_inline`` does. Under the ring thread's ``lease`` (``_leased_batch``) the lease
         stands for the epoch and the locks. Returns what ``_unlocked_batch`` returns."""
         if lease is not None:
-            return self._leased_batch(fast, gen, True, fast.wfds, 0, fast.take_writes, lease)
+            return self._leased_batch(fast, gen, True, 0, lease)
         return self._unlocked_batch(fast, gen, True, fast.wfds, 0, fast.take_writes,
                                     fast.target.begin_fast_writes())
 
-    def _leased_batch(self, fast, gen: int, writes: bool, fds: tuple, rwf: int, take,
+    def _leased_batch(self, fast, gen: int, writes: bool, rwf: int,
                       lease) -> tuple[int | None, int]:
         """``_unlocked_batch`` under the ring thread's ``lease`` (``mirror/ringlease.py``): the
         whole volume is locked for this thread and the split epoch entered, so the batch takes
-        no lock and enters no epoch of its own; the commands it completes are counted in the
-        lease (``MirrorVolume.end_ring_lease`` counts them in the statistics). The lease is
-        ended before any of its commands goes to the worker pool (which locks for itself),
-        before a failed WRITE is reported (which may fail the image and switch the epoch),
-        when a batch took longer than INLINE_SLOW, and when this thread lost the ring to a
-        newer one meanwhile (``_hand_over``). Returns what ``_unlocked_batch`` returns."""
-        ring = self._ring
-        taken, why, packed, first, blocks = take()
+        no lock and enters no epoch of its own, and one compiled call takes it, makes its I/O
+        without the GIL and completes it (``_fastread.lease_batch`` through ``fast.lease_writes``
+        or ``fast.lease_big_reads``; ``rwf``: the READs' preadv2 flags); the commands it
+        completes are counted in the lease (``MirrorVolume.end_ring_lease`` counts them in the
+        statistics). The lease is ended before any of its commands goes to the worker pool
+        (which locks for itself), before a failed WRITE is reported (which may fail the image
+        and switch the epoch), when a batch took longer than INLINE_SLOW, and when this thread
+        lost the ring to a newer one meanwhile (``_hand_over``: it completes its batch as a
+        worker would). Returns what ``_unlocked_batch`` returns."""
+        if writes:
+            r = fast.lease_writes(gen, lease)
+        else:
+            r = fast.lease_big_reads(rwf, gen, lease)
+        taken, why, done, completed, nbytes, err, leg, packed, t0, lost = r
         if not taken:
             if why == _STOP_STALE:
                 self._fast = None
                 self._end_lease(gen)
             return 0, why
-        done = nbytes = completed = 0
-        err = leg = 0
-        lost = False
-        lease.batch = (first, blocks, not writes)      # (for _hand_over: narrow_ring_lease)
-        t0 = self._inline_t0 = time.monotonic()
         try:
-            if self._watch_idle:         # (read after _inline_t0 is set: see _watch)
-                self._watch_idle = False
-                self._watch_wake.set()
-            done, nbytes, err, leg = fast.run(_fastread.run_batch, packed, taken, fds, rwf,
-                                              writes)
-        finally:
             try:
                 try:
-                    with self._role_mu:
-                        lost = self._gen != gen
-                        lease.batch = None
-                        if not lost:
-                            self._inline_t0 = 0.0
-                        else:        # WRITEs inline again INLINE_BACKOFF s from now
+                    if lost:              # WRITEs inline again INLINE_BACKOFF s from now
+                        with self._role_mu:
                             self._stuck -= 1
                             self._inline_after = max(self._inline_after,
                                                      time.monotonic() + INLINE_BACKOFF)
-                    completed, nbytes = fast.complete(packed, done, fast.wbusy, lost)
+                        completed, nbytes = fast.complete(packed, done, fast.wbusy, True)
                     if writes:
                         lease.writes += completed
                         lease.write_bytes += nbytes if completed else 0
@@ -1101,12 +1101,15 @@ class LunServer:
             finally:      # (on an error too: never a taken command left unanswered)
                 if completed < taken:
                     self._end_lease(gen)
-                    rest = ring.taken_commands(packed, completed, t0)
+                    rest = self._ring.taken_commands(packed, completed, t0)
                     self.commands += len(rest)
                     running = self._running
                     for command in rest:
                         running.add(command.cmd_id)
                         self._pool.post(self._execute, command)
+        finally:
+            if lease.batch is not None:         # (lease_batch clears it; an error did not)
+                lease.batch = None
         if done < taken:
             why = _STOP_MISS_WRITE if writes else _STOP_MISS
         if completed < done:

@@ -24,6 +24,7 @@ reaches outside the data area (touching an unmapped data page is a SIGBUS, not a
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import struct
 import threading
@@ -377,6 +378,17 @@ class CommandRing:
             if self._outstanding == 0 and pads:
                 self._retire_idle_locked()
         return taken, why, packed, first, blocks
+
+    def lease_runner(self, lease_batch, num_blocks: int, block_size: int):
+        """``lease_batch`` (``lvmirror.tcmu._fastread.lease_batch``) with this ring's map,
+        geometry, this ring and its lock bound, and the LUN's ``num_blocks`` of ``block_size``
+        bytes: the ring thread under its lease takes, makes and completes a batch in one call,
+        the ring's state (fetch cursor, outstanding count, statistics, pending_notify) moved
+        under the ring's lock as ``take_fast`` and ``complete_taken`` move it. The caller binds
+        the rest of ``lease_batch``'s arguments (``LunServer._arm_compiled``)."""
+        return functools.partial(lease_batch, self._mv, self.cmdr_off, self.cmdr_size,
+                                 self.data_off, self.map_size, self, self._lock, num_blocks,
+                                 block_size)
 
     def run_taken(self, run_batch, packed: bytes, count: int, fds: tuple, rwf: int,
                   writes: bool):

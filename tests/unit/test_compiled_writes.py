@@ -750,6 +750,7 @@ def test_a_compiled_write_that_stalls_hands_the_ring_over(lab, tmp_path, monkeyp
     blocks waits for its lock, as for any write in flight. Once the write returns, its
     completion reaches the initiator, GOOD, with its data in the image, the WRITE behind it
     lands after it, and the LUN stops cleanly."""
+    monkeypatch.setattr(lunserver, "RING_LEASE", False)   # (its stall is run_batch's)
     monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
     emu, lun, path, data = _one_image_lun(lab, tmp_path, 61)
     gate, entered = _stall_run_batch(monkeypatch)
@@ -791,6 +792,7 @@ def test_a_stalled_compiled_write_that_then_fails_is_made_by_the_python_path(lab
     the handover the stuck thread gives every command of its batch to the worker pool as a
     Command - the new ring thread's fetch cursor is past them - and the Python path writes them
     again and answers GOOD."""
+    monkeypatch.setattr(lunserver, "RING_LEASE", False)   # (its stall is run_batch's)
     import errno as _errno
     monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
     emu, lun, path, data = _one_image_lun(lab, tmp_path, 62)
@@ -814,6 +816,7 @@ def test_a_stalled_compiled_write_that_then_fails_is_made_by_the_python_path(lab
 def test_a_compiled_large_read_that_stalls_hands_the_ring_over(lab, tmp_path, monkeypatch):
     """The same for a batch of 1 MiB READs: a TEST UNIT READY behind it is answered by the new
     ring thread while the copy has not returned; the READ's data then arrives whole."""
+    monkeypatch.setattr(lunserver, "RING_LEASE", False)   # (its stall is run_batch's)
     from tests.unit.test_compiled_big_reads import _mirror_lun_with_1_mib
     emu, lun, paths, data = _mirror_lun_with_1_mib(lab, tmp_path, 63)
     gate, entered = _stall_run_batch(monkeypatch, writes=False)
@@ -904,31 +907,58 @@ def test_a_leg_that_refuses_a_write_is_failed_by_the_python_path(lab, tmp_path):
     assert _read(emu, 16, 8) == other
 
 
+@pytest.mark.parametrize("lease", [False, True], ids=["no-lease", "lease"])
 def test_a_one_image_write_refused_once_leaves_a_journal_line(lab, tmp_path, monkeypatch,
-                                                              caplog):
-    """A one-image LUN's compiled WRITE refused once (EIO) and made by the worker pool: GOOD,
-    the data lands, and the refusal is logged (the image is not failed: it is the only one)."""
+                                                              caplog, lease):
+    """A one-image LUN's compiled WRITE refused once and made by the worker pool: GOOD, the
+    data lands, and the refusal is logged (the image is not failed: it is the only one).
+    Without the ring thread's lease ``run_batch`` answers EIO; under it ``lease_batch``
+    writes to a read-only descriptor of the image once (EBADF), a real refusal."""
     import errno as _errno
     import logging
+    monkeypatch.setattr(lunserver, "RING_LEASE", lease and lunserver.RING_LEASE)
+    if lease and not lunserver.RING_LEASE:
+        pytest.skip("LVMIRROR_RING_LEASE=0")
     emu, lun, path, data = _one_image_lun(lab, tmp_path, 77)
-    real = fastread.run_batch
     fired = []
+    if not lease:
+        real = fastread.run_batch
 
-    def refuses(ring, data_off, map_size, packed, count, fds, rwf, kind):
-        if kind and not fired and threading.current_thread().name.startswith("ring-"):
-            fired.append(1)
-            return (0, 0, _errno.EIO, 0)
-        return real(ring, data_off, map_size, packed, count, fds, rwf, kind)
-    monkeypatch.setattr(fastread, "run_batch", refuses)
+        def refuses(ring, data_off, map_size, packed, count, fds, rwf, kind):
+            if kind and not fired and threading.current_thread().name.startswith("ring-"):
+                fired.append(1)
+                return (0, 0, _errno.EIO, 0)
+            return real(ring, data_off, map_size, packed, count, fds, rwf, kind)
+        monkeypatch.setattr(fastread, "run_batch", refuses)
+        why = os.strerror(_errno.EIO)
+    else:
+        real_lease = fastread.lease_batch
+        ro = os.open(path, os.O_RDONLY)
+
+        def refuses_once(*args):
+            if args[15] and not fired:                 # writes: once, to a read-only fd
+                fired.append(1)
+                args = args[:17] + ((ro,),) + args[18:]
+            return real_lease(*args)
+        monkeypatch.setattr(fastread, "lease_batch", refuses_once)
+        lun._fast = None                                # armed again, with the spy
+        why = os.strerror(_errno.EBADF)
     new = os.urandom(8 * BS)
-    with caplog.at_level(logging.WARNING, logger="lvmirrord"):
-        assert _write(lun, emu, 8, new)[:2] == (0, None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="lvmirrord"):
+            assert _write(lun, emu, 8, new)[:2] == (0, None)
+    finally:
+        if lease:
+            os.close(ro)
     assert fired
     assert "a compiled WRITE of 8 blocks at LBA 8 failed on image" in caplog.text
-    assert "Input/output error" in caplog.text
+    assert why in caplog.text
     with open(path, "rb") as f:
         f.seek(8 * BS)
         assert f.read(8 * BS) == new
+    if lease:                          # the lease was given up for the pool's write, and back
+        assert _write(lun, emu, 16, new)[:2] == (0, None)
+        assert lun.leases >= 2
 
 
 def _hold_the_pool(lun, monkeypatch):
@@ -986,6 +1016,7 @@ def test_a_split_waits_for_a_stalled_mirror_batch_and_keeps_its_write(lab, tmp_p
     the ring over). Once the write returns the split ends, and the split image holds the
     write begun before T; a WRITE after T goes to image 1 only, on the Python path (the split
     image's changes are tracked)."""
+    monkeypatch.setattr(lunserver, "RING_LEASE", False)   # (its stall is run_batch's)
     from tests.unit.test_daemon_ring import _no_checkpoints
     monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
     emu, lun, paths, data = _mirror_lun(lab, tmp_path, 74)

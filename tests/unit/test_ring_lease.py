@@ -2,6 +2,7 @@
 lock and the split epoch kept across the compiled path's batches, given back to whatever asks -
 a region lock request (a worker's, a resync's, a D-Bus client's), an epoch switch, ``close``."""
 
+import contextlib
 import os
 import random
 import threading
@@ -176,20 +177,21 @@ def _read(emu, lba, n):
 
 @pytest.mark.skipif(not lunserver.RING_LEASE, reason="LVMIRROR_RING_LEASE=0")
 def test_writes_at_queue_depth_1_are_made_under_the_lease(lab, tmp_path, monkeypatch):
-    """Seen from another thread while ``run_batch`` writes: the whole LUN locked for the ring
-    thread (any other request is refused, and revokes the lease), the epoch entered once. The
-    writes land, and the volume's and the image's statistics count them."""
+    """Each WRITE is one ``lease_batch`` call made under the lease: the whole LUN locked for
+    the ring thread, the epoch entered once. The writes land, and the volume's and the image's
+    statistics count them."""
     emu, lun, path, _ = _one_image_lun(lab, tmp_path, 3)
     vol = lun.volume
     seen = []
-    real = fastread.run_batch
+    real = fastread.lease_batch
 
     def spy(*args):
         lease = vol._lease
-        seen.append((lease is not None and not lease.revoked,
+        seen.append((lease is not None and not lease.revoked and lease is args[-1],
                      vol.locks._lease is not None, vol._epoch.inflight))
         return real(*args)
-    monkeypatch.setattr(fastread, "run_batch", spy)
+    monkeypatch.setattr(fastread, "lease_batch", spy)
+    lun._fast = None                                 # armed again, with the spy
     s0 = vol.stats
     new = [os.urandom(8 * BS) for _ in range(6)]
     for k in range(6):                               # one at a time: queue depth 1
@@ -262,41 +264,137 @@ def test_attaching_an_image_under_load_resyncs_it_whole(lab, tmp_path):
         assert a.read() == b.read()
 
 
+@contextlib.contextmanager
+def _freezable_fs(tmp_path):
+    """A 64 MiB ext4 on a loop device, mounted under ``tmp_path``, and a function that freezes
+    (True) or thaws (False) it (``fsfreeze``: a write to a frozen file system blocks in the
+    kernel until the thaw - a disk that stopped answering, as the ring thread meets it).
+    Skips the test without root, a loop device or the tools."""
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("losetup", "mkfs.ext4",
+                                                                "fsfreeze", "mount")):
+        pytest.skip("needs root, losetup, mkfs.ext4, mount and fsfreeze")
+    backing, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    mnt.mkdir()
+    with open(backing, "wb") as f:
+        f.truncate(64 << 20)
+    run = lambda *a: subprocess.run(a, capture_output=True, text=True)   # noqa: E731
+    loop = run("losetup", "-f", "--show", str(backing))
+    if loop.returncode:
+        pytest.skip(f"no loop device: {loop.stderr.strip()}")
+    dev = loop.stdout.strip()
+    frozen = []
+    try:
+        if run("mkfs.ext4", "-q", "-F", dev).returncode or run("mount", dev, str(mnt)).returncode:
+            pytest.skip("cannot make or mount an ext4 on a loop device here")
+
+        def freeze(on: bool) -> None:
+            r = run("fsfreeze", "-f" if on else "-u", str(mnt))
+            assert r.returncode == 0, r.stderr
+            frozen[:] = [True] if on else []
+        yield str(mnt), freeze
+    finally:
+        if frozen:
+            run("fsfreeze", "-u", str(mnt))
+        run("umount", "-l", str(mnt))
+        run("losetup", "-d", dev)
+
+
 @pytest.mark.skipif(not lunserver.RING_LEASE, reason="LVMIRROR_RING_LEASE=0")
 def test_a_batch_stuck_under_the_lease_narrows_it_to_its_blocks(lab, tmp_path, monkeypatch):
-    """A WRITE batch stuck in a slow device under the lease: when the watchdog hands the ring
-    over, the lease's whole-LUN lock becomes a lock over that batch's blocks only, so the new
-    ring thread answers a WRITE elsewhere while one to those blocks waits; once the stuck write
-    returns, everything lands and a new lease is taken."""
-    from tests.unit.test_compiled_writes import _stall_run_batch
-    monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
-    emu, lun, path, data = _one_image_lun(lab, tmp_path, 11)
-    vol = lun.volume
-    assert _write(emu, 48, os.urandom(8 * BS)) == 0
-    leases = lun.leases
-    assert vol._lease is not None and leases >= 1
-    gate, entered = _stall_run_batch(monkeypatch)
-    new = os.urandom(8 * BS)
-    wid = emu.submit(cdb10(0x2A, 8, 8), data_out=new)
-    assert entered.wait(10)
-    elsewhere = emu.submit(cdb10(0x2A, 32, 8), data_out=bytes([5]) * 8 * BS)
-    assert emu.wait([elsewhere], timeout=10)[elsewhere].status == 0
-    assert lun.handovers == 1 and vol.locks._lease is None
-    assert [(h.start, h.count) for h in vol.locks.holders()] == [(8, 8)]
-    behind = emu.submit(cdb10(0x2A, 12, 4), data_out=bytes([6]) * 4 * BS)
+    """A WRITE stuck under the lease in a disk that stopped answering (its file system frozen):
+    when the watchdog hands the ring over, the lease's whole-LUN lock becomes a lock over that
+    WRITE's blocks only, so the new ring thread answers TEST UNIT READY and a READ elsewhere at
+    once, while a READ of those blocks waits; once the disk answers, the WRITE completes GOOD
+    with its data, the READ behind it returns it, and a new lease is taken."""
     import time
-    time.sleep(0.3)
-    assert behind not in emu.completions and wid not in emu.completions
-    gate.set()
-    done = emu.wait([wid, behind], timeout=10)
-    assert done[wid].status == 0 and done[behind].status == 0
-    with open(path, "rb") as f:
-        image = f.read()
-    assert image[8 * BS:12 * BS] == new[:4 * BS] and image[12 * BS:16 * BS] == bytes([6]) * 4 * BS
-    assert image[32 * BS:40 * BS] == bytes([5]) * 8 * BS
-    for _ in range(50):             # the stuck thread returned and ended its lease
-        if lun._stuck == 0 and vol._lease is None or lun.leases > leases:
-            break
-        time.sleep(0.05)
-    assert _write(emu, 40, os.urandom(8 * BS)) == 0
-    assert lun.leases > leases and vol.stats["inflight"] == 0
+    monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
+    with _freezable_fs(tmp_path) as (mnt, freeze):
+        path = os.path.join(mnt, "img0")
+        emu, lun, _ = lab(f"vol1;images={path}")
+        assert lun.error is None
+        data = random.Random(13).randbytes(64 * BS)
+        wid = emu.submit(cdb10(0x2A, 0, 64), data_out=data)
+        assert emu.wait([wid])[wid].status == 0
+        vol = lun.volume
+        assert _write(emu, 48, data[48 * BS:56 * BS]) == 0
+        assert vol._lease is not None
+        leases = lun.leases
+        os.sync()                            # (nothing dirty left for the freeze to write)
+        freeze(True)
+        try:
+            new = os.urandom(8 * BS)
+            wid = emu.submit(cdb10(0x2A, 8, 8), data_out=new)
+            tur = emu.submit(bytes(6))
+            rid = emu.submit(cdb10(0x28, 32, 8), data_in_len=8 * BS)
+            done = emu.wait([tur, rid], timeout=10)       # the new ring thread answers them
+            assert done[tur].status == 0 and done[rid].data_in == data[32 * BS:40 * BS]
+            assert lun.handovers == 1 and wid not in emu.completions
+            assert vol.locks._lease is None
+            assert [(h.start, h.count) for h in vol.locks.holders()] == [(8, 8)]
+            behind = emu.submit(cdb10(0x28, 12, 4), data_in_len=4 * BS)
+            time.sleep(0.3)
+            assert behind not in emu.completions          # waits for the stuck WRITE's lock
+        finally:
+            freeze(False)
+        done = emu.wait([wid, behind], timeout=20)
+        assert done[wid].status == 0 and done[behind].data_in == new[4 * BS:]
+        for _ in range(100):              # the stuck thread returned and ended its lease
+            if lun._stuck == 0 and vol._lease is None or lun.leases > leases:
+                break
+            time.sleep(0.05)
+        assert _write(emu, 40, os.urandom(8 * BS)) == 0
+        assert lun.leases > leases and vol.stats["inflight"] == 0
+        lun.stop()
+
+
+def test_lease_batch_leaves_a_lost_batch_to_its_caller(tmp_path):
+    """``lease_batch`` called by a ring thread whose generation is no longer the LUN's (the
+    watchdog handed the ring over during the I/O) makes the I/O but completes nothing: the
+    commands stay outstanding for the caller, which completes them as a worker would; the
+    ring's fetch cursor and counts moved as ``take_fast`` moves them, ``lease.batch`` is
+    cleared and the LUN's ``_inline_t0`` is left to the watchdog's new thread."""
+    from lvmirror.tcmu.emulator import RingEmulator
+    from lvmirror.tcmu.ring import CommandRing
+    emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=1 << 20)
+    ring = CommandRing(emu.map, map_size=emu.map_size)
+    path = str(tmp_path / "img")
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    fd = os.open(path, os.O_RDWR)
+
+    class Server:
+        _gen, _inline_t0, _watch_idle = 6, 0.0, False
+
+    class Lease:
+        batch = "before"
+    server, lease = Server(), Lease()
+    blob = os.urandom(8 * 512)
+    cid = emu.submit(cdb10(0x2A, 16, 8), data_out=blob)
+    run = ring.lease_runner(fastread.lease_batch, (1 << 20) // 512, 512)
+    try:
+        taken, why, done, completed, nbytes, err, leg, packed, t0, lost = run(
+            64 << 10, 2048, 64, (), (), (), True, 0, (fd,), server, threading.Lock(), 0, 5,
+            lease)
+        assert (taken, done, completed, lost, err) == (1, 1, 0, True, 0)
+        assert nbytes == 8 * 512 and packed is not None and t0 > 0
+        assert ring.outstanding == 1 and ring.stats["fetched"] == 1
+        assert lease.batch is None and server._inline_t0 == t0
+        assert cid not in emu.completions
+        assert os.pread(fd, 8 * 512, 16 * 512) == blob
+        # the same ring thread's own call: completed, nothing outstanding
+        server._gen = 5
+        ring.complete_taken(fastread.complete_batch, packed, 1, ())
+        cid2 = emu.submit(cdb10(0x2A, 24, 8), data_out=blob)
+        taken, why, done, completed, nbytes, err, leg, packed, t0, lost = run(
+            64 << 10, 2048, 64, (), (), (), True, 0, (fd,), server, threading.Lock(), 0, 5,
+            lease)
+        assert (taken, done, completed, lost) == (1, 1, 1, False)
+        assert ring.outstanding == 0 and server._inline_t0 == 0.0
+        emu.reap()
+        assert cid in emu.completions and emu.completions[cid2].status == 0
+    finally:
+        os.close(fd)
+        ring.close()
+        emu.close()
