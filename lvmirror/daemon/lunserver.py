@@ -1114,20 +1114,8 @@ class LunServer:
             why = _STOP_MISS_WRITE if writes else _STOP_MISS
         if completed < done:
             why = _STOP_BUSY
-        took = time.monotonic() - t0
-        if completed and not writes:
-            self._count_compiled_reads(completed, t0)
-        elif completed:
-            self.commands += completed
-            self.inline += completed
-            self.compiled_writes += completed
-            self.latency.observe_many("write", took / completed, completed)
-        if writes and took > INLINE_SLOW:
-            self.inline_slow += 1
-            self._inline_after = max(self._inline_after, t0 + took + INLINE_BACKOFF)
-            self._end_lease(gen)
-            log.debug("LUN %s: compiled WRITEs on the ring thread took %.3f s; WRITEs go to the "
-                      "pool for %g s", self.name, took, INLINE_BACKOFF)
+        if self._count_batch(writes, completed, t0):
+            self._end_lease(gen)               # (WRITEs to the pool for a while)
         if lost:
             if completed:
                 self._wake()             # the ring thread now serving tells the kernel
@@ -1225,6 +1213,20 @@ class LunServer:
                    else _STOP_MISS_WRITE if writes else _STOP_MISS)
         if completed < done:
             why = _STOP_BUSY
+        self._count_batch(writes, completed, t0)
+        if lost:
+            if completed:
+                self._wake()             # the ring thread now serving tells the kernel
+                # (complete_taken left it pending_notify)
+            return None, why
+        return completed, why
+
+    def _count_batch(self, writes: bool, completed: int, t0: float) -> bool:
+        """Count the ``completed`` commands of a compiled batch (``writes``: WRITEs, else READs)
+        whose I/O began at ``t0`` (``time.monotonic``) as the ring thread's own and in the
+        latency histogram, the batch's time shared out. A WRITE batch that took longer than
+        INLINE_SLOW sends every WRITE to the pool for INLINE_BACKOFF seconds, as
+        ``_run_inline`` does: then True."""
         took = time.monotonic() - t0
         if completed and not writes:
             self._count_compiled_reads(completed, t0)
@@ -1238,12 +1240,8 @@ class LunServer:
             self._inline_after = max(self._inline_after, t0 + took + INLINE_BACKOFF)
             log.debug("LUN %s: compiled WRITEs on the ring thread took %.3f s; WRITEs go to the "
                       "pool for %g s", self.name, took, INLINE_BACKOFF)
-        if lost:
-            if completed:
-                self._wake()             # the ring thread now serving tells the kernel
-                # (complete_taken left it pending_notify)
-            return None, why
-        return completed, why
+            return True
+        return False
 
     def _compiled_write_refused(self, fast, packed: bytes, k: int, err: int, leg: int) -> None:
         """The ``k``-th command of a compiled WRITE batch (``packed``) failed with errno ``err``

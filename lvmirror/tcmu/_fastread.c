@@ -630,6 +630,26 @@ bad:
 
 #define MAX_LEGS 4      /* a mirror set's images */
 
+/* One command's I/O to each of the `legs` descriptors `fds` in turn, without the GIL: a
+ * pwritev() of its `cnt` iovecs at byte `at` (`writes`), else a preadv2(fds[0], ..., `rwf`).
+ * 1 when every call moved all `want` bytes; 0 with `*err` (the errno, 0 for a short transfer)
+ * and `*bad` (the descriptor's index) set at the first that did not. */
+static int
+io_one(const int *fds, Py_ssize_t legs, const struct iovec *iov, uint32_t cnt, off_t at,
+       uint64_t want, int rwf, int writes, int *err, int *bad)
+{
+    for (Py_ssize_t i = 0; i < legs; i++) {
+        ssize_t got = writes ? pwritev(fds[i], iov, (int)cnt, at)
+                             : preadv2(fds[i], iov, (int)cnt, at, rwf);
+        if (got < 0 || (uint64_t)got != want) {
+            *err = got < 0 ? errno : 0;
+            *bad = (int)i;
+            return 0;
+        }
+    }
+    return 1;
+}
+
 PyDoc_STRVAR(run_batch_doc,
 "run_batch(ring, data_off, map_size, packed, count, fds, rwf, writes)\n"
 "    -> (done, nbytes, err, leg)\n"
@@ -699,18 +719,8 @@ run_batch(PyObject *Py_UNUSED(self), PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     for (; done < count; done++) {
         struct taken *c = &cmds[done];
-        int ok = 1;
-        for (Py_ssize_t i = 0; i < legs && ok; i++) {
-            ssize_t got = writes
-                ? pwritev(fds[i], pool + c->iov_first, (int)c->iov_cnt, (off_t)c->offset)
-                : preadv2(fds[i], pool + c->iov_first, (int)c->iov_cnt, (off_t)c->offset, rwf);
-            if (got < 0 || (uint64_t)got != c->want) {
-                err = got < 0 ? errno : 0;
-                bad = (int)i;
-                ok = 0;
-            }
-        }
-        if (!ok)
+        if (!io_one(fds, legs, pool + c->iov_first, c->iov_cnt, (off_t)c->offset, c->want, rwf,
+                    writes, &err, &bad))
             break;
         nbytes += c->want;
     }
@@ -1020,18 +1030,8 @@ lease_batch(PyObject *Py_UNUSED(self), PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     for (; done < n; done++) {
         struct rw_cmd *c = &cmds[done];
-        int ok = 1;
-        for (Py_ssize_t i = 0; i < legs && ok; i++) {
-            off_t at = (off_t)(c->lba * block_size);
-            ssize_t got = writes ? pwritev(fds[i], c->iov, (int)c->iov_cnt, at)
-                                 : preadv2(fds[i], c->iov, (int)c->iov_cnt, at, rwf);
-            if (got < 0 || (uint64_t)got != c->want) {
-                err = got < 0 ? errno : 0;
-                bad = (int)i;
-                ok = 0;
-            }
-        }
-        if (!ok)
+        if (!io_one(fds, legs, c->iov, c->iov_cnt, (off_t)(c->lba * block_size), c->want, rwf,
+                    writes, &err, &bad))
             break;
         nbytes += c->want;
     }

@@ -353,11 +353,9 @@ def test_cached_reads_are_answered_by_the_ring_thread(lab, tmp_path):
     assert emu.wait([rid])[rid].data_in == data[:8 * BS]
 
 
-def test_reads_of_a_tmpfs_lun_are_answered_by_the_ring_thread(lab, tmp_path):
-    """A LUN whose images are on tmpfs (which refuses RWF_NOWAIT), on a host with no swap in
-    use, has its READs at queue depth 8 answered by the ring thread, as an ext4 or block-device LUN's cached reads are, not each
-    handed to a worker and back; the data is the data written."""
-    import shutil
+def _tmpfs_lun_dir() -> str:
+    """A new directory on /dev/shm for a tmpfs LUN's images (the caller removes it); skips the
+    test when /dev/shm is not tmpfs or swap is in use (tmpfs reads then go to the pool)."""
     from tests.unit.test_volume_io import _tmpfs_dir
     from lvmirror.mirror.image import swap_active
     if swap_active():
@@ -365,6 +363,15 @@ def test_reads_of_a_tmpfs_lun_are_answered_by_the_ring_thread(lab, tmp_path):
     d = _tmpfs_dir()
     if d is None:
         pytest.skip("/dev/shm is not tmpfs here")
+    return d
+
+
+def test_reads_of_a_tmpfs_lun_are_answered_by_the_ring_thread(lab, tmp_path):
+    """A LUN whose images are on tmpfs (which refuses RWF_NOWAIT), on a host with no swap in
+    use, has its READs at queue depth 8 answered by the ring thread, as an ext4 or block-device LUN's cached reads are, not each
+    handed to a worker and back; the data is the data written."""
+    import shutil
+    d = _tmpfs_lun_dir()
     try:
         emu, lun, paths, data = _lun_with_data(lab, d, 13)
         assert all(p.startswith("/dev/shm/") for p in paths)
@@ -386,16 +393,10 @@ def test_reads_of_a_tmpfs_lun_are_answered_by_the_compiled_path(lab):
     path was refused on every READ, and the Python path read each again (two system calls a
     READ, and lvmirrord's CPU per 4 KiB READ doubled on the host's data-path benchmark)."""
     import shutil
-    from tests.unit.test_volume_io import _tmpfs_dir
     from lvmirror.daemon import lunserver
-    from lvmirror.mirror.image import swap_active
     if not lunserver.COMPILED_READS:
         pytest.skip("the compiled READ path is not built here")
-    if swap_active():
-        pytest.skip("swap is in use here: tmpfs reads go to the pool")
-    d = _tmpfs_dir()
-    if d is None:
-        pytest.skip("/dev/shm is not tmpfs here")
+    d = _tmpfs_lun_dir()
     try:
         emu, lun, paths, data = _lun_with_data(lab, d, 17)
         before = lun.compiled
