@@ -1011,11 +1011,15 @@ class LunServer:
         lease = self._lease
         if lease is None or lease.gen != gen:
             return
-        self._lease = None
         if lease.revoked:
             self.leases_revoked += 1
             self._lease_after = time.monotonic() + ringlease.BACKOFF
-        lease.volume.end_ring_lease(lease)
+        try:
+            lease.volume.end_ring_lease(lease)
+        finally:
+            # (after its lock is released: a newer ring thread takes none while it is set,
+            # and one it tried in between would have been refused and backed off)
+            self._lease = None
 
     def _compiled_big_reads(self, fast, rwf: int, gen: int,
                             lease=None) -> tuple[int | None, int]:

@@ -101,8 +101,8 @@ class RegionLock:
 
 _WAITING, _GRANTED, _CANCELLED = 0, 1, 2
 
-# The owner of the lease's lock (``RegionLockManager.lease``), and how long a request that
-# would not wait (``lock(timeout=0)``) waits for the lease alone to be given back: the holder
+# The owner of the lease's lock (``RegionLockManager.lease``), and how long a request with a
+# shorter timeout (0: an immediate try) waits for the lease alone to be given back: the holder
 # ends it before its next batch, so only a batch in flight on a slow device takes long.
 class _LeaseOwner:
     """The owner of a lease's lock: no other owner equals it (``release_owner`` never frees it)."""
@@ -232,12 +232,13 @@ class RegionLockManager:
             wait = timeout
             if self._lease is not None:
                 self._revoke()
-                if (timeout is not None and timeout <= 0
+                if (timeout is not None and timeout < LEASE_REVOKE_WAIT
                         and not self._conflicts_held(start, end, shared, self._lease)
                         and not self._conflicts_waiters(start, end, shared,
                                                         len(self._waiters))):
                     # only the lease is in the way, and it is given back at once: a request
-                    # that does not wait waits for that, as it would not have met it
+                    # with a short timeout (or none to wait: 0) waits for that, up to
+                    # LEASE_REVOKE_WAIT, as it would not have met it
                     wait = LEASE_REVOKE_WAIT
             if wait is not None and wait <= 0:
                 raise TimeoutError(self._timeout_message(start, count, shared, timeout))
@@ -259,7 +260,10 @@ class RegionLockManager:
             # Timed out while still waiting: withdraw, then let later requests it blocked go.
             self._waiters.remove(w)
             self._wake_waiters()
-        raise TimeoutError(self._timeout_message(start, count, shared, timeout))
+        msg = self._timeout_message(start, count, shared, wait)
+        if wait != timeout:
+            msg += " (the ring thread's lease was not given back: its I/O in flight is slow)"
+        raise TimeoutError(msg)
 
     def _timeout_message(self, start, count, shared, timeout) -> str:
         kind = "shared" if shared else "exclusive"
@@ -271,9 +275,10 @@ class RegionLockManager:
         that every request meeting it asks back by calling ``revoke()`` (the holder ends it and
         releases the lock; ``revoke`` must not block nor take this manager's mutex). Granted
         only when nothing is held and nothing waits; None otherwise, or while a lease is held.
-        A request meeting it waits in FIFO order as behind any lock; one that would not wait
-        (``lock(timeout=0)``) waits up to LEASE_REVOKE_WAIT seconds when only the lease is in
-        its way. ``holders()`` does not list it (``mirror/ringlease.py``)."""
+        A request meeting it waits in FIFO order as behind any lock; one with a timeout under
+        LEASE_REVOKE_WAIT seconds (0: an immediate try) waits up to that when only the lease is
+        in its way, since without it the request would have been granted at once.
+        ``holders()`` does not list it (``mirror/ringlease.py``)."""
         _check_range(0, count)
         with self._mutex:
             if self._held or self._waiters or self._lease is not None:

@@ -1337,6 +1337,9 @@ class MirrorVolume:
             return None
         lease.lock = lk
         with self._elock:
+            if self._closed:        # (close read _lease under this lock after setting it)
+                lk.release()
+                return None
             ep = lease.epoch = self._epoch
             ep.inflight += 1
             self._lease = lease
@@ -1685,15 +1688,19 @@ class MirrorVolume:
         with self._elock:
             d = dict(self._stats)
             lease = self._lease
+            # the lease's entry into the epoch is no I/O; its batch in flight is, as a batch
+            # without the lease enters the epoch for itself (begin_fast_writes)
             d["inflight"] = (self._epoch.inflight + sum(e.inflight for e in self._retired)
-                             - (lease is not None))     # (the lease is no I/O)
+                             - (lease is not None and lease.batch is None))
+            # (the images' counters under the same lock: end_ring_lease moves a lease's counts
+            # into them under it, so none is added twice)
+            d["images"] = [dict(im.storage.stats) if im.storage is not None else None
+                           for im in self._images]
         d["generation"] = self._md.generation
         d["wil_dirty_chunks"] = self._wil.bitmap.count()
         with self._elock:
             d["torn_regions"] = len(self._torn)
         d["wil_saves"] = self._wil.saves
-        d["images"] = [dict(im.storage.stats) if im.storage is not None else None
-                       for im in self._images]
         if lease is not None:           # what the ring thread made under it, counted so far
             _add_lease_counts(d, lease, [im.storage for im in self._images])
         return d
