@@ -255,8 +255,10 @@ class Manager(dbus.service.Object):
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def LockRegion(self, volume, lba, count, shared, timeout, sender=None, ok=None, err=None):
         """Lock LBAs [lba, lba+count) of ``volume`` (waits FIFO; ``timeout`` seconds, 0 = wait
-        forever). The lock is the caller's until UnlockRegion or until it leaves the bus; while
-        held exclusively, initiator I/O to the range waits."""
+        forever; a timeout under 5 s waits up to 5 s when only a one-image LUN's ring thread's
+        lease is in the way, which it gives back when asked: RegionLockManager.lock). The lock
+        is the caller's until UnlockRegion or until it leaves the bus; while held exclusively,
+        initiator I/O to the range waits."""
         owner = self._service.locks.owner(sender)
         self.run(sender, lambda: self._daemon.lock_region(
             str(volume), int(lba), int(count), shared=bool(shared),

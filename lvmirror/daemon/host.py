@@ -14,6 +14,7 @@ import time
 
 from lvmirror import rawtext
 from lvmirror.errors import ConfigError, StateError
+from lvmirror.mirror.regionlock import LEASE_OWNER
 from lvmirror.mirror.resync import job_progress
 from lvmirror.daemon.lunserver import LunServer
 from lvmirror.daemon.lease import Leases
@@ -27,8 +28,9 @@ __all__ = ["BackupProgress", "VolumeHost"]
 
 def _owner_label(owner) -> str:
     """Who holds or waits for a region lock, for status displays: the bus name of an external
-    holder, "initiator I/O" for a SCSI command, "resync"/"restore" for a copy job."""
-    if owner is None:
+    holder, "initiator I/O" for a SCSI command (a stuck batch's narrowed ring lease too:
+    ``RegionLockManager.narrow_lease``), "resync"/"restore" for a copy job."""
+    if owner is None or owner is LEASE_OWNER:
         return "initiator I/O"
     if isinstance(owner, tuple) and len(owner) == 2 and owner[0] == "bus":
         return f"D-Bus {owner[1]}"

@@ -1407,7 +1407,10 @@ class LunServer:
             lease = self._lease
             if lease is not None and lease.gen == self._gen:
                 # the stuck thread's lease: the new one serves the LUN beside its batch
-                lease.volume.narrow_ring_lease(lease)
+                try:
+                    lease.volume.narrow_ring_lease(lease)
+                except Exception:     # (a bug: the new thread waits for the lease, as I/O
+                    log.exception("LUN %s: narrowing the ring thread's lease failed", self.name)
             self._gen += 1
             self.handovers += 1
             self._stuck += 1

@@ -219,7 +219,10 @@ class RegionLockManager:
         """Lock ``[start, start+count)``, waiting in FIFO order behind conflicting requests.
 
         Raises TimeoutError after ``timeout`` seconds (the request is then withdrawn and leaves
-        no trace), LockCancelled if ``release_owner(owner)`` cancels it while it waits.
+        no trace), LockCancelled if ``release_owner(owner)`` cancels it while it waits. When
+        only the ring thread's lease is in its way (``lease``), a ``timeout`` from 0 up to
+        LEASE_REVOKE_WAIT waits up to LEASE_REVOKE_WAIT for it to be given back, since without
+        it the request would have been granted at once; a negative one fails at once.
         """
         _check_range(start, count)
         end = start + count
@@ -232,7 +235,7 @@ class RegionLockManager:
             wait = timeout
             if self._lease is not None:
                 self._revoke()
-                if (timeout is not None and timeout < LEASE_REVOKE_WAIT
+                if (timeout is not None and 0 <= timeout < LEASE_REVOKE_WAIT
                         and not self._conflicts_held(start, end, shared, self._lease)
                         and not self._conflicts_waiters(start, end, shared,
                                                         len(self._waiters))):

@@ -1328,7 +1328,8 @@ class MirrorVolume:
         awaited, a lease held. The caller's batch conditions (``fast_write_source``'s checks,
         which name the epoch) are read after this, so a switch in between makes its batches
         take nothing."""
-        if self._closed or self._offline is not None or len(self._epoch.writes) != 1:
+        ep = self._epoch
+        if self._closed or self._offline is not None or len(ep.writes) != 1 or ep.tracking:
             return None
         lease = RingLease(wake, gen, now, read_storage, write_storage)
         lease.volume = self
@@ -1337,10 +1338,13 @@ class MirrorVolume:
             return None
         lease.lock = lk
         with self._elock:
-            if self._closed:        # (close read _lease under this lock after setting it)
+            ep = self._epoch
+            # (close reads _lease under this lock after setting _closed; an epoch switch since
+            # the check above may have brought a split image's bitmap to mark)
+            if self._closed or len(ep.writes) != 1 or ep.tracking:
                 lk.release()
                 return None
-            ep = lease.epoch = self._epoch
+            lease.epoch = ep
             ep.inflight += 1
             self._lease = lease
         return lease

@@ -178,6 +178,36 @@ def test_a_lease_taken_as_the_volume_closes_is_refused(tmp_path):
         vol.close()
 
 
+def test_no_lease_on_an_epoch_that_tracks_a_split_images_changes(tmp_path):
+    """A two-image volume whose image 1 is split writes one image, but every write must mark
+    the split image's change bitmap (split rule 5): no lease there (from the eighth newcomer
+    trial, which got one)."""
+    vol, _, _ = make_volume(tmp_path, 2)
+    try:
+        vol.split(1)
+        assert len(vol._epoch.writes) == 1 and vol._epoch.tracking
+        st = vol.image_storage(0)
+        assert vol.begin_ring_lease(lambda: None, 0, 0.0, st, (st,)) is None
+        assert vol.locks._lease is None and vol._lease is None
+    finally:
+        vol.close()
+
+
+def test_a_negative_timeout_fails_at_once_beside_a_lease():
+    """A negative timeout fails at once, as without a lease; it does not wait
+    LEASE_REVOKE_WAIT for the lease (from the eighth newcomer trial)."""
+    import time
+    m = RegionLockManager("t")
+    lease = m.lease(100, lambda: None)              # its holder's batch is in a slow device
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            m.lock(0, 1, timeout=-1.0)
+        assert time.monotonic() - t0 < regionlock.LEASE_REVOKE_WAIT / 2
+    finally:
+        lease.release()
+
+
 def test_an_epoch_switch_and_close_revoke_the_lease(tmp_path):
     """Attaching a second image switches the epoch: the lease is revoked, and the attach's
     resync goes on once its holder ended it. ``close`` revokes it too and waits for its end."""
