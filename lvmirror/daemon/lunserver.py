@@ -1045,17 +1045,15 @@ class LunServer:
         self.compiled += n
         self.latency.observe_many("read", (time.monotonic() - t0) / n, n)
 
-    def _compiled_writes(self, fast, gen: int, lease=None) -> tuple[int | None, int]:
+    def _compiled_writes(self, fast, gen: int) -> tuple[int | None, int]:
         """The WRITEs without FUA at the ring's head, made by ``_unlocked_batch`` inside the
         volume's ``begin_fast_writes`` (the epoch entered: a split or image failure waits for
         them as for any write in flight) with the blocks they cover locked (``lock_fast``) and
         ``end_fast_writes``. A WRITE not written whole (an error, a full file system, a short
         write) is the Python path's, which writes it again and reports it; a batch that took
         longer than INLINE_SLOW sends every WRITE to the pool for INLINE_BACKOFF seconds, as
-        ``_run_inline`` does. Under the ring thread's ``lease`` (``_leased_batch``) the lease
-        stands for the epoch and the locks. Returns what ``_unlocked_batch`` returns."""
-        if lease is not None:
-            return self._leased_batch(fast, gen, True, 0, lease)
+        ``_run_inline`` does; under the ring thread's lease ``_compiled_reads`` calls
+        ``_leased_batch`` instead. Returns what ``_unlocked_batch`` returns."""
         return self._unlocked_batch(fast, gen, True, fast.wfds, 0, fast.take_writes,
                                     fast.target.begin_fast_writes())
 
