@@ -52,6 +52,13 @@ class LatencyHistogram:
         h[bisect_left(BUCKETS, seconds)] += n
         h[-1] += seconds * n
 
+    def counts(self, op: str) -> list:
+        """The live list of kind ``op`` (``OPS``): a count per BUCKETS bound, one for above the
+        last, then the sum of seconds. The ring thread's compiled loop
+        (``tcmu._fastread.lease_serve``) adds to it in place, as ``observe_many`` would; no
+        one else writes it."""
+        return self._ops[op]
+
     def snapshot(self) -> dict:
         """``{op: {"le": [cumulative count per BUCKETS bound], "count": n, "sum": seconds}}``
         (the +Inf bucket is ``count``); JSON-able."""

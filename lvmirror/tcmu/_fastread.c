@@ -33,6 +33,13 @@
  * depth 1 a batch is one command, and the Python between the three calls was most of what a
  * 4 KiB WRITE cost the ring thread beyond the pwritev.
  *
+ * lease_serve() is the ring thread's loop itself under that lease: batches of both kinds up to
+ * cmd_head, the kernel told (a 4-byte write to the UIO descriptor), poll(2) on the UIO descriptor
+ * and the LUN's wake-up pipe with the GIL released, the event counter read - tcmu-runner's loop -
+ * returning to Python only for what the Python loop answers (another opcode, a failed, slow or
+ * handed-over batch, a wake-up). Each batch is counted in the LUN's Python counters before the
+ * kernel is told.
+ *
  * Why C: the Python path spends 20-40 us of CPU on such a READ (fetch, the SCSI core, the
  * volume, completion); in the kernel lab the ring thread answered 99-100 % of 4 KiB commands
  * and lvmirror stayed at 0.6-0.7x the IOPS of tcmu-runner on the same ring, the gap being that
@@ -50,6 +57,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -275,11 +283,11 @@ parse_entry(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_o
     return is_write ? ENT_WRITE : ENT_READ;
 }
 
-/* What both entry points do first: check the ring's geometry and the fetch cursor (ValueError),
- * read the conditions (`checks` then `busy`) and the kernel's cmd_head. Returns STOP_HEAD when
- * the batch may start, STOP_STALE/STOP_BUSY when a condition does not hold, STOP_OTHER for a
- * cmd_head that is not a ring offset (ring.py's fetch logs it), or -1 with an exception set and
- * `ring` released. */
+/* What every entry point does first: check the ring's geometry and the fetch cursor
+ * (ValueError), read the conditions (`checks` then `busy`) and the kernel's cmd_head. Returns
+ * STOP_HEAD when the batch may start, STOP_STALE/STOP_BUSY when a condition does not hold,
+ * STOP_OTHER for a cmd_head that is not a ring offset (ring.py's fetch logs it), or -1 with an
+ * exception set (the caller releases `ring`). */
 static int
 begin_batch(Py_buffer *ring, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
             uint64_t map_size, uint32_t fetch, uint32_t block_size, PyObject *checks,
@@ -291,7 +299,6 @@ begin_batch(Py_buffer *ring, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t dat
             || cmdr_size % TCMU_OP_ALIGN_SIZE || fetch >= cmdr_size
             || fetch % TCMU_OP_ALIGN_SIZE || block_size == 0) {
         PyErr_SetString(PyExc_ValueError, "ring geometry or fetch cursor out of range");
-        PyBuffer_Release(ring);
         return -1;
     }
     int ok = conditions_hold(checks);
@@ -299,10 +306,8 @@ begin_batch(Py_buffer *ring, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t dat
         return STOP_STALE;
     if (ok > 0)
         ok = conditions_hold(busy);
-    if (ok < 0) {
-        PyBuffer_Release(ring);
+    if (ok < 0)
         return -1;
-    }
     if (ok == 0)
         return STOP_BUSY;
     struct tcmu_mailbox *mb = (struct tcmu_mailbox *)ring->buf;
@@ -310,6 +315,52 @@ begin_batch(Py_buffer *ring, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t dat
     if (*head >= cmdr_size || *head % TCMU_OP_ALIGN_SIZE)
         return STOP_OTHER;
     return STOP_HEAD;
+}
+
+/* read_batch's walk, after begin_batch said it may start (`head` the kernel's cmd_head): answers
+ * the READs from `fetch` on that one preadv2(`fd`, ..., `rwf`) serves whole, in ring order, and
+ * returns the new fetch cursor; adds the commands answered, their bytes and the PAD entries
+ * skipped to `*answered`, `*nbytes`, `*pads`, and says why it stopped in `*why`. */
+static uint32_t
+read_run(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
+         uint64_t map_size, uint32_t fetch, uint32_t head, int fd, int rwf, uint64_t num_blocks,
+         uint32_t block_size, uint64_t max_bytes, uint64_t max_blocks, uint64_t big_bytes,
+         Py_ssize_t *answered, unsigned long long *nbytes, Py_ssize_t *pads, int *why)
+{
+    uint64_t parse_max = big_bytes > max_bytes ? big_bytes : max_bytes;
+    struct iovec pool[MAX_IOVECS];
+    struct rw_cmd c;
+    *why = STOP_HEAD;
+    while (fetch != head) {
+        int kind = parse_entry(map, cmdr_off, cmdr_size, data_off, map_size, fetch, head,
+                               num_blocks, block_size, parse_max, max_blocks, pool, MAX_IOVECS,
+                               &c);
+        if (kind == ENT_PAD) {
+            (*pads)++;
+            fetch = (fetch + c.length) % cmdr_size;
+            continue;
+        }
+        if (kind != ENT_READ) {
+            /* (a WRITE over `max_bytes` is not a WRITE batch's either - both take 64 KiB - so
+             * the Python fetch takes it, and no whole-volume lock is taken for nothing) */
+            *why = kind == ENT_WRITE && c.want <= max_bytes ? STOP_WRITE : STOP_OTHER;
+            break;
+        }
+        if (c.want > max_bytes) {
+            *why = STOP_BIG_READ;       /* a READ batch's, copied without the GIL */
+            break;
+        }
+        ssize_t got = preadv2(fd, c.iov, (int)c.iov_cnt, (off_t)(c.lba * block_size), rwf);
+        if (got < 0 || (uint64_t)got != c.want) {
+            *why = STOP_MISS;           /* EAGAIN, short, an error: the Python path */
+            break;
+        }
+        fetch = (fetch + c.length) % cmdr_size;
+        complete_good(map, cmdr_off, cmdr_size, c.cmd_id);
+        (*answered)++;
+        *nbytes += c.want;
+    }
+    return fetch;
 }
 
 PyDoc_STRVAR(read_batch_doc,
@@ -356,40 +407,14 @@ read_batch(PyObject *Py_UNUSED(self), PyObject *args)
     uint32_t head = 0;
     int why = begin_batch(&ring, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size,
                           checks, busy, &head);
-    if (why < 0)
+    if (why < 0) {
+        PyBuffer_Release(&ring);
         return NULL;
-    uint64_t parse_max = big_bytes > max_bytes ? big_bytes : max_bytes;
-    struct iovec pool[MAX_IOVECS];
-    struct rw_cmd c;
-    while (why == STOP_HEAD && fetch != head) {
-        int kind = parse_entry(map, cmdr_off, cmdr_size, data_off, map_size, fetch, head,
-                               num_blocks, block_size, parse_max, max_blocks, pool, MAX_IOVECS,
-                               &c);
-        if (kind == ENT_PAD) {
-            pads++;
-            fetch = (fetch + c.length) % cmdr_size;
-            continue;
-        }
-        if (kind != ENT_READ) {
-            /* (a WRITE over `max_bytes` is not a WRITE batch's either - both take 64 KiB - so
-             * the Python fetch takes it, and no whole-volume lock is taken for nothing) */
-            why = kind == ENT_WRITE && c.want <= max_bytes ? STOP_WRITE : STOP_OTHER;
-            break;
-        }
-        if (c.want > max_bytes) {
-            why = STOP_BIG_READ;        /* a READ batch's, copied without the GIL */
-            break;
-        }
-        ssize_t got = preadv2(fd, c.iov, (int)c.iov_cnt, (off_t)(c.lba * block_size), rwf);
-        if (got < 0 || (uint64_t)got != c.want) {
-            why = STOP_MISS;            /* EAGAIN, short, an error: the Python path */
-            break;
-        }
-        fetch = (fetch + c.length) % cmdr_size;
-        complete_good(map, cmdr_off, cmdr_size, c.cmd_id);
-        answered++;
-        nbytes += c.want;
     }
+    if (why == STOP_HEAD)
+        fetch = read_run(map, cmdr_off, cmdr_size, data_off, map_size, fetch, head, fd, rwf,
+                         num_blocks, block_size, max_bytes, max_blocks, big_bytes, &answered,
+                         &nbytes, &pads, &why);
     PyBuffer_Release(&ring);
     return Py_BuildValue("(InKni)", fetch, answered, nbytes, pads, why);
 }
@@ -573,8 +598,10 @@ take_batch(PyObject *Py_UNUSED(self), PyObject *args)
     uint32_t head = 0;
     int why = begin_batch(&ring, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size,
                           checks, busy, &head);
-    if (why < 0)
+    if (why < 0) {
+        PyBuffer_Release(&ring);
         return NULL;
+    }
     struct rw_cmd cmds[MAX_WRITES];
     struct iovec pool[BATCH_IOVECS];
     uint32_t used = 0, cur = fetch;
@@ -798,7 +825,9 @@ out:
  * import). */
 static PyObject *s_fetch, *s_outstanding, *s_stats, *s_pending_notify, *s_acquire, *s_release,
                 *s_inline_t0, *s_watch_idle, *s_watch_wake, *s_set, *s_gen, *s_batch,
-                *s_fetched, *s_pads, *s_completed;
+                *s_fetched, *s_pads, *s_completed, *s_revoked, *s_commands, *s_inline,
+                *s_compiled, *s_compiled_writes, *s_reads, *s_writes, *s_read_bytes,
+                *s_write_bytes, *s_lead, *s_inline_after, *s_since, *s_fast;
 
 /* obj.name += delta (an int attribute); -1 with an exception set on failure. */
 static int
@@ -858,9 +887,10 @@ lock_call(PyObject *lock, PyObject *name)
 }
 
 /* With nothing outstanding, move cmd_tail up to the fetch cursor (ring.py's
- * _retire_idle_locked); -1 with an exception set. */
+ * _retire_idle_locked) and say the kernel is to be told: ring_obj.pending_notify, or `*retired`
+ * when not NULL (lease_serve tells it itself); -1 with an exception set. */
 static int
-retire_idle(PyObject *ring_obj, uint8_t *map, uint32_t size, uint32_t fetch)
+retire_idle(PyObject *ring_obj, uint8_t *map, uint32_t size, uint32_t fetch, int *retired)
 {
     PyObject *o = PyObject_GetAttr(ring_obj, s_outstanding);
     if (o == NULL)
@@ -874,9 +904,247 @@ retire_idle(PyObject *ring_obj, uint8_t *map, uint32_t size, uint32_t fetch)
     struct tcmu_mailbox *mb = (struct tcmu_mailbox *)map;
     if (__atomic_load_n(&mb->cmd_tail, __ATOMIC_ACQUIRE) % size != fetch) {
         __atomic_store_n(&mb->cmd_tail, fetch % size, __ATOMIC_RELEASE);
+        if (retired != NULL) {
+            *retired = 1;
+            return 0;
+        }
         return PyObject_SetAttr(ring_obj, s_pending_notify, Py_True);
     }
     return 0;
+}
+
+/* The ring, the LUN server and the lease a lease batch works on (lease_batch's and lease_serve's
+ * first arguments, parsed once a call). */
+struct lease_ctx {
+    uint8_t *map;
+    uint32_t cmdr_off, cmdr_size, block_size;
+    uint64_t data_off, map_size, num_blocks;
+    PyObject *ring_obj, *ring_lock, *server, *role_mu, *lease;
+    Py_ssize_t gen;
+};
+
+/* One lease batch's kind: WRITEs (`writes`, to every descriptor of `fds`) or large READs (from
+ * fds[0] with preadv2 flags `rwf`), take_batch's limits and conditions. */
+struct lease_kind {
+    uint64_t max_bytes, max_blocks, other_bytes;
+    uint32_t max_commands;
+    PyObject *checks, *busy, *hold;
+    int writes, rwf;
+    int fds[MAX_LEGS];
+    Py_ssize_t legs;
+};
+
+/* What one lease batch did (lease_batch's return value, less `packed`'s Python shape). */
+struct lease_out {
+    uint32_t n, done, completed;
+    int why, err, bad, lost;
+    unsigned long long nbytes;      /* the completed commands' bytes; every done one's if lost */
+    PyObject *packed;               /* a new reference, or NULL when none was taken */
+    double t0, t1;                  /* CLOCK_MONOTONIC seconds: the I/O began, the batch ended */
+};
+
+static double
+monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* fds_obj (a tuple of 1-4 ints; exactly 1 to read) into k->fds; -1 with ValueError set. */
+static int
+parse_fds(PyObject *fds_obj, struct lease_kind *k)
+{
+    k->legs = PyTuple_GET_SIZE(fds_obj);
+    if (k->legs < 1 || k->legs > MAX_LEGS || (!k->writes && k->legs != 1)) {
+        PyErr_SetString(PyExc_ValueError, "fds: 1-4 descriptors to write, 1 to read");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < k->legs; i++) {
+        k->fds[i] = PyLong_AsLong(PyTuple_GET_ITEM(fds_obj, i));
+        if (k->fds[i] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+/* Release `lock` keeping the exception set; returns -1 for `return unlock_failing(...)`. */
+static int
+unlock_failing(PyObject *lock)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    lock_call(lock, s_release);
+    PyErr_Restore(et, ev, tb);
+    return -1;
+}
+
+/* One batch under the lease, lease_batch's three steps (its docstring): 0 with `*o` filled, or
+ * -1 with an exception set and nothing taken. With `retired` NULL, entries the ring retires
+ * itself set ring_obj.pending_notify for the Python loop; otherwise `*retired` is set and the
+ * caller notifies the kernel. */
+static int
+lease_one(const struct lease_ctx *x, const struct lease_kind *k, struct lease_out *o,
+          int *retired)
+{
+    uint8_t *map = x->map;
+    memset(o, 0, sizeof *o);
+    /* 1. take, under the ring's lock */
+    if (lock_call(x->ring_lock, s_acquire) < 0)
+        return -1;
+    PyObject *f = PyObject_GetAttr(x->ring_obj, s_fetch);
+    long long fetch_ll = f == NULL ? -1 : PyLong_AsLongLong(f);
+    Py_XDECREF(f);
+    if (fetch_ll < 0 || fetch_ll > UINT32_MAX) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "ring fetch cursor out of range");
+        return unlock_failing(x->ring_lock);
+    }
+    uint32_t fetch = (uint32_t)fetch_ll, head = 0;
+    Py_buffer view = {.buf = map, .len = (Py_ssize_t)x->map_size};
+    int why = begin_batch(&view, x->cmdr_off, x->cmdr_size, x->data_off, x->map_size, fetch,
+                          x->block_size, k->checks, k->busy, &head);
+    if (why < 0)
+        return unlock_failing(x->ring_lock);
+    struct rw_cmd cmds[MAX_WRITES];
+    struct iovec pool[BATCH_IOVECS];
+    uint32_t used = 0, cur = fetch;
+    uint64_t lo = 0, hi = 0;
+    Py_ssize_t pads = 0;
+    uint32_t n = take_into(map, x->cmdr_off, x->cmdr_size, x->data_off, x->map_size, fetch,
+                           head, x->num_blocks, x->block_size, k->max_bytes, k->max_blocks,
+                           k->max_commands, k->writes, k->other_bytes, cmds, pool, &used, &cur,
+                           &pads, &why, &lo, &hi);
+    PyObject *packed = NULL;
+    if (n) {
+        packed = pack_taken(map, cmds, n, used, x->block_size);
+        if (packed == NULL)
+            return unlock_failing(x->ring_lock);    /* nothing taken: the cursor is as it was */
+    }
+    if (cur != fetch) {
+        PyObject *c = PyLong_FromUnsignedLong(cur);
+        int r = c == NULL ? -1 : PyObject_SetAttr(x->ring_obj, s_fetch, c);
+        Py_XDECREF(c);
+        if (r < 0 || attr_add(x->ring_obj, s_outstanding, n) < 0
+                || stat_add(x->ring_obj, s_fetched, n) < 0
+                || stat_add(x->ring_obj, s_pads, pads) < 0
+                || (!n && pads && retire_idle(x->ring_obj, map, x->cmdr_size, cur,
+                                              retired) < 0)) {
+            /* (cannot happen with ring.py's CommandRing; the commands would be lost) */
+            Py_XDECREF(packed);
+            return unlock_failing(x->ring_lock);
+        }
+    }
+    if (lock_call(x->ring_lock, s_release) < 0) {
+        Py_XDECREF(packed);
+        return -1;
+    }
+    o->n = n;
+    o->why = why;
+    if (!n)
+        return 0;
+    o->packed = packed;
+    /* 2. the I/O, watched, without the GIL or a lock. From here on the commands are taken:
+     * an error setting the watchdog's fields is cleared, never raised (the caller must answer
+     * them). */
+    double t0 = o->t0 = monotonic_now();
+    PyObject *cover = Py_BuildValue("(KKO)", lo, hi - lo, k->writes ? Py_False : Py_True);
+    PyObject *t0_obj = PyFloat_FromDouble(t0);
+    if (cover == NULL || t0_obj == NULL || PyObject_SetAttr(x->lease, s_batch, cover) < 0
+            || PyObject_SetAttr(x->server, s_inline_t0, t0_obj) < 0)
+        PyErr_Clear();
+    Py_XDECREF(cover);
+    Py_XDECREF(t0_obj);
+    PyObject *idle = PyObject_GetAttr(x->server, s_watch_idle);
+    if (idle == NULL) {
+        PyErr_Clear();
+    } else {
+        if (idle == Py_True) {        /* (read after _inline_t0 is set: see LunServer._watch) */
+            PyObject *wake = NULL, *r = NULL;
+            if (PyObject_SetAttr(x->server, s_watch_idle, Py_False) == 0
+                    && (wake = PyObject_GetAttr(x->server, s_watch_wake)) != NULL)
+                r = PyObject_CallMethodNoArgs(wake, s_set);
+            Py_XDECREF(r);
+            Py_XDECREF(wake);
+            PyErr_Clear();
+        }
+        Py_DECREF(idle);
+    }
+    uint32_t done = 0;
+    unsigned long long nbytes = 0;
+    int err = 0, bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (; done < n; done++) {
+        struct rw_cmd *c = &cmds[done];
+        if (!io_one(k->fds, k->legs, c->iov, c->iov_cnt, (off_t)(c->lba * x->block_size),
+                    c->want, k->rwf, k->writes, &err, &bad))
+            break;
+        nbytes += c->want;
+    }
+    Py_END_ALLOW_THREADS
+    /* 3. the ring thread's role, then the completions under the ring's lock */
+    int lost = 0;
+    if (lock_call(x->role_mu, s_acquire) < 0) {
+        PyErr_Clear();
+    } else {
+        PyObject *g = PyObject_GetAttr(x->server, s_gen);
+        Py_ssize_t now_gen = g == NULL ? x->gen : PyLong_AsSsize_t(g);
+        Py_XDECREF(g);
+        PyErr_Clear();
+        lost = now_gen != x->gen;
+        if (PyObject_SetAttr(x->lease, s_batch, Py_None) < 0)
+            PyErr_Clear();
+        if (!lost) {
+            PyObject *zero = PyFloat_FromDouble(0.0);
+            if (zero == NULL || PyObject_SetAttr(x->server, s_inline_t0, zero) < 0)
+                PyErr_Clear();
+            Py_XDECREF(zero);
+        }
+        if (lock_call(x->role_mu, s_release) < 0)
+            PyErr_Clear();
+    }
+    uint32_t completed = 0;
+    unsigned long long cbytes = 0;
+    if (!lost && done) {
+        if (lock_call(x->ring_lock, s_acquire) < 0) {
+            PyErr_Clear();          /* (not answered here: the caller's Python path does) */
+        } else {
+            int free_now = conditions_hold(k->hold);
+            if (free_now < 0)
+                PyErr_Clear();
+            if (free_now == 1) {
+                for (uint32_t j = 0; j < done; j++) {
+                    complete_good(map, x->cmdr_off, x->cmdr_size, cmds[j].cmd_id);
+                    cbytes += cmds[j].want;
+                }
+                completed = done;
+                if (attr_add(x->ring_obj, s_outstanding, -(long long)completed) < 0
+                        || stat_add(x->ring_obj, s_completed, completed) < 0
+                        || retire_idle(x->ring_obj, map, x->cmdr_size, cur, retired) < 0)
+                    PyErr_Clear();
+            }
+            if (lock_call(x->ring_lock, s_release) < 0)
+                PyErr_Clear();
+        }
+    }
+    o->done = done;
+    o->completed = completed;
+    o->nbytes = lost ? nbytes : cbytes;
+    o->err = err;
+    o->bad = bad;
+    o->lost = lost;
+    o->t1 = monotonic_now();
+    return 0;
+}
+
+/* lease_batch's return tuple for `o` (its `packed` reference stolen); NULL on MemoryError. */
+static PyObject *
+lease_result(struct lease_out *o)
+{
+    PyObject *packed = o->packed != NULL ? o->packed : (Py_INCREF(Py_None), Py_None);
+    o->packed = NULL;
+    return Py_BuildValue("(IiIIKiiNdO)", o->n, o->why, o->done, o->completed, o->nbytes, o->err,
+                         o->bad, packed, o->t0, o->lost ? Py_True : Py_False);
 }
 
 PyDoc_STRVAR(lease_batch_doc,
@@ -912,185 +1180,414 @@ lease_batch(PyObject *Py_UNUSED(self), PyObject *args)
     Py_buffer ring;
     unsigned int cmdr_off, cmdr_size, max_commands, block_size;
     unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks, other_bytes;
-    PyObject *ring_obj, *ring_lock, *checks, *busy, *hold, *fds_obj, *server, *role_mu, *lease;
-    Py_ssize_t gen;
-    int writes, rwf;
+    PyObject *fds_obj;
+    struct lease_ctx x;
+    struct lease_kind k;
 
     if (!PyArg_ParseTuple(args, "w*IIKKOOKIKKIO!O!O!pKO!OOinO", &ring, &cmdr_off, &cmdr_size,
-                          &data_off, &map_size, &ring_obj, &ring_lock, &num_blocks, &block_size,
-                          &max_bytes, &max_blocks, &max_commands, &PyTuple_Type, &checks,
-                          &PyTuple_Type, &busy, &PyTuple_Type, &hold, &writes, &other_bytes,
-                          &PyTuple_Type, &fds_obj, &server, &role_mu, &rwf, &gen, &lease))
+                          &data_off, &map_size, &x.ring_obj, &x.ring_lock, &num_blocks,
+                          &block_size, &max_bytes, &max_blocks, &max_commands, &PyTuple_Type,
+                          &k.checks, &PyTuple_Type, &k.busy, &PyTuple_Type, &k.hold, &k.writes,
+                          &other_bytes, &PyTuple_Type, &fds_obj, &x.server, &x.role_mu, &k.rwf,
+                          &x.gen, &x.lease))
         return NULL;
-    uint8_t *map = ring.buf;
-    int fds[MAX_LEGS];
-    Py_ssize_t legs = PyTuple_GET_SIZE(fds_obj);
-    if (legs < 1 || legs > MAX_LEGS || (!writes && legs != 1)) {
-        PyErr_SetString(PyExc_ValueError, "fds: 1-4 descriptors to write, 1 to read");
-        PyBuffer_Release(&ring);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < legs; i++) {
-        fds[i] = PyLong_AsLong(PyTuple_GET_ITEM(fds_obj, i));
-        if (fds[i] == -1 && PyErr_Occurred()) {
-            PyBuffer_Release(&ring);
-            return NULL;
-        }
-    }
-    /* 1. take, under the ring's lock */
-    if (lock_call(ring_lock, s_acquire) < 0) {
-        PyBuffer_Release(&ring);
-        return NULL;
-    }
-    PyObject *f = PyObject_GetAttr(ring_obj, s_fetch);
-    long long fetch_ll = f == NULL ? -1 : PyLong_AsLongLong(f);
-    Py_XDECREF(f);
-    if (fetch_ll < 0 || fetch_ll > UINT32_MAX) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "ring fetch cursor out of range");
-        goto fail_locked;
-    }
-    uint32_t fetch = (uint32_t)fetch_ll, head = 0;
-    int why = begin_batch(&ring, cmdr_off, cmdr_size, data_off, map_size, fetch, block_size,
-                          checks, busy, &head);
-    if (why < 0) {          /* (begin_batch released the buffer) */
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        lock_call(ring_lock, s_release);
-        PyErr_Restore(et, ev, tb);
-        return NULL;
-    }
-    struct rw_cmd cmds[MAX_WRITES];
-    struct iovec pool[BATCH_IOVECS];
-    uint32_t used = 0, cur = fetch;
-    uint64_t lo = 0, hi = 0;
-    Py_ssize_t pads = 0;
-    uint32_t n = take_into(map, cmdr_off, cmdr_size, data_off, map_size, fetch, head,
-                           num_blocks, block_size, max_bytes, max_blocks, max_commands, writes,
-                           other_bytes, cmds, pool, &used, &cur, &pads, &why, &lo, &hi);
-    PyObject *packed = NULL;
-    if (n) {
-        packed = pack_taken(map, cmds, n, used, block_size);
-        if (packed == NULL)
-            goto fail_locked;           /* nothing taken yet: the fetch cursor is as it was */
-    }
-    if (cur != fetch) {
-        PyObject *c = PyLong_FromUnsignedLong(cur);
-        int r = c == NULL ? -1 : PyObject_SetAttr(ring_obj, s_fetch, c);
-        Py_XDECREF(c);
-        if (r < 0 || attr_add(ring_obj, s_outstanding, n) < 0
-                || stat_add(ring_obj, s_fetched, n) < 0 || stat_add(ring_obj, s_pads, pads) < 0
-                || (!n && pads && retire_idle(ring_obj, map, cmdr_size, cur) < 0)) {
-            /* (cannot happen with ring.py's CommandRing; the commands would be lost) */
-            Py_XDECREF(packed);
-            goto fail_locked;
-        }
-    }
-    if (lock_call(ring_lock, s_release) < 0) {
-        Py_XDECREF(packed);
-        PyBuffer_Release(&ring);
-        return NULL;
-    }
-    if (!n) {
-        PyBuffer_Release(&ring);
-        return Py_BuildValue("(IiIIKiiOdO)", 0u, why, 0u, 0u, 0ULL, 0, 0, Py_None, 0.0,
-                             Py_False);
-    }
-    /* 2. the I/O, watched, without the GIL or a lock. From here on the commands are taken:
-     * an error setting the watchdog's fields is cleared, never raised (the caller must answer
-     * them). */
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    double t0 = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-    PyObject *cover = Py_BuildValue("(KKO)", lo, hi - lo, writes ? Py_False : Py_True);
-    PyObject *t0_obj = PyFloat_FromDouble(t0);
-    if (cover == NULL || t0_obj == NULL || PyObject_SetAttr(lease, s_batch, cover) < 0
-            || PyObject_SetAttr(server, s_inline_t0, t0_obj) < 0)
-        PyErr_Clear();
-    Py_XDECREF(cover);
-    Py_XDECREF(t0_obj);
-    PyObject *idle = PyObject_GetAttr(server, s_watch_idle);
-    if (idle == NULL) {
-        PyErr_Clear();
-    } else {
-        if (idle == Py_True) {        /* (read after _inline_t0 is set: see LunServer._watch) */
-            PyObject *wake = NULL, *r = NULL;
-            if (PyObject_SetAttr(server, s_watch_idle, Py_False) == 0
-                    && (wake = PyObject_GetAttr(server, s_watch_wake)) != NULL)
-                r = PyObject_CallMethodNoArgs(wake, s_set);
-            Py_XDECREF(r);
-            Py_XDECREF(wake);
-            PyErr_Clear();
-        }
-        Py_DECREF(idle);
-    }
-    uint32_t done = 0;
-    unsigned long long nbytes = 0;
-    int err = 0, bad = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (; done < n; done++) {
-        struct rw_cmd *c = &cmds[done];
-        if (!io_one(fds, legs, c->iov, c->iov_cnt, (off_t)(c->lba * block_size), c->want, rwf,
-                    writes, &err, &bad))
-            break;
-        nbytes += c->want;
-    }
-    Py_END_ALLOW_THREADS
-    /* 3. the ring thread's role, then the completions under the ring's lock */
-    int lost = 0;
-    if (lock_call(role_mu, s_acquire) < 0) {
-        PyErr_Clear();
-    } else {
-        PyObject *g = PyObject_GetAttr(server, s_gen);
-        Py_ssize_t now_gen = g == NULL ? gen : PyLong_AsSsize_t(g);
-        Py_XDECREF(g);
-        PyErr_Clear();
-        lost = now_gen != gen;
-        if (PyObject_SetAttr(lease, s_batch, Py_None) < 0)
-            PyErr_Clear();
-        if (!lost) {
-            PyObject *zero = PyFloat_FromDouble(0.0);
-            if (zero == NULL || PyObject_SetAttr(server, s_inline_t0, zero) < 0)
-                PyErr_Clear();
-            Py_XDECREF(zero);
-        }
-        if (lock_call(role_mu, s_release) < 0)
-            PyErr_Clear();
-    }
-    uint32_t completed = 0;
-    unsigned long long cbytes = 0;
-    if (!lost && done) {
-        if (lock_call(ring_lock, s_acquire) < 0) {
-            PyErr_Clear();          /* (not answered here: the caller's Python path does) */
-        } else {
-            int free_now = conditions_hold(hold);
-            if (free_now < 0)
-                PyErr_Clear();
-            if (free_now == 1) {
-                for (uint32_t k = 0; k < done; k++) {
-                    complete_good(map, cmdr_off, cmdr_size, cmds[k].cmd_id);
-                    cbytes += cmds[k].want;
-                }
-                completed = done;
-                if (attr_add(ring_obj, s_outstanding, -(long long)completed) < 0
-                        || stat_add(ring_obj, s_completed, completed) < 0
-                        || retire_idle(ring_obj, map, cmdr_size, cur) < 0)
-                    PyErr_Clear();
-            }
-            if (lock_call(ring_lock, s_release) < 0)
-                PyErr_Clear();
-        }
-    }
+    x.map = ring.buf;
+    x.cmdr_off = cmdr_off;
+    x.cmdr_size = cmdr_size;
+    x.block_size = block_size;
+    x.data_off = data_off;
+    x.map_size = map_size;
+    x.num_blocks = num_blocks;
+    k.max_bytes = max_bytes;
+    k.max_blocks = max_blocks;
+    k.other_bytes = other_bytes;
+    k.max_commands = max_commands;
+    struct lease_out o;
+    PyObject *result = NULL;
+    if ((unsigned long long)ring.len >= map_size && parse_fds(fds_obj, &k) == 0
+            && lease_one(&x, &k, &o, NULL) == 0)
+        result = lease_result(&o);
+    else if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "ring geometry or fetch cursor out of range");
     PyBuffer_Release(&ring);
-    return Py_BuildValue("(IiIIKiiNdO)", n, why, done, completed, lost ? nbytes : cbytes, err,
-                         bad, packed, t0, lost ? Py_True : Py_False);
-fail_locked:
-    {
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        lock_call(ring_lock, s_release);
-        PyErr_Restore(et, ev, tb);
+    return result;
+}
+
+/* The latency histogram's bounds (iostats.BUCKETS), read once a lease_serve call. */
+#define MAX_BUCKETS 32
+struct hist {
+    Py_ssize_t nb;
+    double bound[MAX_BUCKETS];
+    PyObject *lists[2];         /* a LatencyHistogram's read and write lists (counts()) */
+};
+
+/* list[i] += delta (an int item, or the float sum when `is_sum`); -1 with an exception set. */
+static int
+list_add(PyObject *l, Py_ssize_t i, double delta, int is_sum)
+{
+    PyObject *v = PyList_GET_ITEM(l, i);
+    PyObject *nv = is_sum ? PyFloat_FromDouble(PyFloat_AsDouble(v) + delta)
+                          : PyLong_FromLongLong(PyLong_AsLongLong(v) + (long long)delta);
+    if (nv == NULL)
+        return -1;
+    if (PyErr_Occurred()) {
+        Py_DECREF(nv);
+        return -1;
     }
+    return PyList_SetItem(l, i, nv);       /* (steals nv) */
+}
+
+/* `n` commands of kind `op` (0 READ, 1 WRITE) that took `secs` each, completed on the ring
+ * thread's compiled loop: counted as LunServer._count_batch counts them (the server's
+ * `commands`, `inline`, `compiled`/`compiled_writes`; the histogram's bucket found as
+ * bisect_left finds it, and its sum) and in the lease (`reads`/`read_bytes`,
+ * `writes`/`write_bytes`), before the kernel is told; -1 with an exception set. */
+static int
+count_done(const struct lease_ctx *x, struct hist *h, int op, uint32_t n,
+           unsigned long long nbytes, double secs)
+{
+    Py_ssize_t i = 0;
+    while (i < h->nb && h->bound[i] < secs)
+        i++;
+    if (attr_add(x->server, s_commands, n) < 0 || attr_add(x->server, s_inline, n) < 0
+            || attr_add(x->server, op ? s_compiled_writes : s_compiled, n) < 0
+            || attr_add(x->lease, op ? s_writes : s_reads, n) < 0
+            || attr_add(x->lease, op ? s_write_bytes : s_read_bytes, (long long)nbytes) < 0
+            || list_add(h->lists[op], i, n, 0) < 0
+            || list_add(h->lists[op], h->nb + 1, secs * n, 1) < 0)
+        return -1;
+    return 0;
+}
+
+/* Tell the kernel to reap completions: tcmu-runner's tcmulib_processing_complete, a 4-byte write
+ * to the UIO descriptor (TCMU ABI, ../shared/reference: target_core_user's uio irqcontrol). */
+static void
+uio_notify(int uio_fd)
+{
+    uint32_t one = 1;
+    ssize_t r;
+    do
+        r = write(uio_fd, &one, sizeof one);
+    while (r < 0 && errno == EINTR);
+}
+
+/* server._lead = lead (the kind the compiled path asks first, LunServer._compiled_reads); -1
+ * with an exception set. */
+static int
+set_lead(PyObject *server, int lead)
+{
+    PyObject *v = PyLong_FromLong(lead);
+    int r = v == NULL ? -1 : PyObject_SetAttr(server, s_lead, v);
+    Py_XDECREF(v);
+    return r;
+}
+
+/* 1 while the lease may serve: the compiled path still armed (server._fast not None), the lease
+ * not revoked, and WRITEs not sent to the worker pool since it was taken (server._inline_after
+ * > lease.since: a slow write, a stall handed over - LunServer._compiled_reads' own tests); 0
+ * otherwise; -1 with an exception set. */
+static int
+lease_serves(const struct lease_ctx *x)
+{
+    PyObject *armed = PyObject_GetAttr(x->server, s_fast);
+    if (armed == NULL)
+        return -1;
+    Py_DECREF(armed);
+    if (armed == Py_None)
+        return 0;
+    PyObject *rv = PyObject_GetAttr(x->lease, s_revoked);
+    int revoked = rv == NULL ? -1 : PyObject_IsTrue(rv);
+    Py_XDECREF(rv);
+    if (revoked)
+        return revoked < 0 ? -1 : 0;
+    PyObject *after = PyObject_GetAttr(x->server, s_inline_after);
+    PyObject *since = after == NULL ? NULL : PyObject_GetAttr(x->lease, s_since);
+    int later = since == NULL ? -1 : PyObject_RichCompareBool(after, since, Py_GT);
+    Py_XDECREF(after);
+    Py_XDECREF(since);
+    return later < 0 ? -1 : !later;
+}
+
+PyDoc_STRVAR(lease_serve_doc,
+"lease_serve(ring, cmdr_off, cmdr_size, data_off, map_size, ring_obj, ring_lock, num_blocks,\n"
+"            block_size, server, role_mu, reads, writes, loop, rwf, gen, lease, lead,\n"
+"            timeout)\n"
+"    -> (why, lead, last)\n"
+"\n"
+"The ring thread's loop while it holds its lease (lvmirror/mirror/ringlease.py), for\n"
+"LunServer._lease_serve: batch after batch, in ring order, until the kernel's cmd_head, then\n"
+"tell the kernel (a 4-byte write to the UIO descriptor) and wait for its next event, all without\n"
+"returning to Python:\n"
+"- the READs the page cache holds, as read_batch answers them under the ring's lock (`reads`:\n"
+"  (max_read, big_read, max_blocks, checks, busy, fd) and preadv2 flags `rwf`; -1: no READ\n"
+"  of either size, the first returns);\n"
+"- larger READs (up to big_read bytes) and WRITEs without FUA as lease_batch makes them\n"
+"  (`writes`: (max_write, max_commands, write_checks, hold, fds));\n"
+"- then poll(2) on the UIO descriptor and `wake_fd` with the GIL released, and read the\n"
+"  UIO event counter (4 bytes) before the next batch (`loop`: (uio_fd, wake_fd, max_rounds,\n"
+"  slow, buckets, read_histogram, write_histogram)).\n"
+"It returns, the kernel told of every command it completed, when:\n"
+"- a take stops at anything but cmd_head or the other kind (`why`: STOP_OTHER, STOP_STALE,\n"
+"  STOP_BUSY, STOP_MISS; the Python path takes it);\n"
+"- a batch was not completed whole, lost the ring to the watchdog, failed, or took longer than\n"
+"  `slow` seconds: `last` is then lease_batch's tuple for it, neither counted nor notified;\n"
+"- `wake_fd` is readable (the LUN's wake-up pipe, left unread: a revocation, a stop, a\n"
+"  worker's completion), `timeout` seconds passed without an event, or it has waited\n"
+"  `max_rounds` times (`why` STOP_HEAD);\n"
+"- before a round, server._fast is None (disarmed), lease.revoked is set or\n"
+"  server._inline_after is later than lease.since (WRITEs sent to the worker pool\n"
+"  meanwhile): `why` is then the kind it would begin with\n"
+"  (STOP_READ or STOP_WRITE) and the Python turns go on.\n"
+"It sets server._lead whenever the kind of its batches changes.\n"
+"The commands it completed outside `last` are counted as each batch completes, before the\n"
+"kernel is told: in server.commands, .inline, .compiled (READs) or .compiled_writes, in\n"
+"lease.reads/.read_bytes or .writes/.write_bytes, and in the histograms' lists\n"
+"(iostats.LatencyHistogram.counts: each batch's time shared out, bisected over `buckets`). `lead`:\n"
+"the kind to try first (STOP_READ or STOP_WRITE); returned, the kind of the last batch made\n"
+"(`last`'s when there is one).\n"
+"ValueError/TypeError for malformed arguments; OSError when poll(2) fails.");
+
+static PyObject *
+lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer ring;
+    unsigned int cmdr_off, cmdr_size, block_size;
+    unsigned long long data_off, map_size, num_blocks;
+    PyObject *reads_t, *writes_t, *loop_t;
+    struct lease_ctx x;
+    int rwf, lead;
+    double timeout;
+
+    if (!PyArg_ParseTuple(args, "w*IIKKOOKIOOO!O!O!inOid", &ring, &cmdr_off, &cmdr_size,
+                          &data_off, &map_size, &x.ring_obj, &x.ring_lock, &num_blocks,
+                          &block_size, &x.server, &x.role_mu, &PyTuple_Type, &reads_t,
+                          &PyTuple_Type, &writes_t, &PyTuple_Type, &loop_t, &rwf, &x.gen,
+                          &x.lease, &lead, &timeout))
+        return NULL;
+    x.map = ring.buf;
+    x.cmdr_off = cmdr_off;
+    x.cmdr_size = cmdr_size;
+    x.block_size = block_size;
+    x.data_off = data_off;
+    x.map_size = map_size;
+    x.num_blocks = num_blocks;
+    unsigned long long max_read, big_read, max_blocks, max_write;
+    unsigned int max_commands;
+    int rfd, uio_fd, wake_fd;
+    long max_rounds;
+    double slow;
+    PyObject *rchecks, *rbusy, *wchecks, *hold, *wfds, *buckets;
+    struct lease_kind big = {0}, wk = {0};
+    struct hist h;
+    if (!PyArg_ParseTuple(reads_t, "KKKO!O!i;reads: (max_read, big_read, max_blocks, checks, "
+                          "busy, fd)", &max_read, &big_read, &max_blocks, &PyTuple_Type,
+                          &rchecks, &PyTuple_Type, &rbusy, &rfd)
+            || !PyArg_ParseTuple(writes_t, "KIO!O!O!;writes: (max_write, max_commands, checks, "
+                                 "hold, fds)", &max_write, &max_commands, &PyTuple_Type,
+                                 &wchecks, &PyTuple_Type, &hold, &PyTuple_Type, &wfds)
+            || !PyArg_ParseTuple(loop_t, "iildO!O!O!;loop: (uio_fd, wake_fd, max_rounds, slow, "
+                                 "buckets, read_histogram, write_histogram)", &uio_fd, &wake_fd,
+                                 &max_rounds, &slow, &PyTuple_Type, &buckets, &PyList_Type,
+                                 &h.lists[0], &PyList_Type, &h.lists[1]))
+        goto bad_args;
+    h.nb = PyTuple_GET_SIZE(buckets);
+    if ((unsigned long long)ring.len < map_size || h.nb > MAX_BUCKETS
+            || PyList_GET_SIZE(h.lists[0]) != h.nb + 2 || PyList_GET_SIZE(h.lists[1]) != h.nb + 2
+            || (lead != STOP_READ && lead != STOP_WRITE)) {
+        PyErr_SetString(PyExc_ValueError, "lease_serve: ring, histogram or lead out of range");
+        goto bad_args;
+    }
+    for (Py_ssize_t i = 0; i < h.nb; i++) {
+        h.bound[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(buckets, i));
+        if (PyErr_Occurred())
+            goto bad_args;
+    }
+    for (int op = 0; op < 2; op++)
+        for (Py_ssize_t i = 0; i <= h.nb + 1; i++) {
+            PyObject *v = PyList_GET_ITEM(h.lists[op], i);
+            if (i <= h.nb ? !PyLong_CheckExact(v) : !PyFloat_CheckExact(v)) {
+                PyErr_SetString(PyExc_TypeError, "lease_serve: a histogram is [int..., float]");
+                goto bad_args;
+            }
+        }
+    /* large READs (lease_batch's READ batch) and WRITEs */
+    big.max_bytes = big_read;
+    big.max_blocks = max_blocks;
+    big.other_bytes = max_write;
+    big.max_commands = MAX_WRITES;
+    big.checks = rchecks;
+    big.busy = hold;
+    big.hold = hold;
+    big.writes = 0;
+    big.rwf = rwf;
+    big.legs = 1;
+    big.fds[0] = rfd;
+    wk.max_bytes = max_write;
+    wk.max_blocks = max_blocks;
+    wk.other_bytes = big_read;
+    wk.max_commands = max_commands;
+    wk.checks = wchecks;
+    wk.busy = hold;
+    wk.hold = hold;
+    wk.writes = 1;
+    wk.rwf = 0;
+    if (parse_fds(wfds, &wk) < 0)
+        goto bad_args;
+
+    uint32_t unnotified = 0;
+    int retired = 0, why = STOP_HEAD;
+    long rounds = 0;
+    PyObject *last = NULL;
+    double deadline = monotonic_now() + timeout;
+    for (;;) {
+        /* one round: batches until cmd_head, each kind stopping at the other's */
+        int kind = lead;
+        int serves = lease_serves(&x);
+        if (serves < 0)
+            goto fail;
+        if (!serves) {
+            why = kind;                 /* (the Python turns end the lease and go on) */
+            goto out;
+        }
+        for (int turn = 0;; turn++) {
+            if (turn == 4 * MAX_WRITES) {
+                why = kind;             /* (cannot happen: the Python turns go on) */
+                goto out;
+            }
+            if (rwf < 0 && kind != STOP_WRITE) {
+                why = kind;             /* READs are not the compiled path's here */
+                goto out;
+            }
+            if (kind == STOP_READ) {
+                if (lock_call(x.ring_lock, s_acquire) < 0)
+                    goto fail;
+                PyObject *f = PyObject_GetAttr(x.ring_obj, s_fetch);
+                long long fetch_ll = f == NULL ? -1 : PyLong_AsLongLong(f);
+                Py_XDECREF(f);
+                if (fetch_ll < 0 || fetch_ll > UINT32_MAX) {
+                    if (!PyErr_Occurred())
+                        PyErr_SetString(PyExc_ValueError, "ring fetch cursor out of range");
+                    unlock_failing(x.ring_lock);
+                    goto fail;
+                }
+                uint32_t fetch = (uint32_t)fetch_ll, head = 0, cur = fetch;
+                Py_ssize_t answered = 0, pads = 0;
+                unsigned long long nbytes = 0;
+                double t0 = monotonic_now();
+                why = begin_batch(&ring, cmdr_off, cmdr_size, data_off, map_size, fetch,
+                                  block_size, rchecks, rbusy, &head);
+                if (why < 0) {
+                    unlock_failing(x.ring_lock);
+                    goto fail;
+                }
+                if (why == STOP_HEAD)
+                    cur = read_run(x.map, cmdr_off, cmdr_size, data_off, map_size, fetch, head,
+                                   rfd, rwf, num_blocks, block_size, max_read, max_blocks,
+                                   big_read, &answered, &nbytes, &pads, &why);
+                /* ring.py's _fast_done_locked (they were fetched and completed at once) */
+                if (cur != fetch) {
+                    PyObject *c = PyLong_FromUnsignedLong(cur);
+                    int r = c == NULL ? -1 : PyObject_SetAttr(x.ring_obj, s_fetch, c);
+                    Py_XDECREF(c);
+                    if (r < 0 || stat_add(x.ring_obj, s_fetched, answered) < 0
+                            || stat_add(x.ring_obj, s_completed, answered) < 0
+                            || stat_add(x.ring_obj, s_pads, pads) < 0
+                            || retire_idle(x.ring_obj, x.map, cmdr_size, cur, &retired) < 0) {
+                        /* (cannot happen with ring.py's CommandRing) */
+                        unlock_failing(x.ring_lock);
+                        goto fail;
+                    }
+                }
+                if (lock_call(x.ring_lock, s_release) < 0)
+                    goto fail;
+                if (answered) {
+                    unnotified += answered;
+                    if (lead != STOP_READ && set_lead(x.server, lead = STOP_READ) < 0)
+                        goto fail;
+                    if (count_done(&x, &h, 0, answered, nbytes,
+                                   (monotonic_now() - t0) / answered) < 0)
+                        goto fail;
+                }
+            } else {
+                int writes = kind == STOP_WRITE;
+                struct lease_out o;
+                if (lease_one(&x, writes ? &wk : &big, &o, &retired) < 0)
+                    goto fail;
+                why = o.why;
+                if (o.n) {
+                    double took = o.t1 - o.t0;
+                    if (o.completed < o.n || o.lost || o.err || (writes && took > slow)) {
+                        lead = writes ? STOP_WRITE : STOP_READ;     /* (`last`'s kind) */
+                        last = lease_result(&o);
+                        if (last == NULL)   /* (MemoryError: its commands stay outstanding
+                                             * until the kernel's command timeout aborts them) */
+                            goto fail;
+                        goto out;
+                    }
+                    Py_CLEAR(o.packed);
+                    unnotified += o.completed;
+                    int now_lead = writes ? STOP_WRITE : STOP_READ;
+                    if (lead != now_lead && set_lead(x.server, lead = now_lead) < 0)
+                        goto fail;
+                    if (count_done(&x, &h, writes, o.completed, o.nbytes,
+                                   took / o.completed) < 0)
+                        goto fail;
+                }
+            }
+            if (why == STOP_READ || why == STOP_WRITE || why == STOP_BIG_READ)
+                kind = why;
+            else
+                break;
+        }
+        if (why != STOP_HEAD)
+            goto out;
+        /* every command up to cmd_head answered: tell the kernel, then wait for its next */
+        if (unnotified || retired) {
+            uio_notify(uio_fd);
+            unnotified = 0;
+            retired = 0;
+        }
+        if (++rounds > max_rounds)
+            goto out;
+        double left = deadline - monotonic_now();
+        if (left <= 0)
+            goto out;
+        struct pollfd pfd[2] = {{.fd = uio_fd, .events = POLLIN},
+                                {.fd = wake_fd, .events = POLLIN}};
+        int pr, perr = 0;
+        Py_BEGIN_ALLOW_THREADS
+        pr = poll(pfd, 2, (int)(left * 1000.0) + 1);
+        if (pr < 0)
+            perr = errno;
+        Py_END_ALLOW_THREADS
+        if (pr < 0) {
+            if (perr == EINTR)
+                goto out;               /* (a signal: Python's handlers run first) */
+            errno = perr;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        if (pr == 0 || (pfd[1].revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL))
+                || (pfd[0].revents & (POLLERR | POLLHUP | POLLNVAL)))
+            goto out;                   /* idle, a wake-up, or the device going: Python's */
+        if (pfd[0].revents & POLLIN) {
+            uint32_t events;
+            if (read(uio_fd, &events, sizeof events) < 0 && errno != EAGAIN && errno != EINTR)
+                goto out;               /* (the Python loop's clear_event raises it) */
+        }
+    }
+out:
+    if (unnotified || retired)
+        uio_notify(uio_fd);
+    PyBuffer_Release(&ring);
+    PyObject *result = Py_BuildValue("(iiO)", why, lead, last != NULL ? last : Py_None);
+    Py_XDECREF(last);
+    return result;
+fail:
+    /* an exception (a bug) after commands were completed here: the kernel is told */
+    if (unnotified || retired)
+        uio_notify(uio_fd);
+bad_args:
     PyBuffer_Release(&ring);
     return NULL;
 }
@@ -1101,13 +1598,15 @@ static PyMethodDef methods[] = {
     {"run_batch", run_batch, METH_VARARGS, run_batch_doc},
     {"complete_batch", complete_batch, METH_VARARGS, complete_batch_doc},
     {"lease_batch", lease_batch, METH_VARARGS, lease_batch_doc},
+    {"lease_serve", lease_serve, METH_VARARGS, lease_serve_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "lvmirror.tcmu._fastread",
-    "The ring thread's compiled path: READs the page cache holds (read_batch), and a "
-    "volume's WRITEs and large READs in three steps (take_batch, run_batch, complete_batch).",
+    "The ring thread's compiled path: READs the page cache holds (read_batch), a volume's "
+    "WRITEs and large READs in three steps (take_batch, run_batch, complete_batch), and under "
+    "the ring thread's lease in one call (lease_batch) or its whole loop (lease_serve).",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 
@@ -1120,6 +1619,11 @@ PyInit__fastread(void)
         {&s_release, "release"}, {&s_inline_t0, "_inline_t0"}, {&s_watch_idle, "_watch_idle"},
         {&s_watch_wake, "_watch_wake"}, {&s_set, "set"}, {&s_gen, "_gen"}, {&s_batch, "batch"},
         {&s_fetched, "fetched"}, {&s_pads, "pads"}, {&s_completed, "completed"},
+        {&s_revoked, "revoked"}, {&s_commands, "commands"}, {&s_inline, "inline"},
+        {&s_compiled, "compiled"}, {&s_compiled_writes, "compiled_writes"},
+        {&s_reads, "reads"}, {&s_writes, "writes"}, {&s_read_bytes, "read_bytes"},
+        {&s_write_bytes, "write_bytes"}, {&s_lead, "_lead"}, {&s_inline_after, "_inline_after"},
+        {&s_since, "since"}, {&s_fast, "_fast"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (*names[i].var == NULL && (*names[i].var = PyUnicode_InternFromString(names[i].text))

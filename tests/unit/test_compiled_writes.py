@@ -907,18 +907,23 @@ def test_a_leg_that_refuses_a_write_is_failed_by_the_python_path(lab, tmp_path):
     assert _read(emu, 16, 8) == other
 
 
-@pytest.mark.parametrize("lease", [False, True], ids=["no-lease", "lease"])
+@pytest.mark.parametrize("mode", ["no-lease", "lease", "lease-loop"])
 def test_a_one_image_write_refused_once_leaves_a_journal_line(lab, tmp_path, monkeypatch,
-                                                              caplog, lease):
+                                                              caplog, mode):
     """A one-image LUN's compiled WRITE refused once and made by the worker pool: GOOD, the
     data lands, and the refusal is logged (the image is not failed: it is the only one).
-    Without the ring thread's lease ``run_batch`` answers EIO; under it ``lease_batch``
-    writes to a read-only descriptor of the image once (EBADF), a real refusal."""
+    Without the ring thread's lease ``run_batch`` answers EIO; under it ``lease_batch`` (each
+    batch one call) or the compiled loop ``lease_serve`` writes to a read-only descriptor of
+    the image once (EBADF), a real refusal."""
     import errno as _errno
     import logging
+    lease = mode != "no-lease"
     monkeypatch.setattr(lunserver, "RING_LEASE", lease and lunserver.RING_LEASE)
+    monkeypatch.setattr(lunserver, "LEASE_LOOP", mode == "lease-loop" and lunserver.LEASE_LOOP)
     if lease and not lunserver.RING_LEASE:
         pytest.skip("LVMIRROR_RING_LEASE=0")
+    if mode == "lease-loop" and not lunserver.LEASE_LOOP:
+        pytest.skip("LVMIRROR_LEASE_LOOP=0")
     emu, lun, path, data = _one_image_lun(lab, tmp_path, 77)
     fired = []
     if not lease:
@@ -931,7 +936,7 @@ def test_a_one_image_write_refused_once_leaves_a_journal_line(lab, tmp_path, mon
             return real(ring, data_off, map_size, packed, count, fds, rwf, kind)
         monkeypatch.setattr(fastread, "run_batch", refuses)
         why = os.strerror(_errno.EIO)
-    else:
+    elif mode == "lease":
         real_lease = fastread.lease_batch
         ro = os.open(path, os.O_RDONLY)
 
@@ -941,6 +946,21 @@ def test_a_one_image_write_refused_once_leaves_a_journal_line(lab, tmp_path, mon
                 args = args[:17] + ((ro,),) + args[18:]
             return real_lease(*args)
         monkeypatch.setattr(fastread, "lease_batch", refuses_once)
+        lun._fast = None                                # armed again, with the spy
+        why = os.strerror(_errno.EBADF)
+    else:
+        real_serve = fastread.lease_serve
+        ro = os.open(path, os.O_RDONLY)
+
+        def serves_refusing_once(*args):
+            if fired:
+                return real_serve(*args)
+            w = args[12]                      # (max_write, max_commands, checks, hold, fds)
+            r = real_serve(*args[:12] + (w[:4] + ((ro,),),) + args[13:])
+            if r[2] is not None and r[2][5]:           # `last`: a batch that failed (err)
+                fired.append(1)
+            return r
+        monkeypatch.setattr(fastread, "lease_serve", serves_refusing_once)
         lun._fast = None                                # armed again, with the spy
         why = os.strerror(_errno.EBADF)
     new = os.urandom(8 * BS)

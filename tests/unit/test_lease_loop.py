@@ -1,0 +1,120 @@
+"""The ring thread's compiled loop under its lease (``LunServer._lease_serve``,
+``tcmu._fastread.lease_serve``): batch after batch and the wait for the kernel's next command
+without returning to Python, each command counted before the kernel is told, and a return to
+the Python loop for whatever it answers - another opcode, a revocation, a slow write, a stop."""
+
+import os
+import time
+
+import pytest
+
+from lvmirror.daemon import lunserver
+from lvmirror.scsi import constants as scsi
+from tests.unit.test_daemon_ring import BS, cdb10, lab  # noqa: F401
+from tests.unit.test_ring_lease import _one_image_lun, _read, _write
+
+fastread = pytest.importorskip("lvmirror.tcmu._fastread",
+                               reason="the compiled path is not built here")
+pytestmark = pytest.mark.skipif(not (lunserver.RING_LEASE and lunserver.LEASE_LOOP),
+                                reason="LVMIRROR_RING_LEASE=0 or LVMIRROR_LEASE_LOOP=0")
+
+
+def _spy_calls(monkeypatch, lun):
+    """Count the calls of ``lease_serve`` from now on (the LUN armed again with the spy)."""
+    calls = []
+    real = fastread.lease_serve
+
+    def spy(*args):
+        calls.append(args[16])                           # the lease it serves under
+        return real(*args)
+    monkeypatch.setattr(fastread, "lease_serve", spy)
+    lun._fast = None
+    return calls
+
+
+def _counters(lun):
+    h = lun.latency.snapshot()
+    return (lun.commands, lun.compiled, lun.compiled_writes, h["read"]["count"],
+            h["write"]["count"], h["other"]["count"])
+
+
+def test_the_loop_serves_reads_and_writes_in_one_call_and_counts_each_before_its_status(
+        lab, tmp_path, monkeypatch):
+    """At queue depth 1, WRITEs and cached READs taking turns are served by one compiled call
+    (fewer calls than commands), each counted - the LUN's commands, its compiled READs or
+    WRITEs, the latency histogram - by the time the initiator has its status; a TEST UNIT
+    READY between them is the Python path's, answered in ring order, and the loop takes the
+    next READ and WRITE again. The volume's statistics count what the lease made."""
+    emu, lun, path, _ = _one_image_lun(lab, tmp_path, 11)
+    vol = lun.volume
+    calls = _spy_calls(monkeypatch, lun)
+    assert _write(emu, 0, os.urandom(8 * BS)) == 0      # armed with the spy, the lease taken
+    s0 = vol.stats
+    new = [os.urandom(8 * BS) for _ in range(6)]
+    n0 = len(calls)
+    for k in range(6):
+        before = _counters(lun)
+        assert _write(emu, 8 * k, new[k]) == 0
+        c = _counters(lun)
+        assert (c[0] - before[0], c[2] - before[2], c[4] - before[4]) == (1, 1, 1)
+        before = c
+        assert _read(emu, 8 * k, 8) == new[k]
+        c = _counters(lun)
+        assert (c[0] - before[0], c[1] - before[1], c[3] - before[3]) == (1, 1, 1)
+    assert len(calls) - n0 < 12                          # the loop waited for the next itself
+    before = _counters(lun)
+    tid = emu.submit(cdb10(scsi.TEST_UNIT_READY, 0, 0)[:6])
+    assert emu.wait([tid])[tid].status == 0
+    c = _counters(lun)
+    assert (c[0] - before[0], c[1:5]) == (1, before[1:5])   # the Python path's, counted there
+    assert _write(emu, 48, new[0]) == 0 and _read(emu, 48, 8) == new[0]
+    assert _counters(lun)[2] == c[2] + 1 and _counters(lun)[1] == c[1] + 1
+    s1 = vol.stats
+    assert s1["writes"] - s0["writes"] == 7 and s1["reads"] - s0["reads"] == 7
+    assert s1["images"][0]["bytes_written"] - s0["images"][0]["bytes_written"] == 56 * BS
+    assert s1["inflight"] == 0
+    with open(path, "rb") as f:
+        assert f.read(48 * BS) == b"".join(new)
+
+
+def test_a_revocation_ends_the_wait_of_the_loop(lab, tmp_path, monkeypatch):
+    """A client's immediate lock try on an idle LUN is granted although the loop would wait 60
+    s for the kernel: the revocation writes the LUN's wake-up pipe, which ends the loop's poll,
+    and the Python loop gives the lease back. Stopping the LUN ends it the same way."""
+    monkeypatch.setattr(lunserver, "LEASE_LOOP_WAIT", 60.0)
+    emu, lun, path, _ = _one_image_lun(lab, tmp_path, 12)
+    vol = lun.volume
+    calls = _spy_calls(monkeypatch, lun)
+    assert _write(emu, 0, os.urandom(BS)) == 0
+    assert calls and vol._lease is calls[-1]             # the loop waits under the lease
+    revoked0 = lun.leases_revoked
+    lk = vol.locks.lock(0, 8, owner=":1.7", timeout=0)   # waits up to LEASE_REVOKE_WAIT (5 s)
+    assert lk.held and lun.leases_revoked == revoked0 + 1
+    wid = emu.submit(cdb10(0x2A, 0, 8), data_out=os.urandom(8 * BS))
+    assert _write(emu, 16, os.urandom(8 * BS)) == 0     # beside the lock: answered
+    assert wid not in emu.completions                    # inside it: waits
+    lk.release()
+    assert emu.wait([wid])[wid].status == 0
+    t0 = time.monotonic()
+    lun.stop()
+    assert time.monotonic() - t0 < 30                   # (not the loop's 60 s wait)
+
+
+def test_a_slow_write_in_the_loop_sends_writes_to_the_pool(lab, tmp_path, monkeypatch):
+    """A WRITE batch that took longer than INLINE_SLOW (0 here: every one) returns from the
+    loop uncounted; the Python loop counts it once, ends the lease and sends WRITEs to the
+    worker pool for INLINE_BACKOFF seconds, as for a batch outside the loop."""
+    emu, lun, path, _ = _one_image_lun(lab, tmp_path, 13)
+    monkeypatch.setattr(lunserver, "INLINE_SLOW", 0.0)
+    calls = _spy_calls(monkeypatch, lun)
+    assert _write(emu, 40, os.urandom(BS)) == 0          # armed with the spy: slow too
+    lun._inline_after = lun._lease_after = 0.0           # (its backoff, forgotten)
+    before = _counters(lun)
+    new = os.urandom(8 * BS)
+    assert _write(emu, 8, new) == 0
+    c = _counters(lun)
+    assert calls and (c[0] - before[0], c[2] - before[2], c[4] - before[4]) == (1, 1, 1)
+    assert lun._inline_after > time.monotonic() + 1 and lun._lease is None
+    assert _write(emu, 16, new) == 0
+    assert _counters(lun)[2] == c[2]                     # the pool's, not compiled
+    assert _read(emu, 8, 8) == new and _read(emu, 16, 8) == new
