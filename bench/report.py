@@ -8,7 +8,8 @@ and date) and ``ratios.svg``, a plot of lvmirror's IOPS against its peers.
 
 RUN_DIR/bench holds what lab-bench.sh wrote in the guest: meta.json, targets.jsonl,
 <target>/<job>.json (fio JSON), <target>/<job>.cpu and <target>/idle.cpu (the user-space
-handler's clock ticks over a job's measured seconds, and with no I/O: lvmirror and tcmu-runner
+handler's CPU time over a job's measured seconds, and with no I/O, in units of 1/hz s: the
+scheduler's nanoseconds since 2026-12-05, clock ticks before; lvmirror and tcmu-runner
 targets only), <target>/<job>.ring (lvmirror targets: the LUN's commands, those its ring thread
 answered itself and its ring stalls, before and after the job), split/{split.json,
 io_lat.1.log,fio.json}, resync.jsonl, profile/*.txt (py-spy raw, collapsed stacks).
@@ -141,7 +142,8 @@ def _ticks_seconds(path: str) -> float | None:
 
 def handler_cpu(path: str, iops: float) -> float | None:
     """Milliseconds of CPU (user + system) the target's user-space handler spent per command:
-    ``path`` is lab-bench.sh's ``<job>.cpu``, ``{"ticks", "hz", "seconds"}`` - clock ticks the
+    ``path`` is lab-bench.sh's ``<job>.cpu``, ``{"ticks", "hz", "seconds"}`` - the CPU time in
+    1/hz s (the threads' sum_exec_runtime in ns, or clock ticks in runs before 2026-12-05) the
     handler (lvmirrord with its volume processes, or tcmu-runner) used in the job's measured
     ``seconds`` - over the ``iops`` x ``seconds`` commands fio completed meanwhile. The system
     share includes the kernel's work done in the handler's own calls (the ring's completions,

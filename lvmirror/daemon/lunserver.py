@@ -935,7 +935,7 @@ class LunServer:
         if lease is not None and fast.lease_serve is not None and not self._held:
             rwf = storage.nowait_flags() if COMPILED_READS else -1
             if rwf is not None:
-                done, why = self._lease_serve(fast, gen, lease, rwf)
+                done, why = self._lease_serve(fast, gen, lease, rwf, why)
                 if done is None:
                     return None, False           # handed over: a newer ring thread serves
                 if why == _STOP_HEAD:
@@ -1121,11 +1121,13 @@ class LunServer:
             r = fast.lease_big_reads(rwf, gen, lease)
         return self._leased_done(fast, gen, writes, lease, r)
 
-    def _lease_serve(self, fast, gen: int, lease, rwf: int) -> tuple[int | None, int]:
+    def _lease_serve(self, fast, gen: int, lease, rwf: int,
+                     lead: int) -> tuple[int | None, int]:
         """The ring thread's loop under its ``lease``, compiled (``_fastread.lease_serve``
         through ``fast.lease_serve``): batch after batch up to the kernel's cmd_head - READs
         the page cache holds as ``fast_reads`` answers them (preadv2 flags ``rwf``; -1: none),
-        WRITEs and large READs as ``_leased_batch`` makes them - then the kernel told and its
+        WRITEs and large READs as ``_leased_batch`` makes them, beginning with the kind
+        ``lead`` (_STOP_READ or _STOP_WRITE) - then the kernel told and its
         next event awaited, without returning here, until the take stops at what the Python
         path answers, a batch needs this thread (not completed whole, failed, slow, or the
         ring handed over: ``_leased_done``), the wake-up pipe is written (a revocation, a stop,
@@ -1133,7 +1135,7 @@ class LunServer:
         It counts each batch (the LUN's counters, the latency histogram, the lease's I/O)
         before it tells the kernel, as ``_count_batch`` does. Returns ``(completed and not yet told to the kernel, or None when
         the ring was handed over; why it stopped: _fastread's STOP_*)``."""
-        why, lead, last = fast.lease_serve(rwf, gen, lease, self._lead, LEASE_LOOP_WAIT)
+        why, lead, last = fast.lease_serve(rwf, gen, lease, lead, LEASE_LOOP_WAIT)
         self._lead = lead
         if last is None:
             return 0, why

@@ -1308,6 +1308,10 @@ lease_serves(const struct lease_ctx *x)
     return later < 0 ? -1 : !later;
 }
 
+/* lease_serve's batches between two notifications of the kernel while the ring is refilled
+ * as fast as they empty it (LunServer.COMPILED_TURNS' count for the Python turns) */
+#define SERVE_TURNS 8
+
 PyDoc_STRVAR(lease_serve_doc,
 "lease_serve(ring, cmdr_off, cmdr_size, data_off, map_size, ring_obj, ring_lock, num_blocks,\n"
 "            block_size, server, role_mu, reads, writes, loop, rwf, gen, lease, lead,\n"
@@ -1323,6 +1327,8 @@ PyDoc_STRVAR(lease_serve_doc,
 "  of either size, the first returns);\n"
 "- larger READs (up to big_read bytes) and WRITEs without FUA as lease_batch makes them\n"
 "  (`writes`: (max_write, max_commands, write_checks, hold, fds));\n"
+"  (while the ring refills as fast as they empty it, the kernel is told and the lease looked\n"
+"  at every 8 batches);\n"
 "- then poll(2) on the UIO descriptor and `wake_fd` with the GIL released, and read the\n"
 "  UIO event counter (4 bytes) before the next batch (`loop`: (uio_fd, wake_fd, max_rounds,\n"
 "  slow, buckets, read_histogram, write_histogram)).\n"
@@ -1449,10 +1455,22 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
             why = kind;                 /* (the Python turns end the lease and go on) */
             goto out;
         }
-        for (int turn = 0;; turn++) {
-            if (turn == 4 * MAX_WRITES) {
-                why = kind;             /* (cannot happen: the Python turns go on) */
-                goto out;
+        for (int turn = 1;; turn++) {
+            if (turn % SERVE_TURNS == 0) {
+                /* a ring refilled as fast as it is served: the kernel told of what is done,
+                 * the lease looked at again, as between rounds */
+                if (unnotified || retired) {
+                    uio_notify(uio_fd);
+                    unnotified = 0;
+                    retired = 0;
+                }
+                serves = lease_serves(&x);
+                if (serves < 0)
+                    goto fail;
+                if (!serves) {
+                    why = kind;
+                    goto out;
+                }
             }
             if (rwf < 0 && kind != STOP_WRITE) {
                 why = kind;             /* READs are not the compiled path's here */

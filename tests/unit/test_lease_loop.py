@@ -118,3 +118,18 @@ def test_a_slow_write_in_the_loop_sends_writes_to_the_pool(lab, tmp_path, monkey
     assert _write(emu, 16, new) == 0
     assert _counters(lun)[2] == c[2]                     # the pool's, not compiled
     assert _read(emu, 8, 8) == new and _read(emu, 16, 8) == new
+
+
+def test_with_compiled_reads_off_the_loop_makes_writes_only(lab, tmp_path, monkeypatch):
+    """``LVMIRROR_COMPILED_READS=0``: the loop still makes the WRITEs, beginning with them, and
+    leaves every READ - one the page cache holds, one over 64 KiB - to the Python path."""
+    monkeypatch.setattr(lunserver, "COMPILED_READS", False)
+    emu, lun, path, data = _one_image_lun(lab, tmp_path, 14)
+    calls = _spy_calls(monkeypatch, lun)
+    new = [os.urandom(8 * BS) for _ in range(4)]
+    w0 = lun.compiled_writes
+    for k in range(4):
+        assert _write(emu, 8 * k, new[k]) == 0
+        assert _read(emu, 8 * k, 8) == new[k]
+    assert _read(emu, 0, 256) == b"".join(new) + data[32 * BS:64 * BS] + bytes(192 * BS)
+    assert calls and lun.compiled_writes - w0 >= 3 and lun.compiled == 0
