@@ -159,6 +159,17 @@ TC
     result compiled_large_reads_on_the_kernel_ring fail dev="$d9" why="no device, or the data read back differs"
   fi
   rm -f /run/pat1m
+  # random 4 KiB writes at queue depth 32, then every block read back and checked (fio's
+  # crc32c verify): the ring thread's loop under its lease (_fastread.lease_serve) takes them
+  # batch after batch and waits for the kernel's next ones itself
+  w0=$(lun_count compiled_writes m1)
+  if [ -b "$d9" ] && fio --name=loop-verify --filename=$d9 --direct=1 --ioengine=libaio \
+       --iodepth=32 --rw=randwrite --bs=4k --size=8M --verify=crc32c --do_verify=1 \
+       --verify_fatal=1 --output=$OUT/fio-loop-verify.txt > /dev/null 2>&1; then
+    grew compiled_random_writes_verified "$w0" "$(lun_count compiled_writes m1)" 2048
+  else
+    result compiled_random_writes_verified fail dev="$d9" why="fio verify failed: $(tail -3 $OUT/fio-loop-verify.txt 2>/dev/null | tr '\n' ' ')"
+  fi
   [ -b "$d9" ] && echo 1 > /sys/block/${d9#/dev/}/device/delete 2>/dev/null
   tcli <<TC
 set global auto_save_on_exit=false
