@@ -178,10 +178,10 @@ handler_ns() {  # handler_ns TARGET: nanoseconds on a CPU the target's user-spac
   local root p   # threads have run: lvmirrord and its volume processes, or tcmu-runner; nothing
   case $1 in     # for the kernel's own targets. The scheduler's own clock (sum_exec_runtime,
     lvmirror*) root=${DAEMON:-} ;;        # /proc/PID/task/TID/schedstat's first field), not
-    tcmu-runner) root=${RUNNER:-} ;;      # clock ticks: a tick charges whoever is on the CPU
-    *) return 0 ;;                        # then, and a thread that runs in short bursts right
-  esac                                    # after poll(2) wakes it was seldom there under TCG
-  [ -n "$root" ] || return 0              # (2026-12-05: 37 ticks for 49,000 commands)
+    tcmu-runner) root=${RUNNER:-} ;;      # clock ticks, which sample it. Neither counts the
+    *) return 0 ;;                        # kernel's work in softirq, so the compiled loop's
+  esac                                    # WRITEs measure erratically under TCG (README,
+  [ -n "$root" ] || return 0              # Performance, 2026-12-05)
   for p in $(tree_pids $root); do cat /proc/$p/task/*/schedstat 2>/dev/null; done \
     | awk '{ s += $1 } END { printf "%d\n", s }'
 }
