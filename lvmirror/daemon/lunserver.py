@@ -932,7 +932,12 @@ class LunServer:
         # begin with the kind the last batch made: a stream of WRITEs does not first ask the
         # READ path, which would stop at once at the WRITE at the ring's head
         why = self._lead if COMPILED_READS else _STOP_WRITE
-        if lease is not None and fast.lease_serve is not None and not self._held:
+        # (not while the Python loop has work the wake-up pipe announced and its poll drained:
+        # a worker's completion, a stop, a notification due - the compiled loop would wait for
+        # the next wake-up; any that comes after this test writes the pipe again, which ends it)
+        if (lease is not None and fast.lease_serve is not None and not self._held
+                and not self._completions and not self._stop.is_set()
+                and not self._ring.pending_notify):
             rwf = storage.nowait_flags() if COMPILED_READS else -1
             if rwf is not None:
                 done, why = self._lease_serve(fast, gen, lease, rwf, why)

@@ -1327,8 +1327,8 @@ PyDoc_STRVAR(lease_serve_doc,
 "  of either size, the first returns);\n"
 "- larger READs (up to big_read bytes) and WRITEs without FUA as lease_batch makes them\n"
 "  (`writes`: (max_write, max_commands, write_checks, hold, fds));\n"
-"  (while the ring refills as fast as they empty it, the kernel is told and the lease looked\n"
-"  at every 8 batches);\n"
+"  (while the ring refills as fast as they empty it, every 8 batches the kernel is told, and\n"
+"  the lease, the wake-up pipe and the time are looked at as before a wait);\n"
 "- then poll(2) on the UIO descriptor and `wake_fd` with the GIL released, and read the\n"
 "  UIO event counter (4 bytes) before the next batch (`loop`: (uio_fd, wake_fd, max_rounds,\n"
 "  slow, buckets, read_histogram, write_histogram)).\n"
@@ -1340,7 +1340,8 @@ PyDoc_STRVAR(lease_serve_doc,
 "- `wake_fd` is readable (the LUN's wake-up pipe, left unread: a revocation, a stop, a\n"
 "  worker's completion), `timeout` seconds passed without an event, or it has waited\n"
 "  `max_rounds` times (`why` STOP_HEAD);\n"
-"- before a round, server._fast is None (disarmed), lease.revoked is set or\n"
+"- before a round (and every 8 batches: `why` then too), server._fast is None (disarmed),\n"
+"  lease.revoked is set or\n"
 "  server._inline_after is later than lease.since (WRITEs sent to the worker pool\n"
 "  meanwhile): `why` is then the kind it would begin with\n"
 "  (STOP_READ or STOP_WRITE) and the Python turns go on.\n"
@@ -1467,8 +1468,9 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
                 serves = lease_serves(&x);
                 if (serves < 0)
                     goto fail;
-                if (!serves) {
-                    why = kind;
+                struct pollfd wp = {.fd = wake_fd, .events = POLLIN};
+                if (!serves || poll(&wp, 1, 0) != 0 || monotonic_now() > deadline) {
+                    why = kind;         /* (a wake-up, the lease, the time: Python's turn) */
                     goto out;
                 }
             }

@@ -133,3 +133,22 @@ def test_with_compiled_reads_off_the_loop_makes_writes_only(lab, tmp_path, monke
         assert _read(emu, 8 * k, 8) == new[k]
     assert _read(emu, 0, 256) == b"".join(new) + data[32 * BS:64 * BS] + bytes(192 * BS)
     assert calls and lun.compiled_writes - w0 >= 3 and lun.compiled == 0
+
+
+def test_a_workers_answer_is_not_held_by_the_loops_wait(lab, tmp_path, monkeypatch):
+    """Commands the worker pool answers (TEST UNIT READY, SYNCHRONIZE CACHE) on an idle LUN
+    under the lease: the worker's completion wakes the ring thread, whose Python loop drains
+    the wake-up pipe; the compiled loop is not entered while that completion waits to be
+    reported, so it is answered at once, not after the loop's wait for the kernel (60 s here:
+    ``emu.wait`` gives up after 10). Found by the ninth newcomer trial: 1.0 s each with the
+    default wait, so an fsync at queue depth 1 took a second."""
+    monkeypatch.setattr(lunserver, "LEASE_LOOP_WAIT", 60.0)
+    emu, lun, path, _ = _one_image_lun(lab, tmp_path, 15)
+    calls = _spy_calls(monkeypatch, lun)
+    for k in range(3):
+        assert _write(emu, 8 * k, os.urandom(8 * BS)) == 0
+        assert calls and lun.volume._lease is calls[-1]
+        tid = emu.submit(cdb10(scsi.TEST_UNIT_READY, 0, 0)[:6])
+        assert emu.wait([tid], 10.0)[tid].status == 0
+        sid = emu.submit(cdb10(scsi.SYNCHRONIZE_CACHE_10, 0, 0))
+        assert emu.wait([sid], 10.0)[sid].status == 0
