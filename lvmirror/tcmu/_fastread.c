@@ -923,6 +923,23 @@ struct lease_ctx {
     Py_ssize_t gen;
 };
 
+/* The ring's geometry into `*x` (lease_batch's and lease_serve's common arguments: offsets and
+ * sizes in bytes, the LUN's size in blocks of block_size bytes). */
+static void
+lease_ctx_geometry(struct lease_ctx *x, const Py_buffer *ring, unsigned int cmdr_off,
+                   unsigned int cmdr_size, unsigned long long data_off,
+                   unsigned long long map_size, unsigned long long num_blocks,
+                   unsigned int block_size)
+{
+    x->map = ring->buf;
+    x->cmdr_off = cmdr_off;
+    x->cmdr_size = cmdr_size;
+    x->block_size = block_size;
+    x->data_off = data_off;
+    x->map_size = map_size;
+    x->num_blocks = num_blocks;
+}
+
 /* One lease batch's kind: WRITEs (`writes`, to every descriptor of `fds`) or large READs (from
  * fds[0] with preadv2 flags `rwf`), take_batch's limits and conditions. */
 struct lease_kind {
@@ -1191,13 +1208,8 @@ lease_batch(PyObject *Py_UNUSED(self), PyObject *args)
                           &other_bytes, &PyTuple_Type, &fds_obj, &x.server, &x.role_mu, &k.rwf,
                           &x.gen, &x.lease))
         return NULL;
-    x.map = ring.buf;
-    x.cmdr_off = cmdr_off;
-    x.cmdr_size = cmdr_size;
-    x.block_size = block_size;
-    x.data_off = data_off;
-    x.map_size = map_size;
-    x.num_blocks = num_blocks;
+    lease_ctx_geometry(&x, &ring, cmdr_off, cmdr_size, data_off, map_size, num_blocks,
+                       block_size);
     k.max_bytes = max_bytes;
     k.max_blocks = max_blocks;
     k.other_bytes = other_bytes;
@@ -1371,13 +1383,8 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
                           &PyTuple_Type, &writes_t, &PyTuple_Type, &loop_t, &rwf, &x.gen,
                           &x.lease, &lead, &timeout))
         return NULL;
-    x.map = ring.buf;
-    x.cmdr_off = cmdr_off;
-    x.cmdr_size = cmdr_size;
-    x.block_size = block_size;
-    x.data_off = data_off;
-    x.map_size = map_size;
-    x.num_blocks = num_blocks;
+    lease_ctx_geometry(&x, &ring, cmdr_off, cmdr_size, data_off, map_size, num_blocks,
+                       block_size);
     unsigned long long max_read, big_read, max_blocks, max_write;
     unsigned int max_commands;
     int rfd, uio_fd, wake_fd;
