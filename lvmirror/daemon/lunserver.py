@@ -888,7 +888,7 @@ class LunServer:
                                                         _fastread.complete_batch),
                       leasable, lease_busy, lease_writes, lease_big_reads, lease_serve)
 
-    def _compiled_reads(self, gen: int, again: bool = True) -> tuple[int | None, bool]:
+    def _compiled_reads(self, gen: int) -> tuple[int | None, bool]:
         """Let the compiled path answer the commands at the head of the ring it may answer, as
         ``_run_inline`` would (``LogicalUnit.execute(nowait=True)``), without making them
         Command objects: READs the page cache holds (``tcmu._fastread.read_batch`` through
@@ -905,7 +905,7 @@ class LunServer:
         Under the lease it first lets the compiled loop serve (``_lease_serve``), which tells
         the kernel of what it completed itself and waits for the kernel's next commands; the
         turns below go on from where it stopped. When it stopped because the compiled path was
-        disarmed meanwhile, this is called once ``again`` for the commands at the ring's head."""
+        disarmed meanwhile, the Python path takes the commands at the ring's head."""
         fast = self._fast
         if fast is None:
             self._end_lease(gen)                   # (armed for another state)
@@ -949,11 +949,10 @@ class LunServer:
                     self._fast = None            # armed again next turn
                     self._end_lease(gen)
                     return done, False
-                if self._fast is None and again:
-                    # disarmed while it waited (tests do): armed again for the commands
-                    # at the ring's head, once
-                    more, emptied = self._compiled_reads(gen, False)
-                    return (None if more is None else done + more), emptied
+                if self._fast is None:
+                    # disarmed while it waited: the Python path takes the commands at the
+                    # ring's head, and the next turn arms the compiled path again
+                    return done, False
                 if rwf < 0:
                     rwf = None
                 lease = (self._lease if self._lease is not None and self._lease.gen == gen

@@ -23,7 +23,7 @@ from lvmirror.errors import ImageIOError
 from lvmirror.mirror.volume import ImageState
 from lvmirror.scsi import parse_sense
 from tests.unit.test_compiled_reads import Obj, cdb16, reap, ring_on_image, unlocked
-from tests.unit.test_daemon_ring import BS, SIZE, cdb10, images, lab  # noqa: F401
+from tests.unit.test_daemon_ring import BS, SIZE, cdb10, images, lab, rearm  # noqa: F401
 from tests.unit.test_volume_helpers import make_volume, run_thread
 
 fastread = pytest.importorskip("lvmirror.tcmu._fastread",
@@ -941,12 +941,14 @@ def test_a_one_image_write_refused_once_leaves_a_journal_line(lab, tmp_path, mon
         ro = os.open(path, os.O_RDONLY)
 
         def refuses_once(*args):
-            if args[15] and not fired:                 # writes: once, to a read-only fd
+            if not args[15] or fired:
+                return real_lease(*args)
+            r = real_lease(*args[:17] + ((ro,),) + args[18:])  # writes: to a read-only fd
+            if r[5]:                                   # `err`: until a batch failed, once
                 fired.append(1)
-                args = args[:17] + ((ro,),) + args[18:]
-            return real_lease(*args)
+            return r
         monkeypatch.setattr(fastread, "lease_batch", refuses_once)
-        lun._fast = None                                # armed again, with the spy
+        rearm(lun, emu)                                 # armed again, with the spy
         why = os.strerror(_errno.EBADF)
     else:
         real_serve = fastread.lease_serve
@@ -961,7 +963,7 @@ def test_a_one_image_write_refused_once_leaves_a_journal_line(lab, tmp_path, mon
                 fired.append(1)
             return r
         monkeypatch.setattr(fastread, "lease_serve", serves_refusing_once)
-        lun._fast = None                                # armed again, with the spy
+        rearm(lun, emu)                                 # armed again, with the spy
         why = os.strerror(_errno.EBADF)
     new = os.urandom(8 * BS)
     try:

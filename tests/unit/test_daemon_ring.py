@@ -25,6 +25,16 @@ def cdb10(op, lba, n, b1=0):
     return bytes([op, b1]) + lba.to_bytes(4, "big") + b"\0" + n.to_bytes(2, "big") + b"\0"
 
 
+def rearm(lun, emu):
+    """Disarm ``lun``'s compiled path and let its ring thread arm it again, with whatever spies
+    are patched in by then: a TEST UNIT READY through the ring ends a compiled loop waiting for
+    commands (it is the Python path's opcode) and the Python path answers it; the next command
+    arms the compiled path. Raises AssertionError unless the TEST UNIT READY was GOOD."""
+    lun._fast = None
+    cid = emu.submit(bytes(6))
+    assert emu.wait([cid])[cid].status == 0
+
+
 @pytest.fixture
 def lab(tmp_path):
     """A LUN served from the emulator; yields (emulator, LunServer, image paths)."""

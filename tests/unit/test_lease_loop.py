@@ -10,7 +10,7 @@ import pytest
 
 from lvmirror.daemon import lunserver
 from lvmirror.scsi import constants as scsi
-from tests.unit.test_daemon_ring import BS, cdb10, lab  # noqa: F401
+from tests.unit.test_daemon_ring import BS, cdb10, lab, rearm  # noqa: F401
 from tests.unit.test_ring_lease import _one_image_lun, _read, _write
 
 fastread = pytest.importorskip("lvmirror.tcmu._fastread",
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not (lunserver.RING_LEASE and lunserver.LEASE_LO
                                 reason="LVMIRROR_RING_LEASE=0 or LVMIRROR_LEASE_LOOP=0")
 
 
-def _spy_calls(monkeypatch, lun):
+def _spy_calls(monkeypatch, lun, emu):
     """Count the calls of ``lease_serve`` from now on (the LUN armed again with the spy)."""
     calls = []
     real = fastread.lease_serve
@@ -28,7 +28,7 @@ def _spy_calls(monkeypatch, lun):
         calls.append(args[16])                           # the lease it serves under
         return real(*args)
     monkeypatch.setattr(fastread, "lease_serve", spy)
-    lun._fast = None
+    rearm(lun, emu)
     return calls
 
 
@@ -47,7 +47,7 @@ def test_the_loop_serves_reads_and_writes_in_one_call_and_counts_each_before_its
     next READ and WRITE again. The volume's statistics count what the lease made."""
     emu, lun, path, _ = _one_image_lun(lab, tmp_path, 11)
     vol = lun.volume
-    calls = _spy_calls(monkeypatch, lun)
+    calls = _spy_calls(monkeypatch, lun, emu)
     assert _write(emu, 0, os.urandom(8 * BS)) == 0      # armed with the spy, the lease taken
     s0 = vol.stats
     new = [os.urandom(8 * BS) for _ in range(6)]
@@ -84,7 +84,7 @@ def test_a_revocation_ends_the_wait_of_the_loop(lab, tmp_path, monkeypatch):
     monkeypatch.setattr(lunserver, "LEASE_LOOP_WAIT", 60.0)
     emu, lun, path, _ = _one_image_lun(lab, tmp_path, 12)
     vol = lun.volume
-    calls = _spy_calls(monkeypatch, lun)
+    calls = _spy_calls(monkeypatch, lun, emu)
     assert _write(emu, 0, os.urandom(BS)) == 0
     assert calls and vol._lease is calls[-1]             # the loop waits under the lease
     revoked0 = lun.leases_revoked
@@ -106,7 +106,7 @@ def test_a_slow_write_in_the_loop_sends_writes_to_the_pool(lab, tmp_path, monkey
     worker pool for INLINE_BACKOFF seconds, as for a batch outside the loop."""
     emu, lun, path, _ = _one_image_lun(lab, tmp_path, 13)
     monkeypatch.setattr(lunserver, "INLINE_SLOW", 0.0)
-    calls = _spy_calls(monkeypatch, lun)
+    calls = _spy_calls(monkeypatch, lun, emu)
     assert _write(emu, 40, os.urandom(BS)) == 0          # armed with the spy: slow too
     lun._inline_after = lun._lease_after = 0.0           # (its backoff, forgotten)
     before = _counters(lun)
@@ -125,7 +125,7 @@ def test_with_compiled_reads_off_the_loop_makes_writes_only(lab, tmp_path, monke
     leaves every READ - one the page cache holds, one over 64 KiB - to the Python path."""
     monkeypatch.setattr(lunserver, "COMPILED_READS", False)
     emu, lun, path, data = _one_image_lun(lab, tmp_path, 14)
-    calls = _spy_calls(monkeypatch, lun)
+    calls = _spy_calls(monkeypatch, lun, emu)
     new = [os.urandom(8 * BS) for _ in range(4)]
     w0 = lun.compiled_writes
     for k in range(4):
@@ -144,7 +144,7 @@ def test_a_workers_answer_is_not_held_by_the_loops_wait(lab, tmp_path, monkeypat
     default wait, so an fsync at queue depth 1 took a second."""
     monkeypatch.setattr(lunserver, "LEASE_LOOP_WAIT", 60.0)
     emu, lun, path, _ = _one_image_lun(lab, tmp_path, 15)
-    calls = _spy_calls(monkeypatch, lun)
+    calls = _spy_calls(monkeypatch, lun, emu)
     for k in range(3):
         assert _write(emu, 8 * k, os.urandom(8 * BS)) == 0
         assert calls and lun.volume._lease is calls[-1]

@@ -12,7 +12,7 @@ import pytest
 from lvmirror.daemon import lunserver
 from lvmirror.mirror import regionlock
 from lvmirror.mirror.regionlock import LEASE_OWNER, RegionLockManager
-from tests.unit.test_daemon_ring import BS, SIZE, cdb10, images, lab  # noqa: F401
+from tests.unit.test_daemon_ring import BS, SIZE, cdb10, images, lab, rearm  # noqa: F401
 from tests.unit.test_volume_helpers import make_volume
 
 fastread = pytest.importorskip("lvmirror.tcmu._fastread",
@@ -288,7 +288,7 @@ def test_writes_at_queue_depth_1_are_made_under_the_lease(lab, tmp_path, monkeyp
                      vol.locks._lease is not None, vol._epoch.inflight))
         return real(*args)
     monkeypatch.setattr(fastread, name, spy)
-    lun._fast = None                                 # armed again, with the spy
+    rearm(lun, emu)                                  # armed again, with the spy
     s0 = vol.stats
     new = [os.urandom(8 * BS) for _ in range(6)]
     for k in range(6):                               # one at a time: queue depth 1
