@@ -23,7 +23,7 @@
 #
 # Settings (environment, passed by bench/run through lab/boot): BENCH_TARGETS, BENCH_JOBS,
 # BENCH_RUNTIME (s per job), BENCH_RAMP (s), BENCH_SIZE_MB (LUN size), BENCH_PROFILE=1 (py-spy
-# records lvmirrord during each job; figures are then perturbed and only the profile counts),
+# records lvmirrord during each job, with BENCH_SPY_OPTS added to its options, "--gil" say; figures are then perturbed and only the profile counts),
 # BENCH_STRACE=1 (strace -c counts the handler's system calls during each job of lvmirror and
 # tcmu-runner -> <target>/<job>.strace; figures are perturbed, the calls per command count;
 # BENCH_STRACE=calls: every call with its thread for 2 s of each job -> <job>.strace-calls;
@@ -228,7 +228,7 @@ ring_counts() {  # ring_counts -> one JSON object: the bench LUN's commands so f
 import json, sys
 luns = [l for l in json.load(sys.stdin).get("luns", []) if l.get("name") == "bt"]
 print(json.dumps({k: luns[0].get(k) for k in ("commands", "ring_thread_commands", "ring_stalls",
-                                               "compiled_reads", "compiled_writes", "latency")}
+                                               "compiled_reads", "compiled_writes", "latency", "ring_gil_waits")}
                  if luns else {}))' 2>/dev/null || echo '{}'
 }
 
@@ -249,7 +249,7 @@ run_jobs() {  # run_jobs TARGET
     fi
     if [ "${BENCH_PROFILE:-0}" = 1 ] && [ -n "${DAEMON:-}" ] && [[ $target == lvmirror* ]]; then
       mkdir -p $BOUT/profile
-      $REPO/.venv/bin/py-spy record --pid $DAEMON --subprocesses --rate 97 --nonblocking --format raw \
+      $REPO/.venv/bin/py-spy record --pid $DAEMON --subprocesses --rate 97 --nonblocking ${BENCH_SPY_OPTS:-} --format raw \
         --output $BOUT/profile/$target-$job.txt --duration $((RUNTIME + RAMP)) \
         > $BOUT/profile/$target-$job.log 2>&1 &
       spy=$!

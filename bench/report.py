@@ -11,7 +11,8 @@ RUN_DIR/bench holds what lab-bench.sh wrote in the guest: meta.json, targets.jso
 handler's CPU time over a job's measured seconds, and with no I/O, in units of 1/hz s: the
 scheduler's nanoseconds since 2026-12-05, clock ticks before; lvmirror and tcmu-runner
 targets only), <target>/<job>.ring (lvmirror targets: the LUN's commands, those its ring thread
-answered itself and its ring stalls, before and after the job), split/{split.json,
+answered itself, its ring stalls and its ring threads' waits for the GIL, before and after the
+job), split/{split.json,
 io_lat.1.log,fio.json}, resync.jsonl, profile/*.txt (py-spy raw, collapsed stacks).
 """
 
@@ -191,6 +192,43 @@ def ring_share(path: str) -> dict | None:
     return {"commands": n, "ring_pct": math.floor(1000 * ring / n) / 10, "stalls": stalls}
 
 
+def gil_waits(path: str) -> dict | None:
+    """How long lvmirror's ring threads waited for the GIL over a job, after the compiled
+    path's I/O and after its poll (``ring_gil_waits`` in ``lvmirror status``, from
+    ``tcmu._fastread.gil_waits``): ``path`` is lab-bench.sh's ``<job>.ring`` with that figure
+    before and after the job. Returns ``{"waits", "us_per_command", "over_100us_pct"}``: the
+    waits counted, their sum in microseconds shared over the job's commands, and the
+    percentage of the waits that took 0.1 ms or more (another thread held the GIL: a watchdog's
+    look, a status call, the metrics writer). None when there is no such file or figure, it
+    cannot be read, or the counts went backwards (lvmirrord restarted meanwhile)."""
+    try:
+        with open(path) as f:
+            c = json.load(f)
+        a, b = c["before"], c["after"]
+        commands = b["commands"] - a["commands"]
+        ga, gb = a["ring_gil_waits"], b["ring_gil_waits"]
+        edges = gb["edges"]
+        n = over = 0
+        seconds = 0.0
+        for place in ("after_io", "after_poll"):
+            before, after = ga[place]["counts"], gb[place]["counts"]
+            if len(before) != len(edges) + 1 or len(after) != len(before):
+                return None
+            deltas = [y - x for x, y in zip(before, after)]
+            if not all(type(d) is int and d >= 0 for d in deltas):
+                return None
+            n += sum(deltas)
+            # bucket i holds the waits from edges[i - 1] on
+            over += sum(d for i, d in enumerate(deltas) if i and edges[i - 1] >= 100e-6)
+            seconds += float(gb[place]["seconds"]) - float(ga[place]["seconds"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):
+        return None
+    if type(commands) is not int or commands <= 0 or n <= 0 or seconds < 0:
+        return None
+    return {"waits": n, "us_per_command": round(seconds * 1e6 / commands, 1),
+            "over_100us_pct": round(100 * over / n, 2)}
+
+
 def read_jsonl(path):
     try:
         with open(path) as f:
@@ -221,6 +259,9 @@ def collect(run_dir: str) -> dict:
         ring = ring_share(path[:-5] + ".ring")
         if ring is not None:
             fig["ring"] = ring
+        gil = gil_waits(path[:-5] + ".ring")
+        if gil is not None:
+            fig["gil"] = gil
     resync = read_jsonl(os.path.join(bench, "resync.jsonl"))
     for r in resync:
         if r.get("seconds"):
@@ -327,6 +368,21 @@ def markdown(data: dict) -> str:
                 r = res[j].get(t, {}).get("ring")
                 cells.append("–" if r is None else f"{r['ring_pct']:.1f} %"
                              + (f" ({r['stalls']})" if r["stalls"] else ""))
+            out.append(f"| {j} | " + " | ".join(cells) + " |")
+        out.append("")
+    gil_targets = [t for t in targets if any("gil" in res[j].get(t, {}) for j in jobs)]
+    if gil_targets:
+        out += ["lvmirror's ring thread waiting for the GIL after the compiled path's I/O and "
+                "poll (another of lvmirrord's threads running Python): microseconds a command, "
+                "and in brackets the percentage of the waits of 0.1 ms or more:", "",
+                "| job | " + " | ".join(TARGET_TITLES[t] for t in gil_targets) + " |",
+                "|---|" + "---:|" * len(gil_targets)]
+        for j in jobs:
+            cells = []
+            for t in gil_targets:
+                g = res[j].get(t, {}).get("gil")
+                cells.append("–" if g is None
+                             else f"{g['us_per_command']:.1f} ({g['over_100us_pct']:.2f} %)")
             out.append(f"| {j} | " + " | ".join(cells) + " |")
         out.append("")
     s = data.get("split")

@@ -16,7 +16,7 @@ from lvmirror import rawtext
 from lvmirror.errors import ConfigError, StateError
 from lvmirror.mirror.regionlock import LEASE_OWNER
 from lvmirror.mirror.resync import job_progress
-from lvmirror.daemon.lunserver import LunServer
+from lvmirror.daemon.lunserver import LunServer, _fastread
 from lvmirror.daemon.lease import Leases
 from lvmirror.daemon.registry import VolumeRegistry
 from lvmirror.scsi import alua
@@ -177,8 +177,10 @@ class VolumeHost:
         exported split images, health
         (optimal, degraded, offline) and I/O counters; per LUN its uio device, cfgstring,
         error (name, cfgstring and error with bytes that are not UTF-8 as \\xNN: ``rawtext.shown``),
-        commands served, its volume and its command latency histogram
-        (``iostats.LatencyHistogram.snapshot``)."""
+        commands served, its volume, its command latency histogram
+        (``iostats.LatencyHistogram.snapshot``) and its ring threads' waits for the GIL after
+        the compiled path's I/O and poll (``tcmu._fastread.gil_waits``: the serving process's,
+        shared by the LUNs it serves; None where the compiled path is not built)."""
         volumes = {}
         for name in self.registry.names():
             volume = self.registry.get(name)
@@ -208,6 +210,7 @@ class VolumeHost:
             }
         # a backstore name or cfgstring written to configfs as bytes that are not UTF-8
         # (rawtext): shown as \xNN, for D-Bus, the CLI's terminal and the metrics text
+        gil_waits = _fastread.gil_waits() if _fastread is not None else None
         luns = [{"name": rawtext.shown(lun.name), "uio": lun.device.uio_name,
                  "cfgstring": rawtext.shown(lun.device.cfgstring),
                  "error": None if lun.error is None else rawtext.shown(lun.error),
@@ -218,7 +221,7 @@ class VolumeHost:
                  "ring_leases": lun.leases, "ring_leases_revoked": lun.leases_revoked,
                  "volume": getattr(lun.volume, "name", None),     # read once: see _to_inactive
                  "alua_state": alua.STATE_NAMES.get(lun.alua_state), "standby": lun.standby,
-                 "latency": lun.latency.snapshot()}
+                 "latency": lun.latency.snapshot(), "ring_gil_waits": gil_waits}
                 for lun in list(self.luns.values())]
         return {"volumes": volumes, "luns": luns}
 

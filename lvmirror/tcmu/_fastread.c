@@ -968,6 +968,78 @@ monotonic_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* How long the ring thread waited for the GIL after a blocking call of the compiled path
+ * returned: after a lease batch's I/O (GIL_AFTER_IO, lease_one) and after the compiled loop's
+ * poll(2) (GIL_AFTER_POLL, lease_serve). Another of the process's threads running Python then
+ * (a watchdog's look, a status call, the metrics writer) delays the command by as much. A
+ * histogram per place, with the bucket edges below (seconds; the last bucket is open), their
+ * sum and the longest wait; process-wide (a volume process serves one volume's LUNs), updated
+ * holding the GIL, so never concurrently. Read by gil_waits(). */
+enum { GIL_AFTER_IO, GIL_AFTER_POLL, GIL_PLACES };
+static const double gil_edges[] = {10e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2e-3, 5e-3};
+#define GIL_BUCKETS (sizeof gil_edges / sizeof gil_edges[0] + 1)
+static struct {
+    unsigned long long counts[GIL_BUCKETS];
+    double seconds, longest;
+} gil_hist[GIL_PLACES];
+
+/* Count one wait for the GIL at `place` that began at `since` (monotonic_now's seconds). */
+static void
+gil_note(int place, double since)
+{
+    double w = monotonic_now() - since;
+    size_t i = 0;
+    while (i < GIL_BUCKETS - 1 && w >= gil_edges[i])
+        i++;
+    gil_hist[place].counts[i]++;
+    gil_hist[place].seconds += w;
+    if (w > gil_hist[place].longest)
+        gil_hist[place].longest = w;
+}
+
+PyDoc_STRVAR(gil_waits_doc,
+"gil_waits() -> {'edges': (seconds, ...), 'after_io': {...}, 'after_poll': {...}}\n"
+"\n"
+"How long this process's ring threads waited for the GIL after a blocking call of the compiled\n"
+"path returned: 'after_io' after a lease batch's preadv/pwritev (lease_batch, lease_serve),\n"
+"'after_poll' after the compiled loop's poll(2) woke (lease_serve). Each is {'counts': [n, ...]\n"
+"one more than the edges: waits shorter than edges[0], then between each two edges, then\n"
+"longer than the last; 'seconds': their sum; 'longest': the longest, in seconds}. Counted\n"
+"since the module was loaded; a process serves one volume's LUNs, or every LUN with\n"
+"lvmirrord --no-processes.");
+
+static PyObject *
+gil_waits(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
+{
+    static const char *names[GIL_PLACES] = {"after_io", "after_poll"};
+    PyObject *edges = PyTuple_New(GIL_BUCKETS - 1);
+    PyObject *out = edges != NULL ? Py_BuildValue("{s:N}", "edges", edges) : NULL;
+    if (out == NULL)
+        return NULL;
+    for (size_t i = 0; i < GIL_BUCKETS - 1; i++)
+        PyTuple_SET_ITEM(edges, i, PyFloat_FromDouble(gil_edges[i]));
+    for (int p = 0; p < GIL_PLACES; p++) {
+        PyObject *counts = PyList_New(GIL_BUCKETS);
+        if (counts == NULL)
+            goto fail;
+        for (size_t i = 0; i < GIL_BUCKETS; i++)
+            PyList_SET_ITEM(counts, i, PyLong_FromUnsignedLongLong(gil_hist[p].counts[i]));
+        PyObject *one = Py_BuildValue("{s:N,s:d,s:d}", "counts", counts, "seconds",
+                                      gil_hist[p].seconds, "longest", gil_hist[p].longest);
+        if (one == NULL || PyDict_SetItemString(out, names[p], one) < 0) {
+            Py_XDECREF(one);
+            goto fail;
+        }
+        Py_DECREF(one);
+    }
+    if (PyErr_Occurred())          /* (a float or an int that could not be made) */
+        goto fail;
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 /* fds_obj (a tuple of 1-4 ints; exactly 1 to read) into k->fds; -1 with ValueError set. */
 static int
 parse_fds(PyObject *fds_obj, struct lease_kind *k)
@@ -1090,6 +1162,7 @@ lease_one(const struct lease_ctx *x, const struct lease_kind *k, struct lease_ou
     uint32_t done = 0;
     unsigned long long nbytes = 0;
     int err = 0, bad = 0;
+    double gil_t0;    /* the blocking call returned (gil_note) */
     Py_BEGIN_ALLOW_THREADS
     for (; done < n; done++) {
         struct rw_cmd *c = &cmds[done];
@@ -1098,7 +1171,9 @@ lease_one(const struct lease_ctx *x, const struct lease_kind *k, struct lease_ou
             break;
         nbytes += c->want;
     }
+    gil_t0 = monotonic_now();
     Py_END_ALLOW_THREADS
+    gil_note(GIL_AFTER_IO, gil_t0);
     /* 3. the ring thread's role, then the completions under the ring's lock */
     int lost = 0;
     if (lock_call(x->role_mu, s_acquire) < 0) {
@@ -1582,11 +1657,14 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
         struct pollfd pfd[2] = {{.fd = uio_fd, .events = POLLIN},
                                 {.fd = wake_fd, .events = POLLIN}};
         int pr, perr = 0;
+        double gil_t0;    /* the blocking call returned (gil_note) */
         Py_BEGIN_ALLOW_THREADS
         pr = poll(pfd, 2, (int)(left * 1000.0) + 1);
         if (pr < 0)
             perr = errno;
+        gil_t0 = monotonic_now();
         Py_END_ALLOW_THREADS
+        gil_note(GIL_AFTER_POLL, gil_t0);
         if (pr < 0) {
             if (perr == EINTR)
                 goto out;               /* (a signal: Python's handlers run first) */
@@ -1626,6 +1704,7 @@ static PyMethodDef methods[] = {
     {"complete_batch", complete_batch, METH_VARARGS, complete_batch_doc},
     {"lease_batch", lease_batch, METH_VARARGS, lease_batch_doc},
     {"lease_serve", lease_serve, METH_VARARGS, lease_serve_doc},
+    {"gil_waits", gil_waits, METH_NOARGS, gil_waits_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -282,3 +282,37 @@ def test_a_peer_p99_of_zero_gives_no_p99_ratio_and_no_crash():
             "ratios": {"randread-4k-qd1": {"lvmirror2/md-raid1": {"iops": 0.5, "p99": None}}}}
     md = report.markdown(data)
     assert "| randread-4k-qd1 | 0.50 (p99 –) |" in md
+
+
+def test_gil_waits_per_command_and_share_of_long_ones(tmp_path):
+    """lab-bench.sh's <job>.ring with the ring threads' waits for the GIL before and after the
+    job (``ring_gil_waits``: a histogram after the compiled path's I/O and one after its poll)
+    becomes the waits' microseconds per command and the share of waits of 0.1 ms or more (the
+    buckets from the 100 us edge on); a file without the figure, with counts gone backwards
+    or histograms of another shape counts as none."""
+    edges = [10e-6, 50e-6, 100e-6, 250e-6]
+
+    def snap(commands, io, poll, io_s, poll_s):
+        return {"commands": commands, "ring_gil_waits": {
+            "edges": edges, "after_io": {"counts": io, "seconds": io_s, "longest": 0.0},
+            "after_poll": {"counts": poll, "seconds": poll_s, "longest": 0.0}}}
+
+    p = tmp_path / "j.ring"
+    p.write_text(json.dumps({"before": snap(100, [5, 0, 0, 0, 0], [5, 0, 0, 0, 0], 0.5, 0.5),
+                             "after": snap(1100, [915, 50, 20, 10, 10], [5, 0, 0, 0, 0],
+                                           0.502, 0.504)}))
+    # 1,000 waits after I/O, 20 of them from 100 us on; 6 ms over 1,000 commands
+    assert report.gil_waits(str(p)) == {"waits": 1000, "us_per_command": 6.0,
+                                        "over_100us_pct": 2.0}
+    assert report.gil_waits(str(tmp_path / "missing.ring")) is None
+    good = json.loads(p.read_text())
+    for change in (lambda d: d["after"].pop("ring_gil_waits"),
+                   lambda d: d["after"]["ring_gil_waits"]["after_io"]["counts"].pop(),
+                   lambda d: d["after"]["ring_gil_waits"]["after_io"]["counts"].__setitem__(0, 1),
+                   lambda d: d["after"]["ring_gil_waits"]["after_io"]["counts"].__setitem__(0, 9.5),
+                   lambda d: d["after"].__setitem__("commands", 100),
+                   lambda d: d["after"].__setitem__("ring_gil_waits", None)):
+        bad = json.loads(json.dumps(good))
+        change(bad)
+        p.write_text(json.dumps(bad))
+        assert report.gil_waits(str(p)) is None

@@ -276,6 +276,11 @@ def test_many_laps_of_a_small_ring_at_queue_depth_16(gw, tmp_path):
     assert all(c.status == 0 for c in emu.completions.values())
     lun = gw.status()["luns"][0]
     assert lun["commands"] == total and lun["error"] is None
+    # the volume process's ring threads' waits for the GIL, across the process boundary
+    # (a mirror's WRITEs are not made under the ring thread's lease: none counted after I/O)
+    g = lun["ring_gil_waits"]
+    assert len(g["after_io"]["counts"]) == len(g["after_poll"]["counts"]) == len(g["edges"]) + 1
+    assert g["after_io"]["seconds"] >= 0 and g["after_poll"]["longest"] >= 0
 
 
 @pytest.mark.parametrize("exc", [

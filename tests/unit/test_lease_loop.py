@@ -152,3 +152,44 @@ def test_a_workers_answer_is_not_held_by_the_loops_wait(lab, tmp_path, monkeypat
         assert emu.wait([tid], 10.0)[tid].status == 0
         sid = emu.submit(cdb10(scsi.SYNCHRONIZE_CACHE_10, 0, 0))
         assert emu.wait([sid], 10.0)[sid].status == 0
+
+
+def test_the_ring_threads_waits_for_the_gil_are_counted_where_they_happen(lab, tmp_path):
+    """``_fastread.gil_waits`` counts the ring thread's waits for the GIL after the loop's
+    poll and after a lease batch's I/O, one each a command at queue depth 1, and a thread
+    running Python meanwhile shows as waits of 1 ms or more (it keeps the GIL until the
+    interpreter's switch interval, 5 ms, makes it let go). The LUN's status reports them."""
+    import sys
+    import threading
+    emu, lun, path, _ = _one_image_lun(lab, tmp_path, 16)
+    assert _write(emu, 0, os.urandom(8 * BS)) == 0          # the lease taken, the loop runs
+    g0 = fastread.gil_waits()
+    edges = g0["edges"]
+    assert list(edges) == sorted(edges) and len(g0["after_io"]["counts"]) == len(edges) + 1
+    for k in range(20):
+        assert _write(emu, 8 * (k % 8), os.urandom(8 * BS)) == 0
+    g1 = fastread.gil_waits()
+    n = {p: sum(g1[p]["counts"]) - sum(g0[p]["counts"]) for p in ("after_io", "after_poll")}
+    assert n["after_io"] >= 20 and n["after_poll"] >= 19
+    assert g1["after_poll"]["seconds"] >= g0["after_poll"]["seconds"]
+
+    stop = threading.Event()
+
+    def spin():                    # pure Python: holds the GIL until asked to drop it
+        x = 0
+        while not stop.is_set():
+            x += 1
+    assert sys.getswitchinterval() >= 0.002
+    ms = edges.index(1e-3) + 1                               # the buckets from 1 ms on
+    long0 = sum(g1["after_poll"]["counts"][ms:]) + sum(g1["after_io"]["counts"][ms:])
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        for k in range(10):
+            assert _read(emu, 8 * (k % 8), 8) is not None
+    finally:
+        stop.set()
+        spinner.join()
+    g2 = fastread.gil_waits()
+    assert sum(g2["after_poll"]["counts"][ms:]) + sum(g2["after_io"]["counts"][ms:]) > long0
+    assert g2["after_poll"]["longest"] >= 1e-3 or g2["after_io"]["longest"] >= 1e-3
