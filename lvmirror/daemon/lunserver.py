@@ -173,13 +173,13 @@ COMPILED_READ_MAX = 1 << 20
 COMPILED_WRITE_MAX = INLINE_WRITE_MAX
 
 # A command the ring thread runs itself and that has not returned after INLINE_STALL seconds
-# (a writer throttled by the kernel behind a slow or dying device) makes the watchdog, which
-# looks every INLINE_WATCH seconds, hand the ring to a new ring thread. The watchdog looks so
-# often only while the LUN is busy: after an INLINE_WATCH with no command fetched and none
-# running on the ring thread it sleeps until its next ALUA follow, and the ring thread wakes it
-# when it begins a command of its own (``_watch``).
+# (a writer throttled by the kernel behind a slow or dying device) makes the watchdog hand the
+# ring to a new ring thread. While the LUN is busy the watchdog wakes when the command it saw
+# begin would be INLINE_STALL old (INLINE_STALL after a look that saw none): about 5 times a
+# second. After such a spell with no command fetched and none running on the ring thread it
+# sleeps until its next ALUA follow, and the ring thread wakes it when it begins a command of
+# its own (``_watch``).
 INLINE_STALL = 0.2
-INLINE_WATCH = 0.05
 
 # A command the ring thread ran itself that took longer than INLINE_SLOW seconds means the
 # images are slow right now (a device behind the page cache, dirty-page throttling, an image
@@ -1411,17 +1411,23 @@ class LunServer:
 
     # -- the watchdog ----------------------------------------------------------------------------
     def _watch(self):
-        """The LUN's watchdog thread, until the LUN stops: while the LUN is busy, every
-        INLINE_WATCH seconds, a command the ring thread has been running itself for longer than
-        INLINE_STALL seconds hands the ring over (``_hand_over``); every ALUA_FOLLOW_INTERVAL
-        seconds (at once when ``_alua_next`` is reset and the event set), ``_follow_alua``.
-        Following runs here, not on the ring thread: reading the port groups from configfs took
-        the ring thread about 5 % of its time under the lab's emulation (py-spy, 2026-12-02),
-        time in which it answered no command.
+        """The LUN's watchdog thread, until the LUN stops: a command the ring thread has been
+        running itself for longer than INLINE_STALL seconds hands the ring over
+        (``_hand_over``); every ALUA_FOLLOW_INTERVAL seconds (at once when ``_alua_next`` is
+        reset and the event set), ``_follow_alua``. Following runs here, not on the ring thread:
+        reading the port groups from configfs took the ring thread about 5 % of its time under
+        the lab's emulation (py-spy, 2026-12-02), time in which it answered no command.
 
-        Idle, it sleeps until the next follow: after an INLINE_WATCH in which no command was
-        fetched and with none running on the ring thread, it says so (``_watch_idle``) and the
-        ring thread sets ``_watch_wake`` when it begins one of its own - a command's first
+        While the LUN is busy it looks when the command it saw running (``_inline_t0``) would
+        be INLINE_STALL old, and INLINE_STALL after a look that saw none: a command that began
+        after a look is seen at the next one, and handed over as it turns INLINE_STALL old. It
+        looked every 50 ms before; each look takes the GIL, and the ring thread woken by the
+        kernel waited for it (the lab's ring thread waited 0.1 ms or more for the GIL after
+        0.8 % of its polls and writes at queue depth 1, 2026-12-05).
+
+        Idle, it sleeps until the next follow: after a look in which no command was fetched
+        since the one before and none runs on the ring thread, it says so (``_watch_idle``) and
+        the ring thread sets ``_watch_wake`` when it begins one of its own - a command's first
         INLINE_STALL is watched as before, and a busy LUN pays nothing more than a flag read a
         command. (The watchdog sets the flag, then reads ``_inline_t0``; the ring thread sets
         ``_inline_t0``, then reads the flag: under the GIL one of them sees the other's write,
@@ -1440,13 +1446,20 @@ class LunServer:
                     if self._follow_error is not None:
                         log.info("LUN %s: following the ALUA state works again", self.name)
                         self._follow_error = None
-            timeout = INLINE_WATCH
-            if self.commands == seen and not self._inline_t0:
+            now = time.monotonic()
+            running = self._inline_t0
+            if self.commands == seen and not running:
                 self._watch_idle = True
-                if not self._inline_t0:          # re-read after the flag: see above
-                    timeout = max(self._alua_next - time.monotonic(), 0.0)
+                running = self._inline_t0        # re-read after the flag: see above
+                timeout = (max(self._alua_next - now, 0.0) if not running
+                           else running + INLINE_STALL - now)
+            else:
+                # (the command seen running turns INLINE_STALL old, or one begun after now is
+                # seen at the next look; the follow is not put off)
+                timeout = min(running + INLINE_STALL - now if running else INLINE_STALL,
+                              max(self._alua_next - now, 0.0))
             seen = self.commands
-            wake.wait(timeout)
+            wake.wait(max(timeout, 0.001))
             wake.clear()
             self._watch_idle = False
             if self._stop.is_set():

@@ -771,6 +771,32 @@ def test_the_watchdog_of_an_idle_lun_sleeps_until_its_next_follow(lab, tmp_path,
     _wait_watchdog_idle(lun)                              # looked again, and slept again
 
 
+def test_the_watchdog_of_a_busy_lun_looks_when_a_command_could_turn_stalled(lab, tmp_path):
+    """While READs keep a LUN busy, its watchdog looks about every INLINE_STALL (when the
+    command it saw running would turn INLINE_STALL old), not every 50 ms as before: each look
+    takes the GIL the ring thread waits for when the kernel wakes it. Counted as the
+    watchdog thread's sleeps over a second of READs at queue depth 1 (about 20 before,
+    about 5 now; a wait for the GIL is a sleep too)."""
+    import time
+    emu, lun, _ = lab(f"vol0;images={'+'.join(images(tmp_path))}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    tid = lun._watcher.native_id
+
+    def reads(seconds):
+        end, n = time.monotonic() + seconds, 0
+        while time.monotonic() < end:
+            rid = emu.submit(cdb10(0x28, (n * 8) % 512, 8), data_in_len=8 * BS)
+            assert emu.wait([rid])[rid].status == 0
+            n += 1
+        return n
+
+    reads(0.3)                                       # busy: the watchdog is awake
+    n0 = _voluntary_switches(tid)
+    assert reads(1.0) > 50
+    assert _voluntary_switches(tid) - n0 <= 15
+
+
 def test_a_ring_thread_stuck_after_the_lun_was_idle_is_still_handed_over(
         lab, tmp_path, monkeypatch):
     """The first command after a quiet spell, run by the ring thread itself, stalls while the
