@@ -75,6 +75,40 @@ def test_flusher_checkpoint_holds_busy_regions(tmp_path):
     vol.close()
 
 
+def test_a_checkpoint_with_nothing_to_save_flushes_no_image(tmp_path):
+    """A checkpoint writes state that vouches for data only after a flush of the images
+    (``durability.py``); with nothing to write - a one-image volume, whose writes set no
+    write-intent bit, or a mirror whose bits are clear - it flushes nothing: the flusher used
+    to make a one-image volume's image durable every 2 s, waits for the device an initiator's
+    buffered writes never asked for. A mirror's write sets a bit, and its clearing is flushed
+    first; so is a split image's change bitmap."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one, _, _ = make_volume(tmp_path / "one", 1, region_size=REGION)
+    write(one, 0, pattern(8, 1))
+    before = one._barrier.stats["flushes"]
+    assert one.checkpoint(hold=True) == 0 and one.checkpoint() == 0
+    assert one._barrier.stats["flushes"] == before
+    one.close()
+
+    two, _, _ = make_volume(tmp_path / "two", 2, region_size=REGION)
+    assert two.checkpoint() == 0
+    before = two._barrier.stats["flushes"]
+    assert two.checkpoint() == 0 and two._barrier.stats["flushes"] == before   # clear: none
+    write(two, 0, pattern(8, 2))
+    assert two.checkpoint() == 1                        # the bit cleared: both images first
+    assert two._barrier.stats["flushes"] == before + 2
+    two.split(1)
+    write(two, 0, pattern(8, 3))
+    before = two._barrier.stats["flushes"]
+    assert two.checkpoint() == 1                        # the bit, and the split bitmap
+    assert two._barrier.stats["flushes"] > before
+    before = two._barrier.stats["flushes"]
+    assert two.checkpoint() == 0                        # the split bitmap is saved again
+    assert two._barrier.stats["flushes"] > before
+    two.close()
+
+
 def test_crash_recovery_repairs_mirrors_and_split_bitmap(tmp_path):
     """In-process crash: the first instance is abandoned mid-write, a second opens the files."""
     vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
