@@ -5,7 +5,8 @@ What md exposes through node_exporter's mdadm collector (``node_md_state``, ``no
 sync progress) and DRBD through drbd-reactor's Prometheus plugin, for every open volume: the
 health (degraded = alert), each image's state, split time and age and the bytes changed since
 the split, the progress of resync, restore, scrub and backup, the last scrub's result, the I/O
-and error counters, and a command latency histogram per LUN.
+and error counters, and per LUN a command latency histogram and a histogram of its ring
+threads' waits for the GIL.
 
 lvmirrord listens on no port: ``MetricsWriter`` writes ``render(status)`` every ``interval``
 seconds (5 by default) to a file in the textfile collector's directory (Debian's
@@ -234,6 +235,31 @@ def render(status: dict, now: float | None = None) -> str:
         name = "lvmirror_lun_command_duration_seconds"
         out.lines.append(f"# HELP {name} lvmirrord's time from fetching a command off the "
                          f"ring to completing it")
+        out.lines.append(f"# TYPE {name} histogram")
+        for suffix, labels, value in samples:
+            out.lines.append(f"{name}{suffix}{_labels(**labels)} {_num(value)}")
+    samples = []
+    for lun in luns:
+        waits = lun.get("ring_gil_waits")
+        if not waits:
+            continue
+        for place in ("after_io", "after_poll"):
+            h = waits[place]
+            total = 0
+            labels = {"lun": lun["name"], "place": place}
+            for bound, count in zip(waits["edges"], h["counts"]):
+                total += count                                    # cumulative, as "le" is
+                samples.append(("_bucket", {**labels, "le": repr(bound)}, total))
+            total += h["counts"][-1]
+            samples.append(("_bucket", {**labels, "le": "+Inf"}, total))
+            samples.append(("_sum", labels, h["seconds"]))
+            samples.append(("_count", labels, total))
+    if samples:
+        name = "lvmirror_lun_ring_gil_wait_seconds"
+        out.lines.append(f"# HELP {name} how long the ring threads serving the LUN waited for "
+                         f"the GIL after the compiled path's I/O or poll returned (another "
+                         f"thread of the process running Python); the serving process's, the "
+                         f"same for each LUN it serves")
         out.lines.append(f"# TYPE {name} histogram")
         for suffix, labels, value in samples:
             out.lines.append(f"{name}{suffix}{_labels(**labels)} {_num(value)}")

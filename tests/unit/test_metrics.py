@@ -163,3 +163,30 @@ def test_label_values_are_escaped():
                                        "error": "x", "commands": 0, "volume": None}]}
     fams = _families(render(status))
     assert _value(fams, "lvmirror_lun_ready", lun='we"ird\\lun') == 0
+
+
+def test_the_ring_threads_gil_waits_are_a_histogram_per_place():
+    """A LUN's ``ring_gil_waits`` (``_fastread.gil_waits``: per place counts between the
+    edges, the last bucket open) becomes a cumulative Prometheus histogram per place, parsed
+    back by the Prometheus client's parser."""
+    waits = {"edges": [1e-05, 0.0001, 0.001],
+             "after_io": {"counts": [7, 2, 1, 0], "seconds": 0.0005, "longest": 0.0009},
+             "after_poll": {"counts": [3, 0, 0, 2], "seconds": 0.02, "longest": 0.012}}
+    status = {"volumes": {}, "luns": [{"name": "lun0", "uio": "uio0", "cfgstring": "v",
+                                       "error": None, "commands": 10, "volume": "v",
+                                       "ring_gil_waits": waits},
+                                      {"name": "lun1", "uio": "uio1", "cfgstring": "w",
+                                       "error": None, "commands": 0, "volume": "w",
+                                       "ring_gil_waits": None}]}
+    hist = _families(render(status))["lvmirror_lun_ring_gil_wait_seconds"]
+    assert hist.type == "histogram"
+    got = {(s.labels["place"], s.name.rsplit("_", 1)[-1], s.labels.get("le")): s.value
+           for s in hist.samples}
+    assert {s.labels["lun"] for s in hist.samples} == {"lun0"}
+    assert got[("after_io", "bucket", "1e-05")] == 7
+    assert got[("after_io", "bucket", "0.0001")] == 9
+    assert got[("after_io", "bucket", "0.001")] == 10
+    assert got[("after_io", "bucket", "+Inf")] == 10 == got[("after_io", "count", None)]
+    assert got[("after_poll", "bucket", "0.001")] == 3
+    assert got[("after_poll", "bucket", "+Inf")] == 5
+    assert got[("after_poll", "sum", None)] == 0.02
