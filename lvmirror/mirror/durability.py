@@ -30,6 +30,10 @@ Who commits what (``MirrorVolume`` and its jobs):
 =========================  =============================  ====================================
 state written              images made durable first      site
 =========================  =============================  ====================================
+(a copy's sources)         every in-sync image            resync start, once older epochs
+                                                          drained, when one of them wrote one
+                                                          image without write-intent bits
+                                                          (``sources_durable``)
 resync cursor + bitmap     the syncing target             resync checkpoint, pause
 image marked in sync       the syncing target             resync finish
 restore bitmap (cleared)   every live image               restore batch, on-demand restore

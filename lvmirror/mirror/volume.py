@@ -266,6 +266,10 @@ class MirrorVolume:
         self._mgmt = threading.RLock()      # serialises management operations
         self._meta = threading.RLock()      # image states, epoch construction, metadata saves
         self._elock = threading.Lock()
+        # an epoch that wrote one image and tracked nothing (its writes set no write-intent
+        # bit) was retired since a resync last made its sources durable (``sources_durable``)
+        self._unlogged_epochs = False
+        self._sources_flush = threading.Lock()
         self._econd = threading.Condition(self._elock)
         self._lease: RingLease | None = None     # the ring thread's (begin_ring_lease), under _elock
         self._retired: list[_Epoch] = []
@@ -524,6 +528,8 @@ class MirrorVolume:
         with self._elock:
             old = self._epoch
             old.retired = True
+            if len(old.writes) == 1 and not old.tracking:
+                self._unlogged_epochs = True        # (see sources_durable)
             if old.inflight:
                 self._retired.append(old)
             self._epoch = new
@@ -531,6 +537,24 @@ class MirrorVolume:
         if lease is not None and lease.epoch is old:
             lease.revoke()                  # its holder ends it: then the old epoch drains
         return new
+
+    def sources_durable(self) -> None:
+        """Make the in-sync images durable (``fdatasync``, the durability barrier) when an
+        epoch retired since the last such flush wrote one image and tracked nothing: its
+        writes set no write-intent bit (a one-image volume's: nothing could differ then), so
+        no checkpoint made their data durable, and a copy of it that a resync calls in sync
+        (a cursor, the in-sync mark) would, after a power cut, hold what the source lost,
+        unseen. A resync calls this once the older epochs drained, before its first copy;
+        later writes reach its image too and set their bits. Nothing when every retired epoch
+        logged its writes (a split image's resync: the sources' bits cover them), so such a
+        resync pays no flush. An image whose flush fails is failed (``_flush_failed``).
+        Found by the tenth newcomer trial (an attach to a one-image volume, 2026-12-05)."""
+        with self._sources_flush:
+            if not self._unlogged_epochs:
+                return
+            self._unlogged_epochs = False
+            self._barrier.flush([o for o in self._storage_images()
+                                 if o.state is ImageState.IN_SYNC], self._flush_limit)
 
     def _enter(self) -> _Epoch:
         with self._elock:

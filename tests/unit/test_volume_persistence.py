@@ -109,6 +109,42 @@ def test_a_checkpoint_with_nothing_to_save_flushes_no_image(tmp_path):
     two.close()
 
 
+def test_a_resync_flushes_its_sources_only_after_writes_that_set_no_write_intent_bit(tmp_path):
+    """``sources_durable``: a resync's sources are flushed before its first copy only when an
+    epoch retired since wrote one image and tracked nothing (a one-image volume's writes,
+    which set no write-intent bit); a split image's resync, whose sources' writes were logged,
+    pays no such flush. Counted as the barrier's flushes that include image 0 (the source)
+    while the resync runs (no flusher here)."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+
+    def source_flushes(vol, start):
+        seen = []
+        real = vol._barrier.flush
+
+        def spy(images, limit=None):
+            seen.append(vol._images[0] in images)
+            return real(images, limit)
+        vol._barrier.flush = spy
+        job = start()
+        if isinstance(job, int):                            # attach: the new image's index
+            job = vol.jobs[vol._images[job].rec.id]
+        assert job.wait(30) and job.state == "done"
+        vol._barrier.flush = real
+        return sum(seen)
+
+    one, _, _ = make_volume(tmp_path / "one", 1, region_size=REGION)
+    write(one, 0, pattern(8, 1))
+    assert source_flushes(one, lambda: one.attach(str(tmp_path / "one" / "new"))) == 1
+    one.close()
+
+    two, _, _ = make_volume(tmp_path / "two", 2, region_size=REGION)
+    two.split(1)
+    write(two, 0, pattern(8, 2))
+    assert source_flushes(two, lambda: two.resync(1)) == 0
+    two.close()
+
+
 def test_crash_recovery_repairs_mirrors_and_split_bitmap(tmp_path):
     """In-process crash: the first instance is abandoned mid-write, a second opens the files."""
     vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
