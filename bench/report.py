@@ -198,7 +198,7 @@ def gil_waits(path: str) -> dict | None:
     ``tcmu._fastread.gil_waits``): ``path`` is lab-bench.sh's ``<job>.ring`` with that figure
     before and after the job. Returns ``{"waits", "us_per_command", "over_100us_pct"}``: the
     waits counted, their sum in microseconds shared over the job's commands, and the
-    percentage of the waits that took 0.1 ms or more (another thread held the GIL: a watchdog's
+    percentage of the waits that took over 0.1 ms (another thread held the GIL: a watchdog's
     look, a status call, the metrics writer). None when there is no such file or figure, it
     cannot be read, or the counts went backwards (lvmirrord restarted meanwhile)."""
     try:
@@ -218,7 +218,7 @@ def gil_waits(path: str) -> dict | None:
             if not all(type(d) is int and d >= 0 for d in deltas):
                 return None
             n += sum(deltas)
-            # bucket i holds the waits from edges[i - 1] on
+            # bucket i holds the waits above edges[i - 1] (and at most edges[i])
             over += sum(d for i, d in enumerate(deltas) if i and edges[i - 1] >= 100e-6)
             seconds += float(gb[place]["seconds"]) - float(ga[place]["seconds"])
     except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError):
@@ -374,7 +374,7 @@ def markdown(data: dict) -> str:
     if gil_targets:
         out += ["lvmirror's ring thread waiting for the GIL after the compiled path's I/O and "
                 "poll (another of lvmirrord's threads running Python): microseconds a command, "
-                "and in brackets the percentage of the waits of 0.1 ms or more:", "",
+                "and in brackets the percentage of the waits over 0.1 ms:", "",
                 "| job | " + " | ".join(TARGET_TITLES[t] for t in gil_targets) + " |",
                 "|---|" + "---:|" * len(gil_targets)]
         for j in jobs:

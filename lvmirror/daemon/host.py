@@ -210,7 +210,8 @@ class VolumeHost:
             }
         # a backstore name or cfgstring written to configfs as bytes that are not UTF-8
         # (rawtext): shown as \xNN, for D-Bus, the CLI's terminal and the metrics text
-        gil_waits = _fastread.gil_waits() if _fastread is not None else None
+        # (None where the compiled path is not built, or was built before it counted them)
+        gil_waits = (_fastread.gil_waits() if hasattr(_fastread, "gil_waits") else None)
         luns = [{"name": rawtext.shown(lun.name), "uio": lun.device.uio_name,
                  "cfgstring": rawtext.shown(lun.device.cfgstring),
                  "error": None if lun.error is None else rawtext.shown(lun.error),

@@ -45,8 +45,9 @@ thread is watched: when a command it runs itself takes longer than INLINE_STALL 
 watchdog hands the ring to a new ring thread (with the rest of the batch to the pool) and every
 WRITE goes to the pool until the stuck command has returned and INLINE_BACKOFF seconds have
 passed; the stuck thread, once its command returns, hands the completion over as a worker would
-and ends. The ring never waits on a device for longer than INLINE_STALL plus one watch interval,
-and at most one thread is left waiting so.
+and ends. The ring never waits on a device for much longer than INLINE_STALL (the watchdog
+looks as a command it saw begin turns INLINE_STALL old), and at most one thread is left waiting
+so.
 """
 
 from __future__ import annotations
@@ -1422,8 +1423,8 @@ class LunServer:
         be INLINE_STALL old, and INLINE_STALL after a look that saw none: a command that began
         after a look is seen at the next one, and handed over as it turns INLINE_STALL old. It
         looked every 50 ms before; each look takes the GIL, and the ring thread woken by the
-        kernel waited for it (the lab's ring thread waited 0.1 ms or more for the GIL after
-        0.8 % of its polls and writes at queue depth 1, 2026-12-05).
+        kernel waited for it (in the lab the ring thread waited over 0.1 ms for the GIL in
+        0.8 % of the 4 KiB writes at queue depth 1, 2026-12-05: ``_fastread.gil_waits``).
 
         Idle, it sleeps until the next follow: after a look in which no command was fetched
         since the one before and none runs on the ring thread, it says so (``_watch_idle``) and
@@ -1451,8 +1452,9 @@ class LunServer:
             if self.commands == seen and not running:
                 self._watch_idle = True
                 running = self._inline_t0        # re-read after the flag: see above
-                timeout = (max(self._alua_next - now, 0.0) if not running
-                           else running + INLINE_STALL - now)
+                timeout = max(self._alua_next - now, 0.0)
+                if running:
+                    timeout = min(running + INLINE_STALL - now, timeout)
             else:
                 # (the command seen running turns INLINE_STALL old, or one begun after now is
                 # seen at the next look; the follow is not put off)

@@ -989,7 +989,7 @@ gil_note(int place, double since)
 {
     double w = monotonic_now() - since;
     size_t i = 0;
-    while (i < GIL_BUCKETS - 1 && w >= gil_edges[i])
+    while (i < GIL_BUCKETS - 1 && w > gil_edges[i])      /* an edge's own bucket: at most it */
         i++;
     gil_hist[place].counts[i]++;
     gil_hist[place].seconds += w;
@@ -1003,8 +1003,9 @@ PyDoc_STRVAR(gil_waits_doc,
 "How long this process's ring threads waited for the GIL after a blocking call of the compiled\n"
 "path returned: 'after_io' after a lease batch's preadv/pwritev (lease_batch, lease_serve),\n"
 "'after_poll' after the compiled loop's poll(2) woke (lease_serve). Each is {'counts': [n, ...]\n"
-"one more than the edges: waits shorter than edges[0], then between each two edges, then\n"
-"longer than the last; 'seconds': their sum; 'longest': the longest, in seconds}. Counted\n"
+"one more than the edges: waits of at most edges[0], then above one edge and at most the next\n"
+"(Prometheus's `le`), then above the last; 'seconds': their sum; 'longest': the longest, in\n"
+"seconds}. Counted\n"
 "since the module was loaded; a process serves one volume's LUNs, or every LUN with\n"
 "lvmirrord --no-processes.");
 

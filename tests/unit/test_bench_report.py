@@ -287,7 +287,7 @@ def test_a_peer_p99_of_zero_gives_no_p99_ratio_and_no_crash():
 def test_gil_waits_per_command_and_share_of_long_ones(tmp_path):
     """lab-bench.sh's <job>.ring with the ring threads' waits for the GIL before and after the
     job (``ring_gil_waits``: a histogram after the compiled path's I/O and one after its poll)
-    becomes the waits' microseconds per command and the share of waits of 0.1 ms or more (the
+    becomes the waits' microseconds per command and the share of waits over 0.1 ms (the
     buckets from the 100 us edge on); a file without the figure, with counts gone backwards
     or histograms of another shape counts as none."""
     edges = [10e-6, 50e-6, 100e-6, 250e-6]

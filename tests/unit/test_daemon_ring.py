@@ -771,17 +771,29 @@ def test_the_watchdog_of_an_idle_lun_sleeps_until_its_next_follow(lab, tmp_path,
     _wait_watchdog_idle(lun)                              # looked again, and slept again
 
 
-def test_the_watchdog_of_a_busy_lun_looks_when_a_command_could_turn_stalled(lab, tmp_path):
+def test_the_watchdog_of_a_busy_lun_looks_when_a_command_could_turn_stalled(lab, tmp_path,
+                                                                            monkeypatch):
     """While READs keep a LUN busy, its watchdog looks about every INLINE_STALL (when the
     command it saw running would turn INLINE_STALL old), not every 50 ms as before: each look
-    takes the GIL the ring thread waits for when the kernel wakes it. Counted as the
-    watchdog thread's sleeps over a second of READs at queue depth 1 (about 20 before,
-    about 5 now; a wait for the GIL is a sleep too)."""
+    takes the GIL the ring thread waits for when the kernel wakes it. Its looks (waits on its
+    wake-up event) counted over a second of READs at queue depth 1: 20 before, about 5 now."""
+    import threading
     import time
+    from lvmirror.daemon import lunserver
+
+    class CountingEvent(threading.Event):
+        def __init__(self):
+            super().__init__()
+            self.waits = 0
+
+        def wait(self, timeout=None):
+            self.waits += 1
+            return super().wait(timeout)
+    monkeypatch.setattr(threading, "Event", CountingEvent)    # the LUN's, made now
     emu, lun, _ = lab(f"vol0;images={'+'.join(images(tmp_path))}")
+    monkeypatch.undo()
     for job in lun.volume.jobs.values():
         assert job.wait(20)
-    tid = lun._watcher.native_id
 
     def reads(seconds):
         end, n = time.monotonic() + seconds, 0
@@ -792,9 +804,11 @@ def test_the_watchdog_of_a_busy_lun_looks_when_a_command_could_turn_stalled(lab,
         return n
 
     reads(0.3)                                       # busy: the watchdog is awake
-    n0 = _voluntary_switches(tid)
+    looks = lun._watch_wake.waits
+    t0 = time.monotonic()
     assert reads(1.0) > 50
-    assert _voluntary_switches(tid) - n0 <= 15
+    seconds = time.monotonic() - t0
+    assert lun._watch_wake.waits - looks <= 2 + seconds / lunserver.INLINE_STALL
 
 
 def test_a_ring_thread_stuck_after_the_lun_was_idle_is_still_handed_over(
