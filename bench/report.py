@@ -289,6 +289,22 @@ def _fmt(v, nd=0):
     return f"{v:,.{nd}f}"
 
 
+def _job_table(out: list, res: dict, jobs: list, targets: list, key: str, heading: str,
+               cell) -> None:
+    """Append to ``out`` (markdown lines) a table of one figure per job (rows) and target
+    (columns): ``res[job][target][key]`` shown by ``cell``, a dash where a job has none,
+    under ``heading``; nothing when no target has the figure."""
+    shown = [t for t in targets if any(key in res[j].get(t, {}) for j in jobs)]
+    if not shown:
+        return
+    out += [heading, "", "| job | " + " | ".join(TARGET_TITLES[t] for t in shown) + " |",
+            "|---|" + "---:|" * len(shown)]
+    for j in jobs:
+        figs = [res[j].get(t, {}).get(key) for t in shown]
+        out.append(f"| {j} | " + " | ".join("–" if f is None else cell(f) for f in figs) + " |")
+    out.append("")
+
+
 def markdown(data: dict) -> str:
     m = data["meta"]
     res, ratios = data["results"], data["ratios"]
@@ -355,36 +371,16 @@ def markdown(data: dict) -> str:
                        + " | ".join(_fmt(idle.get(t), 1) for t in cpu_targets)
                        + (" | –" if both else "") + " |")
         out.append("")
-    ring_targets = [t for t in targets if any("ring" in res[j].get(t, {}) for j in jobs)]
-    if ring_targets:
-        out += ["Commands lvmirror's ring thread answered itself (percent of the commands over "
-                "each job, ramp included; the rest went to the worker pool, a hand-off to a "
-                "worker and back; ring stalls handed over in brackets when any):", "",
-                "| job | " + " | ".join(TARGET_TITLES[t] for t in ring_targets) + " |",
-                "|---|" + "---:|" * len(ring_targets)]
-        for j in jobs:
-            cells = []
-            for t in ring_targets:
-                r = res[j].get(t, {}).get("ring")
-                cells.append("–" if r is None else f"{r['ring_pct']:.1f} %"
-                             + (f" ({r['stalls']})" if r["stalls"] else ""))
-            out.append(f"| {j} | " + " | ".join(cells) + " |")
-        out.append("")
-    gil_targets = [t for t in targets if any("gil" in res[j].get(t, {}) for j in jobs)]
-    if gil_targets:
-        out += ["lvmirror's ring thread waiting for the GIL after the compiled path's I/O and "
-                "poll (another of lvmirrord's threads running Python): microseconds a command, "
-                "and in brackets the percentage of the waits over 0.1 ms:", "",
-                "| job | " + " | ".join(TARGET_TITLES[t] for t in gil_targets) + " |",
-                "|---|" + "---:|" * len(gil_targets)]
-        for j in jobs:
-            cells = []
-            for t in gil_targets:
-                g = res[j].get(t, {}).get("gil")
-                cells.append("–" if g is None
-                             else f"{g['us_per_command']:.1f} ({g['over_100us_pct']:.2f} %)")
-            out.append(f"| {j} | " + " | ".join(cells) + " |")
-        out.append("")
+    _job_table(out, res, jobs, targets, "ring",
+               "Commands lvmirror's ring thread answered itself (percent of the commands over "
+               "each job, ramp included; the rest went to the worker pool, a hand-off to a "
+               "worker and back; ring stalls handed over in brackets when any):",
+               lambda r: f"{r['ring_pct']:.1f} %" + (f" ({r['stalls']})" if r["stalls"] else ""))
+    _job_table(out, res, jobs, targets, "gil",
+               "lvmirror's ring thread waiting for the GIL after the compiled path's I/O and "
+               "poll (another of lvmirrord's threads running Python): microseconds a command, "
+               "and in brackets the percentage of the waits over 0.1 ms:",
+               lambda g: f"{g['us_per_command']:.1f} ({g['over_100us_pct']:.2f} %)")
     s = data.get("split")
     if s:
         out += ["Around a split (lvmirror 3 images, image 2 split off under 4 KiB random writes at "

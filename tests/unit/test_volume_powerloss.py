@@ -119,6 +119,18 @@ def test_resync_cut_after_first_checkpoint_copies_every_region(tmp_path):
     _expect_identical(m.next, vol, P3 + P1[len(P3):])
 
 
+def _attach_cut_after_first_checkpoint(tmp_path, m, vol, path):
+    """Attach ``path`` to ``vol`` (one image) at 1 MB/s and cut the power right after the
+    first save of volume.json with its resync cursor past 0; returns the volume booted from
+    what was durable (machine ``m.next``)."""
+    m.cut_after_save(tmp_path / "cut", lambda p, d: p.endswith("volume.json")
+                     and len(json.loads(bytes(d))["images"]) == 2
+                     and _resync_next(d, 1) not in (None, 0))
+    vol.attach(path, rate_limit=1.0)
+    assert m.cut_done.wait(30)
+    return _reboot(m, vol)
+
+
 def test_attach_cut_during_initial_copy(tmp_path):
     """attach starts a full resync; a cut after its first checkpoint must not leave regions of
     the new image marked copied while their data was lost."""
@@ -128,12 +140,7 @@ def test_attach_cut_during_initial_copy(tmp_path):
     _write(vol, 0, P3)
     vol.flush()
     vol.checkpoint()        # the flusher's round: the write-intent log no longer marks them
-    m.cut_after_save(tmp_path / "cut", lambda p, d: p.endswith("volume.json")
-                     and len(json.loads(bytes(d))["images"]) == 2
-                     and _resync_next(d, 1) not in (None, 0))
-    vol.attach(c, rate_limit=1.0)
-    assert m.cut_done.wait(30)
-    vol = _reboot(m, vol)
+    vol = _attach_cut_after_first_checkpoint(tmp_path, m, vol, c)
     assert [i.path for i in vol.images] == [a, c]
     _wait_jobs(vol)
     _expect_identical(m.next, vol, P3 + P1[len(P3):])
@@ -180,12 +187,7 @@ def test_attach_cut_after_a_checkpoint_over_a_write_the_source_had_not_flushed(t
     a, c = str(tmp_path / "a.img"), str(tmp_path / "c.img")
     vol = _mirror_with_p1(m, [a])
     _write(vol, 0, P3)                                  # buffered, never flushed
-    m.cut_after_save(tmp_path / "cut", lambda p, d: p.endswith("volume.json")
-                     and len(json.loads(bytes(d))["images"]) == 2
-                     and _resync_next(d, 1) not in (None, 0))
-    vol.attach(c, rate_limit=1.0)
-    assert m.cut_done.wait(30)
-    vol = _reboot(m, vol)
+    vol = _attach_cut_after_first_checkpoint(tmp_path, m, vol, c)
     _wait_jobs(vol)
     assert _images_agree(m.next, vol) == P3 + P1[len(P3):]
 
