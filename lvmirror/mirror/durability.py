@@ -32,7 +32,8 @@ state written              images made durable first      site
 =========================  =============================  ====================================
 (a copy's sources)         every in-sync image            resync start, once older epochs
                                                           drained, when one of them wrote one
-                                                          image without write-intent bits
+                                                          image without write-intent bits,
+                                                          and first after an open
                                                           (``sources_durable``)
 resync cursor + bitmap     the syncing target             resync checkpoint, pause
 image marked in sync       the syncing target             resync finish

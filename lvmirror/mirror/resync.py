@@ -182,7 +182,7 @@ class ResyncJob(_Job):
             vol._drain(epoch)
             # the copy's sources durable before anything vouches for a copy of what older
             # epochs wrote to them without a write-intent bit (durability.py)
-            vol.sources_durable()
+            vol.sources_durable(epoch)
             t_copy = time.monotonic()
             self.phase_seconds["drain"] = t_copy - self._t0
             buf = StorageImage.aligned_buffer(vol.region_size)

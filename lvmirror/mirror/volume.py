@@ -266,9 +266,12 @@ class MirrorVolume:
         self._mgmt = threading.RLock()      # serialises management operations
         self._meta = threading.RLock()      # image states, epoch construction, metadata saves
         self._elock = threading.Lock()
-        # an epoch that wrote one image and tracked nothing (its writes set no write-intent
-        # bit) was retired since a resync last made its sources durable (``sources_durable``)
-        self._unlogged_epochs = False
+        # the newest retired epoch that wrote one image and tracked nothing (its writes set
+        # no write-intent bit), and the newest such one a flush of the in-sync images came
+        # after (``sources_durable``); 0 and -1 at open: what an earlier process wrote may
+        # still be only in the page cache (a kill keeps it), so the first resync flushes
+        self._unlogged_seq = 0
+        self._sources_seq = -1
         self._sources_flush = threading.Lock()
         self._econd = threading.Condition(self._elock)
         self._lease: RingLease | None = None     # the ring thread's (begin_ring_lease), under _elock
@@ -529,7 +532,7 @@ class MirrorVolume:
             old = self._epoch
             old.retired = True
             if len(old.writes) == 1 and not old.tracking:
-                self._unlogged_epochs = True        # (see sources_durable)
+                self._unlogged_seq = max(self._unlogged_seq, old.seq)   # (sources_durable)
             if old.inflight:
                 self._retired.append(old)
             self._epoch = new
@@ -538,23 +541,29 @@ class MirrorVolume:
             lease.revoke()                  # its holder ends it: then the old epoch drains
         return new
 
-    def sources_durable(self) -> None:
-        """Make the in-sync images durable (``fdatasync``, the durability barrier) when an
-        epoch retired since the last such flush wrote one image and tracked nothing: its
-        writes set no write-intent bit (a one-image volume's: nothing could differ then), so
-        no checkpoint made their data durable, and a copy of it that a resync calls in sync
-        (a cursor, the in-sync mark) would, after a power cut, hold what the source lost,
-        unseen. A resync calls this once the older epochs drained, before its first copy;
-        later writes reach its image too and set their bits. Nothing when every retired epoch
-        logged its writes (a split image's resync: the sources' bits cover them), so such a
-        resync pays no flush. An image whose flush fails is failed (``_flush_failed``).
-        Found by the tenth newcomer trial (an attach to a one-image volume, 2026-12-05)."""
+    def sources_durable(self, epoch: _Epoch) -> None:
+        """Make the in-sync images durable (``fdatasync``, the durability barrier) before a
+        resync copies from them, when an epoch older than ``epoch`` (which the caller has
+        drained: ``_drain``) wrote one image and tracked nothing and no flush came after it:
+        its writes set no write-intent bit (a one-image volume's: nothing could differ then),
+        so no checkpoint made their data durable, and a copy of it that the resync calls in
+        sync (a cursor, the in-sync mark) would, after a power cut, hold what the source
+        lost, unseen. Also the first time after the volume opened: an earlier process's
+        writes may be only in the page cache (a kill keeps it; a creation copies a source
+        someone just filled). Nothing otherwise (a split image's resync: its sources' writes
+        set their bits), so such a resync pays no flush. Later writes reach the resync's
+        image too and set their bits. An image whose flush fails is failed
+        (``_flush_failed``). Found by the tenth and eleventh newcomer trials (an attach to a
+        one-image volume; a resync resumed after a restart; a creation, 2026-12-05)."""
         with self._sources_flush:
-            if not self._unlogged_epochs:
+            with self._elock:
+                # epochs before ``epoch`` are drained: a flush now covers their writes
+                due = min(self._unlogged_seq, epoch.seq - 1)
+            if due <= self._sources_seq:
                 return
-            self._unlogged_epochs = False
             self._barrier.flush([o for o in self._storage_images()
                                  if o.state is ImageState.IN_SYNC], self._flush_limit)
+            self._sources_seq = due
 
     def _enter(self) -> _Epoch:
         with self._elock:

@@ -110,9 +110,10 @@ def test_a_checkpoint_with_nothing_to_save_flushes_no_image(tmp_path):
 
 
 def test_a_resync_flushes_its_sources_only_after_writes_that_set_no_write_intent_bit(tmp_path):
-    """``sources_durable``: a resync's sources are flushed before its first copy only when an
-    epoch retired since wrote one image and tracked nothing (a one-image volume's writes,
-    which set no write-intent bit); a split image's resync, whose sources' writes were logged,
+    """``sources_durable``: a resync's sources are flushed before its first copy when an
+    epoch retired since the last such flush wrote one image and tracked nothing (a one-image
+    volume's writes, which set no write-intent bit: each attach after a detach), and for the
+    first resync after an open; a split image's resync, whose sources' writes were logged,
     pays no such flush. Counted as the barrier's flushes that include image 0 (the source)
     while the resync runs (no flusher here)."""
     (tmp_path / "one").mkdir()
@@ -136,12 +137,17 @@ def test_a_resync_flushes_its_sources_only_after_writes_that_set_no_write_intent
     one, _, _ = make_volume(tmp_path / "one", 1, region_size=REGION)
     write(one, 0, pattern(8, 1))
     assert source_flushes(one, lambda: one.attach(str(tmp_path / "one" / "new"))) == 1
+    one.detach(1)                                       # one image again: writes unlogged
+    write(one, 0, pattern(8, 3))
+    assert source_flushes(one, lambda: one.attach(str(tmp_path / "one" / "new"),
+                                                  force=True)) == 1
     one.close()
 
-    two, _, _ = make_volume(tmp_path / "two", 2, region_size=REGION)
-    two.split(1)
-    write(two, 0, pattern(8, 2))
-    assert source_flushes(two, lambda: two.resync(1)) == 0
+    two, _, _ = make_volume(tmp_path / "two", 2, region_size=REGION)   # (its first resync
+    for k in range(2):                                                  # flushed at open)
+        two.split(1)
+        write(two, 0, pattern(8, 2 + k))
+        assert source_flushes(two, lambda: two.resync(1)) == 0
     two.close()
 
 

@@ -18,6 +18,7 @@ import pytest
 from lvmirror.errors import ImageIOError
 from lvmirror.mirror import resync as resync_mod
 from lvmirror.mirror.bitmap import RegionBitmap
+from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
 from tests.unit import powerloss
@@ -190,6 +191,61 @@ def test_attach_cut_after_a_checkpoint_over_a_write_the_source_had_not_flushed(t
     vol = _attach_cut_after_first_checkpoint(tmp_path, m, vol, c)
     _wait_jobs(vol)
     assert _images_agree(m.next, vol) == P3 + P1[len(P3):]
+
+
+def test_a_resync_resumed_after_a_restart_makes_the_source_durable_first(tmp_path):
+    """An attach to a one-image volume saves its image as syncing; lvmirrord is killed (no
+    close: the page cache keeps what the source was written) while the copy still waits for
+    an older write, before it made the source durable. The next open resumes the copy: it
+    flushes the source first (the first resync after an open always does), so after a power
+    cut the two images marked in sync agree. (Eleventh newcomer trial: the flag saying a
+    flush was due lived only in the killed process, and 32 regions differed.)"""
+    m = Machine(tmp_path / "meta")
+    a, c = str(tmp_path / "a.img"), str(tmp_path / "c.img")
+    vol = _mirror_with_p1(m, [a])
+    _write(vol, 0, P3)                                  # buffered, never flushed
+    tail = NBLOCKS - 16
+    st = vol.image_storage(0)
+    real, reached, go = st.writev, threading.Event(), threading.Event()
+
+    def slow_writev(offset, buffers, *, fua=False):     # the older epoch's write waits
+        if offset == tail * BS and not reached.is_set():
+            reached.set()
+            assert go.wait(60)
+        return real(offset, buffers, fua=fua)
+    st.writev = slow_writev
+    w = threading.Thread(target=_write, args=(vol, tail, P1[:16 * BS]), daemon=True)
+    w.start()
+    assert reached.wait(10)
+    vol.attach(c)                                       # its copy drains the write first
+    source_flushes = st.stats["flushes"]
+    vol2 = _open(m)                                     # the kill: vol is abandoned
+    _wait_jobs(vol2)
+    assert vol2.image_storage(0).stats["flushes"] >= 1 and st.stats["flushes"] == source_flushes
+    nxt = m.cut(tmp_path / "cut")
+    go.set()
+    w.join(10)
+    vol2.close()
+    vol3 = _open(nxt)
+    _wait_jobs(vol3)
+    assert _images_agree(nxt, vol3)[:len(P3)] == P3
+
+
+def test_a_mirror_created_over_a_source_just_written_copies_it_durably(tmp_path):
+    """A two-image volume created over a source someone just filled (``cp`` then create: in
+    the page cache only) copies it to the second image and calls that in sync only after the
+    source is durable too: after a power cut the images agree. (Eleventh newcomer trial.)"""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    StorageImage.create_file(a, SIZE)
+    st = m.opener(a)
+    st.writev(0, [P3])                                  # not written back yet
+    st.close()
+    vol = _create(m, [a, b])
+    _wait_jobs(vol)
+    nxt = m.cut(tmp_path / "cut")
+    vol.close()
+    assert _images_agree(nxt, _open(nxt))[:len(P3)] == P3
 
 
 def _restore_setup(tmp_path):
