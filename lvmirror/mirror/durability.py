@@ -20,7 +20,9 @@ Every such save in the mirror engine goes through ``DurabilityBarrier.commit``:
 2. ``commit`` flushes (``fdatasync``) every image the state concerns, in parallel on the images'
    worker threads;
 3. an image whose flush fails is handed to ``on_error`` (the volume fails it and marks every
-   region in its change bitmap, so nothing it holds is vouched for); so is one whose flush
+   region in its change bitmap, so nothing it holds is vouched for; the last in-sync image is
+   not failed but takes the volume offline, and ``persist`` then vouches for nothing on it:
+   the checkpoint keeps its write-intent bits, a resync does not copy from it); so is one whose flush
    outlasts the caller's ``limit`` (the volume bounds an image that serves no reads,
    ``MirrorVolume._flush_limit``), its flush then counted as left behind on its device;
 4. then ``persist(durable)`` runs with the images whose flush succeeded, and writes the snapshot.

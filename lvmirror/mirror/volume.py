@@ -553,7 +553,9 @@ class MirrorVolume:
         someone just filled). Nothing otherwise (a split image's resync: its sources' writes
         set their bits), so such a resync pays no flush. Later writes reach the resync's
         image too and set their bits. An image whose flush fails is failed
-        (``_flush_failed``). Found by the tenth and eleventh newcomer trials (an attach to a
+        (``_flush_failed``); when that was the last in-sync image (the volume goes offline
+        instead) VolumeIOError is raised and the resync stops, its image still syncing.
+        Found by the tenth and eleventh newcomer trials (an attach to a
         one-image volume; a resync resumed after a restart; a creation, 2026-12-05)."""
         with self._sources_flush:
             with self._elock:
@@ -561,8 +563,13 @@ class MirrorVolume:
                 due = min(self._unlogged_seq, epoch.seq - 1)
             if due <= self._sources_seq:
                 return
-            self._barrier.flush([o for o in self._storage_images()
-                                 if o.state is ImageState.IN_SYNC], self._flush_limit)
+            sources = [o for o in self._storage_images() if o.state is ImageState.IN_SYNC]
+            durable = self._barrier.flush(sources, self._flush_limit)
+            if any(o not in durable and o.state is ImageState.IN_SYNC for o in sources):
+                # the last in-sync image's flush failed (the volume went offline instead of
+                # failing it): nothing may be copied from it as durable
+                raise VolumeIOError(f"volume {self.name}: the resync's source could not be "
+                                    f"made durable (its flush failed)", is_read=False)
             self._sources_seq = due
 
     def _enter(self) -> _Epoch:
@@ -1890,14 +1897,21 @@ class MirrorVolume:
             # flushes first)
             return 0
 
+        flushed = self._storage_images()
+
         def persist(durable):
             with self._meta:
                 for im, snap in snaps:
                     if im.bitmap is not None:
                         snap.union_update(im.bitmap)   # never save fewer marks than now
                         snap.save(self._bitmap_path(im))
+            if any(im not in durable and im.state is not ImageState.FAILED for im in flushed):
+                # a flush failed on an image that still counts (the last in sync: the volume
+                # went offline instead of failing it): its writes are not durable, so their
+                # write-intent bits stay (a split image's resync relies on them)
+                return 0
             return self._wil.clean(cutoff, self._torn_chunks())
-        return self._barrier.commit(self._storage_images(), persist, what="checkpoint",
+        return self._barrier.commit(flushed, persist, what="checkpoint",
                                     limit=self._flush_limit)
 
     def _flush_loop(self, interval):

@@ -248,6 +248,73 @@ def test_a_mirror_created_over_a_source_just_written_copies_it_durably(tmp_path)
     assert _images_agree(nxt, _open(nxt))[:len(P3)] == P3
 
 
+def _first_flush_fails(st):
+    """Image storage ``st``'s next flush raises EIO (a device that lost its cache), later ones
+    work."""
+    real, failed = st.flush, []
+
+    def flush():
+        if not failed:
+            failed.append(1)
+            raise ImageIOError(st, errno.EIO, "flush: EIO (injected)", op="flush",
+                               offset=None, length=0)
+        return real()
+    st.flush = flush
+    return failed
+
+
+def test_a_resync_whose_only_source_cannot_be_made_durable_stops(tmp_path):
+    """The attach's flush of the one in-sync image fails: that image is the last in sync, so
+    the volume goes offline instead of failing it, and nothing may be copied from it as
+    durable. The resync stops with its image still syncing (it is not marked in sync over
+    data the source may lose); after a power cut the operator's resync copies again and the
+    images agree. (A review of this stop's fix found the copy going on and called in sync, the
+    images then differing in 32 regions.)"""
+    m = Machine(tmp_path / "meta")
+    a, c = str(tmp_path / "a.img"), str(tmp_path / "c.img")
+    vol = _mirror_with_p1(m, [a])
+    _write(vol, 0, P3)                                  # buffered, never flushed
+    failed = _first_flush_fails(vol.image_storage(0))
+    vol.attach(c)
+    job = vol.jobs[vol._images[1].rec.id]
+    assert job.wait(30) and failed
+    assert job.state == "failed" and "could not be made durable" in job.error
+    assert _images_of(vol)[1][1] is ImageState.SYNCING
+    nxt = m.cut(tmp_path / "cut")
+    vol.close()
+    vol2 = _open(nxt)
+    assert _images_of(vol2)[1][1] is ImageState.SYNCING
+    _wait_jobs(vol2)
+    if not vol2.jobs:                 # a failed resync waits for the operator's resync
+        vol2.resync(1)
+    _wait_jobs(vol2)
+    _images_agree(nxt, vol2)
+
+
+def test_a_checkpoint_whose_flush_failed_keeps_the_write_intent_bits(tmp_path):
+    """A checkpoint's flush of the last in-sync image fails (the volume goes offline, the
+    image stays): the write-intent bits of its writes are not cleared, so a split image's
+    resync, which relies on them rather than on flushing its source, is still covered: after
+    a power cut crash recovery copies those regions and the images agree. (Found by the same
+    review: the bits were cleared, 32 regions differed.)"""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_with_p1(m, [a, b])
+    vol.split(1)
+    _write(vol, 0, P3)                                  # logged: bits and the split bitmap
+    bits = vol._wil.bitmap.count()
+    failed = _first_flush_fails(vol.image_storage(0))
+    vol.checkpoint()
+    assert failed and bits and vol._wil.bitmap.count() == bits
+    job = vol.resync(1)
+    assert job.wait(30)
+    nxt = m.cut(tmp_path / "cut")
+    vol.close()
+    vol2 = _open(nxt)
+    _wait_jobs(vol2)
+    _images_agree(nxt, vol2)
+
+
 def _restore_setup(tmp_path):
     m = Machine(tmp_path / "meta")
     a, b, c = (str(tmp_path / f"{n}.img") for n in "abc")
