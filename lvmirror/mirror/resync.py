@@ -135,6 +135,16 @@ class _Job:
                 return
             self._cancel.wait((nbytes - self._tokens) / self._rate)
 
+    def _fail(self, error):
+        """End the job as failed with ``error`` (a str for status) and say so in the journal:
+        the cause (an image's I/O error, a flush that failed) is logged where it happens, but
+        only this line says the copy stopped and its image is left as it was (a resync's
+        target still syncing, a restore registered to resume)."""
+        done = f"{self.bytes_done} of {self.bytes_total} bytes"
+        log.error("volume %s: %s of image %s failed after %s: %s", self.vol.name, self.kind,
+                  self.image_id, done, error)
+        self._finish("failed", error)
+
     def _finish(self, state, error=None):
         self.state = state
         self.error = error
@@ -222,13 +232,13 @@ class ResyncJob(_Job):
                         self._finish("done")
                         return
         except _TargetFailed as e:
-            self._finish("failed", f"target image failed: {e}")
+            self._fail(f"target image failed: {e}")
         except Exception as e:  # report, never kill the daemon
             try:
                 vol.control.pause_resync(img, keep_resume=False)
             except Exception:
                 pass
-            self._finish("failed", f"{type(e).__name__}: {e}")
+            self._fail(f"{type(e).__name__}: {e}")
 
     def _copy(self, r, buf):
         vol, img, bm = self.vol, self.img, self.bitmap
@@ -380,7 +390,7 @@ class RestoreJob(_Job):
             vol.control.finish_restore(self.img, self)
             self._finish("done")
         except Exception as e:
-            self._finish("failed", f"{type(e).__name__}: {e}")
+            self._fail(f"{type(e).__name__}: {e}")
 
     def _restore_region(self, r, buf, *, commit) -> bool:
         """Copy region ``r`` from the split image to every live image under the region lock;

@@ -1,5 +1,6 @@
 """Faults: an image error fails that image, the volume carries on degraded, re-add resyncs."""
 
+import logging
 import os
 
 import pytest
@@ -99,7 +100,7 @@ def test_shrunk_image_refused_at_open(tmp_path):
         MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
 
 
-def test_syncing_image_failure_stops_resync(tmp_path):
+def test_syncing_image_failure_stops_resync(tmp_path, caplog):
     opener = Opener()
     vol, _, paths = make_volume(tmp_path, 1, opener=opener)
     write(vol, 0, pattern(4, 1))
@@ -118,5 +119,10 @@ def test_syncing_image_failure_stops_resync(tmp_path):
     assert job.wait(10)
     assert job.state == "failed"
     assert vol.images[idx].state is ImageState.FAILED
+    # the journal says the copy stopped, with how far it got (not only status)
+    ends = [r.getMessage() for r in caplog.records
+            if r.levelno == logging.ERROR and r.name == "lvmirror.mirror.resync"]
+    assert ends == [f"volume vol: resync of image {job.image_id} failed after "
+                    f"{job.bytes_done} of {job.bytes_total} bytes: {job.error}"], ends
     assert read(vol, 0, 4) == pattern(4, 1)
     vol.close()

@@ -9,6 +9,7 @@ byte-identical, nothing stale marked in sync or restored.
 
 import errno
 import json
+import logging
 import os
 import random
 import threading
@@ -259,7 +260,7 @@ def _first_flush_fails(st):
     return failed
 
 
-def test_a_resync_whose_only_source_cannot_be_made_durable_stops(tmp_path):
+def test_a_resync_whose_only_source_cannot_be_made_durable_stops(tmp_path, caplog):
     """The attach's flush of the one in-sync image fails: that image is the last in sync, so
     the volume goes offline instead of failing it, and nothing may be copied from it as
     durable. The resync stops with its image still syncing (it is not marked in sync over
@@ -276,6 +277,11 @@ def test_a_resync_whose_only_source_cannot_be_made_durable_stops(tmp_path):
     assert job.wait(30) and failed
     assert job.state == "failed" and "could not be made durable" in job.error
     assert _images_of(vol)[1][1] is ImageState.SYNCING
+    # the job's end is in the journal, not only in status (the flush's own line is the cause)
+    ends = [r.getMessage() for r in caplog.records
+            if r.levelno == logging.ERROR and r.name == "lvmirror.mirror.resync"]
+    assert len(ends) == 1 and "resync of image" in ends[0] and \
+        "could not be made durable" in ends[0], ends
     nxt = m.cut(tmp_path / "cut")
     vol.close()
     vol2 = _open(nxt)
