@@ -48,6 +48,17 @@ class JobControl:
             raise StateError(f"volume {self.vol.name}: split image {image_index} is exported as "
                              f"a LUN; remove that LUN before {doing} it")
 
+    def _refuse_if_offline(self, doing):
+        """StateError while the volume is offline (its last in-sync image failed a write or a
+        flush, ``MirrorVolume.offline``): a copy from that image would vouch for data it may
+        have lost, and a copy into it would fail. It serves again once the image answers
+        (``MirrorVolume.probe``, run by every flusher round)."""
+        why = self.vol.offline
+        if why is not None:
+            raise StateError(f"volume {self.vol.name} is offline ({why}); {doing} once its "
+                             f"in-sync image answers again (lvmirrord probes it every flusher "
+                             f"round)")
+
     def resync(self, image_index, *, rate_limit=None, full=False):
         """Bring a split or failed image back in sync by copying the regions its change bitmap
         marks (a paused 'syncing' image resumes). Returns the running ResyncJob.
@@ -62,7 +73,7 @@ class JobControl:
         marked, never in sync with part of a copy.
 
         Raises StateError: the image is in sync (without ``full``), exported as a LUN, already
-        has a job, a restore runs, no other image is in sync, or an I/O left behind when it was
+        has a job, a restore runs, the volume is offline, no other image is in sync, or an I/O left behind when it was
         failed as slow (``leg_timeout``) is still in flight on its device ``legs.STUCK_IO_WAIT``
         seconds after the call (``Leg.stuck_io``). IndexError: no such image."""
         vol = self.vol
@@ -85,6 +96,7 @@ class JobControl:
             self._refuse_if_exported(img, image_index, "resyncing")
             if self.restore_job is not None:
                 raise StateError(f"volume {vol.name}: a restore is running; resync after it ends")
+            self._refuse_if_offline("resync")
             if not any(o.state is ImageState.IN_SYNC for o in vol._images if o is not img):
                 raise StateError(f"volume {vol.name}: no other in-sync image to resync "
                                  f"image {image_index} from")
@@ -202,12 +214,14 @@ class JobControl:
         after the call are kept. When the job is done the image stays split and its change
         bitmap holds exactly the regions written since they were restored (empty if none).
         ``rate_limit`` MB/s (None: unlimited; ValueError as ``resync.check_rate``, before
-        anything is saved) is kept across a restart."""
+        anything is saved) is kept across a restart. StateError also while the volume is
+        offline (its live images could not take the copy)."""
         vol = self.vol
         rate_limit = check_rate(rate_limit)
         vol._check_open()
         with vol._mgmt:
             vol.splits.check_idle("restore")
+            self._refuse_if_offline("restore")
             img = vol._img(image_index)
             if img.exported:
                 raise StateError(f"volume {vol.name}: split image {image_index} is exported as "
@@ -300,7 +314,8 @@ class JobControl:
         already an image of this volume or a current image of another volume of the state
         directory (by real path, device and inode), a block device another user holds (opened
         with O_EXCL as LIO's iblock does; the holder is named). StateError: 4 images already,
-        no in-sync image to copy from, or an I/O left behind in flight on the same device when
+        a restore running (attach after it ends, as ``resync``), the volume offline, no in-sync
+        image to copy from, or an I/O left behind in flight on the same device when
         it was failed as slow (detached since; ``Leg.stuck_io``). ValueError: a bad ``rate_limit`` (checked first)."""
         vol = self.vol
         rate_limit = check_rate(rate_limit)
@@ -310,6 +325,9 @@ class JobControl:
             vol.splits.check_idle("attach an image")
             if len(vol._images) >= MAX_IMAGES:
                 raise StateError(f"volume {vol.name}: already has {MAX_IMAGES} images")
+            if self.restore_job is not None:
+                raise StateError(f"volume {vol.name}: a restore is running; attach after it ends")
+            self._refuse_if_offline("attach an image")
             for im in vol._images:
                 try:
                     imagecheck.check_distinct([im.rec.path, path], name=vol.name)

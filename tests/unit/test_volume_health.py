@@ -361,3 +361,30 @@ def test_a_refused_write_is_never_served_from_the_page_cache(tmp_path):
     assert vol.probe()
     assert vol.image_storage(0).stats["cache_drops"] == 2
     vol.close()
+
+
+def test_an_offline_volume_refuses_copies_until_its_image_answers(tmp_path):
+    """The last in-sync image failed a write: the volume is offline, and a resync, a restore
+    or an attach would copy from (or into) an image that may have lost data. Each is refused
+    with a StateError that says the volume is offline and why, before anything is saved; once
+    the image answers again (``probe``) the same resync runs."""
+    vol, opener, paths = make_volume(tmp_path, 2)
+    vol.split(1)
+    write(vol, 0, pattern(1, 12))                  # image 1 misses it: its bitmap marks it
+    opener.by_path[paths[0]].fail_writes = True
+    with pytest.raises(VolumeIOError):
+        write(vol, 8, pattern(1, 13))
+    assert vol.health == "offline"
+    jobs = dict(vol.jobs)
+    for op in (lambda: vol.resync(1), lambda: vol.restore(1),
+               lambda: vol.attach(str(tmp_path / "new.img"))):
+        with pytest.raises(StateError, match=r"is offline \(image 0 .*last in-sync"):
+            op()
+    assert not (tmp_path / "new.img").exists()     # refused before the image was created
+    assert vol.images[1].state is ImageState.SPLIT and vol.jobs == jobs
+    opener.by_path[paths[0]].fail_writes = False
+    assert vol.probe()
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    assert read(vol, 0, 1) == pattern(1, 12) and image_bytes(paths[0]) == image_bytes(paths[1])
+    vol.close()

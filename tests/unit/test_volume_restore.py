@@ -107,3 +107,28 @@ def test_cancelled_restore_resumes_and_blocks_detach(tmp_path):
     assert image_bytes(paths[0]) == image_bytes(paths[1]) == snap
     vol.detach(2)
     vol.close()
+
+
+def test_attach_and_resync_wait_for_a_running_restore(tmp_path):
+    """While a restore rolls the live images back, a resync and an attach (a full resync) are
+    refused alike, saying a restore runs; both work once it is done."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
+    vol.split(2)
+    vol.split(1)
+    write(vol, 0, pattern(1, 9))
+    gate = Gate(lambda op, off, ln: op == "read" and off == 0)
+    opener.by_path[paths[2]].gates.append(gate)
+    job = vol.restore(2)
+    gate.wait_reached()
+    new = tmp_path / "new.img"
+    with pytest.raises(StateError, match="a restore is running; attach after it ends"):
+        vol.attach(str(new))
+    with pytest.raises(StateError, match="a restore is running; resync after it ends"):
+        vol.resync(1)
+    assert not new.exists() and len(vol.images) == 3
+    gate.open()
+    assert job.wait(10) and job.state == "done"
+    idx = vol.attach(str(new))
+    assert vol.jobs[vol.images[idx].id].wait(10)
+    assert image_bytes(str(new)) == image_bytes(paths[0]) == image_bytes(paths[2])
+    vol.close()
