@@ -141,8 +141,8 @@ class _Job:
         only this line says the copy stopped and its image is left as it was (a resync's
         target still syncing, a restore registered to resume)."""
         done = f"{self.bytes_done} of {self.bytes_total} bytes"
-        log.error("volume %s: %s of image %s failed after %s: %s", self.vol.name, self.kind,
-                  self.image_id, done, error)
+        log.error("volume %s: %s of image id %s (%s) failed after %s: %s", self.vol.name,
+                  self.kind, self.image_id, self.img.rec.path, done, error)
         self._finish("failed", error)
 
     def _finish(self, state, error=None):

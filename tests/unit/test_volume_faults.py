@@ -122,7 +122,7 @@ def test_syncing_image_failure_stops_resync(tmp_path, caplog):
     # the journal says the copy stopped, with how far it got (not only status)
     ends = [r.getMessage() for r in caplog.records
             if r.levelno == logging.ERROR and r.name == "lvmirror.mirror.resync"]
-    assert ends == [f"volume vol: resync of image {job.image_id} failed after "
+    assert ends == [f"volume vol: resync of image id {job.image_id} ({newpath}) failed after "
                     f"{job.bytes_done} of {job.bytes_total} bytes: {job.error}"], ends
     assert read(vol, 0, 4) == pattern(4, 1)
     vol.close()
