@@ -218,8 +218,10 @@ def restore_group(host_of, members, rate_mbps: float = 0.0, *,
     """Roll every member volume back to its split image at one instant: the restores start
     while the completions of all their LUNs are held, so each volume reads as its split copy
     from the same moment on (``VolumeHost.restore``; the copies then run in the background at
-    ``rate_mbps`` MB/s each, 0: unlimited). Every member is checked first (its image split, not
-    exported, no restore running): StateError with nothing started when one is not. Returns
+    ``rate_mbps`` MB/s each, 0: unlimited). Every member is checked first - its image split,
+    not exported as a LUN, no restore running, the volume not offline (``status``) - and a
+    StateError is raised with nothing started when one is not. A restore can still fail to
+    start after the checks (the state changed meanwhile). Returns
     ``{"members": [job progress with "volume"], "hold_seconds", "held_commands", "luns"}``.
     StateError naming the restores already started when one fails to start."""
     members = parse_members(members)
@@ -234,6 +236,16 @@ def restore_group(host_of, members, rate_mbps: float = 0.0, *,
         if images[image]["state"] != "split":
             raise StateError(f"volume {name}: image {image} is {images[image]['state']}; only "
                              f"a split image can be restored from")
+        if st.get("offline"):
+            raise StateError(f"volume {name} is offline ({st['offline']}); no restore of the "
+                             f"group was started")
+        if image in st.get("exported", ()):
+            raise StateError(f"volume {name}: split image {image} is exported as a LUN; no "
+                             f"restore of the group was started")
+        if any(j.get("kind") == "restore" and j.get("state") == "running"
+               for j in st.get("jobs", ())):
+            raise StateError(f"volume {name}: a restore is running; no restore of the group "
+                             f"was started")
     groups = _hosts(host_of, members)
     t0 = time.monotonic()
     started, failed, hold = _each_under_hold(

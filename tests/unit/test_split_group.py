@@ -195,6 +195,38 @@ def test_a_group_restore_rolls_every_volume_back(gw):
     assert json.dumps(d.status())                  # still answers
 
 
+def test_a_group_restore_with_an_offline_member_starts_nothing(gw):
+    """vb's last in-sync image refuses a write (the volume goes offline): restore-group names
+    vb as offline and starts no restore, not even va's (trial 13: va was rolled back, then the
+    call failed on vb). Once vb answers again the same group restore runs."""
+    import errno
+    from lvmirror.errors import ImageIOError
+    d, emus, paths = gw
+    if d._local is None:
+        pytest.skip("the fault is injected into the volume lvmirrord hosts itself")
+    d.split_group(["va:1", "vb:1"])
+    st = d._local.registry.get("vb").image_storage(0)
+    real = st.writev
+
+    def refuse(offset, buffers, **kw):
+        raise ImageIOError(st, errno.EIO, "write: EIO (injected)", op="write", offset=offset,
+                           length=sum(len(b) for b in buffers))
+    st.writev = refuse
+    (c,) = emus["vb"].wait([emus["vb"].submit(cdb10(0x2A, 8, 1), data_out=_block(3))]).values()
+    assert c.status != 0
+    assert d.status()["volumes"]["vb"]["health"] == "offline"
+    with pytest.raises(StateError, match="volume vb is offline"):
+        d.restore_group(["va:1", "vb:1"])
+    assert not any(j["kind"] == "restore" for v in ("va", "vb")
+                   for j in d.status()["volumes"][v]["jobs"])
+    st.writev = real
+    assert d._local.registry.get("vb").probe()
+    res = d.restore_group(["va:1", "vb:1"])
+    assert [m["volume"] for m in res["members"]] == ["va", "vb"]
+    wait_for(lambda: all(j["state"] != "running" for v in ("va", "vb")
+                         for j in d.status()["volumes"][v]["jobs"]), what="restores")
+
+
 class _SlowSwitch:
     """A member's host whose switch takes 0.2 s longer, as a busy volume process would."""
 
