@@ -21,8 +21,10 @@ Every such save in the mirror engine goes through ``DurabilityBarrier.commit``:
    worker threads;
 3. an image whose flush fails is handed to ``on_error`` (the volume fails it and marks every
    region in its change bitmap, so nothing it holds is vouched for; the last in-sync image is
-   not failed but takes the volume offline, and ``persist`` then vouches for nothing on it:
-   the checkpoint keeps its write-intent bits, a resync does not copy from it); so is one whose flush
+   not failed but takes the volume offline, and ``persist`` then vouches for nothing on it
+   (``not_durable``): the checkpoint keeps its write-intent bits, a close does not mark the
+   volume clean, a restore records no region as restored, a scrub saves no record past its
+   repairs, a resync does not copy from it); so is one whose flush
    outlasts the caller's ``limit`` (the volume bounds an image that serves no reads,
    ``MirrorVolume._flush_limit``), its flush then counted as left behind on its device;
 4. then ``persist(durable)`` runs with the images whose flush succeeded, and writes the snapshot.
@@ -64,9 +66,9 @@ import threading
 import time
 
 from lvmirror.errors import ImageIOError
-from lvmirror.mirror.legs import BoundedIO
+from lvmirror.mirror.legs import BoundedIO, ImageState
 
-__all__ = ["DurabilityBarrier"]
+__all__ = ["DurabilityBarrier", "not_durable"]
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,18 @@ class DurabilityBarrier:
         """{"commits": int, "flushes": int} since the volume opened."""
         with self._lock:
             return {"commits": self.commits, "flushes": self.flushes}
+
+
+def not_durable(flushed, durable) -> list:
+    """The images of ``flushed`` whose flush did not make them durable (absent from
+    ``durable``, the list a barrier's ``persist`` is given) and that still count: not FAILED.
+    A failed flush fails its image - except the volume's last in-sync image, which is kept and
+    takes the volume offline instead (``MirrorVolume._image_error``). Its data may be lost,
+    so a ``persist`` that vouches for what it holds (the write-intent log cleared, a clean
+    shutdown, regions recorded as restored or repaired) must not save when this is not empty.
+    (Found for the checkpoint in stop 46, then for close, the restore's progress and end, and
+    the scrub's record.)"""
+    return [im for im in flushed if im not in durable and im.state is not ImageState.FAILED]
 
 
 def _flush(storage):

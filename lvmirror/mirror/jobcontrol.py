@@ -16,9 +16,10 @@ import logging
 import os
 import time
 
-from lvmirror.errors import ConfigError, StateError
+from lvmirror.errors import ConfigError, StateError, VolumeIOError
 from lvmirror.mirror import imagecheck, legs
 from lvmirror.mirror.bitmap import RegionBitmap
+from lvmirror.mirror.durability import not_durable
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.legs import MAX_IMAGES, ImageState, Leg, check_image_fits
 from lvmirror.mirror.metadata import VolumeMetadata
@@ -56,8 +57,8 @@ class JobControl:
         why = self.vol.offline
         if why is not None:
             raise StateError(f"volume {self.vol.name} is offline ({why}); {doing} once its "
-                             f"in-sync image answers again (lvmirrord probes it every flusher "
-                             f"round)")
+                             f"in-sync image answers again (lvmirrord probes it every flush "
+                             f"interval, 2 s by default)")
 
     def resync(self, image_index, *, rate_limit=None, full=False):
         """Bring a split or failed image back in sync by copying the regions its change bitmap
@@ -270,8 +271,10 @@ class JobControl:
         are cleared after the save, so an I/O that finds a region clear may rely on it."""
         vol = self.vol
         snap_lock = job.commit_lock
+        flushed = vol._storage_images()
 
         def persist(durable):
+            _refuse_not_durable(vol, flushed, durable, "regions recorded as restored")
             with snap_lock:
                 snap = job.bitmap.copy()
                 for r in regions:
@@ -279,15 +282,17 @@ class JobControl:
                 snap.save(job.path)
                 for r in regions:
                     job.bitmap.clear_region(r)
-        vol._barrier.commit(vol._storage_images(), persist, what="restore progress")
+        vol._barrier.commit(flushed, persist, what="restore progress")
 
     def finish_restore(self, img, job):
         """The restore is done: persisted after the restored data is durable on every image."""
         vol = self.vol
         with vol._meta:
             snap = img.bitmap.copy()
+        flushed = vol._storage_images()
 
         def persist(durable):
+            _refuse_not_durable(vol, flushed, durable, "the restore recorded as done")
             with vol._meta:
                 img.rec.restore_running = False
                 img.rec.restore_rate = None
@@ -301,7 +306,7 @@ class JobControl:
                     pass
                 if self.restore_job is job:
                     self.restore_job = None
-        vol._barrier.commit(vol._storage_images(), persist, what="restore done")
+        vol._barrier.commit(flushed, persist, what="restore done")
 
     def attach(self, path, *, rate_limit=None, force=False) -> int:
         """Add a new image at ``path`` (file or block device; a missing file is created sparse
@@ -457,3 +462,16 @@ class JobControl:
                 self.restore_job = job
                 vol.jobs[img.rec.id] = job
                 job.start()
+
+
+def _refuse_not_durable(vol, flushed, durable, what):
+    """Raise VolumeIOError (nothing saved) when an image of ``flushed`` that still counts was
+    not made durable by the barrier (``durability.not_durable``: the last in-sync image's flush
+    failed and the volume went offline instead of failing it): ``what`` would vouch for data
+    that image may have lost. The caller's job fails; its state on disk claims less, which is
+    always safe (a restore resumes and copies those regions again)."""
+    lost = not_durable(flushed, durable)
+    if lost:
+        raise VolumeIOError(f"volume {vol.name}: {what} not saved: the flush of "
+                            f"{', '.join(im.rec.path for im in lost)} failed, so the restored "
+                            f"data may not be durable", is_read=False)

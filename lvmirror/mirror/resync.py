@@ -206,6 +206,7 @@ class ResyncJob(_Job):
                         break
                     if img.state.value != "syncing":
                         raise _TargetFailed(img.rec.error or "target image failed")
+                    _check_online(vol, "resync")
                     self._copy(r, buf)
                     since_ck += 1
                     if since_ck >= CHECKPOINT_REGIONS or \
@@ -219,6 +220,7 @@ class ResyncJob(_Job):
                 if img.state.value != "syncing":
                     raise _TargetFailed(img.rec.error or "target image failed")
                 if bm.count() == 0:
+                    _check_online(vol, "resync")
                     t_commit = time.monotonic()
                     if vol.control.finish_resync(img, self):
                         self.phase_seconds["copy"] = t_commit - t_copy
@@ -279,6 +281,16 @@ class ResyncJob(_Job):
         finally:
             lk.release()
         self.bytes_done += ln
+
+
+def _check_online(vol, kind):
+    """StateError when ``vol`` went offline (its last in-sync image failed a write or a flush)
+    while a copy job runs: its source may have lost data, so the job stops - a resync with its
+    image still syncing, a restore registered to resume - instead of copying on and vouching
+    for the copies (``jobcontrol`` refuses to start one while offline for the same reason)."""
+    why = vol.offline
+    if why is not None:
+        raise StateError(f"volume {vol.name} went offline ({why}); the {kind} stops")
 
 
 class _TargetFailed(LvmirrorError):
@@ -372,6 +384,7 @@ class RestoreJob(_Job):
                     if self._cancel.is_set():
                         break
                     self._throttle(self.bitmap.region_range(r)[1])
+                    _check_online(vol, "restore")
                     if self._restore_region(r, buf, commit=False):
                         pending.append(r)
                     if len(pending) >= CHECKPOINT_REGIONS or \

@@ -49,8 +49,9 @@ import os
 import threading
 import time
 
-from lvmirror.errors import ImageIOError, StateError
+from lvmirror.errors import ImageIOError, StateError, VolumeIOError
 from lvmirror.mirror.bitmap import atomic_write
+from lvmirror.mirror.durability import not_durable
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.legs import ImageState
 from lvmirror.mirror.resync import CHECKPOINT_REGIONS, CHECKPOINT_SECONDS, _Job, check_rate
@@ -379,6 +380,13 @@ class ScrubJob(_Job):
         imgs = list({id(im): im for im in repaired}.values())
 
         def persist(durable):
+            if not_durable(imgs, durable):
+                # the last in-sync image's flush failed (the volume went offline instead of
+                # failing it): its repairs may be lost, and a record past them would let a
+                # resumed scrub skip them; nothing is saved, they count again next time
+                self._unsaved_repairs[:0] = repaired
+                raise VolumeIOError(f"volume {vol.name}: scrub record not saved: a repaired "
+                                    f"image's flush failed", is_read=False)
             lost = [im for im in imgs if im not in durable]
             if lost:      # failed on the flush: its regions are marked for resync already
                 log.error("volume %s: %d repaired image(s) failed to flush; they are failed "

@@ -70,7 +70,7 @@ import time
 
 from lvmirror.errors import ConfigError, ImageIOError, StateError, VolumeIOError, WouldBlock
 from lvmirror.mirror.bitmap import RegionBitmap
-from lvmirror.mirror.durability import DurabilityBarrier
+from lvmirror.mirror.durability import DurabilityBarrier, not_durable
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.jobcontrol import JobControl
@@ -693,6 +693,12 @@ class MirrorVolume:
                     self._log_space(img, index, where, exc)
                 elif not is_read:
                     img.rec.error = str(exc)
+                    # a syncing image may have taken the write this image refused (or kept data
+                    # this image's lost flush dropped): mark the range for its resync to copy
+                    # again from this image, or the two would differ once both are in sync
+                    for o in self._images:
+                        if o.state is ImageState.SYNCING and o.bitmap is not None:
+                            self._mark_lost(o, o.bitmap, offset, length, all_regions)
                     self._go_offline(f"image {index} ({img.rec.path}), the last in-sync image: "
                                      f"{where} failed (errno {errno_}): {exc}")
                 return False
@@ -1889,9 +1895,12 @@ class MirrorVolume:
         cutoff = min(self._prev_ticket, ticket) if hold else ticket
         self._prev_ticket = ticket
         with self._meta:
+            # (a syncing image's too: marks the last in-sync image's write errors add to it,
+            # ``_image_error``, are saved in the next round, not only at its resync's checkpoint)
             snaps = [(im, im.bitmap.copy()) for im in self._images
                      if im.bitmap is not None and im.state in (ImageState.SPLIT,
-                                                               ImageState.FAILED)]
+                                                               ImageState.FAILED,
+                                                               ImageState.SYNCING)]
         if not snaps and not self._wil.bitmap.count():
             # (a bit a write sets after this look is cleared by a later checkpoint, which
             # flushes first)
@@ -1905,7 +1914,7 @@ class MirrorVolume:
                     if im.bitmap is not None:
                         snap.union_update(im.bitmap)   # never save fewer marks than now
                         snap.save(self._bitmap_path(im))
-            if any(im not in durable and im.state is not ImageState.FAILED for im in flushed):
+            if not_durable(flushed, durable):
                 # a flush failed on an image that still counts (the last in sync: the volume
                 # went offline instead of failing it): its writes are not durable, so their
                 # write-intent bits stay (a split image's resync relies on them)
@@ -1953,11 +1962,23 @@ class MirrorVolume:
                             "(a write found no space on any image); the write-intent log keeps "
                             "them and the next open repairs them", self.name, torn)
 
+            flushed = self._storage_images()
+
             def persist(durable):
                 with self._meta:
                     for im in self._images:
                         if im.bitmap is not None:
                             im.bitmap.save(self._bitmap_path(im))
+                    lost = not_durable(flushed, durable)
+                    if lost:
+                        # the last in-sync image's flush failed (the volume went offline
+                        # instead of failing it): nothing on it is durable, so the write-intent
+                        # log keeps every bit and the volume is not marked clean; the next open's
+                        # crash recovery copies those regions again
+                        log.error("volume %s: closing without a clean mark: the flush of %s "
+                                  "failed; the next open recovers from the write-intent log",
+                                  self.name, ", ".join(im.rec.path for im in lost))
+                        return
                     if torn:     # not clean: the next open's recovery repairs the torn regions
                         self._wil.clean(self._wil.ticket(), self._torn_chunks())
                     else:
@@ -1965,8 +1986,9 @@ class MirrorVolume:
                     self._md.clean_shutdown = not torn
                     self._save_md()
             # no I/O in flight: the bitmaps need no snapshot; clean only after every image is
-            # durable (a failed flush fails that image, saved whole, before the clean mark)
-            self._barrier.commit(self._storage_images(), persist, what="clean shutdown",
+            # durable (a failed flush fails that image, saved whole, before the clean mark; the
+            # last in-sync image is not failed, and then nothing is marked clean)
+            self._barrier.commit(flushed, persist, what="clean shutdown",
                                  limit=self._flush_limit)
             for im in self._images:
                 if im.worker is not None:

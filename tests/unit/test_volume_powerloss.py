@@ -743,3 +743,64 @@ def test_a_restore_copy_of_the_epoch_before_a_failure_marks_the_failed_image(tmp
     vol2.close()
     assert states[:2] == [ImageState.IN_SYNC, ImageState.IN_SYNC]
     assert _read_image(m2, b) == _read_image(m2, a) == _expected((B_LBA, B))
+
+
+def test_a_close_whose_flush_failed_marks_nothing_clean(tmp_path, caplog):
+    """The last in-sync image's flush fails at close (the volume goes offline instead of failing
+    it): the volume is not marked clean and the write-intent log keeps its bits, so after a
+    power cut crash recovery and the resumed resync make the images agree. (Trial 13: close
+    saved clean_shutdown over the failed flush and cleared the log; after the cut 9 regions
+    differed between images marked in sync.)"""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_with_p1(m, [a, b])
+    vol.split(1)
+    _write(vol, 0, P3)                                  # buffered, never flushed
+    job = vol.resync(1, rate_limit=1.0)                 # copies P3 regions into b
+    while job.bytes_done < 8 * REGION:
+        job.wait(0.05)
+    bits = vol._wil.bitmap.count()
+    failed = _first_flush_fails(vol.image_storage(0))
+    vol.close()
+    assert failed and bits
+    md = json.load(open(os.path.join(m.meta_dir, "vol", "volume.json")))
+    assert md["clean_shutdown"] is False
+    assert any("closing without a clean mark" in r.getMessage() for r in caplog.records)
+    nxt = m.cut(tmp_path / "cut")
+    vol2 = _open(nxt)
+    _wait_jobs(vol2)
+    if not vol2.jobs:
+        vol2.resync(1)
+        _wait_jobs(vol2)
+    _images_agree(nxt, vol2)
+
+
+def test_a_restore_whose_flush_failed_records_nothing_as_restored(tmp_path):
+    """The restore's flush of the live image fails (the last in-sync one: the volume goes
+    offline): no region is recorded as restored - the job fails, its restore bitmap on disk
+    still marks every region - and after a power cut the resumed restore rolls back all of
+    them. (Trial 13: the progress was saved over the failed flush; after the cut the resumed
+    restore ended done with 16 regions of the live image never rolled back.)"""
+    m = Machine(tmp_path / "meta")
+    a, c = str(tmp_path / "a.img"), str(tmp_path / "c.img")
+    vol = _mirror_with_p1(m, [a, c])
+    vol.split(1)
+    _write(vol, 0, P3)
+    vol.flush()
+    total = HALF * BS // REGION
+    failed = _first_flush_fails(vol.image_storage(0))
+    job = vol.restore(1)
+    assert job.wait(30) and failed
+    assert job.state == "failed" and "not saved" in job.error, (job.state, job.error)
+    rpath = os.path.join(m.meta_dir, "vol", f"image-{vol.images[1].id}.restore")
+    with open(rpath, "rb") as f:
+        assert _restore_bits(f.read()) == total
+    nxt = m.cut(tmp_path / "cut")
+    vol.close()
+    vol2 = _open(nxt)
+    _wait_jobs(vol2)
+    vol2.close()
+    data = _read_image(nxt, a)
+    bad = [r for r in range(SIZE // REGION)
+           if data[r * REGION:(r + 1) * REGION] != P1[r * REGION:(r + 1) * REGION]]
+    assert not bad, f"regions {bad} of the live image were not rolled back"
