@@ -313,6 +313,13 @@ def test_a_checkpoint_whose_flush_failed_keeps_the_write_intent_bits(tmp_path):
         vol.resync(1)
     nxt = m.cut(tmp_path / "cut")
     vol.close()
+    _recover_and_agree(nxt)
+
+
+def _recover_and_agree(nxt):
+    """Open the volume on machine ``nxt`` (after a cut), let its resumed jobs end, run the
+    operator's resync of image 1 if none resumed (a failed one waits for it), and check the
+    images agree (``_images_agree``)."""
     vol2 = _open(nxt)
     _wait_jobs(vol2)
     if not vol2.jobs:
@@ -766,13 +773,7 @@ def test_a_close_whose_flush_failed_marks_nothing_clean(tmp_path, caplog):
     md = json.load(open(os.path.join(m.meta_dir, "vol", "volume.json")))
     assert md["clean_shutdown"] is False
     assert any("closing without a clean mark" in r.getMessage() for r in caplog.records)
-    nxt = m.cut(tmp_path / "cut")
-    vol2 = _open(nxt)
-    _wait_jobs(vol2)
-    if not vol2.jobs:
-        vol2.resync(1)
-        _wait_jobs(vol2)
-    _images_agree(nxt, vol2)
+    _recover_and_agree(m.cut(tmp_path / "cut"))
 
 
 def test_a_restore_whose_flush_failed_records_nothing_as_restored(tmp_path):
