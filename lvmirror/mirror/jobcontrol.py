@@ -201,6 +201,10 @@ class JobControl:
             with vol._meta:
                 if img not in durable or img.state is not ImageState.SYNCING:
                     return       # failed meanwhile: its bitmap is whole and already saved
+                # never fewer marks than now: a mark added during the flush (a write the last
+                # in-sync image refused, ``_image_error``, saved by it already) must not be
+                # overwritten; adding marks never vouches for anything
+                snap.union_update(img.bitmap)
                 snap.save(vol._bitmap_path(img))
                 if next_region is not _KEEP:
                     img.rec.resync_next = next_region

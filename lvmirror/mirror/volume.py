@@ -698,7 +698,10 @@ class MirrorVolume:
                     # again from this image, or the two would differ once both are in sync
                     for o in self._images:
                         if o.state is ImageState.SYNCING and o.bitmap is not None:
-                            self._mark_lost(o, o.bitmap, offset, length, all_regions)
+                            marks = RegionBitmap(self.size, self.region_size)
+                            self._mark_lost(o, marks, offset, length, all_regions)
+                            o.bitmap.union_update(marks)
+                            self._save_marks(o, marks)
                     self._go_offline(f"image {index} ({img.rec.path}), the last in-sync image: "
                                      f"{where} failed (errno {errno_}): {exc}")
                 return False
@@ -730,6 +733,26 @@ class MirrorVolume:
         report()
         self._persist_failure(img, bm)
         self._switch_epoch()
+
+    def _save_marks(self, img, marks):
+        """Add ``marks`` (a RegionBitmap) to the change bitmap saved for ``img`` on disk, under
+        ``_meta``, with no flush of any image: adding marks vouches for nothing, and the saved
+        bitmap is what the next open resumes ``img``'s resync from (its resync's own saves
+        union the live bitmap, so they keep these marks too). Without a readable saved bitmap
+        nothing is written: the next open marks every region then. A failed save is logged;
+        the marks stay in memory."""
+        path = self._bitmap_path(img)
+        try:
+            saved = RegionBitmap.load(path, self.size, self.region_size)
+        except (OSError, ValueError):
+            return
+        saved.union_update(marks)
+        try:
+            saved.save(path)
+        except OSError as e:
+            self._stats["metadata_errors"] += 1
+            log.error("volume %s: image %s: its change bitmap's new marks not saved: %s",
+                      self.name, img.rec.path, e)
 
     def _mark_lost(self, img, bm, offset, length, all_regions):
         """Mark in ``bm`` what a failed I/O on ``img`` may have lost (see ``_image_error``)."""
@@ -1895,12 +1918,9 @@ class MirrorVolume:
         cutoff = min(self._prev_ticket, ticket) if hold else ticket
         self._prev_ticket = ticket
         with self._meta:
-            # (a syncing image's too: marks the last in-sync image's write errors add to it,
-            # ``_image_error``, are saved in the next round, not only at its resync's checkpoint)
             snaps = [(im, im.bitmap.copy()) for im in self._images
                      if im.bitmap is not None and im.state in (ImageState.SPLIT,
-                                                               ImageState.FAILED,
-                                                               ImageState.SYNCING)]
+                                                               ImageState.FAILED)]
         if not snaps and not self._wil.bitmap.count():
             # (a bit a write sets after this look is cleared by a later checkpoint, which
             # flushes first)

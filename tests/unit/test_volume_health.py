@@ -419,6 +419,8 @@ def test_a_write_the_last_in_sync_image_refused_is_copied_again_into_a_syncing_o
         write(vol, 2 * 128, pattern(128, 999))
     assert vol.health == "offline"
     assert vol.change_bitmap(1).test_region(2)
+    saved = bitmap_mod.RegionBitmap.load(vol._bitmap_path(vol._images[1]), vol.size, R)
+    assert saved.test_region(2)                       # on disk at once, no image flushed
     if running:
         gate.open()
         assert job.wait(10) and job.state == "failed" and "went offline" in job.error
@@ -430,4 +432,29 @@ def test_a_write_the_last_in_sync_image_refused_is_copied_again_into_a_syncing_o
     assert [i.state for i in vol.images] == [ImageState.IN_SYNC, ImageState.IN_SYNC]
     assert image_bytes(paths[0]) == image_bytes(paths[1])
     assert {read(vol, 2 * 128, 128) for _ in range(8)} == {image_bytes(paths[0], 2 * R, R)}
+    vol.close()
+
+
+def test_idle_checkpoints_during_a_resync_flush_nothing(tmp_path):
+    """With no write-intent bit set and no split or failed image's bitmap to save, a checkpoint
+    writes nothing and flushes no image, also while a resync runs (trial 14: saving syncing
+    images' bitmaps in every checkpoint made each idle flusher round of a resync flush every
+    image, 10 flushes in 5 rounds; the refused write's marks are saved where they are made)."""
+    R = 64 << 10
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=R)
+    vol.split(1)
+    for r in range(16):
+        write(vol, r * 128, pattern(128, 100 + r))
+    gate = Gate(lambda op, off, ln: op == "write" and off == 8 * R)
+    opener.by_path[paths[1]].gates.append(gate)
+    job = vol.resync(1)
+    gate.wait_reached()                               # the resync runs, held at a copy
+    vol.checkpoint()
+    assert vol._wil.bitmap.count() == 0
+    before = vol._barrier.stats["flushes"]
+    for _ in range(5):
+        assert vol.checkpoint(hold=True) == 0
+    assert vol._barrier.stats["flushes"] == before
+    gate.open()
+    assert job.wait(10) and job.state == "done"
     vol.close()
