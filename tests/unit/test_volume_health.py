@@ -390,6 +390,24 @@ def test_an_offline_volume_refuses_copies_until_its_image_answers(tmp_path):
     vol.close()
 
 
+REGION64 = 64 << 10
+
+
+def _resync_held_at_region_8(tmp_path):
+    """A 2-image volume (64 KiB regions) with image 1 split, 16 regions written, and image 1's
+    resync running, held at its copy of region 8 (regions 0-7 copied). Returns (vol, opener,
+    paths, gate, job); ``gate.open()`` lets the copy go on."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION64)
+    vol.split(1)
+    for r in range(16):
+        write(vol, r * 128, pattern(128, 100 + r))
+    gate = Gate(lambda op, off, ln: op == "write" and off == 8 * REGION64)
+    opener.by_path[paths[1]].gates.append(gate)
+    job = vol.resync(1)
+    gate.wait_reached()
+    return vol, opener, paths, gate, job
+
+
 @pytest.mark.parametrize("running", [True, False], ids=["resync-running", "resync-paused"])
 def test_a_write_the_last_in_sync_image_refused_is_copied_again_into_a_syncing_one(tmp_path,
                                                                                    running):
@@ -400,15 +418,8 @@ def test_a_write_the_last_in_sync_image_refused_is_copied_again_into_a_syncing_o
     both in sync, agree. (Trial 13: the resync marked its image in sync while offline, and
     reads of that region then alternated between the old data and the unacknowledged write;
     paused and resumed after the probe, the same.)"""
-    R = 64 << 10
-    vol, opener, paths = make_volume(tmp_path, 2, region_size=R)
-    vol.split(1)
-    for r in range(16):
-        write(vol, r * 128, pattern(128, 100 + r))
-    gate = Gate(lambda op, off, ln: op == "write" and off == 8 * R)
-    opener.by_path[paths[1]].gates.append(gate)
-    job = vol.resync(1)
-    gate.wait_reached()
+    R = REGION64
+    vol, opener, paths, gate, job = _resync_held_at_region_8(tmp_path)
     if not running:
         job.cancel()
         gate.open()
@@ -440,15 +451,7 @@ def test_idle_checkpoints_during_a_resync_flush_nothing(tmp_path):
     writes nothing and flushes no image, also while a resync runs (trial 14: saving syncing
     images' bitmaps in every checkpoint made each idle flusher round of a resync flush every
     image, 10 flushes in 5 rounds; the refused write's marks are saved where they are made)."""
-    R = 64 << 10
-    vol, opener, paths = make_volume(tmp_path, 2, region_size=R)
-    vol.split(1)
-    for r in range(16):
-        write(vol, r * 128, pattern(128, 100 + r))
-    gate = Gate(lambda op, off, ln: op == "write" and off == 8 * R)
-    opener.by_path[paths[1]].gates.append(gate)
-    job = vol.resync(1)
-    gate.wait_reached()                               # the resync runs, held at a copy
+    vol, opener, paths, gate, job = _resync_held_at_region_8(tmp_path)
     vol.checkpoint()
     assert vol._wil.bitmap.count() == 0
     before = vol._barrier.stats["flushes"]
