@@ -252,6 +252,9 @@ class ResyncJob(_Job):
             if not bm.test_region(r):
                 return
             view = buf[:ln]
+            # the volume going offline from here on (a flush of the source that failed may
+            # have dropped what this copy reads) marks this region again: keep its bit then
+            offline_seen = vol.stats_offline_events()
             ep = vol._enter()
             try:
                 t_read = time.monotonic()
@@ -273,8 +276,12 @@ class ResyncJob(_Job):
                 with vol._meta:
                     # A flush of the target that failed meanwhile (the flusher's round, an
                     # initiator's SYNCHRONIZE CACHE) failed the image and marked every
-                    # region: this copy is not vouched for either, its bit stays set.
-                    if img.state.value == "syncing":
+                    # region: this copy is not vouched for either, its bit stays set. So
+                    # when the volume went offline since the read (the source's flush failed
+                    # and marked the region, ``_image_error``; a probe may have brought it
+                    # back meanwhile): the copy may hold data the source lost.
+                    if img.state.value == "syncing" and vol.offline is None \
+                            and vol.stats_offline_events() == offline_seen:
                         bm.clear_region(r)
             finally:
                 vol._leave(ep)

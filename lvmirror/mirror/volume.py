@@ -838,6 +838,11 @@ class MirrorVolume:
                       "READY answer NOT READY until the image answers again (checked every "
                       "flusher round, or 'probe')", self.name, reason)
 
+    def stats_offline_events(self) -> int:
+        """How many times the volume has gone offline since it opened (a count that only
+        grows; a copy compares it before and after to know whether the source failed between)."""
+        return self._stats["offline_events"]
+
     @property
     def offline(self) -> str | None:
         """Why no image can serve (None while the volume serves)."""
