@@ -12,10 +12,10 @@ import pytest
 
 from lvmirror.errors import ImageIOError
 from lvmirror.mirror.bitmap import RegionBitmap
-from tests.unit.powerloss import POWER, Machine
+from tests.unit.powerloss import Machine
 from tests.unit.test_volume_helpers import pattern
 from tests.unit.test_volume_powerloss import (  # noqa: F401 (_power: the fixture)
-    P3, REGION, _images_agree, _mirror_with_p1, _power, _recover_and_agree, _write)
+    P3, REGION, _images_agree, _mirror_with_p1, _power, _recover_and_agree, _write, lose_cache_of)
 
 R = 20
 X = bytes(pattern(REGION // 512, 0x7777))
@@ -23,18 +23,11 @@ X = bytes(pattern(REGION // 512, 0x7777))
 
 def _flush_fails_losing_cache(st):
     real, fired = st.flush, []
-    disk = st.disk
 
     def flush():
         if not fired:
             fired.append(1)
-            with POWER:
-                with disk.lock:
-                    lost, disk.dirty = disk.dirty, []
-                with open(st.path, "r+b") as f:
-                    for off, ln in lost:
-                        f.seek(off)
-                        f.write(disk.durable[off:off + ln])
+            lose_cache_of(st)
             raise ImageIOError(st, errno.EIO, "flush: EIO (injected)", op="flush",
                                offset=None, length=0)
         return real()

@@ -599,13 +599,26 @@ def _expected(*writes):
     return bytes(out)
 
 
+def lose_cache_of(storage):
+    """The image ``storage`` (a powerloss VolatileImage) loses every write it had not flushed,
+    as a failing disk's volatile cache or page cache writeback that failed would: its file
+    reverts to what was durable in those ranges."""
+    disk = storage.disk
+    with POWER:
+        with disk.lock:
+            lost, disk.dirty = disk.dirty, []
+        with open(storage.path, "r+b") as f:
+            for off, ln in lost:
+                f.seek(off)
+                f.write(disk.durable[off:off + ln])
+
+
 def _fail_next_write(vol, index, *, lose_cache):
     """Image ``index``'s next write fails with EIO, once (a disk reset, a cable pulled and put
     back). ``lose_cache``: as it fails it also loses every write it had not flushed (the disk's
     volatile write cache, or page cache writeback that failed): its file reverts to what was
     durable in those ranges."""
     storage = vol._images[index].storage
-    disk = storage.disk
     real_writev = storage.writev
     fired = []
 
@@ -615,13 +628,7 @@ def _fail_next_write(vol, index, *, lose_cache):
         fired.append(offset)
         bufs = list(buffers)
         if lose_cache:
-            with POWER:
-                with disk.lock:
-                    lost, disk.dirty = disk.dirty, []
-                with open(storage.path, "r+b") as f:
-                    for off, ln in lost:
-                        f.seek(off)
-                        f.write(disk.durable[off:off + ln])
+            lose_cache_of(storage)
         raise ImageIOError(storage, errno.EIO, f"image {storage.path}: injected write error",
                            op="write", offset=offset,
                            length=sum(memoryview(b).nbytes for b in bufs))
