@@ -253,8 +253,12 @@ class ResyncJob(_Job):
                 return
             view = buf[:ln]
             # the volume going offline from here on (a flush of the source that failed may
-            # have dropped what this copy reads) marks this region again: keep its bit then
-            offline_seen = vol.stats_offline_events()
+            # have dropped what this copy reads) marks this region again: keep its bit then.
+            # Sampled under the metadata lock and only while online: a failure while already
+            # offline marks again without counting (trial 16), so a copy begun offline never
+            # clears its bit
+            with vol._meta:
+                offline_seen = None if vol.offline is not None else vol.stats_offline_events()
             ep = vol._enter()
             try:
                 t_read = time.monotonic()
@@ -281,6 +285,7 @@ class ResyncJob(_Job):
                     # and marked the region, ``_image_error``; a probe may have brought it
                     # back meanwhile): the copy may hold data the source lost.
                     if img.state.value == "syncing" and vol.offline is None \
+                            and offline_seen is not None \
                             and vol.stats_offline_events() == offline_seen:
                         bm.clear_region(r)
             finally:

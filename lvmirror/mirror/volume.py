@@ -694,10 +694,12 @@ class MirrorVolume:
                 elif not is_read:
                     img.rec.error = str(exc)
                     # a syncing image may have taken the write this image refused (or kept data
-                    # this image's lost flush dropped): mark the range for its resync to copy
-                    # again from this image, or the two would differ once both are in sync
+                    # this image's lost flush dropped), and a split image may hold what this
+                    # one lost from before its T: mark the range for the resync to copy again
+                    # from this image, or the two would differ once both are in sync
                     for o in self._images:
-                        if o.state is ImageState.SYNCING and o.bitmap is not None:
+                        if o.state in (ImageState.SYNCING, ImageState.SPLIT) \
+                                and o.bitmap is not None:
                             marks = RegionBitmap(self.size, self.region_size)
                             self._mark_lost(o, marks, offset, length, all_regions)
                             o.bitmap.union_update(marks)

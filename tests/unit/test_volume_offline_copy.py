@@ -12,8 +12,8 @@ import pytest
 
 from lvmirror.errors import ImageIOError
 from lvmirror.mirror.bitmap import RegionBitmap
-from tests.unit.powerloss import Machine
-from tests.unit.test_volume_helpers import pattern
+from tests.unit.powerloss import Machine, VolatileImage
+from tests.unit.test_volume_helpers import pattern, wait_until
 from tests.unit.test_volume_powerloss import (  # noqa: F401 (_power: the fixture)
     P3, REGION, _images_agree, _mirror_with_p1, _power, _recover_and_agree, _write, lose_cache_of)
 
@@ -38,7 +38,6 @@ def _flush_fails_losing_cache(st):
 def _gate_copy(monkeypatch, path, regions):
     """Hold writes/discards to image file ``path`` at each region of ``regions`` (dict r ->
     (entered, release)), any thread (gates are added when only the copy writes there)."""
-    from tests.unit.powerloss import VolatileImage
     real_w, real_d = VolatileImage.writev, VolatileImage.discard
 
     def hold(st, offset):
@@ -139,4 +138,118 @@ def test_two_syncing_images_both_keep_the_mark(tmp_path, monkeypatch):
     for i in (1, 2):
         jj = vol.resync(i)
         assert jj.wait(30) and jj.state == "done", (jj.state, jj.error)
+    _images_agree(m, vol)
+
+
+def test_a_split_image_is_marked_where_the_source_lost_writes_from_before_t(tmp_path):
+    """A write reaches both images unflushed, image 1 is split (it holds the write, flushed by
+    the split), then the source's flush fails and loses it (the volume goes offline). The
+    region is marked in the split image's change bitmap, so after the probe its resync copies
+    it back and the images agree (trial 16: it was not, and region 5 differed)."""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_with_p1(m, [a, b])
+    _write(vol, 5 * (REGION // 512), X)          # both images, unflushed
+    vol.split(1)
+    fired = _flush_fails_losing_cache(vol.image_storage(0))
+    with pytest.raises(Exception):
+        vol.flush()
+    assert fired and vol.offline
+    assert vol.probe()
+    assert vol._images[1].bitmap.test_region(5)
+    j = vol.resync(1)
+    assert j.wait(30) and j.state == "done", j.error
+    _images_agree(m, vol)
+
+
+def _try(fn):
+    try:
+        fn()
+        return "ok"
+    except Exception as e:
+        return repr(e)
+
+
+def test_a_copy_begun_while_offline_keeps_its_bit_through_a_second_failure(tmp_path,
+                                                                          monkeypatch):
+    """The volume goes offline while a copy waits for its region lock, so the copy samples the
+    offline count when it is already raised; a second failure of the source (a flush in flight
+    since before the first) after the copy's read marks the region again without counting (a
+    volume goes offline once), and a probe brings the volume back. The copy must keep its bit:
+    it began offline (trial 16: it cleared it, and region 20 differed between images marked
+    in sync)."""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_with_p1(m, [a, b])
+    vol.split(1)
+    _write(vol, 0, P3)
+    src, img1 = vol._images[0], vol._images[1]
+    spath, tpath = src.storage.path, img1.storage.path
+    gates = {}          # (path, region) -> (entered, release)
+    real_w = VolatileImage.writev
+
+    def writev(st, offset, buffers, *, fua=False):
+        g = gates.get((st.path, offset // REGION))
+        if g is not None and len(g) == 3 and not g[2]:
+            g[2].append(1)          # let the first writer through (W), hold the next (copy)
+        elif g is not None:
+            g[0].set()
+            assert g[1].wait(20)
+        return real_w(st, offset, buffers, fua=fua)
+    monkeypatch.setattr(VolatileImage, "writev", writev)
+    ev = lambda: (threading.Event(), threading.Event())  # noqa: E731
+    g19 = gates[(tpath, R - 1)] = ev()
+    job = vol.resync(1)
+    assert g19[0].wait(10)                      # copy held in region 19's target write
+    # W: a write to region 20, held in its source write (holds region 20's lock)
+    gw = gates[(spath, R)] = ev()
+    res = {}
+    wt = threading.Thread(target=lambda: res.__setitem__(
+        "W", _try(lambda: _write(vol, R * (REGION // 512), X))))
+    wt.start()
+    assert gw[0].wait(10)
+    del gates[(tpath, R - 1)]
+    del gates[(spath, R)]
+    g19[1].set()                                # copy finishes 19, blocks on region 20's lock
+    wait_until(lambda: not img1.bitmap.test_region(R - 1))     # the copy of region 19 ended
+    st = src.storage
+    real_flush, calls = st.flush, []
+    f2_release, f2_entered = threading.Event(), threading.Event()
+
+    def flush():
+        calls.append(1)
+        n = len(calls)
+        if n == 1:
+            f2_entered.set()
+            assert f2_release.wait(20)
+        if n in (1, 2):
+            lose_cache_of(st)
+            raise ImageIOError(st, errno.EIO, f"flush {n}: EIO (injected)", op="flush",
+                               offset=None, length=0)
+        return real_flush()
+    st.flush = flush
+    f2 = threading.Thread(target=lambda: res.__setitem__("F2", _try(vol.flush)))
+    f2.start()
+    assert f2_entered.wait(10)                  # F2 in flight, held in the source's flush
+    res["F1"] = _try(vol.flush)                 # E1: volume offline, count +1
+    assert vol.offline
+    n_off = vol.stats_offline_events()
+    # now hold the copy's target write of region 20 (W's own write goes through)
+    g20 = gates[(tpath, R)] = (threading.Event(), threading.Event(), [])
+    gw[1].set()                                 # W writes X to both images, releases lock
+    wt.join(10)
+    assert g20[0].wait(10), "copy never reached region 20's target write"
+    # copy has read X from the source (cache, not durable) while offline
+    f2_release.set()                            # E2: source loses X; marks 20; no count bump
+    f2.join(10)
+    assert vol.stats_offline_events() == n_off
+    assert img1.bitmap.test_region(R)
+    assert vol.probe()                          # back online
+    del gates[(tpath, R)]
+    g20[1].set()                                # the copy writes X and must keep its bit
+    assert job.wait(30)
+    assert res["W"] == "ok", res                # acknowledged: on both images, then lost
+    if img1.state.value == "syncing":           # (the job's next pass copied region 20
+        j2 = vol.resync(1)                      # again, or it stopped offline)
+        assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
     _images_agree(m, vol)
