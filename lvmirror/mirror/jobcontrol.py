@@ -49,6 +49,27 @@ class JobControl:
             raise StateError(f"volume {self.vol.name}: split image {image_index} is exported as "
                              f"a LUN; remove that LUN before {doing} it")
 
+    def refuse_if_restoring(self, doing, *, image=None):
+        """StateError while a restore is registered (``restore_job``, from a split image other
+        than ``image`` when given): running, or stopped - cancelled, failed, or stopped when
+        the volume went offline - with regions left to roll back. The volume reads as the
+        split image only through the restore's on-demand copies, so nothing that copies,
+        splits or compares images may start until it ends; ``doing`` names what was refused.
+        The message says whether the restore runs and, if stopped, why and how to finish it
+        (``restore`` of the same image resumes it)."""
+        rj = self.restore_job
+        if rj is None or rj.img is image:
+            return
+        vol = self.vol
+        idx = vol._images.index(rj.img) if rj.img in vol._images else rj.image_id
+        if rj.is_alive():
+            state = "is running"
+        else:
+            why = f"{rj.state}: {rj.error}" if rj.error else rj.state
+            state = f"is unfinished ({why}; 'restore {idx}' resumes it)"
+        raise StateError(f"volume {vol.name}: a restore from image {idx} {state}; {doing} "
+                         f"after it ends")
+
     def _refuse_if_offline(self, doing):
         """StateError while the volume is offline (its last in-sync image failed a write or a
         flush, ``MirrorVolume.offline``): a copy from that image would vouch for data it may
@@ -95,8 +116,7 @@ class JobControl:
                 raise StateError(f"volume {vol.name}: image {image_index} is already in sync "
                                  f"(a full resync rebuilds it anyway: --full)")
             self._refuse_if_exported(img, image_index, "resyncing")
-            if self.restore_job is not None:
-                raise StateError(f"volume {vol.name}: a restore is running; resync after it ends")
+            self.refuse_if_restoring("resync")
             self._refuse_if_offline("resync")
             if not any(o.state is ImageState.IN_SYNC for o in vol._images if o is not img):
                 raise StateError(f"volume {vol.name}: no other in-sync image to resync "
@@ -219,8 +239,10 @@ class JobControl:
         after the call are kept. When the job is done the image stays split and its change
         bitmap holds exactly the regions written since they were restored (empty if none).
         ``rate_limit`` MB/s (None: unlimited; ValueError as ``resync.check_rate``, before
-        anything is saved) is kept across a restart. StateError also while the volume is
-        offline (its live images could not take the copy)."""
+        anything is saved) is kept across a restart. StateError while the volume is offline
+        (its live images could not take the copy), the image is not split, is exported as a
+        LUN or cannot be opened, or a restore from another image is unfinished
+        (``refuse_if_restoring``); a stopped restore from this image is resumed."""
         vol = self.vol
         rate_limit = check_rate(rate_limit)
         vol._check_open()
@@ -234,21 +256,26 @@ class JobControl:
             if img.state is not ImageState.SPLIT:
                 raise StateError(f"volume {vol.name}: image {image_index} is {img.state.value}; "
                                  f"only a split image can be restored from")
+            self.refuse_if_restoring("restore", image=img)
+            if img.storage is None:
+                raise StateError(f"volume {vol.name}: split image {image_index} "
+                                 f"({img.rec.path}) is not available"
+                                 + (f": {img.rec.error}" if img.rec.error else ""))
             if self.restore_job is not None:
                 old = self.restore_job
-                if old.img is not img or old.is_alive():
-                    raise StateError(f"volume {vol.name}: a restore is already running")
+                if old.is_alive():
+                    raise StateError(f"volume {vol.name}: a restore from image {image_index} "
+                                     f"is already running")
                 # Resume a cancelled restore of this image from where it stopped.
                 with vol._meta:
                     img.rec.restore_rate = rate_limit
                     vol._save_md()
                 job = RestoreJob(vol, img, old.bitmap, rate_limit=rate_limit)
+                job.lost = old.lost
                 self.restore_job = job
                 vol.jobs[img.rec.id] = job
                 job.start()
                 return job
-            if img.storage is None:
-                raise StateError(f"volume {vol.name}: split image {image_index} is not available")
             if not any(o.state is ImageState.IN_SYNC for o in vol._images):
                 raise StateError(f"volume {vol.name}: no in-sync image to restore to")
             scrub = vol.jobs.get(SCRUB_KEY)
@@ -288,16 +315,22 @@ class JobControl:
                     job.bitmap.clear_region(r)
         vol._barrier.commit(flushed, persist, what="restore progress")
 
-    def finish_restore(self, img, job):
-        """The restore is done: persisted after the restored data is durable on every image."""
+    def finish_restore(self, img, job) -> bool:
+        """The restore is done: persisted after the restored data is durable on every image.
+        Returns False, saving nothing, if regions went back into the job's bitmap meanwhile
+        (``RestoreJob.add_lost``): the job copies them first."""
         vol = self.vol
         with vol._meta:
             snap = img.bitmap.copy()
         flushed = vol._storage_images()
+        finished = []
 
         def persist(durable):
             _refuse_not_durable(vol, flushed, durable, "the restore recorded as done")
             with vol._meta:
+                if job.bitmap.count():
+                    return
+                finished.append(True)
                 img.rec.restore_running = False
                 img.rec.restore_rate = None
                 vol._bump()
@@ -311,6 +344,7 @@ class JobControl:
                 if self.restore_job is job:
                     self.restore_job = None
         vol._barrier.commit(flushed, persist, what="restore done")
+        return bool(finished)
 
     def attach(self, path, *, rate_limit=None, force=False) -> int:
         """Add a new image at ``path`` (file or block device; a missing file is created sparse
@@ -334,8 +368,7 @@ class JobControl:
             vol.splits.check_idle("attach an image")
             if len(vol._images) >= MAX_IMAGES:
                 raise StateError(f"volume {vol.name}: already has {MAX_IMAGES} images")
-            if self.restore_job is not None:
-                raise StateError(f"volume {vol.name}: a restore is running; attach after it ends")
+            self.refuse_if_restoring("attach")
             self._refuse_if_offline("attach an image")
             for im in vol._images:
                 try:

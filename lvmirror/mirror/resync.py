@@ -36,7 +36,7 @@ import math
 import threading
 import time
 
-from lvmirror.errors import ImageIOError, LvmirrorError, StateError
+from lvmirror.errors import ImageIOError, LvmirrorError, StateError, VolumeIOError
 from lvmirror.mirror import legs
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.metadata import VolumeMetadata
@@ -45,6 +45,7 @@ __all__ = ["ResyncJob", "RestoreJob", "check_rate", "job_progress"]
 
 CHECKPOINT_REGIONS = 64
 CHECKPOINT_SECONDS = 1.0
+RATE_RECHECK = 0.25             # seconds: the longest a rate-limited copy waits unchecked
 MB = 1_000_000
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,9 @@ class _Job:
         return job_progress(self, rate_limit=self.rate_limit)
 
     def _throttle(self, nbytes):
+        """Wait until the rate limit lets ``nbytes`` more bytes be copied, or the job is
+        cancelled. The wait is sliced (at most RATE_RECHECK seconds) so a rate set meanwhile
+        (``set_rate_limit``, "takes effect at once") applies to the copy waiting now too."""
         while self._rate and not self._cancel.is_set():
             now = time.monotonic()
             self._tokens = min(self._tokens + (now - self._t_tokens) * self._rate,
@@ -133,7 +137,7 @@ class _Job:
             if self._tokens >= nbytes:
                 self._tokens -= nbytes
                 return
-            self._cancel.wait((nbytes - self._tokens) / self._rate)
+            self._cancel.wait(min((nbytes - self._tokens) / self._rate, RATE_RECHECK))
 
     def _fail(self, error):
         """End the job as failed with ``error`` (a str for status) and say so in the journal:
@@ -349,8 +353,10 @@ def _read_from_in_sync(vol, ep, off, ln, view):
         except ImageIOError as e:
             errors.append(str(e))
             vol._image_error(src, e, off, ln, is_read=True)
-    raise StateError(f"volume {vol.name}: no in-sync image to copy from"
-                     + (": " + "; ".join(errors) if errors else ""))
+    if errors:
+        raise StateError(f"volume {vol.name}: no in-sync image could be read at offset {off} "
+                         f"({ln} bytes) to copy from: " + "; ".join(errors))
+    raise StateError(f"volume {vol.name}: no in-sync image to copy from")
 
 
 class RestoreJob(_Job):
@@ -365,6 +371,8 @@ class RestoreJob(_Job):
         self.path = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
         # serialises saves of the restore bitmap with the clearing of its in-memory bits
         self.commit_lock = threading.Lock()
+        # regions ``add_lost`` put back in the restore bitmap, not copied since (memory only)
+        self.lost: set[int] = set()
 
     def start(self):
         """Start the copy back from the split image on a thread of its own."""
@@ -372,9 +380,50 @@ class RestoreJob(_Job):
                                         name=f"{self.vol.name}-restore{self.image_id}")
         self._thread.start()
 
-    def before_io(self, offset, length):
-        """Called by the I/O path before it locks its range: restore any region it touches
-        that the job has not copied yet, so the I/O sees (and overwrites) restored data."""
+    def add_lost(self, marks, written) -> list[int]:
+        """The live images may have lost the regions ``marks`` (a RegionBitmap) holds: the last
+        in-sync image failed a flush and the volume went offline (``MirrorVolume._image_error``).
+        The split image holds what the volume held there when the restore began, so every
+        such region not written since (``written``: the split image's change bitmap, which
+        every write marks and only a region's restore clears) goes back into the restore
+        bitmap, in memory and on disk at once (``commit_lock``; the saved bitmap is what a
+        restore resumes from after a power cut), to be copied again when the restore resumes.
+        A region written since keeps its newer data: rolling it back would lose an
+        acknowledged write. Called under the volume's ``_meta``; no image is flushed (adding
+        bits vouches for nothing). Returns the regions added. OSError of the save is logged
+        and counted (``metadata_errors``); the bits stay in memory.
+
+        A write that passed ``before_io`` before the region was added and marks ``written``
+        only after it is caught when the region is copied (``_restore_region``); ``lost`` is
+        not saved, so that narrow case is not caught again after a power cut."""
+        added = [r for r in marks.dirty_regions()
+                 if not written.test_region(r) and not self.bitmap.test_region(r)]
+        if not added:
+            return added
+        with self.commit_lock:
+            for r in added:
+                self.bitmap.mark_region(r)
+                self.lost.add(r)
+                self.bytes_total += self.bitmap.region_range(r)[1]
+            try:
+                self.bitmap.save(self.path)
+            except OSError as e:
+                self.vol._stats["metadata_errors"] += 1
+                log.error("volume %s: the restore bitmap of image %s, with %d regions to copy "
+                          "again, not saved: %s", self.vol.name, self.img.rec.path, len(added),
+                          e)
+        log.warning("volume %s: %d regions the live images may have lost go back into the "
+                    "restore from image %s (%s)", self.vol.name, len(added), self.img.rec.path,
+                    ", ".join(str(r) for r in added[:8]) + (" ..." if len(added) > 8 else ""))
+        return added
+
+    def before_io(self, offset, length, is_read=False):
+        """Called by the I/O path before it locks its range (``offset``, ``length`` in bytes;
+        ``is_read``: the I/O only reads): restore any region it touches that the job has not
+        copied yet, so the I/O sees (and overwrites) restored data. VolumeIOError when a
+        region cannot be restored - the split image cannot be read or is missing, or no live
+        image took the copy - so the I/O fails with MEDIUM ERROR (its ``is_read`` picks
+        UNRECOVERED READ ERROR or WRITE ERROR) rather than see the data being rolled back."""
         bm = self.bitmap
         if not bm.is_dirty(offset, length):
             return
@@ -382,40 +431,57 @@ class RestoreJob(_Job):
         last = (offset + length - 1) >> bm.region_shift
         for r in range(first, last + 1):
             if bm.test_region(r):
-                self._restore_region(r, bytearray(bm.region_range(r)[1]), commit=True)
+                try:
+                    self._restore_region(r, bytearray(bm.region_range(r)[1]), commit=True)
+                except VolumeIOError as e:
+                    if e.is_read == is_read or e.out_of_space:
+                        raise
+                    raise VolumeIOError(str(e), is_read=is_read) from e
 
     def _run(self):
         self._t0 = time.monotonic()
         vol = self.vol
         try:
             buf = StorageImage.aligned_buffer(vol.region_size)
-            while self.bitmap.count():
-                pending = []
-                last_ck = time.monotonic()
-                for r in self.bitmap.dirty_regions():
-                    if self._cancel.is_set():
-                        break
-                    self._throttle(self.bitmap.region_range(r)[1])
-                    _check_online(vol, "restore")
-                    if self._restore_region(r, buf, commit=False):
-                        pending.append(r)
-                    if len(pending) >= CHECKPOINT_REGIONS or \
-                            time.monotonic() - last_ck >= CHECKPOINT_SECONDS:
-                        vol.control.commit_restored(self, pending)
-                        pending, last_ck = [], time.monotonic()
-                if pending:
-                    vol.control.commit_restored(self, pending)
-                if self._cancel.is_set():
+            while True:
+                self._copy_marked(buf)
+                if self._cancel.is_set() and self.bitmap.count():
+                    # A restore cannot be abandoned half way without leaving a mixed volume;
+                    # it stays registered (I/O keeps restoring on demand) and resumes on next
+                    # open.
+                    self._finish("cancelled")
+                    return
+                if vol.control.finish_restore(self.img, self):
                     break
-            if self._cancel.is_set() and self.bitmap.count():
-                # A restore cannot be abandoned half way without leaving a mixed volume; it
-                # stays registered (I/O keeps restoring on demand) and resumes on next open.
-                self._finish("cancelled")
-                return
-            vol.control.finish_restore(self.img, self)
             self._finish("done")
         except Exception as e:
             self._fail(f"{type(e).__name__}: {e}")
+
+    def _copy_marked(self, buf) -> None:
+        """Copy every region the restore bitmap marks (``buf``: a region-sized aligned buffer),
+        committing them in batches, until none is left or the job is cancelled. StateError
+        (``_check_online``) when the volume went offline."""
+        vol = self.vol
+        while self.bitmap.count():
+            pending = []
+            last_ck = time.monotonic()
+            for r in self.bitmap.dirty_regions():
+                if self._cancel.is_set():
+                    break
+                self._throttle(self.bitmap.region_range(r)[1])
+                if self._cancel.is_set():
+                    break
+                _check_online(vol, "restore")
+                if self._restore_region(r, buf, commit=False):
+                    pending.append(r)
+                if len(pending) >= CHECKPOINT_REGIONS or \
+                        time.monotonic() - last_ck >= CHECKPOINT_SECONDS:
+                    vol.control.commit_restored(self, pending)
+                    pending, last_ck = [], time.monotonic()
+            if pending:
+                vol.control.commit_restored(self, pending)
+            if self._cancel.is_set():
+                return
 
     def _restore_region(self, r, buf, *, commit) -> bool:
         """Copy region ``r`` from the split image to every live image under the region lock;
@@ -428,12 +494,30 @@ class RestoreJob(_Job):
         try:
             if not rb.test_region(r):
                 return False
+            if r in self.lost:
+                self.lost.discard(r)
+                if img.bitmap.test_region(r):
+                    # added back by ``add_lost``, then written by an I/O that had passed
+                    # ``before_io`` already: its data is newer than the split image's
+                    log.warning("volume %s: region %d, which the live images may have lost, "
+                                "was written again before the restore copied it back; the "
+                                "newer write is kept", vol.name, r)
+                    if commit:
+                        vol.control.commit_restored(self, [r])
+                    return True
             view = memoryview(buf)[:ln]
+            st = img.storage
+            if st is None:
+                raise VolumeIOError(f"volume {vol.name}: region {r} is not restored yet and "
+                                    f"split image {img.rec.path}, the restore's source, is "
+                                    f"not available", is_read=True)
             try:
-                img.storage.readv(off, [view])
+                st.readv(off, [view])
             except ImageIOError as e:
                 img.rec.error = str(e)
-                raise
+                raise VolumeIOError(f"volume {vol.name}: region {r} is not restored yet and "
+                                    f"split image {img.rec.path}, the restore's source, "
+                                    f"cannot be read: {e}", is_read=True) from e
             ep = vol._enter()
             try:
                 tok = vol._wil.begin(off, ln)

@@ -193,9 +193,7 @@ class ScrubControl:
                                  f"regions checked)")
             if vol.offline:
                 raise StateError(f"volume {vol.name}: offline ({vol.offline}); nothing to scrub")
-            if vol.control.restore_job is not None:
-                raise StateError(f"volume {vol.name}: a restore is unfinished; scrub after it "
-                                 f"ends")
+            vol.control.refuse_if_restoring("scrub")
             if vol._torn:
                 raise StateError(f"volume {vol.name}: crash recovery is still copying "
                                  f"{len(vol._torn)} region(s) between the images; scrub after "

@@ -106,8 +106,7 @@ class SplitControl:
                 raise StateError(f"volume {vol.name}: image {image_index} is {img.state.value}, "
                                  f"only an in-sync image can be split")
             self._check_not_last(img, image_index)
-            if vol.control.restore_job is not None:
-                raise StateError(f"volume {vol.name}: a restore is running; split after it ends")
+            vol.control.refuse_if_restoring("split")
             # regions the images may differ on (crash recovery still copying, a write that
             # found no space): copy them first, so the split image holds what reads returned
             torn = vol._settle_torn() if vol._torn else 0

@@ -696,12 +696,17 @@ class MirrorVolume:
                     # a syncing image may have taken the write this image refused (or kept data
                     # this image's lost flush dropped), and a split image may hold what this
                     # one lost from before its T: mark the range for the resync to copy again
-                    # from this image, or the two would differ once both are in sync
+                    # from this image, or the two would differ once both are in sync; a
+                    # restore running from a split image copies it back from there instead
+                    rj = self.control.restore_job
                     for o in self._images:
                         if o.state in (ImageState.SYNCING, ImageState.SPLIT) \
                                 and o.bitmap is not None:
                             marks = RegionBitmap(self.size, self.region_size)
                             self._mark_lost(o, marks, offset, length, all_regions)
+                            if rj is not None and rj.img is o:
+                                rj.add_lost(marks, o.bitmap)
+                                continue
                             o.bitmap.union_update(marks)
                             self._save_marks(o, marks)
                     self._go_offline(f"image {index} ({img.rec.path}), the last in-sync image: "
@@ -1227,10 +1232,11 @@ class MirrorVolume:
 
     # ==== I/O API (LBAs) ==========================================================================
 
-    def _prologue(self, lba, nblocks, nowait=False):
-        """Checks every I/O shares; restores a not-yet-restored range first (see restore) -
-        with ``nowait``, WouldBlock instead while a restore runs (its copy may wait). Returns
-        the byte offset and length."""
+    def _prologue(self, lba, nblocks, nowait=False, is_read=False):
+        """Checks every I/O shares; restores a not-yet-restored range first (see restore;
+        VolumeIOError, with ``is_read``, when it cannot be) - with ``nowait``, WouldBlock
+        instead while a restore runs (its copy may wait). Returns the byte offset and
+        length."""
         if self._closed:
             self._check_open()
         if lba.__class__ is not int or lba < 0 or nblocks < 0 or lba + nblocks > self.num_blocks:
@@ -1242,7 +1248,7 @@ class MirrorVolume:
         if rj is not None and nblocks:
             if nowait:
                 raise WouldBlock("a restore may have to copy the range first")
-            rj.before_io(offset, length)
+            rj.before_io(offset, length, is_read)
         return offset, length
 
     @property
@@ -1265,7 +1271,7 @@ class MirrorVolume:
         nblocks = self._buffers_len(buffers) // self.block_size
         if nowait and self._direct and not device_ok:
             raise WouldBlock("the read may wait for a device")
-        offset, length = self._prologue(lba, nblocks, nowait)
+        offset, length = self._prologue(lba, nblocks, nowait, is_read=True)
         if not nblocks:
             return
         if nowait:
@@ -1897,9 +1903,12 @@ class MirrorVolume:
         else:
             self.recovery.finish("done" if not left else "failed",
                                  f"{left} region(s) still differ (no space)" if left else None)
-            log.info("volume %s: crash recovery: %d region(s) copied in %.2f s%s", self.name,
-                     n - left, time.monotonic() - t0,
-                     f"; {left} still differ (no space)" if left else "")
+            # a recovery that left regions differing is an error, as its status says
+            log.log(logging.ERROR if left else logging.INFO,
+                    "volume %s: crash recovery: %d region(s) copied in %.2f s%s", self.name,
+                    n - left, time.monotonic() - t0,
+                    f"; {left} still differ (no space): reads there use one image until a "
+                    f"checkpoint copies them" if left else "")
 
     def _locked_save_md(self):
         with self._meta:

@@ -15,7 +15,8 @@ from lvmirror.mirror.bitmap import RegionBitmap
 from tests.unit.powerloss import Machine, VolatileImage
 from tests.unit.test_volume_helpers import pattern, wait_until
 from tests.unit.test_volume_powerloss import (  # noqa: F401 (_power: the fixture)
-    P3, REGION, _images_agree, _mirror_with_p1, _power, _recover_and_agree, _write, lose_cache_of)
+    P3, REGION, SIZE, _images_agree, _mirror_with_p1, _open, _power, _read_image,
+    _recover_and_agree, _wait_jobs, _write, lose_cache_of)
 
 R = 20
 X = bytes(pattern(REGION // 512, 0x7777))
@@ -253,3 +254,125 @@ def test_a_copy_begun_while_offline_keeps_its_bit_through_a_second_failure(tmp_p
         j2 = vol.resync(1)                      # again, or it stopped offline)
         assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
     _images_agree(m, vol)
+
+
+RB = REGION // 512                               # blocks a region
+Z = bytes(pattern(1, 0x5555))                    # one block
+
+
+def _restore_after_loss(tmp_path):
+    """Image 1 holds X in region 5 (written unflushed to both images, then split: the split
+    flushes it); region 10 is written after the split; a restore from image 1 starts, held
+    before its first copy. Returns (m, vol, job, (a, b))."""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_with_p1(m, [a, b])
+    _write(vol, 5 * RB, X)                       # both images, unflushed
+    vol.split(1)
+    _write(vol, 10 * RB, bytes(pattern(RB, 0x6666)))
+    job = vol.restore(1, rate_limit=0.001)       # 64 s for its first region: held
+    assert job.bitmap.test_region(10) and not job.bitmap.test_region(5)
+    return m, vol, job, (a, b)
+
+
+def _lose_x(vol, job):
+    """Image 0's flush fails and loses its cache, X with it (the volume goes offline); the
+    held restore, unlimited, stops as failed (it stays registered)."""
+    fired = _flush_fails_losing_cache(vol.image_storage(0))
+    with pytest.raises(Exception):
+        vol.flush()
+    assert fired and vol.offline
+    job.set_rate_limit(None)                     # its copy goes on within 0.25 s
+    assert job.wait(10) and job.state == "failed", (job.state, job.error)
+    assert "went offline" in job.error
+
+
+def _region(data, r):
+    return bytes(data[r * REGION:(r + 1) * REGION])
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_a_restore_copies_back_a_region_the_live_image_lost(tmp_path, cut):
+    """A restore is registered when the last in-sync image loses X from its cache (region 5,
+    from before the split; the split copy holds it): region 5 goes back into the restore's
+    bitmap, in memory and on disk, so the resumed restore - after a probe, or after a power
+    cut - copies it back and the live image reads as the split copy everywhere. (Trial 17:
+    only the split's change bitmap was marked; the restore ended "done" with region 5 holding
+    the old data.)"""
+    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
+    _lose_x(vol, job)
+    assert job.bitmap.test_region(5)
+    with open(job.path, "rb") as f:
+        on_disk = RegionBitmap.from_bytes(f.read(), vol.size, vol.region_size)
+    assert on_disk.test_region(5) and on_disk.test_region(10)
+    if cut:
+        nxt = m.cut(tmp_path / "cut")
+        vol.close()
+        vol = _open(nxt)
+        m = nxt
+        for j in vol.jobs.values():             # it resumed at its saved rate: unlimit it
+            j.set_rate_limit(None)
+        _wait_jobs(vol)
+    else:
+        assert vol.probe()
+        j2 = vol.restore(1)
+        assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
+        buf = bytearray(REGION)
+        vol.read(5 * RB, [memoryview(buf)])
+        assert bytes(buf) == X
+    assert not vol._images[1].bitmap.test_region(5)
+    vol.close()
+    live, split = _read_image(m, a), _read_image(m, b)
+    assert _region(split, 5) == X
+    bad = [r for r in range(SIZE // REGION) if _region(live, r) != _region(split, r)]
+    assert not bad, f"regions {bad} of the live image were not rolled back"
+
+
+def test_a_write_after_the_loss_restores_the_region_first(tmp_path):
+    """After the loss and the probe, a write of one block to region 5 finds it back in the
+    restore's bitmap: the region is restored (X) first, so the rest of the region is X and
+    the block is the write's; the split copy keeps X and its change bitmap marks region 5."""
+    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
+    _lose_x(vol, job)
+    assert vol.probe()
+    _write(vol, 5 * RB, Z)
+    j2 = vol.restore(1)
+    assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
+    assert vol._images[1].bitmap.test_region(5)
+    vol.close()
+    live, split = _read_image(m, a), _read_image(m, b)
+    assert _region(live, 5) == Z + X[len(Z):]
+    assert _region(split, 5) == X
+
+
+def test_a_write_past_its_restore_check_when_the_loss_comes_is_kept(tmp_path, monkeypatch):
+    """A write to region 5 has passed the restore's check (``before_io``: nothing to restore
+    there) when the loss puts region 5 back into the restore's bitmap; the write then lands
+    and is acknowledged. The resumed restore must not copy the split data over it: it finds
+    the region written since (the split's change bitmap) and keeps the write."""
+    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
+    real = type(job).before_io
+    entered, release = threading.Event(), threading.Event()
+
+    def before_io(self, offset, length, is_read=False):
+        real(self, offset, length, is_read)
+        if offset == 5 * REGION:
+            entered.set()
+            assert release.wait(20)
+    monkeypatch.setattr(type(job), "before_io", before_io)
+    res = {}
+    wt = threading.Thread(target=lambda: res.__setitem__("W", _try(
+        lambda: _write(vol, 5 * RB, Z))))
+    wt.start()
+    assert entered.wait(10)
+    _lose_x(vol, job)
+    assert job.bitmap.test_region(5)
+    release.set()
+    wt.join(10)
+    assert res["W"] == "ok", res
+    assert vol.probe()
+    j2 = vol.restore(1)
+    assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
+    vol.close()
+    live = _read_image(m, a)
+    assert _region(live, 5)[:len(Z)] == Z, "the acknowledged write was rolled back"

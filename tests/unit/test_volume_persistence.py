@@ -1,17 +1,19 @@
 """Persistent state: metadata, write-intent log ordering, lazy bitmaps covered by the log."""
 
+import errno
 import json
+import logging
 
 import pytest
 
-from lvmirror.errors import ConfigError
+from lvmirror.errors import ConfigError, ImageIOError
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.wil import read_log
 from lvmirror.mirror.metadata import VolumeMetadata
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
-from tests.unit.test_volume_helpers import (BS, Gate, Opener, image_bytes, make_volume, pattern,
-                                            read, run_thread, write)
+from tests.unit.test_volume_helpers import (BS, Gate, GatedImage, Opener, image_bytes, make_volume,
+                                            pattern, read, run_thread, write)
 
 REGION = 4096
 SIZE = 1 << 20
@@ -235,6 +237,37 @@ def test_crash_recovery_serves_while_it_copies(tmp_path):
     job = vol2.recovery.progress()
     assert (job["state"], job["bytes_done"]) == ("done", 2 * REGION)
     assert read(vol2, 40, 4) == bytes(pattern(4, 2))
+    vol2.close()
+
+
+def test_crash_recovery_that_leaves_regions_differing_logs_an_error(tmp_path, monkeypatch,
+                                                                     caplog):
+    """Crash recovery whose copy finds no space on the other image ends "failed" with the
+    regions left, and says so at error priority (it was logged at info: a journal filtered
+    to errors never showed that the images still differ)."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    write(vol, 0, pattern(256, 1))
+    vol.checkpoint()
+    write(vol, 40, pattern(4, 2))         # region 5: marked in the log, no checkpoint
+    # "crash": the instance is abandoned; image 1 then has no room for the recovery's copy
+    real = GatedImage.writev
+
+    def writev(self, offset, buffers, *, fua=False):
+        if self.path == paths[1]:
+            raise ImageIOError(self, errno.ENOSPC, "injected ENOSPC", op="write",
+                               offset=offset, length=REGION)
+        return real(self, offset, buffers, fua=fua)
+    monkeypatch.setattr(GatedImage, "writev", writev)
+    with caplog.at_level(logging.INFO, logger="lvmirror.mirror.volume"):
+        vol2 = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=Opener(),
+                                 flush_interval=None)
+        vol2._recovery.join(10)
+    job = vol2.recovery.progress()
+    assert (job["state"], job["error"]) == ("failed", "1 region(s) still differ (no space)")
+    recs = [r for r in caplog.records if "crash recovery: 0 region(s) copied" in r.getMessage()]
+    assert [r.levelno for r in recs] == [logging.ERROR], [r.getMessage() for r in recs]
+    assert "1 still differ (no space)" in recs[0].getMessage()
+    monkeypatch.undo()
     vol2.close()
 
 

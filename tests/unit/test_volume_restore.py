@@ -1,10 +1,11 @@
 """Restore: roll the live volume back to a split image's contents."""
 
 import json
+import os
 
 import pytest
 
-from lvmirror.errors import StateError
+from lvmirror.errors import StateError, VolumeIOError
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
 from tests.unit.test_volume_helpers import (BS, Gate, image_bytes, make_volume, pattern, read,
@@ -121,9 +122,9 @@ def test_attach_and_resync_wait_for_a_running_restore(tmp_path):
     job = vol.restore(2)
     gate.wait_reached()
     new = tmp_path / "new.img"
-    with pytest.raises(StateError, match="a restore is running; attach after it ends"):
+    with pytest.raises(StateError, match="a restore from image 2 is running; attach after it ends"):
         vol.attach(str(new))
-    with pytest.raises(StateError, match="a restore is running; resync after it ends"):
+    with pytest.raises(StateError, match="a restore from image 2 is running; resync after it ends"):
         vol.resync(1)
     assert not new.exists() and len(vol.images) == 3
     gate.open()
@@ -132,3 +133,64 @@ def test_attach_and_resync_wait_for_a_running_restore(tmp_path):
     assert vol.jobs[vol.images[idx].id].wait(10)
     assert image_bytes(str(new)) == image_bytes(paths[0]) == image_bytes(paths[2])
     vol.close()
+
+
+def test_an_unreadable_split_image_fails_io_to_unrestored_regions_with_medium_error(tmp_path):
+    """The restore's source (the split image) fails every read: the job fails saying so, an
+    I/O that touches a region not restored yet fails as a VolumeIOError (MEDIUM ERROR:
+    UNRECOVERED READ ERROR for a read, WRITE ERROR for a write; before, an ImageIOError
+    reached the SCSI core's catch-all: a traceback and HARDWARE ERROR for every such
+    command), the rest of the volume is served, the unfinished restore is named in the
+    refusals, and once the image reads again the restore resumes and ends."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
+    write(vol, 0, pattern(64, 1))
+    vol.split(2)
+    snap = image_bytes(paths[2])
+    write(vol, 0, pattern(16, 2))                # regions 0 and 1 changed since the split
+    opener.by_path[paths[2]].fail_reads = True
+    job = vol.restore(2)
+    assert job.wait(10) and job.state == "failed", (job.state, job.error)
+    assert "the restore's source, cannot be read" in job.error
+    with pytest.raises(VolumeIOError, match="region 0 is not restored yet") as ei:
+        read(vol, 0, 1)
+    assert ei.value.is_read
+    with pytest.raises(VolumeIOError, match="region 1 is not restored yet") as ei:
+        write(vol, 9, pattern(1, 3))
+    assert not ei.value.is_read
+    assert read(vol, 40, 4) == snap[40 * BS:44 * BS]     # never changed: served
+    for call, doing in ((lambda: vol.resync(2), "resync"), (lambda: vol.split(1), "split"),
+                        (lambda: vol.scrubs.start(), "scrub")):
+        with pytest.raises(StateError, match=r"a restore from image 2 is unfinished \(failed: "
+                           r"VolumeIOError: .*cannot be read.*'restore 2' resumes it\); "
+                           + doing + " after it ends"):
+            call()
+    opener.by_path[paths[2]].fail_reads = False
+    j2 = vol.restore(2)
+    assert j2.wait(10) and j2.state == "done", (j2.state, j2.error)
+    assert image_bytes(paths[0]) == image_bytes(paths[1]) == snap
+
+
+def test_a_restore_whose_split_image_is_missing_at_open(tmp_path):
+    """A restore stopped by a close resumes at the next open; its split image file is gone
+    by then. The volume opens, the resumed job fails saying the image is not available (not
+    an AttributeError), I/O to a region not restored yet fails as a VolumeIOError, and a
+    restore asked for again is refused with the same reason."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
+    write(vol, 0, pattern(64, 1))
+    vol.split(2)
+    write(vol, 0, pattern(16, 2))
+    vol.restore(2, rate_limit=0.001)             # held before its first copy
+    vol.close()
+    os.unlink(paths[2])
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=opener,
+                            flush_interval=None)
+    try:
+        job = vol.control.restore_job
+        assert job is not None and job.wait(10) and job.state == "failed", job
+        assert "is not available" in job.error, job.error
+        with pytest.raises(VolumeIOError, match="is not restored yet"):
+            read(vol, 8, 1)
+        with pytest.raises(StateError, match="split image 2 .* is not available"):
+            vol.restore(2)
+    finally:
+        vol.close()

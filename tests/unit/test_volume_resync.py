@@ -321,3 +321,20 @@ def test_a_copy_ending_after_a_failed_flush_failed_the_image_leaves_its_bit_set(
     assert vol.images[1].state is ImageState.FAILED
     assert list(vol.change_bitmap(1).dirty_regions()) == list(range(10))
     vol.close()
+
+
+def test_a_resync_whose_only_source_cannot_be_read_says_so(tmp_path):
+    """The only in-sync image fails the resync's read: the job fails naming the offset and the
+    read's error (it said only "no in-sync image to copy from", as if none were in sync), the
+    source is not failed (it is the last in-sync image) and the volume serves on."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    write(vol, 8, pattern(8, 3))                 # region 1 changed since the split
+    opener.by_path[paths[0]].fail_reads = True
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "failed", (job.state, job.error)
+    assert ("no in-sync image could be read at offset 4096 (4096 bytes) to copy from: "
+            f"image {paths[0]}: injected read error") in job.error, job.error
+    assert [i.state for i in vol.images] == [ImageState.IN_SYNC, ImageState.SYNCING]
+    opener.by_path[paths[0]].fail_reads = False
+    assert read(vol, 8, 8) == bytes(pattern(8, 3))

@@ -341,7 +341,7 @@ def test_a_restore_cancels_a_running_scrub_with_the_reason(tmp_path):
     res = vol.scrubs.last()
     assert (res["state"], res["regions_checked"]) == ("cancelled", 5)
     assert res["error"] == "a restore from image 2 began"
-    with pytest.raises(StateError, match="a restore is unfinished"):
+    with pytest.raises(StateError, match="a restore from image 2 is running; scrub after it ends"):
         vol.scrubs.start()
     rj.cancel()
     rj.wait(10)
