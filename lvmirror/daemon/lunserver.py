@@ -474,10 +474,9 @@ class LunServer:
         """The access state (``scsi.alua``) of the group of this gateway's one enabled port, or
         None: no ALUA groups, not exactly one enabled port, or configfs unreadable."""
         try:
-            local = alua.enabled_ports(self.device.port_groups())
+            return self.device.local_port_state()
         except (OSError, ValueError):
             return None
-        return local[0][0].state if len(local) == 1 else None
 
     def _follow_alua(self):
         """Watchdog thread (``_watch``), every ALUA_FOLLOW_INTERVAL s: when this gateway's port

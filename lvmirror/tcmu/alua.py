@@ -123,3 +123,48 @@ def read_port_groups(device_dir: str, target_root: str) -> list[PortGroup]:
             continue
         groups.append(read_group(target_root, group_dir))
     return groups
+
+
+def _port_enabled(target_root: str, member: str) -> bool | None:
+    """Whether the port of one ``members`` line is enabled on this node (``read_port``'s
+    ``enabled``), reading only what that needs: None when ``read_port`` would leave it out (a
+    malformed line, a LUN directory that is gone). Raises OSError when ``enable`` cannot be
+    read."""
+    m = _MEMBER.match(member.strip())
+    if not m:
+        return None
+    fabric, wwn, tpgt, lun = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
+    tpg_dir = os.path.join(target_root, "iscsi" if fabric == "iSCSI" else fabric, wwn,
+                           f"tpgt_{tpgt}")
+    if not os.path.isdir(os.path.join(tpg_dir, "lun", f"lun_{lun}")):
+        return None
+    enable = os.path.join(tpg_dir, "enable")
+    return _int(enable) != 0 if os.path.exists(enable) else True
+
+
+def read_local_state(device_dir: str, target_root: str) -> int | None:
+    """The access state of the ALUA group holding this node's one enabled port, or None (no
+    groups, or not exactly one enabled port): what ``scsi.alua.enabled_ports`` of
+    ``read_port_groups`` gives, read with about a fifth of the configfs reads - per group its
+    id and ``members``, per member its TPG's ``enable``, and the one group's
+    ``alua_access_state`` (not the support flags, status and ports' identifiers, which only
+    INQUIRY and REPORT TARGET PORT GROUPS need). lvmirrord follows the state every second per
+    LUN, and under the lab's emulation each configfs read costs about a millisecond of CPU.
+    Raises OSError or ValueError as ``read_port_groups`` does."""
+    alua_dir = os.path.join(device_dir, "alua")
+    try:
+        names = sorted(os.listdir(alua_dir))
+    except FileNotFoundError:
+        return None
+    local = []
+    for n in names:
+        group_dir = os.path.join(alua_dir, n)
+        if not os.path.isdir(group_dir) or not _text(os.path.join(group_dir, "tg_pt_gp_id")):
+            continue
+        for line in _text(os.path.join(group_dir, "members")).splitlines():
+            if line.strip() and _port_enabled(target_root, line):
+                local.append(group_dir)
+                if len(local) > 1:
+                    return None
+    return _int(os.path.join(local[0], "alua_access_state")) if local else None
+

@@ -147,6 +147,13 @@ class UioDevice:
         return alua.read_port_groups(self.configfs_dir,
                                      os.path.join(self.configfs_root, "target"))
 
+    def local_port_state(self) -> int | None:
+        """The ALUA access state of the group of this node's one enabled port, or None
+        (``lvmirror.tcmu.alua.read_local_state``: the state ``port_groups`` gives, read with
+        fewer configfs reads). Raises OSError or ValueError when a group cannot be read."""
+        return alua.read_local_state(self.configfs_dir,
+                                     os.path.join(self.configfs_root, "target"))
+
     def enable_tmr_notification(self) -> bool:
         """Ask the kernel to queue TMR entries (ABORT TASK, LUN RESET...) on the ring
         (``attrib/tmr_notification`` = 1, kernel 5.9+, target_core_user.c), so lvmirrord sees

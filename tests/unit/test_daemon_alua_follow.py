@@ -58,6 +58,11 @@ def serve(tmp_path, monkeypatch, groups, *, follow=0.05, registry=None):
                         info_size=SIZE, serial="serial-0")
     (dev,) = uio.find_devices("lvmirror", **roots)
     dev.port_groups = groups
+
+    def local_state():
+        local = alua.enabled_ports(groups())
+        return local[0][0].state if len(local) == 1 else None
+    dev.local_port_state = local_state
     emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=8 << 20)
     emu.run_reaper()
     registry = registry or VolumeRegistry(str(tmp_path / "state"))

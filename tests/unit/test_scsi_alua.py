@@ -3,12 +3,15 @@ PORT GROUPS, built from the groups the kernel keeps in configfs, and the configf
 on a tree laid out as Linux 6.1 lays it out. The kernel lab checks the same with sg3-utils
 against LIO."""
 
+import builtins
 import os
+import shutil
 
 import pytest
 
 from lvmirror.scsi import GOOD, LogicalUnit
 from lvmirror.scsi import alua
+from lvmirror.tcmu import alua as tcmu_alua
 from lvmirror.tcmu.alua import read_port_groups
 from lvmirror.tcmu.uio import UioDevice
 from tests.unit.test_scsi_core import RamBackend, run, sense_of
@@ -290,3 +293,67 @@ def test_read_port_groups_malformed_group_raises(configfs):
         dev.port_groups()
     lu = LogicalUnit(RamBackend(), wwn=WWN, port_groups=dev.port_groups)
     assert run(lu, [0x12, 0, 0, 0, 255, 0], in_len=255)[0].status == GOOD
+
+
+def _state_from_groups(dev):
+    local = alua.enabled_ports(dev.port_groups())
+    return local[0][0].state if len(local) == 1 else None
+
+
+def _counting_opens(monkeypatch):
+    n = [0]
+
+    def counted(*a, **kw):
+        n[0] += 1
+        return builtins.open(*a, **kw)
+    monkeypatch.setattr(tcmu_alua, "open", counted, raising=False)
+    return n
+
+
+def test_the_local_state_is_what_the_groups_give_with_fewer_reads(configfs, monkeypatch):
+    """``local_port_state`` (what lvmirrord follows every second) gives the state of the group
+    of the one enabled port exactly as ``enabled_ports(port_groups())`` does, through each
+    change of layout - a port moved between groups, a TPG enabled and disabled, a group
+    without an id yet, a malformed member line, a LUN directory gone - with at most a third of
+    the file reads."""
+    dev, target = configfs
+    opens = _counting_opens(monkeypatch)
+    assert dev.local_port_state() is None and _state_from_groups(dev) is None   # no alua dir
+
+    def check():
+        opens[0] = 0
+        got = dev.local_port_state()
+        cheap = opens[0]
+        opens[0] = 0
+        want = _state_from_groups(dev)
+        assert got == want
+        assert cheap * 3 <= opens[0], (cheap, opens[0])
+        return got
+    make_port(target, "iscsi", IQN, 1, 0, 1, enable=1)
+    make_port(target, "iscsi", IQN, 2, 0, 2, enable=0)
+    make_group(dev.configfs_dir, "default_tg_pt_gp", 0, alua.STANDBY,
+               [f"iSCSI/{IQN}/tpgt_1/lun_0"])
+    make_group(dev.configfs_dir, "gw", 1, alua.ACTIVE_OPTIMIZED, [])
+    make_group(dev.configfs_dir, "peer", 2, alua.STANDBY,
+               [f"iSCSI/{IQN}/tpgt_2/lun_0", "not a member line"])
+    assert check() == alua.STANDBY                   # the port in the default group
+    make_group(dev.configfs_dir, "default_tg_pt_gp", 0, alua.STANDBY, [])
+    make_group(dev.configfs_dir, "gw", 1, alua.ACTIVE_OPTIMIZED, [f"iSCSI/{IQN}/tpgt_1/lun_0"])
+    assert check() == alua.ACTIVE_OPTIMIZED          # moved to its own group
+    write(os.path.join(dev.configfs_dir, "alua", "gw", "alua_access_state"), str(alua.STANDBY))
+    assert check() == alua.STANDBY                   # the agent's demote
+    write(os.path.join(target, "iscsi", IQN, "tpgt_2", "enable"), "1")
+    assert check() is None                           # two enabled ports: no ALUA followed
+    write(os.path.join(target, "iscsi", IQN, "tpgt_2", "enable"), "0")
+    make_group(dev.configfs_dir, "new", 3, 0, [f"iSCSI/{IQN}/tpgt_2/lun_0"])
+    write(os.path.join(dev.configfs_dir, "alua", "new", "tg_pt_gp_id"), "")
+    assert check() == alua.STANDBY                   # a group without an id is skipped
+    make_port(target, "loopback", "naa.5001405aaaaaaaaa", 1, 3, 9)      # no enable: enabled
+    make_group(dev.configfs_dir, "new", 3, alua.ACTIVE_OPTIMIZED,
+               ["loopback/naa.5001405aaaaaaaaa/tpgt_1/lun_3"])
+    assert check() is None
+    shutil.rmtree(os.path.join(target, "loopback", "naa.5001405aaaaaaaaa", "tpgt_1", "lun"))
+    assert check() == alua.STANDBY                   # its LUN unmapped: left out
+    os.unlink(os.path.join(dev.configfs_dir, "alua", "gw", "members"))
+    with pytest.raises(OSError):
+        dev.local_port_state()
