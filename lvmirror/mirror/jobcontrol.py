@@ -271,7 +271,6 @@ class JobControl:
                     img.rec.restore_rate = rate_limit
                     vol._save_md()
                 job = RestoreJob(vol, img, old.bitmap, rate_limit=rate_limit)
-                job.lost = old.lost
                 self.restore_job = job
                 vol.jobs[img.rec.id] = job
                 job.start()
@@ -299,7 +298,9 @@ class JobControl:
     def commit_restored(self, job, regions):
         """Record ``regions`` as restored in the job's restore bitmap on disk, only once the
         restored data is durable on every live image (durability barrier); the in-memory bits
-        are cleared after the save, so an I/O that finds a region clear may rely on it."""
+        are cleared after the save, so an I/O that finds a region clear may rely on it. A
+        region in ``job.redo`` keeps its bit: the live images may have lost its copy before
+        this barrier (``RestoreJob.add_lost``), so it is copied again."""
         vol = self.vol
         snap_lock = job.commit_lock
         flushed = vol._storage_images()
@@ -307,11 +308,12 @@ class JobControl:
         def persist(durable):
             _refuse_not_durable(vol, flushed, durable, "regions recorded as restored")
             with snap_lock:
+                done = [r for r in regions if r not in job.redo]
                 snap = job.bitmap.copy()
-                for r in regions:
+                for r in done:
                     snap.clear_region(r)
                 snap.save(job.path)
-                for r in regions:
+                for r in done:
                     job.bitmap.clear_region(r)
         vol._barrier.commit(flushed, persist, what="restore progress")
 

@@ -21,7 +21,12 @@ CHECKPOINT_REGIONS regions or CHECKPOINT_SECONDS) and keeps a copied region's bi
 batch commits, so an I/O arriving meanwhile restores it again (the same data) and commits it
 itself; a region restored on demand for an I/O is committed before that I/O goes on. So after a
 crash a resumed restore re-copies only regions no newer write has touched, and never skips a
-region whose restored data did not survive.
+region whose restored data did not survive. When the last in-sync image loses data while a
+restore is registered (its flush failed: the volume goes offline), the regions it may have lost
+go back into the restore bitmap unless written since the restore began (``RestoreJob.add_lost``,
+saved at once), a region copied but not yet committed is copied again (``redo``), and a write
+checks the restore bitmap after it marks the split image's change bitmap, under its range lock,
+so it always lands on restored data (``MirrorVolume._locked_io``).
 
 Resync progress is committed the same way: the bitmap and cursor saved at each checkpoint
 (every CHECKPOINT_REGIONS regions or CHECKPOINT_SECONDS) say "copied" only for regions already
@@ -371,8 +376,9 @@ class RestoreJob(_Job):
         self.path = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
         # serialises saves of the restore bitmap with the clearing of its in-memory bits
         self.commit_lock = threading.Lock()
-        # regions ``add_lost`` put back in the restore bitmap, not copied since (memory only)
-        self.lost: set[int] = set()
+        # regions whose copy the live images may have lost before it was committed
+        # (``add_lost``): ``commit_restored`` keeps their bits until a copy begun later
+        self.redo: set[int] = set()
 
     def start(self):
         """Start the copy back from the split image on a thread of its own."""
@@ -389,21 +395,27 @@ class RestoreJob(_Job):
         bitmap, in memory and on disk at once (``commit_lock``; the saved bitmap is what a
         restore resumes from after a power cut), to be copied again when the restore resumes.
         A region written since keeps its newer data: rolling it back would lose an
-        acknowledged write. Called under the volume's ``_meta``; no image is flushed (adding
-        bits vouches for nothing). Returns the regions added. OSError of the save is logged
-        and counted (``metadata_errors``); the bits stay in memory.
+        acknowledged write. A region whose bit is still set - not copied yet, or copied and
+        its commit still to come, which the loss may have dropped - goes into ``redo``:
+        ``commit_restored`` keeps its bit until a copy begun after this call commits. Called
+        under the volume's ``_meta``; no image is flushed (adding bits vouches for nothing).
+        Returns the regions added. OSError of the save is logged and counted
+        (``metadata_errors``); the bits stay in memory.
 
-        A write that passed ``before_io`` before the region was added and marks ``written``
-        only after it is caught when the region is copied (``_restore_region``); ``lost`` is
-        not saved, so that narrow case is not caught again after a power cut."""
-        added = [r for r in marks.dirty_regions()
-                 if not written.test_region(r) and not self.bitmap.test_region(r)]
-        if not added:
-            return added
+        A write marks ``written`` before it checks the restore bitmap under its range lock
+        (``MirrorVolume._write_locked``): either this call sees its mark and leaves the region
+        to it, or the write sees the bit set here and restores the region first."""
         with self.commit_lock:
+            added = []
+            for r in marks.dirty_regions():
+                if self.bitmap.test_region(r):
+                    self.redo.add(r)
+                elif not written.test_region(r):
+                    added.append(r)
+            if not added:
+                return added
             for r in added:
                 self.bitmap.mark_region(r)
-                self.lost.add(r)
                 self.bytes_total += self.bitmap.region_range(r)[1]
             try:
                 self.bitmap.save(self.path)
@@ -494,17 +506,8 @@ class RestoreJob(_Job):
         try:
             if not rb.test_region(r):
                 return False
-            if r in self.lost:
-                self.lost.discard(r)
-                if img.bitmap.test_region(r):
-                    # added back by ``add_lost``, then written by an I/O that had passed
-                    # ``before_io`` already: its data is newer than the split image's
-                    log.warning("volume %s: region %d, which the live images may have lost, "
-                                "was written again before the restore copied it back; the "
-                                "newer write is kept", vol.name, r)
-                    if commit:
-                        vol.control.commit_restored(self, [r])
-                    return True
+            with self.commit_lock:
+                self.redo.discard(r)        # a loss from here on puts it back (add_lost)
             view = memoryview(buf)[:ln]
             st = img.storage
             if st is None:

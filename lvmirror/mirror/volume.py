@@ -1069,6 +1069,12 @@ class MirrorVolume:
             try:
                 for bm in ep.tracking:
                     bm.mark(offset, length)
+                rj = self.control.restore_job
+                if rj is not None and rj.bitmap.is_dirty(offset, length):
+                    # after the marks: a region put back into the restore meanwhile
+                    # (``RestoreJob.add_lost``, which leaves a marked region alone) is
+                    # restored before this write lands on it (``_locked_io``)
+                    raise _RestoreFirst()
                 self._fanout(ep, fn, offset, length, parallel=self._parallel(length, fua))
             finally:
                 if tok is not None:
@@ -1077,6 +1083,36 @@ class MirrorVolume:
             self._leave(ep)
             raise
         self._leave(ep, kind, length)
+
+    def _locked_io(self, lba, nblocks, nowait, body, *, shared=False, is_read=False):
+        """Run ``body()`` under the range's region lock (``shared`` for a read; with ``nowait``
+        only tried: WouldBlock when another holds it) and return what it returns. A region of
+        the range a registered restore has not copied - put back into it after ``_prologue``
+        restored the range (``RestoreJob.add_lost``: the live images lost data) - is
+        restored first: a read sees it before it reads, a write when it raises _RestoreFirst
+        (``_write_locked``); the lock is released, ``_prologue`` (with its checks: the
+        volume may be offline now) restores it and the I/O starts again. With ``nowait``,
+        WouldBlock instead."""
+        while True:
+            if nowait:
+                lk = self.locks.try_lock(lba, nblocks, shared=shared)
+                if lk is None:
+                    raise WouldBlock("a write holds the range" if shared
+                                     else "other I/O holds the range")
+            else:
+                lk = self.locks.lock(lba, nblocks, shared=shared)
+            try:
+                rj = self.control.restore_job
+                if not (is_read and rj is not None and rj.bitmap.is_dirty(
+                        lba * self.block_size, nblocks * self.block_size)):
+                    return body()
+            except _RestoreFirst:
+                pass
+            finally:
+                lk.release()
+            if nowait:
+                raise WouldBlock("a restore must copy the range first")
+            self._prologue(lba, nblocks, is_read=is_read)
 
     def _read_locked(self, offset, buffers, length, defer_errors=False):
         """The read path after the range lock is held: the first in-sync image in turn (one
@@ -1274,19 +1310,12 @@ class MirrorVolume:
         offset, length = self._prologue(lba, nblocks, nowait, is_read=True)
         if not nblocks:
             return
-        if nowait:
-            lk = self.locks.try_lock(lba, nblocks, shared=True)
-            if lk is None:
-                raise WouldBlock("a write holds the range")
+        if nowait and not device_ok:
+            body = lambda: self._read_nowait(offset, buffers, length)      # noqa: E731
         else:
-            lk = self.locks.lock(lba, nblocks, shared=True)
-        try:
-            if nowait and not device_ok:
-                self._read_nowait(offset, buffers, length)
-            else:
-                self._read_locked(offset, buffers, length, defer_errors=nowait)
-        finally:
-            lk.release()
+            body = lambda: self._read_locked(offset, buffers, length,      # noqa: E731
+                                             defer_errors=nowait)
+        self._locked_io(lba, nblocks, nowait, body, shared=True, is_read=True)
 
     def _read_nowait(self, offset, buffers, length):
         """``_read_locked`` for ``read(nowait=True)``: one in-sync image, from its page cache;
@@ -1632,18 +1661,9 @@ class MirrorVolume:
         offset, length = self._prologue(lba, nblocks, nowait)
         if not nblocks:
             return
-        if nowait:
-            lk = self.locks.try_lock(lba, nblocks)
-            if lk is None:
-                raise WouldBlock("other I/O holds the range")
-        else:
-            lk = self.locks.lock(lba, nblocks)
-        try:
-            self._write_locked(offset, length, lambda st: st.writev(offset, buffers, fua=fua),
-                               fua=fua, nowait=nowait and not device_ok,
-                               own_save=nowait and device_ok)
-        finally:
-            lk.release()
+        self._locked_io(lba, nblocks, nowait, lambda: self._write_locked(
+            offset, length, lambda st: st.writev(offset, buffers, fua=fua), fua=fua,
+            nowait=nowait and not device_ok, own_save=nowait and device_ok))
 
     def flush(self):
         """Make every acknowledged write durable on every live image."""
@@ -1663,11 +1683,8 @@ class MirrorVolume:
         offset, length = self._prologue(lba, nblocks)
         if not nblocks:
             return
-        lk = self.locks.lock(lba, nblocks)
-        try:
-            self._write_locked(offset, length, lambda st: st.discard(offset, length), "unmaps")
-        finally:
-            lk.release()
+        self._locked_io(lba, nblocks, False, lambda: self._write_locked(
+            offset, length, lambda st: st.discard(offset, length), "unmaps"))
 
     def lba_status(self, lba, max_descriptors):
         """GET LBA STATUS (SBC-3): ``provisioning.lba_status`` of an image that serves reads;
@@ -1733,8 +1750,11 @@ class MirrorVolume:
         offset, length = self._prologue(lba, nblocks)
         if not nblocks:
             return None
-        lk = self.locks.lock(lba, nblocks)
-        try:
+
+        def body():
+            rj = self.control.restore_job
+            if rj is not None and rj.bitmap.is_dirty(offset, length):
+                raise _RestoreFirst()       # compare with restored data (``_locked_io``)
             cur = bytearray(length)
             self._read_locked(offset, [memoryview(cur)], length)
             if cur != verify:
@@ -1746,8 +1766,7 @@ class MirrorVolume:
                         return i
             self._write_locked(offset, length, lambda st: st.writev(offset, [data]))
             return None
-        finally:
-            lk.release()
+        return self._locked_io(lba, nblocks, False, body)
 
     # ==== status ==================================================================================
 
@@ -2041,6 +2060,11 @@ class MirrorVolume:
     def __repr__(self):
         return (f"<MirrorVolume {self.name} {self.size} bytes bs={self.block_size} "
                 f"images={[im.state.value for im in self._images]}>")
+
+
+class _RestoreFirst(Exception):
+    """Raised under a range lock when a registered restore has a region of the range to copy
+    first (``MirrorVolume._locked_io`` catches it, restores and starts the I/O again)."""
 
 
 def _sort_leg_error(errors, img, exc, other):

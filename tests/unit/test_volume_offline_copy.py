@@ -10,8 +10,9 @@ import threading
 
 import pytest
 
-from lvmirror.errors import ImageIOError
+from lvmirror.errors import ImageIOError, StateError
 from lvmirror.mirror.bitmap import RegionBitmap
+from lvmirror.mirror.jobcontrol import JobControl
 from tests.unit.powerloss import Machine, VolatileImage
 from tests.unit.test_volume_helpers import pattern, wait_until
 from tests.unit.test_volume_powerloss import (  # noqa: F401 (_power: the fixture)
@@ -345,12 +346,9 @@ def test_a_write_after_the_loss_restores_the_region_first(tmp_path):
     assert _region(split, 5) == X
 
 
-def test_a_write_past_its_restore_check_when_the_loss_comes_is_kept(tmp_path, monkeypatch):
-    """A write to region 5 has passed the restore's check (``before_io``: nothing to restore
-    there) when the loss puts region 5 back into the restore's bitmap; the write then lands
-    and is acknowledged. The resumed restore must not copy the split data over it: it finds
-    the region written since (the split's change bitmap) and keeps the write."""
-    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
+def _write_held_past_its_restore_check(vol, job, monkeypatch):
+    """A one-block write Z to region 5, held just after the restore's check (``before_io``:
+    nothing to restore there yet) on a thread of its own. Returns (release, result dict)."""
     real = type(job).before_io
     entered, release = threading.Event(), threading.Event()
 
@@ -365,14 +363,94 @@ def test_a_write_past_its_restore_check_when_the_loss_comes_is_kept(tmp_path, mo
         lambda: _write(vol, 5 * RB, Z))))
     wt.start()
     assert entered.wait(10)
+    res["thread"] = wt
+    return release, res
+
+
+@pytest.mark.parametrize("when", ["online", "offline"])
+def test_a_write_past_its_restore_check_when_the_loss_comes(tmp_path, monkeypatch, when):
+    """A write to region 5 has passed the restore's check when the loss puts region 5 back
+    into the restore. It lands only on restored data: let go once the volume serves again,
+    it finds the region marked (after its own mark in the split's change bitmap, under its
+    range lock), has the region restored and writes - the region is Z then X, also after a
+    flush, a clean close and a reopen; let go while the volume is offline, it is refused (not
+    acknowledged) and the region is X. (Trial 18: the region was skipped whole by the
+    restore, its other blocks keeping what the live image lost, and after a reopen the
+    restore copied X over the acknowledged Z.)"""
+    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
+    release, res = _write_held_past_its_restore_check(vol, job, monkeypatch)
     _lose_x(vol, job)
     assert job.bitmap.test_region(5)
+    if when == "online":
+        assert vol.probe()
     release.set()
-    wt.join(10)
-    assert res["W"] == "ok", res
+    res["thread"].join(10)
+    if when == "online":
+        assert res["W"] == "ok", res
+        vol.flush()
+    else:
+        assert "offline" in res["W"], res
+        assert vol.probe()
+    monkeypatch.undo()
+    j2 = vol.restore(1)
+    assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
+    vol.close()
+    vol = _open(m)
+    assert not vol.jobs
+    vol.close()
+    live, split = _read_image(m, a), _read_image(m, b)
+    assert _region(live, 5) == (Z + X[len(Z):] if when == "online" else X)
+    assert _region(split, 5) == X
+
+
+@pytest.mark.parametrize("on_demand", [False, True])
+def test_a_copy_not_yet_committed_when_the_loss_comes_is_copied_again(tmp_path, monkeypatch,
+                                                                     on_demand):
+    """The restore has copied region 10 (by its background copy, or for a read) and not yet
+    committed it when the host's flush fails and drops the live image's cache, the copy with
+    it; the restore's own flush then succeeds. Its commit must keep region 10's bit (the copy
+    may be lost), so the resumed restore copies it again and ends with every region rolled
+    back. (Trial 18: the commit cleared the bit and the restore ended done with region 10
+    holding the data written after the split, also after a power cut.)"""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_with_p1(m, [a, b])
+    vol.split(1)
+    _write(vol, 10 * RB, bytes(pattern(RB, 0x6666)))
+    vol.flush()
+    real = JobControl.commit_restored
+    fired = []
+
+    def commit_restored(self, job, regions):
+        if 10 in regions and not fired:
+            fired.append(1)
+            _flush_fails_losing_cache(vol.image_storage(0))
+            with pytest.raises(Exception):
+                vol.flush()                      # the host's flush, in the window
+            assert vol.offline
+        return real(self, job, regions)
+    monkeypatch.setattr(JobControl, "commit_restored", commit_restored)
+    if on_demand:
+        job = vol.restore(1, rate_limit=0.001)  # the background copy held
+        with pytest.raises(StateError, match="offline"):
+            _read(vol, 10 * RB, 1)              # restores region 10, then finds it lost
+    else:
+        job = vol.restore(1)
+    job.set_rate_limit(None)
+    assert job.wait(30) and job.state == "failed", (job.state, job.error)
+    assert fired and job.bitmap.test_region(10)
+    with open(job.path, "rb") as f:
+        assert RegionBitmap.from_bytes(f.read(), vol.size, vol.region_size).test_region(10)
     assert vol.probe()
     j2 = vol.restore(1)
     assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
     vol.close()
-    live = _read_image(m, a)
-    assert _region(live, 5)[:len(Z)] == Z, "the acknowledged write was rolled back"
+    live, split = _read_image(m, a), _read_image(m, b)
+    bad = [r for r in range(SIZE // REGION) if _region(live, r) != _region(split, r)]
+    assert not bad, f"restore done but regions {bad} of the live image not rolled back"
+
+
+def _read(vol, lba, nblocks):
+    buf = bytearray(nblocks * 512)
+    vol.read(lba, [memoryview(buf)])
+    return bytes(buf)
