@@ -271,6 +271,10 @@ class JobControl:
                     img.rec.restore_rate = rate_limit
                     vol._save_md()
                 job = RestoreJob(vol, img, old.bitmap, rate_limit=rate_limit)
+                # the same bitmap, so the same locks and regions to copy again: a thread
+                # still in the old job's commit saves under the lock the new job takes
+                job.commit_lock, job.mark_lock, job.redo = old.commit_lock, old.mark_lock, \
+                    old.redo
                 self.restore_job = job
                 vol.jobs[img.rec.id] = job
                 job.start()

@@ -379,6 +379,10 @@ class RestoreJob(_Job):
         # regions whose copy the live images may have lost before it was committed
         # (``add_lost``): ``commit_restored`` keeps their bits until a copy begun later
         self.redo: set[int] = set()
+        # makes ``add_lost``'s test of the split's change bitmap and its setting of restore
+        # bits one step against a write's check of the restore bitmap after its marks
+        # (``MirrorVolume._write_locked``); taken inside ``commit_lock``, never the reverse
+        self.mark_lock = threading.Lock()
 
     def start(self):
         """Start the copy back from the split image on a thread of its own."""
@@ -402,20 +406,22 @@ class RestoreJob(_Job):
         Returns the regions added. OSError of the save is logged and counted
         (``metadata_errors``); the bits stay in memory.
 
-        A write marks ``written`` before it checks the restore bitmap under its range lock
-        (``MirrorVolume._write_locked``): either this call sees its mark and leaves the region
-        to it, or the write sees the bit set here and restores the region first."""
+        A write marks ``written``, then checks the restore bitmap under ``mark_lock``, which
+        this call holds from its first test of ``written`` to its last bit set
+        (``MirrorVolume._write_locked``): either this call sees the write's mark and leaves
+        the region to it, or the write sees the bit set here and restores the region first."""
         with self.commit_lock:
             added = []
-            for r in marks.dirty_regions():
-                if self.bitmap.test_region(r):
-                    self.redo.add(r)
-                elif not written.test_region(r):
-                    added.append(r)
+            with self.mark_lock:
+                for r in marks.dirty_regions():
+                    if self.bitmap.test_region(r):
+                        self.redo.add(r)
+                    elif not written.test_region(r):
+                        added.append(r)
+                        self.bitmap.mark_region(r)
             if not added:
                 return added
             for r in added:
-                self.bitmap.mark_region(r)
                 self.bytes_total += self.bitmap.region_range(r)[1]
             try:
                 self.bitmap.save(self.path)

@@ -1067,14 +1067,21 @@ class MirrorVolume:
                 raise VolumeIOError(f"volume {self.name}: cannot persist the write-intent log: "
                                     f"{e}", is_read=False) from e
             try:
+                rj = self.control.restore_job
+                if rj is not None and rj.bitmap.is_dirty(offset, length):
+                    raise _RestoreFirst()       # restored first (``_locked_io``), unmarked
                 for bm in ep.tracking:
                     bm.mark(offset, length)
                 rj = self.control.restore_job
-                if rj is not None and rj.bitmap.is_dirty(offset, length):
-                    # after the marks: a region put back into the restore meanwhile
-                    # (``RestoreJob.add_lost``, which leaves a marked region alone) is
+                if rj is not None:
+                    # after the marks, under the lock ``RestoreJob.add_lost`` holds while it
+                    # tests them and sets restore bits: either it saw these marks and leaves
+                    # the range to this write, or a region it put back into the restore is
                     # restored before this write lands on it (``_locked_io``)
-                    raise _RestoreFirst()
+                    with rj.mark_lock:
+                        again = rj.bitmap.is_dirty(offset, length)
+                    if again:
+                        raise _RestoreFirst()
                 self._fanout(ep, fn, offset, length, parallel=self._parallel(length, fua))
             finally:
                 if tok is not None:

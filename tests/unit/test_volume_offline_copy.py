@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from lvmirror.errors import ImageIOError, StateError
+from lvmirror.errors import ImageIOError, StateError, WouldBlock
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.jobcontrol import JobControl
 from tests.unit.powerloss import Machine, VolatileImage
@@ -454,3 +454,69 @@ def _read(vol, lba, nblocks):
     buf = bytearray(nblocks * 512)
     vol.read(lba, [memoryview(buf)])
     return bytes(buf)
+
+
+def test_a_write_inside_add_losts_test_of_the_change_bitmap(tmp_path):
+    """A write to region 5 runs while ``add_lost`` is between its test of the split's change
+    bitmap (region 5: not written) and setting region 5's restore bit. The write must not be
+    acknowledged and then undone: it waits for ``add_lost`` (``mark_lock``) and finds region
+    5 back in the restore: refused if the volume is offline by then (region 5 is X after the
+    restore), or written on top of region 5 restored first (Z, then X). (Trial 19: the write
+    marked, found the restore bit clear, was acknowledged, and the restore copied X over
+    it.)"""
+    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
+    written = vol._images[1].bitmap
+    real_test = written.test_region
+    res = {}
+
+    def test_region(r):
+        v = real_test(r)
+        if r == 5 and "W" not in res:
+            res["W"] = "pending"
+            t = threading.Thread(target=lambda: res.__setitem__(
+                "W", _try(lambda: _write(vol, 5 * RB, Z))))
+            t.start()
+            res["thread"] = t
+            t.join(1)                           # it runs inside add_lost's window
+        return v
+    written.test_region = test_region
+    _lose_x(vol, job)
+    del written.test_region
+    res["thread"].join(10)
+    assert res["W"] == "ok" or "offline" in res["W"], res
+    assert vol.probe()
+    j2 = vol.restore(1)
+    assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
+    vol.close()
+    assert _region(_read_image(m, a), 5) == (Z + X[len(Z):] if res["W"] == "ok" else X)
+
+
+@pytest.mark.parametrize("device_ok", [False, True])
+def test_a_nowait_write_refused_for_a_restore_marks_nothing(tmp_path, device_ok):
+    """A restore begins between a nowait write's checks and its lock: the write is
+    WouldBlock with nothing changed - no region of the split's change bitmap marked (trial
+    19: region 9, not written, stayed marked as written after the restore)."""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_with_p1(m, [a, b])
+    vol.split(1)
+    _write(vol, 10 * RB, bytes(pattern(RB, 0x6666)))     # region 10 to restore
+    split_bm = vol._images[1].bitmap
+    real = vol.locks.try_lock
+    started = []
+
+    def try_lock(*args, **kw):
+        if not started:                                   # the restore begins here
+            started.append(vol.restore(1, rate_limit=0.001))
+        return real(*args, **kw)
+    vol.locks.try_lock = try_lock
+    ep = vol._epoch
+    with pytest.raises(WouldBlock):
+        vol.write(10 * RB - 1, [memoryview(bytes(pattern(2, 0x1234)))], nowait=True,
+                  device_ok=device_ok)
+    assert ep.inflight == 0
+    job = started[0]
+    job.set_rate_limit(None)
+    assert job.wait(30) and job.state == "done", (job.state, job.error)
+    assert list(split_bm.dirty_regions()) == []
+    vol.close()
