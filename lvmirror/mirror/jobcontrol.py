@@ -271,10 +271,9 @@ class JobControl:
                     img.rec.restore_rate = rate_limit
                     vol._save_md()
                 job = RestoreJob(vol, img, old.bitmap, rate_limit=rate_limit)
-                # the same bitmap, so the same locks and regions to copy again: a thread
-                # still in the old job's commit saves under the lock the new job takes
-                job.commit_lock, job.mark_lock, job.redo = old.commit_lock, old.mark_lock, \
-                    old.redo
+                # the same bitmap, so the same locks, losses and writes since the restore
+                # began: a thread still in the old job's commit saves under the new one's lock
+                job.losses = old.losses
                 self.restore_job = job
                 vol.jobs[img.rec.id] = job
                 job.start()
@@ -300,19 +299,21 @@ class JobControl:
             return job
 
     def commit_restored(self, job, regions):
-        """Record ``regions`` as restored in the job's restore bitmap on disk, only once the
-        restored data is durable on every live image (durability barrier); the in-memory bits
-        are cleared after the save, so an I/O that finds a region clear may rely on it. A
-        region in ``job.redo`` keeps its bit: the live images may have lost its copy before
-        this barrier (``RestoreJob.add_lost``), so it is copied again."""
+        """Record ``regions`` (``(region, generation)`` pairs: the loss generation its copy
+        began in, ``RestoreJob._restore_region``) as restored in the job's restore bitmap on
+        disk, only once the restored data is durable on every live image (durability
+        barrier); the in-memory bits are cleared after the save, so an I/O that finds a region
+        clear may rely on it. A region a loss put back after its copy began keeps its bit
+        (``RestoreJob.add_lost``: the live images may have dropped the copy before this
+        barrier), so it is copied again."""
         vol = self.vol
-        snap_lock = job.commit_lock
+        losses = job.losses
         flushed = vol._storage_images()
 
         def persist(durable):
             _refuse_not_durable(vol, flushed, durable, "regions recorded as restored")
-            with snap_lock:
-                done = [r for r in regions if r not in job.redo]
+            with losses.commit_lock:
+                done = [r for r, gen in regions if losses.lost_gen.get(r, 0) <= gen]
                 snap = job.bitmap.copy()
                 for r in done:
                     snap.clear_region(r)

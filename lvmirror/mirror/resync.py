@@ -24,9 +24,10 @@ crash a resumed restore re-copies only regions no newer write has touched, and n
 region whose restored data did not survive. When the last in-sync image loses data while a
 restore is registered (its flush failed: the volume goes offline), the regions it may have lost
 go back into the restore bitmap unless written since the restore began (``RestoreJob.add_lost``,
-saved at once), a region copied but not yet committed is copied again (``redo``), and a write
-checks the restore bitmap after it marks the split image's change bitmap, under its range lock,
-so it always lands on restored data (``MirrorVolume._locked_io``).
+saved at once), a region copied but not yet committed is copied again (``_Losses.lost_gen``),
+a write checks the restore bitmap after it marks the split image's change bitmap, under its
+range lock, so it lands on restored data (``MirrorVolume._locked_io``), and a write in flight
+on a region put back is failed, not acknowledged (``RestoreJob.end_write``).
 
 Resync progress is committed the same way: the bitmap and cursor saved at each checkpoint
 (every CHECKPOINT_REGIONS regions or CHECKPOINT_SECONDS) say "copied" only for regions already
@@ -44,6 +45,7 @@ import time
 from lvmirror.errors import ImageIOError, LvmirrorError, StateError, VolumeIOError
 from lvmirror.mirror import legs
 from lvmirror.mirror.image import StorageImage
+from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.metadata import VolumeMetadata
 
 __all__ = ["ResyncJob", "RestoreJob", "check_rate", "job_progress"]
@@ -364,6 +366,32 @@ def _read_from_in_sync(vol, ep, off, ln, view):
     raise StateError(f"volume {vol.name}: no in-sync image to copy from")
 
 
+class _Losses:
+    """What a restore knows of the live images' losses and of the writes since it began
+    (``RestoreJob.add_lost``); a restore resumed from a stopped job keeps the same object.
+
+    - ``commit_lock`` serialises saves of the restore bitmap with the clearing of its
+      in-memory bits;
+    - ``mark_lock`` (taken inside ``commit_lock``, never the reverse) makes ``add_lost`` one
+      step against a write's check of the restore bitmap, its registration as in flight and
+      its end;
+    - ``gen`` counts the losses; ``lost_gen`` maps a region to the loss that last put it back,
+      so a commit keeps the bit of a copy begun before that loss;
+    - ``written``: the regions a write completed on since the restore began (a RegionBitmap,
+      or None until the job sets it), which a loss leaves to their newer data;
+    - ``writes``: the writes in flight past their check (id -> [first region, last region,
+      lost]); one a loss put back a region of is failed (VolumeIOError), not acknowledged."""
+
+    def __init__(self, written):
+        self.commit_lock = threading.Lock()
+        self.mark_lock = threading.Lock()
+        self.gen = 0
+        self.lost_gen: dict[int, int] = {}
+        self.written = written
+        self.writes: dict[int, list] = {}
+        self.seq = 0
+
+
 class RestoreJob(_Job):
     """Copy the regions a split image's change bitmap marks from it to every live image."""
 
@@ -374,15 +402,20 @@ class RestoreJob(_Job):
         self.bitmap = restore_bitmap
         self.bytes_total = restore_bitmap.dirty_bytes()
         self.path = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
-        # serialises saves of the restore bitmap with the clearing of its in-memory bits
-        self.commit_lock = threading.Lock()
-        # regions whose copy the live images may have lost before it was committed
-        # (``add_lost``): ``commit_restored`` keeps their bits until a copy begun later
-        self.redo: set[int] = set()
-        # makes ``add_lost``'s test of the split's change bitmap and its setting of restore
-        # bits one step against a write's check of the restore bitmap after its marks
-        # (``MirrorVolume._write_locked``); taken inside ``commit_lock``, never the reverse
-        self.mark_lock = threading.Lock()
+        # regions written since the restore began: none for a new restore (the split's change
+        # bitmap is the restore bitmap then); for one resumed at open, what the split's change
+        # bitmap marks beyond the restore bitmap (restored, then written)
+        written = img.bitmap.copy() if img.bitmap is not None else \
+            RegionBitmap(vol.size, vol.region_size)
+        for r in list(written.dirty_regions()):
+            if restore_bitmap.test_region(r):
+                written.clear_region(r)
+        self.losses = _Losses(written)
+
+    @property
+    def commit_lock(self):
+        """``_Losses.commit_lock``."""
+        return self.losses.commit_lock
 
     def start(self):
         """Start the copy back from the split image on a thread of its own."""
@@ -390,35 +423,39 @@ class RestoreJob(_Job):
                                         name=f"{self.vol.name}-restore{self.image_id}")
         self._thread.start()
 
-    def add_lost(self, marks, written) -> list[int]:
+    def add_lost(self, marks) -> list[int]:
         """The live images may have lost the regions ``marks`` (a RegionBitmap) holds: the last
-        in-sync image failed a flush and the volume went offline (``MirrorVolume._image_error``).
-        The split image holds what the volume held there when the restore began, so every
-        such region not written since (``written``: the split image's change bitmap, which
-        every write marks and only a region's restore clears) goes back into the restore
-        bitmap, in memory and on disk at once (``commit_lock``; the saved bitmap is what a
-        restore resumes from after a power cut), to be copied again when the restore resumes.
-        A region written since keeps its newer data: rolling it back would lose an
-        acknowledged write. A region whose bit is still set - not copied yet, or copied and
-        its commit still to come, which the loss may have dropped - goes into ``redo``:
-        ``commit_restored`` keeps its bit until a copy begun after this call commits. Called
-        under the volume's ``_meta``; no image is flushed (adding bits vouches for nothing).
-        Returns the regions added. OSError of the save is logged and counted
-        (``metadata_errors``); the bits stay in memory.
-
-        A write marks ``written``, then checks the restore bitmap under ``mark_lock``, which
-        this call holds from its first test of ``written`` to its last bit set
-        (``MirrorVolume._write_locked``): either this call sees the write's mark and leaves
-        the region to it, or the write sees the bit set here and restores the region first."""
-        with self.commit_lock:
+        in-sync image failed a flush and the volume went offline (``MirrorVolume._image_error``,
+        under the volume's ``_meta``). The split image holds what the volume held there when
+        the restore began, so every such region no write completed on since
+        (``_Losses.written``) goes back into the restore bitmap, in memory and on disk at once
+        (the saved bitmap is what a restore resumes from after a power cut), to be copied
+        again when the restore resumes; a write in flight on it is failed, not acknowledged
+        (``end_write``): the copy will overwrite it. A region a write completed on keeps its
+        newer data (rolling it back would lose an acknowledged write; what its other blocks
+        lost is lost, as with no restore). A region whose bit is still set - not copied yet,
+        or copied with its commit still to come, which the loss may have dropped - keeps it
+        through a commit of a copy begun before now (``lost_gen``). No image is flushed
+        (adding bits vouches for nothing). Returns the regions added. OSError of the save is
+        logged and counted (``metadata_errors``); the bits stay in memory."""
+        L = self.losses
+        with L.commit_lock:
             added = []
-            with self.mark_lock:
+            with L.mark_lock:
+                L.gen += 1
+                inflight: dict[int, list] = {}
+                for w in L.writes.values():
+                    for r in range(w[0], w[1] + 1):
+                        inflight.setdefault(r, []).append(w)
                 for r in marks.dirty_regions():
                     if self.bitmap.test_region(r):
-                        self.redo.add(r)
-                    elif not written.test_region(r):
-                        added.append(r)
+                        L.lost_gen[r] = L.gen
+                    elif not L.written.test_region(r):
+                        for w in inflight.get(r, ()):
+                            w[2] = True
                         self.bitmap.mark_region(r)
+                        L.lost_gen[r] = L.gen
+                        added.append(r)
             if not added:
                 return added
             for r in added:
@@ -434,6 +471,34 @@ class RestoreJob(_Job):
                     "restore from image %s (%s)", self.vol.name, len(added), self.img.rec.path,
                     ", ".join(str(r) for r in added[:8]) + (" ..." if len(added) > 8 else ""))
         return added
+
+    def begin_write(self, offset, length):
+        """A write to ``[offset, offset + length)`` bytes, its marks made, asks to go on: None
+        if a region of it is to restore first (the caller restores and starts again), else
+        its token for ``end_write``. One step against ``add_lost`` (``mark_lock``)."""
+        L = self.losses
+        with L.mark_lock:
+            if self.bitmap.is_dirty(offset, length):
+                return None
+            L.seq += 1
+            w = [offset >> self.bitmap.region_shift,
+                 (offset + length - 1) >> self.bitmap.region_shift, False, L.seq]
+            L.writes[L.seq] = w
+            return w
+
+    def end_write(self, w, offset, length, ok) -> bool:
+        """The write of token ``w`` ended (``ok``: every live image took it). Returns False if
+        a loss put one of its regions back into the restore meanwhile (``add_lost``): its data
+        will be overwritten by the copy, so it must fail. Else, when ``ok``, its regions
+        count as written since the restore began."""
+        L = self.losses
+        with L.mark_lock:
+            del L.writes[w[3]]
+            if w[2]:
+                return False
+            if ok:
+                L.written.mark(offset, length)
+            return True
 
     def before_io(self, offset, length, is_read=False):
         """Called by the I/O path before it locks its range (``offset``, ``length`` in bytes;
@@ -490,8 +555,9 @@ class RestoreJob(_Job):
                 if self._cancel.is_set():
                     break
                 _check_online(vol, "restore")
-                if self._restore_region(r, buf, commit=False):
-                    pending.append(r)
+                gen = self._restore_region(r, buf, commit=False)
+                if gen is not None:
+                    pending.append((r, gen))
                 if len(pending) >= CHECKPOINT_REGIONS or \
                         time.monotonic() - last_ck >= CHECKPOINT_SECONDS:
                     vol.control.commit_restored(self, pending)
@@ -501,19 +567,20 @@ class RestoreJob(_Job):
             if self._cancel.is_set():
                 return
 
-    def _restore_region(self, r, buf, *, commit) -> bool:
+    def _restore_region(self, r, buf, *, commit) -> int | None:
         """Copy region ``r`` from the split image to every live image under the region lock;
         ``commit``: also record it as restored (durably) before the lock is released. Returns
-        False if the region needed no copy."""
+        None if the region needed no copy, else the loss generation the copy began in (for
+        ``JobControl.commit_restored``: a loss after it keeps the bit)."""
         vol, img, rb = self.vol, self.img, self.bitmap
         off, ln = rb.region_range(r)
         bs = vol.block_size
         lk = vol.locks.lock(off // bs, ln // bs, owner=None)
         try:
             if not rb.test_region(r):
-                return False
-            with self.commit_lock:
-                self.redo.discard(r)        # a loss from here on puts it back (add_lost)
+                return None
+            with self.losses.mark_lock:
+                gen = self.losses.gen
             view = memoryview(buf)[:ln]
             st = img.storage
             if st is None:
@@ -542,8 +609,8 @@ class RestoreJob(_Job):
             finally:
                 vol._leave(ep)
             if commit:
-                vol.control.commit_restored(self, [r])
+                vol.control.commit_restored(self, [(r, gen)])
         finally:
             lk.release()
         self.bytes_done += ln
-        return True
+        return gen

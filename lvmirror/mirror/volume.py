@@ -705,7 +705,7 @@ class MirrorVolume:
                             marks = RegionBitmap(self.size, self.region_size)
                             self._mark_lost(o, marks, offset, length, all_regions)
                             if rj is not None and rj.img is o:
-                                rj.add_lost(marks, o.bitmap)
+                                rj.add_lost(marks)
                                 continue
                             o.bitmap.union_update(marks)
                             self._save_marks(o, marks)
@@ -1073,16 +1073,28 @@ class MirrorVolume:
                 for bm in ep.tracking:
                     bm.mark(offset, length)
                 rj = self.control.restore_job
-                if rj is not None:
-                    # after the marks, under the lock ``RestoreJob.add_lost`` holds while it
-                    # tests them and sets restore bits: either it saw these marks and leaves
-                    # the range to this write, or a region it put back into the restore is
-                    # restored before this write lands on it (``_locked_io``)
-                    with rj.mark_lock:
-                        again = rj.bitmap.is_dirty(offset, length)
-                    if again:
+                if rj is None:
+                    self._fanout(ep, fn, offset, length, parallel=self._parallel(length, fua))
+                else:
+                    # after the marks, one step against ``RestoreJob.add_lost``: a region it
+                    # put back into the restore is restored before this write lands on it
+                    # (``_locked_io``); one it puts back while the write is in flight fails
+                    # the write, which the copy will overwrite
+                    w = rj.begin_write(offset, length)
+                    if w is None:
                         raise _RestoreFirst()
-                self._fanout(ep, fn, offset, length, parallel=self._parallel(length, fua))
+                    ok = False
+                    try:
+                        self._fanout(ep, fn, offset, length,
+                                     parallel=self._parallel(length, fua))
+                        ok = True
+                    finally:
+                        kept = rj.end_write(w, offset, length, ok)
+                    if not kept:
+                        raise VolumeIOError(
+                            f"volume {self.name}: the live images lost data while this write "
+                            f"was in flight; its range is restored from the split image "
+                            f"instead", is_read=False)
             finally:
                 if tok is not None:
                     self._wil.end(tok)

@@ -422,7 +422,7 @@ def test_a_copy_not_yet_committed_when_the_loss_comes_is_copied_again(tmp_path, 
     fired = []
 
     def commit_restored(self, job, regions):
-        if 10 in regions and not fired:
+        if any(r == 10 for r, _ in regions) and not fired:
             fired.append(1)
             _flush_fails_losing_cache(vol.image_storage(0))
             with pytest.raises(Exception):
@@ -457,15 +457,16 @@ def _read(vol, lba, nblocks):
 
 
 def test_a_write_inside_add_losts_test_of_the_change_bitmap(tmp_path):
-    """A write to region 5 runs while ``add_lost`` is between its test of the split's change
-    bitmap (region 5: not written) and setting region 5's restore bit. The write must not be
+    """A write to region 5 runs while ``add_lost`` is between its test of the regions
+    written since the restore began (region 5: not written) and setting region 5's restore
+    bit. The write must not be
     acknowledged and then undone: it waits for ``add_lost`` (``mark_lock``) and finds region
     5 back in the restore: refused if the volume is offline by then (region 5 is X after the
     restore), or written on top of region 5 restored first (Z, then X). (Trial 19: the write
     marked, found the restore bit clear, was acknowledged, and the restore copied X over
     it.)"""
     m, vol, job, (a, b) = _restore_after_loss(tmp_path)
-    written = vol._images[1].bitmap
+    written = job.losses.written
     real_test = written.test_region
     res = {}
 
@@ -520,3 +521,102 @@ def test_a_nowait_write_refused_for_a_restore_marks_nothing(tmp_path, device_ok)
     assert job.wait(30) and job.state == "done", (job.state, job.error)
     assert list(split_bm.dirty_regions()) == []
     vol.close()
+
+
+def test_a_write_marked_before_the_loss_and_landing_after_it_fails(tmp_path):
+    """A one-block write Z to region 5 has marked the split's change bitmap (nothing
+    completed on region 5 since the restore began) when the loss comes: region 5 goes back
+    into the restore and the write, in flight, is failed rather than acknowledged - the copy
+    will overwrite it - and after the probe the restore rolls region 5 back to X whole.
+    (Trial 20: the loss left region 5 to the write as "written since", the write was
+    acknowledged and the restore ended done with the rest of region 5 holding what the live
+    image lost.)"""
+    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
+    written = vol._images[1].bitmap
+    real_mark = written.mark
+    res = {}
+
+    def mark(offset, length):
+        real_mark(offset, length)
+        if offset // REGION == 5 and "L" not in res:
+            res["L"] = "pending"
+            t = threading.Thread(target=lambda: res.__setitem__("L", _try(
+                lambda: _lose_x(vol, job))))
+            t.start()
+            t.join(20)
+    written.mark = mark
+    res["W"] = _try(lambda: _write(vol, 5 * RB, Z))
+    del written.mark
+    assert res["L"] == "ok", res
+    assert res["W"] != "ok", res                # refused: offline, or failed in flight
+    assert vol.probe()
+    j2 = vol.restore(1)
+    assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
+    vol.close()
+    assert _region(_read_image(m, a), 5) == X
+
+
+def test_a_commit_begun_before_the_loss_keeps_the_bit_past_a_later_copy(tmp_path,
+                                                                         monkeypatch):
+    """The background copy of region 10 is done and its batch commit begun when the loss
+    comes; a probe brings the volume back and a read of region 10 starts an on-demand copy,
+    held in its write. The background commit must still keep region 10's bit (its copy began
+    before the loss), so after a power cut with the on-demand copy never written the resumed
+    restore rolls region 10 back. (Trial 20: the on-demand copy's start cleared the region's
+    "copy again" mark and the background commit recorded it restored: the restore was done
+    and region 10 kept the data written after the split.)"""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_with_p1(m, [a, b])
+    vol.split(1)
+    _write(vol, 10 * RB, bytes(pattern(RB, 0x6666)))
+    vol.flush()
+    gate = {"on": False, "entered": threading.Event(), "release": threading.Event()}
+    real_w = VolatileImage.writev
+
+    def writev(st, offset, buffers, *, fua=False):
+        if gate["on"] and st.path == a and offset // REGION == 10:
+            gate["entered"].set()
+            assert gate["release"].wait(20)
+        return real_w(st, offset, buffers, fua=fua)
+    monkeypatch.setattr(VolatileImage, "writev", writev)
+    real = JobControl.commit_restored
+    res = {}
+
+    def commit_restored(self, job, regions):
+        if any(r == 10 for r, _ in regions) and "fired" not in res \
+                and threading.current_thread() is job._thread:
+            res["fired"] = True
+            _flush_fails_losing_cache(vol.image_storage(0))
+            with pytest.raises(Exception):
+                vol.flush()                      # the loss, in the window
+            assert vol.offline and vol.probe()
+            gate["on"] = True
+            t = threading.Thread(target=lambda: res.__setitem__("R", _try(
+                lambda: _read(vol, 10 * RB, 1))))
+            t.start()
+            res["t"] = t
+            assert gate["entered"].wait(10)      # the on-demand copy of 10, held
+            real(self, job, regions)
+            res["committed"] = True
+            return None
+        return real(self, job, regions)
+    monkeypatch.setattr(JobControl, "commit_restored", commit_restored)
+    job = vol.restore(1)
+    wait_until(lambda: "committed" in res, 20)
+    assert job.bitmap.test_region(10)
+    with open(job.path, "rb") as f:
+        assert RegionBitmap.from_bytes(f.read(), vol.size, vol.region_size).test_region(10)
+    nxt = m.cut(tmp_path / "cut")                # power cut, the on-demand copy still held
+    gate["release"].set()
+    res["t"].join(10)
+    job.wait(30)
+    vol.close()
+    vol = _open(nxt)
+    for j in vol.jobs.values():
+        j.set_rate_limit(None)
+        assert j.wait(30) and j.state == "done", (j.state, j.error)
+    vol.close()
+    live, split = _read_image(nxt, a), _read_image(nxt, b)
+    bad = [r for r in range(SIZE // REGION) if _region(live, r) != _region(split, r)]
+    assert not bad, f"after the cut, regions {bad} not rolled back"
