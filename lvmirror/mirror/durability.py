@@ -41,6 +41,8 @@ state written              images made durable first      site
                                                           (``sources_durable``)
 resync cursor + bitmap     the syncing target             resync checkpoint, pause
 image marked in sync       the syncing target             resync finish
+restore begun (its bitmap) every image with storage       restore start: the regions it
+                                                          leaves out hold the split's data
 restore bitmap (cleared)   every live image               restore batch, on-demand restore
 restore done, split bitmap every live image               restore finish
 split marked done          the split image                split

@@ -271,8 +271,8 @@ class JobControl:
                     img.rec.restore_rate = rate_limit
                     vol._save_md()
                 job = RestoreJob(vol, img, old.bitmap, rate_limit=rate_limit)
-                # the same bitmap, so the same locks, losses and writes since the restore
-                # began: a thread still in the old job's commit saves under the new one's lock
+                # the same bitmap, so the same lock and losses: a thread still in the old
+                # job's commit saves under the lock the new job takes
                 job.losses = old.losses
                 self.restore_job = job
                 vol.jobs[img.rec.id] = job
@@ -285,16 +285,27 @@ class JobControl:
                 # every region is about to be rewritten on every image: comparing them is
                 # wasted reading, and a scrub refuses to start while a restore is unfinished
                 scrub.preempt(f"a restore from image {image_index} began")
-            with vol._meta:
-                rb = img.bitmap.copy()
-                rb.save(VolumeMetadata.restore_path(vol._vdir, img.rec.id))
-                img.rec.restore_running = True
-                img.rec.restore_rate = rate_limit
-                vol._bump()
-                vol._save_md()
-                job = RestoreJob(vol, img, rb, rate_limit=rate_limit)
-                self.restore_job = job
-                vol.jobs[img.rec.id] = job
+            flushed = vol._storage_images()
+
+            def persist(durable):
+                # The live images durable first: a region outside the restore bitmap is then
+                # vouched for as the split copy's data (trial 21: a write from before the
+                # split, unflushed on the live image, was lost by its failing flush or a power
+                # cut, and the restore ended done with that region holding neither copy)
+                _refuse_not_durable(vol, flushed, durable, "the restore's start",
+                                    "the live data may not be durable")
+                with vol._meta:
+                    rb = img.bitmap.copy()
+                    rb.save(VolumeMetadata.restore_path(vol._vdir, img.rec.id))
+                    img.rec.restore_running = True
+                    img.rec.restore_rate = rate_limit
+                    vol._bump()
+                    vol._save_md()
+                    job = RestoreJob(vol, img, rb, rate_limit=rate_limit)
+                    self.restore_job = job
+                    vol.jobs[img.rec.id] = job
+                return job
+            job = vol._barrier.commit(flushed, persist, what="restore start")
             job.start()
             return job
 
@@ -508,7 +519,8 @@ class JobControl:
                 job.start()
 
 
-def _refuse_not_durable(vol, flushed, durable, what):
+def _refuse_not_durable(vol, flushed, durable, what, why="the restored data may not be "
+                                                        "durable"):
     """Raise VolumeIOError (nothing saved) when an image of ``flushed`` that still counts was
     not made durable by the barrier (``durability.not_durable``: the last in-sync image's flush
     failed and the volume went offline instead of failing it): ``what`` would vouch for data
@@ -517,5 +529,5 @@ def _refuse_not_durable(vol, flushed, durable, what):
     lost = not_durable(flushed, durable)
     if lost:
         raise VolumeIOError(f"volume {vol.name}: {what} not saved: the flush of "
-                            f"{', '.join(im.rec.path for im in lost)} failed, so the restored "
-                            f"data may not be durable", is_read=False)
+                            f"{', '.join(im.rec.path for im in lost)} failed, so {why}",
+                            is_read=False)

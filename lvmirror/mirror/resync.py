@@ -21,13 +21,10 @@ CHECKPOINT_REGIONS regions or CHECKPOINT_SECONDS) and keeps a copied region's bi
 batch commits, so an I/O arriving meanwhile restores it again (the same data) and commits it
 itself; a region restored on demand for an I/O is committed before that I/O goes on. So after a
 crash a resumed restore re-copies only regions no newer write has touched, and never skips a
-region whose restored data did not survive. When the last in-sync image loses data while a
-restore is registered (its flush failed: the volume goes offline), the regions it may have lost
-go back into the restore bitmap unless written since the restore began (``RestoreJob.add_lost``,
-saved at once), a region copied but not yet committed is copied again (``_Losses.lost_gen``),
-a write checks the restore bitmap after it marks the split image's change bitmap, under its
-range lock, so it lands on restored data (``MirrorVolume._locked_io``), and a write in flight
-on a region put back is failed, not acknowledged (``RestoreJob.end_write``).
+region whose restored data did not survive. A restore begins only once the live images are
+durable (``JobControl.restore``), so when the last in-sync image later loses data (its flush
+failed: the volume goes offline) only writes made since can be gone, and a region copied but
+not yet committed is copied again (``RestoreJob.add_lost``, ``_Losses.lost_gen``).
 
 Resync progress is committed the same way: the bitmap and cursor saved at each checkpoint
 (every CHECKPOINT_REGIONS regions or CHECKPOINT_SECONDS) say "copied" only for regions already
@@ -45,7 +42,6 @@ import time
 from lvmirror.errors import ImageIOError, LvmirrorError, StateError, VolumeIOError
 from lvmirror.mirror import legs
 from lvmirror.mirror.image import StorageImage
-from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.metadata import VolumeMetadata
 
 __all__ = ["ResyncJob", "RestoreJob", "check_rate", "job_progress"]
@@ -367,29 +363,16 @@ def _read_from_in_sync(vol, ep, off, ln, view):
 
 
 class _Losses:
-    """What a restore knows of the live images' losses and of the writes since it began
-    (``RestoreJob.add_lost``); a restore resumed from a stopped job keeps the same object.
+    """What a restore knows of the live images' losses (``RestoreJob.add_lost``); a restore
+    resumed from a stopped job keeps the same object. ``commit_lock`` serialises saves of the
+    restore bitmap with the clearing of its in-memory bits; ``gen`` counts the losses and
+    ``lost_gen`` maps a region to the last loss that came while its bit was set, so a commit
+    keeps the bit of a copy begun before that loss (``JobControl.commit_restored``)."""
 
-    - ``commit_lock`` serialises saves of the restore bitmap with the clearing of its
-      in-memory bits;
-    - ``mark_lock`` (taken inside ``commit_lock``, never the reverse) makes ``add_lost`` one
-      step against a write's check of the restore bitmap, its registration as in flight and
-      its end;
-    - ``gen`` counts the losses; ``lost_gen`` maps a region to the loss that last put it back,
-      so a commit keeps the bit of a copy begun before that loss;
-    - ``written``: the regions a write completed on since the restore began (a RegionBitmap,
-      or None until the job sets it), which a loss leaves to their newer data;
-    - ``writes``: the writes in flight past their check (id -> [first region, last region,
-      lost]); one a loss put back a region of is failed (VolumeIOError), not acknowledged."""
-
-    def __init__(self, written):
+    def __init__(self):
         self.commit_lock = threading.Lock()
-        self.mark_lock = threading.Lock()
         self.gen = 0
         self.lost_gen: dict[int, int] = {}
-        self.written = written
-        self.writes: dict[int, list] = {}
-        self.seq = 0
 
 
 class RestoreJob(_Job):
@@ -402,15 +385,7 @@ class RestoreJob(_Job):
         self.bitmap = restore_bitmap
         self.bytes_total = restore_bitmap.dirty_bytes()
         self.path = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
-        # regions written since the restore began: none for a new restore (the split's change
-        # bitmap is the restore bitmap then); for one resumed at open, what the split's change
-        # bitmap marks beyond the restore bitmap (restored, then written)
-        written = img.bitmap.copy() if img.bitmap is not None else \
-            RegionBitmap(vol.size, vol.region_size)
-        for r in list(written.dirty_regions()):
-            if restore_bitmap.test_region(r):
-                written.clear_region(r)
-        self.losses = _Losses(written)
+        self.losses = _Losses()
 
     @property
     def commit_lock(self):
@@ -426,79 +401,20 @@ class RestoreJob(_Job):
     def add_lost(self, marks) -> list[int]:
         """The live images may have lost the regions ``marks`` (a RegionBitmap) holds: the last
         in-sync image failed a flush and the volume went offline (``MirrorVolume._image_error``,
-        under the volume's ``_meta``). The split image holds what the volume held there when
-        the restore began, so every such region no write completed on since
-        (``_Losses.written``) goes back into the restore bitmap, in memory and on disk at once
-        (the saved bitmap is what a restore resumes from after a power cut), to be copied
-        again when the restore resumes; a write in flight on it is failed, not acknowledged
-        (``end_write``): the copy will overwrite it. A region a write completed on keeps its
-        newer data (rolling it back would lose an acknowledged write; what its other blocks
-        lost is lost, as with no restore). A region whose bit is still set - not copied yet,
-        or copied with its commit still to come, which the loss may have dropped - keeps it
-        through a commit of a copy begun before now (``lost_gen``). No image is flushed
-        (adding bits vouches for nothing). Returns the regions added. OSError of the save is
-        logged and counted (``metadata_errors``); the bits stay in memory."""
+        under the volume's ``_meta``). Of those, a region whose bit is still set - not copied
+        yet, or copied with its commit still to come, which the loss may have dropped - keeps
+        its bit through the commit of any copy begun before now (``lost_gen``): it is copied
+        again. A region whose bit is clear needs nothing: the live images were durable when the
+        restore began (``JobControl.restore``) and a committed copy is durable, so the loss can
+        only have dropped writes made since, which no initiator was told were durable. Returns
+        the regions whose copy is to be made again."""
         L = self.losses
         with L.commit_lock:
-            added = []
-            with L.mark_lock:
-                L.gen += 1
-                inflight: dict[int, list] = {}
-                for w in L.writes.values():
-                    for r in range(w[0], w[1] + 1):
-                        inflight.setdefault(r, []).append(w)
-                for r in marks.dirty_regions():
-                    if self.bitmap.test_region(r):
-                        L.lost_gen[r] = L.gen
-                    elif not L.written.test_region(r):
-                        for w in inflight.get(r, ()):
-                            w[2] = True
-                        self.bitmap.mark_region(r)
-                        L.lost_gen[r] = L.gen
-                        added.append(r)
-            if not added:
-                return added
-            for r in added:
-                self.bytes_total += self.bitmap.region_range(r)[1]
-            try:
-                self.bitmap.save(self.path)
-            except OSError as e:
-                self.vol._stats["metadata_errors"] += 1
-                log.error("volume %s: the restore bitmap of image %s, with %d regions to copy "
-                          "again, not saved: %s", self.vol.name, self.img.rec.path, len(added),
-                          e)
-        log.warning("volume %s: %d regions the live images may have lost go back into the "
-                    "restore from image %s (%s)", self.vol.name, len(added), self.img.rec.path,
-                    ", ".join(str(r) for r in added[:8]) + (" ..." if len(added) > 8 else ""))
-        return added
-
-    def begin_write(self, offset, length):
-        """A write to ``[offset, offset + length)`` bytes, its marks made, asks to go on: None
-        if a region of it is to restore first (the caller restores and starts again), else
-        its token for ``end_write``. One step against ``add_lost`` (``mark_lock``)."""
-        L = self.losses
-        with L.mark_lock:
-            if self.bitmap.is_dirty(offset, length):
-                return None
-            L.seq += 1
-            w = [offset >> self.bitmap.region_shift,
-                 (offset + length - 1) >> self.bitmap.region_shift, False, L.seq]
-            L.writes[L.seq] = w
-            return w
-
-    def end_write(self, w, offset, length, ok) -> bool:
-        """The write of token ``w`` ended (``ok``: every live image took it). Returns False if
-        a loss put one of its regions back into the restore meanwhile (``add_lost``): its data
-        will be overwritten by the copy, so it must fail. Else, when ``ok``, its regions
-        count as written since the restore began."""
-        L = self.losses
-        with L.mark_lock:
-            del L.writes[w[3]]
-            if w[2]:
-                return False
-            if ok:
-                L.written.mark(offset, length)
-            return True
+            L.gen += 1
+            again = [r for r in marks.dirty_regions() if self.bitmap.test_region(r)]
+            for r in again:
+                L.lost_gen[r] = L.gen
+        return again
 
     def before_io(self, offset, length, is_read=False):
         """Called by the I/O path before it locks its range (``offset``, ``length`` in bytes;
@@ -520,6 +436,15 @@ class RestoreJob(_Job):
                     if e.is_read == is_read or e.out_of_space:
                         raise
                     raise VolumeIOError(str(e), is_read=is_read) from e
+                if bm.test_region(r):
+                    # its commit kept the bit: the live images lost data meanwhile (add_lost)
+                    # and may have dropped the copy - the I/O must not see what is left
+                    why = self.vol.offline
+                    if why is not None:
+                        raise StateError(f"volume {self.vol.name} is offline: {why}")
+                    raise VolumeIOError(f"volume {self.vol.name}: region {r}'s restore may "
+                                        f"have been lost before it was committed",
+                                        is_read=is_read)
 
     def _run(self):
         self._t0 = time.monotonic()
@@ -579,7 +504,7 @@ class RestoreJob(_Job):
         try:
             if not rb.test_region(r):
                 return None
-            with self.losses.mark_lock:
+            with self.losses.commit_lock:
                 gen = self.losses.gen
             view = memoryview(buf)[:ln]
             st = img.storage

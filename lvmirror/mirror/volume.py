@@ -697,7 +697,7 @@ class MirrorVolume:
                     # this image's lost flush dropped), and a split image may hold what this
                     # one lost from before its T: mark the range for the resync to copy again
                     # from this image, or the two would differ once both are in sync; a
-                    # restore running from a split image copies it back from there instead
+                    # restore's copies not yet committed are copied again (``add_lost``)
                     rj = self.control.restore_job
                     for o in self._images:
                         if o.state in (ImageState.SYNCING, ImageState.SPLIT) \
@@ -706,7 +706,6 @@ class MirrorVolume:
                             self._mark_lost(o, marks, offset, length, all_regions)
                             if rj is not None and rj.img is o:
                                 rj.add_lost(marks)
-                                continue
                             o.bitmap.union_update(marks)
                             self._save_marks(o, marks)
                     self._go_offline(f"image {index} ({img.rec.path}), the last in-sync image: "
@@ -1067,34 +1066,9 @@ class MirrorVolume:
                 raise VolumeIOError(f"volume {self.name}: cannot persist the write-intent log: "
                                     f"{e}", is_read=False) from e
             try:
-                rj = self.control.restore_job
-                if rj is not None and rj.bitmap.is_dirty(offset, length):
-                    raise _RestoreFirst()       # restored first (``_locked_io``), unmarked
                 for bm in ep.tracking:
                     bm.mark(offset, length)
-                rj = self.control.restore_job
-                if rj is None:
-                    self._fanout(ep, fn, offset, length, parallel=self._parallel(length, fua))
-                else:
-                    # after the marks, one step against ``RestoreJob.add_lost``: a region it
-                    # put back into the restore is restored before this write lands on it
-                    # (``_locked_io``); one it puts back while the write is in flight fails
-                    # the write, which the copy will overwrite
-                    w = rj.begin_write(offset, length)
-                    if w is None:
-                        raise _RestoreFirst()
-                    ok = False
-                    try:
-                        self._fanout(ep, fn, offset, length,
-                                     parallel=self._parallel(length, fua))
-                        ok = True
-                    finally:
-                        kept = rj.end_write(w, offset, length, ok)
-                    if not kept:
-                        raise VolumeIOError(
-                            f"volume {self.name}: the live images lost data while this write "
-                            f"was in flight; its range is restored from the split image "
-                            f"instead", is_read=False)
+                self._fanout(ep, fn, offset, length, parallel=self._parallel(length, fua))
             finally:
                 if tok is not None:
                     self._wil.end(tok)
@@ -1102,36 +1076,6 @@ class MirrorVolume:
             self._leave(ep)
             raise
         self._leave(ep, kind, length)
-
-    def _locked_io(self, lba, nblocks, nowait, body, *, shared=False, is_read=False):
-        """Run ``body()`` under the range's region lock (``shared`` for a read; with ``nowait``
-        only tried: WouldBlock when another holds it) and return what it returns. A region of
-        the range a registered restore has not copied - put back into it after ``_prologue``
-        restored the range (``RestoreJob.add_lost``: the live images lost data) - is
-        restored first: a read sees it before it reads, a write when it raises _RestoreFirst
-        (``_write_locked``); the lock is released, ``_prologue`` (with its checks: the
-        volume may be offline now) restores it and the I/O starts again. With ``nowait``,
-        WouldBlock instead."""
-        while True:
-            if nowait:
-                lk = self.locks.try_lock(lba, nblocks, shared=shared)
-                if lk is None:
-                    raise WouldBlock("a write holds the range" if shared
-                                     else "other I/O holds the range")
-            else:
-                lk = self.locks.lock(lba, nblocks, shared=shared)
-            try:
-                rj = self.control.restore_job
-                if not (is_read and rj is not None and rj.bitmap.is_dirty(
-                        lba * self.block_size, nblocks * self.block_size)):
-                    return body()
-            except _RestoreFirst:
-                pass
-            finally:
-                lk.release()
-            if nowait:
-                raise WouldBlock("a restore must copy the range first")
-            self._prologue(lba, nblocks, is_read=is_read)
 
     def _read_locked(self, offset, buffers, length, defer_errors=False):
         """The read path after the range lock is held: the first in-sync image in turn (one
@@ -1329,12 +1273,19 @@ class MirrorVolume:
         offset, length = self._prologue(lba, nblocks, nowait, is_read=True)
         if not nblocks:
             return
-        if nowait and not device_ok:
-            body = lambda: self._read_nowait(offset, buffers, length)      # noqa: E731
+        if nowait:
+            lk = self.locks.try_lock(lba, nblocks, shared=True)
+            if lk is None:
+                raise WouldBlock("a write holds the range")
         else:
-            body = lambda: self._read_locked(offset, buffers, length,      # noqa: E731
-                                             defer_errors=nowait)
-        self._locked_io(lba, nblocks, nowait, body, shared=True, is_read=True)
+            lk = self.locks.lock(lba, nblocks, shared=True)
+        try:
+            if nowait and not device_ok:
+                self._read_nowait(offset, buffers, length)
+            else:
+                self._read_locked(offset, buffers, length, defer_errors=nowait)
+        finally:
+            lk.release()
 
     def _read_nowait(self, offset, buffers, length):
         """``_read_locked`` for ``read(nowait=True)``: one in-sync image, from its page cache;
@@ -1680,9 +1631,18 @@ class MirrorVolume:
         offset, length = self._prologue(lba, nblocks, nowait)
         if not nblocks:
             return
-        self._locked_io(lba, nblocks, nowait, lambda: self._write_locked(
-            offset, length, lambda st: st.writev(offset, buffers, fua=fua), fua=fua,
-            nowait=nowait and not device_ok, own_save=nowait and device_ok))
+        if nowait:
+            lk = self.locks.try_lock(lba, nblocks)
+            if lk is None:
+                raise WouldBlock("other I/O holds the range")
+        else:
+            lk = self.locks.lock(lba, nblocks)
+        try:
+            self._write_locked(offset, length, lambda st: st.writev(offset, buffers, fua=fua),
+                               fua=fua, nowait=nowait and not device_ok,
+                               own_save=nowait and device_ok)
+        finally:
+            lk.release()
 
     def flush(self):
         """Make every acknowledged write durable on every live image."""
@@ -1702,8 +1662,11 @@ class MirrorVolume:
         offset, length = self._prologue(lba, nblocks)
         if not nblocks:
             return
-        self._locked_io(lba, nblocks, False, lambda: self._write_locked(
-            offset, length, lambda st: st.discard(offset, length), "unmaps"))
+        lk = self.locks.lock(lba, nblocks)
+        try:
+            self._write_locked(offset, length, lambda st: st.discard(offset, length), "unmaps")
+        finally:
+            lk.release()
 
     def lba_status(self, lba, max_descriptors):
         """GET LBA STATUS (SBC-3): ``provisioning.lba_status`` of an image that serves reads;
@@ -1769,11 +1732,8 @@ class MirrorVolume:
         offset, length = self._prologue(lba, nblocks)
         if not nblocks:
             return None
-
-        def body():
-            rj = self.control.restore_job
-            if rj is not None and rj.bitmap.is_dirty(offset, length):
-                raise _RestoreFirst()       # compare with restored data (``_locked_io``)
+        lk = self.locks.lock(lba, nblocks)
+        try:
             cur = bytearray(length)
             self._read_locked(offset, [memoryview(cur)], length)
             if cur != verify:
@@ -1785,7 +1745,8 @@ class MirrorVolume:
                         return i
             self._write_locked(offset, length, lambda st: st.writev(offset, [data]))
             return None
-        return self._locked_io(lba, nblocks, False, body)
+        finally:
+            lk.release()
 
     # ==== status ==================================================================================
 
@@ -2079,11 +2040,6 @@ class MirrorVolume:
     def __repr__(self):
         return (f"<MirrorVolume {self.name} {self.size} bytes bs={self.block_size} "
                 f"images={[im.state.value for im in self._images]}>")
-
-
-class _RestoreFirst(Exception):
-    """Raised under a range lock when a registered restore has a region of the range to copy
-    first (``MirrorVolume._locked_io`` catches it, restores and starts the I/O again)."""
 
 
 def _sort_leg_error(errors, img, exc, other):

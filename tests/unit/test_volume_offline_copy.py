@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from lvmirror.errors import ImageIOError, StateError, WouldBlock
+from lvmirror.errors import ImageIOError, StateError, VolumeIOError
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.jobcontrol import JobControl
 from tests.unit.powerloss import Machine, VolatileImage
@@ -276,9 +276,10 @@ def _restore_after_loss(tmp_path):
     return m, vol, job, (a, b)
 
 
-def _lose_x(vol, job):
-    """Image 0's flush fails and loses its cache, X with it (the volume goes offline); the
-    held restore, unlimited, stops as failed (it stays registered)."""
+def _lose_cache(vol, job):
+    """Image 0's flush fails and loses its cache - everything written since it was last
+    flushed (the volume goes offline); the held restore, unlimited, stops as failed (it stays
+    registered)."""
     fired = _flush_fails_losing_cache(vol.image_storage(0))
     with pytest.raises(Exception):
         vol.flush()
@@ -292,20 +293,15 @@ def _region(data, r):
     return bytes(data[r * REGION:(r + 1) * REGION])
 
 
-@pytest.mark.parametrize("cut", [False, True])
-def test_a_restore_copies_back_a_region_the_live_image_lost(tmp_path, cut):
-    """A restore is registered when the last in-sync image loses X from its cache (region 5,
-    from before the split; the split copy holds it): region 5 goes back into the restore's
-    bitmap, in memory and on disk, so the resumed restore - after a probe, or after a power
-    cut - copies it back and the live image reads as the split copy everywhere. (Trial 17:
-    only the split's change bitmap was marked; the restore ended "done" with region 5 holding
-    the old data.)"""
-    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
-    _lose_x(vol, job)
-    assert job.bitmap.test_region(5)
-    with open(job.path, "rb") as f:
-        on_disk = RegionBitmap.from_bytes(f.read(), vol.size, vol.region_size)
-    assert on_disk.test_region(5) and on_disk.test_region(10)
+def _read(vol, lba, nblocks):
+    buf = bytearray(nblocks * 512)
+    vol.read(lba, [memoryview(buf)])
+    return bytes(buf)
+
+
+def _finish_restore(m, vol, tmp_path, cut):
+    """After a loss: a power cut and the restore resumed at open (``cut``), or the probe and
+    the operator's restore; returns the machine whose files hold the result (volume closed)."""
     if cut:
         nxt = m.cut(tmp_path / "cut")
         vol.close()
@@ -318,89 +314,61 @@ def test_a_restore_copies_back_a_region_the_live_image_lost(tmp_path, cut):
         assert vol.probe()
         j2 = vol.restore(1)
         assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
-        buf = bytearray(REGION)
-        vol.read(5 * RB, [memoryview(buf)])
-        assert bytes(buf) == X
-    assert not vol._images[1].bitmap.test_region(5)
     vol.close()
+    return m
+
+
+@pytest.mark.parametrize("cut", [False, True])
+@pytest.mark.parametrize("write", [False, True])
+def test_a_restore_begins_with_the_live_images_durable(tmp_path, cut, write):
+    """X (region 5, from before the split, which the split copy holds) is unflushed on the
+    live image when a restore begins. The restore makes the live images durable first, so
+    when the live image then loses its cache (its flush fails; the volume goes offline) -
+    after a one-block write Z to region 5 or not - X survives, and the restore, resumed
+    after a probe or after a power cut, ends with the live image reading as the split copy
+    everywhere but the write's block. (Trials 17 and 21: X was lost with the cache and the
+    restore ended done with region 5 holding neither copy's data.)"""
+    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
+    if write:
+        _write(vol, 5 * RB, Z)                   # completes, never flushed: may be lost
+    _lose_cache(vol, job)
+    m = _finish_restore(m, vol, tmp_path, cut)
     live, split = _read_image(m, a), _read_image(m, b)
     assert _region(split, 5) == X
+    assert _region(live, 5)[len(Z):] == X[len(Z):]
+    assert _region(live, 5)[:len(Z)] in ((Z, X[:len(Z)]) if write else (X[:len(Z)],))
+    bad = [r for r in range(SIZE // REGION) if r != 5 and _region(live, r) != _region(split, r)]
+    assert not bad, f"regions {bad} of the live image were not rolled back"
+
+
+def test_a_cut_during_a_restore_keeps_what_was_unflushed_when_it_began(tmp_path):
+    """The same with no failing flush: a power cut while the restore is held, then the
+    restore resumed at open (trial 21: the cut dropped X, the write-intent log's recovery
+    marked region 5 only in the split's change bitmap, and the restore ended done)."""
+    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
+    m = _finish_restore(m, vol, tmp_path, cut=True)
+    live, split = _read_image(m, a), _read_image(m, b)
     bad = [r for r in range(SIZE // REGION) if _region(live, r) != _region(split, r)]
     assert not bad, f"regions {bad} of the live image were not rolled back"
 
 
-def test_a_write_after_the_loss_restores_the_region_first(tmp_path):
-    """After the loss and the probe, a write of one block to region 5 finds it back in the
-    restore's bitmap: the region is restored (X) first, so the rest of the region is X and
-    the block is the write's; the split copy keeps X and its change bitmap marks region 5."""
-    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
-    _lose_x(vol, job)
+def test_a_restore_whose_start_cannot_be_made_durable_is_refused(tmp_path):
+    """The live image's flush fails as the restore begins: nothing is saved and no restore
+    is registered (the volume is offline); after the probe it begins."""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_with_p1(m, [a, b])
+    vol.split(1)
+    _write(vol, 10 * RB, bytes(pattern(RB, 0x6666)))
+    _flush_fails_losing_cache(vol.image_storage(0))
+    with pytest.raises(VolumeIOError, match="the restore's start not saved"):
+        vol.restore(1)
+    assert vol.offline and vol.control.restore_job is None
+    assert not any(j.kind == "restore" for j in vol.jobs.values())
     assert vol.probe()
-    _write(vol, 5 * RB, Z)
-    j2 = vol.restore(1)
-    assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
-    assert vol._images[1].bitmap.test_region(5)
+    job = vol.restore(1)
+    assert job.wait(30) and job.state == "done", (job.state, job.error)
     vol.close()
-    live, split = _read_image(m, a), _read_image(m, b)
-    assert _region(live, 5) == Z + X[len(Z):]
-    assert _region(split, 5) == X
-
-
-def _write_held_past_its_restore_check(vol, job, monkeypatch):
-    """A one-block write Z to region 5, held just after the restore's check (``before_io``:
-    nothing to restore there yet) on a thread of its own. Returns (release, result dict)."""
-    real = type(job).before_io
-    entered, release = threading.Event(), threading.Event()
-
-    def before_io(self, offset, length, is_read=False):
-        real(self, offset, length, is_read)
-        if offset == 5 * REGION:
-            entered.set()
-            assert release.wait(20)
-    monkeypatch.setattr(type(job), "before_io", before_io)
-    res = {}
-    wt = threading.Thread(target=lambda: res.__setitem__("W", _try(
-        lambda: _write(vol, 5 * RB, Z))))
-    wt.start()
-    assert entered.wait(10)
-    res["thread"] = wt
-    return release, res
-
-
-@pytest.mark.parametrize("when", ["online", "offline"])
-def test_a_write_past_its_restore_check_when_the_loss_comes(tmp_path, monkeypatch, when):
-    """A write to region 5 has passed the restore's check when the loss puts region 5 back
-    into the restore. It lands only on restored data: let go once the volume serves again,
-    it finds the region marked (after its own mark in the split's change bitmap, under its
-    range lock), has the region restored and writes - the region is Z then X, also after a
-    flush, a clean close and a reopen; let go while the volume is offline, it is refused (not
-    acknowledged) and the region is X. (Trial 18: the region was skipped whole by the
-    restore, its other blocks keeping what the live image lost, and after a reopen the
-    restore copied X over the acknowledged Z.)"""
-    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
-    release, res = _write_held_past_its_restore_check(vol, job, monkeypatch)
-    _lose_x(vol, job)
-    assert job.bitmap.test_region(5)
-    if when == "online":
-        assert vol.probe()
-    release.set()
-    res["thread"].join(10)
-    if when == "online":
-        assert res["W"] == "ok", res
-        vol.flush()
-    else:
-        assert "offline" in res["W"], res
-        assert vol.probe()
-    monkeypatch.undo()
-    j2 = vol.restore(1)
-    assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
-    vol.close()
-    vol = _open(m)
-    assert not vol.jobs
-    vol.close()
-    live, split = _read_image(m, a), _read_image(m, b)
-    assert _region(live, 5) == (Z + X[len(Z):] if when == "online" else X)
-    assert _region(split, 5) == X
 
 
 @pytest.mark.parametrize("on_demand", [False, True])
@@ -448,112 +416,6 @@ def test_a_copy_not_yet_committed_when_the_loss_comes_is_copied_again(tmp_path, 
     live, split = _read_image(m, a), _read_image(m, b)
     bad = [r for r in range(SIZE // REGION) if _region(live, r) != _region(split, r)]
     assert not bad, f"restore done but regions {bad} of the live image not rolled back"
-
-
-def _read(vol, lba, nblocks):
-    buf = bytearray(nblocks * 512)
-    vol.read(lba, [memoryview(buf)])
-    return bytes(buf)
-
-
-def test_a_write_inside_add_losts_test_of_the_change_bitmap(tmp_path):
-    """A write to region 5 runs while ``add_lost`` is between its test of the regions
-    written since the restore began (region 5: not written) and setting region 5's restore
-    bit. The write must not be
-    acknowledged and then undone: it waits for ``add_lost`` (``mark_lock``) and finds region
-    5 back in the restore: refused if the volume is offline by then (region 5 is X after the
-    restore), or written on top of region 5 restored first (Z, then X). (Trial 19: the write
-    marked, found the restore bit clear, was acknowledged, and the restore copied X over
-    it.)"""
-    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
-    written = job.losses.written
-    real_test = written.test_region
-    res = {}
-
-    def test_region(r):
-        v = real_test(r)
-        if r == 5 and "W" not in res:
-            res["W"] = "pending"
-            t = threading.Thread(target=lambda: res.__setitem__(
-                "W", _try(lambda: _write(vol, 5 * RB, Z))))
-            t.start()
-            res["thread"] = t
-            t.join(1)                           # it runs inside add_lost's window
-        return v
-    written.test_region = test_region
-    _lose_x(vol, job)
-    del written.test_region
-    res["thread"].join(10)
-    assert res["W"] == "ok" or "offline" in res["W"], res
-    assert vol.probe()
-    j2 = vol.restore(1)
-    assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
-    vol.close()
-    assert _region(_read_image(m, a), 5) == (Z + X[len(Z):] if res["W"] == "ok" else X)
-
-
-@pytest.mark.parametrize("device_ok", [False, True])
-def test_a_nowait_write_refused_for_a_restore_marks_nothing(tmp_path, device_ok):
-    """A restore begins between a nowait write's checks and its lock: the write is
-    WouldBlock with nothing changed - no region of the split's change bitmap marked (trial
-    19: region 9, not written, stayed marked as written after the restore)."""
-    m = Machine(tmp_path / "meta")
-    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
-    vol = _mirror_with_p1(m, [a, b])
-    vol.split(1)
-    _write(vol, 10 * RB, bytes(pattern(RB, 0x6666)))     # region 10 to restore
-    split_bm = vol._images[1].bitmap
-    real = vol.locks.try_lock
-    started = []
-
-    def try_lock(*args, **kw):
-        if not started:                                   # the restore begins here
-            started.append(vol.restore(1, rate_limit=0.001))
-        return real(*args, **kw)
-    vol.locks.try_lock = try_lock
-    ep = vol._epoch
-    with pytest.raises(WouldBlock):
-        vol.write(10 * RB - 1, [memoryview(bytes(pattern(2, 0x1234)))], nowait=True,
-                  device_ok=device_ok)
-    assert ep.inflight == 0
-    job = started[0]
-    job.set_rate_limit(None)
-    assert job.wait(30) and job.state == "done", (job.state, job.error)
-    assert list(split_bm.dirty_regions()) == []
-    vol.close()
-
-
-def test_a_write_marked_before_the_loss_and_landing_after_it_fails(tmp_path):
-    """A one-block write Z to region 5 has marked the split's change bitmap (nothing
-    completed on region 5 since the restore began) when the loss comes: region 5 goes back
-    into the restore and the write, in flight, is failed rather than acknowledged - the copy
-    will overwrite it - and after the probe the restore rolls region 5 back to X whole.
-    (Trial 20: the loss left region 5 to the write as "written since", the write was
-    acknowledged and the restore ended done with the rest of region 5 holding what the live
-    image lost.)"""
-    m, vol, job, (a, b) = _restore_after_loss(tmp_path)
-    written = vol._images[1].bitmap
-    real_mark = written.mark
-    res = {}
-
-    def mark(offset, length):
-        real_mark(offset, length)
-        if offset // REGION == 5 and "L" not in res:
-            res["L"] = "pending"
-            t = threading.Thread(target=lambda: res.__setitem__("L", _try(
-                lambda: _lose_x(vol, job))))
-            t.start()
-            t.join(20)
-    written.mark = mark
-    res["W"] = _try(lambda: _write(vol, 5 * RB, Z))
-    del written.mark
-    assert res["L"] == "ok", res
-    assert res["W"] != "ok", res                # refused: offline, or failed in flight
-    assert vol.probe()
-    j2 = vol.restore(1)
-    assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
-    vol.close()
-    assert _region(_read_image(m, a), 5) == X
 
 
 def test_a_commit_begun_before_the_loss_keeps_the_bit_past_a_later_copy(tmp_path,
