@@ -175,6 +175,12 @@ class StorageImage:
                           discards=0, errors=0, bounced=0, cache_drops=0,
                           verify_reads=0)
         self._stats_lock = threading.Lock()
+        # flushes that failed, counted before the error leaves ``flush`` and under the lock
+        # its fdatasync holds (``note_flush_failure``); ``flush_failures_seen``: how many the
+        # volume has marked for (``MirrorVolume._image_error``)
+        self._flush_lock = threading.Lock()
+        self.flush_failures = 0
+        self.flush_failures_seen = 0
         # (bytes, writes) written when the last good flush began; None before the first
         self._flushed_mark: tuple[int, int] | None = None
         self._zeroed = 0              # bytes written as zeroes by ``discard``'s fallback
@@ -584,15 +590,27 @@ class StorageImage:
         self._count_io("writes", "bytes_written", total)
 
     def flush(self) -> None:
-        """Make every completed write durable (fdatasync)."""
+        """Make every completed write durable (fdatasync). ImageIOError when it fails, counted
+        first (``note_flush_failure``)."""
         self._check_open("flush", 0, 0)
         mark = (self.stats["bytes_written"] + self._zeroed, self.stats["writes"])
-        try:
-            os.fdatasync(self.fd)
-        except OSError as e:
-            raise self._ioerror("flush", 0, 0, e) from e
+        with self._flush_lock:
+            try:
+                os.fdatasync(self.fd)
+            except OSError as e:
+                self.flush_failures += 1
+                raise self._ioerror("flush", 0, 0, e) from e
         self._count(flushes=1)
         self._flushed_mark = mark
+
+    def note_flush_failure(self) -> None:
+        """Count a flush of this image that failed. ``flush`` counts its own failure before the
+        error leaves it, under the lock its fdatasync holds: Linux reports a writeback error to
+        one fdatasync of a file only (the next returns 0, the data it dropped gone), so another
+        thread's flush that succeeds after this one failed must be able to see that it did
+        (``durability.not_durable``) before the failing thread gets to mark what was lost."""
+        with self._flush_lock:
+            self.flush_failures += 1
 
     def unflushed(self) -> tuple[int, int] | None:
         """(bytes, writes) written through this object since the start of its last successful

@@ -666,61 +666,73 @@ class MirrorVolume:
             img.storage.drop_cache(offset if length and not all_regions else 0,
                                    length if not all_regions else 0)
         with self._meta:
-            index = self._images.index(img) if img in self._images else -1
-            if img.state is ImageState.FAILED:
-                if img.bitmap is not None:
-                    self._mark_lost(img, img.bitmap, offset, length, all_regions)
-                return True
-            if img.state is ImageState.SPLIT:
-                # A write begun before T failed on the image being split: the copy lacks it,
-                # so the region must be copied again by a resync (or skipped by a restore);
-                # while the split is under way it is not saved as done (``SplitControl``)
-                img.rec.error = str(exc)
-                # (one left behind as slow is waited for; if it then fails: ``late_error``; a
-                # read leaves the copy as it was)
-                if img.split_busy is not None and img.split_busy.lost is None \
-                        and not slow and not is_read:
-                    img.split_busy.lost = f"{where}: {exc}"
-                if img.bitmap is not None:
-                    self._mark_lost(img, img.bitmap, offset, length, all_regions)
-                log.error("volume %s: split image %d (%s): %s failed (errno %s): %s; the regions "
-                          "it covers will be copied again by a resync", self.name, index,
-                          img.rec.path, where, errno_, exc)
-                return False
-            if img.state is ImageState.IN_SYNC and not any(
-                    o is not img and o.state is ImageState.IN_SYNC for o in self._images):
-                if getattr(exc, "out_of_space", False):
-                    self._log_space(img, index, where, exc)
-                elif not is_read:
-                    img.rec.error = str(exc)
-                    # a syncing image may have taken the write this image refused (or kept data
-                    # this image's lost flush dropped), and a split image may hold what this
-                    # one lost from before its T: mark the range for the resync to copy again
-                    # from this image, or the two would differ once both are in sync; a
-                    # restore's copies not yet committed are copied again (``add_lost``)
-                    rj = self.control.restore_job
-                    for o in self._images:
-                        if o.state in (ImageState.SYNCING, ImageState.SPLIT) \
-                                and o.bitmap is not None:
-                            marks = RegionBitmap(self.size, self.region_size)
-                            self._mark_lost(o, marks, offset, length, all_regions)
-                            if rj is not None and rj.img is o:
-                                rj.add_lost(marks)
-                            o.bitmap.union_update(marks)
-                            self._save_marks(o, marks)
-                    self._go_offline(f"image {index} ({img.rec.path}), the last in-sync image: "
-                                     f"{where} failed (errno {errno_}): {exc}")
-                return False
-            bm = img.bitmap if img.bitmap is not None else RegionBitmap(self.size, self.region_size)
-            self._mark_lost(img, bm, offset, length, all_regions)
-            was = img.state.value
-            self._fail_leg(img, bm, img.state is ImageState.SYNCING, str(exc), lambda: log.error(
-                "volume %s: image %d (%s) failed (was %s): %s failed (errno %s): %s; %s; the "
-                "volume goes on with the others", self.name, index, img.rec.path, was, where,
-                errno_, exc, "every region must be resynced" if bm.fill() == 1.0
-                else f"{bm.dirty_bytes()} bytes to resync so far (writes from now on are "
-                f"added)"))
+            try:
+                return self._image_error_locked(img, exc, offset, length, all_regions, is_read,
+                                                op, where, errno_, slow)
+            finally:
+                st = img.storage
+                if all_regions and st is not None:
+                    # the flush failures counted so far are marked for now (not_durable)
+                    st.flush_failures_seen = st.flush_failures
+
+    def _image_error_locked(self, img, exc, offset, length, all_regions, is_read, op, where,
+                            errno_, slow) -> bool:
+        """``_image_error``'s body, under ``_meta``."""
+        index = self._images.index(img) if img in self._images else -1
+        if img.state is ImageState.FAILED:
+            if img.bitmap is not None:
+                self._mark_lost(img, img.bitmap, offset, length, all_regions)
             return True
+        if img.state is ImageState.SPLIT:
+            # A write begun before T failed on the image being split: the copy lacks it,
+            # so the region must be copied again by a resync (or skipped by a restore);
+            # while the split is under way it is not saved as done (``SplitControl``)
+            img.rec.error = str(exc)
+            # (one left behind as slow is waited for; if it then fails: ``late_error``; a
+            # read leaves the copy as it was)
+            if img.split_busy is not None and img.split_busy.lost is None \
+                    and not slow and not is_read:
+                img.split_busy.lost = f"{where}: {exc}"
+            if img.bitmap is not None:
+                self._mark_lost(img, img.bitmap, offset, length, all_regions)
+            log.error("volume %s: split image %d (%s): %s failed (errno %s): %s; the regions "
+                      "it covers will be copied again by a resync", self.name, index,
+                      img.rec.path, where, errno_, exc)
+            return False
+        if img.state is ImageState.IN_SYNC and not any(
+                o is not img and o.state is ImageState.IN_SYNC for o in self._images):
+            if getattr(exc, "out_of_space", False):
+                self._log_space(img, index, where, exc)
+            elif not is_read:
+                img.rec.error = str(exc)
+                # a syncing image may have taken the write this image refused (or kept data
+                # this image's lost flush dropped), and a split image may hold what this
+                # one lost from before its T: mark the range for the resync to copy again
+                # from this image, or the two would differ once both are in sync; a
+                # restore's copies not yet committed are copied again (``add_lost``)
+                rj = self.control.restore_job
+                for o in self._images:
+                    if o.state in (ImageState.SYNCING, ImageState.SPLIT) \
+                            and o.bitmap is not None:
+                        marks = RegionBitmap(self.size, self.region_size)
+                        self._mark_lost(o, marks, offset, length, all_regions)
+                        if rj is not None and rj.img is o:
+                            rj.add_lost(marks)
+                        o.bitmap.union_update(marks)
+                        self._save_marks(o, marks)
+                self._go_offline(f"image {index} ({img.rec.path}), the last in-sync image: "
+                                 f"{where} failed (errno {errno_}): {exc}")
+            return False
+        bm = img.bitmap if img.bitmap is not None else RegionBitmap(self.size, self.region_size)
+        self._mark_lost(img, bm, offset, length, all_regions)
+        was = img.state.value
+        self._fail_leg(img, bm, img.state is ImageState.SYNCING, str(exc), lambda: log.error(
+            "volume %s: image %d (%s) failed (was %s): %s failed (errno %s): %s; %s; the "
+            "volume goes on with the others", self.name, index, img.rec.path, was, where,
+            errno_, exc, "every region must be resynced" if bm.fill() == 1.0
+            else f"{bm.dirty_bytes()} bytes to resync so far (writes from now on are "
+            f"added)"))
+        return True
 
     def _fail_leg(self, img, bm, syncing: bool, error: str, report) -> None:
         """Fail ``img`` with change bitmap ``bm`` (``syncing``: it was syncing), under
@@ -903,6 +915,9 @@ class MirrorVolume:
             reason, self._offline = self._offline, None
             for im in legs:
                 im.rec.error = None
+                # a flush left behind as slow and failing later lost only what its give-up
+                # marked already (``_image_error``, all_regions)
+                im.storage.flush_failures_seen = im.storage.flush_failures
         log.warning("volume %s: back ONLINE: the in-sync image answers again (was offline: %s)",
                     self.name, reason)
         return True

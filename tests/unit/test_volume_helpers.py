@@ -78,6 +78,7 @@ class GatedImage(StorageImage):
     def flush(self):
         self._gate("flush", 0, 0)
         if self.fail_writes or self.fail_flushes:
+            self.note_flush_failure()            # as StorageImage.flush counts its own
             raise ImageIOError(self, errno.EIO, f"image {self.path}: injected flush error")
         return super().flush()
 

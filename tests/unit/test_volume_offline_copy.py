@@ -30,6 +30,7 @@ def _flush_fails_losing_cache(st):
         if not fired:
             fired.append(1)
             lose_cache_of(st)
+            st.note_flush_failure()              # as StorageImage.flush counts its own
             raise ImageIOError(st, errno.EIO, "flush: EIO (injected)", op="flush",
                                offset=None, length=0)
         return real()
@@ -482,3 +483,62 @@ def test_a_commit_begun_before_the_loss_keeps_the_bit_past_a_later_copy(tmp_path
     live, split = _read_image(nxt, a), _read_image(nxt, b)
     bad = [r for r in range(SIZE // REGION) if _region(live, r) != _region(split, r)]
     assert not bad, f"after the cut, regions {bad} not rolled back"
+
+
+def test_a_commit_after_another_threads_failed_flush_keeps_the_bit(tmp_path):
+    """A read restores region 10 on demand; just before its commit's flush, a SYNCHRONIZE
+    CACHE in another thread fails on the live image and drops its cache, the copy with it,
+    and that thread is descheduled before the volume marks anything. Linux reports the
+    writeback error to that one fdatasync: the commit's own flush succeeds. The commit must
+    still not record region 10 restored (``durability.not_durable``: the image's flush
+    failures are ahead of those the volume has marked for), and the read must not return what
+    is left; the resumed restore then rolls region 10 back. (Trial 22: the bit was cleared
+    on disk and the restore ended done with region 10 holding the write from after the
+    split.)"""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_with_p1(m, [a, b])
+    vol.split(1)
+    _write(vol, 10 * RB, bytes(pattern(RB, 0x6666)))
+    job = vol.restore(1, rate_limit=0.001)            # held at its first region
+    sa = vol.image_storage(0)
+    failed_flush, release = threading.Event(), threading.Event()
+    real_err = vol._image_error
+
+    def image_error(img, exc, *args, **kw):
+        if threading.current_thread().name == "T2":
+            failed_flush.set()                        # fdatasync returned EIO in T2 ...
+            assert release.wait(20)                   # ... T2 descheduled before _meta
+        return real_err(img, exc, *args, **kw)
+    vol._image_error = image_error
+    vol._barrier._on_error = lambda im, e: vol._image_error(im, e, 0, 0, all_regions=True)
+    real_flush = vol._barrier.flush
+    res = {}
+
+    def barrier_flush(images, limit=None):
+        if threading.current_thread().name == "T1" and not failed_flush.is_set():
+            _flush_fails_losing_cache(sa)
+            threading.Thread(target=lambda: res.__setitem__("T2", _try(vol.flush)),
+                             name="T2").start()
+            assert failed_flush.wait(10)
+        return real_flush(images, limit)
+    vol._barrier.flush = barrier_flush
+    t1 = threading.Thread(target=lambda: res.__setitem__("T1", _try(
+        lambda: _read(vol, 10 * RB, RB))), name="T1")
+    t1.start()
+    t1.join(20)
+    assert res["T1"] != "ok", res                     # refused, not what the loss left
+    assert job.bitmap.test_region(10)
+    with open(job.path, "rb") as f:
+        assert RegionBitmap.from_bytes(f.read(), vol.size, vol.region_size).test_region(10)
+    release.set()
+    wait_until(lambda: "T2" in res)
+    assert vol.offline
+    job.set_rate_limit(None)
+    assert job.wait(10)
+    assert vol.probe()
+    j2 = vol.restore(1)
+    assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
+    vol.close()
+    live, split = _read_image(m, a), _read_image(m, b)
+    assert _region(live, 10) == _region(split, 10), "region 10 not rolled back"

@@ -253,6 +253,7 @@ def _first_flush_fails(st):
     def flush():
         if not failed:
             failed.append(1)
+            st.note_flush_failure()              # as StorageImage.flush counts its own
             raise ImageIOError(st, errno.EIO, "flush: EIO (injected)", op="flush",
                                offset=None, length=0)
         return real()
