@@ -319,6 +319,20 @@ def _finish_restore(m, vol, tmp_path, cut):
     return m
 
 
+def _split_then_region_10(tmp_path, *, flush):
+    """A 2-image mirror holding P1, image 1 split, then region 10 written (and, ``flush``,
+    flushed) on the live image: the region a restore from image 1 rolls back. Returns
+    (m, vol, a, b)."""
+    m = Machine(tmp_path / "meta")
+    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
+    vol = _mirror_with_p1(m, [a, b])
+    vol.split(1)
+    _write(vol, 10 * RB, bytes(pattern(RB, 0x6666)))
+    if flush:
+        vol.flush()
+    return m, vol, a, b
+
+
 @pytest.mark.parametrize("cut", [False, True])
 @pytest.mark.parametrize("write", [False, True])
 def test_a_restore_begins_with_the_live_images_durable(tmp_path, cut, write):
@@ -356,11 +370,7 @@ def test_a_cut_during_a_restore_keeps_what_was_unflushed_when_it_began(tmp_path)
 def test_a_restore_whose_start_cannot_be_made_durable_is_refused(tmp_path):
     """The live image's flush fails as the restore begins: nothing is saved and no restore
     is registered (the volume is offline); after the probe it begins."""
-    m = Machine(tmp_path / "meta")
-    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
-    vol = _mirror_with_p1(m, [a, b])
-    vol.split(1)
-    _write(vol, 10 * RB, bytes(pattern(RB, 0x6666)))
+    m, vol, a, b = _split_then_region_10(tmp_path, flush=False)
     _flush_fails_losing_cache(vol.image_storage(0))
     with pytest.raises(VolumeIOError, match="the restore's start not saved"):
         vol.restore(1)
@@ -381,12 +391,7 @@ def test_a_copy_not_yet_committed_when_the_loss_comes_is_copied_again(tmp_path, 
     may be lost), so the resumed restore copies it again and ends with every region rolled
     back. (Trial 18: the commit cleared the bit and the restore ended done with region 10
     holding the data written after the split, also after a power cut.)"""
-    m = Machine(tmp_path / "meta")
-    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
-    vol = _mirror_with_p1(m, [a, b])
-    vol.split(1)
-    _write(vol, 10 * RB, bytes(pattern(RB, 0x6666)))
-    vol.flush()
+    m, vol, a, b = _split_then_region_10(tmp_path, flush=True)
     real = JobControl.commit_restored
     fired = []
 
@@ -428,12 +433,7 @@ def test_a_commit_begun_before_the_loss_keeps_the_bit_past_a_later_copy(tmp_path
     restore rolls region 10 back. (Trial 20: the on-demand copy's start cleared the region's
     "copy again" mark and the background commit recorded it restored: the restore was done
     and region 10 kept the data written after the split.)"""
-    m = Machine(tmp_path / "meta")
-    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
-    vol = _mirror_with_p1(m, [a, b])
-    vol.split(1)
-    _write(vol, 10 * RB, bytes(pattern(RB, 0x6666)))
-    vol.flush()
+    m, vol, a, b = _split_then_region_10(tmp_path, flush=True)
     gate = {"on": False, "entered": threading.Event(), "release": threading.Event()}
     real_w = VolatileImage.writev
 
@@ -495,11 +495,7 @@ def test_a_commit_after_another_threads_failed_flush_keeps_the_bit(tmp_path):
     is left; the resumed restore then rolls region 10 back. (Trial 22: the bit was cleared
     on disk and the restore ended done with region 10 holding the write from after the
     split.)"""
-    m = Machine(tmp_path / "meta")
-    a, b = str(tmp_path / "a.img"), str(tmp_path / "b.img")
-    vol = _mirror_with_p1(m, [a, b])
-    vol.split(1)
-    _write(vol, 10 * RB, bytes(pattern(RB, 0x6666)))
+    m, vol, a, b = _split_then_region_10(tmp_path, flush=False)
     job = vol.restore(1, rate_limit=0.001)            # held at its first region
     sa = vol.image_storage(0)
     failed_flush, release = threading.Event(), threading.Event()
