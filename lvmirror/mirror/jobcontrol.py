@@ -333,22 +333,16 @@ class JobControl:
                     job.bitmap.clear_region(r)
         vol._barrier.commit(flushed, persist, what="restore progress")
 
-    def finish_restore(self, img, job) -> bool:
-        """The restore is done: persisted after the restored data is durable on every image.
-        Returns False, saving nothing, if regions went back into the job's bitmap meanwhile
-        (``RestoreJob.add_lost``): the job copies them first."""
+    def finish_restore(self, img, job):
+        """The restore is done: persisted after the restored data is durable on every image."""
         vol = self.vol
         with vol._meta:
             snap = img.bitmap.copy()
         flushed = vol._storage_images()
-        finished = []
 
         def persist(durable):
             _refuse_not_durable(vol, flushed, durable, "the restore recorded as done")
             with vol._meta:
-                if job.bitmap.count():
-                    return
-                finished.append(True)
                 img.rec.restore_running = False
                 img.rec.restore_rate = None
                 vol._bump()
@@ -362,7 +356,6 @@ class JobControl:
                 if self.restore_job is job:
                     self.restore_job = None
         vol._barrier.commit(flushed, persist, what="restore done")
-        return bool(finished)
 
     def attach(self, path, *, rate_limit=None, force=False) -> int:
         """Add a new image at ``path`` (file or block device; a missing file is created sparse

@@ -387,11 +387,6 @@ class RestoreJob(_Job):
         self.path = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
         self.losses = _Losses()
 
-    @property
-    def commit_lock(self):
-        """``_Losses.commit_lock``."""
-        return self.losses.commit_lock
-
     def start(self):
         """Start the copy back from the split image on a thread of its own."""
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -451,16 +446,13 @@ class RestoreJob(_Job):
         vol = self.vol
         try:
             buf = StorageImage.aligned_buffer(vol.region_size)
-            while True:
-                self._copy_marked(buf)
-                if self._cancel.is_set() and self.bitmap.count():
-                    # A restore cannot be abandoned half way without leaving a mixed volume;
-                    # it stays registered (I/O keeps restoring on demand) and resumes on next
-                    # open.
-                    self._finish("cancelled")
-                    return
-                if vol.control.finish_restore(self.img, self):
-                    break
+            self._copy_marked(buf)
+            if self._cancel.is_set() and self.bitmap.count():
+                # A restore cannot be abandoned half way without leaving a mixed volume; it
+                # stays registered (I/O keeps restoring on demand) and resumes on next open.
+                self._finish("cancelled")
+                return
+            vol.control.finish_restore(self.img, self)
             self._finish("done")
         except Exception as e:
             self._fail(f"{type(e).__name__}: {e}")

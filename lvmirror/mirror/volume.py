@@ -668,14 +668,14 @@ class MirrorVolume:
         with self._meta:
             try:
                 return self._image_error_locked(img, exc, offset, length, all_regions, is_read,
-                                                op, where, errno_, slow)
+                                                where, errno_, slow)
             finally:
                 st = img.storage
                 if all_regions and st is not None:
                     # the flush failures counted so far are marked for now (not_durable)
                     st.flush_failures_seen = st.flush_failures
 
-    def _image_error_locked(self, img, exc, offset, length, all_regions, is_read, op, where,
+    def _image_error_locked(self, img, exc, offset, length, all_regions, is_read, where,
                             errno_, slow) -> bool:
         """``_image_error``'s body, under ``_meta``."""
         index = self._images.index(img) if img in self._images else -1
