@@ -16,7 +16,7 @@ from lvmirror.mirror.jobcontrol import JobControl
 from tests.unit.powerloss import Machine, VolatileImage
 from tests.unit.test_volume_helpers import pattern, wait_until
 from tests.unit.test_volume_powerloss import (  # noqa: F401 (_power: the fixture)
-    P3, REGION, SIZE, _images_agree, _mirror_with_p1, _open, _power, _read_image,
+    P3, REGION, SIZE, _first_flush_fails, _images_agree, _mirror_with_p1, _open, _power, _read_image,
     _recover_and_agree, _wait_jobs, _write, lose_cache_of)
 
 R = 20
@@ -24,18 +24,8 @@ X = bytes(pattern(REGION // 512, 0x7777))
 
 
 def _flush_fails_losing_cache(st):
-    real, fired = st.flush, []
-
-    def flush():
-        if not fired:
-            fired.append(1)
-            lose_cache_of(st)
-            st.note_flush_failure()              # as StorageImage.flush counts its own
-            raise ImageIOError(st, errno.EIO, "flush: EIO (injected)", op="flush",
-                               offset=None, length=0)
-        return real()
-    st.flush = flush
-    return fired
+    """``st``'s next flush fails and loses what it had not flushed (later ones work)."""
+    return _first_flush_fails(st, lose_cache=True)
 
 
 def _gate_copy(monkeypatch, path, regions):

@@ -245,14 +245,17 @@ def test_a_mirror_created_over_a_source_just_written_copies_it_durably(tmp_path)
     assert _images_agree(nxt, _open(nxt))[:len(P3)] == P3
 
 
-def _first_flush_fails(st):
+def _first_flush_fails(st, *, lose_cache=False):
     """Image storage ``st``'s next flush raises EIO (a device that lost its cache), later ones
-    work."""
+    work; ``lose_cache``: as it fails it also loses every write it had not flushed
+    (``lose_cache_of``). Returns a list that holds an item once it failed."""
     real, failed = st.flush, []
 
     def flush():
         if not failed:
             failed.append(1)
+            if lose_cache:
+                lose_cache_of(st)
             st.note_flush_failure()              # as StorageImage.flush counts its own
             raise ImageIOError(st, errno.EIO, "flush: EIO (injected)", op="flush",
                                offset=None, length=0)
