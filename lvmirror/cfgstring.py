@@ -69,8 +69,8 @@ from lvmirror.errors import ConfigError
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.metadata import VolumeMetadata
 
-__all__ = ["CONFIG_DESC", "SUBTYPE", "VolumeSpec", "check", "format", "parse", "size_text",
-           "state_dir_of"]
+__all__ = ["CONFIG_DESC", "SUBTYPE", "VolumeSpec", "check", "check_volume_name", "format",
+           "parse", "size_text", "state_dir_of"]
 
 SUBTYPE = "lvmirror"
 MAX_DEV_CONFIG = 255          # TCMU_CONFIG_LEN 256 with the NUL
@@ -117,6 +117,16 @@ class VolumeSpec:
     state_dir: str | None = None
 
 
+def check_volume_name(name: str, where: str = "") -> str:
+    """``name`` if it is a valid volume name: 1-64 letters, digits, '_', '.', '-', starting
+    with a letter or digit (it names a directory under the state directory and a D-Bus
+    object path's last element). ConfigError otherwise, its message prefixed by ``where``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"{where}volume name {name!r} must be 1-64 letters, digits, '_', "
+                          f"'.', '-', starting with a letter or digit")
+    return name
+
+
 def _size(cfg, key, value):
     m = _SIZE.fullmatch(value)
     if not m:
@@ -139,7 +149,9 @@ def parse(cfg: str) -> VolumeSpec:
     if "/" in cfg.split(";", 1)[0]:
         sub, _, cfg = cfg.partition("/")
         if sub != SUBTYPE:
-            raise ConfigError(f"cfgstring {orig!r}: handler {sub!r} is not {SUBTYPE!r}")
+            raise ConfigError(f"cfgstring {orig!r}: handler {sub!r} is not {SUBTYPE!r} (a "
+                              f"volume name holds no '/'; the cfgstring is VOLUME;... or "
+                              f"{SUBTYPE}/VOLUME;...)")
     if len(SUBTYPE) + 1 + len(cfg.encode()) > MAX_DEV_CONFIG:
         raise ConfigError(f"cfgstring {cfg!r}: {len(cfg.encode())} bytes; LIO allows "
                           f"{MAX_DEV_CONFIG - len(SUBTYPE) - 1}")
@@ -155,12 +167,13 @@ def parse(cfg: str) -> VolumeSpec:
     if not name:
         raise ConfigError(f"cfgstring {cfg!r}: starts with no volume name "
                           f"(expected e.g. 'vol0;images=/srv/a.img+/srv/b.img')")
-    if not _NAME.fullmatch(name):
-        raise ConfigError(f"cfgstring {cfg!r}: volume name {name!r} must be 1-64 letters, digits, "
-                          f"'_', '.', '-', starting with a letter or digit")
+    check_volume_name(name, f"cfgstring {cfg!r}: ")
     opts: dict[str, str] = {}
     for p in parts[1:]:
         key, eq, value = p.partition("=")
+        if not p:
+            raise ConfigError(f"cfgstring {cfg!r}: an empty option (';' at the end or ';;'); "
+                              f"options are key=value separated by single ';'")
         if not eq:
             raise ConfigError(f"cfgstring {cfg!r}: option {p!r} needs a value (key=value)")
         if key not in KEYS:

@@ -385,6 +385,14 @@ class VolumeHost:
         log.info("volume %s: restore from image %d started", name, image)
         return job.progress()
 
+    def restore_check(self, name, image):
+        """Raise what ``restore(name, image)`` would refuse with now, starting nothing
+        (``MirrorVolume.check_restore``; also a backup of the image running). ConfigError: no
+        such volume or image; StateError: the reason a restore may not start. Returns None."""
+        with self._backup_lock:
+            self._no_backup(name, image)
+            self._volume(name).check_restore(image)
+
     def scrub(self, name, *, repair=False, source=None, rate_mbps=0.0):
         """Start a scrub of volume ``name`` (``ScrubControl.start``): every region read from
         every in-sync image and compared; ``repair``: odd images rewritten from the majority

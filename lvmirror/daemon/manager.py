@@ -307,6 +307,11 @@ class Lvmirrord:
         unlimited). Returns the job's progress dict. ``VolumeHost.restore``."""
         return self._host(name).restore(name, image, rate_mbps)
 
+    def restore_check(self, name, image):
+        """Raise what ``restore(name, image)`` would refuse with now, starting nothing
+        (``VolumeHost.restore_check``)."""
+        return self._host(name).restore_check(name, image)
+
     def scrub(self, name, *, repair=False, source=None, rate_mbps=0.0):
         """Start a scrub of volume ``name`` (``VolumeHost.scrub``); returns its progress."""
         return self._host(name).scrub(name, repair=repair, source=source, rate_mbps=rate_mbps)

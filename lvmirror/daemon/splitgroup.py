@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import time
 
+from lvmirror.cfgstring import check_volume_name
 from lvmirror.errors import ConfigError, StateError
 
 log = logging.getLogger("lvmirrord")
@@ -52,8 +53,9 @@ HOLD_MAX = 10.0
 
 def parse_members(members) -> list[tuple[str, int]]:
     """Check a group's members: a list of (volume name, image index) pairs, or of
-    "VOLUME:IMAGE" strings; at least one, each volume at most once. Returns the pairs.
-    ConfigError otherwise."""
+    "VOLUME:IMAGE" strings; at least one, each volume at most once, each name a valid volume
+    name (``cfgstring.check_volume_name``: "db:2:3" is refused, not read as volume "db:2").
+    Returns the pairs. ConfigError otherwise."""
     out = []
     for m in members:
         if isinstance(m, str):
@@ -66,6 +68,7 @@ def parse_members(members) -> list[tuple[str, int]]:
             name, image = str(name), int(image)
         except (TypeError, ValueError):
             raise ConfigError(f"group member {m!r}: expected (volume, image index)") from None
+        check_volume_name(name, f"group member {name}:{image}: ")
         if image < 0:
             raise ConfigError(f"group member {name}:{image}: the image index is negative")
         out.append((name, image))
@@ -218,34 +221,25 @@ def restore_group(host_of, members, rate_mbps: float = 0.0, *,
     """Roll every member volume back to its split image at one instant: the restores start
     while the completions of all their LUNs are held, so each volume reads as its split copy
     from the same moment on (``VolumeHost.restore``; the copies then run in the background at
-    ``rate_mbps`` MB/s each, 0: unlimited). Every member is checked first - its image split,
-    not exported as a LUN, no restore running, the volume not offline (``status``) - and a
-    StateError is raised with nothing started when one is not. A restore can still fail to
-    start after the checks (the state changed meanwhile). Returns
+    ``rate_mbps`` MB/s each, 0: unlimited). Every member is checked first with the refusals
+    of its own restore (``VolumeHost.restore_check``: the image split, available and not
+    exported or backed up, no other restore unfinished, the volume online), and a StateError
+    (ConfigError for no such volume or image) is raised with nothing started when one would
+    refuse. A restore can still fail to start after the checks (the state changed
+    meanwhile). Returns
     ``{"members": [job progress with "volume"], "hold_seconds", "held_commands", "luns"}``.
     StateError naming the restores already started when one fails to start."""
     members = parse_members(members)
     hosts = {name: host_of(name) for name, _ in members}
     for name, image in members:
-        st = hosts[name].status()["volumes"].get(name)
-        if st is None:
-            raise ConfigError(f"no volume {name!r} is open")
-        images = st["images"]
-        if image >= len(images):
-            raise StateError(f"volume {name} has no image {image}")
-        if images[image]["state"] != "split":
-            raise StateError(f"volume {name}: image {image} is {images[image]['state']}; only "
-                             f"a split image can be restored from")
-        if st.get("offline"):
-            raise StateError(f"volume {name} is offline ({st['offline']}); no restore of the "
-                             f"group was started")
-        if image in st.get("exported", ()):
-            raise StateError(f"volume {name}: split image {image} is exported as a LUN; no "
-                             f"restore of the group was started")
-        if any(j.get("kind") == "restore" and j.get("state") == "running"
-               for j in st.get("jobs", ())):
-            raise StateError(f"volume {name}: a restore is running; no restore of the group "
-                             f"was started")
+        # the member's own refusals (``JobControl.check_restore``), not a reading of its
+        # status: a restore left cancelled or failed from another image, or a split image
+        # that cannot be opened, refuses too (trial 23: the status check let such a member
+        # through, and the members before it were rolled back without it)
+        try:
+            hosts[name].restore_check(name, image)
+        except StateError as exc:
+            raise StateError(f"{exc}; no restore of the group was started") from None
     groups = _hosts(host_of, members)
     t0 = time.monotonic()
     started, failed, hold = _each_under_hold(

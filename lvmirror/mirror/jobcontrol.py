@@ -231,6 +231,45 @@ class JobControl:
                 vol._save_md()
         vol._barrier.commit([img], persist, what=what, limit=vol._flush_limit)
 
+    def check_restore(self, image_index):
+        """Raise what ``restore(image_index)`` would refuse with now, starting nothing: a
+        consistency group checks every member this way before it rolls back any
+        (``splitgroup.restore_group``). StateError as ``restore``; the state can still change
+        before the restore itself."""
+        self.vol._check_open()
+        with self.vol._mgmt:
+            self._restorable(image_index)
+
+    def _restorable(self, image_index):
+        """The Leg of split image ``image_index`` if a restore from it may start or resume now
+        (the caller holds ``vol._mgmt``); StateError naming the first reason it may not:
+        a split or consistency-group switch in progress, the volume offline, the image
+        exported as a LUN, not split or not available, a restore from another image
+        unfinished, this one already running, no in-sync image to restore to, or no such
+        image."""
+        vol = self.vol
+        vol.splits.check_idle("restore")
+        self._refuse_if_offline("restore")
+        img = vol._img(image_index)
+        if img.exported:
+            raise StateError(f"volume {vol.name}: split image {image_index} is exported as "
+                             f"a LUN; remove that LUN before restoring from it")
+        if img.state is not ImageState.SPLIT:
+            raise StateError(f"volume {vol.name}: image {image_index} is {img.state.value}; "
+                             f"only a split image can be restored from")
+        self.refuse_if_restoring("restore", image=img)
+        if img.storage is None:
+            raise StateError(f"volume {vol.name}: split image {image_index} "
+                             f"({img.rec.path}) is not available"
+                             + (f": {img.rec.error}" if img.rec.error else ""))
+        if self.restore_job is not None:
+            if self.restore_job.is_alive():
+                raise StateError(f"volume {vol.name}: a restore from image {image_index} "
+                                 f"is already running")
+        elif not any(o.state is ImageState.IN_SYNC for o in vol._images):
+            raise StateError(f"volume {vol.name}: no in-sync image to restore to")
+        return img
+
     def restore(self, image_index, *, rate_limit=None):
         """Roll the live volume back to split image ``image_index``. Returns the RestoreJob.
 
@@ -247,25 +286,9 @@ class JobControl:
         rate_limit = check_rate(rate_limit)
         vol._check_open()
         with vol._mgmt:
-            vol.splits.check_idle("restore")
-            self._refuse_if_offline("restore")
-            img = vol._img(image_index)
-            if img.exported:
-                raise StateError(f"volume {vol.name}: split image {image_index} is exported as "
-                                 f"a LUN; remove that LUN before restoring from it")
-            if img.state is not ImageState.SPLIT:
-                raise StateError(f"volume {vol.name}: image {image_index} is {img.state.value}; "
-                                 f"only a split image can be restored from")
-            self.refuse_if_restoring("restore", image=img)
-            if img.storage is None:
-                raise StateError(f"volume {vol.name}: split image {image_index} "
-                                 f"({img.rec.path}) is not available"
-                                 + (f": {img.rec.error}" if img.rec.error else ""))
+            img = self._restorable(image_index)
             if self.restore_job is not None:
                 old = self.restore_job
-                if old.is_alive():
-                    raise StateError(f"volume {vol.name}: a restore from image {image_index} "
-                                     f"is already running")
                 # Resume a cancelled restore of this image from where it stopped.
                 with vol._meta:
                     img.rec.restore_rate = rate_limit
@@ -278,8 +301,6 @@ class JobControl:
                 vol.jobs[img.rec.id] = job
                 job.start()
                 return job
-            if not any(o.state is ImageState.IN_SYNC for o in vol._images):
-                raise StateError(f"volume {vol.name}: no in-sync image to restore to")
             scrub = vol.jobs.get(SCRUB_KEY)
             if scrub is not None and scrub.is_alive():
                 # every region is about to be rewritten on every image: comparing them is
@@ -435,9 +456,11 @@ class JobControl:
             return len(vol._images) - 1
 
     def detach(self, image_index):
-        """Remove an image from the volume (not the last in-sync one). Its file is kept.
-        StateError for the last in-sync image, an image exported as a LUN (its
-        SplitImageVolume still serves it) or the source of an unfinished restore."""
+        """Remove an image from the volume (not the last in-sync one). Its file is kept; a
+        resync running into it is cancelled first. StateError for the last in-sync image, an
+        image exported as a LUN (its SplitImageVolume still serves it), or any image while a
+        restore is unfinished (``refuse_if_restoring``: the detach would renumber the images,
+        the restore's source among them)."""
         vol = self.vol
         vol._check_open()
         with vol._mgmt:
@@ -448,14 +471,12 @@ class JobControl:
                     o is not img and o.state is ImageState.IN_SYNC for o in vol._images):
                 raise StateError(f"volume {vol.name}: image {image_index} is the last in-sync "
                                  f"image")
-            if self.restore_job is not None and self.restore_job.img is img:
-                raise StateError(f"volume {vol.name}: a restore from image {image_index} is "
-                                 f"unfinished; resume it with restore({image_index}) first")
+            # any unfinished restore, not only one from this image: a detach renumbers the
+            # images after it, and the restore's source would change its number under the
+            # operator (trial 23)
+            self.refuse_if_restoring("detach")
             job = vol.jobs.get(img.rec.id)
             if job is not None and job.is_alive():
-                if type(job).__name__ == "RestoreJob":
-                    raise StateError(f"volume {vol.name}: a restore from image {image_index} "
-                                     f"is running")
                 job.cancel()
                 job.wait()
             with vol._meta:

@@ -997,7 +997,8 @@ class MirrorVolume:
             for img, e in errors:
                 self._image_error(img, e, offset, length, all_regions=(length == 0))
             if not took:
-                raise VolumeIOError(f"volume {self.name}: write failed on every in-sync image: "
+                what = errors[0][1].op or "write"       # "flush" for a SYNCHRONIZE CACHE
+                raise VolumeIOError(f"volume {self.name}: {what} failed on every in-sync image: "
                                     + "; ".join(str(e) for _, e in errors), is_read=is_read)
 
     def _fanout_bounded(self, targets, fn, length):
@@ -1848,6 +1849,11 @@ class MirrorVolume:
         call are kept. When the job is done the image stays split and its change bitmap holds
         exactly the regions written since they were restored (``jobcontrol``)."""
         return self.control.restore(image_index, rate_limit=rate_limit)
+
+    def check_restore(self, image_index):
+        """Raise the StateError ``restore(image_index)`` would refuse with now, starting
+        nothing (``jobcontrol.JobControl.check_restore``)."""
+        self.control.check_restore(image_index)
 
     def attach(self, path, *, rate_limit=None, force=False) -> int:
         """Add image ``path`` (created sparse at the volume size if missing) and start its full

@@ -169,7 +169,8 @@ def test_a_member_that_cannot_be_split_leaves_every_volume_as_it_was(gw, tmp_pat
     md = VolumeMetadata.load(str(tmp_path / "state"), "va")
     assert [im.state for im in md.images] == ["in-sync", "in-sync"]   # saved so, too
     for bad, msg in ((["va:1", "va:0"], "named twice"), (["va"], "VOLUME:IMAGE"),
-                     ([], "at least one"), (["nope:1"], "no volume 'nope'")):
+                     ([], "at least one"), (["nope:1"], "no volume 'nope'"),
+                     (["db:2:3"], "volume name 'db:2' must be")):
         with pytest.raises(ConfigError, match=msg):
             d.split_group(bad)
 
@@ -225,6 +226,32 @@ def test_a_group_restore_with_an_offline_member_starts_nothing(gw):
     assert [m["volume"] for m in res["members"]] == ["va", "vb"]
     wait_for(lambda: all(j["state"] != "running" for v in ("va", "vb")
                          for j in d.status()["volumes"][v]["jobs"]), what="restores")
+
+
+def test_a_group_restore_with_a_member_stopped_restoring_another_image_starts_nothing(
+        gw, tmp_path):
+    """vb has a restore from its image 2 cancelled half-way: restore-group va:1 vb:1 is
+    refused naming it, and va is not rolled back either (trial 23: the pre-check read only
+    *running* restores from the status, va was rolled back, then vb's restore refused)."""
+    d, emus, paths = gw
+    third = str(tmp_path / "vb2")
+    assert d.attach("vb", third) == 2
+    wait_for(lambda: in_sync(d, "vb"), what="vb's third image in sync")
+    d.split_group(["va:1", "vb:1"])
+    d.split("vb", 2)
+    for lba in range(0, SIZE // BS, (1 << 20) // BS):     # one block in every 1 MiB region
+        emus["vb"].wait([emus["vb"].submit(cdb10(0x2A, lba, 1), data_out=_block(5))])
+    d.restore("vb", 2, rate_mbps=0.5)
+    d.cancel("vb", 2)
+    (job,) = [j for j in d.status()["volumes"]["vb"]["jobs"] if j["kind"] == "restore"]
+    assert job["state"] == "cancelled"
+    with pytest.raises(StateError, match=r"restore from image 2 is unfinished.*no restore of "
+                                         r"the group was started"):
+        d.restore_group(["va:1", "vb:1"])
+    assert not any(j["kind"] == "restore" for j in d.status()["volumes"]["va"]["jobs"])
+    with pytest.raises(ConfigError, match="no image 7"):
+        d.restore_group(["va:1", "vb:7"])
+    assert not any(j["kind"] == "restore" for j in d.status()["volumes"]["va"]["jobs"])
 
 
 class _SlowSwitch:

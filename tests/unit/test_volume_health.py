@@ -263,6 +263,23 @@ def test_a_failed_flush_marks_only_what_may_not_be_durable(tmp_path):
     vol.close()
 
 
+def test_a_flush_failing_on_every_image_says_flush(tmp_path):
+    """SYNCHRONIZE CACHE fails on both images: the error and the offline reason name the
+    flush, not a write (trial 23: "write failed on every in-sync image" for a flush)."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=4096)
+    write(vol, 64, pattern(8, 13))                    # not flushed yet
+    for p in paths:
+        opener.by_path[p].fail_writes = True          # every flush fails (fsync error)
+    with pytest.raises(VolumeIOError, match="flush failed on every in-sync image"):
+        vol.flush()
+    assert vol.health == "offline" and "flush failed" in vol.offline, vol.offline
+    assert "write failed" not in vol.offline, vol.offline
+    for p in paths:
+        opener.by_path[p].fail_writes = False
+    assert vol.probe()
+    vol.close()
+
+
 class _PartlyFull(_Full):
     """Out of space after writing what it could: the data lands, then ENOSPC (a write that
     filled the file system half way)."""

@@ -79,7 +79,8 @@ class GatedImage(StorageImage):
         self._gate("flush", 0, 0)
         if self.fail_writes or self.fail_flushes:
             self.note_flush_failure()            # as StorageImage.flush counts its own
-            raise ImageIOError(self, errno.EIO, f"image {self.path}: injected flush error")
+            raise ImageIOError(self, errno.EIO, f"image {self.path}: injected flush error",
+                               op="flush")     # as StorageImage.flush raises it
         return super().flush()
 
 

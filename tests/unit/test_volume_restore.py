@@ -102,6 +102,11 @@ def test_cancelled_restore_resumes_and_blocks_detach(tmp_path):
     assert read(vol, 60, 1) == snap[60 * BS:61 * BS]      # still reads as restored
     with pytest.raises(StateError, match="unfinished"):
         vol.detach(2)
+    # another image too: the detach would renumber the images, the restore's source among
+    # them (trial 23)
+    with pytest.raises(StateError, match=r"restore from image 2 is unfinished \(cancelled; "
+                                         r"'restore 2' resumes it\); detach after it ends"):
+        vol.detach(1)
     job2 = vol.restore(2)
     assert job2.wait(10) and job2.state == "done"
     assert job2.progress()["bytes_total"] < 10 * REGION
