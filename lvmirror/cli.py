@@ -466,11 +466,15 @@ def _backup_cycle(args, mgr, plan) -> int:
 def parse_member(text: str) -> tuple[str, int]:
     """A consistency group's member "VOLUME:IMAGE" (an image index) as (volume, image);
     ValueError otherwise."""
+    from lvmirror.cfgstring import check_volume_name
+    from lvmirror.errors import ConfigError
     name, sep, index = text.rpartition(":")
     if not sep or not name or not index.isdigit():
         raise ValueError(f"{text!r} is not VOLUME:IMAGE (e.g. db:2)")
     try:
-        return name, image_index(index)
+        return check_volume_name(name, f"{text!r}: "), image_index(index)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
     except argparse.ArgumentTypeError as exc:
         raise ValueError(f"{text!r}: {exc}") from None
 
@@ -481,6 +485,18 @@ def group_member(text: str) -> tuple[str, int]:
         return parse_member(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def job_phrase(res: dict) -> str:
+    """What a copy job's progress dict (``resync.job_progress``) says just after it was
+    started: "started: 12 MiB to copy", "done: 12 MiB copied", or "cancelled"/"failed: why"
+    for a job that already ended so."""
+    state = res.get("state")
+    if state == "running":
+        return f"started: {size_phrase(res['bytes_total'])} to copy"
+    if state == "done":
+        return f"done: {size_phrase(res['bytes_done'])} copied"
+    return f"{state}: {res['error']}" if res.get("error") else str(state)
 
 
 def members_arg(members):
@@ -541,7 +557,10 @@ def main(argv=None):
         "split": "split IMAGE off as a frozen copy as of now (the LUN keeps serving); runs "
                  "the split hooks",
         "detach": "remove IMAGE from the volume (its file or device is left as it is)",
-        "cancel": "stop the resync or restore running on IMAGE (resync resumes it later)",
+        "cancel": "stop the resync or restore running on IMAGE; its bitmap is kept and resync "
+                  "(or restore) of IMAGE resumes it. A cancelled restore stays unfinished: "
+                  "the volume still reads as the split image, and resync, split, attach, "
+                  "detach and scrub are refused until it is resumed and done",
         "resync": "bring split or failed IMAGE back in sync, copying only the regions that "
                   "changed",
         "restore": "roll the volume back to split IMAGE (reads see it at once; copies in the "
@@ -574,7 +593,11 @@ def main(argv=None):
     s.add_argument("--rate", type=rate, default=0.0, help="MB/s per volume, 0 = unlimited")
     s.add_argument("--wait", action="store_true", help="return when every restore finished")
     groups["restore-group"] = s
-    s = command("attach", help="add an image (full resync from the volume)")
+    attach_help = ("add PATH (a file, created sparse if missing, or a block device) to the "
+                   "volume as a new image and start its full resync from the in-sync images; "
+                   "a PATH that holds data is refused unless --force")
+    s = command("attach", help="add an image (full resync from the volume)",
+                description=attach_help)
     s.add_argument("volume")
     s.add_argument("path")
     s.add_argument("--force", action="store_true",
@@ -713,8 +736,7 @@ def main(argv=None):
                 print(json.dumps(res))
             else:
                 for m in res["members"]:
-                    print(f"{m['volume']}: restore started: "
-                          f"{size_phrase(m['bytes_total'])} to copy")
+                    print(f"{m['volume']}: restore {job_phrase(m)}")
                 print(f"the volumes read as their split images from one instant (completions "
                       f"held {res['hold_seconds'] * 1e6:.0f} us)")
             if args.wait:
@@ -754,13 +776,22 @@ def main(argv=None):
             else:       # the plain call, as before --full existed
                 fn = mgr.Resync if args.cmd == "resync" else mgr.Restore
                 res = json.loads(fn(args.volume, args.image, args.rate))
-            if not args.json:
-                print(f"{'full ' if getattr(args, 'full', False) else ''}{args.cmd} of image "
-                      f"{args.image} started: {size_phrase(res['bytes_total'])} to copy"
-                      + ("; the image serves no reads until it ends"
-                         if getattr(args, "full", False) else ""))
-            else:
+            if args.json:
                 print(json.dumps(res))
+            elif res.get("state") == "failed":
+                # the job ended before the call returned (its source unreadable, the
+                # volume gone offline): not "started"
+                print(f"lvmirror: {args.cmd} of image {args.image} failed: {res['error']}",
+                      file=sys.stderr)
+                return EXIT_ERROR
+            else:
+                print(f"{'full ' if getattr(args, 'full', False) else ''}{args.cmd} of image "
+                      f"{args.image} {job_phrase(res)}"
+                      + ("; the image serves no reads until it ends"
+                         if getattr(args, "full", False) and res.get("state") == "running"
+                         else ""))
+            if args.json and res.get("state") == "failed":
+                return EXIT_ERROR
         elif args.cmd == "attach":
             if args.force:
                 idx = mgr.AttachImageWithOptions(args.volume, args.path,

@@ -144,8 +144,8 @@ def install():
 
     from lvmirror import cfgstring
     from lvmirror.backup import backup_image
-    from lvmirror.cli import (format_status, members_arg, mismatch_lines, parse_member, scrub_line,
-                              size_phrase)
+    from lvmirror.cli import (format_status, job_phrase, members_arg, mismatch_lines,
+                              parse_member, scrub_line, size_phrase)
 
     original = ui_backstore.UIUserBackedStorageObject
     if getattr(original, "_lvmirror_factory", False):
@@ -272,9 +272,11 @@ def install():
             """Roll this volume back to split image IMAGE and each volume in OTHERS
             (VOLUME:IMAGE,...) to its split image, all at one instant (rate in MB/s per
             volume)."""
-            json.loads(call("RestoreGroup", self._group(image, others),
-                            float(rate or 0)))
-            self.shell.con.display("restores started: the volumes read as their split images")
+            res = json.loads(call("RestoreGroup", self._group(image, others),
+                                  float(rate or 0)))
+            for m in res["members"]:
+                self.shell.con.display(f"{m['volume']}: restore {job_phrase(m)}")
+            self.shell.con.display("the volumes read as their split images from one instant")
 
         def ui_command_resync(self, image, rate=None, wait="false", full="false"):
             """Bring image IMAGE back in sync, copying only the regions changed since the split.
@@ -283,8 +285,9 @@ def install():
             dropped writes), which serves no reads until the copy ends."""
             res = call(resync_image, self._spec().name, self._image(image),
                        float(rate or 0), self._flag("full", full))
-            self.shell.con.display(f"resync of image {image} started: "
-                                   f"{size_phrase(res['bytes_total'])} to copy")
+            if res.get("state") == "failed":
+                raise ExecutionError(f"resync of image {image} failed: {res['error']}")
+            self.shell.con.display(f"resync of image {image} {job_phrase(res)}")
             if self._flag("wait", wait):
                 self._wait("resync")
 
@@ -293,8 +296,9 @@ def install():
             volume reads as the copy from the moment the command returns)."""
             res = json.loads(call("Restore", self._spec().name, self._image(image),
                                   float(rate or 0)))
-            self.shell.con.display(f"restore from image {image} started: "
-                                   f"{size_phrase(res['bytes_total'])} to copy")
+            if res.get("state") == "failed":
+                raise ExecutionError(f"restore from image {image} failed: {res['error']}")
+            self.shell.con.display(f"restore from image {image} {job_phrase(res)}")
             if self._flag("wait", wait):
                 self._wait("restore")
 
@@ -362,7 +366,10 @@ def install():
             self.shell.con.display(f"image {image} detached")
 
         def ui_command_cancel(self, image):
-            """Cancel the resync running on image IMAGE (resync resumes it later)."""
+            """Stop the resync or restore running on image IMAGE; its bitmap is kept and
+            resync (or restore) of IMAGE resumes it. A cancelled restore stays unfinished:
+            the volume still reads as the split image, and resync, split, attach, detach and
+            scrub are refused until it is resumed and done."""
             call("Cancel", self._spec().name, self._image(image))
 
         def ui_command_backup(self, image, file, format="raw"):
