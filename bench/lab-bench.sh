@@ -190,13 +190,48 @@ handler_ns() {  # handler_ns TARGET: nanoseconds on a CPU the target's user-spac
     | awk '{ s += $1 } END { printf "%d\n", s }'
 }
 
+thread_ns() {  # thread_ns TARGET: "TID NS" for every thread of the handler (as handler_ns)
+  local root p t
+  case $1 in
+    lvmirror*) root=${DAEMON:-} ;;
+    tcmu-runner) root=${RUNNER:-} ;;
+    *) return 0 ;;
+  esac
+  [ -n "$root" ] || return 0
+  for p in $(tree_pids $root); do
+    for t in /proc/$p/task/*; do
+      echo "${t##*/} $(cut -d' ' -f1 $t/schedstat 2>/dev/null)"
+    done
+  done
+}
+
+thread_names() {  # thread_names TARGET: "TID NAME" - lvmirrord's Python thread names (py-spy
+  local p         # dump), tcmu-runner's comm
+  case $1 in
+    lvmirror*) for p in $(tree_pids ${DAEMON:-}); do
+                 timeout 30 $REPO/.venv/bin/py-spy dump --pid $p 2>/dev/null \
+                   | sed -n 's/^Thread \([0-9]*\) ([a-z]*): "\(.*\)"$/\1 \2/p'
+               done ;;
+    tcmu-runner) for p in /proc/${RUNNER:-0}/task/*; do echo "${p##*/} $(cat $p/comm)"; done ;;
+  esac
+}
+
 handler_cpu() {  # handler_cpu TARGET JOB: the handler's CPU over the job's measured RUNTIME s
   local a b         # (after its RAMP) -> $BOUT/TARGET/JOB.cpu, in ns ("hz" 1e9); bench/report.py
-  sleep $RAMP       # divides it by the commands fio completed in that time
+  sleep $RAMP       # divides it by the commands fio completed in that time. Per thread:
+  thread_ns $1 > $BOUT/$1/$2.threads-a      # JOB.threads, "TID NS NAME" over the same seconds
   a=$(handler_ns $1); [ -n "$a" ] || return 0
   sleep $RUNTIME
   b=$(handler_ns $1)
+  thread_ns $1 > $BOUT/$1/$2.threads-b
   echo "{\"ticks\": $((b - a)), \"hz\": 1000000000, \"seconds\": $RUNTIME, \"clock\": \"schedstat\"}" > $BOUT/$1/$2.cpu
+  thread_names $1 > $BOUT/$1/$2.threads-n
+  awk 'FILENAME ~ /-n$/ { n[$1] = substr($0, length($1) + 2); next }
+       FILENAME ~ /-a$/ { a[$1] = $2; next }
+       ($1 in a) { printf "%s %d %s\n", $1, $2 - a[$1], ($1 in n) ? n[$1] : "?" }' \
+    $BOUT/$1/$2.threads-n $BOUT/$1/$2.threads-a $BOUT/$1/$2.threads-b \
+    | sort -k2,2nr > $BOUT/$1/$2.threads
+  rm -f $BOUT/$1/$2.threads-[abn]
 }
 
 handler_strace() {  # handler_strace TARGET JOB: the system calls of the target's handler (every
@@ -214,7 +249,7 @@ handler_strace() {  # handler_strace TARGET JOB: the system calls of the target'
     for p in $(tree_pids $root); do
       for t in /proc/$p/task/*; do echo "thread ${t##*/} $(cat $t/comm 2>/dev/null)"; done
     done > $BOUT/$1/$2.perf-trace
-    timeout -s INT $((RUNTIME / 2)) perf trace -s -q -p $(tree_pids $root | paste -sd,) \
+    timeout -s INT $((RUNTIME / 2)) perf trace -s -p $(tree_pids $root | paste -sd,) \
       2>> $BOUT/$1/$2.perf-trace >/dev/null || true
     timeout -s INT $((RUNTIME / 2)) perf stat -e context-switches,task-clock -p $(tree_pids $root | paste -sd,) \
       2>> $BOUT/$1/$2.perf-trace >/dev/null || true
