@@ -283,7 +283,9 @@ class Manager(dbus.service.Object):
     @dbus.service.method(MANAGER_IFACE, in_signature="su", out_signature="",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def Cancel(self, volume, image, sender=None, ok=None, err=None):
-        """Cancel the resync running on ``image`` (it keeps its bitmap; Resync resumes)."""
+        """Stop the resync or restore running on ``image`` (``VolumeHost.cancel``): its bitmap
+        is kept, and Resync (or Restore) of the image resumes it; a cancelled restore stays
+        unfinished, refusing resync, split, attach, detach and scrub until it is done."""
         self.run(sender, lambda: self._daemon.cancel(str(volume), int(image)),
                   lambda _r: ok(), err)
 

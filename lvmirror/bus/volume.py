@@ -263,7 +263,8 @@ class VolumeObject(dbus.service.Object):
     @dbus.service.method(VOLUME_IFACE, in_signature="u", out_signature="",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def Cancel(self, image, sender=None, ok=None, err=None):
-        """Stop the resync or restore on ``image`` (its bitmap is kept; Resync resumes)."""
+        """Stop the resync or restore on ``image`` (its bitmap is kept; Resync, or Restore of
+        the same image, resumes it; a cancelled restore stays unfinished until then)."""
         self._calls.run(sender, lambda: self._daemon.cancel(self.name, int(image)),
                         lambda _r: ok(), err)
 
