@@ -383,3 +383,44 @@ def test_the_device_identification_page_names_one_serial():
     assert status.status == 0 and page == bytes([0, 0x83, 0, 12, 2, 1, 0, 8]) + b"LIO-ORG "
     status, page = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
     assert lu.naa in page and page.endswith(b"LIO-ORG 5f0c-late")
+
+
+@pytest.mark.parametrize("setting, expect", [
+    (None, 0.0005),            # lunserver.GIL_SWITCH_INTERVAL
+    ("0.002", 0.002),
+    ("default", "unchanged"),
+])
+def test_lvmirrord_sets_the_gil_switch_interval_for_its_ring_threads(monkeypatch, setting,
+                                                                     expect):
+    """The ring thread takes the GIL back after every poll: lvmirrord and its volume processes
+    shorten CPython's 5 ms switch interval (``lunserver.tune_gil``), LVMIRROR_GIL_SWITCH
+    overrides it and "default" keeps CPython's, for a before figure."""
+    from lvmirror.daemon import lunserver
+    old = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        if setting is None:
+            monkeypatch.delenv("LVMIRROR_GIL_SWITCH", raising=False)
+        else:
+            monkeypatch.setenv("LVMIRROR_GIL_SWITCH", setting)
+        got = lunserver.tune_gil()
+        want = 0.004 if expect == "unchanged" else expect
+        assert got == pytest.approx(want) and sys.getswitchinterval() == pytest.approx(want)
+    finally:
+        sys.setswitchinterval(old)
+
+
+@pytest.mark.parametrize("bad", ["fast", "0", "-1", "5"])
+def test_lvmirrord_refuses_a_bad_gil_switch_setting_with_a_message(tmp_path, bad):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import sys\n"
+            "from lvmirror.daemon.main import main\n"
+            f"sys.exit(main(['--metrics-file', '', '--no-dbus', '--state-dir', "
+            f"{str(tmp_path)!r}]))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
+    env.update(PYTHONPATH=root, LVMIRROR_GIL_SWITCH=bad)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "LVMIRROR_GIL_SWITCH must be seconds above 0 and below 1" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
