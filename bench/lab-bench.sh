@@ -190,8 +190,8 @@ handler_ns() {  # handler_ns TARGET: nanoseconds on a CPU the target's user-spac
     | awk '{ s += $1 } END { printf "%d\n", s }'
 }
 
-thread_ns() {  # thread_ns TARGET: "TID NS" for every thread of the handler (as handler_ns)
-  local root p t
+thread_ns() {  # thread_ns TARGET: "TID NS" for every thread of the handler (as handler_ns;
+  local root p t ns   # shell builtins only: a fork a thread stretched the interval under TCG)
   case $1 in
     lvmirror*) root=${DAEMON:-} ;;
     tcmu-runner) root=${RUNNER:-} ;;
@@ -200,7 +200,7 @@ thread_ns() {  # thread_ns TARGET: "TID NS" for every thread of the handler (as 
   [ -n "$root" ] || return 0
   for p in $(tree_pids $root); do
     for t in /proc/$p/task/*; do
-      echo "${t##*/} $(cut -d' ' -f1 $t/schedstat 2>/dev/null)"
+      read -r ns _ < $t/schedstat 2>/dev/null && echo "${t##*/} $ns"
     done
   done
 }

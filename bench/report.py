@@ -7,7 +7,8 @@ and date) and ``ratios.svg``, a plot of lvmirror's IOPS against its peers.
     bench/report.py RUN_DIR --profile            # summarise the py-spy profiles of a --profile run
 
 RUN_DIR/bench holds what lab-bench.sh wrote in the guest: meta.json, targets.jsonl,
-<target>/<job>.json (fio JSON), <target>/<job>.cpu and <target>/idle.cpu (the user-space
+<target>/<job>.json (fio JSON), <target>/<job>.threads and idle.threads (the same CPU by
+thread: "TID NS NAME"), <target>/<job>.cpu and <target>/idle.cpu (the user-space
 handler's CPU time over a job's measured seconds, and with no I/O, in units of 1/hz s: the
 scheduler's nanoseconds since 2026-12-05, clock ticks before; lvmirror and tcmu-runner
 targets only), <target>/<job>.ring (lvmirror targets: the LUN's commands, those its ring thread
@@ -141,6 +142,16 @@ def _ticks_seconds(path: str) -> float | None:
     return ticks / hz / seconds
 
 
+def _measured_seconds(path: str) -> float | None:
+    """The measured seconds a ``.cpu`` file covers (its "seconds"), None when unreadable."""
+    try:
+        with open(path) as f:
+            s = float(json.load(f)["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return s if math.isfinite(s) and s > 0 else None
+
+
 def handler_cpu(path: str, iops: float) -> float | None:
     """Milliseconds of CPU (user + system) the target's user-space handler spent per command:
     ``path`` is lab-bench.sh's ``<job>.cpu``, ``{"ticks", "hz", "seconds"}`` - the CPU time in
@@ -164,6 +175,34 @@ def handler_idle(path: str) -> float | None:
     read."""
     per_second = _ticks_seconds(path)
     return None if per_second is None else round(per_second * 100, 1)
+
+
+def thread_cpu(path: str, per: float) -> dict | None:
+    """The handler's CPU by thread over a job's measured seconds: ``path`` is lab-bench.sh's
+    ``<job>.threads`` ("TID NS NAME" lines: nanoseconds on a CPU, lvmirrord's Python thread
+    names or tcmu-runner's comm), ``per`` what to divide each thread's milliseconds by (the
+    commands fio completed meanwhile, or the seconds for idle). Threads whose names differ
+    only in a trailing number (a pool's ``volume-call-1``, ``lun-bt-2``) are summed as one
+    (``volume-call-*``). Returns ``{name: figure}``, largest first, without threads that ran
+    for none of it; None when there is no such file or ``per`` is not above 0."""
+    if not per > 0:
+        return None
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    sums: dict = collections.Counter()
+    for line in lines:
+        parts = line.split(maxsplit=2)
+        if len(parts) < 2 or not parts[1].lstrip("-").isdigit():
+            continue
+        name = parts[2] if len(parts) == 3 else "?"
+        head, dash, tail = name.rpartition("-")
+        if dash and tail.isdigit():
+            name = head + "-*"
+        sums[name] += int(parts[1])
+    return {n: round(ns / 1e6 / per, 3) for n, ns in sums.most_common() if ns > 0}
 
 
 def ring_share(path: str) -> dict | None:
@@ -262,6 +301,10 @@ def collect(run_dir: str) -> dict:
         gil = gil_waits(path[:-5] + ".ring")
         if gil is not None:
             fig["gil"] = gil
+        secs = _measured_seconds(path[:-5] + ".cpu")
+        threads = thread_cpu(path[:-5] + ".threads", fig["iops"] * secs) if secs else None
+        if threads:
+            fig["threads_ms"] = threads
     resync = read_jsonl(os.path.join(bench, "resync.jsonl"))
     for r in resync:
         if r.get("seconds"):
@@ -276,8 +319,14 @@ def collect(run_dir: str) -> dict:
                     "p99": round(a["p99_ms"] / b["p99_ms"], 3) if b["p99_ms"] else None}
     idle = {t: v for t in TARGET_TITLES
             if (v := handler_idle(os.path.join(bench, t, "idle.cpu"))) is not None}
+    idle_threads = {}
+    for t in TARGET_TITLES:
+        secs = _measured_seconds(os.path.join(bench, t, "idle.cpu"))
+        th = thread_cpu(os.path.join(bench, t, "idle.threads"), secs) if secs else None
+        if th:
+            idle_threads[t] = th
     return {"meta": meta, "targets": targets, "results": results, "ratios": ratios,
-            "handler_idle": idle,
+            "handler_idle": idle, "idle_threads": idle_threads,
             "split": split_latency(os.path.join(bench, "split")), "resync": resync,
             "problems": problems}
 
@@ -370,6 +419,19 @@ def markdown(data: dict) -> str:
             out.append("| no I/O (% of one CPU) | "
                        + " | ".join(_fmt(idle.get(t), 1) for t in cpu_targets)
                        + (" | –" if both else "") + " |")
+        out.append("")
+    def by_thread(th, unit=""):
+        total = sum(th.values())
+        shown = [(n, v) for n, v in th.items() if total and v >= 0.05 * total][:4]
+        return " · ".join(f"{n} {v:.3f}{unit}" for n, v in shown)
+    _job_table(out, res, jobs, targets, "threads_ms",
+               "Handler CPU by thread (ms a command over each job's measured seconds; the "
+               "threads over 5 % of the handler's, at most four; a pool's threads summed as "
+               "NAME-*):", by_thread)
+    it = data.get("idle_threads") or {}
+    if it:
+        out += ["With no I/O, by thread (ms of CPU a second):", ""]
+        out += [f"- {TARGET_TITLES[t]}: {by_thread(th) or 'none'}" for t, th in it.items()]
         out.append("")
     _job_table(out, res, jobs, targets, "ring",
                "Commands lvmirror's ring thread answered itself (percent of the commands over "

@@ -316,3 +316,42 @@ def test_gil_waits_per_command_and_share_of_long_ones(tmp_path):
         change(bad)
         p.write_text(json.dumps(bad))
         assert report.gil_waits(str(p)) is None
+
+
+def test_handler_cpu_by_thread(tmp_path):
+    """lab-bench.sh's <job>.threads ("TID NS NAME") becomes each thread's CPU ms per command
+    over the job's measured seconds (from its .cpu), a pool's numbered threads summed as
+    NAME-*, and idle.threads ms per second; the table shows the threads over 5 % of the
+    handler's, largest first."""
+    run = tmp_path / "run"
+    bench = run / "bench"
+    for t in ("lvmirror1", "tcmu-runner"):
+        run_job(tmp_path, "randread-4k-qd1", bench / t)
+        (bench / t / "randread-4k-qd1.cpu").write_text(
+            json.dumps({"ticks": 3_000_000_000, "hz": 1_000_000_000, "seconds": 10}))
+    n = report.collect(str(run))["results"]["randread-4k-qd1"]["lvmirror1"]["iops"] * 10
+    ms = int(n * 1e6)                  # 1 ms a command, in ns over the job's commands
+    (bench / "lvmirror1" / "randread-4k-qd1.threads").write_text(
+        f"480 {400 * ms // 1000} ring-bt\n481 {30 * ms // 1000} volume-call-1\n"
+        f"487 {20 * ms // 1000} volume-call-2\n446 {ms // 1000} metrics\n471 0 bench1-img0-0\n")
+    (bench / "tcmu-runner" / "randread-4k-qd1.threads").write_text(
+        "1042 1300000000 aio-uio0\n1043 900000000 cmdproc-uio0\n1022 0 tcmu-runner\n")
+    (bench / "lvmirror1" / "idle.cpu").write_text(
+        json.dumps({"ticks": 300_000_000, "hz": 1_000_000_000, "seconds": 10}))
+    (bench / "lvmirror1" / "idle.threads").write_text("446 110000000 metrics\n482 90000000 "
+                                                      "ring-watch-bt\n")
+    data = report.collect(str(run))
+    res = data["results"]["randread-4k-qd1"]
+    assert res["lvmirror1"]["threads_ms"] == {"ring-bt": 0.4, "volume-call-*": 0.05,
+                                              "metrics": 0.001}
+    assert list(res["tcmu-runner"]["threads_ms"]) == ["aio-uio0", "cmdproc-uio0"]
+    assert data["idle_threads"] == {"lvmirror1": {"metrics": 11.0, "ring-watch-bt": 9.0}}
+    md = report.markdown(data).splitlines()
+    row = next(line for line in md[md.index(next(
+        line for line in md if line.startswith("Handler CPU by thread"))):]
+        if line.startswith("| randread-4k-qd1 |"))
+    assert row.startswith("| randread-4k-qd1 | ring-bt 0.400 · volume-call-* 0.050 | ")
+    assert "metrics" not in row                                    # under 5 % of the handler's
+    assert "- lvmirror 1 image: metrics 11.000 · ring-watch-bt 9.000" in md
+    assert report.thread_cpu(str(tmp_path / "missing.threads"), 10.0) is None
+    assert report.thread_cpu(str(bench / "lvmirror1" / "idle.threads"), 0) is None
