@@ -146,6 +146,9 @@ def parse(cfg: str) -> VolumeSpec:
         raise ConfigError(f"cfgstring '{rawtext.shown(cfg)}': holds bytes that are not UTF-8 "
                           f"(lvmirror's image paths, options and names are UTF-8 text)") from None
     orig = cfg
+    if "=" in cfg.split(";", 1)[0]:
+        raise ConfigError(f"cfgstring {orig!r}: starts with an option, not a volume name "
+                          f"(expected e.g. 'vol0;images=/srv/a.img+/srv/b.img')")
     if "/" in cfg.split(";", 1)[0]:
         sub, _, cfg = cfg.partition("/")
         if sub != SUBTYPE:
@@ -165,7 +168,7 @@ def parse(cfg: str) -> VolumeSpec:
     parts = cfg.split(";")
     name = parts[0]
     if not name:
-        raise ConfigError(f"cfgstring {cfg!r}: starts with no volume name "
+        raise ConfigError(f"cfgstring {orig!r}: starts with no volume name "
                           f"(expected e.g. 'vol0;images=/srv/a.img+/srv/b.img')")
     check_volume_name(name, f"cfgstring {cfg!r}: ")
     opts: dict[str, str] = {}

@@ -469,7 +469,7 @@ def parse_member(text: str) -> tuple[str, int]:
     from lvmirror.cfgstring import check_volume_name
     from lvmirror.errors import ConfigError
     name, sep, index = text.rpartition(":")
-    if not sep or not name or not index.isdigit():
+    if not sep or not name or not (index.isascii() and index.isdigit()):
         raise ValueError(f"{text!r} is not VOLUME:IMAGE (e.g. db:2)")
     try:
         return check_volume_name(name, f"{text!r}: "), image_index(index)
@@ -732,13 +732,20 @@ def main(argv=None):
         if args.cmd == "restore-group":
             res = json.loads(mgr.RestoreGroup(members_arg(args.members), args.rate,
                                               timeout=3600))
+            failed = [m for m in res["members"] if m.get("state") == "failed"]
             if args.json:
                 print(json.dumps(res))
             else:
                 for m in res["members"]:
                     print(f"{m['volume']}: restore {job_phrase(m)}")
-                print(f"the volumes read as their split images from one instant (completions "
-                      f"held {res['hold_seconds'] * 1e6:.0f} us)")
+                if not failed:
+                    print(f"the volumes read as their split images from one instant "
+                          f"(completions held {res['hold_seconds'] * 1e6:.0f} us)")
+            if failed:
+                # the restore began (the volume reads as its copy) and its copy then failed
+                print(f"lvmirror: the restore of {', '.join(m['volume'] for m in failed)} "
+                      f"failed: {failed[0]['error']}", file=sys.stderr)
+                return EXIT_ERROR
             if args.wait:
                 for name, _ in args.members:
                     failed = wait_jobs(mgr, name, None)

@@ -276,6 +276,10 @@ def install():
                                   float(rate or 0)))
             for m in res["members"]:
                 self.shell.con.display(f"{m['volume']}: restore {job_phrase(m)}")
+            failed = [m for m in res["members"] if m.get("state") == "failed"]
+            if failed:
+                raise ExecutionError(f"the restore of {', '.join(m['volume'] for m in failed)} "
+                                     f"failed: {failed[0]['error']}")
             self.shell.con.display("the volumes read as their split images from one instant")
 
         def ui_command_resync(self, image, rate=None, wait="false", full="false"):

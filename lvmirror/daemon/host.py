@@ -385,13 +385,16 @@ class VolumeHost:
         log.info("volume %s: restore from image %d started", name, image)
         return job.progress()
 
-    def restore_check(self, name, image):
+    def restore_check(self, name, image, *, fresh=False, flush=False):
         """Raise what ``restore(name, image)`` would refuse with now, starting nothing
-        (``MirrorVolume.check_restore``; also a backup of the image running). ConfigError: no
-        such volume or image; StateError: the reason a restore may not start. Returns None."""
+        (``MirrorVolume.check_restore``; also a backup of the image running). ``fresh``: a
+        stopped restore of the image refuses too; ``flush``: the live images are made durable
+        first. ConfigError: no such volume or image; StateError: the reason a restore may not
+        start; VolumeIOError: the flush failed. Returns None."""
         with self._backup_lock:
             self._no_backup(name, image)
-            self._volume(name).check_restore(image)
+            volume = self._volume(name)
+        volume.check_restore(image, fresh=fresh, flush=flush)
 
     def scrub(self, name, *, repair=False, source=None, rate_mbps=0.0):
         """Start a scrub of volume ``name`` (``ScrubControl.start``): every region read from

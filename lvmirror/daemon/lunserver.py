@@ -225,7 +225,7 @@ def tune_gil() -> float:
     """Set this process's GIL switch interval to GIL_SWITCH_INTERVAL (or LVMIRROR_GIL_SWITCH
     seconds; "default": CPython's own is kept) and return the interval in force (seconds).
     Called by lvmirrord's and each volume process's start. ValueError for an
-    LVMIRROR_GIL_SWITCH that is not a number of seconds above 0 and below 1."""
+    LVMIRROR_GIL_SWITCH that is not a number of seconds from 1e-6 up to (not including) 1."""
     want = os.environ.get("LVMIRROR_GIL_SWITCH", "")
     if want != "default":
         interval = GIL_SWITCH_INTERVAL
@@ -234,8 +234,8 @@ def tune_gil() -> float:
                 interval = float(want)
             except ValueError:
                 interval = float("nan")
-            if not 0 < interval < 1:
-                raise ValueError(f"LVMIRROR_GIL_SWITCH must be seconds above 0 and below 1, "
+            if not 1e-6 <= interval < 1:     # (CPython keeps whole microseconds)
+                raise ValueError(f"LVMIRROR_GIL_SWITCH must be seconds from 0.000001 up to 1, "
                                  f"got {want!r}")
         sys.setswitchinterval(interval)
     return sys.getswitchinterval()
@@ -1603,8 +1603,9 @@ class LunServer:
     def _hold_expired(self):
         n, held = self.release()
         if held is not None:
-            log.error("LUN %s: completions held for a group split were released after %.1f s "
-                      "by the safety timer (%d commands); the group split did not end in time",
+            log.error("LUN %s: completions held for a consistency group's split or restore were "
+                      "released after %.1f s by the safety timer (%d commands); the group's "
+                      "step did not end in time",
                       self.name, held, n)
 
     def release(self) -> tuple[int, float | None]:

@@ -307,10 +307,10 @@ class Lvmirrord:
         unlimited). Returns the job's progress dict. ``VolumeHost.restore``."""
         return self._host(name).restore(name, image, rate_mbps)
 
-    def restore_check(self, name, image):
+    def restore_check(self, name, image, *, fresh=False, flush=False):
         """Raise what ``restore(name, image)`` would refuse with now, starting nothing
         (``VolumeHost.restore_check``)."""
-        return self._host(name).restore_check(name, image)
+        return self._host(name).restore_check(name, image, fresh=fresh, flush=flush)
 
     def scrub(self, name, *, repair=False, source=None, rate_mbps=0.0):
         """Start a scrub of volume ``name`` (``VolumeHost.scrub``); returns its progress."""

@@ -40,7 +40,7 @@ import logging
 import time
 
 from lvmirror.cfgstring import check_volume_name
-from lvmirror.errors import ConfigError, StateError
+from lvmirror.errors import ConfigError, StateError, VolumeIOError
 
 log = logging.getLogger("lvmirrord")
 
@@ -60,7 +60,7 @@ def parse_members(members) -> list[tuple[str, int]]:
     for m in members:
         if isinstance(m, str):
             name, sep, index = m.rpartition(":")
-            if not sep or not name or not index.isdigit():
+            if not sep or not name or not (index.isascii() and index.isdigit()):
                 raise ConfigError(f"group member {m!r}: expected VOLUME:IMAGE (an image index)")
             m = (name, int(index))
         try:
@@ -96,11 +96,12 @@ def _hosts(host_of, members):
 
 
 def _hold(groups, hold_max):
+    """Hold the completions of every LUN of ``groups``; ``[(host, names, LUNs held)]``."""
     held = []
     try:
         for host, names in groups:
-            host.hold_completions(names, hold_max)
-            held.append((host, names))
+            n = host.hold_completions(names, hold_max)
+            held.append((host, names, n))
     except BaseException:
         _release(held)
         raise
@@ -108,17 +109,24 @@ def _hold(groups, hold_max):
 
 
 def _release(held) -> dict:
-    out = dict(luns=0, commands=0, seconds=0.0)
-    for host, names in held:
+    """End the hold: ``{"luns", "commands", "seconds", "expired"}`` - LUNs released, the
+    completions they held, the longest hold (s), and the volumes some of whose LUNs the safety
+    timer (``hold_max``) had already released: their initiators heard of completions before
+    every member's step was done, so the group's one instant does not hold for them."""
+    out = dict(luns=0, commands=0, seconds=0.0, expired=[])
+    for host, names, n in held:
         try:
             r = host.release_completions(names)
         except Exception as exc:        # its LUNs' safety timers release them
             log.error("consistency group: releasing completions of %s: %s", ", ".join(names),
                       exc)
+            out["expired"] += names
             continue
         out["luns"] += r["luns"]
         out["commands"] += r["commands"]
         out["seconds"] = max(out["seconds"], r["seconds"])
+        if r["luns"] < n:
+            out["expired"] += names
     return out
 
 
@@ -184,6 +192,15 @@ def split_group(host_of, members, *, hold_max: float = HOLD_MAX) -> dict:
             continue
         res["volume"] = name
         results.append(res)
+    if hold["expired"]:
+        done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
+        log.error("consistency group: the completions of %s were released by the safety "
+                  "timer (%g s) before every member was split; split, not consistent with each "
+                  "other: %s", ", ".join(hold["expired"]), hold_max, done)
+        raise StateError(f"consistency group: the completions of {', '.join(hold['expired'])} "
+                         f"were released after {hold_max:g} s (the safety limit) before every "
+                         f"member was split, so the copies are not consistent with each other; "
+                         f"split: {done}; resync those and split the group again")
     if unfinished:
         done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
         log.error("consistency group: not split after their instant: %s; split: %s",
@@ -235,10 +252,16 @@ def restore_group(host_of, members, rate_mbps: float = 0.0, *,
         # the member's own refusals (``JobControl.check_restore``), not a reading of its
         # status: a restore left cancelled or failed from another image, or a split image
         # that cannot be opened, refuses too (trial 23: the status check let such a member
-        # through, and the members before it were rolled back without it)
+        # through, and the members before it were rolled back without it). ``fresh``: a
+        # stopped restore of the same image would be resumed, rolled back at its own earlier
+        # instant, not the group's (trial 24). ``flush``: each restore's start makes the live
+        # images durable first; done here, before the hold, a failing flush refuses with
+        # nothing started, and the flushes under the hold have only the writes since to do
+        # (trial 24: a flush failing under the hold left the group half rolled back, and a
+        # slow one outlasted the hold)
         try:
-            hosts[name].restore_check(name, image)
-        except StateError as exc:
+            hosts[name].restore_check(name, image, fresh=True, flush=True)
+        except (StateError, VolumeIOError) as exc:
             raise StateError(f"{exc}; no restore of the group was started") from None
     groups = _hosts(host_of, members)
     t0 = time.monotonic()
@@ -253,6 +276,15 @@ def restore_group(host_of, members, rate_mbps: float = 0.0, *,
                   name, image, exc, done)
         raise StateError(f"consistency group: the restore of {name}:{image} did not start "
                          f"({exc}); restores started: {done}")
+    if hold["expired"]:
+        done = ", ".join(r["volume"] for r in results)
+        log.error("consistency group: the completions of %s were released by the safety timer "
+                  "(%g s) before every member's restore began; restores started: %s",
+                  ", ".join(hold["expired"]), hold_max, done)
+        raise StateError(f"consistency group: the completions of {', '.join(hold['expired'])} "
+                         f"were released after {hold_max:g} s (the safety limit) before every "
+                         f"member's restore began, so the volumes were not rolled back at one "
+                         f"instant; restores started: {done}")
     log.info("consistency group %s: restores started together (%.3f s, completions held "
              "%.6f s)", " ".join(f"{n}:{i}" for n, i in members), time.monotonic() - t0,
              hold["seconds"])

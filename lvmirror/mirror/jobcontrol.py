@@ -231,14 +231,34 @@ class JobControl:
                 vol._save_md()
         vol._barrier.commit([img], persist, what=what, limit=vol._flush_limit)
 
-    def check_restore(self, image_index):
+    def check_restore(self, image_index, *, fresh=False, flush=False):
         """Raise what ``restore(image_index)`` would refuse with now, starting nothing: a
         consistency group checks every member this way before it rolls back any
         (``splitgroup.restore_group``). StateError as ``restore``; the state can still change
-        before the restore itself."""
-        self.vol._check_open()
-        with self.vol._mgmt:
+        before the restore itself.
+
+        ``fresh``: also refuse a stopped restore of this image, which ``restore`` would resume
+        rather than roll back anew (a group's member must be rolled back at the group's
+        instant, not at its earlier restore's). ``flush``: then make the live images durable
+        as the restore's start does (the durability barrier), so a flush that fails refuses
+        here (VolumeIOError, the volume offline as after any failed flush) and the restore's
+        own flush has only what was written since to do."""
+        vol = self.vol
+        vol._check_open()
+        with vol._mgmt:
             self._restorable(image_index)
+            if fresh and self.restore_job is not None:
+                raise StateError(f"volume {vol.name}: a restore from image {image_index} is "
+                                 f"unfinished ({self.restore_job.state}); finish it ('restore "
+                                 f"{image_index}' resumes it) before restoring the group")
+            if not flush:
+                return
+            flushed = vol._storage_images()
+
+            def persist(durable):
+                _refuse_not_durable(vol, flushed, durable, "the restore's start",
+                                    "the live data may not be durable")
+            vol._barrier.commit(flushed, persist, what=f"restore check of image {image_index}")
 
     def _restorable(self, image_index):
         """The Leg of split image ``image_index`` if a restore from it may start or resume now

@@ -1850,10 +1850,12 @@ class MirrorVolume:
         exactly the regions written since they were restored (``jobcontrol``)."""
         return self.control.restore(image_index, rate_limit=rate_limit)
 
-    def check_restore(self, image_index):
+    def check_restore(self, image_index, *, fresh=False, flush=False):
         """Raise the StateError ``restore(image_index)`` would refuse with now, starting
-        nothing (``jobcontrol.JobControl.check_restore``)."""
-        self.control.check_restore(image_index)
+        nothing; ``fresh``: also a stopped restore of the image; ``flush``: the live images
+        made durable first, VolumeIOError if that fails
+        (``jobcontrol.JobControl.check_restore``)."""
+        self.control.check_restore(image_index, fresh=fresh, flush=flush)
 
     def attach(self, path, *, rate_limit=None, force=False) -> int:
         """Add image ``path`` (created sparse at the volume size if missing) and start its full

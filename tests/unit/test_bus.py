@@ -717,3 +717,51 @@ def test_stopped_service_leaves_nothing_on_glibs_default_context(daemon, caplog)
     finally:
         second.stop()
     assert "LookupError" not in caplog.text and "not updated" not in caplog.text
+
+
+def test_cli_restore_and_restore_group_exit_1_when_a_restore_already_failed(monkeypatch,
+                                                                           capsys):
+    """lvmirrord answers a restore (or a group's) whose copy already failed: the CLI says so
+    on stderr and exits 1, also with --json, and restore-group does not claim the volumes
+    read as their copies from one instant (trial 24: exit 0). The reply is lvmirrord's as
+    its Manager returns it; what is tested is the CLI's reading of it."""
+    from lvmirror import cli
+    failed = dict(kind="restore", image_id=1, state="failed", bytes_done=0, bytes_total=4096,
+                  rate=0.0, elapsed=0.0, eta_seconds=None, rate_limit=None,
+                  error="split image 1 (/srv/b) cannot be read")
+    running = dict(failed, state="running", error=None)
+
+    class Manager:
+        def RestoreGroup(self, members, rate, timeout=None):
+            return json.dumps(dict(members=[dict(running, volume="va"),
+                                            dict(failed, volume="vb")],
+                                   hold_seconds=0.0001, held_commands=0, luns=2))
+
+        def Restore(self, volume, image, rate):
+            return json.dumps(failed)
+    monkeypatch.setattr(cli, "_manager", lambda *a, **k: Manager())
+    assert cli.main(["restore", "vb", "1"]) == cli.EXIT_ERROR
+    assert "restore of image 1 failed: split image 1 (/srv/b) cannot be read" in \
+        capsys.readouterr().err
+    assert cli.main(["restore-group", "va:1", "vb:1"]) == cli.EXIT_ERROR
+    out, err = capsys.readouterr()
+    assert "va: restore started: 4.0 KiB (4096 bytes) to copy" in out
+    assert "vb: restore failed: split image 1 (/srv/b) cannot be read" in out
+    assert "from one instant" not in out
+    assert "the restore of vb failed" in err
+    assert cli.main(["restore-group", "va:1", "vb:1", "--json"]) == cli.EXIT_ERROR
+    assert json.loads(capsys.readouterr().out)["members"][1]["state"] == "failed"
+
+
+@pytest.mark.parametrize("member", ["db:²", "db:٣", "db:2:3"])
+def test_group_members_take_ascii_image_indexes_and_volume_names(member):
+    """"db:²" and "db:٣" are not image indexes (str.isdigit says yes to both; the cfgstring
+    takes ASCII digits only) and "db:2:3" names no volume: a clear error, never image 3 of
+    volume "db" or a plain ValueError from int()."""
+    from lvmirror.cli import parse_member
+    from lvmirror.daemon.splitgroup import parse_members
+    from lvmirror.errors import ConfigError
+    with pytest.raises(ValueError, match=r"is not VOLUME:IMAGE|volume name"):
+        parse_member(member)
+    with pytest.raises(ConfigError, match=r"expected VOLUME:IMAGE|volume name"):
+        parse_members([member])

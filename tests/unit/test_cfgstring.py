@@ -40,6 +40,8 @@ def test_parse_and_round_trip(text, spec):
     ("vol0;images=/a+/b;", "an empty option (';' at the end or ';;')"),
     ("vol0;;images=/a", "an empty option"),
     ("vol/0;images=/a", "a volume name holds no '/'"),
+    ("images=/srv/a.img", "starts with an option, not a volume name"),
+    ("lvmirror/", "cfgstring 'lvmirror/': starts with no volume name"),
     ("vol0;images=rel/a.img", "must be absolute"),
     ("vol0;images=/srv/../a", "not normalised"),
     ("vol0;images=/a+/a", "listed twice"),

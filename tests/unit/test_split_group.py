@@ -312,3 +312,99 @@ def test_a_member_that_fails_to_finish_does_not_leave_the_others_unfinished(gw):
     assert st["vb"]["images"][1]["state"] == "split"
     d.resync("vb", 1)                      # refused while a split is under way
     wait_for(lambda: in_sync(d, "vb"), what="resync of vb")
+
+
+def test_a_group_whose_hold_runs_out_is_not_reported_consistent(gw):
+    """The completions hold's safety limit runs out before the last member is switched (a
+    0.2 s switch against a 0.05 s limit): the group split is not one instant, and split_group
+    says so, naming what was split, instead of reporting a consistent split (trial 24)."""
+    from lvmirror.daemon import splitgroup
+    d, emus, paths = gw
+    with pytest.raises(StateError, match=r"released after 0.05 s \(the safety limit\) before "
+                                         r"every member was split.*not consistent"):
+        splitgroup.split_group(lambda name: _SlowSwitch(d._host(name)), ["va:1", "vb:1"],
+                               hold_max=0.05)
+    st = d.status()["volumes"]
+    assert st["va"]["images"][1]["state"] == st["vb"]["images"][1]["state"] == "split"
+
+
+class _SlowRestore:
+    """A member's host whose restore takes 0.3 s longer (a slow flush of its images)."""
+
+    def __init__(self, host):
+        self._host = host
+
+    def __getattr__(self, name):
+        return getattr(self._host, name)
+
+    def restore(self, name, image, rate_mbps=0.0):
+        time.sleep(0.3)
+        return self._host.restore(name, image, rate_mbps)
+
+
+def test_a_group_restore_whose_hold_runs_out_says_so(gw):
+    """vb's restore begins after the hold's safety limit released va's completions: the
+    volumes were not rolled back at one instant, and restore_group raises naming the restores
+    started, not a success with "completions held 0 us" (trial 24)."""
+    from lvmirror.daemon import splitgroup
+    d, emus, paths = gw
+    d.split_group(["va:1", "vb:1"])
+    with pytest.raises(StateError, match=r"released after 0.1 s \(the safety limit\) before "
+                                         r"every member's restore began.*restores started: "
+                                         r"va, vb"):
+        splitgroup.restore_group(lambda name: _SlowRestore(d._host(name)), ["va:1", "vb:1"],
+                                 hold_max=0.1)
+
+
+def test_a_group_restore_refuses_a_member_with_a_stopped_restore_of_the_same_image(gw):
+    """vb's restore from image 1 was cancelled and vb written since: restore-group va:1 vb:1
+    would resume it - vb rolled back at its own earlier instant, the write kept - so it is
+    refused with nothing started (trial 24: both reported running, vb still read the write)."""
+    d, emus, paths = gw
+    d.split_group(["va:1", "vb:1"])
+    for lba in range(0, SIZE // BS, (1 << 20) // BS):     # one block in every 1 MiB region
+        emus["vb"].wait([emus["vb"].submit(cdb10(0x2A, lba, 1), data_out=_block(5))])
+    d.restore("vb", 1, rate_mbps=0.5)
+    d.cancel("vb", 1)
+    (c,) = emus["vb"].wait([emus["vb"].submit(cdb10(0x2A, 16, 1), data_out=_block(9))]).values()
+    assert c.status == 0
+    with pytest.raises(StateError, match=r"restore from image 1 is unfinished \(cancelled\); "
+                                         r"finish it .*no restore of the group was started"):
+        d.restore_group(["va:1", "vb:1"])
+    assert not any(j["kind"] == "restore" for j in d.status()["volumes"]["va"]["jobs"])
+    assert read(emus["vb"], 16, 1) == _block(9)
+
+
+def test_a_group_restore_whose_member_cannot_flush_starts_nothing(gw):
+    """vb's only in-sync image fails its next flush, unnoticed yet: each member's live
+    images are flushed before the hold, so restore-group refuses with nothing started - va is
+    not rolled back - instead of failing under the hold after va's restore began (trial 24)."""
+    import errno
+    from lvmirror.errors import ImageIOError
+    d, emus, paths = gw
+    if d._local is None:
+        pytest.skip("the fault is injected into the volume lvmirrord hosts itself")
+    for name in ("va", "vb"):
+        emus[name].wait([emus[name].submit(cdb10(0x2A, 8, 1), data_out=_block(1))])
+    d.split_group(["va:1", "vb:1"])
+    for name in ("va", "vb"):
+        emus[name].wait([emus[name].submit(cdb10(0x2A, 8, 1), data_out=_block(2))])
+    st = d._local.registry.get("vb").image_storage(0)
+    real = st.flush
+
+    def fail_once():
+        st.flush = real
+        st.note_flush_failure()
+        raise ImageIOError(st, errno.EIO, "flush: EIO (injected)", op="flush", length=0)
+    st.flush = fail_once
+    with pytest.raises(StateError, match=r"the restore's start not saved.*no restore of the "
+                                         r"group was started"):
+        d.restore_group(["va:1", "vb:1"])
+    assert not any(j["kind"] == "restore" for v in ("va", "vb")
+                   for j in d.status()["volumes"][v]["jobs"])
+    assert read(emus["va"], 8, 1) == _block(2)          # va not rolled back
+    assert d._local.registry.get("vb").probe()
+    res = d.restore_group(["va:1", "vb:1"])
+    assert [m["volume"] for m in res["members"]] == ["va", "vb"]
+    for name in ("va", "vb"):
+        assert read(emus[name], 8, 1) == _block(1)

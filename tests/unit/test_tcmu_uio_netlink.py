@@ -410,7 +410,7 @@ def test_lvmirrord_sets_the_gil_switch_interval_for_its_ring_threads(monkeypatch
         sys.setswitchinterval(old)
 
 
-@pytest.mark.parametrize("bad", ["fast", "0", "-1", "5"])
+@pytest.mark.parametrize("bad", ["fast", "0", "-1", "5", "1e-7", "nan"])
 def test_lvmirrord_refuses_a_bad_gil_switch_setting_with_a_message(tmp_path, bad):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = ("import sys\n"
@@ -422,5 +422,5 @@ def test_lvmirrord_refuses_a_bad_gil_switch_setting_with_a_message(tmp_path, bad
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2, proc.stderr
-    assert "LVMIRROR_GIL_SWITCH must be seconds above 0 and below 1" in proc.stderr
+    assert "LVMIRROR_GIL_SWITCH must be seconds from 0.000001 up to 1" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
