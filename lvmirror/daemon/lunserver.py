@@ -58,7 +58,6 @@ import functools
 import logging
 import os
 import select
-import sys
 import threading
 import time
 
@@ -212,33 +211,6 @@ RING_LEASE = os.environ.get("LVMIRROR_RING_LEASE", "1") != "0"
 LEASE_LOOP = os.environ.get("LVMIRROR_LEASE_LOOP", "1") != "0"
 LEASE_LOOP_ROUNDS = 256
 LEASE_LOOP_WAIT = 1.0
-# CPython's GIL switch interval (seconds; ``sys.setswitchinterval``, 0.005 by default) in
-# lvmirrord and its volume processes: how long a thread that wants the GIL waits before the
-# thread running Python is asked to give it up. The ring thread wants it back after every poll
-# (``_fastread.gil_waits``); with the default, a command arriving while a management thread ran
-# Python (a status call, the ALUA follow, a checkpoint) waited up to 5 ms. The environment's
-# LVMIRROR_GIL_SWITCH (seconds; "default" keeps CPython's) overrides it, for a before figure.
-GIL_SWITCH_INTERVAL = 0.0005
-
-
-def tune_gil() -> float:
-    """Set this process's GIL switch interval to GIL_SWITCH_INTERVAL (or LVMIRROR_GIL_SWITCH
-    seconds; "default": CPython's own is kept) and return the interval in force (seconds).
-    Called by lvmirrord's and each volume process's start. ValueError for an
-    LVMIRROR_GIL_SWITCH that is not a number of seconds from 1e-6 up to (not including) 1."""
-    want = os.environ.get("LVMIRROR_GIL_SWITCH", "")
-    if want != "default":
-        interval = GIL_SWITCH_INTERVAL
-        if want:
-            try:
-                interval = float(want)
-            except ValueError:
-                interval = float("nan")
-            if not 1e-6 <= interval < 1:     # (CPython keeps whole microseconds)
-                raise ValueError(f"LVMIRROR_GIL_SWITCH must be seconds from 0.000001 up to 1, "
-                                 f"got {want!r}")
-        sys.setswitchinterval(interval)
-    return sys.getswitchinterval()
 # How many times one turn of the ring thread lets READs and WRITEs take turns on the compiled
 # path (each stops at the other's kind) before the Python fetch.
 COMPILED_TURNS = 8

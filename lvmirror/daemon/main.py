@@ -90,12 +90,6 @@ def main(argv=None):
         except ConfigError as exc:
             parser.error(str(exc))
     setup_logging(args.log_level)
-    from lvmirror.daemon.lunserver import tune_gil
-    try:
-        tune_gil()                 # (the ring threads' wait for the GIL after each poll)
-    except ValueError as exc:
-        log.critical("%s", exc)
-        return 2
     daemon = Lvmirrord(state_dir=args.state_dir, workers=args.workers, with_bus=not args.no_dbus,
                        processes=args.processes, log_level=args.log_level,
                        hooks_dir=args.hooks_dir, metrics_file=args.metrics_file or None,

@@ -806,8 +806,6 @@ def main(argv=None):
 
 def _serve_child(sock, state_dir, *, workers, inline_reads, leases=None) -> int:
     """A volume process's life: a VolumeHost answering lvmirrord on ``sock`` until stopped."""
-    from lvmirror.daemon.lunserver import tune_gil
-    tune_gil()
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # a terminal's ^C is lvmirrord's to handle
 
     def on_term(*_):
