@@ -68,6 +68,7 @@ from lvmirror import rawtext
 from lvmirror.errors import ConfigError
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.metadata import VolumeMetadata
+from lvmirror.volname import check_volume_name
 
 __all__ = ["CONFIG_DESC", "SUBTYPE", "VolumeSpec", "check", "check_volume_name", "format",
            "parse", "size_text", "state_dir_of"]
@@ -78,7 +79,6 @@ MAX_IMAGES = 4
 IMAGE_SEPARATOR = "+"
 KEYS = ("images", "region_size", "intent_chunk", "block_size", "direct", "force", "leg_timeout",
         "image", "readonly", "state_dir")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SIZE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)     # ASCII digits only (\d takes any)
 _SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
 LEG_TIMEOUT_MIN = 0.1      # seconds; below it a leg lagging by a context switch would be failed
@@ -115,16 +115,6 @@ class VolumeSpec:
     image: int | None = None
     readonly: bool = False
     state_dir: str | None = None
-
-
-def check_volume_name(name: str, where: str = "") -> str:
-    """``name`` if it is a valid volume name: 1-64 letters, digits, '_', '.', '-', starting
-    with a letter or digit (it names a directory under the state directory and a D-Bus
-    object path's last element). ConfigError otherwise, its message prefixed by ``where``."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigError(f"{where}volume name {name!r} must be 1-64 letters, digits, '_', "
-                          f"'.', '-', starting with a letter or digit")
-    return name
 
 
 def _size(cfg, key, value):

@@ -466,8 +466,8 @@ def _backup_cycle(args, mgr, plan) -> int:
 def parse_member(text: str) -> tuple[str, int]:
     """A consistency group's member "VOLUME:IMAGE" (an image index) as (volume, image);
     ValueError otherwise."""
-    from lvmirror.cfgstring import check_volume_name
     from lvmirror.errors import ConfigError
+    from lvmirror.volname import check_volume_name     # (not cfgstring: a client's start)
     name, sep, index = text.rpartition(":")
     if not sep or not name or not (index.isascii() and index.isdigit()):
         raise ValueError(f"{text!r} is not VOLUME:IMAGE (e.g. db:2)")

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 
-from lvmirror.cfgstring import check_volume_name
+from lvmirror.volname import check_volume_name
 from lvmirror.errors import ConfigError, StateError, VolumeIOError
 
 log = logging.getLogger("lvmirrord")
@@ -54,7 +54,7 @@ HOLD_MAX = 10.0
 def parse_members(members) -> list[tuple[str, int]]:
     """Check a group's members: a list of (volume name, image index) pairs, or of
     "VOLUME:IMAGE" strings; at least one, each volume at most once, each name a valid volume
-    name (``cfgstring.check_volume_name``: "db:2:3" is refused, not read as volume "db:2").
+    name (``volname.check_volume_name``: "db:2:3" is refused, not read as volume "db:2").
     Returns the pairs. ConfigError otherwise."""
     out = []
     for m in members:
