@@ -194,16 +194,22 @@ def test_handler_cpu_per_command(tmp_path):
     assert report.handler_cpu(str(bench / "tcmu-runner" / "randwrite-4k-qd1.cpu"), 0) is None
 
 
-def test_handler_idle_cpu(tmp_path):
-    """lab-bench.sh's idle.cpu (the handler's ticks with its LUN logged in and no I/O) becomes
-    a percentage of one CPU in results.json and a last row of the per-command table; a target
-    without the file shows a dash, an unreadable file counts as none."""
+def _read_qd1_both(tmp_path, cpu: dict):
+    """A run dir with the 4 KiB random read at queue depth 1 on lvmirror 1 image and
+    tcmu-runner (real fio output), each with ``cpu`` as its .cpu file; (run, run/bench)."""
     run = tmp_path / "run"
     bench = run / "bench"
     for t in ("lvmirror1", "tcmu-runner"):
         run_job(tmp_path, "randread-4k-qd1", bench / t)
-        (bench / t / "randread-4k-qd1.cpu").write_text(
-            json.dumps({"ticks": 300, "hz": 100, "seconds": 10}))
+        (bench / t / "randread-4k-qd1.cpu").write_text(json.dumps(cpu))
+    return run, bench
+
+
+def test_handler_idle_cpu(tmp_path):
+    """lab-bench.sh's idle.cpu (the handler's ticks with its LUN logged in and no I/O) becomes
+    a percentage of one CPU in results.json and a last row of the per-command table; a target
+    without the file shows a dash, an unreadable file counts as none."""
+    run, bench = _read_qd1_both(tmp_path, {"ticks": 300, "hz": 100, "seconds": 10})
     (bench / "lvmirror1" / "idle.cpu").write_text(
         json.dumps({"ticks": 140, "hz": 100, "seconds": 20}))
     (bench / "tcmu-runner" / "idle.cpu").write_text("{not json")
@@ -323,12 +329,8 @@ def test_handler_cpu_by_thread(tmp_path):
     over the job's measured seconds (from its .cpu), a pool's numbered threads summed as
     NAME-*, and idle.threads ms per second; the table shows the threads over 5 % of the
     handler's, largest first."""
-    run = tmp_path / "run"
-    bench = run / "bench"
-    for t in ("lvmirror1", "tcmu-runner"):
-        run_job(tmp_path, "randread-4k-qd1", bench / t)
-        (bench / t / "randread-4k-qd1.cpu").write_text(
-            json.dumps({"ticks": 3_000_000_000, "hz": 1_000_000_000, "seconds": 10}))
+    run, bench = _read_qd1_both(tmp_path, {"ticks": 3_000_000_000, "hz": 1_000_000_000,
+                                           "seconds": 10})
     n = report.collect(str(run))["results"]["randread-4k-qd1"]["lvmirror1"]["iops"] * 10
     ms = int(n * 1e6)                  # 1 ms a command, in ns over the job's commands
     (bench / "lvmirror1" / "randread-4k-qd1.threads").write_text(
