@@ -428,8 +428,9 @@ class VolumeHost:
     def detach(self, name, image):
         """Remove image ``image`` (an index) from volume ``name``; its file is kept.
 
-        Refused (StateError) while the image is backed up, while it is exported as a LUN, or
-        while a split image with a higher index is exported: a detach renumbers the images
+        Refused (StateError) while the image is backed up, while it is exported as a LUN,
+        while a restore is unfinished (``JobControl.detach``), or while a split image with a
+        higher index is exported: a detach renumbers the images
         after it, and the export's cfgstring (``NAME;image=N``, which LIO and the saved
         targetcli configuration keep) would name another image after the next restart.
         ConfigError if the volume is not open or has no such image."""

@@ -258,7 +258,10 @@ class JobControl:
             def persist(durable):
                 _refuse_not_durable(vol, flushed, durable, "the restore's start",
                                     "the live data may not be durable")
-            vol._barrier.commit(flushed, persist, what=f"restore check of image {image_index}")
+            # (a split or syncing image's flush bounded as the flusher's is: a device that
+            # stopped answering fails that image, it does not hold the group - trial 25)
+            vol._barrier.commit(flushed, persist, what=f"restore check of image {image_index}",
+                                limit=vol._flush_limit)
 
     def _restorable(self, image_index):
         """The Leg of split image ``image_index`` if a restore from it may start or resume now
@@ -346,7 +349,8 @@ class JobControl:
                     self.restore_job = job
                     vol.jobs[img.rec.id] = job
                 return job
-            job = vol._barrier.commit(flushed, persist, what="restore start")
+            job = vol._barrier.commit(flushed, persist, what="restore start",
+                                      limit=vol._flush_limit)
             job.start()
             return job
 

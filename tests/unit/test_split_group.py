@@ -408,3 +408,81 @@ def test_a_group_restore_whose_member_cannot_flush_starts_nothing(gw):
     assert [m["volume"] for m in res["members"]] == ["va", "vb"]
     for name in ("va", "vb"):
         assert read(emus[name], 8, 1) == _block(1)
+
+
+def test_a_group_split_that_cannot_hold_leaves_no_member_prepared(gw):
+    """vb's completions are already held (another group's step): split_group is refused
+    with every prepared member undone - both volumes split again at once afterwards - not
+    left prepared, refusing every split, resync and restore until a restart (trial 25)."""
+    d, emus, paths = gw
+    host = d._host("vb")
+    host.hold_completions(["vb"], 5.0)
+    try:
+        with pytest.raises(StateError, match="already held"):
+            d.split_group(["va:1", "vb:1"])
+    finally:
+        host.release_completions(["vb"])
+    st = d.status()["volumes"]
+    assert [i["state"] for i in st["va"]["images"]] == ["in-sync", "in-sync"]
+    assert [i["state"] for i in st["vb"]["images"]] == ["in-sync", "in-sync"]
+    res = d.split_group(["va:1", "vb:1"])
+    assert [m["volume"] for m in res["members"]] == ["va", "vb"]
+
+
+@pytest.mark.parametrize("rate", [-1.0, float("nan")])
+def test_a_group_restore_refuses_a_bad_rate_before_anything(gw, rate):
+    """A rate limit that is no rate is refused (ValueError) before any member is checked,
+    flushed or held (trial 25: refused inside the hold, as a restore that did not start)."""
+    from lvmirror.daemon import splitgroup
+    d, emus, paths = gw
+    d.split_group(["va:1", "vb:1"])
+    calls = []
+
+    class Spy:
+        def __init__(self, host):
+            self._host = host
+
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(self._host, name)
+    with pytest.raises(ValueError, match="rate limit must be a non-negative number"):
+        splitgroup.restore_group(lambda name: Spy(d._host(name)), ["va:1", "vb:1"], rate)
+    assert calls == []
+
+
+def test_a_hung_split_image_does_not_hold_a_group_restore(gw, tmp_path):
+    """va keeps a second split copy (image 2) whose device stops answering: the group
+    restore's flush of it is bounded as the flusher's is (``_flush_limit``), so restore_group
+    returns - va:2 failed as slow - instead of blocking with va's management lock held until
+    the device answers (trial 25: still blocked after 26 s)."""
+    d, emus, paths = gw
+    if d._local is None:
+        pytest.skip("the fault is injected into the volume lvmirrord hosts itself")
+    assert d.attach("va", str(tmp_path / "va2")) == 2
+    wait_for(lambda: in_sync(d, "va"), what="va's third image in sync")
+    d.split_group(["va:1", "vb:1"])
+    d.split("va", 2)
+    vol = d._local.registry.get("va")
+    st = vol.image_storage(2)
+    gate = threading.Event()
+    real = st.flush
+
+    def hung():
+        gate.wait(60)                       # a device that stopped answering
+        return real()
+    st.flush = hung
+    out = {}
+
+    def run():
+        try:
+            out["res"] = d.restore_group(["va:1", "vb:1"])
+        except Exception as exc:            # (either outcome; what counts is that it returns)
+            out["exc"] = exc
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(20)
+    returned = not t.is_alive()
+    gate.set()
+    t.join(10)
+    assert returned, "restore_group still blocked 20 s after va:2's device stopped answering"
+    assert out
