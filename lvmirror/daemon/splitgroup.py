@@ -89,6 +89,13 @@ def parse_members(members) -> list[tuple[str, int]]:
     return out
 
 
+def _failed(message: str) -> StateError:
+    """A consistency group's failure: said in the journal (error) and returned as the
+    StateError to raise, with the same words."""
+    log.error("%s", message)
+    return StateError(message)
+
+
 def _hosts(host_of, members):
     """[(host, [volume names])] for the members, hosts in first-member order."""
     order, names = [], {}
@@ -171,78 +178,79 @@ def split_group(host_of, members, *, hold_max: float = HOLD_MAX) -> dict:
     consistent with each other.
     """
     with _GROUP_LOCK:
-        members = parse_members(members)
-        groups = _hosts(host_of, members)
-        hosts = {name: host_of(name) for name, _ in members}
-        prepared = []
-        try:
-            for name, image in members:
-                hosts[name].split_prepare(name, image)
-                prepared.append((name, image))
-        except BaseException as exc:
-            log.error("consistency group %s: not split: %s",
-                      " ".join(f"{n}:{i}" for n, i in members), exc)
-            for name, image in prepared:
+        return _split_group(host_of, members, hold_max)
+
+
+def _split_group(host_of, members, hold_max: float) -> dict:
+    """``split_group``'s work, under ``_GROUP_LOCK``."""
+    members = parse_members(members)
+    groups = _hosts(host_of, members)
+    hosts = {name: host_of(name) for name, _ in members}
+    prepared = []
+    try:
+        for name, image in members:
+            hosts[name].split_prepare(name, image)
+            prepared.append((name, image))
+    except BaseException as exc:
+        _not_split(hosts, members, prepared, exc)
+        raise
+    try:
+        switched, failed, hold = _each_under_hold(
+            groups, hold_max, members,
+            lambda name, image: hosts[name].split_switch(name, image))
+    except Exception as exc:
+        # the hold itself failed (a LUN's completions already held): nothing switched,
+        # every prepared member is undone (trial 25: left prepared, each volume refused
+        # every split, resync and restore until lvmirrord restarted)
+        _not_split(hosts, members, members, exc)
+        raise
+    if failed is not None:
+        for name, image in members:
+            if not any(s[0] == name for s in switched):
                 _abort(hosts[name], name, image)
-            raise
-        try:
-            switched, failed, hold = _each_under_hold(
-                groups, hold_max, members,
-                lambda name, image: hosts[name].split_switch(name, image))
+    results, unfinished = [], []
+    for name, image, _ in switched:
+        try:                    # every member past its T is finished, whatever another does
+            res = hosts[name].split_finish(name, image)
         except Exception as exc:
-            # the hold itself failed (a LUN's completions already held): nothing switched,
-            # every prepared member is undone (trial 25: left prepared, each volume refused
-            # every split, resync and restore until lvmirrord restarted)
-            log.error("consistency group %s: not split: %s",
-                      " ".join(f"{n}:{i}" for n, i in members), exc)
-            for name, image in members:
-                _abort(hosts[name], name, image)
-            raise
-        if failed is not None:
-            for name, image in members:
-                if not any(s[0] == name for s in switched):
-                    _abort(hosts[name], name, image)
-        results, unfinished = [], []
-        for name, image, _ in switched:
-            try:                    # every member past its T is finished, whatever another does
-                res = hosts[name].split_finish(name, image)
-            except Exception as exc:
-                unfinished.append(f"{name}:{image} ({exc})")
-                continue
-            res["volume"] = name
-            results.append(res)
-        if hold["expired"]:
-            done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
-            log.error("consistency group: the completions of %s were released by the safety "
-                      "timer (%g s) before every member was split; split, not consistent with each "
-                      "other: %s", ", ".join(hold["expired"]), hold_max, done)
-            raise StateError(f"consistency group: the completions of {', '.join(hold['expired'])} "
-                             f"were released after {hold_max:g} s (the safety limit) before every "
-                             f"member was split, so the copies are not consistent with each other; "
-                             f"split: {done}; resync those and split the group again")
-        if unfinished:
-            done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
-            log.error("consistency group: not split after their instant: %s; split: %s",
-                      "; ".join(unfinished), done)
-            raise StateError(f"consistency group: not split after their instant: "
-                             f"{'; '.join(unfinished)}; split (consistent with each other): "
-                             f"{done}; resync those and split the group again")
-        if failed is not None:
-            name, image, exc = failed
-            done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
-            log.error("consistency group: %s:%d could not be split at its instant (%s); split: %s",
-                      name, image, exc, done)
-            raise StateError(f"consistency group: {name}:{image} could not be split ({exc}); split "
-                             f"(consistent with each other): {done}; resync those and split the "
-                             f"group again")
-        times = [t for _, _, t in switched]
-        out = dict(members=results, split_time=min(times), switch_span=max(times) - min(times),
-                   hold_seconds=hold["seconds"], held_commands=hold["commands"], luns=hold["luns"])
-        log.info("consistency group %s split at %.6f: switches within %.6f s, completions held "
-                 "%.6f s (%d commands on %d LUNs)",
-                 " ".join(f"{n}:{i}" for n, i in members), out["split_time"], out["switch_span"],
-                 out["hold_seconds"], out["held_commands"], out["luns"])
-        return out
+            unfinished.append(f"{name}:{image} ({exc})")
+            continue
+        res["volume"] = name
+        results.append(res)
+    if hold["expired"]:
+        done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
+        raise _failed(f"consistency group: the completions of {', '.join(hold['expired'])} "
+                         f"were released after {hold_max:g} s (the safety limit) before every "
+                         f"member was split, so the copies are not consistent with each other; "
+                         f"split: {done}; resync those and split the group again")
+    if unfinished:
+        done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
+        raise _failed(f"consistency group: not split after their instant: "
+                         f"{'; '.join(unfinished)}; split (consistent with each other): "
+                         f"{done}; resync those and split the group again")
+    if failed is not None:
+        name, image, exc = failed
+        done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
+        raise _failed(f"consistency group: {name}:{image} could not be split ({exc}); split "
+                         f"(consistent with each other): {done}; resync those and split the "
+                         f"group again")
+    times = [t for _, _, t in switched]
+    out = dict(members=results, split_time=min(times), switch_span=max(times) - min(times),
+               hold_seconds=hold["seconds"], held_commands=hold["commands"], luns=hold["luns"])
+    log.info("consistency group %s split at %.6f: switches within %.6f s, completions held "
+             "%.6f s (%d commands on %d LUNs)",
+             " ".join(f"{n}:{i}" for n, i in members), out["split_time"], out["switch_span"],
+             out["hold_seconds"], out["held_commands"], out["luns"])
+    return out
+
+
+def _not_split(hosts, members, prepared, exc):
+    """A group split that failed before any member switched: said in the journal, and every
+    member of ``prepared`` undone (``_abort``)."""
+    log.error("consistency group %s: not split: %s",
+              " ".join(f"{n}:{i}" for n, i in members), exc)
+    for name, image in prepared:
+        _abort(hosts[name], name, image)
 
 
 def _abort(host, name, image):
@@ -267,51 +275,51 @@ def restore_group(host_of, members, rate_mbps: float = 0.0, *,
     StateError naming the restores already started when one fails to start."""
     rate_mbps = float(check_rate(rate_mbps or None) or 0.0)    # ValueError before anything
     with _GROUP_LOCK:
-        members = parse_members(members)
-        hosts = {name: host_of(name) for name, _ in members}
-        for name, image in members:
-            # the member's own refusals (``JobControl.check_restore``), not a reading of its
-            # status: a restore left cancelled or failed from another image, or a split image
-            # that cannot be opened, refuses too (trial 23: the status check let such a member
-            # through, and the members before it were rolled back without it). ``fresh``: a
-            # stopped restore of the same image would be resumed, rolled back at its own earlier
-            # instant, not the group's (trial 24). ``flush``: each restore's start makes the live
-            # images durable first; done here, before the hold, a failing flush refuses with
-            # nothing started, and the flushes under the hold have only the writes since to do
-            # (trial 24: a flush failing under the hold left the group half rolled back, and a
-            # slow one outlasted the hold)
-            try:
-                hosts[name].restore_check(name, image, fresh=True, flush=True)
-            except ConfigError:
-                raise
-            except LvmirrorError as exc:
-                # (StateError, VolumeIOError: from a volume process the latter comes back as
-                # LvmirrorError naming it - trial 25)
-                raise StateError(f"{exc}; no restore of the group was started") from None
-        groups = _hosts(host_of, members)
-        t0 = time.monotonic()
-        started, failed, hold = _each_under_hold(
-            groups, hold_max, members,
-            lambda name, image: dict(hosts[name].restore(name, image, rate_mbps), volume=name))
-        results = [res for _, _, res in started]
-        if failed is not None:
-            name, image, exc = failed
-            done = ", ".join(f"{r['volume']}" for r in results) or "none"
-            log.error("consistency group: the restore of %s:%d did not start (%s); started: %s",
-                      name, image, exc, done)
-            raise StateError(f"consistency group: the restore of {name}:{image} did not start "
-                             f"({exc}); restores started: {done}")
-        if hold["expired"]:
-            done = ", ".join(r["volume"] for r in results)
-            log.error("consistency group: the completions of %s were released by the safety "
-                      "timer (%g s) before every member's restore began; restores started: %s",
-                      ", ".join(hold["expired"]), hold_max, done)
-            raise StateError(f"consistency group: the completions of {', '.join(hold['expired'])} "
-                             f"were released after {hold_max:g} s (the safety limit) before every "
-                             f"member's restore began, so the volumes were not rolled back at one "
-                             f"instant; restores started: {done}")
-        log.info("consistency group %s: restores started together (%.3f s, completions held "
-                 "%.6f s)", " ".join(f"{n}:{i}" for n, i in members), time.monotonic() - t0,
-                 hold["seconds"])
-        return dict(members=results, hold_seconds=hold["seconds"], held_commands=hold["commands"],
-                    luns=hold["luns"])
+        return _restore_group(host_of, members, rate_mbps, hold_max)
+
+
+def _restore_group(host_of, members, rate_mbps: float, hold_max: float) -> dict:
+    """``restore_group``'s work, under ``_GROUP_LOCK``."""
+    members = parse_members(members)
+    hosts = {name: host_of(name) for name, _ in members}
+    for name, image in members:
+        # the member's own refusals (``JobControl.check_restore``), not a reading of its
+        # status: a restore left cancelled or failed from another image, or a split image
+        # that cannot be opened, refuses too (trial 23: the status check let such a member
+        # through, and the members before it were rolled back without it). ``fresh``: a
+        # stopped restore of the same image would be resumed, rolled back at its own earlier
+        # instant, not the group's (trial 24). ``flush``: each restore's start makes the live
+        # images durable first; done here, before the hold, a failing flush refuses with
+        # nothing started, and the flushes under the hold have only the writes since to do
+        # (trial 24: a flush failing under the hold left the group half rolled back, and a
+        # slow one outlasted the hold)
+        try:
+            hosts[name].restore_check(name, image, fresh=True, flush=True)
+        except ConfigError:
+            raise
+        except LvmirrorError as exc:
+            # (StateError, VolumeIOError: from a volume process the latter comes back as
+            # LvmirrorError naming it - trial 25)
+            raise _failed(f"{exc}; no restore of the group was started") from None
+    groups = _hosts(host_of, members)
+    t0 = time.monotonic()
+    started, failed, hold = _each_under_hold(
+        groups, hold_max, members,
+        lambda name, image: dict(hosts[name].restore(name, image, rate_mbps), volume=name))
+    results = [res for _, _, res in started]
+    if failed is not None:
+        name, image, exc = failed
+        done = ", ".join(f"{r['volume']}" for r in results) or "none"
+        raise _failed(f"consistency group: the restore of {name}:{image} did not start "
+                         f"({exc}); restores started: {done}")
+    if hold["expired"]:
+        done = ", ".join(r["volume"] for r in results)
+        raise _failed(f"consistency group: the completions of {', '.join(hold['expired'])} "
+                         f"were released after {hold_max:g} s (the safety limit) before every "
+                         f"member's restore began, so the volumes were not rolled back at one "
+                         f"instant; restores started: {done}")
+    log.info("consistency group %s: restores started together (%.3f s, completions held "
+             "%.6f s)", " ".join(f"{n}:{i}" for n, i in members), time.monotonic() - t0,
+             hold["seconds"])
+    return dict(members=results, hold_seconds=hold["seconds"], held_commands=hold["commands"],
+                luns=hold["luns"])
