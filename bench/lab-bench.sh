@@ -234,6 +234,20 @@ handler_cpu() {  # handler_cpu TARGET JOB: the handler's CPU over the job's meas
   rm -f $BOUT/$1/$2.threads-[abn]
 }
 
+guest_cpu() {  # guest_cpu TARGET JOB: the whole guest over the job's measured RUNTIME s (after
+  local a b      # its RAMP), every target's: /proc/stat's "cpu" line (USER_HZ ticks of all vCPUs:
+  sleep $RAMP    # user nice system idle iowait irq softirq steal) and "ctxt" (context switches)
+  a=$(grep -E '^(cpu|ctxt) ' /proc/stat | tr '\n' ' ')   # -> $BOUT/TARGET/JOB.sys; bench/report.py
+  sleep $RUNTIME                                         # gives the busy share, CPU ms and
+  b=$(grep -E '^(cpu|ctxt) ' /proc/stat | tr '\n' ' ')   # context switches a command
+  echo "$a $b" | awk -v secs=$RUNTIME -v cpus=$(nproc) '{
+    busy = ($2 + $3 + $4 + $7 + $8 + $9) ; idle = $5 + $6 ; ctxt = $(NF/2)
+    busy = ($(NF/2 + 2) + $(NF/2 + 3) + $(NF/2 + 4) + $(NF/2 + 7) + $(NF/2 + 8) + $(NF/2 + 9)) - busy
+    idle = ($(NF/2 + 5) + $(NF/2 + 6)) - idle ; ctxt = $NF - ctxt
+    printf "{\"busy\": %d, \"idle\": %d, \"ctxt\": %d, \"hz\": 100, \"seconds\": %d, \"cpus\": %d}\n", busy, idle, ctxt, secs, cpus }' \
+    > $BOUT/$1/$2.sys
+}
+
 handler_strace() {  # handler_strace TARGET JOB: the system calls of the target's handler (every
   local root p args=  # thread of lvmirrord and its volume processes, or tcmu-runner) over the
   case $1 in          # job's RUNTIME after its RAMP, counted by strace -c -> $BOUT/TARGET/JOB.strace
@@ -272,14 +286,14 @@ print(json.dumps({k: luns[0].get(k) for k in ("commands", "ring_thread_commands"
 }
 
 run_jobs() {  # run_jobs TARGET
-  local target=$1 job spy cpu ring trace
+  local target=$1 job spy cpu ring trace gcpu
   if [ "${BENCH_PROFILE:-0}" != 1 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
     t "bench $target idle"    # the handler's CPU with the LUN logged in and no I/O: its
     handler_cpu $target idle  # background (timers, the ALUA follow, metrics) -> idle.cpu
   fi
   for job in $JOBS; do
     t "bench $target $job"
-    spy= cpu= ring= trace=
+    spy= cpu= ring= trace= gcpu=
     # the LUN's counts before and after the job -> <job>.ring; taken before the CPU window
     # opens and after it closes, so the status calls are outside the measured seconds
     if [[ $target == lvmirror* ]]; then ring=$(ring_counts); fi
@@ -293,6 +307,7 @@ run_jobs() {  # run_jobs TARGET
         > $BOUT/profile/$target-$job.log 2>&1 &
       spy=$!
     fi
+    if [ "${BENCH_PROFILE:-0}" != 1 ]; then guest_cpu $target $job & gcpu=$!; fi
     if [ "${BENCH_STRACE:-0}" != 0 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
       handler_strace $target $job & trace=$!
     fi
@@ -302,6 +317,7 @@ run_jobs() {  # run_jobs TARGET
     [ -n "$spy" ] && wait $spy
     [ -n "$trace" ] && { wait $trace || true; }
     if [ -n "$cpu" ]; then wait $cpu || true; fi
+    if [ -n "$gcpu" ]; then wait $gcpu || true; fi
     if [ -n "$ring" ]; then echo "{\"before\": $ring, \"after\": $(ring_counts)}" > $BOUT/$target/$job.ring; fi
   done
 }

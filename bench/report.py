@@ -11,7 +11,8 @@ RUN_DIR/bench holds what lab-bench.sh wrote in the guest: meta.json, targets.jso
 thread: "TID NS NAME"), <target>/<job>.cpu and <target>/idle.cpu (the user-space
 handler's CPU time over a job's measured seconds, and with no I/O, in units of 1/hz s: the
 scheduler's nanoseconds since 2026-12-05, clock ticks before; lvmirror and tcmu-runner
-targets only), <target>/<job>.ring (lvmirror targets: the LUN's commands, those its ring thread
+targets only), <target>/<job>.sys (every target: the whole guest's busy and idle ticks and
+context switches over the same seconds, from /proc/stat), <target>/<job>.ring (lvmirror targets: the LUN's commands, those its ring thread
 answered itself, its ring stalls and its ring threads' waits for the GIL, before and after the
 job), split/{split.json,
 io_lat.1.log,fio.json}, resync.jsonl, profile/*.txt (py-spy raw, collapsed stacks).
@@ -177,6 +178,33 @@ def handler_idle(path: str) -> float | None:
     return None if per_second is None else round(per_second * 100, 1)
 
 
+def guest_cpu(path: str, iops: float) -> dict | None:
+    """The whole guest over a job's measured seconds, every target's: ``path`` is
+    lab-bench.sh's ``<job>.sys`` (``{"busy", "idle", "ctxt", "hz", "seconds", "cpus"}``: the
+    USER_HZ ticks of all vCPUs busy - user, nice, system, irq, softirq, steal - and idle with
+    iowait, and the context switches, from /proc/stat). It shows whether a target's IOPS were
+    bound by the guest's CPUs (fio, the initiator, the kernel's target, the handler: every
+    vCPU busy) or by waits (idle left over). Returns ``{"busy_pct": percent of the vCPUs'
+    time busy, "cpu_ms": busy ms a command, "ctxt": context switches a command}`` over the
+    ``iops`` x ``seconds`` commands fio completed; None when there is no such file, it cannot
+    be read or ``iops`` is not above 0."""
+    try:
+        with open(path) as f:
+            c = json.load(f)
+        busy, idle, ctxt = float(c["busy"]), float(c["idle"]), float(c["ctxt"])
+        hz, seconds = float(c["hz"]), float(c["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    nums = (busy, idle, ctxt, hz, seconds)
+    if (not all(map(math.isfinite, nums)) or min(busy, idle, ctxt) < 0 or hz <= 0
+            or seconds <= 0 or busy + idle <= 0 or not iops > 0):
+        return None
+    commands = iops * seconds
+    return {"busy_pct": round(busy / (busy + idle) * 100, 1),
+            "cpu_ms": round(busy / hz * 1000 / commands, 3),
+            "ctxt": round(ctxt / commands, 1)}
+
+
 def thread_cpu(path: str, per: float) -> dict | None:
     """The handler's CPU by thread over a job's measured seconds: ``path`` is lab-bench.sh's
     ``<job>.threads`` ("TID NS NAME" lines: nanoseconds on a CPU, lvmirrord's Python thread
@@ -301,6 +329,9 @@ def collect(run_dir: str) -> dict:
         gil = gil_waits(path[:-5] + ".ring")
         if gil is not None:
             fig["gil"] = gil
+        guest = guest_cpu(path[:-5] + ".sys", fig["iops"])
+        if guest is not None:
+            fig["guest"] = guest
         secs = _measured_seconds(path[:-5] + ".cpu")
         threads = thread_cpu(path[:-5] + ".threads", fig["iops"] * secs) if secs else None
         if threads:
@@ -428,6 +459,12 @@ def markdown(data: dict) -> str:
                "Handler CPU by thread (ms a command over each job's measured seconds; the "
                "threads over 5 % of the handler's, at most four; a pool's threads summed as "
                "NAME-*):", by_thread)
+    _job_table(out, res, jobs, targets, "guest",
+               "The whole guest over each job (fio, the initiator, the kernel's target and the "
+               "handler): busy percent of its vCPUs · ms of CPU a command · context switches a "
+               "command (every vCPU busy: the job was bound by the guest's CPUs; idle left: by "
+               "waits):",
+               lambda g: f"{g['busy_pct']:.0f} % · {g['cpu_ms']:.3f} · {g['ctxt']:.1f}")
     it = data.get("idle_threads") or {}
     if it:
         out += ["With no I/O, by thread (ms of CPU a second):", ""]

@@ -357,3 +357,34 @@ def test_handler_cpu_by_thread(tmp_path):
     assert "- lvmirror 1 image: metrics 11.000 · ring-watch-bt 9.000" in md
     assert report.thread_cpu(str(tmp_path / "missing.threads"), 10.0) is None
     assert report.thread_cpu(str(bench / "lvmirror1" / "idle.threads"), 0) is None
+
+
+def test_the_whole_guests_cpu_each_job(tmp_path):
+    """lab-bench.sh's <job>.sys (/proc/stat's ticks of all vCPUs and context switches over the
+    job's measured seconds) becomes the busy share, the ms of CPU a command and the context
+    switches a command, for every target; a file that holds no measurement is left out."""
+    run, bench = _read_qd1_both(tmp_path, {"ticks": 3_000_000_000, "hz": 1_000_000_000,
+                                           "seconds": 10})
+    iops = report.collect(str(run))["results"]["randread-4k-qd1"]["lvmirror1"]["iops"]
+    sys_file = bench / "lvmirror1" / "randread-4k-qd1.sys"
+    # 10 s on 2 vCPUs = 2,000 ticks: 1,500 busy, 500 idle; 4 context switches a command
+    sys_file.write_text(json.dumps({"busy": 1500, "idle": 500, "ctxt": int(iops * 10 * 4),
+                                    "hz": 100, "seconds": 10, "cpus": 2}))
+    data = report.collect(str(run))
+    g = data["results"]["randread-4k-qd1"]["lvmirror1"]["guest"]
+    assert g["busy_pct"] == 75.0
+    assert g["cpu_ms"] == round(15_000 / (iops * 10), 3)
+    assert abs(g["ctxt"] - 4.0) <= 0.1
+    assert "guest" not in data["results"]["randread-4k-qd1"]["tcmu-runner"]    # no .sys file
+    md = report.markdown(data)
+    assert "The whole guest over each job" in md
+    assert f"| randread-4k-qd1 | 75 % · {g['cpu_ms']:.3f} · {g['ctxt']:.1f} |\n" in md
+    for bad in ({"busy": -1, "idle": 5, "ctxt": 1, "hz": 100, "seconds": 10},
+                {"busy": 0, "idle": 0, "ctxt": 1, "hz": 100, "seconds": 10},
+                {"busy": 1, "idle": 1, "ctxt": 1, "hz": 0, "seconds": 10},
+                {"busy": 1, "idle": 1, "hz": 100, "seconds": 10}):
+        sys_file.write_text(json.dumps(bad))
+        assert report.guest_cpu(str(sys_file), iops) is None
+    sys_file.write_text("not json")
+    assert report.guest_cpu(str(sys_file), iops) is None
+    assert report.guest_cpu(str(sys_file.with_suffix(".none")), iops) is None
