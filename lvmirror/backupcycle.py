@@ -15,7 +15,9 @@ when it ends. Then the oldest complete backups of each volume beyond ``keep`` ar
 
 Every step is logged on standard output (the journal, under systemd); the exit status is 0
 when every step succeeded and 1 when any failed, which systemd shows as the unit failing. A
-copy that fails does not stop the resync: the mirror is made whole again in any case.
+copy that fails does not stop the resync: the mirror is made whole again in any case. A split
+that fails after some members were split (a group's completions hold that ran out, for one)
+makes no copy; the resync of the members it split is started at once.
 
 Configuration (``--config FILE``, the timer's ``/etc/lvmirror/backup/VOLUME.conf``), an INI
 file with one ``[backup]`` section::
@@ -250,19 +252,30 @@ def _copy(plan, volume_iface, name, image, stamp, log) -> bool:
     return True
 
 
-def _interrupted(plan, mgr, members, started, log):
-    """Ctrl-C / SIGTERM during a cycle: start the resync of every member image this cycle split
-    (split at or after ``started``, seconds since the epoch), so the mirror becomes whole."""
+def _resync_this_cycles_splits(plan, mgr, started, log) -> list:
+    """Start the resync (at the plan's rate) of every member image this cycle split - split at
+    or after ``started`` (seconds since the epoch, less 1 s for the clocks' rounding) - so that
+    the mirror becomes whole again; used when the cycle cannot go on. Returns the
+    ``"volume:image"`` members whose resync was started; a D-Bus error is logged, not raised."""
     import dbus
-    log(f"interrupted: starting the resync of {members} so that the mirror is whole again")
+    done = []
     try:
         st = json.loads(mgr.Status())["volumes"]
         for name, image in plan.members:
             im = st.get(name, {}).get("images", [])[image:image + 1]
             if im and im[0]["state"] == "split" and (im[0]["split_time"] or 0) >= started - 1:
                 mgr.Resync(name, dbus.UInt32(image), float(plan.rate))
+                done.append(f"{name}:{image}")
     except dbus.DBusException as exc:
         log(f"FAILED: starting the resyncs: {exc.get_dbus_message()}")
+    return done
+
+
+def _interrupted(plan, mgr, members, started, log):
+    """Ctrl-C / SIGTERM during a cycle: start the resync of every member image this cycle split
+    (split at or after ``started``, seconds since the epoch), so the mirror becomes whole."""
+    log(f"interrupted: starting the resync of {members} so that the mirror is whole again")
+    _resync_this_cycles_splits(plan, mgr, started, log)
     log("backup cycle of " + members + " INTERRUPTED")
 
 
@@ -293,6 +306,11 @@ def run_cycle(plan: BackupPlan, mgr, volume_iface, wait_jobs, log=print) -> int:
                                                            timeout=3600))
         except dbus.DBusException as exc:
             log(f"FAILED: split of {members}: {exc.get_dbus_message()}")
+            # a group split can fail after some or all members were split (a hold that ran
+            # out, a hook): no copy is made of them, so they are made whole again now
+            again = _resync_this_cycles_splits(plan, mgr, started, log)
+            if again:
+                log(f"resync started of {' '.join(again)}, split by this failed cycle")
             return 1
         split_time = res["split_time"]
         for h in res.get("hooks", []):

@@ -80,6 +80,35 @@ def test_a_failed_copy_fails_the_cycle_but_the_mirror_is_made_whole(gw, tmp_path
     assert r.returncode == 1 and "image 1 of db is split" in r.stdout, r.stdout
 
 
+def test_a_group_split_that_fails_after_splitting_resyncs_what_it_split(gw, tmp_path,
+                                                                      monkeypatch):
+    """The group split fails after every member was split (as when its completions hold runs
+    out: the split is not one instant): no copy is made, and the members this cycle split are resynced
+    at once, not left split for the next cycle to refuse (trial 25)."""
+    from lvmirror.daemon import splitgroup
+    from lvmirror.errors import StateError
+    d, vols, address = gw
+    real = splitgroup.split_group
+
+    def runs_out(host_of, members):
+        real(host_of, members)
+        raise StateError("completions were released after 0.05 s (the safety limit) before "
+                         "every member was split: the split is not consistent")
+    monkeypatch.setattr(splitgroup, "split_group", runs_out)
+    r = cli(address, "backup-cycle", "db:1", "wal:1", "--dest", str(tmp_path / "b"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAILED: split of db:1 wal:1" in r.stdout and "safety limit" in r.stdout, r.stdout
+    assert "resync started of db:1 wal:1, split by this failed cycle" in r.stdout, r.stdout
+    assert not os.path.exists(tmp_path / "b" / "db") or not [
+        f for f in os.listdir(tmp_path / "b" / "db") if f.endswith(".raw")]
+    from tests.unit.test_daemon_processes import wait_for
+    wait_for(lambda: _states(d, "db") == _states(d, "wal") == ["in-sync", "in-sync"],
+             what="the resync of both members")
+    monkeypatch.setattr(splitgroup, "split_group", real)
+    r = cli(address, "backup-cycle", "db:1", "wal:1", "--dest", str(tmp_path / "b"))
+    assert r.returncode == 0 and "backup cycle of db:1 wal:1 done" in r.stdout, r.stdout
+
+
 def test_plans_are_checked(tmp_path):
     conf = tmp_path / "x.conf"
     for text, msg in (("[backup]\nmembers = db:1\n", "dest must be an absolute"),
