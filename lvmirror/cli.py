@@ -320,22 +320,37 @@ def _running(st, volume):
             and j["kind"] != "scrub"]
 
 
-def wait_jobs(mgr, volume, timeout=None, out=sys.stderr):
-    """Poll ``mgr.Status()`` every 0.5 s until no job runs on ``volume``; returns the volume's
-    jobs in state ``failed`` (empty: none). Progress goes to ``out`` when it is a tty.
-    TimeoutError once ``timeout`` seconds passed (None: wait for ever); ValueError when no
-    volume of that name is open (a mistyped name, or it closed while waited for)."""
+def _failed_key(job):
+    return job["kind"], job["image_id"], job["error"], job["bytes_done"]
+
+
+def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None):
+    """Poll ``mgr.Status()`` every 0.5 s until no job runs on ``volume`` (``image``, an index:
+    on that image); returns the jobs in state ``failed`` (empty: none) the wait is about:
+    with ``image``, that image's job (the one its command just started, failed before the
+    first poll too); without, the jobs that failed during the wait - not those status still
+    lists as failed from before it (trial 25: a ``restore --wait`` exited 1 with an older
+    failure of another image). Progress goes to ``out`` when it is a tty. TimeoutError once
+    ``timeout`` seconds passed (None: wait for ever); ValueError when no volume of that name
+    is open (a mistyped name, or it closed while waited for)."""
     t0 = time.monotonic()
+    before = None
     while True:
         st = json.loads(mgr.Status())
         if volume not in st["volumes"]:
             raise ValueError(f"no volume {volume!r} is open (open volumes: "
                              f"{', '.join(sorted(st['volumes'])) or 'none'})")
-        running = _running(st, volume)
+        jobs = st["volumes"][volume].get("jobs", [])
+        if image is not None:
+            ids = {im["id"] for im in st["volumes"][volume].get("images", [])
+                   if im["index"] == image}
+            jobs = [j for j in jobs if j["image_id"] in ids]
+        if before is None:
+            before = set() if image is not None else \
+                {_failed_key(j) for j in jobs if j["state"] == "failed"}
+        running = [j for j in _running(st, volume) if j in jobs]
         if not running:
-            failed = [j for j in st["volumes"].get(volume, {}).get("jobs", [])
-                      if j["state"] == "failed"]
-            return failed
+            return [j for j in jobs if j["state"] == "failed" and _failed_key(j) not in before]
         if timeout is not None and time.monotonic() - t0 > timeout:
             raise TimeoutError(f"jobs on {volume} still running after {timeout} s")
         j = running[0]
@@ -560,11 +575,18 @@ def main(argv=None):
         "cancel": "stop the resync or restore running on IMAGE; its bitmap is kept and resync "
                   "(or restore) of IMAGE resumes it. A cancelled restore stays unfinished: "
                   "the volume still reads as the split image, and resync, split, attach, "
-                  "detach and scrub are refused until it is resumed and done",
+                  "detach and scrub are refused until it is resumed and done (or given up: "
+                  "abandon-restore)",
         "resync": "bring split or failed IMAGE back in sync, copying only the regions that "
                   "changed",
         "restore": "roll the volume back to split IMAGE (reads see it at once; copies in the "
                    "background)",
+        "abandon-restore": "end the unfinished restore from split IMAGE without finishing it, "
+                           "when IMAGE can no longer be read (until then every I/O to a "
+                           "region not rolled back fails with MEDIUM ERROR). The volume keeps "
+                           "IMAGE's data where it was rolled back and the live data elsewhere: "
+                           "a mix of two instants, to be checked (fsck) before use. Needs "
+                           "--force; refused while the restore runs (cancel it first)",
     }
     for name in ("split", "detach", "cancel"):
         s = command(name, help=helps[name], description=helps[name])
@@ -572,6 +594,12 @@ def main(argv=None):
         s.add_argument("image", type=image_index, help="the image's index")
         if name == "split":
             _hook_args(s)
+    s = command("abandon-restore", help=helps["abandon-restore"],
+                description=helps["abandon-restore"])
+    s.add_argument("volume", help="the volume's name")
+    s.add_argument("image", type=image_index, help="the split image the restore copies from")
+    s.add_argument("--force", action="store_true",
+                   help="yes: leave the volume a mix of the split image and the live data")
     for name in ("resync", "restore"):
         s = command(name, help=helps[name], description=helps[name])
         s.add_argument("volume", help="the volume's name")
@@ -747,8 +775,8 @@ def main(argv=None):
                       f"failed: {failed[0]['error']}", file=sys.stderr)
                 return EXIT_ERROR
             if args.wait:
-                for name, _ in args.members:
-                    failed = wait_jobs(mgr, name, None)
+                for name, image in args.members:
+                    failed = wait_jobs(mgr, name, None, image=image)
                     if failed:
                         print(f"failed: {name}: {failed[0]['error']}", file=sys.stderr)
                         return EXIT_ERROR
@@ -810,10 +838,26 @@ def main(argv=None):
                   f"{args.path} attached as image {int(idx)}; full resync started")
         elif args.cmd == "detach":
             mgr.DetachImage(args.volume, args.image)
+        elif args.cmd == "abandon-restore":
+            if not args.force:
+                print(f"lvmirror: abandoning the restore leaves volume {args.volume} a mix of "
+                      f"split image {args.image}'s data (where it was rolled back) and the "
+                      f"live data (everywhere else); check it before use. Run again with "
+                      f"--force to do so", file=sys.stderr)
+                return EXIT_ERROR
+            res = json.loads(mgr.AbandonRestore(args.volume, args.image))
+            print(json.dumps(res) if args.json else
+                  f"restore of {args.volume} from image {args.image} abandoned: "
+                  f"{res['regions']} region(s), {res['bytes']} bytes, were not recorded as rolled "
+                  f"back; "
+                  f"the volume holds image {args.image}'s data only where it was. Check the "
+                  f"file system or application data before use; image {args.image} stays "
+                  f"split (resync or detach it)")
         elif args.cmd == "cancel":
             mgr.Cancel(args.volume, args.image)
         if args.cmd == "wait" or getattr(args, "wait", False):
-            failed = wait_jobs(mgr, args.volume, getattr(args, "timeout", None))
+            failed = wait_jobs(mgr, args.volume, getattr(args, "timeout", None),
+                               image=getattr(args, "image", None))
             if failed:
                 print(f"failed: {failed[0]['error']}", file=sys.stderr)
                 return EXIT_ERROR

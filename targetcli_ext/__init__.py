@@ -78,6 +78,18 @@ def scrub_volume(manager, volume: str, repair: bool = False, source: int | None 
     return json.loads(manager.Scrub(volume, dbus.Dictionary(opts, signature="sv")))
 
 
+def abandon_restore(manager, volume: str, image: int, force: bool = False) -> dict:
+    """End ``volume``'s unfinished restore from split image ``image`` without finishing it
+    through lvmirrord's Manager (a dbus.Interface): AbandonRestore(volume, image), only with
+    ``force`` (ValueError otherwise, before any call: the volume is left a mix of the split
+    image's data and the live data). Returns ``{"regions", "bytes"}`` not recorded as rolled
+    back; D-Bus errors propagate."""
+    if not force:
+        raise ValueError("abandoning the restore leaves the volume a mix of the split image "
+                         "and the live data; force=true to do so")
+    return json.loads(manager.AbandonRestore(volume, image))
+
+
 def manager_call(fn, *args, error=RuntimeError):
     """Call lvmirrord: ``fn`` a Manager method name (called on ``_manager()`` with ``args``)
     or a function taking the manager first (``attach_image``, ``resync_image``...). The
@@ -373,8 +385,21 @@ def install():
             """Stop the resync or restore running on image IMAGE; its bitmap is kept and
             resync (or restore) of IMAGE resumes it. A cancelled restore stays unfinished:
             the volume still reads as the split image, and resync, split, attach, detach and
-            scrub are refused until it is resumed and done."""
+            scrub are refused until it is resumed and done (or given up: abandon_restore)."""
             call("Cancel", self._spec().name, self._image(image))
+
+        def ui_command_abandon_restore(self, image, force="false"):
+            """End the unfinished restore from split image IMAGE without finishing it, when
+            IMAGE can no longer be read (until then every I/O to a region not rolled back
+            fails with MEDIUM ERROR). The volume keeps IMAGE's data where it was rolled back
+            and the live data elsewhere: a mix of two instants, to be checked before use.
+            Needs force=true; refused while the restore runs (cancel it first)."""
+            idx = self._image(image)
+            # (abandon_restore's refusal without force comes back as the ExecutionError)
+            res = call(abandon_restore, self._spec().name, idx, self._flag("force", force))
+            self.shell.con.display(f"restore from image {idx} abandoned: {res['regions']} "
+                                   f"region(s), {res['bytes']} bytes, not recorded as rolled "
+                                   f"back; check the data before use")
 
         def ui_command_backup(self, image, file, format="raw"):
             """Copy split image IMAGE to FILE (format raw or qcow2) with progress. The image

@@ -289,6 +289,17 @@ class Manager(dbus.service.Object):
         self.run(sender, lambda: self._daemon.cancel(str(volume), int(image)),
                   lambda _r: ok(), err)
 
+    @dbus.service.method(MANAGER_IFACE, in_signature="su", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def AbandonRestore(self, volume, image, sender=None, ok=None, err=None):
+        """End the unfinished restore from split image ``image`` of ``volume`` without
+        finishing it, when its source cannot be read (``VolumeHost.abandon_restore``): the
+        volume keeps the split image's data where it was rolled back and the live data
+        elsewhere. Returns JSON ``{"regions", "bytes"}`` not rolled back; refused while the
+        restore runs (Cancel it first) or when none is unfinished."""
+        self.run(sender, lambda: json.dumps(self._daemon.abandon_restore(str(volume),
+                                                                         int(image))), ok, err)
+
     @dbus.service.method(MANAGER_IFACE, in_signature="sa{sv}", out_signature="s",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def Scrub(self, volume, options, sender=None, ok=None, err=None):

@@ -15,7 +15,7 @@ LastScrub ``(sddtttt)`` (state, started, finished or 0, regions checked, mismatc
 left as found; the whole report is in the Manager's Status).
 
 Methods: Split, Resync, ResyncWithOptions (``full``: every region, also into an image in sync),
-Restore, AttachImage, AttachImageWithOptions (``force``: overwrite an
+Restore, AbandonRestore, AttachImage, AttachImageWithOptions (``force``: overwrite an
 image that holds data), DetachImage, Cancel, Backup, Scrub (options ``repair`` b, ``source`` u,
 ``rate`` d), CancelScrub. Signals:
 PropertiesChanged (standard) when an image, job or export changes; ImageStateChanged(index,
@@ -27,6 +27,7 @@ served (the data path never calls into the bus).
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 
 import dbus
@@ -267,6 +268,16 @@ class VolumeObject(dbus.service.Object):
         the same image, resumes it; a cancelled restore stays unfinished until then)."""
         self._calls.run(sender, lambda: self._daemon.cancel(self.name, int(image)),
                         lambda _r: ok(), err)
+
+    @dbus.service.method(VOLUME_IFACE, in_signature="u", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def AbandonRestore(self, image, sender=None, ok=None, err=None):
+        """End the unfinished restore from split image ``image`` without finishing it, when
+        its source cannot be read (``VolumeHost.abandon_restore``): the volume keeps a mix of
+        the split image's data and the live data. Returns JSON ``{"regions", "bytes"}`` not
+        rolled back; refused while the restore runs (Cancel it first)."""
+        self._calls.run(sender, lambda: json.dumps(
+            self._daemon.abandon_restore(self.name, int(image))), ok, err)
 
     @dbus.service.method(VOLUME_IFACE, in_signature="uss", out_signature="t",
                          sender_keyword="sender", async_callbacks=("ok", "err"))

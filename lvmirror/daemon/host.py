@@ -385,6 +385,14 @@ class VolumeHost:
         log.info("volume %s: restore from image %d started", name, image)
         return job.progress()
 
+    def abandon_restore(self, name, image) -> dict:
+        """End the unfinished restore of volume ``name`` from split image ``image`` without
+        finishing it, when its source cannot be read (``MirrorVolume.abandon_restore``): the
+        volume is then a mix of two instants. Returns ``{"regions", "bytes"}`` not rolled
+        back. ConfigError: no such volume; StateError: no such image, no restore from it
+        unfinished, or it runs (cancel it first)."""
+        return self._volume(name).abandon_restore(image)
+
     def restore_check(self, name, image, *, fresh=False, flush=False):
         """Raise what ``restore(name, image)`` would refuse with now, starting nothing
         (``MirrorVolume.check_restore``; also a backup of the image running). ``fresh``: a

@@ -307,6 +307,11 @@ class Lvmirrord:
         unlimited). Returns the job's progress dict. ``VolumeHost.restore``."""
         return self._host(name).restore(name, image, rate_mbps)
 
+    def abandon_restore(self, name, image) -> dict:
+        """End volume ``name``'s unfinished restore from image ``image`` without finishing it
+        (``VolumeHost.abandon_restore``); returns ``{"regions", "bytes"}`` not rolled back."""
+        return self._host(name).abandon_restore(name, image)
+
     def restore_check(self, name, image, *, fresh=False, flush=False):
         """Raise what ``restore(name, image)`` would refuse with now, starting nothing
         (``VolumeHost.restore_check``)."""

@@ -66,7 +66,8 @@ class JobControl:
             state = "is running"
         else:
             why = f"{rj.state}: {rj.error}" if rj.error else rj.state
-            state = f"is unfinished ({why}; 'restore {idx}' resumes it)"
+            state = (f"is unfinished ({why}; 'restore {idx}' resumes it, 'abandon-restore "
+                     f"{idx}' gives it up)")
         raise StateError(f"volume {vol.name}: a restore from image {idx} {state}; {doing} "
                          f"after it ends")
 
@@ -282,9 +283,13 @@ class JobControl:
                              f"only a split image can be restored from")
         self.refuse_if_restoring("restore", image=img)
         if img.storage is None:
-            raise StateError(f"volume {vol.name}: split image {image_index} "
-                             f"({img.rec.path}) is not available"
-                             + (f": {img.rec.error}" if img.rec.error else ""))
+            # missing when the volume opened, or closed when it failed: opened again, as a
+            # resync does (trial 25: a source put back needed a restart of lvmirrord)
+            try:
+                self._reopen_if_needed(img)
+            except (ConfigError, OSError) as exc:
+                raise StateError(f"volume {vol.name}: split image {image_index} "
+                                 f"({img.rec.path}) is not available: {exc}") from None
         if self.restore_job is not None:
             if self.restore_job.is_alive():
                 raise StateError(f"volume {vol.name}: a restore from image {image_index} "
@@ -353,6 +358,59 @@ class JobControl:
                                       limit=vol._flush_limit)
             job.start()
             return job
+
+    def abandon_restore(self, image_index) -> dict:
+        """End the unfinished restore from split image ``image_index`` without finishing it:
+        the way out when its source can no longer be read (a dead disk, a file gone), which
+        otherwise keeps every I/O to a region not rolled back yet failing with MEDIUM ERROR
+        and refuses resync, split, attach, detach and scrub. LVM does the same to a merge
+        whose snapshot became invalid: the merge ends, the origin keeps what was merged.
+
+        The live volume then holds the split image's data (as of its T) in the regions
+        already rolled back and the live data, with the writes made since, everywhere else:
+        a mix of two instants, which a file system or database must check before use. The
+        regions not recorded as rolled back (the job commits its copies in batches, so a
+        region copied since its last commit counts among them) are added to the split image's
+        change bitmap (saved first),
+        so a resync or a new restore of the image copies them; then the restore is recorded
+        as ended (``restore_running`` cleared) and is not resumed at the next start. Nothing
+        is vouched for, so no flush is needed. The image stays split, with its error if it
+        failed. Returns ``{"regions": regions not recorded as rolled back, "bytes": their
+        bytes}``.
+
+        Raises StateError when there is no such image, no restore from it is unfinished, or
+        it is running (cancel it first: ``cancel``)."""
+        vol = self.vol
+        vol._check_open()
+        with vol._mgmt:
+            img = vol._img(image_index)
+            rj = self.restore_job
+            if rj is None or rj.img is not img:
+                raise StateError(f"volume {vol.name}: no restore from image {image_index} is "
+                                 f"unfinished")
+            if rj.is_alive():
+                raise StateError(f"volume {vol.name}: the restore from image {image_index} is "
+                                 f"running; cancel it first, or let it end")
+            with vol._meta:
+                rj.abandon()            # no copy from now on (an I/O's on-demand one too)
+                left = rj.bitmap.copy()
+                img.bitmap.union_update(left)
+                img.bitmap.save(vol._bitmap_path(img))
+                img.rec.restore_running = False
+                img.rec.restore_rate = None
+                vol._bump()
+                vol._save_md()
+                try:
+                    os.unlink(VolumeMetadata.restore_path(vol._vdir, img.rec.id))
+                except FileNotFoundError:
+                    pass
+                self.restore_job = None
+        done = {"regions": left.count(), "bytes": left.dirty_bytes()}
+        log.warning("volume %s: the restore from image %d was abandoned: %d region(s), %d "
+                    "bytes, not recorded as rolled back; the volume holds the split image's data only "
+                    "where it was restored", vol.name, image_index, done["regions"],
+                    done["bytes"])
+        return done
 
     def commit_restored(self, job, regions):
         """Record ``regions`` (``(region, generation)`` pairs: the loss generation its copy

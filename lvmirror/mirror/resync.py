@@ -386,6 +386,14 @@ class RestoreJob(_Job):
         self.bytes_total = restore_bitmap.dirty_bytes()
         self.path = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
         self.losses = _Losses()
+        self.abandoned = False
+
+    def abandon(self):
+        """Stop every copy for good (``JobControl.abandon_restore``, the job not running): an
+        I/O no longer restores the regions it touches, and a copy still waiting for its
+        region lock makes none. State "abandoned"."""
+        self.abandoned = True
+        self.state = "abandoned"
 
     def start(self):
         """Start the copy back from the split image on a thread of its own."""
@@ -419,7 +427,7 @@ class RestoreJob(_Job):
         image took the copy - so the I/O fails with MEDIUM ERROR (its ``is_read`` picks
         UNRECOVERED READ ERROR or WRITE ERROR) rather than see the data being rolled back."""
         bm = self.bitmap
-        if not bm.is_dirty(offset, length):
+        if self.abandoned or not bm.is_dirty(offset, length):
             return
         first = offset >> bm.region_shift
         last = (offset + length - 1) >> bm.region_shift
@@ -431,7 +439,7 @@ class RestoreJob(_Job):
                     if e.is_read == is_read or e.out_of_space:
                         raise
                     raise VolumeIOError(str(e), is_read=is_read) from e
-                if bm.test_region(r):
+                if bm.test_region(r) and not self.abandoned:
                     # its commit kept the bit: the live images lost data meanwhile (add_lost)
                     # and may have dropped the copy - the I/O must not see what is left
                     why = self.vol.offline
@@ -494,7 +502,7 @@ class RestoreJob(_Job):
         bs = vol.block_size
         lk = vol.locks.lock(off // bs, ln // bs, owner=None)
         try:
-            if not rb.test_region(r):
+            if self.abandoned or not rb.test_region(r):
                 return None
             with self.losses.commit_lock:
                 gen = self.losses.gen

@@ -1850,6 +1850,14 @@ class MirrorVolume:
         exactly the regions written since they were restored (``jobcontrol``)."""
         return self.control.restore(image_index, rate_limit=rate_limit)
 
+    def abandon_restore(self, image_index) -> dict:
+        """End the unfinished, not running restore from split image ``image_index`` without
+        finishing it (its source cannot be read): the volume keeps a mix of the split image's
+        data and the live data. Returns ``{"regions", "bytes"}`` not rolled back; StateError
+        when no such restore is unfinished or it runs
+        (``jobcontrol.JobControl.abandon_restore``)."""
+        return self.control.abandon_restore(image_index)
+
     def check_restore(self, image_index, *, fresh=False, flush=False):
         """Raise the StateError ``restore(image_index)`` would refuse with now, starting
         nothing; ``fresh``: also a stopped restore of the image; ``flush``: the live images

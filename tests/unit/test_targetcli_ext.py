@@ -77,6 +77,10 @@ class FakeManager:
                            dict(options), options.signature))
         return '{"bytes_total": 32}'
 
+    def AbandonRestore(self, volume, image):
+        self.calls.append(("AbandonRestore", volume, image))
+        return '{"regions": 2, "bytes": 131072}'
+
     def AttachImageWithOptions(self, volume, path, options):
         self.calls.append(("AttachImageWithOptions", volume, path, dict(options),
                            options.signature))
@@ -103,6 +107,27 @@ def test_resync_passes_full_only_when_asked():
     assert targetcli_ext.resync_image(mgr, "vol0", 1, 0.0, True)["bytes_total"] == 16
     assert mgr.calls == [("Resync", "vol0", 1, 20.0),
                          ("ResyncWithOptions", "vol0", 1, 0.0, {"full": True}, "sv")]
+
+
+def test_abandon_restore_calls_only_with_force(monkeypatch):
+    """targetcli-lvmirror's `abandon_restore IMAGE force=true`: without force it is refused
+    before any call (the volume would be left a mix of two instants); through manager_call
+    the refusal is the command's error, not a crash of the shell."""
+    mgr = FakeManager()
+    with pytest.raises(ValueError, match="force=true to do so"):
+        targetcli_ext.abandon_restore(mgr, "vol0", 2)
+    assert mgr.calls == []
+    assert targetcli_ext.abandon_restore(mgr, "vol0", 2, True) == {"regions": 2,
+                                                                    "bytes": 131072}
+    assert mgr.calls == [("AbandonRestore", "vol0", 2)]
+
+    class Refused(Exception):
+        pass
+    monkeypatch.setattr(targetcli_ext, "_manager", lambda: mgr)
+    with pytest.raises(Refused, match="force=true"):
+        targetcli_ext.manager_call(targetcli_ext.abandon_restore, "v", 1, False,
+                                   error=Refused)
+    assert mgr.calls == [("AbandonRestore", "vol0", 2)]
 
 
 def test_flags_are_true_or_false_never_a_silent_false():

@@ -105,7 +105,8 @@ def test_cancelled_restore_resumes_and_blocks_detach(tmp_path):
     # another image too: the detach would renumber the images, the restore's source among
     # them (trial 23)
     with pytest.raises(StateError, match=r"restore from image 2 is unfinished \(cancelled; "
-                                         r"'restore 2' resumes it\); detach after it ends"):
+                                         r"'restore 2' resumes it, 'abandon-restore 2' gives "
+                                         r"it up\); detach after it ends"):
         vol.detach(1)
     job2 = vol.restore(2)
     assert job2.wait(10) and job2.state == "done"
@@ -166,7 +167,8 @@ def test_an_unreadable_split_image_fails_io_to_unrestored_regions_with_medium_er
     for call, doing in ((lambda: vol.resync(2), "resync"), (lambda: vol.split(1), "split"),
                         (lambda: vol.scrubs.start(), "scrub")):
         with pytest.raises(StateError, match=r"a restore from image 2 is unfinished \(failed: "
-                           r"VolumeIOError: .*cannot be read.*'restore 2' resumes it\); "
+                           r"VolumeIOError: .*cannot be read.*'restore 2' resumes it, "
+                           r"'abandon-restore 2' gives it up\); "
                            + doing + " after it ends"):
             call()
     opener.by_path[paths[2]].fail_reads = False
@@ -197,5 +199,92 @@ def test_a_restore_whose_split_image_is_missing_at_open(tmp_path):
             read(vol, 8, 1)
         with pytest.raises(StateError, match="split image 2 .* is not available"):
             vol.restore(2)
+    finally:
+        vol.close()
+
+
+def test_a_restore_whose_source_is_dead_can_be_abandoned(tmp_path):
+    """The restore's source fails every read: the job fails and I/O to a region not rolled
+    back fails with MEDIUM ERROR, resync and detach refused. ``abandon_restore`` is the way
+    out (trial 25): refused while the restore runs; then the volume serves every region -
+    the split image's data where it was rolled back, the live data elsewhere - the regions
+    not rolled back join the split image's change bitmap (saved), the image can be detached
+    or resynced, and the next open does not resume the restore."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
+    write(vol, 0, pattern(64, 1))
+    vol.split(2)
+    snap = image_bytes(paths[2])
+    write(vol, 0, pattern(8, 2))                  # region 0 changed since the split
+    write(vol, 16, pattern(8, 3))                 # region 2 changed since the split
+    live = image_bytes(paths[0])
+    gate = Gate(lambda op, off, ln: op == "read" and off == 0)
+    opener.by_path[paths[2]].gates.append(gate)
+    job = vol.restore(2)
+    gate.wait_reached()
+    with pytest.raises(StateError, match="the restore from image 2 is running; cancel it "
+                                         "first"):
+        vol.abandon_restore(2)
+    gate.open()
+    assert job.wait(10) and job.state == "done"   # region 0 and 2 rolled back: nothing left
+    with pytest.raises(StateError, match="no restore from image 2 is unfinished"):
+        vol.abandon_restore(2)
+    write(vol, 0, pattern(8, 4))                  # regions 0 and 2 changed again
+    write(vol, 16, pattern(8, 5))
+    # region 0 rolled back, then the source dies before region 2
+    gate = Gate(lambda op, off, ln: op == "read" and off == 2 * REGION)
+    opener.by_path[paths[2]].gates.append(gate)
+    job = vol.restore(2)
+    gate.wait_reached()
+    opener.by_path[paths[2]].fail_reads = True
+    gate.open()
+    assert job.wait(10) and job.state == "failed", (job.state, job.error)
+    # region 0 was copied, its record not committed (the job commits in batches): neither
+    # region is recorded as rolled back, and I/O to either needs the dead source
+    for lba in (0, 16):
+        with pytest.raises(VolumeIOError, match="is not restored yet"):
+            read(vol, lba, 1)
+    with pytest.raises(StateError, match="'abandon-restore 2' gives it up"):
+        vol.resync(2)
+    with pytest.raises(StateError, match="no image 7"):
+        vol.abandon_restore(7)
+    assert vol.abandon_restore(2) == {"regions": 2, "bytes": 2 * REGION}
+    assert job.state == "abandoned"
+    assert read(vol, 0, 8) == snap[:8 * BS]                         # the split image's
+    assert read(vol, 16, 8) == pattern(8, 5)                        # the live data
+    assert read(vol, 40, 4) == snap[40 * BS:44 * BS] == live[40 * BS:44 * BS]
+    write(vol, 17, pattern(1, 6))                                   # served, no copy first
+    assert {0, 2} <= set(vol.change_bitmap(2).dirty_regions())      # to be copied back
+    vol.close()
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=opener,
+                            flush_interval=None)
+    try:
+        assert vol.control.restore_job is None                      # not resumed
+        assert {0, 2} <= set(vol.change_bitmap(2).dirty_regions())  # saved
+        assert read(vol, 16, 2) == pattern(1, 5)[:BS] + pattern(1, 6)
+        vol.detach(2)
+        assert [im.state for im in vol.images] == [ImageState.IN_SYNC, ImageState.IN_SYNC]
+    finally:
+        vol.close()
+
+
+def test_a_restore_from_a_split_image_missing_at_open_reopens_it_once_it_is_back(tmp_path):
+    """The split image's file was missing when the volume opened, then put back: a restore
+    opens it again, as a resync does (trial 25: it stayed 'not available' until a restart)."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
+    write(vol, 0, pattern(64, 1))
+    vol.split(2)
+    snap = image_bytes(paths[2])
+    write(vol, 0, pattern(16, 2))
+    vol.close()
+    os.rename(paths[2], paths[2] + ".away")
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=opener,
+                            flush_interval=None)
+    try:
+        with pytest.raises(StateError, match="split image 2 .* is not available: "):
+            vol.restore(2)
+        os.rename(paths[2] + ".away", paths[2])
+        job = vol.restore(2)
+        assert job.wait(10) and job.state == "done", (job.state, job.error)
+        assert image_bytes(paths[0]) == image_bytes(paths[1]) == snap
     finally:
         vol.close()

@@ -1,0 +1,42 @@
+"""``--wait`` (``cli.wait_jobs``): which failed jobs a wait reports."""
+
+import json
+
+from lvmirror import cli
+
+
+class _Mgr:
+    """A Manager whose Status() answers the given snapshots in turn (the last one after)."""
+
+    def __init__(self, *snapshots):
+        self.snapshots = list(snapshots)
+
+    def Status(self):
+        return json.dumps(self.snapshots.pop(0) if len(self.snapshots) > 1
+                          else self.snapshots[0])
+
+
+def _job(kind, image_id, state, error=None, done=0):
+    return dict(kind=kind, image_id=image_id, state=state, error=error, bytes_done=done,
+                bytes_total=8, rate=0.0)
+
+
+def _status(*jobs):
+    return {"volumes": {"db": {"images": [{"index": 0, "id": 1}, {"index": 1, "id": 2},
+                                          {"index": 2, "id": 5}],
+                               "jobs": list(jobs)}}}
+
+
+def test_a_wait_reports_only_the_failures_it_is_about():
+    """An older failed restore of image 2 is listed by status: ``resync 1 --wait`` reports
+    image 1's job only (its failure too, also when it failed before the first poll), and
+    ``wait`` reports the jobs that failed while it waited, not the older one (trial 25)."""
+    old = _job("restore", 5, "failed", "split image 2 cannot be read")
+    ok = _status(old, _job("resync", 2, "running"))
+    assert cli.wait_jobs(_Mgr(ok, _status(old, _job("resync", 2, "done", done=8))), "db",
+                         out=None, image=1) == []
+    bad = _job("resync", 2, "failed", "image 0 failed a read")
+    assert cli.wait_jobs(_Mgr(_status(old, bad)), "db", out=None, image=1) == [bad]
+    assert cli.wait_jobs(_Mgr(ok, _status(old, bad)), "db", out=None) == [bad]
+    assert cli.wait_jobs(_Mgr(_status(old)), "db", out=None) == []
+    assert cli.wait_jobs(_Mgr(_status(old)), "db", out=None, image=2) == [old]
