@@ -298,8 +298,7 @@ def _restore_group(host_of, members, rate_mbps: float, hold_max: float) -> dict:
         except ConfigError:
             raise
         except LvmirrorError as exc:
-            # (StateError, VolumeIOError: from a volume process the latter comes back as
-            # LvmirrorError naming it - trial 25)
+            # (StateError, or VolumeIOError: a flush that failed)
             raise _failed(f"{exc}; no restore of the group was started") from None
     groups = _hosts(host_of, members)
     t0 = time.monotonic()

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import array
 import errno
+import inspect
 import itertools
 import logging
 import os
@@ -116,12 +117,24 @@ def recv_msg(sock: socket.socket):
 
 
 def _encode_error(exc: BaseException):
-    """An exception as (module, class name, args) for the other side to raise again
+    """An exception as (module, class name, args, kwargs) for the other side to raise again
     (``_decode_error``); every part pickles. ``args`` is (message,), except for an OSError:
     (errno, strerror[, filename]) when it has an errno, else (message,). An OSError keeps its
     builtin subclass (TimeoutError, FileNotFoundError...); one of another module's subclass
-    (ssl.SSLError...) becomes a plain OSError with its errno and message."""
+    (ssl.SSLError...) becomes a plain OSError with its errno and message. ``kwargs``: an
+    LvmirrorError's keyword-only constructor arguments kept as attributes of the same names
+    (VolumeIOError's ``is_read`` and ``out_of_space``, which pick the SCSI sense), when they
+    are None, bool, int, float or str."""
     cls = type(exc)
+    if isinstance(exc, LvmirrorError):
+        try:
+            params = inspect.signature(cls.__init__).parameters.values()
+        except (TypeError, ValueError):
+            params = ()
+        kwargs = {p.name: getattr(exc, p.name) for p in params
+                  if p.kind is p.KEYWORD_ONLY and hasattr(exc, p.name)
+                  and isinstance(getattr(exc, p.name), (type(None), bool, int, float, str))}
+        return (cls.__module__, cls.__qualname__, (str(exc),), kwargs)
     if isinstance(exc, OSError):
         name = cls.__name__ if cls.__module__ == "builtins" else "OSError"
         if exc.errno is None:          # TimeoutError("...") of a region lock: no "[Errno None]"
@@ -133,15 +146,16 @@ def _encode_error(exc: BaseException):
     return (cls.__module__, cls.__qualname__, (str(exc),))
 
 
-def _decode_error(module, name, args) -> Exception:
+def _decode_error(module, name, args, kwargs=None) -> Exception:
     """The exception ``_encode_error`` described, to raise in lvmirrord as the child raised
     it: the builtin exceptions and lvmirror's own (any LvmirrorError subclass of an
     ``lvmirror`` module this process has imported: ``lvmirror.errors``'s, ``LockCancelled`` of
     ``lvmirror.mirror.regionlock``...) keep their class, so what handles them does not depend on
     the process that raised them (``except ConfigError`` and an OSError's errno choosing a
     netlink reply's status, a D-Bus reply's message: an LvmirrorError's alone, another error's
-    after its class name). Anything else (another module's class, or an LvmirrorError whose
-    constructor takes other arguments, such as ImageIOError) becomes an LvmirrorError whose
+    after its class name), with their keyword-only arguments (``kwargs``: a VolumeIOError's
+    ``is_read``). Anything else (another module's class, or an LvmirrorError whose constructor
+    takes other positional arguments, such as ImageIOError) becomes an LvmirrorError whose
     message starts with the original class's name."""
     if module == "builtins":
         cls = getattr(sys.modules["builtins"], name, None)
@@ -154,7 +168,7 @@ def _decode_error(module, name, args) -> Exception:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and issubclass(cls, LvmirrorError):
             try:
-                return cls(*args)
+                return cls(*args, **(kwargs or {}))
             except TypeError:     # a constructor with more arguments (ImageIOError...)
                 pass
     return LvmirrorError(f"{name}: {args[0] if args else ''}")

@@ -254,12 +254,12 @@ class JobControl:
                                  f"{image_index}' resumes it) before restoring the group")
             if not flush:
                 return
-            flushed = vol._storage_images()
+            flushed = _restore_targets(vol)
 
             def persist(durable):
                 _refuse_not_durable(vol, flushed, durable, "the restore's start",
                                     "the live data may not be durable")
-            # (a split or syncing image's flush bounded as the flusher's is: a device that
+            # (a syncing image's flush bounded as the flusher's is: a device that
             # stopped answering fails that image, it does not hold the group - trial 25)
             vol._barrier.commit(flushed, persist, what=f"restore check of image {image_index}",
                                 limit=vol._flush_limit)
@@ -334,7 +334,7 @@ class JobControl:
                 # every region is about to be rewritten on every image: comparing them is
                 # wasted reading, and a scrub refuses to start while a restore is unfinished
                 scrub.preempt(f"a restore from image {image_index} began")
-            flushed = vol._storage_images()
+            flushed = _restore_targets(vol)
 
             def persist(durable):
                 # The live images durable first: a region outside the restore bitmap is then
@@ -422,7 +422,7 @@ class JobControl:
         barrier), so it is copied again."""
         vol = self.vol
         losses = job.losses
-        flushed = vol._storage_images()
+        flushed = _restore_targets(vol)
 
         def persist(durable):
             _refuse_not_durable(vol, flushed, durable, "regions recorded as restored")
@@ -441,7 +441,7 @@ class JobControl:
         vol = self.vol
         with vol._meta:
             snap = img.bitmap.copy()
-        flushed = vol._storage_images()
+        flushed = _restore_targets(vol)
 
         def persist(durable):
             _refuse_not_durable(vol, flushed, durable, "the restore recorded as done")
@@ -613,6 +613,16 @@ class JobControl:
                 self.restore_job = job
                 vol.jobs[img.rec.id] = job
                 job.start()
+
+
+def _restore_targets(vol) -> list:
+    """The images a restore's barriers flush and judge: those it writes to, in sync or
+    syncing (``MirrorVolume._storage_images`` without the split ones). A split image takes
+    none of the restore's copies - its source's data was made durable when its split
+    committed - so its flush vouches for nothing here: a split image whose device stopped
+    answering failed the restore's start and every progress commit, with "the live data may
+    not be durable" (trial 25)."""
+    return [im for im in vol._storage_images() if im.state is not ImageState.SPLIT]
 
 
 def _refuse_not_durable(vol, flushed, durable, what, why="the restored data may not be "

@@ -18,7 +18,8 @@ import pytest
 from lvmirror.daemon import Lvmirrord
 from lvmirror.daemon import volumeproc
 from lvmirror.daemon.volumeproc import VolumeProcess, Zygote, _decode_error, _encode_error
-from lvmirror.errors import ConfigError, ImageIOError, LvmirrorError, StateError
+from lvmirror.errors import (ConfigError, ImageIOError, LvmirrorError, StateError,
+                             VolumeIOError)
 from lvmirror.mirror.regionlock import LockCancelled
 from lvmirror.scsi import parse_sense
 from lvmirror.tcmu import uio
@@ -300,6 +301,19 @@ def test_an_error_keeps_its_class_and_message_across_the_process_boundary(exc):
     assert str(got) == str(exc)
     if isinstance(exc, OSError):
         assert (got.errno, got.strerror, got.filename) == (exc.errno, exc.strerror, exc.filename)
+
+
+def test_a_volume_io_error_keeps_its_class_and_sense_across_the_process_boundary():
+    """A VolumeIOError (MEDIUM ERROR, its is_read picking the sense; out_of_space: DATA
+    PROTECT) raised in a volume's process is the same error in lvmirrord: before, its
+    keyword-only arguments failed the rebuild and it became an LvmirrorError whose message
+    began "VolumeIOError: " (trial 25)."""
+    for exc in (VolumeIOError("volume v: flush failed on every in-sync image", is_read=False),
+                VolumeIOError("volume v: region 3 cannot be read", is_read=True),
+                VolumeIOError("volume v: no room", is_read=False, out_of_space=True)):
+        got = _decode_error(*pickle.loads(pickle.dumps(_encode_error(exc))))
+        assert type(got) is VolumeIOError and str(got) == str(exc)
+        assert (got.is_read, got.out_of_space) == (exc.is_read, exc.out_of_space)
 
 
 @pytest.mark.parametrize("exc", [json.JSONDecodeError("Expecting value", "x", 0),

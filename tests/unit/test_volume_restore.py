@@ -288,3 +288,23 @@ def test_a_restore_from_a_split_image_missing_at_open_reopens_it_once_it_is_back
         assert image_bytes(paths[0]) == image_bytes(paths[1]) == snap
     finally:
         vol.close()
+
+
+def test_a_split_image_whose_flush_fails_does_not_stop_a_restore_from_another(tmp_path):
+    """Image 3 is split and its device fails every flush; a restore from split image 2 takes
+    none of its part: its start, its progress and its end flush and judge only the images it
+    writes to (trial 25: image 3's failed flush refused the start, "the live data may not be
+    durable")."""
+    vol, opener, paths = make_volume(tmp_path, 4, region_size=REGION)
+    write(vol, 0, pattern(64, 1))
+    vol.split(3)
+    vol.split(2)
+    snap = image_bytes(paths[2])
+    write(vol, 0, pattern(16, 2))
+    opener.by_path[paths[3]].fail_flushes = True
+    vol.check_restore(2, fresh=True, flush=True)
+    job = vol.restore(2)
+    assert job.wait(10) and job.state == "done", (job.state, job.error)
+    assert image_bytes(paths[0]) == image_bytes(paths[1]) == snap
+    assert vol.images[3].state is ImageState.SPLIT
+    vol.close()
