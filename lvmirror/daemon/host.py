@@ -398,11 +398,12 @@ class VolumeHost:
         (``MirrorVolume.check_restore``; also a backup of the image running). ``fresh``: a
         stopped restore of the image refuses too; ``flush``: the live images are made durable
         first. ConfigError: no such volume or image; StateError: the reason a restore may not
-        start; VolumeIOError: the flush failed. Returns None."""
+        start; VolumeIOError: the flush failed. Returns the split image's T (seconds since the
+        epoch, None when not recorded)."""
         with self._backup_lock:
             self._no_backup(name, image)
             volume = self._volume(name)
-        volume.check_restore(image, fresh=fresh, flush=flush)
+        return volume.check_restore(image, fresh=fresh, flush=flush)
 
     def scrub(self, name, *, repair=False, source=None, rate_mbps=0.0):
         """Start a scrub of volume ``name`` (``ScrubControl.start``): every region read from

@@ -313,8 +313,8 @@ class Lvmirrord:
         return self._host(name).abandon_restore(name, image)
 
     def restore_check(self, name, image, *, fresh=False, flush=False):
-        """Raise what ``restore(name, image)`` would refuse with now, starting nothing
-        (``VolumeHost.restore_check``)."""
+        """Raise what ``restore(name, image)`` would refuse with now, starting nothing; returns
+        the split image's T, seconds since the epoch (``VolumeHost.restore_check``)."""
         return self._host(name).restore_check(name, image, fresh=fresh, flush=flush)
 
     def scrub(self, name, *, repair=False, source=None, rate_mbps=0.0):

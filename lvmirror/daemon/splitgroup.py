@@ -260,6 +260,30 @@ def _abort(host, name, image):
         log.error("consistency group: undoing the prepared split of %s:%d: %s", name, image, exc)
 
 
+def _refuse_other_instants(times: dict, hold_max: float) -> None:
+    """StateError (nothing started) when the members' split images were not split at one
+    instant: ``times`` maps (volume, image) to the image's T (seconds since the epoch, None
+    when unknown), and a group split switches every member within its hold, at most
+    ``hold_max`` seconds (HOLD_MAX), so T further apart than that come from separate splits. Rolled back
+    together they would not read as the group at one instant, which ``restore-group``
+    reports (trial 25: split-group's members and a later split's were restored together)."""
+    known = {m: t for m, t in times.items() if t is not None}
+    if len(known) < 2:
+        return
+    first = min(known, key=known.get)
+    last = max(known, key=known.get)
+    spread = known[last] - known[first]
+    if spread > hold_max:
+        def at(t):
+            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+        raise _failed(f"consistency group: {first[0]}:{first[1]} was split at "
+                      f"{at(known[first])} and {last[0]}:{last[1]} at {at(known[last])}, "
+                      f"{spread:.1f} s apart: not one group split (its members are split "
+                      f"within {hold_max:g} s), so restored together the volumes would not "
+                      f"read as the group at one instant; restore each with 'restore' if that "
+                      f"is meant; no restore of the group was started")
+
+
 def restore_group(host_of, members, rate_mbps: float = 0.0, *,
                   hold_max: float = HOLD_MAX) -> dict:
     """Roll every member volume back to its split image at one instant: the restores start
@@ -269,7 +293,8 @@ def restore_group(host_of, members, rate_mbps: float = 0.0, *,
     of its own restore (``VolumeHost.restore_check``: the image split, available and not
     exported or backed up, no other restore unfinished, the volume online), and a StateError
     (ConfigError for no such volume or image) is raised with nothing started when one would
-    refuse. A restore can still fail to start after the checks (the state changed
+    refuse, or when the split images' T lie more than HOLD_MAX seconds apart (not one group
+    split: ``_refuse_other_instants``). A restore can still fail to start after the checks (the state changed
     meanwhile). Returns
     ``{"members": [job progress with "volume"], "hold_seconds", "held_commands", "luns"}``.
     StateError naming the restores already started when one fails to start."""
@@ -282,6 +307,7 @@ def _restore_group(host_of, members, rate_mbps: float, hold_max: float) -> dict:
     """``restore_group``'s work, under ``_GROUP_LOCK``."""
     members = parse_members(members)
     hosts = {name: host_of(name) for name, _ in members}
+    times = {}
     for name, image in members:
         # the member's own refusals (``JobControl.check_restore``), not a reading of its
         # status: a restore left cancelled or failed from another image, or a split image
@@ -294,12 +320,14 @@ def _restore_group(host_of, members, rate_mbps: float, hold_max: float) -> dict:
         # (trial 24: a flush failing under the hold left the group half rolled back, and a
         # slow one outlasted the hold)
         try:
-            hosts[name].restore_check(name, image, fresh=True, flush=True)
+            times[(name, image)] = hosts[name].restore_check(name, image, fresh=True,
+                                                             flush=True)
         except ConfigError:
             raise
         except LvmirrorError as exc:
             # (StateError, or VolumeIOError: a flush that failed)
             raise _failed(f"{exc}; no restore of the group was started") from None
+    _refuse_other_instants(times, HOLD_MAX)
     groups = _hosts(host_of, members)
     t0 = time.monotonic()
     started, failed, hold = _each_under_hold(

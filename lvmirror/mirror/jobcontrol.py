@@ -236,7 +236,8 @@ class JobControl:
         """Raise what ``restore(image_index)`` would refuse with now, starting nothing: a
         consistency group checks every member this way before it rolls back any
         (``splitgroup.restore_group``). StateError as ``restore``; the state can still change
-        before the restore itself.
+        before the restore itself. Returns the split image's T (its split time, seconds since
+        the epoch; None when not recorded), which the group compares across its members.
 
         ``fresh``: also refuse a stopped restore of this image, which ``restore`` would resume
         rather than roll back anew (a group's member must be rolled back at the group's
@@ -247,13 +248,14 @@ class JobControl:
         vol = self.vol
         vol._check_open()
         with vol._mgmt:
-            self._restorable(image_index)
+            img = self._restorable(image_index)
+            split_time = img.rec.split_time
             if fresh and self.restore_job is not None:
                 raise StateError(f"volume {vol.name}: a restore from image {image_index} is "
                                  f"unfinished ({self.restore_job.state}); finish it ('restore "
                                  f"{image_index}' resumes it) before restoring the group")
             if not flush:
-                return
+                return split_time
             flushed = _restore_targets(vol)
 
             def persist(durable):
@@ -263,6 +265,7 @@ class JobControl:
             # stopped answering fails that image, it does not hold the group - trial 25)
             vol._barrier.commit(flushed, persist, what=f"restore check of image {image_index}",
                                 limit=vol._flush_limit)
+            return split_time
 
     def _restorable(self, image_index):
         """The Leg of split image ``image_index`` if a restore from it may start or resume now

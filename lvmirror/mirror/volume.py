@@ -1861,9 +1861,9 @@ class MirrorVolume:
     def check_restore(self, image_index, *, fresh=False, flush=False):
         """Raise the StateError ``restore(image_index)`` would refuse with now, starting
         nothing; ``fresh``: also a stopped restore of the image; ``flush``: the live images
-        made durable first, VolumeIOError if that fails
-        (``jobcontrol.JobControl.check_restore``)."""
-        self.control.check_restore(image_index, fresh=fresh, flush=flush)
+        made durable first, VolumeIOError if that fails. Returns the image's split time (s
+        since the epoch, or None) (``jobcontrol.JobControl.check_restore``)."""
+        return self.control.check_restore(image_index, fresh=fresh, flush=flush)
 
     def attach(self, path, *, rate_limit=None, force=False) -> int:
         """Add image ``path`` (created sparse at the volume size if missing) and start its full

@@ -356,6 +356,33 @@ def test_a_group_restore_whose_hold_runs_out_says_so(gw):
                                  hold_max=0.1)
 
 
+def test_a_group_restore_refuses_split_images_of_separate_instants(gw, monkeypatch):
+    """va:1 and vb:1 were split by separate splits, further apart than a group split's hold
+    may last (HOLD_MAX, made 0.2 s here): restored together they would not read as the group
+    at one instant, so restore-group refuses, naming both times, with nothing started (trial
+    25: it reported them rolled back "from one instant"); the members of one group split
+    are restored."""
+    from lvmirror.daemon import splitgroup
+    d, emus, paths = gw
+    d.split("va", 1)
+    time.sleep(0.5)
+    d.split("vb", 1)
+    monkeypatch.setattr(splitgroup, "HOLD_MAX", 0.2)
+    with pytest.raises(StateError, match=r"va:1 was split at .* and vb:1 at .*, \d+\.\d s "
+                                         r"apart: not one group split.*no restore of the "
+                                         r"group was started"):
+        d.restore_group(["va:1", "vb:1"])
+    st = d.status()["volumes"]
+    assert not [j for v in ("va", "vb") for j in st[v]["jobs"] if j["kind"] == "restore"]
+    monkeypatch.setattr(splitgroup, "HOLD_MAX", 10.0)
+    d.resync("va", 1)
+    d.resync("vb", 1)
+    wait_for(lambda: in_sync(d, "va") and in_sync(d, "vb"), what="the resyncs")
+    d.split_group(["va:1", "vb:1"])
+    res = d.restore_group(["va:1", "vb:1"])
+    assert [m["volume"] for m in res["members"]] == ["va", "vb"]
+
+
 def test_a_group_restore_refuses_a_member_with_a_stopped_restore_of_the_same_image(gw):
     """vb's restore from image 1 was cancelled and vb written since: restore-group va:1 vb:1
     would resume it - vb rolled back at its own earlier instant, the write kept - so it is
