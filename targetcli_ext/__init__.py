@@ -90,6 +90,23 @@ def abandon_restore(manager, volume: str, image: int, force: bool = False) -> di
     return json.loads(manager.AbandonRestore(volume, image))
 
 
+def restore_group_members(manager, members: str, rate: float) -> tuple[list, str | None]:
+    """Roll the consistency group ``members`` ("VOLUME:IMAGE,...") back at one instant through
+    lvmirrord's Manager (a dbus.Interface): RestoreGroup(members, ``rate`` MB/s per volume).
+    Returns the lines to show (each member's restore, then the group's instant when every
+    restore began) and the error to raise - None, or which members' restores failed once
+    begun: then the volumes do not all read as their copies. D-Bus errors propagate (a group
+    whose hold ran out, a member refused: nothing claimed)."""
+    from lvmirror.cli import job_phrase
+    res = json.loads(manager.RestoreGroup(members, float(rate)))
+    lines = [f"{m['volume']}: restore {job_phrase(m)}" for m in res["members"]]
+    failed = [m for m in res["members"] if m.get("state") == "failed"]
+    if failed:
+        return lines, (f"the restore of {', '.join(m['volume'] for m in failed)} failed: "
+                       f"{failed[0]['error']}")
+    return lines + ["the volumes read as their split images from one instant"], None
+
+
 def manager_call(fn, *args, error=RuntimeError):
     """Call lvmirrord: ``fn`` a Manager method name (called on ``_manager()`` with ``args``)
     or a function taking the manager first (``attach_image``, ``resync_image``...). The
@@ -284,15 +301,12 @@ def install():
             """Roll this volume back to split image IMAGE and each volume in OTHERS
             (VOLUME:IMAGE,...) to its split image, all at one instant (rate in MB/s per
             volume)."""
-            res = json.loads(call("RestoreGroup", self._group(image, others),
-                                  float(rate or 0)))
-            for m in res["members"]:
-                self.shell.con.display(f"{m['volume']}: restore {job_phrase(m)}")
-            failed = [m for m in res["members"] if m.get("state") == "failed"]
-            if failed:
-                raise ExecutionError(f"the restore of {', '.join(m['volume'] for m in failed)} "
-                                     f"failed: {failed[0]['error']}")
-            self.shell.con.display("the volumes read as their split images from one instant")
+            lines, error = call(restore_group_members, self._group(image, others),
+                                float(rate or 0))
+            for line in lines:
+                self.shell.con.display(line)
+            if error is not None:
+                raise ExecutionError(error)
 
         def ui_command_resync(self, image, rate=None, wait="false", full="false"):
             """Bring image IMAGE back in sync, copying only the regions changed since the split.

@@ -1,6 +1,8 @@
 """targetcli_ext: what saveconfig writes for a user:lvmirror backstore keeps nl_reply_supported
 (Debian's rtslib-fb, patched as targetcli-lvmirror patches it; configfs itself is the lab's)."""
 
+import json
+
 import pytest
 
 rtslib_tcm = pytest.importorskip("rtslib_fb.tcm", reason="Debian's python3-rtslib-fb")
@@ -128,6 +130,32 @@ def test_abandon_restore_calls_only_with_force(monkeypatch):
         targetcli_ext.manager_call(targetcli_ext.abandon_restore, "v", 1, False,
                                    error=Refused)
     assert mgr.calls == [("AbandonRestore", "vol0", 2)]
+
+
+def test_restore_group_claims_one_instant_only_when_every_restore_began():
+    """targetcli-lvmirror's `restore_group`: every member's restore shown; a member whose
+    restore failed once begun is the command's error, and the group's "one instant" is not
+    claimed (trial 25: this path had no test)."""
+    def member(volume, state, error=None):
+        return dict(volume=volume, kind="restore", image_id=1, state=state, error=error,
+                    bytes_done=0, bytes_total=4096, rate=0.0, elapsed=0.0, eta_seconds=None)
+
+    class Mgr:
+        def __init__(self, members):
+            self.members, self.calls = members, []
+
+        def RestoreGroup(self, members, rate):
+            self.calls.append((members, rate))
+            return json.dumps({"members": self.members, "hold_seconds": 0.001})
+    ok = Mgr([member("va", "running"), member("vb", "running")])
+    lines, error = targetcli_ext.restore_group_members(ok, "va:1,vb:1", 20)
+    assert error is None and ok.calls == [("va:1,vb:1", 20.0)]
+    assert lines[0].startswith("va: restore started") and \
+        lines[-1] == "the volumes read as their split images from one instant"
+    bad = Mgr([member("va", "running"), member("vb", "failed", "split image 1 cannot be read")])
+    lines, error = targetcli_ext.restore_group_members(bad, "va:1,vb:1", 0)
+    assert error == "the restore of vb failed: split image 1 cannot be read"
+    assert not any("one instant" in line for line in lines) and len(lines) == 2
 
 
 def test_flags_are_true_or_false_never_a_silent_false():
