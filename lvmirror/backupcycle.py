@@ -163,7 +163,7 @@ def _resync(plan, mgr, wait_jobs, name, image, log) -> bool:
     try:
         mgr.Resync(name, dbus.UInt32(image), float(plan.rate))
         # a failed backup of this cycle is listed with the volume's jobs too: only the resync
-        failed = [j for j in wait_jobs(mgr, name) if j.get("kind") == "resync"]
+        failed = [j for j in wait_jobs(mgr, name, image) if j.get("kind") == "resync"]
     except dbus.DBusException as exc:
         log(f"FAILED: resync of {name} image {image}: {exc.get_dbus_message()}")
         return False
@@ -202,7 +202,7 @@ def _check_members(plan, mgr, wait_jobs, log) -> bool:
                     return False
             else:
                 try:
-                    failed = wait_jobs(mgr, name)
+                    failed = wait_jobs(mgr, name, image)
                 except ValueError as exc:
                     failed = [{"error": str(exc)}]
                 if failed:
@@ -281,7 +281,7 @@ def _interrupted(plan, mgr, members, started, log):
 
 def run_cycle(plan: BackupPlan, mgr, volume_iface, wait_jobs, log=print) -> int:
     """Run one cycle of ``plan`` against lvmirrord (``mgr``: the Manager interface;
-    ``volume_iface(name)``: a volume's Volume interface; ``wait_jobs(mgr, name)``: as
+    ``volume_iface(name)``: a volume's Volume interface; ``wait_jobs(mgr, name, image)``: as
     ``cli.wait_jobs``). Returns the exit status (0: every step done; 1: a step failed, the
     failures logged; 130: interrupted, KeyboardInterrupt, after the resyncs were started). See
     the module docstring for the steps. A marker file (DEST/VOLUME/.lvmirror-cycle) names the

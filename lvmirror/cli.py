@@ -320,21 +320,15 @@ def _running(st, volume):
             and j["kind"] != "scrub"]
 
 
-def _failed_key(job):
-    return job["kind"], job["image_id"], job["error"], job["bytes_done"]
-
-
 def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None):
     """Poll ``mgr.Status()`` every 0.5 s until no job runs on ``volume`` (``image``, an index:
-    on that image); returns the jobs in state ``failed`` (empty: none) the wait is about:
-    with ``image``, that image's job (the one its command just started, failed before the
-    first poll too); without, the jobs that failed during the wait - not those status still
-    lists as failed from before it (trial 25: a ``restore --wait`` exited 1 with an older
-    failure of another image). Progress goes to ``out`` when it is a tty. TimeoutError once
-    ``timeout`` seconds passed (None: wait for ever); ValueError when no volume of that name
-    is open (a mistyped name, or it closed while waited for)."""
+    on that image); returns the jobs in state ``failed`` (empty: none): with ``image``, that
+    image's job only - the one its command just started, also when it failed before the first
+    poll (trial 25: a ``restore --wait`` exited 1 with an older failure of another image) -
+    without, every failed job status lists. Progress goes to ``out`` when it is a tty.
+    TimeoutError once ``timeout`` seconds passed (None: wait for ever); ValueError when no
+    volume of that name is open (a mistyped name, or it closed while waited for)."""
     t0 = time.monotonic()
-    before = None
     while True:
         st = json.loads(mgr.Status())
         if volume not in st["volumes"]:
@@ -345,12 +339,9 @@ def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None):
             ids = {im["id"] for im in st["volumes"][volume].get("images", [])
                    if im["index"] == image}
             jobs = [j for j in jobs if j["image_id"] in ids]
-        if before is None:
-            before = set() if image is not None else \
-                {_failed_key(j) for j in jobs if j["state"] == "failed"}
         running = [j for j in _running(st, volume) if j in jobs]
         if not running:
-            return [j for j in jobs if j["state"] == "failed" and _failed_key(j) not in before]
+            return [j for j in jobs if j["state"] == "failed"]
         if timeout is not None and time.monotonic() - t0 > timeout:
             raise TimeoutError(f"jobs on {volume} still running after {timeout} s")
         j = running[0]
@@ -472,8 +463,9 @@ def _backup_cycle(args, mgr, plan) -> int:
         print(line, flush=True)
 
     try:
-        return backupcycle.run_cycle(plan, mgr, volume_iface,
-                                     lambda m, name: wait_jobs(m, name, None, out=None), log=log)
+        def wait(m, name, image=None):
+            return wait_jobs(m, name, None, out=None, image=image)
+        return backupcycle.run_cycle(plan, mgr, volume_iface, wait, log=log)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -836,6 +828,7 @@ def main(argv=None):
                 idx = mgr.AttachImage(args.volume, args.path)
             print(json.dumps({"index": int(idx)}) if args.json else
                   f"{args.path} attached as image {int(idx)}; full resync started")
+            args.image = int(idx)           # what --wait waits for
         elif args.cmd == "detach":
             mgr.DetachImage(args.volume, args.image)
         elif args.cmd == "abandon-restore":

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 
-from lvmirror.errors import ConfigError, StateError, VolumeIOError
+from lvmirror.errors import ConfigError, ImageIOError, StateError, VolumeIOError
 from lvmirror.mirror import imagecheck, legs
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.durability import not_durable
@@ -66,8 +66,8 @@ class JobControl:
             state = "is running"
         else:
             why = f"{rj.state}: {rj.error}" if rj.error else rj.state
-            state = (f"is unfinished ({why}; 'restore {idx}' resumes it, 'abandon-restore "
-                     f"{idx}' gives it up)")
+            state = (f"is unfinished ({why}; 'restore {idx}' resumes it, 'lvmirror "
+                     f"abandon-restore {vol.name} {idx} --force' gives it up)")
         raise StateError(f"volume {vol.name}: a restore from image {idx} {state}; {doing} "
                          f"after it ends")
 
@@ -244,7 +244,8 @@ class JobControl:
         instant, not at its earlier restore's). ``flush``: then make the live images durable
         as the restore's start does (the durability barrier), so a flush that fails refuses
         here (VolumeIOError, the volume offline as after any failed flush) and the restore's
-        own flush has only what was written since to do."""
+        own flush has only what was written since to do. Like ``restore``, it opens a split
+        image whose file was missing at open (and starts its worker)."""
         vol = self.vol
         vol._check_open()
         with vol._mgmt:
@@ -256,11 +257,11 @@ class JobControl:
                                  f"{image_index}' resumes it) before restoring the group")
             if not flush:
                 return split_time
-            flushed = _restore_targets(vol)
+            flushed = _restore_targets(vol, img)
 
             def persist(durable):
                 _refuse_not_durable(vol, flushed, durable, "the restore's start",
-                                    "the live data may not be durable")
+                                    "the live data or the copy may not be durable")
             # (a syncing image's flush bounded as the flusher's is: a device that
             # stopped answering fails that image, it does not hold the group - trial 25)
             vol._barrier.commit(flushed, persist, what=f"restore check of image {image_index}",
@@ -301,6 +302,27 @@ class JobControl:
             raise StateError(f"volume {vol.name}: no in-sync image to restore to")
         return img
 
+    def _probe_source(self, img, image_index):
+        """Before a new restore from split image ``img`` that has an error recorded (a read
+        that failed, a file missing at open): read its first region to roll back, and refuse
+        (StateError, nothing started) if that fails. Otherwise the restore would begin - the
+        volume then reading as the copy - and fail at its first copy, every I/O to a region
+        not rolled back getting MEDIUM ERROR again (trial 26: a restore retried after
+        ``abandon_restore``). An image without a recorded error is not read here."""
+        if not img.rec.error or img.storage is None:
+            return
+        regions = img.bitmap.dirty_regions()
+        first = next(iter(regions), None)
+        if first is None:
+            return
+        off, ln = img.bitmap.region_range(first)
+        try:
+            img.storage.readv(off, [memoryview(StorageImage.aligned_buffer(ln))[:ln]])
+        except ImageIOError as exc:
+            raise StateError(f"volume {self.vol.name}: split image {image_index} "
+                             f"({img.rec.path}) still cannot be read ({exc}); no restore "
+                             f"started") from None
+
     def restore(self, image_index, *, rate_limit=None):
         """Roll the live volume back to split image ``image_index``. Returns the RestoreJob.
 
@@ -332,12 +354,13 @@ class JobControl:
                 vol.jobs[img.rec.id] = job
                 job.start()
                 return job
+            self._probe_source(img, image_index)
             scrub = vol.jobs.get(SCRUB_KEY)
             if scrub is not None and scrub.is_alive():
                 # every region is about to be rewritten on every image: comparing them is
                 # wasted reading, and a scrub refuses to start while a restore is unfinished
                 scrub.preempt(f"a restore from image {image_index} began")
-            flushed = _restore_targets(vol)
+            flushed = _restore_targets(vol, img)
 
             def persist(durable):
                 # The live images durable first: a region outside the restore bitmap is then
@@ -345,7 +368,7 @@ class JobControl:
                 # split, unflushed on the live image, was lost by its failing flush or a power
                 # cut, and the restore ended done with that region holding neither copy)
                 _refuse_not_durable(vol, flushed, durable, "the restore's start",
-                                    "the live data may not be durable")
+                                    "the live data or the copy may not be durable")
                 with vol._meta:
                     rb = img.bitmap.copy()
                     rb.save(VolumeMetadata.restore_path(vol._vdir, img.rec.id))
@@ -364,7 +387,8 @@ class JobControl:
 
     def abandon_restore(self, image_index) -> dict:
         """End the unfinished restore from split image ``image_index`` without finishing it:
-        the way out when its source can no longer be read (a dead disk, a file gone), which
+        meant as the way out when its source can no longer be read (a dead disk, a file gone;
+        a cancelled restore whose source reads is accepted too), which
         otherwise keeps every I/O to a region not rolled back yet failing with MEDIUM ERROR
         and refuses resync, split, attach, detach and scrub. LVM does the same to a merge
         whose snapshot became invalid: the merge ends, the origin keeps what was merged.
@@ -425,7 +449,7 @@ class JobControl:
         barrier), so it is copied again."""
         vol = self.vol
         losses = job.losses
-        flushed = _restore_targets(vol)
+        flushed = _restore_targets(vol, job.img)
 
         def persist(durable):
             _refuse_not_durable(vol, flushed, durable, "regions recorded as restored")
@@ -444,13 +468,14 @@ class JobControl:
         vol = self.vol
         with vol._meta:
             snap = img.bitmap.copy()
-        flushed = _restore_targets(vol)
+        flushed = _restore_targets(vol, img)
 
         def persist(durable):
             _refuse_not_durable(vol, flushed, durable, "the restore recorded as done")
             with vol._meta:
                 img.rec.restore_running = False
                 img.rec.restore_rate = None
+                img.rec.error = None        # it was read whole since (trial 26)
                 vol._bump()
                 snap.union_update(img.bitmap)      # writes since the snapshot stay marked
                 snap.save(vol._bitmap_path(img))
@@ -618,14 +643,15 @@ class JobControl:
                 job.start()
 
 
-def _restore_targets(vol) -> list:
-    """The images a restore's barriers flush and judge: those it writes to, in sync or
-    syncing (``MirrorVolume._storage_images`` without the split ones). A split image takes
-    none of the restore's copies - its source's data was made durable when its split
-    committed - so its flush vouches for nothing here: a split image whose device stopped
-    answering failed the restore's start and every progress commit, with "the live data may
-    not be durable" (trial 25)."""
-    return [im for im in vol._storage_images() if im.state is not ImageState.SPLIT]
+def _restore_targets(vol, source) -> list:
+    """The images a restore's barriers flush and judge (``MirrorVolume._storage_images``):
+    those it writes to, in sync or syncing, and its ``source`` (the split image it copies
+    from), whose data it vouches for as copied - written through a writable export since its
+    split, it may still be in the page cache only (trial 26). Other split images take no
+    part: one whose device stopped answering failed the restore's start and every progress
+    commit, with "the live data may not be durable" (trial 25)."""
+    return [im for im in vol._storage_images()
+            if im.state is not ImageState.SPLIT or im is source]
 
 
 def _refuse_not_durable(vol, flushed, durable, what, why="the restored data may not be "

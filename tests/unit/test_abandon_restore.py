@@ -39,7 +39,8 @@ def test_abandon_restore_through_the_cli(gw):  # noqa: F811
     r = cli(address, "abandon-restore", "db", "1")
     assert r.returncode == 1 and "--force" in r.stderr, r.stderr
     r = cli(address, "detach", "db", "1")
-    assert r.returncode == 1 and "'abandon-restore 1' gives it up" in r.stderr, r.stderr
+    assert r.returncode == 1, r.stderr
+    assert "'lvmirror abandon-restore db 1 --force' gives it up" in r.stderr, r.stderr
     r = cli(address, "--json", "abandon-restore", "db", "1", "--force")
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout) == {"regions": 1, "bytes": 64 * 1024}

@@ -183,3 +183,32 @@ def test_a_stopped_cycle_starts_the_resync_and_the_next_one_heals_what_a_kill_le
     d.split("db", 1)                     # by hand: no marker for this split
     r = cli(address, "backup-cycle", "db:1", "--dest", str(dest))
     assert r.returncode == 1 and "image 1 of db is split" in r.stdout, r.stdout
+
+
+def test_a_resync_that_fails_at_once_fails_the_cycle(gw, tmp_path):
+    """The split image's device dies right after the split: the copy reads it, the resync's
+    writes into it fail at once, before the cycle's first look at the job. The cycle says
+    the resync failed and exits 1 (trial 26: a wait that took failures seen at its first look
+    for older ones printed "resync ... done" and "cycle ... done" on a failed image)."""
+    import errno
+    from lvmirror.errors import ImageIOError
+    d, vols, address = gw
+    vol = vols["db"]
+    vol.write(0, [memoryview(b"A" * BS * 8)])
+    real = d.split
+
+    def split(*a, **kw):
+        res = real(*a, **kw)
+        vol.write(0, [memoryview(b"N" * BS * 8)])         # the LUN keeps writing
+        st = vol._images[1].storage
+
+        def writev(offset, buffers, **kw):
+            raise ImageIOError(st.path, errno.EIO, f"image {st.path}: injected write EIO",
+                               op="write", offset=offset)
+        st.writev = writev
+        return res
+    d.split = split
+    r = cli(address, "backup-cycle", "db:1", "--dest", str(tmp_path / "b"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "resync of db image 1 done" not in r.stdout, r.stdout
+    assert "backup cycle of db:1 FAILED" in r.stdout, r.stdout

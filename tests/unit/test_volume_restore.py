@@ -105,8 +105,8 @@ def test_cancelled_restore_resumes_and_blocks_detach(tmp_path):
     # another image too: the detach would renumber the images, the restore's source among
     # them (trial 23)
     with pytest.raises(StateError, match=r"restore from image 2 is unfinished \(cancelled; "
-                                         r"'restore 2' resumes it, 'abandon-restore 2' gives "
-                                         r"it up\); detach after it ends"):
+                                         r"'restore 2' resumes it, 'lvmirror abandon-restore "
+                                         r"vol 2 --force' gives it up\); detach after it ends"):
         vol.detach(1)
     job2 = vol.restore(2)
     assert job2.wait(10) and job2.state == "done"
@@ -168,7 +168,7 @@ def test_an_unreadable_split_image_fails_io_to_unrestored_regions_with_medium_er
                         (lambda: vol.scrubs.start(), "scrub")):
         with pytest.raises(StateError, match=r"a restore from image 2 is unfinished \(failed: "
                            r"VolumeIOError: .*cannot be read.*'restore 2' resumes it, "
-                           r"'abandon-restore 2' gives it up\); "
+                           r"'lvmirror abandon-restore vol 2 --force' gives it up\); "
                            + doing + " after it ends"):
             call()
     opener.by_path[paths[2]].fail_reads = False
@@ -243,16 +243,22 @@ def test_a_restore_whose_source_is_dead_can_be_abandoned(tmp_path):
     for lba in (0, 16):
         with pytest.raises(VolumeIOError, match="is not restored yet"):
             read(vol, lba, 1)
-    with pytest.raises(StateError, match="'abandon-restore 2' gives it up"):
+    with pytest.raises(StateError, match="'lvmirror abandon-restore vol 2 --force' gives"):
         vol.resync(2)
+    assert vol.health == "degraded"                              # told to monitoring
     with pytest.raises(StateError, match="no image 7"):
         vol.abandon_restore(7)
     assert vol.abandon_restore(2) == {"regions": 2, "bytes": 2 * REGION}
-    assert job.state == "abandoned"
+    assert job.state == "abandoned" and vol.health == "optimal"
     assert read(vol, 0, 8) == snap[:8 * BS]                         # the split image's
     assert read(vol, 16, 8) == pattern(8, 5)                        # the live data
     assert read(vol, 40, 4) == snap[40 * BS:44 * BS] == live[40 * BS:44 * BS]
     write(vol, 17, pattern(1, 6))                                   # served, no copy first
+    # a retry with the source still dead is refused, not begun into MEDIUM ERRORs (trial 26)
+    with pytest.raises(StateError, match="split image 2 .* still cannot be read.*no restore "
+                                         "started"):
+        vol.restore(2)
+    assert vol.control.restore_job is None and read(vol, 16, 1) == pattern(1, 5)
     assert {0, 2} <= set(vol.change_bitmap(2).dirty_regions())      # to be copied back
     vol.close()
     vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=opener,
@@ -283,9 +289,11 @@ def test_a_restore_from_a_split_image_missing_at_open_reopens_it_once_it_is_back
         with pytest.raises(StateError, match="split image 2 .* is not available: "):
             vol.restore(2)
         os.rename(paths[2] + ".away", paths[2])
+        assert vol.images[2].error                      # "cannot open at volume open"
         job = vol.restore(2)
         assert job.wait(10) and job.state == "done", (job.state, job.error)
         assert image_bytes(paths[0]) == image_bytes(paths[1]) == snap
+        assert vol.images[2].error is None              # read whole since (trial 26)
     finally:
         vol.close()
 
@@ -307,4 +315,38 @@ def test_a_split_image_whose_flush_fails_does_not_stop_a_restore_from_another(tm
     assert job.wait(10) and job.state == "done", (job.state, job.error)
     assert image_bytes(paths[0]) == image_bytes(paths[1]) == snap
     assert vol.images[3].state is ImageState.SPLIT
+    vol.close()
+
+
+def test_a_restore_makes_its_source_durable_before_it_vouches_for_copies(tmp_path):
+    """Split image 2 was written through a writable export, which left the writes in its
+    page cache: the restore's barriers flush the source too, so no region is recorded as
+    restored (the live images holding the export's data, the source maybe not after a power
+    cut) before the source is durable; a source whose flush fails starts nothing (trial 26:
+    the source took no part in the barriers, flushed 0 times before "done")."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
+    write(vol, 0, pattern(64, 1))
+    vol.split(2)
+    ex = vol.splits.export(2)
+    ex.write(0, [memoryview(bytearray(pattern(8, 7)))])
+    ex.close()
+    st2 = opener.by_path[paths[2]]
+    flushes = []
+    real = st2.flush
+
+    def flush(*a, **kw):
+        flushes.append(st2.fail_flushes)
+        return real(*a, **kw)
+    st2.flush = flush
+    st2.fail_flushes = True
+    with pytest.raises((VolumeIOError, StateError)):
+        vol.restore(2)
+    assert flushes and vol.control.restore_job is None         # tried, nothing started
+    assert read(vol, 0, 8) == pattern(8, 1)
+    st2.fail_flushes = False
+    del flushes[:]
+    assert vol.images[2].state is ImageState.SPLIT             # a split image stays split
+    job = vol.restore(2)
+    assert job.wait(10) and job.state == "done", (job.state, job.error)
+    assert flushes and read(vol, 0, 8) == pattern(8, 7)
     vol.close()
