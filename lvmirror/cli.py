@@ -852,7 +852,13 @@ def main(argv=None):
             failed = wait_jobs(mgr, args.volume, getattr(args, "timeout", None),
                                image=getattr(args, "image", None))
             if failed:
-                print(f"failed: {failed[0]['error']}", file=sys.stderr)
+                ids = {im["id"]: im["index"] for im in json.loads(mgr.Status())["volumes"].get(
+                    args.volume, {}).get("images", [])}
+                for j in failed:           # every one (trial 27: only the first was named)
+                    where = ids.get(j["image_id"])
+                    print(f"failed: {j['kind']}" + (f" of image {where}" if where is not None
+                                                    else "") + f": {j['error']}",
+                          file=sys.stderr)
                 return EXIT_ERROR
         return 0
     except KeyboardInterrupt:

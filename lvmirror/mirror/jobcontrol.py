@@ -16,7 +16,7 @@ import logging
 import os
 import time
 
-from lvmirror.errors import ConfigError, ImageIOError, StateError, VolumeIOError
+from lvmirror.errors import ConfigError, StateError, VolumeIOError
 from lvmirror.mirror import imagecheck, legs
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.durability import not_durable
@@ -294,6 +294,14 @@ class JobControl:
             except (ConfigError, OSError) as exc:
                 raise StateError(f"volume {vol.name}: split image {image_index} "
                                  f"({img.rec.path}) is not available: {exc}") from None
+        if img.storage.flush_failures:
+            # Linux reports a writeback error to one fsync only: a later flush that returns 0
+            # does not make what the failed one lost durable, so the restore would vouch for
+            # copies of data the copy's disk may not hold (trial 27)
+            raise StateError(f"volume {vol.name}: a flush of split image {image_index} "
+                             f"({img.rec.path}) failed since it was opened, so its data may not "
+                             f"all be on its disk; resync or detach it rather than restore "
+                             f"from it")
         if self.restore_job is not None:
             if self.restore_job.is_alive():
                 raise StateError(f"volume {vol.name}: a restore from image {image_index} "
@@ -301,27 +309,6 @@ class JobControl:
         elif not any(o.state is ImageState.IN_SYNC for o in vol._images):
             raise StateError(f"volume {vol.name}: no in-sync image to restore to")
         return img
-
-    def _probe_source(self, img, image_index):
-        """Before a new restore from split image ``img`` that has an error recorded (a read
-        that failed, a file missing at open): read its first region to roll back, and refuse
-        (StateError, nothing started) if that fails. Otherwise the restore would begin - the
-        volume then reading as the copy - and fail at its first copy, every I/O to a region
-        not rolled back getting MEDIUM ERROR again (trial 26: a restore retried after
-        ``abandon_restore``). An image without a recorded error is not read here."""
-        if not img.rec.error or img.storage is None:
-            return
-        regions = img.bitmap.dirty_regions()
-        first = next(iter(regions), None)
-        if first is None:
-            return
-        off, ln = img.bitmap.region_range(first)
-        try:
-            img.storage.readv(off, [memoryview(StorageImage.aligned_buffer(ln))[:ln]])
-        except ImageIOError as exc:
-            raise StateError(f"volume {self.vol.name}: split image {image_index} "
-                             f"({img.rec.path}) still cannot be read ({exc}); no restore "
-                             f"started") from None
 
     def restore(self, image_index, *, rate_limit=None):
         """Roll the live volume back to split image ``image_index``. Returns the RestoreJob.
@@ -354,7 +341,6 @@ class JobControl:
                 vol.jobs[img.rec.id] = job
                 job.start()
                 return job
-            self._probe_source(img, image_index)
             scrub = vol.jobs.get(SCRUB_KEY)
             if scrub is not None and scrub.is_alive():
                 # every region is about to be rewritten on every image: comparing them is
@@ -475,7 +461,6 @@ class JobControl:
             with vol._meta:
                 img.rec.restore_running = False
                 img.rec.restore_rate = None
-                img.rec.error = None        # it was read whole since (trial 26)
                 vol._bump()
                 snap.union_update(img.bitmap)      # writes since the snapshot stay marked
                 snap.save(vol._bitmap_path(img))

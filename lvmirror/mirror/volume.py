@@ -876,16 +876,16 @@ class MirrorVolume:
     @property
     def health(self) -> str:
         """"offline" (no image can serve), "degraded" (an image is failed or syncing: fewer
-        copies than the volume has images, split ones aside; or a restore failed and left
-        registered - its source unreadable - so I/O to the regions it has not rolled back gets
-        MEDIUM ERROR, trial 26) or "optimal"."""
+        copies than the volume has images, split ones aside; or a restore left registered
+        that failed, or whose source has an error recorded - unreadable - so I/O to the
+        regions it has not rolled back gets MEDIUM ERROR, trials 26 and 27) or "optimal"."""
         if self._offline is not None:
             return "offline"
         with self._meta:
             if any(im.state in (ImageState.FAILED, ImageState.SYNCING) for im in self._images):
                 return "degraded"
         rj = self.control.restore_job
-        if rj is not None and rj.state == "failed":
+        if rj is not None and (rj.state == "failed" or rj.img.rec.error):
             return "degraded"
         return "optimal"
 

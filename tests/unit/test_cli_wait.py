@@ -43,3 +43,16 @@ def test_a_wait_reports_only_the_failures_it_is_about():
     assert cli.wait_jobs(_Mgr(_status(old, _job("resync", 1, "done", done=8))), "db",
                          out=None, image=0) == []
     assert cli.wait_jobs(_Mgr(_status(old)), "db", out=None, image=2) == [old]
+
+
+def test_lvmirror_wait_names_every_failed_job(monkeypatch, capsys):
+    """``lvmirror wait VOL`` with two failed resyncs names both, with their images, and
+    exits 1 (trial 27: only the first was named)."""
+    a = _job("resync", 2, "failed", "image 1 failed a write")
+    b = _job("resync", 5, "failed", "image 2 failed a write")
+    mgr = _Mgr(_status(a, b))
+    monkeypatch.setattr(cli, "_manager", lambda *args, **kw: mgr)
+    assert cli.main(["wait", "db"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "failed: resync of image 1: image 1 failed a write" in err, err
+    assert "failed: resync of image 2: image 2 failed a write" in err, err
