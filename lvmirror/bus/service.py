@@ -106,10 +106,13 @@ class Manager(dbus.service.Object):
 
     def run(self, sender, fn, ok, err):
         """Run ``fn`` on a worker thread (it may wait for I/O to drain); reply when done, then
-        let the volume objects announce what changed."""
+        let the volume objects announce what changed. A call refused - not root, or the
+        engine's refusal (a split image exported, a restore unfinished...) - leaves a line in
+        the journal with the caller's bus name, as the work a call does leaves its own."""
         try:
             self._require_root(sender)
         except dbus.DBusException as e:
+            log.warning("D-Bus: a call from %s refused: %s", sender, e.get_dbus_message())
             err(e)
             return
 
@@ -117,6 +120,7 @@ class Manager(dbus.service.Object):
             try:
                 result = fn()
             except (LvmirrorError, ValueError, KeyError, IndexError) as e:
+                log.info("D-Bus: a call from %s refused: %s", sender, e)
                 error = LvmirrorDBusError(str(e))
             except Exception as e:   # report, never kill the service
                 log.exception("bus method failed")

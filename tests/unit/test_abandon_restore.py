@@ -20,7 +20,7 @@ def _dead(storage):
     storage.readv = readv
 
 
-def test_abandon_restore_through_the_cli(gw):  # noqa: F811
+def test_abandon_restore_through_the_cli(gw, caplog):  # noqa: F811
     """Refused without --force (nothing changed) and when no restore is unfinished; a restore
     whose source died is abandoned: the CLI names what was not rolled back, status shows no
     restore, the region it could not copy is served again (the live data) and the image can
@@ -30,8 +30,12 @@ def test_abandon_restore_through_the_cli(gw):  # noqa: F811
     vol.write(0, [memoryview(b"A" * BS * 8)])
     r = cli(address, "split", "db", "1")
     assert r.returncode == 0, r.stderr
+    caplog.set_level("INFO", logger="lvmirror.bus.service")
     r = cli(address, "abandon-restore", "db", "1", "--force")
     assert r.returncode == 1 and "no restore from image 1 is unfinished" in r.stderr, r.stderr
+    # a refused call leaves its line in the journal, with the caller
+    assert any("refused: volume db: no restore from image 1 is unfinished" in rec.getMessage()
+               for rec in caplog.records), caplog.text
     vol.write(0, [memoryview(b"B" * BS * 8)])          # region 0 changed since the split
     _dead(vol._images[1].storage)
     r = cli(address, "restore", "db", "1", "--wait")
