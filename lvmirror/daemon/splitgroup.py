@@ -220,20 +220,20 @@ def _split_group(host_of, members, hold_max: float) -> dict:
     if hold["expired"]:
         done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
         raise _failed(f"consistency group: the completions of {', '.join(hold['expired'])} "
-                         f"were released after {hold_max:g} s (the safety limit) before every "
-                         f"member was split, so the copies are not consistent with each other; "
-                         f"split: {done}; resync those and split the group again")
+                      f"were released after {hold_max:g} s (the safety limit) before every "
+                      f"member was split, so the copies are not consistent with each other; "
+                      f"split: {done}; resync those and split the group again")
     if unfinished:
         done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
         raise _failed(f"consistency group: not split after their instant: "
-                         f"{'; '.join(unfinished)}; split (consistent with each other): "
-                         f"{done}; resync those and split the group again")
+                      f"{'; '.join(unfinished)}; split (consistent with each other): "
+                      f"{done}; resync those and split the group again")
     if failed is not None:
         name, image, exc = failed
         done = ", ".join(f"{r['volume']}:{r['index']}" for r in results) or "none"
         raise _failed(f"consistency group: {name}:{image} could not be split ({exc}); split "
-                         f"(consistent with each other): {done}; resync those and split the "
-                         f"group again")
+                      f"(consistent with each other): {done}; resync those and split the "
+                      f"group again")
     times = [t for _, _, t in switched]
     out = dict(members=results, split_time=min(times), switch_span=max(times) - min(times),
                hold_seconds=hold["seconds"], held_commands=hold["commands"], luns=hold["luns"])
@@ -260,26 +260,26 @@ def _abort(host, name, image):
         log.error("consistency group: undoing the prepared split of %s:%d: %s", name, image, exc)
 
 
-def _refuse_other_instants(times: dict, hold_max: float) -> None:
+def _refuse_other_instants(times: dict) -> None:
     """StateError (nothing started) when the members' split images were not split at one
     instant: ``times`` maps (volume, image) to the image's T (seconds since the epoch, None
-    when unknown), and a group split switches every member within its hold, at most
-    ``hold_max`` seconds (HOLD_MAX), so T further apart than that come from separate splits. Rolled back
-    together they would not read as the group at one instant, which ``restore-group``
-    reports (trial 25: split-group's members and a later split's were restored together)."""
+    when unknown), and a group split switches every member within its hold, at most HOLD_MAX
+    seconds, so T further apart than that come from separate splits. Rolled back together
+    they would not read as the group at one instant, which ``restore-group`` reports (trial
+    25: split-group's members and a later split's were restored together)."""
     known = {m: t for m, t in times.items() if t is not None}
     if len(known) < 2:
         return
     first = min(known, key=known.get)
     last = max(known, key=known.get)
     spread = known[last] - known[first]
-    if spread > hold_max:
+    if spread > HOLD_MAX:
         def at(t):
             return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
         raise _failed(f"consistency group: {first[0]}:{first[1]} was split at "
                       f"{at(known[first])} and {last[0]}:{last[1]} at {at(known[last])}, "
                       f"{spread:.1f} s apart: not one group split (its members are split "
-                      f"within {hold_max:g} s), so restored together the volumes would not "
+                      f"within {HOLD_MAX:g} s), so restored together the volumes would not "
                       f"read as the group at one instant; restore each with 'restore' if that "
                       f"is meant; no restore of the group was started")
 
@@ -294,8 +294,8 @@ def restore_group(host_of, members, rate_mbps: float = 0.0, *,
     exported or backed up, no other restore unfinished, the volume online), and a StateError
     (ConfigError for no such volume or image) is raised with nothing started when one would
     refuse, or when the split images' T lie more than HOLD_MAX seconds apart (not one group
-    split: ``_refuse_other_instants``). A restore can still fail to start after the checks (the state changed
-    meanwhile). Returns
+    split: ``_refuse_other_instants``). A restore can still fail to start after the checks
+    (the state changed meanwhile). Returns
     ``{"members": [job progress with "volume"], "hold_seconds", "held_commands", "luns"}``.
     StateError naming the restores already started when one fails to start."""
     rate_mbps = float(check_rate(rate_mbps or None) or 0.0)    # ValueError before anything
@@ -327,7 +327,7 @@ def _restore_group(host_of, members, rate_mbps: float, hold_max: float) -> dict:
         except LvmirrorError as exc:
             # (StateError, or VolumeIOError: a flush that failed)
             raise _failed(f"{exc}; no restore of the group was started") from None
-    _refuse_other_instants(times, HOLD_MAX)
+    _refuse_other_instants(times)
     groups = _hosts(host_of, members)
     t0 = time.monotonic()
     started, failed, hold = _each_under_hold(
@@ -338,13 +338,13 @@ def _restore_group(host_of, members, rate_mbps: float, hold_max: float) -> dict:
         name, image, exc = failed
         done = ", ".join(f"{r['volume']}" for r in results) or "none"
         raise _failed(f"consistency group: the restore of {name}:{image} did not start "
-                         f"({exc}); restores started: {done}")
+                      f"({exc}); restores started: {done}")
     if hold["expired"]:
         done = ", ".join(r["volume"] for r in results)
         raise _failed(f"consistency group: the completions of {', '.join(hold['expired'])} "
-                         f"were released after {hold_max:g} s (the safety limit) before every "
-                         f"member's restore began, so the volumes were not rolled back at one "
-                         f"instant; restores started: {done}")
+                      f"were released after {hold_max:g} s (the safety limit) before every "
+                      f"member's restore began, so the volumes were not rolled back at one "
+                      f"instant; restores started: {done}")
     log.info("consistency group %s: restores started together (%.3f s, completions held "
              "%.6f s)", " ".join(f"{n}:{i}" for n, i in members), time.monotonic() - t0,
              hold["seconds"])

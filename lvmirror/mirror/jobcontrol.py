@@ -374,9 +374,9 @@ class JobControl:
     def abandon_restore(self, image_index) -> dict:
         """End the unfinished restore from split image ``image_index`` without finishing it:
         meant as the way out when its source can no longer be read (a dead disk, a file gone;
-        a cancelled restore whose source reads is accepted too), which
-        otherwise keeps every I/O to a region not rolled back yet failing with MEDIUM ERROR
-        and refuses resync, split, attach, detach and scrub. LVM does the same to a merge
+        a cancelled restore whose source reads is accepted too), which otherwise keeps every
+        I/O to a region not rolled back yet failing with MEDIUM ERROR and refuses resync,
+        split, attach, detach and scrub. LVM does the same to a merge
         whose snapshot became invalid: the merge ends, the origin keeps what was merged.
 
         The live volume then holds the split image's data (as of its T) in the regions
@@ -384,12 +384,11 @@ class JobControl:
         a mix of two instants, which a file system or database must check before use. The
         regions not recorded as rolled back (the job commits its copies in batches, so a
         region copied since its last commit counts among them) are added to the split image's
-        change bitmap (saved first),
-        so a resync or a new restore of the image copies them; then the restore is recorded
-        as ended (``restore_running`` cleared) and is not resumed at the next start. Nothing
-        is vouched for, so no flush is needed. The image stays split, with its error if it
-        failed. Returns ``{"regions": regions not recorded as rolled back, "bytes": their
-        bytes}``.
+        change bitmap (saved first), so a resync or a new restore of the image copies them;
+        then the restore is recorded as ended (``restore_running`` cleared) and is not
+        resumed at the next start. Nothing is vouched for, so no flush is needed. The image
+        stays split, with its error if it failed. Returns ``{"regions": regions not recorded
+        as rolled back, "bytes": their bytes}``.
 
         Raises StateError when there is no such image, no restore from it is unfinished, or
         it is running (cancel it first: ``cancel``)."""
@@ -420,8 +419,8 @@ class JobControl:
                 self.restore_job = None
         done = {"regions": left.count(), "bytes": left.dirty_bytes()}
         log.warning("volume %s: the restore from image %d was abandoned: %d region(s), %d "
-                    "bytes, not recorded as rolled back; the volume holds the split image's data only "
-                    "where it was restored", vol.name, image_index, done["regions"],
+                    "bytes, not recorded as rolled back; the volume holds the split image's "
+                    "data only where it was restored", vol.name, image_index, done["regions"],
                     done["bytes"])
         return done
 
