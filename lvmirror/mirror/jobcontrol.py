@@ -272,7 +272,9 @@ class JobControl:
         """The Leg of split image ``image_index`` if a restore from it may start or resume now
         (the caller holds ``vol._mgmt``); StateError naming the first reason it may not:
         a split or consistency-group switch in progress, the volume offline, the image
-        exported as a LUN, not split or not available, a restore from another image
+        exported as a LUN, not split or not available, an I/O given up on as slow still in
+        flight on its device (``Leg.stuck_io``), a flush of it failed since it was opened,
+        a restore from another image
         unfinished, this one already running, no in-sync image to restore to, or no such
         image."""
         vol = self.vol
@@ -294,6 +296,17 @@ class JobControl:
             except (ConfigError, OSError) as exc:
                 raise StateError(f"volume {vol.name}: split image {image_index} "
                                  f"({img.rec.path}) is not available: {exc}") from None
+        stuck = img.stuck_io
+        if stuck:
+            # a read given up on as slow (``resync._read_source``): the device has not
+            # answered it yet, so a restore would only hang on it again (trial 27)
+            rj = self.restore_job
+            out = (f", or give the unfinished restore up ('lvmirror abandon-restore "
+                   f"{vol.name} {image_index} --force')" if rj is not None and rj.img is img
+                   else "")
+            raise StateError(f"volume {vol.name}: split image {image_index} ({img.rec.path}) "
+                             f"still has {stuck} I/O(s) in flight that did not answer within "
+                             f"leg_timeout; restore from it once they return{out}")
         if img.storage.flush_failures:
             # Linux reports a writeback error to one fsync only: a later flush that returns 0
             # does not make what the failed one lost durable, so the restore would vouch for

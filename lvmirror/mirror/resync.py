@@ -345,6 +345,38 @@ def _bounded_copy_write(vol, img, off, view, zero, t_read):
         raise cw.exc
 
 
+def _read_source(vol, img, off, view) -> None:
+    """Read ``view.nbytes`` bytes at ``off`` of a restore's source, split image ``img``, into
+    ``view``, waiting at most ``leg_timeout`` seconds plus what the read would take at
+    legs.MIN_DEVICE_RATE: the read runs on the image's worker, and one still busy then is
+    given up on - left in flight and counted on its device (``Leg.stuck_io``: no restore
+    from the image starts until it returns, ``JobControl._restorable``) - and
+    ImageIOError(ETIMEDOUT) is raised, which fails the copy (the job fails, so ``cancel``
+    and ``abandon_restore`` get their answer) or the initiator's I/O that needed the region
+    (MEDIUM ERROR), as a failed read of the source does. Before, a source that stopped
+    answering held the job, ``cancel`` could not end it and ``abandon_restore`` refused
+    (trial 27). The caller must not reuse ``view`` after a timeout: the read left behind
+    may still fill it. Without ``leg_timeout`` (0: never) or a worker the read is made here,
+    unbounded. Raises the read's own ImageIOError too."""
+    st = img.storage
+    ln = view.nbytes
+    if not vol.leg_timeout or img.worker is None:
+        st.readv(off, [view])
+        return
+    cw = legs.BoundedIO()
+    img.worker.submit_to(lambda s: s.readv(off, [view]), st, cw)
+    limit = vol.leg_timeout + ln / legs.MIN_DEVICE_RATE
+    if not cw.wait(limit) and cw.give_up(st.device):
+        raise ImageIOError(
+            st, errno.ETIMEDOUT,
+            f"image {img.rec.path}: a restore's read of {ln} bytes at offset {off} still busy "
+            f"after {limit:.2f} s (leg_timeout {vol.leg_timeout:g} s + {ln / legs.MIN_DEVICE_RATE:.2f}"
+            f" s at {legs.MIN_DEVICE_RATE / MB:g} MB/s): given up as slow",
+            op="read", offset=off, length=ln, slow=True)
+    if cw.exc is not None:
+        raise cw.exc
+
+
 def _read_from_in_sync(vol, ep, off, ln, view):
     """Read a region from an in-sync image of ``ep``, failing images that error."""
     reads = [im for im in ep.reads if im.state.value == "in-sync"]
@@ -513,7 +545,7 @@ class RestoreJob(_Job):
                                     f"split image {img.rec.path}, the restore's source, is "
                                     f"not available", is_read=True)
             try:
-                st.readv(off, [view])
+                _read_source(vol, img, off, view)
             except ImageIOError as e:
                 img.rec.error = str(e)
                 raise VolumeIOError(f"volume {vol.name}: region {r} is not restored yet and "

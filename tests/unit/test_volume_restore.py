@@ -367,3 +367,62 @@ def test_a_cancelled_restore_whose_source_dies_makes_the_volume_degraded(tmp_pat
         read(vol, 0, 1)
     assert vol.health == "degraded"
     vol.close()
+
+
+def test_a_restore_whose_source_stops_answering_fails_within_leg_timeout(tmp_path):
+    """The restore's source hangs instead of failing (trial 27): its read is given up on after
+    leg_timeout (plus the region at legs.MIN_DEVICE_RATE), so the job fails rather than run
+    for ever - ``cancel`` has its answer and ``abandon_restore`` is accepted - and an
+    initiator's I/O that needs a region not rolled back gets MEDIUM ERROR in the same bound
+    instead of hanging. A new restore from the image is refused while the read is still in
+    flight on its device, and accepted once it returned."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION, leg_timeout=0.3)
+    try:
+        write(vol, 0, pattern(64, 1))
+        vol.split(2)
+        snap = image_bytes(paths[2])
+        write(vol, 0, pattern(8, 2))                  # regions 0 and 2 changed since T
+        write(vol, 16, pattern(8, 3))
+        hang = Gate(lambda op, off, ln: op == "read", count=2)
+        opener.by_path[paths[2]].gates.append(hang)
+        job = vol.restore(2)
+        assert job.wait(10) and job.state == "failed", (job.state, job.error)
+        assert "given up as slow" in job.error
+        with pytest.raises(VolumeIOError, match="is not restored yet .* given up as slow") as ei:
+            read(vol, 16, 1)                          # the second read hangs too: bounded
+        assert ei.value.is_read
+        assert vol.images[2].stuck_io == 2 and vol.health == "degraded"
+        with pytest.raises(StateError, match="split image 2 .* still has 2 I/O.s. in flight "
+                                             ".* --force'"):
+            vol.restore(2)
+        hang.open()                                   # the device answers at last
+        assert vol._images[2].wait_stuck(10) == 0
+        job = vol.restore(2)                          # resumed
+        assert job.wait(10) and job.state == "done", (job.state, job.error)
+        assert image_bytes(paths[0]) == image_bytes(paths[1]) == snap
+    finally:
+        vol.close()
+
+
+def test_a_hung_restore_source_can_be_abandoned(tmp_path):
+    """The restore's source hangs: once its read is given up on, the failed restore can be
+    abandoned and the volume serves every region again (trial 27: abandon refused while the
+    job hung on the read, and cancel could not end it)."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION, leg_timeout=0.3)
+    hang = Gate(lambda op, off, ln: op == "read", count=1)
+    try:
+        write(vol, 0, pattern(64, 1))
+        vol.split(2)
+        write(vol, 16, pattern(8, 3))
+        live = image_bytes(paths[0])
+        opener.by_path[paths[2]].gates.append(hang)
+        job = vol.restore(2)
+        hang.wait_reached()
+        job.cancel()
+        assert job.wait(10) and job.state == "failed", (job.state, job.error)
+        assert vol.abandon_restore(2) == {"regions": 1, "bytes": REGION}
+        assert read(vol, 16, 8) == live[16 * BS:24 * BS]
+        assert vol.health == "optimal"                # the live images serve every region
+    finally:
+        hang.open()
+        vol.close()
