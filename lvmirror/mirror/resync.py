@@ -346,8 +346,8 @@ def _bounded_copy_write(vol, img, off, view, zero, t_read):
 
 
 def _read_source(vol, img, off, view) -> None:
-    """Read ``view.nbytes`` bytes at ``off`` of a restore's source, split image ``img``, into
-    ``view``, waiting at most ``leg_timeout`` seconds plus what the read would take at
+    """Read ``view.nbytes`` bytes at ``off`` of a copy's source ``img`` (a restore's split
+    image, a resync's in-sync image: ``_read_from_in_sync``) into ``view``, waiting at most ``leg_timeout`` seconds plus what the read would take at
     legs.MIN_DEVICE_RATE: the read runs on the image's worker, and one still busy then is
     given up on - left in flight and counted on its device (``Leg.stuck_io``: no restore
     from the image starts until it returns, ``JobControl._restorable``) - and
@@ -369,7 +369,7 @@ def _read_source(vol, img, off, view) -> None:
     if not cw.wait(limit) and cw.give_up(st.device):
         raise ImageIOError(
             st, errno.ETIMEDOUT,
-            f"image {img.rec.path}: a restore's read of {ln} bytes at offset {off} still busy "
+            f"image {img.rec.path}: a copy's read of {ln} bytes at offset {off} still busy "
             f"after {limit:.2f} s (leg_timeout {vol.leg_timeout:g} s + {ln / legs.MIN_DEVICE_RATE:.2f}"
             f" s at {legs.MIN_DEVICE_RATE / MB:g} MB/s): given up as slow",
             op="read", offset=off, length=ln, slow=True)
@@ -378,14 +378,28 @@ def _read_source(vol, img, off, view) -> None:
 
 
 def _read_from_in_sync(vol, ep, off, ln, view):
-    """Read a region from an in-sync image of ``ep``, failing images that error."""
+    """Read a region (``off``, ``ln`` bytes) from an in-sync image of ``ep`` into ``view``,
+    failing images that error. Each read is bounded as a restore's read of its source is
+    (``_read_source``): a source still busy after ``leg_timeout`` plus the region at
+    legs.MIN_DEVICE_RATE is given up on, set aside as slow when another in-sync image can
+    serve the volume (as a host read that slow sets it aside, ``MirrorVolume._slow_read``),
+    and the job stops with StateError - it is not retried here, since the read left behind
+    may still fill ``view``, which the job would reuse - so ``cancel`` and a volume's
+    ``close`` are not held by a device that stopped answering. StateError also when no
+    in-sync image could be read."""
     reads = [im for im in ep.reads if im.state.value == "in-sync"]
     errors = []
     for src in reads:
         try:
-            src.storage.readv(off, [view])
+            _read_source(vol, src, off, view)
             return src
         except ImageIOError as e:
+            if e.slow:
+                if sum(1 for im in ep.reads if im.state.value == "in-sync") > 1:
+                    vol._slow_read(src, vol.leg_timeout, ln)
+                raise StateError(f"volume {vol.name}: the copy's source stopped answering: "
+                                 f"{e}; the job stops (run it again to copy from another "
+                                 f"in-sync image, or once the device answers)") from e
             errors.append(str(e))
             vol._image_error(src, e, off, ln, is_read=True)
     if errors:

@@ -338,3 +338,36 @@ def test_a_resync_whose_only_source_cannot_be_read_says_so(tmp_path):
     assert [i.state for i in vol.images] == [ImageState.IN_SYNC, ImageState.SYNCING]
     opener.by_path[paths[0]].fail_reads = False
     assert read(vol, 8, 8) == bytes(pattern(8, 3))
+
+
+@pytest.mark.parametrize("nimages", [2, 3])
+def test_a_resync_whose_source_stops_answering_stops_within_leg_timeout(tmp_path, nimages):
+    """The in-sync image a resync reads from hangs instead of failing: its read is given up on
+    after leg_timeout (plus the region at 4 MB/s) and the job fails, saying so, instead of
+    holding the job - and cancel and close, which wait for it - without limit. With another
+    in-sync image the hung one is set aside as slow (as a host read that slow does), and the
+    resync run again copies from the other; the only in-sync image is kept."""
+    vol, opener, paths = make_volume(tmp_path, nimages, region_size=REGION, leg_timeout=0.3)
+    hang = Gate(lambda op, off, ln: op == "read" and ln == REGION)
+    target = nimages - 1
+    try:
+        vol.split(target)
+        write(vol, 8, pattern(8, 3))             # region 1 changed since the split
+        opener.by_path[paths[0]].gates.append(hang)
+        job = vol.resync(target)
+        assert job.wait(10) and job.state == "failed", (job.state, job.error)
+        assert "the copy's source stopped answering" in job.error
+        assert "given up as slow" in job.error
+        states = [i.state for i in vol.images]
+        if nimages == 2:                         # the only in-sync image: kept
+            assert states == [ImageState.IN_SYNC, ImageState.SYNCING]
+        else:                                    # set aside: the next run reads image 1
+            assert states == [ImageState.FAILED, ImageState.IN_SYNC, ImageState.SYNCING]
+        assert vol.images[0].stuck_io == 1       # the read left behind, still in flight
+        job = vol.resync(target)                 # the device answers again (one hang only)
+        assert job.wait(10) and job.state == "done", (job.state, job.error)
+        assert image_bytes(paths[target]) == image_bytes(paths[target - 1])
+        assert read(vol, 8, 8) == bytes(pattern(8, 3))
+    finally:
+        hang.open()
+        vol.close()
