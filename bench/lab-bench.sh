@@ -178,31 +178,21 @@ tree_pids() {  # tree_pids PID: PID and its descendants (lvmirrord's volume proc
   for c in $(pgrep -P $1); do tree_pids $c; done
 }
 
-handler_ns() {  # handler_ns TARGET: nanoseconds on a CPU the target's user-space handler's
-  local root p   # threads have run: lvmirrord and its volume processes, or tcmu-runner; nothing
-  case $1 in     # for the kernel's own targets. The scheduler's own clock (sum_exec_runtime,
-    lvmirror*) root=${DAEMON:-} ;;        # /proc/PID/task/TID/schedstat's first field), not
-    tcmu-runner) root=${RUNNER:-} ;;      # clock ticks, which sample it. Neither counts the
-    *) return 0 ;;                        # kernel's work in softirq, so the compiled loop's
-  esac                                    # WRITEs measure erratically under TCG (README,
-  [ -n "$root" ] || return 0              # Performance, 2026-12-05)
-  for p in $(tree_pids $root); do cat /proc/$p/task/*/schedstat 2>/dev/null; done \
-    | awk '{ s += $1 } END { printf "%d\n", s }'
+handler_pids() {  # handler_pids TARGET: the processes of the target's user-space handler:
+  case $1 in       # lvmirrord and its volume processes, or tcmu-runner; nothing for the
+    lvmirror*) [ -n "${DAEMON:-}" ] && tree_pids $DAEMON ;;     # kernel's own targets
+    tcmu-runner) [ -n "${RUNNER:-}" ] && tree_pids $RUNNER ;;
+  esac
+  return 0
 }
 
-thread_ns() {  # thread_ns TARGET: "TID NS" for every thread of the handler (as handler_ns;
-  local root p t ns   # shell builtins only: a fork a thread stretched the interval under TCG)
-  case $1 in
-    lvmirror*) root=${DAEMON:-} ;;
-    tcmu-runner) root=${RUNNER:-} ;;
-    *) return 0 ;;
-  esac
-  [ -n "$root" ] || return 0
-  for p in $(tree_pids $root); do
-    for t in /proc/$p/task/*; do
-      read -r ns _ < $t/schedstat 2>/dev/null && echo "${t##*/} $ns"
-    done
-  done
+thread_ns() {  # thread_ns PID...: "TID NS" for every thread of these processes: nanoseconds on
+  local p t ns   # a CPU, the scheduler's own clock (sum_exec_runtime, schedstat's first field),
+  for p in "$@"; do   # not clock ticks, which sample it. Neither counts the kernel's work in
+    for t in /proc/$p/task/*; do   # softirq, so the compiled loop's WRITEs measure
+      read -r ns _ < $t/schedstat 2>/dev/null && echo "${t##*/} $ns"   # erratically under TCG
+    done             # (README, Performance, 2026-12-05). Shell builtins only: the window's
+  done               # edges fork nothing (a fork costs the guest milliseconds under TCG)
 }
 
 thread_names() {  # thread_names TARGET: "TID NAME" - lvmirrord's Python thread names (py-spy
@@ -216,36 +206,50 @@ thread_names() {  # thread_names TARGET: "TID NAME" - lvmirrord's Python thread 
   esac
 }
 
-handler_cpu() {  # handler_cpu TARGET JOB: the handler's CPU over the job's measured RUNTIME s
-  local a b         # (after its RAMP) -> $BOUT/TARGET/JOB.cpu, in ns ("hz" 1e9); bench/report.py
-  sleep $RAMP       # divides it by the commands fio completed in that time. Per thread:
-  thread_ns $1 > $BOUT/$1/$2.threads-a      # JOB.threads, "TID NS NAME" over the same seconds
-  a=$(handler_ns $1); [ -n "$a" ] || return 0
+stat_line() {  # stat_line: /proc/stat's "cpu" and "ctxt" lines as one line (builtins only)
+  local l out=
+  while read -r l; do
+    case $l in "cpu "*|ctxt*) out="$out $l" ;; esac
+  done < /proc/stat
+  echo "$out"
+}
+
+job_cpu() {  # job_cpu TARGET JOB: the CPU over the job's measured RUNTIME s (after its RAMP).
+  # Both edges of the window read files with shell builtins only, so the bench's own forks
+  # (pgrep over the handler's process tree, py-spy for thread names) fall outside it.
+  #  - every target: the whole guest, /proc/stat's "cpu" line (USER_HZ ticks of all vCPUs:
+  #    user nice system idle iowait irq softirq steal) and "ctxt" -> $BOUT/TARGET/JOB.sys;
+  #    bench/report.py gives the busy share, CPU ms a command by kind and context switches
+  #  - lvmirror and tcmu-runner: the handler's threads (schedstat, ns) -> JOB.cpu, and per
+  #    thread "TID NS NAME" -> JOB.threads; report.py divides by the commands fio completed
+  local pids ga gb
+  pids=$(handler_pids $1)
+  sleep $RAMP
+  ga=$(stat_line)
+  [ -n "$pids" ] && thread_ns $pids > $BOUT/$1/$2.threads-a
   sleep $RUNTIME
-  b=$(handler_ns $1)
-  thread_ns $1 > $BOUT/$1/$2.threads-b
-  echo "{\"ticks\": $((b - a)), \"hz\": 1000000000, \"seconds\": $RUNTIME, \"clock\": \"schedstat\"}" > $BOUT/$1/$2.cpu
+  gb=$(stat_line)
+  [ -n "$pids" ] && thread_ns $pids > $BOUT/$1/$2.threads-b
+  echo "$ga $gb" | awk -v secs=$RUNTIME -v cpus=$(nproc) '{
+    # fields: cpu user nice system idle iowait irq softirq steal guest guest_nice ctxt N, twice
+    h = NF / 2
+    user = ($(h+2) + $(h+3)) - ($2 + $3); kern = $(h+4) - $4; irq = $(h+7) - $7
+    softirq = $(h+8) - $8; steal = $(h+9) - $9
+    idle = ($(h+5) + $(h+6)) - ($5 + $6); ctxt = $NF - $h
+    printf "{\"busy\": %d, \"idle\": %d, \"ctxt\": %d, \"user\": %d, \"system\": %d, \"irq\": %d, \"softirq\": %d, \"steal\": %d, \"hz\": 100, \"seconds\": %d, \"cpus\": %d}\n",
+      user + kern + irq + softirq + steal, idle, ctxt, user, kern, irq, softirq, steal, secs, cpus }' \
+    > $BOUT/$1/$2.sys
+  [ -n "$pids" ] || return 0
   thread_names $1 > $BOUT/$1/$2.threads-n
+  awk 'FILENAME ~ /-a$/ { a[$1] = $2; next }
+       ($1 in a) { s += $2 - a[$1] } END { printf "{\"ticks\": %d, \"hz\": 1000000000, \"seconds\": %d, \"clock\": \"schedstat\"}\n", s, secs }' \
+    secs=$RUNTIME $BOUT/$1/$2.threads-a $BOUT/$1/$2.threads-b > $BOUT/$1/$2.cpu
   awk 'FILENAME ~ /-n$/ { n[$1] = substr($0, length($1) + 2); next }
        FILENAME ~ /-a$/ { a[$1] = $2; next }
        ($1 in a) { printf "%s %d %s\n", $1, $2 - a[$1], ($1 in n) ? n[$1] : "?" }' \
     $BOUT/$1/$2.threads-n $BOUT/$1/$2.threads-a $BOUT/$1/$2.threads-b \
     | sort -k2,2nr > $BOUT/$1/$2.threads
   rm -f $BOUT/$1/$2.threads-[abn]
-}
-
-guest_cpu() {  # guest_cpu TARGET JOB: the whole guest over the job's measured RUNTIME s (after
-  local a b      # its RAMP), every target's: /proc/stat's "cpu" line (USER_HZ ticks of all vCPUs:
-  sleep $RAMP    # user nice system idle iowait irq softirq steal) and "ctxt" (context switches)
-  a=$(grep -E '^(cpu|ctxt) ' /proc/stat | tr '\n' ' ')   # -> $BOUT/TARGET/JOB.sys; bench/report.py
-  sleep $RUNTIME                                         # gives the busy share, CPU ms and
-  b=$(grep -E '^(cpu|ctxt) ' /proc/stat | tr '\n' ' ')   # context switches a command
-  echo "$a $b" | awk -v secs=$RUNTIME -v cpus=$(nproc) '{
-    busy = ($2 + $3 + $4 + $7 + $8 + $9) ; idle = $5 + $6 ; ctxt = $(NF/2)
-    busy = ($(NF/2 + 2) + $(NF/2 + 3) + $(NF/2 + 4) + $(NF/2 + 7) + $(NF/2 + 8) + $(NF/2 + 9)) - busy
-    idle = ($(NF/2 + 5) + $(NF/2 + 6)) - idle ; ctxt = $NF - ctxt
-    printf "{\"busy\": %d, \"idle\": %d, \"ctxt\": %d, \"hz\": 100, \"seconds\": %d, \"cpus\": %d}\n", busy, idle, ctxt, secs, cpus }' \
-    > $BOUT/$1/$2.sys
 }
 
 handler_strace() {  # handler_strace TARGET JOB: the system calls of the target's handler (every
@@ -286,20 +290,17 @@ print(json.dumps({k: luns[0].get(k) for k in ("commands", "ring_thread_commands"
 }
 
 run_jobs() {  # run_jobs TARGET
-  local target=$1 job spy cpu ring trace gcpu
+  local target=$1 job spy ring trace gcpu
   if [ "${BENCH_PROFILE:-0}" != 1 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
     t "bench $target idle"    # the handler's CPU with the LUN logged in and no I/O: its
-    handler_cpu $target idle  # background (timers, the ALUA follow, metrics) -> idle.cpu
+    job_cpu $target idle      # background (timers, the ALUA follow, metrics) -> idle.cpu
   fi
   for job in $JOBS; do
     t "bench $target $job"
-    spy= cpu= ring= trace= gcpu=
+    spy= ring= trace= gcpu=
     # the LUN's counts before and after the job -> <job>.ring; taken before the CPU window
     # opens and after it closes, so the status calls are outside the measured seconds
     if [[ $target == lvmirror* ]]; then ring=$(ring_counts); fi
-    if [ "${BENCH_PROFILE:-0}" != 1 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
-      handler_cpu $target $job & cpu=$!
-    fi
     if [ "${BENCH_PROFILE:-0}" = 1 ] && [ -n "${DAEMON:-}" ] && [[ $target == lvmirror* ]]; then
       mkdir -p $BOUT/profile
       $REPO/.venv/bin/py-spy record --pid $DAEMON --subprocesses --rate 97 --nonblocking ${BENCH_SPY_OPTS:-} --format raw \
@@ -307,7 +308,7 @@ run_jobs() {  # run_jobs TARGET
         > $BOUT/profile/$target-$job.log 2>&1 &
       spy=$!
     fi
-    if [ "${BENCH_PROFILE:-0}" != 1 ]; then guest_cpu $target $job & gcpu=$!; fi
+    if [ "${BENCH_PROFILE:-0}" != 1 ]; then job_cpu $target $job & gcpu=$!; fi
     if [ "${BENCH_STRACE:-0}" != 0 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
       handler_strace $target $job & trace=$!
     fi
@@ -316,7 +317,6 @@ run_jobs() {  # run_jobs TARGET
       || result bench_${target}_$job fail err="$(tail -2 $BOUT/$target/$job.err)"
     [ -n "$spy" ] && wait $spy
     [ -n "$trace" ] && { wait $trace || true; }
-    if [ -n "$cpu" ]; then wait $cpu || true; fi
     if [ -n "$gcpu" ]; then wait $gcpu || true; fi
     if [ -n "$ring" ]; then echo "{\"before\": $ring, \"after\": $(ring_counts)}" > $BOUT/$target/$job.ring; fi
   done

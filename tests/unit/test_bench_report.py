@@ -385,6 +385,18 @@ def test_the_whole_guests_cpu_each_job(tmp_path):
                 {"busy": 1, "idle": 1, "hz": 100, "seconds": 10}):
         sys_file.write_text(json.dumps(bad))
         assert report.guest_cpu(str(sys_file), iops) is None
+    # the busy ticks by kind: ms a command each, irq and softirq together
+    sys_file.write_text(json.dumps({"busy": 1500, "idle": 500, "ctxt": int(iops * 10 * 4),
+                                    "user": 400, "system": 800, "irq": 100, "softirq": 200,
+                                    "steal": 0, "hz": 100, "seconds": 10, "cpus": 2}))
+    data = report.collect(str(run))
+    g = data["results"]["randread-4k-qd1"]["lvmirror1"]["guest"]
+    assert g["user_ms"] == round(4_000 / (iops * 10), 3)
+    assert g["system_ms"] == round(8_000 / (iops * 10), 3)
+    assert g["softirq_ms"] == round(3_000 / (iops * 10), 3)
+    assert (f"| randread-4k-qd1 | 75 % · {g['cpu_ms']:.3f} ({g['user_ms']:.3f} / "
+            f"{g['system_ms']:.3f} / {g['softirq_ms']:.3f}) · {g['ctxt']:.1f} |\n"
+            in report.markdown(data))
     sys_file.write_text("not json")
     assert report.guest_cpu(str(sys_file), iops) is None
     assert report.guest_cpu(str(sys_file.with_suffix(".none")), iops) is None
