@@ -139,7 +139,7 @@ class JobControl:
         if stuck:
             raise StateError(
                 f"volume {self.vol.name}: {what} ({img.rec.path}) still has {stuck} I/O(s) in "
-                f"flight on its device since it was failed as slow (leg_timeout; waited "
+                f"flight on its device that were given up on as slow (leg_timeout; waited "
                 f"{waited:.1f} s); {doing} once they return (a write landing after the copy "
                 f"would leave it stale)")
 
@@ -296,17 +296,6 @@ class JobControl:
             except (ConfigError, OSError) as exc:
                 raise StateError(f"volume {vol.name}: split image {image_index} "
                                  f"({img.rec.path}) is not available: {exc}") from None
-        stuck = img.stuck_io
-        if stuck:
-            # a read given up on as slow (``resync._read_source``): the device has not
-            # answered it yet, so a restore would only hang on it again (trial 27)
-            rj = self.restore_job
-            out = (f", or give the unfinished restore up ('lvmirror abandon-restore "
-                   f"{vol.name} {image_index} --force')" if rj is not None and rj.img is img
-                   else "")
-            raise StateError(f"volume {vol.name}: split image {image_index} ({img.rec.path}) "
-                             f"still has {stuck} I/O(s) in flight that did not answer within "
-                             f"leg_timeout; restore from it once they return{out}")
         if img.storage.flush_failures:
             # Linux reports a writeback error to one fsync only: a later flush that returns 0
             # does not make what the failed one lost durable, so the restore would vouch for
@@ -321,6 +310,18 @@ class JobControl:
                                  f"is already running")
         elif not any(o.state is ImageState.IN_SYNC for o in vol._images):
             raise StateError(f"volume {vol.name}: no in-sync image to restore to")
+        stuck = img.stuck_io
+        if stuck:
+            # a read given up on as slow (``resync._read_source``): the device has not
+            # answered it yet, so a restore would only hang on it again (trial 27)
+            rj = self.restore_job
+            out = (f", or give the unfinished restore up ('lvmirror abandon-restore "
+                   f"{vol.name} {image_index} --force')" if rj is not None and rj.img is img
+                   else "")
+            raise StateError(f"volume {vol.name}: split image {image_index} ({img.rec.path}) "
+                             f"still has {stuck} I/O(s) in flight that did not answer within "
+                             f"leg_timeout (plus the region at 4 MB/s); restore from it once "
+                             f"they return{out}")
         return img
 
     def restore(self, image_index, *, rate_limit=None):

@@ -347,32 +347,59 @@ def _bounded_copy_write(vol, img, off, view, zero, t_read):
 
 def _read_source(vol, img, off, view) -> None:
     """Read ``view.nbytes`` bytes at ``off`` of a copy's source ``img`` (a restore's split
-    image, a resync's in-sync image: ``_read_from_in_sync``) into ``view``, waiting at most ``leg_timeout`` seconds plus what the read would take at
-    legs.MIN_DEVICE_RATE: the read runs on the image's worker, and one still busy then is
-    given up on - left in flight and counted on its device (``Leg.stuck_io``: no restore
-    from the image starts until it returns, ``JobControl._restorable``) - and
-    ImageIOError(ETIMEDOUT) is raised, which fails the copy (the job fails, so ``cancel``
-    and ``abandon_restore`` get their answer) or the initiator's I/O that needed the region
-    (MEDIUM ERROR), as a failed read of the source does. Before, a source that stopped
-    answering held the job, ``cancel`` could not end it and ``abandon_restore`` refused
-    (trial 27). The caller must not reuse ``view`` after a timeout: the read left behind
-    may still fill it. Without ``leg_timeout`` (0: never) or a worker the read is made here,
-    unbounded. Raises the read's own ImageIOError too."""
+    image, a resync's in-sync image: ``_read_from_in_sync``) into ``view``, waiting at most
+    ``leg_timeout`` seconds plus what the read would take at legs.MIN_DEVICE_RATE: the read
+    runs on the image's worker, and one still busy then is given up on - left in flight and
+    counted on its device (``Leg.stuck_io``: no restore from the image starts until it
+    returns, ``JobControl._restorable``) - and ImageIOError(ETIMEDOUT, ``slow``) is raised,
+    which fails the copy (the job fails, so ``cancel`` and ``abandon_restore`` get their
+    answer) or the initiator's I/O that needed the region (MEDIUM ERROR), as a failed read of
+    the source does. Before, a source that stopped answering held the job, ``cancel`` could
+    not end it and ``abandon_restore`` refused (trial 27).
+
+    While an I/O given up on is still in flight on the source's device, the read is not
+    made: the same ImageIOError at once (trial 28: each I/O that needed a region waited the
+    whole bound again behind the hung reads, so a few of them held the LUN's command pool
+    past the initiators' SCSI timeout). A read its worker never began (its threads stopped,
+    or all busy with I/O left behind) is withdrawn, not counted. The caller must not reuse
+    ``view`` after a timeout: the read left behind may still fill it. Without
+    ``leg_timeout`` (0: never) or a running worker the read is made here, unbounded. Raises
+    the read's own ImageIOError too."""
     st = img.storage
     ln = view.nbytes
-    if not vol.leg_timeout or img.worker is None:
+    w = img.worker
+    if not vol.leg_timeout or w is None or not w.running:
         st.readv(off, [view])
         return
+    stuck = img.stuck_io
+    if stuck:
+        raise ImageIOError(
+            st, errno.ETIMEDOUT,
+            f"image {img.rec.path}: {stuck} I/O(s) given up on as slow still in flight on its "
+            f"device; not read (a read of {ln} bytes at offset {off})",
+            op="read", offset=off, length=ln, slow=True)
     cw = legs.BoundedIO()
-    img.worker.submit_to(lambda s: s.readv(off, [view]), st, cw)
+
+    def read(s):
+        if cw.start():
+            s.readv(off, [view])
+    w.submit_to(read, st, cw)
     limit = vol.leg_timeout + ln / legs.MIN_DEVICE_RATE
-    if not cw.wait(limit) and cw.give_up(st.device):
+    if cw.wait(limit):
+        pass
+    elif cw.cancel():
+        raise ImageIOError(
+            st, errno.ETIMEDOUT,
+            f"image {img.rec.path}: a copy's read of {ln} bytes at offset {off} not begun "
+            f"after {limit:.2f} s (its worker threads busy with earlier I/O, or stopped)",
+            op="read", offset=off, length=ln, slow=True)
+    elif cw.give_up(st.device):
         raise ImageIOError(
             st, errno.ETIMEDOUT,
             f"image {img.rec.path}: a copy's read of {ln} bytes at offset {off} still busy "
-            f"after {limit:.2f} s (leg_timeout {vol.leg_timeout:g} s + {ln / legs.MIN_DEVICE_RATE:.2f}"
-            f" s at {legs.MIN_DEVICE_RATE / MB:g} MB/s): given up as slow",
-            op="read", offset=off, length=ln, slow=True)
+            f"after {limit:.2f} s (leg_timeout {vol.leg_timeout:g} s + "
+            f"{ln / legs.MIN_DEVICE_RATE:.2f} s at {legs.MIN_DEVICE_RATE / MB:g} MB/s): given "
+            f"up as slow", op="read", offset=off, length=ln, slow=True)
     if cw.exc is not None:
         raise cw.exc
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 
@@ -388,11 +389,19 @@ def test_a_restore_whose_source_stops_answering_fails_within_leg_timeout(tmp_pat
         job = vol.restore(2)
         assert job.wait(10) and job.state == "failed", (job.state, job.error)
         assert "given up as slow" in job.error
-        with pytest.raises(VolumeIOError, match="is not restored yet .* given up as slow") as ei:
-            read(vol, 16, 1)                          # the second read hangs too: bounded
-        assert ei.value.is_read
-        assert vol.images[2].stuck_io == 2 and vol.health == "degraded"
-        with pytest.raises(StateError, match="split image 2 .* still has 2 I/O.s. in flight "
+        # the read left behind is still in flight: an I/O that needs a region not rolled back
+        # fails at once, without a read of its own (trial 28: each waited the bound again)
+        for lba in (16, 0, 16):
+            t0 = time.monotonic()
+            with pytest.raises(VolumeIOError, match="is not restored yet .* given up on as "
+                                                    "slow still in flight") as ei:
+                read(vol, lba, 1)
+            assert time.monotonic() - t0 < 0.3 and ei.value.is_read
+        with pytest.raises(VolumeIOError, match="given up on as slow") as ei:
+            write(vol, 17, pattern(1, 4))
+        assert not ei.value.is_read                   # WRITE ERROR for a write
+        assert vol.images[2].stuck_io == 1 and vol.health == "degraded"
+        with pytest.raises(StateError, match="split image 2 .* still has 1 I/O.s. in flight "
                                              ".* --force'"):
             vol.restore(2)
         hang.open()                                   # the device answers at last
@@ -425,4 +434,35 @@ def test_a_hung_restore_source_can_be_abandoned(tmp_path):
         assert vol.health == "optimal"                # the live images serve every region
     finally:
         hang.open()
+        vol.close()
+
+
+def test_a_copy_read_its_worker_never_began_is_withdrawn_not_counted(tmp_path):
+    """Every thread of the source's worker is busy (earlier I/O that does not return): a
+    copy's read waits its bound in the queue, then is withdrawn - never made, and not counted
+    as in flight on the device (trial 28 found such a read counted for ever once the worker
+    had stopped, which refused every later restore from the image) - and fails as slow."""
+    import threading
+
+    from lvmirror.errors import ImageIOError
+    from lvmirror.mirror import legs, resync
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION, leg_timeout=0.3)
+    busy = threading.Event()
+    try:
+        vol.split(1)
+        img = vol._images[1]
+        for _ in range(legs.WORKER_THREADS):
+            img.worker.submit_to(lambda s: busy.wait(20), img.storage, legs.BoundedIO())
+        view = memoryview(bytearray(REGION))
+        with pytest.raises(ImageIOError, match="not begun after 0.30 s") as ei:
+            resync._read_source(vol, img, 0, view)
+        assert ei.value.slow and img.stuck_io == 0
+        reads = []
+        opener.by_path[paths[1]].gates.append(
+            Gate(lambda op, off, ln: op == "read" and not reads.append(off) and False))
+        busy.set()                                    # the threads free: the withdrawn read
+        resync._read_source(vol, img, REGION, view)   # is skipped, a new one is made
+        assert reads == [REGION] and img.stuck_io == 0
+    finally:
+        busy.set()
         vol.close()
