@@ -199,6 +199,57 @@ mp_path_state() {  # mp_path_state: the state letter (A active, F failed) of the
   dmsetup status $MP 2>/dev/null | awk '{for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+:[0-9]+$/) {print $(i+1); exit}}'
 }
 
+f_restore_hung() {  # f_restore_hung: case 8 of faults, on LUN $D (see there)
+  local t0 rs rrc jobw hl ref refrc stuck back rc2 got
+  head -c 4096 /dev/urandom > /run/rs-a; head -c 4096 /dev/urandom > /run/rs-b
+  for b in 12288 14336; do    # 48 MiB and 56 MiB: the copy as of the split holds rs-a there
+    dd if=/run/rs-a of=$D bs=4k seek=$b count=1 oflag=direct conv=fsync status=none
+  done
+  lvmirror split $F_VOL 1 > "$OUT/faults-restore-hung.txt" 2>&1
+  for b in 12288 14336; do
+    dd if=/run/rs-b of=$D bs=4k seek=$b count=1 oflag=direct conv=fsync status=none
+  done
+  f_begin restore_hung
+  f_flushbufs
+  # dm-delay on reads, loaded with udev's rules off: udev's blkid would read the device on the
+  # change event and dmsetup would wait for it, 60 s a read
+  dmsetup suspend fb && echo "0 $(dm_sectors fb) delay $(dm_loop fb) 0 60000 $(dm_loop fb) 0 0" \
+    | dmsetup load fb && dmsetup resume --noudevsync --noudevrules fb
+  t0=$(now)
+  lvmirror restore $F_VOL 1 >> "$OUT/faults-restore-hung.txt" 2>&1
+  rs=$(now)
+  timeout -k 5 60 dd if=$D of=/run/rs-got bs=4k skip=14336 count=1 iflag=direct status=none \
+    2> "$OUT/faults-restore-hung-dd.txt"; rrc=$?
+  rs=$(since $rs)
+  jobw=$(f_wait $t0 60 "[.volumes.$F_VOL.jobs[] | select(.kind == \"restore\" and .state == \"failed\")] | length > 0")
+  hl=$(fst ".volumes.$F_VOL.health")
+  [ $rrc != 0 ] && [ $rrc != 124 ] && awk -v s=$rs 'BEGIN { exit !(s < 15) }' && [ "$jobw" != timeout ] \
+    && [ "$hl" = degraded ] \
+    && result faults_restore_hung_source_bounded ok read_error_seconds=$rs job_failed_seconds=$jobw health=$hl \
+         kernel="$(f_kerr $D | tail -1)" \
+    || result faults_restore_hung_source_bounded fail dd_rc=$rrc read_seconds=$rs job_failed_seconds=$jobw \
+         health=$hl job="$(fst "[.volumes.$F_VOL.jobs[] | select(.kind == \"restore\")] | last | .error")"
+  ref=$(lvmirror restore $F_VOL 1 2>&1); refrc=$?
+  stuck=$(fst ".volumes.$F_VOL.images[1].stuck_io")
+  [ $refrc != 0 ] && [[ $ref == *"in flight"* ]] \
+    && result faults_restore_hung_source_refused ok stuck_io=$stuck \
+    || result faults_restore_hung_source_refused fail rc=$refrc stuck_io=$stuck out="$(echo "$ref" | tail -1)"
+  dmsetup suspend fb && echo "0 $(dm_sectors fb) linear $(dm_loop fb) 0" | dmsetup load fb \
+    && dmsetup resume --noudevsync --noudevrules fb     # the held reads go to the disk now
+  back=$(f_wait $(now) 120 ".volumes.$F_VOL.images[1].stuck_io == 0")
+  lvmirror restore $F_VOL 1 --wait >> "$OUT/faults-restore-hung.txt" 2>&1; rc2=$?
+  got=no
+  f_flushbufs
+  dd if=$D of=/run/rs-got bs=4k skip=12288 count=1 iflag=direct status=none && cmp -s /run/rs-got /run/rs-a \
+    && dd if=$D of=/run/rs-got bs=4k skip=14336 count=1 iflag=direct status=none && cmp -s /run/rs-got /run/rs-a \
+    && got=yes
+  hl=$(fst ".volumes.$F_VOL.health")
+  [ $rc2 = 0 ] && [ $got = yes ] && [ "$back" != timeout ] \
+    && result faults_restore_hung_source_resumed ok reads_returned_seconds=$back health=$hl \
+    || result faults_restore_hung_source_resumed fail restore_rc=$rc2 reads_as_copy=$got reads_returned=$back \
+         health=$hl out="$(tail -2 "$OUT/faults-restore-hung.txt")"
+}
+
 faults() {
   local D S i t0 rc out x
   # two 64 MiB disks under device-mapper for vf; for vs two 96 MiB ext4s, each filled up by a
@@ -477,6 +528,17 @@ faults() {
   dm_linear fb
   [ -e /sys/block/${D##*/}/device/timeout ] && echo 30 > /sys/block/${D##*/}/device/timeout
   f_heal slow 1
+
+  # 8. a restore's source stops answering (trials 27 and 28): image 1 split, two regions
+  # changed since, then dm-delay holds every read of image 1 for 60 s (writes and flushes pass,
+  # so the restore's start, which flushes its source, is accepted). The restore's read of its
+  # first region is given up on after leg_timeout (4 s) plus the region at 4 MB/s and the job
+  # fails; the initiator's read of the other region, not rolled back, gets an error within the
+  # same bound instead of hanging past its SCSI timeout (30 s); a new restore is refused while
+  # the read is still in flight on the device; once it answers (the table back to linear,
+  # which releases the held reads), the restore resumes and the LUN reads as the split copy.
+  f_restore_hung
+  lvmirror resync $F_VOL 1 --wait > "$OUT/faults-restore-hung-resync.txt" 2>&1
 
   dmesg > "$OUT/faults-dmesg.txt"
   kill $DMON 2>/dev/null; wait $DMON 2>/dev/null

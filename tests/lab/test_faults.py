@@ -40,6 +40,9 @@ FAULT_CHECKS = (
        "faults_enospc_writes_after_space_freed"]
     + [f"faults_slow_{c}" for c in _PER_IMAGE]             # dm-delay 8 s writes, sd timeout 5 s
     + ["faults_slow_write_within_timeout"]
+    + ["faults_restore_hung_source_bounded",               # dm-delay 60 s reads of a
+       "faults_restore_hung_source_refused",               # restore's split image
+       "faults_restore_hung_source_resumed"]
 )
 # dm-multipath over the LUN: skipped (with the guest's reason) where multipath-tools cannot run
 MULTIPATH_CHECKS = ["faults_multipath_fails_path", "faults_multipath_path_reinstated"]
