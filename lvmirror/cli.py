@@ -139,7 +139,7 @@ def format_status(st: dict) -> str:
                 extra += f", error: {im['error']}"
             if im.get("stuck_io"):
                 extra += (f", {im['stuck_io']} I/O(s) still in flight on its device "
-                          f"(given up on as slow; a resync or restore of the image waits "
+                          f"(given up on as slow; a copy into or from the image waits "
                           f"for them)")
             lines.append(f"  image {im['index']}: {im['state']:<8} {im['path']}{extra}")
         for job in v["jobs"]:

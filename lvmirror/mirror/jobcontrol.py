@@ -319,9 +319,9 @@ class JobControl:
                    f"{vol.name} {image_index} --force')" if rj is not None and rj.img is img
                    else "")
             raise StateError(f"volume {vol.name}: split image {image_index} ({img.rec.path}) "
-                             f"still has {stuck} I/O(s) in flight that did not answer within "
-                             f"leg_timeout (plus the region at 4 MB/s); restore from it once "
-                             f"they return{out}")
+                             f"still has {stuck} I/O(s) in flight on its device that were "
+                             f"given up on as slow (leg_timeout); restore from it once they "
+                             f"return{out}")
         return img
 
     def restore(self, image_index, *, rate_limit=None):

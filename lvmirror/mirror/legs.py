@@ -304,6 +304,10 @@ class Leg:
         self.exported = 0          # SplitImageVolume objects serving this split image
         # the split.PendingSplit of a split between prepare and finish (None otherwise)
         self.split_busy = None
+        # the BoundedIOs of a copy's reads of this image given up on as slow
+        # (``resync._read_source``); while one has not ended the device does not answer
+        # reads, and a copy's next read of it is not made
+        self.hung_reads: list[BoundedIO] = []
 
     @property
     def device(self):
@@ -334,6 +338,12 @@ class Leg:
     def abandoned_io_done(device) -> None:
         """An I/O left behind by ``abandoned_io`` on ``device`` returned from the device."""
         returned(device)
+
+    def reads_hung(self) -> int:
+        """How many of a copy's reads of this image that were given up on as slow
+        (``hung_reads``) have not returned yet; the ones that have are forgotten."""
+        self.hung_reads = [c for c in self.hung_reads if not c.ended]
+        return len(self.hung_reads)
 
     @property
     def stuck_io(self) -> int:

@@ -345,6 +345,11 @@ def _bounded_copy_write(vol, img, off, view, zero, t_read):
         raise cw.exc
 
 
+class NotRead(ImageIOError):
+    """A copy's read not made because an earlier read of the same image was given up on as
+    slow and has not returned (``_read_source``): ``view`` was not touched."""
+
+
 def _read_source(vol, img, off, view) -> None:
     """Read ``view.nbytes`` bytes at ``off`` of a copy's source ``img`` (a restore's split
     image, a resync's in-sync image: ``_read_from_in_sync``) into ``view``, waiting at most
@@ -357,10 +362,11 @@ def _read_source(vol, img, off, view) -> None:
     the source does. Before, a source that stopped answering held the job, ``cancel`` could
     not end it and ``abandon_restore`` refused (trial 27).
 
-    While an I/O given up on is still in flight on the source's device, the read is not
-    made: the same ImageIOError at once (trial 28: each I/O that needed a region waited the
-    whole bound again behind the hung reads, so a few of them held the LUN's command pool
-    past the initiators' SCSI timeout). A read its worker never began (its threads stopped,
+    While an earlier read of the image given up on so is still in flight (``Leg.hung_reads``),
+    the read is not made: NotRead (an ImageIOError) at once (trial 28: each I/O that needed a
+    region waited the whole bound again behind the hung reads, so a few of them held the LUN's
+    command pool past the initiators' SCSI timeout). Only reads count: a flush of the image
+    given up on (the flusher's) says nothing of its reads (trial 29). A read its worker never began (its threads stopped,
     or all busy with I/O left behind) is withdrawn, not counted. The caller must not reuse
     ``view`` after a timeout: the read left behind may still fill it. Without
     ``leg_timeout`` (0: never) or a running worker the read is made here, unbounded. Raises
@@ -371,12 +377,12 @@ def _read_source(vol, img, off, view) -> None:
     if not vol.leg_timeout or w is None or not w.running:
         st.readv(off, [view])
         return
-    stuck = img.stuck_io
-    if stuck:
-        raise ImageIOError(
+    hung = img.reads_hung()
+    if hung:
+        raise NotRead(
             st, errno.ETIMEDOUT,
-            f"image {img.rec.path}: {stuck} I/O(s) given up on as slow still in flight on its "
-            f"device; not read (a read of {ln} bytes at offset {off})",
+            f"image {img.rec.path}: {hung} earlier read(s) of it given up on as slow still in "
+            f"flight; not read (a read of {ln} bytes at offset {off})",
             op="read", offset=off, length=ln, slow=True)
     cw = legs.BoundedIO()
 
@@ -394,6 +400,7 @@ def _read_source(vol, img, off, view) -> None:
             f"after {limit:.2f} s (its worker threads busy with earlier I/O, or stopped)",
             op="read", offset=off, length=ln, slow=True)
     elif cw.give_up(st.device):
+        img.hung_reads.append(cw)
         raise ImageIOError(
             st, errno.ETIMEDOUT,
             f"image {img.rec.path}: a copy's read of {ln} bytes at offset {off} still busy "
@@ -420,13 +427,19 @@ def _read_from_in_sync(vol, ep, off, ln, view):
         try:
             _read_source(vol, src, off, view)
             return src
+        except NotRead as e:
+            errors.append(str(e))            # nothing read into view: the next image may
+            continue
         except ImageIOError as e:
             if e.slow:
-                if sum(1 for im in ep.reads if im.state.value == "in-sync") > 1:
-                    vol._slow_read(src, vol.leg_timeout, ln)
+                others = sum(1 for im in ep.reads if im.state.value == "in-sync") > 1
+                if others:
+                    vol._slow_read(src, vol.leg_timeout, ln, error=e)
+                again = ("run it again to copy from another in-sync image" if others else
+                         f"image {src.rec.path} is the only in-sync image: run it again once "
+                         f"its device answers")
                 raise StateError(f"volume {vol.name}: the copy's source stopped answering: "
-                                 f"{e}; the job stops (run it again to copy from another "
-                                 f"in-sync image, or once the device answers)") from e
+                                 f"{e}; the job stops ({again})") from e
             errors.append(str(e))
             vol._image_error(src, e, off, ln, is_read=True)
     if errors:
@@ -588,7 +601,8 @@ class RestoreJob(_Job):
             try:
                 _read_source(vol, img, off, view)
             except ImageIOError as e:
-                img.rec.error = str(e)
+                if not isinstance(e, NotRead):   # (nothing new learnt: the error that made
+                    img.rec.error = str(e)        # the read hang is recorded already)
                 raise VolumeIOError(f"volume {vol.name}: region {r} is not restored yet and "
                                     f"split image {img.rec.path}, the restore's source, "
                                     f"cannot be read: {e}", is_read=True) from e

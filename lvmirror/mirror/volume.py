@@ -1240,12 +1240,14 @@ class MirrorVolume:
                       "of it reads: the initiator gets MEDIUM ERROR for this range only",
                       self.name, img.rec.path, exc, exc.errno)
 
-    def _slow_read(self, img, seconds, length):
+    def _slow_read(self, img, seconds, length, error=None):
         """A read took longer than ``leg_timeout`` on an image while another in-sync image
         could have served it: set the slow image aside (failed, nothing to resync but what
-        is written meanwhile) so the next reads go to the others."""
+        is written meanwhile) so the next reads go to the others. ``error``: the
+        ImageIOError to record instead of one saying the read took ``seconds`` (a copy's
+        read given up on, ``resync._read_from_in_sync``)."""
         self._stats["slow_legs"] += 1
-        self._image_error(img, ImageIOError(
+        self._image_error(img, error or ImageIOError(
             img.storage, errno.ETIMEDOUT, f"image {img.rec.path}: a read of {length} bytes took "
             f"{seconds:.1f} s, longer than leg_timeout {self.leg_timeout:g} s: failed as slow",
             op="read", offset=None, length=length), 0, 0, is_read=True)

@@ -401,6 +401,7 @@ def test_a_restore_whose_source_stops_answering_fails_within_leg_timeout(tmp_pat
             write(vol, 17, pattern(1, 4))
         assert not ei.value.is_read                   # WRITE ERROR for a write
         assert vol.images[2].stuck_io == 1 and vol.health == "degraded"
+        assert "still busy after" in vol.images[2].error      # the hang, not "not read"
         with pytest.raises(StateError, match="split image 2 .* still has 1 I/O.s. in flight "
                                              ".* --force'"):
             vol.restore(2)
@@ -465,4 +466,34 @@ def test_a_copy_read_its_worker_never_began_is_withdrawn_not_counted(tmp_path):
         assert reads == [REGION] and img.stuck_io == 0
     finally:
         busy.set()
+        vol.close()
+
+
+def test_a_split_image_flush_given_up_on_does_not_stop_its_restores_reads(tmp_path):
+    """The flusher's flush of the restore's source is given up on as slow (trial 29): that
+    says nothing of the image's reads, which still answer, so the restore's reads and the
+    initiator's I/O that needs a region not rolled back go on being made - before, every one
+    failed at once (MEDIUM ERROR) and the job failed, because the flush counted as a hung
+    read. Only a read given up on makes the next ones fail at once."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION, leg_timeout=0.3)
+    flush = Gate(lambda op, off, ln: op == "flush")
+    try:
+        write(vol, 0, pattern(256, 1))
+        vol.split(2)
+        snap = image_bytes(paths[2])
+        write(vol, 0, pattern(256, 2))                # 32 regions changed since the split
+        job = vol.restore(2, rate_limit=0.02)         # a 4 KiB region about every 0.2 s
+        opener.by_path[paths[2]].gates.append(flush)
+        vol.checkpoint()                              # the flusher's round: given up on
+        assert vol.images[2].stuck_io == 1
+        assert read(vol, 200, 8) == snap[200 * BS:208 * BS]      # rolled back on demand
+        assert job.state == "running", job.error
+        flush.open()
+        assert vol._images[2].wait_stuck(10) == 0
+        job.set_rate_limit(None)
+        assert job.wait(10), job.state
+        assert job.state == "done", job.error
+        assert image_bytes(paths[0]) == snap
+    finally:
+        flush.open()
         vol.close()

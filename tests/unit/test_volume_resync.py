@@ -361,13 +361,17 @@ def test_a_resync_whose_source_stops_answering_stops_within_leg_timeout(tmp_path
         states = [i.state for i in vol.images]
         if nimages == 2:                         # the only in-sync image: kept
             assert states == [ImageState.IN_SYNC, ImageState.SYNCING]
+            assert "is the only in-sync image: run it again once its device" in job.error
         else:                                    # set aside: the next run reads image 1
             assert states == [ImageState.FAILED, ImageState.IN_SYNC, ImageState.SYNCING]
+            assert "run it again to copy from another in-sync image" in job.error
+            assert "still busy after 0.30 s" in vol.images[0].error   # what happened to it
         assert vol.images[0].stuck_io == 1       # the read left behind, still in flight
         job = vol.resync(target)
         assert job.wait(10)
         if nimages == 2:                         # its only source still has it in flight
-            assert job.state == "failed" and "not read" in job.error, job.error
+            assert job.state == "failed" and "earlier read(s) of it given up on as slow " \
+                "still in flight; not read" in job.error, job.error
             hang.open()                          # the device answers
             assert vol._images[0].wait_stuck(10) == 0
             job = vol.resync(target)
