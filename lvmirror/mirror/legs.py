@@ -308,6 +308,7 @@ class Leg:
         # (``resync._read_source``); while one has not ended the device does not answer
         # reads, and a copy's next read of it is not made
         self.hung_reads: list[BoundedIO] = []
+        self._hung_mu = threading.Lock()   # the job's thread and the I/O threads add to it
 
     @property
     def device(self):
@@ -339,11 +340,17 @@ class Leg:
         """An I/O left behind by ``abandoned_io`` on ``device`` returned from the device."""
         returned(device)
 
+    def read_hung(self, bio: BoundedIO) -> None:
+        """A copy's read of this image, ``bio``, was given up on as slow (``hung_reads``)."""
+        with self._hung_mu:
+            self.hung_reads.append(bio)
+
     def reads_hung(self) -> int:
         """How many of a copy's reads of this image that were given up on as slow
         (``hung_reads``) have not returned yet; the ones that have are forgotten."""
-        self.hung_reads = [c for c in self.hung_reads if not c.ended]
-        return len(self.hung_reads)
+        with self._hung_mu:
+            self.hung_reads = [c for c in self.hung_reads if not c.ended]
+            return len(self.hung_reads)
 
     @property
     def stuck_io(self) -> int:
