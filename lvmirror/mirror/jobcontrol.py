@@ -312,8 +312,9 @@ class JobControl:
             raise StateError(f"volume {vol.name}: no in-sync image to restore to")
         stuck = img.stuck_io
         if stuck:
-            # a read given up on as slow (``resync._read_source``): the device has not
-            # answered it yet, so a restore would only hang on it again (trial 27)
+            # an I/O given up on as slow: a read (``resync._read_source``), which a restore
+            # would only hang behind again (trial 27), or a flush, which leaves the copy's
+            # data not known to be durable
             rj = self.restore_job
             out = (f", or give the unfinished restore up ('lvmirror abandon-restore "
                    f"{vol.name} {image_index} --force')" if rj is not None and rj.img is img

@@ -366,11 +366,11 @@ def _read_source(vol, img, off, view) -> None:
     the read is not made: NotRead (an ImageIOError) at once (trial 28: each I/O that needed a
     region waited the whole bound again behind the hung reads, so a few of them held the LUN's
     command pool past the initiators' SCSI timeout). Only reads count: a flush of the image
-    given up on (the flusher's) says nothing of its reads (trial 29). A read its worker never began (its threads stopped,
-    or all busy with I/O left behind) is withdrawn, not counted. The caller must not reuse
-    ``view`` after a timeout: the read left behind may still fill it. Without
-    ``leg_timeout`` (0: never) or a running worker the read is made here, unbounded. Raises
-    the read's own ImageIOError too."""
+    given up on (the flusher's) says nothing of its reads (trial 29). A read its worker never
+    began (its threads stopped, or all busy with I/O left behind) is withdrawn, not counted.
+    The caller must not reuse ``view`` after a timeout: the read left behind may still fill
+    it. Without ``leg_timeout`` (0: never) or a running worker the read is made here,
+    unbounded. Raises the read's own ImageIOError too."""
     st = img.storage
     ln = view.nbytes
     w = img.worker
@@ -400,7 +400,7 @@ def _read_source(vol, img, off, view) -> None:
             f"after {limit:.2f} s (its worker threads busy with earlier I/O, or stopped)",
             op="read", offset=off, length=ln, slow=True)
     elif cw.give_up(st.device):
-        img.hung_reads.append(cw)
+        img.read_hung(cw)
         raise ImageIOError(
             st, errno.ETIMEDOUT,
             f"image {img.rec.path}: a copy's read of {ln} bytes at offset {off} still busy "
@@ -419,8 +419,9 @@ def _read_from_in_sync(vol, ep, off, ln, view):
     serve the volume (as a host read that slow sets it aside, ``MirrorVolume._slow_read``),
     and the job stops with StateError - it is not retried here, since the read left behind
     may still fill ``view``, which the job would reuse - so ``cancel`` and a volume's
-    ``close`` are not held by a device that stopped answering. StateError also when no
-    in-sync image could be read."""
+    ``close`` are not held by a device that stopped answering. A read not made (NotRead: an
+    earlier read of that image still hangs, ``view`` untouched) goes on to the next in-sync
+    image. StateError also when no in-sync image could be read."""
     reads = [im for im in ep.reads if im.state.value == "in-sync"]
     errors = []
     for src in reads:
