@@ -206,6 +206,15 @@ thread_names() {  # thread_names TARGET: "TID NAME" - lvmirrord's Python thread 
   esac
 }
 
+guest_threads() {  # guest_threads: "TID NS COMM" for every thread of the guest, the kernel's
+  local t ns c     # (kworkers, the loop device's, iSCSI's) and fio's with the handler's:
+  for t in /proc/[0-9]*/task/[0-9]*; do   # schedstat's nanoseconds on a CPU. Builtins only,
+    read -r ns _ < $t/schedstat 2>/dev/null || continue   # as thread_ns (the window's edges
+    read -r c < $t/comm 2>/dev/null || c=?                 # fork nothing)
+    echo "${t##*/} $ns $c"
+  done
+}
+
 stat_line() {  # stat_line: /proc/stat's "cpu" and "ctxt" lines as one line (builtins only)
   local l out=
   while read -r l; do
@@ -222,14 +231,25 @@ job_cpu() {  # job_cpu TARGET JOB: the CPU over the job's measured RUNTIME s (af
   #    bench/report.py gives the busy share, CPU ms a command by kind and context switches
   #  - lvmirror and tcmu-runner: the handler's threads (schedstat, ns) -> JOB.cpu, and per
   #    thread "TID NS NAME" -> JOB.threads; report.py divides by the commands fio completed
+  #  - every target: every thread of the guest outside the handler (the kernel's threads:
+  #    writeback, the loop device's workers, iSCSI's; fio) -> JOB.others, "TID NS COMM",
+  #    largest first; read just outside /proc/stat's edges, so its window is a little longer
   local pids ga gb
   pids=$(handler_pids $1)
   sleep $RAMP
+  guest_threads > $BOUT/$1/$2.others-a
   ga=$(stat_line)
   [ -n "$pids" ] && thread_ns $pids > $BOUT/$1/$2.threads-a
   sleep $RUNTIME
   gb=$(stat_line)
   [ -n "$pids" ] && thread_ns $pids > $BOUT/$1/$2.threads-b
+  guest_threads > $BOUT/$1/$2.others-b
+  awk 'FILENAME ~ /threads-a$/ { h[$1] = 1; next }
+       FILENAME ~ /others-a$/ { a[$1] = $2; next }
+       ($1 in a) && !($1 in h) && $2 > a[$1] { printf "%s %d %s\n", $1, $2 - a[$1], substr($0, length($1 " " $2) + 2) }' \
+    $(ls $BOUT/$1/$2.threads-a 2>/dev/null) $BOUT/$1/$2.others-a $BOUT/$1/$2.others-b \
+    | sort -k2,2nr > $BOUT/$1/$2.others
+  rm -f $BOUT/$1/$2.others-[ab]
   echo "$ga $gb" | awk -v secs=$RUNTIME -v cpus=$(nproc) '{
     # fields: cpu user nice system idle iowait irq softirq steal guest guest_nice ctxt N, twice
     h = NF / 2

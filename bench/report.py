@@ -225,6 +225,22 @@ def _guest_cell(g: dict) -> str:
     return f"{g['busy_pct']:.0f} % · {ms} · {g['ctxt']:.1f}"
 
 
+def _thread_group(name: str) -> str:
+    """The name threads are summed under: a pool's ``volume-call-1`` as ``volume-call-*``; a
+    kernel worker ``kworker/u4:2-flush-7:0`` as ``kworker flush-7:0`` (the work it last ran;
+    ``kworker`` alone when idle); a per-CPU thread ``ksoftirqd/1`` as ``ksoftirqd/*``."""
+    if name.startswith("kworker/"):
+        _, dash, work = name.partition("-")
+        return "kworker " + work if dash else "kworker"
+    head, sep, tail = name.rpartition("/")
+    if sep and tail.isdigit():
+        return head + "/*"
+    head, dash, tail = name.rpartition("-")
+    if dash and tail.isdigit():
+        return head + "-*"
+    return name
+
+
 def thread_cpu(path: str, per: float) -> dict | None:
     """The handler's CPU by thread over a job's measured seconds: ``path`` is lab-bench.sh's
     ``<job>.threads`` ("TID NS NAME" lines: nanoseconds on a CPU, lvmirrord's Python thread
@@ -245,11 +261,7 @@ def thread_cpu(path: str, per: float) -> dict | None:
         parts = line.split(maxsplit=2)
         if len(parts) < 2 or not parts[1].lstrip("-").isdigit():
             continue
-        name = parts[2] if len(parts) == 3 else "?"
-        head, dash, tail = name.rpartition("-")
-        if dash and tail.isdigit():
-            name = head + "-*"
-        sums[name] += int(parts[1])
+        sums[_thread_group(parts[2] if len(parts) == 3 else "?")] += int(parts[1])
     return {n: round(ns / 1e6 / per, 3) for n, ns in sums.most_common() if ns > 0}
 
 
@@ -356,6 +368,10 @@ def collect(run_dir: str) -> dict:
         threads = thread_cpu(path[:-5] + ".threads", fig["iops"] * secs) if secs else None
         if threads:
             fig["threads_ms"] = threads
+        secs = _measured_seconds(path[:-5] + ".sys")   # every target has it
+        others = thread_cpu(path[:-5] + ".others", fig["iops"] * secs) if secs else None
+        if others:
+            fig["others_ms"] = others
     resync = read_jsonl(os.path.join(bench, "resync.jsonl"))
     for r in resync:
         if r.get("seconds"):
@@ -486,6 +502,11 @@ def markdown(data: dict) -> str:
                "waits); where measured, the ms split as user space / kernel / interrupts and "
                "softirq:",
                _guest_cell)
+    _job_table(out, res, jobs, targets, "others_ms",
+               "The guest's threads outside the handler (the kernel's workers, named by the "
+               "work they last ran; the loop device's; iSCSI's; fio), ms a command over each "
+               "job's measured seconds: their total, then those over 5 % of it, at most four:",
+               lambda th: f"{sum(th.values()):.3f}: {by_thread(th)}")
     it = data.get("idle_threads") or {}
     if it:
         out += ["With no I/O, by thread (ms of CPU a second):", ""]

@@ -400,3 +400,33 @@ def test_the_whole_guests_cpu_each_job(tmp_path):
     sys_file.write_text("not json")
     assert report.guest_cpu(str(sys_file), iops) is None
     assert report.guest_cpu(str(sys_file.with_suffix(".none")), iops) is None
+
+
+@needs_fio
+def test_the_guests_threads_outside_the_handler(tmp_path):
+    """lab-bench.sh's <job>.others ("TID NS COMM": every guest thread outside the handler)
+    becomes ms a command over the .sys file's seconds, for every target: kernel workers summed
+    by the work they last ran, per-CPU threads as NAME/*; the table gives the total and the
+    threads over 5 % of it."""
+    run, bench = _read_qd1_both(tmp_path, {"ticks": 3_000_000_000, "hz": 1_000_000_000,
+                                           "seconds": 10})
+    iops = report.collect(str(run))["results"]["randread-4k-qd1"]["lvmirror1"]["iops"]
+    ms = int(iops * 10 * 1e6)          # 1 ms a command, in ns over the job's commands
+    (bench / "lvmirror1" / "randread-4k-qd1.sys").write_text(json.dumps(
+        {"busy": 1500, "idle": 500, "ctxt": 1, "hz": 100, "seconds": 10, "cpus": 2}))
+    (bench / "lvmirror1" / "randread-4k-qd1.others").write_text(
+        f"91 {300 * ms // 1000} kworker/u4:2-flush-7:0\n"
+        f"95 {100 * ms // 1000} kworker/u4:0-flush-7:0\n"
+        f"120 {200 * ms // 1000} fio\n40 {50 * ms // 1000} loop0\n"
+        f"12 {10 * ms // 1000} ksoftirqd/0\n19 {10 * ms // 1000} ksoftirqd/1\n"
+        f"30 {5 * ms // 1000} kworker/0:1\n")
+    data = report.collect(str(run))
+    res = data["results"]["randread-4k-qd1"]
+    assert res["lvmirror1"]["others_ms"] == {"kworker flush-7:0": 0.4, "fio": 0.2, "loop0": 0.05,
+                                             "ksoftirqd/*": 0.02, "kworker": 0.005}
+    assert "others_ms" not in res["tcmu-runner"]                       # no .others file
+    md = report.markdown(data).splitlines()
+    row = next(line for line in md[md.index(next(
+        line for line in md if line.startswith("The guest's threads outside the handler"))):]
+        if line.startswith("| randread-4k-qd1 |"))
+    assert row == "| randread-4k-qd1 | 0.675: kworker flush-7:0 0.400 · fio 0.200 · loop0 0.050 |"
