@@ -47,6 +47,9 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)     # linux/fs.h
 _ZERO_CHUNK = 1 << 20
+# bytes a prefetch asks of the kernel in one POSIX_FADV_WILLNEED (``StorageImage.prefetch``):
+# the default readahead window (read_ahead_kb 128), the most one call is sure to read
+PREFETCH_CHUNK = 128 << 10
 _NOT_SUPPORTED = {_errno.EOPNOTSUPP, _errno.ENOTTY, _errno.ENOSYS, _errno.EINVAL}
 # File systems whose page cache is the storage itself (the type names of /proc/self/mountinfo):
 # a buffered read there waits for no device - unless the page is out on swap. tmpfs refuses
@@ -673,12 +676,18 @@ class StorageImage:
 
     def prefetch(self, offset: int, length: int) -> None:
         """Ask the kernel to read ``[offset, offset+length)`` into the page cache in the
-        background (POSIX_FADV_WILLNEED; PRE-FETCH, SBC-3). Nothing with O_DIRECT (no cache of
-        ours to fill); never raises for a refused hint."""
+        background (POSIX_FADV_WILLNEED; PRE-FETCH, SBC-3), in PREFETCH_CHUNK pieces: the kernel
+        reads at most the device's readahead window or largest I/O of one such call
+        (mm/readahead.c, ``force_page_cache_ra``), 128 KiB by default, and drops the rest.
+        Nothing with O_DIRECT (no cache of ours to fill); never raises for a refused hint."""
         if self.direct or self.fd < 0 or length <= 0:
             return
+        end = offset + length
         try:
-            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+            while offset < end:
+                n = min(PREFETCH_CHUNK, end - offset)
+                os.posix_fadvise(self.fd, offset, n, os.POSIX_FADV_WILLNEED)
+                offset += n
         except OSError:
             pass
 

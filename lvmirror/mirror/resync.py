@@ -26,6 +26,11 @@ durable (``JobControl.restore``), so when the last in-sync image later loses dat
 failed: the volume goes offline) only writes made since can be gone, and a region copied but
 not yet committed is copied again (``RestoreJob.add_lost``, ``_Losses.lost_gen``).
 
+Both ask the kernel to read ahead of the copy (``_read_ahead``: POSIX_FADV_WILLNEED on the
+source for the next READAHEAD bytes of marked regions, on the source's worker), so the source's
+reads overlap the target's writes, as md's resync keeps reads and writes in flight together
+(drivers/md/raid1.c, RESYNC_DEPTH). Only a hint: each region is still read under its lock.
+
 Resync progress is committed the same way: the bitmap and cursor saved at each checkpoint
 (every CHECKPOINT_REGIONS regions or CHECKPOINT_SECONDS) say "copied" only for regions already
 durable on the target.
@@ -33,6 +38,7 @@ durable on the target.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import math
@@ -48,6 +54,8 @@ __all__ = ["ResyncJob", "RestoreJob", "check_rate", "job_progress"]
 
 CHECKPOINT_REGIONS = 64
 CHECKPOINT_SECONDS = 1.0
+# bytes of marked regions a copy asks the kernel to read ahead of itself on its source
+READAHEAD = 4 << 20
 RATE_RECHECK = 0.25             # seconds: the longest a rate-limited copy waits unchecked
 MB = 1_000_000
 
@@ -208,7 +216,7 @@ class ResyncJob(_Job):
             self._zero = bytes(vol.region_size)
             last_ck, since_ck = time.monotonic(), 0
             while True:
-                for r in bm.dirty_regions():
+                for r in _read_ahead(bm.dirty_regions(), vol, lambda: _first_in_sync(vol)):
                     if self._cancel.is_set():
                         break
                     if img.state.value != "syncing":
@@ -300,6 +308,54 @@ class ResyncJob(_Job):
         finally:
             lk.release()
         self.bytes_done += ln
+
+
+def _read_ahead(regions, vol, source):
+    """Yield the region indices of ``regions`` (ascending, a bitmap's live ``dirty_regions``)
+    in order; before each is yielded, the marked regions after it up to READAHEAD bytes (at
+    least one region) have been asked of ``source()`` (the image the copy will read them from,
+    or None) into the page cache (``_prefetch``), so the copy's next reads find them there or
+    on the way while it writes this one. A region cleared or marked meanwhile is handled as
+    without it: the copy tests its bit under the lock, and the job's outer loop takes the
+    regions marked behind the cursor."""
+    depth = max(1, READAHEAD // vol.region_size)
+    ahead = collections.deque()
+    for r in regions:
+        ahead.append(r)
+        _prefetch(vol, source(), r)
+        if len(ahead) > depth:
+            yield ahead.popleft()
+    while ahead:
+        yield ahead.popleft()
+
+
+def _prefetch(vol, img, r) -> None:
+    """Ask the kernel to read region ``r`` of image ``img`` into the page cache
+    (``StorageImage.prefetch``, POSIX_FADV_WILLNEED; nothing for O_DIRECT): on the image's
+    worker, with nobody waiting, as its reads run there (``_read_source``), so a device that
+    stopped answering never holds the copy's thread in the hint; here without ``leg_timeout``
+    or a running worker, where the copy's reads are unbounded too."""
+    if img is None or img.storage is None:
+        return
+    off = r * vol.region_size
+    ln = min(vol.region_size, vol.size - off)
+    if ln <= 0:
+        return
+    w = img.worker
+    if vol.leg_timeout and w is not None and w.running:
+        w.post(lambda s: s.prefetch(off, ln), img.storage)
+    else:
+        img.storage.prefetch(off, ln)
+
+
+def _first_in_sync(vol):
+    """The image a resync's next read goes to first (``_read_from_in_sync``): the first
+    in-sync image of the volume's current epoch's reads, or None. Read without the epoch
+    lock: only a hint for ``_read_ahead``."""
+    for im in vol._epoch.reads:
+        if im.state.value == "in-sync":
+            return im
+    return None
 
 
 def _check_online(vol, kind):
@@ -560,7 +616,7 @@ class RestoreJob(_Job):
         while self.bitmap.count():
             pending = []
             last_ck = time.monotonic()
-            for r in self.bitmap.dirty_regions():
+            for r in _read_ahead(self.bitmap.dirty_regions(), vol, lambda: self.img):
                 if self._cancel.is_set():
                     break
                 self._throttle(self.bitmap.region_range(r)[1])

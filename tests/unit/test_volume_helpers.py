@@ -75,6 +75,10 @@ class GatedImage(StorageImage):
             raise ImageIOError(self, errno.EIO, f"image {self.path}: injected read error")
         return super().verify_readv(offset, buffer)
 
+    def prefetch(self, offset, length):
+        self._gate("prefetch", offset, length)
+        return super().prefetch(offset, length)
+
     def flush(self):
         self._gate("flush", 0, 0)
         if self.fail_writes or self.fail_flushes:

@@ -430,3 +430,28 @@ def test_an_image_file_is_read_without_updating_its_atime(tmp_path):
         assert os.stat(path).st_atime == 1_000_000
     finally:
         img.close()
+
+
+def test_a_prefetch_asks_for_every_byte_in_pieces_the_kernel_reads_whole(tmp_path, monkeypatch):
+    """StorageImage.prefetch (PRE-FETCH, a copy's read-ahead) asks POSIX_FADV_WILLNEED in
+    PREFETCH_CHUNK pieces covering the range exactly: one call larger than the device's
+    readahead window is cut short by the kernel (mm/readahead.c, force_page_cache_ra). A
+    refused hint raises nothing; O_DIRECT asks nothing."""
+    from lvmirror.mirror import image
+    from lvmirror.mirror.image import PREFETCH_CHUNK, StorageImage
+    path = tmp_path / "img"
+    path.write_bytes(bytes(1 << 20))
+    img = StorageImage.open(str(path))
+    calls = []
+    monkeypatch.setattr(image.os, "posix_fadvise",
+                        lambda fd, off, ln, advice: calls.append((off, ln, advice)))
+    img.prefetch(4096, 3 * PREFETCH_CHUNK + 512)
+    assert calls == [(4096 + k * PREFETCH_CHUNK, PREFETCH_CHUNK, os.POSIX_FADV_WILLNEED)
+                     for k in range(3)] + [(4096 + 3 * PREFETCH_CHUNK, 512,
+                                            os.POSIX_FADV_WILLNEED)]
+
+    def refuse(*a):
+        raise OSError(22, "refused")
+    monkeypatch.setattr(image.os, "posix_fadvise", refuse)
+    img.prefetch(0, 1 << 20)                                     # a hint: no error
+    img.close()

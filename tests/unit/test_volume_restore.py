@@ -497,3 +497,32 @@ def test_a_split_image_flush_given_up_on_does_not_stop_its_restores_reads(tmp_pa
     finally:
         flush.open()
         vol.close()
+
+
+def test_a_restore_asks_the_kernel_to_read_ahead_of_its_copy(tmp_path, monkeypatch):
+    """As a resync does (``resync._read_ahead``): the split image's marked regions are asked
+    into the page cache before their copy, each once, and the rollback is the same."""
+    from lvmirror.mirror import resync
+    monkeypatch.setattr(resync, "READAHEAD", 2 * REGION)
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION, leg_timeout=0)
+    try:
+        vol.split(1)
+        snap = image_bytes(paths[1])
+        marked = [0, 7, 8, 100]
+        for r in marked:
+            write(vol, r * REGION // BS, pattern(1, r + 1))
+        log = []
+
+        def match(op, off, ln):
+            if op == "prefetch" or (op == "read" and ln == REGION):
+                log.append((op, off // REGION))
+            return False
+        opener.by_path[paths[1]].gates.append(Gate(match))
+        job = vol.restore(1)
+        assert job.wait(10) and job.state == "done", (job.state, job.error)
+        assert image_bytes(paths[0]) == snap
+        assert [r for op, r in log if op == "prefetch"] == marked
+        for k, r in enumerate(marked[:-1]):
+            assert log.index(("prefetch", marked[k + 1])) < log.index(("read", r)), log
+    finally:
+        vol.close()

@@ -1,10 +1,12 @@
 """Resync: bitmap-driven copy under region locks, while the volume serves I/O; cancel, resume."""
 
 import os
+import threading
 
 import pytest
 
 from lvmirror.errors import StateError
+from lvmirror.mirror import resync
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
 from tests.unit.test_volume_helpers import (BS, Gate, image_bytes, make_volume, pattern, read,
@@ -381,4 +383,67 @@ def test_a_resync_whose_source_stops_answering_stops_within_leg_timeout(tmp_path
         assert read(vol, 8, 8) == bytes(pattern(8, 3))
     finally:
         hang.open()
+        vol.close()
+
+
+def _io_log(image):
+    """Record every region-sized read and every prefetch ``image`` is asked for, in order, as
+    (op, offset, thread name); holds none of them."""
+    log = []
+
+    def match(op, off, ln):
+        if op == "prefetch" or (op == "read" and ln == REGION):
+            log.append((op, off, threading.current_thread().name))
+        return False
+    image.gates.append(Gate(match))
+    return log
+
+
+def test_a_resync_asks_the_kernel_to_read_ahead_of_its_copy(tmp_path, monkeypatch):
+    """Before a region is copied, the marked regions after it, up to READAHEAD bytes, have been
+    asked of the source (POSIX_FADV_WILLNEED), so its reads overlap the target's writes as md's
+    resync keeps both in flight; each marked region once, none that is not marked, and the copy
+    is the same."""
+    monkeypatch.setattr(resync, "READAHEAD", 2 * REGION)          # two regions ahead
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION, leg_timeout=0)
+    try:
+        vol.split(1)
+        marked = [1, 3, 4, 9, 200]
+        for r in marked:
+            write(vol, r * REGION // BS, pattern(1, r))
+        log = _io_log(opener.by_path[paths[0]])
+        job = vol.resync(1)
+        assert job.wait(10) and job.state == "done", (job.state, job.error)
+        assert image_bytes(paths[1]) == image_bytes(paths[0])
+        fetched = [off // REGION for op, off, _ in log if op == "prefetch"]
+        assert fetched == marked
+        order = [(op, off // REGION) for op, off, _ in log]
+        for k, r in enumerate(marked):
+            read_at = order.index(("read", r))
+            for later in marked[k + 1:k + 3]:                     # the next two marked
+                assert order.index(("prefetch", later)) < read_at, order
+    finally:
+        vol.close()
+
+
+def test_a_prefetch_that_never_returns_holds_neither_the_copy_nor_close(tmp_path):
+    """The read-ahead hint runs on the source's worker with nobody waiting (as the copy's
+    bounded reads do), so a hint held by the device leaves the resync to finish and the volume
+    to close."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION, leg_timeout=0.3)
+    held = Gate(lambda op, off, ln: op == "prefetch")
+    try:
+        vol.split(1)
+        for r in (2, 5, 6):
+            write(vol, r * REGION // BS, pattern(1, r))
+        opener.by_path[paths[0]].gates.append(held)
+        job = vol.resync(1)
+        held.wait_reached()
+        assert job.wait(10) and job.state == "done", (job.state, job.error)
+        assert image_bytes(paths[1]) == image_bytes(paths[0])
+        t, box = run_thread(vol.close)
+        t.join(10)
+        assert not t.is_alive()
+    finally:
+        held.open()
         vol.close()
