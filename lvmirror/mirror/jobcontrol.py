@@ -134,14 +134,18 @@ class JobControl:
     def _refuse_if_stuck(self, img, what, doing, waited):
         """StateError while I/O left behind as slow (``leg_timeout``) is in flight on ``img``'s
         device (``Leg.stuck_io``): a write landing after a copy of its region would leave the
-        image stale though in sync. ``waited``: seconds the caller waited for it already."""
+        image stale though in sync. The message gives that reason only when such I/O may be a
+        write: when every one is a copy's read given up on (``Leg.reads_hung``), it says the
+        device has not answered them. ``waited``: seconds the caller waited for it already."""
         stuck = img.stuck_io
         if stuck:
+            reads = img.reads_hung()
+            why = ("a write landing after the copy would leave it stale" if stuck > reads else
+                   "reads of it a copy gave up on: its device has not answered them")
             raise StateError(
                 f"volume {self.vol.name}: {what} ({img.rec.path}) still has {stuck} I/O(s) in "
                 f"flight on its device that were given up on as slow (leg_timeout; waited "
-                f"{waited:.1f} s); {doing} once they return (a write landing after the copy "
-                f"would leave it stale)")
+                f"{waited:.1f} s); {doing} once they return ({why})")
 
     def _reopen_if_needed(self, img):
         vol = self.vol

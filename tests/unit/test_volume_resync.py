@@ -368,6 +368,10 @@ def test_a_resync_whose_source_stops_answering_stops_within_leg_timeout(tmp_path
             assert states == [ImageState.FAILED, ImageState.IN_SYNC, ImageState.SYNCING]
             assert "run it again to copy from another in-sync image" in job.error
             assert "still busy after 0.30 s" in vol.images[0].error   # what happened to it
+            with pytest.raises(StateError) as e:  # its own resync: the refusal says why
+                vol.resync(0)
+            assert "reads of it a copy gave up on: its device has not answered" in str(e.value)
+            assert "write landing" not in str(e.value)
         assert vol.images[0].stuck_io == 1       # the read left behind, still in flight
         job = vol.resync(target)
         assert job.wait(10)

@@ -76,8 +76,9 @@ def test_no_resync_while_a_write_left_behind_as_slow_is_in_flight(tmp_path):
     assert vol._images[1].stuck_io == 1
     assert vol.images[1].stuck_io == 1             # status reports it
     write(vol, L, pattern(2, 2))                   # newer data, image 0 only
-    with pytest.raises(StateError, match="still has 1 I/O"):
+    with pytest.raises(StateError, match="still has 1 I/O") as e:
         vol.resync(1)
+    assert "a write landing after the copy would leave it stale" in str(e.value)
     gate.open()                                    # the old write lands on image 1 now
     wait_until(lambda: vol._images[1].stuck_io == 0)
     assert vol.images[1].stuck_io == 0
