@@ -526,3 +526,32 @@ def test_a_restore_asks_the_kernel_to_read_ahead_of_its_copy(tmp_path, monkeypat
             assert log.index(("prefetch", marked[k + 1])) < log.index(("read", r)), log
     finally:
         vol.close()
+
+
+def test_a_region_copied_again_adds_to_the_total_so_progress_never_passes_it(tmp_path):
+    """A write to a region the background copy restored but has not committed yet restores it
+    again (the same data, committed at once): that copy counts in bytes_total as in
+    bytes_done, so progress never shows more done than in all (trials 28/29: done > total)."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION, leg_timeout=0)
+    try:
+        vol.split(1)
+        snap = image_bytes(paths[1])
+        for r in (0, 1, 2):
+            write(vol, r * REGION // BS, pattern(1, r + 1))
+        gate = Gate(lambda op, off, ln: op == "read" and off == REGION and ln == REGION)
+        opener.by_path[paths[1]].gates.append(gate)
+        job = vol.restore(1)
+        gate.wait_reached()              # region 0 copied, its batch not committed
+        assert job.progress()["bytes_done"] == REGION
+        write(vol, 0, pattern(1, 9))     # restores region 0 again, then writes
+        p = job.progress()
+        assert p["bytes_done"] == 2 * REGION and p["bytes_total"] == 4 * REGION, p
+        gate.open()
+        assert job.wait(10) and job.state == "done", (job.state, job.error)
+        p = job.progress()
+        assert p["bytes_done"] == p["bytes_total"] == 4 * REGION, p
+        expect = bytearray(snap)
+        expect[0:BS] = pattern(1, 9)
+        assert image_bytes(paths[0]) == bytes(expect)
+    finally:
+        vol.close()
