@@ -119,9 +119,19 @@ class JobControl:
             self._refuse_if_exported(img, image_index, "resyncing")
             self.refuse_if_restoring("resync")
             self._refuse_if_offline("resync")
-            if not any(o.state is ImageState.IN_SYNC for o in vol._images if o is not img):
+            sources = [o for o in vol._images if o is not img and o.state is ImageState.IN_SYNC]
+            if not sources:
                 raise StateError(f"volume {vol.name}: no other in-sync image to resync "
                                  f"image {image_index} from")
+            if all(o.reads_hung() for o in sources):
+                # every read of the copy would fail at once (resync._read_source: NotRead), so
+                # the job would only fail: refused up front instead (trial 29, LOW)
+                raise StateError(
+                    f"volume {vol.name}: cannot resync image {image_index} now: the in-sync "
+                    f"image(s) it would copy from ("
+                    + ", ".join(o.rec.path for o in sources)
+                    + ") still have reads a copy gave up on as slow in flight; run it again "
+                    "once the device answers")
             self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
             self._reopen_if_needed(img)
             self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
