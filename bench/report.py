@@ -26,6 +26,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 from xml.sax.saxutils import escape
 
@@ -227,11 +228,14 @@ def _guest_cell(g: dict) -> str:
 
 def _thread_group(name: str) -> str:
     """The name threads are summed under: a pool's ``volume-call-1`` as ``volume-call-*``; a
-    kernel worker ``kworker/u4:2-flush-7:0`` as ``kworker flush-7:0`` (the work it last ran;
-    ``kworker`` alone when idle); a per-CPU thread ``ksoftirqd/1`` as ``ksoftirqd/*``."""
+    kernel worker ``kworker/u4:2-flush-7:0`` (the work it last ran) or ``kworker/u4:2+flush-7:0``
+    (running it when its name was read: the kernel's wq_worker_comm) as ``kworker flush-7:0``,
+    ``kworker`` alone with no work named; a per-CPU thread ``ksoftirqd/1`` as ``ksoftirqd/*``.
+    A kernel worker's name is read at the window's end, so its whole window goes to the work it
+    ran last."""
     if name.startswith("kworker/"):
-        _, dash, work = name.partition("-")
-        return "kworker " + work if dash else "kworker"
+        m = re.search(r"[-+]", name)
+        return "kworker " + name[m.end():] if m else "kworker"
     head, sep, tail = name.rpartition("/")
     if sep and tail.isdigit():
         return head + "/*"

@@ -47,7 +47,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)     # linux/fs.h
 _ZERO_CHUNK = 1 << 20
-# bytes a prefetch asks of the kernel in one POSIX_FADV_WILLNEED (``StorageImage.prefetch``):
+# bytes a copy's read-ahead asks of the kernel in one POSIX_FADV_WILLNEED (``resync._prefetch``):
 # the default readahead window (read_ahead_kb 128), the most one call is sure to read
 PREFETCH_CHUNK = 128 << 10
 _NOT_SUPPORTED = {_errno.EOPNOTSUPP, _errno.ENOTTY, _errno.ENOSYS, _errno.EINVAL}
@@ -676,18 +676,16 @@ class StorageImage:
 
     def prefetch(self, offset: int, length: int) -> None:
         """Ask the kernel to read ``[offset, offset+length)`` into the page cache in the
-        background (POSIX_FADV_WILLNEED; PRE-FETCH, SBC-3), in PREFETCH_CHUNK pieces: the kernel
-        reads at most the device's readahead window or largest I/O of one such call
-        (mm/readahead.c, ``force_page_cache_ra``), 128 KiB by default, and drops the rest.
-        Nothing with O_DIRECT (no cache of ours to fill); never raises for a refused hint."""
+        background (POSIX_FADV_WILLNEED; PRE-FETCH, SBC-3): one call, of which the kernel reads at
+        most the device's readahead window or largest I/O (mm/readahead.c,
+        ``force_page_cache_ra``; 128 KiB by default) and drops the rest, so a PRE-FETCH of a
+        whole LUN costs one window, not a read of the LUN. A copy's read-ahead asks in
+        PREFETCH_CHUNK pieces to get all of a region (``resync._prefetch``). Nothing with
+        O_DIRECT (no cache of ours to fill); never raises for a refused hint."""
         if self.direct or self.fd < 0 or length <= 0:
             return
-        end = offset + length
         try:
-            while offset < end:
-                n = min(PREFETCH_CHUNK, end - offset)
-                os.posix_fadvise(self.fd, offset, n, os.POSIX_FADV_WILLNEED)
-                offset += n
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
 

@@ -8,6 +8,7 @@ failed (an I/O error took it out; its change bitmap records what it missed).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import logging
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_IMAGES = 4
 WORKER_THREADS = 4
+HINTS_MAX = 64          # a leg's read-ahead ranges waiting (Leg.hints); older ones are dropped
 
 
 class ImageState(enum.Enum):
@@ -309,6 +311,12 @@ class Leg:
         # reads, and a copy's next read of it is not made
         self.hung_reads: list[BoundedIO] = []
         self._hung_mu = threading.Lock()   # the job's thread and the I/O threads add to it
+        # a copy's read-ahead hints for this image (``resync._prefetch``): the byte ranges
+        # waiting, and whether a task on the worker is taking them (at most one: a hint held by
+        # a device that stopped answering holds one of the worker's threads, never all)
+        self.hints: collections.deque = collections.deque(maxlen=HINTS_MAX)
+        self.hinting = False
+        self.hint_mu = threading.Lock()
 
     @property
     def device(self):

@@ -48,7 +48,7 @@ import time
 from lvmirror.errors import ImageIOError, LvmirrorError, StateError, VolumeIOError
 from lvmirror.mirror import legs
 from lvmirror.mirror.bitmap import RegionBitmap
-from lvmirror.mirror.image import StorageImage
+from lvmirror.mirror.image import PREFETCH_CHUNK, StorageImage
 from lvmirror.mirror.metadata import VolumeMetadata
 
 __all__ = ["ResyncJob", "RestoreJob", "check_rate", "job_progress"]
@@ -347,21 +347,55 @@ def _read_ahead(regions, vol, source):
 
 def _prefetch(vol, img, r) -> None:
     """Ask the kernel to read region ``r`` of image ``img`` into the page cache
-    (``StorageImage.prefetch``, POSIX_FADV_WILLNEED; nothing for O_DIRECT): on the image's
-    worker, with nobody waiting, as its reads run there (``_read_source``), so a device that
-    stopped answering never holds the copy's thread in the hint; here without ``leg_timeout``
-    or a running worker, where the copy's reads are unbounded too."""
+    (POSIX_FADV_WILLNEED through ``StorageImage.prefetch``, in image.PREFETCH_CHUNK pieces:
+    one call reads at most the device's readahead window; nothing for O_DIRECT). On the image's
+    worker with nobody waiting, as the copy's reads run there (``_read_source``), so a device
+    that stopped answering never holds the copy's thread in a hint: the range joins the leg's
+    ``hints`` and one task at a time takes them (``_take_hints``), so such a device holds at
+    most one of the worker's threads with hints, and the copy's reads, bounded and tracked
+    (``Leg.hung_reads``), still find the others. Here without ``leg_timeout`` or a running
+    worker, where the copy's reads are unbounded too."""
     if img is None or img.storage is None:
         return
     off = r * vol.region_size
     ln = min(vol.region_size, vol.size - off)
-    if ln <= 0:
+    if ln <= 0 or img.storage.direct:
         return
     w = img.worker
-    if vol.leg_timeout and w is not None and w.running:
-        w.post(lambda s: s.prefetch(off, ln), img.storage)
-    else:
-        img.storage.prefetch(off, ln)
+    if not (vol.leg_timeout and w is not None and w.running):
+        _hint(img.storage, off, ln)
+        return
+    with img.hint_mu:
+        img.hints.append((off, ln))
+        if img.hinting:
+            return
+        img.hinting = True
+    w.post(lambda st: _take_hints(img, st), img.storage)
+
+
+def _take_hints(img, st) -> None:
+    """The worker's task for ``_prefetch``: ask for every range in ``img.hints`` until none is
+    left, then let the next hint post a task again."""
+    while True:
+        with img.hint_mu:
+            if not img.hints:
+                img.hinting = False
+                return
+            off, ln = img.hints.popleft()
+        try:
+            _hint(st, off, ln)
+        except Exception:                # a hint: never the worker's end
+            log.debug("read-ahead hint at %d (+%d) on %s failed", off, ln, img.rec.path,
+                      exc_info=True)
+
+
+def _hint(st, off, ln) -> None:
+    """``st.prefetch`` of ``[off, off+ln)`` in image.PREFETCH_CHUNK pieces."""
+    end = off + ln
+    while off < end:
+        n = min(PREFETCH_CHUNK, end - off)
+        st.prefetch(off, n)
+        off += n
 
 
 def _first_in_sync(vol):

@@ -416,7 +416,7 @@ def test_the_guests_threads_outside_the_handler(tmp_path):
         {"busy": 1500, "idle": 500, "ctxt": 1, "hz": 100, "seconds": 10, "cpus": 2}))
     (bench / "lvmirror1" / "randread-4k-qd1.others").write_text(
         f"91 {300 * ms // 1000} kworker/u4:2-flush-7:0\n"
-        f"95 {100 * ms // 1000} kworker/u4:0-flush-7:0\n"
+        f"95 {100 * ms // 1000} kworker/u4:0+flush-7:0\n"
         f"120 {200 * ms // 1000} fio\n40 {50 * ms // 1000} loop0\n"
         f"12 {10 * ms // 1000} ksoftirqd/0\n19 {10 * ms // 1000} ksoftirqd/1\n"
         f"30 {5 * ms // 1000} kworker/0:1\n")

@@ -432,19 +432,31 @@ def test_a_resync_asks_the_kernel_to_read_ahead_of_its_copy(tmp_path, monkeypatc
 
 
 def test_a_prefetch_that_never_returns_holds_neither_the_copy_nor_close(tmp_path):
-    """The read-ahead hint runs on the source's worker with nobody waiting (as the copy's
-    bounded reads do), so a hint held by the device leaves the resync to finish and the volume
-    to close."""
+    """The read-ahead hints run on the source's worker with nobody waiting (as the copy's
+    bounded reads do), one task at a time: hints held by the device hold one of the worker's
+    threads, so the copy's reads still run on the others (trial 30: a hint a region, all held,
+    took every thread and the copy's reads failed as "not begun"), the resync finishes and the
+    volume closes."""
     vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION, leg_timeout=0.3)
-    held = Gate(lambda op, off, ln: op == "prefetch")
+    entered = []
+
+    def match(op, off, ln):
+        if op == "prefetch":
+            entered.append(off)
+            return True
+        return False
+    held = Gate(match, count=1000)                         # every hint, for as long as held
     try:
         vol.split(1)
-        for r in (2, 5, 6):
+        marked = [2, 5, 6, 9, 11, 12, 20, 30]
+        for r in marked:
             write(vol, r * REGION // BS, pattern(1, r))
         opener.by_path[paths[0]].gates.append(held)
         job = vol.resync(1)
         held.wait_reached()
         assert job.wait(10) and job.state == "done", (job.state, job.error)
+        assert len(entered) == 1                         # one hint task, held: no other began
+        assert len(vol._images[0].hints) == len(marked) - 1   # the rest wait their turn
         assert image_bytes(paths[1]) == image_bytes(paths[0])
         t, box = run_thread(vol.close)
         t.join(10)
