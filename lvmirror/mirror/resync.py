@@ -577,6 +577,10 @@ class RestoreJob(_Job):
         super().__init__(vol, img, rate_limit)
         self.bitmap = restore_bitmap
         self.bytes_total = restore_bitmap.dirty_bytes()
+        # the region whose copy made the job fail (None: none did): a retry reads it first
+        # (``JobControl.restore``)
+        self.failed_region: int | None = None
+        self._at: int | None = None
         self.path = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
         self.losses = _Losses()
         self.abandoned = False
@@ -656,6 +660,7 @@ class RestoreJob(_Job):
             vol.control.finish_restore(self.img, self)
             self._finish("done")
         except Exception as e:
+            self.failed_region = self._at
             self._fail(f"{type(e).__name__}: {e}")
 
     def _copy_marked(self, buf) -> None:
@@ -673,7 +678,9 @@ class RestoreJob(_Job):
                 if self._cancel.is_set():
                     break
                 _check_online(vol, "restore")
+                self._at = r
                 gen = self._restore_region(r, buf, commit=False)
+                self._at = None
                 if gen is not None:
                     pending.append((r, gen))
                 if len(pending) >= CHECKPOINT_REGIONS or \

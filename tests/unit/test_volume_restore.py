@@ -172,6 +172,14 @@ def test_an_unreadable_split_image_fails_io_to_unrestored_regions_with_medium_er
                            r"'lvmirror abandon-restore vol 2 --force' gives it up\); "
                            + doing + " after it ends"):
             call()
+    # a retry while the region the job failed on still cannot be read is refused up front
+    # (trial 26, MEDIUM 4: it started, and failed the same way)
+    with pytest.raises(StateError) as ei:
+        vol.restore(2)
+    msg = str(ei.value)
+    assert "still cannot be read where the last restore failed (offset 0, 4096 bytes)" in msg
+    assert "injected read error" in msg and "abandon-restore vol 2 --force" in msg
+    assert vol.jobs[vol.images[2].id] is job                    # nothing started
     opener.by_path[paths[2]].fail_reads = False
     j2 = vol.restore(2)
     assert j2.wait(10) and j2.state == "done", (j2.state, j2.error)
