@@ -344,11 +344,15 @@ class JobControl:
         whose copy made it fail (``RestoreJob.failed_region``), bounded as the copy's reads are
         (``resync._read_source``); StateError when it still cannot be read, naming the error and
         ``abandon-restore``. Without it a retry started, put the LUN's I/O to regions not
-        rolled back through the same failing reads and failed again (trial 26, MEDIUM 4)."""
+        rolled back through the same failing reads and failed again (trial 26, MEDIUM 4).
+        Not read without ``leg_timeout`` or a running worker, where the read would be unbounded
+        under ``vol._mgmt`` (trial 31): the resumed job then meets the error itself."""
         r = old.failed_region
         if old.state != "failed" or r is None or not old.bitmap.test_region(r):
             return
         vol, img = self.vol, old.img
+        if not vol.leg_timeout or img.worker is None or not img.worker.running:
+            return
         off, ln = old.bitmap.region_range(r)
         buf = StorageImage.aligned_buffer(ln)
         try:

@@ -563,3 +563,23 @@ def test_a_region_copied_again_adds_to_the_total_so_progress_never_passes_it(tmp
         assert image_bytes(paths[0]) == bytes(expect)
     finally:
         vol.close()
+
+
+def test_without_leg_timeout_a_failed_restores_retry_is_not_read_first(tmp_path):
+    """With ``leg_timeout=0`` the retry's first read would be unbounded under the volume's
+    management lock (trial 31: a hung split image then held split, abandon-restore and close
+    as well), so it is not made: the retry starts, and the job meets the error itself."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION, leg_timeout=0)
+    try:
+        vol.split(1)
+        write(vol, 0, pattern(8, 2))
+        opener.by_path[paths[1]].fail_reads = True
+        job = vol.restore(1)
+        assert job.wait(10) and job.state == "failed", (job.state, job.error)
+        assert job.failed_region == 0
+        j2 = vol.restore(1)                       # not refused up front
+        assert j2 is not job
+        assert j2.wait(10) and j2.state == "failed" and "cannot be read" in j2.error
+    finally:
+        opener.by_path[paths[1]].fail_reads = False
+        vol.close()
