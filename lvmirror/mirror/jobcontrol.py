@@ -354,9 +354,8 @@ class JobControl:
         if not vol.leg_timeout or img.worker is None or not img.worker.running:
             return
         off, ln = old.bitmap.region_range(r)
-        buf = StorageImage.aligned_buffer(ln)
         try:
-            _read_source(vol, img, off, memoryview(buf)[:ln])
+            _read_source(vol, img, off, StorageImage.aligned_buffer(ln))
         except ImageIOError as e:
             raise StateError(
                 f"volume {vol.name}: split image {image_index} ({img.rec.path}) still cannot be "

@@ -232,7 +232,7 @@ class ResyncJob(_Job):
             self._zero = bytes(vol.region_size)
             last_ck, since_ck = time.monotonic(), 0
             while True:
-                for r in _read_ahead(bm.dirty_regions(), vol, lambda: _first_in_sync(vol)):
+                for r in _read_ahead(bm, vol, lambda: _first_in_sync(vol)):
                     if self._cancel.is_set():
                         break
                     if img.state.value != "syncing":
@@ -326,9 +326,9 @@ class ResyncJob(_Job):
         self._count_copy(r, ln)
 
 
-def _read_ahead(regions, vol, source):
-    """Yield the region indices of ``regions`` (ascending, a bitmap's live ``dirty_regions``)
-    in order; before each is yielded, the marked regions after it up to READAHEAD bytes (at
+def _read_ahead(bm, vol, source):
+    """Yield the region indices of bitmap ``bm``'s live ``dirty_regions`` (ascending) in order;
+    before each is yielded, the marked regions after it up to READAHEAD bytes (at
     least one region) have been asked of ``source()`` (the image the copy will read them from,
     or None) into the page cache (``_prefetch``), so the copy's next reads find them there or
     on the way while it writes this one. A region cleared or marked meanwhile is handled as
@@ -336,17 +336,18 @@ def _read_ahead(regions, vol, source):
     regions marked behind the cursor."""
     depth = max(1, READAHEAD // vol.region_size)
     ahead = collections.deque()
-    for r in regions:
+    for r in bm.dirty_regions():
         ahead.append(r)
-        _prefetch(vol, source(), r)
+        _prefetch(vol, source(), *bm.region_range(r))
         if len(ahead) > depth:
             yield ahead.popleft()
     while ahead:
         yield ahead.popleft()
 
 
-def _prefetch(vol, img, r) -> None:
-    """Ask the kernel to read region ``r`` of image ``img`` into the page cache
+def _prefetch(vol, img, off, ln) -> None:
+    """Ask the kernel to read ``ln`` bytes at ``off`` (a region) of image ``img`` into the page
+    cache
     (POSIX_FADV_WILLNEED through ``StorageImage.prefetch``, in image.PREFETCH_CHUNK pieces:
     one call reads at most the device's readahead window; nothing for O_DIRECT). On the image's
     worker with nobody waiting, as the copy's reads run there (``_read_source``), so a device
@@ -355,11 +356,7 @@ def _prefetch(vol, img, r) -> None:
     most one of the worker's threads with hints, and the copy's reads, bounded and tracked
     (``Leg.hung_reads``), still find the others. Here without ``leg_timeout`` or a running
     worker, where the copy's reads are unbounded too."""
-    if img is None or img.storage is None:
-        return
-    off = r * vol.region_size
-    ln = min(vol.region_size, vol.size - off)
-    if ln <= 0 or img.storage.direct:
+    if img is None or img.storage is None or img.storage.direct:
         return
     w = img.worker
     if not (vol.leg_timeout and w is not None and w.running):
@@ -398,14 +395,17 @@ def _hint(st, off, ln) -> None:
         off += n
 
 
+def _in_sync(reads) -> list:
+    """The in-sync images of an epoch's ``reads``, in its order: a resync's sources."""
+    return [im for im in reads if im.state.value == "in-sync"]
+
+
 def _first_in_sync(vol):
     """The image a resync's next read goes to first (``_read_from_in_sync``): the first
     in-sync image of the volume's current epoch's reads, or None. Read without the epoch
     lock: only a hint for ``_read_ahead``."""
-    for im in vol._epoch.reads:
-        if im.state.value == "in-sync":
-            return im
-    return None
+    sources = _in_sync(vol._epoch.reads)
+    return sources[0] if sources else None
 
 
 def _check_online(vol, kind):
@@ -528,7 +528,7 @@ def _read_from_in_sync(vol, ep, off, ln, view):
     ``close`` are not held by a device that stopped answering. A read not made (NotRead: an
     earlier read of that image still hangs, ``view`` untouched) goes on to the next in-sync
     image. StateError also when no in-sync image could be read."""
-    reads = [im for im in ep.reads if im.state.value == "in-sync"]
+    reads = _in_sync(ep.reads)
     errors = []
     for src in reads:
         try:
@@ -580,7 +580,6 @@ class RestoreJob(_Job):
         # the region whose copy made the job fail (None: none did): a retry reads it first
         # (``JobControl.restore``)
         self.failed_region: int | None = None
-        self._at: int | None = None
         self.path = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
         self.losses = _Losses()
         self.abandoned = False
@@ -660,7 +659,6 @@ class RestoreJob(_Job):
             vol.control.finish_restore(self.img, self)
             self._finish("done")
         except Exception as e:
-            self.failed_region = self._at
             self._fail(f"{type(e).__name__}: {e}")
 
     def _copy_marked(self, buf) -> None:
@@ -671,16 +669,18 @@ class RestoreJob(_Job):
         while self.bitmap.count():
             pending = []
             last_ck = time.monotonic()
-            for r in _read_ahead(self.bitmap.dirty_regions(), vol, lambda: self.img):
+            for r in _read_ahead(self.bitmap, vol, lambda: self.img):
                 if self._cancel.is_set():
                     break
                 self._throttle(self.bitmap.region_range(r)[1])
                 if self._cancel.is_set():
                     break
                 _check_online(vol, "restore")
-                self._at = r
-                gen = self._restore_region(r, buf, commit=False)
-                self._at = None
+                try:
+                    gen = self._restore_region(r, buf, commit=False)
+                except Exception:
+                    self.failed_region = r
+                    raise
                 if gen is not None:
                     pending.append((r, gen))
                 if len(pending) >= CHECKPOINT_REGIONS or \
