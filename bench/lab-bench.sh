@@ -247,7 +247,7 @@ job_cpu() {  # job_cpu TARGET JOB: the CPU over the job's measured RUNTIME s (af
   awk 'FILENAME ~ /threads-a$/ { h[$1] = 1; next }
        FILENAME ~ /others-a$/ { a[$1] = $2; next }
        ($1 in a) && !($1 in h) && $2 > a[$1] { printf "%s %d %s\n", $1, $2 - a[$1], substr($0, length($1 " " $2) + 2) }' \
-    $(ls $BOUT/$1/$2.threads-a 2>/dev/null) $BOUT/$1/$2.others-a $BOUT/$1/$2.others-b \
+    ${pids:+$BOUT/$1/$2.threads-a} $BOUT/$1/$2.others-a $BOUT/$1/$2.others-b \
     | sort -k2,2nr > $BOUT/$1/$2.others
   rm -f $BOUT/$1/$2.others-[ab]
   echo "$ga $gb" | awk -v secs=$RUNTIME -v cpus=$(nproc) '{

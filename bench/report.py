@@ -246,12 +246,12 @@ def _thread_group(name: str) -> str:
 
 
 def thread_cpu(path: str, per: float) -> dict | None:
-    """The handler's CPU by thread over a job's measured seconds: ``path`` is lab-bench.sh's
-    ``<job>.threads`` ("TID NS NAME" lines: nanoseconds on a CPU, lvmirrord's Python thread
-    names or tcmu-runner's comm), ``per`` what to divide each thread's milliseconds by (the
-    commands fio completed meanwhile, or the seconds for idle). Threads whose names differ
-    only in a trailing number (a pool's ``volume-call-1``, ``lun-bt-2``) are summed as one
-    (``volume-call-*``). Returns ``{name: figure}``, largest first, without threads that ran
+    """CPU by thread over a job's measured seconds: ``path`` is lab-bench.sh's ``<job>.threads``
+    (the handler's: "TID NS NAME" lines, nanoseconds on a CPU, lvmirrord's Python thread names
+    or tcmu-runner's comm) or ``<job>.others`` (the guest's other threads, by comm), ``per``
+    what to divide each thread's milliseconds by (the commands fio completed meanwhile, or the
+    seconds for idle). Threads are summed by ``_thread_group`` (a pool's ``volume-call-1``,
+    ``lun-bt-2`` as ``volume-call-*``; kernel workers by their work). Returns ``{name: figure}``, largest first, without threads that ran
     for none of it; None when there is no such file or ``per`` is not above 0."""
     if not per > 0:
         return None
