@@ -5,7 +5,7 @@
     lvmirror split-group VOLUME:IMAGE VOLUME:IMAGE ... [hook options]   # one instant for all
     lvmirror restore-group VOLUME:IMAGE ... [--rate MB/s] [--wait]
     lvmirror resync VOLUME IMAGE [--rate MB/s] [--full] [--wait]
-    lvmirror restore VOLUME IMAGE [--rate MB/s] [--wait]
+    lvmirror restore VOLUME IMAGE [--rate MB/s] [--full] [--wait]
     lvmirror attach VOLUME PATH [--force] [--wait]  # --force: PATH may hold data
     lvmirror detach VOLUME IMAGE
     lvmirror cancel VOLUME IMAGE
@@ -602,7 +602,13 @@ def main(argv=None):
         if name == "resync":
             s.add_argument("--full", action="store_true",
                            help="copy every region, also into an image marked in sync (a disk "
-                                "suspected of dropped writes); it serves no reads until done")
+                                "suspected of dropped writes), or into a split image whose file "
+                                "is not the split copy; it serves no reads until done")
+        else:
+            s.add_argument("--full", action="store_true",
+                           help="roll back every region, not only those changed since the "
+                                "split (a split image whose file is not the split copy: put "
+                                "back from elsewhere, or written outside lvmirror)")
     s = command("split-group", help="split one image of each volume at one instant "
                        "(a consistency group)")
     s.add_argument("members", nargs="+", type=group_member, metavar="VOLUME:IMAGE")
@@ -798,7 +804,8 @@ def main(argv=None):
             return 0
         if args.cmd in ("resync", "restore"):
             if getattr(args, "full", False):
-                res = json.loads(mgr.ResyncWithOptions(
+                fn = mgr.ResyncWithOptions if args.cmd == "resync" else mgr.RestoreWithOptions
+                res = json.loads(fn(
                     args.volume, args.image, args.rate,
                     dbus.Dictionary({"full": dbus.Boolean(True)}, signature="sv")))
             else:       # the plain call, as before --full existed
@@ -816,7 +823,8 @@ def main(argv=None):
                 print(f"{'full ' if getattr(args, 'full', False) else ''}{args.cmd} of image "
                       f"{args.image} {job_phrase(res)}"
                       + ("; the image serves no reads until it ends"
-                         if getattr(args, "full", False) and res.get("state") == "running"
+                         if getattr(args, "full", False) and args.cmd == "resync"
+                         and res.get("state") == "running"
                          else ""))
             if args.json and res.get("state") == "failed":
                 return EXIT_ERROR

@@ -63,6 +63,19 @@ def resync_image(manager, volume: str, image: int, rate: float, full: bool = Fal
     return json.loads(manager.Resync(volume, image, rate))
 
 
+def restore_image(manager, volume: str, image: int, rate: float, full: bool = False) -> dict:
+    """Roll ``volume`` back to split image ``image`` at ``rate`` MB/s (0: unlimited) through
+    lvmirrord's Manager (a dbus.Interface): the plain Restore, or RestoreWithOptions with
+    ``full`` (every region, not only those changed since the split: a split image's file that
+    is not the recorded copy). Returns the job's progress (bytes_total, ...); D-Bus errors
+    propagate."""
+    if full:
+        import dbus
+        return json.loads(manager.RestoreWithOptions(
+            volume, image, rate, dbus.Dictionary({"full": dbus.Boolean(True)}, signature="sv")))
+    return json.loads(manager.Restore(volume, image, rate))
+
+
 def scrub_volume(manager, volume: str, repair: bool = False, source: int | None = None,
                  rate: float = 0.0) -> dict:
     """Start the scrub of ``volume`` through lvmirrord's Manager (a dbus.Interface):
@@ -321,11 +334,12 @@ def install():
             if self._flag("wait", wait):
                 self._wait("resync")
 
-        def ui_command_restore(self, image, rate=None, wait="false"):
+        def ui_command_restore(self, image, rate=None, wait="false", full="false"):
             """Roll the volume back to split image IMAGE (only changed regions are copied; the
-            volume reads as the copy from the moment the command returns)."""
-            res = json.loads(call("Restore", self._spec().name, self._image(image),
-                                  float(rate or 0)))
+            volume reads as the copy from the moment the command returns). full=true rolls
+            back every region (a split image's file that is not the split copy)."""
+            res = call(restore_image, self._spec().name, self._image(image),
+                       float(rate or 0), self._flag("full", full))
             if res.get("state") == "failed":
                 raise ExecutionError(f"restore from image {image} failed: {res['error']}")
             self.shell.con.display(f"restore from image {image} {job_phrase(res)}")

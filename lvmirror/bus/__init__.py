@@ -10,7 +10,7 @@ Two faces:
   owns that name, lvmirrord registers with its ``HandlerManager1.RegisterHandler`` instead.
 * **lvmirror's own API** (``org.lvmirror1``): ``/org/lvmirror1`` (interface
   ``org.lvmirror1.Manager``: status of every volume and LUN as JSON, Split, Resync
-  (ResyncWithOptions: ``full``), Restore, AbandonRestore, Attach, Detach, Cancel, and the
+  (ResyncWithOptions: ``full``), Restore (RestoreWithOptions: ``full``), AbandonRestore, Attach, Detach, Cancel, and the
   region-lock
   coordination calls) is an ObjectManager of one object per open volume, ``/org/lvmirror1/volume/<name>`` (``org.lvmirror1.Volume``, see
   volume.py: typed properties, the same methods plus Backup, PropertiesChanged /

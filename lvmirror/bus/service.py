@@ -17,8 +17,8 @@ from lvmirror.bus.names import (ACCESS_DENIED, BUS_NAME, ERROR_PREFIX, MANAGER_I
                                 MANAGER_PATH, OM_IFACE, PROPS_IFACE, TCMU_HANDLER_MANAGER,
                                 TCMU_NAME, TCMU_PATH)
 from lvmirror.bus.volume import (VOLUME_IFACE, VolumeObject, attach_options, interfaces,
-                                 managed_objects, resync_options, scrub_options,
-                                 split_options)
+                                 managed_objects, restore_options, resync_options,
+                                 scrub_options, split_options)
 from lvmirror.errors import LvmirrorError
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,16 @@ class Manager(dbus.service.Object):
         """Roll ``volume`` back to split image ``image``."""
         self.run(sender, lambda: json.dumps(self._daemon.restore(str(volume), int(image),
                                                                   float(rate_mbps))), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="suda{sv}", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def RestoreWithOptions(self, volume, image, rate_mbps, options, sender=None, ok=None,
+                           err=None):
+        """Restore with options (``a{sv}``): ``full`` (b) rolls back every region, not only
+        those changed since the split (a split image's file that is not the recorded copy).
+        Unknown options are an error. Returns the job's progress (JSON), as Restore does."""
+        self.run(sender, lambda: json.dumps(self._daemon.restore(
+            str(volume), int(image), float(rate_mbps), **restore_options(options))), ok, err)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="ss", out_signature="u",
                          sender_keyword="sender", async_callbacks=("ok", "err"))

@@ -237,6 +237,17 @@ class VolumeObject(dbus.service.Object):
                                                              float(rate_mbps)),
                         lambda r: ok(dbus.UInt64(r["bytes_total"])), err)
 
+    @dbus.service.method(VOLUME_IFACE, in_signature="uda{sv}", out_signature="t",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def RestoreWithOptions(self, image, rate_mbps, options, sender=None, ok=None, err=None):
+        """Restore with options (``a{sv}``): ``full`` (b) rolls back every region, not only
+        those changed since the split (a split image's file that is not the recorded copy).
+        Unknown options are an error. Returns the bytes to copy."""
+        self._calls.run(sender, lambda: self._daemon.restore(self.name, int(image),
+                                                             float(rate_mbps),
+                                                             **restore_options(options)),
+                        lambda r: ok(dbus.UInt64(r["bytes_total"])), err)
+
     @dbus.service.method(VOLUME_IFACE, in_signature="s", out_signature="u",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def AttachImage(self, path, sender=None, ok=None, err=None):
@@ -308,6 +319,7 @@ class VolumeObject(dbus.service.Object):
 
 ATTACH_OPTIONS = {"force": bool}
 RESYNC_OPTIONS = {"full": bool}
+RESTORE_OPTIONS = {"full": bool}
 
 
 def bool_options(method, options, known) -> dict:
@@ -335,6 +347,13 @@ def resync_options(options) -> dict:
     """ResyncWithOptions' options: ``full`` (b): copy every region, also into an image marked
     in sync (``bool_options``)."""
     return bool_options("ResyncWithOptions", options, RESYNC_OPTIONS)
+
+
+def restore_options(options) -> dict:
+    """RestoreWithOptions' options: ``full`` (b): roll back every region, not only those
+    changed since the split - the way to restore from a file that is not the recorded split
+    copy (``mirror.copyid``) (``bool_options``)."""
+    return bool_options("RestoreWithOptions", options, RESTORE_OPTIONS)
 
 
 _BOOL, _NUMBER, _INT, _STR = "b", "d", "u", "s"

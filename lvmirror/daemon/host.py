@@ -374,15 +374,18 @@ class VolumeHost:
             log.info("volume %s: resync of image %d started", name, image)
         return job.progress()
 
-    def restore(self, name, image, rate_mbps=0.0):
+    def restore(self, name, image, rate_mbps=0.0, *, full=False):
         """Roll volume ``name`` back to its split image ``image`` at ``rate_mbps`` MB/s (0:
-        unlimited; kept across a restart). The volume reads as the split image once this
-        returns (``MirrorVolume.restore``). Returns the job's progress dict. StateError: the
-        image is not split, is exported or backed up, or a restore runs."""
+        unlimited; kept across a restart); ``full``: every region, not only those changed
+        since the split. The volume reads as the split image once this returns
+        (``MirrorVolume.restore``). Returns the job's progress dict. StateError: the image is
+        not split, is not the recorded split copy (without ``full``), is exported or backed
+        up, or a restore runs."""
         with self._backup_lock:
             self._no_backup(name, image)
-            job = self._volume(name).restore(image, rate_limit=rate_mbps or None)
-        log.info("volume %s: restore from image %d started", name, image)
+            job = self._volume(name).restore(image, rate_limit=rate_mbps or None, full=full)
+        log.info("volume %s: %srestore from image %d started", name, "full " if full else "",
+                 image)
         return job.progress()
 
     def abandon_restore(self, name, image) -> dict:

@@ -302,10 +302,11 @@ class Lvmirrord:
         ``VolumeHost.resync``."""
         return self._host(name).resync(name, image, rate_mbps, full=full)
 
-    def restore(self, name, image, rate_mbps=0.0):
+    def restore(self, name, image, rate_mbps=0.0, *, full=False):
         """Roll volume ``name`` back to its split image ``image`` at ``rate_mbps`` MB/s (0:
-        unlimited). Returns the job's progress dict. ``VolumeHost.restore``."""
-        return self._host(name).restore(name, image, rate_mbps)
+        unlimited); ``full``: every region. Returns the job's progress dict.
+        ``VolumeHost.restore``."""
+        return self._host(name).restore(name, image, rate_mbps, full=full)
 
     def abandon_restore(self, name, image) -> dict:
         """End volume ``name``'s unfinished restore from image ``image`` without finishing it

@@ -17,7 +17,7 @@ import os
 import time
 
 from lvmirror.errors import ConfigError, ImageIOError, StateError, VolumeIOError
-from lvmirror.mirror import imagecheck, legs
+from lvmirror.mirror import copyid, imagecheck, legs
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.durability import not_durable
 from lvmirror.mirror.image import StorageImage
@@ -95,7 +95,13 @@ class JobControl:
         copy; a power cut leaves the image either still in sync or syncing with every region
         marked, never in sync with part of a copy.
 
-        Raises StateError: the image is in sync (without ``full``), exported as a LUN, already
+        A split image is first compared with the copy its split recorded (``copyid``): a file
+        put at its path since, or written outside lvmirror, is refused without ``full`` (its
+        regions the bitmap does not mark would be kept as the volume's data), and refused
+        even with it when the path names another file than the one lvmirrord holds open.
+
+        Raises StateError: the image is in sync (without ``full``), is not the split copy
+        (above), exported as a LUN, already
         has a job, a restore runs, the volume is offline, no other image is in sync, or an I/O left behind when it was
         failed as slow (``leg_timeout``) is still in flight on its device ``legs.STUCK_IO_WAIT``
         seconds after the call (``Leg.stuck_io``). IndexError: no such image."""
@@ -106,6 +112,7 @@ class JobControl:
         t0 = time.monotonic()
         img.wait_stuck(legs.STUCK_IO_WAIT)   # an I/O left behind as slow, returning now
         waited = time.monotonic() - t0
+        verdict = self._copy_verdict(img)    # reads a sample: before the management lock
         with vol._mgmt:
             vol.splits.check_idle("resync")
             img = vol._img(image_index)
@@ -135,6 +142,7 @@ class JobControl:
             self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
             self._reopen_if_needed(img)
             self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
+            self._refuse_if_not_copy(img, image_index, verdict, full=full, doing="resync")
             full = full or img.bitmap is None
             if full:
                 img.bitmap = RegionBitmap(vol.size, vol.region_size)
@@ -157,17 +165,94 @@ class JobControl:
                 f"flight on its device that were given up on as slow (leg_timeout; waited "
                 f"{waited:.1f} s); {doing} once they return ({why})")
 
+    def _copy_verdict(self, img, *, record=False):
+        """``(storage, Mismatch or None, identity or None)`` for image ``img``: whether the
+        file open as it is the copy its split recorded (``copyid.check_leg``), and with
+        ``record`` and a mismatch that copying every region mends, the file's own identity
+        (``copyid.record_leg``), which a full restore saves as the copy's. Made before the
+        management lock is taken, since it reads a sample of the image (bounded by
+        ``leg_timeout``), so a slow image does not hold other management calls."""
+        st = img.storage
+        mm = copyid.check_leg(self.vol, img)
+        ident = copyid.record_leg(self.vol, img) if record and mm and not mm.held else None
+        return st, mm, ident
+
+    def _refuse_if_not_copy(self, img, image_index, verdict, *, full, doing,
+                            resume=False):
+        """StateError unless split image ``img`` may be copied ``doing`` ("resync" or
+        "restore") with its change bitmap: ``verdict`` from ``_copy_verdict`` (made again when
+        the image was opened since, under the caller's management lock) shows it is the
+        recorded copy, or ``full`` (every region copied) mends the mismatch. A path naming
+        another file than the one held open is never mended by ``full``; neither is a mismatch
+        found when a stopped restore would resume (``resume``: its bitmap is not every region).
+        A mismatch taken with ``full`` is logged at warning priority. Returns the verdict's
+        identity to save, or None."""
+        vol = self.vol
+        st, mm, ident = verdict
+        if img.storage is not st:       # opened since the verdict: judge the file open now
+            st, mm, ident = self._copy_verdict(img, record=full)
+        if mm is None:
+            return None
+        path = img.rec.path
+        head = (f"volume {vol.name}: image {image_index} ({path}) is not the copy lvmirror "
+                f"split off: {mm.reason}")
+        if mm.held:
+            raise StateError(
+                f"{head}; a {doing} would use the file lvmirrord holds open while the next "
+                f"start of lvmirrord opens the one at the path. Put the split copy back at "
+                f"{path}, or detach the image and attach the file (a full copy into it)")
+        if resume:
+            raise self._resume_refusal(img, image_index, mm)
+        if not full:
+            if doing == "resync":
+                raise StateError(
+                    f"{head}; a resync copies only the regions the volume changed since the "
+                    f"split and would keep the rest of this file as the volume's data. Copy "
+                    f"every region instead: 'lvmirror resync {vol.name} {image_index} --full'")
+            raise StateError(
+                f"{head}; a restore rolls back only the regions changed since the split and "
+                f"would leave the volume a mix of this file and the live data. 'lvmirror "
+                f"restore {vol.name} {image_index} --full' rolls back every region from it")
+        log.warning("volume %s: image %d (%s) is not the recorded split copy (%s); the %s "
+                    "copies every region (full)", vol.name, image_index, path, mm.reason, doing)
+        return ident
+
     def _reopen_if_needed(self, img):
+        """Open image ``img`` again from its path if it is not open (missing at the volume's
+        open, or closed), and start its worker. ConfigError/OSError: it cannot be opened or
+        does not fit. StateError (``_resume_refusal``) when a restore from it is unfinished
+        and the file is not the recorded split copy: it is closed again before anything could
+        read it, since I/O to a region not rolled back reads the restore's source."""
         vol = self.vol
         if img.storage is None:
             st = vol._opener(img.rec.path, direct=vol._direct)
             try:
                 check_image_fits(st, vol.size, vol.block_size)
-            except ConfigError:
+                rj = self.restore_job
+                if rj is not None and rj.img is img and img.rec.copy_id:
+                    # read here, unbounded: the file was opened just now and no worker
+                    # serves it yet
+                    mm = copyid.check(img.rec.copy_id, st, lambda o, v: st.readv(o, [v]),
+                                      vol.size)
+                    if mm is not None:
+                        raise self._resume_refusal(img, vol._images.index(img), mm)
+            except BaseException:
                 st.close()
                 raise
             img.storage = st
             vol._start_worker(img)
+
+    def _resume_refusal(self, img, image_index, mm) -> StateError:
+        """The StateError for an unfinished restore from image ``img`` whose file is not
+        the recorded split copy (Mismatch ``mm``): only ``abandon-restore`` ends it."""
+        vol = self.vol
+        return StateError(
+            f"volume {vol.name}: image {image_index} ({img.rec.path}) is not the copy lvmirror "
+            f"split off: {mm.reason}; the unfinished restore from it would roll back the "
+            f"regions it has left from this file. Put the split copy back at the path, or give "
+            f"the restore up ('lvmirror abandon-restore {vol.name} {image_index} --force'), "
+            f"then 'lvmirror restore {vol.name} {image_index} --full' rolls back every region "
+            f"from this file")
 
     def start_resync(self, img, *, full, rate_limit):
         """Make ``img`` syncing with its bitmap (every region if ``full``) and start its
@@ -178,6 +263,7 @@ class JobControl:
         with vol._meta:
             img.state = ImageState.SYNCING
             img.rec.error = None
+            img.rec.copy_id = None      # no longer a split copy: the bitmap is the truth
             img.rec.resync_next = 0
             img.rec.resync_full = full
             img.rec.resync_rate = rate_limit
@@ -262,8 +348,11 @@ class JobControl:
         image whose file was missing at open (and starts its worker)."""
         vol = self.vol
         vol._check_open()
+        verdict = self._copy_verdict(vol._img(image_index))
         with vol._mgmt:
             img = self._restorable(image_index)
+            self._refuse_if_not_copy(img, image_index, verdict, full=False, doing="restore",
+                                     resume=self.restore_job is not None)
             split_time = img.rec.split_time
             if fresh and self.restore_job is not None:
                 raise StateError(f"volume {vol.name}: a restore from image {image_index} is "
@@ -363,7 +452,7 @@ class JobControl:
                 f"from it once it reads, or give the restore up ('lvmirror abandon-restore "
                 f"{vol.name} {image_index} --force')") from None
 
-    def restore(self, image_index, *, rate_limit=None):
+    def restore(self, image_index, *, rate_limit=None, full=False):
         """Roll the live volume back to split image ``image_index``. Returns the RestoreJob.
 
         Semantics: when the call returns, the volume *reads as* the split image (a read or
@@ -374,14 +463,23 @@ class JobControl:
         anything is saved) is kept across a restart. StateError while the volume is offline
         (its live images could not take the copy), the image is not split, is exported as a
         LUN or cannot be opened, or a restore from another image is unfinished
-        (``refuse_if_restoring``); a stopped restore from this image is resumed."""
+        (``refuse_if_restoring``); a stopped restore from this image is resumed.
+
+        The image is first compared with the copy its split recorded (``copyid``): a file put
+        at its path since, or written outside lvmirror, is refused (StateError) unless
+        ``full``, which rolls back every region from the file as it is and records it as the
+        copy; a stopped restore is not resumed from such a file, nor is one whose path names
+        another file than the one held open (``_refuse_if_not_copy``)."""
         vol = self.vol
         rate_limit = check_rate(rate_limit)
         vol._check_open()
+        verdict = self._copy_verdict(vol._img(image_index), record=full)
         with vol._mgmt:
             img = self._restorable(image_index)
             if self.restore_job is not None:
                 old = self.restore_job
+                self._refuse_if_not_copy(img, image_index, verdict, full=full,
+                                         doing="restore", resume=True)
                 self._refuse_if_still_unreadable(old, image_index)
                 # Resume a cancelled restore of this image from where it stopped.
                 with vol._meta:
@@ -400,6 +498,8 @@ class JobControl:
                 # every region is about to be rewritten on every image: comparing them is
                 # wasted reading, and a scrub refuses to start while a restore is unfinished
                 scrub.preempt(f"a restore from image {image_index} began")
+            ident = self._refuse_if_not_copy(img, image_index, verdict, full=full,
+                                             doing="restore")
             flushed = _restore_targets(vol, img)
 
             def persist(durable):
@@ -411,7 +511,12 @@ class JobControl:
                                     "the live data or the copy may not be durable")
                 with vol._meta:
                     rb = img.bitmap.copy()
+                    if full:
+                        rb.set_all()
                     rb.save(VolumeMetadata.restore_path(vol._vdir, img.rec.id))
+                    if ident is not None:
+                        # the file as it is becomes the copy the volume now reads as
+                        img.rec.copy_id = ident
                     img.rec.restore_running = True
                     img.rec.restore_rate = rate_limit
                     vol._bump()
@@ -670,6 +775,21 @@ class JobControl:
                 vol.jobs[img.rec.id] = job
                 job.start(vol._epoch)
             elif img.state is ImageState.SPLIT and img.rec.restore_running:
+                mm = copyid.check_leg(vol, img)
+                if mm is not None:
+                    # the volume reads a region not rolled back from the split image: not
+                    # from this file. Closed, the job fails ("not available") and I/O to such
+                    # regions gets MEDIUM ERROR until the copy is back or the restore is given
+                    # up; a restore asked for again says why (_reopen_if_needed)
+                    log.error("volume %s: image %d (%s), the source of the unfinished "
+                              "restore, is not the copy lvmirror split off: %s; not opened",
+                              vol.name, vol._images.index(img), img.rec.path, mm.reason)
+                    img.rec.error = f"not the split copy: {mm.reason}"
+                    if img.worker is not None:
+                        img.worker.stop()
+                        img.worker = None
+                    img.storage.close()
+                    img.storage = None
                 rpath = VolumeMetadata.restore_path(vol._vdir, img.rec.id)
                 try:
                     rb = RegionBitmap.load(rpath, vol.size, vol.region_size)

@@ -87,6 +87,10 @@ class ImageRecord:
     resync_rate: float | None = None    # MB/s limit of the interrupted resync
     restore_running: bool = False       # a restore from this (split) image was in progress
     restore_rate: float | None = None   # MB/s limit of that restore (kept across a restart)
+    # a split image's identity as of the split (copyid.record: stat fields and a content
+    # sample), compared before a resync or restore trusts its change bitmap; None: not split,
+    # or split by an older lvmirror
+    copy_id: dict | None = None
 
     def to_json(self) -> dict:
         """The record as a JSON-ready dict, every field (``dataclasses.asdict``)."""
@@ -276,7 +280,7 @@ class VolumeMetadata:
                 raise bad(f"{ctx}field {key!r} must be an integer, got {v!r}")
             if typ is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise bad(f"{ctx}field {key!r} must be a number, got {v!r}")
-            if typ in (str, bool, list) and not isinstance(v, typ):
+            if typ in (str, bool, list, dict) and not isinstance(v, typ):
                 raise bad(f"{ctx}field {key!r} must be {typ.__name__}, got {v!r}")
             return v
 
@@ -316,6 +320,7 @@ class VolumeMetadata:
                 resync_rate=field(im, "resync_rate", float, optional=True, ctx=ctx),
                 restore_running=bool(field(im, "restore_running", bool, optional=True, ctx=ctx)),
                 restore_rate=field(im, "restore_rate", float, optional=True, ctx=ctx),
+                copy_id=field(im, "copy_id", dict, optional=True, ctx=ctx),
             )
             if rec.state not in STATES:
                 raise bad(f"{ctx}unknown state {rec.state!r} (one of {', '.join(STATES)})")

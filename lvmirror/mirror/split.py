@@ -40,7 +40,7 @@ import logging
 import time
 
 from lvmirror.errors import StateError
-from lvmirror.mirror import legs
+from lvmirror.mirror import copyid, legs
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.legs import ImageState, SplitInfo
 from lvmirror.mirror.splitexport import SplitImageVolume
@@ -123,6 +123,7 @@ class SplitControl:
                 img.rec.error = None
                 img.rec.split_time = time.time()
                 img.rec.generation = gen
+                img.rec.copy_id = None      # recorded anew once the split is done
                 try:
                     vol._save_md()      # the image is saved as split (Leg.sync_rec)
                 except BaseException:
@@ -193,6 +194,7 @@ class SplitControl:
                                       what="split done", limit=vol._flush_limit)
             if why is not None:
                 self._fail_unsettled(p, why)
+            self._record_copy(p)
         finally:
             with vol._meta:
                 if img.split_busy is p:
@@ -200,6 +202,25 @@ class SplitControl:
         p.done = True
         return SplitInfo(index=p.index, path=img.rec.path, split_time=p.split_time,
                          generation=p.generation, drained=drained)
+
+    def _record_copy(self, p: PendingSplit) -> None:
+        """Record the identity of the split copy (``copyid.record_leg``: its stat fields and a
+        content sample, read bounded by ``leg_timeout``) and save it, once the split is done
+        and before ``split_busy`` is cleared, so no export has written the copy yet. A crash
+        before the save leaves no identity: the image is then not checked, as one split by an
+        older lvmirror. A save that fails is logged; the identity is saved with the next
+        change."""
+        vol, img = self.vol, p.img
+        ident = copyid.record_leg(vol, img)
+        with vol._meta:
+            if img.state is not ImageState.SPLIT or img.rec.split_time != p.split_time:
+                return
+            img.rec.copy_id = ident
+            try:
+                vol._save_md()
+            except OSError as e:
+                log.warning("volume %s: image %d: the split copy's identity not saved: %s",
+                            vol.name, p.index, e)
 
     def _done(self, p: PendingSplit, durable) -> str | None:
         """The barrier's persist step of ``finish``: save the split as done if the image's
@@ -256,5 +277,12 @@ class SplitControl:
             if vol.control.restore_job is not None and vol.control.restore_job.img is img:
                 raise StateError(f"volume {vol.name}: a restore from image {image_index} is "
                                  f"unfinished")
+            if img.rec.copy_id and not img.rec.copy_id.get("exported"):
+                # its LUN's writes change the file (its mtime): the copy's identity is
+                # recorded again when the export ends (copyid; SplitImageVolume.close)
+                with vol._meta:
+                    img.rec.copy_id = dict(img.rec.copy_id, exported=True)
+                    vol._save_md()
             img.exported += 1
             return SplitImageVolume(vol, img, image_index)
+

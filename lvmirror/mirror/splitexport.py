@@ -10,12 +10,15 @@ restore and detach of the image while it is exported.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from lvmirror.errors import ImageIOError, StateError, VolumeIOError
-from lvmirror.mirror import provisioning
+from lvmirror.mirror import copyid, provisioning
 from lvmirror.mirror.legs import ImageState
 from lvmirror.mirror.regionlock import RegionLockManager
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SplitImageVolume"]
 
@@ -139,11 +142,27 @@ class SplitImageVolume:
             return None
 
     def close(self):
-        """The LUN stops exporting the image (idempotent)."""
+        """The LUN stops exporting the image (idempotent). The split copy's identity
+        (``copyid``), marked ``exported`` while its LUN could write it, is recorded again from
+        the file as the LUN left it (a sample read, made before the management lock); a
+        metadata save that fails is logged and leaves it marked, so only the inode is
+        compared."""
         if not self._closed:
             self._closed = True
-            with self._vol._mgmt:
-                self._img.exported -= 1
+            vol, img = self._vol, self._img
+            ident = (copyid.record_leg(vol, img) if img.rec.copy_id and
+                     img.state is ImageState.SPLIT else None)
+            with vol._mgmt:
+                img.exported -= 1
+                if ident is not None and not img.exported and img.rec.copy_id \
+                        and img.state is ImageState.SPLIT:
+                    with vol._meta:
+                        img.rec.copy_id = ident
+                        try:
+                            vol._save_md()
+                        except OSError as e:
+                            log.warning("volume %s: image %s: the split copy's identity after "
+                                        "its export not saved: %s", vol.name, img.rec.path, e)
 
 
 class _nolock:

@@ -1848,14 +1848,16 @@ class MirrorVolume:
         (``jobcontrol.JobControl.resync``)."""
         return self.control.resync(image_index, rate_limit=rate_limit, full=full)
 
-    def restore(self, image_index, *, rate_limit=None):
+    def restore(self, image_index, *, rate_limit=None, full=False):
         """Roll the live volume back to split image ``image_index``; returns the RestoreJob.
 
         When the call returns, the volume *reads as* the split image (a read or write that
         touches a region not yet copied first restores that region). Writes made after the
         call are kept. When the job is done the image stays split and its change bitmap holds
-        exactly the regions written since they were restored (``jobcontrol``)."""
-        return self.control.restore(image_index, rate_limit=rate_limit)
+        exactly the regions written since they were restored (``jobcontrol``). ``full``: roll
+        back every region, not only those changed since the split (the way to restore from a
+        file that is not the recorded split copy, ``copyid``)."""
+        return self.control.restore(image_index, rate_limit=rate_limit, full=full)
 
     def abandon_restore(self, image_index) -> dict:
         """End the unfinished, not running restore from split image ``image_index`` without

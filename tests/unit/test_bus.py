@@ -398,6 +398,38 @@ def test_cli_full_resync_rebuilds_an_image_in_sync(daemon):
     assert open(vol.images[1].path, "rb").read() == open(vol.images[0].path, "rb").read()
 
 
+def test_cli_refuses_a_split_copy_written_outside_and_full_restores_it(daemon):
+    """Trial 26, MEDIUM 3: a split image's file written outside lvmirror is refused by
+    `lvmirror resync` and `restore`, which name --full; `restore --full` (RestoreWithOptions
+    {"full": true}) rolls the volume back to every region of the file as it is."""
+    d, vol, address, _ = daemon
+    vol.write(0, [memoryview(b"\x11" * (4 << 20))])
+    vol.flush()
+    r = cli(address, "split", "vol0", "2")
+    assert r.returncode == 0, r.stderr
+    with open(vol.images[2].path, "r+b") as f:      # a read-write mount of the copy
+        f.seek(3 << 20)
+        f.write(b"\xee" * 4096)
+    r = cli(address, "resync", "vol0", "2")
+    assert r.returncode == 1
+    assert ("is not the copy lvmirror split off: its modification time changed" in r.stderr
+            and "'lvmirror resync vol0 2 --full'" in r.stderr), r.stderr
+    r = cli(address, "restore", "vol0", "2")
+    assert r.returncode == 1 and "'lvmirror restore vol0 2 --full'" in r.stderr, r.stderr
+    out = cli_call(address, "RestoreWithOptions", "vol0", 2, 0.0, {"fulll": True}, check=False)
+    assert "unknown option 'fulll' (known: full)" in out
+    assert vol.images[2].state.value == "split" and not any(
+        j.is_alive() for j in vol.jobs.values())
+    r = cli(address, "restore", "vol0", "2", "--full", "--wait")
+    assert r.returncode == 0, r.stderr
+    assert f"full restore of image 2 started: 4.0 MiB ({4 << 20} bytes) to copy" in r.stdout
+    want = open(vol.images[2].path, "rb").read()
+    assert want[3 << 20:(3 << 20) + 4096] == b"\xee" * 4096
+    assert open(vol.images[0].path, "rb").read() == want
+    r = cli(address, "resync", "vol0", "2", "--wait")    # the file is the copy now
+    assert r.returncode == 0, r.stderr
+
+
 def test_attach_options_are_checked():
     from lvmirror.bus.volume import attach_options
     assert attach_options({}) == {} and attach_options(None) == {}
@@ -412,6 +444,10 @@ def test_attach_options_are_checked():
         resync_options({"full": 7})          # an integer is not a boolean (b)
     with pytest.raises(ValueError, match="ResyncWithOptions: unknown option 'force'"):
         resync_options({"force": True})
+    from lvmirror.bus.volume import restore_options
+    assert restore_options({"full": False}) == {"full": False}
+    with pytest.raises(ValueError, match="RestoreWithOptions: unknown option 'rate'"):
+        restore_options({"rate": 1.0})
 
 
 def test_cli_scrub_reports_repairs_and_keeps_the_result(daemon):

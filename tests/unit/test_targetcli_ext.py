@@ -74,6 +74,15 @@ class FakeManager:
                            options.signature))
         return '{"bytes_total": 16}'
 
+    def Restore(self, volume, image, rate):
+        self.calls.append(("Restore", volume, image, rate))
+        return '{"bytes_total": 8}'
+
+    def RestoreWithOptions(self, volume, image, rate, options):
+        self.calls.append(("RestoreWithOptions", volume, image, rate, dict(options),
+                           options.signature))
+        return '{"bytes_total": 16}'
+
     def Scrub(self, volume, options):
         self.calls.append(("Scrub", volume, {k: type(v).__name__ for k, v in options.items()},
                            dict(options), options.signature))
@@ -109,6 +118,17 @@ def test_resync_passes_full_only_when_asked():
     assert targetcli_ext.resync_image(mgr, "vol0", 1, 0.0, True)["bytes_total"] == 16
     assert mgr.calls == [("Resync", "vol0", 1, 20.0),
                          ("ResyncWithOptions", "vol0", 1, 0.0, {"full": True}, "sv")]
+
+
+def test_restore_passes_full_only_when_asked():
+    """targetcli-lvmirror's `restore IMAGE full=true` (a split image's file that is not the
+    split copy): the plain Restore otherwise, so an older lvmirrord keeps working."""
+    pytest.importorskip("dbus")
+    mgr = FakeManager()
+    targetcli_ext.restore_image(mgr, "vol0", 1, 20.0)
+    targetcli_ext.restore_image(mgr, "vol0", 1, 0.0, True)
+    assert mgr.calls == [("Restore", "vol0", 1, 20.0),
+                         ("RestoreWithOptions", "vol0", 1, 0.0, {"full": True}, "sv")]
 
 
 def test_abandon_restore_calls_only_with_force(monkeypatch):
