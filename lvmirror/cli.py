@@ -796,6 +796,8 @@ def main(argv=None):
                 print(f"lvmirror: volume {args.volume} has no image {args.image}",
                       file=sys.stderr)
                 return EXIT_ERROR
+            # the file at its path is still the copy of its split (mirror/copyid)
+            mgr.BackupCheck(args.volume, dbus.UInt32(args.image))
             tty = sys.stderr.isatty()
             n = backup_image(im, args.dest, fmt=args.format, size=vol["size"], progress=(
                 lambda d, t: sys.stderr.write(f"\rbackup: {d / t:6.1%}")) if tty else None)

@@ -437,6 +437,8 @@ def install():
             im = next((i for i in vol["images"] if i["index"] == idx), None)
             if im is None:
                 raise ExecutionError(f"no image {idx}")
+            # the file at its path is still the copy of its split (lvmirror's mirror/copyid)
+            call("BackupCheck", self._spec().name, idx)
             try:
                 backup_image(im, file, fmt=format, progress=self._progress)
             except (OSError, ValueError) as e:

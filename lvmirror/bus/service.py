@@ -104,13 +104,14 @@ class Manager(dbus.service.Object):
             raise AccessDenied(f"uid {uid} may read lvmirror status but not change it; "
                                f"run as root")
 
-    def run(self, sender, fn, ok, err):
+    def run(self, sender, fn, ok, err, *, root=True):
         """Run ``fn`` on a worker thread (it may wait for I/O to drain); reply when done, then
         let the volume objects announce what changed. A call refused - not root, or the
         engine's refusal (a split image exported, a restore unfinished...) - leaves a line in
         the journal with the caller's bus name, as the work a call does leaves its own."""
         try:
-            self._require_root(sender)
+            if root:
+                self._require_root(sender)
         except dbus.DBusException as e:
             log.warning("D-Bus: a call from %s refused: %s", sender, e.get_dbus_message())
             err(e)
@@ -256,6 +257,16 @@ class Manager(dbus.service.Object):
         error. Returns the new image's index."""
         self.run(sender, lambda: self._daemon.attach(str(volume), str(path),
                                                      **attach_options(options)), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="su", out_signature="",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def BackupCheck(self, volume, image, sender=None, ok=None, err=None):
+        """Fail with the reason a backup of ``image`` would be refused (not split, or not the
+        copy its split recorded: ``mirror.copyid``), changing nothing; anyone may ask (it
+        reads). ``lvmirror backup`` and targetcli-lvmirror's ``backup``, which copy the file
+        themselves, ask it first."""
+        self.run(sender, lambda: self._daemon.backup_check(str(volume), int(image)),
+                 lambda _r: ok(), err, root=False)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="su", out_signature="",
                          sender_keyword="sender", async_callbacks=("ok", "err"))

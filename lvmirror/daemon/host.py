@@ -335,17 +335,31 @@ class VolumeHost:
                              f"wait for the backup to finish")
         return info
 
+    def backup_check(self, name, image) -> None:
+        """Raise what a backup of image ``image`` of volume ``name`` would be refused with,
+        starting nothing: StateError when it is not split (a point-in-time copy) or is not the
+        copy its split recorded (``MirrorVolume.check_copy``: the file at its path replaced or
+        written since); ConfigError when there is no such volume or image. The CLI's and
+        targetcli-lvmirror's backups, which copy the file themselves, ask it first."""
+        info = next((i for i in self._volume(name).images if i.index == image), None)
+        if info is None:
+            raise ConfigError(f"volume {name}: no image {image}")
+        if info.state.value != "split":
+            raise StateError(f"volume {name}: image {image} is {info.state.value}; only a "
+                             f"split image is a point-in-time copy (split it first)")
+        self._volume(name).check_copy(image)
+
     def backup(self, name, image, dest, fmt="raw") -> int:
         """Copy split image ``image`` to ``dest`` (raw sparse or qcow2). Resync, restore and
-        detach of the image are refused while it runs; progress shows in status()."""
+        detach of the image are refused while it runs; progress shows in status(). StateError
+        when the image is not split, is backed up already, or is not the copy its split
+        recorded (``MirrorVolume.check_copy``); ConfigError for a relative ``dest``."""
         from lvmirror.backup import backup_image
         if not os.path.isabs(dest):
             raise ConfigError(f"backup destination {dest!r} must be an absolute path")
         with self._backup_lock:     # the image's state is read under the lock resync takes
             info = self._no_backup(name, image)
-            if info.state.value != "split":
-                raise StateError(f"volume {name}: image {image} is {info.state.value}; only a "
-                                 f"split image is a point-in-time copy (split it first)")
+            self.backup_check(name, image)
             size = self._volume(name).size        # bytes: not the rest of a larger device
             progress = self._backups[(name, info.id)] = BackupProgress(info.id, dest)
         entry = dict(index=info.index, path=info.path, state=info.state.value)

@@ -313,6 +313,11 @@ class Lvmirrord:
         (``VolumeHost.abandon_restore``); returns ``{"regions", "bytes"}`` not rolled back."""
         return self._host(name).abandon_restore(name, image)
 
+    def backup_check(self, name, image) -> None:
+        """Raise what a backup of image ``image`` of volume ``name`` would be refused with
+        (``VolumeHost.backup_check``)."""
+        return self._host(name).backup_check(name, image)
+
     def restore_check(self, name, image, *, fresh=False, flush=False):
         """Raise what ``restore(name, image)`` would refuse with now, starting nothing; returns
         the split image's T, seconds since the epoch (``VolumeHost.restore_check``)."""

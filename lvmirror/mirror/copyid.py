@@ -15,43 +15,56 @@ full); LVM writes a PV label. lvmirror's images carry no header (the LUN's data 
 split as ``ImageRecord.copy_id``) and ``check`` compares before a resync or restore relies on
 the bitmap:
 
-- ``stat``, for a regular file: its inode number, size and modification time (``st_ino``,
-  ``st_size``, ``st_mtime_ns``) once the split is durable. Every write updates mtime (POSIX
-  ``write()``), so a file whose size changed or whose mtime is later was written outside
-  lvmirror or is another file (a new file may reuse a freed inode number, so the inode alone
-  proves nothing): a mismatch. The same inode with the same mtime is the copy. An earlier
-  mtime (fdatasync, the split's flush, does not make mtime durable, so a power cut may take it
-  back) or another inode with the copy's time (put back with ``cp -p``, ``cp -a``,
-  ``rsync -a``) is judged by the sample. ``st_dev`` is not compared: it can change across
-  boots. Writes through the
-  image's own LUN (``split.export``) change mtime legitimately: the export marks each in the
-  change bitmap, and the identity is recorded again when the export ends (``exported`` while
-  it runs, which stays saved if lvmirrord is killed then: the inode alone is compared).
+- ``stat``, for a regular file: its inode number, size, modification and change times
+  (``st_ino``, ``st_size``, ``st_mtime_ns``, ``st_ctime_ns``) once the split is durable.
+  ``st_dev`` is not compared: it can change across boots.
+  - The same inode with the same mtime is the copy, with no read.
+  - Another size, or a later mtime, is a mismatch: every write updates mtime (POSIX
+    ``write()``), so the file was written outside lvmirror or is another file (a new file may
+    reuse a freed inode number: the inode alone proves nothing).
+  - An earlier mtime is a mismatch too - an older copy put back with its time kept (``cp -p``
+    of yesterday's copy) would otherwise pass on a sample that missed its differences - except
+    on the same inode with a ctime not after the recorded one: fdatasync (the split's flush)
+    does not make the inode's times durable, so a power cut can take both back, while
+    ``cp -p``, ``touch -d`` or a restore from a backup set ctime to now. Then the sample
+    decides.
+  - Another inode with the copy's very mtime (the copy put back with ``cp -p``, ``cp -a``,
+    ``rsync -a``): the sample decides.
+  - Writes through the image's own LUN (``split.export``) change mtime legitimately and are
+    marked in the change bitmap first. The identity is marked ``exported`` while the export
+    runs and recorded again, once the image is durable, when it ends. One left marked
+    (lvmirrord killed during an export) is judged by the inode and by the sampled ranges
+    outside the regions the bitmap marks (a resync copies those anyway).
 - ``devid``, for a block device: the name sysfs gives it for good (``device_id``: dm's
   uuid or name, the disk's WWID or serial), since its number and /dev name can change across
   boots. The same name is the copy (with no read, so a device that stopped answering is
   judged by the copy's own reads, as before); another name is a mismatch. Writes to the device
   outside lvmirror are not seen, as md does not see them.
-- ``sample``: a SHA-256 of SAMPLE_BYTES read at fixed offsets (SAMPLE_HEAD bytes at 0, where
-  partition tables and file system superblocks live, and SAMPLE_BLOCK bytes in each of
-  SAMPLE_SLICES slices of the volume). A file with another inode and the recorded size and
-  mtime, or a block device sysfs names no ``devid`` for (a loop device), is taken as the copy
-  when its sample matches. A sample of zeros
+- ``sample``: SHA-256 digests (truncated to 128 bits) of the SAMPLE_BYTES read at fixed
+  offsets, one a range (SAMPLE_HEAD bytes at 0, where partition tables and file system
+  superblocks live, and SAMPLE_BLOCK bytes in each of SAMPLE_SLICES slices of the volume).
+  Where the stat fields leave it open (above), or for a block device sysfs names no ``devid``
+  for (a loop device), the image is the copy when its sample matches. A sample of zeros
   proves nothing for a file with another inode, nor for a block device that is not the
   recorded one (``st_rdev``): any empty image matches a copy of an empty volume.
 
 Anything else is a mismatch: ``JobControl.resync`` and ``restore`` refuse it unless told to copy
-every region (``--full``), which is right whatever the image holds. An identity is recorded only
-by the split; an image split by an older lvmirror, or a split cut short by a crash, has none and
-is not checked (``check`` returns None).
+every region (``--full``), which is right whatever the image holds, and a backup of it is
+refused (``JobControl.check_copy``). An identity is recorded only by the split; an image split
+by an older lvmirror, or a split cut short by a crash before its identity was saved, has none
+and is not checked (``check`` returns None). Not seen: a change outside the sampled blocks to
+a file whose times were all set back (a clock stepped back, a file system rolled back to a
+snapshot of the same inode).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import stat
+import threading
 
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.resync import _read_source
@@ -81,19 +94,52 @@ def sample_ranges(size: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def sample(read, size: int) -> tuple[str, bool]:
-    """``(sha256 hex digest, all zeros?)`` of the ``sample_ranges(size)`` of an image, read with
-    ``read(offset, view)`` (fills the writable memoryview ``view``; raises what the image's read
-    raises, e.g. ImageIOError, which propagates)."""
-    h = hashlib.sha256()
+def sample(read, size: int, skip=None) -> tuple[list, bool]:
+    """``(digests, all zeros?)`` of the ``sample_ranges(size)`` of an image: one SHA-256 hex
+    digest (first 32 hex digits) a range, in order, read with ``read(offset, view)`` (fills
+    the writable memoryview ``view``; raises what the image's read raises, e.g. ImageIOError,
+    which propagates). ``skip(offset, length)`` true: that range is not read, its digest None
+    (and it does not count towards "all zeros")."""
+    digests = []
     zero = True
     for off, ln in sample_ranges(size):
+        if skip is not None and skip(off, ln):
+            digests.append(None)
+            continue
         view = StorageImage.aligned_buffer(ln)
         read(off, view)
-        h.update(view)
+        digests.append(hashlib.sha256(view).hexdigest()[:32])
         if zero and view.tobytes().count(0) != ln:
             zero = False
-    return h.hexdigest(), zero
+    return digests, zero
+
+
+def bounded_reader(storage, limit):
+    """A ``read(offset, view)`` for ``storage`` (a StorageImage no worker serves: opened just
+    now, not yet in use), each read made on a thread of its own and waited for at most
+    ``limit(length)`` seconds (``limit`` None: no bound, the read is made here). A read that
+    outlasts it raises TimeoutError (ETIMEDOUT) and is left to finish on its thread (the
+    caller must drop ``view``); the read's own error propagates."""
+    def read(off, view):
+        if limit is None:
+            storage.readv(off, [view])
+            return
+        box = []
+
+        def run():
+            try:
+                storage.readv(off, [view])
+            except BaseException as e:       # noqa: BLE001 - handed to the waiting caller
+                box.append(e)
+        t = threading.Thread(target=run, daemon=True, name="copyid-read")
+        t.start()
+        t.join(limit(view.nbytes))
+        if t.is_alive():
+            raise TimeoutError(errno.ETIMEDOUT, f"a read of {view.nbytes} bytes at offset {off} "
+                               f"of {storage.path} still busy after {limit(view.nbytes):.1f} s")
+        if box:
+            raise box[0]
+    return read
 
 
 SYSFS_BLOCK = "/sys/dev/block"
@@ -138,7 +184,8 @@ def _stat_fields(storage) -> dict:
     st = os.fstat(fd)
     if stat.S_ISBLK(st.st_mode):
         return {"kind": "block", "rdev": st.st_rdev, "devid": device_id(st.st_rdev)}
-    return {"kind": "file", "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"kind": "file", "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns}
 
 
 def record(storage, read, size: int) -> dict:
@@ -156,18 +203,29 @@ def record(storage, read, size: int) -> dict:
     return ident
 
 
+def marked_by(bitmap):
+    """A ``skip(offset, length)`` for ``sample``/``check``: true when RegionBitmap ``bitmap``
+    marks a region the byte range touches (an export's writes; a resync copies it anyway)."""
+    def skip(off, ln):
+        first, last = off // bitmap.region_size, (off + ln - 1) // bitmap.region_size
+        return any(bitmap.test_region(r) for r in range(first, last + 1))
+    return skip
+
+
 class Mismatch:
     """Why the image at a path is not (or cannot be shown to be) the recorded copy.
     ``reason``: a sentence for the operator. ``held``: the path names another file than the
     one lvmirrord holds open as the image, which copying every region would not mend (the copy
-    goes into the file held, the path is what the next start opens)."""
+    goes into the file held, the path is what the next start opens). ``unread``: the image
+    could not be read to compare it (it may be the copy)."""
 
-    def __init__(self, reason: str, *, held: bool = False):
+    def __init__(self, reason: str, *, held: bool = False, unread: bool = False):
         self.reason = reason
         self.held = held
+        self.unread = unread
 
     def __repr__(self):
-        return f"Mismatch({self.reason!r}, held={self.held})"
+        return f"Mismatch({self.reason!r}, held={self.held}, unread={self.unread})"
 
 
 def _names_held(storage) -> str | None:
@@ -192,53 +250,81 @@ def _names_held(storage) -> str | None:
     return None if same else f"{path} names another file than the one lvmirrord holds open"
 
 
-def check(copy_id: dict | None, storage, read, size: int) -> Mismatch | None:
+def check(copy_id: dict | None, storage, read, size: int, skip=None) -> Mismatch | None:
     """None when the image ``storage`` (a StorageImage; ``read(offset, view)`` reads it,
     bounded as the caller's copy reads are) is the split copy ``copy_id`` describes (``record``),
     or when no identity was recorded (``copy_id`` None); else a Mismatch saying why. Reads the
-    sample only when the stat fields do not already show the copy (another inode, a block
-    device); a read error is a Mismatch naming it. Raises OSError from fstat only."""
+    sample only when the stat fields do not settle it (the module docstring); a read error is
+    a Mismatch with ``unread``. ``skip(offset, length)``: sampled ranges an export may have
+    written (``marked_by`` its change bitmap), not compared. A ``copy_id`` whose fields have
+    the wrong types (a hand-edited volume.json) is a Mismatch. Raises OSError from fstat
+    only."""
     if not copy_id:
         return None
+    try:
+        return _check(copy_id, storage, read, size, skip)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        return Mismatch(f"the identity recorded for the split copy is unreadable ({e!r}) "
+                        f"in volume.json")
+
+
+def _check(copy_id, storage, read, size, skip):
     why = _names_held(storage)
     if why:
         return Mismatch(f"{why} (replaced or moved since the volume was opened)", held=True)
     now = _stat_fields(storage)
     kind = copy_id.get("kind")
+    exported = bool(copy_id.get("exported"))
     if now and kind and now["kind"] != kind:
         return Mismatch(f"it is a {now['kind']}, the split copy was a {kind}")
     if kind == "file" and now:
-        same_ino = now["ino"] == copy_id.get("ino")
-        if copy_id.get("exported") and same_ino:
-            return None     # its LUN's writes are in the bitmap; mtime moved with them
-        rec_mtime = copy_id.get("mtime_ns")
-        if now["size"] != copy_id.get("size") or rec_mtime is None \
-                or now["mtime_ns"] > rec_mtime:
+        same_ino = now["ino"] == copy_id["ino"]
+        rec_mtime = int(copy_id["mtime_ns"])
+        if now["size"] != copy_id["size"]:
+            return Mismatch(f"its size is {now['size']} bytes, the split copy's was "
+                            f"{copy_id['size']}")
+        later = now["mtime_ns"] > rec_mtime
+        # an earlier mtime: fdatasync (the split's flush) does not make mtime durable, so a
+        # power cut can take the inode's times back - both of them. cp -p, touch -d or a
+        # restored backup set an old mtime with a ctime of now
+        rolled_back = (same_ino and now["mtime_ns"] < rec_mtime
+                       and now["ctime_ns"] <= int(copy_id.get("ctime_ns", now["ctime_ns"])))
+        if exported:
+            if not same_ino:
+                return Mismatch("it is another file than the split copy, which was exported "
+                                "as a LUN when lvmirrord last stopped")
+            # its LUN's writes moved mtime; they are in the bitmap: compared below
+        elif later or (now["mtime_ns"] < rec_mtime and not rolled_back):
             return Mismatch(
                 "its modification time changed since the split: it was written by something "
                 "other than lvmirror (a file system mounted read-write, fsck) or is another "
-                "file, so regions the change bitmap does not mark may differ (a copy put back "
-                "keeps its time with cp -p, cp -a or rsync -a)")
-        if same_ino and now["mtime_ns"] == rec_mtime:
+                "file, such as an older copy, so regions the change bitmap does not mark may "
+                "differ (a copy put back keeps its time with cp -p, cp -a or rsync -a)")
+        elif same_ino and now["mtime_ns"] == rec_mtime:
             return None
-        # another inode with the copy's time (cp -p), or an older time: fdatasync does not
-        # make mtime durable, so a power cut can take the inode back (or a file was put back)
-    if kind == "block" and now and copy_id.get("devid"):
+        # left: another inode with the copy's very time (put back with cp -p), the times a
+        # power cut took back, or an export's writes: the sample decides
+    elif kind == "block" and now and copy_id.get("devid"):
         if now["devid"] == copy_id["devid"]:
             return None     # the same device; nothing but lvmirror writes a split copy
         if now["devid"] is not None:
             return Mismatch(f"it is another device ({now['devid']}; the split copy was on "
                             f"{copy_id['devid']})")
-    if copy_id.get("sample") is None:
+    want = copy_id.get("sample")
+    if want is None:
         return Mismatch("no sample of the split copy was recorded to compare it with ("
                         + (copy_id.get("error") or "none read") + ")")
+    if not isinstance(want, list) or len(want) != len(sample_ranges(size)):
+        raise ValueError(f"sample of {len(want)} digests for {len(sample_ranges(size))} ranges")
     try:
-        digest, zero = sample(read, size)
+        got, zero = sample(read, size, skip if exported else None)
     except Exception as e:      # noqa: BLE001 - the read's own error, named to the operator
-        return Mismatch(f"its sample could not be read to compare it with the split copy's: {e}")
-    if digest != copy_id["sample"]:
+        return Mismatch(f"its sample could not be read to compare it with the split copy's: {e}",
+                        unread=True)
+    if any(g is not None and g != w for g, w in zip(got, want)):
         return Mismatch("its content differs from the split copy's (a sample of "
-                        f"{SAMPLE_BYTES // 1024} KiB at fixed offsets)")
+                        f"{SAMPLE_BYTES // 1024} KiB at fixed offsets"
+                        + (" outside the regions its LUN wrote" if exported else "") + ")")
     if zero:
         same = (now.get("rdev") == copy_id.get("rdev") if kind == "block" else
                 now.get("ino") == copy_id.get("ino"))
@@ -276,7 +362,8 @@ def check_leg(vol, img) -> Mismatch | None:
     st = img.storage
     if st is None or not img.rec.copy_id:
         return None
+    skip = marked_by(img.bitmap) if img.bitmap is not None else None
     try:
-        return check(img.rec.copy_id, st, _reader(vol, img), vol.size)
+        return check(img.rec.copy_id, st, _reader(vol, img), vol.size, skip)
     except OSError as e:
-        return Mismatch(f"it cannot be examined ({e})")
+        return Mismatch(f"it cannot be examined ({e})", unread=True)

@@ -56,7 +56,9 @@ class JobControl:
         split image only through the restore's on-demand copies, so nothing that copies,
         splits or compares images may start until it ends; ``doing`` names what was refused.
         The message says whether the restore runs and, if stopped, why and how to finish it
-        (``restore`` of the same image resumes it)."""
+        (``restore`` of the same image resumes it, unless its source still cannot be read,
+        ``_refuse_if_still_unreadable``, or is not the split copy, ``_refuse_if_not_copy``;
+        ``abandon_restore`` ends it in any case)."""
         rj = self.restore_job
         if rj is None or rj.img is image:
             return
@@ -66,8 +68,9 @@ class JobControl:
             state = "is running"
         else:
             why = f"{rj.state}: {rj.error}" if rj.error else rj.state
-            state = (f"is unfinished ({why}; 'restore {idx}' resumes it, 'lvmirror "
-                     f"abandon-restore {vol.name} {idx} --force' gives it up)")
+            state = (f"is unfinished ({why}; 'restore {idx}' resumes it once its source "
+                     f"reads and is the split copy, 'lvmirror abandon-restore {vol.name} {idx} "
+                     f"--force' gives it up)")
         raise StateError(f"volume {vol.name}: a restore from image {idx} {state}; {doing} "
                          f"after it ends")
 
@@ -113,41 +116,44 @@ class JobControl:
         img.wait_stuck(legs.STUCK_IO_WAIT)   # an I/O left behind as slow, returning now
         waited = time.monotonic() - t0
         verdict = self._copy_verdict(img)    # reads a sample: before the management lock
-        with vol._mgmt:
-            vol.splits.check_idle("resync")
-            img = vol._img(image_index)
-            running = vol.jobs.get(img.rec.id)
-            if running is not None and running.is_alive():
-                raise StateError(f"volume {vol.name}: image {image_index} already has a "
-                                 f"{type(running).__name__} running")
-            if img.state is ImageState.IN_SYNC and not full:
-                raise StateError(f"volume {vol.name}: image {image_index} is already in sync "
-                                 f"(a full resync rebuilds it anyway: --full)")
-            self._refuse_if_exported(img, image_index, "resyncing")
-            self.refuse_if_restoring("resync")
-            self._refuse_if_offline("resync")
-            sources = [o for o in vol._images if o is not img and o.state is ImageState.IN_SYNC]
-            if not sources:
-                raise StateError(f"volume {vol.name}: no other in-sync image to resync "
-                                 f"image {image_index} from")
-            if all(o.reads_hung() for o in sources):
-                # every read of the copy would fail at once (resync._read_source: NotRead), so
-                # the job would only fail: refused up front instead (trial 29, LOW)
-                raise StateError(
-                    f"volume {vol.name}: cannot resync image {image_index} now: the in-sync "
-                    f"image(s) it would copy from ("
-                    + ", ".join(o.rec.path for o in sources)
-                    + ") still have reads a copy gave up on as slow in flight; run it again "
-                    "once the device answers")
-            self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
-            self._reopen_if_needed(img)
-            self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
-            self._refuse_if_not_copy(img, image_index, verdict, full=full, doing="resync")
-            full = full or img.bitmap is None
-            if full:
-                img.bitmap = RegionBitmap(vol.size, vol.region_size)
-                img.bitmap.set_all()
-            return self.start_resync(img, full=full, rate_limit=rate_limit)
+        try:
+            with vol._mgmt:
+                vol.splits.check_idle("resync")
+                img = vol._img(image_index)
+                running = vol.jobs.get(img.rec.id)
+                if running is not None and running.is_alive():
+                    raise StateError(f"volume {vol.name}: image {image_index} already has a "
+                                     f"{type(running).__name__} running")
+                if img.state is ImageState.IN_SYNC and not full:
+                    raise StateError(f"volume {vol.name}: image {image_index} is already in sync "
+                                     f"(a full resync rebuilds it anyway: --full)")
+                self._refuse_if_exported(img, image_index, "resyncing")
+                self.refuse_if_restoring("resync")
+                self._refuse_if_offline("resync")
+                sources = [o for o in vol._images if o is not img and o.state is ImageState.IN_SYNC]
+                if not sources:
+                    raise StateError(f"volume {vol.name}: no other in-sync image to resync "
+                                     f"image {image_index} from")
+                if all(o.reads_hung() for o in sources):
+                    # every read of the copy would fail at once (resync._read_source: NotRead), so
+                    # the job would only fail: refused up front instead (trial 29, LOW)
+                    raise StateError(
+                        f"volume {vol.name}: cannot resync image {image_index} now: the in-sync "
+                        f"image(s) it would copy from ("
+                        + ", ".join(o.rec.path for o in sources)
+                        + ") still have reads a copy gave up on as slow in flight; run it again "
+                        "once the device answers")
+                self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
+                self._reopen_if_needed(img, verdict)
+                self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
+                self._refuse_if_not_copy(img, image_index, verdict, full=full, doing="resync")
+                full = full or img.bitmap is None
+                if full:
+                    img.bitmap = RegionBitmap(vol.size, vol.region_size)
+                    img.bitmap.set_all()
+                return self.start_resync(img, full=full, rate_limit=rate_limit)
+        finally:
+            verdict.discard()
 
     def _refuse_if_stuck(self, img, what, doing, waited):
         """StateError while I/O left behind as slow (``leg_timeout``) is in flight on ``img``'s
@@ -165,17 +171,58 @@ class JobControl:
                 f"flight on its device that were given up on as slow (leg_timeout; waited "
                 f"{waited:.1f} s); {doing} once they return ({why})")
 
-    def _copy_verdict(self, img, *, record=False):
-        """``(storage, Mismatch or None, identity or None)`` for image ``img``: whether the
-        file open as it is the copy its split recorded (``copyid.check_leg``), and with
-        ``record`` and a mismatch that copying every region mends, the file's own identity
-        (``copyid.record_leg``), which a full restore saves as the copy's. Made before the
-        management lock is taken, since it reads a sample of the image (bounded by
-        ``leg_timeout``), so a slow image does not hold other management calls."""
+    def check_copy(self, image_index) -> None:
+        """Raise StateError when split image ``image_index`` is not the copy its split
+        recorded (``copyid.check_leg``: another file at its path, one written since the split,
+        another device), naming why: a backup of it would not be the point-in-time copy of
+        its split. None when it is, or when no identity was recorded. Reads a sample only when
+        the stat fields do not settle it (bounded by ``leg_timeout``), with no lock held.
+        IndexError: no such image."""
+        vol = self.vol
+        vol._check_open()
+        img = vol._img(image_index)
+        mm = copyid.check_leg(vol, img)
+        if mm is not None:
+            raise StateError(
+                f"volume {vol.name}: image {image_index} ({img.rec.path}) is not the copy "
+                f"lvmirror split off: {mm.reason}; a backup of it would not be the volume as of "
+                f"its split. Resync it ('lvmirror resync {vol.name} {image_index} --full' "
+                f"copies every region) and split again")
+
+    def _copy_verdict(self, img, *, record=False) -> _Verdict:
+        """Whether the file open as image ``img`` is the copy its split recorded
+        (``copyid.check_leg``), and with ``record`` and a mismatch that copying every region
+        mends, the file's own identity (``copyid.record_leg``), which a full restore saves as
+        the copy's. Made before the management lock is taken, since it may read a sample of
+        the image (bounded by ``leg_timeout``), so a slow image does not hold other management
+        calls. An image not open with an identity recorded is opened here from its path and
+        judged (``_Verdict.fresh``), so that ``_reopen_if_needed`` under the lock uses it
+        rather than read there; the caller must ``discard()`` the verdict when done."""
+        vol = self.vol
         st = img.storage
-        mm = copyid.check_leg(self.vol, img)
-        ident = copyid.record_leg(self.vol, img) if record and mm and not mm.held else None
-        return st, mm, ident
+        if st is None and img.rec.copy_id:
+            try:
+                fresh = vol._opener(img.rec.path, direct=vol._direct)
+            except (ConfigError, OSError):
+                return _Verdict(None, None, None)   # _reopen_if_needed reports it
+            try:
+                check_image_fits(fresh, vol.size, vol.block_size)
+                read = copyid.bounded_reader(fresh, (lambda n: vol.leg_timeout +
+                                                     n / legs.MIN_DEVICE_RATE)
+                                             if vol.leg_timeout else None)
+                try:
+                    mm = copyid.check(img.rec.copy_id, fresh, read, vol.size)
+                except OSError as e:
+                    mm = copyid.Mismatch(f"it cannot be examined ({e})", unread=True)
+                ident = (copyid.record(fresh, read, vol.size)
+                         if record and mm and not mm.held else None)
+            except BaseException:
+                fresh.close()
+                return _Verdict(None, None, None)
+            return _Verdict(fresh, mm, ident, fresh=fresh, leg=img)
+        mm = copyid.check_leg(vol, img)
+        ident = copyid.record_leg(vol, img) if record and mm and not mm.held else None
+        return _Verdict(st, mm, ident)
 
     def _refuse_if_not_copy(self, img, image_index, verdict, *, full, doing,
                             resume=False):
@@ -188,9 +235,13 @@ class JobControl:
         A mismatch taken with ``full`` is logged at warning priority. Returns the verdict's
         identity to save, or None."""
         vol = self.vol
-        st, mm, ident = verdict
-        if img.storage is not st:       # opened since the verdict: judge the file open now
-            st, mm, ident = self._copy_verdict(img, record=full)
+        mm, ident = verdict.mm, verdict.ident
+        if img.storage is not verdict.storage:
+            # opened or closed since the verdict (a race with a failure or another call):
+            # judge the file open now, under the lock (bounded reads)
+            again = self._copy_verdict(img, record=full)
+            again.discard()
+            mm, ident = again.mm, again.ident
         if mm is None:
             return None
         path = img.rec.path
@@ -217,23 +268,29 @@ class JobControl:
                     "copies every region (full)", vol.name, image_index, path, mm.reason, doing)
         return ident
 
-    def _reopen_if_needed(self, img):
+    def _reopen_if_needed(self, img, verdict=None):
         """Open image ``img`` again from its path if it is not open (missing at the volume's
-        open, or closed), and start its worker. ConfigError/OSError: it cannot be opened or
-        does not fit. StateError (``_resume_refusal``) when a restore from it is unfinished
-        and the file is not the recorded split copy: it is closed again before anything could
-        read it, since I/O to a region not rolled back reads the restore's source."""
+        open, or closed), and start its worker: the file ``verdict`` (``_copy_verdict``) opened
+        and judged before the lock when it did, else opened here. ConfigError/OSError: it
+        cannot be opened or does not fit. StateError (``_resume_refusal``) when a restore
+        from it is unfinished and the file is not the recorded split copy: it is closed again
+        before anything could read it, since I/O to a region not rolled back reads the
+        restore's source. Without a verdict's judgement the sample is read here, bounded by
+        ``leg_timeout`` (``copyid.bounded_reader``)."""
         vol = self.vol
         if img.storage is None:
-            st = vol._opener(img.rec.path, direct=vol._direct)
+            fresh = verdict.take(img) if verdict is not None else None
+            st = fresh if fresh is not None else vol._opener(img.rec.path, direct=vol._direct)
             try:
                 check_image_fits(st, vol.size, vol.block_size)
                 rj = self.restore_job
                 if rj is not None and rj.img is img and img.rec.copy_id:
-                    # read here, unbounded: the file was opened just now and no worker
-                    # serves it yet
-                    mm = copyid.check(img.rec.copy_id, st, lambda o, v: st.readv(o, [v]),
-                                      vol.size)
+                    if fresh is not None:
+                        mm = verdict.mm
+                    else:
+                        mm = copyid.check(img.rec.copy_id, st, copyid.bounded_reader(
+                            st, (lambda n: vol.leg_timeout + n / legs.MIN_DEVICE_RATE)
+                            if vol.leg_timeout else None), vol.size)
                     if mm is not None:
                         raise self._resume_refusal(img, vol._images.index(img), mm)
             except BaseException:
@@ -335,8 +392,10 @@ class JobControl:
     def check_restore(self, image_index, *, fresh=False, flush=False):
         """Raise what ``restore(image_index)`` would refuse with now, starting nothing: a
         consistency group checks every member this way before it rolls back any
-        (``splitgroup.restore_group``). StateError as ``restore``; the state can still change
-        before the restore itself. Returns the split image's T (its split time, seconds since
+        (``splitgroup.restore_group``). StateError as ``restore`` without ``full`` (a split
+        image that is not the recorded copy refuses too), except the re-read of a failed
+        restore's region (``_refuse_if_still_unreadable``), which only ``restore`` makes,
+        and only when it resumes; the state can still change before the restore itself. Returns the split image's T (its split time, seconds since
         the epoch; None when not recorded), which the group compares across its members.
 
         ``fresh``: also refuse a stopped restore of this image, which ``restore`` would resume
@@ -349,8 +408,15 @@ class JobControl:
         vol = self.vol
         vol._check_open()
         verdict = self._copy_verdict(vol._img(image_index))
+        try:
+            return self._check_restore(image_index, verdict, fresh, flush)
+        finally:
+            verdict.discard()
+
+    def _check_restore(self, image_index, verdict, fresh, flush):
+        vol = self.vol
         with vol._mgmt:
-            img = self._restorable(image_index)
+            img = self._restorable(image_index, verdict)
             self._refuse_if_not_copy(img, image_index, verdict, full=False, doing="restore",
                                      resume=self.restore_job is not None)
             split_time = img.rec.split_time
@@ -371,7 +437,7 @@ class JobControl:
                                 limit=vol._flush_limit)
             return split_time
 
-    def _restorable(self, image_index):
+    def _restorable(self, image_index, verdict=None):
         """The Leg of split image ``image_index`` if a restore from it may start or resume now
         (the caller holds ``vol._mgmt``); StateError naming the first reason it may not:
         a split or consistency-group switch in progress, the volume offline, the image
@@ -395,7 +461,7 @@ class JobControl:
             # missing when the volume opened, or closed when it failed: opened again, as a
             # resync does (trial 25: a source put back needed a restart of lvmirrord)
             try:
-                self._reopen_if_needed(img)
+                self._reopen_if_needed(img, verdict)
             except (ConfigError, OSError) as exc:
                 raise StateError(f"volume {vol.name}: split image {image_index} "
                                  f"({img.rec.path}) is not available: {exc}") from None
@@ -474,13 +540,29 @@ class JobControl:
         rate_limit = check_rate(rate_limit)
         vol._check_open()
         verdict = self._copy_verdict(vol._img(image_index), record=full)
+        try:
+            return self._restore(image_index, verdict, rate_limit, full)
+        finally:
+            verdict.discard()
+
+    def _restore(self, image_index, verdict, rate_limit, full):
+        vol = self.vol
         with vol._mgmt:
-            img = self._restorable(image_index)
+            img = self._restorable(image_index, verdict)
             if self.restore_job is not None:
                 old = self.restore_job
-                self._refuse_if_not_copy(img, image_index, verdict, full=full,
+                if full:
+                    # resuming copies only the regions left; a full one starts anew
+                    # (review of the identity check, LOW 8)
+                    raise StateError(
+                        f"volume {vol.name}: a restore from image {image_index} is unfinished "
+                        f"({old.state}); '--full' starts one anew: resume it without "
+                        f"'--full', or give it up first ('lvmirror abandon-restore {vol.name} "
+                        f"{image_index} --force')")
+                self._refuse_if_not_copy(img, image_index, verdict, full=False,
                                          doing="restore", resume=True)
                 self._refuse_if_still_unreadable(old, image_index)
+                _clear_copy_error(img)
                 # Resume a cancelled restore of this image from where it stopped.
                 with vol._meta:
                     img.rec.restore_rate = rate_limit
@@ -493,13 +575,15 @@ class JobControl:
                 vol.jobs[img.rec.id] = job
                 job.start()
                 return job
+            # before a scrub is preempted: a refused restore must not cancel it (review of
+            # the identity check, MEDIUM 4)
+            ident = self._refuse_if_not_copy(img, image_index, verdict, full=full,
+                                             doing="restore")
             scrub = vol.jobs.get(SCRUB_KEY)
             if scrub is not None and scrub.is_alive():
                 # every region is about to be rewritten on every image: comparing them is
                 # wasted reading, and a scrub refuses to start while a restore is unfinished
                 scrub.preempt(f"a restore from image {image_index} began")
-            ident = self._refuse_if_not_copy(img, image_index, verdict, full=full,
-                                             doing="restore")
             flushed = _restore_targets(vol, img)
 
             def persist(durable):
@@ -517,6 +601,7 @@ class JobControl:
                     if ident is not None:
                         # the file as it is becomes the copy the volume now reads as
                         img.rec.copy_id = ident
+                        _clear_copy_error(img)
                     img.rec.restore_running = True
                     img.rec.restore_rate = rate_limit
                     vol._bump()
@@ -782,9 +867,11 @@ class JobControl:
                     # regions gets MEDIUM ERROR until the copy is back or the restore is given
                     # up; a restore asked for again says why (_reopen_if_needed)
                     log.error("volume %s: image %d (%s), the source of the unfinished "
-                              "restore, is not the copy lvmirror split off: %s; not opened",
-                              vol.name, vol._images.index(img), img.rec.path, mm.reason)
-                    img.rec.error = f"not the split copy: {mm.reason}"
+                              "restore, %s: %s; not opened", vol.name,
+                              vol._images.index(img), img.rec.path,
+                              "could not be checked as the copy lvmirror split off"
+                              if mm.unread else "is not the copy lvmirror split off", mm.reason)
+                    img.rec.error = (COPY_UNCHECKED if mm.unread else COPY_ERROR) + mm.reason
                     if img.worker is not None:
                         img.worker.stop()
                         img.worker = None
@@ -799,6 +886,47 @@ class JobControl:
                 self.restore_job = job
                 vol.jobs[img.rec.id] = job
                 job.start()
+
+
+# rec.error of a restore's source not opened at resume (JobControl.resume): not the copy, or
+# not read to check it
+COPY_ERROR, COPY_UNCHECKED = "not the split copy: ", "not checked as the split copy: "
+
+
+def _clear_copy_error(img) -> None:
+    """Clear image ``img``'s recorded error when it is the one ``JobControl.resume`` set
+    (COPY_ERROR, COPY_UNCHECKED): the file was shown to be the copy since, or taken as it is
+    by a full restore. Saved with the caller's next metadata save."""
+    if img.rec.error and img.rec.error.startswith((COPY_ERROR, COPY_UNCHECKED)):
+        img.rec.error = None
+
+
+class _Verdict:
+    """What ``JobControl._copy_verdict`` found: ``storage`` (the StorageImage judged, None
+    when none), ``mm`` (a copyid.Mismatch, or None: the copy or nothing recorded), ``ident``
+    (the file's own identity, to record after a full restore, or None) and ``fresh`` (a
+    StorageImage it opened itself for an image that was not open, not yet in use: taken by
+    ``JobControl._reopen_if_needed``, else closed by ``discard``)."""
+
+    __slots__ = ("storage", "mm", "ident", "fresh", "leg")
+
+    def __init__(self, storage, mm, ident, *, fresh=None, leg=None):
+        self.storage, self.mm, self.ident, self.fresh = storage, mm, ident, fresh
+        self.leg = leg          # the Leg it was made for
+
+    def take(self, leg):
+        """The fresh storage when the verdict was made for ``leg``, once (None after, or for
+        another Leg); the taker owns it."""
+        if leg is not self.leg:
+            return None
+        st, self.fresh = self.fresh, None
+        return st
+
+    def discard(self) -> None:
+        """Close the fresh storage if nobody took it."""
+        st, self.fresh = self.fresh, None
+        if st is not None:
+            st.close()
 
 
 def _restore_targets(vol, source) -> list:

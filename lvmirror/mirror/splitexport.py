@@ -144,9 +144,11 @@ class SplitImageVolume:
     def close(self):
         """The LUN stops exporting the image (idempotent). The split copy's identity
         (``copyid``), marked ``exported`` while its LUN could write it, is recorded again from
-        the file as the LUN left it (a sample read, made before the management lock); a
-        metadata save that fails is logged and leaves it marked, so only the inode is
-        compared."""
+        the file as the LUN left it: a sample read (bounded by ``leg_timeout``, before the
+        management lock), then the image made durable (the durability barrier, bounded by the
+        flush limit) before the identity is saved, since it vouches for that content. A
+        flush or save that fails leaves it marked ``exported``: then the sampled ranges
+        outside the regions the bitmap marks are compared, and not the file's times."""
         if not self._closed:
             self._closed = True
             vol, img = self._vol, self._img
@@ -154,15 +156,22 @@ class SplitImageVolume:
                      img.state is ImageState.SPLIT else None)
             with vol._mgmt:
                 img.exported -= 1
-                if ident is not None and not img.exported and img.rec.copy_id \
-                        and img.state is ImageState.SPLIT:
+                if ident is None or img.exported or not img.rec.copy_id \
+                        or img.state is not ImageState.SPLIT:
+                    return
+
+                def persist(durable):
                     with vol._meta:
+                        if img not in durable or img.state is not ImageState.SPLIT:
+                            return
                         img.rec.copy_id = ident
                         try:
                             vol._save_md()
                         except OSError as e:
                             log.warning("volume %s: image %s: the split copy's identity after "
                                         "its export not saved: %s", vol.name, img.rec.path, e)
+                vol._barrier.commit([img], persist, what="split copy's identity",
+                                    limit=vol._flush_limit)
 
 
 class _nolock:

@@ -1867,6 +1867,11 @@ class MirrorVolume:
         (``jobcontrol.JobControl.abandon_restore``)."""
         return self.control.abandon_restore(image_index)
 
+    def check_copy(self, image_index) -> None:
+        """StateError when split image ``image_index`` is not the copy its split recorded,
+        naming why (``jobcontrol.JobControl.check_copy``; ``copyid``)."""
+        self.control.check_copy(image_index)
+
     def check_restore(self, image_index, *, fresh=False, flush=False):
         """Raise the StateError ``restore(image_index)`` would refuse with now, starting
         nothing; ``fresh``: also a stopped restore of the image; ``flush``: the live images

@@ -156,6 +156,10 @@ class Machine:
             real = os.path.join(dest, f"image{k}-{os.path.basename(path)}")
             with open(real, "wb") as f:
                 f.write(disk.durable)
+            # the inode's modification time as the file had it: a disk keeps its inode across
+            # a cut (a real cut may show an earlier one, which mirror/copyid allows for)
+            st = os.stat(self.real(path))
+            os.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns))
             files[path] = real
         for fn in self.on_cut:
             fn()

@@ -183,6 +183,24 @@ def test_backup_method_and_guard(daemon, tmp_path):  # noqa: F811
     assert r.returncode != 0 and "only a split image" in r.stderr
     r = call(address, VOL, "org.lvmirror1.Volume", "Backup", 1, "relative.img", "raw")
     assert r.returncode != 0 and "absolute" in r.stderr
+    # the copy written outside lvmirror (its mtime moves): its backup would not be the
+    # volume as of the split, so it is refused, naming why (copyid)
+    os.utime(vol.images[1].path)
+    r = call(address, VOL, "org.lvmirror1.Volume", "Backup", 1, str(tmp_path / "y"), "raw")
+    assert r.returncode != 0 and "is not the copy lvmirror split off: its modification " \
+        "time changed" in r.stderr and "a backup of it would not be" in r.stderr, r.stderr
+    assert not (tmp_path / "y").exists()
+    # the CLI's backup copies the file itself: it asks BackupCheck first (anyone may)
+    from tests.unit.test_bus import cli
+    r = cli(address, "backup", "vol0", "1", str(tmp_path / "z"))
+    assert r.returncode != 0 and "is not the copy lvmirror split off" in r.stderr, r.stderr
+    assert not (tmp_path / "z").exists()
+    r = call(address, "/org/lvmirror1", "org.lvmirror1.Manager", "BackupCheck", "vol0", 1,
+             user=65534)
+    assert r.returncode != 0 and "is not the copy lvmirror split off" in r.stderr, r.stderr
+    r = call(address, "/org/lvmirror1", "org.lvmirror1.Manager", "BackupCheck", "vol0", 0,
+             user=65534)
+    assert r.returncode != 0 and "only a split image" in r.stderr, r.stderr
     # while a backup of the image runs, nothing may change the image under it
     from lvmirror.daemon import BackupProgress
     d._local._backups[("vol0", vol.images[1].id)] = BackupProgress(vol.images[1].id, "/tmp/running")

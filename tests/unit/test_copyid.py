@@ -12,8 +12,8 @@ from lvmirror.mirror import copyid
 from lvmirror.mirror.metadata import VolumeMetadata
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
-from tests.unit.test_volume_helpers import (BS, Opener, image_bytes, make_volume, pattern,
-                                            read, write)
+from tests.unit.test_volume_helpers import (BS, Gate, Opener, image_bytes, make_volume,
+                                            pattern, read, run_thread, write)
 
 SIZE = 1 << 20
 REGION = 64 << 10
@@ -61,7 +61,8 @@ def test_split_records_the_copy_and_keeps_it_across_a_restart(tmp_path):
     cid = vol._images[1].rec.copy_id
     st = os.stat(paths[1])
     assert cid["kind"] == "file" and cid["ino"] == st.st_ino and cid["mtime_ns"] == st.st_mtime_ns
-    assert len(cid["sample"]) == 64 and cid["zero"] is False
+    assert len(cid["sample"]) == len(copyid.sample_ranges(SIZE)) and cid["zero"] is False
+    assert all(len(d) == 32 and int(d, 16) >= 0 for d in cid["sample"])
     vol = _reopen(tmp_path, vol)
     assert vol._images[1].rec.copy_id == cid
     job = vol.resync(1)              # the same file: the bitmap is trusted, one region copied
@@ -295,29 +296,100 @@ def test_a_sample_that_cannot_be_read_is_a_mismatch_naming_the_error(tmp_path):
     vol.close()
 
 
-def test_an_mtime_a_power_cut_took_back_is_judged_by_the_sample(tmp_path):
-    """fdatasync (the split's flush) does not make mtime durable: after a power cut the same
-    inode may show an earlier time. The sample decides: the same content is the copy, other
-    content is not."""
+def test_times_a_power_cut_took_back_are_judged_by_the_sample(tmp_path, monkeypatch):
+    """fdatasync (the split's flush) does not make the inode's times durable: after a power
+    cut the same inode may show an earlier mtime and ctime. The sample decides then. An
+    earlier mtime with a later ctime was set by hand (cp -p, touch -d): refused."""
     vol, paths = _split_with_data(tmp_path)
-    cid = vol._images[1].rec.copy_id
+    cid = dict(vol._images[1].rec.copy_id)
+    st = vol._images[1].storage
+    real = copyid._stat_fields(st)
+
+    def now(**changes):
+        monkeypatch.setattr(copyid, "_stat_fields", lambda s: dict(real, **changes))
+
+    def read(off, view):
+        st.readv(off, [view])
+    now(mtime_ns=cid["mtime_ns"] - 10**9, ctime_ns=cid["ctime_ns"] - 10**9)
+    assert copyid.check(cid, st, read, SIZE) is None
+    other = dict(cid, sample=["0" * 32] * len(cid["sample"]))
+    mm = copyid.check(other, st, read, SIZE)
+    assert mm and "content differs" in mm.reason
+    now(mtime_ns=cid["mtime_ns"] - 10**9, ctime_ns=cid["ctime_ns"] + 1)
+    mm = copyid.check(cid, st, read, SIZE)
+    assert mm and "modification time changed" in mm.reason
     vol.close()
-    earlier = cid["mtime_ns"] - 5 * 10**9
-    os.utime(paths[1], ns=(earlier, earlier))
-    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=Opener(),
-                            flush_interval=None)
+
+
+def test_an_older_copy_put_back_with_its_time_is_refused(tmp_path):
+    """Review of this change, HIGH 1: an older copy of the image kept with cp -p and put back
+    has an earlier mtime; its sampled blocks may all match (the change was elsewhere)."""
+    vol, paths = _split_with_data(tmp_path)
+    shutil.copy2(paths[1], str(tmp_path / "older"))      # the copy as of the first split
     job = vol.resync(1)
-    assert job.wait(10) and job.state == "done" and job.bytes_total == REGION
+    assert job.wait(10) and job.state == "done"
+    write(vol, _unsampled_offset(SIZE) // BS, pattern(1, 5))     # where the sample is blind
     vol.split(1)
-    cid = vol._images[1].rec.copy_id
     vol.close()
-    with open(paths[1], "r+b") as f:        # a sampled block differs
-        f.write(b"\xee" * BS)
-    os.utime(paths[1], ns=(cid["mtime_ns"] - 1, cid["mtime_ns"] - 1))
+    for how in ("replace", "in place"):      # another inode; the same inode (cp -p onto it)
+        if how == "replace":
+            shutil.copy2(str(tmp_path / "older"), paths[1] + ".x")
+            os.replace(paths[1] + ".x", paths[1])
+        else:
+            shutil.copy2(str(tmp_path / "older"), paths[1])
+        vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=Opener(),
+                                flush_interval=None)
+        with pytest.raises(StateError, match="modification time changed.*older copy"):
+            vol.resync(1)
+        vol.close()
+
+
+def test_a_copy_left_marked_exported_is_compared_outside_its_luns_writes(tmp_path):
+    """Review, MEDIUM 3: lvmirrord killed while the copy was exported leaves it marked
+    "exported": then a file copied over the same inode must still be caught - by the sampled
+    ranges outside the regions the LUN wrote - and the LUN's own writes must not refuse it."""
+    vol, paths = _split_with_data(tmp_path)
+    exp = vol.split_image(1)
+    exp.write(0, [memoryview(pattern(2, 5))])        # the head range: marked, not compared
+    exp.flush()
+    assert vol._images[1].rec.copy_id["exported"] is True
+    exp._closed = True                # as if killed: the export never closed
+    vol._images[1].exported -= 1
+    vol.close()
     vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=Opener(),
                             flush_interval=None)
-    with pytest.raises(StateError, match="its content differs from the split copy's"):
+    assert vol._images[1].rec.copy_id["exported"] is True
+    job = vol.resync(1)               # the export's writes alone: accepted
+    assert job.wait(10) and job.state == "done"
+    vol.split(1)
+    exp = vol.split_image(1)
+    exp._closed = True
+    vol._images[1].exported -= 1
+    vol.close()
+    with open(paths[1], "r+b") as f:          # another volume's data over the same inode
+        f.write(pattern(SIZE // BS, 11))
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=Opener(),
+                            flush_interval=None)
+    with pytest.raises(StateError, match="content differs.*outside the regions its LUN wrote"):
         vol.resync(1)
+    vol.close()
+
+
+def test_a_malformed_identity_is_a_refusal_not_a_crash(tmp_path):
+    """Review, LOW 9: a hand-edited volume.json gives a clear refusal, not a TypeError."""
+    vol, paths = _split_with_data(tmp_path)
+    vol.close()
+    p = VolumeMetadata.json_path(str(tmp_path / "meta"), "vol")
+    d = json.load(open(p))
+    d["images"][1]["copy_id"]["mtime_ns"] = "x"
+    json.dump(d, open(p, "w"))
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=Opener(),
+                            flush_interval=None)
+    with pytest.raises(StateError, match="the identity recorded for the split copy is "
+                                         "unreadable"):
+        vol.resync(1)
+    job = vol.resync(1, full=True)
+    assert job.wait(10) and job.state == "done"
     vol.close()
 
 
@@ -359,7 +431,9 @@ def test_a_block_device_is_judged_by_its_device_id_before_any_read(monkeypatch):
     class Dev:            # what check asks of a StorageImage on a block device: fstat below
         path = None
         fd = -1
-    ident = {"kind": "block", "rdev": 1, "devid": "dm-name:fb", "sample": "x", "zero": False}
+    n = len(copyid.sample_ranges(SIZE))
+    ident = {"kind": "block", "rdev": 1, "devid": "dm-name:fb", "sample": ["1" * 32] * n,
+             "zero": False}
 
     def no_read(off, view):
         raise AssertionError("read")
@@ -373,4 +447,49 @@ def test_a_block_device_is_judged_by_its_device_id_before_any_read(monkeypatch):
     assert mm and "another device (dm-name:other; the split copy was on dm-name:fb)" in mm.reason
     now(rdev=1, devid=None)
     mm = copyid.check(ident, Dev(), lambda off, view: None, SIZE)
-    assert mm and "content differs" in mm.reason      # zeros read, "x" recorded
+    assert mm and "content differs" in mm.reason      # zeros read, others recorded
+
+
+def test_a_restore_source_opened_again_is_judged_before_the_management_lock(tmp_path):
+    """Review, HIGH 2: a restore's source missing at open and put back (with cp -p: another
+    inode, so its sample is read) is judged before the volume's management lock is taken: a
+    device slow to answer that read does not hold other management calls."""
+    class GateOnOpen(Opener):
+        gate = None
+
+        def __call__(self, path, *, direct=False):
+            img = super().__call__(path, direct=direct)
+            if self.gate is not None and str(path).endswith("img2"):
+                img.gates.append(self.gate)
+            return img
+    vol, _, paths = make_volume(tmp_path, 3, size=SIZE, region_size=REGION)
+    write(vol, 0, pattern(SIZE // BS, 1))
+    vol.split(2)
+    write(vol, 0, pattern(16, 2))
+    vol.restore(2, rate_limit=0.001)               # held before its first copy
+    vol.close()
+    shutil.copy2(paths[2], str(tmp_path / "kept"))
+    os.unlink(paths[2])
+    opener = GateOnOpen()
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=opener,
+                            flush_interval=None)
+    try:
+        rj = vol.control.restore_job                     # its source is missing: stopped
+        rj.cancel()
+        assert rj.wait(10) and vol._images[2].storage is None
+        shutil.copy2(str(tmp_path / "kept"), paths[2])    # put back, its time kept
+        opener.gate = Gate(lambda op, off, ln: op == "read")
+        t, box = run_thread(vol.restore, 2)
+        opener.gate.wait_reached()                        # the sample's read, held
+        with pytest.raises(StateError, match="already in sync"):
+            vol.resync(0)                                 # takes the management lock
+        opener.gate.open()
+        t.join(20)
+        assert "error" not in box, box
+        job = box["result"]
+        assert job.wait(20) and job.state == "done", job.progress()
+        assert read(vol, 0, 16) == bytes(pattern(SIZE // BS, 1)[:16 * BS])
+    finally:
+        if opener.gate is not None:
+            opener.gate.open()
+        vol.close()

@@ -106,8 +106,9 @@ def test_cancelled_restore_resumes_and_blocks_detach(tmp_path):
     # another image too: the detach would renumber the images, the restore's source among
     # them (trial 23)
     with pytest.raises(StateError, match=r"restore from image 2 is unfinished \(cancelled; "
-                                         r"'restore 2' resumes it, 'lvmirror abandon-restore "
-                                         r"vol 2 --force' gives it up\); detach after it ends"):
+                                         r"'restore 2' resumes it once its source reads and is "
+                                         r"the split copy, 'lvmirror abandon-restore vol 2 "
+                                         r"--force' gives it up\); detach after it ends"):
         vol.detach(1)
     job2 = vol.restore(2)
     assert job2.wait(10) and job2.state == "done"
@@ -168,7 +169,8 @@ def test_an_unreadable_split_image_fails_io_to_unrestored_regions_with_medium_er
     for call, doing in ((lambda: vol.resync(2), "resync"), (lambda: vol.split(1), "split"),
                         (lambda: vol.scrubs.start(), "scrub")):
         with pytest.raises(StateError, match=r"a restore from image 2 is unfinished \(failed: "
-                           r"VolumeIOError: .*cannot be read.*'restore 2' resumes it, "
+                           r"VolumeIOError: .*cannot be read.*'restore 2' resumes it once its "
+                           r"source reads and is the split copy, "
                            r"'lvmirror abandon-restore vol 2 --force' gives it up\); "
                            + doing + " after it ends"):
             call()
