@@ -115,45 +115,42 @@ class JobControl:
         t0 = time.monotonic()
         img.wait_stuck(legs.STUCK_IO_WAIT)   # an I/O left behind as slow, returning now
         waited = time.monotonic() - t0
-        verdict = self._copy_verdict(img)    # reads a sample: before the management lock
-        try:
-            with vol._mgmt:
-                vol.splits.check_idle("resync")
-                img = vol._img(image_index)
-                running = vol.jobs.get(img.rec.id)
-                if running is not None and running.is_alive():
-                    raise StateError(f"volume {vol.name}: image {image_index} already has a "
-                                     f"{type(running).__name__} running")
-                if img.state is ImageState.IN_SYNC and not full:
-                    raise StateError(f"volume {vol.name}: image {image_index} is already in sync "
-                                     f"(a full resync rebuilds it anyway: --full)")
-                self._refuse_if_exported(img, image_index, "resyncing")
-                self.refuse_if_restoring("resync")
-                self._refuse_if_offline("resync")
-                sources = [o for o in vol._images if o is not img and o.state is ImageState.IN_SYNC]
-                if not sources:
-                    raise StateError(f"volume {vol.name}: no other in-sync image to resync "
-                                     f"image {image_index} from")
-                if all(o.reads_hung() for o in sources):
-                    # every read of the copy would fail at once (resync._read_source: NotRead), so
-                    # the job would only fail: refused up front instead (trial 29, LOW)
-                    raise StateError(
-                        f"volume {vol.name}: cannot resync image {image_index} now: the in-sync "
-                        f"image(s) it would copy from ("
-                        + ", ".join(o.rec.path for o in sources)
-                        + ") still have reads a copy gave up on as slow in flight; run it again "
-                        "once the device answers")
-                self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
-                self._reopen_if_needed(img, verdict)
-                self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
-                self._refuse_if_not_copy(img, image_index, verdict, full=full, doing="resync")
-                full = full or img.bitmap is None
-                if full:
-                    img.bitmap = RegionBitmap(vol.size, vol.region_size)
-                    img.bitmap.set_all()
-                return self.start_resync(img, full=full, rate_limit=rate_limit)
-        finally:
-            verdict.discard()
+        # the verdict may read a sample: made before the management lock is taken
+        with self._copy_verdict(img) as verdict, vol._mgmt:
+            vol.splits.check_idle("resync")
+            img = vol._img(image_index)
+            running = vol.jobs.get(img.rec.id)
+            if running is not None and running.is_alive():
+                raise StateError(f"volume {vol.name}: image {image_index} already has a "
+                                 f"{type(running).__name__} running")
+            if img.state is ImageState.IN_SYNC and not full:
+                raise StateError(f"volume {vol.name}: image {image_index} is already in sync "
+                                 f"(a full resync rebuilds it anyway: --full)")
+            self._refuse_if_exported(img, image_index, "resyncing")
+            self.refuse_if_restoring("resync")
+            self._refuse_if_offline("resync")
+            sources = [o for o in vol._images if o is not img and o.state is ImageState.IN_SYNC]
+            if not sources:
+                raise StateError(f"volume {vol.name}: no other in-sync image to resync "
+                                 f"image {image_index} from")
+            if all(o.reads_hung() for o in sources):
+                # every read of the copy would fail at once (resync._read_source: NotRead), so
+                # the job would only fail: refused up front instead (trial 29, LOW)
+                raise StateError(
+                    f"volume {vol.name}: cannot resync image {image_index} now: the in-sync "
+                    f"image(s) it would copy from ("
+                    + ", ".join(o.rec.path for o in sources)
+                    + ") still have reads a copy gave up on as slow in flight; run it again "
+                    "once the device answers")
+            self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
+            self._reopen_if_needed(img, verdict)
+            self._refuse_if_stuck(img, f"image {image_index}", "resync it", waited)
+            self._refuse_if_not_copy(img, image_index, verdict, full=full, doing="resync")
+            full = full or img.bitmap is None
+            if full:
+                img.bitmap = RegionBitmap(vol.size, vol.region_size)
+                img.bitmap.set_all()
+            return self.start_resync(img, full=full, rate_limit=rate_limit)
 
     def _refuse_if_stuck(self, img, what, doing, waited):
         """StateError while I/O left behind as slow (``leg_timeout``) is in flight on ``img``'s
@@ -197,7 +194,8 @@ class JobControl:
         the image (bounded by ``leg_timeout``), so a slow image does not hold other management
         calls. An image not open with an identity recorded is opened here from its path and
         judged (``_Verdict.fresh``), so that ``_reopen_if_needed`` under the lock uses it
-        rather than read there; the caller must ``discard()`` the verdict when done."""
+        rather than read there; use the verdict as a context manager (it closes a fresh
+        storage nobody took)."""
         vol = self.vol
         st = img.storage
         if st is None and img.rec.copy_id:
@@ -407,15 +405,7 @@ class JobControl:
         image whose file was missing at open (and starts its worker)."""
         vol = self.vol
         vol._check_open()
-        verdict = self._copy_verdict(vol._img(image_index))
-        try:
-            return self._check_restore(image_index, verdict, fresh, flush)
-        finally:
-            verdict.discard()
-
-    def _check_restore(self, image_index, verdict, fresh, flush):
-        vol = self.vol
-        with vol._mgmt:
+        with self._copy_verdict(vol._img(image_index)) as verdict, vol._mgmt:
             img = self._restorable(image_index, verdict)
             self._refuse_if_not_copy(img, image_index, verdict, full=False, doing="restore",
                                      resume=self.restore_job is not None)
@@ -539,15 +529,7 @@ class JobControl:
         vol = self.vol
         rate_limit = check_rate(rate_limit)
         vol._check_open()
-        verdict = self._copy_verdict(vol._img(image_index), record=full)
-        try:
-            return self._restore(image_index, verdict, rate_limit, full)
-        finally:
-            verdict.discard()
-
-    def _restore(self, image_index, verdict, rate_limit, full):
-        vol = self.vol
-        with vol._mgmt:
+        with self._copy_verdict(vol._img(image_index), record=full) as verdict, vol._mgmt:
             img = self._restorable(image_index, verdict)
             if self.restore_job is not None:
                 old = self.restore_job
@@ -927,6 +909,12 @@ class _Verdict:
         st, self.fresh = self.fresh, None
         if st is not None:
             st.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.discard()
 
 
 def _restore_targets(vol, source) -> list:
