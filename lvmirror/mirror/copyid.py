@@ -18,7 +18,9 @@ the bitmap:
 - ``stat``, for a regular file: its inode number, size, modification and change times
   (``st_ino``, ``st_size``, ``st_mtime_ns``, ``st_ctime_ns``) once the split is durable.
   ``st_dev`` is not compared: it can change across boots.
-  - The same inode with the same mtime is the copy, with no read.
+  - The same inode with the same mtime, and a ctime not after the recorded one, is the copy,
+    with no read. A later ctime (a chmod, or a write whose mtime was set back with
+    ``touch -r``) leaves it to the sample.
   - Another size, or a later mtime, is a mismatch: every write updates mtime (POSIX
     ``write()``), so the file was written outside lvmirror or is another file (a new file may
     reuse a freed inode number: the inode alone proves nothing).
@@ -299,9 +301,13 @@ def _check(copy_id, storage, read, size, skip):
                 "its modification time changed since the split: it was written by something "
                 "other than lvmirror (a file system mounted read-write, fsck) or is another "
                 "file, such as an older copy, so regions the change bitmap does not mark may "
-                "differ (a copy put back keeps its time with cp -p, cp -a or rsync -a)")
-        elif same_ino and now["mtime_ns"] == rec_mtime:
+                "differ (a copy put back must keep its time to the nanosecond: cp -p, cp -a "
+                "or rsync -a do)")
+        elif same_ino and now["mtime_ns"] == rec_mtime and \
+                now["ctime_ns"] <= int(copy_id.get("ctime_ns", now["ctime_ns"])):
             return None
+        # a later ctime with the same mtime: a chmod, or a write whose mtime was set back by
+        # hand (touch -r, cp -p onto it): the sample decides (trial 32, MEDIUM 4)
         # left: another inode with the copy's very time (put back with cp -p), the times a
         # power cut took back, or an export's writes: the sample decides
     elif kind == "block" and now and copy_id.get("devid"):

@@ -168,23 +168,40 @@ class JobControl:
                 f"flight on its device that were given up on as slow (leg_timeout; waited "
                 f"{waited:.1f} s); {doing} once they return ({why})")
 
-    def check_copy(self, image_index) -> None:
+    def check_copy(self, image_index, doing="a backup of it") -> None:
         """Raise StateError when split image ``image_index`` is not the copy its split
-        recorded (``copyid.check_leg``: another file at its path, one written since the split,
-        another device), naming why: a backup of it would not be the point-in-time copy of
-        its split. None when it is, or when no identity was recorded. Reads a sample only when
-        the stat fields do not settle it (bounded by ``leg_timeout``), with no lock held.
-        IndexError: no such image."""
+        recorded (``_copy_verdict``: another file at its path, one written since the split,
+        another device), naming why: ``doing`` (a backup, an export as a LUN) would not show
+        the point-in-time copy of its split. An image not open (missing when the volume
+        opened) is judged by the file now at its path, which must open as an image. None when
+        it is the copy, or when no identity was recorded. Reads a sample only when the stat
+        fields do not settle it (bounded by ``leg_timeout``), with no lock held. IndexError: no
+        such image."""
         vol = self.vol
         vol._check_open()
         img = vol._img(image_index)
-        mm = copyid.check_leg(vol, img)
-        if mm is not None:
-            raise StateError(
-                f"volume {vol.name}: image {image_index} ({img.rec.path}) is not the copy "
-                f"lvmirror split off: {mm.reason}; a backup of it would not be the volume as of "
-                f"its split. Resync it ('lvmirror resync {vol.name} {image_index} --full' "
-                f"copies every region) and split again")
+        with self._copy_verdict(img) as verdict:
+            mm = verdict.mm
+            if img.storage is None and img.rec.copy_id and verdict.fresh is None:
+                raise StateError(
+                    f"volume {vol.name}: split image {image_index} ({img.rec.path}) is not "
+                    f"available: {verdict.error or 'it was not open'}")
+        if mm is None:
+            return
+        head = (f"volume {vol.name}: image {image_index} ({img.rec.path}) is not the copy "
+                f"lvmirror split off: {mm.reason}; {doing} would not be the volume as of its "
+                f"split. ")
+        if mm.held:
+            raise StateError(head + self._held_way_out(img.rec.path))
+        raise StateError(head + f"Resync it ('lvmirror resync {vol.name} {image_index} --full' "
+                                f"copies every region) and split again")
+
+    @staticmethod
+    def _held_way_out(path) -> str:
+        """What to do when ``path`` names another file than the one lvmirrord holds open."""
+        return (f"Put the split copy back at {path} (if lvmirrord opened another file there "
+                f"at its start, restart it then: it opens the path at its start), or detach "
+                f"the image and attach the file (a full copy into it)")
 
     def _copy_verdict(self, img, *, record=False) -> _Verdict:
         """Whether the file open as image ``img`` is the copy its split recorded
@@ -201,8 +218,9 @@ class JobControl:
         if st is None and img.rec.copy_id:
             try:
                 fresh = vol._opener(img.rec.path, direct=vol._direct)
-            except (ConfigError, OSError):
-                return _Verdict(None, None, None)   # _reopen_if_needed reports it
+            except (ConfigError, OSError) as e:
+                # _reopen_if_needed reports it; check_copy refuses with it
+                return _Verdict(None, None, None, error=str(e))
             try:
                 check_image_fits(fresh, vol.size, vol.block_size)
                 read = copyid.bounded_reader(fresh, (lambda n: vol.leg_timeout +
@@ -214,9 +232,11 @@ class JobControl:
                     mm = copyid.Mismatch(f"it cannot be examined ({e})", unread=True)
                 ident = (copyid.record(fresh, read, vol.size)
                          if record and mm and not mm.held else None)
-            except BaseException:
+            except BaseException as e:
                 fresh.close()
-                return _Verdict(None, None, None)
+                if not isinstance(e, Exception):
+                    raise
+                return _Verdict(None, None, None, error=str(e))
             return _Verdict(fresh, mm, ident, fresh=fresh, leg=img)
         mm = copyid.check_leg(vol, img)
         ident = copyid.record_leg(vol, img) if record and mm and not mm.held else None
@@ -248,8 +268,7 @@ class JobControl:
         if mm.held:
             raise StateError(
                 f"{head}; a {doing} would use the file lvmirrord holds open while the next "
-                f"start of lvmirrord opens the one at the path. Put the split copy back at "
-                f"{path}, or detach the image and attach the file (a full copy into it)")
+                f"start of lvmirrord opens the one at the path. " + self._held_way_out(path))
         if resume:
             raise self._resume_refusal(img, image_index, mm)
         if not full:
@@ -890,11 +909,12 @@ class _Verdict:
     StorageImage it opened itself for an image that was not open, not yet in use: taken by
     ``JobControl._reopen_if_needed``, else closed by ``discard``)."""
 
-    __slots__ = ("storage", "mm", "ident", "fresh", "leg")
+    __slots__ = ("storage", "mm", "ident", "fresh", "leg", "error")
 
-    def __init__(self, storage, mm, ident, *, fresh=None, leg=None):
+    def __init__(self, storage, mm, ident, *, fresh=None, leg=None, error=None):
         self.storage, self.mm, self.ident, self.fresh = storage, mm, ident, fresh
         self.leg = leg          # the Leg it was made for
+        self.error = error      # why an image not open could not be opened to judge it
 
     def take(self, leg):
         """The fresh storage when the verdict was made for ``leg``, once (None after, or for

@@ -262,9 +262,13 @@ class SplitControl:
         are marked in the image's change bitmap first, so resync / restore still copy every
         region where it differs from the live volume. Resync and restore of the image are
         refused while it is exported; ``close()`` the view to end the export. StateError when
-        the image is not split, already exported or a restore from it is unfinished."""
+        the image is not split, already exported, a restore from it is unfinished, or the file
+        at its path is not the copy its split recorded (``JobControl.check_copy``, judged
+        before the management lock: the LUN would serve another file as the point-in-time
+        copy, and the export's end would record that file as the copy - trial 32, HIGH 1)."""
         vol = self.vol
         vol._check_open()
+        vol.control.check_copy(image_index, "an export of it as a LUN")
         with vol._mgmt:
             img = vol._img(image_index)
             if img.state is not ImageState.SPLIT or img.storage is None \

@@ -493,3 +493,66 @@ def test_a_restore_source_opened_again_is_judged_before_the_management_lock(tmp_
         if opener.gate is not None:
             opener.gate.open()
         vol.close()
+
+
+def test_an_export_of_another_file_is_refused(tmp_path):
+    """Trial 32, HIGH 1: another file at the split image's path (put there while the volume
+    was closed) must not be exported as the point-in-time copy, nor recorded as the copy when
+    the export ends."""
+    vol, paths = _split_with_data(tmp_path)
+    vol.close()
+    with open(paths[1] + ".x", "wb") as f:
+        f.write(pattern(SIZE // BS, 12))
+    os.replace(paths[1] + ".x", paths[1])
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=Opener(),
+                            flush_interval=None)
+    with pytest.raises(StateError, match="an export of it as a LUN would not be the volume as "
+                                         "of its split"):
+        vol.split_image(1)
+    assert not vol._images[1].exported
+    with pytest.raises(StateError, match="not the copy"):
+        vol.resync(1)
+    vol.close()
+
+
+def test_a_backup_of_a_copy_missing_at_open_judges_the_file_now_there(tmp_path):
+    """Trial 32, HIGH 2: a split image missing when the volume opened has no open file; its
+    backup must judge the file put at the path since (refused when it is not the copy, or
+    when it does not open as an image - a FIFO would block the copy), and accept the copy."""
+    vol, paths = _split_with_data(tmp_path)
+    vol.close()
+    os.rename(paths[1], str(tmp_path / "kept"))
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=Opener(),
+                            flush_interval=None)
+    assert vol._images[1].storage is None
+    with pytest.raises(StateError, match="split image 1 .* is not available"):
+        vol.check_copy(1)
+    os.mkfifo(paths[1])
+    with pytest.raises(StateError, match="split image 1 .* is not available"):
+        vol.check_copy(1)
+    os.unlink(paths[1])
+    with open(paths[1], "wb") as f:
+        f.write(pattern(SIZE // BS, 13))
+    with pytest.raises(StateError, match="not the copy lvmirror split off.*a backup of it"):
+        vol.check_copy(1)
+    os.replace(str(tmp_path / "kept"), paths[1])
+    vol.check_copy(1)                                 # the copy itself: accepted
+    assert vol._images[1].storage is None             # judged, not opened for good
+    vol.close()
+
+
+def test_an_mtime_set_back_on_the_same_inode_leaves_it_to_the_sample(tmp_path):
+    """Trial 32, MEDIUM 4: a write in place with its mtime set back (touch -r) moves ctime:
+    the sample decides, and a change it covers is refused; a chmod alone still passes."""
+    vol, paths = _split_with_data(tmp_path)
+    os.chmod(paths[1], 0o640)                         # ctime moves, nothing else
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    vol.split(1)
+    cid = vol._images[1].rec.copy_id
+    with open(paths[1], "r+b") as f:                  # the sampled head
+        f.write(b"\xee" * BS)
+    os.utime(paths[1], ns=(cid["mtime_ns"], cid["mtime_ns"]))
+    with pytest.raises(StateError, match="content differs"):
+        vol.resync(1)
+    vol.close()
