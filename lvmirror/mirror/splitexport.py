@@ -20,6 +20,8 @@ from lvmirror.mirror.regionlock import RegionLockManager
 
 log = logging.getLogger(__name__)
 
+EXPORT_DRAIN_WAIT = 10.0    # seconds close() waits for the LUN's writes in flight
+
 __all__ = ["SplitImageVolume"]
 
 
@@ -152,8 +154,18 @@ class SplitImageVolume:
         if not self._closed:
             self._closed = True
             vol, img = self._vol, self._img
-            ident = (copyid.record_leg(vol, img) if img.rec.copy_id and
-                     img.state is ImageState.SPLIT else None)
+            ident = None
+            if img.rec.copy_id and img.state is ImageState.SPLIT:
+                # a write that passed _check before the close holds its region lock until it
+                # returns: wait for it, so the identity is of the file as the LUN left it
+                # (trial 33, MEDIUM 3); one that hangs leaves the copy marked exported
+                try:
+                    with self.locks.lock(0, self.num_blocks, timeout=EXPORT_DRAIN_WAIT):
+                        ident = copyid.record_leg(vol, img)
+                except TimeoutError:
+                    log.warning("volume %s: image %s: a write through its LUN still in flight "
+                                "%g s after the export ended; the copy stays marked exported",
+                                vol.name, img.rec.path, EXPORT_DRAIN_WAIT)
             with vol._mgmt:
                 img.exported -= 1
                 if ident is None or img.exported or not img.rec.copy_id \

@@ -556,3 +556,82 @@ def test_an_mtime_set_back_on_the_same_inode_leaves_it_to_the_sample(tmp_path):
     with pytest.raises(StateError, match="content differs"):
         vol.resync(1)
     vol.close()
+
+
+def test_a_copy_marked_exported_and_missing_at_open_is_judged_outside_its_luns_writes(
+        tmp_path):
+    """Trial 33, HIGH: the fresh open of a copy not open leaves out the ranges its LUN wrote,
+    as the open image's check does."""
+    vol, paths = _split_with_data(tmp_path)
+    exp = vol.split_image(1)
+    exp.write(0, [memoryview(pattern(2, 5))])        # the head range: the LUN's
+    exp.flush()
+    exp._closed = True                               # as if killed: the export never closed
+    vol._images[1].exported -= 1
+    vol.close()
+    os.rename(paths[1], str(tmp_path / "kept"))
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), opener=Opener(),
+                            flush_interval=None)
+    os.rename(str(tmp_path / "kept"), paths[1])
+    vol.check_copy(1)
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    assert image_bytes(paths[1]) == image_bytes(paths[0])
+    vol.close()
+
+
+def test_a_sample_that_cannot_be_read_says_to_try_again(tmp_path, monkeypatch):
+    """Trial 33, MEDIUM 4: a read error is no proof the file is not the copy: the refusal
+    says to try again, not to throw the copy away."""
+    vol, paths = _split_with_data(tmp_path)
+    os.chmod(paths[1], 0o640)                        # a later ctime: the sample is read
+    vol._images[1].storage.fail_reads = True
+    with pytest.raises(StateError, match="could not be read.*run it again once its device "
+                                         "answers"):
+        vol.resync(1)
+    with pytest.raises(StateError, match="could not be read.*Try again once its device "
+                                         "answers"):
+        vol.check_copy(1)
+    vol._images[1].storage.fail_reads = False
+    vol.check_copy(1)
+    vol.close()
+
+
+def test_a_copy_split_without_a_sample_keeps_passing_on_its_stat_fields(tmp_path):
+    """Trial 33, LOW: no sample recorded (its read failed at the split): a chmod alone does
+    not refuse it."""
+    vol, paths = _split_with_data(tmp_path)
+    rec = vol._images[1].rec
+    rec.copy_id = dict(rec.copy_id, sample=None, error="injected")
+    os.chmod(paths[1], 0o640)
+    vol.check_copy(1)
+    with open(paths[1], "r+b") as f:                 # a write: its mtime moves
+        f.write(b"\xee" * BS)
+    with pytest.raises(StateError, match="modification time changed"):
+        vol.check_copy(1)
+    vol.close()
+
+
+def test_an_export_ends_after_the_writes_in_flight(tmp_path):
+    """Trial 33, MEDIUM 3: close() waits for a write through the LUN already past its check,
+    so the identity it records is of the file as the LUN left it."""
+    vol, opener, paths = make_volume(tmp_path, 2, size=SIZE, region_size=REGION)
+    write(vol, 0, pattern(SIZE // BS, 1))
+    vol.split(1)
+    exp = vol.split_image(1)
+    gate = Gate(lambda op, off, ln: op == "write")
+    opener.by_path[paths[1]].gates.append(gate)
+    tw, wbox = run_thread(exp.write, 40, [memoryview(pattern(1, 6))])
+    gate.wait_reached()
+    tc, cbox = run_thread(exp.close)
+    tc.join(0.5)
+    assert tc.is_alive()                             # waiting for the write
+    gate.open()
+    tw.join(10)
+    tc.join(10)
+    assert not tc.is_alive() and "error" not in wbox and "error" not in cbox
+    cid = vol._images[1].rec.copy_id
+    assert "exported" not in cid and cid["mtime_ns"] == os.stat(paths[1]).st_mtime_ns
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    vol.close()
