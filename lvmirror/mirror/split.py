@@ -211,6 +211,12 @@ class SplitControl:
         older lvmirror. A save that fails is logged; the identity is saved with the next
         change."""
         vol, img = self.vol, p.img
+        st = img.storage
+        if st is not None:
+            # a flush that failed before the split failed the image with every region it may
+            # have lost marked (copied again by its resync), or fails the split itself
+            # (not_durable): only later ones doubt the copy
+            img.split_flush_base = (st, st.flush_failures)
         ident = copyid.record_leg(vol, img)
         with vol._meta:
             if img.state is not ImageState.SPLIT or img.rec.split_time != p.split_time:

@@ -635,3 +635,15 @@ def test_an_export_ends_after_the_writes_in_flight(tmp_path):
     job = vol.resync(1)
     assert job.wait(10) and job.state == "done"
     vol.close()
+
+
+def test_a_path_that_names_nothing_now_leaves_the_held_copy_judged(tmp_path):
+    """Stop 53 (a CI run): a dm reload without udev rules left /dev/mapper/fb missing for a
+    while, and the resync was refused as if another file were there. Nothing at the path is
+    no other file: the file held is judged by itself."""
+    vol, paths = _split_with_data(tmp_path)
+    os.rename(paths[1], str(tmp_path / "away"))
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done"
+    assert image_bytes(str(tmp_path / "away")) == image_bytes(paths[0])
+    vol.close()

@@ -585,3 +585,32 @@ def test_without_leg_timeout_a_failed_restores_retry_is_not_read_first(tmp_path)
     finally:
         opener.by_path[paths[1]].fail_reads = False
         vol.close()
+
+
+def test_a_flush_failure_before_the_split_does_not_refuse_its_restore(tmp_path):
+    """Stop 53 (a CI run): image 2's flush failed while it was in sync, so it failed with
+    every region it may have lost marked, and was resynced; split afterwards, its copy is whole and durable, and a restore from it
+    is accepted. A flush failure after the split still refuses it (trial 27)."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
+    write(vol, 0, pattern(64, 1))
+    st2 = opener.by_path[paths[2]]
+    st2.fail_flushes = True
+    vol.flush()                              # the other images are durable: it succeeds
+    st2.fail_flushes = False
+    assert vol.images[2].state is ImageState.FAILED and st2.flush_failures
+    job = vol.resync(2)
+    assert job.wait(10) and job.state == "done"
+    vol.split(2)
+    write(vol, 0, pattern(8, 2))
+    job = vol.restore(2)
+    assert job.wait(10) and job.state == "done", (job.state, job.error)
+    assert read(vol, 0, 8) == pattern(8, 1)
+    write(vol, 0, pattern(8, 3))
+    st2.fail_flushes = True
+    with pytest.raises(VolumeIOError):
+        vol.check_restore(2, flush=True)
+    st2.fail_flushes = False
+    with pytest.raises(StateError, match=r"a flush of split image 2 .* failed since it was "
+                                         r"opened"):
+        vol.restore(2)
+    vol.close()
