@@ -306,9 +306,9 @@ class Leg:
         self.exported = 0          # SplitImageVolume objects serving this split image
         # the split.PendingSplit of a split between prepare and finish (None otherwise)
         self.split_busy = None
-        # (storage, its flush_failures) when the split was done: a restore refuses the copy
-        # only for a flush that failed since (JobControl._restorable). None: not split here
-        # (split before this open: every failure of this storage counts)
+        # (storage, its flush_failures_seen) when the split was done: a restore refuses the
+        # copy for any flush failure not answered before the split (JobControl._restorable).
+        # None: not split here (split before this open: every failure of this storage counts)
         self.split_flush_base = None
         # the BoundedIOs of a copy's reads of this image given up on as slow
         # (``resync._read_source``); while one has not ended the device does not answer

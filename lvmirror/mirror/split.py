@@ -213,10 +213,11 @@ class SplitControl:
         vol, img = self.vol, p.img
         st = img.storage
         if st is not None:
-            # a flush that failed before the split failed the image with every region it may
-            # have lost marked (copied again by its resync), or fails the split itself
-            # (not_durable): only later ones doubt the copy
-            img.split_flush_base = (st, st.flush_failures)
+            # a flush that failed before the split and was answered (the image failed with
+            # every region it may have lost marked, copied again by its resync:
+            # flush_failures_seen) does not doubt the copy; one counted but not answered yet
+            # (another thread's, failing as the split ran) does, as any later one
+            img.split_flush_base = (st, st.flush_failures_seen)
         ident = copyid.record_leg(vol, img)
         with vol._meta:
             if img.state is not ImageState.SPLIT or img.rec.split_time != p.split_time:

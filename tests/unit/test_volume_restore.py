@@ -614,3 +614,18 @@ def test_a_flush_failure_before_the_split_does_not_refuse_its_restore(tmp_path):
                                          r"opened"):
         vol.restore(2)
     vol.close()
+
+
+def test_a_flush_failure_not_answered_when_the_split_ran_refuses_its_restore(tmp_path):
+    """A flush of image 2 failed in another thread (counted) and the volume has not answered
+    it yet (the image not failed) when the split runs: the copy may lack what it lost, so a
+    restore from it is refused, as for a failure after the split."""
+    vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
+    write(vol, 0, pattern(64, 1))
+    st2 = opener.by_path[paths[2]]
+    st2.note_flush_failure()                 # counted by its flush, not yet seen
+    vol.split(2)
+    with pytest.raises(StateError, match=r"a flush of split image 2 .* failed since it was "
+                                         r"opened"):
+        vol.restore(2)
+    vol.close()
