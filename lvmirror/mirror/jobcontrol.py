@@ -188,9 +188,8 @@ class JobControl:
                     f"available: {verdict.error or 'it was not open'}")
         if mm is None:
             return
-        head = (f"volume {vol.name}: image {image_index} ({img.rec.path}) is not the copy "
-                f"lvmirror split off: {mm.reason}; {doing} would not be the volume as of its "
-                f"split. ")
+        head = (f"{_not_copy(vol, img, image_index, mm)}; {doing} would not be the volume as "
+                f"of its split. ")
         if mm.held:
             raise StateError(head + self._held_way_out(img.rec.path))
         if mm.unread:
@@ -225,9 +224,7 @@ class JobControl:
                 return _Verdict(None, None, None, error=str(e))
             try:
                 check_image_fits(fresh, vol.size, vol.block_size)
-                read = copyid.bounded_reader(fresh, (lambda n: vol.leg_timeout +
-                                                     n / legs.MIN_DEVICE_RATE)
-                                             if vol.leg_timeout else None)
+                read = _fresh_reader(vol, fresh)
                 try:
                     mm = copyid.check(img.rec.copy_id, fresh, read, vol.size, _skip(img))
                 except OSError as e:
@@ -265,8 +262,7 @@ class JobControl:
         if mm is None:
             return None
         path = img.rec.path
-        head = (f"volume {vol.name}: image {image_index} ({path}) is not the copy lvmirror "
-                f"split off: {mm.reason}")
+        head = _not_copy(vol, img, image_index, mm)
         if mm.held:
             raise StateError(
                 f"{head}; a {doing} would use the file lvmirrord holds open while the next "
@@ -311,9 +307,8 @@ class JobControl:
                     if fresh is not None:
                         mm = verdict.mm
                     else:
-                        mm = copyid.check(img.rec.copy_id, st, copyid.bounded_reader(
-                            st, (lambda n: vol.leg_timeout + n / legs.MIN_DEVICE_RATE)
-                            if vol.leg_timeout else None), vol.size, _skip(img))
+                        mm = copyid.check(img.rec.copy_id, st, _fresh_reader(vol, st),
+                                          vol.size, _skip(img))
                     if mm is not None:
                         raise self._resume_refusal(img, vol._images.index(img), mm)
             except BaseException:
@@ -327,8 +322,8 @@ class JobControl:
         the recorded split copy (Mismatch ``mm``): only ``abandon-restore`` ends it."""
         vol = self.vol
         return StateError(
-            f"volume {vol.name}: image {image_index} ({img.rec.path}) is not the copy lvmirror "
-            f"split off: {mm.reason}; the unfinished restore from it would roll back the "
+            f"{_not_copy(vol, img, image_index, mm)}; the unfinished restore from it would "
+            f"roll back the "
             f"regions it has left from this file. Put the split copy back at the path, or give "
             f"the restore up ('lvmirror abandon-restore {vol.name} {image_index} --force'), "
             f"then 'lvmirror restore {vol.name} {image_index} --full' rolls back every region "
@@ -902,6 +897,21 @@ class JobControl:
 # rec.error of a restore's source not opened at resume (JobControl.resume): not the copy, or
 # not read to check it
 COPY_ERROR, COPY_UNCHECKED = "not the split copy: ", "not checked as the split copy: "
+
+
+def _not_copy(vol, img, image_index, mm) -> str:
+    """The head of every refusal of an image that is not the recorded split copy (Mismatch
+    ``mm``): volume, image index and path, and the reason."""
+    return (f"volume {vol.name}: image {image_index} ({img.rec.path}) is not the copy lvmirror "
+            f"split off: {mm.reason}")
+
+
+def _fresh_reader(vol, st):
+    """``copyid.bounded_reader`` for StorageImage ``st``, opened just now and served by no
+    worker yet: each read bounded as a copy's is (``leg_timeout`` plus the read at
+    ``legs.MIN_DEVICE_RATE``), unbounded without ``leg_timeout``."""
+    return copyid.bounded_reader(st, (lambda n: vol.leg_timeout + n / legs.MIN_DEVICE_RATE)
+                                 if vol.leg_timeout else None)
 
 
 def _skip(img):
