@@ -58,6 +58,8 @@ CHECKPOINT_SECONDS = 1.0
 # bytes of marked regions a copy asks the kernel to read ahead of itself on its source
 READAHEAD = 4 << 20
 RATE_RECHECK = 0.25             # seconds: the longest a rate-limited copy waits unchecked
+# bytes between the bytes ``all_zero`` looks at before it compares a whole region
+ZERO_PROBE_STRIDE = 4096
 MB = 1_000_000
 
 log = logging.getLogger(__name__)
@@ -227,9 +229,7 @@ class ResyncJob(_Job):
             t_copy = time.monotonic()
             self.phase_seconds["drain"] = t_copy - self._t0
             buf = StorageImage.aligned_buffer(vol.region_size)
-            # compared as bytes: == of two memoryviews unpacks every byte (about 1.5 ms per
-            # MiB, 30 times a memcmp of bytes), which made the zero check the copy's main cost
-            self._zero = bytes(vol.region_size)
+            self._zero = bytes(vol.region_size)     # for ``all_zero``
             last_ck, since_ck = time.monotonic(), 0
             while True:
                 for r in _read_ahead(bm, vol, lambda: _first_in_sync(vol)):
@@ -298,7 +298,7 @@ class ResyncJob(_Job):
                 try:
                     # an all-zero region: deallocated (reads back as zeroes), so a thin image
                     # stays thin and the copy costs no writes
-                    zero = view.tobytes() == (self._zero if ln == len(self._zero) else bytes(ln))
+                    zero = all_zero(view, self._zero)
                     if vol.leg_timeout and img.worker is not None:
                         _bounded_copy_write(vol, img, off, view, zero, t_read)
                     elif zero:
@@ -324,6 +324,26 @@ class ResyncJob(_Job):
         finally:
             lk.release()
         self._count_copy(r, ln)
+
+
+def all_zero(view, zeros=None) -> bool:
+    """True when every byte of ``view`` (a contiguous memoryview of bytes, a region a copy
+    read) is zero. ``zeros``: ``bytes`` of zeroes at least as long, kept by the caller.
+
+    First the bytes every ZERO_PROBE_STRIDE apart are looked at (one byte a 4 KiB page, 256 a
+    1 MiB region): a region holding data nearly always has one of them set and is answered
+    without copying it. Only a region whose probed bytes are all zero is compared whole, as
+    ``bytes`` (``==`` of two memoryviews unpacks every byte: 1.5 ms a MiB). The whole
+    comparison copied each region once more before (``tobytes``), a fifth of the memory
+    traffic of a copy whose reads and writes hit the page cache (the lab's images on a
+    RAM-backed disk under emulation)."""
+    ln = view.nbytes
+    probe = view[::ZERO_PROBE_STRIDE].tobytes()
+    if probe.count(0) != len(probe):
+        return False
+    if zeros is None or len(zeros) < ln:
+        zeros = bytes(ln)
+    return view.tobytes() == (zeros if len(zeros) == ln else zeros[:ln])
 
 
 def _read_ahead(bm, vol, source):
