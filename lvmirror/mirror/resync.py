@@ -185,6 +185,55 @@ class _Job:
         self._done.set()
 
 
+class _Checkpoints:
+    """A resync's checkpoints, made beside its copy: one at a time on a thread of its own, so
+    the copy goes on writing while the checkpoint's flush makes the regions copied before it
+    durable (the copy stood still for each flush before: 42 % of a full resync's time on the
+    host, 1 GiB on ext4). ``commit(next_region)`` is ``JobControl.checkpoint_resync``: it
+    snapshots the bitmap, then flushes the target, then saves the snapshot, so a region the
+    copy clears meanwhile is saved only by a later checkpoint, after its own flush (the
+    durability rule is the same as when the copy waited). A checkpoint's error is raised by
+    the copy's next ``start`` or ``wait``, which end the job as before (``pause_resync`` and
+    failed); the job waits for the one in flight before it pauses or finishes, so a late
+    checkpoint never saves over what those save (its cursor would resume a resync cancelled
+    for good)."""
+
+    def __init__(self, name: str, commit):
+        self._name = name
+        self._commit = commit
+        self._thread = None
+        self._error = None
+
+    def start(self, next_region: int) -> bool:
+        """Begin a checkpoint of the copy up to ``next_region`` (the cursor saved with it);
+        False when the previous one still runs (the copy asks again after its next region).
+        Raises the previous checkpoint's error."""
+        if self._thread is not None:
+            if self._thread.is_alive():
+                return False
+            self.wait()
+        self._thread = threading.Thread(target=self._run, args=(next_region,), daemon=True,
+                                        name=self._name)
+        self._thread.start()
+        return True
+
+    def _run(self, next_region):
+        try:
+            self._commit(next_region)
+        except BaseException as e:        # raised in the copy's thread by ``wait``
+            self._error = e
+
+    def wait(self, *, quiet: bool = False) -> None:
+        """Wait for the checkpoint in flight (if any) to end; raise its error unless
+        ``quiet`` (the job is failing already and says why)."""
+        t, self._thread = self._thread, None
+        if t is not None:
+            t.join()
+        e, self._error = self._error, None
+        if e is not None and not quiet:
+            raise e
+
+
 def check_rate(mb_per_s):
     """A copy's rate limit in MB/s as stored and used: None (unlimited) for None, 0 or infinity,
     else the number. ValueError for anything else - a negative number, NaN, a bool or a
@@ -220,6 +269,8 @@ class ResyncJob(_Job):
     def _run(self, epoch):
         self._t0 = time.monotonic()
         vol, img, bm = self.vol, self.img, self.bitmap
+        ckpt = _Checkpoints(f"{vol.name}-resync{self.image_id}-ckpt",
+                            lambda nxt: vol.control.checkpoint_resync(img, nxt))
         try:
             # Writes of older epochs may still mark this image's bitmap: let them finish.
             vol._drain(epoch)
@@ -240,11 +291,12 @@ class ResyncJob(_Job):
                     _check_online(vol, "resync")
                     self._copy(r, buf)
                     since_ck += 1
-                    if since_ck >= CHECKPOINT_REGIONS or \
-                            time.monotonic() - last_ck >= CHECKPOINT_SECONDS:
-                        vol.control.checkpoint_resync(img, r + 1)
+                    if (since_ck >= CHECKPOINT_REGIONS or
+                            time.monotonic() - last_ck >= CHECKPOINT_SECONDS) and \
+                            ckpt.start(r + 1):
                         last_ck, since_ck = time.monotonic(), 0
                 if self._cancel.is_set():
+                    ckpt.wait()
                     vol.control.pause_resync(img, keep_resume=self._stopping)
                     self._finish("cancelled")
                     return
@@ -252,6 +304,7 @@ class ResyncJob(_Job):
                     raise _TargetFailed(img.rec.error or "target image failed")
                 if bm.count() == 0:
                     _check_online(vol, "resync")
+                    ckpt.wait()
                     t_commit = time.monotonic()
                     if vol.control.finish_resync(img, self):
                         self.phase_seconds["copy"] = t_commit - t_copy
@@ -265,8 +318,10 @@ class ResyncJob(_Job):
                         self._finish("done")
                         return
         except _TargetFailed as e:
+            ckpt.wait(quiet=True)
             self._fail(f"target image failed: {e}")
         except Exception as e:  # report, never kill the daemon
+            ckpt.wait(quiet=True)
             try:
                 vol.control.pause_resync(img, keep_resume=False)
             except Exception:
