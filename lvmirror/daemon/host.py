@@ -323,12 +323,18 @@ class VolumeHost:
                     out["seconds"] = max(out["seconds"], seconds)
         return out
 
-    def _no_backup(self, name, image):
-        """Image ``image``'s ImageInfo, or StateError while a backup of it runs (the caller holds
-        ``_backup_lock`` across this check and its change to the image)."""
+    def _image_info(self, name, image):
+        """Image ``image`` (its index) of volume ``name`` as ``MirrorVolume.images`` gives it
+        (an ImageInfo); ConfigError when the volume has no such image."""
         info = next((i for i in self._volume(name).images if i.index == image), None)
         if info is None:
             raise ConfigError(f"volume {name}: no image {image}")
+        return info
+
+    def _no_backup(self, name, image):
+        """Image ``image``'s ImageInfo, or StateError while a backup of it runs (the caller holds
+        ``_backup_lock`` across this check and its change to the image)."""
+        info = self._image_info(name, image)
         b = self._backups.get((name, info.id))
         if b is not None and b.state == "running":
             raise StateError(f"volume {name}: image {image} is being backed up to {b.dest}; "
@@ -341,9 +347,7 @@ class VolumeHost:
         copy its split recorded (``MirrorVolume.check_copy``: the file at its path replaced or
         written since); ConfigError when there is no such volume or image. The CLI's and
         targetcli-lvmirror's backups, which copy the file themselves, ask it first."""
-        info = next((i for i in self._volume(name).images if i.index == image), None)
-        if info is None:
-            raise ConfigError(f"volume {name}: no image {image}")
+        info = self._image_info(name, image)
         if info.state.value != "split":
             raise StateError(f"volume {name}: image {image} is {info.state.value}; only a "
                              f"split image is a point-in-time copy (split it first)")
