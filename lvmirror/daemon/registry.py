@@ -12,6 +12,7 @@ from lvmirror import cfgstring, rawtext
 from lvmirror.errors import ConfigError
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.metadata import VolumeMetadata
+from lvmirror.mirror.split import EXPORT_DOING
 from lvmirror.mirror.volume import MirrorVolume
 
 log = logging.getLogger("lvmirrord")
@@ -53,21 +54,30 @@ class VolumeRegistry:
         may not share an image with. Raises ConfigError (already served, foreign images= list,
         missing volume, an image of another volume...) or StateError."""
         key = spec.name if spec.image is None else f"{spec.name};image={spec.image}"
-        with self._cond:
-            while spec.name in self._opening:     # another LUN is opening it: wait for that
-                self._cond.wait()
-            if key in self._users:
-                raise ConfigError(f"{key!r} is already served by LUN "
-                                  f"'{rawtext.shown(self._users[key])}'")
-            volume = self._volumes.get(spec.name)
-            if volume is not None:
+        checked = None         # the open volume whose split image was judged the copy
+        while True:
+            with self._cond:
+                while spec.name in self._opening:     # another LUN is opening it: wait
+                    self._cond.wait()
+                if key in self._users:
+                    raise ConfigError(f"{key!r} is already served by LUN "
+                                      f"'{rawtext.shown(self._users[key])}'")
+                volume = self._volumes.get(spec.name)
+                if volume is None:
+                    self._opening.add(spec.name)
+                    break
                 named = spec.state_dir or self.state_dir
                 if os.path.realpath(named) != os.path.realpath(volume.meta_dir):
                     raise ConfigError(
                         f"volume {spec.name!r} is open with its state in {volume.meta_dir}, "
                         f"not in {named} (give the same state_dir= as the LUN that serves it)")
-                return self._attach(spec, key, lun, volume, opened=False)
-            self._opening.add(spec.name)
+                if spec.image is None or checked is volume:
+                    return self._attach(spec, key, lun, volume, opened=False,
+                                        checked=checked is volume)
+            # a split image's export: its identity judged without the lock (``_judge_copy``),
+            # then everything above again (another LUN may have taken it meanwhile)
+            self._judge_copy(volume, spec)
+            checked = volume
         # Opened without the lock: taking the volume's lease may wait up to sanlock's
         # host_dead_seconds (its last holder crashed), and names(), get() - the status of
         # every other volume - must not wait with it. Opens still go one at a time (the
@@ -75,6 +85,13 @@ class VolumeRegistry:
         try:
             with self._open_lock:
                 volume = self._open_leased(spec, size, lun, other_state_dirs)
+            if spec.image is not None:
+                try:
+                    self._judge_copy(volume, spec)
+                except BaseException:
+                    volume.close()
+                    self._release_lease(spec.name)
+                    raise
         except BaseException:
             with self._cond:
                 self._opening.discard(spec.name)
@@ -83,19 +100,30 @@ class VolumeRegistry:
         with self._cond:
             self._opening.discard(spec.name)
             self._cond.notify_all()
-            return self._attach(spec, key, lun, volume, opened=True)
+            return self._attach(spec, key, lun, volume, opened=True,
+                                checked=spec.image is not None)
 
-    def _attach(self, spec, key, lun, volume, *, opened):
+    @staticmethod
+    def _judge_copy(volume, spec):
+        """Whether split image ``spec.image`` of open ``volume`` is the copy its split recorded
+        (``MirrorVolume.check_copy``; StateError naming why not), judged with none of the
+        registry's locks held: it may read a sample of the image, each read bounded by
+        ``leg_timeout``, and every other LUN's open and lvmirrord's status would wait with it
+        (trial 33, MEDIUM 2). The export itself (``_attach``) then does not judge it again."""
+        volume.check_copy(spec.image, EXPORT_DOING)
+
+    def _attach(self, spec, key, lun, volume, *, opened, checked=False):
         """Give LUN ``lun`` the ``key`` of open ``volume`` (call with the lock held): the
-        images= check of a volume already open, the split image's view; on failure a volume
-        ``opened`` for it is closed and its lease released."""
+        images= check of a volume already open, the split image's view (``checked``: its
+        identity judged just before, ``_judge_copy``); on failure a volume ``opened`` for it
+        is closed and its lease released."""
         try:
             if spec.images is not None and not opened:
                 self._check_images(spec, lun, volume)
             if spec.image is None:
                 backend = volume
             else:
-                backend = volume.split_image(spec.image)
+                backend = volume.split_image(spec.image, checked=checked)
         except BaseException:
             if opened:
                 volume.close()

@@ -49,6 +49,9 @@ __all__ = ["PendingSplit", "SplitControl"]
 
 log = logging.getLogger(__name__)
 
+# what an export would not show when its copy is not the split's (``JobControl.check_copy``)
+EXPORT_DOING = "an export of it as a LUN"
+
 
 @dataclasses.dataclass
 class PendingSplit:
@@ -263,7 +266,7 @@ class SplitControl:
                          f"{why}. The image is failed; resync it once its device works again "
                          f"(answers, has space)")
 
-    def export(self, image_index) -> SplitImageVolume:
+    def export(self, image_index, *, checked=False) -> SplitImageVolume:
         """A block device view of split image ``image_index`` (to export the point-in-time copy
         as its own LUN). Writes to it are allowed (a file system journal replay needs them) and
         are marked in the image's change bitmap first, so resync / restore still copy every
@@ -272,10 +275,14 @@ class SplitControl:
         the image is not split, already exported, a restore from it is unfinished, or the file
         at its path is not the copy its split recorded (``JobControl.check_copy``, judged
         before the management lock: the LUN would serve another file as the point-in-time
-        copy, and the export's end would record that file as the copy - trial 32, HIGH 1)."""
+        copy, and the export's end would record that file as the copy - trial 32, HIGH 1). ``checked``: the caller judged it just before with no lock
+        held (``daemon.registry``: a LUN's open judges it before the registry's lock, which its
+        sample reads, each bounded by ``leg_timeout``, would hold for every other LUN's open and
+        for status - trial 33, MEDIUM 2)."""
         vol = self.vol
         vol._check_open()
-        vol.control.check_copy(image_index, "an export of it as a LUN")
+        if not checked:
+            vol.control.check_copy(image_index, EXPORT_DOING)
         with vol._mgmt:
             img = vol._img(image_index)
             if img.state is not ImageState.SPLIT or img.storage is None \

@@ -1826,10 +1826,12 @@ class MirrorVolume:
         """The live change bitmap of a split / failed / syncing image (None when in-sync)."""
         return self._img(index).bitmap
 
-    def split_image(self, image_index) -> "SplitImageVolume":
+    def split_image(self, image_index, *, checked=False) -> "SplitImageVolume":
         """A block device view of split image ``image_index``, to export it as its own LUN
-        (``split.SplitControl.export``)."""
-        return self.splits.export(image_index)
+        (``split.SplitControl.export``); ``checked``: the caller has just judged the copy's
+        identity (``check_copy(image_index, doing)``) with no lock held, so it is not judged
+        again here."""
+        return self.splits.export(image_index, checked=checked)
 
     # ==== management ==============================================================================
 
@@ -1867,10 +1869,11 @@ class MirrorVolume:
         (``jobcontrol.JobControl.abandon_restore``)."""
         return self.control.abandon_restore(image_index)
 
-    def check_copy(self, image_index) -> None:
+    def check_copy(self, image_index, doing="a backup of it") -> None:
         """StateError when split image ``image_index`` is not the copy its split recorded,
-        naming why (``jobcontrol.JobControl.check_copy``; ``copyid``)."""
-        self.control.check_copy(image_index)
+        naming why and what ``doing`` would not show (``jobcontrol.JobControl.check_copy``;
+        ``copyid``). May read a sample of the image: call it with no lock held."""
+        self.control.check_copy(image_index, doing)
 
     def check_restore(self, image_index, *, fresh=False, flush=False):
         """Raise the StateError ``restore(image_index)`` would refuse with now, starting

@@ -514,3 +514,78 @@ def test_size_text_round_trips_through_parse():
         assert cfgstring.parse(f"v;region_size={cfgstring.size_text(n)}").region_size == n
     assert [cfgstring.size_text(n) for n in (4096, 3 << 20, 1 << 30, 1536)] == \
         ["4K", "3M", "1G", "1536"]
+
+
+def _held_judge(monkeypatch):
+    """Hold ``MirrorVolume.check_copy`` (the split copy's identity, which may read a sample)
+    until the returned Event is set; ``calls`` counts the judgements."""
+    from lvmirror.mirror.volume import MirrorVolume
+    import threading
+    release, reached, calls = threading.Event(), threading.Event(), []
+    real = MirrorVolume.check_copy
+
+    def judge(self, image_index, doing="a backup of it"):
+        calls.append((image_index, doing))
+        reached.set()
+        assert release.wait(20), "never released"
+        return real(self, image_index, doing)
+    monkeypatch.setattr(MirrorVolume, "check_copy", judge)
+    return release, reached, calls
+
+
+@pytest.mark.parametrize("open_first", [True, False])
+def test_an_export_judges_its_copy_without_the_registry_lock(vpc, monkeypatch, open_first):
+    """A split image's LUN judges the copy's identity (its sample reads are bounded a read,
+    not in all) with none of the registry's locks held: the status of the volumes and another
+    LUN's open go on meanwhile (trial 33, MEDIUM 2), whether the volume is open already
+    (``open_first``) or is opened for the export; the export then does not judge it again."""
+    import threading
+    d, (a, b, c) = vpc.d, vpc.paths
+    volume = d.registry.get("vpc")
+    wr(volume, 0, b"x" * 4096)
+    volume.split(1)
+    if not open_first:
+        d.registry.release(vpc.spec)
+    release, reached, calls = _held_judge(monkeypatch)
+    export = cfgstring.parse("vpc;image=1")
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=d.registry.acquire(export, lun="bk0",
+                                                                          size=SIZE)))
+    t.start()
+    assert reached.wait(10)
+    done = threading.Event()
+
+    def others():
+        d.registry.names()
+        d.registry.get("vpc")
+        # another volume's LUN opens meanwhile
+        reg_spec = cfgstring.parse(f"other;images={c}")
+        d.registry.acquire(reg_spec, lun="lun9", size=SIZE)
+        d.registry.release(reg_spec)
+        done.set()
+    threading.Thread(target=others, daemon=True).start()
+    assert done.wait(10), "the registry's lock was held while the copy was judged"
+    release.set()
+    t.join(20)
+    _, view = box["r"]
+    assert calls == [(1, "an export of it as a LUN")]          # judged once
+    d.registry.release(export, view)
+
+
+def test_an_export_of_a_file_that_is_not_the_copy_closes_the_volume_opened_for_it(vpc):
+    """The file at a split image's path replaced: the export is refused with the judgement's
+    StateError, and a volume opened only for it is closed again (its name free to open)."""
+    d, (a, b, c) = vpc.d, vpc.paths
+    volume = d.registry.get("vpc")
+    wr(volume, 0, b"x" * 4096)
+    volume.split(1)
+    d.registry.release(vpc.spec)
+    os.rename(b, b + ".copy")
+    with open(b, "wb") as f:
+        f.write(os.urandom(4096) * (SIZE // 4096))
+    with pytest.raises(StateError, match="not the copy|another file|written since"):
+        d.registry.acquire(cfgstring.parse("vpc;image=1"), lun="bk0", size=SIZE)
+    assert "vpc" not in d.registry.names()
+    os.replace(b + ".copy", b)
+    _, view = d.registry.acquire(cfgstring.parse("vpc;image=1"), lun="bk0", size=SIZE)
+    d.registry.release(cfgstring.parse("vpc;image=1"), view)
