@@ -26,7 +26,7 @@ unless ``LVMIRROR_COMPILED_READS=0`` is in the environment, and with ``--images 
 writes unless ``LVMIRROR_COMPILED_WRITES=0``: run both for the before and after.
 
 Usage: .venv/bin/python bench/bench_datapath.py [--seconds 3] [--qd 32] [--dir /dev/shm]
-       [--images 1|2] [--jobs write,read,read1m] [--scaling N] [--idle N]
+       [--images 1|2] [--jobs write,read,read1m,write1m] [--scaling N] [--idle N]
 """
 
 from __future__ import annotations
@@ -96,6 +96,10 @@ def bare_loop(imgs, key, seconds):
                     off = rnd.randrange(SIZE // 4096) * 4096
                     for fd in fds:
                         os.pwritev(fd, [buf4], off)
+                elif key == "write1m":
+                    off = (n % 64) << 20
+                    for fd in fds:
+                        os.pwritev(fd, [buf1m], off)
                 elif key == "read":
                     os.preadv(fds[n % len(fds)], [buf4],
                               rnd.randrange((64 << 20) // 4096) * 4096)
@@ -371,7 +375,8 @@ def main():
                          "the lab's lvmirror 1 image against tcmu-runner)")
     ap.add_argument("--jobs", default="write,read,read1m",
                     help="comma-separated: write (4 KiB random writes, mirrored with 2 "
-                         "images), read (4 KiB random reads), read1m (1 MiB sequential reads)")
+                         "images), read (4 KiB random reads), read1m (1 MiB sequential reads), "
+                         "write1m (1 MiB sequential writes; not in the default set)")
     ap.add_argument("--scaling", type=int, default=None, metavar="N",
                     help="instead of the jobs: N LUNs against one, lvmirrord as one process "
                          "and as a process per volume (aggregate cmd/s, CPU us/cmd, ratio)")
@@ -385,7 +390,7 @@ def main():
         ap.error(f"--idle N needs N >= 1, got {args.idle}")
     if args.idle is not None and args.scaling is not None:
         ap.error("--idle and --scaling measure different things: give one")
-    if set(args.jobs.split(",")) - {"write", "read", "read1m"}:
+    if set(args.jobs.split(",")) - {"write", "read", "read1m", "write1m"}:
         ap.error(f"--jobs: unknown job in {args.jobs!r}")
     if not args.seconds > 0 or args.seconds == float("inf"):
         ap.error(f"--seconds must be a positive number, got {args.seconds}")
@@ -426,6 +431,7 @@ def main():
         rnd = random.Random(1)
         nblk = SIZE // BS
         payload = os.urandom(4096)
+        payload1m = os.urandom(1 << 20)
         # pre-fill so reads are of written data
         for k in range(0, 64 << 20, 1 << 20):
             cid = emu.submit(cdb(0x2A, k // BS, 2048), data_out=os.urandom(1 << 20))
@@ -441,6 +447,9 @@ def main():
             "read1m": ("1 MiB sequential reads", lambda: (
                 cdb(0x28, (next(seq) % 64) * 2048, 2048), {"data_in_len": 1 << 20}),
                 min(args.qd, 16)),
+            "write1m": (f"1 MiB sequential {'mirrored ' if args.images > 1 else ''}writes",
+                        lambda: (cdb(0x2A, (next(seq) % 64) * 2048, 2048),
+                                 {"data_out": payload1m}), min(args.qd, 16)),
         }
         for key in args.jobs.split(","):
             name, make, qd = jobs[key]
