@@ -26,7 +26,11 @@ def setup_logging(level: str):
                     logging.ERROR: "<3>", logging.CRITICAL: "<2>"}
 
         class JournalFormatter(logging.Formatter):
+            """Each line prefixed with its syslog priority (``<3>`` for ERROR...), which
+            journald reads from a service's stderr (sd-daemon(3))."""
+
             def format(self, record):
+                """The record as ``logging.Formatter`` gives it, after its ``<N>`` prefix."""
                 return prefixes.get(record.levelno, "<6>") + super().format(record)
 
         formatter = JournalFormatter("%(name)s: %(message)s")
