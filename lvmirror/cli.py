@@ -142,9 +142,13 @@ def format_status(st: dict) -> str:
                           f"(given up on as slow; a copy into or from the image waits "
                           f"for them)")
             lines.append(f"  image {im['index']}: {im['state']:<8} {im['path']}{extra}")
+        states = {im["id"]: im["state"] for im in v["images"]}
         for job in v["jobs"]:
             if job["kind"] == "scrub" and v.get("scrub"):
                 continue                     # the scrub line below says it, with its rate
+            if job["kind"] == "resync" and job["state"] == "done" \
+                    and states.get(job["image_id"]) not in (None, "in-sync"):
+                continue        # history: the image was split (or failed) since it was copied
             eta = job["eta_seconds"]
             index = {im["id"]: im["index"] for im in v["images"]}.get(job["image_id"])
             what = job["kind"] if job["image_id"] is None else \
