@@ -283,8 +283,9 @@ class JobControl:
                 f"{head}; a restore rolls back only the regions changed since the split and "
                 f"would leave the volume a mix of this file and the live data. 'lvmirror "
                 f"restore {vol.name} {image_index} --full' rolls back every region from it")
-        log.warning("volume %s: image %d (%s) is not the recorded split copy (%s); the %s "
-                    "copies every region (full)", vol.name, image_index, path, mm.reason, doing)
+        log.warning("%s; the full %s %s", head, doing,
+                    "copies every region into it" if doing == "resync"
+                    else "rolls the volume back to every region of it")
         return ident
 
     def _reopen_if_needed(self, img, verdict=None):

@@ -72,7 +72,7 @@ def test_split_records_the_copy_and_keeps_it_across_a_restart(tmp_path):
     vol.close()
 
 
-def test_another_file_put_back_is_refused_and_full_copies_it_all(tmp_path):
+def test_another_file_put_back_is_refused_and_full_copies_it_all(tmp_path, caplog):
     vol, paths = _split_with_data(tmp_path)
     vol.close()
     with open(paths[1], "r+b") as f:     # an older copy: same size, other content
@@ -97,7 +97,13 @@ def test_another_file_put_back_is_refused_and_full_copies_it_all(tmp_path):
     with pytest.raises(StateError, match="not the copy"):
         vol.check_restore(1)
     assert vol.images[1].state is ImageState.SPLIT and not vol.jobs
-    job = vol.resync(1, full=True)
+    with caplog.at_level("WARNING", logger="lvmirror"):
+        job = vol.resync(1, full=True)
+    # the journal's warning says it as the refusals do (trial 34, LOW)
+    assert any("image 1 (" in r.getMessage() and "is not the copy lvmirror split off: its "
+               "content differs" in r.getMessage() and r.getMessage().endswith(
+                   "the full resync copies every region into it") for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
     assert job.wait(10) and job.state == "done" and job.bytes_total == SIZE
     assert image_bytes(paths[1]) == image_bytes(paths[0])
     vol.close()
