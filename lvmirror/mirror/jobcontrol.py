@@ -525,7 +525,8 @@ class JobControl:
             return
         off, ln = old.bitmap.region_range(r)
         try:
-            _read_source(vol, img, off, StorageImage.aligned_buffer(ln))
+            _read_source(vol, img, off, StorageImage.aligned_buffer(ln),
+                         "a re-read of the region")
         except ImageIOError as e:
             raise StateError(
                 f"volume {vol.name}: split image {image_index} ({img.rec.path}) still cannot be "

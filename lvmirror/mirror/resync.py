@@ -531,7 +531,7 @@ class NotRead(ImageIOError):
     slow and has not returned (``_read_source``): ``view`` was not touched."""
 
 
-def _read_source(vol, img, off, view) -> None:
+def _read_source(vol, img, off, view, what: str = "a copy's read") -> None:
     """Read ``view.nbytes`` bytes at ``off`` of a copy's source ``img`` (a restore's split
     image, a resync's in-sync image: ``_read_from_in_sync``) into ``view``, waiting at most
     ``leg_timeout`` seconds plus what the read would take at legs.MIN_DEVICE_RATE: the read
@@ -550,7 +550,8 @@ def _read_source(vol, img, off, view) -> None:
     given up on (the flusher's) says nothing of its reads (trial 29). A read its worker never
     began (its threads stopped, or all busy with I/O left behind) is withdrawn, not counted.
     The caller must not reuse ``view`` after a timeout: the read left behind may still fill
-    it. Without ``leg_timeout`` (0: never) or a running worker the read is made here,
+    it. ``what`` names the read in the errors ("a copy's read"; a restore's retry check says
+    its own). Without ``leg_timeout`` (0: never) or a running worker the read is made here,
     unbounded. Raises the read's own ImageIOError too."""
     st = img.storage
     ln = view.nbytes
@@ -577,14 +578,14 @@ def _read_source(vol, img, off, view) -> None:
     elif cw.cancel():
         raise ImageIOError(
             st, errno.ETIMEDOUT,
-            f"image {img.rec.path}: a copy's read of {ln} bytes at offset {off} not begun "
+            f"image {img.rec.path}: {what} of {ln} bytes at offset {off} not begun "
             f"after {limit:.2f} s (its worker threads busy with earlier I/O, or stopped)",
             op="read", offset=off, length=ln, slow=True)
     elif cw.give_up(st.device):
         img.read_hung(cw)
         raise ImageIOError(
             st, errno.ETIMEDOUT,
-            f"image {img.rec.path}: a copy's read of {ln} bytes at offset {off} still busy "
+            f"image {img.rec.path}: {what} of {ln} bytes at offset {off} still busy "
             f"after {limit:.2f} s (leg_timeout {vol.leg_timeout:g} s + "
             f"{ln / legs.MIN_DEVICE_RATE:.2f} s at {legs.MIN_DEVICE_RATE / MB:g} MB/s): given "
             f"up as slow", op="read", offset=off, length=ln, slow=True)
