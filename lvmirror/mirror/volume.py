@@ -510,7 +510,14 @@ class MirrorVolume:
         return VolumeMetadata.exists(meta_dir, name)
 
     def _start_worker(self, img):
+        """Give Leg ``img`` (with storage, without a worker) a new I/O worker. Its read-ahead
+        hints start afresh: a hint task posted to the worker it had as that one stopped never
+        ran (``Worker.stop``), which left ``hinting`` set and every later hint queued only
+        (``resync._prefetch``; trial 31, LOW)."""
         if img.worker is None and img.storage is not None:
+            with img.hint_mu:
+                img.hints.clear()
+                img.hinting = False
             img.worker = Worker(f"{self.name}-img{img.rec.id}")
 
     # ==== epochs ==================================================================================

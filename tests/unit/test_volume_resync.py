@@ -566,3 +566,28 @@ def test_a_failed_checkpoint_fails_the_resync(tmp_path, monkeypatch):
     assert job.wait(10) and job.state == "done", (job.state, job.error)
     vol.close()
     assert image_bytes(paths[0]) == image_bytes(paths[1])
+
+
+def test_a_hint_lost_with_a_stopped_worker_does_not_stop_the_read_ahead(tmp_path):
+    """A read-ahead hint task posted as its worker stopped never runs (``Worker.stop``): its
+    ``hinting`` flag stayed set, and the image's next worker queued every later hint without
+    taking one (trial 31, LOW). A new worker starts the hints afresh, and a copy's hints run."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION, leg_timeout=5)
+    try:
+        img = vol._images[0]
+        img.worker.stop(wait=True)
+        resync._prefetch(vol, img, 0, REGION)          # checked as running: no post, inline
+        with img.hint_mu:                              # the race: flag set, task never run
+            img.hinting = True
+            img.hints.append((0, REGION))
+        img.worker = None
+        vol._start_worker(img)
+        assert not img.hinting and not img.hints
+        asked = []
+        real = img.storage.prefetch
+        img.storage.prefetch = lambda off, ln: (asked.append(off), real(off, ln))
+        resync._prefetch(vol, img, REGION, REGION)
+        wait_until(lambda: asked and not img.hinting)
+        assert asked[0] == REGION
+    finally:
+        vol.close()
