@@ -75,8 +75,17 @@ class VolumeRegistry:
                     return self._attach(spec, key, lun, volume, opened=False,
                                         checked=checked is volume)
             # a split image's export: its identity judged without the lock (``_judge_copy``),
-            # then everything above again (another LUN may have taken it meanwhile)
-            self._judge_copy(volume, spec)
+            # then everything above again (another LUN may have taken it meanwhile). A volume
+            # its last LUN released meanwhile was closed under the judgement, which then fails
+            # for that alone ("closed", a sample read of a closed image): judged again on the
+            # volume opened anew (trial 35, MEDIUM)
+            try:
+                self._judge_copy(volume, spec)
+            except Exception:
+                with self._cond:
+                    if self._volumes.get(spec.name) is volume:
+                        raise
+                continue
             checked = volume
         # Opened without the lock: taking the volume's lease may wait up to sanlock's
         # host_dead_seconds (its last holder crashed), and names(), get() - the status of

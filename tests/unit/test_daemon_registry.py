@@ -589,3 +589,36 @@ def test_an_export_of_a_file_that_is_not_the_copy_closes_the_volume_opened_for_i
     os.replace(b + ".copy", b)
     _, view = d.registry.acquire(cfgstring.parse("vpc;image=1"), lun="bk0", size=SIZE)
     d.registry.release(cfgstring.parse("vpc;image=1"), view)
+
+
+def test_an_export_judged_while_the_volume_is_released_opens_it_again(vpc, monkeypatch):
+    """The volume's last other LUN is released (the volume closed) while a split image's LUN
+    judges the copy without the registry's lock: the judgement on the closed volume fails for
+    that alone, and the export opens the volume anew and is judged there, as when the release
+    came first (trial 35, MEDIUM: refused with "volume vpc is closed", or with "its sample
+    could not be read" when the stat fields did not settle it)."""
+    import threading
+    d = vpc.d
+    volume = d.registry.get("vpc")
+    wr(volume, 0, b"x" * 4096)
+    volume.split(1)
+    release, reached, calls = _held_judge(monkeypatch)
+    export = cfgstring.parse("vpc;image=1")
+    box = {}
+
+    def acquire():
+        try:
+            box["r"] = d.registry.acquire(export, lun="bk0", size=SIZE)
+        except Exception as e:            # re-raised below
+            box["e"] = e
+    t = threading.Thread(target=acquire)
+    t.start()
+    assert reached.wait(10)
+    d.registry.release(vpc.spec)          # the volume's last LUN: closed
+    assert "vpc" not in d.registry.names()
+    release.set()
+    t.join(20)
+    assert "e" not in box, box.get("e")
+    _, view = box["r"]
+    assert len(calls) == 2 and d.registry.get("vpc") is not volume
+    d.registry.release(export, view)
