@@ -45,7 +45,10 @@ def atomic_write(path, data, *, mode: int = 0o644) -> None:
 
     Writes a temporary file in the same directory, fsyncs it, renames it over ``path`` and
     fsyncs the directory so the rename itself is durable. On any error the temporary file is
-    removed and ``path`` is untouched; the OSError propagates.
+    removed and ``path`` is untouched; the OSError propagates, naming ``path`` when the call
+    that failed named no file (a write or fsync: ENOSPC, EIO), so a job that fails on it says
+    which state directory filled up rather than leave the operator to blame an image's file
+    system (trial 35, LOW).
     """
     path = os.fspath(path)
     dirpath = os.path.dirname(os.path.abspath(path))
@@ -62,11 +65,13 @@ def atomic_write(path, data, *, mode: int = 0o644) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            raise OSError(e.errno, f"{e.strerror} (saving lvmirror's state)", path) from e
         raise
     _fsync_dir(dirpath)
 

@@ -240,3 +240,23 @@ def test_model_against_python_set(nregions, tail, ops):
         assert bm.test_region(i) == (i in model)
     again = RegionBitmap.from_bytes(bm.to_bytes(), size, region)
     assert list(again.dirty_regions()) == sorted(model)
+
+
+def test_a_save_that_runs_out_of_space_names_the_file(tmp_path, monkeypatch):
+    """A write of the state that fails (ENOSPC) names the state file in its error - a write()
+    names none, and a resync's failure then said only "No space left on device" (trial 35,
+    LOW) - keeps its errno, leaves the old file and no temporary file behind."""
+    import errno
+    from lvmirror.mirror import bitmap as bitmap_mod
+    path = tmp_path / "state.bin"
+    bitmap_mod.atomic_write(path, b"old")
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(bitmap_mod.os, "write", full)
+    with pytest.raises(OSError) as ei:
+        bitmap_mod.atomic_write(path, b"new")
+    assert ei.value.errno == errno.ENOSPC and ei.value.filename == str(path)
+    assert str(path) in str(ei.value) and "lvmirror's state" in str(ei.value)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["state.bin"]
