@@ -70,7 +70,7 @@ import time
 from lvmirror.errors import ImageIOError
 from lvmirror.mirror.legs import BoundedIO, ImageState
 
-__all__ = ["DurabilityBarrier", "not_durable"]
+__all__ = ["DurabilityBarrier", "not_durable", "unanswered", "answer_unanswered"]
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,31 @@ def not_durable(flushed, durable) -> list:
     return [im for im in flushed if im.state is not ImageState.FAILED and (
         im not in durable or (im.state is not ImageState.SPLIT and im.storage is not None and
                               im.storage.flush_failures != im.storage.flush_failures_seen))]
+
+
+def unanswered(im) -> bool:
+    """True when a flush of image ``im`` failed in another thread and the volume has not
+    marked for it yet (``StorageImage.flush_failures`` ahead of ``flush_failures_seen``): a
+    flush here that returned 0 proves nothing then (Linux reports a writeback error to one
+    fdatasync only), so no state that vouches for ``im``'s data may be saved on it
+    (``not_durable``'s rule, for a persist that judges one image)."""
+    st = im.storage
+    return st is not None and st.flush_failures != st.flush_failures_seen
+
+
+def answer_unanswered(vol, im, what: str) -> None:
+    """Do what the thread whose flush of ``im`` failed is about to do, since ``what`` (the
+    state a persist would have saved) was not saved for it: ``MirrorVolume._flush_failed`` -
+    the image failed (a split under way not done) with every region marked, the failure
+    counted as answered - so the caller's job ends instead of waiting, and a later resync
+    copies every region again. Call it with no lock held (it drops the image's cache)."""
+    st = im.storage
+    if st is None:
+        return
+    vol._flush_failed(im, ImageIOError(
+        st, errno.EIO, f"image {st.path}: a flush of it failed in another thread before "
+                       f"{what} could be saved: nothing on it is vouched for",
+        op="flush", offset=None, length=0))
 
 
 def _flush(storage):

@@ -19,7 +19,7 @@ import time
 from lvmirror.errors import ConfigError, ImageIOError, StateError, VolumeIOError
 from lvmirror.mirror import copyid, imagecheck, legs
 from lvmirror.mirror.bitmap import RegionBitmap
-from lvmirror.mirror.durability import not_durable
+from lvmirror.mirror.durability import answer_unanswered, not_durable, unanswered
 from lvmirror.mirror.image import StorageImage
 from lvmirror.mirror.legs import MAX_IMAGES, ImageState, Leg, check_image_fits
 from lvmirror.mirror.metadata import VolumeMetadata
@@ -354,15 +354,27 @@ class JobControl:
 
     def finish_resync(self, img, job) -> bool:
         """Called by the job when its bitmap looks empty: img -> in-sync with the epoch swap,
-        written only once every region copied to it is durable (durability barrier)."""
+        written only once every region copied to it is durable (durability barrier). False
+        when not marked: a region marked again, the image failed, or a flush of it failed in
+        another thread and is not marked for yet (``durability.unanswered``: the image is then
+        failed here, ``answer_unanswered``)."""
         vol = self.vol
-        return vol._barrier.commit([img], lambda durable: self._mark_in_sync(img, durable),
-                                    what="image in sync", limit=vol._flush_limit)
+        held = []
+        done = vol._barrier.commit([img], lambda durable: self._mark_in_sync(img, durable,
+                                                                             held),
+                                   what="image in sync", limit=vol._flush_limit)
+        if held:
+            answer_unanswered(vol, img, "the image marked in sync")
+        return done
 
-    def _mark_in_sync(self, img, durable) -> bool:
+    def _mark_in_sync(self, img, durable, held) -> bool:
         vol = self.vol
         with vol._meta:
-            if img not in durable or img.state is not ImageState.SYNCING or img.bitmap.count():
+            if img.state is not ImageState.SYNCING or img.bitmap.count() \
+                    or img not in durable:
+                return False
+            if unanswered(img):                 # (as a checkpoint's: _commit_resync_state)
+                held.append(img)
                 return False
             img.state = ImageState.IN_SYNC
             img.bitmap = None
@@ -393,11 +405,20 @@ class JobControl:
         if img.state is not ImageState.SYNCING:
             return
         snap = img.bitmap.copy()       # before the flush: a later clear is never saved early
+        held = []
 
         def persist(durable):
             with vol._meta:
                 if img not in durable or img.state is not ImageState.SYNCING:
                     return       # failed meanwhile: its bitmap is whole and already saved
+                if unanswered(img):
+                    # another thread's flush (the flusher's) took a writeback error and has
+                    # not failed the image yet: this flush's success proves nothing (one
+                    # fdatasync gets the error), and the image's failure takes its marks from
+                    # the last save - which must not clear what may be lost (this stop's
+                    # review, HIGH; durability.not_durable's rule, trial 22)
+                    held.append(img)
+                    return
                 # never fewer marks than now: a mark added during the flush (a write the last
                 # in-sync image refused, ``_image_error``, saved by it already) must not be
                 # overwritten; adding marks never vouches for anything
@@ -407,6 +428,8 @@ class JobControl:
                     img.rec.resync_next = next_region
                 vol._save_md()
         vol._barrier.commit([img], persist, what=what, limit=vol._flush_limit)
+        if held:
+            answer_unanswered(vol, img, f"the {what}")
 
     def check_restore(self, image_index, *, fresh=False, flush=False):
         """Raise what ``restore(image_index)`` would refuse with now, starting nothing: a

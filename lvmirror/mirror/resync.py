@@ -58,6 +58,7 @@ CHECKPOINT_SECONDS = 1.0
 # bytes of marked regions a copy asks the kernel to read ahead of itself on its source
 READAHEAD = 4 << 20
 RATE_RECHECK = 0.25             # seconds: the longest a rate-limited copy waits unchecked
+FINISH_RETRY = 0.05             # seconds a resync waits after its end was refused (finish_resync)
 # bytes between the bytes ``all_zero`` looks at before it compares a whole region
 ZERO_PROBE_STRIDE = 4096
 MB = 1_000_000
@@ -212,9 +213,10 @@ class _Checkpoints:
             if self._thread.is_alive():
                 return False
             self.wait()
-        self._thread = threading.Thread(target=self._run, args=(next_region,), daemon=True,
-                                        name=self._name)
-        self._thread.start()
+        t = threading.Thread(target=self._run, args=(next_region,), daemon=True,
+                             name=self._name)
+        t.start()               # RuntimeError (no thread left: TasksMax) ends the job as failed
+        self._thread = t        # only once started: ``wait`` joins a thread that ran
         return True
 
     def _run(self, next_region):
@@ -317,6 +319,10 @@ class ResyncJob(_Job):
                                  self.phase_seconds["copy"], self.phase_seconds["commit"])
                         self._finish("done")
                         return
+                    # refused: a region marked again, or a flush of the target failed in
+                    # another thread and is not marked yet (its ``_image_error`` fails the
+                    # image in a moment): look again shortly, not in a loop of flushes
+                    self._cancel.wait(FINISH_RETRY)
         except _TargetFailed as e:
             ckpt.wait(quiet=True)
             self._fail(f"target image failed: {e}")
@@ -327,6 +333,9 @@ class ResyncJob(_Job):
             except Exception:
                 pass
             self._fail(f"{type(e).__name__}: {e}")
+        finally:
+            if not self._done.is_set():     # never left "running" (close waits for the job)
+                self._finish("failed", "the resync's thread ended without a result")
 
     def _copy(self, r, buf):
         vol, img, bm = self.vol, self.img, self.bitmap

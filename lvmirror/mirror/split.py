@@ -42,6 +42,7 @@ import time
 from lvmirror.errors import StateError
 from lvmirror.mirror import copyid, legs
 from lvmirror.mirror.bitmap import RegionBitmap
+from lvmirror.mirror.durability import answer_unanswered, unanswered
 from lvmirror.mirror.legs import ImageState, SplitInfo
 from lvmirror.mirror.splitexport import SplitImageVolume
 
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # what an export would not show when its copy is not the split's (``JobControl.check_copy``)
 EXPORT_DOING = "an export of it as a LUN"
+# why a split is not done when another thread's flush of its image failed (``_done``)
+UNANSWERED = "a flush of it failed in another thread; what it holds is not durable"
 
 
 @dataclasses.dataclass
@@ -195,6 +198,8 @@ class SplitControl:
                         f"change the point-in-time copy when it lands"))
             why = vol._barrier.commit([img], lambda durable: self._done(p, durable),
                                       what="split done", limit=vol._flush_limit)
+            if why is UNANSWERED:
+                answer_unanswered(vol, img, "the split done")
             if why is not None:
                 self._fail_unsettled(p, why)
             self._record_copy(p)
@@ -243,6 +248,12 @@ class SplitControl:
             if p.lost:
                 return (f"an I/O begun before the split failed on it ({p.lost}); the copy "
                         f"may lack it")
+            if unanswered(p.img):
+                # another thread's flush (the flusher's) took a writeback error that is not
+                # marked for yet: this flush's success proves nothing (one fdatasync gets
+                # the error; durability.not_durable, trial 22; this stop's review). ``finish``
+                # answers it (every region marked) before failing the image
+                return UNANSWERED
             vol._save_md()
         return None
 
@@ -275,10 +286,11 @@ class SplitControl:
         the image is not split, already exported, a restore from it is unfinished, or the file
         at its path is not the copy its split recorded (``JobControl.check_copy``, judged
         before the management lock: the LUN would serve another file as the point-in-time
-        copy, and the export's end would record that file as the copy - trial 32, HIGH 1). ``checked``: the caller judged it just before with no lock
-        held (``daemon.registry``: a LUN's open judges it before the registry's lock, which its
-        sample reads, each bounded by ``leg_timeout``, would hold for every other LUN's open and
-        for status - trial 33, MEDIUM 2)."""
+        copy, and the export's end would record that file as the copy - trial 32, HIGH 1).
+        ``checked``: the caller judged it just before with no lock held (``daemon.registry``:
+        a LUN's open judges it before the registry's lock, which its sample reads, each bounded
+        by ``leg_timeout``, would hold for every other LUN's open and for status - trial 33,
+        MEDIUM 2)."""
         vol = self.vol
         vol._check_open()
         if not checked:

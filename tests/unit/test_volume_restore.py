@@ -622,13 +622,21 @@ def test_a_flush_failure_before_the_split_does_not_refuse_its_restore(tmp_path):
 
 def test_a_flush_failure_not_answered_when_the_split_ran_refuses_its_restore(tmp_path):
     """A flush of image 2 failed in another thread (counted) and the volume has not answered
-    it yet (the image not failed) when the split runs: the copy may lack what it lost, so a
-    restore from it is refused, as for a failure after the split."""
+    it yet (the image not failed) when the split runs: the copy may lack what it lost. The
+    split itself is refused now (its barrier's rule, test_volume_split), the image failed with
+    its marks; a failure counted after the split's barrier and before its base was taken still
+    refuses a restore from it, as one after the split does."""
     vol, opener, paths = make_volume(tmp_path, 3, region_size=REGION)
     write(vol, 0, pattern(64, 1))
     st2 = opener.by_path[paths[2]]
     st2.note_flush_failure()                 # counted by its flush, not yet seen
+    with pytest.raises(StateError, match="a flush of it failed in another thread"):
+        vol.split(2)
+    assert vol.images[2].state is ImageState.FAILED
+    job = vol.resync(2)
+    assert job.wait(10) and job.state == "done", (job.state, job.error)
     vol.split(2)
+    vol._images[2].split_flush_base = (st2, st2.flush_failures_seen - 1)   # counted before
     with pytest.raises(StateError, match=r"a flush of split image 2 .* failed since it was "
                                          r"opened"):
         vol.restore(2)
