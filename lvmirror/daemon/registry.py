@@ -98,8 +98,10 @@ class VolumeRegistry:
                 try:
                     self._judge_copy(volume, spec)
                 except BaseException:
-                    volume.close()
-                    self._release_lease(spec.name)
+                    try:
+                        volume.close()
+                    finally:
+                        self._release_lease(spec.name)
                     raise
         except BaseException:
             with self._cond:
@@ -135,8 +137,10 @@ class VolumeRegistry:
                 backend = volume.split_image(spec.image, checked=checked)
         except BaseException:
             if opened:
-                volume.close()
-                self._release_lease(spec.name)
+                try:
+                    volume.close()
+                finally:
+                    self._release_lease(spec.name)
             raise
         self._volumes[spec.name] = volume
         self._refs[spec.name] = self._refs.get(spec.name, 0) + 1

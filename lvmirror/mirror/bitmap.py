@@ -44,11 +44,12 @@ def atomic_write(path, data, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so that after a crash it holds either the old or the new content.
 
     Writes a temporary file in the same directory, fsyncs it, renames it over ``path`` and
-    fsyncs the directory so the rename itself is durable. On any error the temporary file is
-    removed and ``path`` is untouched; the OSError propagates, naming ``path`` when the call
-    that failed named no file (a write or fsync: ENOSPC, EIO), so a job that fails on it says
-    which state directory filled up rather than leave the operator to blame an image's file
-    system (trial 35, LOW).
+    fsyncs the directory so the rename itself is durable. On an error before the rename the
+    temporary file is removed and ``path`` is untouched; one of the directory's fsync leaves
+    the new content at ``path``, maybe not durable. The OSError propagates, naming ``path``
+    when the call that failed named no file (a write or fsync: ENOSPC, EIO), so a job that
+    fails on it says which state directory filled up rather than leave the operator to blame
+    an image's file system (trial 35, LOW).
     """
     path = os.fspath(path)
     dirpath = os.path.dirname(os.path.abspath(path))
@@ -70,10 +71,20 @@ def atomic_write(path, data, *, mode: int = 0o644) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
-            raise OSError(e.errno, f"{e.strerror} (saving lvmirror's state)", path) from e
+        _name_the_file(e, path)
         raise
-    _fsync_dir(dirpath)
+    try:
+        _fsync_dir(dirpath)
+    except OSError as e:
+        _name_the_file(e, path)
+        raise
+
+
+def _name_the_file(e, path) -> None:
+    """Raise OSError ``e`` again naming ``path`` (``atomic_write``'s file) when it names no
+    file and has an errno (os.write, os.fsync); else return, for the caller to re-raise."""
+    if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+        raise OSError(e.errno, f"{e.strerror} (saving lvmirror's state)", path) from e
 
 
 class _hybridmethod:

@@ -348,7 +348,8 @@ def _check(copy_id, storage, read, size, skip):
 
 
 def _reader(vol, img):
-    return lambda off, view: _read_source(vol, img, off, view)
+    """The bounded reader of image ``img``'s sample (``resync._read_source``)."""
+    return lambda off, view: _read_source(vol, img, off, view, "a read of its sample")
 
 
 def record_leg(vol, img) -> dict | None:
