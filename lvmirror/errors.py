@@ -25,6 +25,9 @@ class ImageIOError(LvmirrorError):
         # outcome is unknown yet - left behind in flight, or never begun - not an error the
         # device returned
         self.slow = slow
+        # a FUA write's sync failed or may have (RWF_DSYNC, or the fdatasync after it): like
+        # a failed flush, which writes it lost is unknown (``StorageImage._writev``)
+        self.synced = False
 
     @property
     def out_of_space(self) -> bool:

@@ -191,9 +191,14 @@ def not_durable(flushed, durable) -> list:
     the scrub's record.) Also a live image whose flush failed in another thread, not yet
     marked for by the volume (``StorageImage.flush_failures`` ahead of
     ``flush_failures_seen``): its own flush here may have succeeded only because that one took
-    the error (trial 22)."""
+    the error (trial 22). A split image counts while its split is under way (``split_busy``:
+    its failure still fails it, with its marks, and the write-intent log must keep them until
+    then; this stop's second review, HIGH); a split done does not (an export's flush failures
+    are its own: what its LUN wrote is marked before it is written)."""
     return [im for im in flushed if im.state is not ImageState.FAILED and (
-        im not in durable or (im.state is not ImageState.SPLIT and im.storage is not None and
+        im not in durable or ((im.state is not ImageState.SPLIT or
+                               getattr(im, "split_busy", None) is not None)
+                              and im.storage is not None and
                               im.storage.flush_failures != im.storage.flush_failures_seen))]
 
 

@@ -589,7 +589,16 @@ class StorageImage:
             if fua and not dsync:
                 os.fdatasync(self.fd)
         except OSError as e:
-            raise self._ioerror("write", offset, total, e) from e
+            err = self._ioerror("write", offset, total, e)
+            if fua and e.errno not in (_errno.ENOSPC, _errno.EDQUOT):
+                # a FUA write's sync (RWF_DSYNC, or the fdatasync after it) reports the file's
+                # writeback error as a flush does, and takes it: counted as a flush's failure
+                # (``note_flush_failure``: another thread's flush that then returns 0 proves
+                # nothing) and marked as one (every region: which writes it lost is unknown;
+                # this stop's second review, HIGH)
+                self.note_flush_failure()
+                err.synced = True
+            raise err from e
         self._count_io("writes", "bytes_written", total)
 
     def flush(self) -> None:

@@ -169,6 +169,19 @@ class _Job:
                 return
             self._cancel.wait(min((nbytes - self._tokens) / self._rate, RATE_RECHECK))
 
+    def _start_thread(self, name, *args) -> None:
+        """Run ``self._run(*args)`` on a daemon thread named ``name``. A thread that cannot
+        start (RuntimeError: no thread left, systemd's TasksMax) ends the job as failed before
+        the error is raised to the caller, so nothing - ``close`` above all, which waits for
+        every job - waits for a job whose thread never ran (review of this stop, HIGH)."""
+        # published before it starts: the copy's own code tells its thread by it
+        self._thread = threading.Thread(target=self._run, args=args, daemon=True, name=name)
+        try:
+            self._thread.start()
+        except BaseException as e:
+            self._finish("failed", f"its thread did not start: {type(e).__name__}: {e}")
+            raise
+
     def _fail(self, error):
         """End the job as failed with ``error`` (a str for status) and say so in the journal:
         the cause (an image's I/O error, a flush that failed) is logged where it happens, but
@@ -264,9 +277,7 @@ class ResyncJob(_Job):
     def start(self, epoch):
         """Start the copy on a thread of its own; it first waits for the writes of epochs
         before ``epoch`` (the volume's epoch when the job was created) to finish."""
-        self._thread = threading.Thread(target=self._run, args=(epoch,), daemon=True,
-                                        name=f"{self.vol.name}-resync{self.image_id}")
-        self._thread.start()
+        self._start_thread(f"{self.vol.name}-resync{self.image_id}", epoch)
 
     def _run(self, epoch):
         self._t0 = time.monotonic()
@@ -319,9 +330,9 @@ class ResyncJob(_Job):
                                  self.phase_seconds["copy"], self.phase_seconds["commit"])
                         self._finish("done")
                         return
-                    # refused: a region marked again, or a flush of the target failed in
-                    # another thread and is not marked yet (its ``_image_error`` fails the
-                    # image in a moment): look again shortly, not in a loop of flushes
+                    # refused: a region marked again, or the image failed meanwhile (a flush
+                    # of it failed in another thread: ``finish_resync`` answered it): look
+                    # again shortly, not in a loop of flushes
                     self._cancel.wait(FINISH_RETRY)
         except _TargetFailed as e:
             ckpt.wait(quiet=True)
@@ -678,9 +689,7 @@ class RestoreJob(_Job):
 
     def start(self):
         """Start the copy back from the split image on a thread of its own."""
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"{self.vol.name}-restore{self.image_id}")
-        self._thread.start()
+        self._start_thread(f"{self.vol.name}-restore{self.image_id}")
 
     def add_lost(self, marks) -> list[int]:
         """The live images may have lost the regions ``marks`` (a RegionBitmap) holds: the last

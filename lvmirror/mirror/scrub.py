@@ -303,9 +303,7 @@ class ScrubJob(_Job):
 
     def start(self):
         """Run the scrub on a thread of its own."""
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"{self.vol.name}-scrub")
-        self._thread.start()
+        self._start_thread(f"{self.vol.name}-scrub")
 
     def _run(self):
         self._t0 = time.monotonic()

@@ -15,6 +15,7 @@ import threading
 
 from lvmirror.errors import ImageIOError, StateError, VolumeIOError
 from lvmirror.mirror import copyid, provisioning
+from lvmirror.mirror.durability import unanswered
 from lvmirror.mirror.legs import ImageState
 from lvmirror.mirror.regionlock import RegionLockManager
 
@@ -174,7 +175,11 @@ class SplitImageVolume:
 
                 def persist(durable):
                     with vol._meta:
-                        if img not in durable or img.state is not ImageState.SPLIT:
+                        if img not in durable or img.state is not ImageState.SPLIT \
+                                or unanswered(img):
+                            # (a flush of it failed in another thread - the LUN's SYNCHRONIZE
+                            # CACHE: the copy stays marked exported, judged by its sample
+                            # outside what its LUN wrote)
                             return
                         img.rec.copy_id = ident
                         try:

@@ -1007,7 +1007,8 @@ class MirrorVolume:
                 raise VolumeIOError(f"volume {self.name}: out of space: " + "; ".join(
                     str(e) for _, e in errors), is_read=is_read, out_of_space=True)
             for img, e in errors:
-                self._image_error(img, e, offset, length, all_regions=(length == 0))
+                self._image_error(img, e, offset, length,
+                                  all_regions=length == 0 or getattr(e, "synced", False))
             if not took:
                 what = errors[0][1].op or "write"       # "flush" for a SYNCHRONIZE CACHE
                 raise VolumeIOError(f"volume {self.name}: {what} failed on every in-sync image: "

@@ -1,0 +1,187 @@
+"""A flush failure counted and not yet answered (Linux reports a writeback error to one
+fdatasync only), and the jobs around it: the second review of this stop.
+
+``durability.unanswered``: a flush of an image failed in another thread and the volume has not
+marked for it yet (``MirrorVolume._image_error(all_regions=True)`` answers it); a flush that
+returns 0 meanwhile proves nothing, so nothing that vouches for the image's data is saved on
+it. These tests hold the failing thread at its error handling and run the other side."""
+
+import errno
+import threading
+import time
+
+import pytest
+
+from lvmirror.errors import StateError
+from lvmirror.mirror import image as image_mod
+from lvmirror.mirror import resync
+from lvmirror.mirror.volume import ImageState
+
+from tests.unit.test_volume_helpers import (BS, make_volume, pattern, run_thread, wait_until,
+                                            write)
+from tests.unit.test_volume_stuck_io import _flush_gate
+
+REGION = 4096
+
+
+def _held_on_error(vol):
+    """Hold the barrier's error handling of a failed flush (the failing thread, before it
+    marks) until the returned ``hold`` is set; ``at_error`` is set when it arrives."""
+    at_error, hold = threading.Event(), threading.Event()
+    real = vol._barrier._on_error
+
+    def on_error(im, e):
+        at_error.set()
+        assert hold.wait(20)
+        real(im, e)
+    vol._barrier._on_error = on_error
+    return at_error, hold, real
+
+
+@pytest.mark.parametrize("kind", ["resync", "restore"])
+def test_a_job_whose_thread_cannot_start_ends_failed_and_close_returns(tmp_path, monkeypatch,
+                                                                       kind):
+    """No thread left for a resync's or restore's copy (RuntimeError from Thread.start): the
+    call raises, the job is failed, not left "running" - a new one may start, and ``close``,
+    which waits for every job, returns (it hung)."""
+    vol, opener, paths = make_volume(tmp_path, 3)
+    vol.split(2)
+    write(vol, 0, pattern(8, 1))
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name.endswith(f"-{kind}2"):
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        getattr(vol, kind)(2)
+    monkeypatch.undo()
+    job = vol.jobs[vol.images[2].id]
+    assert job.state == "failed" and not job.is_alive(), job.state
+    assert "did not start" in job.error
+    job = getattr(vol, kind)(2)
+    assert job.wait(10) and job.state == "done", (job.state, job.error)
+    t, box = run_thread(vol.close)
+    t.join(10)
+    assert not t.is_alive(), "close waits for a job whose thread never ran"
+
+
+def test_a_checkpoint_during_a_split_whose_flush_failed_keeps_the_log(tmp_path):
+    """The split's own flush of its image fails; before the split marks for it, the
+    flusher's checkpoint flushes the image (0: the error went to the split's flush) and must
+    not clear the write-intent log, from which the failure takes its marks: the image ends
+    failed with the region written before T marked (the image's split under way counts in
+    ``not_durable``; only a split done does not)."""
+    vol, opener, paths = make_volume(tmp_path, 3)
+    vol.checkpoint()
+    write(vol, 0, pattern(8, 1))                 # region 0: log bit set, unflushed everywhere
+    st = opener.by_path[paths[2]]
+    p = vol.splits.prepare(2)
+    vol.splits.switch(p)
+    at_error, hold, real = _held_on_error(vol)
+    st.fail_flushes = True
+    t, box = run_thread(vol.splits.finish, p)    # the split's flush of image 2 fails
+    assert at_error.wait(10)
+    st.fail_flushes = False
+    vol._barrier._on_error = real
+    vol.checkpoint()                             # the flusher's round meanwhile
+    assert vol._wil.bitmap.test_region(0), "the write-intent bit cleared"
+    hold.set()
+    t.join(10)
+    assert isinstance(box.get("error"), StateError), box
+    img = vol._images[2]
+    assert img.state is ImageState.FAILED and img.bitmap.test_region(0)
+    vol.close()
+
+
+def test_no_in_sync_mark_between_a_failed_flush_and_its_mark(tmp_path, monkeypatch):
+    """A resync's end (its target marked in sync) comes while the flusher's failed flush of
+    the target is not marked for yet: the target is not marked in sync, but failed with every
+    region marked (``finish_resync`` answers the failure), and the job fails."""
+    monkeypatch.setattr(resync, "CHECKPOINT_REGIONS", 10 ** 9)
+    monkeypatch.setattr(resync, "CHECKPOINT_SECONDS", 10 ** 9)
+    n = 16
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION, size=n * REGION)
+    vol.split(1)
+    write(vol, 0, pattern(n * REGION // BS, 7))
+    vol.checkpoint()
+    img = vol._images[1]
+    at_finish, go = threading.Event(), threading.Event()
+    real_finish = vol.control.finish_resync
+
+    def finish(im, job):
+        at_finish.set()
+        assert go.wait(20)
+        return real_finish(im, job)
+    vol.control.finish_resync = finish
+    job = vol.resync(1)
+    assert at_finish.wait(10)
+    write(vol, 0, pattern(1, 9))                  # the flusher's round has a flush to make
+    st = opener.by_path[paths[1]]
+    st.fail_flushes = True
+    at_error, hold, _ = _held_on_error(vol)
+    t, box = run_thread(vol.checkpoint)
+    assert at_error.wait(10)
+    st.fail_flushes = False
+    go.set()
+    time.sleep(0.3)
+    hold.set()
+    t.join(10)
+    assert job.wait(10) and job.state == "failed", (job.state, job.error)
+    assert img.state is ImageState.FAILED
+    assert img.bitmap.count() == n, f"{img.bitmap.count()} of {n} regions marked"
+    vol.close()
+
+
+def test_a_late_flush_failure_answered_by_its_give_up_does_not_fail_the_next_resync(tmp_path):
+    """A flush given up on as slow fails later: its give-up marked every region already, and
+    its late failure is counted after that. The image's next resync must not take that count
+    for a failure nobody answered (it failed the resync after the whole copy): a resync starts
+    with the image's earlier failures answered by its bitmap."""
+    vol, opener, paths = make_volume(tmp_path, 3, leg_timeout=0.3)
+    write(vol, 0, pattern(128, 1))
+    st = opener.by_path[paths[2]]
+    p = vol.splits.prepare(2)
+    vol.splits.switch(p)
+    gate = _flush_gate(opener, paths[2])
+    vol.checkpoint()                             # its flush of image 2 is left behind...
+    st.fail_flushes = True
+    gate.open()
+    wait_until(lambda: vol._images[2].stuck_io == 0)    # ...and returned EIO
+    st.fail_flushes = False
+    with pytest.raises(StateError):
+        vol.splits.finish(p)
+    assert vol.images[2].state is ImageState.FAILED
+    job = vol.resync(2)
+    assert job.wait(10) and job.state == "done", (job.state, job.error)
+    vol.close()
+
+
+def test_a_fua_writes_failed_sync_is_a_failed_flush(tmp_path, monkeypatch):
+    """The sync of a FUA write (the fdatasync after it, or RWF_DSYNC) reports the file's
+    writeback error as a flush does: the image is failed with every region whose data may not
+    be durable marked (the write-intent log's: here an earlier buffered write's region, whose
+    writeback is the one that may have failed), and the failure is counted and answered, as a
+    failed flush's. It was handled as a write of its own range, and not counted."""
+    vol, opener, paths = make_volume(tmp_path, 3)
+    write(vol, 0, pattern(64, 1))
+    vol.checkpoint()                              # durable everywhere, the log clear
+    write(vol, 5 * 128, pattern(8, 3))            # region 5: buffered, in the log
+    st = opener.by_path[paths[1]]
+    st._dsync_ok = False                          # the fdatasync after the write
+    real_fdatasync = image_mod.os.fdatasync
+
+    def fdatasync(fd):
+        if fd == st.fd:
+            raise OSError(errno.EIO, "injected writeback error")
+        return real_fdatasync(fd)
+    monkeypatch.setattr(image_mod.os, "fdatasync", fdatasync)
+    write(vol, 8, pattern(1, 2), fua=True)        # image 0 and 2 take it
+    monkeypatch.undo()
+    img = vol._images[1]
+    assert img.state is ImageState.FAILED
+    assert img.bitmap.test_region(0), "the FUA write's own region"
+    assert img.bitmap.test_region(5), "the earlier write, whose writeback may be what failed"
+    assert st.flush_failures == st.flush_failures_seen == 1
+    vol.close()
