@@ -46,7 +46,6 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 import time
 
 from lvmirror.errors import ImageIOError, StateError, VolumeIOError
