@@ -337,15 +337,6 @@ class JobControl:
         reads from it. Returns the job."""
         vol = self.vol
         with vol._meta:
-            st = img.storage
-            if st is not None:
-                # flush failures of the image before now are answered by its bitmap: a failed
-                # image's failure marked all it may have lost, a split copy's export marks what
-                # its LUN writes before writing it, and a flush given up on as slow (a resync
-                # waits for it: stuck_io) was marked by its give-up before its late error was
-                # counted. Left unanswered, they failed the resync's first checkpoint or its
-                # end (durability.unanswered; this stop's second review, MEDIUM)
-                st.flush_failures_seen = st.flush_failures
             img.state = ImageState.SYNCING
             img.rec.error = None
             img.rec.copy_id = None      # no longer a split copy: the bitmap is the truth

@@ -217,7 +217,18 @@ class ScrubControl:
     def _run(self, rec) -> "ScrubJob":
         job = ScrubJob(self.vol, rec)
         self.vol.jobs[SCRUB_KEY] = job
-        job.start()
+        try:
+            job.start()
+        except BaseException as e:
+            # no thread for it (the job is failed already): its record says so too, or
+            # status, ``scrub --wait`` and the next open would take it for running (trial 36)
+            rec.state, rec.error, rec.finished = "failed", job.error or str(e), time.time()
+            try:
+                rec.save(self.vol._vdir)
+            except OSError:
+                pass
+            self.ended(job)
+            raise
         return job
 
     def cancel(self) -> None:

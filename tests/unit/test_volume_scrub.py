@@ -388,3 +388,31 @@ def test_an_image_the_scrub_cannot_read_past_the_cache_is_named_in_the_log(tmp_p
     said = [r.getMessage() for r in caplog.records if "through the page cache" in r.getMessage()]
     assert len(said) == 2 and "image 0" in said[0] and "image 1" in said[1]
     vol.close()
+
+
+def test_a_scrub_whose_thread_cannot_start_is_recorded_failed(tmp_path, monkeypatch):
+    """No thread left for a scrub (RuntimeError from Thread.start): the call raises and the
+    scrub's record says failed, in status and on disk - not "running", which ``scrub --wait``
+    would wait for without end and the next open would resume (trial 36, HIGH)."""
+    vol, _, _ = make_volume(tmp_path, 2, size=SIZE, region_size=REGION)
+    _fill(vol)
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name.endswith("-scrub"):
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError):
+        vol.scrubs.start()
+    monkeypatch.undo()
+    last = vol.scrubs.last()
+    assert last["state"] == "failed" and "did not start" in last["error"], last
+    assert "scrub" not in vol.jobs
+    vol.close()
+    vol = MirrorVolume.open("vol", meta_dir=str(tmp_path / "meta"), flush_interval=None)
+    try:
+        assert vol.scrubs.last()["state"] == "failed" and "scrub" not in vol.jobs
+        assert _scrub(vol)["state"] == "done"
+    finally:
+        vol.close()
