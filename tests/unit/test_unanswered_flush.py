@@ -17,25 +17,12 @@ from lvmirror.mirror import image as image_mod
 from lvmirror.mirror import resync
 from lvmirror.mirror.volume import ImageState
 
-from tests.unit.test_volume_helpers import (BS, image_bytes, make_volume, pattern, run_thread,
-                                            wait_until, write)
+from tests.unit.test_volume_helpers import (BS, held_on_error, image_bytes, make_volume,
+                                            no_thread_for, pattern, run_thread, wait_until,
+                                            write)
 from tests.unit.test_volume_stuck_io import _flush_gate
 
 REGION = 4096
-
-
-def _held_on_error(vol):
-    """Hold the barrier's error handling of a failed flush (the failing thread, before it
-    marks) until the returned ``hold`` is set; ``at_error`` is set when it arrives."""
-    at_error, hold = threading.Event(), threading.Event()
-    real = vol._barrier._on_error
-
-    def on_error(im, e):
-        at_error.set()
-        assert hold.wait(20)
-        real(im, e)
-    vol._barrier._on_error = on_error
-    return at_error, hold, real
 
 
 @pytest.mark.parametrize("kind", ["resync", "restore"])
@@ -47,13 +34,7 @@ def test_a_job_whose_thread_cannot_start_ends_failed_and_close_returns(tmp_path,
     vol, opener, paths = make_volume(tmp_path, 3)
     vol.split(2)
     write(vol, 0, pattern(8, 1))
-    real_start = threading.Thread.start
-
-    def start(self):
-        if self.name.endswith(f"-{kind}2"):
-            raise RuntimeError("can't start new thread")
-        return real_start(self)
-    monkeypatch.setattr(threading.Thread, "start", start)
+    no_thread_for(monkeypatch, f"-{kind}2")
     with pytest.raises(RuntimeError, match="can't start new thread"):
         getattr(vol, kind)(2)
     monkeypatch.undo()
@@ -79,7 +60,7 @@ def test_a_checkpoint_during_a_split_whose_flush_failed_keeps_the_log(tmp_path):
     st = opener.by_path[paths[2]]
     p = vol.splits.prepare(2)
     vol.splits.switch(p)
-    at_error, hold, real = _held_on_error(vol)
+    at_error, hold, real = held_on_error(vol)
     st.fail_flushes = True
     t, box = run_thread(vol.splits.finish, p)    # the split's flush of image 2 fails
     assert at_error.wait(10)
@@ -120,7 +101,7 @@ def test_no_in_sync_mark_between_a_failed_flush_and_its_mark(tmp_path, monkeypat
     write(vol, 0, pattern(1, 9))                  # the flusher's round has a flush to make
     st = opener.by_path[paths[1]]
     st.fail_flushes = True
-    at_error, hold, _ = _held_on_error(vol)
+    at_error, hold, _ = held_on_error(vol)
     t, box = run_thread(vol.checkpoint)
     assert at_error.wait(10)
     st.fail_flushes = False

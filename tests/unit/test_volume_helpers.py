@@ -179,3 +179,31 @@ def drop_page_cache(paths):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def held_on_error(vol):
+    """Hold ``vol``'s durability barrier's error handling of a failed flush (the failing
+    thread, before it marks for the failure) until the returned ``hold`` is set; ``at_error``
+    is set when one arrives. Returns (at_error, hold, the handler it replaced)."""
+    at_error, hold = threading.Event(), threading.Event()
+    real = vol._barrier._on_error
+
+    def on_error(im, e):
+        at_error.set()
+        assert hold.wait(20)
+        real(im, e)
+    vol._barrier._on_error = on_error
+    return at_error, hold, real
+
+
+def no_thread_for(monkeypatch, suffix):
+    """Make ``Thread.start`` raise RuntimeError("can't start new thread") for threads whose
+    name ends with ``suffix`` (no thread left: systemd's TasksMax); ``monkeypatch.undo()``
+    ends it."""
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name.endswith(suffix):
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+    monkeypatch.setattr(threading.Thread, "start", start)

@@ -9,8 +9,9 @@ from lvmirror.errors import StateError
 from lvmirror.mirror import resync
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
-from tests.unit.test_volume_helpers import (BS, Gate, image_bytes, make_volume, pattern, read,
-                                            run_thread, wait_until, write)
+from tests.unit.test_volume_helpers import (BS, Gate, held_on_error, image_bytes, make_volume,
+                                            no_thread_for, pattern, read, run_thread,
+                                            wait_until, write)
 
 REGION = 4096
 
@@ -603,13 +604,7 @@ def test_a_checkpoint_thread_that_cannot_start_fails_the_resync(tmp_path, monkey
     vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION, size=64 * REGION)
     vol.split(1)
     write(vol, 0, pattern(64 * REGION // BS, 7))
-    real_start = threading.Thread.start
-
-    def start(self):
-        if self.name.endswith("-ckpt"):
-            raise RuntimeError("can't start new thread")
-        return real_start(self)
-    monkeypatch.setattr(threading.Thread, "start", start)
+    no_thread_for(monkeypatch, "-ckpt")
     job = vol.resync(1)
     assert job.wait(10), f"the job never ended: {job.state}"
     monkeypatch.undo()
@@ -643,14 +638,7 @@ def test_no_checkpoint_or_in_sync_mark_between_a_failed_flush_and_its_mark(tmp_p
     write(vol, 0, pattern(1, 9))                     # the flusher's round has a flush to make
     st = opener.by_path[paths[1]]
     st.fail_flushes = True
-    hold, at_error = threading.Event(), threading.Event()
-    real_on_error = vol._barrier._on_error
-
-    def on_error(im, e):
-        at_error.set()
-        assert hold.wait(20)
-        real_on_error(im, e)
-    vol._barrier._on_error = on_error
+    at_error, hold, _ = held_on_error(vol)
     t, box = run_thread(vol.checkpoint)              # the flusher's round: its flush fails
     assert at_error.wait(10)
     st.fail_flushes = False                          # the next fdatasync returns 0

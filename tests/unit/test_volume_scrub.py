@@ -12,8 +12,8 @@ from lvmirror.errors import StateError
 from lvmirror.mirror.scrub import ScrubRecord
 from lvmirror.mirror.volume import ImageState, MirrorVolume
 
-from tests.unit.test_volume_helpers import (BS, Gate, Opener, image_bytes, make_volume, pattern,
-                                            wait_until, write)
+from tests.unit.test_volume_helpers import (BS, Gate, Opener, image_bytes, make_volume,
+                                            no_thread_for, pattern, wait_until, write)
 
 REGION = 64 << 10
 SIZE = 1 << 20            # 16 regions
@@ -396,13 +396,7 @@ def test_a_scrub_whose_thread_cannot_start_is_recorded_failed(tmp_path, monkeypa
     would wait for without end and the next open would resume (trial 36, HIGH)."""
     vol, _, _ = make_volume(tmp_path, 2, size=SIZE, region_size=REGION)
     _fill(vol)
-    real_start = threading.Thread.start
-
-    def start(self):
-        if self.name.endswith("-scrub"):
-            raise RuntimeError("can't start new thread")
-        return real_start(self)
-    monkeypatch.setattr(threading.Thread, "start", start)
+    no_thread_for(monkeypatch, "-scrub")
     with pytest.raises(RuntimeError):
         vol.scrubs.start()
     monkeypatch.undo()
