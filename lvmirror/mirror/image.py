@@ -182,6 +182,12 @@ class StorageImage:
         # its fdatasync holds (``note_flush_failure``); ``flush_failures_seen``: how many the
         # volume has marked for (``MirrorVolume._image_error``)
         self._flush_lock = threading.Lock()
+        # FUA writes whose sync is under way (tickets), for ``flush`` to wait on: a sync that
+        # took a writeback error before a flush's fdatasync returned 0 must be counted before
+        # that flush returns (``_fua_begin``/``_fua_end``)
+        self._fua_cond = threading.Condition(threading.Lock())
+        self._fua_next = 0
+        self._fua_busy: set[int] = set()
         self.flush_failures = 0
         self.flush_failures_seen = 0
         # (bytes, writes) written when the last good flush began; None before the first
@@ -565,6 +571,44 @@ class StorageImage:
         self._writev(offset, bufs, total, fua)
 
     def _writev(self, offset, bufs, total, fua) -> None:
+        if fua:
+            ticket = self._fua_begin()
+            try:
+                self._writev_once(offset, bufs, total, True)
+            finally:
+                self._fua_end(ticket)
+        else:
+            self._writev_once(offset, bufs, total, False)
+
+    def _fua_begin(self) -> int:
+        """Register a FUA write whose sync is about to run; returns its ticket for
+        ``_fua_end``. A ``flush`` whose fdatasync returns meanwhile waits for it."""
+        with self._fua_cond:
+            ticket = self._fua_next
+            self._fua_next += 1
+            self._fua_busy.add(ticket)
+        return ticket
+
+    def _fua_end(self, ticket: int) -> None:
+        """The FUA write of ``ticket`` is over, its sync's failure counted if it failed."""
+        with self._fua_cond:
+            self._fua_busy.discard(ticket)
+            self._fua_cond.notify_all()
+
+    def _wait_fua_syncs(self) -> None:
+        """Wait until every FUA write registered so far is over. Its sync may have taken the
+        writeback error this flush's fdatasync would have had (Linux reports it to one sync
+        only); the failure is counted (``note_flush_failure``) before the write is over, so a
+        caller of ``flush`` that sees no failure counted once ``flush`` returns may trust it
+        (trial 36, HIGH: the count came after the syscall returned, and a checkpoint's flush
+        could return 0 and clear the write-intent log in between). Each such write is bounded
+        as the flush is: by its caller's ``leg_timeout``."""
+        with self._fua_cond:
+            upto = self._fua_next
+            while any(t < upto for t in self._fua_busy):
+                self._fua_cond.wait()
+
+    def _writev_once(self, offset, bufs, total, fua) -> None:
         pos = offset
         dsync = fua and self._dsync_ok
         try:
@@ -603,7 +647,9 @@ class StorageImage:
 
     def flush(self) -> None:
         """Make every completed write durable (fdatasync). ImageIOError when it fails, counted
-        first (``note_flush_failure``)."""
+        first (``note_flush_failure``). When it succeeds it returns only once every FUA write
+        whose sync began before it is over (``_wait_fua_syncs``), so that a writeback error such
+        a sync took from it is counted by then."""
         self._check_open("flush", 0, 0)
         mark = (self.stats["bytes_written"] + self._zeroed, self.stats["writes"])
         with self._flush_lock:
@@ -612,6 +658,8 @@ class StorageImage:
             except OSError as e:
                 self.flush_failures += 1
                 raise self._ioerror("flush", 0, 0, e) from e
+        if self._fua_busy:
+            self._wait_fua_syncs()
         self._count(flushes=1)
         self._flushed_mark = mark
 
