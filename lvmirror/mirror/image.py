@@ -326,11 +326,15 @@ class StorageImage:
             st[ops] += n
             st[nbytes] += total
 
-    def _ioerror(self, op: str, offset: int, length: int, e: OSError) -> ImageIOError:
+    def _ioerror(self, op: str, offset: int, length: int, e: OSError, *,
+                 label: str | None = None) -> ImageIOError:
+        """Count an error and build its ImageIOError; ``label`` names the operation in the
+        message when ``op`` alone would mislead (a FUA write whose sync may be what failed)."""
         self._count(errors=1)
         return ImageIOError(self, e.errno,
-                            f"image {self.path}: {op} of {length} bytes at offset {offset} "
-                            f"failed: {e.strerror or e}", op=op, offset=offset, length=length)
+                            f"image {self.path}: {label or op} of {length} bytes at offset "
+                            f"{offset} failed: {e.strerror or e}", op=op, offset=offset,
+                            length=length)
 
     def _check_open(self, op: str, offset: int, length: int) -> None:
         """I/O on a closed image (a vanished device, a volume closing under a job) is an
@@ -633,8 +637,10 @@ class StorageImage:
             if fua and not dsync:
                 os.fdatasync(self.fd)
         except OSError as e:
-            err = self._ioerror("write", offset, total, e)
-            if fua and e.errno not in (_errno.ENOSPC, _errno.EDQUOT):
+            synced = fua and e.errno not in (_errno.ENOSPC, _errno.EDQUOT)
+            err = self._ioerror("write", offset, total, e,
+                                label="FUA write (its data or its sync)" if synced else None)
+            if synced:
                 # a FUA write's sync (RWF_DSYNC, or the fdatasync after it) reports the file's
                 # writeback error as a flush does, and takes it: counted as a flush's failure
                 # (``note_flush_failure``: another thread's flush that then returns 0 proves

@@ -664,6 +664,8 @@ class MirrorVolume:
         for a syncing image, its bitmap as its resync last saved it (its copies are not in the
         log), ``_mark_unflushed``."""
         op = getattr(exc, "op", None) or ("read" if is_read else "write")
+        if getattr(exc, "synced", False):        # RWF_DSYNC: the data or the sync failed
+            op = "FUA write (its data or its sync)"
         where = (f"{op} at offset {offset}" if length else op)
         errno_ = getattr(exc, "errno", None)
         slow = getattr(exc, "slow", False)       # given up on by lvmirror, outcome unknown

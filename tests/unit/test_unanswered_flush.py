@@ -231,6 +231,7 @@ def test_a_fua_writes_failed_sync_is_a_failed_flush(tmp_path, monkeypatch):
     assert img.bitmap.test_region(0), "the FUA write's own region"
     assert img.bitmap.test_region(5), "the earlier write, whose writeback may be what failed"
     assert st.flush_failures == st.flush_failures_seen == 1
+    assert "FUA write (its data or its sync) of 512 bytes" in img.rec.error, img.rec.error
     vol.close()
 
 
@@ -259,9 +260,9 @@ def test_a_flush_returns_only_after_a_concurrent_fua_writes_failed_sync_is_count
     monkeypatch.setattr(image_mod.os, "fdatasync", fdatasync)
     real_ioerror = st._ioerror
 
-    def ioerror(*args):                           # hold the FUA write after its syscall
+    def ioerror(*args, **kw):                     # hold the FUA write after its syscall
         release.wait(20)
-        return real_ioerror(*args)
+        return real_ioerror(*args, **kw)
     monkeypatch.setattr(st, "_ioerror", ioerror)
     errors, seen = [], []
     fua, _ = run_thread(lambda: _catch(errors, lambda: st.writev(0, [b"x" * 4096], fua=True)))
