@@ -316,7 +316,12 @@ class JobControl:
                 st.close()
                 raise
             img.storage = st
-            vol._start_worker(img)
+            try:
+                vol._start_worker(img)
+            except BaseException:              # no thread left: closed again, as it was
+                img.storage = None
+                st.close()
+                raise
 
     def _resume_refusal(self, img, image_index, mm) -> StateError:
         """The StateError for an unfinished restore from image ``img`` whose file is not
@@ -819,10 +824,29 @@ class JobControl:
                 with vol._meta:
                     rec = vol._md.add_image(path, ImageState.SYNCING.value, generation=0)
                     img = Leg(rec, st, bm)
+                    try:
+                        vol._start_worker(img)
+                    except RuntimeError as e:     # no thread left (TasksMax): undone
+                        vol._md.images.remove(rec)
+                        st.close()
+                        if not existed:
+                            os.unlink(path)
+                        raise StateError(f"volume {vol.name}: {path} not attached: its I/O "
+                                         f"threads could not start ({e}); nothing was "
+                                         f"changed") from e
                     vol._images.append(img)
-                    vol._start_worker(img)
-                self.start_resync(img, full=True, rate_limit=rate_limit)
-            return len(vol._images) - 1
+                index = len(vol._images) - 1
+                try:
+                    self.start_resync(img, full=True, rate_limit=rate_limit)
+                except RuntimeError as e:
+                    # saved as syncing from its first region, its job failed: as a resync
+                    # that stopped, resumed by a resync or the next open
+                    raise StateError(f"volume {vol.name}: {path} attached as image {index}, "
+                                     f"but its full resync's thread could not start ({e}): "
+                                     f"it stays syncing; start it with lvmirror resync "
+                                     f"{vol.name} {index} (or it resumes when lvmirrord next "
+                                     f"opens the volume)") from e
+            return index
 
     def detach(self, image_index):
         """Remove an image from the volume (not the last in-sync one). Its file is kept; a

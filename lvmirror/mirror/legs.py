@@ -105,11 +105,19 @@ class Worker:
     per call (ThreadPoolExecutor's costs about 6 CPU us per submit)."""
 
     def __init__(self, name, nthreads=WORKER_THREADS):
+        """Start ``nthreads`` threads named ``name-K``. RuntimeError when one cannot start (no
+        thread left: systemd's TasksMax), the ones already started stopped first."""
         self._q = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._run, name=f"{name}-{k}", daemon=True)
                          for k in range(nthreads)]
-        for t in self._threads:
-            t.start()
+        for k, t in enumerate(self._threads):
+            try:
+                t.start()
+            except BaseException:
+                for _ in range(k):
+                    self._q.put(None)
+                self._threads = []
+                raise
 
     def _run(self):
         get = self._q.get

@@ -650,3 +650,50 @@ def test_no_checkpoint_or_in_sync_mark_between_a_failed_flush_and_its_mark(tmp_p
     assert img.state is ImageState.FAILED
     assert img.bitmap.count() == n, f"{img.bitmap.count()} of {n} regions marked"
     vol.close()
+
+
+def test_attach_whose_io_threads_cannot_start_changes_nothing(tmp_path, monkeypatch):
+    """No thread left for the new image's I/O worker (its second thread fails to start): the
+    attach is refused as a StateError that says nothing changed, and nothing did - the image
+    is not in the volume or its metadata, the file attach created is gone, and the worker
+    thread that did start is stopped. It used to stay in the volume's list without a worker,
+    unsaved, the file open."""
+    vol, opener, paths = make_volume(tmp_path, 1, size=256 * 1024, region_size=REGION)
+    write(vol, 0, pattern(512, 1))
+    newpath = str(tmp_path / "new")
+    new_id = max(im.id for im in vol.images) + 1
+    before = set(threading.enumerate())           # (other tests' volumes left theirs)
+    no_thread_for(monkeypatch, f"-img{new_id}-1")
+    with pytest.raises(StateError, match="not attached: its I/O threads could not start"):
+        vol.attach(newpath)
+    monkeypatch.undo()
+    assert [im.path for im in vol.images] == [paths[0]]
+    assert not os.path.exists(newpath)
+    assert newpath not in open(os.path.join(vol._vdir, "volume.json")).read()
+    wait_until(lambda: not any(t.name.endswith(f"-img{new_id}-0")
+                               for t in set(threading.enumerate()) - before), 10)
+    idx = vol.attach(newpath)
+    job = vol.jobs[vol.images[idx].id]
+    assert job.wait(10) and job.state == "done", (job.state, job.error)
+    vol.close()
+    assert image_bytes(paths[0]) == image_bytes(newpath)
+
+
+def test_attach_whose_resync_thread_cannot_start_says_so_and_resumes(tmp_path, monkeypatch):
+    """No thread left for the attach's full resync: the image is attached and saved syncing
+    from its first region (as a stopped resync), and the StateError says so and how to go on;
+    ``resync`` then copies it all (a RuntimeError said only "can't start new thread")."""
+    vol, opener, paths = make_volume(tmp_path, 1, size=256 * 1024, region_size=REGION)
+    write(vol, 0, pattern(512, 1))
+    newpath = str(tmp_path / "new")
+    no_thread_for(monkeypatch, "-resync1")
+    with pytest.raises(StateError, match=r"attached as image 1, but its full resync's thread "
+                                         r"could not start .* lvmirror resync vol 1"):
+        vol.attach(newpath)
+    monkeypatch.undo()
+    assert vol.images[1].state is ImageState.SYNCING
+    assert vol.jobs[vol.images[1].id].state == "failed"
+    job = vol.resync(1)
+    assert job.wait(10) and job.state == "done", (job.state, job.error)
+    vol.close()
+    assert image_bytes(paths[0]) == image_bytes(newpath)
