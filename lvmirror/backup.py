@@ -13,6 +13,7 @@ asks of every state that vouches for data.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -55,6 +56,37 @@ def backup_image(image: dict, dest: str, *, fmt: str = "raw", progress=None,
             progress(done, done)
         return done
     return _copy_sparse(src, dest, progress, size)
+
+
+def held_backup(mgr, volume: str, image: int, dest: str, *, fmt: str = "raw",
+                progress=None) -> int:
+    """Copy split image ``image`` of ``volume`` to ``dest`` (raw or qcow2) while lvmirrord
+    holds it: ``mgr`` is the ``org.lvmirror1.Manager`` interface (dbus-python). BeginBackup
+    checks the image (split, still the copy its split recorded: ``mirror/copyid``) and refuses
+    resync, restore and detach of it from then on; EndBackup ends the hold with the result.
+    The copy is made here, by the caller, which may write where lvmirrord's sandbox may not
+    (ProtectHome, ProtectSystem). If this process dies the hold ends with its bus connection.
+    Returns the bytes copied. dbus.DBusException from lvmirrord (refused, or the hold lost
+    before the end: the volume's process restarted, so the copy is not vouched for);
+    OSError/ValueError from the copy, reported to lvmirrord as the backup's failure first."""
+    import dbus
+    dest = os.path.abspath(dest)
+    held = json.loads(mgr.BeginBackup(volume, dbus.UInt32(image), dest))
+    entry = dict(index=image, path=held["path"], state=held["state"])
+    try:
+        n = backup_image(entry, dest, fmt=fmt, progress=progress, size=held["size"])
+    except BaseException as exc:
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or \
+            type(exc).__name__
+        try:
+            mgr.EndBackup(volume, dbus.UInt32(image), dbus.Dictionary(
+                {"state": "failed", "error": why}, signature="sv"))
+        except dbus.DBusException:
+            pass                    # the copy's own error is the one to report
+        raise
+    mgr.EndBackup(volume, dbus.UInt32(image), dbus.Dictionary(
+        {"state": "done", "bytes": dbus.UInt64(n)}, signature="sv"))
+    return n
 
 
 def _size_of(path: str) -> int:

@@ -789,22 +789,11 @@ def main(argv=None):
         if args.cmd == "scrub":
             return _scrub(args, mgr, dbus)
         if args.cmd == "backup":
-            from lvmirror.backup import backup_image
-            st = json.loads(mgr.Status())
-            vol = st["volumes"].get(args.volume)
-            if vol is None:
-                print(f"lvmirror: no volume {args.volume!r} is open", file=sys.stderr)
-                return EXIT_ERROR
-            im = next((i for i in vol["images"] if i["index"] == args.image), None)
-            if im is None:
-                print(f"lvmirror: volume {args.volume} has no image {args.image}",
-                      file=sys.stderr)
-                return EXIT_ERROR
-            # the file at its path is still the copy of its split (mirror/copyid)
-            mgr.BackupCheck(args.volume, dbus.UInt32(args.image))
+            from lvmirror.backup import held_backup
             tty = sys.stderr.isatty()
-            n = backup_image(im, args.dest, fmt=args.format, size=vol["size"], progress=(
-                lambda d, t: sys.stderr.write(f"\rbackup: {d / t:6.1%}")) if tty else None)
+            n = held_backup(mgr, args.volume, args.image, args.dest, fmt=args.format,
+                            progress=(lambda d, t: sys.stderr.write(f"\rbackup: {d / t:6.1%}"))
+                            if tty else None)
             print(json.dumps({"dest": args.dest, "bytes": n, "format": args.format})
                   if args.json else f"image {args.image} copied to {args.dest} ({args.format})")
             return 0

@@ -185,7 +185,7 @@ def install():
     from targetcli import ui_backstore
 
     from lvmirror import cfgstring
-    from lvmirror.backup import backup_image
+    from lvmirror.backup import held_backup
     from lvmirror.cli import (format_status, job_phrase, members_arg, mismatch_lines,
                               parse_member, scrub_line, size_phrase)
 
@@ -432,17 +432,12 @@ def install():
         def ui_command_backup(self, image, file, format="raw"):
             """Copy split image IMAGE to FILE (format raw or qcow2) with progress. The image
             must be split (a frozen point-in-time copy)."""
-            _, _, vol = self._volume_status()
             idx = self._image(image)
-            im = next((i for i in vol["images"] if i["index"] == idx), None)
-            if im is None:
-                raise ExecutionError(f"no image {idx}")
-            # the file at its path is still the copy of its split (lvmirror's mirror/copyid)
-            call("BackupCheck", self._spec().name, idx)
-            try:
-                backup_image(im, file, fmt=format, progress=self._progress)
-            except (OSError, ValueError) as e:
-                raise ExecutionError(str(e)) from None
+            # lvmirrord checks the image (split, still the copy: lvmirror's mirror/copyid) and
+            # holds it against resync, restore and detach while this copies it
+            # (its errors, the copy's too, come back as ExecutionError: manager_call)
+            call(lambda mgr: held_backup(mgr, self._spec().name, idx, file, fmt=format,
+                                         progress=self._progress))
             self.shell.con.display(f"\nimage {idx} copied to {file} ({format})")
 
         def _progress(self, done, total):

@@ -268,6 +268,36 @@ class Manager(dbus.service.Object):
         self.run(sender, lambda: self._daemon.backup_check(str(volume), int(image)),
                  lambda _r: ok(), err, root=False)
 
+    @dbus.service.method(MANAGER_IFACE, in_signature="sus", out_signature="s",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def BeginBackup(self, volume, image, destination, sender=None, ok=None, err=None):
+        """Hold split ``image`` of ``volume`` for a backup to ``destination`` that the caller
+        copies itself (``lvmirror backup``, targetcli-lvmirror's ``backup``): checked as
+        Backup is, then resync, restore and detach of the image are refused until EndBackup
+        or until the caller leaves the bus (``VolumeHost.begin_backup``). Returns JSON
+        ``{"path", "size", "state"}``: the file to copy and the volume's size in bytes."""
+        owner = self._service.locks.owner(sender)
+        self.run(sender, lambda: json.dumps(self._daemon.begin_backup(
+            str(volume), int(image), str(destination), owner)), ok, err)
+
+    @dbus.service.method(MANAGER_IFACE, in_signature="sua{sv}", out_signature="",
+                         sender_keyword="sender", async_callbacks=("ok", "err"))
+    def EndBackup(self, volume, image, result, sender=None, ok=None, err=None):
+        """End the caller's BeginBackup: ``result`` ``a{sv}`` with ``state`` s ("done" or
+        "failed"), ``bytes`` t (copied) and ``error`` s (why it failed). An error when the
+        caller holds no running backup of the image (the hold was lost: the volume's
+        process restarted), which means the copy is not vouched for."""
+        res = dict(result)
+        unknown = set(res) - {"state", "bytes", "error"}
+        if unknown:
+            err(LvmirrorDBusError(f"EndBackup: unknown result key(s) {sorted(unknown)}"))
+            return
+        owner = ("bus", str(sender))
+        self.run(sender, lambda: self._daemon.end_backup(
+            str(volume), int(image), owner, state=str(res.get("state", "done")),
+            nbytes=int(res.get("bytes", 0)), error=str(res.get("error", "")) or None),
+            lambda _r: ok(), err)
+
     @dbus.service.method(MANAGER_IFACE, in_signature="su", out_signature="",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
     def DetachImage(self, volume, image, sender=None, ok=None, err=None):

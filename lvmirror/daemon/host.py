@@ -43,9 +43,13 @@ class BackupProgress:
 
     kind = "backup"
 
-    def __init__(self, image_id, dest):
+    def __init__(self, image_id, dest, owner=None):
+        """``image_id``: the split image's id; ``dest``: the backup file; ``owner``: for a
+        copy made by a client (``begin_backup``), its lock owner (``("bus", name)``): the
+        backup ends as failed if it leaves the bus first. None: lvmirrord copies."""
         self.image_id = image_id
         self.dest = dest
+        self.owner = owner
         self.state = "running"
         self.error = None
         self.bytes_done = 0
@@ -353,6 +357,54 @@ class VolumeHost:
                              f"split image is a point-in-time copy (split it first)")
         self._volume(name).check_copy(image)
 
+    def _start_backup(self, name, image, dest, owner=None):
+        """Register a backup of split image ``image`` of volume ``name`` to ``dest``: checked
+        and registered under ``_backup_lock``, the lock every change to the image takes, so
+        from here until it ends resync, restore and detach of the image are refused. Returns
+        (its BackupProgress, the image's ImageInfo). StateError when the image is not split,
+        is backed up already, or is not the copy its split recorded (``backup_check``)."""
+        with self._backup_lock:
+            info = self._no_backup(name, image)
+            self.backup_check(name, image)
+            progress = self._backups[(name, info.id)] = BackupProgress(info.id, dest, owner)
+        return progress, info
+
+    def begin_backup(self, name, image, dest, owner) -> dict:
+        """Hold split image ``image`` of volume ``name`` for a backup its caller copies
+        itself (``lvmirror backup``, targetcli-lvmirror's ``backup``: they write where the
+        caller may, which lvmirrord's sandbox may not): checked and registered as ``backup``
+        does, so resync, restore and detach of the image are refused until ``end_backup`` or
+        until ``owner`` (``("bus", name)``) leaves the bus (``release_owner``). Before, those
+        copies only asked ``backup_check`` and a resync started meanwhile changed the file
+        under the copy: a backup of two instants. Returns ``{"path", "size", "state"}``: the
+        file to copy and the volume's size in bytes (the copy's length). StateError /
+        ConfigError as ``backup`` raises them; ``dest`` (shown in status) is not checked."""
+        progress, info = self._start_backup(name, image, str(dest), owner)
+        log.info("volume %s: backup of image %d to %s started by %s", name, image, dest,
+                 _owner_label(owner))
+        return dict(path=info.path, size=self._volume(name).size, state=info.state.value)
+
+    def end_backup(self, name, image, owner, *, state="done", nbytes=0, error=None) -> None:
+        """End the backup ``begin_backup`` gave ``owner``: ``state`` "done" (``nbytes``
+        bytes copied) or "failed" (``error``, a str). ConfigError when ``owner`` holds no
+        running backup of that image (never began one, or it was ended: it left the bus)."""
+        if state not in ("done", "failed"):
+            raise ConfigError(f"a backup ends done or failed, not {state!r}")
+        with self._backup_lock:
+            info = self._image_info(name, image)
+            b = self._backups.get((name, info.id))
+            if b is None or b.owner != owner or b.state != "running":
+                raise ConfigError(f"volume {name}: no backup of image {image} held by "
+                                  f"{_owner_label(owner)} is running")
+            b.bytes_done = b.bytes_total = int(nbytes) if state == "done" else b.bytes_done
+            b.finish(state, None if state == "done" else str(error or "failed"))
+        if state == "done":
+            log.info("volume %s: image %d backed up to %s (%d bytes) by %s", name, image,
+                     b.dest, int(nbytes), _owner_label(owner))
+        else:
+            log.error("volume %s: backup of image %d to %s by %s failed: %s", name, image,
+                      b.dest, _owner_label(owner), b.error)
+
     def backup(self, name, image, dest, fmt="raw") -> int:
         """Copy split image ``image`` to ``dest`` (raw sparse or qcow2). Resync, restore and
         detach of the image are refused while it runs; progress shows in status(). StateError
@@ -361,11 +413,8 @@ class VolumeHost:
         from lvmirror.backup import backup_image
         if not os.path.isabs(dest):
             raise ConfigError(f"backup destination {dest!r} must be an absolute path")
-        with self._backup_lock:     # the image's state is read under the lock resync takes
-            info = self._no_backup(name, image)
-            self.backup_check(name, image)
-            size = self._volume(name).size        # bytes: not the rest of a larger device
-            progress = self._backups[(name, info.id)] = BackupProgress(info.id, dest)
+        progress, info = self._start_backup(name, image, dest)
+        size = self._volume(name).size        # bytes: not the rest of a larger device
         entry = dict(index=info.index, path=info.path, state=info.state.value)
         log.info("volume %s: backup of image %d to %s (%s) started", name, image, dest, fmt)
         try:
@@ -549,6 +598,13 @@ class VolumeHost:
         with self._lock:
             for lid in [lid for lid, (_, lk) in self._external_locks.items() if lk.owner == owner]:
                 del self._external_locks[lid]
+        with self._backup_lock:
+            for (name, _), b in list(self._backups.items()):
+                if b.owner == owner and b.state == "running":
+                    b.finish("failed", "its copier left the bus before it said the copy ended")
+                    log.error("volume %s: backup of image id %s to %s by %s failed: it left "
+                              "the bus before it ended the backup", name, b.image_id, b.dest,
+                              _owner_label(owner))
         if n:
             log.warning("released %d region lock(s) of %s, which left the bus", n, owner)
         return n

@@ -296,6 +296,17 @@ class Lvmirrord:
         "raw" sparse or "qcow2"); returns the bytes copied. ``VolumeHost.backup``."""
         return self._host(name).backup(name, image, dest, fmt)
 
+    def begin_backup(self, name, image, dest, owner) -> dict:
+        """Hold split image ``image`` of volume ``name`` for a backup to ``dest`` that
+        ``owner`` copies itself; returns ``{"path", "size", "state"}``.
+        ``VolumeHost.begin_backup``."""
+        return self._host(name).begin_backup(name, image, dest, owner)
+
+    def end_backup(self, name, image, owner, *, state="done", nbytes=0, error=None) -> None:
+        """End ``owner``'s backup of image ``image`` (``VolumeHost.end_backup``)."""
+        return self._host(name).end_backup(name, image, owner, state=state, nbytes=nbytes,
+                                           error=error)
+
     def resync(self, name, image, rate_mbps=0.0, *, full=False):
         """Start (or resume) the resync of image ``image`` at ``rate_mbps`` MB/s (0:
         unlimited); ``full``: every region. Returns the job's progress dict.

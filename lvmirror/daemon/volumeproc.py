@@ -63,7 +63,8 @@ __all__ = ["VolumeProcess", "MANAGEMENT_CALLS", "main"]
 _HEADER = struct.Struct("<II")
 MAX_FDS = 8
 # the calls Lvmirrord forwards to the host of a volume (VolumeHost's methods of the same names)
-MANAGEMENT_CALLS = ("status", "split", "backup", "backup_check", "resync", "restore", "restore_check",
+MANAGEMENT_CALLS = ("status", "split", "backup", "backup_check", "begin_backup", "end_backup",
+                    "resync", "restore", "restore_check",
                     "abandon_restore",
                     "attach", "detach",
                     "cancel", "lock_region", "unlock_region", "list_locks", "release_owner",
