@@ -910,6 +910,8 @@ class MirrorVolume:
         if not legs:
             return False
         bs = self.block_size
+        # the flush failures counted before the probe began: those it answers (below)
+        counted = {id(im): im.storage.flush_failures for im in legs}
         lk = self.locks.lock(0, 1)
         try:
             buf = StorageImage.aligned_buffer(bs)
@@ -930,8 +932,11 @@ class MirrorVolume:
             for im in legs:
                 im.rec.error = None
                 # a flush left behind as slow and failing later lost only what its give-up
-                # marked already (``_image_error``, all_regions)
-                im.storage.flush_failures_seen = im.storage.flush_failures
+                # marked already (``_image_error``, all_regions); one counted since the probe
+                # began stays unanswered until its own thread marks for it (its sync may
+                # have taken the error the probe's flush would have had: trial 36, LOW)
+                st = im.storage
+                st.flush_failures_seen = max(st.flush_failures_seen, counted[id(im)])
         log.warning("volume %s: back ONLINE: the in-sync image answers again (was offline: %s)",
                     self.name, reason)
         return True
