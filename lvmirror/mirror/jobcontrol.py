@@ -481,7 +481,8 @@ class JobControl:
         (the caller holds ``vol._mgmt``); StateError naming the first reason it may not:
         a split or consistency-group switch in progress, the volume offline, the image
         exported as a LUN, not split or not available, an I/O given up on as slow still in
-        flight on its device (``Leg.stuck_io``), a flush of it failed since it was opened,
+        flight on its device (``Leg.stuck_io``), a flush of it failed since it was split (or
+        since it was opened, when lvmirrord opened it after its split),
         a restore from another image
         unfinished, this one already running, no in-sync image to restore to, or no such
         image."""
@@ -513,7 +514,9 @@ class JobControl:
             # regions it may have lost marked, which its resync rewrote and flushed (stop 53:
             # a CI run refused the restore of a copy split after such a resync)
             raise StateError(f"volume {vol.name}: a flush of split image {image_index} "
-                             f"({img.rec.path}) failed since it was opened, so its data may not "
+                             f"({img.rec.path}) failed since it was "
+                             f"{'split' if base_st is img.storage else 'opened'}, so its data "
+                             f"may not "
                              f"all be on its disk; resync or detach it rather than restore "
                              f"from it")
         if self.restore_job is not None:

@@ -355,7 +355,7 @@ def test_a_restore_makes_its_source_durable_before_it_vouches_for_copies(tmp_pat
     st2.fail_flushes = False
     for call in (lambda: vol.restore(2), lambda: vol.check_restore(2)):
         with pytest.raises(StateError, match=r"a flush of split image 2 .* failed since it was "
-                                             r"opened.*resync or detach it"):
+                                             r"split.*resync or detach it"):
             call()
     assert vol.control.restore_job is None and read(vol, 0, 8) == pattern(8, 8)
     vol.close()
@@ -615,7 +615,7 @@ def test_a_flush_failure_before_the_split_does_not_refuse_its_restore(tmp_path):
         vol.check_restore(2, flush=True)
     st2.fail_flushes = False
     with pytest.raises(StateError, match=r"a flush of split image 2 .* failed since it was "
-                                         r"opened"):
+                                         r"split"):
         vol.restore(2)
     vol.close()
 
@@ -638,6 +638,6 @@ def test_a_flush_failure_not_answered_when_the_split_ran_refuses_its_restore(tmp
     vol.split(2)
     vol._images[2].split_flush_base = (st2, st2.flush_failures_seen - 1)   # counted before
     with pytest.raises(StateError, match=r"a flush of split image 2 .* failed since it was "
-                                         r"opened"):
+                                         r"split"):
         vol.restore(2)
     vol.close()
