@@ -9,7 +9,7 @@ demo() {   # the product's main job, narrated (tools/demo)
   say "LUN 1 is user:lvmirror backstore m3: volume vol3 on three images, seen by open-iscsi as $d"
   vstatus
   say "writing 'generation 1' through iSCSI, then starting a random-write load (fio)"
-  echo "generation 1 $(date -u +%T)" | dd of=$d bs=512 seek=200000 conv=sync oflag=direct status=none
+  echo "generation 1 $(date -u +'%T UTC')" | dd of=$d bs=512 seek=200000 conv=sync oflag=direct status=none
   fio --name=load --filename=$d --rw=randwrite --bs=4k --direct=1 --ioengine=libaio --iodepth=8 \
       --size=32M --offset=160M --runtime=20 --time_based --output-format=terse > "$OUT/demo-fio.txt" 2>&1 &
   FIO=$!; sleep 4
@@ -18,7 +18,7 @@ demo() {   # the product's main job, narrated (tools/demo)
   out=$(lvmirror split vol3 2 2>&1); rc=$?
   sed 's/^/|   /' <<<"$out"
   [ $rc = 0 ] && result demo_split ok || result demo_split fail rc=$rc out="$(tail -1 <<<"$out")"
-  echo "generation 2 $(date -u +%T)" | dd of=$d bs=512 seek=200000 conv=sync oflag=direct status=none
+  echo "generation 2 $(date -u +'%T UTC')" | dd of=$d bs=512 seek=200000 conv=sync oflag=direct status=none
   live=$(dd if=$d bs=512 skip=200000 count=1 iflag=direct status=none | head -c 12)
   copy=$(dd if=/run/scratch/v3c.img bs=512 skip=200000 count=1 status=none | head -c 12)
   say "the live LUN now reads:           $(dd if=$d bs=512 skip=200000 count=1 iflag=direct status=none | head -c 30)"
