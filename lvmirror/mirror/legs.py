@@ -350,28 +350,10 @@ class Leg:
     def late_error(self, exc) -> None:
         """An I/O left behind on this leg returned the error ``exc``: a split of the image
         under way must not be saved as done (``PendingSplit.lost``; the image already has the
-        I/O's range marked).
-
-        A flush's late failure (or a FUA write's failed sync) is counted as a flush failure
-        (``StorageImage.note_flush_failure``), and its give-up already marked what it may have
-        lost: every region in the write-intent log for a flush (``MirrorVolume._image_error``,
-        all_regions) on a failed or split image, the same for a write on a failed one (its
-        failure's ``_mark_unflushed``). It is answered here, so that it does not fail the
-        image's next resync (which cost a second resync). Only its own: ``flush_failures_seen``
-        moves up by one, never past the count, so a failure another thread counted and has not
-        marked for yet stays unanswered. (No resync of the image starts while the I/O is in
-        flight: ``Leg.wait_stuck``.)"""
+        I/O's range marked)."""
         p = self.split_busy
         if p is not None and p.lost is None:
             p.lost = f"an I/O left behind on it as slow returned: {exc}"
-        st = self.storage
-        if st is None:
-            return
-        if (getattr(exc, "op", None) == "flush"
-                and self.state in (ImageState.FAILED, ImageState.SPLIT)) \
-                or (getattr(exc, "synced", False) and self.state is ImageState.FAILED):
-            # (a lost race lowers it, which only costs a resync: fail-safe)
-            st.flush_failures_seen = min(st.flush_failures_seen + 1, st.flush_failures)
 
     @staticmethod
     def abandoned_io_done(device) -> None:
