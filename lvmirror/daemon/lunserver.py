@@ -64,6 +64,7 @@ import time
 from lvmirror import cfgstring
 from lvmirror.errors import ConfigError, LvmirrorError, StateError, WouldBlock
 from lvmirror.mirror.legs import Worker
+from lvmirror.mirror.volume import PARALLEL_MIN_BYTES
 from lvmirror.mirror import ringlease
 from lvmirror.scsi import LogicalUnit, Response
 from lvmirror.daemon.iostats import BUCKETS, LatencyHistogram
@@ -167,11 +168,19 @@ INLINE_IDLE_MAX = 1 << 20
 # region lock over the blocks it covers, so the pool's threads still run meanwhile; with
 # RWF_NOWAIT they never wait for a device. In the kernel lab (2026-12-04) 1 MiB sequential READs
 # at queue depth 8 all went to the pool before, at 0.89-0.93x tcmu-runner's IOPS, and 0.95-1.03x
-# after (README, Performance). WRITEs stay at INLINE_WRITE_MAX: up to 1 MiB gained only
-# 0.93-0.96x -> 0.95-0.96x of tcmu-runner in the same runs, and a larger buffered write is
-# likelier to wait (dirty-page throttling) and send every WRITE to the pool for INLINE_BACKOFF.
+# after (README, Performance). WRITEs up to 1 MiB too (2026-12-06): the compiled path writes
+# them without the GIL, as it does the small ones, in a batch of up to 8 MiB; a batch that
+# takes longer than INLINE_SLOW (a buffered write throttled) sends every WRITE to the pool for
+# INLINE_BACKOFF, and one that stalls is the watchdog's. (An earlier trial of 1 MiB gained
+# nothing because read_batch still sent every WRITE over 64 KiB to the Python fetch.)
 COMPILED_READ_MAX = 1 << 20
-COMPILED_WRITE_MAX = INLINE_WRITE_MAX
+COMPILED_WRITE_MAX = 1 << 20
+# ... and for a mirror (2-4 images), which it writes one leg after the other with no bound: under
+# the volume's PARALLEL_MIN_BYTES (128 KiB), from which the Python path writes the legs in
+# parallel and fails one still busy ``leg_timeout`` seconds after another finished. Up to 1 MiB,
+# a stalled leg held such a WRITE for as long as its device stalled (review of 2026-12-06, HIGH).
+COMPILED_MIRROR_WRITE_MAX = INLINE_WRITE_MAX
+assert COMPILED_MIRROR_WRITE_MAX < PARALLEL_MIN_BYTES
 
 # A command the ring thread runs itself and that has not returned after INLINE_STALL seconds
 # (a writer throttled by the kernel behind a slow or dying device) makes the watchdog hand the
@@ -846,7 +855,8 @@ class LunServer:
                 wchecks = tuple((o, a, kinds[k], v) for o, a, k, v in wsrc[1]) + own
         most = lu.max_accept_blocks * backend.block_size
         big = min(COMPILED_READ_MAX, most) if hasattr(target, "begin_fast_reads") else 0
-        max_write = min(COMPILED_WRITE_MAX, most)
+        max_write = min(COMPILED_WRITE_MAX if wstorage is None or len(wstorage) == 1
+                        else COMPILED_MIRROR_WRITE_MAX, most)
         # the calls of an unlocked batch (_unlocked_batch) with their arguments bound once here:
         # the lab's emulated CPU pays for every argument a batch passes again
         ring, nb, bs, mb = self._ring, backend.num_blocks, backend.block_size, lu.max_accept_blocks
@@ -978,7 +988,8 @@ class LunServer:
                 n, nbytes, why = self._ring.fast_reads(
                     _fastread.read_batch, storage.fd, rwf, fast.num_blocks, fast.block_size,
                     fast.max_read, fast.max_blocks, fast.checks,
-                    fast.busy if lease is None else fast.lease_busy, fast.max_big_read)
+                    fast.busy if lease is None else fast.lease_busy, fast.max_big_read,
+                    fast.max_write)
                 if why == _STOP_STALE:
                     self._fast = None               # armed again: now, once, or next turn
                     if lease is not None:

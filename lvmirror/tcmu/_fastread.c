@@ -325,9 +325,14 @@ static uint32_t
 read_run(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
          uint64_t map_size, uint32_t fetch, uint32_t head, int fd, int rwf, uint64_t num_blocks,
          uint32_t block_size, uint64_t max_bytes, uint64_t max_blocks, uint64_t big_bytes,
-         Py_ssize_t *answered, unsigned long long *nbytes, Py_ssize_t *pads, int *why)
+         uint64_t write_bytes, Py_ssize_t *answered, unsigned long long *nbytes,
+         Py_ssize_t *pads, int *why)
 {
+    if (write_bytes == 0)
+        write_bytes = max_bytes;
     uint64_t parse_max = big_bytes > max_bytes ? big_bytes : max_bytes;
+    if (write_bytes > parse_max)
+        parse_max = write_bytes;
     struct iovec pool[MAX_IOVECS];
     struct rw_cmd c;
     *why = STOP_HEAD;
@@ -341,9 +346,9 @@ read_run(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
             continue;
         }
         if (kind != ENT_READ) {
-            /* (a WRITE over `max_bytes` is not a WRITE batch's either - both take 64 KiB - so
-             * the Python fetch takes it, and no whole-volume lock is taken for nothing) */
-            *why = kind == ENT_WRITE && c.want <= max_bytes ? STOP_WRITE : STOP_OTHER;
+            /* (a WRITE over `write_bytes`, the WRITE batch's largest, is the Python fetch's,
+             * and no whole-volume lock is taken for nothing) */
+            *why = kind == ENT_WRITE && c.want <= write_bytes ? STOP_WRITE : STOP_OTHER;
             break;
         }
         if (c.want > max_bytes) {
@@ -365,7 +370,7 @@ read_run(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
 
 PyDoc_STRVAR(read_batch_doc,
 "read_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, fd, rwf, num_blocks,\n"
-"           block_size, max_bytes, max_blocks, checks, busy, big_bytes=0)\n"
+"           block_size, max_bytes, max_blocks, checks, busy, big_bytes=0, write_bytes=0)\n"
 "    -> (fetch, answered, nbytes, pads, why)\n"
 "\n"
 "Answer the READ(10)/READ(16) commands from ring offset `fetch` (bytes) on, in ring order,\n"
@@ -377,7 +382,8 @@ PyDoc_STRVAR(read_batch_doc,
 "geometry in bytes. `checks` and `busy`: tuples of (obj, name, mode, value), mode 0\n"
 "`getattr(obj, name) is value`, 1 false (a builtin type), 2 equal (ints); read once, first.\n"
 "It holds the GIL throughout. A READ over `max_bytes` and at most `big_bytes` stops it with 8\n"
-"(take_batch's, whose READs are copied without the GIL).\n"
+"(take_batch's, whose READs are copied without the GIL). A WRITE of at most `write_bytes`\n"
+"(0: `max_bytes`), the WRITE batch's largest, stops it with 5, a larger one with 1.\n"
 "\n"
 "Returns the new fetch cursor, the commands answered GOOD, their bytes, the PAD entries\n"
 "skipped, and why it stopped: 0 cmd_head reached, 1 an entry it does not answer, 2 a\n"
@@ -392,14 +398,15 @@ read_batch(PyObject *Py_UNUSED(self), PyObject *args)
     Py_buffer ring;
     unsigned int cmdr_off, cmdr_size, fetch;
     unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks, big_bytes = 0;
+    unsigned long long write_bytes = 0;
     int fd, rwf;
     unsigned int block_size;
     PyObject *checks, *busy;
 
-    if (!PyArg_ParseTuple(args, "w*IIKKIiiKIKKO!O!|K", &ring, &cmdr_off, &cmdr_size, &data_off,
+    if (!PyArg_ParseTuple(args, "w*IIKKIiiKIKKO!O!|KK", &ring, &cmdr_off, &cmdr_size, &data_off,
                           &map_size, &fetch, &fd, &rwf, &num_blocks, &block_size, &max_bytes,
                           &max_blocks, &PyTuple_Type, &checks, &PyTuple_Type, &busy,
-                          &big_bytes))
+                          &big_bytes, &write_bytes))
         return NULL;
     uint8_t *map = ring.buf;
     Py_ssize_t answered = 0, pads = 0;
@@ -413,8 +420,8 @@ read_batch(PyObject *Py_UNUSED(self), PyObject *args)
     }
     if (why == STOP_HEAD)
         fetch = read_run(map, cmdr_off, cmdr_size, data_off, map_size, fetch, head, fd, rwf,
-                         num_blocks, block_size, max_bytes, max_blocks, big_bytes, &answered,
-                         &nbytes, &pads, &why);
+                         num_blocks, block_size, max_bytes, max_blocks, big_bytes,
+                         write_bytes, &answered, &nbytes, &pads, &why);
     PyBuffer_Release(&ring);
     return Py_BuildValue("(InKni)", fetch, answered, nbytes, pads, why);
 }
@@ -1586,7 +1593,7 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
                 if (why == STOP_HEAD)
                     cur = read_run(x.map, cmdr_off, cmdr_size, data_off, map_size, fetch, head,
                                    rfd, rwf, num_blocks, block_size, max_read, max_blocks,
-                                   big_read, &answered, &nbytes, &pads, &why);
+                                   big_read, max_write, &answered, &nbytes, &pads, &why);
                 /* ring.py's _fast_done_locked (they were fetched and completed at once) */
                 if (cur != fetch) {
                     PyObject *c = PyLong_FromUnsignedLong(cur);

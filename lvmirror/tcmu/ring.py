@@ -329,14 +329,16 @@ class CommandRing:
 
     def fast_reads(self, read_batch, fd: int, rwf: int, num_blocks: int, block_size: int,
                    max_bytes: int, max_blocks: int, checks: tuple, busy: tuple,
-                   big_bytes: int = 0):
+                   big_bytes: int = 0, write_bytes: int = 0):
         """Let ``read_batch`` (``lvmirror.tcmu._fastread.read_batch``, the compiled path) answer
         the READs from the fetch cursor on that the page cache holds, under the ring's lock;
         then, with nothing outstanding, retire the entries it skipped. Arguments after it are
         ``read_batch``'s (``fd``, ``rwf`` for preadv2, the LUN's ``num_blocks`` of
         ``block_size`` bytes, ``max_bytes`` and ``max_blocks`` a command may read, the
         ``checks``/``busy`` conditions, ``big_bytes``: a READ over ``max_bytes`` and at most
-        this stops it with STOP_BIG_READ, for a READ batch: ``take_fast``). Returns ``(answered,
+        this stops it with STOP_BIG_READ, for a READ batch: ``take_fast``; ``write_bytes``: a
+        WRITE of at most this stops it with STOP_WRITE, for a WRITE batch, a larger one with
+        STOP_OTHER, for the Python fetch; 0: ``max_bytes``). Returns ``(answered,
         nbytes, why)``: commands completed GOOD (the caller notifies the kernel), their bytes,
         and why it stopped (``_fastread``'s STOP_*). ValueError/TypeError from ``read_batch``
         for malformed arguments."""
@@ -344,7 +346,7 @@ class CommandRing:
             fetch, answered, nbytes, pads, why = read_batch(
                 self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
                 self._fetch, fd, rwf, num_blocks, block_size, max_bytes, max_blocks, checks,
-                busy, big_bytes)
+                busy, big_bytes, write_bytes)
             self._fast_done_locked(fetch, answered, pads)
         return answered, nbytes, why
 

@@ -38,11 +38,12 @@ def ring(tmp_path):
         yield emu, r, fd, data
 
 
-def small_then_big(r, fd, big_bytes=MIB):
-    """``read_batch`` with the GIL-held path's 64 KiB and READs up to ``big_bytes`` for
-    an unlocked READ batch: (answered, nbytes, why)."""
+def small_then_big(r, fd, big_bytes=MIB, write_bytes=0):
+    """``read_batch`` with the GIL-held path's 64 KiB, READs up to ``big_bytes`` for an
+    unlocked READ batch and WRITEs up to ``write_bytes`` for a WRITE batch (0: 64 KiB):
+    (answered, nbytes, why)."""
     return r.fast_reads(fastread.read_batch, fd, 0, MIB // BS, BS, 64 << 10, 2048, (), (),
-                        big_bytes)
+                        big_bytes, write_bytes)
 
 
 def big(r, fd, *, num_blocks=MIB // BS, max_bytes=MIB, max_commands=64, checks=(), busy=()):
@@ -337,19 +338,27 @@ def test_after_a_split_of_its_image_large_reads_come_from_the_survivor(lab, tmp_
         assert f.read(1024 * BS) == data[:1024 * BS]             # the split image kept T
 
 
-def test_a_one_image_lun_leaves_writes_over_64_kib_to_the_python_path(lab, tmp_path):
-    """The compiled path makes WRITEs up to 64 KiB only (COMPILED_WRITE_MAX): it holds the
-    ring's lock while it writes, out of the watchdog's reach, and a larger buffered write is
-    likelier to wait. A 1 MiB WRITE is the Python path's (under the watchdog), and READ back
-    from the compiled path; a 64 KiB one is compiled."""
+@pytest.mark.parametrize("limit", [None, 256 << 10], ids=["1MiB", "256KiB"])
+def test_a_one_image_lun_makes_writes_up_to_its_limit_compiled(lab, tmp_path, monkeypatch,
+                                                                 limit):
+    """The compiled path makes WRITEs up to COMPILED_WRITE_MAX (1 MiB, the READs' size too),
+    also after a READ (the READ path hands a WRITE that size to the WRITE batch: it said
+    STOP_OTHER for every WRITE over 64 KiB, so no larger WRITE was ever compiled); a larger
+    one is the Python path's (here with the limit lowered to 256 KiB), and READ back from the
+    compiled path."""
+    from lvmirror.daemon import lunserver
+    assert lunserver.COMPILED_WRITE_MAX == MIB
+    if limit is not None:
+        monkeypatch.setattr(lunserver, "COMPILED_WRITE_MAX", limit)
     emu, lun, path, _ = _one_image_lun(lab, tmp_path, 55)
     new = os.urandom(MIB)
-    assert _write(lun, emu, 0, new) == (0, None, False)
+    assert _compiled(lun, emu, 0, 64)[1]             # the READ path first (its lead kind)
+    assert _write(lun, emu, 0, new) == (0, None, limit is None)
     with open(path, "rb") as f:
         assert f.read(MIB) == new
     assert _compiled(lun, emu, 0, MIB // BS) == (new, True)
-    small = os.urandom(64 << 10)
-    assert _write(lun, emu, 0, small) == (0, None, True)
+    mid = os.urandom(256 << 10)
+    assert _write(lun, emu, 0, mid) == (0, None, True)
 
 
 class _HoldBegins:
@@ -391,13 +400,19 @@ def test_a_hold_begun_during_the_writes_leaves_them_all_to_the_python_path(tmp_p
         assert [c.cmd_id for c in got.rest] == [cid]
 
 
-def test_a_write_over_64_kib_stops_read_batch_for_the_python_fetch(ring):
-    """read_batch parses up to the big READ size; a WRITE that large is neither function's
-    (WRITEs stay at 64 KiB), so it says STOP_OTHER - not STOP_WRITE, which would take the
-    volume's epoch for a WRITE batch that makes nothing."""
+def test_a_write_over_the_write_batchs_size_stops_read_batch_for_the_python_fetch(ring):
+    """read_batch parses up to the larger of the big READ and the WRITE batch's sizes; a
+    WRITE over ``write_bytes`` (0: ``max_bytes``, 64 KiB) is neither function's, so it says
+    STOP_OTHER - not STOP_WRITE, which would take the volume's epoch for a WRITE batch that
+    makes nothing. One up to ``write_bytes`` is the WRITE batch's (STOP_WRITE): read_batch
+    said STOP_OTHER for every WRITE over 64 KiB whatever the WRITE batch's size, so a larger
+    COMPILED_WRITE_MAX made no WRITE compiled."""
     emu, r, fd, _ = ring
     emu.submit(cdb10(0x2A, 0, 256), data_out=os.urandom(256 * BS))       # 128 KiB
     assert small_then_big(r, fd) == (0, 0, fastread.STOP_OTHER)
+    assert small_then_big(r, fd, write_bytes=MIB) == (0, 0, fastread.STOP_WRITE)
+    assert small_then_big(r, fd, big_bytes=0, write_bytes=MIB) == (0, 0, fastread.STOP_WRITE)
+    assert small_then_big(r, fd, write_bytes=64 << 10) == (0, 0, fastread.STOP_OTHER)
     assert r.tail == 0 and len(r.fetch().commands) == 1
 
 

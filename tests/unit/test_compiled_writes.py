@@ -1103,3 +1103,41 @@ def test_a_mirror_batch_that_fails_keeps_its_log_marks_in_flight_until_written_a
         with open(p, "rb") as f:
             f.seek(8 * BS)
             assert f.read(8 * BS) == new
+
+
+def test_a_mirrors_write_the_python_path_bounds_by_leg_timeout_is_not_compiled(lab, tmp_path,
+                                                                              monkeypatch):
+    """A mirror's WRITE of PARALLEL_MIN_BYTES (128 KiB) or more is written to the legs in
+    parallel by the Python path, and a leg still busy ``leg_timeout`` seconds after another
+    finished is failed as slow; the compiled batch writes the legs one after the other with no
+    bound. Such a WRITE stays the Python path's (COMPILED_MIRROR_WRITE_MAX) while a one-image
+    volume's are compiled up to 1 MiB: with the 1 MiB limit for both, a 256 KiB WRITE waited
+    for a stalled leg as long as it stalled (review of 2026-12-06, HIGH)."""
+    fastread = pytest.importorskip("lvmirror.tcmu._fastread")
+    monkeypatch.setattr(lunserver, "RING_LEASE", False)
+    monkeypatch.setattr(lunserver, "INLINE_BACKOFF", 0.0)
+    emu, lun, paths, data = _mirror_lun(lab, tmp_path, 381)
+    vol = lun.volume
+    from tests.unit.test_daemon_ring import _no_checkpoints
+    _no_checkpoints(vol)
+    n = (256 << 10) // BS
+    assert vol.leg_timeout and vol._fanout_mode == "auto" and vol._parallel(256 << 10)
+    assert _write(lun, emu, 0, os.urandom(n * BS))[0] == 0
+    vol.leg_timeout = 0.3
+    gate, entered = threading.Event(), threading.Event()
+    real = fastread.run_batch
+
+    def stuck(ring, data_off, map_size, packed, count, fds, rwf, kind):
+        if kind and len(fds) == 2 and not entered.is_set():
+            entered.set()
+            gate.wait(2.0)
+        return real(ring, data_off, map_size, packed, count, fds, rwf, kind)
+    monkeypatch.setattr(fastread, "run_batch", stuck)
+    try:
+        status, _, compiled = _write(lun, emu, 0, os.urandom(n * BS))
+    finally:
+        gate.set()
+    assert status == 0 and not compiled and not entered.is_set()
+    small = os.urandom(64 << 10)                  # under the bound: compiled as before
+    monkeypatch.setattr(fastread, "run_batch", real)
+    assert _write(lun, emu, 0, small) == (0, None, True)

@@ -616,6 +616,7 @@ def test_writes_at_queue_depth_32_are_run_by_the_ring_thread(lab, tmp_path, monk
     from lvmirror.daemon import lunserver
     monkeypatch.setattr(lunserver, "INLINE_SLOW", 30.0)     # a loaded test host is not slow
     monkeypatch.setattr(lunserver, "INLINE_STALL", 30.0)    # images
+    _python_path_writes(monkeypatch)     # (the compiled path makes WRITEs up to 1 MiB)
     paths = images(tmp_path)
     emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
     for job in lun.volume.jobs.values():
