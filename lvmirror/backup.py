@@ -84,8 +84,14 @@ def held_backup(mgr, volume: str, image: int, dest: str, *, fmt: str = "raw",
         except dbus.DBusException:
             pass                    # the copy's own error is the one to report
         raise
-    mgr.EndBackup(volume, dbus.UInt32(image), dbus.Dictionary(
-        {"state": "done", "bytes": dbus.UInt64(n)}, signature="sv"))
+    try:
+        mgr.EndBackup(volume, dbus.UInt32(image), dbus.Dictionary(
+            {"state": "done", "bytes": dbus.UInt64(n)}, signature="sv"))
+    except dbus.DBusException as exc:
+        raise OSError(f"the copy at {dest} is complete but not vouched for: lvmirrord no "
+                      f"longer held image {image} of volume {volume} at its end, so it may have "
+                      f"changed during the copy ({exc.get_dbus_message() or exc}); make the "
+                      f"backup again") from None
     return n
 
 

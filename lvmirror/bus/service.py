@@ -276,9 +276,21 @@ class Manager(dbus.service.Object):
         Backup is, then resync, restore and detach of the image are refused until EndBackup
         or until the caller leaves the bus (``VolumeHost.begin_backup``). Returns JSON
         ``{"path", "size", "state"}``: the file to copy and the volume's size in bytes."""
-        owner = self._service.locks.owner(sender)
-        self.run(sender, lambda: json.dumps(self._daemon.begin_backup(
-            str(volume), int(image), str(destination), owner)), ok, err)
+        locks = self._service.locks
+        owner = locks.owner(sender)
+
+        def begin():
+            held = self._daemon.begin_backup(str(volume), int(image), str(destination), owner)
+            if locks.left(sender):   # gone before the hold was registered: release_owner ran
+                try:
+                    self._daemon.end_backup(str(volume), int(image), owner, state="failed",
+                                            error="its caller left the bus before the hold "
+                                                  "was given")
+                except LvmirrorError:
+                    pass             # (release_owner ended it meanwhile)
+                raise StateError("the caller left the bus")
+            return json.dumps(held)
+        self.run(sender, begin, ok, err)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="sua{sv}", out_signature="",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
@@ -314,10 +326,21 @@ class Manager(dbus.service.Object):
         lease is in the way, which it gives back when asked: RegionLockManager.lock). The lock
         is the caller's until UnlockRegion or until it leaves the bus; while held exclusively,
         initiator I/O to the range waits."""
-        owner = self._service.locks.owner(sender)
-        self.run(sender, lambda: self._daemon.lock_region(
-            str(volume), int(lba), int(count), shared=bool(shared),
-            timeout=float(timeout) or None, owner=owner), ok, err)
+        locks = self._service.locks
+        owner = locks.owner(sender)
+
+        def lock():
+            lock_id = self._daemon.lock_region(str(volume), int(lba), int(count),
+                                               shared=bool(shared),
+                                               timeout=float(timeout) or None, owner=owner)
+            if locks.left(sender):   # gone while it waited: release_owner ran before
+                try:
+                    self._daemon.unlock_region(lock_id, owner=owner)
+                except LvmirrorError:
+                    pass
+                raise StateError("the caller left the bus")
+            return lock_id
+        self.run(sender, lock, ok, err)
 
     @dbus.service.method(MANAGER_IFACE, in_signature="t", out_signature="",
                          sender_keyword="sender", async_callbacks=("ok", "err"))
@@ -378,6 +401,10 @@ class LockCoordinator:
     def __init__(self, manager, daemon):
         self._daemon = daemon
         self._owners = set()
+        # owners that left the bus: a call of theirs still running when they left (its hold
+        # registered after release_owner ran) ends what it made (``left``). Unique bus names
+        # are never given out again, so the set only grows by callers that held something.
+        self._gone = set()
         manager.connection.add_signal_receiver(
             self._name_owner_changed, signal_name="NameOwnerChanged",
             dbus_interface="org.freedesktop.DBus", bus_name="org.freedesktop.DBus",
@@ -388,9 +415,14 @@ class LockCoordinator:
         self._owners.add(str(sender))
         return ("bus", str(sender))
 
+    def left(self, sender) -> bool:
+        """Whether bus name ``sender`` (an owner) has left the bus."""
+        return str(sender) in self._gone
+
     def _name_owner_changed(self, name, old, new):
         if not new and name in self._owners:
             self._owners.discard(name)
+            self._gone.add(name)
             threading.Thread(target=self._daemon.release_owner, args=(("bus", str(name)),),
                              daemon=True).start()
 

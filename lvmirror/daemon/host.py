@@ -43,11 +43,13 @@ class BackupProgress:
 
     kind = "backup"
 
-    def __init__(self, image_id, dest, owner=None):
-        """``image_id``: the split image's id; ``dest``: the backup file; ``owner``: for a
-        copy made by a client (``begin_backup``), its lock owner (``("bus", name)``): the
-        backup ends as failed if it leaves the bus first. None: lvmirrord copies."""
+    def __init__(self, image_id, dest, owner=None, index=None):
+        """``image_id``: the split image's id (``index``: its index, which no detach changes
+        while the backup runs); ``dest``: the backup file; ``owner``: for a copy made by a
+        client (``begin_backup``), its lock owner (``("bus", name)``): the backup ends as
+        failed if it leaves the bus first. None: lvmirrord copies."""
         self.image_id = image_id
+        self.index = index
         self.dest = dest
         self.owner = owner
         self.state = "running"
@@ -366,8 +368,20 @@ class VolumeHost:
         with self._backup_lock:
             info = self._no_backup(name, image)
             self.backup_check(name, image)
-            progress = self._backups[(name, info.id)] = BackupProgress(info.id, dest, owner)
+            # no LUN may export it writable meanwhile (StateError if one does now)
+            self.registry.hold_copy(name, info.index)
+            progress = self._backups[(name, info.id)] = BackupProgress(info.id, dest, owner,
+                                                                      info.index)
         return progress, info
+
+    def _end_backup(self, name, b, state, error=None) -> bool:
+        """End backup ``b`` of volume ``name`` (``_backup_lock`` held): ``state`` "done" or
+        "failed", its hold on the image released. False when it had ended already."""
+        if b.state != "running":
+            return False
+        b.finish(state, error)
+        self.registry.release_copy(name, b.index)
+        return True
 
     def begin_backup(self, name, image, dest, owner) -> dict:
         """Hold split image ``image`` of volume ``name`` for a backup its caller copies
@@ -397,7 +411,7 @@ class VolumeHost:
                 raise ConfigError(f"volume {name}: no backup of image {image} held by "
                                   f"{_owner_label(owner)} is running")
             b.bytes_done = b.bytes_total = int(nbytes) if state == "done" else b.bytes_done
-            b.finish(state, None if state == "done" else str(error or "failed"))
+            self._end_backup(name, b, state, None if state == "done" else str(error or "failed"))
         if state == "done":
             log.info("volume %s: image %d backed up to %s (%d bytes) by %s", name, image,
                      b.dest, int(nbytes), _owner_label(owner))
@@ -420,9 +434,11 @@ class VolumeHost:
         try:
             n = backup_image(entry, dest, fmt=fmt, progress=progress.update, size=size)
         except BaseException as exc:
-            progress.finish("failed", str(exc))
+            with self._backup_lock:
+                self._end_backup(name, progress, "failed", str(exc))
             raise
-        progress.finish("done")
+        with self._backup_lock:
+            self._end_backup(name, progress, "done")
         log.info("volume %s: image %d backed up to %s (%d bytes)", name, image, dest, n)
         return n
 
@@ -515,6 +531,15 @@ class VolumeHost:
         ConfigError if the volume is not open or has no such image."""
         with self._backup_lock:
             self._no_backup(name, image)
+            # a detach renumbers the images after it: a backup of one of them keeps its index
+            # (its hold on the image against a writable export, its EndBackup's image)
+            renumbered = sorted(b.index for (v, _), b in self._backups.items()
+                                if v == name and b.state == "running" and b.index is not None
+                                and b.index > image)
+            if renumbered:
+                raise StateError(f"volume {name}: detaching image {image} would renumber image "
+                                 f"{renumbered[0]}, which is being backed up; wait for the "
+                                 f"backup to finish")
             exported = self.registry.exports(name)
             if image in exported:
                 raise StateError(f"volume {name}: image {image} is exported as a LUN "
@@ -600,8 +625,9 @@ class VolumeHost:
                 del self._external_locks[lid]
         with self._backup_lock:
             for (name, _), b in list(self._backups.items()):
-                if b.owner == owner and b.state == "running":
-                    b.finish("failed", "its copier left the bus before it said the copy ended")
+                if b.owner == owner and self._end_backup(
+                        name, b, "failed", "its copier left the bus before it said the copy "
+                                           "ended"):
                     log.error("volume %s: backup of image id %s to %s by %s failed: it left "
                               "the bus before it ended the backup", name, b.image_id, b.dest,
                               _owner_label(owner))

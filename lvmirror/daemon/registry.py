@@ -9,7 +9,7 @@ import os
 import threading
 
 from lvmirror import cfgstring, rawtext
-from lvmirror.errors import ConfigError
+from lvmirror.errors import ConfigError, StateError
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.metadata import VolumeMetadata
 from lvmirror.mirror.split import EXPORT_DOING
@@ -39,6 +39,8 @@ class VolumeRegistry:
         self._volumes: dict[str, MirrorVolume] = {}
         self._refs: dict[str, int] = {}
         self._users: dict[str, str] = {}      # "vol" or "vol;image=N" -> LUN name
+        self._writable: set[str] = set()      # the "vol;image=N" exports not readonly=1
+        self._held: dict[tuple, int] = {}     # (volume, image index) -> backups holding it
 
     def acquire(self, spec: cfgstring.VolumeSpec, *, lun: str, size: int,
                 other_state_dirs=None):
@@ -134,6 +136,10 @@ class VolumeRegistry:
             if spec.image is None:
                 backend = volume
             else:
+                if not spec.readonly and self._held.get((spec.name, spec.image)):
+                    raise StateError(f"volume {spec.name}: split image {spec.image} is being "
+                                     f"backed up; export it read-only (readonly=1), or once "
+                                     f"the backup ends")
                 backend = volume.split_image(spec.image, checked=checked)
         except BaseException:
             if opened:
@@ -145,7 +151,32 @@ class VolumeRegistry:
         self._volumes[spec.name] = volume
         self._refs[spec.name] = self._refs.get(spec.name, 0) + 1
         self._users[key] = lun
+        if spec.image is not None and not spec.readonly:
+            self._writable.add(key)
         return volume, backend
+
+    def hold_copy(self, name: str, image: int) -> None:
+        """A backup of split image ``image`` (its index) of volume ``name`` begins: from now on
+        until ``release_copy`` no LUN may export it writable (``_attach``), which would change
+        the file under the copy. StateError when a LUN exports it writable now (one exported
+        ``readonly=1`` may stay)."""
+        key = f"{name};image={image}"
+        with self._lock:
+            if key in self._writable:
+                raise StateError(f"volume {name}: split image {image} is exported writable by "
+                                 f"LUN '{rawtext.shown(self._users.get(key, '?'))}', which may "
+                                 f"change it under the copy; export it read-only "
+                                 f"(readonly=1) for the backup")
+            self._held[(name, image)] = self._held.get((name, image), 0) + 1
+
+    def release_copy(self, name: str, image: int) -> None:
+        """A backup ``hold_copy`` began ended."""
+        with self._lock:
+            n = self._held.get((name, image), 0) - 1
+            if n > 0:
+                self._held[(name, image)] = n
+            else:
+                self._held.pop((name, image), None)
 
     def _check_images(self, spec, lun, volume=None):
         """Refuse (ConfigError) a cfgstring ``images=`` list naming a path that never was an
@@ -217,6 +248,7 @@ class VolumeRegistry:
         with self._lock:
             if self._users.pop(key, None) is None:
                 return
+            self._writable.discard(key)
             if backend is not None and spec.image is not None:
                 backend.close()
             self._refs[spec.name] -= 1

@@ -605,8 +605,10 @@ class StorageImage:
         only); the failure is counted (``note_flush_failure``) before the write is over, so a
         caller of ``flush`` that sees no failure counted once ``flush`` returns may trust it
         (trial 36, HIGH: the count came after the syscall returned, and a checkpoint's flush
-        could return 0 and clear the write-intent log in between). Each such write is bounded
-        as the flush is: by its caller's ``leg_timeout``."""
+        could return 0 and clear the write-intent log in between). The wait has no bound of its
+        own: a FUA write stuck in its device holds the flush as a stuck fdatasync would (the
+        callers that bound a flush, ``durability``'s commit and a bounded fan-out, give up on
+        it after ``leg_timeout``; a one-image volume's flush is not bounded)."""
         with self._fua_cond:
             upto = self._fua_next
             while any(t < upto for t in self._fua_busy):

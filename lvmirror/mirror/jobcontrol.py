@@ -825,12 +825,14 @@ class JobControl:
                 bm = RegionBitmap(vol.size, vol.region_size)
                 bm.set_all()
                 with vol._meta:
+                    history, next_id = list(vol._md.image_history), vol._md.next_image_id
                     rec = vol._md.add_image(path, ImageState.SYNCING.value, generation=0)
                     img = Leg(rec, st, bm)
                     try:
                         vol._start_worker(img)
                     except RuntimeError as e:     # no thread left (TasksMax): undone
                         vol._md.images.remove(rec)
+                        vol._md.image_history, vol._md.next_image_id = history, next_id
                         st.close()
                         if not existed:
                             os.unlink(path)

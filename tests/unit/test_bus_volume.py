@@ -289,7 +289,8 @@ print('done', held_backup(mgr, 'vol0', 1, sys.argv[1], progress=progress), flush
 
 def _backup_job(d, dest):
     jobs = d.status()["volumes"]["vol0"]["jobs"]
-    return next(j for j in reversed(jobs) if j["kind"] == "backup" and j.get("dest") == dest)
+    return next((j for j in reversed(jobs) if j["kind"] == "backup" and j.get("dest") == dest),
+                None)
 
 
 def test_a_backup_the_cli_copies_holds_the_image_until_it_ends(daemon, tmp_path):  # noqa: F811
@@ -349,4 +350,75 @@ def test_a_backup_the_cli_copies_holds_the_image_until_it_ends(daemon, tmp_path)
     assert (tmp_path / "cli.img").read_bytes() == dest.read_bytes()
     assert _backup_job(d, str(tmp_path / "cli.img"))["state"] == "done"
     job = d.resync("vol0", 1)
+    assert job["kind"] == "resync"
+
+
+def test_a_held_image_is_not_exported_writable_nor_renumbered(daemon, tmp_path):  # noqa: F811
+    """A backup's hold covers what else could change the file under the copy (review of
+    2026-12-06): a LUN exporting the image writable (refused while held, and a hold refused
+    while one does; ``readonly=1`` is fine), and a detach of an image before it, which would
+    renumber it under the hold and its EndBackup."""
+    from lvmirror import cfgstring
+    d, vol, address, bus = daemon
+    vol.write(0, [memoryview(b"p" * 4096)])
+    d.split("vol0", 2)
+    owner = ("bus", ":1.4242")
+    d.begin_backup("vol0", 2, str(tmp_path / "b.img"), owner)
+    reg = d._local.registry
+    with pytest.raises(StateError, match="being backed up; export it read-only"):
+        reg.acquire(cfgstring.parse("vol0;image=2"), lun="lun9", size=4 << 20)
+    ro = cfgstring.parse("vol0;image=2;readonly=1")
+    _, backend = reg.acquire(ro, lun="lun9", size=4 << 20)
+    reg.release(ro, backend)
+    with pytest.raises(StateError, match="would renumber image 2, which is being backed up"):
+        d.detach("vol0", 0)
+    d.end_backup("vol0", 2, owner, state="done", nbytes=4096)
+    rw = cfgstring.parse("vol0;image=2")
+    _, backend = reg.acquire(rw, lun="lun9", size=4 << 20)
+    try:
+        with pytest.raises(StateError, match="exported writable by LUN 'lun9'"):
+            d.begin_backup("vol0", 2, str(tmp_path / "c.img"), owner)
+    finally:
+        reg.release(rw, backend)
+    d.begin_backup("vol0", 2, str(tmp_path / "c.img"), owner)
+    d.release_owner(owner)                          # its copier left the bus: hold ended
+    _, backend = reg.acquire(rw, lun="lun9", size=4 << 20)
+    reg.release(rw, backend)
+
+
+def test_a_hold_given_after_its_caller_left_the_bus_is_ended(daemon, tmp_path,  # noqa: F811
+                                                             monkeypatch):
+    """BeginBackup's caller leaves the bus while the call waits (a restore's flush holds the
+    lock it needs; the client times out or is interrupted): the hold registered after
+    ``release_owner`` ran would have held the image against resync until a restart (review of
+    2026-12-06). It is ended as it is given."""
+    import threading
+    from tests.unit.test_bus import ROOT
+    from tests.unit.test_volume_helpers import wait_until
+    d, vol, address, bus = daemon
+    vol.write(0, [memoryview(b"p" * 4096)])
+    ok(call(address, VOL, "org.lvmirror1.Volume", "Split", 1))
+    go, called = threading.Event(), threading.Event()
+    real = d.begin_backup
+
+    def slow(*args, **kw):
+        called.set()
+        assert go.wait(30)
+        return real(*args, **kw)
+    monkeypatch.setattr(d, "begin_backup", slow)
+    dest = str(tmp_path / "gone.img")
+    code = ("import dbus\n"
+            "mgr = dbus.Interface(dbus.SystemBus().get_object('org.lvmirror1', "
+            "'/org/lvmirror1'), 'org.lvmirror1.Manager')\n"
+            f"mgr.BeginBackup('vol0', dbus.UInt32(1), {dest!r}, timeout=60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], env=dict(
+        os.environ, DBUS_SYSTEM_BUS_ADDRESS=address, PYTHONPATH=ROOT))
+    assert called.wait(20)
+    p.kill()                                        # it leaves the bus while the call waits
+    p.wait(10)
+    wait_until(lambda: bool(bus.locks._gone), 10)
+    go.set()
+    wait_until(lambda: (_backup_job(d, dest) or {}).get("state") == "failed", 20)
+    assert "left the bus" in _backup_job(d, dest)["error"]
+    job = d.resync("vol0", 1)                       # not held
     assert job["kind"] == "resync"

@@ -669,6 +669,7 @@ def test_attach_whose_io_threads_cannot_start_changes_nothing(tmp_path, monkeypa
     monkeypatch.undo()
     assert [im.path for im in vol.images] == [paths[0]]
     assert not os.path.exists(newpath)
+    vol._locked_save_md()                          # (the next save keeps no trace of it)
     assert newpath not in open(os.path.join(vol._vdir, "volume.json")).read()
     wait_until(lambda: not any(t.name.endswith(f"-img{new_id}-0")
                                for t in set(threading.enumerate()) - before), 10)
