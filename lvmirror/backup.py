@@ -62,37 +62,67 @@ def held_backup(mgr, volume: str, image: int, dest: str, *, fmt: str = "raw",
                 progress=None) -> int:
     """Copy split image ``image`` of ``volume`` to ``dest`` (raw or qcow2) while lvmirrord
     holds it: ``mgr`` is the ``org.lvmirror1.Manager`` interface (dbus-python). BeginBackup
-    checks the image (split, still the copy its split recorded: ``mirror/copyid``) and refuses
-    resync, restore and detach of it from then on; EndBackup ends the hold with the result.
-    The copy is made here, by the caller, which may write where lvmirrord's sandbox may not
-    (ProtectHome, ProtectSystem). If this process dies the hold ends with its bus connection.
-    Returns the bytes copied. dbus.DBusException from lvmirrord (refused, or the hold lost
-    before the end: the volume's process restarted, so the copy is not vouched for);
-    OSError/ValueError from the copy, reported to lvmirrord as the backup's failure first."""
+    checks the image (split, its split finished, still the copy its split recorded:
+    ``mirror/copyid``; ``dest`` not an image) and refuses resync, restore, detach and a
+    writable export of it from then on; EndBackup ends the hold with the result. The copy is
+    made here, by the caller, which may write where lvmirrord's sandbox may not (ProtectHome,
+    ProtectSystem), into ``dest.partial``, renamed to ``dest`` only once lvmirrord has vouched
+    for it (the backup cycle's way): a failed or unvouched copy never sits under the name.
+    If this process dies the hold ends with its bus connection; ``lvmirror cancel VOLUME
+    IMAGE`` ends one whose copier is gone otherwise. Returns the bytes copied.
+    dbus.DBusException from lvmirrord (refused); OSError/ValueError from the copy, reported
+    to lvmirrord as the backup's failure first, or when the hold was lost before the end (the
+    volume's process restarted, the hold cancelled): the copy is then not vouched for."""
     import dbus
     dest = os.path.abspath(dest)
-    held = json.loads(mgr.BeginBackup(volume, dbus.UInt32(image), dest))
+    partial = dest + ".partial"
+    try:
+        # (lvmirrord may wait for the lock a restore's flush holds: no 25 s default timeout)
+        held = json.loads(mgr.BeginBackup(volume, dbus.UInt32(image), dest,
+                                          timeout=BEGIN_TIMEOUT))
+    except BaseException:
+        _end_failed(mgr, volume, image, "its BeginBackup did not return")
+        raise
     entry = dict(index=image, path=held["path"], state=held["state"])
     try:
-        n = backup_image(entry, dest, fmt=fmt, progress=progress, size=held["size"])
+        n = backup_image(entry, partial, fmt=fmt, progress=progress, size=held["size"])
     except BaseException as exc:
-        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or \
-            type(exc).__name__
-        try:
-            mgr.EndBackup(volume, dbus.UInt32(image), dbus.Dictionary(
-                {"state": "failed", "error": why}, signature="sv"))
-        except dbus.DBusException:
-            pass                    # the copy's own error is the one to report
+        _end_failed(mgr, volume, image, "interrupted" if isinstance(exc, KeyboardInterrupt)
+                    else str(exc) or type(exc).__name__)
+        _unlink(partial)
         raise
     try:
         mgr.EndBackup(volume, dbus.UInt32(image), dbus.Dictionary(
             {"state": "done", "bytes": dbus.UInt64(n)}, signature="sv"))
     except dbus.DBusException as exc:
-        raise OSError(f"the copy at {dest} is complete but not vouched for: lvmirrord no "
-                      f"longer held image {image} of volume {volume} at its end, so it may have "
-                      f"changed during the copy ({exc.get_dbus_message() or exc}); make the "
-                      f"backup again") from None
+        _unlink(partial)
+        raise OSError(f"the copy of image {image} of volume {volume} is not vouched for: "
+                      f"lvmirrord no longer held the image at its end, so it may have changed "
+                      f"during the copy ({exc.get_dbus_message() or exc}); nothing was written "
+                      f"to {dest}: make the backup again") from None
+    os.replace(partial, dest)
+    _fsync_dir(dest)
     return n
+
+
+BEGIN_TIMEOUT = 3600.0   # seconds held_backup waits for BeginBackup (a restore's flush first)
+
+
+def _end_failed(mgr, volume, image, why) -> None:
+    """EndBackup as failed, best effort: the error being raised is the one to report."""
+    import dbus
+    try:
+        mgr.EndBackup(volume, dbus.UInt32(image), dbus.Dictionary(
+            {"state": "failed", "error": why}, signature="sv"))
+    except dbus.DBusException:
+        pass
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _size_of(path: str) -> int:

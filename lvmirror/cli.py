@@ -794,6 +794,8 @@ def main(argv=None):
             n = held_backup(mgr, args.volume, args.image, args.dest, fmt=args.format,
                             progress=(lambda d, t: sys.stderr.write(f"\rbackup: {d / t:6.1%}"))
                             if tty else None)
+            if tty:
+                sys.stderr.write("\n")             # (after the progress line's \r)
             print(json.dumps({"dest": args.dest, "bytes": n, "format": args.format})
                   if args.json else f"image {args.image} copied to {args.dest} ({args.format})")
             return 0

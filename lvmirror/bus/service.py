@@ -263,8 +263,8 @@ class Manager(dbus.service.Object):
     def BackupCheck(self, volume, image, sender=None, ok=None, err=None):
         """Fail with the reason a backup of ``image`` would be refused (not split, or not the
         copy its split recorded: ``mirror.copyid``), changing nothing; anyone may ask (it
-        reads). ``lvmirror backup`` and targetcli-lvmirror's ``backup``, which copy the file
-        themselves, ask it first."""
+        reads). (``lvmirror backup`` and targetcli-lvmirror's ``backup`` use BeginBackup,
+        which checks the same and holds the image.)"""
         self.run(sender, lambda: self._daemon.backup_check(str(volume), int(image)),
                  lambda _r: ok(), err, root=False)
 

@@ -351,8 +351,8 @@ class VolumeHost:
         """Raise what a backup of image ``image`` of volume ``name`` would be refused with,
         starting nothing: StateError when it is not split (a point-in-time copy) or is not the
         copy its split recorded (``MirrorVolume.check_copy``: the file at its path replaced or
-        written since); ConfigError when there is no such volume or image. The CLI's and
-        targetcli-lvmirror's backups, which copy the file themselves, ask it first."""
+        written since, or its split not finished); ConfigError when there is no such volume or
+        image. ``_start_backup`` asks it for every backup (BeginBackup, Backup)."""
         info = self._image_info(name, image)
         if info.state.value != "split":
             raise StateError(f"volume {name}: image {image} is {info.state.value}; only a "
@@ -556,13 +556,25 @@ class VolumeHost:
 
     def cancel(self, name, image):
         """Stop the resync or restore running on image ``image`` of volume ``name`` and wait
-        for it; its bitmap is kept (resync / restore resume it). ConfigError: no such volume
-        or image, or no job runs on it."""
+        for it; its bitmap is kept (resync / restore resume it). With no such job, end the
+        hold of a backup a client copies (``begin_backup``) as failed: its EndBackup will fail,
+        so the copy is not vouched for. ConfigError: no such volume or image, or nothing runs
+        on it."""
         volume = self._volume(name)
         for info in volume.images:
             if info.index == image:
                 job = volume.jobs.get(info.id)
                 if job is None or not job.is_alive():
+                    with self._backup_lock:
+                        b = self._backups.get((name, info.id))
+                        if b is not None and b.owner is not None and self._end_backup(
+                                name, b, "failed", "cancelled: the image's hold was ended"):
+                            # a hold its copier never ended (its BeginBackup timed out, say,
+                            # and its connection stays): the operator's way out (trial 38)
+                            log.warning("volume %s: backup of image %d to %s by %s cancelled; "
+                                        "its copy is not vouched for", name, image, b.dest,
+                                        _owner_label(b.owner))
+                            return
                     raise ConfigError(f"volume {name}: no job running on image {image}")
                 job.cancel()
                 job.wait()

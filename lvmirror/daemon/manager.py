@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import threading
 
 from lvmirror import __version__, cfgstring, rawtext, sdnotify
@@ -291,15 +292,40 @@ class Lvmirrord:
         (``splitgroup.restore_group``); ``rate_mbps`` MB/s per volume, 0: unlimited."""
         return splitgroup.restore_group(self._host, members, rate_mbps)
 
+    def _refuse_image_dest(self, dest) -> None:
+        """ConfigError when backup destination ``dest`` is an image of an open volume (the
+        same file, or the same block device under another name): the copy would overwrite it
+        (trial 38, HIGH: ``lvmirror backup vol0 1 <image 0's path>`` wrote the split copy over
+        the live image)."""
+        try:
+            d = os.stat(dest)
+        except OSError:
+            return                      # a new file: not an image
+        for vname, vol in self.status().get("volumes", {}).items():
+            for im in vol.get("images", []):
+                try:
+                    s = os.stat(im["path"])
+                except OSError:
+                    continue
+                same = (d.st_dev, d.st_ino) == (s.st_dev, s.st_ino) or (
+                    stat.S_ISBLK(d.st_mode) and stat.S_ISBLK(s.st_mode)
+                    and d.st_rdev == s.st_rdev)
+                if same:
+                    raise ConfigError(f"backup destination {dest} is image {im['index']} of "
+                                      f"volume {vname} ({im['path']}): the copy would overwrite "
+                                      f"it")
+
     def backup(self, name, image, dest, fmt="raw") -> int:
         """Copy split image ``image`` of volume ``name`` to ``dest`` (an absolute path; ``fmt``
         "raw" sparse or "qcow2"); returns the bytes copied. ``VolumeHost.backup``."""
+        self._refuse_image_dest(dest)
         return self._host(name).backup(name, image, dest, fmt)
 
     def begin_backup(self, name, image, dest, owner) -> dict:
         """Hold split image ``image`` of volume ``name`` for a backup to ``dest`` that
         ``owner`` copies itself; returns ``{"path", "size", "state"}``.
         ``VolumeHost.begin_backup``."""
+        self._refuse_image_dest(dest)
         return self._host(name).begin_backup(name, image, dest, owner)
 
     def end_backup(self, name, image, owner, *, state="done", nbytes=0, error=None) -> None:

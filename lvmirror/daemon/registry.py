@@ -138,8 +138,8 @@ class VolumeRegistry:
             else:
                 if not spec.readonly and self._held.get((spec.name, spec.image)):
                     raise StateError(f"volume {spec.name}: split image {spec.image} is being "
-                                     f"backed up; export it read-only (readonly=1), or once "
-                                     f"the backup ends")
+                                     f"backed up; export it read-only (readonly=1), or "
+                                     f"create this LUN again once the backup ends")
                 backend = volume.split_image(spec.image, checked=checked)
         except BaseException:
             if opened:

@@ -172,7 +172,8 @@ class JobControl:
         """Raise StateError when split image ``image_index`` is not the copy its split
         recorded (``_copy_verdict``: another file at its path, one written since the split,
         another device), naming why: ``doing`` (a backup, an export as a LUN) would not show
-        the point-in-time copy of its split. An image not open (missing when the volume
+        the point-in-time copy of its split; also while its split is not finished (``split``
+        has not returned). An image not open (missing when the volume
         opened) is judged by the file now at its path, which must open as an image. None when
         it is the copy, or when no identity was recorded. Reads a sample only when the stat
         fields do not settle it (bounded by ``leg_timeout``), with no lock held. IndexError: no
@@ -180,6 +181,12 @@ class JobControl:
         vol = self.vol
         vol._check_open()
         img = vol._img(image_index)
+        if img.split_busy is not None:
+            # split at T, not finished: I/O begun before T may still land in it, and a write
+            # left behind as slow may yet fail it (trial 38, HIGH: a backup began meanwhile)
+            raise StateError(f"volume {vol.name}: the split of image {image_index} is not "
+                             f"finished yet; {doing} would not be the copy as of its split "
+                             f"until it is (try again once the split has returned)")
         with self._copy_verdict(img) as verdict:
             mm = verdict.mm
             if img.storage is None and img.rec.copy_id and verdict.fresh is None:

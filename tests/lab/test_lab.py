@@ -18,7 +18,7 @@ SECTION_CHECKS = {
               "compiled_large_reads_on_the_kernel_ring", "unit_serial_as_configured",
               "persistent_reservation", "compiled_writes_on_the_kernel_ring",
               "compiled_mirror_writes_on_the_kernel_ring",
-              "large_writes_on_the_python_path", "compiled_random_writes_verified",
+              "large_writes_compiled", "compiled_random_writes_verified",
               "host_iscsi_inq",
               "host_readcapacity16", "host_compliance_read10"],
     "fs": ["fs_lun0_written", "fs_lun1_written", "fs_lun0_fsck_clean", "fs_lun0_files_intact", "fs_lun0_images_identical",

@@ -422,3 +422,37 @@ def test_a_hold_given_after_its_caller_left_the_bus_is_ended(daemon, tmp_path,  
     assert "left the bus" in _backup_job(d, dest)["error"]
     job = d.resync("vol0", 1)                       # not held
     assert job["kind"] == "resync"
+
+
+def test_a_backup_is_refused_onto_an_image_or_before_its_split_ends(daemon, tmp_path):  # noqa: F811
+    """Trial 38: ``lvmirror backup vol0 1 <image 0's path>`` wrote the split copy over the live
+    image (a stale read, acknowledged writes lost); a backup began while the split was still
+    draining the I/O begun before T. Both are refused now, the first naming the image; and
+    ``lvmirror cancel`` ends a hold whose copier never will (its BeginBackup timed out, its
+    connection stays), after which its EndBackup fails: the copy is not vouched for."""
+    from lvmirror.errors import ConfigError
+    from tests.unit.test_bus import ROOT
+    d, vol, address, bus = daemon
+    vol.write(0, [memoryview(b"p" * 4096)])
+    img0 = vol.images[0].path
+    before = open(img0, "rb").read()
+    p = vol.splits.prepare(1)
+    vol.splits.switch(p)
+    owner = ("bus", ":1.4343")
+    with pytest.raises(StateError, match="the split of image 1 is not finished yet"):
+        d.begin_backup("vol0", 1, str(tmp_path / "early.img"), owner)
+    vol.splits.finish(p)
+    with pytest.raises(ConfigError, match=r"is image 0 of volume vol0 .*would overwrite it"):
+        d.begin_backup("vol0", 1, img0, owner)
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "lvmirror.cli", "backup", "vol0", "1", img0],
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "would overwrite it" in r.stderr, r.stderr
+    assert open(img0, "rb").read() == before
+    d.begin_backup("vol0", 1, str(tmp_path / "held.img"), owner)
+    with pytest.raises(StateError, match="being backed up"):
+        d.resync("vol0", 1)
+    d.cancel("vol0", 1)                             # the operator ends the hold
+    with pytest.raises(ConfigError, match="no backup of image 1 held by"):
+        d.end_backup("vol0", 1, owner, state="done", nbytes=4096)
+    assert d.resync("vol0", 1)["kind"] == "resync"
