@@ -392,7 +392,8 @@ class VolumeHost:
         copies only asked ``backup_check`` and a resync started meanwhile changed the file
         under the copy: a backup of two instants. Returns ``{"path", "size", "state"}``: the
         file to copy and the volume's size in bytes (the copy's length). StateError /
-        ConfigError as ``backup`` raises them; ``dest`` (shown in status) is not checked."""
+        ConfigError as ``backup`` raises them. ``dest`` is shown in status; that it is no image
+        of an open volume is checked one level up (``Lvmirrord._refuse_image_dest``)."""
         progress, info = self._start_backup(name, image, str(dest), owner)
         log.info("volume %s: backup of image %d to %s started by %s", name, image, dest,
                  _owner_label(owner))
