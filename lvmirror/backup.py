@@ -16,7 +16,9 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
+import tempfile
 
 CHUNK = 4 << 20
 
@@ -66,8 +68,10 @@ def held_backup(mgr, volume: str, image: int, dest: str, *, fmt: str = "raw",
     ``mirror/copyid``; ``dest`` not an image) and refuses resync, restore, detach and a
     writable export of it from then on; EndBackup ends the hold with the result. The copy is
     made here, by the caller, which may write where lvmirrord's sandbox may not (ProtectHome,
-    ProtectSystem), into ``dest.partial``, renamed to ``dest`` only once lvmirrord has vouched
-    for it (the backup cycle's way): a failed or unvouched copy never sits under the name.
+    ProtectSystem), into a new file of its own beside ``dest`` (``new_partial``), renamed to
+    ``dest`` only once lvmirrord has vouched for it (the backup cycle's way): a failed or
+    unvouched copy never sits under the name, and two copies to one ``dest`` never share a
+    file.
     If this process dies the hold ends with its bus connection; ``lvmirror cancel VOLUME
     IMAGE`` ends one whose copier is gone otherwise. Returns the bytes copied.
     dbus.DBusException from lvmirrord (refused); OSError/ValueError from the copy, reported
@@ -75,7 +79,7 @@ def held_backup(mgr, volume: str, image: int, dest: str, *, fmt: str = "raw",
     volume's process restarted, the hold cancelled): the copy is then not vouched for."""
     import dbus
     dest = os.path.abspath(dest)
-    partial = dest + ".partial"
+    check_dest(dest)
     try:
         # (lvmirrord may wait for the lock a restore's flush holds: no 25 s default timeout)
         held = json.loads(mgr.BeginBackup(volume, dbus.UInt32(image), dest,
@@ -84,25 +88,65 @@ def held_backup(mgr, volume: str, image: int, dest: str, *, fmt: str = "raw",
         _end_failed(mgr, volume, image, "its BeginBackup did not return")
         raise
     entry = dict(index=image, path=held["path"], state=held["state"])
+    partial = None
     try:
+        partial = new_partial(dest)
         n = backup_image(entry, partial, fmt=fmt, progress=progress, size=held["size"])
     except BaseException as exc:
         _end_failed(mgr, volume, image, "interrupted" if isinstance(exc, KeyboardInterrupt)
                     else str(exc) or type(exc).__name__)
-        _unlink(partial)
+        if partial:
+            discard(partial)
         raise
     try:
         mgr.EndBackup(volume, dbus.UInt32(image), dbus.Dictionary(
             {"state": "done", "bytes": dbus.UInt64(n)}, signature="sv"))
     except dbus.DBusException as exc:
-        _unlink(partial)
+        discard(partial)
         raise OSError(f"the copy of image {image} of volume {volume} is not vouched for: "
                       f"lvmirrord no longer held the image at its end, so it may have changed "
                       f"during the copy ({exc.get_dbus_message() or exc}); nothing was written "
                       f"to {dest}: make the backup again") from None
+    publish(partial, dest)
+    return n
+
+
+def check_dest(dest: str) -> None:
+    """ValueError unless backup destination ``dest`` (absolute) is a new name or a regular
+    file in an existing directory: a copy is made beside it and renamed over it
+    (``publish``), which would replace a device node or a symlink rather than write through
+    it."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"backup destination {dest} is not a regular file (a backup is a "
+                         f"file, made beside it and renamed over it)")
+    if not os.path.isdir(os.path.dirname(dest)):
+        raise ValueError(f"backup destination {dest}: no directory "
+                         f"{os.path.dirname(dest)}")
+
+
+def new_partial(dest: str) -> str:
+    """Create the file a copy to ``dest`` (absolute) is made in, and return its path: new
+    and empty (O_EXCL), mode 0600, beside ``dest`` as ``<name>.<random>.partial``
+    (``tempfile.mkstemp``), so that two copies to one destination, or a copy and the leftover
+    of an interrupted one, never write one file. A fixed ``dest.partial`` opened with O_TRUNC
+    let a second copier empty the first's copy, which the first then renamed into place as a
+    finished backup (trial of 2026-12-06, HIGH). OSError if the directory is not
+    writable."""
+    fd, path = tempfile.mkstemp(dir=os.path.dirname(dest),
+                                prefix=os.path.basename(dest) + ".", suffix=".partial")
+    os.close(fd)
+    return path
+
+
+def publish(partial: str, dest: str) -> None:
+    """Give the finished copy ``partial`` its name ``dest`` (rename, atomic) and make the
+    rename durable (fsync of the directory). OSError."""
     os.replace(partial, dest)
     _fsync_dir(dest)
-    return n
 
 
 BEGIN_TIMEOUT = 3600.0   # seconds held_backup waits for BeginBackup (a restore's flush first)
@@ -118,7 +162,8 @@ def _end_failed(mgr, volume, image, why) -> None:
         pass
 
 
-def _unlink(path) -> None:
+def discard(path) -> None:
+    """Remove the file at ``path`` if it is there (a copy that will not be a backup)."""
     try:
         os.unlink(path)
     except OSError:
@@ -178,7 +223,7 @@ def _copy_sparse(src, dest, progress, limit=None):
         size = os.lseek(fin, 0, os.SEEK_END)
         if limit is not None:
             size = min(size, limit)
-        fout = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fout = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(fout, size)
             done = pos = 0

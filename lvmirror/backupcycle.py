@@ -4,9 +4,9 @@ consistency group at one instant), copy every split image to a backup directory,
 back, keep the newest K backups.
 
 Each cycle writes, for every member volume, ``DEST/VOLUME/VOLUME-YYYYmmddTHHMMSSZ.raw`` (a
-sparse raw copy) or ``.qcow2`` (``qemu-img convert``), first under a ``.partial`` name that is
-renamed once the copy is durable, so an interrupted cycle never leaves a file that looks
-complete. All members of one cycle get the same timestamp (T of the split, UTC). The copy is
+sparse raw copy) or ``.qcow2`` (``qemu-img convert``), made by lvmirrord in a file of its own
+beside it (``NAME.<random>.partial``, ``backup.new_partial``) and renamed once the copy is
+durable, so an interrupted cycle never leaves a file that looks complete. All members of one cycle get the same timestamp (T of the split, UTC). The copy is
 made by lvmirrord (the Volume object's Backup: the image cannot be resynced or restored while
 it is copied). After the copies the images are resynced (only the regions changed since T;
 ``rate`` MB/s, 0: unlimited) and the cycle waits for the resync, so the mirror is whole again
@@ -47,6 +47,9 @@ __all__ = ["BackupPlan", "load_plan", "run_cycle", "prune", "backup_name"]
 
 FORMATS = ("raw", "qcow2")
 _STAMP = re.compile(r"^(?P<vol>.+)-(?P<ts>\d{8}T\d{6}Z)\.(?P<fmt>raw|qcow2)$")
+# an interrupted copy: NAME.<mkstemp's 8 characters>.partial (lvmirrord's Backup), or
+# NAME.partial (cycles before 2026-12-06)
+_PARTIAL = re.compile(r"^(?P<name>.+?)(\.[a-z0-9_]{8})?\.partial$")
 
 
 @dataclasses.dataclass
@@ -123,8 +126,8 @@ def prune(directory: str, volume: str, keep: int, log=print) -> list[str]:
     ours = sorted((m.group("ts"), n) for n in names
                   if (m := _STAMP.match(n)) and m.group("vol") == volume)
     doomed = [n for _, n in ours[:-keep]] if len(ours) > keep else []
-    doomed += [n for n in names if n.endswith(".partial") and n.startswith(volume + "-")
-               and _STAMP.match(n[:-len(".partial")])]
+    doomed += [n for n in names if (p := _PARTIAL.match(n)) and n.startswith(volume + "-")
+               and (m := _STAMP.match(p.group("name"))) and m.group("vol") == volume]
     out = []
     for n in doomed:
         p = os.path.join(directory, n)
@@ -220,7 +223,6 @@ def _copy(plan, volume_iface, name, image, stamp, log) -> bool:
     import dbus
     d = os.path.join(plan.dest, name)
     final = os.path.join(d, backup_name(name, stamp, plan.fmt))
-    partial = final + ".partial"
     t1 = time.monotonic()
     if os.path.lexists(final):
         log(f"FAILED: backup of {name} image {image}: {final} already exists (another cycle in "
@@ -228,21 +230,13 @@ def _copy(plan, volume_iface, name, image, stamp, log) -> bool:
         return False
     try:
         os.makedirs(d, mode=0o700, exist_ok=True)
-        n = int(volume_iface(name).Backup(dbus.UInt32(image), partial, plan.fmt,
+        # lvmirrord copies into a file of its own beside final and renames it to final
+        # once durable (VolumeHost.backup): final is complete whenever it exists
+        n = int(volume_iface(name).Backup(dbus.UInt32(image), final, plan.fmt,
                                           timeout=24 * 3600))
-        os.rename(partial, final)
-        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
     except (dbus.DBusException, OSError) as exc:
         msg = exc.get_dbus_message() if isinstance(exc, dbus.DBusException) else str(exc)
         log(f"FAILED: backup of {name} image {image} to {final}: {msg}")
-        try:
-            os.unlink(partial)
-        except OSError:
-            pass
         return False
     secs = time.monotonic() - t1
     what = (f"{n} bytes of data copied" if plan.fmt == "raw"

@@ -368,11 +368,22 @@ class VolumeHost:
         with self._backup_lock:
             info = self._no_backup(name, image)
             self.backup_check(name, image)
+            self._no_backup_to(dest)
             # no LUN may export it writable meanwhile (StateError if one does now)
             self.registry.hold_copy(name, info.index)
             progress = self._backups[(name, info.id)] = BackupProgress(info.id, dest, owner,
                                                                       info.index)
         return progress, info
+
+    def _no_backup_to(self, dest) -> None:
+        """StateError while another backup (of any image of this host's volumes) writes to
+        ``dest``: two copies renamed one over the other leave one backup under two "done"
+        records (``_backup_lock`` held)."""
+        for (vname, _id), b in self._backups.items():
+            if b.state == "running" and b.dest == dest:
+                raise StateError(f"{dest} is the destination of the running backup of image "
+                                 f"{b.index} of volume {vname}; choose another name or wait "
+                                 f"for it")
 
     def _end_backup(self, name, b, state, error=None) -> bool:
         """End backup ``b`` of volume ``name`` (``_backup_lock`` held): ``state`` "done" or
@@ -421,20 +432,33 @@ class VolumeHost:
                       b.dest, _owner_label(owner), b.error)
 
     def backup(self, name, image, dest, fmt="raw") -> int:
-        """Copy split image ``image`` to ``dest`` (raw sparse or qcow2). Resync, restore and
-        detach of the image are refused while it runs; progress shows in status(). StateError
-        when the image is not split, is backed up already, or is not the copy its split
-        recorded (``MirrorVolume.check_copy``); ConfigError for a relative ``dest``."""
-        from lvmirror.backup import backup_image
+        """Copy split image ``image`` to ``dest`` (raw sparse or qcow2), made beside it and
+        renamed over it once durable. Resync, restore and detach of the image are refused while
+        it runs; progress shows in status(). StateError when the image is not split, is backed
+        up already, is not the copy its split recorded (``MirrorVolume.check_copy``), or
+        another backup writes ``dest``; ConfigError for a relative ``dest`` or one that is no
+        regular file (``backup.check_dest``)."""
+        from lvmirror.backup import backup_image, check_dest, discard, new_partial, publish
         if not os.path.isabs(dest):
             raise ConfigError(f"backup destination {dest!r} must be an absolute path")
+        try:
+            check_dest(dest)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         progress, info = self._start_backup(name, image, dest)
         size = self._volume(name).size        # bytes: not the rest of a larger device
         entry = dict(index=info.index, path=info.path, state=info.state.value)
         log.info("volume %s: backup of image %d to %s (%s) started", name, image, dest, fmt)
+        partial = None
         try:
-            n = backup_image(entry, dest, fmt=fmt, progress=progress.update, size=size)
+            # made beside dest and renamed over it once durable: a failed copy is never
+            # left under the name (backup.new_partial)
+            partial = new_partial(dest)
+            n = backup_image(entry, partial, fmt=fmt, progress=progress.update, size=size)
+            publish(partial, dest)
         except BaseException as exc:
+            if partial:
+                discard(partial)
             with self._backup_lock:
                 self._end_backup(name, progress, "failed", str(exc))
             raise

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import threading
 
 from lvmirror import __version__, cfgstring, rawtext, sdnotify
@@ -293,27 +292,24 @@ class Lvmirrord:
         return splitgroup.restore_group(self._host, members, rate_mbps)
 
     def _refuse_image_dest(self, dest) -> None:
-        """ConfigError when backup destination ``dest`` is an image of an open volume (the
-        same file, or the same block device under another name): the copy would overwrite it
-        (trial 38, HIGH: ``lvmirror backup vol0 1 <image 0's path>`` wrote the split copy over
-        the live image)."""
-        try:
-            d = os.stat(dest)
-        except OSError:
-            return                      # a new file: not an image
-        for vname, vol in self.status().get("volumes", {}).items():
-            for im in vol.get("images", []):
-                try:
-                    s = os.stat(im["path"])
-                except OSError:
-                    continue
-                same = (d.st_dev, d.st_ino) == (s.st_dev, s.st_ino) or (
-                    stat.S_ISBLK(d.st_mode) and stat.S_ISBLK(s.st_mode)
-                    and d.st_rdev == s.st_rdev)
-                if same:
-                    raise ConfigError(f"backup destination {dest} is image {im['index']} of "
-                                      f"volume {vname} ({im['path']}): the copy would overwrite "
-                                      f"it")
+        """ConfigError when backup destination ``dest`` is an image of a volume: the same
+        file, another name of it, or the same block device under another name
+        (``imagecheck.same_storage``): the copy would overwrite it (trial 38, HIGH: ``lvmirror backup
+        vol0 1 <image 0's path>`` wrote the split copy over the live image). The images are
+        those of every volume whose metadata is in ``state_dir`` (``imagecheck.images_in_use``:
+        open or not, and a volume whose process is restarting) and of every open volume
+        (``status``: one with its state elsewhere)."""
+        from lvmirror.mirror.imagecheck import identity, images_in_use, same_storage
+        vols = self.status()["volumes"]
+        used = [(f"image {im['index']} of volume {vname}", im["path"])
+                for vname, vol in vols.items() for im in vol.get("images", []) if im.get("path")]
+        used += [(f"an image of volume {vname}", path)
+                 for vname, path in images_in_use(self.state_dir)]
+        did = identity(dest)
+        for what, path in used:
+            if same_storage(dest, path, did, None):
+                raise ConfigError(f"backup destination {dest} is {what} ({path}): the copy "
+                                  f"would overwrite it")
 
     def backup(self, name, image, dest, fmt="raw") -> int:
         """Copy split image ``image`` of volume ``name`` to ``dest`` (an absolute path; ``fmt``

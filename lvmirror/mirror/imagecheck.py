@@ -377,7 +377,10 @@ def identity(path) -> tuple:
     return ("file", st.st_dev, st.st_ino)
 
 
-def _same(a: str, b: str, ida: tuple | None = None, idb: tuple | None = None) -> bool:
+def same_storage(a: str, b: str, ida: tuple | None = None, idb: tuple | None = None) -> bool:
+    """True when paths ``a`` and ``b`` name the same storage: the same real path, or the same
+    ``identity`` (file by device and inode, block device by device number). ``ida``/``idb``:
+    their identities if known already."""
     if os.path.realpath(a) == os.path.realpath(b):
         return True
     ida = ida if ida is not None else identity(a)
@@ -393,7 +396,7 @@ def check_distinct(paths, *, name: str) -> None:
     ids = [identity(p) for p in paths]
     for i in range(len(paths)):
         for j in range(i):
-            if not _same(paths[i], paths[j], ids[i], ids[j]):
+            if not same_storage(paths[i], paths[j], ids[i], ids[j]):
                 continue
             if os.path.abspath(paths[i]) == os.path.abspath(paths[j]):
                 raise ConfigError(f"volume {name}: an image path is listed twice: {paths[i]}")
@@ -441,7 +444,7 @@ def check_not_in_other_volume(paths, meta_dir, *, name: str) -> None:
     for path in (os.fspath(p) for p in paths):
         pid = identity(path)
         for vname, other, oid in used_ids:
-            if _same(path, other, pid, oid):
+            if same_storage(path, other, pid, oid):
                 also = "" if os.path.abspath(path) == os.path.abspath(other) else \
                     f" (as {other}, the same {'device' if pid[0] == 'blk' else 'file'})"
                 raise ConfigError(f"image {path} is an image of volume {vname!r}{also}; two "

@@ -158,3 +158,48 @@ def test_backup_holds_the_volume_not_the_rest_of_a_larger_image(tmp_path):
         data = out.read_bytes()
         assert len(data) == 8 << 20 and data[:4096] == b"A" * 4096 and b"SECRET" not in data
     vol.close()
+
+
+def test_each_copy_gets_a_file_of_its_own_beside_its_destination(tmp_path):
+    """Trial of 2026-12-06, HIGH: every copy to one destination wrote ``DEST.partial``, opened
+    with O_TRUNC, so a second copier (or a rerun while the first still ran) emptied the
+    first's copy, which the first then renamed into place as a finished backup. Each copy
+    now has a new file of its own (O_EXCL, 0600 whatever the umask), and a leftover
+    ``DEST.partial`` (or a symlink planted there) is never written through."""
+    from lvmirror.backup import check_dest, new_partial, publish
+    dest = str(tmp_path / "b.img")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    os.symlink(victim, dest + ".partial")
+    old = os.umask(0)
+    try:
+        a, b = new_partial(dest), new_partial(dest)
+    finally:
+        os.umask(old)
+    assert a != b and os.path.dirname(a) == str(tmp_path)
+    for p in (a, b):
+        name = os.path.basename(p)
+        assert name.startswith("b.img.") and name.endswith(".partial") and p != dest + ".partial"
+        assert os.stat(p).st_mode & 0o777 == 0o600 and os.path.getsize(p) == 0
+    vol = _mirror(tmp_path, 2, 4 << 20)
+    vol.write(0, [memoryview(b"A" * 4096)])
+    vol.split(1)
+    im = next(i for i in vol.images if i.index == 1)
+    entry = dict(index=1, path=im.path, state="split")
+    assert backup_image(entry, a) == 4096
+    open(b, "wb").write(b"another copier's bytes")      # does not touch a's copy
+    publish(a, dest)
+    assert open(dest, "rb").read(4096) == b"A" * 4096 and not os.path.exists(a)
+    assert victim.read_bytes() == b"keep"
+    # a copy onto an existing name made a symlink (never followed: backup_image O_NOFOLLOW)
+    with pytest.raises(OSError):
+        backup_image(entry, dest + ".partial")
+    assert victim.read_bytes() == b"keep"
+    # the destination itself: a regular file or a new name, in a directory that exists
+    check_dest(dest)
+    check_dest(str(tmp_path / "new.img"))
+    for bad, why in ((dest + ".partial", "not a regular file"), ("/dev/null", "not a regular"),
+                     (str(tmp_path / "nodir" / "x.img"), "no directory")):
+        with pytest.raises(ValueError, match=why):
+            check_dest(bad)
+    vol.close()

@@ -130,16 +130,21 @@ def test_plans_are_checked(tmp_path):
 
 
 def test_prune_keeps_the_newest_and_touches_nothing_else(tmp_path):
+    """The leftovers of interrupted copies go too: ``NAME.partial`` (cycles before
+    2026-12-06) and lvmirrord's ``NAME.<random>.partial`` (``backup.new_partial``), of this
+    volume only (``dbx-...`` is another volume's, ``notes.partial`` no backup's)."""
     names = ["db-20261101T000000Z.raw", "db-20261102T000000Z.raw", "db-20261103T000000Z.qcow2",
              "db-20261104T000000Z.raw.partial", "dbx-20261101T000000Z.raw", "notes.txt",
-             "db-latest.raw"]
+             "db-latest.raw", "db-20261105T000000Z.qcow2.k3_9zq1a.partial",
+             "dbx-20261105T000000Z.raw.k3_9zq1a.partial", "notes.partial",
+             "db-20261105T000000Z.raw.toolongname.partial"]
     for n in names:
         (tmp_path / n).write_text("x")
     gone = prune(str(tmp_path), "db", 2, log=lambda _: None)
-    assert sorted(os.path.basename(p) for p in gone) == ["db-20261101T000000Z.raw",
-                                                        "db-20261104T000000Z.raw.partial"]
-    assert sorted(os.listdir(tmp_path)) == sorted(set(names) - {
-        "db-20261101T000000Z.raw", "db-20261104T000000Z.raw.partial"})
+    doomed = ["db-20261101T000000Z.raw", "db-20261104T000000Z.raw.partial",
+              "db-20261105T000000Z.qcow2.k3_9zq1a.partial"]
+    assert sorted(os.path.basename(p) for p in gone) == doomed
+    assert sorted(os.listdir(tmp_path)) == sorted(set(names) - set(doomed))
 
 
 def test_a_stopped_cycle_starts_the_resync_and_the_next_one_heals_what_a_kill_left(gw, tmp_path):

@@ -456,3 +456,63 @@ def test_a_backup_is_refused_onto_an_image_or_before_its_split_ends(daemon, tmp_
     with pytest.raises(ConfigError, match="no backup of image 1 held by"):
         d.end_backup("vol0", 1, owner, state="done", nbytes=4096)
     assert d.resync("vol0", 1)["kind"] == "resync"
+
+
+def test_one_destination_takes_one_backup_and_never_a_half_copy(daemon, tmp_path,  # noqa: F811
+                                                                monkeypatch):
+    """Trial of 2026-12-06, HIGH: copies to one destination shared ``DEST.partial`` (opened
+    O_TRUNC), so a second copier emptied the first's copy, which the first renamed into place
+    as done. Now each copy is made in a new file of its own beside DEST (0600) and renamed
+    only once vouched for; a second backup to a DEST another backup is writing is refused;
+    lvmirrord's own Backup makes its copy the same way, so its failure leaves nothing under
+    DEST; and a DEST that is no regular file (a symlink, a device) is refused, not replaced."""
+    from lvmirror.errors import ConfigError
+    from tests.unit.test_bus import ROOT
+    d, vol, address, bus = daemon
+    vol.write(0, [memoryview(b"p" * 4096)])
+    ok(call(address, VOL, "org.lvmirror1.Volume", "Split", 1))
+    ok(call(address, VOL, "org.lvmirror1.Volume", "Split", 2))
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address, PYTHONPATH=ROOT)
+    dest = tmp_path / "one.img"
+    p = subprocess.Popen([sys.executable, "-c", _HELD_COPIER, str(dest)], env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "copying", p.stderr.read()
+    partials = [n for n in os.listdir(tmp_path) if n.startswith("one.img.")]
+    assert len(partials) == 1 and partials[0].endswith(".partial")
+    assert partials[0] != "one.img.partial" and not dest.exists()
+    assert os.stat(tmp_path / partials[0]).st_mode & 0o777 == 0o600
+    owner = ("bus", ":1.4343")
+    with pytest.raises(StateError, match="is the destination of the running backup of image 1"):
+        d.begin_backup("vol0", 2, str(dest), owner)
+    with pytest.raises(StateError, match="is the destination of the running backup"):
+        d.backup("vol0", 2, str(dest))
+    out, err = p.communicate("\n", timeout=30)
+    assert p.returncode == 0, err
+    assert dest.read_bytes() == open(vol.images[1].path, "rb").read()
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("one.img")) == ["one.img"]
+    # lvmirrord's own Backup: a copy that fails leaves neither DEST nor its partial file
+    import lvmirror.backup as backup_mod
+
+    def failing(src, dst, progress, limit=None):
+        open(dst, "wb").write(b"half")
+        raise OSError(5, "read error (injected)")
+    monkeypatch.setattr(backup_mod, "_copy_sparse", failing)
+    with pytest.raises(OSError, match="injected"):
+        d.backup("vol0", 2, str(tmp_path / "own.img"))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("own.img")]
+    monkeypatch.undo()
+    assert d.backup("vol0", 2, str(tmp_path / "own.img")) == 4096
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("own.img.")]
+    # a symlink as DEST: refused by the CLI and by lvmirrord, its target untouched
+    target = tmp_path / "target"
+    target.write_bytes(b"keep")
+    os.symlink(target, tmp_path / "link.img")
+    r = subprocess.run([sys.executable, "-m", "lvmirror.cli", "backup", "vol0", "1",
+                        str(tmp_path / "link.img")], env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode != 0 and "not a regular file" in r.stderr, r.stderr
+    with pytest.raises(ConfigError, match="not a regular file"):
+        d.backup("vol0", 1, str(tmp_path / "link.img"))
+    assert target.read_bytes() == b"keep" and os.path.islink(tmp_path / "link.img")
+    assert d.resync("vol0", 1)["kind"] == "resync"
