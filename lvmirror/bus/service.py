@@ -281,14 +281,9 @@ class Manager(dbus.service.Object):
 
         def begin():
             held = self._daemon.begin_backup(str(volume), int(image), str(destination), owner)
-            if locks.left(sender):   # gone before the hold was registered: release_owner ran
-                try:
-                    self._daemon.end_backup(str(volume), int(image), owner, state="failed",
-                                            error="its caller left the bus before the hold "
-                                                  "was given")
-                except LvmirrorError:
-                    pass             # (release_owner ended it meanwhile)
-                raise StateError("the caller left the bus")
+            locks.keep(sender, lambda: self._daemon.end_backup(
+                str(volume), int(image), owner, state="failed",
+                error="its caller left the bus before the hold was given"))
             return json.dumps(held)
         self.run(sender, begin, ok, err)
 
@@ -333,12 +328,7 @@ class Manager(dbus.service.Object):
             lock_id = self._daemon.lock_region(str(volume), int(lba), int(count),
                                                shared=bool(shared),
                                                timeout=float(timeout) or None, owner=owner)
-            if locks.left(sender):   # gone while it waited: release_owner ran before
-                try:
-                    self._daemon.unlock_region(lock_id, owner=owner)
-                except LvmirrorError:
-                    pass
-                raise StateError("the caller left the bus")
+            locks.keep(sender, lambda: self._daemon.unlock_region(lock_id, owner=owner))
             return lock_id
         self.run(sender, lock, ok, err)
 
@@ -418,6 +408,20 @@ class LockCoordinator:
     def left(self, sender) -> bool:
         """Whether bus name ``sender`` (an owner) has left the bus."""
         return str(sender) in self._gone
+
+    def keep(self, sender, undo) -> None:
+        """After a call of ``sender`` gave it something that lasts (a region lock, a backup's
+        hold): when ``sender`` left the bus meanwhile, its ``release_owner`` ran before the
+        thing was registered and did not end it, so ``undo()`` ends it now (an LvmirrorError
+        from it means it was ended already) and StateError("the caller left the bus") is
+        raised; otherwise nothing."""
+        if not self.left(sender):
+            return
+        try:
+            undo()
+        except LvmirrorError:
+            pass
+        raise StateError("the caller left the bus")
 
     def _name_owner_changed(self, name, old, new):
         if not new and name in self._owners:
