@@ -38,8 +38,8 @@ class VolumeRegistry:
         self._open_lock = threading.Lock()   # one open at a time
         self._volumes: dict[str, MirrorVolume] = {}
         self._refs: dict[str, int] = {}
-        self._users: dict[str, str] = {}      # "vol" or "vol;image=N" -> LUN name
-        self._writable: set[str] = set()      # the "vol;image=N" exports not readonly=1
+        # "vol" or "vol;image=N" -> (LUN name, its VolumeSpec: readonly=1 or not)
+        self._users: dict[str, tuple[str, cfgstring.VolumeSpec]] = {}
         self._held: dict[tuple, int] = {}     # (volume, image index) -> backups holding it
 
     def acquire(self, spec: cfgstring.VolumeSpec, *, lun: str, size: int,
@@ -63,7 +63,7 @@ class VolumeRegistry:
                     self._cond.wait()
                 if key in self._users:
                     raise ConfigError(f"{key!r} is already served by LUN "
-                                      f"'{rawtext.shown(self._users[key])}'")
+                                      f"'{rawtext.shown(self._users[key][0])}'")
                 volume = self._volumes.get(spec.name)
                 if volume is None:
                     self._opening.add(spec.name)
@@ -150,9 +150,7 @@ class VolumeRegistry:
             raise
         self._volumes[spec.name] = volume
         self._refs[spec.name] = self._refs.get(spec.name, 0) + 1
-        self._users[key] = lun
-        if spec.image is not None and not spec.readonly:
-            self._writable.add(key)
+        self._users[key] = (lun, spec)
         return volume, backend
 
     def hold_copy(self, name: str, image: int) -> None:
@@ -162,9 +160,10 @@ class VolumeRegistry:
         ``readonly=1`` may stay)."""
         key = f"{name};image={image}"
         with self._lock:
-            if key in self._writable:
+            lun, spec = self._users.get(key, (None, None))
+            if spec is not None and not spec.readonly:
                 raise StateError(f"volume {name}: split image {image} is exported writable by "
-                                 f"LUN '{rawtext.shown(self._users.get(key, '?'))}', which may "
+                                 f"LUN '{rawtext.shown(lun)}', which may "
                                  f"change it under the copy; export it read-only "
                                  f"(readonly=1) for the backup")
             self._held[(name, image)] = self._held.get((name, image), 0) + 1
@@ -248,7 +247,6 @@ class VolumeRegistry:
         with self._lock:
             if self._users.pop(key, None) is None:
                 return
-            self._writable.discard(key)
             if backend is not None and spec.image is not None:
                 backend.close()
             self._refs[spec.name] -= 1
