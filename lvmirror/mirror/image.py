@@ -188,6 +188,7 @@ class StorageImage:
         self._fua_cond = threading.Condition(threading.Lock())
         self._fua_next = 0
         self._fua_busy: set[int] = set()
+        self._fua_waiters = 0         # flushes in ``_wait_fua_syncs``: only they are woken
         self.flush_failures = 0
         self.flush_failures_seen = 0
         # (bytes, writes) written when the last good flush began; None before the first
@@ -597,7 +598,8 @@ class StorageImage:
         """The FUA write of ``ticket`` is over, its sync's failure counted if it failed."""
         with self._fua_cond:
             self._fua_busy.discard(ticket)
-            self._fua_cond.notify_all()
+            if self._fua_waiters:
+                self._fua_cond.notify_all()
 
     def _wait_fua_syncs(self) -> None:
         """Wait until every FUA write registered so far is over. Its sync may have taken the
@@ -611,8 +613,12 @@ class StorageImage:
         it after ``leg_timeout``; a one-image volume's flush is not bounded)."""
         with self._fua_cond:
             upto = self._fua_next
-            while any(t < upto for t in self._fua_busy):
-                self._fua_cond.wait()
+            self._fua_waiters += 1
+            try:
+                while any(t < upto for t in self._fua_busy):
+                    self._fua_cond.wait()
+            finally:
+                self._fua_waiters -= 1
 
     def _writev_once(self, offset, bufs, total, fua) -> None:
         pos = offset
