@@ -623,6 +623,7 @@ class StorageImage:
     def _writev_once(self, offset, bufs, total, fua) -> None:
         pos = offset
         dsync = fua and self._dsync_ok
+        syncing = False         # the call that failed synced the file (or may have)
         try:
             while bufs:
                 chunk = bufs[:_IOV_MAX]
@@ -631,6 +632,7 @@ class StorageImage:
                         n = os.pwritev(self.fd, chunk, pos, os.RWF_DSYNC)
                     except OSError as e:
                         if e.errno not in (_errno.EOPNOTSUPP, _errno.EINVAL):
+                            syncing = True
                             raise
                         self._dsync_ok = dsync = False  # old kernel: fdatasync after instead
                         continue
@@ -643,9 +645,10 @@ class StorageImage:
                     break
                 bufs = _advance(bufs, n)
             if fua and not dsync:
+                syncing = True
                 os.fdatasync(self.fd)
         except OSError as e:
-            synced = fua and e.errno not in (_errno.ENOSPC, _errno.EDQUOT)
+            synced = syncing
             err = self._ioerror("write", offset, total, e,
                                 label="FUA write (its data or its sync)" if synced else None)
             if synced:
@@ -653,7 +656,12 @@ class StorageImage:
                 # writeback error as a flush does, and takes it: counted as a flush's failure
                 # (``note_flush_failure``: another thread's flush that then returns 0 proves
                 # nothing) and marked as one (every region: which writes it lost is unknown;
-                # this stop's second review, HIGH)
+                # this stop's second review, HIGH). Whatever its errno: an ENOSPC or EDQUOT
+                # from RWF_DSYNC may be this write's allocation or an earlier write's
+                # writeback (a thin or quota'd file system), which no errno tells apart, and
+                # the fdatasync's is the whole file's (trial 38, HIGH: they were taken for
+                # this write's own). A plain pwritev's error (no sync in it: the kernel
+                # without RWF_DSYNC) is this write's alone.
                 self.note_flush_failure()
                 err.synced = True
             raise err from e

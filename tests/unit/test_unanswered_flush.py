@@ -7,6 +7,7 @@ returns 0 meanwhile proves nothing, so nothing that vouches for the image's data
 it. These tests hold the failing thread at its error handling and run the other side."""
 
 import errno
+import os
 import threading
 import time
 
@@ -348,3 +349,40 @@ def test_a_late_failure_before_its_give_up_marked_stays_unanswered(tmp_path, mon
     assert img.state is ImageState.FAILED
     assert img.bitmap.test_region(0), "region 0, which the late flush lost, is not marked"
     vol.close()
+
+
+@pytest.mark.parametrize("how, errno_, synced", [
+    ("dsync", errno.ENOSPC, True), ("dsync", errno.EDQUOT, True), ("dsync", errno.EIO, True),
+    ("fdatasync", errno.ENOSPC, True), ("fdatasync", errno.EIO, True),
+    ("plain", errno.EIO, False), ("plain", errno.ENOSPC, False)])
+def test_a_fua_writes_sync_failure_counts_as_a_flush_whatever_its_errno(tmp_path, monkeypatch,
+                                                                        how, errno_, synced):
+    """Trial 38, HIGH: a FUA write's ENOSPC or EDQUOT was taken for its own allocation's and
+    not counted as a flush failure. From RWF_DSYNC (or the fdatasync after the write) it may
+    be an earlier write's writeback error on a thin or quota'd file system, which the sync
+    took from the next flush: it is counted now (``synced``, ``flush_failures``), as EIO
+    was. A plain pwritev (a kernel without RWF_DSYNC writes, then syncs) has no sync in it:
+    its error is the write's own, whatever the errno."""
+    path = tmp_path / "img"
+    path.write_bytes(bytes(1 << 20))
+    st = image_mod.StorageImage.open(str(path))
+    st._dsync_ok = how == "dsync"
+    real_pwritev, real_fdatasync = image_mod.os.pwritev, image_mod.os.fdatasync
+
+    def pwritev(fd, bufs, off, flags=0):
+        if how == "plain" or (how == "dsync" and flags & image_mod.os.RWF_DSYNC):
+            raise OSError(errno_, os.strerror(errno_))
+        return real_pwritev(fd, bufs, off, flags)
+
+    def fdatasync(fd):
+        if how == "fdatasync":
+            raise OSError(errno_, os.strerror(errno_))
+        return real_fdatasync(fd)
+    monkeypatch.setattr(image_mod.os, "pwritev", pwritev)
+    monkeypatch.setattr(image_mod.os, "fdatasync", fdatasync)
+    with pytest.raises(image_mod.ImageIOError) as ei:
+        st.writev(0, [b"x" * 4096], fua=True)
+    monkeypatch.undo()
+    assert ei.value.errno == errno_ and ei.value.synced is synced
+    assert st.flush_failures == (1 if synced else 0)
+    st.close()
