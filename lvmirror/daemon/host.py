@@ -364,10 +364,18 @@ class VolumeHost:
         and registered under ``_backup_lock``, the lock every change to the image takes, so
         from here until it ends resync, restore and detach of the image are refused. Returns
         (its BackupProgress, the image's ImageInfo). StateError when the image is not split,
-        is backed up already, or is not the copy its split recorded (``backup_check``)."""
+        is backed up already, or is not the copy its split recorded (``backup_check``).
+        The copy is judged before ``_backup_lock`` is taken: the judgement may read a sample
+        of the image (each read bounded by ``leg_timeout``), and every resync, restore and
+        detach of the host's volumes would wait with it (trial 38, MEDIUM). Under the lock
+        the image is judged again only when it changed meanwhile (another split, a resync)."""
+        judged = self._image_info(name, image)
+        self.backup_check(name, image)
         with self._backup_lock:
             info = self._no_backup(name, image)
-            self.backup_check(name, image)
+            if (info.id, info.state, info.generation, info.split_time) != \
+                    (judged.id, judged.state, judged.generation, judged.split_time):
+                self.backup_check(name, image)
             self._no_backup_to(dest)
             # no LUN may export it writable meanwhile (StateError if one does now)
             self.registry.hold_copy(name, info.index)

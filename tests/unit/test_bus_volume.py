@@ -516,3 +516,42 @@ def test_one_destination_takes_one_backup_and_never_a_half_copy(daemon, tmp_path
         d.backup("vol0", 1, str(tmp_path / "link.img"))
     assert target.read_bytes() == b"keep" and os.path.islink(tmp_path / "link.img")
     assert d.resync("vol0", 1)["kind"] == "resync"
+
+
+def test_a_backup_judges_its_copy_without_holding_up_other_jobs(daemon, tmp_path,  # noqa: F811
+                                                                monkeypatch):
+    """Trial 38, MEDIUM: a backup judged its image (``check_copy``, which may read a sample,
+    each read bounded by ``leg_timeout``) under the lock every resync, restore and detach of
+    the host takes, so they waited with it. It is judged before that lock now: a resync of
+    another image runs to its start while the judgement is held; the backup then begins."""
+    import threading
+    d, vol, address, bus = daemon
+    vol.write(0, [memoryview(b"p" * 4096)])
+    ok(call(address, VOL, "org.lvmirror1.Volume", "Split", 1))
+    ok(call(address, VOL, "org.lvmirror1.Volume", "Split", 2))
+    judging, release = threading.Event(), threading.Event()
+    real = vol.check_copy
+
+    def held_check(index, *a, **kw):
+        if index == 1:
+            judging.set()
+            assert release.wait(30)
+        return real(index, *a, **kw)
+    monkeypatch.setattr(vol, "check_copy", held_check)
+    owner = ("bus", ":1.4545")
+    began = []
+    t = threading.Thread(target=lambda: began.append(
+        d.begin_backup("vol0", 1, str(tmp_path / "b.img"), owner)))
+    t.start()
+    assert judging.wait(20)
+    resynced = []
+    r = threading.Thread(target=lambda: resynced.append(d.resync("vol0", 2)))
+    r.start()
+    r.join(20)
+    release.set()
+    t.join(20)
+    assert not r.is_alive() and resynced[0]["kind"] == "resync", "the resync waited"
+    assert began and began[0]["state"] == "split"
+    with pytest.raises(StateError, match="being backed up"):
+        d.resync("vol0", 1)
+    d.end_backup("vol0", 1, owner, state="failed", error="test")
