@@ -154,9 +154,20 @@ def format_status(st: dict) -> str:
             what = job["kind"] if job["image_id"] is None else \
                 f"{job['kind']} of image {index}" if index is not None else \
                 f"{job['kind']} of image id {job['image_id']}"
-            lines.append(f"  {what}: {job['state']}, "
-                         f"{_human(job['bytes_done'])} / {_human(job['bytes_total'])}, "
-                         f"{job['rate']:.1f} MB/s" + (f", ETA {eta:.0f} s" if eta else ""))
+            if job["kind"] == "backup" and job["state"] == "running" \
+                    and job.get("copier", "lvmirrord") != "lvmirrord":
+                # the client copies: lvmirrord holds the image, its bytes come at the end
+                line = (f"  {what}: running, copied by {job['copier']} to {job['dest']} "
+                        f"({job['elapsed']:.0f} s so far)")
+            else:
+                line = (f"  {what}: {job['state']}, "
+                        f"{_human(job['bytes_done'])} / {_human(job['bytes_total'])}, "
+                        f"{job['rate']:.1f} MB/s" + (f", ETA {eta:.0f} s" if eta else ""))
+                if job["kind"] == "backup":
+                    line += f", to {job['dest']}"
+            if job["state"] == "failed" and job.get("error"):
+                line += f", error: {job['error']}"
+            lines.append(line)
         if v.get("scrub"):
             line = "  " + scrub_line(v["scrub"])
             for job in v["jobs"]:          # a running scrub: its rate and ETA on the same line

@@ -68,8 +68,12 @@ class BackupProgress:
         self.state, self.error, self._t_end = state, error, time.monotonic()
 
     def progress(self) -> dict:
-        """The job dict status() shows (kind, image, state, bytes, MB/s, elapsed s, dest)."""
-        return job_progress(self, rate_limit=None, dest=self.dest)
+        """The job dict status() shows (kind, image, state, bytes, MB/s, elapsed s, dest;
+        ``copier``: who makes the copy, "lvmirrord" or the client's bus name, whose
+        progress lvmirrord learns only at its end)."""
+        return job_progress(self, rate_limit=None, dest=self.dest,
+                            copier="lvmirrord" if self.owner is None
+                            else _owner_label(self.owner))
 
 
 

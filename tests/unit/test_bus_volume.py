@@ -321,6 +321,11 @@ def test_a_backup_the_cli_copies_holds_the_image_until_it_ends(daemon, tmp_path)
         with pytest.raises(StateError, match="being backed up"):
             fn()
     assert _backup_job(d, str(dest))["state"] == "running"
+    # status says who copies (lvmirrord learns the bytes only at the end), not "0 B"
+    shown = subprocess.run([sys.executable, "-m", "lvmirror.cli", "status"], env=env,
+                           capture_output=True, text=True, timeout=30).stdout
+    assert re.search(r"backup of image 1: running, copied by D-Bus :1\.\d+ to "
+                     + re.escape(str(dest)), shown), shown
     out, err = p.communicate("\n", timeout=30)
     assert p.returncode == 0 and out.split() == ["done", "4096"], err   # holes stay holes
     assert dest.read_bytes() == open(vol.images[1].path, "rb").read()
@@ -334,6 +339,10 @@ def test_a_backup_the_cli_copies_holds_the_image_until_it_ends(daemon, tmp_path)
     p.wait(10)
     wait_until(lambda: _backup_job(d, str(dest2))["state"] == "failed", 20)
     assert "left the bus" in _backup_job(d, str(dest2))["error"]
+    shown = subprocess.run([sys.executable, "-m", "lvmirror.cli", "status"], env=env,
+                           capture_output=True, text=True, timeout=30).stdout
+    assert re.search(r"backup of image 1: failed, .*, to " + re.escape(str(dest2))
+                     + r", error: .*left the bus", shown), shown
     # no hold: EndBackup is an error (the copy would not be vouched for)
     r = call(address, "/org/lvmirror1", "org.lvmirror1.Manager", "EndBackup", "vol0", 1,
              {"state": "done"})
