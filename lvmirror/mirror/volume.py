@@ -714,21 +714,7 @@ class MirrorVolume:
                 self._log_space(img, index, where, exc)
             elif not is_read:
                 img.rec.error = str(exc)
-                # a syncing image may have taken the write this image refused (or kept data
-                # this image's lost flush dropped), and a split image may hold what this
-                # one lost from before its T: mark the range for the resync to copy again
-                # from this image, or the two would differ once both are in sync; a
-                # restore's copies not yet committed are copied again (``add_lost``)
-                rj = self.control.restore_job
-                for o in self._images:
-                    if o.state in (ImageState.SYNCING, ImageState.SPLIT) \
-                            and o.bitmap is not None:
-                        marks = RegionBitmap(self.size, self.region_size)
-                        self._mark_lost(o, marks, offset, length, all_regions)
-                        if rj is not None and rj.img is o:
-                            rj.add_lost(marks)
-                        o.bitmap.union_update(marks)
-                        self._save_marks(o, marks)
+                self._mark_others_lost(offset, length, all_regions)
                 self._go_offline(f"image {index} ({img.rec.path}), the last in-sync image: "
                                  f"{where} failed (errno {errno_}): {exc}")
             return False
@@ -742,6 +728,24 @@ class MirrorVolume:
             else f"{bm.dirty_bytes()} bytes to resync so far (writes from now on are "
             f"added)"))
         return True
+
+    def _mark_others_lost(self, offset, length, all_regions) -> None:
+        """The last in-sync image lost ``[offset, offset+length)`` bytes (``all_regions``:
+        what a failed flush may have dropped, ``_mark_unflushed``), under ``_meta``: a
+        syncing image may have taken the write it refused (or kept data its lost flush
+        dropped), and a split image may hold what it lost from before its T: mark the range
+        for the resync to copy again from it, or the two would differ once both are in sync;
+        a restore's copies not yet committed are copied again (``add_lost``). Saved with the
+        images' change bitmaps (``_save_marks``)."""
+        rj = self.control.restore_job
+        for o in self._images:
+            if o.state in (ImageState.SYNCING, ImageState.SPLIT) and o.bitmap is not None:
+                marks = RegionBitmap(self.size, self.region_size)
+                self._mark_lost(o, marks, offset, length, all_regions)
+                if rj is not None and rj.img is o:
+                    rj.add_lost(marks)
+                o.bitmap.union_update(marks)
+                self._save_marks(o, marks)
 
     def _fail_leg(self, img, bm, syncing: bool, error: str, report) -> None:
         """Fail ``img`` with change bitmap ``bm`` (``syncing``: it was syncing), under
@@ -931,11 +935,18 @@ class MirrorVolume:
             reason, self._offline = self._offline, None
             for im in legs:
                 im.rec.error = None
-                # a flush left behind as slow and failing later lost only what its give-up
-                # marked already (``_image_error``, all_regions); one counted since the probe
-                # began stays unanswered until its own thread marks for it (its sync may
-                # have taken the error the probe's flush would have had: trial 36, LOW)
+                # The flush failures counted before the probe began are answered here: a
+                # flush left behind as slow and failing later lost only what its give-up
+                # marked already (``_image_error``, all_regions), but one whose thread is
+                # still on its way to mark for it (in a fan-out, review of 2026-12-06, M4)
+                # has not: the probe marks what that thread would (``_mark_others_lost``,
+                # every region a flush may have dropped) before a checkpoint may clear the
+                # write-intent log those marks come from. One counted since the probe began
+                # stays unanswered until its own thread marks for it (its sync may have taken
+                # the error the probe's flush would have had: trial 36, LOW).
                 st = im.storage
+                if counted[id(im)] > st.flush_failures_seen:
+                    self._mark_others_lost(0, 0, True)
                 st.flush_failures_seen = max(st.flush_failures_seen, counted[id(im)])
         log.warning("volume %s: back ONLINE: the in-sync image answers again (was offline: %s)",
                     self.name, reason)

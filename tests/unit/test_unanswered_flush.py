@@ -317,6 +317,33 @@ def test_a_probe_leaves_a_failure_counted_during_it_unanswered(tmp_path):
     vol.close()
 
 
+def test_a_probe_marks_for_a_failure_counted_before_it_whose_thread_has_not(tmp_path):
+    """Review of 2026-12-06, M4: the probe answered every flush failure counted before it
+    began, also one whose thread was still in a fan-out on its way to mark for it. Once
+    answered, a checkpoint could clear the write-intent log that thread then takes its
+    marks from, and a split image would keep regions that differ from the in-sync image
+    out of its resync. The probe now marks what that thread would: every region of the
+    write-intent log, on the split image's change bitmap."""
+    from lvmirror.mirror.durability import unanswered
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    write(vol, 5 * REGION // BS, pattern(8, 1))        # before T: in the write-intent log
+    vol.split(1)
+    split = next(im for im in vol._images if im.state is ImageState.SPLIT)
+    assert not split.bitmap.test_region(5)
+    opener.by_path[paths[0]].fail_writes = True
+    with pytest.raises(Exception):
+        write(vol, 0, pattern(1, 2))
+    assert vol.health == "offline"
+    opener.by_path[paths[0]].fail_writes = False
+    img = next(im for im in vol._images if im.state is ImageState.IN_SYNC)
+    assert vol._wil.bitmap.test_region(5)
+    img.storage.note_flush_failure()           # a fan-out's flush failed; not marked yet
+    assert vol.probe() is True
+    assert not unanswered(img)
+    assert split.bitmap.test_region(5), "the region the failed flush may have dropped"
+    vol.close()
+
+
 def test_a_late_failure_before_its_give_up_marked_stays_unanswered(tmp_path, monkeypatch):
     """A flush given up on as slow fails before the give-up's own marking ran (it is counted
     as left behind first, and marks later on the issuing thread). Nothing may take that
