@@ -16,7 +16,7 @@ import logging
 import os
 import time
 
-from lvmirror.errors import ConfigError, ImageIOError, StateError, VolumeIOError
+from lvmirror.errors import ConfigError, ImageIOError, LvmirrorError, StateError, VolumeIOError
 from lvmirror.mirror import copyid, imagecheck, legs
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.durability import answer_unanswered, not_durable, unanswered
@@ -914,6 +914,40 @@ class JobControl:
             log.warning("volume %s: image %s: saved %s %r is not a rate; the job resumes "
                         "unlimited", self.vol.name, img.rec.path, field, rate)
             return None
+
+    def resume_after_offline(self) -> list:
+        """After the volume came back online (``MirrorVolume.probe``): start again every
+        resync and the restore that stopped because it went offline (``resync.WentOffline``)
+        from where they stopped, at their saved rate, as md restarts a recovery and DRBD a
+        resync once the device serves again (before, they stayed stopped until the operator
+        or the next open started them: trial of 2026-12-06). A job stopped otherwise
+        (cancelled, failed) is left alone. Returns the jobs started; one refused now (an
+        export of the image, a backup, the image failed meanwhile) is logged, not raised:
+        the operator can start it by hand."""
+        vol = self.vol
+        started = []
+        for img in list(vol._images):
+            job = vol.jobs.get(img.rec.id)
+            if job is None or job.is_alive() or not getattr(job, "stopped_offline", False):
+                continue
+            job.stopped_offline = False           # one attempt per stop
+            try:
+                index = vol._images.index(img)
+                if isinstance(job, RestoreJob):
+                    new = self.restore(index, rate_limit=self._saved_rate(img, "restore_rate"))
+                elif img.state is ImageState.SYNCING:
+                    new = self.resync(index, rate_limit=self._saved_rate(img, "resync_rate"))
+                else:
+                    continue
+            except (LvmirrorError, ValueError, IndexError) as e:
+                log.warning("volume %s: the %s of image %s that stopped when the volume went "
+                            "offline was not started again: %s", vol.name, job.kind,
+                            img.rec.path, e)
+                continue
+            log.info("volume %s: back online: the %s of image %d (%s) goes on", vol.name,
+                     new.kind, index, img.rec.path)
+            started.append(new)
+        return started
 
     def resume(self):
         """After open: restart the resyncs (at their saved rate, from their saved cursor and

@@ -97,6 +97,9 @@ class _Job:
         self._done = threading.Event()
         self._thread = None
         self.state = "running"
+        # it stopped because the volume went offline (WentOffline): the probe that brings
+        # the volume back starts it again (``JobControl.resume_after_offline``)
+        self.stopped_offline = False
         self.error: str | None = None
         self.bytes_done = 0
         self.bytes_total = 0
@@ -339,8 +342,11 @@ class ResyncJob(_Job):
             self._fail(f"target image failed: {e}")
         except Exception as e:  # report, never kill the daemon
             ckpt.wait(quiet=True)
+            self.stopped_offline = isinstance(e, WentOffline)
             try:
-                vol.control.pause_resync(img, keep_resume=False)
+                # stopped by the volume going offline: resumed once it is back (and on the
+                # next open, if it closes first)
+                vol.control.pause_resync(img, keep_resume=self.stopped_offline)
             except Exception:
                 pass
             self._fail(f"{type(e).__name__}: {e}")
@@ -503,14 +509,22 @@ def _first_in_sync(vol):
     return sources[0] if sources else None
 
 
+class WentOffline(StateError):
+    """The volume went offline while a copy job ran (``_check_online``): the job stopped, and
+    starts again when the volume is back online (``JobControl.resume_after_offline``)."""
+
+
 def _check_online(vol, kind):
-    """StateError when ``vol`` went offline (its last in-sync image failed a write or a flush)
-    while a copy job runs: its source may have lost data, so the job stops - a resync with its
-    image still syncing, a restore registered to resume - instead of copying on and vouching
-    for the copies (``jobcontrol`` refuses to start one while offline for the same reason)."""
+    """WentOffline (a StateError) when ``vol`` went offline (its last in-sync image failed a
+    write or a flush) while a copy job runs: its source may have lost data, so the job stops -
+    a resync with its image still syncing, a restore registered to resume - instead of copying
+    on and vouching for the copies (``jobcontrol`` refuses to start one while offline for the
+    same reason). It starts again from where it stopped once the probe finds the image
+    answering (``JobControl.resume_after_offline``)."""
     why = vol.offline
     if why is not None:
-        raise StateError(f"volume {vol.name} went offline ({why}); the {kind} stops")
+        raise WentOffline(f"volume {vol.name} went offline ({why}); the {kind} stops until "
+                          f"it is back online")
 
 
 class _TargetFailed(LvmirrorError):
@@ -753,6 +767,7 @@ class RestoreJob(_Job):
             vol.control.finish_restore(self.img, self)
             self._finish("done")
         except Exception as e:
+            self.stopped_offline = isinstance(e, WentOffline)
             self._fail(f"{type(e).__name__}: {e}")
 
     def _copy_marked(self, buf) -> None:

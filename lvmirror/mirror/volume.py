@@ -904,8 +904,9 @@ class MirrorVolume:
 
     def probe(self) -> bool:
         """Check an offline volume's in-sync image again: read the first block, write it back
-        with FUA and flush. On success the volume serves again (logged) and True is returned;
-        a volume that is not offline returns True at once."""
+        with FUA and flush. On success the volume serves again (logged), the copy jobs its
+        going offline stopped go on (``JobControl.resume_after_offline``, on a thread) and
+        True is returned; a volume that is not offline returns True at once."""
         if self._offline is None:
             return True
         with self._meta:
@@ -950,7 +951,19 @@ class MirrorVolume:
                 st.flush_failures_seen = max(st.flush_failures_seen, counted[id(im)])
         log.warning("volume %s: back ONLINE: the in-sync image answers again (was offline: %s)",
                     self.name, reason)
+        # the copy jobs its going offline stopped go on, on a thread of their own: starting
+        # one judges its image (sample reads) and waits for the management lock, which the
+        # flusher's round, this probe's usual caller, must not
+        threading.Thread(target=self._resume_after_offline, daemon=True,
+                         name=f"{self.name}-resume").start()
         return True
+
+    def _resume_after_offline(self):
+        try:
+            self.control.resume_after_offline()
+        except Exception:                    # never the daemon's end; the operator can
+            log.exception("volume %s: the copy jobs stopped while offline were not started "
+                          "again", self.name)
 
     def _parallel(self, length, fua=False) -> bool:
         """Fan-out policy: see ``fanout`` in ``create``."""

@@ -15,7 +15,7 @@ from lvmirror.mirror.volume import ImageState
 from lvmirror.scsi import CHECK_CONDITION, GOOD, LogicalUnit, parse_sense
 
 from tests.unit.test_volume_helpers import (BS, Gate, GatedImage, Opener, image_bytes,
-                                            make_volume, pattern, read, write)
+                                            make_volume, pattern, read, wait_until, write)
 
 TUR = bytes(6)
 
@@ -454,8 +454,21 @@ def test_a_write_the_last_in_sync_image_refused_is_copied_again_into_a_syncing_o
         assert job.wait(10) and job.state == "failed" and "went offline" in job.error
     assert vol.images[1].state is ImageState.SYNCING
     opener.by_path[paths[0]].fail_writes = False
+    stopped = job
     assert vol.probe()
-    job = vol.resync(1)
+    if running:
+        # stopped by the volume going offline: it goes on by itself once the volume is back
+        # (JobControl.resume_after_offline); one the operator cancelled does not
+        key = vol._images[1].rec.id
+        wait_until(lambda: vol.jobs[key] is not stopped, 10)
+        job = vol.jobs[key]
+        assert job.kind == "resync"
+    else:
+        for t in threading.enumerate():              # the probe's resume thread: done
+            if t.name == f"{vol.name}-resume":
+                t.join(10)
+        assert vol.jobs[vol._images[1].rec.id] is stopped
+        job = vol.resync(1)
     assert job.wait(10) and job.state == "done"
     assert [i.state for i in vol.images] == [ImageState.IN_SYNC, ImageState.IN_SYNC]
     assert image_bytes(paths[0]) == image_bytes(paths[1])

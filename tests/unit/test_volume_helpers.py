@@ -154,6 +154,24 @@ def wait_until(pred, timeout=10):
         time.sleep(0.001)
 
 
+def job_after_probe(vol, index, start):
+    """Probe offline ``vol`` (asserting that it comes back online) and return the job of
+    image ``index`` that went on by itself (a resync or restore the volume's going offline
+    stopped: ``JobControl.resume_after_offline``, on a thread the probe starts), made
+    unlimited; when none did, ``start()``'s (the operator's)."""
+    key = vol._images[index].rec.id
+    before = vol.jobs.get(key)
+    assert vol.probe()
+    for t in threading.enumerate():
+        if t.name == f"{vol.name}-resume":
+            t.join(10)
+    job = vol.jobs.get(key)
+    if job is not None and job is not before:
+        job.set_rate_limit(None)
+        return job
+    return start()
+
+
 def run_thread(fn, *args):
     box = {}
 

@@ -14,7 +14,7 @@ from lvmirror.errors import ImageIOError, StateError, VolumeIOError
 from lvmirror.mirror.bitmap import RegionBitmap
 from lvmirror.mirror.jobcontrol import JobControl
 from tests.unit.powerloss import Machine, VolatileImage
-from tests.unit.test_volume_helpers import pattern, wait_until
+from tests.unit.test_volume_helpers import job_after_probe, pattern, wait_until
 from tests.unit.test_volume_powerloss import (  # noqa: F401 (_power: the fixture)
     P3, REGION, SIZE, _first_flush_fails, _images_agree, _mirror_with_p1, _open, _power, _read_image,
     _recover_and_agree, _wait_jobs, _write, lose_cache_of)
@@ -88,8 +88,7 @@ def test_a_copy_in_flight_when_the_source_flush_fails_keeps_its_bit(tmp_path, cu
         vol.close()
         _recover_and_agree(nxt)
     else:
-        assert vol.probe()
-        j2 = vol.resync(1)
+        j2 = job_after_probe(vol, 1, lambda: vol.resync(1))
         assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
         _images_agree(m, vol)
 
@@ -127,9 +126,8 @@ def test_two_syncing_images_both_keep_the_mark(tmp_path, monkeypatch):
     res = {i: (im.bitmap.test_region(R), _saved_bits(vol, im).test_region(R))
            for i, im in ((1, img1), (2, img2))}
     assert res == {1: (True, True), 2: (True, True)}, res
-    assert vol.probe()
     for i in (1, 2):
-        jj = vol.resync(i)
+        jj = job_after_probe(vol, i, lambda i=i: vol.resync(i))
         assert jj.wait(30) and jj.state == "done", (jj.state, jj.error)
     _images_agree(m, vol)
 
@@ -148,9 +146,8 @@ def test_a_split_image_is_marked_where_the_source_lost_writes_from_before_t(tmp_
     with pytest.raises(Exception):
         vol.flush()
     assert fired and vol.offline
-    assert vol.probe()
-    assert vol._images[1].bitmap.test_region(5)
-    j = vol.resync(1)
+    j = job_after_probe(vol, 1, lambda: vol.resync(1))
+    assert vol._images[1].bitmap.test_region(5) or j.bytes_done
     assert j.wait(30) and j.state == "done", j.error
     _images_agree(m, vol)
 
@@ -292,7 +289,7 @@ def _read(vol, lba, nblocks):
 
 def _finish_restore(m, vol, tmp_path, cut):
     """After a loss: a power cut and the restore resumed at open (``cut``), or the probe and
-    the operator's restore; returns the machine whose files hold the result (volume closed)."""
+    the restore going on by itself; returns the machine whose files hold the result (volume closed)."""
     if cut:
         nxt = m.cut(tmp_path / "cut")
         vol.close()
@@ -302,8 +299,10 @@ def _finish_restore(m, vol, tmp_path, cut):
             j.set_rate_limit(None)
         _wait_jobs(vol)
     else:
-        assert vol.probe()
-        j2 = vol.restore(1)
+        # stopped by the volume going offline (``_lose_cache``): it goes on by itself once
+        # the probe brings the volume back (JobControl.resume_after_offline)
+        j2 = job_after_probe(vol, 1, lambda: pytest.fail("the restore stayed stopped"))
+        assert j2.kind == "restore"
         assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
     vol.close()
     return m
@@ -366,8 +365,7 @@ def test_a_restore_whose_start_cannot_be_made_durable_is_refused(tmp_path):
         vol.restore(1)
     assert vol.offline and vol.control.restore_job is None
     assert not any(j.kind == "restore" for j in vol.jobs.values())
-    assert vol.probe()
-    job = vol.restore(1)
+    job = job_after_probe(vol, 1, lambda: vol.restore(1))
     assert job.wait(30) and job.state == "done", (job.state, job.error)
     vol.close()
 
@@ -405,8 +403,7 @@ def test_a_copy_not_yet_committed_when_the_loss_comes_is_copied_again(tmp_path, 
     assert fired and job.bitmap.test_region(10)
     with open(job.path, "rb") as f:
         assert RegionBitmap.from_bytes(f.read(), vol.size, vol.region_size).test_region(10)
-    assert vol.probe()
-    j2 = vol.restore(1)
+    j2 = job_after_probe(vol, 1, lambda: vol.restore(1))
     assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
     vol.close()
     live, split = _read_image(m, a), _read_image(m, b)
@@ -522,8 +519,7 @@ def test_a_commit_after_another_threads_failed_flush_keeps_the_bit(tmp_path):
     assert vol.offline
     job.set_rate_limit(None)
     assert job.wait(10)
-    assert vol.probe()
-    j2 = vol.restore(1)
+    j2 = job_after_probe(vol, 1, lambda: vol.restore(1))
     assert j2.wait(30) and j2.state == "done", (j2.state, j2.error)
     vol.close()
     live, split = _read_image(m, a), _read_image(m, b)
