@@ -54,6 +54,12 @@ class StateError(LvmirrorError):
     """An operation the volume's current state does not allow."""
 
 
+class HeldForBackup(StateError):
+    """A writable export of a split image refused while a backup holds the image
+    (``VolumeRegistry.hold_copy``): it passes by itself, and a LUN refused so opens the image
+    once the backup ends (``LunServer._follow_alua``)."""
+
+
 class WouldBlock(LvmirrorError):
     """A read or write asked not to block (``nowait``) could not complete from memory at once:
     the data is not in the page cache (``preadv`` with RWF_NOWAIT answered EAGAIN or read

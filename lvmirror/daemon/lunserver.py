@@ -62,7 +62,7 @@ import threading
 import time
 
 from lvmirror import cfgstring
-from lvmirror.errors import ConfigError, LvmirrorError, StateError, WouldBlock
+from lvmirror.errors import ConfigError, HeldForBackup, LvmirrorError, StateError, WouldBlock
 from lvmirror.mirror.legs import Worker
 from lvmirror.mirror.volume import PARALLEL_MIN_BYTES
 from lvmirror.mirror import ringlease
@@ -371,7 +371,9 @@ class LunServer:
         self.standby_sense = None
         self._transition = None
         self._follow_error: str | None = None    # the last follow failure logged (_follow_failed)
-        self._lease_held = False     # the last open was refused: another gateway holds the lease
+        # the last open was refused for a reason that passes by itself (another gateway
+        # holds the lease; a backup holds the split image a writable export wants): retried
+        self._retry_open = False
         self._size = self._max_blocks = None
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -426,7 +428,7 @@ class LunServer:
             self.spec, self.volume, self.backend, self.lu = spec, volume, target, lu
             self.error = None
             self.standby_sense = None
-            self._lease_held = False
+            self._retry_open = False
             log.info("LUN %s: serving %s (%d images, %d bytes) on %s", self.name,
                      target.name, len(volume.images), backend.num_blocks * backend.block_size,
                      self.device.uio_name)
@@ -436,14 +438,16 @@ class LunServer:
             # meanwhile gets MANUAL INTERVENTION REQUIRED, not ASYMMETRIC ACCESS STATE
             # TRANSITION: on a transition Linux's sd spins the disk up (START STOP UNIT, up to
             # 100 s) and holds the initiator's scan, as the lab's lease section saw
-            again = self._lease_held and str(exc) == self.error
-            self._lease_held = isinstance(exc, LeaseHeldError)
+            # a writable export of a split image a backup holds: tried again likewise until
+            # the backup ends (trial 38: it stayed NOT READY until the LUN was made again)
+            again = self._retry_open and str(exc) == self.error
+            self._retry_open = isinstance(exc, (LeaseHeldError, HeldForBackup))
             active = self.alua_state is not None and self.alua_state not in INACTIVE_SENSE
             self._set_unopened(str(exc))
             if not again:
                 log.error("LUN %s: %s; medium access gets NOT READY until it is fixed%s",
                           self.name, exc, " (tried again every second while this gateway's "
-                          "port group is Active)" if self._lease_held and active else "")
+                          "port group is Active)" if self._retry_open and active else "")
         except Exception as exc:
             # a volume whose state lvmirror cannot read (a bug, or state no version should
             # have written) must not take lvmirrord and every other LUN down with it
@@ -495,8 +499,9 @@ class LunServer:
         the cluster writes ``alua_access_state`` (the resource agent); a planned move is the
         owner's group to Standby, then the other gateway's to Active. While the group is Active
         and the open was refused because another gateway holds the volume's lease, it is tried
-        again at every follow. Transitioning and no local port change nothing. One transition
-        at a time, on a thread of its own."""
+        again at every follow, as is an open refused because a backup holds the split image a
+        writable export wants (``HeldForBackup``). Transitioning and no local port change
+        nothing. One transition at a time, on a thread of its own."""
         if self._transition is not None and self._transition.is_alive():
             return
         state = self._local_alua_state()
@@ -507,7 +512,7 @@ class LunServer:
         if want_open == self._alua_open:
             if not want_open and self.standby_sense != INACTIVE_SENSE[state]:
                 self._set_inactive(state)      # Standby to Unavailable, say
-            if not (want_open and self._lease_held and self.spec is None):
+            if not (want_open and self._retry_open and self.spec is None):
                 return
             # Active here, the lease still held by the gateway that had the volume: try again
             # (a planned move's demote there releases it; a crashed holder's expires)
@@ -518,7 +523,7 @@ class LunServer:
         self._transition.start()
 
     def _to_active(self, state: int):
-        if not self._lease_held:         # a retry keeps its sense, and is not news
+        if not self._retry_open:         # a retry keeps its sense, and is not news
             self.standby_sense = ASC_ALUA_TRANSITION
             log.info("LUN %s: its target port group is %s now: opening the volume", self.name,
                      alua.STATE_NAMES.get(state, hex(state)))

@@ -9,7 +9,7 @@ import os
 import threading
 
 from lvmirror import cfgstring, rawtext
-from lvmirror.errors import ConfigError, StateError
+from lvmirror.errors import ConfigError, HeldForBackup, StateError
 from lvmirror.mirror import imagecheck
 from lvmirror.mirror.metadata import VolumeMetadata
 from lvmirror.mirror.split import EXPORT_DOING
@@ -137,9 +137,10 @@ class VolumeRegistry:
                 backend = volume
             else:
                 if not spec.readonly and self._held.get((spec.name, spec.image)):
-                    raise StateError(f"volume {spec.name}: split image {spec.image} is being "
-                                     f"backed up; export it read-only (readonly=1), or "
-                                     f"create this LUN again once the backup ends")
+                    raise HeldForBackup(f"volume {spec.name}: split image {spec.image} is "
+                                        f"being backed up; export it read-only "
+                                        f"(readonly=1), or wait: the LUN opens it once the "
+                                        f"backup ends")
                 backend = volume.split_image(spec.image, checked=checked)
         except BaseException:
             if opened:

@@ -357,3 +357,46 @@ def test_a_follow_failing_again_and_again_is_logged_once_per_error(gateway, capl
     assert [str(r.exc_info[1]) for r in failed] == ["configfs says no", "[Errno 5] EIO"]
     assert sum(r.levelno == logging.DEBUG and "still fails" in r.getMessage() for r in mine) == 4
     assert [r.levelno for r in mine if "works again" in r.getMessage()] == [logging.INFO]
+
+
+def test_a_writable_export_refused_during_a_backup_opens_once_it_ends(tmp_path, monkeypatch):
+    """Trial 38: a LUN exporting a split image writable, created while a backup held the
+    image, was refused (the export would change the file under the copy) and stayed NOT
+    READY until it was created again. Such an open is tried again at every follow now, as
+    one refused for another gateway's lease is, and serves once the backup ends."""
+    from lvmirror import cfgstring
+    monkeypatch.setattr(lunserver_mod, "ALUA_FOLLOW_INTERVAL", 0.05)
+    registry = VolumeRegistry(str(tmp_path / "state"))
+    paths = [str(tmp_path / f"img{k}") for k in range(2)]
+    spec = cfgstring.parse(f"vol0;images={'+'.join(paths)}")
+    vol, _ = registry.acquire(spec, lun="lun0", size=SIZE)
+    for job in vol.jobs.values():
+        assert job.wait(20)
+    vol.split(1)
+    registry.hold_copy("vol0", 1)                   # a backup of image 1 begins
+    roots = fake_device(tmp_path / "dev", 1, "tcm-user/1/lun1/lvmirror/vol0;image=1",
+                        info_size=SIZE, serial="serial-1")
+    (dev,) = uio.find_devices("lvmirror", **roots)
+    groups = Groups(alua.ACTIVE_OPTIMIZED)
+    dev.port_groups = groups
+    dev.local_port_state = lambda: alua.enabled_ports(groups())[0][0].state
+    emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=8 << 20)
+    emu.run_reaper()
+    lun = LunServer(dev, registry, workers=4)
+    try:
+        lun.open(handle=emu.handle())
+        lun.start()
+        assert lun.volume is None and "being backed up" in lun.error, lun.error
+        r = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
+        assert sense_of(emu.wait([r])[r]) == (0x02, 0x04, 0x03)
+        time.sleep(0.2)                              # some follows: still refused
+        assert lun.volume is None
+        registry.release_copy("vol0", 1)             # the backup ends
+        wait_until(lambda: lun.volume is not None)
+        assert lun.error is None
+        r = emu.submit(cdb10(0x2A, 0, 1), data_out=b"w" * BS)
+        assert emu.wait([r])[r].status == 0
+    finally:
+        lun.stop()
+        emu.close()
+        registry.release(spec)
