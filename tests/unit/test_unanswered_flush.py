@@ -413,3 +413,44 @@ def test_a_fua_writes_sync_failure_counts_as_a_flush_whatever_its_errno(tmp_path
     assert ei.value.errno == errno_ and ei.value.synced is synced
     assert st.flush_failures == (1 if synced else 0)
     st.close()
+
+
+@pytest.mark.parametrize("case", ["one-in-sync", "eio-then-space"])
+def test_a_fua_writes_sync_out_of_space_on_the_last_in_sync_image_is_a_failed_flush(
+        tmp_path, monkeypatch, case):
+    """Review of 2026-12-06, HIGH: once a FUA write's ENOSPC from RWF_DSYNC counted as a
+    flush failure (it may be an earlier write's writeback, lost), the volume still took it
+    for a full file system when it came from the last in-sync image: nothing was marked, the
+    volume stayed online, and the failure stayed unanswered (no checkpoint could clear the
+    write-intent log again) or, after another image's EIO, was taken as answered with
+    nothing marked. It is a failed flush now: the split image gets the write-intent log's
+    regions, the failure is answered, and the volume goes offline until the probe."""
+    from lvmirror.errors import VolumeIOError
+    from lvmirror.mirror.durability import unanswered
+    n = 2 if case == "one-in-sync" else 3
+    vol, opener, paths = make_volume(tmp_path, n, region_size=REGION)
+    write(vol, 5 * REGION // BS, pattern(8, 1))        # before T: in the write-intent log
+    vol.split(n - 1)
+    split = vol._images[n - 1]
+    assert not split.bitmap.test_region(5)
+    space = opener.by_path[paths[n - 2]]               # the image left last in sync
+    space._dsync_ok = True
+    real = image_mod.os.pwritev
+
+    def pwritev(fd, bufs, off, flags=0):
+        if fd == space.fd and flags & image_mod.os.RWF_DSYNC:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, bufs, off, flags)
+    monkeypatch.setattr(image_mod.os, "pwritev", pwritev)
+    if case == "eio-then-space":
+        opener.by_path[paths[0]].fail_writes = True     # image 0 fails first, with EIO
+    with pytest.raises(VolumeIOError):
+        write(vol, 0, pattern(1, 2), fua=True)
+    monkeypatch.undo()
+    opener.by_path[paths[0]].fail_writes = False
+    img = next(im for im in vol._images if im.storage is space)
+    assert img.state is ImageState.IN_SYNC and vol.health == "offline"
+    assert not unanswered(img), "the failure was never marked for"
+    assert split.bitmap.test_region(5), "the region the lost writeback may have held"
+    assert vol.probe()
+    vol.close()
