@@ -117,6 +117,7 @@ class JobControl:
         waited = time.monotonic() - t0
         # the verdict may read a sample: made before the management lock is taken
         with self._copy_verdict(img) as verdict, vol._mgmt:
+            vol._check_open()       # (close stops the jobs under _mgmt: none may start after)
             vol.splits.check_idle("resync")
             img = vol._img(image_index)
             running = vol.jobs.get(img.rec.id)
@@ -594,6 +595,7 @@ class JobControl:
         rate_limit = check_rate(rate_limit)
         vol._check_open()
         with self._copy_verdict(vol._img(image_index), record=full) as verdict, vol._mgmt:
+            vol._check_open()       # (close stops the jobs under _mgmt: none may start after)
             img = self._restorable(image_index, verdict)
             if self.restore_job is not None:
                 old = self.restore_job

@@ -524,3 +524,26 @@ def test_a_commit_after_another_threads_failed_flush_keeps_the_bit(tmp_path):
     vol.close()
     live, split = _read_image(m, a), _read_image(m, b)
     assert _region(live, 10) == _region(split, 10), "region 10 not rolled back"
+
+
+@pytest.mark.parametrize("kind", ["resync", "restore"])
+def test_no_copy_job_starts_on_a_volume_closed_while_its_image_was_judged(tmp_path,
+                                                                          monkeypatch, kind):
+    """A resync or restore judges its image before it takes the management lock; a close
+    that ran in between (it stops the jobs under that lock) left a job started on a closed
+    volume. The probe's thread that starts the jobs the volume's going offline stopped
+    (``resume_after_offline``) made the window a real one. The start is refused now."""
+    from lvmirror.errors import StateError as _StateError
+    from tests.unit.test_volume_helpers import make_volume
+    vol, opener, paths = make_volume(tmp_path, 2)
+    vol.split(1)
+    real = vol.control._copy_verdict
+
+    def verdict_then_close(img, **kw):
+        v = real(img, **kw)
+        vol.close()                               # what another thread's close does here
+        return v
+    monkeypatch.setattr(vol.control, "_copy_verdict", verdict_then_close)
+    with pytest.raises(_StateError, match="is closed"):
+        (vol.resync if kind == "resync" else vol.restore)(1)
+    assert not any(j.is_alive() for j in vol.jobs.values())
