@@ -593,15 +593,19 @@ class VolumeHost:
 
     def cancel(self, name, image):
         """Stop the resync or restore running on image ``image`` of volume ``name`` and wait
-        for it; its bitmap is kept (resync / restore resume it). With no such job, end the
-        hold of a backup a client copies (``begin_backup``) as failed: its EndBackup will fail,
-        so the copy is not vouched for. ConfigError: no such volume or image, or nothing runs
+        for it; its bitmap is kept (resync / restore resume it). One the volume's going
+        offline stopped, which would go on once it is back, does not then
+        (``MirrorVolume.forget_resume``). With no such job, end the hold of a backup a client
+        copies (``begin_backup``) as failed: its EndBackup will fail, so the copy is not
+        vouched for. ConfigError: no such volume or image, or nothing runs
         on it."""
         volume = self._volume(name)
         for info in volume.images:
             if info.index == image:
                 job = volume.jobs.get(info.id)
                 if job is None or not job.is_alive():
+                    if volume.forget_resume(image):
+                        return      # stopped by the volume going offline: it stays stopped
                     with self._backup_lock:
                         b = self._backups.get((name, info.id))
                         if b is not None and b.owner is not None and self._end_backup(

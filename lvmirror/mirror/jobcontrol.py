@@ -85,7 +85,7 @@ class JobControl:
                              f"in-sync image answers again (lvmirrord probes it every flush "
                              f"interval, 2 s by default)")
 
-    def resync(self, image_index, *, rate_limit=None, full=False):
+    def resync(self, image_index, *, rate_limit=None, full=False, resume_of=None):
         """Bring a split or failed image back in sync by copying the regions its change bitmap
         marks (a paused 'syncing' image resumes). Returns the running ResyncJob.
 
@@ -107,7 +107,11 @@ class JobControl:
         (above), exported as a LUN, already
         has a job, a restore runs, the volume is offline, no other image is in sync, or an I/O left behind when it was
         failed as slow (``leg_timeout``) is still in flight on its device ``legs.STUCK_IO_WAIT``
-        seconds after the call (``Leg.stuck_io``). IndexError: no such image."""
+        seconds after the call (``Leg.stuck_io``). IndexError: no such image.
+
+        ``resume_of``: the job the volume's going offline stopped, which this call takes up
+        (``resume_after_offline``); StateError unless it is still that job's turn
+        (``_take_resume``)."""
         vol = self.vol
         rate_limit = check_rate(rate_limit)
         vol._check_open()
@@ -120,6 +124,8 @@ class JobControl:
             vol._check_open()       # (close stops the jobs under _mgmt: none may start after)
             vol.splits.check_idle("resync")
             img = vol._img(image_index)
+            if resume_of is not None:
+                self._take_resume(img, resume_of)
             running = vol.jobs.get(img.rec.id)
             if running is not None and running.is_alive():
                 raise StateError(f"volume {vol.name}: image {image_index} already has a "
@@ -573,7 +579,7 @@ class JobControl:
                 f"from it once it reads, or give the restore up ('lvmirror abandon-restore "
                 f"{vol.name} {image_index} --force')") from None
 
-    def restore(self, image_index, *, rate_limit=None, full=False):
+    def restore(self, image_index, *, rate_limit=None, full=False, resume_of=None):
         """Roll the live volume back to split image ``image_index``. Returns the RestoreJob.
 
         Semantics: when the call returns, the volume *reads as* the split image (a read or
@@ -590,12 +596,17 @@ class JobControl:
         at its path since, or written outside lvmirror, is refused (StateError) unless
         ``full``, which rolls back every region from the file as it is and records it as the
         copy; a stopped restore is not resumed from such a file, nor is one whose path names
-        another file than the one held open (``_refuse_if_not_copy``)."""
+        another file than the one held open (``_refuse_if_not_copy``). ``resume_of``: the
+        restore the volume's going offline stopped, which this call takes up
+        (``resume_after_offline``): never a new one (StateError unless it is still that job's
+        turn, ``_take_resume``)."""
         vol = self.vol
         rate_limit = check_rate(rate_limit)
         vol._check_open()
         with self._copy_verdict(vol._img(image_index), record=full) as verdict, vol._mgmt:
             vol._check_open()       # (close stops the jobs under _mgmt: none may start after)
+            if resume_of is not None:
+                self._take_resume(vol._img(image_index), resume_of)
             img = self._restorable(image_index, verdict)
             if self.restore_job is not None:
                 old = self.restore_job
@@ -695,6 +706,7 @@ class JobControl:
             if rj.is_alive():
                 raise StateError(f"volume {vol.name}: the restore from image {image_index} is "
                                  f"running; cancel it first, or let it end")
+            rj.stopped_offline = False  # never taken up again (``_take_resume``)
             with vol._meta:
                 rj.abandon()            # no copy from now on (an I/O's on-demand one too)
                 left = rj.bitmap.copy()
@@ -918,29 +930,30 @@ class JobControl:
             return None
 
     def resume_after_offline(self) -> list:
-        """After the volume came back online (``MirrorVolume.probe``): start again every
-        resync and the restore that stopped because it went offline (``resync.WentOffline``)
-        from where they stopped, at their saved rate, as md restarts a recovery and DRBD a
-        resync once the device serves again (before, they stayed stopped until the operator
-        or the next open started them: trial of 2026-12-06). A job stopped otherwise
-        (cancelled, failed) is left alone. Returns the jobs started; one refused now (an
-        export of the image, a backup, the image failed meanwhile) is logged, not raised:
-        the operator can start it by hand."""
+        """After the volume came back online (``MirrorVolume.probe``): take up every resync
+        and the restore that stopped because it went offline (``resync.WentOffline``) from
+        where they stopped, at their saved rate, as md restarts a recovery and DRBD a resync
+        once the device serves again (before, they stayed stopped until the operator or the
+        next open started them: trial of 2026-12-06). A job stopped otherwise, or cancelled
+        (``forget_resume``), given up (``abandon_restore``) or started again by hand since,
+        is left alone: the check is made under the management lock (``_take_resume``), so a
+        restore given up is never started anew. Returns the jobs started; one refused now
+        (an export of the image, the image failed meanwhile) is logged, not raised: the
+        operator can start it by hand."""
         vol = self.vol
         started = []
         for img in list(vol._images):
             job = vol.jobs.get(img.rec.id)
-            if job is None or job.is_alive() or not getattr(job, "stopped_offline", False):
+            if job is None or job.is_alive() or not job.stopped_offline:
                 continue
-            job.stopped_offline = False           # one attempt per stop
             try:
                 index = vol._images.index(img)
                 if isinstance(job, RestoreJob):
-                    new = self.restore(index, rate_limit=self._saved_rate(img, "restore_rate"))
-                elif img.state is ImageState.SYNCING:
-                    new = self.resync(index, rate_limit=self._saved_rate(img, "resync_rate"))
+                    new = self.restore(index, rate_limit=self._saved_rate(img, "restore_rate"),
+                                       resume_of=job)
                 else:
-                    continue
+                    new = self.resync(index, rate_limit=self._saved_rate(img, "resync_rate"),
+                                      resume_of=job)
             except (LvmirrorError, ValueError, IndexError) as e:
                 log.warning("volume %s: the %s of image %s that stopped when the volume went "
                             "offline was not started again: %s", vol.name, job.kind,
@@ -950,6 +963,43 @@ class JobControl:
                      new.kind, index, img.rec.path)
             started.append(new)
         return started
+
+    def _take_resume(self, img, job) -> None:
+        """Under ``vol._mgmt``: take up ``job``, stopped when the volume went offline, for
+        ``resume_after_offline`` - StateError unless it is still the image's job, not running,
+        still to be resumed (not cancelled: ``forget_resume``), and for a restore still the
+        registered one, not given up (``abandon_restore``); for a resync, its image still
+        syncing. Once taken it is not resumed again."""
+        vol = self.vol
+        if vol.jobs.get(img.rec.id) is not job or job.is_alive() or not job.stopped_offline:
+            raise StateError(f"volume {vol.name}: the {job.kind} of image {img.rec.path} was "
+                             f"started again, cancelled or given up meanwhile")
+        if isinstance(job, RestoreJob):
+            if self.restore_job is not job or job.abandoned:
+                raise StateError(f"volume {vol.name}: the restore from {img.rec.path} was "
+                                 f"given up or started again meanwhile")
+        elif img.state is not ImageState.SYNCING:
+            raise StateError(f"volume {vol.name}: image {img.rec.path} is {img.state.value} "
+                             f"now, not syncing")
+        job.stopped_offline = False
+
+    def forget_resume(self, image_index) -> bool:
+        """The operator's cancel of a resync or restore of image ``image_index`` that the
+        volume's going offline stopped (it runs no more, but would go on once the volume is
+        back: ``resume_after_offline``): it will not; a resync is then not resumed at the
+        next open either, as a cancelled one is not. Returns False when no such job waits."""
+        vol = self.vol
+        with vol._mgmt:
+            img = vol._img(image_index)
+            job = vol.jobs.get(img.rec.id)
+            if job is None or job.is_alive() or not job.stopped_offline:
+                return False
+            job.stopped_offline = False
+        if not isinstance(job, RestoreJob):
+            self.pause_resync(img, keep_resume=False)
+        log.info("volume %s: the %s of image %d that stopped when the volume went offline "
+                 "will not go on (cancelled)", vol.name, job.kind, image_index)
+        return True
 
     def resume(self):
         """After open: restart the resyncs (at their saved rate, from their saved cursor and

@@ -349,7 +349,7 @@ class ResyncJob(_Job):
                 vol.control.pause_resync(img, keep_resume=self.stopped_offline)
             except Exception:
                 pass
-            self._fail(f"{type(e).__name__}: {e}")
+            self._fail(str(e) if self.stopped_offline else f"{type(e).__name__}: {e}")
         finally:
             if not self._done.is_set():     # never left "running" (close waits for the job)
                 self._finish("failed", "the resync's thread ended without a result")
@@ -768,7 +768,7 @@ class RestoreJob(_Job):
             self._finish("done")
         except Exception as e:
             self.stopped_offline = isinstance(e, WentOffline)
-            self._fail(f"{type(e).__name__}: {e}")
+            self._fail(str(e) if self.stopped_offline else f"{type(e).__name__}: {e}")
 
     def _copy_marked(self, buf) -> None:
         """Copy every region the restore bitmap marks (``buf``: a region-sized aligned buffer),

@@ -1912,6 +1912,12 @@ class MirrorVolume:
         (``jobcontrol.JobControl.abandon_restore``)."""
         return self.control.abandon_restore(image_index)
 
+    def forget_resume(self, image_index) -> bool:
+        """Cancel the resync or restore of image ``image_index`` that the volume's going
+        offline stopped, so it does not go on once the volume is back; False when none waits
+        (``jobcontrol.JobControl.forget_resume``)."""
+        return self.control.forget_resume(image_index)
+
     def check_copy(self, image_index, doing="a backup of it") -> None:
         """StateError when split image ``image_index`` is not the copy its split recorded,
         naming why and what ``doing`` would not show (``jobcontrol.JobControl.check_copy``;

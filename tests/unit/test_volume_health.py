@@ -491,3 +491,118 @@ def test_idle_checkpoints_during_a_resync_flush_nothing(tmp_path):
     gate.open()
     assert job.wait(10) and job.state == "done"
     vol.close()
+
+
+def _restore_stopped_offline(tmp_path):
+    """A 2-image volume: A everywhere, image 1 split, B written over the live image and
+    flushed; a restore from image 1 (slow) stopped by the volume going offline (image 0's
+    flush fails). Returns (vol, opener, paths, the stopped job); the flushes answer again."""
+    vol, opener, paths = make_volume(tmp_path, 2)
+    n = vol.num_blocks
+    write(vol, 0, b"A" * n * BS)
+    vol.split(1)
+    write(vol, 0, b"B" * n * BS)
+    vol.flush()
+    job = vol.restore(1, rate_limit=0.05)
+    opener.by_path[paths[0]].fail_flushes = True
+    with pytest.raises(Exception):
+        vol.flush()
+    assert vol.health == "offline"
+    job.set_rate_limit(None)
+    assert job.wait(10) and job.state == "failed" and job.stopped_offline, job.error
+    assert "went offline" in job.error and "WentOffline" not in job.error
+    opener.by_path[paths[0]].fail_flushes = False
+    return vol, opener, paths, job
+
+
+def _join_resume(vol):
+    for t in threading.enumerate():
+        if t.name == f"{vol.name}-resume":
+            t.join(10)
+
+
+def test_a_restore_given_up_while_offline_is_not_started_again_by_the_probe(tmp_path):
+    """Trial and review of 2026-12-06, HIGH: a restore stopped by the volume going offline
+    and given up by the operator meanwhile (``abandon-restore``, the documented way out)
+    was started anew by the probe - the whole volume rolled back to the split, every write
+    since lost. A restore given up is never taken up again."""
+    vol, opener, paths, job = _restore_stopped_offline(tmp_path)
+    left = vol.abandon_restore(1)
+    assert left["regions"] > 0
+    assert vol.probe()
+    _join_resume(vol)
+    assert vol.control.restore_job is None
+    assert not any(j.is_alive() for j in vol.jobs.values())
+    data = read(vol, 0, vol.num_blocks)
+    assert data.count(b"B") >= left["bytes"], "writes made since the split rolled back"
+    vol.close()
+
+
+def test_a_job_stopped_offline_and_cancelled_stays_stopped(tmp_path):
+    """Trial of 2026-12-06, MEDIUM: ``lvmirror cancel`` of a resync or restore the volume's
+    going offline stopped answered "no job running", and the job went on once the volume
+    was back. Cancelled (``forget_resume``) it stays stopped; a resync then does not resume
+    at the next open either."""
+    vol, opener, paths, job = _restore_stopped_offline(tmp_path)
+    assert vol.forget_resume(1) is True
+    assert vol.forget_resume(1) is False                 # nothing waits any more
+    assert vol.probe()
+    _join_resume(vol)
+    assert vol.jobs[vol._images[1].rec.id] is job and not job.is_alive()
+    again = vol.restore(1)                               # the operator's own, by hand
+    again.set_rate_limit(None)
+    assert again.wait(10) and again.state == "done"
+    assert read(vol, 0, vol.num_blocks) == b"A" * vol.num_blocks * BS
+    vol.close()
+
+
+def test_a_restore_resumed_by_hand_first_is_not_started_again(tmp_path, monkeypatch):
+    """Review of 2026-12-06, HIGH: the operator resumed the stopped restore by hand as the
+    volume came back and it finished before the probe's thread got to it; that thread then
+    started a new restore, rolling back the writes made since. The thread takes a job up
+    only if it is still the stopped one, under the management lock."""
+    vol, opener, paths, job = _restore_stopped_offline(tmp_path)
+    go, judging = threading.Event(), threading.Event()
+    real = vol.control._copy_verdict
+
+    def verdict(img, **kw):                  # the probe's thread, judging the image: held
+        v = real(img, **kw)
+        if threading.current_thread().name == f"{vol.name}-resume":
+            judging.set()
+            assert go.wait(20)
+        return v
+    monkeypatch.setattr(vol.control, "_copy_verdict", verdict)
+    assert vol.probe()
+    assert judging.wait(10)
+    mine = vol.restore(1)                                # the operator, first
+    mine.set_rate_limit(None)
+    assert mine.wait(10) and mine.state == "done"
+    write(vol, 0, b"C" * 8 * BS)                         # written after the roll-back
+    go.set()
+    _join_resume(vol)
+    assert not any(j.is_alive() for j in vol.jobs.values())
+    assert vol.control.restore_job is None
+    assert read(vol, 0, 8) == b"C" * 8 * BS
+    vol.close()
+
+
+def test_a_resync_stopped_offline_and_cancelled_is_not_resumed(tmp_path):
+    """The resync's side of ``forget_resume``: stopped by the volume going offline and
+    cancelled, it does not go on at the probe, and its image stays syncing with no resume
+    point (a cancelled resync is not resumed at the next open)."""
+    vol, opener, paths, gate, job = _resync_held_at_region_8(tmp_path)
+    opener.by_path[paths[0]].fail_writes = True
+    with pytest.raises(VolumeIOError):
+        write(vol, 2 * 128, pattern(128, 999))
+    assert vol.health == "offline"
+    gate.open()
+    assert job.wait(10) and job.stopped_offline
+    opener.by_path[paths[0]].fail_writes = False
+    assert vol._images[1].rec.resync_next is not None    # kept: it goes on once back
+    assert vol.forget_resume(1)
+    assert vol._images[1].rec.resync_next is None
+    assert vol.probe()
+    _join_resume(vol)
+    assert vol.jobs[vol._images[1].rec.id] is job
+    assert vol.images[1].state is ImageState.SYNCING
+    vol.close()

@@ -154,11 +154,12 @@ def wait_until(pred, timeout=10):
         time.sleep(0.001)
 
 
-def job_after_probe(vol, index, start):
+def job_after_probe(vol, index, start=None, *, resumed=None):
     """Probe offline ``vol`` (asserting that it comes back online) and return the job of
     image ``index`` that went on by itself (a resync or restore the volume's going offline
     stopped: ``JobControl.resume_after_offline``, on a thread the probe starts), made
-    unlimited; when none did, ``start()``'s (the operator's)."""
+    unlimited; when none did, ``start()``'s (the operator's). ``resumed``: True, the job
+    must have gone on by itself (``start`` unused); False, it must not have; None: either."""
     key = vol._images[index].rec.id
     before = vol.jobs.get(key)
     assert vol.probe()
@@ -166,7 +167,11 @@ def job_after_probe(vol, index, start):
         if t.name == f"{vol.name}-resume":
             t.join(10)
     job = vol.jobs.get(key)
-    if job is not None and job is not before:
+    went_on = job is not None and job is not before
+    if resumed is not None:
+        assert went_on == resumed, (f"image {index}'s job " + ("did not go on by itself"
+                                                              if resumed else "went on"))
+    if went_on:
         job.set_rate_limit(None)
         return job
     return start()
