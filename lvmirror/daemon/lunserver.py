@@ -371,9 +371,10 @@ class LunServer:
         self.standby_sense = None
         self._transition = None
         self._follow_error: str | None = None    # the last follow failure logged (_follow_failed)
-        # the last open was refused for a reason that passes by itself (another gateway
-        # holds the lease; a backup holds the split image a writable export wants): retried
-        self._retry_open = False
+        # the last open was refused for a reason that passes by itself: "lease" (another
+        # gateway holds it), "backup" (a backup holds the split image a writable export
+        # wants); retried by _follow_alua. None: not refused so
+        self._retry_open = None
         self._size = self._max_blocks = None
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -428,7 +429,7 @@ class LunServer:
             self.spec, self.volume, self.backend, self.lu = spec, volume, target, lu
             self.error = None
             self.standby_sense = None
-            self._retry_open = False
+            self._retry_open = None
             log.info("LUN %s: serving %s (%d images, %d bytes) on %s", self.name,
                      target.name, len(volume.images), backend.num_blocks * backend.block_size,
                      self.device.uio_name)
@@ -440,14 +441,18 @@ class LunServer:
             # 100 s) and holds the initiator's scan, as the lab's lease section saw
             # a writable export of a split image a backup holds: tried again likewise until
             # the backup ends (trial 38: it stayed NOT READY until the LUN was made again)
-            again = self._retry_open and str(exc) == self.error
-            self._retry_open = isinstance(exc, (LeaseHeldError, HeldForBackup))
+            again = bool(self._retry_open) and str(exc) == self.error
+            self._retry_open = ("lease" if isinstance(exc, LeaseHeldError) else
+                                "backup" if isinstance(exc, HeldForBackup) else None)
             active = self.alua_state is not None and self.alua_state not in INACTIVE_SENSE
             self._set_unopened(str(exc))
             if not again:
                 log.error("LUN %s: %s; medium access gets NOT READY until it is fixed%s",
-                          self.name, exc, " (tried again every second while this gateway's "
-                          "port group is Active)" if self._retry_open and active else "")
+                          self.name, exc,
+                          " (tried again every second until the backup ends)"
+                          if self._retry_open == "backup" else
+                          " (tried again every second while this gateway's port group is "
+                          "Active)" if self._retry_open and active else "")
         except Exception as exc:
             # a volume whose state lvmirror cannot read (a bug, or state no version should
             # have written) must not take lvmirrord and every other LUN down with it
@@ -505,6 +510,13 @@ class LunServer:
         if self._transition is not None and self._transition.is_alive():
             return
         state = self._local_alua_state()
+        if state is None and self._retry_open == "backup" and self.spec is None:
+            # no port group to follow (none, or several enabled ports): an export refused
+            # for a backup's hold is tried again all the same (review of 2026-12-06)
+            self._transition = threading.Thread(target=self._open_volume,
+                                                name=f"reopen-{self.name}", daemon=True)
+            self._transition.start()
+            return
         if state is None or state == alua.TRANSITIONING:
             return
         self.alua_state = state

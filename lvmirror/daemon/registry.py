@@ -64,6 +64,9 @@ class VolumeRegistry:
                 if key in self._users:
                     raise ConfigError(f"{key!r} is already served by LUN "
                                       f"'{rawtext.shown(self._users[key][0])}'")
+                # before the open and the judgement of the copy (sample reads): a LUN
+                # retrying the export while a backup holds the image costs nothing
+                self._refuse_if_held(spec)
                 volume = self._volumes.get(spec.name)
                 if volume is None:
                     self._opening.add(spec.name)
@@ -136,11 +139,7 @@ class VolumeRegistry:
             if spec.image is None:
                 backend = volume
             else:
-                if not spec.readonly and self._held.get((spec.name, spec.image)):
-                    raise HeldForBackup(f"volume {spec.name}: split image {spec.image} is "
-                                        f"being backed up; export it read-only "
-                                        f"(readonly=1), or wait: the LUN opens it once the "
-                                        f"backup ends")
+                self._refuse_if_held(spec)
                 backend = volume.split_image(spec.image, checked=checked)
         except BaseException:
             if opened:
@@ -153,6 +152,15 @@ class VolumeRegistry:
         self._refs[spec.name] = self._refs.get(spec.name, 0) + 1
         self._users[key] = (lun, spec)
         return volume, backend
+
+    def _refuse_if_held(self, spec) -> None:
+        """HeldForBackup when ``spec`` exports a split image writable that a backup holds
+        (``hold_copy``; call with the lock held)."""
+        if spec.image is not None and not spec.readonly \
+                and self._held.get((spec.name, spec.image)):
+            raise HeldForBackup(f"volume {spec.name}: split image {spec.image} is being "
+                                f"backed up; export it read-only (readonly=1), or wait: the "
+                                f"LUN opens it once the backup ends")
 
     def hold_copy(self, name: str, image: int) -> None:
         """A backup of split image ``image`` (its index) of volume ``name`` begins: from now on

@@ -359,11 +359,15 @@ def test_a_follow_failing_again_and_again_is_logged_once_per_error(gateway, capl
     assert [r.levelno for r in mine if "works again" in r.getMessage()] == [logging.INFO]
 
 
-def test_a_writable_export_refused_during_a_backup_opens_once_it_ends(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ports", ["active", "no-alua"])
+def test_a_writable_export_refused_during_a_backup_opens_once_it_ends(tmp_path, monkeypatch,
+                                                                       ports):
     """Trial 38: a LUN exporting a split image writable, created while a backup held the
     image, was refused (the export would change the file under the copy) and stayed NOT
     READY until it was created again. Such an open is tried again at every follow now, as
-    one refused for another gateway's lease is, and serves once the backup ends."""
+    one refused for another gateway's lease is, and serves once the backup ends - also with
+    no port group to follow (review of 2026-12-06: none, or several enabled ports). The
+    retries neither open the volume nor judge the copy while the hold lasts."""
     from lvmirror import cfgstring
     monkeypatch.setattr(lunserver_mod, "ALUA_FOLLOW_INTERVAL", 0.05)
     registry = VolumeRegistry(str(tmp_path / "state"))
@@ -378,8 +382,13 @@ def test_a_writable_export_refused_during_a_backup_opens_once_it_ends(tmp_path, 
                         info_size=SIZE, serial="serial-1")
     (dev,) = uio.find_devices("lvmirror", **roots)
     groups = Groups(alua.ACTIVE_OPTIMIZED)
-    dev.port_groups = groups
-    dev.local_port_state = lambda: alua.enabled_ports(groups())[0][0].state
+    dev.port_groups = groups if ports == "active" else (lambda: [])
+    dev.local_port_state = (lambda: alua.enabled_ports(groups())[0][0].state) \
+        if ports == "active" else (lambda: None)
+    judged = []
+    real_judge = registry._judge_copy
+    monkeypatch.setattr(registry, "_judge_copy", lambda v, s: (judged.append(1),
+                                                                real_judge(v, s)))
     emu = RingEmulator(cmdr_size=(64 << 10) - 128, data_size=8 << 20)
     emu.run_reaper()
     lun = LunServer(dev, registry, workers=4)
@@ -390,7 +399,7 @@ def test_a_writable_export_refused_during_a_backup_opens_once_it_ends(tmp_path, 
         r = emu.submit(cdb10(0x28, 0, 1), data_in_len=BS)
         assert sense_of(emu.wait([r])[r]) == (0x02, 0x04, 0x03)
         time.sleep(0.2)                              # some follows: still refused
-        assert lun.volume is None
+        assert lun.volume is None and not judged
         registry.release_copy("vol0", 1)             # the backup ends
         wait_until(lambda: lun.volume is not None)
         assert lun.error is None
