@@ -128,6 +128,14 @@ def check_dest(dest: str) -> None:
                          f"{os.path.dirname(dest)}")
 
 
+def dest_key(path: str) -> str:
+    """Backup destination ``path`` as two are compared (one destination takes one backup at
+    a time): its directory's real path (symlinks, ``..`` and ``//`` resolved) joined with
+    its name."""
+    return os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))),
+                        os.path.basename(path))
+
+
 def new_partial(dest: str) -> str:
     """Create the file a copy to ``dest`` (absolute) is made in, and return its path: new
     and empty (O_EXCL), mode 0600, beside ``dest`` as ``<name>.<random>.partial``

@@ -391,8 +391,10 @@ class VolumeHost:
         """StateError while another backup (of any image of this host's volumes) writes to
         ``dest``: two copies renamed one over the other leave one backup under two "done"
         records (``_backup_lock`` held)."""
+        from lvmirror.backup import dest_key
+        key = dest_key(dest)
         for (vname, _id), b in self._backups.items():
-            if b.state == "running" and b.dest == dest:
+            if b.state == "running" and dest_key(b.dest) == key:
                 raise StateError(f"{dest} is the destination of the running backup of image "
                                  f"{b.index} of volume {vname}; choose another name or wait "
                                  f"for it")

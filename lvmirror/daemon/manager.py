@@ -292,19 +292,43 @@ class Lvmirrord:
         return splitgroup.restore_group(self._host, members, rate_mbps)
 
     def _refuse_image_dest(self, dest) -> None:
-        """ConfigError when backup destination ``dest`` is an image of a volume: the same
-        file, another name of it, or the same block device under another name
-        (``imagecheck.same_storage``): the copy would overwrite it (trial 38, HIGH: ``lvmirror backup
-        vol0 1 <image 0's path>`` wrote the split copy over the live image). The images are
-        those of every volume whose metadata is in ``state_dir`` (``imagecheck.images_in_use``:
-        open or not, and a volume whose process is restarting) and of every open volume
-        (``status``: one with its state elsewhere)."""
+        """Refuse backup destination ``dest`` (absolute) where a copy must not go:
+        ConfigError when it is an image of a volume - the same file, another name of it, or
+        the same block device under another name (``imagecheck.same_storage``): the copy
+        would overwrite it (trial 38, HIGH: ``lvmirror backup vol0 1 <image 0's path>`` wrote
+        the split copy over the live image) - or lies in a state directory (the volumes'
+        metadata, write-intent logs and bitmaps: a copy there replaced a volume.json, trial of
+        2026-12-06); StateError when another backup, of any volume, writes it now (the
+        later rename would replace the other's copy, both reported done). The images are
+        those of every volume whose metadata is in lvmirrord's state directory or one a LUN's
+        cfgstring names (``state_dir=``; ``imagecheck.images_in_use``: open or not, and a
+        volume whose process is restarting) and of every open volume (``status``); paths
+        are compared by their real directory (a symlinked directory is the same)."""
+        from lvmirror.backup import dest_key
         from lvmirror.mirror.imagecheck import identity, images_in_use, same_storage
-        vols = self.status()["volumes"]
+        st = self.status()
+        key = dest_key(dest)
+        for vname, vol in st["volumes"].items():
+            index = {im["id"]: im["index"] for im in vol.get("images", [])}
+            for job in vol.get("jobs", []):
+                if job.get("kind") == "backup" and job.get("state") == "running" \
+                        and job.get("dest") and dest_key(job["dest"]) == key:
+                    raise StateError(f"{dest} is the destination of the running backup of "
+                                     f"image {index.get(job['image_id'], '?')} of volume "
+                                     f"{vname} (to {job['dest']}); choose another name or "
+                                     f"wait for it")
+        dirs = {self.state_dir} | gateway_state_dirs(self.sysfs_root, self.configfs_root)
+        for d in sorted(dirs):
+            real = os.path.realpath(d)
+            if key == real or key.startswith(real.rstrip("/") + "/"):
+                raise ConfigError(f"backup destination {dest} is in lvmirror's state "
+                                  f"directory {d} (volume metadata, write-intent logs): "
+                                  f"choose a path outside it")
         used = [(f"image {im['index']} of volume {vname}", im["path"])
-                for vname, vol in vols.items() for im in vol.get("images", []) if im.get("path")]
-        used += [(f"an image of volume {vname}", path)
-                 for vname, path in images_in_use(self.state_dir)]
+                for vname, vol in st["volumes"].items() for im in vol.get("images", [])
+                if im.get("path")]
+        for d in sorted(dirs):
+            used += [(f"an image of volume {vname}", path) for vname, path in images_in_use(d)]
         did = identity(dest)
         for what, path in used:
             if same_storage(dest, path, did, None):

@@ -496,6 +496,16 @@ def test_one_destination_takes_one_backup_and_never_a_half_copy(daemon, tmp_path
         d.begin_backup("vol0", 2, str(dest), owner)
     with pytest.raises(StateError, match="is the destination of the running backup"):
         d.backup("vol0", 2, str(dest))
+    # the same file through a symlinked directory, or another spelling: the same destination
+    os.symlink(tmp_path, tmp_path / "alias")
+    for other in (tmp_path / "alias" / "one.img", f"{tmp_path}//./one.img"):
+        with pytest.raises(StateError, match="is the destination of the running backup"):
+            d.begin_backup("vol0", 2, str(other), owner)
+    # and never into lvmirrord's state (a copy there replaced a volume.json: trial)
+    with pytest.raises(ConfigError, match="is in lvmirror's state directory"):
+        d.begin_backup("vol0", 2, os.path.join(d.state_dir, "vol0", "volume.json"), owner)
+    with pytest.raises(ConfigError, match="is in lvmirror's state directory"):
+        d.backup("vol0", 2, os.path.join(d.state_dir, "x.img"))
     out, err = p.communicate("\n", timeout=30)
     assert p.returncode == 0, err
     assert dest.read_bytes() == open(vol.images[1].path, "rb").read()
