@@ -341,7 +341,7 @@ def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None):
     on that image); returns the jobs in state ``failed`` (empty: none): with ``image``, that
     image's job only - the one its command just started, also when it failed before the first
     poll (trial 25: a ``restore --wait`` exited 1 with an older failure of another image) -
-    without, every failed job status lists. Progress goes to ``out`` when it is a tty.
+    without, every failed job status lists; a backup's never (its copier reports it). Progress goes to ``out`` when it is a tty.
     TimeoutError once ``timeout`` seconds passed (None: wait for ever); ValueError when no
     volume of that name is open (a mistyped name, or it closed while waited for)."""
     t0 = time.monotonic()
@@ -357,7 +357,10 @@ def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None):
             jobs = [j for j in jobs if j["image_id"] in ids]
         running = [j for j in _running(st, volume) if j in jobs]
         if not running:
-            return [j for j in jobs if j["state"] == "failed"]
+            # a backup's failure is its copier's to report (it stays in status as history:
+            # an interrupted backup made every later resync --wait and wait exit 1, trial of
+            # 2026-12-06)
+            return [j for j in jobs if j["state"] == "failed" and j["kind"] != "backup"]
         if timeout is not None and time.monotonic() - t0 > timeout:
             raise TimeoutError(f"jobs on {volume} still running after {timeout} s")
         j = running[0]

@@ -56,3 +56,15 @@ def test_lvmirror_wait_names_every_failed_job(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "failed: resync of image 1: image 1 failed a write" in err, err
     assert "failed: resync of image 2: image 2 failed a write" in err, err
+
+
+def test_a_failed_backup_is_not_a_waits_failure():
+    """Trial of 2026-12-06: an interrupted backup of image 1 stays in status as failed, and
+    every later ``resync 1 --wait`` and ``wait`` exited 1 with it, the resync done. A
+    backup's failure is its copier's to report; a wait reports the copy jobs'."""
+    gone = _job("backup", 2, "failed", "interrupted")
+    done = _status(gone, _job("resync", 2, "done", done=8))
+    assert cli.wait_jobs(_Mgr(done), "db", out=None, image=1) == []
+    assert cli.wait_jobs(_Mgr(done), "db", out=None) == []
+    bad = _job("resync", 2, "failed", "image 0 failed a read")
+    assert cli.wait_jobs(_Mgr(_status(gone, bad)), "db", out=None, image=1) == [bad]
