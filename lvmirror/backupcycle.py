@@ -115,26 +115,42 @@ def backup_name(volume: str, stamp: str, fmt: str) -> str:
     return f"{volume}-{stamp}.{fmt}"
 
 
-def prune(directory: str, volume: str, keep: int, log=print) -> list[str]:
+def prune(directory: str, volume: str, keep: int, log=print, busy=()) -> list[str]:
     """Delete the oldest complete backups of ``volume`` in ``directory`` beyond the newest
-    ``keep`` (files named by ``backup_name`` only; ``.partial`` files of an interrupted cycle
-    too). Returns the paths deleted."""
+    ``keep`` (files named by ``backup_name`` only), and the leftovers of interrupted copies
+    (``.partial`` files) - but not the copy of a backup running now: ``busy``, the
+    destinations of the running backups (``backup.dest_key`` form; another cycle of the
+    volume into the same directory copied on while this one deleted its file, trial of
+    2026-12-06). Returns the paths deleted."""
+    from lvmirror.backup import dest_key
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
     ours = sorted((m.group("ts"), n) for n in names
                   if (m := _STAMP.match(n)) and m.group("vol") == volume)
-    doomed = [n for _, n in ours[:-keep]] if len(ours) > keep else []
-    doomed += [n for n in names if (p := _PARTIAL.match(n)) and n.startswith(volume + "-")
-               and (m := _STAMP.match(p.group("name"))) and m.group("vol") == volume]
+    doomed = [(n, "old backup") for _, n in ours[:-keep]] if len(ours) > keep else []
+    busy = set(busy)
+    doomed += [(n, "the leftover of an interrupted copy") for n in names
+               if (p := _PARTIAL.match(n)) and n.startswith(volume + "-")
+               and (m := _STAMP.match(p.group("name"))) and m.group("vol") == volume
+               and dest_key(os.path.join(directory, p.group("name"))) not in busy
+               and dest_key(os.path.join(directory, n)) not in busy]
     out = []
-    for n in doomed:
+    for n, what in doomed:
         p = os.path.join(directory, n)
         os.unlink(p)
-        log(f"removed old backup {p}")
+        log(f"removed {what} {p}")
         out.append(p)
     return out
+
+
+def running_backups(mgr) -> set[str]:
+    """The destinations (``backup.dest_key``) of every backup lvmirrord says runs now."""
+    from lvmirror.backup import dest_key
+    st = json.loads(mgr.Status())
+    return {dest_key(j["dest"]) for v in st["volumes"].values() for j in v.get("jobs", [])
+            if j.get("kind") == "backup" and j.get("state") == "running" and j.get("dest")}
 
 
 MARKER = ".lvmirror-cycle"     # DEST/VOLUME/MARKER: the split a cycle made and has not resynced
@@ -329,8 +345,9 @@ def run_cycle(plan: BackupPlan, mgr, volume_iface, wait_jobs, log=print) -> int:
         _interrupted(plan, mgr, members, started, log)
         return 130
     if status == 0:
+        busy = running_backups(mgr)
         for name, _ in plan.members:
-            prune(os.path.join(plan.dest, name), name, plan.keep, log=log)
+            prune(os.path.join(plan.dest, name), name, plan.keep, log=log, busy=busy)
     log(("backup cycle of " + members + (" done" if status == 0 else " FAILED")
          + f" in {time.monotonic() - t0:.1f} s"))
     return status

@@ -145,6 +145,16 @@ def test_prune_keeps_the_newest_and_touches_nothing_else(tmp_path):
               "db-20261105T000000Z.qcow2.k3_9zq1a.partial"]
     assert sorted(os.path.basename(p) for p in gone) == doomed
     assert sorted(os.listdir(tmp_path)) == sorted(set(names) - set(doomed))
+    # the copy of a backup running now (another cycle's) is not a leftover
+    running = tmp_path / "db-20261106T000000Z.raw.a1b2c3d4.partial"
+    running.write_text("x")
+    from lvmirror.backup import dest_key
+    said = []
+    assert prune(str(tmp_path), "db", 2, log=said.append,
+                 busy={dest_key(str(tmp_path / "db-20261106T000000Z.raw"))}) == []
+    assert running.exists()
+    assert prune(str(tmp_path), "db", 2, log=said.append) == [str(running)]
+    assert said == [f"removed the leftover of an interrupted copy {running}"]
 
 
 def test_a_stopped_cycle_starts_the_resync_and_the_next_one_heals_what_a_kill_left(gw, tmp_path):
