@@ -19,8 +19,9 @@
                           [--keep K] [--rate MB/s] [--no-hooks]   # split, back up, resync
 
 Exit status 0 on success, 1 on an error reported by lvmirrord, 2 on bad usage, 3 when lvmirrord
-is not reachable, 130 when interrupted (Ctrl-C; SIGTERM for backup-cycle). ``scrub --wait``
-exits 1 when it leaves a region the images disagree on (found and not repaired) or fails.
+is not reachable, 130 when interrupted (Ctrl-C; SIGTERM for backup and backup-cycle).
+``scrub --wait`` exits 1 when it leaves a region the images disagree on (found and not
+repaired) or fails.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import sys
 import time
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
-EXIT_INTERRUPTED = 130          # Ctrl-C or SIGTERM (backup-cycle), as a shell reports SIGINT
+EXIT_INTERRUPTED = 130          # Ctrl-C or SIGTERM (backup, backup-cycle), as a shell would
 
 
 def image_index(text: str) -> int:
@@ -805,6 +806,10 @@ def main(argv=None):
         if args.cmd == "backup":
             from lvmirror.backup import held_backup
             tty = sys.stderr.isatty()
+            # kill / timeout (SIGTERM) as Ctrl-C: the hold ends as failed and the partial copy
+            # is removed (it was left, full size, trial of 2026-12-06)
+            import signal
+            signal.signal(signal.SIGTERM, _interrupt)
             n = held_backup(mgr, args.volume, args.image, args.dest, fmt=args.format,
                             progress=(lambda d, t: sys.stderr.write(f"\rbackup: {d / t:6.1%}"))
                             if tty else None)

@@ -574,3 +574,40 @@ def test_a_backup_judges_its_copy_without_holding_up_other_jobs(daemon, tmp_path
     with pytest.raises(StateError, match="being backed up"):
         d.resync("vol0", 1)
     d.end_backup("vol0", 1, owner, state="failed", error="test")
+
+
+_CLI_COPIER = """
+import sys, time
+import lvmirror.backup as b
+from lvmirror import cli
+
+def slow(src, dest, progress, limit=None):
+    open(dest, 'wb').write(b'half')
+    print('copying', flush=True)
+    time.sleep(60)
+b._copy_sparse = slow
+sys.exit(cli.main(['backup', 'vol0', '1', sys.argv[1]]))
+"""
+
+
+def test_a_backup_killed_with_sigterm_leaves_no_partial_copy(daemon, tmp_path):  # noqa: F811
+    """Trial of 2026-12-06: ``kill`` or ``timeout`` (SIGTERM) of ``lvmirror backup`` left its
+    partial copy, full size, which nothing removes. SIGTERM is handled as Ctrl-C now: the
+    hold ends as failed, the partial copy is removed, the exit status is 130."""
+    import signal
+    from tests.unit.test_bus import ROOT
+    from tests.unit.test_volume_helpers import wait_until
+    d, vol, address, bus = daemon
+    vol.write(0, [memoryview(b"p" * 4096)])
+    ok(call(address, VOL, "org.lvmirror1.Volume", "Split", 1))
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address, PYTHONPATH=ROOT)
+    dest = tmp_path / "t.img"
+    p = subprocess.Popen([sys.executable, "-c", _CLI_COPIER, str(dest)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "copying", p.stderr.read()
+    assert [n for n in os.listdir(tmp_path) if n.startswith("t.img.")]
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(20) == 130, p.stderr.read()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("t.img")]
+    wait_until(lambda: _backup_job(d, str(dest))["state"] == "failed", 20)
+    assert "interrupted" in _backup_job(d, str(dest))["error"]
