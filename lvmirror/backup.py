@@ -97,6 +97,10 @@ def held_backup(mgr, volume: str, image: int, dest: str, *, fmt: str = "raw",
                     else str(exc) or type(exc).__name__)
         if partial:
             discard(partial)
+        if isinstance(exc, OSError):
+            # named by DEST, not by the copy's own file beside it
+            raise OSError(exc.errno, f"backup of image {image} of volume {volume} to {dest} "
+                                     f"failed: {exc.strerror or exc}") from exc
         raise
     try:
         mgr.EndBackup(volume, dbus.UInt32(image), dbus.Dictionary(
@@ -107,7 +111,18 @@ def held_backup(mgr, volume: str, image: int, dest: str, *, fmt: str = "raw",
                       f"lvmirrord no longer held the image at its end, so it may have changed "
                       f"during the copy ({exc.get_dbus_message() or exc}); nothing was written "
                       f"to {dest}: make the backup again") from None
-    publish(partial, dest)
+    except BaseException:
+        discard(partial)
+        raise
+    try:
+        publish(partial, dest)
+    except BaseException as exc:
+        discard(partial)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, f"the copy of image {image} of volume {volume} was made "
+                                     f"but could not be put at {dest} ({exc.strerror or exc}); "
+                                     f"nothing is there: make the backup again") from exc
+        raise
     return n
 
 
@@ -115,14 +130,20 @@ def check_dest(dest: str) -> None:
     """ValueError unless backup destination ``dest`` (absolute) is a new name or a regular
     file in an existing directory: a copy is made beside it and renamed over it
     (``publish``), which would replace a device node or a symlink rather than write through
-    it."""
+    it. An existing file is replaced, not written into: the backup is a new file, 0600,
+    owned by its maker (the old file's owner, mode, ACLs and other hard links stay with the
+    old file)."""
     try:
         st = os.lstat(dest)
     except FileNotFoundError:
         st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"backup destination {dest} is a directory; give the backup file's "
+                         f"name (e.g. {os.path.join(dest, 'backup.img')})")
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise ValueError(f"backup destination {dest} is not a regular file (a backup is a "
-                         f"file, made beside it and renamed over it)")
+                         f"file, made beside it and renamed over it, which would replace "
+                         f"a symlink or a device node)")
     if not os.path.isdir(os.path.dirname(dest)):
         raise ValueError(f"backup destination {dest}: no directory "
                          f"{os.path.dirname(dest)}")

@@ -199,7 +199,8 @@ def test_each_copy_gets_a_file_of_its_own_beside_its_destination(tmp_path):
     check_dest(dest)
     check_dest(str(tmp_path / "new.img"))
     for bad, why in ((dest + ".partial", "not a regular file"), ("/dev/null", "not a regular"),
-                     (str(tmp_path / "nodir" / "x.img"), "no directory")):
+                     (str(tmp_path / "nodir" / "x.img"), "no directory"),
+                     (str(tmp_path), "is a directory; give the backup file's name")):
         with pytest.raises(ValueError, match=why):
             check_dest(bad)
     vol.close()

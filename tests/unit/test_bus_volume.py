@@ -531,6 +531,11 @@ def test_one_destination_takes_one_backup_and_never_a_half_copy(daemon, tmp_path
                         str(tmp_path / "link.img")], env=env, capture_output=True, text=True,
                        timeout=30)
     assert r.returncode != 0 and "not a regular file" in r.stderr, r.stderr
+    # a copy that fails is named by DEST, not by its own file beside it
+    r = subprocess.run([sys.executable, "-m", "lvmirror.cli", "backup", "vol0", "1",
+                        "/proc/x.img"], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "to /proc/x.img failed:" in r.stderr, r.stderr
+    assert ".partial" not in r.stderr, r.stderr
     with pytest.raises(ConfigError, match="not a regular file"):
         d.backup("vol0", 1, str(tmp_path / "link.img"))
     assert target.read_bytes() == b"keep" and os.path.islink(tmp_path / "link.img")
