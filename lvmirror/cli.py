@@ -651,9 +651,10 @@ def main(argv=None):
                         "mdadm and pvcreate refuse a device that carries data)")
     s.add_argument("--wait", action="store_true", help="return when its resync finished")
     s = command("backup", help="copy a split image (the point-in-time copy) to a file")
-    s.add_argument("volume")
-    s.add_argument("image", type=image_index)
-    s.add_argument("dest")
+    s.add_argument("volume", help="the volume's name")
+    s.add_argument("image", type=image_index, help="the split image's index (lvmirror status)")
+    s.add_argument("dest", help="the backup file to make (a new file, 0600, replacing one of "
+                                "that name once the copy is vouched for)")
     s.add_argument("--format", choices=("raw", "qcow2"), default="raw")
     s = command("backup-cycle", help="split, back up, resync, keep the newest K "
                        "(what lvmirror-backup@VOLUME.timer runs)")
