@@ -155,11 +155,13 @@ def format_status(st: dict) -> str:
             what = job["kind"] if job["image_id"] is None else \
                 f"{job['kind']} of image {index}" if index is not None else \
                 f"{job['kind']} of image id {job['image_id']}"
-            if job["kind"] == "backup" and job["state"] == "running" \
-                    and job.get("copier", "lvmirrord") != "lvmirrord":
+            if job["kind"] == "backup" and job.get("copier", "lvmirrord") != "lvmirrord":
                 # the client copies: lvmirrord holds the image, its bytes come at the end
                 line = (f"  {what}: running, copied by {job['copier']} to {job['dest']} "
-                        f"({job['elapsed']:.0f} s so far)")
+                        f"({job['elapsed']:.0f} s so far)" if job["state"] == "running" else
+                        f"  {what}: {job['state']}, "
+                        + (f"{_human(job['bytes_done'])} copied, " if job["state"] == "done"
+                           else "") + f"to {job['dest']} by {job['copier']}")
             else:
                 line = (f"  {what}: {job['state']}, "
                         f"{_human(job['bytes_done'])} / {_human(job['bytes_total'])}, "

@@ -357,8 +357,7 @@ def check_create_secondary(name: str, paths, k: int, *, force: bool = False) -> 
         paths[k], force=force,
         what=f"making it image {k} of volume {name} would overwrite it with a full copy of "
              f"{os.fspath(paths[0])}",
-        hint="To overwrite it, say so explicitly: add ';force=1' to the cfgstring "
-             "(MirrorVolume.create(..., force=True))")
+        hint="To overwrite it, say so explicitly: add ';force=1' to the LUN's cfgstring")
 
 
 # -- identity of a path -----------------------------------------------------------------------

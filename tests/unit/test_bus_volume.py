@@ -341,8 +341,8 @@ def test_a_backup_the_cli_copies_holds_the_image_until_it_ends(daemon, tmp_path)
     assert "left the bus" in _backup_job(d, str(dest2))["error"]
     shown = subprocess.run([sys.executable, "-m", "lvmirror.cli", "status"], env=env,
                            capture_output=True, text=True, timeout=30).stdout
-    assert re.search(r"backup of image 1: failed, .*, to " + re.escape(str(dest2))
-                     + r", error: .*left the bus", shown), shown
+    assert re.search(r"backup of image 1: failed, to " + re.escape(str(dest2))
+                     + r" by D-Bus :1\.\d+, error: .*left the bus", shown), shown
     # no hold: EndBackup is an error (the copy would not be vouched for)
     r = call(address, "/org/lvmirror1", "org.lvmirror1.Manager", "EndBackup", "vol0", 1,
              {"state": "done"})
