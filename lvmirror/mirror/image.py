@@ -632,7 +632,7 @@ class StorageImage:
                         n = os.pwritev(self.fd, chunk, pos, os.RWF_DSYNC)
                     except OSError as e:
                         if e.errno not in (_errno.EOPNOTSUPP, _errno.EINVAL):
-                            syncing = True
+                            syncing = not self._own_space_error(e, chunk, pos)
                             raise
                         self._dsync_ok = dsync = False  # old kernel: fdatasync after instead
                         continue
@@ -657,15 +657,32 @@ class StorageImage:
                 # (``note_flush_failure``: another thread's flush that then returns 0 proves
                 # nothing) and marked as one (every region: which writes it lost is unknown;
                 # this stop's second review, HIGH). Whatever its errno: an ENOSPC or EDQUOT
-                # from RWF_DSYNC may be this write's allocation or an earlier write's
-                # writeback (a thin or quota'd file system), which no errno tells apart, and
-                # the fdatasync's is the whole file's (trial 38, HIGH: they were taken for
-                # this write's own). A plain pwritev's error (no sync in it: the kernel
-                # without RWF_DSYNC) is this write's alone.
+                # from RWF_DSYNC may be an earlier write's writeback (a thin or quota'd file
+                # system) - unless the write, tried again without the sync, finds no room
+                # either (``_own_space_error``) - and the fdatasync's is the whole file's
+                # (trial 38, HIGH: they were taken for this write's own). A plain pwritev's
+                # error (no sync in it: the kernel without RWF_DSYNC) is this write's alone.
                 self.note_flush_failure()
                 err.synced = True
             raise err from e
         self._count_io("writes", "bytes_written", total)
+
+    def _own_space_error(self, e, chunk, pos) -> bool:
+        """Whether ``e``, the ENOSPC or EDQUOT of a ``pwritev`` with RWF_DSYNC of ``chunk`` at
+        ``pos``, was the write's own (no room for its data) rather than its sync's (an
+        earlier write's writeback failing for lack of room, which the sync took from the next
+        flush): Linux syncs only after a write that stored something (``generic_write_sync``
+        when it returned > 0), so the write is tried once more without the sync - out of
+        room again, the first found no room either and no sync ran; stored now, it is taken
+        as the sync's (a flush failure, the safe side; also when room was freed between).
+        Any other errno: False."""
+        if e.errno not in (_errno.ENOSPC, _errno.EDQUOT):
+            return False
+        try:
+            os.pwritev(self.fd, chunk, pos)
+        except OSError as again:
+            return again.errno in (_errno.ENOSPC, _errno.EDQUOT)
+        return False
 
     def flush(self) -> None:
         """Make every completed write durable (fdatasync). ImageIOError when it fails, counted

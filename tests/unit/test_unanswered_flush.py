@@ -380,6 +380,7 @@ def test_a_late_failure_before_its_give_up_marked_stays_unanswered(tmp_path, mon
 
 @pytest.mark.parametrize("how, errno_, synced", [
     ("dsync", errno.ENOSPC, True), ("dsync", errno.EDQUOT, True), ("dsync", errno.EIO, True),
+    ("dsync-full", errno.ENOSPC, False), ("dsync-full", errno.EDQUOT, False),
     ("fdatasync", errno.ENOSPC, True), ("fdatasync", errno.EIO, True),
     ("plain", errno.EIO, False), ("plain", errno.ENOSPC, False)])
 def test_a_fua_writes_sync_failure_counts_as_a_flush_whatever_its_errno(tmp_path, monkeypatch,
@@ -388,16 +389,19 @@ def test_a_fua_writes_sync_failure_counts_as_a_flush_whatever_its_errno(tmp_path
     not counted as a flush failure. From RWF_DSYNC (or the fdatasync after the write) it may
     be an earlier write's writeback error on a thin or quota'd file system, which the sync
     took from the next flush: it is counted now (``synced``, ``flush_failures``), as EIO
-    was. A plain pwritev (a kernel without RWF_DSYNC writes, then syncs) has no sync in it:
-    its error is the write's own, whatever the errno."""
+    was - unless the write, tried again without the sync, finds no room either
+    ("dsync-full": Linux syncs only after a write that stored something, so no sync ran:
+    the file system is full, the thin-provisioning answer stays). A plain pwritev (a kernel
+    without RWF_DSYNC writes, then syncs) has no sync in it: its error is the write's own,
+    whatever the errno."""
     path = tmp_path / "img"
     path.write_bytes(bytes(1 << 20))
     st = image_mod.StorageImage.open(str(path))
-    st._dsync_ok = how == "dsync"
+    st._dsync_ok = how.startswith("dsync")
     real_pwritev, real_fdatasync = image_mod.os.pwritev, image_mod.os.fdatasync
 
     def pwritev(fd, bufs, off, flags=0):
-        if how == "plain" or (how == "dsync" and flags & image_mod.os.RWF_DSYNC):
+        if how in ("plain", "dsync-full") or (how == "dsync" and flags & image_mod.os.RWF_DSYNC):
             raise OSError(errno_, os.strerror(errno_))
         return real_pwritev(fd, bufs, off, flags)
 
@@ -453,4 +457,30 @@ def test_a_fua_writes_sync_out_of_space_on_the_last_in_sync_image_is_a_failed_fl
     assert not unanswered(img), "the failure was never marked for"
     assert split.bitmap.test_region(5), "the region the lost writeback may have held"
     assert vol.probe()
+    vol.close()
+
+
+def test_a_fua_write_to_a_full_file_system_stays_a_space_error(tmp_path, monkeypatch):
+    """The other side: a FUA write that finds no room (tried again without the sync, no room
+    either: no sync ran) is the thin-provisioning case it always was - DATA PROTECT / SPACE
+    ALLOCATION FAILED for the initiator (``out_of_space``), the volume online, no flush
+    failure counted, nothing failed."""
+    from lvmirror.errors import VolumeIOError
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    vol.split(1)
+    st = opener.by_path[paths[0]]
+    st._dsync_ok = True
+    real = image_mod.os.pwritev
+
+    def pwritev(fd, bufs, off, flags=0):
+        if fd == st.fd:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, bufs, off, flags)
+    monkeypatch.setattr(image_mod.os, "pwritev", pwritev)
+    with pytest.raises(VolumeIOError) as ei:
+        write(vol, 0, pattern(1, 2), fua=True)
+    monkeypatch.undo()
+    assert ei.value.out_of_space
+    assert vol.health != "offline" and st.flush_failures == 0
+    write(vol, 0, pattern(1, 3), fua=True)
     vol.close()
