@@ -166,6 +166,16 @@ class StorageImage:
         self.path = path
         self.device = device if device is not None else ("path", os.path.realpath(path))
         self.fd = fd
+        # a second open file description of the image, opened with it, that does no I/O: its
+        # fdatasync reports every writeback error recorded for the file since it last asked
+        # (Linux keeps a cursor per open file: errseq), also one a sync through ``fd`` took
+        # already - the witness ``_own_space_error`` asks. -1: none (read-only, or refused)
+        self._witness = -1
+        if not read_only:
+            try:
+                self._witness = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
         self.size = size
         self.logical_block_size = logical_block_size
         self.read_only = read_only
@@ -632,7 +642,7 @@ class StorageImage:
                         n = os.pwritev(self.fd, chunk, pos, os.RWF_DSYNC)
                     except OSError as e:
                         if e.errno not in (_errno.EOPNOTSUPP, _errno.EINVAL):
-                            syncing = not self._own_space_error(e, chunk, pos)
+                            syncing = not self._own_space_error(e)
                             raise
                         self._dsync_ok = dsync = False  # old kernel: fdatasync after instead
                         continue
@@ -658,8 +668,8 @@ class StorageImage:
                 # nothing) and marked as one (every region: which writes it lost is unknown;
                 # this stop's second review, HIGH). Whatever its errno: an ENOSPC or EDQUOT
                 # from RWF_DSYNC may be an earlier write's writeback (a thin or quota'd file
-                # system) - unless the write, tried again without the sync, finds no room
-                # either (``_own_space_error``) - and the fdatasync's is the whole file's
+                # system) - unless the witness descriptor says no writeback error was
+                # recorded (``_own_space_error``) - and the fdatasync's is the whole file's
                 # (trial 38, HIGH: they were taken for this write's own). A plain pwritev's
                 # error (no sync in it: the kernel without RWF_DSYNC) is this write's alone.
                 self.note_flush_failure()
@@ -667,22 +677,24 @@ class StorageImage:
             raise err from e
         self._count_io("writes", "bytes_written", total)
 
-    def _own_space_error(self, e, chunk, pos) -> bool:
-        """Whether ``e``, the ENOSPC or EDQUOT of a ``pwritev`` with RWF_DSYNC of ``chunk`` at
-        ``pos``, was the write's own (no room for its data) rather than its sync's (an
-        earlier write's writeback failing for lack of room, which the sync took from the next
-        flush): Linux syncs only after a write that stored something (``generic_write_sync``
-        when it returned > 0), so the write is tried once more without the sync - out of
-        room again, the first found no room either and no sync ran; stored now, it is taken
-        as the sync's (a flush failure, the safe side; also when room was freed between).
-        Any other errno: False."""
-        if e.errno not in (_errno.ENOSPC, _errno.EDQUOT):
+    def _own_space_error(self, e) -> bool:
+        """Whether ``e``, the ENOSPC or EDQUOT of a ``pwritev`` with RWF_DSYNC, was the
+        write's own (no room for its data, or for its range's writeback: its data not stored)
+        rather than an earlier write's writeback, failed for lack of room and recorded for
+        the file, which the sync took from the next flush (errseq): the witness descriptor,
+        which no sync through the image's own descriptor advances, is asked
+        (``fdatasync``). It reports any such error since it last asked: then, or with no
+        witness, the error is taken as the sync's (a flush failure, the safe side). A full
+        thin file system thus stays a space error (DATA PROTECT) instead of an offline volume
+        (review of 2026-12-06; a retry of the write without the sync, tried first, could
+        find no room for pages a failed writeback had dropped). Any other errno: False."""
+        if e.errno not in (_errno.ENOSPC, _errno.EDQUOT) or self._witness < 0:
             return False
         try:
-            os.pwritev(self.fd, chunk, pos)
-        except OSError as again:
-            return again.errno in (_errno.ENOSPC, _errno.EDQUOT)
-        return False
+            os.fdatasync(self._witness)
+        except OSError:
+            return False
+        return True
 
     def flush(self) -> None:
         """Make every completed write durable (fdatasync). ImageIOError when it fails, counted
@@ -849,8 +861,11 @@ class StorageImage:
         with self._close_lock:
             fd, self.fd = self.fd, -1
             vfd, self._verify_fd = self._verify_fd, None
+            wfd, self._witness = self._witness, -1
         if fd >= 0:
             os.close(fd)
+        if wfd >= 0:
+            os.close(wfd)
         if vfd is not None and vfd >= 0:
             os.close(vfd)
 

@@ -379,8 +379,8 @@ def test_a_late_failure_before_its_give_up_marked_stays_unanswered(tmp_path, mon
 
 
 @pytest.mark.parametrize("how, errno_, synced", [
-    ("dsync", errno.ENOSPC, True), ("dsync", errno.EDQUOT, True), ("dsync", errno.EIO, True),
-    ("dsync-full", errno.ENOSPC, False), ("dsync-full", errno.EDQUOT, False),
+    ("dsync+recorded", errno.ENOSPC, True), ("dsync+recorded", errno.EDQUOT, True),
+    ("dsync", errno.EIO, True), ("dsync", errno.ENOSPC, False), ("dsync", errno.EDQUOT, False),
     ("fdatasync", errno.ENOSPC, True), ("fdatasync", errno.EIO, True),
     ("plain", errno.EIO, False), ("plain", errno.ENOSPC, False)])
 def test_a_fua_writes_sync_failure_counts_as_a_flush_whatever_its_errno(tmp_path, monkeypatch,
@@ -388,25 +388,32 @@ def test_a_fua_writes_sync_failure_counts_as_a_flush_whatever_its_errno(tmp_path
     """Trial 38, HIGH: a FUA write's ENOSPC or EDQUOT was taken for its own allocation's and
     not counted as a flush failure. From RWF_DSYNC (or the fdatasync after the write) it may
     be an earlier write's writeback error on a thin or quota'd file system, which the sync
-    took from the next flush: it is counted now (``synced``, ``flush_failures``), as EIO
-    was - unless the write, tried again without the sync, finds no room either
-    ("dsync-full": Linux syncs only after a write that stored something, so no sync ran:
-    the file system is full, the thin-provisioning answer stays). A plain pwritev (a kernel
-    without RWF_DSYNC writes, then syncs) has no sync in it: its error is the write's own,
-    whatever the errno."""
+    took from the next flush: it is counted (``synced``, ``flush_failures``), as EIO is,
+    when the image's witness descriptor (whose errseq cursor no sync through the image's own
+    descriptor advances) reports a writeback error recorded ("dsync+recorded"). With none
+    recorded the error was the write's own: the thin-provisioning answer stays ("dsync"). A
+    plain pwritev (a kernel without RWF_DSYNC writes, then syncs) has no sync in it: its
+    error is the write's own, whatever the errno; the fdatasync after it is the whole
+    file's."""
     path = tmp_path / "img"
     path.write_bytes(bytes(1 << 20))
     st = image_mod.StorageImage.open(str(path))
+    assert st._witness >= 0
     st._dsync_ok = how.startswith("dsync")
     real_pwritev, real_fdatasync = image_mod.os.pwritev, image_mod.os.fdatasync
+    asked = []
 
     def pwritev(fd, bufs, off, flags=0):
-        if how in ("plain", "dsync-full") or (how == "dsync" and flags & image_mod.os.RWF_DSYNC):
+        if how == "plain" or (how.startswith("dsync") and flags & image_mod.os.RWF_DSYNC):
             raise OSError(errno_, os.strerror(errno_))
         return real_pwritev(fd, bufs, off, flags)
 
     def fdatasync(fd):
-        if how == "fdatasync":
+        if fd == st._witness:
+            asked.append(fd)
+            if how == "dsync+recorded":       # an earlier writeback's error, recorded
+                raise OSError(errno_, os.strerror(errno_))
+        elif how == "fdatasync":
             raise OSError(errno_, os.strerror(errno_))
         return real_fdatasync(fd)
     monkeypatch.setattr(image_mod.os, "pwritev", pwritev)
@@ -416,7 +423,10 @@ def test_a_fua_writes_sync_failure_counts_as_a_flush_whatever_its_errno(tmp_path
     monkeypatch.undo()
     assert ei.value.errno == errno_ and ei.value.synced is synced
     assert st.flush_failures == (1 if synced else 0)
+    # the witness is asked for a space error from RWF_DSYNC only
+    assert bool(asked) == (how.startswith("dsync") and errno_ != errno.EIO)
     st.close()
+    assert st._witness == -1
 
 
 @pytest.mark.parametrize("case", ["one-in-sync", "eio-then-space"])
@@ -445,7 +455,14 @@ def test_a_fua_writes_sync_out_of_space_on_the_last_in_sync_image_is_a_failed_fl
         if fd == space.fd and flags & image_mod.os.RWF_DSYNC:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, bufs, off, flags)
+    real_sync = image_mod.os.fdatasync
+
+    def fdatasync(fd):                     # the witness: an earlier writeback's error
+        if fd == space._witness:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_sync(fd)
     monkeypatch.setattr(image_mod.os, "pwritev", pwritev)
+    monkeypatch.setattr(image_mod.os, "fdatasync", fdatasync)
     if case == "eio-then-space":
         opener.by_path[paths[0]].fail_writes = True     # image 0 fails first, with EIO
     with pytest.raises(VolumeIOError):
