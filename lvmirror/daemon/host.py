@@ -621,6 +621,8 @@ class VolumeHost:
                     raise ConfigError(f"volume {name}: no job running on image {image}")
                 job.cancel()
                 job.wait()
+                # one that was ending as the volume went offline would go on once it is back
+                volume.forget_resume(image)
                 return
         raise ConfigError(f"volume {name}: no image {image}")
 

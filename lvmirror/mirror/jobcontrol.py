@@ -157,6 +157,8 @@ class JobControl:
             if full:
                 img.bitmap = RegionBitmap(vol.size, vol.region_size)
                 img.bitmap.set_all()
+            if resume_of is not None:
+                resume_of.stopped_offline = False   # taken up (not on a refusal above)
             return self.start_resync(img, full=full, rate_limit=rate_limit)
 
     def _refuse_if_stuck(self, img, what, doing, waited):
@@ -623,6 +625,8 @@ class JobControl:
                 self._refuse_if_still_unreadable(old, image_index)
                 _clear_copy_error(img)
                 # Resume a cancelled restore of this image from where it stopped.
+                if resume_of is not None:
+                    resume_of.stopped_offline = False   # taken up (not on a refusal above)
                 with vol._meta:
                     img.rec.restore_rate = rate_limit
                     vol._save_md()
@@ -944,6 +948,10 @@ class JobControl:
         started = []
         for img in list(vol._images):
             job = vol.jobs.get(img.rec.id)
+            if job is not None and job.stopped_offline and job.is_alive():
+                # stopped, still ending (saving its bitmap): let it end first, or the probe
+                # that ran meanwhile would find nothing to take up
+                job.wait(RESUME_WAIT)
             if job is None or job.is_alive() or not job.stopped_offline:
                 continue
             try:
@@ -969,7 +977,8 @@ class JobControl:
         ``resume_after_offline`` - StateError unless it is still the image's job, not running,
         still to be resumed (not cancelled: ``forget_resume``), and for a restore still the
         registered one, not given up (``abandon_restore``); for a resync, its image still
-        syncing. Once taken it is not resumed again."""
+        syncing. The caller clears ``stopped_offline`` only as it starts the job (a refusal
+        by a later check leaves it for the next probe)."""
         vol = self.vol
         if vol.jobs.get(img.rec.id) is not job or job.is_alive() or not job.stopped_offline:
             raise StateError(f"volume {vol.name}: the {job.kind} of image {img.rec.path} was "
@@ -981,7 +990,6 @@ class JobControl:
         elif img.state is not ImageState.SYNCING:
             raise StateError(f"volume {vol.name}: image {img.rec.path} is {img.state.value} "
                              f"now, not syncing")
-        job.stopped_offline = False
 
     def forget_resume(self, image_index) -> bool:
         """The operator's cancel of a resync or restore of image ``image_index`` that the
@@ -1040,6 +1048,10 @@ class JobControl:
                 vol.jobs[img.rec.id] = job
                 job.start()
 
+
+# seconds the probe's thread waits for a job the volume's going offline stopped to end (its
+# last save is bounded by leg_timeout) before it takes the job up (resume_after_offline)
+RESUME_WAIT = 30.0
 
 # rec.error of a restore's source not opened at resume (JobControl.resume): not the copy, or
 # not read to check it

@@ -342,14 +342,15 @@ class ResyncJob(_Job):
             self._fail(f"target image failed: {e}")
         except Exception as e:  # report, never kill the daemon
             ckpt.wait(quiet=True)
-            self.stopped_offline = isinstance(e, WentOffline)
+            # (cancelled meanwhile: a cancel, which it stays)
+            self.stopped_offline = isinstance(e, WentOffline) and not self._cancel.is_set()
             try:
                 # stopped by the volume going offline: resumed once it is back (and on the
                 # next open, if it closes first)
                 vol.control.pause_resync(img, keep_resume=self.stopped_offline)
             except Exception:
                 pass
-            self._fail(str(e) if self.stopped_offline else f"{type(e).__name__}: {e}")
+            self._fail(str(e) if isinstance(e, WentOffline) else f"{type(e).__name__}: {e}")
         finally:
             if not self._done.is_set():     # never left "running" (close waits for the job)
                 self._finish("failed", "the resync's thread ended without a result")
@@ -767,8 +768,8 @@ class RestoreJob(_Job):
             vol.control.finish_restore(self.img, self)
             self._finish("done")
         except Exception as e:
-            self.stopped_offline = isinstance(e, WentOffline)
-            self._fail(str(e) if self.stopped_offline else f"{type(e).__name__}: {e}")
+            self.stopped_offline = isinstance(e, WentOffline) and not self._cancel.is_set()
+            self._fail(str(e) if isinstance(e, WentOffline) else f"{type(e).__name__}: {e}")
 
     def _copy_marked(self, buf) -> None:
         """Copy every region the restore bitmap marks (``buf``: a region-sized aligned buffer),
