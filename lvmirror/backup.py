@@ -99,9 +99,22 @@ def held_backup(mgr, volume: str, image: int, dest: str, *, fmt: str = "raw",
             discard(partial)
         if isinstance(exc, OSError):
             # named by DEST, not by the copy's own file beside it
-            raise OSError(exc.errno, f"backup of image {image} of volume {volume} to {dest} "
-                                     f"failed: {exc.strerror or exc}") from exc
+            msg = (f"backup of image {image} of volume {volume} to {dest} failed: "
+                   f"{exc.strerror or exc}")
+            raise (OSError(exc.errno, msg) if exc.errno is not None else OSError(msg)) from exc
         raise
+    # from "done" to the rename, Ctrl-C and SIGTERM wait (a backup recorded done whose file
+    # an interrupt kept from its name was a false "done": second review of 2026-12-06)
+    held_signals = _block_interrupts()
+    try:
+        return _vouch_and_publish(mgr, volume, image, dest, partial, n)
+    finally:
+        _unblock(held_signals)
+
+
+def _vouch_and_publish(mgr, volume, image, dest, partial, n) -> int:
+    """EndBackup as done, then the copy ``partial`` renamed to ``dest`` (``held_backup``)."""
+    import dbus
     try:
         mgr.EndBackup(volume, dbus.UInt32(image), dbus.Dictionary(
             {"state": "done", "bytes": dbus.UInt64(n)}, signature="sv"))
@@ -115,15 +128,38 @@ def held_backup(mgr, volume: str, image: int, dest: str, *, fmt: str = "raw",
         discard(partial)
         raise
     try:
-        publish(partial, dest)
+        os.replace(partial, dest)
     except BaseException as exc:
         discard(partial)
         if isinstance(exc, OSError):
             raise OSError(exc.errno, f"the copy of image {image} of volume {volume} was made "
                                      f"but could not be put at {dest} ({exc.strerror or exc}); "
-                                     f"nothing is there: make the backup again") from exc
+                                     f"make the backup again") from exc
         raise
+    try:
+        _fsync_dir(dest)
+    except OSError as exc:
+        raise OSError(exc.errno, f"the backup is at {dest}, but its directory entry could "
+                                 f"not be made durable ({exc.strerror or exc}): a power cut "
+                                 f"may lose it") from exc
     return n
+
+
+def _block_interrupts():
+    """Hold SIGINT and SIGTERM back (in the main thread); returns what to restore, or None
+    where signals cannot be blocked here."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _unblock(old) -> None:
+    """Undo ``_block_interrupts``: a signal that came meanwhile is delivered now."""
+    import signal
+    if old is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def check_dest(dest: str) -> None:

@@ -121,12 +121,16 @@ def prune(directory: str, volume: str, keep: int, log=print, busy=()) -> list[st
     (``.partial`` files) - but not the copy of a backup running now: ``busy``, the
     destinations of the running backups (``backup.dest_key`` form; another cycle of the
     volume into the same directory copied on while this one deleted its file, trial of
-    2026-12-06). Returns the paths deleted."""
+    2026-12-06); a callable is asked after the directory is listed (a copy's file is made
+    only once its backup is registered, so every file listed belongs to a backup it
+    names). Returns the paths deleted."""
     from lvmirror.backup import dest_key
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
+    if callable(busy):
+        busy = busy()
     ours = sorted((m.group("ts"), n) for n in names
                   if (m := _STAMP.match(n)) and m.group("vol") == volume)
     doomed = [(n, "old backup") for _, n in ours[:-keep]] if len(ours) > keep else []
@@ -345,9 +349,9 @@ def run_cycle(plan: BackupPlan, mgr, volume_iface, wait_jobs, log=print) -> int:
         _interrupted(plan, mgr, members, started, log)
         return 130
     if status == 0:
-        busy = running_backups(mgr)
         for name, _ in plan.members:
-            prune(os.path.join(plan.dest, name), name, plan.keep, log=log, busy=busy)
+            prune(os.path.join(plan.dest, name), name, plan.keep, log=log,
+                  busy=lambda: running_backups(mgr))
     log(("backup cycle of " + members + (" done" if status == 0 else " FAILED")
          + f" in {time.monotonic() - t0:.1f} s"))
     return status

@@ -338,13 +338,18 @@ class Lvmirrord:
     def backup(self, name, image, dest, fmt="raw") -> int:
         """Copy split image ``image`` of volume ``name`` to ``dest`` (an absolute path; ``fmt``
         "raw" sparse or "qcow2"); returns the bytes copied. ``VolumeHost.backup``."""
+        if not os.path.isabs(dest):
+            raise ConfigError(f"backup destination {dest!r} must be an absolute path")
         self._refuse_image_dest(dest)
         return self._host(name).backup(name, image, dest, fmt)
 
     def begin_backup(self, name, image, dest, owner) -> dict:
         """Hold split image ``image`` of volume ``name`` for a backup to ``dest`` that
         ``owner`` copies itself; returns ``{"path", "size", "state"}``.
-        ``VolumeHost.begin_backup``."""
+        ``VolumeHost.begin_backup``. ConfigError for a relative ``dest`` (the caller's
+        working directory is not lvmirrord's)."""
+        if not os.path.isabs(dest):
+            raise ConfigError(f"backup destination {dest!r} must be an absolute path")
         self._refuse_image_dest(dest)
         return self._host(name).begin_backup(name, image, dest, owner)
 

@@ -501,6 +501,8 @@ def test_one_destination_takes_one_backup_and_never_a_half_copy(daemon, tmp_path
     for other in (tmp_path / "alias" / "one.img", f"{tmp_path}//./one.img"):
         with pytest.raises(StateError, match="is the destination of the running backup"):
             d.begin_backup("vol0", 2, str(other), owner)
+    with pytest.raises(ConfigError, match="must be an absolute path"):
+        d.begin_backup("vol0", 2, "relative.img", owner)     # lvmirrord's cwd is not theirs
     # and never into lvmirrord's state (a copy there replaced a volume.json: trial)
     with pytest.raises(ConfigError, match="is in lvmirror's state directory"):
         d.begin_backup("vol0", 2, os.path.join(d.state_dir, "vol0", "volume.json"), owner)
