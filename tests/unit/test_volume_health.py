@@ -608,12 +608,10 @@ def test_a_resync_stopped_offline_and_cancelled_is_not_resumed(tmp_path):
     vol.close()
 
 
-def test_a_job_stopped_offline_is_taken_up_even_if_the_probe_came_as_it_ended(tmp_path,
-                                                                              monkeypatch):
-    """Review of 2026-12-06, MEDIUM: a resync stopped by the volume going offline was still
-    saving its bitmap when the probe brought the volume back; the probe's thread found it
-    alive, skipped it, and it then ended waiting for a take-up that never came. The thread
-    now waits for such a job to end first."""
+def _resync_ending_offline(tmp_path, monkeypatch):
+    """A resync stopped by the volume going offline (image 0 refuses a write), held as it
+    ends, while it saves its bitmap (``pause_resync``). Returns (vol, opener, paths, job,
+    go: set it to let the job end); image 0 answers again."""
     from lvmirror.mirror import jobcontrol
     vol, opener, paths, gate, job = _resync_held_at_region_8(tmp_path)
     saving, go = threading.Event(), threading.Event()
@@ -630,6 +628,16 @@ def test_a_job_stopped_offline_is_taken_up_even_if_the_probe_came_as_it_ended(tm
     gate.open()
     assert saving.wait(10) and job.is_alive()
     opener.by_path[paths[0]].fail_writes = False
+    return vol, opener, paths, job, go
+
+
+def test_a_job_stopped_offline_is_taken_up_even_if_the_probe_came_as_it_ended(tmp_path,
+                                                                              monkeypatch):
+    """Review of 2026-12-06, MEDIUM: a resync stopped by the volume going offline was still
+    saving its bitmap when the probe brought the volume back; the probe's thread found it
+    alive, skipped it, and it then ended waiting for a take-up that never came. The thread
+    now waits for such a job to end first."""
+    vol, opener, paths, job, go = _resync_ending_offline(tmp_path, monkeypatch)
     assert vol.probe()                                  # the job is still ending
     go.set()
     _join_resume(vol)
@@ -643,28 +651,14 @@ def test_a_cancel_while_the_job_ends_for_going_offline_keeps_it_stopped(tmp_path
                                                                         monkeypatch):
     """Review of 2026-12-06, MEDIUM: ``cancel`` of a resync that was ending because the volume
     went offline (still alive, so the cancel took the running-job path) was ignored: the
-    probe then resumed the resync the operator had cancelled."""
-    from lvmirror.mirror import jobcontrol
-    vol, opener, paths, gate, job = _resync_held_at_region_8(tmp_path)
-    saving, go = threading.Event(), threading.Event()
-    real = jobcontrol.JobControl.pause_resync
-
-    def slow_pause(self, img, *, keep_resume):
-        saving.set()
-        assert go.wait(20)
-        return real(self, img, keep_resume=keep_resume)
-    monkeypatch.setattr(jobcontrol.JobControl, "pause_resync", slow_pause)
-    opener.by_path[paths[0]].fail_writes = True
-    with pytest.raises(VolumeIOError):
-        write(vol, 2 * 128, pattern(128, 999))
-    gate.open()
-    assert saving.wait(10)
+    probe then resumed the resync the operator had cancelled. The host's cancel asks
+    ``forget_resume`` once the job ended: it stays stopped, with no resume point."""
+    vol, opener, paths, job, go = _resync_ending_offline(tmp_path, monkeypatch)
     job.cancel()                                        # the operator, as it ends
     go.set()
     assert job.wait(10)
-    vol.forget_resume(1)                                # what the host's cancel does after
-    assert not job.stopped_offline
-    opener.by_path[paths[0]].fail_writes = False
+    assert vol.forget_resume(1)                         # what the host's cancel does next
+    assert not job.stopped_offline and vol._images[1].rec.resync_next is None
     assert vol.probe()
     _join_resume(vol)
     assert vol.jobs[vol._images[1].rec.id] is job
