@@ -34,6 +34,15 @@ class ImageIOError(LvmirrorError):
         """The file system under the image is full (ENOSPC, EDQUOT): not a broken disk."""
         return self.errno in (_errno.ENOSPC, _errno.EDQUOT)
 
+    @property
+    def lost_writeback(self) -> bool:
+        """The error came from a sync (a flush, or a FUA write's sync: ``synced``), which
+        reports a writeback error of earlier writes: what they wrote may be gone, whatever the
+        errno - ENOSPC from a sync is data the file system could not store, not a write
+        refused for room (trial of 2026-12-06, HIGH: a SYNCHRONIZE CACHE's ENOSPC was taken
+        for a full file system, and the next one answered GOOD)."""
+        return self.synced or self.op == "flush"
+
 
 class VolumeIOError(LvmirrorError):
     """No in-sync image could serve the request (SCSI: MEDIUM ERROR), or, with

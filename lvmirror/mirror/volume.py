@@ -656,8 +656,9 @@ class MirrorVolume:
         flush or discard error there takes the volume *offline* (NOT READY until ``probe``
         finds the image answering again; a read error is for the caller to probe). A full file
         system under the image (``exc.out_of_space``) fails it only while another in-sync image
-        took the write - unless the error came from a FUA write's sync (``exc.synced``), which
-        may be an earlier write's writeback lost: handled as a failed flush. Returns True if
+        took the write - unless the error came from a sync (a flush, a FUA write's:
+        ``exc.lost_writeback``), which is earlier writes' writeback lost: handled as a failed
+        flush. Returns True if
         the image is failed.
 
         ``all_regions`` (a failed or slow flush: which writes it lost is unknown) marks every
@@ -672,7 +673,8 @@ class MirrorVolume:
         errno_ = getattr(exc, "errno", None)
         slow = getattr(exc, "slow", False)       # given up on by lvmirror, outcome unknown
         if not is_read and not slow and img.storage is not None and (
-                errno_ not in (errno.ENOSPC, errno.EDQUOT) or getattr(exc, "synced", False)):
+                errno_ not in (errno.ENOSPC, errno.EDQUOT)
+                or getattr(exc, "lost_writeback", False)):
             # the page cache may hold what the device refused: never serve or copy it
             img.storage.drop_cache(offset if length and not all_regions else 0,
                                    length if not all_regions else 0)
@@ -712,7 +714,7 @@ class MirrorVolume:
             return False
         if img.state is ImageState.IN_SYNC and not any(
                 o is not img and o.state is ImageState.IN_SYNC for o in self._images):
-            if getattr(exc, "out_of_space", False) and not getattr(exc, "synced", False):
+            if getattr(exc, "out_of_space", False) and not getattr(exc, "lost_writeback", False):
                 self._log_space(img, index, where, exc)
             elif not is_read:
                 img.rec.error = str(exc)
@@ -1026,9 +1028,9 @@ class MirrorVolume:
             self._stats["write_errors"] += len(errors)
             bad = {img for img, _ in errors}
             took = any(im not in bad and im.state is ImageState.IN_SYNC for im in targets)
-            # (a FUA write's sync that failed with ENOSPC may be an earlier write's writeback,
+            # (a sync's ENOSPC - a flush's, a FUA write's - is earlier writes' writeback,
             # lost: handled as a failed flush, ``_image_error``, not as a full file system)
-            space = [e for _, e in errors if e.out_of_space and not getattr(e, "synced", False)]
+            space = [e for _, e in errors if e.out_of_space and not e.lost_writeback]
             if not took and len(space) == len(errors):
                 # a full file system is not a broken disk: nothing is failed (SBC thin
                 # provisioning: the initiator hears DATA PROTECT / SPACE ALLOCATION FAILED)

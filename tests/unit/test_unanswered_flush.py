@@ -501,3 +501,36 @@ def test_a_fua_write_to_a_full_file_system_stays_a_space_error(tmp_path, monkeyp
     assert vol.health != "offline" and st.flush_failures == 0
     write(vol, 0, pattern(1, 3), fua=True)
     vol.close()
+
+
+def test_a_flush_that_fails_with_enospc_is_a_failed_flush_not_a_full_file_system(
+        tmp_path, monkeypatch):
+    """Trial of 2026-12-06, HIGH: a SYNCHRONIZE CACHE whose fdatasync failed with ENOSPC (a
+    thin file system that could not store earlier writes' data at writeback) was taken for a
+    full file system: DATA PROTECT, the volume online, nothing marked - and the next flush
+    answered GOOD over the lost write. A sync's error is lost writeback whatever its errno
+    (``ImageIOError.lost_writeback``): marked, answered, offline until the probe."""
+    from lvmirror.errors import VolumeIOError
+    from lvmirror.mirror.durability import unanswered
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION)
+    write(vol, 5 * REGION // BS, pattern(8, 1))
+    vol.split(1)
+    split = vol._images[1]
+    st = opener.by_path[paths[0]]
+    real = image_mod.os.fdatasync
+
+    def fdatasync(fd):
+        if fd == st.fd:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+    monkeypatch.setattr(image_mod.os, "fdatasync", fdatasync)
+    with pytest.raises(VolumeIOError) as ei:
+        vol.flush()
+    monkeypatch.undo()
+    assert not ei.value.out_of_space
+    img = vol._images[0]
+    assert vol.health == "offline" and not unanswered(img)
+    assert split.bitmap.test_region(5)
+    assert vol.probe()
+    vol.flush()
+    vol.close()
