@@ -341,9 +341,10 @@ class ResyncJob(_Job):
             ckpt.wait(quiet=True)
             self._fail(f"target image failed: {e}")
         except Exception as e:  # report, never kill the daemon
+            # set first: a probe while the checkpoint in flight ends must find it (trial of
+            # 2026-12-06); cancelled meanwhile, it is a cancel, which it stays
+            self.stopped_offline = _stopped_by_offline(vol, e) and not self._cancel.is_set()
             ckpt.wait(quiet=True)
-            # (cancelled meanwhile: a cancel, which it stays)
-            self.stopped_offline = isinstance(e, WentOffline) and not self._cancel.is_set()
             try:
                 # stopped by the volume going offline: resumed once it is back (and on the
                 # next open, if it closes first)
@@ -508,6 +509,15 @@ def _first_in_sync(vol):
     lock: only a hint for ``_read_ahead``."""
     sources = _in_sync(vol._epoch.reads)
     return sources[0] if sources else None
+
+
+def _stopped_by_offline(vol, e) -> bool:
+    """Whether a copy job's error ``e`` stopped it because the volume went offline: it found
+    the volume offline (WentOffline), or its own I/O failed as the volume went offline (the
+    restore's write, its commit's flush, the resync's first flush of its sources; trial of
+    2026-12-06): either way it goes on once the volume is back."""
+    return isinstance(e, WentOffline) or (isinstance(e, (LvmirrorError, OSError))
+                                          and vol.offline is not None)
 
 
 class WentOffline(StateError):
@@ -768,7 +778,7 @@ class RestoreJob(_Job):
             vol.control.finish_restore(self.img, self)
             self._finish("done")
         except Exception as e:
-            self.stopped_offline = isinstance(e, WentOffline) and not self._cancel.is_set()
+            self.stopped_offline = _stopped_by_offline(vol, e) and not self._cancel.is_set()
             self._fail(str(e) if isinstance(e, WentOffline) else f"{type(e).__name__}: {e}")
 
     def _copy_marked(self, buf) -> None:

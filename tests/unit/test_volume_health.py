@@ -663,3 +663,57 @@ def test_a_cancel_while_the_job_ends_for_going_offline_keeps_it_stopped(tmp_path
     _join_resume(vol)
     assert vol.jobs[vol._images[1].rec.id] is job
     vol.close()
+
+
+def test_a_restore_whose_own_write_took_the_volume_offline_goes_on_after_the_probe(tmp_path):
+    """Trial of 2026-12-06, MEDIUM: a restore whose own write to the live image failed (the
+    volume going offline with it) ended failed and stayed so after the probe, the volume
+    degraded: only a job that found the volume offline went on. A job whose own I/O failed
+    as the volume went offline goes on too."""
+    vol, opener, paths = make_volume(tmp_path, 2)
+    n = vol.num_blocks
+    write(vol, 0, b"A" * n * BS)
+    vol.split(1)
+    write(vol, 0, b"B" * n * BS)
+    vol.flush()
+    job = vol.restore(1, rate_limit=0.05)
+    opener.by_path[paths[0]].fail_writes = True
+    job.set_rate_limit(None)
+    assert job.wait(10) and job.state == "failed"
+    assert vol.health == "offline" and job.stopped_offline, job.error
+    opener.by_path[paths[0]].fail_writes = False
+    assert vol.probe()
+    _join_resume(vol)
+    new = vol.control.restore_job
+    assert new is not None and new is not job
+    new.set_rate_limit(None)
+    assert new.wait(10) and new.state == "done", new.error
+    assert read(vol, 0, n) == b"A" * n * BS
+    vol.close()
+
+
+def test_a_resync_stopped_while_its_checkpoint_is_in_flight_goes_on(tmp_path):
+    """Trial of 2026-12-06, MEDIUM: a resync stopped by the volume going offline waited for
+    its checkpoint in flight before it said it stopped so; a probe meanwhile found nothing to
+    take up, and the resync stayed stopped for good. It says so first now."""
+    vol, opener, paths = make_volume(tmp_path, 2, region_size=REGION64)
+    vol.split(1)
+    for r in range(16):
+        write(vol, r * 128, pattern(128, 100 + r))
+    gate = Gate(lambda op, off, ln: op == "flush")
+    opener.by_path[paths[1]].gates.append(gate)
+    job = vol.resync(1, rate_limit=0.2)
+    gate.wait_reached()                                  # a checkpoint's flush, held
+    opener.by_path[paths[0]].fail_writes = True
+    with pytest.raises(VolumeIOError):
+        write(vol, 2 * 128, pattern(128, 999))
+    job.set_rate_limit(None)
+    wait_until(lambda: job.stopped_offline, 10)          # stopped, still in its checkpoint
+    opener.by_path[paths[0]].fail_writes = False
+    assert vol.probe()
+    gate.open()
+    _join_resume(vol)
+    new = vol.jobs[vol._images[1].rec.id]
+    assert new is not job and new.kind == "resync"
+    assert new.wait(10) and new.state == "done", new.error
+    vol.close()
