@@ -12,7 +12,7 @@ import os
 import threading
 import time
 
-from lvmirror import rawtext
+from lvmirror import cfgstring, rawtext
 from lvmirror.errors import ConfigError, StateError
 from lvmirror.mirror.regionlock import LEASE_OWNER
 from lvmirror.mirror.resync import job_progress
@@ -579,7 +579,7 @@ class VolumeHost:
                 raise StateError(f"volume {name}: detaching image {image} would renumber image "
                                  f"{renumbered[0]}, which is being backed up; wait for the "
                                  f"backup to finish")
-            exported = self.registry.exports(name)
+            exported = self._named_exports(name)
             if image in exported:
                 raise StateError(f"volume {name}: image {image} is exported as a LUN "
                                  f"(cfgstring '{name};image={image}'); remove that LUN first")
@@ -592,6 +592,21 @@ class VolumeHost:
                     f"remove the export first")
             self._volume(name).detach(image)
         log.info("volume %s: image %d detached", name, image)
+
+    def _named_exports(self, name) -> list[int]:
+        """Indices of volume ``name``'s split images that a LUN here exports (registry) or
+        names in its cfgstring (``NAME;image=N``) without serving it yet - refused for a
+        backup's hold or a lease, or Standby: it opens later, under the index it names, so a
+        detach that renumbered it would have it serve another image (trial of 2026-12-06)."""
+        out = set(self.registry.exports(name))
+        for lun in list(self.luns.values()):
+            try:
+                spec = cfgstring.parse(lun.device.cfgstring)
+            except Exception:                # a LUN that names nothing it could open
+                continue
+            if spec.name == name and spec.image is not None:
+                out.add(spec.image)
+        return sorted(out)
 
     def cancel(self, name, image):
         """Stop the resync or restore running on image ``image`` of volume ``name`` and wait

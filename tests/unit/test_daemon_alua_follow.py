@@ -400,6 +400,17 @@ def test_a_writable_export_refused_during_a_backup_opens_once_it_ends(tmp_path, 
         assert sense_of(emu.wait([r])[r]) == (0x02, 0x04, 0x03)
         time.sleep(0.2)                              # some follows: still refused
         assert lun.volume is None and not judged
+        # a detach must not renumber the image this LUN names and will open (trial of
+        # 2026-12-06: it then served the next image, a detach of 1 done meanwhile)
+        from lvmirror.daemon.host import VolumeHost
+        from lvmirror.errors import StateError
+        host = VolumeHost(str(tmp_path / "state"))
+        host.registry = registry
+        host.luns[lun.device.uio_name] = lun
+        with pytest.raises(StateError, match="image 1 is exported as a LUN"):
+            host.detach("vol0", 1)
+        with pytest.raises(StateError, match="would renumber the exported split image"):
+            host.detach("vol0", 0)
         registry.release_copy("vol0", 1)             # the backup ends
         wait_until(lambda: lun.volume is not None)
         assert lun.error is None
