@@ -93,10 +93,10 @@ def held_backup(mgr, volume: str, image: int, dest: str, *, fmt: str = "raw",
         partial = new_partial(dest)
         n = backup_image(entry, partial, fmt=fmt, progress=progress, size=held["size"])
     except BaseException as exc:
+        if partial:
+            discard(partial)          # first: a second Ctrl-C in the D-Bus call below left it
         _end_failed(mgr, volume, image, "interrupted" if isinstance(exc, KeyboardInterrupt)
                     else str(exc) or type(exc).__name__)
-        if partial:
-            discard(partial)
         if isinstance(exc, OSError):
             # named by DEST, not by the copy's own file beside it
             msg = (f"backup of image {image} of volume {volume} to {dest} failed: "

@@ -168,7 +168,11 @@ def format_status(st: dict) -> str:
                         f"{job['rate']:.1f} MB/s" + (f", ETA {eta:.0f} s" if eta else ""))
                 if job["kind"] == "backup":
                     line += f", to {job['dest']}"
-            if job["state"] == "failed" and job.get("error"):
+            if job.get("resumes"):
+                line = (f"  {what}: stopped, the volume went offline; it goes on once the "
+                        f"volume is back ({_human(job['bytes_done'])} / "
+                        f"{_human(job['bytes_total'])} so far)")
+            elif job["state"] == "failed" and job.get("error"):
                 line += f", error: {job['error']}"
             lines.append(line)
         if v.get("scrub"):
@@ -344,7 +348,9 @@ def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None):
     on that image); returns the jobs in state ``failed`` (empty: none): with ``image``, that
     image's job only - the one its command just started, also when it failed before the first
     poll (trial 25: a ``restore --wait`` exited 1 with an older failure of another image) -
-    without, every failed job status lists; a backup's never (its copier reports it). Progress goes to ``out`` when it is a tty.
+    without, every failed job status lists; a backup's never (its copier reports it). A job
+    the volume's going offline stopped (``resumes``) is waited for: it goes on once the
+    volume is back. Progress goes to ``out`` when it is a tty.
     TimeoutError once ``timeout`` seconds passed (None: wait for ever); ValueError when no
     volume of that name is open (a mistyped name, or it closed while waited for)."""
     t0 = time.monotonic()
@@ -358,7 +364,9 @@ def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None):
             ids = {im["id"] for im in st["volumes"][volume].get("images", [])
                    if im["index"] == image}
             jobs = [j for j in jobs if j["image_id"] in ids]
-        running = [j for j in _running(st, volume) if j in jobs]
+        # one the volume's going offline stopped goes on once it is back: still waited for
+        running = [j for j in _running(st, volume) if j in jobs] + [
+            j for j in jobs if j["state"] == "failed" and j.get("resumes")]
         if not running:
             # a backup's failure is its copier's to report (it stays in status as history:
             # an interrupted backup made every later resync --wait and wait exit 1, trial of
@@ -369,7 +377,9 @@ def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None):
         j = running[0]
         if out is not None and out.isatty():
             pct = j["bytes_done"] / j["bytes_total"] if j["bytes_total"] else 1.0
-            out.write(f"\r{j['kind']}: {pct:6.1%} {j['rate']:.1f} MB/s   ")
+            out.write(f"\r{j['kind']}: {pct:6.1%} " + (
+                "stopped: the volume is offline, waiting for it   " if j.get("resumes")
+                else f"{j['rate']:.1f} MB/s   "))
             out.flush()
         time.sleep(0.5)
 

@@ -69,7 +69,8 @@ log = logging.getLogger(__name__)
 def job_progress(job, **extra) -> dict:
     """A copy job's figures for status displays: kind, image_id, state, bytes_done,
     bytes_total, rate (MB/s), elapsed (s, the run time so far or in all once it ended),
-    eta_seconds (None when unknown), error, and ``extra``. ``job`` has those attributes and
+    eta_seconds (None when unknown), error, resumes (it stopped because the volume went
+    offline and goes on once it is back: ``stopped_offline``), and ``extra``. ``job`` has those attributes and
     ``_t0`` / ``_t_end`` (monotonic start and end, None until set)."""
     now = job._t_end or time.monotonic()
     elapsed = (now - job._t0) if job._t0 else 0.0
@@ -78,7 +79,8 @@ def job_progress(job, **extra) -> dict:
     eta = 0.0 if job.state != "running" else (left / (rate * MB) if rate > 0 else None)
     return dict(kind=job.kind, image_id=job.image_id, state=job.state,
                 bytes_done=job.bytes_done, bytes_total=job.bytes_total, rate=rate,
-                elapsed=elapsed, eta_seconds=eta, error=job.error, **extra)
+                elapsed=elapsed, eta_seconds=eta, error=job.error,
+                resumes=bool(getattr(job, "stopped_offline", False)), **extra)
 
 
 class _Job:

@@ -33,3 +33,16 @@ def test_a_finished_resync_of_an_image_split_since_is_not_listed():
     st = _status([dict(state="in-sync"), dict(state="split", split_time=1.0, dirty_bytes=0)],
                  [_job("restore", 11, "done")])
     assert "restore of image 1: done" in format_status(st)
+
+
+def test_a_job_stopped_by_going_offline_says_it_goes_on():
+    """Trial of 2026-12-06, LOW: a resync the volume's going offline stopped read "failed",
+    though it goes on by itself once the volume is back; one cancelled since reads failed."""
+    st = _status([dict(state="in-sync"), dict(state="syncing", dirty_bytes=4096)],
+                 [dict(_job("resync", 11, "failed"), resumes=True,
+                       error="volume v went offline (...)")])
+    text = format_status(st)
+    assert "resync of image 1: stopped, the volume went offline; it goes on once the volume " \
+           "is back" in text, text
+    st["volumes"]["v"]["jobs"][0]["resumes"] = False
+    assert "resync of image 1: failed" in format_status(st)

@@ -68,3 +68,13 @@ def test_a_failed_backup_is_not_a_waits_failure():
     assert cli.wait_jobs(_Mgr(done), "db", out=None) == []
     bad = _job("resync", 2, "failed", "image 0 failed a read")
     assert cli.wait_jobs(_Mgr(_status(gone, bad)), "db", out=None, image=1) == [bad]
+
+
+def test_a_job_stopped_by_going_offline_is_waited_for():
+    """Trial of 2026-12-06, LOW: ``resync --wait`` exited 1 when the volume went offline,
+    though the resync then went on by itself and finished. A job that says it ``resumes`` is
+    waited for; ``status`` says it goes on once the volume is back."""
+    stopped = dict(_job("resync", 2, "failed", "volume db went offline (...)"), resumes=True)
+    done = _job("resync", 2, "done", done=8)
+    assert cli.wait_jobs(_Mgr(_status(stopped), _status(stopped), _status(done)), "db",
+                         out=None, image=1) == []
