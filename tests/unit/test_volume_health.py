@@ -493,17 +493,22 @@ def test_idle_checkpoints_during_a_resync_flush_nothing(tmp_path):
     vol.close()
 
 
-def _restore_stopped_offline(tmp_path):
+def _slow_restore(tmp_path):
     """A 2-image volume: A everywhere, image 1 split, B written over the live image and
-    flushed; a restore from image 1 (slow) stopped by the volume going offline (image 0's
-    flush fails). Returns (vol, opener, paths, the stopped job); the flushes answer again."""
+    flushed; a restore from image 1 running slowly. Returns (vol, opener, paths, job)."""
     vol, opener, paths = make_volume(tmp_path, 2)
     n = vol.num_blocks
     write(vol, 0, b"A" * n * BS)
     vol.split(1)
     write(vol, 0, b"B" * n * BS)
     vol.flush()
-    job = vol.restore(1, rate_limit=0.05)
+    return vol, opener, paths, vol.restore(1, rate_limit=0.05)
+
+
+def _restore_stopped_offline(tmp_path):
+    """``_slow_restore``, stopped by the volume going offline (image 0's flush fails).
+    Returns (vol, opener, paths, the stopped job); the flushes answer again."""
+    vol, opener, paths, job = _slow_restore(tmp_path)
     opener.by_path[paths[0]].fail_flushes = True
     with pytest.raises(Exception):
         vol.flush()
@@ -670,13 +675,8 @@ def test_a_restore_whose_own_write_took_the_volume_offline_goes_on_after_the_pro
     volume going offline with it) ended failed and stayed so after the probe, the volume
     degraded: only a job that found the volume offline went on. A job whose own I/O failed
     as the volume went offline goes on too."""
-    vol, opener, paths = make_volume(tmp_path, 2)
+    vol, opener, paths, job = _slow_restore(tmp_path)
     n = vol.num_blocks
-    write(vol, 0, b"A" * n * BS)
-    vol.split(1)
-    write(vol, 0, b"B" * n * BS)
-    vol.flush()
-    job = vol.restore(1, rate_limit=0.05)
     opener.by_path[paths[0]].fail_writes = True
     job.set_rate_limit(None)
     assert job.wait(10) and job.state == "failed"
