@@ -343,14 +343,15 @@ def _running(st, volume):
             and j["kind"] != "scrub"]
 
 
-def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None):
+def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None, through_offline=True):
     """Poll ``mgr.Status()`` every 0.5 s until no job runs on ``volume`` (``image``, an index:
     on that image); returns the jobs in state ``failed`` (empty: none): with ``image``, that
     image's job only - the one its command just started, also when it failed before the first
     poll (trial 25: a ``restore --wait`` exited 1 with an older failure of another image) -
     without, every failed job status lists; a backup's never (its copier reports it). A job
-    the volume's going offline stopped (``resumes``) is waited for: it goes on once the
-    volume is back. Progress goes to ``out`` when it is a tty.
+    the volume's going offline stopped (``resumes``) is waited for, as it goes on once the
+    volume is back - unless ``through_offline`` is False (the backup cycle: a timer's run
+    reports it as failed rather than wait for an operator). Progress goes to ``out`` when it is a tty.
     TimeoutError once ``timeout`` seconds passed (None: wait for ever); ValueError when no
     volume of that name is open (a mistyped name, or it closed while waited for)."""
     t0 = time.monotonic()
@@ -366,7 +367,7 @@ def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None):
             jobs = [j for j in jobs if j["image_id"] in ids]
         # one the volume's going offline stopped goes on once it is back: still waited for
         running = [j for j in _running(st, volume) if j in jobs] + [
-            j for j in jobs if j["state"] == "failed" and j.get("resumes")]
+            j for j in jobs if through_offline and j["state"] == "failed" and j.get("resumes")]
         if not running:
             # a backup's failure is its copier's to report (it stays in status as history:
             # an interrupted backup made every later resync --wait and wait exit 1, trial of
@@ -496,7 +497,9 @@ def _backup_cycle(args, mgr, plan) -> int:
 
     try:
         def wait(m, name, image=None):
-            return wait_jobs(m, name, None, out=None, image=image)
+            # an offline volume fails the cycle (logged, exit 1) rather than hold the timer's
+            # run until an operator brings its disk back; the resync goes on by itself then
+            return wait_jobs(m, name, None, out=None, image=image, through_offline=False)
         return backupcycle.run_cycle(plan, mgr, volume_iface, wait, log=log)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

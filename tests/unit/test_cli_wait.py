@@ -78,3 +78,6 @@ def test_a_job_stopped_by_going_offline_is_waited_for():
     done = _job("resync", 2, "done", done=8)
     assert cli.wait_jobs(_Mgr(_status(stopped), _status(stopped), _status(done)), "db",
                          out=None, image=1) == []
+    # the backup cycle's wait does not hold a timer's run for an offline volume: failed
+    assert cli.wait_jobs(_Mgr(_status(stopped)), "db", out=None, image=1,
+                         through_offline=False) == [stopped]
