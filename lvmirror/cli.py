@@ -351,9 +351,9 @@ def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None, through_off
     without, every failed job status lists; a backup's never (its copier reports it). A job
     the volume's going offline stopped (``resumes``) is waited for, as it goes on once the
     volume is back - unless ``through_offline`` is False (the backup cycle: a timer's run
-    reports it as failed rather than wait for an operator). Progress goes to ``out`` when it is a tty.
-    TimeoutError once ``timeout`` seconds passed (None: wait for ever); ValueError when no
-    volume of that name is open (a mistyped name, or it closed while waited for)."""
+    reports it as failed rather than wait for an operator). Progress goes to ``out`` when it
+    is a tty. TimeoutError once ``timeout`` seconds passed (None: wait for ever); ValueError
+    when no volume of that name is open (a mistyped name, or it closed while waited for)."""
     t0 = time.monotonic()
     while True:
         st = json.loads(mgr.Status())
