@@ -343,18 +343,24 @@ def _running(st, volume):
             and j["kind"] != "scrub"]
 
 
+RESUME_GRACE = 30.0   # s a wait waits, the volume back online, for a stopped job's take-up
+
+
 def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None, through_offline=True):
     """Poll ``mgr.Status()`` every 0.5 s until no job runs on ``volume`` (``image``, an index:
     on that image); returns the jobs in state ``failed`` (empty: none): with ``image``, that
     image's job only - the one its command just started, also when it failed before the first
     poll (trial 25: a ``restore --wait`` exited 1 with an older failure of another image) -
     without, every failed job status lists; a backup's never (its copier reports it). A job
-    the volume's going offline stopped (``resumes``) is waited for, as it goes on once the
-    volume is back - unless ``through_offline`` is False (the backup cycle: a timer's run
+    the volume's going offline stopped (``resumes``) is waited for while the volume is
+    offline and RESUME_GRACE seconds after, as it goes on once the volume is back (said once
+    on ``out``) - unless ``through_offline`` is False (the backup cycle: a timer's run
     reports it as failed rather than wait for an operator). Progress goes to ``out`` when it
     is a tty. TimeoutError once ``timeout`` seconds passed (None: wait for ever); ValueError
     when no volume of that name is open (a mistyped name, or it closed while waited for)."""
     t0 = time.monotonic()
+    online_since = None       # monotonic time the volume was seen back online, jobs to resume
+    told = False
     while True:
         st = json.loads(mgr.Status())
         if volume not in st["volumes"]:
@@ -365,9 +371,22 @@ def wait_jobs(mgr, volume, timeout=None, out=sys.stderr, image=None, through_off
             ids = {im["id"] for im in st["volumes"][volume].get("images", [])
                    if im["index"] == image}
             jobs = [j for j in jobs if j["image_id"] in ids]
-        # one the volume's going offline stopped goes on once it is back: still waited for
-        running = [j for j in _running(st, volume) if j in jobs] + [
-            j for j in jobs if through_offline and j["state"] == "failed" and j.get("resumes")]
+        # one the volume's going offline stopped goes on once it is back: still waited for -
+        # while the volume is offline, and RESUME_GRACE seconds after (its take-up)
+        resuming = [j for j in jobs if through_offline and j["state"] == "failed"
+                    and j.get("resumes")]
+        if resuming and st["volumes"][volume].get("health") != "offline":
+            online_since = online_since or time.monotonic()
+            if time.monotonic() - online_since > RESUME_GRACE:
+                resuming = []
+        else:
+            online_since = None
+        if resuming and not told and out is not None:
+            told = True             # said once, tty or not (a script's log shows why it waits)
+            print(f"lvmirror: volume {volume} went offline; the {resuming[0]['kind']} goes on "
+                  f"once it is back: waiting (Ctrl-C ends the wait, not the job)", file=out,
+                  flush=True)
+        running = [j for j in _running(st, volume) if j in jobs] + resuming
         if not running:
             # a backup's failure is its copier's to report (it stays in status as history:
             # an interrupted backup made every later resync --wait and wait exit 1, trial of

@@ -963,10 +963,16 @@ class JobControl:
                     new = self.resync(index, rate_limit=self._saved_rate(img, "resync_rate"),
                                       resume_of=job)
             except (LvmirrorError, ValueError, IndexError) as e:
+                if vol.offline is None:
+                    # refused for good (its image failed, an export, given up...): it no
+                    # longer says it goes on, nor holds a wait for it (third review, HIGH);
+                    # offline again, the next probe tries once more
+                    job.stopped_offline = False
                 log.warning("volume %s: the %s of image %s that stopped when the volume went "
                             "offline was not started again: %s", vol.name, job.kind,
                             img.rec.path, e)
                 continue
+            new.resumed_after_offline = True
             log.info("volume %s: back online: the %s of image %d (%s) goes on", vol.name,
                      new.kind, index, img.rec.path)
             started.append(new)
@@ -980,7 +986,8 @@ class JobControl:
         syncing. The caller clears ``stopped_offline`` only as it starts the job (a refusal
         by a later check leaves it for the next probe)."""
         vol = self.vol
-        if vol.jobs.get(img.rec.id) is not job or job.is_alive() or not job.stopped_offline:
+        if vol.jobs.get(img.rec.id) is not job or job.is_alive() or not job.stopped_offline \
+                or job.cancelled_by_request:
             raise StateError(f"volume {vol.name}: the {job.kind} of image {img.rec.path} was "
                              f"started again, cancelled or given up meanwhile")
         if isinstance(job, RestoreJob):

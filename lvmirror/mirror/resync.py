@@ -102,6 +102,9 @@ class _Job:
         # it stopped because the volume went offline (WentOffline): the probe that brings
         # the volume back starts it again (``JobControl.resume_after_offline``)
         self.stopped_offline = False
+        # started by ``resume_after_offline`` (taking up a job stopped so): its own I/O
+        # failing again before it copied anything stops it for good (``_stopped_by_offline``)
+        self.resumed_after_offline = False
         self.error: str | None = None
         self.bytes_done = 0
         self.bytes_total = 0
@@ -147,6 +150,12 @@ class _Job:
         """Like cancel, but the job resumes on the next open (volume close)."""
         self._stopping = True
         self._cancel.set()
+
+    @property
+    def cancelled_by_request(self) -> bool:
+        """``cancel`` or ``stop`` was asked of it (a job so stopped is never taken up after
+        the volume comes back online: ``JobControl._take_resume``)."""
+        return self._cancel.is_set()
 
     def wait(self, timeout=None) -> bool:
         """Wait for the job to end; True if it ended."""
@@ -345,8 +354,10 @@ class ResyncJob(_Job):
         except Exception as e:  # report, never kill the daemon
             # set first: a probe while the checkpoint in flight ends must find it (trial of
             # 2026-12-06); cancelled meanwhile, it is a cancel, which it stays
-            self.stopped_offline = _stopped_by_offline(vol, e) and not self._cancel.is_set()
+            self.stopped_offline = _stopped_by_offline(self, e)
             ckpt.wait(quiet=True)
+            if self._cancel.is_set():                # cancelled as it waited: a cancel
+                self.stopped_offline = False
             try:
                 # stopped by the volume going offline: resumed once it is back (and on the
                 # next open, if it closes first)
@@ -513,13 +524,24 @@ def _first_in_sync(vol):
     return sources[0] if sources else None
 
 
-def _stopped_by_offline(vol, e) -> bool:
-    """Whether a copy job's error ``e`` stopped it because the volume went offline: it found
-    the volume offline (WentOffline), or its own I/O failed as the volume went offline (the
-    restore's write, its commit's flush, the resync's first flush of its sources; trial of
-    2026-12-06): either way it goes on once the volume is back."""
-    return isinstance(e, WentOffline) or (isinstance(e, (LvmirrorError, OSError))
-                                          and vol.offline is not None)
+def _stopped_by_offline(job, e) -> bool:
+    """Whether copy job ``job``'s error ``e`` stopped it because its volume went offline, so
+    that it goes on once the volume is back: it found the volume offline (WentOffline), or
+    its own I/O failed as the volume went offline (the restore's write, its commit's flush,
+    the resync's first flush of its sources; trial of 2026-12-06) - but not when it was
+    cancelled, when a resync's target is no longer syncing (failed: third review), nor when
+    it was itself taken up after going offline and failed again before it copied anything
+    (its own I/O takes the volume offline: restarted at every probe, the volume would never
+    serve for long; third review, HIGH)."""
+    if job._cancel.is_set():
+        return False
+    img = job.img
+    if isinstance(job, ResyncJob) and img is not None and img.state.value != "syncing":
+        return False
+    if isinstance(e, WentOffline):
+        return True
+    own = isinstance(e, (LvmirrorError, OSError)) and job.vol.offline is not None
+    return own and not (job.resumed_after_offline and job.bytes_done == 0)
 
 
 class WentOffline(StateError):
@@ -780,7 +802,7 @@ class RestoreJob(_Job):
             vol.control.finish_restore(self.img, self)
             self._finish("done")
         except Exception as e:
-            self.stopped_offline = _stopped_by_offline(vol, e) and not self._cancel.is_set()
+            self.stopped_offline = _stopped_by_offline(self, e)
             self._fail(str(e) if isinstance(e, WentOffline) else f"{type(e).__name__}: {e}")
 
     def _copy_marked(self, buf) -> None:

@@ -70,14 +70,22 @@ def test_a_failed_backup_is_not_a_waits_failure():
     assert cli.wait_jobs(_Mgr(_status(gone, bad)), "db", out=None, image=1) == [bad]
 
 
-def test_a_job_stopped_by_going_offline_is_waited_for():
+def test_a_job_stopped_by_going_offline_is_waited_for(monkeypatch):
     """Trial of 2026-12-06, LOW: ``resync --wait`` exited 1 when the volume went offline,
     though the resync then went on by itself and finished. A job that says it ``resumes`` is
     waited for; ``status`` says it goes on once the volume is back."""
+    import io
     stopped = dict(_job("resync", 2, "failed", "volume db went offline (...)"), resumes=True)
     done = _job("resync", 2, "done", done=8)
-    assert cli.wait_jobs(_Mgr(_status(stopped), _status(stopped), _status(done)), "db",
-                         out=None, image=1) == []
+    offline = _status(stopped)
+    offline["volumes"]["db"]["health"] = "offline"
+    said = io.StringIO()
+    assert cli.wait_jobs(_Mgr(offline, offline, _status(done)), "db", out=said,
+                         image=1) == []
+    assert said.getvalue().count("went offline; the resync goes on once it is back") == 1
+    # back online and the job never taken up (refused): not waited for past the grace
+    monkeypatch.setattr(cli, "RESUME_GRACE", 0.2)
+    assert cli.wait_jobs(_Mgr(_status(stopped)), "db", out=None, image=1) == [stopped]
     # the backup cycle's wait does not hold a timer's run for an offline volume: failed
     assert cli.wait_jobs(_Mgr(_status(stopped)), "db", out=None, image=1,
                          through_offline=False) == [stopped]

@@ -717,3 +717,68 @@ def test_a_resync_stopped_while_its_checkpoint_is_in_flight_goes_on(tmp_path):
     assert new is not job and new.kind == "resync"
     assert new.wait(10) and new.state == "done", new.error
     vol.close()
+
+
+def test_a_take_up_refused_for_good_stops_saying_it_goes_on(tmp_path):
+    """Third review of 2026-12-06, HIGH: a resync stopped by the volume going offline whose
+    image then failed (refused at the take-up: not syncing) kept saying it goes on
+    (``resumes``), and a ``--wait`` waited for ever. Refused while the volume is online, it
+    no longer does."""
+    vol, opener, paths, gate, job = _resync_held_at_region_8(tmp_path)
+    opener.by_path[paths[0]].fail_writes = True
+    with pytest.raises(VolumeIOError):
+        write(vol, 2 * 128, pattern(128, 999))
+    gate.open()
+    assert job.wait(10) and job.stopped_offline
+    opener.by_path[paths[0]].fail_writes = False
+    img = vol._images[1]
+    with vol._meta:                                      # the target fails meanwhile
+        vol._fail_leg(img, img.bitmap, True, "injected", lambda: None)
+    assert vol.probe()
+    _join_resume(vol)
+    assert vol.jobs[img.rec.id] is job and not job.stopped_offline
+    assert not job.progress()["resumes"]
+    vol.close()
+
+
+def test_a_restore_taken_up_that_fails_again_at_once_is_not_restarted(tmp_path):
+    """Third review of 2026-12-06, HIGH: a restore whose own write fails on a bad region of
+    the last in-sync image took the volume offline; taken up after the probe, it failed there
+    again at once, and again after every probe: the volume never served for long. One taken
+    up that fails by its own I/O before it copied anything stops for good."""
+    vol, opener, paths, job = _slow_restore(tmp_path)
+    bad = opener.by_path[paths[0]]
+    bad.fail_writes = True
+    job.set_rate_limit(None)
+    assert job.wait(10) and job.stopped_offline
+    bad.fail_writes = False
+    real_writev = bad.writev
+
+    def writev(offset, buffers, *, fua=False):       # region 0 stays bad for the restore
+        if offset < 64 << 10 and not fua:
+            raise ImageIOError(bad, errno.EIO, "injected: a bad region")
+        return real_writev(offset, buffers, fua=fua)
+    bad.writev = writev
+    assert vol.probe()
+    _join_resume(vol)
+    again = vol.control.restore_job
+    assert again is not job and again.resumed_after_offline
+    assert again.wait(10) and again.state == "failed" and vol.health == "offline"
+    assert not again.stopped_offline, "it would be restarted at every probe"
+    bad.writev = real_writev
+    vol.close()
+
+
+def test_a_job_cancelled_as_it_ends_is_not_taken_up_even_before_forget_resume(tmp_path,
+                                                                              monkeypatch):
+    """Third review of 2026-12-06, MEDIUM: a cancel as the job ended for going offline kept
+    it stopped only if the host's ``forget_resume`` got the management lock before the
+    probe's thread did. A job cancelled (``cancelled_by_request``) is never taken up."""
+    vol, opener, paths, job, go = _resync_ending_offline(tmp_path, monkeypatch)
+    job.cancel()
+    go.set()
+    assert job.wait(10)
+    assert vol.probe()                                  # before any forget_resume
+    _join_resume(vol)
+    assert vol.jobs[vol._images[1].rec.id] is job
+    vol.close()
