@@ -80,6 +80,11 @@ class LockspaceLostError(LeaseError):
     no lease can be taken until it is joined again."""
 
 
+# sanlock's answer to an acquire of a resource another host holds (SANLK_ACQUIRE_IDLIVE,
+# sanlock_rv.h: "Lease is held by another host")
+SANLK_HELD = -243
+
+
 class LeaseHeldError(LeaseError):
     """The volume's lease is held by another host (``owners``: their sanlock host ids)."""
 
@@ -352,6 +357,14 @@ class Leases:
                 f"{what}: this host (sanlock host id {c.host_id}) does not hold the lockspace "
                 f"on {c.area}: the lease area cannot be read or written, or the sanlock daemon "
                 f"stopped ({exc})")
+        code = exc.args[0] if exc.args else None
+        if code == SANLK_HELD:
+            # held by another host when asked, and no owner left when its owners were read:
+            # its holder let it go in between - as held as before for the caller, who tries
+            # again (a LUN at its next follow); a plain LeaseError ended those retries (lab,
+            # 2026-12-06: the LUN stayed NOT READY though the lease was free)
+            return LeaseHeldError(f"{what}: its lease in {c.area} was held by another host "
+                                  f"when asked, and its holder let it go since ({exc})", [])
         return LeaseError(f"{what}: cannot take its lease in {c.area}: {exc}")
 
     def _find(self, sanlock, name) -> tuple[int | None, int | None]:

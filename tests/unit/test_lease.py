@@ -188,3 +188,42 @@ def test_joining_with_a_missing_lease_area_is_a_lease_error(tmp_path):
     leases = lease.Leases(lease.LeaseConfig(str(tmp_path / "missing"), 1))
     with pytest.raises(lease.LeaseError, match="missing"):
         leases.join()
+
+
+def test_a_lease_let_go_between_the_refusal_and_its_owners_is_still_held(tmp_path):
+    """Lab, 2026-12-06: sanlock refused the acquire (-243, held by another host), and by the
+    time its owners were read the holder had let go: the refusal became a plain LeaseError,
+    which ended the LUN's retries, and the LUN stayed NOT READY with the lease free. It is a
+    LeaseHeldError (the caller tries again); no owner left and the lockspace lost is still
+    LockspaceLostError; another errno stays a LeaseError. (sanlock is stood in for here: this
+    host cannot run its daemon; the lab runs the real one.)"""
+    from lvmirror.daemon.lease import (SANLK_HELD, LeaseConfig, LeaseError, LeaseHeldError,
+                                       Leases, LockspaceLostError)
+    area = tmp_path / "area"
+    area.write_bytes(bytes(3 << 20))
+
+    class Sanlock:
+        class SanlockException(Exception):
+            pass
+
+        def __init__(self, owners, joined=True):
+            self.owners, self.joined = owners, joined
+
+        def read_resource_owners(self, *a, **kw):
+            return [{"host_id": h} for h in self.owners]
+
+        def inq_lockspace(self, *a, **kw):
+            return self.joined
+
+    leases = Leases(LeaseConfig(str(area), 1, 10))
+    held = Sanlock.SanlockException(SANLK_HELD, "Sanlock resource not acquired",
+                                    "Lease is held by another host")
+    e = leases._refusal(Sanlock([]), held, b"vol", [], "volume 'v'")
+    assert type(e) is LeaseHeldError and "let it go since" in str(e)
+    e = leases._refusal(Sanlock([2]), held, b"vol", [], "volume 'v'")
+    assert type(e) is LeaseHeldError and e.owners == [2]
+    e = leases._refusal(Sanlock([], joined=False), held, b"vol", [], "volume 'v'")
+    assert type(e) is LockspaceLostError
+    other = Sanlock.SanlockException(-5, "io error", "EIO")
+    e = leases._refusal(Sanlock([]), other, b"vol", [], "volume 'v'")
+    assert type(e) is LeaseError
