@@ -356,7 +356,7 @@ class ResyncJob(_Job):
             # 2026-12-06); cancelled meanwhile, it is a cancel, which it stays
             self.stopped_offline = _stopped_by_offline(self, e)
             ckpt.wait(quiet=True)
-            if self._cancel.is_set():                # cancelled as it waited: a cancel
+            if self.cancelled_by_request:            # cancelled as it waited: a cancel
                 self.stopped_offline = False
             try:
                 # stopped by the volume going offline: resumed once it is back (and on the
@@ -533,7 +533,7 @@ def _stopped_by_offline(job, e) -> bool:
     it was itself taken up after going offline and failed again before it copied anything
     (its own I/O takes the volume offline: restarted at every probe, the volume would never
     serve for long; third review, HIGH)."""
-    if job._cancel.is_set():
+    if job.cancelled_by_request:
         return False
     img = job.img
     if isinstance(job, ResyncJob) and img is not None and img.state.value != "syncing":
