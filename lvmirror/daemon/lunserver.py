@@ -175,32 +175,12 @@ INLINE_IDLE_MAX = 1 << 20
 # nothing because read_batch still sent every WRITE over 64 KiB to the Python fetch.)
 COMPILED_READ_MAX = 1 << 20
 COMPILED_WRITE_MAX = 1 << 20
-# The bytes one compiled batch of READs over INLINE_READ_MAX reads at most (and at least one
-# READ), the kernel told after each batch. A batch took every such READ queued (up to 64
-# commands, or 8 MiB) before, and the kernel heard of none until the last of them was read: the
-# target could not send the first one's Data-In meanwhile. LVMIRROR_READ_BATCH_BYTES sets it
-# for measuring (8388608: the batches of before; malformed or out of 64 KiB..8 MiB: a warning
-# at start and this default).
-READ_BATCH_BYTES = COMPILED_READ_MAX
-
-
-def _read_batch_bytes(text: str | None) -> int:
-    """LVMIRROR_READ_BATCH_BYTES (``text``, None when unset) as bytes: a whole number from
-    64 KiB to 8 MiB, else READ_BATCH_BYTES with a warning."""
-    if text is None:
-        return READ_BATCH_BYTES
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 64 << 10 <= n <= 8 << 20:
-        log.warning("LVMIRROR_READ_BATCH_BYTES=%r is not a byte count from 65536 to 8388608; "
-                    "%d it is", text, READ_BATCH_BYTES)
-        return READ_BATCH_BYTES
-    return n
-
-
-READ_BATCH_BYTES = _read_batch_bytes(os.environ.get("LVMIRROR_READ_BATCH_BYTES"))
+# How many READs over INLINE_READ_MAX one compiled batch takes at most (1-64), the kernel told
+# after each batch. A batch took every such READ queued (up to 64, or 8 MiB) before, and the
+# kernel heard of none until the last of them was read: the target could not send the first
+# one's Data-In meanwhile. LVMIRROR_BIG_READ_BATCH sets it (for measuring).
+_big = os.environ.get("LVMIRROR_BIG_READ_BATCH", "1")
+BIG_READ_BATCH = min(max(int(_big), 1), 64) if _big.strip().isdigit() else 1
 # ... and for a mirror (2-4 images), which it writes one leg after the other with no bound: under
 # the volume's PARALLEL_MIN_BYTES (128 KiB), from which the Python path writes the legs in
 # parallel and fails one still busy ``leg_timeout`` seconds after another finished. Up to 1 MiB,
@@ -249,9 +229,6 @@ LEASE_LOOP_WAIT = 1.0
 # How many times one turn of the ring thread lets READs and WRITEs take turns on the compiled
 # path (each stops at the other's kind) before the Python fetch.
 COMPILED_TURNS = 8
-# How many batches of READs over INLINE_READ_MAX (READ_BATCH_BYTES each) one of those turns
-# makes at most while each stops full.
-BIG_READ_BATCHES = 64
 # How long (seconds) the ring thread waits before it asks the volume again for a source of
 # compiled READs when there was none (an O_DIRECT volume, a restore, a torn region...).
 COMPILED_READS_RETRY = 0.1
@@ -268,11 +245,6 @@ _Armed = collections.namedtuple("_Armed", "storage target num_blocks block_size 
                                           "max_big_read rfds wfds take_writes take_big_reads "
                                           "run complete leasable lease_busy lease_writes "
                                           "lease_big_reads lease_serve")
-class _NotifyFailed(Exception):
-    """The UIO write telling the kernel of completions failed inside the compiled turns
-    (``LunServer._tell_kernel``); ``__cause__`` is the OSError."""
-
-
 _CHECK_KINDS = ({"is": _fastread.CHECK_IS, "falsy": _fastread.CHECK_FALSY,
                  "eq": _fastread.CHECK_EQ} if _fastread is not None else {})
 
@@ -799,8 +771,6 @@ class LunServer:
                     and not self._aborted and not self._compiled_off):
                 try:
                     done, emptied = self._compiled_reads(gen)
-                except _NotifyFailed as exc:
-                    raise exc.__cause__     # the device's, as the notify below would raise it
                 except Exception:           # a bug: the Python path answers every command now
                     self._compiled_off = True
                     log.exception("LUN %s: the compiled READ/WRITE path failed; the Python path "
@@ -916,8 +886,8 @@ class LunServer:
         take = functools.partial(ring.take_fast, _fastread.take_batch, nb, bs)
         take_writes = functools.partial(take, max_write, mb, _fastread.MAX_WRITES, wchecks, hold,
                                         True, big)
-        take_big_reads = functools.partial(take, big, mb, _fastread.MAX_WRITES, checks, hold,
-                                           False, max_write, READ_BATCH_BYTES)
+        take_big_reads = functools.partial(take, big, mb, BIG_READ_BATCH, checks, hold,
+                                           False, max_write)
         # a lease (``_begin_lease``) on a volume writing one image; under it a READ batch is
         # busy only while a region lock is awaited (the lease's own is the one held)
         leasable = (RING_LEASE and wstorage is not None and len(wstorage) == 1
@@ -930,7 +900,7 @@ class LunServer:
                                           wchecks, hold, hold, True, big,
                                           tuple(st.fd for st in wstorage), self, self._role_mu, 0)
                         if leasable else None)
-        lease_big_reads = (functools.partial(lease_run, big, mb, _fastread.MAX_WRITES, checks,
+        lease_big_reads = (functools.partial(lease_run, big, mb, BIG_READ_BATCH, checks,
                                              hold, hold, False, max_write, (storage.fd,), self,
                                              self._role_mu)
                            if leasable else None)
@@ -939,7 +909,7 @@ class LunServer:
         lease_serve = (functools.partial(
             ring.lease_runner(_fastread.lease_serve, nb, bs), self, self._role_mu,
             (min(INLINE_READ_MAX, most), big, mb, checks, lease_busy, storage.fd,
-             READ_BATCH_BYTES),
+             BIG_READ_BATCH),
             (max_write, _fastread.MAX_WRITES, wchecks, hold, tuple(st.fd for st in wstorage)),
             (self._handle.fd, self._wake_r, LEASE_LOOP_ROUNDS, INLINE_SLOW, BUCKETS,
              self.latency.counts("read"), self.latency.counts("write")))
@@ -1072,32 +1042,15 @@ class LunServer:
                         lease.reads += n
                         lease.read_bytes += nbytes
             elif why == _STOP_BIG_READ:
-                # batch after batch while each stops full, the kernel told after each, so that
-                # one's Data-In goes out while the next reads; they use up one turn (the turns
-                # bound how often the kinds take turns), and a READ or WRITE the last one
-                # stopped at is the next turn's
-                got = 0
-                for _ in range(BIG_READ_BATCHES):
-                    n, why = self._compiled_big_reads(fast, rwf, gen, lease)
-                    if n is None:
-                        return None, False       # handed over: a newer ring thread serves
-                    if not n:
-                        break
-                    got += n
-                    self._tell_kernel()
-                    done = 0
-                    lease = (self._lease if self._lease is not None
-                             and self._lease.gen == gen else None)
-                    if why != _STOP_BIG_READ or self._fast is None:
-                        break
-                    if lease is not None and (lease.revoked
-                                              or self._inline_after > lease.since):
-                        self._end_lease(gen)
-                        lease = None
-                if got:
-                    self._lead = _STOP_READ
-                if not got or self._fast is None:
+                n, why = self._compiled_big_reads(fast, rwf, gen, lease)
+                if n is None:
+                    return None, False           # handed over: a newer ring thread serves
+                if not n:
                     break
+                # (the kernel told now: their Data-In goes out while the next batch reads)
+                self._handle.notify()
+                done = 0
+                self._lead = _STOP_READ
             elif (why == _STOP_WRITE and fast.wstorage is not None
                     and self._fast is not None
                     and (lease is not None
@@ -1119,15 +1072,6 @@ class LunServer:
                 break
             lease = self._lease if self._lease is not None and self._lease.gen == gen else None
         return done, why == _STOP_HEAD
-
-    def _tell_kernel(self) -> None:
-        """Tell the kernel of the commands completed on the ring (the UIO write) from inside
-        the compiled turns: a failure is the device's (_NotifyFailed, which the ring loop
-        raises as the OSError it was), not a bug of the compiled path."""
-        try:
-            self._handle.notify()
-        except OSError as exc:
-            raise _NotifyFailed(exc) from exc
 
     def _begin_lease(self, fast, gen: int):
         """Take the ring thread's lease (``MirrorVolume.begin_ring_lease``,
@@ -1216,7 +1160,7 @@ class LunServer:
         if writes:
             r = fast.lease_writes(gen, lease)
         else:
-            r = fast.lease_big_reads(rwf, gen, lease, READ_BATCH_BYTES)
+            r = fast.lease_big_reads(rwf, gen, lease)
         return self._leased_done(fast, gen, writes, lease, r)
 
     def _lease_serve(self, fast, gen: int, lease, rwf: int,

@@ -451,14 +451,12 @@ struct taken_iov {
 
 PyDoc_STRVAR(take_batch_doc,
 "take_batch(ring, cmdr_off, cmdr_size, data_off, map_size, fetch, num_blocks, block_size,\n"
-"           max_bytes, max_blocks, max_commands, checks, busy, writes, other_bytes=0,\n"
-"           batch_bytes=0)\n"
+"           max_bytes, max_blocks, max_commands, checks, busy, writes, other_bytes=0)\n"
 "    -> (fetch, taken, pads, why, packed, first, blocks)\n"
 "\n"
 "TAKE the consecutive WRITE(10)/WRITE(16) commands without FUA (`writes` true) or\n"
 "READ(10)/READ(16) commands (false) from ring offset `fetch` (bytes) on, in ring order, up to\n"
-"`max_commands` of them (at most 64), 1,024 iovecs and `batch_bytes` (0 or over 8 MiB: 8 MiB;\n"
-"always one command), with read_batch's field checks\n"
+"`max_commands` of them (at most 64), 1,024 iovecs and 8 MiB, with read_batch's field checks\n"
 "(SBC-4 5.15/5.16/5.40: no RD/WRPROTECT, no NACA, no FUA, TRANSFER LENGTH 1..`max_blocks`,\n"
 "at most `max_bytes`, inside `num_blocks`), after `checks` and `busy` hold. It does NO I/O and\n"
 "answers nothing: the caller moves its fetch cursor, counts the commands outstanding (the\n"
@@ -478,8 +476,7 @@ PyDoc_STRVAR(take_batch_doc,
 "TypeError/ValueError for malformed arguments.");
 
 /* What take_batch and lease_batch take: the parse of up to `max_commands` consecutive
- * commands of one kind (`writes`), up to `batch_bytes_max` bytes in all (0: BATCH_BYTES; the
- * first whatever its size) from `fetch` on, after begin_batch said the batch may start
+ * commands of one kind (`writes`) from `fetch` on, after begin_batch said the batch may start
  * (`why` STOP_HEAD, `head` the kernel's cmd_head). Fills `cmds` and `pool` and returns the
  * commands taken; `*cur`, `*pads`, `*why`, `*lo`, `*hi` get the new fetch cursor, the PAD
  * entries skipped, why it stopped and the blocks [lo, hi) the commands cover. */
@@ -487,8 +484,7 @@ static uint32_t
 take_into(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off,
           uint64_t map_size, uint32_t fetch, uint32_t head, uint64_t num_blocks,
           uint32_t block_size, uint64_t max_bytes, uint64_t max_blocks, uint32_t max_commands,
-          int writes, uint64_t other_bytes, uint64_t batch_bytes_max, struct rw_cmd *cmds,
-          struct iovec *pool,
+          int writes, uint64_t other_bytes, struct rw_cmd *cmds, struct iovec *pool,
           uint32_t *used_out, uint32_t *cur_out, Py_ssize_t *pads_out, int *why_io,
           uint64_t *lo_out, uint64_t *hi_out)
 {
@@ -502,8 +498,6 @@ take_into(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off
     Py_ssize_t pads = 0;
     if (max_commands > MAX_WRITES)
         max_commands = MAX_WRITES;
-    if (batch_bytes_max == 0 || batch_bytes_max > BATCH_BYTES)
-        batch_bytes_max = BATCH_BYTES;
     while (why == STOP_HEAD && cur != head) {
         if (n == max_commands) {
             why = full;
@@ -523,8 +517,7 @@ take_into(uint8_t *map, uint32_t cmdr_off, uint32_t cmdr_size, uint64_t data_off
             why = STOP_OTHER;           /* over this kind's size: the Python fetch's */
             break;
         }
-        if (kind == ENT_FULL
-                || (kind == mine && n && batch_bytes + cmds[n].want > batch_bytes_max)) {
+        if (kind == ENT_FULL || (kind == mine && n && batch_bytes + cmds[n].want > BATCH_BYTES)) {
             why = full;
             break;
         }
@@ -601,12 +594,12 @@ take_batch(PyObject *Py_UNUSED(self), PyObject *args)
     PyObject *checks, *busy;
     int writes;
 
-    unsigned long long other_bytes = 0, batch_bytes = 0;
+    unsigned long long other_bytes = 0;
 
-    if (!PyArg_ParseTuple(args, "w*IIKKIKIKKIO!O!p|KK", &ring, &cmdr_off, &cmdr_size, &data_off,
+    if (!PyArg_ParseTuple(args, "w*IIKKIKIKKIO!O!p|K", &ring, &cmdr_off, &cmdr_size, &data_off,
                           &map_size, &fetch, &num_blocks, &block_size, &max_bytes,
                           &max_blocks, &max_commands, &PyTuple_Type, &checks, &PyTuple_Type,
-                          &busy, &writes, &other_bytes, &batch_bytes))
+                          &busy, &writes, &other_bytes))
         return NULL;
     uint8_t *map = ring.buf;
     uint32_t head = 0;
@@ -623,8 +616,7 @@ take_batch(PyObject *Py_UNUSED(self), PyObject *args)
     Py_ssize_t pads = 0;
     uint32_t n = take_into(map, cmdr_off, cmdr_size, data_off, map_size, fetch, head,
                            num_blocks, block_size, max_bytes, max_blocks, max_commands, writes,
-                           other_bytes, batch_bytes, cmds, pool, &used, &cur, &pads, &why, &lo,
-                           &hi);
+                           other_bytes, cmds, pool, &used, &cur, &pads, &why, &lo, &hi);
     PyObject *packed = pack_taken(map, cmds, n, used, block_size);
     PyBuffer_Release(&ring);
     if (packed == NULL)
@@ -958,7 +950,7 @@ lease_ctx_geometry(struct lease_ctx *x, const Py_buffer *ring, unsigned int cmdr
 /* One lease batch's kind: WRITEs (`writes`, to every descriptor of `fds`) or large READs (from
  * fds[0] with preadv2 flags `rwf`), take_batch's limits and conditions. */
 struct lease_kind {
-    uint64_t max_bytes, max_blocks, other_bytes, batch_bytes;
+    uint64_t max_bytes, max_blocks, other_bytes;
     uint32_t max_commands;
     PyObject *checks, *busy, *hold;
     int writes, rwf;
@@ -1118,8 +1110,7 @@ lease_one(const struct lease_ctx *x, const struct lease_kind *k, struct lease_ou
     Py_ssize_t pads = 0;
     uint32_t n = take_into(map, x->cmdr_off, x->cmdr_size, x->data_off, x->map_size, fetch,
                            head, x->num_blocks, x->block_size, k->max_bytes, k->max_blocks,
-                           k->max_commands, k->writes, k->other_bytes, k->batch_bytes, cmds,
-                           pool, &used, &cur,
+                           k->max_commands, k->writes, k->other_bytes, cmds, pool, &used, &cur,
                            &pads, &why, &lo, &hi);
     PyObject *packed = NULL;
     if (n) {
@@ -1259,15 +1250,14 @@ lease_result(struct lease_out *o)
 PyDoc_STRVAR(lease_batch_doc,
 "lease_batch(ring, cmdr_off, cmdr_size, data_off, map_size, ring_obj, ring_lock, num_blocks,\n"
 "            block_size, max_bytes, max_blocks, max_commands, checks, busy, hold, writes,\n"
-"            other_bytes, fds, server, role_mu, rwf, gen, lease, batch_bytes=0)\n"
+"            other_bytes, fds, server, role_mu, rwf, gen, lease)\n"
 "    -> (taken, why, done, completed, nbytes, err, leg, packed, t0, lost)\n"
 "\n"
 "take_batch, run_batch and complete_batch in one call, for the ring thread (generation `gen`)\n"
 "holding its lease on the volume (lvmirror/mirror/ringlease.py: the whole LUN locked for it,\n"
 "the split epoch entered), as LunServer._leased_batch makes a batch:\n"
 "1. under `ring_lock` (ring_obj's, a threading.Lock) it takes the commands as take_batch does,\n"
-"   from ring_obj._fetch on (`batch_bytes` as take_batch's), and moves ring_obj's fetch\n"
-"   cursor, outstanding count and\n"
+"   from ring_obj._fetch on, and moves ring_obj's fetch cursor, outstanding count and\n"
 "   statistics (`fetched`, `pads`) as CommandRing.take_fast does;\n"
 "2. it sets lease.batch to (first block, blocks, not writes) and server._inline_t0 to the time\n"
 "   (CLOCK_MONOTONIC, as time.monotonic()), wakes the watchdog as the ring thread does\n"
@@ -1290,24 +1280,22 @@ lease_batch(PyObject *Py_UNUSED(self), PyObject *args)
     Py_buffer ring;
     unsigned int cmdr_off, cmdr_size, max_commands, block_size;
     unsigned long long data_off, map_size, num_blocks, max_bytes, max_blocks, other_bytes;
-    unsigned long long batch_bytes = 0;
     PyObject *fds_obj;
     struct lease_ctx x;
     struct lease_kind k;
 
-    if (!PyArg_ParseTuple(args, "w*IIKKOOKIKKIO!O!O!pKO!OOinO|K", &ring, &cmdr_off, &cmdr_size,
+    if (!PyArg_ParseTuple(args, "w*IIKKOOKIKKIO!O!O!pKO!OOinO", &ring, &cmdr_off, &cmdr_size,
                           &data_off, &map_size, &x.ring_obj, &x.ring_lock, &num_blocks,
                           &block_size, &max_bytes, &max_blocks, &max_commands, &PyTuple_Type,
                           &k.checks, &PyTuple_Type, &k.busy, &PyTuple_Type, &k.hold, &k.writes,
                           &other_bytes, &PyTuple_Type, &fds_obj, &x.server, &x.role_mu, &k.rwf,
-                          &x.gen, &x.lease, &batch_bytes))
+                          &x.gen, &x.lease))
         return NULL;
     lease_ctx_geometry(&x, &ring, cmdr_off, cmdr_size, data_off, map_size, num_blocks,
                        block_size);
     k.max_bytes = max_bytes;
     k.max_blocks = max_blocks;
     k.other_bytes = other_bytes;
-    k.batch_bytes = batch_bytes;
     k.max_commands = max_commands;
     struct lease_out o;
     PyObject *result = NULL;
@@ -1430,10 +1418,10 @@ PyDoc_STRVAR(lease_serve_doc,
 "tell the kernel (a 4-byte write to the UIO descriptor) and wait for its next event, all without\n"
 "returning to Python:\n"
 "- the READs the page cache holds, as read_batch answers them under the ring's lock (`reads`:\n"
-"  (max_read, big_read, max_blocks, checks, busy, fd, read_batch_bytes) and preadv2 flags\n"
-"  `rwf`; -1: no READ of either size, the first returns);\n"
-"- larger READs (up to big_read bytes, read_batch_bytes a batch as take_batch's batch_bytes,\n"
-"  the kernel told after each batch) and WRITEs without FUA as lease_batch makes them\n"
+"  (max_read, big_read, max_blocks, checks, busy, fd, big_commands) and preadv2 flags `rwf`;\n"
+"  -1: no READ of either size, the first returns);\n"
+"- larger READs (up to big_read bytes, at most big_commands (1-64) a batch, the kernel told\n"
+"  after each batch) and WRITEs without FUA as lease_batch makes them\n"
 "  (`writes`: (max_write, max_commands, write_checks, hold, fds));\n"
 "  (while the ring refills as fast as they empty it, every 8 batches the kernel is told, and\n"
 "  the lease, the wake-up pipe and the time are looked at as before a wait);\n"
@@ -1489,11 +1477,10 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
     PyObject *rchecks, *rbusy, *wchecks, *hold, *wfds, *buckets;
     struct lease_kind big = {0}, wk = {0};
     struct hist h;
-    unsigned long long read_batch_bytes;
-    if (!PyArg_ParseTuple(reads_t, "KKKO!O!iK;reads: (max_read, big_read, max_blocks, checks, "
-                          "busy, fd, read_batch_bytes)", &max_read, &big_read, &max_blocks,
-                          &PyTuple_Type, &rchecks, &PyTuple_Type, &rbusy, &rfd,
-                          &read_batch_bytes)
+    unsigned int big_commands;
+    if (!PyArg_ParseTuple(reads_t, "KKKO!O!iI;reads: (max_read, big_read, max_blocks, checks, "
+                          "busy, fd, big_commands)", &max_read, &big_read, &max_blocks,
+                          &PyTuple_Type, &rchecks, &PyTuple_Type, &rbusy, &rfd, &big_commands)
             || !PyArg_ParseTuple(writes_t, "KIO!O!O!;writes: (max_write, max_commands, checks, "
                                  "hold, fds)", &max_write, &max_commands, &PyTuple_Type,
                                  &wchecks, &PyTuple_Type, &hold, &PyTuple_Type, &wfds)
@@ -1505,7 +1492,8 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
     h.nb = PyTuple_GET_SIZE(buckets);
     if ((unsigned long long)ring.len < map_size || h.nb > MAX_BUCKETS
             || PyList_GET_SIZE(h.lists[0]) != h.nb + 2 || PyList_GET_SIZE(h.lists[1]) != h.nb + 2
-            || (lead != STOP_READ && lead != STOP_WRITE)) {
+            || (lead != STOP_READ && lead != STOP_WRITE)
+            || big_commands < 1 || big_commands > MAX_WRITES) {
         PyErr_SetString(PyExc_ValueError, "lease_serve: ring, histogram or lead out of range");
         goto bad_args;
     }
@@ -1526,8 +1514,7 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
     big.max_bytes = big_read;
     big.max_blocks = max_blocks;
     big.other_bytes = max_write;
-    big.max_commands = MAX_WRITES;
-    big.batch_bytes = read_batch_bytes;
+    big.max_commands = big_commands;
     big.checks = rchecks;
     big.busy = hold;
     big.hold = hold;
@@ -1539,7 +1526,6 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
     wk.max_blocks = max_blocks;
     wk.other_bytes = big_read;
     wk.max_commands = max_commands;
-    wk.batch_bytes = 0;
     wk.checks = wchecks;
     wk.busy = hold;
     wk.hold = hold;
@@ -1653,20 +1639,19 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
                     }
                     Py_CLEAR(o.packed);
                     unnotified += o.completed;
+                    if (!writes) {
+                        /* large READs: the kernel told at once, so that their Data-In goes
+                         * out while the next batch reads (LunServer.BIG_READ_BATCH) */
+                        uio_notify(uio_fd);
+                        unnotified = 0;
+                        retired = 0;
+                    }
                     int now_lead = writes ? STOP_WRITE : STOP_READ;
                     if (lead != now_lead && set_lead(x.server, lead = now_lead) < 0)
                         goto fail;
                     if (count_done(&x, &h, writes, o.completed, o.nbytes,
                                    took / o.completed) < 0)
                         goto fail;
-                    if (!writes) {
-                        /* large READs, counted: the kernel told at once, so that their
-                         * Data-In goes out while the next batch reads
-                         * (LunServer.READ_BATCH_BYTES) */
-                        uio_notify(uio_fd);
-                        unnotified = 0;
-                        retired = 0;
-                    }
                 }
             }
             if (why == STOP_READ || why == STOP_WRITE || why == STOP_BIG_READ)

@@ -352,11 +352,10 @@ class CommandRing:
 
     def take_fast(self, take_batch, num_blocks: int, block_size: int, max_bytes: int,
                   max_blocks: int, max_commands: int, checks: tuple, busy: tuple,
-                  writes: bool, other_bytes: int = 0, batch_bytes: int = 0):
+                  writes: bool, other_bytes: int = 0):
         """Let ``take_batch`` (``lvmirror.tcmu._fastread.take_batch``) take the consecutive
         WRITEs without FUA (``writes``) or READs from the fetch cursor on, at most
-        ``max_commands`` (``max_bytes`` each, ``batch_bytes`` in all - 0: 8 MiB - and at least
-        one, of ``block_size``-byte blocks inside
+        ``max_commands`` (``max_bytes`` each, of ``block_size``-byte blocks inside
         ``num_blocks``; a command of the other kind stops it as the other kind's - parsed up to
         the larger of ``max_bytes`` and ``other_bytes``, beyond which it is the Python
         fetch's), under the ring's lock: the fetch cursor
@@ -372,7 +371,7 @@ class CommandRing:
             fetch, taken, pads, why, packed, first, blocks = take_batch(
                 self._mv, self.cmdr_off, self.cmdr_size, self.data_off, self.map_size,
                 self._fetch, num_blocks, block_size, max_bytes, max_blocks, max_commands,
-                checks, busy, writes, other_bytes, batch_bytes)
+                checks, busy, writes, other_bytes)
             self._fetch = fetch
             self._outstanding += taken
             st = self.stats

@@ -466,15 +466,15 @@ class _RingLockSpy:
 @pytest.mark.parametrize("n_images", [1, 2], ids=["1-image-lease-loop", "2-image-batches"])
 def test_large_reads_queued_together_are_told_to_the_kernel_one_batch_at_a_time(
         lab, tmp_path, monkeypatch, n_images):
-    """Three 1 MiB READs the ring thread finds queued together: it reads them in batches of
-    READ_BATCH_BYTES (1 MiB: one each) and tells the kernel of each batch before it reads the
-    next, so that the target can send the first one's Data-In while the second is read. Seen
-    when the ring's lock is taken for the second READ: the kernel was told already - a wake-up
-    on its end of the socket, or one the emulator's reaper took. Before, one batch took all
-    three (up to 8 MiB) and the kernel heard of none until all three were read."""
+    """Three 1 MiB READs the ring thread finds queued together: with BIG_READ_BATCH 1 it reads
+    them one batch at a time and tells the kernel of each before it reads the next, so the
+    target can send the first one's Data-In while the second is read. Seen when the
+    ring's lock is taken for the second READ: the kernel was told already - a wake-up on its
+    end of the socket, or one the emulator's reaper took. Before, one batch took all three
+    and the kernel heard of none until all three were read."""
     if n_images == 1 and not (lunserver.RING_LEASE and lunserver.LEASE_LOOP):
         pytest.skip("LVMIRROR_RING_LEASE=0 or LVMIRROR_LEASE_LOOP=0")
-    monkeypatch.setattr(lunserver, "READ_BATCH_BYTES", MIB)
+    monkeypatch.setattr(lunserver, "BIG_READ_BATCH", 1)
     paths = images(tmp_path, n_images)
     emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
     for job in lun.volume.jobs.values():
@@ -521,84 +521,3 @@ def test_large_reads_queued_together_are_told_to_the_kernel_one_batch_at_a_time(
     took_one = [t for fetched, t in seen if fetched == 1]
     assert took_one, f"one batch took them all: {seen}"
     assert any(took_one), f"the kernel was told of none before the next was read: {seen}"
-
-
-def _queued(emu, r, cdbs):
-    """Submit ``cdbs`` ((cdb, data_out or None, data_in_len) each) with the ring's lock held,
-    so that the ring thread finds them all queued together; their ids."""
-    with r._lock:
-        return [emu.submit(cdb, data_out=out, data_in_len=n) for cdb, out, n in cdbs]
-
-
-def _mirror_lun_with_data(lab, tmp_path, seed, nbytes):
-    """A 2-image LUN in sync whose first ``nbytes`` hold random data written through the ring
-    (1 MiB WRITEs), the compiled path checked to answer READs from memory here."""
-    paths = images(tmp_path, 2)
-    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
-    for job in lun.volume.jobs.values():
-        assert job.wait(20)
-    data = random.Random(seed).randbytes(nbytes)
-    for at in range(0, nbytes, MIB):
-        part = data[at:at + MIB]
-        wid = emu.submit(cdb10(0x2A, at // BS, len(part) // BS), data_out=part)
-        assert emu.wait([wid])[wid].status == 0
-    _require_compiled(lun, emu, data, tmp_path)
-    return emu, lun, data
-
-
-def test_a_mirror_answers_many_queued_large_reads_compiled_not_one_turn_each(lab, tmp_path):
-    """Twenty 256 KiB READs queued together on a mirror (the Python loop's compiled turns):
-    every one is the ring thread's own on the compiled path, in batches of up to
-    READ_BATCH_BYTES - not one batch a turn, which after COMPILED_TURNS (8) left the rest to
-    the Python fetch and the worker pool (review of this change). So are 4 KiB READs queued
-    behind a 1 MiB one, and the kernel is told once a batch, not once a READ."""
-    emu, lun, data = _mirror_lun_with_data(lab, tmp_path, 71, 5 * MIB)
-    r = lun._ring
-    c0, i0 = lun.compiled, lun.inline
-    ids = _queued(emu, r, [(cdb10(0x28, k * 512, 512), None, 512 * BS) for k in range(20)])
-    done = emu.wait(ids)
-    assert [done[i].status for i in ids] == [0] * 20
-    assert all(done[i].data_in == data[k * 512 * BS:(k + 1) * 512 * BS]
-               for k, i in enumerate(ids))
-    assert (lun.inline - i0, lun.compiled - c0) == (20, 20)
-    n0, c0, i0 = emu.notifies, lun.compiled, lun.inline
-    ids = _queued(emu, r, [(cdb10(0x28, 0, 2048), None, MIB)]
-                  + [(cdb10(0x28, 2048 + 8 * k, 8), None, 8 * BS) for k in range(30)])
-    done = emu.wait(ids)
-    assert [done[i].status for i in ids] == [0] * 31
-    assert done[ids[0]].data_in == data[:MIB]
-    assert all(done[i].data_in == data[MIB + 8 * k * BS:MIB + 8 * (k + 1) * BS]
-               for k, i in enumerate(ids[1:]))
-    assert (lun.inline - i0, lun.compiled - c0) == (31, 31)
-    assert emu.notifies - n0 <= 4, emu.notifies - n0
-
-
-def test_a_mirrors_write_right_after_a_large_read_is_still_compiled(lab, tmp_path):
-    """A WRITE queued right behind a 1 MiB READ on a mirror: the READ's batch is full at
-    READ_BATCH_BYTES, and the WRITE after it is still the compiled WRITE path's (review of
-    this change: the next READ batch found the WRITE, took nothing and left it to the Python
-    fetch)."""
-    emu, lun, data = _mirror_lun_with_data(lab, tmp_path, 72, MIB)
-    r = lun._ring
-    assert lun._fast is not None and lun._fast.wstorage is not None
-    w0, i0 = lun.compiled_writes, lun.inline
-    new = os.urandom(8 * BS)
-    ids = _queued(emu, r, [(cdb10(0x28, 0, 2048), None, MIB),
-                           (cdb10(0x2A, 4096, 8), new, 0)])
-    done = emu.wait(ids)
-    assert [done[i].status for i in ids] == [0, 0]
-    assert done[ids[0]].data_in == data
-    assert (lun.inline - i0, lun.compiled_writes - w0) == (2, 1)
-    got, _ = _compiled(lun, emu, 4096, 8)
-    assert got == new
-
-
-@pytest.mark.parametrize("text, want", [(None, MIB), ("65536", 65536), ("8388608", 8 * MIB),
-                                        ("4096", MIB), ("16777216", MIB), ("1M", MIB),
-                                        ("", MIB), ("-1", MIB)])
-def test_read_batch_bytes_from_the_environment(text, want, caplog):
-    """LVMIRROR_READ_BATCH_BYTES: a byte count from 64 KiB to 8 MiB, anything else the
-    default (1 MiB) with a warning naming the value."""
-    assert lunserver._read_batch_bytes(text) == want
-    warned = [r.getMessage() for r in caplog.records if "LVMIRROR_READ_BATCH_BYTES" in r.getMessage()]
-    assert bool(warned) == (text is not None and want == MIB and text != str(MIB))
