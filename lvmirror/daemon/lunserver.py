@@ -175,12 +175,6 @@ INLINE_IDLE_MAX = 1 << 20
 # nothing because read_batch still sent every WRITE over 64 KiB to the Python fetch.)
 COMPILED_READ_MAX = 1 << 20
 COMPILED_WRITE_MAX = 1 << 20
-# How many READs over INLINE_READ_MAX one compiled batch takes at most (1-64), the kernel told
-# after each batch. A batch took every such READ queued (up to 64, or 8 MiB) before, and the
-# kernel heard of none until the last of them was read: the target could not send the first
-# one's Data-In meanwhile. LVMIRROR_BIG_READ_BATCH sets it (for measuring).
-_big = os.environ.get("LVMIRROR_BIG_READ_BATCH", "1")
-BIG_READ_BATCH = min(max(int(_big), 1), 64) if _big.strip().isdigit() else 1
 # ... and for a mirror (2-4 images), which it writes one leg after the other with no bound: under
 # the volume's PARALLEL_MIN_BYTES (128 KiB), from which the Python path writes the legs in
 # parallel and fails one still busy ``leg_timeout`` seconds after another finished. Up to 1 MiB,
@@ -886,7 +880,7 @@ class LunServer:
         take = functools.partial(ring.take_fast, _fastread.take_batch, nb, bs)
         take_writes = functools.partial(take, max_write, mb, _fastread.MAX_WRITES, wchecks, hold,
                                         True, big)
-        take_big_reads = functools.partial(take, big, mb, BIG_READ_BATCH, checks, hold,
+        take_big_reads = functools.partial(take, big, mb, _fastread.MAX_WRITES, checks, hold,
                                            False, max_write)
         # a lease (``_begin_lease``) on a volume writing one image; under it a READ batch is
         # busy only while a region lock is awaited (the lease's own is the one held)
@@ -900,7 +894,7 @@ class LunServer:
                                           wchecks, hold, hold, True, big,
                                           tuple(st.fd for st in wstorage), self, self._role_mu, 0)
                         if leasable else None)
-        lease_big_reads = (functools.partial(lease_run, big, mb, BIG_READ_BATCH, checks,
+        lease_big_reads = (functools.partial(lease_run, big, mb, _fastread.MAX_WRITES, checks,
                                              hold, hold, False, max_write, (storage.fd,), self,
                                              self._role_mu)
                            if leasable else None)
@@ -908,8 +902,7 @@ class LunServer:
         # above make them, READs the page cache holds as ``fast_reads`` answers them, the wait
         lease_serve = (functools.partial(
             ring.lease_runner(_fastread.lease_serve, nb, bs), self, self._role_mu,
-            (min(INLINE_READ_MAX, most), big, mb, checks, lease_busy, storage.fd,
-             BIG_READ_BATCH),
+            (min(INLINE_READ_MAX, most), big, mb, checks, lease_busy, storage.fd),
             (max_write, _fastread.MAX_WRITES, wchecks, hold, tuple(st.fd for st in wstorage)),
             (self._handle.fd, self._wake_r, LEASE_LOOP_ROUNDS, INLINE_SLOW, BUCKETS,
              self.latency.counts("read"), self.latency.counts("write")))
@@ -933,8 +926,7 @@ class LunServer:
         revoked lease is ended first. Counts them as the ring thread's own (``inline``,
         ``compiled``, ``compiled_writes``), in the latency histogram (each with its call's
         time shared out) and in the volume's and image's statistics. Returns how many it
-        completed and has not told the kernel of (the caller notifies it; a batch of READs
-        over ``max_read`` is told at once) and whether it answered every command up
+        completed (the caller notifies the kernel) and whether it answered every command up
         to the ring's head (nothing left to fetch).
 
         Under the lease it first lets the compiled loop serve (``_lease_serve``), which tells
@@ -1047,9 +1039,7 @@ class LunServer:
                     return None, False           # handed over: a newer ring thread serves
                 if not n:
                     break
-                # (the kernel told now: their Data-In goes out while the next batch reads)
-                self._handle.notify()
-                done = 0
+                done += n
                 self._lead = _STOP_READ
             elif (why == _STOP_WRITE and fast.wstorage is not None
                     and self._fast is not None

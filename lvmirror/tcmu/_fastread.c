@@ -1418,10 +1418,9 @@ PyDoc_STRVAR(lease_serve_doc,
 "tell the kernel (a 4-byte write to the UIO descriptor) and wait for its next event, all without\n"
 "returning to Python:\n"
 "- the READs the page cache holds, as read_batch answers them under the ring's lock (`reads`:\n"
-"  (max_read, big_read, max_blocks, checks, busy, fd, big_commands) and preadv2 flags `rwf`;\n"
-"  -1: no READ of either size, the first returns);\n"
-"- larger READs (up to big_read bytes, at most big_commands (1-64) a batch, the kernel told\n"
-"  after each batch) and WRITEs without FUA as lease_batch makes them\n"
+"  (max_read, big_read, max_blocks, checks, busy, fd) and preadv2 flags `rwf`; -1: no READ\n"
+"  of either size, the first returns);\n"
+"- larger READs (up to big_read bytes) and WRITEs without FUA as lease_batch makes them\n"
 "  (`writes`: (max_write, max_commands, write_checks, hold, fds));\n"
 "  (while the ring refills as fast as they empty it, every 8 batches the kernel is told, and\n"
 "  the lease, the wake-up pipe and the time are looked at as before a wait);\n"
@@ -1477,10 +1476,9 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
     PyObject *rchecks, *rbusy, *wchecks, *hold, *wfds, *buckets;
     struct lease_kind big = {0}, wk = {0};
     struct hist h;
-    unsigned int big_commands;
-    if (!PyArg_ParseTuple(reads_t, "KKKO!O!iI;reads: (max_read, big_read, max_blocks, checks, "
-                          "busy, fd, big_commands)", &max_read, &big_read, &max_blocks,
-                          &PyTuple_Type, &rchecks, &PyTuple_Type, &rbusy, &rfd, &big_commands)
+    if (!PyArg_ParseTuple(reads_t, "KKKO!O!i;reads: (max_read, big_read, max_blocks, checks, "
+                          "busy, fd)", &max_read, &big_read, &max_blocks, &PyTuple_Type,
+                          &rchecks, &PyTuple_Type, &rbusy, &rfd)
             || !PyArg_ParseTuple(writes_t, "KIO!O!O!;writes: (max_write, max_commands, checks, "
                                  "hold, fds)", &max_write, &max_commands, &PyTuple_Type,
                                  &wchecks, &PyTuple_Type, &hold, &PyTuple_Type, &wfds)
@@ -1492,8 +1490,7 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
     h.nb = PyTuple_GET_SIZE(buckets);
     if ((unsigned long long)ring.len < map_size || h.nb > MAX_BUCKETS
             || PyList_GET_SIZE(h.lists[0]) != h.nb + 2 || PyList_GET_SIZE(h.lists[1]) != h.nb + 2
-            || (lead != STOP_READ && lead != STOP_WRITE)
-            || big_commands < 1 || big_commands > MAX_WRITES) {
+            || (lead != STOP_READ && lead != STOP_WRITE)) {
         PyErr_SetString(PyExc_ValueError, "lease_serve: ring, histogram or lead out of range");
         goto bad_args;
     }
@@ -1514,7 +1511,7 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
     big.max_bytes = big_read;
     big.max_blocks = max_blocks;
     big.other_bytes = max_write;
-    big.max_commands = big_commands;
+    big.max_commands = MAX_WRITES;
     big.checks = rchecks;
     big.busy = hold;
     big.hold = hold;
@@ -1639,13 +1636,6 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
                     }
                     Py_CLEAR(o.packed);
                     unnotified += o.completed;
-                    if (!writes) {
-                        /* large READs: the kernel told at once, so that their Data-In goes
-                         * out while the next batch reads (LunServer.BIG_READ_BATCH) */
-                        uio_notify(uio_fd);
-                        unnotified = 0;
-                        retired = 0;
-                    }
                     int now_lead = writes ? STOP_WRITE : STOP_READ;
                     if (lead != now_lead && set_lead(x.server, lead = now_lead) < 0)
                         goto fail;

@@ -10,20 +10,18 @@ must not answer."""
 import errno
 import os
 import random
-import socket
 import struct
 import time
 
 import pytest
 
-from lvmirror.daemon import lunserver
 from lvmirror.mirror.volume import ImageState
 from lvmirror.tcmu import abi
 from lvmirror.tcmu.emulator import RingEmulator
 from lvmirror.tcmu.ring import CommandRing
 from tests.unit.test_compiled_reads import Obj, _compiled, _require_compiled, reap, ring_on_image, unlocked
 from tests.unit.test_compiled_writes import _lock, _one_image_lun, _write
-from tests.unit.test_daemon_ring import BS, _lun_with_data, cdb10, images, lab, rearm  # noqa: F401
+from tests.unit.test_daemon_ring import BS, _lun_with_data, cdb10, images, lab  # noqa: F401
 from tests.unit.test_volume_helpers import make_volume, run_thread
 
 fastread = pytest.importorskip("lvmirror.tcmu._fastread",
@@ -438,86 +436,3 @@ def test_a_large_read_right_after_writes_is_the_read_paths(tmp_path):
         assert unlocked(r, fd, True, num_blocks=MIB // BS, other_bytes=MIB) == (
             1, 8 * BS, fastread.STOP_OTHER, 0)
         assert reap(emu, [w2])[w2].status == 0
-
-
-class _RingLockSpy:
-    """The ring's lock, calling ``probe()`` each time it is taken (by the compiled path in C
-    through ``acquire``, by ring.py through ``with``)."""
-
-    def __init__(self, real, probe):
-        self.real, self.probe = real, probe
-
-    def acquire(self, *args, **kwargs):
-        got = self.real.acquire(*args, **kwargs)
-        self.probe()
-        return got
-
-    def release(self):
-        self.real.release()
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-@pytest.mark.parametrize("n_images", [1, 2], ids=["1-image-lease-loop", "2-image-batches"])
-def test_large_reads_queued_together_are_told_to_the_kernel_one_batch_at_a_time(
-        lab, tmp_path, monkeypatch, n_images):
-    """Three 1 MiB READs the ring thread finds queued together: with BIG_READ_BATCH 1 it reads
-    them one batch at a time and tells the kernel of each before it reads the next, so the
-    target can send the first one's Data-In while the second is read. Seen when the
-    ring's lock is taken for the second READ: the kernel was told already - a wake-up on its
-    end of the socket, or one the emulator's reaper took. Before, one batch took all three
-    and the kernel heard of none until all three were read."""
-    if n_images == 1 and not (lunserver.RING_LEASE and lunserver.LEASE_LOOP):
-        pytest.skip("LVMIRROR_RING_LEASE=0 or LVMIRROR_LEASE_LOOP=0")
-    monkeypatch.setattr(lunserver, "BIG_READ_BATCH", 1)
-    paths = images(tmp_path, n_images)
-    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
-    for job in lun.volume.jobs.values():
-        assert job.wait(20)
-    data = [random.Random(60 + k).randbytes(MIB) for k in range(3)]
-    for k in range(3):
-        wid = emu.submit(cdb10(0x2A, k * (MIB // BS), MIB // BS), data_out=data[k])
-        assert emu.wait([wid])[wid].status == 0
-    _require_compiled(lun, emu, data[0], tmp_path)
-    r = lun._ring
-    reaps = [0]
-    real_reap = emu.reap
-
-    def counted_reap():
-        reaps[0] += 1                 # (before the wake-ups are read: never seen as none)
-        return real_reap()
-    monkeypatch.setattr(emu, "reap", counted_reap)
-
-    def told():
-        try:
-            return bool(emu._kern_sock.recv(4, socket.MSG_PEEK))
-        except BlockingIOError:
-            return reaps[0] > base
-    seen = []
-    base, fetched0 = reaps[0], r.stats["fetched"]
-    r._lock = _RingLockSpy(r._lock, lambda: seen.append((r.stats["fetched"] - fetched0,
-                                                          told())))
-    rearm(lun, emu)                            # (the lease loop armed with the spy)
-    got, compiled = _compiled(lun, emu, 0, 8)
-    assert got == data[0][:8 * BS] and compiled
-    time.sleep(0.3)                            # the reaper has read every wake-up by now
-    base, fetched0, inline0 = reaps[0], r.stats["fetched"], lun.inline
-    assert not told(), "a wake-up left unread"
-    seen.clear()
-    with r._lock.real:                         # all three queued before the ring thread looks
-        ids = [emu.submit(cdb10(0x28, k * (MIB // BS), MIB // BS), data_in_len=MIB)
-               for k in range(3)]
-    done = emu.wait(ids)
-    statuses = [done[i].status for i in ids]
-    assert statuses == [0, 0, 0]
-    right = [done[i].data_in == data[k] for k, i in enumerate(ids)]   # (no 3 MiB diff)
-    assert right == [True, True, True]
-    assert lun.inline - inline0 == 3           # all three the ring thread's own
-    took_one = [t for fetched, t in seen if fetched == 1]
-    assert took_one, f"one batch took them all: {seen}"
-    assert any(took_one), f"the kernel was told of none before the next was read: {seen}"
