@@ -262,15 +262,17 @@ def test_begin_fast_reads_holds_the_epoch_and_shares_each_commands_range(tmp_pat
 
 # -- the LunServer -----------------------------------------------------------------------------
 
-def _mirror_lun_with_1_mib(lab, tmp_path, seed):
-    """A 2-image LUN whose first 1 MiB (2,048 blocks) holds random data written through the
-    ring, read once through the compiled path's check (skips where the file system serves no
-    read from memory): (emulator, LunServer, image paths, the data)."""
+def _mirror_lun_with_1_mib(lab, tmp_path, seed, nbytes=MIB):
+    """A 2-image LUN whose first ``nbytes`` (1 MiB: 2,048 blocks; a whole number of MiB) hold
+    random data written through the ring in 1 MiB WRITEs, read once through the compiled path's
+    check (skips where the file system serves no read from memory): (emulator, LunServer, image
+    paths, the data)."""
     emu, lun, paths, first = _lun_with_data(lab, tmp_path, seed)
     _require_compiled(lun, emu, first, tmp_path)
-    data = random.Random(seed).randbytes(MIB)
-    wid = emu.submit(cdb10(0x2A, 0, MIB // BS), data_out=data)
-    assert emu.wait([wid])[wid].status == 0
+    data = random.Random(seed).randbytes(nbytes)
+    for at in range(0, nbytes, MIB):
+        wid = emu.submit(cdb10(0x2A, at // BS, MIB // BS), data_out=data[at:at + MIB])
+        assert emu.wait([wid])[wid].status == 0
     return emu, lun, paths, data
 
 
@@ -445,29 +447,13 @@ def _queued(emu, r, cdbs):
         return [emu.submit(cdb, data_out=out, data_in_len=n) for cdb, out, n in cdbs]
 
 
-def _mirror_lun_with_data(lab, tmp_path, seed, nbytes):
-    """A 2-image LUN in sync whose first ``nbytes`` hold random data written through the ring
-    (1 MiB WRITEs), the compiled path checked to answer READs from memory here."""
-    paths = images(tmp_path, 2)
-    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
-    for job in lun.volume.jobs.values():
-        assert job.wait(20)
-    data = random.Random(seed).randbytes(nbytes)
-    for at in range(0, nbytes, MIB):
-        part = data[at:at + MIB]
-        wid = emu.submit(cdb10(0x2A, at // BS, len(part) // BS), data_out=part)
-        assert emu.wait([wid])[wid].status == 0
-    _require_compiled(lun, emu, data, tmp_path)
-    return emu, lun, data
-
-
 def test_a_mirror_answers_many_queued_large_reads_compiled_not_one_turn_each(lab, tmp_path):
     """Twenty 256 KiB READs queued together on a mirror (the Python loop's compiled turns):
     every one is the ring thread's own on the compiled path - not the Python fetch's and the
     worker pool's once COMPILED_TURNS (8) batches are made (a trial of smaller batches,
     2026-12-06, left 13 of them there). So are 4 KiB READs queued behind a 1 MiB one, and
     the kernel is told a few times, not once a READ."""
-    emu, lun, data = _mirror_lun_with_data(lab, tmp_path, 71, 5 * MIB)
+    emu, lun, _, data = _mirror_lun_with_1_mib(lab, tmp_path, 71, 5 * MIB)
     r = lun._ring
     c0, i0 = lun.compiled, lun.inline
     ids = _queued(emu, r, [(cdb10(0x28, k * 512, 512), None, 512 * BS) for k in range(20)])
@@ -492,7 +478,7 @@ def test_a_mirrors_write_right_after_a_large_read_is_still_compiled(lab, tmp_pat
     """A WRITE queued right behind a 1 MiB READ on a mirror is the compiled WRITE path's, not
     the Python fetch's (a trial of one READ a batch, 2026-12-06: the next READ batch found the
     WRITE, took nothing and left it to the Python fetch)."""
-    emu, lun, data = _mirror_lun_with_data(lab, tmp_path, 72, MIB)
+    emu, lun, _, data = _mirror_lun_with_1_mib(lab, tmp_path, 72)
     r = lun._ring
     assert lun._fast is not None and lun._fast.wstorage is not None
     w0, i0 = lun.compiled_writes, lun.inline
