@@ -213,6 +213,10 @@ COMPILED_WRITES = (_fastread is not None
 # lock and the split epoch held across its compiled batches, given back to whatever asks.
 # LVMIRROR_RING_LEASE=0 takes them for each batch instead (``_unlocked_batch``).
 RING_LEASE = os.environ.get("LVMIRROR_RING_LEASE", "1") != "0"
+# On a mirror in sync the lease is for READs only (``RingLease.reads_only``): ended at the first
+# WRITE, none taken for ``ringlease.BACKOFF`` seconds after. LVMIRROR_MIRROR_LEASE=0 takes none
+# on a mirror (each READ batch locks and enters the epoch itself, as before).
+MIRROR_LEASE = RING_LEASE and os.environ.get("LVMIRROR_MIRROR_LEASE", "1") != "0"
 # Under its lease the ring thread's loop itself is compiled (``_lease_serve``,
 # ``_fastread.lease_serve``): it returns to Python at the latest after LEASE_LOOP_ROUNDS waits
 # for the kernel or LEASE_LOOP_WAIT seconds, so that the LUN's counters in status move.
@@ -233,7 +237,9 @@ COMPILED_READS_RETRY = 0.1
 # conditions of each kind (``(obj, attribute, kind, value)`` rows: ``tcmu._fastread``).
 # READs over ``max_read`` and up to ``max_big_read`` are read without the GIL under the
 # volume's ``begin_fast_reads``; ``wbusy`` is the busy condition of both unlocked batches (the
-# region lock taken is their own); ``rfds``/``wfds`` the descriptors they read and write.
+# region lock taken is their own); ``rfds``/``wfds`` the descriptors they read and write;
+# ``leasable``: "writes" (one image: a lease for both kinds), "reads" (a mirror: for READs
+# only) or None (no lease, ``_begin_lease``).
 _Armed = collections.namedtuple("_Armed", "storage target num_blocks block_size max_read max_write "
                                           "max_blocks checks busy wstorage wchecks wbusy "
                                           "max_big_read rfds wfds take_writes take_big_reads "
@@ -882,10 +888,13 @@ class LunServer:
                                         True, big)
         take_big_reads = functools.partial(take, big, mb, _fastread.MAX_WRITES, checks, hold,
                                            False, max_write)
-        # a lease (``_begin_lease``) on a volume writing one image; under it a READ batch is
-        # busy only while a region lock is awaited (the lease's own is the one held)
-        leasable = (RING_LEASE and wstorage is not None and len(wstorage) == 1
-                    and hasattr(target, "begin_ring_lease"))
+        # a lease (``_begin_lease``) on a volume writing one image; on a mirror in sync, a
+        # lease for READs only (``leasable`` "reads"). Under it a READ batch is busy only while
+        # a region lock is awaited (the lease's own is the one held)
+        leasable = None
+        if (RING_LEASE and wstorage is not None and hasattr(target, "begin_ring_lease")
+                and (len(wstorage) == 1 or (MIRROR_LEASE and COMPILED_READS))):
+            leasable = "writes" if len(wstorage) == 1 else "reads"
         lease_busy = (((target.locks, "_waiters", kinds["falsy"], None),) + hold
                       if leasable else None)
         # a batch under the lease in one call (``_leased_batch``): take, I/O, complete
@@ -893,7 +902,7 @@ class LunServer:
         lease_writes = (functools.partial(lease_run, max_write, mb, _fastread.MAX_WRITES,
                                           wchecks, hold, hold, True, big,
                                           tuple(st.fd for st in wstorage), self, self._role_mu, 0)
-                        if leasable else None)
+                        if leasable == "writes" else None)
         lease_big_reads = (functools.partial(lease_run, big, mb, _fastread.MAX_WRITES, checks,
                                              hold, hold, False, max_write, (storage.fd,), self,
                                              self._role_mu)
@@ -903,7 +912,8 @@ class LunServer:
         lease_serve = (functools.partial(
             ring.lease_runner(_fastread.lease_serve, nb, bs), self, self._role_mu,
             (min(INLINE_READ_MAX, most), big, mb, checks, lease_busy, storage.fd),
-            (max_write, _fastread.MAX_WRITES, wchecks, hold, tuple(st.fd for st in wstorage)),
+            (max_write, _fastread.MAX_WRITES, wchecks, hold,
+             tuple(st.fd for st in wstorage) if leasable == "writes" else ()),
             (self._handle.fd, self._wake_r, LEASE_LOOP_ROUNDS, INLINE_SLOW, BUCKETS,
              self.latency.counts("read"), self.latency.counts("write")))
             if leasable and LEASE_LOOP and hasattr(_fastread, "lease_serve") else None)
@@ -922,8 +932,10 @@ class LunServer:
         ``CommandRing.fast_reads``, holding the GIL) and, when armed, a volume's
         WRITEs without FUA (``_compiled_writes``), in ring order, taking turns while each
         stops at the other's kind. On a volume writing one image it first takes the ring
-        thread's lease (``_begin_lease``) if it has none, and makes its batches under it; a
-        revoked lease is ended first. Counts them as the ring thread's own (``inline``,
+        thread's lease (``_begin_lease``) if it has none, and makes its batches under it; on a
+        mirror in sync it takes one for READs only unless WRITEs lead, and ends it at the first
+        WRITE (``_end_lease`` with ``pause``); a revoked lease is ended first. Counts them as
+        the ring thread's own (``inline``,
         ``compiled``, ``compiled_writes``), in the latency histogram (each with its call's
         time shared out) and in the volume's and image's statistics. Returns how many it
         completed (the caller notifies the kernel) and whether it answered every command up
@@ -951,7 +963,9 @@ class LunServer:
                 # (WRITEs to the pool for a while, set since it was taken: no lease meanwhile)
                 self._end_lease(gen)
                 lease = None
-        elif fast.leasable and not self._stuck:
+        elif (fast.leasable and not self._stuck
+                and (fast.leasable == "writes" or self._lead != _STOP_WRITE)):
+            # (a lease for READs only is not taken while WRITEs lead: it would end at once)
             lease = self._begin_lease(fast, gen)
         storage = fast.storage
         rwf = None             # the READs' preadv2 flags, asked for when a READ batch runs
@@ -989,6 +1003,10 @@ class LunServer:
         for _ in range(COMPILED_TURNS):
             if lease is not None and (lease.revoked or self._inline_after > lease.since):
                 self._end_lease(gen)
+                lease = None
+            elif lease is not None and lease.reads_only and why == _STOP_WRITE:
+                # a mirror's WRITEs are made outside its lease (``mirror/ringlease.py``)
+                self._end_lease(gen, pause=True)
                 lease = None
             if why == _STOP_READ or why == _STOP_BIG_READ:
                 if not COMPILED_READS:
@@ -1065,14 +1083,17 @@ class LunServer:
 
     def _begin_lease(self, fast, gen: int):
         """Take the ring thread's lease (``MirrorVolume.begin_ring_lease``,
-        ``mirror/ringlease.py``) on the armed volume (``fast``: it writes one image) for this
-        ring thread (generation ``gen``), unless WRITEs go to the pool now (``_inline_after``)
-        or a lease was revoked less than ``ringlease.BACKOFF`` seconds ago. Returns it, or
-        None."""
+        ``mirror/ringlease.py``) on the armed volume (``fast``: it writes one image; or a
+        mirror in sync, ``fast.leasable`` "reads": a lease for READs only) for this ring
+        thread (generation ``gen``), unless WRITEs go to the pool now (``_inline_after``) or a
+        lease was revoked (a mirror's ended at a WRITE) less than ``ringlease.BACKOFF``
+        seconds ago. Returns it, or None."""
         now = time.monotonic()
         if now < self._lease_after or now < self._inline_after:
             return None
-        lease = fast.target.begin_ring_lease(self._wake, gen, now, fast.storage, fast.wstorage)
+        lease = fast.target.begin_ring_lease(
+            self._wake, gen, now, fast.storage,
+            fast.wstorage if fast.leasable == "writes" else None)
         if lease is not None:
             self._lease = lease
             self.leases += 1
@@ -1080,16 +1101,18 @@ class LunServer:
             self._lease_after = now + ringlease.BACKOFF
         return lease
 
-    def _end_lease(self, gen: int) -> None:
+    def _end_lease(self, gen: int, pause: bool = False) -> None:
         """End the lease ring thread ``gen`` holds, if any (``MirrorVolume.end_ring_lease``:
         the I/O made under it counted, the epoch left, the region lock released), before this
         thread's next command takes the Python path, or when it was revoked: then none is
-        taken for ``ringlease.BACKOFF`` seconds."""
+        taken for ``ringlease.BACKOFF`` seconds - nor with ``pause`` (a mirror's lease for
+        READs only, ended at a WRITE)."""
         lease = self._lease
         if lease is None or lease.gen != gen:
             return
         if lease.revoked:
             self.leases_revoked += 1
+        if lease.revoked or pause:
             self._lease_after = time.monotonic() + ringlease.BACKOFF
         try:
             lease.volume.end_ring_lease(lease)

@@ -28,9 +28,15 @@ for ``BACKOFF`` seconds, so that a resync's or a client's run of locks does not 
 one. The I/O made under it is counted at its end; ``MirrorVolume.stats`` adds what a held one
 made so far.
 
-The lease is taken only on a volume whose epoch writes one image (no write-intent log to begin
-per write, no change bitmap to mark): on a mirror the Python path's writes would revoke it at
-every batch.
+The lease with WRITEs is taken only on a volume whose epoch writes one image (no write-intent
+log to begin per write, no change bitmap to mark). On a mirror in sync the ring thread takes a
+lease for READs only (``reads_only``): it makes READ batches under it, and ends it at the first
+WRITE (made as before, in the volume's epoch with its region lock and its write-intent log
+regions) and takes none for ``BACKOFF`` seconds, so a stream of READs makes its batches with no
+lock or epoch of their own while a mix of READs and WRITEs takes one lease at most every
+``BACKOFF`` seconds. The READs under it are read from the one image ``fast_read_source`` names,
+the first in sync of the epoch: the lease excludes every WRITE and resync copy, so that image
+holds what any other would return.
 """
 
 from __future__ import annotations
@@ -49,10 +55,13 @@ class RingLease:
     (commands and bytes), which ``MirrorVolume.end_ring_lease`` counts; ``read_storage`` and
     ``write_storage`` are the StorageImages they went to; ``volume`` the MirrorVolume whose
     ``end_ring_lease`` ends it; ``batch``: the blocks the holder's batch in flight covers,
-    ``(first, blocks, shared)``, or None between batches (``MirrorVolume.narrow_ring_lease``)."""
+    ``(first, blocks, shared)``, or None between batches (``MirrorVolume.narrow_ring_lease``);
+    ``reads_only``: True when ``write_storage`` is None, a lease its holder makes no WRITE
+    under (a mirror's, see the module docstring)."""
 
     __slots__ = ("epoch", "lock", "wake", "gen", "since", "revoked", "reads", "read_bytes",
-                 "writes", "write_bytes", "read_storage", "write_storage", "ended", "volume", "batch")
+                 "writes", "write_bytes", "read_storage", "write_storage", "ended", "volume", "batch",
+                 "reads_only")
 
     def __init__(self, wake, gen: int, since: float, read_storage, write_storage):
         self.epoch = None
@@ -65,6 +74,7 @@ class RingLease:
         self.reads = self.read_bytes = self.writes = self.write_bytes = 0
         self.read_storage = read_storage
         self.write_storage = write_storage
+        self.reads_only = write_storage is None
         self.volume = None
         self.batch = None       # (first block, blocks, shared) of the batch in flight, or None
 
@@ -77,4 +87,5 @@ class RingLease:
 
     def __repr__(self) -> str:
         state = "ended" if self.ended else "revoked" if self.revoked else "held"
-        return f"<RingLease gen={self.gen} {state} reads={self.reads} writes={self.writes}>"
+        kind = " reads-only" if self.reads_only else ""
+        return f"<RingLease gen={self.gen}{kind} {state} reads={self.reads} writes={self.writes}>"

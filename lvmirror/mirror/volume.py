@@ -1471,14 +1471,16 @@ class MirrorVolume:
         across its compiled batches until ``end_ring_lease``. ``wake``: what wakes the ring thread
         (generation ``gen``) when the lease is revoked; ``now``: ``time.monotonic()``;
         ``read_storage``/``write_storage``: the StorageImages its READs and WRITEs go to
-        (``fast_read_source``, ``fast_write_source``), for the statistics. Returns the
+        (``fast_read_source``, ``fast_write_source``), for the statistics; ``write_storage``
+        None asks for a lease for READs only (``RingLease.reads_only``: on a mirror, whose
+        WRITEs the ring thread makes outside a lease, ``mirror/ringlease.py``). Returns the
         RingLease, or None when it cannot be had now: the volume closed or offline, its epoch
-        writing other than one image (a mirror: see the module), a region lock held or
-        awaited, a lease held. The caller's batch conditions (``fast_write_source``'s checks,
-        which name the epoch) are read after this, so a switch in between makes its batches
-        take nothing."""
-        ep = self._epoch
-        if self._closed or self._offline is not None or len(ep.writes) != 1 or ep.tracking:
+        writing no image, tracking a split or failed image's changes, or - for a lease with
+        WRITEs - writing more than one image, a region lock held or awaited, a lease held.
+        The caller's batch conditions (``fast_read_source``'s and ``fast_write_source``'s
+        checks, which name the epoch) are read after this, so a switch in between makes its
+        batches take nothing."""
+        if self._closed or self._offline is not None or not self._leasable(write_storage):
             return None
         lease = RingLease(wake, gen, now, read_storage, write_storage)
         lease.volume = self
@@ -1490,13 +1492,22 @@ class MirrorVolume:
             ep = self._epoch
             # (close reads _lease under this lock after setting _closed; an epoch switch since
             # the check above may have brought a split image's bitmap to mark)
-            if self._closed or len(ep.writes) != 1 or ep.tracking:
+            if self._closed or not self._leasable(write_storage):
                 lk.release()
                 return None
             lease.epoch = ep
             ep.inflight += 1
             self._lease = lease
         return lease
+
+    def _leasable(self, write_storage) -> bool:
+        """Whether the current epoch may be leased (``begin_ring_lease``): it writes an image
+        and tracks no change; a lease with WRITEs (``write_storage`` not None) wants exactly
+        one image to write, as its WRITEs begin no write-intent region (a lease for READs
+        only makes no WRITE)."""
+        ep = self._epoch
+        return bool(ep.writes) and not ep.tracking and (write_storage is None
+                                                         or len(ep.writes) == 1)
 
     def narrow_ring_lease(self, lease) -> None:
         """The holder of ``lease`` is stuck in its batch (``lease.batch``: first block,

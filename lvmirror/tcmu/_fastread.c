@@ -38,7 +38,8 @@
  * and the LUN's wake-up pipe with the GIL released, the event counter read - tcmu-runner's loop -
  * returning to Python only for what the Python loop answers (another opcode, a failed, slow or
  * handed-over batch, a wake-up). Each batch is counted in the LUN's Python counters before the
- * kernel is told.
+ * kernel is told. On a mirror the lease is for READs only (no descriptor to write): the loop
+ * returns at the first WRITE, which the Python loop makes outside the lease.
  *
  * Why C: the Python path spends 20-40 us of CPU on such a READ (fetch, the SCSI core, the
  * volume, completion); in the kernel lab the ring thread answered 99-100 % of 4 KiB commands
@@ -1421,7 +1422,8 @@ PyDoc_STRVAR(lease_serve_doc,
 "  (max_read, big_read, max_blocks, checks, busy, fd) and preadv2 flags `rwf`; -1: no READ\n"
 "  of either size, the first returns);\n"
 "- larger READs (up to big_read bytes) and WRITEs without FUA as lease_batch makes them\n"
-"  (`writes`: (max_write, max_commands, write_checks, hold, fds));\n"
+"  (`writes`: (max_write, max_commands, write_checks, hold, fds); `fds` empty: a lease for\n"
+"  READs only, which makes no WRITE - at one it returns, `why` STOP_WRITE);\n"
 "  (while the ring refills as fast as they empty it, every 8 batches the kernel is told, and\n"
 "  the lease, the wake-up pipe and the time are looked at as before a wait);\n"
 "- then poll(2) on the UIO descriptor and `wake_fd` with the GIL released, and read the\n"
@@ -1528,7 +1530,9 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
     wk.hold = hold;
     wk.writes = 1;
     wk.rwf = 0;
-    if (parse_fds(wfds, &wk) < 0)
+    /* no descriptor to write: a lease for READs only (a mirror's, ringlease.py) */
+    int no_writes = PyTuple_GET_SIZE(wfds) == 0;
+    if (!no_writes && parse_fds(wfds, &wk) < 0)
         goto bad_args;
 
     uint32_t unnotified = 0;
@@ -1564,8 +1568,8 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
                     goto out;
                 }
             }
-            if (rwf < 0 && kind != STOP_WRITE) {
-                why = kind;             /* READs are not the compiled path's here */
+            if ((rwf < 0 && kind != STOP_WRITE) || (no_writes && kind == STOP_WRITE)) {
+                why = kind;             /* READs (WRITEs) are not the compiled path's here */
                 goto out;
             }
             if (kind == STOP_READ) {

@@ -92,12 +92,17 @@ def test_a_request_that_would_not_wait_waits_for_the_lease_alone():
 # -- the volume ----------------------------------------------------------------------------------
 
 
-def test_the_volume_leases_only_a_one_image_epoch_and_counts_what_was_made_under_it(tmp_path):
+def test_the_volume_leases_writes_only_on_a_one_image_epoch_and_counts_what_was_made_under_it(
+        tmp_path):
+    """A lease with WRITEs (``write_storage`` given) only on an epoch writing one image (a
+    mirror's is for READs only: test_mirror_lease)."""
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
     vol2, _, _ = make_volume(tmp_path / "two", 2)
     try:
-        assert vol2.begin_ring_lease(lambda: None, 0, 0.0, None, None) is None
+        legs = (vol2.image_storage(0), vol2.image_storage(1))
+        assert vol2.begin_ring_lease(lambda: None, 0, 0.0, legs[0], legs) is None
+        assert vol2.begin_ring_lease(lambda: None, 0, 0.0, legs[0], legs[:1]) is None
     finally:
         vol2.close()
     vol, _, _ = make_volume(tmp_path / "one", 1)
