@@ -15,7 +15,8 @@ under the lock again (``complete_batch``); the watchdog watches the I/O as it wa
 the ring thread runs itself. On a volume whose epoch writes one image the ring thread keeps
 the epoch and a whole-LUN region lock across its batches instead, as a lease any other request
 revokes (``_leased_batch``, ``mirror/ringlease.py``): at queue depth 1 a batch is one command,
-and the per-batch lock and epoch were most of its Python. Under the lease the ring thread's
+and the per-batch lock and epoch were most of its Python. On a mirror in sync the lease is for
+READs only, ended at the first WRITE. Under the lease the ring thread's
 loop itself - batches, telling the kernel, waiting for its next command - runs in C
 (``_lease_serve``, ``_fastread.lease_serve``) and returns here only for what the Python loop
 answers (another opcode, a failed or slow batch, a revocation, a stop). On the host's ring emulator

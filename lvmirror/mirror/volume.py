@@ -1503,11 +1503,15 @@ class MirrorVolume:
     def _leasable(self, write_storage) -> bool:
         """Whether the current epoch may be leased (``begin_ring_lease``): it writes an image
         and tracks no change; a lease with WRITEs (``write_storage`` not None) wants exactly
-        one image to write, as its WRITEs begin no write-intent region (a lease for READs
-        only makes no WRITE)."""
+        one image to write, as its WRITEs begin no write-intent region; a lease for READs only
+        (it makes no WRITE) wants every image it writes in sync - a mirror in sync, no resync's
+        copies to revoke it at each region."""
         ep = self._epoch
-        return bool(ep.writes) and not ep.tracking and (write_storage is None
-                                                         or len(ep.writes) == 1)
+        if not ep.writes or ep.tracking:
+            return False
+        if write_storage is not None:
+            return len(ep.writes) == 1
+        return all(img.state is ImageState.IN_SYNC for img in ep.writes)
 
     def narrow_ring_lease(self, lease) -> None:
         """The holder of ``lease`` is stuck in its batch (``lease.batch``: first block,

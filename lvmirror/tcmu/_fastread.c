@@ -1087,6 +1087,12 @@ lease_one(const struct lease_ctx *x, const struct lease_kind *k, struct lease_ou
 {
     uint8_t *map = x->map;
     memset(o, 0, sizeof *o);
+    if (k->legs < 1) {
+        /* (a WRITE kind with no descriptor - a lease for READs only - never makes a batch: its
+         * WRITEs would be answered GOOD with nothing written) */
+        PyErr_SetString(PyExc_ValueError, "lease batch: no descriptor to read or write");
+        return -1;
+    }
     /* 1. take, under the ring's lock */
     if (lock_call(x->ring_lock, s_acquire) < 0)
         return -1;

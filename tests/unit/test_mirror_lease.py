@@ -49,6 +49,20 @@ def test_a_mirror_grants_a_lease_for_reads_only_and_none_with_writes(tmp_path):
         vol.close()
 
 
+def test_no_lease_for_reads_on_a_mirror_with_an_image_resyncing(tmp_path):
+    """An epoch writing an image that is not in sync (attached, its resync running at 0.05
+    MB/s) is not a mirror in sync: its resync's copies would revoke a lease at each region."""
+    vol, _, _ = make_volume(tmp_path, 2)
+    try:
+        st0 = vol.image_storage(0)
+        vol.attach(str(tmp_path / "img-new"), rate_limit=0.05)
+        assert any(j.state == "running" for j in vol.jobs.values())
+        assert vol.begin_ring_lease(lambda: None, 0, 0.0, st0, None) is None
+        assert vol.locks._lease is None and vol._epoch.inflight == 0
+    finally:
+        vol.close()
+
+
 def test_no_lease_for_reads_on_a_mirror_tracking_a_split_images_changes(tmp_path):
     vol, _, _ = make_volume(tmp_path, 3)
     try:
@@ -80,6 +94,7 @@ def _spy_serve(monkeypatch, lun, emu):
 
     def spy(*args):
         calls.append(args[16])
+        assert args[12][4] == ()        # (no descriptor to write: the lease is for READs only)
         return real(*args)
     monkeypatch.setattr(fastread, "lease_serve", spy)
     rearm(lun, emu)
@@ -96,12 +111,17 @@ def _reads_until_leased(lun, emu, data, tries=20):
     raise AssertionError("no lease taken on the mirror")
 
 
+@pytest.mark.parametrize("loop", [True, False], ids=["loop", "batch"])
 def test_reads_at_queue_depth_1_are_served_under_a_lease_for_reads_only(lab, tmp_path,
-                                                                        monkeypatch):
-    """READs one at a time on a mirror in sync: the compiled loop serves them under one lease
-    for READs only (fewer calls than READs), holding the epoch and the whole-LUN lock for
-    them; the volume and the image read count them, and a client's immediate lock try is
-    granted (the lease is given back)."""
+                                                                        monkeypatch, loop):
+    """READs one at a time on a mirror in sync: the compiled loop (or, with
+    LVMIRROR_LEASE_LOOP=0, the Python turns) serves them under one lease for READs only (the
+    loop: fewer calls than READs), holding the epoch and the whole-LUN lock for them; the
+    volume and the image read count them, and a client's immediate lock try is granted (the
+    lease is given back)."""
+    if loop and not lunserver.LEASE_LOOP:
+        pytest.skip("LVMIRROR_LEASE_LOOP=0")
+    monkeypatch.setattr(lunserver, "LEASE_LOOP", loop)
     emu, lun, paths, data = _mirror_lun(lab, tmp_path, 61)
     vol = lun.volume
     calls = _spy_serve(monkeypatch, lun, emu)
@@ -113,6 +133,7 @@ def test_reads_at_queue_depth_1_are_served_under_a_lease_for_reads_only(lab, tmp
         assert _read(emu, 8 * k, 8) == data[8 * k * BS:8 * (k + 1) * BS]
     # (one call may serve them all: it waits for the kernel's next command itself)
     assert len(calls) - n0 < 8 and all(c is lease for c in calls[n0:])
+    assert bool(calls) == loop
     assert lease.reads - r0 == 8 and lun._lease is lease and not lease.ended
     s1 = vol.stats
     assert s1["reads"] - s0["reads"] == 8 and s1["bytes_read"] - s0["bytes_read"] == 64 * BS
@@ -172,15 +193,16 @@ def test_a_write_ends_the_lease_and_reaches_both_images(lab, tmp_path, monkeypat
 
 def test_a_split_of_the_image_the_lease_reads_is_not_read_after(lab, tmp_path, monkeypatch):
     """The mirror's lease reads image 0; splitting image 0 off (the epoch switch revokes the
-    lease) completes, and a WRITE after it goes to image 1 only: the READ of those blocks
-    returns the new data from image 1 - a lease taken after the split reads image 1 - while
-    the split image keeps the data of the split time."""
+    lease) completes, and a WRITE after it goes to image 1 only (the epoch tracks image 0's
+    changes: no lease is taken on it): the READ of those blocks returns the new data from
+    image 1, while the split image keeps the data of the split time."""
     emu, lun, paths, data = _mirror_lun(lab, tmp_path, 63)
     vol = lun.volume
     lease = _reads_until_leased(lun, emu, data)
     assert lease.read_storage is vol.image_storage(0)
+    revoked0 = lun.leases_revoked
     vol.split(0)
-    assert lease.ended
+    assert lease.ended and lun.leases_revoked == revoked0 + 1
     new = os.urandom(8 * BS)
     assert _write(emu, 0, new) == 0
     monkeypatch.setattr(ringlease, "BACKOFF", 0.0)
@@ -213,3 +235,78 @@ def test_reads_and_writes_mixed_keep_every_write(lab, tmp_path, monkeypatch):
     vol.flush()
     with open(paths[0], "rb") as a, open(paths[1], "rb") as b:
         assert a.read(64 * BS) == b.read(64 * BS) == bytes(image)
+
+
+def _three_image_lun(lab, tmp_path, seed):
+    """A 3-image LUN in sync whose first 64 blocks hold random data (skips where no read is
+    served from memory): (emulator, LunServer, image paths, the data)."""
+    paths = [str(tmp_path / f"img{k}") for k in range(3)]
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    data = random.Random(seed).randbytes(64 * BS)
+    assert _write(emu, 0, data) == 0
+    _require_compiled(lun, emu, data, tmp_path)
+    lun._lease_after = 0.0
+    return emu, lun, paths, data
+
+
+def test_a_detached_image_is_not_read_by_the_next_lease(lab, tmp_path, monkeypatch):
+    """A 3-image mirror's lease reads image 0; detaching image 0 revokes it, and the lease
+    the READs take next (the two images left are a mirror in sync: for READs only) reads
+    another image. A WRITE after the detach is read back; the detached file keeps the old
+    data."""
+    emu, lun, paths, data = _three_image_lun(lab, tmp_path, 66)
+    vol = lun.volume
+    lease = _reads_until_leased(lun, emu, data)
+    gone = vol.image_storage(0)
+    assert lease.read_storage is gone
+    revoked0 = lun.leases_revoked
+    vol.detach(0)
+    assert lease.ended and lun.leases_revoked == revoked0 + 1
+    new = os.urandom(8 * BS)
+    assert _write(emu, 0, new) == 0
+    monkeypatch.setattr(ringlease, "BACKOFF", 0.0)
+    lun._lease_after = 0.0
+    for _ in range(5):
+        assert _read(emu, 0, 8) == new
+    after = lun._lease
+    assert after is not None and after.reads_only and after.read_storage is not gone
+    assert after.read_storage is vol.image_storage(0)
+    with open(paths[0], "rb") as f:
+        assert f.read(8 * BS) == data[:8 * BS]
+
+
+@pytest.mark.parametrize("loop", [True, False], ids=["loop", "batch"])
+def test_a_large_read_is_made_under_the_lease(lab, tmp_path, monkeypatch, loop):
+    """A READ over INLINE_READ_MAX (256 KiB here) on a mirror holding its lease for READs
+    only is made under it (the lease's batch: no lock or epoch of its own), counted in it, and
+    returns what was written."""
+    if loop and not lunserver.LEASE_LOOP:
+        pytest.skip("LVMIRROR_LEASE_LOOP=0")
+    monkeypatch.setattr(lunserver, "LEASE_LOOP", loop)
+    emu, lun, paths, data = _mirror_lun(lab, tmp_path, 67)
+    big = os.urandom(256 << 10)
+    first = 128
+    assert _write(emu, first, big) == 0
+    rearm(lun, emu)
+    lun._lease_after = 0.0
+    lease = _reads_until_leased(lun, emu, data)
+    b0 = lease.read_bytes
+    for _ in range(3):
+        assert _read(emu, first, len(big) // BS) == big
+    assert lun._lease is lease and lease.read_bytes - b0 == 3 * len(big)
+    assert not lun.volume.locks._held or list(lun.volume.locks._held) == [lease.lock]
+
+
+def test_stopping_the_lun_ends_a_mirrors_lease(lab, tmp_path):
+    """A LUN whose ring thread holds a mirror's lease for READs only (its compiled loop
+    waiting for the kernel) stops promptly: the lease is ended and the epoch left."""
+    import time
+    emu, lun, paths, data = _mirror_lun(lab, tmp_path, 68)
+    vol = lun.volume
+    lease = _reads_until_leased(lun, emu, data)
+    t0 = time.monotonic()
+    lun.stop()
+    assert time.monotonic() - t0 < 30
+    assert lease.ended and vol.locks._lease is None
