@@ -191,23 +191,34 @@ def test_a_write_ends_the_lease_and_reaches_both_images(lab, tmp_path, monkeypat
     assert lun.leases > leases1 and lun._lease is not None and lun._lease.reads_only
 
 
+def _switch_under_the_lease(lun, emu, data, monkeypatch, switch):
+    """Take the mirror's lease (it reads image 0), call ``switch(0)`` (a split or detach of
+    image 0: its epoch switch revokes the lease, counted), WRITE new data to the first 8 blocks
+    and READ them five times (BACKOFF 0 from then on: a lease may be taken again at once), each
+    returning the new data. Returns image 0's StorageImage as it was before the switch."""
+    vol = lun.volume
+    lease = _reads_until_leased(lun, emu, data)
+    gone = vol.image_storage(0)
+    assert lease.read_storage is gone
+    revoked0 = lun.leases_revoked
+    switch(0)
+    assert lease.ended and lun.leases_revoked == revoked0 + 1
+    new = os.urandom(8 * BS)
+    assert _write(emu, 0, new) == 0
+    monkeypatch.setattr(ringlease, "BACKOFF", 0.0)
+    lun._lease_after = 0.0
+    for _ in range(5):
+        assert _read(emu, 0, 8) == new
+    return gone
+
+
 def test_a_split_of_the_image_the_lease_reads_is_not_read_after(lab, tmp_path, monkeypatch):
     """The mirror's lease reads image 0; splitting image 0 off (the epoch switch revokes the
     lease) completes, and a WRITE after it goes to image 1 only (the epoch tracks image 0's
     changes: no lease is taken on it): the READ of those blocks returns the new data from
     image 1, while the split image keeps the data of the split time."""
     emu, lun, paths, data = _mirror_lun(lab, tmp_path, 63)
-    vol = lun.volume
-    lease = _reads_until_leased(lun, emu, data)
-    assert lease.read_storage is vol.image_storage(0)
-    revoked0 = lun.leases_revoked
-    vol.split(0)
-    assert lease.ended and lun.leases_revoked == revoked0 + 1
-    new = os.urandom(8 * BS)
-    assert _write(emu, 0, new) == 0
-    monkeypatch.setattr(ringlease, "BACKOFF", 0.0)
-    for _ in range(5):
-        assert _read(emu, 0, 8) == new
+    _switch_under_the_lease(lun, emu, data, monkeypatch, lun.volume.split)
     with open(paths[0], "rb") as f:
         assert f.read(8 * BS) == data[:8 * BS]
 
@@ -258,18 +269,7 @@ def test_a_detached_image_is_not_read_by_the_next_lease(lab, tmp_path, monkeypat
     data."""
     emu, lun, paths, data = _three_image_lun(lab, tmp_path, 66)
     vol = lun.volume
-    lease = _reads_until_leased(lun, emu, data)
-    gone = vol.image_storage(0)
-    assert lease.read_storage is gone
-    revoked0 = lun.leases_revoked
-    vol.detach(0)
-    assert lease.ended and lun.leases_revoked == revoked0 + 1
-    new = os.urandom(8 * BS)
-    assert _write(emu, 0, new) == 0
-    monkeypatch.setattr(ringlease, "BACKOFF", 0.0)
-    lun._lease_after = 0.0
-    for _ in range(5):
-        assert _read(emu, 0, 8) == new
+    gone = _switch_under_the_lease(lun, emu, data, monkeypatch, vol.detach)
     after = lun._lease
     assert after is not None and after.reads_only and after.read_storage is not gone
     assert after.read_storage is vol.image_storage(0)
