@@ -936,9 +936,9 @@ class LunServer:
         thread's lease (``_begin_lease``) if it has none, and makes its batches under it; on a
         mirror in sync it takes one for READs only unless WRITEs lead, and ends it at the first
         WRITE (``_end_lease`` with ``pause``); a revoked lease is ended first. Counts them as
-        the ring thread's own (``inline``,
-        ``compiled``, ``compiled_writes``), in the latency histogram (each with its call's
-        time shared out) and in the volume's and image's statistics. Returns how many it
+        the ring thread's own (``inline``, ``compiled``, ``compiled_writes``), in the latency
+        histogram (each with its call's time shared out) and in the volume's and image's
+        statistics. Returns how many it
         completed (the caller notifies the kernel) and whether it answered every command up
         to the ring's head (nothing left to fetch).
 
@@ -1005,7 +1005,7 @@ class LunServer:
             if lease is not None and (lease.revoked or self._inline_after > lease.since):
                 self._end_lease(gen)
                 lease = None
-            elif lease is not None and lease.reads_only and why == _STOP_WRITE:
+            elif why == _STOP_WRITE and lease is not None and lease.reads_only:
                 # a mirror's WRITEs are made outside its lease (``mirror/ringlease.py``)
                 self._end_lease(gen, pause=True)
                 lease = None
