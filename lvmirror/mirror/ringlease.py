@@ -56,12 +56,11 @@ class RingLease:
     ``write_storage`` are the StorageImages they went to; ``volume`` the MirrorVolume whose
     ``end_ring_lease`` ends it; ``batch``: the blocks the holder's batch in flight covers,
     ``(first, blocks, shared)``, or None between batches (``MirrorVolume.narrow_ring_lease``);
-    ``reads_only``: True when ``write_storage`` is None, a lease its holder makes no WRITE
-    under (a mirror's, see the module docstring)."""
+    ``reads_only`` (a property): True when ``write_storage`` is None, a lease its holder makes
+    no WRITE under (a mirror's, see the module docstring)."""
 
     __slots__ = ("epoch", "lock", "wake", "gen", "since", "revoked", "reads", "read_bytes",
-                 "writes", "write_bytes", "read_storage", "write_storage", "ended", "volume", "batch",
-                 "reads_only")
+                 "writes", "write_bytes", "read_storage", "write_storage", "ended", "volume", "batch")
 
     def __init__(self, wake, gen: int, since: float, read_storage, write_storage):
         self.epoch = None
@@ -74,9 +73,13 @@ class RingLease:
         self.reads = self.read_bytes = self.writes = self.write_bytes = 0
         self.read_storage = read_storage
         self.write_storage = write_storage
-        self.reads_only = write_storage is None
         self.volume = None
         self.batch = None       # (first block, blocks, shared) of the batch in flight, or None
+
+    @property
+    def reads_only(self) -> bool:
+        """A lease for READs only (no ``write_storage``: a mirror's)."""
+        return self.write_storage is None
 
     def revoke(self) -> None:
         """Ask the holder to end the lease (any thread; never blocks: it may be called under

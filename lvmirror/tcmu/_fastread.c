@@ -1536,9 +1536,9 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
     wk.hold = hold;
     wk.writes = 1;
     wk.rwf = 0;
-    /* no descriptor to write: a lease for READs only (a mirror's, ringlease.py) */
-    int no_writes = PyTuple_GET_SIZE(wfds) == 0;
-    if (!no_writes && parse_fds(wfds, &wk) < 0)
+    /* no descriptor to write (wk.legs stays 0): a lease for READs only (a mirror's,
+     * ringlease.py) */
+    if (PyTuple_GET_SIZE(wfds) != 0 && parse_fds(wfds, &wk) < 0)
         goto bad_args;
 
     uint32_t unnotified = 0;
@@ -1574,7 +1574,7 @@ lease_serve(PyObject *Py_UNUSED(self), PyObject *args)
                     goto out;
                 }
             }
-            if ((rwf < 0 && kind != STOP_WRITE) || (no_writes && kind == STOP_WRITE)) {
+            if ((rwf < 0 && kind != STOP_WRITE) || (wk.legs == 0 && kind == STOP_WRITE)) {
                 why = kind;             /* READs (WRITEs) are not the compiled path's here */
                 goto out;
             }
