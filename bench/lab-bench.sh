@@ -407,9 +407,11 @@ bench_main() {
      "tcmu_runner=$(tcmu-runner -V 2>&1 | head -1)" \
      runtime_s=$RUNTIME ramp_s=$RAMP size_mb=$SIZE_MB "targets=$TARGETS" "jobs=$JOBS" \
      profile=${BENCH_PROFILE:-0} cache_mode=write-back lvmirror_hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} label="${BENCH_LABEL:-}"
-  if [ -z "${DAEMON:-}" ]; then
-    start_daemon || { result bench_daemon fail; return; }
-  fi
+  # lvmirrord as the packaged unit runs it: its default options, no metrics writer (the lab's
+  # other sections write metrics every 2 s; tcmu-runner too runs with its defaults)
+  export LVMIRRORD_METRICS=0
+  if [ -n "${DAEMON:-}" ]; then kill $DAEMON; wait $DAEMON 2>/dev/null; DAEMON=; fi
+  start_daemon || { result bench_daemon fail; return; }
   for target in $TARGETS; do
     mkdir -p $BOUT/$target
     t "bench target $target"
