@@ -26,7 +26,8 @@ unless ``LVMIRROR_COMPILED_READS=0`` is in the environment, and with ``--images 
 writes unless ``LVMIRROR_COMPILED_WRITES=0``: run both for the before and after.
 
 Usage: .venv/bin/python bench/bench_datapath.py [--seconds 3] [--qd 32] [--dir /dev/shm]
-       [--images 1|2] [--jobs write,read,read1m,write1m] [--scaling N] [--idle N]
+       [--images 1|2] [--write-through] [--jobs write,read,read1m,write1m] [--scaling N]
+       [--idle N]
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ BS = 512
 SIZE = 512 << 20
 
 
-def fake_device(root, cfg, size, minor=0):
-    """A sysfs/configfs tree describing one user:lvmirror device (as the unit tests use)."""
+def fake_device(root, cfg, size, minor=0, write_cache=True):
+    """A sysfs/configfs tree describing one user:lvmirror device (as the unit tests use);
+    ``write_cache`` False: ``emulate_write_cache`` 0, a write-through LU (LIO's default)."""
     uio_dir = os.path.join(root, "sys", "class", "uio", f"uio{minor}")
     os.makedirs(os.path.join(uio_dir, "maps", "map0"))
     with open(os.path.join(uio_dir, "name"), "w") as f:
@@ -65,7 +67,7 @@ def fake_device(root, cfg, size, minor=0):
     with open(os.path.join(cfs, "info"), "w") as f:
         f.write(f"Status: ACTIVATED SectorSize: 512\nConfig: lvmirror/{cfg} Size: {size}\n")
     for name, val in (("hw_block_size", "512"), ("hw_max_sectors", "2048"),
-                      ("emulate_write_cache", "1")):
+                      ("emulate_write_cache", "1" if write_cache else "0")):
         with open(os.path.join(cfs, "attrib", name), "w") as f:
             f.write(val + "\n")
     (dev,) = uio.find_devices("lvmirror", sysfs_root=os.path.join(root, "sys"),
@@ -373,6 +375,10 @@ def main():
                     help="images of the volume (default 2, a mirror: its 4 KiB writes go to "
                          "both and to the write-intent log; 1: one pwritev and no log, as "
                          "the lab's lvmirror 1 image against tcmu-runner)")
+    ap.add_argument("--write-through", action="store_true",
+                    help="the LU write-through (emulate_write_cache 0, LIO's default for a "
+                         "user backstore: every WRITE durable before GOOD, on the Python path); "
+                         "write-back by default, as the lab's benchmark sets it")
     ap.add_argument("--jobs", default="write,read,read1m",
                     help="comma-separated: write (4 KiB random writes, mirrored with 2 "
                          "images), read (4 KiB random reads), read1m (1 MiB sequential reads), "
@@ -409,7 +415,8 @@ def main():
     try:
         imgs = [os.path.join(work, f"img{k}") for k in range(args.images)]
         cfg = f"bench;images={'+'.join(imgs)}"
-        dev = fake_device(os.path.join(work, "tree"), cfg, SIZE)
+        dev = fake_device(os.path.join(work, "tree"), cfg, SIZE,
+                          write_cache=not args.write_through)
         # the ring lives in memory, as the kernel's does (a file on ext4 would pay page faults
         # and writeback the kernel never does), whatever file system holds the images
         emu = RingEmulator(cmdr_size=(1 << 20) - 128, data_size=64 << 20, directory="/dev/shm")
@@ -427,7 +434,8 @@ def main():
               f"{args.dir}, {args.workers} workers per LUN, "
               f"cached reads {'through the pool' if args.no_inline_reads else 'on the ring thread'}"
               f"{'' if args.no_inline_reads else ', compiled READ path ' + compiled}"
-              f"{'' if args.no_inline_reads else ', compiled WRITEs ' + wcompiled}")
+              f"{'' if args.no_inline_reads else ', compiled WRITEs ' + wcompiled}"
+              f"{', write-through (WCE 0)' if args.write_through else ', write-back'}")
         rnd = random.Random(1)
         nblk = SIZE // BS
         payload = os.urandom(4096)

@@ -214,9 +214,11 @@ COMPILED_WRITES = (_fastread is not None
 # lock and the split epoch held across its compiled batches, given back to whatever asks.
 # LVMIRROR_RING_LEASE=0 takes them for each batch instead (``_unlocked_batch``).
 RING_LEASE = os.environ.get("LVMIRROR_RING_LEASE", "1") != "0"
-# On a mirror in sync the lease is for READs only (``RingLease.reads_only``): ended at the first
-# WRITE, none taken for ``ringlease.BACKOFF`` seconds after. LVMIRROR_MIRROR_LEASE=0 takes none
-# on a mirror (each READ batch locks and enters the epoch itself, as before).
+# On a mirror in sync, and on a volume whose WRITEs the compiled path does not make (a
+# write-through or write-protected LU), the lease is for READs only (``RingLease.reads_only``):
+# ended at the first WRITE, none taken for ``ringlease.BACKOFF`` seconds after nor while WRITEs
+# lead. LVMIRROR_MIRROR_LEASE=0 takes none of these (each READ batch locks and enters the epoch
+# itself, as before).
 MIRROR_LEASE = RING_LEASE and os.environ.get("LVMIRROR_MIRROR_LEASE", "1") != "0"
 # Under its lease the ring thread's loop itself is compiled (``_lease_serve``,
 # ``_fastread.lease_serve``): it returns to Python at the latest after LEASE_LOOP_ROUNDS waits
@@ -239,8 +241,9 @@ COMPILED_READS_RETRY = 0.1
 # READs over ``max_read`` and up to ``max_big_read`` are read without the GIL under the
 # volume's ``begin_fast_reads``; ``wbusy`` is the busy condition of both unlocked batches (the
 # region lock taken is their own); ``rfds``/``wfds`` the descriptors they read and write;
-# ``leasable``: "writes" (one image: a lease for both kinds), "reads" (a mirror: for READs
-# only) or None (no lease, ``_begin_lease``).
+# ``leasable``: "writes" (WRITEs armed to one image: a lease for both kinds), "reads" (a
+# mirror, or WRITEs not armed - write-through, write-protected: for READs only) or None (no
+# lease, ``_begin_lease``).
 _Armed = collections.namedtuple("_Armed", "storage target num_blocks block_size max_read max_write "
                                           "max_blocks checks busy wstorage wchecks wbusy "
                                           "max_big_read rfds wfds take_writes take_big_reads "
@@ -889,13 +892,20 @@ class LunServer:
                                         True, big)
         take_big_reads = functools.partial(take, big, mb, _fastread.MAX_WRITES, checks, hold,
                                            False, max_write)
-        # a lease (``_begin_lease``) on a volume writing one image; on a mirror in sync, a
-        # lease for READs only (``leasable`` "reads"). Under it a READ batch is busy only while
-        # a region lock is awaited (the lease's own is the one held)
+        # a lease (``_begin_lease``) on a volume whose WRITEs the compiled path makes to one
+        # image; else a lease for READs only (``leasable`` "reads"): on a mirror in sync, whose
+        # WRITEs are made outside a lease, and on a volume whose WRITEs are not the compiled
+        # path's now - a write-through LU (WCE 0, LIO's default for a user backstore), a
+        # write-protected one, LVMIRROR_COMPILED_WRITES=0, "parallel" fan-out - the volume
+        # granting it only while every image it writes is in sync and no change is tracked
+        # (``MirrorVolume._leasable``). Under it a READ batch is busy only while a region
+        # lock is awaited (the lease's own is the one held)
         leasable = None
-        if (RING_LEASE and wstorage is not None and hasattr(target, "begin_ring_lease")
-                and (len(wstorage) == 1 or (MIRROR_LEASE and COMPILED_READS))):
-            leasable = "writes" if len(wstorage) == 1 else "reads"
+        if RING_LEASE and hasattr(target, "begin_ring_lease"):
+            if wstorage is not None and len(wstorage) == 1:
+                leasable = "writes"
+            elif MIRROR_LEASE and COMPILED_READS:
+                leasable = "reads"
         lease_busy = (((target.locks, "_waiters", kinds["falsy"], None),) + hold
                       if leasable else None)
         # a batch under the lease in one call (``_leased_batch``): take, I/O, complete
@@ -913,7 +923,7 @@ class LunServer:
         lease_serve = (functools.partial(
             ring.lease_runner(_fastread.lease_serve, nb, bs), self, self._role_mu,
             (min(INLINE_READ_MAX, most), big, mb, checks, lease_busy, storage.fd),
-            (max_write, _fastread.MAX_WRITES, wchecks, hold,
+            (max_write, _fastread.MAX_WRITES, wchecks or (), hold,
              tuple(st.fd for st in wstorage) if leasable == "writes" else ()),
             (self._handle.fd, self._wake_r, LEASE_LOOP_ROUNDS, INLINE_SLOW, BUCKETS,
              self.latency.counts("read"), self.latency.counts("write")))
@@ -934,8 +944,9 @@ class LunServer:
         WRITEs without FUA (``_compiled_writes``), in ring order, taking turns while each
         stops at the other's kind. On a volume writing one image it first takes the ring
         thread's lease (``_begin_lease``) if it has none, and makes its batches under it; on a
-        mirror in sync it takes one for READs only unless WRITEs lead, and ends it at the first
-        WRITE (``_end_lease`` with ``pause``); a revoked lease is ended first. Counts them as
+        mirror in sync, or a volume whose WRITEs are not armed (write-through, write-protected),
+        it takes one for READs only unless WRITEs lead, and ends it at the first WRITE
+        (``_end_lease`` with ``pause``; WRITEs lead then); a revoked lease is ended first. Counts them as
         the ring thread's own (``inline``, ``compiled``, ``compiled_writes``), in the latency
         histogram (each with its call's time shared out) and in the volume's and image's
         statistics. Returns how many it
@@ -1006,9 +1017,12 @@ class LunServer:
                 self._end_lease(gen)
                 lease = None
             elif why == _STOP_WRITE and lease is not None and lease.reads_only:
-                # a mirror's WRITEs are made outside its lease (``mirror/ringlease.py``)
+                # a mirror's WRITEs are made outside its lease (``mirror/ringlease.py``), as
+                # are a write-through LU's (the Python path's); WRITEs lead now: no lease for
+                # READs only is taken again until READs do
                 self._end_lease(gen, pause=True)
                 lease = None
+                self._lead = _STOP_WRITE
             if why == _STOP_READ or why == _STOP_BIG_READ:
                 if not COMPILED_READS:
                     break
@@ -1084,8 +1098,9 @@ class LunServer:
 
     def _begin_lease(self, fast, gen: int):
         """Take the ring thread's lease (``MirrorVolume.begin_ring_lease``,
-        ``mirror/ringlease.py``) on the armed volume (``fast``: it writes one image; or a
-        mirror in sync, ``fast.leasable`` "reads": a lease for READs only) for this ring
+        ``mirror/ringlease.py``) on the armed volume (``fast``: its WRITEs armed to one image;
+        or ``fast.leasable`` "reads" - a mirror in sync, or WRITEs not armed: a lease for READs
+        only) for this ring
         thread (generation ``gen``), unless WRITEs go to the pool now (``_inline_after``) or a
         lease was revoked (a mirror's ended at a WRITE) less than ``ringlease.BACKOFF``
         seconds ago. Returns it, or None."""

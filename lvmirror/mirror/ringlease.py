@@ -36,7 +36,9 @@ regions) and takes none for ``BACKOFF`` seconds, so a stream of READs makes its 
 lock or epoch of their own while a mix of READs and WRITEs takes one lease at most every
 ``BACKOFF`` seconds. The READs under it are read from the one image ``fast_read_source`` names,
 the first in sync of the epoch: the lease excludes every WRITE and resync copy, so that image
-holds what any other would return.
+holds what any other would return. A volume whose WRITEs the ring thread does not make itself
+(a write-through or write-protected LU: the Python path's) takes the same lease for READs only,
+on one image or several.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ class RingLease:
 
     @property
     def reads_only(self) -> bool:
-        """A lease for READs only (no ``write_storage``: a mirror's)."""
+        """A lease for READs only (no ``write_storage``: a mirror's, or a volume's whose WRITEs
+        the ring thread does not make itself - a write-through LU's)."""
         return self.write_storage is None
 
     def revoke(self) -> None:

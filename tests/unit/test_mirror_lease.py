@@ -310,3 +310,64 @@ def test_stopping_the_lun_ends_a_mirrors_lease(lab, tmp_path):
     lun.stop()
     assert time.monotonic() - t0 < 30
     assert lease.ended and vol.locks._lease is None
+
+
+# -- a volume whose WRITEs the compiled path does not make ---------------------------------------
+
+
+@pytest.mark.parametrize("how,n", [("write-through", 1), ("write-through", 2),
+                                   ("write-protected", 2)],
+                         ids=["write-through-one-image", "write-through-mirror",
+                              "write-protected-mirror"])
+def test_an_lu_without_compiled_writes_serves_reads_under_a_lease_for_reads_only(
+        lab, tmp_path, monkeypatch, how, n):
+    """A write-through LU (WCE 0, LIO's default for a user backstore) or a write-protected
+    one has no compiled WRITEs; its READs still come under a lease for READs only - on one
+    image or a mirror - with no lock or epoch of their own per batch. A WRITE ends it (not a
+    revocation) and takes the Python path: written through to every image before GOOD, or
+    refused with DATA PROTECT. WRITEs then lead and take no lease; READs take one again once
+    they lead."""
+    paths = [str(tmp_path / f"img{k}") for k in range(n)]
+    emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
+    for job in lun.volume.jobs.values():
+        assert job.wait(20)
+    vol = lun.volume
+    data = random.Random(70 + n).randbytes(64 * BS)
+    assert _write(emu, 0, data) == 0
+    _require_compiled(lun, emu, data, tmp_path)
+    if how == "write-through":
+        lun.lu.write_cache = False
+    else:
+        lun.lu.read_only = True
+    try:
+        rearm(lun, emu)
+        lun._lease_after = 0.0
+        lease = _reads_until_leased(lun, emu, data)
+        assert lun._fast.wstorage is None and lun._fast.leasable == "reads"
+        assert lease.reads_only and lease.read_storage is vol.image_storage(0)
+        assert vol.locks._lease is lease.lock and vol._epoch.inflight == 1
+        r0 = lease.reads
+        for k in range(8):
+            assert _read(emu, 8 * k, 8) == data[8 * k * BS:8 * (k + 1) * BS]
+        assert lease.reads - r0 == 8 and lun._lease is lease
+        revoked0, leases0, compiled0 = lun.leases_revoked, lun.leases, lun.compiled_writes
+        new = os.urandom(8 * BS)
+        status = _write(emu, 16, new)
+        assert status == (0 if how == "write-through" else 2)
+        assert lease.ended and vol.locks._lease is None and vol._epoch.inflight == 0
+        assert lun.leases_revoked == revoked0 and lun.compiled_writes == compiled0
+        assert lun._lead == lunserver._STOP_WRITE
+        want = new if how == "write-through" else data[16 * BS:24 * BS]
+        for p in paths:          # (write-through: in every image before GOOD, no flush asked)
+            with open(p, "rb") as f:
+                f.seek(16 * BS)
+                assert f.read(8 * BS) == want
+        monkeypatch.setattr(ringlease, "BACKOFF", 0.0)
+        lun._lease_after = 0.0
+        assert _write(emu, 24, new) == status                # WRITEs lead: no lease
+        assert lun.leases == leases0 and lun._lease is None
+        for _ in range(3):
+            assert _read(emu, 16, 8) == want
+        assert lun.leases > leases0 and lun._lease is not None and lun._lease.reads_only
+    finally:
+        lun.lu.write_cache, lun.lu.read_only = True, False
