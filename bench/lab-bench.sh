@@ -24,6 +24,8 @@
 # Settings (environment, passed by bench/run through lab/boot): BENCH_TARGETS, BENCH_JOBS,
 # BENCH_RUNTIME (s per job), BENCH_RAMP (s), BENCH_SIZE_MB (LUN size), BENCH_PROFILE=1 (py-spy
 # records lvmirrord during each job, with BENCH_SPY_OPTS added to its options, "--gil" say; figures are then perturbed and only the profile counts),
+# BENCH_LVMIRROR_WCE=0 (lvmirror's LUNs write-through, LIO's default for a user backstore,
+# instead of the write-back all targets share by default; meta.json records it),
 # BENCH_STRACE=1 (strace -c counts the handler's system calls during each job of lvmirror and
 # tcmu-runner -> <target>/<job>.strace; figures are perturbed, the calls per command count;
 # BENCH_STRACE=calls: every call with its thread for 2 s of each job -> <job>.strace-calls;
@@ -95,7 +97,7 @@ target_up() {  # target_up NAME -> BSTORE (targetcli path); sets up the backstor
       imgs=$(for i in $(seq 0 $((n - 1))); do printf '%s' "$BDIR/img$i+"; done); imgs=${imgs%+}
       BSTORE=/backstores/user:lvmirror/bt; vol=bench$n
       echo "/backstores/user:lvmirror create name=bt size=${SIZE_MB}M cfgstring=$vol;images=$imgs hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} control=nl_reply_supported=-1"
-      echo "$BSTORE set attribute emulate_write_cache=1" ;;
+      echo "$BSTORE set attribute emulate_write_cache=${BENCH_LVMIRROR_WCE:-1}" ;;
     tcmu-runner)
       runner_up >&2 || { echo "tcmu-runner did not take org.kernel.TCMUService1" >&2; return 1; }
       BSTORE=/backstores/user:qcow/bt
@@ -406,7 +408,7 @@ bench_main() {
      "fio=$(fio --version)" "python=$($PY -V 2>&1)" "lvmirrord=$(command -v lvmirrord)" \
      "tcmu_runner=$(tcmu-runner -V 2>&1 | head -1)" \
      runtime_s=$RUNTIME ramp_s=$RAMP size_mb=$SIZE_MB "targets=$TARGETS" "jobs=$JOBS" \
-     profile=${BENCH_PROFILE:-0} cache_mode=write-back lvmirror_hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} label="${BENCH_LABEL:-}"
+     profile=${BENCH_PROFILE:-0} cache_mode=write-back lvmirror_wce=${BENCH_LVMIRROR_WCE:-1} lvmirror_hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} label="${BENCH_LABEL:-}"
   # lvmirrord as the packaged unit runs it: its default options, no metrics writer (the lab's
   # other sections write metrics every 2 s; tcmu-runner too runs with its defaults)
   export LVMIRRORD_METRICS=0
