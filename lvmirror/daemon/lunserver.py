@@ -946,12 +946,11 @@ class LunServer:
         thread's lease (``_begin_lease``) if it has none, and makes its batches under it; on a
         mirror in sync, or a volume whose WRITEs are not armed (write-through, write-protected),
         it takes one for READs only unless WRITEs lead, and ends it at the first WRITE
-        (``_end_lease`` with ``pause``; WRITEs lead then); a revoked lease is ended first. Counts them as
-        the ring thread's own (``inline``, ``compiled``, ``compiled_writes``), in the latency
-        histogram (each with its call's time shared out) and in the volume's and image's
-        statistics. Returns how many it
-        completed (the caller notifies the kernel) and whether it answered every command up
-        to the ring's head (nothing left to fetch).
+        (``_end_lease`` with ``pause``; WRITEs lead then); a revoked lease is ended first.
+        Counts them as the ring thread's own (``inline``, ``compiled``, ``compiled_writes``),
+        in the latency histogram (each with its call's time shared out) and in the volume's
+        and image's statistics. Returns how many it completed (the caller notifies the kernel)
+        and whether it answered every command up to the ring's head (nothing left to fetch).
 
         Under the lease it first lets the compiled loop serve (``_lease_serve``), which tells
         the kernel of what it completed itself and waits for the kernel's next commands; the
