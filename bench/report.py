@@ -436,8 +436,10 @@ def markdown(data: dict) -> str:
            + (f", {m['tcmu_runner']}" if m.get("tcmu_runner") else "") + "; "
            f"{m.get('size_mb', '?')} MiB LUNs on image files in the guest, "
            f"{m.get('runtime_s', '?')} s per job after {m.get('ramp_s', '?')} s ramp; "
-           f"open-iscsi over the guest's loopback; every target write-back "
-           f"({m.get('cache_mode', '?')}).", ""]
+           f"open-iscsi over the guest's loopback; "
+           + ("every target write-back" if str(m.get("lvmirror_wce", "1")) != "0" else
+              "lvmirror write-through (WCE 0, BENCH_LVMIRROR_WCE=0), the others write-back")
+           + f" ({m.get('cache_mode', '?')}).", ""]
     if m.get("accel") == "tcg":
         out += ["> The lab runs under software emulation (QEMU TCG), so absolute figures are low; "
                 "only the ratios carry over to a real server.", ""]

@@ -253,6 +253,10 @@ _CHECK_KINDS = ({"is": _fastread.CHECK_IS, "falsy": _fastread.CHECK_FALSY,
                  "eq": _fastread.CHECK_EQ} if _fastread is not None else {})
 
 # Commands a LUN answers even when its volume is not open (so initiators can see why).
+# the commands that write, which end a lease for READs only and lead (``_serve_ring``)
+_LEADING_WRITES = WRITE_OPCODES | {scsi.WRITE_SAME_10, scsi.WRITE_SAME_16, scsi.UNMAP,
+                                   scsi.COMPARE_AND_WRITE, scsi.WRITE_AND_VERIFY_10,
+                                   scsi.WRITE_AND_VERIFY_12, scsi.WRITE_AND_VERIFY_16}
 _ALWAYS_ANSWERED = {scsi.INQUIRY, scsi.REQUEST_SENSE, scsi.MAINTENANCE_IN}
 
 # ALUA (SPC-4 5.16): the access states of this gateway's target port group in which the LUN's
@@ -786,10 +790,19 @@ class LunServer:
                         return           # handed over: a newer ring thread serves now
                     completed += done
             if not stopping and not emptied:
-                if self._lease is not None:
+                ended = self._lease
+                if ended is not None:
                     self._end_lease(gen)   # the Python path locks for itself
                 batch = ring.fetch()
                 commands = batch.commands
+                if (ended is not None and ended.gen == gen and ended.reads_only
+                        and any(c.cdb[0] in _LEADING_WRITES for c in commands)):
+                    # a WRITE the compiled path does not make (FUA, a larger one, WRITE SAME,
+                    # UNMAP; any on a write-through LU) ended a lease for READs only: WRITEs
+                    # lead, and none is taken again for BACKOFF seconds, as at a plain WRITE
+                    self._lead = _STOP_WRITE
+                    self._lease_after = max(self._lease_after,
+                                            time.monotonic() + ringlease.BACKOFF)
                 running = self._running
                 # an abort counts only for a command still running here or queued before its
                 # TMR entry: one the kernel names after it was answered (by the compiled path

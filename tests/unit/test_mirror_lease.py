@@ -352,8 +352,22 @@ def test_an_lu_without_compiled_writes_serves_reads_under_a_lease_for_reads_only
         assert lease.reads - r0 == 8 and lun._lease is lease
         revoked0, leases0, compiled0 = lun.leases_revoked, lun.leases, lun.compiled_writes
         new = os.urandom(8 * BS)
-        status = _write(emu, 16, new)
-        assert status == (0 if how == "write-through" else 2)
+        fua = []
+        for k in range(n):
+            st = vol.image_storage(k)
+            real = st.writev
+
+            def spy(offset, buffers, _real=real, **kw):
+                fua.append(kw.get("fua", False))
+                return _real(offset, buffers, **kw)
+            monkeypatch.setattr(st, "writev", spy)
+        cid = emu.submit(cdb10(0x2A, 16, 8), data_out=new)
+        c = emu.wait([cid])[cid]
+        status = c.status
+        if how == "write-through":      # durable before GOOD: FUA to every image
+            assert status == 0 and fua == [True] * n
+        else:                           # DATA PROTECT, WRITE PROTECTED (SBC-4 4.11)
+            assert status == 2 and (c.sense[2] & 0x0F, c.sense[12]) == (7, 0x27) and not fua
         assert lease.ended and vol.locks._lease is None and vol._epoch.inflight == 0
         assert lun.leases_revoked == revoked0 and lun.compiled_writes == compiled0
         assert lun._lead == lunserver._STOP_WRITE
@@ -371,3 +385,32 @@ def test_an_lu_without_compiled_writes_serves_reads_under_a_lease_for_reads_only
         assert lun.leases > leases0 and lun._lease is not None and lun._lease.reads_only
     finally:
         lun.lu.write_cache, lun.lu.read_only = True, False
+
+
+def test_writes_the_compiled_path_does_not_make_also_end_the_lease_and_lead(lab, tmp_path,
+                                                                           monkeypatch):
+    """A WRITE with FUA (the Python path's: SBC-4 5.40) behind READs under the mirror's lease
+    ends it as a plain WRITE does: none is taken for BACKOFF seconds (60 here), so READs and
+    FUA WRITEs taking turns take one lease at most, not one per WRITE; every WRITE is read
+    back and reaches both images."""
+    emu, lun, paths, data = _mirror_lun(lab, tmp_path, 69)
+    vol = lun.volume
+    lease = _reads_until_leased(lun, emu, data)
+    monkeypatch.setattr(ringlease, "BACKOFF", 60.0)
+    leases0 = lun.leases
+    image = bytearray(data)
+    rnd = random.Random(69)
+    for k in range(20):
+        for _ in range(3):
+            lba = rnd.randrange(56)
+            assert _read(emu, lba, 8) == bytes(image[lba * BS:(lba + 8) * BS])
+        buf = os.urandom(8 * BS)
+        lba = rnd.randrange(56)
+        cid = emu.submit(cdb10(0x2A, lba, 8, b1=0x08), data_out=buf)      # FUA
+        assert emu.wait([cid])[cid].status == 0
+        image[lba * BS:(lba + 8) * BS] = buf
+    assert lease.ended and lun.leases - leases0 <= 1
+    vol.flush()
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(64 * BS) == bytes(image)
