@@ -319,14 +319,18 @@ def test_stopping_the_lun_ends_a_mirrors_lease(lab, tmp_path):
                                    ("write-protected", 2)],
                          ids=["write-through-one-image", "write-through-mirror",
                               "write-protected-mirror"])
+@pytest.mark.parametrize("loop", [True, False], ids=["loop", "batch"])
 def test_an_lu_without_compiled_writes_serves_reads_under_a_lease_for_reads_only(
-        lab, tmp_path, monkeypatch, how, n):
+        lab, tmp_path, monkeypatch, how, n, loop):
     """A write-through LU (WCE 0, LIO's default for a user backstore) or a write-protected
     one has no compiled WRITEs; its READs still come under a lease for READs only - on one
     image or a mirror - with no lock or epoch of their own per batch. A WRITE ends it (not a
     revocation) and takes the Python path: written through to every image before GOOD, or
     refused with DATA PROTECT. WRITEs then lead and take no lease; READs take one again once
-    they lead."""
+    they lead. The same with the compiled loop and with LVMIRROR_LEASE_LOOP=0."""
+    if loop and not lunserver.LEASE_LOOP:
+        pytest.skip("LVMIRROR_LEASE_LOOP=0")
+    monkeypatch.setattr(lunserver, "LEASE_LOOP", loop)
     paths = [str(tmp_path / f"img{k}") for k in range(n)]
     emu, lun, _ = lab(f"vol0;images={'+'.join(paths)}")
     for job in lun.volume.jobs.values():
