@@ -409,8 +409,8 @@ bench_main() {
      "tcmu_runner=$(tcmu-runner -V 2>&1 | head -1)" \
      runtime_s=$RUNTIME ramp_s=$RAMP size_mb=$SIZE_MB "targets=$TARGETS" "jobs=$JOBS" \
      profile=${BENCH_PROFILE:-0} cache_mode=write-back lvmirror_wce=${BENCH_LVMIRROR_WCE:-1} lvmirror_hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} label="${BENCH_LABEL:-}"
-  # lvmirrord as the packaged unit runs it: its default options, no metrics writer (the lab's
-  # other sections write metrics every 2 s; tcmu-runner too runs with its defaults)
+  # lvmirrord as the packaged unit runs it: its default options, the metrics every 5 s (the
+  # lab's other sections write them every 2 s; tcmu-runner too runs with its defaults)
   export LVMIRRORD_METRICS=0
   if [ -n "${DAEMON:-}" ]; then kill $DAEMON; wait $DAEMON 2>/dev/null; DAEMON=; fi
   start_daemon || { result bench_daemon fail; return; }

@@ -56,8 +56,9 @@ wait_bus_name() {  # wait_bus_name NAME PID: until NAME has an owner on the syst
 }
 
 start_daemon() {  # the metrics go where the metrics section's node exporter reads them, every 2 s
-  # (LVMIRRORD_METRICS=0: no metrics file, as the packaged unit runs lvmirrord - the benchmark's
-  # setting, so its figures carry no writer the product does not run by default)
+  # (LVMIRRORD_METRICS=0: lvmirrord's own defaults, as the packaged unit runs it - the metrics
+  # to the node exporter's directory every 5 s while it exists - the benchmark's setting, so its
+  # figures carry no more background work than the product does by default)
   local metrics="--metrics-file /run/textfile/lvmirror.prom --metrics-interval 2"
   [ "${LVMIRRORD_METRICS:-1}" = 0 ] && metrics=
   mkdir -p /run/textfile
