@@ -150,6 +150,7 @@ class TcmuNetlink:
         self._sock = None
         self._thread = None
         self._stop = threading.Event()
+        self._stop_r = self._stop_w = None
         self._send_lock = threading.Lock()
 
     def start(self, callback) -> None:
@@ -175,14 +176,19 @@ class TcmuNetlink:
             sock.close()
             raise
         self._sock = sock
+        # (the listener waits on the socket and this pipe, with no timeout: an idle gateway's
+        # listener never wakes; ``stop`` writes the pipe)
+        self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(target=self._loop, args=(callback,), name="tcmu-netlink",
                                         daemon=True)
         self._thread.start()
 
     def _loop(self, callback):
-        sock = self._sock
+        sock, stop_r = self._sock, self._stop_r
         while not self._stop.is_set():
-            r, _, _ = select.select([sock], [], [], 0.5)
+            r, _, _ = select.select([sock, stop_r], [], [])
+            if stop_r in r:
+                return
             if not r:
                 continue
             try:
@@ -212,11 +218,18 @@ class TcmuNetlink:
                 log.error("netlink: cannot reply to %s: %s", type(event).__name__, e)
 
     def stop(self) -> None:
-        """Stop the listener (it polls every 0.5 s), join it and close the socket; ``reply`` does
-        nothing after."""
+        """Stop the listener (woken through its stop pipe), join it and close the socket;
+        ``reply`` does nothing after."""
         self._stop.set()
+        if self._stop_w is not None:
+            os.write(self._stop_w, b"x")
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        for fd in (self._stop_r, self._stop_w):
+            if fd is not None:
+                os.close(fd)
+        self._stop_r = self._stop_w = None

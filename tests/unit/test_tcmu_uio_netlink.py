@@ -383,3 +383,30 @@ def test_the_device_identification_page_names_one_serial():
     assert status.status == 0 and page == bytes([0, 0x83, 0, 12, 2, 1, 0, 8]) + b"LIO-ORG "
     status, page = run(lu, [0x12, 1, 0x83, 0, 255, 0], in_len=255)
     assert lu.naa in page and page.endswith(b"LIO-ORG 5f0c-late")
+
+
+def test_an_idle_listener_never_wakes_and_stops_at_once(monkeypatch):
+    """The listener waits on its socket and a stop pipe with no timeout (it polled every
+    0.5 s before: two wake-ups a second on an idle gateway): idle, its thread makes no
+    voluntary context switch; ``stop`` wakes it, joins it and closes the socket, and a second
+    ``stop`` does nothing."""
+    import time
+    monkeypatch.setattr(netlink.GenericNetlinkSocket, "bind", lambda self, *a, **k: None)
+    monkeypatch.setattr(netlink.GenericNetlinkSocket, "add_membership",
+                        lambda self, *a, **k: None)
+    listener = netlink.TcmuNetlink()
+    listener.start(lambda event: None)
+    thread = listener._thread
+    time.sleep(0.2)                      # (it reached its wait)
+
+    def switches():
+        with open(f"/proc/self/task/{thread.native_id}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    before = switches()
+    time.sleep(1.6)
+    assert switches() == before and thread.is_alive()
+    listener.stop()
+    assert not thread.is_alive() and listener._sock is None
+    listener.stop()
