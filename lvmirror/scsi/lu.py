@@ -511,11 +511,11 @@ class LogicalUnit:
             block = _gather(self._data_out(data_out, bs))
         if unmap and not any(block):
             self.backend.unmap(lba, n)               # LBPRZ: unmapped blocks read as zeroes
-            return GOOD_RESPONSE
+            return self._durable(False)
         ws = getattr(self.backend, "write_same", None)
         if ws is not None:
             ws(lba, n, memoryview(block))
-            return GOOD_RESPONSE
+            return self._durable(False)
         chunk = max(1, min(n, (1 << 20) // bs))
         buf = memoryview(block * chunk)
         done = 0
@@ -523,6 +523,16 @@ class LogicalUnit:
             k = min(chunk, n - done)
             self.backend.write(lba + done, [buf[:k * bs]])
             done += k
+        return self._durable(False)
+
+    def _durable(self, fua: bool):
+        """The end of a command that wrote or deallocated through a backend call with no
+        ``fua`` of its own (WRITE SAME, UNMAP, COMPARE AND WRITE): with the CDB's FUA bit
+        (``fua``) or the write cache off (WCE 0: SBC-4 5.40 and the Caching mode page - every
+        write durable before GOOD), the backend's ``flush`` first, as SYNCHRONIZE CACHE does.
+        Returns GOOD; the flush's errors propagate (MEDIUM ERROR...)."""
+        if fua or not self.write_cache:
+            self.backend.flush()
         return GOOD_RESPONSE
 
     def _unmap(self, cdb, data_out, data_in):
@@ -553,7 +563,7 @@ class LogicalUnit:
         for lba, n in ranges:
             if n:
                 self.backend.unmap(lba, n)
-        return GOOD_RESPONSE
+        return self._durable(False) if any(n for _, n in ranges) else GOOD_RESPONSE
 
     def _compare_and_write(self, cdb, data_out, data_in):
         if cdb[1] & 0xE0:
@@ -571,7 +581,7 @@ class LogicalUnit:
         off = self.backend.compare_and_write(lba, mv[:n * bs], mv[n * bs:])
         if off is not None:
             raise _Check(c.MISCOMPARE, c.ASC_MISCOMPARE_DURING_VERIFY, information=off)
-        return GOOD_RESPONSE
+        return self._durable(bool(cdb[1] & 0x08))            # FUA (SBC-4 5.2)
 
     # -- SPC: INQUIRY and friends --------------------------------------------------------------
 

@@ -696,3 +696,38 @@ def test_extended_copy_takes_any_segment_length_on_4096_byte_blocks():
     assert lu4.backend.data[10000 * 4096:19000 * 4096] == pat
     r, d = _rcr(lu4, 0x03)
     assert struct.unpack(">I", d[16:20])[0] == 0xFFFF * 4096 and d[37] == 12
+
+
+@pytest.mark.parametrize("wce", [True, False], ids=["write-back", "write-through"])
+def test_every_command_that_writes_is_durable_before_good_without_the_write_cache(lu, wce):
+    """With the write cache off (WCE 0: SBC-4 5.40, the Caching mode page) every command that
+    writes or deallocates is durable before GOOD - WRITE, WRITE SAME (data and UNMAP bit),
+    UNMAP, COMPARE AND WRITE, EXTENDED COPY - and with it on only the FUA bit asks for it
+    (WRITE, COMPARE AND WRITE). Those whose backend call has no ``fua`` flush the backend
+    first: without it a power cut could lose what GOOD acknowledged (trial 99)."""
+    lu.write_cache = wce
+    be = lu.backend
+
+    def flushes(cdb, out=b""):
+        f0 = be.flushes
+        assert run(lu, cdb, out=out)[0].status == GOOD
+        return be.flushes - f0
+    assert flushes(cdb10(0x41, 10, 4), out=b"s" * BS) == (0 if wce else 1)      # WRITE SAME(10)
+    assert flushes(cdb16(0x93, 20, 4), out=b"t" * BS) == (0 if wce else 1)      # (16)
+    assert flushes(cdb16(0x93, 30, 4, b1=0x09)) == (0 if wce else 1)            # UNMAP, NDOB
+    plist = (22).to_bytes(2, "big") + (16).to_bytes(2, "big") + bytes(4) + \
+        (40).to_bytes(8, "big") + (4).to_bytes(4, "big") + bytes(4)
+    unmap = bytes([0x42, 0, 0, 0, 0, 0, 0]) + len(plist).to_bytes(2, "big") + b"\0"
+    assert flushes(unmap, out=plist) == (0 if wce else 1)
+    be.data[50 * BS:51 * BS] = bytes(BS)
+    caw = bytes([0x89, 0]) + (50).to_bytes(8, "big") + bytes(3) + bytes([1, 0, 0])
+    assert flushes(caw, out=bytes(BS) + b"c" * BS) == (0 if wce else 1)
+    caw_fua = bytes([0x89, 0x08]) + caw[2:]
+    assert flushes(caw_fua, out=b"c" * BS + b"d" * BS) == 1                      # FUA
+    assert be.data[50 * BS:51 * BS] == b"d" * BS
+    be.data[0:8 * BS] = b"x" * (8 * BS)
+    assert _xcopy(lu, [_cscd(_naa_of(lu))], [_b2b(0, 0, 8, 0, 100)]).status == GOOD
+    assert be.data[100 * BS:108 * BS] == b"x" * (8 * BS)
+    f0 = be.flushes
+    assert _xcopy(lu, [_cscd(_naa_of(lu))], [_b2b(0, 0, 8, 0, 200)]).status == GOOD
+    assert be.flushes - f0 == (0 if wce else 1)
