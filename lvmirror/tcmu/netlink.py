@@ -151,6 +151,7 @@ class TcmuNetlink:
         self._thread = None
         self._stop = threading.Event()
         self._stop_r = self._stop_w = None
+        self._stop_lock = threading.Lock()
         self._send_lock = threading.Lock()
 
     def start(self, callback) -> None:
@@ -185,11 +186,16 @@ class TcmuNetlink:
 
     def _loop(self, callback):
         sock, stop_r = self._sock, self._stop_r
+        # (poll, not select: a descriptor numbered 1024 or more - a gateway with many LUNs -
+        # would make select raise and end the listener)
+        waiter = select.poll()
+        waiter.register(sock.fileno(), select.POLLIN)
+        waiter.register(stop_r, select.POLLIN)
         while not self._stop.is_set():
-            r, _, _ = select.select([sock, stop_r], [], [])
-            if stop_r in r:
+            ready = {fd for fd, _ in waiter.poll()}
+            if stop_r in ready:
                 return
-            if not r:
+            if not ready:
                 continue
             try:
                 msgs = sock.get()
@@ -220,16 +226,17 @@ class TcmuNetlink:
     def stop(self) -> None:
         """Stop the listener (woken through its stop pipe), join it and close the socket;
         ``reply`` does nothing after."""
-        self._stop.set()
-        if self._stop_w is not None:
-            os.write(self._stop_w, b"x")
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        for fd in (self._stop_r, self._stop_w):
-            if fd is not None:
-                os.close(fd)
-        self._stop_r = self._stop_w = None
+        with self._stop_lock:          # (two callers at once: one closes, once)
+            self._stop.set()
+            if self._stop_w is not None:
+                os.write(self._stop_w, b"x")
+            if self._thread is not None:
+                self._thread.join()
+                self._thread = None
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            for fd in (self._stop_r, self._stop_w):
+                if fd is not None:
+                    os.close(fd)
+            self._stop_r = self._stop_w = None

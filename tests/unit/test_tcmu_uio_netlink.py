@@ -410,3 +410,48 @@ def test_an_idle_listener_never_wakes_and_stops_at_once(monkeypatch):
     listener.stop()
     assert not thread.is_alive() and listener._sock is None
     listener.stop()
+
+
+def test_the_listener_serves_a_socket_numbered_over_1024_and_stops_from_two_threads(
+        monkeypatch):
+    """With more than 1024 descriptors open before it (a gateway with many LUNs), the
+    listener still waits (poll, not select, which raises for such a descriptor and ended the
+    thread: trial 99); two threads stopping it at once both return, the descriptors closed
+    once."""
+    import resource
+    import threading
+    import time
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard}")
+    monkeypatch.setattr(netlink.GenericNetlinkSocket, "bind", lambda self, *a, **k: None)
+    monkeypatch.setattr(netlink.GenericNetlinkSocket, "add_membership",
+                        lambda self, *a, **k: None)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fds = []
+    try:
+        while len(fds) < 1100:
+            fds.append(os.open("/dev/null", os.O_RDONLY))
+        listener = netlink.TcmuNetlink()
+        listener.start(lambda event: None)
+        assert listener._stop_r >= 1024
+        time.sleep(0.3)
+        assert listener._thread.is_alive()
+        thread = listener._thread
+        errors = []
+
+        def stop():
+            try:
+                listener.stop()
+            except Exception as exc:       # (EBADF from a double close, before)
+                errors.append(exc)
+        stoppers = [threading.Thread(target=stop) for _ in range(2)]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(10)
+        assert not errors and not thread.is_alive() and listener._sock is None
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
