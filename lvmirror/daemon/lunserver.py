@@ -798,11 +798,8 @@ class LunServer:
                 if (ended is not None and ended.gen == gen and ended.reads_only
                         and any(c.cdb[0] in _LEADING_WRITES for c in commands)):
                     # a WRITE the compiled path does not make (FUA, a larger one, WRITE SAME,
-                    # UNMAP; any on a write-through LU) ended a lease for READs only: WRITEs
-                    # lead, and none is taken again for BACKOFF seconds, as at a plain WRITE
-                    self._lead = _STOP_WRITE
-                    self._lease_after = max(self._lease_after,
-                                            time.monotonic() + ringlease.BACKOFF)
+                    # UNMAP; any on a write-through LU) ended a lease for READs only
+                    self._writes_lead()
                 running = self._running
                 # an abort counts only for a command still running here or queued before its
                 # TMR entry: one the kernel names after it was answered (by the compiled path
@@ -959,7 +956,7 @@ class LunServer:
         thread's lease (``_begin_lease``) if it has none, and makes its batches under it; on a
         mirror in sync, or a volume whose WRITEs are not armed (write-through, write-protected),
         it takes one for READs only unless WRITEs lead, and ends it at the first WRITE
-        (``_end_lease`` with ``pause``; WRITEs lead then); a revoked lease is ended first.
+        (``_writes_lead``, ``_end_lease``); a revoked lease is ended first.
         Counts them as the ring thread's own (``inline``, ``compiled``, ``compiled_writes``),
         in the latency histogram (each with its call's time shared out) and in the volume's
         and image's statistics. Returns how many it completed (the caller notifies the kernel)
@@ -1030,11 +1027,10 @@ class LunServer:
                 lease = None
             elif why == _STOP_WRITE and lease is not None and lease.reads_only:
                 # a mirror's WRITEs are made outside its lease (``mirror/ringlease.py``), as
-                # are a write-through LU's (the Python path's); WRITEs lead now: no lease for
-                # READs only is taken again until READs do
-                self._end_lease(gen, pause=True)
+                # are a write-through LU's (the Python path's)
+                self._writes_lead()
+                self._end_lease(gen)
                 lease = None
-                self._lead = _STOP_WRITE
             if why == _STOP_READ or why == _STOP_BIG_READ:
                 if not COMPILED_READS:
                     break
@@ -1129,18 +1125,24 @@ class LunServer:
             self._lease_after = now + ringlease.BACKOFF
         return lease
 
-    def _end_lease(self, gen: int, pause: bool = False) -> None:
+    def _writes_lead(self) -> None:
+        """A WRITE met a lease for READs only (which makes none: a mirror's, a write-through
+        LU's): WRITEs lead (``_lead``), so no lease for READs only is taken again until READs
+        do, nor for ``ringlease.BACKOFF`` seconds. Called before the lease is ended
+        (``_end_lease``) or right after, before the next turn could take one."""
+        self._lead = _STOP_WRITE
+        self._lease_after = max(self._lease_after, time.monotonic() + ringlease.BACKOFF)
+
+    def _end_lease(self, gen: int) -> None:
         """End the lease ring thread ``gen`` holds, if any (``MirrorVolume.end_ring_lease``:
         the I/O made under it counted, the epoch left, the region lock released), before this
         thread's next command takes the Python path, or when it was revoked: then none is
-        taken for ``ringlease.BACKOFF`` seconds - nor with ``pause`` (a mirror's lease for
-        READs only, ended at a WRITE)."""
+        taken for ``ringlease.BACKOFF`` seconds (after a WRITE, ``_writes_lead``)."""
         lease = self._lease
         if lease is None or lease.gen != gen:
             return
         if lease.revoked:
             self.leases_revoked += 1
-        if lease.revoked or pause:
             self._lease_after = time.monotonic() + ringlease.BACKOFF
         try:
             lease.volume.end_ring_lease(lease)
