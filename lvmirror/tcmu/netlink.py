@@ -192,11 +192,8 @@ class TcmuNetlink:
         waiter.register(sock.fileno(), select.POLLIN)
         waiter.register(stop_r, select.POLLIN)
         while not self._stop.is_set():
-            ready = {fd for fd, _ in waiter.poll()}
-            if stop_r in ready:
+            if any(fd == stop_r for fd, _ in waiter.poll()):
                 return
-            if not ready:
-                continue
             try:
                 msgs = sock.get()
             except Exception as e:    # a malformed message must not kill the listener
