@@ -26,6 +26,9 @@
 # records lvmirrord during each job, with BENCH_SPY_OPTS added to its options, "--gil" say; figures are then perturbed and only the profile counts),
 # BENCH_LVMIRROR_WCE=0 (lvmirror's LUNs write-through, LIO's default for a user backstore,
 # instead of the write-back all targets share by default; meta.json records it),
+# BENCH_LVMIRROR_IMAGES=null_blk (lvmirror's images are null_blk devices opened with direct=1:
+# reads cost nothing, which leaves the TCMU ring's own cost, the ceiling of any TCMU handler;
+# meta.json records it),
 # BENCH_STRACE=1 (strace -c counts the handler's system calls during each job of lvmirror and
 # tcmu-runner -> <target>/<job>.strace; figures are perturbed, the calls per command count;
 # BENCH_STRACE=calls: every call with its thread for 2 s of each job -> <job>.strace-calls;
@@ -94,9 +97,19 @@ target_up() {  # target_up NAME -> BSTORE (targetcli path); sets up the backstor
       echo "/backstores/fileio create name=bt file_or_dev=$BDIR/img0 size=${SIZE_MB}M write_back=true" ;;
     lvmirror[123])
       local n=${name#lvmirror} imgs
+      local opts=
       imgs=$(for i in $(seq 0 $((n - 1))); do printf '%s' "$BDIR/img$i+"; done); imgs=${imgs%+}
+      if [ "${BENCH_LVMIRROR_IMAGES:-files}" = null_blk ]; then
+        # the ceiling of a TCMU handler: null_blk devices read with O_DIRECT complete without
+        # touching the data area, so only the ring's own cost is left (the kernel's copy of the
+        # data area into the command's pages, the ring's notifications)
+        [ -b /dev/nullb0 ] || modprobe null_blk nr_devices=3 gb=$(( (SIZE_MB + 1023) / 1024 )) \
+          || { echo "modprobe null_blk failed" >&2; return 1; }
+        imgs=$(for i in $(seq 0 $((n - 1))); do printf '%s' "/dev/nullb$i+"; done); imgs=${imgs%+}
+        opts=";direct=1"
+      fi
       BSTORE=/backstores/user:lvmirror/bt; vol=bench$n
-      echo "/backstores/user:lvmirror create name=bt size=${SIZE_MB}M cfgstring=$vol;images=$imgs hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} control=nl_reply_supported=-1"
+      echo "/backstores/user:lvmirror create name=bt size=${SIZE_MB}M cfgstring=$vol;images=$imgs$opts hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} control=nl_reply_supported=-1"
       echo "$BSTORE set attribute emulate_write_cache=${BENCH_LVMIRROR_WCE:-1}" ;;
     tcmu-runner)
       runner_up >&2 || { echo "tcmu-runner did not take org.kernel.TCMUService1" >&2; return 1; }
@@ -408,7 +421,7 @@ bench_main() {
      "fio=$(fio --version)" "python=$($PY -V 2>&1)" "lvmirrord=$(command -v lvmirrord)" \
      "tcmu_runner=$(tcmu-runner -V 2>&1 | head -1)" \
      runtime_s=$RUNTIME ramp_s=$RAMP size_mb=$SIZE_MB "targets=$TARGETS" "jobs=$JOBS" \
-     profile=${BENCH_PROFILE:-0} cache_mode=write-back lvmirror_wce=${BENCH_LVMIRROR_WCE:-1} lvmirror_hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} label="${BENCH_LABEL:-}"
+     profile=${BENCH_PROFILE:-0} cache_mode=write-back lvmirror_wce=${BENCH_LVMIRROR_WCE:-1} lvmirror_images=${BENCH_LVMIRROR_IMAGES:-files} lvmirror_hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} label="${BENCH_LABEL:-}"
   # lvmirrord as the packaged unit runs it: its default options, the metrics every 5 s (the
   # lab's other sections write them every 2 s; tcmu-runner too runs with its defaults)
   export LVMIRRORD_METRICS=0

@@ -439,7 +439,10 @@ def markdown(data: dict) -> str:
            f"open-iscsi over the guest's loopback; "
            + ("every target write-back" if str(m.get("lvmirror_wce", "1")) != "0" else
               "lvmirror write-through (WCE 0, BENCH_LVMIRROR_WCE=0), the others write-back")
-           + f" ({m.get('cache_mode', '?')}).", ""]
+           + f" ({m.get('cache_mode', '?')})."
+           + (" **lvmirror's images are null_blk devices (direct=1, BENCH_LVMIRROR_IMAGES="
+              "null_blk): its reads cost nothing, the TCMU ceiling, not a product figure.**"
+              if m.get("lvmirror_images") == "null_blk" else ""), ""]
     if m.get("accel") == "tcg":
         out += ["> The lab runs under software emulation (QEMU TCG), so absolute figures are low; "
                 "only the ratios carry over to a real server.", ""]
