@@ -29,6 +29,8 @@
 # BENCH_LVMIRROR_IMAGES=null_blk (lvmirror's images are null_blk devices opened with direct=1:
 # reads cost nothing, which leaves the TCMU ring's own cost, the ceiling of any TCMU handler;
 # meta.json records it),
+# BENCH_PERF=1 (perf record of the whole guest during each job of every target -> <job>.perf,
+# by command and function; figures perturbed),
 # BENCH_STRACE=1 (strace -c counts the handler's system calls during each job of lvmirror and
 # tcmu-runner -> <target>/<job>.strace; figures are perturbed, the calls per command count;
 # BENCH_STRACE=calls: every call with its thread for 2 s of each job -> <job>.strace-calls;
@@ -313,6 +315,25 @@ handler_strace() {  # handler_strace TARGET JOB: the system calls of the target'
   fi
 }
 
+guest_perf() {  # guest_perf TARGET JOB: where the whole guest's CPU goes during half of the job
+  # after its RAMP (perf record -a on the cpu-clock, the only event under TCG), by command and
+  # function, self and with children -> $BOUT/TARGET/JOB.perf: every target alike, md too, so
+  # the copies each path makes can be compared (copy_page_to_iter under filemap_read and
+  # loop, tcmu_handle_completion's copy into the command's pages)
+  local data=$BOUT/$1/$2.perf.data
+  sleep $RAMP
+  perf record -q -a -g -e cpu-clock -F 499 -o $data -- sleep $((RUNTIME / 2)) >/dev/null 2>&1 || return 0
+  { echo "# self, by command and function"
+    perf report -i $data --stdio --no-children --sort comm,sym -g none --percent-limit 0.5 2>/dev/null | grep -v '^$'
+    echo "# with children, by function"
+    perf report -i $data --stdio --children --sort sym -g none --percent-limit 2 2>/dev/null | grep -v '^$'
+    echo "# the callers of the functions over 3 % (self)"
+    perf report -i $data --stdio --no-children --sort sym -g caller,2,callee --percent-limit 3 2>/dev/null \
+      | grep -v '^$' | head -400
+  } > $BOUT/$1/$2.perf
+  rm -f $data
+}
+
 ring_counts() {  # ring_counts -> one JSON object: the bench LUN's commands so far, those its
   # ring thread answered itself (no hand-off to a worker), its ring stalls, the READs and
   # WRITEs of its compiled path and its latency histogram (lvmirror status)
@@ -325,14 +346,14 @@ print(json.dumps({k: luns[0].get(k) for k in ("commands", "ring_thread_commands"
 }
 
 run_jobs() {  # run_jobs TARGET
-  local target=$1 job spy ring trace gcpu
+  local target=$1 job spy ring trace gcpu perf
   if [ "${BENCH_PROFILE:-0}" != 1 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
     t "bench $target idle"    # the handler's CPU with the LUN logged in and no I/O: its
     job_cpu $target idle      # background (timers, the ALUA follow, metrics) -> idle.cpu
   fi
   for job in $JOBS; do
     t "bench $target $job"
-    spy= ring= trace= gcpu=
+    spy= ring= trace= gcpu= perf=
     # the LUN's counts before and after the job -> <job>.ring; taken before the CPU window
     # opens and after it closes, so the status calls are outside the measured seconds
     if [[ $target == lvmirror* ]]; then ring=$(ring_counts); fi
@@ -344,6 +365,7 @@ run_jobs() {  # run_jobs TARGET
       spy=$!
     fi
     if [ "${BENCH_PROFILE:-0}" != 1 ]; then job_cpu $target $job & gcpu=$!; fi
+    if [ "${BENCH_PERF:-0}" = 1 ]; then guest_perf $target $job & perf=$!; fi
     if [ "${BENCH_STRACE:-0}" != 0 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
       handler_strace $target $job & trace=$!
     fi
@@ -351,6 +373,7 @@ run_jobs() {  # run_jobs TARGET
       fio --output-format=json $REPO/bench/jobs/$job.fio > $BOUT/$target/$job.json 2> $BOUT/$target/$job.err \
       || result bench_${target}_$job fail err="$(tail -2 $BOUT/$target/$job.err)"
     [ -n "$spy" ] && wait $spy
+    [ -n "$perf" ] && { wait $perf || true; }
     [ -n "$trace" ] && { wait $trace || true; }
     if [ -n "$gcpu" ]; then wait $gcpu || true; fi
     if [ -n "$ring" ]; then echo "{\"before\": $ring, \"after\": $(ring_counts)}" > $BOUT/$target/$job.ring; fi
