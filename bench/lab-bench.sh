@@ -29,8 +29,8 @@
 # BENCH_LVMIRROR_IMAGES=null_blk (lvmirror's images are null_blk devices opened with direct=1:
 # reads cost nothing, which leaves the TCMU ring's own cost, the ceiling of any TCMU handler;
 # meta.json records it),
-# BENCH_PERF=1 (perf record of the whole guest during each job of every target -> <job>.perf,
-# by command and function; figures perturbed),
+# BENCH_FTRACE=1 (the time the guest spends in each copy of the READ path during each job of
+# every target, ftrace's function_graph -> <job>.ftrace; figures perturbed),
 # BENCH_STRACE=1 (strace -c counts the handler's system calls during each job of lvmirror and
 # tcmu-runner -> <target>/<job>.strace; figures are perturbed, the calls per command count;
 # BENCH_STRACE=calls: every call with its thread for 2 s of each job -> <job>.strace-calls;
@@ -315,23 +315,36 @@ handler_strace() {  # handler_strace TARGET JOB: the system calls of the target'
   fi
 }
 
-guest_perf() {  # guest_perf TARGET JOB: where the whole guest's CPU goes during half of the job
-  # after its RAMP (perf record -a on the cpu-clock, the only event under TCG), by command and
-  # function, self and with children -> $BOUT/TARGET/JOB.perf: every target alike, md too, so
-  # the copies each path makes can be compared (copy_page_to_iter under filemap_read and
-  # loop, tcmu_handle_completion's copy into the command's pages)
-  local data=$BOUT/$1/$2.perf.data
+guest_ftrace() {  # guest_ftrace TARGET JOB: how long the guest spends in each copy of the READ
+  # data path during half of the job after its RAMP (ftrace's function_graph tracer on those
+  # functions alone; perf's sampling sees only the idle loop under TCG) -> $BOUT/TARGET/JOB.ftrace,
+  # per function its calls, total and mean microseconds: filemap_read (the page cache copy: a
+  # handler's preadv, md's loop devices), tcmu_handle_completions and tcmu_copy_data under it
+  # (the kernel's copy of the data area into the command's pages), lo_rw_aio (md's loop I/O)
+  local tr=/sys/kernel/tracing f
+  [ -e $tr/current_tracer ] || mount -t tracefs nodev $tr 2>/dev/null || return 0
+  echo nop > $tr/current_tracer; : > $tr/set_ftrace_filter
+  for f in filemap_read tcmu_handle_completions tcmu_copy_data 'lo_rw_aio*' 'lo_read_simple*'; do
+    echo "$f" >> $tr/set_ftrace_filter 2>/dev/null || true
+  done
+  echo 16384 > $tr/buffer_size_kb; echo 1 > $tr/options/funcgraph-tail
   sleep $RAMP
-  perf record -q -a -g -e cpu-clock -F 499 -o $data -- sleep $((RUNTIME / 2)) >/dev/null 2>&1 || return 0
-  { echo "# self, by command and function"
-    perf report -i $data --stdio --no-children --sort comm,sym -g none --percent-limit 0.5 2>/dev/null | grep -v '^$'
-    echo "# with children, by function"
-    perf report -i $data --stdio --children --sort sym -g none --percent-limit 2 2>/dev/null | grep -v '^$'
-    echo "# the callers of the functions over 3 % (self)"
-    perf report -i $data --stdio --no-children --sort sym -g caller,2,callee --percent-limit 3 2>/dev/null \
-      | grep -v '^$' | head -400
-  } > $BOUT/$1/$2.perf
-  rm -f $data
+  : > $tr/trace; echo function_graph > $tr/current_tracer
+  sleep $((RUNTIME / 2))
+  echo nop > $tr/current_tracer
+  awk -v secs=$((RUNTIME / 2)) '
+    / us / {
+      if (match($0, /([0-9]+\.[0-9]+) us/, m) == 0) next
+      d = m[1]; name = ""
+      if (match($0, /\/\* ([A-Za-z0-9_.]+)/, n)) name = n[1]
+      else if (match($0, /([A-Za-z0-9_.]+)( \[[a-z_]+\])?\(\);/, n)) name = n[1]
+      if (name == "") next
+      calls[name]++; total[name] += d
+    }
+    END { printf "# function calls total_us mean_us (over %d s)\n", secs
+          for (f in calls) printf "%s %d %.0f %.1f\n", f, calls[f], total[f], total[f] / calls[f] }' \
+    $tr/trace > $BOUT/$1/$2.ftrace
+  : > $tr/trace; : > $tr/set_ftrace_filter
 }
 
 ring_counts() {  # ring_counts -> one JSON object: the bench LUN's commands so far, those its
@@ -365,7 +378,7 @@ run_jobs() {  # run_jobs TARGET
       spy=$!
     fi
     if [ "${BENCH_PROFILE:-0}" != 1 ]; then job_cpu $target $job & gcpu=$!; fi
-    if [ "${BENCH_PERF:-0}" = 1 ]; then guest_perf $target $job & perf=$!; fi
+    if [ "${BENCH_FTRACE:-0}" = 1 ]; then guest_ftrace $target $job & perf=$!; fi
     if [ "${BENCH_STRACE:-0}" != 0 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
       handler_strace $target $job & trace=$!
     fi
