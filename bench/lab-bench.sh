@@ -324,14 +324,14 @@ guest_ftrace() {  # guest_ftrace TARGET JOB: how long the guest spends in each c
   local tr=/sys/kernel/tracing f
   [ -e $tr/current_tracer ] || mount -t tracefs nodev $tr 2>/dev/null || return 0
   echo nop > $tr/current_tracer; : > $tr/set_ftrace_filter
-  for f in filemap_read tcmu_handle_completions tcmu_copy_data 'lo_rw_aio*' 'lo_read_simple*'; do
+  for f in ${BENCH_FTRACE_FUNCS:-filemap_read tcmu_handle_completions tcmu_copy_data lo_rw_aio* lo_read_simple*}; do
     echo "$f" >> $tr/set_ftrace_filter 2>/dev/null || true
   done
   echo 16384 > $tr/buffer_size_kb; echo 1 > $tr/options/funcgraph-tail
   sleep $RAMP
-  : > $tr/trace; echo function_graph > $tr/current_tracer
+  : > $tr/trace; echo 1 > $tr/tracing_on; echo function_graph > $tr/current_tracer
   sleep $((RUNTIME / 2))
-  echo nop > $tr/current_tracer
+  echo 0 > $tr/tracing_on       # (a change of tracer would empty the buffer)
   awk -v secs=$((RUNTIME / 2)) '
     / us / {
       if (match($0, /([0-9]+\.[0-9]+) us/, m) == 0) next
@@ -344,7 +344,7 @@ guest_ftrace() {  # guest_ftrace TARGET JOB: how long the guest spends in each c
     END { printf "# function calls total_us mean_us (over %d s)\n", secs
           for (f in calls) printf "%s %d %.0f %.1f\n", f, calls[f], total[f], total[f] / calls[f] }' \
     $tr/trace > $BOUT/$1/$2.ftrace
-  : > $tr/trace; : > $tr/set_ftrace_filter
+  echo nop > $tr/current_tracer; : > $tr/set_ftrace_filter; echo 1 > $tr/tracing_on
 }
 
 ring_counts() {  # ring_counts -> one JSON object: the bench LUN's commands so far, those its
