@@ -332,6 +332,7 @@ guest_ftrace() {  # guest_ftrace TARGET JOB: how long the guest spends in each c
   : > $tr/trace; echo 1 > $tr/tracing_on; echo function_graph > $tr/current_tracer
   sleep $((RUNTIME / 2))
   echo 0 > $tr/tracing_on       # (a change of tracer would empty the buffer)
+  sleep $((RUNTIME - RUNTIME / 2 + 1))    # read it once the job's CPU window has closed
   awk -v secs=$((RUNTIME / 2)) '
     / us / {
       if (match($0, /([0-9]+\.[0-9]+) us/, m) == 0) next
