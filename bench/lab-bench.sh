@@ -27,8 +27,9 @@
 # BENCH_LVMIRROR_WCE=0 (lvmirror's LUNs write-through, LIO's default for a user backstore,
 # instead of the write-back all targets share by default; meta.json records it),
 # BENCH_LVMIRROR_IMAGES=null_blk (lvmirror's images are null_blk devices opened with direct=1:
-# reads cost nothing, which leaves the TCMU ring's own cost, the ceiling of any TCMU handler;
-# meta.json records it),
+# the storage costs nothing and no page cache copy is made, which leaves lvmirrord's READ path
+# for direct I/O (its worker pool, not the ring thread's compiled reads from the page cache)
+# and the TCMU ring's own cost; meta.json records it),
 # BENCH_FTRACE=1 (the time the guest spends in each copy of the READ path during each job of
 # every target, ftrace's function_graph -> <job>.ftrace; figures perturbed),
 # BENCH_STRACE=1 (strace -c counts the handler's system calls during each job of lvmirror and
@@ -102,9 +103,9 @@ target_up() {  # target_up NAME -> BSTORE (targetcli path); sets up the backstor
       local opts=
       imgs=$(for i in $(seq 0 $((n - 1))); do printf '%s' "$BDIR/img$i+"; done); imgs=${imgs%+}
       if [ "${BENCH_LVMIRROR_IMAGES:-files}" = null_blk ]; then
-        # the ceiling of a TCMU handler: null_blk devices read with O_DIRECT complete without
-        # touching the data area, so only the ring's own cost is left (the kernel's copy of the
-        # data area into the command's pages, the ring's notifications)
+        # null_blk devices read with O_DIRECT complete without touching the data area: what is
+        # left is lvmirrord's direct I/O READ path and the ring's own cost (the kernel's copy of
+        # the data area into the command's pages, the ring's notifications)
         [ -b /dev/nullb0 ] || modprobe null_blk nr_devices=3 gb=$(( (SIZE_MB + 1023) / 1024 )) \
           || { echo "modprobe null_blk failed" >&2; return 1; }
         imgs=$(for i in $(seq 0 $((n - 1))); do printf '%s' "/dev/nullb$i+"; done); imgs=${imgs%+}

@@ -441,7 +441,8 @@ def markdown(data: dict) -> str:
               "lvmirror write-through (WCE 0, BENCH_LVMIRROR_WCE=0), the others write-back")
            + f" ({m.get('cache_mode', '?')})."
            + (" **lvmirror's images are null_blk devices (direct=1, BENCH_LVMIRROR_IMAGES="
-              "null_blk): its reads cost nothing, the TCMU ceiling, not a product figure.**"
+              "null_blk): the storage costs nothing, its READs take the direct I/O path; not comparable "
+              "with the other targets' storage.**"
               if m.get("lvmirror_images") == "null_blk" else ""), ""]
     if m.get("accel") == "tcg":
         out += ["> The lab runs under software emulation (QEMU TCG), so absolute figures are low; "
