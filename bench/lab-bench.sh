@@ -31,7 +31,8 @@
 # for direct I/O (its worker pool, not the ring thread's compiled reads from the page cache)
 # and the TCMU ring's own cost; meta.json records it),
 # BENCH_FTRACE=1 (the time the guest spends in each copy of the READ path during each job of
-# every target, ftrace's function_graph -> <job>.ftrace; figures perturbed),
+# every target, ftrace's function_graph -> <job>.ftrace; BENCH_FTRACE_FUNCS="f ..." traces
+# other kernel functions; figures perturbed),
 # BENCH_STRACE=1 (strace -c counts the handler's system calls during each job of lvmirror and
 # tcmu-runner -> <target>/<job>.strace; figures are perturbed, the calls per command count;
 # BENCH_STRACE=calls: every call with its thread for 2 s of each job -> <job>.strace-calls;
@@ -102,12 +103,16 @@ target_up() {  # target_up NAME -> BSTORE (targetcli path); sets up the backstor
       local n=${name#lvmirror} imgs
       local opts=
       imgs=$(for i in $(seq 0 $((n - 1))); do printf '%s' "$BDIR/img$i+"; done); imgs=${imgs%+}
-      if [ "${BENCH_LVMIRROR_IMAGES:-files}" = null_blk ]; then
+      if [ "$LV_IMAGES" = null_blk ]; then
         # null_blk devices read with O_DIRECT complete without touching the data area: what is
         # left is lvmirrord's direct I/O READ path and the ring's own cost (the kernel's copy of
         # the data area into the command's pages, the ring's notifications)
-        [ -b /dev/nullb0 ] || modprobe null_blk nr_devices=3 gb=$(( (SIZE_MB + 1023) / 1024 )) \
-          || { echo "modprobe null_blk failed" >&2; return 1; }
+        # (loaded again unless it has three devices of at least the LUN's size)
+        if ! [ -b /dev/nullb2 ] || [ $(( $(blockdev --getsize64 /dev/nullb0) >> 20 )) -lt $SIZE_MB ]; then
+          modprobe -r null_blk 2>/dev/null
+          modprobe null_blk nr_devices=3 gb=$(( (SIZE_MB + 1023) / 1024 )) \
+            || { echo "modprobe null_blk failed" >&2; return 1; }
+        fi
         imgs=$(for i in $(seq 0 $((n - 1))); do printf '%s' "/dev/nullb$i+"; done); imgs=${imgs%+}
         opts=";direct=1"
       fi
@@ -316,37 +321,60 @@ handler_strace() {  # handler_strace TARGET JOB: the system calls of the target'
   fi
 }
 
-guest_ftrace() {  # guest_ftrace TARGET JOB: how long the guest spends in each copy of the READ
-  # data path during half of the job after its RAMP (ftrace's function_graph tracer on those
-  # functions alone; perf's sampling sees only the idle loop under TCG) -> $BOUT/TARGET/JOB.ftrace,
-  # per function its calls, total and mean microseconds: filemap_read (the page cache copy: a
-  # handler's preadv, md's loop devices), tcmu_handle_completions and tcmu_copy_data under it
-  # (the kernel's copy of the data area into the command's pages), lo_rw_aio (md's loop I/O)
-  local tr=/sys/kernel/tracing f
-  [ -e $tr/current_tracer ] || mount -t tracefs nodev $tr 2>/dev/null || return 0
+FTRACE=/sys/kernel/tracing
+guest_ftrace() {  # guest_ftrace TARGET JOB: trace, during half of the job after its RAMP, the
+  # guest's calls of the READ path's copy functions with ftrace's function_graph tracer (those
+  # functions alone; perf's sampling sees only the idle loop under TCG): filemap_read (a page
+  # cache copy: a handler's read, md's loop devices) and tcmu_handle_completions (the kernel's
+  # copy of the data area into the command's pages, when a handler completes a READ), or the
+  # functions BENCH_FTRACE_FUNCS names. Durations exclude the time the task slept
+  # (sleep-time 0) but include interrupts taken meanwhile. ftrace_report reads the trace once
+  # the job's CPU window has closed. -> $BOUT/TARGET/JOB.ftrace-filter (what took effect)
+  local tr=$FTRACE f
+  mkdir -p $BOUT/$1
+  [ -e $tr/current_tracer ] || mount -t tracefs nodev $tr 2>/dev/null || true
+  if ! [ -e $tr/current_tracer ]; then echo "# no tracefs" > $BOUT/$1/$2.ftrace-filter; return 0; fi
   echo nop > $tr/current_tracer; : > $tr/set_ftrace_filter
-  for f in ${BENCH_FTRACE_FUNCS:-filemap_read tcmu_handle_completions tcmu_copy_data lo_rw_aio* lo_read_simple*}; do
+  for f in ${BENCH_FTRACE_FUNCS:-filemap_read tcmu_handle_completions}; do
     echo "$f" >> $tr/set_ftrace_filter 2>/dev/null || true
   done
-  echo 16384 > $tr/buffer_size_kb; echo 1 > $tr/options/funcgraph-tail
+  cp $tr/set_ftrace_filter $BOUT/$1/$2.ftrace-filter
+  # an empty filter would trace every kernel function
+  [ -s $BOUT/$1/$2.ftrace-filter ] || { echo "# none of: ${BENCH_FTRACE_FUNCS:-}" > $BOUT/$1/$2.ftrace-filter; return 0; }
+  echo 16384 > $tr/buffer_size_kb; echo 1 > $tr/options/funcgraph-tail; echo 0 > $tr/options/sleep-time
   sleep $RAMP
   : > $tr/trace; echo 1 > $tr/tracing_on; echo function_graph > $tr/current_tracer
   sleep $((RUNTIME / 2))
   echo 0 > $tr/tracing_on       # (a change of tracer would empty the buffer)
-  sleep $((RUNTIME - RUNTIME / 2 + 1))    # read it once the job's CPU window has closed
-  awk -v secs=$((RUNTIME / 2)) '
-    / us / {
-      if (match($0, /([0-9]+\.[0-9]+) us/, m) == 0) next
-      d = m[1]; name = ""
-      if (match($0, /\/\* ([A-Za-z0-9_.]+)/, n)) name = n[1]
-      else if (match($0, /([A-Za-z0-9_.]+)( \[[a-z_]+\])?\(\);/, n)) name = n[1]
-      if (name == "") next
-      calls[name]++; total[name] += d
-    }
-    END { printf "# function calls total_us mean_us (over %d s)\n", secs
-          for (f in calls) printf "%s %d %.0f %.1f\n", f, calls[f], total[f], total[f] / calls[f] }' \
-    $tr/trace > $BOUT/$1/$2.ftrace
-  echo nop > $tr/current_tracer; : > $tr/set_ftrace_filter; echo 1 > $tr/tracing_on
+}
+
+ftrace_report() {  # ftrace_report TARGET JOB: guest_ftrace's trace, per function its calls,
+  # total and mean microseconds -> $BOUT/TARGET/JOB.ftrace; then the tracer's settings back
+  local tr=$FTRACE out=$BOUT/$1/$2.ftrace
+  [ -e $BOUT/$1/$2.ftrace-filter ] || return 0
+  { echo "# filter: $(grep -v '^#' $BOUT/$1/$2.ftrace-filter | tr '\n' ' ')$(grep '^#' $BOUT/$1/$2.ftrace-filter)"
+    echo "# overruns (events lost): $(awk '/^overrun:/ { s += $2 } END { print s + 0 }' $tr/per_cpu/cpu*/stats 2>/dev/null)"
+    # function_graph lines: "CPU) [mark] DURATION us | name();" or "... us | } /* name [module] */";
+    # plain awk (mawk: no gawk on a stock Debian)
+    awk -v secs=$((RUNTIME / 2)) '
+      {
+        d = ""; name = ""; bar = 0
+        for (i = 1; i <= NF; i++) {
+          if ($i == "us" && i > 1) d = $(i - 1)
+          if ($i == "|" && !bar) bar = i
+        }
+        if (d == "" || !bar || bar >= NF) next
+        if ($(bar + 1) == "}") { if ($(bar + 2) == "/*") name = $(bar + 3) } else name = $(bar + 1)
+        sub(/\(.*/, "", name)
+        if (name == "") next
+        calls[name]++; total[name] += d
+      }
+      END { printf "# function calls total_us mean_us (over %d s)\n", secs
+            for (f in calls) printf "%s %d %.0f %.1f\n", f, calls[f], total[f], total[f] / calls[f] }' $tr/trace
+  } > $out
+  echo nop > $tr/current_tracer; : > $tr/trace; : > $tr/set_ftrace_filter
+  echo 1 > $tr/options/sleep-time; echo 0 > $tr/options/funcgraph-tail; echo 1410 > $tr/buffer_size_kb
+  echo 1 > $tr/tracing_on; rm -f $BOUT/$1/$2.ftrace-filter
 }
 
 ring_counts() {  # ring_counts -> one JSON object: the bench LUN's commands so far, those its
@@ -361,14 +389,14 @@ print(json.dumps({k: luns[0].get(k) for k in ("commands", "ring_thread_commands"
 }
 
 run_jobs() {  # run_jobs TARGET
-  local target=$1 job spy ring trace gcpu perf
+  local target=$1 job spy ring trace gcpu ftr
   if [ "${BENCH_PROFILE:-0}" != 1 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
     t "bench $target idle"    # the handler's CPU with the LUN logged in and no I/O: its
     job_cpu $target idle      # background (timers, the ALUA follow, metrics) -> idle.cpu
   fi
   for job in $JOBS; do
     t "bench $target $job"
-    spy= ring= trace= gcpu= perf=
+    spy= ring= trace= gcpu= ftr=
     # the LUN's counts before and after the job -> <job>.ring; taken before the CPU window
     # opens and after it closes, so the status calls are outside the measured seconds
     if [[ $target == lvmirror* ]]; then ring=$(ring_counts); fi
@@ -380,7 +408,7 @@ run_jobs() {  # run_jobs TARGET
       spy=$!
     fi
     if [ "${BENCH_PROFILE:-0}" != 1 ]; then job_cpu $target $job & gcpu=$!; fi
-    if [ "${BENCH_FTRACE:-0}" = 1 ]; then guest_ftrace $target $job & perf=$!; fi
+    if [ "${BENCH_FTRACE:-0}" = 1 ]; then guest_ftrace $target $job & ftr=$!; fi
     if [ "${BENCH_STRACE:-0}" != 0 ] && [[ $target == lvmirror* || $target == tcmu-runner ]]; then
       handler_strace $target $job & trace=$!
     fi
@@ -388,9 +416,9 @@ run_jobs() {  # run_jobs TARGET
       fio --output-format=json $REPO/bench/jobs/$job.fio > $BOUT/$target/$job.json 2> $BOUT/$target/$job.err \
       || result bench_${target}_$job fail err="$(tail -2 $BOUT/$target/$job.err)"
     [ -n "$spy" ] && wait $spy
-    [ -n "$perf" ] && { wait $perf || true; }
     [ -n "$trace" ] && { wait $trace || true; }
     if [ -n "$gcpu" ]; then wait $gcpu || true; fi
+    if [ -n "$ftr" ]; then wait $ftr || true; ftrace_report $target $job; fi
     if [ -n "$ring" ]; then echo "{\"before\": $ring, \"after\": $(ring_counts)}" > $BOUT/$target/$job.ring; fi
   done
 }
@@ -453,13 +481,17 @@ bench_main() {
   TARGETS=${BENCH_TARGETS:-lvmirror2 lvmirror3 md-raid1 lvmirror1 fileio tcmu-runner}
   JOBS=${BENCH_JOBS:-seqwrite-1m randwrite-4k-qd1 randwrite-4k-qd32 randread-4k-qd1 randread-4k-qd32 mixed-64k-70r seqread-1m}
   RUNTIME=${BENCH_RUNTIME:-10}; RAMP=${BENCH_RAMP:-2}; SIZE_MB=${BENCH_SIZE_MB:-256}
+  LV_IMAGES=${BENCH_LVMIRROR_IMAGES:-files}
+  case $LV_IMAGES in files|null_blk) ;;
+    *) result bench_settings fail "why=BENCH_LVMIRROR_IMAGES is files or null_blk, not $LV_IMAGES"; return ;;
+  esac
   mkdir -p $BOUT; : > $BOUT/targets.jsonl; : > $BOUT/resync.jsonl
   jsonl $BOUT/meta.json kernel="$(uname -r)" accel="$(cat $OUT/accel 2>/dev/null || echo unknown)" \
      date="$(date -u +%Y-%m-%dT%H:%MZ)" cpus=$(nproc) mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 )) \
      "fio=$(fio --version)" "python=$($PY -V 2>&1)" "lvmirrord=$(command -v lvmirrord)" \
      "tcmu_runner=$(tcmu-runner -V 2>&1 | head -1)" \
      runtime_s=$RUNTIME ramp_s=$RAMP size_mb=$SIZE_MB "targets=$TARGETS" "jobs=$JOBS" \
-     profile=${BENCH_PROFILE:-0} cache_mode=write-back lvmirror_wce=${BENCH_LVMIRROR_WCE:-1} lvmirror_images=${BENCH_LVMIRROR_IMAGES:-files} lvmirror_hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} label="${BENCH_LABEL:-}"
+     profile=${BENCH_PROFILE:-0} cache_mode=write-back lvmirror_wce=${BENCH_LVMIRROR_WCE:-1} lvmirror_images=$LV_IMAGES lvmirror_hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} label="${BENCH_LABEL:-}"
   # lvmirrord as the packaged unit runs it: its default options, the metrics every 5 s (the
   # lab's other sections write them every 2 s; tcmu-runner too runs with its defaults)
   export LVMIRRORD_METRICS=0
@@ -473,7 +505,9 @@ bench_main() {
       target_down $target; continue
     fi
     run_jobs $target
-    if [ $target = lvmirror3 ] && [ "${BENCH_PROFILE:-0}" != 1 ]; then
+    # (not on null_blk images: the resync figures re-attach image file 2 and set lvmirror's
+    # copy against md's resync of files)
+    if [ $target = lvmirror3 ] && [ "${BENCH_PROFILE:-0}" != 1 ] && [ "$LV_IMAGES" = files ]; then
       split_latency bench3
       resync_figures bench3
     fi

@@ -434,7 +434,9 @@ def markdown(data: dict) -> str:
            f"Kernel {m.get('kernel', '?')}, QEMU accelerator **{m.get('accel', '?')}**, "
            f"{m.get('cpus', '?')} vCPU, {m.get('mem_mb', '?')} MiB, {m.get('fio', 'fio')}"
            + (f", {m['tcmu_runner']}" if m.get("tcmu_runner") else "") + "; "
-           f"{m.get('size_mb', '?')} MiB LUNs on image files in the guest, "
+           f"{m.get('size_mb', '?')} MiB LUNs on image files in the guest"
+           + (" (lvmirror's on null_blk devices)" if m.get("lvmirror_images") == "null_blk" else "")
+           + ", "
            f"{m.get('runtime_s', '?')} s per job after {m.get('ramp_s', '?')} s ramp; "
            f"open-iscsi over the guest's loopback; "
            + ("every target write-back" if str(m.get("lvmirror_wce", "1")) != "0" else
