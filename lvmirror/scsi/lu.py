@@ -511,11 +511,13 @@ class LogicalUnit:
             block = _gather(self._data_out(data_out, bs))
         if unmap and not any(block):
             self.backend.unmap(lba, n)               # LBPRZ: unmapped blocks read as zeroes
-            return self._durable(False)
+            self.durable()
+            return GOOD_RESPONSE
         ws = getattr(self.backend, "write_same", None)
         if ws is not None:
             ws(lba, n, memoryview(block))
-            return self._durable(False)
+            self.durable()
+            return GOOD_RESPONSE
         chunk = max(1, min(n, (1 << 20) // bs))
         buf = memoryview(block * chunk)
         done = 0
@@ -523,17 +525,17 @@ class LogicalUnit:
             k = min(chunk, n - done)
             self.backend.write(lba + done, [buf[:k * bs]])
             done += k
-        return self._durable(False)
+        self.durable()
+        return GOOD_RESPONSE
 
-    def _durable(self, fua: bool):
-        """The end of a command that wrote or deallocated through a backend call with no
-        ``fua`` of its own (WRITE SAME, UNMAP, COMPARE AND WRITE): with the CDB's FUA bit
-        (``fua``) or the write cache off (WCE 0: SBC-4 5.40 and the Caching mode page - every
-        write durable before GOOD), the backend's ``flush`` first, as SYNCHRONIZE CACHE does.
-        Returns GOOD; the flush's errors propagate (MEDIUM ERROR...)."""
+    def durable(self, fua: bool = False) -> None:
+        """Called before GOOD by a command that wrote or deallocated through a backend call
+        with no ``fua`` of its own (WRITE SAME, UNMAP, COMPARE AND WRITE; EXTENDED COPY for its
+        destination, ``xcopy``): with the CDB's FUA bit (``fua``) or the write cache off (WCE 0:
+        SBC-4 5.40 and the Caching mode page - every write durable before GOOD), the backend's
+        ``flush``, as SYNCHRONIZE CACHE does. The flush's errors propagate (MEDIUM ERROR...)."""
         if fua or not self.write_cache:
             self.backend.flush()
-        return GOOD_RESPONSE
 
     def _unmap(self, cdb, data_out, data_in):
         if cdb[1] & 0x01:
@@ -563,7 +565,9 @@ class LogicalUnit:
         for lba, n in ranges:
             if n:
                 self.backend.unmap(lba, n)
-        return self._durable(False) if any(n for _, n in ranges) else GOOD_RESPONSE
+        if any(n for _, n in ranges):
+            self.durable()
+        return GOOD_RESPONSE
 
     def _compare_and_write(self, cdb, data_out, data_in):
         if cdb[1] & 0xE0:
@@ -581,7 +585,8 @@ class LogicalUnit:
         off = self.backend.compare_and_write(lba, mv[:n * bs], mv[n * bs:])
         if off is not None:
             raise _Check(c.MISCOMPARE, c.ASC_MISCOMPARE_DURING_VERIFY, information=off)
-        return self._durable(bool(cdb[1] & 0x08))            # FUA (SBC-4 5.2)
+        self.durable(bool(cdb[1] & 0x08))            # FUA (SBC-4 5.2)
+        return GOOD_RESPONSE
 
     # -- SPC: INQUIRY and friends --------------------------------------------------------------
 

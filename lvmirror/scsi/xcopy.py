@@ -124,8 +124,7 @@ class CopyManager:
             if dst.read_only:
                 raise CopyCheck(c.DATA_PROTECT, c.ASC_WRITE_PROTECTED)
             self._copy(src.backend, src_lba, dst.backend, dst_lba, nblocks)
-            if not dst.write_cache:
-                dst.backend.flush()     # a write-through destination: durable before GOOD
+            dst.durable()               # a write-through destination: durable before GOOD
             self.copied_bytes += nblocks * src.backend.block_size
 
     def _segments(self, p, at, sdll):
