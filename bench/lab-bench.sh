@@ -100,22 +100,20 @@ target_up() {  # target_up NAME -> BSTORE (targetcli path); sets up the backstor
       BSTORE=/backstores/fileio/bt
       echo "/backstores/fileio create name=bt file_or_dev=$BDIR/img0 size=${SIZE_MB}M write_back=true" ;;
     lvmirror[123])
-      local n=${name#lvmirror} imgs
-      local opts=
-      imgs=$(for i in $(seq 0 $((n - 1))); do printf '%s' "$BDIR/img$i+"; done); imgs=${imgs%+}
+      local n=${name#lvmirror} imgs img=$BDIR/img opts=
       if [ "$LV_IMAGES" = null_blk ]; then
         # null_blk devices read with O_DIRECT complete without touching the data area: what is
         # left is lvmirrord's direct I/O READ path and the ring's own cost (the kernel's copy of
-        # the data area into the command's pages, the ring's notifications)
-        # (loaded again unless it has three devices of at least the LUN's size)
+        # the data area into the command's pages, the ring's notifications). The module is
+        # loaded again unless it has three devices of at least the LUN's size.
         if ! [ -b /dev/nullb2 ] || [ $(( $(blockdev --getsize64 /dev/nullb0) >> 20 )) -lt $SIZE_MB ]; then
           modprobe -r null_blk 2>/dev/null
           modprobe null_blk nr_devices=3 gb=$(( (SIZE_MB + 1023) / 1024 )) \
             || { echo "modprobe null_blk failed" >&2; return 1; }
         fi
-        imgs=$(for i in $(seq 0 $((n - 1))); do printf '%s' "/dev/nullb$i+"; done); imgs=${imgs%+}
-        opts=";direct=1"
+        img=/dev/nullb opts=";direct=1"
       fi
+      imgs=$(for i in $(seq 0 $((n - 1))); do printf '%s' "$img$i+"; done); imgs=${imgs%+}
       BSTORE=/backstores/user:lvmirror/bt; vol=bench$n
       echo "/backstores/user:lvmirror create name=bt size=${SIZE_MB}M cfgstring=$vol;images=$imgs$opts hw_max_sectors=${BENCH_HW_MAX_SECTORS:-16384} control=nl_reply_supported=-1"
       echo "$BSTORE set attribute emulate_write_cache=${BENCH_LVMIRROR_WCE:-1}" ;;
@@ -331,7 +329,6 @@ guest_ftrace() {  # guest_ftrace TARGET JOB: trace, during half of the job after
   # (sleep-time 0) but include interrupts taken meanwhile. ftrace_report reads the trace once
   # the job's CPU window has closed. -> $BOUT/TARGET/JOB.ftrace-filter (what took effect)
   local tr=$FTRACE f
-  mkdir -p $BOUT/$1
   [ -e $tr/current_tracer ] || mount -t tracefs nodev $tr 2>/dev/null || true
   if ! [ -e $tr/current_tracer ]; then echo "# no tracefs" > $BOUT/$1/$2.ftrace-filter; return 0; fi
   echo nop > $tr/current_tracer; : > $tr/set_ftrace_filter

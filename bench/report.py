@@ -435,17 +435,15 @@ def markdown(data: dict) -> str:
            f"{m.get('cpus', '?')} vCPU, {m.get('mem_mb', '?')} MiB, {m.get('fio', 'fio')}"
            + (f", {m['tcmu_runner']}" if m.get("tcmu_runner") else "") + "; "
            f"{m.get('size_mb', '?')} MiB LUNs on image files in the guest"
-           + (" (lvmirror's on null_blk devices)" if m.get("lvmirror_images") == "null_blk" else "")
+           + (" (**lvmirror's on null_blk devices**, direct=1, BENCH_LVMIRROR_IMAGES=null_blk: the "
+              "storage costs nothing, its READs take the direct I/O path; not comparable with the "
+              "other targets' storage)" if m.get("lvmirror_images") == "null_blk" else "")
            + ", "
            f"{m.get('runtime_s', '?')} s per job after {m.get('ramp_s', '?')} s ramp; "
            f"open-iscsi over the guest's loopback; "
            + ("every target write-back" if str(m.get("lvmirror_wce", "1")) != "0" else
               "lvmirror write-through (WCE 0, BENCH_LVMIRROR_WCE=0), the others write-back")
-           + f" ({m.get('cache_mode', '?')})."
-           + (" **lvmirror's images are null_blk devices (direct=1, BENCH_LVMIRROR_IMAGES="
-              "null_blk): the storage costs nothing, its READs take the direct I/O path; not comparable "
-              "with the other targets' storage.**"
-              if m.get("lvmirror_images") == "null_blk" else ""), ""]
+           + f" ({m.get('cache_mode', '?')}).", ""]
     if m.get("accel") == "tcg":
         out += ["> The lab runs under software emulation (QEMU TCG), so absolute figures are low; "
                 "only the ratios carry over to a real server.", ""]
