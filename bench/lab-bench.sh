@@ -236,6 +236,14 @@ guest_threads() {  # guest_threads: "TID NS COMM" for every thread of the guest,
   done
 }
 
+irq_line() {  # irq_line: /proc/stat's interrupt total and "softirq" line as one line (builtins only)
+  local l intr= soft=
+  while read -r l; do
+    case $l in intr*) set -- $l; intr=$2 ;; softirq*) soft=$l ;; esac
+  done < /proc/stat
+  echo "$intr $soft"
+}
+
 stat_line() {  # stat_line: /proc/stat's "cpu" and "ctxt" lines as one line (builtins only)
   local l out=
   while read -r l; do
@@ -255,14 +263,14 @@ job_cpu() {  # job_cpu TARGET JOB: the CPU over the job's measured RUNTIME s (af
   #  - every target: every thread of the guest outside the handler (the kernel's threads:
   #    writeback, the loop device's workers, iSCSI's; fio) -> JOB.others, "TID NS COMM",
   #    largest first; read just outside /proc/stat's edges, so its window is a little longer
-  local pids ga gb
+  local pids ga gb ia ib
   pids=$(handler_pids $1)
   sleep $RAMP
   guest_threads > $BOUT/$1/$2.others-a
-  ga=$(stat_line)
+  ga=$(stat_line); ia=$(irq_line)
   [ -n "$pids" ] && thread_ns $pids > $BOUT/$1/$2.threads-a
   sleep $RUNTIME
-  gb=$(stat_line)
+  gb=$(stat_line); ib=$(irq_line)
   [ -n "$pids" ] && thread_ns $pids > $BOUT/$1/$2.threads-b
   guest_threads > $BOUT/$1/$2.others-b
   awk 'FILENAME ~ /threads-a$/ { h[$1] = 1; next }
@@ -280,6 +288,14 @@ job_cpu() {  # job_cpu TARGET JOB: the CPU over the job's measured RUNTIME s (af
     printf "{\"busy\": %d, \"idle\": %d, \"ctxt\": %d, \"user\": %d, \"system\": %d, \"irq\": %d, \"softirq\": %d, \"steal\": %d, \"hz\": 100, \"seconds\": %d, \"cpus\": %d}\n",
       user + kern + irq + softirq + steal, idle, ctxt, user, kern, irq, softirq, steal, secs, cpus }' \
     > $BOUT/$1/$2.sys
+  # the guest's hardware interrupts and softirqs by kind over the window -> JOB.irqs
+  echo "$ia $ib" | awk -v secs=$RUNTIME '{
+    # fields: intr softirq TOTAL HI TIMER NET_TX NET_RX BLOCK IRQ_POLL TASKLET SCHED HRTIMER RCU, twice
+    split("HI TIMER NET_TX NET_RX BLOCK IRQ_POLL TASKLET SCHED HRTIMER RCU", n, " ")
+    h = NF / 2
+    printf "{\"seconds\": %d, \"interrupts\": %d, \"softirqs\": %d", secs, $(h+1) - $1, $(h+3) - $3
+    for (i = 4; i <= h; i++) printf ", \"%s\": %d", n[i-3], $(h+i) - $i
+    printf "}\n" }' > $BOUT/$1/$2.irqs
   [ -n "$pids" ] || return 0
   thread_names $1 > $BOUT/$1/$2.threads-n
   awk 'FILENAME ~ /-a$/ { a[$1] = $2; next }

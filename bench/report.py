@@ -12,7 +12,9 @@ thread: "TID NS NAME"), <target>/<job>.cpu and <target>/idle.cpu (the user-space
 handler's CPU time over a job's measured seconds, and with no I/O, in units of 1/hz s: the
 scheduler's nanoseconds since 2026-12-05, clock ticks before; lvmirror and tcmu-runner
 targets only), <target>/<job>.sys (every target: the whole guest's busy and idle ticks and
-context switches over the same seconds, from /proc/stat), <target>/<job>.ring (lvmirror targets: the LUN's commands, those its ring thread
+context switches over the same seconds, from /proc/stat), <target>/<job>.irqs (every target:
+the guest's hardware interrupts and softirqs by kind over the same seconds, from /proc/stat;
+files from 2026-12-07 on), <target>/<job>.ring (lvmirror targets: the LUN's commands, those its ring thread
 answered itself, its ring stalls and its ring threads' waits for the GIL, before and after the
 job), split/{split.json,
 io_lat.1.log,fio.json}, resync.jsonl, profile/*.txt (py-spy raw, collapsed stacks).
@@ -217,6 +219,45 @@ def guest_cpu(path: str, iops: float) -> dict | None:
     return out
 
 
+SOFTIRQ_KINDS = ("HI", "TIMER", "NET_TX", "NET_RX", "BLOCK", "IRQ_POLL", "TASKLET", "SCHED",
+                 "HRTIMER", "RCU")     # /proc/softirqs' rows, the kernel's softirq_to_name
+
+
+def guest_irqs(path: str, iops: float) -> dict | None:
+    """The whole guest's interrupts over a job's measured seconds, every target's: ``path`` is
+    lab-bench.sh's ``<job>.irqs`` (``{"seconds", "interrupts", "softirqs", "NET_RX", ...}``:
+    /proc/stat's ``intr`` total and ``softirq`` line, differences over the window). Softirqs run
+    in whichever task was on the CPU (no IRQ_TIME_ACCOUNTING in Debian's kernel), so a
+    handler's thread CPU includes the network's receive work that landed on it; these counts
+    say whether a target caused more of it a command. Returns ``{"interrupts": hardware
+    interrupts a command, "softirqs": softirqs a command, KIND: that kind's a command}`` for
+    each of SOFTIRQ_KINDS the file has, over the ``iops`` x ``seconds`` commands fio
+    completed; None when there is no such file, it cannot be read or ``iops`` is not above
+    0."""
+    try:
+        with open(path) as f:
+            c = json.load(f)
+        seconds = float(c["seconds"])
+        counts = {"interrupts": float(c["interrupts"]), "softirqs": float(c["softirqs"])}
+        counts.update({k: float(c[k]) for k in SOFTIRQ_KINDS if k in c})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if (not math.isfinite(seconds) or seconds <= 0 or not iops > 0
+            or not all(math.isfinite(v) and v >= 0 for v in counts.values())):
+        return None
+    commands = iops * seconds
+    return {k: round(v / commands, 1) for k, v in counts.items()}
+
+
+def _irqs_cell(q: dict) -> str:
+    """One cell of the interrupts table: ``guest_irqs``'s figures as "11.5 · 270.3 (NET_RX
+    265.0 · TIMER 2.9 · RCU 4.6)": the kinds of 1 % of the softirqs or more, largest first."""
+    kinds = sorted(((k, q[k]) for k in SOFTIRQ_KINDS if k in q and q["softirqs"]
+                    and q[k] >= 0.01 * q["softirqs"]), key=lambda kv: -kv[1])
+    detail = " · ".join(f"{k} {v:.1f}" for k, v in kinds)
+    return f"{q['interrupts']:.1f} · {q['softirqs']:.1f}" + (f" ({detail})" if detail else "")
+
+
 def _guest_cell(g: dict) -> str:
     """One cell of the whole-guest table: ``guest_cpu``'s figures as "75 % · 2.100 (0.600 /
     1.200 / 0.300) · 4.0" (the split only when the run measured it)."""
@@ -368,6 +409,9 @@ def collect(run_dir: str) -> dict:
         guest = guest_cpu(path[:-5] + ".sys", fig["iops"])
         if guest is not None:
             fig["guest"] = guest
+        irqs = guest_irqs(path[:-5] + ".irqs", fig["iops"])
+        if irqs is not None:
+            fig["irqs"] = irqs
         secs = _measured_seconds(path[:-5] + ".cpu")
         threads = thread_cpu(path[:-5] + ".threads", fig["iops"] * secs) if secs else None
         if threads:
@@ -512,6 +556,10 @@ def markdown(data: dict) -> str:
                "waits); where measured, the ms split as user space / kernel / interrupts and "
                "softirq:",
                _guest_cell)
+    _job_table(out, res, jobs, targets, "irqs",
+               "The whole guest's interrupts a command over each job: hardware interrupts · "
+               "softirqs (by kind, those of 1 % or more; they run in whichever task is on the "
+               "CPU, so a thread's CPU above includes those that landed on it):", _irqs_cell)
     _job_table(out, res, jobs, targets, "others_ms",
                "The guest's threads outside the handler (the kernel's workers, named by the "
                "work they last ran; the loop device's; iSCSI's; fio), ms a command over each "

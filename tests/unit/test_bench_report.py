@@ -403,6 +403,44 @@ def test_the_whole_guests_cpu_each_job(tmp_path):
 
 
 @needs_fio
+def test_the_guests_interrupts_a_command(tmp_path):
+    """lab-bench.sh's <job>.irqs (/proc/stat's interrupt total and softirqs by kind over the
+    job's measured seconds) becomes interrupts and softirqs a command, the kinds of 1 % of
+    them or more shown largest first; a file with a negative, missing or unreadable count, or
+    none at all, is left out."""
+    run, bench = _read_qd1_both(tmp_path, {"ticks": 3_000_000_000, "hz": 1_000_000_000,
+                                           "seconds": 10})
+    iops = report.collect(str(run))["results"]["randread-4k-qd1"]["lvmirror1"]["iops"]
+    n = iops * 10
+    irqs = bench / "lvmirror1" / "randread-4k-qd1.irqs"
+    irqs.write_text(json.dumps({"seconds": 10, "interrupts": round(n * 12), "softirqs": round(n * 300),
+                                "HI": 0, "TIMER": round(n * 5), "NET_RX": round(n * 290),
+                                "RCU": round(n * 8), "SCHED": round(n * 0.5)}))
+    data = report.collect(str(run))
+    q = data["results"]["randread-4k-qd1"]["lvmirror1"]["irqs"]
+    assert q["interrupts"] == round(round(n * 12) / n, 1)
+    assert q["softirqs"] == round(round(n * 300) / n, 1)
+    assert q["NET_RX"] == round(round(n * 290) / n, 1)
+    assert "irqs" not in data["results"]["randread-4k-qd1"]["tcmu-runner"]   # no .irqs file
+    md = report.markdown(data)
+    # SCHED (0.5 of 300, under 1 %) and HI (none) are not shown; the rest largest first; no
+    # column for the target without the file
+    assert (f"| randread-4k-qd1 | {q['interrupts']:.1f} · {q['softirqs']:.1f} (NET_RX "
+            f"{q['NET_RX']:.1f} · RCU {q['RCU']:.1f} · TIMER {q['TIMER']:.1f}) |\n" in md)
+    assert "tcmu-runner" not in md.split("interrupts a command")[1].split("\n\n")[1]
+    for bad in ({"seconds": 10, "interrupts": -1, "softirqs": 5},
+                {"seconds": 0, "interrupts": 1, "softirqs": 5},
+                {"seconds": 10, "softirqs": 5},
+                {"seconds": 10, "interrupts": 1, "softirqs": 5, "NET_RX": -2}):
+        irqs.write_text(json.dumps(bad))
+        assert report.guest_irqs(str(irqs), iops) is None
+    irqs.write_text("not json")
+    assert report.guest_irqs(str(irqs), iops) is None
+    assert report.guest_irqs(str(irqs.with_suffix(".none")), iops) is None
+    assert report.guest_irqs(str(bench / "lvmirror1" / "x.irqs"), 0.0) is None
+
+
+@needs_fio
 def test_the_guests_threads_outside_the_handler(tmp_path):
     """lab-bench.sh's <job>.others ("TID NS COMM": every guest thread outside the handler)
     becomes ms a command over the .sys file's seconds, for every target: kernel workers summed
