@@ -21,7 +21,8 @@
 # $OUT/bench/meta.json, $OUT/bench/targets.jsonl, $OUT/bench/split/, $OUT/bench/resync.jsonl;
 # bench/report.py turns them into the table.
 #
-# Settings (environment, passed by bench/run through lab/boot): BENCH_TARGETS, BENCH_JOBS,
+# Settings (environment, passed by bench/run through lab/boot): BENCH_TARGETS (run in the order
+# given, separated by spaces or commas), BENCH_JOBS,
 # BENCH_RUNTIME (s per job), BENCH_RAMP (s), BENCH_SIZE_MB (LUN size), BENCH_PROFILE=1 (py-spy
 # records lvmirrord during each job, with BENCH_SPY_OPTS added to its options, "--gil" say; figures are then perturbed and only the profile counts),
 # BENCH_LVMIRROR_WCE=0 (lvmirror's LUNs write-through, LIO's default for a user backstore,
@@ -492,6 +493,7 @@ resync_figures() {  # VOLUME: resync after the split load, 1% of regions changed
 
 bench_main() {
   TARGETS=${BENCH_TARGETS:-lvmirror2 lvmirror3 md-raid1 lvmirror1 fileio tcmu-runner}
+  TARGETS=${TARGETS//,/ }     # (commas too: bench/rounds --ab can then name two orders)
   JOBS=${BENCH_JOBS:-seqwrite-1m randwrite-4k-qd1 randwrite-4k-qd32 randread-4k-qd1 randread-4k-qd32 mixed-64k-70r seqread-1m}
   RUNTIME=${BENCH_RUNTIME:-10}; RAMP=${BENCH_RAMP:-2}; SIZE_MB=${BENCH_SIZE_MB:-256}
   LV_IMAGES=${BENCH_LVMIRROR_IMAGES:-files}

@@ -61,6 +61,10 @@ def test_an_ab_takes_the_settings_in_turn_and_prints_each_ones_median(tmp_path):
     assert "lvmirror1 / tcmu-runner: 1.00 (1.00-1.00; 2 runs: 1.00 1.00)" in text
     assert "seqread-1m         lvmirror1: 2.000" in text       # A over B, lvmirror1's IOPS
     assert "seqread-1m         tcmu-runner: 1.000" in text
+    # and both settings together, the runs in their order (the figure of an A/B of orders)
+    both = text.split("## both settings together (4 runs: 01-a, 02-b, 03-a, 04-b)")[1]
+    assert "lvmirror1 / tcmu-runner: 1.50 (1.00-2.00; 4 runs: 2.00 1.00 2.00 1.00)" in both
+    assert "seqread-1m         lvmirror1: 60.0 (40-80; 80 40 80 40)" in both
 
 
 def test_new_runs_never_reuse_an_old_directory_and_a_failed_one_fails(tmp_path):
