@@ -22,7 +22,11 @@ if not os.environ.get("FAKE_FAIL"):
     iops = dict(kv.split("=") for kv in os.environ["FAKE_IOPS"].split())
     iops = {k: float(v) for k, v in iops.items()}
     iops["lvmirror1"] *= float(os.environ.get("LVMIRROR_X", "1"))
-    d = {"results": {"seqread-1m": {t: {"iops": v} for t, v in iops.items()}},
+    # CPU a command: lvmirror1's handler 4000 / its IOPS ms, the guest twice that; none for
+    # tcmu-runner (a run that did not measure it)
+    res = {t: {"iops": v} for t, v in iops.items()}
+    res["lvmirror1"].update(cpu_ms=4000 / iops["lvmirror1"], guest={"cpu_ms": 8000 / iops["lvmirror1"]})
+    d = {"results": {"seqread-1m": res},
          "ratios": {"seqread-1m": {"lvmirror1/tcmu-runner":
                                    {"iops": round(iops["lvmirror1"] / iops["tcmu-runner"], 3)}}}}
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -65,6 +69,9 @@ def test_an_ab_takes_the_settings_in_turn_and_prints_each_ones_median(tmp_path):
     both = text.split("## both settings together (4 runs: 01-a, 02-b, 03-a, 04-b)")[1]
     assert "lvmirror1 / tcmu-runner: 1.50 (1.00-2.00; 4 runs: 2.00 1.00 2.00 1.00)" in both
     assert "seqread-1m         lvmirror1: 60.0 (40-80; 80 40 80 40)" in both
+    assert "seqread-1m         lvmirror1 handler: 75.00 (50.00-100.00; 50.00 100.00 50.00 100.00)" in both
+    assert "seqread-1m         lvmirror1 guest: 150.00 (100.00-200.00; 100.00 200.00 100.00 200.00)" in both
+    assert "tcmu-runner handler" not in text and "tcmu-runner guest" not in text
 
 
 def test_new_runs_never_reuse_an_old_directory_and_a_failed_one_fails(tmp_path):
