@@ -240,7 +240,7 @@ def guest_irqs(path: str, iops: float) -> dict | None:
         seconds = float(c["seconds"])
         counts = {"interrupts": float(c["interrupts"]), "softirqs": float(c["softirqs"])}
         counts.update({k: float(c[k]) for k in SOFTIRQ_KINDS if k in c})
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     if (not math.isfinite(seconds) or seconds <= 0 or not iops > 0
             or not all(math.isfinite(v) and v >= 0 for v in counts.values())):
