@@ -217,6 +217,10 @@ class RingEmulator:
         self._next_id = 1
         self._events = 0
         self.notifies = 0
+        # the handler's 4-byte uio writes read on the kernel's side so far, whoever made them
+        # (``notify`` above or the compiled loop's own write): how many times the kernel was
+        # told, tcmu_handle_completions' passes; counted as ``reap`` reads them
+        self.kicks = 0
         self.warnings: list[str] = []
         self.completions: dict[int, Completion] = {}
         self._lock = threading.RLock()
@@ -374,8 +378,8 @@ class RingEmulator:
         completions found in this call by cmd_id. Raises RingBroken on an unknown id."""
         with self._lock:
             try:
-                while self._kern_sock.recv(4096):
-                    pass
+                while data := self._kern_sock.recv(4096):
+                    self.kicks += len(data) // 4
             except BlockingIOError:
                 pass
             found = {}

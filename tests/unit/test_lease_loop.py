@@ -77,6 +77,52 @@ def test_the_loop_serves_reads_and_writes_in_one_call_and_counts_each_before_its
         assert f.read(48 * BS) == b"".join(new)
 
 
+def _queued(emu, lun, cdbs):
+    """Submit ``cdbs`` ((cdb, data_out or None, data_in_len) each) with the ring's lock held,
+    so that the ring thread finds them all queued together; their ids."""
+    with lun._ring._lock:
+        return [emu.submit(cdb, data_out=out, data_in_len=n) for cdb, out, n in cdbs]
+
+
+def test_the_loop_tells_the_kernel_once_for_a_queue_of_large_commands(lab, tmp_path,
+                                                                      monkeypatch):
+    """Four 1 MiB WRITEs queued together, then sixteen 4 KiB ones: the loop makes them in one
+    batch and tells the kernel once, when it has reached cmd_head - not once a MiB. Each uio
+    write runs the kernel's tcmu_irqcontrol, which takes the device's cmdr_lock, the mutex the
+    kernel holds while it copies the next WRITE's Data-Out into the data area (1 MiB: several
+    ms under the lab's TCG), so the ring thread waits, or spins, behind that copy. Tried
+    2026-12-07 (a batch of at most 1 MiB, a notification as each MiB was answered): 1 MiB
+    sequential WRITEs at queue depth 8 fell to 0.83 and 0.69 of tcmu-runner's IOPS, with 2 ms
+    more of the ring thread's CPU a command, against 1.06 and 0.98 for this code the same
+    morning. The same for 1 MiB READs from the page cache. The kernel's side counts the uio
+    writes it reads (``RingEmulator.kicks``)."""
+    mib = 1 << 20
+    emu, lun, path, _ = _one_image_lun(lab, tmp_path, 16)
+    calls = _spy_calls(monkeypatch, lun, emu)
+    assert _write(emu, 0, os.urandom(8 * BS)) == 0      # the loop serves, under the lease
+    assert calls and lun.volume._lease is calls[-1]
+    big = [os.urandom(mib) for _ in range(4)]
+    small = [os.urandom(8 * BS) for _ in range(16)]
+    before, k0 = _counters(lun), emu.kicks
+    ids = _queued(emu, lun, [(cdb10(0x2A, 2048 * k, 2048), big[k], 0) for k in range(4)]
+                  + [(cdb10(0x2A, 8192 + 8 * k, 8), small[k], 0) for k in range(16)])
+    done = emu.wait(ids)
+    assert [done[i].status for i in ids] == [0] * 20
+    c = _counters(lun)
+    assert (c[0] - before[0], c[2] - before[2]) == (20, 20)     # every one the loop's
+    assert emu.kicks - k0 == 1, emu.kicks - k0
+    with open(path, "rb") as f:
+        assert f.read(4 * mib) == b"".join(big)
+        assert f.read(128 * BS) == b"".join(small)
+    before, k0 = _counters(lun), emu.kicks
+    ids = _queued(emu, lun, [(cdb10(0x28, 2048 * k, 2048), None, mib) for k in range(4)])
+    done = emu.wait(ids)
+    assert [done[i].data_in for i in ids] == big
+    c = _counters(lun)
+    assert (c[0] - before[0], c[1] - before[1]) == (4, 4)       # compiled READs
+    assert emu.kicks - k0 == 1, emu.kicks - k0
+
+
 def test_a_revocation_ends_the_wait_of_the_loop(lab, tmp_path, monkeypatch):
     """A client's immediate lock try on an idle LUN is granted although the loop would wait 60
     s for the kernel: the revocation writes the LUN's wake-up pipe, which ends the loop's poll,
