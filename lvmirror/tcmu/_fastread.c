@@ -1411,7 +1411,13 @@ lease_serves(const struct lease_ctx *x)
 }
 
 /* lease_serve's batches between two notifications of the kernel while the ring is refilled
- * as fast as they empty it (LunServer.COMPILED_TURNS' count for the Python turns) */
+ * as fast as they empty it (LunServer.COMPILED_TURNS' count for the Python turns). Not fewer
+ * for large commands: each uio write runs the kernel's tcmu_irqcontrol, which takes the
+ * device's cmdr_lock, the mutex the kernel holds while it copies the next WRITE's Data-Out into
+ * the data area, so a notification waits, or spins, behind that copy. Batches of at most 1 MiB
+ * with a notification as each MiB was answered (2026-12-07) cost the ring thread 2 ms more a
+ * 1 MiB WRITE in the kernel lab and made 0.83 and 0.69 of tcmu-runner's IOPS, against 1.06 and
+ * 0.98 without (test_lease_loop.py). */
 #define SERVE_TURNS 8
 
 PyDoc_STRVAR(lease_serve_doc,
