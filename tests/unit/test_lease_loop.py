@@ -95,7 +95,7 @@ def test_the_loop_tells_the_kernel_once_for_a_queue_of_large_commands(lab, tmp_p
     sequential WRITEs at queue depth 8 fell to 0.83 and 0.69 of tcmu-runner's IOPS, with 2 ms
     more of the ring thread's CPU a command, against 1.06 and 0.98 for this code the same
     morning (two more runs of this code: 1.23, 0.89). Four 1 MiB READs from the page cache are
-held to one notification too (not benchmarked that way). The kernel's side counts the uio
+    held to one notification too (not benchmarked that way). The kernel's side counts the uio
     writes it reads (``RingEmulator.kicks``)."""
     mib = 1 << 20
     emu, lun, path, _ = _one_image_lun(lab, tmp_path, 16)
