@@ -10,6 +10,7 @@ import pytest
 
 from lvmirror.daemon import lunserver
 from lvmirror.scsi import constants as scsi
+from tests.unit.test_compiled_big_reads import _queued
 from tests.unit.test_daemon_ring import BS, cdb10, lab, rearm  # noqa: F401
 from tests.unit.test_ring_lease import _one_image_lun, _read, _write
 
@@ -77,13 +78,6 @@ def test_the_loop_serves_reads_and_writes_in_one_call_and_counts_each_before_its
         assert f.read(48 * BS) == b"".join(new)
 
 
-def _queued(emu, lun, cdbs):
-    """Submit ``cdbs`` ((cdb, data_out or None, data_in_len) each) with the ring's lock held,
-    so that the ring thread finds them all queued together; their ids."""
-    with lun._ring._lock:
-        return [emu.submit(cdb, data_out=out, data_in_len=n) for cdb, out, n in cdbs]
-
-
 def test_the_loop_tells_the_kernel_once_for_a_queue_of_large_commands(lab, tmp_path,
                                                                       monkeypatch):
     """Four 1 MiB WRITEs queued together, then sixteen 4 KiB ones: the loop makes them in one
@@ -105,7 +99,7 @@ def test_the_loop_tells_the_kernel_once_for_a_queue_of_large_commands(lab, tmp_p
     big = [os.urandom(mib) for _ in range(4)]
     small = [os.urandom(8 * BS) for _ in range(16)]
     before, k0 = _counters(lun), emu.kicks
-    ids = _queued(emu, lun, [(cdb10(0x2A, 2048 * k, 2048), big[k], 0) for k in range(4)]
+    ids = _queued(emu, lun._ring, [(cdb10(0x2A, 2048 * k, 2048), big[k], 0) for k in range(4)]
                   + [(cdb10(0x2A, 8192 + 8 * k, 8), small[k], 0) for k in range(16)])
     done = emu.wait(ids)
     assert [done[i].status for i in ids] == [0] * 20
@@ -116,7 +110,7 @@ def test_the_loop_tells_the_kernel_once_for_a_queue_of_large_commands(lab, tmp_p
         assert f.read(4 * mib) == b"".join(big)
         assert f.read(128 * BS) == b"".join(small)
     before, k0 = _counters(lun), emu.kicks
-    ids = _queued(emu, lun, [(cdb10(0x28, 2048 * k, 2048), None, mib) for k in range(4)])
+    ids = _queued(emu, lun._ring, [(cdb10(0x28, 2048 * k, 2048), None, mib) for k in range(4)])
     done = emu.wait(ids)
     assert [done[i].data_in for i in ids] == big
     c = _counters(lun)
